@@ -1,0 +1,126 @@
+"""Backend registry. ``resolve()`` is the only place that chooses which implementation runs.
+
+A backend receives one *bucket*: tensors that share a device, a dtype layout, a rule and its flags,
+with one scalar pack per tensor. It knows nothing of param groups or optimizers.
+
+Choice order for ``requested=None``: the environment variable ``MOMENTUM_FUSED_BACKEND``, then the
+first available entry of ``AUTO_ORDER[device.type]``. An explicit request (argument or environment)
+that is unknown or unavailable raises, with the stored reason; it never falls back silently. An
+automatic choice that passes over a preferred-but-unavailable backend warns once.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from . import reference
+
+__all__ = ["Backend", "register", "resolve", "status", "available", "ENV_VAR", "AUTO_ORDER"]
+
+ENV_VAR = "MOMENTUM_FUSED_BACKEND"
+
+# Preferred order per device type. Entries not (yet) registered are ignored.
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+DEFAULT_ORDER = ("reference",)
+
+
+@dataclass
+class Backend:
+    """One implementation of the update rules.
+
+    apply(spec, flags, params, grads, states, scalars): run ``spec``'s rule on a bucket.
+      params/grads: lists of real tensors (complex params arrive as view_as_real views).
+      states: list (one per tensor) of tuples of state tensors, ordered as spec.state_names.
+      scalars: list (one per tensor) of spec.Scalars packs.
+    supports(spec, device, dtype) -> str | None: None if supported, else the reason it is not.
+    """
+
+    name: str
+    apply: Callable
+    supports: Callable = lambda spec, device, dtype: None
+    load_error: str | None = None  # why the backend could not be loaded (None: available)
+    devices: tuple = ("cpu", "cuda")
+    _warned: set = field(default_factory=set)
+
+    @property
+    def available(self) -> bool:
+        return self.load_error is None
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def _reference_apply(spec, flags, params, grads, states, scalars):
+    fn = reference.RULES[spec.name]
+    for p, g, st, sc in zip(params, grads, states, scalars):
+        fn(p, g, st, sc, flags)
+
+
+register(Backend(name="reference", apply=_reference_apply, devices=("cpu", "cuda", "mps", "xpu", "meta")))
+
+
+def available() -> list[str]:
+    return [n for n, b in _REGISTRY.items() if b.available]
+
+
+def status() -> dict[str, str]:
+    """Every registered backend with 'available' or the reason it is not."""
+    return {n: ("available" if b.available else f"unavailable: {b.load_error}") for n, b in _REGISTRY.items()}
+
+
+def _explicit(name: str, spec, device: torch.device, dtype: torch.dtype, source: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r} ({source}); registered backends: {sorted(_REGISTRY)}")
+    b = _REGISTRY[name]
+    if not b.available:
+        raise RuntimeError(f"backend {name!r} ({source}) is unavailable: {b.load_error}")
+    if device.type not in b.devices:
+        raise RuntimeError(f"backend {name!r} ({source}) does not run on {device.type} tensors "
+                           f"(it runs on: {', '.join(b.devices)})")
+    why = b.supports(spec, device, dtype)
+    if why is not None:
+        raise RuntimeError(f"backend {name!r} ({source}) cannot run rule {spec.name!r} on "
+                           f"{device.type}/{dtype}: {why}")
+    return b
+
+
+def resolve(requested: str | None, spec, device: torch.device, dtype: torch.dtype) -> Backend:
+    """Pick the backend for one bucket (rule ``spec`` on ``device`` with param dtype ``dtype``)."""
+    if requested is not None:
+        return _explicit(requested, spec, device, dtype, "requested with backend=")
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _explicit(env, spec, device, dtype, f"from the environment variable {ENV_VAR}")
+    order = AUTO_ORDER.get(device.type, DEFAULT_ORDER)
+    skipped = []
+    for name in order:
+        b = _REGISTRY.get(name)
+        if b is None:
+            continue  # not part of this build at all: nothing to report
+        why = b.load_error or (None if device.type in b.devices else f"does not run on {device.type}") \
+            or b.supports(spec, device, dtype)
+        if why is None:
+            if skipped:
+                key = (spec.name, device.type, dtype, tuple(skipped))
+                if key not in b._warned:
+                    b._warned.add(key)
+                    warnings.warn(f"momentum_fused: using backend {name!r} for rule {spec.name!r} on "
+                                  f"{device.type}/{dtype}; skipped: " + "; ".join(skipped), stacklevel=3)
+            return b
+        skipped.append(f"{name} ({why})")
+    raise RuntimeError(f"no backend can run rule {spec.name!r} on {device.type}/{dtype}: " + "; ".join(skipped))
+
+
+def names() -> Sequence[str]:
+    return tuple(_REGISTRY)

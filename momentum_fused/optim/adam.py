@@ -1,0 +1,72 @@
+import torch
+
+from .base import FusedOptimizer
+
+
+class Adam(FusedOptimizer):
+    """Adam / AMSGrad with torch.optim.Adam's conventions (ALGORITHMS.md section 3): coupled L2 decay
+    unless ``decoupled_weight_decay``, eps added after the sqrt bias correction; state ``step``,
+    ``exp_avg``, ``exp_avg_sq`` (+ ``max_exp_avg_sq`` with amsgrad)."""
+
+    rule = "adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                 *, maximize=False, decoupled_weight_decay=False, backend=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
+                         backend=backend)
+
+
+class AdamW(Adam):
+    """AdamW: Adam with decoupled decay ``p <- p (1 - lr wd)``; torch.optim.AdamW's defaults."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 *, maximize=False, backend=None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, decoupled_weight_decay=True, backend=backend)
+
+
+class AdamTied(Adam):
+    """Adam with beta1 = beta2 = beta ("In Search of Adam's Secret Sauce", Orvieto & Gower 2025).
+
+    Same kernel as Adam; the tie makes sigma^2 = v - m^2 an exact online variance, so the state holds
+    a per-element gradient signal-to-noise estimate, read by :meth:`gradient_snr`. Param groups take
+    ``beta`` (or ``betas`` with equal entries)."""
+
+    def __init__(self, params, lr=1e-3, beta=0.95, eps=1e-8, weight_decay=0.0, *, maximize=False,
+                 decoupled_weight_decay=False, backend=None):
+        super().__init__(params, lr=lr, betas=(beta, beta), eps=eps, weight_decay=weight_decay,
+                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, backend=backend)
+
+    def add_param_group(self, param_group):
+        if isinstance(param_group, dict) and "beta" in param_group:
+            param_group = dict(param_group)
+            beta = param_group.pop("beta")
+            param_group["betas"] = (beta, beta)
+        betas = param_group.get("betas") if isinstance(param_group, dict) else None
+        if betas is not None and isinstance(betas, (tuple, list)) and len(betas) == 2 and betas[0] != betas[1]:
+            raise ValueError(f"AdamTied: betas must be equal, got {tuple(betas)}; use Adam for untied betas")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def gradient_snr(self) -> dict:
+        """Per param tensor: the mean over elements of m^2 / sigma^2, from the bias-corrected moments
+        m = exp_avg / (1 - beta^t), sigma^2 = exp_avg_sq / (1 - beta^t) - m^2 (the tied-beta online
+        mean/variance estimate). Elements with sigma^2 = 0 count as inf (0 when m = 0 too). Returns
+        {param: float}; params without state yet are left out. The Adam direction with eps = 0 is
+        sign(m) / sqrt(1 + 1/snr) elementwise."""
+        out = {}
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            if b1 != b2:
+                raise ValueError(f"gradient_snr needs tied betas, got {tuple(group['betas'])}")
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st or "exp_avg" not in st:
+                    continue
+                bc = 1.0 - float(b1) ** float(st["step"])
+                m = st["exp_avg"].double() / bc
+                var = (st["exp_avg_sq"].double() / bc - m * m).clamp_min(0.0)
+                ratio = torch.where((m == 0) & (var == 0), torch.zeros_like(m), m * m / var)
+                out[p] = float(ratio.mean()) if ratio.numel() else float("nan")
+        return out

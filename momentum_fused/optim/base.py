@@ -1,0 +1,198 @@
+"""The shared base of every momentum_fused optimizer.
+
+It does the grouping, the validation, the lazy state, the host scalars and the dispatch; the
+optimizer files only declare their rule and constructor. One ``step()``:
+
+1. runs the closure (under ``enable_grad``);
+2. *plans*: validates every group's hyperparameters, every gradient (sparse, shape, dtype, device)
+   and every existing state tensor, and resolves a backend per (device, dtype) bucket. Nothing has
+   been modified yet, so any error leaves params and state exactly as they were;
+3. honours the GradScaler protocol (``found_inf`` nonzero: nothing changes, not even step counts;
+   ``grad_scale``: gradients are divided by it inside the update, ``.grad`` itself is not modified);
+4. creates missing state, advances host counters, builds one scalar pack per tensor;
+5. hands each bucket (device, dtype, flags) to its backend, once, across all groups.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from .. import backends
+from ..specs import HOST_STATE_KEYS, UpdateRuleSpec, get_spec
+
+__all__ = ["FusedOptimizer"]
+
+_GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class. Subclasses set ``rule`` and call ``super().__init__(params, defaults, backend=)``.
+
+    ``backend``: None (automatic, see momentum_fused.backends), or a registered backend name. The
+    backend is an attribute of the optimizer, not part of its state_dict, so a checkpoint written
+    with one backend loads with any other.
+
+    Complex params are optimized as pairs of real numbers (``torch.view_as_real``), like torch.optim.
+    """
+
+    rule: ClassVar[str]
+    _step_supports_amp_scaling = True  # GradScaler sets .grad_scale / .found_inf, see step()
+
+    def __init__(self, params, defaults: dict[str, Any], *, backend: str | None = None):
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
+        if backend is not None and backend not in backends.names():
+            raise ValueError(f"unknown backend {backend!r}; registered backends: {sorted(backends.names())}")
+        self.backend = backend
+        self.spec.validate({**defaults, **self.spec.group_extras}, where=f"{type(self).__name__}: ")
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ construction and checkpoints
+    @property
+    def spec(self) -> UpdateRuleSpec:
+        return get_spec(self.rule)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            unknown = set(param_group) - set(self.defaults) - _GROUP_KEYS_ALWAYS_ALLOWED
+            if unknown:
+                raise ValueError(f"{type(self).__name__}: unknown key(s) {sorted(unknown)} in param group; "
+                                 f"valid hyperparameters: {sorted(self.defaults)}")
+            merged = {**self.defaults, **self.spec.group_extras, **param_group}
+            self.spec.validate(merged, where=f"{type(self).__name__} param group: ")
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            for p in params:
+                if isinstance(p, tuple):  # named parameters
+                    p = p[1]
+                if isinstance(p, torch.Tensor) and not (p.is_floating_point() or p.is_complex()):
+                    raise TypeError(f"{type(self).__name__} can only optimize floating point or complex "
+                                    f"tensors, got dtype {p.dtype}")
+        super().add_param_group(param_group)
+        for k, v in self.spec.group_extras.items():
+            self.param_groups[-1].setdefault(k, v)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("backend", None)
+        super().__setstate__(state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim.Optimizer.load_state_dict, except that host-side state (``step``,
+        ``mu_product``) keeps its own dtype on the CPU instead of being cast to the param dtype, and
+        groups saved by torch.optim (or an older version) get missing hyperparameters from the
+        defaults. Loading a torch.optim state_dict of the same rule works, and vice versa."""
+        host = {}
+        for idx, st in state_dict["state"].items():
+            host[idx] = {k: v for k, v in st.items() if k in HOST_STATE_KEYS}
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, p in zip(saved_ids, params):
+            for key, value in host.get(idx, {}).items():
+                dtype = torch.float32 if key == "step" else torch.float64
+                self.state[p][key] = torch.as_tensor(value).detach().to("cpu", dtype).clone()
+        for g in self.param_groups:
+            for k, v in {**self.defaults, **self.spec.group_extras}.items():
+                g.setdefault(k, v)
+
+    # ------------------------------------------------------------------ step
+    def _plan(self):
+        """Validate everything and pick backends. Modifies nothing."""
+        spec = self.spec
+        name = type(self).__name__
+        plan = []
+        for gi, group in enumerate(self.param_groups):
+            spec.validate(group, where=f"{name} param group {gi}: ")
+            state_names = spec.state_names(group)
+            items = []
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                where = f"{name}: param {pi} of group {gi} (shape {tuple(p.shape)})"
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError(f"{where}: sparse gradients are not supported (layout {g.layout})")
+                if g.shape != p.shape:
+                    raise RuntimeError(f"{where}: gradient shape {tuple(g.shape)} does not match the param")
+                if g.dtype != p.dtype:
+                    raise TypeError(f"{where}: gradient dtype {g.dtype} does not match the param dtype {p.dtype}")
+                if g.device != p.device:
+                    raise RuntimeError(f"{where}: gradient is on {g.device} but the param is on {p.device}")
+                st = self.state.get(p, {})
+                for key in state_names:
+                    t = st.get(key)
+                    if t is None:
+                        continue
+                    if not isinstance(t, torch.Tensor):
+                        raise TypeError(f"{where}: state {key!r} is a {type(t).__name__}, expected a Tensor")
+                    if t.shape != p.shape:
+                        raise ValueError(f"{where}: state {key!r} has shape {tuple(t.shape)}, which does not "
+                                         f"match the param; was a state_dict loaded into other params?")
+                    if t.dtype != p.dtype or t.device != p.device:
+                        raise ValueError(f"{where}: state {key!r} is {t.dtype} on {t.device}, expected "
+                                         f"{p.dtype} on {p.device}")
+                items.append(p)
+            real_dtypes = {(p.device, _real(p).dtype) for p in items}
+            chosen = {key: backends.resolve(self.backend, spec, *key) for key in real_dtypes}
+            plan.append((group, state_names, items, chosen))
+        return plan
+
+    def _amp(self):
+        """GradScaler protocol: returns (skip, inv_scale)."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return True, 1.0
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:
+            return False, 1.0
+        scale = float(grad_scale)
+        if not math.isfinite(scale) or scale == 0.0:
+            raise ValueError(f"{type(self).__name__}: grad_scale must be finite and nonzero, got {scale}")
+        return False, 1.0 / scale
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan()
+        skip, inv_scale = self._amp()
+        if skip:
+            return loss
+        spec = self.spec
+        buckets: dict[tuple, tuple[list, list, list, list]] = {}
+        for group, state_names, items, chosen in plan:
+            flags = spec.make_flags(group)
+            grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
+            for p in items:
+                st = self.state[p]
+                fresh = any(k not in st for k in state_names) if state_names else len(st) == 0
+                for k in state_names:
+                    if k not in st:
+                        st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                scalars = spec.make_scalars(group, st, fresh, grad_mult)
+                rp = _real(p)
+                backend = chosen[(p.device, rp.dtype)]
+                key = (backend.name, rp.device, rp.dtype, flags)
+                b = buckets.setdefault(key, (backend, [], [], [], []))
+                b[1].append(rp)
+                b[2].append(_real(p.grad))
+                b[3].append(tuple(_real(st[k]) for k in state_names))
+                b[4].append(scalars)
+            if spec.group_advance is not None:
+                spec.group_advance(group)  # per-group counters move after the packs used them
+        for (_, _, _, flags), (backend, ps, gs, sts, scs) in buckets.items():
+            backend.apply(spec, flags, ps, gs, sts, scs)
+        return loss

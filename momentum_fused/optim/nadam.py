@@ -1,0 +1,15 @@
+from .base import FusedOptimizer
+
+
+class NAdam(FusedOptimizer):
+    """NAdam with torch.optim.NAdam's conventions (ALGORITHMS.md section 4); state ``step``,
+    ``mu_product`` (host side, float64), ``exp_avg``, ``exp_avg_sq``."""
+
+    rule = "nadam"
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+                 decoupled_weight_decay=False, *, maximize=False, backend=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      momentum_decay=momentum_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
+                         backend=backend)

@@ -1,0 +1,65 @@
+from .base import FusedOptimizer
+
+
+class QHM(FusedOptimizer):
+    """Quasi-hyperbolic momentum (Ma & Yarats; qhoptim's conventions, ALGORITHMS.md section 2):
+    ``b <- beta b + (1 - beta) g`` (zeros start), ``p <- p - lr [(1 - nu) g + nu b]``.
+
+    ``weight_decay_type``: "grad" adds ``weight_decay * p`` to the gradient, "direct" scales
+    ``p <- p (1 - lr weight_decay)`` first. The ``from_*`` classmethods return the ``lr``,
+    ``momentum`` and ``nu`` keyword arguments that make QHM reproduce another method."""
+
+    rule = "qhm"
+
+    def __init__(self, params, lr=1.0, momentum=0.999, nu=0.7, weight_decay=0.0, weight_decay_type="grad",
+                 *, maximize=False, backend=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay,
+                                      weight_decay_type=weight_decay_type, maximize=maximize),
+                         backend=backend)
+
+    @staticmethod
+    def _kw(lr, momentum, nu):
+        return {"lr": float(lr), "momentum": float(momentum), "nu": float(nu)}
+
+    @classmethod
+    def from_nesterov(cls, lr, momentum):
+        """torch.optim.SGD(lr, momentum, nesterov=True): exactly, step by step (nu = beta,
+        lr scaled by 1/(1 - beta) because QHM's buffer is an average)."""
+        return cls._kw(lr / (1.0 - momentum), momentum, momentum)
+
+    @classmethod
+    def from_momentum(cls, lr, momentum):
+        """torch.optim.SGD(lr, momentum) heavy ball (no dampening): exactly (nu = 1)."""
+        return cls._kw(lr / (1.0 - momentum), momentum, 1.0)
+
+    @classmethod
+    def from_pid(cls, k_p, k_i, k_d):
+        """The PID controller optimizer of Recht (2018) / An et al. (2018) with gains k_p, k_i, k_d."""
+        return cls._kw(k_i, k_d / (k_d - k_p), k_p * k_p / (k_i * k_d))
+
+    @classmethod
+    def from_synthesized_nesterov(cls, alpha, beta1, beta2):
+        """Lessard et al. (2016): x+ = x + beta1 (x - x-) - alpha grad f(x + beta2 (x - x-))."""
+        return cls._kw(alpha / (1.0 - beta1), beta1, 1.0 - ((1.0 - beta1) / beta1) * beta2)
+
+    @classmethod
+    def from_robust_momentum(cls, l, kappa, rho=None):
+        """Robust momentum (Cyrus et al. 2018) for L-smooth, kappa-conditioned problems with target
+        rate rho; ``rho=None`` gives triple momentum (Van Scoy et al. 2018), rho = 1 - 1/sqrt(kappa)."""
+        if rho is None:
+            rho = 1.0 - kappa ** -0.5
+        alpha = kappa * (1.0 - rho) ** 2 * (1.0 + rho) / l
+        beta1 = kappa * rho ** 3 / (kappa - 1.0)
+        beta2 = rho ** 3 / ((kappa - 1.0) * (1.0 - rho) ** 2 * (1.0 + rho))
+        return cls.from_synthesized_nesterov(alpha, beta1, beta2)
+
+    @classmethod
+    def from_triple_momentum(cls, l, kappa):
+        """Triple momentum (Van Scoy et al. 2018): robust momentum at rho = 1 - 1/sqrt(kappa)."""
+        return cls.from_robust_momentum(l, kappa, None)
+
+    @classmethod
+    def from_accsgd(cls, delta, kappa, xi, eps=0.7):
+        """AccSGD (Kidambi et al. 2018) with short step delta, long step kappa, advantage xi."""
+        return cls._kw(delta * eps * (1.0 + xi) / (1.0 + eps), (kappa - eps * eps * xi) / (kappa + eps * xi),
+                       (eps * xi - 1.0) / (eps * (1.0 + xi)))

@@ -1,0 +1,15 @@
+from .base import FusedOptimizer
+
+
+class RMSprop(FusedOptimizer):
+    """RMSprop with torch.optim.RMSprop's conventions (ALGORITHMS.md section 4): eps added outside
+    the square root, optional centering and momentum; state ``step``, ``square_avg``,
+    ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered)."""
+
+    rule = "rmsprop"
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+                 *, maximize=False, backend=None):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      centered=centered, maximize=maximize),
+                         backend=backend)

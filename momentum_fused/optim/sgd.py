@@ -1,0 +1,14 @@
+from .base import FusedOptimizer
+
+
+class SGD(FusedOptimizer):
+    """SGD, heavy ball and Nesterov, with torch.optim.SGD's conventions (ALGORITHMS.md section 1):
+    coupled L2 decay, first-step buffer b = g, dampening on later steps, state ``momentum_buffer``."""
+
+    rule = "sgd"
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 *, maximize=False, backend=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov, maximize=maximize),
+                         backend=backend)

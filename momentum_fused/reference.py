@@ -1,0 +1,148 @@
+"""The executable specification: one pure-torch function per update rule.
+
+Each ``<rule>_ref(p, g, state, s, f)`` updates ``p`` and the elementwise ``state`` tensors in place,
+in the tensors' own dtype (run it on float64 copies to get the oracle), on any device.
+- ``g`` is never modified.
+- ``state`` is the tuple of state tensors in the order of ``spec.state_names(group)``.
+- ``s`` is the rule's scalar pack (``spec.Scalars``), computed on the host in float64.
+- ``f`` is the rule's flags tuple (``spec.Flags``).
+
+The op order is the one the kernels use, and where torch.optim has the rule, the one torch uses,
+so that parity tests can be tight. Conventions: docs/ALGORITHMS.md.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["RULES"]
+
+
+def _grad(g, s):
+    """maximize and 1/grad_scale arrive folded into ``grad_mult``."""
+    return g if s.grad_mult == 1.0 else g * s.grad_mult
+
+
+def sgd_ref(p, g, state, s, f):
+    g = _grad(g, s)
+    if s.weight_decay != 0:
+        g = g.add(p, alpha=s.weight_decay)
+    if f.momentum:
+        (buf,) = state
+        if s.first:
+            buf.copy_(g)  # first step: b = g (not (1 - dampening) g)
+        else:
+            buf.mul_(s.momentum).add_(g, alpha=1.0 - s.dampening)
+        g = g.add(buf, alpha=s.momentum) if f.nesterov else buf
+    p.add_(g, alpha=-s.lr)
+
+
+def qhm_ref(p, g, state, s, f):
+    (buf,) = state
+    g = _grad(g, s)
+    if s.weight_decay != 0:
+        if f.direct_decay:
+            p.mul_(1.0 - s.lr * s.weight_decay)
+        else:
+            g = g.add(p, alpha=s.weight_decay)
+    buf.mul_(s.momentum).add_(g, alpha=1.0 - s.momentum)
+    p.add_(buf, alpha=-s.lr * s.nu)
+    p.add_(g, alpha=-s.lr * (1.0 - s.nu))
+
+
+def adam_ref(p, g, state, s, f):
+    m, v = state[0], state[1]
+    g = _grad(g, s)
+    if s.weight_decay != 0:
+        if f.decoupled:
+            p.mul_(1.0 - s.lr * s.weight_decay)
+        else:
+            g = g.add(p, alpha=s.weight_decay)
+    m.lerp_(g, 1.0 - s.beta1)
+    v.mul_(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
+    if f.amsgrad:
+        vmax = state[2]
+        torch.maximum(vmax, v, out=vmax)
+        v = vmax
+    denom = (v.sqrt() / s.bc2_sqrt).add_(s.eps)  # eps added after the sqrt bias correction
+    p.addcdiv_(m, denom, value=-s.step_size)
+
+
+def nadam_ref(p, g, state, s, f):
+    m, v = state
+    g = _grad(g, s)
+    if s.weight_decay != 0:
+        if f.decoupled:
+            p.mul_(1.0 - s.lr * s.weight_decay)
+        else:
+            g = g.add(p, alpha=s.weight_decay)
+    m.lerp_(g, 1.0 - s.beta1)
+    v.mul_(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
+    denom = v.div(s.bc2).sqrt().add_(s.eps)
+    p.addcdiv_(g, denom, value=s.grad_coef)
+    p.addcdiv_(m, denom, value=s.exp_avg_coef)
+
+
+def rmsprop_ref(p, g, state, s, f):
+    sq = state[0]
+    g = _grad(g, s)
+    if s.weight_decay != 0:
+        g = g.add(p, alpha=s.weight_decay)
+    sq.mul_(s.alpha).addcmul_(g, g, value=1.0 - s.alpha)
+    if f.centered:
+        ga = state[-1]
+        ga.lerp_(g, 1.0 - s.alpha)
+        avg = sq.addcmul(ga, ga, value=-1).sqrt_()
+    else:
+        avg = sq.sqrt()
+    avg = avg.add_(s.eps)
+    if f.momentum:
+        buf = state[1]
+        buf.mul_(s.momentum).addcdiv_(g, avg)
+        p.add_(buf, alpha=-s.lr)
+    else:
+        p.addcdiv_(g, avg, value=-s.lr)
+
+
+def signum_ref(p, g, state, s, f):
+    g = _grad(g, s)
+    if s.weight_decay != 0:
+        p.mul_(1.0 - s.lr * s.weight_decay)
+    if f.momentum:
+        (m,) = state
+        m.mul_(s.momentum).add_(g, alpha=1.0 - s.momentum)
+        g = m
+    p.add_(torch.sign(g), alpha=-s.lr)
+
+
+def lion_ref(p, g, state, s, f):
+    (m,) = state
+    g = _grad(g, s)
+    if s.weight_decay != 0:
+        p.mul_(1.0 - s.lr * s.weight_decay)
+    c = m.mul(s.beta1).add_(g, alpha=1.0 - s.beta1)  # same op order as signum's buffer update
+    p.add_(torch.sign(c), alpha=-s.lr)
+    m.mul_(s.beta2).add_(g, alpha=1.0 - s.beta2)
+
+
+def fsgdm_ref(p, g, state, s, f):
+    (buf,) = state
+    g = _grad(g, s)
+    if s.weight_decay != 0:
+        g = g.add(p, alpha=s.weight_decay)
+    if s.first:
+        buf.copy_(g)
+    else:
+        buf.mul_(s.u).add_(g, alpha=s.v)
+    p.add_(buf, alpha=-s.lr)
+
+
+RULES = {
+    "sgd": sgd_ref,
+    "qhm": qhm_ref,
+    "adam": adam_ref,
+    "nadam": nadam_ref,
+    "rmsprop": rmsprop_ref,
+    "signum": signum_ref,
+    "lion": lion_ref,
+    "fsgdm": fsgdm_ref,
+}

@@ -1,0 +1,405 @@
+"""One ``UpdateRuleSpec`` per update rule: the single place that knows a rule's hyperparameters,
+their valid ranges, its state tensors, its compile-time flags and its host scalar pack.
+
+The scalar pack is the contract between the optimizer front-end and every backend: a fixed tuple of
+float64 numbers (named by ``scalar_names``) computed on the host once per step and per tensor. Backends
+never look at a param group; they receive tensors, a flags tuple and scalar packs. Time-varying numbers
+(bias corrections, the NAdam mu-product, the FSGDM momentum coefficient) are folded into the pack here,
+so that kernels stay free of ``pow``/``exp`` and of per-rule host logic.
+
+The update rules themselves are written in ``momentum_fused/reference.py`` (the executable spec) and in
+the kernel sources; see docs/ALGORITHMS.md for the conventions.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections import namedtuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+__all__ = ["UpdateRuleSpec", "SPECS", "get_spec", "HOST_STATE_KEYS"]
+
+# State entries that live on the host (never cast to the param dtype, never touched by kernels).
+HOST_STATE_KEYS = ("step", "mu_product")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hyperparameter checks. Each raises ValueError/TypeError naming the hyperparameter.
+# --------------------------------------------------------------------------------------------------
+def _as_real(name: str, value: Any, *, tensor_ok: bool = False) -> float:
+    if isinstance(value, torch.Tensor):
+        if not tensor_ok:
+            raise TypeError(f"{name} must be a Python number, got a Tensor")
+        if value.numel() != 1:
+            raise ValueError(f"{name} as a Tensor must have exactly one element, got shape {tuple(value.shape)}")
+        if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} Tensor must be real, got dtype {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value} (must be finite)")
+    return value
+
+
+@dataclass(frozen=True)
+class Real:
+    """A finite real number in [lo, hi] (or a half-open interval)."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    hi_open: bool = False
+    lo_open: bool = False
+    tensor_ok: bool = False
+
+    def check(self, name: str, value: Any) -> None:
+        v = _as_real(name, value, tensor_ok=self.tensor_ok)
+        too_low = v <= self.lo if self.lo_open else v < self.lo
+        too_high = v >= self.hi if self.hi_open else v > self.hi
+        if too_low or too_high:
+            lb = "(" if self.lo_open else "["
+            rb = ")" if self.hi_open else "]"
+            raise ValueError(f"Invalid {name}: {v} (must be in {lb}{self.lo}, {self.hi}{rb})")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A pair of numbers, each checked by ``item`` (Adam-style ``betas``)."""
+
+    item: Real
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise TypeError(f"{name} must be a tuple of two numbers, got {value!r}")
+        for i, v in enumerate(value):
+            self.item.check(f"{name}[{i}]", v)
+
+
+@dataclass(frozen=True)
+class Flag:
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple
+
+    def check(self, name: str, value: Any) -> None:
+        if value not in self.options:
+            raise ValueError(f"Invalid {name}: {value!r} (must be one of {list(self.options)})")
+
+
+@dataclass(frozen=True)
+class Int:
+    lo: int = 1
+
+    def check(self, name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+        if value < self.lo:
+            raise ValueError(f"Invalid {name}: {value} (must be >= {self.lo})")
+
+
+LR = Real(0.0, tensor_ok=True)
+NONNEG = Real(0.0)
+UNIT_OPEN = Real(0.0, 1.0, hi_open=True)  # [0, 1)
+FINITE = Real()
+BETAS = Pair(UNIT_OPEN)
+
+
+def lr_value(group: Mapping) -> float:
+    """The group's learning rate as a float (``lr`` may be a one-element tensor)."""
+    lr = group["lr"]
+    return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+
+
+# --------------------------------------------------------------------------------------------------
+# The spec
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UpdateRuleSpec:
+    """Everything the front-end and the backends need to know about one update rule.
+
+    name:          rule id, shared by reference.py, triton_kernels/rules.py and csrc/update_rules.h.
+    family:        kernel family (which kernel body serves it).
+    hparams:       hyperparameter name -> check; the group keys a rule reads.
+    defaults:      constructor defaults (torch's where torch has the optimizer).
+    state_names:   group -> names of the elementwise state tensors (same shape as the param), in the
+                   order backends receive them.
+    flag_names:    names of the compile-time flags (choose a code path, never a value).
+    flags:         group -> flags tuple.
+    scalar_names:  names of the host scalar pack, in order.
+    advance:       (group, state, fresh) -> scalar pack; increments host state (``step``) and computes
+                   bias corrections. ``fresh`` is True when the state was created in this step.
+    cross_check:   group -> None; checks that involve several hyperparameters.
+    group_advance: group -> None; per-group host counters updated once per step (FSGDM).
+    group_extras:  host counters kept in every param group (so they are checkpointed), with their
+                   initial values; not constructor arguments.
+    bytes_per_elem: fp32 roofline bytes (read + write) per element (ALGORITHMS.md section 9).
+    """
+
+    name: str
+    family: str
+    hparams: Mapping[str, Any]
+    defaults: Mapping[str, Any]
+    state_names: Callable[[Mapping], tuple]
+    flag_names: tuple
+    flags: Callable[[Mapping], tuple]
+    scalar_names: tuple
+    advance: Callable[[Mapping, dict, bool], tuple]
+    cross_check: Callable[[Mapping], None] | None = None
+    group_advance: Callable[[Mapping], None] | None = None
+    group_extras: Mapping[str, Any] = field(default_factory=dict)
+    bytes_per_elem: Callable[[Mapping], int] = field(default=lambda g: 12)
+
+    def __post_init__(self):
+        object.__setattr__(self, "Scalars", namedtuple(f"{self.name}_scalars", self.scalar_names))
+        object.__setattr__(self, "Flags", namedtuple(f"{self.name}_flags", self.flag_names))
+
+    def validate(self, group: Mapping, where: str = "") -> None:
+        """Raise ValueError/TypeError naming the first invalid hyperparameter of ``group``."""
+        for key, check in self.hparams.items():
+            if key not in group:
+                raise ValueError(f"{where}missing hyperparameter {key!r} for rule {self.name!r}")
+            try:
+                check.check(key, group[key])
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where}{e}") from None
+        if self.cross_check is not None:
+            try:
+                self.cross_check(group)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where}{e}") from None
+
+    def make_flags(self, group: Mapping):
+        return self.Flags(*self.flags(group))
+
+    def make_scalars(self, group: Mapping, state: dict, fresh: bool, grad_mult: float = 1.0):
+        """Advance host state and return the scalar pack. ``grad_mult`` multiplies the incoming
+        gradient (maximize sign times 1/grad_scale); it is always the pack's last entry."""
+        pack = self.advance(group, state, fresh)
+        return self.Scalars(*pack, grad_mult)
+
+
+def _grad_sign(group: Mapping) -> float:
+    return -1.0 if group.get("maximize", False) else 1.0
+
+
+def _bump_step(state: dict) -> float:
+    """torch convention: ``state['step']`` is a float32 0-d CPU tensor, incremented before use."""
+    step = state.get("step")
+    if not isinstance(step, torch.Tensor):
+        step = state["step"] = torch.tensor(float(step or 0.0), dtype=torch.float32)
+    step += 1
+    return float(step.item())
+
+
+# ---------------------------------------------------------------- sgd (torch.optim.SGD convention)
+def _sgd_cross(g):
+    if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
+        raise ValueError("nesterov=True requires momentum > 0 and dampening = 0 "
+                         f"(got momentum={g['momentum']}, dampening={g['dampening']})")
+
+
+SGD_SPEC = UpdateRuleSpec(
+    name="sgd",
+    family="one_buffer",
+    hparams=dict(lr=LR, momentum=UNIT_OPEN, dampening=Real(0.0, 1.0), weight_decay=NONNEG,
+                 nesterov=Flag(), maximize=Flag()),
+    defaults=dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                  maximize=False),
+    state_names=lambda g: ("momentum_buffer",) if g["momentum"] != 0 else (),
+    flag_names=("momentum", "nesterov"),
+    flags=lambda g: (g["momentum"] != 0, bool(g["nesterov"])),
+    scalar_names=("lr", "weight_decay", "momentum", "dampening", "first", "grad_mult"),
+    advance=lambda g, st, fresh: (lr_value(g), float(g["weight_decay"]), float(g["momentum"]),
+                                  float(g["dampening"]), 1.0 if fresh else 0.0),
+    cross_check=_sgd_cross,
+    bytes_per_elem=lambda g: 20 if g["momentum"] != 0 else 12,
+)
+
+# ---------------------------------------------------------------- qhm (Ma & Yarats, qhoptim)
+QHM_SPEC = UpdateRuleSpec(
+    name="qhm",
+    family="one_buffer",
+    hparams=dict(lr=LR, momentum=UNIT_OPEN, nu=FINITE, weight_decay=NONNEG,
+                 weight_decay_type=Choice(("grad", "direct")), maximize=Flag()),
+    defaults=dict(lr=1.0, momentum=0.999, nu=0.7, weight_decay=0.0, weight_decay_type="grad",
+                  maximize=False),
+    state_names=lambda g: ("momentum_buffer",),
+    flag_names=("direct_decay",),
+    flags=lambda g: (g["weight_decay_type"] == "direct",),
+    scalar_names=("lr", "weight_decay", "momentum", "nu", "grad_mult"),
+    advance=lambda g, st, fresh: (lr_value(g), float(g["weight_decay"]), float(g["momentum"]),
+                                  float(g["nu"])),
+    bytes_per_elem=lambda g: 20,
+)
+
+
+# ---------------------------------------------------------------- adam / adamw / amsgrad / tied
+def _adam_advance(g, st, fresh):
+    t = _bump_step(st)
+    beta1, beta2 = (float(b) for b in g["betas"])
+    lr = lr_value(g)
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    return (lr, float(g["weight_decay"]), beta1, beta2, float(g["eps"]), lr / bc1, bc2 ** 0.5)
+
+
+ADAM_SPEC = UpdateRuleSpec(
+    name="adam",
+    family="two_buffer",
+    hparams=dict(lr=LR, betas=BETAS, eps=NONNEG, weight_decay=NONNEG, amsgrad=Flag(),
+                 decoupled_weight_decay=Flag(), maximize=Flag()),
+    defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                  decoupled_weight_decay=False, maximize=False),
+    state_names=lambda g: ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if g["amsgrad"] else ()),
+    flag_names=("decoupled", "amsgrad"),
+    flags=lambda g: (bool(g["decoupled_weight_decay"]), bool(g["amsgrad"])),
+    scalar_names=("lr", "weight_decay", "beta1", "beta2", "eps", "step_size", "bc2_sqrt", "grad_mult"),
+    advance=_adam_advance,
+    bytes_per_elem=lambda g: 36 if g["amsgrad"] else 28,
+)
+
+
+# ---------------------------------------------------------------- nadam (torch convention)
+def _nadam_advance(g, st, fresh):
+    t = _bump_step(st)
+    beta1, beta2 = (float(b) for b in g["betas"])
+    psi = float(g["momentum_decay"])
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+    prod = st.get("mu_product")
+    if not isinstance(prod, torch.Tensor):
+        prod = st["mu_product"] = torch.tensor(1.0 if prod is None else float(prod), dtype=torch.float64)
+    prod.mul_(mu)
+    mu_product = float(prod.item())
+    lr = lr_value(g)
+    return (lr, float(g["weight_decay"]), beta1, beta2, float(g["eps"]), 1.0 - beta2 ** t,
+            -lr * (1.0 - mu) / (1.0 - mu_product), -lr * mu_next / (1.0 - mu_product * mu_next))
+
+
+NADAM_SPEC = UpdateRuleSpec(
+    name="nadam",
+    family="two_buffer",
+    hparams=dict(lr=LR, betas=BETAS, eps=NONNEG, weight_decay=NONNEG, momentum_decay=NONNEG,
+                 decoupled_weight_decay=Flag(), maximize=Flag()),
+    defaults=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+                  decoupled_weight_decay=False, maximize=False),
+    state_names=lambda g: ("exp_avg", "exp_avg_sq"),
+    flag_names=("decoupled",),
+    flags=lambda g: (bool(g["decoupled_weight_decay"]),),
+    scalar_names=("lr", "weight_decay", "beta1", "beta2", "eps", "bc2", "grad_coef", "exp_avg_coef",
+                  "grad_mult"),
+    advance=_nadam_advance,
+    bytes_per_elem=lambda g: 28,
+)
+
+
+# ---------------------------------------------------------------- rmsprop (torch convention)
+def _rmsprop_advance(g, st, fresh):
+    _bump_step(st)
+    return (lr_value(g), float(g["weight_decay"]), float(g["alpha"]), float(g["eps"]),
+            float(g["momentum"]))
+
+
+RMSPROP_SPEC = UpdateRuleSpec(
+    name="rmsprop",
+    family="two_buffer",
+    hparams=dict(lr=LR, alpha=UNIT_OPEN, eps=NONNEG, weight_decay=NONNEG, momentum=UNIT_OPEN,
+                 centered=Flag(), maximize=Flag()),
+    defaults=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+                  maximize=False),
+    state_names=lambda g: ("square_avg",) + (("momentum_buffer",) if g["momentum"] > 0 else ())
+    + (("grad_avg",) if g["centered"] else ()),
+    flag_names=("momentum", "centered"),
+    flags=lambda g: (g["momentum"] > 0, bool(g["centered"])),
+    scalar_names=("lr", "weight_decay", "alpha", "eps", "momentum", "grad_mult"),
+    advance=_rmsprop_advance,
+    bytes_per_elem=lambda g: 12 + 8 * (1 + (g["momentum"] > 0) + bool(g["centered"])),
+)
+
+# ---------------------------------------------------------------- signum / signSGD (decoupled decay)
+SIGNUM_SPEC = UpdateRuleSpec(
+    name="signum",
+    family="one_buffer",
+    hparams=dict(lr=LR, momentum=UNIT_OPEN, weight_decay=NONNEG, maximize=Flag()),
+    defaults=dict(lr=1e-4, momentum=0.9, weight_decay=0.0, maximize=False),
+    state_names=lambda g: ("momentum_buffer",) if g["momentum"] != 0 else (),
+    flag_names=("momentum",),
+    flags=lambda g: (g["momentum"] != 0,),
+    scalar_names=("lr", "weight_decay", "momentum", "grad_mult"),
+    advance=lambda g, st, fresh: (lr_value(g), float(g["weight_decay"]), float(g["momentum"])),
+    bytes_per_elem=lambda g: 20 if g["momentum"] != 0 else 12,
+)
+
+# ---------------------------------------------------------------- lion (Chen et al. 2023)
+LION_SPEC = UpdateRuleSpec(
+    name="lion",
+    family="one_buffer",
+    hparams=dict(lr=LR, betas=BETAS, weight_decay=NONNEG, maximize=Flag()),
+    defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
+    state_names=lambda g: ("exp_avg",),
+    flag_names=(),
+    flags=lambda g: (),
+    scalar_names=("lr", "weight_decay", "beta1", "beta2", "grad_mult"),
+    advance=lambda g, st, fresh: (lr_value(g), float(g["weight_decay"]), float(g["betas"][0]),
+                                  float(g["betas"][1])),
+    bytes_per_elem=lambda g: 20,
+)
+
+
+# ---------------------------------------------------------------- fsgdm (official yinleung/FSGDM)
+def _fsgdm_cross(g):
+    if g["sigma"] < g["n_stages"]:
+        raise ValueError(f"Invalid sigma: {g['sigma']} (the total step count must be >= n_stages="
+                         f"{g['n_stages']}, otherwise a stage has zero steps)")
+
+
+def fsgdm_momentum(group: Mapping) -> float:
+    """u = stage / (stage + c*sigma), stage = (s // spe) * spe, spe = sigma // N; s = group['step']."""
+    spe = group["sigma"] // group["n_stages"]
+    stage = (group["step"] // spe) * spe
+    return stage / (stage + group["c_scaling"] * group["sigma"])
+
+
+def _fsgdm_group_advance(g):
+    g["step"] = g["step"] + 1.0
+
+
+FSGDM_SPEC = UpdateRuleSpec(
+    name="fsgdm",
+    family="one_buffer",
+    hparams=dict(lr=LR, weight_decay=NONNEG, c_scaling=Real(0.0, lo_open=True), v_coefficient=NONNEG,
+                 n_stages=Int(1), sigma=Int(1), step=Real(1.0), maximize=Flag()),
+    defaults=dict(lr=1e-1, weight_decay=5e-4, c_scaling=33e-3, v_coefficient=1.0, n_stages=300,
+                  sigma=117000, maximize=False),
+    state_names=lambda g: ("momentum_buffer",),
+    flag_names=(),
+    flags=lambda g: (),
+    scalar_names=("lr", "weight_decay", "u", "v", "first", "grad_mult"),
+    advance=lambda g, st, fresh: (lr_value(g), float(g["weight_decay"]), float(fsgdm_momentum(g)),
+                                  float(g["v_coefficient"]), 1.0 if fresh else 0.0),
+    cross_check=_fsgdm_cross,
+    group_advance=_fsgdm_group_advance,
+    group_extras=dict(step=1.0),
+    bytes_per_elem=lambda g: 20,
+)
+
+SPECS: dict[str, UpdateRuleSpec] = {
+    s.name: s for s in (SGD_SPEC, QHM_SPEC, ADAM_SPEC, NADAM_SPEC, RMSPROP_SPEC, SIGNUM_SPEC,
+                        LION_SPEC, FSGDM_SPEC)
+}
+
+
+def get_spec(name: str) -> UpdateRuleSpec:
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown update rule {name!r}; known: {sorted(SPECS)}") from None
