@@ -124,3 +124,34 @@ def resolve(requested: str | None, spec, device: torch.device, dtype: torch.dtyp
 
 def names() -> Sequence[str]:
     return tuple(_REGISTRY)
+
+
+# Optional compiled/JIT backends. Each module defines ``make_backend() -> Backend``; it must not raise
+# for a missing toolchain or device but return a Backend whose ``load_error`` says why. A module that is
+# absent from this build registers nothing; one that fails to import registers an unavailable entry
+# carrying the import error, so that an explicit request reports it.
+_OPTIONAL = {
+    "cpu": "momentum_fused._backend_cpu",
+    "triton": "momentum_fused._backend_triton",
+    "cuda": "momentum_fused._backend_cuda",
+}
+
+
+def _register_optional() -> None:
+    import importlib
+
+    for name, module in _OPTIONAL.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue
+            register(Backend(name=name, apply=None, load_error=f"import of {module} failed: {e}"))
+            continue
+        except Exception as e:  # a broken optional backend must not break the package
+            register(Backend(name=name, apply=None, load_error=f"import of {module} failed: {type(e).__name__}: {e}"))
+            continue
+        register(mod.make_backend())
+
+
+_register_optional()
