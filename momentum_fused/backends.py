@@ -61,10 +61,23 @@ def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _reference_apply(spec, flags, params, grads, states, scalars):
+    """The reference rules, tensor by tensor. Half-precision storage (fp16/bf16) is computed in float32
+    and rounded once when written back, as the kernels do: computing in fp16 itself would underflow
+    (1 - beta2) g^2 and round eps = 1e-8 to zero."""
     fn = reference.RULES[spec.name]
     for p, g, st, sc in zip(params, grads, states, scalars):
-        fn(p, g, st, sc, flags)
+        if p.dtype in _HALF:
+            p32, st32 = p.float(), tuple(t.float() for t in st)
+            fn(p32, g.float(), st32, sc, flags)
+            p.copy_(p32)
+            for t, t32 in zip(st, st32):
+                t.copy_(t32)
+        else:
+            fn(p, g, st, sc, flags)
 
 
 register(Backend(name="reference", apply=_reference_apply, devices=("cpu", "cuda", "mps", "xpu", "meta")))
