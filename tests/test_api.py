@@ -1,0 +1,306 @@
+"""Optimizer API: state_dict round trips (ours <-> ours, torch <-> ours), torch.save/load(weights_only),
+deepcopy, hooks, closures, backend selection, the GradScaler protocol."""
+import copy
+import io
+
+import pytest
+import torch
+
+import momentum_fused as mf
+from momentum_fused import backends
+from optim_db import (CASES, all_variants, assert_snapshot_equal, assert_states_close, clone_params, make_grads,
+                      make_params, run, snapshot)
+from tolerances import TOL
+
+STEPS = 10
+
+
+@pytest.fixture
+def default_f64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _flat_params(opt):
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+# ------------------------------------------------------------------ state_dict round trips
+@pytest.mark.parametrize("case,kwargs", all_variants())
+def test_state_dict_round_trip(case, kwargs):
+    grads = make_grads(steps=STEPS)
+    a = make_params()
+    full = case.cls(a, **kwargs)
+    run(full, a, grads)
+
+    b = make_params()
+    first = case.cls(b, **kwargs)
+    run(first, b, grads[:3])
+    sd = copy.deepcopy(first.state_dict())
+    c = clone_params(b)
+    second = case.cls(c, **kwargs)
+    second.load_state_dict(sd)
+    for p in c:
+        st = second.state[p]
+        if "step" in st:
+            assert st["step"].dtype == torch.float32 and st["step"].device.type == "cpu"
+        if "mu_product" in st:
+            assert st["mu_product"].dtype == torch.float64 and st["mu_product"].device.type == "cpu"
+    if case.name == "FSGDM":
+        assert second.param_groups[0]["step"] == 4.0
+    run(second, c, grads[3:])
+    assert_states_close(second, c, full, a, rtol=0, atol=0)
+    if case.name == "FSGDM":
+        assert second.param_groups[0]["step"] == full.param_groups[0]["step"] == STEPS + 1.0
+
+
+def test_state_dict_round_trip_float32_nadam_keeps_host_dtypes():
+    """A float32 model: step stays float32, mu_product float64 (not cast to the param dtype)."""
+    grads = make_grads(steps=STEPS, dtype=torch.float32)
+    a = make_params(dtype=torch.float32)
+    full = run(mf.NAdam(a, lr=0.01), a, grads)
+    b = make_params(dtype=torch.float32)
+    first = run(mf.NAdam(b, lr=0.01), b, grads[:3])
+    c = clone_params(b)
+    second = mf.NAdam(c, lr=0.01)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    assert second.state[c[0]]["mu_product"].dtype == torch.float64
+    run(second, c, grads[3:])
+    assert_states_close(second, c, full, a, rtol=0, atol=0)
+
+
+_TORCH_INTEROP = [
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.2)),
+    ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+    ("NAdam", dict(lr=0.01, momentum_decay=0.05)),
+    ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", _TORCH_INTEROP)
+@pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
+def test_torch_state_dict_interop(name, kwargs, direction, default_f64):
+    case = CASES[name]
+    grads = make_grads(steps=STEPS)
+    ref_p = make_params()
+    ref = run(case.oracle(ref_p, **kwargs), ref_p, grads)  # the uninterrupted torch run
+
+    src_cls, dst_cls = (case.oracle, case.cls) if direction == "torch_to_ours" else (case.cls, case.oracle)
+    p = make_params()
+    src = run(src_cls(p, **kwargs), p, grads[:3])
+    q = clone_params(p)
+    dst = dst_cls(q, **kwargs)
+    dst.load_state_dict(copy.deepcopy(src.state_dict()))
+    run(dst, q, grads[3:])
+    assert_states_close(dst, q, ref, ref_p, **TOL[torch.float64], check_dtype=False)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "NAdam", "FSGDM", "QHM", "Lion"])
+def test_torch_save_load_weights_only(name):
+    case = CASES[name]
+    kwargs = case.variants[-1]
+    grads = make_grads(steps=STEPS)
+    a = make_params()
+    full = run(case.cls(a, **kwargs), a, grads)
+    b = make_params()
+    first = run(case.cls(b, **kwargs), b, grads[:3])
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    c = clone_params(b)
+    second = case.cls(c, **kwargs)
+    second.load_state_dict(sd)
+    run(second, c, grads[3:])
+    assert_states_close(second, c, full, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "NAdam", "FSGDM", "AdamTied"])
+def test_deepcopy(name):
+    case = CASES[name]
+    kwargs = dict(case.variants[-1], backend="reference")
+    grads = make_grads(steps=STEPS)
+    p = make_params()
+    opt = run(case.cls(p, **kwargs), p, grads[:3])
+    dup = copy.deepcopy(opt)
+    assert dup.backend == "reference"
+    q = _flat_params(dup)
+    assert all(x is not y and torch.equal(x, y) for x, y in zip(p, q))
+    assert_states_close(dup, q, opt, p, rtol=0, atol=0)
+    run(opt, p, grads[3:])
+    run(dup, q, grads[3:])
+    assert_states_close(dup, q, opt, p, rtol=0, atol=0)
+    assert dup.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_hooks_fire():
+    p = make_params()
+    opt = mf.Adam(p, lr=0.01)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", float(o.state[p[0]]["step"]) if o.state.get(p[0]) else 0.0)))
+    opt.register_step_post_hook(lambda o, a, k: calls.append(("post", float(o.state[p[0]]["step"]))))
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("sd_pre",)))
+
+    def sd_post(o, sd):
+        calls.append(("sd_post",))
+        sd["extra"] = 1
+        return sd
+
+    opt.register_state_dict_post_hook(sd_post)
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(("load_pre",)))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load_post",)))
+    run(opt, p, make_grads(steps=2))
+    assert calls == [("pre", 0.0), ("post", 1.0), ("pre", 1.0), ("post", 2.0)]
+    sd = opt.state_dict()
+    assert sd["extra"] == 1 and calls[-2:] == [("sd_pre",), ("sd_post",)]
+    del sd["extra"]
+    opt.load_state_dict(sd)
+    assert calls[-2:] == [("load_pre",), ("load_post",)]
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "FSGDM"])
+def test_closure(name):
+    case = CASES[name]
+    x = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    opt = case.cls([x], **case.base)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = (x ** 2).sum()
+        loss.backward()
+        return loss
+
+    before = x.detach().clone()
+    loss = opt.step(closure)
+    assert len(calls) == 1
+    assert float(loss) == float((before ** 2).sum())
+    assert not torch.equal(x.detach(), before)
+    torch.testing.assert_close(x.grad, 2 * before)
+    # no closure: returns None
+    assert opt.step() is None
+
+
+# ------------------------------------------------------------------ backends
+def test_backend_reference_and_unknown():
+    p = make_params()
+    opt = mf.SGD(p, lr=0.1, momentum=0.9, backend="reference")
+    assert opt.backend == "reference"
+    run(opt, p, make_grads(steps=2))
+    with pytest.raises(ValueError, match=r"no_such.*reference"):
+        mf.SGD(make_params(), lr=0.1, backend="no_such")
+    with pytest.raises(TypeError, match="backend"):
+        mf.SGD(make_params(), lr=0.1, backend=3)
+
+
+def test_backend_env_var(monkeypatch):
+    grads = make_grads(steps=3)
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    p = make_params()
+    run(mf.Adam(p, lr=0.01), p, grads)
+    q = make_params()
+    run(mf.Adam(q, lr=0.01, backend="reference"), q, grads)
+    assert all(torch.equal(x, y) for x, y in zip(p, q))
+    # an unknown value raises at step time, naming the variable, before anything changes
+    monkeypatch.setenv(backends.ENV_VAR, "bogus_backend")
+    r = make_params()
+    opt = mf.Adam(r, lr=0.01)
+    for x, g in zip(r, grads[0]):
+        x.grad = g.clone()
+    before = snapshot(opt, r)
+    with pytest.raises(ValueError, match=r"bogus_backend.*MOMENTUM_FUSED_BACKEND|MOMENTUM_FUSED_BACKEND.*bogus_backend"):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, r))
+    assert len(opt.state.get(r[0], {})) == 0
+
+
+def test_backends_status():
+    st = backends.status()
+    assert st["reference"] == "available"
+    for name, s in st.items():
+        assert s == "available" or s.startswith("unavailable: "), (name, s)
+    assert set(backends.available()) == {n for n, s in st.items() if s == "available"}
+    b = backends.resolve(None, mf.specs.get_spec("sgd"), torch.device("cpu"), torch.float32)
+    assert b.available and b.name in st
+
+
+# ------------------------------------------------------------------ GradScaler protocol
+@pytest.mark.parametrize("case,kwargs", all_variants())
+def test_found_inf_skips_everything(case, kwargs):
+    p = make_params()
+    grads = make_grads(steps=4)
+    opt = run(case.cls(p, **kwargs), p, grads[:2])
+    before = snapshot(opt, p)
+    for x, g in zip(p, grads[2]):
+        x.grad = g.clone()
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert_snapshot_equal(before, snapshot(opt, p))
+    # a fresh optimizer skipped on its first step creates no state at all
+    q = make_params()
+    fresh = case.cls(q, **kwargs)
+    for x, g in zip(q, grads[0]):
+        x.grad = g.clone()
+    fresh.found_inf = torch.tensor(1.0)
+    fresh.step()
+    assert all(len(fresh.state.get(x, {})) == 0 for x in q)
+    assert all(torch.equal(x, y) for x, y in zip(q, make_params()))
+    # found_inf = 0 steps normally
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    assert not torch.equal(p[0], before["params"][0])
+
+
+@pytest.mark.parametrize("case,kwargs", all_variants())
+def test_grad_scale_equals_unscaled_step(case, kwargs):
+    grads = make_grads(steps=STEPS)
+    a, b = make_params(), make_params()
+    plain = run(case.cls(a, **kwargs), a, grads)
+    scaled = case.cls(b, **kwargs)
+    scaled.grad_scale = torch.tensor(4.0)
+    for gs in grads:
+        for x, g in zip(b, gs):
+            x.grad = 4.0 * g
+        scaled.step()
+        for x, g in zip(b, gs):
+            assert torch.equal(x.grad, 4.0 * g)  # .grad itself is not unscaled
+    # scaling by a power of two is exact: bitwise equal
+    assert_states_close(scaled, b, plain, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "NAdam"])
+def test_torch_grad_scaler_cpu_end_to_end(name):
+    case = CASES[name]
+    kwargs = case.variants[-1]
+    torch.manual_seed(0)
+    model_a = torch.nn.Linear(4, 3)
+    model_b = copy.deepcopy(model_a)
+    opt_a = case.cls(model_a.parameters(), **kwargs)
+    opt_b = case.cls(model_b.parameters(), **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(6):
+        x = torch.randn(8, 4, generator=gen)
+        opt_a.zero_grad()
+        scaler.scale(model_a(x).pow(2).sum()).backward()
+        if t == 3:  # an overflow: the scaler must skip the step and back off
+            model_a.weight.grad[0, 0] = float("inf")
+        scaler.step(opt_a)
+        scaler.update()
+        assert not hasattr(opt_a, "grad_scale") and not hasattr(opt_a, "found_inf")
+        if t != 3:
+            opt_b.zero_grad()
+            model_b(x).pow(2).sum().backward()
+            opt_b.step()
+    assert scaler.get_scale() == 2.0 ** 9
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa, pb, **TOL[torch.float32])
+        for k, v in opt_b.state[pb].items():
+            torch.testing.assert_close(opt_a.state[pa][k], v, **TOL[torch.float32])
