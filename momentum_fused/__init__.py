@@ -4,11 +4,12 @@ The optimizers are ``torch.optim.Optimizer`` subclasses with torch's state names
 are specified once in :mod:`momentum_fused.reference` and dispatched per (device, dtype) bucket by
 :mod:`momentum_fused.backends`.
 """
-from . import backends, reference, specs
-from .optim import (FSGDM, QHM, SGD, Adam, AdamTied, AdamW, FusedOptimizer, Lion, NAdam, RMSprop, SignSGD,
-                    Signum)
+from . import backends, reference, schedules, specs
+from .optim import (FSGDM, QHM, SGD, Adam, AdamTied, AdamW, AdamWScheduleFree, FusedOptimizer, Lion, NAdam,
+                    RMSprop, SGDScheduleFree, SignSGD, Signum)
 
 __version__ = "0.1.0"
 
 __all__ = ["SGD", "QHM", "Adam", "AdamW", "AdamTied", "NAdam", "RMSprop", "SignSGD", "Signum", "Lion", "FSGDM",
-           "FusedOptimizer", "backends", "reference", "specs", "__version__"]
+           "SGDScheduleFree", "AdamWScheduleFree", "FusedOptimizer", "backends", "reference", "schedules",
+           "specs", "__version__"]

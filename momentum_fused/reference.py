@@ -1,7 +1,8 @@
 """The executable specification: one pure-torch function per update rule.
 
 Each ``<rule>_ref(p, g, state, s, f)`` updates ``p`` and the elementwise ``state`` tensors in place,
-in the tensors' own dtype (run it on float64 copies to get the oracle), on any device.
+in the tensors' own dtype (run it on float64 copies to get the oracle), on any device. (The reference
+*backend* runs fp16/bf16 storage through these functions in float32, see backends._reference_apply.)
 - ``g`` is never modified.
 - ``state`` is the tuple of state tensors in the order of ``spec.state_names(group)``.
 - ``s`` is the rule's scalar pack (``spec.Scalars``), computed on the host in float64.
@@ -145,4 +146,72 @@ RULES = {
     "signum": signum_ref,
     "lion": lion_ref,
     "fsgdm": fsgdm_ref,
+}
+
+
+# ---------------------------------------------------------------- schedule-free (memory-efficient form)
+# p holds y; state[0] is z (initialised to a copy of y by the optimizer when the state is created).
+# x is not stored: x = (y - (1 - beta) z) / beta. Convention: facebookresearch/schedule_free v1.4.
+def sgd_sf_ref(p, g, state, s, f):
+    (z,) = state
+    g = _grad(g, s)
+    if s.weight_decay != 0:
+        g = g.add(p, alpha=s.weight_decay)  # decay evaluated at y
+    p.lerp_(z, s.c)  # y <- y + c (z - y)
+    p.add_(g, alpha=s.y_coef)  # y_coef = lr (beta (1 - c) - 1)
+    z.sub_(g, alpha=s.lr)
+
+
+def adamw_sf_ref(p, g, state, s, f):
+    z, v = state[0], state[1]
+    g = _grad(g, s)
+    v.mul_(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
+    denom = v.div(s.bc2).sqrt_().add_(s.eps)  # bias correction inside the denominator
+    d = g.div(denom)
+    if f.inner_momentum:  # optional EMA of the preconditioned direction, bias-corrected (off by default)
+        m = state[2]
+        m.lerp_(d, 1.0 - s.inner_momentum)
+        d = m.div(s.inner_bc)
+    if s.weight_decay != 0:
+        d = d.add(p, alpha=s.weight_decay)  # decay evaluated at y, not preconditioned
+    p.lerp_(z, s.c)
+    p.add_(d, alpha=s.y_coef)
+    z.sub_(d, alpha=s.lr)
+
+
+RULES["sgd_sf"] = sgd_sf_ref
+RULES["adamw_sf"] = adamw_sf_ref
+
+
+# ---------------------------------------------------------------- schedule-free Polyak reductions
+# The Polyak step needs two sums over all tensors of a param group before the elementwise pass:
+#   dot = <g, z - y>  (= beta <g, z - x> in the memory-efficient form, since z - x = (z - y) / beta)
+#   sq  = ||g||^2_{D^-1} = sum g^2 / D,  D = 1 (SGD) or the Adam denominator sqrt(v_new / bc2) + eps,
+# with v_new = beta2 v + (1 - beta2) g^2 computed here *without* writing v (same op order as adamw_sf_ref).
+# ``state`` is the tuple of existing state tensors, or None when the tensor has no state yet (then
+# z = y and v = 0). ``s`` needs grad_mult (and beta2, bc2, eps for adamw_sf). Returns two float64
+# 0-d tensors on the tensor's device; the caller sums them. A fused backend can replace these.
+def sgd_sf_polyak_reduce_ref(p, g, state, s, f):
+    g = _grad(g, s).double()
+    dot = (g * (state[0].double() - p.double())).sum() if state is not None else g.new_zeros(())
+    return dot, (g * g).sum()
+
+
+def adamw_sf_polyak_reduce_ref(p, g, state, s, f):
+    g = _grad(g, s)
+    if state is not None:
+        z, v = state[0], state[1]
+        dot = (g.double() * (z.double() - p.double())).sum()
+        v_new = v.mul(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
+    else:
+        dot = g.new_zeros((), dtype=torch.float64)
+        v_new = torch.zeros_like(g).addcmul_(g, g, value=1.0 - s.beta2)  # as the update does from v = 0
+    denom = v_new.div_(s.bc2).sqrt_().add_(s.eps)
+    sq = (g.double() * g.double() / denom.double()).sum()
+    return dot, sq
+
+
+REDUCTIONS = {
+    "sgd_sf": sgd_sf_polyak_reduce_ref,
+    "adamw_sf": adamw_sf_polyak_reduce_ref,
 }

@@ -5,8 +5,9 @@ from .fsgdm import FSGDM
 from .nadam import NAdam
 from .qhm import QHM
 from .rmsprop import RMSprop
+from .schedulefree import AdamWScheduleFree, SGDScheduleFree
 from .sgd import SGD
 from .sign import Lion, SignSGD, Signum
 
 __all__ = ["FusedOptimizer", "SGD", "QHM", "Adam", "AdamW", "AdamTied", "NAdam", "RMSprop", "SignSGD", "Signum",
-           "Lion", "FSGDM"]
+           "Lion", "FSGDM", "SGDScheduleFree", "AdamWScheduleFree"]

@@ -9,7 +9,8 @@ optimizer files only declare their rule and constructor. One ``step()``:
    been modified yet, so any error leaves params and state exactly as they were;
 3. honours the GradScaler protocol (``found_inf`` nonzero: nothing changes, not even step counts;
    ``grad_scale``: gradients are divided by it inside the update, ``.grad`` itself is not modified);
-4. creates missing state, advances host counters, builds one scalar pack per tensor;
+4. calls the ``_prepare_step`` hook (per-group host scalars via ``spec.group_prepare``; reduction
+   passes in subclasses), creates missing state, advances host counters, builds one scalar pack per tensor;
 5. hands each bucket (device, dtype, flags) to its backend, once, across all groups.
 """
 from __future__ import annotations
@@ -161,6 +162,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: grad_scale must be finite and nonzero, got {scale}")
         return False, 1.0 / scale
 
+    def _prepare_step(self, plan, loss, inv_scale: float) -> None:
+        """Hook between validation (``_plan``, GradScaler check) and the update pass: everything is
+        valid and nothing has been modified yet. Calls ``spec.group_prepare`` once per group (per-group
+        host scalars such as the schedule-free c). Subclasses that need a reduction pass over all
+        tensors (the schedule-free Polyak step) override it, raising here if the step must not
+        happen, and then call ``super()._prepare_step``."""
+        if self.spec.group_prepare is not None:
+            for group, *_ in plan:
+                self.spec.group_prepare(group)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -171,6 +182,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         skip, inv_scale = self._amp()
         if skip:
             return loss
+        self._prepare_step(plan, loss, inv_scale)
         spec = self.spec
         buckets: dict[tuple, tuple[list, list, list, list]] = {}
         for group, state_names, items, chosen in plan:

@@ -1,0 +1,189 @@
+"""Schedule-Free SGD and AdamW (Defazio et al. 2024; convention: facebookresearch/schedule_free v1.4).
+
+Memory-efficient form: during training the param tensor holds y, the state holds ``z`` (created as a
+copy of y on the first step of the tensor; + ``exp_avg_sq`` for AdamW). The averaged iterate x is not
+stored; it follows from y = (1 - beta) z + beta x:
+
+    x = (y - (1 - beta) z) / beta,      z - x = (z - y) / beta.
+
+``eval()`` puts x into the params (p <- lerp(p, z, 1 - 1/beta)), ``train()`` puts y back
+(p <- lerp(p, z, 1 - beta)). Both are idempotent. **The optimizers start in train mode** (unlike
+schedule_free >= 1.3, which starts in eval mode), so ``step()`` works at once; ``step()`` in eval mode
+raises. The mode is stored in every param group as ``train_mode`` and therefore in the state_dict.
+
+Host counters live in the param groups (checkpointed): ``k``, ``lr_max``, ``weight_sum``; the last
+step's ``scheduled_lr`` (gamma_k), ``sf_c`` (c_{k+1}) and ``polyak_lr`` are kept there for logging.
+See docs/schedulefree.md for the learning-rate modes, the weight rules and the Polyak step.
+"""
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+
+import torch
+
+from .. import reference
+from .base import FusedOptimizer, _real
+
+__all__ = ["SGDScheduleFree", "AdamWScheduleFree", "polyak_reductions"]
+
+_ReduceScalars = namedtuple("_ReduceScalars", ("grad_mult", "beta2", "bc2", "eps"))
+
+
+def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 1.0):
+    """The reduction pass of the Polyak step for one param group: returns
+    (<g, z - y>, ||g||^2_{D^-1}) as Python floats, summed in float64 over ``params`` (the group's
+    params that have a gradient). Reads, never writes. ``state`` is the optimizer's state mapping.
+    Per-tensor math: ``momentum_fused.reference.REDUCTIONS[rule]`` (a fused backend can replace it)."""
+    fn = reference.REDUCTIONS[rule]
+    if "betas" in group:
+        beta2 = float(group["betas"][1])
+        s = _ReduceScalars(inv_scale, beta2, 1.0 - beta2 ** (group["k"] + 1), float(group["eps"]))
+    else:
+        s = _ReduceScalars(inv_scale, 0.0, 1.0, 0.0)
+    names = ("z", "exp_avg_sq") if "betas" in group else ("z",)
+    dot = torch.zeros((), dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        st = state.get(p, {})
+        tensors = tuple(_real(st[n]) for n in names) if all(n in st for n in names) else None
+        d, q = fn(_real(p), _real(p.grad), tensors, s, None)
+        dot += d.cpu()
+        sq += q.cpu()
+    return float(dot), float(sq)
+
+
+def _loss_value(loss):
+    """The closure's loss as a float, or None when it is not a scalar."""
+    if isinstance(loss, torch.Tensor):
+        return float(loss.detach().item()) if loss.numel() == 1 else None
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    return None
+
+
+class _ScheduleFree(FusedOptimizer):
+    """Shared train/eval, error checks and the Polyak reduction pass."""
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if len(self.param_groups) > 1:  # a group added later joins the optimizer's current mode
+            self.param_groups[-1]["train_mode"] = self.param_groups[0]["train_mode"]
+
+    @staticmethod
+    def _beta(group) -> float:
+        return float(group["betas"][0]) if "betas" in group else float(group["momentum"])
+
+    @torch.no_grad()
+    def _swap(self, to_train: bool) -> None:
+        for gi, group in enumerate(self.param_groups):
+            self.spec.validate(group, where=f"{type(self).__name__} param group {gi}: ")
+        for group in self.param_groups:
+            if group["train_mode"] == to_train:
+                continue  # already there: calling train()/eval() twice is harmless
+            beta = self._beta(group)
+            weight = 1.0 - beta if to_train else 1.0 - 1.0 / beta
+            for p in group["params"]:
+                z = self.state.get(p, {}).get("z")
+                if z is not None:
+                    p.lerp_(z.to(p.device), weight)
+            group["train_mode"] = to_train
+
+    def train(self, mode: bool = True):
+        """Put y into the params (p <- lerp(p, z, 1 - beta)); required before ``step()``."""
+        self._swap(bool(mode))
+        return self
+
+    def eval(self):
+        """Put the averaged iterate x into the params (p <- lerp(p, z, 1 - 1/beta)), for evaluation
+        and for saving a model. ``train()`` undoes it up to round-off."""
+        self._swap(False)
+        return self
+
+    @property
+    def training(self) -> bool:
+        return all(g["train_mode"] for g in self.param_groups)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        name = type(self).__name__
+        if not self.training:
+            raise RuntimeError(f"{name}.step() called in eval mode: the params hold the averaged iterate x. "
+                               "Call optimizer.train() before training steps (and optimizer.eval() before "
+                               "evaluating or saving the model).")
+        if closure is None and any(isinstance(g["lr"], str) for g in self.param_groups):
+            raise ValueError(f"{name}: lr='polyak' needs a closure that re-evaluates the model and returns "
+                             "the loss: optimizer.step(closure)")
+        return super().step(closure)
+
+    def _prepare_step(self, plan, loss, inv_scale):
+        name = type(self).__name__
+        if loss is not None:
+            f = _loss_value(loss)
+            if f is not None and not math.isfinite(f):
+                raise ValueError(f"{name}: the closure returned a non-finite loss ({f}); the step was not "
+                                 "taken (params, state and counters are unchanged)")
+        polyak = [(group, items) for group, _, items, _ in plan if isinstance(group["lr"], str)]
+        if polyak:
+            f = _loss_value(loss)
+            if f is None:
+                raise ValueError(f"{name}: lr='polyak' needs the closure to return the loss as a number or a "
+                                 f"one-element tensor, got {type(loss).__name__}")
+            gammas = []
+            for group, items in polyak:  # reduction pass: reads only
+                dot, sq = polyak_reductions(self.rule, group, items, self.state, inv_scale)
+                num = max(f - float(group["f_star"]) + dot, 0.0)
+                gamma = num / max(sq, float(group["M"]))
+                if group["polyak_max_lr"] is not None:
+                    gamma = min(gamma, float(group["polyak_max_lr"]))
+                gammas.append(gamma)
+            for (group, _), gamma in zip(polyak, gammas):
+                group["polyak_lr"] = gamma
+        super()._prepare_step(plan, loss, inv_scale)
+        for _, _, items, _ in plan:  # z starts as a copy of y (schedule_free convention)
+            for p in items:
+                st = self.state[p]
+                if "z" not in st:
+                    st["z"] = torch.clone(p, memory_format=torch.preserve_format).detach()
+
+
+class SGDScheduleFree(_ScheduleFree):
+    """Schedule-Free SGD (ALGORITHMS.md section 6), schedule_free v1.4 semantics.
+
+    lr: a number (scaled by any torch LR scheduler and by the linear warmup) or "polyak".
+    momentum: the interpolation beta in (0, 1). weight_decay: coupled, evaluated at y.
+    warmup_steps, r, weight_lr_power: as schedule_free. weight_rule: "lr_max" (default, = schedule_free)
+    or "lr_t" (weight each iterate by its scheduled lr ** weight_lr_power). f_star, polyak_max_lr (None:
+    no cap), M (denominator safeguard > 0): the Polyak step options (only read with lr="polyak").
+    Starts in train mode."""
+
+    rule = "sgd_sf"
+
+    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
+                 weight_lr_power=2.0, *, weight_rule="lr_max", f_star=0.0, polyak_max_lr=None, M=1e-8,
+                 maximize=False, backend=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
+                                      weight_rule=weight_rule, f_star=f_star, polyak_max_lr=polyak_max_lr,
+                                      M=M, maximize=maximize), backend=backend)
+
+
+class AdamWScheduleFree(_ScheduleFree):
+    """Schedule-Free AdamW (ALGORITHMS.md section 6), schedule_free v1.4 semantics: bias correction
+    inside the denominator d = g / (sqrt(v / (1 - beta2^(k+1))) + eps), weight decay lambda*y added to
+    d (evaluated at y). Interpolation beta = betas[0].
+
+    inner_momentum (default 0 = off = schedule_free): mu in [0, 1); when > 0 the preconditioned
+    direction is averaged, m <- mu m + (1 - mu) g/D (state ``exp_avg``), and m / (1 - mu^(k+1)) replaces
+    g/D in the y and z updates (the decay term is added after, unaveraged). Not combinable with
+    lr="polyak". Other options as :class:`SGDScheduleFree`. Starts in train mode."""
+
+    rule = "adamw_sf"
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
+                 r=0.0, weight_lr_power=2.0, *, weight_rule="lr_max", inner_momentum=0.0, f_star=0.0,
+                 polyak_max_lr=None, M=1e-8, maximize=False, backend=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
+                                      weight_rule=weight_rule, inner_momentum=inner_momentum, f_star=f_star,
+                                      polyak_max_lr=polyak_max_lr, M=M, maximize=maximize), backend=backend)
