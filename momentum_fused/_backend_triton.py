@@ -1,0 +1,113 @@
+"""The Triton backend: hands each bucket to ``triton_kernels.launcher`` in ONE launch.
+
+Loading is cheap: triton and the kernels are imported on first use. ``load_error`` is set when triton
+is not installed or when the importable ``triton_kernels`` is a foreign package (another PyPI project
+uses that name) without our ``__momentum_fused__`` marker.
+
+CPU tensors run in the Triton interpreter, which only works when ``TRITON_INTERPRET=1`` was set
+before the kernels were defined (before ``triton_kernels.kernels`` is imported).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import torch
+
+from . import backends
+
+__all__ = ["make_backend"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CPU_REASON = "the Triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+
+
+def _load_error() -> str | None:
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+    except (ImportError, ValueError) as e:
+        return f"triton cannot be located: {e}"
+    try:
+        tk = importlib.import_module("triton_kernels")
+    except Exception as e:  # pragma: no cover - broken install
+        return f"import of triton_kernels failed: {type(e).__name__}: {e}"
+    if not getattr(tk, "__momentum_fused__", False):
+        return (f"the importable 'triton_kernels' ({getattr(tk, '__file__', '?')}) is a foreign package "
+                "without the __momentum_fused__ marker; it shadows momentum_fused's kernels")
+    return None
+
+
+def _kernel_modules():
+    """(rules, launcher), imported on first use."""
+    from triton_kernels import launcher, rules  # noqa: WPS433 (lazy on purpose)
+    return rules, launcher
+
+
+def _interpreting() -> bool:
+    """True when the kernels are (or will be) defined in interpreter mode."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    kern = sys.modules.get("triton_kernels.kernels")
+    if kern is not None:  # already defined: check how
+        return type(kern.one_buffer_kernel).__name__ == "InterpretedFunction"
+    return True
+
+
+def _layout_mismatch(spec) -> str | None:
+    rules, _ = _kernel_modules()
+    if spec.name not in rules.RULE_IDS:
+        return (f"rule {spec.name!r} has no Triton kernel yet (Triton rules: {sorted(rules.RULE_IDS)})")
+    if tuple(rules.SCALARS[spec.name]) != tuple(spec.scalar_names):
+        return (f"scalar pack of rule {spec.name!r} changed: spec has {spec.scalar_names}, the Triton "
+                f"kernel reads {rules.SCALARS[spec.name]}")
+    if tuple(rules.FLAGS[spec.name]) != tuple(spec.flag_names):
+        return (f"flags of rule {spec.name!r} changed: spec has {spec.flag_names}, the Triton kernel "
+                f"reads {rules.FLAGS[spec.name]}")
+    return None
+
+
+def supports(spec, device, dtype) -> str | None:
+    device = torch.device(device)
+    if device.type == "cpu" and not _interpreting():
+        return _CPU_REASON
+    if device.type not in ("cpu", "cuda"):
+        return f"the Triton backend runs on cuda (or cpu in the interpreter), not {device.type}"
+    if dtype not in SUPPORTED_DTYPES:
+        return (f"storage dtype {dtype} is not supported by the Triton backend (supported: float32, "
+                "float16, bfloat16; use the reference backend for float64)")
+    try:
+        return _layout_mismatch(spec)
+    except Exception as e:  # triton present but broken
+        return f"the Triton kernels failed to load: {type(e).__name__}: {e}"
+
+
+def apply(spec, flags, params, grads, states, scalars, *, found_inf=None, grad_scale=None) -> int:
+    """Run ``spec``'s rule on one bucket in one kernel launch. Returns the number of launches."""
+    rules, launcher = _kernel_modules()
+    if not params:
+        return 0
+    nstate = len(states[0]) if states else 0
+    lists = [list(params), list(grads)] + [[st[i] for st in states] for i in range(nstate)]
+    # Non-contiguous tensors (rare: e.g. a transposed param) run on contiguous copies.
+    copies = []
+    for li, lst in enumerate(lists):
+        for ti, x in enumerate(lst):
+            if not x.is_contiguous():
+                c = x.contiguous()
+                lst[ti] = c
+                if li != 1:
+                    copies.append((x, c))
+    n = launcher.multi_tensor_apply(rules.FAMILY[spec.name], rules.RULE_IDS[spec.name], tuple(flags), lists,
+                                    scalars, found_inf=found_inf, grad_scale=grad_scale)
+    for x, c in copies:
+        x.copy_(c)
+    return n
+
+
+def make_backend() -> backends.Backend:
+    err = _load_error()
+    return backends.Backend(name="triton", apply=apply if err is None else None, supports=supports,
+                            devices=("cuda", "cpu"), load_error=err)

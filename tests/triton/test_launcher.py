@@ -1,0 +1,224 @@
+"""Launcher: block plan, pointer-table cache (and its invalidation through the optimizers),
+found_inf / grad_scale on device, bf16 round-to-nearest-even, reductions, backend registration."""
+import importlib
+import sys
+import types
+
+import pytest
+import torch
+
+import momentum_fused as mf
+from helpers import assert_parity, grads_for, make_params
+from momentum_fused import _backend_triton as bt
+from momentum_fused.specs import SPECS
+from triton_kernels import launcher, reductions, rules
+
+
+# ------------------------------------------------------------------------------------ block plan
+@pytest.mark.parametrize("numels", [[1, 0, 1, 4097, 105, 0], [5000] * 3, [1] * 300, [0, 0], [4096, 8192, 1],
+                                    [4095, 2, 4095, 4096]])
+def test_plan_covers_every_element_once(numels):
+    block = 4096
+    prog, segs = launcher.plan_blocks(numels, block)
+    seen = {t: torch.zeros(n, dtype=torch.int64) for t, n in enumerate(numels)}
+    for i in range(len(prog) - 1):
+        own = segs[prog[i]:prog[i + 1]]
+        assert 1 <= len(own) <= launcher.MAX_SEGS
+        lanes = sorted((lane, lane + n) for _, _, lane, n in own)
+        assert lanes[0][0] >= 0 and lanes[-1][1] <= block
+        assert all(a[1] <= b[0] for a, b in zip(lanes, lanes[1:]))  # lanes do not overlap
+        if len(own) == 1 and own[0][3] == block:
+            assert own[0][1] % block == 0  # full blocks of large tensors are aligned
+        for t, off, _, n in own:
+            seen[t][off:off + n] += 1
+    for t, n in enumerate(numels):
+        assert bool((seen[t] == 1).all())
+    # tiny tensors share programs
+    if numels == [1] * 300:
+        assert len(prog) - 1 == -(-300 // launcher.MAX_SEGS)
+
+
+# ---------------------------------------------------------------------------------------- cache
+def _sgd_pair(shapes, **kw):
+    init = make_params(shapes, 3)
+    tp = [x.float().requires_grad_() for x in init]
+    rp = [x.float().double().requires_grad_() for x in init]
+    return tp, rp, mf.SGD(tp, backend="triton", **kw), mf.SGD(rp, backend="reference", **kw)
+
+
+def _step_both(tp, rp, topt, ropt, k):
+    for a, b, g in zip(tp, rp, grads_for([tuple(p.shape) for p in tp], k, 5)):
+        a.grad = g.float()
+        b.grad = a.grad.double()
+    topt.step()
+    ropt.step()
+
+
+def test_cache_hits_every_step_and_misses_on_replaced_param():
+    shapes = [(10,), (4097,), (3, 3)]
+    tp, rp, topt, ropt = _sgd_pair(shapes, lr=0.05, momentum=0.9)
+    _step_both(tp, rp, topt, ropt, 0)
+    st = launcher.cache_stats()
+    for k in range(1, 4):
+        _step_both(tp, rp, topt, ropt, k)
+    after = launcher.cache_stats()
+    assert after["misses"] == st["misses"] and after["hits"] == st["hits"] + 3
+    # replace a param's storage: p.data = new tensor (the old one is freed; pointers change)
+    new = torch.randn(4097)
+    tp[1].data = new.clone()
+    rp[1].data = new.double()
+    for k in range(4, 10):
+        _step_both(tp, rp, topt, ropt, k)
+    assert launcher.cache_stats()["misses"] > after["misses"]
+    assert_parity(topt, ropt, tp, rp, torch.float32)
+
+
+def test_add_param_group_and_load_state_dict_use_fresh_pointers():
+    tp, rp, topt, ropt = _sgd_pair([(7,), (300,)], lr=0.05, momentum=0.9)
+    for k in range(3):
+        _step_both(tp, rp, topt, ropt, k)
+    extra = make_params([(4097,), (2,)], 9)
+    tx = [x.float().requires_grad_() for x in extra]
+    rx = [x.float().double().requires_grad_() for x in extra]
+    topt.add_param_group(dict(params=tx, lr=0.01))
+    ropt.add_param_group(dict(params=rx, lr=0.01))
+    tp, rp = tp + tx, rp + rx
+    for k in range(3, 6):
+        before = launcher.LAUNCHES
+        _step_both(tp, rp, topt, ropt, k)
+        assert launcher.LAUNCHES - before == 1  # two groups, one launch
+    # load_state_dict replaces every state tensor (new storage): results must stay right
+    sd = topt.state_dict()
+    topt2 = mf.SGD([dict(params=tp[:2]), dict(params=tp[2:], lr=0.01)], lr=0.05, momentum=0.9, backend="triton")
+    topt2.load_state_dict(sd)
+    for k in range(6, 12):
+        _step_both(tp, rp, topt2, ropt, k)
+    assert_parity(topt2, ropt, tp, rp, torch.float32)
+
+
+# ------------------------------------------------------------------------- found_inf / grad_scale
+def _adam_lists(dtype, seed=0):
+    shapes = [(3,), (4097,), (), (50,)]
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda: [torch.randn(s, generator=gen).to(dtype) for s in shapes]  # noqa: E731
+    p, g, m = mk(), mk(), mk()
+    v = [x.abs() for x in mk()]
+    return [p, g, m, v]
+
+
+def _adam_scalars(n, grad_mult):
+    spec = SPECS["adam"]
+    return [spec.make_scalars(dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1), {}, True, grad_mult)
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_found_inf_on_device_skips_every_write(dtype):
+    lists = _adam_lists(dtype)
+    before = [[x.clone() for x in lst] for lst in lists]
+    found_inf = torch.ones(1)
+    scale = torch.full((1,), 1024.0)
+    n = launcher.multi_tensor_apply("multi", rules.RULE_IDS["adam"], (True, False), lists,
+                                    _adam_scalars(4, 1.0), found_inf=found_inf, grad_scale=scale)
+    assert n == 1
+    for lst, old in zip(lists, before):
+        for x, y in zip(lst, old):
+            assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))  # bit-identical
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_scale_on_device_equals_host_grad_mult(dtype):
+    a = _adam_lists(dtype)
+    b = [[x.clone() for x in lst] for lst in a]
+    launcher.multi_tensor_apply("multi", rules.RULE_IDS["adam"], (True, False), a, _adam_scalars(4, -1.0),
+                                found_inf=torch.zeros(1), grad_scale=torch.full((1,), 1024.0))
+    launcher.multi_tensor_apply("multi", rules.RULE_IDS["adam"], (True, False), b, _adam_scalars(4, -1.0 / 1024))
+    for la, lb in zip(a, b):
+        for x, y in zip(la, lb):
+            assert torch.equal(x, y)
+    assert not torch.equal(a[0][1], _adam_lists(dtype)[0][1])  # something was written
+
+
+# ------------------------------------------------------------------------------- bf16 rounding
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_bf16_store_rounds_to_nearest_even():
+    """p - lr * g computed in fp32 and stored as bf16 must equal torch's RNE conversion, ties included
+    (the interpreter's own .to(tl.bfloat16) truncates)."""
+    k = torch.arange(-64, 64, dtype=torch.float64)
+    g = (-(k * 2.0 ** -8)).to(torch.bfloat16)  # 1 + k/256: every other value is an exact tie
+    g = torch.cat([g, torch.tensor([3.0e38, -3.0e38, 1e-3, float("inf")]).to(torch.bfloat16)])
+    lr = 1.0 / 3.0
+    for lr in (1.0, 1.0 / 3.0):
+        p = torch.ones_like(g)
+        p[-3] = 3.0e38  # overflow to inf rounds correctly
+        expect = (p.float() - torch.tensor(lr, dtype=torch.float32) * g.float()).to(torch.bfloat16)
+        spec = SPECS["sgd"]
+        sc = [spec.make_scalars(dict(lr=lr, weight_decay=0.0, momentum=0.0, dampening=0.0), {}, True)]
+        launcher.multi_tensor_apply("one", rules.RULE_IDS["sgd"], (False, False), [[p], [g]], sc)
+        assert torch.equal(p.view(torch.int16), expect.view(torch.int16))
+
+
+# ---------------------------------------------------------------------------------- reductions
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_reductions_match_torch(dtype):
+    shapes = [(), (0,), (1,), (4097,), (3, 5, 7)] + [(13,)] * 100
+    a = [x.to(dtype) for x in make_params(shapes, 11)]
+    b = [x.to(dtype) for x in make_params(shapes, 12)]
+    before = launcher.LAUNCHES
+    d = reductions.dot(a, b)
+    s = reductions.sum_sq(a)
+    assert launcher.LAUNCHES - before == 2  # one launch each, however many tensors
+    d_ref = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+    s_ref = sum(float((x.double() ** 2).sum()) for x in a)
+    assert d.dtype == torch.float64 and d.dim() == 0
+    torch.testing.assert_close(d.item(), d_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s.item(), s_ref, rtol=1e-5, atol=1e-4)
+    assert reductions.sum_sq([]).item() == 0.0 and reductions.sum_sq([torch.zeros(0)]).item() == 0.0
+
+
+# ------------------------------------------------------------------------------------ backend
+def test_backend_registered_and_layouts_match_specs():
+    assert mf.backends.status()["triton"] == "available"
+    for name, spec in SPECS.items():
+        why = bt.supports(spec, torch.device("cpu"), torch.float32)
+        if name in rules.RULE_IDS:
+            assert why is None, why
+            assert tuple(rules.SCALARS[name]) == spec.scalar_names
+            assert tuple(rules.FLAGS[name]) == spec.flag_names
+        else:  # e.g. the schedule-free rules before they get a kernel
+            assert "no Triton kernel" in why
+
+
+def test_supports_reasons(monkeypatch):
+    spec = SPECS["adam"]
+    assert "float64" in bt.supports(spec, torch.device("cpu"), torch.float64)
+    with pytest.raises(RuntimeError, match="float64"):
+        mf.backends.resolve("triton", spec, torch.device("cpu"), torch.float64)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert bt.supports(spec, torch.device("cpu"), torch.float32) == (
+        "the Triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+
+
+def test_load_error_for_foreign_triton_kernels_and_missing_triton(monkeypatch):
+    fake = types.ModuleType("triton_kernels")
+    fake.__file__ = "/site-packages/triton_kernels/__init__.py"
+    monkeypatch.setitem(sys.modules, "triton_kernels", fake)
+    err = bt._load_error()
+    assert "foreign" in err and "__momentum_fused__" in err
+    b = bt.make_backend()
+    assert not b.available and b.load_error == err
+    monkeypatch.undo()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    assert "triton is not installed" in bt._load_error()
+    monkeypatch.undo()
+    assert bt._load_error() is None
+
+
+def test_zero_numel_bucket_launches_nothing():
+    p = torch.zeros(0, requires_grad=True)
+    opt = mf.Adam([p], backend="triton")
+    p.grad = torch.zeros(0)
+    before = launcher.LAUNCHES
+    opt.step()
+    assert launcher.LAUNCHES == before

@@ -1,0 +1,123 @@
+"""Every rule x flag combination x storage dtype through the optimizers with backend="triton",
+against the float64 reference (params and every state tensor, 10 steps, odd shapes, one launch per
+step)."""
+import pytest
+import torch
+
+import momentum_fused as mf
+from helpers import ODD_SHAPES, assert_parity, run_pair
+from momentum_fused.specs import SPECS
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (id, class, kwargs, gradient mode: see helpers.grads_for)
+CASES = [
+    ("sgd", mf.SGD, dict(lr=0.05), "randn"),
+    ("sgd-wd-maximize", mf.SGD, dict(lr=0.05, weight_decay=0.1, maximize=True), "randn"),
+    ("sgd-momentum-dampening", mf.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01), "randn"),
+    ("sgd-nesterov", mf.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), "randn"),
+    ("qhm-grad", mf.QHM, dict(lr=0.1, momentum=0.9, nu=0.7, weight_decay=0.01), "randn"),
+    ("qhm-direct", mf.QHM, dict(lr=0.1, momentum=0.9, nu=0.7, weight_decay=0.1, weight_decay_type="direct"),
+     "randn"),
+    ("adam", mf.Adam, dict(lr=0.02, weight_decay=0.01), "randn"),
+    ("adam-amsgrad-maximize", mf.Adam, dict(lr=0.02, amsgrad=True, maximize=True), "randn"),
+    ("adamw", mf.AdamW, dict(lr=0.02, weight_decay=0.1), "randn"),
+    ("adamw-amsgrad", mf.AdamW, dict(lr=0.02, weight_decay=0.1, amsgrad=True), "randn"),
+    ("nadam", mf.NAdam, dict(lr=0.02, weight_decay=0.01), "randn"),
+    ("nadam-decoupled", mf.NAdam, dict(lr=0.02, weight_decay=0.1, decoupled_weight_decay=True), "randn"),
+    ("rmsprop", mf.RMSprop, dict(lr=0.01, alpha=0.9, weight_decay=0.01), "bounded"),
+    ("rmsprop-momentum", mf.RMSprop, dict(lr=0.01, alpha=0.9, momentum=0.9), "bounded"),
+    ("rmsprop-centered", mf.RMSprop, dict(lr=0.01, alpha=0.9, centered=True), "bounded"),
+    ("rmsprop-momentum-centered", mf.RMSprop, dict(lr=0.01, alpha=0.9, momentum=0.9, centered=True,
+                                                   weight_decay=0.01), "bounded"),
+    ("signsgd", mf.SignSGD, dict(lr=0.02, weight_decay=0.1), "sign_safe"),
+    ("signum", mf.Signum, dict(lr=0.02, momentum=0.9, weight_decay=0.1), "sign_safe"),
+    ("signum-maximize", mf.Signum, dict(lr=0.02, momentum=0.9, maximize=True), "sign_safe"),
+    ("lion", mf.Lion, dict(lr=0.02, weight_decay=0.1), "sign_safe"),
+    ("fsgdm", mf.FSGDM, dict(lr=0.05, weight_decay=5e-3, sigma=12, n_stages=3), "randn"),
+]
+if "sgd_sf" in SPECS:  # schedule-free rules (added by another work item)
+    CASES += [
+        ("sgd_sf", mf.SGDScheduleFree, dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=3), "randn"),
+        ("adamw_sf", mf.AdamWScheduleFree, dict(lr=0.02, weight_decay=0.01, warmup_steps=2), "randn"),
+        ("adamw_sf-inner-lr_t", mf.AdamWScheduleFree, dict(lr=0.02, inner_momentum=0.9, weight_rule="lr_t", r=1.0),
+         "randn"),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_parity_odd_shapes(case, dtype):
+    _, cls, kw, grads = case
+    topt, ropt, tp, rp = run_pair(cls, [kw], [ODD_SHAPES], dtype, grads=grads)
+    assert_parity(topt, ropt, tp, rp, dtype)
+
+
+@pytest.mark.parametrize("name,dtype", [("adamw-amsgrad", torch.float32), ("sgd-nesterov", torch.bfloat16)])
+def test_parity_65537(name, dtype):
+    """A tensor just above 16 blocks: 16 fast-path programs plus a one-element tail packed with a
+    small tensor, in one launch."""
+    _, cls, kw, grads = next(c for c in CASES if c[0] == name)
+    topt, ropt, tp, rp = run_pair(cls, [kw], [[(65537,), (5,)]], dtype, grads=grads)
+    assert_parity(topt, ropt, tp, rp, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_300_tensors_two_groups_one_launch(dtype):
+    """300 tensors of mixed sizes in two param groups with different hyperparameters: ONE launch per
+    step (per-tensor scalar table), and parity."""
+    sizes = [1, 3, 17, 64, 100, 255, 513, 0, 2]
+    shapes_a = [(sizes[i % len(sizes)],) for i in range(150)]
+    shapes_b = [(sizes[(i * 7) % len(sizes)], ) for i in range(150)]
+    kw_a = dict(lr=0.02, betas=(0.9, 0.99), weight_decay=0.1)
+    kw_b = dict(lr=0.005, betas=(0.8, 0.9), weight_decay=0.0, eps=1e-6)
+    topt, ropt, tp, rp = run_pair(mf.AdamW, [kw_a, kw_b], [shapes_a, shapes_b], dtype, check_launches=1)
+    assert_parity(topt, ropt, tp, rp, dtype)
+
+
+def test_two_dtypes_two_launches():
+    """Buckets are (device, dtype, flags): a float32 and a bfloat16 param give two launches per step."""
+    from triton_kernels import launcher
+
+    a = torch.randn(100, requires_grad=True)
+    b = torch.randn(100, dtype=torch.bfloat16, requires_grad=True)
+    opt = mf.Adam([a, b], lr=0.01, backend="triton")
+    for _ in range(2):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        before = launcher.LAUNCHES
+        opt.step()
+        assert launcher.LAUNCHES - before == 2
+
+
+def test_complex_param():
+    """Complex params arrive as view_as_real views; they must update in place."""
+    p0 = torch.randn(33, dtype=torch.complex64)
+    tp = p0.clone().requires_grad_()
+    rp = p0.to(torch.complex128).requires_grad_()
+    topt = mf.Adam([tp], lr=0.01, backend="triton")
+    ropt = mf.Adam([rp], lr=0.01, backend="reference")
+    for k in range(10):
+        g = torch.randn(33, dtype=torch.complex128, generator=torch.Generator().manual_seed(k))
+        tp.grad = g.to(torch.complex64)
+        rp.grad = tp.grad.to(torch.complex128)
+        topt.step()
+        ropt.step()
+    torch.testing.assert_close(tp.detach().to(torch.complex128), rp.detach(), rtol=2e-5, atol=2e-6)
+
+
+def test_noncontiguous_param():
+    """A transposed (non-contiguous) param is updated through a contiguous copy."""
+    base = torch.randn(7, 5)
+    tp = base.t().clone().t().contiguous().t()  # shape (5, 7), not contiguous
+    assert not tp.is_contiguous()
+    tp.requires_grad_()
+    rp = tp.detach().double().requires_grad_()
+    topt = mf.SGD([tp], lr=0.1, momentum=0.9, backend="triton")
+    ropt = mf.SGD([rp], lr=0.1, momentum=0.9, backend="reference")
+    for k in range(10):
+        g = torch.randn(5, 7, generator=torch.Generator().manual_seed(k))
+        tp.grad = g.t().contiguous().t()
+        rp.grad = g.double()
+        topt.step()
+        ropt.step()
+    torch.testing.assert_close(tp.detach().double(), rp.detach(), rtol=2e-5, atol=2e-6)

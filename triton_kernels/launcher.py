@@ -1,0 +1,203 @@
+"""The multi-tensor launcher. It knows no rule: it takes a kernel family, a rule id, flags, tensor
+lists and a per-tensor scalar table, and launches ONE kernel for the whole bucket.
+
+Tables (int64, on the tensors' device):
+- pointer table [n_lists, n_tensors] of ``data_ptr()``s (list 0 params, 1 grads, 2.. state);
+- block plan: ``prog_tab`` [n_programs + 1] and ``seg_tab`` [4, n_seg] (tensor, offset, lane, length).
+  Tensors of >= BLOCK elements get whole blocks of their own (the kernels' fast path); smaller
+  tensors and the tails of large ones are packed into shared blocks, at most ``MAX_SEGS`` per block,
+  so a tiny tensor never costs a program of its own.
+Pointer table and plan are cached, keyed by the device, the storage dtype, BLOCK, the sizes and the
+tuple of data_ptr()s of every list but the grads: a table is only reused when every pointer and size
+in it is what it would be rebuilt to, so replaced tensors (``p.data = ...``), new param groups or
+loaded state can never hit a stale entry. Gradients are usually fresh tensors every step, so the
+grads row of a cached table is rewritten in place when it changed. The plan is cached by sizes. The scalar table is rebuilt on every call (fp64 [n_tensors, n_scalars]).
+
+All element offsets are int64 (tensors of more than 2**31 elements are addressed correctly).
+``LAUNCHES`` counts kernel launches (tests read it).
+"""
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+from .kernels import KERNELS
+
+BLOCK = 4096
+MAX_SEGS = 64
+CACHE_SIZE = 64
+LAUNCHES = 0  # kernel launches since import (all kernels of this package)
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CACHE_STATS = {"hits": 0, "misses": 0, "grad_row_updates": 0}
+
+
+def launch_count() -> int:
+    return LAUNCHES
+
+
+def _count_launch() -> None:
+    global LAUNCHES
+    LAUNCHES += 1
+
+
+def clear_cache() -> None:
+    _cache.clear()
+    _plan_tensors.cache_clear()
+
+
+def cache_stats() -> dict:
+    return dict(_CACHE_STATS, entries=len(_cache))
+
+
+def plan_blocks(numels: Sequence[int], block: int = BLOCK, max_segs: int = MAX_SEGS):
+    """Return (prog, segs): program i owns segs[prog[i]:prog[i+1]]; a seg is (tensor, offset in the
+    tensor, first lane, length). Full blocks of large tensors are programs of their own; small
+    tensors and tails are packed greedily into one open shared block (never split across blocks),
+    at most ``max_segs`` per block. Empty tensors get no segment."""
+    blocks: list[list[tuple[int, int, int, int]]] = []
+    open_block: list | None = None
+    fill = 0
+    for t, n in enumerate(numels):
+        n = int(n)
+        off = 0
+        while n - off >= block:
+            blocks.append([(t, off, 0, block)])
+            off += block
+        rest = n - off
+        if rest == 0:
+            continue
+        if open_block is None or fill + rest > block or len(open_block) >= max_segs:
+            open_block, fill = [], 0
+            blocks.append(open_block)
+        open_block.append((t, off, fill, rest))
+        fill += rest
+    segs = [s for b in blocks for s in b]
+    prog = [0]
+    for b in blocks:
+        prog.append(prog[-1] + len(b))
+    return prog, segs
+
+
+def _check_lists(lists: Sequence[Sequence[torch.Tensor]]):
+    n = len(lists[0])
+    ref = lists[0][0]
+    for li, lst in enumerate(lists):
+        if len(lst) != n:
+            raise ValueError(f"tensor list {li} has {len(lst)} tensors, list 0 has {n}")
+        for ti, x in enumerate(lst):
+            if x.dtype != ref.dtype or x.device != ref.device:
+                raise TypeError(f"tensor {ti} of list {li} is {x.dtype} on {x.device}; the bucket is "
+                                f"{ref.dtype} on {ref.device} (one dtype and device per launch)")
+            if x.numel() != lists[0][ti].numel():
+                raise ValueError(f"tensor {ti} of list {li} has {x.numel()} elements, the param has "
+                                 f"{lists[0][ti].numel()}")
+            if not x.is_contiguous():
+                raise ValueError(f"tensor {ti} of list {li} is not contiguous (strides {x.stride()}); "
+                                 "the launcher needs contiguous tensors")
+    if ref.dtype not in DTYPE_CODES:
+        raise TypeError(f"storage dtype {ref.dtype} is not supported; supported: "
+                        f"{[str(d) for d in DTYPE_CODES]}")
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _plan_tensors(numels: tuple, block: int, device) -> tuple:
+    """(prog_tab, seg_tab, n_programs, n_seg) on ``device``, cached by the sizes alone."""
+    prog, segs = plan_blocks(numels, block)
+    seg_tab = torch.tensor([list(c) for c in zip(*segs)] if segs else [[], [], [], []], dtype=torch.int64)
+    flat = torch.cat([torch.tensor(prog, dtype=torch.int64), seg_tab.reshape(-1)]).to(device)
+    return flat[:len(prog)], flat[len(prog):], len(prog) - 1, len(segs)
+
+
+def tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, grad_list: int | None = 1):
+    """(ptr_tab, prog_tab, seg_tab, n_programs, n_seg) for ``lists``.
+
+    The entry is cached by the pointers and sizes of every list except ``grad_list``: gradients are
+    usually new tensors every step (``zero_grad(set_to_none=True)``), so their row of the pointer table
+    is refreshed in place when it changed (one small host-to-device copy, stream ordered), while params
+    and state hit the cache."""
+    ref = lists[0][0]
+    numels = tuple(x.numel() for x in lists[0])
+    ptrs = [tuple(x.data_ptr() for x in lst) for lst in lists]
+    key = (ref.device, ref.dtype, block, numels, len(lists), grad_list,
+           tuple(p for i, p in enumerate(ptrs) if i != grad_list))
+    entry = _cache.get(key)
+    if entry is not None:
+        _cache.move_to_end(key)
+        _CACHE_STATS["hits"] += 1
+        ptr_tab, plan, cached_grad_ptrs = entry
+        if grad_list is not None and cached_grad_ptrs != ptrs[grad_list]:
+            ptr_tab[grad_list].copy_(torch.tensor(ptrs[grad_list], dtype=torch.int64))
+            entry[2] = ptrs[grad_list]
+            _CACHE_STATS["grad_row_updates"] += 1
+        return (ptr_tab.view(-1),) + plan
+    _CACHE_STATS["misses"] += 1
+    plan = _plan_tensors(numels, block, ref.device)
+    ptr_tab = torch.tensor(ptrs, dtype=torch.int64).to(ref.device)
+    _cache[key] = [ptr_tab, plan, ptrs[grad_list] if grad_list is not None else None]
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return (ptr_tab.view(-1),) + plan
+
+
+def scalar_table(scalars, n: int, device) -> torch.Tensor:
+    """fp64 [n, k] from a list of n packs, or a ready tensor ([n, k]). fp64 so that the kernels derive
+    coefficients such as 1 - beta2 without fp32 cancellation (they round them to fp32 once)."""
+    if isinstance(scalars, torch.Tensor):
+        tab = scalars.to(device=device, dtype=torch.float64)
+    else:
+        tab = torch.tensor([tuple(s) for s in scalars], dtype=torch.float64)
+        tab = tab.to(device, non_blocking=True) if tab.device != torch.device(device) else tab
+    if tab.dim() != 2 or tab.shape[0] != n:
+        raise ValueError(f"scalar table must be [{n}, k], got {tuple(tab.shape)}")
+    return tab.contiguous()
+
+
+def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, scalars, *,
+                       found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
+                       block: int = BLOCK) -> int:
+    """Run one kernel over every tensor of ``lists`` = [params, grads, *state lists].
+
+    family: "one" or "multi" (see kernels.py); rule_id: rules.RULE_IDS[name]; flags: up to two
+    bools (the rule's compile-time flags, in spec order). scalars: one pack per tensor.
+    found_inf / grad_scale: optional one-element device tensors; when found_inf != 0 the kernel
+    writes nothing; gradients are divided by grad_scale. Returns the number of launches (0 or 1).
+    """
+    if family not in KERNELS:
+        raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
+    if len(lists) < 2 or len(lists[0]) == 0:
+        return 0
+    nstate = len(lists) - 2
+    if family == "one" and nstate > 1 or family == "multi" and not 1 <= nstate <= 3:
+        raise ValueError(f"kernel family {family!r} cannot take {nstate} state lists")
+    _check_lists(lists)
+    flags = tuple(bool(f) for f in flags)
+    if len(flags) > 2:
+        raise ValueError(f"at most two flags, got {flags}")
+    flags = flags + (False,) * (2 - len(flags))
+    ref = lists[0][0]
+    n = len(lists[0])
+    scal = scalar_table(scalars, n, ref.device)
+    ptr_tab, prog_tab, seg_tab, n_prog, n_seg = tables(lists, block)
+    if n_prog == 0:
+        return 0  # every tensor is empty
+    dummy = scal  # any device pointer; never read when the flag is off
+    for name, x in (("found_inf", found_inf), ("grad_scale", grad_scale)):
+        if x is not None and (x.device != ref.device or x.numel() != 1):
+            raise ValueError(f"{name} must be a one-element tensor on {ref.device}, got {tuple(x.shape)} "
+                             f"on {x.device}")
+    fi = found_inf.to(torch.float32) if found_inf is not None and found_inf.dtype != torch.float32 else found_inf
+    gs = grad_scale.to(torch.float32) if grad_scale is not None and grad_scale.dtype != torch.float32 else grad_scale
+    KERNELS[family][(n_prog,)](
+        ptr_tab, n, scal, prog_tab, seg_tab, n_seg,
+        fi if fi is not None else dummy, gs if gs is not None else dummy,
+        RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1],
+        DTYPE=DTYPE_CODES[ref.dtype], HAS_FOUND_INF=found_inf is not None,
+        HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block)
+    _count_launch()
+    return 1
