@@ -1,0 +1,15 @@
+// Kernels for x86-64 with AVX-512 F/VL/BW/DQ (picked at run time by cpu_kernels.cpp).
+#include "cpu_kernels_variant.h"
+
+#if MF_X86_VARIANTS
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")
+namespace mf {
+namespace cpu {
+namespace avx512 {
+#include "cpu_kernels_impl.inc"
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace mf
+#pragma GCC pop_options
+#endif

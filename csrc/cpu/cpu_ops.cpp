@@ -1,0 +1,174 @@
+// torch binding of the momentum_fused CPU kernels: ops in the `momentum_fused` namespace, registered
+// with TORCH_LIBRARY (visible as torch.ops.momentum_fused.*). Minimal torch headers, no pybind: the
+// Python module `momentum_fused._C_cpu` is an empty module whose import runs the registration.
+//
+//   cpu_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor scalars, int rule,
+//            int flags) -> ()
+//     states: tensor-major flat list (n * num_states(rule, flags)), scalars: float64 [n, k] packs.
+//     Every argument is checked before anything is written: an error leaves all tensors unchanged.
+//   rule_id(str name) -> int, num_states(int rule, int flags) -> int, num_scalars(int rule) -> int,
+//   isa() -> str, round_to(Tensor x_f32, ScalarType dtype) -> Tensor  (the kernels' fp32 -> storage
+//   rounding, for tests).
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "../storage.h"
+#include "../update_rules.h"
+#include "cpu_kernels.h"
+
+namespace {
+
+int dtype_code(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return mf::cpu::DT_F32;
+    case c10::ScalarType::Double: return mf::cpu::DT_F64;
+    case c10::ScalarType::BFloat16: return mf::cpu::DT_BF16;
+    case c10::ScalarType::Half: return mf::cpu::DT_F16;
+    default: return -1;
+  }
+}
+
+void check_rule(int64_t rule, int64_t flags) {
+  TORCH_CHECK(rule >= 0 && rule < mf::RULE_COUNT, "momentum_fused cpu_step: unknown rule id ", rule);
+  const int nbits = mf::rule_num_flag_bits(static_cast<int>(rule));
+  TORCH_CHECK(flags >= 0 && flags < (int64_t(1) << nbits), "momentum_fused cpu_step: invalid flags ", flags,
+              " for rule ", mf::rule_name(static_cast<int>(rule)), " (", nbits, " flag bits)");
+}
+
+void check_tensor(const at::Tensor& t, const char* what, size_t i, c10::ScalarType dtype, int64_t numel) {
+  TORCH_CHECK(t.defined(), "momentum_fused cpu_step: ", what, "[", i, "] is undefined");
+  TORCH_CHECK(t.device().is_cpu(), "momentum_fused cpu_step: ", what, "[", i, "] is on ", t.device(),
+              ", expected cpu");
+  TORCH_CHECK(t.layout() == c10::kStrided, "momentum_fused cpu_step: ", what, "[", i, "] is not strided");
+  TORCH_CHECK(t.scalar_type() == dtype, "momentum_fused cpu_step: ", what, "[", i, "] has dtype ",
+              t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(t.numel() == numel, "momentum_fused cpu_step: ", what, "[", i, "] has ", t.numel(),
+              " elements, the param has ", numel);
+  TORCH_CHECK(t.is_contiguous(), "momentum_fused cpu_step: ", what, "[", i,
+              "] is not contiguous (the Python backend copies non-contiguous tensors in and out)");
+}
+
+void cpu_step(at::TensorList params, at::TensorList grads, at::TensorList states, const at::Tensor& scalars,
+              int64_t rule, int64_t flags) {
+  check_rule(rule, flags);
+  const int r = static_cast<int>(rule);
+  const int f = static_cast<int>(flags);
+  const size_t n = params.size();
+  const int ns = mf::rule_num_states(r, f);
+  const int k = mf::rule_num_scalars(r);
+  TORCH_CHECK(grads.size() == n, "momentum_fused cpu_step: ", n, " params but ", grads.size(), " grads");
+  TORCH_CHECK(states.size() == n * static_cast<size_t>(ns), "momentum_fused cpu_step: rule ",
+              mf::rule_name(r), " with flags ", f, " needs ", ns, " state tensors per param (", n * ns,
+              " in all), got ", states.size());
+  TORCH_CHECK(scalars.device().is_cpu() && scalars.scalar_type() == c10::ScalarType::Double &&
+                  scalars.dim() == 2 && scalars.size(0) == static_cast<int64_t>(n) && scalars.size(1) == k &&
+                  scalars.is_contiguous(),
+              "momentum_fused cpu_step: scalars must be a contiguous float64 cpu tensor of shape [", n, ", ", k,
+              "] for rule ", mf::rule_name(r), ", got ", scalars.scalar_type(), " ", scalars.sizes());
+  if (n == 0) return;
+  const c10::ScalarType dtype = params[0].scalar_type();
+  const int code = dtype_code(dtype);
+  TORCH_CHECK(code >= 0, "momentum_fused cpu_step: unsupported dtype ", dtype,
+              " (supported: float32, float64, bfloat16, float16)");
+
+  std::vector<void*> pp(n), sp(n * ns);
+  std::vector<const void*> gp(n);
+  std::vector<int64_t> numel(n);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t ne = params[i].numel();
+    check_tensor(params[i], "params", i, dtype, ne);
+    check_tensor(grads[i], "grads", i, dtype, ne);
+    for (int j = 0; j < ns; ++j) check_tensor(states[i * ns + j], "states", i * ns + j, dtype, ne);
+    numel[i] = ne;
+    pp[i] = params[i].data_ptr();
+    gp[i] = grads[i].data_ptr();
+    for (int j = 0; j < ns; ++j) sp[i * ns + j] = states[i * ns + j].data_ptr();
+  }
+  mf::cpu::Bucket b;
+  b.n = static_cast<int64_t>(n);
+  b.params = pp.data();
+  b.grads = gp.data();
+  b.states = sp.data();
+  b.numel = numel.data();
+  b.scalars = scalars.data_ptr<double>();
+  b.k = k;
+  b.nthreads = at::get_num_threads();
+  try {
+    mf::cpu::step(r, f, code, b);
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+int64_t rule_id(const std::string& name) {
+  for (int r = 0; r < mf::RULE_COUNT; ++r)
+    if (name == mf::rule_name(r)) return r;
+  return -1;
+}
+
+int64_t num_states(int64_t rule, int64_t flags) {
+  check_rule(rule, flags);
+  return mf::rule_num_states(static_cast<int>(rule), static_cast<int>(flags));
+}
+
+int64_t num_scalars(int64_t rule) {
+  TORCH_CHECK(rule >= 0 && rule < mf::RULE_COUNT, "momentum_fused: unknown rule id ", rule);
+  return mf::rule_num_scalars(static_cast<int>(rule));
+}
+
+std::string isa() { return mf::cpu::isa(); }
+
+at::Tensor round_to(const at::Tensor& x, c10::ScalarType dtype) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == c10::ScalarType::Float && x.is_contiguous(),
+              "round_to: x must be a contiguous float32 cpu tensor");
+  TORCH_CHECK(dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half,
+              "round_to: dtype must be bfloat16 or float16");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
+  const float* src = x.data_ptr<float>();
+  uint16_t* dst = static_cast<uint16_t*>(out.data_ptr());
+  const int64_t n = x.numel();
+  const bool bf = dtype == c10::ScalarType::BFloat16;
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf ? mf::float_to_bf16(src[i]) : mf::float_to_fp16(src[i]);
+  return out;
+}
+
+at::Tensor widen(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() &&
+                  (x.scalar_type() == c10::ScalarType::BFloat16 || x.scalar_type() == c10::ScalarType::Half),
+              "widen: x must be a contiguous bfloat16/float16 cpu tensor");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(c10::ScalarType::Float));
+  const uint16_t* src = static_cast<const uint16_t*>(x.data_ptr());
+  float* dst = out.data_ptr<float>();
+  const bool bf = x.scalar_type() == c10::ScalarType::BFloat16;
+  for (int64_t i = 0; i < x.numel(); ++i) dst[i] = bf ? mf::bf16_to_float(src[i]) : mf::fp16_to_float(src[i]);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(momentum_fused, m) {
+  m.def("cpu_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor scalars, int rule, int flags) -> ()");
+  m.def("rule_id(str name) -> int", &rule_id);
+  m.def("num_states(int rule, int flags) -> int", &num_states);
+  m.def("num_scalars(int rule) -> int", &num_scalars);
+  m.def("cpu_isa() -> str", &isa);
+  m.def("round_to(Tensor x, ScalarType dtype) -> Tensor", &round_to);
+  m.def("widen(Tensor x) -> Tensor", &widen);
+}
+
+TORCH_LIBRARY_IMPL(momentum_fused, CPU, m) { m.impl("cpu_step", &cpu_step); }
+
+// An importable (empty) Python module: `import momentum_fused._C_cpu` loads the library above.
+static struct PyModuleDef mf_module = {PyModuleDef_HEAD_INIT, "_C_cpu",
+                                       "momentum_fused CPU kernels (ops in torch.ops.momentum_fused)", -1,
+                                       nullptr};
+
+PyMODINIT_FUNC PyInit__C_cpu(void) { return PyModule_Create(&mf_module); }

@@ -1,0 +1,441 @@
+"""The compiled CPU backend (csrc/cpu, momentum_fused/_backend_cpu.py) against the float64 reference.
+
+Every rule x every flag combination x dtype (fp32, fp64, bf16, fp16; sign rules in fp64, and in fp32
+with gradients of a fixed sign per element so that no sign is near a tie), >= 10 steps, params and every
+state tensor, odd shapes (0-d, 0-numel, 1, 15, 17, 4097, 65537, a 3-d one), two param groups with
+different hyperparameters merged into one bucket. Plus: 300 tensors, found_inf, grad_scale, a 0-d tensor
+lr, non-contiguous params/grads/state (copied in and out), thread-count and ISA-variant bit-invariance,
+the storage roundings bit-exact against torch, the ops in torch.ops.momentum_fused, argument errors
+that leave everything unchanged. Run with MOMENTUM_FUSED_BACKEND unset.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import momentum_fused as mf
+from momentum_fused import backends
+from momentum_fused.specs import SPECS
+
+from tolerances import tol
+
+_STATUS = backends.status().get("cpu", "unavailable: momentum_fused._backend_cpu is not part of this tree")
+if _STATUS != "available":
+    pytest.skip(f"cpu backend not built: {_STATUS}", allow_module_level=True)
+
+import momentum_fused._backend_cpu as bcpu  # noqa: E402
+
+OPS = torch.ops.momentum_fused
+SHAPES = [(), (0,), (1,), (15,), (17,), (4097,), (65537,), (3, 5, 7)]
+STEPS = 10
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+# (id, class, kwargs of group 0, overrides for group 1 (same flags, other hyperparameters), sign rule,
+#  bf16/fp16 settings). Low-precision runs keep every value the storage dtype rounds near magnitude 1,
+#  where tolerances.py's bf16/fp16 budget applies: gradients ~0.1 ("gscale") for momentum-buffer rules
+#  (a buffer of ~5 has a bf16 ulp of 0.03 > atol), ~1 for second-moment rules (v = (1-beta2) g^2 stays
+#  out of the fp16 subnormals), and eps=1 for RMSprop with momentum (g/(sqrt(v)+eps) stays ~g).
+_M = dict(gscale=0.1)  # momentum-buffer rules
+_V = dict(gscale=1.0)  # second-moment rules
+CASES = [
+    ("sgd", mf.SGD, dict(lr=0.05), dict(lr=0.02, weight_decay=0.01), False, _M),
+    ("sgd-momentum", mf.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+     dict(lr=0.02, dampening=0.0, weight_decay=0.0, maximize=True), False, _M),
+    ("sgd-nesterov", mf.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True),
+     dict(lr=0.02, momentum=0.8, maximize=False), False, _M),
+    ("qhm-grad", mf.QHM, dict(lr=0.1, momentum=0.9, nu=0.7, weight_decay=0.01), dict(lr=0.05, nu=0.5), False, _M),
+    ("qhm-direct", mf.QHM, dict(lr=0.1, momentum=0.9, nu=0.7, weight_decay=0.01, weight_decay_type="direct"),
+     dict(momentum=0.5, weight_decay=0.1), False, _M),
+    ("adam", mf.Adam, dict(lr=1e-2, weight_decay=0.01), dict(lr=5e-3, betas=(0.8, 0.99), weight_decay=0.0), False,
+     _V),
+    ("adamw", mf.AdamW, dict(lr=1e-2, weight_decay=0.1), dict(lr=5e-3, eps=1e-6, maximize=True), False, _V),
+    ("adam-amsgrad", mf.Adam, dict(lr=1e-2, amsgrad=True, weight_decay=0.01), dict(betas=(0.5, 0.9)), False, _V),
+    ("adamw-amsgrad", mf.AdamW, dict(lr=1e-2, amsgrad=True, maximize=True), dict(lr=2e-2, weight_decay=0.0), False,
+     _V),
+    ("adamtied", mf.AdamTied, dict(lr=1e-2, beta=0.9), dict(betas=(0.95, 0.95)), False, _V),
+    ("nadam", mf.NAdam, dict(lr=1e-2, weight_decay=0.01), dict(lr=5e-3, momentum_decay=1e-2), False, _V),
+    ("nadamw", mf.NAdam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True), dict(betas=(0.8, 0.99)),
+     False, _V),
+    ("rmsprop", mf.RMSprop, dict(lr=1e-3), dict(weight_decay=0.01, alpha=0.9), False, _V),
+    ("rmsprop-momentum", mf.RMSprop, dict(lr=1e-3, momentum=0.9, weight_decay=0.01), dict(momentum=0.5), False,
+     dict(gscale=0.1, eps=1.0)),
+    ("rmsprop-centered", mf.RMSprop, dict(lr=1e-3, centered=True), dict(lr=2e-3, maximize=True), False, _V),
+    ("rmsprop-momentum-centered", mf.RMSprop, dict(lr=1e-3, momentum=0.9, centered=True),
+     dict(alpha=0.95, eps=1e-4), False, dict(gscale=0.1, eps=1.0)),
+    ("signsgd", mf.SignSGD, dict(lr=1e-2, weight_decay=0.1), dict(lr=2e-2, weight_decay=0.0), True, _M),
+    ("signum", mf.Signum, dict(lr=1e-2, momentum=0.9, weight_decay=0.1), dict(momentum=0.5, maximize=True), True,
+     _M),
+    ("lion", mf.Lion, dict(lr=1e-2, weight_decay=0.1), dict(betas=(0.5, 0.9), weight_decay=0.0), True, _M),
+    ("fsgdm", mf.FSGDM, dict(lr=0.05, sigma=9, n_stages=3), dict(lr=0.02, c_scaling=0.1, weight_decay=0.0), False,
+     _M),
+]
+if "sgd_sf" in SPECS and hasattr(mf, "SGDScheduleFree"):
+    CASES += [
+        ("sgd_sf", mf.SGDScheduleFree, dict(lr=0.1, weight_decay=0.01, warmup_steps=3),
+         dict(lr=0.05, momentum=0.5), False, _M),
+        ("adamw_sf", mf.AdamWScheduleFree, dict(lr=1e-2, weight_decay=0.01), dict(lr=5e-3, betas=(0.8, 0.99)),
+         False, _V),
+        # fp16: eps=0.1 keeps d = g/(sqrt(v)+eps) away from ratios of fp16-subnormal v, which the inner
+        # momentum would accumulate
+        ("adamw_sf-inner", mf.AdamWScheduleFree, dict(lr=1e-2, inner_momentum=0.9, weight_lr_power=1.0),
+         dict(weight_decay=0.1), False, dict(gscale=1.0, eps=0.1)),
+    ]
+
+
+def _params(shapes, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+    rs = [p.detach().double().clone().requires_grad_() for p in ps]
+    return ps, rs, gen
+
+
+def _grads(shapes, dtype, gen, signs=None, scale=1.0):
+    gs = []
+    for i, s in enumerate(shapes):
+        g = torch.randn(s, generator=gen, dtype=torch.float64) * scale
+        if signs is not None:  # fixed sign per element, magnitude in [0.5, 1.5]: no sign near a tie
+            g = signs[i] * (0.5 + torch.rand(s, generator=gen, dtype=torch.float64))
+        gs.append(g.to(dtype))
+    return gs
+
+
+def _groups(params, kw0, kw1):
+    half = len(params) // 2
+    return [dict(params=params[:half], **kw0), dict(params=params[half:], **{**kw0, **kw1})]
+
+
+def _state_names(opt, p):
+    for group in opt.param_groups:
+        if any(q is p for q in group["params"]):
+            return opt.spec.state_names(group)
+    raise AssertionError("param not in optimizer")
+
+
+def _compare(opt, ref, ps, rs, dtype, what=""):
+    t = tol(dtype)
+    for i, (p, r) in enumerate(zip(ps, rs)):
+        torch.testing.assert_close(p.detach().double(), r.detach(), **t, msg=lambda m: f"{what} param {i}: {m}")
+        names = _state_names(ref, r)
+        for k in names:
+            a, e = opt.state[p][k], ref.state[r][k]
+            assert a.dtype == p.dtype and a.shape == p.shape
+            torch.testing.assert_close(a.double(), e, **t, msg=lambda m: f"{what} param {i} state {k}: {m}")
+
+
+def _run(cls, kw0, kw1, dtype, shapes=SHAPES, steps=STEPS, sign=False, seed=0, lp=None):
+    gscale = 1.0
+    if lp is not None and dtype in (torch.bfloat16, torch.float16):
+        lp = dict(lp)
+        gscale = lp.pop("gscale", 1.0)
+        kw0 = {**kw0, **lp}
+        kw1 = {k: v for k, v in kw1.items() if k not in lp}
+    ps, rs, gen = _params(shapes, dtype, seed)
+    opt = cls(_groups(ps, kw0, kw1), backend="cpu")
+    ref = cls(_groups(rs, kw0, kw1), backend="reference")
+    signs = [torch.randint(0, 2, s, generator=gen).double() * 2 - 1 for s in shapes] if sign else None
+    for _ in range(steps):
+        for p, r, g in zip(ps, rs, _grads(shapes, dtype, gen, signs, gscale)):
+            p.grad = g
+            r.grad = g.double()
+        opt.step()
+        ref.step()
+    return opt, ref, ps, rs
+
+
+def _case_params():
+    out = []
+    for cid, cls, kw0, kw1, sign, lp in CASES:
+        for dt in DTYPES:
+            if sign and dt not in (torch.float64, torch.float32):
+                continue
+            out.append(pytest.param(cls, kw0, kw1, dt, sign, lp, id=f"{cid}-{str(dt).replace('torch.', '')}"))
+    return out
+
+
+@pytest.mark.parametrize("cls,kw0,kw1,dtype,sign,lp", _case_params())
+def test_parity_vs_float64_reference(cls, kw0, kw1, dtype, sign, lp):
+    opt, ref, ps, rs = _run(cls, kw0, kw1, dtype, sign=sign, lp=lp)
+    _compare(opt, ref, ps, rs, dtype)
+
+
+def test_every_rule_and_flag_combination_is_covered():
+    """The case table reaches every rule of specs.SPECS the backend claims, with every flags value."""
+    seen = {}
+    for _, cls, kw0, kw1, _, _ in CASES:
+        p = torch.zeros(1, requires_grad=True)
+        opt = cls(_groups([p, torch.zeros(1, requires_grad=True)], kw0, kw1), backend="cpu")
+        for g in opt.param_groups:
+            seen.setdefault(opt.spec.name, set()).add(tuple(opt.spec.make_flags(g)))
+    for name, spec in SPECS.items():
+        if name not in bcpu.RULE_IDS:
+            continue
+        assert name in seen, f"rule {name} has no case"
+        n = len(spec.flag_names)
+        expected = {tuple(bool(m >> i & 1) for i in range(n)) for m in range(1 << n)}
+        if name == "sgd":  # nesterov without momentum is invalid
+            expected.discard((False, True))
+        assert expected <= seen[name], f"rule {name}: flags not covered: {expected - seen[name]}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_300_tensors(dtype):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(int(n),) for n in torch.randint(0, 3000, (300,), generator=gen)]
+    shapes[7] = ()
+    opt, ref, ps, rs = _run(mf.AdamW, dict(lr=1e-2, weight_decay=0.1), dict(lr=2e-2), dtype, shapes=shapes)
+    _compare(opt, ref, ps, rs, dtype)
+    opt, ref, ps, rs = _run(mf.SGD, dict(lr=0.05, momentum=0.9), dict(lr=0.02), dtype, shapes=shapes, lp=_M)
+    _compare(opt, ref, ps, rs, dtype)
+
+
+def test_300_tensors_sign_rule_float64():
+    shapes = [(int(n),) for n in torch.randint(0, 2000, (300,), generator=torch.Generator().manual_seed(4))]
+    opt, ref, ps, rs = _run(mf.Lion, dict(lr=1e-2, weight_decay=0.1), dict(lr=2e-2), torch.float64,
+                            shapes=shapes, sign=True)
+    _compare(opt, ref, ps, rs, torch.float64)
+
+
+def _snapshot(opt, ps):
+    out = [p.detach().clone() for p in ps]
+    for p in ps:
+        for k, v in opt.state[p].items():
+            out.append(v.clone() if isinstance(v, torch.Tensor) else v)
+    return out
+
+
+@pytest.mark.parametrize("cls,kw", [(mf.AdamW, dict(lr=1e-2)), (mf.SGD, dict(lr=0.1, momentum=0.9)),
+                                    (mf.Lion, dict(lr=1e-2))])
+def test_found_inf_leaves_everything_bit_identical(cls, kw):
+    ps, _, gen = _params([(17,), (4097,), ()], torch.float32, 1)
+    opt = cls(ps, backend="cpu", **kw)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    before = _snapshot(opt, ps)
+    opt.found_inf = torch.tensor(1.0)
+    opt.grad_scale = torch.tensor(2.0)
+    for p in ps:
+        p.grad = torch.full(p.shape, float("inf"))
+    opt.step()
+    after = _snapshot(opt, ps)
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b) and a.dtype == b.dtype
+        else:
+            assert a == b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_scale(dtype):
+    """grad_scale = 1024 with gradients scaled by 1024 equals the unscaled run (powers of two: exact)."""
+    shapes = [(15,), (4097,)]
+    ps, _, gen = _params(shapes, dtype, 2)
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    a = mf.Adam(ps, lr=1e-2, weight_decay=0.01, backend="cpu")
+    b = mf.Adam(qs, lr=1e-2, weight_decay=0.01, backend="cpu")
+    for _ in range(STEPS):
+        for p, q in zip(ps, qs):
+            g = torch.randn(p.shape, generator=gen, dtype=dtype)
+            p.grad = g * 1024
+            q.grad = g
+        a.grad_scale = torch.tensor(1024.0)
+        a.step()
+        b.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        assert torch.equal(a.state[p]["exp_avg_sq"], b.state[q]["exp_avg_sq"])
+
+
+def test_tensor_lr():
+    kw0 = dict(lr=torch.tensor(1e-2), weight_decay=0.1)
+    opt, ref, ps, rs = _run(mf.AdamW, kw0, dict(lr=torch.tensor(5e-3)), torch.float32)
+    _compare(opt, ref, ps, rs, torch.float32)
+    opt, ref, ps, rs = _run(mf.SGD, dict(lr=torch.tensor(0.05), momentum=0.9), {}, torch.float64)
+    _compare(opt, ref, ps, rs, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_copied_in_and_out(dtype):
+    """Transposed params (state inherits the strides), strided-slice params (not dense) and
+    non-contiguous grads: updated in place through copies, bytes outside the views untouched."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(12, 40, generator=gen, dtype=torch.float64).to(dtype)
+    keep = base.clone()
+    p_t = torch.randn(9, 7, generator=gen, dtype=torch.float64).to(dtype).t().detach().requires_grad_()
+    p_s = base[:, ::3].detach().requires_grad_()  # a view into base with stride 3
+    p_c = torch.randn(33, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    ps = [p_t, p_s, p_c]
+    assert not p_t.is_contiguous() and not p_s.is_contiguous()
+    rs = [p.detach().double().clone().requires_grad_() for p in ps]
+    ptrs = [p.data_ptr() for p in ps]
+    opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="cpu")
+    ref = mf.AdamW(rs, lr=1e-2, weight_decay=0.1, backend="reference")
+    for _ in range(STEPS):
+        for p, r in zip(ps, rs):
+            g = torch.randn(tuple(reversed(p.shape)), generator=gen, dtype=torch.float64).to(dtype).t()
+            assert not g.is_contiguous() or g.dim() < 2
+            p.grad = g
+            r.grad = g.double()
+        opt.step()
+        ref.step()
+    _compare(opt, ref, ps, rs, dtype)
+    assert [p.data_ptr() for p in ps] == ptrs
+    assert not opt.state[p_t]["exp_avg"].is_contiguous()  # the state kept its strides and was updated
+    mask = torch.ones_like(base, dtype=torch.bool)
+    mask[:, ::3] = False
+    assert torch.equal(base[mask], keep[mask])  # elements between the strided view's are untouched
+    assert not torch.equal(base[:, ::3], keep[:, ::3])
+
+
+def _run_adamw_bits(threads=None):
+    if threads is not None:
+        torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(100_003,), (17,), (70_001,), (3,)]
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ps = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+        opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="cpu")
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        out += [p.detach().clone() for p in ps] + [opt.state[p]["exp_avg_sq"].clone() for p in ps]
+    return out
+
+
+def test_thread_count_does_not_change_bits():
+    old = torch.get_num_threads()
+    try:
+        one = _run_adamw_bits(1)
+        two = _run_adamw_bits(max(2, old))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_isa_variants_give_the_same_bits(tmp_path):
+    """The baseline build (forced with MOMENTUM_FUSED_CPU_ISA=baseline) and the variant this CPU picks
+    agree bit for bit (no FMA contraction anywhere)."""
+    if OPS.cpu_isa() == "baseline":
+        pytest.skip("this CPU runs the baseline variant only")
+    out = tmp_path / "bits.pt"
+    code = ("import sys, torch; sys.path.insert(0, %r); import test_cpu_backend as t; "
+            "torch.save(t._run_adamw_bits(), %r)" % (os.path.dirname(__file__), str(out)))
+    env = {**os.environ, "MOMENTUM_FUSED_CPU_ISA": "baseline"}
+    env.pop("MOMENTUM_FUSED_BACKEND", None)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    base = torch.load(out)
+    mine = _run_adamw_bits()
+    assert all(torch.equal(a, b) for a, b in zip(base, mine))
+
+
+def test_storage_rounding_matches_torch_bit_for_bit():
+    gen = torch.Generator().manual_seed(8)
+    bits = torch.randint(-(2 ** 31), 2 ** 31 - 1, (1 << 20,), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65519.99, 65520.0, 2.0 ** -24,
+                            2.0 ** -25, 2.0 ** -25 * 1.0001, 2.0 ** -14, 6e-8, 1e-45, 3.4e38, 1.0 + 2.0 ** -8,
+                            1.0 + 3 * 2.0 ** -8, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11])
+    x = torch.cat([x, special, -special])
+    finite = x[~torch.isnan(x)]
+    for dt in (torch.bfloat16, torch.float16):
+        mine = OPS.round_to(finite.contiguous(), dt)
+        assert torch.equal(mine.view(torch.int16), finite.to(dt).view(torch.int16)), dt
+        assert torch.equal(OPS.widen(mine), mine.float())
+        nan = OPS.round_to(torch.tensor([float("nan")]), dt)
+        assert torch.isnan(nan.float()).all()
+    every_half = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)
+    for dt in (torch.bfloat16, torch.float16):
+        h = every_half.view(dt)
+        w = OPS.widen(h)
+        ok = torch.isnan(h.float())
+        assert torch.equal(w[~ok], h.float()[~ok]) and torch.isnan(w[ok]).all()
+
+
+def test_ops_registered_and_abi_mirror():
+    for name in ("cpu_step", "rule_id", "num_states", "num_scalars", "cpu_isa", "round_to", "widen"):
+        assert hasattr(OPS, name), name
+    assert OPS.cpu_isa() in ("baseline", "avx2", "avx512")
+    for name, rid in bcpu.RULE_IDS.items():
+        assert OPS.rule_id(name) == rid
+        if name in SPECS:
+            assert OPS.num_scalars(rid) == len(SPECS[name].scalar_names)
+            assert tuple(SPECS[name].flag_names) == bcpu.FLAG_NAMES[name]
+    assert OPS.rule_id("no_such_rule") == -1
+    # rmsprop state counts follow the state_names order square_avg[, momentum_buffer][, grad_avg]
+    spec = SPECS["rmsprop"]
+    for mom in (0.0, 0.9):
+        for centered in (False, True):
+            g = dict(momentum=mom, centered=centered)
+            assert OPS.num_states(bcpu.RULE_IDS["rmsprop"], bcpu.flags_to_int("rmsprop", spec.flags(g))) == \
+                len(spec.state_names(g))
+
+
+def test_default_choice_is_cpu_and_unsupported_reasons():
+    if os.environ.get(backends.ENV_VAR):
+        pytest.skip(f"{backends.ENV_VAR} is set")
+    spec = SPECS["adam"]
+    assert backends.resolve(None, spec, torch.device("cpu"), torch.float32).name == "cpu"
+    b = backends._REGISTRY["cpu"]
+    assert b.supports(spec, torch.device("cpu"), torch.bfloat16) is None
+    why = b.supports(spec, torch.device("cpu"), torch.float8_e4m3fn)
+    assert why and "float8" in why and "supported" in why
+
+    class Fake:
+        name = "no_such_rule"
+
+    why = b.supports(Fake(), torch.device("cpu"), torch.float32)
+    assert why and "no_such_rule" in why and "no CPU kernel" in why
+    # rules that exist but have no kernel are refused by name, never silently run elsewhere
+    for name, sp in SPECS.items():
+        if name not in bcpu.RULE_IDS:
+            assert b.supports(sp, torch.device("cpu"), torch.float32) is not None
+
+
+def test_bad_arguments_raise_before_any_write():
+    ps = [torch.randn(10), torch.randn(10)]
+    gs = [torch.randn(10), torch.randn(10)]
+    st = [torch.zeros(10), torch.zeros(10), torch.zeros(10), torch.zeros(10)]
+    sc = torch.tensor([[1e-3, 0.0, 0.9, 0.999, 1e-8, 1e-2, 0.03, 1.0]] * 2, dtype=torch.float64)
+    before = [t.clone() for t in ps + st]
+    rid = bcpu.RULE_IDS["adam"]
+    bad = [
+        (ps, gs, st[:3], sc, rid, 0, "state tensors"),
+        (ps, [gs[0], gs[1].double()], st, sc, rid, 0, "dtype"),
+        (ps, [gs[0], torch.randn(11)], st, sc, rid, 0, "elements"),
+        (ps, gs, st, sc[:, :5].contiguous(), rid, 0, "scalars"),
+        (ps, gs, st, sc.float(), rid, 0, "scalars"),
+        (ps, gs, st[:3] + [torch.zeros(20)[::2]], sc, rid, 0, "contiguous"),
+        (ps, gs, st, sc, 99, 0, "rule"),
+        (ps, gs, st, sc, rid, 8, "flags"),
+        ([p.int() for p in ps], [g.int() for g in gs], [s.int() for s in st], sc, rid, 0, "dtype"),
+    ]
+    for p_, g_, s_, sc_, r_, f_, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            OPS.cpu_step(p_, g_, s_, sc_, r_, f_)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps + st))
+
+
+def test_direct_op_call_matches_reference():
+    """cpu_step called directly, on tensors that require grad (as an optimizer's params do)."""
+    spec = SPECS["adam"]
+    p = torch.randn(1000, requires_grad=True)
+    g = torch.randn(1000)
+    m, v = torch.zeros(1000), torch.zeros(1000)
+    s = spec.Scalars(1e-2, 0.1, 0.9, 0.999, 1e-8, 1e-2 / 0.1, (1 - 0.999) ** 0.5, 1.0)
+    pr, mr, vr = (t.detach().double().clone() for t in (p, m, v))
+    flags = spec.Flags(True, False)
+    with torch.no_grad():
+        OPS.cpu_step([p], [g], [m, v], torch.tensor([list(s)], dtype=torch.float64), bcpu.RULE_IDS["adam"],
+                     bcpu.flags_to_int("adam", flags))
+    mf.reference.RULES["adam"](pr, g.double(), (mr, vr), s, flags)
+    for a, e in ((p, pr), (m, mr), (v, vr)):
+        torch.testing.assert_close(a.detach().double(), e, **tol(torch.float32))
