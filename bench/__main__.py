@@ -1,0 +1,273 @@
+"""python -m bench: every rule x provider x profile x layout, as time per step and percent of roofline.
+
+    python -m bench --quick                 # < 2 minutes on a 2-core CPU
+    python -m bench                         # the full sweep (progress on stderr)
+    python -m bench --device cuda --quick --params 1e9 --profiles llm,tiny
+
+Providers run side by side in one process: our backends (reference, cpu, triton, cuda: whichever can run
+the rule here), torch for-loop / foreach / fused, and peer packages when installed. The bandwidth of a copy
+and of an in-place read-modify-write is measured first on the same device; effective GB/s = bytes per
+element (ALGORITHMS.md section 9, counted for the layout) x elements / median time.
+Results: a markdown table on stdout; JSON, CSV, markdown and PNG plots under bench/results/<machine>/.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import momentum_fused as mf
+
+from .core import make_params, measure_bandwidth, profile_shapes, summarize, time_fn
+from .rules import bytes_per_elem, providers, rules
+
+LAYOUTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "momentum_fused": mf.__version__,
+            "backends": mf.backends.status(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
+    except Exception:
+        info["git_commit"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_slug(info: dict, device: torch.device) -> str:
+    name = info.get("gpu") if device.type == "cuda" else f"cpu-{info['cores']}core-{info['cpu']}"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name or "unknown").strip("-").lower()[:60]
+
+
+def _progress(i: int, n: int, label: str) -> None:
+    width = 30
+    done = int(width * i / max(n, 1))
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:60]:<60}")
+    sys.stderr.flush()
+
+
+def run_one(provider, shapes, device, dtype, warmup, iters, min_time) -> dict:
+    params = make_params(shapes, device, dtype)
+    opt = provider.make(params)
+    times = time_fn(opt.step, device, warmup=warmup, iters=iters, min_time=min_time)
+    del opt, params
+    return summarize(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes, fp32 only, llm+tiny profiles, no scaling")
+    ap.add_argument("--params", type=float, default=None, help="elements per profile (default: 2.5e5 quick / 1.6e7 full "
+                    "on CPU, 1e9 on CUDA)")
+    ap.add_argument("--profiles", default=None, help="comma list of few-large,llm,tiny")
+    ap.add_argument("--layouts", default=None, help="comma list of " + ",".join(LAYOUTS))
+    ap.add_argument("--rules", default=None, help="comma list of rule names (default: all)")
+    ap.add_argument("--iters", type=int, default=10, help="timed steps per run (median reported)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-reference", action="store_true", help="leave out our (slow) reference backend")
+    ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--out", default=None, help="output folder (default bench/results/<machine>)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    total = int(args.params or (1e9 if device.type == "cuda" else (2.5e5 if args.quick else 1.6e7)))
+    if args.quick:
+        args.iters = min(args.iters, 5)
+        args.warmup = min(args.warmup, 1)
+    profiles = (args.profiles or ("llm,tiny" if args.quick else "few-large,llm,tiny")).split(",")
+    layouts = (args.layouts or ("fp32" if args.quick else "fp32,bf16")).split(",")
+    for lay in layouts:
+        if lay not in LAYOUTS:
+            ap.error(f"unknown layout {lay!r}; supported: {sorted(LAYOUTS)} (fp32-master and stochastic-rounding "
+                     "layouts come with the compiled backends)")
+    all_rules = rules()
+    if args.rules:
+        wanted = set(args.rules.split(","))
+        unknown = wanted - {r.name for r in all_rules}
+        if unknown:
+            ap.error(f"unknown rules {sorted(unknown)}; known: {[r.name for r in all_rules]}")
+        all_rules = [r for r in all_rules if r.name in wanted]
+    min_time = 0.0 if args.quick else 0.2
+
+    info = machine_info(device)
+    bw = measure_bandwidth(device, min(total, 1 << 26) if device.type == "cpu" else max(total, 1 << 26))
+    info["bandwidth"] = bw
+    print(f"# momentum_fused benchmark on {info.get('gpu') or info['cpu']} ({info['threads']} threads), "
+          f"torch {info['torch']}, {info['date']}")
+    print(f"bandwidth: copy {bw['copy_GBps']:.1f} GB/s, in-place read-modify-write {bw['rmw_GBps']:.1f} GB/s "
+          f"(fp32, {bw['numel']:.2e} elements)\n")
+
+    jobs, missing = [], {}
+    for rule in all_rules:
+        for lay in layouts:
+            dtype = LAYOUTS[lay]
+            provs, miss = providers(rule, device, dtype, include_reference=not args.no_reference)
+            for k, v in miss.items():
+                missing[f"{rule.name}/{lay}/{k}"] = v
+            for prof in profiles:
+                for p in provs:
+                    jobs.append((rule, lay, prof, p))
+
+    runs = []
+    shapes_cache = {prof: profile_shapes(prof, total) for prof in profiles}
+    for i, (rule, lay, prof, prov) in enumerate(jobs):
+        _progress(i, len(jobs), f"{rule.name} {lay} {prof} {prov.name}")
+        dtype = LAYOUTS[lay]
+        shapes = shapes_cache[prof]
+        numel = sum(math.prod(s) for s in shapes)
+        try:
+            res = run_one(prov, shapes, device, dtype, args.warmup, args.iters, min_time)
+        except Exception as e:  # recorded, never silently dropped
+            missing[f"{rule.name}/{lay}/{prof}/{prov.name}"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+            continue
+        bpe = bytes_per_elem(rule.n_state, dtype)
+        gbps = bpe * numel / (res["median_ms"] * 1e-3) / 1e9
+        runs.append({"rule": rule.name, "layout": lay, "profile": prof, "provider": prov.name, "kind": prov.kind,
+                     "numel": numel, "n_tensors": len(shapes), "bytes_per_elem": bpe, **res, "GBps": gbps,
+                     "pct_rmw": 100 * gbps / bw["rmw_GBps"], "pct_copy": 100 * gbps / bw["copy_GBps"]})
+    _progress(len(jobs), len(jobs), "done")
+    sys.stderr.write("\n")
+    _add_speedups(runs)
+
+    overhead = host_overhead(device, all_rules, args)
+    scaling = [] if (args.quick or args.no_scaling) else scaling_sweep(device, total, args)
+
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / machine_slug(info, device)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"schema": 1, "meta": info, "args": vars(args), "total_params": total, "runs": runs,
+              "host_overhead": overhead, "scaling": scaling, "missing": missing}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    with open(out / "results.csv", "w", newline="") as f:
+        if runs:
+            w = csv.DictWriter(f, fieldnames=list(runs[0]))
+            w.writeheader()
+            w.writerows(runs)
+    table = markdown(result)
+    (out / "results.md").write_text(table)
+    print(table)
+    if not args.no_plots:
+        from .plots import plot_all
+        made = plot_all(result, out)
+        print("plots: " + (", ".join(str(p) for p in made) if made else "none (matplotlib not installed)"))
+    print(f"results: {out}/results.json, results.csv, results.md")
+    return 0
+
+
+def _add_speedups(runs: list[dict]) -> None:
+    """speedup = best torch provider's median / this median, same rule, layout and profile, same process."""
+    best_torch = {}
+    for r in runs:
+        if r["kind"] == "torch":
+            key = (r["rule"], r["layout"], r["profile"])
+            best_torch[key] = min(best_torch.get(key, math.inf), r["median_ms"])
+    for r in runs:
+        t = best_torch.get((r["rule"], r["layout"], r["profile"]))
+        r["speedup_vs_best_torch"] = (t / r["median_ms"]) if t else None
+
+
+def host_overhead(device, all_rules, args) -> list[dict]:
+    """Time per step with 300 one-element tensors: the device work is negligible, so this is the
+    per-step host cost (Python, dispatch, launches) of each provider, for AdamW."""
+    shapes = [(1,)] * 300
+    out = []
+    for rule in all_rules:
+        if rule.name != "adamw":
+            continue
+        provs, _ = providers(rule, device, torch.float32, include_reference=not args.no_reference)
+        for p in provs:
+            res = run_one(p, shapes, device, torch.float32, args.warmup, args.iters, 0.0)
+            out.append({"rule": rule.name, "provider": p.name, "n_tensors": 300, "host_ms_per_step": res["median_ms"]})
+    return out
+
+
+def scaling_sweep(device, total, args) -> list[dict]:
+    """AdamW time versus total elements (one tensor per 1M elements), and versus tensor count at a fixed
+    total, for our non-reference backends and torch fused/foreach."""
+    rule = next(r for r in rules() if r.name == "adamw")
+    provs, _ = providers(rule, device, torch.float32, include_reference=False)
+    out = []
+    sizes = [10 ** k for k in range(5, 10) if 10 ** k <= max(total, 10 ** 5)]
+    for n in sizes:
+        shapes = [(min(n, 1 << 20),)] * max(1, n // (1 << 20))
+        for p in provs:
+            res = run_one(p, shapes, device, torch.float32, 1, max(5, args.iters // 2), 0.0)
+            out.append({"sweep": "numel", "numel": sum(math.prod(s) for s in shapes), "n_tensors": len(shapes),
+                        "provider": p.name, **res})
+    fixed = min(total, 1 << 22)
+    for count in (1, 16, 256, 4096):
+        shapes = [(fixed // count,)] * count
+        for p in provs:
+            res = run_one(p, shapes, device, torch.float32, 1, max(5, args.iters // 2), 0.0)
+            out.append({"sweep": "count", "numel": fixed // count * count, "n_tensors": count, "provider": p.name,
+                        **res})
+    return out
+
+
+def markdown(result: dict) -> str:
+    runs = result["runs"]
+    lines = []
+    provs = sorted({r["provider"] for r in runs}, key=lambda s: (not s.startswith("ours"), s))
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["rule"], r["layout"], r["profile"]), {})[r["provider"]] = r
+    lines.append(f"Median ms per step ({result['total_params']:.2e} elements per profile); "
+                 "'best ours' = fastest of our backends, % of the in-place read-modify-write bandwidth, "
+                 "speedup vs the fastest torch implementation measured in the same run.\n")
+    lines.append("| rule | layout | profile | tensors | " + " | ".join(provs) + " | best ours %RMW | vs torch |")
+    lines.append("|" + "---|" * (4 + len(provs) + 2))
+    for (rule, lay, prof), row in groups.items():
+        ours = [r for r in row.values() if r["kind"] == "ours"]
+        best = min(ours, key=lambda r: r["median_ms"]) if ours else None
+        cells = [f"{row[p]['median_ms']:.3g}" if p in row else "–" for p in provs]
+        n_t = next(iter(row.values()))["n_tensors"]
+        sp = best.get("speedup_vs_best_torch") if best else None
+        pct = f"{best['pct_rmw']:.0f}% ({best['provider'][5:]})" if best else "–"
+        spd = f"{sp:.2f}x" if sp else "–"
+        lines.append(f"| {rule} | {lay} | {prof} | {n_t} | " + " | ".join(cells) + f" | {pct} | {spd} |")
+    if result["host_overhead"]:
+        lines.append("\nHost overhead (AdamW, 300 one-element tensors, ms per step): "
+                     + ", ".join(f"{o['provider']} {o['host_ms_per_step']:.3g}" for o in result["host_overhead"]))
+    if result["missing"]:
+        lines.append("\nNot measured (and why):")
+        grouped: dict = {}
+        for k, v in result["missing"].items():
+            prov = k.split("/")[-1]
+            reason = re.sub(r"rule '[a-z_]+'", "this rule", v)
+            grouped.setdefault((prov, reason), []).append("/".join(k.split("/")[:-1]))
+        for (prov, reason), where in grouped.items():
+            lines.append(f"- {prov}: {reason} [{', '.join(where)}]")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

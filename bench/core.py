@@ -1,0 +1,103 @@
+"""Timing, bandwidth and tensor profiles for the benchmark."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], None], device: torch.device, warmup: int = 3, iters: int = 10,
+            min_time: float = 0.0) -> list[float]:
+    """Seconds per call of ``fn``: ``iters`` timed calls (more while their sum is under ``min_time``)
+    after ``warmup`` untimed ones. CUDA: events; CPU: perf_counter."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    while len(times) < iters or (sum(times) < min_time and len(times) < 10 * iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: list[float]) -> dict:
+    return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
+            "n": len(times)}
+
+
+# -------------------------------------------------------------------------------------- bandwidth
+def measure_bandwidth(device: torch.device, numel: int, iters: int = 10) -> dict:
+    """Copy (8 B/elem fp32: read + write) and in-place read-modify-write (x.mul_, 8 B/elem) bandwidth
+    in GB/s on ``device``, medians of ``iters`` runs."""
+    src = torch.rand(numel, device=device)
+    dst = torch.empty_like(src)
+    copy = summarize(time_fn(lambda: dst.copy_(src), device, iters=iters))
+    x = torch.rand(numel, device=device)
+    rmw = summarize(time_fn(lambda: x.mul_(1.0000001), device, iters=iters))
+    b = 8 * numel
+    return {"numel": numel, "copy_GBps": b / copy["median_ms"] / 1e6, "rmw_GBps": b / rmw["median_ms"] / 1e6}
+
+
+# --------------------------------------------------------------------------------------- profiles
+def _gpt_shapes(d: int, layers: int) -> list[tuple]:
+    shapes = [(16 * d, d), (4 * d, d)]  # token and position embeddings (scaled with the width)
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    shapes += [(d,), (d,)]  # final norm
+    return shapes
+
+
+def profile_shapes(name: str, total: int) -> list[tuple]:
+    """Tensor shapes of a profile with about ``total`` elements.
+
+    few-large: 4 equal tensors. llm: a GPT block stack of 24 layers (12 tensors each: norms, qkv, proj,
+    mlp, biases) plus embeddings, ~300 tensors, width chosen to fit ``total``. tiny: tensors of <= 4096
+    elements (sizes cycling 4096, 1000, 257, 64, 1) up to ``total``.
+    """
+    if name == "few-large":
+        n = max(1, total // 4)
+        return [(n,)] * 4
+    if name == "llm":
+        layers = 24
+        d = 8
+        while sum(math.prod(s) for s in _gpt_shapes(d + 8, layers)) <= total:  # widest stack that fits
+            d += 8
+        return _gpt_shapes(d, layers)
+    if name == "tiny":
+        sizes = (4096, 1000, 257, 64, 1)
+        out, acc, i = [], 0, 0
+        while acc < total:
+            s = sizes[i % len(sizes)]
+            out.append((s,))
+            acc += s
+            i += 1
+        return out
+    raise ValueError(f"unknown profile {name!r}; known: few-large, llm, tiny")
+
+
+def make_params(shapes, device, dtype, seed=0) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.randn(s, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        p.grad = (torch.randn(s, generator=g) * 1e-2).to(device=device, dtype=dtype)
+        params.append(p)
+    return params

@@ -1,0 +1,150 @@
+"""What the benchmark runs: the rules (with our factory and torch's where torch has the rule), the
+providers, and the bytes each rule moves per element. Uses only the public momentum_fused API."""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import momentum_fused as mf
+
+ELEM = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
+
+
+@dataclass
+class Rule:
+    name: str
+    ours: Callable  # (params, backend) -> optimizer
+    n_state: int  # elementwise state tensors (same dtype as the param in the current layouts)
+    torch_cls: type | None = None
+    torch_kwargs: dict = field(default_factory=dict)
+    peers: dict = field(default_factory=dict)  # provider name -> (module, factory(module, params))
+
+
+def bytes_per_elem(n_state: int, param_dtype=torch.float32, grad_dtype=None, state_dtype=None) -> int:
+    """Bytes read + written per element by one fused pass: param read+write, grad read, each state
+    read+write (ALGORITHMS.md section 9)."""
+    p = ELEM[param_dtype]
+    g = ELEM[grad_dtype or param_dtype]
+    s = ELEM[state_dtype or param_dtype]
+    return 2 * p + g + 2 * s * n_state
+
+
+def _peer_lion(mod, params):
+    return mod.Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+
+
+def _peer_qhm(mod, params):
+    return mod.QHM(params, lr=1.0, momentum=0.999, nu=0.7)
+
+
+def _peer_sf_sgd(mod, params):
+    opt = mod.SGDScheduleFree(params, lr=1.0, momentum=0.9)
+    opt.train()
+    return opt
+
+
+def _peer_sf_adamw(mod, params):
+    opt = mod.AdamWScheduleFree(params, lr=2.5e-3)
+    opt.train()
+    return opt
+
+
+def _sf(name, **kw):
+    cls = getattr(mf, name, None)
+    if cls is None:
+        return None
+
+    def make(params, backend):
+        opt = cls(params, backend=backend, **kw)
+        opt.train()
+        return opt
+
+    return make
+
+
+def rules() -> list[Rule]:
+    out = [
+        Rule("sgd", lambda p, b: mf.SGD(p, lr=1e-3, backend=b), 0, torch.optim.SGD, dict(lr=1e-3)),
+        Rule("sgd_momentum", lambda p, b: mf.SGD(p, lr=1e-3, momentum=0.9, backend=b), 1, torch.optim.SGD,
+             dict(lr=1e-3, momentum=0.9)),
+        Rule("nesterov", lambda p, b: mf.SGD(p, lr=1e-3, momentum=0.9, nesterov=True, backend=b), 1,
+             torch.optim.SGD, dict(lr=1e-3, momentum=0.9, nesterov=True)),
+        Rule("qhm", lambda p, b: mf.QHM(p, backend=b), 1, peers={"qhoptim": ("qhoptim.pyt", _peer_qhm)}),
+        Rule("adam", lambda p, b: mf.Adam(p, backend=b), 2, torch.optim.Adam, {}),
+        Rule("adamw", lambda p, b: mf.AdamW(p, backend=b), 2, torch.optim.AdamW, {}),
+        Rule("amsgrad", lambda p, b: mf.Adam(p, amsgrad=True, backend=b), 3, torch.optim.Adam, dict(amsgrad=True)),
+        Rule("adam_tied", lambda p, b: mf.AdamTied(p, beta=0.95, backend=b), 2, torch.optim.Adam,
+             dict(betas=(0.95, 0.95))),
+        Rule("nadam", lambda p, b: mf.NAdam(p, backend=b), 2, torch.optim.NAdam, {}),
+        Rule("rmsprop", lambda p, b: mf.RMSprop(p, backend=b), 1, torch.optim.RMSprop, {}),
+        Rule("signsgd", lambda p, b: mf.SignSGD(p, backend=b), 0),
+        Rule("signum", lambda p, b: mf.Signum(p, backend=b), 1),
+        Rule("lion", lambda p, b: mf.Lion(p, backend=b), 1, peers={"lion-pytorch": ("lion_pytorch", _peer_lion)}),
+        Rule("fsgdm", lambda p, b: mf.FSGDM(p, backend=b), 1),
+    ]
+    sf_sgd = _sf("SGDScheduleFree")
+    if sf_sgd is not None:
+        out.append(Rule("sf_sgd", sf_sgd, 1, peers={"schedulefree": ("schedulefree", _peer_sf_sgd)}))
+    sf_adamw = _sf("AdamWScheduleFree")
+    if sf_adamw is not None:
+        out.append(Rule("sf_adamw", sf_adamw, 2, peers={"schedulefree": ("schedulefree", _peer_sf_adamw)}))
+    return out
+
+
+@dataclass
+class Provider:
+    name: str
+    kind: str  # "ours" | "torch" | "peer"
+    make: Callable  # params -> optimizer
+
+
+def _torch_variant_ok(cls, flag: str) -> bool:
+    return flag in inspect.signature(cls.__init__).parameters
+
+
+def providers(rule: Rule, device: torch.device, dtype: torch.dtype, include_reference: bool = True) -> tuple[list, dict]:
+    """Available providers for ``rule`` and a {provider: reason} dict for those left out."""
+    avail, missing = [], {}
+    spec_probe = [torch.zeros(1, device=device, dtype=dtype, requires_grad=True)]
+    for name in mf.backends.names():
+        if name == "reference" and not include_reference:
+            continue
+        try:  # constructing and resolving tells whether this backend runs this rule here
+            opt = rule.ours(spec_probe, name)
+            mf.backends.resolve(name, opt.spec, device, dtype)
+        except Exception as e:  # unavailable, or unsupported rule/dtype: reported, not hidden
+            missing[f"ours:{name}"] = str(e).split("\n")[0][:160]
+            continue
+        avail.append(Provider(f"ours:{name}", "ours", lambda p, n=name: rule.ours(p, n)))
+    if rule.torch_cls is not None:
+        for variant in ("forloop", "foreach", "fused"):
+            kw = dict(rule.torch_kwargs)
+            if variant == "forloop":
+                kw["foreach"] = False
+            elif variant == "foreach":
+                kw["foreach"] = True
+            else:
+                if not _torch_variant_ok(rule.torch_cls, "fused"):
+                    missing[f"torch:{variant}"] = f"torch.optim.{rule.torch_cls.__name__} has no fused implementation"
+                    continue
+                kw["fused"] = True
+            try:
+                probe = [torch.zeros(4, device=device, dtype=dtype, requires_grad=True)]
+                probe[0].grad = torch.zeros_like(probe[0])
+                rule.torch_cls(probe, **kw).step()
+            except Exception as e:
+                missing[f"torch:{variant}"] = str(e).split("\n")[0][:160]
+                continue
+            avail.append(Provider(f"torch:{variant}", "torch", lambda p, c=rule.torch_cls, k=kw: c(p, **k)))
+    for peer, (module, factory) in rule.peers.items():
+        try:
+            mod = importlib.import_module(module)
+        except Exception:
+            missing[f"peer:{peer}"] = f"{peer} not installed (pip install -e .[bench-peers])"
+            continue
+        avail.append(Provider(f"peer:{peer}", "peer", lambda p, m=mod, f=factory: f(m, p)))
+    return avail, missing

@@ -1,0 +1,79 @@
+"""The benchmark runs end to end (tiny sizes) and counts bytes as ALGORITHMS.md section 9 does.
+Timing values are never asserted."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.core import profile_shapes
+from bench.rules import bytes_per_elem, providers, rules
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ALGORITHMS.md section 9, fp32 unless noted.
+EXPECTED_FP32 = {"sgd": 12, "signsgd": 12, "sgd_momentum": 20, "nesterov": 20, "qhm": 20, "signum": 20, "lion": 20,
+                 "fsgdm": 20, "rmsprop": 20, "sf_sgd": 20, "adam": 28, "adamw": 28, "adam_tied": 28, "nadam": 28,
+                 "sf_adamw": 28, "amsgrad": 36}
+
+
+def test_bytes_per_element_match_the_roofline_table():
+    seen = set()
+    for rule in rules():
+        assert bytes_per_elem(rule.n_state) == EXPECTED_FP32[rule.name], rule.name
+        # the optimizer's own spec agrees with the benchmark's count
+        p = torch.zeros(3, requires_grad=True)
+        opt = rule.ours([p], "reference")
+        assert opt.spec.bytes_per_elem(opt.param_groups[0]) == EXPECTED_FP32[rule.name], rule.name
+        seen.add(rule.name)
+    assert {"sgd", "adam", "amsgrad", "lion", "fsgdm", "nadam", "rmsprop"} <= seen
+    # bf16 p, g, m, v (Adam): 14 B/elem; bf16 params with fp32 state would be 2*2 + 2 + 2*4*2 = 22
+    assert bytes_per_elem(2, torch.bfloat16) == 14
+    assert bytes_per_elem(2, torch.bfloat16, state_dtype=torch.float32) == 22
+
+
+@pytest.mark.parametrize("profile", ["few-large", "llm", "tiny"])
+def test_profiles_fit_the_budget(profile):
+    total = 3_000_000
+    shapes = profile_shapes(profile, total)
+    numel = sum(math.prod(s) for s in shapes)
+    assert 0.5 * total <= numel <= 1.01 * total + 4096
+    if profile == "llm":
+        assert 250 <= len(shapes) <= 350
+    if profile == "tiny":
+        assert max(math.prod(s) for s in shapes) <= 4096
+
+
+def test_quick_bench_smoke(tmp_path):
+    out = tmp_path / "res"
+    cmd = [sys.executable, "-m", "bench", "--quick", "--params", "3000", "--rules", "adamw,lion,sgd_momentum",
+           "--profiles", "tiny", "--iters", "2", "--no-plots", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "MOMENTUM_FUSED_BACKEND"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| rule | layout | profile |" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["schema"] == 1
+    for key in ("cpu", "torch", "date", "git_commit", "backends", "bandwidth"):
+        assert key in res["meta"]
+    assert res["meta"]["bandwidth"]["rmw_GBps"] > 0
+    runs = res["runs"]
+    for r in runs:
+        for key in ("rule", "layout", "profile", "provider", "numel", "n_tensors", "bytes_per_elem", "median_ms",
+                    "min_ms", "max_ms", "GBps", "pct_rmw", "pct_copy", "speedup_vs_best_torch"):
+            assert key in r, key
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    # every provider that can run a rule here produced a number
+    for rule in rules():
+        if rule.name not in ("adamw", "lion", "sgd_momentum"):
+            continue
+        provs, _ = providers(rule, torch.device("cpu"), torch.float32)
+        got = {r["provider"] for r in runs if r["rule"] == rule.name}
+        assert {p.name for p in provs} <= got, (rule.name, {p.name for p in provs} - got)
+    assert {r["provider"] for r in runs if r["rule"] == "adamw"} >= {"ours:reference", "torch:foreach"}
+    assert res["host_overhead"], "host overhead was not measured"
+    assert (out / "results.csv").exists() and (out / "results.md").exists()
