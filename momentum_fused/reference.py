@@ -50,16 +50,23 @@ def qhm_ref(p, g, state, s, f):
     p.add_(g, alpha=-s.lr * (1.0 - s.nu))
 
 
-def adam_ref(p, g, state, s, f):
-    m, v = state[0], state[1]
+def _adam_moments(p, g, m, v, s, decoupled):
+    """The part Adam and NAdam share: maximize/unscale, L2 or decoupled decay, both moment EMAs.
+    Returns the (decayed) gradient."""
     g = _grad(g, s)
     if s.weight_decay != 0:
-        if f.decoupled:
+        if decoupled:
             p.mul_(1.0 - s.lr * s.weight_decay)
         else:
             g = g.add(p, alpha=s.weight_decay)
     m.lerp_(g, 1.0 - s.beta1)
     v.mul_(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
+    return g
+
+
+def adam_ref(p, g, state, s, f):
+    m, v = state[0], state[1]
+    _adam_moments(p, g, m, v, s, f.decoupled)
     if f.amsgrad:
         vmax = state[2]
         torch.maximum(vmax, v, out=vmax)
@@ -70,14 +77,7 @@ def adam_ref(p, g, state, s, f):
 
 def nadam_ref(p, g, state, s, f):
     m, v = state
-    g = _grad(g, s)
-    if s.weight_decay != 0:
-        if f.decoupled:
-            p.mul_(1.0 - s.lr * s.weight_decay)
-        else:
-            g = g.add(p, alpha=s.weight_decay)
-    m.lerp_(g, 1.0 - s.beta1)
-    v.mul_(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
+    g = _adam_moments(p, g, m, v, s, f.decoupled)
     denom = v.div(s.bc2).sqrt().add_(s.eps)
     p.addcdiv_(g, denom, value=s.grad_coef)
     p.addcdiv_(m, denom, value=s.exp_avg_coef)
