@@ -20,8 +20,16 @@ $(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*.h csrc/*.cpp
 # is a failure here: a suite that silently collects nothing must not pass.
 test: venv test-main test-triton
 
+# When the compiled cpu backend is built it is the default for CPU tensors, so the oracle files run a
+# second time pinned to the reference backend: the executable spec itself must match torch and goldens.
+ORACLE_TESTS = tests/test_parity_torch.py tests/test_goldens.py tests/test_identities.py tests/test_schedulefree.py
+
 test-main: venv
 	@$(PY) -m pytest tests --ignore=tests/triton; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; \
+	  if [ $$rc -ne 0 ]; then exit $$rc; fi; \
+	  echo "== oracle tests again on the reference backend"; \
+	  MOMENTUM_FUSED_BACKEND=reference $(PY) -m pytest -q $(ORACLE_TESTS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
 
 test-triton: venv

@@ -135,8 +135,13 @@ class UpdateRuleSpec:
     flag_names:    names of the compile-time flags (choose a code path, never a value).
     flags:         group -> flags tuple.
     scalar_names:  names of the host scalar pack, in order.
-    advance:       (group, state, fresh) -> scalar pack; increments host state (``step``) and computes
-                   bias corrections. ``fresh`` is True when the state was created in this step.
+    advance:       (group, state, fresh, t) -> scalar pack (without grad_mult). ``t`` is the tensor's step
+                   count after this step's increment when ``counts_steps`` (else None); ``fresh`` is True
+                   when the state was created in this step. Bias corrections etc. are computed here.
+    counts_steps:  the rule keeps a per-tensor ``step`` (torch's float32 0-d CPU tensor); the optimizer
+                   increments all of a group's step tensors in one call before the packs.
+    pack_reads_state: the pack depends on per-tensor host state other than ``step`` (NAdam's
+                   mu_product), so it cannot be shared between tensors with equal (t, fresh).
     cross_check:   group -> None; checks that involve several hyperparameters.
     group_advance: group -> None; per-group host counters updated once per step (FSGDM).
     group_prepare: group -> None; per-group host scalars computed once per step *before* the packs
@@ -156,6 +161,8 @@ class UpdateRuleSpec:
     scalar_names: tuple
     advance: Callable[[Mapping, dict, bool], tuple]
     cross_check: Callable[[Mapping], None] | None = None
+    counts_steps: bool = False
+    pack_reads_state: bool = False
     group_advance: Callable[[Mapping], None] | None = None
     group_prepare: Callable[[Mapping], None] | None = None
     group_extras: Mapping[str, Any] = field(default_factory=dict)
@@ -184,21 +191,29 @@ class UpdateRuleSpec:
         return self.Flags(*self.flags(group))
 
     def make_scalars(self, group: Mapping, state: dict, fresh: bool, grad_mult: float = 1.0):
-        """Advance host state and return the scalar pack. ``grad_mult`` multiplies the incoming
-        gradient (maximize sign times 1/grad_scale); it is always the pack's last entry."""
-        pack = self.advance(group, state, fresh)
-        return self.Scalars(*pack, grad_mult)
+        """One tensor's scalar pack, advancing its host state (``step``) first. ``grad_mult``
+        multiplies the incoming gradient (maximize sign times 1/grad_scale); it is always the pack's
+        last entry. (The optimizer does the same for a whole group at once, see FusedOptimizer.)"""
+        t = bump_step(state) if self.counts_steps else None
+        return self.Scalars(*self.advance(group, state, fresh, t), grad_mult)
 
 
 def _grad_sign(group: Mapping) -> float:
     return -1.0 if group.get("maximize", False) else 1.0
 
 
-def _bump_step(state: dict) -> float:
-    """torch convention: ``state['step']`` is a float32 0-d CPU tensor, incremented before use."""
+def step_tensor(state: dict) -> torch.Tensor:
+    """``state['step']`` as torch keeps it: a float32 0-d CPU tensor (created at 0, or converted)."""
     step = state.get("step")
-    if not isinstance(step, torch.Tensor):
-        step = state["step"] = torch.tensor(float(step or 0.0), dtype=torch.float32)
+    if not isinstance(step, torch.Tensor) or step.dtype != torch.float32 or step.dim() != 0 \
+            or step.device.type != "cpu":
+        step = state["step"] = torch.tensor(float(0.0 if step is None else step), dtype=torch.float32)
+    return step
+
+
+def bump_step(state: dict) -> float:
+    """Increment ``state['step']`` (before use, as torch) and return the new count."""
+    step = step_tensor(state)
     step += 1
     return float(step.item())
 
@@ -221,7 +236,7 @@ SGD_SPEC = UpdateRuleSpec(
     flag_names=("momentum", "nesterov"),
     flags=lambda g: (g["momentum"] != 0, bool(g["nesterov"])),
     scalar_names=("lr", "weight_decay", "momentum", "dampening", "first", "grad_mult"),
-    advance=lambda g, st, fresh: (lr_value(g), float(g["weight_decay"]), float(g["momentum"]),
+    advance=lambda g, st, fresh, t: (lr_value(g), float(g["weight_decay"]), float(g["momentum"]),
                                   float(g["dampening"]), 1.0 if fresh else 0.0),
     cross_check=_sgd_cross,
     bytes_per_elem=lambda g: 20 if g["momentum"] != 0 else 12,
@@ -239,15 +254,14 @@ QHM_SPEC = UpdateRuleSpec(
     flag_names=("direct_decay",),
     flags=lambda g: (g["weight_decay_type"] == "direct",),
     scalar_names=("lr", "weight_decay", "momentum", "nu", "grad_mult"),
-    advance=lambda g, st, fresh: (lr_value(g), float(g["weight_decay"]), float(g["momentum"]),
+    advance=lambda g, st, fresh, t: (lr_value(g), float(g["weight_decay"]), float(g["momentum"]),
                                   float(g["nu"])),
     bytes_per_elem=lambda g: 20,
 )
 
 
 # ---------------------------------------------------------------- adam / adamw / amsgrad / tied
-def _adam_advance(g, st, fresh):
-    t = _bump_step(st)
+def _adam_advance(g, st, fresh, t):
     beta1, beta2 = (float(b) for b in g["betas"])
     lr = lr_value(g)
     bc1 = 1.0 - beta1 ** t
@@ -267,13 +281,13 @@ ADAM_SPEC = UpdateRuleSpec(
     flags=lambda g: (bool(g["decoupled_weight_decay"]), bool(g["amsgrad"])),
     scalar_names=("lr", "weight_decay", "beta1", "beta2", "eps", "step_size", "bc2_sqrt", "grad_mult"),
     advance=_adam_advance,
+    counts_steps=True,
     bytes_per_elem=lambda g: 36 if g["amsgrad"] else 28,
 )
 
 
 # ---------------------------------------------------------------- nadam (torch convention)
-def _nadam_advance(g, st, fresh):
-    t = _bump_step(st)
+def _nadam_advance(g, st, fresh, t):
     beta1, beta2 = (float(b) for b in g["betas"])
     psi = float(g["momentum_decay"])
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
@@ -301,13 +315,14 @@ NADAM_SPEC = UpdateRuleSpec(
     scalar_names=("lr", "weight_decay", "beta1", "beta2", "eps", "bc2", "grad_coef", "exp_avg_coef",
                   "grad_mult"),
     advance=_nadam_advance,
+    counts_steps=True,
+    pack_reads_state=True,
     bytes_per_elem=lambda g: 28,
 )
 
 
 # ---------------------------------------------------------------- rmsprop (torch convention)
-def _rmsprop_advance(g, st, fresh):
-    _bump_step(st)
+def _rmsprop_advance(g, st, fresh, t):
     return (lr_value(g), float(g["weight_decay"]), float(g["alpha"]), float(g["eps"]),
             float(g["momentum"]))
 
@@ -325,6 +340,7 @@ RMSPROP_SPEC = UpdateRuleSpec(
     flags=lambda g: (g["momentum"] > 0, bool(g["centered"])),
     scalar_names=("lr", "weight_decay", "alpha", "eps", "momentum", "grad_mult"),
     advance=_rmsprop_advance,
+    counts_steps=True,
     bytes_per_elem=lambda g: 12 + 8 * (1 + (g["momentum"] > 0) + bool(g["centered"])),
 )
 
@@ -338,7 +354,7 @@ SIGNUM_SPEC = UpdateRuleSpec(
     flag_names=("momentum",),
     flags=lambda g: (g["momentum"] != 0,),
     scalar_names=("lr", "weight_decay", "momentum", "grad_mult"),
-    advance=lambda g, st, fresh: (lr_value(g), float(g["weight_decay"]), float(g["momentum"])),
+    advance=lambda g, st, fresh, t: (lr_value(g), float(g["weight_decay"]), float(g["momentum"])),
     bytes_per_elem=lambda g: 20 if g["momentum"] != 0 else 12,
 )
 
@@ -352,7 +368,7 @@ LION_SPEC = UpdateRuleSpec(
     flag_names=(),
     flags=lambda g: (),
     scalar_names=("lr", "weight_decay", "beta1", "beta2", "grad_mult"),
-    advance=lambda g, st, fresh: (lr_value(g), float(g["weight_decay"]), float(g["betas"][0]),
+    advance=lambda g, st, fresh, t: (lr_value(g), float(g["weight_decay"]), float(g["betas"][0]),
                                   float(g["betas"][1])),
     bytes_per_elem=lambda g: 20,
 )
@@ -387,7 +403,7 @@ FSGDM_SPEC = UpdateRuleSpec(
     flag_names=(),
     flags=lambda g: (),
     scalar_names=("lr", "weight_decay", "u", "v", "first", "grad_mult"),
-    advance=lambda g, st, fresh: (lr_value(g), float(g["weight_decay"]), float(fsgdm_momentum(g)),
+    advance=lambda g, st, fresh, t: (lr_value(g), float(g["weight_decay"]), float(fsgdm_momentum(g)),
                                   float(g["v_coefficient"]), 1.0 if fresh else 0.0),
     cross_check=_fsgdm_cross,
     group_advance=_fsgdm_group_advance,
@@ -496,7 +512,7 @@ def _sf_cross(g) -> None:
         raise ValueError("lr='polyak' is not supported together with inner_momentum > 0")
 
 
-def _sgd_sf_advance(g, st, fresh):
+def _sgd_sf_advance(g, st, fresh, t):
     lr, c, beta = float(g["scheduled_lr"]), float(g["sf_c"]), sf_beta(g)
     return (lr, c, beta, lr * (beta * (1.0 - c) - 1.0), float(g["weight_decay"]))
 
@@ -519,7 +535,7 @@ SGD_SF_SPEC = UpdateRuleSpec(
 )
 
 
-def _adamw_sf_advance(g, st, fresh):
+def _adamw_sf_advance(g, st, fresh, t):
     lr, c = float(g["scheduled_lr"]), float(g["sf_c"])
     beta1, beta2 = (float(b) for b in g["betas"])
     k = g["k"]

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import backends
-from ..specs import HOST_STATE_KEYS, UpdateRuleSpec, get_spec
+from ..specs import HOST_STATE_KEYS, UpdateRuleSpec, get_spec, step_tensor
 
 __all__ = ["FusedOptimizer"]
 
@@ -30,6 +30,10 @@ _GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
 
 def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype.to_real() if dtype.is_complex else dtype
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -109,45 +113,59 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def _plan(self):
-        """Validate everything and pick backends. Modifies nothing."""
+        """Validate everything and pick backends. Modifies nothing. (The per-tensor checks are one
+        combined test on the hot path; the detailed message is built only when one fails.)"""
         spec = self.spec
         name = type(self).__name__
+        state = self.state
+        strided = torch.strided
         plan = []
         for gi, group in enumerate(self.param_groups):
             spec.validate(group, where=f"{name} param group {gi}: ")
             state_names = spec.state_names(group)
-            items = []
+            items, keys = [], set()
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
-                where = f"{name}: param {pi} of group {gi} (shape {tuple(p.shape)})"
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError(f"{where}: sparse gradients are not supported (layout {g.layout})")
-                if g.shape != p.shape:
-                    raise RuntimeError(f"{where}: gradient shape {tuple(g.shape)} does not match the param")
-                if g.dtype != p.dtype:
-                    raise TypeError(f"{where}: gradient dtype {g.dtype} does not match the param dtype {p.dtype}")
-                if g.device != p.device:
-                    raise RuntimeError(f"{where}: gradient is on {g.device} but the param is on {p.device}")
-                st = self.state.get(p, {})
-                for key in state_names:
-                    t = st.get(key)
-                    if t is None:
-                        continue
-                    if not isinstance(t, torch.Tensor):
-                        raise TypeError(f"{where}: state {key!r} is a {type(t).__name__}, expected a Tensor")
-                    if t.shape != p.shape:
-                        raise ValueError(f"{where}: state {key!r} has shape {tuple(t.shape)}, which does not "
-                                         f"match the param; was a state_dict loaded into other params?")
-                    if t.dtype != p.dtype or t.device != p.device:
-                        raise ValueError(f"{where}: state {key!r} is {t.dtype} on {t.device}, expected "
-                                         f"{p.dtype} on {p.device}")
+                shape, dtype, device = p.shape, p.dtype, p.device
+                if g.layout is not strided or g.shape != shape or g.dtype != dtype or g.device != device:
+                    self._raise_bad_grad(p, g, pi, gi)
+                st = state.get(p)
+                if st:
+                    for key in state_names:
+                        t = st.get(key)
+                        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape
+                                              or t.dtype != dtype or t.device != device):
+                            self._raise_bad_state(p, key, t, pi, gi)
                 items.append(p)
-            real_dtypes = {(p.device, _real(p).dtype) for p in items}
-            chosen = {key: backends.resolve(self.backend, spec, *key) for key in real_dtypes}
+                keys.add((device, dtype))
+            keys = {(dev, _real_dtype(dt)) for dev, dt in keys}
+            chosen = {key: backends.resolve(self.backend, spec, *key) for key in keys}
             plan.append((group, state_names, items, chosen))
         return plan
+
+    def _where(self, p, pi, gi):
+        return f"{type(self).__name__}: param {pi} of group {gi} (shape {tuple(p.shape)})"
+
+    def _raise_bad_grad(self, p, g, pi, gi):
+        where = self._where(p, pi, gi)
+        if g.layout != torch.strided:
+            raise RuntimeError(f"{where}: sparse gradients are not supported (layout {g.layout})")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{where}: gradient shape {tuple(g.shape)} does not match the param")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{where}: gradient dtype {g.dtype} does not match the param dtype {p.dtype}")
+        raise RuntimeError(f"{where}: gradient is on {g.device} but the param is on {p.device}")
+
+    def _raise_bad_state(self, p, key, t, pi, gi):
+        where = self._where(p, pi, gi)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: state {key!r} is a {type(t).__name__}, expected a Tensor")
+        if t.shape != p.shape:
+            raise ValueError(f"{where}: state {key!r} has shape {tuple(t.shape)}, which does not "
+                             f"match the param; was a state_dict loaded into other params?")
+        raise ValueError(f"{where}: state {key!r} is {t.dtype} on {t.device}, expected {p.dtype} on {p.device}")
 
     def _amp(self):
         """GradScaler protocol: returns (skip, inv_scale)."""
@@ -172,6 +190,42 @@ class FusedOptimizer(torch.optim.Optimizer):
             for group, *_ in plan:
                 self.spec.group_prepare(group)
 
+    def _init_state(self, items, state_names):
+        """Create missing elementwise state (zeros). Returns (state dicts, fresh flags): fresh is True
+        for a tensor whose state was (partly) created in this step."""
+        states, fresh = [], []
+        n = len(state_names)
+        for p in items:
+            st = self.state[p]
+            missing = [k for k in state_names if k not in st] if n else ([] if st else [None])
+            for k in missing:
+                if k is not None:
+                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states.append(st)
+            fresh.append(bool(missing))
+        return states, fresh
+
+    def _group_scalars(self, group, states, fresh, grad_mult):
+        """One scalar pack per tensor. Step counters of the whole group advance in one call, and tensors
+        with equal (step, fresh) share one pack unless the rule's pack reads other per-tensor state."""
+        spec = self.spec
+        if spec.counts_steps:
+            steps = [step_tensor(st) for st in states]
+            if steps:
+                torch._foreach_add_(steps, 1.0)
+            ts = torch.stack(steps).tolist() if steps else []
+        else:
+            ts = [None] * len(states)
+        if spec.pack_reads_state:
+            return [spec.Scalars(*spec.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
+        cache, out = {}, []
+        for st, f, t in zip(states, fresh, ts):
+            sc = cache.get((t, f))
+            if sc is None:
+                sc = cache[(t, f)] = spec.Scalars(*spec.advance(group, st, f, t), grad_mult)
+            out.append(sc)
+        return out
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -184,25 +238,25 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
         self._prepare_step(plan, loss, inv_scale)
         spec = self.spec
-        buckets: dict[tuple, tuple[list, list, list, list]] = {}
+        buckets: dict[tuple, tuple] = {}
         for group, state_names, items, chosen in plan:
             flags = spec.make_flags(group)
             grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
-            for p in items:
-                st = self.state[p]
-                fresh = any(k not in st for k in state_names) if state_names else len(st) == 0
-                for k in state_names:
-                    if k not in st:
-                        st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                scalars = spec.make_scalars(group, st, fresh, grad_mult)
-                rp = _real(p)
-                backend = chosen[(p.device, rp.dtype)]
+            states, fresh = self._init_state(items, state_names)
+            for p, st, sc in zip(items, states, self._group_scalars(group, states, fresh, grad_mult)):
+                if p.is_complex():
+                    rp, rg, rs = _real(p), _real(p.grad), tuple([_real(st[k]) for k in state_names])
+                else:
+                    rp, rg, rs = p, p.grad, tuple([st[k] for k in state_names])
+                backend = chosen[(rp.device, rp.dtype)]
                 key = (backend.name, rp.device, rp.dtype, flags)
-                b = buckets.setdefault(key, (backend, [], [], [], []))
+                b = buckets.get(key)
+                if b is None:
+                    b = buckets[key] = (backend, [], [], [], [])
                 b[1].append(rp)
-                b[2].append(_real(p.grad))
-                b[3].append(tuple(_real(st[k]) for k in state_names))
-                b[4].append(scalars)
+                b[2].append(rg)
+                b[3].append(rs)
+                b[4].append(sc)
             if spec.group_advance is not None:
                 spec.group_advance(group)  # per-group counters move after the packs used them
         for (_, _, _, flags), (backend, ps, gs, sts, scs) in buckets.items():
