@@ -55,6 +55,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if backend is not None and backend not in backends.names():
             raise ValueError(f"unknown backend {backend!r}; registered backends: {sorted(backends.names())}")
         self.backend = backend
+        self._step_views: dict = {}
         self.spec.validate({**defaults, **self.spec.group_extras}, where=f"{type(self).__name__}: ")
         super().__init__(params, defaults)
 
@@ -91,12 +92,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("backend", None)
         super().__setstate__(state)
+        self._step_views = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim.Optimizer.load_state_dict, except that host-side state (``step``,
         ``mu_product``) keeps its own dtype on the CPU instead of being cast to the param dtype, and
         groups saved by torch.optim (or an older version) get missing hyperparameters from the
         defaults. Loading a torch.optim state_dict of the same rule works, and vice versa."""
+        self._step_views = {}
         host = {}
         for idx, st in state_dict["state"].items():
             host[idx] = {k: v for k, v in st.items() if k in HOST_STATE_KEYS}
@@ -205,17 +208,36 @@ class FusedOptimizer(torch.optim.Optimizer):
             fresh.append(bool(missing))
         return states, fresh
 
-    def _group_scalars(self, group, states, fresh, grad_mult):
-        """One scalar pack per tensor. Step counters of the whole group advance in one call, and tensors
+    def _advance_steps(self, gi, states) -> list:
+        """Increment every tensor's ``step`` (torch's float32 0-d CPU tensor) and return the new counts.
+
+        The first time, the group's counters are re-created as views of one 1-D tensor; while the same
+        tensors keep stepping together (checked by object identity against the views this cache keeps
+        alive, so an id cannot be reused), later steps advance all of them with one add and read them
+        with one ``tolist``. Anything else (a different set of params with gradients, a loaded
+        state_dict) takes the general path once and re-caches."""
+        cached = self._step_views.get(gi)
+        if cached is not None:
+            ids, buf, _views = cached
+            if len(ids) == len(states) and ids == tuple([id(st.get("step")) for st in states]):
+                buf.add_(1.0)
+                return buf.tolist()
+        steps = [step_tensor(st) for st in states]
+        if not steps:
+            return []
+        torch._foreach_add_(steps, 1.0)
+        buf = torch.stack(steps)
+        views = list(buf.unbind(0))
+        for st, v in zip(states, views):
+            st["step"] = v
+        self._step_views[gi] = (tuple(map(id, views)), buf, views)
+        return buf.tolist()
+
+    def _group_scalars(self, gi, group, states, fresh, grad_mult):
+        """One scalar pack per tensor. Step counters of the whole group advance together, and tensors
         with equal (step, fresh) share one pack unless the rule's pack reads other per-tensor state."""
         spec = self.spec
-        if spec.counts_steps:
-            steps = [step_tensor(st) for st in states]
-            if steps:
-                torch._foreach_add_(steps, 1.0)
-            ts = torch.stack(steps).tolist() if steps else []
-        else:
-            ts = [None] * len(states)
+        ts = self._advance_steps(gi, states) if spec.counts_steps else [None] * len(states)
         if spec.pack_reads_state:
             return [spec.Scalars(*spec.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
         cache, out = {}, []
@@ -239,24 +261,34 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._prepare_step(plan, loss, inv_scale)
         spec = self.spec
         buckets: dict[tuple, tuple] = {}
-        for group, state_names, items, chosen in plan:
+
+        def bucket(backend, device, dtype, flags):
+            key = (backend.name, device, dtype, flags)
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = (backend, [], [], [], [])
+            return b
+
+        for gi, (group, state_names, items, chosen) in enumerate(plan):
             flags = spec.make_flags(group)
             grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
             states, fresh = self._init_state(items, state_names)
-            for p, st, sc in zip(items, states, self._group_scalars(group, states, fresh, grad_mult)):
-                if p.is_complex():
-                    rp, rg, rs = _real(p), _real(p.grad), tuple([_real(st[k]) for k in state_names])
-                else:
-                    rp, rg, rs = p, p.grad, tuple([st[k] for k in state_names])
-                backend = chosen[(rp.device, rp.dtype)]
-                key = (backend.name, rp.device, rp.dtype, flags)
-                b = buckets.get(key)
-                if b is None:
-                    b = buckets[key] = (backend, [], [], [], [])
-                b[1].append(rp)
-                b[2].append(rg)
-                b[3].append(rs)
-                b[4].append(sc)
+            scalars = self._group_scalars(gi, group, states, fresh, grad_mult)
+            if len(chosen) == 1 and not any([p.is_complex() for p in items]):  # one bucket: no per-tensor keys
+                (device, dtype), backend = next(iter(chosen.items()))
+                b = bucket(backend, device, dtype, flags)
+                b[1].extend(items)
+                b[2].extend([p.grad for p in items])
+                b[3].extend([tuple([st[k] for k in state_names]) for st in states])
+                b[4].extend(scalars)
+            else:
+                for p, st, sc in zip(items, states, scalars):
+                    rp = _real(p)
+                    b = bucket(chosen[(rp.device, rp.dtype)], rp.device, rp.dtype, flags)
+                    b[1].append(rp)
+                    b[2].append(_real(p.grad))
+                    b[3].append(tuple([_real(st[k]) for k in state_names]))
+                    b[4].append(sc)
             if spec.group_advance is not None:
                 spec.group_advance(group)  # per-group counters move after the packs used them
         for (_, _, _, flags), (backend, ps, gs, sts, scs) in buckets.items():
