@@ -9,6 +9,15 @@ import torch
 import momentum_fused as mf
 
 
+@pytest.fixture(autouse=True)
+def float64_default():
+    """torch keeps NAdam's mu_product in the default dtype; float64 makes it comparable with ours."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 def _pair(cls, tcls, n=4, **kw):
     torch.manual_seed(0)
     ours = [torch.randn(5, dtype=torch.float64, requires_grad=True) for _ in range(n)]
