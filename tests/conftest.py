@@ -4,6 +4,17 @@ import torch
 _GPU_REASON = "needs a CUDA device (none visible: torch.cuda.is_available() is False)"
 
 
+@pytest.fixture
+def default_f64():
+    """torch's own scalar state (step, NAdam mu_product) follows the default dtype: make it float64."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason on CPU-only machines")
 

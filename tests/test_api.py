@@ -15,15 +15,6 @@ from tolerances import TOL
 STEPS = 10
 
 
-@pytest.fixture
-def default_f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
 
 def _flat_params(opt):
     return [p for g in opt.param_groups for p in g["params"]]

@@ -11,16 +11,6 @@ from tolerances import TOL
 STEPS = 12
 
 
-@pytest.fixture
-def default_f64():
-    """torch's own scalar state (step, NAdam mu_product) follows the default dtype: make it float64."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
 
 def _pair(case, kwargs, dtype, shapes=None, seed=0):
     kw = {} if shapes is None else dict(shapes=shapes)

@@ -9,13 +9,8 @@ import torch
 import momentum_fused as mf
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """torch keeps NAdam's mu_product in the default dtype; float64 makes it comparable with ours."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# torch keeps NAdam's mu_product in the default dtype; float64 makes it comparable with ours.
+pytestmark = pytest.mark.usefixtures("default_f64")
 
 
 def _pair(cls, tcls, n=4, **kw):
