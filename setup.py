@@ -139,7 +139,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={
-        "dev": ["pytest", "hypothesis"],
+        "dev": ["pytest", "hypothesis", "matplotlib"],
+        # peer packages benchmarked side by side (bench/) and used as oracles (tests/test_peers.py)
+        "bench-peers": ["lion-pytorch", "qhoptim", "schedulefree", "pytorch-optimizer"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
