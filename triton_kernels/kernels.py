@@ -92,6 +92,16 @@ def store_lists(ptr_tab, n_tensors, t, idx, mask, p, s_0, s_1, s_2, NLISTS: tl.c
 
 
 @triton.jit
+def full_block(seg_tab, n_seg, s0, BLOCK: tl.constexpr):
+    """Fast path: the block is one segment inside one tensor: (tensor, element index, mask)."""
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    t = tl.load(seg_tab + s0)
+    idx = tl.load(seg_tab + n_seg + s0) + lanes
+    mask = lanes < tl.load(seg_tab + 3 * n_seg + s0)
+    return t, idx, mask
+
+
+@triton.jit
 def locate(seg_tab, n_seg, s0, s1, BLOCK: tl.constexpr):
     """Packed path: per lane, (tensor, element index, mask) from the segments s0 .. s1-1."""
     lanes = tl.arange(0, BLOCK).to(tl.int64)
@@ -107,19 +117,29 @@ def locate(seg_tab, n_seg, s0, s1, BLOCK: tl.constexpr):
 
 # ------------------------------------------------------------------------------------ the bodies
 @triton.jit
-def _one_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr, grad_scale_ptr,
-                     RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
-                     NSCAL: tl.constexpr, DTYPE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                     HAS_GRAD_SCALE: tl.constexpr):
+def _prologue(scal_tab, t, mask, found_inf_ptr, grad_scale_ptr, NSCAL: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+              HAS_GRAD_SCALE: tl.constexpr):
+    """What every rule body starts with: found_inf masks all writes off; the tensor's scalar row; lr and
+    weight_decay (entries 0 and 1 of every pack) and grad_mult (the last), divided by the device scale."""
     if HAS_FOUND_INF:
         mask = mask & ((tl.zeros(mask.shape, tl.float32) + tl.load(found_inf_ptr)) == 0)
-    p, g, b, _s1, _s2 = load_lists(ptr_tab, n_tensors, t, idx, mask, 2 + NSTATE, DTYPE)
     sp = scal_tab + t * NSCAL
     lr = tl.load(sp)
     wd = tl.load(sp + 1)
     gm = tl.load(sp + NSCAL - 1)
     if HAS_GRAD_SCALE:
         gm = gm / tl.load(grad_scale_ptr).to(tl.float64)
+    return mask, sp, lr, wd, gm
+
+
+@triton.jit
+def _one_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr, grad_scale_ptr,
+                     RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
+                     NSCAL: tl.constexpr, DTYPE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                     HAS_GRAD_SCALE: tl.constexpr):
+    mask, sp, lr, wd, gm = _prologue(scal_tab, t, mask, found_inf_ptr, grad_scale_ptr, NSCAL, HAS_FOUND_INF,
+                                     HAS_GRAD_SCALE)
+    p, g, b, _s1, _s2 = load_lists(ptr_tab, n_tensors, t, idx, mask, 2 + NSTATE, DTYPE)
     if RULE == SGD:
         p, b = sgd_math(p, g, b, lr, wd, tl.load(sp + 2), tl.load(sp + 3), tl.load(sp + 4), gm, F0, F1)
     elif RULE == QHM:
@@ -141,15 +161,9 @@ def _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr
                        RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
                        NSCAL: tl.constexpr, DTYPE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                        HAS_GRAD_SCALE: tl.constexpr):
-    if HAS_FOUND_INF:
-        mask = mask & ((tl.zeros(mask.shape, tl.float32) + tl.load(found_inf_ptr)) == 0)
+    mask, sp, lr, wd, gm = _prologue(scal_tab, t, mask, found_inf_ptr, grad_scale_ptr, NSCAL, HAS_FOUND_INF,
+                                     HAS_GRAD_SCALE)
     p, g, s_0, s_1, s_2 = load_lists(ptr_tab, n_tensors, t, idx, mask, 2 + NSTATE, DTYPE)
-    sp = scal_tab + t * NSCAL
-    lr = tl.load(sp)
-    wd = tl.load(sp + 1)
-    gm = tl.load(sp + NSCAL - 1)
-    if HAS_GRAD_SCALE:
-        gm = gm / tl.load(grad_scale_ptr).to(tl.float64)
     if RULE == ADAM:
         p, s_0, s_1, s_2 = adam_math(p, g, s_0, s_1, s_2, lr, wd, tl.load(sp + 2), tl.load(sp + 3),
                                      tl.load(sp + 4), tl.load(sp + 5), tl.load(sp + 6), gm, F0, F1)
@@ -182,10 +196,7 @@ def one_buffer_kernel(ptr_tab, n_tensors, scal_tab, prog_tab, seg_tab, n_seg, fo
     s0 = tl.load(prog_tab + pid)
     s1 = tl.load(prog_tab + pid + 1)
     if s1 - s0 == 1:  # the block lies inside one tensor
-        lanes = tl.arange(0, BLOCK).to(tl.int64)
-        t = tl.load(seg_tab + s0)
-        idx = tl.load(seg_tab + n_seg + s0) + lanes
-        mask = lanes < tl.load(seg_tab + 3 * n_seg + s0)
+        t, idx, mask = full_block(seg_tab, n_seg, s0, BLOCK)
         _one_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr, grad_scale_ptr,
                          RULE, F0, F1, NSTATE, NSCAL, DTYPE, HAS_FOUND_INF, HAS_GRAD_SCALE)
     else:  # several small tensors packed into this block
@@ -203,10 +214,7 @@ def multi_buffer_kernel(ptr_tab, n_tensors, scal_tab, prog_tab, seg_tab, n_seg, 
     s0 = tl.load(prog_tab + pid)
     s1 = tl.load(prog_tab + pid + 1)
     if s1 - s0 == 1:
-        lanes = tl.arange(0, BLOCK).to(tl.int64)
-        t = tl.load(seg_tab + s0)
-        idx = tl.load(seg_tab + n_seg + s0) + lanes
-        mask = lanes < tl.load(seg_tab + 3 * n_seg + s0)
+        t, idx, mask = full_block(seg_tab, n_seg, s0, BLOCK)
         _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr, grad_scale_ptr,
                            RULE, F0, F1, NSTATE, NSCAL, DTYPE, HAS_FOUND_INF, HAS_GRAD_SCALE)
     else:

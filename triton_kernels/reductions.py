@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import launcher
-from .kernels import load_fp32, locate
+from .kernels import full_block, load_fp32, locate
 
 
 @triton.jit
@@ -32,10 +32,7 @@ def reduce_kernel(ptr_tab, n_tensors, prog_tab, seg_tab, n_seg, out_ptr,
     s0 = tl.load(prog_tab + pid)
     s1 = tl.load(prog_tab + pid + 1)
     if s1 - s0 == 1:
-        lanes = tl.arange(0, BLOCK).to(tl.int64)
-        t = tl.load(seg_tab + s0)
-        idx = tl.load(seg_tab + n_seg + s0) + lanes
-        mask = lanes < tl.load(seg_tab + 3 * n_seg + s0)
+        t, idx, mask = full_block(seg_tab, n_seg, s0, BLOCK)
         acc = _reduce_body(ptr_tab, n_tensors, t, idx, mask, SQUARE, DTYPE)
     else:
         t, idx, mask = locate(seg_tab, n_seg, s0, s1, BLOCK)
