@@ -38,8 +38,11 @@ test-triton: venv
 	  if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no Triton tests"; exit 1; fi; exit $$rc; \
 	fi
 
+# The quick tour (every optimizer trains one small model), then the quick benchmark.
 demo: venv
-	$(PY) examples/quick_tour.py
+	$(PY) examples/quick_tour.py --steps 200
+	$(PY) -m bench --quick --out bench/results/demo
+	@echo "benchmark table and plots: bench/results/demo/ (results.md, results.json, results.csv, *.png)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

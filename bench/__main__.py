@@ -263,6 +263,7 @@ def markdown(result: dict) -> str:
         for k, v in result["missing"].items():
             prov = k.split("/")[-1]
             reason = re.sub(r"rule '[a-z_]+'", "this rule", v)
+            reason = re.sub(r"(cpu|cuda)/torch\.[a-z0-9]+", r"\1/<dtype>", reason)
             grouped.setdefault((prov, reason), []).append("/".join(k.split("/")[:-1]))
         for (prov, reason), where in grouped.items():
             lines.append(f"- {prov}: {reason} [{', '.join(where)}]")

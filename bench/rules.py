@@ -41,6 +41,15 @@ def _peer_qhm(mod, params):
     return mod.QHM(params, lr=1.0, momentum=0.999, nu=0.7)
 
 
+def _po_sf(name, **kw):
+    def make(mod, params):
+        opt = getattr(mod, name)(params, **kw)
+        opt.train()
+        return opt
+
+    return make
+
+
 def _peer_sf_sgd(mod, params):
     opt = mod.SGDScheduleFree(params, lr=1.0, momentum=0.9)
     opt.train()
@@ -73,7 +82,8 @@ def rules() -> list[Rule]:
              dict(lr=1e-3, momentum=0.9)),
         Rule("nesterov", lambda p, b: mf.SGD(p, lr=1e-3, momentum=0.9, nesterov=True, backend=b), 1,
              torch.optim.SGD, dict(lr=1e-3, momentum=0.9, nesterov=True)),
-        Rule("qhm", lambda p, b: mf.QHM(p, backend=b), 1, peers={"qhoptim": ("qhoptim.pyt", _peer_qhm)}),
+        Rule("qhm", lambda p, b: mf.QHM(p, backend=b), 1, peers={"qhoptim": ("qhoptim.pyt", _peer_qhm),
+                                                          "pytorch-optimizer": ("pytorch_optimizer", _peer_qhm)}),
         Rule("adam", lambda p, b: mf.Adam(p, backend=b), 2, torch.optim.Adam, {}),
         Rule("adamw", lambda p, b: mf.AdamW(p, backend=b), 2, torch.optim.AdamW, {}),
         Rule("amsgrad", lambda p, b: mf.Adam(p, amsgrad=True, backend=b), 3, torch.optim.Adam, dict(amsgrad=True)),
@@ -83,15 +93,20 @@ def rules() -> list[Rule]:
         Rule("rmsprop", lambda p, b: mf.RMSprop(p, backend=b), 1, torch.optim.RMSprop, {}),
         Rule("signsgd", lambda p, b: mf.SignSGD(p, backend=b), 0),
         Rule("signum", lambda p, b: mf.Signum(p, backend=b), 1),
-        Rule("lion", lambda p, b: mf.Lion(p, backend=b), 1, peers={"lion-pytorch": ("lion_pytorch", _peer_lion)}),
+        Rule("lion", lambda p, b: mf.Lion(p, backend=b), 1, peers={"lion-pytorch": ("lion_pytorch", _peer_lion),
+                                                         "pytorch-optimizer": ("pytorch_optimizer", _peer_lion)}),
         Rule("fsgdm", lambda p, b: mf.FSGDM(p, backend=b), 1),
     ]
     sf_sgd = _sf("SGDScheduleFree")
     if sf_sgd is not None:
-        out.append(Rule("sf_sgd", sf_sgd, 1, peers={"schedulefree": ("schedulefree", _peer_sf_sgd)}))
+        out.append(Rule("sf_sgd", sf_sgd, 1, peers={"schedulefree": ("schedulefree", _peer_sf_sgd),
+                                                "pytorch-optimizer": ("pytorch_optimizer",
+                                                                      _po_sf("ScheduleFreeSGD", lr=1.0, momentum=0.9))}))
     sf_adamw = _sf("AdamWScheduleFree")
     if sf_adamw is not None:
-        out.append(Rule("sf_adamw", sf_adamw, 2, peers={"schedulefree": ("schedulefree", _peer_sf_adamw)}))
+        out.append(Rule("sf_adamw", sf_adamw, 2, peers={"schedulefree": ("schedulefree", _peer_sf_adamw),
+                                                  "pytorch-optimizer": ("pytorch_optimizer",
+                                                                        _po_sf("ScheduleFreeAdamW", lr=2.5e-3))}))
     return out
 
 
@@ -117,7 +132,7 @@ def providers(rule: Rule, device: torch.device, dtype: torch.dtype, include_refe
             opt = rule.ours(spec_probe, name)
             mf.backends.resolve(name, opt.spec, device, dtype)
         except Exception as e:  # unavailable, or unsupported rule/dtype: reported, not hidden
-            missing[f"ours:{name}"] = str(e).split("\n")[0][:160]
+            missing[f"ours:{name}"] = str(e).split("\n")[0]
             continue
         avail.append(Provider(f"ours:{name}", "ours", lambda p, n=name: rule.ours(p, n)))
     if rule.torch_cls is not None:
@@ -137,7 +152,7 @@ def providers(rule: Rule, device: torch.device, dtype: torch.dtype, include_refe
                 probe[0].grad = torch.zeros_like(probe[0])
                 rule.torch_cls(probe, **kw).step()
             except Exception as e:
-                missing[f"torch:{variant}"] = str(e).split("\n")[0][:160]
+                missing[f"torch:{variant}"] = str(e).split("\n")[0]
                 continue
             avail.append(Provider(f"torch:{variant}", "torch", lambda p, c=rule.torch_cls, k=kw: c(p, **k)))
     for peer, (module, factory) in rule.peers.items():
