@@ -381,7 +381,7 @@ def test_ops_registered_and_abi_mirror():
 
 def test_default_choice_is_cpu_and_unsupported_reasons():
     if os.environ.get(backends.ENV_VAR):
-        pytest.skip(f"{backends.ENV_VAR} is set")
+        pytest.skip(f"{backends.ENV_VAR} is set, which overrides the automatic choice this test checks")
     spec = SPECS["adam"]
     assert backends.resolve(None, spec, torch.device("cpu"), torch.float32).name == "cpu"
     b = backends._REGISTRY["cpu"]

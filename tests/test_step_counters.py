@@ -20,6 +20,12 @@ def _pair(cls, tcls, n=4, **kw):
     return ours, theirs, cls(ours, **kw), tcls(theirs, **kw)
 
 
+def _same_grads(ours, theirs):
+    for a, b in zip(ours, theirs):
+        g = torch.randn(a.shape, dtype=torch.float64)
+        a.grad, b.grad = g, g.clone()
+
+
 def _assert_same(ours, theirs, o, t):
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
@@ -48,9 +54,7 @@ def test_changing_sets_of_gradients(cls, tcls):
 def test_replaced_counter_and_deepcopy_continue_correctly():
     ours, theirs, o, t = _pair(mf.Adam, torch.optim.Adam, lr=0.1)
     for step in range(6):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(5, dtype=torch.float64)
-            a.grad, b.grad = g, g.clone()
+        _same_grads(ours, theirs)
         if step == 3:  # a user resets one counter by assigning a new tensor
             o.state[ours[1]]["step"] = torch.tensor(10.0)
             t.state[theirs[1]]["step"] = torch.tensor(10.0)
@@ -70,17 +74,13 @@ def test_replaced_counter_and_deepcopy_continue_correctly():
 def test_counters_after_load_state_dict_are_independent():
     ours, theirs, o, t = _pair(mf.Adam, torch.optim.Adam, lr=0.1)
     for _ in range(3):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(5, dtype=torch.float64)
-            a.grad, b.grad = g, g.clone()
+        _same_grads(ours, theirs)
         o.step()
         t.step()
     sd = o.state_dict()
     o.load_state_dict(copy.deepcopy(sd))
     for _ in range(3):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(5, dtype=torch.float64)
-            a.grad, b.grad = g, g.clone()
+        _same_grads(ours, theirs)
         o.step()
         t.step()
         _assert_same(ours, theirs, o, t)
