@@ -48,6 +48,8 @@ OPTIMIZERS = [
     ("Signum", lambda p: mf.Signum(p, lr=1e-3, momentum=0.9)),
     ("Lion", lambda p: mf.Lion(p, lr=3e-4, betas=(0.9, 0.99))),
     ("FSGDM", lambda p: mf.FSGDM(p, lr=0.05, weight_decay=0.0, n_stages=10, sigma=300)),
+    ("Schedule-free SGD", lambda p: mf.SGDScheduleFree(p, lr=0.5, momentum=0.9)),
+    ("Schedule-free AdamW", lambda p: mf.AdamWScheduleFree(p, lr=1e-2, warmup_steps=20)),
 ]
 
 
@@ -66,8 +68,12 @@ def run(factory, steps, x, y):
         first = loss_fn(model(x), y).item()
     t0 = time.perf_counter()
     for _ in range(steps):
-        last = opt.step(closure).item()
+        opt.step(closure)
     dt = (time.perf_counter() - t0) / steps
+    if isinstance(opt, (mf.SGDScheduleFree, mf.AdamWScheduleFree)):
+        opt.eval()  # schedule-free: evaluate the averaged iterate x
+    with torch.no_grad():
+        last = loss_fn(model(x), y).item()
     return first, last, dt
 
 
