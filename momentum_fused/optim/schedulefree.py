@@ -42,15 +42,18 @@ def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 
     else:
         s = _ReduceScalars(inv_scale, 0.0, 1.0, 0.0)
     names = ("z", "exp_avg_sq") if "betas" in group else ("z",)
-    dot = torch.zeros((), dtype=torch.float64)
-    sq = torch.zeros((), dtype=torch.float64)
+    sums = {}  # device -> [dot, sq], accumulated on the device: one host sync per device, not per tensor
     for p in params:
         st = state.get(p, {})
         tensors = tuple(_real(st[n]) for n in names) if all(n in st for n in names) else None
         d, q = fn(_real(p), _real(p.grad), tensors, s, None)
-        dot += d.cpu()
-        sq += q.cpu()
-    return float(dot), float(sq)
+        acc = sums.get(d.device)
+        if acc is None:
+            sums[d.device] = [d.clone(), q.clone()]
+        else:
+            acc[0] += d
+            acc[1] += q
+    return (sum(float(a[0]) for a in sums.values()), sum(float(a[1]) for a in sums.values()))
 
 
 def _loss_value(loss):
