@@ -74,17 +74,16 @@ CASES = [
     ("fsgdm", mf.FSGDM, dict(lr=0.05, sigma=9, n_stages=3), dict(lr=0.02, c_scaling=0.1, weight_decay=0.0), False,
      _M),
 ]
-if "sgd_sf" in SPECS and hasattr(mf, "SGDScheduleFree"):
-    CASES += [
-        ("sgd_sf", mf.SGDScheduleFree, dict(lr=0.1, weight_decay=0.01, warmup_steps=3),
-         dict(lr=0.05, momentum=0.5), False, _M),
-        ("adamw_sf", mf.AdamWScheduleFree, dict(lr=1e-2, weight_decay=0.01), dict(lr=5e-3, betas=(0.8, 0.99)),
-         False, _V),
-        # fp16: eps=0.1 keeps d = g/(sqrt(v)+eps) away from ratios of fp16-subnormal v, which the inner
-        # momentum would accumulate
-        ("adamw_sf-inner", mf.AdamWScheduleFree, dict(lr=1e-2, inner_momentum=0.9, weight_lr_power=1.0),
-         dict(weight_decay=0.1), False, dict(gscale=1.0, eps=0.1)),
-    ]
+CASES += [  # schedule-free rules
+    ("sgd_sf", mf.SGDScheduleFree, dict(lr=0.1, weight_decay=0.01, warmup_steps=3),
+     dict(lr=0.05, momentum=0.5), False, _M),
+    ("adamw_sf", mf.AdamWScheduleFree, dict(lr=1e-2, weight_decay=0.01), dict(lr=5e-3, betas=(0.8, 0.99)),
+     False, _V),
+    # fp16: eps=0.1 keeps d = g/(sqrt(v)+eps) away from ratios of fp16-subnormal v, which the inner
+    # momentum would accumulate
+    ("adamw_sf-inner", mf.AdamWScheduleFree, dict(lr=1e-2, inner_momentum=0.9, weight_lr_power=1.0),
+     dict(weight_decay=0.1), False, dict(gscale=1.0, eps=0.1)),
+]
 
 
 def _params(shapes, dtype, seed):

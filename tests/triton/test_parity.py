@@ -6,7 +6,6 @@ import torch
 
 import momentum_fused as mf
 from helpers import ODD_SHAPES, assert_parity, run_pair
-from momentum_fused.specs import SPECS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -36,13 +35,12 @@ CASES = [
     ("lion", mf.Lion, dict(lr=0.02, weight_decay=0.1), "sign_safe"),
     ("fsgdm", mf.FSGDM, dict(lr=0.05, weight_decay=5e-3, sigma=12, n_stages=3), "randn"),
 ]
-if "sgd_sf" in SPECS:  # schedule-free rules (added by another work item)
-    CASES += [
-        ("sgd_sf", mf.SGDScheduleFree, dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=3), "randn"),
-        ("adamw_sf", mf.AdamWScheduleFree, dict(lr=0.02, weight_decay=0.01, warmup_steps=2), "randn"),
-        ("adamw_sf-inner-lr_t", mf.AdamWScheduleFree, dict(lr=0.02, inner_momentum=0.9, weight_rule="lr_t", r=1.0),
-         "randn"),
-    ]
+CASES += [  # schedule-free rules
+    ("sgd_sf", mf.SGDScheduleFree, dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=3), "randn"),
+    ("adamw_sf", mf.AdamWScheduleFree, dict(lr=0.02, weight_decay=0.01, warmup_steps=2), "randn"),
+    ("adamw_sf-inner-lr_t", mf.AdamWScheduleFree, dict(lr=0.02, inner_momentum=0.9, weight_rule="lr_t", r=1.0),
+     "randn"),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
