@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import pytest
 import torch
 
 import momentum_fused as mf
@@ -405,3 +406,11 @@ def grad_fn_quadratic(h):
     """Gradient of 0.5 * sum(h * x^2)."""
     return lambda x: h * x
 
+
+def assert_step_raises_unchanged(opt, params, exc, match):
+    """``opt.step()`` raises ``exc`` matching ``match``, and params, state and group counters are
+    bit-identical to before: the project's rule that bad input is rejected before anything changes."""
+    before = snapshot(opt, params)
+    with pytest.raises(exc, match=match):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, params))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import momentum_fused as mf
-from optim_db import (CASES, all_errors, all_group_errors, all_variants, assert_snapshot_equal, make_grads,
+from optim_db import (CASES, all_errors, all_group_errors, all_variants, assert_snapshot_equal,
+                      assert_step_raises_unchanged, make_grads,
                       make_params, run, snapshot)
 
 SHAPES4 = [(3, 4), (5,), (2, 3), (4,)]
@@ -51,10 +52,7 @@ def test_param_group_error(case, err):
 def test_corrupted_group_raises_before_any_change(case, err):
     opt, p = _two_group_opt(case)
     opt.param_groups[-1].update(err.edits)
-    before = snapshot(opt, p)
-    with pytest.raises(err.error, match=err.match):
-        opt.step()
-    assert_snapshot_equal(before, snapshot(opt, p))
+    assert_step_raises_unchanged(opt, p, err.error, err.match)
     # and the message says which group
     with pytest.raises(err.error, match=r"group 1"):
         opt.step()
@@ -110,11 +108,8 @@ def test_bad_grad_on_last_param_raises_before_any_change(case, kwargs, kind):
         p[-1].grad.data = bad  # torch refuses a plain assignment of a mismatched grad
     else:
         p[-1].grad = bad
-    before = snapshot(opt, p)
     exc, match = _KINDS[kind]
-    with pytest.raises(exc, match=match):
-        opt.step()
-    assert_snapshot_equal(before, snapshot(opt, p))
+    assert_step_raises_unchanged(opt, p, exc, match)
     # the message names the param and its group
     with pytest.raises(exc, match=r"param 1 of group 1"):
         opt.step()
@@ -147,10 +142,7 @@ def test_state_dict_shape_mismatch_raises_before_any_change(case, kwargs):
     fresh.load_state_dict(sd)
     for x, g in zip(q, grads[3]):
         x.grad = g.clone()
-    before = snapshot(fresh, q)
-    with pytest.raises(ValueError, match=r"shape"):
-        fresh.step()
-    assert_snapshot_equal(before, snapshot(fresh, q))
+    assert_step_raises_unchanged(fresh, q, ValueError, r"shape")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -175,12 +167,9 @@ def test_integer_params_raise(name, dtype):
 
 def test_grad_scale_zero_or_inf_raises_before_any_change():
     opt, p = _two_group_opt(CASES["Adam"])
-    before = snapshot(opt, p)
     for bad in (0.0, float("inf"), float("nan")):
         opt.grad_scale = torch.tensor(bad)
-        with pytest.raises(ValueError, match="grad_scale"):
-            opt.step()
-        assert_snapshot_equal(before, snapshot(opt, p))
+        assert_step_raises_unchanged(opt, p, ValueError, "grad_scale")
 
 
 def test_error_then_recovery_steps_like_a_clean_run():
