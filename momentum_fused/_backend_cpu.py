@@ -25,7 +25,7 @@ import torch
 
 from . import backends, specs
 
-__all__ = ["make_backend", "RULE_IDS", "FLAG_NAMES", "flags_to_int", "SUPPORTED_DTYPES"]
+__all__ = ["make_backend", "RULE_IDS", "FLAG_NAMES", "flags_to_int", "scalars_tensor", "SUPPORTED_DTYPES"]
 
 # ---- the ABI shared with csrc/update_rules.h (enum Rule and the per-rule flag enums) ----------------
 RULE_IDS = {"sgd": 0, "qhm": 1, "adam": 2, "nadam": 3, "rmsprop": 4, "signum": 5, "lion": 6, "fsgdm": 7,
@@ -90,7 +90,7 @@ def _load():
     return ops, None
 
 
-def _scalars_tensor(scalars, k: int) -> torch.Tensor:
+def scalars_tensor(scalars, k: int) -> torch.Tensor:
     """The per-tensor packs as one float64 [n, k] tensor (array.array: ~10x faster than torch.tensor)."""
     buf = array.array("d", itertools.chain.from_iterable(scalars))
     n = len(scalars)
@@ -119,19 +119,8 @@ def make_backend() -> backends.Backend:
         rule = RULE_IDS[spec.name]
         fl = flags_to_int(spec.name, flags)
         k = len(spec.scalar_names)
-        writeback = []  # (original, contiguous working copy) for params/state to copy back
-
-        def inout(t):
-            if t.is_contiguous():
-                return t
-            c = t.contiguous()
-            writeback.append((t, c))
-            return c
-
-        ps = [inout(p) for p in params]
-        gs = [g if g.is_contiguous() else g.contiguous() for g in grads]
-        flat = [inout(s) for st in states for s in st]
-        ops.cpu_step(ps, gs, flat, _scalars_tensor(scalars, k), rule, fl)
+        ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
+        ops.cpu_step(ps, gs, flat, scalars_tensor(scalars, k), rule, fl)
         for orig, work in writeback:
             orig.copy_(work)
 

@@ -64,6 +64,25 @@ def register(backend: Backend) -> None:
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def contiguous_lists(params, grads, states):
+    """The bucket as contiguous tensors for a compiled kernel: returns (params, grads, flat states
+    (tensor-major), writeback), where writeback lists (original, contiguous working copy) pairs of
+    params/state to copy back after the kernel ran. Contiguous tensors pass through without a copy."""
+    writeback = []
+
+    def inout(t):
+        if t.is_contiguous():
+            return t
+        c = t.contiguous()
+        writeback.append((t, c))
+        return c
+
+    ps = [inout(p) for p in params]
+    gs = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    flat = [inout(s) for st in states for s in st]
+    return ps, gs, flat, writeback
+
+
 def _reference_apply(spec, flags, params, grads, states, scalars):
     """The reference rules, tensor by tensor. Half-precision storage (fp16/bf16) is computed in float32
     and rounded once when written back, as the kernels do: computing in fp16 itself would underflow

@@ -1,0 +1,98 @@
+"""The compiled CUDA backend: csrc/cuda (multi_tensor_apply launcher + one functor per rule family), math
+from csrc/update_rules.h, the same header as the CPU kernels.
+
+``make_backend()`` returns a ``backends.Backend`` named "cuda", the default for CUDA tensors (ahead of
+triton) when it is usable. It is registered as unavailable, with the reason, when the extension
+``momentum_fused._C_cuda`` was not built (the reason setup.py stored in ``_C_cuda.build-error.txt``, or
+the import error) or when torch sees no CUDA device.
+
+One call of ``apply`` runs one bucket through ONE op call, ``torch.ops.momentum_fused.cuda_step(params,
+grads, states_flat, scalars[n, k] float64, rule, flags, found_inf, grad_scale, lr)``, which launches
+ceil(chunks / 320) kernels (one for up to 36 tensors / 320 chunks of 65,536 elements; see
+csrc/cuda/multi_tensor_apply.cuh). Rule ids and flag bits are those of the CPU backend
+(``_backend_cpu.RULE_IDS`` / ``FLAG_NAMES``), mirrored by csrc/update_rules.h.
+
+found_inf / grad_scale (one-element float32 CUDA tensors) are read by the kernels on the device: a
+nonzero found_inf makes every block return before any write. Non-contiguous tensors run on contiguous
+copies that are copied back, as on the CPU backend.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from . import backends
+from ._backend_cpu import FLAG_NAMES, RULE_IDS, flags_to_int, scalars_tensor
+
+__all__ = ["make_backend", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_BUILD_ERROR_FILE = os.path.join(_HERE, "_C_cuda.build-error.txt")
+
+
+def _load():
+    stored = None
+    if os.path.exists(_BUILD_ERROR_FILE):
+        try:
+            with open(_BUILD_ERROR_FILE) as fh:
+                stored = fh.read().strip()
+        except OSError:
+            stored = None
+    try:
+        importlib.import_module("momentum_fused._C_cuda")
+    except ImportError as e:
+        if stored:
+            return None, f"the CUDA extension was not built: {stored}"
+        return None, (f"the CUDA extension momentum_fused._C_cuda is not importable ({e}); build it with "
+                      "MOMENTUM_FUSED_BUILD_CUDA=1 pip install -e . --no-build-isolation (needs nvcc and a "
+                      "CUDA build of torch)")
+    except Exception as e:  # e.g. an undefined symbol after a torch upgrade
+        return None, f"loading momentum_fused._C_cuda failed: {type(e).__name__}: {e}"
+    if not torch.cuda.is_available():
+        return None, "the CUDA extension is built but torch sees no CUDA device"
+    return torch.ops.momentum_fused, None
+
+
+def _device_scalar(x, name, device):
+    """found_inf / grad_scale as the one-element float32 tensor on ``device`` the op requires."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor) or x.numel() != 1:
+        raise TypeError(f"momentum_fused cuda backend: {name} must be a one-element tensor")
+    return x.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
+
+
+def make_backend() -> backends.Backend:
+    ops, err = _load()
+    if err is not None:
+        return backends.Backend(name="cuda", apply=None, devices=("cuda",), load_error=err)
+
+    def supports(spec, device, dtype):
+        if torch.device(device).type != "cuda":
+            return f"the cuda backend runs on cuda tensors only, got {torch.device(device).type}"
+        if spec.name not in RULE_IDS:
+            return f"rule {spec.name!r} has no CUDA kernel (csrc/update_rules.h implements: {', '.join(RULE_IDS)})"
+        if tuple(spec.flag_names) != FLAG_NAMES[spec.name]:
+            return f"flag names of {spec.name!r} changed in specs.py; the kernels use {FLAG_NAMES[spec.name]}"
+        if dtype not in SUPPORTED_DTYPES:
+            return (f"dtype {dtype} is not supported by the cuda kernels (supported: "
+                    f"{', '.join(str(d).replace('torch.', '') for d in SUPPORTED_DTYPES)})")
+        return None
+
+    def apply(spec, flags, params, grads, states, scalars, *, found_inf=None, grad_scale=None) -> int:
+        if not params:
+            return 0
+        device = params[0].device
+        ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
+        packs = scalars_tensor(scalars, len(spec.scalar_names))
+        ops.cuda_step(ps, gs, flat, packs, RULE_IDS[spec.name], flags_to_int(spec.name, flags),
+                      _device_scalar(found_inf, "found_inf", device), _device_scalar(grad_scale, "grad_scale", device),
+                      None)
+        for orig, work in writeback:
+            orig.copy_(work)
+        return 1
+
+    return backends.Backend(name="cuda", apply=apply, supports=supports, devices=("cuda",), load_error=None)
