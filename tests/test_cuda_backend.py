@@ -95,12 +95,12 @@ def test_gradscaler_skips_an_inf_step():
     ps = [torch.randn(64, 33, device="cuda", requires_grad=True)]
     opt = mf.AdamW(ps, lr=1e-2, backend="cuda")
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
-    (ps[0].square().sum()).backward()
+    scaler.scale(ps[0].square().sum()).backward()
     scaler.step(opt)
     scaler.update()
     before = [ps[0].detach().clone()] + [v.clone() for v in opt.state[ps[0]].values()]
     opt.zero_grad()
-    (ps[0].sum() * float("inf")).backward()
+    scaler.scale(ps[0].sum() * float("inf")).backward()
     scale = scaler.get_scale()
     scaler.step(opt)
     scaler.update()
@@ -120,7 +120,7 @@ def test_non_contiguous_params_are_copied_in_and_out():
     r = p.detach().cpu().double().clone().requires_grad_()
     opt, ref = mf.AdamW([p], lr=1e-2, backend="cuda"), mf.AdamW([r], lr=1e-2, backend="reference")
     for _ in range(STEPS):
-        g = torch.randn(7, 9, device="cuda").t()
+        g = torch.randn(9, 7, device="cuda").t()  # the param's shape (7, 9), transposed strides
         p.grad, r.grad = g, g.cpu().double()
         opt.step()
         ref.step()

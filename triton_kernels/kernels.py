@@ -195,13 +195,14 @@ def one_buffer_kernel(ptr_tab, n_tensors, scal_tab, prog_tab, seg_tab, n_seg, fo
     pid = tl.program_id(0).to(tl.int64)
     s0 = tl.load(prog_tab + pid)
     s1 = tl.load(prog_tab + pid + 1)
+    # distinct names per branch: a compiled if/else must not merge a scalar t with a block t
     if s1 - s0 == 1:  # the block lies inside one tensor
-        t, idx, mask = full_block(seg_tab, n_seg, s0, BLOCK)
-        _one_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr, grad_scale_ptr,
+        t1, idx1, mask1 = full_block(seg_tab, n_seg, s0, BLOCK)
+        _one_buffer_body(ptr_tab, n_tensors, scal_tab, t1, idx1, mask1, found_inf_ptr, grad_scale_ptr,
                          RULE, F0, F1, NSTATE, NSCAL, DTYPE, HAS_FOUND_INF, HAS_GRAD_SCALE)
     else:  # several small tensors packed into this block
-        t, idx, mask = locate(seg_tab, n_seg, s0, s1, BLOCK)
-        _one_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr, grad_scale_ptr,
+        t2, idx2, mask2 = locate(seg_tab, n_seg, s0, s1, BLOCK)
+        _one_buffer_body(ptr_tab, n_tensors, scal_tab, t2, idx2, mask2, found_inf_ptr, grad_scale_ptr,
                          RULE, F0, F1, NSTATE, NSCAL, DTYPE, HAS_FOUND_INF, HAS_GRAD_SCALE)
 
 
@@ -214,12 +215,12 @@ def multi_buffer_kernel(ptr_tab, n_tensors, scal_tab, prog_tab, seg_tab, n_seg, 
     s0 = tl.load(prog_tab + pid)
     s1 = tl.load(prog_tab + pid + 1)
     if s1 - s0 == 1:
-        t, idx, mask = full_block(seg_tab, n_seg, s0, BLOCK)
-        _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr, grad_scale_ptr,
+        t1, idx1, mask1 = full_block(seg_tab, n_seg, s0, BLOCK)
+        _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t1, idx1, mask1, found_inf_ptr, grad_scale_ptr,
                            RULE, F0, F1, NSTATE, NSCAL, DTYPE, HAS_FOUND_INF, HAS_GRAD_SCALE)
     else:
-        t, idx, mask = locate(seg_tab, n_seg, s0, s1, BLOCK)
-        _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr, grad_scale_ptr,
+        t2, idx2, mask2 = locate(seg_tab, n_seg, s0, s1, BLOCK)
+        _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t2, idx2, mask2, found_inf_ptr, grad_scale_ptr,
                            RULE, F0, F1, NSTATE, NSCAL, DTYPE, HAS_FOUND_INF, HAS_GRAD_SCALE)
 
 

@@ -32,11 +32,11 @@ def reduce_kernel(ptr_tab, n_tensors, prog_tab, seg_tab, n_seg, out_ptr,
     s0 = tl.load(prog_tab + pid)
     s1 = tl.load(prog_tab + pid + 1)
     if s1 - s0 == 1:
-        t, idx, mask = full_block(seg_tab, n_seg, s0, BLOCK)
-        acc = _reduce_body(ptr_tab, n_tensors, t, idx, mask, SQUARE, DTYPE)
+        t1, idx1, mask1 = full_block(seg_tab, n_seg, s0, BLOCK)
+        acc = _reduce_body(ptr_tab, n_tensors, t1, idx1, mask1, SQUARE, DTYPE)
     else:
-        t, idx, mask = locate(seg_tab, n_seg, s0, s1, BLOCK)
-        acc = _reduce_body(ptr_tab, n_tensors, t, idx, mask, SQUARE, DTYPE)
+        t2, idx2, mask2 = locate(seg_tab, n_seg, s0, s1, BLOCK)
+        acc = _reduce_body(ptr_tab, n_tensors, t2, idx2, mask2, SQUARE, DTYPE)
     tl.store(out_ptr + pid, acc)
 
 

@@ -31,7 +31,9 @@ RULE_IDS = {
     "sgd_sf": 8,
     "adamw_sf": 9,
 }
-SGD, QHM, ADAM, NADAM, RMSPROP, SIGNUM, LION, FSGDM, SGD_SF, ADAMW_SF = range(10)
+# Compiled kernels may only read module globals that are ``tl.constexpr`` (the interpreter accepts plain
+# ints, so only a real compile catches this: tests/test_triton_compile.py compiles for sm_90 on CPU).
+SGD, QHM, ADAM, NADAM, RMSPROP, SIGNUM, LION, FSGDM, SGD_SF, ADAMW_SF = (tl.constexpr(i) for i in range(10))
 
 # Scalar-table columns per rule (must equal momentum_fused.specs: <spec>.scalar_names).
 SCALARS = {

@@ -1,0 +1,109 @@
+"""Every Triton kernel specialization compiles for a Hopper GPU (sm_90), on this CPU-only machine.
+
+The interpreter (tests/triton/) runs kernels as Python and accepts things the compiler rejects: plain-int
+module globals (only ``tl.constexpr`` globals may be read by a compiled kernel) and variables whose type
+differs between the branches of an ``if`` (a scalar in one, a block in the other). Both broke the first
+GPU run of these kernels. ``triton.compile`` with an explicit ``GPUTarget`` runs the whole pipeline (TTIR,
+TTGIR, LLVM IR, PTX, and ptxas to a cubin) without a device, so these tests catch such errors in CI.
+The front end (where both errors live) runs for every (rule, flags) in fp32 with the device
+found_inf/grad_scale path and for every rule's default flags in fp16 and bf16 storage; the full pipeline
+to a cubin runs for one specialization of each kernel and storage type, and for the reduction kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("compiles real kernels: run without TRITON_INTERPRET=1 (the main suite does)", allow_module_level=True)
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from backend_cases import CASES, _groups  # noqa: E402
+from triton_kernels import kernels, launcher, reductions, rules  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+_SIG = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "prog_tab": "*i64", "seg_tab": "*i64",
+        "n_seg": "i32", "found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32", "out_ptr": "*fp32"}
+
+
+def _source(fn, constexprs):
+    sig = {n: ("constexpr" if n in constexprs else _SIG[n]) for n in fn.arg_names}
+    return ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+
+
+def _compile(fn, constexprs, full=False):
+    """full: the whole pipeline to a cubin (~1 s each); otherwise the front end only (Python AST to TTIR,
+    where both errors above live; ~0.1 s), through the same calls triton.compile makes."""
+    src = _source(fn, constexprs)
+    if full:
+        out = triton.compile(src, target=TARGET)
+        assert out.asm.get("cubin"), "no cubin produced"
+        return
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import make_backend
+    backend = make_backend(TARGET)
+    options = backend.parse_options({})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(TARGET, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                         context)
+    assert "tt.func" in str(module)
+
+
+def _specializations():
+    """(id, rule name, flags, number of state tensors) for every (rule, flags) the case table reaches."""
+    seen = {}
+    for cid, cls, kw0, kw1, _, _ in CASES:
+        opt = cls(_groups([torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)], kw0, kw1),
+                  backend="reference")
+        spec = opt.spec
+        for g in opt.param_groups:
+            flags = tuple(spec.make_flags(g))
+            seen.setdefault((spec.name, flags), len(spec.state_names(g)))
+    return [(f"{r}-{'-'.join(map(str, map(int, f))) or 'noflags'}", r, f, n) for (r, f), n in sorted(seen.items())]
+
+
+SPECIALIZATIONS = _specializations()
+
+
+def _kernel_constexprs(rule, flags, nstate, dtype, device_scalars=True):
+    flags = tuple(flags) + (False,) * (2 - len(flags))
+    return dict(RULE=rules.RULE_IDS[rule], F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=len(rules.SCALARS[rule]),
+                DTYPE=launcher.DTYPE_CODES[dtype], HAS_FOUND_INF=device_scalars, HAS_GRAD_SCALE=device_scalars,
+                BLOCK=launcher.BLOCK)
+
+
+@pytest.mark.parametrize("rule,flags,nstate", [s[1:] for s in SPECIALIZATIONS], ids=[s[0] for s in SPECIALIZATIONS])
+def test_rule_kernel_front_end_fp32(rule, flags, nstate):
+    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rule", sorted(rules.RULE_IDS))
+def test_rule_kernel_front_end_half(rule, dtype):
+    _, _, flags, nstate = next(s for s in SPECIALIZATIONS if s[1] == rule)
+    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate, dtype, device_scalars=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rule", ["sgd", "adam"])  # one per kernel family
+def test_rule_kernel_compiles_to_a_cubin(rule, dtype):
+    _, _, flags, nstate = next(s for s in SPECIALIZATIONS if s[1] == rule)
+    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate, dtype), full=True)
+
+
+@pytest.mark.parametrize("square", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reduction_kernel_compiles_to_a_cubin(square, dtype):
+    _compile(reductions.reduce_kernel, dict(SQUARE=square, DTYPE=launcher.DTYPE_CODES[dtype], BLOCK=launcher.BLOCK),
+             full=True)
+
+
+def test_every_rule_is_reached():
+    assert {s[1] for s in SPECIALIZATIONS} == set(rules.RULE_IDS)
