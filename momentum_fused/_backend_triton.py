@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from . import backends
+from . import backends, layouts
 
 __all__ = ["make_backend"]
 
@@ -84,8 +84,11 @@ def supports(spec, device, dtype) -> str | None:
         return f"the Triton kernels failed to load: {type(e).__name__}: {e}"
 
 
-def apply(spec, flags, params, grads, states, scalars, *, found_inf=None, grad_scale=None) -> int:
-    """Run ``spec``'s rule on one bucket in one kernel launch. Returns the number of launches."""
+def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=None, found_inf=None,
+          grad_scale=None) -> int:
+    """Run ``spec``'s rule on one bucket in one kernel launch (any dtype layout of momentum_fused.layouts:
+    states[i] ends with the fp32 master copy under ``master``; ``sr_keys`` under ``bf16_sr``). Returns the
+    number of launches."""
     rules, launcher = _kernel_modules()
     if not params:
         return 0
@@ -101,7 +104,9 @@ def apply(spec, flags, params, grads, states, scalars, *, found_inf=None, grad_s
                 if li != 1:
                     copies.append((x, c))
     n = launcher.multi_tensor_apply(rules.FAMILY[spec.name], rules.RULE_IDS[spec.name], tuple(flags), lists,
-                                    scalars, found_inf=found_inf, grad_scale=grad_scale)
+                                    scalars, found_inf=found_inf, grad_scale=grad_scale,
+                                    master=bool(layout is not None and layout.master),
+                                    sr_keys=sr_keys if layout is not None and layout.stochastic else None)
     for x, c in copies:
         x.copy_(c)
     return n
@@ -110,4 +115,4 @@ def apply(spec, flags, params, grads, states, scalars, *, found_inf=None, grad_s
 def make_backend() -> backends.Backend:
     err = _load_error()
     return backends.Backend(name="triton", apply=apply if err is None else None, supports=supports,
-                            devices=("cuda", "cpu"), load_error=err)
+                            devices=("cuda", "cpu"), load_error=err, layouts=tuple(layouts.LAYOUTS))

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import layouts as _layouts
 from . import reference
 
 __all__ = ["Backend", "register", "resolve", "status", "available", "ENV_VAR", "AUTO_ORDER"]
@@ -35,10 +36,14 @@ DEFAULT_ORDER = ("reference",)
 class Backend:
     """One implementation of the update rules.
 
-    apply(spec, flags, params, grads, states, scalars): run ``spec``'s rule on a bucket.
+    apply(spec, flags, params, grads, states, scalars, *, layout=layouts.NATIVE, sr_keys=None): run
+    ``spec``'s rule on a bucket.
       params/grads: lists of real tensors (complex params arrive as view_as_real views).
-      states: list (one per tensor) of tuples of state tensors, ordered as spec.state_names.
+      states: list (one per tensor) of tuples of state tensors, ordered as spec.state_names, in
+        layout.state_dtype_for(param dtype), followed by the fp32 master copy when layout.master.
       scalars: list (one per tensor) of spec.Scalars packs.
+      layout: the dtype layout (momentum_fused.layouts); only "native" is passed unless listed in
+        ``layouts``. sr_keys: one uint32 key per tensor when layout.stochastic, else None.
     supports(spec, device, dtype) -> str | None: None if supported, else the reason it is not.
     """
 
@@ -47,6 +52,7 @@ class Backend:
     supports: Callable = lambda spec, device, dtype: None
     load_error: str | None = None  # why the backend could not be loaded (None: available)
     devices: tuple = ("cpu", "cuda")
+    layouts: tuple = ("native",)  # dtype layouts (momentum_fused.layouts) that apply() implements
     _warned: set = field(default_factory=set)
 
     @property
@@ -83,23 +89,37 @@ def contiguous_lists(params, grads, states):
     return ps, gs, flat, writeback
 
 
-def _reference_apply(spec, flags, params, grads, states, scalars):
+def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_layouts.NATIVE, sr_keys=None):
     """The reference rules, tensor by tensor. Half-precision storage (fp16/bf16) is computed in float32
     and rounded once when written back, as the kernels do: computing in fp16 itself would underflow
-    (1 - beta2) g^2 and round eps = 1e-8 to zero."""
+    (1 - beta2) g^2 and round eps = 1e-8 to zero. Layouts: the value the rule reads is the master copy's
+    (``master``); bf16 writes round stochastically under ``bf16_sr`` (layouts.sr_round_bf16)."""
     fn = reference.RULES[spec.name]
-    for p, g, st, sc in zip(params, grads, states, scalars):
-        if p.dtype in _HALF:
+    for i, (p, g, st, sc) in enumerate(zip(params, grads, states, scalars)):
+        if layout.master:
+            *st, master = st
+            p32, st32 = master.clone(), tuple(st)  # fp32 state: updated in place
+            fn(p32, g.float(), st32, sc, flags)
+            master.copy_(p32)
+            p.copy_(p32)  # rounds to nearest even
+        elif p.dtype in _HALF or any(t.dtype in _HALF for t in st):
             p32, st32 = p.float(), tuple(t.float() for t in st)
             fn(p32, g.float(), st32, sc, flags)
-            p.copy_(p32)
-            for t, t32 in zip(st, st32):
-                t.copy_(t32)
+            if layout.stochastic:
+                key = sr_keys[i]
+                p.copy_(_layouts.sr_round_bf16(p32, key, 0).view(p.shape))
+                for j, (t, t32) in enumerate(zip(st, st32)):
+                    t.copy_(_layouts.sr_round_bf16(t32, key, 1 + j).view(t.shape))
+            else:
+                p.copy_(p32)
+                for t, t32 in zip(st, st32):
+                    t.copy_(t32)
         else:
             fn(p, g, st, sc, flags)
 
 
-register(Backend(name="reference", apply=_reference_apply, devices=("cpu", "cuda", "mps", "xpu", "meta")))
+register(Backend(name="reference", apply=_reference_apply, devices=("cpu", "cuda", "mps", "xpu", "meta"),
+                 layouts=tuple(_layouts.LAYOUTS)))
 
 
 def available() -> list[str]:
@@ -111,7 +131,13 @@ def status() -> dict[str, str]:
     return {n: ("available" if b.available else f"unavailable: {b.load_error}") for n, b in _REGISTRY.items()}
 
 
-def _explicit(name: str, spec, device: torch.device, dtype: torch.dtype, source: str) -> Backend:
+def _layout_reason(b: Backend, layout) -> str | None:
+    if layout is None or layout.name in b.layouts:
+        return None
+    return f"dtype layout {layout.name!r} is not implemented by it (it implements: {', '.join(b.layouts)})"
+
+
+def _explicit(name: str, spec, device: torch.device, dtype: torch.dtype, source: str, layout=None) -> Backend:
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r} ({source}); registered backends: {sorted(_REGISTRY)}")
     b = _REGISTRY[name]
@@ -120,20 +146,21 @@ def _explicit(name: str, spec, device: torch.device, dtype: torch.dtype, source:
     if device.type not in b.devices:
         raise RuntimeError(f"backend {name!r} ({source}) does not run on {device.type} tensors "
                            f"(it runs on: {', '.join(b.devices)})")
-    why = b.supports(spec, device, dtype)
+    why = b.supports(spec, device, dtype) or _layout_reason(b, layout)
     if why is not None:
         raise RuntimeError(f"backend {name!r} ({source}) cannot run rule {spec.name!r} on "
                            f"{device.type}/{dtype}: {why}")
     return b
 
 
-def resolve(requested: str | None, spec, device: torch.device, dtype: torch.dtype) -> Backend:
-    """Pick the backend for one bucket (rule ``spec`` on ``device`` with param dtype ``dtype``)."""
+def resolve(requested: str | None, spec, device: torch.device, dtype: torch.dtype, layout=None) -> Backend:
+    """Pick the backend for one bucket (rule ``spec`` on ``device`` with param dtype ``dtype`` in dtype
+    layout ``layout``, a momentum_fused.layouts.Layout; None: native)."""
     if requested is not None:
-        return _explicit(requested, spec, device, dtype, "requested with backend=")
+        return _explicit(requested, spec, device, dtype, "requested with backend=", layout)
     env = os.environ.get(ENV_VAR)
     if env:
-        return _explicit(env, spec, device, dtype, f"from the environment variable {ENV_VAR}")
+        return _explicit(env, spec, device, dtype, f"from the environment variable {ENV_VAR}", layout)
     order = AUTO_ORDER.get(device.type, DEFAULT_ORDER)
     skipped = []
     for name in order:
@@ -141,7 +168,7 @@ def resolve(requested: str | None, spec, device: torch.device, dtype: torch.dtyp
         if b is None:
             continue  # not part of this build at all: nothing to report
         why = b.load_error or (None if device.type in b.devices else f"does not run on {device.type}") \
-            or b.supports(spec, device, dtype)
+            or b.supports(spec, device, dtype) or _layout_reason(b, layout)
         if why is None:
             if skipped:
                 key = (spec.name, device.type, dtype, tuple(skipped))

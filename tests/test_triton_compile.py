@@ -6,8 +6,8 @@ differs between the branches of an ``if`` (a scalar in one, a block in the other
 GPU run of these kernels. ``triton.compile`` with an explicit ``GPUTarget`` runs the whole pipeline (TTIR,
 TTGIR, LLVM IR, PTX, and ptxas to a cubin) without a device, so these tests catch such errors in CI.
 The front end (where both errors live) runs for every (rule, flags) in fp32 with the device
-found_inf/grad_scale path and for every rule's default flags in fp16 and bf16 storage; the full pipeline
-to a cubin runs for one specialization of each kernel and storage type, and for the reduction kernels.
+found_inf/grad_scale path and for every rule's default flags in every other dtype layout; the full
+pipeline to a cubin runs for one specialization of each kernel and layout, and for the reduction kernels.
 """
 from __future__ import annotations
 
@@ -72,30 +72,41 @@ def _specializations():
 SPECIALIZATIONS = _specializations()
 
 
-def _kernel_constexprs(rule, flags, nstate, dtype, device_scalars=True):
+# dtype layouts (momentum_fused/layouts.py) as (param dtype, state dtype, master, stochastic rounding)
+LAYOUTS = {"native-fp32": (torch.float32, torch.float32, False, False),
+           "native-fp16": (torch.float16, torch.float16, False, False),
+           "native-bf16": (torch.bfloat16, torch.bfloat16, False, False),
+           "bf16_state": (torch.float32, torch.bfloat16, False, False),
+           "master-bf16": (torch.bfloat16, torch.float32, True, False),
+           "master-fp16": (torch.float16, torch.float32, True, False),
+           "bf16_sr": (torch.bfloat16, torch.bfloat16, False, True)}
+
+
+def _kernel_constexprs(rule, flags, nstate, layout="native-fp32", device_scalars=True):
     flags = tuple(flags) + (False,) * (2 - len(flags))
+    pdt, sdt, master, sr = LAYOUTS[layout]
     return dict(RULE=rules.RULE_IDS[rule], F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=len(rules.SCALARS[rule]),
-                DTYPE=launcher.DTYPE_CODES[dtype], HAS_FOUND_INF=device_scalars, HAS_GRAD_SCALE=device_scalars,
-                BLOCK=launcher.BLOCK)
+                PDT=launcher.DTYPE_CODES[pdt], SDT=launcher.DTYPE_CODES[sdt], MASTER=master, SR=sr,
+                HAS_FOUND_INF=device_scalars, HAS_GRAD_SCALE=device_scalars, BLOCK=launcher.BLOCK)
 
 
 @pytest.mark.parametrize("rule,flags,nstate", [s[1:] for s in SPECIALIZATIONS], ids=[s[0] for s in SPECIALIZATIONS])
 def test_rule_kernel_front_end_fp32(rule, flags, nstate):
-    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate, torch.float32))
+    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "native-fp32"])
 @pytest.mark.parametrize("rule", sorted(rules.RULE_IDS))
-def test_rule_kernel_front_end_half(rule, dtype):
+def test_rule_kernel_front_end_layouts(rule, layout):
     _, _, flags, nstate = next(s for s in SPECIALIZATIONS if s[1] == rule)
-    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate, dtype, device_scalars=False))
+    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate, layout, device_scalars=False))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rule", ["sgd", "adam"])  # one per kernel family
-def test_rule_kernel_compiles_to_a_cubin(rule, dtype):
+@pytest.mark.parametrize("rule,layout", [("sgd", "native-fp32"), ("sgd", "bf16_sr")]  # one-buffer kernel
+                         + [("adam", lay) for lay in LAYOUTS])  # multi-buffer kernel, every layout
+def test_rule_kernel_compiles_to_a_cubin(rule, layout):
     _, _, flags, nstate = next(s for s in SPECIALIZATIONS if s[1] == rule)
-    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate, dtype), full=True)
+    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate, layout), full=True)
 
 
 @pytest.mark.parametrize("square", [False, True])

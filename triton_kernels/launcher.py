@@ -84,16 +84,18 @@ def plan_blocks(numels: Sequence[int], block: int = BLOCK, max_segs: int = MAX_S
     return prog, segs
 
 
-def _check_lists(lists: Sequence[Sequence[torch.Tensor]]):
+def _check_lists(lists: Sequence[Sequence[torch.Tensor]], dtypes: Sequence[torch.dtype] | None = None):
+    """Equal lengths and numels, contiguous, one device; list i holds dtypes[i] (default: list 0's)."""
     n = len(lists[0])
     ref = lists[0][0]
     for li, lst in enumerate(lists):
         if len(lst) != n:
             raise ValueError(f"tensor list {li} has {len(lst)} tensors, list 0 has {n}")
+        want = ref.dtype if dtypes is None else dtypes[li]
         for ti, x in enumerate(lst):
-            if x.dtype != ref.dtype or x.device != ref.device:
-                raise TypeError(f"tensor {ti} of list {li} is {x.dtype} on {x.device}; the bucket is "
-                                f"{ref.dtype} on {ref.device} (one dtype and device per launch)")
+            if x.dtype != want or x.device != ref.device:
+                raise TypeError(f"tensor {ti} of list {li} is {x.dtype} on {x.device}; the bucket holds "
+                                f"{want} there, on {ref.device} (one dtype layout and device per launch)")
             if x.numel() != lists[0][ti].numel():
                 raise ValueError(f"tensor {ti} of list {li} has {x.numel()} elements, the param has "
                                  f"{lists[0][ti].numel()}")
@@ -160,22 +162,32 @@ def scalar_table(scalars, n: int, device) -> torch.Tensor:
 
 def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, scalars, *,
                        found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
-                       block: int = BLOCK) -> int:
-    """Run one kernel over every tensor of ``lists`` = [params, grads, *state lists].
+                       block: int = BLOCK, master: bool = False, sr_keys: Sequence[int] | None = None) -> int:
+    """Run one kernel over every tensor of ``lists`` = [params, grads, *state lists (, masters)].
 
     family: "one" or "multi" (see kernels.py); rule_id: rules.RULE_IDS[name]; flags: up to two
     bools (the rule's compile-time flags, in spec order). scalars: one pack per tensor.
     found_inf / grad_scale: optional one-element device tensors; when found_inf != 0 the kernel
-    writes nothing; gradients are divided by grad_scale. Returns the number of launches (0 or 1).
+    writes nothing; gradients are divided by grad_scale. Dtype layouts (momentum_fused/layouts.py):
+    params and grads share one storage dtype, the state lists another; ``master``: the last list holds
+    fp32 master copies; ``sr_keys``: one uint32 per tensor turns on stochastic rounding of bf16 stores.
+    Returns the number of launches (0 or 1).
     """
     if family not in KERNELS:
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
     if len(lists) < 2 or len(lists[0]) == 0:
         return 0
-    nstate = len(lists) - 2
-    if family == "one" and nstate > 1 or family == "multi" and not 1 <= nstate <= 3:
+    nstate = len(lists) - 2 - bool(master)
+    if family == "one" and not 0 <= nstate <= 1 or family == "multi" and not 1 <= nstate <= 3:
         raise ValueError(f"kernel family {family!r} cannot take {nstate} state lists")
-    _check_lists(lists)
+    pdt = lists[0][0].dtype
+    sdt = lists[2][0].dtype if nstate else pdt
+    _check_lists(lists, [pdt, pdt] + [sdt] * nstate + ([torch.float32] if master else []))
+    if master and pdt not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"a master copy is kept for fp16/bf16 params, not {pdt}")
+    sr = sr_keys is not None
+    if sr and (pdt != torch.bfloat16 or sdt != torch.bfloat16 or master):
+        raise TypeError("stochastic rounding is the bf16_sr layout: bf16 params and state, no master copy")
     flags = tuple(bool(f) for f in flags)
     if len(flags) > 2:
         raise ValueError(f"at most two flags, got {flags}")
@@ -183,6 +195,11 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     ref = lists[0][0]
     n = len(lists[0])
     scal = scalar_table(scalars, n, ref.device)
+    if sr:
+        if len(sr_keys) != n:
+            raise ValueError(f"{len(sr_keys)} stochastic-rounding keys for {n} tensors")
+        keys = torch.tensor([int(k) & 0xFFFFFFFF for k in sr_keys], dtype=torch.float64, device=ref.device)
+        scal = torch.cat([scal, keys[:, None]], dim=1).contiguous()
     ptr_tab, prog_tab, seg_tab, n_prog, n_seg = tables(lists, block)
     if n_prog == 0:
         return 0  # every tensor is empty
@@ -196,8 +213,8 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     KERNELS[family][(n_prog,)](
         ptr_tab, n, scal, prog_tab, seg_tab, n_seg,
         fi if fi is not None else dummy, gs if gs is not None else dummy,
-        RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1],
-        DTYPE=DTYPE_CODES[ref.dtype], HAS_FOUND_INF=found_inf is not None,
-        HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block)
+        RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1] - sr,
+        PDT=DTYPE_CODES[pdt], SDT=DTYPE_CODES[sdt], MASTER=bool(master), SR=sr,
+        HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block)
     _count_launch()
     return 1

@@ -21,11 +21,16 @@ from typing import Any, ClassVar
 import torch
 
 from .. import backends
+from .. import layouts as _layouts
+from .. import distributed as _dist  # DTensor (FSDP2): local shards, see momentum_fused/distributed.py
 from ..specs import HOST_STATE_KEYS, UpdateRuleSpec, get_spec, step_tensor
 
 __all__ = ["FusedOptimizer"]
 
 _GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
+# Dtype-layout keys of every param group (momentum_fused/layouts.py): the layout name, the stochastic
+# rounding seed, and the group's count of applied steps (the rounding's counter; saved in state_dicts).
+_LAYOUT_DEFAULTS = {"layout": "native", "sr_seed": 0, "sr_step": 0}
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -44,12 +49,21 @@ class FusedOptimizer(torch.optim.Optimizer):
     with one backend loads with any other.
 
     Complex params are optimized as pairs of real numbers (``torch.view_as_real``), like torch.optim.
+
+    ``layout``: the dtype layout of params and state (momentum_fused/layouts.py): "native" (default: state
+    in the param dtype), "bf16_state" (fp32 params, bf16 state), "master" (bf16/fp16 params with an fp32
+    master copy in ``state["master"]``), "bf16_sr" (bf16 params and state, stochastic rounding seeded by
+    ``sr_seed``). Both are param-group keys (per-group values allowed) and saved in state_dicts.
     """
 
     rule: ClassVar[str]
     _step_supports_amp_scaling = True  # GradScaler sets .grad_scale / .found_inf, see step()
 
-    def __init__(self, params, defaults: dict[str, Any], *, backend: str | None = None):
+    # layouts this optimizer's front end supports (schedule-free narrows it: its train/eval swap)
+    supported_layouts: ClassVar[tuple] = tuple(_layouts.LAYOUTS)
+
+    def __init__(self, params, defaults: dict[str, Any], *, backend: str | None = None, layout: str | None = None,
+                 sr_seed: int = 0):
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
         if backend is not None and backend not in backends.names():
@@ -57,7 +71,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self._step_views: dict = {}
         self.spec.validate({**defaults, **self.spec.group_extras}, where=f"{type(self).__name__}: ")
+        defaults = {**defaults, **_LAYOUT_DEFAULTS, "layout": "native" if layout is None else layout,
+                    "sr_seed": sr_seed}
+        self._check_layout_keys(defaults, f"{type(self).__name__}: ")
         super().__init__(params, defaults)
+
+    def _check_layout_keys(self, group, where) -> _layouts.Layout:
+        lay = _layouts.get_layout(group["layout"]) if isinstance(group["layout"], str) else None
+        if lay is None:
+            raise ValueError(f"{where}layout must be a layout name; supported layouts: {_layouts.supported()}")
+        if lay.name not in self.supported_layouts:
+            raise ValueError(f"{where}{type(self).__name__} does not support dtype layout {lay.name!r} "
+                             f"(it supports: {', '.join(self.supported_layouts)})")
+        for key in ("sr_seed", "sr_step"):
+            v = group[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{where}{key} must be a non-negative int, got {v!r}")
+        return lay
 
     # ------------------------------------------------------------------ construction and checkpoints
     @property
@@ -72,14 +102,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"valid hyperparameters: {sorted(self.defaults)}")
             merged = {**self.defaults, **self.spec.group_extras, **param_group}
             self.spec.validate(merged, where=f"{type(self).__name__} param group: ")
+            lay = self._check_layout_keys(merged, f"{type(self).__name__} param group: ")
             params = param_group["params"]
             params = [params] if isinstance(params, torch.Tensor) else list(params)
             for p in params:
                 if isinstance(p, tuple):  # named parameters
                     p = p[1]
+                if getattr(p, "_momentum_fused_lowrank", False):  # tag of momentum_fused.lowrank factors
+                    raise TypeError(f"{type(self).__name__}: a LowRankLinear factor (U, S or V) needs the manifold "
+                                    f"update: use momentum_fused.lowrank.LowRankSGD / LowRankAdam for the model")
                 if isinstance(p, torch.Tensor) and not (p.is_floating_point() or p.is_complex()):
                     raise TypeError(f"{type(self).__name__} can only optimize floating point or complex "
                                     f"tensors, got dtype {p.dtype}")
+                if isinstance(p, torch.Tensor) and lay.name != "native" and p.dtype not in lay.param_dtypes:
+                    raise TypeError(f"{type(self).__name__}: dtype layout {lay.describe()} cannot hold a "
+                                    f"{p.dtype} param; supported layouts: {_layouts.supported()}")
         super().add_param_group(param_group)
         for k, v in self.spec.group_extras.items():
             self.param_groups[-1].setdefault(k, v)
@@ -100,9 +137,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         groups saved by torch.optim (or an older version) get missing hyperparameters from the
         defaults. Loading a torch.optim state_dict of the same rule works, and vice versa."""
         self._step_views = {}
-        host = {}
+        host, saved = {}, {}
         for idx, st in state_dict["state"].items():
             host[idx] = {k: v for k, v in st.items() if k in HOST_STATE_KEYS}
+            saved[idx] = {k: v for k, v in st.items() if k not in HOST_STATE_KEYS and isinstance(v, torch.Tensor)}
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -113,6 +151,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         for g in self.param_groups:
             for k, v in {**self.defaults, **self.spec.group_extras}.items():
                 g.setdefault(k, v)
+        # torch casts floating state to the param dtype; layouts keep their own state dtypes (bf16 state,
+        # fp32 master): re-take those from the saved tensors, so that no value goes through a narrower type
+        layout_of = {}
+        for g in self.param_groups:
+            lay = _layouts.get_layout(g["layout"])
+            for p in g["params"]:
+                layout_of[p] = lay
+        for idx, p in zip(saved_ids, params):
+            lay = layout_of[p]
+            if lay.name == "native":
+                continue
+            for key, value in saved.get(idx, {}).items():
+                want = torch.float32 if key == _layouts.MASTER_KEY else lay.state_dtype_for(p.dtype)
+                self.state[p][key] = value.detach().to(device=p.device, dtype=want, copy=True)
 
     # ------------------------------------------------------------------ step
     def _plan(self):
@@ -125,7 +177,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan = []
         for gi, group in enumerate(self.param_groups):
             spec.validate(group, where=f"{name} param group {gi}: ")
+            lay = self._check_layout_keys(group, f"{name} param group {gi}: ")
             state_names = spec.state_names(group)
+            check_names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
+            native = lay.name == "native"
             items, keys = [], set()
             for pi, p in enumerate(group["params"]):
                 g = p.grad
@@ -134,17 +189,26 @@ class FusedOptimizer(torch.optim.Optimizer):
                 shape, dtype, device = p.shape, p.dtype, p.device
                 if g.layout is not strided or g.shape != shape or g.dtype != dtype or g.device != device:
                     self._raise_bad_grad(p, g, pi, gi)
+                if native:
+                    sdt = dtype
+                elif dtype in lay.param_dtypes:
+                    sdt = lay.state_dtype_for(dtype)
+                else:
+                    raise TypeError(f"{self._where(p, pi, gi)}: dtype layout {lay.describe()} cannot hold a "
+                                    f"{dtype} param; supported layouts: {_layouts.supported()}")
                 st = state.get(p)
                 if st:
-                    for key in state_names:
+                    for key in check_names:
                         t = st.get(key)
                         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape
-                                              or t.dtype != dtype or t.device != device):
-                            self._raise_bad_state(p, key, t, pi, gi)
+                                              or t.dtype != (torch.float32 if key == "master" else sdt)
+                                              or t.device != device):
+                            self._raise_bad_state(p, key, t, pi, gi, torch.float32 if key == "master" else sdt)
                 items.append(p)
                 keys.add((device, dtype))
             keys = {(dev, _real_dtype(dt)) for dev, dt in keys}
-            chosen = {key: backends.resolve(self.backend, spec, *key) for key in keys}
+            chosen = {key: backends.resolve(self.backend, spec, *key, lay) for key in keys}
+            _dist.check_group(name, gi, items, state, state_names)  # DTensor layouts line up (no-op without DTensors)
             plan.append((group, state_names, items, chosen))
         return plan
 
@@ -161,14 +225,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{where}: gradient dtype {g.dtype} does not match the param dtype {p.dtype}")
         raise RuntimeError(f"{where}: gradient is on {g.device} but the param is on {p.device}")
 
-    def _raise_bad_state(self, p, key, t, pi, gi):
+    def _raise_bad_state(self, p, key, t, pi, gi, want_dtype=None):
         where = self._where(p, pi, gi)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where}: state {key!r} is a {type(t).__name__}, expected a Tensor")
         if t.shape != p.shape:
             raise ValueError(f"{where}: state {key!r} has shape {tuple(t.shape)}, which does not "
                              f"match the param; was a state_dict loaded into other params?")
-        raise ValueError(f"{where}: state {key!r} is {t.dtype} on {t.device}, expected {p.dtype} on {p.device}")
+        want = p.dtype if want_dtype is None else want_dtype
+        raise ValueError(f"{where}: state {key!r} is {t.dtype} on {t.device}, expected {want} on {p.device} "
+                         "(the group's dtype layout decides the state dtype)")
 
     def _amp(self):
         """GradScaler protocol: returns (skip, inv_scale)."""
@@ -193,17 +259,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             for group, *_ in plan:
                 self.spec.group_prepare(group)
 
-    def _init_state(self, items, state_names):
-        """Create missing elementwise state (zeros). Returns (state dicts, fresh flags): fresh is True
-        for a tensor whose state was (partly) created in this step."""
+    def _init_state(self, items, state_names, layout=_layouts.NATIVE):
+        """Create missing elementwise state (zeros in the layout's state dtype; the fp32 master copy of
+        the param under the ``master`` layout). Returns (state dicts, fresh flags): fresh is True for a
+        tensor whose state was (partly) created in this step."""
         states, fresh = [], []
         n = len(state_names)
+        native = layout.name == "native"
         for p in items:
             st = self.state[p]
             missing = [k for k in state_names if k not in st] if n else ([] if st else [None])
             for k in missing:
                 if k is not None:
-                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=None if native else
+                                             layout.state_dtype_for(p.dtype))
+            if layout.master and _layouts.MASTER_KEY not in st:
+                st[_layouts.MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
             states.append(st)
             fresh.append(bool(missing))
         return states, fresh
@@ -248,6 +319,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             out.append(sc)
         return out
 
+    # torch.compile: step() runs eagerly (one graph break at the call; docs/ecosystem.md): its host
+    # scalars are Python floats that dynamo would specialize on, recompiling every step.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -262,35 +336,50 @@ class FusedOptimizer(torch.optim.Optimizer):
         spec = self.spec
         buckets: dict[tuple, tuple] = {}
 
-        def bucket(backend, device, dtype, flags):
-            key = (backend.name, device, dtype, flags)
+        def bucket(backend, device, dtype, flags, layout):
+            key = (backend.name, device, dtype, flags, layout.name)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = (backend, [], [], [], [])
+                b = buckets[key] = (backend, [], [], [], [], layout, [])
             return b
 
         for gi, (group, state_names, items, chosen) in enumerate(plan):
             flags = spec.make_flags(group)
             grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
-            states, fresh = self._init_state(items, state_names)
+            lay = _layouts.get_layout(group["layout"])
+            states, fresh = self._init_state(items, state_names, lay)
             scalars = self._group_scalars(gi, group, states, fresh, grad_mult)
+            names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
+            keys = None
+            if lay.stochastic:  # one rounding key per tensor: (seed, the group's step, the param's position)
+                pos = {id(q): i for i, q in enumerate(group["params"])}
+                keys = [_layouts.sr_key(group["sr_seed"], group["sr_step"], (gi << 20) + pos[id(p)]) for p in items]
+                group["sr_step"] += 1
             if len(chosen) == 1 and not any([p.is_complex() for p in items]):  # one bucket: no per-tensor keys
                 (device, dtype), backend = next(iter(chosen.items()))
-                b = bucket(backend, device, dtype, flags)
+                b = bucket(backend, device, dtype, flags, lay)
                 b[1].extend(items)
                 b[2].extend([p.grad for p in items])
-                b[3].extend([tuple([st[k] for k in state_names]) for st in states])
+                b[3].extend([tuple([st[k] for k in names]) for st in states])
                 b[4].extend(scalars)
+                if keys is not None:
+                    b[6].extend(keys)
             else:
-                for p, st, sc in zip(items, states, scalars):
+                for i, (p, st, sc) in enumerate(zip(items, states, scalars)):
                     rp = _real(p)
-                    b = bucket(chosen[(rp.device, rp.dtype)], rp.device, rp.dtype, flags)
+                    b = bucket(chosen[(rp.device, rp.dtype)], rp.device, rp.dtype, flags, lay)
                     b[1].append(rp)
                     b[2].append(_real(p.grad))
-                    b[3].append(tuple([_real(st[k]) for k in state_names]))
+                    b[3].append(tuple([_real(st[k]) for k in names]))
                     b[4].append(sc)
+                    if keys is not None:
+                        b[6].append(keys[i])
             if spec.group_advance is not None:
                 spec.group_advance(group)  # per-group counters move after the packs used them
-        for (_, _, _, flags), (backend, ps, gs, sts, scs) in buckets.items():
-            backend.apply(spec, flags, ps, gs, sts, scs)
+        for (_, _, _, flags, _), (backend, ps, gs, sts, scs, lay, keys) in buckets.items():
+            if lay.name == "native":
+                backend.apply(spec, flags, *_dist.local_bucket(ps, gs, sts), scs)  # DTensors: local shards
+            else:
+                backend.apply(spec, flags, *_dist.local_bucket(ps, gs, sts), scs, layout=lay,
+                              sr_keys=keys if lay.stochastic else None)
         return loss

@@ -22,6 +22,7 @@ from collections import namedtuple
 
 import torch
 
+from .. import distributed as _dist
 from .. import reference
 from .base import FusedOptimizer, _real
 
@@ -42,18 +43,23 @@ def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 
     else:
         s = _ReduceScalars(inv_scale, 0.0, 1.0, 0.0)
     names = ("z", "exp_avg_sq") if "betas" in group else ("z",)
-    sums = {}  # device -> [dot, sq], accumulated on the device: one host sync per device, not per tensor
+    # (device, DTensor shard groups) -> [dot, sq], accumulated on the device: one host sync per device,
+    # not per tensor. DTensors (FSDP2) contribute their local shards; the partial sums are then
+    # all-reduced over the mesh dims they are sharded on (the same order on every rank: params order).
+    sums = {}
     for p in params:
         st = state.get(p, {})
-        tensors = tuple(_real(st[n]) for n in names) if all(n in st for n in names) else None
-        d, q = fn(_real(p), _real(p.grad), tensors, s, None)
-        acc = sums.get(d.device)
+        tensors = tuple(_real(_dist.local(st[n])) for n in names) if all(n in st for n in names) else None
+        d, q = fn(_real(_dist.local(p)), _real(_dist.local(p.grad)), tensors, s, None)
+        key = (d.device, _dist.shard_groups(p))
+        acc = sums.get(key)
         if acc is None:
-            sums[d.device] = [d.clone(), q.clone()]
+            sums[key] = [d.clone(), q.clone()]
         else:
             acc[0] += d
             acc[1] += q
-    return (sum(float(a[0]) for a in sums.values()), sum(float(a[1]) for a in sums.values()))
+    totals = [_dist.all_reduce_sums(torch.stack([a[0], a[1]]), groups) for (_, groups), a in sums.items()]
+    return (sum(float(t[0]) for t in totals), sum(float(t[1]) for t in totals))
 
 
 def _loss_value(loss):
@@ -67,6 +73,10 @@ def _loss_value(loss):
 
 class _ScheduleFree(FusedOptimizer):
     """Shared train/eval, error checks and the Polyak reduction pass."""
+
+    # train()/eval() move the params between y and x with torch ops on p and z: a master copy or a
+    # narrower z would have to follow them; only the native layout does so far.
+    supported_layouts = ("native",)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -107,6 +117,7 @@ class _ScheduleFree(FusedOptimizer):
     def training(self) -> bool:
         return all(g["train_mode"] for g in self.param_groups)
 
+    @torch._disable_dynamo  # as FusedOptimizer.step: one graph break at the call under torch.compile
     @torch.no_grad()
     def step(self, closure=None):
         name = type(self).__name__
@@ -164,11 +175,11 @@ class SGDScheduleFree(_ScheduleFree):
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
                  weight_lr_power=2.0, *, weight_rule="lr_max", f_star=0.0, polyak_max_lr=None, M=1e-8,
-                 maximize=False, backend=None):
+                 maximize=False, backend=None, layout=None, sr_seed=0):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
                                       weight_rule=weight_rule, f_star=f_star, polyak_max_lr=polyak_max_lr,
-                                      M=M, maximize=maximize), backend=backend)
+                                      M=M, maximize=maximize), backend=backend, layout=layout, sr_seed=sr_seed)
 
 
 class AdamWScheduleFree(_ScheduleFree):
@@ -185,8 +196,9 @@ class AdamWScheduleFree(_ScheduleFree):
 
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
                  r=0.0, weight_lr_power=2.0, *, weight_rule="lr_max", inner_momentum=0.0, f_star=0.0,
-                 polyak_max_lr=None, M=1e-8, maximize=False, backend=None):
+                 polyak_max_lr=None, M=1e-8, maximize=False, backend=None, layout=None, sr_seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
                                       weight_rule=weight_rule, inner_momentum=inner_momentum, f_star=f_star,
-                                      polyak_max_lr=polyak_max_lr, M=M, maximize=maximize), backend=backend)
+                                      polyak_max_lr=polyak_max_lr, M=M, maximize=maximize),
+                         backend=backend, layout=layout, sr_seed=sr_seed)

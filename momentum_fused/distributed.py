@@ -1,0 +1,144 @@
+"""DTensor support (FSDP2 ``torch.distributed.fsdp.fully_shard``, tensor parallelism).
+
+The optimizers keep params, grads and state as the user gave them: state created for a DTensor
+param is a DTensor with the same mesh and placements (``torch.zeros_like`` / ``torch.clone`` of the
+param, as torch.optim does), so ``get_optimizer_state_dict`` / ``torch.distributed.checkpoint`` see
+sharded state exactly as they see torch.optim's. The backends receive the **local shards** only
+(:func:`local_bucket`): an elementwise rule on the local shards equals the single-process update,
+with no communication and no gathering.
+
+Global reductions are the exception: the schedule-free Polyak inner products sum over local shards
+and are then all-reduced over the mesh dimensions on which the tensor is sharded
+(:func:`shard_groups`, :func:`all_reduce_sums`); replicated mesh dimensions are not summed twice.
+
+Nothing here imports ``torch.distributed.tensor``: while that module has not been imported by
+anyone, no DTensor can exist, and every helper is a no-op.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+__all__ = ["dtensor_class", "is_dtensor", "local", "local_bucket", "check_group", "shard_groups",
+           "all_reduce_sums"]
+
+
+def dtensor_class():
+    """``torch.distributed.tensor.DTensor`` if that module is loaded, else None (then no DTensor
+    exists in this process)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def is_dtensor(t) -> bool:
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t):
+    """The local shard of a DTensor (a view sharing its storage: writing into it updates the
+    DTensor), or ``t`` itself."""
+    cls = dtensor_class()
+    if cls is not None and isinstance(t, cls):
+        return t._local_tensor  # = t.to_local() under no_grad, without the autograd wrapper
+    return t
+
+
+def local_bucket(params, grads, states):
+    """A backend bucket with every DTensor replaced by its local shard (identity when no DTensor
+    can exist)."""
+    cls = dtensor_class()
+    # check_group guarantees that grads and state are DTensors exactly where the params are
+    if cls is None or not any([isinstance(p, cls) for p in params]):
+        return params, grads, states
+    return ([local(p) for p in params], [local(g) for g in grads],
+            [tuple([local(t) for t in st]) for st in states])
+
+
+_PLAIN = {torch.Tensor, torch.nn.Parameter, int, float}
+
+
+def _layout(t):
+    return t.device_mesh, tuple(t.placements)
+
+
+def check_group(opt_name: str, gi: int, items, state, state_names) -> None:
+    """Validation for DTensors (called by ``FusedOptimizer._plan`` while nothing has been modified):
+    a DTensor param needs a DTensor grad and DTensor state with the same mesh, placements and local
+    shape, so that the local shards line up element by element; a plain param needs plain grad and
+    state. Partial placements and complex DTensors are rejected. No-op when no DTensor can exist."""
+    cls = dtensor_class()
+    if cls is None:
+        return
+    # the hot path of an unsharded model in a process that imported DTensor: exact type tests (a
+    # DTensor isinstance check costs ~1 us through its metaclass)
+    types = {type(p) for p in items} | {type(p.grad) for p in items}
+    types |= {type(t) for p in items for t in (state.get(p) or {}).values()}
+    if types <= _PLAIN:
+        return
+    for pi, p in enumerate(items):
+        g = p.grad
+        pd = isinstance(p, cls)
+        where = f"{opt_name}: param {pi} of group {gi} (shape {tuple(p.shape)})"
+        if not pd:
+            if isinstance(g, cls):
+                raise TypeError(f"{where}: the param is a plain tensor but its gradient is a DTensor; "
+                                "shard the param and its gradient the same way")
+            st = state.get(p) or {}
+            for k in state_names:
+                if isinstance(st.get(k), cls):
+                    raise TypeError(f"{where}: state {k!r} is a DTensor but the param is a plain tensor; "
+                                    "was a sharded state_dict loaded into an unsharded model?")
+            continue
+        layout = _layout(p)
+        if any(pl.is_partial() for pl in layout[1]):
+            raise NotImplementedError(f"{where}: DTensor params with Partial placements {layout[1]} are not "
+                                      "supported; redistribute them to Shard or Replicate")
+        if p.is_complex():
+            raise NotImplementedError(f"{where}: complex DTensor params are not supported")
+        pl_shape = p._local_tensor.shape
+        if not isinstance(g, cls) or _layout(g) != layout or g._local_tensor.shape != pl_shape:
+            got = (f"a DTensor with placements {tuple(g.placements)} and local shape "
+                   f"{tuple(g._local_tensor.shape)}") if isinstance(g, cls) else "a plain tensor"
+            raise RuntimeError(f"{where}: the param is a DTensor with placements {layout[1]} and local shape "
+                               f"{tuple(pl_shape)} but its gradient is {got}")
+        st = state.get(p) or {}
+        for k in state_names:
+            t = st.get(k)
+            if t is None:
+                continue
+            if not isinstance(t, cls) or _layout(t) != layout or t._local_tensor.shape != pl_shape:
+                got = (f"a DTensor with placements {tuple(t.placements)} and local shape "
+                       f"{tuple(t._local_tensor.shape)}") if isinstance(t, cls) else "a plain tensor"
+                raise ValueError(f"{where}: state {k!r} is {got}, but the param is a DTensor with placements "
+                                 f"{layout[1]} and local shape {tuple(pl_shape)}; was a state_dict loaded "
+                                 "into differently sharded params?")
+
+
+def shard_groups(t) -> tuple:
+    """The process groups over which a sum of ``t``'s local elements must be all-reduced to give the
+    sum over the whole tensor: one per mesh dimension on which ``t`` is sharded (() for a plain
+    tensor or a fully replicated DTensor)."""
+    cls = dtensor_class()
+    if cls is None or not isinstance(t, cls):
+        return ()
+    mesh = t.device_mesh
+    groups = []
+    for dim, pl in enumerate(t.placements):
+        if pl.is_partial():
+            raise NotImplementedError(f"a reduction over a DTensor with Partial placement {pl} is not supported")
+        if pl.is_shard():
+            groups.append(mesh.get_group(dim))
+    return tuple(groups)
+
+
+def all_reduce_sums(values: torch.Tensor, groups) -> torch.Tensor:
+    """Sum ``values`` (a 1-D tensor of partial sums, modified in place) over every group in
+    ``groups``; one all-reduce per group. Returns ``values``."""
+    if groups:
+        import torch.distributed as dist
+
+        for group in groups:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return values

@@ -1,0 +1,143 @@
+"""Dtype layouts: how params and optimizer state are stored. One explicit table; anything else raises.
+
+| layout        | params (and grads)        | elementwise state | extra state         | rounding of every write |
+|---------------|---------------------------|-------------------|---------------------|-------------------------|
+| ``native``    | fp32, fp64, bf16 or fp16  | the param dtype   | -                   | round-to-nearest-even   |
+| ``bf16_state``| fp32                      | bf16              | -                   | round-to-nearest-even   |
+| ``master``    | bf16 or fp16              | fp32              | ``master`` (fp32)   | RNE (param from master) |
+| ``bf16_sr``   | bf16                      | bf16              | -                   | stochastic rounding     |
+
+The update math is always fp32 (fp64 for fp64 storage). With ``master`` the rule reads the param value
+from the fp32 master copy (created from the param on the first step), writes the master, and writes the
+param as the master rounded to nearest even, in the same pass. With ``bf16_sr`` every bf16 write (param
+and state) rounds stochastically: the fp32 bit pattern ``u`` plus 16 random bits ``r``, truncated,
+``(u + r) >> 16``, rounds up with probability equal to the dropped fraction: unbiased in expectation.
+Non-finite values round to nearest.
+
+The random bits come from a counter-based hash, so a run is reproducible for a given seed and every
+backend gives the same bits where its fp32 math agrees (written once per language: here in torch,
+``triton_kernels/kernels.py``, ``csrc/storage.h``):
+
+    lowbias32(x) = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16  (uint32)
+    key   = sr_key(seed, step, tensor)                      one uint32 per tensor and step (host)
+    key_b = key + b * 0x9E3779B9                            b = 0 for the param, 1 + j for state j
+    r     = lowbias32(lo32(i) ^ key_b ^ lo32(hi32(i) * 0x85EBCA6B)) & 0xFFFF    i = element index (int64)
+
+``step`` counts the optimizer's applied steps per param group (the group's ``sr_step``, saved in the
+state_dict), ``tensor`` is the param's position in its group plus ``group index << 20``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Layout", "LAYOUTS", "get_layout", "lowbias32", "sr_key", "sr_round_bf16", "rne_bf16"]
+
+M32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B9
+HI_MULT = 0x85EBCA6B
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    param_dtypes: tuple  # allowed param (and grad) dtypes
+    state_dtype: torch.dtype | None  # None: the param dtype
+    master: bool = False  # an fp32 master copy in state["master"]
+    stochastic: bool = False  # stochastic rounding of every bf16 write
+
+    def state_dtype_for(self, param_dtype: torch.dtype) -> torch.dtype:
+        return param_dtype if self.state_dtype is None else self.state_dtype
+
+    def describe(self) -> str:
+        p = "/".join(str(d).replace("torch.", "") for d in self.param_dtypes)
+        s = "param dtype" if self.state_dtype is None else str(self.state_dtype).replace("torch.", "")
+        extra = (", fp32 master copy" if self.master else "") + (", stochastic rounding" if self.stochastic else "")
+        return f"{self.name!r} (params {p}, state {s}{extra})"
+
+
+LAYOUTS = {
+    "native": Layout("native", (torch.float32, torch.float64, torch.bfloat16, torch.float16), None),
+    "bf16_state": Layout("bf16_state", (torch.float32,), torch.bfloat16),
+    "master": Layout("master", (torch.bfloat16, torch.float16), torch.float32, master=True),
+    "bf16_sr": Layout("bf16_sr", (torch.bfloat16,), torch.bfloat16, stochastic=True),
+}
+NATIVE = LAYOUTS["native"]
+MASTER_KEY = "master"
+
+
+def supported() -> str:
+    return "; ".join(lay.describe() for lay in LAYOUTS.values())
+
+
+def get_layout(name) -> Layout:
+    if name is None:
+        return NATIVE
+    if isinstance(name, Layout):
+        return name
+    if not isinstance(name, str) or name not in LAYOUTS:
+        raise ValueError(f"unknown dtype layout {name!r}; supported layouts: {supported()}")
+    return LAYOUTS[name]
+
+
+# ------------------------------------------------------------------------------ the hash (host ints)
+def lowbias32(x: int) -> int:
+    x &= M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & M32
+    x ^= x >> 16
+    return x
+
+
+def sr_key(seed: int, step: int, tensor: int) -> int:
+    """The per-(tensor, step) key of the stochastic rounding (a uint32 as a Python int)."""
+    return lowbias32(lowbias32(lowbias32(seed & M32) ^ (step & M32)) ^ (tensor & M32))
+
+
+# ------------------------------------------------------------------- the rounding (torch, reference)
+def _lowbias32_t(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on an int64 tensor holding uint32 values (products wrap in int64; the low 32 bits are
+    exact)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def sr_bits(numel: int, key: int, buffer: int, device=None) -> torch.Tensor:
+    """The 16 random bits r of every element index 0 .. numel-1 (int64 tensor)."""
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    kb = (key + buffer * GOLDEN) & M32
+    h = (i & M32) ^ kb ^ (((i >> 32) * HI_MULT) & M32)
+    return _lowbias32_t(h) & 0xFFFF
+
+
+def _rne_bf16_bits(u: torch.Tensor) -> torch.Tensor:
+    """fp32 bits (int64 holding uint32) -> bf16 bits, round to nearest even; NaN -> quiet NaN with the
+    sign kept (as the kernels; torch's vectorized conversion may return 0xFFFF for a NaN instead)."""
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return torch.where(nan, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def _bits_to_bf16(bits: torch.Tensor) -> torch.Tensor:
+    return (bits - ((bits & 0x8000) << 1)).to(torch.int16).view(torch.bfloat16)
+
+
+def rne_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, round to nearest even (NaN handled as by the kernels)."""
+    x = x.float().contiguous()
+    return _bits_to_bf16(_rne_bf16_bits(x.view(torch.int32).to(torch.int64) & M32))
+
+
+def sr_round_bf16(x: torch.Tensor, key: int, buffer: int) -> torch.Tensor:
+    """fp32 tensor -> bf16 with the stochastic rounding above (element index = flat position in x)."""
+    x = x.float().contiguous()
+    u = x.view(torch.int32).to(torch.int64) & M32
+    r = sr_bits(x.numel(), key, buffer, x.device).view(x.shape)
+    up = ((u + r) >> 16) & 0xFFFF
+    finite = (u & 0x7F800000) != 0x7F800000
+    return _bits_to_bf16(torch.where(finite, up, _rne_bf16_bits(u)))

@@ -1,0 +1,201 @@
+"""Dtype layouts (momentum_fused/layouts.py) through the optimizers: the table, the front end and the
+reference backend (the compiled and Triton backends are compared with it in their own tests).
+
+- Every rule x layout on the reference backend against the float64 oracle: under ``master`` the fp32
+  master copy follows the float64 trajectory (same bf16/fp16-rounded start and gradients) within the
+  fp32 tolerance and the param is the master rounded to nearest even; under ``bf16_state`` / ``bf16_sr``
+  the params and state stay within the bf16 tolerance of the float64 trajectory.
+- State dtypes, the master copy's creation, state_dict round trips that keep the layout's dtypes (torch
+  would cast them to the param dtype), and errors for every unsupported combination, raised before any
+  change.
+- Stochastic rounding in torch: unbiased, deterministic per seed, different across seeds and steps.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import momentum_fused as mf
+from momentum_fused import layouts
+
+from backend_cases import CASES
+from optim_db import assert_step_raises_unchanged
+from tolerances import tol
+
+SHAPES = [(), (0,), (1,), (17,), (4097,), (3, 5, 7)]
+NON_SF = [c for c in CASES if c[1] not in (mf.SGDScheduleFree, mf.AdamWScheduleFree)]
+LAYOUTS = [("bf16_state", torch.float32), ("master", torch.bfloat16), ("master", torch.float16),
+           ("bf16_sr", torch.bfloat16)]
+
+
+def _start(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES], gen
+
+
+def _grads(gen, dtype, sign, signs, scale):
+    out = []
+    for i, s in enumerate(SHAPES):
+        if sign:
+            g = signs[i] * (0.5 + torch.rand(s, generator=gen, dtype=torch.float64))
+        else:
+            g = torch.randn(s, generator=gen, dtype=torch.float64) * scale
+        out.append(g.to(dtype))
+    return out
+
+
+def _run_pair(cls, kw, layout, dtype, sign, lp, steps=10):
+    """(layout optimizer, its params, float64 oracle optimizer, its params): the same start and grads."""
+    kw = dict(kw)
+    scale = 1.0
+    if lp:
+        lp = dict(lp)
+        scale = lp.pop("gscale", 1.0)
+        kw.update(lp)
+    init, gen = _start(dtype)
+    ps = [x.clone().requires_grad_() for x in init]
+    rs = [x.double().requires_grad_() for x in init]
+    opt = cls(ps, backend="reference", layout=layout, **kw)
+    ref = cls(rs, backend="reference", **kw)
+    signs = [torch.randint(0, 2, s, generator=gen).double() * 2 - 1 for s in SHAPES]
+    for _ in range(steps):
+        for p, r, g in zip(ps, rs, _grads(gen, dtype, sign, signs, scale)):
+            p.grad, r.grad = g, g.double()
+        opt.step()
+        ref.step()
+    return opt, ps, ref, rs
+
+
+@pytest.mark.parametrize("layout,dtype", LAYOUTS, ids=[f"{a}-{str(b)[6:]}" for a, b in LAYOUTS])
+@pytest.mark.parametrize("case", NON_SF, ids=[c[0] for c in NON_SF])
+def test_layout_against_the_float64_oracle(case, layout, dtype):
+    cid, cls, kw0, _, sign, lp = case
+    opt, ps, ref, rs = _run_pair(cls, kw0, layout, dtype, sign, lp)
+    lay = layouts.get_layout(layout)
+    for i, (p, r) in enumerate(zip(ps, rs)):
+        st, rst = opt.state[p], ref.state[r]
+        assert p.dtype == dtype
+        assert set(st) == set(rst) | ({"master"} if lay.master else set())
+        if lay.master:
+            assert st["master"].dtype == torch.float32
+            torch.testing.assert_close(st["master"].double(), r.detach(), **tol(torch.float32),
+                                       msg=lambda m: f"{cid} master {i}: {m}")
+            assert torch.equal(p.detach(), st["master"].to(dtype)), "param = master rounded to nearest even"
+        state_tol = tol(torch.float32) if lay.master else tol(torch.bfloat16)
+        if not lay.master:
+            torch.testing.assert_close(p.detach().double(), r.detach(), **tol(torch.bfloat16),
+                                       msg=lambda m: f"{cid} param {i}: {m}")
+        for k, v in rst.items():
+            if k in ("step", "mu_product"):
+                assert float(st[k]) == float(v)
+                continue
+            assert st[k].dtype == lay.state_dtype_for(dtype), k
+            torch.testing.assert_close(st[k].double(), v, **state_tol, msg=lambda m: f"{cid} param {i} state {k}: {m}")
+
+
+def test_master_copy_is_created_from_the_param_and_checkpoints_keep_layout_dtypes():
+    p = torch.randn(1000, dtype=torch.float64).to(torch.bfloat16).requires_grad_()
+    opt = mf.AdamW([p], lr=1e-2, layout="master")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    st = opt.state[p]
+    assert st["master"].dtype == torch.float32 and st["exp_avg"].dtype == torch.float32
+    master = st["master"].clone()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["layout"] == "master"
+    q = p.detach().clone().requires_grad_()
+    opt2 = mf.AdamW([q], lr=1e-2, layout="master")
+    opt2.load_state_dict(sd)
+    assert opt2.state[q]["master"].dtype == torch.float32  # torch would have cast it to bf16
+    assert torch.equal(opt2.state[q]["master"], master)
+    for o, x in ((opt, p), (opt2, q)):
+        x.grad = torch.ones_like(x)
+        o.step()
+    assert torch.equal(p, q) and torch.equal(opt.state[p]["master"], opt2.state[q]["master"])
+
+
+def test_bf16_state_round_trip_and_sr_step_in_the_state_dict():
+    p = torch.randn(300).requires_grad_()
+    opt = mf.SGD([p], lr=0.1, momentum=0.9, layout="bf16_state")
+    p.grad = torch.randn(300)
+    opt.step()
+    assert opt.state[p]["momentum_buffer"].dtype == torch.bfloat16
+    opt2 = mf.SGD([p.detach().clone().requires_grad_()], lr=0.1, momentum=0.9, layout="bf16_state")
+    opt2.load_state_dict(opt.state_dict())
+    assert next(iter(opt2.state.values()))["momentum_buffer"].dtype == torch.bfloat16
+    b = torch.randn(300).to(torch.bfloat16).requires_grad_()
+    sr = mf.Lion([b], lr=0.1, layout="bf16_sr", sr_seed=3)
+    for _ in range(3):
+        b.grad = torch.randn(300).to(torch.bfloat16)
+        sr.step()
+    assert sr.state_dict()["param_groups"][0]["sr_step"] == 3 and sr.param_groups[0]["sr_seed"] == 3
+
+
+def test_sr_runs_are_deterministic_per_seed_and_differ_across_seeds():
+    def run(seed):
+        b = torch.linspace(-3, 3, 5000).to(torch.bfloat16).requires_grad_()
+        opt = mf.SGD([b], lr=1e-3, momentum=0.9, layout="bf16_sr", sr_seed=seed, backend="reference")
+        for k in range(4):
+            b.grad = torch.cos(torch.arange(5000.0) + k).to(torch.bfloat16)
+            opt.step()
+        return b.detach().clone(), opt.state[b]["momentum_buffer"].clone()
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_sr_is_unbiased_and_matches_the_hash_spec():
+    x = torch.full((1 << 16,), 1.0 + 3 * 2.0 ** -10)  # 3/8 of the way from 1.0 to the next bf16 (1 + 2^-7)
+    y = layouts.sr_round_bf16(x, layouts.sr_key(5, 0, 0), 0).float()
+    assert set(y.unique().tolist()) == {1.0, 1.0 + 2.0 ** -7}
+    frac = (y > 1.0).double().mean().item()
+    assert abs(frac - 0.375) < 5 * (0.375 * 0.625 / x.numel()) ** 0.5
+    # exactly representable values never move; non-finite ones round to nearest
+    z = torch.tensor([1.0, -2.5, 0.0, float("inf"), -float("inf")])
+    assert torch.equal(layouts.sr_round_bf16(z, 123, 2).float(), z)
+    assert torch.isnan(layouts.sr_round_bf16(torch.tensor([float("nan")]), 1, 0)).all()
+    # the host hash and the tensor hash agree
+    i = 70_000
+    h = layouts.lowbias32((i & layouts.M32) ^ ((9 + 2 * layouts.GOLDEN) & layouts.M32))
+    assert int(layouts.sr_bits(i + 1, 9, 2)[i]) == h & 0xFFFF
+
+
+@pytest.mark.parametrize("layout,dtype,match", [
+    ("master", torch.float32, "cannot hold a torch.float32 param"),
+    ("bf16_state", torch.bfloat16, "cannot hold a torch.bfloat16 param"),
+    ("bf16_sr", torch.float16, "cannot hold a torch.float16 param"),
+])
+def test_unsupported_param_dtype_raises(layout, dtype, match):
+    with pytest.raises(TypeError, match=match):
+        mf.AdamW([torch.zeros(3, dtype=dtype, requires_grad=True)], layout=layout)
+
+
+def test_bad_layout_values_and_unsupported_optimizers_raise():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="unknown dtype layout 'fp8'.*supported layouts"):
+        mf.SGD([p], lr=0.1, layout="fp8")
+    with pytest.raises(ValueError, match="sr_seed must be a non-negative int"):
+        mf.SGD([p], lr=0.1, sr_seed=-1)
+    with pytest.raises(ValueError, match="does not support dtype layout 'bf16_state'"):
+        mf.AdamWScheduleFree([p], layout="bf16_state")
+
+
+def test_a_param_whose_dtype_changed_raises_at_step_and_nothing_changes():
+    p = torch.randn(8).to(torch.bfloat16).requires_grad_()
+    q = torch.randn(8).to(torch.bfloat16).requires_grad_()
+    opt = mf.AdamW([p, q], lr=1e-2, layout="master")
+    for x in (p, q):
+        x.grad = torch.randn_like(x)
+    opt.step()
+    q.data = q.data.float()  # now fp32: not a master-layout param
+    q.grad = torch.randn_like(q)
+    assert_step_raises_unchanged(opt, [p, q], TypeError, "cannot hold a torch.float32 param")
+
+
+def test_state_of_the_wrong_dtype_raises_and_nothing_changes():
+    p = torch.randn(8).requires_grad_()
+    opt = mf.SGD([p], lr=0.1, momentum=0.9, layout="bf16_state")
+    p.grad = torch.randn(8)
+    opt.step()
+    opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].float()
+    assert_step_raises_unchanged(opt, [p], ValueError, "expected torch.bfloat16")
