@@ -1,0 +1,345 @@
+"""The worker side of tests/test_distributed.py: scenarios run by 2 gloo processes (CPU).
+
+``run_scenarios(scenarios, env)`` spawns WORLD processes (torch.multiprocessing, start method spawn);
+each one initialises a gloo process group, runs every scenario in order and writes its own results
+to ``rank{r}.pt``; the parent returns ``[results of rank 0, results of rank 1]``, each a dict
+``{scenario id: result dict}``. A scenario that raises on a rank is recorded as ``{"error": traceback}``
+for that rank (the next scenario still runs; collectives time out after TIMEOUT_S instead of hanging).
+
+Every scenario trains the same tiny float64 MLP (layers of 7, 5 and 1 output rows, so FSDP2's dim-0
+shards are uneven and rank 1 holds an *empty* shard of the last layer) on the rank's half of a
+global batch, and also trains an unwrapped copy on the whole batch in the same process (the
+single-process reference). The loss is a mean, and DDP / FSDP2 average gradients over the 2 ranks, so
+both runs follow the same math; they differ only by round-off in the gradients.
+
+Top-level imports are stdlib only: ``_entry`` applies ``env`` (e.g. TRITON_INTERPRET=1) before
+torch, triton or momentum_fused are imported in the child.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import traceback
+
+WORLD = 2
+TIMEOUT_S = 60
+STEPS = 5
+GLOBAL_BATCH = 8
+
+# name -> (class name in momentum_fused, kwargs)
+OPTIMIZERS = {
+    "sgd_momentum": ("SGD", dict(lr=0.05, momentum=0.9, weight_decay=0.01)),
+    "adamw": ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+    "lion": ("Lion", dict(lr=0.003, weight_decay=0.1)),
+    "sf_adamw": ("AdamWScheduleFree", dict(lr=0.01, weight_decay=0.01, warmup_steps=2)),
+    # the Polyak step: two global inner products per step, all-reduced over the FSDP shards
+    "sf_sgd_polyak": ("SGDScheduleFree", dict(lr="polyak", momentum=0.9, polyak_max_lr=5.0)),
+}
+
+
+# ------------------------------------------------------------------------------------------ parent side
+def run_scenarios(scenarios: list[dict], env: dict | None = None) -> list[dict]:
+    """Run ``scenarios`` (dicts with "id", "kind" and the kind's arguments) on WORLD processes."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_entry, args=(d, scenarios, dict(env or {})), nprocs=WORLD, join=True)
+        import torch
+
+        return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+# ------------------------------------------------------------------------------------------ child side
+def _entry(rank: int, tmpdir: str, scenarios: list[dict], env: dict) -> None:
+    os.environ.update(env)
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmpdir, 'rendezvous')}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
+    results = {}
+    try:
+        for sc in scenarios:
+            try:
+                results[sc["id"]] = _KINDS[sc["kind"]](rank, tmpdir, **{k: v for k, v in sc.items()
+                                                                        if k not in ("id", "kind")})
+            except Exception:
+                results[sc["id"]] = {"error": f"rank {rank}: " + traceback.format_exc()}
+    finally:
+        torch.save(results, os.path.join(tmpdir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def _make_model(dtype, seed=0):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1)).to(dtype)
+
+
+def _batches(dtype, steps=STEPS):
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, 6, generator=gen, dtype=torch.float64).to(dtype),
+             torch.randn(GLOBAL_BATCH, 1, generator=gen, dtype=torch.float64).to(dtype)) for _ in range(steps)]
+
+
+def _half(t, rank):
+    n = GLOBAL_BATCH // WORLD
+    return t[rank * n:(rank + 1) * n]
+
+
+def _make_opt(name, params, backend):
+    import momentum_fused as mf
+
+    cls, kw = OPTIMIZERS[name]
+    return getattr(mf, cls)(params, **kw, backend=backend)
+
+
+def _full(t):
+    """A DTensor gathered (collective: every rank calls it in the same order), or a detached copy."""
+    from momentum_fused.distributed import is_dtensor
+
+    t = t.full_tensor() if is_dtensor(t) else t
+    return t.detach().clone()
+
+
+def _snapshot(opt, params) -> dict:
+    """Full params and every tensor state entry (gathered), plus the group counters."""
+    import torch
+
+    state = []
+    for p in params:
+        st = opt.state.get(p, {})
+        state.append({k: (_full(v) if isinstance(v, torch.Tensor) else v) for k, v in sorted(st.items())})
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return dict(params=[_full(p) for p in params], state=state, groups=groups)
+
+
+def _train_step(model, opt, x, y, closure_loss_allreduce=False, polyak=False):
+    """One step: the loss is the mean squared error of ``model`` on (x, y)."""
+    import torch.distributed as dist
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        if closure_loss_allreduce:  # the global loss: the mean of the ranks' means
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        return loss
+
+    if polyak:
+        return opt.step(closure)
+    closure()
+    return opt.step()
+
+
+def _reference(opt_name, backend, dtype, steps=STEPS, seed=0, eval_at_end=False):
+    """Single-process training of the unwrapped model on the whole batch."""
+    model = _make_model(dtype, seed)
+    params = list(model.parameters())
+    opt = _make_opt(opt_name, params, backend)
+    polyak = OPTIMIZERS[opt_name][1].get("lr") == "polyak"
+    for x, y in _batches(dtype, steps):
+        _train_step(model, opt, x, y, polyak=polyak)
+    out = _snapshot(opt, params)
+    if eval_at_end:
+        opt.eval()
+        out["eval_params"] = [p.detach().clone() for p in params]
+    return out
+
+
+def _fsdp(model):
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _wrap(wrapper, model):
+    if wrapper == "fsdp":
+        return _fsdp(model), model
+    if wrapper == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model), model
+    raise ValueError(wrapper)
+
+
+def scenario_train(rank, tmpdir, wrapper, opt_name, backend, dtype="float64"):
+    """DDP or FSDP2 training over STEPS steps vs the single-process reference."""
+    import torch
+
+    from momentum_fused.distributed import is_dtensor
+
+    dtype = getattr(torch, dtype)
+    sf = opt_name.startswith("sf_")
+    polyak = OPTIMIZERS[opt_name][1].get("lr") == "polyak"
+    ref = _reference(opt_name, backend, dtype, eval_at_end=sf)
+    wrapped, inner = _wrap(wrapper, _make_model(dtype))
+    params = list(inner.parameters())
+    opt = _make_opt(opt_name, params, backend)
+    for x, y in _batches(dtype):
+        _train_step(wrapped, opt, _half(x, rank), _half(y, rank), closure_loss_allreduce=polyak, polyak=polyak)
+    # layouts of the tensor state: (key, param is DTensor, state is DTensor, same placements,
+    # local state shape, local param shape)
+    layouts = []
+    for p in params:
+        for k, v in sorted(opt.state[p].items()):
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                layouts.append((k, is_dtensor(p), is_dtensor(v),
+                                tuple(p.placements) == tuple(v.placements) if is_dtensor(v) else None,
+                                tuple(v.to_local().shape) if is_dtensor(v) else tuple(v.shape),
+                                tuple(p.to_local().shape) if is_dtensor(p) else tuple(p.shape)))
+    out = dict(dist=_snapshot(opt, params), ref=ref, layouts=layouts,
+               local_numels=[(p.to_local() if is_dtensor(p) else p).numel() for p in params])
+    if sf:
+        opt.eval()
+        out["eval_params"] = [_full(p) for p in params]
+    return out
+
+
+def scenario_step_comm(rank, tmpdir, wrapper, opt_name, backend):
+    """Collectives issued inside ``optimizer.step()`` (DTensor dispatch and c10d), FSDP2."""
+    import torch
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    polyak = OPTIMIZERS[opt_name][1].get("lr") == "polyak"
+    wrapped, inner = _wrap(wrapper, _make_model(torch.float64))
+    opt = _make_opt(opt_name, list(inner.parameters()), backend)
+    counts = []
+    for x, y in _batches(torch.float64, 2):
+        xr, yr = _half(x, rank), _half(y, rank)
+        opt.zero_grad()
+        loss = ((wrapped(xr) - yr) ** 2).mean()
+        loss.backward()
+        if polyak:
+            loss = loss.detach()
+            torch.distributed.all_reduce(loss)
+            with CommDebugMode() as comm:
+                opt.step(lambda: loss)  # the closure only returns the (already global) loss
+        else:
+            with CommDebugMode() as comm:
+                opt.step()
+        counts.append({str(k): v for k, v in comm.get_comm_counts().items()})
+    return dict(counts=counts)
+
+
+def _build_fsdp(opt_name, backend, seed=0):
+    import torch
+
+    model = _fsdp(_make_model(torch.float64, seed))
+    return model, _make_opt(opt_name, list(model.parameters()), backend)
+
+
+def scenario_checkpoint(rank, tmpdir, opt_name, backend, save_after=3):
+    """torch.distributed.checkpoint of an FSDP2 model + optimizer after ``save_after`` steps, loaded
+    into a fresh model and optimizer (other init), continued to STEPS: vs an uninterrupted run."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    from momentum_fused.distributed import is_dtensor
+
+    batches = _batches(torch.float64)
+    ckpt = os.path.join(tmpdir, f"ckpt-{opt_name}-{backend}")
+    polyak = OPTIMIZERS[opt_name][1].get("lr") == "polyak"
+
+    def steps(model, opt, ts):
+        for t in ts:
+            x, y = batches[t]
+            _train_step(model, opt, _half(x, rank), _half(y, rank), closure_loss_allreduce=True, polyak=polyak)
+
+    m_a, o_a = _build_fsdp(opt_name, backend)
+    steps(m_a, o_a, range(STEPS))
+    uninterrupted = _snapshot(o_a, list(m_a.parameters()))
+
+    m_b, o_b = _build_fsdp(opt_name, backend)
+    steps(m_b, o_b, range(save_after))
+    osd = get_optimizer_state_dict(m_b, o_b)
+    saved_state_types = sorted({type(v).__name__ for st in osd["state"].values() for k, v in st.items()
+                                if isinstance(v, torch.Tensor) and v.dim() > 0})
+    dcp.save({"model": get_model_state_dict(m_b), "optim": osd}, checkpoint_id=ckpt)
+
+    m_c, o_c = _build_fsdp(opt_name, backend, seed=123)  # other init: the load must overwrite it
+    sd = {"model": get_model_state_dict(m_c), "optim": get_optimizer_state_dict(m_c, o_c)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(m_c, sd["model"])
+    set_optimizer_state_dict(m_c, o_c, sd["optim"])
+    loaded_is_dtensor = all(is_dtensor(v) for st in o_c.state.values() for v in st.values()
+                            if isinstance(v, torch.Tensor) and v.dim() > 0)
+    steps(m_c, o_c, range(save_after, STEPS))
+    return dict(uninterrupted=uninterrupted, resumed=_snapshot(o_c, list(m_c.parameters())),
+                saved_state_types=saved_state_types, loaded_is_dtensor=loaded_is_dtensor)
+
+
+def scenario_zero(rank, tmpdir, opt_name, backend):
+    """ZeroRedundancyOptimizer (each rank updates its partition) wrapping our optimizer, under DDP."""
+    import torch
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import momentum_fused as mf
+
+    ref = _reference(opt_name, backend, torch.float64)
+    model = _make_model(torch.float64)
+    ddp = DDP(model)
+    cls, kw = OPTIMIZERS[opt_name]
+    # the backend is an optimizer attribute, not a param-group key: bind it with functools.partial
+    # (ZeRO copies its keyword arguments into every param group)
+    opt = ZeroRedundancyOptimizer(list(model.parameters()),
+                                  optimizer_class=functools.partial(getattr(mf, cls), backend=backend), **kw)
+    for x, y in _batches(torch.float64):
+        _train_step(ddp, opt, _half(x, rank), _half(y, rank))
+    local_params = sum(len(g["params"]) for g in opt.optim.param_groups)
+    return dict(params=[p.detach().clone() for p in model.parameters()], ref=ref, local_params=local_params,
+                local_type=type(opt.optim).__name__)
+
+
+_KINDS = {"train": scenario_train, "step_comm": scenario_step_comm, "checkpoint": scenario_checkpoint,
+          "zero": scenario_zero}
+
+
+def scenario_bad_grad(rank, tmpdir, backend):
+    """A DTensor param whose .grad is a plain tensor of the global shape: step() raises before
+    anything changes (the local shards would not line up element by element)."""
+    import torch
+
+    model = _fsdp(_make_model(torch.float64))
+    params = list(model.parameters())
+    opt = _make_opt("adamw", params, backend)
+    x, y = _batches(torch.float64, 1)[0]
+    _train_step(model, opt, _half(x, rank), _half(y, rank))  # one good step: state exists
+    opt.zero_grad()
+    ((model(_half(x, rank)) - _half(y, rank)) ** 2).mean().backward()
+    before = [p.to_local().clone() for p in params] + [v.to_local().clone() for p in params
+                                                        for k, v in sorted(opt.state[p].items()) if k != "step"]
+    params[0].grad = torch.ones(params[0].shape, dtype=torch.float64)
+    try:
+        opt.step()
+        message = None
+    except RuntimeError as e:
+        message = str(e)
+    after = [p.to_local().clone() for p in params] + [v.to_local().clone() for p in params
+                                                       for k, v in sorted(opt.state[p].items()) if k != "step"]
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, after))
+    steps = [float(opt.state[p]["step"]) for p in params]
+    return dict(message=message, unchanged=unchanged, steps=steps)
+
+
+_KINDS["bad_grad"] = scenario_bad_grad

@@ -1,0 +1,297 @@
+"""The PyTorch toolbox around the optimizers (docs/ecosystem.md): torch.amp.GradScaler,
+torch.compile, every torch LR scheduler (+ momentum_fused.schedules.wsd), transformers.Trainer.
+
+"Every optimizer" is the package's public list: each FusedOptimizer subclass in momentum_fused.__all__,
+built with its case-table base kwargs (tests/optim_db.py) or its defaults.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+from torch.optim import lr_scheduler as lrs
+
+import momentum_fused as mf
+from optim_db import CASES, assert_snapshot_equal, snapshot
+
+PUBLIC = [getattr(mf, n) for n in mf.__all__
+          if isinstance(getattr(mf, n), type) and issubclass(getattr(mf, n), mf.FusedOptimizer)
+          and getattr(mf, n) is not mf.FusedOptimizer]
+_CPU_STATUS = mf.backends.status().get("cpu", "not registered")
+BACKENDS = [pytest.param("reference"),
+            pytest.param("cpu", marks=pytest.mark.skipif(_CPU_STATUS != "available",
+                                                         reason=f"cpu backend not built here: {_CPU_STATUS}"))]
+
+
+def _kwargs(cls) -> dict:
+    case = CASES.get(cls.__name__)
+    return dict(case.base) if case is not None else {}
+
+
+def _ids(classes):
+    return [c.__name__ for c in classes]
+
+
+def _model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).to(dtype)
+
+
+def _data(steps, dtype=torch.float32, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 4, generator=gen).to(dtype), torch.randn(8, 2, generator=gen).to(dtype))
+            for _ in range(steps)]
+
+
+def test_public_list_is_complete():
+    assert {c.__name__ for c in PUBLIC} >= {"SGD", "AdamW", "Lion", "SGDScheduleFree", "AdamWScheduleFree"}
+
+
+# ------------------------------------------------------------------ GradScaler
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", PUBLIC, ids=_ids(PUBLIC))
+def test_grad_scaler_inf_step_changes_nothing_and_halves_the_scale(cls, backend):
+    model = _model()
+    params = list(model.parameters())
+    opt = cls(params, **_kwargs(cls), backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
+    data = _data(4)
+    for t, (x, y) in enumerate(data):
+        opt.zero_grad()
+        scaler.scale(((model(x) - y) ** 2).mean()).backward()
+        if t == 2:  # overflow: one inf in one gradient
+            params[0].grad[0, 0] = float("inf")
+            before, scale = snapshot(opt, params), scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if t == 2:
+            assert_snapshot_equal(before, snapshot(opt, params))  # params, state, group counters
+            assert scaler.get_scale() == scale / 2
+    # the step after the overflow is taken again
+    assert not torch.equal(params[0], before["params"][0])
+
+
+# ------------------------------------------------------------------ torch.compile
+def _train_step_fn(model, opt):
+    def train_step(x, y):
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+    return train_step
+
+
+def _our_breaks(counters) -> set:
+    """The functions named by graph-break reasons that involve momentum_fused. dynamo may word the one
+    break at ``opt.step()`` more than once (e.g. once through an LR scheduler's step wrapper), so the
+    check is on the set of functions: it must be exactly {the dynamo-disabled step()}."""
+    import re
+
+    out = set()
+    for reason in counters["graph_break"]:
+        if "momentum_fused" in reason or "FusedOptimizer" in reason or "_ScheduleFree" in reason:
+            assert "marked as skipped" in reason, reason  # not an unsupported op/builtin of ours
+            out.update(re.findall(r"function `([^`]+)`", reason) or [reason])
+    return out
+
+
+_STEP = {mf.SGD: "FusedOptimizer.step", mf.AdamW: "FusedOptimizer.step", mf.Lion: "FusedOptimizer.step",
+         mf.AdamWScheduleFree: "_ScheduleFree.step"}
+
+
+COMPILE_CLASSES = [mf.SGD, mf.AdamW, mf.Lion, mf.AdamWScheduleFree]
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", COMPILE_CLASSES, ids=_ids(COMPILE_CLASSES))
+def test_compiled_train_step_equals_eager(cls, backend, lr_kind):
+    """torch.compile(fullgraph=False) of a train step that calls step(), with a scheduler changing the
+    lr every step: bitwise equal to eager (aot_eager keeps the forward/backward math; the optimizer
+    runs eagerly by design), exactly ONE graph break attributed to momentum_fused (the step() call,
+    which is dynamo-disabled) and none to its ops, and no recompilation when the lr changes."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    kw = _kwargs(cls)
+    if lr_kind == "tensor":
+        kw["lr"] = torch.tensor(float(kw.get("lr", 1e-3)))
+    runs = []
+    for compiled in (False, True):
+        model = _model()
+        opt = cls(model.parameters(), **copy.deepcopy(kw), backend=backend)
+        sched = lrs.ExponentialLR(opt, gamma=0.7)
+        step = _train_step_fn(model, opt)
+        if compiled:
+            step = torch.compile(step, fullgraph=False, backend="aot_eager")
+        for x, y in _data(5):
+            step(x, y)
+            sched.step()
+        runs.append((model, opt))
+    (m_e, o_e), (m_c, o_c) = runs
+    for a, b in zip(m_e.parameters(), m_c.parameters()):
+        assert torch.equal(a, b)
+        for k, v in o_e.state[a].items():
+            assert torch.equal(v, o_c.state[b][k]), k
+    assert _our_breaks(counters) == {_STEP[cls]}
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # no recompile on lr changes
+
+
+def test_compiled_train_step_inductor_matches_eager():
+    """The default inductor backend: the compiled forward/backward differ from eager by round-off only."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    outs = []
+    for compiled in (False, True):
+        model = _model(dtype=torch.float64)
+        opt = mf.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        step = _train_step_fn(model, opt)
+        if compiled:
+            step = torch.compile(step, fullgraph=False)
+        for x, y in _data(4, torch.float64):
+            step(x, y)
+        outs.append(list(model.parameters()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert _our_breaks(counters) == {"FusedOptimizer.step"}
+
+
+@pytest.mark.skipif(_CPU_STATUS != "available", reason=f"cpu backend not built here: {_CPU_STATUS}")
+def test_cpu_step_op_registration_passes_opcheck():
+    """momentum_fused::cpu_step, called with the arguments a real AdamW step passes it: schema with
+    mutation annotations, fake kernel, autograd registration and AOT dispatch (torch.library.opcheck)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op = torch.ops.momentum_fused.cpu_step.default
+    calls = []
+
+    class Capture(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is op:
+                calls.append(copy.deepcopy((args, kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)]
+    opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="cpu")
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+    opt.step()  # creates the state
+    with Capture():
+        opt.step()
+    assert len(calls) == 1, "the cpu backend did not go through torch.ops.momentum_fused.cpu_step"
+    args, kwargs = calls[0]
+    result = torch.library.opcheck(op, args, kwargs)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+# ------------------------------------------------------------------ LR schedulers
+SCHEDULERS = {
+    "LambdaLR": lambda o: lrs.LambdaLR(o, lambda s: 1.0 / (1 + s)),
+    "MultiplicativeLR": lambda o: lrs.MultiplicativeLR(o, lambda s: 0.9),
+    "StepLR": lambda o: lrs.StepLR(o, step_size=2, gamma=0.5),
+    "MultiStepLR": lambda o: lrs.MultiStepLR(o, milestones=[2, 5], gamma=0.3),
+    "ConstantLR": lambda o: lrs.ConstantLR(o, factor=0.5, total_iters=3),
+    "LinearLR": lambda o: lrs.LinearLR(o, start_factor=0.25, total_iters=4),
+    "ExponentialLR": lambda o: lrs.ExponentialLR(o, gamma=0.8),
+    "SequentialLR": lambda o: lrs.SequentialLR(o, [lrs.LinearLR(o, start_factor=0.5, total_iters=3),
+                                                   lrs.ExponentialLR(o, gamma=0.9)], milestones=[3]),
+    "CosineAnnealingLR": lambda o: lrs.CosineAnnealingLR(o, T_max=6, eta_min=1e-4),
+    "ChainedScheduler": lambda o: lrs.ChainedScheduler([lrs.ConstantLR(o, factor=0.5, total_iters=2),
+                                                        lrs.ExponentialLR(o, gamma=0.9)]),
+    "ReduceLROnPlateau": lambda o: lrs.ReduceLROnPlateau(o, mode="min", factor=0.5, patience=1),
+    "CyclicLR": lambda o: lrs.CyclicLR(o, base_lr=1e-3, max_lr=1e-2, step_size_up=3, cycle_momentum=False),
+    "CosineAnnealingWarmRestarts": lambda o: lrs.CosineAnnealingWarmRestarts(o, T_0=3, T_mult=2),
+    "OneCycleLR": lambda o: lrs.OneCycleLR(o, max_lr=1e-2, total_steps=10, cycle_momentum=False),
+    "PolynomialLR": lambda o: lrs.PolynomialLR(o, total_iters=6, power=2.0),
+    "wsd": lambda o: mf.schedules.wsd(o, warmup=2, stable=3, decay=3),
+}
+SCHED_STEPS = 9
+
+
+def test_scheduler_table_covers_every_torch_scheduler():
+    public = {n for n in lrs.__all__ if n not in ("LRScheduler", "_LRScheduler")
+              and isinstance(getattr(lrs, n), type)}
+    assert public <= set(SCHEDULERS), sorted(public - set(SCHEDULERS))
+
+
+def _drive(opt, name, params, grads, manual_lrs=None):
+    """SCHED_STEPS steps; returns the lr each step used (or, with manual_lrs, sets it by hand)."""
+    sched = SCHEDULERS[name](opt) if manual_lrs is None else None
+    used = []
+    for t in range(SCHED_STEPS):
+        if manual_lrs is not None:
+            for g in opt.param_groups:
+                g["lr"] = manual_lrs[t]
+        used.append(float(opt.param_groups[0]["lr"]))
+        for p, g in zip(params, grads[t]):
+            p.grad = g.clone()
+        opt.step()
+        if sched is not None:
+            sched.step(1.0) if name == "ReduceLROnPlateau" else sched.step()  # a flat metric: it reduces
+    return used
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+@pytest.mark.parametrize("cls", PUBLIC, ids=_ids(PUBLIC))
+def test_scheduler_drives_the_optimizer(cls, name):
+    """The scheduler produces the same lr sequence as for torch.optim.SGD, and the optimizer's steps
+    equal a run where group["lr"] is set by hand to that sequence (nothing caches the lr)."""
+    kw = {**_kwargs(cls), "lr": 0.01}
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,)]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(SCHED_STEPS)]
+    ref_params = [p.clone() for p in init]
+    ref_lrs = _drive(torch.optim.SGD(ref_params, lr=0.01), name, ref_params, grads)
+    a = [p.clone() for p in init]
+    opt = cls(a, **kw, backend="reference")
+    got = _drive(opt, name, a, grads)
+    assert got == ref_lrs
+    assert len(set(got)) > 1, "the schedule never changed the lr: the test would prove nothing"
+    b = [p.clone() for p in init]
+    manual = cls(b, **kw, backend="reference")
+    _drive(manual, name, b, grads, manual_lrs=got)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    if issubclass(cls, (mf.SGDScheduleFree, mf.AdamWScheduleFree)):
+        # schedule-free: the y and z updates of the last step used the group's lr at that step (times
+        # the warmup factor, 1 here): gamma_k = scheduled_lr
+        assert opt.param_groups[0]["scheduled_lr"] == got[-1]
+
+
+# ------------------------------------------------------------------ transformers.Trainer
+_HF_MISSING = [m for m in ("transformers", "accelerate") if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.skipif(bool(_HF_MISSING), reason=f"needs {' and '.join(_HF_MISSING)} (pip install -r requirements-dev.txt)")
+@pytest.mark.parametrize("optimizer", ["adamw", "sf_adamw"])
+def test_hf_trainer_example(optimizer):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    try:
+        import hf_trainer
+    finally:
+        sys.path.pop(0)
+    model0 = None
+    steps = 4
+    out = hf_trainer.main(steps=steps, optimizer=optimizer)
+    opt, model = out["optimizer"], out["model"]
+    assert len(out["losses"]) == steps and all(torch.isfinite(torch.tensor(out["losses"])))
+    # Trainer stepped OUR optimizer, once per training step
+    assert isinstance(opt, (mf.AdamW, mf.AdamWScheduleFree))
+    counts = {float(st["step"]) for st in opt.state.values() if "step" in st}
+    if optimizer == "adamw":
+        assert counts == {float(steps)}
+        # and the lr each step used is the WSD schedule's (warmup 1, stable 2, decay 1)
+        assert out["lrs"] == pytest.approx([3e-3 * mf.schedules.wsd_factor(s, 1, 2, 1) for s in range(steps)])
+    else:
+        assert opt.param_groups[0]["k"] == steps and opt.state  # schedule-free counts steps in the group
+    del model0, model
