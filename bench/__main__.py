@@ -31,7 +31,11 @@ import momentum_fused as mf
 from .core import best_bandwidth, make_params, measure_bandwidth, profile_shapes, summarize, time_fn
 from .rules import bytes_per_elem, providers, rules
 
-LAYOUTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# bench layout -> (param dtype, momentum_fused dtype layout). Torch and peer providers run the native
+# layout of the same param dtype (torch has no master-weight, bf16-state or stochastic-rounding variant).
+LAYOUTS = {"fp32": (torch.float32, "native"), "bf16": (torch.bfloat16, "native"),
+           "bf16_state": (torch.float32, "bf16_state"), "master": (torch.bfloat16, "master"),
+           "bf16_sr": (torch.bfloat16, "bf16_sr")}
 
 
 def machine_info(device: torch.device) -> dict:
@@ -108,8 +112,7 @@ def main(argv=None) -> int:
     layouts = (args.layouts or ("fp32" if args.quick else "fp32,bf16")).split(",")
     for lay in layouts:
         if lay not in LAYOUTS:
-            ap.error(f"unknown layout {lay!r}; supported: {sorted(LAYOUTS)} (fp32-master and stochastic-rounding "
-                     "layouts come with the compiled backends)")
+            ap.error(f"unknown layout {lay!r}; supported: {sorted(LAYOUTS)}")
     all_rules = rules()
     if args.rules:
         wanted = set(args.rules.split(","))
@@ -133,8 +136,8 @@ def main(argv=None) -> int:
     jobs, missing = [], {}
     for rule in all_rules:
         for lay in layouts:
-            dtype = LAYOUTS[lay]
-            provs, miss = providers(rule, device, dtype, include_reference=not args.no_reference)
+            dtype, mf_layout = LAYOUTS[lay]
+            provs, miss = providers(rule, device, dtype, include_reference=not args.no_reference, layout=mf_layout)
             for k, v in miss.items():
                 missing[f"{rule.name}/{lay}/{k}"] = v
             for prof in profiles:
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
     shapes_cache = {prof: profile_shapes(prof, total) for prof in profiles}
     for i, (rule, lay, prof, prov) in enumerate(jobs):
         _progress(i, len(jobs), f"{rule.name} {lay} {prof} {prov.name}")
-        dtype = LAYOUTS[lay]
+        dtype, mf_layout = LAYOUTS[lay]
         shapes = shapes_cache[prof]
         numel = sum(math.prod(s) for s in shapes)
         try:
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
         except Exception as e:  # recorded, never silently dropped
             missing[f"{rule.name}/{lay}/{prof}/{prov.name}"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
             continue
-        bpe = bytes_per_elem(rule.n_state, dtype)
+        bpe = bytes_per_elem(rule.n_state, dtype, layout=mf_layout if prov.kind == "ours" else "native")
         gbps = bpe * numel / (res["median_ms"] * 1e-3) / 1e9
         runs.append({"rule": rule.name, "layout": lay, "profile": prof, "provider": prov.name, "kind": prov.kind,
                      "numel": numel, "n_tensors": len(shapes), "bytes_per_elem": bpe, **res, "GBps": gbps,

@@ -5,7 +5,7 @@
 # tool brings back at most 8): summary.txt and results.tgz (logs, JSON/markdown tables, plots).
 #
 # Usage: bash bench/device_check.sh [PHASE ...]      (no phase: all, in this order)
-#   env build test-cuda test-triton test-gpu-other bench-llm bench-tiny bench-retraction bench-lowrank
+#   env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
 # so the archive is written before the device tool's limit. Give the tool a timeout_s ~40 s above it.
 set -uo pipefail
@@ -58,6 +58,10 @@ phase_bench_llm() {
   run bench-llm 200 "$PY" -m bench --device cuda --quick --no-reference --params 1e9 --profiles llm \
     --rules "${LLM_RULES:-adamw,sgd_momentum,lion,sf_adamw,adam,nadam,rmsprop,signum,qhm,fsgdm}" --out "$WORK/bench-llm"
 }
+phase_bench_layouts() {
+  run bench-layouts 120 "$PY" -m bench --device cuda --quick --no-reference --params 1e9 --profiles llm \
+    --layouts fp32,bf16,bf16_state,master,bf16_sr --rules "${LAYOUT_RULES:-adamw,sgd_momentum,lion}" --out "$WORK/bench-layouts"
+}
 phase_bench_tiny() {
   run bench-tiny 120 "$PY" -m bench --device cuda --quick --no-reference --params 5.4e6 --profiles tiny \
     --rules "${TINY_RULES:-adamw,sgd_momentum,lion,sf_adamw}" --out "$WORK/bench-tiny"
@@ -66,7 +70,7 @@ phase_bench_retraction() { [ -f bench/bench_retraction.py ] && run bench-retract
 phase_bench_lowrank() { [ -f bench/bench_lowrank.py ] && run bench-lowrank 60 "$PY" -m bench.bench_lowrank --device cuda --out "$WORK/bench-lowrank"; }
 
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(env build test-cuda test-triton test-gpu-other bench-llm bench-tiny bench-retraction bench-lowrank)
+[ ${#phases[@]} -eq 0 ] && phases=(env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank)
 for ph in "${phases[@]}"; do
   echo "== $ph ($(( $(date +%s) - T0 )) s)" >> "$WORK/summary.txt"
   "phase_${ph//-/_}"

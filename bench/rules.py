@@ -24,12 +24,17 @@ class Rule:
     peers: dict = field(default_factory=dict)  # provider name -> (module, factory(module, params))
 
 
-def bytes_per_elem(n_state: int, param_dtype=torch.float32, grad_dtype=None, state_dtype=None) -> int:
+def bytes_per_elem(n_state: int, param_dtype=torch.float32, grad_dtype=None, state_dtype=None,
+                   layout: str = "native") -> int:
     """Bytes read + written per element by one fused pass: param read+write, grad read, each state
-    read+write (ALGORITHMS.md section 9)."""
+    read+write (ALGORITHMS.md section 9), in a momentum_fused dtype layout: bf16 state, or an fp32 master
+    copy read and written besides the param write (the param itself is then only written)."""
+    lay = mf.layouts.get_layout(layout)
     p = ELEM[param_dtype]
     g = ELEM[grad_dtype or param_dtype]
-    s = ELEM[state_dtype or param_dtype]
+    s = ELEM[state_dtype or lay.state_dtype_for(param_dtype)]
+    if lay.master:
+        return p + 2 * 4 + g + 2 * s * n_state
     return 2 * p + g + 2 * s * n_state
 
 
@@ -121,20 +126,34 @@ def _torch_variant_ok(cls, flag: str) -> bool:
     return flag in inspect.signature(cls.__init__).parameters
 
 
-def providers(rule: Rule, device: torch.device, dtype: torch.dtype, include_reference: bool = True) -> tuple[list, dict]:
-    """Available providers for ``rule`` and a {provider: reason} dict for those left out."""
+def _ours(rule: Rule, params, backend: str, layout: str):
+    """Our optimizer for ``rule``; the dtype layout is a param-group key, set before the first step."""
+    opt = rule.ours(params, backend)
+    if layout != "native":
+        if layout not in type(opt).supported_layouts:
+            raise ValueError(f"{type(opt).__name__} does not support dtype layout {layout!r}")
+        for g in opt.param_groups:
+            g["layout"] = layout
+    return opt
+
+
+def providers(rule: Rule, device: torch.device, dtype: torch.dtype, include_reference: bool = True,
+              layout: str = "native") -> tuple[list, dict]:
+    """Available providers for ``rule`` and a {provider: reason} dict for those left out. Ours run in
+    the momentum_fused dtype ``layout``; torch and peers in the native layout of ``dtype``."""
     avail, missing = [], {}
     spec_probe = [torch.zeros(1, device=device, dtype=dtype, requires_grad=True)]
+    lay = mf.layouts.get_layout(layout)
     for name in mf.backends.names():
         if name == "reference" and not include_reference:
             continue
         try:  # constructing and resolving tells whether this backend runs this rule here
-            opt = rule.ours(spec_probe, name)
-            mf.backends.resolve(name, opt.spec, device, dtype)
-        except Exception as e:  # unavailable, or unsupported rule/dtype: reported, not hidden
+            opt = _ours(rule, spec_probe, name, layout)
+            mf.backends.resolve(name, opt.spec, device, dtype, lay)
+        except Exception as e:  # unavailable, or unsupported rule/dtype/layout: reported, not hidden
             missing[f"ours:{name}"] = str(e).split("\n")[0]
             continue
-        avail.append(Provider(f"ours:{name}", "ours", lambda p, n=name: rule.ours(p, n)))
+        avail.append(Provider(f"ours:{name}", "ours", lambda p, n=name: _ours(rule, p, n, layout)))
     if rule.torch_cls is not None:
         for variant in ("forloop", "foreach", "fused"):
             kw = dict(rule.torch_kwargs)
