@@ -2,7 +2,8 @@
 // identical on the host and on the device (no compiler intrinsics, so the CPU and CUDA builds give the
 // same bits). fp32 and fp64 are stored as themselves.
 //
-// load<T>(S) widens a stored value to the math type T; store(S&, T) narrows with RNE.
+// load<T>(S) widens a stored value to the math type T; store(S&, T) narrows with RNE; store_sr(bf16&, float,
+// key_b, i) narrows with the stochastic rounding of momentum_fused/layouts.py.
 #pragma once
 
 #include "mf_common.h"
@@ -85,6 +86,39 @@ template <typename T>
 MF_HD MF_INLINE void store(bf16& d, T v) { d.bits = float_to_bf16(static_cast<float>(v)); }
 template <typename T>
 MF_HD MF_INLINE void store(fp16& d, T v) { d.bits = float_to_fp16(static_cast<float>(v)); }
+
+// ----------------------------------------------------------------------------- stochastic rounding
+// momentum_fused/layouts.py is the spec (and the torch reference, sr_round_bf16). Integer arithmetic
+// only: the same bits on every host and device.
+//   key_b = key + b * 0x9E3779B9  (b = 0 for the param, 1 + j for state j)
+//   r     = lowbias32(lo32(i) ^ key_b ^ lo32(hi32(i) * 0x85EBCA6B)) & 0xFFFF   (i: element index in its tensor)
+//   bits  = (u + r) >> 16 for finite u (u = fp32 bits; cannot overflow: u + r < 2^32), RNE for inf/NaN.
+MF_HD MF_INLINE uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+MF_HD MF_INLINE uint32_t sr_key_b(uint32_t key, uint32_t buffer) { return key + buffer * 0x9E3779B9u; }
+
+MF_HD MF_INLINE uint32_t sr_bits(uint32_t key_b, int64_t i) {
+  const uint64_t ui = static_cast<uint64_t>(i);
+  const uint32_t lo = static_cast<uint32_t>(ui), hi = static_cast<uint32_t>(ui >> 32);
+  return lowbias32(lo ^ key_b ^ (hi * 0x85EBCA6Bu)) & 0xFFFFu;
+}
+
+MF_HD MF_INLINE uint16_t float_to_bf16_sr(float f, uint32_t r) {
+  const uint32_t u = f32_bits(f);
+  const bool finite = (u & 0x7F800000u) != 0x7F800000u;
+  return finite ? static_cast<uint16_t>((u + r) >> 16) : float_to_bf16(f);
+}
+
+MF_HD MF_INLINE void store_sr(bf16& d, float v, uint32_t key_b, int64_t i) {
+  d.bits = float_to_bf16_sr(v, sr_bits(key_b, i));
+}
 
 // Math type for a storage type: double for fp64, float otherwise.
 template <typename S>

@@ -2,14 +2,15 @@
 
 The optimizers are ``torch.optim.Optimizer`` subclasses with torch's state names; the update rules
 are specified once in :mod:`momentum_fused.reference` and dispatched per (device, dtype) bucket by
-:mod:`momentum_fused.backends`.
+:mod:`momentum_fused.backends`. Dtype layouts: :mod:`momentum_fused.layouts`; the low-rank (DLRA) layer and
+optimizers: :mod:`momentum_fused.lowrank`.
 """
-from . import backends, reference, schedules, specs
+from . import backends, layouts, lowrank, reference, schedules, specs
 from .optim import (FSGDM, QHM, SGD, Adam, AdamTied, AdamW, AdamWScheduleFree, FusedOptimizer, Lion, NAdam,
                     RMSprop, SGDScheduleFree, SignSGD, Signum)
 
 __version__ = "0.1.0"
 
 __all__ = ["SGD", "QHM", "Adam", "AdamW", "AdamTied", "NAdam", "RMSprop", "SignSGD", "Signum", "Lion", "FSGDM",
-           "SGDScheduleFree", "AdamWScheduleFree", "FusedOptimizer", "backends", "reference", "schedules",
-           "specs", "__version__"]
+           "SGDScheduleFree", "AdamWScheduleFree", "FusedOptimizer", "backends", "layouts", "lowrank", "reference",
+           "schedules", "specs", "__version__"]

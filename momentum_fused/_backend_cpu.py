@@ -5,7 +5,14 @@ was not built (or fails to load), the backend is registered as unavailable with 
 error stored by setup.py in ``_C_cpu.build-error.txt``, or the import error.
 
 One call of ``apply`` runs one bucket through ONE op call (one OpenMP parallel region):
-``torch.ops.momentum_fused.cpu_step(params, grads, states_flat, scalars[n, k] float64, rule, flags)``.
+``torch.ops.momentum_fused.cpu_step(params, grads, states_flat, scalars[n, k] float64, rule, flags, layout,
+sr_keys)``.
+
+Dtype layouts (momentum_fused/layouts.py): all four (native, bf16_state, master, bf16_sr), passed to the op
+as ``LAYOUT_CODES[layout.name]`` (mirrored by ``enum Layout`` in csrc/cpu/cpu_kernels.h); with ``master``
+the fp32 master copy is the last tensor of each state tuple; with ``bf16_sr`` ``sr_keys`` (one uint32 per
+tensor) go to the op as an int64 tensor. The op checks every dtype against the layout table and raises
+before writing anything.
 
 Rule ids and flag bits are defined here, once, and mirrored by ``enum Rule`` / the flag enums in
 csrc/update_rules.h; ``make_backend`` checks the mirror against the compiled library (rule_id,
@@ -23,9 +30,10 @@ import os
 
 import torch
 
-from . import backends, specs
+from . import backends, layouts, specs
 
-__all__ = ["make_backend", "RULE_IDS", "FLAG_NAMES", "flags_to_int", "scalars_tensor", "SUPPORTED_DTYPES"]
+__all__ = ["make_backend", "RULE_IDS", "FLAG_NAMES", "LAYOUT_CODES", "flags_to_int", "scalars_tensor",
+           "layout_args", "SUPPORTED_DTYPES"]
 
 # ---- the ABI shared with csrc/update_rules.h (enum Rule and the per-rule flag enums) ----------------
 RULE_IDS = {"sgd": 0, "qhm": 1, "adam": 2, "nadam": 3, "rmsprop": 4, "signum": 5, "lion": 6, "fsgdm": 7,
@@ -44,6 +52,8 @@ FLAG_NAMES = {
     "adamw_sf": ("inner_momentum",),
 }
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# the layout codes of the ops (enum Layout in csrc/cpu/cpu_kernels.h; the CUDA op uses the same codes)
+LAYOUT_CODES = {"native": 0, "bf16_state": 1, "master": 2, "bf16_sr": 3}
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _BUILD_ERROR_FILE = os.path.join(_HERE, "_C_cpu.build-error.txt")
@@ -99,10 +109,45 @@ def scalars_tensor(scalars, k: int) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.float64).view(n, k)
 
 
+def layout_args(layout, sr_keys, n: int):
+    """(layout code, sr_keys int64 tensor or None) for the ops; raises ValueError for an unknown layout or
+    keys that do not match it (before anything is written)."""
+    lay = layouts.get_layout(layout)
+    if lay.name not in LAYOUT_CODES:
+        raise ValueError(f"momentum_fused: the compiled kernels have no layout {lay.name!r} "
+                         f"(they implement: {', '.join(LAYOUT_CODES)})")
+    if not lay.stochastic:
+        if sr_keys is not None:
+            raise ValueError(f"momentum_fused: sr_keys given, but layout {lay.name!r} does not round stochastically")
+        return LAYOUT_CODES[lay.name], None
+    if sr_keys is None or len(sr_keys) != n:
+        raise ValueError(f"momentum_fused: layout {lay.name!r} needs one sr_key per tensor ({n}), got "
+                         f"{None if sr_keys is None else len(sr_keys)}")
+    keys = [int(k) for k in sr_keys]
+    bad = [k for k in keys if not 0 <= k <= layouts.M32]
+    if bad:
+        raise ValueError(f"momentum_fused: sr_keys must be uint32 values, got {bad[0]}")
+    return LAYOUT_CODES[lay.name], torch.tensor(keys, dtype=torch.int64)
+
+
+_FAKE_REGISTERED = False
+
+
+def _register_fake() -> None:
+    """Fake (meta) kernel of ``momentum_fused::cpu_step`` for FakeTensor / torch.compile tracing: the op
+    only mutates its ``Tensor(a!)`` / ``Tensor(b!)`` lists in place and returns nothing."""
+    global _FAKE_REGISTERED
+    if not _FAKE_REGISTERED:
+        torch.library.register_fake("momentum_fused::cpu_step")(
+            lambda params, grads, states, scalars, rule, flags, layout=0, sr_keys=None: None)
+        _FAKE_REGISTERED = True
+
+
 def make_backend() -> backends.Backend:
     ops, err = _load()
     if err is not None:
         return backends.Backend(name="cpu", apply=None, devices=("cpu",), load_error=err)
+    _register_fake()
 
     def supports(spec, device, dtype):
         if device.type != "cpu":
@@ -115,13 +160,22 @@ def make_backend() -> backends.Backend:
                     f"{', '.join(str(d).replace('torch.', '') for d in SUPPORTED_DTYPES)})")
         return None
 
-    def apply(spec, flags, params, grads, states, scalars):
+    def apply(spec, flags, params, grads, states, scalars, *, layout=layouts.NATIVE, sr_keys=None, found_inf=None,
+              grad_scale=None):
         rule = RULE_IDS[spec.name]
         fl = flags_to_int(spec.name, flags)
         k = len(spec.scalar_names)
+        code, keys = layout_args(layout, sr_keys, len(params))
+        if found_inf is not None and float(found_inf) != 0.0:
+            return  # GradScaler protocol: an inf/NaN gradient somewhere, no write at all
+        packs = scalars_tensor(scalars, k)
+        if grad_scale is not None:  # as the CUDA kernels: the pack's grad_mult (last entry) / grad_scale
+            packs = packs.clone()
+            packs[:, k - 1] /= float(grad_scale)
         ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
-        ops.cpu_step(ps, gs, flat, scalars_tensor(scalars, k), rule, fl)
+        ops.cpu_step(ps, gs, flat, packs, rule, fl, code, keys)
         for orig, work in writeback:
             orig.copy_(work)
 
-    return backends.Backend(name="cpu", apply=apply, supports=supports, devices=("cpu",), load_error=None)
+    return backends.Backend(name="cpu", apply=apply, supports=supports, devices=("cpu",), load_error=None,
+                            layouts=tuple(LAYOUT_CODES))

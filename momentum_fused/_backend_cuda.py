@@ -7,10 +7,11 @@ triton) when it is usable. It is registered as unavailable, with the reason, whe
 the import error) or when torch sees no CUDA device.
 
 One call of ``apply`` runs one bucket through ONE op call, ``torch.ops.momentum_fused.cuda_step(params,
-grads, states_flat, scalars[n, k] float64, rule, flags, found_inf, grad_scale, lr)``, which launches
-ceil(chunks / 320) kernels (one for up to 36 tensors / 320 chunks of 65,536 elements; see
+grads, states_flat, scalars[n, k] float64, rule, flags, found_inf, grad_scale, lr, layout, sr_keys)``, which
+launches ceil(chunks / 320) kernels (one for up to 36 tensors / 320 chunks of 65,536 elements; see
 csrc/cuda/multi_tensor_apply.cuh). Rule ids and flag bits are those of the CPU backend
-(``_backend_cpu.RULE_IDS`` / ``FLAG_NAMES``), mirrored by csrc/update_rules.h.
+(``_backend_cpu.RULE_IDS`` / ``FLAG_NAMES``), mirrored by csrc/update_rules.h; so are the dtype layout codes
+(``_backend_cpu.LAYOUT_CODES``: native, bf16_state, master, bf16_sr; see momentum_fused/layouts.py).
 
 found_inf / grad_scale (one-element float32 CUDA tensors) are read by the kernels on the device: a
 nonzero found_inf makes every block return before any write. Non-contiguous tensors run on contiguous
@@ -23,8 +24,8 @@ import os
 
 import torch
 
-from . import backends
-from ._backend_cpu import FLAG_NAMES, RULE_IDS, flags_to_int, scalars_tensor
+from . import backends, layouts
+from ._backend_cpu import FLAG_NAMES, LAYOUT_CODES, RULE_IDS, flags_to_int, layout_args, scalars_tensor
 
 __all__ = ["make_backend", "SUPPORTED_DTYPES"]
 
@@ -82,7 +83,9 @@ def make_backend() -> backends.Backend:
                     f"{', '.join(str(d).replace('torch.', '') for d in SUPPORTED_DTYPES)})")
         return None
 
-    def apply(spec, flags, params, grads, states, scalars, *, found_inf=None, grad_scale=None) -> int:
+    def apply(spec, flags, params, grads, states, scalars, *, layout=layouts.NATIVE, sr_keys=None, found_inf=None,
+              grad_scale=None) -> int:
+        code, keys = layout_args(layout, sr_keys, len(params))
         if not params:
             return 0
         device = params[0].device
@@ -90,9 +93,10 @@ def make_backend() -> backends.Backend:
         packs = scalars_tensor(scalars, len(spec.scalar_names))
         ops.cuda_step(ps, gs, flat, packs, RULE_IDS[spec.name], flags_to_int(spec.name, flags),
                       _device_scalar(found_inf, "found_inf", device), _device_scalar(grad_scale, "grad_scale", device),
-                      None)
+                      None, code, keys)
         for orig, work in writeback:
             orig.copy_(work)
         return 1
 
-    return backends.Backend(name="cuda", apply=apply, supports=supports, devices=("cuda",), load_error=None)
+    return backends.Backend(name="cuda", apply=apply, supports=supports, devices=("cuda",), load_error=None,
+                            layouts=tuple(LAYOUT_CODES), device_scalars=True)

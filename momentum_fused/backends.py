@@ -53,6 +53,9 @@ class Backend:
     load_error: str | None = None  # why the backend could not be loaded (None: available)
     devices: tuple = ("cpu", "cuda")
     layouts: tuple = ("native",)  # dtype layouts (momentum_fused.layouts) that apply() implements
+    # apply() takes found_inf= / grad_scale= device tensors and reads them in the kernels (GradScaler
+    # without a host sync, see FusedOptimizer._device_amp)
+    device_scalars: bool = False
     _warned: set = field(default_factory=set)
 
     @property

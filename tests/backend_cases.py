@@ -141,3 +141,213 @@ def _case_params():
     return out
 
 
+
+
+# ====================================================================================== dtype layouts
+# Shared by the compiled backends' layout tests: the backend itself (backends.resolve(name, ...).apply) on
+# one bucket, every rule of CASES x every layout of momentum_fused/layouts.py, against the same layout run
+# in float64 math by a small loop over momentum_fused.reference.RULES (on the CPU): each step computes in
+# float64 from the STORED values and rounds with the layout's rounding (RNE through fp32 via .to(dtype), SR
+# via layouts.sr_round_bf16 of the fp32 value) -- a "rounded float64 reference".
+from momentum_fused import backends as _backends  # noqa: E402
+from momentum_fused import layouts as LAY  # noqa: E402
+from momentum_fused.reference import RULES as REF_RULES  # noqa: E402
+from momentum_fused.specs import SPECS as _SPECS  # noqa: E402
+
+ALL_LAYOUTS = ("native", "bf16_state", "master", "bf16_sr")
+# (layout, param dtype): the rows of the layout table (native's bf16/fp16 runs are the optimizer-level
+# parity tests)
+LAYOUT_RUNS = [("native", torch.float32), ("bf16_state", torch.float32), ("master", torch.bfloat16),
+               ("master", torch.float16), ("bf16_sr", torch.bfloat16)]
+# > 32,768 elements in all: two threads split the bucket (SR element indices start mid-tensor)
+LAYOUT_SHAPES = [(), (0,), (1,), (17,), (4097,), (3, 5, 7), (33_001,)]
+
+
+class LayoutRun:
+    """One bucket of one CASES row in one layout: the backend's tensors (on ``device``), the float64-math
+    reference's tensors (CPU, same storage dtypes), the host state and groups that give the scalar packs."""
+
+    def __init__(self, cls, kw0, kw1, lay, dtype, sign, lp, shapes=LAYOUT_SHAPES, seed=0, backend="cpu",
+                 device="cpu"):
+        self.lay = LAY.get_layout(lay)
+        self.dtype = dtype
+        self.sdtype = self.lay.state_dtype_for(dtype)
+        self.device = torch.device(device)
+        # the CASES low-precision settings (well-conditioned: no cancellation that would amplify one rounding
+        # step's difference) in every layout: a rounding at a boundary in one run and not the other is
+        # what each comparison has to absorb
+        self.gscale = 1.0
+        if lp is not None:
+            lp = dict(lp)
+            self.gscale = lp.pop("gscale", 1.0)
+            kw0 = {**kw0, **lp}
+            kw1 = {k: v for k, v in kw1.items() if k not in lp}
+        dummy = [torch.zeros(1, requires_grad=True) for _ in shapes]
+        opt = cls(_groups(dummy, kw0, kw1), backend="reference")  # only for spec / groups / packs
+        self.spec = spec = opt.spec
+        self.groups = opt.param_groups
+        self.group_of = [gi for gi, g in enumerate(self.groups) for _ in g["params"]]
+        assert len({tuple(spec.make_flags(g)) for g in self.groups}) == 1, "the groups must share flags"
+        self.flags = spec.make_flags(self.groups[0])
+        self.names = spec.state_names(self.groups[0])
+        self.backend = _backends.resolve(backend, spec, self.device, dtype)
+        assert self.lay.name in self.backend.layouts
+        self.gen = torch.Generator().manual_seed(seed)
+        self.shapes = shapes
+        self.signs = [torch.randint(0, 2, s, generator=self.gen).double() * 2 - 1 for s in shapes] if sign else None
+        ref_ps = [torch.randn(s, generator=self.gen, dtype=torch.float64).to(dtype) for s in shapes]
+        ref_states = []
+        for p in ref_ps:
+            st = [p.clone().to(self.sdtype) if k == "z" else torch.zeros(p.shape, dtype=self.sdtype)
+                  for k in self.names]  # schedule-free z starts as a copy of y
+            if self.lay.master:
+                st.append(p.float())
+            ref_states.append(st)
+        self.ref_ps, self.ref_states = ref_ps, ref_states
+        self.p0 = [p.clone() for p in ref_ps]
+        self.ps = [p.to(self.device, copy=True) for p in ref_ps]
+        self.states = [[t.to(self.device, copy=True) for t in st] for st in ref_states]
+        self.host = [{} for _ in shapes]
+        self.t = 0
+
+    def packs(self):
+        spec, out = self.spec, []
+        if spec.group_prepare is not None:
+            for g in self.groups:
+                spec.group_prepare(g)
+        for i, gi in enumerate(self.group_of):
+            g = self.groups[gi]
+            out.append(spec.make_scalars(g, self.host[i], self.t == 0, -1.0 if g.get("maximize") else 1.0))
+        if spec.group_advance is not None:
+            for g in self.groups:
+                spec.group_advance(g)
+        return out
+
+    def step(self):
+        gs = [g.to(self.dtype) for g in _grads(self.shapes, torch.float64, self.gen, self.signs, self.gscale)]
+        sc = self.packs()
+        keys = [LAY.sr_key(1234, self.t, i) for i in range(len(self.shapes))] if self.lay.stochastic else None
+        self.backend.apply(self.spec, self.flags, self.ps, [g.to(self.device) for g in gs],
+                           [tuple(s) for s in self.states], sc, layout=self.lay, sr_keys=keys)
+        fn = REF_RULES[self.spec.name]
+        ns = len(self.names)
+        for i, (p, g, st) in enumerate(zip(self.ref_ps, gs, self.ref_states)):
+            x = (st[ns] if self.lay.master else p).double()
+            s64 = tuple(t.double() for t in st[:ns])
+            fn(x, g.double(), s64, sc[i], self.flags)
+            x32, s32 = x.float(), [t.float() for t in s64]
+            if self.lay.stochastic:
+                p.copy_(LAY.sr_round_bf16(x32, keys[i], 0).view(p.shape))
+                for j, t in enumerate(s32):
+                    st[j].copy_(LAY.sr_round_bf16(t, keys[i], 1 + j).view(p.shape))
+            else:
+                p.copy_(x32)  # .to(storage dtype): round to nearest even
+                for j, t in enumerate(s32):
+                    st[j].copy_(t)
+                if self.lay.master:
+                    st[ns].copy_(x32)
+        self.t += 1
+
+    def compare(self):
+        """Tolerances of tests/tolerances.py for the storage dtype: a state's for its dtype, the master's for
+        fp32, the param's for the coarser of the param and state dtypes (bf16 state feeds fp32 params)."""
+        ns = len(self.names)
+        order = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+        ptol = tol(max(self.dtype, self.sdtype, key=order.index))
+        for i, (p, r, st, rst) in enumerate(zip(self.ps, self.ref_ps, self.states, self.ref_states)):
+            assert p.dtype == self.dtype and p.device == self.device
+            torch.testing.assert_close(p.cpu().double(), r.double(), **ptol, msg=lambda m: f"param {i}: {m}")
+            for j, (a, e) in enumerate(zip(st, rst)):
+                want = torch.float32 if j == ns else self.sdtype
+                assert a.dtype == want, (j, a.dtype, want)
+                what = "master" if j == ns else self.names[j]
+                torch.testing.assert_close(a.cpu().double(), e.double(), **tol(want),
+                                           msg=lambda m: f"{i} {what}: {m}")
+        assert any(not torch.equal(p.cpu(), q) for p, q in zip(self.ps, self.p0))  # the params did move
+
+
+def _layout_case_params():
+    out = []
+    for cid, cls, kw0, kw1, sign, lp in CASES:
+        for lay, dt in LAYOUT_RUNS:
+            out.append(pytest.param(cls, kw0, kw1, lay, dt, sign, lp,
+                                    id=f"{cid}-{lay}-{str(dt).replace('torch.', '')}"))
+    return out
+
+
+# ---- bit-exact stores: AMSGrad (4 buffers: param + 3 states) mirrored in torch fp32, op for op
+_ADAM = _SPECS["adam"]
+_AMS = _ADAM.Flags(False, True)
+
+
+def _adam_pack(t):
+    b1, b2, lr = 0.9, 0.999, 1e-2
+    return _ADAM.Scalars(lr, 0.0, b1, b2, 1e-8, lr / (1 - b1 ** t), (1 - b2 ** t) ** 0.5, 1.0)
+
+
+def _adam_mirror(p, g, m, v, vmax, sc):
+    """csrc/update_rules.h adam_math<float, false, true> with weight_decay 0 and grad_mult 1 in torch fp32
+    on the CPU, one IEEE operation at a time (as the kernels, compiled without FMA contraction)."""
+    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731  (constants: double -> float once)
+    w1, beta2, omb2, eps = f(1.0 - sc.beta1), f(sc.beta2), f(1.0 - sc.beta2), f(sc.eps)
+    nss, bc2 = f(-sc.step_size), f(sc.bc2_sqrt)
+    assert float(w1) < 0.5  # mf_lerp's first branch
+    m = m + w1 * (g - m)
+    v = v * beta2 + (omb2 * g) * g
+    vmax = torch.maximum(vmax, v)
+    # IEEE sqrt: through float64 (exact after rounding to fp32; torch's fp32 CPU sqrt is not correctly
+    # rounded); a full divisor: torch multiplies by the reciprocal of a scalar one
+    denom = torch.sqrt(vmax.double()).float() / torch.full_like(vmax, bc2) + eps
+    p = p + (nss * m) / denom
+    return p, m, v, vmax
+
+
+def _bits(t):
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+def _adam_bucket(lay, dtype, shapes, seed):
+    """CPU tensors: params, and per param (exp_avg, exp_avg_sq, max_exp_avg_sq[, master]) with values that
+    are not all representable in the storage dtype after an update."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = LAY.get_layout(lay).state_dtype_for(dtype)
+    ps = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    sts = []
+    for p in ps:
+        st = [torch.randn(p.shape, generator=gen).mul(0.1).to(sd), torch.rand(p.shape, generator=gen).add(0.01).to(sd)]
+        st.append((st[1].float() * (1 + torch.rand(p.shape, generator=gen))).to(sd))
+        if lay == "master":
+            st.append(p.float() + torch.randn(p.shape, generator=gen) * 1e-3)  # not the param's value
+        sts.append(st)
+    return ps, sts, gen
+
+
+def check_layout_stores_bit_exact(lay, dtype, backend="cpu", device="cpu"):
+    """Every store of every buffer equals the layout's rounding of the fp32 value, bit for bit: SR against
+    layouts.sr_round_bf16 (param = buffer 0, state j = buffer 1 + j, element index within the tensor),
+    RNE against torch's .to(); the master holds the fp32 value. Two steps from random stored values."""
+    shapes = [(200_003,), (5,), (70_001,)]
+    cps, csts, gen = _adam_bucket(lay, dtype, shapes, 11)
+    ps = [p.to(device, copy=True) for p in cps]
+    sts = [[t.to(device, copy=True) for t in st] for st in csts]
+    b = _backends.resolve(backend, _ADAM, torch.device(device), dtype)
+    for t in (1, 2):
+        sc = _adam_pack(t)
+        gs = [torch.randn(p.shape, generator=gen).to(dtype) for p in ps]
+        keys = [LAY.sr_key(99, t, i) for i in range(len(ps))] if lay == "bf16_sr" else None
+        want = []
+        for p, g, st in zip(ps, gs, sts):
+            x = (st[3] if lay == "master" else p).cpu().float()
+            want.append(_adam_mirror(x, g.float(), *(s.cpu().float() for s in st[:3]), sc))
+        b.apply(_ADAM, _AMS, ps, [g.to(device) for g in gs], [tuple(s) for s in sts], [sc] * len(ps),
+                layout=LAY.get_layout(lay), sr_keys=keys)
+        for i, (p, st, w) in enumerate(zip(ps, sts, want)):
+            for j, (got, x) in enumerate(zip([p] + st[:3], w)):
+                got = got.cpu()
+                exp = LAY.sr_round_bf16(x, keys[i], j) if lay == "bf16_sr" else x.to(got.dtype)
+                assert got.dtype == exp.dtype and torch.equal(_bits(got), _bits(exp)), (t, i, j)
+            if lay == "master":
+                assert torch.equal(st[3].cpu(), w[0]), (t, i)
+    if lay == "bf16_sr":  # the stores really rounded stochastically: many differ from round-to-nearest
+        rne = want[0][0].to(torch.bfloat16)
+        assert (ps[0].cpu().view(torch.int16) != rne.view(torch.int16)).float().mean() > 0.1

@@ -184,6 +184,21 @@ def _run_adamw_bits(threads=None):
                 p.grad = torch.randn(p.shape, generator=gen).to(dtype)
             opt.step()
         out += [p.detach().clone() for p in ps] + [opt.state[p]["exp_avg_sq"].clone() for p in ps]
+    spec = mf.specs.SPECS["adam"]  # the dtype layouts, through the backend (bf16_sr: the hash vectorized too)
+    for lay, dtype in (("bf16_state", torch.float32), ("master", torch.bfloat16), ("master", torch.float16),
+                       ("bf16_sr", torch.bfloat16)):
+        b = backends.resolve("cpu", spec, torch.device("cpu"), dtype)
+        ps = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        sd = mf.layouts.get_layout(lay).state_dtype_for(dtype)
+        sts = [tuple(torch.zeros(p.shape, dtype=sd) for _ in range(3)) + ((p.float(),) if lay == "master" else ())
+               for p in ps]
+        for t in (1, 2, 3):
+            gs = [torch.randn(p.shape, generator=gen).to(dtype) for p in ps]
+            sc = spec.Scalars(1e-2, 0.1, 0.9, 0.999, 1e-8, 1e-2 / (1 - 0.9 ** t), (1 - 0.999 ** t) ** 0.5, 1.0)
+            keys = [mf.layouts.sr_key(3, t, i) for i in range(len(ps))] if lay == "bf16_sr" else None
+            b.apply(spec, spec.Flags(True, True), ps, gs, sts, [sc] * len(ps), layout=mf.layouts.get_layout(lay),
+                    sr_keys=keys)
+        out += ps + [x for st in sts for x in st]
     return out
 
 
@@ -315,3 +330,215 @@ def test_direct_op_call_matches_reference():
     mf.reference.RULES["adam"](pr, g.double(), (mr, vr), s, flags)
     for a, e in ((p, pr), (m, mr), (v, vr)):
         torch.testing.assert_close(a.detach().double(), e, **tol(torch.float32))
+
+
+# ================================================================================== dtype layouts
+# The backend itself (backends.resolve("cpu", ...).apply), every rule of CASES x every layout of
+# momentum_fused/layouts.py, against the same layout run in float64 math (backend_cases.LayoutRun: each
+# step computes in float64 from the STORED values and rounds with the layout's rounding).
+from momentum_fused import layouts as LAY  # noqa: E402
+from backend_cases import (ALL_LAYOUTS, LayoutRun, _adam_pack, _bits, _layout_case_params,  # noqa: E402
+                           check_layout_stores_bit_exact)
+
+
+def test_cpu_backend_declares_every_layout():
+    assert tuple(LAY.LAYOUTS) == ALL_LAYOUTS
+    assert backends._REGISTRY["cpu"].layouts == ALL_LAYOUTS
+    assert tuple(bcpu.LAYOUT_CODES) == ALL_LAYOUTS
+
+
+@pytest.mark.parametrize("cls,kw0,kw1,lay,dtype,sign,lp", _layout_case_params())
+def test_layout_parity_vs_rounded_float64(cls, kw0, kw1, lay, dtype, sign, lp):
+    run = LayoutRun(cls, kw0, kw1, lay, dtype, sign, lp)
+    for _ in range(STEPS):
+        run.step()
+    run.compare()
+
+
+@pytest.mark.parametrize("lay,dtype", [("bf16_sr", torch.bfloat16), ("master", torch.bfloat16),
+                                       ("master", torch.float16), ("bf16_state", torch.float32)])
+def test_layout_stores_bit_exact(lay, dtype):
+    """backend_cases.check_layout_stores_bit_exact, with two threads (a 200,003-element tensor is split
+    between them: the SR element index of the second half starts mid-tensor)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_layout_stores_bit_exact(lay, dtype)
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---- stochastic rounding: the hash, determinism, keys, unbiasedness
+_SGD = SPECS["sgd"]
+_SR = LAY.get_layout("bf16_sr")
+
+
+def _sgd_sr_step(ps, gs, keys, lr):
+    """Plain SGD (no momentum, no weight decay) under bf16_sr: p <- SR(p - lr g), one bucket."""
+    b = backends.resolve("cpu", _SGD, torch.device("cpu"), torch.bfloat16)
+    sc = _SGD.Scalars(lr, 0.0, 0.0, 0.0, 1.0, 1.0)
+    b.apply(_SGD, _SGD.Flags(False, False), ps, gs, [() for _ in ps], [sc] * len(ps), layout=_SR, sr_keys=keys)
+
+
+def test_sr_hash_matches_layouts_bit_for_bit():
+    """storage.h's store_sr (through the sr_round op) against layouts.sr_round_bf16 on random fp32 bit
+    patterns, the specials (inf, NaN, max finite, subnormals, ties), several keys and buffers; element
+    indices >= 2^32 (the hi32 mix) against layouts.lowbias32 on Python ints."""
+    gen = torch.Generator().manual_seed(21)
+    bits = torch.randint(-(2 ** 31), 2 ** 31 - 1, (1 << 18,), generator=gen, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.3895e38, -3.3895e38, 3.4028235e38, 1e-45,
+                            1.0 + 2.0 ** -8, 1.0 - 2.0 ** -9, 1.0 + 2.0 ** -9 + 2.0 ** -20])
+    x = torch.cat([bits.view(torch.float32), special, -special, torch.tensor([float("nan"), -float("nan")])])
+    nan = torch.isnan(x)
+    for key, buf in ((0, 0), (1, 1), (0xFFFFFFFF, 2), (0x9E3779B9, 3), (123456789, 7)):
+        mine, ref = OPS.sr_round(x, key, buf), LAY.sr_round_bf16(x, key, buf)
+        assert torch.equal(mine.view(torch.int16)[~nan], ref.view(torch.int16)[~nan]), (key, buf)
+        assert torch.isnan(mine.float()[nan]).all()
+    # indices beyond 2^32: r(i) by the docstring formula with Python ints
+    off = (5 << 32) + 2 ** 32 - 7  # crosses a 2^32 boundary inside the tensor
+    vals = torch.rand(64, generator=gen) + 1.0
+    key, buf = 0xDEADBEEF, 2
+    mine = OPS.sr_round(vals, key, buf, off).view(torch.int16).to(torch.int64) & 0xFFFF
+    kb = (key + buf * LAY.GOLDEN) & LAY.M32
+    u = vals.view(torch.int32).to(torch.int64) & LAY.M32
+    for e in range(64):
+        i = off + e
+        r = LAY.lowbias32((i & LAY.M32) ^ kb ^ (((i >> 32) * LAY.HI_MULT) & LAY.M32)) & 0xFFFF
+        assert int(mine[e]) == (int(u[e]) + r) >> 16, e
+    assert not torch.equal(OPS.sr_round(vals, key, buf, 0), OPS.sr_round(vals, key, buf, off))
+
+
+def _half_ulp_values(n, gen):
+    """bf16 values p and gradients g with p - 2^-10 g exactly halfway between two bf16 values (fp32 exact)."""
+    p = (torch.rand(n, generator=gen) + 1.0).to(torch.bfloat16)  # [1, 2): bf16 ulp 2^-7
+    return p, torch.full((n,), -4.0, dtype=torch.bfloat16)  # -lr g = 2^-8 = half an ulp
+
+
+def test_sr_deterministic_for_a_key_and_different_across_keys():
+    gen = torch.Generator().manual_seed(22)
+    p0, g = _half_ulp_values(100_000, gen)
+    runs = {}
+    for key in (7, 7, 8):
+        p = p0.clone()
+        _sgd_sr_step([p], [g], [key], 2.0 ** -10)
+        runs.setdefault(key, []).append(p)
+    a, b = runs[7]
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16))  # same key: same bits
+    up = a.float() > p0.float()
+    assert torch.equal(up | (a.float() == p0.float()), torch.ones_like(up))  # either neighbour, never else
+    frac = up.float().mean().item()
+    assert 0.45 < frac < 0.55, frac  # a tie rounds up half the time
+    differ = (runs[8][0].view(torch.int16) != a.view(torch.int16)).float().mean().item()
+    assert 0.4 < differ < 0.6, differ  # another key: independent bits, about half differ
+
+
+def test_sr_mean_over_many_keys_is_the_fp32_value():
+    """K tensors, one key each, in ONE bucket: the mean of the K stochastic roundings of x = p - lr g (fp32
+    exact, at 16 fractions of a bf16 ulp) is x within 5 standard deviations of the K-sample mean."""
+    K, n = 400, 256
+    f = (torch.arange(n) % 16).float() / 16  # the fraction of an ulp above p
+    p0 = (1.0 + torch.arange(n).float() * 2.0 ** -7).to(torch.bfloat16)  # exact, ulp 2^-7 (or 2^-6 above 2)
+    ulp = torch.where(p0.float() >= 2.0, 2.0 ** -6, 2.0 ** -7)
+    lr = 2.0 ** -10
+    g = (-(f * ulp) / lr).to(torch.bfloat16)
+    x = p0.float() - lr * g.float()
+    assert torch.equal(x, p0.float() + f * ulp)  # exact in fp32
+    ps = [p0.clone() for _ in range(K)]
+    _sgd_sr_step(ps, [g] * K, [LAY.sr_key(5, 0, k) for k in range(K)], lr)
+    mean = torch.stack([p.float() for p in ps]).mean(0)
+    sigma = ulp * torch.sqrt(f * (1 - f) / K)
+    assert ((mean - x).abs() <= 5 * sigma + 1e-7).all(), ((mean - x).abs() / (sigma + 1e-12)).max()
+    assert torch.equal(mean[f == 0], x[f == 0])  # representable values never move
+    assert ((mean - x).abs() < 0.02 * ulp).float().mean() > 0.5  # and SR is not RNE (RNE: |err| up to ulp/2)
+
+
+# ---- bad layouts: a clear error, nothing written
+def _layout_bucket(lay, dtype, n=2, numel=10):
+    sd = LAY.get_layout(lay).state_dtype_for(dtype)
+    ps = [torch.randn(numel).to(dtype) for _ in range(n)]
+    gs = [torch.randn(numel).to(dtype) for _ in range(n)]
+    sts = [[torch.randn(numel).abs().to(sd) for _ in range(2)] + ([p.float()] if lay == "master" else [])
+           for p in ps]
+    return ps, gs, sts
+
+
+def test_bad_layout_arguments_raise_before_any_write():
+    spec, flags = SPECS["adam"], SPECS["adam"].Flags(True, False)
+    sc = [_adam_pack(1)] * 2
+    b = backends.resolve("cpu", spec, torch.device("cpu"), torch.float32)
+    packs = bcpu.scalars_tensor(sc, len(spec.scalar_names))
+    rid, fl = bcpu.RULE_IDS["adam"], bcpu.flags_to_int("adam", flags)
+    keys = torch.tensor([1, 2], dtype=torch.int64)
+    everything = []
+
+    def case(lay, dtype):
+        ps, gs, sts = _layout_bucket(lay, dtype)
+        everything.append([(t, t.clone()) for t in ps + gs + [x for st in sts for x in st]])
+        return ps, gs, sts
+
+    def flat(sts):
+        return [x for st in sts for x in st]
+
+    op_bad = []  # (args to OPS.cpu_step, match)
+    ps, gs, sts = case("bf16_state", torch.bfloat16)
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 1, None), "layout bf16_state takes params of dtype float32"))
+    ps, gs, sts = case("bf16_state", torch.float32)
+    sts[1][0] = sts[1][0].float()  # one state in fp32 instead of bf16
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 1, None), r"states\[2\] has dtype Float, expected BFloat16"))
+    ps, gs, sts = case("master", torch.float32)
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 2, None), "layout master takes params of dtype bfloat16, float16"))
+    ps, gs, sts = case("master", torch.bfloat16)
+    op_bad.append(((ps, gs, [x for st in sts for x in st[:2]], packs, rid, fl, 2, None), "the fp32 master"))
+    ps, gs, sts = case("master", torch.bfloat16)
+    sts[1][2] = sts[1][2].to(torch.bfloat16)  # a bf16 master
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 2, None), r"master\)\[5\] has dtype BFloat16, expected Float"))
+    ps, gs, sts = case("bf16_sr", torch.bfloat16)
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 3, None), "bf16_sr needs sr_keys"))
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 3, keys[:1]), "sr_keys must be a contiguous int64"))
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 3, keys.int()), "sr_keys must be a contiguous int64"))
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 3, torch.tensor([1, 2 ** 32])), r"sr_keys\[1\].*not a uint32"))
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 0, keys), "sr_keys given, but layout native"))
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 7, None), "unknown layout code 7"))
+    ps, gs, sts = case("bf16_sr", torch.float32)  # fp32 params, fp32 state: not bf16_sr
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 3, keys), "layout bf16_sr takes params of dtype bfloat16"))
+    for args, match in op_bad:
+        with pytest.raises(RuntimeError, match=match):
+            OPS.cpu_step(*args)
+
+    # the backend's apply: the same checks (the op's), plus the Python-side key checks
+    api_bad = []
+    ps, gs, sts = case("native", torch.bfloat16)
+    api_bad.append((ps, gs, sts, dict(layout=LAY.get_layout("bf16_state")), RuntimeError, "bf16_state takes params"))
+    ps, gs, sts = case("bf16_sr", torch.bfloat16)
+    api_bad.append((ps, gs, sts, dict(layout=_SR), ValueError, "needs one sr_key per tensor"))
+    api_bad.append((ps, gs, sts, dict(layout=_SR, sr_keys=[1]), ValueError, "needs one sr_key per tensor"))
+    api_bad.append((ps, gs, sts, dict(layout=_SR, sr_keys=[1, -1]), ValueError, "uint32"))
+    api_bad.append((ps, gs, sts, dict(sr_keys=[1, 2]), ValueError, "does not round stochastically"))
+    api_bad.append((ps, gs, sts, dict(layout="no_such_layout"), ValueError, "unknown dtype layout"))
+    ps, gs, sts = case("master", torch.float16)
+    api_bad.append((ps, gs, [st[:2] for st in sts], dict(layout=LAY.get_layout("master")), RuntimeError,
+                    "the fp32 master"))
+    for ps, gs, sts, kw, exc, match in api_bad:
+        with pytest.raises(exc, match=match):
+            b.apply(spec, flags, ps, gs, [tuple(s) for s in sts], sc, **kw)
+    for pairs in everything:
+        for t, before in pairs:
+            assert t.dtype == before.dtype and torch.equal(_bits(t) if t.element_size() in (2, 4) else t,
+                                                           _bits(before) if t.element_size() in (2, 4) else before)
+
+
+@pytest.mark.parametrize("lay,dtype", [("master", torch.float16), ("bf16_sr", torch.bfloat16)])
+def test_cpu_step_with_a_layout_passes_opcheck(lay, dtype):
+    """The extended schema (int layout, Tensor? sr_keys) and its fake kernel (torch.library.opcheck)."""
+    gen = torch.Generator().manual_seed(0)
+    sd = LAY.get_layout(lay).state_dtype_for(dtype)
+    ps = [torch.randn(7, generator=gen).to(dtype), torch.randn(3, 2, generator=gen).to(dtype)]
+    gs = [torch.randn(p.shape, generator=gen).to(dtype) for p in ps]
+    flat = []
+    for p in ps:
+        flat += [torch.zeros(p.shape, dtype=sd), torch.zeros(p.shape, dtype=sd)] + ([p.float()] if lay == "master" else [])
+    packs = bcpu.scalars_tensor([_adam_pack(1)] * 2, 8)
+    code, keys = bcpu.layout_args(LAY.get_layout(lay), [3, 4] if lay == "bf16_sr" else None, 2)
+    args = (ps, gs, flat, packs, bcpu.RULE_IDS["adam"], 1, code, keys)
+    result = torch.library.opcheck(OPS.cpu_step.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result

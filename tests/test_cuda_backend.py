@@ -4,7 +4,10 @@ The same case table as the CPU backend (tests/backend_cases.py): every rule x fl
 float64 reference, >= 10 steps, params and every state tensor, odd shapes, two groups in one bucket;
 plus 300 tensors, found_inf / grad_scale read on the device, a tensor lr, non-contiguous tensors, and
 bit-equality with the CPU backend (both compile csrc/update_rules.h without FMA contraction and with
-IEEE division and square root, so fp32 results must agree to the bit).
+IEEE division and square root, so fp32 results must agree to the bit). Dtype layouts (bf16_state, master,
+bf16_sr): every rule x layout against the rounded float64 reference (tests/backend_cases.py LayoutRun),
+every store bit-exact (SR against layouts.sr_round_bf16) on the vector and the scalar-tail paths, the
+SR bits equal to the CPU backend's, bad layouts raising before any write.
 All marked gpu: skipped with a reason where no CUDA device is visible. Run on a GPU machine with
 ``MOMENTUM_FUSED_BUILD_CUDA=1 pip install -e . --no-build-isolation && pytest -m gpu tests/test_cuda_backend.py``.
 """
@@ -16,7 +19,9 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends
 
-from backend_cases import STEPS, _M, _case_params, _compare, _params, _run
+from backend_cases import (ALL_LAYOUTS, LAYOUT_SHAPES, STEPS, LayoutRun, _M, _case_params, _compare,
+                           _layout_case_params, _params, _run, check_layout_stores_bit_exact)
+from momentum_fused import layouts as LAY
 
 pytestmark = pytest.mark.gpu
 
@@ -158,3 +163,129 @@ def test_default_backend_for_cuda_tensors_is_cuda():
     p.grad = torch.ones_like(p)
     (_, _, _, chosen), = opt._plan()
     assert [b.name for b in chosen.values()] == ["cuda"]
+
+
+# ==================================================================================== dtype layouts
+# sizes that are multiples of 4 (the vector path, P and S of different sizes) next to odd ones (scalar tail)
+CUDA_LAYOUT_SHAPES = LAYOUT_SHAPES + [(4096,), (65536 + 8,)]
+
+
+def test_cuda_backend_declares_every_layout():
+    assert backends._REGISTRY["cuda"].layouts == ALL_LAYOUTS
+
+
+@pytest.mark.parametrize("cls,kw0,kw1,lay,dtype,sign,lp", _layout_case_params())
+def test_layout_parity_vs_rounded_float64(cls, kw0, kw1, lay, dtype, sign, lp):
+    run = LayoutRun(cls, kw0, kw1, lay, dtype, sign, lp, shapes=CUDA_LAYOUT_SHAPES, backend="cuda", device="cuda")
+    for _ in range(STEPS):
+        run.step()
+    run.compare()
+
+
+@pytest.mark.parametrize("lay,dtype", [("bf16_sr", torch.bfloat16), ("master", torch.bfloat16),
+                                       ("master", torch.float16), ("bf16_state", torch.float32)])
+def test_layout_stores_bit_exact(lay, dtype):
+    check_layout_stores_bit_exact(lay, dtype, backend="cuda", device="cuda")
+
+
+@pytest.mark.parametrize("lay,dtype", [("bf16_sr", torch.bfloat16), ("master", torch.float16),
+                                       ("bf16_state", torch.float32)])
+def test_layout_bits_equal_the_cpu_backend(lay, dtype):
+    if backends.status().get("cpu") != "available":
+        pytest.skip("the cpu backend is not built here, nothing to compare with")
+    spec = mf.specs.SPECS["adam"]
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(100_003,), (17,), (4096,), ()]
+    sd = LAY.get_layout(lay).state_dtype_for(dtype)
+    ps = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    sts = [[torch.zeros(p.shape, dtype=sd) for _ in range(3)] + ([p.float()] if lay == "master" else []) for p in ps]
+    qs = [p.to("cuda", copy=True) for p in ps]
+    qsts = [[t.to("cuda", copy=True) for t in st] for st in sts]
+    a = backends.resolve("cpu", spec, torch.device("cpu"), dtype)
+    b = backends.resolve("cuda", spec, torch.device("cuda"), dtype)
+    for t in range(1, STEPS + 1):
+        gs = [torch.randn(p.shape, generator=gen).to(dtype) for p in ps]
+        sc = [spec.Scalars(1e-2, 0.1, 0.9, 0.999, 1e-8, 1e-2 / (1 - 0.9 ** t), (1 - 0.999 ** t) ** 0.5, 1.0)] * 4
+        keys = [LAY.sr_key(8, t, i) for i in range(4)] if lay == "bf16_sr" else None
+        kw = dict(layout=LAY.get_layout(lay), sr_keys=keys)
+        a.apply(spec, spec.Flags(True, True), ps, gs, [tuple(s) for s in sts], sc, **kw)
+        b.apply(spec, spec.Flags(True, True), qs, [g.to("cuda") for g in gs], [tuple(s) for s in qsts], sc, **kw)
+    for p, q, st, qst in zip(ps, qs, sts, qsts):
+        assert torch.equal(p, q.cpu())
+        assert all(torch.equal(x, y.cpu()) for x, y in zip(st, qst))
+
+
+def test_bad_layouts_raise_before_any_write():
+    spec, flags = mf.specs.SPECS["adam"], mf.specs.SPECS["adam"].Flags(True, False)
+    sc = [spec.Scalars(1e-2, 0.0, 0.9, 0.999, 1e-8, 0.1, 0.03, 1.0)] * 2
+    b = backends.resolve("cuda", spec, torch.device("cuda"), torch.float32)
+
+    def bucket(dtype, sd, master=False):
+        ps = [torch.randn(10, device="cuda").to(dtype) for _ in range(2)]
+        gs = [torch.randn(10, device="cuda").to(dtype) for _ in range(2)]
+        sts = [tuple(torch.rand(10, device="cuda").to(sd) for _ in range(2)) + ((p.float(),) if master else ())
+               for p in ps]
+        return ps, gs, sts
+
+    bad = [
+        (bucket(torch.bfloat16, torch.bfloat16), dict(layout=LAY.get_layout("bf16_state")), RuntimeError, "bf16_state"),
+        (bucket(torch.float32, torch.float32), dict(layout=LAY.get_layout("bf16_state")), RuntimeError, "BFloat16"),
+        (bucket(torch.bfloat16, torch.float32), dict(layout=LAY.get_layout("master")), RuntimeError, "list sizes"),
+        (bucket(torch.float32, torch.float32, True), dict(layout=LAY.get_layout("master")), RuntimeError, "master"),
+        (bucket(torch.bfloat16, torch.bfloat16), dict(layout=LAY.get_layout("bf16_sr")), ValueError, "sr_key"),
+        (bucket(torch.bfloat16, torch.bfloat16), dict(sr_keys=[1, 2]), ValueError, "stochastically"),
+        (bucket(torch.float32, torch.float32), dict(layout=LAY.get_layout("bf16_sr"), sr_keys=[1, 2]), RuntimeError,
+         "bf16_sr"),
+    ]
+    for (ps, gs, sts), kw, exc, match in bad:
+        before = [t.clone() for t in ps + [x for st in sts for x in st]]
+        with pytest.raises(exc, match=match):
+            b.apply(spec, flags, ps, gs, sts, sc, **kw)
+        torch.cuda.synchronize()
+        assert all(torch.equal(x, y) for x, y in zip(before, ps + [x for st in sts for x in st]))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gradscaler_device_path_equals_steps_never_taken(backend):
+    """found_inf read by the kernels (no host read): inf steps, the first included, leave no trace."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    init = [torch.randn(s, device="cuda", generator=gen) for s in ((17,), (70_001,), ())]
+    pa = [x.clone().requires_grad_() for x in init]
+    pb = [x.clone().requires_grad_() for x in init]
+    a, b = mf.NAdam(pa, lr=1e-2, backend=backend), mf.NAdam(pb, lr=1e-2, backend=backend)
+    for k, inf in enumerate([True, False, True, False, False]):
+        gs = [torch.randn(p.shape, device="cuda", generator=gen) for p in pa]
+        for p, g in zip(pa, gs):
+            p.grad = g * 8
+        a.found_inf = torch.full((1,), float(inf), device="cuda")
+        a.grad_scale = torch.full((1,), 8.0, device="cuda")
+        a.step()
+        assert "_pending_amp" in a.__dict__
+        if not inf:
+            for p, g in zip(pb, gs):
+                p.grad = g
+            b.step()
+    a.sync_amp()
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+        for k, v in b.state[q].items():
+            assert torch.equal(a.state[p][k], v), k
+
+
+def test_gradscaler_step_does_not_synchronize():
+    """scaler.step(opt) with the cuda backend makes no synchronizing CUDA call (sync debug mode 'error')."""
+    model = torch.nn.Linear(256, 256, device="cuda")
+    opt = mf.AdamW(model.parameters(), lr=1e-3, backend="cuda")
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(64, 256, device="cuda")
+    for _ in range(3):
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+    assert int(opt.state[model.weight]["step"]) == 3

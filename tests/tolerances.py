@@ -19,3 +19,18 @@ TOL = {
 
 def tol(dtype: torch.dtype) -> dict:
     return TOL[dtype]
+
+
+# Batched QR retraction (tests/test_retraction.py, tests/triton/test_retraction_triton.py).
+# Orthonormality ||Q^T Q - I||_F (fp32: the ALGORITHMS §8 invariant) and the backward error
+# ||A - Q R||_F / ||A||_F are round-off bounds. Two correct QRs of A differ by O(u kappa(A)) plus a
+# round-off floor that grows with r (measured: ~r/2 u at kappa = 1, <= 1 u kappa at kappa >= 1e2 for
+# m, r <= 130), so agreement between backends on Q Q^T and on R (||R - R_h||_F / ||A||_F) is checked
+# at QR_AGREE_C * u * max(kappa, r).
+QR_ORTH = {torch.float32: 1e-5, torch.float64: 1e-12}
+QR_RESID = {torch.float32: 2e-6, torch.float64: 4e-15}
+QR_AGREE_C = 4.0
+
+
+def qr_agree_tol(dtype: torch.dtype, kappa: float, r: int) -> float:
+    return QR_AGREE_C * torch.finfo(dtype).eps * max(float(kappa), float(r))

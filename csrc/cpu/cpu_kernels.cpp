@@ -47,19 +47,20 @@ const char* isa() {
   }
 }
 
-void step(int rule, int flags, int dtype, const Bucket& b) {
+void step(int rule, int flags, int layout, int dtype, const Bucket& b) {
   flags = normalize_flags(rule, flags);
   bool done;
   switch (selected()) {
 #if MF_X86_VARIANTS
-    case ISA_AVX512: done = avx512::dispatch(rule, flags, dtype, b); break;
-    case ISA_AVX2: done = avx2::dispatch(rule, flags, dtype, b); break;
+    case ISA_AVX512: done = avx512::dispatch(rule, flags, layout, dtype, b); break;
+    case ISA_AVX2: done = avx2::dispatch(rule, flags, layout, dtype, b); break;
 #endif
-    default: done = baseline::dispatch(rule, flags, dtype, b); break;
+    default: done = baseline::dispatch(rule, flags, layout, dtype, b); break;
   }
   if (!done)
     throw std::invalid_argument("momentum_fused cpu: no kernel for rule " + std::to_string(rule) + " flags " +
-                                std::to_string(flags) + " dtype " + std::to_string(dtype));
+                                std::to_string(flags) + " layout " + std::to_string(layout) + " dtype " +
+                                std::to_string(dtype));
 }
 
 }  // namespace cpu

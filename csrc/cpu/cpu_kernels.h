@@ -10,21 +10,34 @@ namespace cpu {
 
 enum Dtype : int { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
 
-// One bucket: n tensors of one dtype, all contiguous. states holds n * num_states pointers,
-// tensor-major (states[i * ns + j] is state j of tensor i). scalars is a row-major [n, k] float64 pack.
+// Dtype layouts (momentum_fused/layouts.py; the code is the Python backend's LAYOUT_CODES):
+//   NATIVE      params, grads, state: one dtype (fp32, fp64, bf16, fp16), RNE stores
+//   BF16_STATE  params/grads fp32, state bf16 (RNE)
+//   MASTER      params/grads bf16 or fp16, state fp32, plus an fp32 master copy per param: the rule reads
+//               the master, writes the master and the param (RNE from the new fp32 value)
+//   BF16_SR     everything bf16, every store stochastically rounded (storage.h store_sr)
+enum Layout : int { LAYOUT_NATIVE = 0, LAYOUT_BF16_STATE = 1, LAYOUT_MASTER = 2, LAYOUT_BF16_SR = 3 };
+
+// One bucket: n tensors of one param dtype and one layout, all contiguous. states holds n * num_states
+// pointers, tensor-major (states[i * ns + j] is state j of tensor i), in the layout's state dtype.
+// scalars is a row-major [n, k] float64 pack. masters: n fp32 pointers (MASTER only); sr_keys: n uint32
+// keys (BF16_SR only).
 struct Bucket {
   int64_t n = 0;
   void* const* params = nullptr;
   const void* const* grads = nullptr;
   void* const* states = nullptr;
+  void* const* masters = nullptr;
+  const uint32_t* sr_keys = nullptr;
   const int64_t* numel = nullptr;
   const double* scalars = nullptr;
   int64_t k = 0;
   int nthreads = 1;
 };
 
-// Runs rule `rule` with flags `flags` on the bucket. Arguments are validated by the caller.
-void step(int rule, int flags, int dtype, const Bucket& b);
+// Runs rule `rule` with flags `flags` on the bucket (param dtype `dtype`, layout `layout`). Arguments are
+// validated by the caller; a (layout, dtype) pair without a kernel throws std::invalid_argument.
+void step(int rule, int flags, int layout, int dtype, const Bucket& b);
 
 // "avx512" or "baseline": which instruction-set variant step() dispatches to on this CPU.
 const char* isa();

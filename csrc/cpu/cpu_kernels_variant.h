@@ -22,13 +22,13 @@
 namespace mf {
 namespace cpu {
 namespace baseline {
-bool dispatch(int rule, int flags, int dtype, const Bucket& b);
+bool dispatch(int rule, int flags, int layout, int dtype, const Bucket& b);
 }
 namespace avx2 {
-bool dispatch(int rule, int flags, int dtype, const Bucket& b);
+bool dispatch(int rule, int flags, int layout, int dtype, const Bucket& b);
 }
 namespace avx512 {
-bool dispatch(int rule, int flags, int dtype, const Bucket& b);
+bool dispatch(int rule, int flags, int layout, int dtype, const Bucket& b);
 }
 }  // namespace cpu
 }  // namespace mf

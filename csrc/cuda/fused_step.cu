@@ -1,4 +1,4 @@
-// momentum_fused CUDA kernels: one functor for every rule family, math from ../update_rules.h (the same
+// momentum_fused CUDA kernels: one functor for every rule family and dtype layout, math from ../update_rules.h (the same
 // header the CPU kernels compile), storage conversions from ../storage.h (bit-identical to the CPU's).
 // No torch headers. Build with --fmad=false to get the CPU backend's bits (it compiles with
 // -ffp-contract=off); with FMA contraction results differ from the CPU in the last bits only.
@@ -19,16 +19,33 @@ struct alignas(sizeof(S) * N) Vec {
   S v[N];
 };
 
-template <class Op, typename S>
+template <typename S>
+__device__ __forceinline__ bool vec_aligned(const S* ptr) {
+  return (reinterpret_cast<uintptr_t>(ptr) & (sizeof(S) * kILP - 1)) == 0;
+}
+
+// One store: RNE (storage.h store) or stochastic rounding (store_sr, element e, buffer key kb).
+template <bool SR, typename D, typename T>
+__device__ __forceinline__ void put(D& d, T v, uint32_t kb, int64_t e) {
+  if constexpr (SR)
+    store_sr(d, v, kb, e);
+  else
+    store(d, v);
+}
+
+// Layouts (fused_step.h): P param/grad storage, S state storage, MASTER: an fp32 master (list 2 + NS) is
+// the param value the rule reads and writes, the param is written from it; SR: stochastic stores.
+template <class Op, typename P, typename S, bool MASTER, bool SR>
 struct StepFunctor {
   const double* packs;
   int k;
   const float* found_inf;
   const float* grad_scale;
   const double* lr;
+  const int64_t* sr_keys;
 
   __device__ __forceinline__ void operator()(const TensorTable& tt, int slot, int chunk) const {
-    using T = typename MathType<S>::type;
+    using T = typename MathType<P>::type;
     using Sc = typename Op::template Scalars<T>;
     constexpr int NS = Op::kStates;
     if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler: skip every write
@@ -41,46 +58,61 @@ struct StepFunctor {
     if (grad_scale != nullptr) pk[k - 1] = pk[k - 1] / static_cast<double>(*grad_scale);
     if (lr != nullptr) pk[0] = *lr;
     const Sc sc = Sc::make(pk);
+    // stochastic rounding: buffer b = 0 for the param, 1 + j for state j
+    const uint32_t key = SR ? static_cast<uint32_t>(sr_keys[tt.row[slot]]) : 0u;
+    const uint32_t k0 = sr_key_b(key, 0), k1 = sr_key_b(key, 1), k2 = sr_key_b(key, 2), k3 = sr_key_b(key, 3);
 
     const int64_t base = static_cast<int64_t>(chunk) * kChunk;
     const int64_t len = min(static_cast<int64_t>(kChunk), tt.numel[slot] - base);
-    S* p = static_cast<S*>(tt.ptr[0][slot]) + base;
-    const S* g = static_cast<const S*>(tt.ptr[1][slot]) + base;
+    P* p = static_cast<P*>(tt.ptr[0][slot]) + base;
+    const P* g = static_cast<const P*>(tt.ptr[1][slot]) + base;
     S* s0 = NS > 0 ? static_cast<S*>(tt.ptr[2][slot]) + base : nullptr;
     S* s1 = NS > 1 ? static_cast<S*>(tt.ptr[3][slot]) + base : nullptr;
     S* s2 = NS > 2 ? static_cast<S*>(tt.ptr[4][slot]) + base : nullptr;
+    float* m = MASTER ? static_cast<float*>(tt.ptr[2 + NS][slot]) + base : nullptr;
 
-    const uintptr_t mask = sizeof(S) * kILP - 1;
-    bool aligned = (len % kILP) == 0 && ((reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g)) & mask) == 0;
-    if (NS > 0) aligned = aligned && (reinterpret_cast<uintptr_t>(s0) & mask) == 0;
-    if (NS > 1) aligned = aligned && (reinterpret_cast<uintptr_t>(s1) & mask) == 0;
-    if (NS > 2) aligned = aligned && (reinterpret_cast<uintptr_t>(s2) & mask) == 0;
+    // every pointer aligned to kILP elements of its own type (P, S and float may differ in size)
+    bool aligned = (len % kILP) == 0 && vec_aligned(p) && vec_aligned(g);
+    if (NS > 0) aligned = aligned && vec_aligned(s0);
+    if (NS > 1) aligned = aligned && vec_aligned(s1);
+    if (NS > 2) aligned = aligned && vec_aligned(s2);
+    if (MASTER) aligned = aligned && vec_aligned(m);
 
-    if (aligned) {  // vector loads/stores of kILP elements
-      using V = Vec<S, kILP>;
+    if (aligned) {  // vector loads/stores of kILP elements, one vector type per storage type
+      using VP = Vec<P, kILP>;
+      using VS = Vec<S, kILP>;
+      using VM = Vec<float, kILP>;
       for (int64_t i = static_cast<int64_t>(threadIdx.x) * kILP; i < len; i += static_cast<int64_t>(blockDim.x) * kILP) {
-        V vp = *reinterpret_cast<const V*>(p + i);
-        const V vg = *reinterpret_cast<const V*>(g + i);
-        V v0, v1, v2;
-        if (NS > 0) v0 = *reinterpret_cast<const V*>(s0 + i);
-        if (NS > 1) v1 = *reinterpret_cast<const V*>(s1 + i);
-        if (NS > 2) v2 = *reinterpret_cast<const V*>(s2 + i);
+        VP vp;
+        VM vm;
+        if (MASTER)
+          vm = *reinterpret_cast<const VM*>(m + i);
+        else
+          vp = *reinterpret_cast<const VP*>(p + i);
+        const VP vg = *reinterpret_cast<const VP*>(g + i);
+        VS v0, v1, v2;
+        if (NS > 0) v0 = *reinterpret_cast<const VS*>(s0 + i);
+        if (NS > 1) v1 = *reinterpret_cast<const VS*>(s1 + i);
+        if (NS > 2) v2 = *reinterpret_cast<const VS*>(s2 + i);
 #pragma unroll
         for (int j = 0; j < kILP; ++j) {
-          T a = load<T>(vp.v[j]);
+          const int64_t e = base + i + j;  // element index in the tensor
+          T a = MASTER ? load<T>(vm.v[j]) : load<T>(vp.v[j]);
           T b0 = NS > 0 ? load<T>(v0.v[j]) : T(0);
           T b1 = NS > 1 ? load<T>(v1.v[j]) : T(0);
           T b2 = NS > 2 ? load<T>(v2.v[j]) : T(0);
           Op::template apply<T>(a, load<T>(vg.v[j]), b0, b1, b2, sc);
-          store(vp.v[j], a);
-          if (NS > 0) store(v0.v[j], b0);
-          if (NS > 1) store(v1.v[j], b1);
-          if (NS > 2) store(v2.v[j], b2);
+          if (MASTER) store(vm.v[j], a);
+          put<SR>(vp.v[j], a, k0, e);
+          if (NS > 0) put<SR>(v0.v[j], b0, k1, e);
+          if (NS > 1) put<SR>(v1.v[j], b1, k2, e);
+          if (NS > 2) put<SR>(v2.v[j], b2, k3, e);
         }
-        *reinterpret_cast<V*>(p + i) = vp;
-        if (NS > 0) *reinterpret_cast<V*>(s0 + i) = v0;
-        if (NS > 1) *reinterpret_cast<V*>(s1 + i) = v1;
-        if (NS > 2) *reinterpret_cast<V*>(s2 + i) = v2;
+        *reinterpret_cast<VP*>(p + i) = vp;
+        if (MASTER) *reinterpret_cast<VM*>(m + i) = vm;
+        if (NS > 0) *reinterpret_cast<VS*>(s0 + i) = v0;
+        if (NS > 1) *reinterpret_cast<VS*>(s1 + i) = v1;
+        if (NS > 2) *reinterpret_cast<VS*>(s2 + i) = v2;
       }
     } else {  // strided ILP with bounds checks: unaligned tensors and the scalar tail
       for (int64_t i0 = 0; i0 < len; i0 += static_cast<int64_t>(blockDim.x) * kILP) {
@@ -90,7 +122,7 @@ struct StepFunctor {
           const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
           rp[j] = rg[j] = r0[j] = r1[j] = r2[j] = T(0);
           if (i < len) {
-            rp[j] = load<T>(p[i]);
+            rp[j] = MASTER ? load<T>(m[i]) : load<T>(p[i]);
             rg[j] = load<T>(g[i]);
             if (NS > 0) r0[j] = load<T>(s0[i]);
             if (NS > 1) r1[j] = load<T>(s1[i]);
@@ -103,10 +135,12 @@ struct StepFunctor {
         for (int j = 0; j < kILP; ++j) {
           const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
           if (i < len) {
-            store(p[i], rp[j]);
-            if (NS > 0) store(s0[i], r0[j]);
-            if (NS > 1) store(s1[i], r1[j]);
-            if (NS > 2) store(s2[i], r2[j]);
+            const int64_t e = base + i;
+            if (MASTER) store(m[i], rp[j]);
+            put<SR>(p[i], rp[j], k0, e);
+            if (NS > 0) put<SR>(s0[i], r0[j], k1, e);
+            if (NS > 1) put<SR>(s1[i], r1[j], k2, e);
+            if (NS > 2) put<SR>(s2[i], r2[j], k3, e);
           }
         }
       }
@@ -114,35 +148,37 @@ struct StepFunctor {
   }
 };
 
-template <class Op, typename S>
+template <class Op, typename P, typename S, bool MASTER, bool SR>
 cudaError_t launch(int64_t n, void* const* params, const void* const* grads, void* const* states,
                    const int64_t* numel, const double* packs, int k, const float* found_inf,
-                   const float* grad_scale, const double* lr, cudaStream_t stream) {
+                   const float* grad_scale, const double* lr, const int64_t* sr_keys, cudaStream_t stream) {
   constexpr int NS = Op::kStates;
-  // per-list pointer arrays (states arrive tensor-major)
+  constexpr int NL = 2 + NS + (MASTER ? 1 : 0);  // param, grad, states, master
+  static_assert(NL <= kMaxLists, "too many lists for the tensor table");
+  // per-list pointer arrays (states arrive tensor-major, the master last)
   void** lists[kMaxLists];
-  void** storage = new void*[static_cast<size_t>(n) * (2 + NS) + 1];
-  for (int l = 0; l < 2 + NS; ++l) lists[l] = storage + static_cast<size_t>(l) * n;
+  void** storage = new void*[static_cast<size_t>(n) * NL + 1];
+  for (int l = 0; l < NL; ++l) lists[l] = storage + static_cast<size_t>(l) * n;
   for (int64_t i = 0; i < n; ++i) {
     lists[0][i] = params[i];
     lists[1][i] = const_cast<void*>(grads[i]);
-    for (int j = 0; j < NS; ++j) lists[2 + j][i] = states[i * NS + j];
+    for (int j = 0; j < NL - 2; ++j) lists[2 + j][i] = states[i * (NL - 2) + j];
   }
-  StepFunctor<Op, S> f{packs, k, found_inf, grad_scale, lr};
-  const cudaError_t err = multi_tensor_apply(2 + NS, n, lists, numel, f, stream);
+  StepFunctor<Op, P, S, MASTER, SR> f{packs, k, found_inf, grad_scale, lr, sr_keys};
+  const cudaError_t err = multi_tensor_apply(NL, n, lists, numel, f, stream);
   delete[] storage;
   return err;
 }
 
-template <typename S>
+template <typename P, typename S, bool MASTER, bool SR>
 cudaError_t dispatch_rule(int rule, int flags, int64_t n, void* const* params, const void* const* grads,
                           void* const* states, const int64_t* numel, const double* packs, const float* found_inf,
-                          const float* grad_scale, const double* lr, cudaStream_t stream) {
+                          const float* grad_scale, const double* lr, const int64_t* sr_keys, cudaStream_t stream) {
   const int k = rule_num_scalars(rule);
 #define MF_CASE(R, F)                                                                                   \
   if (rule == R && flags == F)                                                                          \
-    return launch<RuleOp<R, F>, S>(n, params, grads, states, numel, packs, k, found_inf, grad_scale, lr, \
-                                   stream);
+    return launch<RuleOp<R, F>, P, S, MASTER, SR>(n, params, grads, states, numel, packs, k, found_inf,  \
+                                                  grad_scale, lr, sr_keys, stream);
   MF_FOR_EACH_RULE_FLAGS(MF_CASE)
 #undef MF_CASE
   return cudaErrorInvalidValue;
@@ -162,21 +198,38 @@ bool lr_pointer_supported(int rule) {
   }
 }
 
-cudaError_t step(int rule, int flags, int dtype, int64_t n, void* const* params, const void* const* grads,
-                 void* const* states, const int64_t* numel, const double* packs, const float* found_inf,
-                 const float* grad_scale, const double* lr, cudaStream_t stream) {
+cudaError_t step(int rule, int flags, int layout, int dtype, int64_t n, void* const* params,
+                 const void* const* grads, void* const* states, const int64_t* numel, const double* packs,
+                 const float* found_inf, const float* grad_scale, const double* lr, const int64_t* sr_keys,
+                 cudaStream_t stream) {
   if (rule < 0 || rule >= RULE_COUNT || rule_num_scalars(rule) > kMaxPack) return cudaErrorInvalidValue;
   if (flags < 0 || flags >= (1 << rule_num_flag_bits(rule))) return cudaErrorInvalidValue;
   if (lr != nullptr && !lr_pointer_supported(rule)) return cudaErrorInvalidValue;
+  if (layout == LAYOUT_BF16_SR && sr_keys == nullptr) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   flags = normalize_flags(rule, flags);
-  switch (dtype) {
-    case 0: return dispatch_rule<float>(rule, flags, n, params, grads, states, numel, packs, found_inf, grad_scale, lr, stream);
-    case 1: return dispatch_rule<double>(rule, flags, n, params, grads, states, numel, packs, found_inf, grad_scale, lr, stream);
-    case 2: return dispatch_rule<bf16>(rule, flags, n, params, grads, states, numel, packs, found_inf, grad_scale, lr, stream);
-    case 3: return dispatch_rule<fp16>(rule, flags, n, params, grads, states, numel, packs, found_inf, grad_scale, lr, stream);
+#define MF_ARGS rule, flags, n, params, grads, states, numel, packs, found_inf, grad_scale, lr, sr_keys, stream
+  // the layout table: (layout, param dtype) -> (P, S, MASTER, SR); anything else has no kernel
+  switch (layout) {
+    case LAYOUT_NATIVE:
+      switch (dtype) {
+        case 0: return dispatch_rule<float, float, false, false>(MF_ARGS);
+        case 1: return dispatch_rule<double, double, false, false>(MF_ARGS);
+        case 2: return dispatch_rule<bf16, bf16, false, false>(MF_ARGS);
+        case 3: return dispatch_rule<fp16, fp16, false, false>(MF_ARGS);
+        default: return cudaErrorInvalidValue;
+      }
+    case LAYOUT_BF16_STATE:
+      return dtype == 0 ? dispatch_rule<float, bf16, false, false>(MF_ARGS) : cudaErrorInvalidValue;
+    case LAYOUT_MASTER:
+      if (dtype == 2) return dispatch_rule<bf16, float, true, false>(MF_ARGS);
+      if (dtype == 3) return dispatch_rule<fp16, float, true, false>(MF_ARGS);
+      return cudaErrorInvalidValue;
+    case LAYOUT_BF16_SR:
+      return dtype == 2 ? dispatch_rule<bf16, bf16, false, true>(MF_ARGS) : cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
+#undef MF_ARGS
 }
 
 }  // namespace cuda

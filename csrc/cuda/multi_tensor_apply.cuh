@@ -17,7 +17,7 @@
 namespace mf {
 namespace cuda {
 
-constexpr int kMaxLists = 5;    // param, grad, up to 3 states
+constexpr int kMaxLists = 6;    // param, grad, up to 3 states, the fp32 master (layout master)
 constexpr int kMaxTensors = 36;
 constexpr int kMaxBlocks = 320;
 constexpr int kChunk = 65536;

@@ -95,6 +95,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return get_spec(self.rule)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.sync_amp() if "_pending_amp" in self.__dict__ else None
         if isinstance(param_group, dict):
             unknown = set(param_group) - set(self.defaults) - _GROUP_KEYS_ALWAYS_ALLOWED
             if unknown:
@@ -122,7 +123,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             self.param_groups[-1].setdefault(k, v)
 
     def __getstate__(self) -> dict[str, Any]:
+        self.sync_amp()
         state = super().__getstate__()
+        for k in ("_pending_amp", "_amp_flag"):
+            state.pop(k, None)
         state["backend"] = self.backend
         return state
 
@@ -136,6 +140,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``mu_product``) keeps its own dtype on the CPU instead of being cast to the param dtype, and
         groups saved by torch.optim (or an older version) get missing hyperparameters from the
         defaults. Loading a torch.optim state_dict of the same rule works, and vice versa."""
+        self.sync_amp()
         self._step_views = {}
         host, saved = {}, {}
         for idx, st in state_dict["state"].items():
@@ -236,6 +241,78 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise ValueError(f"{where}: state {key!r} is {t.dtype} on {t.device}, expected {want} on {p.device} "
                          "(the group's dtype layout decides the state dtype)")
 
+    # ------------------------------------------------------------------ GradScaler on the device
+    def _device_amp(self, plan):
+        """(found_inf, grad_scale) to hand to the kernels, or None for the host protocol (``_amp``).
+
+        The device protocol (no host sync) is used when GradScaler's ``found_inf`` is a tensor, every
+        bucket's backend reads device scalars (triton, cuda), and the rule keeps no per-group host
+        counters (FSGDM, schedule-free: they take the host path). The kernels then skip every write
+        when found_inf != 0; the host side (step counts, NAdam's mu_product, state created by this step,
+        ``sr_step``) advances optimistically and is rolled back when the flag, copied to the host
+        without blocking, turns out nonzero: checked at the start of the next step, by ``state_dict``,
+        ``load_state_dict``, ``add_param_group`` and ``sync_amp()``."""
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        if not isinstance(found_inf, torch.Tensor) or not (grad_scale is None or isinstance(grad_scale, torch.Tensor)):
+            return None
+        spec = self.spec
+        if spec.group_advance is not None or spec.group_prepare is not None or \
+                type(self)._prepare_step is not FusedOptimizer._prepare_step:
+            return None
+        for _, _, items, chosen in plan:
+            if not all(getattr(b, "device_scalars", False) for b in chosen.values()):
+                return None
+        if found_inf.numel() != 1 or (grad_scale is not None and grad_scale.numel() != 1):
+            raise ValueError(f"{type(self).__name__}: found_inf and grad_scale must be one-element tensors")
+        return found_inf, grad_scale
+
+    def sync_amp(self) -> None:
+        """Resolve a pending device-side GradScaler check: wait for the flag of the last step and, if it
+        was nonzero (the kernels skipped that step), roll the host-side state back. Called by step(),
+        state_dict(), load_state_dict() and add_param_group(); call it before reading ``state`` directly
+        between steps when training with a GradScaler on the triton/cuda backends."""
+        pending = self.__dict__.pop("_pending_amp", None)
+        if pending is None:
+            return
+        flag, event, record = pending
+        if event is not None:
+            event.synchronize()
+        if float(flag) == 0.0:
+            return
+        stepped, mus, created, groups = record
+        for st in stepped:
+            st["step"].sub_(1.0)
+        for st, old in mus:
+            if old is None:
+                st.pop("mu_product", None)
+            else:
+                st["mu_product"].copy_(old)
+        for st, key in created:
+            st.pop(key, None)
+        for g in groups:
+            g["sr_step"] -= 1
+        for p in [p for p, st in self.state.items() if not st]:  # a skipped first step created nothing
+            del self.state[p]
+        self._step_views = {}
+
+    def _defer_amp_flag(self, found_inf, record):
+        """Copy found_inf to the host without blocking; sync_amp() reads it later."""
+        if found_inf.device.type == "cuda":
+            buf = self.__dict__.get("_amp_flag")
+            if buf is None:
+                buf = self._amp_flag = torch.empty(1, dtype=torch.float32, pin_memory=True)
+            buf.copy_(found_inf.reshape(1), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            buf, event = found_inf.detach().reshape(1).clone(), None
+        self._pending_amp = (buf, event, record)
+
+    def state_dict(self):
+        self.sync_amp()
+        return super().state_dict()
+
     def _amp(self):
         """GradScaler protocol: returns (skip, inv_scale)."""
         found_inf = getattr(self, "found_inf", None)
@@ -259,7 +336,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for group, *_ in plan:
                 self.spec.group_prepare(group)
 
-    def _init_state(self, items, state_names, layout=_layouts.NATIVE):
+    def _init_state(self, items, state_names, layout=_layouts.NATIVE, created=None):
         """Create missing elementwise state (zeros in the layout's state dtype; the fp32 master copy of
         the param under the ``master`` layout). Returns (state dicts, fresh flags): fresh is True for a
         tensor whose state was (partly) created in this step."""
@@ -273,8 +350,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if k is not None:
                     st[k] = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=None if native else
                                              layout.state_dtype_for(p.dtype))
+                    if created is not None:
+                        created.append((st, k))
             if layout.master and _layouts.MASTER_KEY not in st:
                 st[_layouts.MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+                if created is not None:
+                    created.append((st, _layouts.MASTER_KEY))
             states.append(st)
             fresh.append(bool(missing))
         return states, fresh
@@ -328,10 +409,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.sync_amp() if "_pending_amp" in self.__dict__ else None
         plan = self._plan()
-        skip, inv_scale = self._amp()
-        if skip:
-            return loss
+        amp = self._device_amp(plan)
+        if amp is None:
+            skip, inv_scale = self._amp()
+            if skip:
+                return loss
+            record = None
+        else:
+            inv_scale = 1.0
+            record = ([], [], [], [])  # stepped states, (state, old mu_product), (state, created key), groups
         self._prepare_step(plan, loss, inv_scale)
         spec = self.spec
         buckets: dict[tuple, tuple] = {}
@@ -347,7 +435,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             flags = spec.make_flags(group)
             grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
             lay = _layouts.get_layout(group["layout"])
-            states, fresh = self._init_state(items, state_names, lay)
+            states, fresh = self._init_state(items, state_names, lay, None if record is None else record[2])
+            if record is not None:  # what the optimistic host-side advance must be able to undo
+                if spec.counts_steps:
+                    record[2].extend([(st, "step") for st in states if "step" not in st])
+                    record[0].extend(states)
+                if spec.pack_reads_state:
+                    record[1].extend([(st, st["mu_product"].clone() if isinstance(st.get("mu_product"), torch.Tensor)
+                                       else None) for st in states])
+                if lay.stochastic:
+                    record[3].append(group)
             scalars = self._group_scalars(gi, group, states, fresh, grad_mult)
             names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
             keys = None
@@ -376,10 +473,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                         b[6].append(keys[i])
             if spec.group_advance is not None:
                 spec.group_advance(group)  # per-group counters move after the packs used them
-        for (_, _, _, flags, _), (backend, ps, gs, sts, scs, lay, keys) in buckets.items():
-            if lay.name == "native":
-                backend.apply(spec, flags, *_dist.local_bucket(ps, gs, sts), scs)  # DTensors: local shards
-            else:
-                backend.apply(spec, flags, *_dist.local_bucket(ps, gs, sts), scs, layout=lay,
-                              sr_keys=keys if lay.stochastic else None)
+        for (_, device, _, flags, _), (backend, ps, gs, sts, scs, lay, keys) in buckets.items():
+            kw = {}
+            if lay.name != "native":
+                kw.update(layout=lay, sr_keys=keys if lay.stochastic else None)
+            if amp is not None:  # device-side GradScaler scalars (no host read)
+                kw.update(found_inf=amp[0].to(device, non_blocking=True),
+                          grad_scale=None if amp[1] is None else amp[1].to(device, non_blocking=True))
+            backend.apply(spec, flags, *_dist.local_bucket(ps, gs, sts), scs, **kw)  # DTensors: local shards
+        if amp is not None:
+            self._defer_amp_flag(amp[0], record)
         return loss

@@ -1,0 +1,10 @@
+"""Low-rank (DLRA) training utilities.
+
+``retraction`` holds the batched thin-QR retraction (``qr``) with several
+backends (see docs/lowrank_retraction.md).
+"""
+from .retraction import qr, RETRACTION_BACKENDS
+
+# the low-rank layer and the DLRA optimizers (ALGORITHMS.md §8; docs/lowrank.md)
+from .layer import LowRankFactor, LowRankLinear, convert  # noqa: E402
+from .optim import LowRankAdam, LowRankSGD  # noqa: E402

@@ -1,0 +1,244 @@
+"""LowRankLinear: a linear layer stored as W = U S Vᵀ (ALGORITHMS.md §8), and ``convert``.
+
+Storage. U (out_features × max_rank), S (max_rank × max_rank) and V (in_features × max_rank) are
+``nn.Parameter``s of fixed shape; the current rank r (a buffer named ``rank``, saved in the
+state_dict) says how many leading columns are in use. The forward pass reads only U[:, :r],
+S[:r, :r], V[:, :r]; the rest is kept at zero by the optimizers. Only linear layers are supported:
+convolutions are not (see docs/lowrank.md).
+
+How the optimizers find the factors. U, S and V are :class:`LowRankFactor` parameters: a
+``nn.Parameter`` subclass carrying its ``role`` ("U", "S" or "V") and a weak reference to its layer.
+``momentum_fused.lowrank.LowRankSGD``/``LowRankAdam`` read this tag to group the triple and to read and
+write the layer's rank; the dense optimizers (``momentum_fused.SGD`` etc.) see the class attribute
+``_momentum_fused_lowrank`` and refuse such params with a clear error. The tag survives
+``copy.deepcopy`` (re-linked to the copied layer) and pickling (re-linked on unpickling).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["LowRankLinear", "LowRankFactor", "convert"]
+
+
+def _rebuild_factor(data, requires_grad, role):
+    p = LowRankFactor(data, requires_grad)
+    p.role = role
+    return p
+
+
+class LowRankFactor(nn.Parameter):
+    """A factor (U, S or V) of a :class:`LowRankLinear`. ``role`` is "U", "S" or "V"; ``layer()``
+    returns the owning layer (or None when detached, e.g. a factor deep-copied on its own)."""
+
+    _momentum_fused_lowrank = True  # read by FusedOptimizer.add_param_group: dense optimizers refuse these
+
+    role: str = "?"
+    _layer_ref = None
+
+    def layer(self):
+        return None if self._layer_ref is None else self._layer_ref()
+
+    def __deepcopy__(self, memo):
+        if id(self) in memo:
+            return memo[id(self)]
+        result = _rebuild_factor(self.data.clone(memory_format=torch.preserve_format), self.requires_grad,
+                                 self.role)
+        memo[id(self)] = result
+        owner = self.layer()
+        new_owner = memo.get(id(owner)) if owner is not None else None  # the layer copy, when it is copied too
+        if new_owner is not None:
+            result._layer_ref = weakref.ref(new_owner)
+        return result
+
+    def __reduce_ex__(self, proto):
+        return (_rebuild_factor, (self.data, self.requires_grad, self.role))
+
+    def __repr__(self):
+        return f"LowRankFactor(role={self.role}):\n" + super().__repr__()
+
+
+def _check_int(name, value, low=1):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"LowRankLinear: {name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"LowRankLinear: {name} must be >= {low}, got {value}")
+
+
+class LowRankLinear(nn.Module):
+    """y = x V_r S_rᵀ U_rᵀ + b, i.e. nn.Linear with weight W = U_r S_r V_rᵀ (out × in).
+
+    ``rank``: the initial rank r; ``max_rank``: the storage width r_max, the largest rank the
+    optimizers may reach (1 <= rank <= max_rank <= min(in_features, out_features)). The cheap regime
+    is max_rank << min(in, out)/2; up to min(in, out) is allowed (ALGORITHMS.md §8 rank bounds).
+
+    Initialisation: the truncated SVD of an nn.Linear-initialised dense weight (kaiming-uniform,
+    like nn.Linear), so S starts diagonal with the top singular values of that weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, max_rank: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        _check_int("in_features", in_features)
+        _check_int("out_features", out_features)
+        _check_int("rank", rank)
+        _check_int("max_rank", max_rank)
+        if rank > max_rank:
+            raise ValueError(f"LowRankLinear: rank ({rank}) must be <= max_rank ({max_rank})")
+        if max_rank > min(in_features, out_features):
+            raise ValueError(f"LowRankLinear: max_rank ({max_rank}) must be <= min(in_features, out_features) "
+                             f"= {min(in_features, out_features)}")
+        self.in_features, self.out_features, self.max_rank = in_features, out_features, max_rank
+        fk = dict(device=device, dtype=dtype)
+        m, n = out_features, in_features
+        self.U = LowRankFactor(torch.zeros(m, max_rank, **fk))
+        self.S = LowRankFactor(torch.zeros(max_rank, max_rank, **fk))
+        self.V = LowRankFactor(torch.zeros(n, max_rank, **fk))
+        self.bias = nn.Parameter(torch.empty(m, **fk)) if bias else None
+        self.register_buffer("rank", torch.tensor(rank, dtype=torch.int64, device=device))
+        self._r = rank
+        self._link()
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ tags and rank
+    def _link(self):
+        ref = weakref.ref(self)
+        for role in ("U", "S", "V"):
+            p = self._parameters[role]
+            p.role = role
+            p._layer_ref = ref
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._link()
+
+    @property
+    def r(self) -> int:
+        """The current rank (a Python int; the ``rank`` buffer holds the same number for the state_dict)."""
+        return self._r
+
+    def _set_rank(self, r: int) -> None:
+        if not 1 <= r <= self.max_rank:
+            raise ValueError(f"LowRankLinear: rank must be in [1, max_rank={self.max_rank}], got {r}")
+        self._r = int(r)
+        self.rank.fill_(int(r))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "rank"
+        if key in state_dict:
+            r = int(state_dict[key])
+            if not 1 <= r <= self.max_rank:
+                error_msgs.append(f"LowRankLinear: saved rank {r} is outside [1, max_rank={self.max_rank}]")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._r = int(self.rank)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def _set_from_svd(self, W: torch.Tensor, r: int) -> None:
+        U, s, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        if not bool(s[r - 1] > s[0] * torch.finfo(self.S.dtype).eps * max(W.shape)):
+            raise ValueError(f"LowRankLinear: the weight has numerical rank < {r} (sigma_{r} = {float(s[r - 1]):.3g}, "
+                             f"sigma_1 = {float(s[0]):.3g}); the optimizers need an invertible core S: use a lower "
+                             f"rank or tol=")
+        for p in (self.U, self.S, self.V):
+            p.zero_()
+        self.U[:, :r] = U[:, :r].to(self.U.dtype)
+        self.V[:, :r] = Vh[:r].T.to(self.V.dtype)
+        self.S[:r, :r] = torch.diag(s[:r]).to(self.S.dtype)
+        self._set_rank(r)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        W = torch.empty(self.out_features, self.in_features, device=self.U.device, dtype=self.U.dtype)
+        nn.init.kaiming_uniform_(W, a=math.sqrt(5))  # nn.Linear's init
+        self._set_from_svd(W, self._r)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @staticmethod
+    def rank_for_tol(s: torch.Tensor, tol: float) -> int:
+        """Smallest j with ‖σ_{j:}‖₂ < tol ‖σ‖₂ (σ sorted descending), at least 1; len(σ) if none."""
+        s = s.double()
+        tail = torch.flip(torch.cumsum(torch.flip(s * s, [0]), 0), [0]).sqrt()  # tail[j] = ‖σ_{j:}‖
+        below = (tail < tol * tail[0]).nonzero()
+        return max(1, int(below[0]) if len(below) else len(s))
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, rank: int | None = None, tol: float | None = None, *,
+                   max_rank: int | None = None) -> "LowRankLinear":
+        """A LowRankLinear holding the truncated SVD of ``linear.weight`` (and a copy of its bias).
+
+        Exactly one of ``rank`` (keep the top ``rank`` singular values) or ``tol`` (the smallest rank
+        with a discarded tail ‖σ_{r:}‖ < tol ‖σ‖) is given. ``max_rank`` defaults to
+        max(rank, min(in, out) // 2)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        if (rank is None) == (tol is None):
+            raise ValueError("from_dense: give exactly one of rank= or tol=")
+        W = linear.weight.detach()
+        m, n = W.shape
+        if tol is not None:
+            if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
+                raise ValueError(f"from_dense: tol must be in [0, 1), got {tol!r}")
+            rank = cls.rank_for_tol(torch.linalg.svdvals(W.double()), tol)
+        if max_rank is None:
+            max_rank = max(rank, min(m, n) // 2)
+        layer = cls(n, m, rank, max_rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
+        layer._set_from_svd(W, rank)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self._r
+        h = F.linear(x, self.V[:, :r].T)        # x V_r
+        h = F.linear(h, self.S[:r, :r])         # · S_rᵀ
+        return F.linear(h, self.U[:, :r], self.bias)  # · U_rᵀ + b
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight U_r S_r V_rᵀ (out × in), computed (not stored)."""
+        r = self._r
+        return self.U[:, :r] @ self.S[:r, :r] @ self.V[:, :r].T
+
+    def num_params(self) -> int:
+        """Parameters in use at the current rank: r (in + out) + r² (+ bias)."""
+        r = self._r
+        return r * (self.in_features + self.out_features) + r * r + (self.out_features if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self._r}, "
+                f"max_rank={self.max_rank}, bias={self.bias is not None}")
+
+
+def convert(model: nn.Module, filter: Callable[[str, nn.Module], bool] | None = None, rank: int | None = None,
+            max_rank: int | None = None, tol: float | None = None) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` of ``model`` that ``filter(name, module)`` selects (default:
+    all) by ``LowRankLinear.from_dense(module, rank=, tol=, max_rank=)``. Returns ``model``. Conv layers
+    are not supported. Raises (before changing anything) when a selected layer cannot take the rank."""
+    if (rank is None) == (tol is None):
+        raise ValueError("convert: give exactly one of rank= or tol=")
+    chosen = [(name, mod) for name, mod in model.named_modules()
+              if isinstance(mod, nn.Linear) and (filter is None or filter(name, mod))]
+    for name, mod in chosen:
+        k = min(mod.in_features, mod.out_features)
+        if (rank is not None and rank > k) or (max_rank is not None and max_rank > k):
+            raise ValueError(f"convert: layer {name!r} ({mod.out_features}x{mod.in_features}) cannot take "
+                             f"rank={rank}, max_rank={max_rank} (limit min(in, out) = {k}); exclude it with filter=")
+    new = {name: LowRankLinear.from_dense(mod, rank=rank, tol=tol, max_rank=max_rank) for name, mod in chosen}
+    for name, layer in new.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+    return model

@@ -1,0 +1,452 @@
+"""LowRankSGD / LowRankAdam: the DLRA momentum optimizers of ALGORITHMS.md §8.
+
+One optimizer for the whole model. Params that are :class:`~momentum_fused.lowrank.layer.LowRankFactor`
+(U, S, V of a :class:`LowRankLinear`, found through the tag the layer puts on them) are trained on the
+manifold of rank-r matrices; every other param (biases, norms, embeddings) is handed to an internal
+``momentum_fused.SGD`` / ``momentum_fused.Adam`` over the same hyperparameters, so the normal fused
+backends run for them. Both share one ``state`` dict, so ``state_dict()`` is torch's format.
+
+One step of a layer W = U S Vᵀ (G = ∂L/∂W; the factor gradients of ONE backward pass are
+G_U = G V Sᵀ, G_S = UᵀGV, G_V = GᵀUS):
+
+1 augment   Û = orth([U, G_U]) (m × min(2r, m)), V̂ likewise, through ``retraction.qr`` with U as the
+            leading block (G_U is orthogonalised against U twice, its columns scaled to unit norm,
+            then [U, Y] is factored: ÛᵀU = [R₁₁; 0] with R₁₁ = I up to round-off). When 2r > m the
+            basis is completed (any orthonormal completion spans Rᵐ). When r = m nothing changes.
+2 lift      Ŝ = (ÛᵀU) S (VᵀV̂), B̂ = (ÛᵀU) B (VᵀV̂) (Adam: m the same, v through its square root).
+3 gradient  Ĝ = Ûᵀ P_T(G) V̂ = (ÛᵀU)(Lᵀ V̂) + (ÛᵀK)(VᵀV̂) − (ÛᵀU) G_S (VᵀV̂), with K = GV = G_U S⁻ᵀ and
+            L = GᵀU = G_V S⁻¹ recovered from the factor gradients: S must be invertible (it is diagonal
+            and positive after every truncation; a singular S raises).
+4 update    the rule of momentum_fused.reference (sgd_ref / adam_ref) on the core: torch.optim.SGD
+            conventions (first step b = g, dampening, nesterov, coupled L2 decay = Ĝ + λŜ) or Adam.
+5 truncate  P Σ Qᵀ = svd(Ŝ), r₁ = smallest j with ‖σ_{j:}‖ < τ‖σ‖, clamped to [r_min, r_max]; U ← Û P₁,
+            V ← V̂ Q₁, S ← diag(σ₁), B ← P₁ᵀ B̂ Q₁ (Adam: m likewise, v ← (P₁ᵀ √v̂ Q₁)²).
+
+Schedules: the basis is augmented on steps t with (t − 1) % augment_every == 0 (other steps update the
+core in the fixed basis, Ĝ = G_S), truncated when t % truncate_every == 0 (so with equal periods k:
+augment on the first step of a cycle, truncate on its last), and also whenever an
+augmented core does not fit the storage (a non-square core, or a rank above max_rank): a truncation
+is then forced. ``fixed_rank=True`` keeps every layer at its current rank (τ must be 0).
+``param_budget`` caps Σ r(m + n) + r² over the LowRankLinear layers truncated in a step: the kept
+singular values are the largest over all of them (r_min first), the τ rule and max_rank still apply.
+
+Layers of one param group with equal (m, n, r, step) form a bucket: one batched solve, one batched qr
+per side (one for both when m == n), one batched SVD.
+
+State: the momentum cores live in ``state[S]`` (``momentum_buffer``; Adam ``exp_avg``, ``exp_avg_sq``)
+as r_max × r_max tensors (only the leading r × r block in use), with ``step``. The rank is the
+layer's ``rank`` buffer: save and load the model's state_dict together with the optimizer's.
+τ, r_min, schedules, budget, backend and retraction are constructor settings, not saved.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+from contextlib import contextmanager
+
+import torch
+
+from .. import reference
+from ..optim.adam import Adam
+from ..optim.sgd import SGD
+from ..specs import get_spec
+from .layer import LowRankLinear
+from .retraction import RETRACTION_BACKENDS, qr
+
+__all__ = ["LowRankSGD", "LowRankAdam"]
+
+PHASES = ("augment", "gradient", "update", "truncate")
+
+
+def _is_factor(p) -> bool:
+    return bool(getattr(p, "_momentum_fused_lowrank", False))
+
+
+class _LowRankOptimizer(torch.optim.Optimizer):
+    _dense_cls: type
+    _rule: str
+
+    def __init__(self, params, defaults, *, tau, r_min, augment_every, truncate_every, fixed_rank,
+                 param_budget, backend, retraction):
+        name = type(self).__name__
+        if tau is None:
+            tau = 0.0 if fixed_rank else 0.1
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0.0 <= tau < 1.0):
+            raise ValueError(f"{name}: tau must be a number in [0, 1), got {tau!r}")
+        if fixed_rank and tau != 0:
+            raise ValueError(f"{name}: fixed_rank=True keeps r fixed and needs tau=0, got tau={tau}")
+        for key, v in (("r_min", r_min), ("augment_every", augment_every), ("truncate_every", truncate_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: {key} must be an int >= 1, got {v!r}")
+        if param_budget is not None:
+            if isinstance(param_budget, bool) or not isinstance(param_budget, int) or param_budget < 1:
+                raise ValueError(f"{name}: param_budget must be a positive int or None, got {param_budget!r}")
+            if fixed_rank:
+                raise ValueError(f"{name}: param_budget and fixed_rank=True exclude each other")
+        if retraction not in RETRACTION_BACKENDS + ("auto",):
+            raise ValueError(f"{name}: unknown retraction {retraction!r}; expected one of "
+                             f"{RETRACTION_BACKENDS + ('auto',)}")
+        spec = get_spec(self._rule)
+        spec.validate({**spec.defaults, **defaults}, where=f"{name}: ")
+        self.tau, self.r_min, self.fixed_rank = float(tau), r_min, bool(fixed_rank)
+        self.augment_every, self.truncate_every = augment_every, truncate_every
+        self.param_budget, self.backend, self.retraction = param_budget, backend, retraction
+        self.profile = None  # a dict: step() adds the seconds of each phase to it (bench/bench_lowrank.py)
+        self._layers: list[list[LowRankLinear]] = []
+        self._inner = None
+        self._inner_index: dict[int, int] = {}
+        super().__init__(params, defaults)
+        if param_budget is not None:
+            need = sum(self._cost(layer, min(r_min, layer.max_rank)) for ls in self._layers for layer in ls)
+            if need > param_budget:
+                raise ValueError(f"{name}: param_budget={param_budget} is below the r_min floor of the "
+                                 f"low-rank layers ({need} params)")
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group):
+        name = type(self).__name__
+        param_group = dict(param_group)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group["params"] = params
+        for k in ("amsgrad",):
+            if param_group.get(k, self.defaults.get(k, False)):
+                raise ValueError(f"{name}: {k}=True is not supported on the low-rank core")
+        layers, seen = [], set()
+        for p in params:
+            if isinstance(p, tuple):
+                raise TypeError(f"{name}: named parameters are not supported; pass model.parameters()")
+            if _is_factor(p):
+                layer = p.layer()
+                if layer is None or getattr(layer, getattr(p, "role", "?"), None) is not p:
+                    raise ValueError(f"{name}: a LowRankFactor (role {getattr(p, 'role', '?')}) is not attached "
+                                     f"to a LowRankLinear (a factor copied on its own?)")
+                if id(layer) not in seen:
+                    seen.add(id(layer))
+                    layers.append(layer)
+        ids = {id(p) for p in params}
+        for layer in layers:
+            if not all(id(getattr(layer, r)) in ids for r in ("U", "S", "V")):
+                raise ValueError(f"{name}: U, S and V of a LowRankLinear must be in the same param group")
+            if layer.r > layer.max_rank:
+                raise ValueError(f"{name}: layer rank {layer.r} > max_rank {layer.max_rank}")
+        super().add_param_group(param_group)
+        self._layers.append(layers)
+        self._add_inner_group(len(self.param_groups) - 1)
+
+    def _dense_hparams(self, group):
+        return {k: group[k] for k in get_spec(self._rule).defaults if k in group}
+
+    def _add_inner_group(self, gi):
+        dense = [p for p in self.param_groups[gi]["params"] if not _is_factor(p)]
+        if not dense:
+            return
+        g = {"params": dense, **self._dense_hparams(self.param_groups[gi])}
+        if self._inner is None:
+            self._inner = self._dense_cls([g], backend=self.backend)
+            self._inner.state = self.state
+        else:
+            self._inner.add_param_group(g)
+        self._inner_index[gi] = len(self._inner.param_groups) - 1
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self._inner is not None:
+            self._inner.state = self.state
+            self._inner._step_views = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if getattr(self, "_inner", None) is not None:
+            self._inner.state = self.state
+            self._inner._step_views = {}
+
+    @staticmethod
+    def _cost(layer, r):
+        return r * (layer.in_features + layer.out_features) + r * r
+
+    # ------------------------------------------------------------------ timing (bench only)
+    @contextmanager
+    def _phase(self, name, device):
+        if self.profile is None:
+            yield
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.profile[name] = self.profile.get(name, 0.0) + time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ validation (modifies nothing)
+    def _plan(self):
+        name = type(self).__name__
+        spec = get_spec(self._rule)
+        buckets: dict[tuple, list] = {}
+        grads = []
+        for gi, group in enumerate(self.param_groups):
+            spec.validate({**spec.defaults, **group}, where=f"{name} param group {gi}: ")
+            if group.get("amsgrad", False):
+                raise ValueError(f"{name}: amsgrad=True is not supported on the low-rank core")
+            for li, layer in enumerate(self._layers[gi]):
+                fs = (layer.U, layer.S, layer.V)
+                gs = [p.grad for p in fs]
+                if all(g is None for g in gs):
+                    continue
+                where = f"{name}: LowRankLinear {li} of group {gi} ({layer.out_features}x{layer.in_features})"
+                if any(g is None for g in gs):
+                    raise RuntimeError(f"{where}: U, S and V need gradients together (some are None)")
+                for p, g in zip(fs, gs):
+                    if g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                        raise RuntimeError(f"{where}: gradient of {p.role} must be dense, {tuple(p.shape)}, "
+                                           f"{p.dtype}, on {p.device}")
+                r = layer.r
+                if not 1 <= r <= layer.max_rank:
+                    raise ValueError(f"{where}: rank {r} outside [1, max_rank={layer.max_rank}]")
+                st = self.state.get(layer.S, {})
+                t = int(float(st["step"])) + 1 if "step" in st else 1
+                fresh = not all(k in st for k in spec.state_names({**spec.defaults, **group}))
+                key = (gi, layer.U.device, layer.U.dtype, layer.out_features, layer.in_features, r, t, fresh)
+                buckets.setdefault(key, []).append(layer)
+                grads.extend(gs)
+            grads.extend(p.grad for p in group["params"] if not _is_factor(p) and p.grad is not None)
+        if grads:
+            ok = torch.stack([torch.isfinite(g).all().to("cpu") for g in grads])
+            if not bool(ok.all()):
+                i = int((~ok).nonzero()[0])
+                raise RuntimeError(f"{name}: non-finite gradient (shape {tuple(grads[i].shape)}); the step is "
+                                   f"skipped and nothing changed")
+        if self._inner is not None:
+            for gi, igi in self._inner_index.items():
+                self._inner.param_groups[igi].update(self._dense_hparams(self.param_groups[gi]))
+            self._inner._plan()  # validates the dense params; modifies nothing
+        return buckets
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets = self._plan()
+        results = [self._compute(key, layers) for key, layers in buckets.items()]
+        self._choose_ranks(results)
+        for res in results:
+            self._write(res)
+        if self._inner is not None:
+            self._inner.step()
+        return loss
+
+    def _compute(self, key, layers):
+        """Steps 1-5 for one bucket, without writing anything. Returns what _write needs."""
+        gi, device, dtype, m, n, r, t, fresh = key
+        name = type(self).__name__
+        group = self.param_groups[gi]
+        spec = get_spec(self._rule)
+        g = {**spec.defaults, **group}
+        wd = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+        def stack(fn):
+            return torch.stack([fn(layer).to(wd) for layer in layers])
+
+        U, S, V = stack(lambda l: l.U[:, :r]), stack(lambda l: l.S[:r, :r]), stack(lambda l: l.V[:, :r])
+        GU, GS, GV = (stack(lambda l: l.U.grad[:, :r]), stack(lambda l: l.S.grad[:r, :r]),
+                      stack(lambda l: l.V.grad[:, :r]))
+        names = spec.state_names(g)
+        cores = None if fresh else [stack(lambda l, k=k: self.state[l.S][k][:r, :r]) for k in names]
+        augment = (t - 1) % self.augment_every == 0 and r < max(m, n)
+        truncate = t % self.truncate_every == 0
+        km, kn = (min(2 * r, m), min(2 * r, n)) if augment else (r, r)
+        with self._phase("augment", device):
+            if augment:
+                Uh, Vh = self._augment(U, GU, km, V, GV, kn)
+                AU, AV = Uh.mT @ U, V.mT @ Vh          # ÛᵀU (km × r), VᵀV̂ (r × kn)
+                Sh = AU @ S @ AV
+                cores = None if cores is None else self._lift(cores, AU, AV)
+            else:
+                Uh, Vh, Sh = U, V, S.clone()
+        with self._phase("gradient", device):
+            Gh = self._galerkin(U, S, V, Uh, Vh, GU, GS, GV, where=(layers, gi)) if augment else GS
+        with self._phase("update", device):
+            if cores is None:
+                cores = [torch.zeros_like(Sh) for _ in names]
+            scalars = spec.Scalars(*spec.advance(g, {}, fresh, t), -1.0 if g.get("maximize") else 1.0)
+            getattr(reference, f"{self._rule}_ref")(Sh, Gh, tuple(cores), scalars, spec.make_flags(g))
+        forced = augment and (km != kn or km > layers[0].max_rank)
+        res = dict(key=key, layers=layers, t=t, Uh=Uh, Vh=Vh, Sh=Sh, cores=cores, names=names, svd=None)
+        with self._phase("truncate", device):
+            if truncate or forced:
+                P, sig, Qh = torch.linalg.svd(Sh, full_matrices=False)
+                sig_host = sig.double().cpu()
+                if not bool(torch.isfinite(sig_host).all()):
+                    raise RuntimeError(f"{name}: the updated core of a layer in group {gi} is not finite; "
+                                       f"nothing changed (lower the learning rate?)")
+                res["svd"] = (P, sig, Qh)
+                res["ranks"] = [self._tau_rank(s, layer) for s, layer in zip(sig_host, layers)]
+                res["sig_host"] = sig_host
+            elif not bool(torch.isfinite(Sh).all()):
+                raise RuntimeError(f"{name}: the updated core of a layer in group {gi} is not finite; "
+                                   f"nothing changed (lower the learning rate?)")
+        return res
+
+    def _augment(self, U, GU, km, V, GV, kn):
+        def side_input(U, G, k):
+            r = U.shape[-1]
+            if k == r:
+                return None
+            if k == 2 * r:
+                Y = G - U @ (U.mT @ G)
+            else:  # 2r > m: complete the basis from the coordinate vectors least represented in span(U)
+                idx = (U * U).sum(-1).argsort(dim=-1)[..., : k - r]
+                E = torch.zeros(U.shape[0], U.shape[1], k - r, dtype=U.dtype, device=U.device)
+                E.scatter_(1, idx.unsqueeze(-1), 1.0)
+                Y = E - U @ (U.mT @ E)
+            Y = Y - U @ (U.mT @ Y)  # second Gram-Schmidt pass against U
+            Y = Y / Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+            return torch.cat([U, Y], -1)
+
+        A_u, A_v = side_input(U, GU, km), side_input(V, GV, kn)
+        if A_u is not None and A_v is not None and A_u.shape == A_v.shape:  # one batched qr for both sides
+            Q, _ = qr(torch.cat([A_u, A_v]), backend=self.retraction)
+            return Q[: U.shape[0]].to(U.dtype), Q[U.shape[0]:].to(U.dtype)
+        Uh = U if A_u is None else qr(A_u, backend=self.retraction)[0].to(U.dtype)
+        Vh = V if A_v is None else qr(A_v, backend=self.retraction)[0].to(U.dtype)
+        return Uh, Vh
+
+    def _galerkin(self, U, S, V, Uh, Vh, GU, GS, GV, where=None):
+        """Step 3: Ĝ = Ûᵀ P_T(G) V̂ from the factor gradients (batched [B, ...])."""
+        K, L = self._solve_kl(S, GU, GV, *(where or ([None] * len(S), -1)))
+        AU, AV = Uh.mT @ U, V.mT @ Vh
+        return AU @ (L.mT @ Vh) + (Uh.mT @ K) @ AV - AU @ GS @ AV
+
+    def _solve_kl(self, S, GU, GV, layers, gi):
+        """K = G V = G_U S⁻ᵀ and L = Gᵀ U = G_V S⁻¹ (K Sᵀ = G_U, L S = G_V)."""
+        Kt, info1 = torch.linalg.solve_ex(S, GU.mT)
+        Lt, info2 = torch.linalg.solve_ex(S.mT, GV.mT)
+        bad = (info1 != 0) | (info2 != 0) | ~torch.isfinite(Kt).flatten(1).all(1) | ~torch.isfinite(Lt).flatten(1).all(1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            layer = layers[i]
+            shape = "" if layer is None else f" ({layer.out_features}x{layer.in_features}, rank {layer.r}, group {gi})"
+            raise RuntimeError(f"{type(self).__name__}: the core S of a LowRankLinear{shape} is singular: the gradient "
+                               f"assembly from one backward pass (ALGORITHMS.md §8 step 3) needs S invertible; "
+                               f"nothing changed")
+        return Kt.mT, Lt.mT
+
+    def _lift(self, cores, AU, AV):
+        return [AU @ c @ AV for c in cores]
+
+    def _transport(self, cores, P1, Q1):
+        return [P1.mT @ c @ Q1 for c in cores]
+
+    def _tau_rank(self, sig, layer):
+        k = len(sig)
+        if self.fixed_rank:
+            return min(layer.r, k)
+        r1 = LowRankLinear.rank_for_tol(sig, self.tau) if self.tau > 0 else k
+        return max(min(r1, layer.max_rank, k), min(self.r_min, layer.max_rank, k))
+
+    def _choose_ranks(self, results):
+        """The global parameter budget: keep the largest singular values over all truncated layers."""
+        if self.param_budget is None:
+            return
+        truncated = [(res, i) for res in results if res["svd"] is not None for i in range(len(res["layers"]))]
+        ids = {id(res["layers"][i]) for res, i in truncated}
+        used = sum(self._cost(layer, layer.r) for ls in self._layers for layer in ls if id(layer) not in ids)
+        ranks, heap = {}, []
+        for j, (res, i) in enumerate(truncated):
+            layer, sig, cap = res["layers"][i], res["sig_host"][i], res["ranks"][i]
+            r0 = min(self.r_min, layer.max_rank, len(sig))
+            ranks[j] = r0
+            used += self._cost(layer, r0)
+            if r0 < cap:
+                heapq.heappush(heap, (-float(sig[r0]), j))
+        while heap:
+            _, j = heapq.heappop(heap)
+            res, i = truncated[j]
+            layer, r = res["layers"][i], ranks[j]
+            extra = self._cost(layer, r + 1) - self._cost(layer, r)
+            if used + extra > self.param_budget:
+                continue
+            used += extra
+            ranks[j] = r + 1
+            if r + 1 < res["ranks"][i]:
+                heapq.heappush(heap, (-float(res["sig_host"][i][r + 1]), j))
+        for j, (res, i) in enumerate(truncated):
+            res["ranks"][i] = ranks[j]
+
+    # ------------------------------------------------------------------ write (after all checks passed)
+    def _write(self, res):
+        gi, device, dtype, m, n, r, t, fresh = res["key"]
+        layers, Uh, Vh, Sh, cores = res["layers"], res["Uh"], res["Vh"], res["Sh"], res["cores"]
+        with self._phase("truncate", device):
+            if res["svd"] is not None:
+                P, sig, Qh = res["svd"]
+                UP, VQ = Uh @ P, Vh @ Qh.mT
+            for i, layer in enumerate(layers):
+                if res["svd"] is not None:
+                    r1 = res["ranks"][i]
+                    P1, Q1 = P[i, :, :r1], Qh[i, :r1].mT
+                    newU, newV, newS = UP[i, :, :r1], VQ[i, :, :r1], torch.diag(sig[i, :r1])
+                    newC = self._transport([c[i] for c in cores], P1, Q1)
+                else:
+                    r1 = Uh.shape[-1]
+                    newU, newV, newS, newC = Uh[i], Vh[i], Sh[i], [c[i] for c in cores]
+                for p, val in ((layer.U, newU), (layer.V, newV)):
+                    p[:, :r1].copy_(val)
+                    p[:, r1:].zero_()
+                st = self.state[layer.S]
+                layer.S.zero_()
+                layer.S[:r1, :r1].copy_(newS)
+                for k, val in zip(res["names"], newC):
+                    buf = st.get(k)
+                    if buf is None:
+                        buf = st[k] = torch.zeros_like(layer.S, memory_format=torch.contiguous_format)
+                    buf.zero_()
+                    buf[:r1, :r1].copy_(val)
+                st["step"] = torch.tensor(float(t), dtype=torch.float32)
+                layer._set_rank(r1)
+
+
+class LowRankSGD(_LowRankOptimizer):
+    """Heavy ball / Nesterov on the manifold of rank-r matrices (ALGORITHMS.md §8), with
+    torch.optim.SGD's conventions on the core; dense params get momentum_fused.SGD. See the module
+    docstring for the step, the options and the state layout."""
+
+    _dense_cls = SGD
+    _rule = "sgd"
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, *,
+                 tau=None, r_min=1, augment_every=1, truncate_every=1, fixed_rank=False, param_budget=None,
+                 maximize=False, backend=None, retraction="auto"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize),
+                         tau=tau, r_min=r_min, augment_every=augment_every, truncate_every=truncate_every,
+                         fixed_rank=fixed_rank, param_budget=param_budget, backend=backend, retraction=retraction)
+
+
+class LowRankAdam(_LowRankOptimizer):
+    """Adam on the core in the coordinates of the current basis (ALGORITHMS.md §8): m is lifted and
+    transported like the momentum, v through its square root (v ← (P₁ᵀ √v̂ Q₁)²). Basis dependent, so
+    it has no dense full-rank limit. Dense params get momentum_fused.Adam."""
+
+    _dense_cls = Adam
+    _rule = "adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 decoupled_weight_decay=False, tau=None, r_min=1, augment_every=1, truncate_every=1,
+                 fixed_rank=False, param_budget=None, maximize=False, backend=None, retraction="auto"):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
+                         tau=tau, r_min=r_min, augment_every=augment_every, truncate_every=truncate_every,
+                         fixed_rank=fixed_rank, param_budget=param_budget, backend=backend, retraction=retraction)
+
+    def _lift(self, cores, AU, AV):
+        m, v = cores
+        return [AU @ m @ AV, (AU @ v.sqrt() @ AV).square()]
+
+    def _transport(self, cores, P1, Q1):
+        m, v = cores
+        return [P1.mT @ m @ Q1, (P1.mT @ v.sqrt() @ Q1).square()]

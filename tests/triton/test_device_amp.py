@@ -1,0 +1,92 @@
+"""GradScaler without a host sync (FusedOptimizer._device_amp) on the Triton backend, in the interpreter.
+
+found_inf / grad_scale tensors go to the kernels, which skip every write when found_inf != 0; the host
+side advances optimistically and rolls back when the deferred flag says the step was skipped. A run with
+inf steps interleaved must equal, bit for bit, a run where those steps never happened: params, every
+state tensor, step counts, NAdam's mu_product, state created by a skipped first step, sr_step.
+"""
+import pytest
+import torch
+
+import momentum_fused as mf
+
+SHAPES = [(17,), (4097,), ()]
+
+
+def _params(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def _grads(k, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(100 + k)
+    return [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+
+
+CASES = [(mf.AdamW, dict(lr=1e-2), "native", torch.float32),
+         (mf.NAdam, dict(lr=1e-2), "native", torch.float32),
+         (mf.SGD, dict(lr=0.05, momentum=0.9, dampening=0.5), "native", torch.float32),
+         (mf.Lion, dict(lr=1e-2), "bf16_sr", torch.bfloat16),
+         (mf.Adam, dict(lr=1e-2), "master", torch.bfloat16)]
+
+
+def _snapshot(opt, ps):
+    out = [p.detach().clone() for p in ps]
+    for p in ps:
+        out.append(sorted(opt.state[p]))
+        out += [v.clone() for _, v in sorted(opt.state[p].items())]
+    out.append([g.get("sr_step") for g in opt.param_groups])
+    return out
+
+
+def _equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+        else:
+            assert x == y
+
+
+@pytest.mark.parametrize("cls,kw,layout,dtype", CASES, ids=[f"{c[0].__name__}-{c[2]}" for c in CASES])
+def test_inf_steps_on_the_device_equal_steps_never_taken(cls, kw, layout, dtype):
+    pa, pb = _params(dtype), _params(dtype)
+    a = cls(pa, backend="triton", layout=layout, **kw)
+    b = cls(pb, backend="triton", layout=layout, **kw)
+    plan = [True, False, False, True, False, True, True, False]  # True: an inf step (the first one too)
+    good = 0
+    for k, inf in enumerate(plan):
+        for p, g in zip(pa, _grads(k, dtype)):
+            p.grad = g * 4
+        a.found_inf = torch.ones(1) if inf else torch.zeros(1)
+        a.grad_scale = torch.full((1,), 4.0)
+        a.step()
+        del a.found_inf, a.grad_scale
+        assert "_pending_amp" in a.__dict__, "the device path must have been taken"
+        if not inf:
+            for p, g in zip(pb, _grads(k, dtype)):
+                p.grad = g
+            b.step()
+            good += 1
+    a.sync_amp()
+    _equal(_snapshot(a, pa), _snapshot(b, pb))
+
+
+def test_rules_with_group_counters_take_the_host_path():
+    ps = _params()
+    opt = mf.FSGDM(ps, lr=0.05, backend="triton")
+    for p, g in zip(ps, _grads(0)):
+        p.grad = g
+    opt.found_inf = torch.zeros(1)
+    opt.step()
+    assert "_pending_amp" not in opt.__dict__
+
+
+def test_state_dict_resolves_a_pending_skip():
+    ps = _params()
+    opt = mf.AdamW(ps, lr=1e-2, backend="triton")
+    for p, g in zip(ps, _grads(0)):
+        p.grad = g
+    opt.found_inf = torch.ones(1)
+    opt.step()
+    assert opt.state_dict()["state"] == {}  # the skipped first step created nothing
