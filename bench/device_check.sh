@@ -52,7 +52,7 @@ phase_build() {
 PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
 phase_test_cuda() { run test-cuda 150 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py; }
 # TRITON_INTERPRET=0 explicitly: tests/triton/conftest.py defaults it to 1 (and then skips the GPU tests)
-phase_test_triton() { TRITON_INTERPRET=0 run test-triton 200 "${PYTEST[@]}" -m gpu tests/triton; }
+phase_test_triton() { TRITON_INTERPRET=0 run test-triton 200 "${PYTEST[@]}" -m gpu tests/triton ${TRITON_K:+-k "$TRITON_K"}; }
 phase_test_gpu_other() { run test-gpu-other 90 "${PYTEST[@]}" -m gpu tests --ignore=tests/triton --ignore=tests/test_cuda_backend.py; }
 phase_bench_llm() {
   run bench-llm 200 "$PY" -m bench --device cuda --quick --no-reference --params 1e9 --profiles llm \
