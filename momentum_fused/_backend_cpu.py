@@ -24,9 +24,7 @@ back (params and state) after the op. Correct for any strided layout, at the pri
 from __future__ import annotations
 
 import array
-import importlib
 import itertools
-import os
 
 import torch
 
@@ -55,8 +53,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # the layout codes of the ops (enum Layout in csrc/cpu/cpu_kernels.h; the CUDA op uses the same codes)
 LAYOUT_CODES = {"native": 0, "bf16_state": 1, "master": 2, "bf16_sr": 3}
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_BUILD_ERROR_FILE = os.path.join(_HERE, "_C_cpu.build-error.txt")
 
 
 def flags_to_int(rule: str, flags) -> int:
@@ -66,22 +62,9 @@ def flags_to_int(rule: str, flags) -> int:
 
 def _load():
     """Import the extension; returns (ops namespace, None) or (None, reason)."""
-    stored = None
-    if os.path.exists(_BUILD_ERROR_FILE):
-        try:
-            with open(_BUILD_ERROR_FILE) as fh:
-                stored = fh.read().strip()
-        except OSError:
-            stored = None
-    try:
-        importlib.import_module("momentum_fused._C_cpu")
-    except ImportError as e:
-        if stored:
-            return None, f"the CPU extension was not built: {stored}"
-        return None, (f"the CPU extension momentum_fused._C_cpu is not importable ({e}); build it with "
-                      "`pip install -e . --no-build-isolation` (needs a C++ compiler)")
-    except Exception as e:  # e.g. an undefined symbol after a torch upgrade
-        return None, f"loading momentum_fused._C_cpu failed: {type(e).__name__}: {e}"
+    err = backends.import_extension("cpu", "CPU", "`pip install -e . --no-build-isolation` (needs a C++ compiler)")
+    if err is not None:
+        return None, err
     ops = torch.ops.momentum_fused
     # check the ABI mirror against the compiled library
     for name, rid in RULE_IDS.items():

@@ -19,8 +19,6 @@ copies that are copied back, as on the CPU backend.
 """
 from __future__ import annotations
 
-import importlib
-import os
 
 import torch
 
@@ -30,28 +28,13 @@ from ._backend_cpu import FLAG_NAMES, LAYOUT_CODES, RULE_IDS, flags_to_int, layo
 __all__ = ["make_backend", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_BUILD_ERROR_FILE = os.path.join(_HERE, "_C_cuda.build-error.txt")
 
 
 def _load():
-    stored = None
-    if os.path.exists(_BUILD_ERROR_FILE):
-        try:
-            with open(_BUILD_ERROR_FILE) as fh:
-                stored = fh.read().strip()
-        except OSError:
-            stored = None
-    try:
-        importlib.import_module("momentum_fused._C_cuda")
-    except ImportError as e:
-        if stored:
-            return None, f"the CUDA extension was not built: {stored}"
-        return None, (f"the CUDA extension momentum_fused._C_cuda is not importable ({e}); build it with "
-                      "MOMENTUM_FUSED_BUILD_CUDA=1 pip install -e . --no-build-isolation (needs nvcc and a "
-                      "CUDA build of torch)")
-    except Exception as e:  # e.g. an undefined symbol after a torch upgrade
-        return None, f"loading momentum_fused._C_cuda failed: {type(e).__name__}: {e}"
+    err = backends.import_extension("cuda", "CUDA", "MOMENTUM_FUSED_BUILD_CUDA=1 pip install -e . --no-build-isolation "
+                                    "(needs nvcc and a CUDA build of torch)")
+    if err is not None:
+        return None, err
     if not torch.cuda.is_available():
         return None, "the CUDA extension is built but torch sees no CUDA device"
     return torch.ops.momentum_fused, None

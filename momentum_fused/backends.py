@@ -184,6 +184,31 @@ def resolve(requested: str | None, spec, device: torch.device, dtype: torch.dtyp
     raise RuntimeError(f"no backend can run rule {spec.name!r} on {device.type}/{dtype}: " + "; ".join(skipped))
 
 
+def import_extension(short: str, what: str, how_to_build: str) -> str | None:
+    """Import the compiled extension ``momentum_fused._C_<short>``; None, or why it is unavailable: the
+    build error setup.py stored in ``_C_<short>.build-error.txt``, or the import error."""
+    import importlib
+
+    module = f"momentum_fused._C_{short}"
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"_C_{short}.build-error.txt")
+    stored = None
+    if os.path.exists(path):
+        try:
+            with open(path) as fh:
+                stored = fh.read().strip()
+        except OSError:
+            stored = None
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        if stored:
+            return f"the {what} extension was not built: {stored}"
+        return f"the {what} extension {module} is not importable ({e}); build it with {how_to_build}"
+    except Exception as e:  # e.g. an undefined symbol after a torch upgrade
+        return f"loading {module} failed: {type(e).__name__}: {e}"
+    return None
+
+
 def names() -> Sequence[str]:
     return tuple(_REGISTRY)
 
