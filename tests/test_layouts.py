@@ -23,7 +23,7 @@ from optim_db import assert_step_raises_unchanged
 from tolerances import tol
 
 SHAPES = [(), (0,), (1,), (17,), (4097,), (3, 5, 7)]
-NON_SF = [c for c in CASES if c[1] not in (mf.SGDScheduleFree, mf.AdamWScheduleFree)]
+ALL = list(CASES)
 LAYOUTS = [("bf16_state", torch.float32), ("master", torch.bfloat16), ("master", torch.float16),
            ("bf16_sr", torch.bfloat16)]
 
@@ -67,7 +67,7 @@ def _run_pair(cls, kw, layout, dtype, sign, lp, steps=10):
 
 
 @pytest.mark.parametrize("layout,dtype", LAYOUTS, ids=[f"{a}-{str(b)[6:]}" for a, b in LAYOUTS])
-@pytest.mark.parametrize("case", NON_SF, ids=[c[0] for c in NON_SF])
+@pytest.mark.parametrize("case", ALL, ids=[c[0] for c in ALL])
 def test_layout_against_the_float64_oracle(case, layout, dtype):
     cid, cls, kw0, _, sign, lp = case
     opt, ps, ref, rs = _run_pair(cls, kw0, layout, dtype, sign, lp)
@@ -176,8 +176,35 @@ def test_bad_layout_values_and_unsupported_optimizers_raise():
         mf.SGD([p], lr=0.1, layout="fp8")
     with pytest.raises(ValueError, match="sr_seed must be a non-negative int"):
         mf.SGD([p], lr=0.1, sr_seed=-1)
-    with pytest.raises(ValueError, match="does not support dtype layout 'bf16_state'"):
-        mf.AdamWScheduleFree([p], layout="bf16_state")
+    with pytest.raises(ValueError, match="layout must be a layout name"):
+        mf.SGD([dict(params=[p], layout=3)], lr=0.1)
+
+
+@pytest.mark.parametrize("layout,dtype", [("master", torch.bfloat16), ("bf16_state", torch.float32)])
+def test_schedule_free_eval_and_train_move_the_master_copy(layout, dtype):
+    """eval() puts x into the params (through the fp32 master under ``master``), train() puts y back;
+    the same as the float64 run's x and y within the storage tolerance."""
+    init, gen = _start(dtype)
+    ps = [x.clone().requires_grad_() for x in init]
+    rs = [x.double().requires_grad_() for x in init]
+    opt = mf.AdamWScheduleFree(ps, lr=1e-2, backend="reference", layout=layout)
+    ref = mf.AdamWScheduleFree(rs, lr=1e-2, backend="reference")
+    for _ in range(5):
+        for p, r in zip(ps, rs):
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad, r.grad = g.to(dtype), g.to(dtype).double()
+        opt.step()
+        ref.step()
+    for mode in ("eval", "train"):
+        getattr(opt, mode)()
+        getattr(ref, mode)()
+        for p, r in zip(ps, rs):
+            if layout == "master":
+                master = opt.state[p]["master"]
+                torch.testing.assert_close(master.double(), r.detach(), **tol(torch.float32))
+                assert torch.equal(p.detach(), master.to(dtype))
+            else:
+                torch.testing.assert_close(p.detach().double(), r.detach(), **tol(torch.bfloat16))
 
 
 def test_a_param_whose_dtype_changed_raises_at_step_and_nothing_changes():

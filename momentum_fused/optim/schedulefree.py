@@ -22,6 +22,7 @@ from collections import namedtuple
 
 import torch
 
+from .. import layouts as _layouts
 from .. import distributed as _dist
 from .. import reference
 from .base import FusedOptimizer, _real
@@ -74,10 +75,6 @@ def _loss_value(loss):
 class _ScheduleFree(FusedOptimizer):
     """Shared train/eval, error checks and the Polyak reduction pass."""
 
-    # train()/eval() move the params between y and x with torch ops on p and z: a master copy or a
-    # narrower z would have to follow them; only the native layout does so far.
-    supported_layouts = ("native",)
-
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         if len(self.param_groups) > 1:  # a group added later joins the optimizer's current mode
@@ -97,9 +94,16 @@ class _ScheduleFree(FusedOptimizer):
             beta = self._beta(group)
             weight = 1.0 - beta if to_train else 1.0 - 1.0 / beta
             for p in group["params"]:
-                z = self.state.get(p, {}).get("z")
-                if z is not None:
-                    p.lerp_(z.to(p.device), weight)
+                st = self.state.get(p, {})
+                z = st.get("z")
+                if z is None:
+                    continue
+                master = st.get("master")
+                if master is not None:  # the master layout: move the fp32 copy, the param follows (RNE)
+                    master.lerp_(z.to(master.device), weight)
+                    p.copy_(master)
+                else:  # z may be narrower than p (bf16_state): lerp in the param's dtype, rounded once
+                    p.lerp_(z.to(p.device, p.dtype), weight)
             group["train_mode"] = to_train
 
     def train(self, mode: bool = True):
@@ -154,11 +158,12 @@ class _ScheduleFree(FusedOptimizer):
             for (group, _), gamma in zip(polyak, gammas):
                 group["polyak_lr"] = gamma
         super()._prepare_step(plan, loss, inv_scale)
-        for _, _, items, _ in plan:  # z starts as a copy of y (schedule_free convention)
+        for group, _, items, _ in plan:  # z starts as a copy of y (schedule_free convention)
+            sdt = _layouts.get_layout(group["layout"]).state_dtype_for
             for p in items:
                 st = self.state[p]
                 if "z" not in st:
-                    st["z"] = torch.clone(p, memory_format=torch.preserve_format).detach()
+                    st["z"] = p.detach().to(dtype=sdt(p.dtype), memory_format=torch.preserve_format, copy=True)
 
 
 class SGDScheduleFree(_ScheduleFree):

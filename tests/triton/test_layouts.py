@@ -24,10 +24,9 @@ from triton_kernels import kernels, launcher
 SHAPES = [(), (0,), (1,), (4097,), (3, 5, 7), (17,), (17,)]
 LAYOUT_DTYPES = [("bf16_state", torch.float32), ("master", torch.bfloat16), ("master", torch.float16),
                  ("bf16_sr", torch.bfloat16)]
-# one case per rule (flag combinations with state-count changes included); schedule-free supports only
-# the native layout (its train/eval swap), see momentum_fused/optim/schedulefree.py
+# one case per rule (flag combinations with state-count changes included)
 _IDS = ("sgd", "sgd-momentum-dampening", "sgd-nesterov", "qhm-grad", "adam-amsgrad-maximize", "adamw", "nadam-decoupled",
-        "rmsprop-momentum-centered", "rmsprop-centered", "signsgd", "signum", "lion", "fsgdm")
+        "rmsprop-momentum-centered", "rmsprop-centered", "signsgd", "signum", "lion", "fsgdm", "sgd_sf", "adamw_sf")
 NON_SF = [c for c in CASES if c[0] in _IDS]
 
 
