@@ -193,3 +193,31 @@ def test_fsdp_triton_interpreter_adamw_equals_single_process():
     for rank, res in enumerate(_results(world, "t")):
         _assert_snapshots_close(res["dist"], res["ref"], F32, f"triton rank {rank}")
         assert all(p_dt and s_dt and same for _, p_dt, s_dt, same, *_ in res["layouts"])
+
+
+def test_lowrank_layers_with_dtensor_factors_raise_before_any_change():
+    """Sharded LowRankLinear factors are not supported (issue 8): a clear error, nothing changes. A
+    one-process DeviceMesh on gloo is enough to make DTensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from momentum_fused import lowrank
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        layer = lowrank.LowRankLinear(8, 6, rank=2, max_rank=3, bias=False)
+        opt = lowrank.LowRankSGD(layer.parameters(), lr=0.1, momentum=0.9)
+        for p in (layer.U, layer.S, layer.V):  # FSDP2 would make params and grads DTensors: the grads do
+            p.grad = distribute_tensor(torch.ones_like(p), mesh, [Shard(0)])
+        before = [t.detach().clone() for t in (layer.U, layer.S, layer.V)]
+        with pytest.raises(NotImplementedError, match="leave LowRankLinear layers unsharded"):
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, (layer.U, layer.S, layer.V)))
+    finally:
+        if own:
+            dist.destroy_process_group()

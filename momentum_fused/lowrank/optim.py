@@ -46,6 +46,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .. import distributed as _dist
+
 from .. import reference
 from ..optim.adam import Adam
 from ..optim.sgd import SGD
@@ -197,6 +199,12 @@ class _LowRankOptimizer(torch.optim.Optimizer):
                 where = f"{name}: LowRankLinear {li} of group {gi} ({layer.out_features}x{layer.in_features})"
                 if any(g is None for g in gs):
                     raise RuntimeError(f"{where}: U, S and V need gradients together (some are None)")
+                if any(_dist.is_dtensor(t) for t in (*fs, *gs)):
+                    raise NotImplementedError(
+                        f"{where}: its factors are DTensors (FSDP2 / tensor parallel). Sharded low-rank layers "
+                        "(rows of U and V sharded, an all-reduced Gram in the retraction) are not implemented: "
+                        "leave LowRankLinear layers unsharded (e.g. fully_shard only the other modules); "
+                        "DDP works, since its params are plain tensors")
                 for p, g in zip(fs, gs):
                     if g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                         raise RuntimeError(f"{where}: gradient of {p.role} must be dense, {tuple(p.shape)}, "
