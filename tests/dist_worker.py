@@ -343,3 +343,47 @@ def scenario_bad_grad(rank, tmpdir, backend):
 
 
 _KINDS["bad_grad"] = scenario_bad_grad
+
+
+def _lowrank_model(seed=0):
+    import torch
+    from torch import nn
+
+    from momentum_fused import lowrank
+
+    torch.manual_seed(seed)
+    return nn.Sequential(lowrank.LowRankLinear(6, 8, rank=2, max_rank=3), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+def _lowrank_run(model, wrapped, rank_slice, backend):
+    """LowRankSGD (dense params through the `backend`) over STEPS steps; returns W = U S V^T per low-rank
+    layer, its rank, and the dense params."""
+    import torch
+
+    from momentum_fused import lowrank
+
+    opt = lowrank.LowRankSGD(model.parameters(), lr=0.05, momentum=0.9, tau=0.05, backend=backend)
+    for x, y in _batches(torch.float64):
+        if rank_slice is not None:
+            x, y = _half(x, rank_slice), _half(y, rank_slice)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(wrapped(x), y).backward()
+        opt.step()
+    lr_layer = model[0]
+    r = lr_layer.r
+    w = lr_layer.U[:, :r] @ lr_layer.S[:r, :r] @ lr_layer.V[:, :r].T
+    return dict(W=w.detach().clone(), r=r, dense=[p.detach().clone() for p in model[2].parameters()])
+
+
+def scenario_lowrank_ddp(rank, tmpdir, backend):
+    """LowRankSGD on a DDP-wrapped model (grads of U, S, V all-reduced by DDP) vs one process."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ref_model = _lowrank_model()
+    ref = _lowrank_run(ref_model, ref_model, None, backend)
+    model = _lowrank_model()
+    dist = _lowrank_run(model, DDP(model), rank, backend)
+    return dict(ref=ref, dist=dist)
+
+
+_KINDS["lowrank_ddp"] = scenario_lowrank_ddp

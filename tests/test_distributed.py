@@ -54,6 +54,7 @@ def _scenarios():
             for o in CKPT_OPTS for b in _available(BACKENDS)]
     out += [dict(id=f"zero-adamw-{b}", kind="zero", opt_name="adamw", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"bad_grad-{b}", kind="bad_grad", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"lowrank_ddp-{b}", kind="lowrank_ddp", backend=b) for b in _available(BACKENDS)]
     return out
 
 
@@ -221,3 +222,14 @@ def test_lowrank_layers_with_dtensor_factors_raise_before_any_change():
     finally:
         if own:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_lowrank_sgd_under_ddp_equals_single_process(world, backend):
+    """DDP all-reduces the factor gradients; the low-rank step (augment, lift, update, truncate) then sees
+    the single-process gradients: same rank, W = U S V^T and dense params to round-off."""
+    for res in _results(world, f"lowrank_ddp-{backend}"):
+        assert res["dist"]["r"] == res["ref"]["r"]
+        torch.testing.assert_close(res["dist"]["W"], res["ref"]["W"], rtol=1e-9, atol=1e-11)
+        for a, b in zip(res["dist"]["dense"], res["ref"]["dense"]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
