@@ -196,7 +196,7 @@ def test_fsdp_triton_interpreter_adamw_equals_single_process():
         assert all(p_dt and s_dt and same for _, p_dt, s_dt, same, *_ in res["layouts"])
 
 
-def test_lowrank_layers_with_dtensor_factors_raise_before_any_change():
+def test_lowrank_layers_with_dtensor_factors_raise_before_any_change(tmp_path):
     """Sharded LowRankLinear factors are not supported (issue 8): a clear error, nothing changes. A
     one-process DeviceMesh on gloo is enough to make DTensors."""
     import torch.distributed as dist
@@ -207,7 +207,7 @@ def test_lowrank_layers_with_dtensor_factors_raise_before_any_change():
 
     own = not dist.is_initialized()
     if own:
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         torch.manual_seed(0)
