@@ -15,6 +15,18 @@ def default_f64():
         torch.set_default_dtype(old)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for tests of tiny matrices: avoids OpenMP spin-waits and oversubscription
+    on the shared 2-core machines (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason on CPU-only machines")
 

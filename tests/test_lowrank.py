@@ -20,15 +20,7 @@ from tolerances import TOL
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The matrices here are tiny: one intra-op thread avoids oversubscription on shared CPU machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
 
 
 # ------------------------------------------------------------------ helpers

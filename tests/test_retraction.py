@@ -16,15 +16,8 @@ from retraction_cases import (assert_agrees, assert_valid_qr, mixed_batch, orth_
 from tolerances import QR_ORTH, qr_agree_tol
 
 KAPPAS = [1.0, 10.0, 1e2, 1e3, 1e4]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The matrices here are tiny: one intra-op thread avoids OpenMP spin-waits on a busy 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 # r = 1, r = m, m not a multiple of any block size
 SHAPES = [(7, 1), (37, 5), (16, 16), (100, 16), (130, 33), (64, 64)]
 DTYPES = [torch.float64, torch.float32]

@@ -95,7 +95,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return get_spec(self.rule)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.sync_amp() if "_pending_amp" in self.__dict__ else None
+        if "_pending_amp" in self.__dict__:
+            self.sync_amp()
         if isinstance(param_group, dict):
             unknown = set(param_group) - set(self.defaults) - _GROUP_KEYS_ALWAYS_ALLOWED
             if unknown:
@@ -409,7 +410,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.sync_amp() if "_pending_amp" in self.__dict__ else None
+        if "_pending_amp" in self.__dict__:  # the previous step's device-side GradScaler flag
+            self.sync_amp()
         plan = self._plan()
         amp = self._device_amp(plan)
         if amp is None:

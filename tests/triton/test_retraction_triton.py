@@ -18,13 +18,7 @@ CASES = [(20, 1, torch.float32), (37, 5, torch.float32), (96, 16, torch.float32)
          (70, 17, torch.float32), (37, 5, torch.float64), (96, 16, torch.float64)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread avoids OpenMP spin-waits on a busy 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
 
 
 def test_kernel_is_interpreted():
