@@ -23,14 +23,11 @@ back (params and state) after the op. Correct for any strided layout, at the pri
 """
 from __future__ import annotations
 
-import array
-import itertools
-
 import torch
 
 from . import backends, layouts, specs
 
-__all__ = ["make_backend", "RULE_IDS", "FLAG_NAMES", "LAYOUT_CODES", "flags_to_int", "scalars_tensor",
+__all__ = ["make_backend", "RULE_IDS", "FLAG_NAMES", "LAYOUT_CODES", "flags_to_int",
            "layout_args", "SUPPORTED_DTYPES"]
 
 # ---- the ABI shared with csrc/update_rules.h (enum Rule and the per-rule flag enums) ----------------
@@ -81,15 +78,6 @@ def _load():
             return None, (f"scalar pack of {name!r} has {len(spec.scalar_names)} entries in specs.py but the "
                           f"kernels take {int(ops.num_scalars(rid))} (rebuild or update csrc/update_rules.h)")
     return ops, None
-
-
-def scalars_tensor(scalars, k: int) -> torch.Tensor:
-    """The per-tensor packs as one float64 [n, k] tensor (array.array: ~10x faster than torch.tensor)."""
-    buf = array.array("d", itertools.chain.from_iterable(scalars))
-    n = len(scalars)
-    if n == 0:
-        return torch.empty((0, k), dtype=torch.float64)
-    return torch.frombuffer(buf, dtype=torch.float64).view(n, k)
 
 
 def layout_args(layout, sr_keys, n: int):
@@ -151,7 +139,7 @@ def make_backend() -> backends.Backend:
         code, keys = layout_args(layout, sr_keys, len(params))
         if found_inf is not None and float(found_inf) != 0.0:
             return  # GradScaler protocol: an inf/NaN gradient somewhere, no write at all
-        packs = scalars_tensor(scalars, k)
+        packs = backends.pack_table(scalars, k)
         if grad_scale is not None:  # as the CUDA kernels: the pack's grad_mult (last entry) / grad_scale
             packs = packs.clone()
             packs[:, k - 1] /= float(grad_scale)

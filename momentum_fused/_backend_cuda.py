@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import backends, layouts
-from ._backend_cpu import FLAG_NAMES, LAYOUT_CODES, RULE_IDS, flags_to_int, layout_args, scalars_tensor
+from ._backend_cpu import FLAG_NAMES, LAYOUT_CODES, RULE_IDS, flags_to_int, layout_args
 
 __all__ = ["make_backend", "SUPPORTED_DTYPES"]
 
@@ -73,7 +73,7 @@ def make_backend() -> backends.Backend:
             return 0
         device = params[0].device
         ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
-        packs = scalars_tensor(scalars, len(spec.scalar_names))
+        packs = backends.pack_table(scalars, len(spec.scalar_names))
         ops.cuda_step(ps, gs, flat, packs, RULE_IDS[spec.name], flags_to_int(spec.name, flags),
                       _device_scalar(found_inf, "found_inf", device), _device_scalar(grad_scale, "grad_scale", device),
                       None, code, keys)

@@ -10,6 +10,8 @@ automatic choice that passes over a preferred-but-unavailable backend warns once
 """
 from __future__ import annotations
 
+import array
+import itertools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -77,6 +79,10 @@ def contiguous_lists(params, grads, states):
     """The bucket as contiguous tensors for a compiled kernel: returns (params, grads, flat states
     (tensor-major), writeback), where writeback lists (original, contiguous working copy) pairs of
     params/state to copy back after the kernel ran. Contiguous tensors pass through without a copy."""
+    is_contiguous = torch.Tensor.is_contiguous
+    if all(map(is_contiguous, params)) and all(map(is_contiguous, grads)) and \
+            all([all(map(is_contiguous, st)) for st in states]):  # the usual case, at C speed
+        return params, grads, [s for st in states for s in st], []
     writeback = []
 
     def inout(t):
@@ -90,6 +96,28 @@ def contiguous_lists(params, grads, states):
     gs = [g if g.is_contiguous() else g.contiguous() for g in grads]
     flat = [inout(s) for st in states for s in st]
     return ps, gs, flat, writeback
+
+
+def pack_table(scalars, k: int) -> torch.Tensor:
+    """The per-tensor scalar packs (``spec.Scalars``, one per tensor) as one float64 [n, k] host tensor
+    for the compiled backends. Tensors of one group usually share one pack object (see
+    ``FusedOptimizer._group_scalars``); each distinct object is converted once."""
+    n = len(scalars)
+    if n == 0:
+        return torch.empty((0, k), dtype=torch.float64)
+    ids = list(map(id, scalars))
+    if ids.count(ids[0]) == n:
+        return torch.tensor([tuple(scalars[0])], dtype=torch.float64).expand(n, k).contiguous()
+    rows: dict = {}
+    index = [rows.setdefault(i, len(rows)) for i in ids]
+    if len(rows) * 4 > n:  # mostly distinct packs: one conversion of everything
+        buf = array.array("d", itertools.chain.from_iterable(scalars))
+        return torch.frombuffer(buf, dtype=torch.float64).view(n, k).clone()
+    firsts = {}
+    for pos, i in enumerate(ids):
+        firsts.setdefault(i, pos)
+    uniq = torch.tensor([tuple(scalars[pos]) for pos in firsts.values()], dtype=torch.float64)
+    return uniq[torch.tensor(index, dtype=torch.int64)]
 
 
 def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_layouts.NATIVE, sr_keys=None):

@@ -466,7 +466,7 @@ def test_bad_layout_arguments_raise_before_any_write():
     spec, flags = SPECS["adam"], SPECS["adam"].Flags(True, False)
     sc = [_adam_pack(1)] * 2
     b = backends.resolve("cpu", spec, torch.device("cpu"), torch.float32)
-    packs = bcpu.scalars_tensor(sc, len(spec.scalar_names))
+    packs = backends.pack_table(sc, len(spec.scalar_names))
     rid, fl = bcpu.RULE_IDS["adam"], bcpu.flags_to_int("adam", flags)
     keys = torch.tensor([1, 2], dtype=torch.int64)
     everything = []
@@ -537,7 +537,7 @@ def test_cpu_step_with_a_layout_passes_opcheck(lay, dtype):
     flat = []
     for p in ps:
         flat += [torch.zeros(p.shape, dtype=sd), torch.zeros(p.shape, dtype=sd)] + ([p.float()] if lay == "master" else [])
-    packs = bcpu.scalars_tensor([_adam_pack(1)] * 2, 8)
+    packs = backends.pack_table([_adam_pack(1)] * 2, 8)
     code, keys = bcpu.layout_args(LAY.get_layout(lay), [3, 4] if lay == "bf16_sr" else None, 2)
     args = (ps, gs, flat, packs, bcpu.RULE_IDS["adam"], 1, code, keys)
     result = torch.library.opcheck(OPS.cpu_step.default, args)

@@ -155,13 +155,13 @@ class _LowRankOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         if self._inner is not None:
             self._inner.state = self.state
-            self._inner._step_views = {}
+            self._inner.invalidate_caches()
 
     def __setstate__(self, state):
         super().__setstate__(state)
         if getattr(self, "_inner", None) is not None:
             self._inner.state = self.state
-            self._inner._step_views = {}
+            self._inner.invalidate_caches()
 
     @staticmethod
     def _cost(layer, r):
