@@ -9,9 +9,11 @@
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
 # so the archive is written before the device tool's limit. Give the tool a timeout_s ~40 s above it.
 # TRITON_K: an optional pytest -k filter for the Triton GPU tests (careful: "float16" also matches
-# "bfloat16"). Next GPU session, first: `env build test-cuda test-triton` (the layout parity, the device-side
-# GradScaler and the crashing bad-argument tests of tests/test_cuda_backend.py have not passed on a GPU yet;
-# see bench/results/h200-20261128/README.md).
+# "bfloat16"). Next GPU session, first: `env build test-cuda test-gpu-other test-triton` (never passed on a
+# GPU yet: the layout parity, the device-side GradScaler and the crashing bad-argument tests of
+# tests/test_cuda_backend.py, see bench/results/h200-20261128/README.md; and the CUDA-graph capture tests of
+# tests/test_capturable.py, in test-gpu-other). Then bench-tiny: the cached plan of step() is new since the
+# H200 figures.
 set -uo pipefail
 T0=$(date +%s)
 DEADLINE_S="${DEADLINE_S:-480}"

@@ -149,4 +149,4 @@ def make_backend() -> backends.Backend:
             orig.copy_(work)
 
     return backends.Backend(name="cpu", apply=apply, supports=supports, devices=("cpu",), load_error=None,
-                            layouts=tuple(LAYOUT_CODES))
+                            layouts=tuple(LAYOUT_CODES), scalar_tables=True)

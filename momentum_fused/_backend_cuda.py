@@ -82,4 +82,4 @@ def make_backend() -> backends.Backend:
         return 1
 
     return backends.Backend(name="cuda", apply=apply, supports=supports, devices=("cuda",), load_error=None,
-                            layouts=tuple(LAYOUT_CODES), device_scalars=True)
+                            layouts=tuple(LAYOUT_CODES), device_scalars=True, scalar_tables=True)

@@ -117,4 +117,4 @@ def make_backend() -> backends.Backend:
     err = _load_error()
     return backends.Backend(name="triton", apply=apply if err is None else None, supports=supports,
                             devices=("cuda", "cpu"), load_error=err, layouts=tuple(layouts.LAYOUTS),
-                            device_scalars=True)
+                            device_scalars=True, scalar_tables=True)

@@ -43,7 +43,8 @@ class Backend:
       params/grads: lists of real tensors (complex params arrive as view_as_real views).
       states: list (one per tensor) of tuples of state tensors, ordered as spec.state_names, in
         layout.state_dtype_for(param dtype), followed by the fp32 master copy when layout.master.
-      scalars: list (one per tensor) of spec.Scalars packs.
+      scalars: list (one per tensor) of spec.Scalars packs, or (backends with ``scalar_tables``) one
+        float64 [n, k] tensor on the tensors' device (capturable groups).
       layout: the dtype layout (momentum_fused.layouts); only "native" is passed unless listed in
         ``layouts``. sr_keys: one uint32 key per tensor when layout.stochastic, else None.
     supports(spec, device, dtype) -> str | None: None if supported, else the reason it is not.
@@ -58,6 +59,8 @@ class Backend:
     # apply() takes found_inf= / grad_scale= device tensors and reads them in the kernels (GradScaler
     # without a host sync, see FusedOptimizer._device_amp)
     device_scalars: bool = False
+    # apply() also takes ``scalars`` as a float64 [n, k] tensor on the tensors' device (capturable=True)
+    scalar_tables: bool = False
     _warned: set = field(default_factory=set)
 
     @property
@@ -102,6 +105,8 @@ def pack_table(scalars, k: int) -> torch.Tensor:
     """The per-tensor scalar packs (``spec.Scalars``, one per tensor) as one float64 [n, k] host tensor
     for the compiled backends. Tensors of one group usually share one pack object (see
     ``FusedOptimizer._group_scalars``); each distinct object is converted once."""
+    if isinstance(scalars, torch.Tensor):  # already a table (capturable groups compute it on the device)
+        return scalars
     n = len(scalars)
     if n == 0:
         return torch.empty((0, k), dtype=torch.float64)

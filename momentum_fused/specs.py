@@ -114,9 +114,12 @@ BETAS = Pair(UNIT_OPEN)
 
 
 def lr_value(group: Mapping) -> float:
-    """The group's learning rate as a float (``lr`` may be a one-element tensor)."""
+    """The group's learning rate as a float (``lr`` may be a one-element tensor). In a ``capturable``
+    group a tensor lr stays a (float64, 0-d) tensor: read on the device, never on the host."""
     lr = group["lr"]
-    return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+    if isinstance(lr, torch.Tensor):
+        return lr.detach().reshape(()).to(torch.float64) if group.get("capturable") else float(lr.item())
+    return float(lr)
 
 
 # --------------------------------------------------------------------------------------------------

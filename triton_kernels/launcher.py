@@ -146,7 +146,8 @@ def tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, grad_lis
         _CACHE_STATS["hits"] += 1
         ptr_tab, plan, cached_grad_ptrs = entry
         if grad_list is not None and cached_grad_ptrs != ptrs[grad_list]:
-            ptr_tab[grad_list].copy_(torch.tensor(ptrs[grad_list], dtype=torch.int64))
+            # (non_blocking: a pageable source is staged by the copy itself; no stream synchronization)
+            ptr_tab[grad_list].copy_(torch.tensor(ptrs[grad_list], dtype=torch.int64), non_blocking=True)
             entry[2] = ptrs[grad_list]
             _CACHE_STATS["grad_row_updates"] += 1
         return (ptr_tab.view(-1),) + plan

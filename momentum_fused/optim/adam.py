@@ -11,19 +11,23 @@ class Adam(FusedOptimizer):
     rule = "adam"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 *, maximize=False, decoupled_weight_decay=False, backend=None, layout=None, sr_seed=0):
+                 *, maximize=False, decoupled_weight_decay=False, backend=None, layout=None, sr_seed=0,
+                 capturable=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                                       decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
-                         backend=backend, layout=layout, sr_seed=sr_seed)
+                         backend=backend, layout=layout, sr_seed=sr_seed,
+                         capturable=capturable)
 
 
 class AdamW(Adam):
     """AdamW: Adam with decoupled decay ``p <- p (1 - lr wd)``; torch.optim.AdamW's defaults."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 *, maximize=False, backend=None, layout=None, sr_seed=0):
+                 *, maximize=False, backend=None, layout=None, sr_seed=0,
+                 capturable=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, decoupled_weight_decay=True, backend=backend, layout=layout, sr_seed=sr_seed)
+                         maximize=maximize, decoupled_weight_decay=True, backend=backend, layout=layout, sr_seed=sr_seed,
+                         capturable=capturable)
 
 
 class AdamTied(Adam):
@@ -34,9 +38,11 @@ class AdamTied(Adam):
     ``beta`` (or ``betas`` with equal entries)."""
 
     def __init__(self, params, lr=1e-3, beta=0.95, eps=1e-8, weight_decay=0.0, *, maximize=False,
-                 decoupled_weight_decay=False, backend=None, layout=None, sr_seed=0):
+                 decoupled_weight_decay=False, backend=None, layout=None, sr_seed=0,
+                 capturable=False):
         super().__init__(params, lr=lr, betas=(beta, beta), eps=eps, weight_decay=weight_decay,
-                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, backend=backend, layout=layout, sr_seed=sr_seed)
+                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, backend=backend, layout=layout, sr_seed=sr_seed,
+                         capturable=capturable)
 
     def add_param_group(self, param_group):
         if isinstance(param_group, dict) and "beta" in param_group:

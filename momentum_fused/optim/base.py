@@ -38,6 +38,9 @@ _GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
 # Dtype-layout keys of every param group (momentum_fused/layouts.py): the layout name, the stochastic
 # rounding seed, and the group's count of applied steps (the rounding's counter; saved in state_dicts).
 _LAYOUT_DEFAULTS = {"layout": "native", "sr_seed": 0, "sr_step": 0}
+# capturable=True (a param-group key, saved in state_dicts): no host read or host-computed number per step,
+# so that the step can be captured in a CUDA graph (see ``_device_scalars``).
+_FRONT_DEFAULTS = {**_LAYOUT_DEFAULTS, "capturable": False}
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -70,7 +73,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     supported_layouts: ClassVar[tuple] = tuple(_layouts.LAYOUTS)
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None = None, layout: str | None = None,
-                 sr_seed: int = 0):
+                 sr_seed: int = 0, capturable: bool = False):
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
         if backend is not None and backend not in backends.names():
@@ -79,8 +82,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._step_views: dict = {}
         self._fast = None
         self.spec.validate({**defaults, **self.spec.group_extras}, where=f"{type(self).__name__}: ")
-        defaults = {**defaults, **_LAYOUT_DEFAULTS, "layout": "native" if layout is None else layout,
-                    "sr_seed": sr_seed}
+        defaults = {**defaults, **_FRONT_DEFAULTS, "layout": "native" if layout is None else layout,
+                    "sr_seed": sr_seed, "capturable": capturable}
         self._check_layout_keys(defaults, f"{type(self).__name__}: ")
         super().__init__(params, defaults)
 
@@ -95,8 +98,38 @@ class FusedOptimizer(torch.optim.Optimizer):
             v = group[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{where}{key} must be a non-negative int, got {v!r}")
+        cap = group.get("capturable", False)
+        if not isinstance(cap, bool):
+            raise TypeError(f"{where}capturable must be a bool, got {type(cap).__name__}: {cap!r}")
+        if cap:
+            why = self._not_capturable(lay)
+            if why is not None:
+                raise ValueError(f"{where}{type(self).__name__} cannot run with capturable=True: {why}")
         return lay
 
+    def _not_capturable(self, lay) -> str | None:
+        """Why this optimizer's step cannot avoid host-side per-step numbers (None: it can)."""
+        spec = self.spec
+        if spec.pack_reads_state:
+            return "its scalar pack reads per-tensor host state (NAdam's mu_product) every step"
+        if spec.group_advance is not None or spec.group_prepare is not None or \
+                type(self)._prepare_step is not FusedOptimizer._prepare_step:
+            return "it keeps per-group host counters that change every step (FSGDM's u, schedule-free's c)"
+        if lay.stochastic:
+            return "the bf16_sr layout derives its rounding keys from a host counter (sr_step)"
+        return None
+
+    def _check_capturable(self, gi, group, chosen) -> None:
+        """A capturable group needs backends that take the scalar table as a tensor and a tensor lr on the
+        params' device (a float lr is fine: it is a constant of the captured graph)."""
+        for (device, _), b in chosen.items():
+            if not b.scalar_tables:
+                raise RuntimeError(f"{type(self).__name__} param group {gi}: capturable=True needs a compiled "
+                                   f"backend (cpu, cuda, triton); backend {b.name!r} reads its scalars on the host")
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor) and lr.device != device:
+                raise ValueError(f"{type(self).__name__} param group {gi}: with capturable=True a tensor lr must "
+                                 f"be on the params' device ({device}), got {lr.device}")
     # ------------------------------------------------------------------ construction and checkpoints
     @property
     def spec(self) -> UpdateRuleSpec:
@@ -167,10 +200,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        cap = {p for g in self.param_groups if g.get("capturable") for p in g["params"]}
         for idx, p in zip(saved_ids, params):
             for key, value in host.get(idx, {}).items():
                 dtype = torch.float32 if key == "step" else torch.float64
-                self.state[p][key] = torch.as_tensor(value).detach().to("cpu", dtype).clone()
+                device = p.device if key == "step" and p in cap else "cpu"  # capturable: steps on the device
+                self.state[p][key] = torch.as_tensor(value).detach().to(device, dtype).clone()
         for g in self.param_groups:
             for k, v in {**self.defaults, **self.spec.group_extras}.items():
                 g.setdefault(k, v)
@@ -232,6 +267,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             keys = {(dev, _real_dtype(dt)) for dev, dt in keys}
             chosen = {key: backends.resolve(self.backend, spec, *key, lay) for key in keys}
             _dist.check_group(name, gi, items, state, state_names)  # DTensor layouts line up (no-op without DTensors)
+            if group["capturable"]:
+                self._check_capturable(gi, group, chosen)
             plan.append((group, state_names, items, chosen))
         return plan
 
@@ -295,6 +332,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     return None
             key = e["chosen_key"]
             chosen = {} if key is None else {key: backends.resolve(self.backend, spec, *key, lay)}
+            if group["capturable"]:
+                self._check_capturable(gi, group, chosen)
             plan.append((group, e["state_names"], items, chosen))
             cached.append((e, gs))
         return plan, cached
@@ -514,6 +553,51 @@ class FusedOptimizer(torch.optim.Optimizer):
             out.append(sc)
         return out
 
+    def _advance_steps_device(self, gi, states, device) -> torch.Tensor:
+        """capturable=True: the group's ``step`` counters are float32 0-d tensors on ``device``, views of one
+        [n] tensor that one in-place add advances (captured as one kernel in a CUDA graph). Returns it."""
+        cached = self._step_views.get(gi)
+        if cached is not None:
+            ids, buf, _views = cached
+            if buf.device == device and len(ids) == len(states) and \
+                    ids == tuple([id(st.get("step")) for st in states]):
+                buf.add_(1.0)
+                return buf
+        steps = []
+        for st in states:  # (first step, or re-planned: may copy counters to the device, never while capturing)
+            s = st.get("step")
+            steps.append(torch.zeros((), dtype=torch.float32, device=device) if s is None else
+                         torch.as_tensor(s).detach().to(device=device, dtype=torch.float32).reshape(()))
+        buf = torch.stack(steps) + 1.0 if steps else torch.zeros(0, dtype=torch.float32, device=device)
+        views = list(buf.unbind(0))
+        for st, v in zip(states, views):
+            st["step"] = v
+        self._step_views[gi] = (tuple(map(id, views)), buf, views)
+        return buf
+
+    def _device_scalars(self, gi, group, states, fresh, grad_mult, device) -> torch.Tensor:
+        """capturable=True: the group's scalar packs as one float64 [n, k] table computed on ``device`` by
+        tensor ops, from the same ``spec.advance`` as the host packs (``t`` is the [n] step vector, a tensor
+        lr stays a tensor): no host read, no host-to-device copy of a per-step number, so the step can be
+        captured in a CUDA graph and replayed with new gradients and an lr updated in place. Constant
+        hyperparameters (betas, eps, weight decay) become fill kernels of the graph."""
+        spec = self.spec
+        n = len(states)
+        t = self._advance_steps_device(gi, states, device).to(torch.float64) if spec.counts_steps else None
+        tables = {}
+        for f in sorted(set(fresh)):
+            cols = []
+            for v in (*spec.advance(group, {}, f, t), grad_mult):
+                if isinstance(v, torch.Tensor):
+                    cols.append(v.to(device=device, dtype=torch.float64).expand(n))
+                else:
+                    cols.append(torch.full((n,), float(v), dtype=torch.float64, device=device))
+            tables[f] = torch.stack(cols, 1)
+        if len(tables) == 1:
+            return tables[fresh[0]]
+        # some tensors got their state in this step (never the case in a captured step)
+        return torch.where(torch.tensor(fresh, device=device)[:, None], tables[True], tables[False])
+
     # torch.compile: step() runs eagerly (one graph break at the call; docs/ecosystem.md): its host
     # scalars are Python floats that dynamo would specialize on, recompiling every step.
     @torch._disable_dynamo
@@ -553,17 +637,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         spec = self.spec
         buckets: dict[tuple, tuple] = {}
 
-        def bucket(backend, device, dtype, flags, layout):
-            key = (backend.name, device, dtype, flags, layout.name)
+        def bucket(backend, device, dtype, flags, layout, cap):
+            key = (backend.name, device, dtype, flags, layout.name, cap)
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = (backend, [], [], [], [], layout, [])
             return b
 
+        cap_steps = []  # the step counters of capturable groups (on the device; GradScaler undoes them there)
+
         for gi, (group, state_names, items, chosen) in enumerate(plan):
             flags = spec.make_flags(group)
             grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
             lay = _layouts.get_layout(group["layout"])
+            cap = group["capturable"]
             if cached is None:
                 states, fresh = self._init_state(items, state_names, lay, None if record is None else record[2])
             else:  # the cached plan: every state tensor exists
@@ -571,13 +658,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             if record is not None:  # what the optimistic host-side advance must be able to undo
                 if spec.counts_steps:
                     record[2].extend([(st, "step") for st in states if "step" not in st])
-                    record[0].extend(states)
+                    if not cap:  # (capturable counters are undone on the device, below)
+                        record[0].extend(states)
                 if spec.pack_reads_state:
                     record[1].extend([(st, st["mu_product"].clone() if isinstance(st.get("mu_product"), torch.Tensor)
                                        else None) for st in states])
                 if lay.stochastic:
                     record[3].append(group)
-            scalars = self._group_scalars(gi, group, states, fresh, grad_mult)
+            if cap:
+                scalars = self._device_scalars(gi, group, states, fresh, grad_mult, next(iter(chosen))[0]) \
+                    if items else []
+                if spec.counts_steps and items:
+                    cap_steps.append(self._step_views[gi][1])
+            else:
+                scalars = self._group_scalars(gi, group, states, fresh, grad_mult)
             names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
             keys = None
             if lay.stochastic:  # one rounding key per tensor: (seed, the group's step, the param's position)
@@ -586,7 +680,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group["sr_step"] += 1
             if len(chosen) == 1 and not any([p.is_complex() for p in items]):  # one bucket: no per-tensor keys
                 (device, dtype), backend = next(iter(chosen.items()))
-                b = bucket(backend, device, dtype, flags, lay)
+                b = bucket(backend, device, dtype, flags, lay, cap)
                 b[1].extend(items)
                 if cached is None:
                     b[2].extend([p.grad for p in items])
@@ -594,22 +688,27 @@ class FusedOptimizer(torch.optim.Optimizer):
                 else:
                     b[2].extend(cached[gi][1])
                     b[3].extend(cached[gi][0]["tuples"])
-                b[4].extend(scalars)
+                if cap:
+                    b[4].append(scalars)  # a [n, k] device table
+                else:
+                    b[4].extend(scalars)
                 if keys is not None:
                     b[6].extend(keys)
             else:
                 for i, (p, st, sc) in enumerate(zip(items, states, scalars)):
                     rp = _real(p)
-                    b = bucket(chosen[(rp.device, rp.dtype)], rp.device, rp.dtype, flags, lay)
+                    b = bucket(chosen[(rp.device, rp.dtype)], rp.device, rp.dtype, flags, lay, cap)
                     b[1].append(rp)
                     b[2].append(_real(p.grad))
                     b[3].append(tuple([_real(st[k]) for k in names]))
-                    b[4].append(sc)
+                    b[4].append(sc[None] if cap else sc)
                     if keys is not None:
                         b[6].append(keys[i])
             if spec.group_advance is not None:
                 spec.group_advance(group)  # per-group counters move after the packs used them
-        for (_, device, _, flags, _), (backend, ps, gs, sts, scs, lay, keys) in buckets.items():
+        for (_, device, _, flags, _, cap), (backend, ps, gs, sts, scs, lay, keys) in buckets.items():
+            if cap:
+                scs = scs[0] if len(scs) == 1 else torch.cat(scs)
             kw = {}
             if lay.name != "native":
                 kw.update(layout=lay, sr_keys=keys if lay.stochastic else None)
@@ -618,7 +717,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                           grad_scale=None if amp[1] is None else amp[1].to(device, non_blocking=True))
             backend.apply(spec, flags, *_dist.local_bucket(ps, gs, sts), scs, **kw)  # DTensors: local shards
         if amp is not None:
-            self._defer_amp_flag(amp[0], record)
+            for buf in cap_steps:  # an inf step did not happen: its count neither (no host read)
+                buf.sub_(amp[0].to(buf.device, buf.dtype, non_blocking=True).reshape(()))
+            if any(record):  # (capturable steps after the first have nothing to roll back on the host)
+                self._defer_amp_flag(amp[0], record)
         if cached is None:
             self._remember_plan(plan)
         return loss

@@ -11,8 +11,10 @@ class FSGDM(FusedOptimizer):
     rule = "fsgdm"
 
     def __init__(self, params, lr=1e-1, weight_decay=5e-4, c_scaling=33e-3, v_coefficient=1.0, n_stages=300,
-                 sigma=117000, *, maximize=False, backend=None, layout=None, sr_seed=0):
+                 sigma=117000, *, maximize=False, backend=None, layout=None, sr_seed=0,
+                 capturable=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, c_scaling=c_scaling,
                                       v_coefficient=v_coefficient, n_stages=n_stages, sigma=sigma,
                                       maximize=maximize),
-                         backend=backend, layout=layout, sr_seed=sr_seed)
+                         backend=backend, layout=layout, sr_seed=sr_seed,
+                         capturable=capturable)

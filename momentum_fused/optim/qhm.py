@@ -12,10 +12,12 @@ class QHM(FusedOptimizer):
     rule = "qhm"
 
     def __init__(self, params, lr=1.0, momentum=0.999, nu=0.7, weight_decay=0.0, weight_decay_type="grad",
-                 *, maximize=False, backend=None, layout=None, sr_seed=0):
+                 *, maximize=False, backend=None, layout=None, sr_seed=0,
+                 capturable=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay,
                                       weight_decay_type=weight_decay_type, maximize=maximize),
-                         backend=backend, layout=layout, sr_seed=sr_seed)
+                         backend=backend, layout=layout, sr_seed=sr_seed,
+                         capturable=capturable)
 
     @staticmethod
     def _kw(lr, momentum, nu):

@@ -9,7 +9,9 @@ class RMSprop(FusedOptimizer):
     rule = "rmsprop"
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
-                 *, maximize=False, backend=None, layout=None, sr_seed=0):
+                 *, maximize=False, backend=None, layout=None, sr_seed=0,
+                 capturable=False):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                                       centered=centered, maximize=maximize),
-                         backend=backend, layout=layout, sr_seed=sr_seed)
+                         backend=backend, layout=layout, sr_seed=sr_seed,
+                         capturable=capturable)

@@ -180,11 +180,13 @@ class SGDScheduleFree(_ScheduleFree):
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
                  weight_lr_power=2.0, *, weight_rule="lr_max", f_star=0.0, polyak_max_lr=None, M=1e-8,
-                 maximize=False, backend=None, layout=None, sr_seed=0):
+                 maximize=False, backend=None, layout=None, sr_seed=0,
+                 capturable=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
                                       weight_rule=weight_rule, f_star=f_star, polyak_max_lr=polyak_max_lr,
-                                      M=M, maximize=maximize), backend=backend, layout=layout, sr_seed=sr_seed)
+                                      M=M, maximize=maximize), backend=backend, layout=layout, sr_seed=sr_seed,
+                         capturable=capturable)
 
 
 class AdamWScheduleFree(_ScheduleFree):
@@ -201,9 +203,11 @@ class AdamWScheduleFree(_ScheduleFree):
 
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
                  r=0.0, weight_lr_power=2.0, *, weight_rule="lr_max", inner_momentum=0.0, f_star=0.0,
-                 polyak_max_lr=None, M=1e-8, maximize=False, backend=None, layout=None, sr_seed=0):
+                 polyak_max_lr=None, M=1e-8, maximize=False, backend=None, layout=None, sr_seed=0,
+                 capturable=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
                                       weight_rule=weight_rule, inner_momentum=inner_momentum, f_star=f_star,
                                       polyak_max_lr=polyak_max_lr, M=M, maximize=maximize),
-                         backend=backend, layout=layout, sr_seed=sr_seed)
+                         backend=backend, layout=layout, sr_seed=sr_seed,
+                         capturable=capturable)

@@ -7,17 +7,21 @@ class Signum(FusedOptimizer):
 
     rule = "signum"
 
-    def __init__(self, params, lr=1e-4, momentum=0.9, weight_decay=0.0, *, maximize=False, backend=None, layout=None, sr_seed=0):
+    def __init__(self, params, lr=1e-4, momentum=0.9, weight_decay=0.0, *, maximize=False, backend=None, layout=None, sr_seed=0,
+                 capturable=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize),
-                         backend=backend, layout=layout, sr_seed=sr_seed)
+                         backend=backend, layout=layout, sr_seed=sr_seed,
+                         capturable=capturable)
 
 
 class SignSGD(Signum):
     """signSGD: ``p <- p (1 - lr wd) - lr sign(g)``. Signum with momentum=0 (no state)."""
 
-    def __init__(self, params, lr=1e-4, weight_decay=0.0, *, maximize=False, backend=None, layout=None, sr_seed=0):
+    def __init__(self, params, lr=1e-4, weight_decay=0.0, *, maximize=False, backend=None, layout=None, sr_seed=0,
+                 capturable=False):
         super().__init__(params, lr=lr, momentum=0.0, weight_decay=weight_decay, maximize=maximize,
-                         backend=backend, layout=layout, sr_seed=sr_seed)
+                         backend=backend, layout=layout, sr_seed=sr_seed,
+                         capturable=capturable)
 
 
 class Lion(FusedOptimizer):
@@ -26,6 +30,8 @@ class Lion(FusedOptimizer):
 
     rule = "lion"
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, backend=None, layout=None, sr_seed=0):
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, backend=None, layout=None, sr_seed=0,
+                 capturable=False):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize),
-                         backend=backend, layout=layout, sr_seed=sr_seed)
+                         backend=backend, layout=layout, sr_seed=sr_seed,
+                         capturable=capturable)

@@ -1,0 +1,198 @@
+"""capturable=True: no host read and no host-computed per-step number in step(), so that a step can be
+captured in a CUDA graph (FusedOptimizer._device_scalars / _advance_steps_device).
+
+On the CPU (this file's first part, the compiled cpu backend): a capturable run equals the ordinary run
+(the same ``spec.advance`` computed by tensor ops instead of Python floats), step counters are tensors
+on the params' device, a tensor lr driven by a scheduler is read on the device, state_dicts round-trip,
+and every configuration that cannot be captured raises before anything changes. The second part (marked
+gpu) captures steps in a CUDA graph and replays them; it needs a CUDA device.
+"""
+import copy
+
+import pytest
+import torch
+
+import momentum_fused as mf
+from momentum_fused import backends
+from optim_db import CASES, assert_states_close, assert_step_raises_unchanged, make_grads, make_params
+from tolerances import tol
+
+SHAPES = [(3, 4), (5,), (), (0,), (4097,)]
+CAPTURABLE_CLASSES = ("SGD", "QHM", "Adam", "AdamW", "AdamTied", "RMSprop", "SignSGD", "Signum", "Lion")
+NOT_CAPTURABLE = [(mf.NAdam, dict(lr=1e-2), "mu_product"), (mf.FSGDM, dict(lr=1e-2), "host counters"),
+                  (mf.SGDScheduleFree, dict(lr=1e-2), "host counters"),
+                  (mf.AdamWScheduleFree, dict(lr=1e-2), "host counters")]
+
+need_cpu = pytest.mark.skipif("cpu" not in backends.available(),
+                              reason="the compiled cpu extension is not built (pip install -e .)")
+
+
+def _variants():
+    out = []
+    for case in CASES.values():
+        if case.cls.__name__ not in CAPTURABLE_CLASSES:
+            continue
+        for i, kw in enumerate(case.variants):
+            if isinstance(kw.get("lr"), str):
+                continue
+            # sign-based rules: float64 only (tests/tolerances.py)
+            for dtype in (torch.float64,) if case.sign_rule else (torch.float64, torch.float32):
+                out.append(pytest.param(case, kw, dtype, id=f"{case.name}-{i}-{str(dtype)[6:]}"))
+    return out
+
+
+def _run(cls, kw, capturable, dtype=torch.float64, steps=10, lr_tensor=False, sched=False):
+    ps = make_params(SHAPES, dtype=dtype)
+    kw = dict(kw)
+    if lr_tensor:
+        kw["lr"] = torch.tensor(float(kw.get("lr", 1e-3)), dtype=torch.float64)
+    opt = cls([dict(params=ps[:2]), dict(params=ps[2:])], backend="cpu", capturable=capturable, **kw)
+    sch = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if sched else None
+    for gs in make_grads(SHAPES, steps=steps, dtype=dtype):
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+        if sch is not None:
+            sch.step()
+    return opt, ps
+
+
+@need_cpu
+@pytest.mark.parametrize("case,kw,dtype", _variants())
+def test_capturable_equals_host_scalars(case, kw, dtype):
+    a, pa = _run(case.cls, kw, True, dtype)
+    b, pb = _run(case.cls, kw, False, dtype)
+    assert_states_close(a, pa, b, pb, **tol(dtype))
+    for p in pa:
+        st = a.state[p].get("step")
+        if st is not None:
+            assert isinstance(st, torch.Tensor) and st.device == p.device and st.dtype == torch.float32
+
+
+@need_cpu
+@pytest.mark.parametrize("cls,kw", [(mf.AdamW, dict(lr=1e-2, weight_decay=0.1)), (mf.SGD, dict(lr=0.1, momentum=0.9)),
+                                    (mf.Lion, dict(lr=1e-3))])
+def test_tensor_lr_with_a_scheduler(cls, kw):
+    """The scheduler writes the tensor lr in place (``fill_``): a captured graph would read the new value."""
+    a, pa = _run(cls, kw, True, lr_tensor=True, sched=True)
+    b, pb = _run(cls, kw, False, sched=True)
+    lr = a.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and float(lr) == b.param_groups[0]["lr"]
+    assert_states_close(a, pa, b, pb, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("cls,kw,match", NOT_CAPTURABLE, ids=[c[0].__name__ for c in NOT_CAPTURABLE])
+def test_rules_with_host_counters_raise(cls, kw, match):
+    with pytest.raises(ValueError, match=f"capturable=True.*{match}"):
+        cls(make_params(), capturable=True, **kw)
+    opt = cls(make_params(), **kw)  # and as a param-group key
+    with pytest.raises(ValueError, match="capturable=True"):
+        opt.add_param_group(dict(params=make_params(seed=3), capturable=True))
+
+
+def test_bad_capturable_values_raise():
+    with pytest.raises(ValueError, match="bf16_sr"):
+        mf.AdamW(make_params(dtype=torch.bfloat16), layout="bf16_sr", capturable=True)
+    with pytest.raises(TypeError, match="capturable must be a bool"):
+        mf.AdamW(make_params(), capturable=1)
+
+
+def test_reference_backend_raises_before_any_change():
+    ps = make_params()
+    opt = mf.AdamW(ps, lr=1e-2, backend="reference")
+    for p, g in zip(ps, make_grads(steps=1)[0]):
+        p.grad = g
+    opt.step()
+    opt.param_groups[0]["capturable"] = True
+    assert_step_raises_unchanged(opt, ps, RuntimeError, "capturable=True needs a compiled backend")
+
+
+@need_cpu
+def test_state_dict_round_trip_moves_steps_to_the_device():
+    a, pa = _run(mf.AdamW, dict(lr=1e-2), True, steps=4)
+    sd = copy.deepcopy(a.state_dict())
+    assert sd["param_groups"][0]["capturable"] is True
+    pb = [p.detach().clone() for p in pa]
+    b = mf.AdamW([dict(params=pb[:2]), dict(params=pb[2:])], lr=1e-2, backend="cpu", capturable=True)
+    b.load_state_dict(sd)
+    for p in pb:
+        assert b.state[p]["step"].device == p.device and float(b.state[p]["step"]) == 4.0
+    for opt, ps in ((a, pa), (b, pb)):
+        for p, g in zip(ps, make_grads(SHAPES, steps=1, seed=9)[0]):
+            p.grad = g.clone()
+        opt.step()
+    assert_states_close(a, pa, b, pb, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+def _graph_run(cls, kw, backend, capture):
+    """10 steps with new gradients and a halving tensor lr: eagerly (capture=False, capturable=False, float
+    lr set by hand) or by replaying one captured step (capture=True)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ps = [torch.randn(s, device="cuda", generator=gen).requires_grad_() for s in ((17,), (4097,), (), (70_001,))]
+    grads = [[torch.randn(p.shape, device="cuda", generator=gen) for p in ps] for _ in range(13)]
+    lrs = [kw["lr"] * 0.5 ** (k // 4) for k in range(13)]
+    if not capture:
+        opt = cls(ps, backend=backend, **kw)
+        for k in range(13):
+            opt.param_groups[0]["lr"] = lrs[k]
+            for p, g in zip(ps, grads[k]):
+                p.grad = g.clone()
+            opt.step()
+        return opt, ps
+    lr = torch.tensor(lrs[0], device="cuda", dtype=torch.float64)
+    opt = cls(ps, backend=backend, capturable=True, **{**kw, "lr": lr})
+    static = [torch.zeros_like(p) for p in ps]
+    for p, g in zip(ps, static):
+        p.grad = g
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: state, step counters, launcher tables, Triton compilation
+        for k in range(3):
+            lr.fill_(lrs[k])
+            for g, new in zip(static, grads[k]):
+                g.copy_(new)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for k in range(3, 13):
+        lr.fill_(lrs[k])
+        for g, new in zip(static, grads[k]):
+            g.copy_(new)
+        graph.replay()
+    torch.cuda.synchronize()
+    return opt, ps
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("cls,kw", [(mf.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+                                    (mf.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+                                    (mf.Lion, dict(lr=1e-3)), (mf.RMSprop, dict(lr=1e-3, centered=True))])
+def test_cuda_graph_replay_equals_eager(cls, kw, backend):
+    if backends.status().get(backend) != "available":
+        pytest.fail(f"a CUDA device is visible but backend {backend!r} is not usable: {backends.status().get(backend)}")
+    a, pa = _graph_run(cls, kw, backend, capture=True)
+    b, pb = _graph_run(cls, kw, backend, capture=False)
+    for p in pa:
+        if "step" in a.state[p]:
+            assert float(a.state[p]["step"]) == 13.0
+    assert_states_close(a, pa, b, pb, **tol(torch.float32), host_exact=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_capturable_step_does_not_synchronize(backend):
+    ps = [torch.randn(s, device="cuda").requires_grad_() for s in ((17,), (4097,))]
+    opt = mf.AdamW(ps, lr=torch.tensor(1e-2, device="cuda", dtype=torch.float64), backend=backend, capturable=True)
+    for _ in range(2):  # state and caches exist after these
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
