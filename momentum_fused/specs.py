@@ -29,14 +29,18 @@ HOST_STATE_KEYS = ("step", "mu_product")
 # --------------------------------------------------------------------------------------------------
 # Hyperparameter checks. Each raises ValueError/TypeError naming the hyperparameter.
 # --------------------------------------------------------------------------------------------------
+def _check_tensor_meta(name: str, value: torch.Tensor) -> None:
+    if value.numel() != 1:
+        raise ValueError(f"{name} as a Tensor must have exactly one element, got shape {tuple(value.shape)}")
+    if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} Tensor must be real, got dtype {value.dtype}")
+
+
 def _as_real(name: str, value: Any, *, tensor_ok: bool = False) -> float:
     if isinstance(value, torch.Tensor):
         if not tensor_ok:
             raise TypeError(f"{name} must be a Python number, got a Tensor")
-        if value.numel() != 1:
-            raise ValueError(f"{name} as a Tensor must have exactly one element, got shape {tuple(value.shape)}")
-        if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"{name} Tensor must be real, got dtype {value.dtype}")
+        _check_tensor_meta(name, value)
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
@@ -117,9 +121,9 @@ def lr_value(group: Mapping) -> float:
     """The group's learning rate as a float (``lr`` may be a one-element tensor). In a ``capturable``
     group a tensor lr stays a (float64, 0-d) tensor: read on the device, never on the host."""
     lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        return lr.detach().reshape(()).to(torch.float64) if group.get("capturable") else float(lr.item())
-    return float(lr)
+    if group.get("capturable"):  # (traced by torch.compile, a float lr may be a symbolic float: no float())
+        return lr.detach().reshape(()).to(torch.float64) if isinstance(lr, torch.Tensor) else lr
+    return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,12 +180,19 @@ class UpdateRuleSpec:
         object.__setattr__(self, "Flags", namedtuple(f"{self.name}_flags", self.flag_names))
 
     def validate(self, group: Mapping, where: str = "") -> None:
-        """Raise ValueError/TypeError naming the first invalid hyperparameter of ``group``."""
+        """Raise ValueError/TypeError naming the first invalid hyperparameter of ``group``. In a
+        ``capturable`` group the value of a tensor hyperparameter (the lr) is not read: that would be a
+        host sync (and impossible in a CUDA graph); its shape and dtype are checked."""
+        device_values = bool(group.get("capturable", False))
         for key, check in self.hparams.items():
             if key not in group:
                 raise ValueError(f"{where}missing hyperparameter {key!r} for rule {self.name!r}")
             try:
-                check.check(key, group[key])
+                value = group[key]
+                if device_values and isinstance(value, torch.Tensor) and getattr(check, "tensor_ok", False):
+                    _check_tensor_meta(key, value)
+                    continue
+                check.check(key, value)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{where}{e}") from None
         if self.cross_check is not None:

@@ -87,21 +87,33 @@ def _train_step_fn(model, opt):
 
 
 def _our_breaks(counters) -> set:
-    """The functions named by graph-break reasons that involve momentum_fused. dynamo may word the one
-    break at ``opt.step()`` more than once (e.g. once through an LR scheduler's step wrapper), so the
-    check is on the set of functions: it must be exactly {the dynamo-disabled step()}."""
+    """The functions named by graph-break reasons that involve momentum_fused. dynamo may word one break
+    more than once, so the check is on the set of functions named."""
     import re
 
     out = set()
     for reason in counters["graph_break"]:
         if "momentum_fused" in reason or "FusedOptimizer" in reason or "_ScheduleFree" in reason:
             assert "marked as skipped" in reason, reason  # not an unsupported op/builtin of ours
-            out.update(re.findall(r"function `([^`]+)`", reason) or [reason])
+            out.update(re.findall(r"function `([^`]+)`", reason) or re.findall(r"qualname: ([\w.]+)", reason)
+                       or [reason])
     return out
 
 
-_STEP = {mf.SGD: "FusedOptimizer.step", mf.AdamW: "FusedOptimizer.step", mf.Lion: "FusedOptimizer.step",
-         mf.AdamWScheduleFree: "_ScheduleFree.step"}
+def test_traceable_check_carries_dynamos_constant_mark():
+    """FusedOptimizer._traceable is marked as torch.compiler.assume_constant_result would mark it (set by
+    hand in base.py so that importing momentum_fused does not import torch._dynamo)."""
+    def f():
+        return True
+    torch.compiler.assume_constant_result(f)
+    marks = {k for k in vars(f) if k.startswith("_dynamo")}
+    assert marks and all(getattr(mf.FusedOptimizer._traceable, k, None) == getattr(f, k) for k in marks)
+
+
+def _traced(cls, backend, lr_kind) -> bool:
+    """Does torch.compile trace this step (FusedOptimizer.step): a capturable rule, a tensor lr, a
+    backend that takes scalar tables."""
+    return cls is not mf.AdamWScheduleFree and lr_kind == "tensor" and backend == "cpu"
 
 
 COMPILE_CLASSES = [mf.SGD, mf.AdamW, mf.Lion, mf.AdamWScheduleFree]
@@ -112,35 +124,56 @@ COMPILE_CLASSES = [mf.SGD, mf.AdamW, mf.Lion, mf.AdamWScheduleFree]
 @pytest.mark.parametrize("cls", COMPILE_CLASSES, ids=_ids(COMPILE_CLASSES))
 def test_compiled_train_step_equals_eager(cls, backend, lr_kind):
     """torch.compile(fullgraph=False) of a train step that calls step(), with a scheduler changing the
-    lr every step: bitwise equal to eager (aot_eager keeps the forward/backward math; the optimizer
-    runs eagerly by design), exactly ONE graph break attributed to momentum_fused (the step() call,
-    which is dynamo-disabled) and none to its ops, and no recompilation when the lr changes."""
+    lr every step, bitwise equal to eager (aot_eager keeps the forward/backward math). A capturable rule
+    with a tensor lr on a backend with scalar tables is traced into the graph: NO graph break from
+    momentum_fused, its bucket op is in a graph, and one recompilation only (when the state appears);
+    every other step runs eagerly: exactly ONE graph break from momentum_fused (the dynamo-disabled
+    eager step) and no recompilation when the lr changes."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    counters.clear()
+    traced = _traced(cls, backend, lr_kind)
+    graphs = []
+
+    def record(gm, inputs):
+        graphs.append(str(gm.graph))
+        from torch._dynamo.backends.common import aot_autograd
+        from functorch.compile import make_boxed_func
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, inputs)
+
     kw = _kwargs(cls)
     if lr_kind == "tensor":
         kw["lr"] = torch.tensor(float(kw.get("lr", 1e-3)))
     runs = []
     for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
         model = _model()
-        opt = cls(model.parameters(), **copy.deepcopy(kw), backend=backend)
+        # the eager run computes the scalars the way the traced step does (capturable: on the device)
+        opt = cls(model.parameters(), **copy.deepcopy(kw), backend=backend, capturable=traced and not compiled)
         sched = lrs.ExponentialLR(opt, gamma=0.7)
         step = _train_step_fn(model, opt)
         if compiled:
-            step = torch.compile(step, fullgraph=False, backend="aot_eager")
+            step = torch.compile(step, fullgraph=False, backend=record)
+        n_graphs = []
         for x, y in _data(5):
             step(x, y)
             sched.step()
+            n_graphs.append(counters["stats"]["unique_graphs"])
         runs.append((model, opt))
     (m_e, o_e), (m_c, o_c) = runs
     for a, b in zip(m_e.parameters(), m_c.parameters()):
         assert torch.equal(a, b)
         for k, v in o_e.state[a].items():
             assert torch.equal(v, o_c.state[b][k]), k
-    assert _our_breaks(counters) == {_STEP[cls]}
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # no recompile on lr changes
+    if traced:
+        assert _our_breaks(counters) == set()
+        assert any("momentum_fused.bucket_step" in g for g in graphs), graphs
+        assert n_graphs[1:] == [n_graphs[1]] * 4, n_graphs  # no recompilation after the state exists
+    else:
+        assert _our_breaks(counters) == {"_ScheduleFree.step" if cls is mf.AdamWScheduleFree else
+                                         "FusedOptimizer._eager_step"}
+        assert n_graphs == [n_graphs[0]] * 5, n_graphs  # no recompile on lr changes
+    assert not any("momentum_fused.bucket_step" in g for g in graphs) or traced
 
 
 def test_compiled_train_step_inductor_matches_eager():
@@ -161,7 +194,7 @@ def test_compiled_train_step_inductor_matches_eager():
         outs.append(list(model.parameters()))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert _our_breaks(counters) == {"FusedOptimizer.step"}
+    assert _our_breaks(counters) == {"FusedOptimizer._eager_step"}  # a float lr: the eager step
 
 
 @pytest.mark.skipif(_CPU_STATUS != "available", reason=f"cpu backend not built here: {_CPU_STATUS}")

@@ -81,6 +81,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self._step_views: dict = {}
         self._fast = None
+        self._called = {"step": False}
         self.spec.validate({**defaults, **self.spec.group_extras}, where=f"{type(self).__name__}: ")
         defaults = {**defaults, **_FRONT_DEFAULTS, "layout": "native" if layout is None else layout,
                     "sr_seed": sr_seed, "capturable": capturable}
@@ -185,6 +186,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         state.setdefault("backend", None)
         super().__setstate__(state)
         self.invalidate_caches()
+        self._called = {"step": False}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim.Optimizer.load_state_dict, except that host-side state (``step``,
@@ -233,8 +235,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         state = self.state
         strided = torch.strided
         plan = []
+        traced = torch.compiler.is_compiling()
         for gi, group in enumerate(self.param_groups):
-            spec.validate(group, where=f"{name} param group {gi}: ")
+            if not traced:  # (traced: hyperparameters are graph inputs; validated by every eager step only)
+                spec.validate(group, where=f"{name} param group {gi}: ")
             lay = self._check_layout_keys(group, f"{name} param group {gi}: ")
             state_names = spec.state_names(group)
             check_names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
@@ -555,14 +559,27 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _advance_steps_device(self, gi, states, device) -> torch.Tensor:
         """capturable=True: the group's ``step`` counters are float32 0-d tensors on ``device``, views of one
-        [n] tensor that one in-place add advances (captured as one kernel in a CUDA graph). Returns it."""
+        [n] tensor that one in-place add advances (captured as one kernel in a CUDA graph). Returns the
+        counts as one [n] tensor and the tensors that hold them (to undo a skipped step).
+        Traced by torch.compile: the counters are advanced where they are (a new buffer every call would
+        fail dynamo's guards on the state's tensor identities and recompile every step)."""
+        if torch.compiler.is_compiling():
+            steps = []
+            for st in states:
+                s = st.get("step")
+                if not (isinstance(s, torch.Tensor) and s.device == device and s.dtype == torch.float32 and s.dim() == 0):
+                    s = st["step"] = torch.zeros((), dtype=torch.float32, device=device) if s is None else \
+                        torch.as_tensor(s).detach().to(device=device, dtype=torch.float32).reshape(())
+                steps.append(s)
+            torch._foreach_add_(steps, 1.0)
+            return torch.stack(steps), steps
         cached = self._step_views.get(gi)
         if cached is not None:
             ids, buf, _views = cached
             if buf.device == device and len(ids) == len(states) and \
                     ids == tuple([id(st.get("step")) for st in states]):
                 buf.add_(1.0)
-                return buf
+                return buf, [buf]
         steps = []
         for st in states:  # (first step, or re-planned: may copy counters to the device, never while capturing)
             s = st.get("step")
@@ -573,9 +590,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         for st, v in zip(states, views):
             st["step"] = v
         self._step_views[gi] = (tuple(map(id, views)), buf, views)
-        return buf
+        return buf, [buf]
 
-    def _device_scalars(self, gi, group, states, fresh, grad_mult, device) -> torch.Tensor:
+    def _device_scalars(self, gi, group, states, fresh, grad_mult, device, undo: list) -> torch.Tensor:
         """capturable=True: the group's scalar packs as one float64 [n, k] table computed on ``device`` by
         tensor ops, from the same ``spec.advance`` as the host packs (``t`` is the [n] step vector, a tensor
         lr stays a tensor): no host read, no host-to-device copy of a per-step number, so the step can be
@@ -583,7 +600,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         hyperparameters (betas, eps, weight decay) become fill kernels of the graph."""
         spec = self.spec
         n = len(states)
-        t = self._advance_steps_device(gi, states, device).to(torch.float64) if spec.counts_steps else None
+        t = None
+        if spec.counts_steps:
+            t, holders = self._advance_steps_device(gi, states, device)
+            t = t.to(torch.float64)
+            undo.extend(holders)
         tables = {}
         for f in sorted(set(fresh)):
             cols = []
@@ -598,11 +619,58 @@ class FusedOptimizer(torch.optim.Optimizer):
         # some tensors got their state in this step (never the case in a captured step)
         return torch.where(torch.tensor(fresh, device=device)[:, None], tables[True], tables[False])
 
-    # torch.compile: step() runs eagerly (one graph break at the call; docs/ecosystem.md): its host
-    # scalars are Python floats that dynamo would specialize on, recompiling every step.
-    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
+        """One optimization step.
+
+        Under ``torch.compile`` the step is traced into the graph in its capturable form (dynamo reads
+        every param group's ``capturable`` as True, as it does for torch's optimizers): step counters on
+        the params' device, the scalar table computed by tensor ops, one ``momentum_fused::bucket_step``
+        op per bucket. Rules that cannot be capturable (NAdam, FSGDM, schedule-free), the bf16_sr layout
+        and backends without scalar tables (reference) run eagerly instead: one graph break at the call.
+        docs/ecosystem.md."""
+        self._called["step"] = True  # what an LR scheduler's step wrapper records (see below the class)
+        if torch.compiler.is_compiling() and self._traceable():
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            return self._update(loss)
+        return self._eager_step(closure)
+
+    @property
+    def _opt_called(self) -> bool:
+        """Read by LR schedulers (warning when ``scheduler.step()`` comes before the first ``step()``). Kept
+        in a dict: dynamo replays the mutation of a dict from a traced step, not an attribute write."""
+        return self.__dict__.get("_called", {}).get("step", False)
+
+    @_opt_called.setter
+    def _opt_called(self, value) -> None:
+        self.__dict__.setdefault("_called", {})["step"] = bool(value)
+
+    def _traceable(self) -> bool:
+        """Can dynamo trace this step (see ``step``)? Marked below as a constant of the trace (evaluated
+        once when tracing, without guards on the lr values)."""
+        spec = self.spec
+        for group in self.param_groups:
+            lay = _layouts.get_layout(group["layout"])
+            if self._not_capturable(lay) is not None or not isinstance(group["lr"], torch.Tensor):
+                return False  # (a float lr would be specialized: one recompilation per value)
+            seen = set()
+            for p in group["params"]:
+                if p.grad is None or p.is_complex():
+                    if p.grad is not None:
+                        return False
+                    continue
+                key = (p.device, p.dtype)
+                if key not in seen:
+                    seen.add(key)
+                    if not backends.resolve(self.backend, spec, p.device, p.dtype, lay).scalar_tables:
+                        return False
+        return True
+
+    @torch._disable_dynamo
+    def _eager_step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -622,7 +690,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The step after the closure: plan, GradScaler, state, scalars, one backend call per bucket."""
         if "_pending_amp" in self.__dict__:  # the previous step's device-side GradScaler flag
             self.sync_amp()
-        fast = self._fast_plan()
+        traced = torch.compiler.is_compiling()  # (dynamo's guards replace the cached plan there)
+        fast = None if traced else self._fast_plan()
         plan, cached = (self._plan(), None) if fast is None else fast
         amp = self._device_amp(plan)
         if amp is None:
@@ -666,10 +735,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if lay.stochastic:
                     record[3].append(group)
             if cap:
-                scalars = self._device_scalars(gi, group, states, fresh, grad_mult, next(iter(chosen))[0]) \
-                    if items else []
-                if spec.counts_steps and items:
-                    cap_steps.append(self._step_views[gi][1])
+                scalars = self._device_scalars(gi, group, states, fresh, grad_mult, next(iter(chosen))[0],
+                                               cap_steps) if items else []
             else:
                 scalars = self._group_scalars(gi, group, states, fresh, grad_mult)
             names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
@@ -715,12 +782,62 @@ class FusedOptimizer(torch.optim.Optimizer):
             if amp is not None:  # device-side GradScaler scalars (no host read)
                 kw.update(found_inf=amp[0].to(device, non_blocking=True),
                           grad_scale=None if amp[1] is None else amp[1].to(device, non_blocking=True))
-            backend.apply(spec, flags, *_dist.local_bucket(ps, gs, sts), scs, **kw)  # DTensors: local shards
+            if traced:  # one opaque op in the graph (it runs backend.apply)
+                _bucket_op(backend, spec, flags, ps, gs, sts, scs, **kw)
+            else:
+                backend.apply(spec, flags, *_dist.local_bucket(ps, gs, sts), scs, **kw)  # DTensors: local shards
         if amp is not None:
             for buf in cap_steps:  # an inf step did not happen: its count neither (no host read)
                 buf.sub_(amp[0].to(buf.device, buf.dtype, non_blocking=True).reshape(()))
             if any(record):  # (capturable steps after the first have nothing to roll back on the host)
                 self._defer_amp_flag(amp[0], record)
-        if cached is None:
+        if cached is None and not traced:
             self._remember_plan(plan)
         return loss
+
+
+# An LR scheduler wraps ``optimizer.step`` in a function of torch/optim/lr_scheduler.py (to warn when
+# ``scheduler.step()`` comes first) unless the step is marked as already tracking its calls. That file is
+# skipped by dynamo, so the wrapper would put a graph break at every compiled ``opt.step()``; our step
+# records ``_opt_called`` itself and carries the mark.
+FusedOptimizer.step._wrapped_by_lr_sched = True
+# = torch.compiler.assume_constant_result(FusedOptimizer._traceable), without importing torch._dynamo (and
+# triton with it) at import time; tests/test_ecosystem.py checks that the public decorator sets this mark.
+FusedOptimizer._traceable._dynamo_marked_constant = True
+
+
+# ---------------------------------------------------------------------------------------- torch.compile
+@torch.library.custom_op("momentum_fused::bucket_step", mutates_args=("params", "states"))
+def bucket_step(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[torch.Tensor],
+                scalars: torch.Tensor, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None, rule: str,
+                flags: int, backend: str, layout: str) -> None:
+    """One bucket of a traced (``torch.compile``) step: ``backend.apply`` of ``rule`` on params, grads and the
+    flat state list (tensor-major, ``len(states) // len(params)`` per param), with the float64 [n, k] scalar
+    table. Registered with its mutations (params and states are written in place) and a fake kernel, so
+    that dynamo records it as one node instead of tracing the backend's Python."""
+    spec = get_spec(rule)
+    fl = spec.Flags(*[bool(flags >> i & 1) for i in range(len(spec.flag_names))])
+    lay = _layouts.get_layout(layout)
+    n = len(params)
+    if n == 0:
+        return
+    per = len(states) // n
+    sts = [tuple(states[i * per:(i + 1) * per]) for i in range(n)]
+    b = backends.resolve(backend, spec, params[0].device, _real_dtype(params[0].dtype), lay)
+    kw = {} if lay.name == "native" else {"layout": lay}
+    if found_inf is not None:
+        kw.update(found_inf=found_inf, grad_scale=grad_scale)
+    b.apply(spec, fl, params, grads, sts, scalars, **kw)
+
+
+@bucket_step.register_fake
+def _bucket_step_fake(params, grads, states, scalars, found_inf, grad_scale, rule, flags, backend, layout):
+    return None
+
+
+def _bucket_op(backend, spec, flags, ps, gs, sts, scs, *, layout=None, sr_keys=None, found_inf=None, grad_scale=None):
+    if sr_keys is not None:  # (capturable excludes bf16_sr; a traced step is capturable)
+        raise NotImplementedError("momentum_fused: a traced step cannot use the bf16_sr layout")
+    bits = sum(1 << i for i, f in enumerate(flags) if f)
+    bucket_step(list(ps), list(gs), [t for st in sts for t in st], scs, found_inf, grad_scale, spec.name, bits,
+                backend.name, "native" if layout is None else layout.name)

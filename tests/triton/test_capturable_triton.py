@@ -45,3 +45,45 @@ def test_capturable_equals_host_scalars(cls, kw):
                 assert w.device == p.device and float(w) == float(v)
             else:
                 torch.testing.assert_close(w, v, **tol(torch.float32))
+
+
+def test_compiled_step_is_traced_on_triton():
+    """torch.compile traces the step (a tensor lr, a capturable rule): the Triton launch runs inside the
+    momentum_fused::bucket_step op of the graph; no graph break from momentum_fused; equal to eager."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+
+    def record(gm, inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        opt = mf.AdamW(model.parameters(), lr=torch.tensor(1e-2), backend="triton", capturable=not compiled)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.7)
+
+        def step(x, y):
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+        if compiled:
+            step = torch.compile(step, backend=record)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            step(torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen))
+            sched.step()
+        runs.append((model, opt))
+    assert not [r for r in counters["graph_break"] if "momentum_fused" in r or "FusedOptimizer" in r]
+    assert any("momentum_fused.bucket_step" in g for g in graphs)
+    (me, oe), (mc, oc) = runs
+    for a, b in zip(me.parameters(), mc.parameters()):
+        assert torch.equal(a, b)
+        for k, v in oe.state[a].items():
+            assert torch.equal(v, oc.state[b][k]), k
