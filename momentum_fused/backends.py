@@ -83,9 +83,9 @@ def contiguous_lists(params, grads, states):
     (tensor-major), writeback), where writeback lists (original, contiguous working copy) pairs of
     params/state to copy back after the kernel ran. Contiguous tensors pass through without a copy."""
     is_contiguous = torch.Tensor.is_contiguous
-    if all(map(is_contiguous, params)) and all(map(is_contiguous, grads)) and \
-            all([all(map(is_contiguous, st)) for st in states]):  # the usual case, at C speed
-        return params, grads, [s for st in states for s in st], []
+    flat = [s for st in states for s in st]
+    if all(map(is_contiguous, params)) and all(map(is_contiguous, grads)) and all(map(is_contiguous, flat)):
+        return params, grads, flat, []  # the usual case, checked at C speed
     writeback = []
 
     def inout(t):

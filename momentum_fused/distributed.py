@@ -50,7 +50,7 @@ def local_bucket(params, grads, states):
     can exist)."""
     cls = dtensor_class()
     # check_group guarantees that grads and state are DTensors exactly where the params are
-    if cls is None or not any([isinstance(p, cls) for p in params]):
+    if cls is None or set(map(type, params)) <= _PLAIN or not any([isinstance(p, cls) for p in params]):
         return params, grads, states
     return ([local(p) for p in params], [local(g) for g in grads],
             [tuple([local(t) for t in st]) for st in states])

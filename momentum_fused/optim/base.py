@@ -549,6 +549,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         ts = self._advance_steps(gi, states) if spec.counts_steps else [None] * len(states)
         if spec.pack_reads_state:
             return [spec.Scalars(*spec.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
+        n = len(states)
+        if n and fresh.count(fresh[0]) == n and ts.count(ts[0]) == n:  # the usual case: one pack for all
+            return [spec.Scalars(*spec.advance(group, states[0], fresh[0], ts[0]), grad_mult)] * n
         cache, out = {}, []
         for st, f, t in zip(states, fresh, ts):
             sc = cache.get((t, f))
@@ -745,7 +748,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 pos = {id(q): i for i, q in enumerate(group["params"])}
                 keys = [_layouts.sr_key(group["sr_seed"], group["sr_step"], (gi << 20) + pos[id(p)]) for p in items]
                 group["sr_step"] += 1
-            if len(chosen) == 1 and not any([p.is_complex() for p in items]):  # one bucket: no per-tensor keys
+            if len(chosen) == 1 and (cached is not None or not any([p.is_complex() for p in items])):
+                # one bucket: no per-tensor keys (a cached plan has no complex params)
                 (device, dtype), backend = next(iter(chosen.items()))
                 b = bucket(backend, device, dtype, flags, lay, cap)
                 b[1].extend(items)
