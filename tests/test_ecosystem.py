@@ -328,3 +328,25 @@ def test_hf_trainer_example(optimizer):
     else:
         assert opt.param_groups[0]["k"] == steps and opt.state  # schedule-free counts steps in the group
     del model0, model
+
+
+def test_lr_scheduler_order_warning_still_works():
+    """FusedOptimizer.step carries the LR scheduler's 'already tracked' mark (so that the scheduler does
+    not wrap it in a dynamo-skipped function) and records its calls itself: the scheduler's warning about
+    calling scheduler.step() before optimizer.step() must still fire, and only then."""
+    import warnings
+
+    for call_opt_first in (False, True):
+        model = _model()
+        opt = mf.AdamW(model.parameters(), lr=1e-2)
+        sched = lrs.StepLR(opt, step_size=1)
+        assert opt.step.__func__ is not None and getattr(opt.step, "_wrapped_by_lr_sched", False)
+        if call_opt_first:
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            opt.step()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            sched.step()
+        order = [x for x in w if "before `optimizer.step()`" in str(x.message)]
+        assert bool(order) == (not call_opt_first), [str(x.message) for x in w]
