@@ -85,7 +85,8 @@ def plan_blocks(numels: Sequence[int], block: int = BLOCK, max_segs: int = MAX_S
     return prog, segs
 
 
-_DTYPE_DEVICE = operator.attrgetter("dtype", "device")
+_DTYPE = operator.attrgetter("dtype")
+_IS_CUDA = operator.attrgetter("is_cuda")
 
 
 def _check_lists(lists: Sequence[Sequence[torch.Tensor]], dtypes: Sequence[torch.dtype] | None = None):
@@ -95,10 +96,12 @@ def _check_lists(lists: Sequence[Sequence[torch.Tensor]], dtypes: Sequence[torch
     n = len(lists[0])
     ref = lists[0][0]
     numels = list(map(torch.Tensor.numel, lists[0]))
-    if ref.dtype in DTYPE_CODES and all(
-            len(lst) == n and set(map(_DTYPE_DEVICE, lst)) == {(ref.dtype if dtypes is None else dtypes[li], ref.device)}
+    dev = ({ref.get_device()}, {ref.is_cuda})  # (device attributes are slow to build: index and type)
+    if ref.dtype in DTYPE_CODES and all([
+            len(lst) == n and set(map(_DTYPE, lst)) == {ref.dtype if dtypes is None else dtypes[li]}
+            and (set(map(torch.Tensor.get_device, lst)), set(map(_IS_CUDA, lst))) == dev
             and list(map(torch.Tensor.numel, lst)) == numels and all(map(torch.Tensor.is_contiguous, lst))
-            for li, lst in enumerate(lists)):
+            for li, lst in enumerate(lists)]):
         return
     for li, lst in enumerate(lists):
         if len(lst) != n:
@@ -136,8 +139,8 @@ def tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, grad_lis
     is refreshed in place when it changed (one small host-to-device copy, stream ordered), while params
     and state hit the cache."""
     ref = lists[0][0]
-    numels = tuple(x.numel() for x in lists[0])
-    ptrs = [tuple(x.data_ptr() for x in lst) for lst in lists]
+    numels = tuple(map(torch.Tensor.numel, lists[0]))
+    ptrs = [tuple(map(torch.Tensor.data_ptr, lst)) for lst in lists]
     key = (ref.device, ref.dtype, block, numels, len(lists), grad_list,
            tuple(p for i, p in enumerate(ptrs) if i != grad_list))
     entry = _cache.get(key)

@@ -31,8 +31,16 @@ from ..specs import HOST_STATE_KEYS, UpdateRuleSpec, get_spec, step_tensor
 __all__ = ["FusedOptimizer"]
 
 _TENSOR = {torch.Tensor}
-_DDL = operator.attrgetter("dtype", "device", "layout")
 _DTYPE = operator.attrgetter("dtype")
+_LAYOUT = operator.attrgetter("layout")
+_IS_CUDA = operator.attrgetter("is_cuda")
+
+
+def _kinds(ts) -> tuple:
+    """(dtypes, layouts, device indices, is-cuda flags) of a list of tensors, as sets; C-speed maps (a
+    tensor's ``device`` attribute costs more to build than these four together)."""
+    return (set(map(_DTYPE, ts)), set(map(_LAYOUT, ts)), set(map(torch.Tensor.get_device, ts)),
+            set(map(_IS_CUDA, ts)))
 
 _GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
 # Dtype-layout keys of every param group (momentum_fused/layouts.py): the layout name, the stochastic
@@ -327,7 +335,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 try:  # (is_contiguous raises for some layouts: the full plan then names the problem)
                     if set(map(type, gs)) != _TENSOR or [g.shape for g in gs] != e["shapes"] or \
-                            [p.shape for p in items] != e["shapes"] or set(map(_DDL, gs)) != e["gkey"] or \
+                            [p.shape for p in items] != e["shapes"] or _kinds(gs) != e["kinds"] or \
                             set(map(_DTYPE, items)) != e["pdtypes"] or not all(map(torch.Tensor.is_contiguous, gs)):
                         return None
                     if list(map(id, [st[k] for st in e["states"] for k in e["keys"]])) != e["flat_ids"]:
@@ -366,7 +374,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "group": group, "layout": lay.name, "state_names": state_names, "keys": keys,
                 "pids": list(map(id, params)), "params": list(params), "items": items,
                 "mask": None if all(mask) else mask, "shapes": [p.shape for p in items],
-                "gkey": set(map(_DDL, items)) if items else set(), "pdtypes": set(map(_DTYPE, items)),
+                "kinds": _kinds(items), "pdtypes": set(map(_DTYPE, items)),
                 "states": states, "flat_ids": [id(st[k]) for st in states for k in keys],
                 "tuples": [tuple([st[k] for k in keys]) for st in states],
                 "chosen_key": next(iter(chosen)) if chosen else None,
