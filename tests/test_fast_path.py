@@ -119,6 +119,7 @@ def test_cached_plan_sees_bad_gradient_and_state(backend):
     p[3].grad.data = torch.ones(7, dtype=torch.float32)  # a wrong dtype
     assert opt._fast_plan() is None
     assert_step_raises_unchanged(opt, p, TypeError, r"gradient dtype")
+    # (a gradient on another device after cached steps: tests/test_errors.py, kind "device", on a meta grad)
     p[3].grad = None
     p[3].grad = torch.ones(7, dtype=p[3].dtype)
     assert opt._fast_plan() is not None

@@ -86,7 +86,7 @@ def plan_blocks(numels: Sequence[int], block: int = BLOCK, max_segs: int = MAX_S
 
 
 _DTYPE = operator.attrgetter("dtype")
-_IS_CUDA = operator.attrgetter("is_cuda")
+_CPU_CUDA = operator.attrgetter("is_cpu", "is_cuda")
 
 
 def _check_lists(lists: Sequence[Sequence[torch.Tensor]], dtypes: Sequence[torch.dtype] | None = None):
@@ -96,10 +96,10 @@ def _check_lists(lists: Sequence[Sequence[torch.Tensor]], dtypes: Sequence[torch
     n = len(lists[0])
     ref = lists[0][0]
     numels = list(map(torch.Tensor.numel, lists[0]))
-    dev = ({ref.get_device()}, {ref.is_cuda})  # (device attributes are slow to build: index and type)
-    if ref.dtype in DTYPE_CODES and all([
+    dev = ({ref.get_device()}, {(ref.is_cpu, ref.is_cuda)})  # (a .device is slow to build: index and type)
+    if ref.dtype in DTYPE_CODES and ref.device.type in ("cpu", "cuda") and all([
             len(lst) == n and set(map(_DTYPE, lst)) == {ref.dtype if dtypes is None else dtypes[li]}
-            and (set(map(torch.Tensor.get_device, lst)), set(map(_IS_CUDA, lst))) == dev
+            and (set(map(torch.Tensor.get_device, lst)), set(map(_CPU_CUDA, lst))) == dev
             and list(map(torch.Tensor.numel, lst)) == numels and all(map(torch.Tensor.is_contiguous, lst))
             for li, lst in enumerate(lists)]):
         return

@@ -33,14 +33,15 @@ __all__ = ["FusedOptimizer"]
 _TENSOR = {torch.Tensor}
 _DTYPE = operator.attrgetter("dtype")
 _LAYOUT = operator.attrgetter("layout")
-_IS_CUDA = operator.attrgetter("is_cuda")
+_CPU_CUDA = operator.attrgetter("is_cpu", "is_cuda")
 
 
 def _kinds(ts) -> tuple:
-    """(dtypes, layouts, device indices, is-cuda flags) of a list of tensors, as sets; C-speed maps (a
-    tensor's ``device`` attribute costs more to build than these four together)."""
+    """(dtypes, layouts, device indices, (is_cpu, is_cuda) pairs) of a list of tensors, as sets; C-speed
+    maps (a tensor's ``device`` attribute costs more to build than these together). They identify the
+    device among cpu and cuda devices only: the cached plan is kept for cpu and cuda params only."""
     return (set(map(_DTYPE, ts)), set(map(_LAYOUT, ts)), set(map(torch.Tensor.get_device, ts)),
-            set(map(_IS_CUDA, ts)))
+            set(map(_CPU_CUDA, ts)))
 
 _GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
 # Dtype-layout keys of every param group (momentum_fused/layouts.py): the layout name, the stochastic
@@ -357,7 +358,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         cls = _dist.dtensor_class()
         entries = []
         for group, state_names, items, chosen in plan:
-            if len(chosen) > 1:
+            if len(chosen) > 1 or any([dev.type not in ("cpu", "cuda") for dev, _ in chosen]):
                 return
             lay = _layouts.get_layout(group["layout"])
             keys = (*state_names, _layouts.MASTER_KEY) if lay.master else tuple(state_names)
