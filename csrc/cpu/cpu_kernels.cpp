@@ -17,10 +17,13 @@ int detect() {
   int best = ISA_BASELINE;
 #if MF_X86_VARIANTS
   __builtin_cpu_init();
+  // both variants use F16C (the fp16 conversions of cpu_simd_avx2.inc; every AVX2 CPU has it)
+  const bool f16c = __builtin_cpu_supports("f16c");
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma") && f16c)
     best = ISA_AVX512;
-  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
     best = ISA_AVX2;
 #endif
   // MOMENTUM_FUSED_CPU_ISA=baseline|avx2|avx512 caps the choice (tests; never raises it above the CPU's)

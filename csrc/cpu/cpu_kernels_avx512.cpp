@@ -7,6 +7,7 @@
 namespace mf {
 namespace cpu {
 namespace avx512 {
+#define MF_CPU_SIMD_AVX2 1  // explicit AVX2 + F16C conversions (cpu_simd_avx2.inc)
 #include "cpu_kernels_impl.inc"
 }  // namespace avx512
 }  // namespace cpu

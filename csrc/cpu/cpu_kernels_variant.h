@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../storage.h"
@@ -17,6 +18,12 @@
 #define MF_X86_VARIANTS 1
 #else
 #define MF_X86_VARIANTS 0
+#endif
+
+// intrinsics for the explicit AVX2 code of the avx2/avx512 variants (gcc/clang declare every intrinsic
+// whatever the -m flags; the variants use them under their target pragma), or of a -mavx2 -mf16c baseline
+#if MF_X86_VARIANTS || (defined(__AVX2__) && defined(__F16C__))
+#include <immintrin.h>
 #endif
 
 namespace mf {
