@@ -93,23 +93,15 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
     if not params:
         return 0
     nstate = len(states[0]) if states else 0
-    lists = [list(params), list(grads)] + [[st[i] for st in states] for i in range(nstate)]
-    # Non-contiguous tensors (rare: e.g. a transposed param) run on contiguous copies.
-    copies = []
-    if not all([all(map(torch.Tensor.is_contiguous, lst)) for lst in lists]):
-        for li, lst in enumerate(lists):
-            for ti, x in enumerate(lst):
-                if not x.is_contiguous():
-                    c = x.contiguous()
-                    lst[ti] = c
-                    if li != 1:
-                        copies.append((x, c))
+    # Non-contiguous tensors (rare: e.g. a transposed param) run on contiguous copies, written back after.
+    ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
+    lists = [ps, gs] + [flat[i::nstate] for i in range(nstate)]
     n = launcher.multi_tensor_apply(rules.FAMILY[spec.name], rules.RULE_IDS[spec.name], tuple(flags), lists,
-                                    backends.pack_table(scalars, len(spec.scalar_names)), found_inf=found_inf, grad_scale=grad_scale,
-                                    master=bool(layout is not None and layout.master),
+                                    backends.pack_table(scalars, len(spec.scalar_names)), found_inf=found_inf,
+                                    grad_scale=grad_scale, master=bool(layout is not None and layout.master),
                                     sr_keys=sr_keys if layout is not None and layout.stochastic else None)
-    for x, c in copies:
-        x.copy_(c)
+    for orig, work in writeback:
+        orig.copy_(work)
     return n
 
 

@@ -575,13 +575,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         counts as one [n] tensor and the tensors that hold them (to undo a skipped step).
         Traced by torch.compile: the counters are advanced where they are (a new buffer every call would
         fail dynamo's guards on the state's tensor identities and recompile every step)."""
+        def on_device(s):  # a step count (None: not started) as the float32 0-d tensor on the device
+            return torch.zeros((), dtype=torch.float32, device=device) if s is None else \
+                torch.as_tensor(s).detach().to(device=device, dtype=torch.float32).reshape(())
+
         if torch.compiler.is_compiling():
             steps = []
             for st in states:
                 s = st.get("step")
                 if not (isinstance(s, torch.Tensor) and s.device == device and s.dtype == torch.float32 and s.dim() == 0):
-                    s = st["step"] = torch.zeros((), dtype=torch.float32, device=device) if s is None else \
-                        torch.as_tensor(s).detach().to(device=device, dtype=torch.float32).reshape(())
+                    s = st["step"] = on_device(s)
                 steps.append(s)
             torch._foreach_add_(steps, 1.0)
             return torch.stack(steps), steps
@@ -592,11 +595,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     ids == tuple([id(st.get("step")) for st in states]):
                 buf.add_(1.0)
                 return buf, [buf]
-        steps = []
-        for st in states:  # (first step, or re-planned: may copy counters to the device, never while capturing)
-            s = st.get("step")
-            steps.append(torch.zeros((), dtype=torch.float32, device=device) if s is None else
-                         torch.as_tensor(s).detach().to(device=device, dtype=torch.float32).reshape(()))
+        # (first step, or re-planned: may copy counters to the device, never while capturing)
+        steps = [on_device(st.get("step")) for st in states]
         buf = torch.stack(steps) + 1.0 if steps else torch.zeros(0, dtype=torch.float32, device=device)
         views = list(buf.unbind(0))
         for st, v in zip(states, views):
