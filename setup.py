@@ -65,7 +65,7 @@ if torch is not None:
     if _env_flag("MOMENTUM_FUSED_BUILD_CPU") is not False:
         ext_modules.append(cpp_extension.CppExtension(
             name="momentum_fused._C_cpu",
-            sources=["csrc/cpu/cpu_ops.cpp", "csrc/cpu/cpu_kernels.cpp", "csrc/cpu/cpu_kernels_baseline.cpp",
+            sources=["csrc/cpu/cpu_ops.cpp", "csrc/cpu/cpu_python.cpp", "csrc/cpu/cpu_kernels.cpp", "csrc/cpu/cpu_kernels_baseline.cpp",
                      "csrc/cpu/cpu_kernels_avx2.cpp", "csrc/cpu/cpu_kernels_avx512.cpp"],
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": CXX_FLAGS},

@@ -5,8 +5,11 @@ was not built (or fails to load), the backend is registered as unavailable with 
 error stored by setup.py in ``_C_cpu.build-error.txt``, or the import error.
 
 One call of ``apply`` runs one bucket through ONE op call (one OpenMP parallel region):
-``torch.ops.momentum_fused.cpu_step(params, grads, states_flat, scalars[n, k] float64, rule, flags, layout,
-sr_keys)``.
+``cpu_step(params, grads, states_flat, scalars[n, k] float64, rule, flags, layout, sr_keys)``, called through
+the extension module's pybind entry ``momentum_fused._C_cpu.cpu_step`` (the same C++ function as the
+registered op ``torch.ops.momentum_fused.cpu_step``, whose TensorList conversion costs ~0.6 us per tensor
+per list: most of a step over 10,000 small tensors). The registered op still runs under a TorchDispatchMode
+and for tensor subclasses that dispatch to Python, so that modes and subclasses see it.
 
 Dtype layouts (momentum_fused/layouts.py): all four (native, bf16_state, master, bf16_sr), passed to the op
 as ``LAYOUT_CODES[layout.name]`` (mirrored by ``enum Layout`` in csrc/cpu/cpu_kernels.h); with ``master``
@@ -119,6 +122,9 @@ def make_backend() -> backends.Backend:
     if err is not None:
         return backends.Backend(name="cpu", apply=None, devices=("cpu",), load_error=err)
     _register_fake()
+    from . import _C_cpu
+
+    dispatch_modes = torch._C._len_torch_dispatch_stack
 
     def supports(spec, device, dtype):
         if device.type != "cpu":
@@ -144,7 +150,10 @@ def make_backend() -> backends.Backend:
             packs = packs.clone()
             packs[:, k - 1] /= float(grad_scale)
         ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
-        ops.cpu_step(ps, gs, flat, packs, rule, fl, code, keys)
+        # the op's fast entry (module docstring), unless a TorchDispatchMode must see the op or a tensor is a
+        # Python-dispatch subclass (it returns False then, having done nothing): the registered op
+        if dispatch_modes() or not _C_cpu.cpu_step(ps, gs, flat, packs, rule, fl, code, keys):
+            ops.cpu_step(ps, gs, flat, packs, rule, fl, code, keys)
         for orig, work in writeback:
             orig.copy_(work)
 

@@ -30,6 +30,15 @@ if _STATUS != "available":
 import momentum_fused._backend_cpu as bcpu  # noqa: E402
 
 OPS = torch.ops.momentum_fused
+from momentum_fused import _C_cpu  # noqa: E402  (the eager entry point of the same op)
+
+
+def _fast_entry(*args):
+    assert _C_cpu.cpu_step(*args) is True, "the fast entry refused plain tensors"
+
+
+# the op's two bindings: the registered op, and the pybind entry the backend calls in eager mode
+ENTRIES = {"torch.ops": lambda *a: OPS.cpu_step(*a), "_C_cpu": _fast_entry}
 from backend_cases import (CASES, DTYPES, SHAPES, STEPS, _M, _V, _case_params, _compare,  # noqa: E402,F401
                            _groups, _params, _run)
 
@@ -291,7 +300,8 @@ def test_default_choice_is_cpu_and_unsupported_reasons():
             assert b.supports(sp, torch.device("cpu"), torch.float32) is not None
 
 
-def test_bad_arguments_raise_before_any_write():
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_bad_arguments_raise_before_any_write(entry):
     ps = [torch.randn(10), torch.randn(10)]
     gs = [torch.randn(10), torch.randn(10)]
     st = [torch.zeros(10), torch.zeros(10), torch.zeros(10), torch.zeros(10)]
@@ -311,11 +321,32 @@ def test_bad_arguments_raise_before_any_write():
     ]
     for p_, g_, s_, sc_, r_, f_, match in bad:
         with pytest.raises(RuntimeError, match=match):
-            OPS.cpu_step(p_, g_, s_, sc_, r_, f_)
+            ENTRIES[entry](p_, g_, s_, sc_, r_, f_)
     assert all(torch.equal(a, b) for a, b in zip(before, ps + st))
 
 
-def test_direct_op_call_matches_reference():
+def test_fast_entry_argument_types_and_subclasses():
+    """The pybind entry takes lists (or tuples) of tensors, names a wrong element, and hands tensor
+    subclasses that dispatch to Python back to the caller (False, nothing done) for the registered op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    p, g, m = torch.ones(4), torch.ones(4), torch.zeros(4)
+    sc = torch.tensor([[0.1, 0.0, 0.9, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    rid = bcpu.RULE_IDS["sgd"]
+    with pytest.raises(TypeError, match="params must be a list of tensors"):
+        _C_cpu.cpu_step(p, [g], [m], sc, rid, 1)
+    with pytest.raises(TypeError, match=r"states\[0\] is a float, expected a Tensor"):
+        _C_cpu.cpu_step([p], [g], [1.0], sc, rid, 1)
+    with FakeTensorMode():
+        fake = torch.ones(4)
+    assert _C_cpu.cpu_step([fake], [g], [m], sc, rid, 1) is False
+    assert torch.equal(m, torch.zeros(4))
+    assert _C_cpu.cpu_step((p,), (g,), (m,), sc, rid, 1) is True  # momentum 0.9 x 0 + g, p -= 0.1 m
+    assert torch.equal(m, g) and torch.allclose(p, torch.full((4,), 0.9))
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_direct_op_call_matches_reference(entry):
     """cpu_step called directly, on tensors that require grad (as an optimizer's params do)."""
     spec = SPECS["adam"]
     p = torch.randn(1000, requires_grad=True)
@@ -325,8 +356,8 @@ def test_direct_op_call_matches_reference():
     pr, mr, vr = (t.detach().double().clone() for t in (p, m, v))
     flags = spec.Flags(True, False)
     with torch.no_grad():
-        OPS.cpu_step([p], [g], [m, v], torch.tensor([list(s)], dtype=torch.float64), bcpu.RULE_IDS["adam"],
-                     bcpu.flags_to_int("adam", flags))
+        ENTRIES[entry]([p], [g], [m, v], torch.tensor([list(s)], dtype=torch.float64), bcpu.RULE_IDS["adam"],
+                       bcpu.flags_to_int("adam", flags))
     mf.reference.RULES["adam"](pr, g.double(), (mr, vr), s, flags)
     for a, e in ((p, pr), (m, mr), (v, vr)):
         torch.testing.assert_close(a.detach().double(), e, **tol(torch.float32))
@@ -502,8 +533,9 @@ def test_bad_layout_arguments_raise_before_any_write():
     ps, gs, sts = case("bf16_sr", torch.float32)  # fp32 params, fp32 state: not bf16_sr
     op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 3, keys), "layout bf16_sr takes params of dtype bfloat16"))
     for args, match in op_bad:
-        with pytest.raises(RuntimeError, match=match):
-            OPS.cpu_step(*args)
+        for call in ENTRIES.values():
+            with pytest.raises(RuntimeError, match=match):
+                call(*args)
 
     # the backend's apply: the same checks (the op's), plus the Python-side key checks
     api_bad = []

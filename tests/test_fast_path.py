@@ -6,6 +6,10 @@ and that every change it must notice sends the step through the full plan: an op
 ends bit-identical to one whose cache is dropped before every step, through a sequence of changes
 (a param without gradient, a new param group, an lr change, a non-contiguous gradient, a replaced
 state dict, replaced state tensors), and bad input still raises before anything changes.
+
+The cached plan's per-tensor checks exist twice: in C (``momentum_fused._C_cpu.cached_grads``, used when the
+cpu extension is built) and in Python (``base._cached_grads_py``, the pure-Python install's): every test
+of this module runs with each, and ``test_cached_grads_c_equals_python`` feeds both the same changes.
 """
 import copy
 
@@ -14,6 +18,7 @@ import torch
 
 import momentum_fused as mf
 from momentum_fused import backends
+from momentum_fused.optim import base
 from optim_db import (all_variants, assert_snapshot_equal, assert_states_close, assert_step_raises_unchanged, make_grads, make_params,
                       snapshot)
 
@@ -22,6 +27,19 @@ EXTRA = [(6,), (2, 2)]
 BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
     "cpu" not in backends.available(), reason="the compiled cpu extension is not built (pip install -e .)"))]
 VARIANTS = [v for v in all_variants() if not isinstance(v.values[1].get("lr"), str)]
+
+try:
+    from momentum_fused._C_cpu import cached_grads as _C_CACHED_GRADS
+except ImportError:
+    _C_CACHED_GRADS = None
+_NO_C = pytest.mark.skipif(_C_CACHED_GRADS is None, reason="the compiled cpu extension is not built (pip install -e .)")
+
+
+@pytest.fixture(autouse=True, params=[pytest.param("c", marks=_NO_C), "python"])
+def checker(request, monkeypatch):
+    """Run the test with the C checks of the cached plan, then with the Python ones."""
+    monkeypatch.setattr(base, "_cached_grads", _C_CACHED_GRADS if request.param == "c" else base._cached_grads_py)
+    return request.param
 
 
 def _scenario(case, kw, backend, cache):
@@ -149,3 +167,82 @@ def test_cached_plan_after_load_state_dict(backend):
         b.step()
     # (not bit-equal: torch's float64 lerp_ can differ in the last bit between two tensors of equal values)
     assert_states_close(b, q, a, p, rtol=1e-14, atol=1e-16)
+
+
+def _cached_case(change, subclass):
+    """An Adam optimizer after three steps (the last remembered with a mask), then ``change(params, opt)``;
+    returns the arguments of the cached plan's per-tensor check for its first group."""
+    p = make_params(SHAPES)
+    if subclass:
+        p[2] = torch.Tensor._make_subclass(_OwnGradParam, p[2])
+    opt = mf.Adam(p, lr=1e-2, backend="reference")
+    for _ in range(2):
+        for x in p:
+            x.grad = torch.ones_like(x)
+        opt.step()
+    p[1].grad = None
+    opt.step()  # remembered with a mask (param 1 without gradient)
+    for x in p:
+        if x is not p[1]:
+            x.grad = torch.ones_like(x)
+    change(p, opt)
+    e = opt._fast["groups"][0]
+    return (opt.param_groups[0]["params"], e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"],
+            e["device"], e["sdtypes"])
+
+
+def _set_data(t, value):
+    t.data = value
+
+
+class _OwnGradParam(torch.Tensor):
+    """A param whose ``grad`` is a Python property (what the optimizers read), not autograd's field."""
+
+    @property
+    def grad(self):
+        return self.__dict__.get("_g")
+
+    @grad.setter
+    def grad(self, value):
+        self.__dict__["_g"] = value
+
+
+def _set_meta_grad(p):
+    """(torch refuses a meta ``.grad`` on a cpu tensor: tests/test_errors.py's trick, a subclass)"""
+    assert type(p) is _OwnGradParam
+    p.grad = torch.ones(p.shape, dtype=p.dtype, device="meta")
+
+
+CHANGES = {
+    "nothing": lambda p, o: None,
+    "grad where the mask has none": lambda p, o: setattr(p[1], "grad", torch.ones_like(p[1])),
+    "grad missing": lambda p, o: setattr(p[0], "grad", None),
+    "non-contiguous grad": lambda p, o: setattr(p[0], "grad", torch.ones(4, 3, dtype=p[0].dtype).t()),
+    "grad of another dtype": lambda p, o: _set_data(p[2].grad, torch.ones(2, 3, 2, dtype=torch.float32)),
+    "grad of another shape": lambda p, o: _set_data(p[3].grad, torch.ones(8, dtype=p[3].dtype)),
+    "grad of another shape, same numel": lambda p, o: _set_data(p[0].grad, torch.ones(4, 3, dtype=p[0].dtype)),
+    "grad on meta (a param subclass with its own grad property)": lambda p, o: _set_meta_grad(p[2]),
+    "param resized": lambda p, o: (_set_data(p[0], torch.ones(12, dtype=p[0].dtype)),
+                                   setattr(p[0], "grad", torch.ones(12, dtype=p[0].dtype))),
+    "param of another dtype": lambda p, o: (_set_data(p[3], p[3].float()), setattr(p[3], "grad", torch.ones(7))),
+    "non-contiguous param": lambda p, o: _set_data(p[0], torch.ones(4, 3, dtype=p[0].dtype).t()),
+    "state tensor replaced": lambda p, o: o.state[p[2]].__setitem__("exp_avg", o.state[p[2]]["exp_avg"].clone()),
+    "state tensor removed": lambda p, o: o.state[p[3]].pop("exp_avg_sq"),
+    "state of another dtype": lambda p, o: _set_data(o.state[p[0]]["exp_avg"], o.state[p[0]]["exp_avg"].float()),
+    "state resized": lambda p, o: _set_data(o.state[p[0]]["exp_avg"], torch.zeros(12, dtype=p[0].dtype)),
+    "non-contiguous state": lambda p, o: _set_data(o.state[p[0]]["exp_avg_sq"],
+                                                   torch.zeros(4, 3, dtype=p[0].dtype).t()),
+}  # (a replaced state dict or param list: the identity checks of _fast_plan itself, tests above)
+
+
+@_NO_C
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_cached_grads_c_equals_python(change):
+    """The C and Python checks of the cached plan agree: the same gradient objects, or both None."""
+    args = _cached_case(CHANGES[change], subclass="subclass" in change)
+    got_c, got_py = _C_CACHED_GRADS(*args), base._cached_grads_py(*args)
+    if got_py is None:
+        assert got_c is None
+    else:
+        assert got_c is not None and len(got_c) == len(got_py) and all(a is b for a, b in zip(got_c, got_py))
+    assert (got_py is not None) == (change == "nothing")

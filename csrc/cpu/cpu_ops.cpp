@@ -1,6 +1,7 @@
 // torch binding of the momentum_fused CPU kernels: ops in the `momentum_fused` namespace, registered
 // with TORCH_LIBRARY (visible as torch.ops.momentum_fused.*). Minimal torch headers, no pybind: the
-// Python module `momentum_fused._C_cpu` is an empty module whose import runs the registration.
+// Python module `momentum_fused._C_cpu` (cpu_python.cpp, linked into the same library) holds the eager
+// entry points; importing it runs the registration.
 //
 //   cpu_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor scalars, int rule,
 //            int flags, int layout=0, Tensor? sr_keys=None) -> ()
@@ -12,8 +13,6 @@
 //   isa() -> str, round_to(Tensor x_f32, ScalarType dtype) -> Tensor  (the kernels' fp32 -> storage
 //   rounding, for tests), sr_round(Tensor x_f32, int key, int buffer, int offset=0) -> Tensor (the
 //   kernels' stochastic rounding to bf16, for tests).
-#include <Python.h>
-
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,6 +25,7 @@
 #include "../storage.h"
 #include "../update_rules.h"
 #include "cpu_kernels.h"
+#include "cpu_ops.h"
 
 namespace {
 
@@ -99,8 +99,10 @@ c10::ScalarType layout_state_dtype(int64_t layout, c10::ScalarType param) {
   }
 }
 
-void cpu_step(at::TensorList params, at::TensorList grads, at::TensorList states, const at::Tensor& scalars,
-              int64_t rule, int64_t flags, int64_t layout, const c10::optional<at::Tensor>& sr_keys) {
+}  // namespace
+
+void mf_cpu_step(at::TensorList params, at::TensorList grads, at::TensorList states, const at::Tensor& scalars,
+                 int64_t rule, int64_t flags, int64_t layout, const c10::optional<at::Tensor>& sr_keys) {
   check_rule(rule, flags);
   TORCH_CHECK(layout >= mf::cpu::LAYOUT_NATIVE && layout <= mf::cpu::LAYOUT_BF16_SR,
               "momentum_fused cpu_step: unknown layout code ", layout,
@@ -151,7 +153,19 @@ void cpu_step(at::TensorList params, at::TensorList grads, at::TensorList states
   std::vector<const void*> gp(n);
   std::vector<int64_t> numel(n);
   std::vector<uint32_t> keys(L == mf::cpu::LAYOUT_BF16_SR ? n : 0);
+  // Reading the metadata of many tensors is a chain of cache misses (TensorImpl, then its storage): prefetch
+  // the TensorImpls a few tensors ahead so that the misses overlap.
+  auto prefetch_impl = [](const at::Tensor& t) {
+    const char* q = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
+    for (int o = 0; o < 256; o += 64) __builtin_prefetch(q + o, 0, 3);
+  };
+  constexpr size_t kAhead = 8;
   for (size_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) {
+      prefetch_impl(params[i + kAhead]);
+      prefetch_impl(grads[i + kAhead]);
+      for (int j = 0; j < per; ++j) prefetch_impl(states[(i + kAhead) * per + j]);
+    }
     const int64_t ne = params[i].numel();
     check_tensor(params[i], "params", i, dtype, ne);
     check_tensor(grads[i], "grads", i, dtype, ne);
@@ -181,6 +195,8 @@ void cpu_step(at::TensorList params, at::TensorList grads, at::TensorList states
     TORCH_CHECK(false, e.what());
   }
 }
+
+namespace {
 
 int64_t rule_id(const std::string& name) {
   for (int r = 0; r < mf::RULE_COUNT; ++r)
@@ -255,11 +271,4 @@ TORCH_LIBRARY(momentum_fused, m) {
   m.def("sr_round(Tensor x, int key, int buffer, int offset=0) -> Tensor", &sr_round);
 }
 
-TORCH_LIBRARY_IMPL(momentum_fused, CPU, m) { m.impl("cpu_step", &cpu_step); }
-
-// An importable (empty) Python module: `import momentum_fused._C_cpu` loads the library above.
-static struct PyModuleDef mf_module = {PyModuleDef_HEAD_INIT, "_C_cpu",
-                                       "momentum_fused CPU kernels (ops in torch.ops.momentum_fused)", -1,
-                                       nullptr};
-
-PyMODINIT_FUNC PyInit__C_cpu(void) { return PyModule_Create(&mf_module); }
+TORCH_LIBRARY_IMPL(momentum_fused, CPU, m) { m.impl("cpu_step", &mf_cpu_step); }

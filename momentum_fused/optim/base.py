@@ -43,6 +43,64 @@ def _kinds(ts) -> tuple:
     return (set(map(_DTYPE, ts)), set(map(_LAYOUT, ts)), set(map(torch.Tensor.get_device, ts)),
             set(map(_CPU_CUDA, ts)))
 
+def _cached_grads_py(params, mask, state_dicts, keys, flat, pdtype, device, sdtypes):
+    """The cached plan's per-tensor checks (``FusedOptimizer._fast_plan``): the gradients of ``params``
+    (those with ``mask[i]`` True; mask None: all) when every one of these holds, else None:
+    mask[i] False <=> ``params[i].grad`` is None; params of dtype ``pdtype`` on ``device``, strided and
+    contiguous; each gradient a plain (``torch.Tensor``) strided contiguous tensor with its param's shape,
+    dtype and device; state tensor j of param i is the object ``flat[i * len(keys) + j]``, of dtype
+    ``sdtypes[j]``, on ``device``, with the param's shape, strided and contiguous.
+
+    The same checks run in C in ``momentum_fused._C_cpu.cached_grads`` (csrc/cpu/cpu_python.cpp), used
+    instead when the cpu extension is built; this is the pure-Python install's version."""
+    grads = [p.grad for p in params]
+    present = [g is not None for g in grads]
+    if mask is None:
+        if present.count(False):
+            return None
+        items, gs = params, grads
+    else:
+        if present != mask:
+            return None
+        items, gs = list(compress(params, mask)), list(compress(grads, mask))
+    if len(gs) != len(state_dicts):
+        return None
+    if not gs:
+        return gs
+    want = ({pdtype}, {torch.strided}, {device.index if device.type == "cuda" else -1},
+            {(device.type == "cpu", device.type == "cuda")})
+    is_contiguous = torch.Tensor.is_contiguous
+    try:  # (is_contiguous raises for some layouts: the full plan then names the problem)
+        shapes = [p.shape for p in items]
+        if set(map(type, gs)) != _TENSOR or _kinds(gs) != want or _kinds(items) != want or \
+                [g.shape for g in gs] != shapes or not all(map(is_contiguous, gs)) or \
+                not all(map(is_contiguous, items)):
+            return None
+        nk = len(keys)
+        for j, k in enumerate(keys):
+            col = list(map(operator.itemgetter(k), state_dicts))
+            if list(map(id, col)) != list(map(id, flat[j::nk])):
+                return None
+            if _kinds(col) != (({sdtypes[j]},) + want[1:]) or [t.shape for t in col] != shapes or \
+                    not all(map(is_contiguous, col)):
+                return None
+    except (RuntimeError, KeyError, TypeError, AttributeError):
+        return None
+    return gs
+
+
+def _cached_grads_impl():
+    """The C version of ``_cached_grads_py`` when the cpu extension is built (it reads tensor metadata
+    only, so it serves CUDA params as well), else the Python one."""
+    try:
+        from .. import _C_cpu
+        return _C_cpu.cached_grads
+    except Exception:  # not built, or not loadable: the pure-Python install
+        return _cached_grads_py
+
+
+_cached_grads = _cached_grads_impl()
+
 _GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
 # Dtype-layout keys of every param group (momentum_fused/layouts.py): the layout name, the stochastic
 # rounding seed, and the group's count of applied steps (the rounding's counter; saved in state_dicts).
@@ -292,11 +350,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         After a step, ``_remember_plan`` keeps, per group, the params that had gradients, their shapes,
         (dtype, device), state dicts and state tensors. The next step reuses that plan, and the state
         created by then (every tensor has all its state), when each of these still holds, checked with
-        C-speed list comparisons of object identities instead of per-tensor Python checks:
-        the same ``state`` mapping with the same per-param dicts (ids of keys and values, in order),
-        the same group objects and param lists, the same params with gradients, every gradient a
-        plain contiguous strided tensor with the param's shape, dtype and device, params of the cached
-        shapes and dtypes, the same state tensor objects, the same state names (flags) and layout.
+        C-speed list comparisons of object identities and one C loop over the tensors (``_cached_grads``)
+        instead of per-tensor Python checks: the same ``state`` mapping with the same per-param dicts (ids
+        of keys and values, in order), the same group objects and param lists, the same params with
+        gradients, every gradient a plain contiguous strided tensor with the param's shape, dtype and
+        device, params of the cached dtype and device, the same state tensor objects with the cached
+        dtypes and the param's shape, the same state names (flags) and layout.
         Hyperparameters are validated on every step, exactly as ``_plan`` does. Anything else falls
         back to the full ``_plan``, which validates everything and raises the detailed errors."""
         fc = self._fast
@@ -321,28 +380,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             params = group["params"]
             if list(map(id, params)) != e["pids"]:
                 return None
-            grads = [p.grad for p in params]
-            if e["mask"] is None:
-                items, gs = e["items"], grads
-                if [g is not None for g in grads].count(False):
-                    return None
-            else:
-                if [g is not None for g in grads] != e["mask"]:
-                    return None
-                items, gs = e["items"], list(compress(grads, e["mask"]))
-            if not gs:
-                if e["items"]:
-                    return None
-            else:
-                try:  # (is_contiguous raises for some layouts: the full plan then names the problem)
-                    if set(map(type, gs)) != _TENSOR or [g.shape for g in gs] != e["shapes"] or \
-                            [p.shape for p in items] != e["shapes"] or _kinds(gs) != e["kinds"] or \
-                            set(map(_DTYPE, items)) != e["pdtypes"] or not all(map(torch.Tensor.is_contiguous, gs)):
-                        return None
-                    if list(map(id, [st[k] for st in e["states"] for k in e["keys"]])) != e["flat_ids"]:
-                        return None
-                except (RuntimeError, KeyError):
-                    return None
+            gs = _cached_grads(params, e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
+                               e["sdtypes"])
+            if gs is None:
+                return None
+            items = e["items"]
             key = e["chosen_key"]
             chosen = {} if key is None else {key: backends.resolve(self.backend, spec, *key, lay)}
             if group["capturable"]:
@@ -371,14 +413,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 states.append(st)
             params = group["params"]
             mask = [p.grad is not None for p in params]
+            key = next(iter(chosen)) if chosen else None
+            first = [states[0][k] for k in keys] if states else []
             entries.append({
                 "group": group, "layout": lay.name, "state_names": state_names, "keys": keys,
                 "pids": list(map(id, params)), "params": list(params), "items": items,
-                "mask": None if all(mask) else mask, "shapes": [p.shape for p in items],
-                "kinds": _kinds(items), "pdtypes": set(map(_DTYPE, items)),
-                "states": states, "flat_ids": [id(st[k]) for st in states for k in keys],
+                "mask": None if all(mask) else mask, "states": states,
+                "flat": [st[k] for st in states for k in keys],
                 "tuples": [tuple([st[k] for k in keys]) for st in states],
-                "chosen_key": next(iter(chosen)) if chosen else None,
+                # what _cached_grads checks every tensor against (a group without items checks none)
+                "pdtype": items[0].dtype if items else torch.float32,
+                "device": items[0].device if items else torch.device("cpu"),
+                "sdtypes": tuple([t.dtype for t in first]) if states else tuple([torch.float32] * len(keys)),
+                "chosen_key": key,
             })
         self._fast = {"state": self.state, "groups": entries, "state_values": list(map(id, self.state.values())),
                       "state_keys": list(map(id, self.state))}
