@@ -149,10 +149,15 @@ def make_backend() -> backends.Backend:
         if grad_scale is not None:  # as the CUDA kernels: the pack's grad_mult (last entry) / grad_scale
             packs = packs.clone()
             packs[:, k - 1] /= float(grad_scale)
+        # the op's fast entry (module docstring), unless a TorchDispatchMode must see the op; it does nothing
+        # and says why when a tensor is a Python-dispatch subclass (then the registered op) or not contiguous
+        status = _C_cpu.PYTHON_DISPATCH if dispatch_modes() else \
+            _C_cpu.cpu_step(params, grads, states, packs, rule, fl, code, keys)
+        if status == _C_cpu.DONE:
+            return
         ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
-        # the op's fast entry (module docstring), unless a TorchDispatchMode must see the op or a tensor is a
-        # Python-dispatch subclass (it returns False then, having done nothing): the registered op
-        if dispatch_modes() or not _C_cpu.cpu_step(ps, gs, flat, packs, rule, fl, code, keys):
+        if status != _C_cpu.NOT_CONTIGUOUS or \
+                _C_cpu.cpu_step(ps, gs, flat, packs, rule, fl, code, keys) != _C_cpu.DONE:
             ops.cpu_step(ps, gs, flat, packs, rule, fl, code, keys)
         for orig, work in writeback:
             orig.copy_(work)

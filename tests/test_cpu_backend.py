@@ -34,7 +34,7 @@ from momentum_fused import _C_cpu  # noqa: E402  (the eager entry point of the s
 
 
 def _fast_entry(*args):
-    assert _C_cpu.cpu_step(*args) is True, "the fast entry refused plain tensors"
+    assert _C_cpu.cpu_step(*args) == _C_cpu.DONE, "the fast entry refused plain contiguous tensors"
 
 
 # the op's two bindings: the registered op, and the pybind entry the backend calls in eager mode
@@ -320,29 +320,40 @@ def test_bad_arguments_raise_before_any_write(entry):
         ([p.int() for p in ps], [g.int() for g in gs], [s.int() for s in st], sc, rid, 0, "dtype"),
     ]
     for p_, g_, s_, sc_, r_, f_, match in bad:
+        if entry == "_C_cpu" and match == "contiguous":  # the fast entry hands it back for copies
+            assert _C_cpu.cpu_step(p_, g_, s_, sc_, r_, f_) == _C_cpu.NOT_CONTIGUOUS
+            continue
         with pytest.raises(RuntimeError, match=match):
             ENTRIES[entry](p_, g_, s_, sc_, r_, f_)
     assert all(torch.equal(a, b) for a, b in zip(before, ps + st))
 
 
 def test_fast_entry_argument_types_and_subclasses():
-    """The pybind entry takes lists (or tuples) of tensors, names a wrong element, and hands tensor
-    subclasses that dispatch to Python back to the caller (False, nothing done) for the registered op."""
+    """The pybind entry takes lists (or tuples) of tensors (states also per-param tuples), names a wrong
+    element, and hands back to the caller, having done nothing: tensor subclasses that dispatch to Python
+    (for the registered op) and non-contiguous tensors (for copies)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     p, g, m = torch.ones(4), torch.ones(4), torch.zeros(4)
     sc = torch.tensor([[0.1, 0.0, 0.9, 0.0, 1.0, 1.0]], dtype=torch.float64)
     rid = bcpu.RULE_IDS["sgd"]
+    counts = [t._use_count() for t in (p, g, m)]  # the entry borrows: no reference may be gained or lost
     with pytest.raises(TypeError, match="params must be a list of tensors"):
         _C_cpu.cpu_step(p, [g], [m], sc, rid, 1)
     with pytest.raises(TypeError, match=r"states\[0\] is a float, expected a Tensor"):
         _C_cpu.cpu_step([p], [g], [1.0], sc, rid, 1)
+    with pytest.raises(TypeError, match=r"states\[0\]\[1\] is a NoneType, expected a Tensor"):
+        _C_cpu.cpu_step([p], [g], [(m, None)], sc, rid, 1)
     with FakeTensorMode():
         fake = torch.ones(4)
-    assert _C_cpu.cpu_step([fake], [g], [m], sc, rid, 1) is False
-    assert torch.equal(m, torch.zeros(4))
-    assert _C_cpu.cpu_step((p,), (g,), (m,), sc, rid, 1) is True  # momentum 0.9 x 0 + g, p -= 0.1 m
+    assert _C_cpu.cpu_step([fake], [g], [m], sc, rid, 1) == _C_cpu.PYTHON_DISPATCH
+    assert _C_cpu.cpu_step([p], [torch.ones(8)[::2]], [m], sc, rid, 1) == _C_cpu.NOT_CONTIGUOUS
+    assert torch.equal(m, torch.zeros(4)) and torch.equal(p, torch.ones(4))
+    assert _C_cpu.cpu_step((p,), (g,), [(m,)], sc, rid, 1) == _C_cpu.DONE  # momentum 0.9 x 0 + g, p -= 0.1 m
     assert torch.equal(m, g) and torch.allclose(p, torch.full((4,), 0.9))
+    with pytest.raises(RuntimeError, match="rule"):
+        _C_cpu.cpu_step([p], [g], [m], sc, 99, 1)
+    assert [t._use_count() for t in (p, g, m)] == counts
 
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
