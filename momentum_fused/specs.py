@@ -149,6 +149,10 @@ class UpdateRuleSpec:
                    increments all of a group's step tensors in one call before the packs.
     pack_reads_state: the pack depends on per-tensor host state other than ``step`` (NAdam's
                    mu_product), so it cannot be shared between tensors with equal (t, fresh).
+    host_state:    (key, initial value) of that per-tensor host state: a float64 0-d CPU tensor.
+    advance_many:  (group, values, fresh list, t list) -> one pack per tensor, equal to ``advance`` per
+                   tensor: the optimizer keeps every tensor's ``host_state`` as a view of ``values`` (a
+                   float64 [n] CPU tensor), which it advances in place with vector ops.
     cross_check:   group -> None; checks that involve several hyperparameters.
     group_advance: group -> None; per-group host counters updated once per step (FSGDM).
     group_prepare: group -> None; per-group host scalars computed once per step *before* the packs
@@ -170,6 +174,8 @@ class UpdateRuleSpec:
     cross_check: Callable[[Mapping], None] | None = None
     counts_steps: bool = False
     pack_reads_state: bool = False
+    host_state: tuple | None = None
+    advance_many: Callable[[Mapping, torch.Tensor, list, list], list] | None = None
     group_advance: Callable[[Mapping], None] | None = None
     group_prepare: Callable[[Mapping], None] | None = None
     group_extras: Mapping[str, Any] = field(default_factory=dict)
@@ -301,19 +307,51 @@ ADAM_SPEC = UpdateRuleSpec(
 
 
 # ---------------------------------------------------------------- nadam (torch convention)
-def _nadam_advance(g, st, fresh, t):
+def _nadam_mus(g, t):
+    """(mu_t, mu_{t+1}) of torch's NAdam momentum schedule."""
+    beta1, psi = float(g["betas"][0]), float(g["momentum_decay"])
+    return beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)), beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+
+
+def _nadam_pack(g, t, mu, mu_next, mu_product):
+    """The pack of a tensor at step t whose mu_product (after this step's multiply) is ``mu_product``."""
     beta1, beta2 = (float(b) for b in g["betas"])
-    psi = float(g["momentum_decay"])
-    mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
-    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+    lr = lr_value(g)
+    return (lr, float(g["weight_decay"]), beta1, beta2, float(g["eps"]), 1.0 - beta2 ** t,
+            -lr * (1.0 - mu) / (1.0 - mu_product), -lr * mu_next / (1.0 - mu_product * mu_next))
+
+
+def _nadam_advance(g, st, fresh, t):
+    """One tensor: its ``mu_product`` (a float64 0-d CPU tensor) is multiplied by mu_t in place."""
+    mu, mu_next = _nadam_mus(g, t)
     prod = st.get("mu_product")
     if not isinstance(prod, torch.Tensor):
         prod = st["mu_product"] = torch.tensor(1.0 if prod is None else float(prod), dtype=torch.float64)
     prod.mul_(mu)
-    mu_product = float(prod.item())
-    lr = lr_value(g)
-    return (lr, float(g["weight_decay"]), beta1, beta2, float(g["eps"]), 1.0 - beta2 ** t,
-            -lr * (1.0 - mu) / (1.0 - mu_product), -lr * mu_next / (1.0 - mu_product * mu_next))
+    return _nadam_pack(g, t, mu, mu_next, float(prod.item()))
+
+
+def _nadam_advance_many(g, prods, fresh, ts):
+    """All tensors of a group at once (``UpdateRuleSpec.advance_many``): ``prods`` is a float64 [n] tensor
+    whose elements are the tensors' mu_product (their state holds views of it), multiplied in place by
+    each tensor's mu_t with one multiply; the same IEEE products as ``_nadam_advance``'s per-tensor ones.
+    Tensors with equal (t, mu_product) share one pack tuple."""
+    mus = {t: _nadam_mus(g, t) for t in set(ts)}
+    if len(mus) == 1:
+        prods.mul_(mus[ts[0]][0])
+    elif ts:
+        prods.mul_(torch.tensor([mus[t][0] for t in ts], dtype=torch.float64))
+    values = prods.tolist()
+    n = len(ts)
+    if n and ts.count(ts[0]) == n and values.count(values[0]) == n:  # the usual case: one pack
+        return [_nadam_pack(g, ts[0], *mus[ts[0]], values[0])] * n
+    cache, out = {}, []
+    for t, v in zip(ts, values):
+        pack = cache.get((t, v))
+        if pack is None:
+            pack = cache[(t, v)] = _nadam_pack(g, t, *mus[t], v)
+        out.append(pack)
+    return out
 
 
 NADAM_SPEC = UpdateRuleSpec(
@@ -331,6 +369,8 @@ NADAM_SPEC = UpdateRuleSpec(
     advance=_nadam_advance,
     counts_steps=True,
     pack_reads_state=True,
+    host_state=("mu_product", 1.0),
+    advance_many=_nadam_advance_many,
     bytes_per_elem=lambda g: 28,
 )
 

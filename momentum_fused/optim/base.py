@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import math
 import operator
-from itertools import compress
+from itertools import compress, repeat
 from typing import Any, ClassVar
 
 import torch
@@ -87,6 +87,15 @@ def _cached_grads_py(params, mask, state_dicts, keys, flat, pdtype, device, sdty
     except (RuntimeError, KeyError, TypeError, AttributeError):
         return None
     return gs
+
+
+def _host_scalar(state: dict, key: str, initial: float) -> torch.Tensor:
+    """``state[key]`` as a float64 0-d CPU tensor (``initial`` when missing; a number or a tensor of another
+    dtype, e.g. a float32 ``mu_product`` from a torch.optim checkpoint, is widened once)."""
+    v = state.get(key)
+    if isinstance(v, torch.Tensor) and v.dtype == torch.float64 and v.dim() == 0 and v.device.type == "cpu":
+        return v
+    return torch.tensor(initial if v is None else float(v), dtype=torch.float64)
 
 
 def _cached_grads_impl():
@@ -581,22 +590,32 @@ class FusedOptimizer(torch.optim.Optimizer):
         alive, so an id cannot be reused), later steps advance all of them with one add and read them
         with one ``tolist``. Anything else (a different set of params with gradients, a loaded
         state_dict) takes the general path once and re-caches."""
-        cached = self._step_views.get(gi)
+        if not states:
+            return []
+        buf = self._host_views(gi, "step", states, step_tensor)
+        buf.add_(1.0)
+        return buf.tolist()
+
+    def _host_views(self, gi, key, states, current) -> torch.Tensor:
+        """A 1-D CPU tensor whose element i is ``states[i][key]``, a 0-d tensor viewing it.
+
+        The first time, ``current(state)`` gives each tensor's value as a 0-d tensor (normalized: created
+        when missing) and the states' entries are replaced by views of one stacked tensor; while the same
+        tensors keep stepping together (checked by object identity against the views this cache keeps
+        alive, so an id cannot be reused), the same tensor is returned, to be advanced in place by one
+        vector op. Anything else (a different set of params with gradients, a loaded state_dict) takes the
+        general path once and re-caches."""
+        cached = self._step_views.get((gi, key))
         if cached is not None:
             ids, buf, _views = cached
-            if len(ids) == len(states) and ids == tuple([id(st.get("step")) for st in states]):
-                buf.add_(1.0)
-                return buf.tolist()
-        steps = [step_tensor(st) for st in states]
-        if not steps:
-            return []
-        torch._foreach_add_(steps, 1.0)
-        buf = torch.stack(steps)
+            if len(ids) == len(states) and ids == tuple(map(id, map(dict.get, states, repeat(key)))):
+                return buf
+        buf = torch.stack([current(st) for st in states])
         views = list(buf.unbind(0))
         for st, v in zip(states, views):
-            st["step"] = v
-        self._step_views[gi] = (tuple(map(id, views)), buf, views)
-        return buf.tolist()
+            st[key] = v
+        self._step_views[(gi, key)] = (tuple(map(id, views)), buf, views)
+        return buf
 
     def _group_scalars(self, gi, group, states, fresh, grad_mult):
         """One scalar pack per tensor. Step counters of the whole group advance together, and tensors
@@ -604,7 +623,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         spec = self.spec
         ts = self._advance_steps(gi, states) if spec.counts_steps else [None] * len(states)
         if spec.pack_reads_state:
-            return [spec.Scalars(*spec.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
+            if spec.advance_many is None or not states:
+                return [spec.Scalars(*spec.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
+            key, initial = spec.host_state
+            values = self._host_views(gi, key, states, lambda st: _host_scalar(st, key, initial))
+            pks = spec.advance_many(group, values, fresh, ts)
+            ids = list(map(id, pks))  # (equal packs are one tuple: one Scalars object each)
+            if ids.count(ids[0]) == len(ids):
+                return [spec.Scalars(*pks[0], grad_mult)] * len(ids)
+            made = {}
+            return [made[i] if i in made else made.setdefault(i, spec.Scalars(*pk, grad_mult)) for i, pk in zip(ids, pks)]
         n = len(states)
         if n and fresh.count(fresh[0]) == n and ts.count(ts[0]) == n:  # the usual case: one pack for all
             return [spec.Scalars(*spec.advance(group, states[0], fresh[0], ts[0]), grad_mult)] * n
