@@ -86,3 +86,22 @@ def test_counters_after_load_state_dict_are_independent():
         _assert_same(ours, theirs, o, t)
     # the state_dict taken earlier still says 3 steps
     assert all(float(s["step"]) == 3.0 for s in sd["state"].values())
+
+
+@pytest.mark.parametrize("name", [n for n, s in mf.specs.SPECS.items() if s.advance_many is not None])
+def test_advance_many_equals_advance_per_tensor(name):
+    """A rule's vectorized pack computation (``advance_many``, NAdam) gives exactly the packs and the host
+    state of its per-tensor ``advance``, with tensors at different steps and different products."""
+    spec = mf.specs.SPECS[name]
+    key, initial = spec.host_state
+    group = dict(spec.defaults, lr=3e-3, momentum_decay=0.05)
+    ts = [1.0, 1.0, 2.0, 7.0, 7.0, 130.0]
+    start = [initial, initial, 0.73, 0.41, 0.41, 1e-9]
+    fresh = [True, True, False, False, False, False]
+    states = [{} if i < 2 else {key: torch.tensor(v, dtype=torch.float64)} for i, v in enumerate(start)]
+    one = [spec.advance(group, st, f, t) for st, f, t in zip(states, fresh, ts)]
+    values = torch.tensor(start, dtype=torch.float64)
+    many = spec.advance_many(group, values, fresh, ts)
+    assert many == one  # exact: the same IEEE operations
+    assert values.tolist() == [float(st[key]) for st in states]
+    assert many[0] is many[1] and many[3] is many[4]  # equal (t, host state): one shared pack
