@@ -124,7 +124,12 @@ def make_backend() -> backends.Backend:
     _register_fake()
     from . import _C_cpu
 
-    dispatch_modes = torch._C._len_torch_dispatch_stack
+    dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)  # (private: a fallback if it moves)
+    if dispatch_modes is None:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        def dispatch_modes():
+            return _get_current_dispatch_mode() is not None
 
     def supports(spec, device, dtype):
         if device.type != "cpu":
