@@ -312,6 +312,22 @@ def all_group_errors():
 SHAPES = [(3, 4), (5,), (2, 3, 2)]
 
 
+class OwnGradParam(torch.Tensor):
+    """A param whose ``.grad`` is a Python property (what the optimizers read), not autograd's field: it can
+    be anything (torch refuses to assign a grad on another device), and C code reading the autograd
+    gradient does not see it."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def grad(self):
+        return self.__dict__.get("_g")
+
+    @grad.setter
+    def grad(self, value):
+        self.__dict__["_g"] = value
+
+
 def make_params(shapes=SHAPES, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import momentum_fused as mf
-from optim_db import (CASES, all_errors, all_group_errors, all_variants, assert_snapshot_equal,
+from optim_db import (CASES, OwnGradParam, all_errors, all_group_errors, all_variants, assert_snapshot_equal,
                       assert_step_raises_unchanged, make_grads,
                       make_params, run, snapshot)
 
@@ -58,19 +58,6 @@ def test_corrupted_group_raises_before_any_change(case, err):
         opt.step()
 
 
-class _FakeGradParam(torch.Tensor):
-    """A param whose ``.grad`` can be anything (torch refuses to assign a grad on another device)."""
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    @property
-    def grad(self):
-        return self.__dict__.get("_g")
-
-    @grad.setter
-    def grad(self, value):
-        self.__dict__["_g"] = value
-
 
 def _bad_grad(kind, p):
     if kind == "sparse":
@@ -96,7 +83,7 @@ def test_bad_grad_on_last_param_raises_before_any_change(case, kwargs, kind):
     gen = torch.Generator().manual_seed(0)
     p = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes[:3]]
     last = torch.randn(shapes[3], generator=gen, dtype=torch.float64)
-    last = torch.Tensor._make_subclass(_FakeGradParam, last) if kind == "device" else last
+    last = torch.Tensor._make_subclass(OwnGradParam, last) if kind == "device" else last
     p.append(last)
     opt = case.cls([dict(params=p[:2]), dict(params=p[2:])], **kwargs)
     grads = make_grads(shapes, steps=3)

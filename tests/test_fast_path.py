@@ -19,7 +19,7 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends
 from momentum_fused.optim import base
-from optim_db import (all_variants, assert_snapshot_equal, assert_states_close, assert_step_raises_unchanged, make_grads, make_params,
+from optim_db import (OwnGradParam, all_variants, assert_snapshot_equal, assert_states_close, assert_step_raises_unchanged, make_grads, make_params,
                       snapshot)
 
 SHAPES = [(3, 4), (5,), (2, 3, 2), (7,)]
@@ -174,7 +174,7 @@ def _cached_case(change, subclass):
     returns the arguments of the cached plan's per-tensor check for its first group."""
     p = make_params(SHAPES)
     if subclass:
-        p[2] = torch.Tensor._make_subclass(_OwnGradParam, p[2])
+        p[2] = torch.Tensor._make_subclass(OwnGradParam, p[2])
     opt = mf.Adam(p, lr=1e-2, backend="reference")
     for _ in range(2):
         for x in p:
@@ -195,21 +195,9 @@ def _set_data(t, value):
     t.data = value
 
 
-class _OwnGradParam(torch.Tensor):
-    """A param whose ``grad`` is a Python property (what the optimizers read), not autograd's field."""
-
-    @property
-    def grad(self):
-        return self.__dict__.get("_g")
-
-    @grad.setter
-    def grad(self, value):
-        self.__dict__["_g"] = value
-
-
 def _set_meta_grad(p):
     """(torch refuses a meta ``.grad`` on a cpu tensor: tests/test_errors.py's trick, a subclass)"""
-    assert type(p) is _OwnGradParam
+    assert type(p) is OwnGradParam
     p.grad = torch.ones(p.shape, dtype=p.dtype, device="meta")
 
 
