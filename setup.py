@@ -83,7 +83,7 @@ if torch is not None:
             os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
         ext_modules.append(cpp_extension.CUDAExtension(
             name="momentum_fused._C_cuda",
-            sources=["csrc/cuda/cuda_ops.cpp", "csrc/cuda/fused_step.cu"],
+            sources=["csrc/cuda/cuda_ops.cpp", "csrc/cuda/cuda_python.cpp", "csrc/cuda/fused_step.cu"],
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false"]},
         ))

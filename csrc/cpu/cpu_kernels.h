@@ -5,18 +5,12 @@
 #include <cstdint>
 #include <string>
 
+#include "../mf_common.h"
+
 namespace mf {
 namespace cpu {
 
-enum Dtype : int { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
-
-// Dtype layouts (momentum_fused/layouts.py; the code is the Python backend's LAYOUT_CODES):
-//   NATIVE      params, grads, state: one dtype (fp32, fp64, bf16, fp16), RNE stores
-//   BF16_STATE  params/grads fp32, state bf16 (RNE)
-//   MASTER      params/grads bf16 or fp16, state fp32, plus an fp32 master copy per param: the rule reads
-//               the master, writes the master and the param (RNE from the new fp32 value)
-//   BF16_SR     everything bf16, every store stochastically rounded (storage.h store_sr)
-enum Layout : int { LAYOUT_NATIVE = 0, LAYOUT_BF16_STATE = 1, LAYOUT_MASTER = 2, LAYOUT_BF16_SR = 3 };
+// Param dtype codes (mf::Dtype) and layouts (mf::Layout): ../mf_common.h.
 
 // One bucket: n tensors of one param dtype and one layout, all contiguous. states holds n * num_states
 // pointers, tensor-major (states[i * ns + j] is state j of tensor i), in the layout's state dtype.

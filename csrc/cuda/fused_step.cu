@@ -150,19 +150,20 @@ struct StepFunctor {
 
 template <class Op, typename P, typename S, bool MASTER, bool SR>
 cudaError_t launch(int64_t n, void* const* params, const void* const* grads, void* const* states,
-                   const int64_t* numel, const double* packs, int k, const float* found_inf,
+                   void* const* masters, const int64_t* numel, const double* packs, int k, const float* found_inf,
                    const float* grad_scale, const double* lr, const int64_t* sr_keys, cudaStream_t stream) {
   constexpr int NS = Op::kStates;
   constexpr int NL = 2 + NS + (MASTER ? 1 : 0);  // param, grad, states, master
   static_assert(NL <= kMaxLists, "too many lists for the tensor table");
-  // per-list pointer arrays (states arrive tensor-major, the master last)
+  // per-list pointer arrays (states arrive tensor-major; the masters in a table of their own)
   void** lists[kMaxLists];
   void** storage = new void*[static_cast<size_t>(n) * NL + 1];
   for (int l = 0; l < NL; ++l) lists[l] = storage + static_cast<size_t>(l) * n;
   for (int64_t i = 0; i < n; ++i) {
     lists[0][i] = params[i];
     lists[1][i] = const_cast<void*>(grads[i]);
-    for (int j = 0; j < NL - 2; ++j) lists[2 + j][i] = states[i * (NL - 2) + j];
+    for (int j = 0; j < NS; ++j) lists[2 + j][i] = states[i * NS + j];
+    if (MASTER) lists[2 + NS][i] = masters[i];
   }
   StepFunctor<Op, P, S, MASTER, SR> f{packs, k, found_inf, grad_scale, lr, sr_keys};
   const cudaError_t err = multi_tensor_apply(NL, n, lists, numel, f, stream);
@@ -172,13 +173,14 @@ cudaError_t launch(int64_t n, void* const* params, const void* const* grads, voi
 
 template <typename P, typename S, bool MASTER, bool SR>
 cudaError_t dispatch_rule(int rule, int flags, int64_t n, void* const* params, const void* const* grads,
-                          void* const* states, const int64_t* numel, const double* packs, const float* found_inf,
-                          const float* grad_scale, const double* lr, const int64_t* sr_keys, cudaStream_t stream) {
+                          void* const* states, void* const* masters, const int64_t* numel, const double* packs,
+                          const float* found_inf, const float* grad_scale, const double* lr, const int64_t* sr_keys,
+                          cudaStream_t stream) {
   const int k = rule_num_scalars(rule);
 #define MF_CASE(R, F)                                                                                   \
   if (rule == R && flags == F)                                                                          \
-    return launch<RuleOp<R, F>, P, S, MASTER, SR>(n, params, grads, states, numel, packs, k, found_inf,  \
-                                                  grad_scale, lr, sr_keys, stream);
+    return launch<RuleOp<R, F>, P, S, MASTER, SR>(n, params, grads, states, masters, numel, packs, k,     \
+                                                  found_inf, grad_scale, lr, sr_keys, stream);
   MF_FOR_EACH_RULE_FLAGS(MF_CASE)
 #undef MF_CASE
   return cudaErrorInvalidValue;
@@ -199,34 +201,36 @@ bool lr_pointer_supported(int rule) {
 }
 
 cudaError_t step(int rule, int flags, int layout, int dtype, int64_t n, void* const* params,
-                 const void* const* grads, void* const* states, const int64_t* numel, const double* packs,
-                 const float* found_inf, const float* grad_scale, const double* lr, const int64_t* sr_keys,
-                 cudaStream_t stream) {
+                 const void* const* grads, void* const* states, void* const* masters, const int64_t* numel,
+                 const double* packs, const float* found_inf, const float* grad_scale, const double* lr,
+                 const int64_t* sr_keys, cudaStream_t stream) {
   if (rule < 0 || rule >= RULE_COUNT || rule_num_scalars(rule) > kMaxPack) return cudaErrorInvalidValue;
   if (flags < 0 || flags >= (1 << rule_num_flag_bits(rule))) return cudaErrorInvalidValue;
   if (lr != nullptr && !lr_pointer_supported(rule)) return cudaErrorInvalidValue;
   if (layout == LAYOUT_BF16_SR && sr_keys == nullptr) return cudaErrorInvalidValue;
+  if (layout == LAYOUT_MASTER && masters == nullptr && n > 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   flags = normalize_flags(rule, flags);
-#define MF_ARGS rule, flags, n, params, grads, states, numel, packs, found_inf, grad_scale, lr, sr_keys, stream
+#define MF_ARGS \
+  rule, flags, n, params, grads, states, masters, numel, packs, found_inf, grad_scale, lr, sr_keys, stream
   // the layout table: (layout, param dtype) -> (P, S, MASTER, SR); anything else has no kernel
   switch (layout) {
     case LAYOUT_NATIVE:
       switch (dtype) {
-        case 0: return dispatch_rule<float, float, false, false>(MF_ARGS);
-        case 1: return dispatch_rule<double, double, false, false>(MF_ARGS);
-        case 2: return dispatch_rule<bf16, bf16, false, false>(MF_ARGS);
-        case 3: return dispatch_rule<fp16, fp16, false, false>(MF_ARGS);
+        case DT_F32: return dispatch_rule<float, float, false, false>(MF_ARGS);
+        case DT_F64: return dispatch_rule<double, double, false, false>(MF_ARGS);
+        case DT_BF16: return dispatch_rule<bf16, bf16, false, false>(MF_ARGS);
+        case DT_F16: return dispatch_rule<fp16, fp16, false, false>(MF_ARGS);
         default: return cudaErrorInvalidValue;
       }
     case LAYOUT_BF16_STATE:
-      return dtype == 0 ? dispatch_rule<float, bf16, false, false>(MF_ARGS) : cudaErrorInvalidValue;
+      return dtype == DT_F32 ? dispatch_rule<float, bf16, false, false>(MF_ARGS) : cudaErrorInvalidValue;
     case LAYOUT_MASTER:
-      if (dtype == 2) return dispatch_rule<bf16, float, true, false>(MF_ARGS);
-      if (dtype == 3) return dispatch_rule<fp16, float, true, false>(MF_ARGS);
+      if (dtype == DT_BF16) return dispatch_rule<bf16, float, true, false>(MF_ARGS);
+      if (dtype == DT_F16) return dispatch_rule<fp16, float, true, false>(MF_ARGS);
       return cudaErrorInvalidValue;
     case LAYOUT_BF16_SR:
-      return dtype == 2 ? dispatch_rule<bf16, bf16, false, true>(MF_ARGS) : cudaErrorInvalidValue;
+      return dtype == DT_BF16 ? dispatch_rule<bf16, bf16, false, true>(MF_ARGS) : cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 #undef MF_ARGS

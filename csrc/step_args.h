@@ -1,0 +1,218 @@
+// The argument checks of the step ops, shared by the CPU and the CUDA bindings (cpu/cpu_ops.cpp,
+// cuda/cuda_ops.cpp), written once: the rule and flags, the dtype-layout table (momentum_fused/layouts.py),
+// the list sizes, the scalar packs, the stochastic-rounding keys, and every tensor (defined, on the params'
+// device, strided, the layout's dtype, the param's numel, contiguous). Everything is checked before anything
+// is written, so an error leaves every tensor unchanged; the CPU tests run these checks on every bad
+// argument (tests/test_cpu_backend.py), and the CUDA binding runs the same code.
+//
+// Torch glue (c10 errors, at::Tensor): host code only, never included by a .cu file.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "mf_common.h"
+#include "update_rules.h"
+
+namespace mf {
+namespace bind {
+
+inline int dtype_code(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return DT_F32;
+    case c10::ScalarType::Double: return DT_F64;
+    case c10::ScalarType::BFloat16: return DT_BF16;
+    case c10::ScalarType::Half: return DT_F16;
+    default: return -1;
+  }
+}
+
+inline const char* layout_name(int64_t layout) {
+  switch (layout) {
+    case LAYOUT_NATIVE: return "native";
+    case LAYOUT_BF16_STATE: return "bf16_state";
+    case LAYOUT_MASTER: return "master";
+    case LAYOUT_BF16_SR: return "bf16_sr";
+    default: return "?";
+  }
+}
+
+// The layout table: the param dtypes of each layout, and the state dtype for a param dtype.
+inline bool layout_param_ok(int64_t layout, c10::ScalarType dtype) {
+  switch (layout) {
+    case LAYOUT_NATIVE: return dtype_code(dtype) >= 0;
+    case LAYOUT_BF16_STATE: return dtype == c10::ScalarType::Float;
+    case LAYOUT_MASTER: return dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half;
+    case LAYOUT_BF16_SR: return dtype == c10::ScalarType::BFloat16;
+    default: return false;
+  }
+}
+
+inline const char* layout_param_dtypes(int64_t layout) {
+  switch (layout) {
+    case LAYOUT_NATIVE: return "float32, float64, bfloat16, float16";
+    case LAYOUT_BF16_STATE: return "float32";
+    case LAYOUT_MASTER: return "bfloat16, float16";
+    case LAYOUT_BF16_SR: return "bfloat16";
+    default: return "";
+  }
+}
+
+inline c10::ScalarType layout_state_dtype(int64_t layout, c10::ScalarType param) {
+  switch (layout) {
+    case LAYOUT_BF16_STATE:
+    case LAYOUT_BF16_SR: return c10::ScalarType::BFloat16;
+    case LAYOUT_MASTER: return c10::ScalarType::Float;
+    default: return param;
+  }
+}
+
+// op: the op's name in messages ("cpu_step", "cuda_step").
+inline void check_rule(const char* op, int64_t rule, int64_t flags) {
+  TORCH_CHECK(rule >= 0 && rule < RULE_COUNT, "momentum_fused ", op, ": unknown rule id ", rule);
+  const int nbits = rule_num_flag_bits(static_cast<int>(rule));
+  TORCH_CHECK(flags >= 0 && flags < (int64_t(1) << nbits), "momentum_fused ", op, ": invalid flags ", flags,
+              " for rule ", rule_name(static_cast<int>(rule)), " (", nbits, " flag bits)");
+}
+
+inline void check_tensor(const char* op, const at::Tensor& t, const char* what, size_t i, const c10::Device& device,
+                         c10::ScalarType dtype, int64_t numel) {
+  TORCH_CHECK(t.defined(), "momentum_fused ", op, ": ", what, "[", i, "] is undefined");
+  TORCH_CHECK(t.device() == device, "momentum_fused ", op, ": ", what, "[", i, "] is on ", t.device(), ", expected ",
+              device, " (the params' device)");
+  TORCH_CHECK(t.layout() == c10::kStrided, "momentum_fused ", op, ": ", what, "[", i, "] is not strided");
+  TORCH_CHECK(t.scalar_type() == dtype, "momentum_fused ", op, ": ", what, "[", i, "] has dtype ", t.scalar_type(),
+              ", expected ", dtype);
+  TORCH_CHECK(t.numel() == numel, "momentum_fused ", op, ": ", what, "[", i, "] has ", t.numel(),
+              " elements, the param has ", numel);
+  TORCH_CHECK(t.is_contiguous(), "momentum_fused ", op, ": ", what, "[", i,
+              "] is not contiguous (the Python backends copy non-contiguous tensors in and out)");
+}
+
+// A checked bucket: the kernels' pointer tables (as mf::cpu::Bucket and mf::cuda::step take them).
+struct StepArgs {
+  int rule = 0, flags = 0, layout = 0;
+  int dtype = -1;  // mf::Dtype of the params (-1 when n == 0)
+  int k = 0;       // scalars per pack
+  int ns = 0;      // rule state tensors per param
+  bool master = false;
+  int64_t n = 0;
+  c10::Device device = c10::Device(c10::kCPU);
+  std::vector<void*> params, states, masters;  // states: n * ns, tensor-major; masters: n (layout master)
+  std::vector<const void*> grads;
+  std::vector<int64_t> numel;
+  std::vector<uint32_t> keys;  // layout bf16_sr with host keys: the checked uint32 keys
+};
+
+// Checks a step's arguments for the op `op` on devices of type `device_type` and returns the pointer tables.
+//   states: tensor-major, ns rule states per param, then the fp32 master (layout master).
+//   scalars: float64 [n, k]; on the CPU when `scalars_on_host_only`, else on the CPU or the params' device
+//     (the CUDA binding copies it, stream-ordered).
+//   sr_keys: int64 [n] uint32 keys, bf16_sr only; host keys are range-checked here, device keys (CUDA only)
+//     are the caller's (reading them would synchronize).
+inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::TensorList params, at::TensorList grads,
+                           at::TensorList states, const at::Tensor& scalars, int64_t rule, int64_t flags,
+                           int64_t layout, const c10::optional<at::Tensor>& sr_keys, bool scalars_on_host_only) {
+  check_rule(op, rule, flags);
+  TORCH_CHECK(layout >= LAYOUT_NATIVE && layout <= LAYOUT_BF16_SR, "momentum_fused ", op, ": unknown layout code ",
+              layout, " (0 native, 1 bf16_state, 2 master, 3 bf16_sr)");
+  StepArgs a;
+  a.rule = static_cast<int>(rule);
+  a.flags = static_cast<int>(flags);
+  a.layout = static_cast<int>(layout);
+  a.ns = rule_num_states(a.rule, a.flags);
+  a.k = rule_num_scalars(a.rule);
+  a.master = a.layout == LAYOUT_MASTER;
+  const size_t n = params.size();
+  const int nm = a.master ? 1 : 0;
+  const int per = a.ns + nm;
+  a.n = static_cast<int64_t>(n);
+  TORCH_CHECK(grads.size() == n, "momentum_fused ", op, ": ", n, " params but ", grads.size(), " grads");
+  TORCH_CHECK(states.size() == n * static_cast<size_t>(per), "momentum_fused ", op, ": rule ", rule_name(a.rule),
+              " with flags ", a.flags, " and layout ", layout_name(a.layout), " needs ", per,
+              " state tensors per param (", a.ns, " rule state", nm ? " + the fp32 master" : "", "; ", n * per,
+              " in all), got ", states.size());
+  TORCH_CHECK(scalars.defined(), "momentum_fused ", op, ": scalars is undefined");
+  const bool scalars_device_ok = scalars.device().is_cpu() ||
+                                 (!scalars_on_host_only && n > 0 && scalars.device() == params[0].device());
+  TORCH_CHECK(scalars_device_ok && scalars.scalar_type() == c10::ScalarType::Double &&
+                  scalars.dim() == 2 && scalars.size(0) == a.n && scalars.size(1) == a.k && scalars.is_contiguous(),
+              "momentum_fused ", op, ": scalars must be a contiguous float64 tensor of shape [", n, ", ", a.k,
+              "] on the cpu", scalars_on_host_only ? "" : " or the params' device", " for rule ", rule_name(a.rule),
+              ", got ", scalars.scalar_type(), " ", scalars.sizes(), " on ", scalars.device());
+  const bool has_keys = sr_keys.has_value() && sr_keys->defined();
+  if (a.layout == LAYOUT_BF16_SR) {
+    TORCH_CHECK(has_keys, "momentum_fused ", op, ": layout bf16_sr needs sr_keys (one uint32 key per tensor)");
+    const bool keys_device_ok = sr_keys->device().is_cpu() ||
+                                (!scalars_on_host_only && n > 0 && sr_keys->device() == params[0].device());
+    TORCH_CHECK(keys_device_ok && sr_keys->scalar_type() == c10::ScalarType::Long && sr_keys->dim() == 1 &&
+                    sr_keys->size(0) == a.n && sr_keys->is_contiguous(),
+                "momentum_fused ", op, ": sr_keys must be a contiguous int64 tensor of shape [", n, "] on the cpu",
+                scalars_on_host_only ? "" : " or the params' device", ", got ", sr_keys->scalar_type(), " ",
+                sr_keys->sizes(), " on ", sr_keys->device());
+    if (sr_keys->device().is_cpu()) {
+      const int64_t* kp = sr_keys->data_ptr<int64_t>();
+      a.keys.resize(n);
+      for (size_t i = 0; i < n; ++i) {
+        TORCH_CHECK(kp[i] >= 0 && kp[i] <= int64_t(0xFFFFFFFF), "momentum_fused ", op, ": sr_keys[", i, "] = ", kp[i],
+                    " is not a uint32");
+        a.keys[i] = static_cast<uint32_t>(kp[i]);
+      }
+    }
+  } else {
+    TORCH_CHECK(!has_keys, "momentum_fused ", op, ": sr_keys given, but layout ", layout_name(a.layout),
+                " does not round stochastically (only bf16_sr does)");
+  }
+  if (n == 0) return a;
+  TORCH_CHECK(params[0].defined(), "momentum_fused ", op, ": params[0] is undefined");
+  a.device = params[0].device();
+  TORCH_CHECK(a.device.type() == device_type, "momentum_fused ", op, ": params must be ",
+              c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensors, got one on ", a.device);
+  const c10::ScalarType dtype = params[0].scalar_type();
+  a.dtype = dtype_code(dtype);
+  TORCH_CHECK(a.dtype >= 0, "momentum_fused ", op, ": unsupported dtype ", dtype,
+              " (supported: float32, float64, bfloat16, float16)");
+  TORCH_CHECK(layout_param_ok(a.layout, dtype), "momentum_fused ", op, ": layout ", layout_name(a.layout),
+              " takes params of dtype ", layout_param_dtypes(a.layout), ", got ", dtype);
+  const c10::ScalarType sdtype = layout_state_dtype(a.layout, dtype);
+
+  a.params.resize(n);
+  a.grads.resize(n);
+  a.states.resize(n * a.ns);
+  a.masters.resize(a.master ? n : 0);
+  a.numel.resize(n);
+  // Reading the metadata of many tensors is a chain of cache misses (TensorImpl, then its storage): prefetch
+  // the TensorImpls a few tensors ahead so that the misses overlap.
+  auto prefetch_impl = [](const at::Tensor& t) {
+    const char* q = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
+    for (int o = 0; o < 256; o += 64) __builtin_prefetch(q + o, 0, 3);
+  };
+  constexpr size_t kAhead = 8;
+  for (size_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) {
+      prefetch_impl(params[i + kAhead]);
+      prefetch_impl(grads[i + kAhead]);
+      for (int j = 0; j < per; ++j) prefetch_impl(states[(i + kAhead) * per + j]);
+    }
+    TORCH_CHECK(params[i].defined(), "momentum_fused ", op, ": params[", i, "] is undefined");
+    const int64_t ne = params[i].numel();
+    check_tensor(op, params[i], "params", i, a.device, dtype, ne);
+    check_tensor(op, grads[i], "grads", i, a.device, dtype, ne);
+    for (int j = 0; j < a.ns; ++j) check_tensor(op, states[i * per + j], "states", i * per + j, a.device, sdtype, ne);
+    if (a.master)
+      check_tensor(op, states[i * per + a.ns], "states (master)", i * per + a.ns, a.device, c10::ScalarType::Float, ne);
+    a.numel[i] = ne;
+    a.params[i] = params[i].data_ptr();
+    a.grads[i] = grads[i].data_ptr();
+    for (int j = 0; j < a.ns; ++j) a.states[i * a.ns + j] = states[i * per + j].data_ptr();
+    if (a.master) a.masters[i] = states[i * per + a.ns].data_ptr();
+  }
+  return a;
+}
+
+}  // namespace bind
+}  // namespace mf
