@@ -104,32 +104,13 @@ def layout_args(layout, sr_keys, n: int):
     return LAYOUT_CODES[lay.name], torch.tensor(keys, dtype=torch.int64)
 
 
-_FAKE_REGISTERED = False
-
-
-def _register_fake() -> None:
-    """Fake (meta) kernel of ``momentum_fused::cpu_step`` for FakeTensor / torch.compile tracing: the op
-    only mutates its ``Tensor(a!)`` / ``Tensor(b!)`` lists in place and returns nothing."""
-    global _FAKE_REGISTERED
-    if not _FAKE_REGISTERED:
-        torch.library.register_fake("momentum_fused::cpu_step")(
-            lambda params, grads, states, scalars, rule, flags, layout=0, sr_keys=None: None)
-        _FAKE_REGISTERED = True
-
-
 def make_backend() -> backends.Backend:
     ops, err = _load()
     if err is not None:
         return backends.Backend(name="cpu", apply=None, devices=("cpu",), load_error=err)
-    _register_fake()
+    backends.register_step_fake("momentum_fused::cpu_step",
+                                lambda params, grads, states, scalars, rule, flags, layout=0, sr_keys=None: None)
     from . import _C_cpu
-
-    dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)  # (private: a fallback if it moves)
-    if dispatch_modes is None:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-        def dispatch_modes():
-            return _get_current_dispatch_mode() is not None
 
     def supports(spec, device, dtype):
         if device.type != "cpu":
@@ -154,18 +135,9 @@ def make_backend() -> backends.Backend:
         if grad_scale is not None:  # as the CUDA kernels: the pack's grad_mult (last entry) / grad_scale
             packs = packs.clone()
             packs[:, k - 1] /= float(grad_scale)
-        # the op's fast entry (module docstring), unless a TorchDispatchMode must see the op; it does nothing
-        # and says why when a tensor is a Python-dispatch subclass (then the registered op) or not contiguous
-        status = _C_cpu.PYTHON_DISPATCH if dispatch_modes() else \
-            _C_cpu.cpu_step(params, grads, states, packs, rule, fl, code, keys)
-        if status == _C_cpu.DONE:
-            return
-        ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
-        if status != _C_cpu.NOT_CONTIGUOUS or \
-                _C_cpu.cpu_step(ps, gs, flat, packs, rule, fl, code, keys) != _C_cpu.DONE:
-            ops.cpu_step(ps, gs, flat, packs, rule, fl, code, keys)
-        for orig, work in writeback:
-            orig.copy_(work)
+        # the op's fast entry (module docstring), or the registered op under a dispatch mode / for subclasses
+        backends.run_step_op(_C_cpu, _C_cpu.cpu_step, ops.cpu_step, params, grads, states,
+                             (packs, rule, fl, code, keys))
 
     return backends.Backend(name="cpu", apply=apply, supports=supports, devices=("cpu",), load_error=None,
                             layouts=tuple(LAYOUT_CODES), scalar_tables=True)

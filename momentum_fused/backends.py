@@ -101,6 +101,50 @@ def contiguous_lists(params, grads, states):
     return ps, gs, flat, writeback
 
 
+def _dispatch_mode_check():
+    """A function telling whether a TorchDispatchMode is active (its op calls must go through the dispatcher)."""
+    count = getattr(torch._C, "_len_torch_dispatch_stack", None)  # private: a public fallback if it moves
+    if count is not None:
+        return count
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return lambda: _get_current_dispatch_mode() is not None
+
+
+dispatch_mode_active = _dispatch_mode_check()
+
+
+def run_step_op(module, fast, op, params, grads, states, args) -> None:
+    """One bucket through a compiled op, by its eager entry when it can (csrc/py_borrow.h).
+
+    ``fast(params, grads, states, *args)`` is the extension module's pybind entry (``_C_cpu.cpu_step``,
+    ``_C_cuda.cuda_step``): it reads the lists directly and returns ``module.DONE``, or, having done nothing,
+    ``module.PYTHON_DISPATCH`` (a tensor subclass that dispatches to Python) or ``module.NOT_CONTIGUOUS``.
+    ``op`` is the registered op (``torch.ops.momentum_fused.*``), the same C++ function behind the dispatcher:
+    it runs under a TorchDispatchMode (so modes, ``opcheck`` and torch.compile see it) and for subclasses.
+    Non-contiguous tensors run on contiguous copies, copied back after the op. ``states`` is the per-param
+    list of state tuples."""
+    status = module.PYTHON_DISPATCH if dispatch_mode_active() else fast(params, grads, states, *args)
+    if status == module.DONE:
+        return
+    ps, gs, flat, writeback = contiguous_lists(params, grads, states)
+    if status != module.NOT_CONTIGUOUS or fast(ps, gs, flat, *args) != module.DONE:
+        op(ps, gs, flat, *args)
+    for orig, work in writeback:
+        orig.copy_(work)
+
+
+_FAKES: set = set()
+
+
+def register_step_fake(qualname: str, fake) -> None:
+    """Register ``fake`` once as the fake (meta) kernel of the step op ``qualname`` for FakeTensor /
+    torch.compile tracing: the step ops only mutate their ``Tensor(a!)`` / ``Tensor(b!)`` lists in place and
+    return nothing."""
+    if qualname not in _FAKES:
+        torch.library.register_fake(qualname)(fake)
+        _FAKES.add(qualname)
+
+
 def pack_table(scalars, k: int) -> torch.Tensor:
     """The per-tensor scalar packs (``spec.Scalars``, one per tensor) as one float64 [n, k] host tensor
     for the compiled backends. Tensors of one group usually share one pack object (see

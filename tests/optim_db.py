@@ -430,3 +430,28 @@ def assert_step_raises_unchanged(opt, params, exc, match):
     with pytest.raises(exc, match=match):
         opt.step()
     assert_snapshot_equal(before, snapshot(opt, params))
+
+
+def opcheck_one_step(op, opt) -> None:
+    """Runs ``opt.step()`` (its state already created) under a TorchDispatchMode that records the calls of the
+    registered op ``op`` (an OpOverload, e.g. torch.ops.momentum_fused.cpu_step.default): the step must call it
+    exactly once, and ``torch.library.opcheck`` must pass on the arguments the real step gave it (schema with
+    mutation annotations, fake kernel, autograd registration, AOT dispatch)."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Capture(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is op:
+                calls.append(copy.deepcopy((args, kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    with Capture():
+        opt.step()
+    assert len(calls) == 1, f"the step did not go through {op} once ({len(calls)} calls)"
+    args, kwargs = calls[0]
+    result = torch.library.opcheck(op, args, kwargs)
+    assert all(v == "SUCCESS" for v in result.values()), result

@@ -219,90 +219,143 @@ def test_layout_bits_equal_the_cpu_backend(lay, dtype):
         assert all(torch.equal(x, y.cpu()) for x, y in zip(st, qst))
 
 
-def test_bad_layouts_raise_before_any_write():
-    """In a child process: on the H200 run of 2026-11-28 the first argument error raised from cuda_step
-    crashed the interpreter (segfault, cause not found without a GPU since), which took the rest of the
-    GPU suite down with it. A crash now fails this one test with its exit status."""
+def _in_child(body: str) -> None:
+    """Runs this file's function ``body`` in a child process. On the H200 run of 2026-11-28 the first argument
+    error raised from cuda_step (then called through torch.ops) crashed the interpreter (segfault, cause not
+    found without a GPU since), which took the rest of the GPU suite down with it. A crash now fails the one
+    test with its exit status (and faulthandler's traceback)."""
     import subprocess
     import sys
     here = os.path.dirname(os.path.abspath(__file__))
-    res = subprocess.run([sys.executable, "-c", "import test_cuda_backend as t; t._bad_layouts_body(); print('OK')"],
+    res = subprocess.run([sys.executable, "-X", "faulthandler", "-c",
+                          f"import test_cuda_backend as t; t.{body}(); print('OK')"],
                          cwd=here, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, (
         f"exit status {res.returncode} (negative: killed by that signal)\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
 
 
-def _bad_layouts_body():
-    spec, flags = mf.specs.SPECS["adam"], mf.specs.SPECS["adam"].Flags(True, False)
-    sc = [spec.Scalars(1e-2, 0.0, 0.9, 0.999, 1e-8, 0.1, 0.03, 1.0)] * 2
-    b = backends.resolve("cuda", spec, torch.device("cuda"), torch.float32)
+def test_bad_layouts_raise_before_any_write():
+    _in_child("_bad_layouts_body")
 
-    def bucket(dtype, sd, master=False):
-        ps = [torch.randn(10, device="cuda").to(dtype) for _ in range(2)]
-        gs = [torch.randn(10, device="cuda").to(dtype) for _ in range(2)]
-        sts = [tuple(torch.rand(10, device="cuda").to(sd) for _ in range(2)) + ((p.float(),) if master else ())
-               for p in ps]
-        return ps, gs, sts
 
+def test_bad_arguments_raise_from_the_registered_op():
+    """torch.ops.momentum_fused.cuda_step called directly (the path that crashed on the H200)."""
+    _in_child("_bad_arguments_registered_op")
+
+
+def test_bad_arguments_raise_from_the_eager_entry():
+    _in_child("_bad_arguments_eager_entry")
+
+
+def _bad_arguments_registered_op():
+    _bad_arguments_body(lambda *a: torch.ops.momentum_fused.cuda_step(*a))
+
+
+def _bad_arguments_eager_entry():
+    from momentum_fused import _C_cuda
+    _bad_arguments_body(lambda *a: _C_cuda.cuda_step(*a))
+
+
+def _bad_arguments_body(call):
+    """Every bad argument raises a RuntimeError with the shared checks' message (csrc/step_args.h, the CPU op's
+    tests run the same code) and nothing is written."""
+    from momentum_fused._backend_cpu import RULE_IDS
+    rid = RULE_IDS["adam"]
+    ps = [torch.randn(10, device="cuda") for _ in range(2)]
+    gs = [torch.randn(10, device="cuda") for _ in range(2)]
+    st = [torch.rand(10, device="cuda") for _ in range(4)]
+    sc = torch.tensor([[1e-3, 0.0, 0.9, 0.999, 1e-8, 1e-2, 0.03, 1.0]] * 2, dtype=torch.float64)
+    one = torch.zeros(1, device="cuda")
+    before = [t.clone() for t in ps + gs + st]
     bad = [
-        (bucket(torch.bfloat16, torch.bfloat16), dict(layout=LAY.get_layout("bf16_state")), RuntimeError, "bf16_state"),
-        (bucket(torch.float32, torch.float32), dict(layout=LAY.get_layout("bf16_state")), RuntimeError, "BFloat16"),
-        (bucket(torch.bfloat16, torch.float32), dict(layout=LAY.get_layout("master")), RuntimeError, "list sizes"),
-        (bucket(torch.float32, torch.float32, True), dict(layout=LAY.get_layout("master")), RuntimeError, "master"),
-        (bucket(torch.bfloat16, torch.bfloat16), dict(layout=LAY.get_layout("bf16_sr")), ValueError, "sr_key"),
-        (bucket(torch.bfloat16, torch.bfloat16), dict(sr_keys=[1, 2]), ValueError, "stochastically"),
-        (bucket(torch.float32, torch.float32), dict(layout=LAY.get_layout("bf16_sr"), sr_keys=[1, 2]), RuntimeError,
-         "bf16_sr"),
+        ((ps, gs, st[:3], sc, rid, 0), "state tensors"),
+        ((ps, [gs[0], gs[1].double()], st, sc, rid, 0), r"grads\[1\] has dtype Double"),
+        ((ps, [gs[0], torch.randn(11, device="cuda")], st, sc, rid, 0), "elements"),
+        ((ps, [gs[0], gs[1].cpu()], st, sc, rid, 0), r"grads\[1\] is on cpu, expected cuda"),
+        ((ps, gs, st, sc[:, :5].contiguous(), rid, 0), "scalars must be"),
+        ((ps, gs, st, sc.float(), rid, 0), "scalars must be"),
+        ((ps, gs, st, sc, 99, 0), "unknown rule id 99"),
+        ((ps, gs, st, sc, rid, 8), "invalid flags"),
+        ((ps, gs, st, sc, rid, 0, one.double()), "found_inf must be a one-element Float"),
+        ((ps, gs, st, sc, rid, 0, None, torch.ones(2, device="cuda")), "grad_scale must be a one-element"),
+        ((ps, gs, st, sc, rid, 0, None, None, torch.ones(1, device="cuda", dtype=torch.float64)), "folds lr"),
+        ((ps, gs, st, sc, rid, 0, None, None, None, 3, torch.tensor([1, 2])), "bf16_sr takes params of dtype"),
+        ((ps, gs, st, sc, rid, 0, None, None, None, 0, torch.tensor([1, 2])), "sr_keys given"),
     ]
-    for (ps, gs, sts), kw, exc, match in bad:
-        before = [t.clone() for t in ps + [x for st in sts for x in st]]
-        with pytest.raises(exc, match=match):
-            b.apply(spec, flags, ps, gs, sts, sc, **kw)
-        torch.cuda.synchronize()
-        assert all(torch.equal(x, y) for x, y in zip(before, ps + [x for st in sts for x in st]))
+    for args, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            call(*args)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps + gs + st))
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gradscaler_device_path_equals_steps_never_taken(backend):
-    """found_inf read by the kernels (no host read): inf steps, the first included, leave no trace."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    init = [torch.randn(s, device="cuda", generator=gen) for s in ((17,), (70_001,), ())]
-    pa = [x.clone().requires_grad_() for x in init]
-    pb = [x.clone().requires_grad_() for x in init]
-    a, b = mf.NAdam(pa, lr=1e-2, backend=backend), mf.NAdam(pb, lr=1e-2, backend=backend)
-    for k, inf in enumerate([True, False, True, False, False]):
-        gs = [torch.randn(p.shape, device="cuda", generator=gen) for p in pa]
-        for p, g in zip(pa, gs):
-            p.grad = g * 8
-        a.found_inf = torch.full((1,), float(inf), device="cuda")
-        a.grad_scale = torch.full((1,), 8.0, device="cuda")
-        a.step()
-        assert "_pending_amp" in a.__dict__
-        if not inf:
-            for p, g in zip(pb, gs):
-                p.grad = g
-            b.step()
-    a.sync_amp()
-    for p, q in zip(pa, pb):
+@pytest.mark.parametrize("lay,dtype", [("native", torch.float32), ("native", torch.bfloat16),
+                                       ("master", torch.bfloat16), ("bf16_sr", torch.bfloat16)])
+def test_both_entries_give_the_same_bits(lay, dtype):
+    """_C_cuda.cuda_step (the backend's eager entry, on borrowed lists) and the registered op run the same
+    C++ function: bit-equal params and state over STEPS steps, per-param state tuples vs a flat list."""
+    from momentum_fused import _C_cuda
+    from momentum_fused._backend_cpu import RULE_IDS, flags_to_int, layout_args
+    spec, flags = mf.specs.SPECS["adam"], mf.specs.SPECS["adam"].Flags(True, False)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    shapes = [(100_003,), (17,), (4096,), ()]
+    layout = LAY.get_layout(lay)
+    sd = layout.state_dtype_for(dtype)
+    ps = [torch.randn(s, device="cuda", generator=gen).to(dtype) for s in shapes]
+    sts = [[torch.zeros(p.shape, dtype=sd, device="cuda") for _ in range(2)] + ([p.float()] if layout.master else [])
+           for p in ps]
+    qs = [p.clone() for p in ps]
+    qsts = [[t.clone() for t in st] for st in sts]
+    for t in range(1, STEPS + 1):
+        gs = [torch.randn(p.shape, device="cuda", generator=gen).to(dtype) for p in ps]
+        packs = backends.pack_table([spec.Scalars(1e-2, 0.1, 0.9, 0.999, 1e-8, 1e-2 / (1 - 0.9 ** t),
+                                                  (1 - 0.999 ** t) ** 0.5, 1.0)] * len(ps), len(spec.scalar_names))
+        code, keys = layout_args(layout, [LAY.sr_key(3, t, i) for i in range(len(ps))] if layout.stochastic else None,
+                                 len(ps))
+        args = (packs, RULE_IDS["adam"], flags_to_int("adam", flags), None, None, None, code, keys)
+        assert _C_cuda.cuda_step(ps, gs, [tuple(st) for st in sts], *args) == _C_cuda.DONE
+        torch.ops.momentum_fused.cuda_step(qs, gs, [x for st in qsts for x in st], *args)
+    for p, q, st, qst in zip(ps, qs, sts, qsts):
         assert torch.equal(p, q)
-        for k, v in b.state[q].items():
-            assert torch.equal(a.state[p][k], v), k
+        assert all(torch.equal(x, y) for x, y in zip(st, qst))
 
 
-def test_gradscaler_step_does_not_synchronize():
-    """scaler.step(opt) with the cuda backend makes no synchronizing CUDA call (sync debug mode 'error')."""
-    model = torch.nn.Linear(256, 256, device="cuda")
-    opt = mf.AdamW(model.parameters(), lr=1e-3, backend="cuda")
-    scaler = torch.amp.GradScaler("cuda")
-    x = torch.randn(64, 256, device="cuda")
-    for _ in range(3):
-        opt.zero_grad()
-        scaler.scale(model(x).square().mean()).backward()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            scaler.step(opt)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        scaler.update()
-    assert int(opt.state[model.weight]["step"]) == 3
+def test_eager_entry_argument_types_subclasses_and_references():
+    """As the CPU entry's test: lists or tuples (states also per-param tuples), a named wrong element, and
+    handed back having done nothing: tensor subclasses that dispatch to Python (FakeTensor), non-contiguous
+    tensors; no reference gained or lost on any path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from momentum_fused import _C_cuda
+    from momentum_fused._backend_cpu import RULE_IDS
+    p, g, m = (torch.ones(4, device="cuda"), torch.ones(4, device="cuda"), torch.zeros(4, device="cuda"))
+    sc = torch.tensor([[0.1, 0.0, 0.9, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    rid = RULE_IDS["sgd"]
+    counts = [t._use_count() for t in (p, g, m)]
+    with pytest.raises(TypeError, match="params must be a list of tensors"):
+        _C_cuda.cuda_step(p, [g], [m], sc, rid, 1)
+    with pytest.raises(TypeError, match=r"states\[0\]\[1\] is a NoneType, expected a Tensor"):
+        _C_cuda.cuda_step([p], [g], [(m, None)], sc, rid, 1)
+    with FakeTensorMode():
+        fake = torch.ones(4, device="cuda")
+    assert _C_cuda.cuda_step([fake], [g], [m], sc, rid, 1) == _C_cuda.PYTHON_DISPATCH
+    assert _C_cuda.cuda_step([p], [torch.ones(8, device="cuda")[::2]], [m], sc, rid, 1) == _C_cuda.NOT_CONTIGUOUS
+    torch.cuda.synchronize()
+    assert torch.equal(m, torch.zeros_like(m)) and torch.equal(p, torch.ones_like(p))
+    assert _C_cuda.cuda_step((p,), (g,), [(m,)], sc, rid, 1) == _C_cuda.DONE  # m = 0.9 * 0 + g, p -= 0.1 m
+    torch.cuda.synchronize()
+    assert torch.equal(m, g) and torch.allclose(p, torch.full_like(p, 0.9))
+    assert [t._use_count() for t in (p, g, m)] == counts
+
+
+def test_cuda_step_under_a_dispatch_mode_is_the_registered_op_and_passes_opcheck():
+    """Under a TorchDispatchMode the backend calls torch.ops.momentum_fused.cuda_step (so modes, and
+    torch.compile, see the op); its schema and fake kernel pass torch.library.opcheck."""
+    from optim_db import opcheck_one_step
+
+    ps = [torch.randn(5, 3, device="cuda"), torch.randn(4, device="cuda")]
+    opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="cuda")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()  # creates the state
+    opcheck_one_step(torch.ops.momentum_fused.cuda_step.default, opt)

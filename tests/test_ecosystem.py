@@ -16,7 +16,7 @@ import torch
 from torch.optim import lr_scheduler as lrs
 
 import momentum_fused as mf
-from optim_db import CASES, assert_snapshot_equal, snapshot
+from optim_db import CASES, assert_snapshot_equal, opcheck_one_step, snapshot
 
 PUBLIC = [getattr(mf, n) for n in mf.__all__
           if isinstance(getattr(mf, n), type) and issubclass(getattr(mf, n), mf.FusedOptimizer)
@@ -201,29 +201,13 @@ def test_compiled_train_step_inductor_matches_eager():
 def test_cpu_step_op_registration_passes_opcheck():
     """momentum_fused::cpu_step, called with the arguments a real AdamW step passes it: schema with
     mutation annotations, fake kernel, autograd registration and AOT dispatch (torch.library.opcheck)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    op = torch.ops.momentum_fused.cpu_step.default
-    calls = []
-
-    class Capture(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is op:
-                calls.append(copy.deepcopy((args, kwargs or {})))
-            return func(*args, **(kwargs or {}))
-
     gen = torch.Generator().manual_seed(0)
     ps = [torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)]
     opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="cpu")
     for p in ps:
         p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
     opt.step()  # creates the state
-    with Capture():
-        opt.step()
-    assert len(calls) == 1, "the cpu backend did not go through torch.ops.momentum_fused.cpu_step"
-    args, kwargs = calls[0]
-    result = torch.library.opcheck(op, args, kwargs)
-    assert all(v == "SUCCESS" for v in result.values()), result
+    opcheck_one_step(torch.ops.momentum_fused.cpu_step.default, opt)
 
 
 # ------------------------------------------------------------------ LR schedulers
