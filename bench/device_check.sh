@@ -12,8 +12,10 @@
 # "bfloat16"). Next GPU session, first: `env build test-cuda test-gpu-other test-triton` (never passed on a
 # GPU yet: the layout parity, the device-side GradScaler and the crashing bad-argument tests of
 # tests/test_cuda_backend.py, see bench/results/h200-20261128/README.md; and the CUDA-graph capture tests of
-# tests/test_capturable.py, in test-gpu-other). Then bench-tiny: the cached plan of step() is new since the
-# H200 figures.
+# tests/test_capturable.py, in test-gpu-other), and the cuda backend's eager entry _C_cuda.cuda_step with the
+# argument checks it shares with the CPU op (written 2026-11-29 without a GPU; test_cuda_backend.py: both
+# entries' bits and errors, each error path in a child process). Then bench-tiny: the cached plan of step()
+# and the eager entry are new since the H200 figures.
 set -uo pipefail
 T0=$(date +%s)
 DEADLINE_S="${DEADLINE_S:-480}"
