@@ -52,6 +52,18 @@ phase_env() {
   { nvidia-smi; "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))";
     "$PY" -c "import triton; print('triton', triton.__version__)"; nvcc --version | tail -2; git log -1 --oneline; } > "$WORK/env.log" 2>&1
   grep -E "^torch|^triton|H200|release" "$WORK/env.log" | tee -a "$WORK/summary.txt"
+  # Control for the segfault of 2026-11-28 (the first c10::Error thrown by our cuda_step killed the process):
+  # does an error thrown by torch's own C++ (a TORCH_CHECK in ATen), on the CPU and on CUDA, reach Python as a
+  # RuntimeError in this image? If these crash too, the cause is the environment, not the extension.
+  for dev in cpu cuda; do
+    "$PY" -X faulthandler -c "import torch
+try:
+    torch.zeros(2, device='$dev') + torch.zeros(3, device='$dev')
+except RuntimeError:
+    print('torch C++ error on $dev -> RuntimeError: ok')" > "$WORK/env-cpp-error-$dev.log" 2>&1
+    echo "control: torch C++ error on $dev: rc=$? $(head -c 200 "$WORK/env-cpp-error-$dev.log" | tr '\n' ' ')" \
+      | tee -a "$WORK/summary.txt"
+  done
 }
 phase_build() {
   MOMENTUM_FUSED_BUILD_CUDA=1 run build 240 "$PY" setup.py build_ext --inplace
