@@ -108,8 +108,7 @@ def make_backend() -> backends.Backend:
     ops, err = _load()
     if err is not None:
         return backends.Backend(name="cpu", apply=None, devices=("cpu",), load_error=err)
-    backends.register_step_fake("momentum_fused::cpu_step",
-                                lambda params, grads, states, scalars, rule, flags, layout=0, sr_keys=None: None)
+    backends.register_step_fake("momentum_fused::cpu_step")
     from . import _C_cpu
 
     def supports(spec, device, dtype):

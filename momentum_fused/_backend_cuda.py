@@ -62,10 +62,7 @@ def make_backend() -> backends.Backend:
     ops, err = _load()
     if err is not None:
         return backends.Backend(name="cuda", apply=None, devices=("cuda",), load_error=err)
-    backends.register_step_fake(
-        "momentum_fused::cuda_step",
-        lambda params, grads, states, scalars, rule, flags, found_inf=None, grad_scale=None, lr=None, layout=0,
-        sr_keys=None: None)
+    backends.register_step_fake("momentum_fused::cuda_step")
     from . import _C_cuda
 
     def supports(spec, device, dtype):

@@ -136,13 +136,28 @@ def run_step_op(module, fast, op, params, grads, states, args) -> None:
 _FAKES: set = set()
 
 
-def register_step_fake(qualname: str, fake) -> None:
-    """Register ``fake`` once as the fake (meta) kernel of the step op ``qualname`` for FakeTensor /
-    torch.compile tracing: the step ops only mutate their ``Tensor(a!)`` / ``Tensor(b!)`` lists in place and
-    return nothing."""
-    if qualname not in _FAKES:
-        torch.library.register_fake(qualname)(fake)
-        _FAKES.add(qualname)
+def register_step_fake(qualname: str) -> None:
+    """Register, once, the fake (meta) kernel of the compiled step op ``qualname`` (``momentum_fused::cpu_step``
+    / ``::cuda_step``) for FakeTensor / torch.compile tracing. The step ops only mutate their ``Tensor(a!)`` /
+    ``Tensor(b!)`` lists in place and return nothing. The fake also runs as the op's Meta kernel, which the
+    dispatcher picks when a meta tensor is among the lists: it raises, as the real kernels' argument checks
+    (csrc/step_args.h) do, when a tensor of the lists is not on the first param's device, instead of returning
+    having done nothing."""
+    if qualname in _FAKES:
+        return
+
+    def fake(params, grads, states, *args, **kwargs):
+        if params:
+            device = params[0].device
+            for what, tensors in (("params", params), ("grads", grads), ("states", states)):
+                for i, t in enumerate(tensors):
+                    if t.device != device:
+                        raise RuntimeError(f"{qualname}: {what}[{i}] is on {t.device}, expected {device} "
+                                           "(the params' device)")
+        return None
+
+    torch.library.register_fake(qualname)(fake)
+    _FAKES.add(qualname)
 
 
 def pack_table(scalars, k: int) -> torch.Tensor:

@@ -312,6 +312,8 @@ def test_bad_arguments_raise_before_any_write(entry):
         (ps, gs, st[:3], sc, rid, 0, "state tensors"),
         (ps, [gs[0], gs[1].double()], st, sc, rid, 0, "dtype"),
         (ps, [gs[0], torch.randn(11)], st, sc, rid, 0, "elements"),
+        # mixed devices: the registered op dispatches to its Meta (fake) kernel then, which checks devices too
+        (ps, [gs[0], torch.randn(10, device="meta")], st, sc, rid, 0, r"grads\[1\] is on meta, expected cpu"),
         (ps, gs, st, sc[:, :5].contiguous(), rid, 0, "scalars"),
         (ps, gs, st, sc.float(), rid, 0, "scalars"),
         (ps, gs, st[:3] + [torch.zeros(20)[::2]], sc, rid, 0, "contiguous"),

@@ -272,6 +272,7 @@ def _bad_arguments_body(call):
         ((ps, [gs[0], gs[1].double()], st, sc, rid, 0), r"grads\[1\] has dtype Double"),
         ((ps, [gs[0], torch.randn(11, device="cuda")], st, sc, rid, 0), "elements"),
         ((ps, [gs[0], gs[1].cpu()], st, sc, rid, 0), r"grads\[1\] is on cpu, expected cuda"),
+        ((ps, [gs[0], torch.randn(10, device="meta")], st, sc, rid, 0), r"grads\[1\] is on meta, expected cuda"),
         ((ps, gs, st, sc[:, :5].contiguous(), rid, 0), "scalars must be"),
         ((ps, gs, st, sc.float(), rid, 0), "scalars must be"),
         ((ps, gs, st, sc, 99, 0), "unknown rule id 99"),
