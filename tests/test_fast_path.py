@@ -29,16 +29,21 @@ BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
 VARIANTS = [v for v in all_variants() if not isinstance(v.values[1].get("lr"), str)]
 
 try:
-    from momentum_fused._C_cpu import cached_grads as _C_CACHED_GRADS
+    from momentum_fused import _C_cpu
+    _C_CACHED_GRADS = _C_cpu.cached_grads
 except ImportError:
-    _C_CACHED_GRADS = None
+    _C_cpu = _C_CACHED_GRADS = None
 _NO_C = pytest.mark.skipif(_C_CACHED_GRADS is None, reason="the compiled cpu extension is not built (pip install -e .)")
+# the cached plan's checks that exist in C and in Python: base's name -> its Python twin's name
+_TWINS = {"_cached_grads": "_cached_grads_py", "_same_objects": "_same_objects_py", "_same_dict": "_same_dict_py",
+          "_same_entries": "_same_entries_py"}
 
 
 @pytest.fixture(autouse=True, params=[pytest.param("c", marks=_NO_C), "python"])
 def checker(request, monkeypatch):
     """Run the test with the C checks of the cached plan, then with the Python ones."""
-    monkeypatch.setattr(base, "_cached_grads", _C_CACHED_GRADS if request.param == "c" else base._cached_grads_py)
+    for name, twin in _TWINS.items():
+        monkeypatch.setattr(base, name, getattr(_C_cpu, name[1:]) if request.param == "c" else getattr(base, twin))
     return request.param
 
 
@@ -234,3 +239,37 @@ def test_cached_grads_c_equals_python(change):
     else:
         assert got_c is not None and len(got_c) == len(got_py) and all(a is b for a, b in zip(got_c, got_py))
     assert (got_py is not None) == (change == "nothing")
+
+
+@_NO_C
+def test_identity_checks_c_equal_python():
+    """The cached plan's identity checks (same_objects, same_dict, same_entries) agree in C and Python, on
+    identical contents and on every kind of difference: length, one replaced object, an equal but distinct
+    object, order, a missing key, an entry that is not a dict, a dict subclass."""
+    from collections import defaultdict
+
+    objs = [torch.zeros(1) for _ in range(5)]
+    twin = [torch.zeros(1) for _ in range(5)]  # equal values, other objects
+    cases = [(list(objs), objs, True), (tuple(objs), objs, True), (objs[:4], objs, False), (objs[::-1], objs, False),
+             ([*objs[:2], twin[2], *objs[3:]], objs, False), ([], [], True), ([objs[0]], [], False)]
+    for now, cached, want in cases:
+        assert _C_cpu.same_objects(now, list(cached)) is want
+        assert base._same_objects_py(now, list(cached)) is want
+
+    keys, values = objs[:3], [{"a": 1}, {"a": 2}, {"a": 3}]
+    d = defaultdict(dict, zip(keys, values))
+    reordered = dict(zip(keys[::-1], values[::-1]))
+    replaced = dict(zip(keys, [values[0], dict(values[1]), values[2]]))
+    for dd, want in ((d, True), (dict(d), True), (reordered, False), (replaced, False), ({}, False),
+                     ({**d, objs[4]: {}}, False)):
+        assert _C_cpu.same_dict(dd, keys, values) is want
+        assert base._same_dict_py(dd, keys, values) is want
+    assert _C_cpu.same_dict({}, [], []) and base._same_dict_py({}, [], [])
+
+    dicts = [{"step": t} for t in objs[:3]]
+    for ds, key, cached, want in ((dicts, "step", objs[:3], True), (tuple(dicts), "step", objs[:3], True),
+                                  (dicts, "step", [objs[0], twin[1], objs[2]], False), (dicts, "other", objs[:3], False),
+                                  (dicts[:2], "step", objs[:3], False), ([dicts[0], 5, dicts[2]], "step", objs[:3], False),
+                                  ([dicts[0], {}, dicts[2]], "step", objs[:3], False)):
+        assert _C_cpu.same_entries(ds, key, list(cached)) is want
+        assert base._same_entries_py(ds, key, list(cached)) is want

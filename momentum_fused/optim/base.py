@@ -79,7 +79,7 @@ def _cached_grads_py(params, mask, state_dicts, keys, flat, pdtype, device, sdty
         nk = len(keys)
         for j, k in enumerate(keys):
             col = list(map(operator.itemgetter(k), state_dicts))
-            if list(map(id, col)) != list(map(id, flat[j::nk])):
+            if not _same_objects_py(col, flat[j::nk]):
                 return None
             if _kinds(col) != (({sdtypes[j]},) + want[1:]) or [t.shape for t in col] != shapes or \
                     not all(map(is_contiguous, col)):
@@ -87,6 +87,28 @@ def _cached_grads_py(params, mask, state_dicts, keys, flat, pdtype, device, sdty
     except (RuntimeError, KeyError, TypeError, AttributeError):
         return None
     return gs
+
+
+# The cached plan's identity checks (identity, not equality; the cache keeps the objects alive, so no id can
+# be reused). C versions in momentum_fused._C_cpu (pointer comparisons that never touch the objects: a Python
+# loop increments each one's reference count, a cache miss per object), these are the pure-Python install's.
+def _same_objects_py(now, cached: list) -> bool:
+    """Whether the list or tuple ``now`` holds exactly the objects of ``cached``, in order."""
+    return len(now) == len(cached) and all(map(operator.is_, now, cached))
+
+
+def _same_dict_py(d: dict, keys: list, values: list) -> bool:
+    """Whether the dict ``d`` holds exactly the keys ``keys`` and the values ``values``, in order."""
+    return len(d) == len(keys) == len(values) and all(map(operator.is_, d, keys)) and \
+        all(map(operator.is_, d.values(), values))
+
+
+def _same_entries_py(dicts: list, key, objs: list) -> bool:
+    """Whether ``dicts[i].get(key) is objs[i]`` for every i (False when an entry is not a dict)."""
+    try:
+        return len(dicts) == len(objs) and all(map(operator.is_, map(dict.get, dicts, repeat(key)), objs))
+    except TypeError:  # an entry that is not a dict
+        return False
 
 
 def _host_scalar(state: dict, key: str, initial: float) -> torch.Tensor:
@@ -109,6 +131,18 @@ def _cached_grads_impl():
 
 
 _cached_grads = _cached_grads_impl()
+
+
+def _identity_checks_impl():
+    """(same_objects, same_dict, same_entries): the C versions when the cpu extension is built."""
+    try:
+        from .. import _C_cpu
+        return _C_cpu.same_objects, _C_cpu.same_dict, _C_cpu.same_entries
+    except Exception:
+        return _same_objects_py, _same_dict_py, _same_entries_py
+
+
+_same_objects, _same_dict, _same_entries = _identity_checks_impl()
 
 _GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
 # Dtype-layout keys of every param group (momentum_fused/layouts.py): the layout name, the stochastic
@@ -360,8 +394,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         (dtype, device), state dicts and state tensors. The next step reuses that plan, and the state
         created by then (every tensor has all its state), when each of these still holds, checked with
         C-speed list comparisons of object identities and one C loop over the tensors (``_cached_grads``)
-        instead of per-tensor Python checks: the same ``state`` mapping with the same per-param dicts (ids
-        of keys and values, in order), the same group objects and param lists, the same params with
+        instead of per-tensor Python checks: the same ``state`` mapping with the same per-param dicts (the
+        same key and value objects, in order), the same group objects and param lists, the same params with
         gradients, every gradient a plain contiguous strided tensor with the param's shape, dtype and
         device, params of the cached dtype and device, the same state tensor objects with the cached
         dtypes and the param's shape, the same state names (flags) and layout.
@@ -374,7 +408,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         groups = self.param_groups
         if state is not fc["state"] or len(groups) != len(fc["groups"]):
             return None
-        if list(map(id, state.values())) != fc["state_values"] or list(map(id, state)) != fc["state_keys"]:
+        if not _same_dict(state, fc["state_keys"], fc["state_values"]):
             return None
         spec = self.spec
         name = type(self).__name__
@@ -387,7 +421,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if lay.name != e["layout"] or spec.state_names(group) != e["state_names"]:
                 return None
             params = group["params"]
-            if list(map(id, params)) != e["pids"]:
+            if not _same_objects(params, e["params"]):
                 return None
             gs = _cached_grads(params, e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
                                e["sdtypes"])
@@ -426,7 +460,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             first = [states[0][k] for k in keys] if states else []
             entries.append({
                 "group": group, "layout": lay.name, "state_names": state_names, "keys": keys,
-                "pids": list(map(id, params)), "params": list(params), "items": items,
+                "params": list(params), "items": items,
                 "mask": None if all(mask) else mask, "states": states,
                 "flat": [st[k] for st in states for k in keys],
                 "tuples": [tuple([st[k] for k in keys]) for st in states],
@@ -436,8 +470,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "sdtypes": tuple([t.dtype for t in first]) if states else tuple([torch.float32] * len(keys)),
                 "chosen_key": key,
             })
-        self._fast = {"state": self.state, "groups": entries, "state_values": list(map(id, self.state.values())),
-                      "state_keys": list(map(id, self.state))}
+        # the objects themselves (not their ids, which a new object may reuse once one is freed)
+        self._fast = {"state": self.state, "groups": entries, "state_values": list(self.state.values()),
+                      "state_keys": list(self.state)}
 
     def _where(self, p, pi, gi):
         return f"{type(self).__name__}: param {pi} of group {gi} (shape {tuple(p.shape)})"
@@ -607,14 +642,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         general path once and re-caches."""
         cached = self._step_views.get((gi, key))
         if cached is not None:
-            ids, buf, _views = cached
-            if len(ids) == len(states) and ids == tuple(map(id, map(dict.get, states, repeat(key)))):
+            buf, views = cached
+            if _same_entries(states, key, views):
                 return buf
         buf = torch.stack([current(st) for st in states])
         views = list(buf.unbind(0))
         for st, v in zip(states, views):
             st[key] = v
-        self._step_views[(gi, key)] = (tuple(map(id, views)), buf, views)
+        self._step_views[(gi, key)] = (buf, views)
         return buf
 
     def _group_scalars(self, gi, group, states, fresh, grad_mult):
@@ -665,9 +700,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             return torch.stack(steps), steps
         cached = self._step_views.get(gi)
         if cached is not None:
-            ids, buf, _views = cached
-            if buf.device == device and len(ids) == len(states) and \
-                    ids == tuple([id(st.get("step")) for st in states]):
+            buf, views = cached
+            if buf.device == device and len(views) == len(states) and \
+                    all(map(operator.is_, [st.get("step") for st in states], views)):
                 buf.add_(1.0)
                 return buf, [buf]
         # (first step, or re-planned: may copy counters to the device, never while capturing)
@@ -676,7 +711,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         views = list(buf.unbind(0))
         for st, v in zip(states, views):
             st["step"] = v
-        self._step_views[gi] = (tuple(map(id, views)), buf, views)
+        self._step_views[gi] = (buf, views)
         return buf, [buf]
 
     def _device_scalars(self, gi, group, states, fresh, grad_mult, device, undo: list) -> torch.Tensor:
