@@ -251,7 +251,8 @@ def test_identity_checks_c_equal_python():
     objs = [torch.zeros(1) for _ in range(5)]
     twin = [torch.zeros(1) for _ in range(5)]  # equal values, other objects
     cases = [(list(objs), objs, True), (tuple(objs), objs, True), (objs[:4], objs, False), (objs[::-1], objs, False),
-             ([*objs[:2], twin[2], *objs[3:]], objs, False), ([], [], True), ([objs[0]], [], False)]
+             ([*objs[:2], twin[2], *objs[3:]], objs, False), ([], [], True), ([objs[0]], [], False),
+             (iter(objs), objs, False), ({o: 1 for o in objs}, objs, False)]  # not a list or tuple
     for now, cached, want in cases:
         assert _C_cpu.same_objects(now, list(cached)) is want
         assert base._same_objects_py(now, list(cached)) is want
@@ -270,6 +271,7 @@ def test_identity_checks_c_equal_python():
     for ds, key, cached, want in ((dicts, "step", objs[:3], True), (tuple(dicts), "step", objs[:3], True),
                                   (dicts, "step", [objs[0], twin[1], objs[2]], False), (dicts, "other", objs[:3], False),
                                   (dicts[:2], "step", objs[:3], False), ([dicts[0], 5, dicts[2]], "step", objs[:3], False),
-                                  ([dicts[0], {}, dicts[2]], "step", objs[:3], False)):
+                                  ([dicts[0], {}, dicts[2]], "step", objs[:3], False),
+                                  (iter(dicts), "step", objs[:3], False)):
         assert _C_cpu.same_entries(ds, key, list(cached)) is want
         assert base._same_entries_py(ds, key, list(cached)) is want

@@ -123,10 +123,10 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
 // never touch the objects (a Python loop increments every object's reference count: one cache miss each,
 // ~0.6 ms per 10,000 scattered objects). Python twins in momentum_fused/optim/base.py.
 
-// now: a list or tuple; cached: a list. Whether now[i] is cached[i] for every i, with equal lengths.
+// Whether `now` is a list or tuple with now[i] is cached[i] for every i, and of equal length.
 bool same_objects(const py::handle& now, const py::list& cached) {
   PyObject* o = now.ptr();
-  if (!PyList_Check(o) && !PyTuple_Check(o)) throw py::type_error("same_objects: now must be a list or a tuple");
+  if (!PyList_Check(o) && !PyTuple_Check(o)) return false;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
   if (n != PyList_GET_SIZE(cached.ptr())) return false;
   PyObject** a = PySequence_Fast_ITEMS(o);
@@ -149,10 +149,11 @@ bool same_dict(const py::dict& d, const py::list& keys, const py::list& values) 
   return i == n;
 }
 
-// Whether dicts[i].get(key) is objs[i] for every i, with equal lengths (False when an entry is not a dict).
+// Whether `dicts` is a list or tuple with dicts[i].get(key) is objs[i] for every i, and of equal length (False
+// when an entry is not a dict).
 bool same_entries(const py::handle& dicts, const py::handle& key, const py::list& objs) {
   PyObject* o = dicts.ptr();
-  if (!PyList_Check(o) && !PyTuple_Check(o)) throw py::type_error("same_entries: dicts must be a list or a tuple");
+  if (!PyList_Check(o) && !PyTuple_Check(o)) return false;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
   if (n != PyList_GET_SIZE(objs.ptr())) return false;
   for (Py_ssize_t i = 0; i < n; ++i) {

@@ -93,8 +93,8 @@ def _cached_grads_py(params, mask, state_dicts, keys, flat, pdtype, device, sdty
 # be reused). C versions in momentum_fused._C_cpu (pointer comparisons that never touch the objects: a Python
 # loop increments each one's reference count, a cache miss per object), these are the pure-Python install's.
 def _same_objects_py(now, cached: list) -> bool:
-    """Whether the list or tuple ``now`` holds exactly the objects of ``cached``, in order."""
-    return len(now) == len(cached) and all(map(operator.is_, now, cached))
+    """Whether ``now`` is a list or tuple holding exactly the objects of ``cached``, in order."""
+    return isinstance(now, (list, tuple)) and len(now) == len(cached) and all(map(operator.is_, now, cached))
 
 
 def _same_dict_py(d: dict, keys: list, values: list) -> bool:
@@ -104,7 +104,10 @@ def _same_dict_py(d: dict, keys: list, values: list) -> bool:
 
 
 def _same_entries_py(dicts: list, key, objs: list) -> bool:
-    """Whether ``dicts[i].get(key) is objs[i]`` for every i (False when an entry is not a dict)."""
+    """Whether ``dicts`` is a list or tuple with ``dicts[i].get(key) is objs[i]`` for every i (False when an
+    entry is not a dict)."""
+    if not isinstance(dicts, (list, tuple)):
+        return False
     try:
         return len(dicts) == len(objs) and all(map(operator.is_, map(dict.get, dicts, repeat(key)), objs))
     except TypeError:  # an entry that is not a dict
