@@ -81,7 +81,24 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
   }
   py::list out(masked ? 0 : np);
   Py_ssize_t item = 0;
+  using mf::py_borrow::kPrefetchFar;
+  using mf::py_borrow::kPrefetchNear;
+  const Py_ssize_t nf = PyList_GET_SIZE(flat.ptr());
   for (Py_ssize_t i = 0; i < np; ++i) {
+    // the objects of params[i + kFar] (and, unmasked, the state tensors of the same index), then their
+    // TensorImpls kNear ahead (py_borrow.h)
+    if (i + kPrefetchFar < np) {
+      mf::py_borrow::prefetch_object(PyList_GET_ITEM(params.ptr(), i + kPrefetchFar));
+      if (!masked)
+        for (Py_ssize_t j = 0, at = (i + kPrefetchFar) * nk; j < nk && at + j < nf; ++j)
+          mf::py_borrow::prefetch_object(PyList_GET_ITEM(flat.ptr(), at + j));
+    }
+    if (i + kPrefetchNear < np) {
+      mf::py_borrow::prefetch_impl(PyList_GET_ITEM(params.ptr(), i + kPrefetchNear));
+      if (!masked)
+        for (Py_ssize_t j = 0, at = (i + kPrefetchNear) * nk; j < nk && at + j < nf; ++j)
+          mf::py_borrow::prefetch_impl(PyList_GET_ITEM(flat.ptr(), at + j));
+    }
     PyObject* po = PyList_GET_ITEM(params.ptr(), i);
     // exactly Tensor or Parameter: a subclass may define its own Python-level `grad`, which this C read of
     // the autograd gradient would not see
