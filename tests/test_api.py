@@ -221,6 +221,72 @@ def test_backends_status():
     assert b.available and b.name in st
 
 
+class _Entry:
+    """A compiled op's two entries for backends.run_step_op: ``fast`` answers the scripted statuses (doing the
+    update only on DONE), ``op`` (the registered op) always does it; both record what they got."""
+    DONE, PYTHON_DISPATCH, NOT_CONTIGUOUS = 0, 1, 2
+
+    def __init__(self, statuses):
+        self.statuses = list(statuses)
+        self.fast_calls, self.op_calls = [], []
+
+    @staticmethod
+    def _update(params, flat):  # p += 1, every state -= 1
+        for p in params:
+            p.add_(1)
+        for s in flat:
+            s.sub_(1)
+
+    def fast(self, params, grads, states, *args):  # states: per-param tuples, or (after copies) a flat list
+        status = self.statuses.pop(0)
+        self.fast_calls.append((list(params), list(grads), list(states), args))
+        if status == self.DONE:
+            self._update(params, [t for st in states for t in (st if isinstance(st, tuple) else (st,))])
+        return status
+
+    def op(self, params, grads, flat, *args):
+        self.op_calls.append((list(params), list(grads), list(flat), args))
+        self._update(params, flat)
+
+
+@pytest.mark.parametrize("statuses,fast_calls,op_calls,copies", [
+    ([0], 1, 0, False),     # DONE: the eager entry did it
+    ([1], 1, 1, False),     # PYTHON_DISPATCH: the registered op
+    ([2, 0], 2, 0, True),   # NOT_CONTIGUOUS: contiguous copies, the eager entry again, results copied back
+    ([2, 1], 2, 1, True),   # ...and a subclass among them: the registered op on the copies
+])
+def test_run_step_op_protocol(statuses, fast_calls, op_calls, copies):
+    """The eager-entry protocol shared by the cpu and cuda backends (backends.run_step_op), with scripted
+    entries: which entry runs, on which tensors, and that a non-contiguous param and state get the result."""
+    e = _Entry(statuses)
+    p = torch.zeros(3, 4).t() if copies else torch.zeros(4, 3)  # (4, 3), transposed strides when copies
+    s = torch.zeros(3, 4).t() if copies else torch.zeros(4, 3)
+    q, g = torch.zeros(5), torch.zeros(5)
+    backends.run_step_op(e, e.fast, e.op, [p, q], [torch.zeros(4, 3), g], [(s,), (torch.zeros(5),)], ("args",))
+    assert (len(e.fast_calls), len(e.op_calls)) == (fast_calls, op_calls)
+    assert all(c[3] == ("args",) for c in e.fast_calls + e.op_calls)
+    if copies:  # the second entry call (and the op) saw contiguous copies, not the originals
+        second = (e.op_calls or e.fast_calls[1:])[0]
+        assert second[0][0] is not p and second[0][0].is_contiguous()
+    assert torch.equal(p, torch.ones(4, 3)) and torch.equal(q, torch.ones(5))  # updated once, copied back
+    assert torch.equal(s, -torch.ones(4, 3))
+
+
+def test_run_step_op_under_a_dispatch_mode_calls_the_registered_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Noop(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    e = _Entry([])
+    p = torch.zeros(2)
+    with Noop():
+        backends.run_step_op(e, e.fast, e.op, [p], [torch.zeros(2)], [()], ())
+    assert (len(e.fast_calls), len(e.op_calls)) == (0, 1)
+    assert torch.equal(p, torch.ones(2))
+
+
 # ------------------------------------------------------------------ GradScaler protocol
 @pytest.mark.parametrize("case,kwargs", all_variants())
 def test_found_inf_skips_everything(case, kwargs):
