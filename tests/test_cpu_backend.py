@@ -321,6 +321,12 @@ def test_bad_arguments_raise_before_any_write(entry):
         (ps, gs, st, sc, rid, 8, "flags"),
         ([p.int() for p in ps], [g.int() for g in gs], [s.int() for s in st], sc, rid, 0, "dtype"),
     ]
+    if entry == "_C_cpu":  # the dispatcher would answer these itself (no kernel for Meta-only / SparseCPU)
+        bad += [
+            ([p.to("meta") for p in ps], [g.to("meta") for g in gs], [s.to("meta") for s in st], sc, rid, 0,
+             "params must be cpu tensors, got one on meta"),
+            (ps, [gs[0], gs[1].to_sparse()], st, sc, rid, 0, r"grads\[1\] is not strided"),
+        ]
     for p_, g_, s_, sc_, r_, f_, match in bad:
         if entry == "_C_cpu" and match == "contiguous":  # the fast entry hands it back for copies
             assert _C_cpu.cpu_step(p_, g_, s_, sc_, r_, f_) == _C_cpu.NOT_CONTIGUOUS
