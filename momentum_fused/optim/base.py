@@ -704,8 +704,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         cached = self._step_views.get(gi)
         if cached is not None:
             buf, views = cached
-            if buf.device == device and len(views) == len(states) and \
-                    all(map(operator.is_, [st.get("step") for st in states], views)):
+            if buf.device == device and _same_entries(states, "step", views):
                 buf.add_(1.0)
                 return buf, [buf]
         # (first step, or re-planned: may copy counters to the device, never while capturing)
