@@ -123,29 +123,18 @@ def _host_scalar(state: dict, key: str, initial: float) -> torch.Tensor:
     return torch.tensor(initial if v is None else float(v), dtype=torch.float64)
 
 
-def _cached_grads_impl():
-    """The C version of ``_cached_grads_py`` when the cpu extension is built (it reads tensor metadata
-    only, so it serves CUDA params as well), else the Python one."""
+def _plan_checks_impl():
+    """The cached plan's checks (cached_grads, same_objects, same_dict, same_entries): the C versions when the
+    cpu extension is built (they read tensor metadata and pointers only, so they serve CUDA params as well),
+    else the Python twins."""
     try:
         from .. import _C_cpu
-        return _C_cpu.cached_grads
+        return _C_cpu.cached_grads, _C_cpu.same_objects, _C_cpu.same_dict, _C_cpu.same_entries
     except Exception:  # not built, or not loadable: the pure-Python install
-        return _cached_grads_py
+        return _cached_grads_py, _same_objects_py, _same_dict_py, _same_entries_py
 
 
-_cached_grads = _cached_grads_impl()
-
-
-def _identity_checks_impl():
-    """(same_objects, same_dict, same_entries): the C versions when the cpu extension is built."""
-    try:
-        from .. import _C_cpu
-        return _C_cpu.same_objects, _C_cpu.same_dict, _C_cpu.same_entries
-    except Exception:
-        return _same_objects_py, _same_dict_py, _same_entries_py
-
-
-_same_objects, _same_dict, _same_entries = _identity_checks_impl()
+_cached_grads, _same_objects, _same_dict, _same_entries = _plan_checks_impl()
 
 _GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
 # Dtype-layout keys of every param group (momentum_fused/layouts.py): the layout name, the stochastic
