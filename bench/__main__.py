@@ -7,7 +7,7 @@
 Providers run side by side in one process: our backends (reference, cpu, triton, cuda: whichever can run
 the rule here), torch for-loop / foreach / fused, and peer packages when installed. The bandwidth of a copy
 and of an in-place read-modify-write is measured first on the same device; effective GB/s = bytes per
-element (ALGORITHMS.md section 9, counted for the layout) x elements / median time.
+element (docs/algorithms.md §9, counted for the layout) x elements / median time.
 Results: a markdown table on stdout; JSON, CSV, markdown and PNG plots under bench/results/<machine>/.
 """
 from __future__ import annotations

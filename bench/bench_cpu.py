@@ -12,7 +12,7 @@ Providers per rule:
              hand-written torch._foreach_* implementation of the same rule ("torch foreach").
   reference  momentum_fused.<Optimizer>(backend="reference") (per-tensor torch ops, the spec)
 Reported: median ms/step over the timed steps (after warm-up), effective GB/s = bytes/elem (specs'
-bytes_per_elem, ALGORITHMS.md section 9, scaled by the storage size for bf16) x numel / time, % of the
+bytes_per_elem, docs/algorithms.md §9, scaled by the storage size for bf16) x numel / time, % of the
 measured in-place RMW bandwidth (x.mul_(1.0001), 8 B/elem), and ours/torch speed ratio.
 Writes bench/results/cpu-<date>.md and .json (and cpu-latest.md/.json). Uses only the public API.
 """
@@ -291,7 +291,7 @@ def to_markdown(meta, rows):
            f"median of {meta['iters']} timed steps after {meta['warmup']} warm-up steps (reference: fewer)",
            f"- Roofline: in-place read-modify-write `x.mul_(1.0001)` on {meta['rmw_numel']:,} fp32 = "
            f"**{meta['rmw_GBps']:.1f} GB/s** (8 B/elem), measured in the same run",
-           "- GB/s = bytes/elem (ALGORITHMS.md section 9; bf16 storage: half) x numel / time; "
+           "- GB/s = bytes/elem (docs/algorithms.md §9; bf16 storage: half) x numel / time; "
            "`x torch` = torch time / our time (>1: ours faster)", "",
            "- `ours apply ms`: the part of our step() spent in the backend's apply() (the C++ op and its "
            "argument packing); the rest of `ours ms` is the Python front-end (validation, host scalars: "

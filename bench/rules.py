@@ -27,7 +27,7 @@ class Rule:
 def bytes_per_elem(n_state: int, param_dtype=torch.float32, grad_dtype=None, state_dtype=None,
                    layout: str = "native") -> int:
     """Bytes read + written per element by one fused pass: param read+write, grad read, each state
-    read+write (ALGORITHMS.md section 9), in a momentum_fused dtype layout: bf16 state, or an fp32 master
+    read+write (docs/algorithms.md §9), in a momentum_fused dtype layout: bf16 state, or an fp32 master
     copy read and written besides the param write (the param itself is then only written)."""
     lay = mf.layouts.get_layout(layout)
     p = ELEM[param_dtype]

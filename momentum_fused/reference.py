@@ -9,7 +9,7 @@ in the tensors' own dtype (run it on float64 copies to get the oracle), on any d
 - ``f`` is the rule's flags tuple (``spec.Flags``).
 
 The op order is the one the kernels use, and where torch.optim has the rule, the one torch uses,
-so that parity tests can be tight. Conventions: docs/ALGORITHMS.md.
+so that parity tests can be tight. Conventions: docs/algorithms.md.
 """
 from __future__ import annotations
 
