@@ -67,6 +67,12 @@ MF_HD MF_INLINE T mf_lerp(T a, T b, T w) {
   return mf_abs(w) < T(0.5) ? a + w * (b - a) : b - (b - a) * (T(1) - w);
 }
 
+// torch.addcmul(self, t1, t2, value=v) as torch's CPU kernels compute it on every FMA machine: one
+// rounding, fma(v * t1, t2, self). Used where the rounding decides the outcome (RMSprop's centered
+// variance sq - ga * ga cancels to 0 or a tiny negative number: its NaNs must be torch's).
+MF_HD MF_INLINE float mf_fma(float a, float b, float c) { return fmaf(a, b, c); }
+MF_HD MF_INLINE double mf_fma(double a, double b, double c) { return fma(a, b, c); }
+
 // =============================================================================================== sgd
 // pack: lr, weight_decay, momentum, dampening, first, grad_mult
 template <typename T>
@@ -246,7 +252,7 @@ MF_HD MF_INLINE void rmsprop_math(T& p, T g, T& sq, T& buf, T& ga, const Rmsprop
   T avg;
   if (CENTERED) {
     ga = mf_lerp(ga, g, s.one_minus_alpha);
-    avg = mf_sqrt(sq + T(-1) * ga * ga);
+    avg = mf_sqrt(mf_fma(-ga, ga, sq));  // torch: sq.addcmul(ga, ga, value=-1), one rounding
   } else {
     avg = mf_sqrt(sq);
   }

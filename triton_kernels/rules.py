@@ -148,8 +148,8 @@ def rmsprop_math(p, g, sq, buf, ga, lr, wd, alpha, eps, momentum, gm,
     one_m_alpha = (1.0 - alpha).to(tl.float32)
     sq = sq * alpha.to(tl.float32) + one_m_alpha * (g * g)
     if CENTERED:
-        ga = ga + one_m_alpha * (g - ga)
-        avg = tl.sqrt(sq - ga * ga)
+        ga = tl.where(one_m_alpha < 0.5, ga + one_m_alpha * (g - ga), g - (g - ga) * (1.0 - one_m_alpha))  # torch.lerp
+        avg = tl.sqrt(tl.fma(-ga, ga, sq))  # torch's addcmul(value=-1): one rounding (its NaNs where v - m^2 < 0)
     else:
         avg = tl.sqrt(sq)
     avg = avg + eps.to(tl.float32)
