@@ -155,8 +155,9 @@ class UpdateRuleSpec:
                    float64 [n] CPU tensor), which it advances in place with vector ops.
     cross_check:   group -> None; checks that involve several hyperparameters.
     group_advance: group -> None; per-group host counters updated once per step (FSGDM).
-    group_prepare: group -> None; per-group host scalars computed once per step *before* the packs
-                   (after validation and the GradScaler check), e.g. the schedule-free c and lr_max.
+    group_prepare: group -> dict; per-group host scalars computed once per step *before* the packs
+                   (after validation and the GradScaler check), e.g. the schedule-free c and lr_max;
+                   returned, not written: the optimizer writes them once every group has been computed.
     group_extras:  host counters kept in every param group (so they are checkpointed), with their
                    initial values; not constructor arguments.
     bytes_per_elem: fp32 roofline bytes (read + write) per element (ALGORITHMS.md section 9).
@@ -177,7 +178,7 @@ class UpdateRuleSpec:
     host_state: tuple | None = None
     advance_many: Callable[[Mapping, torch.Tensor, list, list], list] | None = None
     group_advance: Callable[[Mapping], None] | None = None
-    group_prepare: Callable[[Mapping], None] | None = None
+    group_prepare: Callable[[Mapping], dict] | None = None
     group_extras: Mapping[str, Any] = field(default_factory=dict)
     bytes_per_elem: Callable[[Mapping], int] = field(default=lambda g: 12)
 
@@ -532,23 +533,36 @@ def sf_warmup_factor(group: Mapping) -> float:
     return (k + 1) / w if k < w else 1.0
 
 
-def _sf_group_prepare(g) -> None:
-    """Once per group per step, before the packs (float64 host arithmetic, schedule_free v1.4 order)."""
+def _sf_pow(base: float, exponent: float) -> float:
+    """``base ** exponent`` for base >= 0, inf where float64 overflows (Python raises OverflowError)."""
+    try:
+        return base ** exponent
+    except OverflowError:
+        return math.inf
+
+
+def _sf_group_prepare(g) -> dict:
+    """Once per group per step, before the packs (float64 host arithmetic, schedule_free v1.4 order): the
+    group's new host counters, as a dict the optimizer writes into the group once every group has been
+    computed (nothing is written here). Raises ValueError, writing nothing, when the averaging weight or
+    its running sum is not finite (an lr such as 1e300 whose power overflows float64)."""
     k = g["k"]
     if isinstance(g["lr"], str):  # "polyak": gamma from the reduction pass, uniform average
         lr = float(g["polyak_lr"]) * sf_warmup_factor(g)
-        g["scheduled_lr"] = lr
-        g["lr_max"] = max(lr, g["lr_max"])
-        g["weight_sum"] = g["weight_sum"] + 1.0
-        g["sf_c"] = 1.0 / (k + 1)
-        return
+        return dict(scheduled_lr=lr, lr_max=max(lr, g["lr_max"]), weight_sum=g["weight_sum"] + 1.0,
+                    sf_c=1.0 / (k + 1))
     lr = lr_value(g) * sf_warmup_factor(g)
-    g["scheduled_lr"] = lr
-    lr_max = g["lr_max"] = max(lr, g["lr_max"])
+    lr_max = max(lr, g["lr_max"])
     base = lr_max if g["weight_rule"] == "lr_max" else lr
-    weight = ((k + 1) ** g["r"]) * (base ** g["weight_lr_power"])
-    weight_sum = g["weight_sum"] = g["weight_sum"] + weight
-    g["sf_c"] = weight / weight_sum if weight_sum != 0 else 0.0
+    weight = _sf_pow(float(k + 1), g["r"]) * _sf_pow(base, g["weight_lr_power"])
+    weight_sum = g["weight_sum"] + weight
+    if not (math.isfinite(weight) and math.isfinite(weight_sum)):
+        raise ValueError(f"the schedule-free averaging weight (k+1)**r * {g['weight_rule']}**weight_lr_power = "
+                         f"{float(k + 1)}**{g['r']} * {base}**{g['weight_lr_power']} (running sum "
+                         f"{g['weight_sum']}) is not finite in float64: lr={lr} is too large for this "
+                         "weight_lr_power; the step was not taken")
+    return dict(scheduled_lr=lr, lr_max=lr_max, weight_sum=weight_sum,
+                sf_c=weight / weight_sum if weight_sum != 0 else 0.0)
 
 
 def _sf_group_advance(g) -> None:

@@ -214,7 +214,7 @@ class LayoutRun:
         spec, out = self.spec, []
         if spec.group_prepare is not None:
             for g in self.groups:
-                spec.group_prepare(g)
+                g.update(spec.group_prepare(g))
         for i, gi in enumerate(self.group_of):
             g = self.groups[gi]
             out.append(spec.make_scalars(g, self.host[i], self.t == 0, -1.0 if g.get("maximize") else 1.0))

@@ -133,18 +133,6 @@ def test_state_dict_shape_mismatch_raises_before_any_change(case, kwargs):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_unknown_group_key_raises(name):
-    case = CASES[name]
-    p = make_params()
-    with pytest.raises(ValueError, match=r"unknown key.*lrr"):
-        case.cls([dict(params=p[:1]), dict(params=p[1:], lrr=0.1)], **case.base)
-    opt = case.cls(p[:1], **case.base)
-    with pytest.raises(ValueError, match=r"lrr"):
-        opt.add_param_group(dict(params=p[1:], lrr=0.1))
-    assert len(opt.param_groups) == 1
-
-
-@pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
 def test_integer_params_raise(name, dtype):
     case = CASES[name]

@@ -104,6 +104,14 @@ class _LowRankOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{name}: param_budget={param_budget} is below the r_min floor of the "
                                  f"low-rank layers ({need} params)")
 
+    def train(self, mode: bool = True):
+        """A no-op (no averaged iterate), so that client code can call it on any optimizer. Returns self."""
+        return self
+
+    def eval(self):
+        """See :meth:`train`. Returns self."""
+        return self
+
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group):
         name = type(self).__name__

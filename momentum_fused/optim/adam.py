@@ -11,23 +11,23 @@ class Adam(FusedOptimizer):
     rule = "adam"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 *, maximize=False, decoupled_weight_decay=False, backend=None, layout=None, sr_seed=0,
-                 capturable=False):
+                 *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False, backend=None, layout=None, sr_seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                                       decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
-                         backend=backend, layout=layout, sr_seed=sr_seed,
-                         capturable=capturable)
+                         backend=backend, layout=layout, sr_seed=sr_seed, capturable=capturable,
+                         foreach=foreach, fused=fused, differentiable=differentiable)
 
 
 class AdamW(Adam):
     """AdamW: Adam with decoupled decay ``p <- p (1 - lr wd)``; torch.optim.AdamW's defaults."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 *, maximize=False, backend=None, layout=None, sr_seed=0,
-                 capturable=False):
+                 *, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 backend=None, layout=None, sr_seed=0):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, decoupled_weight_decay=True, backend=backend, layout=layout, sr_seed=sr_seed,
-                         capturable=capturable)
+                         capturable=capturable, foreach=foreach, fused=fused, differentiable=differentiable)
 
 
 class AdamTied(Adam):

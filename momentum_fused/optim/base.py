@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import math
 import operator
+import warnings
 from itertools import compress, repeat
 from typing import Any, ClassVar
 
@@ -145,12 +146,70 @@ _LAYOUT_DEFAULTS = {"layout": "native", "sr_seed": 0, "sr_step": 0}
 _FRONT_DEFAULTS = {**_LAYOUT_DEFAULTS, "capturable": False}
 
 
+def host_value_error(key: str, value) -> str | None:
+    """Why ``value`` is not a valid host counter ``key`` ("step": a finite non-negative whole number;
+    "mu_product": a finite number in [0, 1]; a number or a one-element tensor), or None. Reads a CUDA
+    tensor's value (a host sync): used when loading a state_dict and on the full plan, not per step."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or not (value.is_floating_point() or value.dtype in (
+                torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+            return f"a {value.dtype} tensor of shape {tuple(value.shape)}, not a one-element real tensor"
+        v = float(value.detach().reshape(()).cpu())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        return f"a {type(value).__name__}, not a number"
+    if key == "step":
+        if not math.isfinite(v) or v < 0 or v != math.floor(v):
+            return f"{v}; a step count must be a finite non-negative whole number"
+    elif key == "mu_product" and not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        return f"{v}; NAdam's mu_product (a product of momentum coefficients) must be in [0, 1]"
+    return None
+
+
 def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real() if dtype.is_complex else dtype
+
+
+def _check_torch_flags(name, *, foreach=None, fused=None, differentiable=False) -> None:
+    """torch.optim's implementation switches, accepted for a one-word swap: ``foreach`` and ``fused`` select
+    nothing (every step is one fused multi-tensor kernel per bucket; ``backend=`` picks the implementation);
+    ``differentiable=True`` (autograd through the step) is refused."""
+    for key, v in (("foreach", foreach), ("fused", fused)):
+        if v is not None and not isinstance(v, bool):
+            raise TypeError(f"{name}: {key} must be None or a bool, got {type(v).__name__}: {v!r}")
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"{name}: differentiable must be a bool, got {type(differentiable).__name__}")
+    if differentiable:
+        raise ValueError(f"{name}: differentiable=True is not supported: the fused kernels update params and "
+                         "state in place outside autograd; use torch.optim for a differentiable step")
+
+
+def _edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def near_miss(key, known) -> str | None:
+    """The known key that ``key`` most likely misspells (a case change, or one or two edits, one for keys
+    of up to 7 characters), or None."""
+    if not isinstance(key, str) or key in known:
+        return None
+    best = None
+    for k in known:
+        d = _edit_distance(key.lower(), k.lower())
+        if d <= (1 if len(k) < 8 else 2) and (best is None or d < best[0]):
+            best = (d, k)
+    return None if best is None else best[1]
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -175,12 +234,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     supported_layouts: ClassVar[tuple] = tuple(_layouts.LAYOUTS)
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None = None, layout: str | None = None,
-                 sr_seed: int = 0, capturable: bool = False):
+                 sr_seed: int = 0, capturable: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 differentiable: bool = False):
+        _check_torch_flags(type(self).__name__, foreach=foreach, fused=fused, differentiable=differentiable)
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
         if backend is not None and backend not in backends.names():
             raise ValueError(f"unknown backend {backend!r}; registered backends: {sorted(backends.names())}")
         self.backend = backend
+        self._seen_keys: set = set()  # group keys already checked against near-miss hyperparameter names
         self._step_views: dict = {}
         self._fast = None
         self._called = {"step": False}
@@ -238,19 +300,63 @@ class FusedOptimizer(torch.optim.Optimizer):
     def spec(self) -> UpdateRuleSpec:
         return get_spec(self.rule)
 
+    def _known_keys(self) -> set:
+        return {*self.defaults, *self.spec.group_extras, *_GROUP_KEYS_ALWAYS_ALLOWED}
+
+    def _check_group_keys(self, group, where) -> None:
+        """Keys that are not hyperparameters are carried (torch does; HF and layer-wise recipes add ``name``,
+        ``layer_id``, ``lr_scale``), with a warning when one is a near miss of a hyperparameter's name
+        (``weight_decy``); a true ``differentiable`` (from a torch.optim checkpoint) is refused. Checked when
+        a group is added and, for keys added to a group later, at the next step (once per key)."""
+        known = self.__dict__.get("_known")
+        if known is None:
+            known = self._known = frozenset(self._known_keys())
+        extra = group.keys() - known
+        if not extra:
+            return
+        if group.get("differentiable"):
+            raise ValueError(f"{where}: differentiable=True is not supported (the fused kernels update in place "
+                             "outside autograd)")
+        seen = self.__dict__.setdefault("_seen_keys", set())
+        for key in extra:
+            if key in seen:
+                continue
+            seen.add(key)
+            hit = near_miss(key, known - _GROUP_KEYS_ALWAYS_ALLOWED)
+            if hit is not None:
+                warnings.warn(f"{where}: key {key!r} is not a hyperparameter of {type(self).__name__} (did you mean "
+                              f"{hit!r}?); it is kept in the group and has no effect", UserWarning, stacklevel=4)
+
+    def train(self, mode: bool = True):
+        """For client code that switches optimizers with the model (schedule-free needs it): a no-op here,
+        since this rule keeps no averaged iterate. Returns the optimizer."""
+        return self
+
+    def eval(self):
+        """See :meth:`train`: a no-op for this rule. Returns the optimizer."""
+        return self
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "_pending_amp" in self.__dict__:
             self.sync_amp()
         if isinstance(param_group, dict):
-            unknown = set(param_group) - set(self.defaults) - _GROUP_KEYS_ALWAYS_ALLOWED
-            if unknown:
-                raise ValueError(f"{type(self).__name__}: unknown key(s) {sorted(unknown)} in param group; "
-                                 f"valid hyperparameters: {sorted(self.defaults)}")
+            self._check_group_keys(param_group, f"{type(self).__name__} param group {len(self.param_groups)}")
             merged = {**self.defaults, **self.spec.group_extras, **param_group}
             self.spec.validate(merged, where=f"{type(self).__name__} param group: ")
             lay = self._check_layout_keys(merged, f"{type(self).__name__} param group: ")
             params = param_group["params"]
+            if not isinstance(params, (torch.Tensor, set)):  # (torch refuses a set, with its message)
+                params = list(params)  # a generator (model.parameters()) is read once, here
+                param_group = {**param_group, "params": params}
             params = [params] if isinstance(params, torch.Tensor) else list(params)
+            seen = {}
+            for i, p in enumerate(params):
+                q = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+                j = seen.setdefault(id(q), i)
+                if j != i:
+                    raise ValueError(f"{type(self).__name__}: param {i} of the new param group is param {j} "
+                                     "again; a param may appear once per optimizer (torch.optim would apply "
+                                     "its update twice and count one step)")
             for p in params:
                 if isinstance(p, tuple):  # named parameters
                     p = p[1]
@@ -275,6 +381,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``.data`` or a state tensor *in place of* its object (``t.data = ...``, ``resize_``)."""
         self._step_views = {}
         self._fast = None
+        self.__dict__.pop("_known", None)
 
     def __getstate__(self) -> dict[str, Any]:
         self.sync_amp()
@@ -285,8 +392,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("backend", None)
+        # torch's load_state_dict calls this with {"state", "param_groups"} only: the live optimizer keeps
+        # its forced backend (and its defaults: torch.optim.Optimizer.__setstate__ adds "differentiable")
+        state.setdefault("backend", self.__dict__.get("backend"))
+        live = self.__dict__.get("defaults") if "defaults" not in state else None
+        had = "differentiable" in (state.get("defaults") or live or {})
         super().__setstate__(state)
+        if live is not None:
+            self.defaults = live
+        if not had:
+            self.defaults.pop("differentiable", None)
         self.invalidate_caches()
         self._called = {"step": False}
 
@@ -296,6 +411,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         groups saved by torch.optim (or an older version) get missing hyperparameters from the
         defaults. Loading a torch.optim state_dict of the same rule works, and vice versa."""
         self.sync_amp()
+        self._check_loaded_host_state(state_dict)
         self.invalidate_caches()
         host, saved = {}, {}
         for idx, st in state_dict["state"].items():
@@ -328,6 +444,53 @@ class FusedOptimizer(torch.optim.Optimizer):
                 want = torch.float32 if key == _layouts.MASTER_KEY else lay.state_dtype_for(p.dtype)
                 self.state[p][key] = value.detach().to(device=p.device, dtype=want, copy=True)
 
+    def _check_loaded_host_state(self, state_dict) -> None:
+        """Host counters (``step``, ``mu_product``) and group keys of a state_dict, checked before anything is
+        loaded: a clear error naming the param and the key, and the optimizer unchanged."""
+        name = type(self).__name__
+        try:
+            groups, states = state_dict["param_groups"], state_dict["state"]
+            where = {}
+            for gi, g in enumerate(groups):
+                if isinstance(g, dict) and g.get("differentiable"):
+                    raise ValueError(f"{name}.load_state_dict: param group {gi} has differentiable=True, which is "
+                                     "not supported (the fused kernels update in place outside autograd)")
+                for pi, idx in enumerate(g["params"]):
+                    where[idx] = (gi, pi)
+            items = list(states.items())
+        except (KeyError, TypeError, AttributeError):
+            return  # (torch's load_state_dict names what is malformed)
+        for idx, st in items:
+            if not isinstance(st, dict):
+                continue
+            for key in HOST_STATE_KEYS:
+                if key in st:
+                    why = host_value_error(key, st[key])
+                    if why is not None:
+                        gi, pi = where.get(idx, ("?", "?"))
+                        raise ValueError(f"{name}.load_state_dict: param {pi} of group {gi} (state_dict index "
+                                         f"{idx}): state {key!r} is {why}; nothing was loaded")
+
+    def _check_host_state(self, gi, group, items) -> None:
+        """The full plan's check of host counters that did not come from this optimizer's own stepping (a loaded
+        or assigned ``step`` / ``mu_product``): clear error naming param and key, before anything changes."""
+        spec = self.spec
+        keys = (("step",) if spec.counts_steps else ()) + ((spec.host_state[0],) if spec.pack_reads_state else ())
+        if not keys or group.get("capturable"):  # (capturable counters live on the device: no host read)
+            return
+        state = self.state
+        for key in keys:
+            cached = self._step_views.get((gi, key))
+            ours = set(map(id, cached[1])) if cached is not None else ()
+            for p in items:
+                st = state.get(p)
+                v = None if st is None else st.get(key)
+                if v is not None and id(v) not in ours:
+                    why = host_value_error(key, v)
+                    if why is not None:
+                        pi = next(i for i, q in enumerate(group["params"]) if q is p)
+                        raise ValueError(f"{self._where(p, pi, gi)}: state {key!r} is {why}")
+
     # ------------------------------------------------------------------ step
     def _plan(self):
         """Validate everything and pick backends. Modifies nothing. (The per-tensor checks are one
@@ -341,6 +504,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             if not traced:  # (traced: hyperparameters are graph inputs; validated by every eager step only)
                 spec.validate(group, where=f"{name} param group {gi}: ")
+                self._check_group_keys(group, f"{name} param group {gi}")
             lay = self._check_layout_keys(group, f"{name} param group {gi}: ")
             state_names = spec.state_names(group)
             check_names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
@@ -373,6 +537,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             keys = {(dev, _real_dtype(dt)) for dev, dt in keys}
             chosen = {key: backends.resolve(self.backend, spec, *key, lay) for key in keys}
             _dist.check_group(name, gi, items, state, state_names)  # DTensor layouts line up (no-op without DTensors)
+            self._check_host_state(gi, group, items)
             if group["capturable"]:
                 self._check_capturable(gi, group, chosen)
             plan.append((group, state_names, items, chosen))
@@ -409,6 +574,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if group is not e["group"]:
                 return None
             spec.validate(group, where=f"{name} param group {gi}: ")
+            if len(group) != e["nkeys"]:  # a key added since the last step
+                self._check_group_keys(group, f"{name} param group {gi}")
             lay = self._check_layout_keys(group, f"{name} param group {gi}: ")
             if lay.name != e["layout"] or spec.state_names(group) != e["state_names"]:
                 return None
@@ -420,6 +587,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             if gs is None:
                 return None
             items = e["items"]
+            for hk in e["host_keys"]:  # a host counter replaced since the last step: the full plan checks it
+                cv = self._step_views.get((gi, hk))
+                if cv is None or not _same_entries(e["states"], hk, cv[1]):
+                    return None
             key = e["chosen_key"]
             chosen = {} if key is None else {key: backends.resolve(self.backend, spec, *key, lay)}
             if group["capturable"]:
@@ -451,7 +622,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             key = next(iter(chosen)) if chosen else None
             first = [states[0][k] for k in keys] if states else []
             entries.append({
-                "group": group, "layout": lay.name, "state_names": state_names, "keys": keys,
+                "group": group, "nkeys": len(group), "layout": lay.name, "state_names": state_names, "keys": keys,
                 "params": list(params), "items": items,
                 "mask": None if all(mask) else mask, "states": states,
                 "flat": [st[k] for st in states for k in keys],
@@ -461,6 +632,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "device": items[0].device if items else torch.device("cpu"),
                 "sdtypes": tuple([t.dtype for t in first]) if states else tuple([torch.float32] * len(keys)),
                 "chosen_key": key,
+                "host_keys": () if group["capturable"] or not states else (("step",) if self.spec.counts_steps else ())
+                + ((self.spec.host_state[0],) if self.spec.pack_reads_state and self.spec.advance_many else ()),
             })
         # the objects themselves (not their ids, which a new object may reuse once one is freed)
         self._fast = {"state": self.state, "groups": entries, "state_values": list(self.state.values()),
@@ -581,9 +754,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         host scalars such as the schedule-free c). Subclasses that need a reduction pass over all
         tensors (the schedule-free Polyak step) override it, raising here if the step must not
         happen, and then call ``super()._prepare_step``."""
-        if self.spec.group_prepare is not None:
-            for group, *_ in plan:
-                self.spec.group_prepare(group)
+        self._apply_group_prepare([group for group, *_ in plan])
+
+    def _apply_group_prepare(self, groups, overrides=None) -> None:
+        """``spec.group_prepare`` of every group (``overrides``: per-group values it reads instead of the
+        group's, e.g. this step's Polyak lr), then the results written: all groups or none (it raises
+        before the first write)."""
+        prep = self.spec.group_prepare
+        if prep is None:
+            return
+        name = type(self).__name__
+        updates = []
+        for gi, group in enumerate(groups):
+            extra = overrides[gi] if overrides else None
+            try:
+                updates.append({**(extra or {}), **prep({**group, **extra} if extra else group)})
+            except (ValueError, OverflowError) as e:
+                raise ValueError(f"{name} param group {gi}: {e}") from None
+        for group, upd in zip(groups, updates):
+            group.update(upd)
 
     def _init_state(self, items, state_names, layout=_layouts.NATIVE, created=None):
         """Create missing elementwise state (zeros in the layout's state dtype; the fp32 master copy of

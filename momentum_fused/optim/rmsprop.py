@@ -9,9 +9,9 @@ class RMSprop(FusedOptimizer):
     rule = "rmsprop"
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
-                 *, maximize=False, backend=None, layout=None, sr_seed=0,
-                 capturable=False):
+                 capturable=False, foreach=None, maximize=False, differentiable=False, *, backend=None,
+                 layout=None, sr_seed=0):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                                       centered=centered, maximize=maximize),
-                         backend=backend, layout=layout, sr_seed=sr_seed,
-                         capturable=capturable)
+                         backend=backend, layout=layout, sr_seed=sr_seed, capturable=capturable,
+                         foreach=foreach, differentiable=differentiable)

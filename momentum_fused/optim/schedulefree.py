@@ -25,6 +25,7 @@ import torch
 from .. import layouts as _layouts
 from .. import distributed as _dist
 from .. import reference
+from ..specs import sf_beta
 from .base import FusedOptimizer, _real
 
 __all__ = ["SGDScheduleFree", "AdamWScheduleFree", "polyak_reductions"]
@@ -80,10 +81,6 @@ class _ScheduleFree(FusedOptimizer):
         if len(self.param_groups) > 1:  # a group added later joins the optimizer's current mode
             self.param_groups[-1]["train_mode"] = self.param_groups[0]["train_mode"]
 
-    @staticmethod
-    def _beta(group) -> float:
-        return float(group["betas"][0]) if "betas" in group else float(group["momentum"])
-
     @torch.no_grad()
     def _swap(self, to_train: bool) -> None:
         for gi, group in enumerate(self.param_groups):
@@ -91,7 +88,7 @@ class _ScheduleFree(FusedOptimizer):
         for group in self.param_groups:
             if group["train_mode"] == to_train:
                 continue  # already there: calling train()/eval() twice is harmless
-            beta = self._beta(group)
+            beta = sf_beta(group)
             weight = 1.0 - beta if to_train else 1.0 - 1.0 / beta
             for p in group["params"]:
                 st = self.state.get(p, {})
@@ -148,16 +145,18 @@ class _ScheduleFree(FusedOptimizer):
                 raise ValueError(f"{name}: lr='polyak' needs the closure to return the loss as a number or a "
                                  f"one-element tensor, got {type(loss).__name__}")
             gammas = []
-            for group, items in polyak:  # reduction pass: reads only
+            for group, items in polyak:  # reduction pass: reads only (gamma is written with the other counters)
                 dot, sq = polyak_reductions(self.rule, group, items, self.state, inv_scale)
                 num = max(f - float(group["f_star"]) + dot, 0.0)
                 gamma = num / max(sq, float(group["M"]))
                 if group["polyak_max_lr"] is not None:
                     gamma = min(gamma, float(group["polyak_max_lr"]))
                 gammas.append(gamma)
-            for (group, _), gamma in zip(polyak, gammas):
-                group["polyak_lr"] = gamma
-        super()._prepare_step(plan, loss, inv_scale)
+            overrides = {id(group): {"polyak_lr": gamma} for (group, _), gamma in zip(polyak, gammas)}
+        else:
+            overrides = {}
+        groups = [group for group, *_ in plan]
+        self._apply_group_prepare(groups, [overrides.get(id(g)) for g in groups])  # all groups, or none
         for group, _, items, _ in plan:  # z starts as a copy of y (schedule_free convention)
             sdt = _layouts.get_layout(group["layout"]).state_dtype_for
             for p in items:

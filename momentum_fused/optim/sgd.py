@@ -8,9 +8,9 @@ class SGD(FusedOptimizer):
     rule = "sgd"
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 *, maximize=False, backend=None, layout=None, sr_seed=0,
-                 capturable=False):
+                 *, maximize=False, foreach=None, differentiable=False, fused=None, backend=None, layout=None,
+                 sr_seed=0, capturable=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov, maximize=maximize),
-                         backend=backend, layout=layout, sr_seed=sr_seed,
-                         capturable=capturable)
+                         backend=backend, layout=layout, sr_seed=sr_seed, capturable=capturable,
+                         foreach=foreach, fused=fused, differentiable=differentiable)

@@ -1,0 +1,270 @@
+"""Drop-in compatibility with torch.optim and the reliability fixes found by using the optimizers as a new user
+would (issue 19): torch's constructor keywords, extra param-group keys, train()/eval() everywhere, the forced
+backend and the state_dict keys surviving a load, host counters validated, duplicate params refused, the
+schedule-free weight overflow, RMSprop's centered cancellation. Each test failed before its fix."""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import warnings
+
+import pytest
+import torch
+
+import momentum_fused as mf
+from momentum_fused import backends
+from optim_db import CASES, assert_snapshot_equal, make_grads, make_params, run, snapshot
+
+TORCH_TWINS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW,
+               "NAdam": torch.optim.NAdam, "RMSprop": torch.optim.RMSprop}
+COMPILED = [b for b in ("cpu",) if backends.status().get(b) == "available"]
+# every optimizer class with the kwargs of a good run (the case table plus schedule-free)
+ALL = {n: (c.cls, c.base) for n, c in CASES.items()}
+ALL.update(SGDScheduleFree=(mf.SGDScheduleFree, dict(lr=0.1)), AdamWScheduleFree=(mf.AdamWScheduleFree, dict(lr=0.01)))
+BACKENDS = ["reference", *COMPILED]
+
+
+# ------------------------------------------------------------------------------------------ 1. keywords
+@pytest.mark.parametrize("name", list(TORCH_TWINS))
+def test_every_torch_keyword_is_accepted_with_torch_default_and_position(name):
+    ours = inspect.signature(getattr(mf, name).__init__).parameters
+    theirs = inspect.signature(TORCH_TWINS[name].__init__).parameters
+    for key, tp in theirs.items():
+        assert key in ours, f"{name} lacks torch's keyword {key!r}"
+        op = ours[key]
+        if tp.default is not inspect.Parameter.empty:
+            assert op.default == tp.default, f"{name}.{key}: default {op.default!r}, torch {tp.default!r}"
+    positional = [k for k, p in theirs.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    ours_positional = [k for k, p in ours.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert ours_positional[:len(positional)] == positional
+
+
+@pytest.mark.parametrize("name", list(TORCH_TWINS))
+def test_foreach_and_fused_select_nothing_and_differentiable_is_refused(name):
+    cls = getattr(mf, name)
+    kw = dict(lr=0.01)
+    grads = make_grads(steps=3)
+    ref_p = make_params()
+    run(cls(ref_p, **kw), ref_p, grads)
+    has_fused = "fused" in inspect.signature(cls.__init__).parameters
+    for extra in [dict(foreach=True), dict(foreach=False), dict(foreach=None)] + \
+            ([dict(fused=True), dict(fused=False)] if has_fused else []):
+        p = make_params()
+        opt = cls(p, **kw, **extra)
+        run(opt, p, grads)
+        for a, b in zip(p, ref_p):
+            assert torch.equal(a, b), extra
+        assert not any(k in g for g in opt.param_groups for k in extra)
+    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+        cls(make_params(), differentiable=True)
+    with pytest.raises(TypeError, match="foreach"):
+        cls(make_params(), foreach="yes")
+
+
+# ------------------------------------------------------------------------------------------ 2. group keys
+@pytest.mark.parametrize("name", list(ALL))
+def test_extra_group_keys_are_carried_in_groups_and_state_dicts(name):
+    cls, base = ALL[name]
+    p = make_params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these is a near miss
+        opt = cls([dict(params=p[:1], name="emb", layer_id=0, lr_scale=0.5),
+                   dict(params=p[1:], name="blocks", initial_lr=0.1)], **base)
+        run(opt, p, make_grads(steps=2))
+    assert opt.param_groups[0]["name"] == "emb" and opt.param_groups[0]["lr_scale"] == 0.5
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["param_groups"][0]["layer_id"] == 0 and sd["param_groups"][1]["initial_lr"] == 0.1
+    q = make_params()
+    fresh = cls([dict(params=q[:1]), dict(params=q[1:])], **base)
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["name"] == "emb" and fresh.param_groups[1]["name"] == "blocks"
+
+
+def test_a_group_of_a_generator_keeps_its_params():
+    model = torch.nn.Linear(3, 2)
+    opt = mf.AdamW([dict(params=model.parameters(), name="all")], lr=0.1)
+    assert len(opt.param_groups[0]["params"]) == 2
+
+
+def test_extra_keys_move_between_torch_and_momentum_fused_checkpoints():
+    p, q = make_params(), make_params()
+    theirs = torch.optim.AdamW([dict(params=p[:1], name="a", lr_scale=2.0), dict(params=p[1:], name="b")], lr=0.01)
+    run(theirs, p, make_grads(steps=2))
+    ours = mf.AdamW([dict(params=q[:1]), dict(params=q[1:])], lr=0.01)
+    ours.load_state_dict(theirs.state_dict())
+    assert [g["name"] for g in ours.param_groups] == ["a", "b"] and ours.param_groups[0]["lr_scale"] == 2.0
+    back = torch.optim.AdamW([dict(params=p[:1]), dict(params=p[1:])], lr=0.01)
+    back.load_state_dict(ours.state_dict())
+    assert [g["name"] for g in back.param_groups] == ["a", "b"]
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW", "Lion", "AdamWScheduleFree"])
+def test_a_near_miss_of_a_hyperparameter_warns_at_construction_add_and_later(name):
+    cls, base = ALL[name]
+    p = make_params()
+    with pytest.warns(UserWarning, match=r"'weight_decy'.*did you mean 'weight_decay'"):
+        cls([dict(params=p, weight_decy=0.1)], **base)
+    opt = cls(p[:1], **base)
+    with pytest.warns(UserWarning, match=r"'LR'.*did you mean 'lr'"):
+        opt.add_param_group(dict(params=p[1:], LR=0.5))
+    opt = cls(p, **base)
+    run(opt, p, make_grads(steps=1))
+    opt.param_groups[0]["weight_decya"] = 0.3  # added to a live group: found at the next step, once
+    with pytest.warns(UserWarning, match=r"'weight_decya'.*did you mean 'weight_decay'"):
+        run(opt, p, make_grads(steps=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(opt, p, make_grads(steps=1))
+
+
+def test_near_miss_rule():
+    from momentum_fused.optim.base import near_miss
+
+    known = {"lr", "eps", "weight_decay", "momentum", "betas"}
+    assert near_miss("weight_decy", known) == "weight_decay"
+    assert near_miss("weigt_decy", known) == "weight_decay"  # two edits on a long key
+    assert near_miss("lrr", known) == "lr" and near_miss("Eps", known) == "eps" and near_miss("beta", known) == "betas"
+    for key in ("name", "layer_id", "lr_scale", "initial_lr", "wd", "max_lr", "weight_decay_scale"):
+        assert near_miss(key, known) is None, key
+
+
+# ------------------------------------------------------------------------------------------ 3. train/eval
+def _all_optimizers():
+    out = [(n, cls, base) for n, (cls, base) in ALL.items()]
+    out += [("LowRankSGD", mf.lowrank.LowRankSGD, dict(lr=0.1)), ("LowRankAdam", mf.lowrank.LowRankAdam, dict(lr=0.1))]
+    return out
+
+
+@pytest.mark.parametrize("name,cls,base", _all_optimizers(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_optimizer_has_train_and_eval(name, cls, base):
+    p = make_params()
+    opt = cls(p, **base)
+    run(opt, p, make_grads(steps=2))
+    assert opt.train() is opt and opt.eval() is opt and opt.train(True) is opt
+    if "ScheduleFree" in name:
+        return  # (their eval() swaps in the averaged iterate: tests/test_schedulefree.py)
+    before = snapshot(opt, p)
+    opt.eval()
+    opt.train()
+    assert_snapshot_equal(before, snapshot(opt, p))
+
+
+# ------------------------------------------------------------------------------------------ 8, 9. checkpoints
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(ALL))
+def test_load_state_dict_keeps_the_forced_backend_and_the_state_dict_keys(name, backend):
+    cls, base = ALL[name]
+    p = make_params()
+    opt = cls(p, backend=backend, **base)
+    run(opt, p, make_grads(steps=2))
+    sd = copy.deepcopy(opt.state_dict())
+    q = make_params()
+    other = cls(q, backend=backend, **base)
+    other.load_state_dict(sd)
+    assert other.backend == backend
+    sd2 = other.state_dict()
+    assert [set(g) for g in sd2["param_groups"]] == [set(g) for g in sd["param_groups"]]
+    assert "differentiable" not in other.defaults
+    other.load_state_dict(copy.deepcopy(sd2))
+    assert [set(g) for g in other.state_dict()["param_groups"]] == [set(g) for g in sd["param_groups"]]
+    restored = copy.deepcopy(other)
+    assert restored.backend == backend and "differentiable" not in restored.defaults
+
+
+# ------------------------------------------------------------------------------------------ 10. host counters
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n].cls([torch.zeros(1)], **CASES[n].base).spec.counts_steps])
+@pytest.mark.parametrize("bad", [-1.0, 0.5, float("nan"), float("inf")])
+def test_a_bad_step_counter_in_a_loaded_state_raises_naming_it_and_changes_nothing(name, backend, bad):
+    case = CASES[name]
+    p = make_params()
+    opt = case.cls(p, backend=backend, **case.base)
+    run(opt, p, make_grads(steps=2))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][2]["step"] = torch.tensor(bad)
+    before = snapshot(opt, p)
+    with pytest.raises(ValueError, match=r"param 2 of group 0.*'step'"):
+        opt.load_state_dict(sd)
+    assert_snapshot_equal(before, snapshot(opt, p))
+    # assigned directly between steps (the cached plan must notice): the step raises, nothing changes
+    opt.state[p[2]]["step"] = torch.tensor(bad)
+    before = snapshot(opt, p)
+    for x, g in zip(p, make_grads(steps=1)[0]):
+        x.grad = g
+    with pytest.raises(ValueError, match=r"param 2 of group 0.*'step'"):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, p))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bad_mu_product_raises_and_changes_nothing(backend):
+    p = make_params()
+    opt = mf.NAdam(p, lr=0.01, backend=backend)
+    run(opt, p, make_grads(steps=2))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["mu_product"] = torch.tensor(float("inf"))
+    with pytest.raises(ValueError, match=r"param 1 of group 0.*'mu_product'"):
+        opt.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------------------------------ 11. duplicates
+@pytest.mark.parametrize("name", list(ALL))
+def test_a_param_listed_twice_is_refused(name):
+    cls, base = ALL[name]
+    p = make_params()
+    with pytest.raises(ValueError, match=r"param 2 .* is param 0 again"):
+        cls([p[0], p[1], p[0]], **base)
+    opt = cls(p[:1], **base)
+    with pytest.raises(ValueError, match=r"param 1 .* is param 0 again"):
+        opt.add_param_group(dict(params=[p[1], p[1]]))
+    assert len(opt.param_groups) == 1
+
+
+# ------------------------------------------------------------------------------------------ 12. schedule-free
+@pytest.mark.parametrize("cls", [mf.SGDScheduleFree, mf.AdamWScheduleFree])
+def test_schedule_free_huge_lr_raises_writes_nothing_and_a_sane_lr_continues(cls):
+    grads = make_grads(steps=4)
+    p, q = make_params(), make_params()
+    opt = cls([dict(params=p[:1]), dict(params=p[1:])], lr=0.01)
+    ref = cls([dict(params=q[:1]), dict(params=q[1:])], lr=0.01)
+    run(opt, p, grads, steps=2)
+    run(ref, q, grads, steps=2)
+    opt.param_groups[1]["lr"] = 1e300  # the second group overflows: the first must not move either
+    before = snapshot(opt, p)
+    for x, g in zip(p, grads[2]):
+        x.grad = g.clone()
+    with pytest.raises(ValueError, match=r"param group 1: .*not finite"):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, p))
+    opt.param_groups[1]["lr"] = 0.01
+    run(opt, p, grads[2:])
+    run(ref, q, grads[2:])
+    assert_snapshot_equal(snapshot(ref, q), snapshot(opt, p))
+
+
+# ------------------------------------------------------------------------------------------ 13. RMSprop
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kw", [dict(alpha=0.0, centered=True), dict(alpha=0.0, centered=True, momentum=0.5),
+                                dict(lr=1e30, momentum=0.9, centered=True, alpha=0.5, weight_decay=0.1)],
+                         ids=["alpha0", "alpha0-momentum", "lr1e30"])
+def test_rmsprop_centered_cancellation_gives_torchs_nans(backend, dtype, kw):
+    """sq - ga^2 cancels to 0 or a tiny negative number: torch's addcmul rounds it once (an FMA), so its NaNs
+    (sqrt of a negative) are where the fused kernels must put theirs."""
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(1000, dtype=dtype, generator=gen) for _ in range(6)]
+    out = {}
+    for who in ("torch", backend):
+        p = torch.nn.Parameter(torch.randn(1000, dtype=dtype, generator=torch.Generator().manual_seed(0)))
+        opt = torch.optim.RMSprop([p], **kw) if who == "torch" else mf.RMSprop([p], backend=backend, **kw)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        out[who] = p.detach()
+    t, o = out["torch"], out[backend]
+    assert torch.equal(t.isnan(), o.isnan()), f"NaN at {int((t.isnan() != o.isnan()).sum())} other places"
+    if kw.get("alpha") == 0.0 and not kw.get("momentum"):
+        assert t.isnan().any()  # (the case exercises the cancellation)
+    fin = ~t.isnan()
+    torch.testing.assert_close(o[fin], t[fin], rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
