@@ -16,6 +16,7 @@ write the layer's rank; the dense optimizers (``momentum_fused.SGD`` etc.) see t
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Callable
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LowRankLinear", "LowRankFactor", "convert"]
+__all__ = ["LowRankLinear", "LowRankFactor", "convert", "to_dense"]
 
 
 def _rebuild_factor(data, requires_grad, role):
@@ -222,15 +223,69 @@ class LowRankLinear(nn.Module):
                 f"max_rank={self.max_rank}, bias={self.bias is not None}")
 
 
+_TIED_OPTIONS = ("dense", "error")
+
+
+def _shared_layers(model: nn.Module, candidates) -> dict:
+    """{name: what it shares} for each (name, module) of ``candidates`` that is registered in ``model`` under
+    more than one name, or whose own parameters (weight, bias) are also registered by another module (a tied
+    head: ``lm_head.weight is wte.weight``). Found by object identity over
+    ``model.named_modules(remove_duplicate=False)`` and each module's own parameters."""
+    names_of = {}    # id(module) -> every name it is registered under
+    owners_of = {}   # id(param) -> [(id(owning module), "module.param")]
+    for name, mod in model.named_modules(remove_duplicate=False):
+        first = id(mod) not in names_of
+        names_of.setdefault(id(mod), []).append(name)
+        if first:  # a module registered twice owns its parameters once
+            for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+                owners_of.setdefault(id(p), []).append((id(mod), f"{name}.{pname}" if name else pname))
+    shared = {}
+    for name, mod in candidates:
+        what = []
+        others = [n for n in names_of[id(mod)] if n != name]
+        if others:
+            what.append("the same module is also registered as " + ", ".join(repr(n) for n in others))
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            with_ = [full for owner, full in owners_of.get(id(p), []) if owner != id(mod)]
+            if with_:
+                what.append(f"its {pname} is the same tensor as " + ", ".join(repr(n) for n in with_))
+        if what:
+            shared[name] = "; ".join(what)
+    return shared
+
+
 def convert(model: nn.Module, filter: Callable[[str, nn.Module], bool] | None = None, rank: int | None = None,
-            max_rank: int | None = None, tol: float | None = None) -> nn.Module:
+            max_rank: int | None = None, tol: float | None = None, *, tied: str = "dense") -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` that ``filter(name, module)`` selects (default:
     all) by ``LowRankLinear.from_dense(module, rank=, tol=, max_rank=)``. Returns ``model``. Conv layers
-    are not supported. Raises (before changing anything) when a selected layer cannot take the rank."""
+    are not supported. Raises (before changing anything) when a selected layer cannot take the rank.
+
+    Tied layers: a selected Linear whose weight or bias is also a parameter of another module (GPT-2's
+    ``lm_head.weight is transformer.wte.weight``), or a Linear registered under several names, cannot be
+    factored without untying it. ``tied="dense"`` (default) leaves such layers dense and tied, with one
+    warning naming each and what it shares; ``tied="error"`` raises a ValueError naming them (before
+    changing anything)."""
+    if tied not in _TIED_OPTIONS:
+        raise ValueError(f"convert: tied must be one of {_TIED_OPTIONS}, got {tied!r}")
     if (rank is None) == (tol is None):
         raise ValueError("convert: give exactly one of rank= or tol=")
-    chosen = [(name, mod) for name, mod in model.named_modules()
-              if isinstance(mod, nn.Linear) and (filter is None or filter(name, mod))]
+    names = {}  # id(module) -> its names, in registration order
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, nn.Linear):
+            names.setdefault(id(mod), (mod, []))[1].append(name)
+    # a module registered twice is selected when filter selects it under any of its names
+    chosen = [(ns[0], mod) for mod, ns in names.values()
+              if filter is None or any(filter(n, mod) for n in ns)]
+    shared = _shared_layers(model, chosen)
+    if shared:
+        lines = "\n".join(f"  {name!r}: {what}" for name, what in shared.items())
+        if tied == "error":
+            raise ValueError(f"convert: these selected Linear layers share parameters or are registered twice, "
+                             f"so factoring them would untie them:\n{lines}\nexclude them with filter=, or "
+                             f"pass tied='dense' to keep them dense (and tied)")
+        warnings.warn(f"momentum_fused.lowrank.convert: left dense (and tied) because factoring would untie "
+                      f"them:\n{lines}", stacklevel=2)
+        chosen = [(name, mod) for name, mod in chosen if name not in shared]
     for name, mod in chosen:
         k = min(mod.in_features, mod.out_features)
         if (rank is not None and rank > k) or (max_rank is not None and max_rank > k):
@@ -238,7 +293,46 @@ def convert(model: nn.Module, filter: Callable[[str, nn.Module], bool] | None = 
                              f"rank={rank}, max_rank={max_rank} (limit min(in, out) = {k}); exclude it with filter=")
     new = {name: LowRankLinear.from_dense(mod, rank=rank, tol=tol, max_rank=max_rank) for name, mod in chosen}
     for name, layer in new.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        _replace(model, name, layer)
     return model
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, layer)
+
+
+@torch.no_grad()
+def to_dense(model: nn.Module) -> nn.Module:
+    """Replace, in place, every :class:`LowRankLinear` of ``model`` by an ``nn.Linear`` with the same device
+    and dtype, weight U_r S_r V_rᵀ at the current rank (computed in float64, rounded once) and the same bias.
+    Returns ``model`` (a ``LowRankLinear`` passed as ``model`` itself is returned converted). Its
+    ``state_dict`` then loads into the original dense architecture. A layer registered under several names
+    becomes one Linear registered under the same names. Optimizer state of the factors does not carry over:
+    build a new optimizer for the dense model."""
+    if isinstance(model, LowRankLinear):
+        return _dense_of(model)
+    done = {}
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(mod, LowRankLinear):
+            if id(mod) not in done:
+                done[id(mod)] = _dense_of(mod)
+            _replace(model, name, done[id(mod)])
+    return model
+
+
+def _dense_of(layer: LowRankLinear) -> nn.Linear:
+    U = layer.U
+    # skip_init: no random init (it would be overwritten, and would draw from the global RNG)
+    dense = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               device=U.device, dtype=U.dtype)
+    r = layer.r
+    W = U[:, :r].double() @ layer.S[:r, :r].double() @ layer.V[:, :r].double().T
+    dense.weight.copy_(W.to(U.dtype))
+    dense.weight.requires_grad_(U.requires_grad)
+    if layer.bias is not None:
+        dense.bias.copy_(layer.bias)
+        dense.bias.requires_grad_(layer.bias.requires_grad)
+    dense.train(layer.training)
+    return dense
