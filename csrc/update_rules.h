@@ -1,7 +1,7 @@
 // momentum_fused: the elementwise update rules, written once for the CPU and the CUDA kernels.
 //
 // Each rule is `<rule>_math<T, FLAGS...>(p, g, state..., scalars)`, with the same name and the same
-// order of operations as momentum_fused/reference.py::<rule>_ref (ALGORITHMS.md has the conventions).
+// order of operations as momentum_fused/reference.py::<rule>_ref (docs/algorithms.md has the conventions).
 // T is the math type: float for fp32/bf16/fp16 storage, double for fp64. Loads and stores (storage.h)
 // stay outside this file. Scalars arrive as the rule's float64 host pack (specs.py scalar_names, last
 // entry grad_mult); `<Rule>Scalars<T>::make(pack)` derives the per-tensor constants in double (like the

@@ -8,7 +8,7 @@ never look at a param group; they receive tensors, a flags tuple and scalar pack
 so that kernels stay free of ``pow``/``exp`` and of per-rule host logic.
 
 The update rules themselves are written in ``momentum_fused/reference.py`` (the executable spec) and in
-the kernel sources; see docs/ALGORITHMS.md for the conventions.
+the kernel sources; see docs/algorithms.md for the conventions.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ class UpdateRuleSpec:
                    returned, not written: the optimizer writes them once every group has been computed.
     group_extras:  host counters kept in every param group (so they are checkpointed), with their
                    initial values; not constructor arguments.
-    bytes_per_elem: fp32 roofline bytes (read + write) per element (ALGORITHMS.md section 9).
+    bytes_per_elem: fp32 roofline bytes (read + write) per element (docs/algorithms.md §9).
     """
 
     name: str

@@ -46,7 +46,7 @@ class OptimCase:
     cls: type
     variants: list[dict]
     oracle: type | None = None
-    sign_rule: bool = False  # sign-based: compare in float64 only (ALGORITHMS.md section 5)
+    sign_rule: bool = False  # sign-based: compare in float64 only (docs/algorithms.md §5)
     errors: list[ErrorCase] = field(default_factory=list)
     group_errors: list[GroupError] = field(default_factory=list)
     # kwargs a good "base" run uses when a test just needs a working optimizer

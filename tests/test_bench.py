@@ -1,4 +1,4 @@
-"""The benchmark runs end to end (tiny sizes) and counts bytes as ALGORITHMS.md section 9 does.
+"""The benchmark runs end to end (tiny sizes) and counts bytes as docs/algorithms.md §9 does.
 Timing values are never asserted."""
 import json
 import math
@@ -15,7 +15,7 @@ from bench.rules import bytes_per_elem, providers, rules
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# ALGORITHMS.md section 9, fp32 unless noted.
+# docs/algorithms.md §9, fp32 unless noted.
 EXPECTED_FP32 = {"sgd": 12, "signsgd": 12, "sgd_momentum": 20, "nesterov": 20, "qhm": 20, "signum": 20, "lion": 20,
                  "fsgdm": 20, "rmsprop": 20, "sf_sgd": 20, "adam": 28, "adamw": 28, "adam_tied": 28, "nadam": 28,
                  "sf_adamw": 28, "amsgrad": 36}

@@ -2,7 +2,7 @@
 AdamTied): 3 steps on a 3-element float64 tensor, with literal expected values.
 
 The literals were computed once with the scalar pure-Python implementations below (written from
-docs/ALGORITHMS.md, independent of momentum_fused) and pasted; the scalar implementations stay in this
+docs/algorithms.md, independent of momentum_fused) and pasted; the scalar implementations stay in this
 file as a second oracle that is asserted too, so a change of either the literals or the library is
 caught. Inputs: p0 = [1, -2, 0.5]; g1 = [0.5, -1, 2], g2 = [-0.25, 0.5, 1], g3 = [1.5, 0, -0.5].
 """

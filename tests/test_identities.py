@@ -1,4 +1,4 @@
-"""Algebraic identities between the rules (docs/ALGORITHMS.md sections 2, 3, 5). Bitwise where the two
+"""Algebraic identities between the rules (docs/algorithms.md §§ 2, 3, 5). Bitwise where the two
 sides execute the same float operations, TOL[float64] where they are equal only in exact arithmetic."""
 import math
 

@@ -1,4 +1,4 @@
-"""LowRankLinear and the DLRA optimizers LowRankSGD / LowRankAdam (ALGORITHMS.md §8).
+"""LowRankLinear and the DLRA optimizers LowRankSGD / LowRankAdam (docs/algorithms.md §8).
 
 Each step of §8 is pinned: augment (orthonormal, span(Û) ⊇ span(U), ÛᵀU = [I; 0]), lift (W and the
 ambient momentum U B Vᵀ unchanged), gradient (Ĝ from G_U, G_S, G_V equals Ûᵀ P_T(G) V̂ from the dense

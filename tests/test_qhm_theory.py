@@ -1,4 +1,4 @@
-"""QHM on quadratics (docs/ALGORITHMS.md section 2) and the QHM.from_* converters.
+"""QHM on quadratics (docs/algorithms.md §2) and the QHM.from_* converters.
 
 On f = 0.5 * sum(h_i x_i^2) QHM is the linear recurrence x_{t+1} = c1 x_t - c2 x_{t-1} (t >= 1) with
 c1 = 1 - lr h + lr nu beta h + beta, c2 = beta (1 - lr h + lr nu h); its rate is the spectral radius of

@@ -1,4 +1,4 @@
-"""Schedule-Free SGD / AdamW (ALGORITHMS.md section 6, schedule_free v1.4), the WSD schedule and the
+"""Schedule-Free SGD / AdamW (docs/algorithms.md §6, schedule_free v1.4), the WSD schedule and the
 Polyak step. Oracles:
 - fixed lr: 3-step goldens written below as literals, produced by ``sf_scalar`` (an independent
   scalar pure-Python implementation of the memory-efficient form; the test asserts it too);
@@ -52,7 +52,7 @@ def sf_scalar(kind, y0, a, b, steps, lr, beta, beta2=0.999, eps=1e-8, wd=0.0, wa
 
 
 def sf_xyz(kind, x0, grad_fn, lrs, beta, beta2=0.999, eps=1e-8, wd=0.0, r=0.0, wlp=2.0, weight_rule="lr_max"):
-    """Explicit (non-memory-efficient) form of ALGORITHMS.md section 6, float64: returns the list of x_t.
+    """Explicit (non-memory-efficient) form of docs/algorithms.md §6, float64: returns the list of x_t.
     ``lrs`` are the scheduled lrs gamma_k (warmup already applied)."""
     x, z = x0.clone(), x0.clone()
     v = torch.zeros_like(x0)

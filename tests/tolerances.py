@@ -22,7 +22,7 @@ def tol(dtype: torch.dtype) -> dict:
 
 
 # Batched QR retraction (tests/test_retraction.py, tests/triton/test_retraction_triton.py).
-# Orthonormality ||Q^T Q - I||_F (fp32: the ALGORITHMS §8 invariant) and the backward error
+# Orthonormality ||Q^T Q - I||_F (fp32: the docs/algorithms.md §8 invariant) and the backward error
 # ||A - Q R||_F / ||A||_F are round-off bounds. Two correct QRs of A differ by O(u kappa(A)) plus a
 # round-off floor that grows with r (measured: ~r/2 u at kappa = 1, <= 1 u kappa at kappa >= 1e2 for
 # m, r <= 130), so agreement between backends on Q Q^T and on R (||R - R_h||_F / ||A||_F) is checked

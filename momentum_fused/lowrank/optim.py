@@ -1,4 +1,4 @@
-"""LowRankSGD / LowRankAdam: the DLRA momentum optimizers of ALGORITHMS.md §8.
+"""LowRankSGD / LowRankAdam: the DLRA momentum optimizers of docs/algorithms.md §8.
 
 One optimizer for the whole model. Params that are :class:`~momentum_fused.lowrank.layer.LowRankFactor`
 (U, S, V of a :class:`LowRankLinear`, found through the tag the layer puts on them) are trained on the
@@ -347,7 +347,7 @@ class _LowRankOptimizer(torch.optim.Optimizer):
             layer = layers[i]
             shape = "" if layer is None else f" ({layer.out_features}x{layer.in_features}, rank {layer.r}, group {gi})"
             raise RuntimeError(f"{type(self).__name__}: the core S of a LowRankLinear{shape} is singular: the gradient "
-                               f"assembly from one backward pass (ALGORITHMS.md §8 step 3) needs S invertible; "
+                               f"assembly from one backward pass (docs/algorithms.md §8 step 3) needs S invertible; "
                                f"nothing changed")
         return Kt.mT, Lt.mT
 
@@ -427,7 +427,7 @@ class _LowRankOptimizer(torch.optim.Optimizer):
 
 
 class LowRankSGD(_LowRankOptimizer):
-    """Heavy ball / Nesterov on the manifold of rank-r matrices (ALGORITHMS.md §8), with
+    """Heavy ball / Nesterov on the manifold of rank-r matrices (docs/algorithms.md §8), with
     torch.optim.SGD's conventions on the core; dense params get momentum_fused.SGD. See the module
     docstring for the step, the options and the state layout."""
 
@@ -444,7 +444,7 @@ class LowRankSGD(_LowRankOptimizer):
 
 
 class LowRankAdam(_LowRankOptimizer):
-    """Adam on the core in the coordinates of the current basis (ALGORITHMS.md §8): m is lifted and
+    """Adam on the core in the coordinates of the current basis (docs/algorithms.md §8): m is lifted and
     transported like the momentum, v through its square root (v ← (P₁ᵀ √v̂ Q₁)²). Basis dependent, so
     it has no dense full-rank limit. Dense params get momentum_fused.Adam."""
 

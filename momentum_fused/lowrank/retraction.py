@@ -1,4 +1,4 @@
-"""Batched thin QR (the retraction of the low-rank optimizer, ALGORITHMS §8), behind one function.
+"""Batched thin QR (the retraction of the low-rank optimizer, docs/algorithms.md §8), behind one function.
 
 ``qr(A, backend)`` factors A [..., m, r] (m >= r) as A = Q R with Q^T Q = I and R upper triangular with
 diag(R) > 0, batched over the leading dims. bf16/fp16 (and other low-precision floats) compute in

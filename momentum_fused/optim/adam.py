@@ -4,7 +4,7 @@ from .base import FusedOptimizer
 
 
 class Adam(FusedOptimizer):
-    """Adam / AMSGrad with torch.optim.Adam's conventions (ALGORITHMS.md section 3): coupled L2 decay
+    """Adam / AMSGrad with torch.optim.Adam's conventions (docs/algorithms.md §3): coupled L2 decay
     unless ``decoupled_weight_decay``, eps added after the sqrt bias correction; state ``step``,
     ``exp_avg``, ``exp_avg_sq`` (+ ``max_exp_avg_sq`` with amsgrad)."""
 

@@ -3,7 +3,7 @@ from .base import FusedOptimizer
 
 class FSGDM(FusedOptimizer):
     """Frequency SGD with momentum (Li et al., ICLR 2025; official yinleung/FSGDM conventions,
-    ALGORITHMS.md section 7). ``b <- d`` on the first step, then ``b <- u b + v d`` with
+    docs/algorithms.md §7). ``b <- d`` on the first step, then ``b <- u b + v d`` with
     ``u = stage / (stage + c_scaling * sigma)`` rising in ``n_stages`` stages over ``sigma`` total
     steps. The step counter (a float starting at 1.0) lives in each param group as ``step``, so it is
     checkpointed. Unlike upstream, unknown keyword arguments raise."""

@@ -2,7 +2,7 @@ from .base import FusedOptimizer
 
 
 class NAdam(FusedOptimizer):
-    """NAdam with torch.optim.NAdam's conventions (ALGORITHMS.md section 4); state ``step``,
+    """NAdam with torch.optim.NAdam's conventions (docs/algorithms.md §4); state ``step``,
     ``mu_product`` (host side, float64), ``exp_avg``, ``exp_avg_sq``."""
 
     rule = "nadam"

@@ -2,7 +2,7 @@ from .base import FusedOptimizer
 
 
 class QHM(FusedOptimizer):
-    """Quasi-hyperbolic momentum (Ma & Yarats; qhoptim's conventions, ALGORITHMS.md section 2):
+    """Quasi-hyperbolic momentum (Ma & Yarats; qhoptim's conventions, docs/algorithms.md §2):
     ``b <- beta b + (1 - beta) g`` (zeros start), ``p <- p - lr [(1 - nu) g + nu b]``.
 
     ``weight_decay_type``: "grad" adds ``weight_decay * p`` to the gradient, "direct" scales

@@ -2,7 +2,7 @@ from .base import FusedOptimizer
 
 
 class RMSprop(FusedOptimizer):
-    """RMSprop with torch.optim.RMSprop's conventions (ALGORITHMS.md section 4): eps added outside
+    """RMSprop with torch.optim.RMSprop's conventions (docs/algorithms.md §4): eps added outside
     the square root, optional centering and momentum; state ``step``, ``square_avg``,
     ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered)."""
 

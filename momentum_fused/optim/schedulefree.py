@@ -166,7 +166,7 @@ class _ScheduleFree(FusedOptimizer):
 
 
 class SGDScheduleFree(_ScheduleFree):
-    """Schedule-Free SGD (ALGORITHMS.md section 6), schedule_free v1.4 semantics.
+    """Schedule-Free SGD (docs/algorithms.md §6), schedule_free v1.4 semantics.
 
     lr: a number (scaled by any torch LR scheduler and by the linear warmup) or "polyak".
     momentum: the interpolation beta in (0, 1). weight_decay: coupled, evaluated at y.
@@ -189,7 +189,7 @@ class SGDScheduleFree(_ScheduleFree):
 
 
 class AdamWScheduleFree(_ScheduleFree):
-    """Schedule-Free AdamW (ALGORITHMS.md section 6), schedule_free v1.4 semantics: bias correction
+    """Schedule-Free AdamW (docs/algorithms.md §6), schedule_free v1.4 semantics: bias correction
     inside the denominator d = g / (sqrt(v / (1 - beta2^(k+1))) + eps), weight decay lambda*y added to
     d (evaluated at y). Interpolation beta = betas[0].
 

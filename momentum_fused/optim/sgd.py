@@ -2,7 +2,7 @@ from .base import FusedOptimizer
 
 
 class SGD(FusedOptimizer):
-    """SGD, heavy ball and Nesterov, with torch.optim.SGD's conventions (ALGORITHMS.md section 1):
+    """SGD, heavy ball and Nesterov, with torch.optim.SGD's conventions (docs/algorithms.md §1):
     coupled L2 decay, first-step buffer b = g, dampening on later steps, state ``momentum_buffer``."""
 
     rule = "sgd"
