@@ -88,14 +88,15 @@ def test_hb_counter_terms_reduce_error_by_order():
     prob = hb.Quadratic(0, d=6)
     beta = 0.9
     errs = {m: [] for m in hb.MODELS}
-    for eta in (0.002, 0.001):
+    for eta in (0.001, 0.0005):  # eta/(1 - beta)^2 = 0.1, 0.05: inside the expansion's range
         steps = int(round(2.0 * (1 - beta) / eta))
         xd = hb.hb_discrete(prob, eta, beta, steps)
         for m in hb.MODELS:
             errs[m].append(float(np.abs(xd - hb.ode(prob, eta, beta, steps, m, sub=2)).max()))
     ratios = {m: e[0] / e[1] for m, e in errs.items()}
     assert errs["plain"][1] > errs["order1"][1] > errs["order2"][1]
-    assert 1.6 < ratios["plain"] < 2.4 and 3.2 < ratios["order1"] < 4.8 and 6.0 < ratios["order2"] < 10.0, ratios
+    # measured 1.79, 3.78, 7.26 (the asymptotic 2, 4, 8 up to higher-order terms)
+    assert 1.5 < ratios["plain"] < 2.5 and 3.2 < ratios["order1"] < 5.0 and 6.0 < ratios["order2"] < 10.0, ratios
 
 
 def test_qhm_measured_rate_matches_spectral_radius():
