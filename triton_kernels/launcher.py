@@ -234,3 +234,24 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
         HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block)
     _count_launch()
     return 1
+
+
+# ------------------------------------------------------------------------------- static compile (no GPU)
+_SIGNATURE = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "prog_tab": "*i64", "seg_tab": "*i64",
+              "n_seg": "i32", "found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32"}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: bool = False, sr: bool = False,
+                     found_inf: bool = False, grad_scale: bool = False, block: int = BLOCK):
+    """The kernels a launch of this specialization can run, for compiling them without a GPU
+    (bench/kernel_report.py, tests/test_triton_compile.py): a list of (name, path, jit function, signature,
+    constexprs, compile options, elements per thread)."""
+    from .rules import FAMILY, RULE_IDS, SCALARS
+    flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
+    fn = KERNELS[FAMILY[rule]]
+    constexprs = dict(RULE=RULE_IDS[rule], F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=len(SCALARS[rule]),
+                      PDT=DTYPE_CODES[_TORCH_DTYPES[pdt]], SDT=DTYPE_CODES[_TORCH_DTYPES[sdt]], MASTER=master, SR=sr,
+                      HAS_FOUND_INF=found_inf, HAS_GRAD_SCALE=grad_scale, BLOCK=block)
+    warps = 4
+    return [(fn.__name__, "mixed", fn, dict(_SIGNATURE), constexprs, {"num_warps": warps}, block // (32 * warps))]
