@@ -14,14 +14,27 @@ namespace {
 
 constexpr int kMaxPack = 16;
 
+// Elements per thread and iteration of the vector path: 16 bytes of the narrowest storage type, so every
+// list is read and written in 128-bit accesses (fp32: 4; bf16/fp16 and the layouts mixing them with fp32: 8, the
+// fp32 lists then in two 128-bit accesses), within 64 registers without spills (kernel_report checks it):
+// three states mixed with fp32 (bf16_state, master) take 4 (the 16-bit lists then in 64-bit accesses), fp64
+// 2, or 1 with two or more states (its scalars and math take twice the registers).
+template <typename P, typename S, int NS>
+struct VecElems {
+  static constexpr int kMin = sizeof(P) < sizeof(S) ? sizeof(P) : sizeof(S);
+  static constexpr int kMax = sizeof(P) < sizeof(S) ? sizeof(S) : sizeof(P);
+  static constexpr int value = kMax == 8 ? (NS >= 2 ? 1 : 2) : kMin == 2 ? (NS == 3 && kMax == 4 ? 4 : 8) : 4;
+};
+
+// N values of S, aligned to at most 16 bytes (a 32-byte vector is two 128-bit accesses, each 16-byte aligned).
 template <typename S, int N>
-struct alignas(sizeof(S) * N) Vec {
+struct alignas(sizeof(S) * N < 16 ? sizeof(S) * N : 16) Vec {
   S v[N];
 };
 
-template <typename S>
+template <typename S, int N>
 __device__ __forceinline__ bool vec_aligned(const S* ptr) {
-  return (reinterpret_cast<uintptr_t>(ptr) & (sizeof(S) * kILP - 1)) == 0;
+  return (reinterpret_cast<uintptr_t>(ptr) & (alignof(Vec<S, N>) - 1)) == 0;
 }
 
 // One store: RNE (storage.h store) or stochastic rounding (store_sr, element e, buffer key kb).
@@ -38,24 +51,26 @@ __device__ __forceinline__ void put(D& d, T v, uint32_t kb, int64_t e) {
 template <class Op, typename P, typename S, bool MASTER, bool SR>
 struct StepFunctor {
   const double* packs;
-  int k;
   const float* found_inf;
   const float* grad_scale;
   const double* lr;
   const int64_t* sr_keys;
 
-  __device__ __forceinline__ void operator()(const TensorTable& tt, int slot, int chunk) const {
+  template <int NL>
+  __device__ __forceinline__ void operator()(const TensorTable<NL>& tt, int slot, int chunk) const {
     using T = typename MathType<P>::type;
     using Sc = typename Op::template Scalars<T>;
     constexpr int NS = Op::kStates;
+    constexpr int K = Sc::kPack;  // the pack size is the rule's: a compile-time constant (no local array)
+    constexpr int E = VecElems<P, S, NS>::value;
+    static_assert(NL == 2 + NS + (MASTER ? 1 : 0), "list count");
     if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler: skip every write
 
-    double pk[kMaxPack];
-    const double* row = packs + static_cast<int64_t>(tt.row[slot]) * k;
+    double pk[K];
+    const double* row = packs + static_cast<int64_t>(tt.row[slot]) * K;
 #pragma unroll
-    for (int i = 0; i < kMaxPack; ++i)
-      if (i < k) pk[i] = row[i];
-    if (grad_scale != nullptr) pk[k - 1] = pk[k - 1] / static_cast<double>(*grad_scale);
+    for (int i = 0; i < K; ++i) pk[i] = row[i];
+    if (grad_scale != nullptr) pk[K - 1] = pk[K - 1] / static_cast<double>(*grad_scale);
     if (lr != nullptr) pk[0] = *lr;
     const Sc sc = Sc::make(pk);
     // stochastic rounding: buffer b = 0 for the param, 1 + j for state j
@@ -68,21 +83,37 @@ struct StepFunctor {
     const P* g = static_cast<const P*>(tt.ptr[1][slot]) + base;
     S* s0 = NS > 0 ? static_cast<S*>(tt.ptr[2][slot]) + base : nullptr;
     S* s1 = NS > 1 ? static_cast<S*>(tt.ptr[3][slot]) + base : nullptr;
-    S* s2 = NS > 2 ? static_cast<S*>(tt.ptr[4][slot]) + base : nullptr;
-    float* m = MASTER ? static_cast<float*>(tt.ptr[2 + NS][slot]) + base : nullptr;
+    S* s2 = NS > 2 ? static_cast<S*>(tt.ptr[NS > 2 ? 4 : 0][slot]) + base : nullptr;
+    float* m = MASTER ? static_cast<float*>(tt.ptr[MASTER ? 2 + NS : 0][slot]) + base : nullptr;
 
-    // every pointer aligned to kILP elements of its own type (P, S and float may differ in size)
-    bool aligned = (len % kILP) == 0 && vec_aligned(p) && vec_aligned(g);
-    if (NS > 0) aligned = aligned && vec_aligned(s0);
-    if (NS > 1) aligned = aligned && vec_aligned(s1);
-    if (NS > 2) aligned = aligned && vec_aligned(s2);
-    if (MASTER) aligned = aligned && vec_aligned(m);
+    // one element, bounds known: the vector path's tail and the unaligned path share the same loads and stores
+    auto one = [&](int64_t i) {
+      T a = MASTER ? load<T>(m[i]) : load<T>(p[i]);
+      T b0 = NS > 0 ? load<T>(s0[i]) : T(0);
+      T b1 = NS > 1 ? load<T>(s1[i]) : T(0);
+      T b2 = NS > 2 ? load<T>(s2[i]) : T(0);
+      Op::template apply<T>(a, load<T>(g[i]), b0, b1, b2, sc);
+      const int64_t e = base + i;
+      if (MASTER) store(m[i], a);
+      put<SR>(p[i], a, k0, e);
+      if (NS > 0) put<SR>(s0[i], b0, k1, e);
+      if (NS > 1) put<SR>(s1[i], b1, k2, e);
+      if (NS > 2) put<SR>(s2[i], b2, k3, e);
+    };
 
-    if (aligned) {  // vector loads/stores of kILP elements, one vector type per storage type
-      using VP = Vec<P, kILP>;
-      using VS = Vec<S, kILP>;
-      using VM = Vec<float, kILP>;
-      for (int64_t i = static_cast<int64_t>(threadIdx.x) * kILP; i < len; i += static_cast<int64_t>(blockDim.x) * kILP) {
+    // every pointer aligned for its own vector type (P, S and float may differ in size)
+    bool aligned = vec_aligned<P, E>(p) && vec_aligned<P, E>(g);
+    if (NS > 0) aligned = aligned && vec_aligned<S, E>(s0);
+    if (NS > 1) aligned = aligned && vec_aligned<S, E>(s1);
+    if (NS > 2) aligned = aligned && vec_aligned<S, E>(s2);
+    if (MASTER) aligned = aligned && vec_aligned<float, E>(m);
+
+    if (aligned) {  // vector loads/stores of E elements per list, then the < E elements of the tail
+      using VP = Vec<P, E>;
+      using VS = Vec<S, E>;
+      using VM = Vec<float, E>;
+      const int64_t len_v = len - len % E;
+      for (int64_t i = static_cast<int64_t>(threadIdx.x) * E; i < len_v; i += static_cast<int64_t>(blockDim.x) * E) {
         VP vp;
         VM vm;
         if (MASTER)
@@ -95,7 +126,7 @@ struct StepFunctor {
         if (NS > 1) v1 = *reinterpret_cast<const VS*>(s1 + i);
         if (NS > 2) v2 = *reinterpret_cast<const VS*>(s2 + i);
 #pragma unroll
-        for (int j = 0; j < kILP; ++j) {
+        for (int j = 0; j < E; ++j) {
           const int64_t e = base + i + j;  // element index in the tensor
           T a = MASTER ? load<T>(vm.v[j]) : load<T>(vp.v[j]);
           T b0 = NS > 0 ? load<T>(v0.v[j]) : T(0);
@@ -114,49 +145,23 @@ struct StepFunctor {
         if (NS > 1) *reinterpret_cast<VS*>(s1 + i) = v1;
         if (NS > 2) *reinterpret_cast<VS*>(s2 + i) = v2;
       }
-    } else {  // strided ILP with bounds checks: unaligned tensors and the scalar tail
-      for (int64_t i0 = 0; i0 < len; i0 += static_cast<int64_t>(blockDim.x) * kILP) {
-        T rp[kILP], rg[kILP], r0[kILP], r1[kILP], r2[kILP];
-#pragma unroll
-        for (int j = 0; j < kILP; ++j) {
-          const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
-          rp[j] = rg[j] = r0[j] = r1[j] = r2[j] = T(0);
-          if (i < len) {
-            rp[j] = MASTER ? load<T>(m[i]) : load<T>(p[i]);
-            rg[j] = load<T>(g[i]);
-            if (NS > 0) r0[j] = load<T>(s0[i]);
-            if (NS > 1) r1[j] = load<T>(s1[i]);
-            if (NS > 2) r2[j] = load<T>(s2[i]);
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < kILP; ++j) Op::template apply<T>(rp[j], rg[j], r0[j], r1[j], r2[j], sc);
-#pragma unroll
-        for (int j = 0; j < kILP; ++j) {
-          const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
-          if (i < len) {
-            const int64_t e = base + i;
-            if (MASTER) store(m[i], rp[j]);
-            put<SR>(p[i], rp[j], k0, e);
-            if (NS > 0) put<SR>(s0[i], r0[j], k1, e);
-            if (NS > 1) put<SR>(s1[i], r1[j], k2, e);
-            if (NS > 2) put<SR>(s2[i], r2[j], k3, e);
-          }
-        }
-      }
+      if (static_cast<int64_t>(threadIdx.x) < len - len_v) one(len_v + threadIdx.x);
+    } else {  // unaligned tensors: one element per thread and iteration (a fallback: views at odd offsets)
+      for (int64_t i = threadIdx.x; i < len; i += blockDim.x) one(i);
     }
   }
 };
 
 template <class Op, typename P, typename S, bool MASTER, bool SR>
 cudaError_t launch(int64_t n, void* const* params, const void* const* grads, void* const* states,
-                   void* const* masters, const int64_t* numel, const double* packs, int k, const float* found_inf,
+                   void* const* masters, const int64_t* numel, const double* packs, const float* found_inf,
                    const float* grad_scale, const double* lr, const int64_t* sr_keys, cudaStream_t stream) {
   constexpr int NS = Op::kStates;
   constexpr int NL = 2 + NS + (MASTER ? 1 : 0);  // param, grad, states, master
   static_assert(NL <= kMaxLists, "too many lists for the tensor table");
+  static_assert(Op::template Scalars<float>::kPack <= kMaxPack, "pack size");
   // per-list pointer arrays (states arrive tensor-major; the masters in a table of their own)
-  void** lists[kMaxLists];
+  void** lists[NL];
   void** storage = new void*[static_cast<size_t>(n) * NL + 1];
   for (int l = 0; l < NL; ++l) lists[l] = storage + static_cast<size_t>(l) * n;
   for (int64_t i = 0; i < n; ++i) {
@@ -165,8 +170,8 @@ cudaError_t launch(int64_t n, void* const* params, const void* const* grads, voi
     for (int j = 0; j < NS; ++j) lists[2 + j][i] = states[i * NS + j];
     if (MASTER) lists[2 + NS][i] = masters[i];
   }
-  StepFunctor<Op, P, S, MASTER, SR> f{packs, k, found_inf, grad_scale, lr, sr_keys};
-  const cudaError_t err = multi_tensor_apply(NL, n, lists, numel, f, stream);
+  StepFunctor<Op, P, S, MASTER, SR> f{packs, found_inf, grad_scale, lr, sr_keys};
+  const cudaError_t err = multi_tensor_apply<NL>(n, lists, numel, f, stream);
   delete[] storage;
   return err;
 }
@@ -176,10 +181,9 @@ cudaError_t dispatch_rule(int rule, int flags, int64_t n, void* const* params, c
                           void* const* states, void* const* masters, const int64_t* numel, const double* packs,
                           const float* found_inf, const float* grad_scale, const double* lr, const int64_t* sr_keys,
                           cudaStream_t stream) {
-  const int k = rule_num_scalars(rule);
 #define MF_CASE(R, F)                                                                                   \
   if (rule == R && flags == F)                                                                          \
-    return launch<RuleOp<R, F>, P, S, MASTER, SR>(n, params, grads, states, masters, numel, packs, k,     \
+    return launch<RuleOp<R, F>, P, S, MASTER, SR>(n, params, grads, states, masters, numel, packs,        \
                                                   found_inf, grad_scale, lr, sr_keys, stream);
   MF_FOR_EACH_RULE_FLAGS(MF_CASE)
 #undef MF_CASE

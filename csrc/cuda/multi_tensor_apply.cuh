@@ -1,85 +1,114 @@
 // momentum_fused: a generic multi-tensor launcher (the apex / PyTorch multi_tensor_apply design), free of
 // torch headers: raw pointers, sizes and a cudaStream_t.
 //
-// The tensors of a bucket are cut into chunks of kChunk elements; each CUDA block handles one chunk.
-// A TensorTable (passed by value as the kernel argument, < 4 KB) maps block -> (tensor slot, chunk) and
-// holds the pointers of up to kMaxTensors tensors; when the table is full (tensors or blocks) it is
-// launched and refilled, so any number of tensors costs ceil(chunks / kMaxBlocks) launches at most.
-// Inside a chunk every thread handles kILP elements per iteration: a vectorized load/store path when
-// all pointers are aligned to kILP elements and the chunk length is a multiple of kILP, a bounds-checked
-// strided path (the scalar tail) otherwise. The functor knows the rule; this file knows none.
+// The tensors of a bucket are cut into chunks of kChunk elements; each CUDA block handles one chunk. A
+// TensorTable<NL> (passed by value as the kernel argument) maps block -> (tensor slot, chunk) and holds the NL
+// pointers of each of its tensors. launch_plan.h decides which tensors and chunks go into which launch (tested
+// on the CPU); its capacity comes from the kernel-argument limit: 32,764 bytes with CUDA >= 12.1 (256 tensors
+// and ~3,400-5,100 blocks per launch, by the number of lists), 4 KB before (36 tensors, 320 blocks). The
+// environment variables MOMENTUM_FUSED_CUDA_MAX_BLOCKS / MOMENTUM_FUSED_CUDA_MAX_TENSORS lower the limits at
+// run time (for A/B timings: bench/device_check.sh). The functor knows the rule; this file knows none.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+
+#include "launch_plan.h"
+
+// Blocks of kBlock threads the compiler must fit on one SM (__launch_bounds__): 2 -> at most 64 registers.
+#ifndef MF_CUDA_MIN_BLOCKS
+#define MF_CUDA_MIN_BLOCKS 2
+#endif
 
 namespace mf {
 namespace cuda {
 
-constexpr int kMaxLists = 6;    // param, grad, up to 3 states, the fp32 master (layout master)
-constexpr int kMaxTensors = 36;
-constexpr int kMaxBlocks = 320;
+constexpr int kMaxLists = 6;  // param, grad, up to 3 states, the fp32 master (layout master)
 constexpr int kChunk = 65536;
 constexpr int kBlock = 512;
-constexpr int kILP = 4;
+constexpr int kMinBlocksPerSM = MF_CUDA_MIN_BLOCKS;
 
-struct TensorTable {
-  void* ptr[kMaxLists][kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int32_t row[kMaxTensors];  // global tensor index: the row of the scalar-pack table
-  uint8_t block_to_tensor[kMaxBlocks];
-  int32_t block_to_chunk[kMaxBlocks];
+#if defined(MF_CUDA_SMALL_TABLE) || !defined(CUDART_VERSION) || CUDART_VERSION < 12010
+constexpr int kKernelArgBytes = 4096;
+#else
+constexpr int kKernelArgBytes = 32764;  // CUDA 12.1+: large kernel parameters (Volta and newer)
+#endif
+constexpr int kFunctorArgBytes = 128;  // room left for the functor (the step's device pointers)
+
+template <int NL>
+struct TableShape {
+  static constexpr TableCapacity cap = table_capacity(NL, kKernelArgBytes - kFunctorArgBytes);
+  static constexpr int kTensors = cap.tensors;
+  static constexpr int kBlocks = cap.blocks;
 };
 
-template <class Functor>
-__global__ void __launch_bounds__(kBlock) multi_tensor_kernel(TensorTable tt, Functor f) {
+template <int NL>
+struct TensorTable {
+  static constexpr int kTensors = TableShape<NL>::kTensors;
+  static constexpr int kBlocks = TableShape<NL>::kBlocks;
+  void* ptr[NL][kTensors];
+  int64_t numel[kTensors];
+  int32_t row[kTensors];  // global tensor index: the row of the scalar-pack table
+  int32_t block_to_chunk[kBlocks];
+  uint8_t block_to_tensor[kBlocks];
+};
+static_assert(TableShape<kMaxLists>::kTensors <= 256, "block_to_tensor is a uint8");
+
+template <int NL, class Functor>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) multi_tensor_kernel(TensorTable<NL> tt, Functor f) {
   const int slot = tt.block_to_tensor[blockIdx.x];
   const int chunk = tt.block_to_chunk[blockIdx.x];
   f(tt, slot, chunk);
 }
 
-// Host side: launches `f` over n tensors given by lists[l][i] (l < nlists) and numel[i].
+// Run-time limit from the environment (a positive integer below the table's capacity), else the capacity.
+inline int env_limit(const char* name, int capacity) {
+  const char* s = std::getenv(name);
+  if (s == nullptr) return capacity;
+  const long v = std::strtol(s, nullptr, 10);
+  return v >= 1 && v < capacity ? static_cast<int>(v) : capacity;
+}
+
+template <int NL, class Functor>
+struct TableSink {
+  void* const* const* lists;
+  const int64_t* numel;
+  Functor f;
+  cudaStream_t stream;
+  TensorTable<NL> tt;
+  cudaError_t err = cudaSuccess;
+  void add_tensor(int slot, int64_t i) {
+    for (int l = 0; l < NL; ++l) tt.ptr[l][slot] = lists[l][i];
+    tt.numel[slot] = numel[i];
+    tt.row[slot] = static_cast<int32_t>(i);
+  }
+  void add_block(int b, int slot, int64_t chunk) {
+    tt.block_to_tensor[b] = static_cast<uint8_t>(slot);
+    tt.block_to_chunk[b] = static_cast<int32_t>(chunk);
+  }
+  bool launch(int, int nb) {
+    multi_tensor_kernel<NL, Functor><<<nb, kBlock, 0, stream>>>(tt, f);
+    err = cudaGetLastError();
+    return err == cudaSuccess;
+  }
+};
+
+// Host side: launches `f` over n tensors given by lists[l][i] (l < NL) and numel[i].
 // Returns cudaSuccess or the first launch error.
-template <class Functor>
-cudaError_t multi_tensor_apply(int nlists, int64_t n, void* const* const* lists, const int64_t* numel, Functor f,
+template <int NL, class Functor>
+cudaError_t multi_tensor_apply(int64_t n, void* const* const* lists, const int64_t* numel, Functor f,
                                cudaStream_t stream) {
-  TensorTable tt;
-  int nt = 0, nb = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (numel[i] == 0) continue;
-    for (int l = 0; l < nlists; ++l) tt.ptr[l][nt] = lists[l][i];
-    tt.numel[nt] = numel[i];
-    tt.row[nt] = static_cast<int32_t>(i);
-    const int64_t chunks = (numel[i] + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) {
-      tt.block_to_tensor[nb] = static_cast<uint8_t>(nt);
-      tt.block_to_chunk[nb] = static_cast<int32_t>(c);
-      ++nb;
-      const bool blocks_full = nb == kMaxBlocks;
-      const bool tensors_full = nt + 1 == kMaxTensors && c == chunks - 1;
-      if (blocks_full || tensors_full) {
-        multi_tensor_kernel<<<nb, kBlock, 0, stream>>>(tt, f);
-        const cudaError_t err = cudaGetLastError();
-        if (err != cudaSuccess) return err;
-        nb = 0;
-        if (c == chunks - 1) {
-          nt = -1;  // the tensor is done: start a fresh table
-        } else {   // the tensor continues: keep it as slot 0 of the next table
-          for (int l = 0; l < nlists; ++l) tt.ptr[l][0] = tt.ptr[l][nt];
-          tt.numel[0] = tt.numel[nt];
-          tt.row[0] = tt.row[nt];
-          nt = 0;
-        }
-      }
-    }
-    ++nt;
-  }
-  if (nb > 0) {
-    multi_tensor_kernel<<<nb, kBlock, 0, stream>>>(tt, f);
-    return cudaGetLastError();
-  }
-  return cudaSuccess;
+  static_assert(sizeof(TensorTable<NL>) + sizeof(Functor) <= kKernelArgBytes, "kernel argument too large");
+  static_assert(sizeof(Functor) <= kFunctorArgBytes, "the functor outgrew its share of the kernel argument");
+  static const int max_tensors = env_limit("MOMENTUM_FUSED_CUDA_MAX_TENSORS", TensorTable<NL>::kTensors);
+  static const int max_blocks = env_limit("MOMENTUM_FUSED_CUDA_MAX_BLOCKS", TensorTable<NL>::kBlocks);
+  auto* sink = new TableSink<NL, Functor>{lists, numel, f, stream};  // ~32 KB: not on the host stack
+  plan_launches(n, numel, kChunk, max_tensors, max_blocks, *sink);
+  const cudaError_t err = sink->err;
+  delete sink;
+  return err;
 }
 
 }  // namespace cuda
