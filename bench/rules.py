@@ -11,7 +11,8 @@ import torch
 
 import momentum_fused as mf
 
-ELEM = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
+# bytes read + written per element by one fused pass (n_state, param dtype, grad dtype, state dtype, layout)
+bytes_per_elem = mf.layouts.roofline_bytes
 
 
 @dataclass
@@ -22,20 +23,6 @@ class Rule:
     torch_cls: type | None = None
     torch_kwargs: dict = field(default_factory=dict)
     peers: dict = field(default_factory=dict)  # provider name -> (module, factory(module, params))
-
-
-def bytes_per_elem(n_state: int, param_dtype=torch.float32, grad_dtype=None, state_dtype=None,
-                   layout: str = "native") -> int:
-    """Bytes read + written per element by one fused pass: param read+write, grad read, each state
-    read+write (docs/algorithms.md §9), in a momentum_fused dtype layout: bf16 state, or an fp32 master
-    copy read and written besides the param write (the param itself is then only written)."""
-    lay = mf.layouts.get_layout(layout)
-    p = ELEM[param_dtype]
-    g = ELEM[grad_dtype or param_dtype]
-    s = ELEM[state_dtype or lay.state_dtype_for(param_dtype)]
-    if lay.master:
-        return p + 2 * 4 + g + 2 * s * n_state
-    return 2 * p + g + 2 * s * n_state
 
 
 def _peer_lion(mod, params):

@@ -67,6 +67,23 @@ NATIVE = LAYOUTS["native"]
 MASTER_KEY = "master"
 
 
+_ELEM_BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
+
+
+def roofline_bytes(n_state: int, param_dtype=torch.float32, grad_dtype=None, state_dtype=None,
+                   layout: str = "native") -> int:
+    """Bytes read + written per element by one fused pass over a param with ``n_state`` elementwise state
+    tensors (docs/algorithms.md §9): param read + write, grad read, each state read + write; under the
+    ``master`` layout the fp32 master copy is read and written and the param only written."""
+    lay = get_layout(layout)
+    p = _ELEM_BYTES[param_dtype]
+    g = _ELEM_BYTES[grad_dtype or param_dtype]
+    s = _ELEM_BYTES[state_dtype or lay.state_dtype_for(param_dtype)]
+    if lay.master:
+        return p + 2 * 4 + g + 2 * s * n_state
+    return 2 * p + g + 2 * s * n_state
+
+
 def supported() -> str:
     return "; ".join(lay.describe() for lay in LAYOUTS.values())
 

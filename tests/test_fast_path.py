@@ -7,9 +7,9 @@ ends bit-identical to one whose cache is dropped before every step, through a se
 (a param without gradient, a new param group, an lr change, a non-contiguous gradient, a replaced
 state dict, replaced state tensors), and bad input still raises before anything changes.
 
-The cached plan's per-tensor checks exist twice: in C (``momentum_fused._C_cpu.cached_grads``, used when the
-cpu extension is built) and in Python (``base._cached_grads_py``, the pure-Python install's): every test
-of this module runs with each, and ``test_cached_grads_c_equals_python`` feeds both the same changes.
+The cached plan's checks are C functions of the cpu extension (``momentum_fused._C_cpu.cached_grads``,
+``same_objects``, ``same_dict``, ``same_entries``); a pure-Python install has no cached plan (every step takes the
+full plan: ``test_without_the_c_checks_every_step_takes_the_full_plan``).
 """
 import copy
 
@@ -18,7 +18,7 @@ import torch
 
 import momentum_fused as mf
 from momentum_fused import backends
-from momentum_fused.optim import base
+from momentum_fused.optim import plan_cache, scalars
 from optim_db import (OwnGradParam, all_variants, assert_snapshot_equal, assert_states_close, assert_step_raises_unchanged, make_grads, make_params,
                       snapshot)
 
@@ -28,23 +28,9 @@ BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
     "cpu" not in backends.available(), reason="the compiled cpu extension is not built (pip install -e .)"))]
 VARIANTS = [v for v in all_variants() if not isinstance(v.values[1].get("lr"), str)]
 
-try:
-    from momentum_fused import _C_cpu
-    _C_CACHED_GRADS = _C_cpu.cached_grads
-except ImportError:
-    _C_cpu = _C_CACHED_GRADS = None
-_NO_C = pytest.mark.skipif(_C_CACHED_GRADS is None, reason="the compiled cpu extension is not built (pip install -e .)")
-# the cached plan's checks that exist in C and in Python: base's name -> its Python twin's name
-_TWINS = {"_cached_grads": "_cached_grads_py", "_same_objects": "_same_objects_py", "_same_dict": "_same_dict_py",
-          "_same_entries": "_same_entries_py"}
-
-
-@pytest.fixture(autouse=True, params=[pytest.param("c", marks=_NO_C), "python"])
-def checker(request, monkeypatch):
-    """Run the test with the C checks of the cached plan, then with the Python ones."""
-    for name, twin in _TWINS.items():
-        monkeypatch.setattr(base, name, getattr(_C_cpu, name[1:]) if request.param == "c" else getattr(base, twin))
-    return request.param
+_C_cpu = plan_cache.C_CHECKS
+pytestmark = pytest.mark.skipif(_C_cpu is None, reason="the cached plan needs the compiled cpu extension, which "
+                                "is not built (backends.status() says why)")
 
 
 def _scenario(case, kw, backend, cache):
@@ -228,24 +214,36 @@ CHANGES = {
 }  # (a replaced state dict or param list: the identity checks of _fast_plan itself, tests above)
 
 
-@_NO_C
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_cached_grads_c_equals_python(change):
-    """The C and Python checks of the cached plan agree: the same gradient objects, or both None."""
+def test_cached_grads_notices_every_change(change):
+    """The C check of the cached plan: the gradient objects when nothing changed, None after any change."""
     args = _cached_case(CHANGES[change], subclass="subclass" in change)
-    got_c, got_py = _C_CACHED_GRADS(*args), base._cached_grads_py(*args)
-    if got_py is None:
-        assert got_c is None
+    got = _C_cpu.cached_grads(*args)
+    if change == "nothing":
+        params, mask = args[0], args[1]
+        want = [x.grad for x, m in zip(params, mask or [True] * len(params)) if m]
+        assert got is not None and len(got) == len(want) and all(a is b for a, b in zip(got, want))
     else:
-        assert got_c is not None and len(got_c) == len(got_py) and all(a is b for a, b in zip(got_c, got_py))
-    assert (got_py is not None) == (change == "nothing")
+        assert got is None
 
 
-@_NO_C
-def test_identity_checks_c_equal_python():
-    """The cached plan's identity checks (same_objects, same_dict, same_entries) agree in C and Python, on
-    identical contents and on every kind of difference: length, one replaced object, an equal but distinct
-    object, order, a missing key, an entry that is not a dict, a dict subclass."""
+def test_without_the_c_checks_every_step_takes_the_full_plan(monkeypatch):
+    """A pure-Python install (no C checks): no cached plan, the same results."""
+    case, kw = VARIANTS[0].values
+    a, pa, hits = _scenario(case, kw, "reference", cache=True)
+    assert hits >= 3
+    monkeypatch.setattr(plan_cache, "C_CHECKS", None)
+    monkeypatch.setattr(scalars, "_same_entries", scalars._same_entries_py)
+    b, pb, hits = _scenario(case, kw, "reference", cache=True)
+    assert hits == 0 and b._fast is None
+    assert_snapshot_equal(snapshot(b, pb), snapshot(a, pa))
+
+
+def test_identity_checks():
+    """The cached plan's identity checks (same_objects, same_dict, same_entries; the latter also in Python for
+    the host counters of a pure-Python install), on identical contents and on every kind of difference:
+    length, one replaced object, an equal but distinct object, order, a missing key, an entry that is not a
+    dict, a dict subclass."""
     from collections import defaultdict
 
     objs = [torch.zeros(1) for _ in range(5)]
@@ -255,7 +253,6 @@ def test_identity_checks_c_equal_python():
              (iter(objs), objs, False), ({o: 1 for o in objs}, objs, False)]  # not a list or tuple
     for now, cached, want in cases:
         assert _C_cpu.same_objects(now, list(cached)) is want
-        assert base._same_objects_py(now, list(cached)) is want
 
     keys, values = objs[:3], [{"a": 1}, {"a": 2}, {"a": 3}]
     d = defaultdict(dict, zip(keys, values))
@@ -264,8 +261,7 @@ def test_identity_checks_c_equal_python():
     for dd, want in ((d, True), (dict(d), True), (reordered, False), (replaced, False), ({}, False),
                      ({**d, objs[4]: {}}, False)):
         assert _C_cpu.same_dict(dd, keys, values) is want
-        assert base._same_dict_py(dd, keys, values) is want
-    assert _C_cpu.same_dict({}, [], []) and base._same_dict_py({}, [], [])
+    assert _C_cpu.same_dict({}, [], [])
 
     dicts = [{"step": t} for t in objs[:3]]
     for ds, key, cached, want in ((dicts, "step", objs[:3], True), (tuple(dicts), "step", objs[:3], True),
@@ -274,4 +270,4 @@ def test_identity_checks_c_equal_python():
                                   ([dicts[0], {}, dicts[2]], "step", objs[:3], False),
                                   (iter(dicts), "step", objs[:3], False)):
         assert _C_cpu.same_entries(ds, key, list(cached)) is want
-        assert base._same_entries_py(ds, key, list(cached)) is want
+        assert scalars._same_entries_py(ds, key, list(cached)) is want

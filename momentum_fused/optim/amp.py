@@ -1,0 +1,112 @@
+"""The GradScaler protocol of FusedOptimizer: on the host (``found_inf`` read once: a skipped step changes
+nothing) or on the device (the kernels read ``found_inf`` and ``grad_scale``; the host side advances
+optimistically and is rolled back from an ``AmpRollback`` record when the flag, copied without blocking, turns
+out nonzero)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["AmpMixin", "AmpRollback"]
+
+
+@dataclass
+class AmpRollback:
+    """What an optimistic host-side advance must be able to undo if the device says the step was skipped."""
+    stepped: list = field(default_factory=list)      # state dicts whose host ``step`` was advanced
+    mu_products: list = field(default_factory=list)  # (state dict, the mu_product before, or None)
+    created: list = field(default_factory=list)      # (state dict, key) created by this step
+    sr_groups: list = field(default_factory=list)    # groups whose ``sr_step`` advanced
+
+    def __bool__(self) -> bool:
+        return bool(self.stepped or self.mu_products or self.created or self.sr_groups)
+
+
+class PendingAmp(NamedTuple):
+    flag: torch.Tensor         # found_inf, copied to the host (pinned memory on CUDA)
+    event: Any                 # the CUDA event after the copy, or None
+    rollback: AmpRollback
+
+
+class AmpMixin:
+    """``_amp`` (host protocol), ``_device_amp``, ``sync_amp`` and ``_defer_amp_flag`` of FusedOptimizer."""
+
+    def _device_amp(self, plan):
+        """(found_inf, grad_scale) to hand to the kernels, or None for the host protocol (``_amp``).
+
+        The device protocol (no host sync) is used when GradScaler's ``found_inf`` is a tensor, every
+        bucket's backend reads device scalars (triton, cuda), and the rule keeps no per-group host
+        counters (FSGDM, schedule-free: they take the host path). The kernels then skip every write
+        when found_inf != 0; the host side (step counts, NAdam's mu_product, state created by this step,
+        ``sr_step``) advances optimistically and is rolled back when the flag, copied to the host
+        without blocking, turns out nonzero: checked at the start of the next step, by ``state_dict``,
+        ``load_state_dict``, ``add_param_group`` and ``sync_amp()``."""
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        if not isinstance(found_inf, torch.Tensor) or not (grad_scale is None or isinstance(grad_scale, torch.Tensor)):
+            return None
+        if self._keeps_group_counters():
+            return None
+        for _, _, items, chosen in plan:
+            if not all(getattr(b, "device_scalars", False) for b in chosen.values()):
+                return None
+        if found_inf.numel() != 1 or (grad_scale is not None and grad_scale.numel() != 1):
+            raise ValueError(f"{type(self).__name__}: found_inf and grad_scale must be one-element tensors")
+        return found_inf, grad_scale
+
+    def sync_amp(self) -> None:
+        """Resolve a pending device-side GradScaler check: wait for the flag of the last step and, if it
+        was nonzero (the kernels skipped that step), roll the host-side state back. Called by step(),
+        state_dict(), load_state_dict() and add_param_group(); call it before reading ``state`` directly
+        between steps when training with a GradScaler on the triton/cuda backends."""
+        pending = self.__dict__.pop("_pending_amp", None)
+        if pending is None:
+            return
+        if pending.event is not None:
+            pending.event.synchronize()
+        if float(pending.flag) == 0.0:
+            return
+        rb = pending.rollback
+        for st in rb.stepped:
+            st["step"].sub_(1.0)
+        for st, old in rb.mu_products:
+            if old is None:
+                st.pop("mu_product", None)
+            else:
+                st["mu_product"].copy_(old)
+        for st, key in rb.created:
+            st.pop(key, None)
+        for g in rb.sr_groups:
+            g["sr_step"] -= 1
+        for p in [p for p, st in self.state.items() if not st]:  # a skipped first step created nothing
+            del self.state[p]
+        self.invalidate_caches()
+
+    def _defer_amp_flag(self, found_inf, record: AmpRollback):
+        """Copy found_inf to the host without blocking; sync_amp() reads it later."""
+        if found_inf.device.type == "cuda":
+            buf = self.__dict__.get("_amp_flag")
+            if buf is None:
+                buf = self._amp_flag = torch.empty(1, dtype=torch.float32, pin_memory=True)
+            buf.copy_(found_inf.reshape(1), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            buf, event = found_inf.detach().reshape(1).clone(), None
+        self._pending_amp = PendingAmp(buf, event, record)
+
+    def _amp(self):
+        """GradScaler protocol: returns (skip, inv_scale)."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return True, 1.0
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:
+            return False, 1.0
+        scale = float(grad_scale)
+        if not math.isfinite(scale) or scale == 0.0:
+            raise ValueError(f"{type(self).__name__}: grad_scale must be finite and nonzero, got {scale}")
+        return False, 1.0 / scale

@@ -1,0 +1,288 @@
+"""Validation of the optimizers' input, before anything changes: hyperparameters and group keys, gradients,
+state tensors, host counters, torch.optim's implementation switches. ``ValidationMixin._plan`` is the full plan
+of a step (validate everything, pick the backends; modify nothing)."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from .. import backends
+from .. import distributed as _dist
+from .. import layouts as _layouts
+from ..specs import HOST_STATE_KEYS
+
+__all__ = ["GroupPlan", "ValidationMixin", "host_value_error", "near_miss", "check_torch_flags"]
+
+# keys of every param group that are not hyperparameters of the rule
+GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
+
+
+class GroupPlan(NamedTuple):
+    """One param group's plan for a step: the group, its state names (flags), the params that have a
+    gradient, and the backend chosen per (device, real dtype)."""
+    group: dict
+    state_names: tuple
+    items: list
+    chosen: dict
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype.to_real() if dtype.is_complex else dtype
+
+
+def host_value_error(key: str, value) -> str | None:
+    """Why ``value`` is not a valid host counter ``key`` ("step": a finite non-negative whole number;
+    "mu_product": a finite number in [0, 1]; a number or a one-element tensor), or None. Reads a CUDA
+    tensor's value (a host sync): used when loading a state_dict and on the full plan, not per step."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or not (value.is_floating_point() or value.dtype in (
+                torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+            return f"a {value.dtype} tensor of shape {tuple(value.shape)}, not a one-element real tensor"
+        v = float(value.detach().reshape(()).cpu())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        return f"a {type(value).__name__}, not a number"
+    if key == "step":
+        if not math.isfinite(v) or v < 0 or v != math.floor(v):
+            return f"{v}; a step count must be a finite non-negative whole number"
+    elif key == "mu_product" and not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        return f"{v}; NAdam's mu_product (a product of momentum coefficients) must be in [0, 1]"
+    return None
+
+
+def check_torch_flags(name, *, foreach=None, fused=None, differentiable=False) -> None:
+    """torch.optim's implementation switches, accepted for a one-word swap: ``foreach`` and ``fused`` select
+    nothing (every step is one fused multi-tensor kernel per bucket; ``backend=`` picks the implementation);
+    ``differentiable=True`` (autograd through the step) is refused."""
+    for key, v in (("foreach", foreach), ("fused", fused)):
+        if v is not None and not isinstance(v, bool):
+            raise TypeError(f"{name}: {key} must be None or a bool, got {type(v).__name__}: {v!r}")
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"{name}: differentiable must be a bool, got {type(differentiable).__name__}")
+    if differentiable:
+        raise ValueError(f"{name}: differentiable=True is not supported: the fused kernels update params and "
+                         "state in place outside autograd; use torch.optim for a differentiable step")
+
+
+def _edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def near_miss(key, known) -> str | None:
+    """The known key that ``key`` most likely misspells (a case change, or one or two edits, one for keys
+    of up to 7 characters), or None."""
+    if not isinstance(key, str) or key in known:
+        return None
+    best = None
+    for k in known:
+        d = _edit_distance(key.lower(), k.lower())
+        if d <= (1 if len(k) < 8 else 2) and (best is None or d < best[0]):
+            best = (d, k)
+    return None if best is None else best[1]
+
+
+class ValidationMixin:
+    """The checks of FusedOptimizer (a mixin: it uses ``self.spec``, ``self.state``, ``self.param_groups``)."""
+
+    def _check_layout_keys(self, group, where) -> _layouts.Layout:
+        lay = _layouts.get_layout(group["layout"]) if isinstance(group["layout"], str) else None
+        if lay is None:
+            raise ValueError(f"{where}layout must be a layout name; supported layouts: {_layouts.supported()}")
+        if lay.name not in self.supported_layouts:
+            raise ValueError(f"{where}{type(self).__name__} does not support dtype layout {lay.name!r} "
+                             f"(it supports: {', '.join(self.supported_layouts)})")
+        for key in ("sr_seed", "sr_step"):
+            v = group[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{where}{key} must be a non-negative int, got {v!r}")
+        cap = group.get("capturable", False)
+        if not isinstance(cap, bool):
+            raise TypeError(f"{where}capturable must be a bool, got {type(cap).__name__}: {cap!r}")
+        if cap:
+            why = self._not_capturable(lay)
+            if why is not None:
+                raise ValueError(f"{where}{type(self).__name__} cannot run with capturable=True: {why}")
+        return lay
+
+    def _not_capturable(self, lay) -> str | None:
+        """Why this optimizer's step cannot avoid host-side per-step numbers (None: it can)."""
+        spec = self.spec
+        if spec.pack_reads_state:
+            return "its scalar pack reads per-tensor host state (NAdam's mu_product) every step"
+        if self._keeps_group_counters():
+            return "it keeps per-group host counters that change every step (FSGDM's u, schedule-free's c)"
+        if lay.stochastic:
+            return "the bf16_sr layout derives its rounding keys from a host counter (sr_step)"
+        return None
+
+    def _check_capturable(self, gi, group, chosen) -> None:
+        """A capturable group needs backends that take the scalar table as a tensor and a tensor lr on the
+        params' device (a float lr is fine: it is a constant of the captured graph)."""
+        for (device, _), b in chosen.items():
+            if not b.scalar_tables:
+                raise RuntimeError(f"{type(self).__name__} param group {gi}: capturable=True needs a compiled "
+                                   f"backend (cpu, cuda, triton); backend {b.name!r} reads its scalars on the host")
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor) and lr.device != device:
+                raise ValueError(f"{type(self).__name__} param group {gi}: with capturable=True a tensor lr must "
+                                 f"be on the params' device ({device}), got {lr.device}")
+
+    def _known_keys(self) -> set:
+        return {*self.defaults, *self.spec.group_extras, *GROUP_KEYS_ALWAYS_ALLOWED}
+
+    def _check_group_keys(self, group, where) -> None:
+        """Keys that are not hyperparameters are carried (torch does; HF and layer-wise recipes add ``name``,
+        ``layer_id``, ``lr_scale``), with a warning when one is a near miss of a hyperparameter's name
+        (``weight_decy``); a true ``differentiable`` (from a torch.optim checkpoint) is refused. Checked when
+        a group is added and, for keys added to a group later, at the next step (once per key)."""
+        known = self.__dict__.get("_known")
+        if known is None:
+            known = self._known = frozenset(self._known_keys())
+        extra = group.keys() - known
+        if not extra:
+            return
+        if group.get("differentiable"):
+            raise ValueError(f"{where}: differentiable=True is not supported (the fused kernels update in place "
+                             "outside autograd)")
+        seen = self.__dict__.setdefault("_seen_keys", set())
+        for key in extra:
+            if key in seen:
+                continue
+            seen.add(key)
+            hit = near_miss(key, known - GROUP_KEYS_ALWAYS_ALLOWED)
+            if hit is not None:
+                warnings.warn(f"{where}: key {key!r} is not a hyperparameter of {type(self).__name__} (did you mean "
+                              f"{hit!r}?); it is kept in the group and has no effect", UserWarning, stacklevel=4)
+
+    def _check_loaded_host_state(self, state_dict) -> None:
+        """Host counters (``step``, ``mu_product``) and group keys of a state_dict, checked before anything is
+        loaded: a clear error naming the param and the key, and the optimizer unchanged."""
+        name = type(self).__name__
+        try:
+            groups, states = state_dict["param_groups"], state_dict["state"]
+            where = {}
+            for gi, g in enumerate(groups):
+                if isinstance(g, dict) and g.get("differentiable"):
+                    raise ValueError(f"{name}.load_state_dict: param group {gi} has differentiable=True, which is "
+                                     "not supported (the fused kernels update in place outside autograd)")
+                for pi, idx in enumerate(g["params"]):
+                    where[idx] = (gi, pi)
+            items = list(states.items())
+        except (KeyError, TypeError, AttributeError):
+            return  # (torch's load_state_dict names what is malformed)
+        for idx, st in items:
+            if not isinstance(st, dict):
+                continue
+            for key in HOST_STATE_KEYS:
+                if key in st:
+                    why = host_value_error(key, st[key])
+                    if why is not None:
+                        gi, pi = where.get(idx, ("?", "?"))
+                        raise ValueError(f"{name}.load_state_dict: param {pi} of group {gi} (state_dict index "
+                                         f"{idx}): state {key!r} is {why}; nothing was loaded")
+
+    def _check_host_state(self, gi, group, items) -> None:
+        """The full plan's check of host counters that did not come from this optimizer's own stepping (a loaded
+        or assigned ``step`` / ``mu_product``): clear error naming param and key, before anything changes."""
+        spec = self.spec
+        keys = (("step",) if spec.counts_steps else ()) + ((spec.host_state[0],) if spec.pack_reads_state else ())
+        if not keys or group.get("capturable"):  # (capturable counters live on the device: no host read)
+            return
+        state = self.state
+        for key in keys:
+            cached = self._step_views.get((gi, key))
+            ours = set(map(id, cached[1])) if cached is not None else ()
+            for p in items:
+                st = state.get(p)
+                v = None if st is None else st.get(key)
+                if v is not None and id(v) not in ours:
+                    why = host_value_error(key, v)
+                    if why is not None:
+                        pi = next(i for i, q in enumerate(group["params"]) if q is p)
+                        raise ValueError(f"{self._where(p, pi, gi)}: state {key!r} is {why}")
+
+    # ------------------------------------------------------------------ step
+    def _plan(self):
+        """Validate everything and pick backends. Modifies nothing. (The per-tensor checks are one
+        combined test on the hot path; the detailed message is built only when one fails.)"""
+        spec = self.spec
+        name = type(self).__name__
+        state = self.state
+        strided = torch.strided
+        plan = []
+        traced = torch.compiler.is_compiling()
+        for gi, group in enumerate(self.param_groups):
+            if not traced:  # (traced: hyperparameters are graph inputs; validated by every eager step only)
+                spec.validate(group, where=f"{name} param group {gi}: ")
+                self._check_group_keys(group, f"{name} param group {gi}")
+            lay = self._check_layout_keys(group, f"{name} param group {gi}: ")
+            state_names = spec.state_names(group)
+            check_names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
+            native = lay.name == "native"
+            items, keys = [], set()
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                shape, dtype, device = p.shape, p.dtype, p.device
+                if g.layout is not strided or g.shape != shape or g.dtype != dtype or g.device != device:
+                    self._raise_bad_grad(p, g, pi, gi)
+                if native:
+                    sdt = dtype
+                elif dtype in lay.param_dtypes:
+                    sdt = lay.state_dtype_for(dtype)
+                else:
+                    raise TypeError(f"{self._where(p, pi, gi)}: dtype layout {lay.describe()} cannot hold a "
+                                    f"{dtype} param; supported layouts: {_layouts.supported()}")
+                st = state.get(p)
+                if st:
+                    for key in check_names:
+                        t = st.get(key)
+                        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape
+                                              or t.dtype != (torch.float32 if key == "master" else sdt)
+                                              or t.device != device):
+                            self._raise_bad_state(p, key, t, pi, gi, torch.float32 if key == "master" else sdt)
+                items.append(p)
+                keys.add((device, dtype))
+            keys = {(dev, real_dtype(dt)) for dev, dt in keys}
+            chosen = {key: backends.resolve(self.backend, spec, *key, lay) for key in keys}
+            _dist.check_group(name, gi, items, state, state_names)  # DTensor layouts line up (no-op without DTensors)
+            self._check_host_state(gi, group, items)
+            if group["capturable"]:
+                self._check_capturable(gi, group, chosen)
+            plan.append(GroupPlan(group, state_names, items, chosen))
+        return plan
+
+    def _where(self, p, pi, gi):
+        return f"{type(self).__name__}: param {pi} of group {gi} (shape {tuple(p.shape)})"
+
+    def _raise_bad_grad(self, p, g, pi, gi):
+        where = self._where(p, pi, gi)
+        if g.layout != torch.strided:
+            raise RuntimeError(f"{where}: sparse gradients are not supported (layout {g.layout})")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{where}: gradient shape {tuple(g.shape)} does not match the param")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{where}: gradient dtype {g.dtype} does not match the param dtype {p.dtype}")
+        raise RuntimeError(f"{where}: gradient is on {g.device} but the param is on {p.device}")
+
+    def _raise_bad_state(self, p, key, t, pi, gi, want_dtype=None):
+        where = self._where(p, pi, gi)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: state {key!r} is a {type(t).__name__}, expected a Tensor")
+        if t.shape != p.shape:
+            raise ValueError(f"{where}: state {key!r} has shape {tuple(t.shape)}, which does not "
+                             f"match the param; was a state_dict loaded into other params?")
+        want = p.dtype if want_dtype is None else want_dtype
+        raise ValueError(f"{where}: state {key!r} is {t.dtype} on {t.device}, expected {want} on {p.device} "
+                         "(the group's dtype layout decides the state dtype)")

@@ -1,0 +1,79 @@
+"""torch.compile support of FusedOptimizer: a traced step runs in its capturable form and calls one opaque
+custom op per bucket (``momentum_fused::bucket_step``, with its mutations and a fake kernel)."""
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from .._backend_cpu import flags_to_int  # (the kernels' flag bits: one definition)
+from .. import layouts as _layouts
+from ..specs import get_spec
+from .checks import real_dtype
+
+__all__ = ["CompileMixin", "bucket_step", "bucket_op"]
+
+
+class CompileMixin:
+    """``_traceable`` of FusedOptimizer: can dynamo trace this step?"""
+
+    def _traceable(self) -> bool:
+        """Can dynamo trace this step (see ``step``)? Marked below as a constant of the trace (evaluated
+        once when tracing, without guards on the lr values)."""
+        spec = self.spec
+        for group in self.param_groups:
+            lay = _layouts.get_layout(group["layout"])
+            if self._not_capturable(lay) is not None or not isinstance(group["lr"], torch.Tensor):
+                return False  # (a float lr would be specialized: one recompilation per value)
+            seen = set()
+            for p in group["params"]:
+                if p.grad is None or p.is_complex():
+                    if p.grad is not None:
+                        return False
+                    continue
+                key = (p.device, p.dtype)
+                if key not in seen:
+                    seen.add(key)
+                    if not backends.resolve(self.backend, spec, p.device, p.dtype, lay).scalar_tables:
+                        return False
+        return True
+
+
+# = torch.compiler.assume_constant_result(CompileMixin._traceable), without importing torch._dynamo (and
+# triton with it) at import time; tests/test_ecosystem.py checks that the public decorator sets this mark.
+CompileMixin._traceable._dynamo_marked_constant = True
+
+
+@torch.library.custom_op("momentum_fused::bucket_step", mutates_args=("params", "states"))
+def bucket_step(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[torch.Tensor],
+                scalars: torch.Tensor, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None, rule: str,
+                flags: int, backend: str, layout: str) -> None:
+    """One bucket of a traced (``torch.compile``) step: ``backend.apply`` of ``rule`` on params, grads and the
+    flat state list (tensor-major, ``len(states) // len(params)`` per param), with the float64 [n, k] scalar
+    table. Registered with its mutations (params and states are written in place) and a fake kernel, so
+    that dynamo records it as one node instead of tracing the backend's Python."""
+    spec = get_spec(rule)
+    fl = spec.Flags(*[bool(flags >> i & 1) for i in range(len(spec.flag_names))])
+    lay = _layouts.get_layout(layout)
+    n = len(params)
+    if n == 0:
+        return
+    per = len(states) // n
+    sts = [tuple(states[i * per:(i + 1) * per]) for i in range(n)]
+    b = backends.resolve(backend, spec, params[0].device, real_dtype(params[0].dtype), lay)
+    kw = {} if lay.name == "native" else {"layout": lay}
+    if found_inf is not None:
+        kw.update(found_inf=found_inf, grad_scale=grad_scale)
+    b.apply(spec, fl, params, grads, sts, scalars, **kw)
+
+
+@bucket_step.register_fake
+def _bucket_step_fake(params, grads, states, scalars, found_inf, grad_scale, rule, flags, backend, layout):
+    return None
+
+
+def bucket_op(backend, spec, flags, ps, gs, sts, scs, *, layout=None, sr_keys=None, found_inf=None, grad_scale=None):
+    if sr_keys is not None:  # (capturable excludes bf16_sr; a traced step is capturable)
+        raise NotImplementedError("momentum_fused: a traced step cannot use the bf16_sr layout")
+    bits = flags_to_int(spec.name, flags)
+    bucket_step(list(ps), list(gs), [t for st in sts for t in st], scs, found_inf, grad_scale, spec.name, bits,
+                backend.name, "native" if layout is None else layout.name)

@@ -1,0 +1,164 @@
+"""Per-step scalars of FusedOptimizer: the host step counters (views of one tensor per group, advanced by one
+vector op), NAdam's per-tensor ``mu_product`` the same way, the scalar packs of the rules on the host, and for
+``capturable=True`` the step counters and the [n, k] scalar table on the params' device (no host read)."""
+from __future__ import annotations
+
+import operator
+from itertools import repeat
+
+import torch
+
+from ..specs import step_tensor
+from .plan_cache import C_CHECKS
+
+__all__ = ["ScalarsMixin"]
+
+
+def _same_entries_py(dicts: list, key, objs: list) -> bool:
+    """Whether ``dicts`` is a list or tuple with ``dicts[i].get(key) is objs[i]`` for every i (False when an
+    entry is not a dict). The C version (``_C_cpu.same_entries``) is used when the extension is built."""
+    if not isinstance(dicts, (list, tuple)):
+        return False
+    try:
+        return len(dicts) == len(objs) and all(map(operator.is_, map(dict.get, dicts, repeat(key)), objs))
+    except TypeError:  # an entry that is not a dict
+        return False
+
+
+_same_entries = _same_entries_py if C_CHECKS is None else C_CHECKS.same_entries
+
+
+def _host_scalar(state: dict, key: str, initial: float) -> torch.Tensor:
+    """``state[key]`` as a float64 0-d CPU tensor (``initial`` when missing; a number or a tensor of another
+    dtype, e.g. a float32 ``mu_product`` from a torch.optim checkpoint, is widened once)."""
+    v = state.get(key)
+    if isinstance(v, torch.Tensor) and v.dtype == torch.float64 and v.dim() == 0 and v.device.type == "cpu":
+        return v
+    return torch.tensor(initial if v is None else float(v), dtype=torch.float64)
+
+
+class ScalarsMixin:
+    """Host counters and scalar packs of FusedOptimizer."""
+
+    def _advance_steps(self, gi, states) -> list:
+        """Increment every tensor's ``step`` (torch's float32 0-d CPU tensor) and return the new counts.
+
+        The first time, the group's counters are re-created as views of one 1-D tensor; while the same
+        tensors keep stepping together (checked by object identity against the views this cache keeps
+        alive, so an id cannot be reused), later steps advance all of them with one add and read them
+        with one ``tolist``. Anything else (a different set of params with gradients, a loaded
+        state_dict) takes the general path once and re-caches."""
+        if not states:
+            return []
+        buf = self._host_views(gi, "step", states, step_tensor)
+        buf.add_(1.0)
+        return buf.tolist()
+
+    def _host_views(self, gi, key, states, current) -> torch.Tensor:
+        """A 1-D CPU tensor whose element i is ``states[i][key]``, a 0-d tensor viewing it.
+
+        The first time, ``current(state)`` gives each tensor's value as a 0-d tensor (normalized: created
+        when missing) and the states' entries are replaced by views of one stacked tensor; while the same
+        tensors keep stepping together (checked by object identity against the views this cache keeps
+        alive, so an id cannot be reused), the same tensor is returned, to be advanced in place by one
+        vector op. Anything else (a different set of params with gradients, a loaded state_dict) takes the
+        general path once and re-caches."""
+        cached = self._step_views.get((gi, key))
+        if cached is not None:
+            buf, views = cached
+            if _same_entries(states, key, views):
+                return buf
+        buf = torch.stack([current(st) for st in states])
+        views = list(buf.unbind(0))
+        for st, v in zip(states, views):
+            st[key] = v
+        self._step_views[(gi, key)] = (buf, views)
+        return buf
+
+    def _group_scalars(self, gi, group, states, fresh, grad_mult):
+        """One scalar pack per tensor. Step counters of the whole group advance together, and tensors
+        with equal (step, fresh) share one pack unless the rule's pack reads other per-tensor state."""
+        spec = self.spec
+        ts = self._advance_steps(gi, states) if spec.counts_steps else [None] * len(states)
+        if spec.pack_reads_state:
+            if spec.advance_many is None or not states:
+                return [spec.Scalars(*spec.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
+            key, initial = spec.host_state
+            values = self._host_views(gi, key, states, lambda st: _host_scalar(st, key, initial))
+            pks = spec.advance_many(group, values, fresh, ts)
+            ids = list(map(id, pks))  # (equal packs are one tuple: one Scalars object each)
+            if ids.count(ids[0]) == len(ids):
+                return [spec.Scalars(*pks[0], grad_mult)] * len(ids)
+            made = {}
+            return [made[i] if i in made else made.setdefault(i, spec.Scalars(*pk, grad_mult)) for i, pk in zip(ids, pks)]
+        n = len(states)
+        if n and fresh.count(fresh[0]) == n and ts.count(ts[0]) == n:  # the usual case: one pack for all
+            return [spec.Scalars(*spec.advance(group, states[0], fresh[0], ts[0]), grad_mult)] * n
+        cache, out = {}, []
+        for st, f, t in zip(states, fresh, ts):
+            sc = cache.get((t, f))
+            if sc is None:
+                sc = cache[(t, f)] = spec.Scalars(*spec.advance(group, st, f, t), grad_mult)
+            out.append(sc)
+        return out
+
+    def _advance_steps_device(self, gi, states, device) -> torch.Tensor:
+        """capturable=True: the group's ``step`` counters are float32 0-d tensors on ``device``, views of one
+        [n] tensor that one in-place add advances (captured as one kernel in a CUDA graph). Returns the
+        counts as one [n] tensor and the tensors that hold them (to undo a skipped step).
+        Traced by torch.compile: the counters are advanced where they are (a new buffer every call would
+        fail dynamo's guards on the state's tensor identities and recompile every step)."""
+        def on_device(s):  # a step count (None: not started) as the float32 0-d tensor on the device
+            return torch.zeros((), dtype=torch.float32, device=device) if s is None else \
+                torch.as_tensor(s).detach().to(device=device, dtype=torch.float32).reshape(())
+
+        if torch.compiler.is_compiling():
+            steps = []
+            for st in states:
+                s = st.get("step")
+                if not (isinstance(s, torch.Tensor) and s.device == device and s.dtype == torch.float32 and s.dim() == 0):
+                    s = st["step"] = on_device(s)
+                steps.append(s)
+            torch._foreach_add_(steps, 1.0)
+            return torch.stack(steps), steps
+        cached = self._step_views.get(gi)
+        if cached is not None:
+            buf, views = cached
+            if buf.device == device and _same_entries(states, "step", views):
+                buf.add_(1.0)
+                return buf, [buf]
+        # (first step, or re-planned: may copy counters to the device, never while capturing)
+        steps = [on_device(st.get("step")) for st in states]
+        buf = torch.stack(steps) + 1.0 if steps else torch.zeros(0, dtype=torch.float32, device=device)
+        views = list(buf.unbind(0))
+        for st, v in zip(states, views):
+            st["step"] = v
+        self._step_views[gi] = (buf, views)
+        return buf, [buf]
+
+    def _device_scalars(self, gi, group, states, fresh, grad_mult, device, undo: list) -> torch.Tensor:
+        """capturable=True: the group's scalar packs as one float64 [n, k] table computed on ``device`` by
+        tensor ops, from the same ``spec.advance`` as the host packs (``t`` is the [n] step vector, a tensor
+        lr stays a tensor): no host read, no host-to-device copy of a per-step number, so the step can be
+        captured in a CUDA graph and replayed with new gradients and an lr updated in place. Constant
+        hyperparameters (betas, eps, weight decay) become fill kernels of the graph."""
+        spec = self.spec
+        n = len(states)
+        t = None
+        if spec.counts_steps:
+            t, holders = self._advance_steps_device(gi, states, device)
+            t = t.to(torch.float64)
+            undo.extend(holders)
+        tables = {}
+        for f in sorted(set(fresh)):
+            cols = []
+            for v in (*spec.advance(group, {}, f, t), grad_mult):
+                if isinstance(v, torch.Tensor):
+                    cols.append(v.to(device=device, dtype=torch.float64).expand(n))
+                else:
+                    cols.append(torch.full((n,), float(v), dtype=torch.float64, device=device))
+            tables[f] = torch.stack(cols, 1)
+        if len(tables) == 1:
+            return tables[fresh[0]]
+        # some tensors got their state in this step (never the case in a captured step)
+        return torch.where(torch.tensor(fresh, device=device)[:, None], tables[True], tables[False])
