@@ -6,8 +6,11 @@ differs between the branches of an ``if`` (a scalar in one, a block in the other
 GPU run of these kernels. ``triton.compile`` with an explicit ``GPUTarget`` runs the whole pipeline (TTIR,
 TTGIR, LLVM IR, PTX, and ptxas to a cubin) without a device, so these tests catch such errors in CI.
 The front end (where both errors live) runs for every (rule, flags) in fp32 with the device
-found_inf/grad_scale path and for every rule's default flags in every other dtype layout; the full
-pipeline to a cubin runs for one specialization of each kernel and layout, and for the reduction kernels.
+found_inf/grad_scale path, and for every rule's default flags in every other dtype layout, for each kernel path
+the launcher can run (``launcher.compile_variants``' "mixed" kernel, which holds the full-block and the packed
+paths); the full
+pipeline to a cubin runs for the reduction kernels here and, for the update kernels (every rule in fp32 and bf16,
+AdamW in every layout), in tests/test_kernel_report.py, which also checks what ptxas made of them.
 """
 from __future__ import annotations
 
@@ -24,22 +27,22 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from backend_cases import CASES, _groups  # noqa: E402
-from triton_kernels import kernels, launcher, reductions, rules  # noqa: E402
+from triton_kernels import launcher, reductions, rules  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _SIG = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "prog_tab": "*i64", "seg_tab": "*i64",
         "n_seg": "i32", "found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32", "out_ptr": "*fp32"}
 
 
-def _source(fn, constexprs):
-    sig = {n: ("constexpr" if n in constexprs else _SIG[n]) for n in fn.arg_names}
+def _source(fn, constexprs, sig=None):
+    sig = {n: ("constexpr" if n in constexprs else (sig or _SIG)[n]) for n in fn.arg_names}
     return ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
 
 
-def _compile(fn, constexprs, full=False):
+def _compile(fn, constexprs, full=False, sig=None):
     """full: the whole pipeline to a cubin (~1 s each); otherwise the front end only (Python AST to TTIR,
     where both errors above live; ~0.1 s), through the same calls triton.compile makes."""
-    src = _source(fn, constexprs)
+    src = _source(fn, constexprs, sig)
     if full:
         out = triton.compile(src, target=TARGET)
         assert out.asm.get("cubin"), "no cubin produced"
@@ -82,31 +85,39 @@ LAYOUTS = {"native-fp32": (torch.float32, torch.float32, False, False),
            "bf16_sr": (torch.bfloat16, torch.bfloat16, False, True)}
 
 
-def _kernel_constexprs(rule, flags, nstate, layout="native-fp32", device_scalars=True):
-    flags = tuple(flags) + (False,) * (2 - len(flags))
+_TDT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _variants(rule, flags, nstate, layout="native-fp32", device_scalars=True):
+    """The "mixed" kernel (full-block and packed paths in one): its front end covers both paths' code."""
     pdt, sdt, master, sr = LAYOUTS[layout]
-    return dict(RULE=rules.RULE_IDS[rule], F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=len(rules.SCALARS[rule]),
-                PDT=launcher.DTYPE_CODES[pdt], SDT=launcher.DTYPE_CODES[sdt], MASTER=master, SR=sr,
-                HAS_FOUND_INF=device_scalars, HAS_GRAD_SCALE=device_scalars, BLOCK=launcher.BLOCK)
+    return [v for v in launcher.compile_variants(rule, flags, nstate, _TDT[pdt], _TDT[sdt], master, sr,
+                                                 found_inf=device_scalars, grad_scale=device_scalars)
+            if v[1] == "mixed"]
 
 
 @pytest.mark.parametrize("rule,flags,nstate", [s[1:] for s in SPECIALIZATIONS], ids=[s[0] for s in SPECIALIZATIONS])
 def test_rule_kernel_front_end_fp32(rule, flags, nstate):
-    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate))
+    for _, _, fn, sig, constexprs, _, _ in _variants(rule, flags, nstate):
+        _compile(fn, constexprs, sig=sig)
 
 
 @pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "native-fp32"])
 @pytest.mark.parametrize("rule", sorted(rules.RULE_IDS))
 def test_rule_kernel_front_end_layouts(rule, layout):
     _, _, flags, nstate = next(s for s in SPECIALIZATIONS if s[1] == rule)
-    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate, layout, device_scalars=False))
+    for _, _, fn, sig, constexprs, _, _ in _variants(rule, flags, nstate, layout, device_scalars=False):
+        _compile(fn, constexprs, sig=sig)
 
 
-@pytest.mark.parametrize("rule,layout", [("sgd", "native-fp32"), ("sgd", "bf16_sr")]  # one-buffer kernel
-                         + [("adam", lay) for lay in LAYOUTS])  # multi-buffer kernel, every layout
-def test_rule_kernel_compiles_to_a_cubin(rule, layout):
-    _, _, flags, nstate = next(s for s in SPECIALIZATIONS if s[1] == rule)
-    _compile(kernels.KERNELS[rules.FAMILY[rule]], _kernel_constexprs(rule, flags, nstate, layout), full=True)
+def test_unaligned_and_interpreter_variants_front_end():
+    """ALIGNED=False (a bucket with a pointer off 16 bytes) and HW_BF16=False (the interpreter's bit arithmetic,
+    which the interpreter tests run) also pass the compiler's front end."""
+    _, _, flags, nstate = next(s for s in SPECIALIZATIONS if s[1] == "adam")
+    for layout in ("native-bf16", "bf16_sr"):
+        for _, _, fn, sig, constexprs, _, _ in _variants("adam", flags, nstate, layout):
+            _compile(fn, dict(constexprs, ALIGNED=False), sig=sig)
+            _compile(fn, dict(constexprs, HW_BF16=False), sig=sig)
 
 
 @pytest.mark.parametrize("square", [False, True])

@@ -39,7 +39,32 @@ from .rules import (ADAM, ADAMW_SF, FSGDM, LION, NADAM, QHM, RMSPROP, SGD, SGD_S
 
 # ----------------------------------------------------------------------------------------- storage
 @triton.jit
+def _addr(ptr_tab, list_i, n_tensors, t, off, idx, DTYPE: tl.constexpr, FULL: tl.constexpr, ALIGNED: tl.constexpr,
+          HW_BF16: tl.constexpr):
+    """Element pointers of list ``list_i``. FULL: ``t`` and ``off`` are scalars (the tensor, the block's first
+    element) and ``idx`` the int32 lanes, so the 64-bit arithmetic is done once per block, and with ALIGNED (the
+    launcher checked every pointer for 16-byte alignment) the compiler may use 128-bit accesses. Otherwise ``t``
+    and ``idx`` are per lane (int64 element index in the tensor). bf16 is a bf16 pointer with HW_BF16 (compiled),
+    uint16 bits under the interpreter."""
+    base = tl.load(ptr_tab + list_i * n_tensors + t)
+    if DTYPE == 0:
+        ptr = base.to(tl.pointer_type(tl.float32))
+    elif DTYPE == 1:
+        ptr = base.to(tl.pointer_type(tl.float16))
+    elif HW_BF16:
+        ptr = base.to(tl.pointer_type(tl.bfloat16))
+    else:
+        ptr = base.to(tl.pointer_type(tl.uint16))
+    if FULL:
+        ptr = ptr + off
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+    return ptr + idx
+
+
+@triton.jit
 def load_fp32(ptr_tab, list_i, n_tensors, t, idx, mask, DTYPE: tl.constexpr):
+    """Per-lane load as fp32 (t, idx per lane; bf16 as bits): the reductions' (reductions.py) loads."""
     base = tl.load(ptr_tab + list_i * n_tensors + t)
     if DTYPE == 0:
         x = tl.load(base.to(tl.pointer_type(tl.float32)) + idx, mask=mask, other=0.0)
@@ -52,24 +77,39 @@ def load_fp32(ptr_tab, list_i, n_tensors, t, idx, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def load_lists(ptr_tab, n_tensors, t, idx, mask, NLISTS: tl.constexpr, PDT: tl.constexpr, SDT: tl.constexpr,
-               MASTER: tl.constexpr):
+def _load(ptr_tab, list_i, n_tensors, t, off, idx, mask, DTYPE: tl.constexpr, FULL: tl.constexpr,
+          ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
+    ptr = _addr(ptr_tab, list_i, n_tensors, t, off, idx, DTYPE, FULL, ALIGNED, HW_BF16)
+    if FULL:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=mask, other=0)
+    if DTYPE == 2 and not HW_BF16:
+        x = (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def load_lists(ptr_tab, n_tensors, t, off, idx, mask, NLISTS: tl.constexpr, PDT: tl.constexpr, SDT: tl.constexpr,
+               MASTER: tl.constexpr, FULL: tl.constexpr, ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
     """Up to 5 lists (p, g, s0, s1, s2) as fp32; missing ones alias the grad. With MASTER, p is read
     from the fp32 master list (list NLISTS)."""
     if MASTER:
-        p = load_fp32(ptr_tab, NLISTS, n_tensors, t, idx, mask, 0)
+        p = _load(ptr_tab, NLISTS, n_tensors, t, off, idx, mask, 0, FULL, ALIGNED, HW_BF16)
     else:
-        p = load_fp32(ptr_tab, 0, n_tensors, t, idx, mask, PDT)
-    g = load_fp32(ptr_tab, 1, n_tensors, t, idx, mask, PDT)
+        p = _load(ptr_tab, 0, n_tensors, t, off, idx, mask, PDT, FULL, ALIGNED, HW_BF16)
+    g = _load(ptr_tab, 1, n_tensors, t, off, idx, mask, PDT, FULL, ALIGNED, HW_BF16)
     s_0 = g
     s_1 = g
     s_2 = g
     if NLISTS >= 3:
-        s_0 = load_fp32(ptr_tab, 2, n_tensors, t, idx, mask, SDT)
+        s_0 = _load(ptr_tab, 2, n_tensors, t, off, idx, mask, SDT, FULL, ALIGNED, HW_BF16)
     if NLISTS >= 4:
-        s_1 = load_fp32(ptr_tab, 3, n_tensors, t, idx, mask, SDT)
+        s_1 = _load(ptr_tab, 3, n_tensors, t, off, idx, mask, SDT, FULL, ALIGNED, HW_BF16)
     if NLISTS >= 5:
-        s_2 = load_fp32(ptr_tab, 4, n_tensors, t, idx, mask, SDT)
+        s_2 = _load(ptr_tab, 4, n_tensors, t, off, idx, mask, SDT, FULL, ALIGNED, HW_BF16)
     return p, g, s_0, s_1, s_2
 
 
@@ -84,10 +124,11 @@ def _lowbias32(x):
 
 
 @triton.jit
-def sr_bf16_bits(x, idx, key_b):
-    """fp32 -> bf16 bits with the stochastic rounding of layouts.sr_round_bf16 (key_b: uint32)."""
+def sr_bf16_bits_lohi(x, lo, hi, key_b):
+    """fp32 -> bf16 bits with the stochastic rounding of layouts.sr_round_bf16; the element index given as its
+    low and high 32 bits (uint32)."""
     bits = x.to(tl.uint32, bitcast=True)
-    h = idx.to(tl.uint32) ^ key_b ^ ((idx >> 32).to(tl.uint32) * tl.full([], 0x85EBCA6B, tl.uint32))
+    h = lo ^ key_b ^ (hi * tl.full([], 0x85EBCA6B, tl.uint32))
     r = _lowbias32(h) & 0xFFFF
     up = (bits + r) >> 16
     rne = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -96,39 +137,62 @@ def sr_bf16_bits(x, idx, key_b):
 
 
 @triton.jit
-def store_fp32(ptr_tab, list_i, n_tensors, t, idx, mask, x, DTYPE: tl.constexpr, SR: tl.constexpr, key):
-    """Store fp32 values ``x`` as DTYPE; bf16 rounds to nearest even, or stochastically with SR (key: the
-    uint32 key of this tensor and buffer)."""
-    base = tl.load(ptr_tab + list_i * n_tensors + t)
-    if DTYPE == 0:
-        tl.store(base.to(tl.pointer_type(tl.float32)) + idx, x, mask=mask)
-    elif DTYPE == 1:
-        tl.store(base.to(tl.pointer_type(tl.float16)) + idx, x.to(tl.float16), mask=mask)
-    else:
-        if SR:
-            rounded = sr_bf16_bits(x, idx, key)
-        else:  # fp32 -> bf16 round-to-nearest-even on the bits; NaN stays a (quiet) NaN
-            bits = x.to(tl.uint32, bitcast=True)
-            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
-        tl.store(base.to(tl.pointer_type(tl.uint16)) + idx, rounded.to(tl.uint16), mask=mask)
+def sr_bf16_bits(x, idx, key_b):
+    """fp32 -> bf16 bits with the stochastic rounding of layouts.sr_round_bf16 (idx: int64 element index in the
+    tensor, key_b: uint32)."""
+    return sr_bf16_bits_lohi(x, idx.to(tl.uint32), (idx >> 32).to(tl.uint32), key_b)
 
 
 @triton.jit
-def store_lists(ptr_tab, n_tensors, t, idx, mask, p, s_0, s_1, s_2, key, NLISTS: tl.constexpr, PDT: tl.constexpr,
-                SDT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr):
+def store_fp32(ptr_tab, list_i, n_tensors, t, off, idx, mask, x, DTYPE: tl.constexpr, SR: tl.constexpr, key,
+               FULL: tl.constexpr, ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
+    """Store fp32 values ``x`` as DTYPE. bf16: round to nearest even (compiled: the hardware conversion; under the
+    interpreter, whose ``.to(tl.bfloat16)`` truncates, on the bits; both give the same bits for every non-NaN
+    value, and a NaN stays a quiet NaN whose payload is not specified: docs/triton.md), or stochastically with SR
+    (key: the uint32 key of this tensor and buffer)."""
+    ptr = _addr(ptr_tab, list_i, n_tensors, t, off, idx, DTYPE, FULL, ALIGNED, HW_BF16)
+    if DTYPE == 0:
+        y = x
+    elif DTYPE == 1:
+        y = x.to(tl.float16)
+    elif SR:
+        if FULL:  # element index off + lane; off is a multiple of BLOCK, so no carry out of the low 32 bits
+            lo = off.to(tl.uint32) + idx.to(tl.uint32)
+            hi = (off >> 32).to(tl.uint32)
+        else:
+            lo = idx.to(tl.uint32)
+            hi = (idx >> 32).to(tl.uint32)
+        y = sr_bf16_bits_lohi(x, lo, hi, key).to(tl.uint16)
+        if HW_BF16:
+            y = y.to(tl.bfloat16, bitcast=True)
+    elif HW_BF16:
+        y = x.to(tl.bfloat16)
+    else:  # fp32 -> bf16 round-to-nearest-even on the bits; NaN stays a (quiet) NaN
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        y = tl.where(x != x, (bits >> 16) | 0x40, rounded).to(tl.uint16)
+    if FULL:
+        tl.store(ptr, y)
+    else:
+        tl.store(ptr, y, mask=mask)
+
+
+@triton.jit
+def store_lists(ptr_tab, n_tensors, t, off, idx, mask, p, s_0, s_1, s_2, key, NLISTS: tl.constexpr,
+                PDT: tl.constexpr, SDT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, FULL: tl.constexpr,
+                ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
     """Write p (and the master copy) and the NLISTS - 2 state values (the grad, list 1, is never
     written). Buffer b of the stochastic rounding: 0 for p, 1 + j for state j (layouts.py)."""
     golden = tl.full([], 0x9E3779B9, tl.uint32)
     if MASTER:
-        store_fp32(ptr_tab, NLISTS, n_tensors, t, idx, mask, p, 0, False, key)
-    store_fp32(ptr_tab, 0, n_tensors, t, idx, mask, p, PDT, SR, key)
+        store_fp32(ptr_tab, NLISTS, n_tensors, t, off, idx, mask, p, 0, False, key, FULL, ALIGNED, HW_BF16)
+    store_fp32(ptr_tab, 0, n_tensors, t, off, idx, mask, p, PDT, SR, key, FULL, ALIGNED, HW_BF16)
     if NLISTS >= 3:
-        store_fp32(ptr_tab, 2, n_tensors, t, idx, mask, s_0, SDT, SR, key + golden)
+        store_fp32(ptr_tab, 2, n_tensors, t, off, idx, mask, s_0, SDT, SR, key + golden, FULL, ALIGNED, HW_BF16)
     if NLISTS >= 4:
-        store_fp32(ptr_tab, 3, n_tensors, t, idx, mask, s_1, SDT, SR, key + golden * 2)
+        store_fp32(ptr_tab, 3, n_tensors, t, off, idx, mask, s_1, SDT, SR, key + golden * 2, FULL, ALIGNED, HW_BF16)
     if NLISTS >= 5:
-        store_fp32(ptr_tab, 4, n_tensors, t, idx, mask, s_2, SDT, SR, key + golden * 3)
+        store_fp32(ptr_tab, 4, n_tensors, t, off, idx, mask, s_2, SDT, SR, key + golden * 3, FULL, ALIGNED, HW_BF16)
 
 
 @triton.jit
@@ -155,15 +219,27 @@ def locate(seg_tab, n_seg, s0, s1, BLOCK: tl.constexpr):
     return t, off + rel, (rel >= 0) & (rel < length)
 
 
+@triton.jit
+def locate_sub(seg_tab, n_seg, s0, s1, first, SUB: tl.constexpr):
+    """Packed path, lanes first .. first + SUB - 1 of the block: per lane (tensor, element index, mask) from the
+    segments s0 .. s1-1 (int64: a tail of a large tensor may lie beyond element 2**31)."""
+    lanes = first + tl.arange(0, SUB).to(tl.int64)
+    seg = tl.zeros([SUB], dtype=tl.int64) + s0
+    for s in range(s0 + 1, s1):
+        seg += (lanes >= tl.load(seg_tab + 2 * n_seg + s)).to(tl.int64)
+    t = tl.load(seg_tab + seg)
+    off = tl.load(seg_tab + n_seg + seg)
+    rel = lanes - tl.load(seg_tab + 2 * n_seg + seg)
+    length = tl.load(seg_tab + 3 * n_seg + seg)
+    return t, off + rel, (rel >= 0) & (rel < length)
+
+
 # ------------------------------------------------------------------------------------ the bodies
 @triton.jit
-def _prologue(scal_tab, t, mask, found_inf_ptr, grad_scale_ptr, NSCAL: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-              HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr):
-    """What every rule body starts with: found_inf masks all writes off; the tensor's scalar row; lr and
-    weight_decay (entries 0 and 1 of every pack) and grad_mult (the last of the rule's NSCAL), divided by
-    the device scale; the stochastic-rounding key (column NSCAL, only with SR: rows are NSCAL + SR wide)."""
-    if HAS_FOUND_INF:
-        mask = mask & ((tl.zeros(mask.shape, tl.float32) + tl.load(found_inf_ptr)) == 0)
+def _prologue(scal_tab, t, grad_scale_ptr, NSCAL: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr):
+    """What every rule body starts with: the tensor's scalar row; lr and weight_decay (entries 0 and 1 of every
+    pack) and grad_mult (the last of the rule's NSCAL), divided by the device scale; the stochastic-rounding key
+    (column NSCAL, only with SR: rows are NSCAL + SR wide). ``t`` is a scalar (full block) or per lane."""
     sp = scal_tab + t * (NSCAL + SR)
     lr = tl.load(sp)
     wd = tl.load(sp + 1)
@@ -174,17 +250,18 @@ def _prologue(scal_tab, t, mask, found_inf_ptr, grad_scale_ptr, NSCAL: tl.conste
         key = tl.load(sp + NSCAL).to(tl.int64).to(tl.uint32)
     else:
         key = tl.zeros(t.shape, tl.uint32)
-    return mask, sp, lr, wd, gm, key
+    return sp, lr, wd, gm, key
 
 
 @triton.jit
-def _one_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr, grad_scale_ptr,
+def _one_buffer_body(ptr_tab, n_tensors, scal_tab, t, off, idx, mask, grad_scale_ptr,
                      RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
                      NSCAL: tl.constexpr, PDT: tl.constexpr, SDT: tl.constexpr, MASTER: tl.constexpr,
-                     SR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
-    mask, sp, lr, wd, gm, key = _prologue(scal_tab, t, mask, found_inf_ptr, grad_scale_ptr, NSCAL, HAS_FOUND_INF,
-                                          HAS_GRAD_SCALE, SR)
-    p, g, b, _s1, _s2 = load_lists(ptr_tab, n_tensors, t, idx, mask, 2 + NSTATE, PDT, SDT, MASTER)
+                     SR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, FULL: tl.constexpr, ALIGNED: tl.constexpr,
+                     HW_BF16: tl.constexpr):
+    sp, lr, wd, gm, key = _prologue(scal_tab, t, grad_scale_ptr, NSCAL, HAS_GRAD_SCALE, SR)
+    p, g, b, _s1, _s2 = load_lists(ptr_tab, n_tensors, t, off, idx, mask, 2 + NSTATE, PDT, SDT, MASTER, FULL, ALIGNED,
+                                   HW_BF16)
     if RULE == SGD:
         p, b = sgd_math(p, g, b, lr, wd, tl.load(sp + 2), tl.load(sp + 3), tl.load(sp + 4), gm, F0, F1)
     elif RULE == QHM:
@@ -198,17 +275,19 @@ def _one_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr, 
     else:
         tl.static_assert(RULE == FSGDM, "rule not served by the one-buffer kernel")
         p, b = fsgdm_math(p, g, b, lr, wd, tl.load(sp + 2), tl.load(sp + 3), tl.load(sp + 4), gm)
-    store_lists(ptr_tab, n_tensors, t, idx, mask, p, b, b, b, key, 2 + NSTATE, PDT, SDT, MASTER, SR)
+    store_lists(ptr_tab, n_tensors, t, off, idx, mask, p, b, b, b, key, 2 + NSTATE, PDT, SDT, MASTER, SR, FULL,
+                ALIGNED, HW_BF16)
 
 
 @triton.jit
-def _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr, grad_scale_ptr,
+def _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t, off, idx, mask, grad_scale_ptr,
                        RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
                        NSCAL: tl.constexpr, PDT: tl.constexpr, SDT: tl.constexpr, MASTER: tl.constexpr,
-                       SR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
-    mask, sp, lr, wd, gm, key = _prologue(scal_tab, t, mask, found_inf_ptr, grad_scale_ptr, NSCAL, HAS_FOUND_INF,
-                                          HAS_GRAD_SCALE, SR)
-    p, g, s_0, s_1, s_2 = load_lists(ptr_tab, n_tensors, t, idx, mask, 2 + NSTATE, PDT, SDT, MASTER)
+                       SR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, FULL: tl.constexpr, ALIGNED: tl.constexpr,
+                       HW_BF16: tl.constexpr):
+    sp, lr, wd, gm, key = _prologue(scal_tab, t, grad_scale_ptr, NSCAL, HAS_GRAD_SCALE, SR)
+    p, g, s_0, s_1, s_2 = load_lists(ptr_tab, n_tensors, t, off, idx, mask, 2 + NSTATE, PDT, SDT, MASTER, FULL,
+                                     ALIGNED, HW_BF16)
     if RULE == ADAM:
         p, s_0, s_1, s_2 = adam_math(p, g, s_0, s_1, s_2, lr, wd, tl.load(sp + 2), tl.load(sp + 3),
                                      tl.load(sp + 4), tl.load(sp + 5), tl.load(sp + 6), gm, F0, F1)
@@ -228,47 +307,106 @@ def _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t, idx, mask, found_inf_ptr
         else:
             p, s_0, s_1, s_2 = rmsprop_math(p, g, s_0, s_1, s_2, lr, wd, tl.load(sp + 2), tl.load(sp + 3),
                                             tl.load(sp + 4), gm, F0, F1)
-    store_lists(ptr_tab, n_tensors, t, idx, mask, p, s_0, s_1, s_2, key, 2 + NSTATE, PDT, SDT, MASTER, SR)
+    store_lists(ptr_tab, n_tensors, t, off, idx, mask, p, s_0, s_1, s_2, key, 2 + NSTATE, PDT, SDT, MASTER, SR, FULL,
+                ALIGNED, HW_BF16)
+
+
+@triton.jit
+def _body(ptr_tab, n_tensors, scal_tab, t, off, idx, mask, grad_scale_ptr, MULTI: tl.constexpr,
+          RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr, NSCAL: tl.constexpr,
+          PDT: tl.constexpr, SDT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+          FULL: tl.constexpr, ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
+    if MULTI:
+        _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t, off, idx, mask, grad_scale_ptr, RULE, F0, F1, NSTATE,
+                           NSCAL, PDT, SDT, MASTER, SR, HAS_GRAD_SCALE, FULL, ALIGNED, HW_BF16)
+    else:
+        _one_buffer_body(ptr_tab, n_tensors, scal_tab, t, off, idx, mask, grad_scale_ptr, RULE, F0, F1, NSTATE,
+                         NSCAL, PDT, SDT, MASTER, SR, HAS_GRAD_SCALE, FULL, ALIGNED, HW_BF16)
+
+
+@triton.jit
+def _full_program(ptr_tab, n_tensors, scal_tab, full_tab, n_full, pid, grad_scale_ptr, MULTI: tl.constexpr,
+                  RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
+                  NSCAL: tl.constexpr, PDT: tl.constexpr, SDT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+                  HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
+    """A block inside one tensor: two independent int32 loads (tensor, block index), then the pointers; no mask,
+    scalar base + int32 lanes."""
+    t = tl.load(full_tab + pid).to(tl.int64)
+    off = tl.load(full_tab + n_full + pid).to(tl.int64) * BLOCK
+    lanes = tl.arange(0, BLOCK)
+    _body(ptr_tab, n_tensors, scal_tab, t, off, lanes, None, grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE, NSCAL,
+          PDT, SDT, MASTER, SR, HAS_GRAD_SCALE, True, ALIGNED, HW_BF16)
+
+
+@triton.jit
+def _packed_program(ptr_tab, n_tensors, scal_tab, prog_tab, seg_tab, n_seg, q, grad_scale_ptr, MULTI: tl.constexpr,
+                    RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
+                    NSCAL: tl.constexpr, PDT: tl.constexpr, SDT: tl.constexpr, MASTER: tl.constexpr,
+                    SR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, SUB: tl.constexpr, HW_BF16: tl.constexpr):
+    """Packed block q (small tensors and the tails of large ones), SUB lanes at a time: the per-lane gathers of
+    pointers and hyperparameters then hold few registers (SUB = 32 x num_warps: one element per thread)."""
+    s0 = tl.load(prog_tab + q)
+    s1 = tl.load(prog_tab + q + 1)
+    fill = tl.load(seg_tab + 2 * n_seg + s1 - 1) + tl.load(seg_tab + 3 * n_seg + s1 - 1)
+    for first in range(0, fill, SUB):
+        t, idx, mask = locate_sub(seg_tab, n_seg, s0, s1, first, SUB)
+        _body(ptr_tab, n_tensors, scal_tab, t, 0, idx, mask, grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE, NSCAL,
+              PDT, SDT, MASTER, SR, HAS_GRAD_SCALE, False, False, HW_BF16)
+
+
+@triton.jit
+def _step(ptr_tab, n_tensors, scal_tab, full_tab, n_full, prog_tab, seg_tab, n_seg, found_inf_ptr, grad_scale_ptr,
+          MULTI: tl.constexpr, RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
+          NSCAL: tl.constexpr, PDT: tl.constexpr, SDT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+          HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+          PATHS: tl.constexpr, ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
+    """Programs 0 .. n_full-1 are full blocks, the others packed blocks. PATHS: 1 full blocks only, 2 packed only,
+    3 both (the launcher compiles only the paths a bucket needs)."""
+    pid = tl.program_id(0)
+    go = True
+    if HAS_FOUND_INF:  # GradScaler on the device: found_inf != 0 -> nothing is read or written
+        go = tl.load(found_inf_ptr) == 0
+    if go:
+        if PATHS == 1:
+            _full_program(ptr_tab, n_tensors, scal_tab, full_tab, n_full, pid, grad_scale_ptr, MULTI, RULE, F0, F1,
+                          NSTATE, NSCAL, PDT, SDT, MASTER, SR, HAS_GRAD_SCALE, BLOCK, ALIGNED, HW_BF16)
+        elif PATHS == 2:
+            _packed_program(ptr_tab, n_tensors, scal_tab, prog_tab, seg_tab, n_seg, pid, grad_scale_ptr, MULTI, RULE,
+                            F0, F1, NSTATE, NSCAL, PDT, SDT, MASTER, SR, HAS_GRAD_SCALE, SUB, HW_BF16)
+        else:
+            if pid < n_full:
+                _full_program(ptr_tab, n_tensors, scal_tab, full_tab, n_full, pid, grad_scale_ptr, MULTI, RULE, F0,
+                              F1, NSTATE, NSCAL, PDT, SDT, MASTER, SR, HAS_GRAD_SCALE, BLOCK, ALIGNED, HW_BF16)
+            else:
+                _packed_program(ptr_tab, n_tensors, scal_tab, prog_tab, seg_tab, n_seg, pid - n_full, grad_scale_ptr,
+                                MULTI, RULE, F0, F1, NSTATE, NSCAL, PDT, SDT, MASTER, SR, HAS_GRAD_SCALE, SUB, HW_BF16)
 
 
 # ---------------------------------------------------------------------------------- the kernels
 @triton.jit
-def one_buffer_kernel(ptr_tab, n_tensors, scal_tab, prog_tab, seg_tab, n_seg, found_inf_ptr, grad_scale_ptr,
-                      RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
+def one_buffer_kernel(ptr_tab, n_tensors, scal_tab, full_tab, n_full, prog_tab, seg_tab, n_seg, found_inf_ptr,
+                      grad_scale_ptr, RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
                       NSCAL: tl.constexpr, PDT: tl.constexpr, SDT: tl.constexpr, MASTER: tl.constexpr,
                       SR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    s0 = tl.load(prog_tab + pid)
-    s1 = tl.load(prog_tab + pid + 1)
-    # distinct names per branch: a compiled if/else must not merge a scalar t with a block t
-    if s1 - s0 == 1:  # the block lies inside one tensor
-        t1, idx1, mask1 = full_block(seg_tab, n_seg, s0, BLOCK)
-        _one_buffer_body(ptr_tab, n_tensors, scal_tab, t1, idx1, mask1, found_inf_ptr, grad_scale_ptr,
-                         RULE, F0, F1, NSTATE, NSCAL, PDT, SDT, MASTER, SR, HAS_FOUND_INF, HAS_GRAD_SCALE)
-    else:  # several small tensors packed into this block
-        t2, idx2, mask2 = locate(seg_tab, n_seg, s0, s1, BLOCK)
-        _one_buffer_body(ptr_tab, n_tensors, scal_tab, t2, idx2, mask2, found_inf_ptr, grad_scale_ptr,
-                         RULE, F0, F1, NSTATE, NSCAL, PDT, SDT, MASTER, SR, HAS_FOUND_INF, HAS_GRAD_SCALE)
+                      BLOCK: tl.constexpr, SUB: tl.constexpr, PATHS: tl.constexpr, ALIGNED: tl.constexpr,
+                      HW_BF16: tl.constexpr):
+    _step(ptr_tab, n_tensors, scal_tab, full_tab, n_full, prog_tab, seg_tab, n_seg, found_inf_ptr, grad_scale_ptr,
+          False, RULE, F0, F1, NSTATE, NSCAL, PDT, SDT, MASTER, SR, HAS_FOUND_INF, HAS_GRAD_SCALE, BLOCK, SUB, PATHS,
+          ALIGNED, HW_BF16)
 
 
 @triton.jit
-def multi_buffer_kernel(ptr_tab, n_tensors, scal_tab, prog_tab, seg_tab, n_seg, found_inf_ptr, grad_scale_ptr,
-                        RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
+def multi_buffer_kernel(ptr_tab, n_tensors, scal_tab, full_tab, n_full, prog_tab, seg_tab, n_seg, found_inf_ptr,
+                        grad_scale_ptr, RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
                         NSCAL: tl.constexpr, PDT: tl.constexpr, SDT: tl.constexpr, MASTER: tl.constexpr,
                         SR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    s0 = tl.load(prog_tab + pid)
-    s1 = tl.load(prog_tab + pid + 1)
-    if s1 - s0 == 1:
-        t1, idx1, mask1 = full_block(seg_tab, n_seg, s0, BLOCK)
-        _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t1, idx1, mask1, found_inf_ptr, grad_scale_ptr,
-                           RULE, F0, F1, NSTATE, NSCAL, PDT, SDT, MASTER, SR, HAS_FOUND_INF, HAS_GRAD_SCALE)
-    else:
-        t2, idx2, mask2 = locate(seg_tab, n_seg, s0, s1, BLOCK)
-        _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t2, idx2, mask2, found_inf_ptr, grad_scale_ptr,
-                           RULE, F0, F1, NSTATE, NSCAL, PDT, SDT, MASTER, SR, HAS_FOUND_INF, HAS_GRAD_SCALE)
+                        BLOCK: tl.constexpr, SUB: tl.constexpr, PATHS: tl.constexpr, ALIGNED: tl.constexpr,
+                        HW_BF16: tl.constexpr):
+    _step(ptr_tab, n_tensors, scal_tab, full_tab, n_full, prog_tab, seg_tab, n_seg, found_inf_ptr, grad_scale_ptr,
+          True, RULE, F0, F1, NSTATE, NSCAL, PDT, SDT, MASTER, SR, HAS_FOUND_INF, HAS_GRAD_SCALE, BLOCK, SUB, PATHS,
+          ALIGNED, HW_BF16)
 
 
 KERNELS = {"one": one_buffer_kernel, "multi": multi_buffer_kernel}
+# compiled (HW_BF16: bf16 through the hardware conversion) or the interpreter (bf16 as bits)
+INTERPRETED = type(one_buffer_kernel).__name__ == "InterpretedFunction"

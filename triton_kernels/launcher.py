@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import functools
 import operator
+import os
 from collections import OrderedDict
 from typing import Sequence
 
 import torch
 
-from .kernels import KERNELS
+from .kernels import INTERPRETED, KERNELS
 
-BLOCK = 4096
+# Elements per program and warps per program of the update kernels (bench/kernel_report.py: 2048 x 4 warps
+# compile to 128-bit accesses without spills); the environment overrides them for A/B timings on a GPU
+# (bench/device_check.sh). The packed path handles SUB = 32 x NUM_WARPS lanes at a time (compiled).
+BLOCK = int(os.environ.get("MOMENTUM_FUSED_TRITON_BLOCK", "2048"))
+NUM_WARPS = int(os.environ.get("MOMENTUM_FUSED_TRITON_WARPS", "4"))
 MAX_SEGS = 64
 CACHE_SIZE = 64
 LAUNCHES = 0  # kernel launches since import (all kernels of this package)
@@ -163,6 +168,80 @@ def tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, grad_lis
     return (ptr_tab.view(-1),) + plan
 
 
+def plan_split(numels: Sequence[int], block: int = BLOCK, max_segs: int = MAX_SEGS):
+    """The update kernels' plan: (full_t, full_b, prog, segs). Full blocks (``block`` elements inside one tensor)
+    are listed as (tensor, block index) pairs, in tensor order: the kernels' first programs; small tensors and
+    the tails of large ones are packed as in ``plan_blocks`` (the same greedy order): prog / segs describe
+    those packed programs only. Empty tensors get nothing."""
+    n = torch.tensor([int(x) for x in numels], dtype=torch.int64)
+    nfull = torch.div(n, block, rounding_mode="floor")
+    full_t = torch.repeat_interleave(torch.arange(len(n), dtype=torch.int64), nfull)
+    starts = torch.cumsum(nfull, 0) - nfull
+    full_b = torch.arange(int(nfull.sum()), dtype=torch.int64) - torch.repeat_interleave(starts, nfull)
+    blocks: list[list[tuple[int, int, int, int]]] = []
+    open_block: list | None = None
+    fill = 0
+    for t, (x, k) in enumerate(zip(n.tolist(), nfull.tolist())):
+        rest = x - k * block
+        if rest == 0:
+            continue
+        if open_block is None or fill + rest > block or len(open_block) >= max_segs:
+            open_block, fill = [], 0
+            blocks.append(open_block)
+        open_block.append((t, k * block, fill, rest))
+        fill += rest
+    segs = [sg for b in blocks for sg in b]
+    prog = [0]
+    for b in blocks:
+        prog.append(prog[-1] + len(b))
+    return full_t, full_b, prog, segs
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _plan_split_tensors(numels: tuple, block: int, device) -> tuple:
+    """(full_tab int32 [2, n_full], prog_tab, seg_tab, n_full, n_packed, n_seg) on ``device``, cached by sizes."""
+    full_t, full_b, prog, segs = plan_split(numels, block)
+    full_tab = torch.stack([full_t, full_b]).to(torch.int32).reshape(-1)
+    seg_tab = torch.tensor([list(c) for c in zip(*segs)] if segs else [[], [], [], []], dtype=torch.int64)
+    flat = torch.cat([torch.tensor(prog, dtype=torch.int64), seg_tab.reshape(-1)]).to(device)
+    return (full_tab.to(device), flat[:len(prog)], flat[len(prog):], len(full_t), len(prog) - 1, len(segs))
+
+
+def _aligned(ptrs) -> bool:
+    return not any(map((15).__and__, ptrs))
+
+
+def step_tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, grad_list: int = 1):
+    """(ptr_tab, full_tab, prog_tab, seg_tab, n_full, n_packed, n_seg, aligned) for the update kernels; cached as
+    ``tables`` caches its entries (by every list's pointers but the grads', whose row is refreshed in place).
+    ``aligned``: every data pointer is 16-byte aligned (the full-block path may then use 128-bit accesses)."""
+    ref = lists[0][0]
+    numels = tuple(map(torch.Tensor.numel, lists[0]))
+    ptrs = [tuple(map(torch.Tensor.data_ptr, lst)) for lst in lists]
+    key = ("split", ref.device, ref.dtype, block, numels, len(lists), grad_list,
+           tuple(p for i, p in enumerate(ptrs) if i != grad_list))
+    entry = _cache.get(key)
+    if entry is not None:
+        _cache.move_to_end(key)
+        _CACHE_STATS["hits"] += 1
+        ptr_tab, plan, cached_grad_ptrs, aligned_rest, aligned_grads = entry
+        if cached_grad_ptrs != ptrs[grad_list]:
+            ptr_tab[grad_list].copy_(torch.tensor(ptrs[grad_list], dtype=torch.int64), non_blocking=True)
+            entry[2] = ptrs[grad_list]
+            entry[4] = aligned_grads = _aligned(ptrs[grad_list])
+            _CACHE_STATS["grad_row_updates"] += 1
+        return (ptr_tab.view(-1),) + plan + (aligned_rest and aligned_grads,)
+    _CACHE_STATS["misses"] += 1
+    plan = _plan_split_tensors(numels, block, ref.device)
+    ptr_tab = torch.tensor(ptrs, dtype=torch.int64).to(ref.device)
+    aligned_rest = all(_aligned(p) for i, p in enumerate(ptrs) if i != grad_list)
+    aligned_grads = _aligned(ptrs[grad_list])
+    _cache[key] = [ptr_tab, plan, ptrs[grad_list], aligned_rest, aligned_grads]
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return (ptr_tab.view(-1),) + plan + (aligned_rest and aligned_grads,)
+
+
 def scalar_table(scalars, n: int, device) -> torch.Tensor:
     """fp64 [n, k] from a list of n packs, or a ready tensor ([n, k]). fp64 so that the kernels derive
     coefficients such as 1 - beta2 without fp32 cancellation (they round them to fp32 once)."""
@@ -178,7 +257,8 @@ def scalar_table(scalars, n: int, device) -> torch.Tensor:
 
 def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, scalars, *,
                        found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
-                       block: int = BLOCK, master: bool = False, sr_keys: Sequence[int] | None = None) -> int:
+                       block: int = BLOCK, master: bool = False, sr_keys: Sequence[int] | None = None,
+                       sub: int | None = None, num_warps: int = NUM_WARPS) -> int:
     """Run one kernel over every tensor of ``lists`` = [params, grads, *state lists (, masters)].
 
     family: "one" or "multi" (see kernels.py); rule_id: rules.RULE_IDS[name]; flags: up to two
@@ -187,7 +267,9 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     writes nothing; gradients are divided by grad_scale. Dtype layouts (momentum_fused/layouts.py):
     params and grads share one storage dtype, the state lists another; ``master``: the last list holds
     fp32 master copies; ``sr_keys``: one uint32 per tensor turns on stochastic rounding of bf16 stores.
-    Returns the number of launches (0 or 1).
+    Returns the number of launches (0 or 1): one kernel whose first programs are the full blocks (unmasked,
+    128-bit accesses when every pointer is 16-byte aligned) and the others the packed blocks (small tensors and
+    tails, ``sub`` lanes at a time: 32 x num_warps compiled, the whole block in the interpreter by default).
     """
     if family not in KERNELS:
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
@@ -216,8 +298,8 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
             raise ValueError(f"{len(sr_keys)} stochastic-rounding keys for {n} tensors")
         keys = torch.tensor([int(k) & 0xFFFFFFFF for k in sr_keys], dtype=torch.float64, device=ref.device)
         scal = torch.cat([scal, keys[:, None]], dim=1).contiguous()
-    ptr_tab, prog_tab, seg_tab, n_prog, n_seg = tables(lists, block)
-    if n_prog == 0:
+    ptr_tab, full_tab, prog_tab, seg_tab, n_full, n_packed, n_seg, aligned = step_tables(lists, block)
+    if n_full + n_packed == 0:
         return 0  # every tensor is empty
     dummy = scal  # any device pointer; never read when the flag is off
     for name, x in (("found_inf", found_inf), ("grad_scale", grad_scale)):
@@ -226,32 +308,46 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
                              f"on {x.device}")
     fi = found_inf.to(torch.float32) if found_inf is not None and found_inf.dtype != torch.float32 else found_inf
     gs = grad_scale.to(torch.float32) if grad_scale is not None and grad_scale.dtype != torch.float32 else grad_scale
-    KERNELS[family][(n_prog,)](
-        ptr_tab, n, scal, prog_tab, seg_tab, n_seg,
+    if sub is None:
+        sub = block if INTERPRETED else min(block, 32 * num_warps)
+    KERNELS[family][(n_full + n_packed,)](
+        ptr_tab, n, scal, full_tab if n_full else prog_tab, n_full, prog_tab, seg_tab if n_seg else prog_tab, n_seg,
         fi if fi is not None else dummy, gs if gs is not None else dummy,
         RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1] - sr,
         PDT=DTYPE_CODES[pdt], SDT=DTYPE_CODES[sdt], MASTER=bool(master), SR=sr,
-        HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block)
+        HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block, SUB=sub,
+        PATHS=(1 if n_full else 0) + (2 if n_packed else 0), ALIGNED=aligned, HW_BF16=not INTERPRETED,
+        num_warps=num_warps)
     _count_launch()
     return 1
 
 
 # ------------------------------------------------------------------------------- static compile (no GPU)
-_SIGNATURE = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "prog_tab": "*i64", "seg_tab": "*i64",
-              "n_seg": "i32", "found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32"}
+_SIGNATURE = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "full_tab": "*i32", "n_full": "i32",
+              "prog_tab": "*i64", "seg_tab": "*i64", "n_seg": "i32", "found_inf_ptr": "*fp32",
+              "grad_scale_ptr": "*fp32"}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: bool = False, sr: bool = False,
-                     found_inf: bool = False, grad_scale: bool = False, block: int = BLOCK):
-    """The kernels a launch of this specialization can run, for compiling them without a GPU
-    (bench/kernel_report.py, tests/test_triton_compile.py): a list of (name, path, jit function, signature,
-    constexprs, compile options, elements per thread)."""
+                     found_inf: bool = False, grad_scale: bool = False, block: int = BLOCK,
+                     num_warps: int = NUM_WARPS, aligned: bool = True):
+    """The kernels a launch of this specialization runs, for compiling them without a GPU (bench/kernel_report.py,
+    tests/test_triton_compile.py): a list of (name, path, jit function, signature, constexprs, compile options,
+    elements per thread). Paths: "full" (a bucket of whole blocks only), "packed" (small tensors only) and "mixed"
+    (both: what most buckets run); compiled code (HW_BF16)."""
     from .rules import FAMILY, RULE_IDS, SCALARS
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
     fn = KERNELS[FAMILY[rule]]
-    constexprs = dict(RULE=RULE_IDS[rule], F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=len(SCALARS[rule]),
-                      PDT=DTYPE_CODES[_TORCH_DTYPES[pdt]], SDT=DTYPE_CODES[_TORCH_DTYPES[sdt]], MASTER=master, SR=sr,
-                      HAS_FOUND_INF=found_inf, HAS_GRAD_SCALE=grad_scale, BLOCK=block)
-    warps = 4
-    return [(fn.__name__, "mixed", fn, dict(_SIGNATURE), constexprs, {"num_warps": warps}, block // (32 * warps))]
+    sub = min(block, 32 * num_warps)
+    out = []
+    for path, paths in (("full", 1), ("packed", 2), ("mixed", 3)):
+        constexprs = dict(RULE=RULE_IDS[rule], F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=len(SCALARS[rule]),
+                          PDT=DTYPE_CODES[_TORCH_DTYPES[pdt]], SDT=DTYPE_CODES[_TORCH_DTYPES[sdt]], MASTER=master,
+                          SR=sr, HAS_FOUND_INF=found_inf, HAS_GRAD_SCALE=grad_scale, BLOCK=block, SUB=sub,
+                          PATHS=paths, ALIGNED=aligned, HW_BF16=True)
+        # elements per thread in one pass: a full block's (also for the mixed kernel, to compare with the whole
+        # kernel before issue 20), one sub-block's for the packed path
+        elems = sub // (32 * num_warps) if paths == 2 else block // (32 * num_warps)
+        out.append((fn.__name__, path, fn, dict(_SIGNATURE), constexprs, {"num_warps": num_warps}, elems))
+    return out
