@@ -1,8 +1,12 @@
 """Installs momentum_fused. The compiled backends in csrc/ are optional:
 
 - CPU extension ``momentum_fused._C_cpu`` (C++17, OpenMP, AVX-512 variant picked at run time): built
-  whenever torch's C++ extension machinery and a C++ compiler are available.
-  MOMENTUM_FUSED_BUILD_CPU=0 skips it.
+  whenever torch's C++ extension machinery and a C++ compiler are available. Its sources and flags are
+  in momentum_fused/_cpu_build.py (read here and by the build at first import, momentum_fused/_jit.py).
+  The wheel ships the sources (momentum_fused/_csrc/, see BuildPyWithSources), so an install built
+  without torch in the build environment (``pip install .``: pip's build isolation) compiles the
+  extension at first import instead (cached; needs ninja and a compiler then).
+  MOMENTUM_FUSED_BUILD_CPU=0 skips both: the install stays pure Python.
 - CUDA extension ``momentum_fused._C_cuda``: built only when nvcc is found AND torch is a CUDA build,
   or when forced with MOMENTUM_FUSED_BUILD_CUDA=1 (=0 never builds it).
 
@@ -10,18 +14,31 @@ A failed optional build never fails the install: the package stays pure Python, 
 written to ``momentum_fused/_C_<name>.build-error.txt``, which the backend module reports through
 ``momentum_fused.backends.status()``. A successful build removes that file.
 """
+import importlib.util
 import os
 import shutil
 import sys
 import traceback
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG_DIR = os.path.join(HERE, "momentum_fused")
 
 ext_modules = []
 cmdclass = {}
+
+
+def _load_build_config():
+    """momentum_fused/_cpu_build.py, loaded by path (importing the package would import torch)."""
+    spec = importlib.util.spec_from_file_location("_momentum_fused_cpu_build", os.path.join(PKG_DIR, "_cpu_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CPU_BUILD = _load_build_config()
 
 
 def _status_path(short):
@@ -47,32 +64,61 @@ def _env_flag(name):
     return None if v is None or v == "" else v not in ("0", "false", "False", "no")
 
 
+BUILD_CPU = _env_flag("MOMENTUM_FUSED_BUILD_CPU") is not False
+DISABLED_CPU = "not built: MOMENTUM_FUSED_BUILD_CPU=0 at install time"  # = momentum_fused._jit.DISABLED_AT_INSTALL
+if not BUILD_CPU:
+    _record("cpu", DISABLED_CPU)
+
 try:
     import torch
     from torch.utils import cpp_extension
-except Exception as e:  # no torch at build time: pure-Python install
+except Exception as e:  # no torch at build time (pip's build isolation): compiled at first import instead
     torch = None
-    _record("cpu", f"not built: torch was not importable at build time ({type(e).__name__}: {e})")
+    if BUILD_CPU:
+        _record("cpu", f"not built at install time: torch was not importable in the build environment "
+                       f"({type(e).__name__}: {e}); it is compiled at first import (momentum_fused/_jit.py)")
+
+
+class BuildPyWithSources(build_py):
+    """build_py that ships the CPU sources (CPU_BUILD.cpu_files) in momentum_fused/_csrc/, for the build at
+    first import; with MOMENTUM_FUSED_BUILD_CPU=0 it ships the marker _C_cpu.build-error.txt instead, so
+    that such an install stays pure Python. Editable installs read csrc/ in place."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        pkg = os.path.join(self.build_lib, "momentum_fused")
+        target = os.path.join(pkg, "_csrc")
+        marker = os.path.join(pkg, "_C_cpu.build-error.txt")
+        for stale in (target, marker):  # left by an earlier build in the same build/ folder
+            if os.path.isdir(stale):
+                shutil.rmtree(stale)
+            elif os.path.exists(stale):
+                os.remove(stale)
+        if not BUILD_CPU:
+            os.makedirs(pkg, exist_ok=True)
+            with open(marker, "w") as fh:
+                fh.write(DISABLED_CPU + "\n")
+            return
+        csrc = os.path.join(HERE, "csrc")
+        for rel in CPU_BUILD.cpu_files(csrc):
+            dest = os.path.join(target, rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copyfile(os.path.join(csrc, rel), dest)
+
+
+cmdclass["build_py"] = BuildPyWithSources
 
 if torch is not None:
-    # -fno-math-errno: sqrt vectorizes (else it stays scalar, 2.4x slower); -fno-trapping-math: gcc
-    # if-converts the uniform branches of the rules; -ffp-contract=off: no FMA contraction, so every
-    # ISA variant (and the CUDA kernels, built with --fmad=false) gives the same bits.
-    CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
-                 "-Wno-unused-function"]
-    CSRC = os.path.join("csrc")
-
-    if _env_flag("MOMENTUM_FUSED_BUILD_CPU") is not False:
+    if BUILD_CPU:  # the flags and their reasons: momentum_fused/_cpu_build.py
         ext_modules.append(cpp_extension.CppExtension(
             name="momentum_fused._C_cpu",
-            sources=["csrc/cpu/cpu_ops.cpp", "csrc/cpu/cpu_python.cpp", "csrc/cpu/cpu_kernels.cpp", "csrc/cpu/cpu_kernels_baseline.cpp",
-                     "csrc/cpu/cpu_kernels_avx2.cpp", "csrc/cpu/cpu_kernels_avx512.cpp"],
+            sources=[f"csrc/{s}" for s in CPU_BUILD.CPU_SOURCES],
             include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": CXX_FLAGS},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": list(CPU_BUILD.CPU_CXX_FLAGS)},
+            extra_link_args=list(CPU_BUILD.CPU_LINK_FLAGS),
         ))
-    else:
-        _record("cpu", "not built: MOMENTUM_FUSED_BUILD_CPU=0 at install time")
 
     force_cuda = _env_flag("MOMENTUM_FUSED_BUILD_CUDA")
     nvcc = shutil.which("nvcc")
@@ -137,7 +183,8 @@ setup(
     description="Fused multi-tensor momentum optimizers for PyTorch, with a float64 reference spec",
     packages=find_packages(include=["momentum_fused", "momentum_fused.*", "triton_kernels", "triton_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    # ninja: the build at first import (momentum_fused/_jit.py) runs torch.utils.cpp_extension.load
+    install_requires=["torch>=2.4", "ninja"],
     extras_require={
         "dev": ["pytest", "hypothesis", "matplotlib"],
         # peer packages benchmarked side by side (bench/) and used as oracles (tests/test_peers.py)

@@ -5,9 +5,12 @@ are specified once in :mod:`momentum_fused.reference` and dispatched per (device
 :mod:`momentum_fused.backends`. Dtype layouts: :mod:`momentum_fused.layouts`; the low-rank (DLRA) layer and
 optimizers: :mod:`momentum_fused.lowrank`.
 """
-from . import backends, layouts, lowrank, reference, schedules, specs
-from .optim import (FSGDM, QHM, SGD, Adam, AdamTied, AdamW, AdamWScheduleFree, FusedOptimizer, Lion, NAdam,
-                    RMSprop, SGDScheduleFree, SignSGD, Signum)
+from ._jit import load_cpu_extension as _load_cpu_extension
+
+_load_cpu_extension()  # first: compiles momentum_fused._C_cpu at first import when the install has none
+from . import backends, layouts, lowrank, reference, schedules, specs  # noqa: E402
+from .optim import (FSGDM, QHM, SGD, Adam, AdamTied, AdamW, AdamWScheduleFree, FusedOptimizer, Lion,  # noqa: E402
+                    NAdam, RMSprop, SGDScheduleFree, SignSGD, Signum)
 
 __version__ = "0.1.0"
 
