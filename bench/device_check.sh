@@ -6,6 +6,8 @@
 #
 # Usage: bash bench/device_check.sh [PHASE ...]      (no phase: all, in this order)
 #   env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank
+# or the preset `issue20` (the kernel work of issue 20, ~7.5 min): env kernels-cuda build test-cuda step-times
+# kernels-triton -- see the phases' comments below; kernel-report (static, the same as on a CPU machine) on request.
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
 # so the archive is written before the device tool's limit. Give the tool a timeout_s ~40 s above it.
 # TRITON_K: an optional pytest -k filter for the Triton GPU tests (careful: "float16" also matches
@@ -89,7 +91,79 @@ phase_bench_tiny() {
 phase_bench_retraction() { [ -f bench/bench_retraction.py ] && run bench-retraction 90 "$PY" -m bench.bench_retraction --device cuda --out "$WORK/bench-retraction"; }
 phase_bench_lowrank() { [ -f bench/bench_lowrank.py ] && run bench-lowrank 60 "$PY" -m bench.bench_lowrank --device cuda --out "$WORK/bench-lowrank"; }
 
+# ---------------------------------------------------------------------------------------------- issue 20
+# kernels-cuda (~80 s): csrc/cuda/tools/step_timing.cu, torch-free: CUDA events around mf::cuda::step alone, on the
+# llm profile (1e9 params in 292 tensors) and the tiny one (4,981 tensors), built twice in parallel for the
+# launch-bounds A/B (MF_CUDA_MIN_BLOCKS=2: <= 64 registers, the default; 1: the compiler's choice), each run with
+# the 32 KB table and with the old 4 KB limits (320 blocks, 36 tensors) for the table-size A/B. One JSON line per
+# run in kernels-cuda.jsonl (median ms, launches, GB/s, % of the copy bandwidth measured by the same binary).
+# Targets (issue 20): AdamW fp32 >= 90% of copy; bf16 <= 0.55x of fp32's time.
+phase_kernels_cuda() {
+  local nv; nv="$(command -v nvcc)"; [ -z "$nv" ] && { echo "kernels-cuda: no nvcc" | tee -a "$WORK/summary.txt"; return; }
+  local s=$(date +%s) flags=(-O3 -std=c++17 --fmad=false -arch=sm_90 -Icsrc csrc/cuda/tools/step_timing.cu csrc/cuda/fused_step.cu)
+  for mb in 2 1; do
+    timeout "$(left)" "$nv" "${flags[@]}" -DMF_CUDA_MIN_BLOCKS=$mb -o "$WORK/step_timing-$mb" > "$WORK/step_timing-build-$mb.log" 2>&1 &
+  done
+  wait
+  echo "kernels-cuda: built in $(( $(date +%s) - s )) s" | tee -a "$WORK/summary.txt"
+  for prof in llm tiny; do
+    "$PY" -c "import math; from bench.core import profile_shapes as p; s = p('$prof', int(${PARAMS_LLM:-1e9} if '$prof' == 'llm' else 5.4e6)); print(len(s), *[math.prod(x) for x in s])" > "$WORK/$prof.numels"
+  done
+  # (rule flags layout dtype): AdamW fp32, AdamW bf16, AdamW master-bf16, SGD momentum fp32, AdamW bf16_sr
+  local cfgs=("2 1 0 0" "2 1 0 2" "2 1 2 2" "0 1 0 0" "2 1 3 2")
+  for prof in llm tiny; do
+    for cfg in "${cfgs[@]}"; do
+      for mb in 2 1; do
+        for table in big small; do
+          [ "$prof" = tiny ] && [ "$mb" = 1 ] && continue
+          [ "$(left)" -le 20 ] && { echo "SKIP kernels-cuda rest: out of time" | tee -a "$WORK/summary.txt"; return; }
+          local env=(); [ "$table" = small ] && env=(MOMENTUM_FUSED_CUDA_MAX_BLOCKS=320 MOMENTUM_FUSED_CUDA_MAX_TENSORS=36)
+          { printf '{"profile": "%s", "table": "%s", "run": ' "$prof" "$table"
+            env "${env[@]}" timeout 60 "$WORK/step_timing-$mb" $cfg 20 < "$WORK/$prof.numels" | tr -d '\n' || printf '{}'
+            printf '}\n'; } >> "$WORK/kernels-cuda.jsonl" 2>> "$WORK/kernels-cuda.err"
+        done
+      done
+    done
+  done
+  "$PY" - "$WORK/kernels-cuda.jsonl" <<'PYEOF' | tee -a "$WORK/summary.txt"
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        d = json.loads(line); r = d["run"]
+        print(f"  {d['profile']:4s} table={d['table']:5s} rule={r['rule']} layout={r['layout']} dtype={r['dtype']} "
+              f"minblk={r['min_blocks_per_sm']} launches={r['launches']} {r['median_ms']:.3f} ms "
+              f"{r['GBps']:.0f} GB/s = {r['pct_copy']:.0f}% of copy")
+    except Exception as e:
+        print("  bad line:", line.strip()[:120], e)
+PYEOF
+}
+# step-times (~60 s): AdamW and SGD momentum, fp32 and bf16, llm and tiny, cuda / triton / torch fused side by side
+# in one process: step_ms (events around step()), host_ms (the front end and the launches, host side), kernel_ms
+# and launches (torch.profiler: device time of the step's kernels). Targets: cuda >= 1.1x torch fused (llm), Triton
+# within 10% of cuda, tiny >= 2x torch fused.
+phase_step_times() {
+  run step-times 150 "$PY" -m bench.kernel_report --time --step-backends cuda,triton,torch --profiles llm,tiny \
+    --dtypes fp32,bf16 --step-rules adamw,sgd_momentum --iters 20 --out "$WORK/step-times.json"
+  grep -h '"step_ms"' "$WORK/step-times.log" | sed 's/^/  /' | cut -c1-230 | tee -a "$WORK/summary.txt"
+}
+# kernels-triton (~90 s): the Triton BLOCK x num_warps A/B (MOMENTUM_FUSED_TRITON_BLOCK / _WARPS), AdamW llm fp32 and
+# bf16, kernel_ms from the profiler; TRITON_AB="BLOCKxWARPS ..." picks the variants.
+phase_kernels_triton() {
+  for v in ${TRITON_AB:-2048x4 4096x4 2048x8}; do
+    MOMENTUM_FUSED_TRITON_BLOCK=${v%x*} MOMENTUM_FUSED_TRITON_WARPS=${v#*x} run "kernels-triton-$v" 45 "$PY" -m bench.kernel_report \
+      --time --step-backends triton --profiles llm --dtypes fp32,bf16 --step-rules adamw --iters 10 \
+      --out "$WORK/kernels-triton-$v.json"
+    grep -h '"kernel_ms"' "$WORK/kernels-triton-$v.log" | sed "s/^/  $v /" | cut -c1-230 | tee -a "$WORK/summary.txt"
+  done
+}
+# kernel-report (~60 s on 16 cores): the static report (registers, stack, spills, 128-bit accesses) with this
+# image's tools; the same as `python -m bench.kernel_report` on a CPU machine.
+phase_kernel_report() {
+  run kernel-report 120 "$PY" -m bench.kernel_report --arch sm_90 --flags fp32 --jobs 16 --out "$WORK/kernel-report.json"
+}
+
 phases=("$@")
+[ "${phases[*]:-}" = issue20 ] && phases=(env kernels-cuda build test-cuda step-times kernels-triton)
 [ ${#phases[@]} -eq 0 ] && phases=(env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank)
 for ph in "${phases[@]}"; do
   echo "== $ph ($(( $(date +%s) - T0 )) s)" >> "$WORK/summary.txt"

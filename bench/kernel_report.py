@@ -185,25 +185,31 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
 
 def _cuda_inputs_digest(arch: str) -> str:
     h = hashlib.sha256()
-    for f in sorted(list(CSRC.glob("*.h")) + list((CSRC / "cuda").glob("*.cu")) + list((CSRC / "cuda").glob("*.cuh")) +
-                    list((CSRC / "cuda").glob("*.h"))):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    for f in sorted(x for x in CSRC.rglob("*") if x.suffix in (".h", ".cuh", ".cu") and "cpu" not in x.parts
+                    and "tools" not in x.parts):
+        h.update(str(f.relative_to(CSRC)).encode() + b"\0" + f.read_bytes())
     h.update(" ".join(NVCC_FLAGS + [arch]).encode())
     return h.hexdigest()[:16]
 
 
-def compile_cuda(arch: str = "sm_90", build_dir: Path | None = None, nvcc: str | None = None) -> tuple[Path, str]:
-    """nvcc -cubin --resource-usage on csrc/cuda/fused_step.cu; returns (cubin path, ptxas log). Cached under
-    build_dir (default build/kernel_report) by a digest of the sources and flags, so a second run (or the test
-    after the CLI) reuses the cubin."""
-    nvcc = nvcc or os.environ.get("NVCC") or shutil.which("nvcc")
-    if not nvcc:
-        raise FileNotFoundError("nvcc not found")
+def cuda_cache_dir(arch: str = "sm_90", build_dir: Path | None = None) -> Path:
+    """Where the cubin and ptxas log of the current sources are kept (csrc/check_cuda_compile.sh fills it too, so
+    CI compiles fused_step.cu once for both)."""
     build_dir = Path(build_dir or os.environ.get("MF_KERNEL_REPORT_DIR") or ROOT / "build" / "kernel_report")
-    out = build_dir / f"cuda-{arch}-{_cuda_inputs_digest(arch)}"
+    return build_dir / f"cuda-{arch}-{_cuda_inputs_digest(arch)}"
+
+
+def compile_cuda(arch: str = "sm_90", build_dir: Path | None = None, nvcc: str | None = None) -> tuple[Path, str]:
+    """nvcc -cubin --resource-usage on csrc/cuda/fused_step.cu; returns (cubin path, ptxas log). Cached in
+    cuda_cache_dir (a digest of the sources and flags), so a second run (or the test after the CLI, or after
+    csrc/check_cuda_compile.sh) reuses the cubin."""
+    out = cuda_cache_dir(arch, build_dir)
     cubin, log = out / "fused_step.cubin", out / "ptxas.log"
     if cubin.exists() and log.exists():
         return cubin, log.read_text()
+    nvcc = nvcc or os.environ.get("NVCC") or shutil.which("nvcc")
+    if not nvcc:
+        raise FileNotFoundError("nvcc not found")
     out.mkdir(parents=True, exist_ok=True)
     cmd = [nvcc, *NVCC_FLAGS, f"-arch={arch}", f"-I{CSRC}", "-cubin", "--resource-usage",
            str(CSRC / "cuda" / "fused_step.cu"), "-o", str(cubin) + ".tmp"]
@@ -329,21 +335,23 @@ def _compile_triton_one(i: int, arch_num: int, cache_dir: str):
 
 
 def triton_report(arch: str = "sm_90", rules=None, layouts=None, flags_mode: str = "all", jobs: int = 2,
-                  cache_dir: str | None = None) -> list[dict]:
-    """Compiles every Triton specialization for ``arch``. Triton's cache is pointed at a fresh folder (unless
-    ``cache_dir``) so that ptxas runs and its log (registers, spills) is seen."""
+                  cache_dir: str | None = None, specs=None, paths=None) -> list[dict]:
+    """Compiles every Triton specialization for ``arch`` (or ``specs``: (rule, flags, nstate, layout) tuples), each
+    kernel path the launcher can run (or only ``paths``: "full", "packed", "mixed"). Triton's cache is pointed at
+    a fresh folder (unless ``cache_dir``) so that ptxas runs and its log (registers, spills) is seen."""
     import multiprocessing
 
     import triton  # noqa: F401  (fails early with ImportError)
 
     arch_num = int(re.sub(r"\D", "", arch))
     cuobjdump = find_cuobjdump()
-    specs = triton_specs(rules, layouts, flags_mode)
+    specs = specs if specs is not None else triton_specs(rules, layouts, flags_mode)
     work = _WORK
     work.clear()
     for rule, f, nstate, layout in specs:
         for job in _triton_jobs(rule, f, nstate, layout):
-            work.append(((rule, f, nstate, layout), job))
+            if paths is None or job[1] in paths:
+                work.append(((rule, f, nstate, layout), job))
     tmp = tempfile.mkdtemp(prefix="mf-kernel-report-")
     rows = []
     try:
@@ -369,6 +377,94 @@ def triton_report(arch: str = "sm_90", rules=None, layouts=None, flags_mode: str
             rows.append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ timing (on a device)
+STEP_RULES = {"adamw": ("AdamW", dict(lr=1e-3, weight_decay=0.01)),
+              "sgd_momentum": ("SGD", dict(lr=1e-3, momentum=0.9))}
+
+
+def _torch_opt(rule, params):
+    import torch
+    if rule == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True)
+
+
+def time_steps(device: str = "cuda", rules=("adamw",), dtypes=("fp32",), profiles=("llm",), params: float = 1e9,
+               backends=("cuda", "triton", "torch"), iters: int = 20) -> list[dict]:
+    """Per (profile, dtype, rule, backend): one optimizer step timed three ways, side by side in this process:
+    ``step_ms`` (events around step(): the GPU time of a step, front end and launch gaps included), ``host_ms``
+    (perf_counter around step() without a sync: what the Python front end and the launches cost the host),
+    ``kernel_ms`` and ``launches`` (torch.profiler: the device time of the kernels a step runs, and their number).
+    ``device="cpu"``: the same code as a dry run (tiny sizes, host timers, no kernel time)."""
+    import statistics
+    import time
+
+    import torch
+
+    import momentum_fused as mf
+    from bench.core import make_params, profile_shapes
+    dev = torch.device(device)
+    rows = []
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for prof in profiles:
+        total = int(params if prof == "llm" else 5.4e6) if dev.type == "cuda" else int(2e5)
+        shapes = profile_shapes(prof, total)
+        for dname in dtypes:
+            ps = make_params(shapes, dev, dt[dname])
+            for rule in rules:
+                cls_name, kw = STEP_RULES[rule]
+                for backend in backends:
+                    if backend == "torch":
+                        opt = _torch_opt(rule, ps)
+                    else:
+                        try:
+                            opt = getattr(mf, cls_name)(ps, backend=backend, **kw)
+                        except Exception as e:  # a backend that is not available here
+                            rows.append({"profile": prof, "dtype": dname, "rule": rule, "backend": backend,
+                                         "error": str(e)[:200]})
+                            continue
+                    for _ in range(3):
+                        opt.step()
+                    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+                    sync()
+                    step, host = [], []
+                    for _ in range(iters):
+                        if dev.type == "cuda":
+                            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                            a.record()
+                        t0 = time.perf_counter()
+                        opt.step()
+                        host.append((time.perf_counter() - t0) * 1e3)
+                        if dev.type == "cuda":
+                            b.record()
+                            b.synchronize()
+                            step.append(a.elapsed_time(b))
+                        else:
+                            step.append(host[-1])
+                        sync()
+                    row = {"profile": prof, "dtype": dname, "rule": rule, "backend": backend,
+                           "tensors": len(ps), "elements": sum(p.numel() for p in ps),
+                           "step_ms": statistics.median(step), "host_ms": statistics.median(host)}
+                    if dev.type == "cuda":
+                        from torch.profiler import ProfilerActivity, profile
+                        n = 5
+                        with profile(activities=[ProfilerActivity.CUDA]) as pr:
+                            for _ in range(n):
+                                opt.step()
+                            sync()
+                        kernels = [e for e in pr.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                                   and not e.name.startswith(("Memcpy", "Memset"))]
+                        row["kernel_ms"] = sum(e.device_time for e in kernels) / 1e3 / n
+                        row["launches"] = len(kernels) / n
+                        row["kernels"] = sorted({e.name[:60] for e in kernels})
+                    rows.append(row)
+                    del opt
+            del ps
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -444,7 +540,25 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="", help="also write the JSON list to this file")
     ap.add_argument("--summary", metavar="JSON", help="print the per-layout summary of a saved report and exit")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="two saved reports side by side")
+    ap.add_argument("--time", action="store_true",
+                    help="time optimizer steps on --device instead (step, host and kernel time; needs a GPU, or "
+                         "--device cpu for a dry run)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profiles", default="llm,tiny")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--step-rules", default="adamw,sgd_momentum")
+    ap.add_argument("--step-backends", default="cuda,triton,torch")
+    ap.add_argument("--params", type=float, default=1e9)
+    ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args(argv)
+    if args.time:
+        rows = time_steps(args.device, args.step_rules.split(","), args.dtypes.split(","), args.profiles.split(","),
+                          args.params, args.step_backends.split(","), args.iters)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        for r in rows:
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+        return 0
     if args.summary:
         print(summary(json.loads(Path(args.summary).read_text())))
         return 0

@@ -1,0 +1,106 @@
+"""Static checks of the compiled elementwise kernels (issue 20), without a GPU: bench/kernel_report.py compiles
+them for sm_90 and reads ptxas' log and the SASS.
+
+- CUDA (csrc/cuda/fused_step.cu, all 176 rule x flags x layout kernels): no stack, no spills, at most 64
+  registers (2 blocks of 512 threads per SM), 128-bit loads and stores of every list in the fp32 and 16-bit
+  native layouts' vector loop, 128-bit accesses in every other fp32/bf16 layout. The compile is the one
+  csrc/check_cuda_compile.sh made (CI runs it first; the cubin is kept under build/kernel_report), else nvcc runs
+  here; without nvcc the CUDA half skips with that reason.
+- Triton (triton_kernels, the kernel a bucket with large and small tensors runs: full-block and packed paths in
+  one kernel): no stack, no spills, 128-bit global loads and stores, for every rule in fp32 and bf16 and for
+  AdamW in every layout.
+Not timed: a GPU measures (bench/device_check.sh).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import pytest
+
+from bench import kernel_report as kr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_rule_mirror_matches_update_rules_h():
+    """RULES / RULE_FLAGS of the report mirror the instantiation list of update_rules.h and the rule ids (in
+    update_rules.h, or the generated header it includes)."""
+    csrc = os.path.join(ROOT, "csrc")
+    gen = os.path.join(csrc, "generated")
+    text = "".join(open(os.path.join(d, f)).read() for d, fs in ((csrc, ["update_rules.h"]),
+                                                                   (gen, sorted(os.listdir(gen)) if os.path.isdir(gen)
+                                                                    else []))
+                   for f in fs if f.endswith(".h"))
+    macro = text[text.index("#define MF_FOR_EACH_RULE_FLAGS"):]
+    macro = macro[:macro.index("\n\n")]
+    pairs = re.findall(r"X\(RULE_(\w+), (\d+)\)", macro)
+    ids = dict((name.lower(), int(i)) for name, i in re.findall(r"RULE_(\w+) = (\d+)", text))
+    want = {}
+    for name, f in pairs:
+        want.setdefault(name.lower(), []).append(int(f))
+    assert {k: tuple(v) for k, v in want.items()} == kr.RULE_FLAGS
+    assert {v: k for k, v in ids.items() if k != "count"} == kr.RULES
+
+
+@pytest.fixture(scope="module")
+def cuda_rows():
+    if not (os.environ.get("NVCC") or shutil.which("nvcc")) and not kr.cuda_cache_dir("sm_90").exists():
+        pytest.skip("needs nvcc (the CUDA toolkit) to compile csrc/cuda/fused_step.cu")
+    if kr.find_cuobjdump() is None:
+        pytest.skip("needs cuobjdump (the CUDA toolkit's, or the copy the triton package ships)")
+    if shutil.which("c++filt") is None:
+        pytest.skip("needs c++filt (binutils) to name the CUDA kernels")
+    return kr.cuda_report("sm_90")
+
+
+def test_cuda_kernels_no_stack_no_spills_at_most_64_registers(cuda_rows):
+    assert len(cuda_rows) == sum(len(v) for v in kr.RULE_FLAGS.values()) * len(kr.LAYOUTS) == 176
+    bad = [(r["rule"], r["flags"], r["layout"], r["registers"], r["stack_bytes"], r["spill_bytes"])
+           for r in cuda_rows if r["stack_bytes"] or r["spill_bytes"] or r["spill_load_bytes"] or r["registers"] > 64]
+    assert not bad, f"(rule, flags, layout, registers, stack, spill): {bad}"
+
+
+def test_cuda_kernels_128_bit_accesses(cuda_rows):
+    bad = []
+    for r in cuda_rows:
+        lists_read, lists_written = 2 + r["nstate"], 1 + r["nstate"]
+        if r["layout"] in ("native-fp32", "native-bf16", "native-fp16", "bf16_sr"):
+            ok = r["v4_loads"] >= lists_read and r["v4_stores"] >= lists_written  # every list, 128 bits
+        elif r["layout"] == "native-fp64":
+            ok = True  # 2 or 1 elements per thread: not a bandwidth target
+        else:  # bf16_state, master: the fp32 lists in 128 bits at least
+            ok = r["v4_loads"] >= 1 and r["v4_stores"] >= 1
+        if not ok:
+            bad.append((r["rule"], r["flags"], r["layout"], r["v4_loads"], r["v4_stores"]))
+    assert not bad, f"(rule, flags, layout, 128-bit loads, 128-bit stores): {bad}"
+
+
+# every rule with its largest flag value (the most state lists) in fp32 and bf16; AdamW in every other layout
+TRITON_SPECS = sorted({(rule, max(fl), kr.num_states(rule, max(fl)), lay)
+                       for rule, fl in kr.RULE_FLAGS.items() for lay in ("native-fp32", "native-bf16")}
+                      | {("adam", 1, 2, lay) for lay in kr.TRITON_LAYOUTS})
+
+
+@pytest.fixture(scope="module")
+def triton_rows():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compiles real kernels: run without TRITON_INTERPRET=1 (the main suite does)")
+    pytest.importorskip("triton", reason="triton is not installed")
+    if kr.find_cuobjdump() is None:
+        pytest.skip("needs cuobjdump (the CUDA toolkit's, or the copy the triton package ships)")
+    return kr.triton_report("sm_90", specs=TRITON_SPECS, paths=("mixed",), jobs=2)
+
+
+def test_triton_kernels_no_stack_no_spills(triton_rows):
+    assert len(triton_rows) == len(TRITON_SPECS)
+    bad = [(r["rule"], r["layout"], r["registers"], r["stack_bytes"], r["spill_bytes"])
+           for r in triton_rows if r["stack_bytes"] or r["spill_bytes"] or r.get("spill_load_bytes")]
+    assert not bad, f"(rule, layout, registers, stack, spill): {bad}"
+
+
+def test_triton_full_blocks_use_128_bit_accesses(triton_rows):
+    bad = [(r["rule"], r["layout"], r["v4_loads"], r["v4_stores"]) for r in triton_rows
+           if r["v4_loads"] < 2 + r["nstate"] or r["v4_stores"] < 1 + r["nstate"]]
+    assert not bad, f"(rule, layout, 128-bit loads, 128-bit stores): {bad}"
