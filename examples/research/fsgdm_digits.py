@@ -78,7 +78,7 @@ def run_one(method, kind, lr, seed, epochs, data, batch=32):
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss) * len(idx)
+            tot += loss.item() * len(idx)
         curve.append([tot / len(Xtr), *evaluate(model, Xte, yte)])
     va, _ = evaluate(model, Xva, yva)
     te, tl = evaluate(model, Xte, yte)
