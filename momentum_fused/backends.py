@@ -232,6 +232,20 @@ def _layout_reason(b: Backend, layout) -> str | None:
     return f"dtype layout {layout.name!r} is not implemented by it (it implements: {', '.join(b.layouts)})"
 
 
+def _rule_reason(b: Backend, spec, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why backend ``b`` cannot run rule ``spec`` (None: it can). A multi-phase rule (contract v2) runs on a
+    backend that implements every one of its elementwise passes (its matrix phases are torch ops)."""
+    if not spec.phases:
+        return b.supports(spec, device, dtype)
+    from .specs import ElementwisePass, get_spec
+    for phase in spec.phases:
+        if isinstance(phase, ElementwisePass):
+            why = b.supports(get_spec(phase.rule), device, dtype)
+            if why is not None:
+                return f"its pass {phase.rule!r}: {why}"
+    return None
+
+
 def _explicit(name: str, spec, device: torch.device, dtype: torch.dtype, source: str, layout=None) -> Backend:
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r} ({source}); registered backends: {sorted(_REGISTRY)}")
@@ -241,7 +255,7 @@ def _explicit(name: str, spec, device: torch.device, dtype: torch.dtype, source:
     if device.type not in b.devices:
         raise RuntimeError(f"backend {name!r} ({source}) does not run on {device.type} tensors "
                            f"(it runs on: {', '.join(b.devices)})")
-    why = b.supports(spec, device, dtype) or _layout_reason(b, layout)
+    why = _rule_reason(b, spec, device, dtype) or _layout_reason(b, layout)
     if why is not None:
         raise RuntimeError(f"backend {name!r} ({source}) cannot run rule {spec.name!r} on "
                            f"{device.type}/{dtype}: {why}")
@@ -263,7 +277,7 @@ def resolve(requested: str | None, spec, device: torch.device, dtype: torch.dtyp
         if b is None:
             continue  # not part of this build at all: nothing to report
         why = b.load_error or (None if device.type in b.devices else f"does not run on {device.type}") \
-            or b.supports(spec, device, dtype) or _layout_reason(b, layout)
+            or _rule_reason(b, spec, device, dtype) or _layout_reason(b, layout)
         if why is None:
             if skipped:
                 key = (spec.name, device.type, dtype, tuple(skipped))

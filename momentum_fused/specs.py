@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["UpdateRuleSpec", "SPECS", "get_spec", "HOST_STATE_KEYS"]
+__all__ = ["UpdateRuleSpec", "SPECS", "KERNEL_RULES", "get_spec", "HOST_STATE_KEYS", "StateTensor", "ElementwisePass", "MatrixPhase"]
 
 # State entries that live on the host (never cast to the param dtype, never touched by kernels).
 HOST_STATE_KEYS = ("step", "mu_product")
@@ -127,6 +127,55 @@ def lr_value(group: Mapping) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+# Contract v2: state tensors of their own shape and dtype, and phases (docs/architecture.md)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StateTensor:
+    """One state tensor of a rule.
+
+    name:       its key in ``optimizer.state[p]`` (and in the tuple a backend receives, in declaration order).
+    shape:      param -> shape; None: the param's shape (an elementwise state).
+    dtype:      a fixed dtype (e.g. torch.int8 codes, torch.float32 block scales); None: the dtype layout's
+                state dtype for the param (the param dtype under the native layout).
+    persistent: False for a work buffer of one step (an update passed between phases): created by the
+                optimizer for the step, never in ``state`` or the state_dict.
+    """
+    name: str
+    shape: Callable[[torch.Tensor], tuple] | None = None
+    dtype: torch.dtype | None = None
+    persistent: bool = True
+
+    def shape_for(self, p: torch.Tensor) -> tuple:
+        return tuple(p.shape) if self.shape is None else tuple(self.shape(p))
+
+    def dtype_for(self, p: torch.Tensor, layout) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        return p.dtype if layout.name == "native" else layout.state_dtype_for(p.dtype)
+
+
+@dataclass(frozen=True)
+class ElementwisePass:
+    """A phase of a multi-phase rule: the elementwise rule ``rule`` (a registered spec with kernels in the
+    backends) over every tensor of the group; its ``state_names`` name tensors of the main rule's
+    ``state_tensors`` (persistent or work buffers). Its packs come from its own ``advance`` with the main
+    rule's step count."""
+    rule: str
+
+
+@dataclass(frozen=True)
+class MatrixPhase:
+    """A phase between elementwise passes: ``fn(group, batch)`` transforms a [b, *shape] stack of the
+    state tensor ``tensor`` of b params of one shape (and device, dtype) and returns the result, which
+    is written back. The optimizer batches the group's tensors by shape, at most ``max_batch`` (None:
+    all) matrices per call; ``fn`` uses torch ops (cuBLAS on CUDA through torch)."""
+    name: str
+    tensor: str
+    fn: Callable[[Mapping, torch.Tensor], torch.Tensor]
+    max_batch: int | None = None
+
+
+# --------------------------------------------------------------------------------------------------
 # The spec
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -160,6 +209,13 @@ class UpdateRuleSpec:
                    returned, not written: the optimizer writes them once every group has been computed.
     group_extras:  host counters kept in every param group (so they are checkpointed), with their
                    initial values; not constructor arguments.
+    state_tensors: group -> tuple of ``StateTensor`` (contract v2), when some state is not an elementwise
+                   tensor of the param's shape and layout dtype (block scales, int8 codes) or is a work
+                   buffer of one step; None: ``StateTensor(name)`` for each of ``state_names``. The
+                   persistent ones must be ``state_names(group)``, in order.
+    phases:        () for one elementwise pass (the rule itself); else the sequence of ``ElementwisePass``
+                   and ``MatrixPhase`` one step runs (contract v2; e.g. orthogonalized momentum: momentum
+                   pass, Newton-Schulz on the update, apply pass).
 
     ``bytes_per_elem(group)`` (fp32 roofline bytes read + written per element, docs/algorithms.md §9) follows
     from ``state_names``: ``momentum_fused.layouts.roofline_bytes``.
@@ -182,10 +238,23 @@ class UpdateRuleSpec:
     group_advance: Callable[[Mapping], None] | None = None
     group_prepare: Callable[[Mapping], dict] | None = None
     group_extras: Mapping[str, Any] = field(default_factory=dict)
+    state_tensors: Callable[[Mapping], tuple] | None = None
+    phases: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "Scalars", namedtuple(f"{self.name}_scalars", self.scalar_names))
         object.__setattr__(self, "Flags", namedtuple(f"{self.name}_flags", self.flag_names))
+
+    def tensors(self, group: Mapping) -> tuple:
+        """Every state tensor of this rule for ``group`` (persistent first, as ``state_names``)."""
+        if self.state_tensors is None:
+            return tuple(StateTensor(n) for n in self.state_names(group))
+        return tuple(self.state_tensors(group))
+
+    @property
+    def plain_state(self) -> bool:
+        """Every state tensor is elementwise (the param's shape, the layout's state dtype) and persistent."""
+        return self.state_tensors is None
 
     def bytes_per_elem(self, group: Mapping) -> int:
         """Bytes read + written per element by one fused fp32 pass of this rule with ``group``'s flags."""
@@ -463,6 +532,10 @@ FSGDM_SPEC = UpdateRuleSpec(
     group_advance=_fsgdm_group_advance,
     group_extras=dict(step=1.0),
 )
+
+# The rules the compiled kernels implement, in the order of their ids (the one definition of the ids: the C++
+# enum Rule in csrc/generated/tables.h and the backends' tables are derived from it).
+KERNEL_RULES = ("sgd", "qhm", "adam", "nadam", "rmsprop", "signum", "lion", "fsgdm", "sgd_sf", "adamw_sf")
 
 SPECS: dict[str, UpdateRuleSpec] = {
     s.name: s for s in (SGD_SPEC, QHM_SPEC, ADAM_SPEC, NADAM_SPEC, RMSPROP_SPEC, SIGNUM_SPEC,

@@ -33,6 +33,7 @@ from ..specs import HOST_STATE_KEYS, UpdateRuleSpec, get_spec
 from .amp import AmpMixin, AmpRollback
 from .checks import ValidationMixin, check_torch_flags
 from .compile import CompileMixin, bucket_op
+from .phases import PhasesMixin
 from .plan_cache import PlanCacheMixin
 from .scalars import ScalarsMixin
 
@@ -61,7 +62,8 @@ class _Bucket:
     sr_keys: list = field(default_factory=list)  # bf16_sr: one rounding key per param
 
 
-class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, CompileMixin, torch.optim.Optimizer):
+class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, CompileMixin, PhasesMixin,
+                     torch.optim.Optimizer):
     """Base class. Subclasses set ``rule`` and call ``super().__init__(params, defaults, backend=)``.
 
     ``backend``: None (automatic, see momentum_fused.backends), or a registered backend name. The
@@ -203,17 +205,23 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 g.setdefault(k, v)
         # torch casts floating state to the param dtype; layouts keep their own state dtypes (bf16 state,
         # fp32 master): re-take those from the saved tensors, so that no value goes through a narrower type
-        layout_of = {}
+        layout_of, own_of = {}, {}
         for g in self.param_groups:
             lay = _layouts.get_layout(g["layout"])
+            own = None if self.spec.plain_state else {t.name: t for t in self.spec.tensors(g) if t.persistent}
             for p in g["params"]:
-                layout_of[p] = lay
+                layout_of[p], own_of[p] = lay, own
         for idx, p in zip(saved_ids, params):
-            lay = layout_of[p]
-            if lay.name == "native":
+            lay, own = layout_of[p], own_of[p]
+            if lay.name == "native" and own is None:
                 continue
             for key, value in saved.get(idx, {}).items():
-                want = torch.float32 if key == _layouts.MASTER_KEY else lay.state_dtype_for(p.dtype)
+                if own is not None and key in own:  # contract v2: the rule's own dtype (int8 codes, fp32 scales)
+                    want = own[key].dtype_for(p, lay)
+                elif lay.name == "native":
+                    continue
+                else:
+                    want = torch.float32 if key == _layouts.MASTER_KEY else lay.state_dtype_for(p.dtype)
                 self.state[p][key] = value.detach().to(device=p.device, dtype=want, copy=True)
 
 
@@ -226,7 +234,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         """Whether the step computes per-group host numbers (FSGDM's u, schedule-free's c, the Polyak step):
         such a step reads host values every step (not capturable; GradScaler's flag is read on the host)."""
         spec = self.spec
-        return spec.group_advance is not None or spec.group_prepare is not None or \
+        return spec.group_advance is not None or spec.group_prepare is not None or bool(spec.phases) or \
             type(self)._prepare_step is not FusedOptimizer._prepare_step
 
     def _prepare_step(self, plan, loss, inv_scale: float) -> None:
@@ -255,22 +263,29 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         for group, upd in zip(groups, updates):
             group.update(upd)
 
-    def _init_state(self, items, state_names, layout=_layouts.NATIVE, created=None):
-        """Create missing elementwise state (zeros in the layout's state dtype; the fp32 master copy of
-        the param under the ``master`` layout). Returns (state dicts, fresh flags): fresh is True for a
-        tensor whose state was (partly) created in this step."""
+    def _init_state(self, items, state_names, layout=_layouts.NATIVE, created=None, group=None):
+        """Create missing state (zeros in the layout's state dtype; the fp32 master copy of the param under the
+        ``master`` layout; a rule's own shapes and dtypes under contract v2, ``spec.state_tensors``). Returns
+        (state dicts, fresh flags): fresh is True for a tensor whose state was (partly) created in this step."""
         states, fresh = [], []
         n = len(state_names)
         native = layout.name == "native"
+        spec = self.spec
+        own = None if spec.plain_state else {t.name: t for t in spec.tensors(group)}
         for p in items:
             st = self.state[p]
             missing = [k for k in state_names if k not in st] if n else ([] if st else [None])
             for k in missing:
-                if k is not None:
+                if k is None:
+                    continue
+                if own is not None:
+                    t = own[k]
+                    st[k] = torch.zeros(t.shape_for(p), dtype=t.dtype_for(p, layout), device=p.device)
+                else:
                     st[k] = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=None if native else
                                              layout.state_dtype_for(p.dtype))
-                    if created is not None:
-                        created.append((st, k))
+                if created is not None:
+                    created.append((st, k))
             if layout.master and _layouts.MASTER_KEY not in st:
                 st[_layouts.MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
                 if created is not None:
@@ -342,6 +357,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         else:
             inv_scale = 1.0
             rollback = AmpRollback()
+        if self.spec.phases:  # contract v2: passes and matrix phases (optim/phases.py)
+            return self._update_phased(plan, loss, inv_scale)
         self._prepare_step(plan, loss, inv_scale)
         spec = self.spec
         buckets: dict[tuple, _Bucket] = {}
@@ -361,7 +378,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             lay = _layouts.get_layout(group["layout"])
             cap = group["capturable"]
             if cached is None:
-                states, fresh = self._init_state(items, state_names, lay, None if rollback is None else rollback.created)
+                states, fresh = self._init_state(items, state_names, lay, None if rollback is None else rollback.created,
+                                                 group)
             else:  # the cached plan: every state tensor exists
                 states, fresh = cached[gi][0]["states"], [False] * len(items)
             if rollback is not None:  # what the optimistic host-side advance must be able to undo

@@ -117,6 +117,8 @@ class ValidationMixin:
     def _not_capturable(self, lay) -> str | None:
         """Why this optimizer's step cannot avoid host-side per-step numbers (None: it can)."""
         spec = self.spec
+        if spec.phases:
+            return "it runs several phases (contract v2), whose first version reads its scalars on the host"
         if spec.pack_reads_state:
             return "its scalar pack reads per-tensor host state (NAdam's mu_product) every step"
         if self._keeps_group_counters():
@@ -229,6 +231,7 @@ class ValidationMixin:
             state_names = spec.state_names(group)
             check_names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
             native = lay.name == "native"
+            own = None if spec.plain_state else {t.name: t for t in spec.tensors(group) if t.persistent}
             items, keys = [], set()
             for pi, p in enumerate(group["params"]):
                 g = p.grad
@@ -245,7 +248,13 @@ class ValidationMixin:
                     raise TypeError(f"{self._where(p, pi, gi)}: dtype layout {lay.describe()} cannot hold a "
                                     f"{dtype} param; supported layouts: {_layouts.supported()}")
                 st = state.get(p)
-                if st:
+                if st and own is not None:  # contract v2: each state tensor's own shape and dtype
+                    for key, ts in own.items():
+                        t = st.get(key)
+                        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != ts.shape_for(p)
+                                              or t.dtype != ts.dtype_for(p, lay) or t.device != device):
+                            self._raise_bad_state(p, key, t, pi, gi, ts.dtype_for(p, lay), ts.shape_for(p))
+                elif st:
                     for key in check_names:
                         t = st.get(key)
                         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape
@@ -256,6 +265,8 @@ class ValidationMixin:
                 keys.add((device, dtype))
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}
             chosen = {key: backends.resolve(self.backend, spec, *key, lay) for key in keys}
+            if spec.phases:
+                self._phase_limits(gi, group, lay, items)
             _dist.check_group(name, gi, items, state, state_names)  # DTensor layouts line up (no-op without DTensors)
             self._check_host_state(gi, group, items)
             if group["capturable"]:
@@ -276,11 +287,14 @@ class ValidationMixin:
             raise TypeError(f"{where}: gradient dtype {g.dtype} does not match the param dtype {p.dtype}")
         raise RuntimeError(f"{where}: gradient is on {g.device} but the param is on {p.device}")
 
-    def _raise_bad_state(self, p, key, t, pi, gi, want_dtype=None):
+    def _raise_bad_state(self, p, key, t, pi, gi, want_dtype=None, want_shape=None):
         where = self._where(p, pi, gi)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where}: state {key!r} is a {type(t).__name__}, expected a Tensor")
-        if t.shape != p.shape:
+        if want_shape is not None and tuple(t.shape) != tuple(want_shape):
+            raise ValueError(f"{where}: state {key!r} has shape {tuple(t.shape)}, expected {tuple(want_shape)} for "
+                             f"this param; was a state_dict loaded into other params?")
+        if want_shape is None and t.shape != p.shape:
             raise ValueError(f"{where}: state {key!r} has shape {tuple(t.shape)}, which does not "
                              f"match the param; was a state_dict loaded into other params?")
         want = p.dtype if want_dtype is None else want_dtype

@@ -100,8 +100,8 @@ class PlanCacheMixin:
         """Cache this step's plan for ``_fast_plan`` when the hot path can serve it: plain (not DTensor,
         not complex) params of one (device, dtype) per group, every state tensor present."""
         self._fast = None
-        if C_CHECKS is None:
-            return
+        if C_CHECKS is None or not self.spec.plain_state or self.spec.phases:
+            return  # (contract v2 rules take the full plan: the C checks assume param-shaped state)
         cls = _dist.dtensor_class()
         entries = []
         for group, state_names, items, chosen in plan:
