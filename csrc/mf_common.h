@@ -19,17 +19,16 @@
 
 namespace mf {
 
-// Param dtype codes of the compiled kernels (the bindings map torch dtypes to these; csrc/step_args.h).
-enum Dtype : int { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
-
-// Dtype layouts (momentum_fused/layouts.py; the code is the Python backends' LAYOUT_CODES), one table for the
-// CPU and CUDA kernels:
+// Param dtype codes (enum Dtype), rule ids, flag bits, scalar-pack columns and the dtype-layout table (enum
+// Layout and its properties), generated from momentum_fused/specs.py and layouts.py. The layouts:
 //   NATIVE      params, grads, state: one dtype (fp32, fp64, bf16, fp16), RNE stores
 //   BF16_STATE  params/grads fp32, state bf16 (RNE)
 //   MASTER      params/grads bf16 or fp16, state fp32, plus an fp32 master copy per param: the rule reads
 //               the master, writes the master and the param (RNE from the new fp32 value)
 //   BF16_SR     everything bf16, every store stochastically rounded (storage.h store_sr)
-enum Layout : int { LAYOUT_NATIVE = 0, LAYOUT_BF16_STATE = 1, LAYOUT_MASTER = 2, LAYOUT_BF16_SR = 3 };
+}  // namespace mf
+#include "generated/tables.h"
+namespace mf {
 
 // Bit casts usable on host and device (memcpy is understood by both compilers and vectorizes).
 MF_HD MF_INLINE uint32_t f32_bits(float f) {

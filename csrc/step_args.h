@@ -31,44 +31,24 @@ inline int dtype_code(c10::ScalarType t) {
   }
 }
 
-inline const char* layout_name(int64_t layout) {
-  switch (layout) {
-    case LAYOUT_NATIVE: return "native";
-    case LAYOUT_BF16_STATE: return "bf16_state";
-    case LAYOUT_MASTER: return "master";
-    case LAYOUT_BF16_SR: return "bf16_sr";
-    default: return "?";
+// The layout table (generated/tables.h): the param dtypes of each layout, and the state dtype for a param dtype.
+inline c10::ScalarType dtype_of_code(int code) {
+  switch (code) {
+    case DT_F32: return c10::ScalarType::Float;
+    case DT_F64: return c10::ScalarType::Double;
+    case DT_BF16: return c10::ScalarType::BFloat16;
+    default: return c10::ScalarType::Half;
   }
 }
 
-// The layout table: the param dtypes of each layout, and the state dtype for a param dtype.
 inline bool layout_param_ok(int64_t layout, c10::ScalarType dtype) {
-  switch (layout) {
-    case LAYOUT_NATIVE: return dtype_code(dtype) >= 0;
-    case LAYOUT_BF16_STATE: return dtype == c10::ScalarType::Float;
-    case LAYOUT_MASTER: return dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half;
-    case LAYOUT_BF16_SR: return dtype == c10::ScalarType::BFloat16;
-    default: return false;
-  }
-}
-
-inline const char* layout_param_dtypes(int64_t layout) {
-  switch (layout) {
-    case LAYOUT_NATIVE: return "float32, float64, bfloat16, float16";
-    case LAYOUT_BF16_STATE: return "float32";
-    case LAYOUT_MASTER: return "bfloat16, float16";
-    case LAYOUT_BF16_SR: return "bfloat16";
-    default: return "";
-  }
+  const int code = dtype_code(dtype);
+  return code >= 0 && ((layout_param_dtype_bits(layout) >> code) & 1u) != 0;
 }
 
 inline c10::ScalarType layout_state_dtype(int64_t layout, c10::ScalarType param) {
-  switch (layout) {
-    case LAYOUT_BF16_STATE:
-    case LAYOUT_BF16_SR: return c10::ScalarType::BFloat16;
-    case LAYOUT_MASTER: return c10::ScalarType::Float;
-    default: return param;
-  }
+  const int code = layout_state_dtype_code(layout);
+  return code < 0 ? param : dtype_of_code(code);
 }
 
 // op: the op's name in messages ("cpu_step", "cuda_step").
@@ -118,7 +98,7 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
                            at::TensorList states, const at::Tensor& scalars, int64_t rule, int64_t flags,
                            int64_t layout, const c10::optional<at::Tensor>& sr_keys, bool scalars_on_host_only) {
   check_rule(op, rule, flags);
-  TORCH_CHECK(layout >= LAYOUT_NATIVE && layout <= LAYOUT_BF16_SR, "momentum_fused ", op, ": unknown layout code ",
+  TORCH_CHECK(layout >= 0 && layout < LAYOUT_COUNT, "momentum_fused ", op, ": unknown layout code ",
               layout, " (0 native, 1 bf16_state, 2 master, 3 bf16_sr)");
   StepArgs a;
   a.rule = static_cast<int>(rule);
@@ -126,7 +106,7 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
   a.layout = static_cast<int>(layout);
   a.ns = rule_num_states(a.rule, a.flags);
   a.k = rule_num_scalars(a.rule);
-  a.master = a.layout == LAYOUT_MASTER;
+  a.master = layout_master(a.layout);
   const size_t n = params.size();
   const int nm = a.master ? 1 : 0;
   const int per = a.ns + nm;
@@ -145,7 +125,7 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
               "] on the cpu", scalars_on_host_only ? "" : " or the params' device", " for rule ", rule_name(a.rule),
               ", got ", scalars.scalar_type(), " ", scalars.sizes(), " on ", scalars.device());
   const bool has_keys = sr_keys.has_value() && sr_keys->defined();
-  if (a.layout == LAYOUT_BF16_SR) {
+  if (layout_stochastic(a.layout)) {
     TORCH_CHECK(has_keys, "momentum_fused ", op, ": layout bf16_sr needs sr_keys (one uint32 key per tensor)");
     const bool keys_device_ok = sr_keys->device().is_cpu() ||
                                 (!scalars_on_host_only && n > 0 && sr_keys->device() == params[0].device());

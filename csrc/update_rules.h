@@ -7,8 +7,8 @@
 // entry grad_mult); `<Rule>Scalars<T>::make(pack)` derives the per-tensor constants in double (like the
 // Python floats torch.optim passes as `alpha=`/`value=`) and rounds them once to T.
 //
-// Rule ids and flag bits are mirrored from momentum_fused/_backend_cpu.py (RULE_IDS, flag bit i =
-// spec.flag_names[i]); the backend checks the mirror against rule_id()/num_states() at load time.
+// Rule ids, flag bits and the scalar-pack columns (s[pack::adam::eps]) come from csrc/generated/tables.h, which
+// momentum_fused/_codegen.py writes from the specs; the backends check rule_id()/num_states() at load time.
 #pragma once
 
 #include "mf_common.h"
@@ -19,29 +19,7 @@
 
 namespace mf {
 
-// ------------------------------------------------------------------------------------- ids and flags
-enum Rule : int {
-  RULE_SGD = 0,
-  RULE_QHM = 1,
-  RULE_ADAM = 2,
-  RULE_NADAM = 3,
-  RULE_RMSPROP = 4,
-  RULE_SIGNUM = 5,
-  RULE_LION = 6,
-  RULE_FSGDM = 7,
-  RULE_SGD_SF = 8,
-  RULE_ADAMW_SF = 9,
-  RULE_COUNT = 10
-};
-
-// flag bit i is spec.flag_names[i]
-enum : int { SGD_MOMENTUM = 1, SGD_NESTEROV = 2 };
-enum : int { QHM_DIRECT_DECAY = 1 };
-enum : int { ADAM_DECOUPLED = 1, ADAM_AMSGRAD = 2 };
-enum : int { NADAM_DECOUPLED = 1 };
-enum : int { RMSPROP_MOMENTUM = 1, RMSPROP_CENTERED = 2 };
-enum : int { SIGNUM_MOMENTUM = 1 };
-enum : int { ADAMW_SF_INNER_MOMENTUM = 1 };
+// Rule ids, flag bits and pack columns: generated/tables.h (from momentum_fused/specs.py), via mf_common.h.
 
 // ------------------------------------------------------------------------------------------ helpers
 MF_HD MF_INLINE float mf_sqrt(float x) { return sqrtf(x); }
@@ -79,16 +57,16 @@ template <typename T>
 struct SgdScalars {
   T wd, momentum, one_minus_dampening, neg_lr, grad_mult;
   T has_wd, first;  // 1 or 0 (a T, not a bool: gcc then vectorizes the uniform selects)
-  static constexpr int kPack = 6;
+  static constexpr int kPack = pack::sgd::size;
   MF_HD static SgdScalars make(const double* s) {
     SgdScalars r;
-    r.neg_lr = static_cast<T>(-s[0]);
-    r.wd = static_cast<T>(s[1]);
-    r.momentum = static_cast<T>(s[2]);
-    r.one_minus_dampening = static_cast<T>(1.0 - s[3]);
-    r.first = s[4] != 0.0 ? T(1) : T(0);
-    r.grad_mult = static_cast<T>(s[5]);
-    r.has_wd = s[1] != 0.0 ? T(1) : T(0);
+    r.neg_lr = static_cast<T>(-s[pack::sgd::lr]);
+    r.wd = static_cast<T>(s[pack::sgd::weight_decay]);
+    r.momentum = static_cast<T>(s[pack::sgd::momentum]);
+    r.one_minus_dampening = static_cast<T>(1.0 - s[pack::sgd::dampening]);
+    r.first = s[pack::sgd::first] != 0.0 ? T(1) : T(0);
+    r.grad_mult = static_cast<T>(s[pack::sgd::grad_mult]);
+    r.has_wd = s[pack::sgd::weight_decay] != 0.0 ? T(1) : T(0);
     return r;
   }
 };
@@ -110,17 +88,17 @@ template <typename T>
 struct QhmScalars {
   T wd, decay, momentum, one_minus_momentum, neg_lr_nu, neg_lr_one_minus_nu, grad_mult;
   T has_wd;  // 1 or 0
-  static constexpr int kPack = 5;
+  static constexpr int kPack = pack::qhm::size;
   MF_HD static QhmScalars make(const double* s) {
     QhmScalars r;
-    r.wd = static_cast<T>(s[1]);
-    r.decay = static_cast<T>(1.0 - s[0] * s[1]);
-    r.momentum = static_cast<T>(s[2]);
-    r.one_minus_momentum = static_cast<T>(1.0 - s[2]);
-    r.neg_lr_nu = static_cast<T>(-s[0] * s[3]);
-    r.neg_lr_one_minus_nu = static_cast<T>(-s[0] * (1.0 - s[3]));
-    r.grad_mult = static_cast<T>(s[4]);
-    r.has_wd = s[1] != 0.0 ? T(1) : T(0);
+    r.wd = static_cast<T>(s[pack::qhm::weight_decay]);
+    r.decay = static_cast<T>(1.0 - s[pack::qhm::lr] * s[pack::qhm::weight_decay]);
+    r.momentum = static_cast<T>(s[pack::qhm::momentum]);
+    r.one_minus_momentum = static_cast<T>(1.0 - s[pack::qhm::momentum]);
+    r.neg_lr_nu = static_cast<T>(-s[pack::qhm::lr] * s[pack::qhm::nu]);
+    r.neg_lr_one_minus_nu = static_cast<T>(-s[pack::qhm::lr] * (1.0 - s[pack::qhm::nu]));
+    r.grad_mult = static_cast<T>(s[pack::qhm::grad_mult]);
+    r.has_wd = s[pack::qhm::weight_decay] != 0.0 ? T(1) : T(0);
     return r;
   }
 };
@@ -145,19 +123,19 @@ template <typename T>
 struct AdamScalars {
   T wd, decay, w1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, grad_mult;
   T has_wd;  // 1 or 0
-  static constexpr int kPack = 8;
+  static constexpr int kPack = pack::adam::size;
   MF_HD static AdamScalars make(const double* s) {
     AdamScalars r;
-    r.wd = static_cast<T>(s[1]);
-    r.decay = static_cast<T>(1.0 - s[0] * s[1]);
-    r.w1 = static_cast<T>(1.0 - s[2]);
-    r.beta2 = static_cast<T>(s[3]);
-    r.one_minus_beta2 = static_cast<T>(1.0 - s[3]);
-    r.eps = static_cast<T>(s[4]);
-    r.neg_step_size = static_cast<T>(-s[5]);
-    r.bc2_sqrt = static_cast<T>(s[6]);
-    r.grad_mult = static_cast<T>(s[7]);
-    r.has_wd = s[1] != 0.0 ? T(1) : T(0);
+    r.wd = static_cast<T>(s[pack::adam::weight_decay]);
+    r.decay = static_cast<T>(1.0 - s[pack::adam::lr] * s[pack::adam::weight_decay]);
+    r.w1 = static_cast<T>(1.0 - s[pack::adam::beta1]);
+    r.beta2 = static_cast<T>(s[pack::adam::beta2]);
+    r.one_minus_beta2 = static_cast<T>(1.0 - s[pack::adam::beta2]);
+    r.eps = static_cast<T>(s[pack::adam::eps]);
+    r.neg_step_size = static_cast<T>(-s[pack::adam::step_size]);
+    r.bc2_sqrt = static_cast<T>(s[pack::adam::bc2_sqrt]);
+    r.grad_mult = static_cast<T>(s[pack::adam::grad_mult]);
+    r.has_wd = s[pack::adam::weight_decay] != 0.0 ? T(1) : T(0);
     return r;
   }
 };
@@ -188,20 +166,20 @@ template <typename T>
 struct NadamScalars {
   T wd, decay, w1, beta2, one_minus_beta2, eps, bc2, grad_coef, exp_avg_coef, grad_mult;
   T has_wd;  // 1 or 0
-  static constexpr int kPack = 9;
+  static constexpr int kPack = pack::nadam::size;
   MF_HD static NadamScalars make(const double* s) {
     NadamScalars r;
-    r.wd = static_cast<T>(s[1]);
-    r.decay = static_cast<T>(1.0 - s[0] * s[1]);
-    r.w1 = static_cast<T>(1.0 - s[2]);
-    r.beta2 = static_cast<T>(s[3]);
-    r.one_minus_beta2 = static_cast<T>(1.0 - s[3]);
-    r.eps = static_cast<T>(s[4]);
-    r.bc2 = static_cast<T>(s[5]);
-    r.grad_coef = static_cast<T>(s[6]);
-    r.exp_avg_coef = static_cast<T>(s[7]);
-    r.grad_mult = static_cast<T>(s[8]);
-    r.has_wd = s[1] != 0.0 ? T(1) : T(0);
+    r.wd = static_cast<T>(s[pack::nadam::weight_decay]);
+    r.decay = static_cast<T>(1.0 - s[pack::nadam::lr] * s[pack::nadam::weight_decay]);
+    r.w1 = static_cast<T>(1.0 - s[pack::nadam::beta1]);
+    r.beta2 = static_cast<T>(s[pack::nadam::beta2]);
+    r.one_minus_beta2 = static_cast<T>(1.0 - s[pack::nadam::beta2]);
+    r.eps = static_cast<T>(s[pack::nadam::eps]);
+    r.bc2 = static_cast<T>(s[pack::nadam::bc2]);
+    r.grad_coef = static_cast<T>(s[pack::nadam::grad_coef]);
+    r.exp_avg_coef = static_cast<T>(s[pack::nadam::exp_avg_coef]);
+    r.grad_mult = static_cast<T>(s[pack::nadam::grad_mult]);
+    r.has_wd = s[pack::nadam::weight_decay] != 0.0 ? T(1) : T(0);
     return r;
   }
 };
@@ -229,17 +207,17 @@ template <typename T>
 struct RmspropScalars {
   T wd, alpha, one_minus_alpha, eps, momentum, neg_lr, grad_mult;
   T has_wd;  // 1 or 0
-  static constexpr int kPack = 6;
+  static constexpr int kPack = pack::rmsprop::size;
   MF_HD static RmspropScalars make(const double* s) {
     RmspropScalars r;
-    r.neg_lr = static_cast<T>(-s[0]);
-    r.wd = static_cast<T>(s[1]);
-    r.alpha = static_cast<T>(s[2]);
-    r.one_minus_alpha = static_cast<T>(1.0 - s[2]);
-    r.eps = static_cast<T>(s[3]);
-    r.momentum = static_cast<T>(s[4]);
-    r.grad_mult = static_cast<T>(s[5]);
-    r.has_wd = s[1] != 0.0 ? T(1) : T(0);
+    r.neg_lr = static_cast<T>(-s[pack::rmsprop::lr]);
+    r.wd = static_cast<T>(s[pack::rmsprop::weight_decay]);
+    r.alpha = static_cast<T>(s[pack::rmsprop::alpha]);
+    r.one_minus_alpha = static_cast<T>(1.0 - s[pack::rmsprop::alpha]);
+    r.eps = static_cast<T>(s[pack::rmsprop::eps]);
+    r.momentum = static_cast<T>(s[pack::rmsprop::momentum]);
+    r.grad_mult = static_cast<T>(s[pack::rmsprop::grad_mult]);
+    r.has_wd = s[pack::rmsprop::weight_decay] != 0.0 ? T(1) : T(0);
     return r;
   }
 };
@@ -271,15 +249,15 @@ template <typename T>
 struct SignumScalars {
   T decay, momentum, one_minus_momentum, neg_lr, grad_mult;
   T has_wd;  // 1 or 0
-  static constexpr int kPack = 4;
+  static constexpr int kPack = pack::signum::size;
   MF_HD static SignumScalars make(const double* s) {
     SignumScalars r;
-    r.neg_lr = static_cast<T>(-s[0]);
-    r.decay = static_cast<T>(1.0 - s[0] * s[1]);
-    r.momentum = static_cast<T>(s[2]);
-    r.one_minus_momentum = static_cast<T>(1.0 - s[2]);
-    r.grad_mult = static_cast<T>(s[3]);
-    r.has_wd = s[1] != 0.0 ? T(1) : T(0);
+    r.neg_lr = static_cast<T>(-s[pack::signum::lr]);
+    r.decay = static_cast<T>(1.0 - s[pack::signum::lr] * s[pack::signum::weight_decay]);
+    r.momentum = static_cast<T>(s[pack::signum::momentum]);
+    r.one_minus_momentum = static_cast<T>(1.0 - s[pack::signum::momentum]);
+    r.grad_mult = static_cast<T>(s[pack::signum::grad_mult]);
+    r.has_wd = s[pack::signum::weight_decay] != 0.0 ? T(1) : T(0);
     return r;
   }
 };
@@ -301,17 +279,17 @@ template <typename T>
 struct LionScalars {
   T decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr, grad_mult;
   T has_wd;  // 1 or 0
-  static constexpr int kPack = 5;
+  static constexpr int kPack = pack::lion::size;
   MF_HD static LionScalars make(const double* s) {
     LionScalars r;
-    r.neg_lr = static_cast<T>(-s[0]);
-    r.decay = static_cast<T>(1.0 - s[0] * s[1]);
-    r.beta1 = static_cast<T>(s[2]);
-    r.one_minus_beta1 = static_cast<T>(1.0 - s[2]);
-    r.beta2 = static_cast<T>(s[3]);
-    r.one_minus_beta2 = static_cast<T>(1.0 - s[3]);
-    r.grad_mult = static_cast<T>(s[4]);
-    r.has_wd = s[1] != 0.0 ? T(1) : T(0);
+    r.neg_lr = static_cast<T>(-s[pack::lion::lr]);
+    r.decay = static_cast<T>(1.0 - s[pack::lion::lr] * s[pack::lion::weight_decay]);
+    r.beta1 = static_cast<T>(s[pack::lion::beta1]);
+    r.one_minus_beta1 = static_cast<T>(1.0 - s[pack::lion::beta1]);
+    r.beta2 = static_cast<T>(s[pack::lion::beta2]);
+    r.one_minus_beta2 = static_cast<T>(1.0 - s[pack::lion::beta2]);
+    r.grad_mult = static_cast<T>(s[pack::lion::grad_mult]);
+    r.has_wd = s[pack::lion::weight_decay] != 0.0 ? T(1) : T(0);
     return r;
   }
 };
@@ -331,16 +309,16 @@ template <typename T>
 struct FsgdmScalars {
   T wd, u, v, neg_lr, grad_mult;
   T has_wd, first;  // 1 or 0 (a T, not a bool: gcc then vectorizes the uniform selects)
-  static constexpr int kPack = 6;
+  static constexpr int kPack = pack::fsgdm::size;
   MF_HD static FsgdmScalars make(const double* s) {
     FsgdmScalars r;
-    r.neg_lr = static_cast<T>(-s[0]);
-    r.wd = static_cast<T>(s[1]);
-    r.u = static_cast<T>(s[2]);
-    r.v = static_cast<T>(s[3]);
-    r.first = s[4] != 0.0 ? T(1) : T(0);
-    r.grad_mult = static_cast<T>(s[5]);
-    r.has_wd = s[1] != 0.0 ? T(1) : T(0);
+    r.neg_lr = static_cast<T>(-s[pack::fsgdm::lr]);
+    r.wd = static_cast<T>(s[pack::fsgdm::weight_decay]);
+    r.u = static_cast<T>(s[pack::fsgdm::u]);
+    r.v = static_cast<T>(s[pack::fsgdm::v]);
+    r.first = s[pack::fsgdm::first] != 0.0 ? T(1) : T(0);
+    r.grad_mult = static_cast<T>(s[pack::fsgdm::grad_mult]);
+    r.has_wd = s[pack::fsgdm::weight_decay] != 0.0 ? T(1) : T(0);
     return r;
   }
 };
@@ -359,15 +337,15 @@ template <typename T>
 struct SgdSfScalars {
   T neg_lr, c, y_coef, wd, grad_mult;
   T has_wd;  // 1 or 0
-  static constexpr int kPack = 6;
+  static constexpr int kPack = pack::sgd_sf::size;
   MF_HD static SgdSfScalars make(const double* s) {
     SgdSfScalars r;
-    r.neg_lr = static_cast<T>(-s[0]);
-    r.c = static_cast<T>(s[1]);
-    r.y_coef = static_cast<T>(s[3]);
-    r.wd = static_cast<T>(s[4]);
-    r.grad_mult = static_cast<T>(s[5]);
-    r.has_wd = s[4] != 0.0 ? T(1) : T(0);
+    r.neg_lr = static_cast<T>(-s[pack::sgd_sf::lr]);
+    r.c = static_cast<T>(s[pack::sgd_sf::c]);
+    r.y_coef = static_cast<T>(s[pack::sgd_sf::y_coef]);
+    r.wd = static_cast<T>(s[pack::sgd_sf::weight_decay]);
+    r.grad_mult = static_cast<T>(s[pack::sgd_sf::grad_mult]);
+    r.has_wd = s[pack::sgd_sf::weight_decay] != 0.0 ? T(1) : T(0);
     return r;
   }
 };
@@ -388,21 +366,21 @@ template <typename T>
 struct AdamwSfScalars {
   T neg_lr, c, y_coef, wd, beta2, one_minus_beta2, bc2, eps, w_inner, inner_bc, grad_mult;
   T has_wd;  // 1 or 0
-  static constexpr int kPack = 11;
+  static constexpr int kPack = pack::adamw_sf::size;
   MF_HD static AdamwSfScalars make(const double* s) {
     AdamwSfScalars r;
-    r.neg_lr = static_cast<T>(-s[0]);
-    r.c = static_cast<T>(s[1]);
-    r.y_coef = static_cast<T>(s[3]);
-    r.wd = static_cast<T>(s[4]);
-    r.beta2 = static_cast<T>(s[5]);
-    r.one_minus_beta2 = static_cast<T>(1.0 - s[5]);
-    r.bc2 = static_cast<T>(s[6]);
-    r.eps = static_cast<T>(s[7]);
-    r.w_inner = static_cast<T>(1.0 - s[8]);
-    r.inner_bc = static_cast<T>(s[9]);
-    r.grad_mult = static_cast<T>(s[10]);
-    r.has_wd = s[4] != 0.0 ? T(1) : T(0);
+    r.neg_lr = static_cast<T>(-s[pack::adamw_sf::lr]);
+    r.c = static_cast<T>(s[pack::adamw_sf::c]);
+    r.y_coef = static_cast<T>(s[pack::adamw_sf::y_coef]);
+    r.wd = static_cast<T>(s[pack::adamw_sf::weight_decay]);
+    r.beta2 = static_cast<T>(s[pack::adamw_sf::beta2]);
+    r.one_minus_beta2 = static_cast<T>(1.0 - s[pack::adamw_sf::beta2]);
+    r.bc2 = static_cast<T>(s[pack::adamw_sf::bc2]);
+    r.eps = static_cast<T>(s[pack::adamw_sf::eps]);
+    r.w_inner = static_cast<T>(1.0 - s[pack::adamw_sf::inner_momentum]);
+    r.inner_bc = static_cast<T>(s[pack::adamw_sf::inner_bc]);
+    r.grad_mult = static_cast<T>(s[pack::adamw_sf::grad_mult]);
+    r.has_wd = s[pack::adamw_sf::weight_decay] != 0.0 ? T(1) : T(0);
     return r;
   }
 };
@@ -547,36 +525,7 @@ struct RuleOp<RULE_ADAMW_SF, F> {
   }
 };
 
-// Number of flag bits per rule (spec.flag_names length), pack sizes, and state counts, for checks.
-MF_HD inline int rule_num_flag_bits(int rule) {
-  switch (rule) {
-    case RULE_SGD: return 2;
-    case RULE_QHM: return 1;
-    case RULE_ADAM: return 2;
-    case RULE_NADAM: return 1;
-    case RULE_RMSPROP: return 2;
-    case RULE_SIGNUM: return 1;
-    case RULE_ADAMW_SF: return 1;
-    default: return 0;
-  }
-}
-
-MF_HD inline int rule_num_scalars(int rule) {
-  switch (rule) {
-    case RULE_SGD: return SgdScalars<float>::kPack;
-    case RULE_QHM: return QhmScalars<float>::kPack;
-    case RULE_ADAM: return AdamScalars<float>::kPack;
-    case RULE_NADAM: return NadamScalars<float>::kPack;
-    case RULE_RMSPROP: return RmspropScalars<float>::kPack;
-    case RULE_SIGNUM: return SignumScalars<float>::kPack;
-    case RULE_LION: return LionScalars<float>::kPack;
-    case RULE_FSGDM: return FsgdmScalars<float>::kPack;
-    case RULE_SGD_SF: return SgdSfScalars<float>::kPack;
-    case RULE_ADAMW_SF: return AdamwSfScalars<float>::kPack;
-    default: return -1;
-  }
-}
-
+// State counts per (rule, flags), for checks (the Python backends compare them with spec.state_names).
 MF_HD inline int rule_num_states(int rule, int f) {
   switch (rule) {
     case RULE_SGD: return (f & SGD_MOMENTUM) ? 1 : 0;
@@ -590,23 +539,6 @@ MF_HD inline int rule_num_states(int rule, int f) {
     case RULE_SGD_SF: return 1;
     case RULE_ADAMW_SF: return (f & ADAMW_SF_INNER_MOMENTUM) ? 3 : 2;
     default: return -1;
-  }
-}
-
-// Host-side names (for the rule_id op and error messages).
-inline const char* rule_name(int rule) {
-  switch (rule) {
-    case RULE_SGD: return "sgd";
-    case RULE_QHM: return "qhm";
-    case RULE_ADAM: return "adam";
-    case RULE_NADAM: return "nadam";
-    case RULE_RMSPROP: return "rmsprop";
-    case RULE_SIGNUM: return "signum";
-    case RULE_LION: return "lion";
-    case RULE_FSGDM: return "fsgdm";
-    case RULE_SGD_SF: return "sgd_sf";
-    case RULE_ADAMW_SF: return "adamw_sf";
-    default: return "?";
   }
 }
 

@@ -12,14 +12,15 @@ per list: most of a step over 10,000 small tensors). The registered op still run
 and for tensor subclasses that dispatch to Python, so that modes and subclasses see it.
 
 Dtype layouts (momentum_fused/layouts.py): all four (native, bf16_state, master, bf16_sr), passed to the op
-as ``LAYOUT_CODES[layout.name]`` (mirrored by ``enum Layout`` in csrc/cpu/cpu_kernels.h); with ``master``
+as ``LAYOUT_CODES[layout.name]`` (``enum Layout`` of csrc/generated/tables.h); with ``master``
 the fp32 master copy is the last tensor of each state tuple; with ``bf16_sr`` ``sr_keys`` (one uint32 per
 tensor) go to the op as an int64 tensor. The op checks every dtype against the layout table and raises
 before writing anything.
 
-Rule ids and flag bits are defined here, once, and mirrored by ``enum Rule`` / the flag enums in
-csrc/update_rules.h; ``make_backend`` checks the mirror against the compiled library (rule_id,
-num_scalars, num_states) and refuses to load on any mismatch.
+Rule ids (``specs.KERNEL_RULES``), flag bits (``spec.flag_names``), pack columns (``spec.scalar_names``) and
+layout codes (``layouts.LAYOUTS``) are defined once in Python; csrc/generated/tables.h is generated from them
+(momentum_fused/_codegen.py, checked by tests/test_codegen.py). ``make_backend`` compares the compiled library
+(rule_id, num_scalars, num_states) with them and refuses a stale build.
 
 Non-contiguous tensors (params, grads or state): copied in to contiguous buffers, updated, and copied
 back (params and state) after the op. Correct for any strided layout, at the price of the copies.
@@ -30,33 +31,20 @@ import torch
 
 from . import backends, layouts, specs
 
-__all__ = ["make_backend", "RULE_IDS", "FLAG_NAMES", "LAYOUT_CODES", "flags_to_int",
+__all__ = ["make_backend", "RULE_IDS", "LAYOUT_CODES", "flags_to_int",
            "layout_args", "SUPPORTED_DTYPES"]
 
-# ---- the ABI shared with csrc/update_rules.h (enum Rule and the per-rule flag enums) ----------------
-RULE_IDS = {"sgd": 0, "qhm": 1, "adam": 2, "nadam": 3, "rmsprop": 4, "signum": 5, "lion": 6, "fsgdm": 7,
-            "sgd_sf": 8, "adamw_sf": 9}
-# flag bit i of the int passed to the kernels is FLAG_NAMES[rule][i]
-FLAG_NAMES = {
-    "sgd": ("momentum", "nesterov"),
-    "qhm": ("direct_decay",),
-    "adam": ("decoupled", "amsgrad"),
-    "nadam": ("decoupled",),
-    "rmsprop": ("momentum", "centered"),
-    "signum": ("momentum",),
-    "lion": (),
-    "fsgdm": (),
-    "sgd_sf": (),
-    "adamw_sf": ("inner_momentum",),
-}
+# ---- the ABI of the kernels, derived from the one definition of each fact (specs.KERNEL_RULES, spec.flag_names,
+# layouts.LAYOUTS); csrc/generated/tables.h is generated from the same (momentum_fused/_codegen.py) ----------
+RULE_IDS = {name: i for i, name in enumerate(specs.KERNEL_RULES)}
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# the layout codes of the ops (enum Layout in csrc/cpu/cpu_kernels.h; the CUDA op uses the same codes)
-LAYOUT_CODES = {"native": 0, "bf16_state": 1, "master": 2, "bf16_sr": 3}
+# the layout codes of the ops (enum Layout in csrc/generated/tables.h; the CUDA op uses the same codes)
+LAYOUT_CODES = {name: i for i, name in enumerate(layouts.LAYOUTS)}
 
 
 
 def flags_to_int(rule: str, flags) -> int:
-    """Flags tuple (spec.Flags) -> the bit mask the kernels take (bit i = FLAG_NAMES[rule][i])."""
+    """Flags tuple (spec.Flags) -> the bit mask the kernels take (bit i = spec.flag_names[i])."""
     return sum(1 << i for i, f in enumerate(flags) if f)
 
 
@@ -66,7 +54,7 @@ def _load():
     if err is not None:
         return None, err
     ops = torch.ops.momentum_fused
-    # check the ABI mirror against the compiled library
+    # a stale build (compiled from an older csrc/generated/tables.h) is refused
     for name, rid in RULE_IDS.items():
         got = int(ops.rule_id(name))
         if got != rid:
@@ -74,9 +62,6 @@ def _load():
         spec = specs.SPECS.get(name)
         if spec is None:
             continue
-        if tuple(spec.flag_names) != FLAG_NAMES[name]:
-            return None, (f"flag names of {name!r} changed in specs.py ({spec.flag_names}) but the kernels "
-                          f"use {FLAG_NAMES[name]}")
         if int(ops.num_scalars(rid)) != len(spec.scalar_names):
             return None, (f"scalar pack of {name!r} has {len(spec.scalar_names)} entries in specs.py but the "
                           f"kernels take {int(ops.num_scalars(rid))} (rebuild or update csrc/update_rules.h)")

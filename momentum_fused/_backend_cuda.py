@@ -13,10 +13,9 @@ csrc/cuda/multi_tensor_apply.cuh). As on the CPU backend, the op is called throu
 pybind entry ``momentum_fused._C_cuda.cuda_step`` (the same C++ function as the registered op
 ``torch.ops.momentum_fused.cuda_step``, without the TensorList conversion of a torch.ops call: ~0.6 us per
 tensor per list measured on the CPU), and through the registered op under a TorchDispatchMode and for tensor
-subclasses that dispatch to Python (``backends.run_step_op``). Rule ids and flag bits are those of the CPU
-backend (``_backend_cpu.RULE_IDS`` / ``FLAG_NAMES``), mirrored by csrc/update_rules.h; so are the dtype
-layout codes (``_backend_cpu.LAYOUT_CODES``: native, bf16_state, master, bf16_sr; see
-momentum_fused/layouts.py). Both ops check their arguments with the same C++ code (csrc/step_args.h).
+subclasses that dispatch to Python (``backends.run_step_op``). Rule ids, flag bits and the dtype layout
+codes are those of the CPU backend (``_backend_cpu.RULE_IDS`` / ``LAYOUT_CODES``, derived from the specs and
+layouts; csrc/generated/tables.h is generated from the same). Both ops check their arguments with the same C++ code (csrc/step_args.h).
 
 found_inf / grad_scale (one-element float32 CUDA tensors) are read by the kernels on the device: a
 nonzero found_inf makes every block return before any write. Non-contiguous tensors run on contiguous
@@ -32,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import backends, layouts
-from ._backend_cpu import FLAG_NAMES, LAYOUT_CODES, RULE_IDS, flags_to_int, layout_args
+from ._backend_cpu import LAYOUT_CODES, RULE_IDS, flags_to_int, layout_args
 
 __all__ = ["make_backend", "SUPPORTED_DTYPES"]
 
@@ -70,8 +69,6 @@ def make_backend() -> backends.Backend:
             return f"the cuda backend runs on cuda tensors only, got {torch.device(device).type}"
         if spec.name not in RULE_IDS:
             return f"rule {spec.name!r} has no CUDA kernel (csrc/update_rules.h implements: {', '.join(RULE_IDS)})"
-        if tuple(spec.flag_names) != FLAG_NAMES[spec.name]:
-            return f"flag names of {spec.name!r} changed in specs.py; the kernels use {FLAG_NAMES[spec.name]}"
         if dtype not in SUPPORTED_DTYPES:
             return (f"dtype {dtype} is not supported by the cuda kernels (supported: "
                     f"{', '.join(str(d).replace('torch.', '') for d in SUPPORTED_DTYPES)})")

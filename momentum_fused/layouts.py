@@ -57,6 +57,10 @@ class Layout:
         return f"{self.name!r} (params {p}, state {s}{extra})"
 
 
+# The param dtypes of the compiled kernels, in the order of their codes (enum Dtype in csrc/generated/tables.h).
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# The dtype layouts, in the order of their codes (enum Layout in csrc/generated/tables.h, the backends' codes).
 LAYOUTS = {
     "native": Layout("native", (torch.float32, torch.float64, torch.bfloat16, torch.float16), None),
     "bf16_state": Layout("bf16_state", (torch.float32,), torch.bfloat16),
