@@ -7,8 +7,8 @@ them for sm_90 and reads ptxas' log and the SASS.
   csrc/check_cuda_compile.sh made (CI runs it first; the cubin is kept under build/kernel_report), else nvcc runs
   here; without nvcc the CUDA half skips with that reason.
 - Triton (triton_kernels, the kernel a bucket with large and small tensors runs: full-block and packed paths in
-  one kernel): no stack, no spills, 128-bit global loads and stores, for every rule in fp32 and bf16 and for
-  AdamW in every layout.
+  one kernel): no stack, no spills, 128-bit global loads and stores, for every rule in fp32, bf16 and master-bf16
+  and for AdamW in every layout.
 Not timed: a GPU measures (bench/device_check.sh).
 """
 from __future__ import annotations
@@ -77,9 +77,10 @@ def test_cuda_kernels_128_bit_accesses(cuda_rows):
     assert not bad, f"(rule, flags, layout, 128-bit loads, 128-bit stores): {bad}"
 
 
-# every rule with its largest flag value (the most state lists) in fp32 and bf16; AdamW in every other layout
+# every rule with its largest flag value (the most state lists) in fp32, bf16 and master-bf16 (where ptxas spilled
+# before the master layouts got 8 warps and a register cap); AdamW in every other layout
 TRITON_SPECS = sorted({(rule, max(fl), kr.num_states(rule, max(fl)), lay)
-                       for rule, fl in kr.RULE_FLAGS.items() for lay in ("native-fp32", "native-bf16")}
+                       for rule, fl in kr.RULE_FLAGS.items() for lay in ("native-fp32", "native-bf16", "master-bf16")}
                       | {("adam", 1, 2, lay) for lay in kr.TRITON_LAYOUTS})
 
 

@@ -31,8 +31,13 @@ from .kernels import INTERPRETED, KERNELS
 # Elements per program and warps per program of the update kernels (bench/kernel_report.py: 2048 x 4 warps
 # compile to 128-bit accesses without spills); the environment overrides them for A/B timings on a GPU
 # (bench/device_check.sh). The packed path handles SUB = 32 x NUM_WARPS lanes at a time (compiled).
+# The master layouts (an fp32 master list besides 16-bit params and fp32 state) take 8 warps (8 elements per
+# thread) and at most 96 registers: left to itself, ptxas spilled 4-8 bytes in a few of their kernels (with 4
+# warps: rmsprop and signum with momentum; with 8: adam, adamw_sf), and none with this cap (bench.kernel_report).
 BLOCK = int(os.environ.get("MOMENTUM_FUSED_TRITON_BLOCK", "2048"))
 NUM_WARPS = int(os.environ.get("MOMENTUM_FUSED_TRITON_WARPS", "4"))
+NUM_WARPS_MASTER = int(os.environ.get("MOMENTUM_FUSED_TRITON_WARPS", "8"))
+MAXNREG_MASTER = 96
 MAX_SEGS = 64
 CACHE_SIZE = 64
 LAUNCHES = 0  # kernel launches since import (all kernels of this package)
@@ -258,7 +263,7 @@ def scalar_table(scalars, n: int, device) -> torch.Tensor:
 def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, scalars, *,
                        found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                        block: int = BLOCK, master: bool = False, sr_keys: Sequence[int] | None = None,
-                       sub: int | None = None, num_warps: int = NUM_WARPS) -> int:
+                       sub: int | None = None, num_warps: int | None = None) -> int:
     """Run one kernel over every tensor of ``lists`` = [params, grads, *state lists (, masters)].
 
     family: "one" or "multi" (see kernels.py); rule_id: rules.RULE_IDS[name]; flags: up to two
@@ -308,6 +313,8 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
                              f"on {x.device}")
     fi = found_inf.to(torch.float32) if found_inf is not None and found_inf.dtype != torch.float32 else found_inf
     gs = grad_scale.to(torch.float32) if grad_scale is not None and grad_scale.dtype != torch.float32 else grad_scale
+    if num_warps is None:
+        num_warps = NUM_WARPS_MASTER if master else NUM_WARPS
     if sub is None:
         sub = block if INTERPRETED else min(block, 32 * num_warps)
     KERNELS[family][(n_full + n_packed,)](
@@ -317,7 +324,7 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
         PDT=DTYPE_CODES[pdt], SDT=DTYPE_CODES[sdt], MASTER=bool(master), SR=sr,
         HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block, SUB=sub,
         PATHS=(1 if n_full else 0) + (2 if n_packed else 0), ALIGNED=aligned, HW_BF16=not INTERPRETED,
-        num_warps=num_warps)
+        num_warps=num_warps, **({"maxnreg": MAXNREG_MASTER} if master and not INTERPRETED else {}))
     _count_launch()
     return 1
 
@@ -331,7 +338,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: bool = False, sr: bool = False,
                      found_inf: bool = False, grad_scale: bool = False, block: int = BLOCK,
-                     num_warps: int = NUM_WARPS, aligned: bool = True):
+                     num_warps: int | None = None, aligned: bool = True):
     """The kernels a launch of this specialization runs, for compiling them without a GPU (bench/kernel_report.py,
     tests/test_triton_compile.py): a list of (name, path, jit function, signature, constexprs, compile options,
     elements per thread). Paths: "full" (a bucket of whole blocks only), "packed" (small tensors only) and "mixed"
@@ -339,6 +346,8 @@ def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: 
     from .rules import FAMILY, RULE_IDS, SCALARS
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
     fn = KERNELS[FAMILY[rule]]
+    if num_warps is None:
+        num_warps = NUM_WARPS_MASTER if master else NUM_WARPS
     sub = min(block, 32 * num_warps)
     out = []
     for path, paths in (("full", 1), ("packed", 2), ("mixed", 3)):
@@ -349,5 +358,6 @@ def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: 
         # elements per thread in one pass: a full block's (also for the mixed kernel, to compare with the whole
         # kernel before issue 20), one sub-block's for the packed path
         elems = sub // (32 * num_warps) if paths == 2 else block // (32 * num_warps)
-        out.append((fn.__name__, path, fn, dict(_SIGNATURE), constexprs, {"num_warps": num_warps}, elems))
+        options = {"num_warps": num_warps, **({"maxnreg": MAXNREG_MASTER} if master else {})}
+        out.append((fn.__name__, path, fn, dict(_SIGNATURE), constexprs, options, elems))
     return out
