@@ -95,8 +95,8 @@ int main(int argc, char** argv) {
   std::vector<double> pk(static_cast<size_t>(n) * k);
   const double row[16] = {1e-3, 0.01, 0.9, 0.999, 1e-8, 1e-3, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0};
   for (int64_t i = 0; i < n; ++i)
-    for (int j = 0; j < k; ++j) pk[i * k + j] = j == k - 1 ? 1.0 : row[j];
-  if (rule == mf::RULE_SGD && k > 4) pk[4] = 0.0;  // sgd: first = 0 (momentum buffer in use)
+    for (int j = 0; j < k; ++j)  // sgd: dampening 0, first 0 (the momentum buffer in use)
+      pk[i * k + j] = j == k - 1 ? 1.0 : (rule == mf::RULE_SGD && (j == 3 || j == 4)) ? 0.0 : row[j];
   double* packs;
   int64_t* nd;
   CHECK(cudaMalloc(&packs, pk.size() * sizeof(double)));
