@@ -2,6 +2,9 @@
 // header the CPU kernels compile), storage conversions from ../storage.h (bit-identical to the CPU's).
 // No torch headers. Build with --fmad=false to get the CPU backend's bits (it compiles with
 // -ffp-contract=off); with FMA contraction results differ from the CPU in the last bits only.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include "../storage.h"
 #include "../update_rules.h"
 #include "fused_step.h"
@@ -17,13 +20,23 @@ constexpr int kMaxPack = 16;
 // Elements per thread and iteration of the vector path: 16 bytes of the narrowest storage type, so every
 // list is read and written in 128-bit accesses (fp32: 4; bf16/fp16 and the layouts mixing them with fp32: 8, the
 // fp32 lists then in two 128-bit accesses), within 64 registers without spills (kernel_report checks it):
-// three states mixed with fp32 (bf16_state, master) take 4 (the 16-bit lists then in 64-bit accesses), fp64
-// 2, or 1 with two or more states (its scalars and math take twice the registers).
-template <typename P, typename S, int NS>
+// the rules with many live values (three states, or schedule-free AdamW) mixed with fp32 (bf16_state, master)
+// take 4 (the 16-bit lists then in 64-bit accesses), fp64 2, or 1 with two or more states (its scalars and math
+// take twice the registers).
+template <class Op>
+struct ManyLiveValues {
+  static constexpr bool value = Op::kStates == 3;
+};
+template <int F>
+struct ManyLiveValues<RuleOp<RULE_ADAMW_SF, F>> {
+  static constexpr bool value = true;
+};
+
+template <typename P, typename S, int NS, bool MANY>
 struct VecElems {
   static constexpr int kMin = sizeof(P) < sizeof(S) ? sizeof(P) : sizeof(S);
   static constexpr int kMax = sizeof(P) < sizeof(S) ? sizeof(S) : sizeof(P);
-  static constexpr int value = kMax == 8 ? (NS >= 2 ? 1 : 2) : kMin == 2 ? (NS == 3 && kMax == 4 ? 4 : 8) : 4;
+  static constexpr int value = kMax == 8 ? (NS >= 2 ? 1 : 2) : kMin == 2 ? (MANY && kMax == 4 ? 4 : 8) : 4;
 };
 
 // N values of S, aligned to at most 16 bytes (a 32-byte vector is two 128-bit accesses, each 16-byte aligned).
@@ -37,13 +50,30 @@ __device__ __forceinline__ bool vec_aligned(const S* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & (alignof(Vec<S, N>) - 1)) == 0;
 }
 
-// One store: RNE (storage.h store) or stochastic rounding (store_sr, element e, buffer key kb).
+// RNE stores of the 16-bit types through the hardware conversion (cvt.rn.bf16.f32 / cvt.rn.f16.f32): for every
+// non-NaN value the bits of storage.h's bit arithmetic (the CPU's), overflow to inf and subnormals included, in
+// fewer instructions (bf16 AdamW was instruction-bound); a NaN becomes the conversion's canonical NaN instead of
+// keeping its sign and payload: the NaN rule of docs/csrc.md leaves a NaN's sign and payload unspecified.
+template <typename T>
+__device__ __forceinline__ void dstore(bf16& d, T v) {
+  d.bits = __bfloat16_as_ushort(__float2bfloat16_rn(static_cast<float>(v)));
+}
+template <typename T>
+__device__ __forceinline__ void dstore(fp16& d, T v) {
+  d.bits = __half_as_ushort(__float2half_rn(static_cast<float>(v)));
+}
+template <typename D, typename T>
+__device__ __forceinline__ void dstore(D& d, T v) {
+  store(d, v);
+}
+
+// One store: RNE (dstore) or stochastic rounding (store_sr, element e, buffer key kb).
 template <bool SR, typename D, typename T>
 __device__ __forceinline__ void put(D& d, T v, uint32_t kb, int64_t e) {
   if constexpr (SR)
     store_sr(d, v, kb, e);
   else
-    store(d, v);
+    dstore(d, v);
 }
 
 // Layouts (fused_step.h): P param/grad storage, S state storage, MASTER: an fp32 master (list 2 + NS) is
@@ -62,7 +92,7 @@ struct StepFunctor {
     using Sc = typename Op::template Scalars<T>;
     constexpr int NS = Op::kStates;
     constexpr int K = Sc::kPack;  // the pack size is the rule's: a compile-time constant (no local array)
-    constexpr int E = VecElems<P, S, NS>::value;
+    constexpr int E = VecElems<P, S, NS, ManyLiveValues<Op>::value>::value;
     static_assert(NL == 2 + NS + (MASTER ? 1 : 0), "list count");
     if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler: skip every write
 
