@@ -146,13 +146,16 @@ phase_step_times() {
     --dtypes fp32,bf16 --step-rules adamw,sgd_momentum --iters 20 --out "$WORK/step-times.json"
   grep -h '"step_ms"' "$WORK/step-times.log" | sed 's/^/  /' | cut -c1-230 | tee -a "$WORK/summary.txt"
 }
-# kernels-triton (~90 s): the Triton BLOCK x num_warps A/B (MOMENTUM_FUSED_TRITON_BLOCK / _WARPS), AdamW llm fp32 and
-# bf16, kernel_ms from the profiler; TRITON_AB="BLOCKxWARPS ..." picks the variants.
+# kernels-triton (~120 s): the Triton A/B of BLOCK x num_warps (MOMENTUM_FUSED_TRITON_BLOCK / _WARPS) and, with a
+# trailing "s", of one launch holding the full-block and packed paths vs two launches, one kernel per path
+# (MOMENTUM_FUSED_TRITON_SPLIT=1): AdamW llm fp32 and bf16, kernel_ms from the profiler; TRITON_AB="2048x4 ..."
+# picks the variants.
 phase_kernels_triton() {
-  for v in ${TRITON_AB:-2048x4 4096x4 2048x8}; do
-    MOMENTUM_FUSED_TRITON_BLOCK=${v%x*} MOMENTUM_FUSED_TRITON_WARPS=${v#*x} run "kernels-triton-$v" 45 "$PY" -m bench.kernel_report \
-      --time --step-backends triton --profiles llm --dtypes fp32,bf16 --step-rules adamw --iters 10 \
-      --out "$WORK/kernels-triton-$v.json"
+  for v in ${TRITON_AB:-2048x4 4096x4 2048x8 2048x4s}; do
+    local split=0 bw=$v; [ "${v%s}" != "$v" ] && { split=1; bw=${v%s}; }
+    MOMENTUM_FUSED_TRITON_BLOCK=${bw%x*} MOMENTUM_FUSED_TRITON_WARPS=${bw#*x} MOMENTUM_FUSED_TRITON_SPLIT=$split \
+      run "kernels-triton-$v" 45 "$PY" -m bench.kernel_report --time --step-backends triton --profiles llm \
+      --dtypes fp32,bf16 --step-rules adamw --iters 10 --out "$WORK/kernels-triton-$v.json"
     grep -h '"kernel_ms"' "$WORK/kernels-triton-$v.log" | sed "s/^/  $v /" | cut -c1-230 | tee -a "$WORK/summary.txt"
   done
 }

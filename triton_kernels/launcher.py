@@ -38,6 +38,9 @@ BLOCK = int(os.environ.get("MOMENTUM_FUSED_TRITON_BLOCK", "2048"))
 NUM_WARPS = int(os.environ.get("MOMENTUM_FUSED_TRITON_WARPS", "4"))
 NUM_WARPS_MASTER = int(os.environ.get("MOMENTUM_FUSED_TRITON_WARPS", "8"))
 MAXNREG_MASTER = 96
+# MOMENTUM_FUSED_TRITON_SPLIT=1: a bucket with full and packed blocks takes two launches, one kernel per path (each
+# with its own register count) instead of one kernel holding both: the A/B of bench/device_check.sh kernels-triton.
+SPLIT = os.environ.get("MOMENTUM_FUSED_TRITON_SPLIT") == "1"
 MAX_SEGS = 64
 CACHE_SIZE = 64
 LAUNCHES = 0  # kernel launches since import (all kernels of this package)
@@ -272,7 +275,7 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     writes nothing; gradients are divided by grad_scale. Dtype layouts (momentum_fused/layouts.py):
     params and grads share one storage dtype, the state lists another; ``master``: the last list holds
     fp32 master copies; ``sr_keys``: one uint32 per tensor turns on stochastic rounding of bf16 stores.
-    Returns the number of launches (0 or 1): one kernel whose first programs are the full blocks (unmasked,
+    Returns the number of launches (0 or 1; 2 with MOMENTUM_FUSED_TRITON_SPLIT=1): one kernel whose first programs are the full blocks (unmasked,
     128-bit accesses when every pointer is 16-byte aligned) and the others the packed blocks (small tensors and
     tails, ``sub`` lanes at a time: 32 x num_warps compiled, the whole block in the interpreter by default).
     """
@@ -317,14 +320,21 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
         num_warps = NUM_WARPS_MASTER if master else NUM_WARPS
     if sub is None:
         sub = block if INTERPRETED else min(block, 32 * num_warps)
-    KERNELS[family][(n_full + n_packed,)](
-        ptr_tab, n, scal, full_tab if n_full else prog_tab, n_full, prog_tab, seg_tab if n_seg else prog_tab, n_seg,
-        fi if fi is not None else dummy, gs if gs is not None else dummy,
-        RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1] - sr,
-        PDT=DTYPE_CODES[pdt], SDT=DTYPE_CODES[sdt], MASTER=bool(master), SR=sr,
-        HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block, SUB=sub,
-        PATHS=(1 if n_full else 0) + (2 if n_packed else 0), ALIGNED=aligned, HW_BF16=not INTERPRETED,
-        num_warps=num_warps, **({"maxnreg": MAXNREG_MASTER} if master and not INTERPRETED else {}))
+    kernel = KERNELS[family]
+    args = (ptr_tab, n, scal, full_tab if n_full else prog_tab, n_full, prog_tab, seg_tab if n_seg else prog_tab,
+            n_seg, fi if fi is not None else dummy, gs if gs is not None else dummy)
+    meta = dict(RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1] - sr,
+                PDT=DTYPE_CODES[pdt], SDT=DTYPE_CODES[sdt], MASTER=bool(master), SR=sr,
+                HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block, SUB=sub,
+                ALIGNED=aligned, HW_BF16=not INTERPRETED, num_warps=num_warps,
+                **({"maxnreg": MAXNREG_MASTER} if master and not INTERPRETED else {}))
+    if SPLIT and n_full and n_packed:
+        kernel[(n_full,)](*args, PATHS=1, **meta)
+        kernel[(n_packed,)](*args, PATHS=2, **meta)
+        _count_launch()
+        _count_launch()
+        return 2
+    kernel[(n_full + n_packed,)](*args, PATHS=(1 if n_full else 0) + (2 if n_packed else 0), **meta)
     _count_launch()
     return 1
 

@@ -89,3 +89,17 @@ def test_misaligned_views_take_the_unaligned_path_with_the_same_bits(rule, famil
     g = [x.clone() for x in b[1]]
     g[0] = torch.zeros(601)[1:]
     assert launcher.step_tables([b[0], g] + b[2:], 256)[-1] is False
+
+
+@pytest.mark.parametrize("rule,family,flags,nstate", CASES, ids=[c[0] for c in CASES])
+def test_split_launches_equal_one_launch(rule, family, flags, nstate, monkeypatch):
+    """MOMENTUM_FUSED_TRITON_SPLIT=1 (a GPU A/B): the full blocks and the packed blocks as two kernels."""
+    a = _lists(torch.bfloat16, SHAPES, nstate)
+    b = [[x.clone() for x in lst] for lst in a]
+    sc = _scalars(rule, len(SHAPES))
+    assert launcher.multi_tensor_apply(family, rules.RULE_IDS[rule], flags, a, sc, block=256) == 1
+    monkeypatch.setattr(launcher, "SPLIT", True)
+    assert launcher.multi_tensor_apply(family, rules.RULE_IDS[rule], flags, b, sc, block=256) == 2
+    for la, lb in zip(a, b):
+        for x, y in zip(la, lb):
+            assert torch.equal(x.view(torch.int16), y.view(torch.int16))
