@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compiles every csrc/cuda/*.cu file standalone (no torch headers) with
+# Compiles every csrc/cuda/*.cu and csrc/cuda/tools/*.cu file standalone (no torch headers) with
 #   nvcc -O3 -arch=sm_90 -std=c++17 --fmad=false -c
+# (tools/: the kernel-only timing harness bench/device_check.sh builds on a GPU machine)
 # Exits nonzero on the first failure; prints 'nvcc not found, skipping' and exits 0 without nvcc.
 # Usage: csrc/check_cuda_compile.sh [extra nvcc flags...]   (NVCC=/path/to/nvcc to pick one)
 # Without extra flags, fused_step.cu's cubin and ptxas log (--resource-usage) are kept where
@@ -22,7 +23,7 @@ if [ $# -eq 0 ] && command -v python3 > /dev/null; then
 fi
 status=0
 shopt -s nullglob
-files=("$HERE"/cuda/*.cu)
+files=("$HERE"/cuda/*.cu "$HERE"/cuda/tools/*.cu)
 if [ ${#files[@]} -eq 0 ]; then
   echo "no .cu files under $HERE/cuda"
   exit 1
