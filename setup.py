@@ -181,7 +181,10 @@ setup(
     name="momentum_fused",
     version="0.1.0",
     description="Fused multi-tensor momentum optimizers for PyTorch, with a float64 reference spec",
-    packages=find_packages(include=["momentum_fused", "momentum_fused.*", "triton_kernels", "triton_kernels.*"]),
+    # the Triton kernels keep their top-level folder in the repository but install under the package's namespace
+    # (momentum_fused.triton_kernels): no top-level ``triton_kernels`` module (another PyPI package's name)
+    packages=find_packages(include=["momentum_fused", "momentum_fused.*"]) + ["momentum_fused.triton_kernels"],
+    package_dir={"momentum_fused.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     # ninja: the build at first import (momentum_fused/_jit.py) runs torch.utils.cpp_extension.load
     install_requires=["torch>=2.4", "ninja"],

@@ -305,7 +305,7 @@ def _triton_jobs(rule, flags, nstate, layout):
     """[(kernel name, path, jit function, signature, constexprs, options, elements per thread)] for one
     specialization, from triton_kernels.launcher.compile_variants (the launcher's own choice of kernels, BLOCK and
     num_warps)."""
-    from triton_kernels import launcher
+    from momentum_fused.triton_kernels import launcher
     p, s, master, sr = LAYOUTS[layout]
     tdt = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
     return launcher.compile_variants(rule, (bool(flags & 1), bool(flags & 2)), nstate, tdt[p], tdt[s], master, sr)

@@ -1,11 +1,11 @@
-"""The Triton backend: hands each bucket to ``triton_kernels.launcher`` in ONE launch.
+"""The Triton backend: hands each bucket to ``momentum_fused.triton_kernels.launcher`` in ONE launch.
 
 Loading is cheap: triton and the kernels are imported on first use. ``load_error`` is set when triton
-is not installed or when the importable ``triton_kernels`` is a foreign package (another PyPI project
-uses that name) without our ``__momentum_fused__`` marker.
+is not installed. The kernels install under this package's namespace (setup.py maps the repository's
+``triton_kernels/`` folder to ``momentum_fused.triton_kernels``) and read the rule tables from the specs.
 
 CPU tensors run in the Triton interpreter, which only works when ``TRITON_INTERPRET=1`` was set
-before the kernels were defined (before ``triton_kernels.kernels`` is imported).
+before the kernels were defined (before ``momentum_fused.triton_kernels.kernels`` is imported).
 """
 from __future__ import annotations
 
@@ -31,18 +31,15 @@ def _load_error() -> str | None:
     except (ImportError, ValueError) as e:
         return f"triton cannot be located: {e}"
     try:
-        tk = importlib.import_module("triton_kernels")
+        importlib.import_module("momentum_fused.triton_kernels")
     except Exception as e:  # pragma: no cover - broken install
-        return f"import of triton_kernels failed: {type(e).__name__}: {e}"
-    if not getattr(tk, "__momentum_fused__", False):
-        return (f"the importable 'triton_kernels' ({getattr(tk, '__file__', '?')}) is a foreign package "
-                "without the __momentum_fused__ marker; it shadows momentum_fused's kernels")
+        return f"import of momentum_fused.triton_kernels failed: {type(e).__name__}: {e}"
     return None
 
 
 def _kernel_modules():
     """(rules, launcher), imported on first use."""
-    from triton_kernels import launcher, rules  # noqa: WPS433 (lazy on purpose)
+    from .triton_kernels import launcher, rules  # noqa: WPS433 (lazy on purpose)
     return rules, launcher
 
 
@@ -50,7 +47,7 @@ def _interpreting() -> bool:
     """True when the kernels are (or will be) defined in interpreter mode."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    kern = sys.modules.get("triton_kernels.kernels")
+    kern = sys.modules.get("momentum_fused.triton_kernels.kernels")
     if kern is not None:  # already defined: check how
         return type(kern.one_buffer_kernel).__name__ == "InterpretedFunction"
     return True
@@ -60,12 +57,6 @@ def _layout_mismatch(spec) -> str | None:
     rules, _ = _kernel_modules()
     if spec.name not in rules.RULE_IDS:
         return (f"rule {spec.name!r} has no Triton kernel yet (Triton rules: {sorted(rules.RULE_IDS)})")
-    if tuple(rules.SCALARS[spec.name]) != tuple(spec.scalar_names):
-        return (f"scalar pack of rule {spec.name!r} changed: spec has {spec.scalar_names}, the Triton "
-                f"kernel reads {rules.SCALARS[spec.name]}")
-    if tuple(rules.FLAGS[spec.name]) != tuple(spec.flag_names):
-        return (f"flags of rule {spec.name!r} changed: spec has {spec.flag_names}, the Triton kernel "
-                f"reads {rules.FLAGS[spec.name]}")
     return None
 
 

@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from backend_cases import CASES, _groups  # noqa: E402
-from triton_kernels import launcher, reductions, rules  # noqa: E402
+from momentum_fused.triton_kernels import launcher, reductions, rules  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _SIG = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "prog_tab": "*i64", "seg_tab": "*i64",

@@ -32,9 +32,7 @@ stores and scalar reads are grouped into few helpers.
 import triton
 import triton.language as tl
 
-from .rules import (ADAM, ADAMW_SF, FSGDM, LION, NADAM, QHM, RMSPROP, SGD, SGD_SF, SIGNUM, adam_math,
-                    adamw_sf_math, fsgdm_math, lion_math, nadam_math, qhm_math, rmsprop_math, sgd_math,
-                    sgd_sf_math, signum_math)
+from .rules import multi_buffer_math, one_buffer_math
 
 
 # ----------------------------------------------------------------------------------------- storage
@@ -237,8 +235,9 @@ def locate_sub(seg_tab, n_seg, s0, s1, first, SUB: tl.constexpr):
 # ------------------------------------------------------------------------------------ the bodies
 @triton.jit
 def _prologue(scal_tab, t, grad_scale_ptr, NSCAL: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr):
-    """What every rule body starts with: the tensor's scalar row; lr and weight_decay (entries 0 and 1 of every
-    pack) and grad_mult (the last of the rule's NSCAL), divided by the device scale; the stochastic-rounding key
+    """What every rule body starts with: the tensor's scalar row; lr (entry 0 of every pack), entry 1 (the
+    weight_decay of every rule but schedule-free's, whose branches read their columns by name) and grad_mult (the
+    last of the rule's NSCAL, rules.py asserts both ends), divided by the device scale; the stochastic-rounding key
     (column NSCAL, only with SR: rows are NSCAL + SR wide). ``t`` is a scalar (full block) or per lane."""
     sp = scal_tab + t * (NSCAL + SR)
     lr = tl.load(sp)
@@ -262,19 +261,7 @@ def _one_buffer_body(ptr_tab, n_tensors, scal_tab, t, off, idx, mask, grad_scale
     sp, lr, wd, gm, key = _prologue(scal_tab, t, grad_scale_ptr, NSCAL, HAS_GRAD_SCALE, SR)
     p, g, b, _s1, _s2 = load_lists(ptr_tab, n_tensors, t, off, idx, mask, 2 + NSTATE, PDT, SDT, MASTER, FULL, ALIGNED,
                                    HW_BF16)
-    if RULE == SGD:
-        p, b = sgd_math(p, g, b, lr, wd, tl.load(sp + 2), tl.load(sp + 3), tl.load(sp + 4), gm, F0, F1)
-    elif RULE == QHM:
-        p, b = qhm_math(p, g, b, lr, wd, tl.load(sp + 2), tl.load(sp + 3), gm, F0)
-    elif RULE == SIGNUM:
-        p, b = signum_math(p, g, b, lr, wd, tl.load(sp + 2), gm, F0)
-    elif RULE == LION:
-        p, b = lion_math(p, g, b, lr, wd, tl.load(sp + 2), tl.load(sp + 3), gm)
-    elif RULE == SGD_SF:  # (lr, c, beta, y_coef, weight_decay, grad_mult)
-        p, b = sgd_sf_math(p, g, b, lr, tl.load(sp + 1), tl.load(sp + 3), tl.load(sp + 4), gm)
-    else:
-        tl.static_assert(RULE == FSGDM, "rule not served by the one-buffer kernel")
-        p, b = fsgdm_math(p, g, b, lr, wd, tl.load(sp + 2), tl.load(sp + 3), tl.load(sp + 4), gm)
+    p, b = one_buffer_math(p, g, b, sp, lr, wd, gm, RULE, F0, F1)
     store_lists(ptr_tab, n_tensors, t, off, idx, mask, p, b, b, b, key, 2 + NSTATE, PDT, SDT, MASTER, SR, FULL,
                 ALIGNED, HW_BF16)
 
@@ -288,25 +275,7 @@ def _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t, off, idx, mask, grad_sca
     sp, lr, wd, gm, key = _prologue(scal_tab, t, grad_scale_ptr, NSCAL, HAS_GRAD_SCALE, SR)
     p, g, s_0, s_1, s_2 = load_lists(ptr_tab, n_tensors, t, off, idx, mask, 2 + NSTATE, PDT, SDT, MASTER, FULL,
                                      ALIGNED, HW_BF16)
-    if RULE == ADAM:
-        p, s_0, s_1, s_2 = adam_math(p, g, s_0, s_1, s_2, lr, wd, tl.load(sp + 2), tl.load(sp + 3),
-                                     tl.load(sp + 4), tl.load(sp + 5), tl.load(sp + 6), gm, F0, F1)
-    elif RULE == ADAMW_SF:  # (lr, c, beta, y_coef, wd, beta2, bc2, eps, inner_momentum, inner_bc, gm)
-        p, s_0, s_1, s_2 = adamw_sf_math(p, g, s_0, s_1, s_2, lr, tl.load(sp + 1), tl.load(sp + 3),
-                                         tl.load(sp + 4), tl.load(sp + 5), tl.load(sp + 6), tl.load(sp + 7),
-                                         tl.load(sp + 8), tl.load(sp + 9), gm, F0)
-    elif RULE == NADAM:
-        p, s_0, s_1 = nadam_math(p, g, s_0, s_1, lr, wd, tl.load(sp + 2), tl.load(sp + 3), tl.load(sp + 4),
-                                 tl.load(sp + 5), tl.load(sp + 6), tl.load(sp + 7), gm, F0)
-    else:
-        tl.static_assert(RULE == RMSPROP, "rule not served by the multi-buffer kernel")
-        # state order: square_avg [, momentum_buffer] [, grad_avg]
-        if F1 and not F0:  # centered only: (square_avg, grad_avg)
-            p, s_0, s_2, s_1 = rmsprop_math(p, g, s_0, s_2, s_1, lr, wd, tl.load(sp + 2), tl.load(sp + 3),
-                                            tl.load(sp + 4), gm, F0, F1)
-        else:
-            p, s_0, s_1, s_2 = rmsprop_math(p, g, s_0, s_1, s_2, lr, wd, tl.load(sp + 2), tl.load(sp + 3),
-                                            tl.load(sp + 4), gm, F0, F1)
+    p, s_0, s_1, s_2 = multi_buffer_math(p, g, s_0, s_1, s_2, sp, lr, wd, gm, RULE, F0, F1)
     store_lists(ptr_tab, n_tensors, t, off, idx, mask, p, s_0, s_1, s_2, key, 2 + NSTATE, PDT, SDT, MASTER, SR, FULL,
                 ALIGNED, HW_BF16)
 

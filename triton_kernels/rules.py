@@ -1,8 +1,8 @@
 """One ``@triton.jit`` math function per update rule, on fp32 values.
 
 Each ``<rule>_math`` has the name and the order of operations of ``momentum_fused/reference.py``'s
-``<rule>_ref`` (this package does not import momentum_fused: the layouts below are checked against
-``momentum_fused.specs`` by the backend at load time and by tests/triton).
+``<rule>_ref``. The rule ids, pack columns and flags come from ``momentum_fused.specs`` (this folder installs as
+``momentum_fused.triton_kernels``).
 
 Conventions shared by all math functions:
 - tensor values are fp32 (scalars or blocks); hyperparameters arrive as fp64 values loaded from the
@@ -18,50 +18,35 @@ Conventions shared by all math functions:
 import triton
 import triton.language as tl
 
-# Rule ids (compile-time constant of the kernels) and the layouts they expect.
-RULE_IDS = {
-    "sgd": 0,
-    "qhm": 1,
-    "adam": 2,
-    "nadam": 3,
-    "rmsprop": 4,
-    "signum": 5,
-    "lion": 6,
-    "fsgdm": 7,
-    "sgd_sf": 8,
-    "adamw_sf": 9,
-}
+from ..specs import KERNEL_RULES, get_spec
+
+# Rule ids (compile-time constants of the kernels), scalar-table columns and flag names: derived from the one
+# definition of each (specs.KERNEL_RULES, spec.scalar_names, spec.flag_names).
+RULE_IDS = {name: i for i, name in enumerate(KERNEL_RULES)}
 # Compiled kernels may only read module globals that are ``tl.constexpr`` (the interpreter accepts plain
 # ints, so only a real compile catches this: tests/test_triton_compile.py compiles for sm_90 on CPU).
-SGD, QHM, ADAM, NADAM, RMSPROP, SIGNUM, LION, FSGDM, SGD_SF, ADAMW_SF = (tl.constexpr(i) for i in range(10))
+SGD, QHM, ADAM, NADAM, RMSPROP, SIGNUM, LION, FSGDM, SGD_SF, ADAMW_SF = (
+    tl.constexpr(RULE_IDS[n]) for n in ("sgd", "qhm", "adam", "nadam", "rmsprop", "signum", "lion", "fsgdm",
+                                        "sgd_sf", "adamw_sf"))
+SCALARS = {name: tuple(get_spec(name).scalar_names) for name in KERNEL_RULES}
+FLAGS = {name: tuple(get_spec(name).flag_names) for name in KERNEL_RULES}
 
-# Scalar-table columns per rule (must equal momentum_fused.specs: <spec>.scalar_names).
-SCALARS = {
-    "sgd": ("lr", "weight_decay", "momentum", "dampening", "first", "grad_mult"),
-    "qhm": ("lr", "weight_decay", "momentum", "nu", "grad_mult"),
-    "adam": ("lr", "weight_decay", "beta1", "beta2", "eps", "step_size", "bc2_sqrt", "grad_mult"),
-    "nadam": ("lr", "weight_decay", "beta1", "beta2", "eps", "bc2", "grad_coef", "exp_avg_coef", "grad_mult"),
-    "rmsprop": ("lr", "weight_decay", "alpha", "eps", "momentum", "grad_mult"),
-    "signum": ("lr", "weight_decay", "momentum", "grad_mult"),
-    "lion": ("lr", "weight_decay", "beta1", "beta2", "grad_mult"),
-    "fsgdm": ("lr", "weight_decay", "u", "v", "first", "grad_mult"),
-    "sgd_sf": ("lr", "c", "beta", "y_coef", "weight_decay", "grad_mult"),
-    "adamw_sf": ("lr", "c", "beta", "y_coef", "weight_decay", "beta2", "bc2", "eps", "inner_momentum",
-                 "inner_bc", "grad_mult"),
-}
-# Flag names per rule (must equal <spec>.flag_names); they become the constexprs F0, F1.
-FLAGS = {
-    "sgd": ("momentum", "nesterov"),
-    "qhm": ("direct_decay",),
-    "adam": ("decoupled", "amsgrad"),
-    "nadam": ("decoupled",),
-    "rmsprop": ("momentum", "centered"),
-    "signum": ("momentum",),
-    "lion": (),
-    "fsgdm": (),
-    "sgd_sf": (),
-    "adamw_sf": ("inner_momentum",),
-}
+
+def _column_constants() -> dict:
+    """``<RULE>_<COLUMN>`` -> tl.constexpr(index) for every rule's scalar pack (kernels.py reads packs by name).
+    Every pack starts with lr and ends with grad_mult (the kernels' prologue reads those two generically)."""
+    out = {}
+    for name, cols in SCALARS.items():
+        assert cols[0] == "lr" and cols[-1] == "grad_mult", (name, cols)
+        for i, col in enumerate(cols):
+            key = f"{name.upper()}_{col.upper()}"
+            assert key not in out and key not in globals(), key
+            out[key] = tl.constexpr(i)
+    return out
+
+
+globals().update(_column_constants())
+
 # Kernel family: "one" = the one-buffer kernel (0 or 1 state tensor), "multi" = 1 to 3 state tensors.
 FAMILY = {
     "sgd": "one", "qhm": "one", "signum": "one", "lion": "one", "fsgdm": "one",
@@ -225,3 +210,50 @@ def adamw_sf_math(p, g, z, v, m, lr, c, y_coef, wd, beta2, bc2, eps, inner_momen
     p = p + y_coef.to(tl.float32) * d
     z = z - lr.to(tl.float32) * d
     return p, z, v, m
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+# The kernels (kernels.py) know no rule: each family body loads its lists and calls one of these, which pick the
+# rule's math by its compile-time id and read its scalars from the table row ``sp`` by column name.
+@triton.jit
+def one_buffer_math(p, g, b, sp, lr, wd, gm, RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr):
+    """Rules with 0 or 1 state tensor (family "one"); returns (p, b)."""
+    if RULE == SGD:
+        p, b = sgd_math(p, g, b, lr, wd, tl.load(sp + SGD_MOMENTUM), tl.load(sp + SGD_DAMPENING), tl.load(sp + SGD_FIRST), gm, F0, F1)
+    elif RULE == QHM:
+        p, b = qhm_math(p, g, b, lr, wd, tl.load(sp + QHM_MOMENTUM), tl.load(sp + QHM_NU), gm, F0)
+    elif RULE == SIGNUM:
+        p, b = signum_math(p, g, b, lr, wd, tl.load(sp + SIGNUM_MOMENTUM), gm, F0)
+    elif RULE == LION:
+        p, b = lion_math(p, g, b, lr, wd, tl.load(sp + LION_BETA1), tl.load(sp + LION_BETA2), gm)
+    elif RULE == SGD_SF:  # (lr, c, beta, y_coef, weight_decay, grad_mult)
+        p, b = sgd_sf_math(p, g, b, lr, tl.load(sp + SGD_SF_C), tl.load(sp + SGD_SF_Y_COEF), tl.load(sp + SGD_SF_WEIGHT_DECAY), gm)
+    else:
+        tl.static_assert(RULE == FSGDM, "rule not served by the one-buffer kernel")
+        p, b = fsgdm_math(p, g, b, lr, wd, tl.load(sp + FSGDM_U), tl.load(sp + FSGDM_V), tl.load(sp + FSGDM_FIRST), gm)
+    return p, b
+
+
+@triton.jit
+def multi_buffer_math(p, g, s_0, s_1, s_2, sp, lr, wd, gm, RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr):
+    """Rules with 1 to 3 state tensors (family "multi"); returns (p, s_0, s_1, s_2)."""
+    if RULE == ADAM:
+        p, s_0, s_1, s_2 = adam_math(p, g, s_0, s_1, s_2, lr, wd, tl.load(sp + ADAM_BETA1), tl.load(sp + ADAM_BETA2),
+                                     tl.load(sp + ADAM_EPS), tl.load(sp + ADAM_STEP_SIZE), tl.load(sp + ADAM_BC2_SQRT), gm, F0, F1)
+    elif RULE == ADAMW_SF:  # (lr, c, beta, y_coef, wd, beta2, bc2, eps, inner_momentum, inner_bc, gm)
+        p, s_0, s_1, s_2 = adamw_sf_math(p, g, s_0, s_1, s_2, lr, tl.load(sp + ADAMW_SF_C), tl.load(sp + ADAMW_SF_Y_COEF),
+                                         tl.load(sp + ADAMW_SF_WEIGHT_DECAY), tl.load(sp + ADAMW_SF_BETA2), tl.load(sp + ADAMW_SF_BC2), tl.load(sp + ADAMW_SF_EPS),
+                                         tl.load(sp + ADAMW_SF_INNER_MOMENTUM), tl.load(sp + ADAMW_SF_INNER_BC), gm, F0)
+    elif RULE == NADAM:
+        p, s_0, s_1 = nadam_math(p, g, s_0, s_1, lr, wd, tl.load(sp + NADAM_BETA1), tl.load(sp + NADAM_BETA2), tl.load(sp + NADAM_EPS),
+                                 tl.load(sp + NADAM_BC2), tl.load(sp + NADAM_GRAD_COEF), tl.load(sp + NADAM_EXP_AVG_COEF), gm, F0)
+    else:
+        tl.static_assert(RULE == RMSPROP, "rule not served by the multi-buffer kernel")
+        # state order: square_avg [, momentum_buffer] [, grad_avg]
+        if F1 and not F0:  # centered only: (square_avg, grad_avg)
+            p, s_0, s_2, s_1 = rmsprop_math(p, g, s_0, s_2, s_1, lr, wd, tl.load(sp + RMSPROP_ALPHA), tl.load(sp + RMSPROP_EPS),
+                                            tl.load(sp + RMSPROP_MOMENTUM), gm, F0, F1)
+        else:
+            p, s_0, s_1, s_2 = rmsprop_math(p, g, s_0, s_1, s_2, lr, wd, tl.load(sp + RMSPROP_ALPHA), tl.load(sp + RMSPROP_EPS),
+                                            tl.load(sp + RMSPROP_MOMENTUM), gm, F0, F1)
+    return p, s_0, s_1, s_2

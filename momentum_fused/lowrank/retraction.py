@@ -98,7 +98,7 @@ def _triton_unavailable(A) -> str | None:
     err = _backend_triton._load_error()
     if err is not None:
         return err
-    mod = sys.modules.get("triton_kernels.cholesky_qr")
+    mod = sys.modules.get("momentum_fused.triton_kernels.cholesky_qr")
     interpreting = (type(mod.cholesky_qr2_kernel).__name__ == "InterpretedFunction" if mod is not None
                     else os.environ.get("TRITON_INTERPRET") == "1")
     if A.device.type == "cpu" and not interpreting:
@@ -212,7 +212,7 @@ def _run_cholesky_qr2(A, tol):
 
 
 def _run_triton(A, tol):
-    from triton_kernels import cholesky_qr as K  # lazy: imports triton
+    from ..triton_kernels import cholesky_qr as K  # lazy: imports triton
     Q, R, info, _ = K.cholesky_qr2(A.contiguous(), tol)
     path = torch.zeros(A.shape[0], dtype=torch.int64, device=A.device)
     bad = info != 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from tolerances import tol
-from triton_kernels import launcher
+from momentum_fused.triton_kernels import launcher
 
 ODD_SHAPES = [(), (0,), (1,), (4097,), (3, 5, 7), (2, 0, 3)]
 

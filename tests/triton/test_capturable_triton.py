@@ -6,7 +6,7 @@ import torch
 
 import momentum_fused as mf
 from tolerances import tol
-from triton_kernels import launcher
+from momentum_fused.triton_kernels import launcher
 
 SHAPES = [(17,), (4097,), (), (0,), (3, 5)]
 CASES = [(mf.AdamW, dict(lr=1e-2, weight_decay=0.1)), (mf.Adam, dict(lr=1e-2, amsgrad=True)),

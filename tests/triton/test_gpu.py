@@ -7,7 +7,7 @@ import torch
 from helpers import ODD_SHAPES, assert_parity, run_pair
 from momentum_fused.specs import SPECS
 from test_parity import CASES
-from triton_kernels import launcher, reductions, rules
+from momentum_fused.triton_kernels import launcher, reductions, rules
 
 pytestmark = pytest.mark.gpu
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from momentum_fused.specs import SPECS
-from triton_kernels import launcher, rules
+from momentum_fused.triton_kernels import launcher, rules
 
 
 @pytest.mark.parametrize("numels", [[1, 0, 1, 4097, 105, 0], [5000] * 3, [1] * 300, [0, 0], [2048, 4096, 1],

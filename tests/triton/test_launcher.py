@@ -2,7 +2,6 @@
 found_inf / grad_scale on device, bf16 round-to-nearest-even, reductions, backend registration."""
 import importlib
 import sys
-import types
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import momentum_fused as mf
 from helpers import assert_parity, grads_for, make_params
 from momentum_fused import _backend_triton as bt
 from momentum_fused.specs import SPECS
-from triton_kernels import launcher, reductions, rules
+from momentum_fused.triton_kernels import launcher, reductions, rules
 
 
 # ------------------------------------------------------------------------------------ block plan
@@ -199,18 +198,14 @@ def test_supports_reasons(monkeypatch):
         "the Triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
 
 
-def test_load_error_for_foreign_triton_kernels_and_missing_triton(monkeypatch):
-    fake = types.ModuleType("triton_kernels")
-    fake.__file__ = "/site-packages/triton_kernels/__init__.py"
-    monkeypatch.setitem(sys.modules, "triton_kernels", fake)
-    err = bt._load_error()
-    assert "foreign" in err and "__momentum_fused__" in err
-    b = bt.make_backend()
-    assert not b.available and b.load_error == err
-    monkeypatch.undo()
+def test_load_error_for_missing_triton_and_no_top_level_triton_kernels(monkeypatch):
+    import momentum_fused.triton_kernels as tk
+    assert tk.__name__ == "momentum_fused.triton_kernels" and "triton_kernels" not in sys.modules
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
     assert "triton is not installed" in bt._load_error()
+    b = bt.make_backend()
+    assert not b.available and "triton is not installed" in b.load_error
     monkeypatch.undo()
     assert bt._load_error() is None
 

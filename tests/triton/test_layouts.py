@@ -19,7 +19,7 @@ from helpers import grads_for, make_params
 from momentum_fused import layouts
 from test_parity import CASES
 from tolerances import tol
-from triton_kernels import kernels, launcher
+from momentum_fused.triton_kernels import kernels, launcher
 
 SHAPES = [(), (0,), (1,), (4097,), (3, 5, 7), (17,), (17,)]
 LAYOUT_DTYPES = [("bf16_state", torch.float32), ("master", torch.bfloat16), ("master", torch.float16),

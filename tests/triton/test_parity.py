@@ -75,7 +75,7 @@ def test_300_tensors_two_groups_one_launch(dtype):
 
 def test_two_dtypes_two_launches():
     """Buckets are (device, dtype, flags): a float32 and a bfloat16 param give two launches per step."""
-    from triton_kernels import launcher
+    from momentum_fused.triton_kernels import launcher
 
     a = torch.randn(100, requires_grad=True)
     b = torch.randn(100, dtype=torch.bfloat16, requires_grad=True)

@@ -11,7 +11,7 @@ from momentum_fused.lowrank import qr
 from momentum_fused.lowrank.retraction import ORTH_TOL, qr_with_info
 from retraction_cases import assert_agrees, assert_valid_qr, mixed_batch, projector_dist
 from tolerances import qr_agree_tol
-from triton_kernels import cholesky_qr as K
+from momentum_fused.triton_kernels import cholesky_qr as K
 
 # r = 1, r = m, m not a multiple of the 64-row tile, one r > 16 (RP = 32)
 CASES = [(20, 1, torch.float32), (37, 5, torch.float32), (96, 16, torch.float32), (16, 16, torch.float32),
