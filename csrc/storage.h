@@ -22,7 +22,9 @@ MF_HD MF_INLINE float bf16_to_float(uint16_t h) { return f32_from_bits(static_ca
 
 MF_HD MF_INLINE uint16_t float_to_bf16(float f) {
   uint32_t u = f32_bits(f);
-  // NaN -> canonical quiet NaN with the sign kept (torch's c10::BFloat16 does the same).
+  // NaN -> a quiet NaN with the sign and top payload bits kept (the CPU kernels' choice; torch's vectorized
+  // conversion gives 0xFFFF). The NaN rule of every backend: a NaN stays a quiet NaN, sign and payload
+  // unspecified (docs/csrc.md); every non-NaN value rounds to nearest even, bit-identical across backends.
   const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // RNE; carries into the exponent
   return static_cast<uint16_t>(nan ? ((u >> 16) | 0x0040u) : rounded);

@@ -139,7 +139,8 @@ def sr_bits(numel: int, key: int, buffer: int, device=None) -> torch.Tensor:
 
 def _rne_bf16_bits(u: torch.Tensor) -> torch.Tensor:
     """fp32 bits (int64 holding uint32) -> bf16 bits, round to nearest even; NaN -> quiet NaN with the
-    sign kept (as the kernels; torch's vectorized conversion may return 0xFFFF for a NaN instead)."""
+    sign kept (as the CPU kernels; the CUDA and Triton stores give the hardware's canonical NaN, torch's
+    vectorized conversion 0xFFFF: a NaN's sign and payload are unspecified, docs/csrc.md)."""
     nan = (u & 0x7FFFFFFF) > 0x7F800000
     return torch.where(nan, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
 
