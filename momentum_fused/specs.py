@@ -12,8 +12,6 @@ the kernel sources; see docs/algorithms.md for the conventions.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -26,104 +24,8 @@ __all__ = ["UpdateRuleSpec", "SPECS", "KERNEL_RULES", "get_spec", "HOST_STATE_KE
 HOST_STATE_KEYS = ("step", "mu_product")
 
 
-# --------------------------------------------------------------------------------------------------
-# Hyperparameter checks. Each raises ValueError/TypeError naming the hyperparameter.
-# --------------------------------------------------------------------------------------------------
-def _check_tensor_meta(name: str, value: torch.Tensor) -> None:
-    if value.numel() != 1:
-        raise ValueError(f"{name} as a Tensor must have exactly one element, got shape {tuple(value.shape)}")
-    if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"{name} Tensor must be real, got dtype {value.dtype}")
-
-
-def _as_real(name: str, value: Any, *, tensor_ok: bool = False) -> float:
-    if isinstance(value, torch.Tensor):
-        if not tensor_ok:
-            raise TypeError(f"{name} must be a Python number, got a Tensor")
-        _check_tensor_meta(name, value)
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value} (must be finite)")
-    return value
-
-
-@dataclass(frozen=True)
-class Real:
-    """A finite real number in [lo, hi] (or a half-open interval)."""
-
-    lo: float = -math.inf
-    hi: float = math.inf
-    hi_open: bool = False
-    lo_open: bool = False
-    tensor_ok: bool = False
-
-    def check(self, name: str, value: Any) -> None:
-        v = _as_real(name, value, tensor_ok=self.tensor_ok)
-        too_low = v <= self.lo if self.lo_open else v < self.lo
-        too_high = v >= self.hi if self.hi_open else v > self.hi
-        if too_low or too_high:
-            lb = "(" if self.lo_open else "["
-            rb = ")" if self.hi_open else "]"
-            raise ValueError(f"Invalid {name}: {v} (must be in {lb}{self.lo}, {self.hi}{rb})")
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A pair of numbers, each checked by ``item`` (Adam-style ``betas``)."""
-
-    item: Real
-
-    def check(self, name: str, value: Any) -> None:
-        if not isinstance(value, (tuple, list)) or len(value) != 2:
-            raise TypeError(f"{name} must be a tuple of two numbers, got {value!r}")
-        for i, v in enumerate(value):
-            self.item.check(f"{name}[{i}]", v)
-
-
-@dataclass(frozen=True)
-class Flag:
-    def check(self, name: str, value: Any) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
-
-
-@dataclass(frozen=True)
-class Choice:
-    options: tuple
-
-    def check(self, name: str, value: Any) -> None:
-        if value not in self.options:
-            raise ValueError(f"Invalid {name}: {value!r} (must be one of {list(self.options)})")
-
-
-@dataclass(frozen=True)
-class Int:
-    lo: int = 1
-
-    def check(self, name: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-        if value < self.lo:
-            raise ValueError(f"Invalid {name}: {value} (must be >= {self.lo})")
-
-
-LR = Real(0.0, tensor_ok=True)
-NONNEG = Real(0.0)
-UNIT_OPEN = Real(0.0, 1.0, hi_open=True)  # [0, 1)
-FINITE = Real()
-BETAS = Pair(UNIT_OPEN)
-
-
-def lr_value(group: Mapping) -> float:
-    """The group's learning rate as a float (``lr`` may be a one-element tensor). In a ``capturable``
-    group a tensor lr stays a (float64, 0-d) tensor: read on the device, never on the host."""
-    lr = group["lr"]
-    if group.get("capturable"):  # (traced by torch.compile, a float lr may be a symbolic float: no float())
-        return lr.detach().reshape(()).to(torch.float64) if isinstance(lr, torch.Tensor) else lr
-    return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+# Hyperparameter checks: momentum_fused/hparams.py
+from .hparams import (BETAS, Choice, FINITE, Flag, Int, LR, NONNEG, Pair, Real, UNIT_OPEN, _as_real, _check_tensor_meta, lr_value)  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------------
