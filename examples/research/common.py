@@ -114,3 +114,17 @@ class Timer:
 
     def cpu(self):
         return time.process_time() - self.c0
+
+
+def run_main(args, name, run, report, plot):
+    """The main() of every reproduction: run (or, with --report-only, reload the saved JSON), save, print the
+    tables, draw the plot; returns the results."""
+    import torch
+    torch.set_num_threads(args.threads)
+    jpath, ppath = paths(args, name)
+    res = load_json(jpath) if args.report_only else run(args)
+    if not args.report_only:
+        save_json(res, jpath)
+    print(report(res))
+    plot(res, ppath)
+    return res

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import common
-from common import Timer, fmt_ms, grid_note, load_json, mean_std, save_json, savefig
+from common import Timer, fmt_ms, grid_note, mean_std, savefig
 
 NAME = "fsgdm_digits"
 GRID = [0.003, 0.01, 0.03, 0.1, 0.3]
@@ -151,15 +151,7 @@ def plot(res, path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    jpath, ppath = common.paths(args, NAME)
-    res = load_json(jpath) if args.report_only else run(args)
-    if not args.report_only:
-        save_json(res, jpath)
-    print(report(res))
-    plot(res, ppath)
-    return res
+    return common.run_main(parse_args(argv), NAME, run, report, plot)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,12 @@ final w.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 
 import common
-from common import Timer, fmt_ms, load_json, mean_std, save_json, savefig
+from common import Timer, fmt_ms, mean_std, savefig
 
 NAME = "hb_continuous"
 
@@ -309,15 +308,7 @@ def plot(res, path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    jpath, ppath = common.paths(args, NAME)
-    res = load_json(jpath) if args.report_only else run(args)
-    if not args.report_only:
-        save_json(res, jpath)
-    print(report(res))
-    plot(res, ppath)
-    return res
+    return common.run_main(parse_args(argv), NAME, run, report, plot)
 
 
 if __name__ == "__main__":

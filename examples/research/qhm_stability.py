@@ -23,7 +23,7 @@ import math
 import torch
 
 import common
-from common import Timer, load_json, save_json, savefig
+from common import Timer, savefig
 
 NAME = "qhm_stability"
 
@@ -186,15 +186,7 @@ def plot(res, path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    jpath, ppath = common.paths(args, NAME)
-    res = load_json(jpath) if args.report_only else run(args)
-    if not args.report_only:
-        save_json(res, jpath)
-    print(report(res))
-    plot(res, ppath)
-    return res
+    return common.run_main(parse_args(argv), NAME, run, report, plot)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import math
 import torch
 
 import common
-from common import Timer, fmt_ms, grid_note, load_json, mean_std, save_json, savefig, subsample
+from common import Timer, fmt_ms, grid_note, mean_std, savefig, subsample
 
 NAME = "schedulefree_schedulers"
 LM_METHODS = {  # name: (optimizer, kwargs, schedule)
@@ -213,15 +213,7 @@ def plot(res, path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    jpath, ppath = common.paths(args, NAME)
-    res = load_json(jpath) if args.report_only else run(args)
-    if not args.report_only:
-        save_json(res, jpath)
-    print(report(res))
-    plot(res, ppath)
-    return res
+    return common.run_main(parse_args(argv), NAME, run, report, plot)
 
 
 if __name__ == "__main__":
