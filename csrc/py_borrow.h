@@ -127,7 +127,7 @@ inline int status_of(std::initializer_list<const BorrowedTensors*> lists) {
   return DONE;
 }
 
-// A one-element optional tensor argument (found_inf, grad_scale, lr, sr_keys) that dispatches to Python
+// A one-element optional tensor argument (found_inf, grad_scale, sr_keys) that dispatches to Python
 // sends the call through the dispatcher as well.
 inline bool dispatches_to_python(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() && t->key_set().has(c10::DispatchKey::Python);

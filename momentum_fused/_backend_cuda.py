@@ -7,7 +7,7 @@ triton) when it is usable. It is registered as unavailable, with the reason, whe
 the import error) or when torch sees no CUDA device.
 
 One call of ``apply`` runs one bucket through ONE call of the op ``cuda_step(params, grads, states_flat,
-scalars[n, k] float64, rule, flags, found_inf, grad_scale, lr, layout, sr_keys)``, which launches
+scalars[n, k] float64, rule, flags, found_inf, grad_scale, layout, sr_keys)``, which launches
 ceil(chunks / 320) kernels (one for up to 36 tensors / 320 chunks of 65,536 elements; see
 csrc/cuda/multi_tensor_apply.cuh). As on the CPU backend, the op is called through the extension module's
 pybind entry ``momentum_fused._C_cuda.cuda_step`` (the same C++ function as the registered op
@@ -83,7 +83,7 @@ def make_backend() -> backends.Backend:
         packs = backends.pack_table(scalars, len(spec.scalar_names)).contiguous()
         args = (packs, RULE_IDS[spec.name], flags_to_int(spec.name, flags),
                 _device_scalar(found_inf, "found_inf", device), _device_scalar(grad_scale, "grad_scale", device),
-                None, code, keys)
+                code, keys)
         backends.run_step_op(_C_cuda, _C_cuda.cuda_step, ops.cuda_step, params, grads, states, args)
         return 1
 

@@ -313,7 +313,7 @@ def test_both_entries_give_the_same_bits(lay, dtype):
                                                   (1 - 0.999 ** t) ** 0.5, 1.0)] * len(ps), len(spec.scalar_names))
         code, keys = layout_args(layout, [LAY.sr_key(3, t, i) for i in range(len(ps))] if layout.stochastic else None,
                                  len(ps))
-        args = (packs, RULE_IDS["adam"], flags_to_int("adam", flags), None, None, None, code, keys)
+        args = (packs, RULE_IDS["adam"], flags_to_int("adam", flags), None, None, code, keys)
         assert _C_cuda.cuda_step(ps, gs, [tuple(st) for st in sts], *args) == _C_cuda.DONE
         torch.ops.momentum_fused.cuda_step(qs, gs, [x for st in qsts for x in st], *args)
     for p, q, st, qst in zip(ps, qs, sts, qsts):

@@ -2,10 +2,10 @@
 // have none: the test suite compiles this file with g++ -fsyntax-only, tests/test_cuda_sources.py). Registers,
 // as a fragment of the `momentum_fused` op library:
 //   cuda_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor scalars, int rule, int flags,
-//             Tensor? found_inf, Tensor? grad_scale, Tensor? lr, int layout=0, Tensor? sr_keys=None) -> ()
+//             Tensor? found_inf, Tensor? grad_scale, int layout=0, Tensor? sr_keys=None) -> ()
 // on mf_cuda_step (cuda_ops.h), which the eager entry _C_cuda.cuda_step (cuda_python.cpp) calls as well.
 // scalars: contiguous float64 [n, k] packs (host or device; copied to the device, stream-ordered). found_inf /
-// grad_scale: float32 one-element device tensors; lr: float64 one-element device tensor (see fused_step.h).
+// grad_scale: float32 one-element device tensors (see fused_step.h).
 // layout: 0 native, 1 bf16_state, 2 master (the fp32 master last in each tensor's states), 3 bf16_sr;
 // sr_keys: int64 [n] uint32 keys (host or device), bf16_sr only. Every argument is checked before anything
 // is launched, by the checks the CPU op runs too (../step_args.h).
@@ -38,16 +38,13 @@ const void* opt_ptr(const c10::optional<at::Tensor>& t, c10::ScalarType want, co
 
 void mf_cuda_step(at::TensorList params, at::TensorList grads, at::TensorList states, const at::Tensor& scalars,
                   int64_t rule, int64_t flags, const c10::optional<at::Tensor>& found_inf,
-                  const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& lr, int64_t layout,
+                  const c10::optional<at::Tensor>& grad_scale, int64_t layout,
                   const c10::optional<at::Tensor>& sr_keys) {
   const mf::bind::StepArgs a = mf::bind::check_step("cuda_step", c10::kCUDA, params, grads, states, scalars, rule,
                                                     flags, layout, sr_keys, /*scalars_on_host_only=*/false);
   if (a.n == 0) return;
   const void* fi = opt_ptr(found_inf, c10::ScalarType::Float, "found_inf", a.device);
   const void* gs = opt_ptr(grad_scale, c10::ScalarType::Float, "grad_scale", a.device);
-  const void* lrp = opt_ptr(lr, c10::ScalarType::Double, "lr", a.device);
-  TORCH_CHECK(lrp == nullptr || mf::cuda::lr_pointer_supported(a.rule), "momentum_fused cuda_step: rule ",
-              mf::rule_name(a.rule), " folds lr into its host scalars; a device lr is not supported for it");
   c10::cuda::CUDAGuard guard(a.device);
   // the packs (and host keys) go to the device stream-ordered; check_step has checked them on the host
   const at::Tensor packs = scalars.to(a.device, /*non_blocking=*/true);
@@ -57,14 +54,14 @@ void mf_cuda_step(at::TensorList params, at::TensorList grads, at::TensorList st
   const cudaError_t err =
       mf::cuda::step(a.rule, a.flags, a.layout, a.dtype, a.n, a.params.data(), a.grads.data(), a.states.data(),
                      a.master ? a.masters.data() : nullptr, a.numel.data(), packs.data_ptr<double>(),
-                     static_cast<const float*>(fi), static_cast<const float*>(gs), static_cast<const double*>(lrp),
+                     static_cast<const float*>(fi), static_cast<const float*>(gs),
                      keys.defined() ? keys.data_ptr<int64_t>() : nullptr, stream);
   TORCH_CHECK(err == cudaSuccess, "momentum_fused cuda_step: ", cudaGetErrorString(err));
 }
 
 TORCH_LIBRARY_FRAGMENT(momentum_fused, m) {
   m.def("cuda_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor scalars, int rule, int flags, "
-        "Tensor? found_inf=None, Tensor? grad_scale=None, Tensor? lr=None, int layout=0, Tensor? sr_keys=None) -> ()");
+        "Tensor? found_inf=None, Tensor? grad_scale=None, int layout=0, Tensor? sr_keys=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(momentum_fused, CUDA, m) { m.impl("cuda_step", &mf_cuda_step); }

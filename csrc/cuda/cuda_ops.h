@@ -8,5 +8,5 @@
 
 void mf_cuda_step(at::TensorList params, at::TensorList grads, at::TensorList states, const at::Tensor& scalars,
                   int64_t rule, int64_t flags, const c10::optional<at::Tensor>& found_inf,
-                  const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& lr, int64_t layout,
+                  const c10::optional<at::Tensor>& grad_scale, int64_t layout,
                   const c10::optional<at::Tensor>& sr_keys);

@@ -83,7 +83,6 @@ struct StepFunctor {
   const double* packs;
   const float* found_inf;
   const float* grad_scale;
-  const double* lr;
   const int64_t* sr_keys;
 
   template <int NL>
@@ -101,7 +100,6 @@ struct StepFunctor {
 #pragma unroll
     for (int i = 0; i < K; ++i) pk[i] = row[i];
     if (grad_scale != nullptr) pk[K - 1] = pk[K - 1] / static_cast<double>(*grad_scale);
-    if (lr != nullptr) pk[0] = *lr;
     const Sc sc = Sc::make(pk);
     // stochastic rounding: buffer b = 0 for the param, 1 + j for state j
     const uint32_t key = SR ? static_cast<uint32_t>(sr_keys[tt.row[slot]]) : 0u;
@@ -185,7 +183,7 @@ struct StepFunctor {
 template <class Op, typename P, typename S, bool MASTER, bool SR>
 cudaError_t launch(int64_t n, void* const* params, const void* const* grads, void* const* states,
                    void* const* masters, const int64_t* numel, const double* packs, const float* found_inf,
-                   const float* grad_scale, const double* lr, const int64_t* sr_keys, cudaStream_t stream) {
+                   const float* grad_scale, const int64_t* sr_keys, cudaStream_t stream) {
   constexpr int NS = Op::kStates;
   constexpr int NL = 2 + NS + (MASTER ? 1 : 0);  // param, grad, states, master
   static_assert(NL <= kMaxLists, "too many lists for the tensor table");
@@ -200,7 +198,7 @@ cudaError_t launch(int64_t n, void* const* params, const void* const* grads, voi
     for (int j = 0; j < NS; ++j) lists[2 + j][i] = states[i * NS + j];
     if (MASTER) lists[2 + NS][i] = masters[i];
   }
-  StepFunctor<Op, P, S, MASTER, SR> f{packs, found_inf, grad_scale, lr, sr_keys};
+  StepFunctor<Op, P, S, MASTER, SR> f{packs, found_inf, grad_scale, sr_keys};
   const cudaError_t err = multi_tensor_apply<NL>(n, lists, numel, f, stream);
   delete[] storage;
   return err;
@@ -209,12 +207,11 @@ cudaError_t launch(int64_t n, void* const* params, const void* const* grads, voi
 template <typename P, typename S, bool MASTER, bool SR>
 cudaError_t dispatch_rule(int rule, int flags, int64_t n, void* const* params, const void* const* grads,
                           void* const* states, void* const* masters, const int64_t* numel, const double* packs,
-                          const float* found_inf, const float* grad_scale, const double* lr, const int64_t* sr_keys,
-                          cudaStream_t stream) {
+                          const float* found_inf, const float* grad_scale, const int64_t* sr_keys, cudaStream_t stream) {
 #define MF_CASE(R, F)                                                                                   \
   if (rule == R && flags == F)                                                                          \
     return launch<RuleOp<R, F>, P, S, MASTER, SR>(n, params, grads, states, masters, numel, packs,        \
-                                                  found_inf, grad_scale, lr, sr_keys, stream);
+                                                  found_inf, grad_scale, sr_keys, stream);
   MF_FOR_EACH_RULE_FLAGS(MF_CASE)
 #undef MF_CASE
   return cudaErrorInvalidValue;
@@ -222,31 +219,18 @@ cudaError_t dispatch_rule(int rule, int flags, int64_t n, void* const* params, c
 
 }  // namespace
 
-bool lr_pointer_supported(int rule) {
-  switch (rule) {
-    case RULE_SGD:
-    case RULE_QHM:
-    case RULE_RMSPROP:
-    case RULE_SIGNUM:
-    case RULE_LION:
-    case RULE_FSGDM: return true;
-    default: return false;  // adam/nadam/schedule-free fold lr into other pack entries on the host
-  }
-}
-
 cudaError_t step(int rule, int flags, int layout, int dtype, int64_t n, void* const* params,
                  const void* const* grads, void* const* states, void* const* masters, const int64_t* numel,
-                 const double* packs, const float* found_inf, const float* grad_scale, const double* lr,
-                 const int64_t* sr_keys, cudaStream_t stream) {
+                 const double* packs, const float* found_inf, const float* grad_scale, const int64_t* sr_keys,
+                 cudaStream_t stream) {
   if (rule < 0 || rule >= RULE_COUNT || rule_num_scalars(rule) > kMaxPack) return cudaErrorInvalidValue;
   if (flags < 0 || flags >= (1 << rule_num_flag_bits(rule))) return cudaErrorInvalidValue;
-  if (lr != nullptr && !lr_pointer_supported(rule)) return cudaErrorInvalidValue;
   if (layout == LAYOUT_BF16_SR && sr_keys == nullptr) return cudaErrorInvalidValue;
   if (layout == LAYOUT_MASTER && masters == nullptr && n > 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   flags = normalize_flags(rule, flags);
 #define MF_ARGS \
-  rule, flags, n, params, grads, states, masters, numel, packs, found_inf, grad_scale, lr, sr_keys, stream
+  rule, flags, n, params, grads, states, masters, numel, packs, found_inf, grad_scale, sr_keys, stream
   // the layout table: (layout, param dtype) -> (P, S, MASTER, SR); anything else has no kernel
   switch (layout) {
     case LAYOUT_NATIVE:

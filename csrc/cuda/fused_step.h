@@ -19,17 +19,14 @@ namespace cuda {
 // (layout bf16_sr; nullptr otherwise).
 // Optional device scalars (nullptr: unused), read by every block, so nothing syncs with the host:
 //   found_inf   (float): nonzero -> no write at all (GradScaler protocol);
-//   grad_scale  (float): the pack's grad_mult is divided by it;
-//   lr          (double): replaces the pack's lr; only for rules whose pack uses lr through entry 0
-//               alone (sgd, qhm, rmsprop, signum, lion, fsgdm); other rules return cudaErrorInvalidValue.
+//   grad_scale  (float): the pack's grad_mult is divided by it.
+// (A tensor lr reaches the kernels through the packs: capturable groups compute them on the device.)
 // Returns cudaSuccess, cudaErrorInvalidValue for an unknown rule/flags/layout/dtype (or bf16_sr without
 // sr_keys, or master without masters), or a launch error.
 cudaError_t step(int rule, int flags, int layout, int dtype, int64_t n, void* const* params,
                  const void* const* grads, void* const* states, void* const* masters, const int64_t* numel,
-                 const double* packs, const float* found_inf, const float* grad_scale, const double* lr,
-                 const int64_t* sr_keys, cudaStream_t stream);
-
-bool lr_pointer_supported(int rule);
+                 const double* packs, const float* found_inf, const float* grad_scale, const int64_t* sr_keys,
+                 cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mf

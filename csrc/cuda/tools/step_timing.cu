@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
   for (int it = 0; it < iters + 3; ++it) {  // 3 warm-up calls
     CHECK(cudaEventRecord(a));
     CHECK(mf::cuda::step(rule, flags, layout, dtype, n, params.data(), grads.data(), states.data(),
-                         master ? masters.data() : nullptr, numel.data(), packs, nullptr, nullptr, nullptr, sr_keys,
+                         master ? masters.data() : nullptr, numel.data(), packs, nullptr, nullptr, sr_keys,
                          0));
     CHECK(cudaEventRecord(b));
     CHECK(cudaEventSynchronize(b));
