@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from backend_cases import CASES, _groups  # noqa: E402
-from momentum_fused.triton_kernels import launcher, reductions, rules  # noqa: E402
+from momentum_fused.triton_kernels import launcher, rules  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _SIG = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "prog_tab": "*i64", "seg_tab": "*i64",
@@ -118,13 +118,6 @@ def test_unaligned_and_interpreter_variants_front_end():
         for _, _, fn, sig, constexprs, _, _ in _variants("adam", flags, nstate, layout):
             _compile(fn, dict(constexprs, ALIGNED=False), sig=sig)
             _compile(fn, dict(constexprs, HW_BF16=False), sig=sig)
-
-
-@pytest.mark.parametrize("square", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_reduction_kernel_compiles_to_a_cubin(square, dtype):
-    _compile(reductions.reduce_kernel, dict(SQUARE=square, DTYPE=launcher.DTYPE_CODES[dtype], BLOCK=launcher.BLOCK),
-             full=True)
 
 
 def test_every_rule_is_reached():

@@ -62,7 +62,7 @@ def _count_launch() -> None:
 
 def clear_cache() -> None:
     _cache.clear()
-    _plan_tensors.cache_clear()
+    _plan_split_tensors.cache_clear()
 
 
 def cache_stats() -> dict:
@@ -133,47 +133,6 @@ def _check_lists(lists: Sequence[Sequence[torch.Tensor]], dtypes: Sequence[torch
     if ref.dtype not in DTYPE_CODES:
         raise TypeError(f"storage dtype {ref.dtype} is not supported; supported: "
                         f"{[str(d) for d in DTYPE_CODES]}")
-
-
-@functools.lru_cache(maxsize=CACHE_SIZE)
-def _plan_tensors(numels: tuple, block: int, device) -> tuple:
-    """(prog_tab, seg_tab, n_programs, n_seg) on ``device``, cached by the sizes alone."""
-    prog, segs = plan_blocks(numels, block)
-    seg_tab = torch.tensor([list(c) for c in zip(*segs)] if segs else [[], [], [], []], dtype=torch.int64)
-    flat = torch.cat([torch.tensor(prog, dtype=torch.int64), seg_tab.reshape(-1)]).to(device)
-    return flat[:len(prog)], flat[len(prog):], len(prog) - 1, len(segs)
-
-
-def tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, grad_list: int | None = 1):
-    """(ptr_tab, prog_tab, seg_tab, n_programs, n_seg) for ``lists``.
-
-    The entry is cached by the pointers and sizes of every list except ``grad_list``: gradients are
-    usually new tensors every step (``zero_grad(set_to_none=True)``), so their row of the pointer table
-    is refreshed in place when it changed (one small host-to-device copy, stream ordered), while params
-    and state hit the cache."""
-    ref = lists[0][0]
-    numels = tuple(map(torch.Tensor.numel, lists[0]))
-    ptrs = [tuple(map(torch.Tensor.data_ptr, lst)) for lst in lists]
-    key = (ref.device, ref.dtype, block, numels, len(lists), grad_list,
-           tuple(p for i, p in enumerate(ptrs) if i != grad_list))
-    entry = _cache.get(key)
-    if entry is not None:
-        _cache.move_to_end(key)
-        _CACHE_STATS["hits"] += 1
-        ptr_tab, plan, cached_grad_ptrs = entry
-        if grad_list is not None and cached_grad_ptrs != ptrs[grad_list]:
-            # (non_blocking: a pageable source is staged by the copy itself; no stream synchronization)
-            ptr_tab[grad_list].copy_(torch.tensor(ptrs[grad_list], dtype=torch.int64), non_blocking=True)
-            entry[2] = ptrs[grad_list]
-            _CACHE_STATS["grad_row_updates"] += 1
-        return (ptr_tab.view(-1),) + plan
-    _CACHE_STATS["misses"] += 1
-    plan = _plan_tensors(numels, block, ref.device)
-    ptr_tab = torch.tensor(ptrs, dtype=torch.int64).to(ref.device)
-    _cache[key] = [ptr_tab, plan, ptrs[grad_list] if grad_list is not None else None]
-    while len(_cache) > CACHE_SIZE:
-        _cache.popitem(last=False)
-    return (ptr_tab.view(-1),) + plan
 
 
 def plan_split(numels: Sequence[int], block: int = BLOCK, max_segs: int = MAX_SEGS):
