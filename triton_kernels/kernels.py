@@ -61,20 +61,6 @@ def _addr(ptr_tab, list_i, n_tensors, t, off, idx, DTYPE: tl.constexpr, FULL: tl
 
 
 @triton.jit
-def load_fp32(ptr_tab, list_i, n_tensors, t, idx, mask, DTYPE: tl.constexpr):
-    """Per-lane load as fp32 (t, idx per lane; bf16 as bits): the reductions' (reductions.py) loads."""
-    base = tl.load(ptr_tab + list_i * n_tensors + t)
-    if DTYPE == 0:
-        x = tl.load(base.to(tl.pointer_type(tl.float32)) + idx, mask=mask, other=0.0)
-    elif DTYPE == 1:
-        x = tl.load(base.to(tl.pointer_type(tl.float16)) + idx, mask=mask, other=0.0).to(tl.float32)
-    else:
-        bits = tl.load(base.to(tl.pointer_type(tl.uint16)) + idx, mask=mask, other=0)
-        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    return x
-
-
-@triton.jit
 def _load(ptr_tab, list_i, n_tensors, t, off, idx, mask, DTYPE: tl.constexpr, FULL: tl.constexpr,
           ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
     ptr = _addr(ptr_tab, list_i, n_tensors, t, off, idx, DTYPE, FULL, ALIGNED, HW_BF16)
@@ -191,30 +177,6 @@ def store_lists(ptr_tab, n_tensors, t, off, idx, mask, p, s_0, s_1, s_2, key, NL
         store_fp32(ptr_tab, 3, n_tensors, t, off, idx, mask, s_1, SDT, SR, key + golden * 2, FULL, ALIGNED, HW_BF16)
     if NLISTS >= 5:
         store_fp32(ptr_tab, 4, n_tensors, t, off, idx, mask, s_2, SDT, SR, key + golden * 3, FULL, ALIGNED, HW_BF16)
-
-
-@triton.jit
-def full_block(seg_tab, n_seg, s0, BLOCK: tl.constexpr):
-    """Fast path: the block is one segment inside one tensor: (tensor, element index, mask)."""
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    t = tl.load(seg_tab + s0)
-    idx = tl.load(seg_tab + n_seg + s0) + lanes
-    mask = lanes < tl.load(seg_tab + 3 * n_seg + s0)
-    return t, idx, mask
-
-
-@triton.jit
-def locate(seg_tab, n_seg, s0, s1, BLOCK: tl.constexpr):
-    """Packed path: per lane, (tensor, element index, mask) from the segments s0 .. s1-1."""
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    seg = tl.zeros([BLOCK], dtype=tl.int64) + s0
-    for s in range(s0 + 1, s1):
-        seg += (lanes >= tl.load(seg_tab + 2 * n_seg + s)).to(tl.int64)
-    t = tl.load(seg_tab + seg)
-    off = tl.load(seg_tab + n_seg + seg)
-    rel = lanes - tl.load(seg_tab + 2 * n_seg + seg)
-    length = tl.load(seg_tab + 3 * n_seg + seg)
-    return t, off + rel, (rel >= 0) & (rel < length)
 
 
 @triton.jit
