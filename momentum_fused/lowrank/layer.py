@@ -1,4 +1,4 @@
-"""LowRankLinear: a linear layer stored as W = U S Vᵀ (ALGORITHMS.md §8), and ``convert``.
+"""LowRankLinear: a linear layer stored as W = U S Vᵀ (docs/algorithms.md §8), and ``convert``.
 
 Storage. U (out_features × max_rank), S (max_rank × max_rank) and V (in_features × max_rank) are
 ``nn.Parameter``s of fixed shape; the current rank r (a buffer named ``rank``, saved in the
@@ -76,7 +76,7 @@ class LowRankLinear(nn.Module):
 
     ``rank``: the initial rank r; ``max_rank``: the storage width r_max, the largest rank the
     optimizers may reach (1 <= rank <= max_rank <= min(in_features, out_features)). The cheap regime
-    is max_rank << min(in, out)/2; up to min(in, out) is allowed (ALGORITHMS.md §8 rank bounds).
+    is max_rank << min(in, out)/2; up to min(in, out) is allowed (docs/algorithms.md §8 rank bounds).
 
     Initialisation: the truncated SVD of an nn.Linear-initialised dense weight (kaiming-uniform,
     like nn.Linear), so S starts diagonal with the top singular values of that weight.
