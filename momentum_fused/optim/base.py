@@ -160,7 +160,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
     def __getstate__(self) -> dict[str, Any]:
         self.sync_amp()
         state = super().__getstate__()
-        for k in ("_pending_amp", "_amp_flag"):
+        for k in ("_pending_amp", "_amp_flag", "_views_verified"):
             state.pop(k, None)
         state["backend"] = self.backend
         return state
@@ -346,6 +346,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         if "_pending_amp" in self.__dict__:  # the previous step's device-side GradScaler flag
             self.sync_amp()
         traced = torch.compiler.is_compiling()  # (dynamo's guards replace the cached plan there)
+        self._views_verified = ()  # (set by a cached plan for this step only: optim/scalars.py _host_views)
         fast = None if traced else self._fast_plan()
         plan, cached = (self._plan(), None) if fast is None else fast
         amp = self._device_amp(plan)  # (found_inf, grad_scale) read by the kernels, or None: the host protocol

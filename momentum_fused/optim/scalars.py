@@ -66,7 +66,7 @@ class ScalarsMixin:
         cached = self._step_views.get((gi, key))
         if cached is not None:
             buf, views = cached
-            if _same_entries(states, key, views):
+            if (gi, key) in self.__dict__.get("_views_verified", ()) or _same_entries(states, key, views):
                 return buf
         buf = torch.stack([current(st) for st in states])
         views = list(buf.unbind(0))
