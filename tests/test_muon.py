@@ -280,3 +280,53 @@ def test_bad_input_at_step_changes_nothing(edit):
     with pytest.raises(err):
         opt.step()
     assert_snapshot_equal(before, snapshot(opt, params))
+
+
+def test_torch_grad_scaler_skips_the_inf_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    mats = [p for p in model.parameters() if p.ndim == 2]
+    opt = mf.Muon([dict(params=mats, lr=0.02), dict(params=[p for p in model.parameters() if p.ndim < 2],
+                                                    use_muon=False)])
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    for i in range(4):
+        opt.zero_grad()
+        scaler.scale(((model(x) - y) ** 2).mean()).backward()
+        if i == 2:
+            mats[0].grad[0, 0] = float("inf")
+            before = snapshot(opt, list(model.parameters()))
+        scaler.step(opt)
+        scaler.update()
+        if i == 2:
+            assert_snapshot_equal(before, snapshot(opt, list(model.parameters())))
+            assert scaler.get_scale() == 512.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_deepcopy_keeps_stepping_identically():
+    params, grads = _problem([(4, 6), (6,)], steps=4)
+    opt = mf.Muon([dict(params=[params[0]]), dict(params=[params[1]], use_muon=False)], lr=0.02)
+    _run(opt, params, grads[:2])
+    twin = copy.deepcopy({"opt": opt, "params": params})
+    _run(opt, params, grads[2:])
+    _run(twin["opt"], twin["params"], grads[2:])
+    assert_snapshot_equal(snapshot(opt, params), snapshot(twin["opt"], twin["params"]))
+
+
+def test_newton_schulz_runs_once_per_shape_on_the_matrix_view(monkeypatch):
+    import momentum_fused.specs_muon as sm
+    calls = []
+    real = sm.newton_schulz
+
+    def spy(x, schedule, eps, dtype):
+        calls.append((tuple(x.shape), dtype, len(schedule)))
+        return real(x, schedule, eps, dtype)
+
+    monkeypatch.setattr(sm, "newton_schulz", spy)
+    params, grads = _problem(SHAPES, steps=1)
+    _run(mf.Muon(params, ns_steps=3), params, grads)
+    # (3, 5) x3, (7, 2), (4, 3, 2) x2 -> [2, 4, 6], (5, 5), (1, 4): one batched call per shape, ns_dtype None -> bf16
+    assert sorted(calls) == sorted([((3, 3, 5), torch.bfloat16, 3), ((1, 7, 2), torch.bfloat16, 3),
+                                    ((2, 4, 6), torch.bfloat16, 3), ((1, 5, 5), torch.bfloat16, 3),
+                                    ((1, 1, 4), torch.bfloat16, 3)])
