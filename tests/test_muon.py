@@ -330,3 +330,16 @@ def test_newton_schulz_runs_once_per_shape_on_the_matrix_view(monkeypatch):
     assert sorted(calls) == sorted([((3, 3, 5), torch.bfloat16, 3), ((1, 7, 2), torch.bfloat16, 3),
                                     ((2, 4, 6), torch.bfloat16, 3), ((1, 5, 5), torch.bfloat16, 3),
                                     ((1, 1, 4), torch.bfloat16, 3)])
+
+
+def test_bf16_params_track_torch_within_bf16_rounding():
+    """bf16 params: the passes compute in fp32 and round once (the reference backend's convention), torch rounds
+    after each op; without decay (which torch's separate bf16 multiply mostly rounds away) the params agree to
+    a few bf16 ulps over 10 steps."""
+    params, grads = _problem(SHAPES_2D, steps=10, dtype=torch.bfloat16)
+    ours = [p.clone() for p in params]
+    _run(mf.Muon(ours, lr=0.02, weight_decay=0.0), ours, grads)
+    _run(torch.optim.Muon(params, lr=0.02, weight_decay=0.0), params, grads)
+    for p, q in zip(ours, params):
+        assert p.dtype == torch.bfloat16
+        torch.testing.assert_close(p.float(), q.float(), rtol=2 ** -6, atol=2 ** -6)
