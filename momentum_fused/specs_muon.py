@@ -127,7 +127,7 @@ def lr_ratio(adjust_lr_fn, shape) -> float:
 def _ns_phase(group: Mapping, batch: torch.Tensor) -> torch.Tensor:
     """The matrix phase: Newton-Schulz of a [n, A, *rest] stack of updates, viewed as [n, A, B]."""
     n, a = batch.shape[0], batch.shape[1]
-    x = batch.reshape(n, a, -1)
+    x = batch.reshape(n, a, math.prod(batch.shape[2:]))  # (explicit: an empty matrix has no -1)
     out = newton_schulz(x, ns_schedule(group), float(group["eps"]), ns_dtype_for(group, batch.device))
     return out.reshape(batch.shape)
 

@@ -343,3 +343,12 @@ def test_bf16_params_track_torch_within_bf16_rounding():
     for p, q in zip(ours, params):
         assert p.dtype == torch.bfloat16
         torch.testing.assert_close(p.float(), q.float(), rtol=2 ** -6, atol=2 ** -6)
+
+
+def test_empty_matrices_step_without_error():
+    params = [torch.zeros(0, 3), torch.zeros(3, 0), torch.zeros(2, 0, 4), torch.ones(2, 3)]
+    opt = mf.Muon(params, lr=0.02)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(p.numel() == 0 for p in params[:3]) and not torch.equal(params[3], torch.ones(2, 3))
