@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import torch
 
 from .reference import newton_schulz
-from .specs import (LR, NONNEG, UNIT_OPEN, SPECS, Choice, ElementwisePass, Flag, MatrixPhase, StateTensor, UpdateRuleSpec,
-                    lr_value)
+from .specs import (LR, NONNEG, SPECS, UNIT_OPEN, Choice, ElementwisePass, Flag, MatrixPhase, StateTensor,
+                    UpdateRuleSpec, lr_value)
 
 # torch.optim.Muon's defaults (Keller Jordan's quintic coefficients)
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -97,8 +97,8 @@ def ns_schedule(group: Mapping) -> list:
     return [coef[min(i, len(coef) - 1)] for i in range(k)]
 
 
-# Newton-Schulz dtype when ns_dtype=None: bf16 on CUDA (as torch.optim.Muon on every device); on CPU see
-# docs/muon.md (measured on an AVX-512-BF16/AMX Xeon: bf16 matmuls are faster than fp32 there too).
+# Newton-Schulz dtype when ns_dtype=None: bf16 on CUDA and CPU (torch.optim.Muon's on every device; on an
+# AMX / AVX-512-BF16 Xeon a step with fp32 NS measured 3.9x slower, docs/muon.md); fp32 on other devices.
 DEFAULT_NS_DTYPE = {"cuda": torch.bfloat16, "cpu": torch.bfloat16}
 
 
