@@ -10,10 +10,10 @@ from ._jit import load_cpu_extension as _load_cpu_extension
 _load_cpu_extension()  # first: compiles momentum_fused._C_cpu at first import when the install has none
 from . import backends, layouts, lowrank, reference, schedules, specs  # noqa: E402
 from .optim import (FSGDM, QHM, SGD, Adam, AdamTied, AdamW, AdamWScheduleFree, FusedOptimizer, Lion,  # noqa: E402
-                    NAdam, RMSprop, SGDScheduleFree, SignSGD, Signum)
+                    Muon, NAdam, RMSprop, SGDScheduleFree, SignSGD, Signum)
 
 __version__ = "0.1.0"
 
-__all__ = ["SGD", "QHM", "Adam", "AdamW", "AdamTied", "NAdam", "RMSprop", "SignSGD", "Signum", "Lion", "FSGDM",
+__all__ = ["SGD", "QHM", "Adam", "AdamW", "AdamTied", "NAdam", "RMSprop", "SignSGD", "Signum", "Lion", "FSGDM", "Muon",
            "SGDScheduleFree", "AdamWScheduleFree", "FusedOptimizer", "backends", "layouts", "lowrank", "reference",
            "schedules", "specs", "__version__"]

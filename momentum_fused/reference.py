@@ -215,3 +215,48 @@ REDUCTIONS = {
     "sgd_sf": sgd_sf_polyak_reduce_ref,
     "adamw_sf": adamw_sf_polyak_reduce_ref,
 }
+
+
+# ---------------------------------------------------------------- muon (torch.optim.Muon convention, §10)
+# Two elementwise passes around a matrix phase (contract v2). state: (momentum_buffer, update), the update a
+# work buffer of the step. The buffer is torch 2.13's EMA form (buf.lerp_(g, 1 - mu)), so that checkpoints
+# are exchanged with torch.optim.Muon; after the Frobenius normalization of Newton-Schulz its direction
+# equals the summed form of the docs (docs/algorithms.md §10).
+def muon_momentum_ref(p, g, state, s, f):
+    buf, update = state
+    g = _grad(g, s)
+    buf.lerp_(g, 1.0 - s.momentum)
+    if f.nesterov:
+        torch.lerp(g, buf, s.momentum, out=update)
+    else:
+        update.copy_(buf)
+
+
+def muon_apply_ref(p, g, state, s, f):
+    """``update`` holds NS(U) (written by the matrix phase); adjusted_lr = lr * the shape factor."""
+    (update,) = state
+    if s.weight_decay != 0:
+        p.mul_(1.0 - s.lr * s.weight_decay)  # decoupled decay with the unadjusted lr, as torch
+    p.add_(update, alpha=-s.adjusted_lr)
+
+
+def newton_schulz(x, schedule, eps, dtype):
+    """Quintic Newton-Schulz of each matrix of the [n, A, B] stack ``x`` in ``dtype``: X transposed when A > B
+    (so that X X^T is the small Gram matrix), X / max(||X||_F, eps) per matrix, then for each (a, b, c) of
+    ``schedule``: M = X X^T, X <- a X + (b M + c M^2) X (torch's addmm order, batched); transposed back.
+    Returns the [n, A, B] result in ``dtype``."""
+    tall = x.shape[-2] > x.shape[-1]
+    X = x.to(dtype)
+    if tall:
+        X = X.mT
+    norms = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    X = X / norms.clamp(min=eps)
+    for a, b, c in schedule:
+        M = torch.bmm(X, X.mT)
+        N = torch.baddbmm(M, M, M, beta=b, alpha=c)
+        X = torch.baddbmm(X, N, X, beta=a)
+    return X.mT if tall else X
+
+
+RULES["muon_momentum"] = muon_momentum_ref
+RULES["muon_apply"] = muon_apply_ref

@@ -455,3 +455,5 @@ def get_spec(name: str) -> UpdateRuleSpec:
 # the schedule-free specs (momentum_fused/specs_sf.py) register themselves in SPECS
 from . import specs_sf  # noqa: E402,F401
 from .specs_sf import sf_beta, sf_warmup_factor  # noqa: E402,F401
+# the Muon specs (momentum_fused/specs_muon.py) register themselves in SPECS (not in KERNEL_RULES: no kernel yet)
+from . import specs_muon  # noqa: E402,F401

@@ -2,6 +2,7 @@
 from .adam import Adam, AdamTied, AdamW
 from .base import FusedOptimizer
 from .fsgdm import FSGDM
+from .muon import Muon
 from .nadam import NAdam
 from .qhm import QHM
 from .rmsprop import RMSprop
@@ -10,4 +11,4 @@ from .sgd import SGD
 from .sign import Lion, SignSGD, Signum
 
 __all__ = ["FusedOptimizer", "SGD", "QHM", "Adam", "AdamW", "AdamTied", "NAdam", "RMSprop", "SignSGD", "Signum",
-           "Lion", "FSGDM", "SGDScheduleFree", "AdamWScheduleFree"]
+           "Lion", "FSGDM", "Muon", "SGDScheduleFree", "AdamWScheduleFree"]

@@ -1,0 +1,189 @@
+"""momentum_fused.Muon: orthogonalized momentum (torch.optim.Muon's convention, docs/algorithms.md §10), with the
+aux AdamW of the reference ``MuonWithAuxAdam`` for the param groups marked ``use_muon=False``.
+
+One optimizer for the whole model, as momentum_fused.lowrank's: the Muon groups are stepped by an internal
+FusedOptimizer of the multi-phase rule ``muon`` (contract v2, docs/architecture.md: momentum pass, Newton-Schulz
+batched by shape, apply pass; specs in momentum_fused/specs_muon.py), the aux groups by an internal
+``momentum_fused.AdamW``; both share this optimizer's ``state``, so ``state_dict()`` is torch's format (Muon
+params: ``momentum_buffer``, torch's EMA form; aux params: AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..specs_muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS, MUON_DEFAULTS, MUON_SPEC
+from .adam import AdamW
+from .base import FusedOptimizer
+
+__all__ = ["Muon", "AUX_DEFAULTS"]
+
+# The hyperparameters of a use_muon=False group left unset: the reference MuonWithAuxAdam's (KellerJordan/Muon)
+AUX_DEFAULTS = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0, amsgrad=False, maximize=False)
+_MUON_KEYS = tuple(MUON_DEFAULTS)
+_AUX_KEYS = tuple(AUX_DEFAULTS)
+
+
+class _MuonCore(FusedOptimizer):
+    """The Muon groups of a momentum_fused.Muon (internal)."""
+    rule = "muon"
+    supported_layouts = ("native",)
+
+    def __init__(self, params, defaults, *, backend=None):
+        super().__init__(params, dict(defaults), backend=backend)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon with torch.optim.Muon's signature, defaults and state (``momentum_buffer``), plus:
+
+    - params with more than 2 dims are orthogonalized as the matrix (shape[0], rest); a 0-d or 1-d param in a
+      Muon group raises ValueError (put biases and gains in a ``use_muon=False`` group);
+    - ``ns_coefficients``: one (a, b, c) triple (torch), a list of triples (one per step, the last repeated), or
+      ``"polar_express"`` (the schedule of Amsel et al. 2025, momentum_fused/specs_muon.py);
+    - ``ns_dtype``: the dtype of the Newton-Schulz iteration: None (bf16 on CUDA and on CPU, as torch; see
+      docs/muon.md), torch.bfloat16, torch.float32 or torch.float64;
+    - param groups with ``use_muon=False`` are stepped in the same ``step()`` by decoupled AdamW with that
+      group's ``lr``, ``betas``, ``eps``, ``weight_decay`` (unset: the reference MuonWithAuxAdam's defaults,
+      ``AUX_DEFAULTS``), on the fused AdamW path;
+    - ``backend``: as every momentum_fused optimizer (the Muon passes have no compiled kernel yet: the reference
+      backend runs them).
+
+    GradScaler: a step with a nonzero ``found_inf`` changes nothing; ``grad_scale`` divides the gradients inside
+    the update. Any invalid input raises before anything changes."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=DEFAULT_EPS, ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None,
+                 *, ns_dtype=None, maximize=False, backend=None):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                        ns_dtype=ns_dtype, maximize=maximize)
+        MUON_SPEC.validate(defaults, where="Muon: ")
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
+        self.backend = backend
+        self._core = self._aux = None
+        self._links: list = []  # per param group: (use_muon, index of its group in the inner optimizer)
+        super().__init__(params, {**defaults, "use_muon": True})
+
+    def train(self, mode: bool = True):
+        """A no-op (no averaged iterate), so that client code can call it on any optimizer. Returns self."""
+        return self
+
+    def eval(self):
+        """See :meth:`train`. Returns self."""
+        return self
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group):
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Muon: a param group must be a dict, got {type(param_group).__name__}")
+        g = dict(param_group)
+        params = g["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        g["params"] = params
+        use = g.get("use_muon", True)
+        if not isinstance(use, bool):
+            raise TypeError(f"Muon: use_muon must be a bool, got {type(use).__name__}: {use!r}")
+        where = f"Muon param group {len(self.param_groups)}: "
+        if use:
+            MUON_SPEC.validate({**self.defaults, **g}, where=where)
+            for i, p in enumerate(params):
+                if isinstance(p, torch.Tensor) and p.dim() < 2:
+                    raise ValueError(f"{where}param {i} has shape {tuple(p.shape)}: Muon orthogonalizes matrices "
+                                     "(params of 2 or more dims); put 0-d and 1-d params (biases, gains) in a param "
+                                     "group with use_muon=False, stepped by AdamW")
+        saved = self.defaults
+        self.defaults = saved if use else {**AUX_DEFAULTS, "use_muon": False}  # (aux groups take no Muon keys)
+        try:
+            super().add_param_group(g)
+        finally:
+            self.defaults = saved
+        try:
+            self._add_inner(len(self.param_groups) - 1)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def _inner_group(self, group):
+        keys = _MUON_KEYS if group["use_muon"] else _AUX_KEYS
+        return {k: group[k] for k in keys if k in group}
+
+    def _add_inner(self, gi):
+        group = self.param_groups[gi]
+        use = group["use_muon"]
+        ig = {"params": list(group["params"]), **self._inner_group(group)}
+        inner = self._core if use else self._aux
+        if inner is None:
+            inner = _MuonCore([ig], MUON_DEFAULTS, backend=self.backend) if use else \
+                AdamW([ig], backend=self.backend)
+            inner.state = self.state
+            if use:
+                self._core = inner
+            else:
+                self._aux = inner
+        else:
+            inner.add_param_group(ig)
+        self._links.append((use, len(inner.param_groups) - 1))
+
+    def _rebuild(self):
+        """Recreate the inner optimizers over the current param groups (after load_state_dict / unpickling)."""
+        self._core = self._aux = None
+        self._links = []
+        for gi, g in enumerate(self.param_groups):
+            g.setdefault("use_muon", True)
+            for k, v in (MUON_DEFAULTS if g["use_muon"] else AUX_DEFAULTS).items():
+                g.setdefault(k, v)
+            self._add_inner(gi)
+
+    def load_state_dict(self, state_dict):
+        """torch's, then the inner optimizers are rebuilt on the loaded groups and state. A state_dict of
+        torch.optim.Muon loads (its groups get ns_dtype=None, use_muon=True), and torch.optim.Muon loads ours."""
+        super().load_state_dict(state_dict)
+        self._rebuild()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.setdefault("backend", state.pop("backend", None))
+        super().__setstate__(state)
+        self._rebuild()
+
+    # ------------------------------------------------------------------ step
+    def _sync(self):
+        """Copy the (possibly scheduled) hyperparameters of every group into its inner group."""
+        for gi, (group, (use, igi)) in enumerate(zip(self.param_groups, self._links)):
+            if group.get("use_muon", True) is not use:
+                raise ValueError(f"Muon param group {gi}: use_muon changed from {use} after the group was added; "
+                                 "a group's kind is fixed (add a new group instead)")
+            inner = self._core if use else self._aux
+            inner.param_groups[igi].update(self._inner_group(group))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync()
+        if self._aux is not None:
+            self._aux._plan()  # validates the aux groups before the Muon groups change anything
+        if self._core is not None:
+            self._core._plan()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:  # GradScaler: an inf/nan step changes nothing
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        for inner in (self._core, self._aux):
+            if inner is None:
+                continue
+            inner.grad_scale = grad_scale
+            try:
+                inner.step()
+            finally:
+                del inner.grad_scale
+        return loss
+
+
+Muon._step_supports_amp_scaling = True  # GradScaler sets .grad_scale / .found_inf, see step()

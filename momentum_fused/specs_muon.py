@@ -1,0 +1,166 @@
+"""The update-rule specs of Muon (torch.optim.Muon's convention; docs/algorithms.md §10), a multi-phase rule of
+contract v2 (docs/architecture.md): ``muon_momentum`` (elementwise: the momentum buffer and the update into a
+work buffer), ``newton_schulz`` (a matrix phase on the update, batched by shape: reference.newton_schulz) and
+``muon_apply`` (elementwise: decoupled decay and the shape-scaled step). Registered in
+``momentum_fused.specs.SPECS`` by that module. No compiled backend implements the two passes yet: the
+reference backend runs them."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .reference import newton_schulz
+from .specs import (LR, NONNEG, SPECS, UNIT_OPEN, Choice, ElementwisePass, Flag, MatrixPhase, StateTensor,
+                    UpdateRuleSpec, lr_value)
+
+# torch.optim.Muon's defaults (Keller Jordan's quintic coefficients)
+DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+DEFAULT_NS_STEPS = 5
+DEFAULT_EPS = 1e-7
+MAX_NS_STEPS = 99  # torch.optim.Muon refuses ns_steps >= 100
+
+# Named per-step coefficient schedules. "polar_express": the Polar Express schedule of Amsel et al. 2025
+# (arXiv:2505.16932), safety 1e-2, as published in pytorch_optimizer's NS_COEFFICIENTS["polar_express"]; the
+# schedule is greedy (step i is optimal given steps < i), so k steps take its first k triples (the last one
+# repeats beyond 8).
+NS_SCHEDULES = {
+    "polar_express": (
+        (8.237312490495555, -23.157747414558198, 16.680568411445915),
+        (4.082441999064835, -2.893047735332586, 0.5252849256975648),
+        (3.9263479922546582, -2.8547468034765298, 0.5318022422894988),
+        (3.2982187133085143, -2.424541981026706, 0.48632008358844075),
+        (2.2970369434552573, -1.63662558125903, 0.4002628455953627),
+        (1.8763805351440397, -1.2347896577722228, 0.35891887501668385),
+        (1.8564423485617974, -1.2132449880935525, 0.3568003487825883),
+        (1.8749994008682747, -1.2499988017229169, 0.3749994008546422),
+    ),
+}
+
+NS_DTYPES = (None, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _is_triple(v) -> bool:
+    return isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_real(x) for x in v)
+
+
+@dataclass(frozen=True)
+class NSCoefficients:
+    """One (a, b, c) triple of finite numbers, a non-empty list of triples (one per Newton-Schulz step, the
+    last repeated), or the name of a schedule in NS_SCHEDULES."""
+
+    def check(self, name: str, value: Any) -> None:
+        if isinstance(value, str):
+            if value not in NS_SCHEDULES:
+                raise ValueError(f"Invalid {name}: {value!r} (a named schedule must be one of {sorted(NS_SCHEDULES)})")
+            return
+        if _is_triple(value):
+            return
+        if isinstance(value, (tuple, list)) and value and all(_is_triple(t) for t in value):
+            return
+        raise ValueError(f"Invalid {name}: {value!r} (must be one (a, b, c) triple of finite numbers, a non-empty "
+                         f"list of such triples, one per step, or one of {sorted(NS_SCHEDULES)})")
+
+
+@dataclass(frozen=True)
+class NSSteps:
+    def check(self, name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+        if not 0 <= value <= MAX_NS_STEPS:
+            raise ValueError(f"Invalid {name}: {value} (must be in [0, {MAX_NS_STEPS}], as torch.optim.Muon)")
+
+
+@dataclass(frozen=True)
+class NSDtype:
+    def check(self, name: str, value: Any) -> None:
+        if value not in NS_DTYPES:
+            raise ValueError(f"Invalid {name}: {value!r} (must be None, torch.bfloat16, torch.float32 or "
+                             "torch.float64)")
+
+
+def ns_schedule(group: Mapping) -> list:
+    """The (a, b, c) triple of each of the group's ns_steps Newton-Schulz steps."""
+    coef, k = group["ns_coefficients"], int(group["ns_steps"])
+    if isinstance(coef, str):
+        coef = NS_SCHEDULES[coef]
+    if _is_triple(coef):
+        coef = (coef,)
+    coef = [tuple(float(x) for x in t) for t in coef]
+    return [coef[min(i, len(coef) - 1)] for i in range(k)]
+
+
+# Newton-Schulz dtype when ns_dtype=None: bf16 on CUDA and CPU (torch.optim.Muon's on every device; on an
+# AMX / AVX-512-BF16 Xeon a step with fp32 NS measured 3.9x slower, docs/muon.md); fp32 on other devices.
+DEFAULT_NS_DTYPE = {"cuda": torch.bfloat16, "cpu": torch.bfloat16}
+
+
+def ns_dtype_for(group: Mapping, device: torch.device) -> torch.dtype:
+    dt = group["ns_dtype"]
+    return DEFAULT_NS_DTYPE.get(device.type, torch.float32) if dt is None else dt
+
+
+def matrix_view(shape) -> tuple:
+    """(A, B): a param of shape (A, *rest) is the matrix (A, prod(rest)) (the reference Muon's convention)."""
+    a = int(shape[0])
+    b = 1
+    for s in shape[1:]:
+        b *= int(s)
+    return a, b
+
+
+def lr_ratio(adjust_lr_fn, shape) -> float:
+    """torch.optim.Muon's ``_adjust_lr`` factor for the matrix view of ``shape``."""
+    a, b = matrix_view(shape)
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(a, b))
+    return math.sqrt(max(1, a / b)) if b else 1.0  # (None or "original"; an empty matrix moves nothing)
+
+
+def _ns_phase(group: Mapping, batch: torch.Tensor) -> torch.Tensor:
+    """The matrix phase: Newton-Schulz of a [n, A, *rest] stack of updates, viewed as [n, A, B]."""
+    n, a = batch.shape[0], batch.shape[1]
+    x = batch.reshape(n, a, math.prod(batch.shape[2:]))  # (explicit: an empty matrix has no -1)
+    out = newton_schulz(x, ns_schedule(group), float(group["eps"]), ns_dtype_for(group, batch.device))
+    return out.reshape(batch.shape)
+
+
+def _apply_advance(g, st, fresh, t):
+    lr = lr_value(g)
+    return (lr, float(g["weight_decay"]), lr * lr_ratio(g["adjust_lr_fn"], st["momentum_buffer"].shape))
+
+
+# Groups that can be stepped by the Muon rule; the aux AdamW groups of momentum_fused.Muon are not.
+MUON_HPARAMS = dict(lr=LR, weight_decay=NONNEG, momentum=UNIT_OPEN, nesterov=Flag(), ns_coefficients=NSCoefficients(),
+                    eps=NONNEG, ns_steps=NSSteps(), adjust_lr_fn=Choice((None, "original", "match_rms_adamw")),
+                    ns_dtype=NSDtype(), maximize=Flag())
+MUON_DEFAULTS = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=DEFAULT_NS_COEFFICIENTS,
+                     eps=DEFAULT_EPS, ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None, ns_dtype=None, maximize=False)
+
+MUON_MOMENTUM_SPEC = UpdateRuleSpec(
+    name="muon_momentum", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,
+    state_names=lambda g: ("momentum_buffer", "update"), flag_names=("nesterov",),
+    flags=lambda g: (bool(g["nesterov"]),), scalar_names=("momentum", "grad_mult"),
+    advance=lambda g, st, fresh, t: (float(g["momentum"]),))
+# (the pack of the apply pass reads the param's shape from its momentum buffer: the pass gets no param)
+MUON_APPLY_SPEC = UpdateRuleSpec(
+    name="muon_apply", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,
+    state_names=lambda g: ("update",), flag_names=(), flags=lambda g: (),
+    scalar_names=("lr", "weight_decay", "adjusted_lr", "grad_mult"), advance=_apply_advance)
+MUON_SPEC = UpdateRuleSpec(
+    name="muon", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,
+    state_names=lambda g: ("momentum_buffer",), flag_names=(), flags=lambda g: (), scalar_names=("grad_mult",),
+    advance=lambda g, st, fresh, t: (),
+    state_tensors=lambda g: (StateTensor("momentum_buffer"), StateTensor("update", persistent=False)),
+    phases=(ElementwisePass("muon_momentum"), MatrixPhase("newton_schulz", "update", _ns_phase, max_batch=None),
+            ElementwisePass("muon_apply")))
+
+for _s in (MUON_MOMENTUM_SPEC, MUON_APPLY_SPEC, MUON_SPEC):
+    SPECS[_s.name] = _s

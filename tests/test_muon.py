@@ -1,0 +1,353 @@
+"""momentum_fused.Muon (docs/algorithms.md §10): parity with torch.optim.Muon (Newton-Schulz in bf16, as torch),
+an independent float64 transcription of the equations (summed momentum form, one matrix at a time), checkpoints
+both ways with torch.optim.Muon, the aux AdamW groups, GradScaler's found_inf/grad_scale, and errors that change
+nothing."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import momentum_fused as mf
+from momentum_fused.specs_muon import NS_SCHEDULES
+from momentum_fused.optim.muon import AUX_DEFAULTS
+from optim_db import assert_snapshot_equal, snapshot
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:momentum_fused. using backend:UserWarning")]
+
+A, B, C = 3.4445, -4.7750, 2.0315
+SHAPES_2D = [(3, 5), (7, 2), (6, 6), (3, 5), (3, 5), (16, 8)]
+SHAPES = [(3, 5), (7, 2), (4, 3, 2), (3, 5), (3, 5), (4, 3, 2), (5, 5), (1, 4)]
+
+
+def _problem(shapes, steps, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(steps)]
+    return params, grads
+
+
+def _run(opt, params, grads):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+# ------------------------------------------------------------------------------------ torch.optim.Muon
+@pytest.mark.parametrize("kw", [
+    dict(lr=0.02),
+    dict(lr=0.05, weight_decay=0.0, nesterov=False, momentum=0.9),
+    dict(lr=0.01, weight_decay=0.3, adjust_lr_fn="match_rms_adamw"),
+    dict(lr=0.01, adjust_lr_fn="original", ns_steps=3, ns_coefficients=(3.0, -3.2, 1.2), eps=1e-5),
+], ids=["default", "heavy_ball", "match_rms_adamw", "coefficients"])
+def test_matches_torch_muon_in_bf16(kw):
+    """Same NS dtype (bf16) as torch: the params agree within bf16 tolerance of the update (measured: bitwise on
+    this CPU), the momentum buffers (fp32, before NS) to fp32 rounding."""
+    params, grads = _problem(SHAPES_2D, steps=10)
+    ours = [p.clone() for p in params]
+    a = mf.Muon(ours, ns_dtype=torch.bfloat16, **kw)
+    b = torch.optim.Muon(params, **kw)
+    _run(a, ours, grads)
+    _run(b, params, grads)
+    lr = kw["lr"]
+    for p, q in zip(ours, params):
+        scale = lr * max(1.0, 0.2 * math.sqrt(max(p.shape)), math.sqrt(max(1, p.shape[0] / p.shape[1])))
+        torch.testing.assert_close(p, q, rtol=0, atol=10 * scale * 2 ** -8)  # 10 steps of bf16 update error
+        torch.testing.assert_close(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"], rtol=1e-6, atol=1e-6)
+
+
+def test_ns_dtype_none_is_bf16_on_cpu():
+    params, grads = _problem(SHAPES, steps=3)
+    q = [p.clone() for p in params]
+    _run(mf.Muon(params), params, grads)
+    _run(mf.Muon(q, ns_dtype=torch.bfloat16), q, grads)
+    assert all(torch.equal(x, y) for x, y in zip(params, q))
+
+
+# ------------------------------------------------------------------------------------ float64 transcription
+def _ns64(u, schedule, eps):
+    """One matrix, float64, the equations of docs/algorithms.md §10 written out with 2-D matmuls."""
+    x = u.t() if u.shape[0] > u.shape[1] else u
+    x = x / max(float(torch.linalg.matrix_norm(x)), eps)
+    for a, b, c in schedule:
+        m = x @ x.t()
+        x = a * x + (b * m + c * (m @ m)) @ x
+    return x.t() if u.shape[0] > u.shape[1] else x
+
+
+def _transcription(params, grads, *, lr, wd, mu, nesterov, schedule, eps, adjust):
+    """The summed momentum form B <- mu B + g, U = g + mu B (torch's docs); our buffer is its EMA form, (1 - mu)
+    times it, whose NS direction is the same. Returns the params and the summed buffers."""
+    x = [p.double().clone() for p in params]
+    bufs = [torch.zeros_like(t) for t in x]
+    for gs in grads:
+        for i, (t, g) in enumerate(zip(x, gs)):
+            g = g.double().reshape(t.shape[0], -1)
+            bufs[i] = mu * bufs[i].reshape(g.shape) + g
+            u = g + mu * bufs[i] if nesterov else bufs[i]
+            o = _ns64(u, schedule, eps)
+            rows, cols = g.shape
+            s = 0.2 * math.sqrt(max(rows, cols)) if adjust == "match_rms_adamw" else math.sqrt(max(1.0, rows / cols))
+            t.mul_(1 - lr * wd)
+            t.sub_(lr * s * o.reshape(t.shape))
+            bufs[i] = bufs[i].reshape(t.shape)
+    return x, bufs
+
+
+@pytest.mark.parametrize("case", [
+    dict(kw=dict(lr=0.02), schedule=[(A, B, C)] * 5),
+    dict(kw=dict(lr=0.03, weight_decay=0.05, nesterov=False, momentum=0.8, adjust_lr_fn="match_rms_adamw"),
+         schedule=[(A, B, C)] * 5),
+    dict(kw=dict(lr=0.02, ns_coefficients=[(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)], ns_steps=4),
+         schedule=[(3.0, -3.2, 1.2)] + [(2.0, -1.5, 0.5)] * 3),
+    dict(kw=dict(lr=0.02, ns_coefficients="polar_express", ns_steps=6),
+         schedule=list(NS_SCHEDULES["polar_express"][:6])),
+], ids=["default", "heavy_ball_rms", "per_step_list", "polar_express"])
+def test_float64_equals_an_independent_transcription(case):
+    """ns_dtype=float64 over 12 steps, odd shapes (3-D params viewed as (shape[0], rest)), several matrices of a
+    shape (one batched NS per shape) against a per-matrix float64 transcription."""
+    kw = case["kw"]
+    params, grads = _problem(SHAPES, steps=12, dtype=torch.float64)
+    x0 = [p.clone() for p in params]
+    opt = mf.Muon(params, ns_dtype=torch.float64, **kw)
+    _run(opt, params, grads)
+    mu = kw.get("momentum", 0.95)
+    x, bufs = _transcription(x0, grads, lr=kw["lr"], wd=kw.get("weight_decay", 0.1), mu=mu,
+                             nesterov=kw.get("nesterov", True), schedule=case["schedule"], eps=1e-7,
+                             adjust=kw.get("adjust_lr_fn"))
+    for p, t, b in zip(params, x, bufs):
+        torch.testing.assert_close(p, t, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], (1 - mu) * b, rtol=1e-10, atol=1e-12)
+        assert set(opt.state[p]) == {"momentum_buffer"}  # the work buffer of the update is not state
+
+
+def test_float32_ns_is_close_to_float64():
+    params, grads = _problem(SHAPES, steps=5)
+    p64 = [p.double() for p in params]
+    _run(mf.Muon(params, lr=0.02, ns_dtype=torch.float32), params, grads)
+    _run(mf.Muon(p64, lr=0.02, ns_dtype=torch.float64), p64, [[g.double() for g in gs] for gs in grads])
+    for p, q in zip(params, p64):
+        torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_from_torch_muon_and_back():
+    params, grads = _problem(SHAPES_2D, steps=8)
+    t_params = [p.clone() for p in params]
+    t = torch.optim.Muon(t_params, lr=0.02)
+    _run(t, t_params, grads[:3])
+    ours = [p.clone() for p in t_params]
+    m = mf.Muon(ours, lr=0.5)  # lr from the checkpoint wins
+    m.load_state_dict(copy.deepcopy(t.state_dict()))
+    assert m.param_groups[0]["lr"] == 0.02 and m.param_groups[0]["ns_dtype"] is None
+    _run(m, ours, grads[3:5])
+    _run(t, t_params, grads[3:5])
+    for p, q in zip(ours, t_params):
+        assert torch.equal(p, q)
+    # ours -> torch
+    t2_params = [p.clone() for p in ours]
+    t2 = torch.optim.Muon(t2_params, lr=0.1)
+    t2.load_state_dict(copy.deepcopy(m.state_dict()))
+    _run(m, ours, grads[5:])
+    _run(t2, t2_params, grads[5:])
+    for p, q in zip(ours, t2_params):
+        assert torch.equal(p, q)
+        assert torch.equal(m.state[p]["momentum_buffer"], t2.state[q]["momentum_buffer"])
+
+
+def test_resume_with_aux_groups_is_bitwise():
+    params, grads = _problem([(4, 6), (6,), (4, 6), (3,)], steps=6)
+    groups = lambda ps: [dict(params=[ps[0], ps[2]], lr=0.02), dict(params=[ps[1], ps[3]], use_muon=False, lr=1e-2)]
+    a = mf.Muon(groups(params))
+    _run(a, params, grads[:3])
+    sd = copy.deepcopy(a.state_dict())
+    q = [p.clone() for p in params]
+    b = mf.Muon(groups(q))
+    b.load_state_dict(sd)
+    _run(a, params, grads[3:])
+    _run(b, q, grads[3:])
+    assert_snapshot_equal(snapshot(a, params), snapshot(b, q))
+
+
+# ------------------------------------------------------------------------------------ aux AdamW
+def test_aux_groups_equal_a_separate_adamw():
+    params, grads = _problem([(4, 6), (6,), (8,), (4, 6), (2, 3, 4)], steps=6)
+    m_params, a_params = [params[0], params[3], params[4]], [params[1], params[2]]
+    m_copy, a_copy = [p.clone() for p in m_params], [p.clone() for p in a_params]
+    opt = mf.Muon([dict(params=m_params, lr=0.02),
+                   dict(params=[a_params[0]], use_muon=False),  # the reference MuonWithAuxAdam's defaults
+                   dict(params=[a_params[1]], use_muon=False, lr=1e-2, betas=(0.8, 0.9), eps=1e-6,
+                        weight_decay=0.1)], weight_decay=0.0)
+    assert "momentum" not in opt.param_groups[1] and opt.param_groups[1]["lr"] == AUX_DEFAULTS["lr"]
+    adamw = mf.AdamW([dict(params=[a_copy[0]], lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0),
+                      dict(params=[a_copy[1]], lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)])
+    muon = mf.Muon(m_copy, lr=0.02, weight_decay=0.0)
+    idx = {0: ("m", 0), 3: ("m", 1), 4: ("m", 2), 1: ("a", 0), 2: ("a", 1)}
+    for step, gs in enumerate(grads):
+        for i, g in enumerate(gs):
+            params[i].grad = g.clone()
+            kind, j = idx[i]
+            (m_copy if kind == "m" else a_copy)[j].grad = g.clone()
+        if step == 3:  # a schedule changing the aux lr reaches the inner AdamW
+            opt.param_groups[2]["lr"] = 5e-3
+            adamw.param_groups[1]["lr"] = 5e-3
+        opt.step()
+        adamw.step()
+        muon.step()
+    for p, q in zip(a_params + m_params, a_copy + m_copy):
+        assert torch.equal(p, q)
+    assert set(opt.state[a_params[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+# ------------------------------------------------------------------------------------ GradScaler
+def test_found_inf_skips_and_grad_scale_unscales():
+    params, grads = _problem([(4, 6), (6,)], steps=3)
+    groups = lambda ps: [dict(params=[ps[0]]), dict(params=[ps[1]], use_muon=False)]
+    opt = mf.Muon(groups(params), lr=0.02)
+    _run(opt, params, grads[:1])
+    before = snapshot(opt, params)
+    opt.found_inf = torch.ones(())
+    _run(opt, params, grads[1:2])
+    assert_snapshot_equal(before, snapshot(opt, params))
+    del opt.found_inf
+    q = [p.clone() for p in params]
+    ref = mf.Muon(groups(q), lr=0.02)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.grad_scale = torch.tensor(8.0)
+    _run(opt, params, [[g * 8 for g in grads[2]]])  # a power of two: the unscaled gradients are exact
+    _run(ref, q, grads[2:])
+    assert all(torch.equal(x, y) for x, y in zip(params, q))
+
+
+# ------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(lr=-1.0), ValueError, "lr"),
+    (dict(momentum=1.0), ValueError, "momentum"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(ns_steps=100), ValueError, "ns_steps"),
+    (dict(ns_steps=2.0), TypeError, "ns_steps"),
+    (dict(ns_coefficients=(1.0, 2.0)), ValueError, "ns_coefficients"),
+    (dict(ns_coefficients=[]), ValueError, "ns_coefficients"),
+    (dict(ns_coefficients="polar"), ValueError, "ns_coefficients"),
+    (dict(adjust_lr_fn="rms"), ValueError, "adjust_lr_fn"),
+    (dict(ns_dtype=torch.float16), ValueError, "ns_dtype"),
+    (dict(nesterov=1), TypeError, "nesterov"),
+])
+def test_bad_hyperparameters_raise_at_construction(kw, err, match):
+    with pytest.raises(err, match=match):
+        mf.Muon([torch.zeros(2, 3)], **kw)
+
+
+def test_vector_params_in_a_muon_group_raise_clearly():
+    with pytest.raises(ValueError, match=r"param 1 has shape \(3,\).*use_muon=False"):
+        mf.Muon([torch.zeros(2, 3), torch.zeros(3)])
+    with pytest.raises(ValueError, match=r"shape \(\)"):
+        mf.Muon([dict(params=[torch.zeros(2, 3)], use_muon=False), dict(params=[torch.zeros(())])])
+    opt = mf.Muon([torch.zeros(2, 3)])
+    with pytest.raises(ValueError, match="use_muon=False"):
+        opt.add_param_group(dict(params=[torch.zeros(4)]))
+    assert len(opt.param_groups) == 1
+    opt.add_param_group(dict(params=[torch.zeros(4)], use_muon=False))  # the same param as aux: fine
+    with pytest.raises(TypeError, match="use_muon"):
+        opt.add_param_group(dict(params=[torch.zeros(4)], use_muon="no"))
+
+
+@pytest.mark.parametrize("edit", [
+    ("muon", "lr", -1.0, ValueError), ("muon", "ns_coefficients", (1, 2), ValueError),
+    ("aux", "betas", (0.9, 1.5), ValueError), ("aux", "grad", "sparse", RuntimeError),
+    ("muon", "momentum_buffer", torch.zeros(3, 3), ValueError), ("aux", "exp_avg", torch.zeros(5), ValueError),
+    ("aux", "use_muon", True, ValueError),
+])
+def test_bad_input_at_step_changes_nothing(edit):
+    kind, key, value, err = edit
+    params, grads = _problem([(4, 6), (6,), (4, 6)], steps=2)
+    opt = mf.Muon([dict(params=[params[0], params[2]]), dict(params=[params[1]], use_muon=False)], lr=0.02)
+    _run(opt, params, grads[:1])
+    for p, g in zip(params, grads[1]):
+        p.grad = g.clone()
+    if key == "grad":
+        params[1].grad = params[1].grad.to_sparse()
+    elif key in ("momentum_buffer", "exp_avg"):
+        opt.state[params[1] if kind == "aux" else params[2]][key] = value
+    else:
+        opt.param_groups[0 if kind == "muon" else 1][key] = value
+    before = snapshot(opt, params)
+    with pytest.raises(err):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, params))
+
+
+def test_torch_grad_scaler_skips_the_inf_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    mats = [p for p in model.parameters() if p.ndim == 2]
+    opt = mf.Muon([dict(params=mats, lr=0.02), dict(params=[p for p in model.parameters() if p.ndim < 2],
+                                                    use_muon=False)])
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    for i in range(4):
+        opt.zero_grad()
+        scaler.scale(((model(x) - y) ** 2).mean()).backward()
+        if i == 2:
+            mats[0].grad[0, 0] = float("inf")
+            before = snapshot(opt, list(model.parameters()))
+        scaler.step(opt)
+        scaler.update()
+        if i == 2:
+            assert_snapshot_equal(before, snapshot(opt, list(model.parameters())))
+            assert scaler.get_scale() == 512.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_deepcopy_keeps_stepping_identically():
+    params, grads = _problem([(4, 6), (6,)], steps=4)
+    opt = mf.Muon([dict(params=[params[0]]), dict(params=[params[1]], use_muon=False)], lr=0.02)
+    _run(opt, params, grads[:2])
+    twin = copy.deepcopy({"opt": opt, "params": params})
+    _run(opt, params, grads[2:])
+    _run(twin["opt"], twin["params"], grads[2:])
+    assert_snapshot_equal(snapshot(opt, params), snapshot(twin["opt"], twin["params"]))
+
+
+def test_newton_schulz_runs_once_per_shape_on_the_matrix_view(monkeypatch):
+    import momentum_fused.specs_muon as sm
+    calls = []
+    real = sm.newton_schulz
+
+    def spy(x, schedule, eps, dtype):
+        calls.append((tuple(x.shape), dtype, len(schedule)))
+        return real(x, schedule, eps, dtype)
+
+    monkeypatch.setattr(sm, "newton_schulz", spy)
+    params, grads = _problem(SHAPES, steps=1)
+    _run(mf.Muon(params, ns_steps=3), params, grads)
+    # (3, 5) x3, (7, 2), (4, 3, 2) x2 -> [2, 4, 6], (5, 5), (1, 4): one batched call per shape, ns_dtype None -> bf16
+    assert sorted(calls) == sorted([((3, 3, 5), torch.bfloat16, 3), ((1, 7, 2), torch.bfloat16, 3),
+                                    ((2, 4, 6), torch.bfloat16, 3), ((1, 5, 5), torch.bfloat16, 3),
+                                    ((1, 1, 4), torch.bfloat16, 3)])
+
+
+def test_bf16_params_track_torch_within_bf16_rounding():
+    """bf16 params: the passes compute in fp32 and round once (the reference backend's convention), torch rounds
+    after each op; without decay (which torch's separate bf16 multiply mostly rounds away) the params agree to
+    a few bf16 ulps over 10 steps."""
+    params, grads = _problem(SHAPES_2D, steps=10, dtype=torch.bfloat16)
+    ours = [p.clone() for p in params]
+    _run(mf.Muon(ours, lr=0.02, weight_decay=0.0), ours, grads)
+    _run(torch.optim.Muon(params, lr=0.02, weight_decay=0.0), params, grads)
+    for p, q in zip(ours, params):
+        assert p.dtype == torch.bfloat16
+        torch.testing.assert_close(p.float(), q.float(), rtol=2 ** -6, atol=2 ** -6)
+
+
+def test_empty_matrices_step_without_error():
+    params = [torch.zeros(0, 3), torch.zeros(3, 0), torch.zeros(2, 0, 4), torch.ones(2, 3)]
+    opt = mf.Muon(params, lr=0.02)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(p.numel() == 0 for p in params[:3]) and not torch.equal(params[3], torch.ones(2, 3))
