@@ -229,7 +229,7 @@ class ValidationMixin:
                 self._check_group_keys(group, f"{name} param group {gi}")
             lay = self._check_layout_keys(group, f"{name} param group {gi}: ")
             state_names = spec.state_names(group)
-            check_names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
+            check_names = (*state_names, *lay.extra_keys)
             native = lay.name == "native"
             own = None if spec.plain_state else {t.name: t for t in spec.tensors(group) if t.persistent}
             items, keys = [], set()
@@ -258,9 +258,9 @@ class ValidationMixin:
                     for key in check_names:
                         t = st.get(key)
                         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape
-                                              or t.dtype != (torch.float32 if key == "master" else sdt)
+                                              or t.dtype != (sdt if native else lay.dtype_of(key, dtype))
                                               or t.device != device):
-                            self._raise_bad_state(p, key, t, pi, gi, torch.float32 if key == "master" else sdt)
+                            self._raise_bad_state(p, key, t, pi, gi, sdt if native else lay.dtype_of(key, dtype))
                 items.append(p)
                 keys.add((device, dtype))
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}

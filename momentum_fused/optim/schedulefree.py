@@ -95,10 +95,16 @@ class _ScheduleFree(FusedOptimizer):
                 z = st.get("z")
                 if z is None:
                     continue
-                master = st.get("master")
+                master, lo = st.get("master"), st.get(_layouts.REMAINDER_KEY)
                 if master is not None:  # the master layout: move the fp32 copy, the param follows (RNE)
                     master.lerp_(z.to(master.device), weight)
                     p.copy_(master)
+                elif lo is not None:  # master16: the same move of the decoded master, encoded again
+                    m = _layouts.master16_decode(p, lo).view(p.shape)
+                    m.lerp_(z.to(m.device), weight)
+                    hi, low = _layouts.master16_encode(m)
+                    p.copy_(hi.view(p.shape))
+                    lo.copy_(low.view(lo.shape))
                 else:  # z may be narrower than p (bf16_state): lerp in the param's dtype, rounded once
                     p.lerp_(z.to(p.device, p.dtype), weight)
             group["train_mode"] = to_train
