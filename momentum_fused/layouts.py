@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Layout", "LAYOUTS", "ALL_LAYOUTS", "get_layout", "lowbias32", "sr_key", "sr_round_bf16", "rne_bf16",
-           "master16_encode", "master16_decode"]
+           "master16_encode", "master16_decode", "int8_table", "int8_encode", "int8_decode"]
 
 M32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -223,3 +223,47 @@ def master16_decode(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tenso
     lo = remainder.contiguous().to(torch.int64) & 0xFFFF
     u = (((hi - (lo >> 15)) & 0xFFFF) << 16) | lo
     return (u - ((u & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
+
+
+# ----------------------------------------------- int8 block codes (torch, the spec of layout int8_state)
+# The code map of the planned int8_state layout (docs/algorithms.md §11; chosen by bench/int8_codemaps.py).
+# Not a layout yet: these functions define the encoding the layout and its kernels will use.
+INT8_BLOCK = 256  # elements per fp32 scale
+INT8_MIN_NUMEL = 4096  # smaller tensors (or sizes not a multiple of the block) keep fp32 state
+
+
+def int8_table(signed: bool) -> torch.Tensor:
+    """The decoded values of the codes, ascending, fp32. Signed (m, momentum buffers; int8 codes -127..127, table
+    index = code + 127): sign(c) c^2 / 127^2. Unsigned (second moments; uint8 codes 0..255, index = code):
+    c^4 / 255^4. Each value is the float64 quotient of the exact integers, rounded to fp32."""
+    if signed:
+        c = torch.arange(-127, 128, dtype=torch.float64)
+        return (c.sign() * c * c / 16129.0).float()
+    c = torch.arange(256, dtype=torch.float64)
+    return (c ** 4 / 255.0 ** 4).float()
+
+
+def _int8_midpoints(table: torch.Tensor) -> torch.Tensor:
+    t = table.double()
+    return ((t[1:] + t[:-1]) / 2).float()
+
+
+def int8_encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 tensor (numel a multiple of INT8_BLOCK) -> (codes shaped as x: int8 if signed else uint8, fp32 scales
+    [numel / INT8_BLOCK]). Per block of 256 consecutive elements (x flattened): scale = max |x|; y = x / scale
+    (fp32 division; a zero block has y = 0); the code is the table entry nearest to y, and a y exactly halfway
+    between two entries takes the lower one (the count of fp32 midpoints strictly below y). Unsigned: x >= 0."""
+    b = x.float().contiguous().view(-1, INT8_BLOCK)
+    scale = b.abs().amax(dim=1)
+    y = b / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    table = int8_table(signed).to(x.device)
+    idx = torch.bucketize(y, _int8_midpoints(table), right=False)
+    codes = (idx - 127).to(torch.int8) if signed else idx.to(torch.uint8)
+    return codes.view(x.shape), scale
+
+
+def int8_decode(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.Tensor:
+    """(codes, fp32 scales) -> fp32 values shaped as codes: table value times the block's scale (fp32 product)."""
+    table = int8_table(signed).to(codes.device)
+    idx = codes.contiguous().view(-1, INT8_BLOCK).long() + (127 if signed else 0)
+    return (table[idx] * scale[:, None]).view(codes.shape)

@@ -216,3 +216,60 @@ def test_master16_refuses_other_param_dtypes():
     for dt in (torch.float32, torch.float16):
         with pytest.raises(TypeError, match="master16"):
             mf.AdamW([torch.zeros(4, dtype=dt, requires_grad=True)], layout="master16")
+
+
+# ------------------------------------------------------------- the int8 block code map (layouts.int8_*)
+@pytest.mark.parametrize("signed", [True, False])
+def test_int8_table_is_the_documented_power_map(signed):
+    t = layouts.int8_table(signed)
+    assert t.dtype == torch.float32 and (t[1:] > t[:-1]).all()
+    if signed:
+        assert t.numel() == 255 and t[127] == 0 and t[0] == -1 and t[-1] == 1
+        c = torch.arange(-127, 128, dtype=torch.float64)
+        assert torch.equal(t, (c.sign() * c * c / 127 ** 2).float())
+        assert torch.equal(t, -t.flip(0)), "symmetric: a code and its negation decode to opposite values"
+    else:
+        assert t.numel() == 256 and t[0] == 0 and t[-1] == 1
+        assert torch.equal(t, (torch.arange(256, dtype=torch.float64) ** 4 / 255 ** 4).float())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_int8_encode_is_nearest_with_ties_to_the_lower_code(signed):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64 * 256, generator=gen) * 10.0 ** torch.randn(64 * 256, generator=gen)
+    x = x if signed else x * x
+    x.view(64, 256)[5] = 0  # an all-zero block
+    codes, scale = layouts.int8_encode(x, signed)
+    assert codes.dtype == (torch.int8 if signed else torch.uint8) and codes.shape == x.shape
+    assert scale.dtype == torch.float32 and torch.equal(scale, x.view(64, 256).abs().amax(1))
+    y = layouts.int8_decode(codes, scale, signed)
+    assert torch.equal(y.view(64, 256)[5], torch.zeros(256))
+    # nearest: no table entry is closer to x / scale than the chosen one (brute force)
+    t = layouts.int8_table(signed)
+    b = x.view(64, 256)
+    ynorm = b / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    idx = codes.view(64, 256).long() + (127 if signed else 0)
+    best = (ynorm[..., None].double() - t.double()).abs().min(-1).values
+    assert torch.equal((ynorm.double() - t.double()[idx]).abs(), best)
+    # each block's absmax element decodes exactly; encode(decode(c)) == c (codes are stable)
+    assert torch.equal(y.view(64, 256).abs().amax(1), scale)
+    c2, s2 = layouts.int8_encode(y, signed)
+    assert torch.equal(c2, codes) and torch.equal(s2, scale)
+    # a value exactly halfway (in fp32) between two entries takes the lower code
+    mids = ((t[1:].double() + t[:-1].double()) / 2).float()
+    exact = mids.double() == (t[1:].double() + t[:-1].double()) / 2
+    k = int(exact.nonzero()[len(exact.nonzero()) // 2])
+    v = torch.zeros(256)
+    v[0], v[1] = 1.0, mids[k]
+    c3, _ = layouts.int8_encode(v, signed)
+    assert int(c3[1]) + (127 if signed else 0) == k
+
+
+def test_int8_state_bytes_per_element():
+    """AdamW's two moments as codes + one fp32 scale per 256 elements: 2 * (1 + 4 / 256) B/elem <= 2.1."""
+    x = torch.randn(1 << 16)
+    per = 0
+    for signed, v in ((True, x), (False, x * x)):
+        codes, scale = layouts.int8_encode(v, signed)
+        per += (codes.numel() * codes.element_size() + scale.numel() * scale.element_size()) / x.numel()
+    assert per == 2 * (1 + 4 / 256) and per <= 2.1
