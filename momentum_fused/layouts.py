@@ -7,6 +7,7 @@
 | ``master``    | bf16 or fp16              | fp32              | ``master`` (fp32)   | RNE (param from master) |
 | ``bf16_sr``   | bf16                      | bf16              | -                   | stochastic rounding     |
 | ``master16``  | bf16                      | fp32              | ``master_lo`` (int16)| to nearest, ties away   |
+| ``int8_state``| fp32                      | 8-bit block codes | ``<name>_scale``    | nearest code (state)    |
 
 The update math is always fp32 (fp64 for fp64 storage). With ``master`` the rule reads the param value
 from the fp32 master copy (created from the param on the first step), writes the master, and writes the
@@ -61,6 +62,7 @@ class Layout:
     master: bool = False  # an fp32 master copy in state["master"]
     stochastic: bool = False  # stochastic rounding of every bf16 write
     remainder: bool = False  # master16: the master's low 16 bits in state["master_lo"] (int16)
+    int8: bool = False  # int8_state: the rule's state as 8-bit block codes + fp32 scales (int8_quantized)
 
     @property
     def extra_keys(self) -> tuple:
@@ -82,7 +84,8 @@ class Layout:
         p = "/".join(str(d).replace("torch.", "") for d in self.param_dtypes)
         s = "param dtype" if self.state_dtype is None else str(self.state_dtype).replace("torch.", "")
         extra = (", fp32 master copy" if self.master else "") + (", stochastic rounding" if self.stochastic else "") \
-            + (", fp32 master as param + int16 remainder" if self.remainder else "")
+            + (", fp32 master as param + int16 remainder" if self.remainder else "") \
+            + (", 8-bit block codes for tensors of >= 4096 elements, a multiple of 256" if self.int8 else "")
         return f"{self.name!r} (params {p}, state {s}{extra})"
 
 
@@ -100,6 +103,7 @@ LAYOUTS = {
 # the cpu, cuda and triton backends report them as not implemented, docs/layouts.md).
 REFERENCE_LAYOUTS = {
     "master16": Layout("master16", (torch.bfloat16,), torch.float32, remainder=True),
+    "int8_state": Layout("int8_state", (torch.float32,), torch.float32, int8=True),
 }
 ALL_LAYOUTS = {**LAYOUTS, **REFERENCE_LAYOUTS}
 NATIVE = LAYOUTS["native"]
@@ -111,10 +115,11 @@ _ELEM_BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.floa
 
 
 def roofline_bytes(n_state: int, param_dtype=torch.float32, grad_dtype=None, state_dtype=None,
-                   layout: str = "native") -> int:
+                   layout: str = "native") -> float:
     """Bytes read + written per element by one fused pass over a param with ``n_state`` elementwise state
     tensors (docs/algorithms.md §9): param read + write, grad read, each state read + write; under the
-    ``master`` layout the fp32 master copy is read and written and the param only written."""
+    ``master`` layout the fp32 master copy is read and written and the param only written; ``master16`` reads
+    and writes the int16 remainder; ``int8_state`` counts a quantized tensor (codes and block scales, a float)."""
     lay = get_layout(layout)
     p = _ELEM_BYTES[param_dtype]
     g = _ELEM_BYTES[grad_dtype or param_dtype]
@@ -123,6 +128,8 @@ def roofline_bytes(n_state: int, param_dtype=torch.float32, grad_dtype=None, sta
         return p + 2 * 4 + g + 2 * s * n_state
     if lay.remainder:  # the param and the remainder, read and written
         return 2 * p + 2 * 2 + g + 2 * s * n_state
+    if lay.int8:  # a quantized tensor: 1-byte codes and an fp32 scale per INT8_BLOCK elements
+        return 2 * p + g + n_state * 2 * (1 + 4 / INT8_BLOCK)
     return 2 * p + g + 2 * s * n_state
 
 
@@ -226,8 +233,8 @@ def master16_decode(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tenso
 
 
 # ----------------------------------------------- int8 block codes (torch, the spec of layout int8_state)
-# The code map of the planned int8_state layout (docs/algorithms.md §11; chosen by bench/int8_codemaps.py).
-# Not a layout yet: these functions define the encoding the layout and its kernels will use.
+# The code map of the int8_state layout (docs/algorithms.md §11; chosen by bench/int8_codemaps.py): the reference
+# backend runs these functions; future kernels must give the same codes.
 INT8_BLOCK = 256  # elements per fp32 scale
 INT8_MIN_NUMEL = 4096  # smaller tensors (or sizes not a multiple of the block) keep fp32 state
 
@@ -267,3 +274,19 @@ def int8_decode(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch
     table = int8_table(signed).to(codes.device)
     idx = codes.contiguous().view(-1, INT8_BLOCK).long() + (127 if signed else 0)
     return (table[idx] * scale[:, None]).view(codes.shape)
+
+
+# Rule states that are never negative: unsigned codes (uint8, the c^4 map); every other state is signed (int8).
+INT8_UNSIGNED = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
+INT8_SCALE_SUFFIX = "_scale"  # state[name + "_scale"]: the fp32 block scales of state[name]
+
+
+def int8_quantized(p: torch.Tensor) -> bool:
+    """Whether the int8_state layout stores ``p``'s state as codes (else fp32): at least INT8_MIN_NUMEL elements,
+    a multiple of INT8_BLOCK."""
+    n = p.numel()
+    return n >= INT8_MIN_NUMEL and n % INT8_BLOCK == 0
+
+
+def int8_code_dtype(name: str) -> torch.dtype:
+    return torch.uint8 if name in INT8_UNSIGNED else torch.int8

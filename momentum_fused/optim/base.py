@@ -188,7 +188,9 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         groups saved by torch.optim (or an older version) get missing hyperparameters from the
         defaults. Loading a torch.optim state_dict of the same rule works, and vice versa. A checkpoint of
         layout "master" loaded into a group of layout "master16", or the reverse, is converted and the group
-        keeps its own layout (``_convert_master``; load the model's weights first)."""
+        keeps its own layout (``_convert_master``; load the model's weights first). So do checkpoints loaded into
+        or from a group of layout "int8_state": moments are encoded to, or decoded from, 8-bit block codes
+        (``_convert_int8``)."""
         self.sync_amp()
         self._check_loaded_host_state(state_dict)
         self.invalidate_caches()
@@ -198,8 +200,10 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             saved[idx] = {k: v for k, v in st.items() if k not in HOST_STATE_KEYS and isinstance(v, torch.Tensor)}
         live_layouts = [g["layout"] for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, live in zip(self.param_groups, live_layouts):  # "master" <-> "master16": the live one stays
-            if g.get("layout", live) != live and {g["layout"], live} == set(_CONVERTIBLE):
+        for g, live in zip(self.param_groups, live_layouts):  # converted checkpoints: the live layout stays
+            saved_layout = g.get("layout", live)
+            if saved_layout != live and ({saved_layout, live} == set(_CONVERTIBLE)
+                                         or "int8_state" in (saved_layout, live)):
                 g["layout"] = live
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -214,14 +218,17 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 g.setdefault(k, v)
         # torch casts floating state to the param dtype; layouts keep their own state dtypes (bf16 state,
         # fp32 master): re-take those from the saved tensors, so that no value goes through a narrower type
-        layout_of, own_of = {}, {}
+        layout_of, own_of, group_of = {}, {}, {}
         for g in self.param_groups:
             lay = _layouts.get_layout(g["layout"])
             own = None if self.spec.plain_state else {t.name: t for t in self.spec.tensors(g) if t.persistent}
             for p in g["params"]:
-                layout_of[p], own_of[p] = lay, own
+                layout_of[p], own_of[p], group_of[p] = lay, own, g
         for idx, p in zip(saved_ids, params):
             lay, own = layout_of[p], own_of[p]
+            if lay.int8 or any(k.endswith(_layouts.INT8_SCALE_SUFFIX) for k in saved.get(idx, {})):
+                self._convert_int8(p, lay, saved.get(idx, {}), self.spec.state_names(group_of[p]))
+                continue
             if lay.name == "native" and own is None:
                 continue
             for key, value in saved.get(idx, {}).items():
@@ -236,6 +243,30 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 self.state[p][key] = value.detach().to(device=p.device, dtype=want, copy=True)
             if lay.master or lay.remainder:
                 self._convert_master(p, lay, saved.get(idx, {}))
+
+    def _convert_int8(self, p, lay, saved, names) -> None:
+        """int8_state checkpoints (docs/layouts.md): into an int8_state group the saved codes and scales are kept
+        and fp32 moments (a checkpoint of another layout) are encoded; into a group of any other layout, saved
+        codes are decoded (to the layout's state dtype). Tensors the layout keeps in fp32 are loaded as fp32."""
+        st, sfx = self.state[p], _layouts.INT8_SCALE_SUFFIX
+        quantized = lay.int8 and _layouts.int8_quantized(p)
+        for key in names:
+            v = saved.get(key)
+            if not isinstance(v, torch.Tensor):
+                continue
+            sc = saved.get(key + sfx) if v.dtype in (torch.int8, torch.uint8) else None
+            if sc is not None and quantized:
+                st[key] = v.detach().to(p.device, copy=True)
+                st[key + sfx] = sc.detach().to(p.device, torch.float32, copy=True)
+                continue
+            x = _layouts.int8_decode(v.to(p.device), sc.to(p.device), v.dtype == torch.int8) if sc is not None \
+                else v.detach().to(p.device, torch.float32)
+            st.pop(key + sfx, None)
+            if quantized:
+                st[key], st[key + sfx] = _layouts.int8_encode(x.reshape(p.shape), key not in _layouts.INT8_UNSIGNED)
+            else:
+                want = p.dtype if lay.name == "native" else lay.dtype_of(key, p.dtype)
+                st[key] = x.reshape(p.shape).to(want)
 
     def _convert_master(self, p, lay, saved) -> None:
         """A checkpoint of layout "master" loaded into a "master16" group, or the reverse (docs/layouts.md): the
@@ -311,6 +342,12 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 if own is not None:
                     t = own[k]
                     st[k] = torch.zeros(t.shape_for(p), dtype=t.dtype_for(p, layout), device=p.device)
+                elif layout.int8 and _layouts.int8_quantized(p):  # codes of 0 (the value 0) and zero scales
+                    st[k] = torch.zeros(p.shape, dtype=_layouts.int8_code_dtype(k), device=p.device)
+                    sk = k + _layouts.INT8_SCALE_SUFFIX
+                    st[sk] = torch.zeros(p.numel() // _layouts.INT8_BLOCK, dtype=torch.float32, device=p.device)
+                    if created is not None:
+                        created.append((st, sk))
                 else:
                     st[k] = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=None if native else
                                              layout.state_dtype_for(p.dtype))
@@ -444,7 +481,12 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 b.params.extend(items)
                 if cached is None:
                     b.grads.extend([p.grad for p in items])
-                    b.states.extend([tuple([st[k] for k in names]) for st in states])
+                    if lay.int8:  # quantized tensors: the codes, then their scales (backends.Backend)
+                        sfx = _layouts.INT8_SCALE_SUFFIX
+                        b.states.extend([tuple([st[k] for k in names] + [st[k + sfx] for k in names if k + sfx in st])
+                                         for st in states])
+                    else:
+                        b.states.extend([tuple([st[k] for k in names]) for st in states])
                 else:
                     b.grads.extend(cached[gi][1])
                     b.states.extend(cached[gi][0]["tuples"])

@@ -76,6 +76,10 @@ def _loss_value(loss):
 class _ScheduleFree(FusedOptimizer):
     """Shared train/eval, error checks and the Polyak reduction pass."""
 
+    # not int8_state: z is an iterate (the param's scale and precision), not a moment estimate; 8-bit codes of
+    # a block's absmax would move it by up to 1/127 of that max (docs/algorithms.md §11)
+    supported_layouts = tuple(n for n in FusedOptimizer.supported_layouts if n != "int8_state")
+
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         if len(self.param_groups) > 1:  # a group added later joins the optimizer's current mode
