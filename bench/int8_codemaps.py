@@ -126,12 +126,32 @@ def report(title, res, lr, steps):
               f"{sum(r[2] for r in rows) / n:12.6f} {sum(r[3] for r in rows) / n:12.6f}")
 
 
-def compare(params0, data, steps, lr, model):
+def torchao_run(params0, data, steps, lr, model, wd=0.01):
+    """torchao's AdamW8bit (block 256, dynamic maps, tensors under 4096 elements in fp32), when installed."""
+    from torchao.optim import AdamW8bit
+    ps = [p.clone().requires_grad_() for p in params0]
+    opt = AdamW8bit(ps, lr=lr, weight_decay=wd)
+    losses = []
+    for t in range(1, steps + 1):
+        x, y = data(t)
+        opt.zero_grad()
+        loss = model(ps, x, y)
+        losses.append(float(loss.detach()))
+        loss.backward()
+        opt.step()
+    return [p.detach() for p in ps], losses
+
+
+def compare(params0, data, steps, lr, model, torchao=False):
     ref, ref_losses = adamw_run(params0, data, steps, None, lr=lr, model=model)
     d_ref = torch.cat([(r - p0).flatten() for r, p0 in zip(ref, params0)])
     out = {}
-    for name, maps in MAPS.items():
-        got, losses = adamw_run(params0, data, steps, maps, lr=lr, model=model)
+    runs = {name: (lambda maps=maps: adamw_run(params0, data, steps, maps, lr=lr, model=model))
+            for name, maps in MAPS.items()}
+    if torchao:
+        runs["torchao"] = lambda: torchao_run(params0, data, steps, lr, model)
+    for name, run in runs.items():
+        got, losses = run()
         d = torch.cat([(g - p0).flatten() for g, p0 in zip(got, params0)])
         out[name] = (float((d - d_ref).norm() / d_ref.norm()), float((d - d_ref).abs().max()), losses[-1],
                      ref_losses[-1])
@@ -142,15 +162,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--no-torchao", action="store_true", help="skip torchao's AdamW8bit even when installed")
     args = ap.parse_args(argv)
+    torchao = False
+    if not args.no_torchao:
+        try:
+            import torchao.optim  # noqa: F401
+            torchao = True
+        except Exception as e:  # not installed (it is no dependency of this project)
+            print(f"torchao AdamW8bit not run: {type(e).__name__}: {e}")
     torch.set_num_threads(1)
     x = torch.randn(8 * BLOCK)
     for signed in (True, False):  # the spec's encoder and this script's agree on the chosen map
         v = x if signed else x * x
         assert torch.equal(layouts.int8_encode(v, signed)[0].long().flatten() + (127 if signed else 0),
                            encode(v, MAPS["sqrt-v4"][0 if signed else 1])[0].long().flatten())
-    res_a = {name: [] for name in MAPS}
-    res_b = {name: [] for name in MAPS}
+    res_a = {name: [] for name in [*MAPS, *(["torchao"] if torchao else [])]}
+    res_b = {name: [] for name in res_a}
     for seed in range(args.seeds):
         gen = torch.Generator().manual_seed(seed)
         params0 = [torch.randn(64, 256, generator=gen) / 8, torch.zeros(256), torch.randn(256, 64, generator=gen) / 16,
@@ -165,7 +193,7 @@ def main(argv=None) -> int:
                 batches[t] = (x, torch.tanh(x @ teacher))
             return batches[t]
 
-        for name, row in compare(params0, data, args.steps, 1e-3, mlp).items():
+        for name, row in compare(params0, data, args.steps, 1e-3, mlp, torchao).items():
             res_a[name].append(row)
         n = 1 << 16
         h = 10.0 ** (torch.rand(n, generator=gen) * 6 - 4)
@@ -175,7 +203,7 @@ def main(argv=None) -> int:
             g = torch.Generator().manual_seed(7000 * seed + t)
             return (h, target), 0.1 * h.sqrt() * torch.randn(n, generator=g)
 
-        for name, row in compare([torch.zeros(n)], noisy, args.steps, 1e-2, quadratic).items():
+        for name, row in compare([torch.zeros(n)], noisy, args.steps, 1e-2, quadratic, torchao).items():
             res_b[name].append(row)
     report(f"(A) MLP 64-256-64 regression (weights: 16384 elements, 64 blocks each), AdamW lr=1e-3 wd=0.01, "
            f"{args.steps} steps, {args.seeds} seeds", res_a, 1e-3, args.steps)
