@@ -164,11 +164,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-torchao", action="store_true", help="skip torchao's AdamW8bit even when installed")
     args = ap.parse_args(argv)
-    torchao = False
+    have_torchao = False
     if not args.no_torchao:
         try:
-            import torchao.optim  # noqa: F401
-            torchao = True
+            import importlib
+            importlib.import_module("torchao.optim")
+            have_torchao = True
         except Exception as e:  # not installed (it is no dependency of this project)
             print(f"torchao AdamW8bit not run: {type(e).__name__}: {e}")
     torch.set_num_threads(1)
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
         v = x if signed else x * x
         assert torch.equal(layouts.int8_encode(v, signed)[0].long().flatten() + (127 if signed else 0),
                            encode(v, MAPS["sqrt-v4"][0 if signed else 1])[0].long().flatten())
-    res_a = {name: [] for name in [*MAPS, *(["torchao"] if torchao else [])]}
+    res_a = {name: [] for name in [*MAPS, *(["torchao"] if have_torchao else [])]}
     res_b = {name: [] for name in res_a}
     for seed in range(args.seeds):
         gen = torch.Generator().manual_seed(seed)
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
                 batches[t] = (x, torch.tanh(x @ teacher))
             return batches[t]
 
-        for name, row in compare(params0, data, args.steps, 1e-3, mlp, torchao).items():
+        for name, row in compare(params0, data, args.steps, 1e-3, mlp, have_torchao).items():
             res_a[name].append(row)
         n = 1 << 16
         h = 10.0 ** (torch.rand(n, generator=gen) * 6 - 4)
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
             g = torch.Generator().manual_seed(7000 * seed + t)
             return (h, target), 0.1 * h.sqrt() * torch.randn(n, generator=g)
 
-        for name, row in compare([torch.zeros(n)], noisy, args.steps, 1e-2, quadratic, torchao).items():
+        for name, row in compare([torch.zeros(n)], noisy, args.steps, 1e-2, quadratic, have_torchao).items():
             res_b[name].append(row)
     report(f"(A) MLP 64-256-64 regression (weights: 16384 elements, 64 blocks each), AdamW lr=1e-3 wd=0.01, "
            f"{args.steps} steps, {args.seeds} seeds", res_a, 1e-3, args.steps)
