@@ -250,6 +250,10 @@ class ValidationMixin:
                 else:
                     raise TypeError(f"{self._where(p, pi, gi)}: dtype layout {lay.describe()} cannot hold a "
                                     f"{dtype} param; supported layouts: {_layouts.supported()}")
+                if lay.int8 and _dist.is_dtensor(p):
+                    raise NotImplementedError(f"{self._where(p, pi, gi)}: dtype layout 'int8_state' does not support "
+                                              "DTensor (FSDP2) params yet (its 256-element blocks must not straddle a "
+                                              "shard); use layout='native' for sharded params")
                 st = state.get(p)
                 if st and lay.int8:  # codes + block scales (layouts.int8_quantized tensors), else fp32
                     q = _layouts.int8_quantized(p)
