@@ -42,7 +42,10 @@ class Backend:
     ``spec``'s rule on a bucket.
       params/grads: lists of real tensors (complex params arrive as view_as_real views).
       states: list (one per tensor) of tuples of state tensors, ordered as spec.state_names, in
-        layout.state_dtype_for(param dtype), followed by the fp32 master copy when layout.master.
+        layout.state_dtype_for(param dtype), followed by the layout's ``extra_keys`` (the fp32 master copy
+        when layout.master, the int16 remainder when layout.remainder). layout.int8: a tensor with
+        layouts.int8_quantized(param) has its states as codes (int8 signed / uint8 unsigned) followed by their
+        fp32 block scales (2n tensors); the others have fp32 states.
       scalars: list (one per tensor) of spec.Scalars packs, or (backends with ``scalar_tables``) one
         float64 [n, k] tensor on the tensors' device (capturable groups).
       layout: the dtype layout (momentum_fused.layouts); only "native" is passed unless listed in
@@ -188,7 +191,8 @@ def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_lay
     """The reference rules, tensor by tensor. Half-precision storage (fp16/bf16) is computed in float32
     and rounded once when written back, as the kernels do: computing in fp16 itself would underflow
     (1 - beta2) g^2 and round eps = 1e-8 to zero. Layouts: the value the rule reads is the master copy's
-    (``master``); bf16 writes round stochastically under ``bf16_sr`` (layouts.sr_round_bf16)."""
+    (``master``) or the one the param and its remainder decode to (``master16``, layouts.master16_decode);
+    bf16 writes round stochastically under ``bf16_sr`` (layouts.sr_round_bf16)."""
     fn = reference.RULES[spec.name]
     for i, (p, g, st, sc) in enumerate(zip(params, grads, states, scalars)):
         if layout.master:
@@ -197,6 +201,22 @@ def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_lay
             fn(p32, g.float(), st32, sc, flags)
             master.copy_(p32)
             p.copy_(p32)  # rounds to nearest even
+        elif layout.int8 and _layouts.int8_quantized(p):  # int8_state: decode the block codes, run, encode
+            n = len(st) // 2
+            signed = [c.dtype == torch.int8 for c in st[:n]]
+            st32 = tuple(_layouts.int8_decode(c, s, sg) for c, s, sg in zip(st[:n], st[n:], signed))
+            fn(p, g, st32, sc, flags)
+            for c, s, t, sg in zip(st[:n], st[n:], st32, signed):
+                codes, scale = _layouts.int8_encode(t, sg)
+                c.copy_(codes)
+                s.copy_(scale)
+        elif layout.remainder:  # master16: the same fp32 master, stored as the param and its low half
+            *st, lo = st
+            p32 = _layouts.master16_decode(p, lo).view(p.shape)
+            fn(p32, g.float(), tuple(st), sc, flags)
+            hi, low = _layouts.master16_encode(p32)
+            p.copy_(hi.view(p.shape))
+            lo.copy_(low.view(lo.shape))
         elif p.dtype in _HALF or any(t.dtype in _HALF for t in st):
             p32, st32 = p.float(), tuple(t.float() for t in st)
             fn(p32, g.float(), st32, sc, flags)
@@ -214,7 +234,7 @@ def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_lay
 
 
 register(Backend(name="reference", apply=_reference_apply, devices=("cpu", "cuda", "mps", "xpu", "meta"),
-                 layouts=tuple(_layouts.LAYOUTS)))
+                 layouts=tuple(_layouts.ALL_LAYOUTS)))
 
 
 def available() -> list[str]:

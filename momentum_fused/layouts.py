@@ -6,6 +6,8 @@
 | ``bf16_state``| fp32                      | bf16              | -                   | round-to-nearest-even   |
 | ``master``    | bf16 or fp16              | fp32              | ``master`` (fp32)   | RNE (param from master) |
 | ``bf16_sr``   | bf16                      | bf16              | -                   | stochastic rounding     |
+| ``master16``  | bf16                      | fp32              | ``master_lo`` (int16)| to nearest, ties away   |
+| ``int8_state``| fp32                      | 8-bit block codes | ``<name>_scale``    | nearest code (state)    |
 
 The update math is always fp32 (fp64 for fp64 storage). With ``master`` the rule reads the param value
 from the fp32 master copy (created from the param on the first step), writes the master, and writes the
@@ -13,6 +15,18 @@ param as the master rounded to nearest even, in the same pass. With ``bf16_sr`` 
 and state) rounds stochastically: the fp32 bit pattern ``u`` plus 16 random bits ``r``, truncated,
 ``(u + r) >> 16``, rounds up with probability equal to the dropped fraction: unbiased in expectation.
 Non-finite values round to nearest.
+
+With ``master16`` (reference backend only: not in the kernels' table ``LAYOUTS``) the fp32 master is not
+stored: the bf16 param holds its high half rounded to nearest with ties away from zero and
+``state["master_lo"]`` (int16) its low 16 bits, so that ``master16_decode(param, master_lo)`` rebuilds the
+master exactly (finite values and infinities; a NaN decodes to a NaN). On the fp32 bit pattern ``u``:
+
+    encode: param = (u + 0x8000) >> 16            remainder = u & 0xFFFF
+    decode: u = ((param - (remainder >> 15)) << 16) | remainder      (16-bit halves, unsigned)
+
+Round-to-nearest-even cannot be inverted from the low 16 bits: at a tie (remainder 0x8000) RNE goes up
+from an odd high half and down from an even one, so an even param with remainder 0x8000 has two fp32
+preimages. Ties away from zero always go up in magnitude, so the remainder's top bit says which way.
 
 The random bits come from a counter-based hash, so a run is reproducible for a given seed and every
 backend gives the same bits where its fp32 math agrees (written once per language: here in torch,
@@ -32,7 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Layout", "LAYOUTS", "get_layout", "lowbias32", "sr_key", "sr_round_bf16", "rne_bf16"]
+__all__ = ["Layout", "LAYOUTS", "ALL_LAYOUTS", "get_layout", "lowbias32", "sr_key", "sr_round_bf16", "rne_bf16",
+           "master16_encode", "master16_decode", "int8_table", "int8_encode", "int8_decode"]
 
 M32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -46,6 +61,21 @@ class Layout:
     state_dtype: torch.dtype | None  # None: the param dtype
     master: bool = False  # an fp32 master copy in state["master"]
     stochastic: bool = False  # stochastic rounding of every bf16 write
+    remainder: bool = False  # master16: the master's low 16 bits in state["master_lo"] (int16)
+    int8: bool = False  # int8_state: the rule's state as 8-bit block codes + fp32 scales (int8_quantized)
+
+    @property
+    def extra_keys(self) -> tuple:
+        """The state keys the layout adds after the rule's state tensors (in a bucket's state tuples)."""
+        return (MASTER_KEY,) if self.master else (REMAINDER_KEY,) if self.remainder else ()
+
+    def dtype_of(self, key: str, param_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of state ``key`` (a rule state or one of ``extra_keys``) for a param of ``param_dtype``."""
+        if key == MASTER_KEY and self.master:
+            return torch.float32
+        if key == REMAINDER_KEY and self.remainder:
+            return torch.int16
+        return self.state_dtype_for(param_dtype)
 
     def state_dtype_for(self, param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype if self.state_dtype is None else self.state_dtype
@@ -53,7 +83,9 @@ class Layout:
     def describe(self) -> str:
         p = "/".join(str(d).replace("torch.", "") for d in self.param_dtypes)
         s = "param dtype" if self.state_dtype is None else str(self.state_dtype).replace("torch.", "")
-        extra = (", fp32 master copy" if self.master else "") + (", stochastic rounding" if self.stochastic else "")
+        extra = (", fp32 master copy" if self.master else "") + (", stochastic rounding" if self.stochastic else "") \
+            + (", fp32 master as param + int16 remainder" if self.remainder else "") \
+            + (", 8-bit block codes for tensors of >= 4096 elements, a multiple of 256" if self.int8 else "")
         return f"{self.name!r} (params {p}, state {s}{extra})"
 
 
@@ -67,29 +99,42 @@ LAYOUTS = {
     "master": Layout("master", (torch.bfloat16, torch.float16), torch.float32, master=True),
     "bf16_sr": Layout("bf16_sr", (torch.bfloat16,), torch.bfloat16, stochastic=True),
 }
+# Layouts the reference backend implements and the compiled kernels do not (no code in csrc/generated/tables.h;
+# the cpu, cuda and triton backends report them as not implemented, docs/layouts.md).
+REFERENCE_LAYOUTS = {
+    "master16": Layout("master16", (torch.bfloat16,), torch.float32, remainder=True),
+    "int8_state": Layout("int8_state", (torch.float32,), torch.float32, int8=True),
+}
+ALL_LAYOUTS = {**LAYOUTS, **REFERENCE_LAYOUTS}
 NATIVE = LAYOUTS["native"]
 MASTER_KEY = "master"
+REMAINDER_KEY = "master_lo"
 
 
 _ELEM_BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
 
 
 def roofline_bytes(n_state: int, param_dtype=torch.float32, grad_dtype=None, state_dtype=None,
-                   layout: str = "native") -> int:
+                   layout: str = "native") -> float:
     """Bytes read + written per element by one fused pass over a param with ``n_state`` elementwise state
     tensors (docs/algorithms.md §9): param read + write, grad read, each state read + write; under the
-    ``master`` layout the fp32 master copy is read and written and the param only written."""
+    ``master`` layout the fp32 master copy is read and written and the param only written; ``master16`` reads
+    and writes the int16 remainder; ``int8_state`` counts a quantized tensor (codes and block scales, a float)."""
     lay = get_layout(layout)
     p = _ELEM_BYTES[param_dtype]
     g = _ELEM_BYTES[grad_dtype or param_dtype]
     s = _ELEM_BYTES[state_dtype or lay.state_dtype_for(param_dtype)]
     if lay.master:
         return p + 2 * 4 + g + 2 * s * n_state
+    if lay.remainder:  # the param and the remainder, read and written
+        return 2 * p + 2 * 2 + g + 2 * s * n_state
+    if lay.int8:  # a quantized tensor: 1-byte codes and an fp32 scale per INT8_BLOCK elements
+        return 2 * p + g + n_state * 2 * (1 + 4 / INT8_BLOCK)
     return 2 * p + g + 2 * s * n_state
 
 
 def supported() -> str:
-    return "; ".join(lay.describe() for lay in LAYOUTS.values())
+    return "; ".join(lay.describe() for lay in ALL_LAYOUTS.values())
 
 
 def get_layout(name) -> Layout:
@@ -97,9 +142,9 @@ def get_layout(name) -> Layout:
         return NATIVE
     if isinstance(name, Layout):
         return name
-    if not isinstance(name, str) or name not in LAYOUTS:
+    if not isinstance(name, str) or name not in ALL_LAYOUTS:
         raise ValueError(f"unknown dtype layout {name!r}; supported layouts: {supported()}")
-    return LAYOUTS[name]
+    return ALL_LAYOUTS[name]
 
 
 # ------------------------------------------------------------------------------ the hash (host ints)
@@ -163,3 +208,85 @@ def sr_round_bf16(x: torch.Tensor, key: int, buffer: int) -> torch.Tensor:
     up = ((u + r) >> 16) & 0xFFFF
     finite = (u & 0x7F800000) != 0x7F800000
     return _bits_to_bf16(torch.where(finite, up, _rne_bf16_bits(u)))
+
+
+# ------------------------------------------------------------------- master16 (torch, reference)
+def master16_encode(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 master -> (bf16 param, int16 remainder): the param is the master rounded to nearest with ties away
+    from zero, the remainder the master's low 16 bits (two's-complement int16 of the unsigned half). A NaN
+    gives a quiet NaN param (sign kept) and its low bits; every other value, infinities included, decodes
+    back exactly."""
+    x = master.float().contiguous()
+    u = x.view(torch.int32).to(torch.int64) & M32
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    hi = torch.where(nan, (u >> 16) | 0x40, (u + 0x8000) >> 16) & 0xFFFF
+    lo = u & 0xFFFF
+    return _bits_to_bf16(hi), (lo - ((lo & 0x8000) << 1)).to(torch.int16)
+
+
+def master16_decode(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """(bf16 param, int16 remainder) -> the fp32 master (the inverse of ``master16_encode``)."""
+    hi = param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    lo = remainder.contiguous().to(torch.int64) & 0xFFFF
+    u = (((hi - (lo >> 15)) & 0xFFFF) << 16) | lo
+    return (u - ((u & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
+
+
+# ----------------------------------------------- int8 block codes (torch, the spec of layout int8_state)
+# The code map of the int8_state layout (docs/algorithms.md §11; chosen by bench/int8_codemaps.py): the reference
+# backend runs these functions; future kernels must give the same codes.
+INT8_BLOCK = 256  # elements per fp32 scale
+INT8_MIN_NUMEL = 4096  # smaller tensors (or sizes not a multiple of the block) keep fp32 state
+
+
+def int8_table(signed: bool) -> torch.Tensor:
+    """The decoded values of the codes, ascending, fp32. Signed (m, momentum buffers; int8 codes -127..127, table
+    index = code + 127): sign(c) c^2 / 127^2. Unsigned (second moments; uint8 codes 0..255, index = code):
+    c^4 / 255^4. Each value is the float64 quotient of the exact integers, rounded to fp32."""
+    if signed:
+        c = torch.arange(-127, 128, dtype=torch.float64)
+        return (c.sign() * c * c / 16129.0).float()
+    c = torch.arange(256, dtype=torch.float64)
+    return (c ** 4 / 255.0 ** 4).float()
+
+
+def _int8_midpoints(table: torch.Tensor) -> torch.Tensor:
+    t = table.double()
+    return ((t[1:] + t[:-1]) / 2).float()
+
+
+def int8_encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 tensor (numel a multiple of INT8_BLOCK) -> (codes shaped as x: int8 if signed else uint8, fp32 scales
+    [numel / INT8_BLOCK]). Per block of 256 consecutive elements (x flattened): scale = max |x|; y = x / scale
+    (fp32 division; a zero block has y = 0); the code is the table entry nearest to y, and a y exactly halfway
+    between two entries takes the lower one (the count of fp32 midpoints strictly below y). Unsigned: x >= 0."""
+    b = x.float().contiguous().view(-1, INT8_BLOCK)
+    scale = b.abs().amax(dim=1)
+    y = b / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    table = int8_table(signed).to(x.device)
+    idx = torch.bucketize(y, _int8_midpoints(table), right=False)
+    codes = (idx - 127).to(torch.int8) if signed else idx.to(torch.uint8)
+    return codes.view(x.shape), scale
+
+
+def int8_decode(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.Tensor:
+    """(codes, fp32 scales) -> fp32 values shaped as codes: table value times the block's scale (fp32 product)."""
+    table = int8_table(signed).to(codes.device)
+    idx = codes.contiguous().view(-1, INT8_BLOCK).long() + (127 if signed else 0)
+    return (table[idx] * scale[:, None]).view(codes.shape)
+
+
+# Rule states that are never negative: unsigned codes (uint8, the c^4 map); every other state is signed (int8).
+INT8_UNSIGNED = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
+INT8_SCALE_SUFFIX = "_scale"  # state[name + "_scale"]: the fp32 block scales of state[name]
+
+
+def int8_quantized(p: torch.Tensor) -> bool:
+    """Whether the int8_state layout stores ``p``'s state as codes (else fp32): at least INT8_MIN_NUMEL elements,
+    a multiple of INT8_BLOCK."""
+    n = p.numel()
+    return n >= INT8_MIN_NUMEL and n % INT8_BLOCK == 0
+
+
+def int8_code_dtype(name: str) -> torch.dtype:
+    return torch.uint8 if name in INT8_UNSIGNED else torch.int8

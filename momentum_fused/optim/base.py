@@ -44,6 +44,8 @@ _LAYOUT_DEFAULTS = {"layout": "native", "sr_seed": 0, "sr_step": 0}
 # capturable=True (a param-group key, saved in state_dicts): no host read or host-computed number per step,
 # so that the step can be captured in a CUDA graph (see ``_device_scalars``).
 _FRONT_DEFAULTS = {**_LAYOUT_DEFAULTS, "capturable": False}
+_CONVERTED = (_layouts.MASTER_KEY, _layouts.REMAINDER_KEY)  # load_state_dict converts one into the other
+_CONVERTIBLE = ("master", "master16")  # ... when a checkpoint of one loads into an optimizer of the other
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -75,14 +77,17 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
     ``layout``: the dtype layout of params and state (momentum_fused/layouts.py): "native" (default: state
     in the param dtype), "bf16_state" (fp32 params, bf16 state), "master" (bf16/fp16 params with an fp32
     master copy in ``state["master"]``), "bf16_sr" (bf16 params and state, stochastic rounding seeded by
-    ``sr_seed``). Both are param-group keys (per-group values allowed) and saved in state_dicts.
+    ``sr_seed``), "master16" (bf16 params holding the high half of an fp32 master, its low half in
+    ``state["master_lo"]``), "int8_state" (fp32 params, moments as 8-bit block codes + fp32 scales); the last
+    two run on the reference backend only. Both are param-group keys (per-group values allowed) and saved in
+    state_dicts.
     """
 
     rule: ClassVar[str]
     _step_supports_amp_scaling = True  # GradScaler sets .grad_scale / .found_inf, see step()
 
     # layouts this optimizer's front end supports (schedule-free narrows it: its train/eval swap)
-    supported_layouts: ClassVar[tuple] = tuple(_layouts.LAYOUTS)
+    supported_layouts: ClassVar[tuple] = tuple(_layouts.ALL_LAYOUTS)
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None = None, layout: str | None = None,
                  sr_seed: int = 0, capturable: bool = False, foreach: bool | None = None, fused: bool | None = None,
@@ -183,7 +188,11 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         """torch.optim.Optimizer.load_state_dict, except that host-side state (``step``,
         ``mu_product``) keeps its own dtype on the CPU instead of being cast to the param dtype, and
         groups saved by torch.optim (or an older version) get missing hyperparameters from the
-        defaults. Loading a torch.optim state_dict of the same rule works, and vice versa."""
+        defaults. Loading a torch.optim state_dict of the same rule works, and vice versa. A checkpoint of
+        layout "master" loaded into a group of layout "master16", or the reverse, is converted and the group
+        keeps its own layout (``_convert_master``; load the model's weights first). So do checkpoints loaded into
+        or from a group of layout "int8_state": moments are encoded to, or decoded from, 8-bit block codes
+        (``_convert_int8``)."""
         self.sync_amp()
         self._check_loaded_host_state(state_dict)
         self.invalidate_caches()
@@ -191,7 +200,13 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         for idx, st in state_dict["state"].items():
             host[idx] = {k: v for k, v in st.items() if k in HOST_STATE_KEYS}
             saved[idx] = {k: v for k, v in st.items() if k not in HOST_STATE_KEYS and isinstance(v, torch.Tensor)}
+        live_layouts = [g["layout"] for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for g, live in zip(self.param_groups, live_layouts):  # converted checkpoints: the live layout stays
+            saved_layout = g.get("layout", live)
+            if saved_layout != live and ({saved_layout, live} == set(_CONVERTIBLE)
+                                         or "int8_state" in (saved_layout, live)):
+                g["layout"] = live
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         cap = {p for g in self.param_groups if g.get("capturable") for p in g["params"]}
@@ -205,14 +220,17 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 g.setdefault(k, v)
         # torch casts floating state to the param dtype; layouts keep their own state dtypes (bf16 state,
         # fp32 master): re-take those from the saved tensors, so that no value goes through a narrower type
-        layout_of, own_of = {}, {}
+        layout_of, own_of, group_of = {}, {}, {}
         for g in self.param_groups:
             lay = _layouts.get_layout(g["layout"])
             own = None if self.spec.plain_state else {t.name: t for t in self.spec.tensors(g) if t.persistent}
             for p in g["params"]:
-                layout_of[p], own_of[p] = lay, own
+                layout_of[p], own_of[p], group_of[p] = lay, own, g
         for idx, p in zip(saved_ids, params):
             lay, own = layout_of[p], own_of[p]
+            if lay.int8 or any(k.endswith(_layouts.INT8_SCALE_SUFFIX) for k in saved.get(idx, {})):
+                self._convert_int8(p, lay, saved.get(idx, {}), self.spec.state_names(group_of[p]))
+                continue
             if lay.name == "native" and own is None:
                 continue
             for key, value in saved.get(idx, {}).items():
@@ -220,9 +238,54 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                     want = own[key].dtype_for(p, lay)
                 elif lay.name == "native":
                     continue
+                elif key in _CONVERTED and key not in lay.extra_keys:
+                    continue  # the other master layout's key: converted below
                 else:
-                    want = torch.float32 if key == _layouts.MASTER_KEY else lay.state_dtype_for(p.dtype)
+                    want = lay.dtype_of(key, p.dtype)
                 self.state[p][key] = value.detach().to(device=p.device, dtype=want, copy=True)
+            if lay.master or lay.remainder:
+                self._convert_master(p, lay, saved.get(idx, {}))
+
+    def _convert_int8(self, p, lay, saved, names) -> None:
+        """int8_state checkpoints (docs/layouts.md): into an int8_state group the saved codes and scales are kept
+        and fp32 moments (a checkpoint of another layout) are encoded; into a group of any other layout, saved
+        codes are decoded (to the layout's state dtype). Tensors the layout keeps in fp32 are loaded as fp32."""
+        st, sfx = self.state[p], _layouts.INT8_SCALE_SUFFIX
+        quantized = lay.int8 and _layouts.int8_quantized(p)
+        for key in names:
+            v = saved.get(key)
+            if not isinstance(v, torch.Tensor):
+                continue
+            sc = saved.get(key + sfx) if v.dtype in (torch.int8, torch.uint8) else None
+            if sc is not None and quantized:
+                st[key] = v.detach().to(p.device, copy=True)
+                st[key + sfx] = sc.detach().to(p.device, torch.float32, copy=True)
+                continue
+            x = _layouts.int8_decode(v.to(p.device), sc.to(p.device), v.dtype == torch.int8) if sc is not None \
+                else v.detach().to(p.device, torch.float32)
+            st.pop(key + sfx, None)
+            if quantized:
+                st[key], st[key + sfx] = _layouts.int8_encode(x.reshape(p.shape), key not in _layouts.INT8_UNSIGNED)
+            else:
+                want = p.dtype if lay.name == "native" else lay.dtype_of(key, p.dtype)
+                st[key] = x.reshape(p.shape).to(want)
+
+    def _convert_master(self, p, lay, saved) -> None:
+        """A checkpoint of layout "master" loaded into a "master16" group, or the reverse (docs/layouts.md): the
+        fp32 master is rebuilt from the live param (load the model's weights first) and its saved remainder, or
+        split into the param (rounded to nearest, ties away) and the remainder; the param is written then, and
+        differs from the saved one only where the master's low half is exactly 0x8000 (an RNE tie)."""
+        st = self.state[p]
+        if lay.master and _layouts.REMAINDER_KEY in saved and _layouts.MASTER_KEY not in saved:
+            st.pop(_layouts.REMAINDER_KEY, None)
+            lo = saved[_layouts.REMAINDER_KEY].to(p.device)
+            st[_layouts.MASTER_KEY] = _layouts.master16_decode(p.detach(), lo).view(p.shape).clone()
+        elif lay.remainder and _layouts.MASTER_KEY in saved and _layouts.REMAINDER_KEY not in saved:
+            st.pop(_layouts.MASTER_KEY, None)
+            hi, lo = _layouts.master16_encode(saved[_layouts.MASTER_KEY].to(p.device))
+            with torch.no_grad():
+                p.copy_(hi.view(p.shape))
+            st[_layouts.REMAINDER_KEY] = lo.view(p.shape)
 
 
     def state_dict(self):
@@ -281,6 +344,12 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 if own is not None:
                     t = own[k]
                     st[k] = torch.zeros(t.shape_for(p), dtype=t.dtype_for(p, layout), device=p.device)
+                elif layout.int8 and _layouts.int8_quantized(p):  # codes of 0 (the value 0) and zero scales
+                    st[k] = torch.zeros(p.shape, dtype=_layouts.int8_code_dtype(k), device=p.device)
+                    sk = k + _layouts.INT8_SCALE_SUFFIX
+                    st[sk] = torch.zeros(p.numel() // _layouts.INT8_BLOCK, dtype=torch.float32, device=p.device)
+                    if created is not None:
+                        created.append((st, sk))
                 else:
                     st[k] = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=None if native else
                                              layout.state_dtype_for(p.dtype))
@@ -290,6 +359,10 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 st[_layouts.MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
                 if created is not None:
                     created.append((st, _layouts.MASTER_KEY))
+            if layout.remainder and _layouts.REMAINDER_KEY not in st:  # master16: the master starts as the param
+                st[_layouts.REMAINDER_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=torch.int16)
+                if created is not None:
+                    created.append((st, _layouts.REMAINDER_KEY))
             states.append(st)
             fresh.append(bool(missing))
         return states, fresh
@@ -398,7 +471,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                                                cap_steps) if items else []
             else:
                 scalars = self._group_scalars(gi, group, states, fresh, grad_mult)
-            names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
+            names = (*state_names, *lay.extra_keys)
             keys = None
             if lay.stochastic:  # one rounding key per tensor: (seed, the group's step, the param's position)
                 pos = {id(q): i for i, q in enumerate(group["params"])}
@@ -411,7 +484,12 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 b.params.extend(items)
                 if cached is None:
                     b.grads.extend([p.grad for p in items])
-                    b.states.extend([tuple([st[k] for k in names]) for st in states])
+                    if lay.int8:  # quantized tensors: the codes, then their scales (backends.Backend)
+                        sfx = _layouts.INT8_SCALE_SUFFIX
+                        b.states.extend([tuple([st[k] for k in names] + [st[k + sfx] for k in names if k + sfx in st])
+                                         for st in states])
+                    else:
+                        b.states.extend([tuple([st[k] for k in names]) for st in states])
                 else:
                     b.grads.extend(cached[gi][1])
                     b.states.extend(cached[gi][0]["tuples"])

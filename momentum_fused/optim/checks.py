@@ -101,6 +101,9 @@ class ValidationMixin:
         if lay.name not in self.supported_layouts:
             raise ValueError(f"{where}{type(self).__name__} does not support dtype layout {lay.name!r} "
                              f"(it supports: {', '.join(self.supported_layouts)})")
+        if lay.int8 and not self.spec.plain_state:
+            raise ValueError(f"{where}{type(self).__name__}: dtype layout 'int8_state' needs param-shaped moment "
+                             "state; this rule declares state tensors of its own")
         for key in ("sr_seed", "sr_step"):
             v = group[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -229,7 +232,7 @@ class ValidationMixin:
                 self._check_group_keys(group, f"{name} param group {gi}")
             lay = self._check_layout_keys(group, f"{name} param group {gi}: ")
             state_names = spec.state_names(group)
-            check_names = (*state_names, _layouts.MASTER_KEY) if lay.master else state_names
+            check_names = (*state_names, *lay.extra_keys)
             native = lay.name == "native"
             own = None if spec.plain_state else {t.name: t for t in spec.tensors(group) if t.persistent}
             items, keys = [], set()
@@ -247,8 +250,27 @@ class ValidationMixin:
                 else:
                     raise TypeError(f"{self._where(p, pi, gi)}: dtype layout {lay.describe()} cannot hold a "
                                     f"{dtype} param; supported layouts: {_layouts.supported()}")
+                if lay.int8 and _dist.is_dtensor(p):
+                    raise NotImplementedError(f"{self._where(p, pi, gi)}: dtype layout 'int8_state' does not support "
+                                              "DTensor (FSDP2) params yet (its 256-element blocks must not straddle a "
+                                              "shard); use layout='native' for sharded params")
                 st = state.get(p)
-                if st and own is not None:  # contract v2: each state tensor's own shape and dtype
+                if st and lay.int8:  # codes + block scales (layouts.int8_quantized tensors), else fp32
+                    q = _layouts.int8_quantized(p)
+                    for key in state_names:
+                        t = st.get(key)
+                        want = _layouts.int8_code_dtype(key) if q else torch.float32
+                        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != want
+                                              or t.device != device):
+                            self._raise_bad_state(p, key, t, pi, gi, want)
+                        sk = key + _layouts.INT8_SCALE_SUFFIX
+                        s = st.get(sk)
+                        if q and t is not None and (not isinstance(s, torch.Tensor) or s.dtype != torch.float32
+                                                    or s.shape != (p.numel() // _layouts.INT8_BLOCK,)
+                                                    or s.device != device):
+                            self._raise_bad_state(p, sk, s, pi, gi, torch.float32,
+                                                  (p.numel() // _layouts.INT8_BLOCK,))
+                elif st and own is not None:  # contract v2: each state tensor's own shape and dtype
                     for key, ts in own.items():
                         t = st.get(key)
                         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != ts.shape_for(p)
@@ -258,9 +280,9 @@ class ValidationMixin:
                     for key in check_names:
                         t = st.get(key)
                         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape
-                                              or t.dtype != (torch.float32 if key == "master" else sdt)
+                                              or t.dtype != (sdt if native else lay.dtype_of(key, dtype))
                                               or t.device != device):
-                            self._raise_bad_state(p, key, t, pi, gi, torch.float32 if key == "master" else sdt)
+                            self._raise_bad_state(p, key, t, pi, gi, sdt if native else lay.dtype_of(key, dtype))
                 items.append(p)
                 keys.add((device, dtype))
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}

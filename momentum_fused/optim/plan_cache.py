@@ -110,7 +110,9 @@ class PlanCacheMixin:
             if len(chosen) > 1 or any([dev.type not in ("cpu", "cuda") for dev, _ in chosen]):
                 return
             lay = _layouts.get_layout(group["layout"])
-            keys = (*state_names, _layouts.MASTER_KEY) if lay.master else tuple(state_names)
+            if lay.int8:
+                return  # (per-tensor state dtypes and the scale tensors: the full plan)
+            keys = (*state_names, *lay.extra_keys)
             states = []
             for p in items:
                 st = self.state.get(p)

@@ -76,6 +76,10 @@ def _loss_value(loss):
 class _ScheduleFree(FusedOptimizer):
     """Shared train/eval, error checks and the Polyak reduction pass."""
 
+    # not int8_state: z is an iterate (the param's scale and precision), not a moment estimate; 8-bit codes of
+    # a block's absmax would move it by up to 1/127 of that max (docs/algorithms.md §11)
+    supported_layouts = tuple(n for n in FusedOptimizer.supported_layouts if n != "int8_state")
+
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         if len(self.param_groups) > 1:  # a group added later joins the optimizer's current mode
@@ -95,10 +99,16 @@ class _ScheduleFree(FusedOptimizer):
                 z = st.get("z")
                 if z is None:
                     continue
-                master = st.get("master")
+                master, lo = st.get("master"), st.get(_layouts.REMAINDER_KEY)
                 if master is not None:  # the master layout: move the fp32 copy, the param follows (RNE)
                     master.lerp_(z.to(master.device), weight)
                     p.copy_(master)
+                elif lo is not None:  # master16: the same move of the decoded master, encoded again
+                    m = _layouts.master16_decode(p, lo).view(p.shape)
+                    m.lerp_(z.to(m.device), weight)
+                    hi, low = _layouts.master16_encode(m)
+                    p.copy_(hi.view(p.shape))
+                    lo.copy_(low.view(lo.shape))
                 else:  # z may be narrower than p (bf16_state): lerp in the param's dtype, rounded once
                     p.lerp_(z.to(p.device, p.dtype), weight)
             group["train_mode"] = to_train
