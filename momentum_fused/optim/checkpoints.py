@@ -1,0 +1,128 @@
+"""Checkpoints of FusedOptimizer: ``load_state_dict`` (host counters keep their own dtype on the CPU, layouts
+keep their state dtypes, contract-v2 state keeps its declared dtype, torch.optim checkpoints of the same rule
+load, and the conversions between the master / master16 and fp32 / int8_state layouts) and ``state_dict``."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import layouts as _layouts
+from ..specs import HOST_STATE_KEYS
+
+__all__ = ["CheckpointMixin"]
+
+_CONVERTED = (_layouts.MASTER_KEY, _layouts.REMAINDER_KEY)  # load_state_dict converts one into the other
+_CONVERTIBLE = ("master", "master16")  # ... when a checkpoint of one loads into an optimizer of the other
+
+
+class CheckpointMixin:
+    """``load_state_dict`` / ``state_dict`` of FusedOptimizer (before torch.optim.Optimizer in its bases)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim.Optimizer.load_state_dict, except that host-side state (``step``,
+        ``mu_product``) keeps its own dtype on the CPU instead of being cast to the param dtype, and
+        groups saved by torch.optim (or an older version) get missing hyperparameters from the
+        defaults. Loading a torch.optim state_dict of the same rule works, and vice versa. A checkpoint of
+        layout "master" loaded into a group of layout "master16", or the reverse, is converted and the group
+        keeps its own layout (``_convert_master``; load the model's weights first). So do checkpoints loaded into
+        or from a group of layout "int8_state": moments are encoded to, or decoded from, 8-bit block codes
+        (``_convert_int8``)."""
+        self.sync_amp()
+        self._check_loaded_host_state(state_dict)
+        self.invalidate_caches()
+        host, saved = {}, {}
+        for idx, st in state_dict["state"].items():
+            host[idx] = {k: v for k, v in st.items() if k in HOST_STATE_KEYS}
+            saved[idx] = {k: v for k, v in st.items() if k not in HOST_STATE_KEYS and isinstance(v, torch.Tensor)}
+        live_layouts = [g["layout"] for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for g, live in zip(self.param_groups, live_layouts):  # converted checkpoints: the live layout stays
+            saved_layout = g.get("layout", live)
+            if saved_layout != live and ({saved_layout, live} == set(_CONVERTIBLE)
+                                         or "int8_state" in (saved_layout, live)):
+                g["layout"] = live
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        cap = {p for g in self.param_groups if g.get("capturable") for p in g["params"]}
+        for idx, p in zip(saved_ids, params):
+            for key, value in host.get(idx, {}).items():
+                dtype = torch.float32 if key == "step" else torch.float64
+                device = p.device if key == "step" and p in cap else "cpu"  # capturable: steps on the device
+                self.state[p][key] = torch.as_tensor(value).detach().to(device, dtype).clone()
+        for g in self.param_groups:
+            for k, v in {**self.defaults, **self.spec.group_extras}.items():
+                g.setdefault(k, v)
+        # torch casts floating state to the param dtype; layouts keep their own state dtypes (bf16 state,
+        # fp32 master): re-take those from the saved tensors, so that no value goes through a narrower type
+        layout_of, own_of, group_of = {}, {}, {}
+        for g in self.param_groups:
+            lay = _layouts.get_layout(g["layout"])
+            own = None if self.spec.plain_state else {t.name: t for t in self.spec.tensors(g) if t.persistent}
+            for p in g["params"]:
+                layout_of[p], own_of[p], group_of[p] = lay, own, g
+        for idx, p in zip(saved_ids, params):
+            lay, own = layout_of[p], own_of[p]
+            if lay.int8 or any(k.endswith(_layouts.INT8_SCALE_SUFFIX) for k in saved.get(idx, {})):
+                self._convert_int8(p, lay, saved.get(idx, {}), self.spec.state_names(group_of[p]))
+                continue
+            if lay.name == "native" and own is None:
+                continue
+            for key, value in saved.get(idx, {}).items():
+                if own is not None and key in own:  # contract v2: the rule's own dtype (int8 codes, fp32 scales)
+                    want = own[key].dtype_for(p, lay)
+                elif lay.name == "native":
+                    continue
+                elif key in _CONVERTED and key not in lay.extra_keys:
+                    continue  # the other master layout's key: converted below
+                else:
+                    want = lay.dtype_of(key, p.dtype)
+                self.state[p][key] = value.detach().to(device=p.device, dtype=want, copy=True)
+            if lay.master or lay.remainder:
+                self._convert_master(p, lay, saved.get(idx, {}))
+
+    def _convert_int8(self, p, lay, saved, names) -> None:
+        """int8_state checkpoints (docs/layouts.md): into an int8_state group the saved codes and scales are kept
+        and fp32 moments (a checkpoint of another layout) are encoded; into a group of any other layout, saved
+        codes are decoded (to the layout's state dtype). Tensors the layout keeps in fp32 are loaded as fp32."""
+        st, sfx = self.state[p], _layouts.INT8_SCALE_SUFFIX
+        quantized = lay.int8 and _layouts.int8_quantized(p)
+        for key in names:
+            v = saved.get(key)
+            if not isinstance(v, torch.Tensor):
+                continue
+            sc = saved.get(key + sfx) if v.dtype in (torch.int8, torch.uint8) else None
+            if sc is not None and quantized:
+                st[key] = v.detach().to(p.device, copy=True)
+                st[key + sfx] = sc.detach().to(p.device, torch.float32, copy=True)
+                continue
+            x = _layouts.int8_decode(v.to(p.device), sc.to(p.device), v.dtype == torch.int8) if sc is not None \
+                else v.detach().to(p.device, torch.float32)
+            st.pop(key + sfx, None)
+            if quantized:
+                st[key], st[key + sfx] = _layouts.int8_encode(x.reshape(p.shape), key not in _layouts.INT8_UNSIGNED)
+            else:
+                want = p.dtype if lay.name == "native" else lay.dtype_of(key, p.dtype)
+                st[key] = x.reshape(p.shape).to(want)
+
+    def _convert_master(self, p, lay, saved) -> None:
+        """A checkpoint of layout "master" loaded into a "master16" group, or the reverse (docs/layouts.md): the
+        fp32 master is rebuilt from the live param (load the model's weights first) and its saved remainder, or
+        split into the param (rounded to nearest, ties away) and the remainder; the param is written then, and
+        differs from the saved one only where the master's low half is exactly 0x8000 (an RNE tie)."""
+        st = self.state[p]
+        if lay.master and _layouts.REMAINDER_KEY in saved and _layouts.MASTER_KEY not in saved:
+            st.pop(_layouts.REMAINDER_KEY, None)
+            lo = saved[_layouts.REMAINDER_KEY].to(p.device)
+            st[_layouts.MASTER_KEY] = _layouts.master16_decode(p.detach(), lo).view(p.shape).clone()
+        elif lay.remainder and _layouts.MASTER_KEY in saved and _layouts.REMAINDER_KEY not in saved:
+            st.pop(_layouts.MASTER_KEY, None)
+            hi, lo = _layouts.master16_encode(saved[_layouts.MASTER_KEY].to(p.device))
+            with torch.no_grad():
+                p.copy_(hi.view(p.shape))
+            st[_layouts.REMAINDER_KEY] = lo.view(p.shape)
+
+
+    def state_dict(self):
+        self.sync_amp()
+        return super().state_dict()
