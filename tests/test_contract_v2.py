@@ -21,7 +21,7 @@ from momentum_fused import backends, reference
 from momentum_fused.optim.base import FusedOptimizer
 from momentum_fused.specs import (LR, SPECS, UNIT_OPEN, ElementwisePass, MatrixPhase, StateTensor,
                                   UpdateRuleSpec)
-from optim_db import assert_snapshot_equal, snapshot
+from optim_db import assert_snapshot_equal, run, snapshot
 
 BLOCK = 4
 
@@ -142,19 +142,12 @@ def _problem(dtype=torch.float64, steps=10, seed=0):
     return params, grads
 
 
-def _run(opt, params, grads):
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-
-
 # ------------------------------------------------------------------------------------ (b) phases
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_phased_rule_equals_an_independent_transcription(dtype):
     params, grads = _problem(dtype)
     opt = ToyNM([dict(params=params[:4]), dict(params=params[4:], lr=0.05)], lr=0.1, momentum=0.8)
-    _run(opt, params, grads)
+    run(opt, params, grads)
     x, _ = _problem(torch.float64)
     m = [torch.zeros_like(t) for t in x]
     for gs in grads:
@@ -173,7 +166,7 @@ def test_phased_rule_equals_an_independent_transcription(dtype):
 def test_matrix_phase_is_batched_by_shape_and_chunked():
     params, grads = _problem(steps=1)
     opt = ToyNM(params, lr=0.1)
-    _run(opt, params, grads)
+    run(opt, params, grads)
     # one group: (3, 4) x3 -> chunks of max_batch 2 -> [2, 3, 4] and [1, 3, 4]; (5, 5), (7,), (0,), () once each
     assert sorted(CALLS) == sorted([(2, 3, 4), (1, 3, 4), (1, 5, 5), (1, 7), (1, 0), (1,)])
 
@@ -181,18 +174,18 @@ def test_matrix_phase_is_batched_by_shape_and_chunked():
 def test_phased_rule_resumes_bitwise_and_skips_on_found_inf():
     params, grads = _problem()
     a = ToyNM(params, lr=0.1)
-    _run(a, params, grads[:4])
+    run(a, params, grads[:4])
     sd = copy.deepcopy(a.state_dict())
     saved = [p.clone() for p in params]
-    _run(a, params, grads[4:])
+    run(a, params, grads[4:])
     q = [p.clone() for p in saved]
     b = ToyNM(q, lr=0.1)
     b.load_state_dict(sd)
-    _run(b, q, grads[4:])
+    run(b, q, grads[4:])
     assert_snapshot_equal(snapshot(a, params), snapshot(b, q))
     before = snapshot(b, q)
     b.found_inf = torch.ones(())
-    _run(b, q, grads[:1])
+    run(b, q, grads[:1])
     assert_snapshot_equal(before, snapshot(b, q))
 
 
@@ -224,7 +217,7 @@ def test_a_forced_backend_without_the_passes_is_refused_naming_the_pass():
 def test_own_shaped_state_is_created_updated_and_equals_the_transcription():
     params, grads = _problem()
     opt = ToyQ8(params, lr=0.1, momentum=0.9)
-    _run(opt, params, grads)
+    run(opt, params, grads)
     for p in params:
         st = opt.state[p]
         assert st["codes"].dtype == torch.int8 and st["codes"].shape == p.shape
@@ -244,22 +237,22 @@ def test_own_shaped_state_is_created_updated_and_equals_the_transcription():
 def test_own_shaped_state_round_trips_through_a_checkpoint_with_its_dtypes():
     params, grads = _problem()
     a = ToyQ8(params)
-    _run(a, params, grads[:3])
+    run(a, params, grads[:3])
     sd = copy.deepcopy(a.state_dict())
     q = [p.clone() for p in params]
     b = ToyQ8(q)
     b.load_state_dict(sd)  # torch.optim would cast the int8 codes to the param dtype
     for p in q:
         assert b.state[p]["codes"].dtype == torch.int8 and b.state[p]["scales"].dtype == torch.float32
-    _run(a, params, grads[3:])
-    _run(b, q, grads[3:])
+    run(a, params, grads[3:])
+    run(b, q, grads[3:])
     assert_snapshot_equal(snapshot(a, params), snapshot(b, q))
 
 
 def test_own_shaped_state_of_the_wrong_shape_raises_naming_it_and_nothing_changes():
     params, grads = _problem()
     opt = ToyQ8(params)
-    _run(opt, params, grads[:2])
+    run(opt, params, grads[:2])
     opt.state[params[1]]["scales"] = torch.zeros(3)
     before = snapshot(opt, params)
     for p, g in zip(params, grads[2]):

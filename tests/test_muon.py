@@ -13,7 +13,7 @@ import torch
 import momentum_fused as mf
 from momentum_fused.specs_muon import NS_SCHEDULES
 from momentum_fused.optim.muon import AUX_DEFAULTS
-from optim_db import assert_snapshot_equal, snapshot
+from optim_db import assert_snapshot_equal, run, snapshot
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:momentum_fused. using backend:UserWarning")]
@@ -30,13 +30,6 @@ def _problem(shapes, steps, seed=0, dtype=torch.float32):
     return params, grads
 
 
-def _run(opt, params, grads):
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-
-
 # ------------------------------------------------------------------------------------ torch.optim.Muon
 @pytest.mark.parametrize("kw", [
     dict(lr=0.02),
@@ -51,8 +44,8 @@ def test_matches_torch_muon_in_bf16(kw):
     ours = [p.clone() for p in params]
     a = mf.Muon(ours, ns_dtype=torch.bfloat16, **kw)
     b = torch.optim.Muon(params, **kw)
-    _run(a, ours, grads)
-    _run(b, params, grads)
+    run(a, ours, grads)
+    run(b, params, grads)
     lr = kw["lr"]
     for p, q in zip(ours, params):
         scale = lr * max(1.0, 0.2 * math.sqrt(max(p.shape)), math.sqrt(max(1, p.shape[0] / p.shape[1])))
@@ -63,8 +56,8 @@ def test_matches_torch_muon_in_bf16(kw):
 def test_ns_dtype_none_is_bf16_on_cpu():
     params, grads = _problem(SHAPES, steps=3)
     q = [p.clone() for p in params]
-    _run(mf.Muon(params), params, grads)
-    _run(mf.Muon(q, ns_dtype=torch.bfloat16), q, grads)
+    run(mf.Muon(params), params, grads)
+    run(mf.Muon(q, ns_dtype=torch.bfloat16), q, grads)
     assert all(torch.equal(x, y) for x, y in zip(params, q))
 
 
@@ -114,7 +107,7 @@ def test_float64_equals_an_independent_transcription(case):
     params, grads = _problem(SHAPES, steps=12, dtype=torch.float64)
     x0 = [p.clone() for p in params]
     opt = mf.Muon(params, ns_dtype=torch.float64, **kw)
-    _run(opt, params, grads)
+    run(opt, params, grads)
     mu = kw.get("momentum", 0.95)
     x, bufs = _transcription(x0, grads, lr=kw["lr"], wd=kw.get("weight_decay", 0.1), mu=mu,
                              nesterov=kw.get("nesterov", True), schedule=case["schedule"], eps=1e-7,
@@ -128,8 +121,8 @@ def test_float64_equals_an_independent_transcription(case):
 def test_float32_ns_is_close_to_float64():
     params, grads = _problem(SHAPES, steps=5)
     p64 = [p.double() for p in params]
-    _run(mf.Muon(params, lr=0.02, ns_dtype=torch.float32), params, grads)
-    _run(mf.Muon(p64, lr=0.02, ns_dtype=torch.float64), p64, [[g.double() for g in gs] for gs in grads])
+    run(mf.Muon(params, lr=0.02, ns_dtype=torch.float32), params, grads)
+    run(mf.Muon(p64, lr=0.02, ns_dtype=torch.float64), p64, [[g.double() for g in gs] for gs in grads])
     for p, q in zip(params, p64):
         torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-5)
 
@@ -139,21 +132,21 @@ def test_checkpoint_from_torch_muon_and_back():
     params, grads = _problem(SHAPES_2D, steps=8)
     t_params = [p.clone() for p in params]
     t = torch.optim.Muon(t_params, lr=0.02)
-    _run(t, t_params, grads[:3])
+    run(t, t_params, grads[:3])
     ours = [p.clone() for p in t_params]
     m = mf.Muon(ours, lr=0.5)  # lr from the checkpoint wins
     m.load_state_dict(copy.deepcopy(t.state_dict()))
     assert m.param_groups[0]["lr"] == 0.02 and m.param_groups[0]["ns_dtype"] is None
-    _run(m, ours, grads[3:5])
-    _run(t, t_params, grads[3:5])
+    run(m, ours, grads[3:5])
+    run(t, t_params, grads[3:5])
     for p, q in zip(ours, t_params):
         assert torch.equal(p, q)
     # ours -> torch
     t2_params = [p.clone() for p in ours]
     t2 = torch.optim.Muon(t2_params, lr=0.1)
     t2.load_state_dict(copy.deepcopy(m.state_dict()))
-    _run(m, ours, grads[5:])
-    _run(t2, t2_params, grads[5:])
+    run(m, ours, grads[5:])
+    run(t2, t2_params, grads[5:])
     for p, q in zip(ours, t2_params):
         assert torch.equal(p, q)
         assert torch.equal(m.state[p]["momentum_buffer"], t2.state[q]["momentum_buffer"])
@@ -163,13 +156,13 @@ def test_resume_with_aux_groups_is_bitwise():
     params, grads = _problem([(4, 6), (6,), (4, 6), (3,)], steps=6)
     groups = lambda ps: [dict(params=[ps[0], ps[2]], lr=0.02), dict(params=[ps[1], ps[3]], use_muon=False, lr=1e-2)]
     a = mf.Muon(groups(params))
-    _run(a, params, grads[:3])
+    run(a, params, grads[:3])
     sd = copy.deepcopy(a.state_dict())
     q = [p.clone() for p in params]
     b = mf.Muon(groups(q))
     b.load_state_dict(sd)
-    _run(a, params, grads[3:])
-    _run(b, q, grads[3:])
+    run(a, params, grads[3:])
+    run(b, q, grads[3:])
     assert_snapshot_equal(snapshot(a, params), snapshot(b, q))
 
 
@@ -208,18 +201,18 @@ def test_found_inf_skips_and_grad_scale_unscales():
     params, grads = _problem([(4, 6), (6,)], steps=3)
     groups = lambda ps: [dict(params=[ps[0]]), dict(params=[ps[1]], use_muon=False)]
     opt = mf.Muon(groups(params), lr=0.02)
-    _run(opt, params, grads[:1])
+    run(opt, params, grads[:1])
     before = snapshot(opt, params)
     opt.found_inf = torch.ones(())
-    _run(opt, params, grads[1:2])
+    run(opt, params, grads[1:2])
     assert_snapshot_equal(before, snapshot(opt, params))
     del opt.found_inf
     q = [p.clone() for p in params]
     ref = mf.Muon(groups(q), lr=0.02)
     ref.load_state_dict(copy.deepcopy(opt.state_dict()))
     opt.grad_scale = torch.tensor(8.0)
-    _run(opt, params, [[g * 8 for g in grads[2]]])  # a power of two: the unscaled gradients are exact
-    _run(ref, q, grads[2:])
+    run(opt, params, [[g * 8 for g in grads[2]]])  # a power of two: the unscaled gradients are exact
+    run(ref, q, grads[2:])
     assert all(torch.equal(x, y) for x, y in zip(params, q))
 
 
@@ -266,7 +259,7 @@ def test_bad_input_at_step_changes_nothing(edit):
     kind, key, value, err = edit
     params, grads = _problem([(4, 6), (6,), (4, 6)], steps=2)
     opt = mf.Muon([dict(params=[params[0], params[2]]), dict(params=[params[1]], use_muon=False)], lr=0.02)
-    _run(opt, params, grads[:1])
+    run(opt, params, grads[:1])
     for p, g in zip(params, grads[1]):
         p.grad = g.clone()
     if key == "grad":
@@ -306,10 +299,10 @@ def test_torch_grad_scaler_skips_the_inf_step():
 def test_deepcopy_keeps_stepping_identically():
     params, grads = _problem([(4, 6), (6,)], steps=4)
     opt = mf.Muon([dict(params=[params[0]]), dict(params=[params[1]], use_muon=False)], lr=0.02)
-    _run(opt, params, grads[:2])
+    run(opt, params, grads[:2])
     twin = copy.deepcopy({"opt": opt, "params": params})
-    _run(opt, params, grads[2:])
-    _run(twin["opt"], twin["params"], grads[2:])
+    run(opt, params, grads[2:])
+    run(twin["opt"], twin["params"], grads[2:])
     assert_snapshot_equal(snapshot(opt, params), snapshot(twin["opt"], twin["params"]))
 
 
@@ -324,7 +317,7 @@ def test_newton_schulz_runs_once_per_shape_on_the_matrix_view(monkeypatch):
 
     monkeypatch.setattr(sm, "newton_schulz", spy)
     params, grads = _problem(SHAPES, steps=1)
-    _run(mf.Muon(params, ns_steps=3), params, grads)
+    run(mf.Muon(params, ns_steps=3), params, grads)
     # (3, 5) x3, (7, 2), (4, 3, 2) x2 -> [2, 4, 6], (5, 5), (1, 4): one batched call per shape, ns_dtype None -> bf16
     assert sorted(calls) == sorted([((3, 3, 5), torch.bfloat16, 3), ((1, 7, 2), torch.bfloat16, 3),
                                     ((2, 4, 6), torch.bfloat16, 3), ((1, 5, 5), torch.bfloat16, 3),
@@ -337,8 +330,8 @@ def test_bf16_params_track_torch_within_bf16_rounding():
     a few bf16 ulps over 10 steps."""
     params, grads = _problem(SHAPES_2D, steps=10, dtype=torch.bfloat16)
     ours = [p.clone() for p in params]
-    _run(mf.Muon(ours, lr=0.02, weight_decay=0.0), ours, grads)
-    _run(torch.optim.Muon(params, lr=0.02, weight_decay=0.0), params, grads)
+    run(mf.Muon(ours, lr=0.02, weight_decay=0.0), ours, grads)
+    run(torch.optim.Muon(params, lr=0.02, weight_decay=0.0), params, grads)
     for p, q in zip(ours, params):
         assert p.dtype == torch.bfloat16
         torch.testing.assert_close(p.float(), q.float(), rtol=2 ** -6, atol=2 ** -6)
