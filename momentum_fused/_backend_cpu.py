@@ -40,6 +40,8 @@ RULE_IDS = {name: i for i, name in enumerate(specs.KERNEL_RULES)}
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # the layout codes of the ops (enum Layout in csrc/generated/tables.h; the CUDA op uses the same codes)
 LAYOUT_CODES = {name: i for i, name in enumerate(layouts.LAYOUTS)}
+# the layouts the CPU kernels implement (csrc/cpu/cpu_kernels_impl.inc, `dispatch`)
+CPU_LAYOUTS = layouts.BASE_KERNEL_LAYOUTS
 
 
 
@@ -124,4 +126,4 @@ def make_backend() -> backends.Backend:
                              (packs, rule, fl, code, keys))
 
     return backends.Backend(name="cpu", apply=apply, supports=supports, devices=("cpu",), load_error=None,
-                            layouts=tuple(LAYOUT_CODES), scalar_tables=True)
+                            layouts=CPU_LAYOUTS, scalar_tables=True)

@@ -31,7 +31,10 @@ from __future__ import annotations
 import torch
 
 from . import backends, layouts
-from ._backend_cpu import LAYOUT_CODES, RULE_IDS, flags_to_int, layout_args
+from ._backend_cpu import RULE_IDS, flags_to_int, layout_args
+
+# the layouts the CUDA kernels implement (csrc/cuda/fused_step.cu, `step`)
+CUDA_LAYOUTS = layouts.BASE_KERNEL_LAYOUTS
 
 __all__ = ["make_backend", "SUPPORTED_DTYPES"]
 
@@ -88,4 +91,4 @@ def make_backend() -> backends.Backend:
         return 1
 
     return backends.Backend(name="cuda", apply=apply, supports=supports, devices=("cuda",), load_error=None,
-                            layouts=tuple(LAYOUT_CODES), device_scalars=True, scalar_tables=True)
+                            layouts=CUDA_LAYOUTS, device_scalars=True, scalar_tables=True)

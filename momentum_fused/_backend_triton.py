@@ -99,5 +99,5 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
 def make_backend() -> backends.Backend:
     err = _load_error()
     return backends.Backend(name="triton", apply=apply if err is None else None, supports=supports,
-                            devices=("cuda", "cpu"), load_error=err, layouts=tuple(layouts.LAYOUTS),
+                            devices=("cuda", "cpu"), load_error=err, layouts=layouts.BASE_KERNEL_LAYOUTS,
                             device_scalars=True, scalar_tables=True)

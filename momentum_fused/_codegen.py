@@ -85,8 +85,41 @@ def render() -> str:
             + ";", "}", "",
             "MF_HD inline bool layout_stochastic(long long layout) {",
             "  return " + " || ".join([f"layout == LAYOUT_{lay.name.upper()}" for lay in lays if lay.stochastic]
-                                      or ["false"]) + ";", "}", "", "}  // namespace mf", ""]
+                                      or ["false"]) + ";", "}", "",
+            "MF_HD inline bool layout_remainder(long long layout) {",
+            "  return " + " || ".join([f"layout == LAYOUT_{lay.name.upper()}" for lay in lays if lay.remainder]
+                                      or ["false"]) + ";", "}", "",
+            "MF_HD inline bool layout_int8(long long layout) {",
+            "  return " + " || ".join([f"layout == LAYOUT_{lay.name.upper()}" for lay in lays if lay.int8]
+                                      or ["false"]) + ";", "}", ""]
+    out += _int8_tables()
+    out += ["}  // namespace mf", ""]
     return "\n".join(out)
+
+
+def _floats(name: str, values) -> list:
+    """A constexpr float array, exact (C99 hex-float literals of the fp32 values), 4 per line."""
+    lits = [float(v).hex() + "f" for v in values]
+    rows = [", ".join(lits[i:i + 4]) for i in range(0, len(lits), 4)]
+    return [f"MF_INT8_TABLE_ATTR constexpr float {name}[{len(lits)}] = {{"] + [f"    {r}," for r in rows] + ["};"]
+
+
+def _int8_tables() -> list:
+    """The int8_state code map (layouts.int8_table) and its decision midpoints (layouts.int8_encode: the code is
+    the count of midpoints strictly below y), as fp32 constants: the kernels read these, never a copy."""
+    out = ["// int8_state code map (layouts.int8_table; docs/layouts.md): per block of INT8_BLOCK elements one fp32",
+           "// scale (the absmax); value = table[code index] * scale. Signed states: int8 code c in -127..127, index",
+           "// c + 127; unsigned: uint8 code = index. encode(y = x / scale) = the count of midpoints strictly below y.",
+           f"constexpr int INT8_BLOCK = {layouts.INT8_BLOCK};",
+           f"constexpr long long INT8_MIN_NUMEL = {layouts.INT8_MIN_NUMEL};",
+           "#ifndef MF_INT8_TABLE_ATTR",
+           "#define MF_INT8_TABLE_ATTR static",
+           "#endif"]
+    for signed, tag in ((True, "SIGNED"), (False, "UNSIGNED")):
+        t = layouts.int8_table(signed)
+        out += _floats(f"INT8_{tag}_TABLE", t.tolist())
+        out += _floats(f"INT8_{tag}_MID", layouts._int8_midpoints(t).tolist())
+    return out + [""]
 
 
 def main(argv=None) -> int:

@@ -234,7 +234,7 @@ def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_lay
 
 
 register(Backend(name="reference", apply=_reference_apply, devices=("cpu", "cuda", "mps", "xpu", "meta"),
-                 layouts=tuple(_layouts.ALL_LAYOUTS)))
+                 layouts=tuple(_layouts.LAYOUTS)))
 
 
 def available() -> list[str]:

@@ -16,7 +16,7 @@ and state) rounds stochastically: the fp32 bit pattern ``u`` plus 16 random bits
 ``(u + r) >> 16``, rounds up with probability equal to the dropped fraction: unbiased in expectation.
 Non-finite values round to nearest.
 
-With ``master16`` (reference backend only: not in the kernels' table ``LAYOUTS``) the fp32 master is not
+With ``master16`` the fp32 master is not
 stored: the bf16 param holds its high half rounded to nearest with ties away from zero and
 ``state["master_lo"]`` (int16) its low 16 bits, so that ``master16_decode(param, master_lo)`` rebuilds the
 master exactly (finite values and infinities; a NaN decodes to a NaN). On the fp32 bit pattern ``u``:
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Layout", "LAYOUTS", "ALL_LAYOUTS", "get_layout", "lowbias32", "sr_key", "sr_round_bf16", "rne_bf16",
+__all__ = ["Layout", "LAYOUTS", "BASE_KERNEL_LAYOUTS", "get_layout", "lowbias32", "sr_key", "sr_round_bf16", "rne_bf16",
            "master16_encode", "master16_decode", "int8_table", "int8_encode", "int8_decode"]
 
 M32 = 0xFFFFFFFF
@@ -93,19 +93,17 @@ class Layout:
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # The dtype layouts, in the order of their codes (enum Layout in csrc/generated/tables.h, the backends' codes).
+# Which of them a backend implements is its own list (``Backend.layouts``); the reference backend runs all.
 LAYOUTS = {
     "native": Layout("native", (torch.float32, torch.float64, torch.bfloat16, torch.float16), None),
     "bf16_state": Layout("bf16_state", (torch.float32,), torch.bfloat16),
     "master": Layout("master", (torch.bfloat16, torch.float16), torch.float32, master=True),
     "bf16_sr": Layout("bf16_sr", (torch.bfloat16,), torch.bfloat16, stochastic=True),
-}
-# Layouts the reference backend implements and the compiled kernels do not (no code in csrc/generated/tables.h;
-# the cpu, cuda and triton backends report them as not implemented, docs/layouts.md).
-REFERENCE_LAYOUTS = {
     "master16": Layout("master16", (torch.bfloat16,), torch.float32, remainder=True),
     "int8_state": Layout("int8_state", (torch.float32,), torch.float32, int8=True),
 }
-ALL_LAYOUTS = {**LAYOUTS, **REFERENCE_LAYOUTS}
+# The layouts of the first kernels (every compiled backend implements these four).
+BASE_KERNEL_LAYOUTS = ("native", "bf16_state", "master", "bf16_sr")
 NATIVE = LAYOUTS["native"]
 MASTER_KEY = "master"
 REMAINDER_KEY = "master_lo"
@@ -134,7 +132,7 @@ def roofline_bytes(n_state: int, param_dtype=torch.float32, grad_dtype=None, sta
 
 
 def supported() -> str:
-    return "; ".join(lay.describe() for lay in ALL_LAYOUTS.values())
+    return "; ".join(lay.describe() for lay in LAYOUTS.values())
 
 
 def get_layout(name) -> Layout:
@@ -142,9 +140,9 @@ def get_layout(name) -> Layout:
         return NATIVE
     if isinstance(name, Layout):
         return name
-    if not isinstance(name, str) or name not in ALL_LAYOUTS:
+    if not isinstance(name, str) or name not in LAYOUTS:
         raise ValueError(f"unknown dtype layout {name!r}; supported layouts: {supported()}")
-    return ALL_LAYOUTS[name]
+    return LAYOUTS[name]
 
 
 # ------------------------------------------------------------------------------ the hash (host ints)

@@ -188,7 +188,6 @@ def test_master_to_master16_rewrites_tie_params():
 def test_compiled_backends_refuse_master16():
     from momentum_fused.specs import get_spec
     lay, spec = layouts.get_layout("master16"), get_spec(mf.AdamW.rule)
-    assert "master16" not in layouts.LAYOUTS  # no kernel code (csrc/generated/tables.h)
     for name in ("cpu", "cuda", "triton"):
         b = backends._REGISTRY.get(name)
         if b is None or not b.available:

@@ -86,7 +86,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
     _step_supports_amp_scaling = True  # GradScaler sets .grad_scale / .found_inf, see step()
 
     # layouts this optimizer's front end supports (schedule-free narrows it: its train/eval swap)
-    supported_layouts: ClassVar[tuple] = tuple(_layouts.ALL_LAYOUTS)
+    supported_layouts: ClassVar[tuple] = tuple(_layouts.LAYOUTS)
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None = None, layout: str | None = None,
                  sr_seed: int = 0, capturable: bool = False, foreach: bool | None = None, fused: bool | None = None,
