@@ -77,3 +77,16 @@ def test_quick_bench_smoke(tmp_path):
     assert {r["provider"] for r in runs if r["rule"] == "adamw"} >= {"ours:reference", "torch:foreach"}
     assert res["host_overhead"], "host overhead was not measured"
     assert (out / "results.csv").exists() and (out / "results.md").exists()
+
+
+def test_frontend_bench_smoke(tmp_path, capsys):
+    """bench/frontend.py runs, keeps the cached plan on meta tensors, and leaves no backend registered."""
+    from bench import frontend
+    from momentum_fused import backends
+    out = tmp_path / "fe.json"
+    assert frontend.main(["--rules", "adamw", "--profiles", "llm", "--runs", "1", "--iters", "2",
+                          "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["device"], r["plan"]) for r in rows] == [("meta", "cached"), ("cpu", "cached"), ("meta", "full")]
+    assert rows[0]["cache_kept"] and rows[0]["tensors"] == len(profile_shapes("llm", 10**7))
+    assert "WARNING" not in capsys.readouterr().out and frontend.NULL not in backends._REGISTRY

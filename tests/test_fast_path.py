@@ -271,3 +271,46 @@ def test_identity_checks():
                                   (iter(dicts), "step", objs[:3], False)):
         assert _C_cpu.same_entries(ds, key, list(cached)) is want
         assert scalars._same_entries_py(ds, key, list(cached)) is want
+
+
+def test_cached_plan_serves_params_off_the_cpu():
+    """Params that are not CPU tensors (``meta`` here, standing for CUDA, which the cached plan treats alike: its
+    checks read metadata only) take the cached plan, and a backend receives exactly what the full plan gives it:
+    the same tensor objects in the same order, the same scalar packs (bench/frontend.py times this path)."""
+    seen = []
+
+    def apply(spec, flags, params, grads, states, scalars, **kw):
+        seen.append((flags, list(params), list(grads), [tuple(s) for s in states],
+                     [tuple(float(x) for x in sc) for sc in scalars], kw))
+
+    backends.register(backends.Backend(name="null-meta", apply=apply, devices=("meta",), device_scalars=True,
+                                       scalar_tables=True))
+    try:
+        ps = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in SHAPES]
+        for p in ps:
+            p.grad = torch.empty_like(p)
+        runs = {}
+        for cache in (True, False):
+            opt = mf.AdamW([dict(params=ps[:2]), dict(params=ps[2:], lr=1e-2)], lr=1e-3, backend="null-meta")
+            seen.clear()
+            hits = 0
+            for _ in range(4):
+                if cache and opt._fast_plan() is not None:
+                    hits += 1
+                opt.step()
+                if not cache:
+                    opt.invalidate_caches()
+            runs[cache] = (hits, [(f, [id(x) for x in p], [id(x) for x in g], [tuple(map(id, t)) for t in s], sc, kw)
+                                  for f, p, g, s, sc, kw in seen], opt)
+        assert runs[True][0] == 3 and runs[False][0] == 0  # every step after the first took the cached plan
+        # (the two optimizers share the params: the packs (step counters, lr) agree, the state objects are each
+        # optimizer's own, so compare them by position)
+        cached, full = runs[True][1], runs[False][1]
+        assert [(f, p, g, sc, kw) for f, p, g, s, sc, kw in cached] == [(f, p, g, sc, kw) for f, p, g, s, sc, kw
+                                                                       in full]
+        st_c, st_f = runs[True][2].state, runs[False][2].state
+        order = lambda st: [[id(st[p][k]) for k in ("exp_avg", "exp_avg_sq")] for p in ps]  # noqa: E731
+        assert [[list(t) for t in s] for _, _, _, s, _, _ in cached][-1] == [o for o in order(st_c)]
+        assert [[list(t) for t in s] for _, _, _, s, _, _ in full][-1] == [o for o in order(st_f)]
+    finally:
+        backends._REGISTRY.pop("null-meta", None)

@@ -1,6 +1,7 @@
 """The cached plan (the hot path of a step): the plan of the last step, re-validated by identity checks and one
 loop over the tensors in C (``momentum_fused._C_cpu``: cached_grads, same_objects, same_dict, same_entries,
-csrc/cpu/cpu_python.cpp). They read tensor metadata and pointers only, so they serve CUDA params as well.
+csrc/cpu/cpu_python.cpp). They read tensor metadata only, so they serve CUDA (or any device's) params as well:
+tests/test_fast_path.py proves it on ``meta`` tensors, and bench/frontend.py times that path without a GPU.
 Without the compiled extension (a pure-Python install) there is no cached plan: every step runs the full plan.
 Measured on the cpu backend: 10,000 tiny tensors, AdamW 168 ms per step with per-tensor Python checks, 11 ms
 with these (docs/architecture.md)."""
@@ -107,7 +108,7 @@ class PlanCacheMixin:
         cls = _dist.dtensor_class()
         entries = []
         for group, state_names, items, chosen in plan:
-            if len(chosen) > 1 or any([dev.type not in ("cpu", "cuda") for dev, _ in chosen]):
+            if len(chosen) > 1:  # (any device type: the C checks read metadata only, never data)
                 return
             lay = _layouts.get_layout(group["layout"])
             if lay.int8:
