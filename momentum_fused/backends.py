@@ -44,8 +44,9 @@ class Backend:
       states: list (one per tensor) of tuples of state tensors, ordered as spec.state_names, in
         layout.state_dtype_for(param dtype), followed by the layout's ``extra_keys`` (the fp32 master copy
         when layout.master, the int16 remainder when layout.remainder). layout.int8: a tensor with
-        layouts.int8_quantized(param) has its states as codes (int8 signed / uint8 unsigned) followed by their
-        fp32 block scales (2n tensors); the others have fp32 states.
+        layouts.int8_quantized(param) has its states as codes (int8 signed / uint8 unsigned), then the
+        layout's extra keys (master16_int8: the remainder), then the codes' fp32 block scales (2n tensors, or
+        2n + 1); the others have fp32 states (and the extra keys).
       scalars: list (one per tensor) of spec.Scalars packs, or (backends with ``scalar_tables``) one
         float64 [n, k] tensor on the tensors' device (capturable groups).
       layout: the dtype layout (momentum_fused.layouts); only "native" is passed unless listed in
@@ -202,13 +203,20 @@ def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_lay
             master.copy_(p32)
             p.copy_(p32)  # rounds to nearest even
         elif layout.int8 and _layouts.int8_quantized(p):  # int8_state: decode the block codes, run, encode
-            n = len(st) // 2
-            signed = [c.dtype == torch.int8 for c in st[:n]]
-            st32 = tuple(_layouts.int8_decode(c, s, sg) for c, s, sg in zip(st[:n], st[n:], signed))
-            fn(p, g, st32, sc, flags)
-            for c, s, t, sg in zip(st[:n], st[n:], st32, signed):
-                codes, scale = _layouts.int8_encode(t, sg)
-                c.copy_(codes)
+            r = 1 if layout.remainder else 0  # master16_int8: (codes..., remainder, scales...)
+            n = (len(st) - r) // 2
+            codes, scales = st[:n], st[n + r:]
+            signed = [c.dtype == torch.int8 for c in codes]
+            st32 = tuple(_layouts.int8_decode(c, s, sg) for c, s, sg in zip(codes, scales, signed))
+            p32 = _layouts.master16_decode(p, st[n]).view(p.shape) if r else p
+            fn(p32, g.float() if r else g, st32, sc, flags)
+            if r:
+                hi, low = _layouts.master16_encode(p32)
+                p.copy_(hi.view(p.shape))
+                st[n].copy_(low.view(p.shape))
+            for c, s, t, sg in zip(codes, scales, st32, signed):
+                code, scale = _layouts.int8_encode(t, sg)
+                c.copy_(code)
                 s.copy_(scale)
         elif layout.remainder:  # master16: the same fp32 master, stored as the param and its low half
             *st, lo = st

@@ -8,6 +8,7 @@
 | ``bf16_sr``   | bf16                      | bf16              | -                   | stochastic rounding     |
 | ``master16``  | bf16                      | fp32              | ``master_lo`` (int16)| to nearest, ties away   |
 | ``int8_state``| fp32                      | 8-bit block codes | ``<name>_scale``    | nearest code (state)    |
+| ``master16_int8``| bf16                   | 8-bit block codes | both of the above   | both of the above       |
 
 The update math is always fp32 (fp64 for fp64 storage). With ``master`` the rule reads the param value
 from the fp32 master copy (created from the param on the first step), writes the master, and writes the
@@ -101,6 +102,7 @@ LAYOUTS = {
     "bf16_sr": Layout("bf16_sr", (torch.bfloat16,), torch.bfloat16, stochastic=True),
     "master16": Layout("master16", (torch.bfloat16,), torch.float32, remainder=True),
     "int8_state": Layout("int8_state", (torch.float32,), torch.float32, int8=True),
+    "master16_int8": Layout("master16_int8", (torch.bfloat16,), torch.float32, remainder=True, int8=True),
 }
 # The layouts of the first kernels (every compiled backend implements these four).
 BASE_KERNEL_LAYOUTS = ("native", "bf16_state", "master", "bf16_sr")
@@ -122,13 +124,15 @@ def roofline_bytes(n_state: int, param_dtype=torch.float32, grad_dtype=None, sta
     p = _ELEM_BYTES[param_dtype]
     g = _ELEM_BYTES[grad_dtype or param_dtype]
     s = _ELEM_BYTES[state_dtype or lay.state_dtype_for(param_dtype)]
-    if lay.master:
-        return p + 2 * 4 + g + 2 * s * n_state
-    if lay.remainder:  # the param and the remainder, read and written
-        return 2 * p + 2 * 2 + g + 2 * s * n_state
     if lay.int8:  # a quantized tensor: 1-byte codes and an fp32 scale per INT8_BLOCK elements
-        return 2 * p + g + n_state * 2 * (1 + 4 / INT8_BLOCK)
-    return 2 * p + g + 2 * s * n_state
+        s_rw = n_state * 2 * (1 + 4 / INT8_BLOCK)
+    else:
+        s_rw = 2 * s * n_state
+    if lay.master:
+        return p + 2 * 4 + g + s_rw
+    if lay.remainder:  # the param and the remainder, read and written
+        return 2 * p + 2 * 2 + g + s_rw
+    return 2 * p + g + s_rw
 
 
 def supported() -> str:

@@ -102,7 +102,8 @@ enum Layout : int {
   LAYOUT_BF16_SR = 3,
   LAYOUT_MASTER16 = 4,
   LAYOUT_INT8_STATE = 5,
-  LAYOUT_COUNT = 6
+  LAYOUT_MASTER16_INT8 = 6,
+  LAYOUT_COUNT = 7
 };
 
 inline const char* layout_name(long long layout) {
@@ -113,6 +114,7 @@ inline const char* layout_name(long long layout) {
     case LAYOUT_BF16_SR: return "bf16_sr";
     case LAYOUT_MASTER16: return "master16";
     case LAYOUT_INT8_STATE: return "int8_state";
+    case LAYOUT_MASTER16_INT8: return "master16_int8";
     default: return "?";
   }
 }
@@ -125,6 +127,7 @@ MF_HD inline unsigned layout_param_dtype_bits(long long layout) {
     case LAYOUT_BF16_SR: return 4u;  // bfloat16
     case LAYOUT_MASTER16: return 4u;  // bfloat16
     case LAYOUT_INT8_STATE: return 1u;  // float32
+    case LAYOUT_MASTER16_INT8: return 4u;  // bfloat16
     default: return 0u;
   }
 }
@@ -137,6 +140,7 @@ inline const char* layout_param_dtypes(long long layout) {
     case LAYOUT_BF16_SR: return "bfloat16";
     case LAYOUT_MASTER16: return "bfloat16";
     case LAYOUT_INT8_STATE: return "float32";
+    case LAYOUT_MASTER16_INT8: return "bfloat16";
     default: return "";
   }
 }
@@ -149,6 +153,7 @@ MF_HD inline int layout_state_dtype_code(long long layout) {
     case LAYOUT_BF16_SR: return 2;
     case LAYOUT_MASTER16: return 0;
     case LAYOUT_INT8_STATE: return 0;
+    case LAYOUT_MASTER16_INT8: return 0;
     default: return -1;
   }
 }
@@ -162,11 +167,11 @@ MF_HD inline bool layout_stochastic(long long layout) {
 }
 
 MF_HD inline bool layout_remainder(long long layout) {
-  return layout == LAYOUT_MASTER16;
+  return layout == LAYOUT_MASTER16 || layout == LAYOUT_MASTER16_INT8;
 }
 
 MF_HD inline bool layout_int8(long long layout) {
-  return layout == LAYOUT_INT8_STATE;
+  return layout == LAYOUT_INT8_STATE || layout == LAYOUT_MASTER16_INT8;
 }
 
 // int8_state code map (layouts.int8_table; docs/layouts.md): per block of INT8_BLOCK elements one fp32

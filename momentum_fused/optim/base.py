@@ -77,8 +77,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
     in the param dtype), "bf16_state" (fp32 params, bf16 state), "master" (bf16/fp16 params with an fp32
     master copy in ``state["master"]``), "bf16_sr" (bf16 params and state, stochastic rounding seeded by
     ``sr_seed``), "master16" (bf16 params holding the high half of an fp32 master, its low half in
-    ``state["master_lo"]``), "int8_state" (fp32 params, moments as 8-bit block codes + fp32 scales); the last
-    two run on the reference backend only. Both are param-group keys (per-group values allowed) and saved in
+    ``state["master_lo"]``), "int8_state" (fp32 params, moments as 8-bit block codes + fp32 scales),
+    "master16_int8" (both, for bf16 params); docs/layouts.md says which backends run each. Both are param-group keys (per-group values allowed) and saved in
     state_dicts.
     """
 

@@ -13,7 +13,14 @@ from ..specs import HOST_STATE_KEYS
 __all__ = ["CheckpointMixin"]
 
 _CONVERTED = (_layouts.MASTER_KEY, _layouts.REMAINDER_KEY)  # load_state_dict converts one into the other
-_CONVERTIBLE = ("master", "master16")  # ... when a checkpoint of one loads into an optimizer of the other
+_MASTERS = ("master", "master16", "master16_int8")  # layouts with an fp32 master (a copy, or param + remainder)
+_INT8 = ("int8_state", "master16_int8")
+
+
+def _converts(saved: str, live: str) -> bool:
+    """Whether a checkpoint of layout ``saved`` loads into a group of layout ``live`` by conversion (the group keeps
+    ``live``): between the fp32-master layouts, and into or out of the layouts with 8-bit codes."""
+    return (saved in _MASTERS and live in _MASTERS) or saved in _INT8 or live in _INT8
 
 
 class CheckpointMixin:
@@ -26,8 +33,8 @@ class CheckpointMixin:
         defaults. Loading a torch.optim state_dict of the same rule works, and vice versa. A checkpoint of
         layout "master" loaded into a group of layout "master16", or the reverse, is converted and the group
         keeps its own layout (``_convert_master``; load the model's weights first). So do checkpoints loaded into
-        or from a group of layout "int8_state": moments are encoded to, or decoded from, 8-bit block codes
-        (``_convert_int8``)."""
+        or from a group of layout "int8_state" or "master16_int8": moments are encoded to, or decoded from, 8-bit
+        block codes (``_convert_int8``), and master16_int8's master converts as master16's."""
         self.sync_amp()
         self._check_loaded_host_state(state_dict)
         self.invalidate_caches()
@@ -39,8 +46,7 @@ class CheckpointMixin:
         super().load_state_dict(state_dict)
         for g, live in zip(self.param_groups, live_layouts):  # converted checkpoints: the live layout stays
             saved_layout = g.get("layout", live)
-            if saved_layout != live and ({saved_layout, live} == set(_CONVERTIBLE)
-                                         or "int8_state" in (saved_layout, live)):
+            if saved_layout != live and _converts(saved_layout, live):
                 g["layout"] = live
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -65,6 +71,15 @@ class CheckpointMixin:
             lay, own = layout_of[p], own_of[p]
             if lay.int8 or any(k.endswith(_layouts.INT8_SCALE_SUFFIX) for k in saved.get(idx, {})):
                 self._convert_int8(p, lay, saved.get(idx, {}), self.spec.state_names(group_of[p]))
+                if lay.master or lay.remainder:  # the master layouts' own keys, then their conversion
+                    for key in lay.extra_keys:
+                        v = saved.get(idx, {}).get(key)
+                        if v is not None:
+                            self.state[p][key] = v.detach().to(p.device, lay.dtype_of(key, p.dtype), copy=True)
+                    self._convert_master(p, lay, saved.get(idx, {}))
+                for key in _CONVERTED:  # a master layout's key that this layout does not keep
+                    if key not in lay.extra_keys:
+                        self.state[p].pop(key, None)
                 continue
             if lay.name == "native" and own is None:
                 continue

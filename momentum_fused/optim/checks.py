@@ -102,7 +102,7 @@ class ValidationMixin:
             raise ValueError(f"{where}{type(self).__name__} does not support dtype layout {lay.name!r} "
                              f"(it supports: {', '.join(self.supported_layouts)})")
         if lay.int8 and not self.spec.plain_state:
-            raise ValueError(f"{where}{type(self).__name__}: dtype layout 'int8_state' needs param-shaped moment "
+            raise ValueError(f"{where}{type(self).__name__}: dtype layout {lay.name!r} needs param-shaped moment "
                              "state; this rule declares state tensors of its own")
         for key in ("sr_seed", "sr_step"):
             v = group[key]
@@ -251,7 +251,7 @@ class ValidationMixin:
                     raise TypeError(f"{self._where(p, pi, gi)}: dtype layout {lay.describe()} cannot hold a "
                                     f"{dtype} param; supported layouts: {_layouts.supported()}")
                 if lay.int8 and _dist.is_dtensor(p):
-                    raise NotImplementedError(f"{self._where(p, pi, gi)}: dtype layout 'int8_state' does not support "
+                    raise NotImplementedError(f"{self._where(p, pi, gi)}: dtype layout {lay.name!r} does not support "
                                               "DTensor (FSDP2) params yet (its 256-element blocks must not straddle a "
                                               "shard); use layout='native' for sharded params")
                 st = state.get(p)
@@ -270,6 +270,11 @@ class ValidationMixin:
                                                     or s.device != device):
                             self._raise_bad_state(p, sk, s, pi, gi, torch.float32,
                                                   (p.numel() // _layouts.INT8_BLOCK,))
+                    for key in lay.extra_keys:  # master16_int8: the remainder, param-shaped
+                        t = st.get(key)
+                        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape
+                                              or t.dtype != lay.dtype_of(key, dtype) or t.device != device):
+                            self._raise_bad_state(p, key, t, pi, gi, lay.dtype_of(key, dtype))
                 elif st and own is not None:  # contract v2: each state tensor's own shape and dtype
                     for key, ts in own.items():
                         t = st.get(key)

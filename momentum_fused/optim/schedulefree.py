@@ -78,7 +78,7 @@ class _ScheduleFree(FusedOptimizer):
 
     # not int8_state: z is an iterate (the param's scale and precision), not a moment estimate; 8-bit codes of
     # a block's absmax would move it by up to 1/127 of that max (docs/algorithms.md §11)
-    supported_layouts = tuple(n for n in FusedOptimizer.supported_layouts if n != "int8_state")
+    supported_layouts = tuple(n for n in FusedOptimizer.supported_layouts if not _layouts.get_layout(n).int8)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
