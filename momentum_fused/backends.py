@@ -188,6 +188,9 @@ def pack_table(scalars, k: int) -> torch.Tensor:
     return uniq[torch.tensor(index, dtype=torch.int64)]
 
 
+_CODES = (torch.int8, torch.uint8)
+
+
 def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_layouts.NATIVE, sr_keys=None):
     """The reference rules, tensor by tensor. Half-precision storage (fp16/bf16) is computed in float32
     and rounded once when written back, as the kernels do: computing in fp16 itself would underflow
@@ -202,12 +205,12 @@ def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_lay
             fn(p32, g.float(), st32, sc, flags)
             master.copy_(p32)
             p.copy_(p32)  # rounds to nearest even
-        elif layout.int8 and _layouts.int8_quantized(p):  # int8_state: decode the block codes, run, encode
+        elif layout.int8 and st and st[0].dtype in _CODES:  # quantized (by its state: a shard cannot tell): decode
             r = 1 if layout.remainder else 0  # master16_int8: (codes..., remainder, scales...)
             n = (len(st) - r) // 2
             codes, scales = st[:n], st[n + r:]
             signed = [c.dtype == torch.int8 for c in codes]
-            st32 = tuple(_layouts.int8_decode(c, s, sg) for c, s, sg in zip(codes, scales, signed))
+            st32 = tuple(_layouts.int8_decode(c, s.reshape(-1), sg) for c, s, sg in zip(codes, scales, signed))
             p32 = _layouts.master16_decode(p, st[n]).view(p.shape) if r else p
             fn(p32, g.float() if r else g, st32, sc, flags)
             if r:
@@ -217,7 +220,7 @@ def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_lay
             for c, s, t, sg in zip(codes, scales, st32, signed):
                 code, scale = _layouts.int8_encode(t, sg)
                 c.copy_(code)
-                s.copy_(scale)
+                s.copy_(scale.view(s.shape))
         elif layout.remainder:  # master16: the same fp32 master, stored as the param and its low half
             *st, lo = st
             p32 = _layouts.master16_decode(p, lo).view(p.shape)

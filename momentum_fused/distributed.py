@@ -45,6 +45,15 @@ def local(t):
     return t
 
 
+def zeros_like_placed(p, shape: tuple, dtype: torch.dtype):
+    """Zeros of ``shape`` and ``dtype`` on ``p``'s device; a DTensor on ``p``'s mesh with ``p``'s placements when ``p`` is
+    one (the int8 layouts' block scales of shape (rows, blocks per row) follow the param's row shards)."""
+    if is_dtensor(p):
+        from torch.distributed.tensor import zeros
+        return zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=p.placements)
+    return torch.zeros(shape, dtype=dtype, device=p.device)
+
+
 def local_bucket(params, grads, states):
     """A backend bucket with every DTensor replaced by its local shard (identity when no DTensor
     can exist)."""

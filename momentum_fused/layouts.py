@@ -284,10 +284,30 @@ INT8_SCALE_SUFFIX = "_scale"  # state[name + "_scale"]: the fp32 block scales of
 
 
 def int8_quantized(p: torch.Tensor) -> bool:
-    """Whether the int8_state layout stores ``p``'s state as codes (else fp32): at least INT8_MIN_NUMEL elements,
-    a multiple of INT8_BLOCK."""
+    """Whether the int8 layouts store ``p``'s state as codes (else fp32): at least INT8_MIN_NUMEL elements, a
+    multiple of INT8_BLOCK. A DTensor (FSDP2) param also needs its blocks inside its shards: placements Shard(0) or
+    Replicate only, at least 2 dims, and rows (shape[0] slices) of a whole number of blocks; its blocks are then
+    those of the same plain tensor, and the decision is the global tensor's, never a shard's."""
     n = p.numel()
-    return n >= INT8_MIN_NUMEL and n % INT8_BLOCK == 0
+    if n < INT8_MIN_NUMEL or n % INT8_BLOCK:
+        return False
+    if _is_dtensor(p):
+        row = n // p.shape[0] if p.dim() >= 2 and p.shape[0] else 0
+        return row > 0 and row % INT8_BLOCK == 0 and all(
+            pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in p.placements)
+    return True
+
+
+def int8_scale_shape(p: torch.Tensor) -> tuple:
+    """The shape of the block scales of a quantized ``p``: (numel / INT8_BLOCK,); for a DTensor (shape[0], blocks per
+    row), a DTensor placed like the param, so that each shard's scales are those of its own rows."""
+    n = p.numel() // INT8_BLOCK
+    return (p.shape[0], n // p.shape[0]) if _is_dtensor(p) else (n,)
+
+
+def _is_dtensor(t) -> bool:
+    from .distributed import is_dtensor  # (lazy: distributed imports nothing of this module, but keep it light)
+    return is_dtensor(t)
 
 
 def int8_code_dtype(name: str) -> torch.dtype:

@@ -104,8 +104,15 @@ def _make_opt(name, params, backend):
 
 def _full(t):
     """A DTensor gathered (collective: every rank calls it in the same order), or a detached copy."""
+    import torch
+
     from momentum_fused.distributed import is_dtensor
 
+    if is_dtensor(t) and t.element_size() == 2 and t.dtype != torch.float16:  # gloo gathers no bf16 / int16:
+        from torch.distributed.tensor import DTensor                             # their bits as int32
+        wide = DTensor.from_local(t.to_local().view(torch.int16).to(torch.int32), t.device_mesh, t.placements,
+                                  shape=t.shape, stride=t.stride())
+        return wide.full_tensor().to(torch.int16).view(t.dtype).detach().clone()
     t = t.full_tensor() if is_dtensor(t) else t
     return t.detach().clone()
 
@@ -387,3 +394,47 @@ def scenario_lowrank_ddp(rank, tmpdir, backend):
 
 
 _KINDS["lowrank_ddp"] = scenario_lowrank_ddp
+
+
+def _int8_model(dtype, seed=0):
+    """Two layers: the first's weight (17 x 256) has rows of whole 256-element blocks and is quantized under the
+    int8 layouts, sharded 9 / 8 rows by FSDP2 (each shard under 4096 elements: the decision is the global
+    tensor's); the rest keeps fp32 state."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(256, 17), nn.Tanh(), nn.Linear(17, 3)).to(dtype)
+
+
+def scenario_int8_fsdp(rank, tmpdir, layout, backend, steps=STEPS):
+    """int8_state (fp32) or master16_int8 (bf16) under FSDP2 vs one process. Every rank trains on the WHOLE batch,
+    so the averaged gradient is exactly the single process's ((g + g) / 2 = g) and the runs agree bit for bit: a
+    block cut by a shard, or scales of the wrong rows, would show as a difference of a whole code."""
+    import torch
+
+    import momentum_fused as mf
+
+    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(GLOBAL_BATCH, 256, generator=gen).to(dtype), torch.randn(GLOBAL_BATCH, 3, generator=gen)
+             .to(dtype)) for _ in range(steps)]
+
+    def run(model, wrapped):
+        params = list(model.parameters())
+        opt = mf.AdamW(params, lr=0.01, weight_decay=0.1, layout=layout, backend=backend)
+        for x, y in data:
+            opt.zero_grad()
+            ((wrapped(x) - y).float() ** 2).mean().backward()
+            opt.step()
+        return opt, params
+
+    ref_opt, ref_params = run(*(2 * (_int8_model(dtype),)))
+    model = _int8_model(dtype)
+    opt, params = run(model, _fsdp(model))
+    codes = [str(v.dtype) for p in params for k, v in sorted(opt.state[p].items()) if k != "step"]
+    return dict(dist=_snapshot(opt, params), ref=_snapshot(ref_opt, ref_params), codes=codes,
+                local_numels=[p.to_local().numel() for p in params])
+
+
+_KINDS["int8_fsdp"] = scenario_int8_fsdp

@@ -402,26 +402,3 @@ def test_int8_state_errors():
     with pytest.raises(ValueError, match="momentum_buffer"):
         opt.step()
     assert torch.equal(p, before)
-
-
-def test_int8_state_refuses_dtensor_params(tmp_path):
-    """FSDP2 (DTensor params) is not supported by int8_state yet: a clear error before any change (a one-process
-    gloo DeviceMesh makes the DTensors)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        p = torch.nn.Parameter(distribute_tensor(torch.ones(4096), mesh, [Shard(0)]))
-        p.grad = distribute_tensor(torch.ones(4096), mesh, [Shard(0)])
-        opt = mf.AdamW([p], lr=0.1, layout="int8_state", backend="reference")
-        with pytest.raises(NotImplementedError, match="int8_state' does not support DTensor"):
-            opt.step()
-        assert torch.equal(p.full_tensor(), torch.ones(4096)) and not opt.state[p]
-    finally:
-        if own:
-            dist.destroy_process_group()

@@ -41,6 +41,7 @@ def _available(backends):
 
 
 WRAPPERS = ["fsdp", "ddp"]
+INT8_LAYOUTS = ["int8_state", "master16_int8"]
 TRAIN_OPTS = list(dw.OPTIMIZERS)
 CKPT_OPTS = ["adamw", "sf_adamw"]
 
@@ -55,6 +56,8 @@ def _scenarios():
     out += [dict(id=f"zero-adamw-{b}", kind="zero", opt_name="adamw", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"bad_grad-{b}", kind="bad_grad", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"lowrank_ddp-{b}", kind="lowrank_ddp", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"int8_fsdp-{lay}", kind="int8_fsdp", layout=lay, backend="reference")
+            for lay in INT8_LAYOUTS]
     return out
 
 
@@ -233,3 +236,24 @@ def test_lowrank_sgd_under_ddp_equals_single_process(world, backend):
         torch.testing.assert_close(res["dist"]["W"], res["ref"]["W"], rtol=1e-9, atol=1e-11)
         for a, b in zip(res["dist"]["dense"], res["ref"]["dense"]):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+# ------------------------------------------------------------------ the int8 layouts under FSDP2
+@pytest.mark.parametrize("layout", INT8_LAYOUTS)
+def test_int8_layouts_under_fsdp_equal_single_process_bit_for_bit(world, layout):
+    """8-bit codes on FSDP2 shards (docs/layouts.md): blocks never straddle a shard, each shard's scales are its
+    own rows', so with the same averaged gradients the sharded run IS the single-process one, codes included."""
+    r0, r1 = _results(world, f"int8_fsdp-{layout}")
+    assert r0["codes"][:4] == ["torch.int8", "torch.float32", "torch.uint8", "torch.float32"]  # weight 0 quantized
+    assert r0["local_numels"][0] + r1["local_numels"][0] == 17 * 256 and r1["local_numels"][0] < 4096
+    for res in (r0, r1):
+        got, want = res["dist"], res["ref"]
+        for i, (a, b) in enumerate(zip(got["params"], want["params"])):
+            assert torch.equal(a, b), f"param {i}"
+        for i, (sa, sb) in enumerate(zip(got["state"], want["state"])):
+            assert set(sa) == set(sb), i
+            for k in sa:
+                a, b = torch.as_tensor(sa[k]), torch.as_tensor(sb[k])
+                assert torch.equal(a.reshape(-1) if k.endswith("_scale") else a, b), f"param {i} {k}"
+    init = [p.detach() for p in dw._int8_model(r0["dist"]["params"][0].dtype).parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(r0["dist"]["params"], init))  # the steps did something

@@ -235,9 +235,9 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                     t = own[k]
                     st[k] = torch.zeros(t.shape_for(p), dtype=t.dtype_for(p, layout), device=p.device)
                 elif layout.int8 and _layouts.int8_quantized(p):  # codes of 0 (the value 0) and zero scales
-                    st[k] = torch.zeros(p.shape, dtype=_layouts.int8_code_dtype(k), device=p.device)
+                    st[k] = torch.zeros_like(p, dtype=_layouts.int8_code_dtype(k), memory_format=torch.contiguous_format)
                     sk = k + _layouts.INT8_SCALE_SUFFIX
-                    st[sk] = torch.zeros(p.numel() // _layouts.INT8_BLOCK, dtype=torch.float32, device=p.device)
+                    st[sk] = _dist.zeros_like_placed(p, _layouts.int8_scale_shape(p), torch.float32)
                     if created is not None:
                         created.append((st, sk))
                 else:

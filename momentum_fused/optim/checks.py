@@ -250,10 +250,6 @@ class ValidationMixin:
                 else:
                     raise TypeError(f"{self._where(p, pi, gi)}: dtype layout {lay.describe()} cannot hold a "
                                     f"{dtype} param; supported layouts: {_layouts.supported()}")
-                if lay.int8 and _dist.is_dtensor(p):
-                    raise NotImplementedError(f"{self._where(p, pi, gi)}: dtype layout {lay.name!r} does not support "
-                                              "DTensor (FSDP2) params yet (its 256-element blocks must not straddle a "
-                                              "shard); use layout='native' for sharded params")
                 st = state.get(p)
                 if st and lay.int8:  # codes + block scales (layouts.int8_quantized tensors), else fp32
                     q = _layouts.int8_quantized(p)
@@ -265,11 +261,18 @@ class ValidationMixin:
                             self._raise_bad_state(p, key, t, pi, gi, want)
                         sk = key + _layouts.INT8_SCALE_SUFFIX
                         s = st.get(sk)
+                        want_shape = _layouts.int8_scale_shape(p) if q else None
                         if q and t is not None and (not isinstance(s, torch.Tensor) or s.dtype != torch.float32
-                                                    or s.shape != (p.numel() // _layouts.INT8_BLOCK,)
-                                                    or s.device != device):
-                            self._raise_bad_state(p, sk, s, pi, gi, torch.float32,
-                                                  (p.numel() // _layouts.INT8_BLOCK,))
+                                                    or tuple(s.shape) != want_shape or s.device != device):
+                            self._raise_bad_state(p, sk, s, pi, gi, torch.float32, want_shape)
+                        if q and t is not None and (_dist.is_dtensor(s) != _dist.is_dtensor(p) or (
+                                _dist.is_dtensor(p) and (tuple(s.placements) != tuple(p.placements)
+                                                         or _dist.local(s).shape[0] != _dist.local(p).shape[0]))):
+                            raise ValueError(f"{self._where(p, pi, gi)}: state {sk!r} must be "
+                                             + (f"a DTensor placed as the param ({tuple(p.placements)}), its rows "
+                                                "sharded with the param's rows" if _dist.is_dtensor(p) else
+                                                "a plain tensor, as the param")
+                                             + "; was a state_dict loaded into differently sharded params?")
                     for key in lay.extra_keys:  # master16_int8: the remainder, param-shaped
                         t = st.get(key)
                         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape

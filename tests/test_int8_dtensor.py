@@ -1,0 +1,93 @@
+"""The int8 layouts with DTensor (FSDP2) params, in one process (a one-rank gloo mesh; the two-rank run is
+tests/test_distributed.py::test_int8_state_under_fsdp_equals_single_process).
+
+Blocks never straddle a shard: a DTensor param is quantized when its rows hold whole blocks and it is sharded on
+dim 0 only (layouts.int8_quantized), its scales are a DTensor of shape (rows, blocks per row) placed like it, and the
+decision is the global tensor's. Its blocks are then those of the same plain tensor, so the steps are bit for bit
+those of the plain param.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import momentum_fused as mf
+from momentum_fused import layouts
+
+dist = pytest.importorskip("torch.distributed")
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("needs torch.distributed with the gloo backend (this torch build has none)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    from torch.distributed.device_mesh import init_device_mesh
+    own = not dist.is_initialized()
+    if own:
+        path = tmp_path_factory.mktemp("rdzv") / "rendezvous"
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def _run(values, grads, layout, make):
+    ps = [torch.nn.Parameter(make(v.clone())) for v in values]
+    opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, layout=layout, backend="reference")
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = make(g.clone().to(p.dtype))
+        opt.step()
+    return opt, ps
+
+
+@pytest.mark.parametrize("layout", ["int8_state", "master16_int8"])
+def test_a_dtensor_param_steps_as_the_plain_one(mesh, layout):
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dt = torch.float32 if layout == "int8_state" else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(17, 256), (9, 2, 256), (4096,), (40, 128)]  # rows of whole blocks: the first two only
+    values = [torch.randn(s, generator=gen).to(dt) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
+    shard = lambda t: distribute_tensor(t, mesh, [Shard(0)])  # noqa: E731
+    opt, ps = _run(values, grads, layout, shard)
+    ref, rs = _run(values, grads, layout, lambda t: t)
+    # a param that keeps fp32 state steps as under the layout without codes
+    fb, fs = _run(values, grads, {"int8_state": "native", "master16_int8": "master16"}[layout], lambda t: t)
+    for i, (p, r, f) in enumerate(zip(ps, rs, fs)):
+        q = layouts.int8_quantized(p)
+        assert q == (i < 2), (i, q)  # a plain (4096,) or (40, 128) is quantized; sharded, its rows are not blocks
+        r, rst = (r, ref.state[r]) if q else (f, fb.state[f])
+        assert torch.equal(p.full_tensor(), r.detach()), i
+        st = opt.state[p]
+        assert set(st) == set(rst), i
+        for k, v in st.items():
+            assert type(v) is not torch.Tensor or k == "step", (i, k)  # DTensors, as the param
+            full = v.full_tensor() if hasattr(v, "full_tensor") else v
+            if k.endswith("_scale"):
+                assert tuple(v.shape) == (shapes[i][0], p.numel() // shapes[i][0] // 256)
+                assert tuple(v.placements) == tuple(p.placements)
+                full = full.reshape(-1)
+            assert torch.equal(full, rst[k]), (i, k)
+
+
+def test_scales_placed_otherwise_are_refused_before_any_change(mesh):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    p = torch.nn.Parameter(distribute_tensor(torch.ones(17, 256), mesh, [Shard(0)]))
+    p.grad = distribute_tensor(torch.ones(17, 256), mesh, [Shard(0)])
+    opt = mf.AdamW([p], lr=0.1, layout="int8_state", backend="reference")
+    opt.step()
+    st = opt.state[p]
+    st["exp_avg_scale"] = distribute_tensor(st["exp_avg_scale"].full_tensor(), mesh, [Replicate()])
+    before = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in st.items()}
+    w = p.full_tensor().clone()
+    with pytest.raises(ValueError, match="exp_avg_scale.*DTensor placed as the param"):
+        opt.step()
+    assert torch.equal(p.full_tensor(), w)
+    for k, v in st.items():
+        assert torch.equal(v.full_tensor() if hasattr(v, "full_tensor") else v, before[k]), k
+    st["exp_avg_scale"] = st["exp_avg_scale"].full_tensor()  # a plain tensor for a DTensor param
+    with pytest.raises(ValueError, match="exp_avg_scale.*DTensor placed as the param"):
+        opt.step()
