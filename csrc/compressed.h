@@ -14,9 +14,14 @@
 // Encoding x with the block scale s: y = x / (s > 0 ? s : 1) (fp32 division), index = the count of midpoints
 // (INT8_*_MID, generated/tables.h) strictly below y (a tie goes to the lower code), as torch.bucketize counts
 // them: the midpoints m with !(y <= m), so a NaN y counts all of them (the top code).
-// The index is found from a guess from the map's shape (sqrt(|y|) * 127, or sqrt(sqrt(y)) * 255, rounded),
-// which is within one of the count (each midpoint's preimage lies between its two codes), then one comparison
-// with the midpoint on each side.
+// The index is found from a guess from the map's shape and ONE comparison with a midpoint. The magnitude code
+// c* of y and r = sqrt(|y|) * 127 (signed) or sqrt(sqrt(y)) * 255 (unsigned) satisfy c* - 0.5 < r < c* + 1: the
+// preimage under the map of the midpoint between codes c and c + 1 lies strictly between c + 0.5 and c + 1 (a
+// power mean of c and c + 1 above their arithmetic mean), by more than 9e-4 (far more than the fp32 rounding of
+// the midpoints moves it) above c + 0.5 and 0.15 below c + 1. So the guess
+// floor(r + 0.5 + INT8_GUESS_BIAS) is c* or c* + 1 for any error |e| < INT8_GUESS_BIAS in r (fp32 rounding
+// here, the 2^-14 approximations of the AVX-512 form): a magnitude one too large is corrected by comparing y
+// with the one midpoint below it in magnitude.
 #pragma once
 
 #include "mf_common.h"
@@ -61,28 +66,34 @@ MF_HD MF_INLINE float int8_divisor(float scale) { return scale > 0.0f ? scale : 
 // INT8_UNSIGNED_TABLE, or the device's copy of it).
 MF_HD MF_INLINE float int8_decode(const float* table, int index, float scale) { return table[index] * scale; }
 
-// The first guess of the index of y: within one of the exact count for every y (each midpoint's preimage under
-// the map lies strictly between its two codes; |y| > 1, the infinities and NaN guess the end code).
-MF_HD MF_INLINE int int8_guess_signed(float y) {
-  const float r = sqrtf(fabsf(y)) * 127.0f + 0.5f;
-  const int c = r < 127.0f ? static_cast<int>(r) : 127;  // (NaN: 127, fixed up below)
-  return y < 0.0f ? 127 - c : 127 + c;
+constexpr float INT8_GUESS_BIAS = 0.125f;
+
+// The guessed magnitude code (c* or c* + 1, above): min(floor(r + 0.5 + bias), top); |y| > 1, the infinities
+// and NaN give top.
+MF_HD MF_INLINE int int8_guess_code(float r, int top) {
+  const float t = r + (0.5f + INT8_GUESS_BIAS);
+  return t < static_cast<float>(top) ? static_cast<int>(t) : top;
 }
 
-MF_HD MF_INLINE int int8_guess_unsigned(float y) {
-  const float r = sqrtf(sqrtf(y <= 0.0f ? 0.0f : y)) * 255.0f + 0.5f;  // (NaN: 255)
-  return r < 255.0f ? static_cast<int>(r) : 255;
+// The index of y (signed map): the count of midpoints m with !(y <= m). y >= 0 (and NaN): index 127 + c, one
+// too large if y <= the midpoint below; y < 0: index 127 - c, one too small if !(y <= the midpoint above).
+MF_HD MF_INLINE int int8_index_signed(float y, const float* mid) {
+  const int c = int8_guess_code(sqrtf(fabsf(y)) * 127.0f, 127);
+  if (y < 0.0f) {
+    const int k = 127 - c;  // <= 127 < 254 midpoints: mid[k] exists
+    return !(y <= mid[k]) ? k + 1 : k;
+  }
+  const int k = 127 + c;  // >= 127: mid[k - 1] exists
+  return y <= mid[k - 1] ? k - 1 : k;
 }
 
-// The count of m in mid[0 .. nmid) with !(y <= m) (mid ascending), given a guess within one of it.
-MF_HD MF_INLINE int int8_fixup(float y, int k, const float* mid, int nmid) {
-  k = k < 0 ? 0 : (k > nmid ? nmid : k);
-  if (k < nmid && !(y <= mid[k])) ++k;
-  if (k > 0 && y <= mid[k - 1]) --k;
-  return k;
+// The index of y (unsigned map, y >= 0 in use; y <= 0 guesses 0, NaN 255).
+MF_HD MF_INLINE int int8_index_unsigned(float y, const float* mid) {
+  const int k = int8_guess_code(sqrtf(sqrtf(y <= 0.0f ? 0.0f : y)) * 255.0f, 255);
+  return k > 0 && y <= mid[k - 1] ? k - 1 : k;
 }
 
-// The exact count by a search (the definition; for checks of the guess-based form).
+// The exact count by a binary search (the definition; for checks of the guess-based forms).
 MF_HD MF_INLINE int int8_count_below(float y, const float* mid, int nmid) {
   int lo = 0, hi = nmid;  // the count is in [lo, hi]
   while (lo < hi) {
@@ -99,14 +110,10 @@ MF_HD MF_INLINE int int8_count_below(float y, const float* mid, int nmid) {
 MF_HD MF_INLINE bool int8_quantized(long long numel) { return numel >= INT8_MIN_NUMEL && numel % INT8_BLOCK == 0; }
 
 // The table index of x in a block of divisor `div` (int8_divisor(scale)).
-MF_HD MF_INLINE int int8_encode_signed(float x, float div, const float* mid) {
-  const float y = x / div;
-  return int8_fixup(y, int8_guess_signed(y), mid, INT8_SIGNED_COUNT - 1);
-}
+MF_HD MF_INLINE int int8_encode_signed(float x, float div, const float* mid) { return int8_index_signed(x / div, mid); }
 
 MF_HD MF_INLINE int int8_encode_unsigned(float x, float div, const float* mid) {
-  const float y = x / div;
-  return int8_fixup(y, int8_guess_unsigned(y), mid, INT8_UNSIGNED_COUNT - 1);
+  return int8_index_unsigned(x / div, mid);
 }
 
 // torch.amax's absmax step: NaN propagates.
