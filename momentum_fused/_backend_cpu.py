@@ -11,11 +11,13 @@ registered op ``torch.ops.momentum_fused.cpu_step``, whose TensorList conversion
 per list: most of a step over 10,000 small tensors). The registered op still runs under a TorchDispatchMode
 and for tensor subclasses that dispatch to Python, so that modes and subclasses see it.
 
-Dtype layouts (momentum_fused/layouts.py): all four (native, bf16_state, master, bf16_sr), passed to the op
-as ``LAYOUT_CODES[layout.name]`` (``enum Layout`` of csrc/generated/tables.h); with ``master``
-the fp32 master copy is the last tensor of each state tuple; with ``bf16_sr`` ``sr_keys`` (one uint32 per
-tensor) go to the op as an int64 tensor. The op checks every dtype against the layout table and raises
-before writing anything.
+Dtype layouts (momentum_fused/layouts.py): all six (native, bf16_state, master, bf16_sr, master16,
+int8_state), passed to the op as ``LAYOUT_CODES[layout.name]`` (``enum Layout`` of csrc/generated/tables.h);
+with ``master`` the fp32 master copy is the last tensor of each state tuple, with ``master16`` the int16
+remainder; with ``int8_state`` a quantized param's tuple is its codes then their fp32 block scales (one call
+per bucket: the kernels tell quantized params by their size, csrc/compressed.h ``int8_quantized``); with
+``bf16_sr`` ``sr_keys`` (one uint32 per tensor) go to the op as an int64 tensor. The op checks every dtype
+against the layout table and raises before writing anything.
 
 Rule ids (``specs.KERNEL_RULES``), flag bits (``spec.flag_names``), pack columns (``spec.scalar_names``) and
 layout codes (``layouts.LAYOUTS``) are defined once in Python; csrc/generated/tables.h is generated from them
@@ -40,8 +42,8 @@ RULE_IDS = {name: i for i, name in enumerate(specs.KERNEL_RULES)}
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # the layout codes of the ops (enum Layout in csrc/generated/tables.h; the CUDA op uses the same codes)
 LAYOUT_CODES = {name: i for i, name in enumerate(layouts.LAYOUTS)}
-# the layouts the CPU kernels implement (csrc/cpu/cpu_kernels_impl.inc, `dispatch`)
-CPU_LAYOUTS = layouts.BASE_KERNEL_LAYOUTS
+# the layouts the CPU kernels implement (csrc/cpu/cpu_kernels_impl.inc, `dispatch`): all of layouts.LAYOUTS
+CPU_LAYOUTS = (*layouts.BASE_KERNEL_LAYOUTS, "master16", "int8_state")
 
 
 

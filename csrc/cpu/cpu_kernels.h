@@ -14,14 +14,20 @@ namespace cpu {
 
 // One bucket: n tensors of one param dtype and one layout, all contiguous. states holds n * num_states
 // pointers, tensor-major (states[i * ns + j] is state j of tensor i), in the layout's state dtype.
-// scalars is a row-major [n, k] float64 pack. masters: n fp32 pointers (MASTER only); sr_keys: n uint32
-// keys (BF16_SR only).
+// scalars is a row-major [n, k] float64 pack. masters: n fp32 pointers (MASTER only); remainders: n int16
+// pointers (MASTER16 only); sr_keys: n uint32 keys (BF16_SR only). INT8_STATE: a quantized param
+// (int8_quantized(numel), ../compressed.h) has its codes in states[i * ns + j] (int8 when
+// code_signed[i * ns + j], else uint8) and their fp32 block scales in scales[i * ns + j]; the others have fp32
+// states (scales[i * ns + j] null).
 struct Bucket {
   int64_t n = 0;
   void* const* params = nullptr;
   const void* const* grads = nullptr;
   void* const* states = nullptr;
   void* const* masters = nullptr;
+  void* const* remainders = nullptr;
+  void* const* scales = nullptr;
+  const uint8_t* code_signed = nullptr;
   const uint32_t* sr_keys = nullptr;
   const int64_t* numel = nullptr;
   const double* scalars = nullptr;

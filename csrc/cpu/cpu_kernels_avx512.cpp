@@ -2,12 +2,15 @@
 #include "cpu_kernels_variant.h"
 
 #if MF_X86_VARIANTS
+// gcc 12 flags its own AVX-512 intrinsics (their _mm512_undefined_* operands) as "may be used uninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")
 namespace mf {
 namespace cpu {
 namespace avx512 {
 #define MF_CPU_SIMD_AVX2 1  // explicit AVX2 + F16C conversions (cpu_simd_avx2.inc)
+#define MF_CPU_SIMD_AVX512 1  // explicit AVX-512 int8_state block codes (cpu_simd_avx512.inc)
 #include "cpu_kernels_impl.inc"
 }  // namespace avx512
 }  // namespace cpu

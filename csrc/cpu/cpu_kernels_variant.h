@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../compressed.h"
 #include "../storage.h"
 #include "../update_rules.h"
 #include "cpu_kernels.h"

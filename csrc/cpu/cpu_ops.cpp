@@ -6,8 +6,9 @@
 //   cpu_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor scalars, int rule,
 //            int flags, int layout=0, Tensor? sr_keys=None) -> ()
 //     states: tensor-major flat list (n * (num_states(rule, flags) + [1 for the fp32 master with layout
-//     master])), in the layout's state dtype; scalars: float64 [n, k] packs; layout: 0 native,
-//     1 bf16_state, 2 master, 3 bf16_sr (cpu_kernels.h); sr_keys: int64 [n] uint32 keys, bf16_sr only.
+//     master, or the int16 remainder with master16])), in the layout's state dtype (int8_state: a quantized
+//     param's codes then their scales, ../step_args.h); scalars: float64 [n, k] packs; layout: the codes of
+//     enum Layout (generated/tables.h); sr_keys: int64 [n] uint32 keys, bf16_sr only.
 //     Every argument is checked before anything is written (../step_args.h, shared with the CUDA op): an
 //     error leaves all tensors unchanged.
 //   rule_id(str name) -> int, num_states(int rule, int flags) -> int, num_scalars(int rule) -> int,
@@ -40,6 +41,9 @@ void mf_cpu_step(at::TensorList params, at::TensorList grads, at::TensorList sta
   b.grads = a.grads.data();
   b.states = a.states.data();
   b.masters = a.master ? a.masters.data() : nullptr;
+  b.remainders = a.remainder ? a.remainders.data() : nullptr;
+  b.scales = a.int8 ? a.scales.data() : nullptr;
+  b.code_signed = a.int8 ? a.code_signed.data() : nullptr;
   b.sr_keys = a.keys.empty() ? nullptr : a.keys.data();
   b.numel = a.numel.data();
   b.scalars = scalars.data_ptr<double>();

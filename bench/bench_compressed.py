@@ -1,0 +1,208 @@
+"""Compressed optimizer state on the CPU: AdamW steps on a GPT-like set of ~16M params, side by side in ONE
+process (interleaved runs, so that a noisy shared machine slows every provider alike).
+
+    python -m bench.bench_compressed            # 7 runs per provider
+    python -m bench.bench_compressed --runs 5 --quick   # ~4M params (a smoke run)
+    python -m bench.bench_compressed --threads 1         # one thread (no parallel-region wake-ups)
+
+Providers (AdamW, lr 1e-3, weight_decay 0.01):
+  torch fused fp32     torch.optim.AdamW(fused=True), fp32 params and state            (the 1.0x baseline)
+  ours native fp32     momentum_fused.AdamW(backend="cpu")
+  ours int8_state      momentum_fused.AdamW(backend="cpu", layout="int8_state"), fp32 params
+  ours master16        momentum_fused.AdamW(backend="cpu", layout="master16"), bf16 params
+  torch fused bf16     torch.optim.AdamW(fused=True) on bf16 params (bf16 state), if torch runs it
+  torchao AdamW8bit    torchao.optim.AdamW8bit, fp32 params, if torchao is installed (an optional peer, never
+                       a dependency of momentum_fused: `pip install --no-deps torchao`)
+Reported per provider: optimizer-state bytes per param (the step counter excluded; int8: codes + scales, the
+small tensors' fp32 state included), the median ms per step over the runs and the spread (min - max of the runs'
+per-step times), and the ratio of torch fused fp32's median to the provider's (> 1: faster than torch).
+Writes bench/results/compressed_cpu_<date>.md (machine, torch version, thread count).
+
+torch's fused CPU AdamW opens a parallel region per tensor; ours opens one per bucket. On a machine whose cores
+are shared with other work, waking the threads of a region can take milliseconds, so with > 1 thread the many
+small tensors of this set (50 vectors) can dominate torch's time: run --threads 1 as well to see the kernels
+alone.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+if __package__ in (None, ""):  # python bench/bench_compressed.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import momentum_fused as mf  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+LR, WD = 1e-3, 0.01
+
+
+def gpt_shapes(d: int = 448, layers: int = 6, vocab: int = 4096) -> list[tuple]:
+    """A GPT-like list of param shapes: per layer qkv, proj, fc1, fc2 matrices (4 x 6 = 24), their biases and
+    two layer norms; a token embedding (matrix 25) and a final layer norm. d=448, 6 layers: 16.3M params."""
+    shapes = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def state_bytes(opt, params) -> float:
+    total = 0
+    for p in params:
+        for k, v in opt.state[p].items():
+            if k == "step" or not isinstance(v, torch.Tensor):
+                continue
+            if hasattr(v, "__tensor_flatten__") and type(v) is not torch.Tensor:  # torchao's OptimState8bit
+                names, _ = v.__tensor_flatten__()
+                total += sum(getattr(v, n).nbytes for n in names if n != "qmap")  # (qmap: one shared table)
+            else:
+                total += v.nbytes
+    return total / sum(p.numel() for p in params)
+
+
+class Provider:
+    def __init__(self, name, make, dtype):
+        self.name, self.make, self.dtype = name, make, dtype
+        self.times: list[float] = []  # ms per step, one per run
+        self.error = None
+
+    def setup(self, shapes, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.params = [torch.nn.Parameter(torch.randn(s, generator=gen).mul_(0.02).to(self.dtype)) for s in shapes]
+        for p in self.params:
+            p.grad = torch.randn(p.shape, generator=gen).mul_(1e-3).to(self.dtype)
+        self.opt = self.make(self.params)
+
+    def step(self, n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.opt.step()
+        return (time.perf_counter() - t0) * 1e3 / n
+
+
+def providers():
+    out = [
+        Provider("torch fused fp32", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD, fused=True),
+                 torch.float32),
+        Provider("ours native fp32", lambda ps: mf.AdamW(ps, lr=LR, weight_decay=WD, backend="cpu"), torch.float32),
+        Provider("ours int8_state", lambda ps: mf.AdamW(ps, lr=LR, weight_decay=WD, backend="cpu",
+                                                        layout="int8_state"), torch.float32),
+        Provider("ours master16 (bf16 params)", lambda ps: mf.AdamW(ps, lr=LR, weight_decay=WD, backend="cpu",
+                                                                    layout="master16"), torch.bfloat16),
+        Provider("torch fused bf16 (bf16 state)", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD,
+                                                                               fused=True), torch.bfloat16),
+    ]
+    try:
+        from torchao.optim import AdamW8bit
+        out.append(Provider("torchao AdamW8bit", lambda ps: AdamW8bit(ps, lr=LR, weight_decay=WD), torch.float32))
+    except Exception as e:  # noqa: BLE001 (an optional peer: any import failure skips it, with the reason)
+        p = Provider("torchao AdamW8bit", None, torch.float32)
+        p.error = f"not importable: {type(e).__name__}: {e}"
+        out.append(p)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=7, help="timed runs per provider (interleaved), >= 5 for a report")
+    ap.add_argument("--seconds", type=float, default=1.0, help="target duration of one run of one provider")
+    ap.add_argument("--quick", action="store_true", help="~4M params (d=224)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--out", default=None, help="markdown output path (default bench/results/compressed_cpu_<date>.md)")
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    shapes = gpt_shapes(224) if args.quick else gpt_shapes()
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    provs = providers()
+    print(f"{numel / 1e6:.2f}M params in {len(shapes)} tensors, {torch.get_num_threads()} threads", file=sys.stderr)
+    for p in provs:
+        if p.error:
+            continue
+        try:
+            p.setup(shapes)
+            p.step(2)  # warm-up (state creation; torchao compiles its step here)
+            est = p.step(1)
+            p.reps = max(1, int(args.seconds * 1e3 / max(est, 1e-3)))
+            p.bytes = state_bytes(p.opt, p.params)
+        except Exception as e:  # noqa: BLE001 (a provider that cannot run here is reported, not fatal)
+            p.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        print(f"  {p.name}: {p.error or 'ready'}", file=sys.stderr)
+    for r in range(args.runs):
+        for p in provs:
+            if not p.error:
+                p.times.append(p.step(p.reps))
+        print(f"  run {r + 1}/{args.runs} done", file=sys.stderr)
+    base = statistics.median(provs[0].times) if not provs[0].error else float("nan")
+    rows = []
+    for p in provs:
+        if p.error:
+            rows.append(f"| {p.name} | - | - | - | - | skipped: {p.error} |")
+            continue
+        med = statistics.median(p.times)
+        rows.append(f"| {p.name} | {p.bytes:.3f} | {med:.2f} | {min(p.times):.2f} - {max(p.times):.2f} | "
+                    f"{base / med:.2f}x | {p.reps} steps x {len(p.times)} runs |")
+    by = {p.name: p for p in provs}
+
+    def ratio(a, b):
+        pa, pb = by.get(a), by.get(b)
+        if pa is None or pb is None or pa.error or pb.error:
+            return None
+        return statistics.median(pb.times) / statistics.median(pa.times)
+
+    r_torch = ratio("ours int8_state", "torch fused fp32")
+    r_ao = ratio("ours int8_state", "torchao AdamW8bit")
+    verdict = [
+        f"- int8_state AdamW vs torch fused fp32: {r_torch:.2f}x (target >= 1.0x: "
+        f"{'met' if r_torch >= 1.0 else 'NOT met'})" if r_torch is not None else "- vs torch fused fp32: n/a",
+        f"- int8_state AdamW vs torchao AdamW8bit: {r_ao:.1f}x (target >= 10x: {'met' if r_ao >= 10 else 'NOT met'})"
+        if r_ao is not None else f"- vs torchao AdamW8bit: n/a ({by['torchao AdamW8bit'].error})",
+    ]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import torchao
+        ao = torchao.__version__
+    except Exception:  # noqa: BLE001
+        ao = "not installed"
+    isa = torch.ops.momentum_fused.cpu_isa() if hasattr(torch.ops.momentum_fused, "cpu_isa") else "?"
+    md = "\n".join([
+        f"# Compressed optimizer state on the CPU: AdamW, {numel / 1e6:.2f}M params ({len(shapes)} tensors)",
+        "",
+        f"{_dt.datetime.now():%Y-%m-%d %H:%M}; {cpu}; {os.cpu_count()} CPUs, torch.get_num_threads() = "
+        f"{torch.get_num_threads()}; torch {torch.__version__}; torchao {ao}; momentum_fused cpu kernels: {isa}. "
+        f"Command: `python -m bench.bench_compressed {' '.join(argv if argv is not None else sys.argv[1:])}`.",
+        f"Runs interleaved round-robin, {args.runs} per provider; per-step ms = a run's time / its steps; median and "
+        "min - max over the runs. State bytes per param: optimizer state only (no params, no step counter).",
+        "",
+        "| provider | state B/param | ms/step (median) | spread (min - max) | speed vs torch fused fp32 | steps |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        *verdict,
+        "",
+    ])
+    print(md)
+    path = args.out or os.path.join(RESULTS, f"compressed_cpu_{_dt.datetime.now():%Y%m%d-%H%M%S}.md")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(md)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""The compressed layouts in the CPU kernels (csrc/cpu, csrc/compressed.h): ``master16`` and ``int8_state``.
+
+What "bit-exact" means here. Each layout is defined as a decode, the rule's fp32 math, an encode
+(docs/layouts.md). The CPU kernels' fp32 math (csrc/update_rules.h, compiled without FMA contraction) is not
+torch's: torch's CPU ops fuse ``add(x, alpha=a)`` and ``addcmul`` into FMAs and divide by a scalar through its
+reciprocal, so even the native fp32 layout differs from the reference backend in the last bits of most elements
+after a few steps (tests/backend_cases.py compares the compiled backends with tolerances for that reason). So:
+
+- master16 on the cpu backend == layout ``master`` on the cpu backend, bit for bit: the fp32 master rebuilt from
+  (param, remainder) equals master's copy, every state tensor is equal, and the param is
+  ``layouts.master16_encode(master)``; every rule, 10 steps, odd shapes (0-d, 0-numel, 1, 17, 4097, 65537).
+- int8_state on the cpu backend == the cpu backend's native fp32 step on the decoded state followed by
+  ``layouts.int8_encode`` (the reference's encoder), bit for bit: params, codes, scales, the fp32 states of the
+  non-quantized tensors of the same bucket; every rule whose state can be int8, 10 steps.
+- The encoders themselves against layouts.py on adversarial inputs (every bf16/int16 bit pattern pair for
+  master16; midpoints, their neighbours, zero / NaN / inf blocks for the int8 codes).
+- Against the reference backend: within the fp32 tolerance (master16) and codes equal but for rare one-code flips
+  where the two fp32 maths straddle a midpoint (int8_state).
+- Thread count and ISA variant (baseline vs this CPU's) do not change a bit; found_inf skips; checkpoints move
+  between the reference and the cpu backends and between master and master16.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import momentum_fused as mf
+from momentum_fused import backends, layouts
+
+from backend_cases import CASES
+
+pytestmark = pytest.mark.skipif(not backends._REGISTRY.get("cpu") or not backends._REGISTRY["cpu"].available,
+                                reason="needs the compiled CPU extension (momentum_fused._C_cpu)")
+
+M16_SHAPES = [(), (0,), (1,), (17,), (4097,), (65537,)]  # 69,652 elements: two threads split the bucket
+# the first two quantized (>= 4096 elements, a multiple of 256), the others fp32 state in the same bucket
+Q_SHAPES = [(16, 256), (4096,), (4097,), (17,), (3, 5, 7), (), (0,)]
+# 2 x 76,800 elements: two threads split the bucket inside a quantized tensor (test_int8_two_threads_...)
+Q_SPLIT_SHAPES = [(300, 256), (4097,), (300, 256)]
+M16_CASES = [c for c in CASES if "master16" in c[1].supported_layouts]
+INT8_CASES = [c for c in CASES if "int8_state" in c[1].supported_layouts]
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().contiguous()
+    return x.view(torch.int16) if x.element_size() == 2 else x.view(torch.int32)
+
+
+def _kw(kw0, lp):
+    return {**kw0, **{k: v for k, v in lp.items() if k != "gscale"}}, lp.get("gscale", 1.0)
+
+
+def _grad(shape, gen, scale, sign, dtype=torch.float32):
+    g = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    return (g.sign() * (0.5 + g.abs()) if sign else g).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ master16
+def _m16_run(cls, kw, layout, backend, sign, scale, steps=10, shapes=M16_SHAPES):
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.randn(s, generator=gen, dtype=torch.float64).to(torch.bfloat16).requires_grad_() for s in shapes]
+    opt = cls(ps, backend=backend, layout=layout, **kw)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = _grad(p.shape, gen, scale, sign, torch.bfloat16)
+        opt.step()
+    return opt, ps
+
+
+def _master_of(opt, p):
+    st = opt.state[p]
+    if layouts.MASTER_KEY in st:
+        return st[layouts.MASTER_KEY]
+    return layouts.master16_decode(p.detach(), st[layouts.REMAINDER_KEY]).view(p.shape)
+
+
+@pytest.mark.parametrize("case", M16_CASES, ids=[c[0] for c in M16_CASES])
+def test_master16_cpu_is_the_master_layout_bit_for_bit(case):
+    cid, cls, kw0, _, sign, lp = case
+    kw, scale = _kw(kw0, lp)
+    a, pa = _m16_run(cls, kw, "master", "cpu", sign, scale)
+    b, pb = _m16_run(cls, kw, "master16", "cpu", sign, scale)
+    moved = False
+    for i, (x, y) in enumerate(zip(pa, pb)):
+        sa, sb = a.state[x], b.state[y]
+        assert set(sb) == set(sa) - {"master"} | {"master_lo"}
+        ma, mb = sa["master"], _master_of(b, y)
+        assert torch.equal(_bits(ma), _bits(mb)), f"{cid} tensor {i}: masters differ"
+        hi, lo = layouts.master16_encode(ma)
+        assert torch.equal(_bits(y), _bits(hi.view(y.shape))), f"{cid} tensor {i}: param != master16_encode(master)"
+        assert torch.equal(sb["master_lo"], lo.view(y.shape))
+        for k, v in sa.items():
+            if k != "master":
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[k])), f"{cid} tensor {i} state {k}"
+        moved |= y.numel() > 0 and not torch.equal(sb["master_lo"], torch.zeros_like(sb["master_lo"]))
+    assert moved
+
+
+def test_master16_codec_is_layouts_bit_for_bit():
+    """A step that leaves the master as it is (SGD, lr 0, gradient 1: p + (-0) * 1 = p) over random (param,
+    remainder) bit patterns: the kernels' decode + encode (the AVX2 blocks and the scalar tail) equal
+    layouts.master16_encode(master16_decode(...)) on every pattern, NaNs, infinities and ties included."""
+    gen = torch.Generator().manual_seed(3)
+    n = (1 << 17) + 13
+    hi = torch.randint(-(1 << 15), 1 << 15, (n,), generator=gen, dtype=torch.int32).to(torch.int16)
+    lo = torch.randint(-(1 << 15), 1 << 15, (n,), generator=gen, dtype=torch.int32).to(torch.int16)
+    hi[:8] = torch.tensor([0x7F80, -0x80, 0x7FC0, -0x40, 0, -0x8000, 0x7F7F, 1], dtype=torch.int16)  # inf, NaN, 0
+    lo[:8] = torch.tensor([0, 0, 5, -0x8000, -0x8000, -0x8000, -1, -0x8000], dtype=torch.int16)
+    p = hi.view(torch.bfloat16).clone().requires_grad_()
+    opt = mf.SGD([p], lr=0.0, layout="master16", backend="cpu")
+    p.grad = torch.ones_like(p)
+    opt.step()  # creates the zero remainder, then the real one below
+    opt.state[p]["master_lo"].copy_(lo)
+    with torch.no_grad():
+        p.copy_(hi.view(torch.bfloat16))
+    master = layouts.master16_decode(p.detach(), lo)
+    opt.step()
+    want_hi, want_lo = layouts.master16_encode(master)
+    assert torch.equal(_bits(p), _bits(want_hi)) and torch.equal(opt.state[p]["master_lo"], want_lo)
+    ok = ~torch.isnan(master)
+    assert torch.equal(_bits(p)[ok], hi[ok]) and torch.equal(opt.state[p]["master_lo"][ok], lo[ok])
+
+
+@pytest.mark.parametrize("cid", ["adamw", "sgd-momentum", "lion"])
+def test_master16_cpu_against_the_reference_backend(cid):
+    """Within the fp32 tolerance of the reference backend's master16 run (the two fp32 maths differ in the last
+    bits: module docstring)."""
+    _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == cid)
+    kw, scale = _kw(kw0, lp)
+    a, pa = _m16_run(cls, kw, "master16", "cpu", sign, scale, shapes=[(17,), (4097,)])
+    b, pb = _m16_run(cls, kw, "master16", "reference", sign, scale, shapes=[(17,), (4097,)])
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(_master_of(a, x), _master_of(b, y), rtol=1e-5, atol=1e-6)
+        for k in a.state[x]:
+            if k not in ("master_lo", "step"):
+                torch.testing.assert_close(a.state[x][k], b.state[y][k], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- int8_state
+def _requantize(opt, names):
+    """The definition: after a plain fp32 step, every quantized state goes through encode + decode."""
+    for p, st in opt.state.items():
+        if layouts.int8_quantized(p):
+            for k in names:
+                signed = k not in layouts.INT8_UNSIGNED
+                st[k].copy_(layouts.int8_decode(*layouts.int8_encode(st[k], signed), signed))
+
+
+def _int8_pair(cls, kw, shapes=Q_SHAPES, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    ps = [x.clone().requires_grad_() for x in init]
+    rs = [x.clone().requires_grad_() for x in init]
+    opt = cls(ps, backend="cpu", layout="int8_state", **kw)
+    ref = cls(rs, backend="cpu", **kw)  # native fp32 state, re-quantized after each step
+    return opt, ref, ps, rs, gen
+
+
+def _check_int8_equal(opt, ref, ps, rs, what):
+    names = opt.spec.state_names(opt.param_groups[0])
+    for i, (p, r) in enumerate(zip(ps, rs)):
+        assert torch.equal(_bits(p), _bits(r)), f"{what} param {i}"
+        st, rst = opt.state[p], ref.state[r]
+        for k in names:
+            if layouts.int8_quantized(p):
+                signed = k not in layouts.INT8_UNSIGNED
+                codes, scale = layouts.int8_encode(rst[k], signed)
+                assert st[k].dtype == codes.dtype and torch.equal(st[k], codes), f"{what} param {i} {k} codes"
+                assert torch.equal(_bits(st[k + "_scale"]), _bits(scale)), f"{what} param {i} {k} scales"
+            else:
+                assert st[k].dtype == torch.float32 and k + "_scale" not in st
+                assert torch.equal(_bits(st[k]), _bits(rst[k])), f"{what} param {i} {k}"
+
+
+@pytest.mark.parametrize("case", INT8_CASES, ids=[c[0] for c in INT8_CASES])
+def test_int8_cpu_is_decode_fp32_rule_encode_bit_for_bit(case):
+    cid, cls, kw0, _, sign, lp = case
+    kw, scale = _kw(kw0, lp)
+    opt, ref, ps, rs, gen = _int8_pair(cls, kw)
+    names = opt.spec.state_names(opt.param_groups[0])
+    for _ in range(10):
+        for p, r in zip(ps, rs):
+            p.grad = _grad(p.shape, gen, scale, sign)
+            r.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        _requantize(ref, names)
+    _check_int8_equal(opt, ref, ps, rs, cid)
+    if names:  # the codes carry information (not all zero)
+        assert any(int(opt.state[p][k].ne(0).sum()) > 1000 for p in ps if layouts.int8_quantized(p) for k in names)
+
+
+@pytest.mark.parametrize("cid", ["adamw", "rmsprop-momentum-centered"])
+def test_int8_two_threads_split_quantized_tensors_on_blocks(cid):
+    _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == cid)
+    kw, scale = _kw(kw0, lp)
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        opt, ref, ps, rs, gen = _int8_pair(cls, kw, Q_SPLIT_SHAPES)
+        for _ in range(3):
+            for p, r in zip(ps, rs):
+                p.grad = _grad(p.shape, gen, scale, sign)
+                r.grad = p.grad.clone()
+            opt.step()
+            ref.step()
+            _requantize(ref, opt.spec.state_names(opt.param_groups[0]))
+    finally:
+        torch.set_num_threads(old)
+    _check_int8_equal(opt, ref, ps, rs, cid)
+
+
+def _first_step_codes(values: torch.Tensor, signed: bool):
+    """One cpu int8_state step whose new state is exactly ``values`` (a multiple of 256 elements, >= 4096):
+    signed: SGD momentum's first step (buf = g); unsigned: RMSprop with alpha 0 (square_avg = g * g, so values
+    are given as their square roots). Returns (codes, scales)."""
+    p = torch.zeros(values.shape, requires_grad=True)
+    if signed:
+        opt = mf.SGD([p], lr=0.0, momentum=0.9, layout="int8_state", backend="cpu")
+        key = "momentum_buffer"
+    else:
+        opt = mf.RMSprop([p], lr=0.0, alpha=0.0, layout="int8_state", backend="cpu")
+        key = "square_avg"
+    p.grad = values.clone()
+    opt.step()
+    return opt.state[p][key], opt.state[p][key + "_scale"]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_int8_encoder_is_layouts_bit_for_bit(signed):
+    """The kernels' encoder (AVX-512 gathers, or the portable loop) against layouts.int8_encode: every fp32
+    midpoint of the map (a tie: the lower code), its two fp32 neighbours, the table values, random values over
+    many magnitudes, an all-zero block and blocks with NaN and inf."""
+    table = layouts.int8_table(signed)
+    mids = layouts._int8_midpoints(table)
+    inf = torch.tensor(float("inf"))
+    y = torch.cat([mids, torch.nextafter(mids, inf), torch.nextafter(mids, -inf), table])
+    gen = torch.Generator().manual_seed(5)
+    y = torch.cat([y, torch.rand(4096 * 2, generator=gen) ** 4 * (torch.randint(0, 2, (8192,), generator=gen) * 2 - 1)])
+    if not signed:
+        y = y.abs()
+    blocks = y[: y.numel() // 255 * 255].view(-1, 255)
+    x = torch.cat([torch.ones(blocks.shape[0], 1), blocks], 1)  # scale 1 (|y| <= 1): y itself is encoded
+    rnd = torch.randn(16, 256, generator=gen) * 10.0 ** torch.randint(-30, 30, (16, 1), generator=gen).float()
+    special = torch.zeros(3, 256)
+    special[1, 7] = float("nan")
+    special[2, 9] = float("inf")
+    special[1:, 100:] = torch.randn(2, 156, generator=gen)
+    x = torch.cat([x, rnd.abs() if not signed else rnd, special]).contiguous()  # > 4096 elements
+    if signed:
+        codes, scales = _first_step_codes(x.view(-1), True)
+        target = x.view(-1)
+    else:  # square_avg = g * g (fp32): feed sqrt and encode what the kernel actually squares
+        g = x.view(-1).sqrt()
+        codes, scales = _first_step_codes(g, False)
+        target = g * g
+    want_c, want_s = layouts.int8_encode(target, signed)
+    assert torch.equal(codes, want_c)
+    nan = torch.isnan(want_s)
+    assert torch.equal(nan, torch.isnan(scales)) and nan.any()
+    assert torch.equal(_bits(scales[~nan]), _bits(want_s[~nan]))
+
+
+def test_int8_cpu_against_the_reference_backend():
+    """Against the reference backend's int8_state run: params close, codes equal but for one-code flips at
+    midpoints (the fp32 maths differ in the last bits: module docstring), scales close."""
+    for cid in ("adamw", "sgd-momentum", "rmsprop-centered"):
+        _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == cid)
+        kw, scale = _kw(kw0, lp)
+        shapes = [(16, 256), (4097,)]
+        gen = torch.Generator().manual_seed(1)
+        init = [torch.randn(s, generator=gen) for s in shapes]
+        ps = [x.clone().requires_grad_() for x in init]
+        qs = [x.clone().requires_grad_() for x in init]
+        a = cls(ps, backend="cpu", layout="int8_state", **kw)
+        b = cls(qs, backend="reference", layout="int8_state", **kw)
+        for _ in range(10):
+            for p, q in zip(ps, qs):
+                p.grad = _grad(p.shape, gen, scale, sign)
+                q.grad = p.grad.clone()
+            a.step()
+            b.step()
+        names = a.spec.state_names(a.param_groups[0])
+        for p, q in zip(ps, qs):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-3)
+            for k in names:
+                x, y = a.state[p][k], b.state[q][k]
+                if layouts.int8_quantized(p):
+                    d = (x.int() - y.int()).abs()
+                    assert int(d.max()) <= 1 and float(d.ne(0).float().mean()) < 1e-3, (cid, k)
+                    torch.testing.assert_close(a.state[p][k + "_scale"], b.state[q][k + "_scale"], rtol=1e-4, atol=0)
+                else:
+                    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------- threads, ISA variants, found_inf
+def _bits_run():
+    """AdamW in both layouts over a bucket that two threads split mid-tensor; every tensor, cloned."""
+    gen = torch.Generator().manual_seed(7)
+    out = []
+    for layout, dtype, shapes in (("int8_state", torch.float32, [(300, 256), (17,), (4096,), (70_001,)]),
+                                  ("master16", torch.bfloat16, [(40_003,), (17,), (30_001,), ()])):
+        ps = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+        opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, layout=layout, backend="cpu")
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        out += [p.detach().clone() for p in ps]
+        out += [v.clone() for p in ps for k, v in sorted(opt.state[p].items()) if k != "step"]
+    return out
+
+
+def test_thread_count_does_not_change_bits():
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _bits_run()
+        torch.set_num_threads(max(2, old))
+        two = _bits_run()
+    finally:
+        torch.set_num_threads(old)
+    assert len(one) == len(two) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(one, two))
+
+
+def test_isa_variants_give_the_same_bits(tmp_path):
+    """The baseline variant (portable loops: compressed.h element by element) and the one this CPU picks (AVX2
+    master16 blocks, AVX-512 int8 gathers) agree bit for bit."""
+    if torch.ops.momentum_fused.cpu_isa() == "baseline":
+        pytest.skip("this CPU runs the baseline variant only: there is no other variant to compare with")
+    out = tmp_path / "bits.pt"
+    code = ("import sys, torch; sys.path.insert(0, %r); import test_compressed_cpu as t; "
+            "torch.save(t._bits_run(), %r)" % (os.path.dirname(__file__), str(out)))
+    env = {**os.environ, "MOMENTUM_FUSED_CPU_ISA": "baseline"}
+    env.pop("MOMENTUM_FUSED_BACKEND", None)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    base = torch.load(out)
+    mine = _bits_run()
+    assert len(base) == len(mine) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(base, mine))
+
+
+@pytest.mark.parametrize("layout,dtype", [("int8_state", torch.float32), ("master16", torch.bfloat16)])
+def test_found_inf_skips_the_step(layout, dtype):
+    gen = torch.Generator().manual_seed(2)
+    ps = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in [(4096,), (17,)]]
+    opt = mf.AdamW(ps, lr=1e-2, layout=layout, backend="cpu")
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+    before = [p.detach().clone() for p in ps] + [v.clone() for p in ps for v in opt.state[p].values()]
+    opt.found_inf = torch.tensor(1.0)
+    for p in ps:
+        p.grad = torch.full(p.shape, float("inf"), dtype=dtype)
+    opt.step()
+    after = [p.detach().clone() for p in ps] + [v.clone() for p in ps for v in opt.state[p].values()]
+    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(before, after))
+
+
+# ------------------------------------------------------------------------------------- backend choice
+@pytest.mark.parametrize("layout,dtype", [("master16", torch.bfloat16), ("int8_state", torch.float32)])
+def test_cpu_backend_runs_the_layout_forced_and_by_default(layout, dtype):
+    from momentum_fused.specs import get_spec
+    lay, spec = layouts.get_layout(layout), get_spec(mf.AdamW.rule)
+    assert layout in backends._REGISTRY["cpu"].layouts
+    assert backends.resolve("cpu", spec, torch.device("cpu"), dtype, lay).name == "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the automatic choice is the cpu backend
+        assert backends.resolve(None, spec, torch.device("cpu"), dtype, lay).name == "cpu"
+    p = torch.ones(4096, dtype=dtype, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    opt = mf.AdamW([p], lr=0.1, layout=layout, backend="cpu")
+    opt.step()
+    assert (p.detach().float() < 1).all()
+    # the op's own checks: a state of the wrong dtype, or a missing one, raises before anything changes
+    from momentum_fused._backend_cpu import LAYOUT_CODES, RULE_IDS
+    st = opt.state[p]
+    names = ["exp_avg", "exp_avg_sq"]
+    good = [st[k] for k in names] + ([st[k + "_scale"] for k in names] if layout == "int8_state" else [st["master_lo"]])
+    before = [p.detach().clone()] + [t.clone() for t in good]
+    args = (torch.zeros(1, len(spec.scalar_names), dtype=torch.float64), RULE_IDS["adam"], 1, LAYOUT_CODES[layout])
+    for bad, what in (([good[0].to(torch.int16 if layout == "int8_state" else torch.float64)] + good[1:], "dtype"),
+                      (good[:-1], "state tensors")):
+        with pytest.raises(RuntimeError, match=what):
+            torch.ops.momentum_fused.cpu_step([p.detach()], [p.grad], bad, *args)
+    assert all(torch.equal(x, y) for x, y in zip(before, [p.detach()] + good))
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def _adamw(ps, layout, backend):
+    return mf.AdamW(ps, lr=1e-2, weight_decay=0.1, layout=layout, backend=backend)
+
+
+def _steps(opts_params, gen, n, dtype=torch.float32):
+    for _ in range(n):
+        grads = None
+        for opt, ps in opts_params:
+            if grads is None:
+                grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in ps]
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+
+
+def test_int8_checkpoints_move_between_reference_and_cpu():
+    # (each load gets its own copy: load_state_dict keeps tensors of the right dtype as they are, shared)
+    shapes = [(32, 256), (17,)]
+    gen = torch.Generator().manual_seed(4)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    # cpu -> reference and cpu: the codes as saved; the cpu continuation is the uninterrupted cpu run's
+    ps = [x.clone().requires_grad_() for x in init]
+    us = [x.clone().requires_grad_() for x in init]
+    a, u = _adamw(ps, "int8_state", "cpu"), _adamw(us, "int8_state", "cpu")
+    _steps([(a, ps), (u, us)], gen, 3)
+    sd = a.state_dict()
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    rs = [p.detach().clone().requires_grad_() for p in ps]
+    c, r = _adamw(qs, "int8_state", "cpu"), _adamw(rs, "int8_state", "reference")
+    c.load_state_dict(copy.deepcopy(sd))
+    r.load_state_dict(copy.deepcopy(sd))
+    for p, q, x in zip(ps, qs, rs):
+        for k, v in a.state[p].items():
+            assert torch.equal(c.state[q][k], v) and torch.equal(r.state[x][k], v), k
+    _steps([(c, qs), (u, us)], gen, 3)
+    for q, x in zip(qs, us):
+        assert torch.equal(_bits(q), _bits(x))
+        for k, v in u.state[x].items():
+            assert torch.equal(c.state[q][k], v), k
+    # reference -> cpu: the cpu continuation is the cpu's decode + fp32 rule + encode from the saved state
+    ref_ps = [x.clone().requires_grad_() for x in init]
+    b = _adamw(ref_ps, "int8_state", "reference")
+    _steps([(b, ref_ps)], gen, 3)
+    sd = b.state_dict()
+    qs = [p.detach().clone().requires_grad_() for p in ref_ps]
+    ns = [p.detach().clone().requires_grad_() for p in ref_ps]
+    c, n = _adamw(qs, "int8_state", "cpu"), _adamw(ns, "native", "cpu")
+    c.load_state_dict(copy.deepcopy(sd))
+    n.load_state_dict(copy.deepcopy(sd))  # decoded to fp32
+    for _ in range(3):
+        _steps([(c, qs), (n, ns)], gen, 1)
+        _requantize(n, ["exp_avg", "exp_avg_sq"])
+    _check_int8_equal(c, n, qs, ns, "reference checkpoint")
+
+
+def test_master16_checkpoints_move_between_reference_cpu_and_master():
+    shapes = [(4097,), (17,), ()]
+    gen = torch.Generator().manual_seed(6)
+    init = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
+    # a cpu master run and a cpu master16 run: the same masters; a master checkpoint continues as master16
+    ps = [x.clone().requires_grad_() for x in init]
+    us = [x.clone().requires_grad_() for x in init]
+    a, u = _adamw(ps, "master", "cpu"), _adamw(us, "master16", "cpu")
+    _steps([(a, ps), (u, us)], gen, 3, torch.bfloat16)
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    c = _adamw(qs, "master16", "cpu")
+    c.load_state_dict(copy.deepcopy(a.state_dict()))
+    _steps([(c, qs), (u, us)], gen, 3, torch.bfloat16)
+    for q, x in zip(qs, us):
+        assert torch.equal(_bits(q), _bits(x)) and torch.equal(c.state[q]["master_lo"], u.state[x]["master_lo"])
+    # a reference master16 checkpoint: the cpu continues it as the cpu's master layout continues the same master
+    rs = [x.clone().requires_grad_() for x in init]
+    b = _adamw(rs, "master16", "reference")
+    _steps([(b, rs)], gen, 3, torch.bfloat16)
+    sd = b.state_dict()
+    qs = [p.detach().clone().requires_grad_() for p in rs]
+    ms = [p.detach().clone().requires_grad_() for p in rs]
+    c, m = _adamw(qs, "master16", "cpu"), _adamw(ms, "master", "cpu")
+    c.load_state_dict(copy.deepcopy(sd))
+    m.load_state_dict(copy.deepcopy(sd))  # the master rebuilt from the param and the saved remainder
+    _steps([(c, qs), (m, ms)], gen, 3, torch.bfloat16)
+    for q, x in zip(qs, ms):
+        assert torch.equal(_bits(_master_of(c, q)), _bits(m.state[x]["master"]))
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(c.state[q][k], m.state[x][k])
