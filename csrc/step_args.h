@@ -87,7 +87,7 @@ struct StepArgs {
   c10::Device device = c10::Device(c10::kCPU);
   std::vector<void*> params, states, masters;  // states: n * ns, tensor-major; masters: n (layout master)
   std::vector<void*> remainders;               // n int16 remainders (layout master16)
-  // layout int8_state: for a quantized param (int8_quantized(numel)) states[i * ns + j] are its codes,
+  // layout int8_state: for a quantized param (its states are codes) states[i * ns + j] are its codes,
   // scales[i * ns + j] their fp32 block scales and code_signed[i * ns + j] 1 for int8 codes, 0 for uint8;
   // for the others states are fp32 and scales nullptr
   std::vector<void*> scales;
@@ -99,7 +99,7 @@ struct StepArgs {
 
 // Checks a step's arguments for the op `op` on devices of type `device_type` and returns the pointer tables.
 //   states: tensor-major, ns rule states per param, then the fp32 master (layout master) or the int16 remainder
-//     (layout master16); layout int8_state: a quantized param (int8_quantized(numel)) has its ns codes (int8 or
+//     (layout master16); layout int8_state: a quantized param (its first state int8 or uint8) has its ns codes (int8 or
 //     uint8) then their ns fp32 scales [numel / INT8_BLOCK], the others ns fp32 states.
 //   scalars: float64 [n, k]; on the CPU when `scalars_on_host_only`, else on the CPU or the params' device
 //     (the CUDA binding copies it, stream-ordered).
@@ -125,16 +125,27 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
   const int per = a.ns + nm;
   a.n = static_cast<int64_t>(n);
   TORCH_CHECK(grads.size() == n, "momentum_fused ", op, ": ", n, " params but ", grads.size(), " grads");
-  if (a.int8) {  // the count depends on the params' sizes: quantized ones have 2 ns (codes, then scales)
+  // layout int8_state: a param is quantized when its first state is codes (int8 / uint8): the front end decides
+  // (layouts.int8_quantized, on the global tensor: an FSDP2 shard may hold fewer than INT8_MIN_NUMEL elements)
+  std::vector<uint8_t> quantized(a.int8 ? n : 0);
+  if (a.int8) {  // the count depends on that: quantized params have 2 ns (codes, then scales)
     size_t want = 0;
     for (size_t i = 0; i < n; ++i) {
       TORCH_CHECK(params[i].defined(), "momentum_fused ", op, ": params[", i, "] is undefined");
-      want += static_cast<size_t>(int8_quantized(params[i].numel()) ? 2 * a.ns : a.ns);
+      bool q = false;
+      if (a.ns > 0 && want < states.size() && states[want].defined()) {
+        const auto st = states[want].scalar_type();
+        q = st == c10::ScalarType::Char || st == c10::ScalarType::Byte;
+      }
+      TORCH_CHECK(!q || params[i].numel() % INT8_BLOCK == 0, "momentum_fused ", op, ": params[", i, "] has ",
+                  params[i].numel(), " elements, not a multiple of ", INT8_BLOCK, ", but its state is 8-bit codes");
+      quantized[i] = q ? 1 : 0;
+      want += static_cast<size_t>(q ? 2 * a.ns : a.ns);
     }
     TORCH_CHECK(states.size() == want, "momentum_fused ", op, ": rule ", rule_name(a.rule), " with flags ", a.flags,
                 " and layout int8_state needs ", want, " state tensors for these params (", a.ns,
-                " per param; a param of >= ", INT8_MIN_NUMEL, " elements, a multiple of ", INT8_BLOCK, ", has ", a.ns,
-                " codes then their ", a.ns, " scales), got ", states.size());
+                " per param; a param whose states are 8-bit codes has ", a.ns, " codes then their ", a.ns,
+                " scales), got ", states.size());
   } else {
     TORCH_CHECK(states.size() == n * static_cast<size_t>(per), "momentum_fused ", op, ": rule ", rule_name(a.rule),
                 " with flags ", a.flags, " and layout ", layout_name(a.layout), " needs ", per,
@@ -216,7 +227,7 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
     a.numel[i] = ne;
     a.params[i] = params[i].data_ptr();
     a.grads[i] = grads[i].data_ptr();
-    if (a.int8 && int8_quantized(ne)) {
+    if (a.int8 && quantized[i]) {
       for (int j = 0; j < a.ns; ++j) {
         const at::Tensor& c = states[at + j];
         TORCH_CHECK(c.defined(), "momentum_fused ", op, ": states[", at + j, "] is undefined");

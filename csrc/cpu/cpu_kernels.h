@@ -16,7 +16,7 @@ namespace cpu {
 // pointers, tensor-major (states[i * ns + j] is state j of tensor i), in the layout's state dtype.
 // scalars is a row-major [n, k] float64 pack. masters: n fp32 pointers (MASTER only); remainders: n int16
 // pointers (MASTER16 only); sr_keys: n uint32 keys (BF16_SR only). INT8_STATE: a quantized param
-// (int8_quantized(numel), ../compressed.h) has its codes in states[i * ns + j] (int8 when
+// (its first state is codes: the binding, ../step_args.h, decides) has its codes in states[i * ns + j] (int8 when
 // code_signed[i * ns + j], else uint8) and their fp32 block scales in scales[i * ns + j]; the others have fp32
 // states (scales[i * ns + j] null).
 struct Bucket {
