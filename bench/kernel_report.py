@@ -58,16 +58,26 @@ def num_states(rule: str, flags: int) -> int:
             "sgd_sf": 1, "adamw_sf": 3 if flags & 1 else 2}[rule]
 
 
-# dtype layouts: name -> (param/grad storage, state storage, master, stochastic rounding)
+# dtype layouts: name -> (param/grad storage, state storage, master, stochastic rounding); master: True an fp32
+# master copy (master), 2 the int16 remainder (master16: the master is the bf16 param and its low half); state
+# "int8": int8_state (1-byte codes and an fp32 scale per 256 elements; schedule-free rules refuse it)
 LAYOUTS = {"native-fp32": ("fp32", "fp32", False, False), "native-fp64": ("fp64", "fp64", False, False),
            "native-bf16": ("bf16", "bf16", False, False), "native-fp16": ("fp16", "fp16", False, False),
            "bf16_state": ("fp32", "bf16", False, False), "master-bf16": ("bf16", "fp32", True, False),
-           "master-fp16": ("fp16", "fp32", True, False), "bf16_sr": ("bf16", "bf16", False, True)}
-SIZE = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2}
+           "master-fp16": ("fp16", "fp32", True, False), "bf16_sr": ("bf16", "bf16", False, True),
+           "master16": ("bf16", "fp32", 2, False), "int8_state": ("fp32", "int8", False, False)}
+SIZE = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2, "int8": 1}
+SCHEDULE_FREE = ("sgd_sf", "adamw_sf")
+
+
+def layout_applies(rule: str, layout: str) -> bool:
+    """Whether ``rule`` has kernels in ``layout`` (int8_state: not the schedule-free rules)."""
+    return not (layout == "int8_state" and rule in SCHEDULE_FREE)
 
 
 def bytes_read_per_element(layout: str, nstate: int) -> int:
-    """Bytes one element's update reads: param (or the fp32 master), grad, states."""
+    """Bytes one element's update reads: param (or the fp32 master; master16: the param and its remainder), grad,
+    states (int8_state: the codes; the scales are 4 bytes per 256 elements)."""
     p, s, master, _ = LAYOUTS[layout]
     return (4 if master else SIZE[p]) + SIZE[p] + nstate * SIZE[s]
 
@@ -295,7 +305,8 @@ def triton_specs(rules=None, layouts=None, flags_mode: str = "all"):
             if layouts and layout not in layouts:
                 continue
             for f in flag_values:
-                if flags_mode == "fp32" and layout != "native-fp32" and f != flag_values[-1]:
+                if flags_mode == "fp32" and layout != "native-fp32" and f != flag_values[-1] \
+                        or not layout_applies(rule, layout):
                     continue
                 out.append((rule, f, num_states(rule, f), layout))
     return out
@@ -307,7 +318,7 @@ def _triton_jobs(rule, flags, nstate, layout):
     num_warps)."""
     from momentum_fused.triton_kernels import launcher
     p, s, master, sr = LAYOUTS[layout]
-    tdt = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    tdt = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
     return launcher.compile_variants(rule, (bool(flags & 1), bool(flags & 2)), nstate, tdt[p], tdt[s], master, sr)
 
 

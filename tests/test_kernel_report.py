@@ -8,7 +8,8 @@ them for sm_90 and reads ptxas' log and the SASS.
   here; without nvcc the CUDA half skips with that reason.
 - Triton (triton_kernels, the kernel a bucket with large and small tensors runs: full-block and packed paths in
   one kernel): no stack, no spills, 128-bit global loads and stores, for every rule in fp32, bf16 and master-bf16
-  and for AdamW in every layout.
+  and for AdamW in every layout (int8_state: its own kernel, the quantized and fp32-state programs in one; 128 bits
+  for the fp32 param and grad).
 Not timed: a GPU measures (bench/device_check.sh).
 """
 from __future__ import annotations
@@ -102,6 +103,8 @@ def test_triton_kernels_no_stack_no_spills(triton_rows):
 
 
 def test_triton_full_blocks_use_128_bit_accesses(triton_rows):
+    # int8_state: the fp32 param and grad in 128 bits (the 1-byte codes of a thread's 8 elements are 64 bits)
     bad = [(r["rule"], r["layout"], r["v4_loads"], r["v4_stores"]) for r in triton_rows
-           if r["v4_loads"] < 2 + r["nstate"] or r["v4_stores"] < 1 + r["nstate"]]
+           if ((r["v4_loads"] < 2 or r["v4_stores"] < 1) if r["layout"] == "int8_state"
+               else (r["v4_loads"] < 2 + r["nstate"] or r["v4_stores"] < 1 + r["nstate"]))]
     assert not bad, f"(rule, layout, 128-bit loads, 128-bit stores): {bad}"

@@ -82,7 +82,8 @@ LAYOUTS = {"native-fp32": (torch.float32, torch.float32, False, False),
            "bf16_state": (torch.float32, torch.bfloat16, False, False),
            "master-bf16": (torch.bfloat16, torch.float32, True, False),
            "master-fp16": (torch.float16, torch.float32, True, False),
-           "bf16_sr": (torch.bfloat16, torch.bfloat16, False, True)}
+           "bf16_sr": (torch.bfloat16, torch.bfloat16, False, True),
+           "master16": (torch.bfloat16, torch.float32, 2, False)}  # master 2: the int16 remainder
 
 
 _TDT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -108,6 +109,16 @@ def test_rule_kernel_front_end_layouts(rule, layout):
     _, _, flags, nstate = next(s for s in SPECIALIZATIONS if s[1] == rule)
     for _, _, fn, sig, constexprs, _, _ in _variants(rule, flags, nstate, layout, device_scalars=False):
         _compile(fn, constexprs, sig=sig)
+
+
+@pytest.mark.parametrize("rule", sorted(r for r in rules.RULE_IDS if r not in ("sgd_sf", "adamw_sf")))
+def test_int8_state_kernel_front_end(rule):
+    """The int8_state kernel (launcher.compile_int8_variants: quantized and fp32-state programs in one kernel) for
+    every rule's largest flags (the most state lists), with the device found_inf/grad_scale path."""
+    _, _, flags, nstate = [s for s in SPECIALIZATIONS if s[1] == rule][-1]
+    for _, path, fn, sig, constexprs, _, _ in launcher.compile_int8_variants(rule, flags, nstate, True, True):
+        if path == "mixed":
+            _compile(fn, constexprs, sig=sig)
 
 
 def test_unaligned_and_interpreter_variants_front_end():

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from .kernels import INTERPRETED, KERNELS
+from .kernels import INTERPRETED, KERNELS, int8_state_kernel
 
 # Elements per program and warps per program of the update kernels (bench/kernel_report.py: 2048 x 4 warps
 # compile to 128-bit accesses without spills); the environment overrides them for A/B timings on a GPU
@@ -225,7 +225,7 @@ def scalar_table(scalars, n: int, device) -> torch.Tensor:
 def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, scalars, *,
                        found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                        block: int = BLOCK, master: bool = False, sr_keys: Sequence[int] | None = None,
-                       sub: int | None = None, num_warps: int | None = None) -> int:
+                       sub: int | None = None, num_warps: int | None = None, remainder: bool = False) -> int:
     """Run one kernel over every tensor of ``lists`` = [params, grads, *state lists (, masters)].
 
     family: "one" or "multi" (see kernels.py); rule_id: rules.RULE_IDS[name]; flags: up to two
@@ -233,7 +233,9 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     found_inf / grad_scale: optional one-element device tensors; when found_inf != 0 the kernel
     writes nothing; gradients are divided by grad_scale. Dtype layouts (momentum_fused/layouts.py):
     params and grads share one storage dtype, the state lists another; ``master``: the last list holds
-    fp32 master copies; ``sr_keys``: one uint32 per tensor turns on stochastic rounding of bf16 stores.
+    fp32 master copies; ``remainder`` (layout master16): bf16 params, fp32 states and, last, the int16 low halves of
+    the masters (the kernel decodes the master from param and remainder, and encodes it back: kernels.py);
+    ``sr_keys``: one uint32 per tensor turns on stochastic rounding of bf16 stores.
     Returns the number of launches (0 or 1; 2 with MOMENTUM_FUSED_TRITON_SPLIT=1): one kernel whose first programs are the full blocks (unmasked,
     128-bit accesses when every pointer is 16-byte aligned) and the others the packed blocks (small tensors and
     tails, ``sub`` lanes at a time: 32 x num_warps compiled, the whole block in the interpreter by default).
@@ -242,14 +244,20 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
     if len(lists) < 2 or len(lists[0]) == 0:
         return 0
-    nstate = len(lists) - 2 - bool(master)
+    if master and remainder:
+        raise ValueError("master and remainder are two layouts (master, master16): at most one")
+    extra = bool(master) or bool(remainder)
+    nstate = len(lists) - 2 - extra
     if family == "one" and not 0 <= nstate <= 1 or family == "multi" and not 1 <= nstate <= 3:
         raise ValueError(f"kernel family {family!r} cannot take {nstate} state lists")
     pdt = lists[0][0].dtype
-    sdt = lists[2][0].dtype if nstate else pdt
-    _check_lists(lists, [pdt, pdt] + [sdt] * nstate + ([torch.float32] if master else []))
+    sdt = lists[2][0].dtype if nstate else (torch.float32 if remainder else pdt)
+    _check_lists(lists, [pdt, pdt] + [sdt] * nstate + ([torch.float32] if master else [torch.int16] if remainder
+                                                                else []))
     if master and pdt not in (torch.float16, torch.bfloat16):
         raise TypeError(f"a master copy is kept for fp16/bf16 params, not {pdt}")
+    if remainder and (pdt != torch.bfloat16 or sdt != torch.float32):
+        raise TypeError(f"master16 takes bf16 params and fp32 state, not {pdt} / {sdt}")
     sr = sr_keys is not None
     if sr and (pdt != torch.bfloat16 or sdt != torch.bfloat16 or master):
         raise TypeError("stochastic rounding is the bf16_sr layout: bf16 params and state, no master copy")
@@ -276,17 +284,17 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     fi = found_inf.to(torch.float32) if found_inf is not None and found_inf.dtype != torch.float32 else found_inf
     gs = grad_scale.to(torch.float32) if grad_scale is not None and grad_scale.dtype != torch.float32 else grad_scale
     if num_warps is None:
-        num_warps = NUM_WARPS_MASTER if master else NUM_WARPS
+        num_warps = NUM_WARPS_MASTER if extra else NUM_WARPS
     if sub is None:
         sub = block if INTERPRETED else min(block, 32 * num_warps)
     kernel = KERNELS[family]
     args = (ptr_tab, n, scal, full_tab if n_full else prog_tab, n_full, prog_tab, seg_tab if n_seg else prog_tab,
             n_seg, fi if fi is not None else dummy, gs if gs is not None else dummy)
     meta = dict(RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1] - sr,
-                PDT=DTYPE_CODES[pdt], SDT=DTYPE_CODES[sdt], MASTER=bool(master), SR=sr,
+                PDT=DTYPE_CODES[pdt], SDT=DTYPE_CODES[sdt], MASTER=master_mode(master, remainder), SR=sr,
                 HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block, SUB=sub,
                 ALIGNED=aligned, HW_BF16=not INTERPRETED, num_warps=num_warps,
-                **({"maxnreg": MAXNREG_MASTER} if master and not INTERPRETED else {}))
+                **({"maxnreg": MAXNREG_MASTER} if extra and not INTERPRETED else {}))
     if SPLIT and n_full and n_packed:
         kernel[(n_full,)](*args, PATHS=1, **meta)
         kernel[(n_packed,)](*args, PATHS=2, **meta)
@@ -298,6 +306,117 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     return 1
 
 
+def master_mode(master: bool, remainder: bool) -> int:
+    """The kernels' MASTER constexpr: 0 none, 1 an fp32 master copy (master), 2 the int16 remainder (master16)."""
+    return 2 if remainder else 1 if master else 0
+
+
+# ------------------------------------------------------------------------------------------ int8_state
+INT8_ROWS = 8  # blocks of layouts.INT8_BLOCK elements per program of the int8_state kernel (2048 elements)
+# 8 warps: 8 elements per thread (4 warps held 16 and ~250 registers: bench.kernel_report)
+NUM_WARPS_INT8 = int(os.environ.get("MOMENTUM_FUSED_TRITON_WARPS", "8"))
+_int8_tables: dict = {}
+
+
+def int8_code_table(device) -> torch.Tensor:
+    """The code map of layouts.py on ``device``, one fp32 tensor: [signed values | unsigned values | signed
+    midpoints | unsigned midpoints] (the offsets kernels.py derives from the same functions)."""
+    key = torch.device(device)
+    tab = _int8_tables.get(key)
+    if tab is None:
+        from ..layouts import _int8_midpoints, int8_table
+        s, u = int8_table(True), int8_table(False)
+        tab = torch.cat([s, u, _int8_midpoints(s), _int8_midpoints(u)]).to(key)
+        _int8_tables[key] = tab
+    return tab
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _int8_plan(numels: tuple, quantized: tuple, chunk: int, device) -> tuple:
+    """(prog_tab int64 [3, n_prog] = (tensor, chunk index, quantized), numel_tab int64 [n], n_prog)."""
+    t, c, q = [], [], []
+    for i, (n, qi) in enumerate(zip(numels, quantized)):
+        k = -(-n // chunk)
+        t += [i] * k
+        c += range(k)
+        q += [int(qi)] * k
+    tab = torch.tensor([t, c, q], dtype=torch.int64).reshape(-1)
+    return torch.cat([tab, torch.tensor(numels, dtype=torch.int64)]).to(device), len(t)
+
+
+def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, grads, states, scalars, *,
+                     found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
+                     rows: int = INT8_ROWS, num_warps: int | None = None) -> int:
+    """Layout int8_state: ONE launch over a bucket of fp32 params whose per-tensor state tuples (``states[i]``) are
+    either ``nstate`` fp32 tensors, or, for a tensor that layouts.int8_quantized keeps as codes, ``nstate`` code
+    tensors (int8 signed / uint8 non-negative, param-shaped) followed by their ``nstate`` fp32 block scales
+    (numel / INT8_BLOCK each). Each program takes ``rows`` blocks of one tensor (no packing of tiny tensors: a
+    quantized tensor's blocks must not share a program with other tensors, and the fp32 ones ride along in the
+    same kernel). Returns the number of launches (0 or 1)."""
+    from ..layouts import INT8_BLOCK, int8_quantized
+    if family not in KERNELS:
+        raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
+    n = len(params)
+    if n == 0:
+        return 0
+    if len(grads) != n or len(states) != n:
+        raise ValueError(f"{n} params, {len(grads)} grads, {len(states)} state tuples")
+    quant = [int8_quantized(p) for p in params]
+    nstate = next((len(st) // 2 if q else len(st) for st, q in zip(states, quant)), 0)
+    if family == "one" and not 0 <= nstate <= 1 or family == "multi" and not 1 <= nstate <= 3:
+        raise ValueError(f"kernel family {family!r} cannot take {nstate} state lists")
+    ref = params[0]
+    unsigned = None
+    for i, (p, g, st, q) in enumerate(zip(params, grads, states, quant)):
+        want = [torch.float32] * nstate
+        if q:
+            want = [c.dtype for c in st[:nstate]] + [torch.float32] * nstate
+            if any(d not in (torch.int8, torch.uint8) for d in want[:nstate]):
+                raise TypeError(f"tensor {i}: int8_state codes are int8 or uint8, got {want[:nstate]}")
+            mask = sum(1 << j for j, d in enumerate(want[:nstate]) if d == torch.uint8)
+            if unsigned is not None and mask != unsigned:
+                raise TypeError(f"tensor {i}: code dtypes {want[:nstate]} differ from the bucket's")
+            unsigned = mask
+        if len(st) != len(want) or p.dtype != torch.float32 or g.dtype != torch.float32 \
+                or [x.dtype for x in st] != want:
+            raise TypeError(f"tensor {i}: int8_state takes fp32 params and grads with states {want}, got "
+                            f"{p.dtype}, {g.dtype}, {[x.dtype for x in st]}")
+        for what, x, numel in [("param", p, p.numel()), ("grad", g, p.numel())] + \
+                [("state", x, p.numel() if j < nstate else p.numel() // INT8_BLOCK) for j, x in enumerate(st)]:
+            if x.numel() != numel or x.device != ref.device or not x.is_contiguous():
+                raise ValueError(f"tensor {i}: its {what} must be a contiguous tensor of {numel} elements on "
+                                 f"{ref.device}, got {tuple(x.shape)} on {x.device}")
+    scal = scalar_table(scalars, n, ref.device)
+    numels = tuple(p.numel() for p in params)
+    plan, n_prog = _int8_plan(numels, tuple(quant), rows * INT8_BLOCK, ref.device)
+    if n_prog == 0:
+        return 0
+    dummy = ref.data_ptr()  # never dereferenced: the scale lists of fp32-state tensors
+    ptrs = [[p.data_ptr() for p in params], [g.data_ptr() for g in grads]]
+    for j in range(nstate):
+        ptrs.append([st[j].data_ptr() for st in states])
+    for j in range(nstate):
+        ptrs.append([st[nstate + j].data_ptr() if q else dummy for st, q in zip(states, quant)])
+    ptr_tab = torch.tensor(ptrs, dtype=torch.int64).reshape(-1).to(ref.device)
+    for name, x in (("found_inf", found_inf), ("grad_scale", grad_scale)):
+        if x is not None and (x.device != ref.device or x.numel() != 1):
+            raise ValueError(f"{name} must be a one-element tensor on {ref.device}, got {tuple(x.shape)} "
+                             f"on {x.device}")
+    fi = found_inf.to(torch.float32) if found_inf is not None and found_inf.dtype != torch.float32 else found_inf
+    gs = grad_scale.to(torch.float32) if grad_scale is not None and grad_scale.dtype != torch.float32 else grad_scale
+    kinds = (2 if any(quant) else 0) + (1 if not all(quant) else 0)
+    aligned = all(_aligned(row) for row in ptrs)
+    flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
+    int8_state_kernel[(n_prog,)](
+        ptr_tab, n, scal, plan, n_prog, plan[3 * n_prog:], int8_code_table(ref.device),
+        fi if fi is not None else scal, gs if gs is not None else scal,
+        MULTI=family == "multi", RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1],
+        UNSIGNED=unsigned or 0, HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        ROWS=rows, KINDS=kinds, ALIGNED=aligned, HW_BF16=not INTERPRETED, num_warps=num_warps or NUM_WARPS_INT8)
+    _count_launch()
+    return 1
+
+
 # ------------------------------------------------------------------------------- static compile (no GPU)
 _SIGNATURE = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "full_tab": "*i32", "n_full": "i32",
               "prog_tab": "*i64", "seg_tab": "*i64", "n_seg": "i32", "found_inf_ptr": "*fp32",
@@ -305,16 +424,22 @@ _SIGNATURE = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "full_
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: bool = False, sr: bool = False,
+def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: bool | int = False, sr: bool = False,
                      found_inf: bool = False, grad_scale: bool = False, block: int = BLOCK,
                      num_warps: int | None = None, aligned: bool = True):
     """The kernels a launch of this specialization runs, for compiling them without a GPU (bench/kernel_report.py,
     tests/test_triton_compile.py): a list of (name, path, jit function, signature, constexprs, compile options,
     elements per thread). Paths: "full" (a bucket of whole blocks only), "packed" (small tensors only) and "mixed"
-    (both: what most buckets run); compiled code (HW_BF16)."""
+    (both: what most buckets run); compiled code (HW_BF16). ``master``: the kernels' MASTER mode (``master_mode``:
+    True or 1 an fp32 master copy, 2 the master16 remainder). ``sdt="int8"``: the int8_state kernel
+    (``compile_int8_variants``)."""
     from .rules import FAMILY, RULE_IDS, SCALARS
+    if sdt == "int8":
+        return compile_int8_variants(rule, flags, nstate, found_inf=found_inf, grad_scale=grad_scale,
+                                     num_warps=num_warps)
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
     fn = KERNELS[FAMILY[rule]]
+    master = int(master)
     if num_warps is None:
         num_warps = NUM_WARPS_MASTER if master else NUM_WARPS
     sub = min(block, 32 * num_warps)
@@ -329,4 +454,39 @@ def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: 
         elems = sub // (32 * num_warps) if paths == 2 else block // (32 * num_warps)
         options = {"num_warps": num_warps, **({"maxnreg": MAXNREG_MASTER} if master else {})}
         out.append((fn.__name__, path, fn, dict(_SIGNATURE), constexprs, options, elems))
+    return out
+
+
+_INT8_SIGNATURE = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "prog_tab": "*i64", "n_prog": "i32",
+                   "numel_tab": "*i64", "tab_ptr": "*fp32", "found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32"}
+
+
+def int8_unsigned_mask(rule: str, nstate: int) -> int:
+    """The UNSIGNED constexpr of a rule's int8_state kernel with ``nstate`` states, for compiling without tensors
+    (a launch reads it from the code dtypes): bit j when state j of the rule's default group is one of
+    layouts.INT8_UNSIGNED (the optional states beyond the defaults' are taken as signed)."""
+    from ..layouts import INT8_UNSIGNED
+    from ..specs import get_spec
+    spec = get_spec(rule)
+    names = spec.state_names({**spec.defaults, **spec.group_extras})
+    return sum(1 << j for j, name in enumerate(names[:nstate]) if name in INT8_UNSIGNED)
+
+
+def compile_int8_variants(rule: str, flags, nstate: int, found_inf: bool = False, grad_scale: bool = False,
+                          rows: int = INT8_ROWS, num_warps: int | None = None):
+    """As ``compile_variants``, for the int8_state kernel: paths "int8" (quantized tensors only), "fp32" (fp32-state
+    tensors only), "mixed" (both: ``KINDS`` 2, 1, 3)."""
+    from ..layouts import INT8_BLOCK
+    from .rules import FAMILY, RULE_IDS, SCALARS
+    flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
+    num_warps = num_warps or NUM_WARPS_INT8
+    out = []
+    for path, kinds in (("int8", 2), ("fp32", 1), ("mixed", 3)):
+        constexprs = dict(MULTI=FAMILY[rule] == "multi", RULE=RULE_IDS[rule], F0=flags[0], F1=flags[1], NSTATE=nstate,
+                          NSCAL=len(SCALARS[rule]), UNSIGNED=int8_unsigned_mask(rule, nstate),
+                          HAS_FOUND_INF=found_inf, HAS_GRAD_SCALE=grad_scale, ROWS=rows, KINDS=kinds, ALIGNED=True,
+                          HW_BF16=True)
+        elems = rows * INT8_BLOCK // (32 * num_warps)
+        out.append((int8_state_kernel.__name__, path, int8_state_kernel, dict(_INT8_SIGNATURE), constexprs,
+                    {"num_warps": num_warps}, elems))
     return out
