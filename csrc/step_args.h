@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "compressed.h"
 #include "mf_common.h"
 #include "update_rules.h"
 
@@ -80,16 +81,26 @@ struct StepArgs {
   int k = 0;       // scalars per pack
   int ns = 0;      // rule state tensors per param
   bool master = false;
+  bool remainder = false;  // layout master16: an int16 remainder per param
+  bool int8 = false;       // layout int8_state: quantized params' states as codes + block scales
   int64_t n = 0;
   c10::Device device = c10::Device(c10::kCPU);
   std::vector<void*> params, states, masters;  // states: n * ns, tensor-major; masters: n (layout master)
+  std::vector<void*> remainders;               // n int16 remainders (layout master16)
+  // layout int8_state: for a quantized param (int8_quantized(numel)) states[i * ns + j] are its codes,
+  // scales[i * ns + j] their fp32 block scales and code_signed[i * ns + j] 1 for int8 codes, 0 for uint8;
+  // for the others states are fp32 and scales nullptr
+  std::vector<void*> scales;
+  std::vector<uint8_t> code_signed;
   std::vector<const void*> grads;
   std::vector<int64_t> numel;
   std::vector<uint32_t> keys;  // layout bf16_sr with host keys: the checked uint32 keys
 };
 
 // Checks a step's arguments for the op `op` on devices of type `device_type` and returns the pointer tables.
-//   states: tensor-major, ns rule states per param, then the fp32 master (layout master).
+//   states: tensor-major, ns rule states per param, then the fp32 master (layout master) or the int16 remainder
+//     (layout master16); layout int8_state: a quantized param (int8_quantized(numel)) has its ns codes (int8 or
+//     uint8) then their ns fp32 scales [numel / INT8_BLOCK], the others ns fp32 states.
 //   scalars: float64 [n, k]; on the CPU when `scalars_on_host_only`, else on the CPU or the params' device
 //     (the CUDA binding copies it, stream-ordered).
 //   sr_keys: int64 [n] uint32 keys, bf16_sr only; host keys are range-checked here, device keys (CUDA only)
@@ -99,7 +110,7 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
                            int64_t layout, const c10::optional<at::Tensor>& sr_keys, bool scalars_on_host_only) {
   check_rule(op, rule, flags);
   TORCH_CHECK(layout >= 0 && layout < LAYOUT_COUNT, "momentum_fused ", op, ": unknown layout code ",
-              layout, " (0 native, 1 bf16_state, 2 master, 3 bf16_sr)");
+              layout, " (0 .. ", LAYOUT_COUNT - 1, ": generated/tables.h, enum Layout)");
   StepArgs a;
   a.rule = static_cast<int>(rule);
   a.flags = static_cast<int>(flags);
@@ -107,15 +118,30 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
   a.ns = rule_num_states(a.rule, a.flags);
   a.k = rule_num_scalars(a.rule);
   a.master = layout_master(a.layout);
+  a.remainder = layout_remainder(a.layout);
+  a.int8 = layout_int8(a.layout);
   const size_t n = params.size();
-  const int nm = a.master ? 1 : 0;
+  const int nm = (a.master || a.remainder) ? 1 : 0;
   const int per = a.ns + nm;
   a.n = static_cast<int64_t>(n);
   TORCH_CHECK(grads.size() == n, "momentum_fused ", op, ": ", n, " params but ", grads.size(), " grads");
-  TORCH_CHECK(states.size() == n * static_cast<size_t>(per), "momentum_fused ", op, ": rule ", rule_name(a.rule),
-              " with flags ", a.flags, " and layout ", layout_name(a.layout), " needs ", per,
-              " state tensors per param (", a.ns, " rule state", nm ? " + the fp32 master" : "", "; ", n * per,
-              " in all), got ", states.size());
+  if (a.int8) {  // the count depends on the params' sizes: quantized ones have 2 ns (codes, then scales)
+    size_t want = 0;
+    for (size_t i = 0; i < n; ++i) {
+      TORCH_CHECK(params[i].defined(), "momentum_fused ", op, ": params[", i, "] is undefined");
+      want += static_cast<size_t>(int8_quantized(params[i].numel()) ? 2 * a.ns : a.ns);
+    }
+    TORCH_CHECK(states.size() == want, "momentum_fused ", op, ": rule ", rule_name(a.rule), " with flags ", a.flags,
+                " and layout int8_state needs ", want, " state tensors for these params (", a.ns,
+                " per param; a param of >= ", INT8_MIN_NUMEL, " elements, a multiple of ", INT8_BLOCK, ", has ", a.ns,
+                " codes then their ", a.ns, " scales), got ", states.size());
+  } else {
+    TORCH_CHECK(states.size() == n * static_cast<size_t>(per), "momentum_fused ", op, ": rule ", rule_name(a.rule),
+                " with flags ", a.flags, " and layout ", layout_name(a.layout), " needs ", per,
+                " state tensors per param (", a.ns, " rule state",
+                a.master ? " + the fp32 master" : a.remainder ? " + the int16 remainder" : "", "; ", n * per,
+                " in all), got ", states.size());
+  }
   TORCH_CHECK(scalars.defined(), "momentum_fused ", op, ": scalars is undefined");
   const bool scalars_device_ok = scalars.device().is_cpu() ||
                                  (!scalars_on_host_only && n > 0 && scalars.device() == params[0].device());
@@ -164,6 +190,9 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
   a.grads.resize(n);
   a.states.resize(n * a.ns);
   a.masters.resize(a.master ? n : 0);
+  a.remainders.resize(a.remainder ? n : 0);
+  a.scales.resize(a.int8 ? n * a.ns : 0);
+  a.code_signed.resize(a.int8 ? n * a.ns : 0);
   a.numel.resize(n);
   // Reading the metadata of many tensors is a chain of cache misses (TensorImpl, then its storage): prefetch
   // the TensorImpls a few tensors ahead so that the misses overlap.
@@ -172,24 +201,48 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
     for (int o = 0; o < 256; o += 64) __builtin_prefetch(q + o, 0, 3);
   };
   constexpr size_t kAhead = 8;
+  size_t at = 0;  // the first state tensor of param i
   for (size_t i = 0; i < n; ++i) {
     if (i + kAhead < n) {
       prefetch_impl(params[i + kAhead]);
       prefetch_impl(grads[i + kAhead]);
-      for (int j = 0; j < per; ++j) prefetch_impl(states[(i + kAhead) * per + j]);
+      if (!a.int8)
+        for (int j = 0; j < per; ++j) prefetch_impl(states[(i + kAhead) * per + j]);
     }
     TORCH_CHECK(params[i].defined(), "momentum_fused ", op, ": params[", i, "] is undefined");
     const int64_t ne = params[i].numel();
     check_tensor(op, params[i], "params", i, a.device, dtype, ne);
     check_tensor(op, grads[i], "grads", i, a.device, dtype, ne);
-    for (int j = 0; j < a.ns; ++j) check_tensor(op, states[i * per + j], "states", i * per + j, a.device, sdtype, ne);
-    if (a.master)
-      check_tensor(op, states[i * per + a.ns], "states (master)", i * per + a.ns, a.device, c10::ScalarType::Float, ne);
     a.numel[i] = ne;
     a.params[i] = params[i].data_ptr();
     a.grads[i] = grads[i].data_ptr();
-    for (int j = 0; j < a.ns; ++j) a.states[i * a.ns + j] = states[i * per + j].data_ptr();
-    if (a.master) a.masters[i] = states[i * per + a.ns].data_ptr();
+    if (a.int8 && int8_quantized(ne)) {
+      for (int j = 0; j < a.ns; ++j) {
+        const at::Tensor& c = states[at + j];
+        TORCH_CHECK(c.defined(), "momentum_fused ", op, ": states[", at + j, "] is undefined");
+        const bool sgn = c.scalar_type() == c10::ScalarType::Char;
+        TORCH_CHECK(sgn || c.scalar_type() == c10::ScalarType::Byte, "momentum_fused ", op, ": states[", at + j,
+                    "] (codes of state ", j, " of params[", i, "], quantized by layout int8_state) has dtype ",
+                    c.scalar_type(), ", expected int8 (a signed state) or uint8 (a non-negative one)");
+        check_tensor(op, c, "states (codes)", at + j, a.device, c.scalar_type(), ne);
+        check_tensor(op, states[at + a.ns + j], "states (scales)", at + a.ns + j, a.device, c10::ScalarType::Float,
+                     ne / INT8_BLOCK);
+        a.states[i * a.ns + j] = c.data_ptr();
+        a.scales[i * a.ns + j] = states[at + a.ns + j].data_ptr();
+        a.code_signed[i * a.ns + j] = sgn ? 1 : 0;
+      }
+      at += 2 * a.ns;
+      continue;
+    }
+    for (int j = 0; j < a.ns; ++j) check_tensor(op, states[at + j], "states", at + j, a.device, sdtype, ne);
+    if (a.master)
+      check_tensor(op, states[at + a.ns], "states (master)", at + a.ns, a.device, c10::ScalarType::Float, ne);
+    if (a.remainder)
+      check_tensor(op, states[at + a.ns], "states (remainder)", at + a.ns, a.device, c10::ScalarType::Short, ne);
+    for (int j = 0; j < a.ns; ++j) a.states[i * a.ns + j] = states[at + j].data_ptr();
+    if (a.master) a.masters[i] = states[at + a.ns].data_ptr();
+    if (a.remainder) a.remainders[i] = states[at + a.ns].data_ptr();
+    at += static_cast<size_t>(per);
   }
   return a;
 }
