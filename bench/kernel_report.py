@@ -70,9 +70,17 @@ SIZE = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2, "int8": 1}
 SCHEDULE_FREE = ("sgd_sf", "adamw_sf")
 
 
-def layout_applies(rule: str, layout: str) -> bool:
-    """Whether ``rule`` has kernels in ``layout`` (int8_state: not the schedule-free rules)."""
-    return not (layout == "int8_state" and rule in SCHEDULE_FREE)
+def layout_applies(rule: str, layout: str, flags: int | None = None, backend: str = "triton") -> bool:
+    """Whether ``rule`` has kernels in ``layout`` (int8_state: not the schedule-free rules; in CUDA not the
+    specializations without state either, which run the native fp32 kernel)."""
+    if layout != "int8_state":
+        return True
+    return rule not in SCHEDULE_FREE and not (backend == "cuda" and flags is not None and num_states(rule, flags) == 0)
+
+
+def cuda_kernel_count() -> int:
+    """The CUDA kernels fused_step.cu instantiates: every (rule, flags) in every layout where it applies."""
+    return sum(layout_applies(r, lay, f, "cuda") for r, fl in RULE_FLAGS.items() for f in fl for lay in LAYOUTS)
 
 
 def bytes_read_per_element(layout: str, nstate: int) -> int:
@@ -188,7 +196,9 @@ def analyze_sass(insns: list[tuple[int, str]], read_bytes_per_element: int, elem
 
 
 # -------------------------------------------------------------------------------------------------- CUDA
-_DEMANGLED = re.compile(r"StepFunctor<mf::RuleOp<(\d+), (\d+)>, ([\w:]+), ([\w:]+), (true|false), (true|false)")
+_DEMANGLED = re.compile(r"StepFunctor<mf::RuleOp<(\d+), (\d+)>, ([\w:]+), ([\w:]+), (true|false), (true|false)"
+                        r"(?:, (true|false))?")
+_DEMANGLED_INT8 = re.compile(r"Int8Functor<mf::RuleOp<(\d+), (\d+)> >|Int8Functor<mf::RuleOp<(\d+), (\d+)>>")
 _CTYPE = {"float": "fp32", "double": "fp64", "mf::bf16": "bf16", "mf::fp16": "fp16"}
 NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
 
@@ -271,12 +281,19 @@ def cuda_report(arch: str = "sm_90", rules=None, layouts=None, build_dir=None) -
     rows = []
     for mangled, text in _demangle(names).items():
         m = _DEMANGLED.search(text)
-        if not m:
+        mi = _DEMANGLED_INT8.search(text)
+        if mi:  # int8_state's quantized-tensor kernel (its fp32-state tensors run the native-fp32 kernel)
+            rule, flags = RULES[int(mi.group(1) or mi.group(3))], int(mi.group(2) or mi.group(4))
+            layout = "int8_state"
+            key = LAYOUTS[layout]
+        elif m:
+            rule = RULES[int(m.group(1))]
+            flags = int(m.group(2))
+            master = 2 if m.group(7) == "true" else m.group(5) == "true"  # the 6th argument: master16's remainder
+            key = (_CTYPE[m.group(3)], _CTYPE[m.group(4)], master, m.group(6) == "true")
+            layout = next(k for k, v in LAYOUTS.items() if v == key)
+        else:
             continue
-        rule = RULES[int(m.group(1))]
-        flags = int(m.group(2))
-        key = (_CTYPE[m.group(3)], _CTYPE[m.group(4)], m.group(5) == "true", m.group(6) == "true")
-        layout = next(k for k, v in LAYOUTS.items() if v == key)
         if rules and rule not in rules or layouts and layout not in layouts:
             continue
         kernel = text.split("<", 1)[0].split("::")[-1]
@@ -404,12 +421,14 @@ def _torch_opt(rule, params):
 
 
 def time_steps(device: str = "cuda", rules=("adamw",), dtypes=("fp32",), profiles=("llm",), params: float = 1e9,
-               backends=("cuda", "triton", "torch"), iters: int = 20) -> list[dict]:
+               backends=("cuda", "triton", "torch"), iters: int = 20, layouts=("native",)) -> list[dict]:
     """Per (profile, dtype, rule, backend): one optimizer step timed three ways, side by side in this process:
     ``step_ms`` (events around step(): the GPU time of a step, front end and launch gaps included), ``host_ms``
     (perf_counter around step() without a sync: what the Python front end and the launches cost the host),
     ``kernel_ms`` and ``launches`` (torch.profiler: the device time of the kernels a step runs, and their number).
-    ``device="cpu"``: the same code as a dry run (tiny sizes, host timers, no kernel time)."""
+    ``device="cpu"``: the same code as a dry run (tiny sizes, host timers, no kernel time). ``layouts``: the
+    dtype layouts of the momentum_fused backends (each where it takes the params' dtype: master / master16 bf16,
+    int8_state fp32); torch runs the native layout."""
     import statistics
     import time
 
@@ -427,15 +446,18 @@ def time_steps(device: str = "cuda", rules=("adamw",), dtypes=("fp32",), profile
             ps = make_params(shapes, dev, dt[dname])
             for rule in rules:
                 cls_name, kw = STEP_RULES[rule]
-                for backend in backends:
+                runs = [(b, "native") for b in backends if b == "torch"] + \
+                    [(b, lay) for lay in layouts for b in backends if b != "torch"
+                     and dt[dname] in mf.layouts.get_layout(lay).param_dtypes]
+                for backend, layout in runs:  # each run a fresh optimizer (its own state) on the same params
                     if backend == "torch":
                         opt = _torch_opt(rule, ps)
                     else:
                         try:
-                            opt = getattr(mf, cls_name)(ps, backend=backend, **kw)
+                            opt = getattr(mf, cls_name)(ps, backend=backend, layout=layout, **kw)
                         except Exception as e:  # a backend that is not available here
                             rows.append({"profile": prof, "dtype": dname, "rule": rule, "backend": backend,
-                                         "error": str(e)[:200]})
+                                         "layout": layout, "error": str(e)[:200]})
                             continue
                     for _ in range(3):
                         opt.step()
@@ -456,7 +478,7 @@ def time_steps(device: str = "cuda", rules=("adamw",), dtypes=("fp32",), profile
                         else:
                             step.append(host[-1])
                         sync()
-                    row = {"profile": prof, "dtype": dname, "rule": rule, "backend": backend,
+                    row = {"profile": prof, "dtype": dname, "rule": rule, "backend": backend, "layout": layout,
                            "tensors": len(ps), "elements": sum(p.numel() for p in ps),
                            "step_ms": statistics.median(step), "host_ms": statistics.median(host)}
                     if dev.type == "cuda":
@@ -559,12 +581,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--step-rules", default="adamw,sgd_momentum")
     ap.add_argument("--step-backends", default="cuda,triton,torch")
+    ap.add_argument("--step-layouts", default="native",
+                    help="dtype layouts of the momentum_fused backends (e.g. native,master16,int8_state)")
     ap.add_argument("--params", type=float, default=1e9)
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args(argv)
     if args.time:
         rows = time_steps(args.device, args.step_rules.split(","), args.dtypes.split(","), args.profiles.split(","),
-                          args.params, args.step_backends.split(","), args.iters)
+                          args.params, args.step_backends.split(","), args.iters, args.step_layouts.split(","))
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
         for r in rows:

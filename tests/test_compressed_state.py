@@ -187,10 +187,12 @@ def test_master_to_master16_rewrites_tie_params():
 
 def test_compiled_backends_without_master16_refuse_it():
     """A backend that does not list a layout refuses it (the Triton kernels implement master16 and int8_state:
-    tests/triton/test_compressed_triton.py)."""
+    tests/triton/test_compressed_triton.py; the CUDA ones are
+    compiled, their tests in tests/test_cuda_backend.py)."""
+    from momentum_fused._backend_cuda import CUDA_LAYOUTS
     from momentum_fused._backend_triton import TRITON_LAYOUTS
     from momentum_fused.specs import get_spec
-    assert {"master16", "int8_state"} <= set(TRITON_LAYOUTS)
+    assert {"master16", "int8_state"} <= set(TRITON_LAYOUTS) and {"master16", "int8_state"} <= set(CUDA_LAYOUTS)
     lay, spec = layouts.get_layout("master16"), get_spec(mf.AdamW.rule)
     for name in ("cpu", "cuda", "triton"):
         b = backends._REGISTRY.get(name)

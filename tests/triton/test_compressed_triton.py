@@ -29,6 +29,7 @@ import momentum_fused as mf
 from helpers import fixed_signs, grads_for, make_params
 from momentum_fused import backends, layouts
 from momentum_fused.triton_kernels import kernels, launcher
+from compressed_oracle import CASES, SF_CASES, _equal, oracle_apply
 from tolerances import tol
 
 # quantized (>= 4096 elements, a multiple of 256): two whole programs and a one-block tail; fp32 state: odd shapes,
@@ -37,90 +38,7 @@ from tolerances import tol
 SHAPES = [(17, 256), (3, 5, 7), (1,), (0,), (300,)]
 GROUP2 = (1, 4)  # positions in a second param group (other hyperparameters, the same bucket)
 
-# (id, optimizer, kwargs, gradient mode); every rule with each state-count change
-CASES = [
-    ("adam", mf.Adam, dict(lr=0.02, weight_decay=0.01), "randn"),
-    ("adamw", mf.AdamW, dict(lr=0.02, weight_decay=0.1), "randn"),
-    ("adamw-amsgrad", mf.AdamW, dict(lr=0.02, weight_decay=0.1, amsgrad=True), "randn"),
-    ("adam-tied", mf.AdamTied, dict(lr=0.02, beta=0.9), "randn"),
-    ("nadam", mf.NAdam, dict(lr=0.02, weight_decay=0.01), "randn"),
-    ("nadam-decoupled", mf.NAdam, dict(lr=0.02, weight_decay=0.1, decoupled_weight_decay=True), "randn"),
-    ("rmsprop", mf.RMSprop, dict(lr=0.01, alpha=0.9, weight_decay=0.01), "bounded"),
-    ("rmsprop-momentum-centered", mf.RMSprop, dict(lr=0.01, alpha=0.9, momentum=0.9, centered=True), "bounded"),
-    ("sgd-momentum", mf.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01), "randn"),
-    ("sgd-nesterov", mf.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), "randn"),
-    ("qhm", mf.QHM, dict(lr=0.1, momentum=0.9, nu=0.7, weight_decay=0.01), "randn"),
-    ("signsgd", mf.SignSGD, dict(lr=0.02, weight_decay=0.1), "sign_safe"),
-    ("signum", mf.Signum, dict(lr=0.02, momentum=0.9, weight_decay=0.1), "sign_safe"),
-    ("lion", mf.Lion, dict(lr=0.02, weight_decay=0.1), "sign_safe"),
-    ("fsgdm", mf.FSGDM, dict(lr=0.05, weight_decay=5e-3, sigma=12, n_stages=3), "randn"),
-]
-SF_CASES = [  # master16 only (int8_state refuses schedule-free: z is an iterate, not a moment)
-    ("sgd_sf", mf.SGDScheduleFree, dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=3), "randn"),
-    ("adamw_sf", mf.AdamWScheduleFree, dict(lr=0.02, weight_decay=0.01, warmup_steps=2), "randn"),
-]
 DTYPE = {"master16": torch.bfloat16, "int8_state": torch.float32}
-
-
-def _bits(x):
-    return x.contiguous().view({4: torch.int32, 2: torch.int16, 1: torch.int8}[x.element_size()])
-
-
-def _equal(a, b, what):
-    """Bit for bit; NaNs only as NaNs (their payload is not specified)."""
-    assert a.dtype == b.dtype and a.shape == b.shape, what
-    diff = _bits(a) != _bits(b)
-    if a.is_floating_point():
-        diff &= ~(torch.isnan(a) & torch.isnan(b))
-    assert not diff.any(), f"{what}: {diff.sum().item()} elements differ"
-
-
-# ----------------------------------------------------------------------------- the per-step oracle
-def _oracle_apply(real_apply, checked):
-    """Wrap the triton backend's apply: replay each int8_state / master16 bucket on copies with the layout without
-    compression, encode with layouts.py, run the real kernel, compare bit for bit."""
-    def apply(spec, flags, params, grads, states, scalars, *, layout=layouts.NATIVE, **kw):
-        if not (layout.int8 or layout.remainder):
-            return real_apply(spec, flags, params, grads, states, scalars, layout=layout, **kw)
-        if layout.remainder:
-            ps = [p.detach().clone() for p in params]
-            sts = [tuple(s.clone() for s in st[:-1]) + (layouts.master16_decode(p, st[-1]).view(p.shape),)
-                   for p, st in zip(params, states)]
-            real_apply(spec, flags, ps, grads, sts, scalars, layout=layouts.LAYOUTS["master"], **kw)
-        else:
-            ps = [p.detach().clone() for p in params]
-            sts = []
-            for p, st in zip(params, states):
-                if layouts.int8_quantized(p):
-                    n = len(st) // 2
-                    sts.append(tuple(layouts.int8_decode(c, s, c.dtype == torch.int8) for c, s in zip(st[:n], st[n:])))
-                else:
-                    sts.append(tuple(s.clone() for s in st))
-            real_apply(spec, flags, ps, grads, sts, scalars, layout=layouts.NATIVE, **kw)
-        before = launcher.LAUNCHES
-        out = real_apply(spec, flags, params, grads, states, scalars, layout=layout, **kw)
-        assert launcher.LAUNCHES - before == 1, "one launch per bucket"
-        for i, (p, st, q, qs) in enumerate(zip(params, states, ps, sts)):
-            if layout.remainder:
-                hi, lo = layouts.master16_encode(qs[-1])
-                _equal(p, hi.view(p.shape), f"param {i}")
-                _equal(st[-1], lo.view(p.shape), f"remainder {i}")
-                for j, (a, b) in enumerate(zip(st[:-1], qs[:-1])):
-                    _equal(a, b, f"state {j} of tensor {i}")
-            else:
-                _equal(p, q, f"param {i}")
-                if layouts.int8_quantized(p):
-                    n = len(st) // 2
-                    for j, (c, s, x) in enumerate(zip(st[:n], st[n:], qs)):
-                        codes, scale = layouts.int8_encode(x, c.dtype == torch.int8)
-                        _equal(c, codes, f"codes of state {j}, tensor {i}")
-                        _equal(s, scale, f"scales of state {j}, tensor {i}")
-                else:
-                    for j, (a, b) in enumerate(zip(st, qs)):
-                        _equal(a, b, f"fp32 state {j} of tensor {i}")
-        checked.append(sum(p.numel() for p in params))
-        return out
-    return apply
 
 
 def _run(cls, kw, gmode, layout, backend, steps=10):
@@ -150,7 +68,7 @@ def test_every_step_exact_and_ten_steps_against_the_reference_backend(layout, ca
     cid, cls, kw, gmode = case
     tri = backends._REGISTRY["triton"]
     checked = []
-    monkeypatch.setattr(tri, "apply", _oracle_apply(tri.apply, checked))
+    monkeypatch.setattr(tri, "apply", oracle_apply(tri.apply, checked, count_launches=lambda: launcher.LAUNCHES))
     topt, tp = _run(cls, kw, gmode, layout, "triton")
     monkeypatch.undo()
     assert len(checked) == 10 and checked[0] == sum(p.numel() for p in tp), "every step went through the oracle"
@@ -296,7 +214,7 @@ def test_int8_nan_and_zero_blocks_encode_as_layouts(monkeypatch):
     oracle (SGD with momentum: a NaN gradient reaches the momentum buffer)."""
     tri = backends._REGISTRY["triton"]
     checked = []
-    monkeypatch.setattr(tri, "apply", _oracle_apply(tri.apply, checked))
+    monkeypatch.setattr(tri, "apply", oracle_apply(tri.apply, checked, count_launches=lambda: launcher.LAUNCHES))
     p = torch.randn(4096, generator=torch.Generator().manual_seed(5)).requires_grad_()
     opt = mf.SGD([p], lr=0.1, momentum=0.9, backend="triton", layout="int8_state")
     for k in range(3):
