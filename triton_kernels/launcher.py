@@ -62,6 +62,7 @@ def _count_launch() -> None:
 
 def clear_cache() -> None:
     _cache.clear()
+    _int8_cache.clear()
     _plan_split_tensors.cache_clear()
 
 
@@ -344,6 +345,35 @@ def _int8_plan(numels: tuple, quantized: tuple, chunk: int, device) -> tuple:
     return torch.cat([tab, torch.tensor(numels, dtype=torch.int64)]).to(device), len(t)
 
 
+_int8_cache: "OrderedDict[tuple, list]" = OrderedDict()
+
+
+def _check_int8_bucket(params, grads, states, quant, nstate) -> None:
+    """int8_state_apply's argument checks: raises naming the first offending tensor."""
+    from ..layouts import INT8_BLOCK
+    ref = params[0]
+    unsigned = None
+    for i, (p, g, st, q) in enumerate(zip(params, grads, states, quant)):
+        want = [torch.float32] * nstate
+        if q:
+            want = [c.dtype for c in st[:nstate]] + [torch.float32] * nstate
+            if any(d not in (torch.int8, torch.uint8) for d in want[:nstate]):
+                raise TypeError(f"tensor {i}: int8_state codes are int8 or uint8, got {want[:nstate]}")
+            mask = sum(1 << j for j, d in enumerate(want[:nstate]) if d == torch.uint8)
+            if unsigned is not None and mask != unsigned:
+                raise TypeError(f"tensor {i}: code dtypes {want[:nstate]} differ from the bucket's")
+            unsigned = mask
+        if len(st) != len(want) or p.dtype != torch.float32 or g.dtype != torch.float32 \
+                or [x.dtype for x in st] != want:
+            raise TypeError(f"tensor {i}: int8_state takes fp32 params and grads with states {want}, got "
+                            f"{p.dtype}, {g.dtype}, {[x.dtype for x in st]}")
+        for what, x, numel in [("param", p, p.numel()), ("grad", g, p.numel())] + \
+                [("state", x, p.numel() if j < nstate else p.numel() // INT8_BLOCK) for j, x in enumerate(st)]:
+            if x.numel() != numel or x.device != ref.device or not x.is_contiguous():
+                raise ValueError(f"tensor {i}: its {what} must be a contiguous tensor of {numel} elements on "
+                                 f"{ref.device}, got {tuple(x.shape)} on {x.device}")
+
+
 def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, grads, states, scalars, *,
                      found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                      rows: int = INT8_ROWS, num_warps: int | None = None) -> int:
@@ -366,38 +396,45 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
     if family == "one" and not 0 <= nstate <= 1 or family == "multi" and not 1 <= nstate <= 3:
         raise ValueError(f"kernel family {family!r} cannot take {nstate} state lists")
     ref = params[0]
-    unsigned = None
-    for i, (p, g, st, q) in enumerate(zip(params, grads, states, quant)):
-        want = [torch.float32] * nstate
-        if q:
-            want = [c.dtype for c in st[:nstate]] + [torch.float32] * nstate
-            if any(d not in (torch.int8, torch.uint8) for d in want[:nstate]):
-                raise TypeError(f"tensor {i}: int8_state codes are int8 or uint8, got {want[:nstate]}")
-            mask = sum(1 << j for j, d in enumerate(want[:nstate]) if d == torch.uint8)
-            if unsigned is not None and mask != unsigned:
-                raise TypeError(f"tensor {i}: code dtypes {want[:nstate]} differ from the bucket's")
-            unsigned = mask
-        if len(st) != len(want) or p.dtype != torch.float32 or g.dtype != torch.float32 \
-                or [x.dtype for x in st] != want:
-            raise TypeError(f"tensor {i}: int8_state takes fp32 params and grads with states {want}, got "
-                            f"{p.dtype}, {g.dtype}, {[x.dtype for x in st]}")
-        for what, x, numel in [("param", p, p.numel()), ("grad", g, p.numel())] + \
-                [("state", x, p.numel() if j < nstate else p.numel() // INT8_BLOCK) for j, x in enumerate(st)]:
-            if x.numel() != numel or x.device != ref.device or not x.is_contiguous():
-                raise ValueError(f"tensor {i}: its {what} must be a contiguous tensor of {numel} elements on "
-                                 f"{ref.device}, got {tuple(x.shape)} on {x.device}")
-    scal = scalar_table(scalars, n, ref.device)
-    numels = tuple(p.numel() for p in params)
-    plan, n_prog = _int8_plan(numels, tuple(quant), rows * INT8_BLOCK, ref.device)
+    numels = tuple(map(torch.Tensor.numel, params))
+    dummy = ref.data_ptr()  # never dereferenced: the scale lists of fp32-state tensors
+    ptrs = [list(map(torch.Tensor.data_ptr, params)), list(map(torch.Tensor.data_ptr, grads))]
+    for j in range(nstate):
+        ptrs.append([st[j].data_ptr() if j < len(st) else 0 for st in states])
+    for j in range(nstate):
+        ptrs.append([st[nstate + j].data_ptr() if q and nstate + j < len(st) else dummy
+                     for st, q in zip(states, quant)])
+    # Cached by every pointer and size but the grads' (as step_tables): a hit skips the checks of params and
+    # states, which were checked when the entry was made; the grads are checked every call.
+    code_dtypes = next((tuple(c.dtype for c in st[:nstate]) for st, q in zip(states, quant) if q), ())
+    key = (ref.device, rows, nstate, numels, tuple(map(len, states)), code_dtypes,
+           tuple(tuple(r) for i, r in enumerate(ptrs) if i != 1))
+    entry = _int8_cache.get(key)
+    if entry is None:
+        _check_int8_bucket(params, grads, states, quant, nstate)
+        unsigned = next((sum(1 << j for j, c in enumerate(st[:nstate]) if c.dtype == torch.uint8)
+                         for st, q in zip(states, quant) if q), 0)
+        plan, n_prog = _int8_plan(numels, tuple(quant), rows * INT8_BLOCK, ref.device)
+        entry = [torch.tensor(ptrs, dtype=torch.int64).reshape(len(ptrs), n).to(ref.device), plan, n_prog, unsigned,
+                 all(_aligned(r) for i, r in enumerate(ptrs) if i != 1), ptrs[1], _aligned(ptrs[1])]
+        _int8_cache[key] = entry
+        while len(_int8_cache) > CACHE_SIZE:
+            _int8_cache.popitem(last=False)
+    else:
+        _int8_cache.move_to_end(key)
+        if set(map(_DTYPE, grads)) != {torch.float32} or list(map(torch.Tensor.numel, grads)) != list(numels) \
+                or not all(map(torch.Tensor.is_contiguous, grads)) \
+                or set(map(torch.Tensor.get_device, grads)) != {ref.get_device()}:
+            _check_int8_bucket(params, grads, states, quant, nstate)  # raises, naming the grad
+    ptr_tab, plan, n_prog, unsigned, aligned_rest, grad_ptrs, aligned_grads = entry
+    if grad_ptrs != ptrs[1]:
+        ptr_tab[1].copy_(torch.tensor(ptrs[1], dtype=torch.int64), non_blocking=True)
+        entry[5], entry[6] = ptrs[1], _aligned(ptrs[1])
+        aligned_grads = entry[6]
     if n_prog == 0:
         return 0
-    dummy = ref.data_ptr()  # never dereferenced: the scale lists of fp32-state tensors
-    ptrs = [[p.data_ptr() for p in params], [g.data_ptr() for g in grads]]
-    for j in range(nstate):
-        ptrs.append([st[j].data_ptr() for st in states])
-    for j in range(nstate):
-        ptrs.append([st[nstate + j].data_ptr() if q else dummy for st, q in zip(states, quant)])
-    ptr_tab = torch.tensor(ptrs, dtype=torch.int64).reshape(-1).to(ref.device)
+    aligned = aligned_rest and aligned_grads
+    scal = scalar_table(scalars, n, ref.device)
     for name, x in (("found_inf", found_inf), ("grad_scale", grad_scale)):
         if x is not None and (x.device != ref.device or x.numel() != 1):
             raise ValueError(f"{name} must be a one-element tensor on {ref.device}, got {tuple(x.shape)} "
@@ -405,13 +442,12 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
     fi = found_inf.to(torch.float32) if found_inf is not None and found_inf.dtype != torch.float32 else found_inf
     gs = grad_scale.to(torch.float32) if grad_scale is not None and grad_scale.dtype != torch.float32 else grad_scale
     kinds = (2 if any(quant) else 0) + (1 if not all(quant) else 0)
-    aligned = all(_aligned(row) for row in ptrs)
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
     int8_state_kernel[(n_prog,)](
-        ptr_tab, n, scal, plan, n_prog, plan[3 * n_prog:], int8_code_table(ref.device),
+        ptr_tab.view(-1), n, scal, plan, n_prog, plan[3 * n_prog:], int8_code_table(ref.device),
         fi if fi is not None else scal, gs if gs is not None else scal,
         MULTI=family == "multi", RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1],
-        UNSIGNED=unsigned or 0, HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        UNSIGNED=unsigned, HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
         ROWS=rows, KINDS=kinds, ALIGNED=aligned, HW_BF16=not INTERPRETED, num_warps=num_warps or NUM_WARPS_INT8)
     _count_launch()
     return 1

@@ -229,3 +229,23 @@ def test_int8_nan_and_zero_blocks_encode_as_layouts(monkeypatch):
     assert torch.isnan(st["momentum_buffer_scale"][3]) and (st["momentum_buffer"][768:1024] == 127).all()
     assert st["momentum_buffer_scale"][1] == 0 and (st["momentum_buffer"][256:512] == 0).all()
     assert torch.isfinite(st["momentum_buffer_scale"][[0, 2, 4]]).all()
+
+
+def test_int8_tables_are_cached_and_grads_checked_on_a_hit():
+    """A second call with the same params and states reuses the cached tables (the grads' row refreshed: a new grad
+    tensor gives the same result as the first call on equal values) and still refuses a bad grad."""
+    p = torch.randn(4096)
+    codes, scale = torch.zeros(4096, dtype=torch.int8), torch.zeros(16)
+    tab = torch.tensor([[0.1, 0.0, 0.9, 0.0, 1.0, 1.0]], dtype=torch.float64)  # sgd: lr wd momentum damp first gm
+    g1 = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+    launcher.int8_state_apply("one", 0, (True, False), [p], [g1], [(codes, scale)], tab)
+    q = p.clone()
+    p2, codes2, scale2 = p.clone(), codes.clone(), scale.clone()
+    launcher.int8_state_apply("one", 0, (True, False), [p], [g1.clone()], [(codes, scale)], tab)  # a hit
+    launcher.int8_state_apply("one", 0, (True, False), [p2], [g1.clone()], [(codes2, scale2)], tab)  # a miss
+    _equal(p, p2, "param")
+    _equal(codes, codes2, "codes")
+    _equal(scale, scale2, "scales")
+    assert not torch.equal(p, q)  # the cached call did run
+    with pytest.raises(TypeError, match="fp32 params and grads"):
+        launcher.int8_state_apply("one", 0, (True, False), [p], [g1.double()], [(codes, scale)], tab)
