@@ -119,13 +119,16 @@ def test_int8_state_kernel_front_end(rule):
     for _, path, fn, sig, constexprs, _, _ in launcher.compile_int8_variants(rule, flags, nstate, True, True):
         if path == "mixed":
             _compile(fn, constexprs, sig=sig)
+            if rule == "adam":  # a bucket with a pointer off 16 bytes, and the interpreter's variant
+                _compile(fn, dict(constexprs, ALIGNED=False), sig=sig)
+                _compile(fn, dict(constexprs, HW_BF16=False), sig=sig)
 
 
 def test_unaligned_and_interpreter_variants_front_end():
     """ALIGNED=False (a bucket with a pointer off 16 bytes) and HW_BF16=False (the interpreter's bit arithmetic,
     which the interpreter tests run) also pass the compiler's front end."""
     _, _, flags, nstate = next(s for s in SPECIALIZATIONS if s[1] == "adam")
-    for layout in ("native-bf16", "bf16_sr"):
+    for layout in ("native-bf16", "bf16_sr", "master16"):
         for _, _, fn, sig, constexprs, _, _ in _variants("adam", flags, nstate, layout):
             _compile(fn, dict(constexprs, ALIGNED=False), sig=sig)
             _compile(fn, dict(constexprs, HW_BF16=False), sig=sig)
