@@ -355,6 +355,9 @@ def _check_int8_bucket(params, grads, states, quant, nstate) -> None:
     unsigned = None
     for i, (p, g, st, q) in enumerate(zip(params, grads, states, quant)):
         want = [torch.float32] * nstate
+        if q and p.numel() % INT8_BLOCK:
+            raise ValueError(f"tensor {i}: quantized int8_state (codes) needs a size that is a multiple of "
+                             f"{INT8_BLOCK}, got {p.numel()}")
         if q:
             want = [c.dtype for c in st[:nstate]] + [torch.float32] * nstate
             if any(d not in (torch.int8, torch.uint8) for d in want[:nstate]):
@@ -378,12 +381,12 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
                      found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                      rows: int = INT8_ROWS, num_warps: int | None = None) -> int:
     """Layout int8_state: ONE launch over a bucket of fp32 params whose per-tensor state tuples (``states[i]``) are
-    either ``nstate`` fp32 tensors, or, for a tensor that layouts.int8_quantized keeps as codes, ``nstate`` code
-    tensors (int8 signed / uint8 non-negative, param-shaped) followed by their ``nstate`` fp32 block scales
-    (numel / INT8_BLOCK each). Each program takes ``rows`` blocks of one tensor (no packing of tiny tensors: a
+    either ``nstate`` fp32 tensors, or, for a tensor that layouts.int8_quantized keeps as codes (told by the states'
+    dtype), ``nstate`` code tensors (int8 signed / uint8 non-negative, param-shaped) followed by their ``nstate``
+    fp32 block scales (numel / INT8_BLOCK elements each). Each program takes ``rows`` blocks of one tensor (no packing of tiny tensors: a
     quantized tensor's blocks must not share a program with other tensors, and the fp32 ones ride along in the
     same kernel). Returns the number of launches (0 or 1)."""
-    from ..layouts import INT8_BLOCK, int8_quantized
+    from ..layouts import INT8_BLOCK
     if family not in KERNELS:
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
     n = len(params)
@@ -391,7 +394,10 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
         return 0
     if len(grads) != n or len(states) != n:
         raise ValueError(f"{n} params, {len(grads)} grads, {len(states)} state tuples")
-    quant = [int8_quantized(p) for p in params]
+    # quantized: by its states (codes), as the reference backend decides; layouts.int8_quantized made them so (for
+    # a shard of an FSDP2 param, from the global tensor: the local sizes cannot tell). Its size must then be a
+    # multiple of INT8_BLOCK (checked).
+    quant = [bool(st) and st[0].dtype in (torch.int8, torch.uint8) for st in states]
     nstate = next((len(st) // 2 if q else len(st) for st, q in zip(states, quant)), 0)
     if family == "one" and not 0 <= nstate <= 1 or family == "multi" and not 1 <= nstate <= 3:
         raise ValueError(f"kernel family {family!r} cannot take {nstate} state lists")

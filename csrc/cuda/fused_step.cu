@@ -248,8 +248,10 @@ cudaError_t launch_int8(int64_t n, void* const* params, const void* const* grads
   } else {
     constexpr int NQ = 2 + 2 * NS, NF = 2 + NS;
     static_assert(NQ <= kMaxLists, "too many lists for the tensor table");
+    // quantized: the tensors with scales (the binding's checks decided, csrc/step_args.h)
+    auto quantized = [&](int64_t i) { return scales[i * NS] != nullptr; };
     int64_t nq = 0;
-    for (int64_t i = 0; i < n; ++i) nq += int8_quantized(numel[i]) ? 1 : 0;
+    for (int64_t i = 0; i < n; ++i) nq += quantized(i) ? 1 : 0;
     // the pack row of a tensor is its index in the bucket: keep it (TableSink's row) by listing the tensors of
     // each kind with their numel, and zero-sized placeholders for the others (they get no block)
     Lists<NQ> q(n);
@@ -257,7 +259,7 @@ cudaError_t launch_int8(int64_t n, void* const* params, const void* const* grads
     int64_t* nq_numel = new int64_t[static_cast<size_t>(2 * n) + 1];
     int64_t* nf_numel = nq_numel + n;
     for (int64_t i = 0; i < n; ++i) {
-      const bool isq = int8_quantized(numel[i]);
+      const bool isq = quantized(i);
       nq_numel[i] = isq ? numel[i] : 0;
       nf_numel[i] = isq ? 0 : numel[i];
       q.lists[0][i] = f.lists[0][i] = params[i];

@@ -203,9 +203,15 @@ def test_backend_declares_the_layouts_and_checks_int8_lists():
     with pytest.raises(ValueError, match="16 elements"):
         launcher.int8_state_apply("one", 0, (True, False), [p], [g], [(codes, scale)], torch.zeros(1, 6,
                                                                                                     dtype=torch.float64))
-    with pytest.raises(TypeError, match="int8 or uint8"):
-        launcher.int8_state_apply("one", 0, (True, False), [p], [g], [(torch.zeros(4096), torch.zeros(16))],
+    with pytest.raises(ValueError, match="multiple of 256"):  # quantized (codes) but not whole blocks
+        q = torch.zeros(4100)
+        launcher.int8_state_apply("one", 0, (True, False), [q], [q.clone()],
+                                  [(torch.zeros(4100, dtype=torch.int8), torch.zeros(16))],
                                   torch.zeros(1, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="differ from the bucket"):  # one code dtype per state position
+        launcher.int8_state_apply("one", 0, (True, False), [p, p.clone()], [g, g.clone()],
+                                  [(codes, torch.zeros(16)), (codes.view(torch.uint8).clone(), torch.zeros(16))],
+                                  torch.zeros(2, 6, dtype=torch.float64))
 
 
 def test_int8_nan_and_zero_blocks_encode_as_layouts(monkeypatch):
