@@ -58,16 +58,34 @@ def num_states(rule: str, flags: int) -> int:
             "sgd_sf": 1, "adamw_sf": 3 if flags & 1 else 2}[rule]
 
 
-# dtype layouts: name -> (param/grad storage, state storage, master, stochastic rounding)
+# dtype layouts: name -> (param/grad storage, state storage, master, stochastic rounding); master: True an fp32
+# master copy (master), 2 the int16 remainder (master16: the master is the bf16 param and its low half); state
+# "int8": int8_state (1-byte codes and an fp32 scale per 256 elements; schedule-free rules refuse it)
 LAYOUTS = {"native-fp32": ("fp32", "fp32", False, False), "native-fp64": ("fp64", "fp64", False, False),
            "native-bf16": ("bf16", "bf16", False, False), "native-fp16": ("fp16", "fp16", False, False),
            "bf16_state": ("fp32", "bf16", False, False), "master-bf16": ("bf16", "fp32", True, False),
-           "master-fp16": ("fp16", "fp32", True, False), "bf16_sr": ("bf16", "bf16", False, True)}
-SIZE = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2}
+           "master-fp16": ("fp16", "fp32", True, False), "bf16_sr": ("bf16", "bf16", False, True),
+           "master16": ("bf16", "fp32", 2, False), "int8_state": ("fp32", "int8", False, False)}
+SIZE = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2, "int8": 1}
+SCHEDULE_FREE = ("sgd_sf", "adamw_sf")
+
+
+def layout_applies(rule: str, layout: str, flags: int | None = None, backend: str = "triton") -> bool:
+    """Whether ``rule`` has kernels in ``layout`` (int8_state: not the schedule-free rules; in CUDA not the
+    specializations without state either, which run the native fp32 kernel)."""
+    if layout != "int8_state":
+        return True
+    return rule not in SCHEDULE_FREE and not (backend == "cuda" and flags is not None and num_states(rule, flags) == 0)
+
+
+def cuda_kernel_count() -> int:
+    """The CUDA kernels fused_step.cu instantiates: every (rule, flags) in every layout where it applies."""
+    return sum(layout_applies(r, lay, f, "cuda") for r, fl in RULE_FLAGS.items() for f in fl for lay in LAYOUTS)
 
 
 def bytes_read_per_element(layout: str, nstate: int) -> int:
-    """Bytes one element's update reads: param (or the fp32 master), grad, states."""
+    """Bytes one element's update reads: param (or the fp32 master; master16: the param and its remainder), grad,
+    states (int8_state: the codes; the scales are 4 bytes per 256 elements)."""
     p, s, master, _ = LAYOUTS[layout]
     return (4 if master else SIZE[p]) + SIZE[p] + nstate * SIZE[s]
 
@@ -178,7 +196,9 @@ def analyze_sass(insns: list[tuple[int, str]], read_bytes_per_element: int, elem
 
 
 # -------------------------------------------------------------------------------------------------- CUDA
-_DEMANGLED = re.compile(r"StepFunctor<mf::RuleOp<(\d+), (\d+)>, ([\w:]+), ([\w:]+), (true|false), (true|false)")
+_DEMANGLED = re.compile(r"StepFunctor<mf::RuleOp<(\d+), (\d+)>, ([\w:]+), ([\w:]+), (true|false), (true|false)"
+                        r"(?:, (true|false))?")
+_DEMANGLED_INT8 = re.compile(r"Int8Functor<mf::RuleOp<(\d+), (\d+)> >|Int8Functor<mf::RuleOp<(\d+), (\d+)>>")
 _CTYPE = {"float": "fp32", "double": "fp64", "mf::bf16": "bf16", "mf::fp16": "fp16"}
 NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
 
@@ -261,12 +281,19 @@ def cuda_report(arch: str = "sm_90", rules=None, layouts=None, build_dir=None) -
     rows = []
     for mangled, text in _demangle(names).items():
         m = _DEMANGLED.search(text)
-        if not m:
+        mi = _DEMANGLED_INT8.search(text)
+        if mi:  # int8_state's quantized-tensor kernel (its fp32-state tensors run the native-fp32 kernel)
+            rule, flags = RULES[int(mi.group(1) or mi.group(3))], int(mi.group(2) or mi.group(4))
+            layout = "int8_state"
+            key = LAYOUTS[layout]
+        elif m:
+            rule = RULES[int(m.group(1))]
+            flags = int(m.group(2))
+            master = 2 if m.group(7) == "true" else m.group(5) == "true"  # the 6th argument: master16's remainder
+            key = (_CTYPE[m.group(3)], _CTYPE[m.group(4)], master, m.group(6) == "true")
+            layout = next(k for k, v in LAYOUTS.items() if v == key)
+        else:
             continue
-        rule = RULES[int(m.group(1))]
-        flags = int(m.group(2))
-        key = (_CTYPE[m.group(3)], _CTYPE[m.group(4)], m.group(5) == "true", m.group(6) == "true")
-        layout = next(k for k, v in LAYOUTS.items() if v == key)
         if rules and rule not in rules or layouts and layout not in layouts:
             continue
         kernel = text.split("<", 1)[0].split("::")[-1]
@@ -295,7 +322,8 @@ def triton_specs(rules=None, layouts=None, flags_mode: str = "all"):
             if layouts and layout not in layouts:
                 continue
             for f in flag_values:
-                if flags_mode == "fp32" and layout != "native-fp32" and f != flag_values[-1]:
+                if flags_mode == "fp32" and layout != "native-fp32" and f != flag_values[-1] \
+                        or not layout_applies(rule, layout):
                     continue
                 out.append((rule, f, num_states(rule, f), layout))
     return out
@@ -307,7 +335,7 @@ def _triton_jobs(rule, flags, nstate, layout):
     num_warps)."""
     from momentum_fused.triton_kernels import launcher
     p, s, master, sr = LAYOUTS[layout]
-    tdt = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    tdt = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
     return launcher.compile_variants(rule, (bool(flags & 1), bool(flags & 2)), nstate, tdt[p], tdt[s], master, sr)
 
 
@@ -393,12 +421,14 @@ def _torch_opt(rule, params):
 
 
 def time_steps(device: str = "cuda", rules=("adamw",), dtypes=("fp32",), profiles=("llm",), params: float = 1e9,
-               backends=("cuda", "triton", "torch"), iters: int = 20) -> list[dict]:
+               backends=("cuda", "triton", "torch"), iters: int = 20, layouts=("native",)) -> list[dict]:
     """Per (profile, dtype, rule, backend): one optimizer step timed three ways, side by side in this process:
     ``step_ms`` (events around step(): the GPU time of a step, front end and launch gaps included), ``host_ms``
     (perf_counter around step() without a sync: what the Python front end and the launches cost the host),
     ``kernel_ms`` and ``launches`` (torch.profiler: the device time of the kernels a step runs, and their number).
-    ``device="cpu"``: the same code as a dry run (tiny sizes, host timers, no kernel time)."""
+    ``device="cpu"``: the same code as a dry run (tiny sizes, host timers, no kernel time). ``layouts``: the
+    dtype layouts of the momentum_fused backends (each where it takes the params' dtype: master / master16 bf16,
+    int8_state fp32); torch runs the native layout."""
     import statistics
     import time
 
@@ -416,15 +446,18 @@ def time_steps(device: str = "cuda", rules=("adamw",), dtypes=("fp32",), profile
             ps = make_params(shapes, dev, dt[dname])
             for rule in rules:
                 cls_name, kw = STEP_RULES[rule]
-                for backend in backends:
+                runs = [(b, "native") for b in backends if b == "torch"] + \
+                    [(b, lay) for lay in layouts for b in backends if b != "torch"
+                     and dt[dname] in mf.layouts.get_layout(lay).param_dtypes]
+                for backend, layout in runs:  # each run a fresh optimizer (its own state) on the same params
                     if backend == "torch":
                         opt = _torch_opt(rule, ps)
                     else:
                         try:
-                            opt = getattr(mf, cls_name)(ps, backend=backend, **kw)
+                            opt = getattr(mf, cls_name)(ps, backend=backend, layout=layout, **kw)
                         except Exception as e:  # a backend that is not available here
                             rows.append({"profile": prof, "dtype": dname, "rule": rule, "backend": backend,
-                                         "error": str(e)[:200]})
+                                         "layout": layout, "error": str(e)[:200]})
                             continue
                     for _ in range(3):
                         opt.step()
@@ -445,7 +478,7 @@ def time_steps(device: str = "cuda", rules=("adamw",), dtypes=("fp32",), profile
                         else:
                             step.append(host[-1])
                         sync()
-                    row = {"profile": prof, "dtype": dname, "rule": rule, "backend": backend,
+                    row = {"profile": prof, "dtype": dname, "rule": rule, "backend": backend, "layout": layout,
                            "tensors": len(ps), "elements": sum(p.numel() for p in ps),
                            "step_ms": statistics.median(step), "host_ms": statistics.median(host)}
                     if dev.type == "cuda":
@@ -548,12 +581,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--step-rules", default="adamw,sgd_momentum")
     ap.add_argument("--step-backends", default="cuda,triton,torch")
+    ap.add_argument("--step-layouts", default="native",
+                    help="dtype layouts of the momentum_fused backends (e.g. native,master16,int8_state)")
     ap.add_argument("--params", type=float, default=1e9)
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args(argv)
     if args.time:
         rows = time_steps(args.device, args.step_rules.split(","), args.dtypes.split(","), args.profiles.split(","),
-                          args.params, args.step_backends.split(","), args.iters)
+                          args.params, args.step_backends.split(","), args.iters, args.step_layouts.split(","))
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
         for r in rows:

@@ -21,6 +21,8 @@ from . import backends, layouts
 __all__ = ["make_backend"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the dtype layouts the kernels implement (triton_kernels/kernels.py): every layout of layouts.LAYOUTS
+TRITON_LAYOUTS = layouts.BASE_KERNEL_LAYOUTS + ("master16", "int8_state")
 _CPU_REASON = "the Triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
 
 
@@ -77,12 +79,25 @@ def supports(spec, device, dtype) -> str | None:
 
 def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=None, found_inf=None,
           grad_scale=None) -> int:
-    """Run ``spec``'s rule on one bucket in one kernel launch (any dtype layout of momentum_fused.layouts:
-    states[i] ends with the fp32 master copy under ``master``; ``sr_keys`` under ``bf16_sr``). Returns the
-    number of launches."""
+    """Run ``spec``'s rule on one bucket in one kernel launch (any dtype layout of ``TRITON_LAYOUTS``: states[i]
+    ends with the fp32 master copy under ``master``, with the int16 remainder under ``master16``; ``sr_keys`` under
+    ``bf16_sr``; ``int8_state`` runs launcher.int8_state_apply, codes then scales for a quantized tensor). Returns
+    the number of launches."""
     rules, launcher = _kernel_modules()
     if not params:
         return 0
+    if layout is not None and layout.int8:  # codes and block scales: a kernel of its own (launcher.int8_state_apply)
+        ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
+        sts, k = [], 0
+        for st in states:
+            sts.append(flat[k:k + len(st)])
+            k += len(st)
+        n = launcher.int8_state_apply(rules.FAMILY[spec.name], rules.RULE_IDS[spec.name], tuple(flags), ps, gs, sts,
+                                      backends.pack_table(scalars, len(spec.scalar_names)), found_inf=found_inf,
+                                      grad_scale=grad_scale)
+        for orig, work in writeback:
+            orig.copy_(work)
+        return n
     nstate = len(states[0]) if states else 0
     # Non-contiguous tensors (rare: e.g. a transposed param) run on contiguous copies, written back after.
     ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
@@ -90,6 +105,7 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
     n = launcher.multi_tensor_apply(rules.FAMILY[spec.name], rules.RULE_IDS[spec.name], tuple(flags), lists,
                                     backends.pack_table(scalars, len(spec.scalar_names)), found_inf=found_inf,
                                     grad_scale=grad_scale, master=bool(layout is not None and layout.master),
+                                    remainder=bool(layout is not None and layout.remainder),
                                     sr_keys=sr_keys if layout is not None and layout.stochastic else None)
     for orig, work in writeback:
         orig.copy_(work)
@@ -99,5 +115,5 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
 def make_backend() -> backends.Backend:
     err = _load_error()
     return backends.Backend(name="triton", apply=apply if err is None else None, supports=supports,
-                            devices=("cuda", "cpu"), load_error=err, layouts=layouts.BASE_KERNEL_LAYOUTS,
+                            devices=("cuda", "cpu"), load_error=err, layouts=TRITON_LAYOUTS,
                             device_scalars=True, scalar_tables=True)

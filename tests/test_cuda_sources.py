@@ -97,7 +97,7 @@ struct Rec {
 int main(int argc, char** argv) {
   // stdin: chunk max_tensors max_blocks n numel...; or "caps": the table capacities
   if (argc > 1) {
-    for (int nl = 2; nl <= 6; ++nl) {
+    for (int nl = 2; nl <= 8; ++nl) {
       TableCapacity big = table_capacity(nl, 32764 - 128), small = table_capacity(nl, 4096 - 128);
       std::printf("C %d %d %d %lld %d %d %lld\n", nl, big.tensors, big.blocks,
                   (long long)table_bytes(nl, big.tensors, big.blocks), small.tensors, small.blocks,
@@ -189,7 +189,7 @@ def test_launch_counts_llm_and_tiny_profiles(plan_driver):
             for f in (line.split() for line in subprocess.run([plan_driver, "caps"], capture_output=True, text=True,
                                                                check=True).stdout.splitlines())}
     for nl, (bt, bb, bbytes, st, sb, sbytes) in caps.items():
-        assert bbytes <= 32764 - 128 and sbytes <= 4096 - 128 and (st, sb) == (36, 320) and bt == 256
+        assert bbytes <= 32764 - 128 and sbytes <= 4096 - 128 and (st, sb) == (36 if nl <= 6 else 28, 320) and bt == 256
     llm, tiny = _profile("llm", 1e9), _profile("tiny", 5.4e6)
     assert (len(llm), len(tiny)) == (292, 4981)
     t4, b4 = caps[4][:2]  # AdamW: param, grad, exp_avg, exp_avg_sq
@@ -199,3 +199,154 @@ def test_launch_counts_llm_and_tiny_profiles(plan_driver):
     assert _check_plan(plan_driver, llm, max_tensors=36, max_blocks=320) == 49
     assert _check_plan(plan_driver, tiny, max_tensors=t4, max_blocks=b4) == 20
     assert _check_plan(plan_driver, tiny, max_tensors=36, max_blocks=320) == 139
+
+
+# ------------------------------------------------------------------- the int8_state functor, emulated on the host
+# csrc/cuda/int8_functor.cuh (the CUDA kernel of int8_state's quantized tensors) run by host threads, one per CUDA
+# thread (csrc/cuda/host_emulation.h: warp shuffles through barriers), on one bucket of one tensor; compared bit
+# for bit with layouts.py's encoding of the CPU backend's fp32 step on the decoded states (the same
+# csrc/update_rules.h, no FMA contraction: the fp32 math agrees). The device's own arithmetic (sqrtf, the
+# division: IEEE on both with --fmad=false) is not what this checks: the indexing, the warp reduction, the codes.
+_INT8_DRIVER = r"""
+#include "cuda/host_emulation.h"
+#include "update_rules.h"
+namespace mf { namespace cuda { constexpr int kChunk = 65536; constexpr int kMinBlocksPerSM = 2; } }
+#include "cuda/int8_functor.cuh"
+
+#include <cstdio>
+#include <vector>
+
+using namespace mf;
+struct Table {
+  void* ptr[8][1];
+  int64_t numel[1];
+  int32_t row[1];
+};
+
+template <class Op>
+int run(int64_t n, int threads, int code_unsigned) {
+  constexpr int NS = Op::kStates;
+  constexpr int K = Op::template Scalars<float>::kPack;
+  std::vector<double> pack(K);
+  std::vector<float> p(n), g(n), scales(NS * (n / INT8_BLOCK));
+  std::vector<uint8_t> codes(NS * n);
+  if (std::fread(pack.data(), 8, K, stdin) != size_t(K) || std::fread(p.data(), 4, n, stdin) != size_t(n) ||
+      std::fread(g.data(), 4, n, stdin) != size_t(n) || std::fread(codes.data(), 1, NS * n, stdin) != size_t(NS * n) ||
+      std::fread(scales.data(), 4, scales.size(), stdin) != scales.size())
+    return 3;
+  Table tt{};
+  tt.ptr[0][0] = p.data();
+  tt.ptr[1][0] = g.data();
+  for (int j = 0; j < NS; ++j) {
+    tt.ptr[2 + j][0] = codes.data() + j * n;
+    tt.ptr[2 + NS + j][0] = scales.data() + j * (n / INT8_BLOCK);
+  }
+  tt.numel[0] = n;
+  cuda::Int8Functor<Op> f{pack.data(), nullptr, nullptr, code_unsigned};
+  for (int chunk = 0; int64_t(chunk) * cuda::kChunk < n; ++chunk)
+    mf_emu::run_block(threads, [&] { f(tt, 0, chunk); });
+  std::fwrite(p.data(), 4, n, stdout);
+  std::fwrite(codes.data(), 1, NS * n, stdout);
+  std::fwrite(scales.data(), 4, scales.size(), stdout);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc != 6) return 2;
+  const int rule = std::atoi(argv[1]), flags = std::atoi(argv[2]), threads = std::atoi(argv[4]);
+  const int64_t n = std::atoll(argv[3]);
+  const int code_unsigned = std::atoi(argv[5]);
+#define MF_CASE(R, F)                                                                          \
+  if constexpr (RuleOp<R, F>::kStates > 0 && R != RULE_SGD_SF && R != RULE_ADAMW_SF)           \
+    if (rule == R && flags == F) return run<RuleOp<R, F>>(n, threads, code_unsigned);
+  MF_FOR_EACH_RULE_FLAGS(MF_CASE)
+#undef MF_CASE
+  return 4;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def int8_driver(tmp_path_factory):
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        pytest.skip("needs a C++ compiler (g++ or $CXX)")
+    d = tmp_path_factory.mktemp("int8")
+    src, exe = d / "int8.cpp", d / "int8"
+    src.write_text(_INT8_DRIVER)
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-Wall", f"-I{CSRC}", str(src),
+                        "-o", str(exe)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return str(exe)
+
+
+def _int8_cases():
+    import momentum_fused as mf
+    return [("adamw", mf.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+            ("adamw-amsgrad", mf.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+            ("rmsprop-momentum-centered", mf.RMSprop, dict(lr=1e-2, momentum=0.9, centered=True)),
+            ("nadam", mf.NAdam, dict(lr=1e-2)),
+            ("sgd-nesterov", mf.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+            ("lion", mf.Lion, dict(lr=1e-3, weight_decay=0.1))]
+
+
+@pytest.mark.parametrize("case", _int8_cases(), ids=lambda c: c[0])
+def test_int8_functor_emulated_on_the_host_is_bit_exact(int8_driver, case):
+    import torch
+
+    import momentum_fused as mf
+    from momentum_fused import _backend_cpu, backends, layouts
+    if backends.status().get("cpu") != "available":
+        pytest.skip("the cpu backend is not built here (the reference step of this test)")
+    _, cls, kw = case
+    n = 65536 + 3 * 256  # two chunks, the second partial
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(n, generator=gen).requires_grad_()
+    p.grad = torch.randn(n, generator=gen)
+    opt = cls([p], backend="cpu", **kw)
+    opt.step()  # a state; the pack of the next step is captured below
+    cpu = backends._REGISTRY["cpu"]
+    got = {}
+
+    def capture(spec, flags, params, grads, states, scalars, **k):
+        got.update(spec=spec, flags=flags, pack=backends.pack_table(scalars, len(spec.scalar_names)))
+        return cpu_apply(spec, flags, params, grads, states, scalars, **k)
+    cpu_apply, cpu.apply = cpu.apply, capture
+    try:
+        p.grad = torch.randn(n, generator=gen)
+        opt.step()
+    finally:
+        cpu.apply = cpu_apply
+    spec, flags = got["spec"], got["flags"]
+    names = spec.state_names(opt.param_groups[0])
+    signed = [name not in layouts.INT8_UNSIGNED for name in names]
+    # codes and scales from the run's states (a zero block and a NaN block included)
+    st = [opt.state[p][name].clone() for name in names]
+    st[0][256:512] = 0.0
+    st[0][1024 + 7] = float("nan")
+    enc = [layouts.int8_encode(x, sg) for x, sg in zip(st, signed)]
+    g = torch.randn(n, generator=gen)
+    # the oracle: decode, the CPU backend's fp32 step, encode
+    dec = tuple(layouts.int8_decode(c, s, sg) for (c, s), sg in zip(enc, signed))
+    q = p.detach().clone()
+    cpu.apply(spec, flags, [q], [g], [dec], got["pack"], layout=layouts.NATIVE)
+    want = [layouts.int8_encode(x, sg) for x, sg in zip(dec, signed)]
+    # the emulated CUDA functor: 64 threads (2 warps) per block
+    ns = len(names)
+    inp = b"".join([got["pack"][0].double().numpy().tobytes(), p.detach().numpy().tobytes(), g.numpy().tobytes()]
+                   + [c.view(torch.uint8).numpy().tobytes() for c, _ in enc] + [s.numpy().tobytes() for _, s in enc])
+    mask = sum(1 << j for j, sg in enumerate(signed) if not sg)
+    out = subprocess.run([int8_driver, str(_backend_cpu.RULE_IDS[spec.name]),
+                          str(_backend_cpu.flags_to_int(spec.name, flags)), str(n), "64", str(mask)],
+                         input=inp, capture_output=True, check=True, timeout=600).stdout
+    pp = torch.frombuffer(bytearray(out[:4 * n]), dtype=torch.float32)
+    codes = torch.frombuffer(bytearray(out[4 * n:4 * n + ns * n]), dtype=torch.uint8).view(ns, n)
+    scales = torch.frombuffer(bytearray(out[4 * n + ns * n:]), dtype=torch.float32).view(ns, n // 256)
+    bits = lambda x: x.view(torch.int32)  # noqa: E731
+    nan = torch.isnan(pp) & torch.isnan(q)
+    assert torch.equal(bits(pp)[~nan], bits(q)[~nan]), "params"
+    for j, (c, s) in enumerate(want):
+        assert torch.equal(codes[j], c.view(torch.uint8)), f"codes of state {names[j]}"
+        both = torch.isnan(scales[j]) & torch.isnan(s)
+        assert torch.equal(bits(scales[j])[~both], bits(s)[~both]), f"scales of state {names[j]}"
+    assert torch.isnan(scales[0][4]) and (codes[0][1024:1280] == (127 if signed[0] else 255)).all()

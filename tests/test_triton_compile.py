@@ -82,7 +82,8 @@ LAYOUTS = {"native-fp32": (torch.float32, torch.float32, False, False),
            "bf16_state": (torch.float32, torch.bfloat16, False, False),
            "master-bf16": (torch.bfloat16, torch.float32, True, False),
            "master-fp16": (torch.float16, torch.float32, True, False),
-           "bf16_sr": (torch.bfloat16, torch.bfloat16, False, True)}
+           "bf16_sr": (torch.bfloat16, torch.bfloat16, False, True),
+           "master16": (torch.bfloat16, torch.float32, 2, False)}  # master 2: the int16 remainder
 
 
 _TDT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -110,11 +111,24 @@ def test_rule_kernel_front_end_layouts(rule, layout):
         _compile(fn, constexprs, sig=sig)
 
 
+@pytest.mark.parametrize("rule", sorted(r for r in rules.RULE_IDS if r not in ("sgd_sf", "adamw_sf")))
+def test_int8_state_kernel_front_end(rule):
+    """The int8_state kernel (launcher.compile_int8_variants: quantized and fp32-state programs in one kernel) for
+    every rule's largest flags (the most state lists), with the device found_inf/grad_scale path."""
+    _, _, flags, nstate = [s for s in SPECIALIZATIONS if s[1] == rule][-1]
+    for _, path, fn, sig, constexprs, _, _ in launcher.compile_int8_variants(rule, flags, nstate, True, True):
+        if path == "mixed":
+            _compile(fn, constexprs, sig=sig)
+            if rule == "adam":  # a bucket with a pointer off 16 bytes, and the interpreter's variant
+                _compile(fn, dict(constexprs, ALIGNED=False), sig=sig)
+                _compile(fn, dict(constexprs, HW_BF16=False), sig=sig)
+
+
 def test_unaligned_and_interpreter_variants_front_end():
     """ALIGNED=False (a bucket with a pointer off 16 bytes) and HW_BF16=False (the interpreter's bit arithmetic,
     which the interpreter tests run) also pass the compiler's front end."""
     _, _, flags, nstate = next(s for s in SPECIALIZATIONS if s[1] == "adam")
-    for layout in ("native-bf16", "bf16_sr"):
+    for layout in ("native-bf16", "bf16_sr", "master16"):
         for _, _, fn, sig, constexprs, _, _ in _variants("adam", flags, nstate, layout):
             _compile(fn, dict(constexprs, ALIGNED=False), sig=sig)
             _compile(fn, dict(constexprs, HW_BF16=False), sig=sig)

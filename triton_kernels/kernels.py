@@ -34,6 +34,15 @@ import triton.language as tl
 
 from .rules import multi_buffer_math, one_buffer_math
 
+# Storage codes of ``_addr`` beyond the param/state dtypes (0 fp32, 1 fp16, 2 bf16): raw 16-bit words, and the
+# int8_state codes (int8 for signed states, uint8 for non-negative ones). MASTER modes (the extra list after the
+# states): 1 an fp32 master copy (layout master), 2 the int16 low half of the master (layout master16).
+BITS16 = tl.constexpr(3)
+CODES_S8 = tl.constexpr(4)
+CODES_U8 = tl.constexpr(5)
+MASTER_COPY = tl.constexpr(1)
+MASTER_REMAINDER = tl.constexpr(2)
+
 
 # ----------------------------------------------------------------------------------------- storage
 @triton.jit
@@ -49,6 +58,12 @@ def _addr(ptr_tab, list_i, n_tensors, t, off, idx, DTYPE: tl.constexpr, FULL: tl
         ptr = base.to(tl.pointer_type(tl.float32))
     elif DTYPE == 1:
         ptr = base.to(tl.pointer_type(tl.float16))
+    elif DTYPE == BITS16:  # raw 16 bits (master16: the bf16 param's bits and the int16 remainder)
+        ptr = base.to(tl.pointer_type(tl.uint16))
+    elif DTYPE == CODES_S8:  # int8_state codes of a signed state
+        ptr = base.to(tl.pointer_type(tl.int8))
+    elif DTYPE == CODES_U8:  # int8_state codes of a non-negative state
+        ptr = base.to(tl.pointer_type(tl.uint8))
     elif HW_BF16:
         ptr = base.to(tl.pointer_type(tl.bfloat16))
     else:
@@ -76,12 +91,46 @@ def _load(ptr_tab, list_i, n_tensors, t, off, idx, mask, DTYPE: tl.constexpr, FU
 
 
 @triton.jit
+def _load_bits16(ptr_tab, list_i, n_tensors, t, off, idx, mask, FULL: tl.constexpr, ALIGNED: tl.constexpr,
+                 HW_BF16: tl.constexpr):
+    """A 16-bit list's raw bits as uint32."""
+    ptr = _addr(ptr_tab, list_i, n_tensors, t, off, idx, BITS16, FULL, ALIGNED, HW_BF16)
+    if FULL:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=mask, other=0)
+    return x.to(tl.uint32)
+
+
+@triton.jit
+def master16_decode(hi, lo):
+    """(bf16 param bits, remainder bits), uint32 holding 16 bits each -> the fp32 master (layouts.master16_decode):
+    u = ((hi - (lo >> 15)) << 16) | lo on 16-bit halves."""
+    u = (((hi - (lo >> 15)) & 0xFFFF) << 16) | lo
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def master16_encode(x):
+    """fp32 master -> (param bits, remainder bits) as uint16 (layouts.master16_encode): the param rounds to
+    nearest with ties away from zero, (u + 0x8000) >> 16; a NaN gives a quiet NaN with its sign; the remainder is
+    the low half."""
+    u = x.to(tl.uint32, bitcast=True)
+    hi = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, (u + 0x8000) >> 16) & 0xFFFF
+    return hi.to(tl.uint16), (u & 0xFFFF).to(tl.uint16)
+
+
+@triton.jit
 def load_lists(ptr_tab, n_tensors, t, off, idx, mask, NLISTS: tl.constexpr, PDT: tl.constexpr, SDT: tl.constexpr,
                MASTER: tl.constexpr, FULL: tl.constexpr, ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
-    """Up to 5 lists (p, g, s0, s1, s2) as fp32; missing ones alias the grad. With MASTER, p is read
-    from the fp32 master list (list NLISTS)."""
-    if MASTER:
+    """Up to 5 lists (p, g, s0, s1, s2) as fp32; missing ones alias the grad. With MASTER == 1, p is read
+    from the fp32 master list (list NLISTS); with MASTER == 2 it is the master decoded from the bf16 param's bits
+    and the int16 remainder (list NLISTS)."""
+    if MASTER == MASTER_COPY:
         p = _load(ptr_tab, NLISTS, n_tensors, t, off, idx, mask, 0, FULL, ALIGNED, HW_BF16)
+    elif MASTER == MASTER_REMAINDER:
+        p = master16_decode(_load_bits16(ptr_tab, 0, n_tensors, t, off, idx, mask, FULL, ALIGNED, HW_BF16),
+                            _load_bits16(ptr_tab, NLISTS, n_tensors, t, off, idx, mask, FULL, ALIGNED, HW_BF16))
     else:
         p = _load(ptr_tab, 0, n_tensors, t, off, idx, mask, PDT, FULL, ALIGNED, HW_BF16)
     g = _load(ptr_tab, 1, n_tensors, t, off, idx, mask, PDT, FULL, ALIGNED, HW_BF16)
@@ -165,12 +214,23 @@ def store_fp32(ptr_tab, list_i, n_tensors, t, off, idx, mask, x, DTYPE: tl.const
 def store_lists(ptr_tab, n_tensors, t, off, idx, mask, p, s_0, s_1, s_2, key, NLISTS: tl.constexpr,
                 PDT: tl.constexpr, SDT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, FULL: tl.constexpr,
                 ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
-    """Write p (and the master copy) and the NLISTS - 2 state values (the grad, list 1, is never
+    """Write p (and the master copy, or p as the master16 pair) and the NLISTS - 2 state values (the grad, list 1, is never
     written). Buffer b of the stochastic rounding: 0 for p, 1 + j for state j (layouts.py)."""
     golden = tl.full([], 0x9E3779B9, tl.uint32)
-    if MASTER:
-        store_fp32(ptr_tab, NLISTS, n_tensors, t, off, idx, mask, p, 0, False, key, FULL, ALIGNED, HW_BF16)
-    store_fp32(ptr_tab, 0, n_tensors, t, off, idx, mask, p, PDT, SR, key, FULL, ALIGNED, HW_BF16)
+    if MASTER == MASTER_REMAINDER:
+        hi, lo = master16_encode(p)
+        ptr_hi = _addr(ptr_tab, 0, n_tensors, t, off, idx, BITS16, FULL, ALIGNED, HW_BF16)
+        ptr_lo = _addr(ptr_tab, NLISTS, n_tensors, t, off, idx, BITS16, FULL, ALIGNED, HW_BF16)
+        if FULL:
+            tl.store(ptr_hi, hi)
+            tl.store(ptr_lo, lo)
+        else:
+            tl.store(ptr_hi, hi, mask=mask)
+            tl.store(ptr_lo, lo, mask=mask)
+    else:
+        if MASTER == MASTER_COPY:
+            store_fp32(ptr_tab, NLISTS, n_tensors, t, off, idx, mask, p, 0, False, key, FULL, ALIGNED, HW_BF16)
+        store_fp32(ptr_tab, 0, n_tensors, t, off, idx, mask, p, PDT, SR, key, FULL, ALIGNED, HW_BF16)
     if NLISTS >= 3:
         store_fp32(ptr_tab, 2, n_tensors, t, off, idx, mask, s_0, SDT, SR, key + golden, FULL, ALIGNED, HW_BF16)
     if NLISTS >= 4:
@@ -341,3 +401,170 @@ def multi_buffer_kernel(ptr_tab, n_tensors, scal_tab, full_tab, n_full, prog_tab
 KERNELS = {"one": one_buffer_kernel, "multi": multi_buffer_kernel}
 # compiled (HW_BF16: bf16 through the hardware conversion) or the interpreter (bf16 as bits)
 INTERPRETED = type(one_buffer_kernel).__name__ == "InterpretedFunction"
+
+
+# ------------------------------------------------------------------------------ int8_state (block codes)
+# layouts.py defines the code map (int8_table, _int8_midpoints, INT8_BLOCK): the launcher uploads those tensors as
+# one fp32 table [signed values | unsigned values | signed midpoints | unsigned midpoints]; only the offsets and
+# sizes are derived here, from the same functions.
+def _int8_offsets():
+    from ..layouts import INT8_BLOCK, int8_table
+    ns, nu = int8_table(True).numel(), int8_table(False).numel()
+    return INT8_BLOCK, ns, nu, 0, ns, ns + nu, ns + nu + ns - 1
+
+
+_G, _NS, _NU, _S_TAB, _U_TAB, _S_MID, _U_MID = _int8_offsets()
+INT8_GROUP = tl.constexpr(_G)  # elements per fp32 scale
+INT8_S_TAB, INT8_U_TAB, INT8_S_MID, INT8_U_MID = (tl.constexpr(x) for x in (_S_TAB, _U_TAB, _S_MID, _U_MID))
+INT8_S_ZERO = tl.constexpr((_NS - 1) // 2)  # table index of the signed code 0 (= the largest signed code, 127)
+INT8_S_NMID = tl.constexpr(_NS - 1)  # midpoints: signed 254, unsigned 255
+INT8_U_NMID = tl.constexpr(_NU - 1)
+
+
+@triton.jit
+def int8_encode_index(y, mid_ptr, UNSIGNED: tl.constexpr):
+    """y = x / scale in [-1, 1] -> the table index (the code + 127 signed, the code unsigned): the count of the
+    table's midpoints strictly below y (layouts.int8_encode; ties go to the lower code; a NaN counts them all, as
+    torch.bucketize; the same form as csrc/compressed.h). A first guess inverts the
+    map's shape (signed c^2 / 127^2: 127 sqrt|y|; unsigned c^4 / 255^4: 255 y^(1/4)), rounded: it is the nearest
+    code in the map's own scale, at most one off from the count (the midpoints lie between consecutive codes'
+    values; tests/triton/test_compressed_triton.py checks the guess at every midpoint and its fp32 neighbours); two
+    gathers of the midpoints next to it fix it, so the codes are exactly the table's."""
+    ok = y == y
+    z = tl.where(ok, tl.minimum(tl.abs(y), 1.0), 0.0)  # the guess's argument: |y| <= 1, not NaN
+    if UNSIGNED:
+        nmid = INT8_U_NMID
+        mid_ptr = mid_ptr + INT8_U_MID
+        idx = (tl.sqrt(tl.sqrt(tl.where(y > 0, z, 0.0))) * nmid + 0.5).to(tl.int32)
+    else:
+        nmid = INT8_S_NMID
+        mid_ptr = mid_ptr + INT8_S_MID
+        g = (tl.sqrt(z) * INT8_S_ZERO + 0.5).to(tl.int32)
+        idx = INT8_S_ZERO + tl.where(y < 0, -g, g)
+    idx = tl.where(ok, idx, nmid)  # NaN: above every midpoint (as bucketize)
+    below = tl.load(mid_ptr + tl.maximum(idx - 1, 0))
+    above = tl.load(mid_ptr + tl.minimum(idx, nmid - 1))
+    down = (idx > 0) & (y <= below)
+    up = (idx < nmid) & ~(y <= above)
+    return idx - down.to(tl.int32) + up.to(tl.int32)
+
+
+@triton.jit
+def _int8_ptr(ptr_tab, list_i, n_tensors, t, off, lanes, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointers of list ``list_i`` of tensor ``t`` (scalar) at element ``off`` (int64 scalar, a multiple of
+    ROWS x INT8_GROUP, or of ROWS for the scales) plus int32 ``lanes``: the 64-bit arithmetic once per program and,
+    with ALIGNED (every data pointer 16-byte aligned), 128-bit accesses."""
+    base = tl.load(ptr_tab + list_i * n_tensors + t)
+    if DTYPE == CODES_S8:
+        ptr = base.to(tl.pointer_type(tl.int8))
+    elif DTYPE == CODES_U8:
+        ptr = base.to(tl.pointer_type(tl.uint8))
+    else:
+        ptr = base.to(tl.pointer_type(tl.float32))
+    ptr = ptr + off
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr + lanes
+
+
+@triton.jit
+def _int8_load(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, srow, tab_ptr, UNSIGNED: tl.constexpr,
+               ALIGNED: tl.constexpr):
+    """State list ``list_i`` of a quantized tensor, decoded: table value of each code times its block's scale."""
+    if UNSIGNED:
+        code = tl.load(_int8_ptr(ptr_tab, list_i, n_tensors, t, off, lanes, CODES_U8, ALIGNED), mask=rmask, other=0)
+        k = code.to(tl.int32) + INT8_U_TAB
+    else:
+        code = tl.load(_int8_ptr(ptr_tab, list_i, n_tensors, t, off, lanes, CODES_S8, ALIGNED), mask=rmask, other=0)
+        k = code.to(tl.int32) + (INT8_S_TAB + INT8_S_ZERO)
+    scale = tl.load(_int8_ptr(ptr_tab, scale_list, n_tensors, t, off // INT8_GROUP, srow, 0, ALIGNED), mask=rmask,
+                    other=0.0)
+    return tl.load(tab_ptr + k) * scale
+
+
+@triton.jit
+def _int8_store(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, srow, x, tab_ptr,
+                UNSIGNED: tl.constexpr, ALIGNED: tl.constexpr):
+    """Encode state values ``x`` [rows, INT8_GROUP]: per row the absmax (the scale; a NaN makes it NaN, as
+    torch.amax), y = x / scale (a zero row: y = x), the code of y; store codes and scales."""
+    # torch.amax propagates NaN, the hardware max does not: a row's NaNs are added back (their sum; 0 without)
+    scale = tl.max(tl.abs(x), axis=1, keep_dims=True) + tl.sum(tl.where(x != x, x, 0.0), axis=1, keep_dims=True)
+    y = x / tl.where(scale > 0, scale, 1.0)
+    k = int8_encode_index(y, tab_ptr, UNSIGNED)
+    if UNSIGNED:
+        tl.store(_int8_ptr(ptr_tab, list_i, n_tensors, t, off, lanes, CODES_U8, ALIGNED), k.to(tl.uint8), mask=rmask)
+    else:
+        tl.store(_int8_ptr(ptr_tab, list_i, n_tensors, t, off, lanes, CODES_S8, ALIGNED), (k - INT8_S_ZERO).to(tl.int8),
+                 mask=rmask)
+    tl.store(_int8_ptr(ptr_tab, scale_list, n_tensors, t, off // INT8_GROUP, srow, 0, ALIGNED), scale, mask=rmask)
+
+
+@triton.jit
+def _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, rmask, srow, tab_ptr, grad_scale_ptr,
+               MULTI: tl.constexpr, RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
+               NSCAL: tl.constexpr, UNSIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A quantized tensor's rows ``off`` + ``lanes`` ([ROWS, INT8_GROUP]; ``rmask``: the rows inside the tensor,
+    ``srow`` the rows' index [ROWS, 1]): fp32 param and grad, each state decoded from its codes (list 2 + j) and
+    block scales (list 2 + NSTATE + j), the fp32 rule, the states encoded again. UNSIGNED: bit j set when state j
+    is non-negative (uint8 codes)."""
+    sp, lr, wd, gm, key = _prologue(scal_tab, t, grad_scale_ptr, NSCAL, HAS_GRAD_SCALE, False)
+    p = tl.load(_int8_ptr(ptr_tab, 0, n_tensors, t, off, lanes, 0, ALIGNED), mask=rmask, other=0.0)
+    g = tl.load(_int8_ptr(ptr_tab, 1, n_tensors, t, off, lanes, 0, ALIGNED), mask=rmask, other=0.0)
+    s_0 = g
+    s_1 = g
+    s_2 = g
+    if NSTATE >= 1:
+        s_0 = _int8_load(ptr_tab, 2, 2 + NSTATE, n_tensors, t, off, lanes, rmask, srow, tab_ptr, UNSIGNED & 1, ALIGNED)
+    if NSTATE >= 2:
+        s_1 = _int8_load(ptr_tab, 3, 3 + NSTATE, n_tensors, t, off, lanes, rmask, srow, tab_ptr, UNSIGNED & 2, ALIGNED)
+    if NSTATE >= 3:
+        s_2 = _int8_load(ptr_tab, 4, 4 + NSTATE, n_tensors, t, off, lanes, rmask, srow, tab_ptr, UNSIGNED & 4, ALIGNED)
+    if MULTI:
+        p, s_0, s_1, s_2 = multi_buffer_math(p, g, s_0, s_1, s_2, sp, lr, wd, gm, RULE, F0, F1)
+    else:
+        p, s_0 = one_buffer_math(p, g, s_0, sp, lr, wd, gm, RULE, F0, F1)
+    tl.store(_int8_ptr(ptr_tab, 0, n_tensors, t, off, lanes, 0, ALIGNED), p, mask=rmask)
+    if NSTATE >= 1:
+        _int8_store(ptr_tab, 2, 2 + NSTATE, n_tensors, t, off, lanes, rmask, srow, s_0, tab_ptr, UNSIGNED & 1, ALIGNED)
+    if NSTATE >= 2:
+        _int8_store(ptr_tab, 3, 3 + NSTATE, n_tensors, t, off, lanes, rmask, srow, s_1, tab_ptr, UNSIGNED & 2, ALIGNED)
+    if NSTATE >= 3:
+        _int8_store(ptr_tab, 4, 4 + NSTATE, n_tensors, t, off, lanes, rmask, srow, s_2, tab_ptr, UNSIGNED & 4, ALIGNED)
+
+
+@triton.jit
+def int8_state_kernel(ptr_tab, n_tensors, scal_tab, prog_tab, n_prog, numel_tab, tab_ptr, found_inf_ptr,
+                      grad_scale_ptr, MULTI: tl.constexpr, RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
+                      NSTATE: tl.constexpr, NSCAL: tl.constexpr, UNSIGNED: tl.constexpr,
+                      HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ROWS: tl.constexpr,
+                      KINDS: tl.constexpr, ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
+    """Layout int8_state, one launch per bucket: program i updates ROWS x INT8_GROUP elements of tensor
+    prog_tab[i] from block prog_tab[n_prog + i]; prog_tab[2 n_prog + i] = 1 when the tensor is quantized (codes and
+    block scales: ``_int8_body``; its size is a multiple of INT8_GROUP, so the rows are whole blocks, masked by
+    row), 0 when it keeps fp32 state (the lists 2.. hold fp32 states then: the elementwise body, masked by
+    element). KINDS: 1 fp32 programs only, 2 quantized only, 3 both (only those are compiled)."""
+    pid = tl.program_id(0)
+    go = True
+    if HAS_FOUND_INF:
+        go = tl.load(found_inf_ptr) == 0
+    if go:
+        t = tl.load(prog_tab + pid)
+        off = tl.load(prog_tab + n_prog + pid) * (ROWS * INT8_GROUP)
+        n = tl.load(numel_tab + t)
+        rows = tl.arange(0, ROWS)[:, None]
+        lanes = rows * INT8_GROUP + tl.arange(0, INT8_GROUP)[None, :]  # int32 [ROWS, INT8_GROUP]
+        if KINDS == 2:
+            _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, off + rows * INT8_GROUP < n, rows, tab_ptr,
+                       grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE, NSCAL, UNSIGNED, HAS_GRAD_SCALE, ALIGNED)
+        elif KINDS == 1:
+            idx = off + lanes.to(tl.int64)
+            _body(ptr_tab, n_tensors, scal_tab, t, 0, idx, idx < n, grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE,
+                  NSCAL, 0, 0, 0, False, HAS_GRAD_SCALE, False, False, HW_BF16)
+        else:
+            if tl.load(prog_tab + 2 * n_prog + pid) != 0:
+                _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, off + rows * INT8_GROUP < n, rows, tab_ptr,
+                           grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE, NSCAL, UNSIGNED, HAS_GRAD_SCALE, ALIGNED)
+            else:
+                idx = off + lanes.to(tl.int64)
+                _body(ptr_tab, n_tensors, scal_tab, t, 0, idx, idx < n, grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE,
+                      NSCAL, 0, 0, 0, False, HAS_GRAD_SCALE, False, False, HW_BF16)

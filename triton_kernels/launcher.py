@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from .kernels import INTERPRETED, KERNELS
+from .kernels import INTERPRETED, KERNELS, int8_state_kernel
 
 # Elements per program and warps per program of the update kernels (bench/kernel_report.py: 2048 x 4 warps
 # compile to 128-bit accesses without spills); the environment overrides them for A/B timings on a GPU
@@ -62,6 +62,7 @@ def _count_launch() -> None:
 
 def clear_cache() -> None:
     _cache.clear()
+    _int8_cache.clear()
     _plan_split_tensors.cache_clear()
 
 
@@ -225,7 +226,7 @@ def scalar_table(scalars, n: int, device) -> torch.Tensor:
 def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, scalars, *,
                        found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                        block: int = BLOCK, master: bool = False, sr_keys: Sequence[int] | None = None,
-                       sub: int | None = None, num_warps: int | None = None) -> int:
+                       sub: int | None = None, num_warps: int | None = None, remainder: bool = False) -> int:
     """Run one kernel over every tensor of ``lists`` = [params, grads, *state lists (, masters)].
 
     family: "one" or "multi" (see kernels.py); rule_id: rules.RULE_IDS[name]; flags: up to two
@@ -233,7 +234,9 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     found_inf / grad_scale: optional one-element device tensors; when found_inf != 0 the kernel
     writes nothing; gradients are divided by grad_scale. Dtype layouts (momentum_fused/layouts.py):
     params and grads share one storage dtype, the state lists another; ``master``: the last list holds
-    fp32 master copies; ``sr_keys``: one uint32 per tensor turns on stochastic rounding of bf16 stores.
+    fp32 master copies; ``remainder`` (layout master16): bf16 params, fp32 states and, last, the int16 low halves of
+    the masters (the kernel decodes the master from param and remainder, and encodes it back: kernels.py);
+    ``sr_keys``: one uint32 per tensor turns on stochastic rounding of bf16 stores.
     Returns the number of launches (0 or 1; 2 with MOMENTUM_FUSED_TRITON_SPLIT=1): one kernel whose first programs are the full blocks (unmasked,
     128-bit accesses when every pointer is 16-byte aligned) and the others the packed blocks (small tensors and
     tails, ``sub`` lanes at a time: 32 x num_warps compiled, the whole block in the interpreter by default).
@@ -242,14 +245,20 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
     if len(lists) < 2 or len(lists[0]) == 0:
         return 0
-    nstate = len(lists) - 2 - bool(master)
+    if master and remainder:
+        raise ValueError("master and remainder are two layouts (master, master16): at most one")
+    extra = bool(master) or bool(remainder)
+    nstate = len(lists) - 2 - extra
     if family == "one" and not 0 <= nstate <= 1 or family == "multi" and not 1 <= nstate <= 3:
         raise ValueError(f"kernel family {family!r} cannot take {nstate} state lists")
     pdt = lists[0][0].dtype
-    sdt = lists[2][0].dtype if nstate else pdt
-    _check_lists(lists, [pdt, pdt] + [sdt] * nstate + ([torch.float32] if master else []))
+    sdt = lists[2][0].dtype if nstate else (torch.float32 if remainder else pdt)
+    _check_lists(lists, [pdt, pdt] + [sdt] * nstate + ([torch.float32] if master else [torch.int16] if remainder
+                                                                else []))
     if master and pdt not in (torch.float16, torch.bfloat16):
         raise TypeError(f"a master copy is kept for fp16/bf16 params, not {pdt}")
+    if remainder and (pdt != torch.bfloat16 or sdt != torch.float32):
+        raise TypeError(f"master16 takes bf16 params and fp32 state, not {pdt} / {sdt}")
     sr = sr_keys is not None
     if sr and (pdt != torch.bfloat16 or sdt != torch.bfloat16 or master):
         raise TypeError("stochastic rounding is the bf16_sr layout: bf16 params and state, no master copy")
@@ -276,17 +285,17 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     fi = found_inf.to(torch.float32) if found_inf is not None and found_inf.dtype != torch.float32 else found_inf
     gs = grad_scale.to(torch.float32) if grad_scale is not None and grad_scale.dtype != torch.float32 else grad_scale
     if num_warps is None:
-        num_warps = NUM_WARPS_MASTER if master else NUM_WARPS
+        num_warps = NUM_WARPS_MASTER if extra else NUM_WARPS
     if sub is None:
         sub = block if INTERPRETED else min(block, 32 * num_warps)
     kernel = KERNELS[family]
     args = (ptr_tab, n, scal, full_tab if n_full else prog_tab, n_full, prog_tab, seg_tab if n_seg else prog_tab,
             n_seg, fi if fi is not None else dummy, gs if gs is not None else dummy)
     meta = dict(RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1] - sr,
-                PDT=DTYPE_CODES[pdt], SDT=DTYPE_CODES[sdt], MASTER=bool(master), SR=sr,
+                PDT=DTYPE_CODES[pdt], SDT=DTYPE_CODES[sdt], MASTER=master_mode(master, remainder), SR=sr,
                 HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block, SUB=sub,
                 ALIGNED=aligned, HW_BF16=not INTERPRETED, num_warps=num_warps,
-                **({"maxnreg": MAXNREG_MASTER} if master and not INTERPRETED else {}))
+                **({"maxnreg": MAXNREG_MASTER} if extra and not INTERPRETED else {}))
     if SPLIT and n_full and n_packed:
         kernel[(n_full,)](*args, PATHS=1, **meta)
         kernel[(n_packed,)](*args, PATHS=2, **meta)
@@ -298,6 +307,158 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     return 1
 
 
+def master_mode(master: bool, remainder: bool) -> int:
+    """The kernels' MASTER constexpr: 0 none, 1 an fp32 master copy (master), 2 the int16 remainder (master16)."""
+    return 2 if remainder else 1 if master else 0
+
+
+# ------------------------------------------------------------------------------------------ int8_state
+INT8_ROWS = 8  # blocks of layouts.INT8_BLOCK elements per program of the int8_state kernel (2048 elements)
+# 8 warps: 8 elements per thread (4 warps held 16 and ~250 registers: bench.kernel_report)
+NUM_WARPS_INT8 = int(os.environ.get("MOMENTUM_FUSED_TRITON_WARPS", "8"))
+_int8_tables: dict = {}
+
+
+def int8_code_table(device) -> torch.Tensor:
+    """The code map of layouts.py on ``device``, one fp32 tensor: [signed values | unsigned values | signed
+    midpoints | unsigned midpoints] (the offsets kernels.py derives from the same functions)."""
+    key = torch.device(device)
+    tab = _int8_tables.get(key)
+    if tab is None:
+        from ..layouts import _int8_midpoints, int8_table
+        s, u = int8_table(True), int8_table(False)
+        tab = torch.cat([s, u, _int8_midpoints(s), _int8_midpoints(u)]).to(key)
+        _int8_tables[key] = tab
+    return tab
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _int8_plan(numels: tuple, quantized: tuple, chunk: int, device) -> tuple:
+    """(prog_tab int64 [3, n_prog] = (tensor, chunk index, quantized), numel_tab int64 [n], n_prog)."""
+    t, c, q = [], [], []
+    for i, (n, qi) in enumerate(zip(numels, quantized)):
+        k = -(-n // chunk)
+        t += [i] * k
+        c += range(k)
+        q += [int(qi)] * k
+    tab = torch.tensor([t, c, q], dtype=torch.int64).reshape(-1)
+    return torch.cat([tab, torch.tensor(numels, dtype=torch.int64)]).to(device), len(t)
+
+
+_int8_cache: "OrderedDict[tuple, list]" = OrderedDict()
+
+
+def _check_int8_bucket(params, grads, states, quant, nstate) -> None:
+    """int8_state_apply's argument checks: raises naming the first offending tensor."""
+    from ..layouts import INT8_BLOCK
+    ref = params[0]
+    unsigned = None
+    for i, (p, g, st, q) in enumerate(zip(params, grads, states, quant)):
+        want = [torch.float32] * nstate
+        if q and p.numel() % INT8_BLOCK:
+            raise ValueError(f"tensor {i}: quantized int8_state (codes) needs a size that is a multiple of "
+                             f"{INT8_BLOCK}, got {p.numel()}")
+        if q:
+            want = [c.dtype for c in st[:nstate]] + [torch.float32] * nstate
+            if any(d not in (torch.int8, torch.uint8) for d in want[:nstate]):
+                raise TypeError(f"tensor {i}: int8_state codes are int8 or uint8, got {want[:nstate]}")
+            mask = sum(1 << j for j, d in enumerate(want[:nstate]) if d == torch.uint8)
+            if unsigned is not None and mask != unsigned:
+                raise TypeError(f"tensor {i}: code dtypes {want[:nstate]} differ from the bucket's")
+            unsigned = mask
+        if len(st) != len(want) or p.dtype != torch.float32 or g.dtype != torch.float32 \
+                or [x.dtype for x in st] != want:
+            raise TypeError(f"tensor {i}: int8_state takes fp32 params and grads with states {want}, got "
+                            f"{p.dtype}, {g.dtype}, {[x.dtype for x in st]}")
+        for what, x, numel in [("param", p, p.numel()), ("grad", g, p.numel())] + \
+                [("state", x, p.numel() if j < nstate else p.numel() // INT8_BLOCK) for j, x in enumerate(st)]:
+            if x.numel() != numel or x.device != ref.device or not x.is_contiguous():
+                raise ValueError(f"tensor {i}: its {what} must be a contiguous tensor of {numel} elements on "
+                                 f"{ref.device}, got {tuple(x.shape)} on {x.device}")
+
+
+def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, grads, states, scalars, *,
+                     found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
+                     rows: int = INT8_ROWS, num_warps: int | None = None) -> int:
+    """Layout int8_state: ONE launch over a bucket of fp32 params whose per-tensor state tuples (``states[i]``) are
+    either ``nstate`` fp32 tensors, or, for a tensor that layouts.int8_quantized keeps as codes (told by the states'
+    dtype), ``nstate`` code tensors (int8 signed / uint8 non-negative, param-shaped) followed by their ``nstate``
+    fp32 block scales (numel / INT8_BLOCK elements each). Each program takes ``rows`` blocks of one tensor (no packing of tiny tensors: a
+    quantized tensor's blocks must not share a program with other tensors, and the fp32 ones ride along in the
+    same kernel). Returns the number of launches (0 or 1)."""
+    from ..layouts import INT8_BLOCK
+    if family not in KERNELS:
+        raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
+    n = len(params)
+    if n == 0:
+        return 0
+    if len(grads) != n or len(states) != n:
+        raise ValueError(f"{n} params, {len(grads)} grads, {len(states)} state tuples")
+    # quantized: by its states (codes), as the reference backend decides; layouts.int8_quantized made them so (for
+    # a shard of an FSDP2 param, from the global tensor: the local sizes cannot tell). Its size must then be a
+    # multiple of INT8_BLOCK (checked).
+    quant = [bool(st) and st[0].dtype in (torch.int8, torch.uint8) for st in states]
+    nstate = next((len(st) // 2 if q else len(st) for st, q in zip(states, quant)), 0)
+    if family == "one" and not 0 <= nstate <= 1 or family == "multi" and not 1 <= nstate <= 3:
+        raise ValueError(f"kernel family {family!r} cannot take {nstate} state lists")
+    ref = params[0]
+    numels = tuple(map(torch.Tensor.numel, params))
+    dummy = ref.data_ptr()  # never dereferenced: the scale lists of fp32-state tensors
+    ptrs = [list(map(torch.Tensor.data_ptr, params)), list(map(torch.Tensor.data_ptr, grads))]
+    for j in range(nstate):
+        ptrs.append([st[j].data_ptr() if j < len(st) else 0 for st in states])
+    for j in range(nstate):
+        ptrs.append([st[nstate + j].data_ptr() if q and nstate + j < len(st) else dummy
+                     for st, q in zip(states, quant)])
+    # Cached by every pointer and size but the grads' (as step_tables): a hit skips the checks of params and
+    # states, which were checked when the entry was made; the grads are checked every call.
+    code_dtypes = next((tuple(c.dtype for c in st[:nstate]) for st, q in zip(states, quant) if q), ())
+    key = (ref.device, rows, nstate, numels, tuple(map(len, states)), code_dtypes,
+           tuple(tuple(r) for i, r in enumerate(ptrs) if i != 1))
+    entry = _int8_cache.get(key)
+    if entry is None:
+        _check_int8_bucket(params, grads, states, quant, nstate)
+        unsigned = next((sum(1 << j for j, c in enumerate(st[:nstate]) if c.dtype == torch.uint8)
+                         for st, q in zip(states, quant) if q), 0)
+        plan, n_prog = _int8_plan(numels, tuple(quant), rows * INT8_BLOCK, ref.device)
+        entry = [torch.tensor(ptrs, dtype=torch.int64).reshape(len(ptrs), n).to(ref.device), plan, n_prog, unsigned,
+                 all(_aligned(r) for i, r in enumerate(ptrs) if i != 1), ptrs[1], _aligned(ptrs[1])]
+        _int8_cache[key] = entry
+        while len(_int8_cache) > CACHE_SIZE:
+            _int8_cache.popitem(last=False)
+    else:
+        _int8_cache.move_to_end(key)
+        if set(map(_DTYPE, grads)) != {torch.float32} or list(map(torch.Tensor.numel, grads)) != list(numels) \
+                or not all(map(torch.Tensor.is_contiguous, grads)) \
+                or set(map(torch.Tensor.get_device, grads)) != {ref.get_device()}:
+            _check_int8_bucket(params, grads, states, quant, nstate)  # raises, naming the grad
+    ptr_tab, plan, n_prog, unsigned, aligned_rest, grad_ptrs, aligned_grads = entry
+    if grad_ptrs != ptrs[1]:
+        ptr_tab[1].copy_(torch.tensor(ptrs[1], dtype=torch.int64), non_blocking=True)
+        entry[5], entry[6] = ptrs[1], _aligned(ptrs[1])
+        aligned_grads = entry[6]
+    if n_prog == 0:
+        return 0
+    aligned = aligned_rest and aligned_grads
+    scal = scalar_table(scalars, n, ref.device)
+    for name, x in (("found_inf", found_inf), ("grad_scale", grad_scale)):
+        if x is not None and (x.device != ref.device or x.numel() != 1):
+            raise ValueError(f"{name} must be a one-element tensor on {ref.device}, got {tuple(x.shape)} "
+                             f"on {x.device}")
+    fi = found_inf.to(torch.float32) if found_inf is not None and found_inf.dtype != torch.float32 else found_inf
+    gs = grad_scale.to(torch.float32) if grad_scale is not None and grad_scale.dtype != torch.float32 else grad_scale
+    kinds = (2 if any(quant) else 0) + (1 if not all(quant) else 0)
+    flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
+    int8_state_kernel[(n_prog,)](
+        ptr_tab.view(-1), n, scal, plan, n_prog, plan[3 * n_prog:], int8_code_table(ref.device),
+        fi if fi is not None else scal, gs if gs is not None else scal,
+        MULTI=family == "multi", RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1],
+        UNSIGNED=unsigned, HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        ROWS=rows, KINDS=kinds, ALIGNED=aligned, HW_BF16=not INTERPRETED, num_warps=num_warps or NUM_WARPS_INT8)
+    _count_launch()
+    return 1
+
+
 # ------------------------------------------------------------------------------- static compile (no GPU)
 _SIGNATURE = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "full_tab": "*i32", "n_full": "i32",
               "prog_tab": "*i64", "seg_tab": "*i64", "n_seg": "i32", "found_inf_ptr": "*fp32",
@@ -305,16 +466,22 @@ _SIGNATURE = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "full_
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: bool = False, sr: bool = False,
+def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: bool | int = False, sr: bool = False,
                      found_inf: bool = False, grad_scale: bool = False, block: int = BLOCK,
                      num_warps: int | None = None, aligned: bool = True):
     """The kernels a launch of this specialization runs, for compiling them without a GPU (bench/kernel_report.py,
     tests/test_triton_compile.py): a list of (name, path, jit function, signature, constexprs, compile options,
     elements per thread). Paths: "full" (a bucket of whole blocks only), "packed" (small tensors only) and "mixed"
-    (both: what most buckets run); compiled code (HW_BF16)."""
+    (both: what most buckets run); compiled code (HW_BF16). ``master``: the kernels' MASTER mode (``master_mode``:
+    True or 1 an fp32 master copy, 2 the master16 remainder). ``sdt="int8"``: the int8_state kernel
+    (``compile_int8_variants``)."""
     from .rules import FAMILY, RULE_IDS, SCALARS
+    if sdt == "int8":
+        return compile_int8_variants(rule, flags, nstate, found_inf=found_inf, grad_scale=grad_scale,
+                                     num_warps=num_warps)
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
     fn = KERNELS[FAMILY[rule]]
+    master = int(master)
     if num_warps is None:
         num_warps = NUM_WARPS_MASTER if master else NUM_WARPS
     sub = min(block, 32 * num_warps)
@@ -329,4 +496,39 @@ def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: 
         elems = sub // (32 * num_warps) if paths == 2 else block // (32 * num_warps)
         options = {"num_warps": num_warps, **({"maxnreg": MAXNREG_MASTER} if master else {})}
         out.append((fn.__name__, path, fn, dict(_SIGNATURE), constexprs, options, elems))
+    return out
+
+
+_INT8_SIGNATURE = {"ptr_tab": "*i64", "n_tensors": "i32", "scal_tab": "*fp64", "prog_tab": "*i64", "n_prog": "i32",
+                   "numel_tab": "*i64", "tab_ptr": "*fp32", "found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32"}
+
+
+def int8_unsigned_mask(rule: str, nstate: int) -> int:
+    """The UNSIGNED constexpr of a rule's int8_state kernel with ``nstate`` states, for compiling without tensors
+    (a launch reads it from the code dtypes): bit j when state j of the rule's default group is one of
+    layouts.INT8_UNSIGNED (the optional states beyond the defaults' are taken as signed)."""
+    from ..layouts import INT8_UNSIGNED
+    from ..specs import get_spec
+    spec = get_spec(rule)
+    names = spec.state_names({**spec.defaults, **spec.group_extras})
+    return sum(1 << j for j, name in enumerate(names[:nstate]) if name in INT8_UNSIGNED)
+
+
+def compile_int8_variants(rule: str, flags, nstate: int, found_inf: bool = False, grad_scale: bool = False,
+                          rows: int = INT8_ROWS, num_warps: int | None = None):
+    """As ``compile_variants``, for the int8_state kernel: paths "int8" (quantized tensors only), "fp32" (fp32-state
+    tensors only), "mixed" (both: ``KINDS`` 2, 1, 3)."""
+    from ..layouts import INT8_BLOCK
+    from .rules import FAMILY, RULE_IDS, SCALARS
+    flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
+    num_warps = num_warps or NUM_WARPS_INT8
+    out = []
+    for path, kinds in (("int8", 2), ("fp32", 1), ("mixed", 3)):
+        constexprs = dict(MULTI=FAMILY[rule] == "multi", RULE=RULE_IDS[rule], F0=flags[0], F1=flags[1], NSTATE=nstate,
+                          NSCAL=len(SCALARS[rule]), UNSIGNED=int8_unsigned_mask(rule, nstate),
+                          HAS_FOUND_INF=found_inf, HAS_GRAD_SCALE=grad_scale, ROWS=rows, KINDS=kinds, ALIGNED=True,
+                          HW_BF16=True)
+        elems = rows * INT8_BLOCK // (32 * num_warps)
+        out.append((int8_state_kernel.__name__, path, int8_state_kernel, dict(_INT8_SIGNATURE), constexprs,
+                    {"num_warps": num_warps}, elems))
     return out

@@ -6,8 +6,9 @@
 // on mf_cuda_step (cuda_ops.h), which the eager entry _C_cuda.cuda_step (cuda_python.cpp) calls as well.
 // scalars: contiguous float64 [n, k] packs (host or device; copied to the device, stream-ordered). found_inf /
 // grad_scale: float32 one-element device tensors (see fused_step.h).
-// layout: 0 native, 1 bf16_state, 2 master (the fp32 master last in each tensor's states), 3 bf16_sr;
-// sr_keys: int64 [n] uint32 keys (host or device), bf16_sr only. Every argument is checked before anything
+// layout: 0 native, 1 bf16_state, 2 master (the fp32 master last in each tensor's states), 3 bf16_sr, 4 master16
+// (the int16 remainder last in each tensor's states), 5 int8_state (a quantized param's states: its codes, then
+// their fp32 block scales; see step_args.h); sr_keys: int64 [n] uint32 keys (host or device), bf16_sr only. Every argument is checked before anything
 // is launched, by the checks the CPU op runs too (../step_args.h).
 // Avoids ATen/cuda/CUDAContext.h (it pulls cusparse.h, absent from the toolkit here).
 #include <ATen/core/Tensor.h>
@@ -50,12 +51,25 @@ void mf_cuda_step(at::TensorList params, at::TensorList grads, at::TensorList st
   const at::Tensor packs = scalars.to(a.device, /*non_blocking=*/true);
   at::Tensor keys;
   if (a.layout == mf::LAYOUT_BF16_SR) keys = sr_keys->to(a.device, /*non_blocking=*/true);
+  // int8_state: the code dtype of each state position, one for the bucket (bit j: uint8 codes)
+  int code_unsigned = -1;
+  if (a.int8) {
+    for (int64_t i = 0; i < a.n && a.ns > 0; ++i) {
+      if (a.scales[i * a.ns] == nullptr) continue;  // an fp32-state tensor
+      int mask = 0;
+      for (int j = 0; j < a.ns; ++j) mask |= a.code_signed[i * a.ns + j] ? 0 : (1 << j);
+      TORCH_CHECK(code_unsigned < 0 || mask == code_unsigned, "momentum_fused cuda_step: params[", i,
+                  "]'s code dtypes (int8 / uint8 per state) differ from the bucket's first quantized param's");
+      code_unsigned = mask;
+    }
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device.index()).stream();
   const cudaError_t err =
       mf::cuda::step(a.rule, a.flags, a.layout, a.dtype, a.n, a.params.data(), a.grads.data(), a.states.data(),
-                     a.master ? a.masters.data() : nullptr, a.numel.data(), packs.data_ptr<double>(),
-                     static_cast<const float*>(fi), static_cast<const float*>(gs),
-                     keys.defined() ? keys.data_ptr<int64_t>() : nullptr, stream);
+                     a.master ? a.masters.data() : a.remainder ? a.remainders.data() : nullptr, a.numel.data(),
+                     packs.data_ptr<double>(), static_cast<const float*>(fi), static_cast<const float*>(gs),
+                     keys.defined() ? keys.data_ptr<int64_t>() : nullptr, stream,
+                     a.int8 ? a.scales.data() : nullptr, code_unsigned < 0 ? 0 : code_unsigned);
   TORCH_CHECK(err == cudaSuccess, "momentum_fused cuda_step: ", cudaGetErrorString(err));
 }
 

@@ -2,13 +2,18 @@
 // header the CPU kernels compile), storage conversions from ../storage.h (bit-identical to the CPU's).
 // No torch headers. Build with --fmad=false to get the CPU backend's bits (it compiles with
 // -ffp-contract=off); with FMA contraction results differ from the CPU in the last bits only.
+// The int8 code map of generated/tables.h as device arrays (read once per block into shared memory).
+#define MF_INT8_TABLE_ATTR static __device__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../compressed.h"
 #include "../storage.h"
 #include "../update_rules.h"
 #include "fused_step.h"
 #include "multi_tensor_apply.cuh"
+#include "int8_functor.cuh"
+#include "vec.cuh"
 
 namespace mf {
 namespace cuda {
@@ -39,17 +44,6 @@ struct VecElems {
   static constexpr int value = kMax == 8 ? (NS >= 2 ? 1 : 2) : kMin == 2 ? (MANY && kMax == 4 ? 4 : 8) : 4;
 };
 
-// N values of S, aligned to at most 16 bytes (a 32-byte vector is two 128-bit accesses, each 16-byte aligned).
-template <typename S, int N>
-struct alignas(sizeof(S) * N < 16 ? sizeof(S) * N : 16) Vec {
-  S v[N];
-};
-
-template <typename S, int N>
-__device__ __forceinline__ bool vec_aligned(const S* ptr) {
-  return (reinterpret_cast<uintptr_t>(ptr) & (alignof(Vec<S, N>) - 1)) == 0;
-}
-
 // RNE stores of the 16-bit types through the hardware conversion (cvt.rn.bf16.f32 / cvt.rn.f16.f32): for every
 // non-NaN value the bits of storage.h's bit arithmetic (the CPU's), overflow to inf and subnormals included, in
 // fewer instructions (bf16 AdamW was instruction-bound); a NaN becomes the conversion's canonical NaN instead of
@@ -76,9 +70,17 @@ __device__ __forceinline__ void put(D& d, T v, uint32_t kb, int64_t e) {
     dstore(d, v);
 }
 
+// master16 (REM): the fp32 master as the bf16 param and an int16 remainder (list 2 + NS), compressed.h's codec.
+__device__ __forceinline__ float m16_load(bf16 p, uint16_t r) { return master16_decode(p.bits, r); }
+__device__ __forceinline__ void m16_store(bf16& p, uint16_t& r, float a) {
+  p.bits = master16_param_bits(a);
+  r = master16_remainder_bits(a);
+}
+
 // Layouts (fused_step.h): P param/grad storage, S state storage, MASTER: an fp32 master (list 2 + NS) is
-// the param value the rule reads and writes, the param is written from it; SR: stochastic stores.
-template <class Op, typename P, typename S, bool MASTER, bool SR>
+// the param value the rule reads and writes, the param is written from it; SR: stochastic stores; REM (master16,
+// P = bf16): the master is decoded from the param and the int16 remainder (list 2 + NS) and encoded back.
+template <class Op, typename P, typename S, bool MASTER, bool SR, bool REM = false>
 struct StepFunctor {
   const double* packs;
   const float* found_inf;
@@ -92,7 +94,8 @@ struct StepFunctor {
     constexpr int NS = Op::kStates;
     constexpr int K = Sc::kPack;  // the pack size is the rule's: a compile-time constant (no local array)
     constexpr int E = VecElems<P, S, NS, ManyLiveValues<Op>::value>::value;
-    static_assert(NL == 2 + NS + (MASTER ? 1 : 0), "list count");
+    static_assert(NL == 2 + NS + (MASTER || REM ? 1 : 0), "list count");
+    static_assert(!REM || (!MASTER && !SR && sizeof(P) == 2), "master16: bf16 params, no master copy, RNE-free");
     if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler: skip every write
 
     double pk[K];
@@ -113,17 +116,25 @@ struct StepFunctor {
     S* s1 = NS > 1 ? static_cast<S*>(tt.ptr[3][slot]) + base : nullptr;
     S* s2 = NS > 2 ? static_cast<S*>(tt.ptr[NS > 2 ? 4 : 0][slot]) + base : nullptr;
     float* m = MASTER ? static_cast<float*>(tt.ptr[MASTER ? 2 + NS : 0][slot]) + base : nullptr;
+    uint16_t* r = REM ? static_cast<uint16_t*>(tt.ptr[REM ? 2 + NS : 0][slot]) + base : nullptr;
 
     // one element, bounds known: the vector path's tail and the unaligned path share the same loads and stores
     auto one = [&](int64_t i) {
-      T a = MASTER ? load<T>(m[i]) : load<T>(p[i]);
+      T a;
+      if constexpr (REM)
+        a = m16_load(p[i], r[i]);
+      else
+        a = MASTER ? load<T>(m[i]) : load<T>(p[i]);
       T b0 = NS > 0 ? load<T>(s0[i]) : T(0);
       T b1 = NS > 1 ? load<T>(s1[i]) : T(0);
       T b2 = NS > 2 ? load<T>(s2[i]) : T(0);
       Op::template apply<T>(a, load<T>(g[i]), b0, b1, b2, sc);
       const int64_t e = base + i;
       if (MASTER) store(m[i], a);
-      put<SR>(p[i], a, k0, e);
+      if constexpr (REM)
+        m16_store(p[i], r[i], a);
+      else
+        put<SR>(p[i], a, k0, e);
       if (NS > 0) put<SR>(s0[i], b0, k1, e);
       if (NS > 1) put<SR>(s1[i], b1, k2, e);
       if (NS > 2) put<SR>(s2[i], b2, k3, e);
@@ -135,19 +146,23 @@ struct StepFunctor {
     if (NS > 1) aligned = aligned && vec_aligned<S, E>(s1);
     if (NS > 2) aligned = aligned && vec_aligned<S, E>(s2);
     if (MASTER) aligned = aligned && vec_aligned<float, E>(m);
+    if (REM) aligned = aligned && vec_aligned<uint16_t, E>(r);
 
     if (aligned) {  // vector loads/stores of E elements per list, then the < E elements of the tail
       using VP = Vec<P, E>;
       using VS = Vec<S, E>;
       using VM = Vec<float, E>;
+      using VR = Vec<uint16_t, E>;
       const int64_t len_v = len - len % E;
       for (int64_t i = static_cast<int64_t>(threadIdx.x) * E; i < len_v; i += static_cast<int64_t>(blockDim.x) * E) {
         VP vp;
         VM vm;
+        VR vr;
         if (MASTER)
           vm = *reinterpret_cast<const VM*>(m + i);
         else
           vp = *reinterpret_cast<const VP*>(p + i);
+        if (REM) vr = *reinterpret_cast<const VR*>(r + i);
         const VP vg = *reinterpret_cast<const VP*>(g + i);
         VS v0, v1, v2;
         if (NS > 0) v0 = *reinterpret_cast<const VS*>(s0 + i);
@@ -156,19 +171,27 @@ struct StepFunctor {
 #pragma unroll
         for (int j = 0; j < E; ++j) {
           const int64_t e = base + i + j;  // element index in the tensor
-          T a = MASTER ? load<T>(vm.v[j]) : load<T>(vp.v[j]);
+          T a;
+          if constexpr (REM)
+            a = m16_load(vp.v[j], vr.v[j]);
+          else
+            a = MASTER ? load<T>(vm.v[j]) : load<T>(vp.v[j]);
           T b0 = NS > 0 ? load<T>(v0.v[j]) : T(0);
           T b1 = NS > 1 ? load<T>(v1.v[j]) : T(0);
           T b2 = NS > 2 ? load<T>(v2.v[j]) : T(0);
           Op::template apply<T>(a, load<T>(vg.v[j]), b0, b1, b2, sc);
           if (MASTER) store(vm.v[j], a);
-          put<SR>(vp.v[j], a, k0, e);
+          if constexpr (REM)
+            m16_store(vp.v[j], vr.v[j], a);
+          else
+            put<SR>(vp.v[j], a, k0, e);
           if (NS > 0) put<SR>(v0.v[j], b0, k1, e);
           if (NS > 1) put<SR>(v1.v[j], b1, k2, e);
           if (NS > 2) put<SR>(v2.v[j], b2, k3, e);
         }
         *reinterpret_cast<VP*>(p + i) = vp;
         if (MASTER) *reinterpret_cast<VM*>(m + i) = vm;
+        if (REM) *reinterpret_cast<VR*>(r + i) = vr;
         if (NS > 0) *reinterpret_cast<VS*>(s0 + i) = v0;
         if (NS > 1) *reinterpret_cast<VS*>(s1 + i) = v1;
         if (NS > 2) *reinterpret_cast<VS*>(s2 + i) = v2;
@@ -180,38 +203,108 @@ struct StepFunctor {
   }
 };
 
-template <class Op, typename P, typename S, bool MASTER, bool SR>
+// The pointer lists of a launch: lists[l][i] for l < NL, from the tables of fused_step.h (states tensor-major).
+template <int NL>
+struct Lists {
+  void** lists[NL];
+  void** storage;
+  explicit Lists(int64_t n) : storage(new void*[static_cast<size_t>(n) * NL + 1]) {
+    for (int l = 0; l < NL; ++l) lists[l] = storage + static_cast<size_t>(l) * n;
+  }
+  ~Lists() { delete[] storage; }
+};
+
+template <class Op, typename P, typename S, bool MASTER, bool SR, bool REM = false>
 cudaError_t launch(int64_t n, void* const* params, const void* const* grads, void* const* states,
                    void* const* masters, const int64_t* numel, const double* packs, const float* found_inf,
                    const float* grad_scale, const int64_t* sr_keys, cudaStream_t stream) {
   constexpr int NS = Op::kStates;
-  constexpr int NL = 2 + NS + (MASTER ? 1 : 0);  // param, grad, states, master
+  constexpr int NL = 2 + NS + (MASTER || REM ? 1 : 0);  // param, grad, states, master (or remainder)
   static_assert(NL <= kMaxLists, "too many lists for the tensor table");
   static_assert(Op::template Scalars<float>::kPack <= kMaxPack, "pack size");
-  // per-list pointer arrays (states arrive tensor-major; the masters in a table of their own)
-  void** lists[NL];
-  void** storage = new void*[static_cast<size_t>(n) * NL + 1];
-  for (int l = 0; l < NL; ++l) lists[l] = storage + static_cast<size_t>(l) * n;
+  // per-list pointer arrays (states arrive tensor-major; the masters / remainders in a table of their own)
+  Lists<NL> l(n);
   for (int64_t i = 0; i < n; ++i) {
-    lists[0][i] = params[i];
-    lists[1][i] = const_cast<void*>(grads[i]);
-    for (int j = 0; j < NS; ++j) lists[2 + j][i] = states[i * NS + j];
-    if (MASTER) lists[2 + NS][i] = masters[i];
+    l.lists[0][i] = params[i];
+    l.lists[1][i] = const_cast<void*>(grads[i]);
+    for (int j = 0; j < NS; ++j) l.lists[2 + j][i] = states[i * NS + j];
+    if (MASTER || REM) l.lists[2 + NS][i] = masters[i];
   }
-  StepFunctor<Op, P, S, MASTER, SR> f{packs, found_inf, grad_scale, sr_keys};
-  const cudaError_t err = multi_tensor_apply<NL>(n, lists, numel, f, stream);
-  delete[] storage;
-  return err;
+  StepFunctor<Op, P, S, MASTER, SR, REM> f{packs, found_inf, grad_scale, sr_keys};
+  return multi_tensor_apply<NL>(n, l.lists, numel, f, stream);
 }
 
-template <typename P, typename S, bool MASTER, bool SR>
+// int8_state: the quantized tensors through Int8Functor, the others (fp32 state) through the native fp32 functor:
+// one launch sequence each (a bucket holding both kinds takes two: the functors differ in lists and block shape).
+// states: n * NS pointers (codes or fp32 states), scales: n * NS (nullptr for an fp32-state tensor).
+template <class Op>
+cudaError_t launch_int8(int64_t n, void* const* params, const void* const* grads, void* const* states,
+                        void* const* scales, const int64_t* numel, const double* packs, const float* found_inf,
+                        const float* grad_scale, int code_unsigned, cudaStream_t stream) {
+  constexpr int NS = Op::kStates;
+  if constexpr (NS == 0) {  // no state to compress: the native fp32 kernel
+    return launch<Op, float, float, false, false>(n, params, grads, states, nullptr, numel, packs, found_inf,
+                                                  grad_scale, nullptr, stream);
+  } else {
+    constexpr int NQ = 2 + 2 * NS, NF = 2 + NS;
+    static_assert(NQ <= kMaxLists, "too many lists for the tensor table");
+    // quantized: the tensors with scales (the binding's checks decided, csrc/step_args.h)
+    auto quantized = [&](int64_t i) { return scales[i * NS] != nullptr; };
+    int64_t nq = 0;
+    for (int64_t i = 0; i < n; ++i) nq += quantized(i) ? 1 : 0;
+    // the pack row of a tensor is its index in the bucket: keep it (TableSink's row) by listing the tensors of
+    // each kind with their numel, and zero-sized placeholders for the others (they get no block)
+    Lists<NQ> q(n);
+    Lists<NF> f(n);
+    int64_t* nq_numel = new int64_t[static_cast<size_t>(2 * n) + 1];
+    int64_t* nf_numel = nq_numel + n;
+    for (int64_t i = 0; i < n; ++i) {
+      const bool isq = quantized(i);
+      nq_numel[i] = isq ? numel[i] : 0;
+      nf_numel[i] = isq ? 0 : numel[i];
+      q.lists[0][i] = f.lists[0][i] = params[i];
+      q.lists[1][i] = f.lists[1][i] = const_cast<void*>(grads[i]);
+      for (int j = 0; j < NS; ++j) {
+        q.lists[2 + j][i] = f.lists[2 + j][i] = states[i * NS + j];
+        q.lists[2 + NS + j][i] = scales[i * NS + j];
+      }
+    }
+    cudaError_t err = cudaSuccess;
+    if (nq > 0) {
+      Int8Functor<Op> fq{packs, found_inf, grad_scale, code_unsigned};
+      err = multi_tensor_apply<NQ>(n, q.lists, nq_numel, fq, stream);
+    }
+    if (err == cudaSuccess && nq < n) {
+      StepFunctor<Op, float, float, false, false> ff{packs, found_inf, grad_scale, nullptr};
+      err = multi_tensor_apply<NF>(n, f.lists, nf_numel, ff, stream);
+    }
+    delete[] nq_numel;
+    return err;
+  }
+}
+
+template <typename P, typename S, bool MASTER, bool SR, bool REM = false>
 cudaError_t dispatch_rule(int rule, int flags, int64_t n, void* const* params, const void* const* grads,
                           void* const* states, void* const* masters, const int64_t* numel, const double* packs,
                           const float* found_inf, const float* grad_scale, const int64_t* sr_keys, cudaStream_t stream) {
 #define MF_CASE(R, F)                                                                                   \
   if (rule == R && flags == F)                                                                          \
-    return launch<RuleOp<R, F>, P, S, MASTER, SR>(n, params, grads, states, masters, numel, packs,        \
-                                                  found_inf, grad_scale, sr_keys, stream);
+    return launch<RuleOp<R, F>, P, S, MASTER, SR, REM>(n, params, grads, states, masters, numel, packs,   \
+                                                       found_inf, grad_scale, sr_keys, stream);
+  MF_FOR_EACH_RULE_FLAGS(MF_CASE)
+#undef MF_CASE
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t dispatch_int8(int rule, int flags, int64_t n, void* const* params, const void* const* grads,
+                          void* const* states, void* const* scales, const int64_t* numel, const double* packs,
+                          const float* found_inf, const float* grad_scale, int code_unsigned, cudaStream_t stream) {
+  // schedule-free rules refuse int8_state (their z is an iterate): no kernel
+#define MF_CASE(R, F)                                                                                         \
+  if constexpr (R != RULE_SGD_SF && R != RULE_ADAMW_SF)                                                       \
+    if (rule == R && flags == F)                                                                              \
+      return launch_int8<RuleOp<R, F>>(n, params, grads, states, scales, numel, packs, found_inf, grad_scale, \
+                                       code_unsigned, stream);
   MF_FOR_EACH_RULE_FLAGS(MF_CASE)
 #undef MF_CASE
   return cudaErrorInvalidValue;
@@ -222,11 +315,13 @@ cudaError_t dispatch_rule(int rule, int flags, int64_t n, void* const* params, c
 cudaError_t step(int rule, int flags, int layout, int dtype, int64_t n, void* const* params,
                  const void* const* grads, void* const* states, void* const* masters, const int64_t* numel,
                  const double* packs, const float* found_inf, const float* grad_scale, const int64_t* sr_keys,
-                 cudaStream_t stream) {
+                 cudaStream_t stream, void* const* scales, int code_unsigned) {
   if (rule < 0 || rule >= RULE_COUNT || rule_num_scalars(rule) > kMaxPack) return cudaErrorInvalidValue;
   if (flags < 0 || flags >= (1 << rule_num_flag_bits(rule))) return cudaErrorInvalidValue;
   if (layout == LAYOUT_BF16_SR && sr_keys == nullptr) return cudaErrorInvalidValue;
-  if (layout == LAYOUT_MASTER && masters == nullptr && n > 0) return cudaErrorInvalidValue;
+  if ((layout == LAYOUT_MASTER || layout == LAYOUT_MASTER16) && masters == nullptr && n > 0)
+    return cudaErrorInvalidValue;
+  if (layout == LAYOUT_INT8_STATE && scales == nullptr && n > 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   flags = normalize_flags(rule, flags);
 #define MF_ARGS \
@@ -249,6 +344,12 @@ cudaError_t step(int rule, int flags, int layout, int dtype, int64_t n, void* co
       return cudaErrorInvalidValue;
     case LAYOUT_BF16_SR:
       return dtype == DT_BF16 ? dispatch_rule<bf16, bf16, false, true>(MF_ARGS) : cudaErrorInvalidValue;
+    case LAYOUT_MASTER16:  // `masters`: the int16 remainders
+      return dtype == DT_BF16 ? dispatch_rule<bf16, float, false, false, true>(MF_ARGS) : cudaErrorInvalidValue;
+    case LAYOUT_INT8_STATE:
+      return dtype == DT_F32 ? dispatch_int8(rule, flags, n, params, grads, states, scales, numel, packs, found_inf,
+                                             grad_scale, code_unsigned, stream)
+                             : cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 #undef MF_ARGS

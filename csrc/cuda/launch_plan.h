@@ -32,10 +32,11 @@ constexpr int64_t table_bytes(int nl, int tensors, int blocks) {
 }
 
 // The table for NL lists in `bytes` (the kernel argument less the functor's share): 36 slots and 320 blocks in
-// the 4 KB argument (the apex/torch numbers for up to 6 lists), else 256 slots (a uint8 slot index) and as many
-// blocks as the rest allows, rounded down to a multiple of 32.
+// the 4 KB argument (the apex/torch numbers for up to 6 lists; 28 slots for 7 or 8: int8_state's codes and
+// scales), else 256 slots (a uint8 slot index) and as many blocks as the rest allows, rounded down to a multiple
+// of 32.
 constexpr TableCapacity table_capacity(int nl, int64_t bytes) {
-  return bytes < 8192 ? TableCapacity{36, 320}
+  return bytes < 8192 ? TableCapacity{nl <= 6 ? 36 : 28, 320}
                       : TableCapacity{256, static_cast<int>((bytes - table_bytes(nl, 256, 0)) / 5 / 32 * 32)};
 }
 

@@ -25,7 +25,8 @@
 namespace mf {
 namespace cuda {
 
-constexpr int kMaxLists = 6;  // param, grad, up to 3 states, the fp32 master (layout master)
+constexpr int kMaxLists = 8;  // param, grad, up to 3 states, the fp32 master (master) or the remainder (master16);
+                              // int8_state: param, grad, up to 3 code lists and their 3 scale lists
 constexpr int kChunk = 65536;
 constexpr int kBlock = 512;
 constexpr int kMinBlocksPerSM = MF_CUDA_MIN_BLOCKS;
@@ -56,8 +57,20 @@ struct TensorTable {
 };
 static_assert(TableShape<kMaxLists>::kTensors <= 256, "block_to_tensor is a uint8");
 
+// Blocks per SM a functor's kernel is compiled for: kMinBlocksPerSM (64 registers), unless the functor says less
+// (int8_state with two or three states holds 8 elements x 3 states per thread: 1 block, 128 registers).
+template <class Functor, class = void>
+struct MinBlocksOf {
+  static constexpr int value = kMinBlocksPerSM;
+};
+template <class Functor>
+struct MinBlocksOf<Functor, decltype(void(Functor::kMinBlocks))> {
+  static constexpr int value = Functor::kMinBlocks;
+};
+
 template <int NL, class Functor>
-__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) multi_tensor_kernel(TensorTable<NL> tt, Functor f) {
+__global__ void __launch_bounds__(kBlock, MinBlocksOf<Functor>::value) multi_tensor_kernel(TensorTable<NL> tt,
+                                                                                          Functor f) {
   const int slot = tt.block_to_tensor[blockIdx.x];
   const int chunk = tt.block_to_chunk[blockIdx.x];
   f(tt, slot, chunk);

@@ -1,0 +1,149 @@
+// momentum_fused CUDA kernels: the int8_state functor (layouts.py is the spec; the codecs are ../compressed.h's).
+// Included by fused_step.cu, and by the host emulation of tests/test_cuda_sources.py (csrc/cuda/host_emulation.h
+// gives threadIdx, blockDim, __syncthreads, __shfl_xor_sync, __shared__ and min on the host, threads for lanes), so
+// that its indexing, warp reduction and codes are checked bit for bit without a GPU. Needs, declared before:
+// mf::cuda::kChunk (elements per CUDA block), mf::cuda::kMinBlocksPerSM, ../update_rules.h's RuleOp; the table
+// argument is any type with ptr[list][slot], numel[slot] and row[slot] (TensorTable<NL>).
+// The code map: generated/tables.h's INT8_*_TABLE / INT8_*_MID, which must be readable where this runs (fused_step.cu
+// defines MF_INT8_TABLE_ATTR as `static __device__`).
+#pragma once
+
+#include <cstdint>
+
+#include "../compressed.h"
+#include "vec.cuh"
+
+namespace mf {
+namespace cuda {
+
+// A quantized tensor (compressed.h int8_quantized: its size a multiple of INT8_BLOCK): each warp takes one block of
+// INT8_BLOCK = 256 elements at a time, lane l its elements 8l .. 8l + 7 (two 128-bit accesses of the fp32 param
+// and grad, 64 bits of each code list): decode (table value times the block's scale), the fp32 rule, then per
+// state the block's absmax (the lane's 8 values, then warp shuffles; NaN propagates as torch.amax), the codes
+// (compressed.h's guess and fix-up against the midpoints), and lane 0 writes the scale. The code map lives in
+// shared memory (copied from generated/tables.h's device arrays once per CUDA block). Lists: param, grad, NS code
+// lists (int8 or uint8: bit j of `code_unsigned`), NS fp32 scale lists.
+constexpr int kInt8Lane = INT8_BLOCK / 32;
+static_assert(INT8_BLOCK % 32 == 0 && kInt8Lane == 8 && kChunk % INT8_BLOCK == 0, "int8 block shape");
+
+template <class Op>
+struct Int8Functor {
+  // two or three states: 8 values of each live per thread until the block's absmax is known; with 64 registers
+  // ptxas spilled (8-44 bytes), so these compile for one block of 512 threads per SM (128 registers)
+  static constexpr int kMinBlocks = Op::kStates >= 2 ? 1 : kMinBlocksPerSM;
+  const double* packs;
+  const float* found_inf;
+  const float* grad_scale;
+  int code_unsigned;  // bit j: state j has uint8 codes (a non-negative state), else int8
+
+  template <class Table>
+  __device__ __forceinline__ void operator()(const Table& tt, int slot, int chunk) const {
+    using Sc = typename Op::template Scalars<float>;
+    constexpr int NS = Op::kStates;
+    constexpr int K = Sc::kPack;
+    static_assert(NS >= 1, "int8_state compresses states: a rule without state runs the native functor");
+    if (found_inf != nullptr && *found_inf != 0.0f) return;  // uniform across the block (before the barrier)
+    __shared__ float tab_s[INT8_SIGNED_COUNT], tab_u[INT8_UNSIGNED_COUNT];
+    __shared__ float mid_s[INT8_SIGNED_COUNT - 1], mid_u[INT8_UNSIGNED_COUNT - 1];
+    for (int i = threadIdx.x; i < INT8_UNSIGNED_COUNT; i += blockDim.x) {
+      tab_u[i] = INT8_UNSIGNED_TABLE[i];
+      if (i < INT8_SIGNED_COUNT) tab_s[i] = INT8_SIGNED_TABLE[i];
+      if (i < INT8_UNSIGNED_COUNT - 1) mid_u[i] = INT8_UNSIGNED_MID[i];
+      if (i < INT8_SIGNED_COUNT - 1) mid_s[i] = INT8_SIGNED_MID[i];
+    }
+    __syncthreads();
+
+    double pk[K];
+    const double* row = packs + static_cast<int64_t>(tt.row[slot]) * K;
+#pragma unroll
+    for (int i = 0; i < K; ++i) pk[i] = row[i];
+    if (grad_scale != nullptr) pk[K - 1] = pk[K - 1] / static_cast<double>(*grad_scale);
+    const Sc sc = Sc::make(pk);
+
+    const int64_t base = static_cast<int64_t>(chunk) * kChunk;
+    // a multiple of INT8_BLOCK, at most kChunk: 32-bit indices from here on
+    const int len = static_cast<int>(min(static_cast<int64_t>(kChunk), tt.numel[slot] - base));
+    float* p = static_cast<float*>(tt.ptr[0][slot]) + base;
+    const float* g = static_cast<const float*>(tt.ptr[1][slot]) + base;
+    uint8_t* code[NS];
+    float* scale[NS];
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      code[j] = static_cast<uint8_t*>(tt.ptr[2 + j][slot]) + base;
+      scale[j] = static_cast<float*>(tt.ptr[2 + NS + j][slot]) + base / INT8_BLOCK;
+    }
+    bool aligned = vec_aligned<float, kInt8Lane>(p) && vec_aligned<float, kInt8Lane>(g);
+#pragma unroll
+    for (int j = 0; j < NS; ++j) aligned = aligned && vec_aligned<uint8_t, kInt8Lane>(code[j]);
+    const int lane = threadIdx.x & 31;
+    const int warps = blockDim.x >> 5;
+    for (int blk = threadIdx.x >> 5; blk * INT8_BLOCK < len; blk += warps) {
+      const int i0 = blk * INT8_BLOCK + lane * kInt8Lane;
+      Vec<float, kInt8Lane> vp, vg;
+      Vec<uint8_t, kInt8Lane> vc[NS];
+      if (aligned) {
+        vp = *reinterpret_cast<const Vec<float, kInt8Lane>*>(p + i0);
+        vg = *reinterpret_cast<const Vec<float, kInt8Lane>*>(g + i0);
+#pragma unroll
+        for (int j = 0; j < NS; ++j) vc[j] = *reinterpret_cast<const Vec<uint8_t, kInt8Lane>*>(code[j] + i0);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kInt8Lane; ++k) {
+          vp.v[k] = p[i0 + k];
+          vg.v[k] = g[i0 + k];
+#pragma unroll
+          for (int j = 0; j < NS; ++j) vc[j].v[k] = code[j][i0 + k];
+        }
+      }
+      float s_scale[NS];
+#pragma unroll
+      for (int j = 0; j < NS; ++j) s_scale[j] = scale[j][blk];
+      float st[NS][kInt8Lane];
+#pragma unroll
+      for (int k = 0; k < kInt8Lane; ++k) {
+        float b[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+          const uint8_t c = vc[j].v[k];
+          b[j] = (code_unsigned >> j) & 1 ? int8_decode(tab_u, int8_unsigned_index(c), s_scale[j])
+                                          : int8_decode(tab_s, int8_signed_index(static_cast<int8_t>(c)), s_scale[j]);
+        }
+        float a = vp.v[k];
+        Op::template apply<float>(a, vg.v[k], b[0], b[1], b[2], sc);
+        vp.v[k] = a;
+#pragma unroll
+        for (int j = 0; j < NS; ++j) st[j][k] = b[j];
+      }
+      if (aligned) {
+        *reinterpret_cast<Vec<float, kInt8Lane>*>(p + i0) = vp;
+      } else {
+#pragma unroll
+        for (int k = 0; k < kInt8Lane; ++k) p[i0 + k] = vp.v[k];
+      }
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        float m = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kInt8Lane; ++k) m = int8_absmax(m, st[j][k]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = int8_absmax(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+        const float div = int8_divisor(m);
+        const bool uns = (code_unsigned >> j) & 1;
+#pragma unroll
+        for (int k = 0; k < kInt8Lane; ++k)
+          vc[j].v[k] = uns ? static_cast<uint8_t>(int8_encode_unsigned(st[j][k], div, mid_u))
+                           : static_cast<uint8_t>(int8_encode_signed(st[j][k], div, mid_s) - 127);
+        if (aligned) {
+          *reinterpret_cast<Vec<uint8_t, kInt8Lane>*>(code[j] + i0) = vc[j];
+        } else {
+#pragma unroll
+          for (int k = 0; k < kInt8Lane; ++k) code[j][i0 + k] = vc[j].v[k];
+        }
+        if (lane == 0) scale[j][blk] = m;
+      }
+    }
+  }
+};
+
+}  // namespace cuda
+}  // namespace mf

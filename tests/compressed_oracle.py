@@ -1,0 +1,97 @@
+"""The per-step oracle of the compressed-state layouts (master16, int8_state) for the compiled backends' tests
+(tests/triton/test_compressed_triton.py, tests/test_cuda_backend.py).
+
+``oracle_apply(real_apply, checked)`` wraps a backend's ``apply``: each master16 / int8_state bucket is first
+replayed on copies by the same backend in the layout without compression (``master`` for master16, with the
+decoded master as the fp32 master copy; native fp32 for int8_state, with the decoded states), the results are
+encoded with layouts.master16_encode / layouts.int8_encode (the spec), then the real kernel runs and its params,
+remainders, codes, scales and fp32 states must be equal to those bit for bit (NaNs as NaNs). So the kernels'
+decode, encode and plumbing are checked exactly, whatever the rule's fp32 math rounds like.
+"""
+import torch
+
+import momentum_fused as mf
+from momentum_fused import layouts
+
+# (id, optimizer, kwargs, gradient mode); every rule with each state-count change
+CASES = [
+    ("adam", mf.Adam, dict(lr=0.02, weight_decay=0.01), "randn"),
+    ("adamw", mf.AdamW, dict(lr=0.02, weight_decay=0.1), "randn"),
+    ("adamw-amsgrad", mf.AdamW, dict(lr=0.02, weight_decay=0.1, amsgrad=True), "randn"),
+    ("adam-tied", mf.AdamTied, dict(lr=0.02, beta=0.9), "randn"),
+    ("nadam", mf.NAdam, dict(lr=0.02, weight_decay=0.01), "randn"),
+    ("nadam-decoupled", mf.NAdam, dict(lr=0.02, weight_decay=0.1, decoupled_weight_decay=True), "randn"),
+    ("rmsprop", mf.RMSprop, dict(lr=0.01, alpha=0.9, weight_decay=0.01), "bounded"),
+    ("rmsprop-momentum-centered", mf.RMSprop, dict(lr=0.01, alpha=0.9, momentum=0.9, centered=True), "bounded"),
+    ("sgd-momentum", mf.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01), "randn"),
+    ("sgd-nesterov", mf.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), "randn"),
+    ("qhm", mf.QHM, dict(lr=0.1, momentum=0.9, nu=0.7, weight_decay=0.01), "randn"),
+    ("signsgd", mf.SignSGD, dict(lr=0.02, weight_decay=0.1), "sign_safe"),
+    ("signum", mf.Signum, dict(lr=0.02, momentum=0.9, weight_decay=0.1), "sign_safe"),
+    ("lion", mf.Lion, dict(lr=0.02, weight_decay=0.1), "sign_safe"),
+    ("fsgdm", mf.FSGDM, dict(lr=0.05, weight_decay=5e-3, sigma=12, n_stages=3), "randn"),
+]
+SF_CASES = [  # master16 only (int8_state refuses schedule-free: z is an iterate, not a moment)
+    ("sgd_sf", mf.SGDScheduleFree, dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=3), "randn"),
+    ("adamw_sf", mf.AdamWScheduleFree, dict(lr=0.02, weight_decay=0.01, warmup_steps=2), "randn"),
+]
+
+
+def _bits(x):
+    return x.contiguous().view({4: torch.int32, 2: torch.int16, 1: torch.int8}[x.element_size()])
+
+
+def _equal(a, b, what):
+    """Bit for bit; NaNs only as NaNs (their payload is not specified)."""
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    diff = _bits(a) != _bits(b)
+    if a.is_floating_point():
+        diff &= ~(torch.isnan(a) & torch.isnan(b))
+    assert not diff.any(), f"{what}: {diff.sum().item()} elements differ"
+
+
+def oracle_apply(real_apply, checked, count_launches=None):
+    """``real_apply`` wrapped as described above; appends the bucket's element count to ``checked`` per checked
+    call. ``count_launches``: a counter whose increase over the real call must be 1 (one launch per bucket)."""
+    def apply(spec, flags, params, grads, states, scalars, *, layout=layouts.NATIVE, **kw):
+        if not (layout.int8 or layout.remainder):
+            return real_apply(spec, flags, params, grads, states, scalars, layout=layout, **kw)
+        ps = [p.detach().clone() for p in params]
+        if layout.remainder:
+            sts = [tuple(s.clone() for s in st[:-1]) + (layouts.master16_decode(p, st[-1]).view(p.shape),)
+                   for p, st in zip(params, states)]
+            real_apply(spec, flags, ps, grads, sts, scalars, layout=layouts.LAYOUTS["master"], **kw)
+        else:
+            sts = []
+            for p, st in zip(params, states):
+                if layouts.int8_quantized(p):
+                    n = len(st) // 2
+                    sts.append(tuple(layouts.int8_decode(c, s, c.dtype == torch.int8) for c, s in zip(st[:n], st[n:])))
+                else:
+                    sts.append(tuple(s.clone() for s in st))
+            real_apply(spec, flags, ps, grads, sts, scalars, layout=layouts.NATIVE, **kw)
+        before = count_launches() if count_launches else 0
+        out = real_apply(spec, flags, params, grads, states, scalars, layout=layout, **kw)
+        if count_launches:
+            assert count_launches() - before == 1, "one launch per bucket"
+        for i, (p, st, q, qs) in enumerate(zip(params, states, ps, sts)):
+            if layout.remainder:
+                hi, lo = layouts.master16_encode(qs[-1])
+                _equal(p, hi.view(p.shape), f"param {i}")
+                _equal(st[-1], lo.view(p.shape), f"remainder {i}")
+                for j, (a, b) in enumerate(zip(st[:-1], qs[:-1])):
+                    _equal(a, b, f"state {j} of tensor {i}")
+            else:
+                _equal(p, q, f"param {i}")
+                if layouts.int8_quantized(p):
+                    n = len(st) // 2
+                    for j, (c, s, x) in enumerate(zip(st[:n], st[n:], qs)):
+                        codes, scale = layouts.int8_encode(x, c.dtype == torch.int8)
+                        _equal(c, codes, f"codes of state {j}, tensor {i}")
+                        _equal(s, scale, f"scales of state {j}, tensor {i}")
+                else:
+                    for j, (a, b) in enumerate(zip(st, qs)):
+                        _equal(a, b, f"fp32 state {j} of tensor {i}")
+        checked.append(sum(p.numel() for p in params))
+        return out
+    return apply

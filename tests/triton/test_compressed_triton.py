@@ -1,0 +1,257 @@
+"""The compressed-state layouts ``master16`` and ``int8_state`` (docs/layouts.md, layouts.py) on the Triton backend,
+in the interpreter.
+
+- The kernels' encode/decode helpers against layouts.py bit for bit: master16_encode / master16_decode on special
+  and random bit patterns; the int8 code of every value next to a code boundary (each midpoint of the table, each
+  place where the kernel's first guess changes, and their fp32 neighbours: between those points neither the count
+  of midpoints below y nor the guess changes, so this covers every fp32 y in [-1, 1]).
+- Every rule, 10 steps, odd shapes, a bucket of two param groups (different hyperparameters) mixing quantized and
+  fp32-state tensors: at every step the kernel's result is checked bit for bit against layouts.py's encoding of the
+  same fp32 rule math: the step is replayed on copies by the Triton kernel of the layout without compression
+  (``master`` for master16: the decoded master as the fp32 master copy; native fp32 for int8_state: the decoded
+  states), then encoded with layouts.master16_encode / layouts.int8_encode; params, remainders, codes and scales
+  must be equal. So the decode, the encode and the plumbing are exact, and the rule math is the one the other
+  Triton layouts run.
+- Against the reference backend (torch, tensor by tensor) over the same 10 steps: params (the decoded masters) and
+  decoded states within the fp32 tolerance, int8 states within one code. Not bit for bit: the reference runs the
+  rule as torch ops, whose fp32 results differ in the last bit from the kernels' (fp32 arithmetic in another
+  order or contracted: even the sign rules' momentum differs in a few elements after 10 steps; the plain Triton
+  layouts' parity tests use the same tolerance); a value one ulp apart can move a code by one or a scale by an ulp.
+  The interpreter's own math (numpy, IEEE fp32, no contraction) is not what differs: the per-step oracle, which
+  runs the same kernels' fp32 math, agrees to the bit.
+"""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import momentum_fused as mf
+from helpers import fixed_signs, grads_for, make_params
+from momentum_fused import backends, layouts
+from momentum_fused.triton_kernels import kernels, launcher
+from compressed_oracle import CASES, SF_CASES, _equal, oracle_apply
+from tolerances import tol
+
+# quantized (>= 4096 elements, a multiple of 256): two whole programs and a one-block tail; fp32 state: odd shapes,
+# tiny, empty (the interpreter's time grows with the programs: 3 to 6 per step here; tensors of >= 4096 elements
+# that are not a multiple of 256 keep fp32 state by layouts.int8_quantized, the launcher's test too)
+SHAPES = [(17, 256), (3, 5, 7), (1,), (0,), (300,)]
+GROUP2 = (1, 4)  # positions in a second param group (other hyperparameters, the same bucket)
+
+DTYPE = {"master16": torch.bfloat16, "int8_state": torch.float32}
+
+
+def _run(cls, kw, gmode, layout, backend, steps=10):
+    dtype = DTYPE[layout]
+    init = [x.to(dtype) for x in make_params(SHAPES, 0)]
+    ps = [x.clone().requires_grad_() for x in init]
+    kw2 = dict(kw, lr=kw["lr"] * 0.5, weight_decay=0.0) if "weight_decay" in kw else dict(kw, lr=kw["lr"] * 0.5)
+    groups = [{"params": [p for i, p in enumerate(ps) if i not in GROUP2]},
+              {"params": [p for i, p in enumerate(ps) if i in GROUP2], **kw2}]
+    opt = cls(groups, backend=backend, layout=layout, **kw)
+    signs = fixed_signs(SHAPES, 2) if gmode == "sign_safe" else None
+    for k in range(steps):
+        for p, g in zip(ps, grads_for(SHAPES, k, 1, gmode, signs)):
+            p.grad = g.to(dtype)
+        opt.step()
+    return opt, ps
+
+
+def _cases(layout):
+    return CASES + (SF_CASES if layout == "master16" else [])
+
+
+@pytest.mark.parametrize("layout,case", [(lay, c) for lay in ("master16", "int8_state") for c in _cases(lay)],
+                         ids=[f"{lay}-{c[0]}" for lay in ("master16", "int8_state") for c in _cases(lay)])
+def test_every_step_exact_and_ten_steps_against_the_reference_backend(layout, case, monkeypatch):
+    """The two checks of the module docstring in one run of the Triton optimizer (the interpreter is slow)."""
+    cid, cls, kw, gmode = case
+    tri = backends._REGISTRY["triton"]
+    checked = []
+    monkeypatch.setattr(tri, "apply", oracle_apply(tri.apply, checked, count_launches=lambda: launcher.LAUNCHES))
+    topt, tp = _run(cls, kw, gmode, layout, "triton")
+    monkeypatch.undo()
+    assert len(checked) == 10 and checked[0] == sum(p.numel() for p in tp), "every step went through the oracle"
+    names = topt.spec.state_names(topt.param_groups[0])
+    if layout == "int8_state" and names:  # tensor 0 is quantized, tensor 1 is not
+        assert topt.state[tp[0]][names[0]].dtype in (torch.int8, torch.uint8)
+        assert topt.state[tp[1]][names[0]].dtype == torch.float32
+    ropt, rp = _run(cls, kw, gmode, layout, "reference")
+    for i, (a, b) in enumerate(zip(tp, rp)):
+        sa, sb = topt.state[a], ropt.state[b]
+        assert set(sa) == set(sb)
+        if layout == "master16":
+            ma = layouts.master16_decode(a.detach(), sa["master_lo"])
+            mb = layouts.master16_decode(b.detach(), sb["master_lo"])
+            torch.testing.assert_close(ma, mb, **tol(torch.float32), msg=lambda m: f"master {i}: {m}")
+            vals_a = {k: v for k, v in sa.items() if k not in ("master_lo", "step")}
+            vals_b = {k: v for k, v in sb.items() if k not in ("master_lo", "step")}
+        else:
+            torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32), msg=lambda m: f"param {i}: {m}")
+            vals_a, vals_b = _decoded(sa), _decoded(sb)
+        for key, v in vals_b.items():
+            # decoded int8 states: the same code at worst one code apart (a value an ulp across a midpoint)
+            t = tol(torch.float32) if layout == "master16" or key not in _quantized_keys(sb) else \
+                dict(rtol=0, atol=_one_code(sb, key))
+            torch.testing.assert_close(vals_a[key], v, **t, msg=lambda m: f"{key} of param {i}: {m}")
+
+
+def _quantized_keys(st):
+    return {k[:-len(layouts.INT8_SCALE_SUFFIX)] for k in st if k.endswith(layouts.INT8_SCALE_SUFFIX)}
+
+
+def _decoded(st):
+    out = {}
+    for k, v in st.items():
+        if k == "step" or k.endswith(layouts.INT8_SCALE_SUFFIX):
+            continue
+        if k in _quantized_keys(st):
+            v = layouts.int8_decode(v, st[k + layouts.INT8_SCALE_SUFFIX], v.dtype == torch.int8)
+        out[k] = v
+    return out
+
+
+def _one_code(st, key):
+    """The largest gap between neighbouring decoded values of ``key`` (per block: the table's largest step times the
+    scale), a bound for one code of difference; plus the fp32 tolerance of the scale."""
+    table = layouts.int8_table(st[key].dtype == torch.int8)
+    return (table.diff().max() * st[key + layouts.INT8_SCALE_SUFFIX].max()).item() * 1.01 + 1e-6
+
+
+# ------------------------------------------------------------------------------ the helpers, bit for bit
+@triton.jit
+def _m16_probe(x_ptr, hi_ptr, lo_ptr, back_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    x = tl.load(x_ptr + i, mask=m, other=0.0)
+    hi, lo = kernels.master16_encode(x)
+    tl.store(hi_ptr + i, hi.to(tl.int32), mask=m)
+    tl.store(lo_ptr + i, lo.to(tl.int32), mask=m)
+    back = kernels.master16_decode(hi.to(tl.uint32), lo.to(tl.uint32))
+    tl.store(back_ptr + i, back.to(tl.int32, bitcast=True), mask=m)
+
+
+def test_master16_encode_decode_are_layouts_bit_for_bit():
+    gen = torch.Generator().manual_seed(3)
+    special = torch.tensor([0, 0x80000000, 0x00008000, 0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF, 0x7F7F8000,
+                            0xFF7F8000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0x00000001,
+                            0x0000FFFF, 0x807FFFFF, 0xFFFF8000, 0xFFFFFFFF, 0x7FFF8000], dtype=torch.int64)
+    bits = torch.cat([special, torch.randint(0, 2 ** 32, (20000,), generator=gen, dtype=torch.int64),
+                      (torch.randint(0, 2 ** 16, (4000,), generator=gen, dtype=torch.int64) << 16) | 0x8000])
+    x = (bits - ((bits & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
+    n = x.numel()
+    hi, lo, back = (torch.empty(n, dtype=torch.int32) for _ in range(3))
+    _m16_probe[(triton.cdiv(n, 4096),)](x, hi, lo, back, n, BLOCK=4096)
+    want_hi, want_lo = layouts.master16_encode(x)
+    assert torch.equal(hi & 0xFFFF, want_hi.view(torch.int16).to(torch.int32) & 0xFFFF)
+    assert torch.equal(lo & 0xFFFF, want_lo.to(torch.int32) & 0xFFFF)
+    nan = torch.isnan(x)
+    want_back = layouts.master16_decode(want_hi, want_lo).view(torch.int32)
+    assert torch.equal(back, want_back)
+    assert torch.equal(back[~nan], x.view(torch.int32)[~nan]) and torch.isnan(back.view(torch.float32)[nan]).all()
+
+
+@triton.jit
+def _code_probe(y_ptr, out_ptr, tab_ptr, n, UNSIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    y = tl.load(y_ptr + i, mask=m, other=0.0)
+    tl.store(out_ptr + i, kernels.int8_encode_index(y, tab_ptr, UNSIGNED), mask=m)
+
+
+def _around(v, k=3):
+    """fp32 values v and their k nearest fp32 neighbours on each side."""
+    b = v.float().view(torch.int32).long()
+    steps = torch.arange(-k, k + 1)
+    out = []
+    for s in steps.tolist():  # the fp32 grid is monotone in the bits for positive values, reversed for negative
+        nb = torch.where(b >= 0, b + s, b - s)
+        out.append((nb - ((nb & 0x80000000) << 1)).to(torch.int32).view(torch.float32))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_int8_codes_at_every_boundary_are_layouts(signed):
+    table = layouts.int8_table(signed)
+    mids = layouts._int8_midpoints(table)
+    top = (table.numel() - 1) // 2 if signed else table.numel() - 1  # codes on one side: 127 / 255
+    k = torch.arange(top, dtype=torch.float64) + 0.5  # where the kernel's rounded guess changes
+    jumps = (k / top) ** 2 if signed else (k / top) ** 4
+    pts = torch.cat([mids, jumps.float(), table, torch.tensor([0.0, -0.0, 1.0, 1e-30, 1e-45, float("nan")])])
+    if signed:
+        pts = torch.cat([pts, -pts])
+    y = _around(pts)
+    y = y[(y >= (-1.0 if signed else 0.0)) & (y <= 1.0) | torch.isnan(y)]
+    gen = torch.Generator().manual_seed(0)
+    y = torch.cat([y, torch.rand(20000, generator=gen) ** 4 * (torch.randint(0, 2, (20000,), generator=gen) * 2 - 1
+                                                              if signed else 1)])
+    out = torch.empty(y.numel(), dtype=torch.int32)
+    _code_probe[(triton.cdiv(y.numel(), 8192),)](y, out, launcher.int8_code_table("cpu"), y.numel(),
+                                                  UNSIGNED=not signed, BLOCK=8192)
+    want = torch.bucketize(y, mids, right=False)  # the count of midpoints strictly below y
+    bad = (out != want).nonzero().flatten()
+    assert bad.numel() == 0, f"{bad.numel()} codes differ, e.g. y={y[bad[:4]].tolist()}: {out[bad[:4]].tolist()} " \
+                             f"!= {want[bad[:4]].tolist()}"
+
+
+def test_backend_declares_the_layouts_and_checks_int8_lists():
+    tri = backends._REGISTRY["triton"]
+    assert {"master16", "int8_state"} <= set(tri.layouts)
+    p = torch.zeros(4096)
+    g = torch.zeros(4096)
+    codes, scale = torch.zeros(4096, dtype=torch.int8), torch.zeros(15)  # 16 scales expected
+    with pytest.raises(ValueError, match="16 elements"):
+        launcher.int8_state_apply("one", 0, (True, False), [p], [g], [(codes, scale)], torch.zeros(1, 6,
+                                                                                                    dtype=torch.float64))
+    with pytest.raises(ValueError, match="multiple of 256"):  # quantized (codes) but not whole blocks
+        q = torch.zeros(4100)
+        launcher.int8_state_apply("one", 0, (True, False), [q], [q.clone()],
+                                  [(torch.zeros(4100, dtype=torch.int8), torch.zeros(16))],
+                                  torch.zeros(1, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="differ from the bucket"):  # one code dtype per state position
+        launcher.int8_state_apply("one", 0, (True, False), [p, p.clone()], [g, g.clone()],
+                                  [(codes, torch.zeros(16)), (codes.view(torch.uint8).clone(), torch.zeros(16))],
+                                  torch.zeros(2, 6, dtype=torch.float64))
+
+
+def test_int8_nan_and_zero_blocks_encode_as_layouts(monkeypatch):
+    """A NaN in a block makes its scale NaN (torch.amax) and every code of the block the top one (bucketize); a
+    block of zeros keeps scale 0 and code 0; the others are unaffected. Through the optimizer and the per-step
+    oracle (SGD with momentum: a NaN gradient reaches the momentum buffer)."""
+    tri = backends._REGISTRY["triton"]
+    checked = []
+    monkeypatch.setattr(tri, "apply", oracle_apply(tri.apply, checked, count_launches=lambda: launcher.LAUNCHES))
+    p = torch.randn(4096, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    opt = mf.SGD([p], lr=0.1, momentum=0.9, backend="triton", layout="int8_state")
+    for k in range(3):
+        g = torch.randn(4096, generator=torch.Generator().manual_seed(k))
+        g[256:512] = 0.0  # block 1: zero gradient; block 3: a NaN from step 1 on
+        if k >= 1:
+            g[3 * 256 + 7] = float("nan")
+        p.grad = g
+        opt.step()
+    assert len(checked) == 3
+    st = opt.state[p]
+    assert torch.isnan(st["momentum_buffer_scale"][3]) and (st["momentum_buffer"][768:1024] == 127).all()
+    assert st["momentum_buffer_scale"][1] == 0 and (st["momentum_buffer"][256:512] == 0).all()
+    assert torch.isfinite(st["momentum_buffer_scale"][[0, 2, 4]]).all()
+
+
+def test_int8_tables_are_cached_and_grads_checked_on_a_hit():
+    """A second call with the same params and states reuses the cached tables (the grads' row refreshed: a new grad
+    tensor gives the same result as the first call on equal values) and still refuses a bad grad."""
+    p = torch.randn(4096)
+    codes, scale = torch.zeros(4096, dtype=torch.int8), torch.zeros(16)
+    tab = torch.tensor([[0.1, 0.0, 0.9, 0.0, 1.0, 1.0]], dtype=torch.float64)  # sgd: lr wd momentum damp first gm
+    g1 = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+    launcher.int8_state_apply("one", 0, (True, False), [p], [g1], [(codes, scale)], tab)
+    q = p.clone()
+    p2, codes2, scale2 = p.clone(), codes.clone(), scale.clone()
+    launcher.int8_state_apply("one", 0, (True, False), [p], [g1.clone()], [(codes, scale)], tab)  # a hit
+    launcher.int8_state_apply("one", 0, (True, False), [p2], [g1.clone()], [(codes2, scale2)], tab)  # a miss
+    _equal(p, p2, "param")
+    _equal(codes, codes2, "codes")
+    _equal(scale, scale2, "scales")
+    assert not torch.equal(p, q)  # the cached call did run
+    with pytest.raises(TypeError, match="fp32 params and grads"):
+        launcher.int8_state_apply("one", 0, (True, False), [p], [g1.double()], [(codes, scale)], tab)
