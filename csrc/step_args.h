@@ -136,6 +136,8 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
       if (a.ns > 0 && want < states.size() && states[want].defined()) {
         const auto st = states[want].scalar_type();
         q = st == c10::ScalarType::Char || st == c10::ScalarType::Byte;
+        TORCH_CHECK(q || st == c10::ScalarType::Float, "momentum_fused ", op, ": states[", want, "] (state 0 of params[",
+                    i, "], layout int8_state) has dtype ", st, ", expected int8 or uint8 codes, or float32");
       }
       TORCH_CHECK(!q || params[i].numel() % INT8_BLOCK == 0, "momentum_fused ", op, ": params[", i, "] has ",
                   params[i].numel(), " elements, not a multiple of ", INT8_BLOCK, ", but its state is 8-bit codes");

@@ -56,8 +56,8 @@ def _scenarios():
     out += [dict(id=f"zero-adamw-{b}", kind="zero", opt_name="adamw", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"bad_grad-{b}", kind="bad_grad", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"lowrank_ddp-{b}", kind="lowrank_ddp", backend=b) for b in _available(BACKENDS)]
-    out += [dict(id=f"int8_fsdp-{lay}", kind="int8_fsdp", layout=lay, backend="reference")
-            for lay in INT8_LAYOUTS]
+    out += [dict(id=f"int8_fsdp-{lay}-{b}", kind="int8_fsdp", layout=lay, backend=b)
+            for lay in INT8_LAYOUTS for b in _available(BACKENDS) if (lay, b) != ("master16_int8", "cpu")]
     return out
 
 
@@ -239,11 +239,14 @@ def test_lowrank_sgd_under_ddp_equals_single_process(world, backend):
 
 
 # ------------------------------------------------------------------ the int8 layouts under FSDP2
-@pytest.mark.parametrize("layout", INT8_LAYOUTS)
-def test_int8_layouts_under_fsdp_equal_single_process_bit_for_bit(world, layout):
+@pytest.mark.parametrize("layout,backend", [("int8_state", "reference"), ("master16_int8", "reference"),
+                                            pytest.param("int8_state", "cpu", marks=pytest.mark.skipif(
+                                                _CPU_STATUS != "available",
+                                                reason=f"cpu backend not built here: {_CPU_STATUS}"))])
+def test_int8_layouts_under_fsdp_equal_single_process_bit_for_bit(world, layout, backend):
     """8-bit codes on FSDP2 shards (docs/layouts.md): blocks never straddle a shard, each shard's scales are its
     own rows', so with the same averaged gradients the sharded run IS the single-process one, codes included."""
-    r0, r1 = _results(world, f"int8_fsdp-{layout}")
+    r0, r1 = _results(world, f"int8_fsdp-{layout}-{backend}")
     assert r0["codes"][:4] == ["torch.int8", "torch.float32", "torch.uint8", "torch.float32"]  # weight 0 quantized
     assert r0["local_numels"][0] + r1["local_numels"][0] == 17 * 256 and r1["local_numels"][0] < 4096
     for res in (r0, r1):
