@@ -56,7 +56,7 @@ def cuda_rows():
 
 
 def test_cuda_kernels_no_stack_no_spills_at_most_64_registers(cuda_rows):
-    assert len(cuda_rows) == sum(len(v) for v in kr.RULE_FLAGS.values()) * len(kr.LAYOUTS) == 176
+    assert len(cuda_rows) == sum(len(v) for v in kr.RULE_FLAGS.values()) * len(kr.LAYOUTS) == 200
     bad = [(r["rule"], r["flags"], r["layout"], r["registers"], r["stack_bytes"], r["spill_bytes"])
            for r in cuda_rows if r["stack_bytes"] or r["spill_bytes"] or r["spill_load_bytes"] or r["registers"] > 64]
     assert not bad, f"(rule, flags, layout, registers, stack, spill): {bad}"
@@ -66,6 +66,9 @@ def test_cuda_kernels_128_bit_accesses(cuda_rows):
     bad = []
     for r in cuda_rows:
         lists_read, lists_written = 2 + r["nstate"], 1 + r["nstate"]
+        # the CUDA loop reads and writes every list; nvcc drops the loads whose values no rule uses: Muon's
+        # momentum pass never reads its update buffer, its apply pass never reads the gradient
+        lists_read -= kr.UNREAD_LISTS.get(r["rule"], 0)
         if r["layout"] in ("native-fp32", "native-bf16", "native-fp16", "bf16_sr"):
             ok = r["v4_loads"] >= lists_read and r["v4_stores"] >= lists_written  # every list, 128 bits
         elif r["layout"] == "native-fp64":
