@@ -371,3 +371,20 @@ def test_newton_schulz_stacks_are_views_of_one_buffer_per_shape(monkeypatch):
     run(b, q, grads)
     for x, y in zip(params, q):  # (equal on this CPU; a BLAS may pick other kernels for a batch of one)
         torch.testing.assert_close(x, y, rtol=0, atol=3 * 0.02 * 2 ** -7)
+
+
+@pytest.mark.skipif("cpu" not in mf.backends.available(), reason="needs the compiled cpu backend (not built)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_cpu_kernels_equal_the_reference_backend_bitwise(dtype, nesterov):
+    """The passes on the cpu kernels (torch's fma forms of lerp and add, fp32 math for bf16 rounded once) equal
+    the reference backend's torch ops bit for bit, with a tensor above the kernels' per-thread grain."""
+    shapes = [(3, 5), (65, 520), (7, 2), (3, 5)]
+    params, grads = _problem(shapes, steps=10, dtype=dtype)
+    q = [p.clone() for p in params]
+    kw = dict(lr=0.02, nesterov=nesterov, weight_decay=0.1, maximize=not nesterov)
+    a = mf.Muon(params, backend="cpu", **kw)
+    b = mf.Muon(q, backend="reference", **kw)
+    run(a, params, grads)
+    run(b, q, grads)
+    assert_snapshot_equal(snapshot(a, params), snapshot(b, q))
