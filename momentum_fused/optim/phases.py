@@ -5,8 +5,10 @@ the rule declares in ``spec.state_tensors`` (persistent ones in ``optimizer.stat
 step). Orthogonalized momentum is the case it is designed for: momentum pass, Newton-Schulz on the update,
 apply pass (docs/architecture.md, "Contract v2").
 
-Limits of this first version, each refused with a clear error before anything changes: the native layout only,
-no capturable=True, no complex or DTensor params; GradScaler runs its host protocol (one read of found_inf)."""
+DTensor params sharded on dim 0 (FSDP2) or replicated, on a 1-D mesh: the passes run on local shards, the matrix
+phases on whole matrices gathered to an owner rank (``_sharded_matrix_phase``). Limits, each refused with a clear
+error before anything changes: the native layout only, no capturable=True, no complex params or other DTensor
+placements; GradScaler runs its host protocol (one read of found_inf)."""
 from __future__ import annotations
 
 import torch
