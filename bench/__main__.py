@@ -3,9 +3,11 @@
     python -m bench --quick                 # < 2 minutes on a 2-core CPU
     python -m bench                         # the full sweep (progress on stderr)
     python -m bench --device cuda --quick --params 1e9 --profiles llm,tiny
+    python -m bench --rules muon            # only the Muon section (bench/bench_muon.py)
 
 Providers run side by side in one process: our backends (reference, cpu, triton, cuda: whichever can run
-the rule here), torch for-loop / foreach / fused, and peer packages when installed. The bandwidth of a copy
+the rule here), torch for-loop / foreach / fused, and peer packages when installed. Muon has a section of its
+own (per step on a GPT-like stack of matrices, ours vs torch.optim.Muon vs muon-optimizer: bench/bench_muon.py). The bandwidth of a copy
 and of an in-place read-modify-write is measured first on the same device; effective GB/s = bytes per
 element (docs/algorithms.md §9, counted for the layout) x elements / median time.
 Results: a markdown table on stdout; JSON, CSV, markdown and PNG plots under bench/results/<machine>/.
@@ -114,11 +116,14 @@ def main(argv=None) -> int:
         if lay not in LAYOUTS:
             ap.error(f"unknown layout {lay!r}; supported: {sorted(LAYOUTS)}")
     all_rules = rules()
+    run_muon = True  # the Muon section (bench/bench_muon.py): with every rule, or when --rules names "muon"
     if args.rules:
         wanted = set(args.rules.split(","))
+        run_muon = "muon" in wanted
+        wanted.discard("muon")
         unknown = wanted - {r.name for r in all_rules}
         if unknown:
-            ap.error(f"unknown rules {sorted(unknown)}; known: {[r.name for r in all_rules]}")
+            ap.error(f"unknown rules {sorted(unknown)}; known: {[r.name for r in all_rules] + ['muon']}")
         all_rules = [r for r in all_rules if r.name in wanted]
     min_time = 0.0 if args.quick else 0.2
 
@@ -171,11 +176,17 @@ def main(argv=None) -> int:
 
     overhead = host_overhead(device, all_rules, args)
     scaling = [] if (args.quick or args.no_scaling) else scaling_sweep(device, total, args)
+    muon = None
+    if run_muon:
+        from . import bench_muon
+        _progress(0, 1, "muon: ours vs torch.optim.Muon vs muon-optimizer")
+        muon = bench_muon.rows(device, args.quick, include_reference=not args.no_reference)
+        sys.stderr.write("\n")
 
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / machine_slug(info, device)
     out.mkdir(parents=True, exist_ok=True)
     result = {"schema": 1, "meta": info, "args": vars(args), "total_params": total, "runs": runs,
-              "host_overhead": overhead, "scaling": scaling, "missing": missing}
+              "host_overhead": overhead, "scaling": scaling, "missing": missing, "muon": muon}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     with open(out / "results.csv", "w", newline="") as f:
         if runs:
@@ -183,6 +194,8 @@ def main(argv=None) -> int:
             w.writeheader()
             w.writerows(runs)
     table = markdown(result)
+    if muon is not None:
+        table += bench_muon.markdown(muon)
     (out / "results.md").write_text(table)
     print(table)
     if not args.no_plots:

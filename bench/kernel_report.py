@@ -46,16 +46,20 @@ CSRC = ROOT / "csrc"
 # (rule id, name, instantiated flag values) -- mirrors csrc/update_rules.h (enum Rule, MF_FOR_EACH_RULE_FLAGS);
 # tests/test_kernel_report.py checks the mirror against the header.
 RULES = {0: "sgd", 1: "qhm", 2: "adam", 3: "nadam", 4: "rmsprop", 5: "signum", 6: "lion", 7: "fsgdm", 8: "sgd_sf",
-         9: "adamw_sf"}
+         9: "adamw_sf", 10: "muon_momentum", 11: "muon_apply"}
 RULE_FLAGS = {"sgd": (0, 1, 3), "qhm": (0, 1), "adam": (0, 1, 2, 3), "nadam": (0, 1), "rmsprop": (0, 1, 2, 3),
-              "signum": (0, 1), "lion": (0,), "fsgdm": (0,), "sgd_sf": (0,), "adamw_sf": (0, 1)}
+              "signum": (0, 1), "lion": (0,), "fsgdm": (0,), "sgd_sf": (0,), "adamw_sf": (0, 1),
+              "muon_momentum": (0, 1), "muon_apply": (0,)}
+
+# lists a rule's math never reads (csrc/update_rules.h op_io: kStatesRead, kReadsGrad): the compiler drops their loads
+UNREAD_LISTS = {"muon_momentum": 1, "muon_apply": 1}
 
 
 def num_states(rule: str, flags: int) -> int:
     """csrc/update_rules.h rule_num_states."""
     return {"sgd": flags & 1, "qhm": 1, "adam": 3 if flags & 2 else 2, "nadam": 2,
             "rmsprop": 1 + (flags & 1) + ((flags >> 1) & 1), "signum": flags & 1, "lion": 1, "fsgdm": 1,
-            "sgd_sf": 1, "adamw_sf": 3 if flags & 1 else 2}[rule]
+            "sgd_sf": 1, "adamw_sf": 3 if flags & 1 else 2, "muon_momentum": 2, "muon_apply": 1}[rule]
 
 
 # dtype layouts: name -> (param/grad storage, state storage, master, stochastic rounding); master: True an fp32

@@ -401,10 +401,71 @@ MF_HD MF_INLINE void adamw_sf_math(T& p, T g, T& z, T& v, T& m, const AdamwSfSca
   z = z + s.neg_lr * d;
 }
 
+// ============================================================================================== muon
+// The two elementwise passes of Muon (a multi-phase rule, momentum_fused/specs_muon.py; the Newton-Schulz phase
+// between them runs with torch ops). Their lerps and the final add use torch's CPU vector forms, one rounding
+// each (fused multiply-add), so that an fp32 step equals torch.optim.Muon's bit for bit:
+// torch.lerp(a, b, w) = |w| < 0.5 ? fma(w, b - a, a) : fma(w - 1, b - a, b); p.add_(u, alpha) = fma(alpha, u, p).
+template <typename T>
+MF_HD MF_INLINE T mf_lerp_fma(T a, T b, T w) {
+  const T d = b - a;
+  return mf_abs(w) < T(0.5) ? mf_fma(w, d, a) : mf_fma(w - T(1), d, b);
+}
+
+// muon_momentum: buf <- lerp(buf, g, 1 - mu); update <- lerp(g, buf, mu) (nesterov) or buf. The param is only
+// passed through (not read, not written); `update` is a work buffer the pass writes without reading.
+// pack: lr (unused: every pack starts with lr), momentum, grad_mult
+template <typename T>
+struct MuonMomentumScalars {
+  T momentum, one_minus_momentum, grad_mult;
+  static constexpr int kPack = pack::muon_momentum::size;
+  MF_HD static MuonMomentumScalars make(const double* s) {
+    MuonMomentumScalars r;
+    r.momentum = static_cast<T>(s[pack::muon_momentum::momentum]);
+    r.one_minus_momentum = static_cast<T>(1.0 - s[pack::muon_momentum::momentum]);
+    r.grad_mult = static_cast<T>(s[pack::muon_momentum::grad_mult]);
+    return r;
+  }
+};
+
+template <typename T, bool NESTEROV>
+MF_HD MF_INLINE void muon_momentum_math(T g, T& buf, T& update, const MuonMomentumScalars<T>& s) {
+  g = g * s.grad_mult;
+  buf = mf_lerp_fma(buf, g, s.one_minus_momentum);
+  update = NESTEROV ? mf_lerp_fma(g, buf, s.momentum) : buf;
+}
+
+// muon_apply: p <- p (1 - lr wd) (unadjusted lr, as torch); p <- p - adjusted_lr * update. Reads the update (the
+// Newton-Schulz result) without writing it; the gradient is not read.
+// pack: lr, weight_decay, adjusted_lr (lr times the shape factor), grad_mult
+template <typename T>
+struct MuonApplyScalars {
+  T decay, neg_adjusted_lr;
+  T has_wd;  // 1 or 0
+  static constexpr int kPack = pack::muon_apply::size;
+  MF_HD static MuonApplyScalars make(const double* s) {
+    MuonApplyScalars r;
+    r.decay = static_cast<T>(1.0 - s[pack::muon_apply::lr] * s[pack::muon_apply::weight_decay]);
+    r.neg_adjusted_lr = static_cast<T>(-s[pack::muon_apply::adjusted_lr]);
+    r.has_wd = s[pack::muon_apply::weight_decay] != 0.0 ? T(1) : T(0);
+    return r;
+  }
+};
+
+template <typename T>
+MF_HD MF_INLINE void muon_apply_math(T& p, T update, const MuonApplyScalars<T>& s) {
+  if (s.has_wd != T(0)) p = p * s.decay;
+  p = mf_fma(s.neg_adjusted_lr, update, p);
+}
+
 // ================================================================================ generic rule table
 // RuleOp<RULE, FLAGS>: state count, scalar pack type, and apply(p, g, s0, s1, s2, scalars) -- the one
 // interface the CPU loop and the CUDA functor use. s0..s2 are the states in spec.state_names order
-// (unused ones are dummies).
+// (unused ones are dummies). Optional memory traffic (op_io below; absent: everything is read and written):
+// kReadsParam, kWritesParam, kReadsGrad, and the bit masks kStatesRead / kStatesWritten (bit j: state j). A loop
+// may skip what a rule declares it does not read or write (the value it then passes is 0); one that ignores the
+// traits is still correct, as long as it stores the values apply() leaves (an unread state is then written
+// from 0 only when the rule writes it, and then apply() wrote it).
 template <int RULE, int FLAGS>
 struct RuleOp;
 
@@ -525,6 +586,44 @@ struct RuleOp<RULE_ADAMW_SF, F> {
   }
 };
 
+template <int F>
+struct RuleOp<RULE_MUON_MOMENTUM, F> {
+  static constexpr int kStates = 2;  // momentum_buffer, update (a work buffer: written, never read)
+  static constexpr bool kReadsParam = false, kWritesParam = false, kReadsGrad = true;
+  static constexpr int kStatesRead = 0b01, kStatesWritten = 0b11;
+  template <typename T>
+  using Scalars = MuonMomentumScalars<T>;
+  template <typename T>
+  MF_HD static MF_INLINE void apply(T& p, T g, T& s0, T& s1, T& s2, const MuonMomentumScalars<T>& s) {
+    muon_momentum_math<T, (F & MUON_MOMENTUM_NESTEROV) != 0>(g, s0, s1, s);
+  }
+};
+
+template <int F>
+struct RuleOp<RULE_MUON_APPLY, F> {
+  static constexpr int kStates = 1;  // update (read only)
+  static constexpr bool kReadsParam = true, kWritesParam = true, kReadsGrad = false;
+  static constexpr int kStatesRead = 0b1, kStatesWritten = 0;
+  template <typename T>
+  using Scalars = MuonApplyScalars<T>;
+  template <typename T>
+  MF_HD static MF_INLINE void apply(T& p, T g, T& s0, T& s1, T& s2, const MuonApplyScalars<T>& s) {
+    muon_apply_math<T>(p, s0, s);
+  }
+};
+
+// The memory traffic of a RuleOp: its optional traits, or "reads and writes everything".
+template <class Op, class = void>
+struct op_io {
+  static constexpr bool reads_param = true, writes_param = true, reads_grad = true;
+  static constexpr int states_read = 7, states_written = 7;
+};
+template <class Op>
+struct op_io<Op, decltype(void(Op::kStatesWritten))> {
+  static constexpr bool reads_param = Op::kReadsParam, writes_param = Op::kWritesParam, reads_grad = Op::kReadsGrad;
+  static constexpr int states_read = Op::kStatesRead, states_written = Op::kStatesWritten;
+};
+
 // State counts per (rule, flags), for checks (the Python backends compare them with spec.state_names).
 MF_HD inline int rule_num_states(int rule, int f) {
   switch (rule) {
@@ -538,6 +637,8 @@ MF_HD inline int rule_num_states(int rule, int f) {
     case RULE_FSGDM: return 1;
     case RULE_SGD_SF: return 1;
     case RULE_ADAMW_SF: return (f & ADAMW_SF_INNER_MOMENTUM) ? 3 : 2;
+    case RULE_MUON_MOMENTUM: return 2;
+    case RULE_MUON_APPLY: return 1;
     default: return -1;
   }
 }
@@ -553,7 +654,9 @@ MF_HD inline int rule_num_states(int rule, int f) {
   X(RULE_LION, 0)                                                                                  \
   X(RULE_FSGDM, 0)                                                                                 \
   X(RULE_SGD_SF, 0)                                                                                \
-  X(RULE_ADAMW_SF, 0) X(RULE_ADAMW_SF, 1)
+  X(RULE_ADAMW_SF, 0) X(RULE_ADAMW_SF, 1)                                                         \
+  X(RULE_MUON_MOMENTUM, 0) X(RULE_MUON_MOMENTUM, 1)                                                \
+  X(RULE_MUON_APPLY, 0)
 
 // Normalizes flags to an instantiated combination (SGD nesterov without momentum is plain SGD:
 // the spec forbids it, and the math ignores it).

@@ -70,11 +70,16 @@ class MatrixPhase:
     """A phase between elementwise passes: ``fn(group, batch)`` transforms a [b, *shape] stack of the
     state tensor ``tensor`` of b params of one shape (and device, dtype) and returns the result, which
     is written back. The optimizer batches the group's tensors by shape, at most ``max_batch`` (None:
-    all) matrices per call; ``fn`` uses torch ops (cuBLAS on CUDA through torch)."""
+    all) matrices per call and at most ``max_batch_bytes`` bytes of stack per call (None: no bound; one matrix
+    per call at least); ``fn`` uses torch ops (cuBLAS on CUDA through torch). When ``tensor`` is a work buffer
+    (a non-persistent StateTensor), the optimizer allocates it as one [b, *shape] buffer per shape, the
+    tensors of the params being its rows: the stacks are then views of it (no copy in), and ``fn`` may
+    return its batch itself (transformed in place: no copy back)."""
     name: str
     tensor: str
     fn: Callable[[Mapping, torch.Tensor], torch.Tensor]
     max_batch: int | None = None
+    max_batch_bytes: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,7 +442,8 @@ FSGDM_SPEC = UpdateRuleSpec(
 
 # The rules the compiled kernels implement, in the order of their ids (the one definition of the ids: the C++
 # enum Rule in csrc/generated/tables.h and the backends' tables are derived from it).
-KERNEL_RULES = ("sgd", "qhm", "adam", "nadam", "rmsprop", "signum", "lion", "fsgdm", "sgd_sf", "adamw_sf")
+KERNEL_RULES = ("sgd", "qhm", "adam", "nadam", "rmsprop", "signum", "lion", "fsgdm", "sgd_sf", "adamw_sf",
+                "muon_momentum", "muon_apply")
 
 SPECS: dict[str, UpdateRuleSpec] = {
     s.name: s for s in (SGD_SPEC, QHM_SPEC, ADAM_SPEC, NADAM_SPEC, RMSPROP_SPEC, SIGNUM_SPEC,
@@ -455,5 +461,6 @@ def get_spec(name: str) -> UpdateRuleSpec:
 # the schedule-free specs (momentum_fused/specs_sf.py) register themselves in SPECS
 from . import specs_sf  # noqa: E402,F401
 from .specs_sf import sf_beta, sf_warmup_factor  # noqa: E402,F401
-# the Muon specs (momentum_fused/specs_muon.py) register themselves in SPECS (not in KERNEL_RULES: no kernel yet)
+# the Muon specs (momentum_fused/specs_muon.py) register themselves in SPECS (its two elementwise passes are in
+# KERNEL_RULES; the multi-phase rule "muon" itself is not)
 from . import specs_muon  # noqa: E402,F401

@@ -2,8 +2,8 @@
 contract v2 (docs/architecture.md): ``muon_momentum`` (elementwise: the momentum buffer and the update into a
 work buffer), ``newton_schulz`` (a matrix phase on the update, batched by shape: reference.newton_schulz) and
 ``muon_apply`` (elementwise: decoupled decay and the shape-scaled step). Registered in
-``momentum_fused.specs.SPECS`` by that module. No compiled backend implements the two passes yet: the
-reference backend runs them."""
+``momentum_fused.specs.SPECS`` by that module; the two passes are kernel rules (``specs.KERNEL_RULES``, math in
+csrc/update_rules.h and triton_kernels/rules.py)."""
 from __future__ import annotations
 
 import math
@@ -41,6 +41,11 @@ NS_SCHEDULES = {
 }
 
 NS_DTYPES = (None, torch.bfloat16, torch.float32, torch.float64)
+
+# The Newton-Schulz phase runs on stacks of at most this many bytes of updates (the param dtype): its
+# temporaries (X, X X^T, the polynomial, the new X, in ns_dtype) stay a small multiple of it. A shape bucket
+# larger than this is split into chunks (at least one matrix each).
+NS_MAX_BATCH_BYTES = 256 << 20
 
 
 def _is_real(v) -> bool:
@@ -147,8 +152,8 @@ MUON_DEFAULTS = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns
 MUON_MOMENTUM_SPEC = UpdateRuleSpec(
     name="muon_momentum", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,
     state_names=lambda g: ("momentum_buffer", "update"), flag_names=("nesterov",),
-    flags=lambda g: (bool(g["nesterov"]),), scalar_names=("momentum", "grad_mult"),
-    advance=lambda g, st, fresh, t: (float(g["momentum"]),))
+    flags=lambda g: (bool(g["nesterov"]),), scalar_names=("lr", "momentum", "grad_mult"),
+    advance=lambda g, st, fresh, t: (lr_value(g), float(g["momentum"])))  # (lr unused: every pack starts with lr)
 # (the pack of the apply pass reads the param's shape from its momentum buffer: the pass gets no param)
 MUON_APPLY_SPEC = UpdateRuleSpec(
     name="muon_apply", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,
@@ -159,7 +164,8 @@ MUON_SPEC = UpdateRuleSpec(
     state_names=lambda g: ("momentum_buffer",), flag_names=(), flags=lambda g: (), scalar_names=("grad_mult",),
     advance=lambda g, st, fresh, t: (),
     state_tensors=lambda g: (StateTensor("momentum_buffer"), StateTensor("update", persistent=False)),
-    phases=(ElementwisePass("muon_momentum"), MatrixPhase("newton_schulz", "update", _ns_phase, max_batch=None),
+    phases=(ElementwisePass("muon_momentum"), MatrixPhase("newton_schulz", "update", _ns_phase, max_batch=None,
+                                                   max_batch_bytes=NS_MAX_BATCH_BYTES),
             ElementwisePass("muon_apply")))
 
 for _s in (MUON_MOMENTUM_SPEC, MUON_APPLY_SPEC, MUON_SPEC):

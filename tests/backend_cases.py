@@ -69,6 +69,22 @@ CASES += [  # schedule-free rules
      dict(weight_decay=0.1), False, dict(gscale=1.0, eps=0.1)),
 ]
 
+# Muon (a multi-phase rule: its two elementwise passes muon_momentum and muon_apply are kernel rules, the
+# Newton-Schulz phase between them runs with torch ops, here in float64 on both sides). Matrices only: 2-D and
+# 3-D, tall and wide, an empty one, and one above the CPU kernels' per-thread grain (32768 elements).
+MUON_SHAPES = [(3, 5), (65, 520), (4, 3, 2), (3, 5), (7, 2), (0, 4), (520, 65), (1, 1)]
+MUON_CASES = [
+    ("muon-nesterov", mf.Muon, dict(lr=0.02, ns_dtype=torch.float64), dict(lr=0.01, weight_decay=0.0, maximize=True),
+     False, _M),
+    ("muon-heavy-ball", mf.Muon, dict(lr=0.02, nesterov=False, momentum=0.9, adjust_lr_fn="match_rms_adamw",
+                                      ns_dtype=torch.float64), dict(momentum=0.5, weight_decay=0.3), False, _M),
+]
+
+
+def _muon_case_params():
+    return [pytest.param(cls, kw0, kw1, dt, sign, lp, id=f"{cid}-{str(dt).replace('torch.', '')}")
+            for cid, cls, kw0, kw1, sign, lp in MUON_CASES for dt in DTYPES]
+
 
 def _params(shapes, dtype, seed, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
@@ -93,6 +109,8 @@ def _groups(params, kw0, kw1):
 
 
 def _state_names(opt, p):
+    if not hasattr(opt, "spec"):  # momentum_fused.Muon (its groups are stepped by inner optimizers)
+        return tuple(opt.state[p])
     for group in opt.param_groups:
         if any(q is p for q in group["params"]):
             return opt.spec.state_names(group)

@@ -35,6 +35,9 @@ OPTIMIZERS = {
     "sf_adamw": ("AdamWScheduleFree", dict(lr=0.01, weight_decay=0.01, warmup_steps=2)),
     # the Polyak step: two global inner products per step, all-reduced over the FSDP shards
     "sf_sgd_polyak": ("SGDScheduleFree", dict(lr="polyak", momentum=0.9, polyak_max_lr=5.0)),
+    # the weight matrices by Muon (NS in float64; FSDP2: gathered to an owner rank, orthogonalized there, the
+    # rows sent back), the biases by its aux AdamW
+    "muon": ("Muon", dict(lr=0.02, weight_decay=0.1, ns_dtype="float64")),
 }
 
 
@@ -99,6 +102,12 @@ def _make_opt(name, params, backend):
     import momentum_fused as mf
 
     cls, kw = OPTIMIZERS[name]
+    if cls == "Muon":
+        import torch
+
+        kw = dict(kw, ns_dtype=getattr(torch, kw["ns_dtype"]))
+        params = [dict(params=[p for p in params if p.dim() >= 2]),
+                  dict(params=[p for p in params if p.dim() < 2], use_muon=False, lr=0.01)]
     return getattr(mf, cls)(params, **kw, backend=backend)
 
 

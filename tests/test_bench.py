@@ -50,7 +50,7 @@ def test_profiles_fit_the_budget(profile):
 
 def test_quick_bench_smoke(tmp_path):
     out = tmp_path / "res"
-    cmd = [sys.executable, "-m", "bench", "--quick", "--params", "3000", "--rules", "adamw,lion,sgd_momentum",
+    cmd = [sys.executable, "-m", "bench", "--quick", "--params", "3000", "--rules", "adamw,lion,sgd_momentum,muon",
            "--profiles", "tiny", "--iters", "2", "--no-plots", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "MOMENTUM_FUSED_BACKEND"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -77,6 +77,14 @@ def test_quick_bench_smoke(tmp_path):
     assert {r["provider"] for r in runs if r["rule"] == "adamw"} >= {"ours:reference", "torch:foreach"}
     assert res["host_overhead"], "host overhead was not measured"
     assert (out / "results.csv").exists() and (out / "results.md").exists()
+    # the Muon section: ours and torch.optim.Muon side by side (a peer that cannot run says why)
+    muon = res["muon"]
+    got = {r["provider"] for r in muon["rows"]}
+    assert "torch.optim.Muon" in got and "ours-reference" in got, (got, muon["missing"])
+    assert "muon-optimizer" in got or "muon-optimizer" in muon["missing"]
+    for r in muon["rows"]:
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["torch_over_this"] > 0
+    assert "| provider | median ms |" in proc.stdout
 
 
 def test_frontend_bench_smoke(tmp_path, capsys):

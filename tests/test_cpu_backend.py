@@ -39,8 +39,8 @@ def _fast_entry(*args):
 
 # the op's two bindings: the registered op, and the pybind entry the backend calls in eager mode
 ENTRIES = {"torch.ops": lambda *a: OPS.cpu_step(*a), "_C_cpu": _fast_entry}
-from backend_cases import (CASES, DTYPES, SHAPES, STEPS, _M, _V, _case_params, _compare,  # noqa: E402,F401
-                           _groups, _params, _run)
+from backend_cases import (CASES, DTYPES, MUON_CASES, MUON_SHAPES, SHAPES, STEPS, _M, _V,  # noqa: E402,F401
+                           _case_params, _compare, _groups, _muon_case_params, _params, _run)
 
 @pytest.mark.parametrize("cls,kw0,kw1,dtype,sign,lp", _case_params())
 def test_parity_vs_float64_reference(cls, kw0, kw1, dtype, sign, lp):
@@ -48,14 +48,24 @@ def test_parity_vs_float64_reference(cls, kw0, kw1, dtype, sign, lp):
     _compare(opt, ref, ps, rs, dtype)
 
 
+@pytest.mark.parametrize("cls,kw0,kw1,dtype,sign,lp", _muon_case_params())
+def test_muon_parity_vs_float64_reference(cls, kw0, kw1, dtype, sign, lp):
+    """Muon's two elementwise passes on the cpu kernels (the NS phase in float64 on both sides)."""
+    opt, ref, ps, rs = _run(cls, kw0, kw1, dtype, shapes=MUON_SHAPES, lp=lp)
+    _compare(opt, ref, ps, rs, dtype)
+
+
 def test_every_rule_and_flag_combination_is_covered():
-    """The case table reaches every rule of specs.SPECS the backend claims, with every flags value."""
+    """The case table reaches every rule of specs.SPECS the backend claims, with every flags value (a
+    multi-phase rule reaches the rules of its elementwise passes)."""
     seen = {}
-    for _, cls, kw0, kw1, _, _ in CASES:
-        p = torch.zeros(1, requires_grad=True)
-        opt = cls(_groups([p, torch.zeros(1, requires_grad=True)], kw0, kw1), backend="cpu")
-        for g in opt.param_groups:
-            seen.setdefault(opt.spec.name, set()).add(tuple(opt.spec.make_flags(g)))
+    for _, cls, kw0, kw1, _, _ in CASES + MUON_CASES:
+        p = torch.zeros(1, 1, requires_grad=True)
+        opt = cls(_groups([p, torch.zeros(1, 1, requires_grad=True)], kw0, kw1), backend="cpu")
+        inner = getattr(opt, "_core", opt)  # momentum_fused.Muon steps its Muon groups by an inner optimizer
+        for g in inner.param_groups:
+            for sp in [inner.spec] + [SPECS[ph.rule] for ph in inner.spec.phases if hasattr(ph, "rule")]:
+                seen.setdefault(sp.name, set()).add(tuple(sp.make_flags(g)))
     for name, spec in SPECS.items():
         if name not in bcpu.RULE_IDS:
             continue

@@ -21,8 +21,8 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends
 
-from backend_cases import (ALL_LAYOUTS, LAYOUT_SHAPES, STEPS, LayoutRun, _M, _case_params, _compare,
-                           _layout_case_params, _params, _run, check_layout_stores_bit_exact)
+from backend_cases import (ALL_LAYOUTS, LAYOUT_SHAPES, MUON_SHAPES, STEPS, LayoutRun, _M, _case_params, _compare,
+                           _layout_case_params, _muon_case_params, _params, _run, check_layout_stores_bit_exact)
 from momentum_fused import layouts as LAY
 
 pytestmark = pytest.mark.gpu
@@ -38,6 +38,13 @@ def _need_cuda_backend():
 @pytest.mark.parametrize("cls,kw0,kw1,dtype,sign,lp", _case_params())
 def test_parity_vs_float64_reference(cls, kw0, kw1, dtype, sign, lp):
     opt, ref, ps, rs = _run(cls, kw0, kw1, dtype, sign=sign, lp=lp, backend="cuda", device="cuda")
+    _compare(opt, ref, ps, rs, dtype)
+
+
+@pytest.mark.parametrize("cls,kw0,kw1,dtype,sign,lp", _muon_case_params())
+def test_muon_parity_vs_float64_reference(cls, kw0, kw1, dtype, sign, lp):
+    """Muon's two elementwise passes on the CUDA kernels (the NS phase in float64 on both sides)."""
+    opt, ref, ps, rs = _run(cls, kw0, kw1, dtype, shapes=MUON_SHAPES, lp=lp, backend="cuda", device="cuda")
     _compare(opt, ref, ps, rs, dtype)
 
 

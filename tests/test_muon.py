@@ -344,3 +344,47 @@ def test_empty_matrices_step_without_error():
         p.grad = torch.ones_like(p)
     opt.step()
     assert all(p.numel() == 0 for p in params[:3]) and not torch.equal(params[3], torch.ones(2, 3))
+
+
+def test_newton_schulz_stacks_are_views_of_one_buffer_per_shape(monkeypatch):
+    """The update work buffer is one [n, *shape] buffer per shape: the momentum pass writes its rows, the NS phase
+    gets it as is (no torch.stack copy), and the result equals the stacked path's (max_batch_bytes=1: one matrix
+    per call, through the same views)."""
+    import dataclasses
+    from momentum_fused.specs import SPECS
+    params, grads = _problem(SHAPES, steps=3)
+    q = [p.clone() for p in params]
+    real_stack = torch.stack
+
+    def no_stack(*a, **k):
+        raise AssertionError("the matrix phase copied its stack")
+
+    a = mf.Muon(params, lr=0.02)
+    monkeypatch.setattr(torch, "stack", no_stack)
+    run(a, params, grads)
+    monkeypatch.setattr(torch, "stack", real_stack)
+    spec = SPECS["muon"]
+    one = tuple(dataclasses.replace(ph, max_batch_bytes=1) if hasattr(ph, "fn") else ph for ph in spec.phases)
+    monkeypatch.setitem(SPECS, "muon", dataclasses.replace(spec, phases=one))
+    b = mf.Muon(q, lr=0.02)
+    assert b._core.spec.phases[1].max_batch_bytes == 1
+    run(b, q, grads)
+    for x, y in zip(params, q):  # (equal on this CPU; a BLAS may pick other kernels for a batch of one)
+        torch.testing.assert_close(x, y, rtol=0, atol=3 * 0.02 * 2 ** -7)
+
+
+@pytest.mark.skipif("cpu" not in mf.backends.available(), reason="needs the compiled cpu backend (not built)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_cpu_kernels_equal_the_reference_backend_bitwise(dtype, nesterov):
+    """The passes on the cpu kernels (torch's fma forms of lerp and add, fp32 math for bf16 rounded once) equal
+    the reference backend's torch ops bit for bit, with a tensor above the kernels' per-thread grain."""
+    shapes = [(3, 5), (65, 520), (7, 2), (3, 5)]
+    params, grads = _problem(shapes, steps=10, dtype=dtype)
+    q = [p.clone() for p in params]
+    kw = dict(lr=0.02, nesterov=nesterov, weight_decay=0.1, maximize=not nesterov)
+    a = mf.Muon(params, backend="cpu", **kw)
+    b = mf.Muon(q, backend="reference", **kw)
+    run(a, params, grads)
+    run(b, q, grads)
+    assert_snapshot_equal(snapshot(a, params), snapshot(b, q))

@@ -26,7 +26,8 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from backend_cases import CASES, _groups  # noqa: E402
+from backend_cases import CASES, MUON_CASES, _groups  # noqa: E402
+from momentum_fused.specs import SPECS, ElementwisePass  # noqa: E402
 from momentum_fused.triton_kernels import launcher, rules  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -62,13 +63,17 @@ def _compile(fn, constexprs, full=False, sig=None):
 def _specializations():
     """(id, rule name, flags, number of state tensors) for every (rule, flags) the case table reaches."""
     seen = {}
-    for cid, cls, kw0, kw1, _, _ in CASES:
-        opt = cls(_groups([torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)], kw0, kw1),
+    for cid, cls, kw0, kw1, _, _ in CASES + MUON_CASES:
+        opt = cls(_groups([torch.zeros(1, 1, requires_grad=True), torch.zeros(1, 1, requires_grad=True)], kw0, kw1),
                   backend="reference")
-        spec = opt.spec
+        opt = getattr(opt, "_core", opt)  # momentum_fused.Muon: the inner optimizer of its multi-phase rule
         for g in opt.param_groups:
-            flags = tuple(spec.make_flags(g))
-            seen.setdefault((spec.name, flags), len(spec.state_names(g)))
+            # a multi-phase rule: the rules of its elementwise passes
+            for spec in [opt.spec] + [SPECS[ph.rule] for ph in opt.spec.phases if isinstance(ph, ElementwisePass)]:
+                if spec.phases:
+                    continue
+                flags = tuple(spec.make_flags(g))
+                seen.setdefault((spec.name, flags), len(spec.state_names(g)))
     return [(f"{r}-{'-'.join(map(str, map(int, f))) or 'noflags'}", r, f, n) for (r, f), n in sorted(seen.items())]
 
 

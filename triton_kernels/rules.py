@@ -25,9 +25,10 @@ from ..specs import KERNEL_RULES, get_spec
 RULE_IDS = {name: i for i, name in enumerate(KERNEL_RULES)}
 # Compiled kernels may only read module globals that are ``tl.constexpr`` (the interpreter accepts plain
 # ints, so only a real compile catches this: tests/test_triton_compile.py compiles for sm_90 on CPU).
-SGD, QHM, ADAM, NADAM, RMSPROP, SIGNUM, LION, FSGDM, SGD_SF, ADAMW_SF = (
+SGD, QHM, ADAM, NADAM, RMSPROP, SIGNUM, LION, FSGDM, SGD_SF, ADAMW_SF, MUON_MOMENTUM_R, MUON_APPLY_R = (
     tl.constexpr(RULE_IDS[n]) for n in ("sgd", "qhm", "adam", "nadam", "rmsprop", "signum", "lion", "fsgdm",
-                                        "sgd_sf", "adamw_sf"))
+                                        "sgd_sf", "adamw_sf", "muon_momentum", "muon_apply"))
+# (MUON_MOMENTUM_* / MUON_APPLY_* are the pack columns: the rule ids take an _R suffix)
 SCALARS = {name: tuple(get_spec(name).scalar_names) for name in KERNEL_RULES}
 FLAGS = {name: tuple(get_spec(name).flag_names) for name in KERNEL_RULES}
 
@@ -50,8 +51,8 @@ globals().update(_column_constants())
 # Kernel family: "one" = the one-buffer kernel (0 or 1 state tensor), "multi" = 1 to 3 state tensors.
 FAMILY = {
     "sgd": "one", "qhm": "one", "signum": "one", "lion": "one", "fsgdm": "one",
-    "sgd_sf": "one",
-    "adam": "multi", "nadam": "multi", "rmsprop": "multi", "adamw_sf": "multi",
+    "sgd_sf": "one", "muon_apply": "one",
+    "adam": "multi", "nadam": "multi", "rmsprop": "multi", "adamw_sf": "multi", "muon_momentum": "multi",
 }
 
 
@@ -212,6 +213,32 @@ def adamw_sf_math(p, g, z, v, m, lr, c, y_coef, wd, beta2, bc2, eps, inner_momen
     return p, z, v, m
 
 
+@triton.jit
+def _lerp_fma(a, b, w):
+    # torch.lerp as torch's CPU vector code computes it (one rounding): Muon's fp32 step equals torch's bitwise
+    d = b - a
+    return tl.where(tl.abs(w) < 0.5, tl.fma(w, d, a), tl.fma(w - 1.0, d, b))
+
+
+@triton.jit
+def muon_momentum_math(g, buf, update, momentum, gm, NESTEROV: tl.constexpr):
+    """Muon's momentum pass: buf <- lerp(buf, g, 1 - mu); update (a work buffer) <- lerp(g, buf, mu) or buf."""
+    g = g * gm.to(tl.float32)
+    buf = _lerp_fma(buf, g, (1.0 - momentum).to(tl.float32))
+    if NESTEROV:
+        update = _lerp_fma(g, buf, momentum.to(tl.float32))
+    else:
+        update = buf
+    return buf, update
+
+
+@triton.jit
+def muon_apply_math(p, update, lr, wd, adjusted_lr):
+    """Muon's apply pass: p <- p (1 - lr wd); p <- p - adjusted_lr * update (update = the Newton-Schulz result)."""
+    p = tl.where(wd != 0, p * (1.0 - lr * wd).to(tl.float32), p)
+    return tl.fma((-adjusted_lr).to(tl.float32), update, p)
+
+
 # ------------------------------------------------------------------------------------------- dispatch
 # The kernels (kernels.py) know no rule: each family body loads its lists and calls one of these, which pick the
 # rule's math by its compile-time id and read its scalars from the table row ``sp`` by column name.
@@ -226,6 +253,8 @@ def one_buffer_math(p, g, b, sp, lr, wd, gm, RULE: tl.constexpr, F0: tl.constexp
         p, b = signum_math(p, g, b, lr, wd, tl.load(sp + SIGNUM_MOMENTUM), gm, F0)
     elif RULE == LION:
         p, b = lion_math(p, g, b, lr, wd, tl.load(sp + LION_BETA1), tl.load(sp + LION_BETA2), gm)
+    elif RULE == MUON_APPLY_R:  # (lr, weight_decay, adjusted_lr, grad_mult); b is the update, read only
+        p = muon_apply_math(p, b, lr, wd, tl.load(sp + MUON_APPLY_ADJUSTED_LR))
     elif RULE == SGD_SF:  # (lr, c, beta, y_coef, weight_decay, grad_mult)
         p, b = sgd_sf_math(p, g, b, lr, tl.load(sp + SGD_SF_C), tl.load(sp + SGD_SF_Y_COEF), tl.load(sp + SGD_SF_WEIGHT_DECAY), gm)
     else:
@@ -244,6 +273,8 @@ def multi_buffer_math(p, g, s_0, s_1, s_2, sp, lr, wd, gm, RULE: tl.constexpr, F
         p, s_0, s_1, s_2 = adamw_sf_math(p, g, s_0, s_1, s_2, lr, tl.load(sp + ADAMW_SF_C), tl.load(sp + ADAMW_SF_Y_COEF),
                                          tl.load(sp + ADAMW_SF_WEIGHT_DECAY), tl.load(sp + ADAMW_SF_BETA2), tl.load(sp + ADAMW_SF_BC2), tl.load(sp + ADAMW_SF_EPS),
                                          tl.load(sp + ADAMW_SF_INNER_MOMENTUM), tl.load(sp + ADAMW_SF_INNER_BC), gm, F0)
+    elif RULE == MUON_MOMENTUM_R:  # (lr, momentum, grad_mult); p passes through, s_1 (the update) is written
+        s_0, s_1 = muon_momentum_math(g, s_0, s_1, tl.load(sp + MUON_MOMENTUM_MOMENTUM), gm, F0)
     elif RULE == NADAM:
         p, s_0, s_1 = nadam_math(p, g, s_0, s_1, lr, wd, tl.load(sp + NADAM_BETA1), tl.load(sp + NADAM_BETA2), tl.load(sp + NADAM_EPS),
                                  tl.load(sp + NADAM_BC2), tl.load(sp + NADAM_GRAD_COEF), tl.load(sp + NADAM_EXP_AVG_COEF), gm, F0)

@@ -19,7 +19,9 @@ enum Rule : int {
   RULE_FSGDM = 7,
   RULE_SGD_SF = 8,
   RULE_ADAMW_SF = 9,
-  RULE_COUNT = 10
+  RULE_MUON_MOMENTUM = 10,
+  RULE_MUON_APPLY = 11,
+  RULE_COUNT = 12
 };
 
 // Flag bit i of a rule is spec.flag_names[i].
@@ -30,6 +32,7 @@ enum : int { NADAM_DECOUPLED = 1 };
 enum : int { RMSPROP_MOMENTUM = 1, RMSPROP_CENTERED = 2 };
 enum : int { SIGNUM_MOMENTUM = 1 };
 enum : int { ADAMW_SF_INNER_MOMENTUM = 1 };
+enum : int { MUON_MOMENTUM_NESTEROV = 1 };
 
 // Scalar-pack columns (spec.scalar_names; the last is always grad_mult): s[pack::adam::eps].
 namespace pack {
@@ -43,6 +46,8 @@ struct lion { enum : int { lr = 0, weight_decay = 1, beta1 = 2, beta2 = 3, grad_
 struct fsgdm { enum : int { lr = 0, weight_decay = 1, u = 2, v = 3, first = 4, grad_mult = 5, size = 6 }; };
 struct sgd_sf { enum : int { lr = 0, c = 1, beta = 2, y_coef = 3, weight_decay = 4, grad_mult = 5, size = 6 }; };
 struct adamw_sf { enum : int { lr = 0, c = 1, beta = 2, y_coef = 3, weight_decay = 4, beta2 = 5, bc2 = 6, eps = 7, inner_momentum = 8, inner_bc = 9, grad_mult = 10, size = 11 }; };
+struct muon_momentum { enum : int { lr = 0, momentum = 1, grad_mult = 2, size = 3 }; };
+struct muon_apply { enum : int { lr = 0, weight_decay = 1, adjusted_lr = 2, grad_mult = 3, size = 4 }; };
 }  // namespace pack
 
 MF_HD inline int rule_num_flag_bits(int rule) {
@@ -57,6 +62,8 @@ MF_HD inline int rule_num_flag_bits(int rule) {
     case RULE_FSGDM: return 0;
     case RULE_SGD_SF: return 0;
     case RULE_ADAMW_SF: return 1;
+    case RULE_MUON_MOMENTUM: return 1;
+    case RULE_MUON_APPLY: return 0;
     default: return 0;
   }
 }
@@ -73,6 +80,8 @@ MF_HD inline int rule_num_scalars(int rule) {
     case RULE_FSGDM: return pack::fsgdm::size;
     case RULE_SGD_SF: return pack::sgd_sf::size;
     case RULE_ADAMW_SF: return pack::adamw_sf::size;
+    case RULE_MUON_MOMENTUM: return pack::muon_momentum::size;
+    case RULE_MUON_APPLY: return pack::muon_apply::size;
     default: return -1;
   }
 }
@@ -89,6 +98,8 @@ inline const char* rule_name(int rule) {
     case RULE_FSGDM: return "fsgdm";
     case RULE_SGD_SF: return "sgd_sf";
     case RULE_ADAMW_SF: return "adamw_sf";
+    case RULE_MUON_MOMENTUM: return "muon_momentum";
+    case RULE_MUON_APPLY: return "muon_apply";
     default: return "?";
   }
 }

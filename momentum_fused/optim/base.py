@@ -233,7 +233,10 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                     continue
                 if own is not None:
                     t = own[k]
-                    st[k] = torch.zeros(t.shape_for(p), dtype=t.dtype_for(p, layout), device=p.device)
+                    if t.shape is None:  # param-shaped: zeros_like keeps a DTensor param's sharding
+                        st[k] = torch.zeros_like(p, dtype=t.dtype_for(p, layout), memory_format=torch.contiguous_format)
+                    else:
+                        st[k] = torch.zeros(t.shape_for(p), dtype=t.dtype_for(p, layout), device=p.device)
                 elif layout.int8 and _layouts.int8_quantized(p):  # codes of 0 (the value 0) and zero scales
                     st[k] = torch.zeros_like(p, dtype=_layouts.int8_code_dtype(k), memory_format=torch.contiguous_format)
                     sk = k + _layouts.INT8_SCALE_SUFFIX

@@ -44,8 +44,10 @@ class Muon(torch.optim.Optimizer):
     - param groups with ``use_muon=False`` are stepped in the same ``step()`` by decoupled AdamW with that
       group's ``lr``, ``betas``, ``eps``, ``weight_decay`` (unset: the reference MuonWithAuxAdam's defaults,
       ``AUX_DEFAULTS``), on the fused AdamW path;
-    - ``backend``: as every momentum_fused optimizer (the Muon passes have no compiled kernel yet: the reference
-      backend runs them).
+    - ``backend``: as every momentum_fused optimizer (the two elementwise passes run on the cpu, triton or cuda
+      kernels; the Newton-Schulz phase runs with batched torch ops);
+    - FSDP2 (DTensor params sharded on dim 0): each matrix is gathered to an owner rank, orthogonalized there
+      and its rows sent back (docs/muon.md).
 
     GradScaler: a step with a nonzero ``found_inf`` changes nothing; ``grad_scale`` divides the gradients inside
     the update. Any invalid input raises before anything changes."""

@@ -5,8 +5,10 @@ the rule declares in ``spec.state_tensors`` (persistent ones in ``optimizer.stat
 step). Orthogonalized momentum is the case it is designed for: momentum pass, Newton-Schulz on the update,
 apply pass (docs/architecture.md, "Contract v2").
 
-Limits of this first version, each refused with a clear error before anything changes: the native layout only,
-no capturable=True, no complex or DTensor params; GradScaler runs its host protocol (one read of found_inf)."""
+DTensor params sharded on dim 0 (FSDP2) or replicated, on a 1-D mesh: the passes run on local shards, the matrix
+phases on whole matrices gathered to an owner rank (``_sharded_matrix_phase``). Limits, each refused with a clear
+error before anything changes: the native layout only, no capturable=True, no complex params or other DTensor
+placements; GradScaler runs its host protocol (one read of found_inf)."""
 from __future__ import annotations
 
 import torch
@@ -26,10 +28,17 @@ class PhasesMixin:
         if lay.name != "native":
             raise ValueError(f"{where}: a multi-phase rule runs with layout='native' only, got {lay.name!r}")
         cls = _dist.dtensor_class()
-        for p in items:
-            if p.is_complex() or (cls is not None and isinstance(p, cls)):
-                raise TypeError(f"{where}: a multi-phase rule does not take complex or DTensor params yet "
-                                f"(got a {type(p).__name__} of dtype {p.dtype})")
+        for i, p in enumerate(items):
+            if p.is_complex():
+                raise TypeError(f"{where}: a multi-phase rule does not take complex params (param {i} has dtype "
+                                f"{p.dtype})")
+            if cls is not None and isinstance(p, cls):
+                pl = tuple(p.placements)
+                if p.device_mesh.ndim != 1 or not (pl[0].is_replicate() or (pl[0].is_shard() and pl[0].dim == 0)):
+                    raise NotImplementedError(
+                        f"{where}: param {i} is a DTensor with placements {pl} on a {p.device_mesh.ndim}-D mesh; a "
+                        "multi-phase rule takes DTensors sharded on dim 0 (FSDP2's Shard(0)) or replicated, on a 1-D "
+                        "mesh")
 
     def _update_phased(self, plan, loss, inv_scale: float):
         spec = self.spec
@@ -39,24 +48,43 @@ class PhasesMixin:
             states, fresh = self._init_state(items, state_names, lay, None, group)
             ts = self._advance_steps(gi, states) if spec.counts_steps else [None] * len(items)
             grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
-            scratch = [t for t in spec.tensors(group) if not t.persistent]
-            work = []
-            for p, st in zip(items, states):
-                w = dict(st)
-                for t in scratch:
-                    w[t.name] = torch.empty(t.shape_for(p), dtype=t.dtype_for(p, lay), device=p.device)
-                work.append(w)
+            work = self._work_buffers(spec, group, items, states, lay)
             for phase in spec.phases:
                 if isinstance(phase, ElementwisePass):
                     self._elementwise_pass(get_spec(phase.rule), group, items, states, fresh, ts, work, chosen,
                                            grad_mult)
                 elif isinstance(phase, MatrixPhase):
-                    self._matrix_phase(phase, group, work)
+                    self._matrix_phase(phase, group, items, work)
                 else:
                     raise TypeError(f"{spec.name}: unknown phase {phase!r}")
             if spec.group_advance is not None:
                 spec.group_advance(group)
         return loss
+
+    @staticmethod
+    def _work_buffers(spec, group, items, states, lay) -> list:
+        """Per param: its state tensors and the step's work buffers (non-persistent StateTensors). A work buffer
+        a matrix phase transforms is one [b, *shape] buffer per (shape, dtype, device), each param's tensor a
+        row of it, so that the phase's stacks are views (no copy in; docs/architecture.md)."""
+        stacked = {ph.tensor for ph in spec.phases if isinstance(ph, MatrixPhase)}
+        work = [dict(st) for st in states]
+        for t in spec.tensors(group):
+            if t.persistent:
+                continue
+            if t.name not in stacked:
+                for w, p in zip(work, items):
+                    loc = _dist.local(p)
+                    w[t.name] = torch.empty(t.shape_for(loc), dtype=t.dtype_for(p, lay), device=loc.device)
+                continue
+            rows: dict = {}
+            for i, p in enumerate(items):
+                loc = _dist.local(p)  # (a DTensor's work buffer is its local shard's)
+                rows.setdefault((t.shape_for(loc), t.dtype_for(p, lay), loc.device), []).append(i)
+            for (shape, dtype, device), idx in rows.items():
+                buf = torch.empty((len(idx), *shape), dtype=dtype, device=device)
+                for j, i in enumerate(idx):
+                    work[i][t.name] = buf[j]
+        return work
 
     @staticmethod
     def _elementwise_pass(ps, group, items, states, fresh, ts, work, chosen, grad_mult) -> None:
@@ -65,21 +93,152 @@ class PhasesMixin:
         packs = [ps.Scalars(*ps.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
         for (device, dtype), backend in chosen.items():
             idx = [i for i, p in enumerate(items) if p.device == device and p.dtype == dtype]
-            backend.apply(ps, flags, [items[i] for i in idx], [items[i].grad for i in idx],
-                          [tuple([work[i][n] for n in names]) for i in idx], [packs[i] for i in idx])
+            backend.apply(ps, flags, *_dist.local_bucket([items[i] for i in idx], [items[i].grad for i in idx],
+                                                         [tuple([work[i][n] for n in names]) for i in idx]),
+                          [packs[i] for i in idx])
 
     @staticmethod
-    def _matrix_phase(phase, group, work) -> None:
-        """``phase.fn`` on stacks of the tensors named ``phase.tensor`` that share a shape, dtype and device
-        (at most ``phase.max_batch`` per call), written back in place."""
+    def _matrix_phase(phase, group, items, work) -> None:
+        """``phase.fn`` on stacks of the tensors named ``phase.tensor`` that share a shape, dtype and device (at
+        most ``phase.max_batch`` and ``phase.max_batch_bytes`` per call), written back in place. Tensors that
+        are consecutive rows of one buffer (``_work_buffers``) are passed as a view of it. The tensors of
+        DTensor params sharded on dim 0 (FSDP2) are local shards: ``_sharded_matrix_phase`` gathers them."""
+        sharded, plain = [], []
+        for p, w in zip(items, work):
+            (sharded if _sharded(p) else plain).append((p, w[phase.tensor]))
+        if sharded:
+            _sharded_matrix_phase(phase, group, sharded)
         by_shape: dict = {}
-        for w in work:
-            t = w[phase.tensor]
+        for _, t in plain:
             by_shape.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
         for ts in by_shape.values():
-            size = len(ts) if phase.max_batch is None else phase.max_batch
+            size = _chunk_size(phase, len(ts), ts[0].numel() * ts[0].element_size())
             for i in range(0, len(ts), size):
                 chunk = ts[i:i + size]
-                out = phase.fn(group, torch.stack(chunk))
-                for t, o in zip(chunk, out.unbind(0)):
-                    t.copy_(o)
+                batch = _rows_view(chunk)
+                if batch is None:
+                    batch = torch.stack(chunk)
+                    out = phase.fn(group, batch)
+                    for t, o in zip(chunk, out.unbind(0)):
+                        t.copy_(o)
+                    continue
+                out = phase.fn(group, batch)
+                if out is not batch:
+                    batch.copy_(out)
+
+
+def _rows_view(ts):
+    """A [len(ts), *shape] view when ``ts`` are consecutive rows of one contiguous buffer, else None."""
+    first = ts[0]
+    base = first._base
+    if base is None or not base.is_contiguous() or not first.is_contiguous():
+        return None
+    n = first.numel()
+    off = first.storage_offset()
+    for j, t in enumerate(ts):
+        if t._base is not base or t.storage_offset() != off + j * n or not t.is_contiguous():
+            return None
+    return base.view(-1)[off - base.storage_offset():off - base.storage_offset() + len(ts) * n].view(len(ts), *first.shape)
+
+
+
+def _chunk_size(phase, n: int, nbytes: int) -> int:
+    size = n if phase.max_batch is None else phase.max_batch
+    if phase.max_batch_bytes is not None:
+        size = min(size, max(1, phase.max_batch_bytes // max(1, nbytes)))
+    return max(1, size)
+
+
+def _sharded(p) -> bool:
+    """A DTensor sharded on dim 0 over more than one rank (a replicated one, or a mesh of one rank, holds the
+    whole tensor locally)."""
+    return _dist.is_dtensor(p) and p.placements[0].is_shard() and p.device_mesh.size() > 1
+
+
+def _row_counts(rows: int, world: int) -> list:
+    """Rows of each rank under Shard(0) (torch.chunk's split: ceil(rows / world) each, the last ones short or
+    empty)."""
+    step = -(-rows // world) if rows else 0
+    return [max(0, min(step, rows - r * step)) for r in range(world)]
+
+
+def _sharded_matrix_phase(phase, group, pairs) -> None:
+    """The matrix phase for (DTensor param, local shard of its work tensor) pairs sharded on dim 0 (FSDP2). Each
+    matrix gets an owner rank (round-robin by size: largest first, to the least loaded rank); per owner, ONE
+    gather brings every rank's shards of the matrices it owns (flattened, each padded to ceil(rows / world)
+    rows), the owner runs ``phase.fn`` on its matrices batched by shape, and ONE scatter sends the rows back.
+    Every rank calls the same collectives in the same order (the params of a group are the same everywhere):
+    2 x world collectives per mesh per step."""
+    import torch.distributed as dist
+
+    by_mesh: dict = {}
+    for p, t in pairs:
+        by_mesh.setdefault(p.device_mesh, []).append((p, t))
+    for mesh, prs in by_mesh.items():
+        pg = mesh.get_group(0)
+        world, me = mesh.size(), mesh.get_local_rank(0)
+        # owners: largest first to the least loaded rank (ties: lowest rank); the same on every rank
+        load = [0] * world
+        owner = [0] * len(prs)
+        for i in sorted(range(len(prs)), key=lambda i: -prs[i][0].numel()):
+            o = min(range(world), key=lambda r: (load[r], r))
+            owner[i] = o
+            load[o] += prs[i][0].numel()
+        meta = []  # per matrix: (global shape, rows per rank, padded rows, elements per row)
+        for i, (p, t) in enumerate(prs):
+            counts = _row_counts(p.shape[0], world)
+            if t.shape[0] != counts[me]:
+                raise NotImplementedError(f"{phase.name}: a DTensor shard of {t.shape[0]} rows on rank {me}, expected "
+                                          f"{counts[me]} (torch.chunk's split of {p.shape[0]} rows)")
+            meta.append((tuple(p.shape), counts, max(counts), t[0].numel() if t.shape[0] else
+                         (p.numel() // p.shape[0] if p.shape[0] else 0)))
+        dtype, device = prs[0][1].dtype, prs[0][1].device
+        for o in range(world):
+            mine = [i for i in range(len(prs)) if owner[i] == o]
+            if not mine:
+                continue
+            sizes = [meta[i][2] * meta[i][3] for i in mine]
+            send = torch.zeros(sum(sizes), dtype=dtype, device=device)
+            at = 0
+            for i, n in zip(mine, sizes):
+                t = prs[i][1]
+                send[at:at + t.numel()].copy_(t.reshape(-1))
+                at += n
+            dst = dist.get_global_rank(pg, o)
+            recv = [torch.empty_like(send) for _ in range(world)] if me == o else None
+            dist.gather(send, recv, dst=dst, group=pg)
+            back = [torch.empty_like(send) for _ in range(world)] if me == o else None
+            if me == o:
+                full = {}
+                at = 0
+                for i, n in zip(mine, sizes):
+                    shape, counts, pad, row = meta[i]
+                    parts = [recv[r][at:at + counts[r] * row].view(counts[r], row) for r in range(world)]
+                    full[i] = torch.cat(parts).view(shape)
+                    at += n
+                by_shape: dict = {}
+                for i in mine:
+                    by_shape.setdefault(meta[i][0], []).append(i)
+                for shape, idx in by_shape.items():
+                    size = _chunk_size(phase, len(idx), full[idx[0]].numel() * full[idx[0]].element_size())
+                    for k in range(0, len(idx), size):
+                        chunk = idx[k:k + size]
+                        out = phase.fn(group, torch.stack([full[i] for i in chunk]))
+                        for i, x in zip(chunk, out.unbind(0)):
+                            full[i] = x
+                for r in range(world):
+                    buf = torch.zeros_like(send)
+                    at = 0
+                    for i, n in zip(mine, sizes):
+                        shape, counts, pad, row = meta[i]
+                        lo = sum(counts[:r])
+                        rows = full[i].reshape(shape[0], row)[lo:lo + counts[r]]
+                        buf[at:at + rows.numel()].copy_(rows.reshape(-1))
+                        at += n
+                    back[r] = buf
+            dist.scatter(send, back, src=dst, group=pg)
+            at = 0
+            for i, n in zip(mine, sizes):
+                t = prs[i][1]
+                t.copy_(send[at:at + t.numel()].view(t.shape))
+                at += n
