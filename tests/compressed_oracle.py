@@ -13,6 +13,17 @@ import torch
 import momentum_fused as mf
 from momentum_fused import layouts
 
+def master_of(opt, p):
+    """The fp32 master of ``p``: the copy (layout master), decoded from the param and its remainder (master16,
+    master16_int8), or the param itself (fp32 params)."""
+    st = opt.state[p]
+    if layouts.MASTER_KEY in st:
+        return st[layouts.MASTER_KEY]
+    if layouts.REMAINDER_KEY in st:
+        return layouts.master16_decode(p.detach(), st[layouts.REMAINDER_KEY]).view(p.shape)
+    return p.detach()
+
+
 # (id, optimizer, kwargs, gradient mode); every rule with each state-count change
 CASES = [
     ("adam", mf.Adam, dict(lr=0.02, weight_decay=0.01), "randn"),

@@ -34,6 +34,7 @@ import momentum_fused as mf
 from momentum_fused import backends, layouts
 
 from backend_cases import CASES
+from compressed_oracle import master_of
 
 pytestmark = pytest.mark.skipif(not backends._REGISTRY.get("cpu") or not backends._REGISTRY["cpu"].available,
                                 reason="needs the compiled CPU extension (momentum_fused._C_cpu)")
@@ -73,13 +74,6 @@ def _m16_run(cls, kw, layout, backend, sign, scale, steps=10, shapes=M16_SHAPES)
     return opt, ps
 
 
-def _master_of(opt, p):
-    st = opt.state[p]
-    if layouts.MASTER_KEY in st:
-        return st[layouts.MASTER_KEY]
-    return layouts.master16_decode(p.detach(), st[layouts.REMAINDER_KEY]).view(p.shape)
-
-
 @pytest.mark.parametrize("case", M16_CASES, ids=[c[0] for c in M16_CASES])
 def test_master16_cpu_is_the_master_layout_bit_for_bit(case):
     cid, cls, kw0, _, sign, lp = case
@@ -90,7 +84,7 @@ def test_master16_cpu_is_the_master_layout_bit_for_bit(case):
     for i, (x, y) in enumerate(zip(pa, pb)):
         sa, sb = a.state[x], b.state[y]
         assert set(sb) == set(sa) - {"master"} | {"master_lo"}
-        ma, mb = sa["master"], _master_of(b, y)
+        ma, mb = sa["master"], master_of(b, y)
         assert torch.equal(_bits(ma), _bits(mb)), f"{cid} tensor {i}: masters differ"
         hi, lo = layouts.master16_encode(ma)
         assert torch.equal(_bits(y), _bits(hi.view(y.shape))), f"{cid} tensor {i}: param != master16_encode(master)"
@@ -136,7 +130,7 @@ def test_master16_cpu_against_the_reference_backend(cid):
     a, pa = _m16_run(cls, kw, "master16", "cpu", sign, scale, shapes=[(17,), (4097,)])
     b, pb = _m16_run(cls, kw, "master16", "reference", sign, scale, shapes=[(17,), (4097,)])
     for x, y in zip(pa, pb):
-        torch.testing.assert_close(_master_of(a, x), _master_of(b, y), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(master_of(a, x), master_of(b, y), rtol=1e-5, atol=1e-6)
         for k in a.state[x]:
             if k not in ("master_lo", "step"):
                 torch.testing.assert_close(a.state[x][k], b.state[y][k], rtol=1e-5, atol=1e-6)
@@ -475,6 +469,6 @@ def test_master16_checkpoints_move_between_reference_cpu_and_master():
     m.load_state_dict(copy.deepcopy(sd))  # the master rebuilt from the param and the saved remainder
     _steps([(c, qs), (m, ms)], gen, 3, torch.bfloat16)
     for q, x in zip(qs, ms):
-        assert torch.equal(_bits(_master_of(c, q)), _bits(m.state[x]["master"]))
+        assert torch.equal(_bits(master_of(c, q)), _bits(m.state[x]["master"]))
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(c.state[q][k], m.state[x][k])

@@ -22,6 +22,7 @@ import momentum_fused as mf
 from momentum_fused import backends, layouts
 
 from backend_cases import CASES
+from compressed_oracle import master_of
 
 SHAPES = [(), (1,), (17,), (4097,), (3, 5, 7)]
 
@@ -73,13 +74,6 @@ def _run(cls, kw, layout, steps=10, sign=False, scale=1.0, seed=0):
     return opt, ps
 
 
-def _master_of(opt, p):
-    st = opt.state[p]
-    if layouts.MASTER_KEY in st:
-        return st[layouts.MASTER_KEY]
-    return layouts.master16_decode(p.detach(), st[layouts.REMAINDER_KEY]).view(p.shape)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_master16_trajectory_is_the_master_layouts_bit_for_bit(case):
     cid, cls, kw0, _, sign, lp = case
@@ -94,7 +88,7 @@ def test_master16_trajectory_is_the_master_layouts_bit_for_bit(case):
         sa, sb = a.state[x], b.state[y]
         assert set(sb) == set(sa) - {"master"} | {"master_lo"}
         assert sb["master_lo"].dtype == torch.int16 and sb["master_lo"].shape == y.shape
-        ma, mb = sa["master"], _master_of(b, y)
+        ma, mb = sa["master"], master_of(b, y)
         assert torch.equal(_bits(ma), _bits(mb)), f"{cid} tensor {i}: masters differ"
         hi, _ = layouts.master16_encode(ma)
         assert torch.equal(y.detach().view(torch.int16), hi.view(y.shape).view(torch.int16)), \
@@ -112,10 +106,10 @@ def test_master16_schedule_free_eval_train_swap_matches_master():
     b, pb = _run(mf.AdamWScheduleFree, kw, "master16")
     a.eval(), b.eval()
     for x, y in zip(pa, pb):
-        assert torch.equal(_bits(a.state[x]["master"]), _bits(_master_of(b, y)))
+        assert torch.equal(_bits(a.state[x]["master"]), _bits(master_of(b, y)))
     a.train(), b.train()
     for x, y in zip(pa, pb):
-        assert torch.equal(_bits(a.state[x]["master"]), _bits(_master_of(b, y)))
+        assert torch.equal(_bits(a.state[x]["master"]), _bits(master_of(b, y)))
 
 
 def test_master16_state_bytes_and_checkpoint_round_trip():
@@ -161,7 +155,7 @@ def test_checkpoints_convert_between_master_and_master16(src, dst):
     b.load_state_dict(sd)
     assert b.param_groups[0]["layout"] == dst
     for x, q, r in zip(p, qs, pc):
-        assert torch.equal(_bits(_master_of(a, x)), _bits(_master_of(b, q))), "the master survives the conversion"
+        assert torch.equal(_bits(master_of(a, x)), _bits(master_of(b, q))), "the master survives the conversion"
         assert torch.equal(q, r), "the param is the one dst's layout keeps"
         assert set(b.state[q]) == set(c.state[r])
     gen = torch.Generator().manual_seed(9)
@@ -171,7 +165,7 @@ def test_checkpoints_convert_between_master_and_master16(src, dst):
         b.step()
         c.step()
     for q, r in zip(qs, pc):
-        assert torch.equal(_bits(_master_of(b, q)), _bits(_master_of(c, r)))
+        assert torch.equal(_bits(master_of(b, q)), _bits(master_of(c, r)))
 
 
 def test_master_to_master16_rewrites_tie_params():
@@ -182,7 +176,7 @@ def test_master_to_master16_rewrites_tie_params():
     q = p.detach().clone().requires_grad_()
     b = mf.SGD([q], lr=2.0 ** -8, layout="master16", backend="reference")
     b.load_state_dict(a.state_dict())
-    assert torch.equal(_bits(_master_of(b, q)), _bits(master))
+    assert torch.equal(_bits(master_of(b, q)), _bits(master))
     assert torch.equal(q[~tie], p[~tie]) and not torch.equal(q[tie], p[tie])
 
 

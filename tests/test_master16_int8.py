@@ -17,14 +17,10 @@ import momentum_fused as mf
 from momentum_fused import backends, layouts
 
 from backend_cases import CASES
+from compressed_oracle import master_of
 
 Q_SHAPES = [(64, 256), (4096,), (4097,), (17,), (3, 5, 7), ()]  # the first two are quantized (>= 4096, % 256)
 INT8_CASES = [c for c in CASES if "master16_int8" in c[1].supported_layouts]
-
-
-def _master(opt, p):
-    st = opt.state[p]
-    return layouts.master16_decode(p.detach(), st["master_lo"]).view(p.shape) if "master_lo" in st else p.detach()
 
 
 def _pair(case, steps=10):
@@ -56,12 +52,12 @@ def test_the_rules_that_take_it():
 
 
 @pytest.mark.parametrize("case", INT8_CASES, ids=[c[0] for c in INT8_CASES])
-def test_master16_int8_is_int8_state_on_the_decoded_master(case):
+def test_master16_int8_is_int8_state_on_the_decodedmaster_of(case):
     opt, ps, ref, rs = _pair(case)
     names = opt.spec.state_names(opt.param_groups[0])
     for i, (p, r) in enumerate(zip(ps, rs)):
         st, rst = opt.state[p], ref.state[r]
-        m = _master(opt, p)
+        m = master_of(opt, p)
         assert torch.equal(m.view(torch.int32), r.detach().view(torch.int32)), f"{case[0]} {i}: master"
         hi, _ = layouts.master16_encode(m)
         assert torch.equal(p.detach().view(torch.int16), hi.view(p.shape).view(torch.int16)), "ties-away param"
@@ -123,7 +119,7 @@ def test_checkpoints_convert_to_and_from_master16_int8(live):
     """master16_int8 -> ``live`` -> master16_int8: the optimizer keeps its own layout each time, the master and the
     decoded moments carry over, and the round trip gives the same codes, remainders and later steps."""
     opt, ps = _run16()
-    masters = [_master(opt, p).clone() for p in ps]
+    masters = [master_of(opt, p).clone() for p in ps]
     fp32 = live == "int8_state"  # (fp32 params: the model's weights are the master itself)
     mids = [(m if fp32 else p.detach()).clone().requires_grad_() for p, m in zip(ps, masters)]
     mid = _adamw(mids, live)
