@@ -210,6 +210,17 @@ def step_tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, gra
     return (ptr_tab.view(-1),) + plan + (aligned_rest and aligned_grads,)
 
 
+def _amp_scalars(found_inf, grad_scale, device):
+    """GradScaler's device scalars as the kernels read them: each a one-element tensor on ``device`` (else
+    ValueError), as fp32."""
+    for name, x in (("found_inf", found_inf), ("grad_scale", grad_scale)):
+        if x is not None and (x.device != device or x.numel() != 1):
+            raise ValueError(f"{name} must be a one-element tensor on {device}, got {tuple(x.shape)} "
+                             f"on {x.device}")
+    return tuple(x.to(torch.float32) if x is not None and x.dtype != torch.float32 else x
+                 for x in (found_inf, grad_scale))
+
+
 def scalar_table(scalars, n: int, device) -> torch.Tensor:
     """fp64 [n, k] from a list of n packs, or a ready tensor ([n, k]). fp64 so that the kernels derive
     coefficients such as 1 - beta2 without fp32 cancellation (they round them to fp32 once)."""
@@ -278,12 +289,7 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     if n_full + n_packed == 0:
         return 0  # every tensor is empty
     dummy = scal  # any device pointer; never read when the flag is off
-    for name, x in (("found_inf", found_inf), ("grad_scale", grad_scale)):
-        if x is not None and (x.device != ref.device or x.numel() != 1):
-            raise ValueError(f"{name} must be a one-element tensor on {ref.device}, got {tuple(x.shape)} "
-                             f"on {x.device}")
-    fi = found_inf.to(torch.float32) if found_inf is not None and found_inf.dtype != torch.float32 else found_inf
-    gs = grad_scale.to(torch.float32) if grad_scale is not None and grad_scale.dtype != torch.float32 else grad_scale
+    fi, gs = _amp_scalars(found_inf, grad_scale, ref.device)
     if num_warps is None:
         num_warps = NUM_WARPS_MASTER if extra else NUM_WARPS
     if sub is None:
@@ -441,12 +447,7 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
         return 0
     aligned = aligned_rest and aligned_grads
     scal = scalar_table(scalars, n, ref.device)
-    for name, x in (("found_inf", found_inf), ("grad_scale", grad_scale)):
-        if x is not None and (x.device != ref.device or x.numel() != 1):
-            raise ValueError(f"{name} must be a one-element tensor on {ref.device}, got {tuple(x.shape)} "
-                             f"on {x.device}")
-    fi = found_inf.to(torch.float32) if found_inf is not None and found_inf.dtype != torch.float32 else found_inf
-    gs = grad_scale.to(torch.float32) if grad_scale is not None and grad_scale.dtype != torch.float32 else grad_scale
+    fi, gs = _amp_scalars(found_inf, grad_scale, ref.device)
     kinds = (2 if any(quant) else 0) + (1 if not all(quant) else 0)
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
     int8_state_kernel[(n_prog,)](
