@@ -98,12 +98,7 @@ struct StepFunctor {
     static_assert(!REM || (!MASTER && !SR && sizeof(P) == 2), "master16: bf16 params, no master copy, RNE-free");
     if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler: skip every write
 
-    double pk[K];
-    const double* row = packs + static_cast<int64_t>(tt.row[slot]) * K;
-#pragma unroll
-    for (int i = 0; i < K; ++i) pk[i] = row[i];
-    if (grad_scale != nullptr) pk[K - 1] = pk[K - 1] / static_cast<double>(*grad_scale);
-    const Sc sc = Sc::make(pk);
+    const Sc sc = load_pack<Sc, K>(packs, static_cast<int64_t>(tt.row[slot]), grad_scale);
     // stochastic rounding: buffer b = 0 for the param, 1 + j for state j
     const uint32_t key = SR ? static_cast<uint32_t>(sr_keys[tt.row[slot]]) : 0u;
     const uint32_t k0 = sr_key_b(key, 0), k1 = sr_key_b(key, 1), k2 = sr_key_b(key, 2), k3 = sr_key_b(key, 3);

@@ -53,12 +53,7 @@ struct Int8Functor {
     }
     __syncthreads();
 
-    double pk[K];
-    const double* row = packs + static_cast<int64_t>(tt.row[slot]) * K;
-#pragma unroll
-    for (int i = 0; i < K; ++i) pk[i] = row[i];
-    if (grad_scale != nullptr) pk[K - 1] = pk[K - 1] / static_cast<double>(*grad_scale);
-    const Sc sc = Sc::make(pk);
+    const Sc sc = load_pack<Sc, K>(packs, static_cast<int64_t>(tt.row[slot]), grad_scale);
 
     const int64_t base = static_cast<int64_t>(chunk) * kChunk;
     // a multiple of INT8_BLOCK, at most kChunk: 32-bit indices from here on
