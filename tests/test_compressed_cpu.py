@@ -472,3 +472,59 @@ def test_master16_checkpoints_move_between_reference_cpu_and_master():
         assert torch.equal(_bits(master_of(c, q)), _bits(m.state[x]["master"]))
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(c.state[q][k], m.state[x][k])
+
+
+_DECODE_CHECK = r"""
+// Every code of both int8 maps through the AVX-512 decode (values computed, not gathered) against the generated
+// table times the scale (the definition: compressed.h int8_decode), for a few scales; prints the mismatches.
+#include <cstdio>
+#include <cstdint>
+#include <immintrin.h>
+#include "mf_common.h"
+#include "compressed.h"
+namespace mf { namespace cpu { namespace t {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")
+#include "cpu/cpu_simd_avx512.inc"
+#pragma GCC pop_options
+}}}
+using namespace mf;
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")))
+int main() {
+  const float scales[] = {1.0f, 0.37f, 3e-20f, 1e30f, 0.0f, 0x1p-149f};
+  long bad = 0, checked = 0;
+  alignas(64) int8_t sc[256];
+  alignas(64) uint8_t uc[256];
+  for (int i = 0; i < 256; ++i) { sc[i] = (int8_t)(i % 255 - 127); uc[i] = (uint8_t)i; }
+  for (float s : scales) {
+    alignas(64) float out[256];
+    mf::cpu::t::int8_decode_block_avx512(sc, true, s, out);
+    for (int i = 0; i < 256; ++i, ++checked)
+      if (f32_bits(out[i]) != f32_bits(int8_decode(INT8_SIGNED_TABLE, int8_signed_index(sc[i]), s))) ++bad;
+    mf::cpu::t::int8_decode_block_avx512(uc, false, s, out);
+    for (int i = 0; i < 256; ++i, ++checked)
+      if (f32_bits(out[i]) != f32_bits(int8_decode(INT8_UNSIGNED_TABLE, int8_unsigned_index(uc[i]), s))) ++bad;
+  }
+  std::printf("%ld %ld\n", checked, bad);
+  return 0;
+}
+"""
+
+
+def test_int8_avx512_decode_is_the_table(tmp_path):
+    """The AVX-512 decode computes the table values (sign(c) c^2 / 127^2 as an fp32 division, c^4 / 255^4 in
+    float64) instead of gathering them: every code of both maps, times several scales, equals the generated
+    table's value times the scale, bit for bit."""
+    import shutil
+    if torch.ops.momentum_fused.cpu_isa() != "avx512":
+        pytest.skip("needs an AVX-512 CPU (the decode under test is the avx512 variant's)")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        pytest.skip("needs a C++ compiler (g++ or $CXX)")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    src, exe = tmp_path / "decode.cpp", tmp_path / "decode"
+    src.write_text(_DECODE_CHECK)
+    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-math-errno", "-Wno-maybe-uninitialized",
+                    f"-I{csrc}", str(src), "-o", str(exe)], check=True)
+    checked, bad = map(int, subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split())
+    assert checked == 6 * 512 and bad == 0
