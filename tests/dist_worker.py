@@ -447,3 +447,57 @@ def scenario_int8_fsdp(rank, tmpdir, layout, backend, steps=STEPS):
 
 
 _KINDS["int8_fsdp"] = scenario_int8_fsdp
+
+
+def scenario_int8_checkpoint(rank, tmpdir, layout, backend, save_after=2):
+    """torch.distributed.checkpoint (DCP) of an FSDP2 model + optimizer in an int8 layout: the codes, their
+    (rows, blocks per row) scales and the master remainder are saved as DTensors, loaded into a fresh model and
+    optimizer (another init) and continued: vs the uninterrupted run, bit for bit."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    import momentum_fused as mf
+    from momentum_fused.distributed import is_dtensor
+
+    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(GLOBAL_BATCH, 256, generator=gen).to(dtype), torch.randn(GLOBAL_BATCH, 3, generator=gen)
+             .to(dtype)) for _ in range(STEPS)]
+    ckpt = os.path.join(tmpdir, f"ckpt-int8-{layout}-{backend}")
+
+    def build(seed=0):
+        model = _fsdp(_int8_model(dtype, seed))
+        return model, mf.AdamW(list(model.parameters()), lr=0.01, weight_decay=0.1, layout=layout, backend=backend)
+
+    def steps(model, opt, ts):
+        for t in ts:
+            x, y = data[t]
+            opt.zero_grad()
+            ((model(x) - y).float() ** 2).mean().backward()
+            opt.step()
+
+    m_a, o_a = build()
+    steps(m_a, o_a, range(STEPS))
+    uninterrupted = _snapshot(o_a, list(m_a.parameters()))
+    m_b, o_b = build()
+    steps(m_b, o_b, range(save_after))
+    osd = get_optimizer_state_dict(m_b, o_b)
+    saved = sorted({f"{k}:{type(v).__name__}:{v.dtype}" for st in osd["state"].values() for k, v in st.items()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0})
+    dcp.save({"model": get_model_state_dict(m_b), "optim": osd}, checkpoint_id=ckpt)
+    m_c, o_c = build(seed=123)  # another init: the load must overwrite it
+    steps(m_c, o_c, range(1))   # and live state of the right layout, to be overwritten too
+    sd = {"model": get_model_state_dict(m_c), "optim": get_optimizer_state_dict(m_c, o_c)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(m_c, sd["model"])
+    set_optimizer_state_dict(m_c, o_c, sd["optim"])
+    loaded_is_dtensor = all(is_dtensor(v) for st in o_c.state.values() for v in st.values()
+                            if isinstance(v, torch.Tensor) and v.dim() > 0)
+    steps(m_c, o_c, range(save_after, STEPS))
+    return dict(uninterrupted=uninterrupted, resumed=_snapshot(o_c, list(m_c.parameters())), saved=saved,
+                loaded_is_dtensor=loaded_is_dtensor)
+
+
+_KINDS["int8_ckpt"] = scenario_int8_checkpoint

@@ -58,6 +58,8 @@ def _scenarios():
     out += [dict(id=f"lowrank_ddp-{b}", kind="lowrank_ddp", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"int8_fsdp-{lay}-{b}", kind="int8_fsdp", layout=lay, backend=b)
             for lay in INT8_LAYOUTS for b in _available(BACKENDS) if (lay, b) != ("master16_int8", "cpu")]
+    out += [dict(id=f"int8_ckpt-{lay}-{b}", kind="int8_ckpt", layout=lay, backend=b)
+            for lay in INT8_LAYOUTS for b in _available(BACKENDS) if (lay, b) != ("master16_int8", "cpu")]
     return out
 
 
@@ -260,3 +262,25 @@ def test_int8_layouts_under_fsdp_equal_single_process_bit_for_bit(world, layout,
                 assert torch.equal(a.reshape(-1) if k.endswith("_scale") else a, b), f"param {i} {k}"
     init = [p.detach() for p in dw._int8_model(r0["dist"]["params"][0].dtype).parameters()]
     assert all(not torch.equal(a, b) for a, b in zip(r0["dist"]["params"], init))  # the steps did something
+
+
+@pytest.mark.parametrize("layout,backend", [("int8_state", "reference"), ("master16_int8", "reference"),
+                                            pytest.param("int8_state", "cpu", marks=pytest.mark.skipif(
+                                                _CPU_STATUS != "available",
+                                                reason=f"cpu backend not built here: {_CPU_STATUS}"))])
+def test_int8_layouts_distributed_checkpoint_resume_equals_uninterrupted(world, layout, backend):
+    """DCP save / load of an FSDP2 run in an int8 layout: codes, block scales (and master16_int8's remainder) are
+    saved as DTensors, and the resumed run is the uninterrupted one bit for bit."""
+    for rank, res in enumerate(_results(world, f"int8_ckpt-{layout}-{backend}")):
+        assert "exp_avg:DTensor:torch.int8" in res["saved"] and "exp_avg_sq:DTensor:torch.uint8" in res["saved"]
+        assert "exp_avg_scale:DTensor:torch.float32" in res["saved"], res["saved"]
+        if layout == "master16_int8":
+            assert "master_lo:DTensor:torch.int16" in res["saved"], res["saved"]
+        assert res["loaded_is_dtensor"]
+        got, want = res["resumed"], res["uninterrupted"]
+        for i, (a, b) in enumerate(zip(got["params"], want["params"])):
+            assert torch.equal(a, b), f"rank {rank} param {i}"
+        for i, (sa, sb) in enumerate(zip(got["state"], want["state"])):
+            assert set(sa) == set(sb), (rank, i)
+            for k in sa:
+                assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), f"rank {rank} param {i} {k}"
