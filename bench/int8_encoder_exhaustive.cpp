@@ -1,13 +1,14 @@
 // Exhaustive check of the int8_state encoders (csrc/compressed.h's int8_index_signed / _unsigned, the portable
-// form, and cpu/cpu_simd_avx512.inc's int8_encode_block_avx512) against the definition, int8_count_below (a binary
+// form, cpu/cpu_simd_avx512.inc's int8_encode_block_avx512 and cpu/cpu_simd_avx2_int8.inc's int8_encode_block_avx2)
+// against the definition, int8_count_below (a binary
 // search over the generated midpoints) of the fp32 quotient x / div: every one of the 2^32 fp32 bit patterns as
 // x for the divisor given (default 1; the unsigned map over the patterns with the sign bit clear and the NaNs).
 // A divisor other than 1 exercises the AVX-512 form's multiply-by-reciprocal and its exact fallback near a
-// midpoint; one below 2^-100 its plain-division path. Needs an AVX-512 CPU; ~1 minute per divisor on 2 cores.
+// midpoint; one below 2^-100 its plain-division path. Needs an AVX-512 CPU; ~2 minutes per divisor on 2 cores.
 //
 //   g++ -O2 -fopenmp -ffp-contract=off -fno-math-errno -Icsrc -Wno-maybe-uninitialized \
 //       bench/int8_encoder_exhaustive.cpp -o /tmp/int8_ex
-//   for d in 1 3 0.7 1e-35; do /tmp/int8_ex $d; done         (prints "div ...: bad scalar 0 vector 0" each)
+//   for d in 1 3 0.7 1e-35; do /tmp/int8_ex $d; done   (prints "div ...: bad scalar 0 vector 0 avx2 0" each)
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
@@ -18,33 +19,37 @@ namespace mf { namespace cpu { namespace t {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")
 #include "cpu/cpu_simd_avx512.inc"
+#include "cpu/cpu_simd_avx2_int8.inc"
 #pragma GCC pop_options
 }}}
 using namespace mf;
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")))
 int main(int argc, char** argv) {
   const float div = argc > 1 ? strtof(argv[1], nullptr) : 1.0f;
-  long long bad_s = 0, bad_v = 0;
+  long long bad_s = 0, bad_v = 0, bad_2 = 0;
   // every fp32 pattern, 256 at a time (a chunk shares its sign bit)
-  #pragma omp parallel for reduction(+:bad_s,bad_v) schedule(dynamic, 64)
+  #pragma omp parallel for reduction(+:bad_s,bad_v,bad_2) schedule(dynamic, 64)
   for (long long base = 0; base < (1LL << 32); base += 256) {
     alignas(64) float x[256];
     for (int l = 0; l < 256; ++l) x[l] = f32_from_bits((uint32_t)(base + l));
     for (int sgn = 0; sgn < 2; ++sgn) {
-      alignas(64) int8_t codes[256];
+      alignas(64) int8_t codes[256], codes2[256];
       if (!sgn) { bool allneg = (x[0] < 0); if (allneg) continue; }
       const float* mid = sgn ? INT8_SIGNED_MID : INT8_UNSIGNED_MID;
       int nmid = sgn ? 254 : 255;
       mf::cpu::t::int8_encode_block_avx512(x, sgn, div, codes);
+      mf::cpu::t::int8_encode_block_avx2(x, sgn, div, codes2);
       for (int l = 0; l < 256; ++l) {
         int want = int8_count_below(x[l] / div, mid, nmid);
         int s = sgn ? int8_encode_signed(x[l], div, mid) : int8_encode_unsigned(x[l], div, mid);
         int v = sgn ? (int)codes[l] + 127 : (int)(uint8_t)codes[l];
         if (s != want) { if (bad_s < 5) printf("scalar sgn=%d x=%a got %d want %d\n", sgn, x[l], s, want); ++bad_s; }
         if (v != want) { if (bad_v < 5) printf("vector sgn=%d x=%a got %d want %d\n", sgn, x[l], v, want); ++bad_v; }
+        int v2 = sgn ? (int)codes2[l] + 127 : (int)(uint8_t)codes2[l];
+        if (v2 != want) { if (bad_2 < 5) printf("avx2 sgn=%d x=%a got %d want %d\n", sgn, x[l], v2, want); ++bad_2; }
       }
     }
   }
-  printf("div %a: bad scalar %lld vector %lld\n", div, bad_s, bad_v);
-  return bad_s + bad_v == 0 ? 0 : 1;
+  printf("div %a: bad scalar %lld vector %lld avx2 %lld\n", div, bad_s, bad_v, bad_2);
+  return bad_s + bad_v + bad_2 == 0 ? 0 : 1;
 }

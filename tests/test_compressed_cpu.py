@@ -323,15 +323,22 @@ def test_thread_count_does_not_change_bits():
     assert len(one) == len(two) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(one, two))
 
 
-def test_isa_variants_give_the_same_bits(tmp_path):
-    """The baseline variant (portable loops: compressed.h element by element) and the one this CPU picks (AVX2
-    master16 blocks, AVX-512 int8 gathers) agree bit for bit."""
-    if torch.ops.momentum_fused.cpu_isa() == "baseline":
-        pytest.skip("this CPU runs the baseline variant only: there is no other variant to compare with")
+_ISA_RANK = {"baseline": 0, "avx2": 1, "avx512": 2}
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_isa_variants_give_the_same_bits(tmp_path, isa):
+    """A lower variant (baseline: the portable loops, compressed.h element by element; avx2: its master16 blocks and
+    int8 block codes) and the one this CPU picks (AVX2 master16 blocks, AVX-512 int8 block codes) agree bit for
+    bit."""
+    have = torch.ops.momentum_fused.cpu_isa()
+    if _ISA_RANK[have] <= _ISA_RANK[isa]:
+        pytest.skip(f"this CPU runs the {have} variant at most: there is no higher variant to compare {isa} with")
     out = tmp_path / "bits.pt"
     code = ("import sys, torch; sys.path.insert(0, %r); import test_compressed_cpu as t; "
-            "torch.save(t._bits_run(), %r)" % (os.path.dirname(__file__), str(out)))
-    env = {**os.environ, "MOMENTUM_FUSED_CPU_ISA": "baseline"}
+            "assert torch.ops.momentum_fused.cpu_isa() == %r; torch.save(t._bits_run(), %r)"
+            % (os.path.dirname(__file__), isa, str(out)))
+    env = {**os.environ, "MOMENTUM_FUSED_CPU_ISA": isa}
     env.pop("MOMENTUM_FUSED_BACKEND", None)
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     base = torch.load(out)
@@ -475,22 +482,33 @@ def test_master16_checkpoints_move_between_reference_cpu_and_master():
 
 
 _DECODE_CHECK = r"""
-// Every code of both int8 maps through the AVX-512 decode (values computed, not gathered) against the generated
-// table times the scale (the definition: compressed.h int8_decode), for a few scales; prints the mismatches.
+// Every code of both int8 maps through the vector decodes (values computed, not looked up) against the generated
+// table times the scale (the definition: compressed.h int8_decode), for a few scales; prints (checked, bad).
 #include <cstdio>
 #include <cstdint>
+#include <cstring>
 #include <immintrin.h>
 #include "mf_common.h"
 #include "compressed.h"
 namespace mf { namespace cpu { namespace t {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi2")
+#include "cpu/cpu_simd_avx2_int8.inc"
+#pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")
 #include "cpu/cpu_simd_avx512.inc"
 #pragma GCC pop_options
 }}}
 using namespace mf;
+typedef void (*Decode)(const void*, bool, float, float*);
+__attribute__((target("avx2,fma,f16c,bmi2"))) static void d2(const void* c, bool s, float k, float* o) {
+  mf::cpu::t::int8_decode_block_avx2(c, s, k, o);
+}
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")))
-int main() {
+static void d512(const void* c, bool s, float k, float* o) { mf::cpu::t::int8_decode_block_avx512(c, s, k, o); }
+int main(int argc, char** argv) {
+  const Decode decode = std::strcmp(argv[1], "avx512") == 0 ? d512 : d2;
   const float scales[] = {1.0f, 0.37f, 3e-20f, 1e30f, 0.0f, 0x1p-149f};
   long bad = 0, checked = 0;
   alignas(64) int8_t sc[256];
@@ -498,10 +516,10 @@ int main() {
   for (int i = 0; i < 256; ++i) { sc[i] = (int8_t)(i % 255 - 127); uc[i] = (uint8_t)i; }
   for (float s : scales) {
     alignas(64) float out[256];
-    mf::cpu::t::int8_decode_block_avx512(sc, true, s, out);
+    decode(sc, true, s, out);
     for (int i = 0; i < 256; ++i, ++checked)
       if (f32_bits(out[i]) != f32_bits(int8_decode(INT8_SIGNED_TABLE, int8_signed_index(sc[i]), s))) ++bad;
-    mf::cpu::t::int8_decode_block_avx512(uc, false, s, out);
+    decode(uc, false, s, out);
     for (int i = 0; i < 256; ++i, ++checked)
       if (f32_bits(out[i]) != f32_bits(int8_decode(INT8_UNSIGNED_TABLE, int8_unsigned_index(uc[i]), s))) ++bad;
   }
@@ -511,13 +529,15 @@ int main() {
 """
 
 
-def test_int8_avx512_decode_is_the_table(tmp_path):
-    """The AVX-512 decode computes the table values (sign(c) c^2 / 127^2 as an fp32 division, c^4 / 255^4 in
-    float64) instead of gathering them: every code of both maps, times several scales, equals the generated
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_int8_vector_decode_is_the_table(tmp_path, isa):
+    """The AVX-512 and AVX2 decodes compute the table values (sign(c) c^2 / 127^2 as an fp32 division, c^4 / 255^4
+    in float64) instead of looking them up: every code of both maps, times several scales, equals the generated
     table's value times the scale, bit for bit."""
     import shutil
-    if torch.ops.momentum_fused.cpu_isa() != "avx512":
-        pytest.skip("needs an AVX-512 CPU (the decode under test is the avx512 variant's)")
+    have = torch.ops.momentum_fused.cpu_isa()
+    if have == "baseline" or (isa == "avx512" and have != "avx512"):
+        pytest.skip(f"needs an {isa.upper()} CPU (the decode under test is the {isa} variant's; this CPU: {have})")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         pytest.skip("needs a C++ compiler (g++ or $CXX)")
@@ -526,5 +546,6 @@ def test_int8_avx512_decode_is_the_table(tmp_path):
     src.write_text(_DECODE_CHECK)
     subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-math-errno", "-Wno-maybe-uninitialized",
                     f"-I{csrc}", str(src), "-o", str(exe)], check=True)
-    checked, bad = map(int, subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split())
+    out = subprocess.run([str(exe), isa], capture_output=True, text=True, check=True).stdout
+    checked, bad = map(int, out.split())
     assert checked == 6 * 512 and bad == 0
