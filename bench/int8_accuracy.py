@@ -1,17 +1,24 @@
-"""int8_state against fp32 state on two small trainings (docs/algorithms.md §11): AdamW, reference backend.
+"""int8_state against fp32 state on two small trainings (docs/algorithms.md §11): AdamW.
 
 - digits: sklearn's bundled digits (no download), the MLP 64-256-256-10 of examples/research/fsgdm_digits.py
-  (its data split), AdamW lr 1e-3, weight decay 0.01, batch 32; final train loss and test accuracy.
+  (its data split), AdamW lr 1e-3, weight decay 0.01, batch 32; train loss per epoch, final test accuracy.
 - charlm: examples/train_charlm.py (--size small by default), AdamW lr 3e-3, weight decay 0.1, cosine
-  schedule; final validation loss.
+  schedule; validation loss curve.
 
-Run: ``python bench/int8_accuracy.py [--epochs 20] [--seeds 3] [--charlm-steps 300] [--charlm-size small]``.
-Both layouts see the same data order and init per seed; the difference is the state storage alone.
+Run: ``python bench/int8_accuracy.py [--epochs 20] [--seeds 5] [--charlm-steps 300] [--charlm-size small]
+[--plot docs/img/int8_accuracy.png]``.
+
+Both layouts see the same data order and init per seed; the difference is the state storage alone. Three runs per
+seed: fp32 state on the reference backend (the baseline), ``int8_state`` on the reference backend, and fp32 state
+on the compiled cpu backend (when built) as the noise floor: the same fp32 algorithm whose arithmetic differs from
+the reference's only in the last bits (FMA contraction, division by reciprocal), which shows how far a final loss
+moves from round-off alone. A relative difference of the final loss is compared with that floor.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -21,15 +28,21 @@ import momentum_fused as mf
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "examples"), os.path.join(HERE, "..", "examples", "research")]
 
+# (label, layout, backend)
+RUNS = [("fp32 state", "native", "reference"), ("int8_state", "int8_state", "reference"),
+        ("fp32 state, cpu backend (round-off floor)", "native", "cpu")]
 
-def digits_run(layout, seed, epochs, data):
+
+def digits_run(layout, backend, seed, epochs, data):
+    """(train loss after each epoch, final test accuracy)."""
     from fsgdm_digits import make_model
     (Xtr, ytr), _, (Xte, yte) = data
     torch.manual_seed(seed)
     model = make_model("MLP")
-    opt = mf.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, layout=layout, backend="reference")
+    opt = mf.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, layout=layout, backend=backend)
     gen = torch.Generator().manual_seed(seed)
     loss_fn = torch.nn.CrossEntropyLoss()
+    curve = []
     for _ in range(epochs):
         perm = torch.randperm(len(Xtr), generator=gen)
         for i in range(0, len(Xtr), 32):
@@ -37,37 +50,84 @@ def digits_run(layout, seed, epochs, data):
             opt.zero_grad()
             loss_fn(model(Xtr[idx]), ytr[idx]).backward()
             opt.step()
+        with torch.no_grad():
+            curve.append(float(loss_fn(model(Xtr), ytr)))
     with torch.no_grad():
-        train_loss = float(loss_fn(model(Xtr), ytr))
         acc = float((model(Xte).argmax(1) == yte).float().mean())
-    return train_loss, acc
+    return curve, acc
+
+
+def _rel(a, b):
+    return (a - b) / b
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--charlm-steps", type=int, default=300)
     ap.add_argument("--charlm-size", default="small")
+    ap.add_argument("--plot", default=None, help="write the loss curves to this PNG (needs matplotlib)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    runs = [r for r in RUNS if r[2] in mf.backends.available()]
     from fsgdm_digits import digits
     data = digits()
-    print(f"digits MLP, AdamW lr 1e-3, {args.epochs} epochs:  layout  train loss  test acc  (per seed)")
-    for layout in ("native", "int8_state"):
-        rows = [digits_run(layout, s, args.epochs, data) for s in range(args.seeds)]
-        print(f"  {layout:10s} " + "  ".join(f"{a:.4f} {b:.4f}" for a, b in rows)
-              + f"   mean loss {sum(a for a, _ in rows) / len(rows):.4f}")
+    dig = {label: [digits_run(lay, be, s, args.epochs, data) for s in range(args.seeds)] for label, lay, be in runs}
+    base = dig[RUNS[0][0]]
+    print(f"digits MLP, AdamW lr 1e-3, {args.epochs} epochs, {args.seeds} seeds: final train loss, test accuracy, "
+          "relative difference of the final loss to fp32 state (per seed, then the mean and max |.|)")
+    for label, rows in dig.items():
+        rel = [_rel(r[0][-1], b[0][-1]) for r, b in zip(rows, base)]
+        print(f"  {label}:\n    loss " + " ".join(f"{r[0][-1]:.4f}" for r in rows)
+              + f"  mean {statistics.mean(r[0][-1] for r in rows):.4f}\n    acc  "
+              + " ".join(f"{r[1]:.4f}" for r in rows) + f"  mean {statistics.mean(r[1] for r in rows):.4f}"
+              + "\n    rel  " + " ".join(f"{x:+.2%}" for x in rel)
+              + f"  mean {statistics.mean(rel):+.2%}  max |.| {max(map(abs, rel)):.2%}")
+    lm = {}
     if args.charlm_steps:
         from train_charlm import train
-        print(f"charlm {args.charlm_size}, AdamW lr 3e-3 wd 0.1, {args.charlm_steps} steps: final val loss")
-        for layout in ("native", "int8_state"):
-            vals = [train(opt="AdamW", opt_kwargs={"lr": 3e-3, "weight_decay": 0.1, "layout": layout,
-                                                   "backend": "reference"},
-                          steps=args.charlm_steps, size=args.charlm_size, seed=s)["final_val"]
-                    for s in range(args.seeds)]
-            print(f"  {layout:10s} " + " ".join(f"{v:.4f}" for v in vals) + f"   mean {sum(vals) / len(vals):.4f}")
+        for label, lay, be in runs:
+            lm[label] = [train(opt="AdamW", opt_kwargs={"lr": 3e-3, "weight_decay": 0.1, "layout": lay, "backend": be},
+                               steps=args.charlm_steps, size=args.charlm_size, seed=s) for s in range(args.seeds)]
+        lbase = lm[RUNS[0][0]]
+        print(f"charlm {args.charlm_size}, AdamW lr 3e-3 wd 0.1, {args.charlm_steps} steps: final val loss, "
+              "relative difference to fp32 state")
+        for label, rows in lm.items():
+            rel = [_rel(r["final_val"], b["final_val"]) for r, b in zip(rows, lbase)]
+            print(f"  {label}:\n    val  " + " ".join(f"{r['final_val']:.4f}" for r in rows)
+                  + f"  mean {statistics.mean(r['final_val'] for r in rows):.4f}\n    rel  "
+                  + " ".join(f"{x:+.2%}" for x in rel) + f"  mean {statistics.mean(rel):+.2%}  max |.| "
+                  + f"{max(map(abs, rel)):.2%}")
+    if args.plot:
+        _plot(args, dig, lm)
     return 0
+
+
+def _plot(args, dig, lm):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(11 if lm else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for label, rows in dig.items():
+        mean = [statistics.mean(c) for c in zip(*(r[0] for r in rows))]
+        ax.plot(range(1, len(mean) + 1), mean, label=label, ls="--" if "floor" in label else "-")
+    ax.set(yscale="log", xlabel="epoch", ylabel="train loss (mean over seeds)",
+           title=f"digits MLP, AdamW, {args.seeds} seeds")
+    ax.legend(fontsize=8)
+    if lm:
+        ax = axes[0][1]
+        for label, rows in lm.items():
+            steps = [s for s, _ in rows[0]["val"]]
+            mean = [statistics.mean(v for _, v in vals) for vals in zip(*(r["val"] for r in rows))]
+            ax.plot(steps, mean, label=label, ls="--" if "floor" in label else "-")
+        ax.set(xlabel="step", ylabel="validation loss (mean over seeds)",
+               title=f"char-LM ({args.charlm_size}), AdamW, {args.seeds} seeds")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
