@@ -64,21 +64,27 @@ def num_states(rule: str, flags: int) -> int:
 
 # dtype layouts: name -> (param/grad storage, state storage, master, stochastic rounding); master: True an fp32
 # master copy (master), 2 the int16 remainder (master16: the master is the bf16 param and its low half); state
-# "int8": int8_state (1-byte codes and an fp32 scale per 256 elements; schedule-free rules refuse it)
+# "int8": int8_state (1-byte codes and an fp32 scale per 256 elements; schedule-free rules refuse it), master16_int8
+# both (bf16 params, the int16 remainder and the codes)
 LAYOUTS = {"native-fp32": ("fp32", "fp32", False, False), "native-fp64": ("fp64", "fp64", False, False),
            "native-bf16": ("bf16", "bf16", False, False), "native-fp16": ("fp16", "fp16", False, False),
            "bf16_state": ("fp32", "bf16", False, False), "master-bf16": ("bf16", "fp32", True, False),
            "master-fp16": ("fp16", "fp32", True, False), "bf16_sr": ("bf16", "bf16", False, True),
-           "master16": ("bf16", "fp32", 2, False), "int8_state": ("fp32", "int8", False, False)}
+           "master16": ("bf16", "fp32", 2, False), "int8_state": ("fp32", "int8", False, False),
+           "master16_int8": ("bf16", "int8", 2, False)}
 SIZE = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2, "int8": 1}
 SCHEDULE_FREE = ("sgd_sf", "adamw_sf")
+INT8_LAYOUTS = ("int8_state", "master16_int8")
+CUDA_INT8_LAYOUTS = ("int8_state",)  # those with a CUDA functor (csrc/cuda/int8_functor.cuh)
 
 
 def layout_applies(rule: str, layout: str, flags: int | None = None, backend: str = "triton") -> bool:
-    """Whether ``rule`` has kernels in ``layout`` (int8_state: not the schedule-free rules; in CUDA not the
-    specializations without state either, which run the native fp32 kernel)."""
-    if layout != "int8_state":
+    """Whether ``rule`` has kernels in ``layout`` (int8_state, master16_int8: not the schedule-free rules; in CUDA not
+    the specializations without state either, which run the native fp32 kernel; master16_int8 not in CUDA yet)."""
+    if layout not in INT8_LAYOUTS:
         return True
+    if backend == "cuda" and layout not in CUDA_INT8_LAYOUTS:
+        return False
     return rule not in SCHEDULE_FREE and not (backend == "cuda" and flags is not None and num_states(rule, flags) == 0)
 
 

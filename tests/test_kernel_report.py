@@ -108,8 +108,9 @@ def test_triton_kernels_no_stack_no_spills(triton_rows):
 
 
 def test_triton_full_blocks_use_128_bit_accesses(triton_rows):
-    # int8_state: the fp32 param and grad in 128 bits (the 1-byte codes of a thread's 8 elements are 64 bits)
+    # int8_state: the fp32 param and grad in 128 bits (the 1-byte codes of a thread's 8 elements are 64 bits);
+    # master16_int8: the bf16 param, grad and remainder (8 x 16 bits)
     bad = [(r["rule"], r["layout"], r["v4_loads"], r["v4_stores"]) for r in triton_rows
-           if ((r["v4_loads"] < 2 or r["v4_stores"] < 1) if r["layout"] == "int8_state"
+           if ((r["v4_loads"] < 2 or r["v4_stores"] < 1) if r["layout"] in kr.INT8_LAYOUTS
                else (r["v4_loads"] < 2 + r["nstate"] or r["v4_stores"] < 1 + r["nstate"]))]
     assert not bad, f"(rule, layout, 128-bit loads, 128-bit stores): {bad}"

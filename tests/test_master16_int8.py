@@ -1,6 +1,6 @@
 """Layout ``master16_int8`` (docs/layouts.md, docs/algorithms.md §11): bf16 params with a 16-bit remainder (the fp32
 master, as ``master16``) and the rule's moments as 8-bit block codes (as ``int8_state``), on the reference backend
-(the compiled kernels against it: tests/test_compressed_cpu.py).
+(the compiled kernels against it: tests/test_compressed_cpu.py, tests/triton/test_compressed_triton.py).
 
 The definition makes it the composition of the two, so the tests pin it to them bit for bit: from the same bf16
 values and gradients, the decoded master follows ``int8_state``'s fp32 param exactly, and the codes and scales are
@@ -173,8 +173,9 @@ def test_errors_change_nothing():
     assert all(torch.equal(opt.state[ps[1]][k], v) for k, v in states.items())
 
 
-# The backends with a kernel for it (the cpu one: tests/test_compressed_cpu.py); the others refuse it by name.
-KERNEL_BACKENDS = {"reference", "cpu"}
+# The backends with a kernel for it (tests/test_compressed_cpu.py, tests/triton/test_compressed_triton.py); the
+# others refuse it by name.
+KERNEL_BACKENDS = {"reference", "cpu", "triton"}
 
 
 def test_the_backends_that_run_it():
