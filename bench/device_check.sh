@@ -8,7 +8,7 @@
 #   env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank
 # or the preset `issue20` (the kernel work of issue 20, ~7.5 min): env kernels-cuda build test-cuda step-times
 # kernels-triton -- see the phases' comments below; kernel-report (static, the same as on a CPU machine) on request;
-# the preset `issue17` (compressed state, ~7 min): env build test-compressed compressed.
+# the preset `issue17` (compressed state, ~8 min): env build test-compressed compressed.
 # the preset `issue16` (Muon, ~6 min with the build): env build muon.
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
 # so the archive is written before the device tool's limit. Give the tool a timeout_s ~40 s above it.
@@ -180,19 +180,21 @@ phase_kernel_report() {
 }
 
 # ---------------------------------------------------------------------------------------------- issue 17
-# The compressed-state layouts master16 and int8_state (csrc/cuda Int8Functor / StepFunctor<..., REM>, Triton
-# int8_state_kernel / MASTER mode 2), written and compiled without a GPU: never run before the next GPU session.
-# test-compressed (~60 s): their bit-exact CUDA tests (every step of 10 against layouts.py's encoding of the same
+# The compressed-state layouts master16, int8_state and master16_int8 (csrc/cuda Int8Functor<Op, REM> /
+# StepFunctor<..., REM>, Triton int8_state_kernel / MASTER mode 2), written and compiled without a GPU: never run
+# before the next GPU session.
+# test-compressed (~80 s): their bit-exact CUDA tests (every step of 10 against layouts.py's encoding of the same
 # kernels' fp32 math, every rule; misaligned views, NaN blocks) and the layout declarations.
 phase_test_compressed() {
-  run test-compressed 90 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "compressed or int8 or declares"
+  run test-compressed 120 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "compressed or int8 or declares"
 }
-# compressed (~120 s): AdamW on the llm profile (1e9 params in 292 tensors), cuda and triton against torch fused,
+# compressed (~160 s): AdamW on the llm profile (1e9 params in 292 tensors), cuda and triton against torch fused,
 # side by side in one process: fp32 params native vs int8_state (persistent 6.03 B/param vs 12), bf16 params
-# native, master and master16 (12 vs 14 B/param); step_ms (events), kernel_ms and launches (profiler).
+# native, master, master16 and master16_int8 (12, 14, 12 and 6.03 B/param); step_ms (events), kernel_ms and
+# launches (profiler).
 phase_compressed() {
-  run compressed 150 "$PY" -m bench.kernel_report --time --step-backends cuda,triton,torch --profiles llm \
-    --dtypes fp32,bf16 --step-rules adamw --step-layouts native,master,master16,int8_state --iters 10 \
+  run compressed 190 "$PY" -m bench.kernel_report --time --step-backends cuda,triton,torch --profiles llm \
+    --dtypes fp32,bf16 --step-rules adamw --step-layouts native,master,master16,int8_state,master16_int8 --iters 10 \
     --out "$WORK/compressed.json"
   grep -h '"step_ms"' "$WORK/compressed.log" | sed 's/^/  /' | cut -c1-230 | tee -a "$WORK/summary.txt"
 }

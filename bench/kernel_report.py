@@ -64,20 +64,23 @@ def num_states(rule: str, flags: int) -> int:
 
 # dtype layouts: name -> (param/grad storage, state storage, master, stochastic rounding); master: True an fp32
 # master copy (master), 2 the int16 remainder (master16: the master is the bf16 param and its low half); state
-# "int8": int8_state (1-byte codes and an fp32 scale per 256 elements; schedule-free rules refuse it)
+# "int8": int8_state (1-byte codes and an fp32 scale per 256 elements; schedule-free rules refuse it), master16_int8
+# both (bf16 params, the int16 remainder and the codes)
 LAYOUTS = {"native-fp32": ("fp32", "fp32", False, False), "native-fp64": ("fp64", "fp64", False, False),
            "native-bf16": ("bf16", "bf16", False, False), "native-fp16": ("fp16", "fp16", False, False),
            "bf16_state": ("fp32", "bf16", False, False), "master-bf16": ("bf16", "fp32", True, False),
            "master-fp16": ("fp16", "fp32", True, False), "bf16_sr": ("bf16", "bf16", False, True),
-           "master16": ("bf16", "fp32", 2, False), "int8_state": ("fp32", "int8", False, False)}
+           "master16": ("bf16", "fp32", 2, False), "int8_state": ("fp32", "int8", False, False),
+           "master16_int8": ("bf16", "int8", 2, False)}
 SIZE = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2, "int8": 1}
 SCHEDULE_FREE = ("sgd_sf", "adamw_sf")
+INT8_LAYOUTS = ("int8_state", "master16_int8")  # their own kernels (triton int8_state_kernel, CUDA Int8Functor)
 
 
 def layout_applies(rule: str, layout: str, flags: int | None = None, backend: str = "triton") -> bool:
-    """Whether ``rule`` has kernels in ``layout`` (int8_state: not the schedule-free rules; in CUDA not the
-    specializations without state either, which run the native fp32 kernel)."""
-    if layout != "int8_state":
+    """Whether ``rule`` has kernels in ``layout`` (int8_state, master16_int8: not the schedule-free rules; in CUDA not
+    the specializations without state either, which run the native fp32 or master16 kernel)."""
+    if layout not in INT8_LAYOUTS:
         return True
     return rule not in SCHEDULE_FREE and not (backend == "cuda" and flags is not None and num_states(rule, flags) == 0)
 
@@ -202,7 +205,7 @@ def analyze_sass(insns: list[tuple[int, str]], read_bytes_per_element: int, elem
 # -------------------------------------------------------------------------------------------------- CUDA
 _DEMANGLED = re.compile(r"StepFunctor<mf::RuleOp<(\d+), (\d+)>, ([\w:]+), ([\w:]+), (true|false), (true|false)"
                         r"(?:, (true|false))?")
-_DEMANGLED_INT8 = re.compile(r"Int8Functor<mf::RuleOp<(\d+), (\d+)> >|Int8Functor<mf::RuleOp<(\d+), (\d+)>>")
+_DEMANGLED_INT8 = re.compile(r"Int8Functor<mf::RuleOp<(\d+), (\d+)>, (true|false)\s*>")  # REM: master16_int8
 _CTYPE = {"float": "fp32", "double": "fp64", "mf::bf16": "bf16", "mf::fp16": "fp16"}
 NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
 
@@ -286,9 +289,10 @@ def cuda_report(arch: str = "sm_90", rules=None, layouts=None, build_dir=None) -
     for mangled, text in _demangle(names).items():
         m = _DEMANGLED.search(text)
         mi = _DEMANGLED_INT8.search(text)
-        if mi:  # int8_state's quantized-tensor kernel (its fp32-state tensors run the native-fp32 kernel)
-            rule, flags = RULES[int(mi.group(1) or mi.group(3))], int(mi.group(2) or mi.group(4))
-            layout = "int8_state"
+        if mi:  # the int8 layouts' quantized-tensor kernel (their fp32-state tensors run the native-fp32 or master16
+            # kernel)
+            rule, flags = RULES[int(mi.group(1))], int(mi.group(2))
+            layout = "master16_int8" if mi.group(3) == "true" else "int8_state"
             key = LAYOUTS[layout]
         elif m:
             rule = RULES[int(m.group(1))]

@@ -81,13 +81,13 @@ struct StepArgs {
   int k = 0;       // scalars per pack
   int ns = 0;      // rule state tensors per param
   bool master = false;
-  bool remainder = false;  // layout master16: an int16 remainder per param
-  bool int8 = false;       // layout int8_state: quantized params' states as codes + block scales
+  bool remainder = false;  // layouts master16, master16_int8: an int16 remainder per param
+  bool int8 = false;       // layouts int8_state, master16_int8: quantized params' states as codes + block scales
   int64_t n = 0;
   c10::Device device = c10::Device(c10::kCPU);
   std::vector<void*> params, states, masters;  // states: n * ns, tensor-major; masters: n (layout master)
-  std::vector<void*> remainders;               // n int16 remainders (layout master16)
-  // layout int8_state: for a quantized param (its states are codes) states[i * ns + j] are its codes,
+  std::vector<void*> remainders;               // n int16 remainders (layouts master16, master16_int8)
+  // layouts int8_state, master16_int8: for a quantized param (its states are codes) states[i * ns + j] are its codes,
   // scales[i * ns + j] their fp32 block scales and code_signed[i * ns + j] 1 for int8 codes, 0 for uint8;
   // for the others states are fp32 and scales nullptr
   std::vector<void*> scales;
@@ -99,8 +99,9 @@ struct StepArgs {
 
 // Checks a step's arguments for the op `op` on devices of type `device_type` and returns the pointer tables.
 //   states: tensor-major, ns rule states per param, then the fp32 master (layout master) or the int16 remainder
-//     (layout master16); layout int8_state: a quantized param (its first state int8 or uint8) has its ns codes (int8 or
-//     uint8) then their ns fp32 scales [numel / INT8_BLOCK], the others ns fp32 states.
+//     (layouts master16, master16_int8); layouts int8_state, master16_int8: a quantized param (its first state int8
+//     or uint8) has its ns codes (int8 or uint8), then its remainder (master16_int8), then their ns fp32 scales
+//     [numel / INT8_BLOCK]; the others ns fp32 states (then the remainder).
 //   scalars: float64 [n, k]; on the CPU when `scalars_on_host_only`, else on the CPU or the params' device
 //     (the CUDA binding copies it, stream-ordered).
 //   sr_keys: int64 [n] uint32 keys, bf16_sr only; host keys are range-checked here, device keys (CUDA only)
@@ -125,10 +126,10 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
   const int per = a.ns + nm;
   a.n = static_cast<int64_t>(n);
   TORCH_CHECK(grads.size() == n, "momentum_fused ", op, ": ", n, " params but ", grads.size(), " grads");
-  // layout int8_state: a param is quantized when its first state is codes (int8 / uint8): the front end decides
+  // layouts int8_state, master16_int8: a param is quantized when its first state is codes (int8 / uint8): the front end decides
   // (layouts.int8_quantized, on the global tensor: an FSDP2 shard may hold fewer than INT8_MIN_NUMEL elements)
   std::vector<uint8_t> quantized(a.int8 ? n : 0);
-  if (a.int8) {  // the count depends on that: quantized params have 2 ns (codes, then scales)
+  if (a.int8) {  // the count depends on that: quantized params have 2 ns (codes, then scales) + nm (the remainder)
     size_t want = 0;
     for (size_t i = 0; i < n; ++i) {
       TORCH_CHECK(params[i].defined(), "momentum_fused ", op, ": params[", i, "] is undefined");
@@ -137,17 +138,19 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
         const auto st = states[want].scalar_type();
         q = st == c10::ScalarType::Char || st == c10::ScalarType::Byte;
         TORCH_CHECK(q || st == c10::ScalarType::Float, "momentum_fused ", op, ": states[", want, "] (state 0 of params[",
-                    i, "], layout int8_state) has dtype ", st, ", expected int8 or uint8 codes, or float32");
+                    i, "], layout ", layout_name(a.layout), ") has dtype ", st,
+                    ", expected int8 or uint8 codes, or float32");
       }
       TORCH_CHECK(!q || params[i].numel() % INT8_BLOCK == 0, "momentum_fused ", op, ": params[", i, "] has ",
                   params[i].numel(), " elements, not a multiple of ", INT8_BLOCK, ", but its state is 8-bit codes");
       quantized[i] = q ? 1 : 0;
-      want += static_cast<size_t>(q ? 2 * a.ns : a.ns);
+      want += static_cast<size_t>((q ? 2 * a.ns : a.ns) + nm);
     }
     TORCH_CHECK(states.size() == want, "momentum_fused ", op, ": rule ", rule_name(a.rule), " with flags ", a.flags,
-                " and layout int8_state needs ", want, " state tensors for these params (", a.ns,
-                " per param; a param whose states are 8-bit codes has ", a.ns, " codes then their ", a.ns,
-                " scales), got ", states.size());
+                " and layout ", layout_name(a.layout), " needs ", want, " state tensors for these params (", a.ns,
+                a.remainder ? " + the int16 remainder" : "", " per param; a param whose states are 8-bit codes has ",
+                a.ns, " codes, ", a.remainder ? "the remainder, " : "", "then their ", a.ns, " scales), got ",
+                states.size());
   } else {
     TORCH_CHECK(states.size() == n * static_cast<size_t>(per), "momentum_fused ", op, ": rule ", rule_name(a.rule),
                 " with flags ", a.flags, " and layout ", layout_name(a.layout), " needs ", per,
@@ -235,16 +238,21 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
         TORCH_CHECK(c.defined(), "momentum_fused ", op, ": states[", at + j, "] is undefined");
         const bool sgn = c.scalar_type() == c10::ScalarType::Char;
         TORCH_CHECK(sgn || c.scalar_type() == c10::ScalarType::Byte, "momentum_fused ", op, ": states[", at + j,
-                    "] (codes of state ", j, " of params[", i, "], quantized by layout int8_state) has dtype ",
+                    "] (codes of state ", j, " of params[", i, "], quantized by layout ", layout_name(a.layout),
+                    ") has dtype ",
                     c.scalar_type(), ", expected int8 (a signed state) or uint8 (a non-negative one)");
         check_tensor(op, c, "states (codes)", at + j, a.device, c.scalar_type(), ne);
-        check_tensor(op, states[at + a.ns + j], "states (scales)", at + a.ns + j, a.device, c10::ScalarType::Float,
-                     ne / INT8_BLOCK);
+        check_tensor(op, states[at + a.ns + nm + j], "states (scales)", at + a.ns + nm + j, a.device,
+                     c10::ScalarType::Float, ne / INT8_BLOCK);
         a.states[i * a.ns + j] = c.data_ptr();
-        a.scales[i * a.ns + j] = states[at + a.ns + j].data_ptr();
+        a.scales[i * a.ns + j] = states[at + a.ns + nm + j].data_ptr();
         a.code_signed[i * a.ns + j] = sgn ? 1 : 0;
       }
-      at += 2 * a.ns;
+      if (a.remainder) {
+        check_tensor(op, states[at + a.ns], "states (remainder)", at + a.ns, a.device, c10::ScalarType::Short, ne);
+        a.remainders[i] = states[at + a.ns].data_ptr();
+      }
+      at += static_cast<size_t>(2 * a.ns + nm);
       continue;
     }
     for (int j = 0; j < a.ns; ++j) check_tensor(op, states[at + j], "states", at + j, a.device, sdtype, ne);

@@ -1,9 +1,10 @@
-"""The per-step oracle of the compressed-state layouts (master16, int8_state) for the compiled backends' tests
+"""The per-step oracle of the compressed-state layouts (master16, int8_state, master16_int8) for the compiled backends' tests
 (tests/triton/test_compressed_triton.py, tests/test_cuda_backend.py).
 
 ``oracle_apply(real_apply, checked)`` wraps a backend's ``apply``: each master16 / int8_state bucket is first
 replayed on copies by the same backend in the layout without compression (``master`` for master16, with the
-decoded master as the fp32 master copy; native fp32 for int8_state, with the decoded states), the results are
+decoded master as the fp32 master copy; native fp32 for int8_state, with the decoded states; ``master`` with both
+for master16_int8), the results are
 encoded with layouts.master16_encode / layouts.int8_encode (the spec), then the real kernel runs and its params,
 remainders, codes, scales and fp32 states must be equal to those bit for bit (NaNs as NaNs). So the kernels'
 decode, encode and plumbing are checked exactly, whatever the rule's fp32 math rounds like.
@@ -68,41 +69,40 @@ def oracle_apply(real_apply, checked, count_launches=None):
         if not (layout.int8 or layout.remainder):
             return real_apply(spec, flags, params, grads, states, scalars, layout=layout, **kw)
         ps = [p.detach().clone() for p in params]
-        if layout.remainder:
-            sts = [tuple(s.clone() for s in st[:-1]) + (layouts.master16_decode(p, st[-1]).view(p.shape),)
-                   for p, st in zip(params, states)]
-            real_apply(spec, flags, ps, grads, sts, scalars, layout=layouts.LAYOUTS["master"], **kw)
-        else:
-            sts = []
-            for p, st in zip(params, states):
-                if layouts.int8_quantized(p):
-                    n = len(st) // 2
-                    sts.append(tuple(layouts.int8_decode(c, s, c.dtype == torch.int8) for c, s in zip(st[:n], st[n:])))
-                else:
-                    sts.append(tuple(s.clone() for s in st))
-            real_apply(spec, flags, ps, grads, sts, scalars, layout=layouts.NATIVE, **kw)
+        r = 1 if layout.remainder else 0  # master16, master16_int8: the remainder after the states (or codes)
+        split, sts = [], []  # split: (quantized, number of states) per tensor
+        for p, st in zip(params, states):
+            q = layout.int8 and layouts.int8_quantized(p)
+            n = (len(st) - r) // 2 if q else len(st) - r
+            split.append((q, n))
+            if q:  # codes..., [remainder], scales...
+                s32 = tuple(layouts.int8_decode(c, s, c.dtype == torch.int8) for c, s in zip(st[:n], st[n + r:]))
+            else:
+                s32 = tuple(s.clone() for s in st[:n])
+            if r:
+                s32 += (layouts.master16_decode(p, st[n]).view(p.shape),)
+            sts.append(s32)
+        real_apply(spec, flags, ps, grads, sts, scalars, layout=layouts.LAYOUTS["master"] if r else layouts.NATIVE,
+                   **kw)
         before = count_launches() if count_launches else 0
         out = real_apply(spec, flags, params, grads, states, scalars, layout=layout, **kw)
         if count_launches:
             assert count_launches() - before == 1, "one launch per bucket"
-        for i, (p, st, q, qs) in enumerate(zip(params, states, ps, sts)):
-            if layout.remainder:
+        for i, (p, st, q, qs, (quant, n)) in enumerate(zip(params, states, ps, sts, split)):
+            if r:
                 hi, lo = layouts.master16_encode(qs[-1])
                 _equal(p, hi.view(p.shape), f"param {i}")
-                _equal(st[-1], lo.view(p.shape), f"remainder {i}")
-                for j, (a, b) in enumerate(zip(st[:-1], qs[:-1])):
-                    _equal(a, b, f"state {j} of tensor {i}")
+                _equal(st[n], lo.view(p.shape), f"remainder {i}")
             else:
                 _equal(p, q, f"param {i}")
-                if layouts.int8_quantized(p):
-                    n = len(st) // 2
-                    for j, (c, s, x) in enumerate(zip(st[:n], st[n:], qs)):
-                        codes, scale = layouts.int8_encode(x, c.dtype == torch.int8)
-                        _equal(c, codes, f"codes of state {j}, tensor {i}")
-                        _equal(s, scale, f"scales of state {j}, tensor {i}")
-                else:
-                    for j, (a, b) in enumerate(zip(st, qs)):
-                        _equal(a, b, f"fp32 state {j} of tensor {i}")
+            if quant:
+                for j, (c, s, x) in enumerate(zip(st[:n], st[n + r:], qs)):
+                    codes, scale = layouts.int8_encode(x, c.dtype == torch.int8)
+                    _equal(c, codes, f"codes of state {j}, tensor {i}")
+                    _equal(s, scale, f"scales of state {j}, tensor {i}")
+            else:
+                for j, (a, b) in enumerate(zip(st[:n], qs)):
+                    _equal(a, b, f"fp32 state {j} of tensor {i}")
         checked.append(sum(p.numel() for p in params))
         return out
     return apply

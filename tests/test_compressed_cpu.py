@@ -1,4 +1,5 @@
-"""The compressed layouts in the CPU kernels (csrc/cpu, csrc/compressed.h): ``master16`` and ``int8_state``.
+"""The compressed layouts in the CPU kernels (csrc/cpu, csrc/compressed.h): ``master16``, ``int8_state`` and
+their composition ``master16_int8``.
 
 What "bit-exact" means here. Each layout is defined as a decode, the rule's fp32 math, an encode
 (docs/layouts.md). The CPU kernels' fp32 math (csrc/update_rules.h, compiled without FMA contraction) is not
@@ -12,10 +13,14 @@ after a few steps (tests/backend_cases.py compares the compiled backends with to
 - int8_state on the cpu backend == the cpu backend's native fp32 step on the decoded state followed by
   ``layouts.int8_encode`` (the reference's encoder), bit for bit: params, codes, scales, the fp32 states of the
   non-quantized tensors of the same bucket; every rule whose state can be int8, 10 steps.
+- master16_int8 on the cpu backend == int8_state on the cpu backend run on fp32 params that start at the bf16
+  values and take the same (bf16) gradients, bit for bit: the master decoded from (param, remainder) is that run's
+  fp32 param, the param is ``layouts.master16_encode(master)``, codes, scales and the fp32 states of the
+  non-quantized tensors are equal (those run the master16 path, the same bits as the native fp32 one); every rule.
 - The encoders themselves against layouts.py on adversarial inputs (every bf16/int16 bit pattern pair for
   master16; midpoints, their neighbours, zero / NaN / inf blocks for the int8 codes).
 - Against the reference backend: within the fp32 tolerance (master16) and codes equal but for rare one-code flips
-  where the two fp32 maths straddle a midpoint (int8_state).
+  where the two fp32 maths straddle a midpoint (int8_state, master16_int8).
 - Thread count and ISA variant (baseline vs this CPU's) do not change a bit; found_inf skips; checkpoints move
   between the reference and the cpu backends and between master and master16.
 """
@@ -293,13 +298,105 @@ def test_int8_cpu_against_the_reference_backend():
                     torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------- master16_int8
+def _m16i8_pair(cls, kw, sign, scale, steps=10, shapes=Q_SHAPES, seed=0):
+    """A cpu master16_int8 run (bf16 params) and its definition: a cpu int8_state run on fp32 params that start at
+    the same bf16 values and take the same bf16 gradients (as fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+    ps = [x.clone().requires_grad_() for x in init]
+    rs = [x.float().requires_grad_() for x in init]
+    opt = cls(ps, backend="cpu", layout="master16_int8", **kw)
+    ref = cls(rs, backend="cpu", layout="int8_state", **kw)
+    for _ in range(steps):
+        for p, r in zip(ps, rs):
+            p.grad = _grad(p.shape, gen, scale, sign, torch.bfloat16)
+            r.grad = p.grad.float()
+        opt.step()
+        ref.step()
+    return opt, ref, ps, rs
+
+
+def _check_m16i8_equal(opt, ref, ps, rs, what):
+    for i, (p, r) in enumerate(zip(ps, rs)):
+        st, rst = opt.state[p], ref.state[r]
+        m = master_of(opt, p)
+        assert torch.equal(_bits(m), _bits(r)), f"{what} tensor {i}: master != the int8_state run's fp32 param"
+        hi, lo = layouts.master16_encode(m)
+        assert torch.equal(_bits(p), _bits(hi.view(p.shape))), f"{what} tensor {i}: param != master16_encode(master)"
+        assert torch.equal(st["master_lo"], lo.view(p.shape)), f"{what} tensor {i}: remainder"
+        assert set(st) == set(rst) | {"master_lo"}
+        for k, v in rst.items():
+            assert torch.equal(torch.as_tensor(st[k]), torch.as_tensor(v)), f"{what} tensor {i} {k}"
+
+
+@pytest.mark.parametrize("case", INT8_CASES, ids=[c[0] for c in INT8_CASES])
+def test_master16_int8_cpu_is_int8_state_on_the_master_bit_for_bit(case):
+    cid, cls, kw0, _, sign, lp = case
+    kw, scale = _kw(kw0, lp)
+    opt, ref, ps, rs = _m16i8_pair(cls, kw, sign, scale)
+    _check_m16i8_equal(opt, ref, ps, rs, cid)
+    names = opt.spec.state_names(opt.param_groups[0])
+    q = [p for p in ps if layouts.int8_quantized(p)]
+    assert len(q) == 2 and all(opt.state[p][k].dtype in (torch.int8, torch.uint8) for p in q for k in names)
+    if names:  # the codes carry information (not all zero), the remainders too
+        assert any(int(opt.state[p][k].ne(0).sum()) > 1000 for p in q for k in names)
+    assert all(int(opt.state[p]["master_lo"].ne(0).sum()) > 1000 for p in q)
+
+
+def test_master16_int8_two_threads_split_quantized_tensors_on_blocks():
+    _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == "adamw")
+    kw, scale = _kw(kw0, lp)
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        opt, ref, ps, rs = _m16i8_pair(cls, kw, sign, scale, steps=3, shapes=Q_SPLIT_SHAPES)
+    finally:
+        torch.set_num_threads(old)
+    _check_m16i8_equal(opt, ref, ps, rs, "two threads")
+
+
+def test_master16_int8_cpu_against_the_reference_backend():
+    """Against the reference backend's master16_int8 run, as test_int8_cpu_against_the_reference_backend: masters
+    close, codes equal but for one-code flips at midpoints, scales close."""
+    for cid in ("adamw", "sgd-momentum", "rmsprop-centered"):
+        _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == cid)
+        kw, scale = _kw(kw0, lp)
+        shapes = [(16, 256), (4097,)]
+        gen = torch.Generator().manual_seed(1)
+        init = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+        ps = [x.clone().requires_grad_() for x in init]
+        qs = [x.clone().requires_grad_() for x in init]
+        a = cls(ps, backend="cpu", layout="master16_int8", **kw)
+        b = cls(qs, backend="reference", layout="master16_int8", **kw)
+        for _ in range(10):
+            for p, q in zip(ps, qs):
+                p.grad = _grad(p.shape, gen, scale, sign, torch.bfloat16)
+                q.grad = p.grad.clone()
+            a.step()
+            b.step()
+        names = a.spec.state_names(a.param_groups[0])
+        for p, q in zip(ps, qs):
+            torch.testing.assert_close(master_of(a, p), master_of(b, q), rtol=0, atol=1e-3)
+            torch.testing.assert_close(p.float(), q.float(), rtol=1e-2, atol=1e-3)  # one bf16 ulp at most
+            for k in names:
+                x, y = a.state[p][k], b.state[q][k]
+                if layouts.int8_quantized(p):
+                    d = (x.int() - y.int()).abs()
+                    assert int(d.max()) <= 1 and float(d.ne(0).float().mean()) < 1e-3, (cid, k)
+                    torch.testing.assert_close(a.state[p][k + "_scale"], b.state[q][k + "_scale"], rtol=1e-4, atol=0)
+                else:
+                    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------- threads, ISA variants, found_inf
 def _bits_run():
-    """AdamW in both layouts over a bucket that two threads split mid-tensor; every tensor, cloned."""
+    """AdamW in the three layouts over a bucket that two threads split mid-tensor; every tensor, cloned."""
     gen = torch.Generator().manual_seed(7)
     out = []
     for layout, dtype, shapes in (("int8_state", torch.float32, [(300, 256), (17,), (4096,), (70_001,)]),
-                                  ("master16", torch.bfloat16, [(40_003,), (17,), (30_001,), ()])):
+                                  ("master16", torch.bfloat16, [(40_003,), (17,), (30_001,), ()]),
+                                  ("master16_int8", torch.bfloat16, [(300, 256), (17,), (4096,), (70_001,)])):
         ps = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
         opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, layout=layout, backend="cpu")
         for _ in range(3):
@@ -346,7 +443,8 @@ def test_isa_variants_give_the_same_bits(tmp_path, isa):
     assert len(base) == len(mine) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(base, mine))
 
 
-@pytest.mark.parametrize("layout,dtype", [("int8_state", torch.float32), ("master16", torch.bfloat16)])
+@pytest.mark.parametrize("layout,dtype", [("int8_state", torch.float32), ("master16", torch.bfloat16),
+                                          ("master16_int8", torch.bfloat16)])
 def test_found_inf_skips_the_step(layout, dtype):
     gen = torch.Generator().manual_seed(2)
     ps = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in [(4096,), (17,)]]
@@ -365,7 +463,8 @@ def test_found_inf_skips_the_step(layout, dtype):
 
 
 # ------------------------------------------------------------------------------------- backend choice
-@pytest.mark.parametrize("layout,dtype", [("master16", torch.bfloat16), ("int8_state", torch.float32)])
+@pytest.mark.parametrize("layout,dtype", [("master16", torch.bfloat16), ("int8_state", torch.float32),
+                                          ("master16_int8", torch.bfloat16)])
 def test_cpu_backend_runs_the_layout_forced_and_by_default(layout, dtype):
     from momentum_fused.specs import get_spec
     lay, spec = layouts.get_layout(layout), get_spec(mf.AdamW.rule)
@@ -383,11 +482,14 @@ def test_cpu_backend_runs_the_layout_forced_and_by_default(layout, dtype):
     from momentum_fused._backend_cpu import LAYOUT_CODES, RULE_IDS
     st = opt.state[p]
     names = ["exp_avg", "exp_avg_sq"]
-    good = [st[k] for k in names] + ([st[k + "_scale"] for k in names] if layout == "int8_state" else [st["master_lo"]])
+    lay_extra = [st["master_lo"]] if lay.remainder else []
+    good = [st[k] for k in names] + lay_extra + ([st[k + "_scale"] for k in names] if lay.int8 else [])
     before = [p.detach().clone()] + [t.clone() for t in good]
     args = (torch.zeros(1, len(spec.scalar_names), dtype=torch.float64), RULE_IDS["adam"], 1, LAYOUT_CODES[layout])
-    for bad, what in (([good[0].to(torch.int16 if layout == "int8_state" else torch.float64)] + good[1:], "dtype"),
-                      (good[:-1], "state tensors")):
+    bads = [([good[0].to(torch.int16 if lay.int8 else torch.float64)] + good[1:], "dtype"), (good[:-1], "state tensors")]
+    if lay.int8 and lay.remainder:  # the remainder where a scale should be, and the other way round
+        bads.append((good[:2] + good[3:4] + good[2:3] + good[4:], "dtype"))
+    for bad, what in bads:
         with pytest.raises(RuntimeError, match=what):
             torch.ops.momentum_fused.cpu_step([p.detach()], [p.grad], bad, *args)
     assert all(torch.equal(x, y) for x, y in zip(before, [p.detach()] + good))

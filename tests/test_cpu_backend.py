@@ -402,9 +402,8 @@ from backend_cases import (ALL_LAYOUTS, LayoutRun, _adam_pack, _bits, _layout_ca
 
 def test_cpu_backend_declares_every_layout():
     assert tuple(LAY.LAYOUTS)[:len(ALL_LAYOUTS)] == ALL_LAYOUTS
-    # the base four (tested here) and the compressed two (tests/test_compressed_cpu.py): all but master16_int8
-    # (reference backend only: tests/test_master16_int8.py)
-    assert backends._REGISTRY["cpu"].layouts == tuple(n for n in LAY.LAYOUTS if n != "master16_int8")
+    # the base four (tested here) and the compressed three (tests/test_compressed_cpu.py): all of them
+    assert backends._REGISTRY["cpu"].layouts == tuple(LAY.LAYOUTS)
     assert tuple(bcpu.LAYOUT_CODES) == tuple(LAY.LAYOUTS)
 
 

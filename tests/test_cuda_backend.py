@@ -182,7 +182,7 @@ CUDA_LAYOUT_SHAPES = LAYOUT_SHAPES + [(4096,), (65536 + 8,)]
 
 
 def test_cuda_backend_declares_every_layout():
-    assert backends._REGISTRY["cuda"].layouts == tuple(LAY.LAYOUTS)  # master16 and int8_state: below
+    assert backends._REGISTRY["cuda"].layouts == tuple(LAY.LAYOUTS)  # master16, int8_state, master16_int8: below
 
 
 @pytest.mark.parametrize("cls,kw0,kw1,lay,dtype,sign,lp", _layout_case_params())
@@ -369,7 +369,7 @@ def test_cuda_step_under_a_dispatch_mode_is_the_registered_op_and_passes_opcheck
     opcheck_one_step(torch.ops.momentum_fused.cuda_step.default, opt)
 
 
-# ------------------------------------------------------------------------- master16 and int8_state (issue 17)
+# --------------------------------------------------------- master16, int8_state and master16_int8 (issue 17)
 # Written without a GPU (compiled and statically checked: csrc/check_cuda_compile.sh, bench/kernel_report.py);
 # they have not run yet. The per-step oracle (tests/compressed_oracle.py) replays each step with the same kernels'
 # fp32 math in the layout without compression and encodes it with layouts.py: params, remainders, codes, scales
@@ -397,7 +397,7 @@ def _compressed_grads(ps, k, gmode):
 
 def _compressed_run(cls, kw, gmode, layout, steps=10, shapes=COMPRESSED_SHAPES):
     from compressed_oracle import oracle_apply
-    dtype = torch.bfloat16 if layout == "master16" else torch.float32
+    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     ps = [torch.randn(s, generator=gen).to(dtype).cuda().requires_grad_() for s in shapes]
     groups = [{"params": ps[::2]}, {"params": ps[1::2], "lr": kw["lr"] * 0.5}]
@@ -419,7 +419,7 @@ def _compressed_run(cls, kw, gmode, layout, steps=10, shapes=COMPRESSED_SHAPES):
 
 def _compressed_params():
     from compressed_oracle import CASES, SF_CASES
-    return [pytest.param(lay, c, id=f"{lay}-{c[0]}") for lay in ("master16", "int8_state")
+    return [pytest.param(lay, c, id=f"{lay}-{c[0]}") for lay in ("master16", "int8_state", "master16_int8")
             for c in CASES + (SF_CASES if lay == "master16" else [])]
 
 
@@ -427,30 +427,32 @@ def _compressed_params():
 def test_compressed_layouts_every_step_is_the_encoding_of_the_fp32_rule(layout, case):
     _, cls, kw, gmode = case
     opt, ps = _compressed_run(cls, kw, gmode, layout)
-    if layout == "int8_state":
+    if layout != "master16":
         names = opt.spec.state_names(opt.param_groups[0])
         if names:
             assert opt.state[ps[0]][names[0]].dtype in (torch.int8, torch.uint8)
             assert opt.state[ps[2]][names[0]].dtype == torch.float32
 
 
-def test_int8_state_misaligned_views_and_nan_blocks():
-    """A quantized param whose storage starts 4 bytes into an allocation (the kernel's scalar path), and a NaN
+@pytest.mark.parametrize("layout", ["int8_state", "master16_int8"])
+def test_int8_state_misaligned_views_and_nan_blocks(layout):
+    """A quantized param whose storage starts 4 (2) bytes into an allocation (the kernel's scalar path), and a NaN
     gradient in one block (its scale NaN, its codes the top one), through the oracle."""
     from compressed_oracle import oracle_apply
-    base = torch.randn(1 + 8192, device="cuda")
+    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
+    base = torch.randn(1 + 8192, device="cuda").to(dtype)
     p = base[1:].requires_grad_()
     checked = []
     b = backends._REGISTRY["cuda"]
     real = b.apply
     b.apply = oracle_apply(real, checked)
     try:
-        opt = mf.AdamW([p], lr=1e-2, weight_decay=0.1, backend="cuda", layout="int8_state")
+        opt = mf.AdamW([p], lr=1e-2, weight_decay=0.1, backend="cuda", layout=layout)
         for k in range(3):
             g = torch.randn(8192, device="cuda")
             if k:
                 g[300] = float("nan")
-            p.grad = g
+            p.grad = g.to(dtype)
             opt.step()
     finally:
         b.apply = real

@@ -202,8 +202,9 @@ def test_launch_counts_llm_and_tiny_profiles(plan_driver):
 
 
 # ------------------------------------------------------------------- the int8_state functor, emulated on the host
-# csrc/cuda/int8_functor.cuh (the CUDA kernel of int8_state's quantized tensors) run by host threads, one per CUDA
-# thread (csrc/cuda/host_emulation.h: warp shuffles through barriers), on one bucket of one tensor; compared bit
+# csrc/cuda/int8_functor.cuh (the CUDA kernel of int8_state's and master16_int8's quantized tensors) run by host
+# threads, one per CUDA thread (csrc/cuda/host_emulation.h: warp shuffles through barriers), on one bucket of one
+# tensor; compared bit
 # for bit with layouts.py's encoding of the CPU backend's fp32 step on the decoded states (the same
 # csrc/update_rules.h, no FMA contraction: the fp32 math agrees). The device's own arithmetic (sqrtf, the
 # division: IEEE on both with --fmad=false) is not what this checks: the indexing, the warp reduction, the codes.
@@ -218,47 +219,59 @@ namespace mf { namespace cuda { constexpr int kChunk = 65536; constexpr int kMin
 
 using namespace mf;
 struct Table {
-  void* ptr[8][1];
+  void* ptr[9][1];
   int64_t numel[1];
   int32_t row[1];
 };
 
-template <class Op>
+// stdin: the pack, the param and the grad (fp32; REM: bf16 bits), the remainder (REM: int16), the codes, the
+// scales; stdout: the param, the remainder (REM), the codes, the scales
+template <class Op, bool REM>
 int run(int64_t n, int threads, int code_unsigned) {
   constexpr int NS = Op::kStates;
   constexpr int K = Op::template Scalars<float>::kPack;
+  using P = typename std::conditional<REM, bf16, float>::type;
+  constexpr size_t PB = sizeof(P);
   std::vector<double> pack(K);
-  std::vector<float> p(n), g(n), scales(NS * (n / INT8_BLOCK));
+  std::vector<P> p(n), g(n);
+  std::vector<uint16_t> r(REM ? n : 0);
+  std::vector<float> scales(NS * (n / INT8_BLOCK));
   std::vector<uint8_t> codes(NS * n);
-  if (std::fread(pack.data(), 8, K, stdin) != size_t(K) || std::fread(p.data(), 4, n, stdin) != size_t(n) ||
-      std::fread(g.data(), 4, n, stdin) != size_t(n) || std::fread(codes.data(), 1, NS * n, stdin) != size_t(NS * n) ||
+  if (std::fread(pack.data(), 8, K, stdin) != size_t(K) || std::fread(p.data(), PB, n, stdin) != size_t(n) ||
+      std::fread(g.data(), PB, n, stdin) != size_t(n) || std::fread(r.data(), 2, r.size(), stdin) != r.size() ||
+      std::fread(codes.data(), 1, NS * n, stdin) != size_t(NS * n) ||
       std::fread(scales.data(), 4, scales.size(), stdin) != scales.size())
     return 3;
   Table tt{};
   tt.ptr[0][0] = p.data();
   tt.ptr[1][0] = g.data();
+  if (REM) tt.ptr[2 + NS][0] = r.data();
   for (int j = 0; j < NS; ++j) {
     tt.ptr[2 + j][0] = codes.data() + j * n;
-    tt.ptr[2 + NS + j][0] = scales.data() + j * (n / INT8_BLOCK);
+    tt.ptr[2 + NS + (REM ? 1 : 0) + j][0] = scales.data() + j * (n / INT8_BLOCK);
   }
   tt.numel[0] = n;
-  cuda::Int8Functor<Op> f{pack.data(), nullptr, nullptr, code_unsigned};
+  cuda::Int8Functor<Op, REM> f{pack.data(), nullptr, nullptr, code_unsigned};
   for (int chunk = 0; int64_t(chunk) * cuda::kChunk < n; ++chunk)
     mf_emu::run_block(threads, [&] { f(tt, 0, chunk); });
-  std::fwrite(p.data(), 4, n, stdout);
+  std::fwrite(p.data(), PB, n, stdout);
+  std::fwrite(r.data(), 2, r.size(), stdout);
   std::fwrite(codes.data(), 1, NS * n, stdout);
   std::fwrite(scales.data(), 4, scales.size(), stdout);
   return 0;
 }
 
 int main(int argc, char** argv) {
-  if (argc != 6) return 2;
+  if (argc != 7) return 2;
   const int rule = std::atoi(argv[1]), flags = std::atoi(argv[2]), threads = std::atoi(argv[4]);
   const int64_t n = std::atoll(argv[3]);
   const int code_unsigned = std::atoi(argv[5]);
+  const bool rem = std::atoi(argv[6]) != 0;  // master16_int8's form
 #define MF_CASE(R, F)                                                                          \
   if constexpr (RuleOp<R, F>::kStates > 0 && R != RULE_SGD_SF && R != RULE_ADAMW_SF)           \
-    if (rule == R && flags == F) return run<RuleOp<R, F>>(n, threads, code_unsigned);
+    if (rule == R && flags == F)                                                               \
+      return rem ? run<RuleOp<R, F>, true>(n, threads, code_unsigned)                          \
+                 : run<RuleOp<R, F>, false>(n, threads, code_unsigned);
   MF_FOR_EACH_RULE_FLAGS(MF_CASE)
 #undef MF_CASE
   return 4;
@@ -290,8 +303,11 @@ def _int8_cases():
             ("lion", mf.Lion, dict(lr=1e-3, weight_decay=0.1))]
 
 
+@pytest.mark.parametrize("rem", [False, True], ids=["int8_state", "master16_int8"])
 @pytest.mark.parametrize("case", _int8_cases(), ids=lambda c: c[0])
-def test_int8_functor_emulated_on_the_host_is_bit_exact(int8_driver, case):
+def test_int8_functor_emulated_on_the_host_is_bit_exact(int8_driver, case, rem):
+    """int8_state's functor, and its master16_int8 form (bf16 param and grad, the int16 remainder: the oracle steps
+    the decoded master in fp32 and encodes it with layouts.master16_encode)."""
     import torch
 
     import momentum_fused as mf
@@ -326,25 +342,40 @@ def test_int8_functor_emulated_on_the_host_is_bit_exact(int8_driver, case):
     st[0][1024 + 7] = float("nan")
     enc = [layouts.int8_encode(x, sg) for x, sg in zip(st, signed)]
     g = torch.randn(n, generator=gen)
+    # master16_int8: the bf16 param and remainder of p's value (in bits that are not all zero), a bf16 grad
+    hi, lo = layouts.master16_encode(p.detach() * (1 + 2 ** -12))
+    if rem:
+        g = g.bfloat16()
     # the oracle: decode, the CPU backend's fp32 step, encode
     dec = tuple(layouts.int8_decode(c, s, sg) for (c, s), sg in zip(enc, signed))
-    q = p.detach().clone()
-    cpu.apply(spec, flags, [q], [g], [dec], got["pack"], layout=layouts.NATIVE)
+    q = layouts.master16_decode(hi, lo) if rem else p.detach().clone()
+    cpu.apply(spec, flags, [q], [g.float()], [dec], got["pack"], layout=layouts.NATIVE)
     want = [layouts.int8_encode(x, sg) for x, sg in zip(dec, signed)]
     # the emulated CUDA functor: 64 threads (2 warps) per block
     ns = len(names)
-    inp = b"".join([got["pack"][0].double().numpy().tobytes(), p.detach().numpy().tobytes(), g.numpy().tobytes()]
+    raw = lambda x: x.view(torch.int16 if x.element_size() == 2 else torch.int32).numpy().tobytes()  # noqa: E731
+    inp = b"".join([got["pack"][0].double().numpy().tobytes(), raw(hi if rem else p.detach()), raw(g)]
+                   + ([raw(lo)] if rem else [])
                    + [c.view(torch.uint8).numpy().tobytes() for c, _ in enc] + [s.numpy().tobytes() for _, s in enc])
     mask = sum(1 << j for j, sg in enumerate(signed) if not sg)
     out = subprocess.run([int8_driver, str(_backend_cpu.RULE_IDS[spec.name]),
-                          str(_backend_cpu.flags_to_int(spec.name, flags)), str(n), "64", str(mask)],
+                          str(_backend_cpu.flags_to_int(spec.name, flags)), str(n), "64", str(mask), str(int(rem))],
                          input=inp, capture_output=True, check=True, timeout=600).stdout
-    pp = torch.frombuffer(bytearray(out[:4 * n]), dtype=torch.float32)
-    codes = torch.frombuffer(bytearray(out[4 * n:4 * n + ns * n]), dtype=torch.uint8).view(ns, n)
-    scales = torch.frombuffer(bytearray(out[4 * n + ns * n:]), dtype=torch.float32).view(ns, n // 256)
+    at = 4 * n  # the fp32 param, or the bf16 param and the int16 remainder
+    if rem:
+        pp = torch.frombuffer(bytearray(out[:2 * n]), dtype=torch.int16)
+        rr = torch.frombuffer(bytearray(out[2 * n:4 * n]), dtype=torch.int16)
+        want_hi, want_lo = layouts.master16_encode(q)
+        assert torch.equal(rr, want_lo), "remainders"
+        assert torch.equal(pp, want_hi.view(torch.int16)), "params (bf16 bits)"
+        assert not torch.equal(rr, lo), "the master moved"
+    else:
+        pp = torch.frombuffer(bytearray(out[:4 * n]), dtype=torch.float32)
+        nan = torch.isnan(pp) & torch.isnan(q)
+        assert torch.equal(pp.view(torch.int32)[~nan], q.view(torch.int32)[~nan]), "params"
+    codes = torch.frombuffer(bytearray(out[at:at + ns * n]), dtype=torch.uint8).view(ns, n)
+    scales = torch.frombuffer(bytearray(out[at + ns * n:]), dtype=torch.float32).view(ns, n // 256)
     bits = lambda x: x.view(torch.int32)  # noqa: E731
-    nan = torch.isnan(pp) & torch.isnan(q)
-    assert torch.equal(bits(pp)[~nan], bits(q)[~nan]), "params"
     for j, (c, s) in enumerate(want):
         assert torch.equal(codes[j], c.view(torch.uint8)), f"codes of state {names[j]}"
         both = torch.isnan(scales[j]) & torch.isnan(s)

@@ -57,9 +57,9 @@ def _scenarios():
     out += [dict(id=f"bad_grad-{b}", kind="bad_grad", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"lowrank_ddp-{b}", kind="lowrank_ddp", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"int8_fsdp-{lay}-{b}", kind="int8_fsdp", layout=lay, backend=b)
-            for lay in INT8_LAYOUTS for b in _available(BACKENDS) if (lay, b) != ("master16_int8", "cpu")]
+            for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
     out += [dict(id=f"int8_ckpt-{lay}-{b}", kind="int8_ckpt", layout=lay, backend=b)
-            for lay in INT8_LAYOUTS for b in _available(BACKENDS) if (lay, b) != ("master16_int8", "cpu")]
+            for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
     return out
 
 
@@ -242,9 +242,10 @@ def test_lowrank_sgd_under_ddp_equals_single_process(world, backend):
 
 # ------------------------------------------------------------------ the int8 layouts under FSDP2
 @pytest.mark.parametrize("layout,backend", [("int8_state", "reference"), ("master16_int8", "reference"),
-                                            pytest.param("int8_state", "cpu", marks=pytest.mark.skipif(
+                                            *[pytest.param(lay, "cpu", marks=pytest.mark.skipif(
                                                 _CPU_STATUS != "available",
-                                                reason=f"cpu backend not built here: {_CPU_STATUS}"))])
+                                                reason=f"cpu backend not built here: {_CPU_STATUS}"))
+                                              for lay in INT8_LAYOUTS]])
 def test_int8_layouts_under_fsdp_equal_single_process_bit_for_bit(world, layout, backend):
     """8-bit codes on FSDP2 shards (docs/layouts.md): blocks never straddle a shard, each shard's scales are its
     own rows', so with the same averaged gradients the sharded run IS the single-process one, codes included."""
@@ -265,9 +266,10 @@ def test_int8_layouts_under_fsdp_equal_single_process_bit_for_bit(world, layout,
 
 
 @pytest.mark.parametrize("layout,backend", [("int8_state", "reference"), ("master16_int8", "reference"),
-                                            pytest.param("int8_state", "cpu", marks=pytest.mark.skipif(
+                                            *[pytest.param(lay, "cpu", marks=pytest.mark.skipif(
                                                 _CPU_STATUS != "available",
-                                                reason=f"cpu backend not built here: {_CPU_STATUS}"))])
+                                                reason=f"cpu backend not built here: {_CPU_STATUS}"))
+                                              for lay in INT8_LAYOUTS]])
 def test_int8_layouts_distributed_checkpoint_resume_equals_uninterrupted(world, layout, backend):
     """DCP save / load of an FSDP2 run in an int8 layout: codes, block scales (and master16_int8's remainder) are
     saved as DTensors, and the resumed run is the uninterrupted one bit for bit."""

@@ -1,8 +1,8 @@
 """Static checks of the compiled elementwise kernels (issue 20), without a GPU: bench/kernel_report.py compiles
 them for sm_90 and reads ptxas' log and the SASS.
 
-- CUDA (csrc/cuda/fused_step.cu, all 215 rule x flags x layout kernels): no stack, no spills, at most 64
-  registers (2 blocks of 512 threads per SM; int8_state with 2-3 states: 128, one block), 128-bit loads and stores of every list in the fp32 and 16-bit
+- CUDA (csrc/cuda/fused_step.cu, all 265 rule x flags x layout kernels): no stack, no spills, at most 64
+  registers (2 blocks of 512 threads per SM; int8_state and master16_int8 with 2-3 states: 128, one block), 128-bit loads and stores of every list in the fp32 and 16-bit
   native layouts' vector loop, 128-bit accesses in every other fp32/bf16 layout. The compile is the one
   csrc/check_cuda_compile.sh made (CI runs it first; the cubin is kept under build/kernel_report), else nvcc runs
   here; without nvcc the CUDA half skips with that reason.
@@ -57,9 +57,11 @@ def cuda_rows():
 
 
 def test_cuda_kernels_no_stack_no_spills_at_most_64_registers(cuda_rows):
-    assert len(cuda_rows) == kr.cuda_kernel_count() == 176 + 22 + 17 + 30  # + master16, + int8_state (no SF, no 0-state), + Muon's 3 (rule, flags) x 10 layouts
-    # int8_state with 2 or 3 states compiles for one block per SM (its Int8Functor::kMinBlocks): 128 registers
-    cap = lambda r: 128 if r["layout"] == "int8_state" and r["nstate"] >= 2 else 64  # noqa: E731
+    # + master16, + int8_state (no SF, no 0-state), + Muon's 3 (rule, flags) x 10 layouts, + master16_int8 (the
+    # Int8Functor<Op, true> of int8_state's 20, Muon's included; its fp32-state tensors run master16's functor)
+    assert len(cuda_rows) == kr.cuda_kernel_count() == 176 + 22 + 17 + 30 + 20
+    # the int8 layouts with 2 or 3 states compile for one block per SM (Int8Functor::kMinBlocks): 128 registers
+    cap = lambda r: 128 if r["layout"] in kr.INT8_LAYOUTS and r["nstate"] >= 2 else 64  # noqa: E731
     bad = [(r["rule"], r["flags"], r["layout"], r["registers"], r["stack_bytes"], r["spill_bytes"])
            for r in cuda_rows if r["stack_bytes"] or r["spill_bytes"] or r["spill_load_bytes"] or r["registers"] > cap(r)]
     assert not bad, f"(rule, flags, layout, registers, stack, spill): {bad}"
@@ -108,8 +110,9 @@ def test_triton_kernels_no_stack_no_spills(triton_rows):
 
 
 def test_triton_full_blocks_use_128_bit_accesses(triton_rows):
-    # int8_state: the fp32 param and grad in 128 bits (the 1-byte codes of a thread's 8 elements are 64 bits)
+    # int8_state: the fp32 param and grad in 128 bits (the 1-byte codes of a thread's 8 elements are 64 bits);
+    # master16_int8: the bf16 param, grad and remainder (8 x 16 bits)
     bad = [(r["rule"], r["layout"], r["v4_loads"], r["v4_stores"]) for r in triton_rows
-           if ((r["v4_loads"] < 2 or r["v4_stores"] < 1) if r["layout"] == "int8_state"
+           if ((r["v4_loads"] < 2 or r["v4_stores"] < 1) if r["layout"] in kr.INT8_LAYOUTS
                else (r["v4_loads"] < 2 + r["nstate"] or r["v4_stores"] < 1 + r["nstate"]))]
     assert not bad, f"(rule, layout, 128-bit loads, 128-bit stores): {bad}"

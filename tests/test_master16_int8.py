@@ -1,5 +1,6 @@
 """Layout ``master16_int8`` (docs/layouts.md, docs/algorithms.md §11): bf16 params with a 16-bit remainder (the fp32
-master, as ``master16``) and the rule's moments as 8-bit block codes (as ``int8_state``), on the reference backend.
+master, as ``master16``) and the rule's moments as 8-bit block codes (as ``int8_state``), on the reference backend
+(the compiled kernels against it: tests/test_compressed_cpu.py, tests/triton/test_compressed_triton.py).
 
 The definition makes it the composition of the two, so the tests pin it to them bit for bit: from the same bf16
 values and gradients, the decoded master follows ``int8_state``'s fp32 param exactly, and the codes and scales are
@@ -172,9 +173,21 @@ def test_errors_change_nothing():
     assert all(torch.equal(opt.state[ps[1]][k], v) for k, v in states.items())
 
 
-def test_compiled_backends_have_no_kernel_yet():
+# The backends with a kernel for it (tests/test_compressed_cpu.py, tests/triton/test_compressed_triton.py; cuda:
+# compiled, its device tests in tests/test_cuda_backend.py); any other refuses it by name.
+KERNEL_BACKENDS = {"reference", "cpu", "triton", "cuda"}
+
+
+def test_the_backends_that_run_it():
+    from momentum_fused import _backend_cpu, _backend_cuda, _backend_triton
+    assert all("master16_int8" in x for x in (_backend_cpu.CPU_LAYOUTS, _backend_cuda.CUDA_LAYOUTS,
+                                              _backend_triton.TRITON_LAYOUTS))
     lay = layouts.get_layout("master16_int8")
     for b in backends._REGISTRY.values():
-        if b.name != "reference" and b.available:
+        if not b.available:  # (an unbuilt backend declares no layout)
+            continue
+        if b.name in KERNEL_BACKENDS:
+            assert "master16_int8" in b.layouts and backends._layout_reason(b, lay) is None
+        else:
             assert "master16_int8" not in b.layouts
             assert "dtype layout 'master16_int8' is not implemented" in backends._layout_reason(b, lay)

@@ -459,6 +459,8 @@ def _int8_ptr(ptr_tab, list_i, n_tensors, t, off, lanes, DTYPE: tl.constexpr, AL
         ptr = base.to(tl.pointer_type(tl.int8))
     elif DTYPE == CODES_U8:
         ptr = base.to(tl.pointer_type(tl.uint8))
+    elif DTYPE == BITS16:  # master16_int8: the bf16 param's and grad's bits, the int16 remainder
+        ptr = base.to(tl.pointer_type(tl.uint16))
     else:
         ptr = base.to(tl.pointer_type(tl.float32))
     ptr = ptr + off
@@ -502,34 +504,51 @@ def _int8_store(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, sr
 @triton.jit
 def _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, rmask, srow, tab_ptr, grad_scale_ptr,
                MULTI: tl.constexpr, RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
-               NSCAL: tl.constexpr, UNSIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr):
+               NSCAL: tl.constexpr, UNSIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr,
+               ALIGNED: tl.constexpr):
     """A quantized tensor's rows ``off`` + ``lanes`` ([ROWS, INT8_GROUP]; ``rmask``: the rows inside the tensor,
     ``srow`` the rows' index [ROWS, 1]): fp32 param and grad, each state decoded from its codes (list 2 + j) and
-    block scales (list 2 + NSTATE + j), the fp32 rule, the states encoded again. UNSIGNED: bit j set when state j
-    is non-negative (uint8 codes)."""
+    block scales (list SC + j), the fp32 rule, the states encoded again. UNSIGNED: bit j set when state j
+    is non-negative (uint8 codes). MASTER == 2 (master16_int8): bf16 param and grad, the param value the master
+    decoded from the param's bits and the int16 remainder (list 2 + NSTATE), encoded back into both; the scales
+    follow the remainder (SC = 3 + NSTATE, else 2 + NSTATE)."""
     sp, lr, wd, gm, key = _prologue(scal_tab, t, grad_scale_ptr, NSCAL, HAS_GRAD_SCALE, False)
-    p = tl.load(_int8_ptr(ptr_tab, 0, n_tensors, t, off, lanes, 0, ALIGNED), mask=rmask, other=0.0)
-    g = tl.load(_int8_ptr(ptr_tab, 1, n_tensors, t, off, lanes, 0, ALIGNED), mask=rmask, other=0.0)
+    SC = 2 + NSTATE
+    if MASTER == MASTER_REMAINDER:
+        SC = 3 + NSTATE
+        hi = tl.load(_int8_ptr(ptr_tab, 0, n_tensors, t, off, lanes, BITS16, ALIGNED), mask=rmask, other=0)
+        lo = tl.load(_int8_ptr(ptr_tab, 2 + NSTATE, n_tensors, t, off, lanes, BITS16, ALIGNED), mask=rmask, other=0)
+        p = master16_decode(hi.to(tl.uint32), lo.to(tl.uint32))
+        g = tl.load(_int8_ptr(ptr_tab, 1, n_tensors, t, off, lanes, BITS16, ALIGNED), mask=rmask, other=0)
+        g = (g.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        p = tl.load(_int8_ptr(ptr_tab, 0, n_tensors, t, off, lanes, 0, ALIGNED), mask=rmask, other=0.0)
+        g = tl.load(_int8_ptr(ptr_tab, 1, n_tensors, t, off, lanes, 0, ALIGNED), mask=rmask, other=0.0)
     s_0 = g
     s_1 = g
     s_2 = g
     if NSTATE >= 1:
-        s_0 = _int8_load(ptr_tab, 2, 2 + NSTATE, n_tensors, t, off, lanes, rmask, srow, tab_ptr, UNSIGNED & 1, ALIGNED)
+        s_0 = _int8_load(ptr_tab, 2, SC, n_tensors, t, off, lanes, rmask, srow, tab_ptr, UNSIGNED & 1, ALIGNED)
     if NSTATE >= 2:
-        s_1 = _int8_load(ptr_tab, 3, 3 + NSTATE, n_tensors, t, off, lanes, rmask, srow, tab_ptr, UNSIGNED & 2, ALIGNED)
+        s_1 = _int8_load(ptr_tab, 3, SC + 1, n_tensors, t, off, lanes, rmask, srow, tab_ptr, UNSIGNED & 2, ALIGNED)
     if NSTATE >= 3:
-        s_2 = _int8_load(ptr_tab, 4, 4 + NSTATE, n_tensors, t, off, lanes, rmask, srow, tab_ptr, UNSIGNED & 4, ALIGNED)
+        s_2 = _int8_load(ptr_tab, 4, SC + 2, n_tensors, t, off, lanes, rmask, srow, tab_ptr, UNSIGNED & 4, ALIGNED)
     if MULTI:
         p, s_0, s_1, s_2 = multi_buffer_math(p, g, s_0, s_1, s_2, sp, lr, wd, gm, RULE, F0, F1)
     else:
         p, s_0 = one_buffer_math(p, g, s_0, sp, lr, wd, gm, RULE, F0, F1)
-    tl.store(_int8_ptr(ptr_tab, 0, n_tensors, t, off, lanes, 0, ALIGNED), p, mask=rmask)
+    if MASTER == MASTER_REMAINDER:
+        hi, lo = master16_encode(p)
+        tl.store(_int8_ptr(ptr_tab, 0, n_tensors, t, off, lanes, BITS16, ALIGNED), hi, mask=rmask)
+        tl.store(_int8_ptr(ptr_tab, 2 + NSTATE, n_tensors, t, off, lanes, BITS16, ALIGNED), lo, mask=rmask)
+    else:
+        tl.store(_int8_ptr(ptr_tab, 0, n_tensors, t, off, lanes, 0, ALIGNED), p, mask=rmask)
     if NSTATE >= 1:
-        _int8_store(ptr_tab, 2, 2 + NSTATE, n_tensors, t, off, lanes, rmask, srow, s_0, tab_ptr, UNSIGNED & 1, ALIGNED)
+        _int8_store(ptr_tab, 2, SC, n_tensors, t, off, lanes, rmask, srow, s_0, tab_ptr, UNSIGNED & 1, ALIGNED)
     if NSTATE >= 2:
-        _int8_store(ptr_tab, 3, 3 + NSTATE, n_tensors, t, off, lanes, rmask, srow, s_1, tab_ptr, UNSIGNED & 2, ALIGNED)
+        _int8_store(ptr_tab, 3, SC + 1, n_tensors, t, off, lanes, rmask, srow, s_1, tab_ptr, UNSIGNED & 2, ALIGNED)
     if NSTATE >= 3:
-        _int8_store(ptr_tab, 4, 4 + NSTATE, n_tensors, t, off, lanes, rmask, srow, s_2, tab_ptr, UNSIGNED & 4, ALIGNED)
+        _int8_store(ptr_tab, 4, SC + 2, n_tensors, t, off, lanes, rmask, srow, s_2, tab_ptr, UNSIGNED & 4, ALIGNED)
 
 
 @triton.jit
@@ -537,12 +556,15 @@ def int8_state_kernel(ptr_tab, n_tensors, scal_tab, prog_tab, n_prog, numel_tab,
                       grad_scale_ptr, MULTI: tl.constexpr, RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
                       NSTATE: tl.constexpr, NSCAL: tl.constexpr, UNSIGNED: tl.constexpr,
                       HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ROWS: tl.constexpr,
-                      KINDS: tl.constexpr, ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
+                      KINDS: tl.constexpr, ALIGNED: tl.constexpr, HW_BF16: tl.constexpr, PDT: tl.constexpr = 0,
+                      MASTER: tl.constexpr = 0):
     """Layout int8_state, one launch per bucket: program i updates ROWS x INT8_GROUP elements of tensor
     prog_tab[i] from block prog_tab[n_prog + i]; prog_tab[2 n_prog + i] = 1 when the tensor is quantized (codes and
     block scales: ``_int8_body``; its size is a multiple of INT8_GROUP, so the rows are whole blocks, masked by
     row), 0 when it keeps fp32 state (the lists 2.. hold fp32 states then: the elementwise body, masked by
-    element). KINDS: 1 fp32 programs only, 2 quantized only, 3 both (only those are compiled)."""
+    element). KINDS: 1 fp32 programs only, 2 quantized only, 3 both (only those are compiled). Layout master16_int8:
+    PDT 2 (bf16 params and grads) and MASTER 2 (``MASTER_REMAINDER``): list 2 + NSTATE holds every tensor's int16
+    remainder, the scales follow it; the fp32-state tensors run the master16 body."""
     pid = tl.program_id(0)
     go = True
     if HAS_FOUND_INF:
@@ -555,16 +577,17 @@ def int8_state_kernel(ptr_tab, n_tensors, scal_tab, prog_tab, n_prog, numel_tab,
         lanes = rows * INT8_GROUP + tl.arange(0, INT8_GROUP)[None, :]  # int32 [ROWS, INT8_GROUP]
         if KINDS == 2:
             _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, off + rows * INT8_GROUP < n, rows, tab_ptr,
-                       grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE, NSCAL, UNSIGNED, HAS_GRAD_SCALE, ALIGNED)
+                       grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE, NSCAL, UNSIGNED, HAS_GRAD_SCALE, MASTER, ALIGNED)
         elif KINDS == 1:
             idx = off + lanes.to(tl.int64)
             _body(ptr_tab, n_tensors, scal_tab, t, 0, idx, idx < n, grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE,
-                  NSCAL, 0, 0, 0, False, HAS_GRAD_SCALE, False, False, HW_BF16)
+                  NSCAL, PDT, 0, MASTER, False, HAS_GRAD_SCALE, False, False, HW_BF16)
         else:
             if tl.load(prog_tab + 2 * n_prog + pid) != 0:
                 _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, off + rows * INT8_GROUP < n, rows, tab_ptr,
-                           grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE, NSCAL, UNSIGNED, HAS_GRAD_SCALE, ALIGNED)
+                           grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE, NSCAL, UNSIGNED, HAS_GRAD_SCALE, MASTER,
+                           ALIGNED)
             else:
                 idx = off + lanes.to(tl.int64)
                 _body(ptr_tab, n_tensors, scal_tab, t, 0, idx, idx < n, grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE,
-                      NSCAL, 0, 0, 0, False, HAS_GRAD_SCALE, False, False, HW_BF16)
+                      NSCAL, PDT, 0, MASTER, False, HAS_GRAD_SCALE, False, False, HW_BF16)

@@ -354,30 +354,32 @@ def _int8_plan(numels: tuple, quantized: tuple, chunk: int, device) -> tuple:
 _int8_cache: "OrderedDict[tuple, list]" = OrderedDict()
 
 
-def _check_int8_bucket(params, grads, states, quant, nstate) -> None:
+def _check_int8_bucket(params, grads, states, quant, nstate, remainder=False) -> None:
     """int8_state_apply's argument checks: raises naming the first offending tensor."""
     from ..layouts import INT8_BLOCK
     ref = params[0]
     unsigned = None
+    r = int(remainder)
+    pdt, pname, name = (torch.bfloat16, "bf16", "master16_int8") if r else (torch.float32, "fp32", "int8_state")
     for i, (p, g, st, q) in enumerate(zip(params, grads, states, quant)):
-        want = [torch.float32] * nstate
+        want = [torch.float32] * nstate + [torch.int16] * r
         if q and p.numel() % INT8_BLOCK:
-            raise ValueError(f"tensor {i}: quantized int8_state (codes) needs a size that is a multiple of "
+            raise ValueError(f"tensor {i}: quantized {name} (codes) needs a size that is a multiple of "
                              f"{INT8_BLOCK}, got {p.numel()}")
         if q:
-            want = [c.dtype for c in st[:nstate]] + [torch.float32] * nstate
+            want = [c.dtype for c in st[:nstate]] + [torch.int16] * r + [torch.float32] * nstate
             if any(d not in (torch.int8, torch.uint8) for d in want[:nstate]):
-                raise TypeError(f"tensor {i}: int8_state codes are int8 or uint8, got {want[:nstate]}")
+                raise TypeError(f"tensor {i}: {name} codes are int8 or uint8, got {want[:nstate]}")
             mask = sum(1 << j for j, d in enumerate(want[:nstate]) if d == torch.uint8)
             if unsigned is not None and mask != unsigned:
                 raise TypeError(f"tensor {i}: code dtypes {want[:nstate]} differ from the bucket's")
             unsigned = mask
-        if len(st) != len(want) or p.dtype != torch.float32 or g.dtype != torch.float32 \
-                or [x.dtype for x in st] != want:
-            raise TypeError(f"tensor {i}: int8_state takes fp32 params and grads with states {want}, got "
+        if len(st) != len(want) or p.dtype != pdt or g.dtype != pdt or [x.dtype for x in st] != want:
+            raise TypeError(f"tensor {i}: {name} takes {pname} params and grads with states {want}, got "
                             f"{p.dtype}, {g.dtype}, {[x.dtype for x in st]}")
         for what, x, numel in [("param", p, p.numel()), ("grad", g, p.numel())] + \
-                [("state", x, p.numel() if j < nstate else p.numel() // INT8_BLOCK) for j, x in enumerate(st)]:
+                [("state", x, p.numel() if j < nstate + r or not q else p.numel() // INT8_BLOCK)
+                 for j, x in enumerate(st)]:
             if x.numel() != numel or x.device != ref.device or not x.is_contiguous():
                 raise ValueError(f"tensor {i}: its {what} must be a contiguous tensor of {numel} elements on "
                                  f"{ref.device}, got {tuple(x.shape)} on {x.device}")
@@ -385,13 +387,15 @@ def _check_int8_bucket(params, grads, states, quant, nstate) -> None:
 
 def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, grads, states, scalars, *,
                      found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
-                     rows: int = INT8_ROWS, num_warps: int | None = None) -> int:
+                     rows: int = INT8_ROWS, num_warps: int | None = None, remainder: bool = False) -> int:
     """Layout int8_state: ONE launch over a bucket of fp32 params whose per-tensor state tuples (``states[i]``) are
     either ``nstate`` fp32 tensors, or, for a tensor that layouts.int8_quantized keeps as codes (told by the states'
     dtype), ``nstate`` code tensors (int8 signed / uint8 non-negative, param-shaped) followed by their ``nstate``
     fp32 block scales (numel / INT8_BLOCK elements each). Each program takes ``rows`` blocks of one tensor (no packing of tiny tensors: a
     quantized tensor's blocks must not share a program with other tensors, and the fp32 ones ride along in the
-    same kernel). Returns the number of launches (0 or 1)."""
+    same kernel). ``remainder`` (layout master16_int8): bf16 params and grads, and every tuple holds the param's
+    int16 remainder after the codes (or the fp32 states), before the scales. Returns the number of launches (0 or
+    1)."""
     from ..layouts import INT8_BLOCK
     if family not in KERNELS:
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
@@ -404,7 +408,8 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
     # a shard of an FSDP2 param, from the global tensor: the local sizes cannot tell). Its size must then be a
     # multiple of INT8_BLOCK (checked).
     quant = [bool(st) and st[0].dtype in (torch.int8, torch.uint8) for st in states]
-    nstate = next((len(st) // 2 if q else len(st) for st, q in zip(states, quant)), 0)
+    r = int(remainder)
+    nstate = next(((len(st) - r) // 2 if q else len(st) - r for st, q in zip(states, quant)), 0)
     if family == "one" and not 0 <= nstate <= 1 or family == "multi" and not 1 <= nstate <= 3:
         raise ValueError(f"kernel family {family!r} cannot take {nstate} state lists")
     ref = params[0]
@@ -413,17 +418,19 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
     ptrs = [list(map(torch.Tensor.data_ptr, params)), list(map(torch.Tensor.data_ptr, grads))]
     for j in range(nstate):
         ptrs.append([st[j].data_ptr() if j < len(st) else 0 for st in states])
+    if r:  # the remainders: list 2 + nstate
+        ptrs.append([st[nstate].data_ptr() if nstate < len(st) else 0 for st in states])
     for j in range(nstate):
-        ptrs.append([st[nstate + j].data_ptr() if q and nstate + j < len(st) else dummy
+        ptrs.append([st[nstate + r + j].data_ptr() if q and nstate + r + j < len(st) else dummy
                      for st, q in zip(states, quant)])
     # Cached by every pointer and size but the grads' (as step_tables): a hit skips the checks of params and
     # states, which were checked when the entry was made; the grads are checked every call.
     code_dtypes = next((tuple(c.dtype for c in st[:nstate]) for st, q in zip(states, quant) if q), ())
-    key = (ref.device, rows, nstate, numels, tuple(map(len, states)), code_dtypes,
+    key = (ref.device, rows, nstate, r, numels, tuple(map(len, states)), code_dtypes,
            tuple(tuple(r) for i, r in enumerate(ptrs) if i != 1))
     entry = _int8_cache.get(key)
     if entry is None:
-        _check_int8_bucket(params, grads, states, quant, nstate)
+        _check_int8_bucket(params, grads, states, quant, nstate, r)
         unsigned = next((sum(1 << j for j, c in enumerate(st[:nstate]) if c.dtype == torch.uint8)
                          for st, q in zip(states, quant) if q), 0)
         plan, n_prog = _int8_plan(numels, tuple(quant), rows * INT8_BLOCK, ref.device)
@@ -434,10 +441,10 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
             _int8_cache.popitem(last=False)
     else:
         _int8_cache.move_to_end(key)
-        if set(map(_DTYPE, grads)) != {torch.float32} or list(map(torch.Tensor.numel, grads)) != list(numels) \
+        if set(map(_DTYPE, grads)) != {ref.dtype} or list(map(torch.Tensor.numel, grads)) != list(numels) \
                 or not all(map(torch.Tensor.is_contiguous, grads)) \
                 or set(map(torch.Tensor.get_device, grads)) != {ref.get_device()}:
-            _check_int8_bucket(params, grads, states, quant, nstate)  # raises, naming the grad
+            _check_int8_bucket(params, grads, states, quant, nstate, r)  # raises, naming the grad
     ptr_tab, plan, n_prog, unsigned, aligned_rest, grad_ptrs, aligned_grads = entry
     if grad_ptrs != ptrs[1]:
         ptr_tab[1].copy_(torch.tensor(ptrs[1], dtype=torch.int64), non_blocking=True)
@@ -455,7 +462,8 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
         fi if fi is not None else scal, gs if gs is not None else scal,
         MULTI=family == "multi", RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1],
         UNSIGNED=unsigned, HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        ROWS=rows, KINDS=kinds, ALIGNED=aligned, HW_BF16=not INTERPRETED, num_warps=num_warps or NUM_WARPS_INT8)
+        ROWS=rows, KINDS=kinds, ALIGNED=aligned, HW_BF16=not INTERPRETED, PDT=2 * r, MASTER=2 * r,
+        num_warps=num_warps or NUM_WARPS_INT8)
     _count_launch()
     return 1
 
@@ -475,11 +483,11 @@ def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: 
     elements per thread). Paths: "full" (a bucket of whole blocks only), "packed" (small tensors only) and "mixed"
     (both: what most buckets run); compiled code (HW_BF16). ``master``: the kernels' MASTER mode (``master_mode``:
     True or 1 an fp32 master copy, 2 the master16 remainder). ``sdt="int8"``: the int8_state kernel
-    (``compile_int8_variants``)."""
+    (``compile_int8_variants``; with ``master`` 2 its master16_int8 form)."""
     from .rules import FAMILY, RULE_IDS, SCALARS
     if sdt == "int8":
         return compile_int8_variants(rule, flags, nstate, found_inf=found_inf, grad_scale=grad_scale,
-                                     num_warps=num_warps)
+                                     num_warps=num_warps, remainder=int(master) == 2)
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
     fn = KERNELS[FAMILY[rule]]
     master = int(master)
@@ -516,9 +524,10 @@ def int8_unsigned_mask(rule: str, nstate: int) -> int:
 
 
 def compile_int8_variants(rule: str, flags, nstate: int, found_inf: bool = False, grad_scale: bool = False,
-                          rows: int = INT8_ROWS, num_warps: int | None = None):
+                          rows: int = INT8_ROWS, num_warps: int | None = None, remainder: bool = False):
     """As ``compile_variants``, for the int8_state kernel: paths "int8" (quantized tensors only), "fp32" (fp32-state
-    tensors only), "mixed" (both: ``KINDS`` 2, 1, 3)."""
+    tensors only), "mixed" (both: ``KINDS`` 2, 1, 3). ``remainder``: layout master16_int8 (bf16 params, the
+    master16 remainder: PDT and MASTER 2)."""
     from ..layouts import INT8_BLOCK
     from .rules import FAMILY, RULE_IDS, SCALARS
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
@@ -528,7 +537,7 @@ def compile_int8_variants(rule: str, flags, nstate: int, found_inf: bool = False
         constexprs = dict(MULTI=FAMILY[rule] == "multi", RULE=RULE_IDS[rule], F0=flags[0], F1=flags[1], NSTATE=nstate,
                           NSCAL=len(SCALARS[rule]), UNSIGNED=int8_unsigned_mask(rule, nstate),
                           HAS_FOUND_INF=found_inf, HAS_GRAD_SCALE=grad_scale, ROWS=rows, KINDS=kinds, ALIGNED=True,
-                          HW_BF16=True)
+                          HW_BF16=True, PDT=2 * int(remainder), MASTER=2 * int(remainder))
         elems = rows * INT8_BLOCK // (32 * num_warps)
         out.append((int8_state_kernel.__name__, path, int8_state_kernel, dict(_INT8_SIGNATURE), constexprs,
                     {"num_warps": num_warps}, elems))

@@ -6,8 +6,9 @@
 //   cpu_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor scalars, int rule,
 //            int flags, int layout=0, Tensor? sr_keys=None) -> ()
 //     states: tensor-major flat list (n * (num_states(rule, flags) + [1 for the fp32 master with layout
-//     master, or the int16 remainder with master16])), in the layout's state dtype (int8_state: a quantized
-//     param's codes then their scales, ../step_args.h); scalars: float64 [n, k] packs; layout: the codes of
+//     master, or the int16 remainder with master16 and master16_int8])), in the layout's state dtype (int8_state:
+//     a quantized param's codes then their scales; master16_int8: its codes, its remainder, then the scales;
+//     ../step_args.h); scalars: float64 [n, k] packs; layout: the codes of
 //     enum Layout (generated/tables.h); sr_keys: int64 [n] uint32 keys, bf16_sr only.
 //     Every argument is checked before anything is written (../step_args.h, shared with the CUDA op): an
 //     error leaves all tensors unchanged.

@@ -232,16 +232,20 @@ cudaError_t launch(int64_t n, void* const* params, const void* const* grads, voi
 // int8_state: the quantized tensors through Int8Functor, the others (fp32 state) through the native fp32 functor:
 // one launch sequence each (a bucket holding both kinds takes two: the functors differ in lists and block shape).
 // states: n * NS pointers (codes or fp32 states), scales: n * NS (nullptr for an fp32-state tensor).
-template <class Op>
+// REM (master16_int8): bf16 params, `remainders` n int16 remainders (list 2 + NS of both functors, before the
+// scales); the fp32-state tensors run the master16 functor.
+template <class Op, bool REM = false>
 cudaError_t launch_int8(int64_t n, void* const* params, const void* const* grads, void* const* states,
-                        void* const* scales, const int64_t* numel, const double* packs, const float* found_inf,
-                        const float* grad_scale, int code_unsigned, cudaStream_t stream) {
+                        void* const* scales, void* const* remainders, const int64_t* numel, const double* packs,
+                        const float* found_inf, const float* grad_scale, int code_unsigned, cudaStream_t stream) {
   constexpr int NS = Op::kStates;
-  if constexpr (NS == 0) {  // no state to compress: the native fp32 kernel
-    return launch<Op, float, float, false, false>(n, params, grads, states, nullptr, numel, packs, found_inf,
-                                                  grad_scale, nullptr, stream);
+  using P = typename std::conditional<REM, bf16, float>::type;
+  if constexpr (NS == 0) {  // no state to compress: the native fp32 kernel (master16's)
+    return launch<Op, P, float, false, false, REM>(n, params, grads, states, remainders, numel, packs, found_inf,
+                                                   grad_scale, nullptr, stream);
   } else {
-    constexpr int NQ = 2 + 2 * NS, NF = 2 + NS;
+    constexpr int R = REM ? 1 : 0;
+    constexpr int NQ = 2 + 2 * NS + R, NF = 2 + NS + R;
     static_assert(NQ <= kMaxLists, "too many lists for the tensor table");
     // quantized: the tensors with scales (the binding's checks decided, csrc/step_args.h)
     auto quantized = [&](int64_t i) { return scales[i * NS] != nullptr; };
@@ -261,16 +265,17 @@ cudaError_t launch_int8(int64_t n, void* const* params, const void* const* grads
       q.lists[1][i] = f.lists[1][i] = const_cast<void*>(grads[i]);
       for (int j = 0; j < NS; ++j) {
         q.lists[2 + j][i] = f.lists[2 + j][i] = states[i * NS + j];
-        q.lists[2 + NS + j][i] = scales[i * NS + j];
+        q.lists[2 + NS + R + j][i] = scales[i * NS + j];
       }
+      if (REM) q.lists[2 + NS][i] = f.lists[2 + NS][i] = remainders[i];
     }
     cudaError_t err = cudaSuccess;
     if (nq > 0) {
-      Int8Functor<Op> fq{packs, found_inf, grad_scale, code_unsigned};
+      Int8Functor<Op, REM> fq{packs, found_inf, grad_scale, code_unsigned};
       err = multi_tensor_apply<NQ>(n, q.lists, nq_numel, fq, stream);
     }
     if (err == cudaSuccess && nq < n) {
-      StepFunctor<Op, float, float, false, false> ff{packs, found_inf, grad_scale, nullptr};
+      StepFunctor<Op, P, float, false, false, REM> ff{packs, found_inf, grad_scale, nullptr};
       err = multi_tensor_apply<NF>(n, f.lists, nf_numel, ff, stream);
     }
     delete[] nq_numel;
@@ -291,15 +296,17 @@ cudaError_t dispatch_rule(int rule, int flags, int64_t n, void* const* params, c
   return cudaErrorInvalidValue;
 }
 
+template <bool REM>
 cudaError_t dispatch_int8(int rule, int flags, int64_t n, void* const* params, const void* const* grads,
-                          void* const* states, void* const* scales, const int64_t* numel, const double* packs,
-                          const float* found_inf, const float* grad_scale, int code_unsigned, cudaStream_t stream) {
-  // schedule-free rules refuse int8_state (their z is an iterate): no kernel
-#define MF_CASE(R, F)                                                                                         \
-  if constexpr (R != RULE_SGD_SF && R != RULE_ADAMW_SF)                                                       \
-    if (rule == R && flags == F)                                                                              \
-      return launch_int8<RuleOp<R, F>>(n, params, grads, states, scales, numel, packs, found_inf, grad_scale, \
-                                       code_unsigned, stream);
+                          void* const* states, void* const* scales, void* const* remainders, const int64_t* numel,
+                          const double* packs, const float* found_inf, const float* grad_scale, int code_unsigned,
+                          cudaStream_t stream) {
+  // schedule-free rules refuse int8_state and master16_int8 (their z is an iterate): no kernel
+#define MF_CASE(R, F)                                                                                            \
+  if constexpr (R != RULE_SGD_SF && R != RULE_ADAMW_SF)                                                          \
+    if (rule == R && flags == F)                                                                                 \
+      return launch_int8<RuleOp<R, F>, REM>(n, params, grads, states, scales, remainders, numel, packs, found_inf, \
+                                            grad_scale, code_unsigned, stream);
   MF_FOR_EACH_RULE_FLAGS(MF_CASE)
 #undef MF_CASE
   return cudaErrorInvalidValue;
@@ -314,9 +321,11 @@ cudaError_t step(int rule, int flags, int layout, int dtype, int64_t n, void* co
   if (rule < 0 || rule >= RULE_COUNT || rule_num_scalars(rule) > kMaxPack) return cudaErrorInvalidValue;
   if (flags < 0 || flags >= (1 << rule_num_flag_bits(rule))) return cudaErrorInvalidValue;
   if (layout == LAYOUT_BF16_SR && sr_keys == nullptr) return cudaErrorInvalidValue;
-  if ((layout == LAYOUT_MASTER || layout == LAYOUT_MASTER16) && masters == nullptr && n > 0)
+  if ((layout == LAYOUT_MASTER || layout == LAYOUT_MASTER16 || layout == LAYOUT_MASTER16_INT8) && masters == nullptr &&
+      n > 0)
     return cudaErrorInvalidValue;
-  if (layout == LAYOUT_INT8_STATE && scales == nullptr && n > 0) return cudaErrorInvalidValue;
+  if ((layout == LAYOUT_INT8_STATE || layout == LAYOUT_MASTER16_INT8) && scales == nullptr && n > 0)
+    return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   flags = normalize_flags(rule, flags);
 #define MF_ARGS \
@@ -342,9 +351,13 @@ cudaError_t step(int rule, int flags, int layout, int dtype, int64_t n, void* co
     case LAYOUT_MASTER16:  // `masters`: the int16 remainders
       return dtype == DT_BF16 ? dispatch_rule<bf16, float, false, false, true>(MF_ARGS) : cudaErrorInvalidValue;
     case LAYOUT_INT8_STATE:
-      return dtype == DT_F32 ? dispatch_int8(rule, flags, n, params, grads, states, scales, numel, packs, found_inf,
-                                             grad_scale, code_unsigned, stream)
+      return dtype == DT_F32 ? dispatch_int8<false>(rule, flags, n, params, grads, states, scales, nullptr, numel,
+                                                    packs, found_inf, grad_scale, code_unsigned, stream)
                              : cudaErrorInvalidValue;
+    case LAYOUT_MASTER16_INT8:  // `masters`: the int16 remainders
+      return dtype == DT_BF16 ? dispatch_int8<true>(rule, flags, n, params, grads, states, scales, masters, numel,
+                                                    packs, found_inf, grad_scale, code_unsigned, stream)
+                              : cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 #undef MF_ARGS

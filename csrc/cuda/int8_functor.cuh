@@ -1,4 +1,5 @@
-// momentum_fused CUDA kernels: the int8_state functor (layouts.py is the spec; the codecs are ../compressed.h's).
+// momentum_fused CUDA kernels: the int8_state functor, and its master16_int8 form (layouts.py is the spec; the codecs
+// are ../compressed.h's).
 // Included by fused_step.cu, and by the host emulation of tests/test_cuda_sources.py (csrc/cuda/host_emulation.h
 // gives threadIdx, blockDim, __syncthreads, __shfl_xor_sync, __shared__ and min on the host, threads for lanes), so
 // that its indexing, warp reduction and codes are checked bit for bit without a GPU. Needs, declared before:
@@ -9,8 +10,10 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../compressed.h"
+#include "../storage.h"
 #include "vec.cuh"
 
 namespace mf {
@@ -22,12 +25,27 @@ namespace cuda {
 // state the block's absmax (the lane's 8 values, then warp shuffles; NaN propagates as torch.amax), the codes
 // (compressed.h's guess and fix-up against the midpoints), and lane 0 writes the scale. The code map lives in
 // shared memory (copied from generated/tables.h's device arrays once per CUDA block). Lists: param, grad, NS code
-// lists (int8 or uint8: bit j of `code_unsigned`), NS fp32 scale lists.
+// lists (int8 or uint8: bit j of `code_unsigned`), NS fp32 scale lists. REM (layout master16_int8): bf16 param and
+// grad (128-bit accesses of 8 elements), the param value the fp32 master decoded from the param and the int16
+// remainder (list 2 + NS, before the scales), encoded back into both (compressed.h's master16 codec).
 constexpr int kInt8Lane = INT8_BLOCK / 32;
 static_assert(INT8_BLOCK % 32 == 0 && kInt8Lane == 8 && kChunk % INT8_BLOCK == 0, "int8 block shape");
 
-template <class Op>
+// The param of one element as the rule's fp32 value, and back: int8_state's fp32 param (the remainder unused), or
+// master16_int8's bf16 param with its remainder.
+__device__ __forceinline__ float int8_param_load(float p, uint16_t) { return p; }
+__device__ __forceinline__ float int8_param_load(bf16 p, uint16_t r) { return master16_decode(p.bits, r); }
+__device__ __forceinline__ void int8_param_store(float& p, uint16_t&, float a) { p = a; }
+__device__ __forceinline__ void int8_param_store(bf16& p, uint16_t& r, float a) {
+  p.bits = master16_param_bits(a);
+  r = master16_remainder_bits(a);
+}
+
+template <class Op, bool REM = false>
 struct Int8Functor {
+  using P = typename std::conditional<REM, bf16, float>::type;  // param and grad storage
+  static constexpr int R = REM ? 1 : 0;                          // the remainder list (2 + NS) before the scales'
+
   // two or three states: 8 values of each live per thread until the block's absmax is known; with 64 registers
   // ptxas spilled (8-44 bytes), so these compile for one block of 512 threads per SM (128 registers)
   static constexpr int kMinBlocks = Op::kStates >= 2 ? 1 : kMinBlocksPerSM;
@@ -58,27 +76,31 @@ struct Int8Functor {
     const int64_t base = static_cast<int64_t>(chunk) * kChunk;
     // a multiple of INT8_BLOCK, at most kChunk: 32-bit indices from here on
     const int len = static_cast<int>(min(static_cast<int64_t>(kChunk), tt.numel[slot] - base));
-    float* p = static_cast<float*>(tt.ptr[0][slot]) + base;
-    const float* g = static_cast<const float*>(tt.ptr[1][slot]) + base;
+    P* p = static_cast<P*>(tt.ptr[0][slot]) + base;
+    const P* g = static_cast<const P*>(tt.ptr[1][slot]) + base;
+    uint16_t* r = REM ? static_cast<uint16_t*>(tt.ptr[2 + NS][slot]) + base : nullptr;
     uint8_t* code[NS];
     float* scale[NS];
 #pragma unroll
     for (int j = 0; j < NS; ++j) {
       code[j] = static_cast<uint8_t*>(tt.ptr[2 + j][slot]) + base;
-      scale[j] = static_cast<float*>(tt.ptr[2 + NS + j][slot]) + base / INT8_BLOCK;
+      scale[j] = static_cast<float*>(tt.ptr[2 + NS + R + j][slot]) + base / INT8_BLOCK;
     }
-    bool aligned = vec_aligned<float, kInt8Lane>(p) && vec_aligned<float, kInt8Lane>(g);
+    bool aligned = vec_aligned<P, kInt8Lane>(p) && vec_aligned<P, kInt8Lane>(g);
+    if (REM) aligned = aligned && vec_aligned<uint16_t, kInt8Lane>(r);
 #pragma unroll
     for (int j = 0; j < NS; ++j) aligned = aligned && vec_aligned<uint8_t, kInt8Lane>(code[j]);
     const int lane = threadIdx.x & 31;
     const int warps = blockDim.x >> 5;
     for (int blk = threadIdx.x >> 5; blk * INT8_BLOCK < len; blk += warps) {
       const int i0 = blk * INT8_BLOCK + lane * kInt8Lane;
-      Vec<float, kInt8Lane> vp, vg;
+      Vec<P, kInt8Lane> vp, vg;
+      Vec<uint16_t, kInt8Lane> vr;  // (master16_int8 only)
       Vec<uint8_t, kInt8Lane> vc[NS];
       if (aligned) {
-        vp = *reinterpret_cast<const Vec<float, kInt8Lane>*>(p + i0);
-        vg = *reinterpret_cast<const Vec<float, kInt8Lane>*>(g + i0);
+        vp = *reinterpret_cast<const Vec<P, kInt8Lane>*>(p + i0);
+        vg = *reinterpret_cast<const Vec<P, kInt8Lane>*>(g + i0);
+        if constexpr (REM) vr = *reinterpret_cast<const Vec<uint16_t, kInt8Lane>*>(r + i0);
 #pragma unroll
         for (int j = 0; j < NS; ++j) vc[j] = *reinterpret_cast<const Vec<uint8_t, kInt8Lane>*>(code[j] + i0);
       } else {
@@ -86,6 +108,7 @@ struct Int8Functor {
         for (int k = 0; k < kInt8Lane; ++k) {
           vp.v[k] = p[i0 + k];
           vg.v[k] = g[i0 + k];
+          if constexpr (REM) vr.v[k] = r[i0 + k];
 #pragma unroll
           for (int j = 0; j < NS; ++j) vc[j].v[k] = code[j][i0 + k];
         }
@@ -103,17 +126,21 @@ struct Int8Functor {
           b[j] = (code_unsigned >> j) & 1 ? int8_decode(tab_u, int8_unsigned_index(c), s_scale[j])
                                           : int8_decode(tab_s, int8_signed_index(static_cast<int8_t>(c)), s_scale[j]);
         }
-        float a = vp.v[k];
-        Op::template apply<float>(a, vg.v[k], b[0], b[1], b[2], sc);
-        vp.v[k] = a;
+        float a = int8_param_load(vp.v[k], REM ? vr.v[k] : uint16_t(0));
+        Op::template apply<float>(a, load<float>(vg.v[k]), b[0], b[1], b[2], sc);
+        int8_param_store(vp.v[k], vr.v[k], a);
 #pragma unroll
         for (int j = 0; j < NS; ++j) st[j][k] = b[j];
       }
       if (aligned) {
-        *reinterpret_cast<Vec<float, kInt8Lane>*>(p + i0) = vp;
+        *reinterpret_cast<Vec<P, kInt8Lane>*>(p + i0) = vp;
+        if constexpr (REM) *reinterpret_cast<Vec<uint16_t, kInt8Lane>*>(r + i0) = vr;
       } else {
 #pragma unroll
-        for (int k = 0; k < kInt8Lane; ++k) p[i0 + k] = vp.v[k];
+        for (int k = 0; k < kInt8Lane; ++k) {
+          p[i0 + k] = vp.v[k];
+          if constexpr (REM) r[i0 + k] = vr.v[k];
+        }
       }
 #pragma unroll
       for (int j = 0; j < NS; ++j) {

@@ -25,8 +25,9 @@
 namespace mf {
 namespace cuda {
 
-constexpr int kMaxLists = 8;  // param, grad, up to 3 states, the fp32 master (master) or the remainder (master16);
-                              // int8_state: param, grad, up to 3 code lists and their 3 scale lists
+constexpr int kMaxLists = 9;  // param, grad, up to 3 states, the fp32 master (master) or the remainder (master16);
+                              // int8_state: param, grad, up to 3 code lists and their 3 scale lists;
+                              // master16_int8: those and the remainder
 constexpr int kChunk = 65536;
 constexpr int kBlock = 512;
 constexpr int kMinBlocksPerSM = MF_CUDA_MIN_BLOCKS;

@@ -1,5 +1,5 @@
-"""The compressed-state layouts ``master16`` and ``int8_state`` (docs/layouts.md, layouts.py) on the Triton backend,
-in the interpreter.
+"""The compressed-state layouts ``master16``, ``int8_state`` and their composition ``master16_int8`` (docs/layouts.md,
+layouts.py) on the Triton backend, in the interpreter.
 
 - The kernels' encode/decode helpers against layouts.py bit for bit: master16_encode / master16_decode on special
   and random bit patterns; the int8 code of every value next to a code boundary (each midpoint of the table, each
@@ -9,7 +9,7 @@ in the interpreter.
   fp32-state tensors: at every step the kernel's result is checked bit for bit against layouts.py's encoding of the
   same fp32 rule math: the step is replayed on copies by the Triton kernel of the layout without compression
   (``master`` for master16: the decoded master as the fp32 master copy; native fp32 for int8_state: the decoded
-  states), then encoded with layouts.master16_encode / layouts.int8_encode; params, remainders, codes and scales
+  states; ``master`` with both for master16_int8), then encoded with layouts.master16_encode / layouts.int8_encode; params, remainders, codes and scales
   must be equal. So the decode, the encode and the plumbing are exact, and the rule math is the one the other
   Triton layouts run.
 - Against the reference backend (torch, tensor by tensor) over the same 10 steps: params (the decoded masters) and
@@ -38,7 +38,8 @@ from tolerances import tol
 SHAPES = [(17, 256), (3, 5, 7), (1,), (0,), (300,)]
 GROUP2 = (1, 4)  # positions in a second param group (other hyperparameters, the same bucket)
 
-DTYPE = {"master16": torch.bfloat16, "int8_state": torch.float32}
+DTYPE = {"master16": torch.bfloat16, "int8_state": torch.float32, "master16_int8": torch.bfloat16}
+LAYOUTS = tuple(DTYPE)
 
 
 def _run(cls, kw, gmode, layout, backend, steps=10):
@@ -61,8 +62,8 @@ def _cases(layout):
     return CASES + (SF_CASES if layout == "master16" else [])
 
 
-@pytest.mark.parametrize("layout,case", [(lay, c) for lay in ("master16", "int8_state") for c in _cases(lay)],
-                         ids=[f"{lay}-{c[0]}" for lay in ("master16", "int8_state") for c in _cases(lay)])
+@pytest.mark.parametrize("layout,case", [(lay, c) for lay in LAYOUTS for c in _cases(lay)],
+                         ids=[f"{lay}-{c[0]}" for lay in LAYOUTS for c in _cases(lay)])
 def test_every_step_exact_and_ten_steps_against_the_reference_backend(layout, case, monkeypatch):
     """The two checks of the module docstring in one run of the Triton optimizer (the interpreter is slow)."""
     cid, cls, kw, gmode = case
@@ -73,22 +74,20 @@ def test_every_step_exact_and_ten_steps_against_the_reference_backend(layout, ca
     monkeypatch.undo()
     assert len(checked) == 10 and checked[0] == sum(p.numel() for p in tp), "every step went through the oracle"
     names = topt.spec.state_names(topt.param_groups[0])
-    if layout == "int8_state" and names:  # tensor 0 is quantized, tensor 1 is not
+    if layout != "master16" and names:  # tensor 0 is quantized, tensor 1 is not
         assert topt.state[tp[0]][names[0]].dtype in (torch.int8, torch.uint8)
         assert topt.state[tp[1]][names[0]].dtype == torch.float32
     ropt, rp = _run(cls, kw, gmode, layout, "reference")
     for i, (a, b) in enumerate(zip(tp, rp)):
         sa, sb = topt.state[a], ropt.state[b]
         assert set(sa) == set(sb)
-        if layout == "master16":
+        if layout != "int8_state":
             ma = layouts.master16_decode(a.detach(), sa["master_lo"])
             mb = layouts.master16_decode(b.detach(), sb["master_lo"])
             torch.testing.assert_close(ma, mb, **tol(torch.float32), msg=lambda m: f"master {i}: {m}")
-            vals_a = {k: v for k, v in sa.items() if k not in ("master_lo", "step")}
-            vals_b = {k: v for k, v in sb.items() if k not in ("master_lo", "step")}
         else:
             torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32), msg=lambda m: f"param {i}: {m}")
-            vals_a, vals_b = _decoded(sa), _decoded(sb)
+        vals_a, vals_b = _decoded(sa), _decoded(sb)
         for key, v in vals_b.items():
             # decoded int8 states: the same code at worst one code apart (a value an ulp across a midpoint)
             t = tol(torch.float32) if layout == "master16" or key not in _quantized_keys(sb) else \
@@ -103,7 +102,7 @@ def _quantized_keys(st):
 def _decoded(st):
     out = {}
     for k, v in st.items():
-        if k == "step" or k.endswith(layouts.INT8_SCALE_SUFFIX):
+        if k in ("step", layouts.REMAINDER_KEY) or k.endswith(layouts.INT8_SCALE_SUFFIX):
             continue
         if k in _quantized_keys(st):
             v = layouts.int8_decode(v, st[k + layouts.INT8_SCALE_SUFFIX], v.dtype == torch.int8)
@@ -196,7 +195,7 @@ def test_int8_codes_at_every_boundary_are_layouts(signed):
 
 def test_backend_declares_the_layouts_and_checks_int8_lists():
     tri = backends._REGISTRY["triton"]
-    assert {"master16", "int8_state"} <= set(tri.layouts)
+    assert {"master16", "int8_state", "master16_int8"} <= set(tri.layouts)
     p = torch.zeros(4096)
     g = torch.zeros(4096)
     codes, scale = torch.zeros(4096, dtype=torch.int8), torch.zeros(15)  # 16 scales expected
@@ -212,23 +211,36 @@ def test_backend_declares_the_layouts_and_checks_int8_lists():
         launcher.int8_state_apply("one", 0, (True, False), [p, p.clone()], [g, g.clone()],
                                   [(codes, torch.zeros(16)), (codes.view(torch.uint8).clone(), torch.zeros(16))],
                                   torch.zeros(2, 6, dtype=torch.float64))
+    # master16_int8: bf16 params and grads, (codes, int16 remainder, scales); nothing written on a refusal
+    pb, gb = torch.ones(4096, dtype=torch.bfloat16), torch.ones(4096, dtype=torch.bfloat16)
+    lo = torch.zeros(4096, dtype=torch.int16)
+    for ps_, gs_, sts_, err, what in (([p], [g], [(codes, lo, torch.zeros(16))], TypeError, "master16_int8 takes bf16"),
+                            ([pb], [gb], [(codes, lo.int(), torch.zeros(16))], TypeError, "int16"),
+                            ([pb], [gb], [(codes, torch.zeros(16), lo)], TypeError, "int16"),
+                            ([pb], [gb], [(codes, lo[:4095], torch.zeros(16))], ValueError, "4096 elements")):
+        with pytest.raises(err, match=what):
+            launcher.int8_state_apply("one", 0, (True, False), ps_, gs_, sts_,
+                                      torch.ones(1, 6, dtype=torch.float64), remainder=True)
+    assert (pb == 1).all() and (codes == 0).all() and (lo == 0).all()
 
 
-def test_int8_nan_and_zero_blocks_encode_as_layouts(monkeypatch):
+@pytest.mark.parametrize("layout", ["int8_state", "master16_int8"])
+def test_int8_nan_and_zero_blocks_encode_as_layouts(monkeypatch, layout):
     """A NaN in a block makes its scale NaN (torch.amax) and every code of the block the top one (bucketize); a
     block of zeros keeps scale 0 and code 0; the others are unaffected. Through the optimizer and the per-step
     oracle (SGD with momentum: a NaN gradient reaches the momentum buffer)."""
     tri = backends._REGISTRY["triton"]
     checked = []
     monkeypatch.setattr(tri, "apply", oracle_apply(tri.apply, checked, count_launches=lambda: launcher.LAUNCHES))
-    p = torch.randn(4096, generator=torch.Generator().manual_seed(5)).requires_grad_()
-    opt = mf.SGD([p], lr=0.1, momentum=0.9, backend="triton", layout="int8_state")
+    dtype = DTYPE[layout]
+    p = torch.randn(4096, generator=torch.Generator().manual_seed(5)).to(dtype).requires_grad_()
+    opt = mf.SGD([p], lr=0.1, momentum=0.9, backend="triton", layout=layout)
     for k in range(3):
         g = torch.randn(4096, generator=torch.Generator().manual_seed(k))
         g[256:512] = 0.0  # block 1: zero gradient; block 3: a NaN from step 1 on
         if k >= 1:
             g[3 * 256 + 7] = float("nan")
-        p.grad = g
+        p.grad = g.to(dtype)
         opt.step()
     assert len(checked) == 3
     st = opt.state[p]
