@@ -47,7 +47,7 @@ def _rel_err(y, ref):
 
 
 # The bf16 error bound of the Gram form (the default restarts) relative to the standard form's bf16 error, both
-# against the float64 standard form, at m = 256 (docs/muon.md, "Gram form": measured <= 1.17 with torch's
+# against the float64 standard form, at m = 256 (docs/muon.md, "Gram form": measured <= 1.14 with torch's
 # coefficients, 3.1-4.2 with Polar Express on Gaussian input; the ratio is larger for small m: ~1.5-2 at m <= 64).
 GRAM_BF16_BOUND = {"torch": 1.25, "polar_express": 5.0}
 
