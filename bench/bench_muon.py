@@ -3,8 +3,11 @@
 
     python -m bench.bench_muon                      # d=384, 6 layers (24 matrices, 10.6M params), 5 rounds
     python -m bench.bench_muon --d 768 --layers 12 --device cuda
+    python -m bench.bench_muon --ns-algorithm standard,gram,auto --providers ours-cpu,torch.optim.Muon
 
-Every provider runs the same Newton-Schulz dtype (bf16) and coefficients (torch's defaults, 5 steps). The
+Every provider runs the same Newton-Schulz dtype (bf16) and coefficients (torch's defaults, 5 steps). Ours runs
+each ``--ns-algorithm`` given (default "standard", torch's iteration; "gram" and "auto": the Gram form,
+docs/muon.md), as providers ``ours-<backend>`` (standard) and ``ours-<backend>-<algorithm>``. The
 providers take turns inside each round (one warm-up step, then ``--iters`` timed steps each), so machine noise
 hits them alike; a round's figure is the median of its steps. Reported: the median over rounds, the spread
 (min-max) over rounds, and each provider's ratio to torch.optim.Muon per round (median and min-max). ``python -m
@@ -19,6 +22,7 @@ import sys
 import torch
 
 import momentum_fused as mf
+from momentum_fused.specs_muon import NS_ALGORITHMS
 
 from .core import time_fn
 
@@ -33,7 +37,7 @@ def _peer(params, lr):
     return mod.SingleDeviceMuon(params, lr=lr, weight_decay=0.1, momentum=0.95)
 
 
-def providers(device: torch.device) -> tuple[dict, dict]:
+def providers(device: torch.device, algorithms=("standard",)) -> tuple[dict, dict]:
     """name -> factory(params), and name -> why a provider cannot run here."""
     lr = 0.02
     out, missing = {}, {}
@@ -44,7 +48,10 @@ def providers(device: torch.device) -> tuple[dict, dict]:
             continue
         if (b == "cpu") != (device.type == "cpu") and b != "reference":
             continue
-        out[f"ours-{b}"] = lambda ps, b=b: mf.Muon(ps, lr=lr, ns_dtype=torch.bfloat16, backend=b)
+        for alg in algorithms:
+            name = f"ours-{b}" if alg == "standard" else f"ours-{b}-{alg}"
+            out[name] = lambda ps, b=b, alg=alg: mf.Muon(ps, lr=lr, ns_dtype=torch.bfloat16, ns_algorithm=alg,
+                                                         backend=b)
     if hasattr(torch.optim, "Muon"):
         out["torch.optim.Muon"] = lambda ps: torch.optim.Muon(ps, lr=lr)
     else:
@@ -67,9 +74,10 @@ def _params(shapes, device, seed=0):
     return ps
 
 
-def measure(device: torch.device, shapes, rounds: int = 5, iters: int = 5, names=None) -> dict:
+def measure(device: torch.device, shapes, rounds: int = 5, iters: int = 5, names=None,
+            algorithms=("standard",)) -> dict:
     """{'rows': [{provider, median_ms, min_ms, max_ms, ratio_vs_torch (median, min, max)}], 'missing': {...}}."""
-    makers, missing = providers(device)
+    makers, missing = providers(device, algorithms)
     if names is not None:
         makers = {k: v for k, v in makers.items() if k in names}
     opts = {}
@@ -128,10 +136,19 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--providers", default=None, help="comma list (default: all that run here)")
+    ap.add_argument("--ns-algorithm", default="standard",
+                    help="comma list of ours' ns_algorithm: standard, gram, auto (default standard)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    names = set(args.providers.split(",")) if args.providers else None
-    res = measure(device, gpt_matrices(args.d, args.layers), args.rounds, args.iters, names)
+    algorithms = tuple(args.ns_algorithm.split(","))
+    bad = [a for a in algorithms if a not in NS_ALGORITHMS]
+    if bad:
+        ap.error(f"--ns-algorithm: {bad} not in {list(NS_ALGORITHMS)}")
+    names = None
+    if args.providers:  # ours-<backend> selects every algorithm of that backend
+        sel = args.providers.split(",")
+        names = {n for n in providers(device, algorithms)[0] if n in sel or any(n.startswith(s + "-") for s in sel)}
+    res = measure(device, gpt_matrices(args.d, args.layers), args.rounds, args.iters, names, algorithms)
     res["profile"] = f"gpt-matrices d={args.d} layers={args.layers}, {torch.get_num_threads()} threads"
     print(markdown(res))
     return 0

@@ -42,6 +42,16 @@ NS_SCHEDULES = {
 
 NS_DTYPES = (None, torch.bfloat16, torch.float32, torch.float64)
 
+# ns_algorithm: "standard" (torch's iteration, the default: bitwise torch.optim.Muon), "gram" (the Gram form,
+# reference.gram_newton_schulz, on every matrix) or "auto" (the Gram form where the long side is at least
+# GRAM_MIN_ASPECT times the short one, the standard form elsewhere). The Gram form restarts (forms X and X X^T
+# afresh) before step GRAM_FIRST_RESTART and then every GRAM_RESTART_PERIOD steps. Both constants were chosen
+# by measurement (docs/muon.md, "Gram form"; bench/muon_gram_accuracy.py).
+NS_ALGORITHMS = ("standard", "gram", "auto")
+GRAM_MIN_ASPECT = 2.5
+GRAM_FIRST_RESTART = 2
+GRAM_RESTART_PERIOD = 2
+
 # The Newton-Schulz phase runs on stacks of at most this many bytes of updates (the param dtype): its
 # temporaries (X, X X^T, the polynomial, the new X, in ns_dtype) stay a small multiple of it. A shape bucket
 # larger than this is split into chunks (at least one matrix each).
@@ -129,11 +139,31 @@ def lr_ratio(adjust_lr_fn, shape) -> float:
     return math.sqrt(max(1, a / b)) if b else 1.0  # (None or "original"; an empty matrix moves nothing)
 
 
+def gram_restarts(steps: int) -> tuple:
+    """The steps before which the Gram form restarts (reference.gram_newton_schulz)."""
+    return tuple(range(GRAM_FIRST_RESTART, steps, GRAM_RESTART_PERIOD))
+
+
+def uses_gram(algorithm: str, shape) -> bool:
+    """Whether ``ns_algorithm`` runs the Gram form on a matrix of (matrix view) ``shape``."""
+    if algorithm == "gram":
+        return True
+    if algorithm == "auto":
+        short, long = sorted(matrix_view(shape))
+        return short > 0 and long >= GRAM_MIN_ASPECT * short
+    return False
+
+
 def _ns_phase(group: Mapping, batch: torch.Tensor) -> torch.Tensor:
     """The matrix phase: Newton-Schulz of a [n, A, *rest] stack of updates, viewed as [n, A, B]."""
     n, a = batch.shape[0], batch.shape[1]
     x = batch.reshape(n, a, math.prod(batch.shape[2:]))  # (explicit: an empty matrix has no -1)
-    out = newton_schulz(x, ns_schedule(group), float(group["eps"]), ns_dtype_for(group, batch.device))
+    schedule = ns_schedule(group)
+    args = (x, schedule, float(group["eps"]), ns_dtype_for(group, batch.device))
+    if uses_gram(group["ns_algorithm"], x.shape[1:]):
+        out = newton_schulz(*args, gram=True, restarts=gram_restarts(len(schedule)))
+    else:
+        out = newton_schulz(*args)
     return out.reshape(batch.shape)
 
 
@@ -145,9 +175,10 @@ def _apply_advance(g, st, fresh, t):
 # Groups that can be stepped by the Muon rule; the aux AdamW groups of momentum_fused.Muon are not.
 MUON_HPARAMS = dict(lr=LR, weight_decay=NONNEG, momentum=UNIT_OPEN, nesterov=Flag(), ns_coefficients=NSCoefficients(),
                     eps=NONNEG, ns_steps=NSSteps(), adjust_lr_fn=Choice((None, "original", "match_rms_adamw")),
-                    ns_dtype=NSDtype(), maximize=Flag())
+                    ns_dtype=NSDtype(), ns_algorithm=Choice(NS_ALGORITHMS), maximize=Flag())
 MUON_DEFAULTS = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=DEFAULT_NS_COEFFICIENTS,
-                     eps=DEFAULT_EPS, ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None, ns_dtype=None, maximize=False)
+                     eps=DEFAULT_EPS, ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None, ns_dtype=None,
+                     ns_algorithm="standard", maximize=False)
 
 MUON_MOMENTUM_SPEC = UpdateRuleSpec(
     name="muon_momentum", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,

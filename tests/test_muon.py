@@ -311,7 +311,8 @@ def test_newton_schulz_runs_once_per_shape_on_the_matrix_view(monkeypatch):
     calls = []
     real = sm.newton_schulz
 
-    def spy(x, schedule, eps, dtype):
+    def spy(x, schedule, eps, dtype, **kw):
+        assert not kw  # ns_algorithm "standard" (the default): torch's iteration
         calls.append((tuple(x.shape), dtype, len(schedule)))
         return real(x, schedule, eps, dtype)
 

@@ -41,6 +41,10 @@ class Muon(torch.optim.Optimizer):
       ``"polar_express"`` (the schedule of Amsel et al. 2025, momentum_fused/specs_muon.py);
     - ``ns_dtype``: the dtype of the Newton-Schulz iteration: None (bf16 on CUDA and on CPU, as torch; see
       docs/muon.md), torch.bfloat16, torch.float32 or torch.float64;
+    - ``ns_algorithm``: "standard" (torch's iteration, bitwise torch.optim.Muon's), "gram" (the Gram form of the
+      same polynomial, on the small Gram matrix, with restarts) or "auto" (the Gram form on matrices at least
+      ``specs_muon.GRAM_MIN_ASPECT`` times wider than tall, or taller than wide); accuracy and speed of each in
+      docs/muon.md, "Gram form";
     - param groups with ``use_muon=False`` are stepped in the same ``step()`` by decoupled AdamW with that
       group's ``lr``, ``betas``, ``eps``, ``weight_decay`` (unset: the reference MuonWithAuxAdam's defaults,
       ``AUX_DEFAULTS``), on the fused AdamW path;
@@ -54,10 +58,10 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=DEFAULT_EPS, ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None,
-                 *, ns_dtype=None, maximize=False, backend=None):
+                 *, ns_dtype=None, ns_algorithm="standard", maximize=False, backend=None):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
-                        ns_dtype=ns_dtype, maximize=maximize)
+                        ns_dtype=ns_dtype, ns_algorithm=ns_algorithm, maximize=maximize)
         MUON_SPEC.validate(defaults, where="Muon: ")
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
