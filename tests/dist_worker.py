@@ -38,6 +38,8 @@ OPTIMIZERS = {
     # the weight matrices by Muon (NS in float64; FSDP2: gathered to an owner rank, orthogonalized there, the
     # rows sent back), the biases by its aux AdamW
     "muon": ("Muon", dict(lr=0.02, weight_decay=0.1, ns_dtype="float64")),
+    # the same with the Gram form of Newton-Schulz (on every matrix, and its restarts)
+    "muon_gram": ("Muon", dict(lr=0.02, weight_decay=0.1, ns_dtype="float64", ns_algorithm="gram")),
 }
 
 

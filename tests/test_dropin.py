@@ -267,4 +267,8 @@ def test_rmsprop_centered_cancellation_gives_torchs_nans(backend, dtype, kw):
     if kw.get("alpha") == 0.0 and not kw.get("momentum"):
         assert t.isnan().any()  # (the case exercises the cancellation)
     fin = ~t.isnan()
-    torch.testing.assert_close(o[fin], t[fin], rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    # The finite elements went through the same cancellation: one rounding more or less of sq - ga^2 (FMA or not)
+    # is amplified by the tiny denominator. Seen on an AMD EPYC (alpha0-momentum, fp32): one element 1.01e-5 apart
+    # (torch 2.2180562, cpu 2.2180786), where float64 gives -3.1e6: the fp32 values are rounding noise there, so
+    # fp32 is held to 1e-4 (a wrong formula moves them by O(1)).
+    torch.testing.assert_close(o[fin], t[fin], rtol=1e-4 if dtype == torch.float32 else 1e-12, atol=0)
