@@ -264,15 +264,40 @@ def _build_fsdp(opt_name, backend, seed=0):
     return model, _make_opt(opt_name, list(model.parameters()), backend)
 
 
-def scenario_checkpoint(rank, tmpdir, opt_name, backend, save_after=3):
-    """torch.distributed.checkpoint of an FSDP2 model + optimizer after ``save_after`` steps, loaded
-    into a fresh model and optimizer (other init), continued to STEPS: vs an uninterrupted run."""
+def _dcp_resume(build, steps, ckpt, save_after, warm=0):
+    """The DCP round trip of a checkpoint scenario: a run built by ``build()`` takes ``save_after`` steps and is
+    saved with torch.distributed.checkpoint; a fresh one (``build(seed=123)``, another init, after ``warm`` steps of
+    its own) loads it and continues to STEPS. Returns the saved state tensors as (key, type name, dtype) and the
+    resumed run's snapshot, and whether every loaded state tensor is a DTensor."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
     from momentum_fused.distributed import is_dtensor
+
+    m_b, o_b = build()
+    steps(m_b, o_b, range(save_after))
+    osd = get_optimizer_state_dict(m_b, o_b)
+    saved = {(k, type(v).__name__, str(v.dtype)) for st in osd["state"].values() for k, v in st.items()
+             if isinstance(v, torch.Tensor) and v.dim() > 0}
+    dcp.save({"model": get_model_state_dict(m_b), "optim": osd}, checkpoint_id=ckpt)
+    m_c, o_c = build(seed=123)  # another init: the load must overwrite it
+    steps(m_c, o_c, range(warm))
+    sd = {"model": get_model_state_dict(m_c), "optim": get_optimizer_state_dict(m_c, o_c)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(m_c, sd["model"])
+    set_optimizer_state_dict(m_c, o_c, sd["optim"])
+    loaded_is_dtensor = all(is_dtensor(v) for st in o_c.state.values() for v in st.values()
+                            if isinstance(v, torch.Tensor) and v.dim() > 0)
+    steps(m_c, o_c, range(save_after, STEPS))
+    return saved, _snapshot(o_c, list(m_c.parameters())), loaded_is_dtensor
+
+
+def scenario_checkpoint(rank, tmpdir, opt_name, backend, save_after=3):
+    """torch.distributed.checkpoint of an FSDP2 model + optimizer after ``save_after`` steps, loaded
+    into a fresh model and optimizer (other init), continued to STEPS: vs an uninterrupted run."""
+    import torch
 
     batches = _batches(torch.float64)
     ckpt = os.path.join(tmpdir, f"ckpt-{opt_name}-{backend}")
@@ -287,23 +312,10 @@ def scenario_checkpoint(rank, tmpdir, opt_name, backend, save_after=3):
     steps(m_a, o_a, range(STEPS))
     uninterrupted = _snapshot(o_a, list(m_a.parameters()))
 
-    m_b, o_b = _build_fsdp(opt_name, backend)
-    steps(m_b, o_b, range(save_after))
-    osd = get_optimizer_state_dict(m_b, o_b)
-    saved_state_types = sorted({type(v).__name__ for st in osd["state"].values() for k, v in st.items()
-                                if isinstance(v, torch.Tensor) and v.dim() > 0})
-    dcp.save({"model": get_model_state_dict(m_b), "optim": osd}, checkpoint_id=ckpt)
-
-    m_c, o_c = _build_fsdp(opt_name, backend, seed=123)  # other init: the load must overwrite it
-    sd = {"model": get_model_state_dict(m_c), "optim": get_optimizer_state_dict(m_c, o_c)}
-    dcp.load(sd, checkpoint_id=ckpt)
-    set_model_state_dict(m_c, sd["model"])
-    set_optimizer_state_dict(m_c, o_c, sd["optim"])
-    loaded_is_dtensor = all(is_dtensor(v) for st in o_c.state.values() for v in st.values()
-                            if isinstance(v, torch.Tensor) and v.dim() > 0)
-    steps(m_c, o_c, range(save_after, STEPS))
-    return dict(uninterrupted=uninterrupted, resumed=_snapshot(o_c, list(m_c.parameters())),
-                saved_state_types=saved_state_types, loaded_is_dtensor=loaded_is_dtensor)
+    saved, resumed, loaded_is_dtensor = _dcp_resume(functools.partial(_build_fsdp, opt_name, backend), steps, ckpt,
+                                                    save_after)
+    return dict(uninterrupted=uninterrupted, resumed=resumed, saved_state_types=sorted({t for _, t, _ in saved}),
+                loaded_is_dtensor=loaded_is_dtensor)
 
 
 def scenario_zero(rank, tmpdir, opt_name, backend):
@@ -456,12 +468,8 @@ def scenario_int8_checkpoint(rank, tmpdir, layout, backend, save_after=2):
     (rows, blocks per row) scales and the master remainder are saved as DTensors, loaded into a fresh model and
     optimizer (another init) and continued: vs the uninterrupted run, bit for bit."""
     import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
 
     import momentum_fused as mf
-    from momentum_fused.distributed import is_dtensor
 
     dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
     gen = torch.Generator().manual_seed(1)
@@ -483,22 +491,9 @@ def scenario_int8_checkpoint(rank, tmpdir, layout, backend, save_after=2):
     m_a, o_a = build()
     steps(m_a, o_a, range(STEPS))
     uninterrupted = _snapshot(o_a, list(m_a.parameters()))
-    m_b, o_b = build()
-    steps(m_b, o_b, range(save_after))
-    osd = get_optimizer_state_dict(m_b, o_b)
-    saved = sorted({f"{k}:{type(v).__name__}:{v.dtype}" for st in osd["state"].values() for k, v in st.items()
-                    if isinstance(v, torch.Tensor) and v.dim() > 0})
-    dcp.save({"model": get_model_state_dict(m_b), "optim": osd}, checkpoint_id=ckpt)
-    m_c, o_c = build(seed=123)  # another init: the load must overwrite it
-    steps(m_c, o_c, range(1))   # and live state of the right layout, to be overwritten too
-    sd = {"model": get_model_state_dict(m_c), "optim": get_optimizer_state_dict(m_c, o_c)}
-    dcp.load(sd, checkpoint_id=ckpt)
-    set_model_state_dict(m_c, sd["model"])
-    set_optimizer_state_dict(m_c, o_c, sd["optim"])
-    loaded_is_dtensor = all(is_dtensor(v) for st in o_c.state.values() for v in st.values()
-                            if isinstance(v, torch.Tensor) and v.dim() > 0)
-    steps(m_c, o_c, range(save_after, STEPS))
-    return dict(uninterrupted=uninterrupted, resumed=_snapshot(o_c, list(m_c.parameters())), saved=saved,
+    # (warm=1: the fresh optimizer holds live state of the layout, which the load must overwrite too)
+    saved, resumed, loaded_is_dtensor = _dcp_resume(build, steps, ckpt, save_after, warm=1)
+    return dict(uninterrupted=uninterrupted, resumed=resumed, saved=sorted(f"{k}:{t}:{d}" for k, t, d in saved),
                 loaded_is_dtensor=loaded_is_dtensor)
 
 
