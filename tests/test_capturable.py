@@ -196,3 +196,112 @@ def test_capturable_step_does_not_synchronize(backend):
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------ Muon (multi-phase: passes + Newton-Schulz)
+def _muon_run(cap, lr_tensor=False, backend="cpu", steps=4, device="cpu", graph=False):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 6), (5, 8), (4, 3, 2), (7,)]
+    ps = [torch.randn(s, generator=gen, dtype=torch.float32).to(device).requires_grad_() for s in shapes]
+    lrs = [0.02 * 0.9 ** k for k in range(steps)]
+    lr = torch.tensor(lrs[0], dtype=torch.float64, device=device) if lr_tensor else lrs[0]
+    opt = mf.Muon([dict(params=ps[:3], lr=lr), dict(params=ps[3:], use_muon=False, lr=0.01)], capturable=cap,
+                  ns_dtype=torch.float32, backend=backend)
+    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(steps)]
+    for k in range(steps):
+        if lr_tensor:
+            lr.fill_(lrs[k])  # a scheduler writing the tensor lr in place
+        else:
+            opt.param_groups[0]["lr"] = lrs[k]
+        for p, g in zip(ps, grads[k]):
+            p.grad = g.clone()
+        opt.step()
+    return opt, ps
+
+
+@need_cpu
+@pytest.mark.parametrize("lr_tensor", [False, True], ids=["float-lr", "tensor-lr"])
+def test_muon_capturable_equals_host_scalars(monkeypatch, lr_tensor):
+    """Muon's passes take their scalars as device tables (a tensor lr read there, not on the host): the steps
+    equal the ordinary ones, for the Muon groups and the aux AdamW group alike."""
+    from momentum_fused.optim import phases
+    tables = []
+    real = phases._device_table
+    monkeypatch.setattr(phases, "_device_table", lambda rows, device: tables.append(len(rows)) or real(rows, device))
+    a, pa = _muon_run(True, lr_tensor)
+    assert tables == [3, 3] * 4  # the momentum and apply passes of the 3 matrices, every step
+    b, pb = _muon_run(False)
+    assert_states_close(a, pa, b, pb, **tol(torch.float32))
+    assert a.param_groups[0]["capturable"] and a.param_groups[1]["capturable"]
+
+
+@need_cpu
+def test_muon_capturable_step_reads_no_tensor_on_the_host(monkeypatch):
+    opt, ps = _muon_run(True, lr_tensor=True, steps=2)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+
+    def refuse(*a, **k):
+        raise AssertionError("a capturable step read a tensor value on the host")
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    opt.step()
+
+
+def test_muon_capturable_on_the_reference_backend_raises():
+    with pytest.raises(RuntimeError, match="capturable=True needs a compiled backend"):
+        _muon_run(True, backend="reference", steps=1)
+    with pytest.raises(TypeError, match="capturable must be a bool"):
+        mf.Muon([torch.zeros(3, 3, requires_grad=True)], capturable="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_muon_cuda_graph_replay_equals_eager(backend):
+    """One Muon step captured in a CUDA graph (passes, Newton-Schulz, aux AdamW) and replayed with new gradients and
+    an lr written in place equals the eager steps."""
+    if backends.status().get(backend) != "available":
+        pytest.fail(f"a CUDA device is visible but backend {backend!r} is not usable: {backends.status().get(backend)}")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 48), (48, 64), (64,)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).cuda() for s in shapes] for _ in range(8)]
+    lrs = [0.02 * 0.9 ** k for k in range(8)]
+
+    def make():
+        ps = [x.cuda().requires_grad_() for x in init]
+        lr = torch.tensor(lrs[0], device="cuda", dtype=torch.float64)
+        opt = mf.Muon([dict(params=ps[:2], lr=lr), dict(params=ps[2:], use_muon=False, lr=0.01)], capturable=True,
+                      backend=backend)
+        return ps, lr, opt
+
+    ps, lr, opt = make()
+    for k in range(8):
+        lr.fill_(lrs[k])
+        for p, g in zip(ps, grads[k]):
+            p.grad = g.clone()
+        opt.step()
+    qs, lr2, opt2 = make()
+    static = [torch.zeros_like(q) for q in qs]
+    for q, g in zip(qs, static):
+        q.grad = g
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for k in range(3):
+            lr2.fill_(lrs[k])
+            for g, new in zip(static, grads[k]):
+                g.copy_(new)
+            opt2.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt2.step()
+    for k in range(3, 8):
+        lr2.fill_(lrs[k])
+        for g, new in zip(static, grads[k]):
+            g.copy_(new)
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)

@@ -184,10 +184,14 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         self._called = {"step": False}
 
     def _keeps_group_counters(self) -> bool:
-        """Whether the step computes per-group host numbers (FSGDM's u, schedule-free's c, the Polyak step):
-        such a step reads host values every step (not capturable; GradScaler's flag is read on the host)."""
+        """Whether the step computes per-group host numbers (FSGDM's u, schedule-free's c, the Polyak step) or
+        runs phases: GradScaler's flag is then read on the host."""
+        return self._host_counters() or bool(self.spec.phases)
+
+    def _host_counters(self) -> bool:
+        """Whether the step computes per-group host numbers every step (not capturable)."""
         spec = self.spec
-        return spec.group_advance is not None or spec.group_prepare is not None or bool(spec.phases) or \
+        return spec.group_advance is not None or spec.group_prepare is not None or \
             type(self)._prepare_step is not FusedOptimizer._prepare_step
 
     def _prepare_step(self, plan, loss, inv_scale: float) -> None:

@@ -120,11 +120,15 @@ class ValidationMixin:
     def _not_capturable(self, lay) -> str | None:
         """Why this optimizer's step cannot avoid host-side per-step numbers (None: it can)."""
         spec = self.spec
-        if spec.phases:
-            return "it runs several phases (contract v2), whose first version reads its scalars on the host"
+        if spec.phases:  # each elementwise pass has its own pack; the matrix phases are torch ops on the device
+            from ..specs import ElementwisePass, get_spec
+            for ph in spec.phases:
+                if isinstance(ph, ElementwisePass) and (get_spec(ph.rule).pack_reads_state
+                                                        or get_spec(ph.rule).counts_steps):
+                    return f"its pass {ph.rule!r} reads per-tensor host state or counters every step"
         if spec.pack_reads_state:
             return "its scalar pack reads per-tensor host state (NAdam's mu_product) every step"
-        if self._keeps_group_counters():
+        if self._host_counters():
             return "it keeps per-group host counters that change every step (FSGDM's u, schedule-free's c)"
         if lay.stochastic:
             return "the bf16_sr layout derives its rounding keys from a host counter (sr_step)"

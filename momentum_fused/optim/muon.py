@@ -19,8 +19,8 @@ __all__ = ["Muon", "AUX_DEFAULTS"]
 
 # The hyperparameters of a use_muon=False group left unset: the reference MuonWithAuxAdam's (KellerJordan/Muon)
 AUX_DEFAULTS = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0, amsgrad=False, maximize=False)
-_MUON_KEYS = tuple(MUON_DEFAULTS)
-_AUX_KEYS = tuple(AUX_DEFAULTS)
+_MUON_KEYS = (*MUON_DEFAULTS, "capturable")
+_AUX_KEYS = (*AUX_DEFAULTS, "capturable")
 
 
 class _MuonCore(FusedOptimizer):
@@ -51,18 +51,24 @@ class Muon(torch.optim.Optimizer):
     - ``backend``: as every momentum_fused optimizer (the two elementwise passes run on the cpu, triton or cuda
       kernels; the Newton-Schulz phase runs with batched torch ops);
     - FSDP2 (DTensor params sharded on dim 0): each matrix is gathered to an owner rank, orthogonalized there
-      and its rows sent back (docs/muon.md).
+      and its rows sent back (docs/muon.md);
+    - ``capturable=True`` (both kinds of group; a param-group key): no host read and no host-computed number per
+      step on a compiled backend, as for the other rules: each pass's scalars (a tensor lr included) are computed on
+      the params' device, the Newton-Schulz phase is torch ops there.
 
     GradScaler: a step with a nonzero ``found_inf`` changes nothing; ``grad_scale`` divides the gradients inside
     the update. Any invalid input raises before anything changes."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=DEFAULT_EPS, ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None,
-                 *, ns_dtype=None, ns_algorithm="standard", maximize=False, backend=None):
+                 *, ns_dtype=None, ns_algorithm="standard", maximize=False, capturable=False, backend=None):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                         ns_dtype=ns_dtype, ns_algorithm=ns_algorithm, maximize=maximize)
         MUON_SPEC.validate(defaults, where="Muon: ")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"Muon: capturable must be a bool, got {type(capturable).__name__}: {capturable!r}")
+        defaults["capturable"] = capturable
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
         self.backend = backend
@@ -98,7 +104,8 @@ class Muon(torch.optim.Optimizer):
                                      "(params of 2 or more dims); put 0-d and 1-d params (biases, gains) in a param "
                                      "group with use_muon=False, stepped by AdamW")
         saved = self.defaults
-        self.defaults = saved if use else {**AUX_DEFAULTS, "use_muon": False}  # (aux groups take no Muon keys)
+        # (aux groups take no Muon keys; both kinds take the optimizer's capturable)
+        self.defaults = saved if use else {**AUX_DEFAULTS, "use_muon": False, "capturable": saved["capturable"]}
         try:
             super().add_param_group(g)
         finally:
@@ -138,6 +145,7 @@ class Muon(torch.optim.Optimizer):
             g.setdefault("use_muon", True)
             for k, v in (MUON_DEFAULTS if g["use_muon"] else AUX_DEFAULTS).items():
                 g.setdefault(k, v)
+            g.setdefault("capturable", False)  # (torch.optim.Muon's state_dicts have no capturable)
             self._add_inner(gi)
 
     def load_state_dict(self, state_dict):

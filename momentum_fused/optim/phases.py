@@ -7,8 +7,9 @@ apply pass (docs/architecture.md, "Contract v2").
 
 DTensor params sharded on dim 0 (FSDP2) or replicated, on a 1-D mesh: the passes run on local shards, the matrix
 phases on whole matrices gathered to an owner rank (``_sharded_matrix_phase``). Limits, each refused with a clear
-error before anything changes: the native layout only, no capturable=True, no complex params or other DTensor
-placements; GradScaler runs its host protocol (one read of found_inf)."""
+error before anything changes: the native layout only, no complex params or other DTensor placements; GradScaler
+runs its host protocol (one read of found_inf). capturable=True: each pass gets its scalars as a float64 [n, k]
+table computed on the params' device by tensor ops (a tensor lr is read there, never on the host)."""
 from __future__ import annotations
 
 import torch
@@ -90,12 +91,14 @@ class PhasesMixin:
     def _elementwise_pass(ps, group, items, states, fresh, ts, work, chosen, grad_mult) -> None:
         flags = ps.make_flags(group)
         names = ps.state_names(group)
-        packs = [ps.Scalars(*ps.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
+        rows = [(*ps.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
         for (device, dtype), backend in chosen.items():
             idx = [i for i, p in enumerate(items) if p.device == device and p.dtype == dtype]
+            sel = [rows[i] for i in idx]
+            packs = _device_table(sel, device) if group["capturable"] else [ps.Scalars(*r) for r in sel]
             backend.apply(ps, flags, *_dist.local_bucket([items[i] for i in idx], [items[i].grad for i in idx],
                                                          [tuple([work[i][n] for n in names]) for i in idx]),
-                          [packs[i] for i in idx])
+                          packs)
 
     @staticmethod
     def _matrix_phase(phase, group, items, work) -> None:
@@ -125,6 +128,20 @@ class PhasesMixin:
                 out = phase.fn(group, batch)
                 if out is not batch:
                     batch.copy_(out)
+
+
+def _device_table(rows, device) -> torch.Tensor:
+    """capturable=True: the packs ``rows`` (one tuple of floats and 0-d tensors per tensor) as one float64 [n, k]
+    table made on ``device`` by fill and stack kernels: no host read of a tensor value, no host-to-device copy."""
+    n = len(rows)
+    cols = []
+    for vals in zip(*rows):
+        if not any(isinstance(v, torch.Tensor) for v in vals) and len(set(vals)) == 1:
+            cols.append(torch.full((n,), float(vals[0]), dtype=torch.float64, device=device))
+        else:
+            cols.append(torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) if isinstance(v, torch.Tensor)
+                                     else torch.full((), float(v), dtype=torch.float64, device=device) for v in vals]))
+    return torch.stack(cols, 1)
 
 
 def _rows_view(ts):
