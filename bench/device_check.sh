@@ -9,7 +9,7 @@
 # or the preset `issue20` (the kernel work of issue 20, ~7.5 min): env kernels-cuda build test-cuda step-times
 # kernels-triton -- see the phases' comments below; kernel-report (static, the same as on a CPU machine) on request;
 # the preset `issue17` (compressed state, ~8 min): env build test-compressed compressed.
-# the preset `issue16` (Muon, ~6 min with the build): env build muon.
+# the preset `issue16` (Muon, ~6.5 min with the build): env build muon.
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
 # so the archive is written before the device tool's limit. Give the tool a timeout_s ~40 s above it.
 # TRITON_K: an optional pytest -k filter for the Triton GPU tests (careful: "float16" also matches
@@ -162,15 +162,16 @@ phase_kernels_triton() {
   done
 }
 # ---------------------------------------------------------------------------------------------- issue 16
-# muon (~100 s after build): Muon's passes on the CUDA kernels against the float64 reference (tests/test_cuda_backend.py
+# muon (~150 s after build): Muon's passes on the CUDA kernels against the float64 reference (tests/test_cuda_backend.py
 # -k muon; the Triton passes are tested under the interpreter in CI, tests/triton/test_muon_triton.py, and run
-# compiled in the bench below), then per step on a GPT-like stack (d=1024, 12
-# layers, 48 matrices, 151M params): ours (cuda, triton) vs torch.optim.Muon vs muon-optimizer (a row that cannot
-# run says why), NS in bf16. Target (issue 16): >= 1.5x torch.optim.Muon on CPU; on the GPU, measured.
+# compiled in the bench below) and a capturable Muon step replayed from a CUDA graph (tests/test_capturable.py -k
+# muon: never run yet), then per step on a GPT-like stack (d=1024, 12 layers, 48 matrices, 151M params): ours
+# (cuda, triton; ns_algorithm standard and auto, the Gram form) vs torch.optim.Muon vs muon-optimizer (a row that
+# cannot run says why), NS in bf16. Target (issue 16): >= 3x torch.optim.Muon on an H200.
 phase_muon() {
-  run muon-test 100 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k muon
+  run muon-test 120 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py tests/test_capturable.py -k muon
   run muon-bench 150 "$PY" -m bench.bench_muon --device cuda --d 1024 --layers 12 --rounds 5 --iters 5 \
-    --providers ours-cuda,ours-triton,torch.optim.Muon,muon-optimizer
+    --ns-algorithm standard,auto --providers ours-cuda,ours-triton,torch.optim.Muon,muon-optimizer
   grep -E "^\| |not measured" "$WORK/muon-bench.log" | sed 's/^/  /' | tee -a "$WORK/summary.txt"
 }
 # kernel-report (~60 s on 16 cores): the static report (registers, stack, spills, 128-bit accesses) with this
