@@ -14,6 +14,8 @@ Providers (AdamW, lr 1e-3, weight_decay 0.01):
   torch fused bf16     torch.optim.AdamW(fused=True) on bf16 params (bf16 state), if torch runs it
   torchao AdamW8bit    torchao.optim.AdamW8bit, fp32 params, if torchao is installed (an optional peer, never
                        a dependency of momentum_fused: `pip install --no-deps torchao`)
+  bitsandbytes AdamW8bit  bitsandbytes.optim.AdamW8bit (block-wise dynamic 8-bit state; its CPU path in
+                       bitsandbytes >= 0.45), if installed (`pip install --no-deps bitsandbytes`)
 Reported per provider: optimizer-state bytes per param (the step counter excluded; int8: codes + scales, the
 small tensors' fp32 state included), the median ms per step over the runs and the spread (min - max of the runs'
 per-step times), and the ratio of torch fused fp32's median to the provider's (> 1: faster than torch).
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import os
 import platform
 import statistics
@@ -103,13 +106,15 @@ def providers():
         Provider("torch fused bf16 (bf16 state)", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD,
                                                                                fused=True), torch.bfloat16),
     ]
-    try:
-        from torchao.optim import AdamW8bit
-        out.append(Provider("torchao AdamW8bit", lambda ps: AdamW8bit(ps, lr=LR, weight_decay=WD), torch.float32))
-    except Exception as e:  # noqa: BLE001 (an optional peer: any import failure skips it, with the reason)
-        p = Provider("torchao AdamW8bit", None, torch.float32)
-        p.error = f"not importable: {type(e).__name__}: {e}"
-        out.append(p)
+    for name, module, attr in (("torchao AdamW8bit", "torchao.optim", "AdamW8bit"),
+                               ("bitsandbytes AdamW8bit", "bitsandbytes.optim", "AdamW8bit")):
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+            out.append(Provider(name, lambda ps, cls=cls: cls(ps, lr=LR, weight_decay=WD), torch.float32))
+        except Exception as e:  # noqa: BLE001 (an optional peer: any import failure skips it, with the reason)
+            p = Provider(name, None, torch.float32)
+            p.error = f"not importable: {type(e).__name__}: {e}"
+            out.append(p)
     return out
 
 
@@ -171,12 +176,15 @@ def main(argv=None):
 
     r_torch = ratio("ours int8_state", "torch fused fp32")
     r_ao = ratio("ours int8_state", "torchao AdamW8bit")
+    r_bnb = ratio("ours int8_state", "bitsandbytes AdamW8bit")
     verdict = [
         f"- int8_state AdamW vs torch fused fp32: {r_torch:.2f}x (target >= 1.0x: "
         f"{'met' if r_torch >= 1.0 else 'NOT met'}){per_run('ours int8_state', 'torch fused fp32')}"
         if r_torch is not None else "- vs torch fused fp32: n/a",
         f"- int8_state AdamW vs torchao AdamW8bit: {r_ao:.1f}x (target >= 10x: {'met' if r_ao >= 10 else 'NOT met'})"
         if r_ao is not None else f"- vs torchao AdamW8bit: n/a ({by['torchao AdamW8bit'].error})",
+        f"- int8_state AdamW vs bitsandbytes AdamW8bit: {r_bnb:.1f}x{per_run('ours int8_state', 'bitsandbytes AdamW8bit')}"
+        if r_bnb is not None else f"- vs bitsandbytes AdamW8bit: n/a ({by['bitsandbytes AdamW8bit'].error})",
     ]
     cpu = platform.processor() or platform.machine()
     try:
