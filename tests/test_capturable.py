@@ -142,13 +142,21 @@ def _graph_run(cls, kw, backend, capture):
         return opt, ps
     lr = torch.tensor(lrs[0], device="cuda", dtype=torch.float64)
     opt = cls(ps, backend=backend, capturable=True, **{**kw, "lr": lr})
+    _capture_and_replay(opt, ps, lr, lrs, grads)
+    return opt, ps
+
+
+def _capture_and_replay(opt, ps, lr, lrs, grads, warm=3):
+    """Steps of a capturable ``opt`` on static gradient buffers: ``warm`` eager ones on a side stream (state, step
+    counters, launcher tables, Triton compilation), then one captured step replayed for the rest of ``grads``, the
+    tensor ``lr`` written in place to ``lrs[k]`` before step k."""
     static = [torch.zeros_like(p) for p in ps]
     for p, g in zip(ps, static):
         p.grad = g
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: state, step counters, launcher tables, Triton compilation
-        for k in range(3):
+    with torch.cuda.stream(side):
+        for k in range(warm):
             lr.fill_(lrs[k])
             for g, new in zip(static, grads[k]):
                 g.copy_(new)
@@ -157,13 +165,12 @@ def _graph_run(cls, kw, backend, capture):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
-    for k in range(3, 13):
+    for k in range(warm, len(grads)):
         lr.fill_(lrs[k])
         for g, new in zip(static, grads[k]):
             g.copy_(new)
         graph.replay()
     torch.cuda.synchronize()
-    return opt, ps
 
 
 @pytest.mark.gpu
@@ -282,26 +289,6 @@ def test_muon_cuda_graph_replay_equals_eager(backend):
             p.grad = g.clone()
         opt.step()
     qs, lr2, opt2 = make()
-    static = [torch.zeros_like(q) for q in qs]
-    for q, g in zip(qs, static):
-        q.grad = g
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for k in range(3):
-            lr2.fill_(lrs[k])
-            for g, new in zip(static, grads[k]):
-                g.copy_(new)
-            opt2.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt2.step()
-    for k in range(3, 8):
-        lr2.fill_(lrs[k])
-        for g, new in zip(static, grads[k]):
-            g.copy_(new)
-        graph.replay()
-    torch.cuda.synchronize()
+    _capture_and_replay(opt2, qs, lr2, lrs, grads)
     for p, q in zip(ps, qs):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
