@@ -7,7 +7,9 @@
 
 Every provider runs the same Newton-Schulz dtype (bf16) and coefficients (torch's defaults, 5 steps). Ours runs
 each ``--ns-algorithm`` given (default "standard", torch's iteration; "gram" and "auto": the Gram form,
-docs/muon.md), as providers ``ours-<backend>`` (standard) and ``ours-<backend>-<algorithm>``. The
+docs/muon.md), as providers ``ours-<backend>`` (standard) and ``ours-<backend>-<algorithm>``; on a CPU with
+AVX-512-BF16 "gram"/"auto" compute the symmetric products on a half-product kernel, and ``auto/torch-mm`` runs
+"auto" on torch's products instead (the kernel's A/B in one process). The
 providers take turns inside each round (one warm-up step, then ``--iters`` timed steps each), so machine noise
 hits them alike; a round's figure is the median of its steps. Reported: the median over rounds, the spread
 (min-max) over rounds, and each provider's ratio to torch.optim.Muon per round (median and min-max). ``python -m
@@ -50,8 +52,9 @@ def providers(device: torch.device, algorithms=("standard",)) -> tuple[dict, dic
             continue
         for alg in algorithms:
             name = f"ours-{b}" if alg == "standard" else f"ours-{b}-{alg}"
-            out[name] = lambda ps, b=b, alg=alg: mf.Muon(ps, lr=lr, ns_dtype=torch.bfloat16, ns_algorithm=alg,
-                                                         backend=b)
+            base, _, how = alg.partition("/")
+            out[name] = lambda ps, b=b, base=base, how=how: _torch_products(
+                mf.Muon(ps, lr=lr, ns_dtype=torch.bfloat16, ns_algorithm=base, backend=b), how == "torch-mm")
     if hasattr(torch.optim, "Muon"):
         out["torch.optim.Muon"] = lambda ps: torch.optim.Muon(ps, lr=lr)
     else:
@@ -62,6 +65,25 @@ def providers(device: torch.device, algorithms=("standard",)) -> tuple[dict, dic
     except ImportError as e:
         missing["muon-optimizer"] = f"not installed (pip install --no-deps muon-optimizer): {e}"
     return out, missing
+
+
+def _torch_products(opt, on: bool):
+    """``--ns-algorithm auto/torch-mm``: the optimizer's steps with the symmetric CPU kernel switched off
+    (specs_muon.symmetric_products -> None: torch's bmm/baddbmm), for an A/B of the kernel in one process."""
+    if not on:
+        return opt
+    from momentum_fused import specs_muon
+    real = opt.step
+
+    def step(*a, **k):
+        saved = specs_muon.symmetric_products
+        specs_muon.symmetric_products = lambda *args: None
+        try:
+            return real(*a, **k)
+        finally:
+            specs_muon.symmetric_products = saved
+    opt.step = step
+    return opt
 
 
 def _params(shapes, device, seed=0):
@@ -137,11 +159,12 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--providers", default=None, help="comma list (default: all that run here)")
     ap.add_argument("--ns-algorithm", default="standard",
-                    help="comma list of ours' ns_algorithm: standard, gram, auto (default standard)")
+                    help="comma list of ours' ns_algorithm: standard, gram, auto (default standard); gram/torch-mm "
+                         "and auto/torch-mm: the same with the symmetric CPU kernel off (torch's products)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     algorithms = tuple(args.ns_algorithm.split(","))
-    bad = [a for a in algorithms if a not in NS_ALGORITHMS]
+    bad = [a for a in algorithms if a.partition("/")[0] not in NS_ALGORITHMS or a.partition("/")[2] not in ("", "torch-mm")]
     if bad:
         ap.error(f"--ns-algorithm: {bad} not in {list(NS_ALGORITHMS)}")
     names = None

@@ -131,3 +131,38 @@ def make_backend() -> backends.Backend:
 
     return backends.Backend(name="cpu", apply=apply, supports=supports, devices=("cpu",), load_error=None,
                             layouts=CPU_LAYOUTS, scalar_tables=True)
+
+
+def symmetric_product():
+    """The CPU kernel of the symmetric bf16 products of Newton-Schulz (csrc/cpu/cpu_symmm.cpp) as a drop-in for
+    ``reference.symmetric_baddbmm`` on bf16 CPU stacks, or None where it does not run: the extension is not
+    built, or the CPU has no AVX-512-BF16, has AMX (torch's GEMMs are faster there) or MOMENTUM_FUSED_CPU_ISA
+    caps it below avx512. It computes the tiles on and above the diagonal (~55% of the multiply-adds at m = 384)
+    and mirrors them, with an fp32 accumulator and one rounding to bf16, as torch's bf16 GEMM does."""
+    global _SYMMETRIC
+    if _SYMMETRIC is None:
+        _SYMMETRIC = (False,)
+        if backends.import_extension("cpu", "CPU", "") is None:
+            from . import _C_cpu
+            if getattr(_C_cpu, "sym_mm_bf16_available", lambda: False)():
+                _SYMMETRIC = (True, _C_cpu)
+    return _symmetric_baddbmm if _SYMMETRIC[0] else None
+
+
+_SYMMETRIC = None
+
+
+def _symmetric_baddbmm(c0, a, b=None, beta=1.0, alpha=1.0):
+    """``reference.symmetric_baddbmm`` for bf16 CPU stacks, on the kernel (``symmetric_product``), which
+    computes y z^T from the rows of y and z: z = a for the Gram matrix, else b (symmetric: its rows are its
+    columns)."""
+    y = a.contiguous()
+    z = y if b is None else b.contiguous()
+    if y.shape[-1] % 2:  # the kernel takes bf16 pairs along k: a zero column changes no sum
+        y, z = torch.nn.functional.pad(y, (0, 1)), torch.nn.functional.pad(z, (0, 1))
+    if c0 is not None and beta == 0.0:
+        c0 = None  # as torch: beta = 0 ignores c0 (its NaNs too)
+    out = torch.empty(y.shape[0], y.shape[1], y.shape[1], dtype=torch.bfloat16)
+    if not _SYMMETRIC[1].sym_mm_bf16(out, y, z, None if c0 is None else c0.contiguous(), float(alpha), float(beta)):
+        raise RuntimeError("sym_mm_bf16 refused its arguments after sym_mm_bf16_available() said yes")
+    return out

@@ -240,52 +240,64 @@ def muon_apply_ref(p, g, state, s, f):
     p.add_(update, alpha=-s.adjusted_lr)
 
 
-def newton_schulz(x, schedule, eps, dtype, gram=False, restarts=()):
+def newton_schulz(x, schedule, eps, dtype, gram=False, restarts=(), sym=None):
     """Quintic Newton-Schulz of each matrix of the [n, A, B] stack ``x`` in ``dtype``: X transposed when A > B
     (so that X X^T is the small Gram matrix), X / max(||X||_F, eps) per matrix, then for each (a, b, c) of
     ``schedule``: M = X X^T, X <- a X + (b M + c M^2) X (torch's addmm order, batched); transposed back.
     ``gram=True``: the same polynomial in the Gram form (``gram_newton_schulz``, restarted before the steps in
-    ``restarts``). Returns the [n, A, B] result in ``dtype``."""
+    ``restarts``). ``sym``: how the products whose result is symmetric are computed (``symmetric_baddbmm``'s
+    signature; None: torch's bmm/baddbmm, as here). Returns the [n, A, B] result in ``dtype``."""
     tall = x.shape[-2] > x.shape[-1]
     X = x.to(dtype)
     if tall:
         X = X.mT
     norms = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     X = X / norms.clamp(min=eps)
+    sym = sym or symmetric_baddbmm
     if gram:
-        X = gram_newton_schulz(X, schedule, restarts)
+        X = gram_newton_schulz(X, schedule, restarts, sym)
     else:
         for a, b, c in schedule:
-            M = torch.bmm(X, X.mT)
-            N = torch.baddbmm(M, M, M, beta=b, alpha=c)
+            M = sym(None, X)
+            N = sym(M, M, M, beta=b, alpha=c)
             X = torch.baddbmm(X, N, X, beta=a)
     return X.mT if tall else X
 
 
-def gram_newton_schulz(X, schedule, restarts=()):
+def symmetric_baddbmm(c0, a, b=None, beta=1.0, alpha=1.0):
+    """beta * c0 + alpha * (a @ b) (c0 None: a @ b) for a symmetric product: ``b`` None means a^T (the Gram
+    matrix a a^T of an [n, m, k] stack), else ``b`` is a symmetric [n, m, m] stack that commutes with ``a``. These
+    are the products of the Newton-Schulz steps that a symmetric kernel may compute by halves
+    (momentum_fused/_backend_cpu.py, ``symmetric_product``). Here torch's bmm / baddbmm, the definition."""
+    b = a.mT if b is None else b
+    return torch.bmm(a, b) if c0 is None else torch.baddbmm(c0, a, b, beta=beta, alpha=alpha)
+
+
+def gram_newton_schulz(X, schedule, restarts=(), sym=symmetric_baddbmm):
     """The Newton-Schulz steps of ``newton_schulz`` on the normalized wide [n, m, k] stack ``X`` (m <= k), run on
     m x m matrices: with R = X X^T, a step X <- P X, P = a I + N, N = b R + c R^2, is Q <- P Q (Q: the product of
     the P's so far; Q = P for the first) and R <- P R P (= P^2 R: the P's are polynomials in R, so they commute);
     X = Q X once at the end. After the first step P is not formed: P Y = a Y + N Y is one baddbmm, rounded once.
     Before each step in ``restarts`` (a restart) X = Q X and R = X X^T are formed afresh, which drops the
     rounding error that Q and R accumulate, and that half precision cannot afford (docs/muon.md, "Gram form").
-    Per step ~8 m^3 flops instead of ~4 m^2 k + 2 m^3, plus 4 m^2 k once and 4 m^2 k per restart."""
-    R = torch.bmm(X, X.mT)
+    Per step ~8 m^3 flops instead of ~4 m^2 k + 2 m^3, plus 4 m^2 k once and 4 m^2 k per restart. Every m x m
+    product is symmetric (``sym``: R, N, Q, RP are polynomials in R)."""
+    R = sym(None, X)
     Q = None
     last = len(schedule) - 1
     for i, (a, b, c) in enumerate(schedule):
         if i in restarts and Q is not None:
             X, Q = torch.bmm(Q, X), None
-            R = torch.bmm(X, X.mT)
-        N = torch.baddbmm(R, R, R, beta=b, alpha=c)
+            R = sym(None, X)
+        N = sym(R, R, R, beta=b, alpha=c)
         if Q is None:
             Q = N.clone()
             Q.diagonal(dim1=-2, dim2=-1).add_(a)
         else:
-            Q = torch.baddbmm(Q, N, Q, beta=a)
+            Q = sym(Q, N, Q, beta=a)
         if i < last and (i + 1) not in restarts:
-            RP = torch.baddbmm(R, R, N, beta=a)
-            R = torch.baddbmm(RP, N, RP, beta=a)
+            RP = sym(R, R, N, beta=a)
+            R = sym(RP, N, RP, beta=a)
     return X if Q is None else torch.bmm(Q, X)
 
 

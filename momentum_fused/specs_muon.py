@@ -154,16 +154,29 @@ def uses_gram(algorithm: str, shape) -> bool:
     return False
 
 
+def symmetric_products(algorithm: str, device: torch.device, dtype: torch.dtype):
+    """How the Newton-Schulz phase computes its symmetric products (``reference.symmetric_baddbmm``'s
+    signature): with ``"gram"`` and ``"auto"`` in bf16 on a CPU where the half-product kernel runs
+    (``_backend_cpu.symmetric_product``: AVX-512-BF16, no AMX), that kernel; else None (torch's bmm/baddbmm).
+    ``"standard"`` always uses torch's ops: it is torch.optim.Muon's iteration bit for bit."""
+    if algorithm == "standard" or device.type != "cpu" or dtype != torch.bfloat16:
+        return None
+    from ._backend_cpu import symmetric_product
+    return symmetric_product()
+
+
 def _ns_phase(group: Mapping, batch: torch.Tensor) -> torch.Tensor:
     """The matrix phase: Newton-Schulz of a [n, A, *rest] stack of updates, viewed as [n, A, B]."""
     n, a = batch.shape[0], batch.shape[1]
     x = batch.reshape(n, a, math.prod(batch.shape[2:]))  # (explicit: an empty matrix has no -1)
     schedule = ns_schedule(group)
-    args = (x, schedule, float(group["eps"]), ns_dtype_for(group, batch.device))
-    if uses_gram(group["ns_algorithm"], x.shape[1:]):
-        out = newton_schulz(*args, gram=True, restarts=gram_restarts(len(schedule)))
+    algorithm, dtype = group["ns_algorithm"], ns_dtype_for(group, batch.device)
+    args = (x, schedule, float(group["eps"]), dtype)
+    sym = symmetric_products(algorithm, batch.device, dtype)
+    if uses_gram(algorithm, x.shape[1:]):
+        out = newton_schulz(*args, gram=True, restarts=gram_restarts(len(schedule)), sym=sym)
     else:
-        out = newton_schulz(*args)
+        out = newton_schulz(*args, sym=sym)
     return out.reshape(batch.shape)
 
 

@@ -312,7 +312,7 @@ def test_newton_schulz_runs_once_per_shape_on_the_matrix_view(monkeypatch):
     real = sm.newton_schulz
 
     def spy(x, schedule, eps, dtype, **kw):
-        assert not kw  # ns_algorithm "standard" (the default): torch's iteration
+        assert kw == {"sym": None}  # ns_algorithm "standard" (the default): torch's iteration, torch's products
         calls.append((tuple(x.shape), dtype, len(schedule)))
         return real(x, schedule, eps, dtype)
 

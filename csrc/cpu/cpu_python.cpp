@@ -24,6 +24,10 @@
 //       extension is not built; tests/test_fast_path.py runs both.
 //   same_objects(now, cached), same_dict(d, keys, values), same_entries(dicts, key, objs) -> bool
 //       the cached plan's identity checks (below), with Python twins in base.py.
+//   sym_mm_bf16(out, y, z, c0, alpha, beta) -> bool, sym_mm_bf16_available() -> bool
+//       out = alpha * y z^T + beta * c0 for [n, m, k] bf16 y, z whose product is symmetric (cpu_symmm.h): the
+//       symmetric products of Muon's Newton-Schulz phase (momentum_fused/_symmm.py). False, having done
+//       nothing, when this CPU has no AVX-512-BF16 (or has AMX) or k is odd; bad arguments raise ValueError.
 #include <torch/csrc/Device.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -35,6 +39,7 @@
 
 #include "../py_borrow.h"
 #include "cpu_ops.h"
+#include "cpu_symmm.h"
 
 namespace py = pybind11;
 
@@ -186,6 +191,36 @@ bool same_entries(const py::handle& dicts, const py::handle& key, const py::list
   return true;
 }
 
+void check_bf16(const at::Tensor& t, const char* name, int64_t n, int64_t r, int64_t c) {
+  if (t.device().type() != c10::kCPU || t.scalar_type() != c10::kBFloat16 || t.layout() != c10::kStrided ||
+      !t.is_contiguous() || t.dim() != 3 || t.size(0) != n || t.size(1) != r || t.size(2) != c)
+    throw std::invalid_argument(std::string("sym_mm_bf16: ") + name + " must be a contiguous bf16 CPU tensor of shape [" +
+                                std::to_string(n) + ", " + std::to_string(r) + ", " + std::to_string(c) + "]");
+}
+
+bool sym_mm_bf16_py(at::Tensor& out, const at::Tensor& y, const at::Tensor& z, const c10::optional<at::Tensor>& c0,
+                    double alpha, double beta) {
+  if (y.dim() != 3) throw std::invalid_argument("sym_mm_bf16: y must be [n, m, k]");
+  const int64_t n = y.size(0), m = y.size(1), k = y.size(2);
+  check_bf16(y, "y", n, m, k);
+  check_bf16(z, "z", n, m, k);
+  check_bf16(out, "out", n, m, m);
+  if (c0.has_value()) check_bf16(*c0, "c0", n, m, m);
+  if (out.numel() > 0 && (out.data_ptr() == y.data_ptr() || out.data_ptr() == z.data_ptr() ||
+                          (c0.has_value() && out.data_ptr() == c0->data_ptr())))
+    throw std::invalid_argument("sym_mm_bf16: out may not be y, z or c0");
+  const int nthreads = at::get_num_threads();
+  bool done = false;
+  mf::py_borrow::run_without_gil([&] {
+    done = mf::cpu::sym_mm_bf16(n, m, k, static_cast<const uint16_t*>(y.data_ptr()),
+                                static_cast<const uint16_t*>(z.data_ptr()),
+                                c0.has_value() ? static_cast<const uint16_t*>(c0->data_ptr()) : nullptr,
+                                static_cast<uint16_t*>(out.data_ptr()), static_cast<float>(alpha),
+                                static_cast<float>(beta), nthreads);
+  });
+  return done;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cpu, m) {
@@ -198,4 +233,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("same_objects", &same_objects, py::arg("now"), py::arg("cached"));
   m.def("same_dict", &same_dict, py::arg("d"), py::arg("keys"), py::arg("values"));
   m.def("same_entries", &same_entries, py::arg("dicts"), py::arg("key"), py::arg("objs"));
+  m.def("sym_mm_bf16", &sym_mm_bf16_py, py::arg("out"), py::arg("y"), py::arg("z"), py::arg("c0"), py::arg("alpha"),
+        py::arg("beta"));
+  m.def("sym_mm_bf16_available", &mf::cpu::sym_mm_bf16_available);
 }
