@@ -51,6 +51,9 @@ class Backend:
         float64 [n, k] tensor on the tensors' device (capturable groups).
       layout: the dtype layout (momentum_fused.layouts); only "native" is passed unless listed in
         ``layouts``. sr_keys: one uint32 key per tensor when layout.stochastic, else None.
+      found_inf, grad_scale: GradScaler's one-element tensors, or None (the built-in backends all take
+        them: found_inf != 0 writes nothing, grad_scale divides the packs' grad_mult); the optimizer passes
+        them only to backends marked ``device_scalars`` (the others get the host protocol, optim/amp.py).
     supports(spec, device, dtype) -> str | None: None if supported, else the reason it is not.
     """
 
@@ -191,12 +194,20 @@ def pack_table(scalars, k: int) -> torch.Tensor:
 _CODES = (torch.int8, torch.uint8)
 
 
-def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_layouts.NATIVE, sr_keys=None):
+def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_layouts.NATIVE, sr_keys=None,
+                     found_inf=None, grad_scale=None):
     """The reference rules, tensor by tensor. Half-precision storage (fp16/bf16) is computed in float32
     and rounded once when written back, as the kernels do: computing in fp16 itself would underflow
     (1 - beta2) g^2 and round eps = 1e-8 to zero. Layouts: the value the rule reads is the master copy's
     (``master``) or the one the param and its remainder decode to (``master16``, layouts.master16_decode);
-    bf16 writes round stochastically under ``bf16_sr`` (layouts.sr_round_bf16)."""
+    bf16 writes round stochastically under ``bf16_sr`` (layouts.sr_round_bf16). found_inf / grad_scale as
+    the kernels take them (read on the host here: this backend is not ``device_scalars``): found_inf != 0
+    writes nothing, grad_scale divides each pack's grad_mult."""
+    if found_inf is not None and float(found_inf) != 0.0:
+        return
+    if grad_scale is not None:
+        scale = float(grad_scale)
+        scalars = [sc._replace(grad_mult=sc.grad_mult / scale) for sc in scalars]
     fn = reference.RULES[spec.name]
     for i, (p, g, st, sc) in enumerate(zip(params, grads, states, scalars)):
         if layout.master:

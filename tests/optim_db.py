@@ -12,6 +12,8 @@ Tests are parametrized from ``CASES`` / ``all_variants()`` / ``all_errors()``. T
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -455,3 +457,60 @@ def opcheck_one_step(op, opt) -> None:
     args, kwargs = calls[0]
     result = torch.library.opcheck(op, args, kwargs)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+# ------------------------------------------------------------------ GradScaler's device protocol on this machine
+HOST_READS = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist")
+_IN_KERNEL: list = []  # nonempty while a device_amp_backend's kernels run
+
+
+@contextlib.contextmanager
+def device_amp_backend(base: str):
+    """The backend ``base`` (cpu or reference) registered again, as ``"<base>-device-amp"``, as one that reads
+    GradScaler's found_inf / grad_scale in its kernels (``device_scalars=True``, as triton and cuda): optimizers
+    forced onto it take the device protocol of optim/amp.py on this machine, with ``base``'s own kernels. Yields
+    (name, calls): one (rule, found_inf passed?) per backend call. Its kernels may read the flags while
+    ``refuse_host_reads`` is armed: they stand for the device's."""
+    from momentum_fused import backends
+    real = backends._REGISTRY[base]
+    calls = []
+
+    def apply(spec, flags, params, grads, states, scalars, **kw):
+        calls.append((spec.name, kw.get("found_inf") is not None))
+        _IN_KERNEL.append(True)
+        try:
+            return real.apply(spec, flags, params, grads, states, scalars, **kw)
+        finally:
+            _IN_KERNEL.pop()
+
+    name = f"{base}-device-amp"
+    backends.register(dataclasses.replace(real, name=name, apply=apply, device_scalars=True, _warned=set()))
+    try:
+        yield name, calls
+    finally:
+        backends._REGISTRY.pop(name, None)
+
+
+@contextlib.contextmanager
+def refuse_host_reads(of: torch.Tensor | None = None):
+    """A host read of a tensor's value (``HOST_READS``) fails the test, outside the kernels of a
+    ``device_amp_backend``: of the tensor ``of`` only, or (None) of any tensor."""
+    saved = {n: getattr(torch.Tensor, n) for n in HOST_READS}
+
+    def guard(name):
+        real = saved[name]
+
+        def read(self, *a, **k):
+            if not _IN_KERNEL and (of is None or self is of):
+                raise AssertionError(f"a host read (Tensor.{name}) of {'found_inf' if of is not None else 'a tensor'}"
+                                     " during the step")
+            return real(self, *a, **k)
+        return read
+
+    for n in HOST_READS:
+        setattr(torch.Tensor, n, guard(n))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)

@@ -14,7 +14,8 @@ import torch
 
 import momentum_fused as mf
 from momentum_fused import backends
-from optim_db import CASES, assert_states_close, assert_step_raises_unchanged, make_grads, make_params
+from optim_db import (CASES, assert_snapshot_equal, assert_states_close, assert_step_raises_unchanged,
+                      device_amp_backend, make_grads, make_params, refuse_host_reads, snapshot)
 from tolerances import tol
 
 SHAPES = [(3, 4), (5,), (), (0,), (4097,)]
@@ -146,13 +147,19 @@ def _graph_run(cls, kw, backend, capture):
     return opt, ps
 
 
-def _capture_and_replay(opt, ps, lr, lrs, grads, warm=3):
+def _capture_and_replay(opt, ps, lr, lrs, grads, warm=3, prologue=None):
     """Steps of a capturable ``opt`` on static gradient buffers: ``warm`` eager ones on a side stream (state, step
     counters, launcher tables, Triton compilation), then one captured step replayed for the rest of ``grads``, the
-    tensor ``lr`` written in place to ``lrs[k]`` before step k."""
+    tensor ``lr`` written in place to ``lrs[k]`` before step k. ``prologue(static_grads)``: run before every step,
+    in the graph too (GradScaler's inf check)."""
     static = [torch.zeros_like(p) for p in ps]
     for p, g in zip(ps, static):
         p.grad = g
+
+    def step():
+        if prologue is not None:
+            prologue(static)
+        opt.step()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -160,11 +167,11 @@ def _capture_and_replay(opt, ps, lr, lrs, grads, warm=3):
             lr.fill_(lrs[k])
             for g, new in zip(static, grads[k]):
                 g.copy_(new)
-            opt.step()
+            step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        opt.step()
+        step()
     for k in range(warm, len(grads)):
         lr.fill_(lrs[k])
         for g, new in zip(static, grads[k]):
@@ -255,6 +262,35 @@ def test_muon_capturable_step_reads_no_tensor_on_the_host(monkeypatch):
     opt.step()
 
 
+@need_cpu
+def test_muon_capturable_step_with_a_grad_scaler_reads_no_tensor_on_the_host():
+    """GradScaler's device protocol (the cpu kernels marked device_scalars, optim_db.device_amp_backend, standing
+    for triton and cuda): once the state exists a capturable step reads no tensor value on the host (the kernels
+    read found_inf and grad_scale), found_inf = 1 changes nothing, and nothing is left for a deferred read."""
+    with device_amp_backend("cpu") as (name, calls):
+        opt, ps = _muon_run(True, lr_tensor=True, steps=1, backend=name)
+        scale = torch.full((), 4.0)
+        for k, inf in enumerate([True, False, False, True, False]):  # (2 warm steps, then read-free ones)
+            for p in ps:
+                p.grad = torch.randn_like(p) * 4
+            opt.found_inf, opt.grad_scale = torch.full((), float(inf)), scale
+            before = snapshot(opt, ps)
+            calls.clear()
+            if k < 2:
+                opt.step()
+                opt.sync_amp()
+                continue
+            with refuse_host_reads():
+                opt.step()
+            assert calls and all(f for _, f in calls)
+            assert "_pending_amp" not in opt._core.__dict__ and "_pending_amp" not in opt._aux.__dict__
+            if inf:
+                assert_snapshot_equal(before, snapshot(opt, ps))
+            else:
+                assert not torch.equal(before["params"][0], ps[0])
+    assert float(opt.state[ps[3]]["step"]) == 4.0  # the aux param: 1 + 5 steps, 2 of them skipped
+
+
 def test_muon_capturable_on_the_reference_backend_raises():
     with pytest.raises(RuntimeError, match="capturable=True needs a compiled backend"):
         _muon_run(True, backend="reference", steps=1)
@@ -292,3 +328,55 @@ def test_muon_cuda_graph_replay_equals_eager(backend):
     _capture_and_replay(opt2, qs, lr2, lrs, grads)
     for p, q in zip(ps, qs):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_muon_cuda_graph_replay_with_a_grad_scaler(backend):
+    """GradScaler's device protocol in the graph: found_inf set by torch's inf check of the scaled gradients (as
+    GradScaler.step runs it, inv_scale 1) captured before the step, grad_scale a device tensor. The captured Muon
+    step (passes, Newton-Schulz, aux AdamW) replayed over gradients with inf and NaN in some steps equals, bit for
+    bit, the eager steps that skip those steps, on the unscaled gradients (a power-of-two scale: exact)."""
+    if backends.status().get(backend) != "available":
+        pytest.fail(f"a CUDA device is visible but backend {backend!r} is not usable: {backends.status().get(backend)}")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 48), (48, 64), (64,)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    infs = [False, True, False, True, False, False, True, True, False, False]  # (steps 0-2 are the eager warm-up)
+    grads = [[torch.randn(s, generator=gen).cuda() for s in shapes] for _ in infs]
+    lrs = [0.02 * 0.9 ** k for k in range(len(infs))]
+    scale = 1024.0
+    scaled = [[g * scale for g in gs] for gs in grads]
+    for gs, inf in zip(scaled, infs):
+        if inf:
+            gs[0][3, 5] = float("inf")
+            gs[2][7] = float("nan")
+
+    def make():
+        ps = [x.cuda().requires_grad_() for x in init]
+        lr = torch.tensor(lrs[0], device="cuda", dtype=torch.float64)
+        opt = mf.Muon([dict(params=ps[:2], lr=lr), dict(params=ps[2:], use_muon=False, lr=0.01)], capturable=True,
+                      backend=backend)
+        return ps, lr, opt
+
+    ps, lr, opt = make()
+    for k, inf in enumerate(infs):
+        if not inf:
+            lr.fill_(lrs[k])
+            for p, g in zip(ps, grads[k]):
+                p.grad = g.clone()
+            opt.step()
+    qs, lr2, opt2 = make()
+    found_inf, one = torch.zeros(1, device="cuda"), torch.ones(1, device="cuda")
+    opt2.found_inf, opt2.grad_scale = found_inf, torch.full((1,), scale, device="cuda")
+
+    def inf_check(static):  # GradScaler._unscale_grads_ with the dummy inv_scale of GradScaler.step
+        found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(static, found_inf, one)
+    _capture_and_replay(opt2, qs, lr2, lrs, scaled, prologue=inf_check)
+    opt2.sync_amp()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+        for k, v in opt.state[p].items():
+            torch.testing.assert_close(opt2.state[q][k], v, rtol=0, atol=0)
+    assert float(opt2.state[qs[2]]["step"]) == infs.count(False)

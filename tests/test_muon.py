@@ -4,6 +4,7 @@ both ways with torch.optim.Muon, the aux AdamW groups, GradScaler's found_inf/gr
 nothing."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -13,7 +14,7 @@ import torch
 import momentum_fused as mf
 from momentum_fused.specs_muon import NS_SCHEDULES
 from momentum_fused.optim.muon import AUX_DEFAULTS
-from optim_db import assert_snapshot_equal, run, snapshot
+from optim_db import assert_snapshot_equal, device_amp_backend, refuse_host_reads, run, snapshot
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:momentum_fused. using backend:UserWarning")]
@@ -274,26 +275,33 @@ def test_bad_input_at_step_changes_nothing(edit):
     assert_snapshot_equal(before, snapshot(opt, params))
 
 
-def test_torch_grad_scaler_skips_the_inf_step():
+@pytest.mark.parametrize("device_protocol", [False, True], ids=["host-protocol", "device-protocol"])
+def test_torch_grad_scaler_skips_the_inf_step(device_protocol):
+    """torch's GradScaler on the host protocol (the cpu backend) and on the device protocol (the reference kernels
+    marked device_scalars, optim_db.device_amp_backend: the rollback of the aux steps shows after sync_amp)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     mats = [p for p in model.parameters() if p.ndim == 2]
-    opt = mf.Muon([dict(params=mats, lr=0.02), dict(params=[p for p in model.parameters() if p.ndim < 2],
-                                                    use_muon=False)])
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    x, y = torch.randn(32, 8), torch.randn(32, 4)
-    for i in range(4):
-        opt.zero_grad()
-        scaler.scale(((model(x) - y) ** 2).mean()).backward()
-        if i == 2:
-            mats[0].grad[0, 0] = float("inf")
-            before = snapshot(opt, list(model.parameters()))
-        scaler.step(opt)
-        scaler.update()
-        if i == 2:
-            assert_snapshot_equal(before, snapshot(opt, list(model.parameters())))
-            assert scaler.get_scale() == 512.0
+    with device_amp_backend("reference") if device_protocol else contextlib.nullcontext((None, [])) as (name, calls):
+        opt = mf.Muon([dict(params=mats, lr=0.02), dict(params=[p for p in model.parameters() if p.ndim < 2],
+                                                        use_muon=False)], backend=name)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        x, y = torch.randn(32, 8), torch.randn(32, 4)
+        for i in range(4):
+            opt.zero_grad()
+            scaler.scale(((model(x) - y) ** 2).mean()).backward()
+            if i == 2:
+                mats[0].grad[0, 0] = float("inf")
+                opt.sync_amp()
+                before = snapshot(opt, list(model.parameters()))
+            scaler.step(opt)
+            scaler.update()
+            if i == 2:
+                opt.sync_amp()
+                assert_snapshot_equal(before, snapshot(opt, list(model.parameters())))
+                assert scaler.get_scale() == 512.0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(calls) == (12 if device_protocol else 0) and all(f for _, f in calls)  # 4 steps x 3 backend calls
 
 
 def test_deepcopy_keeps_stepping_identically():
@@ -389,3 +397,137 @@ def test_cpu_kernels_equal_the_reference_backend_bitwise(dtype, nesterov):
     run(a, params, grads)
     run(b, q, grads)
     assert_snapshot_equal(snapshot(a, params), snapshot(b, q))
+
+
+# ------------------------------------------------------------------------------------ GradScaler, device protocol
+# On backends that read device scalars (triton, cuda) a step takes GradScaler's device protocol (optim/amp.py): the
+# passes of the Muon groups and the aux AdamW's kernels get found_inf and grad_scale and skip every write when
+# found_inf != 0 (the Newton-Schulz phase in between runs on the step's work buffer only), host counters are rolled
+# back by sync_amp, and found_inf is never read on the host. Here it runs with the cpu and reference kernels, marked
+# device_scalars by optim_db.device_amp_backend; tests/triton/test_muon_triton.py runs it on the Triton kernels,
+# tests/test_capturable.py in a CUDA graph (GPU).
+need_cpu = pytest.mark.skipif("cpu" not in mf.backends.available(), reason="needs the compiled cpu backend (not built)")
+AMP_SHAPES = [(4, 6), (5, 3), (3, 2, 2), (4, 6), (6,), ()]  # the first 4 in a Muon group, the others aux
+AMP_RUNS = [pytest.param("cpu", False, marks=need_cpu, id="cpu"),
+            pytest.param("cpu", True, marks=need_cpu, id="cpu-capturable"),
+            pytest.param("reference", False, id="reference")]  # (capturable=True needs a compiled backend)
+
+
+def _amp_opt(params, backend, capturable=False):
+    return mf.Muon([dict(params=params[:4]), dict(params=params[4:], use_muon=False, lr=0.01, weight_decay=0.1)],
+                   lr=0.02, ns_dtype=torch.float32, backend=backend, capturable=capturable)
+
+
+def _amp_grads(grads, inf, scale):
+    """The gradients of a step as a GradScaler sees them: scaled by ``scale``; an inf and a NaN in an inf step."""
+    out = [g * scale for g in grads]
+    if inf:
+        out[0][1, 2] = float("inf")
+        out[4][3] = float("nan")
+    return out
+
+
+def _amp_step(opt, params, grads, found_inf, grad_scale=None, device=True):
+    """One step with GradScaler's attributes set as GradScaler.step sets them; ``device``: a host read of found_inf
+    during the step fails the test."""
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.found_inf = torch.full((), float(found_inf))
+    if grad_scale is not None:
+        opt.grad_scale = torch.full((), float(grad_scale))
+    try:
+        with refuse_host_reads(opt.found_inf) if device else contextlib.nullcontext():
+            opt.step()
+    finally:
+        del opt.found_inf
+        opt.__dict__.pop("grad_scale", None)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+@pytest.mark.parametrize("base,capturable", AMP_RUNS)
+def test_device_protocol_inf_step_changes_nothing(base, capturable, first):
+    """found_inf = 1: params, momentum buffers, the aux exp_avg / exp_avg_sq / step are bit for bit as before (after
+    sync_amp); a skipped first step leaves no state. Every backend call (momentum pass, apply pass, aux AdamW) got
+    the flag: the kernels skipped, with NaN and inf in the gradients and so in the NS input."""
+    params, grads = _problem(AMP_SHAPES, steps=3)
+    with device_amp_backend(base) as (name, calls):
+        opt = _amp_opt(params, name, capturable)
+        for k in range(0 if first else 2):
+            _amp_step(opt, params, grads[k], 0.0)
+        opt.sync_amp()
+        before = snapshot(opt, params)
+        calls.clear()
+        _amp_step(opt, params, _amp_grads(grads[2], True, 2.0), 1.0, 2.0)
+    assert calls == [("muon_momentum", True), ("muon_apply", True), ("adam", True)]
+    opt.sync_amp()
+    assert_snapshot_equal(before, snapshot(opt, params))
+    if first:
+        assert not any(opt.state.get(p) for p in params)
+    else:
+        assert float(opt.state[params[4]]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("base", ["reference", pytest.param("cpu", marks=need_cpu)])
+def test_device_protocol_grad_scale_equals_the_host_protocol(base):
+    """found_inf = 0, grad_scale = s: s = 8 equals the host protocol's step on the unscaled gradients (a power of
+    two: exact) bit for bit; s = 3 equals the host protocol with grad_scale = 3 bit for bit (the same grad_mult,
+    1/3 in float64) and the host protocol's step on g * 3 / 3 within float32 rounding."""
+    from tolerances import tol
+    params, grads = _problem(AMP_SHAPES, steps=3)
+    runs = {}
+    with device_amp_backend(base) as (name, _):
+        for case in ("dev8", "host-unscaled8", "dev3", "host3", "host-unscaled3"):
+            q = [p.clone() for p in params]
+            opt = _amp_opt(q, name if case.startswith("dev") else base)
+            s = 8.0 if case.endswith("8") else 3.0
+            for gs in grads:
+                scaled = _amp_grads(gs, False, s)
+                if case.startswith("host-unscaled"):
+                    run(opt, q, [[g / s for g in scaled]])
+                else:
+                    _amp_step(opt, q, scaled, 0.0, s, device=case.startswith("dev"))
+            opt.sync_amp()
+            runs[case] = snapshot(opt, q)
+    assert_snapshot_equal(runs["dev8"], runs["host-unscaled8"])
+    assert_snapshot_equal(runs["dev3"], runs["host3"])
+    for x, y in zip(runs["dev3"]["params"], runs["host-unscaled3"]["params"]):
+        torch.testing.assert_close(x, y, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("base,capturable", AMP_RUNS)
+def test_device_protocol_sequence_equals_the_host_protocol(base, capturable):
+    """inf, ok, ok, inf, ok (grad_scale 4): the device protocol's params and state equal, bit for bit, the host
+    protocol's run of the same steps (the base backend itself: found_inf read once on the host); the aux step
+    counts the 3 steps taken. Under capturable=True, once the state exists nothing is left for the host to roll
+    back (no deferred read)."""
+    params, grads = _problem(AMP_SHAPES, steps=5)
+    plan = [True, False, False, True, False]
+    out = []
+    with device_amp_backend(base) as (name, _):
+        for backend in (name, base):
+            q = [p.clone() for p in params]
+            opt = _amp_opt(q, backend, capturable)
+            for k, inf in enumerate(plan):
+                _amp_step(opt, q, _amp_grads(grads[k], inf, 4.0), float(inf), 4.0, device=backend == name)
+                if backend == name and capturable and k >= 2:
+                    assert "_pending_amp" not in opt._core.__dict__ and "_pending_amp" not in opt._aux.__dict__
+            opt.sync_amp()
+            out.append((opt, q))
+    (a, pa), (b, pb) = out
+    assert_snapshot_equal(snapshot(a, pa), snapshot(b, pb))
+    assert all(float(a.state[p]["step"]) == 3.0 for p in pa[4:])
+
+
+def test_device_protocol_refuses_a_bad_flag_before_any_change():
+    params, grads = _problem(AMP_SHAPES, steps=2)
+    with device_amp_backend("reference") as (name, _):
+        opt = _amp_opt(params, name)
+        _amp_step(opt, params, grads[0], 0.0)
+        opt.sync_amp()
+        before = snapshot(opt, params)
+        with pytest.raises(ValueError, match="found_inf and grad_scale must be one-element tensors"):
+            for p, g in zip(params, grads[1]):
+                p.grad = g
+            opt.found_inf = torch.zeros(2)
+            opt.step()
+    assert_snapshot_equal(before, snapshot(opt, params))

@@ -39,7 +39,8 @@ class AmpMixin:
 
         The device protocol (no host sync) is used when GradScaler's ``found_inf`` is a tensor, every
         bucket's backend reads device scalars (triton, cuda), and the rule keeps no per-group host
-        counters (FSGDM, schedule-free: they take the host path). The kernels then skip every write
+        counters (FSGDM, schedule-free: they take the host path; see ``_keeps_group_counters`` for
+        multi-phase rules, whose every elementwise pass gets the flag). The kernels then skip every write
         when found_inf != 0; the host side (step counts, NAdam's mu_product, state created by this step,
         ``sr_step``) advances optimistically and is rolled back when the flag, copied to the host
         without blocking, turns out nonzero: checked at the start of the next step, by ``state_dict``,

@@ -29,7 +29,7 @@ import torch
 from .. import backends
 from .. import layouts as _layouts
 from .. import distributed as _dist  # DTensor (FSDP2): local shards, see momentum_fused/distributed.py
-from ..specs import UpdateRuleSpec, get_spec
+from ..specs import ElementwisePass, MatrixPhase, UpdateRuleSpec, get_spec
 from .amp import AmpMixin, AmpRollback
 from .checkpoints import CheckpointMixin
 from .checks import ValidationMixin, check_torch_flags
@@ -184,9 +184,19 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         self._called = {"step": False}
 
     def _keeps_group_counters(self) -> bool:
-        """Whether the step computes per-group host numbers (FSGDM's u, schedule-free's c, the Polyak step) or
-        runs phases: GradScaler's flag is then read on the host."""
-        return self._host_counters() or bool(self.spec.phases)
+        """Whether the step computes per-group host numbers (FSGDM's u, schedule-free's c, the Polyak step), or
+        runs phases the kernels cannot skip (a pass whose pack reads per-tensor host state, a matrix phase that
+        transforms a persistent state tensor): GradScaler's flag is then read on the host. A multi-phase rule
+        otherwise takes the device protocol as a single-pass one does (optim/phases.py ``_update_phased``)."""
+        if self._host_counters():
+            return True
+        spec = self.spec
+        if not spec.phases:
+            return False
+        if any(isinstance(ph, ElementwisePass) and get_spec(ph.rule).pack_reads_state for ph in spec.phases):
+            return True
+        stacked = {ph.tensor for ph in spec.phases if isinstance(ph, MatrixPhase)}
+        return any(t.persistent for g in self.param_groups for t in spec.tensors(g) if t.name in stacked)
 
     def _host_counters(self) -> bool:
         """Whether the step computes per-group host numbers every step (not capturable)."""
@@ -329,7 +339,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             inv_scale = 1.0
             rollback = AmpRollback()
         if self.spec.phases:  # contract v2: passes and matrix phases (optim/phases.py)
-            return self._update_phased(plan, loss, inv_scale)
+            return self._update_phased(plan, loss, inv_scale, amp, rollback)
         self._prepare_step(plan, loss, inv_scale)
         spec = self.spec
         buckets: dict[tuple, _Bucket] = {}

@@ -57,7 +57,12 @@ class Muon(torch.optim.Optimizer):
       the params' device, the Newton-Schulz phase is torch ops there.
 
     GradScaler: a step with a nonzero ``found_inf`` changes nothing; ``grad_scale`` divides the gradients inside
-    the update. Any invalid input raises before anything changes."""
+    the update. On backends that read device scalars (triton, cuda) the flag is not read on the host: the passes
+    of the Muon groups and the aux AdamW's kernels get found_inf and grad_scale and skip every write, and host
+    counters (the aux ``step``, state created by a skipped first step) are rolled back by :meth:`sync_amp` (at
+    the next step, ``state_dict``...), as for every momentum_fused optimizer; a ``capturable=True`` step with a
+    GradScaler can then be captured in a CUDA graph. Elsewhere found_inf is read once on the host. Any invalid
+    input raises before anything changes."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=DEFAULT_EPS, ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None,
@@ -88,6 +93,7 @@ class Muon(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         if not isinstance(param_group, dict):
             raise TypeError(f"Muon: a param group must be a dict, got {type(param_group).__name__}")
+        self.sync_amp()
         g = dict(param_group)
         params = g["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -151,10 +157,12 @@ class Muon(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """torch's, then the inner optimizers are rebuilt on the loaded groups and state. A state_dict of
         torch.optim.Muon loads (its groups get ns_dtype=None, use_muon=True), and torch.optim.Muon loads ours."""
+        self.sync_amp()
         super().load_state_dict(state_dict)
         self._rebuild()
 
     def __getstate__(self):
+        self.sync_amp()
         state = super().__getstate__()
         state["backend"] = self.backend
         return state
@@ -181,23 +189,55 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._sync()
-        if self._aux is not None:
-            self._aux._plan()  # validates the aux groups before the Muon groups change anything
-        if self._core is not None:
-            self._core._plan()
+        self.sync_amp()  # (the last step's deferred GradScaler flags, before the plans read the state)
+        inners = [inner for inner in (self._aux, self._core) if inner is not None]
+        # the aux groups are validated first, before the Muon groups change anything
+        plans = [inner._plan() for inner in inners]
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and float(found_inf) != 0.0:  # GradScaler: an inf/nan step changes nothing
-            return loss
         grad_scale = getattr(self, "grad_scale", None)
-        for inner in (self._core, self._aux):
-            if inner is None:
-                continue
+        device = self._takes_device_amp(inners, plans, found_inf, grad_scale)
+        if not device and found_inf is not None and float(found_inf) != 0.0:  # an inf/nan step changes nothing
+            return loss
+        for inner in inners[::-1]:  # (the Muon groups first, then the aux groups)
             inner.grad_scale = grad_scale
+            if device:
+                inner.found_inf = found_inf
             try:
                 inner.step()
             finally:
                 del inner.grad_scale
+                inner.__dict__.pop("found_inf", None)
         return loss
+
+    @staticmethod
+    def _takes_device_amp(inners, plans, found_inf, grad_scale) -> bool:
+        """GradScaler's protocol of this step: True for the device protocol (optim/amp.py ``_device_amp``), taken
+        when every inner optimizer would take it (a tensor found_inf, backends that read device scalars): both
+        then hand found_inf and grad_scale to their kernels, which skip every write when found_inf != 0, and
+        found_inf is never read on the host in this step (host counters, the aux AdamW's ``step``, are rolled
+        back by ``sync_amp``). False: the host protocol, found_inf read once here."""
+        if not isinstance(found_inf, torch.Tensor) or not inners:
+            return False
+        for inner, plan in zip(inners, plans):
+            inner.found_inf, inner.grad_scale = found_inf, grad_scale
+            try:
+                if inner._device_amp(plan) is None:
+                    return False
+            finally:
+                del inner.found_inf, inner.grad_scale
+        return True
+
+    def sync_amp(self) -> None:
+        """Resolve the pending device-side GradScaler checks of the inner optimizers (FusedOptimizer.sync_amp):
+        call it before reading ``state`` directly between steps when training with a GradScaler on the triton or
+        cuda backends. state_dict(), load_state_dict(), add_param_group() and step() call it."""
+        for inner in (self._aux, self._core):
+            if inner is not None:
+                inner.sync_amp()
+
+    def state_dict(self):
+        self.sync_amp()
+        return super().state_dict()
 
 
 Muon._step_supports_amp_scaling = True  # GradScaler sets .grad_scale / .found_inf, see step()

@@ -7,9 +7,18 @@ apply pass (docs/architecture.md, "Contract v2").
 
 DTensor params sharded on dim 0 (FSDP2) or replicated, on a 1-D mesh: the passes run on local shards, the matrix
 phases on whole matrices gathered to an owner rank (``_sharded_matrix_phase``). Limits, each refused with a clear
-error before anything changes: the native layout only, no complex params or other DTensor placements; GradScaler
-runs its host protocol (one read of found_inf). capturable=True: each pass gets its scalars as a float64 [n, k]
-table computed on the params' device by tensor ops (a tensor lr is read there, never on the host)."""
+error before anything changes: the native layout only, no complex params or other DTensor placements.
+capturable=True: each pass gets its scalars as a float64 [n, k] table computed on the params' device by tensor ops
+(a tensor lr is read there, never on the host).
+
+GradScaler: the host protocol (found_inf read once, a skipped step changes nothing) or, under the conditions of
+the single-pass rules (optim/amp.py ``_device_amp``: backends that read device scalars, plus: no pass whose pack
+reads per-tensor host state, no matrix phase on a persistent tensor), the device protocol: every elementwise pass
+gets found_inf and grad_scale, so on found_inf != 0 the momentum pass leaves the state and the apply pass the
+params unchanged; the matrix phase between them runs anyway, on the step's work buffers only (their contents are
+then garbage, possibly NaN, and nothing reads them: the apply pass skips). State created by the step and host step
+counts are rolled back from the AmpRollback record. No host read of found_inf: a capturable step with a GradScaler
+can be captured in a CUDA graph."""
 from __future__ import annotations
 
 import torch
@@ -41,25 +50,43 @@ class PhasesMixin:
                         "multi-phase rule takes DTensors sharded on dim 0 (FSDP2's Shard(0)) or replicated, on a 1-D "
                         "mesh")
 
-    def _update_phased(self, plan, loss, inv_scale: float):
+    def _update_phased(self, plan, loss, inv_scale: float, amp=None, rollback=None):
+        """The step of a multi-phase rule. ``amp``: None (the host protocol ran: ``inv_scale`` is folded into
+        the packs), or GradScaler's (found_inf, grad_scale) tensors for the device protocol with its
+        ``rollback`` record (optim/amp.py): every elementwise pass gets them, so on found_inf != 0 the passes
+        write nothing (the momentum pass leaves the state, the apply pass the params); the matrix phases between
+        them run on the step's work buffers only, whatever those hold then (garbage, NaN: nothing reads them
+        after a skipped apply pass); state created by this step and host step counts are rolled back by
+        ``sync_amp`` when the flag, copied without blocking, turns out nonzero."""
         spec = self.spec
         self._prepare_step(plan, loss, inv_scale)
+        flag = {}  # device -> (found_inf, grad_scale) there: one copy per device per step
         for gi, (group, state_names, items, chosen) in enumerate(plan):
             lay = _layouts.get_layout(group["layout"])
-            states, fresh = self._init_state(items, state_names, lay, None, group)
+            states, fresh = self._init_state(items, state_names, lay, None if rollback is None else rollback.created,
+                                             group)
+            if rollback is not None and spec.counts_steps:
+                rollback.created.extend([(st, "step") for st in states if "step" not in st])
+                rollback.stepped.extend(states)
             ts = self._advance_steps(gi, states) if spec.counts_steps else [None] * len(items)
             grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
             work = self._work_buffers(spec, group, items, states, lay)
+            if amp is not None:
+                for device, _ in chosen:
+                    if device not in flag:
+                        flag[device] = tuple(None if t is None else t.to(device, non_blocking=True) for t in amp)
             for phase in spec.phases:
                 if isinstance(phase, ElementwisePass):
                     self._elementwise_pass(get_spec(phase.rule), group, items, states, fresh, ts, work, chosen,
-                                           grad_mult)
+                                           grad_mult, flag)
                 elif isinstance(phase, MatrixPhase):
                     self._matrix_phase(phase, group, items, work)
                 else:
                     raise TypeError(f"{spec.name}: unknown phase {phase!r}")
             if spec.group_advance is not None:
                 spec.group_advance(group)
+        if rollback:  # (nothing to undo on the host once the state exists: no deferred read at all)
+            self._defer_amp_flag(amp[0], rollback)
         return loss
 
     @staticmethod
@@ -88,7 +115,9 @@ class PhasesMixin:
         return work
 
     @staticmethod
-    def _elementwise_pass(ps, group, items, states, fresh, ts, work, chosen, grad_mult) -> None:
+    def _elementwise_pass(ps, group, items, states, fresh, ts, work, chosen, grad_mult, flag=None) -> None:
+        """One backend call per (device, dtype) of the pass ``ps``; ``flag``: device -> (found_inf, grad_scale)
+        under GradScaler's device protocol (the kernels skip every write when found_inf != 0), else empty."""
         flags = ps.make_flags(group)
         names = ps.state_names(group)
         rows = [(*ps.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
@@ -96,9 +125,12 @@ class PhasesMixin:
             idx = [i for i, p in enumerate(items) if p.device == device and p.dtype == dtype]
             sel = [rows[i] for i in idx]
             packs = _device_table(sel, device) if group["capturable"] else [ps.Scalars(*r) for r in sel]
+            kw = {}
+            if flag:
+                kw["found_inf"], kw["grad_scale"] = flag[device]
             backend.apply(ps, flags, *_dist.local_bucket([items[i] for i in idx], [items[i].grad for i in idx],
                                                          [tuple([work[i][n] for n in names]) for i in idx]),
-                          packs)
+                          packs, **kw)
 
     @staticmethod
     def _matrix_phase(phase, group, items, work) -> None:
