@@ -20,8 +20,9 @@ for both inner optimizers before either changes anything, and their steps run it
 does not apply), and the rest (the two elementwise passes, the aux AdamW's update, state, packing the send
 buffers). torch:
 time inside ``_zeropower_via_newtonschulz`` (under FSDP2 it includes DTensor's implicit redistributions). The
-cases take turns inside each round; a round's figure is the median of its steps on rank 0 (both ranks wait for
-each other in the collectives); the table gives the median over rounds and the min-max."""
+cases take turns inside each round; a round's figure is the interquartile mean of its steps (the middle half by
+total time: the columns add up), per rank (under FSDP2 the ranks wait for each other in the collectives; the plain
+cases run in both processes at once, as DDP would); the table gives the median over rounds and the min-max."""
 from __future__ import annotations
 
 import argparse
@@ -164,10 +165,19 @@ def _worker(rank, tmpdir, args):
                 if i >= warmup:
                     steps.append((total, timers.ns, timers.comm, timers.plan,
                                   total - timers.ns - timers.comm - timers.plan))
-            rounds[name].append([1e3 * statistics.median(s[k] for s in steps) for k in range(5)])
+            rounds[name].append(_middle_mean(steps))
     with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
         json.dump(rounds, f)
     dist.destroy_process_group()
+
+
+def _middle_mean(steps) -> list:
+    """A round's figure in ms: the steps sorted by total time, the mean of each column over the middle half (an
+    interquartile mean: robust to the shared machine's outliers, and the columns add up to the total)."""
+    steps = sorted(steps)
+    n = len(steps)
+    mid = steps[n // 4:n - n // 4]
+    return [1e3 * statistics.fmean(s[k] for s in mid) for k in range(len(mid[0]))]
 
 
 def measure(d=32, blocks=12, rounds=5, iters=30, warmup=5) -> dict:
@@ -190,7 +200,7 @@ def table(res: dict, rank: int = 0) -> str:
     def cell(vals):
         return f"{statistics.median(vals):.2f} ({min(vals):.2f}–{max(vals):.2f})"
 
-    lines = [f"rank {rank}: ms per step, median over rounds (min–max)", "",
+    lines = [f"rank {rank}: ms per step (interquartile mean of a round's steps), median over rounds (min–max)", "",
              "| case | total | inside NS | inside gather/scatter | full plan (checks) | rest |",
              "|---|---|---|---|---|---|"]
     for name, rows in res[rank].items():
