@@ -4,6 +4,7 @@ group, their 48 biases in a ``use_muon=False`` group), so that a step is host wo
 
     python -m bench.bench_muon_fsdp                       # d=32, 12 blocks, 5 rounds of 30 steps
     python -m bench.bench_muon_fsdp --d 64 --blocks 6 --rounds 7
+    python -m bench.bench_muon_fsdp --rounds 15 --cases "fsdp / ours; fsdp / ours, fp32 wire"
 
 Cases, on the same model and gradients (one forward / backward, then only ``opt.step()`` is timed):
 - fsdp: ``fully_shard`` per block and on the root (params, grads and state are Shard(0) DTensors):
@@ -90,6 +91,16 @@ def _torch(params):
             torch.optim.AdamW(rest, lr=3e-4, weight_decay=0.1, foreach=True)], False
 
 
+CASES = {  # name -> (wrapper, optimizers, their kwargs, timers)
+    "fsdp / ours": ("fsdp", _ours, {}, "ours"),
+    "fsdp / ours, fp32 wire": ("fsdp", _ours, dict(wire32=True), "ours"),
+    "fsdp / ours, no timers": ("fsdp", _ours, {}, None),
+    "fsdp / torch Muon + AdamW": ("fsdp", _torch, {}, "torch"),
+    "plain / ours": ("plain", _ours, {}, "ours"),
+    "plain / torch Muon + AdamW": ("plain", _torch, {}, "torch"),
+}
+
+
 def _worker(rank, tmpdir, args):
     import json
 
@@ -113,13 +124,8 @@ def _worker(rank, tmpdir, args):
         return opts, wire32
 
     cases = {  # name -> (opts, wire32, timed: which functions the timers wrap)
-        "fsdp / ours": (*setup("fsdp", _ours), "ours"),
-        "fsdp / ours, fp32 wire": (*setup("fsdp", _ours, wire32=True), "ours"),
-        "fsdp / ours, no timers": (*setup("fsdp", _ours), None),
-        "fsdp / torch Muon + AdamW": (*setup("fsdp", _torch), "torch"),
-        "plain / ours": (*setup("plain", _ours), "ours"),
-        "plain / torch Muon + AdamW": (*setup("plain", _torch), "torch"),
-    }
+        name: (*setup(wrapper, make, **kw), timed) for name, (wrapper, make, kw, timed) in CASES.items()
+        if args.cases is None or name in args.cases}
     real = dict(ns=specs_muon.newton_schulz, tns=torch_muon._zeropower_via_newtonschulz, gather=dist.gather,
                 scatter=dist.scatter, wire=phases._wire_dtype)
 
@@ -180,13 +186,13 @@ def _middle_mean(steps) -> list:
     return [1e3 * statistics.fmean(s[k] for s in mid) for k in range(len(mid[0]))]
 
 
-def measure(d=32, blocks=12, rounds=5, iters=30, warmup=5) -> dict:
+def measure(d=32, blocks=12, rounds=5, iters=30, warmup=5, cases=None) -> dict:
     """{rank: {case: [[total, ns, comm, plan, rest] ms per round]}}."""
     import json
 
     import torch.multiprocessing as mp
 
-    args = argparse.Namespace(d=d, blocks=blocks, rounds=rounds, iters=iters, warmup=warmup)
+    args = argparse.Namespace(d=d, blocks=blocks, rounds=rounds, iters=iters, warmup=warmup, cases=cases)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(tmp, args), nprocs=WORLD, join=True)
         out = {}
@@ -220,10 +226,15 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30, help="timed steps per case per round")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--cases", default=None, help=f"a ';'-separated subset of: {'; '.join(CASES)} (default: all)")
     a = ap.parse_args(argv)
     import torch
 
-    res = measure(a.d, a.blocks, a.rounds, a.iters, a.warmup)
+    cases = None if a.cases is None else [c.strip() for c in a.cases.split(";")]
+    unknown = sorted(set(cases or ()) - set(CASES))
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
+    res = measure(a.d, a.blocks, a.rounds, a.iters, a.warmup, cases)
     print(f"torch {torch.__version__}, {WORLD} gloo processes x 1 thread, {4 * a.blocks} matrices {a.d}x{a.d} + "
           f"{4 * a.blocks} biases, {a.rounds} rounds x {a.iters} steps\n")
     for r in range(WORLD):
