@@ -74,12 +74,19 @@ class MatrixPhase:
     per call at least); ``fn`` uses torch ops (cuBLAS on CUDA through torch). When ``tensor`` is a work buffer
     (a non-persistent StateTensor), the optimizer allocates it as one [b, *shape] buffer per shape, the
     tensors of the params being its rows: the stacks are then views of it (no copy in), and ``fn`` may
-    return its batch itself (transformed in place: no copy back)."""
+    return its batch itself (transformed in place: no copy back).
+
+    ``compute_dtype`` (optional): (group, device) -> the dtype ``fn`` computes in on that device, a promise
+    that ``fn`` converts its batch to it (``.to``, elementwise) as its first op and returns its result in it.
+    The FSDP2 path, which moves the stacks between ranks (optim/phases.py, ``_sharded_matrix_phase``), then
+    sends them in that dtype where it is narrower than the tensor's: the same rounding done before the
+    collective instead of after it, so the same result for fewer bytes."""
     name: str
     tensor: str
     fn: Callable[[Mapping, torch.Tensor], torch.Tensor]
     max_batch: int | None = None
     max_batch_bytes: int | None = None
+    compute_dtype: Callable[[Mapping, torch.device], torch.dtype] | None = None
 
 
 # --------------------------------------------------------------------------------------------------

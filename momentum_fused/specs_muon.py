@@ -166,7 +166,9 @@ def symmetric_products(algorithm: str, device: torch.device, dtype: torch.dtype)
 
 
 def _ns_phase(group: Mapping, batch: torch.Tensor) -> torch.Tensor:
-    """The matrix phase: Newton-Schulz of a [n, A, *rest] stack of updates, viewed as [n, A, B]."""
+    """The matrix phase: Newton-Schulz of a [n, A, *rest] stack of updates, viewed as [n, A, B]. Its first
+    op converts the stack to ns_dtype_for(group, device) and its result is in that dtype (reference.
+    newton_schulz): the phase's ``compute_dtype``, which the FSDP2 collectives carry."""
     n, a = batch.shape[0], batch.shape[1]
     x = batch.reshape(n, a, math.prod(batch.shape[2:]))  # (explicit: an empty matrix has no -1)
     schedule = ns_schedule(group)
@@ -209,7 +211,7 @@ MUON_SPEC = UpdateRuleSpec(
     advance=lambda g, st, fresh, t: (),
     state_tensors=lambda g: (StateTensor("momentum_buffer"), StateTensor("update", persistent=False)),
     phases=(ElementwisePass("muon_momentum"), MatrixPhase("newton_schulz", "update", _ns_phase, max_batch=None,
-                                                   max_batch_bytes=NS_MAX_BATCH_BYTES),
+                                                   max_batch_bytes=NS_MAX_BATCH_BYTES, compute_dtype=ns_dtype_for),
             ElementwisePass("muon_apply")))
 
 for _s in (MUON_MOMENTUM_SPEC, MUON_APPLY_SPEC, MUON_SPEC):

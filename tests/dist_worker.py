@@ -498,3 +498,65 @@ def scenario_int8_checkpoint(rank, tmpdir, layout, backend, save_after=2):
 
 
 _KINDS["int8_ckpt"] = scenario_int8_checkpoint
+
+
+def _muon_groups(params):
+    """Muon's param groups of these tests: the weight matrices by Muon, the biases by its aux AdamW."""
+    return [dict(params=[p for p in params if p.dim() >= 2]),
+            dict(params=[p for p in params if p.dim() < 2], use_muon=False, lr=0.01)]
+
+
+def scenario_muon_bf16_fsdp(rank, tmpdir, backend, ns_algorithm="standard"):
+    """Muon with bf16 Newton-Schulz on the float32 MLP (uneven shards, an empty one on rank 1) under FSDP2 vs one
+    process, and vs FSDP2 with the collectives forced to carry the update's own dtype (the path before the wire
+    carried the NS dtype: ``phases._wire_dtype`` patched). Every rank trains on the WHOLE batch, so the averaged
+    gradient is exactly the single process's ((g + g) / 2 = g) and the three runs must agree bit for bit. Records
+    the dtype and element count of every gather / scatter issued inside ``step()``."""
+    import torch
+    import torch.distributed as dist
+
+    import momentum_fused as mf
+    from momentum_fused.optim import phases
+
+    data = _batches(torch.float32)
+
+    def run(model, wrapped):
+        params = list(model.parameters())
+        opt = mf.Muon(_muon_groups(params), lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16,
+                      ns_algorithm=ns_algorithm, backend=backend)
+        wire = []
+        real = {name: getattr(dist, name) for name in ("gather", "scatter")}
+
+        def spy(name):
+            def call(tensor, *args, **kwargs):
+                wire.append((name, str(tensor.dtype), tensor.numel()))
+                return real[name](tensor, *args, **kwargs)
+            return call
+
+        for x, y in data:
+            opt.zero_grad()
+            ((wrapped(x) - y) ** 2).mean().backward()
+            for name in real:
+                setattr(dist, name, spy(name))
+            try:
+                opt.step()
+            finally:
+                for name, fn in real.items():
+                    setattr(dist, name, fn)
+        return _snapshot(opt, params), wire
+
+    ref, ref_wire = run(*(2 * (_make_model(torch.float32),)))
+    model = _make_model(torch.float32)
+    got, wire = run(model, _fsdp(model))
+    local_numels = [p.to_local().numel() for p in model.parameters()]
+    own_dtype = phases._wire_dtype
+    phases._wire_dtype = lambda phase, group, dtype, device: dtype
+    try:
+        model = _make_model(torch.float32)
+        old, old_wire = run(model, _fsdp(model))
+    finally:
+        phases._wire_dtype = own_dtype
+    return dict(ref=ref, dist=got, old=old, ref_wire=ref_wire, wire=wire, old_wire=old_wire, local_numels=local_numels)
+
+
+_KINDS["muon_bf16_fsdp"] = scenario_muon_bf16_fsdp

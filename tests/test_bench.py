@@ -98,3 +98,20 @@ def test_frontend_bench_smoke(tmp_path, capsys):
     assert [(r["device"], r["plan"]) for r in rows] == [("meta", "cached"), ("cpu", "cached"), ("meta", "full")]
     assert rows[0]["cache_kept"] and rows[0]["tensors"] == len(profile_shapes("llm", 10**7))
     assert "WARNING" not in capsys.readouterr().out and frontend.NULL not in backends._REGISTRY
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="needs torch.distributed with the gloo backend")
+def test_muon_fsdp_bench_smoke():
+    """bench/bench_muon_fsdp.py runs 2 gloo processes end to end; the FSDP2 case spends time in the gather /
+    scatter calls and the NS, the unwrapped one none in collectives, and the columns add up to the total."""
+    from bench import bench_muon_fsdp as b
+    cases = ["fsdp / ours", "plain / ours"]
+    res = b.measure(d=8, blocks=1, rounds=1, iters=2, warmup=1, cases=cases)
+    for rank in (0, 1):
+        assert list(res[rank]) == cases
+        (fsdp,), (plain,) = res[rank]["fsdp / ours"], res[rank]["plain / ours"]
+        assert fsdp[1] > 0 and fsdp[2] > 0 and fsdp[3] > 0 and plain[2] == 0 and plain[1] > 0
+        for row in (fsdp, plain):
+            assert math.isclose(row[0], sum(row[1:]), rel_tol=1e-9)
+    assert "| fsdp / ours |" in b.table(res, 0)

@@ -44,6 +44,7 @@ WRAPPERS = ["fsdp", "ddp"]
 INT8_LAYOUTS = ["int8_state", "master16_int8"]
 TRAIN_OPTS = list(dw.OPTIMIZERS)
 CKPT_OPTS = ["adamw", "sf_adamw"]
+MUON_ALGORITHMS = ["standard", "gram"]
 
 
 def _scenarios():
@@ -60,6 +61,8 @@ def _scenarios():
             for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
     out += [dict(id=f"int8_ckpt-{lay}-{b}", kind="int8_ckpt", layout=lay, backend=b)
             for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
+    out += [dict(id=f"muon_bf16_fsdp-{a}-{b}", kind="muon_bf16_fsdp", ns_algorithm=a, backend=b)
+            for a in MUON_ALGORITHMS for b in _available(BACKENDS)]
     return out
 
 
@@ -286,3 +289,39 @@ def test_int8_layouts_distributed_checkpoint_resume_equals_uninterrupted(world, 
             assert set(sa) == set(sb), (rank, i)
             for k in sa:
                 assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), f"rank {rank} param {i} {k}"
+
+
+# ------------------------------------------------------------------ Muon with bf16 Newton-Schulz under FSDP2
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("ns_algorithm", MUON_ALGORITHMS)
+def test_muon_bf16_ns_under_fsdp_sends_bf16_and_equals_single_process_bit_for_bit(world, ns_algorithm, backend):
+    """float32 params, ns_dtype=bf16: the gathers and scatters of the NS phase carry bf16 (the NS rounds its input
+    to bf16 first and returns bf16, so rounding the shards before the gather is the same), and the params and
+    momentum buffers equal, bit for bit, both the single-process run and FSDP2 with an fp32 wire (the path before:
+    ``phases._wire_dtype`` patched to the update's dtype). Every rank trains on the whole batch, so the averaged
+    gradients are the single process's exactly (tests/dist_worker.py, scenario_muon_bf16_fsdp)."""
+    r0, r1 = _results(world, f"muon_bf16_fsdp-{ns_algorithm}-{backend}")
+    for rank, res in enumerate((r0, r1)):
+        for other in ("ref", "old"):
+            got, want = res["dist"], res[other]
+            assert len(got["params"]) == len(want["params"]) == 6
+            for i, (a, b) in enumerate(zip(got["params"], want["params"])):
+                assert a.dtype == torch.float32 and torch.equal(a, b), f"rank {rank} param {i} vs {other}"
+            for i, (sa, sb) in enumerate(zip(got["state"], want["state"])):
+                assert set(sa) == set(sb), (rank, i, other)
+                for k in sa:
+                    assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), \
+                        f"rank {rank} param {i} {k!r} vs {other}"
+            assert all("momentum_buffer" in got["state"][i] for i in (0, 2, 4))  # the weights: Muon's state
+        # 5 steps x 2 owners (the 7x6 weight to rank 0, the 5x7 and 1x5 ones to rank 1) x (gather + scatter)
+        assert res["ref_wire"] == []
+        assert len(res["wire"]) == len(res["old_wire"]) == 5 * 2 * 2, res["wire"]
+        assert {d for _, d, _ in res["wire"]} == {"torch.bfloat16"}, res["wire"]
+        assert {d for _, d, _ in res["old_wire"]} == {"torch.float32"}, res["old_wire"]
+        assert [(op, n) for op, _, n in res["wire"]] == [(op, n) for op, _, n in res["old_wire"]]
+        assert [n for _, _, n in res["wire"]] == [4 * 6, 4 * 6, 3 * 7 + 1 * 5, 3 * 7 + 1 * 5] * 5  # padded rows
+    # uneven shards, one empty: rows 4/3 of 7x6, 3/2 of 5x7, 1/0 of 1x5
+    assert [a + b for a, b in zip(r0["local_numels"], r1["local_numels"])] == [42, 7, 35, 5, 5, 1]
+    assert r1["local_numels"][4] == 0 and r0["local_numels"][0] != r1["local_numels"][0]
+    init = [p.detach() for p in dw._make_model(torch.float32).parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(r0["dist"]["params"], init))  # the steps did something

@@ -211,19 +211,34 @@ def _row_counts(rows: int, world: int) -> list:
     return [max(0, min(step, rows - r * step)) for r in range(world)]
 
 
+def _wire_dtype(phase, group, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype in which ``_sharded_matrix_phase`` moves tensors of ``dtype``: the phase's ``compute_dtype``
+    where it is narrower (fewer bytes: bf16 Newton-Schulz on fp32 updates), else ``dtype``. The same result as
+    sending ``dtype``: ``fn`` would round its input to ``compute_dtype`` first thing (rounding is elementwise,
+    so rounding each shard before the gather gives the same bits), and its result is in ``compute_dtype``,
+    which the copy into the tensor after the scatter widens exactly."""
+    if phase.compute_dtype is None:
+        return dtype
+    want = phase.compute_dtype(group, device)
+    if want.is_floating_point and dtype.is_floating_point and want.itemsize < dtype.itemsize:
+        return want
+    return dtype
+
+
 def _sharded_matrix_phase(phase, group, pairs) -> None:
     """The matrix phase for (DTensor param, local shard of its work tensor) pairs sharded on dim 0 (FSDP2). Each
     matrix gets an owner rank (round-robin by size: largest first, to the least loaded rank); per owner, ONE
     gather brings every rank's shards of the matrices it owns (flattened, each padded to ceil(rows / world)
     rows), the owner runs ``phase.fn`` on its matrices batched by shape, and ONE scatter sends the rows back.
     Every rank calls the same collectives in the same order (the params of a group are the same everywhere):
-    2 x world collectives per mesh per step."""
+    2 x world collectives per (mesh, dtype) per step. The collectives carry ``_wire_dtype`` (bf16 for bf16
+    Newton-Schulz on fp32 updates: half the bytes, the same bits)."""
     import torch.distributed as dist
 
     by_mesh: dict = {}
-    for p, t in pairs:
-        by_mesh.setdefault(p.device_mesh, []).append((p, t))
-    for mesh, prs in by_mesh.items():
+    for p, t in pairs:  # (by dtype too: one send buffer holds one dtype, as the single-process stacks do)
+        by_mesh.setdefault((p.device_mesh, t.dtype), []).append((p, t))
+    for (mesh, dtype), prs in by_mesh.items():
         pg = mesh.get_group(0)
         world, me = mesh.size(), mesh.get_local_rank(0)
         # owners: largest first to the least loaded rank (ties: lowest rank); the same on every rank
@@ -241,13 +256,14 @@ def _sharded_matrix_phase(phase, group, pairs) -> None:
                                           f"{counts[me]} (torch.chunk's split of {p.shape[0]} rows)")
             meta.append((tuple(p.shape), counts, max(counts), t[0].numel() if t.shape[0] else
                          (p.numel() // p.shape[0] if p.shape[0] else 0)))
-        dtype, device = prs[0][1].dtype, prs[0][1].device
+        device = prs[0][1].device
+        wire = _wire_dtype(phase, group, dtype, device)
         for o in range(world):
             mine = [i for i in range(len(prs)) if owner[i] == o]
             if not mine:
                 continue
             sizes = [meta[i][2] * meta[i][3] for i in mine]
-            send = torch.zeros(sum(sizes), dtype=dtype, device=device)
+            send = torch.zeros(sum(sizes), dtype=wire, device=device)
             at = 0
             for i, n in zip(mine, sizes):
                 t = prs[i][1]
@@ -269,7 +285,8 @@ def _sharded_matrix_phase(phase, group, pairs) -> None:
                 for i in mine:
                     by_shape.setdefault(meta[i][0], []).append(i)
                 for shape, idx in by_shape.items():
-                    size = _chunk_size(phase, len(idx), full[idx[0]].numel() * full[idx[0]].element_size())
+                    # (bytes of the tensors' dtype, as for unsharded params: the same chunks whatever the wire)
+                    size = _chunk_size(phase, len(idx), full[idx[0]].numel() * dtype.itemsize)
                     for k in range(0, len(idx), size):
                         chunk = idx[k:k + size]
                         out = phase.fn(group, torch.stack([full[i] for i in chunk]))

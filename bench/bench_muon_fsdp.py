@@ -1,0 +1,245 @@
+"""Host overhead of a Muon step under FSDP2 on the CPU: 2 gloo processes (torch.multiprocessing, spawn), one
+thread each, a GPT-like stack of tiny matrices (default 12 blocks of 4 Linear(32, 32): 48 weight matrices in Muon's
+group, their 48 biases in a ``use_muon=False`` group), so that a step is host work, not flops.
+
+    python -m bench.bench_muon_fsdp                       # d=32, 12 blocks, 5 rounds of 30 steps
+    python -m bench.bench_muon_fsdp --d 64 --blocks 6 --rounds 7
+    python -m bench.bench_muon_fsdp --rounds 15 --cases "fsdp / ours; fsdp / ours, fp32 wire"
+
+Cases, on the same model and gradients (one forward / backward, then only ``opt.step()`` is timed):
+- fsdp: ``fully_shard`` per block and on the root (params, grads and state are Shard(0) DTensors):
+  ours (bf16 Newton-Schulz, the collectives in bf16), ours with the collectives in fp32 (``phases._wire_dtype``
+  patched: the path before they carried the NS dtype), ours without the timers, and torch.optim.Muon (weights)
+  + torch.optim.AdamW(foreach=True) (biases): torch's Muon runs on DTensors through DTensor dispatch (it does
+  not refuse them).
+- plain: the unwrapped model in each process (no collectives): ours, and torch.optim.Muon + AdamW.
+
+Ours is split per step: time inside Newton-Schulz (``specs_muon.newton_schulz``: the owner's batched NS), time
+inside the ``gather`` / ``scatter`` calls of the NS phase (this includes waiting for the other rank, e.g. for the
+owner's NS), time in the inner optimizers' full plan (``_plan``: validation and backend choice; Muon.step runs it
+for both inner optimizers before either changes anything, and their steps run it again where the cached plan
+does not apply), and the rest (the two elementwise passes, the aux AdamW's update, state, packing the send
+buffers). torch:
+time inside ``_zeropower_via_newtonschulz`` (under FSDP2 it includes DTensor's implicit redistributions). The
+cases take turns inside each round; a round's figure is the interquartile mean of its steps (the middle half by
+total time: the columns add up), per rank (under FSDP2 the ranks wait for each other in the collectives; the plain
+cases run in both processes at once, as DDP would); the table gives the median over rounds and the min-max."""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+WORLD = 2
+
+
+def _model(d, blocks, seed=0):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(*[nn.Sequential(*[nn.Linear(d, d) for _ in range(4)]) for _ in range(blocks)])
+
+
+def _fsdp(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for block in model:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+class _Timers:
+    """Seconds spent inside the wrapped functions during one step."""
+
+    def __init__(self):
+        self.ns = self.comm = self.plan = 0.0
+
+    def wrap(self, fn, field):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
+        return call
+
+
+def _ours(params, wire32=False):
+    import torch
+
+    import momentum_fused as mf
+
+    mats = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    opt = mf.Muon([dict(params=mats), dict(params=rest, use_muon=False, lr=3e-4)], lr=0.02, weight_decay=0.1,
+                  ns_dtype=torch.bfloat16)
+    return [opt], wire32
+
+
+def _torch(params):
+    import torch
+
+    mats = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return [torch.optim.Muon(mats, lr=0.02, weight_decay=0.1),
+            torch.optim.AdamW(rest, lr=3e-4, weight_decay=0.1, foreach=True)], False
+
+
+CASES = {  # name -> (wrapper, optimizers, their kwargs, timers)
+    "fsdp / ours": ("fsdp", _ours, {}, "ours"),
+    "fsdp / ours, fp32 wire": ("fsdp", _ours, dict(wire32=True), "ours"),
+    "fsdp / ours, no timers": ("fsdp", _ours, {}, None),
+    "fsdp / torch Muon + AdamW": ("fsdp", _torch, {}, "torch"),
+    "plain / ours": ("plain", _ours, {}, "ours"),
+    "plain / torch Muon + AdamW": ("plain", _torch, {}, "torch"),
+}
+
+
+def _worker(rank, tmpdir, args):
+    import json
+
+    import torch
+    import torch.distributed as dist
+    import torch.optim._muon as torch_muon
+
+    import momentum_fused.specs_muon as specs_muon
+    from momentum_fused.optim import phases
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmpdir, 'rendezvous')}", rank=rank,
+                            world_size=WORLD)
+    x = torch.randn(8, args.d, generator=torch.Generator().manual_seed(1))
+
+    def setup(wrapper, make, **kw):
+        model = _model(args.d, args.blocks)
+        run = _fsdp(model) if wrapper == "fsdp" else model
+        run(x).square().mean().backward()
+        opts, wire32 = make(list(model.parameters()), **kw)
+        return opts, wire32
+
+    cases = {  # name -> (opts, wire32, timed: which functions the timers wrap)
+        name: (*setup(wrapper, make, **kw), timed) for name, (wrapper, make, kw, timed) in CASES.items()
+        if args.cases is None or name in args.cases}
+    real = dict(ns=specs_muon.newton_schulz, tns=torch_muon._zeropower_via_newtonschulz, gather=dist.gather,
+                scatter=dist.scatter, wire=phases._wire_dtype)
+
+    def inners(opts):  # our Muon's inner optimizers (the Muon groups and the aux AdamW groups)
+        return [o for opt in opts for o in (getattr(opt, "_core", None), getattr(opt, "_aux", None)) if o is not None]
+
+    def install(timers, timed, wire32, opts):
+        if timed == "ours":
+            specs_muon.newton_schulz = timers.wrap(real["ns"], "ns")
+            dist.gather = timers.wrap(real["gather"], "comm")
+            dist.scatter = timers.wrap(real["scatter"], "comm")
+            for inner in inners(opts):  # (an instance attribute: shadows the method for this step only)
+                inner._plan = timers.wrap(type(inner)._plan.__get__(inner), "plan")
+        elif timed == "torch":
+            torch_muon._zeropower_via_newtonschulz = timers.wrap(real["tns"], "ns")
+        if wire32:
+            phases._wire_dtype = lambda phase, group, dtype, device: dtype
+
+    def uninstall(opts):
+        specs_muon.newton_schulz, torch_muon._zeropower_via_newtonschulz = real["ns"], real["tns"]
+        dist.gather, dist.scatter, phases._wire_dtype = real["gather"], real["scatter"], real["wire"]
+        for inner in inners(opts):
+            inner.__dict__.pop("_plan", None)
+
+    rounds = {name: [] for name in cases}  # per round: (total, ns, comm, plan, rest) medians in ms
+    for _ in range(args.rounds):
+        for name, (opts, wire32, timed) in cases.items():
+            # (torch's Muon on DTensors takes ~1 s a step: fewer steps)
+            warmup, iters = (1, max(3, args.iters // 10)) if name == "fsdp / torch Muon + AdamW" else \
+                (args.warmup, args.iters)
+            dist.barrier()
+            steps = []
+            for i in range(warmup + iters):
+                timers = _Timers()
+                install(timers, timed, wire32, opts)
+                try:
+                    t0 = time.perf_counter()
+                    for opt in opts:
+                        opt.step()
+                    total = time.perf_counter() - t0
+                finally:
+                    uninstall(opts)
+                if i >= warmup:
+                    steps.append((total, timers.ns, timers.comm, timers.plan,
+                                  total - timers.ns - timers.comm - timers.plan))
+            rounds[name].append(_middle_mean(steps))
+    with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
+        json.dump(rounds, f)
+    dist.destroy_process_group()
+
+
+def _middle_mean(steps) -> list:
+    """A round's figure in ms: the steps sorted by total time, the mean of each column over the middle half (an
+    interquartile mean: robust to the shared machine's outliers, and the columns add up to the total)."""
+    steps = sorted(steps)
+    n = len(steps)
+    mid = steps[n // 4:n - n // 4]
+    return [1e3 * statistics.fmean(s[k] for s in mid) for k in range(len(mid[0]))]
+
+
+def measure(d=32, blocks=12, rounds=5, iters=30, warmup=5, cases=None) -> dict:
+    """{rank: {case: [[total, ns, comm, plan, rest] ms per round]}}."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    args = argparse.Namespace(d=d, blocks=blocks, rounds=rounds, iters=iters, warmup=warmup, cases=cases)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(tmp, args), nprocs=WORLD, join=True)
+        out = {}
+        for r in range(WORLD):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                out[r] = json.load(f)
+    return out
+
+
+def table(res: dict, rank: int = 0) -> str:
+    def cell(vals):
+        return f"{statistics.median(vals):.2f} ({min(vals):.2f}–{max(vals):.2f})"
+
+    lines = [f"rank {rank}: ms per step (interquartile mean of a round's steps), median over rounds (min–max)", "",
+             "| case | total | inside NS | inside gather/scatter | full plan (checks) | rest |",
+             "|---|---|---|---|---|---|"]
+    for name, rows in res[rank].items():
+        cols = [cell([r[k] for r in rows]) for k in range(5)]
+        if "torch" in name:  # (torch's collectives run inside DTensor dispatch, in its NS and in the rest)
+            cols[2] = cols[3] = "—"
+        elif "no timers" in name:
+            cols[1:4] = ["—"] * 3
+        lines.append(f"| {name} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--d", type=int, default=32, help="matrix side (default 32)")
+    ap.add_argument("--blocks", type=int, default=12, help="blocks of 4 Linear(d, d) (default 12: 48 matrices)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=30, help="timed steps per case per round")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--cases", default=None, help=f"a ';'-separated subset of: {'; '.join(CASES)} (default: all)")
+    a = ap.parse_args(argv)
+    import torch
+
+    cases = None if a.cases is None else [c.strip() for c in a.cases.split(";")]
+    unknown = sorted(set(cases or ()) - set(CASES))
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
+    res = measure(a.d, a.blocks, a.rounds, a.iters, a.warmup, cases)
+    print(f"torch {torch.__version__}, {WORLD} gloo processes x 1 thread, {4 * a.blocks} matrices {a.d}x{a.d} + "
+          f"{4 * a.blocks} biases, {a.rounds} rounds x {a.iters} steps\n")
+    for r in range(WORLD):
+        print(table(res, r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
