@@ -298,6 +298,16 @@ def test_muon_capturable_on_the_reference_backend_raises():
         mf.Muon([torch.zeros(3, 3, requires_grad=True)], capturable="yes")
 
 
+def _capturable_muon(init, lr0, backend):
+    """CUDA copies of ``init`` (two matrices, then a bias for the aux AdamW group), a float64 device lr and a
+    capturable Muon on them: (params, lr, optimizer)."""
+    ps = [x.cuda().requires_grad_() for x in init]
+    lr = torch.tensor(lr0, device="cuda", dtype=torch.float64)
+    opt = mf.Muon([dict(params=ps[:2], lr=lr), dict(params=ps[2:], use_muon=False, lr=0.01)], capturable=True,
+                  backend=backend)
+    return ps, lr, opt
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_muon_cuda_graph_replay_equals_eager(backend):
@@ -311,20 +321,13 @@ def test_muon_cuda_graph_replay_equals_eager(backend):
     grads = [[torch.randn(s, generator=gen).cuda() for s in shapes] for _ in range(8)]
     lrs = [0.02 * 0.9 ** k for k in range(8)]
 
-    def make():
-        ps = [x.cuda().requires_grad_() for x in init]
-        lr = torch.tensor(lrs[0], device="cuda", dtype=torch.float64)
-        opt = mf.Muon([dict(params=ps[:2], lr=lr), dict(params=ps[2:], use_muon=False, lr=0.01)], capturable=True,
-                      backend=backend)
-        return ps, lr, opt
-
-    ps, lr, opt = make()
+    ps, lr, opt = _capturable_muon(init, lrs[0], backend)
     for k in range(8):
         lr.fill_(lrs[k])
         for p, g in zip(ps, grads[k]):
             p.grad = g.clone()
         opt.step()
-    qs, lr2, opt2 = make()
+    qs, lr2, opt2 = _capturable_muon(init, lrs[0], backend)
     _capture_and_replay(opt2, qs, lr2, lrs, grads)
     for p, q in zip(ps, qs):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
@@ -352,21 +355,14 @@ def test_muon_cuda_graph_replay_with_a_grad_scaler(backend):
             gs[0][3, 5] = float("inf")
             gs[2][7] = float("nan")
 
-    def make():
-        ps = [x.cuda().requires_grad_() for x in init]
-        lr = torch.tensor(lrs[0], device="cuda", dtype=torch.float64)
-        opt = mf.Muon([dict(params=ps[:2], lr=lr), dict(params=ps[2:], use_muon=False, lr=0.01)], capturable=True,
-                      backend=backend)
-        return ps, lr, opt
-
-    ps, lr, opt = make()
+    ps, lr, opt = _capturable_muon(init, lrs[0], backend)
     for k, inf in enumerate(infs):
         if not inf:
             lr.fill_(lrs[k])
             for p, g in zip(ps, grads[k]):
                 p.grad = g.clone()
             opt.step()
-    qs, lr2, opt2 = make()
+    qs, lr2, opt2 = _capturable_muon(init, lrs[0], backend)
     found_inf, one = torch.zeros(1, device="cuda"), torch.ones(1, device="cuda")
     opt2.found_inf, opt2.grad_scale = found_inf, torch.full((1,), scale, device="cuda")
 
