@@ -593,3 +593,54 @@ def scenario_muon_bad_split(rank, tmpdir, backend):
 
 
 _KINDS["muon_bad_split"] = scenario_muon_bad_split
+
+
+def scenario_muon_chunks(rank, tmpdir, backend):
+    """Muon (bf16 NS) under FSDP2 with one matrix per NS call (``max_batch_bytes=1`` patched into the spec, as
+    tests/test_muon.py does): an owner's matrices of one shape take several calls, whose results must go back
+    to the right rows. Six weights (7x6, four 7x7, 1x7); every rank trains on the WHOLE batch, so the run must
+    equal one process's (patched the same) bit for bit. Records the stacks the NS gets in the FSDP2 run."""
+    import dataclasses
+
+    import torch
+    from torch import nn
+
+    import momentum_fused as mf
+    import momentum_fused.specs_muon as sm
+    from momentum_fused.specs import SPECS
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), *[m for _ in range(4) for m in (nn.Linear(7, 7), nn.Tanh())],
+                             nn.Linear(7, 1))
+
+    data = _batches(torch.float32)
+    spec, real_ns = SPECS["muon"], sm.newton_schulz
+    SPECS["muon"] = dataclasses.replace(spec, phases=tuple(dataclasses.replace(ph, max_batch_bytes=1)
+                                                           if hasattr(ph, "fn") else ph for ph in spec.phases))
+    stacks = []
+
+    def spy(x, *args, **kwargs):
+        stacks.append(tuple(x.shape))
+        return real_ns(x, *args, **kwargs)
+
+    def run(model, wrapped):
+        params = list(model.parameters())
+        opt = mf.Muon(_muon_groups(params), lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16, backend=backend)
+        for x, y in data:
+            opt.zero_grad()
+            ((wrapped(x) - y) ** 2).mean().backward()
+            opt.step()
+        return _snapshot(opt, params)
+
+    try:
+        ref = run(*(2 * (make(),)))
+        model = make()
+        sm.newton_schulz = spy
+        got = run(model, _fsdp(model))
+    finally:
+        SPECS["muon"], sm.newton_schulz = spec, real_ns
+    return dict(ref=ref, dist=got, stacks=stacks, steps=len(data))
+
+
+_KINDS["muon_chunks"] = scenario_muon_chunks

@@ -64,6 +64,7 @@ def _scenarios():
     out += [dict(id=f"muon_bf16_fsdp-{a}-{b}", kind="muon_bf16_fsdp", ns_algorithm=a, backend=b)
             for a in MUON_ALGORITHMS for b in _available(BACKENDS)]
     out += [dict(id=f"muon_bad_split-{b}", kind="muon_bad_split", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"muon_chunks-{b}", kind="muon_chunks", backend=b) for b in _available(BACKENDS)]
     return out
 
 
@@ -332,6 +333,22 @@ def test_muon_bf16_ns_under_fsdp_sends_bf16_and_equals_single_process_bit_for_bi
     assert r1["local_numels"][4] == 0 and r0["local_numels"][0] != r1["local_numels"][0]
     init = [p.detach() for p in dw._make_model(torch.float32).parameters()]
     assert all(not torch.equal(a, b) for a, b in zip(r0["dist"]["params"], init))  # the steps did something
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_muon_under_fsdp_with_several_ns_calls_per_shape_equals_single_process_bit_for_bit(world, backend):
+    """One matrix per NS call: each owner's two 7x7 weights take two calls, their results go back to the right
+    rows (owners by size: the four 7x7 alternate 0, 1, 0, 1, then the 7x6 to rank 0, the 1x7 to rank 1)."""
+    for rank, res in enumerate(_results(world, f"muon_chunks-{backend}")):
+        got, want = res["dist"], res["ref"]
+        for i, (a, b) in enumerate(zip(got["params"], want["params"])):
+            assert torch.equal(a, b), f"rank {rank} param {i}"
+        for i, (sa, sb) in enumerate(zip(got["state"], want["state"])):
+            assert set(sa) == set(sb), (rank, i)
+            for k in sa:
+                assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), f"rank {rank} param {i} {k!r}"
+        mine = [(1, 7, 6), (1, 7, 7), (1, 7, 7)] if rank == 0 else [(1, 7, 7), (1, 7, 7), (1, 1, 7)]
+        assert res["stacks"] == mine * res["steps"], res["stacks"]
 
 
 @pytest.mark.parametrize("backend", _backend_params())

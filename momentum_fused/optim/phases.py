@@ -246,10 +246,10 @@ def _sharded_matrix_phase(phase, group, pairs) -> None:
     1. the way in, ONE ``all_to_all_single``: every rank sends each owner its rows of the matrices that owner
        owns (one flat buffer, the owners' segments in rank order, no padding) and receives the rows of its own
        matrices from every rank;
-    2. every owner assembles its matrices and runs ``phase.fn`` on them, batched by shape: all owners at the
-       same time;
+    2. every owner assembles its matrices, batched by shape (one ``torch.cat`` per shape: the ranks' row blocks
+       side by side), and runs ``phase.fn`` on them: all owners at the same time;
     3. the way back, ONE ``all_to_all_single``: each owner sends every rank its rows of the results, which are
-       copied into the local shards.
+       copied into the local shards (one ``torch._foreach_copy_``).
 
     2 collectives per (mesh, dtype) per step, whatever the world size. The collectives carry ``_wire_dtype``
     (bf16 for bf16 Newton-Schulz on fp32 updates: half the bytes, the same bits). The batches are those of
@@ -284,46 +284,35 @@ def _sharded_matrix_phase(phase, group, pairs) -> None:
         recv_splits = [sum(counts[i][r] * row[i] for i in mine) for r in range(world)]
         device = prs[0][1].device
         wire = _wire_dtype(phase, group, dtype, device)
-        # 1. the way in
+        # 1. the way in (cat rounds to the wire dtype as it copies: the bits of a .to(wire) of each shard)
         send = torch.empty(sum(send_splits), dtype=wire, device=device)
-        at = 0
-        for i in order:
-            t = prs[i][1]
-            send[at:at + t.numel()].copy_(t.reshape(-1))
-            at += t.numel()
+        if order:
+            torch.cat([prs[i][1].reshape(-1) for i in order], out=send)
         recv = torch.empty(sum(recv_splits), dtype=wire, device=device)
         dist.all_to_all_single(recv, send, recv_splits, send_splits, group=pg)
         # 2. the owner's NS, batched by shape
         segs = recv.split(recv_splits)
         at = [0] * world
-        full = {}
-        for i in mine:
+        back = []  # per NS call: its results as [b, rows, row], and the rows per rank
+        for shape, idx in batches[me].items():
+            k, c, n = len(idx), counts[idx[0]], row[idx[0]]
             parts = []
             for r in range(world):
-                n = counts[i][r] * row[i]
-                parts.append(segs[r][at[r]:at[r] + n].view(counts[i][r], row[i]))
-                at[r] += n
-            full[i] = torch.cat(parts).view(prs[i][0].shape)
-        for shape, idx in batches[me].items():
-            size = _chunk_size(phase, len(idx), full[idx[0]].numel() * dtype.itemsize)
-            for k in range(0, len(idx), size):
-                chunk = idx[k:k + size]
-                out = phase.fn(group, torch.stack([full[i] for i in chunk]))
-                for i, x in zip(chunk, out.unbind(0)):
-                    full[i] = x
-        # 3. the way back
+                parts.append(segs[r][at[r]:at[r] + k * c[r] * n].view(k, c[r], n))
+                at[r] += k * c[r] * n
+            full = torch.cat(parts, 1).view(k, *shape)
+            # (bytes of the tensors' dtype, as for unsharded params: the same chunks whatever the wire)
+            size = _chunk_size(phase, k, full[0].numel() * dtype.itemsize)
+            for j in range(0, k, size):
+                back.append((phase.fn(group, full[j:j + size]).reshape(-1, shape[0], n), c))
+        # 3. the way back: to each rank its rows of every result, in the order it sent them
         back_send = torch.empty(sum(recv_splits), dtype=wire, device=device)
-        at = 0
-        for r in range(world):
-            for i in mine:
-                lo = sum(counts[i][:r])
-                rows = full[i].reshape(prs[i][0].shape[0], row[i])[lo:lo + counts[i][r]]
-                back_send[at:at + rows.numel()].copy_(rows.reshape(-1))
-                at += rows.numel()
+        if back:
+            torch.cat([out[:, sum(c[:r]):sum(c[:r]) + c[r]].reshape(-1) for r in range(world) for out, c in back],
+                      out=back_send)
         back_recv = torch.empty(sum(send_splits), dtype=wire, device=device)
         dist.all_to_all_single(back_recv, back_send, send_splits, recv_splits, group=pg)
-        at = 0
-        for i in order:
-            t = prs[i][1]
-            t.copy_(back_recv[at:at + t.numel()].view(t.shape))
-            at += t.numel()
+        if order:
+            dst = [prs[i][1] for i in order]
+            torch._foreach_copy_(dst, [x.view(t.shape) for x, t in
+                                       zip(back_recv.split([counts[i][me] * row[i] for i in order]), dst)])
