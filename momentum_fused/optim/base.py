@@ -341,9 +341,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         if "_pending_amp" in self.__dict__:  # the previous step's device-side GradScaler flag
             self.sync_amp()
         traced = torch.compiler.is_compiling()  # (dynamo's guards replace the cached plan there)
-        planned = self.__dict__.pop("_planned", None)
-        if planned is not None and not traced:  # validated by the caller just now (momentum_fused.Muon)
-            plan, cached, self._views_verified = planned
+        if not traced and "_planned" in self.__dict__:  # validated by the caller just now (momentum_fused.Muon)
+            plan, cached, self._views_verified = self.__dict__.pop("_planned")
         else:
             plan, cached = self._step_plan()
         amp = self._device_amp(plan)  # (found_inf, grad_scale) read by the kernels, or None: the host protocol
