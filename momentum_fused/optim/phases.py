@@ -6,8 +6,9 @@ step). Orthogonalized momentum is the case it is designed for: momentum pass, Ne
 apply pass (docs/architecture.md, "Contract v2").
 
 DTensor params sharded on dim 0 (FSDP2) or replicated, on a 1-D mesh: the passes run on local shards, the matrix
-phases on whole matrices gathered to an owner rank (``_sharded_matrix_phase``). Limits, each refused with a clear
-error before anything changes: the native layout only, no complex params or other DTensor placements.
+phases on whole matrices, each sent to an owner rank (``_sharded_matrix_phase``: one all-to-all each way, every
+owner computing at the same time). Limits, each refused with a clear error before anything changes: the native
+layout only, no complex params or other DTensor placements, Shard(0) rows in torch.chunk's split (FSDP2's).
 capturable=True: each pass gets its scalars as a float64 [n, k] table computed on the params' device by tensor ops
 (a tensor lr is read there, never on the host).
 
@@ -228,8 +229,8 @@ def _wire_dtype(phase, group, dtype: torch.dtype, device: torch.device) -> torch
     """The dtype in which ``_sharded_matrix_phase`` moves tensors of ``dtype``: the phase's ``compute_dtype``
     where it is narrower (fewer bytes: bf16 Newton-Schulz on fp32 updates), else ``dtype``. The same result as
     sending ``dtype``: ``fn`` would round its input to ``compute_dtype`` first thing (rounding is elementwise,
-    so rounding each shard before the gather gives the same bits), and its result is in ``compute_dtype``,
-    which the copy into the tensor after the scatter widens exactly."""
+    so rounding each shard before it is sent gives the same bits), and its result is in ``compute_dtype``,
+    which the copy into the tensor on the way back widens exactly."""
     if phase.compute_dtype is None:
         return dtype
     want = phase.compute_dtype(group, device)
@@ -252,10 +253,10 @@ def _sharded_matrix_phase(phase, group, pairs) -> None:
        copied into the local shards (one ``torch._foreach_copy_``).
 
     2 collectives per (mesh, dtype) per step, whatever the world size. The collectives carry ``_wire_dtype``
-    (bf16 for bf16 Newton-Schulz on fp32 updates: half the bytes, the same bits). The batches are those of
-    the path before (an owner's matrices of one shape, in param order, chunked by ``_chunk_size``), so the
-    results are bit-identical to a single process's. Shard rows are torch.chunk's split (checked by the plan,
-    ``PhasesMixin._phase_limits``)."""
+    (bf16 for bf16 Newton-Schulz on fp32 updates: half the bytes, the same bits). An owner's NS batches are its
+    matrices of one shape, in param order, chunked by ``_chunk_size`` on the bytes of the tensors' dtype (as for
+    unsharded params); tests/test_distributed.py checks the results equal a single process's bit for bit.
+    Shard rows are torch.chunk's split (checked by the plan, ``PhasesMixin._phase_limits``)."""
     import torch.distributed as dist
 
     by_mesh: dict = {}
