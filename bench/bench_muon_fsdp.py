@@ -15,11 +15,11 @@ Cases, on the same model and gradients (one forward / backward, then only ``opt.
 - plain: the unwrapped model in each process (no collectives): ours, and torch.optim.Muon + AdamW.
 
 Ours is split per step: time inside Newton-Schulz (``specs_muon.newton_schulz``: the owner's batched NS), time
-inside the ``gather`` / ``scatter`` calls of the NS phase (this includes waiting for the other rank, e.g. for the
-owner's NS), time in the inner optimizers' full plan (``_plan``: validation and backend choice; Muon.step runs it
-for both inner optimizers before either changes anything, and their steps run it again where the cached plan
-does not apply), and the rest (the two elementwise passes, the aux AdamW's update, state, packing the send
-buffers). torch:
+inside the collectives of the NS phase (``all_to_all_single``, the way in and the way back; ``gather`` /
+``scatter`` too, which the path before used: this includes waiting for the other rank), time in the inner
+optimizers' plans (``_step_plan``: validation and backend choice, the full plan or the cached one where it
+applies; Muon.step runs it once per inner optimizer before either changes anything), and the rest (the two
+elementwise passes, the aux AdamW's update, state, packing and assembling the exchanged buffers). torch:
 time inside ``_zeropower_via_newtonschulz`` (under FSDP2 it includes DTensor's implicit redistributions). The
 cases take turns inside each round; a round's figure is the interquartile mean of its steps (the middle half by
 total time: the columns add up), per rank (under FSDP2 the ranks wait for each other in the collectives; the plain
@@ -126,8 +126,9 @@ def _worker(rank, tmpdir, args):
     cases = {  # name -> (opts, wire32, timed: which functions the timers wrap)
         name: (*setup(wrapper, make, **kw), timed) for name, (wrapper, make, kw, timed) in CASES.items()
         if args.cases is None or name in args.cases}
-    real = dict(ns=specs_muon.newton_schulz, tns=torch_muon._zeropower_via_newtonschulz, gather=dist.gather,
-                scatter=dist.scatter, wire=phases._wire_dtype)
+    comm = ("gather", "scatter", "all_to_all_single")  # (the NS phase's collectives, before and after)
+    real = dict(ns=specs_muon.newton_schulz, tns=torch_muon._zeropower_via_newtonschulz, wire=phases._wire_dtype,
+                **{name: getattr(dist, name) for name in comm})
 
     def inners(opts):  # our Muon's inner optimizers (the Muon groups and the aux AdamW groups)
         return [o for opt in opts for o in (getattr(opt, "_core", None), getattr(opt, "_aux", None)) if o is not None]
@@ -135,10 +136,10 @@ def _worker(rank, tmpdir, args):
     def install(timers, timed, wire32, opts):
         if timed == "ours":
             specs_muon.newton_schulz = timers.wrap(real["ns"], "ns")
-            dist.gather = timers.wrap(real["gather"], "comm")
-            dist.scatter = timers.wrap(real["scatter"], "comm")
+            for name in comm:
+                setattr(dist, name, timers.wrap(real[name], "comm"))
             for inner in inners(opts):  # (an instance attribute: shadows the method for this step only)
-                inner._plan = timers.wrap(type(inner)._plan.__get__(inner), "plan")
+                inner._step_plan = timers.wrap(type(inner)._step_plan.__get__(inner), "plan")
         elif timed == "torch":
             torch_muon._zeropower_via_newtonschulz = timers.wrap(real["tns"], "ns")
         if wire32:
@@ -146,9 +147,11 @@ def _worker(rank, tmpdir, args):
 
     def uninstall(opts):
         specs_muon.newton_schulz, torch_muon._zeropower_via_newtonschulz = real["ns"], real["tns"]
-        dist.gather, dist.scatter, phases._wire_dtype = real["gather"], real["scatter"], real["wire"]
+        phases._wire_dtype = real["wire"]
+        for name in comm:
+            setattr(dist, name, real[name])
         for inner in inners(opts):
-            inner.__dict__.pop("_plan", None)
+            inner.__dict__.pop("_step_plan", None)
 
     rounds = {name: [] for name in cases}  # per round: (total, ns, comm, plan, rest) medians in ms
     for _ in range(args.rounds):
@@ -207,7 +210,7 @@ def table(res: dict, rank: int = 0) -> str:
         return f"{statistics.median(vals):.2f} ({min(vals):.2f}–{max(vals):.2f})"
 
     lines = [f"rank {rank}: ms per step (interquartile mean of a round's steps), median over rounds (min–max)", "",
-             "| case | total | inside NS | inside gather/scatter | full plan (checks) | rest |",
+             "| case | total | inside NS | inside the collectives | plan (checks) | rest |",
              "|---|---|---|---|---|---|"]
     for name, rows in res[rank].items():
         cols = [cell([r[k] for r in rows]) for k in range(5)]

@@ -511,7 +511,9 @@ def scenario_muon_bf16_fsdp(rank, tmpdir, backend, ns_algorithm="standard"):
     process, and vs FSDP2 with the collectives forced to carry the update's own dtype (the path before the wire
     carried the NS dtype: ``phases._wire_dtype`` patched). Every rank trains on the WHOLE batch, so the averaged
     gradient is exactly the single process's ((g + g) / 2 = g) and the three runs must agree bit for bit. Records
-    the dtype and element count of every gather / scatter issued inside ``step()``."""
+    every collective of the NS phase's kinds (gather, scatter, all_to_all, all_to_all_single) issued inside
+    ``step()``: its name, the dtypes and the element counts of its tensor arguments (all_to_all_single: output,
+    input)."""
     import torch
     import torch.distributed as dist
 
@@ -525,12 +527,13 @@ def scenario_muon_bf16_fsdp(rank, tmpdir, backend, ns_algorithm="standard"):
         opt = mf.Muon(_muon_groups(params), lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16,
                       ns_algorithm=ns_algorithm, backend=backend)
         wire = []
-        real = {name: getattr(dist, name) for name in ("gather", "scatter")}
+        real = {name: getattr(dist, name) for name in ("gather", "scatter", "all_to_all", "all_to_all_single")}
 
         def spy(name):
-            def call(tensor, *args, **kwargs):
-                wire.append((name, str(tensor.dtype), tensor.numel()))
-                return real[name](tensor, *args, **kwargs)
+            def call(*args, **kwargs):
+                ts = [t for t in args if isinstance(t, torch.Tensor)]
+                wire.append((name, tuple(str(t.dtype) for t in ts), tuple(t.numel() for t in ts)))
+                return real[name](*args, **kwargs)
             return call
 
         for x, y in data:
@@ -560,3 +563,84 @@ def scenario_muon_bf16_fsdp(rank, tmpdir, backend, ns_algorithm="standard"):
 
 
 _KINDS["muon_bf16_fsdp"] = scenario_muon_bf16_fsdp
+
+
+def scenario_muon_bad_split(rank, tmpdir, backend):
+    """A Shard(0) DTensor matrix whose rows are not torch.chunk's split (3 / 4 of 7 rows, FSDP2 gives 4 / 3): the
+    NS phase exchanges rows in that split, so step() raises on every rank before anything changes (no state is
+    created, the param keeps its values)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    import momentum_fused as mf
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    rows = [3, 4][rank]
+    gen = torch.Generator().manual_seed(rank)
+    local = torch.randn(rows, 6, generator=gen, dtype=torch.float64)
+    p = torch.nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=(7, 6),
+                                              stride=(6, 1)))
+    p.grad = DTensor.from_local(torch.ones(rows, 6, dtype=torch.float64), mesh, [Shard(0)], run_check=False,
+                                shape=(7, 6), stride=(6, 1))
+    opt = mf.Muon([p], lr=0.02, ns_dtype=torch.float64, backend=backend)
+    try:
+        opt.step()
+        message = None
+    except NotImplementedError as e:
+        message = str(e)
+    return dict(message=message, unchanged=torch.equal(p.to_local(), local), state=len(opt.state))
+
+
+_KINDS["muon_bad_split"] = scenario_muon_bad_split
+
+
+def scenario_muon_chunks(rank, tmpdir, backend):
+    """Muon (bf16 NS) under FSDP2 with one matrix per NS call (``max_batch_bytes=1`` patched into the spec, as
+    tests/test_muon.py does): an owner's matrices of one shape take several calls, whose results must go back
+    to the right rows. Six weights (7x6, four 7x7, 1x7); every rank trains on the WHOLE batch, so the run must
+    equal one process's (patched the same) bit for bit. Records the stacks the NS gets in the FSDP2 run."""
+    import dataclasses
+
+    import torch
+    from torch import nn
+
+    import momentum_fused as mf
+    import momentum_fused.specs_muon as sm
+    from momentum_fused.specs import SPECS
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), *[m for _ in range(4) for m in (nn.Linear(7, 7), nn.Tanh())],
+                             nn.Linear(7, 1))
+
+    data = _batches(torch.float32)
+    spec, real_ns = SPECS["muon"], sm.newton_schulz
+    SPECS["muon"] = dataclasses.replace(spec, phases=tuple(dataclasses.replace(ph, max_batch_bytes=1)
+                                                           if hasattr(ph, "fn") else ph for ph in spec.phases))
+    stacks = []
+
+    def spy(x, *args, **kwargs):
+        stacks.append(tuple(x.shape))
+        return real_ns(x, *args, **kwargs)
+
+    def run(model, wrapped):
+        params = list(model.parameters())
+        opt = mf.Muon(_muon_groups(params), lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16, backend=backend)
+        for x, y in data:
+            opt.zero_grad()
+            ((wrapped(x) - y) ** 2).mean().backward()
+            opt.step()
+        return _snapshot(opt, params)
+
+    try:
+        ref = run(*(2 * (make(),)))
+        model = make()
+        sm.newton_schulz = spy
+        got = run(model, _fsdp(model))
+    finally:
+        SPECS["muon"], sm.newton_schulz = spec, real_ns
+    return dict(ref=ref, dist=got, stacks=stacks, steps=len(data))
+
+
+_KINDS["muon_chunks"] = scenario_muon_chunks

@@ -103,8 +103,9 @@ def test_frontend_bench_smoke(tmp_path, capsys):
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="needs torch.distributed with the gloo backend")
 def test_muon_fsdp_bench_smoke():
-    """bench/bench_muon_fsdp.py runs 2 gloo processes end to end; the FSDP2 case spends time in the gather /
-    scatter calls and the NS, the unwrapped one none in collectives, and the columns add up to the total."""
+    """bench/bench_muon_fsdp.py runs 2 gloo processes end to end; the FSDP2 case spends time in the NS phase's
+    collectives (all_to_all_single) and the NS, the unwrapped one none in collectives, and the columns add up to
+    the total."""
     from bench import bench_muon_fsdp as b
     cases = ["fsdp / ours", "plain / ours"]
     res = b.measure(d=8, blocks=1, rounds=1, iters=2, warmup=1, cases=cases)

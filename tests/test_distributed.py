@@ -63,6 +63,8 @@ def _scenarios():
             for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
     out += [dict(id=f"muon_bf16_fsdp-{a}-{b}", kind="muon_bf16_fsdp", ns_algorithm=a, backend=b)
             for a in MUON_ALGORITHMS for b in _available(BACKENDS)]
+    out += [dict(id=f"muon_bad_split-{b}", kind="muon_bad_split", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"muon_chunks-{b}", kind="muon_chunks", backend=b) for b in _available(BACKENDS)]
     return out
 
 
@@ -295,8 +297,9 @@ def test_int8_layouts_distributed_checkpoint_resume_equals_uninterrupted(world, 
 @pytest.mark.parametrize("backend", _backend_params())
 @pytest.mark.parametrize("ns_algorithm", MUON_ALGORITHMS)
 def test_muon_bf16_ns_under_fsdp_sends_bf16_and_equals_single_process_bit_for_bit(world, ns_algorithm, backend):
-    """float32 params, ns_dtype=bf16: the gathers and scatters of the NS phase carry bf16 (the NS rounds its input
-    to bf16 first and returns bf16, so rounding the shards before the gather is the same), and the params and
+    """float32 params, ns_dtype=bf16: the two all_to_all_single of the NS phase (the shards to their owners, the
+    results back) carry bf16 (the NS rounds its input to bf16 first and returns bf16, so rounding the shards before
+    sending them is the same), and the params and
     momentum buffers equal, bit for bit, both the single-process run and FSDP2 with an fp32 wire (the path before:
     ``phases._wire_dtype`` patched to the update's dtype). Every rank trains on the whole batch, so the averaged
     gradients are the single process's exactly (tests/dist_worker.py, scenario_muon_bf16_fsdp)."""
@@ -313,15 +316,46 @@ def test_muon_bf16_ns_under_fsdp_sends_bf16_and_equals_single_process_bit_for_bi
                     assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), \
                         f"rank {rank} param {i} {k!r} vs {other}"
             assert all("momentum_buffer" in got["state"][i] for i in (0, 2, 4))  # the weights: Muon's state
-        # 5 steps x 2 owners (the 7x6 weight to rank 0, the 5x7 and 1x5 ones to rank 1) x (gather + scatter)
+        # per step, 2 collectives (the way in, the way back), all owners at once: the 7x6 weight is owned by rank 0,
+        # the 5x7 and 1x5 ones by rank 1; rows 4/3 of 7x6, 3/2 of 5x7, 1/0 of 1x5 (no padding)
         assert res["ref_wire"] == []
-        assert len(res["wire"]) == len(res["old_wire"]) == 5 * 2 * 2, res["wire"]
-        assert {d for _, d, _ in res["wire"]} == {"torch.bfloat16"}, res["wire"]
-        assert {d for _, d, _ in res["old_wire"]} == {"torch.float32"}, res["old_wire"]
-        assert [(op, n) for op, _, n in res["wire"]] == [(op, n) for op, _, n in res["old_wire"]]
-        assert [n for _, _, n in res["wire"]] == [4 * 6, 4 * 6, 3 * 7 + 1 * 5, 3 * 7 + 1 * 5] * 5  # padded rows
+        assert len(res["wire"]) == len(res["old_wire"]) == 5 * 2, res["wire"]
+        assert {op for op, _, _ in res["wire"] + res["old_wire"]} == {"all_to_all_single"}, res["wire"]
+        assert {d for _, ds, _ in res["wire"] for d in ds} == {"torch.bfloat16"}, res["wire"]
+        assert {d for _, ds, _ in res["old_wire"] for d in ds} == {"torch.float32"}, res["old_wire"]
+        assert [n for _, _, n in res["wire"]] == [n for _, _, n in res["old_wire"]]
+        mine = [4 * 6, 3 * 7 + 1 * 5] if rank == 0 else [3 * 6, 2 * 7 + 0 * 5]  # (to rank 0, to rank 1)
+        owned = [4 * 6 + 3 * 6] if rank == 0 else [3 * 7 + 1 * 5 + 2 * 7 + 0 * 5]  # (from every rank)
+        # (output, input) numels: the way in receives what it owns and sends its rows; the way back the reverse
+        assert [n for _, _, n in res["wire"]] == [(sum(owned), sum(mine)), (sum(mine), sum(owned))] * 5
     # uneven shards, one empty: rows 4/3 of 7x6, 3/2 of 5x7, 1/0 of 1x5
     assert [a + b for a, b in zip(r0["local_numels"], r1["local_numels"])] == [42, 7, 35, 5, 5, 1]
     assert r1["local_numels"][4] == 0 and r0["local_numels"][0] != r1["local_numels"][0]
     init = [p.detach() for p in dw._make_model(torch.float32).parameters()]
     assert all(not torch.equal(a, b) for a, b in zip(r0["dist"]["params"], init))  # the steps did something
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_muon_under_fsdp_with_several_ns_calls_per_shape_equals_single_process_bit_for_bit(world, backend):
+    """One matrix per NS call: each owner's two 7x7 weights take two calls, their results go back to the right
+    rows (owners by size: the four 7x7 alternate 0, 1, 0, 1, then the 7x6 to rank 0, the 1x7 to rank 1)."""
+    for rank, res in enumerate(_results(world, f"muon_chunks-{backend}")):
+        got, want = res["dist"], res["ref"]
+        for i, (a, b) in enumerate(zip(got["params"], want["params"])):
+            assert torch.equal(a, b), f"rank {rank} param {i}"
+        for i, (sa, sb) in enumerate(zip(got["state"], want["state"])):
+            assert set(sa) == set(sb), (rank, i)
+            for k in sa:
+                assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), f"rank {rank} param {i} {k!r}"
+        mine = [(1, 7, 6), (1, 7, 7), (1, 7, 7)] if rank == 0 else [(1, 7, 7), (1, 7, 7), (1, 1, 7)]
+        assert res["stacks"] == mine * res["steps"], res["stacks"]
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_muon_dtensor_rows_not_in_fsdp_split_raise_before_any_change(world, backend):
+    """The NS phase sends each owner the rows of torch.chunk's split (FSDP2's); a Shard(0) DTensor sharded otherwise
+    (3 / 4 rows of 7) is refused by the plan, on every rank, before anything changes."""
+    for rank, res in enumerate(_results(world, f"muon_bad_split-{backend}")):
+        assert res["message"] is not None and "torch.chunk's split" in res["message"], res["message"]
+        assert f"has {[3, 4][rank]} rows, expected {[4, 3][rank]}" in res["message"], res["message"]
+        assert res["unchanged"] and res["state"] == 0

@@ -304,6 +304,40 @@ def test_torch_grad_scaler_skips_the_inf_step(device_protocol):
     assert len(calls) == (12 if device_protocol else 0) and all(f for _, f in calls)  # 4 steps x 3 backend calls
 
 
+def test_each_inner_optimizer_is_validated_once_per_step(monkeypatch):
+    """Muon.step validates both inner optimizers before either changes anything, and each inner step takes that
+    plan instead of validating again: per step, one full plan for the Muon groups (a multi-phase rule: no cached
+    plan) and, after the first step, the aux AdamW's cached plan (plain params) instead of its full plan."""
+    from momentum_fused.optim.base import FusedOptimizer
+    from momentum_fused.optim.plan_cache import C_CHECKS
+
+    calls = []
+    real_plan, real_fast = FusedOptimizer._plan, FusedOptimizer._fast_plan
+
+    def plan(self):
+        calls.append((type(self).__name__, "full"))
+        return real_plan(self)
+
+    def fast(self):
+        out = real_fast(self)
+        if out is not None:
+            calls.append((type(self).__name__, "cached"))
+        return out
+
+    params, grads = _problem([(4, 6), (6,), (5, 3), (5,)], steps=3)
+    monkeypatch.setattr(FusedOptimizer, "_plan", plan)
+    monkeypatch.setattr(FusedOptimizer, "_fast_plan", fast)
+    opt = mf.Muon([dict(params=params[0::2]), dict(params=params[1::2], use_muon=False)], lr=0.02)
+    per_step = []
+    for g in grads:
+        calls.clear()
+        run(opt, params, [g])
+        per_step.append(sorted(calls))
+    aux_later = ("AdamW", "cached") if C_CHECKS is not None else ("AdamW", "full")
+    assert per_step == [[("AdamW", "full"), ("_MuonCore", "full")]] + [sorted([aux_later, ("_MuonCore", "full")])] * 2
+    assert "_planned" not in opt._core.__dict__ and "_planned" not in opt._aux.__dict__
+
+
 def test_deepcopy_keeps_stepping_identically():
     params, grads = _problem([(4, 6), (6,)], steps=4)
     opt = mf.Muon([dict(params=[params[0]]), dict(params=[params[1]], use_muon=False)], lr=0.02)

@@ -321,14 +321,30 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         finally:
             gc.enable()
 
+    def _step_plan(self):
+        """This step's plan, ``(plan, cached)``: the cached plan of the last step re-validated (``_fast_plan``;
+        ``cached`` its per-group entries), else the full plan (``_plan``; ``cached`` None). Modifies nothing but
+        ``_views_verified`` (the host counters the cached plan checked, for this step only: optim/scalars.py
+        ``_host_views``).
+
+        An optimizer that steps others (momentum_fused.Muon: its inner optimizers) validates them all with this
+        before any changes anything, then hands each its own result for its step in the attribute ``_planned``
+        = ``(plan, cached, _views_verified)``, which ``_update`` takes (and drops) instead of planning again:
+        valid as long as nothing but the other inner optimizers' steps ran in between (they touch other params
+        and state)."""
+        self._views_verified = ()
+        fast = None if torch.compiler.is_compiling() else self._fast_plan()
+        return (self._plan(), None) if fast is None else fast
+
     def _update(self, loss):
         """The step after the closure: plan, GradScaler, state, scalars, one backend call per bucket."""
         if "_pending_amp" in self.__dict__:  # the previous step's device-side GradScaler flag
             self.sync_amp()
         traced = torch.compiler.is_compiling()  # (dynamo's guards replace the cached plan there)
-        self._views_verified = ()  # (set by a cached plan for this step only: optim/scalars.py _host_views)
-        fast = None if traced else self._fast_plan()
-        plan, cached = (self._plan(), None) if fast is None else fast
+        if not traced and "_planned" in self.__dict__:  # validated by the caller just now (momentum_fused.Muon)
+            plan, cached, self._views_verified = self.__dict__.pop("_planned")
+        else:
+            plan, cached = self._step_plan()
         amp = self._device_amp(plan)  # (found_inf, grad_scale) read by the kernels, or None: the host protocol
         if amp is None:
             skip, inv_scale = self._amp()

@@ -191,22 +191,28 @@ class Muon(torch.optim.Optimizer):
         self._sync()
         self.sync_amp()  # (the last step's deferred GradScaler flags, before the plans read the state)
         inners = [inner for inner in (self._aux, self._core) if inner is not None]
-        # the aux groups are validated first, before the Muon groups change anything
-        plans = [inner._plan() for inner in inners]
+        # both inner optimizers are validated (the aux groups first) before the Muon groups change anything;
+        # each step then takes its plan from here (``_planned``) instead of validating again
+        planned = []
+        for inner in inners:
+            plan, cached = inner._step_plan()
+            planned.append((plan, cached, inner._views_verified))
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
-        device = self._takes_device_amp(inners, plans, found_inf, grad_scale)
+        device = self._takes_device_amp(inners, [p[0] for p in planned], found_inf, grad_scale)
         if not device and found_inf is not None and float(found_inf) != 0.0:  # an inf/nan step changes nothing
             return loss
-        for inner in inners[::-1]:  # (the Muon groups first, then the aux groups)
+        for inner, plan in zip(inners[::-1], planned[::-1]):  # (the Muon groups first, then the aux groups)
             inner.grad_scale = grad_scale
             if device:
                 inner.found_inf = found_inf
+            inner._planned = plan
             try:
                 inner.step()
             finally:
                 del inner.grad_scale
                 inner.__dict__.pop("found_inf", None)
+                inner.__dict__.pop("_planned", None)
         return loss
 
     @staticmethod

@@ -6,8 +6,9 @@ step). Orthogonalized momentum is the case it is designed for: momentum pass, Ne
 apply pass (docs/architecture.md, "Contract v2").
 
 DTensor params sharded on dim 0 (FSDP2) or replicated, on a 1-D mesh: the passes run on local shards, the matrix
-phases on whole matrices gathered to an owner rank (``_sharded_matrix_phase``). Limits, each refused with a clear
-error before anything changes: the native layout only, no complex params or other DTensor placements.
+phases on whole matrices, each sent to an owner rank (``_sharded_matrix_phase``: one all-to-all each way, every
+owner computing at the same time). Limits, each refused with a clear error before anything changes: the native
+layout only, no complex params or other DTensor placements, Shard(0) rows in torch.chunk's split (FSDP2's).
 capturable=True: each pass gets its scalars as a float64 [n, k] table computed on the params' device by tensor ops
 (a tensor lr is read there, never on the host).
 
@@ -38,17 +39,30 @@ class PhasesMixin:
         if lay.name != "native":
             raise ValueError(f"{where}: a multi-phase rule runs with layout='native' only, got {lay.name!r}")
         cls = _dist.dtensor_class()
+        meshes: dict = {}  # id(mesh) -> (ndim, size, this rank's index): (get_local_rank costs ~10 us a call)
         for i, p in enumerate(items):
             if p.is_complex():
                 raise TypeError(f"{where}: a multi-phase rule does not take complex params (param {i} has dtype "
                                 f"{p.dtype})")
             if cls is not None and isinstance(p, cls):
-                pl = tuple(p.placements)
-                if p.device_mesh.ndim != 1 or not (pl[0].is_replicate() or (pl[0].is_shard() and pl[0].dim == 0)):
+                mesh = p.device_mesh
+                info = meshes.get(id(mesh))
+                if info is None:
+                    info = meshes[id(mesh)] = (mesh.ndim, mesh.size(), mesh.get_local_rank(0) if mesh.ndim == 1
+                                               else None)
+                pl = p.placements
+                if info[0] != 1 or not (pl[0].is_replicate() or (pl[0].is_shard() and pl[0].dim == 0)):
                     raise NotImplementedError(
-                        f"{where}: param {i} is a DTensor with placements {pl} on a {p.device_mesh.ndim}-D mesh; a "
+                        f"{where}: param {i} is a DTensor with placements {tuple(pl)} on a {mesh.ndim}-D mesh; a "
                         "multi-phase rule takes DTensors sharded on dim 0 (FSDP2's Shard(0)) or replicated, on a 1-D "
                         "mesh")
+                if pl[0].is_shard() and info[1] > 1:  # (_sharded: the rows _sharded_matrix_phase exchanges are
+                    want = _row_counts(p.shape[0], info[1])[info[2]]  # torch.chunk's split, as FSDP2's)
+                    if p._local_tensor.shape[0] != want:
+                        raise NotImplementedError(
+                            f"{where}: param {i} is a DTensor of {p.shape[0]} rows whose shard on this rank has "
+                            f"{p._local_tensor.shape[0]} rows, expected {want} (torch.chunk's split, as FSDP2's); "
+                            "the matrix phase exchanges rows in that split")
 
     def _update_phased(self, plan, loss, inv_scale: float, amp=None, rollback=None):
         """The step of a multi-phase rule. ``amp``: None (the host protocol ran: ``inv_scale`` is folded into
@@ -215,8 +229,8 @@ def _wire_dtype(phase, group, dtype: torch.dtype, device: torch.device) -> torch
     """The dtype in which ``_sharded_matrix_phase`` moves tensors of ``dtype``: the phase's ``compute_dtype``
     where it is narrower (fewer bytes: bf16 Newton-Schulz on fp32 updates), else ``dtype``. The same result as
     sending ``dtype``: ``fn`` would round its input to ``compute_dtype`` first thing (rounding is elementwise,
-    so rounding each shard before the gather gives the same bits), and its result is in ``compute_dtype``,
-    which the copy into the tensor after the scatter widens exactly."""
+    so rounding each shard before it is sent gives the same bits), and its result is in ``compute_dtype``,
+    which the copy into the tensor on the way back widens exactly."""
     if phase.compute_dtype is None:
         return dtype
     want = phase.compute_dtype(group, device)
@@ -226,13 +240,23 @@ def _wire_dtype(phase, group, dtype: torch.dtype, device: torch.device) -> torch
 
 
 def _sharded_matrix_phase(phase, group, pairs) -> None:
-    """The matrix phase for (DTensor param, local shard of its work tensor) pairs sharded on dim 0 (FSDP2). Each
-    matrix gets an owner rank (round-robin by size: largest first, to the least loaded rank); per owner, ONE
-    gather brings every rank's shards of the matrices it owns (flattened, each padded to ceil(rows / world)
-    rows), the owner runs ``phase.fn`` on its matrices batched by shape, and ONE scatter sends the rows back.
-    Every rank calls the same collectives in the same order (the params of a group are the same everywhere):
-    2 x world collectives per (mesh, dtype) per step. The collectives carry ``_wire_dtype`` (bf16 for bf16
-    Newton-Schulz on fp32 updates: half the bytes, the same bits)."""
+    """The matrix phase for (DTensor param, local shard of its work tensor) pairs sharded on dim 0 (FSDP2), per
+    (mesh, dtype). Each matrix gets an owner rank (round-robin by size: largest first, to the least loaded rank;
+    the same on every rank, the params of a group being the same everywhere). Then:
+
+    1. the way in, ONE ``all_to_all_single``: every rank sends each owner its rows of the matrices that owner
+       owns (one flat buffer, the owners' segments in rank order, no padding) and receives the rows of its own
+       matrices from every rank;
+    2. every owner assembles its matrices, batched by shape (one ``torch.cat`` per shape: the ranks' row blocks
+       side by side), and runs ``phase.fn`` on them: all owners at the same time;
+    3. the way back, ONE ``all_to_all_single``: each owner sends every rank its rows of the results, which are
+       copied into the local shards (one ``torch._foreach_copy_``).
+
+    2 collectives per (mesh, dtype) per step, whatever the world size. The collectives carry ``_wire_dtype``
+    (bf16 for bf16 Newton-Schulz on fp32 updates: half the bytes, the same bits). An owner's NS batches are its
+    matrices of one shape, in param order, chunked by ``_chunk_size`` on the bytes of the tensors' dtype (as for
+    unsharded params); tests/test_distributed.py checks the results equal a single process's bit for bit.
+    Shard rows are torch.chunk's split (checked by the plan, ``PhasesMixin._phase_limits``)."""
     import torch.distributed as dist
 
     by_mesh: dict = {}
@@ -248,63 +272,48 @@ def _sharded_matrix_phase(phase, group, pairs) -> None:
             o = min(range(world), key=lambda r: (load[r], r))
             owner[i] = o
             load[o] += prs[i][0].numel()
-        meta = []  # per matrix: (global shape, rows per rank, padded rows, elements per row)
-        for i, (p, t) in enumerate(prs):
-            counts = _row_counts(p.shape[0], world)
-            if t.shape[0] != counts[me]:
-                raise NotImplementedError(f"{phase.name}: a DTensor shard of {t.shape[0]} rows on rank {me}, expected "
-                                          f"{counts[me]} (torch.chunk's split of {p.shape[0]} rows)")
-            meta.append((tuple(p.shape), counts, max(counts), t[0].numel() if t.shape[0] else
-                         (p.numel() // p.shape[0] if p.shape[0] else 0)))
+        # per owner: its matrices by global shape (first appearance), in param order: its NS batches
+        batches = [{} for _ in range(world)]
+        for i, (p, _) in enumerate(prs):
+            batches[owner[i]].setdefault(tuple(p.shape), []).append(i)
+        # per matrix: rows per rank (torch.chunk's split), elements per row
+        counts = [_row_counts(p.shape[0], world) for p, _ in prs]
+        row = [p.numel() // p.shape[0] if p.shape[0] else 0 for p, _ in prs]
+        order = [i for o in range(world) for idx in batches[o].values() for i in idx]  # send and receive order
+        mine = [i for idx in batches[me].values() for i in idx]
+        send_splits = [sum(counts[i][me] * row[i] for idx in batches[o].values() for i in idx) for o in range(world)]
+        recv_splits = [sum(counts[i][r] * row[i] for i in mine) for r in range(world)]
         device = prs[0][1].device
         wire = _wire_dtype(phase, group, dtype, device)
-        for o in range(world):
-            mine = [i for i in range(len(prs)) if owner[i] == o]
-            if not mine:
-                continue
-            sizes = [meta[i][2] * meta[i][3] for i in mine]
-            send = torch.zeros(sum(sizes), dtype=wire, device=device)
-            at = 0
-            for i, n in zip(mine, sizes):
-                t = prs[i][1]
-                send[at:at + t.numel()].copy_(t.reshape(-1))
-                at += n
-            dst = dist.get_global_rank(pg, o)
-            recv = [torch.empty_like(send) for _ in range(world)] if me == o else None
-            dist.gather(send, recv, dst=dst, group=pg)
-            back = [torch.empty_like(send) for _ in range(world)] if me == o else None
-            if me == o:
-                full = {}
-                at = 0
-                for i, n in zip(mine, sizes):
-                    shape, counts, pad, row = meta[i]
-                    parts = [recv[r][at:at + counts[r] * row].view(counts[r], row) for r in range(world)]
-                    full[i] = torch.cat(parts).view(shape)
-                    at += n
-                by_shape: dict = {}
-                for i in mine:
-                    by_shape.setdefault(meta[i][0], []).append(i)
-                for shape, idx in by_shape.items():
-                    # (bytes of the tensors' dtype, as for unsharded params: the same chunks whatever the wire)
-                    size = _chunk_size(phase, len(idx), full[idx[0]].numel() * dtype.itemsize)
-                    for k in range(0, len(idx), size):
-                        chunk = idx[k:k + size]
-                        out = phase.fn(group, torch.stack([full[i] for i in chunk]))
-                        for i, x in zip(chunk, out.unbind(0)):
-                            full[i] = x
-                for r in range(world):
-                    buf = torch.zeros_like(send)
-                    at = 0
-                    for i, n in zip(mine, sizes):
-                        shape, counts, pad, row = meta[i]
-                        lo = sum(counts[:r])
-                        rows = full[i].reshape(shape[0], row)[lo:lo + counts[r]]
-                        buf[at:at + rows.numel()].copy_(rows.reshape(-1))
-                        at += n
-                    back[r] = buf
-            dist.scatter(send, back, src=dst, group=pg)
-            at = 0
-            for i, n in zip(mine, sizes):
-                t = prs[i][1]
-                t.copy_(send[at:at + t.numel()].view(t.shape))
-                at += n
+        # 1. the way in (cat rounds to the wire dtype as it copies: the bits of a .to(wire) of each shard)
+        send = torch.empty(sum(send_splits), dtype=wire, device=device)
+        if order:
+            torch.cat([prs[i][1].reshape(-1) for i in order], out=send)
+        recv = torch.empty(sum(recv_splits), dtype=wire, device=device)
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=pg)
+        # 2. the owner's NS, batched by shape
+        segs = recv.split(recv_splits)
+        at = [0] * world
+        back = []  # per NS call: its results as [b, rows, row], and the rows per rank
+        for shape, idx in batches[me].items():
+            k, c, n = len(idx), counts[idx[0]], row[idx[0]]
+            parts = []
+            for r in range(world):
+                parts.append(segs[r][at[r]:at[r] + k * c[r] * n].view(k, c[r], n))
+                at[r] += k * c[r] * n
+            full = torch.cat(parts, 1).view(k, *shape)
+            # (bytes of the tensors' dtype, as for unsharded params: the same chunks whatever the wire)
+            size = _chunk_size(phase, k, full[0].numel() * dtype.itemsize)
+            for j in range(0, k, size):
+                back.append((phase.fn(group, full[j:j + size]).reshape(-1, shape[0], n), c))
+        # 3. the way back: to each rank its rows of every result, in the order it sent them
+        back_send = torch.empty(sum(recv_splits), dtype=wire, device=device)
+        if back:
+            torch.cat([out[:, sum(c[:r]):sum(c[:r]) + c[r]].reshape(-1) for r in range(world) for out, c in back],
+                      out=back_send)
+        back_recv = torch.empty(sum(send_splits), dtype=wire, device=device)
+        dist.all_to_all_single(back_recv, back_send, send_splits, recv_splits, group=pg)
+        if order:
+            dst = [prs[i][1] for i in order]
+            torch._foreach_copy_(dst, [x.view(t.shape) for x, t in
+                                       zip(back_recv.split([counts[i][me] * row[i] for i in order]), dst)])
