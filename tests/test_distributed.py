@@ -65,6 +65,7 @@ def _scenarios():
             for a in MUON_ALGORITHMS for b in _available(BACKENDS)]
     out += [dict(id=f"muon_bad_split-{b}", kind="muon_bad_split", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"muon_chunks-{b}", kind="muon_chunks", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"muon_mixed_dtypes-{b}", kind="muon_mixed_dtypes", backend=b) for b in _available(BACKENDS)]
     return out
 
 
@@ -359,3 +360,18 @@ def test_muon_dtensor_rows_not_in_fsdp_split_raise_before_any_change(world, back
         assert res["message"] is not None and "torch.chunk's split" in res["message"], res["message"]
         assert f"has {[3, 4][rank]} rows, expected {[4, 3][rank]}" in res["message"], res["message"]
         assert res["unchanged"] and res["state"] == 0
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_muon_dtensor_group_of_mixed_dtypes_equals_single_process_bit_for_bit(world, backend):
+    """bf16 and fp32 matrices in one Muon group (fp32 NS), Shard(0) DTensors on 2 processes: params and momentum
+    buffers equal the single-process run exactly, so no update was rounded to another dtype on the wire
+    (tests/dist_worker.py, scenario_muon_mixed_dtypes)."""
+    for rank, res in enumerate(_results(world, f"muon_mixed_dtypes-{backend}")):
+        got, want = res["dist"], res["ref"]
+        assert [a.dtype for a in got["params"]] == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+        for i, (a, b) in enumerate(zip(got["params"], want["params"])):
+            assert torch.equal(a, b), f"rank {rank} param {i}"
+        for i, (sa, sb) in enumerate(zip(got["state"], want["state"])):
+            assert set(sa) == {"momentum_buffer"} and torch.equal(sa["momentum_buffer"], sb["momentum_buffer"]), \
+                f"rank {rank} param {i}"
