@@ -127,11 +127,15 @@ def measure(device: torch.device, shapes, rounds: int = 5, iters: int = 5, names
 
 
 def rows(device: torch.device, quick: bool, include_reference: bool = True) -> dict:
-    """The Muon section of ``python -m bench``: in --quick a smoke run (one round of one step: a step of tiny
-    matrices took ~0.3 s on the loaded shared CPU of 2026-12-03), else the 10.6M-param stack, 5 rounds."""
+    """The Muon section of ``python -m bench`` (ns_algorithm "standard" and "auto"): in --quick a smoke run (one
+    round of one step: a step of tiny matrices took ~0.3 s on the loaded shared CPU of 2026-12-03), else the
+    10.6M-param stack, 5 rounds."""
     d, layers = (64, 1) if quick else (384, 6) if device.type == "cpu" else (1024, 12)
-    names = None if include_reference else set(providers(device)[0]) - {"ours-reference"}
-    res = measure(device, gpt_matrices(d, layers), rounds=1 if quick else 5, iters=1 if quick else 5, names=names)
+    algorithms = ("standard", "auto")
+    names = None if include_reference else {n for n in providers(device, algorithms)[0]
+                                            if not n.startswith("ours-reference")}
+    res = measure(device, gpt_matrices(d, layers), rounds=1 if quick else 5, iters=1 if quick else 5, names=names,
+                  algorithms=algorithms)
     res["profile"] = f"gpt-matrices d={d} layers={layers}"
     return res
 
