@@ -85,6 +85,17 @@ def _results(world, sid):
     return out
 
 
+def _assert_snapshots_equal(got, want, where):
+    """Params and every state tensor of two snapshots (dist_worker._snapshot) bit for bit."""
+    assert len(got["params"]) == len(want["params"]), where
+    for i, (a, b) in enumerate(zip(got["params"], want["params"])):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{where}: param {i}"
+    for i, (sa, sb) in enumerate(zip(got["state"], want["state"])):
+        assert set(sa) == set(sb), (where, i)
+        for k in sa:
+            assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), f"{where}: param {i} {k!r}"
+
+
 def _assert_snapshots_close(got, want, tol, what):
     assert len(got["params"]) == len(want["params"])
     for i, (a, b) in enumerate(zip(got["params"], want["params"])):
@@ -285,13 +296,7 @@ def test_int8_layouts_distributed_checkpoint_resume_equals_uninterrupted(world, 
         if layout == "master16_int8":
             assert "master_lo:DTensor:torch.int16" in res["saved"], res["saved"]
         assert res["loaded_is_dtensor"]
-        got, want = res["resumed"], res["uninterrupted"]
-        for i, (a, b) in enumerate(zip(got["params"], want["params"])):
-            assert torch.equal(a, b), f"rank {rank} param {i}"
-        for i, (sa, sb) in enumerate(zip(got["state"], want["state"])):
-            assert set(sa) == set(sb), (rank, i)
-            for k in sa:
-                assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), f"rank {rank} param {i} {k}"
+        _assert_snapshots_equal(res["resumed"], res["uninterrupted"], f"rank {rank}")
 
 
 # ------------------------------------------------------------------ Muon with bf16 Newton-Schulz under FSDP2
@@ -308,14 +313,8 @@ def test_muon_bf16_ns_under_fsdp_sends_bf16_and_equals_single_process_bit_for_bi
     for rank, res in enumerate((r0, r1)):
         for other in ("ref", "old"):
             got, want = res["dist"], res[other]
-            assert len(got["params"]) == len(want["params"]) == 6
-            for i, (a, b) in enumerate(zip(got["params"], want["params"])):
-                assert a.dtype == torch.float32 and torch.equal(a, b), f"rank {rank} param {i} vs {other}"
-            for i, (sa, sb) in enumerate(zip(got["state"], want["state"])):
-                assert set(sa) == set(sb), (rank, i, other)
-                for k in sa:
-                    assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), \
-                        f"rank {rank} param {i} {k!r} vs {other}"
+            assert len(got["params"]) == 6 and all(a.dtype == torch.float32 for a in got["params"])
+            _assert_snapshots_equal(got, want, f"rank {rank} vs {other}")
             assert all("momentum_buffer" in got["state"][i] for i in (0, 2, 4))  # the weights: Muon's state
         # per step, 2 collectives (the way in, the way back), all owners at once: the 7x6 weight is owned by rank 0,
         # the 5x7 and 1x5 ones by rank 1; rows 4/3 of 7x6, 3/2 of 5x7, 1/0 of 1x5 (no padding)
@@ -341,13 +340,7 @@ def test_muon_under_fsdp_with_several_ns_calls_per_shape_equals_single_process_b
     """One matrix per NS call: each owner's two 7x7 weights take two calls, their results go back to the right
     rows (owners by size: the four 7x7 alternate 0, 1, 0, 1, then the 7x6 to rank 0, the 1x7 to rank 1)."""
     for rank, res in enumerate(_results(world, f"muon_chunks-{backend}")):
-        got, want = res["dist"], res["ref"]
-        for i, (a, b) in enumerate(zip(got["params"], want["params"])):
-            assert torch.equal(a, b), f"rank {rank} param {i}"
-        for i, (sa, sb) in enumerate(zip(got["state"], want["state"])):
-            assert set(sa) == set(sb), (rank, i)
-            for k in sa:
-                assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), f"rank {rank} param {i} {k!r}"
+        _assert_snapshots_equal(res["dist"], res["ref"], f"rank {rank}")
         mine = [(1, 7, 6), (1, 7, 7), (1, 7, 7)] if rank == 0 else [(1, 7, 7), (1, 7, 7), (1, 1, 7)]
         assert res["stacks"] == mine * res["steps"], res["stacks"]
 
@@ -368,10 +361,7 @@ def test_muon_dtensor_group_of_mixed_dtypes_equals_single_process_bit_for_bit(wo
     buffers equal the single-process run exactly, so no update was rounded to another dtype on the wire
     (tests/dist_worker.py, scenario_muon_mixed_dtypes)."""
     for rank, res in enumerate(_results(world, f"muon_mixed_dtypes-{backend}")):
-        got, want = res["dist"], res["ref"]
+        got = res["dist"]
         assert [a.dtype for a in got["params"]] == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
-        for i, (a, b) in enumerate(zip(got["params"], want["params"])):
-            assert torch.equal(a, b), f"rank {rank} param {i}"
-        for i, (sa, sb) in enumerate(zip(got["state"], want["state"])):
-            assert set(sa) == {"momentum_buffer"} and torch.equal(sa["momentum_buffer"], sb["momentum_buffer"]), \
-                f"rank {rank} param {i}"
+        assert all(set(st) == {"momentum_buffer"} for st in got["state"])
+        _assert_snapshots_equal(got, res["ref"], f"rank {rank}")
