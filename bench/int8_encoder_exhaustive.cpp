@@ -4,11 +4,13 @@
 // search over the generated midpoints) of the fp32 quotient x / div: every one of the 2^32 fp32 bit patterns as
 // x for the divisor given (default 1; the unsigned map over the patterns with the sign bit clear and the NaNs).
 // A divisor other than 1 exercises the AVX-512 form's multiply-by-reciprocal and its exact fallback near a
-// midpoint; one below 2^-100 its plain-division path. Needs an AVX-512 CPU; ~2 minutes per divisor on 2 cores.
+// midpoint; one below 2^-100 its plain-division path. The AVX-512 form for a block of known absmax
+// (int8_encode_block_avx512_of_absmax, what the kernels call) is checked on every pattern x with |x| <= div, in
+// blocks whose absmax is div ("absmax" below). Needs an AVX-512 CPU; ~2 minutes per divisor on 2 cores.
 //
 //   g++ -O2 -fopenmp -ffp-contract=off -fno-math-errno -Icsrc -Wno-maybe-uninitialized \
 //       bench/int8_encoder_exhaustive.cpp -o /tmp/int8_ex
-//   for d in 1 3 0.7 1e-35; do /tmp/int8_ex $d; done   (prints "div ...: bad scalar 0 vector 0 avx2 0" each)
+//   for d in 1 3 0.7 1e-35; do /tmp/int8_ex $d; done   (prints "div ...: bad scalar 0 vector 0 avx2 0 absmax 0")
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
@@ -26,9 +28,9 @@ using namespace mf;
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")))
 int main(int argc, char** argv) {
   const float div = argc > 1 ? strtof(argv[1], nullptr) : 1.0f;
-  long long bad_s = 0, bad_v = 0, bad_2 = 0;
+  long long bad_s = 0, bad_v = 0, bad_2 = 0, bad_a = 0, checked_a = 0;
   // every fp32 pattern, 256 at a time (a chunk shares its sign bit)
-  #pragma omp parallel for reduction(+:bad_s,bad_v,bad_2) schedule(dynamic, 64)
+  #pragma omp parallel for reduction(+:bad_s,bad_v,bad_2,bad_a,checked_a) schedule(dynamic, 64)
   for (long long base = 0; base < (1LL << 32); base += 256) {
     alignas(64) float x[256];
     for (int l = 0; l < 256; ++l) x[l] = f32_from_bits((uint32_t)(base + l));
@@ -48,8 +50,21 @@ int main(int argc, char** argv) {
         int v2 = sgn ? (int)codes2[l] + 127 : (int)(uint8_t)codes2[l];
         if (v2 != want) { if (bad_2 < 5) printf("avx2 sgn=%d x=%a got %d want %d\n", sgn, x[l], v2, want); ++bad_2; }
       }
+      // the block form of known absmax: element 0 is the block's absmax div, the patterns with |x| <= div follow
+      alignas(64) float xb[256];
+      xb[0] = div;
+      for (int l = 1; l < 256; ++l) xb[l] = fabsf(x[l]) <= div ? x[l] : 0.0f;
+      mf::cpu::t::int8_encode_block_avx512_of_absmax(xb, sgn, div, codes);
+      for (int l = 0; l < 256; ++l) {
+        if (l > 0 && !(fabsf(x[l]) <= div)) continue;
+        int want = int8_count_below(xb[l] / div, mid, nmid);
+        int v = sgn ? (int)codes[l] + 127 : (int)(uint8_t)codes[l];
+        ++checked_a;
+        if (v != want) { if (bad_a < 5) printf("absmax sgn=%d x=%a got %d want %d\n", sgn, xb[l], v, want); ++bad_a; }
+      }
     }
   }
-  printf("div %a: bad scalar %lld vector %lld avx2 %lld\n", div, bad_s, bad_v, bad_2);
-  return bad_s + bad_v + bad_2 == 0 ? 0 : 1;
+  printf("div %a: bad scalar %lld vector %lld avx2 %lld absmax %lld (of %lld)\n", div, bad_s, bad_v, bad_2, bad_a,
+         checked_a);
+  return bad_s + bad_v + bad_2 + bad_a == 0 ? 0 : 1;
 }

@@ -554,8 +554,9 @@ def test_master16_checkpoints_move_between_reference_cpu_and_master():
 
 
 _DECODE_CHECK = r"""
-// Every code of both int8 maps through the vector decodes (values computed, not looked up) against the generated
-// table times the scale (the definition: compressed.h int8_decode), for a few scales; prints (checked, bad).
+// Every code of both int8 maps through the vector decodes (AVX2 and AVX-512: values computed; VBMI: looked up in
+// byte planes of the table) against the generated table times the scale (the definition: compressed.h
+// int8_decode), for a few scales; prints (checked, bad).
 #include <cstdio>
 #include <cstdint>
 #include <cstring>
@@ -580,7 +581,8 @@ __attribute__((target("avx2,fma,f16c,bmi2"))) static void d2(const void* c, bool
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")))
 static void d512(const void* c, bool s, float k, float* o) { mf::cpu::t::int8_decode_block_avx512(c, s, k, o); }
 int main(int argc, char** argv) {
-  const Decode decode = std::strcmp(argv[1], "avx512") == 0 ? d512 : d2;
+  const Decode decode = std::strcmp(argv[1], "avx512") == 0 ? d512
+                        : std::strcmp(argv[1], "vbmi") == 0 ? mf::cpu::t::int8_decode_block_vbmi : d2;
   const float scales[] = {1.0f, 0.37f, 3e-20f, 1e30f, 0.0f, 0x1p-149f};
   long bad = 0, checked = 0;
   alignas(64) int8_t sc[256];
@@ -595,21 +597,40 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 256; ++i, ++checked)
       if (f32_bits(out[i]) != f32_bits(int8_decode(INT8_UNSIGNED_TABLE, int8_unsigned_index(uc[i]), s))) ++bad;
   }
+  // the unused signed code -128: both AVX-512 decodes give -16384 / 16129 (its plane entry, cpu_simd_avx512.inc)
+  if (std::strcmp(argv[1], "avx2") != 0) {
+    alignas(64) int8_t m128[256];
+    alignas(64) float out[256];
+    std::memset(m128, -128, sizeof m128);
+    decode(m128, true, 1.0f, out);
+    for (int i = 0; i < 256; ++i, ++checked) if (out[i] != -16384.0f / 16129.0f) ++bad;
+  }
   std::printf("%ld %ld\n", checked, bad);
   return 0;
 }
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def _cpu_has_vbmi() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512vbmi" in line for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("isa", ["avx512", "vbmi", "avx2"])
 def test_int8_vector_decode_is_the_table(tmp_path, isa):
     """The AVX-512 and AVX2 decodes compute the table values (sign(c) c^2 / 127^2 as an fp32 division, c^4 / 255^4
-    in float64) instead of looking them up: every code of both maps, times several scales, equals the generated
-    table's value times the scale, bit for bit."""
+    in float64), the VBMI one looks them up in byte planes of the table, 64 codes at a time: every code of both
+    maps, times several scales, equals the generated table's value times the scale, bit for bit; the unused
+    signed code -128 decodes alike in both AVX-512 forms."""
     import shutil
     have = torch.ops.momentum_fused.cpu_isa()
-    if have == "baseline" or (isa == "avx512" and have != "avx512"):
+    if have == "baseline" or (isa in ("avx512", "vbmi") and have != "avx512"):
         pytest.skip(f"needs an {isa.upper()} CPU (the decode under test is the {isa} variant's; this CPU: {have})")
+    if isa == "vbmi" and not _cpu_has_vbmi():
+        pytest.skip("needs a CPU with AVX512-VBMI (the lookup decode; this CPU runs the computed one)")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         pytest.skip("needs a C++ compiler (g++ or $CXX)")
@@ -620,4 +641,4 @@ def test_int8_vector_decode_is_the_table(tmp_path, isa):
                     f"-I{csrc}", str(src), "-o", str(exe)], check=True)
     out = subprocess.run([str(exe), isa], capture_output=True, text=True, check=True).stdout
     checked, bad = map(int, out.split())
-    assert checked == 6 * 512 and bad == 0
+    assert checked == 6 * 512 + (256 if isa != "avx2" else 0) and bad == 0

@@ -395,3 +395,22 @@ def test_int8_state_errors():
     with pytest.raises(ValueError, match="momentum_buffer"):
         opt.step()
     assert torch.equal(p, before)
+
+
+def test_int8_checkpoint_with_the_unused_code_minus_128_is_refused():
+    """-128 is no code of the signed map: a checkpoint holding it is refused before anything loads (the backends'
+    decodes of it differ), and the optimizer keeps its state."""
+    opt, p, _ = _adamw_int8_run(steps=2)
+    sd = opt.state_dict()
+    bad = {**sd, "state": {0: {**sd["state"][0], "exp_avg": sd["state"][0]["exp_avg"].clone()}}}
+    bad["state"][0]["exp_avg"].view(-1)[17] = -128
+    q = p.detach().clone().requires_grad_()
+    o2 = mf.AdamW([q], lr=1e-2, weight_decay=0.01, layout="int8_state", backend="reference")
+    q.grad = torch.ones_like(q)
+    o2.step()
+    before = {k: v.clone() for k, v in o2.state[q].items()}
+    with pytest.raises(ValueError, match="-128"):
+        o2.load_state_dict(bad)
+    assert all(torch.equal(o2.state[q][k], v) for k, v in before.items())
+    o2.load_state_dict(sd)  # the intact checkpoint loads
+    assert torch.equal(o2.state[q]["exp_avg"], sd["state"][0]["exp_avg"])

@@ -4,6 +4,7 @@
 #if MF_X86_VARIANTS
 // gcc 12 flags its own AVX-512 intrinsics (their _mm512_undefined_* operands) as "may be used uninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same, in _mm512_permutexvar_epi8 (VBMI)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")
 namespace mf {

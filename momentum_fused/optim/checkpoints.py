@@ -23,6 +23,20 @@ def _converts(saved: str, live: str) -> bool:
     return (saved in _MASTERS and live in _MASTERS) or saved in _INT8 or live in _INT8
 
 
+def _check_int8_codes(state_dict: dict[str, Any]) -> None:
+    """Refuse, before anything is loaded, signed 8-bit codes outside the map: -128 is no code of the signed map
+    (-127..127, docs/algorithms.md §11), no encoder writes it, and the backends would decode it differently."""
+    sfx = _layouts.INT8_SCALE_SUFFIX
+    for idx, st in state_dict.get("state", {}).items():
+        for key, v in st.items():
+            if not (isinstance(v, torch.Tensor) and v.dtype == torch.int8 and key + sfx in st):
+                continue
+            local = v.to_local() if hasattr(v, "to_local") else v  # a DTensor (FSDP2): this rank's shard, no collective
+            if bool((local == -128).any()):
+                raise ValueError(f"load_state_dict: state {idx!r} {key!r} holds the int8 code -128, which is not a "
+                                 "code of the signed map (-127..127); the checkpoint is corrupt or not an int8_state one")
+
+
 class CheckpointMixin:
     """``load_state_dict`` / ``state_dict`` of FusedOptimizer (before torch.optim.Optimizer in its bases)."""
 
@@ -37,6 +51,7 @@ class CheckpointMixin:
         block codes (``_convert_int8``), and master16_int8's master converts as master16's."""
         self.sync_amp()
         self._check_loaded_host_state(state_dict)
+        _check_int8_codes(state_dict)
         self.invalidate_caches()
         host, saved = {}, {}
         for idx, st in state_dict["state"].items():
