@@ -1,9 +1,9 @@
 // Per-element cost of the parts of the cpu int8_state block loop (AdamW, avx512 variant, one thread), measured
 // side by side in one process: the whole loop (run_piece_int8's order: decode both states, the rule with p and g
 // streamed from memory, the absmax, encode both states), the loop without the encode or without the decode, and a
-// plain fp32 AdamW over the same arrays (the native kernel's work, 28 bytes per element); and the loop with the
+// plain fp32 AdamW over the same arrays (the native kernel's work, 28 bytes per element); the loop with the
 // forms that run where the fast ones do not apply (the computed decode of a CPU without VBMI, the general encode of
-// blocks holding NaN or inf). Needs an AVX-512 CPU
+// blocks holding NaN or inf); and the avx2 variant's loop (its forms, the absmax inside the rule's loop). Needs an AVX-512 CPU
 // (the lookup decode also AVX512-VBMI; without it the computed decode is timed). Not a test: times move with the
 // machine; compare the rows of one run.
 //
@@ -24,13 +24,15 @@ namespace mf { namespace cpu { namespace t {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")
 #include "cpu/cpu_simd_avx512.inc"
+#include "cpu/cpu_simd_avx2_int8.inc"
 #pragma GCC pop_options
 }}}  // namespace mf::cpu::t
 using namespace mf;
 using Op = RuleOp<RULE_ADAM, ADAM_DECOUPLED>;
 using Sc = Op::Scalars<float>;
 
-enum Parts { kDecode = 1, kEncode = 2, kFallback = 4 };  // kFallback: the computed decode, the general encode
+// kFallback: the computed decode, the general encode; kAvx2: the avx2 variant's forms (absmax in the rule's loop)
+enum Parts { kDecode = 1, kEncode = 2, kFallback = 4, kAvx2 = 8 };
 
 // run_piece_int8's block loop for AdamW (2 states) with the avx512 variant's functions; `parts` drops the decode
 // or the encode (the buffers then keep the last block's values: the rule's cost does not depend on them).
@@ -38,12 +40,16 @@ template <int PARTS>
 __attribute__((target(MF_COST_TARGET), noinline)) void int8_loop(float* __restrict p, const float* __restrict g,
                                                                 int8_t* cm, uint8_t* cv, float* sm, float* sv,
                                                                 int64_t n, const Sc& sc_in) {
+  constexpr bool kA2 = (PARTS & kAvx2) != 0;
   const Sc sc = sc_in;
   alignas(64) static float b0[INT8_BLOCK], b1[INT8_BLOCK];
   for (int64_t blk = 0; blk < n / INT8_BLOCK; ++blk) {
     const int64_t e0 = blk * INT8_BLOCK;
     if (PARTS & kDecode) {
-      if (PARTS & kFallback) {
+      if (kA2) {
+        cpu::t::int8_decode_block_avx2(cm + e0, true, sm[blk], b0);
+        cpu::t::int8_decode_block_avx2(cv + e0, false, sv[blk], b1);
+      } else if (PARTS & kFallback) {
         cpu::t::int8_decode_block_avx512(cm + e0, true, sm[blk], b0);
         cpu::t::int8_decode_block_avx512(cv + e0, false, sv[blk], b1);
       } else {
@@ -53,18 +59,36 @@ __attribute__((target(MF_COST_TARGET), noinline)) void int8_loop(float* __restri
     }
     float* __restrict pp = p + e0;
     const float* __restrict gg = g + e0;
-#pragma omp simd
+    float m0 = 0.0f, m1 = 0.0f;
+    int n0 = 0, n1 = 0;
+#pragma omp simd reduction(max : m0, m1) reduction(| : n0, n1)
     for (int l = 0; l < INT8_BLOCK; ++l) {
       float pv = pp[l], a = b0[l], b = b1[l], c = 0.0f;
       Op::apply<float>(pv, gg[l], a, b, c, sc);
       pp[l] = pv;
       b0[l] = a;
       b1[l] = b;
+      if (kA2) {  // run_piece_int8's in-loop absmax (the avx2 and baseline variants)
+        const float a0 = fabsf(a), a1 = fabsf(b);
+        m0 = a0 > m0 ? a0 : m0;
+        m1 = a1 > m1 ? a1 : m1;
+        n0 |= a != a;
+        n1 |= b != b;
+      }
     }
-    sm[blk] = cpu::t::int8_absmax_block_avx512(b0);
-    sv[blk] = cpu::t::int8_absmax_block_avx512(b1);
+    if (kA2) {
+      const float nan = f32_from_bits(0x7FC00000u);
+      sm[blk] = n0 ? nan : m0;
+      sv[blk] = n1 ? nan : m1;
+    } else {
+      sm[blk] = cpu::t::int8_absmax_block_avx512(b0);
+      sv[blk] = cpu::t::int8_absmax_block_avx512(b1);
+    }
     if (PARTS & kEncode) {
-      if (PARTS & kFallback) {
+      if (kA2) {
+        cpu::t::int8_encode_block_avx2_of_absmax(b0, true, sm[blk], cm + e0);
+        cpu::t::int8_encode_block_avx2_of_absmax(b1, false, sv[blk], cv + e0);
+      } else if (PARTS & kFallback) {
         cpu::t::int8_encode_block_avx512(b0, true, int8_divisor(sm[blk]), cm + e0);
         cpu::t::int8_encode_block_avx512(b1, false, int8_divisor(sv[blk]), cv + e0);
       } else {
@@ -133,6 +157,9 @@ int main(int argc, char** argv) {
       {"  without the encode", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kDecode>(p, g, cm, cv, sm, sv, n, s); }},
       {"  without the decode", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kEncode>(p, g, cm, cv, sm, sv, n, s); }},
       {"  rule + absmax only", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<0>(p, g, cm, cv, sm, sv, n, s); }},
+      {"int8 block loop, avx2 variant", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kAvx2 | kDecode | kEncode>(p, g, cm, cv, sm, sv, n, s); }},
+      {"  without the encode", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kAvx2 | kDecode>(p, g, cm, cv, sm, sv, n, s); }},
+      {"  without the decode", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kAvx2 | kEncode>(p, g, cm, cv, sm, sv, n, s); }},
   };
   constexpr int R = sizeof(rows) / sizeof(rows[0]);
   for (const Row& r : rows) r.f(p, g, cm, cv, sm, sv, m, v, n, sc);  // warm up, and state that is not all zero

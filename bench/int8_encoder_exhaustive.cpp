@@ -5,8 +5,8 @@
 // x for the divisor given (default 1; the unsigned map over the patterns with the sign bit clear and the NaNs).
 // A divisor other than 1 exercises the AVX-512 form's multiply-by-reciprocal and its exact fallback near a
 // midpoint; one below 2^-100 its plain-division path. The AVX-512 form for a block of known absmax
-// (int8_encode_block_avx512_of_absmax, what the kernels call) is checked on every pattern x with |x| <= div, in
-// blocks whose absmax is div ("absmax" below). Needs an AVX-512 CPU; ~2 minutes per divisor on 2 cores.
+// (int8_encode_block_avx512_of_absmax and int8_encode_block_avx2_of_absmax, what the kernels call) are checked on
+// every pattern x with |x| <= div, in blocks whose absmax is div ("absmax" below: both forms' mismatches). Needs an AVX-512 CPU; ~2 minutes per divisor on 2 cores.
 //
 //   g++ -O2 -fopenmp -ffp-contract=off -fno-math-errno -Icsrc -Wno-maybe-uninitialized \
 //       bench/int8_encoder_exhaustive.cpp -o /tmp/int8_ex
@@ -55,12 +55,15 @@ int main(int argc, char** argv) {
       xb[0] = div;
       for (int l = 1; l < 256; ++l) xb[l] = fabsf(x[l]) <= div ? x[l] : 0.0f;
       mf::cpu::t::int8_encode_block_avx512_of_absmax(xb, sgn, div, codes);
+      mf::cpu::t::int8_encode_block_avx2_of_absmax(xb, sgn, div, codes2);
       for (int l = 0; l < 256; ++l) {
         if (l > 0 && !(fabsf(x[l]) <= div)) continue;
         int want = int8_count_below(xb[l] / div, mid, nmid);
         int v = sgn ? (int)codes[l] + 127 : (int)(uint8_t)codes[l];
+        int v2 = sgn ? (int)codes2[l] + 127 : (int)(uint8_t)codes2[l];
         ++checked_a;
         if (v != want) { if (bad_a < 5) printf("absmax sgn=%d x=%a got %d want %d\n", sgn, xb[l], v, want); ++bad_a; }
+        if (v2 != want) { if (bad_a < 5) printf("absmax avx2 sgn=%d x=%a got %d want %d\n", sgn, xb[l], v2, want); ++bad_a; }
       }
     }
   }

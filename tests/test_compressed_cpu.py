@@ -628,7 +628,8 @@ def test_int8_vector_decode_is_the_table(tmp_path, isa):
     import shutil
     have = torch.ops.momentum_fused.cpu_isa()
     if have == "baseline" or (isa in ("avx512", "vbmi") and have != "avx512"):
-        pytest.skip(f"needs an {isa.upper()} CPU (the decode under test is the {isa} variant's; this CPU: {have})")
+        need = {"avx2": "an AVX2", "avx512": "an AVX-512", "vbmi": "an AVX-512 (VBMI)"}[isa]
+        pytest.skip(f"needs {need} CPU (the decode under test is the {isa} form's; this CPU runs the {have} variant)")
     if isa == "vbmi" and not _cpu_has_vbmi():
         pytest.skip("needs a CPU with AVX512-VBMI (the lookup decode; this CPU runs the computed one)")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
