@@ -11,6 +11,9 @@ scale (its absmax) and one 8-bit code per element. The candidates for the code m
   (c / 255)^2 (unsigned, c = 0..255): a code is the rounded square root of the normalized value.
 - ``sqrt-v4``: as ``sqrt`` for m, and (c / 255)^4 for v (a code is the rounded fourth root): the chosen map,
   ``momentum_fused.layouts.int8_table`` (the run checks that ``layouts.int8_encode`` gives the same codes).
+- ``minifloat``: 8-bit floats normalized to a largest value of 1, E4M3 (signed) for m and E5M3 for v: a
+  candidate whose encode would be bit arithmetic (``minifloat_map``); ``e4m3-v4`` and ``e3m4-v4``: a minifloat
+  for m only, the chosen map for v.
 
 Encode (every map, as written in docs/algorithms.md §11): x / scale (fp32 division; an all-zero block has
 scale 0 and codes of the value 0), then the nearest value of the map; a value exactly halfway between two
@@ -57,10 +60,29 @@ def power_map(signed: bool, power: float) -> torch.Tensor:
     return v.sort().values.float()
 
 
+def minifloat_map(signed: bool, mbits: int = 3) -> torch.Tensor:
+    """An 8-bit float normalized to a largest value of 1: sign + (7 - mbits) exponent bits + mbits mantissa bits
+    (E4M3 without infinities or NaN by default: 255 values, 16 binades) for m, (8 - mbits) exponent bits for v
+    (E5M3: 256 values, 32 binades); subnormals below the smallest binade. Its encode is bit arithmetic on the fp32
+    pattern (rounding the mantissa to mbits bits), no square root: a candidate for a cheaper kernel
+    (docs/layouts.md)."""
+    ebits = (7 if signed else 8) - mbits
+    top, q = 2 ** ebits - 1, 2 ** mbits
+    vals = [0.0] + [m / q * 2.0 ** (1 - top) for m in range(1, q)]  # subnormals
+    vals += [(1 + m / q) * 2.0 ** (e - top) for e in range(1, top + 1) for m in range(q)]
+    v = torch.tensor(vals, dtype=torch.float64) / vals[-1]
+    if signed:
+        v = torch.cat([-v.flip(0)[:-1], v, torch.tensor([1.0], dtype=torch.float64)])  # 256: 1.0 twice (unused)
+    return v.sort().values.float()
+
+
 MAPS = {
     "dynamic": (dynamic_map(True), dynamic_map(False)),
     "sqrt": (power_map(True, 2), power_map(False, 2)),
     "sqrt-v4": (layouts.int8_table(True), layouts.int8_table(False)),  # the chosen map (momentum_fused.layouts)
+    "minifloat": (minifloat_map(True), minifloat_map(False)),  # E4M3 for m, E5M3 for v (a candidate)
+    "e4m3-v4": (minifloat_map(True), layouts.int8_table(False)),  # E4M3 for m, the chosen map for v
+    "e3m4-v4": (minifloat_map(True, 4), layouts.int8_table(False)),  # E3M4 for m, the chosen map for v
 }
 
 
