@@ -45,6 +45,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sys
+
 import torch
 
 __all__ = ["Layout", "LAYOUTS", "BASE_KERNEL_LAYOUTS", "get_layout", "lowbias32", "sr_key", "sr_round_bf16", "rne_bf16",
@@ -306,8 +308,11 @@ def int8_scale_shape(p: torch.Tensor) -> tuple:
 
 
 def _is_dtensor(t) -> bool:
-    from .distributed import is_dtensor  # (lazy: distributed imports nothing of this module, but keep it light)
-    return is_dtensor(t)
+    # (as distributed.is_dtensor, without importing it here: a DTensor exists only once torch.distributed.tensor
+    # is loaded; this runs per param and step in the int8 layouts' checks)
+    mod = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(t, cls)
 
 
 def int8_code_dtype(name: str) -> torch.dtype:

@@ -230,6 +230,7 @@ class ValidationMixin:
         strided = torch.strided
         plan = []
         traced = torch.compiler.is_compiling()
+        dtensor_cls = _dist.dtensor_class()  # (None: no DTensor exists in this process)
         for gi, group in enumerate(self.param_groups):
             if not traced:  # (traced: hyperparameters are graph inputs; validated by every eager step only)
                 spec.validate(group, where=f"{name} param group {gi}: ")
@@ -257,24 +258,27 @@ class ValidationMixin:
                 st = state.get(p)
                 if st and lay.int8:  # codes + block scales (layouts.int8_quantized tensors), else fp32
                     q = _layouts.int8_quantized(p)
+                    p_dt = q and dtensor_cls is not None and isinstance(p, dtensor_cls)
+                    want_shape = _layouts.int8_scale_shape(p) if q else None  # (once per param: host time)
                     for key in state_names:
                         t = st.get(key)
                         want = _layouts.int8_code_dtype(key) if q else torch.float32
                         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != want
                                               or t.device != device):
                             self._raise_bad_state(p, key, t, pi, gi, want)
+                        if not q or t is None:
+                            continue
                         sk = key + _layouts.INT8_SCALE_SUFFIX
                         s = st.get(sk)
-                        want_shape = _layouts.int8_scale_shape(p) if q else None
-                        if q and t is not None and (not isinstance(s, torch.Tensor) or s.dtype != torch.float32
-                                                    or tuple(s.shape) != want_shape or s.device != device):
+                        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 \
+                                or tuple(s.shape) != want_shape or s.device != device:
                             self._raise_bad_state(p, sk, s, pi, gi, torch.float32, want_shape)
-                        if q and t is not None and (_dist.is_dtensor(s) != _dist.is_dtensor(p) or (
-                                _dist.is_dtensor(p) and (tuple(s.placements) != tuple(p.placements)
-                                                         or _dist.local(s).shape[0] != _dist.local(p).shape[0]))):
+                        s_dt = dtensor_cls is not None and isinstance(s, dtensor_cls)
+                        if s_dt != p_dt or (p_dt and (tuple(s.placements) != tuple(p.placements)
+                                                      or _dist.local(s).shape[0] != _dist.local(p).shape[0])):
                             raise ValueError(f"{self._where(p, pi, gi)}: state {sk!r} must be "
                                              + (f"a DTensor placed as the param ({tuple(p.placements)}), its rows "
-                                                "sharded with the param's rows" if _dist.is_dtensor(p) else
+                                                "sharded with the param's rows" if p_dt else
                                                 "a plain tensor, as the param")
                                              + "; was a state_dict loaded into differently sharded params?")
                     for key in lay.extra_keys:  # master16_int8: the remainder, param-shaped
