@@ -6,7 +6,8 @@
   schedule; validation loss curve.
 
 Run: ``python bench/int8_accuracy.py [--epochs 20] [--seeds 5] [--charlm-steps 300] [--charlm-size small]
-[--plot docs/img/int8_accuracy.png]``.
+[--plot docs/img/int8_accuracy.png] [--torchao]`` (``--torchao``: the digits runs of torchao's AdamW8bit too, for
+comparison).
 
 Both layouts see the same data order and init per seed; the difference is the state storage alone. Three runs per
 seed: fp32 state on the reference backend (the baseline), ``int8_state`` on the reference backend, and fp32 state
@@ -34,12 +35,17 @@ RUNS = [("fp32 state", "native", "reference"), ("int8_state", "int8_state", "ref
 
 
 def digits_run(layout, backend, seed, epochs, data):
-    """(train loss after each epoch, final test accuracy)."""
+    """(train loss after each epoch, final test accuracy). backend "torchao": torchao's AdamW8bit (a peer, not this
+    project's: its own 8-bit maps; block 256, tensors of >= 4096 elements quantized, as int8_state)."""
     from fsgdm_digits import make_model
     (Xtr, ytr), _, (Xte, yte) = data
     torch.manual_seed(seed)
     model = make_model("MLP")
-    opt = mf.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, layout=layout, backend=backend)
+    if backend == "torchao":
+        from torchao.optim import AdamW8bit
+        opt = AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.01)
+    else:
+        opt = mf.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, layout=layout, backend=backend)
     gen = torch.Generator().manual_seed(seed)
     loss_fn = torch.nn.CrossEntropyLoss()
     curve = []
@@ -68,9 +74,13 @@ def main(argv=None) -> int:
     ap.add_argument("--charlm-steps", type=int, default=300)
     ap.add_argument("--charlm-size", default="small")
     ap.add_argument("--plot", default=None, help="write the loss curves to this PNG (needs matplotlib)")
+    ap.add_argument("--torchao", action="store_true",
+                    help="digits: add torchao's AdamW8bit (pip install --no-deps torchao; no dependency of this project)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     runs = [r for r in RUNS if r[2] in mf.backends.available()]
+    if args.torchao:
+        runs.append(("torchao AdamW8bit (peer)", None, "torchao"))
     from fsgdm_digits import digits
     data = digits()
     dig = {label: [digits_run(lay, be, s, args.epochs, data) for s in range(args.seeds)] for label, lay, be in runs}
@@ -87,7 +97,7 @@ def main(argv=None) -> int:
     lm = {}
     if args.charlm_steps:
         from train_charlm import train
-        for label, lay, be in runs:
+        for label, lay, be in [r for r in runs if r[2] != "torchao"]:
             lm[label] = [train(opt="AdamW", opt_kwargs={"lr": 3e-3, "weight_decay": 0.1, "layout": lay, "backend": be},
                                steps=args.charlm_steps, size=args.charlm_size, seed=s) for s in range(args.seeds)]
         lbase = lm[RUNS[0][0]]
