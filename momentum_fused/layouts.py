@@ -45,9 +45,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sys
-
 import torch
+
+from . import distributed as _dist  # (imports nothing of this package)
 
 __all__ = ["Layout", "LAYOUTS", "BASE_KERNEL_LAYOUTS", "get_layout", "lowbias32", "sr_key", "sr_round_bf16", "rne_bf16",
            "master16_encode", "master16_decode", "int8_table", "int8_encode", "int8_decode"]
@@ -293,7 +293,7 @@ def int8_quantized(p: torch.Tensor) -> bool:
     n = p.numel()
     if n < INT8_MIN_NUMEL or n % INT8_BLOCK:
         return False
-    if _is_dtensor(p):
+    if _dist.is_dtensor(p):
         row = n // p.shape[0] if p.dim() >= 2 and p.shape[0] else 0
         return row > 0 and row % INT8_BLOCK == 0 and all(
             pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in p.placements)
@@ -304,15 +304,7 @@ def int8_scale_shape(p: torch.Tensor) -> tuple:
     """The shape of the block scales of a quantized ``p``: (numel / INT8_BLOCK,); for a DTensor (shape[0], blocks per
     row), a DTensor placed like the param, so that each shard's scales are those of its own rows."""
     n = p.numel() // INT8_BLOCK
-    return (p.shape[0], n // p.shape[0]) if _is_dtensor(p) else (n,)
-
-
-def _is_dtensor(t) -> bool:
-    # (as distributed.is_dtensor, without importing it here: a DTensor exists only once torch.distributed.tensor
-    # is loaded; this runs per param and step in the int8 layouts' checks)
-    mod = sys.modules.get("torch.distributed.tensor")
-    cls = getattr(mod, "DTensor", None) if mod is not None else None
-    return cls is not None and isinstance(t, cls)
+    return (p.shape[0], n // p.shape[0]) if _dist.is_dtensor(p) else (n,)
 
 
 def int8_code_dtype(name: str) -> torch.dtype:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed as _dist
 from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
 
@@ -31,8 +32,7 @@ def _check_int8_codes(state_dict: dict[str, Any]) -> None:
         for key, v in st.items():
             if not (isinstance(v, torch.Tensor) and v.dtype == torch.int8 and key + sfx in st):
                 continue
-            local = v.to_local() if hasattr(v, "to_local") else v  # a DTensor (FSDP2): this rank's shard, no collective
-            if bool((local == -128).any()):
+            if bool((_dist.local(v) == -128).any()):  # a DTensor (FSDP2): this rank's shard, no collective
                 raise ValueError(f"load_state_dict: state {idx!r} {key!r} holds the int8 code -128, which is not a "
                                  "code of the signed map (-127..127); the checkpoint is corrupt or not an int8_state one")
 
