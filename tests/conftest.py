@@ -27,6 +27,25 @@ def one_thread():
         torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def one_rank_mesh(tmp_path_factory):
+    """A one-rank gloo DeviceMesh in this process, for DTensor tests that need no second rank (the module is
+    skipped where torch has no gloo)."""
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with the gloo backend (this torch build has none)")
+    from torch.distributed.device_mesh import init_device_mesh
+    own = not dist.is_initialized()
+    if own:
+        path = tmp_path_factory.mktemp("rdzv") / "rendezvous"
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason on CPU-only machines")
 

@@ -306,8 +306,9 @@ def test_torch_grad_scaler_skips_the_inf_step(device_protocol):
 
 def test_each_inner_optimizer_is_validated_once_per_step(monkeypatch):
     """Muon.step validates both inner optimizers before either changes anything, and each inner step takes that
-    plan instead of validating again: per step, one full plan for the Muon groups (a multi-phase rule: no cached
-    plan) and, after the first step, the aux AdamW's cached plan (plain params) instead of its full plan."""
+    plan instead of validating again: per step, one plan per inner optimizer, the cached one where it applies: the
+    aux AdamW's from the second step, the Muon groups' from the third (both share ``state``, to which the aux
+    AdamW's first step, run after the Muon groups', added entries: their cached plan of step 1 no longer holds)."""
     from momentum_fused.optim.base import FusedOptimizer
     from momentum_fused.optim.plan_cache import C_CHECKS
 
@@ -333,8 +334,9 @@ def test_each_inner_optimizer_is_validated_once_per_step(monkeypatch):
         calls.clear()
         run(opt, params, [g])
         per_step.append(sorted(calls))
-    aux_later = ("AdamW", "cached") if C_CHECKS is not None else ("AdamW", "full")
-    assert per_step == [[("AdamW", "full"), ("_MuonCore", "full")]] + [sorted([aux_later, ("_MuonCore", "full")])] * 2
+    kind = "cached" if C_CHECKS is not None else "full"
+    assert per_step == [[("AdamW", "full"), ("_MuonCore", "full")], [("AdamW", kind), ("_MuonCore", "full")],
+                        [("AdamW", kind), ("_MuonCore", kind)]]
     assert "_planned" not in opt._core.__dict__ and "_planned" not in opt._aux.__dict__
 
 

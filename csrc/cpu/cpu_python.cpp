@@ -20,8 +20,15 @@
 //         - state tensor j of param i: state_dicts[i][keys[j]] is the object flat[i * len(keys) + j], of
 //           dtype sdtypes[j], on `device`, with the param's sizes, strided and contiguous.
 //       Reads metadata only: no tensor data, no device synchronization (CUDA params are fine).
-//       momentum_fused/optim/base.py has the same checks in Python (_cached_grads_py), used when this
-//       extension is not built; tests/test_fast_path.py runs both.
+//       Without this extension there is no cached plan (every step takes the full plan).
+//     cached_grads(..., dtensor=(cls, param_locals, param_specs, flat_locals)): the same for a group of DTensor
+//       params (FSDP2): the *local shards* of the gradients, when besides the above (read on the local shards:
+//       dtype, device, layout, contiguity, the param's local sizes) these hold:
+//         - params[i], its gradient and its state tensors are exactly of class `cls` (DTensor);
+//         - params[i]._spec is param_specs[i] and params[i]._local_tensor is param_locals[i] (identity);
+//         - the gradient's _spec is the param's (FSDP2 builds both from one spec object) or has an equal
+//           `mesh` and equal `placements` (distribute_tensor, DTensor.from_local);
+//         - state tensor j's _local_tensor is the object flat_locals[i * len(keys) + j].
 //   same_objects(now, cached), same_dict(d, keys, values), same_entries(dicts, key, objs) -> bool
 //       the cached plan's identity checks (below), with Python twins in base.py.
 //   sym_mm_bf16(out, y, z, c0, alpha, beta) -> bool, sym_mm_bf16_available() -> bool
@@ -33,6 +40,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -63,10 +71,61 @@ bool plain(const at::Tensor& t, c10::ScalarType dtype, const c10::Device& device
          !t.key_set().has(c10::DispatchKey::Python) && t.is_contiguous();
 }
 
-// See the file comment. Borrowed references throughout; the result list owns its gradients.
+// A new reference to o.<name> (name interned), or a Python error.
+py::object attr(PyObject* o, PyObject* name) {
+  PyObject* v = PyObject_GetAttr(o, name);
+  if (v == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(v);
+}
+
+// The DTensor part of cached_grads (see the file comment): the cached objects of a group of DTensor params.
+struct DTensorCache {
+  PyObject* cls = nullptr;           // the DTensor class (exact type of every param, grad and state tensor)
+  PyObject* param_locals = nullptr;  // list: params[i]._local_tensor, per param with a gradient
+  PyObject* param_specs = nullptr;   // list: params[i]._spec, likewise
+  PyObject* flat_locals = nullptr;   // list: the state tensors' _local_tensor, as `flat`
+  PyObject* s_local = nullptr;       // interned attribute names
+  PyObject* s_spec = nullptr;
+  PyObject* s_mesh = nullptr;
+  PyObject* s_placements = nullptr;
+
+  DTensorCache(const py::object& dt, Py_ssize_t n_items, Py_ssize_t n_flat) {
+    if (!PyTuple_Check(dt.ptr()) || PyTuple_GET_SIZE(dt.ptr()) != 4)
+      throw std::invalid_argument("cached_grads: dtensor must be (cls, param_locals, param_specs, flat_locals)");
+    cls = PyTuple_GET_ITEM(dt.ptr(), 0);
+    param_locals = PyTuple_GET_ITEM(dt.ptr(), 1);
+    param_specs = PyTuple_GET_ITEM(dt.ptr(), 2);
+    flat_locals = PyTuple_GET_ITEM(dt.ptr(), 3);
+    if (!PyType_Check(cls) || !PyList_Check(param_locals) || !PyList_Check(param_specs) || !PyList_Check(flat_locals) ||
+        PyList_GET_SIZE(param_locals) != n_items || PyList_GET_SIZE(param_specs) != n_items ||
+        PyList_GET_SIZE(flat_locals) != n_flat)
+      throw std::invalid_argument("cached_grads: bad dtensor argument");
+    static PyObject* const names[4] = {PyUnicode_InternFromString("_local_tensor"),
+                                       PyUnicode_InternFromString("_spec"), PyUnicode_InternFromString("mesh"),
+                                       PyUnicode_InternFromString("placements")};
+    s_local = names[0];
+    s_spec = names[1];
+    s_mesh = names[2];
+    s_placements = names[3];
+  }
+
+  // Whether the two specs place their tensors alike (identity, else equal mesh and placements).
+  bool same_placing(PyObject* a, PyObject* b) const {
+    if (a == b) return true;
+    for (PyObject* name : {s_mesh, s_placements}) {
+      const int eq = PyObject_RichCompareBool(attr(a, name).ptr(), attr(b, name).ptr(), Py_EQ);
+      if (eq < 0) throw py::error_already_set();
+      if (eq == 0) return false;
+    }
+    return true;
+  }
+};
+
+// See the file comment. Borrowed references throughout; the result list owns its gradients (for DTensor params,
+// their local shards).
 py::object cached_grads(const py::list& params, const py::object& mask, const py::list& state_dicts,
                         const py::tuple& keys, const py::list& flat, const py::object& pdtype,
-                        const py::object& device, const py::tuple& sdtypes) {
+                        const py::object& device, const py::tuple& sdtypes, const py::object& dtensor) {
   const Py_ssize_t np = PyList_GET_SIZE(params.ptr());
   const Py_ssize_t nk = PyTuple_GET_SIZE(keys.ptr());
   const Py_ssize_t ni = PyList_GET_SIZE(state_dicts.ptr());
@@ -84,6 +143,9 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
     if (!THPDtype_Check(d)) throw std::invalid_argument("cached_grads: sdtypes must be torch.dtype objects");
     sdt[static_cast<size_t>(j)] = reinterpret_cast<THPDtype*>(d)->scalar_type;
   }
+  std::unique_ptr<DTensorCache> dt_cache;
+  if (!dtensor.is_none()) dt_cache = std::make_unique<DTensorCache>(dtensor, ni, ni * nk);
+  const DTensorCache* dt = dt_cache.get();
   py::list out(masked ? 0 : np);
   Py_ssize_t item = 0;
   using mf::py_borrow::kPrefetchFar;
@@ -106,26 +168,48 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
     }
     PyObject* po = PyList_GET_ITEM(params.ptr(), i);
     // exactly Tensor or Parameter: a subclass may define its own Python-level `grad`, which this C read of
-    // the autograd gradient would not see
-    if (!THPVariable_CheckExact(po)) return py::none();
-    const at::Tensor& p = THPVariable_Unpack(po);
-    const at::Tensor& g = p.grad();
+    // the autograd gradient would not see (DTensor does not)
+    if (dt == nullptr ? !THPVariable_CheckExact(po) : Py_TYPE(po) != reinterpret_cast<PyTypeObject*>(dt->cls))
+      return py::none();
+    const at::Tensor& g = THPVariable_Unpack(po).grad();
     if (masked && PyList_GET_ITEM(mask.ptr(), i) != Py_True) {
       if (g.defined()) return py::none();
       continue;
     }
-    if (!g.defined() || item >= ni || !plain(p, pdt, dev) || !plain(g, pdt, dev) || !g.sizes().equals(p.sizes()))
-      return py::none();
+    if (!g.defined() || item >= ni) return py::none();
+    PyObject* go = THPVariable_Wrap(g);  // new reference (the grad's existing Python object, if any)
+    if (go == nullptr) throw py::error_already_set();
+    py::object grad_obj = py::reinterpret_steal<py::object>(go);
+    PyObject* plo = po;  // the tensors whose metadata is checked: the local shards of DTensors
+    if (dt != nullptr) {
+      if (Py_TYPE(go) != reinterpret_cast<PyTypeObject*>(dt->cls)) return py::none();
+      const py::object spec = attr(po, dt->s_spec), local = attr(po, dt->s_local);
+      if (spec.ptr() != PyList_GET_ITEM(dt->param_specs, item) || local.ptr() != PyList_GET_ITEM(dt->param_locals, item))
+        return py::none();  // (the cached list keeps the local shard alive)
+      plo = local.ptr();
+      if (!dt->same_placing(attr(go, dt->s_spec).ptr(), spec.ptr())) return py::none();
+      grad_obj = attr(go, dt->s_local);
+      if (!THPVariable_CheckExact(plo) || !THPVariable_CheckExact(grad_obj.ptr())) return py::none();
+    }
+    const at::Tensor& p = THPVariable_Unpack(plo);
+    const at::Tensor& gl = THPVariable_Unpack(grad_obj.ptr());
+    if (!plain(p, pdt, dev) || !plain(gl, pdt, dev) || !gl.sizes().equals(p.sizes())) return py::none();
     PyObject* st = PyList_GET_ITEM(state_dicts.ptr(), item);
     if (!PyDict_CheckExact(st)) return py::none();
     for (Py_ssize_t j = 0; j < nk; ++j) {
       PyObject* v = PyDict_GetItem(st, PyTuple_GET_ITEM(keys.ptr(), j));  // borrowed; NULL if missing
       if (v == nullptr || v != PyList_GET_ITEM(flat.ptr(), item * nk + j) || !THPVariable_Check(v)) return py::none();
+      py::object local;
+      if (dt != nullptr) {
+        if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(dt->cls)) return py::none();
+        local = attr(v, dt->s_local);
+        if (local.ptr() != PyList_GET_ITEM(dt->flat_locals, item * nk + j)) return py::none();
+        v = local.ptr();
+      }
       const at::Tensor& s = THPVariable_Unpack(v);
       if (!plain(s, sdt[static_cast<size_t>(j)], dev) || !s.sizes().equals(p.sizes())) return py::none();
     }
-    PyObject* go = THPVariable_Wrap(g);  // new reference (the grad's existing Python object, if any)
-    if (go == nullptr) throw py::error_already_set();
+    go = grad_obj.release().ptr();  // the new reference the result takes
     if (masked) {
       if (PyList_Append(out.ptr(), go) != 0) {
         Py_DECREF(go);
@@ -229,7 +313,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("cpu_step", &cpu_step_py, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("scalars"),
         py::arg("rule"), py::arg("flags"), py::arg("layout") = 0, py::arg("sr_keys") = py::none());
   m.def("cached_grads", &cached_grads, py::arg("params"), py::arg("mask"), py::arg("state_dicts"), py::arg("keys"),
-        py::arg("flat"), py::arg("pdtype"), py::arg("device"), py::arg("sdtypes"));
+        py::arg("flat"), py::arg("pdtype"), py::arg("device"), py::arg("sdtypes"), py::arg("dtensor") = py::none());
   m.def("same_objects", &same_objects, py::arg("now"), py::arg("cached"));
   m.def("same_dict", &same_dict, py::arg("d"), py::arg("keys"), py::arg("values"));
   m.def("same_entries", &same_entries, py::arg("dicts"), py::arg("key"), py::arg("objs"));

@@ -355,7 +355,10 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             inv_scale = 1.0
             rollback = AmpRollback()
         if self.spec.phases:  # contract v2: passes and matrix phases (optim/phases.py)
-            return self._update_phased(plan, loss, inv_scale, amp, rollback)
+            loss = self._update_phased(plan, loss, inv_scale, amp, rollback)
+            if cached is None and not traced:
+                self._remember_plan(plan)
+            return loss
         self._prepare_step(plan, loss, inv_scale)
         spec = self.spec
         buckets: dict[tuple, _Bucket] = {}
@@ -404,8 +407,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 # one bucket: no per-tensor keys (a cached plan has no complex params)
                 (device, dtype), backend = next(iter(chosen.items()))
                 b = bucket(backend, device, dtype, flags, lay, cap)
-                b.params.extend(items)
                 if cached is None:
+                    b.params.extend(items)
                     b.grads.extend([p.grad for p in items])
                     if lay.int8:  # quantized tensors: the codes, then their scales (backends.Backend)
                         sfx = _layouts.INT8_SCALE_SUFFIX
@@ -413,7 +416,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                                          for st in states])
                     else:
                         b.states.extend([tuple([st[k] for k in names]) for st in states])
-                else:
+                else:  # (a DTensor group's local shards)
+                    b.params.extend(cached[gi][0]["bparams"])
                     b.grads.extend(cached[gi][1])
                     b.states.extend(cached[gi][0]["tuples"])
                 if cap:

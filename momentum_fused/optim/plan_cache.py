@@ -81,7 +81,7 @@ class PlanCacheMixin:
             if not _same_objects(params, e["params"]):
                 return None
             gs = _cached_grads(params, e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
-                               e["sdtypes"])
+                               e["sdtypes"], e["dtensor"])
             if gs is None:
                 return None
             items = e["items"]
@@ -100,40 +100,59 @@ class PlanCacheMixin:
         return plan, cached
 
     def _remember_plan(self, plan) -> None:
-        """Cache this step's plan for ``_fast_plan`` when the hot path can serve it: plain (not DTensor,
-        not complex) params of one (device, dtype) per group, every state tensor present."""
+        """Cache this step's plan for ``_fast_plan`` when the hot path can serve it: params of one (device, dtype)
+        per group, not complex, every state tensor present; in each group plain tensors only or DTensors only
+        (FSDP2). A DTensor group's entry also keeps the local shards of its params and state, which its buckets
+        get directly (``bparams``, ``tuples``), and the C checks return its gradients' local shards."""
         self._fast = None
-        if C_CHECKS is None or not self.spec.plain_state or self.spec.phases:
-            return  # (contract v2 rules take the full plan: the C checks assume param-shaped state)
+        if C_CHECKS is None:
+            return
         cls = _dist.dtensor_class()
         entries = []
         for group, state_names, items, chosen in plan:
             if len(chosen) > 1:  # (any device type: the C checks read metadata only, never data)
                 return
+            if not self.spec.plain_state and any(t.persistent and (t.shape is not None or t.dtype is not None)
+                                                 for t in self.spec.tensors(group)):
+                return  # (contract v2: the C checks know param-shaped state of the layout's dtype only; a
+                # multi-phase rule's work buffers are made by each step)
             lay = _layouts.get_layout(group["layout"])
             if lay.int8:
                 return  # (per-tensor state dtypes and the scale tensors: the full plan)
             keys = (*state_names, *lay.extra_keys)
+            # a group of DTensors (check_group has made sure that their grads and state are DTensors placed alike)
+            dt = cls is not None and bool(items) and type(items[0]) is cls
             states = []
             for p in items:
                 st = self.state.get(p)
-                if st is None or p.is_complex() or (cls is not None and isinstance(p, cls)) or \
+                if st is None or p.is_complex() or (type(p) is cls) is not dt or (not dt and cls is not None and
+                                                                                 isinstance(p, cls)) or \
                         any(k not in st for k in keys) or (self.spec.counts_steps and "step" not in st):
                     return
                 states.append(st)
             params = group["params"]
             mask = [p.grad is not None for p in params]
             key = next(iter(chosen)) if chosen else None
-            first = [states[0][k] for k in keys] if states else []
+            flat = [st[k] for st in states for k in keys]
+            if dt:
+                if any(type(t) is not cls for t in flat):
+                    return
+                bparams, flat_locals = [p._local_tensor for p in items], [t._local_tensor for t in flat]
+                dtensor = (cls, bparams, [p._spec for p in items], flat_locals)
+            else:
+                bparams, flat_locals, dtensor = items, flat, None
+            nk = len(keys)
+            first = flat_locals[:nk]
             entries.append({
                 "group": group, "nkeys": len(group), "layout": lay.name, "state_names": state_names, "keys": keys,
-                "params": list(params), "items": items,
+                "params": list(params), "items": items, "bparams": bparams, "dtensor": dtensor,
                 "mask": None if all(mask) else mask, "states": states,
-                "flat": [st[k] for st in states for k in keys],
-                "tuples": [tuple([st[k] for k in keys]) for st in states],
-                # what _cached_grads checks every tensor against (a group without items checks none)
-                "pdtype": items[0].dtype if items else torch.float32,
-                "device": items[0].device if items else torch.device("cpu"),
+                "flat": flat,
+                "tuples": [tuple(flat_locals[i * nk:(i + 1) * nk]) for i in range(len(states))],
+                # what _cached_grads checks every tensor (a DTensor's local shard) against (a group without items
+                # checks none)
+                "pdtype": bparams[0].dtype if items else torch.float32,
+                "device": bparams[0].device if items else torch.device("cpu"),
                 "sdtypes": tuple([t.dtype for t in first]) if states else tuple([torch.float32] * len(keys)),
                 "chosen_key": key,
                 "host_keys": () if group["capturable"] or not states else (("step",) if self.spec.counts_steps else ())
