@@ -13,6 +13,8 @@ Cases, on the same model and gradients (one forward / backward, then only ``opt.
   + torch.optim.AdamW(foreach=True) (biases): torch's Muon runs on DTensors through DTensor dispatch (it does
   not refuse them).
 - plain: the unwrapped model in each process (no collectives): ours, and torch.optim.Muon + AdamW.
+- AdamW only (every param, no Newton-Schulz, no collectives): the host overhead of an elementwise rule on the same
+  DTensors: ours under FSDP2 and unwrapped, torch.optim.AdamW(foreach=True) and (fused=True) under FSDP2.
 
 Ours is split per step: time inside Newton-Schulz (``specs_muon.newton_schulz``: the owner's batched NS), time
 inside the collectives of the NS phase (``all_to_all_single``, the way in and the way back; ``gather`` /
@@ -91,6 +93,17 @@ def _torch(params):
             torch.optim.AdamW(rest, lr=3e-4, weight_decay=0.1, foreach=True)], False
 
 
+def _ours_adamw(params):
+    import momentum_fused as mf
+    return [mf.AdamW(params, lr=3e-4, weight_decay=0.1)], False
+
+
+def _torch_adamw(params, fused):
+    import torch
+    return [torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, **({"fused": True} if fused else {"foreach": True}))], \
+        False
+
+
 CASES = {  # name -> (wrapper, optimizers, their kwargs, timers)
     "fsdp / ours": ("fsdp", _ours, {}, "ours"),
     "fsdp / ours, fp32 wire": ("fsdp", _ours, dict(wire32=True), "ours"),
@@ -98,6 +111,11 @@ CASES = {  # name -> (wrapper, optimizers, their kwargs, timers)
     "fsdp / torch Muon + AdamW": ("fsdp", _torch, {}, "torch"),
     "plain / ours": ("plain", _ours, {}, "ours"),
     "plain / torch Muon + AdamW": ("plain", _torch, {}, "torch"),
+    # every param by AdamW: the host overhead of an elementwise rule on DTensors (no NS, no collectives)
+    "fsdp / ours, AdamW only": ("fsdp", _ours_adamw, {}, "ours"),
+    "fsdp / torch AdamW(foreach)": ("fsdp", _torch_adamw, dict(fused=False), "torch"),
+    "fsdp / torch AdamW(fused)": ("fsdp", _torch_adamw, dict(fused=True), "torch"),
+    "plain / ours, AdamW only": ("plain", _ours_adamw, {}, "ours"),
 }
 
 
@@ -130,8 +148,9 @@ def _worker(rank, tmpdir, args):
     real = dict(ns=specs_muon.newton_schulz, tns=torch_muon._zeropower_via_newtonschulz, wire=phases._wire_dtype,
                 **{name: getattr(dist, name) for name in comm})
 
-    def inners(opts):  # our Muon's inner optimizers (the Muon groups and the aux AdamW groups)
-        return [o for opt in opts for o in (getattr(opt, "_core", None), getattr(opt, "_aux", None)) if o is not None]
+    def inners(opts):  # our optimizers that plan: Muon's inner ones (its Muon and aux AdamW groups), or our AdamW
+        return [o for opt in opts for o in ((opt._core, opt._aux) if hasattr(opt, "_core") else (opt,))
+                if o is not None and hasattr(o, "_step_plan")]
 
     def install(timers, timed, wire32, opts):
         if timed == "ours":

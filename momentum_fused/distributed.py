@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-__all__ = ["dtensor_class", "is_dtensor", "local", "local_bucket", "check_group", "shard_groups",
+__all__ = ["dtensor_class", "is_dtensor", "local", "locals_of", "local_bucket", "check_group", "shard_groups",
            "all_reduce_sums"]
 
 
@@ -54,6 +54,15 @@ def zeros_like_placed(p, shape: tuple, dtype: torch.dtype):
     return torch.zeros(shape, dtype=dtype, device=p.device)
 
 
+def locals_of(ts) -> list:
+    """``[local(t) for t in ts]``, with one lookup of the DTensor class (a list of ``ts`` itself when no DTensor can
+    exist)."""
+    cls = dtensor_class()
+    if cls is None:
+        return list(ts)
+    return [t._local_tensor if type(t) is cls or (type(t) not in _PLAIN and isinstance(t, cls)) else t for t in ts]
+
+
 def local_bucket(params, grads, states):
     """A backend bucket with every DTensor replaced by its local shard (identity when no DTensor
     can exist)."""
@@ -61,8 +70,7 @@ def local_bucket(params, grads, states):
     # check_group guarantees that grads and state are DTensors exactly where the params are
     if cls is None or set(map(type, params)) <= _PLAIN or not any([isinstance(p, cls) for p in params]):
         return params, grads, states
-    return ([local(p) for p in params], [local(g) for g in grads],
-            [tuple([local(t) for t in st]) for st in states])
+    return locals_of(params), locals_of(grads), [tuple(locals_of(st)) for st in states]
 
 
 _PLAIN = {torch.Tensor, torch.nn.Parameter, int, float}

@@ -536,16 +536,21 @@ def scenario_muon_bf16_fsdp(rank, tmpdir, backend, ns_algorithm="standard"):
                 return real[name](*args, **kwargs)
             return call
 
-        for x, y in data:
+        layouts = []  # the steps that derived the exchange's owners and splits (the others reuse them)
+        real_layout = phases._exchange_layout
+        for t, (x, y) in enumerate(data):
             opt.zero_grad()
             ((wrapped(x) - y) ** 2).mean().backward()
             for name in real:
                 setattr(dist, name, spy(name))
+            phases._exchange_layout = lambda *a, t=t: (layouts.append(t), real_layout(*a))[1]
             try:
                 opt.step()
             finally:
                 for name, fn in real.items():
                     setattr(dist, name, fn)
+                phases._exchange_layout = real_layout
+        wire.append(("exchange layouts derived at steps", tuple(layouts), ()))
         return _snapshot(opt, params), wire
 
     ref, ref_wire = run(*(2 * (_make_model(torch.float32),)))

@@ -84,17 +84,18 @@ class PhasesMixin:
                 rollback.stepped.extend(states)
             ts = self._advance_steps(gi, states) if spec.counts_steps else [None] * len(items)
             grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
-            work = self._work_buffers(spec, group, items, states, lay)
+            memo = self._phase_memo(gi, items)
+            work = self._work_buffers(spec, group, memo, states, lay)
             if amp is not None:
                 for device, _ in chosen:
                     if device not in flag:
                         flag[device] = tuple(None if t is None else t.to(device, non_blocking=True) for t in amp)
             for phase in spec.phases:
                 if isinstance(phase, ElementwisePass):
-                    self._elementwise_pass(get_spec(phase.rule), group, items, states, fresh, ts, work, chosen,
+                    self._elementwise_pass(get_spec(phase.rule), group, items, memo, states, fresh, ts, work, chosen,
                                            grad_mult, flag)
                 elif isinstance(phase, MatrixPhase):
-                    self._matrix_phase(phase, group, items, work)
+                    self._matrix_phase(phase, group, items, work, memo)
                 else:
                     raise TypeError(f"{spec.name}: unknown phase {phase!r}")
             if spec.group_advance is not None:
@@ -103,25 +104,43 @@ class PhasesMixin:
             self._defer_amp_flag(amp[0], rollback)
         return loss
 
+    def _phase_memo(self, gi: int, items: list) -> dict:
+        """What the phases of group ``gi`` derive from its params alone (their local shards, which of them are
+        sharded, the index lists per (device, dtype), the owners and row splits of the exchange), kept while the
+        step's ``items`` is the same list object: the cached plan's (optim/plan_cache.py), whose checks have made
+        sure that the params, their local shards and placements are those of the step that filled it. A full
+        plan makes a new list: then everything is derived again. Dropped by ``invalidate_caches``."""
+        memos = self.__dict__.setdefault("_phase_memos", {})
+        got = memos.get(gi)
+        if got is not None and got[0] is items:
+            return got[1]
+        memo = {"locals": _dist.locals_of(items)}
+        memos[gi] = (items, memo)
+        return memo
+
     @staticmethod
-    def _work_buffers(spec, group, items, states, lay) -> list:
-        """Per param: its state tensors and the step's work buffers (non-persistent StateTensors). A work buffer
-        a matrix phase transforms is one [b, *shape] buffer per (shape, dtype, device), each param's tensor a
-        row of it, so that the phase's stacks are views (no copy in; docs/architecture.md)."""
+    def _work_buffers(spec, group, memo, states, lay) -> list:
+        """Per param: its state tensors (a DTensor's: its local shard) and the step's work buffers (non-persistent
+        StateTensors, the local shard's shape). A work buffer a matrix phase transforms is one [b, *shape] buffer
+        per (shape, dtype, device), each param's tensor a row of it, so that the phase's stacks are views (no copy
+        in; docs/architecture.md)."""
         stacked = {ph.tensor for ph in spec.phases if isinstance(ph, MatrixPhase)}
-        work = [dict(st) for st in states]
+        locs = memo["locals"]
+        work = [dict(zip(st, _dist.locals_of(st.values()))) for st in states]
         for t in spec.tensors(group):
             if t.persistent:
                 continue
             if t.name not in stacked:
-                for w, p in zip(work, items):
-                    loc = _dist.local(p)
-                    w[t.name] = torch.empty(t.shape_for(loc), dtype=t.dtype_for(p, lay), device=loc.device)
+                for w, loc in zip(work, locs):
+                    w[t.name] = torch.empty(t.shape_for(loc), dtype=t.dtype_for(loc, lay), device=loc.device)
                 continue
-            rows: dict = {}
-            for i, p in enumerate(items):
-                loc = _dist.local(p)  # (a DTensor's work buffer is its local shard's)
-                rows.setdefault((t.shape_for(loc), t.dtype_for(p, lay), loc.device), []).append(i)
+            key = ("rows", t.name, lay.name)
+            rows = memo.get(key)
+            if rows is None:
+                rows = {}
+                for i, loc in enumerate(locs):
+                    rows.setdefault((t.shape_for(loc), t.dtype_for(loc, lay), loc.device), []).append(i)
+                memo[key] = rows
             for (shape, dtype, device), idx in rows.items():
                 buf = torch.empty((len(idx), *shape), dtype=dtype, device=device)
                 for j, i in enumerate(idx):
@@ -129,36 +148,42 @@ class PhasesMixin:
         return work
 
     @staticmethod
-    def _elementwise_pass(ps, group, items, states, fresh, ts, work, chosen, grad_mult, flag=None) -> None:
-        """One backend call per (device, dtype) of the pass ``ps``; ``flag``: device -> (found_inf, grad_scale)
-        under GradScaler's device protocol (the kernels skip every write when found_inf != 0), else empty."""
+    def _elementwise_pass(ps, group, items, memo, states, fresh, ts, work, chosen, grad_mult, flag=None) -> None:
+        """One backend call per (device, dtype) of the pass ``ps`` on the local shards; ``flag``: device ->
+        (found_inf, grad_scale) under GradScaler's device protocol (the kernels skip every write when found_inf !=
+        0), else empty."""
         flags = ps.make_flags(group)
         names = ps.state_names(group)
         rows = [(*ps.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
+        locs = memo["locals"]
         for (device, dtype), backend in chosen.items():
-            idx = [i for i, p in enumerate(items) if p.device == device and p.dtype == dtype]
+            idx = memo.get(("idx", device, dtype))
+            if idx is None:
+                idx = memo["idx", device, dtype] = [i for i, p in enumerate(locs) if p.device == device
+                                                    and p.dtype == dtype]
             sel = [rows[i] for i in idx]
             packs = _device_table(sel, device) if group["capturable"] else [ps.Scalars(*r) for r in sel]
             kw = {}
             if flag:
                 kw["found_inf"], kw["grad_scale"] = flag[device]
-            backend.apply(ps, flags, *_dist.local_bucket([items[i] for i in idx], [items[i].grad for i in idx],
-                                                         [tuple([work[i][n] for n in names]) for i in idx]),
-                          packs, **kw)
+            backend.apply(ps, flags, [locs[i] for i in idx], _dist.locals_of([items[i].grad for i in idx]),
+                          [tuple([work[i][n] for n in names]) for i in idx], packs, **kw)
 
     @staticmethod
-    def _matrix_phase(phase, group, items, work) -> None:
+    def _matrix_phase(phase, group, items, work, memo) -> None:
         """``phase.fn`` on stacks of the tensors named ``phase.tensor`` that share a shape, dtype and device (at
         most ``phase.max_batch`` and ``phase.max_batch_bytes`` per call), written back in place. Tensors that
         are consecutive rows of one buffer (``_work_buffers``) are passed as a view of it. The tensors of
         DTensor params sharded on dim 0 (FSDP2) are local shards: ``_sharded_matrix_phase`` gathers them."""
-        sharded, plain = [], []
-        for p, w in zip(items, work):
-            (sharded if _sharded(p) else plain).append((p, w[phase.tensor]))
-        if sharded:
-            _sharded_matrix_phase(phase, group, sharded)
+        split = memo.get("sharded")
+        if split is None:
+            flags = [_sharded(p) for p in items]
+            split = memo["sharded"] = ([i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if not f])
+        if split[0]:
+            _sharded_matrix_phase(phase, group, [(items[i], work[i][phase.tensor]) for i in split[0]], memo)
+        plain = [work[i][phase.tensor] for i in split[1]]
         by_shape: dict = {}
-        for _, t in plain:
+        for t in plain:
             by_shape.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
         for ts in by_shape.values():
             size = _chunk_size(phase, len(ts), ts[0].numel() * ts[0].element_size())
@@ -239,7 +264,33 @@ def _wire_dtype(phase, group, dtype: torch.dtype, device: torch.device) -> torch
     return dtype
 
 
-def _sharded_matrix_phase(phase, group, pairs) -> None:
+def _exchange_layout(prs, mesh) -> dict:
+    """The exchange of ``_sharded_matrix_phase`` for the (DTensor param, local tensor) pairs ``prs`` on ``mesh``:
+    owners (largest first to the least loaded rank, ties to the lowest rank: the same on every rank), each
+    owner's NS batches (its matrices by global shape, in param order), rows per rank, the send and receive order
+    and splits. It depends on the params' shapes and the mesh only."""
+    world, me = mesh.size(), mesh.get_local_rank(0)
+    load = [0] * world
+    owner = [0] * len(prs)
+    for i in sorted(range(len(prs)), key=lambda i: -prs[i][0].numel()):
+        o = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = o
+        load[o] += prs[i][0].numel()
+    batches = [{} for _ in range(world)]
+    for i, (p, _) in enumerate(prs):
+        batches[owner[i]].setdefault(tuple(p.shape), []).append(i)
+    counts = [_row_counts(p.shape[0], world) for p, _ in prs]
+    row = [p.numel() // p.shape[0] if p.shape[0] else 0 for p, _ in prs]
+    order = [i for o in range(world) for idx in batches[o].values() for i in idx]  # send and receive order
+    mine = [i for idx in batches[me].values() for i in idx]
+    return dict(pg=mesh.get_group(0), world=world, me=me, batches=batches, counts=counts, row=row, order=order,
+                send_splits=[sum(counts[i][me] * row[i] for idx in batches[o].values() for i in idx)
+                             for o in range(world)],
+                recv_splits=[sum(counts[i][r] * row[i] for i in mine) for r in range(world)],
+                back_splits=[counts[i][me] * row[i] for i in order])
+
+
+def _sharded_matrix_phase(phase, group, pairs, memo=None) -> None:
     """The matrix phase for (DTensor param, local shard of its work tensor) pairs sharded on dim 0 (FSDP2), per
     (mesh, dtype). Each matrix gets an owner rank (round-robin by size: largest first, to the least loaded rank;
     the same on every rank, the params of a group being the same everywhere). Then:
@@ -256,33 +307,25 @@ def _sharded_matrix_phase(phase, group, pairs) -> None:
     (bf16 for bf16 Newton-Schulz on fp32 updates: half the bytes, the same bits). An owner's NS batches are its
     matrices of one shape, in param order, chunked by ``_chunk_size`` on the bytes of the tensors' dtype (as for
     unsharded params); tests/test_distributed.py checks the results equal a single process's bit for bit.
-    Shard rows are torch.chunk's split (checked by the plan, ``PhasesMixin._phase_limits``)."""
+    Shard rows are torch.chunk's split (checked by the plan, ``PhasesMixin._phase_limits``). ``memo``: the
+    group's ``PhasesMixin._phase_memo``, which keeps the grouping by mesh and the ``_exchange_layout``s."""
     import torch.distributed as dist
 
-    by_mesh: dict = {}
-    for p, t in pairs:  # (by dtype too: one send buffer holds one dtype, as the single-process stacks do)
-        by_mesh.setdefault((p.device_mesh, t.dtype), []).append((p, t))
-    for (mesh, dtype), prs in by_mesh.items():
-        pg = mesh.get_group(0)
-        world, me = mesh.size(), mesh.get_local_rank(0)
-        # owners: largest first to the least loaded rank (ties: lowest rank); the same on every rank
-        load = [0] * world
-        owner = [0] * len(prs)
-        for i in sorted(range(len(prs)), key=lambda i: -prs[i][0].numel()):
-            o = min(range(world), key=lambda r: (load[r], r))
-            owner[i] = o
-            load[o] += prs[i][0].numel()
-        # per owner: its matrices by global shape (first appearance), in param order: its NS batches
-        batches = [{} for _ in range(world)]
-        for i, (p, _) in enumerate(prs):
-            batches[owner[i]].setdefault(tuple(p.shape), []).append(i)
-        # per matrix: rows per rank (torch.chunk's split), elements per row
-        counts = [_row_counts(p.shape[0], world) for p, _ in prs]
-        row = [p.numel() // p.shape[0] if p.shape[0] else 0 for p, _ in prs]
-        order = [i for o in range(world) for idx in batches[o].values() for i in idx]  # send and receive order
-        mine = [i for idx in batches[me].values() for i in idx]
-        send_splits = [sum(counts[i][me] * row[i] for idx in batches[o].values() for i in idx) for o in range(world)]
-        recv_splits = [sum(counts[i][r] * row[i] for i in mine) for r in range(world)]
+    key = ("exchange", phase.tensor)
+    groups = None if memo is None else memo.get(key)
+    if groups is None:
+        by_mesh: dict = {}
+        for j, (p, t) in enumerate(pairs):  # (by dtype too: one send buffer holds one dtype, as the stacks do)
+            by_mesh.setdefault((p.device_mesh, t.dtype), []).append(j)
+        groups = [(mesh, dtype, idx, _exchange_layout([pairs[j] for j in idx], mesh))
+                  for (mesh, dtype), idx in by_mesh.items()]
+        if memo is not None:
+            memo[key] = groups
+    for mesh, dtype, idx, lay in groups:
+        prs = [pairs[j] for j in idx]
+        pg, world, me, batches, counts, row, order = (lay[k] for k in ("pg", "world", "me", "batches", "counts",
+                                                                        "row", "order"))
+        send_splits, recv_splits = lay["send_splits"], lay["recv_splits"]
         device = prs[0][1].device
         wire = _wire_dtype(phase, group, dtype, device)
         # 1. the way in (cat rounds to the wire dtype as it copies: the bits of a .to(wire) of each shard)
@@ -315,5 +358,4 @@ def _sharded_matrix_phase(phase, group, pairs) -> None:
         dist.all_to_all_single(back_recv, back_send, send_splits, recv_splits, group=pg)
         if order:
             dst = [prs[i][1] for i in order]
-            torch._foreach_copy_(dst, [x.view(t.shape) for x, t in
-                                       zip(back_recv.split([counts[i][me] * row[i] for i in order]), dst)])
+            torch._foreach_copy_(dst, [x.view(t.shape) for x, t in zip(back_recv.split(lay["back_splits"]), dst)])

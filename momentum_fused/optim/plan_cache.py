@@ -39,6 +39,7 @@ class PlanCacheMixin:
         self._step_views = {}
         self._fast = None
         self.__dict__.pop("_known", None)
+        self.__dict__.pop("_phase_memos", None)  # (optim/phases.py: derived from the cached plan's params)
 
     def _fast_plan(self):
         """The plan of the last step, re-validated cheaply, or None (then ``_plan`` runs).
