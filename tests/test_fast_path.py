@@ -98,6 +98,73 @@ def test_cached_plan_equals_full_plan_layouts(layout, dtype, backend):
     assert_snapshot_equal(snapshot(b, pb), snapshot(a, pa))
 
 
+INT8_SHAPES = [(16, 256), (300,), (5, 7), (4096,), (2, 2048)]  # quantized: the 1st, 4th and 5th
+
+
+@pytest.mark.parametrize("layout,dtype", [("int8_state", torch.float32), ("master16_int8", torch.bfloat16)])
+@pytest.mark.parametrize("rule", ["AdamW", "Lion"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_plan_equals_full_plan_int8(layout, dtype, rule, backend):
+    """The int8 layouts take the cached plan (per tensor: codes and block scales, or fp32 state), with the results of
+    the full plan bit for bit, through a param without gradient and an lr change."""
+    def go(cache):
+        p = make_params(INT8_SHAPES, dtype=dtype)
+        kw = dict(betas=(0.9, 0.99)) if rule == "Lion" else {}
+        opt = getattr(mf, rule)([dict(params=p[:3]), dict(params=p[3:], weight_decay=0.0)], lr=1e-3, layout=layout,
+                                backend=backend, **kw)
+        hits = 0
+        for t, gs in enumerate(make_grads(INT8_SHAPES, steps=7, dtype=dtype)):
+            for i, (x, g) in enumerate(zip(p, gs)):
+                x.grad = None if (t == 3 and i == 0) else g.clone()
+            if t == 5:
+                opt.param_groups[1]["lr"] = 5e-4
+            if cache and opt._fast_plan() is not None:
+                hits += 1
+            opt.step()
+            if not cache:
+                opt.invalidate_caches()
+        return opt, p, hits
+    a, pa, hits = go(True)
+    b, pb, _ = go(False)
+    assert hits >= 4, f"the cached plan was used {hits} times"
+    assert sum(k.endswith("_scale") for st in a.state.values() for k in st) == 3 * (1 if rule == "Lion" else 2)
+    assert_snapshot_equal(snapshot(b, pb), snapshot(a, pa))
+
+
+def _int8_cached(backend="reference"):
+    p = make_params(INT8_SHAPES, dtype=torch.float32)
+    opt = mf.AdamW(p, lr=1e-3, layout="int8_state", backend=backend)
+    for gs in make_grads(INT8_SHAPES, steps=2, dtype=torch.float32):
+        for x, g in zip(p, gs):
+            x.grad = g.clone()
+        opt.step()
+    assert opt._fast_plan() is not None
+    return opt, p
+
+
+INT8_CHANGES = {
+    "scale replaced": lambda o, p: o.state[p[0]].__setitem__("exp_avg_scale", o.state[p[0]]["exp_avg_scale"].clone()),
+    "scale removed": lambda o, p: o.state[p[3]].pop("exp_avg_sq_scale"),
+    "scale resized": lambda o, p: _set_data(o.state[p[0]]["exp_avg_scale"], torch.ones(3)),
+    "scale of another dtype": lambda o, p: _set_data(o.state[p[4]]["exp_avg_scale"],
+                                                     o.state[p[4]]["exp_avg_scale"].double()),
+    "codes of another dtype": lambda o, p: _set_data(o.state[p[0]]["exp_avg"], o.state[p[0]]["exp_avg"].float()),
+    "codes resized": lambda o, p: _set_data(o.state[p[3]]["exp_avg_sq"], torch.zeros(8, 512, dtype=torch.uint8)),
+    "fp32 state of another dtype": lambda o, p: _set_data(o.state[p[1]]["exp_avg"], o.state[p[1]]["exp_avg"].double()),
+    "a scale where the state is fp32": lambda o, p: o.state[p[2]].__setitem__("exp_avg_scale", torch.ones(1)),
+}
+
+
+@pytest.mark.parametrize("change", list(INT8_CHANGES))
+def test_int8_cached_plan_notices_every_change(change):
+    """Each change to the codes, scales or fp32 state of the int8 layouts sends the step through the full plan."""
+    opt, p = _int8_cached()
+    INT8_CHANGES[change](opt, p)
+    assert opt._fast_plan() is None
+    if change == "a scale where the state is fp32":  # (the full plan refuses it, the other changes are valid or
+        assert_step_raises_unchanged(opt, p, ValueError, "block scales, but this param keeps fp32 state")  # theirs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cached_plan_sees_replaced_param_data(backend):
     """``p.data = <other shape>`` with a matching gradient: the state no longer fits, the full plan

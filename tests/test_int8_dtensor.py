@@ -45,6 +45,9 @@ def test_a_dtensor_param_steps_as_the_plain_one(mesh, layout):
     shard = lambda t: distribute_tensor(t, mesh, [Shard(0)])  # noqa: E731
     opt, ps = _run(values, grads, layout, shard)
     ref, rs = _run(values, grads, layout, lambda t: t)
+    # the last steps took the cached plan, on the local shards (codes, scales and fp32 state alike)
+    assert opt._fast is not None and opt._fast["groups"][0]["dtensor"] is not None
+    assert opt._fast_plan() is not None
     # a param that keeps fp32 state steps as under the layout without codes
     fb, fs = _run(values, grads, {"int8_state": "native", "master16_int8": "master16"}[layout], lambda t: t)
     for i, (p, r, f) in enumerate(zip(ps, rs, fs)):

@@ -21,6 +21,11 @@
 //           dtype sdtypes[j], on `device`, with the param's sizes, strided and contiguous.
 //       Reads metadata only: no tensor data, no device synchronization (CUDA params are fine).
 //       Without this extension there is no cached plan (every step takes the full plan).
+//     cached_grads(..., signatures=[(keys, sdtypes, divisors, size), ...]): the state keys and dtypes per param
+//       (then `keys` and `sdtypes` are not used, `flat` holds each param's tensors in its signature's order), the
+//       size of each state tensor relative to the param (divisor 1: the param's sizes; n > 1: numel = the param's
+//       / n) and the number of entries of its state dict (a key added or removed since: None). The int8 layouts:
+//       codes and block scales for a quantized tensor, fp32 state for the others.
 //     cached_grads(..., dtensor=(cls, param_locals, param_specs, flat_locals)): the same for a group of DTensor
 //       params (FSDP2): the *local shards* of the gradients, when besides the above (read on the local shards:
 //       dtype, device, layout, contiguity, the param's local sizes) these hold:
@@ -121,50 +126,86 @@ struct DTensorCache {
   }
 };
 
+// What cached_grads checks on the state of one param: the keys, the dtype of each tensor and its size relative to
+// the param (div 1: the param's sizes; div n > 1: numel = the param's / n, e.g. the int8 layouts' block scales).
+struct StateSignature {
+  PyObject* keys = nullptr;  // tuple (borrowed from the arguments)
+  std::vector<c10::ScalarType> dtypes;
+  std::vector<int64_t> div;
+  Py_ssize_t dict_size = -1;  // the state dict's number of entries (-1: not checked)
+
+  StateSignature(PyObject* k, PyObject* sdtypes, PyObject* divs, PyObject* size = nullptr) : keys(k) {
+    if (size != nullptr) {
+      dict_size = PyLong_AsSsize_t(size);
+      if (dict_size < 0) {
+        PyErr_Clear();
+        throw std::invalid_argument("cached_grads: a signature's dict size must be an int >= 0");
+      }
+    }
+    if (!PyTuple_Check(k) || !PyTuple_Check(sdtypes) || PyTuple_GET_SIZE(sdtypes) != PyTuple_GET_SIZE(k) ||
+        (divs != nullptr && (!PyTuple_Check(divs) || PyTuple_GET_SIZE(divs) != PyTuple_GET_SIZE(k))))
+      throw std::invalid_argument("cached_grads: a state signature is (keys, dtypes, divisors), tuples of one length");
+    for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(k); ++j) {
+      PyObject* d = PyTuple_GET_ITEM(sdtypes, j);
+      if (!THPDtype_Check(d)) throw std::invalid_argument("cached_grads: sdtypes must be torch.dtype objects");
+      dtypes.push_back(reinterpret_cast<THPDtype*>(d)->scalar_type);
+      const int64_t n = divs == nullptr ? 1 : PyLong_AsLongLong(PyTuple_GET_ITEM(divs, j));
+      if (n < 1) {
+        PyErr_Clear();
+        throw std::invalid_argument("cached_grads: divisors must be positive ints");
+      }
+      div.push_back(n);
+    }
+  }
+  Py_ssize_t size() const { return static_cast<Py_ssize_t>(dtypes.size()); }
+};
+
 // See the file comment. Borrowed references throughout; the result list owns its gradients (for DTensor params,
 // their local shards).
 py::object cached_grads(const py::list& params, const py::object& mask, const py::list& state_dicts,
                         const py::tuple& keys, const py::list& flat, const py::object& pdtype,
-                        const py::object& device, const py::tuple& sdtypes, const py::object& dtensor) {
+                        const py::object& device, const py::tuple& sdtypes, const py::object& dtensor,
+                        const py::object& signatures) {
   const Py_ssize_t np = PyList_GET_SIZE(params.ptr());
-  const Py_ssize_t nk = PyTuple_GET_SIZE(keys.ptr());
   const Py_ssize_t ni = PyList_GET_SIZE(state_dicts.ptr());
-  if (!THPDtype_Check(pdtype.ptr()) || !THPDevice_Check(device.ptr()) || PyTuple_GET_SIZE(sdtypes.ptr()) != nk ||
-      PyList_GET_SIZE(flat.ptr()) != ni * nk)
+  const Py_ssize_t nf = PyList_GET_SIZE(flat.ptr());
+  if (!THPDtype_Check(pdtype.ptr()) || !THPDevice_Check(device.ptr()))
     throw std::invalid_argument("cached_grads: bad arguments");
   const bool masked = !mask.is_none();
   if (masked && (!PyList_Check(mask.ptr()) || PyList_GET_SIZE(mask.ptr()) != np))
     throw std::invalid_argument("cached_grads: mask must be None or a list of bools, one per param");
+  // one signature for every param (keys, sdtypes), or one per param (`signatures`, a list of (keys, sdtypes,
+  // divisors) tuples, few distinct objects: parsed once each)
+  const bool varied = !signatures.is_none();
+  if (varied && (!PyList_Check(signatures.ptr()) || PyList_GET_SIZE(signatures.ptr()) != ni))
+    throw std::invalid_argument("cached_grads: signatures must be None or a list, one per state dict");
+  const StateSignature uniform(keys.ptr(), sdtypes.ptr(), nullptr);
+  if (!varied && nf != ni * uniform.size()) throw std::invalid_argument("cached_grads: bad arguments");
+  std::vector<std::pair<PyObject*, StateSignature>> parsed;
   const c10::ScalarType pdt = reinterpret_cast<THPDtype*>(pdtype.ptr())->scalar_type;
   const c10::Device dev = reinterpret_cast<THPDevice*>(device.ptr())->device;
-  std::vector<c10::ScalarType> sdt(static_cast<size_t>(nk));
-  for (Py_ssize_t j = 0; j < nk; ++j) {
-    PyObject* d = PyTuple_GET_ITEM(sdtypes.ptr(), j);
-    if (!THPDtype_Check(d)) throw std::invalid_argument("cached_grads: sdtypes must be torch.dtype objects");
-    sdt[static_cast<size_t>(j)] = reinterpret_cast<THPDtype*>(d)->scalar_type;
-  }
   std::unique_ptr<DTensorCache> dt_cache;
-  if (!dtensor.is_none()) dt_cache = std::make_unique<DTensorCache>(dtensor, ni, ni * nk);
+  if (!dtensor.is_none()) dt_cache = std::make_unique<DTensorCache>(dtensor, ni, nf);
   const DTensorCache* dt = dt_cache.get();
   py::list out(masked ? 0 : np);
-  Py_ssize_t item = 0;
+  Py_ssize_t item = 0, at = 0;  // at: the first state tensor of `item` in `flat`
   using mf::py_borrow::kPrefetchFar;
   using mf::py_borrow::kPrefetchNear;
-  const Py_ssize_t nf = PyList_GET_SIZE(flat.ptr());
+  const Py_ssize_t nk = uniform.size();
   for (Py_ssize_t i = 0; i < np; ++i) {
-    // the objects of params[i + kFar] (and, unmasked, the state tensors of the same index), then their
-    // TensorImpls kNear ahead (py_borrow.h)
+    // the objects of params[i + kFar] (and, unmasked with one signature, the state tensors of the same index),
+    // then their TensorImpls kNear ahead (py_borrow.h)
     if (i + kPrefetchFar < np) {
       mf::py_borrow::prefetch_object(PyList_GET_ITEM(params.ptr(), i + kPrefetchFar));
-      if (!masked)
-        for (Py_ssize_t j = 0, at = (i + kPrefetchFar) * nk; j < nk && at + j < nf; ++j)
-          mf::py_borrow::prefetch_object(PyList_GET_ITEM(flat.ptr(), at + j));
+      if (!masked && !varied)
+        for (Py_ssize_t j = 0, a = (i + kPrefetchFar) * nk; j < nk && a + j < nf; ++j)
+          mf::py_borrow::prefetch_object(PyList_GET_ITEM(flat.ptr(), a + j));
     }
     if (i + kPrefetchNear < np) {
       mf::py_borrow::prefetch_impl(PyList_GET_ITEM(params.ptr(), i + kPrefetchNear));
-      if (!masked)
-        for (Py_ssize_t j = 0, at = (i + kPrefetchNear) * nk; j < nk && at + j < nf; ++j)
-          mf::py_borrow::prefetch_impl(PyList_GET_ITEM(flat.ptr(), at + j));
+      if (!masked && !varied)
+        for (Py_ssize_t j = 0, a = (i + kPrefetchNear) * nk; j < nk && a + j < nf; ++j)
+          mf::py_borrow::prefetch_impl(PyList_GET_ITEM(flat.ptr(), a + j));
     }
     PyObject* po = PyList_GET_ITEM(params.ptr(), i);
     // exactly Tensor or Parameter: a subclass may define its own Python-level `grad`, which this C read of
@@ -196,19 +237,39 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
     if (!plain(p, pdt, dev) || !plain(gl, pdt, dev) || !gl.sizes().equals(p.sizes())) return py::none();
     PyObject* st = PyList_GET_ITEM(state_dicts.ptr(), item);
     if (!PyDict_CheckExact(st)) return py::none();
-    for (Py_ssize_t j = 0; j < nk; ++j) {
-      PyObject* v = PyDict_GetItem(st, PyTuple_GET_ITEM(keys.ptr(), j));  // borrowed; NULL if missing
-      if (v == nullptr || v != PyList_GET_ITEM(flat.ptr(), item * nk + j) || !THPVariable_Check(v)) return py::none();
+    const StateSignature* sig = &uniform;
+    if (varied) {
+      PyObject* so = PyList_GET_ITEM(signatures.ptr(), item);
+      sig = nullptr;
+      for (const auto& [obj, parsed_sig] : parsed)
+        if (obj == so) sig = &parsed_sig;
+      if (sig == nullptr) {
+        if (!PyTuple_Check(so) || PyTuple_GET_SIZE(so) != 4)
+          throw std::invalid_argument("cached_grads: a signature is a (keys, sdtypes, divisors, dict size) tuple");
+        parsed.emplace_back(so, StateSignature(PyTuple_GET_ITEM(so, 0), PyTuple_GET_ITEM(so, 1),
+                                               PyTuple_GET_ITEM(so, 2), PyTuple_GET_ITEM(so, 3)));
+        sig = &parsed.back().second;  // (used before the next emplace_back)
+      }
+      if (at + sig->size() > nf) throw std::invalid_argument("cached_grads: flat is shorter than the signatures");
+      if (sig->dict_size >= 0 && PyDict_GET_SIZE(st) != sig->dict_size) return py::none();
+    }
+    for (Py_ssize_t j = 0; j < sig->size(); ++j) {
+      PyObject* v = PyDict_GetItem(st, PyTuple_GET_ITEM(sig->keys, j));  // borrowed; NULL if missing
+      if (v == nullptr || v != PyList_GET_ITEM(flat.ptr(), at + j) || !THPVariable_Check(v)) return py::none();
       py::object local;
       if (dt != nullptr) {
         if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(dt->cls)) return py::none();
         local = attr(v, dt->s_local);
-        if (local.ptr() != PyList_GET_ITEM(dt->flat_locals, item * nk + j)) return py::none();
+        if (local.ptr() != PyList_GET_ITEM(dt->flat_locals, at + j)) return py::none();
         v = local.ptr();
       }
       const at::Tensor& s = THPVariable_Unpack(v);
-      if (!plain(s, sdt[static_cast<size_t>(j)], dev) || !s.sizes().equals(p.sizes())) return py::none();
+      const int64_t div = sig->div[static_cast<size_t>(j)];
+      if (!plain(s, sig->dtypes[static_cast<size_t>(j)], dev) ||
+          !(div == 1 ? s.sizes().equals(p.sizes()) : s.numel() * div == p.numel()))
+        return py::none();
     }
+    at += sig->size();
     go = grad_obj.release().ptr();  // the new reference the result takes
     if (masked) {
       if (PyList_Append(out.ptr(), go) != 0) {
@@ -221,7 +282,7 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
     }
     ++item;
   }
-  if (item != ni) return py::none();
+  if (item != ni || at != nf) return py::none();
   return std::move(out);
 }
 
@@ -313,7 +374,8 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("cpu_step", &cpu_step_py, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("scalars"),
         py::arg("rule"), py::arg("flags"), py::arg("layout") = 0, py::arg("sr_keys") = py::none());
   m.def("cached_grads", &cached_grads, py::arg("params"), py::arg("mask"), py::arg("state_dicts"), py::arg("keys"),
-        py::arg("flat"), py::arg("pdtype"), py::arg("device"), py::arg("sdtypes"), py::arg("dtensor") = py::none());
+        py::arg("flat"), py::arg("pdtype"), py::arg("device"), py::arg("sdtypes"), py::arg("dtensor") = py::none(),
+        py::arg("signatures") = py::none());
   m.def("same_objects", &same_objects, py::arg("now"), py::arg("cached"));
   m.def("same_dict", &same_dict, py::arg("d"), py::arg("keys"), py::arg("values"));
   m.def("same_entries", &same_entries, py::arg("dicts"), py::arg("key"), py::arg("objs"));

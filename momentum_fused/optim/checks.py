@@ -266,9 +266,14 @@ class ValidationMixin:
                         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != want
                                               or t.device != device):
                             self._raise_bad_state(p, key, t, pi, gi, want)
+                        sk = key + _layouts.INT8_SCALE_SUFFIX
+                        if not q and sk in st:  # (the backends would take it for a quantized tensor's scales)
+                            raise ValueError(f"{self._where(p, pi, gi)}: state {sk!r} is block scales, but this "
+                                             "param keeps fp32 state (int8 layouts quantize tensors of at least "
+                                             f"{_layouts.INT8_MIN_NUMEL} elements, a multiple of {_layouts.INT8_BLOCK}"
+                                             "); was a state_dict loaded into other params?")
                         if not q or t is None:
                             continue
-                        sk = key + _layouts.INT8_SCALE_SUFFIX
                         s = st.get(sk)
                         if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 \
                                 or tuple(s.shape) != want_shape or s.device != device:

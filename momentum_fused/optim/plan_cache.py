@@ -81,8 +81,8 @@ class PlanCacheMixin:
             params = group["params"]
             if not _same_objects(params, e["params"]):
                 return None
-            gs = _cached_grads(params, e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
-                               e["sdtypes"], e["dtensor"])
+            gs = _cached_grads(params, e["mask"], e["states"], () if e["sigs"] is not None else e["keys"], e["flat"],
+                               e["pdtype"], e["device"], e["sdtypes"], e["dtensor"], e["sigs"])
             if gs is None:
                 return None
             items = e["items"]
@@ -118,8 +118,6 @@ class PlanCacheMixin:
                 return  # (contract v2: the C checks know param-shaped state of the layout's dtype only; a
                 # multi-phase rule's work buffers are made by each step)
             lay = _layouts.get_layout(group["layout"])
-            if lay.int8:
-                return  # (per-tensor state dtypes and the scale tensors: the full plan)
             keys = (*state_names, *lay.extra_keys)
             # a group of DTensors (check_group has made sure that their grads and state are DTensors placed alike)
             dt = cls is not None and bool(items) and type(items[0]) is cls
@@ -134,7 +132,13 @@ class PlanCacheMixin:
             params = group["params"]
             mask = [p.grad is not None for p in params]
             key = next(iter(chosen)) if chosen else None
-            flat = [st[k] for st in states for k in keys]
+            sigs = None
+            if lay.int8:  # per tensor: codes and block scales (quantized), or fp32 state (_state_signatures)
+                sigs, seg_keys = _state_signatures(states, keys)
+                flat = [st[k] for st, ks in zip(states, seg_keys) for k in ks]
+            else:
+                seg_keys = [keys] * len(states)
+                flat = [st[k] for st in states for k in keys]
             if dt:
                 if any(type(t) is not cls for t in flat):
                     return
@@ -144,17 +148,22 @@ class PlanCacheMixin:
                 bparams, flat_locals, dtensor = items, flat, None
             nk = len(keys)
             first = flat_locals[:nk]
+            tuples, at = [], 0
+            for ks in seg_keys:
+                tuples.append(tuple(flat_locals[at:at + len(ks)]))
+                at += len(ks)
             entries.append({
                 "group": group, "nkeys": len(group), "layout": lay.name, "state_names": state_names, "keys": keys,
                 "params": list(params), "items": items, "bparams": bparams, "dtensor": dtensor,
                 "mask": None if all(mask) else mask, "states": states,
                 "flat": flat,
-                "tuples": [tuple(flat_locals[i * nk:(i + 1) * nk]) for i in range(len(states))],
+                "tuples": tuples, "sigs": sigs,
                 # what _cached_grads checks every tensor (a DTensor's local shard) against (a group without items
                 # checks none)
                 "pdtype": bparams[0].dtype if items else torch.float32,
                 "device": bparams[0].device if items else torch.device("cpu"),
-                "sdtypes": tuple([t.dtype for t in first]) if states else tuple([torch.float32] * len(keys)),
+                "sdtypes": () if sigs is not None else tuple([t.dtype for t in first]) if states
+                else tuple([torch.float32] * len(keys)),
                 "chosen_key": key,
                 "host_keys": () if group["capturable"] or not states else (("step",) if self.spec.counts_steps else ())
                 + ((self.spec.host_state[0],) if self.spec.pack_reads_state and self.spec.advance_many else ()),
@@ -162,3 +171,24 @@ class PlanCacheMixin:
         # the objects themselves (not their ids, which a new object may reuse once one is freed)
         self._fast = {"state": self.state, "groups": entries, "state_values": list(self.state.values()),
                       "state_keys": list(self.state)}
+
+
+def _state_signatures(states, keys) -> tuple:
+    """The int8 layouts' per-tensor state for ``_C_cpu.cached_grads``: per state dict, its signature (keys, dtypes,
+    size divisors: the state tensors ``keys``, param-shaped, then the block scales ``key + INT8_SCALE_SUFFIX`` of the
+    quantized ones, numel / INT8_BLOCK; and the dict's number of entries, so that an added scale is seen; one tuple
+    object per distinct signature) and its keys in that order (the order of the bucket's state tuple, as the full
+    plan builds it in ``FusedOptimizer._update``)."""
+    sfx, block = _layouts.INT8_SCALE_SUFFIX, _layouts.INT8_BLOCK
+    known: dict = {}
+    sigs, seg_keys = [], []
+    for st in states:
+        ks = (*keys, *[k + sfx for k in keys if k + sfx in st])
+        dts = tuple([st[k].dtype for k in ks])
+        sig = known.get((ks, dts, len(st)))
+        if sig is None:
+            sig = known[ks, dts, len(st)] = (ks, dts, tuple([1] * len(keys) + [block] * (len(ks) - len(keys))),
+                                             len(st))
+        sigs.append(sig)
+        seg_keys.append(ks)
+    return sigs, seg_keys
