@@ -5,6 +5,7 @@ group, their 48 biases in a ``use_muon=False`` group), so that a step is host wo
     python -m bench.bench_muon_fsdp                       # d=32, 12 blocks, 5 rounds of 30 steps
     python -m bench.bench_muon_fsdp --d 64 --blocks 6 --rounds 7
     python -m bench.bench_muon_fsdp --rounds 15 --cases "fsdp / ours; fsdp / ours, fp32 wire"
+    python -m bench.bench_muon_fsdp --device cuda --world 1   # NCCL on one GPU: the host time on CUDA DTensors
 
 Cases, on the same model and gradients (one forward / backward, then only ``opt.step()`` is timed):
 - fsdp: ``fully_shard`` per block and on the root (params, grads and state are Shard(0) DTensors):
@@ -34,7 +35,7 @@ import statistics
 import tempfile
 import time
 
-WORLD = 2
+WORLD = 2  # processes (--world): gloo on the CPU; --device cuda: NCCL, one GPU per process
 
 
 def _model(d, blocks, seed=0):
@@ -45,11 +46,11 @@ def _model(d, blocks, seed=0):
     return nn.Sequential(*[nn.Sequential(*[nn.Linear(d, d) for _ in range(4)]) for _ in range(blocks)])
 
 
-def _fsdp(model):
+def _fsdp(model, device="cpu", world=WORLD):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh(device, (world,))
     for block in model:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -130,13 +131,16 @@ def _worker(rank, tmpdir, args):
     from momentum_fused.optim import phases
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmpdir, 'rendezvous')}", rank=rank,
-                            world_size=WORLD)
-    x = torch.randn(8, args.d, generator=torch.Generator().manual_seed(1))
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{os.path.join(tmpdir, 'rendezvous')}",
+                            rank=rank, world_size=args.world)
+    x = torch.randn(8, args.d, generator=torch.Generator().manual_seed(1)).to(args.device)
 
     def setup(wrapper, make, **kw):
-        model = _model(args.d, args.blocks)
-        run = _fsdp(model) if wrapper == "fsdp" else model
+        model = _model(args.d, args.blocks).to(args.device)
+        run = _fsdp(model, args.device, args.world) if wrapper == "fsdp" else model
         run(x).square().mean().backward()
         opts, wire32 = make(list(model.parameters()), **kw)
         return opts, wire32
@@ -184,7 +188,7 @@ def _worker(rank, tmpdir, args):
                 timers = _Timers()
                 install(timers, timed, wire32, opts)
                 try:
-                    t0 = time.perf_counter()
+                    t0 = time.perf_counter()  # (on a GPU: the host's time, the kernels run behind it)
                     for opt in opts:
                         opt.step()
                     total = time.perf_counter() - t0
@@ -208,17 +212,18 @@ def _middle_mean(steps) -> list:
     return [1e3 * statistics.fmean(s[k] for s in mid) for k in range(len(mid[0]))]
 
 
-def measure(d=32, blocks=12, rounds=5, iters=30, warmup=5, cases=None) -> dict:
+def measure(d=32, blocks=12, rounds=5, iters=30, warmup=5, cases=None, device="cpu", world=WORLD) -> dict:
     """{rank: {case: [[total, ns, comm, plan, rest] ms per round]}}."""
     import json
 
     import torch.multiprocessing as mp
 
-    args = argparse.Namespace(d=d, blocks=blocks, rounds=rounds, iters=iters, warmup=warmup, cases=cases)
+    args = argparse.Namespace(d=d, blocks=blocks, rounds=rounds, iters=iters, warmup=warmup, cases=cases,
+                              device=device, world=world)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(tmp, args), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(tmp, args), nprocs=world, join=True)
         out = {}
-        for r in range(WORLD):
+        for r in range(world):
             with open(os.path.join(tmp, f"rank{r}.json")) as f:
                 out[r] = json.load(f)
     return out
@@ -249,6 +254,9 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=30, help="timed steps per case per round")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--cases", default=None, help=f"a ';'-separated subset of: {'; '.join(CASES)} (default: all)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cpu (gloo) or cuda (NCCL, one GPU per process: the host time of a step on CUDA DTensors)")
+    ap.add_argument("--world", type=int, default=WORLD, help=f"processes (default {WORLD}; 1 on a one-GPU machine)")
     a = ap.parse_args(argv)
     import torch
 
@@ -256,10 +264,13 @@ def main(argv=None) -> None:
     unknown = sorted(set(cases or ()) - set(CASES))
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
-    res = measure(a.d, a.blocks, a.rounds, a.iters, a.warmup, cases)
-    print(f"torch {torch.__version__}, {WORLD} gloo processes x 1 thread, {4 * a.blocks} matrices {a.d}x{a.d} + "
-          f"{4 * a.blocks} biases, {a.rounds} rounds x {a.iters} steps\n")
-    for r in range(WORLD):
+    if a.device == "cuda" and torch.cuda.device_count() < a.world:
+        ap.error(f"--device cuda --world {a.world} needs {a.world} GPUs, this machine has {torch.cuda.device_count()}")
+    res = measure(a.d, a.blocks, a.rounds, a.iters, a.warmup, cases, a.device, a.world)
+    print(f"torch {torch.__version__}, {a.world} {'NCCL' if a.device == 'cuda' else 'gloo'} processes x 1 thread "
+          f"({a.device}), {4 * a.blocks} matrices {a.d}x{a.d} + {4 * a.blocks} biases, {a.rounds} rounds x {a.iters} "
+          "steps\n")
+    for r in range(a.world):
         print(table(res, r) + "\n")
 
 

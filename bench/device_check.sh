@@ -9,7 +9,7 @@
 # or the preset `issue20` (the kernel work of issue 20, ~7.5 min): env kernels-cuda build test-cuda step-times
 # kernels-triton -- see the phases' comments below; kernel-report (static, the same as on a CPU machine) on request;
 # the preset `issue17` (compressed state, ~8 min): env build test-compressed compressed.
-# the preset `issue16` (Muon, ~6.5 min with the build): env build muon.
+# the preset `issue16` (Muon, ~7 min with the build): env build muon fsdp-host.
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
 # so the archive is written before the device tool's limit. Give the tool a timeout_s ~40 s above it.
 # TRITON_K: an optional pytest -k filter for the Triton GPU tests (careful: "float16" also matches
@@ -174,6 +174,15 @@ phase_muon() {
     --ns-algorithm standard,auto --providers ours-cuda,ours-triton,torch.optim.Muon,muon-optimizer
   grep -E "^\| |not measured" "$WORK/muon-bench.log" | sed 's/^/  /' | tee -a "$WORK/summary.txt"
 }
+# fsdp-host (~40 s): the host time of a step on CUDA DTensors under fully_shard (one process, NCCL, a one-GPU mesh;
+# 12 blocks of 4 Linear(32, 32): 96 params): ours (the cached plan on DTensors' local shards) Muon + aux AdamW and
+# AdamW alone, against torch.optim.AdamW fused / foreach on the same DTensors. On the 2-core CPU (gloo, 2 processes):
+# AdamW 0.17 ms vs torch fused 1.75 ms (bench/results/muon-fsdp-cpu-20261204).
+phase_fsdp_host() {
+  run fsdp-host 60 "$PY" -m bench.bench_muon_fsdp --device cuda --world 1 --rounds 3 --iters 20 \
+    --cases "fsdp / ours; fsdp / ours, AdamW only; fsdp / torch AdamW(fused); fsdp / torch AdamW(foreach); plain / ours, AdamW only"
+  grep -E "^\| (fsdp|plain)" "$WORK/fsdp-host.log" | sed 's/^/  /' | tee -a "$WORK/summary.txt"
+}
 # kernel-report (~60 s on 16 cores): the static report (registers, stack, spills, 128-bit accesses) with this
 # image's tools; the same as `python -m bench.kernel_report` on a CPU machine.
 phase_kernel_report() {
@@ -203,7 +212,7 @@ phase_compressed() {
 phases=("$@")
 [ "${phases[*]:-}" = issue20 ] && phases=(env kernels-cuda build test-cuda step-times kernels-triton)
 [ "${phases[*]:-}" = issue17 ] && phases=(env build test-compressed compressed)
-[ "${phases[*]:-}" = issue16 ] && phases=(env build muon)
+[ "${phases[*]:-}" = issue16 ] && phases=(env build muon fsdp-host)
 [ ${#phases[@]} -eq 0 ] && phases=(env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank)
 for ph in "${phases[@]}"; do
   echo "== $ph ($(( $(date +%s) - T0 )) s)" >> "$WORK/summary.txt"
