@@ -9,7 +9,8 @@
 # or the preset `issue20` (the kernel work of issue 20, ~7.5 min): env kernels-cuda build test-cuda step-times
 # kernels-triton -- see the phases' comments below; kernel-report (static, the same as on a CPU machine) on request;
 # the preset `issue17` (compressed state, ~8 min): env build test-compressed compressed.
-# the preset `issue16` (Muon, ~7 min with the build): env build muon fsdp-host.
+# the preset `issue16` (Muon, ~8 min with the build): env build muon muon-ns fsdp-host (the last phases are skipped,
+# and say so in the summary, when the budget runs out: run `bash bench/device_check.sh muon-ns fsdp-host` then).
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
 # so the archive is written before the device tool's limit. Give the tool a timeout_s ~40 s above it.
 # TRITON_K: an optional pytest -k filter for the Triton GPU tests (careful: "float16" also matches
@@ -174,6 +175,18 @@ phase_muon() {
     --ns-algorithm standard,auto --providers ours-cuda,ours-triton,torch.optim.Muon,muon-optimizer
   grep -E "^\| |not measured" "$WORK/muon-bench.log" | sed 's/^/  /' | tee -a "$WORK/summary.txt"
 }
+# muon-ns (~60 s): Muon's symmetric products in Triton (triton_kernels/symmm.py, opt-in MOMENTUM_FUSED_TRITON_SYMMM=1
+# until measured) compiled: its GPU test (10 Muon steps within bf16 of cuBLAS), then Newton-Schulz per shape at d=1024
+# (standard / Gram form, cuBLAS vs the kernel) for the tiles TRITON_SYMMM_AB (BLOCK x BLOCK_K x warps). Decides
+# whether "auto" should take the kernel on CUDA by default (issue 16: "a Triton kernel only where it measurably wins").
+phase_muon_ns() {
+  TRITON_INTERPRET=0 run muon-ns-test 60 "${PYTEST[@]}" -m gpu tests/triton/test_symmm_triton.py
+  for v in ${TRITON_SYMMM_AB:-64x32x8 128x32x8}; do
+    MOMENTUM_FUSED_TRITON_SYMMM_CONFIG=$v run "muon-ns-$v" 40 "$PY" -m bench.muon_ns_shapes --device cuda --d 1024 \
+      --batch 12 --reps 5
+    grep -E "^\| \(" "$WORK/muon-ns-$v.log" | sed "s/^/  $v /" | tee -a "$WORK/summary.txt"
+  done
+}
 # fsdp-host (~40 s): the host time of a step on CUDA DTensors under fully_shard (one process, NCCL, a one-GPU mesh;
 # 12 blocks of 4 Linear(32, 32): 96 params): ours (the cached plan on DTensors' local shards) Muon + aux AdamW and
 # AdamW alone, against torch.optim.AdamW fused / foreach on the same DTensors. On the 2-core CPU (gloo, 2 processes):
@@ -212,7 +225,7 @@ phase_compressed() {
 phases=("$@")
 [ "${phases[*]:-}" = issue20 ] && phases=(env kernels-cuda build test-cuda step-times kernels-triton)
 [ "${phases[*]:-}" = issue17 ] && phases=(env build test-compressed compressed)
-[ "${phases[*]:-}" = issue16 ] && phases=(env build muon fsdp-host)
+[ "${phases[*]:-}" = issue16 ] && phases=(env build muon muon-ns fsdp-host)
 [ ${#phases[@]} -eq 0 ] && phases=(env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank)
 for ph in "${phases[@]}"; do
   echo "== $ph ($(( $(date +%s) - T0 )) s)" >> "$WORK/summary.txt"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -154,12 +155,44 @@ def uses_gram(algorithm: str, shape) -> bool:
     return False
 
 
+TRITON_SYMMM_ENV = "MOMENTUM_FUSED_TRITON_SYMMM"
+
+
+def _triton_symmm_requested() -> bool:
+    value = os.environ.get(TRITON_SYMMM_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{TRITON_SYMMM_ENV}={value!r}: expected 1 (the Triton symmetric products of Muon's "
+                         "Newton-Schulz on CUDA, ns_algorithm 'gram' or 'auto') or 0 / unset (cuBLAS through torch)")
+    return value == "1"
+
+
+def _check_symmm_env(group: Mapping) -> None:
+    """MUON_SPEC's cross-check (every step, before anything changes): a bad MOMENTUM_FUSED_TRITON_SYMMM, or 1
+    without triton, raises here rather than inside the step's matrix phase."""
+    if group.get("ns_algorithm") != "standard" and _triton_symmm_requested():
+        import importlib.util
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError(f"{TRITON_SYMMM_ENV}=1 needs triton, which is not installed")
+
+
 def symmetric_products(algorithm: str, device: torch.device, dtype: torch.dtype):
     """How the Newton-Schulz phase computes its symmetric products (``reference.symmetric_baddbmm``'s
     signature): with ``"gram"`` and ``"auto"`` in bf16 on a CPU where the half-product kernel runs
-    (``_backend_cpu.symmetric_product``: AVX-512-BF16, no AMX), that kernel; else None (torch's bmm/baddbmm).
-    ``"standard"`` always uses torch's ops: it is torch.optim.Muon's iteration bit for bit."""
-    if algorithm == "standard" or device.type != "cpu" or dtype != torch.bfloat16:
+    (``_backend_cpu.symmetric_product``: AVX-512-BF16, no AMX), that kernel; on CUDA, the Triton kernel
+    (triton_kernels/symmm.py) when ``MOMENTUM_FUSED_TRITON_SYMMM=1`` (opt-in until a GPU measures it against cuBLAS;
+    without triton that raises); else None (torch's bmm/baddbmm). ``"standard"`` always uses torch's ops: it is
+    torch.optim.Muon's iteration bit for bit."""
+    if algorithm == "standard" or dtype != torch.bfloat16:
+        return None
+    if device.type == "cuda":
+        if not _triton_symmm_requested():
+            return None
+        try:
+            from .triton_kernels.symmm import symmetric_baddbmm
+        except ImportError as e:
+            raise RuntimeError(f"{TRITON_SYMMM_ENV}=1 needs triton, which cannot be imported: {e}") from None
+        return symmetric_baddbmm
+    if device.type != "cpu":
         return None
     from ._backend_cpu import symmetric_product
     return symmetric_product()
@@ -208,7 +241,7 @@ MUON_APPLY_SPEC = UpdateRuleSpec(
 MUON_SPEC = UpdateRuleSpec(
     name="muon", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,
     state_names=lambda g: ("momentum_buffer",), flag_names=(), flags=lambda g: (), scalar_names=("grad_mult",),
-    advance=lambda g, st, fresh, t: (),
+    advance=lambda g, st, fresh, t: (), cross_check=_check_symmm_env,
     state_tensors=lambda g: (StateTensor("momentum_buffer"), StateTensor("update", persistent=False)),
     phases=(ElementwisePass("muon_momentum"), MatrixPhase("newton_schulz", "update", _ns_phase, max_batch=None,
                                                    max_batch_bytes=NS_MAX_BATCH_BYTES, compute_dtype=ns_dtype_for),

@@ -144,3 +144,19 @@ def test_unaligned_and_interpreter_variants_front_end():
 
 def test_every_rule_is_reached():
     assert {s[1] for s in SPECIALIZATIONS} == set(rules.RULE_IDS)
+
+
+_SYMMM_SIG = {"Y": "*bf16", "Z": "*bf16", "C0": "*bf16", "OUT": "*bf16", "PAIRS": "*i32", "m": "i32", "k": "i32",
+              **{n: "i64" for n in ("s_yb", "s_ym", "s_zb", "s_zm", "s_cb", "s_cm", "s_ob", "s_om")},
+              "alpha": "fp32", "beta": "fp32"}
+
+
+@pytest.mark.parametrize("has_c0", [False, True])
+def test_symmetric_product_kernel_compiles(has_c0):
+    """Muon's symmetric-product kernel (triton_kernels/symmm.py) to a cubin for sm_90, and its interpreter variant
+    (int16 bits) through the front end."""
+    from momentum_fused.triton_kernels import symmm
+    constexprs = dict(HAS_C0=has_c0, BLOCK=symmm.BLOCK, BLOCK_K=symmm.BLOCK_K, HW_BF16=True)
+    _compile(symmm.sym_mm_kernel, constexprs, full=True, sig=_SYMMM_SIG)
+    bits = {k: ("*i16" if v == "*bf16" else v) for k, v in _SYMMM_SIG.items()}
+    _compile(symmm.sym_mm_kernel, dict(constexprs, HW_BF16=False), sig=bits)
