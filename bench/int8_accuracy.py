@@ -6,8 +6,8 @@
   schedule; validation loss curve.
 
 Run: ``python bench/int8_accuracy.py [--epochs 20] [--seeds 5] [--charlm-steps 300] [--charlm-size small]
-[--plot docs/img/int8_accuracy.png] [--torchao]`` (``--torchao``: the digits runs of torchao's AdamW8bit too, for
-comparison).
+[--plot docs/img/int8_accuracy.png] [--torchao] [--ablation]`` (``--torchao``: the digits runs of torchao's
+AdamW8bit too, for comparison; ``--ablation``: a sensitivity floor and which state's map costs what).
 
 Both layouts see the same data order and init per seed; the difference is the state storage alone. Three runs per
 seed: fp32 state on the reference backend (the baseline), ``int8_state`` on the reference backend, and fp32 state
@@ -34,9 +34,44 @@ RUNS = [("fp32 state", "native", "reference"), ("int8_state", "int8_state", "ref
         ("fp32 state, cpu backend (round-off floor)", "native", "cpu")]
 
 
-def digits_run(layout, backend, seed, epochs, data):
+class _QuantizedAdamW(torch.optim.Optimizer):
+    """The ablation of ``--ablation``: torch.optim.AdamW's update in fp32 (torch's formula), where after each step the
+    first moment (``which`` holds "m"), the second ("v") or both of every tensor that int8_state quantizes are
+    replaced by their int8 round trip (layouts.int8_encode / int8_decode: the same map, blocks and scales). With both
+    it is int8_state's arithmetic up to the order of fp32 operations; with one, the cost of that state's map alone."""
+
+    def __init__(self, params, which, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.which = which
+
+    @torch.no_grad()
+    def step(self):
+        from momentum_fused import layouts
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                st["step"] += 1
+                t, m, v, g = st["step"], st["m"], st["v"], p.grad
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p.mul_(1 - lr * wd)
+                denom = (v.sqrt() / (1 - b2 ** t) ** 0.5).add_(eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+                if layouts.int8_quantized(p):
+                    for name, signed in (("m", True), ("v", False)):
+                        if name in self.which:
+                            st[name].copy_(layouts.int8_decode(*layouts.int8_encode(st[name], signed), signed))
+
+
+def digits_run(layout, backend, seed, epochs, data, lr_scale=1.0):
     """(train loss after each epoch, final test accuracy). backend "torchao": torchao's AdamW8bit (a peer, not this
-    project's: its own 8-bit maps; block 256, tensors of >= 4096 elements quantized, as int8_state)."""
+    project's: its own 8-bit maps; block 256, tensors of >= 4096 elements quantized, as int8_state); backend
+    "ablation": ``_QuantizedAdamW`` with ``layout`` the states it round-trips ("", "m", "v", "mv")."""
     from fsgdm_digits import make_model
     (Xtr, ytr), _, (Xte, yte) = data
     torch.manual_seed(seed)
@@ -44,8 +79,10 @@ def digits_run(layout, backend, seed, epochs, data):
     if backend == "torchao":
         from torchao.optim import AdamW8bit
         opt = AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.01)
+    elif backend == "ablation":
+        opt = _QuantizedAdamW(model.parameters(), layout, lr=1e-3 * lr_scale, weight_decay=0.01)
     else:
-        opt = mf.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, layout=layout, backend=backend)
+        opt = mf.AdamW(model.parameters(), lr=1e-3 * lr_scale, weight_decay=0.01, layout=layout, backend=backend)
     gen = torch.Generator().manual_seed(seed)
     loss_fn = torch.nn.CrossEntropyLoss()
     curve = []
@@ -76,14 +113,25 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="write the loss curves to this PNG (needs matplotlib)")
     ap.add_argument("--torchao", action="store_true",
                     help="digits: add torchao's AdamW8bit (pip install --no-deps torchao; no dependency of this project)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="digits: also a sensitivity floor (fp32 state, lr x (1 + 1e-6)) and torch's AdamW formula with "
+                         "m, v or both round-tripped through the int8 map after each step (which state costs what)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     runs = [r for r in RUNS if r[2] in mf.backends.available()]
     if args.torchao:
         runs.append(("torchao AdamW8bit (peer)", None, "torchao"))
+    scale = {}
+    if args.ablation:
+        runs += [("fp32 state, lr x (1 + 1e-6) (sensitivity floor)", "native", "reference")]
+        scale[runs[-1][0]] = 1 + 1e-6
+        runs += [(f"ablation: {what}", which, "ablation") for what, which in (
+            ("torch's AdamW formula, fp32 state", ""), ("m round-tripped through int8", "m"),
+            ("v round-tripped through int8", "v"), ("m and v round-tripped", "mv"))]
     from fsgdm_digits import digits
     data = digits()
-    dig = {label: [digits_run(lay, be, s, args.epochs, data) for s in range(args.seeds)] for label, lay, be in runs}
+    dig = {label: [digits_run(lay, be, s, args.epochs, data, scale.get(label, 1.0)) for s in range(args.seeds)]
+           for label, lay, be in runs}
     base = dig[RUNS[0][0]]
     print(f"digits MLP, AdamW lr 1e-3, {args.epochs} epochs, {args.seeds} seeds: final train loss, test accuracy, "
           "relative difference of the final loss to fp32 state (per seed, then the mean and max |.|)")

@@ -4,7 +4,9 @@ csrc/cpu/cpu_python.cpp). They read tensor metadata only, so they serve CUDA (or
 tests/test_fast_path.py proves it on ``meta`` tensors, and bench/frontend.py times that path without a GPU.
 Without the compiled extension (a pure-Python install) there is no cached plan: every step runs the full plan.
 Measured on the cpu backend: 10,000 tiny tensors, AdamW 168 ms per step with per-tensor Python checks, 11 ms
-with these (docs/architecture.md)."""
+with these (docs/architecture.md). DTensor params (FSDP2) are checked on their local shards, the int8 layouts with
+per-tensor state signatures, and multi-phase rules whose persistent state is param-shaped (Muon) are cached too
+(tests/test_dtensor_fast_path.py; 296 DTensor params under AdamW: 3.1-3.4 -> 0.35-0.39 ms a step)."""
 from __future__ import annotations
 
 import torch
@@ -52,7 +54,9 @@ class PlanCacheMixin:
         same key and value objects, in order), the same group objects and param lists, the same params with
         gradients, every gradient a plain contiguous strided tensor with the param's shape, dtype and
         device, params of the cached dtype and device, the same state tensor objects with the cached
-        dtypes and the param's shape, the same state names (flags) and layout.
+        dtypes and the param's shape (the int8 layouts: each tensor's own keys, dtypes and block-scale sizes), the
+        same state names (flags) and layout. For a group of DTensors the checks read the local shards, and the
+        params' specs and local shards and the state tensors' local shards must be the cached objects.
         Hyperparameters are validated on every step, exactly as ``_plan`` does. Anything else falls
         back to the full ``_plan``, which validates everything and raises the detailed errors."""
         fc = self._fast
