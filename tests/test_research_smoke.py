@@ -108,3 +108,22 @@ def test_qhm_measured_rate_matches_spectral_radius():
         assert (r < 1) == (rho < 1)
         if 0.3 < rho < 0.999:
             assert abs(r - rho) < 1e-2, (lrh, r, rho)
+
+
+def test_int8_accuracy_ablation_reproduces_both_layouts():
+    """bench/int8_accuracy.py --ablation: torch's AdamW formula with nothing round-tripped is the fp32-state run, and
+    with m and v round-tripped through the int8 map it is int8_state's run (reference backend), loss for loss: so
+    its m-only and v-only rows isolate each state's cost (docs/algorithms.md section 11). Synthetic digits-shaped
+    data, two epochs."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import int8_accuracy as ia
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(96, 64, generator=g), torch.randint(0, 10, (96,), generator=g)
+    data = ((x[:64], y[:64]), None, (x[64:], y[64:]))
+    assert ia.digits_run("", "ablation", 0, 2, data) == ia.digits_run("native", "reference", 0, 2, data)
+    both = ia.digits_run("mv", "ablation", 0, 2, data)
+    assert both == ia.digits_run("int8_state", "reference", 0, 2, data)
+    assert ia.digits_run("m", "ablation", 0, 2, data) != both != ia.digits_run("v", "ablation", 0, 2, data)
