@@ -12,19 +12,13 @@ import torch
 import momentum_fused as mf
 from momentum_fused import specs_muon
 from momentum_fused._backend_cpu import symmetric_product
-from momentum_fused.reference import newton_schulz, symmetric_baddbmm
+from momentum_fused.reference import symmetric_baddbmm
+from symmetric_cases import assert_upper_triangle_mirrored, ns_errors, random_operands
 
 SYM = symmetric_product()
 needs_kernel = pytest.mark.skipif(
     SYM is None, reason="needs the CPU extension on a CPU with AVX-512-BF16 and no AMX (the symmetric kernel does not "
                         "run on this CPU; torch's products are used instead)")
-TORCH_SCHEDULE = [(3.4445, -4.7750, 2.0315)] * 5
-
-
-def _ulp_bound(ref64, absprod, k):
-    """|out - ref| allowed for an fp32-accumulated bf16 product rounded once: half a bf16 ulp of the result (2^-9
-    relative) plus the fp32 accumulation error of k terms."""
-    return ref64.abs() * 2.0 ** -8 + absprod * (k + 2) * 2.0 ** -23 + 1e-30
 
 
 def _raw(y, z, c0=None, alpha=1.0, beta=0.0):
@@ -41,22 +35,8 @@ def _raw(y, z, c0=None, alpha=1.0, beta=0.0):
 def test_kernel_is_the_upper_triangle_of_the_product_mirrored(n, m, k, with_c0):
     """The raw kernel on arbitrary y, z: the tiles on or above the diagonal of alpha y z^T + beta c0, each within an
     fp32-accumulated bf16 rounding of the float64 value, mirrored into the lower triangle (exactly symmetric)."""
-    g = torch.Generator().manual_seed(n * 1000 + m * 10 + k)
-    y = torch.randn(n, m, k, generator=g).bfloat16()
-    z = torch.randn(n, m, k, generator=g).bfloat16()
-    c0 = torch.randn(n, m, m, generator=g).bfloat16() if with_c0 else None
-    alpha, beta = (0.75, -1.5) if with_c0 else (1.0, 0.0)
-    out = _raw(y, z, c0, alpha, beta)
-    ref = alpha * (y.double() @ z.double().mT)
-    absprod = abs(alpha) * (y.double().abs() @ z.double().abs().mT)
-    if with_c0:
-        ref = ref + beta * c0.double()
-        absprod = absprod + abs(beta) * c0.double().abs()
-    upper = torch.ones(m, m, dtype=torch.bool).triu()
-    want = torch.where(upper, ref, ref.mT)
-    bound = torch.where(upper, _ulp_bound(ref, absprod, k), _ulp_bound(ref, absprod, k).mT)
-    assert torch.equal(out, out.mT)
-    assert ((out.double() - want).abs() <= bound).all()
+    y, z, c0, alpha, beta = random_operands(n, m, k, with_c0)
+    assert_upper_triangle_mirrored(_raw(y, z, c0, alpha, beta), y, z, c0, alpha, beta)
 
 
 @needs_kernel
@@ -108,14 +88,7 @@ def test_newton_schulz_on_the_kernel_is_as_accurate(shape, gram):
     of rectangular matrices (measured 0.97-1.04x, 4 seeds, m = 37-384), 1.35x for the Gram form of square ones
     (measured 1.07-1.27x; "auto" takes the standard form there)."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
-    kw = dict(gram=True, restarts=specs_muon.gram_restarts(5)) if gram else {}
-    ref = newton_schulz(x, TORCH_SCHEDULE, 1e-7, torch.float64)
-
-    def rel(y):
-        return ((y.double() - ref).norm(dim=(-2, -1)) / ref.norm(dim=(-2, -1))).max().item()
-
-    base = rel(newton_schulz(x, TORCH_SCHEDULE, 1e-7, torch.bfloat16, **kw))
-    mine = rel(newton_schulz(x, TORCH_SCHEDULE, 1e-7, torch.bfloat16, sym=SYM, **kw))
+    base, mine = ns_errors(x, SYM, gram)
     bound = 1.05 if not gram else (1.35 if shape[1] == shape[2] else 1.1)
     assert mine <= bound * base
 

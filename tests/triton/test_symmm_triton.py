@@ -7,38 +7,18 @@ import torch
 
 import momentum_fused as mf
 from momentum_fused import specs_muon
-from momentum_fused.reference import newton_schulz, symmetric_baddbmm
+from momentum_fused.reference import symmetric_baddbmm
 from momentum_fused.triton_kernels import symmm
-
-TORCH_SCHEDULE = [(3.4445, -4.7750, 2.0315)] * 5
-
-
-def _ulp_bound(ref64, absprod, k):
-    """|out - ref| allowed for an fp32-accumulated bf16 product rounded once (as tests/test_muon_symmetric.py)."""
-    return ref64.abs() * 2.0 ** -8 + absprod * (k + 2) * 2.0 ** -23 + 1e-30
-
+from symmetric_cases import assert_upper_triangle_mirrored, ns_errors, random_operands
 
 @pytest.mark.parametrize("n,m,k", [(1, 1, 2), (2, 5, 7), (1, 64, 64), (2, 70, 45), (1, 130, 33), (0, 4, 4),
                                    (2, 0, 6), (1, 7, 0)])
 @pytest.mark.parametrize("with_c0", [False, True])
 def test_kernel_is_the_upper_triangle_of_the_product_mirrored(n, m, k, with_c0):
-    g = torch.Generator().manual_seed(n * 1000 + m * 10 + k)
-    y = torch.randn(n, m, k, generator=g).bfloat16()
-    z = torch.randn(n, m, k, generator=g).bfloat16()
-    c0 = torch.randn(n, m, m, generator=g).bfloat16() if with_c0 else None
-    alpha, beta = (0.75, -1.5) if with_c0 else (1.0, 0.0)
-    out = torch.full((n, m, m), float("nan"), dtype=torch.bfloat16)
+    y, z, c0, alpha, beta = random_operands(n, m, k, with_c0)
+    out = torch.full((n, m, m), float("nan"), dtype=torch.bfloat16)  # (every element written: no NaN left)
     assert symmm.sym_mm_bf16(out, y, z, c0, alpha, beta) is out
-    ref = alpha * (y.double() @ z.double().mT)
-    absprod = abs(alpha) * (y.double().abs() @ z.double().abs().mT)
-    if with_c0:
-        ref = ref + beta * c0.double()
-        absprod = absprod + abs(beta) * c0.double().abs()
-    upper = torch.ones(m, m, dtype=torch.bool).triu()
-    want = torch.where(upper, ref, ref.mT)
-    bound = torch.where(upper, _ulp_bound(ref, absprod, k), _ulp_bound(ref, absprod, k).mT)
-    assert torch.equal(out, out.mT)  # (every element written: no NaN left)
-    assert ((out.double() - want).abs() <= bound).all()
+    assert_upper_triangle_mirrored(out, y, z, c0, alpha, beta)
 
 
 @pytest.mark.parametrize("shape,tall", [((3, 24, 70), False), ((2, 31, 9), True), ((2, 66, 40), False)])
@@ -68,14 +48,7 @@ def test_newton_schulz_on_the_kernel_is_as_accurate(shape, gram):
     """bf16 Newton-Schulz on the kernel's products: relative error against the float64 iteration within the bounds
     of the CPU kernel's test (tests/test_muon_symmetric.py) over the same iteration on torch's products."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
-    kw = dict(gram=True, restarts=specs_muon.gram_restarts(5)) if gram else {}
-    ref = newton_schulz(x, TORCH_SCHEDULE, 1e-7, torch.float64)
-
-    def rel(y):
-        return ((y.double() - ref).norm(dim=(-2, -1)) / ref.norm(dim=(-2, -1))).max().item()
-
-    base = rel(newton_schulz(x, TORCH_SCHEDULE, 1e-7, torch.bfloat16, **kw))
-    mine = rel(newton_schulz(x, TORCH_SCHEDULE, 1e-7, torch.bfloat16, sym=symmm.symmetric_baddbmm, **kw))
+    base, mine = ns_errors(x, symmm.symmetric_baddbmm, gram)
     assert mine <= (1.1 if gram else 1.05) * base
 
 
