@@ -290,7 +290,7 @@ def _exchange_layout(prs, mesh) -> dict:
                 back_splits=[counts[i][me] * row[i] for i in order])
 
 
-def _sharded_matrix_phase(phase, group, pairs, memo=None) -> None:
+def _sharded_matrix_phase(phase, group, pairs, memo) -> None:
     """The matrix phase for (DTensor param, local shard of its work tensor) pairs sharded on dim 0 (FSDP2), per
     (mesh, dtype). Each matrix gets an owner rank (round-robin by size: largest first, to the least loaded rank;
     the same on every rank, the params of a group being the same everywhere). Then:
@@ -312,15 +312,13 @@ def _sharded_matrix_phase(phase, group, pairs, memo=None) -> None:
     import torch.distributed as dist
 
     key = ("exchange", phase.tensor)
-    groups = None if memo is None else memo.get(key)
+    groups = memo.get(key)
     if groups is None:
         by_mesh: dict = {}
         for j, (p, t) in enumerate(pairs):  # (by dtype too: one send buffer holds one dtype, as the stacks do)
             by_mesh.setdefault((p.device_mesh, t.dtype), []).append(j)
-        groups = [(mesh, dtype, idx, _exchange_layout([pairs[j] for j in idx], mesh))
-                  for (mesh, dtype), idx in by_mesh.items()]
-        if memo is not None:
-            memo[key] = groups
+        groups = memo[key] = [(mesh, dtype, idx, _exchange_layout([pairs[j] for j in idx], mesh))
+                              for (mesh, dtype), idx in by_mesh.items()]
     for mesh, dtype, idx, lay in groups:
         prs = [pairs[j] for j in idx]
         pg, world, me, batches, counts, row, order = (lay[k] for k in ("pg", "world", "me", "batches", "counts",

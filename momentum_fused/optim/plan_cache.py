@@ -85,8 +85,8 @@ class PlanCacheMixin:
             params = group["params"]
             if not _same_objects(params, e["params"]):
                 return None
-            gs = _cached_grads(params, e["mask"], e["states"], () if e["sigs"] is not None else e["keys"], e["flat"],
-                               e["pdtype"], e["device"], e["sdtypes"], e["dtensor"], e["sigs"])
+            gs = _cached_grads(params, e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
+                               e["sdtypes"], e["dtensor"], e["sigs"])
             if gs is None:
                 return None
             items = e["items"]
@@ -157,7 +157,8 @@ class PlanCacheMixin:
                 tuples.append(tuple(flat_locals[at:at + len(ks)]))
                 at += len(ks)
             entries.append({
-                "group": group, "nkeys": len(group), "layout": lay.name, "state_names": state_names, "keys": keys,
+                "group": group, "nkeys": len(group), "layout": lay.name, "state_names": state_names,
+                "keys": () if sigs is not None else keys,  # (with per-tensor signatures, theirs)
                 "params": list(params), "items": items, "bparams": bparams, "dtensor": dtensor,
                 "mask": None if all(mask) else mask, "states": states,
                 "flat": flat,
