@@ -9,7 +9,8 @@ but declares what the cuda backend declares (device scalars, scalar tables, the 
 metadata only. The same step on CPU tensors with the same null backend is measured side by side, and the full plan
 (the cache dropped before every step) for scale.
 
-Run: ``python -m bench.frontend [--rules adamw,sgd,lion] [--profiles llm,tiny] [--runs 5] [--json FILE]``.
+Run: ``python -m bench.frontend [--rules adamw,sgd,lion,nadam,adamw-int8] [--profiles llm,tiny] [--runs 5]
+[--json FILE]``.
 Report: median ms per step over ``--runs`` runs of ``--iters`` steps each, and the spread (min..max of the runs).
 This is no kernel timing: on a GPU, bench/device_check.sh (phase step-times) times the real step with CUDA events
 around the op and the front end apart.
@@ -24,7 +25,7 @@ import time
 import torch
 
 import momentum_fused as mf
-from momentum_fused import backends, layouts
+from momentum_fused import backends
 
 from .core import profile_shapes
 
@@ -34,6 +35,8 @@ RULES = {
     "sgd": lambda ps: mf.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, backend=NULL),
     "lion": lambda ps: mf.Lion(ps, lr=1e-4, backend=NULL),
     "nadam": lambda ps: mf.NAdam(ps, lr=1e-3, backend=NULL),
+    # the int8 layouts' per-tensor state (codes and block scales, or fp32 state for small tensors)
+    "adamw-int8": lambda ps: mf.AdamW(ps, lr=1e-3, weight_decay=0.01, layout="int8_state", backend=NULL),
 }
 # element totals per profile: the llm profile is a 292-tensor GPT stack at any total (10M keeps the CPU side's
 # state small; the host work does not depend on sizes), the tiny one ~5,000 tensors of <= 4096 elements
@@ -44,9 +47,8 @@ def register_null_backend(devices=("meta", "cpu")) -> None:
     """A backend that receives the buckets and does nothing, with the cuda backend's declared capabilities."""
     def apply(spec, flags, params, grads, states, scalars, **kw):
         return None
-    cuda = backends._REGISTRY.get("cuda")
-    lays = cuda.layouts if cuda is not None and cuda.layouts else layouts.BASE_KERNEL_LAYOUTS
-    backends.register(backends.Backend(name=NULL, apply=apply, devices=devices, layouts=lays,
+    from momentum_fused._backend_cuda import CUDA_LAYOUTS  # (what the cuda backend runs, built or not)
+    backends.register(backends.Backend(name=NULL, apply=apply, devices=devices, layouts=CUDA_LAYOUTS,
                                        device_scalars=True, scalar_tables=True))
 
 
@@ -82,7 +84,7 @@ def measure(rule: str, profile: str, device: str, runs: int, iters: int, full: b
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rules", default="adamw,sgd,lion,nadam")
+    ap.add_argument("--rules", default="adamw,sgd,lion,nadam,adamw-int8")
     ap.add_argument("--profiles", default="llm,tiny")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)

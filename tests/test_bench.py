@@ -88,15 +88,18 @@ def test_quick_bench_smoke(tmp_path):
 
 
 def test_frontend_bench_smoke(tmp_path, capsys):
-    """bench/frontend.py runs, keeps the cached plan on meta tensors, and leaves no backend registered."""
+    """bench/frontend.py runs, keeps the cached plan on meta tensors (the int8 layout's too), and leaves no backend
+    registered."""
     from bench import frontend
     from momentum_fused import backends
     out = tmp_path / "fe.json"
-    assert frontend.main(["--rules", "adamw", "--profiles", "llm", "--runs", "1", "--iters", "2",
+    assert frontend.main(["--rules", "adamw,adamw-int8", "--profiles", "llm", "--runs", "1", "--iters", "2",
                           "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["device"], r["plan"]) for r in rows] == [("meta", "cached"), ("cpu", "cached"), ("meta", "full")]
-    assert rows[0]["cache_kept"] and rows[0]["tensors"] == len(profile_shapes("llm", 10**7))
+    assert [(r["rule"], r["device"], r["plan"]) for r in rows] == [
+        (rule, device, plan) for rule in ("adamw", "adamw-int8")
+        for device, plan in (("meta", "cached"), ("cpu", "cached"), ("meta", "full"))]
+    assert rows[0]["cache_kept"] and rows[3]["cache_kept"] and rows[0]["tensors"] == len(profile_shapes("llm", 10**7))
     assert "WARNING" not in capsys.readouterr().out and frontend.NULL not in backends._REGISTRY
 
 
