@@ -52,3 +52,24 @@ def ns_errors(x, sym, gram):
 
     return (rel(newton_schulz(x, TORCH_SCHEDULE, 1e-7, torch.bfloat16, **kw)),
             rel(newton_schulz(x, TORCH_SCHEDULE, 1e-7, torch.bfloat16, sym=sym, **kw)))
+
+
+def assert_drop_in(sym, shape, tall):
+    """``sym`` as ``reference.symmetric_baddbmm``: a a^T of a (possibly transposed) bf16 stack, and beta c0 + alpha a b
+    for a symmetric b, each exactly symmetric and within bf16 rounding of torch's bmm / baddbmm. Returns the
+    symmetric r = a a^T it computed."""
+    from momentum_fused.reference import symmetric_baddbmm
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g).bfloat16()
+    a = x.mT if tall else x  # tall: a transposed view, as the Newton-Schulz phase has it
+    got = sym(None, a)
+    want = symmetric_baddbmm(None, a)
+    assert torch.equal(got, got.mT)
+    assert ((got.double() - want.double()).abs() <= (a.double().abs() @ a.double().abs().mT) * 2.0 ** -7 + 1e-30).all()
+    r = got
+    got2 = sym(r, r, r, beta=-4.775, alpha=2.0315)
+    want2 = symmetric_baddbmm(r, r, r, beta=-4.775, alpha=2.0315)
+    scale2 = 2.0315 * (r.double().abs() @ r.double().abs()) + 4.775 * r.double().abs()
+    assert torch.equal(got2, got2.mT)
+    assert ((got2.double() - want2.double()).abs() <= scale2 * 2.0 ** -7 + 1e-30).all()
+    return r

@@ -12,8 +12,7 @@ import torch
 import momentum_fused as mf
 from momentum_fused import specs_muon
 from momentum_fused._backend_cpu import symmetric_product
-from momentum_fused.reference import symmetric_baddbmm
-from symmetric_cases import assert_upper_triangle_mirrored, ns_errors, random_operands
+from symmetric_cases import assert_drop_in, assert_upper_triangle_mirrored, ns_errors, random_operands
 
 SYM = symmetric_product()
 needs_kernel = pytest.mark.skipif(
@@ -45,20 +44,7 @@ def test_kernel_is_the_upper_triangle_of_the_product_mirrored(n, m, k, with_c0):
 def test_wrapper_gram_and_symmetric_operand(shape, tall):
     """``symmetric_product()`` as ``reference.symmetric_baddbmm``: a a^T of a (possibly transposed, odd-width)
     stack, and beta c0 + alpha a b for a symmetric b, within bf16 rounding of torch's bmm/baddbmm."""
-    g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(*shape, generator=g).bfloat16()
-    a = x.mT if tall else x  # tall: a transposed view, as the Newton-Schulz phase has it
-    got = SYM(None, a)
-    want = symmetric_baddbmm(None, a)
-    assert torch.equal(got, got.mT)
-    scale = (a.double().abs() @ a.double().abs().mT)
-    assert ((got.double() - want.double()).abs() <= scale * 2.0 ** -7 + 1e-30).all()
-    r = got  # symmetric
-    got2 = SYM(r, r, r, beta=-4.775, alpha=2.0315)
-    want2 = symmetric_baddbmm(r, r, r, beta=-4.775, alpha=2.0315)
-    scale2 = 2.0315 * (r.double().abs() @ r.double().abs()) + 4.775 * r.double().abs()
-    assert torch.equal(got2, got2.mT)
-    assert ((got2.double() - want2.double()).abs() <= scale2 * 2.0 ** -7 + 1e-30).all()
+    assert_drop_in(SYM, shape, tall)
 
 
 def test_wrapper_refuses_bad_arguments():

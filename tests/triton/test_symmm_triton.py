@@ -7,9 +7,8 @@ import torch
 
 import momentum_fused as mf
 from momentum_fused import specs_muon
-from momentum_fused.reference import symmetric_baddbmm
 from momentum_fused.triton_kernels import symmm
-from symmetric_cases import assert_upper_triangle_mirrored, ns_errors, random_operands
+from symmetric_cases import assert_drop_in, assert_upper_triangle_mirrored, ns_errors, random_operands
 
 @pytest.mark.parametrize("n,m,k", [(1, 1, 2), (2, 5, 7), (1, 64, 64), (2, 70, 45), (1, 130, 33), (0, 4, 4),
                                    (2, 0, 6), (1, 7, 0)])
@@ -25,19 +24,7 @@ def test_kernel_is_the_upper_triangle_of_the_product_mirrored(n, m, k, with_c0):
 def test_drop_in_gram_and_symmetric_operand(shape, tall):
     """``symmm.symmetric_baddbmm`` as ``reference.symmetric_baddbmm``: a a^T of a (possibly transposed) stack, and
     beta c0 + alpha a b for a symmetric b, within bf16 rounding of torch's bmm / baddbmm; beta = 0 ignores c0."""
-    g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(*shape, generator=g).bfloat16()
-    a = x.mT if tall else x
-    got = symmm.symmetric_baddbmm(None, a)
-    want = symmetric_baddbmm(None, a)
-    assert torch.equal(got, got.mT)
-    assert ((got.double() - want.double()).abs() <= (a.double().abs() @ a.double().abs().mT) * 2.0 ** -7).all()
-    r = got
-    got2 = symmm.symmetric_baddbmm(r, r, r, beta=-4.775, alpha=2.0315)
-    want2 = symmetric_baddbmm(r, r, r, beta=-4.775, alpha=2.0315)
-    scale2 = 2.0315 * (r.double().abs() @ r.double().abs()) + 4.775 * r.double().abs()
-    assert torch.equal(got2, got2.mT)
-    assert ((got2.double() - want2.double()).abs() <= scale2 * 2.0 ** -7 + 1e-30).all()
+    r = assert_drop_in(symmm.symmetric_baddbmm, shape, tall)
     nan = torch.full_like(r, float("nan"))
     assert torch.equal(symmm.symmetric_baddbmm(nan, r, r, beta=0.0), symmm.symmetric_baddbmm(None, r, r))
 
