@@ -11,6 +11,8 @@
 # the preset `issue17` (compressed state, ~8 min): env build test-compressed compressed.
 # the preset `issue16` (Muon, ~8 min with the build): env build muon muon-ns fsdp-host (the last phases are skipped,
 # and say so in the summary, when the budget runs out: run `bash bench/device_check.sh muon-ns fsdp-host` then).
+# the preset `open` (issues 16, 17 and 20 in one call, ~8 min): env build test-cuda step-times compressed muon muon-ns
+# fsdp-host test-compressed-triton kernels-cuda (the tail is skipped when the budget runs out).
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
 # so the archive is written before the device tool's limit. Give the tool a timeout_s ~40 s above it.
 # TRITON_K: an optional pytest -k filter for the Triton GPU tests (careful: "float16" also matches
@@ -211,6 +213,11 @@ phase_kernel_report() {
 phase_test_compressed() {
   run test-compressed 120 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "compressed or int8 or declares"
 }
+# test-compressed-triton (~60 s, compiles): the same every-step oracle for the compiled Triton kernels of the three
+# layouts (tests/triton/test_compressed_triton.py -m gpu: AdamW, SGD momentum, Lion, NAdam; 10 steps on CUDA tensors).
+phase_test_compressed_triton() {
+  TRITON_INTERPRET=0 run test-compressed-triton 100 "${PYTEST[@]}" -m gpu tests/triton/test_compressed_triton.py
+}
 # compressed (~160 s): AdamW on the llm profile (1e9 params in 292 tensors), cuda and triton against torch fused,
 # side by side in one process: fp32 params native vs int8_state (persistent 6.03 B/param vs 12), bf16 params
 # native, master, master16 and master16_int8 (12, 14, 12 and 6.03 B/param); step_ms (events), kernel_ms and
@@ -226,6 +233,9 @@ phases=("$@")
 [ "${phases[*]:-}" = issue20 ] && phases=(env kernels-cuda build test-cuda step-times kernels-triton)
 [ "${phases[*]:-}" = issue17 ] && phases=(env build test-compressed compressed)
 [ "${phases[*]:-}" = issue16 ] && phases=(env build muon muon-ns fsdp-host)
+# the three open issues in one call, most wanted first (a phase that no longer fits is skipped and says so)
+[ "${phases[*]:-}" = open ] && phases=(env build test-cuda step-times compressed muon muon-ns fsdp-host \
+  test-compressed-triton kernels-cuda)
 [ ${#phases[@]} -eq 0 ] && phases=(env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank)
 for ph in "${phases[@]}"; do
   echo "== $ph ($(( $(date +%s) - T0 )) s)" >> "$WORK/summary.txt"
