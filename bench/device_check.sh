@@ -80,6 +80,11 @@ PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
 phase_test_cuda() { run test-cuda 150 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py; }
 # TRITON_INTERPRET=0 explicitly: tests/triton/conftest.py defaults it to 1 (and then skips the GPU tests)
 phase_test_triton() { TRITON_INTERPRET=0 run test-triton 200 "${PYTEST[@]}" -m gpu tests/triton ${TRITON_K:+-k "$TRITON_K"}; }
+# retest (~20 s): the CUDA tests named by RETEST_K (default: the two failures of 2026-12-04, fixed since)
+phase_retest() {
+  run retest 60 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "${RETEST_K:-bad_layouts or (every_step and signsgd)}"
+  run retest-checkout 30 "${PYTEST[@]}" tests/test_install.py -k checkout
+}
 phase_test_gpu_other() { run test-gpu-other 90 "${PYTEST[@]}" -m gpu tests --ignore=tests/triton --ignore=tests/test_cuda_backend.py; }
 phase_bench_llm() {
   run bench-llm 200 "$PY" -m bench --device cuda --quick --no-reference --params 1e9 --profiles llm \
@@ -95,6 +100,24 @@ phase_bench_tiny() {
 }
 phase_bench_retraction() { [ -f bench/bench_retraction.py ] && run bench-retraction 90 "$PY" -m bench.bench_retraction --device cuda --out "$WORK/bench-retraction"; }
 phase_bench_lowrank() { [ -f bench/bench_lowrank.py ] && run bench-lowrank 60 "$PY" -m bench.bench_lowrank --device cuda --out "$WORK/bench-lowrank"; }
+
+# cuda-errors (~40 s): why the op's argument errors crash the process (segfault, 2026-11-28 and 2026-12-04) while an
+# error the op raises after its checks (a failed launch) reaches Python: the CPU op's bad-argument tests in this image
+# (the same checks, csrc/step_args.h), then each bad argument of tests/test_cuda_backend.py in its own process
+# through both entries with bench/tools/segv_backtrace.c preloaded (the native stack of the first crash), then
+# cuda-gdb's backtrace of one crash (if cuda-gdb runs here).
+phase_cuda_errors() {
+  local so="$WORK/segv_backtrace.so"
+  gcc -shared -fPIC -O1 -o "$so" bench/tools/segv_backtrace.c > "$WORK/cuda-errors-build.log" 2>&1
+  run cuda-errors-cpu-op 60 "${PYTEST[@]}" tests/test_cpu_backend.py -k "bad_arguments or bad_layout"
+  run cuda-errors 90 "$PY" bench/tools/cuda_errors.py "$so"
+  grep -E "case [0-9]+:|native stack" -A0 "$WORK/cuda-errors.log" | sed 's/^/  /' | cut -c1-200 | tee -a "$WORK/summary.txt"
+  grep -A40 "== native stack" "$WORK/cuda-errors.log" | grep -E "momentum_fused|c10|torch|=>" | head -24 | sed 's/^/  /' \
+    | cut -c1-240 | tee -a "$WORK/summary.txt"
+  command -v cuda-gdb > /dev/null && (cd tests && timeout "$(( $(left) < 60 ? $(left) : 60 ))" cuda-gdb -batch -ex run -ex bt \
+    --args "$PY" -c "import test_cuda_backend as t; t._bad_arguments_eager_entry(only=0)" > "$WORK/cuda-errors-gdb.log" 2>&1)
+  grep -E "^#[0-9]+ " "$WORK/cuda-errors-gdb.log" 2>/dev/null | head -16 | sed 's/^/  gdb /' | cut -c1-220 | tee -a "$WORK/summary.txt"
+}
 
 # ---------------------------------------------------------------------------------------------- issue 20
 # kernels-cuda (~80 s): csrc/cuda/tools/step_timing.cu, torch-free: CUDA events around mf::cuda::step alone, on the

@@ -5,7 +5,10 @@ are specified once in :mod:`momentum_fused.reference` and dispatched per (device
 :mod:`momentum_fused.backends`. Dtype layouts: :mod:`momentum_fused.layouts`; the low-rank (DLRA) layer and
 optimizers: :mod:`momentum_fused.lowrank`.
 """
+from . import _checkout
 from ._jit import load_cpu_extension as _load_cpu_extension
+
+_checkout.install()  # a checkout on PYTHONPATH, not installed: momentum_fused.triton_kernels is its triton_kernels/
 
 _load_cpu_extension()  # first: compiles momentum_fused._C_cpu at first import when the install has none
 from . import backends, layouts, lowrank, reference, schedules, specs  # noqa: E402

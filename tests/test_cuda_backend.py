@@ -254,18 +254,52 @@ def test_bad_arguments_raise_from_the_eager_entry():
     _in_child("_bad_arguments_eager_entry")
 
 
-def _bad_arguments_registered_op():
-    _bad_arguments_body(lambda *a: torch.ops.momentum_fused.cuda_step(*a))
+def _bad_layouts_body():
+    """Each bad layout argument raises (the front end's ValueError, or the shared checks' RuntimeError) and
+    nothing is written. (This body went missing in 1f52472; the H200 run of 2026-12-04 found the test calling it.)"""
+    spec, flags = mf.specs.SPECS["adam"], mf.specs.SPECS["adam"].Flags(True, False)
+    sc = [spec.Scalars(1e-2, 0.0, 0.9, 0.999, 1e-8, 0.1, 0.03, 1.0)] * 2
+    b = backends.resolve("cuda", spec, torch.device("cuda"), torch.float32)
+
+    def bucket(dtype, sd, master=False):
+        ps = [torch.randn(10, device="cuda").to(dtype) for _ in range(2)]
+        gs = [torch.randn(10, device="cuda").to(dtype) for _ in range(2)]
+        sts = [tuple(torch.rand(10, device="cuda").to(sd) for _ in range(2)) + ((p.float(),) if master else ())
+               for p in ps]
+        return ps, gs, sts
+
+    bad = [
+        (bucket(torch.bfloat16, torch.bfloat16), dict(layout=LAY.get_layout("bf16_state")), RuntimeError, "bf16_state"),
+        (bucket(torch.float32, torch.float32), dict(layout=LAY.get_layout("bf16_state")), RuntimeError, "BFloat16"),
+        (bucket(torch.bfloat16, torch.float32), dict(layout=LAY.get_layout("master")), RuntimeError,
+         "needs 3 state tensors per param"),
+        (bucket(torch.float32, torch.float32, True), dict(layout=LAY.get_layout("master")), RuntimeError, "master"),
+        (bucket(torch.bfloat16, torch.bfloat16), dict(layout=LAY.get_layout("bf16_sr")), ValueError, "sr_key"),
+        (bucket(torch.bfloat16, torch.bfloat16), dict(sr_keys=[1, 2]), ValueError, "stochastically"),
+        (bucket(torch.float32, torch.float32), dict(layout=LAY.get_layout("bf16_sr"), sr_keys=[1, 2]), RuntimeError,
+         "bf16_sr"),
+    ]
+    for (ps, gs, sts), kw, exc, match in bad:
+        before = [t.clone() for t in ps + [x for st in sts for x in st]]
+        with pytest.raises(exc, match=match):
+            b.apply(spec, flags, ps, gs, sts, sc, **kw)
+        torch.cuda.synchronize()
+        assert all(torch.equal(x, y) for x, y in zip(before, ps + [x for st in sts for x in st]))
 
 
-def _bad_arguments_eager_entry():
+def _bad_arguments_registered_op(only=None):
+    _bad_arguments_body(lambda *a: torch.ops.momentum_fused.cuda_step(*a), only)
+
+
+def _bad_arguments_eager_entry(only=None):
     from momentum_fused import _C_cuda
-    _bad_arguments_body(lambda *a: _C_cuda.cuda_step(*a))
+    _bad_arguments_body(lambda *a: _C_cuda.cuda_step(*a), only)
 
 
-def _bad_arguments_body(call):
+def _bad_arguments_body(call, only=None):
     """Every bad argument raises a RuntimeError with the shared checks' message (csrc/step_args.h, the CPU op's
-    tests run the same code) and nothing is written."""
+    tests run the same code) and nothing is written. ``only``: the index of one case (bench/tools/cuda_errors.py
+    runs each in its own process, to find which crash)."""
     from momentum_fused._backend_cpu import RULE_IDS
     rid = RULE_IDS["adam"]
     ps = [torch.randn(10, device="cuda") for _ in range(2)]
@@ -290,7 +324,7 @@ def _bad_arguments_body(call):
         ((ps, gs, st, sc, rid, 0, None, None, None, 3, torch.tensor([1, 2])), "bf16_sr takes params of dtype"),
         ((ps, gs, st, sc, rid, 0, None, None, None, 0, torch.tensor([1, 2])), "sr_keys given"),
     ]
-    for args, match in bad:
+    for args, match in (bad if only is None else bad[only:only + 1]):
         with pytest.raises(RuntimeError, match=match):
             call(*args)
     torch.cuda.synchronize()

@@ -308,3 +308,23 @@ def test_jit_compiles_at_first_import_and_loads_from_the_cache(built, tmp_path):
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert r2.stdout.splitlines()[:3] == ["cached", "available", path]
     assert "compiling" not in r2.stderr and "Warning" not in r2.stderr, r2.stderr
+
+
+def test_a_checkout_on_pythonpath_finds_its_triton_kernels_without_an_install():
+    """A checkout used as ``PYTHONPATH=<checkout>`` with nothing installed (the GPU machine's runs): the Triton
+    backend's package ``momentum_fused.triton_kernels`` is the checkout's triton_kernels/ (momentum_fused/_checkout.py).
+    ``python -S`` runs without site, so no editable-install finder: site-packages and the checkout go on sys.path
+    by hand."""
+    import site
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import sys; sys.path[:0] = {[root] + site.getsitepackages()!r}\n"
+            "import importlib.util, momentum_fused\n"
+            "assert not any('editable' in type(f).__module__ for f in sys.meta_path)\n"
+            "print(importlib.util.find_spec('momentum_fused.triton_kernels.launcher').origin)\n"
+            "print(momentum_fused.backends.status()['triton'])")
+    res = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    origin, status = res.stdout.strip().splitlines()[-2:]
+    assert origin == os.path.join(root, "triton_kernels", "launcher.py")
+    assert "momentum_fused.triton_kernels" not in status, status  # not "import of ... failed"

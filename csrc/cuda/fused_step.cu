@@ -324,7 +324,9 @@ cudaError_t step(int rule, int flags, int layout, int dtype, int64_t n, void* co
   if ((layout == LAYOUT_MASTER || layout == LAYOUT_MASTER16 || layout == LAYOUT_MASTER16_INT8) && masters == nullptr &&
       n > 0)
     return cudaErrorInvalidValue;
-  if ((layout == LAYOUT_INT8_STATE || layout == LAYOUT_MASTER16_INT8) && scales == nullptr && n > 0)
+  // (a rule without state, signSGD, has no scales to point at: its int8 layouts run the uncompressed kernel)
+  if ((layout == LAYOUT_INT8_STATE || layout == LAYOUT_MASTER16_INT8) && scales == nullptr && n > 0 &&
+      rule_num_states(rule, flags) > 0)
     return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   flags = normalize_flags(rule, flags);
