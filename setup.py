@@ -132,6 +132,7 @@ if torch is not None:
             sources=["csrc/cuda/cuda_ops.cpp", "csrc/cuda/cuda_python.cpp", "csrc/cuda/fused_step.cu"],
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false"]},
+            extra_link_args=[CPU_BUILD.LINK_HIDE_STATIC_LIBS],  # why: momentum_fused/_cpu_build.py
         ))
     else:
         why = ("MOMENTUM_FUSED_BUILD_CUDA=0" if force_cuda is False else

@@ -27,7 +27,13 @@ CPU_SOURCES = (
 # setup.py build gets it from Python's CFLAGS too; the JIT build has no such defaults.
 CPU_CXX_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
                  "-Wno-unused-function", "-DNDEBUG")
-CPU_LINK_FLAGS = ("-fopenmp",)
+# -Wl,--exclude-libs,ALL: a toolchain that links libstdc++ statically (the H200 image's /opt/gcc does) would
+# otherwise export that copy's symbols; with -Bsymbolic-functions (Python's LDFLAGS) the extension then ran its
+# own copy's functions on the data of the process's shared libstdc++ (locale facet ids), and the first integer
+# formatted into an error message crashed the process (segfault) or cut the message short. Hidden, the static
+# copy is self-consistent. No effect where libstdc++ is linked as a shared library. Both extensions (setup.py).
+LINK_HIDE_STATIC_LIBS = "-Wl,--exclude-libs,ALL"
+CPU_LINK_FLAGS = ("-fopenmp", LINK_HIDE_STATIC_LIBS)
 
 # the files a CPU build reads: the sources and every header outside csrc/cuda/ (csrc/*.h, csrc/cpu/*.h and
 # *.inc, csrc/generated/*.h, ...); tests/test_install.py checks this covers the sources' #include closure

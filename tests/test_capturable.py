@@ -250,6 +250,42 @@ def test_muon_capturable_equals_host_scalars(monkeypatch, lr_tensor):
 
 
 @need_cpu
+@pytest.mark.parametrize("cap", [True, False], ids=["capturable", "eager"])
+def test_muon_capturable_steps_reuse_their_work_buffers(monkeypatch, cap):
+    """A capturable group's work buffers are the same memory every step once the cached plan holds (from step 2):
+    a captured step then writes the buffers of its warm-up steps, whose Triton launch tables are cached (the H200
+    run of 2026-12-04: a captured Muon step on the triton backend met new buffers and failed). Otherwise each step
+    allocates its own, and nothing keeps them after the step."""
+    from momentum_fused.optim import phases
+    seen = []
+    real = phases.PhasesMixin._work_buffers
+    monkeypatch.setattr(phases.PhasesMixin, "_work_buffers", staticmethod(
+        lambda *a: seen.append(w := real(*a)) or w))
+    opt, _ = _muon_run(cap, steps=4)
+    ptrs = [[t.data_ptr() for w in work for t in w.values()] for work in seen]
+    assert len(ptrs) == 4 and all(len(x) == len(ptrs[0]) > 3 for x in ptrs)  # the Muon group, every step
+    kept = [k for _, memo in opt._core._phase_memos.values() for k in memo if k[0] in ("work", "rows_bufs")]
+    if cap:
+        assert ptrs[1] == ptrs[2] == ptrs[3] and kept
+    else:
+        assert not kept
+
+
+def test_triton_launch_tables_are_refused_during_capture(monkeypatch):
+    """Building a launch table during CUDA graph capture raises a message that names the cause and the remedy."""
+    pytest.importorskip("triton")
+    from momentum_fused.triton_kernels import launcher
+
+    class CudaRef:
+        is_cuda = True
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="first seen during CUDA graph capture"):
+        launcher._refuse_during_capture(CudaRef())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    launcher._refuse_during_capture(CudaRef())
+
+
+@need_cpu
 def test_muon_capturable_step_reads_no_tensor_on_the_host(monkeypatch):
     opt, ps = _muon_run(True, lr_tensor=True, steps=2)
     for p in ps:

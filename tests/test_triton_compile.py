@@ -132,6 +132,20 @@ def test_int8_state_kernel_front_end(rule, remainder):
                 _compile(fn, dict(constexprs, HW_BF16=False), sig=sig)
 
 
+def test_update_kernels_compile_without_fp_contraction():
+    """launcher.GPU_COMPILE_OPTIONS (enable_fp_fusion off) leaves no fused multiply-add in Adam's update kernel nor in
+    its int8_state kernel (Adam's rule calls no tl.fma), where Triton's default fuses 68 and 160 of them (sm_90,
+    Triton 3.6): so the compiled int8 kernel equals the uncompressed one bit for bit (the per-step oracle of
+    tests/triton/test_compressed_triton.py, on a GPU), as the CUDA kernels do."""
+    _, _, flags, nstate = [s for s in SPECIALIZATIONS if s[1] == "adam"][0]
+    rule = _variants("adam", flags, nstate)[0]
+    int8 = next(v for v in launcher.compile_int8_variants("adam", flags, nstate, True, True) if v[1] == "mixed")
+    for _, _, fn, sig, constexprs, _, _ in (rule, int8):
+        ptx = triton.compile(_source(fn, constexprs, sig), target=TARGET, options=launcher.GPU_COMPILE_OPTIONS).asm["ptx"]
+        assert "fma.rn" not in ptx
+        assert "fma.rn" in triton.compile(_source(fn, constexprs, sig), target=TARGET).asm["ptx"]  # the test can fail
+
+
 def test_unaligned_and_interpreter_variants_front_end():
     """ALIGNED=False (a bucket with a pointer off 16 bytes) and HW_BF16=False (the interpreter's bit arithmetic,
     which the interpreter tests run) also pass the compiler's front end."""

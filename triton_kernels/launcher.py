@@ -38,6 +38,13 @@ BLOCK = int(os.environ.get("MOMENTUM_FUSED_TRITON_BLOCK", "2048"))
 NUM_WARPS = int(os.environ.get("MOMENTUM_FUSED_TRITON_WARPS", "4"))
 NUM_WARPS_MASTER = int(os.environ.get("MOMENTUM_FUSED_TRITON_WARPS", "8"))
 MAXNREG_MASTER = 96
+# No fp contraction in the update kernels (ptxas --fmad=false), as in the CUDA kernels (--fmad=false) and the CPU
+# build (-ffp-contract=off): an expression rounds the same whatever code surrounds it, so the int8 layouts' kernel
+# equals the uncompressed kernel bit for bit. With Triton's default (contraction on), the H200 run of 2026-12-04
+# found up to 22 of 4,352 elements one rounding apart. Explicit tl.fma calls (the rules that follow torch's
+# one-rounding formulas) stay fused. The interpreter takes no compile options (and computes in numpy, uncontracted).
+GPU_COMPILE_OPTIONS = {"enable_fp_fusion": False}
+COMPILE_OPTIONS = {} if INTERPRETED else GPU_COMPILE_OPTIONS
 # MOMENTUM_FUSED_TRITON_SPLIT=1: a bucket with full and packed blocks takes two launches, one kernel per path (each
 # with its own register count) instead of one kernel holding both: the A/B of bench/device_check.sh kernels-triton.
 SPLIT = os.environ.get("MOMENTUM_FUSED_TRITON_SPLIT") == "1"
@@ -179,6 +186,17 @@ def _aligned(ptrs) -> bool:
     return not any(map((15).__and__, ptrs))
 
 
+def _refuse_during_capture(ref: torch.Tensor) -> None:
+    """A launch table is built on the host and copied to the device: refused during CUDA graph capture (torch
+    refuses the pageable copy with a message that names no cause). The tables of the tensors of the eager warm-up
+    steps are cached, so a captured step finds them; a new tensor (address) in the captured step has none."""
+    if ref.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "momentum_fused (triton): a launch table must be built for tensors first seen during CUDA graph capture; "
+            "run the step eagerly with the same params, grads and state (warm-up steps on a side stream) before "
+            "capturing it (the tables of those tensors are then cached)")
+
+
 def step_tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, grad_list: int = 1):
     """(ptr_tab, full_tab, prog_tab, seg_tab, n_full, n_packed, n_seg, aligned) for the update kernels; cached as
     ``tables`` caches its entries (by every list's pointers but the grads', whose row is refreshed in place).
@@ -194,12 +212,14 @@ def step_tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, gra
         _CACHE_STATS["hits"] += 1
         ptr_tab, plan, cached_grad_ptrs, aligned_rest, aligned_grads = entry
         if cached_grad_ptrs != ptrs[grad_list]:
+            _refuse_during_capture(ref)
             ptr_tab[grad_list].copy_(torch.tensor(ptrs[grad_list], dtype=torch.int64), non_blocking=True)
             entry[2] = ptrs[grad_list]
             entry[4] = aligned_grads = _aligned(ptrs[grad_list])
             _CACHE_STATS["grad_row_updates"] += 1
         return (ptr_tab.view(-1),) + plan + (aligned_rest and aligned_grads,)
     _CACHE_STATS["misses"] += 1
+    _refuse_during_capture(ref)
     plan = _plan_split_tensors(numels, block, ref.device)
     ptr_tab = torch.tensor(ptrs, dtype=torch.int64).to(ref.device)
     aligned_rest = all(_aligned(p) for i, p in enumerate(ptrs) if i != grad_list)
@@ -300,7 +320,7 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     meta = dict(RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1] - sr,
                 PDT=DTYPE_CODES[pdt], SDT=DTYPE_CODES[sdt], MASTER=master_mode(master, remainder), SR=sr,
                 HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block, SUB=sub,
-                ALIGNED=aligned, HW_BF16=not INTERPRETED, num_warps=num_warps,
+                ALIGNED=aligned, HW_BF16=not INTERPRETED, num_warps=num_warps, **COMPILE_OPTIONS,
                 **({"maxnreg": MAXNREG_MASTER} if extra and not INTERPRETED else {}))
     if SPLIT and n_full and n_packed:
         kernel[(n_full,)](*args, PATHS=1, **meta)
@@ -430,6 +450,7 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
            tuple(tuple(r) for i, r in enumerate(ptrs) if i != 1))
     entry = _int8_cache.get(key)
     if entry is None:
+        _refuse_during_capture(ref)
         _check_int8_bucket(params, grads, states, quant, nstate, r)
         unsigned = next((sum(1 << j for j, c in enumerate(st[:nstate]) if c.dtype == torch.uint8)
                          for st, q in zip(states, quant) if q), 0)
@@ -447,6 +468,7 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
             _check_int8_bucket(params, grads, states, quant, nstate, r)  # raises, naming the grad
     ptr_tab, plan, n_prog, unsigned, aligned_rest, grad_ptrs, aligned_grads = entry
     if grad_ptrs != ptrs[1]:
+        _refuse_during_capture(ref)
         ptr_tab[1].copy_(torch.tensor(ptrs[1], dtype=torch.int64), non_blocking=True)
         entry[5], entry[6] = ptrs[1], _aligned(ptrs[1])
         aligned_grads = entry[6]
@@ -463,7 +485,7 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
         MULTI=family == "multi", RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1],
         UNSIGNED=unsigned, HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
         ROWS=rows, KINDS=kinds, ALIGNED=aligned, HW_BF16=not INTERPRETED, PDT=2 * r, MASTER=2 * r,
-        num_warps=num_warps or NUM_WARPS_INT8)
+        num_warps=num_warps or NUM_WARPS_INT8, **COMPILE_OPTIONS)
     _count_launch()
     return 1
 

@@ -123,16 +123,26 @@ class PhasesMixin:
         """Per param: its state tensors (a DTensor's: its local shard) and the step's work buffers (non-persistent
         StateTensors, the local shard's shape). A work buffer a matrix phase transforms is one [b, *shape] buffer
         per (shape, dtype, device), each param's tensor a row of it, so that the phase's stacks are views (no copy
-        in; docs/architecture.md)."""
+        in; docs/architecture.md).
+
+        A capturable group keeps its work buffers in ``memo`` (while the cached plan holds): a step captured into a
+        CUDA graph then writes the buffers of its eager warm-up steps, whose launch tables the Triton launcher has
+        cached (it cannot build new ones during capture). Otherwise they are the step's own (freed after it)."""
         stacked = {ph.tensor for ph in spec.phases if isinstance(ph, MatrixPhase)}
         locs = memo["locals"]
         work = [dict(zip(st, _dist.locals_of(st.values()))) for st in states]
+        keep = group["capturable"]
         for t in spec.tensors(group):
             if t.persistent:
                 continue
             if t.name not in stacked:
-                for w, loc in zip(work, locs):
-                    w[t.name] = torch.empty(t.shape_for(loc), dtype=t.dtype_for(loc, lay), device=loc.device)
+                bufs = memo.get(("work", t.name, lay.name)) if keep else None
+                if bufs is None:
+                    bufs = [torch.empty(t.shape_for(loc), dtype=t.dtype_for(loc, lay), device=loc.device) for loc in locs]
+                    if keep:
+                        memo["work", t.name, lay.name] = bufs
+                for w, b in zip(work, bufs):
+                    w[t.name] = b
                 continue
             key = ("rows", t.name, lay.name)
             rows = memo.get(key)
@@ -141,8 +151,13 @@ class PhasesMixin:
                 for i, loc in enumerate(locs):
                     rows.setdefault((t.shape_for(loc), t.dtype_for(loc, lay), loc.device), []).append(i)
                 memo[key] = rows
-            for (shape, dtype, device), idx in rows.items():
-                buf = torch.empty((len(idx), *shape), dtype=dtype, device=device)
+            kept = memo.get(("rows_bufs", t.name, lay.name)) if keep else None
+            if kept is None:
+                kept = [torch.empty((len(idx), *shape), dtype=dtype, device=device)
+                        for (shape, dtype, device), idx in rows.items()]
+                if keep:
+                    memo["rows_bufs", t.name, lay.name] = kept
+            for buf, idx in zip(kept, rows.values()):
                 for j, i in enumerate(idx):
                     work[i][t.name] = buf[j]
         return work
