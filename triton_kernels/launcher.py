@@ -197,16 +197,24 @@ def _refuse_during_capture(ref: torch.Tensor) -> None:
             "capturing it (the tables of those tensors are then cached)")
 
 
-def step_tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, grad_list: int = 1):
+def step_tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, grad_list: int = 1, check=None,
+                trusted: bool = False, ptrs: Sequence[Sequence[int]] | None = None):
     """(ptr_tab, full_tab, prog_tab, seg_tab, n_full, n_packed, n_seg, aligned) for the update kernels; cached as
     ``tables`` caches its entries (by every list's pointers but the grads', whose row is refreshed in place).
-    ``aligned``: every data pointer is 16-byte aligned (the full-block path may then use 128-bit accesses)."""
+    ``aligned``: every data pointer is 16-byte aligned (the full-block path may then use 128-bit accesses).
+    ``check()``: the lists' checks, run before a table is built, and on a cache hit unless ``trusted`` (the caller
+    has checked every tensor: the optimizer's plan, optim/checks.py; a hit then means the params and states are at
+    the addresses, with the sizes, that were checked when the entry was made). ``ptrs``: each list's data pointers
+    (tuples), when the caller has them (the Triton backend reads them at C speed), else read here."""
     ref = lists[0][0]
     numels = tuple(map(torch.Tensor.numel, lists[0]))
-    ptrs = [tuple(map(torch.Tensor.data_ptr, lst)) for lst in lists]
+    if ptrs is None:
+        ptrs = [tuple(map(torch.Tensor.data_ptr, lst)) for lst in lists]
     key = ("split", ref.device, ref.dtype, block, numels, len(lists), grad_list,
            tuple(p for i, p in enumerate(ptrs) if i != grad_list))
     entry = _cache.get(key)
+    if check is not None and (entry is None or not trusted):
+        check()
     if entry is not None:
         _cache.move_to_end(key)
         _CACHE_STATS["hits"] += 1
@@ -257,7 +265,8 @@ def scalar_table(scalars, n: int, device) -> torch.Tensor:
 def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, scalars, *,
                        found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                        block: int = BLOCK, master: bool = False, sr_keys: Sequence[int] | None = None,
-                       sub: int | None = None, num_warps: int | None = None, remainder: bool = False) -> int:
+                       sub: int | None = None, num_warps: int | None = None, remainder: bool = False,
+                       checked: bool = False, ptrs: Sequence[Sequence[int]] | None = None) -> int:
     """Run one kernel over every tensor of ``lists`` = [params, grads, *state lists (, masters)].
 
     family: "one" or "multi" (see kernels.py); rule_id: rules.RULE_IDS[name]; flags: up to two
@@ -271,6 +280,10 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     Returns the number of launches (0 or 1; 2 with MOMENTUM_FUSED_TRITON_SPLIT=1): one kernel whose first programs are the full blocks (unmasked,
     128-bit accesses when every pointer is 16-byte aligned) and the others the packed blocks (small tensors and
     tails, ``sub`` lanes at a time: 32 x num_warps compiled, the whole block in the interpreter by default).
+    ``checked``: the caller has checked every tensor (dtypes, one device, equal numels, contiguous: the Triton
+    backend, behind the optimizer's plan); the lists are then checked here only when their tables are not cached
+    (new tensors), which is most of the host time of a step of many small tensors otherwise. ``ptrs``: the lists'
+    data pointers (one tuple per list), if the caller has read them.
     """
     if family not in KERNELS:
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
@@ -284,8 +297,8 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
         raise ValueError(f"kernel family {family!r} cannot take {nstate} state lists")
     pdt = lists[0][0].dtype
     sdt = lists[2][0].dtype if nstate else (torch.float32 if remainder else pdt)
-    _check_lists(lists, [pdt, pdt] + [sdt] * nstate + ([torch.float32] if master else [torch.int16] if remainder
-                                                                else []))
+    dtypes = [pdt, pdt] + [sdt] * nstate + ([torch.float32] if master else [torch.int16] if remainder else [])
+    tables = step_tables(lists, block, check=lambda: _check_lists(lists, dtypes), trusted=checked, ptrs=ptrs)
     if master and pdt not in (torch.float16, torch.bfloat16):
         raise TypeError(f"a master copy is kept for fp16/bf16 params, not {pdt}")
     if remainder and (pdt != torch.bfloat16 or sdt != torch.float32):
@@ -305,7 +318,7 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
             raise ValueError(f"{len(sr_keys)} stochastic-rounding keys for {n} tensors")
         keys = torch.tensor([int(k) & 0xFFFFFFFF for k in sr_keys], dtype=torch.float64, device=ref.device)
         scal = torch.cat([scal, keys[:, None]], dim=1).contiguous()
-    ptr_tab, full_tab, prog_tab, seg_tab, n_full, n_packed, n_seg, aligned = step_tables(lists, block)
+    ptr_tab, full_tab, prog_tab, seg_tab, n_full, n_packed, n_seg, aligned = tables
     if n_full + n_packed == 0:
         return 0  # every tensor is empty
     dummy = scal  # any device pointer; never read when the flag is off

@@ -199,3 +199,48 @@ def test_zero_numel_bucket_launches_nothing():
     before = launcher.LAUNCHES
     opt.step()
     assert launcher.LAUNCHES == before
+
+
+def test_pointer_rows_from_c_equal_the_python_path_bit_for_bit(monkeypatch):
+    """The Triton backend reads the data pointers with _C_cpu.data_ptrs (when built): 10 AdamW steps equal those
+    of the Python path (the launcher's own map over Tensor.data_ptr) bit for bit, a transposed param included
+    (data_ptrs says None for it: the bucket takes contiguous_lists' copies)."""
+    from momentum_fused import _backend_triton as bt
+    if bt._DATA_PTRS is None:
+        pytest.skip("needs the compiled cpu extension (_C_cpu.data_ptrs)")
+    ts = [torch.randn(7), torch.randn(0), torch.randn(5, 3)[:, 1:]]
+    assert bt._DATA_PTRS(ts[:2]) == tuple(t.data_ptr() for t in ts[:2]) and bt._DATA_PTRS(ts) is None
+
+    def run(fast):
+        monkeypatch.setattr(bt, "_DATA_PTRS", bt._DATA_PTRS if fast else None)
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.randn(s, generator=gen).requires_grad_() for s in [(10,), (4097,), (3, 3), (0,)]]
+        ps.append(torch.randn(7, 5, generator=gen).t().requires_grad_())  # not contiguous
+        opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="triton")
+        for k in range(10):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return ps, opt
+    a, oa = run(True)
+    b, ob = run(False)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        assert all(torch.equal(oa.state[x][k], ob.state[y][k]) for k in oa.state[x])
+
+
+def test_checked_lists_skip_the_checks_only_on_a_cache_hit(monkeypatch):
+    """multi_tensor_apply(checked=True) (the backend behind the optimizer's plan) checks the lists when their tables
+    are new and skips the checks on a hit; unchecked callers are checked every call."""
+    calls = []
+    real = launcher._check_lists
+    monkeypatch.setattr(launcher, "_check_lists", lambda *a: calls.append(1) or real(*a))
+    ps, gs, ms = ([torch.randn(300) for _ in range(3)] for _ in range(3))
+    sc = [(0.1, 0.0, 0.9, 0.0, 0.0, 1.0)] * 3  # lr, weight_decay, momentum, dampening, first, grad_mult
+    fam, rid = rules.FAMILY["sgd"], rules.RULE_IDS["sgd"]
+    for checked, want in ((True, [1]), (True, [1]), (False, [1, 1]), (False, [1, 1, 1])):
+        launcher.multi_tensor_apply(fam, rid, (False, False), [ps, gs, ms], sc, checked=checked)
+        assert calls == want
+    with pytest.raises(TypeError, match="tensor 1 of list 1"):  # new tables: checked even when trusted
+        launcher.multi_tensor_apply(fam, rid, (False, False), [ps[:2] + [ps[2].clone()], [gs[0], gs[1].double(),
+                                    gs[2]], ms], sc, checked=True)
