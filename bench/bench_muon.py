@@ -153,6 +153,42 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ns_flops(shapes, steps: int = 5) -> float:
+    """FLOPs of torch's Newton-Schulz ("standard") on ``shapes``: per step, for X (a x b, a <= b), A = X X^T
+    (2 a^2 b), B = c A + d A A (2 a^3), X' = e X + B X (2 a^2 b)."""
+    total = 0.0
+    for m, n in shapes:
+        a, b = min(m, n), max(m, n)
+        total += steps * (4 * a * a * b + 2 * a ** 3)
+    return total
+
+
+def profile_step(opt, device: torch.device, top: int) -> str:
+    """One step under torch.profiler: the device time (CPU time on a CPU) by kernel, the matrix products
+    (names with gemm / matmul / mm / cutlass / sm90) apart, and the ``top`` kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    evs = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    if device.type == "cuda":  # kernels only (the CPU-side ops carry no device time of their own)
+        evs = [e for e in evs if e.device_type == torch.autograd.DeviceType.CUDA] or evs
+    total = sum(getattr(e, key) for e in evs) / 1e3
+    mm = sum(getattr(e, key) for e in evs if any(w in e.key.lower() for w in ("gemm", "matmul", "mm", "cutlass",
+                                                                             "sm90", "nvjet"))) / 1e3
+    lines = [f"  {'device' if device.type == 'cuda' else 'CPU'} time {total:.2f} ms: matrix products {mm:.2f} ms, "
+             f"the rest {total - mm:.2f} ms", "  | ms | calls | kernel |", "  |---|---|---|"]
+    for e in sorted(evs, key=lambda e: -getattr(e, key))[:top]:
+        lines.append(f"  | {getattr(e, key) / 1e3:.3f} | {e.count} | {e.key[:90]} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_muon", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,6 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ns-algorithm", default="standard",
                     help="comma list of ours' ns_algorithm: standard, gram, auto (default standard); gram/torch-mm "
                          "and auto/torch-mm: the same with the symmetric CPU kernel off (torch's products)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timing, one step of each provider under torch.profiler: matrix products vs the "
+                         "rest, and the N kernels with the most device time")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     algorithms = tuple(args.ns_algorithm.split(","))
@@ -178,6 +217,18 @@ def main(argv=None) -> int:
     res = measure(device, gpt_matrices(args.d, args.layers), args.rounds, args.iters, names, algorithms)
     res["profile"] = f"gpt-matrices d={args.d} layers={args.layers}, {torch.get_num_threads()} threads"
     print(markdown(res))
+    if args.profile:
+        shapes = gpt_matrices(args.d, args.layers)
+        print(f"\nNewton-Schulz FLOPs of the stack (torch's iteration, 5 steps): {ns_flops(shapes) / 1e12:.3f} TFLOP")
+        makers, _ = providers(device, algorithms)
+        for name, make in makers.items():
+            if names is not None and name not in names:
+                continue
+            try:
+                print(f"\n### {name}\n" + profile_step(make(_params(shapes, device)), device, args.profile))
+            except Exception as e:
+                print(f"\n### {name}: not profiled: {type(e).__name__}: {str(e)[:160]}")
+    return 0
     return 0
 
 

@@ -212,12 +212,13 @@ phase_kernels_triton() {
 # compiled in the bench below) and a capturable Muon step replayed from a CUDA graph (tests/test_capturable.py -k
 # muon: never run yet), then per step on a GPT-like stack (d=1024, 12 layers, 48 matrices, 151M params): ours
 # (cuda, triton; ns_algorithm standard and auto, the Gram form) vs torch.optim.Muon vs muon-optimizer (a row that
-# cannot run says why), NS in bf16. Target (issue 16): >= 3x torch.optim.Muon on an H200.
+# cannot run says why), NS in bf16, then one profiled step each (matrix products vs the rest: on 2026-12-04 NS ran
+# at ~430-450 TFLOP/s and ours took 9-10.7 ms for 3.61 TFLOP). Target (issue 16): >= 3x torch.optim.Muon on an H200.
 phase_muon() {
   run muon-test 120 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py tests/test_capturable.py -k muon
   run muon-bench 150 "$PY" -m bench.bench_muon --device cuda --d 1024 --layers 12 --rounds 5 --iters 5 \
-    --ns-algorithm standard,auto --providers ours-cuda,ours-triton,torch.optim.Muon,muon-optimizer
-  grep -E "^\| |not measured" "$WORK/muon-bench.log" | sed 's/^/  /' | tee -a "$WORK/summary.txt"
+    --ns-algorithm standard,auto --providers ours-cuda,ours-triton,torch.optim.Muon,muon-optimizer --profile 12
+  grep -E "^\| |not measured|^  (device|CPU) time|^###" "$WORK/muon-bench.log" | sed 's/^/  /' | tee -a "$WORK/summary.txt"
 }
 # muon-ns (~60 s): Muon's symmetric products in Triton (triton_kernels/symmm.py, opt-in MOMENTUM_FUSED_TRITON_SYMMM=1
 # until measured) compiled: its GPU test (10 Muon steps within bf16 of cuBLAS), then Newton-Schulz per shape at d=1024

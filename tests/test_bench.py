@@ -119,3 +119,23 @@ def test_muon_fsdp_bench_smoke():
         for row in (fsdp, plain):
             assert math.isclose(row[0], sum(row[1:]), rel_tol=1e-9)
     assert "| fsdp / ours |" in b.table(res, 0)
+
+
+def test_muon_bench_profile_smoke(capsys):
+    """bench/bench_muon.py --profile: one profiled step per provider, matrix products apart from the rest."""
+    from bench import bench_muon
+    assert bench_muon.main(["--device", "cpu", "--d", "32", "--layers", "1", "--rounds", "1", "--iters", "1",
+                            "--providers", "ours-cpu", "--profile", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "### ours-cpu" in out and "matrix products" in out and "not profiled" not in out
+    assert bench_muon.ns_flops([(64, 32)], steps=1) == 4 * 32 * 32 * 64 + 2 * 32 ** 3
+
+
+def test_triton_host_bench_smoke():
+    """bench/triton_host.py (its own process: it sets TRITON_INTERPRET and stubs the kernel launches)."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "bench.triton_host", "--profiles", "llm", "--rules", "sgd", "--runs",
+                          "1", "--iters", "2"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| llm | sgd | 292 |" in res.stdout
