@@ -12,8 +12,8 @@
 # the preset `issue16` (Muon, ~8 min with the build): env build muon muon-ns fsdp-host (the last phases are skipped,
 # and say so in the summary, when the budget runs out: run `bash bench/device_check.sh muon-ns fsdp-host` then).
 # the preset `open` (issues 16, 17 and 20 in one call, ~8 min): env build test-cuda test-compressed-triton muon
-# test-gpu-other step-times compressed test-triton muon-ns fsdp-host kernels-cuda (the tail is skipped when the budget
-# runs out; the build alone took 116-165 s on 2026-12-04).
+# test-gpu-other step-times compressed test-triton muon-ns fsdp-host kernels-cuda kernels-triton (the tail is skipped
+# when the budget runs out; ~450 s estimated from the phases' times of 2026-12-04 with the parallel build).
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
 # so the archive is written before the device tool's limit. Give the tool a timeout_s ~40 s above it.
 # TRITON_K: an optional pytest -k filter for the Triton GPU tests (careful: "float16" also matches
@@ -281,7 +281,7 @@ phases=("$@")
 # libstdc++ in test-cuda, compiled Triton without fp contraction in test-compressed-triton, Triton Muon graph capture
 # in muon; then the compiled Triton parity and the capture tests, last run 2026-11-28 / never)
 [ "${phases[*]:-}" = open ] && phases=(env build test-cuda test-compressed-triton muon test-gpu-other step-times \
-  compressed test-triton muon-ns fsdp-host kernels-cuda)
+  compressed test-triton muon-ns fsdp-host kernels-cuda kernels-triton)
 [ ${#phases[@]} -eq 0 ] && phases=(env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank)
 for ph in "${phases[@]}"; do
   echo "== $ph ($(( $(date +%s) - T0 )) s)" >> "$WORK/summary.txt"
