@@ -136,11 +136,8 @@ class PhasesMixin:
             if t.persistent:
                 continue
             if t.name not in stacked:
-                bufs = memo.get(("work", t.name, lay.name)) if keep else None
-                if bufs is None:
-                    bufs = [torch.empty(t.shape_for(loc), dtype=t.dtype_for(loc, lay), device=loc.device) for loc in locs]
-                    if keep:
-                        memo["work", t.name, lay.name] = bufs
+                bufs = _buffers(memo, ("work", t.name, lay.name), keep, lambda: [
+                    torch.empty(t.shape_for(loc), dtype=t.dtype_for(loc, lay), device=loc.device) for loc in locs])
                 for w, b in zip(work, bufs):
                     w[t.name] = b
                 continue
@@ -151,12 +148,9 @@ class PhasesMixin:
                 for i, loc in enumerate(locs):
                     rows.setdefault((t.shape_for(loc), t.dtype_for(loc, lay), loc.device), []).append(i)
                 memo[key] = rows
-            kept = memo.get(("rows_bufs", t.name, lay.name)) if keep else None
-            if kept is None:
-                kept = [torch.empty((len(idx), *shape), dtype=dtype, device=device)
-                        for (shape, dtype, device), idx in rows.items()]
-                if keep:
-                    memo["rows_bufs", t.name, lay.name] = kept
+            kept = _buffers(memo, ("rows_bufs", t.name, lay.name), keep, lambda: [
+                torch.empty((len(idx), *shape), dtype=dtype, device=device)
+                for (shape, dtype, device), idx in rows.items()])
             for buf, idx in zip(kept, rows.values()):
                 for j, i in enumerate(idx):
                     work[i][t.name] = buf[j]
@@ -214,6 +208,16 @@ class PhasesMixin:
                 out = phase.fn(group, batch)
                 if out is not batch:
                     batch.copy_(out)
+
+
+def _buffers(memo, key, keep: bool, make) -> list:
+    """``make()``'s buffers, kept in ``memo`` under ``key`` when ``keep`` (a capturable group), else new ones."""
+    bufs = memo.get(key) if keep else None
+    if bufs is None:
+        bufs = make()
+        if keep:
+            memo[key] = bufs
+    return bufs
 
 
 def _device_table(rows, device) -> torch.Tensor:

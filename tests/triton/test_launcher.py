@@ -242,5 +242,5 @@ def test_checked_lists_skip_the_checks_only_on_a_cache_hit(monkeypatch):
         launcher.multi_tensor_apply(fam, rid, (False, False), [ps, gs, ms], sc, checked=checked)
         assert calls == want
     with pytest.raises(TypeError, match="tensor 1 of list 1"):  # new tables: checked even when trusted
-        launcher.multi_tensor_apply(fam, rid, (False, False), [ps[:2] + [ps[2].clone()], [gs[0], gs[1].double(),
-                                    gs[2]], ms], sc, checked=True)
+        bad = [ps[:2] + [ps[2].clone()], [gs[0], gs[1].double(), gs[2]], ms]
+        launcher.multi_tensor_apply(fam, rid, (False, False), bad, sc, checked=True)
