@@ -6,11 +6,15 @@
 // A divisor other than 1 exercises the AVX-512 form's multiply-by-reciprocal and its exact fallback near a
 // midpoint; one below 2^-100 its plain-division path. The AVX-512 form for a block of known absmax
 // (int8_encode_block_avx512_of_absmax and int8_encode_block_avx2_of_absmax, what the kernels call) are checked on
-// every pattern x with |x| <= div, in blocks whose absmax is div ("absmax" below: both forms' mismatches). Needs an AVX-512 CPU; ~2 minutes per divisor on 2 cores.
+// every pattern x with |x| <= div, in blocks whose absmax is div ("absmax" below: both forms' mismatches), and so is
+// compressed.h's scalar block form int8_index_block, the CUDA functor's ("block"; built with
+// -DMF_INT8_ROOT_GUESS_SKEW=1e-4f or -1e-4f its guesses take a root off by that relative error, hundreds of
+// times the device's approximate square root's). Needs an AVX-512 CPU; ~2 minutes per divisor on 2 cores.
 //
 //   g++ -O2 -fopenmp -ffp-contract=off -fno-math-errno -Icsrc -Wno-maybe-uninitialized \
 //       bench/int8_encoder_exhaustive.cpp -o /tmp/int8_ex
-//   for d in 1 3 0.7 1e-35; do /tmp/int8_ex $d; done   (prints "div ...: bad scalar 0 vector 0 avx2 0 absmax 0")
+//   for d in 1 3 0.7 1e-35; do /tmp/int8_ex $d; done   (prints "div ...: bad scalar 0 vector 0 avx2 0 absmax 0
+//   block 0 (of ...)")
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
@@ -28,9 +32,9 @@ using namespace mf;
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")))
 int main(int argc, char** argv) {
   const float div = argc > 1 ? strtof(argv[1], nullptr) : 1.0f;
-  long long bad_s = 0, bad_v = 0, bad_2 = 0, bad_a = 0, checked_a = 0;
+  long long bad_s = 0, bad_v = 0, bad_2 = 0, bad_a = 0, bad_b = 0, checked_a = 0;
   // every fp32 pattern, 256 at a time (a chunk shares its sign bit)
-  #pragma omp parallel for reduction(+:bad_s,bad_v,bad_2,bad_a,checked_a) schedule(dynamic, 64)
+  #pragma omp parallel for reduction(+:bad_s,bad_v,bad_2,bad_a,bad_b,checked_a) schedule(dynamic, 64)
   for (long long base = 0; base < (1LL << 32); base += 256) {
     alignas(64) float x[256];
     for (int l = 0; l < 256; ++l) x[l] = f32_from_bits((uint32_t)(base + l));
@@ -61,13 +65,15 @@ int main(int argc, char** argv) {
         int want = int8_count_below(xb[l] / div, mid, nmid);
         int v = sgn ? (int)codes[l] + 127 : (int)(uint8_t)codes[l];
         int v2 = sgn ? (int)codes2[l] + 127 : (int)(uint8_t)codes2[l];
+        int vb = int8_index_block(xb[l], div, sgn);  // the CUDA functor's scalar block form
         ++checked_a;
+        if (vb != want) { if (bad_b < 5) printf("block sgn=%d x=%a got %d want %d\n", sgn, xb[l], vb, want); ++bad_b; }
         if (v != want) { if (bad_a < 5) printf("absmax sgn=%d x=%a got %d want %d\n", sgn, xb[l], v, want); ++bad_a; }
         if (v2 != want) { if (bad_a < 5) printf("absmax avx2 sgn=%d x=%a got %d want %d\n", sgn, xb[l], v2, want); ++bad_a; }
       }
     }
   }
-  printf("div %a: bad scalar %lld vector %lld avx2 %lld absmax %lld (of %lld)\n", div, bad_s, bad_v, bad_2, bad_a,
-         checked_a);
-  return bad_s + bad_v + bad_2 + bad_a == 0 ? 0 : 1;
+  printf("div %a: bad scalar %lld vector %lld avx2 %lld absmax %lld block %lld (of %lld)\n", div, bad_s, bad_v,
+         bad_2, bad_a, bad_b, checked_a);
+  return bad_s + bad_v + bad_2 + bad_a + bad_b == 0 ? 0 : 1;
 }

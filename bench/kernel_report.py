@@ -156,10 +156,13 @@ def _access_bytes(op: str) -> int:
     return 4
 
 
-def analyze_sass(insns: list[tuple[int, str]], read_bytes_per_element: int, elements_hint: int | None = None) -> dict:
+def analyze_sass(insns: list[tuple[int, str]], read_bytes_per_element: int, elements_hint: int | None = None,
+                 table_loads: tuple = ()) -> dict:
     """Counts over one function's SASS: global loads/stores by width, and instructions per element: those of the
     hot loop over the elements its loads fetch (CUDA), or, with ``elements_hint`` (a Triton program: one pass
-    over BLOCK elements, elements_hint per thread), the whole function's over elements_hint."""
+    over BLOCK elements, elements_hint per thread), the whole function's over elements_hint. Loads whose opcode is
+    in ``table_loads`` read constant tables, not elements: they count as loads, not as fetched elements (CUDA:
+    LDG.E.CONSTANT, the int8 code map's midpoints in the kernels' rare exact path)."""
     ops = [(a, _opcode(i), i) for a, i in insns if _opcode(i) not in ("NOP",)]
     # the trailing "BRA self" after EXIT pads the function: drop it
     while ops and ops[-1][1] == "BRA" and ops[-1][2].split()[-1] == hex(ops[-1][0]):
@@ -183,7 +186,7 @@ def analyze_sass(insns: list[tuple[int, str]], read_bytes_per_element: int, elem
         if target >= a:
             continue
         body = [(x, o) for x, o, _ in ops if target <= x <= a]
-        widths = [_access_bytes(o) for x, o in body if o.startswith("LDG")]
+        widths = [_access_bytes(o) for x, o in body if o.startswith("LDG") and o not in table_loads]
         # the vector loop: the widest loads first (the scalar-tail loop may fetch as many bytes per iteration)
         score = (max(widths, default=0), sum(widths))
         if score[1] and (best is None or score > best[0]):
@@ -191,7 +194,7 @@ def analyze_sass(insns: list[tuple[int, str]], read_bytes_per_element: int, elem
     if best is not None:
         (_, load_bytes), n = best
     else:  # no loop: one pass over the program's elements
-        load_bytes = sum(_access_bytes(op) for _, op in ldg)
+        load_bytes = sum(_access_bytes(op) for _, op in ldg if op not in table_loads)
         n = len(ops)
     elems = load_bytes / read_bytes_per_element if read_bytes_per_element else 0
     if best is None and elements_hint:
@@ -308,7 +311,8 @@ def cuda_report(arch: str = "sm_90", rules=None, layouts=None, build_dir=None) -
         nstate = num_states(rule, flags)
         row = {"backend": "cuda", "kernel": kernel, "path": "all", "rule": rule, "flags": flags, "layout": layout,
                "dtype": key[0], "state_dtype": key[1], "nstate": nstate, **res.get(mangled, {})}
-        row.update(analyze_sass(sass.get(mangled, []), bytes_read_per_element(layout, nstate)))
+        row.update(analyze_sass(sass.get(mangled, []), bytes_read_per_element(layout, nstate),
+                                table_loads=("LDG.E.CONSTANT",)))
         row["symbol"] = mangled
         rows.append(row)
     rows.sort(key=lambda r: (r["rule"], r["flags"], list(LAYOUTS).index(r["layout"]), r["kernel"]))

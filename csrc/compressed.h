@@ -1,7 +1,8 @@
 // Compressed optimizer state (docs/layouts.md, momentum_fused/layouts.py is the spec): the element-level
 // encodings of the layouts master16 and int8_state, shared by the host (CPU kernels) and the device (CUDA
-// kernels): integer arithmetic and one fp32 division / multiply, no intrinsics, so every backend gives the
-// same bits. The vector forms of the CPU kernels (cpu/cpu_simd_avx2.inc) must give the same bits as these.
+// kernels): integer arithmetic and correctly rounded fp32 operations, so every backend gives the same bits (the
+// one approximation, int8_root_guess, only guesses a code that an exact comparison then settles). The vector
+// forms of the CPU kernels (cpu/cpu_simd_avx2.inc) must give the same bits as these.
 //
 // master16: the fp32 master as the bf16 param (its high half rounded to nearest, ties away from zero) and an
 // int16 remainder (its low 16 bits). On the fp32 bit pattern u:
@@ -115,6 +116,86 @@ MF_HD MF_INLINE int int8_encode_signed(float x, float div, const float* mid) { r
 MF_HD MF_INLINE int int8_encode_unsigned(float x, float div, const float* mid) {
   return int8_index_unsigned(x / div, mid);
 }
+
+// ------------------------------------------------------------------------- the encode of a block
+// The kernels' form (the CUDA functor; the AVX-512 block form of cpu/cpu_simd_avx512.inc is the same method in
+// vectors). Its common case is a block whose scale s is its own absmax (no NaN, no inf in it) with s in
+// [2^-100, 2^100] (int8_fast_scale): then no division and no table read per element. y' = x * inv (inv = 1 / s,
+// one fp32 division per block) is within 2^-23 |y| of the quotient y = x / s, and the midpoint m' from the map's
+// formula in fp32 (integers exact, then one fma and one product) within 2^-21 |m| of the table's midpoint m.
+// A root approximated to far better than INT8_GUESS_BIAS (int8_root_guess) guesses as well as the exact one.
+// The decisions y <= m and y' <= m' can differ only where |y - m| < 2^-20.4 max(y, m), within 12 units in the
+// last place (24 across a binade edge); the bit patterns of nonnegative floats are ordered as their values, so
+// outside 32 units the sign of bits(y') - bits(m') decides, and the rare elements inside (~1e-4 of them) redo
+// the exact quotient and read the table's midpoint. A y' that is subnormal is 2^-100 below the smallest midpoint,
+// far outside. Every other block (a zero block, NaN or inf in it, a scale outside the range) takes `exact`: the
+// quotient by the block's divisor and the table's midpoint for every element, through the same code.
+// Checked against the definition over every fp32 pattern (for several divisors, and |x| <= s for the common
+// case) by bench/int8_encoder_exhaustive.cpp.
+// (a zero block qualifies too: every element is +-0, whose guess, the code 0, is exact)
+MF_HD MF_INLINE bool int8_fast_scale(float scale) {
+  return (scale >= 0x1p-100f && scale <= 0x1p100f) || scale == 0.0f;
+}
+
+// A square root for the guesses only: the device's approximate one (sqrt.approx.ftz.f32, off by a few units in
+// the last place, far below what the guess tolerates: ~5e-4 relative at the top code; a subnormal input is taken
+// as 0, which guesses the code 0 as the exact root does), the host's sqrtf.
+MF_HD MF_INLINE float int8_root_guess(float a) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
+  return r;
+#elif defined(MF_INT8_ROOT_GUESS_SKEW)  // bench/int8_encoder_exhaustive.cpp: a root off by this relative error
+  return sqrtf(a) * (1.0f + (MF_INT8_ROOT_GUESS_SKEW));
+#else
+  return sqrtf(a);
+#endif
+}
+
+// The block form's common case: the index of x from y' = x * inv (mid-free); returns whether it must be redone
+// exactly (bits(|y'|) within 32 of bits(m')), in which case `index` is not the answer. Signed map: the magnitude
+// code c (c* or c* + 1; min(c, 127)) is lowered when |y| is at most the magnitude midpoint between c - 1 and c,
+// ((c - 1)^2 + c^2) / (2 127^2) (the map and the midpoint table are odd), strictly below it for y < 0 (a tie
+// takes the lower index: the larger magnitude). Any x and inv give an index in range (the guess is clamped).
+MF_HD MF_INLINE bool int8_index_signed_fast(float x, float inv, int& index) {
+  const float y = x * inv;
+  const float a = fabsf(y);
+  const int c = static_cast<int>(fminf(fmaf(int8_root_guess(a), 127.0f, 0.5f + INT8_GUESS_BIAS), 127.5f));
+  const float cf = static_cast<float>(c);
+  const float m = fmaf(cf, cf - 1.0f, 0.5f) * (1.0f / 16129.0f);  // (c (c - 1) + 1/2) / 127^2
+  const int d = static_cast<int>(f32_bits(a)) - static_cast<int>(f32_bits(m));
+  const int mag = c - (c > 0 && d < -32 ? 1 : 0);
+  index = y < 0.0f ? 127 - mag : 127 + mag;
+  return c > 0 && static_cast<unsigned>(d + 32) <= 64u;
+}
+
+// The same for an unsigned state (y <= 0 as 0): the midpoint between codes c - 1 and c,
+// ((c - 1)^4 + c^4) / (2 255^4) = (e^2 (e^2 + 3/2) + 1/16) / 255^4 with e = c - 1/2 (e^2, e^2 + 3/2 exact).
+MF_HD MF_INLINE bool int8_index_unsigned_fast(float x, float inv, int& index) {
+  const float q = x * inv;
+  const float y = q > 0.0f ? q : 0.0f;
+  const int k = static_cast<int>(fminf(fmaf(int8_root_guess(int8_root_guess(y)), 255.0f, 0.5f + INT8_GUESS_BIAS),
+                                       255.5f));
+  const float e = static_cast<float>(k) - 0.5f;
+  const float e2 = e * e;
+  const float m = fmaf(e2, e2 + 1.5f, 0.0625f) * static_cast<float>(1.0 / (255.0 * 255.0 * 255.0 * 255.0));
+  const int d = static_cast<int>(f32_bits(y)) - static_cast<int>(f32_bits(m));
+  index = k - (k > 0 && d < -32 ? 1 : 0);
+  return k > 0 && static_cast<unsigned>(d + 32) <= 64u;
+}
+
+#if !defined(__CUDACC__)
+// The block form element by element (what the kernels compute; for the host's checks): the common case, else the
+// general form. scale: the block's scale (its absmax, NaN propagated).
+inline int int8_index_block(float x, float scale, bool sgn) {
+  const float div = int8_divisor(scale), inv = 1.0f / div;
+  int index = 0;
+  const bool redo = sgn ? int8_index_signed_fast(x, inv, index) : int8_index_unsigned_fast(x, inv, index);
+  if (!int8_fast_scale(scale) || redo)
+    index = sgn ? int8_encode_signed(x, div, INT8_SIGNED_MID) : int8_encode_unsigned(x, div, INT8_UNSIGNED_MID);
+  return index;
+}
+#endif
 
 // torch.amax's absmax step: NaN propagates.
 MF_HD MF_INLINE float int8_absmax(float acc, float x) {

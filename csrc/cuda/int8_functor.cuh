@@ -23,8 +23,10 @@ namespace cuda {
 // INT8_BLOCK = 256 elements at a time, lane l its elements 8l .. 8l + 7 (two 128-bit accesses of the fp32 param
 // and grad, 64 bits of each code list): decode (table value times the block's scale), the fp32 rule, then per
 // state the block's absmax (the lane's 8 values, then warp shuffles; NaN propagates as torch.amax), the codes
-// (compressed.h's guess and fix-up against the midpoints), and lane 0 writes the scale. The code map lives in
-// shared memory (copied from generated/tables.h's device arrays once per CUDA block). Lists: param, grad, NS code
+// (compressed.h's block form for a block whose absmax is a normal scale: no division and no table read per element
+// but in rare elements near a midpoint; else the guess and fix-up against the midpoints), and lane 0 writes the
+// scale. The decode table lives in shared memory (copied from generated/tables.h's device arrays once per CUDA
+// block); the midpoints are read from the device arrays (rare). Lists: param, grad, NS code
 // lists (int8 or uint8: bit j of `code_unsigned`), NS fp32 scale lists. REM (layout master16_int8): bf16 param and
 // grad (128-bit accesses of 8 elements), the param value the fp32 master decoded from the param and the int16
 // remainder (list 2 + NS, before the scales), encoded back into both (compressed.h's master16 codec).
@@ -62,12 +64,9 @@ struct Int8Functor {
     static_assert(NS >= 1, "int8_state compresses states: a rule without state runs the native functor");
     if (found_inf != nullptr && *found_inf != 0.0f) return;  // uniform across the block (before the barrier)
     __shared__ float tab_s[INT8_SIGNED_COUNT], tab_u[INT8_UNSIGNED_COUNT];
-    __shared__ float mid_s[INT8_SIGNED_COUNT - 1], mid_u[INT8_UNSIGNED_COUNT - 1];
     for (int i = threadIdx.x; i < INT8_UNSIGNED_COUNT; i += blockDim.x) {
       tab_u[i] = INT8_UNSIGNED_TABLE[i];
       if (i < INT8_SIGNED_COUNT) tab_s[i] = INT8_SIGNED_TABLE[i];
-      if (i < INT8_UNSIGNED_COUNT - 1) mid_u[i] = INT8_UNSIGNED_MID[i];
-      if (i < INT8_SIGNED_COUNT - 1) mid_s[i] = INT8_SIGNED_MID[i];
     }
     __syncthreads();
 
@@ -149,12 +148,30 @@ struct Int8Functor {
         for (int k = 0; k < kInt8Lane; ++k) m = int8_absmax(m, st[j][k]);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) m = int8_absmax(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
-        const float div = int8_divisor(m);
         const bool uns = (code_unsigned >> j) & 1;
+        // the block form (compressed.h): every element from y' = st * (1 / m), then the rare ones near a midpoint,
+        // or all of a block outside int8_fast_scale (m is the warp's: uniform), by the general form, one at a time
+        const float div = int8_divisor(m), inv = 1.0f / div;
+        unsigned redo = int8_fast_scale(m) ? 0u : (1u << kInt8Lane) - 1u;
 #pragma unroll
-        for (int k = 0; k < kInt8Lane; ++k)
-          vc[j].v[k] = uns ? static_cast<uint8_t>(int8_encode_unsigned(st[j][k], div, mid_u))
-                           : static_cast<uint8_t>(int8_encode_signed(st[j][k], div, mid_s) - 127);
+        for (int k = 0; k < kInt8Lane; ++k) {
+          int index;
+          const bool near = uns ? int8_index_unsigned_fast(st[j][k], inv, index)
+                                : int8_index_signed_fast(st[j][k], inv, index);
+          vc[j].v[k] = static_cast<uint8_t>(uns ? index : index - 127);
+          redo |= near ? 1u << k : 0u;
+        }
+#pragma unroll 1
+        for (; redo != 0u; redo &= redo - 1u) {
+          const int at = __ffs(static_cast<int>(redo)) - 1;
+          float x = st[j][0];
+#pragma unroll
+          for (int k = 1; k < kInt8Lane; ++k) x = k == at ? st[j][k] : x;
+          const uint8_t c = uns ? static_cast<uint8_t>(int8_encode_unsigned(x, div, INT8_UNSIGNED_MID))
+                                : static_cast<uint8_t>(int8_encode_signed(x, div, INT8_SIGNED_MID) - 127);
+#pragma unroll
+          for (int k = 0; k < kInt8Lane; ++k) vc[j].v[k] = k == at ? c : vc[j].v[k];
+        }
         if (aligned) {
           *reinterpret_cast<Vec<uint8_t, kInt8Lane>*>(code[j] + i0) = vc[j];
         } else {
