@@ -13,7 +13,7 @@
 # and say so in the summary, when the budget runs out: run `bash bench/device_check.sh muon-ns fsdp-host` then).
 # the preset `open` (issues 16, 17 and 20 in one call, ~8 min): env build test-cuda test-compressed-triton muon
 # test-gpu-other step-times compressed test-triton muon-ns fsdp-host kernels-cuda kernels-triton (the tail is skipped
-# when the budget runs out; ~450 s estimated from the phases' times of 2026-12-04 with the parallel build).
+# when the budget runs out; ~470 s estimated from the phases' times of 2026-12-04 with the parallel build).
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
 # so the archive is written before the device tool's limit. Give the tool a timeout_s ~40 s above it.
 # TRITON_K: an optional pytest -k filter for the Triton GPU tests (careful: "float16" also matches
@@ -139,18 +139,22 @@ phase_cuda_errors() {
 }
 
 # ---------------------------------------------------------------------------------------------- issue 20
-# kernels-cuda (~80 s): csrc/cuda/tools/step_timing.cu, torch-free: CUDA events around mf::cuda::step alone, on the
+# kernels-cuda (~100 s): csrc/cuda/tools/step_timing.cu, torch-free: CUDA events around mf::cuda::step alone, on the
 # llm profile (1e9 params in 292 tensors) and the tiny one (4,981 tensors), built twice in parallel for the
 # launch-bounds A/B (MF_CUDA_MIN_BLOCKS=2: <= 64 registers, the default; 1: the compiler's choice), each run with
 # the 32 KB table and with the old 4 KB limits (320 blocks, 36 tensors) for the table-size A/B. One JSON line per
-# run in kernels-cuda.jsonl (median ms, launches, GB/s, % of the copy bandwidth measured by the same binary).
-# Targets (issue 20): AdamW fp32 >= 90% of copy; bf16 <= 0.55x of fp32's time.
+# run in kernels-cuda.jsonl (median ms, launches, GB/s, % of the copy bandwidth measured by the same binary). Then
+# int8_state AdamW on the llm profile (issue 17), twice each from the default build and from one built with
+# MF_CUDA_INT8_MIN_BLOCKS=2 (the int8 functor's occupancy A/B; "minblk=2/2" in the summary).
+# Targets (issue 20): AdamW fp32 >= 90% of copy; bf16 <= 0.55x of fp32's time; issue 17: int8_state AdamW
+# <= 1/1.3 of torch fused fp32's time (compressed phase: ~6.7 ms on 2026-12-04's 8.67).
 phase_kernels_cuda() {
   local nv; nv="$(command -v nvcc)"; [ -z "$nv" ] && { echo "kernels-cuda: no nvcc" | tee -a "$WORK/summary.txt"; return; }
   local s=$(date +%s) flags=(-O3 -std=c++17 --fmad=false -arch=sm_90 -Icsrc csrc/cuda/tools/step_timing.cu csrc/cuda/fused_step.cu)
   for mb in 2 1; do
     timeout "$(left)" "$nv" "${flags[@]}" -DMF_CUDA_MIN_BLOCKS=$mb -o "$WORK/step_timing-$mb" > "$WORK/step_timing-build-$mb.log" 2>&1 &
   done
+  timeout "$(left)" "$nv" "${flags[@]}" -DMF_CUDA_INT8_MIN_BLOCKS=2 -o "$WORK/step_timing-i8" > "$WORK/step_timing-build-i8.log" 2>&1 &
   wait
   echo "kernels-cuda: built in $(( $(date +%s) - s )) s" | tee -a "$WORK/summary.txt"
   for prof in llm tiny; do
@@ -172,13 +176,22 @@ phase_kernels_cuda() {
       done
     done
   done
+  # int8_state AdamW (exp_avg int8, exp_avg_sq uint8: CODE_UNSIGNED 2), llm: the default build (the int8 functor at
+  # 1 block of 512 per SM, 128 registers) against step_timing-i8 (2 blocks, 64 registers and a few bytes of spills)
+  for bin in 2 i8 2 i8; do
+    [ "$(left)" -le 20 ] && { echo "SKIP kernels-cuda int8: out of time" | tee -a "$WORK/summary.txt"; break; }
+    { printf '{"profile": "llm", "table": "big", "run": '
+      timeout 60 "$WORK/step_timing-$bin" 2 1 5 0 20 2 < "$WORK/llm.numels" | tr -d '\n' || printf '{}'
+      printf '}\n'; } >> "$WORK/kernels-cuda.jsonl" 2>> "$WORK/kernels-cuda.err"
+  done
   "$PY" - "$WORK/kernels-cuda.jsonl" <<'PYEOF' | tee -a "$WORK/summary.txt"
 import json, sys
 for line in open(sys.argv[1]):
     try:
         d = json.loads(line); r = d["run"]
         print(f"  {d['profile']:4s} table={d['table']:5s} rule={r['rule']} layout={r['layout']} dtype={r['dtype']} "
-              f"minblk={r['min_blocks_per_sm']} launches={r['launches']} {r['median_ms']:.3f} ms "
+              f"minblk={r['min_blocks_per_sm']}/{r.get('int8_min_blocks', '-')} launches={r['launches']} "
+              f"{r['median_ms']:.3f} ms "
               f"{r['GBps']:.0f} GB/s = {r['pct_copy']:.0f}% of copy")
     except Exception as e:
         print("  bad line:", line.strip()[:120], e)

@@ -1,10 +1,11 @@
 // momentum_fused CUDA kernels: the int8_state functor, and its master16_int8 form (layouts.py is the spec; the codecs
 // are ../compressed.h's).
 // Included by fused_step.cu, and by the host emulation of tests/test_cuda_sources.py (csrc/cuda/host_emulation.h
-// gives threadIdx, blockDim, __syncthreads, __shfl_xor_sync, __shared__ and min on the host, threads for lanes), so
-// that its indexing, warp reduction and codes are checked bit for bit without a GPU. Needs, declared before:
-// mf::cuda::kChunk (elements per CUDA block), mf::cuda::kMinBlocksPerSM, ../update_rules.h's RuleOp; the table
-// argument is any type with ptr[list][slot], numel[slot] and row[slot] (TensorTable<NL>).
+// gives threadIdx, blockDim, __syncthreads, __shfl_xor_sync, __ffs, __shared__ and min on the host, threads for
+// lanes), so that its indexing, warp reduction and codes are checked bit for bit without a GPU. Needs, declared
+// before: mf::cuda::kChunk (elements per CUDA block), mf::cuda::kMinBlocksPerSM and kInt8MinBlocksPerSM,
+// ../update_rules.h's RuleOp; the table argument is any type with ptr[list][slot], numel[slot] and row[slot]
+// (TensorTable<NL>).
 // The code map: generated/tables.h's INT8_*_TABLE / INT8_*_MID, which must be readable where this runs (fused_step.cu
 // defines MF_INT8_TABLE_ATTR as `static __device__`).
 #pragma once
@@ -49,8 +50,9 @@ struct Int8Functor {
   static constexpr int R = REM ? 1 : 0;                          // the remainder list (2 + NS) before the scales'
 
   // two or three states: 8 values of each live per thread until the block's absmax is known; with 64 registers
-  // ptxas spilled (8-44 bytes), so these compile for one block of 512 threads per SM (128 registers)
-  static constexpr int kMinBlocks = Op::kStates >= 2 ? 1 : kMinBlocksPerSM;
+  // ptxas spills (8-72 bytes), so these compile for kInt8MinBlocksPerSM blocks of 512 threads per SM: 1 (128
+  // registers) unless built with 2 for the A/B of bench/device_check.sh's kernels-cuda phase (spills vs occupancy)
+  static constexpr int kMinBlocks = Op::kStates >= 2 ? kInt8MinBlocksPerSM : kMinBlocksPerSM;
   const double* packs;
   const float* found_inf;
   const float* grad_scale;

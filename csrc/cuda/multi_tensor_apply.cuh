@@ -21,6 +21,10 @@
 #ifndef MF_CUDA_MIN_BLOCKS
 #define MF_CUDA_MIN_BLOCKS 2
 #endif
+// The same for the int8_state functor with two or three states (int8_functor.cuh): 1 (128 registers) by default.
+#ifndef MF_CUDA_INT8_MIN_BLOCKS
+#define MF_CUDA_INT8_MIN_BLOCKS 1
+#endif
 
 namespace mf {
 namespace cuda {
@@ -31,6 +35,7 @@ constexpr int kMaxLists = 9;  // param, grad, up to 3 states, the fp32 master (m
 constexpr int kChunk = 65536;
 constexpr int kBlock = 512;
 constexpr int kMinBlocksPerSM = MF_CUDA_MIN_BLOCKS;
+constexpr int kInt8MinBlocksPerSM = MF_CUDA_INT8_MIN_BLOCKS;
 
 #if defined(MF_CUDA_SMALL_TABLE) || !defined(CUDART_VERSION) || CUDART_VERSION < 12010
 constexpr int kKernelArgBytes = 4096;

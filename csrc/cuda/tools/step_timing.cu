@@ -4,11 +4,15 @@
 //
 //   nvcc -O3 -std=c++17 --fmad=false -arch=sm_90 -Icsrc csrc/cuda/tools/step_timing.cu csrc/cuda/fused_step.cu \
 //        -o step_timing
-//   python3 -c "..." | ./step_timing RULE FLAGS LAYOUT DTYPE ITERS     (stdin: n numel_0 ... numel_{n-1})
+//   python3 -c "..." | ./step_timing RULE FLAGS LAYOUT DTYPE ITERS [CODE_UNSIGNED]  (stdin: n numel_0 ... numel_{n-1})
 //
 // RULE, FLAGS, LAYOUT, DTYPE: the codes of csrc/update_rules.h and csrc/mf_common.h (adam = 2, flags 1 = AdamW;
-// layout 0 native; dtype 0 fp32, 2 bf16). Every tensor gets its own 256-byte aligned slice of one allocation per
-// list, filled with small values. Each iteration is one step() call between two CUDA events; the output is one
+// layout 0 native, 5 int8_state; dtype 0 fp32, 2 bf16). Every tensor gets its own 256-byte aligned slice of one
+// allocation per list, filled with small values. int8_state (fp32 params): the tensors of at least 4096 elements
+// and a multiple of 256 get codes (every byte 16: a valid code of both maps) and block scales, the others fp32
+// state; CODE_UNSIGNED: bit j set when state j has uint8 codes (AdamW: 2, its exp_avg_sq). Built with
+// -DMF_CUDA_INT8_MIN_BLOCKS=2 it times the int8 functor at 64 registers (the A/B of csrc/cuda/int8_functor.cuh).
+// Each iteration is one step() call between two CUDA events; the output is one
 // JSON line: the median and minimum ms, the launches per step (the same planner, counted on the host), the bytes
 // the step moves and the copy bandwidth of the device (a device-to-device cudaMemcpy of 2 GiB, the same events).
 #include <cuda_runtime.h>
@@ -18,6 +22,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "../../compressed.h"
 #include "../../mf_common.h"
 #include "../../update_rules.h"
 #include "../fused_step.h"
@@ -56,7 +61,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   const int rule = std::atoi(argv[1]), flags = std::atoi(argv[2]), layout = std::atoi(argv[3]),
-            dtype = std::atoi(argv[4]), iters = std::atoi(argv[5]);
+            dtype = std::atoi(argv[4]), iters = std::atoi(argv[5]), code_unsigned = argc > 6 ? std::atoi(argv[6]) : 0;
+  const bool int8 = layout == mf::LAYOUT_INT8_STATE;
+  if (int8 && dtype != mf::DT_F32) {
+    std::fprintf(stderr, "int8_state takes fp32 params\n");
+    return 2;
+  }
   long long n = 0;
   if (std::scanf("%lld", &n) != 1 || n <= 0) return 2;
   std::vector<int64_t> numel(n);
@@ -67,7 +77,10 @@ int main(int argc, char** argv) {
   }
   const int ns = mf::rule_num_states(rule, flags), k = mf::rule_num_scalars(rule);
   const int psize = dtype == mf::DT_F64 ? 8 : dtype == mf::DT_F32 ? 4 : 2;
+  // (int8_state: 4 bytes per element of room, the fp32 states of the tensors it does not quantize)
   const int ssize = layout == mf::LAYOUT_BF16_STATE ? 2 : layout == mf::LAYOUT_MASTER ? 4 : psize;
+  std::vector<uint8_t> quantized(n, 0);
+  for (int64_t i = 0; i < n && int8; ++i) quantized[i] = mf::int8_quantized(numel[i]) ? 1 : 0;
   const bool master = layout == mf::LAYOUT_MASTER;
   // one allocation per list, each tensor 256-byte aligned in it
   std::vector<int64_t> off(n);
@@ -83,6 +96,14 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&base[l], total * size));
     fill<<<1024, 256>>>(base[l], total * size, size, l < 2 ? dtype : (size == 2 ? mf::DT_BF16 : mf::DT_F32));
   }
+  // int8_state: the codes of a quantized tensor overwrite the start of its state slice; one scale list per state
+  std::vector<float*> scale_base(int8 ? ns : 0);
+  for (int j = 0; j < static_cast<int>(scale_base.size()); ++j) {
+    CHECK(cudaMalloc(&scale_base[j], (total / mf::INT8_BLOCK + 1) * sizeof(float)));
+    fill<<<1024, 256>>>(reinterpret_cast<uint8_t*>(scale_base[j]), (total / mf::INT8_BLOCK + 1) * 4, 4, mf::DT_F32);
+    for (int64_t i = 0; i < n; ++i)
+      if (quantized[i]) CHECK(cudaMemset(base[2 + j] + off[i] * ssize, 16, numel[i]));
+  }
   std::vector<void*> params(n), states(n * ns), masters(master ? n : 0);
   std::vector<const void*> grads(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -91,6 +112,9 @@ int main(int argc, char** argv) {
     for (int j = 0; j < ns; ++j) states[i * ns + j] = base[2 + j] + off[i] * ssize;
     if (master) masters[i] = base[nlists - 1] + off[i] * 4;
   }
+  std::vector<void*> scales(int8 ? n * ns : 0, nullptr);
+  for (int64_t i = 0; i < n && int8; ++i)
+    for (int j = 0; j < ns && quantized[i]; ++j) scales[i * ns + j] = scale_base[j] + off[i] / mf::INT8_BLOCK;
   // packs: lr 1e-3, wd 0.01, then 0.9 / 0.999 / 1e-8-like values, grad_mult 1 (last)
   std::vector<double> pk(static_cast<size_t>(n) * k);
   const double row[16] = {1e-3, 0.01, 0.9, 0.999, 1e-8, 1e-3, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0};
@@ -115,7 +139,7 @@ int main(int argc, char** argv) {
     CHECK(cudaEventRecord(a));
     CHECK(mf::cuda::step(rule, flags, layout, dtype, n, params.data(), grads.data(), states.data(),
                          master ? masters.data() : nullptr, numel.data(), packs, nullptr, nullptr, sr_keys,
-                         0));
+                         0, int8 ? scales.data() : nullptr, code_unsigned));
     CHECK(cudaEventRecord(b));
     CHECK(cudaEventSynchronize(b));
     float t;
@@ -139,29 +163,51 @@ int main(int argc, char** argv) {
     if (it >= 2) cms.push_back(t);
   }
   std::sort(cms.begin(), cms.end());
-  // launches per step: the same planner and limits as multi_tensor_apply (TensorTable<nlists>)
+  // launches per step: the same planner and limits as multi_tensor_apply (TensorTable<lists>); int8_state: a
+  // sequence over its quantized tensors (2 + 2 ns lists) and one over the others (2 + ns), zero-sized placeholders
+  // for the other kind, as launch_int8 lists them
   Count c;
   int cap_t = 0, cap_b = 0;
-  switch (nlists) {
-#define CAP(NL)                                                                                       \
-  case NL:                                                                                            \
+  auto caps = [&](int lists) {
+    switch (lists) {
+#define CAP(NL)                                                                                         \
+  case NL:                                                                                              \
     cap_t = mf::cuda::env_limit("MOMENTUM_FUSED_CUDA_MAX_TENSORS", mf::cuda::TensorTable<NL>::kTensors); \
     cap_b = mf::cuda::env_limit("MOMENTUM_FUSED_CUDA_MAX_BLOCKS", mf::cuda::TensorTable<NL>::kBlocks);   \
     break;
-    CAP(2) CAP(3) CAP(4) CAP(5) CAP(6)
+      CAP(2) CAP(3) CAP(4) CAP(5) CAP(6) CAP(7) CAP(8)
 #undef CAP
+    }
+  };
+  int64_t launches = 0, elems = 0, qelems = 0;
+  std::vector<int64_t> part(n);
+  for (int kind = 0; kind < (int8 ? 2 : 1); ++kind) {  // int8: kind 1 the quantized tensors
+    int64_t any = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      part[i] = !int8 || quantized[i] == kind ? numel[i] : 0;
+      any += part[i];
+    }
+    if (any == 0) continue;
+    caps(kind == 1 ? 2 + 2 * ns : nlists);
+    launches += mf::cuda::plan_launches(n, part.data(), mf::cuda::kChunk, cap_t, cap_b, c);
   }
-  const int64_t launches = mf::cuda::plan_launches(n, numel.data(), mf::cuda::kChunk, cap_t, cap_b, c);
-  int64_t elems = 0;
-  for (auto x : numel) elems += x;
-  // bytes: read p (or the master), g, states; write p (and the master), states
-  const int64_t bytes = elems * ((master ? 4 : psize) + psize + ns * ssize + psize + (master ? 4 : 0) + ns * ssize);
+  for (int64_t i = 0; i < n; ++i) {
+    elems += numel[i];
+    qelems += quantized[i] ? numel[i] : 0;
+  }
+  // bytes: read p (or the master), g, states; write p (and the master), states (int8: 1 byte a state element, 4 a
+  // block scale, both ways)
+  const int64_t full = (master ? 4 : psize) + psize + ns * ssize + psize + (master ? 4 : 0) + ns * ssize;
+  const int64_t bytes =
+      (elems - qelems) * full + qelems * (3 * psize + 2 * ns) + 2 * ns * 4 * (qelems / mf::INT8_BLOCK);
   const double med = ms[ms.size() / 2], copy_gbps = 2.0 * cb / (cms[cms.size() / 2] * 1e6);
   std::printf("{\"rule\": %d, \"flags\": %d, \"layout\": %d, \"dtype\": %d, \"tensors\": %lld, \"elements\": %lld, "
-              "\"min_blocks_per_sm\": %d, \"max_tensors\": %d, \"max_blocks\": %d, \"launches\": %lld, "
+              "\"min_blocks_per_sm\": %d, \"int8_min_blocks\": %d, \"quantized_elements\": %lld, "
+              "\"max_tensors\": %d, \"max_blocks\": %d, \"launches\": %lld, "
               "\"median_ms\": %.4f, \"min_ms\": %.4f, \"bytes\": %lld, \"GBps\": %.1f, \"copy_GBps\": %.1f, "
               "\"pct_copy\": %.1f}\n",
-              rule, flags, layout, dtype, n, (long long)elems, mf::cuda::kMinBlocksPerSM, cap_t, cap_b,
+              rule, flags, layout, dtype, n, (long long)elems, mf::cuda::kMinBlocksPerSM, mf::cuda::kInt8MinBlocksPerSM,
+              (long long)qelems, cap_t, cap_b,
               (long long)launches, med, ms[0], (long long)bytes, bytes / (med * 1e6), copy_gbps,
               100.0 * bytes / (med * 1e6) / copy_gbps);
   return 0;
