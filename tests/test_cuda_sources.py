@@ -344,8 +344,12 @@ def test_int8_functor_emulated_on_the_host_is_bit_exact(int8_driver, case, rem):
     st = [opt.state[p][name].clone() for name in names]
     st[0][256:512] = 0.0
     st[0][1024 + 7] = float("nan")
+    for x in st:  # a block of scale ~1e-33, under the block form's range (2^-100): the general form throughout
+        x[2048:2304] = x[2048:2304] * 1e-33
     enc = [layouts.int8_encode(x, sg) for x, sg in zip(st, signed)]
     g = torch.randn(n, generator=gen)
+    g[2048:2304] *= 1e-33
+    g[4096 + 5] = float("inf")  # an inf (or NaN) state in the block: the general form there too
     # master16_int8: the bf16 param and remainder of p's value (in bits that are not all zero), a bf16 grad
     hi, lo = layouts.master16_encode(p.detach() * (1 + 2 ** -12))
     if rem:
