@@ -425,28 +425,25 @@ INT8_U_NMID = tl.constexpr(_NU - 1)
 def int8_encode_index(y, mid_ptr, UNSIGNED: tl.constexpr):
     """y = x / scale in [-1, 1] -> the table index (the code + 127 signed, the code unsigned): the count of the
     table's midpoints strictly below y (layouts.int8_encode; ties go to the lower code; a NaN counts them all, as
-    torch.bucketize; the same form as csrc/compressed.h). A first guess inverts the
-    map's shape (signed c^2 / 127^2: 127 sqrt|y|; unsigned c^4 / 255^4: 255 y^(1/4)), rounded: it is the nearest
-    code in the map's own scale, at most one off from the count (the midpoints lie between consecutive codes'
-    values; tests/triton/test_compressed_triton.py checks the guess at every midpoint and its fp32 neighbours); two
-    gathers of the midpoints next to it fix it, so the codes are exactly the table's."""
-    ok = y == y
-    z = tl.where(ok, tl.minimum(tl.abs(y), 1.0), 0.0)  # the guess's argument: |y| <= 1, not NaN
+    torch.bucketize), in csrc/compressed.h's form (int8_index_signed / _unsigned): a guess from the map's shape
+    (signed c^2 / 127^2: 127 sqrt|y|; unsigned c^4 / 255^4: 255 y^(1/4)) plus 1/2 + 1/8, truncated and clamped to
+    the top code, is the magnitude code c* or c* + 1 (the midpoints' preimages lie between c + 0.5 and c + 1,
+    compressed.h; an error below 1/8 in the root keeps it so); ONE gather of the midpoint below it in magnitude
+    and one comparison fix it, so the codes are exactly the table's (tests/triton/test_compressed_triton.py checks
+    every midpoint and its fp32 neighbours)."""
     if UNSIGNED:
-        nmid = INT8_U_NMID
-        mid_ptr = mid_ptr + INT8_U_MID
-        idx = (tl.sqrt(tl.sqrt(tl.where(y > 0, z, 0.0))) * nmid + 0.5).to(tl.int32)
+        t = tl.sqrt(tl.sqrt(tl.where(y <= 0, 0.0, y))) * INT8_U_NMID + (0.5 + 0.125)  # NaN stays NaN: the top
+        k = tl.where(t < INT8_U_NMID, t, INT8_U_NMID).to(tl.int32)
+        below = tl.load(mid_ptr + INT8_U_MID + tl.maximum(k - 1, 0))
+        return k - ((k > 0) & (y <= below)).to(tl.int32)
     else:
-        nmid = INT8_S_NMID
-        mid_ptr = mid_ptr + INT8_S_MID
-        g = (tl.sqrt(z) * INT8_S_ZERO + 0.5).to(tl.int32)
-        idx = INT8_S_ZERO + tl.where(y < 0, -g, g)
-    idx = tl.where(ok, idx, nmid)  # NaN: above every midpoint (as bucketize)
-    below = tl.load(mid_ptr + tl.maximum(idx - 1, 0))
-    above = tl.load(mid_ptr + tl.minimum(idx, nmid - 1))
-    down = (idx > 0) & (y <= below)
-    up = (idx < nmid) & ~(y <= above)
-    return idx - down.to(tl.int32) + up.to(tl.int32)
+        t = tl.sqrt(tl.abs(y)) * INT8_S_ZERO + (0.5 + 0.125)
+        c = tl.where(t < INT8_S_ZERO, t, INT8_S_ZERO).to(tl.int32)
+        neg = (y < 0).to(tl.int32)
+        k = INT8_S_ZERO + c - 2 * c * neg
+        # y >= 0 (or NaN): one too large when y <= the midpoint below k; y < 0: one too small when y > the one above
+        m = tl.load(mid_ptr + INT8_S_MID + k - 1 + neg)
+        return k + neg - (y <= m).to(tl.int32)
 
 
 @triton.jit
