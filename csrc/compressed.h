@@ -126,13 +126,12 @@ MF_HD MF_INLINE int int8_encode_unsigned(float x, float div, const float* mid) {
 // A root approximated to far better than INT8_GUESS_BIAS (int8_root_guess) guesses as well as the exact one.
 // The decisions y <= m and y' <= m' can differ only where |y - m| < 2^-20.4 max(y, m), within 12 units in the
 // last place (24 across a binade edge); the bit patterns of nonnegative floats are ordered as their values, so
-// outside 32 units the sign of bits(y') - bits(m') decides, and the rare elements inside (~1e-4 of them) redo
-// the exact quotient and read the table's midpoint. A y' that is subnormal is 2^-100 below the smallest midpoint,
-// far outside. Every other block (a zero block, NaN or inf in it, a scale outside the range) takes `exact`: the
-// quotient by the block's divisor and the table's midpoint for every element, through the same code.
-// Checked against the definition over every fp32 pattern (for several divisors, and |x| <= s for the common
-// case) by bench/int8_encoder_exhaustive.cpp.
-// (a zero block qualifies too: every element is +-0, whose guess, the code 0, is exact)
+// outside 32 units the sign of bits(y') - bits(m') decides, and the rare elements inside (~1e-4 of them) are
+// redone by the general form above (the exact quotient, the table's midpoint). A y' that is subnormal is 2^-100
+// below the smallest midpoint, far outside. A zero block qualifies too (every element is +-0, whose guess, the
+// code 0, is exact); every other block (NaN or inf in it, a scale outside the range) takes the general form for
+// every element. int8_index_block composes the two for the host's checks: over every fp32 pattern |x| <= s, for
+// several s, against the definition (bench/int8_encoder_exhaustive.cpp).
 MF_HD MF_INLINE bool int8_fast_scale(float scale) {
   return (scale >= 0x1p-100f && scale <= 0x1p100f) || scale == 0.0f;
 }
