@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-N_CASES = 14
+N_CASES = 13
 
 
 def child(entry, i, preload):
