@@ -177,8 +177,11 @@ def profile_step(opt, device: torch.device, top: int) -> str:
             torch.cuda.synchronize()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     evs = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
-    if device.type == "cuda":  # kernels only (the CPU-side ops carry no device time of their own)
-        evs = [e for e in evs if e.device_type == torch.autograd.DeviceType.CUDA] or evs
+    if device.type == "cuda":  # kernels only (the CPU-side ops carry no device time of their own); not the GPU
+        # spans of record_function ranges ("Optimizer.step#...": the whole step again, counted as "the rest" until
+        # 2026-12-04's second H200 run)
+        evs = [e for e in evs if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and not e.key.startswith("Optimizer.")] or evs
     total = sum(getattr(e, key) for e in evs) / 1e3
     mm = sum(getattr(e, key) for e in evs if any(w in e.key.lower() for w in ("gemm", "matmul", "mm", "cutlass",
                                                                              "sm90", "nvjet"))) / 1e3
