@@ -1,8 +1,9 @@
 """Static checks of the compiled elementwise kernels (issue 20), without a GPU: bench/kernel_report.py compiles
 them for sm_90 and reads ptxas' log and the SASS.
 
-- CUDA (csrc/cuda/fused_step.cu, all 265 rule x flags x layout kernels): no stack, no spills, at most 64
-  registers (2 blocks of 512 threads per SM; int8_state and master16_int8 with 2-3 states: 128, one block), 128-bit loads and stores of every list in the fp32 and 16-bit
+- CUDA (csrc/cuda/fused_step.cu, all 265 rule x flags x layout kernels): at most 64 registers (2 blocks of 512
+  threads per SM), no stack and no spills (int8_state and master16_int8 with 2-3 states: at most 64 B of stack,
+  80 B of spill stores and 96 B of loads, faster on the H200 than 1 block without spills), 128-bit loads and stores of every list in the fp32 and 16-bit
   native layouts' vector loop, 128-bit accesses in every other fp32/bf16 layout. The compile is the one
   csrc/check_cuda_compile.sh made (CI runs it first; the cubin is kept under build/kernel_report), else nvcc runs
   here; without nvcc the CUDA half skips with that reason.
@@ -60,11 +61,17 @@ def test_cuda_kernels_no_stack_no_spills_at_most_64_registers(cuda_rows):
     # + master16, + int8_state (no SF, no 0-state), + Muon's 3 (rule, flags) x 10 layouts, + master16_int8 (the
     # Int8Functor<Op, true> of int8_state's 20, Muon's included; its fp32-state tensors run master16's functor)
     assert len(cuda_rows) == kr.cuda_kernel_count() == 176 + 22 + 17 + 30 + 20
-    # the int8 layouts with 2 or 3 states compile for one block per SM (Int8Functor::kMinBlocks): 128 registers
-    cap = lambda r: 128 if r["layout"] in kr.INT8_LAYOUTS and r["nstate"] >= 2 else 64  # noqa: E731
-    bad = [(r["rule"], r["flags"], r["layout"], r["registers"], r["stack_bytes"], r["spill_bytes"])
-           for r in cuda_rows if r["stack_bytes"] or r["spill_bytes"] or r["spill_load_bytes"] or r["registers"] > cap(r)]
-    assert not bad, f"(rule, flags, layout, registers, stack, spill): {bad}"
+    # The one measured exception: the int8 layouts' functor with 2 or 3 states (Int8Functor::kMinBlocks, 8 values
+    # of each state live until the block's absmax is known) spills 8-78 bytes at 64 registers; on the H200
+    # (bench/results/h200-20261204-b) AdamW int8_state ran 6.22 ms that way against 8.10 ms at 1 block of 512 per SM
+    # and 128 registers without spills. Its spills stay bounded here (a change that spills more fails).
+    def budget(r):  # (registers, stack, spill stores, spill loads)
+        return (64, 64, 80, 96) if r["layout"] in kr.INT8_LAYOUTS and r["nstate"] >= 2 else (64, 0, 0, 0)
+    bad = [(r["rule"], r["flags"], r["layout"], r["registers"], r["stack_bytes"], r["spill_bytes"], r["spill_load_bytes"])
+           for r in cuda_rows
+           if any(v > b for v, b in zip((r["registers"], r["stack_bytes"], r["spill_bytes"], r["spill_load_bytes"]),
+                                        budget(r)))]
+    assert not bad, f"(rule, flags, layout, registers, stack, spill stores, spill loads): {bad}"
 
 
 def test_cuda_kernels_128_bit_accesses(cuda_rows):

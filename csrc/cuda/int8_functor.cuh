@@ -50,8 +50,9 @@ struct Int8Functor {
   static constexpr int R = REM ? 1 : 0;                          // the remainder list (2 + NS) before the scales'
 
   // two or three states: 8 values of each live per thread until the block's absmax is known; with 64 registers
-  // ptxas spills (8-72 bytes), so these compile for kInt8MinBlocksPerSM blocks of 512 threads per SM: 1 (128
-  // registers) unless built with 2 for the A/B of bench/device_check.sh's kernels-cuda phase (spills vs occupancy)
+  // ptxas spills (8-78 bytes). These compile for kInt8MinBlocksPerSM blocks of 512 threads per SM: 2 (64 registers,
+  // the spills) by default, faster on the H200 than 1 (128 registers, no spills): AdamW 6.22 vs 8.10 ms on 1e9
+  // params (2026-12-04); bench/device_check.sh's kernels-int8 phase builds and times both
   static constexpr int kMinBlocks = Op::kStates >= 2 ? kInt8MinBlocksPerSM : kMinBlocksPerSM;
   const double* packs;
   const float* found_inf;
