@@ -73,8 +73,8 @@ def main(argv=None):
     for family in list(launcher.KERNELS):
         launcher.KERNELS[family] = _NoLaunch()
     from momentum_fused import _backend_triton
-    fast = getattr(_backend_triton, "_DATA_PTRS", None)  # (absent before 2026-12-04: for A/B runs)
-    print(f"pointer reads: {'_C_cpu.data_ptrs' if fast else 'Python'}")
+    fast = getattr(_backend_triton, "_POINTER_ROWS", None)
+    print(f"pointer reads: {'_C_cpu.pointer_rows' if fast else 'Python'}")
     print("| profile | rule | tensors | host ms per step, each run |")
     print("|---|---|---|---|")
     for profile in args.profiles.split(","):

@@ -101,45 +101,34 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
         return n
     nstate = len(states[0]) if states else 0
     flat = [s for st in states for s in st]
-    rows = _pointer_rows(params, grads, flat)
+    rows = _POINTER_ROWS(params, grads, flat, nstate) if _POINTER_ROWS is not None else None
     if rows is not None:  # every tensor contiguous (and plain): the usual case, read at C speed
         ps, gs, writeback = params, grads, ()
-        ptrs = [rows[0], rows[1]] + [rows[2][i::nstate] for i in range(nstate)]
     else:  # non-contiguous tensors (rare: e.g. a transposed param) run on contiguous copies, written back after
         ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
-        ptrs = None
     lists = [ps, gs] + [flat[i::nstate] for i in range(nstate)]
     n = launcher.multi_tensor_apply(rules.FAMILY[spec.name], rules.RULE_IDS[spec.name], tuple(flags), lists,
                                     backends.pack_table(scalars, len(spec.scalar_names)), found_inf=found_inf,
                                     grad_scale=grad_scale, master=bool(layout is not None and layout.master),
                                     remainder=bool(layout is not None and layout.remainder),
                                     sr_keys=sr_keys if layout is not None and layout.stochastic else None,
-                                    checked=True, ptrs=ptrs)  # the optimizer's plan checked them
+                                    checked=True, rows=rows)  # the optimizer's plan checked them
     for orig, work in writeback:
         orig.copy_(work)
     return n
 
 
-def _pointer_rows(params, grads, flat):
-    """(params', grads', flat states' data pointers) as tuples, read by ``_C_cpu.data_ptrs`` when every tensor is
-    contiguous and plain; None when one is not, or without the compiled cpu extension (then the caller copies what
-    needs it and the launcher reads the pointers in Python)."""
-    f = _DATA_PTRS
-    if f is None:
-        return None
-    rows = (f(params), f(grads), f(flat))
-    return None if None in rows else rows
-
-
-def _data_ptrs():
+def _pointer_rows():
+    """``_C_cpu.pointer_rows`` (the lists' data pointers and sizes as one int64 host tensor, read at C speed), or
+    None without the compiled cpu extension (the launcher then reads them in Python)."""
     try:
         from . import _C_cpu
     except Exception:  # not built, or not loadable
         return None
-    return getattr(_C_cpu, "data_ptrs", None)  # (None from a build older than it)
+    return getattr(_C_cpu, "pointer_rows", None)  # (None from a build older than it)
 
 
-_DATA_PTRS = _data_ptrs()
+_POINTER_ROWS = _pointer_rows()
 
 
 def make_backend() -> backends.Backend:

@@ -183,6 +183,9 @@ def _plan_split_tensors(numels: tuple, block: int, device) -> tuple:
 
 
 def _aligned(ptrs) -> bool:
+    """Every pointer 16-byte aligned: ``ptrs`` an int64 tensor of them, or a sequence of ints."""
+    if isinstance(ptrs, torch.Tensor):
+        return not bool((ptrs & 15).any())
     return not any(map((15).__and__, ptrs))
 
 
@@ -197,42 +200,53 @@ def _refuse_during_capture(ref: torch.Tensor) -> None:
             "capturing it (the tables of those tensors are then cached)")
 
 
+def pointer_rows(lists: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """The lists' data pointers (one row per list) and, last, the first list's numels: an int64 host tensor, as
+    the Triton backend reads it at C speed (``_C_cpu.pointer_rows``)."""
+    return torch.tensor([[t.data_ptr() for t in lst] for lst in lists] + [[t.numel() for t in lists[0]]],
+                        dtype=torch.int64)
+
+
 def step_tables(lists: Sequence[Sequence[torch.Tensor]], block: int = BLOCK, grad_list: int = 1, check=None,
-                trusted: bool = False, ptrs: Sequence[Sequence[int]] | None = None):
-    """(ptr_tab, full_tab, prog_tab, seg_tab, n_full, n_packed, n_seg, aligned) for the update kernels; cached as
-    ``tables`` caches its entries (by every list's pointers but the grads', whose row is refreshed in place).
-    ``aligned``: every data pointer is 16-byte aligned (the full-block path may then use 128-bit accesses).
-    ``check()``: the lists' checks, run before a table is built, and on a cache hit unless ``trusted`` (the caller
-    has checked every tensor: the optimizer's plan, optim/checks.py; a hit then means the params and states are at
-    the addresses, with the sizes, that were checked when the entry was made). ``ptrs``: each list's data pointers
-    (tuples), when the caller has them (the Triton backend reads them at C speed), else read here."""
+                trusted: bool = False, rows: torch.Tensor | None = None):
+    """(ptr_tab, full_tab, prog_tab, seg_tab, n_full, n_packed, n_seg, aligned) for the update kernels; cached
+    (``CACHE_SIZE`` entries) by every list's data pointers and the sizes, the grads' row excepted: a hit whose grads
+    moved gets that row refreshed in place. ``aligned``: every data pointer is 16-byte aligned (the full-block
+    path may then use 128-bit accesses). ``check()``: the lists' checks, run before a table is built, and on a
+    cache hit unless ``trusted`` (the caller has checked every tensor: the optimizer's plan, optim/checks.py; a hit
+    then means the params and states are at the addresses, with the sizes, that were checked when the entry was
+    made). ``rows``: ``pointer_rows(lists)``, when the caller has it (the Triton backend reads it at C speed).
+    An entry is found by its first and last param pointers and confirmed by comparing every row but the grads'
+    (two int64 comparisons of host tensors, no Python int per tensor)."""
     ref = lists[0][0]
-    numels = tuple(map(torch.Tensor.numel, lists[0]))
-    if ptrs is None:
-        ptrs = [tuple(map(torch.Tensor.data_ptr, lst)) for lst in lists]
-    key = ("split", ref.device, ref.dtype, block, numels, len(lists), grad_list,
-           tuple(p for i, p in enumerate(ptrs) if i != grad_list))
+    if rows is None:
+        rows = pointer_rows(lists)
+    n, nl = rows.shape[1], len(lists)
+    ends = rows[0, [0, n - 1]].tolist()
+    key = ("split", ref.device, ref.dtype, block, nl, grad_list, n, *ends)
     entry = _cache.get(key)
-    if check is not None and (entry is None or not trusted):
+    hit = entry is not None and torch.equal(entry[2][:grad_list], rows[:grad_list]) \
+        and torch.equal(entry[2][grad_list + 1:], rows[grad_list + 1:])
+    if check is not None and (not hit or not trusted):
         check()
-    if entry is not None:
+    if hit:
         _cache.move_to_end(key)
         _CACHE_STATS["hits"] += 1
-        ptr_tab, plan, cached_grad_ptrs, aligned_rest, aligned_grads = entry
-        if cached_grad_ptrs != ptrs[grad_list]:
+        ptr_tab, plan, host, aligned_rest, aligned_grads = entry
+        if not torch.equal(host[grad_list], rows[grad_list]):
             _refuse_during_capture(ref)
-            ptr_tab[grad_list].copy_(torch.tensor(ptrs[grad_list], dtype=torch.int64), non_blocking=True)
-            entry[2] = ptrs[grad_list]
-            entry[4] = aligned_grads = _aligned(ptrs[grad_list])
+            ptr_tab[grad_list].copy_(rows[grad_list], non_blocking=True)
+            host[grad_list] = rows[grad_list]
+            entry[4] = aligned_grads = _aligned(rows[grad_list])
             _CACHE_STATS["grad_row_updates"] += 1
         return (ptr_tab.view(-1),) + plan + (aligned_rest and aligned_grads,)
     _CACHE_STATS["misses"] += 1
     _refuse_during_capture(ref)
-    plan = _plan_split_tensors(numels, block, ref.device)
-    ptr_tab = torch.tensor(ptrs, dtype=torch.int64).to(ref.device)
-    aligned_rest = all(_aligned(p) for i, p in enumerate(ptrs) if i != grad_list)
-    aligned_grads = _aligned(ptrs[grad_list])
-    _cache[key] = [ptr_tab, plan, ptrs[grad_list], aligned_rest, aligned_grads]
+    plan = _plan_split_tensors(tuple(rows[nl].tolist()), block, ref.device)
+    ptr_tab = rows[:nl].to(ref.device, copy=True)
+    rest = torch.cat([rows[:grad_list], rows[grad_list + 1:nl]])
+    aligned_rest, aligned_grads = _aligned(rest), _aligned(rows[grad_list])
+    _cache[key] = [ptr_tab, plan, rows.clone(), aligned_rest, aligned_grads]
     while len(_cache) > CACHE_SIZE:
         _cache.popitem(last=False)
     return (ptr_tab.view(-1),) + plan + (aligned_rest and aligned_grads,)
@@ -266,7 +280,7 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
                        found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                        block: int = BLOCK, master: bool = False, sr_keys: Sequence[int] | None = None,
                        sub: int | None = None, num_warps: int | None = None, remainder: bool = False,
-                       checked: bool = False, ptrs: Sequence[Sequence[int]] | None = None) -> int:
+                       checked: bool = False, rows: torch.Tensor | None = None) -> int:
     """Run one kernel over every tensor of ``lists`` = [params, grads, *state lists (, masters)].
 
     family: "one" or "multi" (see kernels.py); rule_id: rules.RULE_IDS[name]; flags: up to two
@@ -282,8 +296,8 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     tails, ``sub`` lanes at a time: 32 x num_warps compiled, the whole block in the interpreter by default).
     ``checked``: the caller has checked every tensor (dtypes, one device, equal numels, contiguous: the Triton
     backend, behind the optimizer's plan); the lists are then checked here only when their tables are not cached
-    (new tensors), which is most of the host time of a step of many small tensors otherwise. ``ptrs``: the lists'
-    data pointers (one tuple per list), if the caller has read them.
+    (new tensors), which is most of the host time of a step of many small tensors otherwise. ``rows``: the lists'
+    ``pointer_rows``, if the caller has read them.
     """
     if family not in KERNELS:
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
@@ -298,7 +312,7 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
     pdt = lists[0][0].dtype
     sdt = lists[2][0].dtype if nstate else (torch.float32 if remainder else pdt)
     dtypes = [pdt, pdt] + [sdt] * nstate + ([torch.float32] if master else [torch.int16] if remainder else [])
-    tables = step_tables(lists, block, check=lambda: _check_lists(lists, dtypes), trusted=checked, ptrs=ptrs)
+    tables = step_tables(lists, block, check=lambda: _check_lists(lists, dtypes), trusted=checked, rows=rows)
     if master and pdt not in (torch.float16, torch.bfloat16):
         raise TypeError(f"a master copy is kept for fp16/bf16 params, not {pdt}")
     if remainder and (pdt != torch.bfloat16 or sdt != torch.float32):

@@ -202,17 +202,24 @@ def test_zero_numel_bucket_launches_nothing():
 
 
 def test_pointer_rows_from_c_equal_the_python_path_bit_for_bit(monkeypatch):
-    """The Triton backend reads the data pointers with _C_cpu.data_ptrs (when built): 10 AdamW steps equal those
-    of the Python path (the launcher's own map over Tensor.data_ptr) bit for bit, a transposed param included
-    (data_ptrs says None for it: the bucket takes contiguous_lists' copies)."""
+    """The Triton backend reads the data pointers and sizes with _C_cpu.pointer_rows (when built): equal to the
+    launcher's Python rows, None for a transposed param (the bucket then takes contiguous_lists' copies); 10 AdamW
+    steps equal those of the Python path bit for bit."""
     from momentum_fused import _backend_triton as bt
-    if bt._DATA_PTRS is None:
-        pytest.skip("needs the compiled cpu extension (_C_cpu.data_ptrs)")
-    ts = [torch.randn(7), torch.randn(0), torch.randn(5, 3)[:, 1:]]
-    assert bt._DATA_PTRS(ts[:2]) == tuple(t.data_ptr() for t in ts[:2]) and bt._DATA_PTRS(ts) is None
+    if bt._POINTER_ROWS is None:
+        pytest.skip("needs the compiled cpu extension (_C_cpu.pointer_rows)")
+    ps, gs = [torch.randn(7), torch.randn(0), torch.randn(4, 3)], [torch.randn(7), torch.randn(0), torch.randn(4, 3)]
+    sts = [torch.randn(t.shape) for t in ps for _ in range(2)]
+    rows = bt._POINTER_ROWS(ps, gs, sts, 2)
+    assert torch.equal(rows, launcher.pointer_rows([ps, gs, sts[0::2], sts[1::2]]))
+    assert rows[-1].tolist() == [7, 0, 12] and rows.dtype == torch.int64
+    assert bt._POINTER_ROWS(ps, gs, [], 0).shape == (3, 3)
+    assert bt._POINTER_ROWS(ps[:2] + [torch.randn(3, 4).t()], gs, sts, 2) is None
+    with pytest.raises(RuntimeError, match="for 2 states each"):
+        bt._POINTER_ROWS(ps, gs, sts[:5], 2)
 
     def run(fast):
-        monkeypatch.setattr(bt, "_DATA_PTRS", bt._DATA_PTRS if fast else None)
+        monkeypatch.setattr(bt, "_POINTER_ROWS", bt._POINTER_ROWS if fast else None)
         gen = torch.Generator().manual_seed(0)
         ps = [torch.randn(s, generator=gen).requires_grad_() for s in [(10,), (4097,), (3, 3), (0,)]]
         ps.append(torch.randn(7, 5, generator=gen).t().requires_grad_())  # not contiguous
