@@ -150,7 +150,7 @@ phase_kernels_cuda() {
   local nv; nv="$(command -v nvcc)"; [ -z "$nv" ] && { echo "kernels-cuda: no nvcc" | tee -a "$WORK/summary.txt"; return; }
   local s=$(date +%s) flags=(-O3 -std=c++17 --fmad=false -arch=sm_90 -Icsrc csrc/cuda/tools/step_timing.cu csrc/cuda/fused_step.cu)
   for mb in 2 1; do
-    timeout "$(left)" "$nv" "${flags[@]}" -DMF_CUDA_MIN_BLOCKS=$mb -o "$WORK/step_timing-$mb" > "$WORK/step_timing-build-$mb.log" 2>&1 &
+    timeout "$(left)" "$nv" "${flags[@]}" -DMF_CUDA_MIN_BLOCKS=$mb -DMF_CUDA_MASTER_MIN_BLOCKS=$mb -o "$WORK/step_timing-$mb" > "$WORK/step_timing-build-$mb.log" 2>&1 &
   done
   wait
   echo "kernels-cuda: built in $(( $(date +%s) - s )) s" | tee -a "$WORK/summary.txt"

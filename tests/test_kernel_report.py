@@ -2,7 +2,7 @@
 them for sm_90 and reads ptxas' log and the SASS.
 
 - CUDA (csrc/cuda/fused_step.cu, all 265 rule x flags x layout kernels): at most 64 registers (2 blocks of 512
-  threads per SM), no stack and no spills (int8_state and master16_int8 with 2-3 states: at most 64 B of stack,
+  threads per SM; the master layout: 1 block, up to 128), no stack and no spills (int8_state and master16_int8 with 2-3 states: at most 64 B of stack,
   80 B of spill stores and 96 B of loads, faster on the H200 than 1 block without spills), 128-bit loads and stores of every list in the fp32 and 16-bit
   native layouts' vector loop, 128-bit accesses in every other fp32/bf16 layout. The compile is the one
   csrc/check_cuda_compile.sh made (CI runs it first; the cubin is kept under build/kernel_report), else nvcc runs
@@ -65,8 +65,12 @@ def test_cuda_kernels_no_stack_no_spills_at_most_64_registers(cuda_rows):
     # of each state live until the block's absmax is known) spills 8-78 bytes at 64 registers; on the H200
     # (bench/results/h200-20261204-b) AdamW int8_state ran 6.22 ms that way against 8.10 ms at 1 block of 512 per SM
     # and 128 registers without spills. Its spills stay bounded here (a change that spills more fails).
+    # The master layout compiles for one block of 512 per SM (kMasterMinBlocksPerSM: faster on the H200 for AdamW,
+    # 7.01 vs 7.46 ms), its registers the compiler's choice up to 128.
     def budget(r):  # (registers, stack, spill stores, spill loads)
-        return (64, 64, 80, 96) if r["layout"] in kr.INT8_LAYOUTS and r["nstate"] >= 2 else (64, 0, 0, 0)
+        if r["layout"] in kr.INT8_LAYOUTS and r["nstate"] >= 2:
+            return (64, 64, 80, 96)
+        return (128 if r["layout"].startswith("master-") else 64, 0, 0, 0)
     bad = [(r["rule"], r["flags"], r["layout"], r["registers"], r["stack_bytes"], r["spill_bytes"], r["spill_load_bytes"])
            for r in cuda_rows
            if any(v > b for v, b in zip((r["registers"], r["stack_bytes"], r["spill_bytes"], r["spill_load_bytes"]),

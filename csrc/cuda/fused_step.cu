@@ -82,6 +82,7 @@ __device__ __forceinline__ void m16_store(bf16& p, uint16_t& r, float a) {
 // P = bf16): the master is decoded from the param and the int16 remainder (list 2 + NS) and encoded back.
 template <class Op, typename P, typename S, bool MASTER, bool SR, bool REM = false>
 struct StepFunctor {
+  static constexpr int kMinBlocks = MASTER ? kMasterMinBlocksPerSM : kMinBlocksPerSM;  // (multi_tensor_apply.cuh)
   const double* packs;
   const float* found_inf;
   const float* grad_scale;

@@ -26,6 +26,12 @@
 #ifndef MF_CUDA_INT8_MIN_BLOCKS
 #define MF_CUDA_INT8_MIN_BLOCKS 2
 #endif
+// The same for the master layout's functor (16-bit params, fp32 states and masters): 1 (the compiler's
+// register choice) by default: on the H200 AdamW master-bf16 ran 7.01 ms that way against 7.46 at 2 (1e9 params,
+// 2026-12-04). bench/device_check.sh's kernels-cuda builds set it with MF_CUDA_MIN_BLOCKS for the A/B.
+#ifndef MF_CUDA_MASTER_MIN_BLOCKS
+#define MF_CUDA_MASTER_MIN_BLOCKS 1
+#endif
 
 namespace mf {
 namespace cuda {
@@ -37,6 +43,7 @@ constexpr int kChunk = 65536;
 constexpr int kBlock = 512;
 constexpr int kMinBlocksPerSM = MF_CUDA_MIN_BLOCKS;
 constexpr int kInt8MinBlocksPerSM = MF_CUDA_INT8_MIN_BLOCKS;
+constexpr int kMasterMinBlocksPerSM = MF_CUDA_MASTER_MIN_BLOCKS;
 
 #if defined(MF_CUDA_SMALL_TABLE) || !defined(CUDART_VERSION) || CUDART_VERSION < 12010
 constexpr int kKernelArgBytes = 4096;
@@ -64,8 +71,9 @@ struct TensorTable {
 };
 static_assert(TableShape<kMaxLists>::kTensors <= 256, "block_to_tensor is a uint8");
 
-// Blocks per SM a functor's kernel is compiled for: kMinBlocksPerSM (64 registers), unless the functor says less
-// (int8_state with two or three states holds 8 elements x 3 states per thread: 1 block, 128 registers).
+// Blocks per SM a functor's kernel is compiled for: kMinBlocksPerSM (64 registers), unless the functor says
+// otherwise (kMinBlocks: the int8 functor's kInt8MinBlocksPerSM with two or three states, the master layout's
+// kMasterMinBlocksPerSM).
 template <class Functor, class = void>
 struct MinBlocksOf {
   static constexpr int value = kMinBlocksPerSM;

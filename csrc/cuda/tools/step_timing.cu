@@ -202,11 +202,13 @@ int main(int argc, char** argv) {
       (elems - qelems) * full + qelems * (3 * psize + 2 * ns) + 2 * ns * 4 * (qelems / mf::INT8_BLOCK);
   const double med = ms[ms.size() / 2], copy_gbps = 2.0 * cb / (cms[cms.size() / 2] * 1e6);
   std::printf("{\"rule\": %d, \"flags\": %d, \"layout\": %d, \"dtype\": %d, \"tensors\": %lld, \"elements\": %lld, "
-              "\"min_blocks_per_sm\": %d, \"int8_min_blocks\": %d, \"quantized_elements\": %lld, "
+              "\"min_blocks_per_sm\": %d, \"int8_min_blocks\": %d, \"master_min_blocks\": %d, "
+              "\"quantized_elements\": %lld, "
               "\"max_tensors\": %d, \"max_blocks\": %d, \"launches\": %lld, "
               "\"median_ms\": %.4f, \"min_ms\": %.4f, \"bytes\": %lld, \"GBps\": %.1f, \"copy_GBps\": %.1f, "
               "\"pct_copy\": %.1f}\n",
               rule, flags, layout, dtype, n, (long long)elems, mf::cuda::kMinBlocksPerSM, mf::cuda::kInt8MinBlocksPerSM,
+              mf::cuda::kMasterMinBlocksPerSM,
               (long long)qelems, cap_t, cap_b,
               (long long)launches, med, ms[0], (long long)bytes, bytes / (med * 1e6), copy_gbps,
               100.0 * bytes / (med * 1e6) / copy_gbps);
