@@ -8,11 +8,13 @@
 #   env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank
 # or the preset `issue20` (the kernel work of issue 20, ~7.5 min): env kernels-cuda build test-cuda step-times
 # kernels-triton -- see the phases' comments below; kernel-report (static, the same as on a CPU machine) on request;
-# the preset `issue17` (compressed state, ~8 min): env build test-compressed compressed kernels-int8.
+# the preset `issue17` (compressed state, ~8 min): env build test-compressed compressed kernels-int8
+# kernels-triton-int8.
 # the preset `issue16` (Muon, ~8 min with the build): env build muon muon-ns fsdp-host (the last phases are skipped,
 # and say so in the summary, when the budget runs out: run `bash bench/device_check.sh muon-ns fsdp-host` then).
 # the preset `open` (issues 16, 17 and 20 in one call, ~8 min): env build test-cuda kernels-int8 compressed muon
-# step-times test-compressed-triton test-gpu-other test-triton muon-ns fsdp-host kernels-cuda kernels-triton (the
+# step-times kernels-triton-int8 test-compressed-triton test-gpu-other test-triton muon-ns fsdp-host kernels-cuda
+# kernels-triton (the
 # tail is skipped when the budget runs out: 2026-12-04's second lend ran through fsdp-host in 400 s; the kernel
 # phases it could not reach then come first when what they decide changed, e.g. kernels-int8 now).
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
@@ -237,6 +239,24 @@ phase_kernels_triton() {
     grep -h '"kernel_ms"' "$WORK/kernels-triton-$v.log" | sed "s/^/  $v /" | cut -c1-230 | tee -a "$WORK/summary.txt"
   done
 }
+# kernels-triton-int8 (~100 s, issue 17): the Triton int8_state kernel's A/B of rows x num_warps x register cap
+# (MOMENTUM_FUSED_TRITON_INT8_ROWS / _WARPS / _MAXNREG; "8x8r64": 8 blocks of 256 per program, 8 warps, at most 64
+# registers), AdamW llm fp32, kernel_ms from the profiler. The default 8x8 compiles to ~120 registers (2 programs per
+# SM); the CUDA int8 kernel ran 1.30x faster at 64 registers with twice the occupancy (2026-12-04). Static (CPU,
+# `MOMENTUM_FUSED_TRITON_INT8_MAXNREG=64 python -m bench.kernel_report --backend triton --layouts int8_state`, AMSGrad):
+# 8x8 121 registers, 191 instructions per element; 8x8r64 spills 40-144 bytes, 8x8r80 16-40; 4x8 (4 elements per
+# thread) 64 registers without spills but 243 instructions per element. TRITON_INT8_AB="..." picks the variants.
+phase_kernels_triton_int8() {
+  for v in ${TRITON_INT8_AB:-8x8 4x8 8x8r64 8x8r80}; do
+    local rw=${v%r*} cap=0; [ "${v#*r}" != "$v" ] && cap=${v#*r}
+    MOMENTUM_FUSED_TRITON_INT8_ROWS=${rw%x*} MOMENTUM_FUSED_TRITON_INT8_WARPS=${rw#*x} \
+      MOMENTUM_FUSED_TRITON_INT8_MAXNREG=$cap \
+      run "kernels-triton-int8-$v" 45 "$PY" -m bench.kernel_report --time --step-backends triton --profiles llm \
+      --dtypes fp32 --step-rules adamw --step-layouts int8_state --iters 10 --out "$WORK/kernels-triton-int8-$v.json"
+    grep -h '"kernel_ms"' "$WORK/kernels-triton-int8-$v.log" | grep int8_state | sed "s/^/  $v /" | cut -c1-230 \
+      | tee -a "$WORK/summary.txt"
+  done
+}
 # ---------------------------------------------------------------------------------------------- issue 16
 # muon (~150 s after build): Muon's passes on the CUDA kernels against the float64 reference (tests/test_cuda_backend.py
 # -k muon; the Triton passes are tested under the interpreter in CI, tests/triton/test_muon_triton.py, and run
@@ -305,13 +325,13 @@ phase_compressed() {
 
 phases=("$@")
 [ "${phases[*]:-}" = issue20 ] && phases=(env kernels-cuda build test-cuda step-times kernels-triton)
-[ "${phases[*]:-}" = issue17 ] && phases=(env build test-compressed compressed kernels-int8)
+[ "${phases[*]:-}" = issue17 ] && phases=(env build test-compressed compressed kernels-int8 kernels-triton-int8)
 [ "${phases[*]:-}" = issue16 ] && phases=(env build muon muon-ns fsdp-host)
 # the three open issues in one call, most wanted first (a phase that no longer fits is skipped and says so)
 # (after 2026-12-04's second lend: the bad-argument cases fixed in test-cuda; the int8 occupancy A/B with AMSGrad and
 # the step with 2 blocks per SM as the default; then Muon and the rest, all of which ran that day)
 [ "${phases[*]:-}" = open ] && phases=(env build test-cuda kernels-int8 compressed muon step-times \
-  test-compressed-triton test-gpu-other test-triton muon-ns fsdp-host kernels-cuda kernels-triton)
+  kernels-triton-int8 test-compressed-triton test-gpu-other test-triton muon-ns fsdp-host kernels-cuda kernels-triton)
 [ ${#phases[@]} -eq 0 ] && phases=(env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank)
 for ph in "${phases[@]}"; do
   echo "== $ph ($(( $(date +%s) - T0 )) s)" >> "$WORK/summary.txt"

@@ -366,9 +366,13 @@ def master_mode(master: bool, remainder: bool) -> int:
 
 
 # ------------------------------------------------------------------------------------------ int8_state
-INT8_ROWS = 8  # blocks of layouts.INT8_BLOCK elements per program of the int8_state kernel (2048 elements)
-# 8 warps: 8 elements per thread (4 warps held 16 and ~250 registers: bench.kernel_report)
-NUM_WARPS_INT8 = int(os.environ.get("MOMENTUM_FUSED_TRITON_WARPS", "8"))
+# blocks of layouts.INT8_BLOCK elements per program of the int8_state kernel (8: 2048 elements) and its warps (8: 8
+# elements per thread; 4 warps held 16 and ~250 registers: bench.kernel_report); MAXNREG_INT8, a register cap (none:
+# ptxas' choice, ~100-128). The environment overrides them for the A/B of bench/device_check.sh kernels-triton-int8
+# (on the H200 the CUDA int8 kernel ran 1.30x faster at 64 registers and twice the occupancy, spills and all).
+INT8_ROWS = int(os.environ.get("MOMENTUM_FUSED_TRITON_INT8_ROWS", "8"))
+NUM_WARPS_INT8 = int(os.environ.get("MOMENTUM_FUSED_TRITON_INT8_WARPS", "8"))
+MAXNREG_INT8 = int(os.environ.get("MOMENTUM_FUSED_TRITON_INT8_MAXNREG", "0")) or None
 _int8_tables: dict = {}
 
 
@@ -512,7 +516,8 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
         MULTI=family == "multi", RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1],
         UNSIGNED=unsigned, HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
         ROWS=rows, KINDS=kinds, ALIGNED=aligned, HW_BF16=not INTERPRETED, PDT=2 * r, MASTER=2 * r,
-        num_warps=num_warps or NUM_WARPS_INT8, **COMPILE_OPTIONS)
+        num_warps=num_warps or NUM_WARPS_INT8, **COMPILE_OPTIONS,
+        **({"maxnreg": MAXNREG_INT8} if MAXNREG_INT8 and not INTERPRETED else {}))
     _count_launch()
     return 1
 
@@ -573,7 +578,8 @@ def int8_unsigned_mask(rule: str, nstate: int) -> int:
 
 
 def compile_int8_variants(rule: str, flags, nstate: int, found_inf: bool = False, grad_scale: bool = False,
-                          rows: int = INT8_ROWS, num_warps: int | None = None, remainder: bool = False):
+                          rows: int = INT8_ROWS, num_warps: int | None = None, remainder: bool = False,
+                          maxnreg: int | None = MAXNREG_INT8):
     """As ``compile_variants``, for the int8_state kernel: paths "int8" (quantized tensors only), "fp32" (fp32-state
     tensors only), "mixed" (both: ``KINDS`` 2, 1, 3). ``remainder``: layout master16_int8 (bf16 params, the
     master16 remainder: PDT and MASTER 2)."""
@@ -589,5 +595,5 @@ def compile_int8_variants(rule: str, flags, nstate: int, found_inf: bool = False
                           HW_BF16=True, PDT=2 * int(remainder), MASTER=2 * int(remainder))
         elems = rows * INT8_BLOCK // (32 * num_warps)
         out.append((int8_state_kernel.__name__, path, int8_state_kernel, dict(_INT8_SIGNATURE), constexprs,
-                    {"num_warps": num_warps}, elems))
+                    {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}, elems))
     return out
