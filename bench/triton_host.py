@@ -7,7 +7,7 @@ tensors against 0.4-0.7; 14-17 ms for 4,981 tiny tensors against 3.5), while its
 measures that host side where it can be changed. Not measured: Triton's own launch overhead (the compiled
 launcher binds ~20 arguments per call) and anything on the device.
 
-Run: ``python -m bench.triton_host [--profiles llm,tiny] [--rules adamw,sgd] [--runs 3] [--iters 20]``
+Run: ``python -m bench.triton_host [--profiles llm,tiny] [--rules adamw,sgd,adamw-int8] [--runs 3] [--iters 20]``
 (sets TRITON_INTERPRET=1 itself). Report: median ms per step of each run (the runs' spread: this machine is
 shared, compare two builds by interleaving their runs).
 """
@@ -42,7 +42,9 @@ def _optimizer(rule, ps):
         return mf.AdamW(ps, lr=1e-3, weight_decay=0.1, backend="triton")
     if rule == "sgd":
         return mf.SGD(ps, lr=1e-3, momentum=0.9, backend="triton")
-    raise SystemExit(f"unknown rule {rule!r} (adamw, sgd)")
+    if rule == "adamw-int8":  # the int8_state kernel's own launcher (launcher.int8_state_apply)
+        return mf.AdamW(ps, lr=1e-3, weight_decay=0.1, layout="int8_state", backend="triton")
+    raise SystemExit(f"unknown rule {rule!r} (adamw, sgd, adamw-int8)")
 
 
 def measure(profile, rule, iters):
@@ -72,6 +74,7 @@ def main(argv=None):
     from momentum_fused.triton_kernels import launcher
     for family in list(launcher.KERNELS):
         launcher.KERNELS[family] = _NoLaunch()
+    launcher.int8_state_kernel = _NoLaunch()
     from momentum_fused import _backend_triton
     fast = getattr(_backend_triton, "_POINTER_ROWS", None)
     print(f"pointer reads: {'_C_cpu.pointer_rows' if fast else 'Python'}")
