@@ -9,6 +9,8 @@ before the kernels were defined (before ``momentum_fused.triton_kernels.kernels`
 """
 from __future__ import annotations
 
+import collections.abc
+
 import importlib
 import importlib.util
 import os
@@ -100,13 +102,14 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
             orig.copy_(work)
         return n
     nstate = len(states[0]) if states else 0
-    flat = [s for st in states for s in st]
-    rows = _POINTER_ROWS(params, grads, flat, nstate) if _POINTER_ROWS is not None else None
-    if rows is not None:  # every tensor contiguous (and plain): the usual case, read at C speed
-        ps, gs, writeback = params, grads, ()
+    rows = _POINTER_ROWS(params, grads, states, nstate) if _POINTER_ROWS is not None else None
+    if rows is not None:  # every tensor contiguous (and plain): the usual case, read at C speed; the state lists
+        # are columns of the per-param tuples, read only on a table miss (their checks)
+        lists = [params, grads] + [_Column(states, j) for j in range(nstate)]
+        writeback = ()
     else:  # non-contiguous tensors (rare: e.g. a transposed param) run on contiguous copies, written back after
         ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
-    lists = [ps, gs] + [flat[i::nstate] for i in range(nstate)]
+        lists = [ps, gs] + [flat[i::nstate] for i in range(nstate)]
     n = launcher.multi_tensor_apply(rules.FAMILY[spec.name], rules.RULE_IDS[spec.name], tuple(flags), lists,
                                     backends.pack_table(scalars, len(spec.scalar_names)), found_inf=found_inf,
                                     grad_scale=grad_scale, master=bool(layout is not None and layout.master),
@@ -116,6 +119,22 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
     for orig, work in writeback:
         orig.copy_(work)
     return n
+
+
+class _Column(collections.abc.Sequence):
+    """State ``j`` of every per-param state tuple, as a sequence the launcher can index (no list built)."""
+    __slots__ = ("_states", "_j")
+
+    def __init__(self, states, j):
+        self._states, self._j = states, j
+
+    def __len__(self):
+        return len(self._states)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [st[self._j] for st in self._states[i]]
+        return self._states[i][self._j]
 
 
 def _pointer_rows():

@@ -209,14 +209,18 @@ def test_pointer_rows_from_c_equal_the_python_path_bit_for_bit(monkeypatch):
     if bt._POINTER_ROWS is None:
         pytest.skip("needs the compiled cpu extension (_C_cpu.pointer_rows)")
     ps, gs = [torch.randn(7), torch.randn(0), torch.randn(4, 3)], [torch.randn(7), torch.randn(0), torch.randn(4, 3)]
-    sts = [torch.randn(t.shape) for t in ps for _ in range(2)]
+    sts = [(torch.randn(t.shape), torch.randn(t.shape)) for t in ps]
     rows = bt._POINTER_ROWS(ps, gs, sts, 2)
-    assert torch.equal(rows, launcher.pointer_rows([ps, gs, sts[0::2], sts[1::2]]))
+    assert torch.equal(rows, launcher.pointer_rows([ps, gs, [s[0] for s in sts], [s[1] for s in sts]]))
     assert rows[-1].tolist() == [7, 0, 12] and rows.dtype == torch.int64
-    assert bt._POINTER_ROWS(ps, gs, [], 0).shape == (3, 3)
+    assert bt._POINTER_ROWS(ps, gs, [()] * 3, 0).shape == (3, 3)
     assert bt._POINTER_ROWS(ps[:2] + [torch.randn(3, 4).t()], gs, sts, 2) is None
-    with pytest.raises(RuntimeError, match="for 2 states each"):
-        bt._POINTER_ROWS(ps, gs, sts[:5], 2)
+    with pytest.raises(RuntimeError, match=r"states\[1\] must be a tuple of 2 tensors"):
+        bt._POINTER_ROWS(ps, gs, [sts[0], sts[1][:1], sts[2]], 2)
+    with pytest.raises(RuntimeError, match="2 state tuples"):
+        bt._POINTER_ROWS(ps, gs, sts[:2], 2)
+    col = bt._Column(sts, 1)
+    assert len(col) == 3 and col[2] is sts[2][1] and col[1:] == [sts[1][1], sts[2][1]] and list(col)[0] is sts[0][1]
 
     def run(fast):
         monkeypatch.setattr(bt, "_POINTER_ROWS", bt._POINTER_ROWS if fast else None)
