@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import tempfile
 import traceback
 
@@ -77,6 +78,12 @@ def _entry(rank: int, tmpdir: str, scenarios: list[dict], env: dict) -> None:
     finally:
         torch.save(results, os.path.join(tmpdir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+    # The results are on disk: leave without the interpreter's finalization, where gloo's worker threads can still
+    # release tensors and take the GIL of a dying interpreter (SIGABRT, "terminate called without an active
+    # exception": pytorch/pytorch#179291; seen once in this project's CI, 2026-12-04).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _make_model(dtype, seed=0):
