@@ -349,6 +349,41 @@ def test_muon_under_fsdp_with_several_ns_calls_per_shape_equals_single_process_b
         assert res["stacks"] == mine * res["steps"], res["stacks"]
 
 
+@pytest.fixture(scope="module")
+def world_rounds():
+    """The Muon FSDP2 scenarios again with every NS call its own round of the exchange (MOMENTUM_FUSED_NS_ROUND_ELEMS
+    =1, set in the workers before momentum_fused is imported): asynchronous all-to-alls, overlapped with the NS."""
+    sc = [dict(id=f"muon_bf16_fsdp-{a}-{b}", kind="muon_bf16_fsdp", ns_algorithm=a, backend=b)
+          for a in MUON_ALGORITHMS for b in _available(BACKENDS)]
+    sc += [dict(id=f"muon_chunks-{b}", kind="muon_chunks", backend=b) for b in _available(BACKENDS)]
+    return dw.run_scenarios(sc, env={"MOMENTUM_FUSED_NS_ROUND_ELEMS": "1"})
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("ns_algorithm", MUON_ALGORITHMS)
+def test_muon_exchange_in_rounds_equals_single_process_bit_for_bit(world_rounds, ns_algorithm, backend):
+    """With one round per NS call (optim/phases.py ROUND_ELEMS) the exchange takes two asynchronous all-to-alls
+    per round, all ways in first: rank 0 owns the 7x6 weight (round 0), rank 1 the 5x7 (round 0) and the 1x5
+    (round 1). The results equal the single process bit for bit, as in one round."""
+    r0, r1 = _results(world_rounds, f"muon_bf16_fsdp-{ns_algorithm}-{backend}")
+    for rank, res in enumerate((r0, r1)):
+        for other in ("ref", "old"):
+            _assert_snapshots_equal(res["dist"], res[other], f"rank {rank} vs {other}")
+        for w in (res["ref_wire"], res["wire"], res["old_wire"]):
+            w.pop()
+        assert {op for op, _, _ in res["wire"]} == {"all_to_all_single"}, res["wire"]
+        # (output, input) numels per step: in r0, in r1, back r0, back r1 (rows 4/3 of 7x6, 3/2 of 5x7, 1/0 of 1x5)
+        mine = ([4 * 6, 3 * 7], [0, 1 * 5]) if rank == 0 else ([3 * 6, 2 * 7], [0, 0 * 5])  # (to rank 0, to 1)
+        owned = ([4 * 6 + 3 * 6], [0]) if rank == 0 else ([3 * 7 + 2 * 7], [1 * 5 + 0 * 5])
+        step = [(sum(owned[0]), sum(mine[0])), (sum(owned[1]), sum(mine[1])),
+                (sum(mine[0]), sum(owned[0])), (sum(mine[1]), sum(owned[1]))]
+        assert [n for _, _, n in res["wire"]] == step * 5, res["wire"]
+    for rank, res in enumerate(_results(world_rounds, f"muon_chunks-{backend}")):
+        _assert_snapshots_equal(res["dist"], res["ref"], f"rank {rank} (chunks, a round per call)")
+        mine = [(1, 7, 6), (1, 7, 7), (1, 7, 7)] if rank == 0 else [(1, 7, 7), (1, 7, 7), (1, 1, 7)]
+        assert res["stacks"] == mine * res["steps"], res["stacks"]
+
+
 @pytest.mark.parametrize("backend", _backend_params())
 def test_muon_dtensor_rows_not_in_fsdp_split_raise_before_any_change(world, backend):
     """The NS phase sends each owner the rows of torch.chunk's split (FSDP2's); a Shard(0) DTensor sharded otherwise

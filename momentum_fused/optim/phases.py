@@ -22,6 +22,8 @@ counts are rolled back from the AmpRollback record. No host read of found_inf: a
 can be captured in a CUDA graph."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import distributed as _dist
@@ -283,11 +285,20 @@ def _wire_dtype(phase, group, dtype: torch.dtype, device: torch.device) -> torch
     return dtype
 
 
-def _exchange_layout(prs, mesh) -> dict:
+# The exchange of a sharded matrix phase runs in rounds when there is enough to overlap: round r holds the r-th NS
+# call of every owner (consecutive positions merged until a round moves ROUND_ELEMS elements), each round with its
+# own all-to-all each way, asynchronous, so that the next rounds' rows travel while an owner computes. A small
+# model is one round: 2 collectives a step, as before. The environment sets it (MOMENTUM_FUSED_NS_ROUND_ELEMS: 1
+# makes every NS call a round; 0, one round whatever the size).
+ROUND_ELEMS = int(os.environ.get("MOMENTUM_FUSED_NS_ROUND_ELEMS", str(8 << 20)))
+
+
+def _exchange_layout(prs, mesh, phase=None, itemsize: int = 4) -> dict:
     """The exchange of ``_sharded_matrix_phase`` for the (DTensor param, local tensor) pairs ``prs`` on ``mesh``:
-    owners (largest first to the least loaded rank, ties to the lowest rank: the same on every rank), each
-    owner's NS batches (its matrices by global shape, in param order), rows per rank, the send and receive order
-    and splits. It depends on the params' shapes and the mesh only."""
+    owners (largest first to the least loaded rank, ties to the lowest rank: the same on every rank), each owner's
+    NS calls (its matrices by global shape, in param order, chunked by ``_chunk_size`` on ``itemsize`` bytes per
+    element), the rounds (``ROUND_ELEMS``), and per round the send and receive order and splits. It depends on the
+    params' shapes and the mesh only."""
     world, me = mesh.size(), mesh.get_local_rank(0)
     load = [0] * world
     owner = [0] * len(prs)
@@ -298,36 +309,61 @@ def _exchange_layout(prs, mesh) -> dict:
     batches = [{} for _ in range(world)]
     for i, (p, _) in enumerate(prs):
         batches[owner[i]].setdefault(tuple(p.shape), []).append(i)
+    calls = []  # per owner: its NS calls, (shape, matrix indices)
+    for o in range(world):
+        cs = []
+        for shape, idx in batches[o].items():
+            numel = prs[idx[0]][0].numel()
+            size = len(idx) if phase is None else _chunk_size(phase, len(idx), numel * itemsize)
+            cs.extend((shape, idx[j:j + size]) for j in range(0, len(idx), size))
+        calls.append(cs)
+    positions = max(map(len, calls), default=0)
+    rounds, cur, elems = [], [], 0
+    for q in range(positions):
+        cur.append(q)
+        elems += sum(prs[i][0].numel() for cs in calls if q < len(cs) for i in cs[q][1])
+        if ROUND_ELEMS and elems >= ROUND_ELEMS and q < positions - 1:
+            rounds.append(cur)
+            cur, elems = [], 0
+    if cur or not rounds:
+        rounds.append(cur)
     counts = [_row_counts(p.shape[0], world) for p, _ in prs]
     row = [p.numel() // p.shape[0] if p.shape[0] else 0 for p, _ in prs]
-    order = [i for o in range(world) for idx in batches[o].values() for i in idx]  # send and receive order
-    mine = [i for idx in batches[me].values() for i in idx]
-    return dict(pg=mesh.get_group(0), world=world, me=me, batches=batches, counts=counts, row=row, order=order,
-                send_splits=[sum(counts[i][me] * row[i] for idx in batches[o].values() for i in idx)
-                             for o in range(world)],
-                recv_splits=[sum(counts[i][r] * row[i] for i in mine) for r in range(world)],
-                back_splits=[counts[i][me] * row[i] for i in order])
+    out = []
+    for qs in rounds:
+        of = [[c for q in qs if q < len(calls[o]) for c in [calls[o][q]]] for o in range(world)]
+        order = [i for o in range(world) for _, idx in of[o] for i in idx]  # send and receive order
+        mine = [i for _, idx in of[me] for i in idx]
+        out.append(dict(calls=of[me], order=order,
+                        send_splits=[sum(counts[i][me] * row[i] for _, idx in of[o] for i in idx) for o in range(world)],
+                        recv_splits=[sum(counts[i][r] * row[i] for i in mine) for r in range(world)],
+                        back_splits=[counts[i][me] * row[i] for i in order]))
+    return dict(pg=mesh.get_group(0), world=world, me=me, counts=counts, row=row, rounds=out)
 
 
 def _sharded_matrix_phase(phase, group, pairs, memo) -> None:
     """The matrix phase for (DTensor param, local shard of its work tensor) pairs sharded on dim 0 (FSDP2), per
     (mesh, dtype). Each matrix gets an owner rank (round-robin by size: largest first, to the least loaded rank;
-    the same on every rank, the params of a group being the same everywhere). Then:
+    the same on every rank, the params of a group being the same everywhere). Then, per round
+    (``_exchange_layout``; one round unless the matrices are large):
 
     1. the way in, ONE ``all_to_all_single``: every rank sends each owner its rows of the matrices that owner
-       owns (one flat buffer, the owners' segments in rank order, no padding) and receives the rows of its own
-       matrices from every rank;
-    2. every owner assembles its matrices, batched by shape (one ``torch.cat`` per shape: the ranks' row blocks
+       computes in this round (one flat buffer, the owners' segments in rank order, no padding) and receives the
+       rows of its own;
+    2. every owner assembles its matrices, batched by shape (one ``torch.cat`` per NS call: the ranks' row blocks
        side by side), and runs ``phase.fn`` on them: all owners at the same time;
     3. the way back, ONE ``all_to_all_single``: each owner sends every rank its rows of the results, which are
        copied into the local shards (one ``torch._foreach_copy_``).
 
-    2 collectives per (mesh, dtype) per step, whatever the world size. The collectives carry ``_wire_dtype``
-    (bf16 for bf16 Newton-Schulz on fp32 updates: half the bytes, the same bits). An owner's NS batches are its
-    matrices of one shape, in param order, chunked by ``_chunk_size`` on the bytes of the tensors' dtype (as for
-    unsharded params); tests/test_distributed.py checks the results equal a single process's bit for bit.
-    Shard rows are torch.chunk's split (checked by the plan, ``PhasesMixin._phase_limits``). ``memo``: the
-    group's ``PhasesMixin._phase_memo``, which keeps the grouping by mesh and the ``_exchange_layout``s."""
+    With several rounds every way in is issued first, asynchronously, and each way back as soon as its round is
+    computed: round r's Newton-Schulz runs while the rows of the later rounds (and the results of the earlier ones)
+    travel. One round: 2 collectives per (mesh, dtype) per step, whatever the world size. The collectives carry
+    ``_wire_dtype`` (bf16 for bf16 Newton-Schulz on fp32 updates: half the bytes, the same bits). An owner's NS
+    calls are its matrices of one shape, in param order, chunked by ``_chunk_size`` on the bytes of the tensors'
+    dtype (as for unsharded params), whatever the rounds; tests/test_distributed.py checks the results equal a
+    single process's bit for bit, in one round and in one per call. Shard rows are torch.chunk's split (checked
+    by the plan, ``PhasesMixin._phase_limits``). ``memo``: the group's ``PhasesMixin._phase_memo``, which keeps
+    the grouping by mesh and the ``_exchange_layout``s."""
     import torch.distributed as dist
 
     key = ("exchange", phase.tensor)
@@ -336,43 +372,54 @@ def _sharded_matrix_phase(phase, group, pairs, memo) -> None:
         by_mesh: dict = {}
         for j, (p, t) in enumerate(pairs):  # (by dtype too: one send buffer holds one dtype, as the stacks do)
             by_mesh.setdefault((p.device_mesh, t.dtype), []).append(j)
-        groups = memo[key] = [(mesh, dtype, idx, _exchange_layout([pairs[j] for j in idx], mesh))
+        groups = memo[key] = [(mesh, dtype, idx, _exchange_layout([pairs[j] for j in idx], mesh, phase,
+                                                                   dtype.itemsize))
                               for (mesh, dtype), idx in by_mesh.items()]
     for mesh, dtype, idx, lay in groups:
         prs = [pairs[j] for j in idx]
-        pg, world, me, batches, counts, row, order = (lay[k] for k in ("pg", "world", "me", "batches", "counts",
-                                                                        "row", "order"))
-        send_splits, recv_splits = lay["send_splits"], lay["recv_splits"]
+        pg, world, counts, row, rounds = (lay[k] for k in ("pg", "world", "counts", "row", "rounds"))
         device = prs[0][1].device
         wire = _wire_dtype(phase, group, dtype, device)
-        # 1. the way in (cat rounds to the wire dtype as it copies: the bits of a .to(wire) of each shard)
-        send = torch.empty(sum(send_splits), dtype=wire, device=device)
-        if order:
-            torch.cat([prs[i][1].reshape(-1) for i in order], out=send)
-        recv = torch.empty(sum(recv_splits), dtype=wire, device=device)
-        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=pg)
-        # 2. the owner's NS, batched by shape
-        segs = recv.split(recv_splits)
-        at = [0] * world
-        back = []  # per NS call: its results as [b, rows, row], and the rows per rank
-        for shape, idx in batches[me].items():
-            k, c, n = len(idx), counts[idx[0]], row[idx[0]]
-            parts = []
-            for r in range(world):
-                parts.append(segs[r][at[r]:at[r] + k * c[r] * n].view(k, c[r], n))
-                at[r] += k * c[r] * n
-            full = torch.cat(parts, 1).view(k, *shape)
-            # (bytes of the tensors' dtype, as for unsharded params: the same chunks whatever the wire)
-            size = _chunk_size(phase, k, full[0].numel() * dtype.itemsize)
-            for j in range(0, k, size):
-                back.append((phase.fn(group, full[j:j + size]).reshape(-1, shape[0], n), c))
-        # 3. the way back: to each rank its rows of every result, in the order it sent them
-        back_send = torch.empty(sum(recv_splits), dtype=wire, device=device)
-        if back:
-            torch.cat([out[:, sum(c[:r]):sum(c[:r]) + c[r]].reshape(-1) for r in range(world) for out, c in back],
-                      out=back_send)
-        back_recv = torch.empty(sum(send_splits), dtype=wire, device=device)
-        dist.all_to_all_single(back_recv, back_send, send_splits, recv_splits, group=pg)
-        if order:
-            dst = [prs[i][1] for i in order]
-            torch._foreach_copy_(dst, [x.view(t.shape) for x, t in zip(back_recv.split(lay["back_splits"]), dst)])
+        overlap = len(rounds) > 1
+        # 1. the ways in, all issued first (cat rounds to the wire dtype as it copies: the bits of a .to(wire))
+        ins = []
+        for rl in rounds:
+            send = torch.empty(sum(rl["send_splits"]), dtype=wire, device=device)
+            if rl["order"]:
+                torch.cat([prs[i][1].reshape(-1) for i in rl["order"]], out=send)
+            recv = torch.empty(sum(rl["recv_splits"]), dtype=wire, device=device)
+            work = dist.all_to_all_single(recv, send, rl["recv_splits"], rl["send_splits"], group=pg,
+                                          async_op=overlap)
+            ins.append((recv, send, work))
+        outs = []
+        for rl, (recv, send, work) in zip(rounds, ins):
+            if work is not None:
+                work.wait()
+            # 2. the owner's NS calls of this round
+            segs = recv.split(rl["recv_splits"])
+            at = [0] * world
+            back = []  # per NS call: its results as [b, rows, row], and the rows per rank
+            for shape, ids in rl["calls"]:
+                k, c, n = len(ids), counts[ids[0]], row[ids[0]]
+                parts = []
+                for r in range(world):
+                    parts.append(segs[r][at[r]:at[r] + k * c[r] * n].view(k, c[r], n))
+                    at[r] += k * c[r] * n
+                full = torch.cat(parts, 1).view(k, *shape)
+                back.append((phase.fn(group, full).reshape(-1, shape[0], n), c))
+            # 3. the way back: to each rank its rows of every result, in the order it sent them
+            back_send = torch.empty(sum(rl["recv_splits"]), dtype=wire, device=device)
+            if back:
+                torch.cat([out[:, sum(c[:r]):sum(c[:r]) + c[r]].reshape(-1) for r in range(world) for out, c in back],
+                          out=back_send)
+            back_recv = torch.empty(sum(rl["send_splits"]), dtype=wire, device=device)
+            work = dist.all_to_all_single(back_recv, back_send, rl["send_splits"], rl["recv_splits"], group=pg,
+                                          async_op=overlap)
+            outs.append((rl, back_recv, back_send, work))
+        for rl, back_recv, _, work in outs:
+            if work is not None:
+                work.wait()
+            if rl["order"]:
+                dst = [prs[i][1] for i in rl["order"]]
+                torch._foreach_copy_(dst, [x.view(t.shape)
+                                           for x, t in zip(back_recv.split(rl["back_splits"]), dst)])
