@@ -90,6 +90,14 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
     if not params:
         return 0
     if layout is not None and layout.int8:  # codes and block scales: a kernel of its own (launcher.int8_state_apply)
+        width = launcher.int8_width(states, layout.remainder)
+        rows = _POINTER_ROWS(params, grads, states, width, True) if _POINTER_ROWS is not None else None
+        if rows is not None:  # every tensor contiguous (and plain): the pointers read at C speed
+            return launcher.int8_state_apply(rules.FAMILY[spec.name], rules.RULE_IDS[spec.name], tuple(flags),
+                                             params, grads, states,
+                                             backends.pack_table(scalars, len(spec.scalar_names)),
+                                             found_inf=found_inf, grad_scale=grad_scale, remainder=layout.remainder,
+                                             checked=True, ptr_rows=rows)
         ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
         sts, k = [], 0
         for st in states:

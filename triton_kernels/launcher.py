@@ -405,6 +405,23 @@ def _int8_plan(numels: tuple, quantized: tuple, chunk: int, device) -> tuple:
 _int8_cache: "OrderedDict[tuple, list]" = OrderedDict()
 
 
+def int8_width(states, remainder: bool = False) -> int:
+    """2 * nstate + r: the length of a quantized state tuple (codes, the remainder under master16_int8, scales),
+    nstate told by the first tuple."""
+    st0, r = states[0], int(remainder)
+    q0 = bool(st0) and st0[0].dtype in (torch.int8, torch.uint8)
+    nstate = (len(st0) - r) // 2 if q0 else len(st0) - r
+    return 2 * nstate + r
+
+
+def int8_pointer_rows(params, grads, states, width: int) -> torch.Tensor:
+    """The int8 bucket's pointer rows, as ``_C_cpu.pointer_rows(..., ragged=True)`` reads them: params, grads,
+    ``width`` state slots (a tuple's j-th tensor, 0 where it is shorter), the params' numels, the tuples' lengths."""
+    return torch.tensor([[t.data_ptr() for t in params], [t.data_ptr() for t in grads]]
+                        + [[st[j].data_ptr() if j < len(st) else 0 for st in states] for j in range(width)]
+                        + [[t.numel() for t in params], [len(st) for st in states]], dtype=torch.int64)
+
+
 def _check_int8_bucket(params, grads, states, quant, nstate, remainder=False) -> None:
     """int8_state_apply's argument checks: raises naming the first offending tensor."""
     from ..layouts import INT8_BLOCK
@@ -438,15 +455,18 @@ def _check_int8_bucket(params, grads, states, quant, nstate, remainder=False) ->
 
 def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, grads, states, scalars, *,
                      found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
-                     rows: int = INT8_ROWS, num_warps: int | None = None, remainder: bool = False) -> int:
+                     rows: int = INT8_ROWS, num_warps: int | None = None, remainder: bool = False,
+                     checked: bool = False, ptr_rows: torch.Tensor | None = None) -> int:
     """Layout int8_state: ONE launch over a bucket of fp32 params whose per-tensor state tuples (``states[i]``) are
     either ``nstate`` fp32 tensors, or, for a tensor that layouts.int8_quantized keeps as codes (told by the states'
     dtype), ``nstate`` code tensors (int8 signed / uint8 non-negative, param-shaped) followed by their ``nstate``
     fp32 block scales (numel / INT8_BLOCK elements each). Each program takes ``rows`` blocks of one tensor (no packing of tiny tensors: a
     quantized tensor's blocks must not share a program with other tensors, and the fp32 ones ride along in the
     same kernel). ``remainder`` (layout master16_int8): bf16 params and grads, and every tuple holds the param's
-    int16 remainder after the codes (or the fp32 states), before the scales. Returns the number of launches (0 or
-    1)."""
+    int16 remainder after the codes (or the fp32 states), before the scales. ``checked``: the caller has checked
+    every tensor (the Triton backend, behind the optimizer's plan): the grads are then not re-checked on a table
+    hit. ``ptr_rows``: ``int8_pointer_rows(params, grads, states, 2 * nstate + r)`` when the caller has it (read at C
+    speed by the backend). Returns the number of launches (0 or 1)."""
     from ..layouts import INT8_BLOCK
     if family not in KERNELS:
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
@@ -457,58 +477,70 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
         raise ValueError(f"{n} params, {len(grads)} grads, {len(states)} state tuples")
     # quantized: by its states (codes), as the reference backend decides; layouts.int8_quantized made them so (for
     # a shard of an FSDP2 param, from the global tensor: the local sizes cannot tell). Its size must then be a
-    # multiple of INT8_BLOCK (checked).
-    quant = [bool(st) and st[0].dtype in (torch.int8, torch.uint8) for st in states]
+    # multiple of INT8_BLOCK (checked). A quantized tuple holds 2 * nstate + r tensors, an fp32-state one nstate + r.
     r = int(remainder)
-    nstate = next(((len(st) - r) // 2 if q else len(st) - r for st, q in zip(states, quant)), 0)
+    width = int8_width(states, remainder)
+    nstate = (width - r) // 2
     if family == "one" and not 0 <= nstate <= 1 or family == "multi" and not 1 <= nstate <= 3:
         raise ValueError(f"kernel family {family!r} cannot take {nstate} state lists")
     ref = params[0]
-    numels = tuple(map(torch.Tensor.numel, params))
-    dummy = ref.data_ptr()  # never dereferenced: the scale lists of fp32-state tensors
-    ptrs = [list(map(torch.Tensor.data_ptr, params)), list(map(torch.Tensor.data_ptr, grads))]
-    for j in range(nstate):
-        ptrs.append([st[j].data_ptr() if j < len(st) else 0 for st in states])
-    if r:  # the remainders: list 2 + nstate
-        ptrs.append([st[nstate].data_ptr() if nstate < len(st) else 0 for st in states])
-    for j in range(nstate):
-        ptrs.append([st[nstate + r + j].data_ptr() if q and nstate + r + j < len(st) else dummy
-                     for st, q in zip(states, quant)])
-    # Cached by every pointer and size but the grads' (as step_tables): a hit skips the checks of params and
-    # states, which were checked when the entry was made; the grads are checked every call.
-    code_dtypes = next((tuple(c.dtype for c in st[:nstate]) for st, q in zip(states, quant) if q), ())
-    key = (ref.device, rows, nstate, r, numels, tuple(map(len, states)), code_dtypes,
-           tuple(tuple(r) for i, r in enumerate(ptrs) if i != 1))
+    quant_list = None
+    if ptr_rows is None:
+        quant_list = [bool(st) and st[0].dtype in (torch.int8, torch.uint8) for st in states]
+        ptr_rows = int8_pointer_rows(params, grads, states, width)
+        quant = torch.tensor(quant_list, dtype=torch.bool)
+    elif nstate:  # (the Triton backend, behind the optimizer's plan: every tuple is one of the two kinds)
+        quant = ptr_rows[3 + width] == width
+    else:  # no state to quantize (signSGD): nothing is codes
+        quant = torch.zeros(n, dtype=torch.bool)
+    iq = int(quant.nonzero()[0]) if bool(quant.any()) else None
+    code_dtypes = () if iq is None else tuple(c.dtype for c in states[iq][:nstate])
+    # Cached by every pointer, size and tuple length but the grads' (as step_tables: found by the first and last
+    # param pointers, confirmed by comparing the rows): a hit skips the checks of params and states, which were
+    # checked when the entry was made; the grads are checked every call unless ``checked`` (the optimizer's plan).
+    key = (ref.device, rows, nstate, r, n, code_dtypes, *ptr_rows[0, [0, n - 1]].tolist())
     entry = _int8_cache.get(key)
-    if entry is None:
+    hit = entry is not None and torch.equal(entry[7][:1], ptr_rows[:1]) and torch.equal(entry[7][2:], ptr_rows[2:])
+    if not hit:
         _refuse_during_capture(ref)
-        _check_int8_bucket(params, grads, states, quant, nstate, r)
-        unsigned = next((sum(1 << j for j, c in enumerate(st[:nstate]) if c.dtype == torch.uint8)
-                         for st, q in zip(states, quant) if q), 0)
-        plan, n_prog = _int8_plan(numels, tuple(quant), rows * INT8_BLOCK, ref.device)
-        entry = [torch.tensor(ptrs, dtype=torch.int64).reshape(len(ptrs), n).to(ref.device), plan, n_prog, unsigned,
-                 all(_aligned(r) for i, r in enumerate(ptrs) if i != 1), ptrs[1], _aligned(ptrs[1])]
+        if quant_list is None:
+            quant_list = [bool(st) and st[0].dtype in (torch.int8, torch.uint8) for st in states]
+            if quant_list != quant.tolist():
+                raise TypeError("int8_state: a state tuple's length does not match its kind (codes and scales, or "
+                                "fp32 states)")
+        _check_int8_bucket(params, grads, states, quant_list, nstate, r)
+        unsigned = 0 if iq is None else sum(1 << j for j, c in enumerate(code_dtypes) if c == torch.uint8)
+        plan, n_prog = _int8_plan(tuple(ptr_rows[2 + width].tolist()), tuple(quant_list), rows * INT8_BLOCK,
+                                  ref.device)
+        tab = ptr_rows[:2 + width].clone()
+        scales = tab[2 + nstate + r:]  # an fp32-state tensor's scale pointers: never dereferenced
+        scales.copy_(torch.where(quant, scales, torch.full_like(scales, ref.data_ptr())))
+        rest = torch.cat([tab[:1], tab[2:]])
+        kinds = (2 if iq is not None else 0) + (1 if not bool(quant.all()) else 0)
+        entry = [tab.to(ref.device, copy=True), plan, n_prog, unsigned, _aligned(rest), kinds, _aligned(tab[1]),
+                 ptr_rows.clone()]
         _int8_cache[key] = entry
         while len(_int8_cache) > CACHE_SIZE:
             _int8_cache.popitem(last=False)
     else:
         _int8_cache.move_to_end(key)
-        if set(map(_DTYPE, grads)) != {ref.dtype} or list(map(torch.Tensor.numel, grads)) != list(numels) \
-                or not all(map(torch.Tensor.is_contiguous, grads)) \
-                or set(map(torch.Tensor.get_device, grads)) != {ref.get_device()}:
-            _check_int8_bucket(params, grads, states, quant, nstate, r)  # raises, naming the grad
-    ptr_tab, plan, n_prog, unsigned, aligned_rest, grad_ptrs, aligned_grads = entry
-    if grad_ptrs != ptrs[1]:
+        if not checked and (set(map(_DTYPE, grads)) != {ref.dtype}
+                            or not torch.equal(torch.tensor(list(map(torch.Tensor.numel, grads))),
+                                               ptr_rows[2 + width])
+                            or not all(map(torch.Tensor.is_contiguous, grads))
+                            or set(map(torch.Tensor.get_device, grads)) != {ref.get_device()}):
+            _check_int8_bucket(params, grads, states, quant.tolist(), nstate, r)  # raises, naming the grad
+    ptr_tab, plan, n_prog, unsigned, aligned_rest, kinds, aligned_grads, host = entry
+    if not torch.equal(host[1], ptr_rows[1]):
         _refuse_during_capture(ref)
-        ptr_tab[1].copy_(torch.tensor(ptrs[1], dtype=torch.int64), non_blocking=True)
-        entry[5], entry[6] = ptrs[1], _aligned(ptrs[1])
-        aligned_grads = entry[6]
+        ptr_tab[1].copy_(ptr_rows[1], non_blocking=True)
+        host[1] = ptr_rows[1]
+        entry[6] = aligned_grads = _aligned(ptr_rows[1])
     if n_prog == 0:
         return 0
     aligned = aligned_rest and aligned_grads
     scal = scalar_table(scalars, n, ref.device)
     fi, gs = _amp_scalars(found_inf, grad_scale, ref.device)
-    kinds = (2 if any(quant) else 0) + (1 if not all(quant) else 0)
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
     int8_state_kernel[(n_prog,)](
         ptr_tab.view(-1), n, scal, plan, n_prog, plan[3 * n_prog:], int8_code_table(ref.device),

@@ -36,9 +36,10 @@
 //         - state tensor j's _local_tensor is the object flat_locals[i * len(keys) + j].
 //   same_objects(now, cached), same_dict(d, keys, values), same_entries(dicts, key, objs) -> bool
 //       the cached plan's identity checks (below), with Python twins in base.py.
-//   pointer_rows(params, grads, states, nstate) -> int64 CPU tensor [3 + nstate, n], or None
+//   pointer_rows(params, grads, states, nstate, ragged=False) -> int64 CPU tensor [3 + nstate (+ 1), n], or None
 //       row 0 the params' data_ptr()s, row 1 the grads', row 2 + j state j's (states: one tuple or list of
-//       nstate tensors per param), the last row the params' numels, when every tensor is a contiguous tensor
+//       nstate tensors per param; ragged: of at most nstate, a missing one's pointer 0, and a last row of the
+//       tuples' lengths), then the params' numels, when every tensor is a contiguous tensor
 //       that does not dispatch to Python; else None (the caller copies what needs it). The Triton launcher's
 //       tables (triton_kernels/launcher.py) are found and checked by these rows: at C speed, no Python int per
 //       tensor (4,981 tiny tensors: ~2.5 ms of Python pointer tuples, hashes and comparisons a step before).
@@ -342,14 +343,16 @@ bool same_entries(const py::handle& dicts, const py::handle& key, const py::list
   return true;
 }
 
-py::object pointer_rows(const py::handle& params, const py::handle& grads, const py::handle& states, int64_t nstate) {
+py::object pointer_rows(const py::handle& params, const py::handle& grads, const py::handle& states, int64_t nstate,
+                        bool ragged) {
   using mf::py_borrow::BorrowedTensors;
   PyObject* so = states.ptr();
   TORCH_CHECK(PyList_Check(so) || PyTuple_Check(so), "pointer_rows: states must be a list of per-param tuples");
   for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(so); ++i) {
     PyObject* st = PySequence_Fast_GET_ITEM(so, i);
-    TORCH_CHECK((PyTuple_Check(st) || PyList_Check(st)) && PySequence_Fast_GET_SIZE(st) == nstate,
-                "pointer_rows: states[", i, "] must be a tuple of ", nstate, " tensors");
+    TORCH_CHECK((PyTuple_Check(st) || PyList_Check(st)) &&
+                    (ragged ? PySequence_Fast_GET_SIZE(st) <= nstate : PySequence_Fast_GET_SIZE(st) == nstate),
+                "pointer_rows: states[", i, "] must be a tuple of ", ragged ? "at most " : "", nstate, " tensors");
   }
   const BorrowedTensors ps("pointer_rows", params, "params", false), gs("pointer_rows", grads, "grads", false),
       ss("pointer_rows", states, "states", true);
@@ -358,15 +361,22 @@ py::object pointer_rows(const py::handle& params, const py::handle& grads, const
   const int64_t n = static_cast<int64_t>(p.size());
   TORCH_CHECK(nstate >= 0 && static_cast<int64_t>(g.size()) == n && PySequence_Fast_GET_SIZE(so) == n,
               "pointer_rows: ", n, " params, ", g.size(), " grads and ", PySequence_Fast_GET_SIZE(so), " state tuples");
-  at::Tensor out = at::empty({3 + nstate, n}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor out = at::empty({3 + nstate + (ragged ? 1 : 0), n}, at::TensorOptions().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
+  size_t k = 0;  // the next state tensor (the tuples' tensors in order, as BorrowedTensors flattened them)
   for (int64_t i = 0; i < n; ++i) {
     if (!p[i].defined() || !g[i].defined()) return py::none();
     o[i] = reinterpret_cast<int64_t>(p[i].data_ptr());
     o[n + i] = reinterpret_cast<int64_t>(g[i].data_ptr());
     o[(2 + nstate) * n + i] = p[i].numel();
+    const int64_t len = PySequence_Fast_GET_SIZE(PySequence_Fast_GET_ITEM(so, i));
+    if (ragged) o[(3 + nstate) * n + i] = len;
     for (int64_t j = 0; j < nstate; ++j) {
-      const at::Tensor& t = s[i * nstate + j];
+      if (j >= len) {
+        o[(2 + j) * n + i] = 0;
+        continue;
+      }
+      const at::Tensor& t = s[k++];
       if (!t.defined()) return py::none();
       o[(2 + j) * n + i] = reinterpret_cast<int64_t>(t.data_ptr());
     }
@@ -417,7 +427,8 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("same_objects", &same_objects, py::arg("now"), py::arg("cached"));
   m.def("same_dict", &same_dict, py::arg("d"), py::arg("keys"), py::arg("values"));
   m.def("same_entries", &same_entries, py::arg("dicts"), py::arg("key"), py::arg("objs"));
-  m.def("pointer_rows", &pointer_rows, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("nstate"));
+  m.def("pointer_rows", &pointer_rows, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("nstate"),
+        py::arg("ragged") = false);
   m.def("sym_mm_bf16", &sym_mm_bf16_py, py::arg("out"), py::arg("y"), py::arg("z"), py::arg("c0"), py::arg("alpha"),
         py::arg("beta"));
   m.def("sym_mm_bf16_available", &mf::cpu::sym_mm_bf16_available);

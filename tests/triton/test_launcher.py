@@ -255,3 +255,41 @@ def test_checked_lists_skip_the_checks_only_on_a_cache_hit(monkeypatch):
     with pytest.raises(TypeError, match="tensor 1 of list 1"):  # new tables: checked even when trusted
         bad = [ps[:2] + [ps[2].clone()], [gs[0], gs[1].double(), gs[2]], ms]
         launcher.multi_tensor_apply(fam, rid, (False, False), bad, sc, checked=True)
+
+
+def test_int8_pointer_rows_from_c_equal_the_python_rows_and_the_bits(monkeypatch):
+    """The int8 layouts' bucket: _C_cpu.pointer_rows(..., ragged=True) equals launcher.int8_pointer_rows (a shorter
+    tuple's missing slots 0, the tuples' lengths last) and refuses a tuple longer than the width; 10 AdamW steps of
+    int8_state and master16_int8 through it (a quantized tensor, fp32-state ones, fresh grads every step) equal
+    those of the Python rows bit for bit, codes and scales included."""
+    from momentum_fused import _backend_triton as bt
+    if bt._POINTER_ROWS is None:
+        pytest.skip("needs the compiled cpu extension (_C_cpu.pointer_rows)")
+    ps, gs = [torch.randn(512), torch.randn(7)], [torch.randn(512), torch.randn(7)]
+    sts = [(torch.zeros(512, dtype=torch.int8), torch.zeros(512, dtype=torch.uint8), torch.ones(2), torch.ones(2)),
+           (torch.randn(7), torch.rand(7))]
+    assert launcher.int8_width(sts) == 4 and launcher.int8_width(sts[::-1]) == 4
+    rows = bt._POINTER_ROWS(ps, gs, sts, 4, True)
+    assert torch.equal(rows, launcher.int8_pointer_rows(ps, gs, sts, 4))
+    assert rows[-1].tolist() == [4, 2] and rows[-2].tolist() == [512, 7] and rows[4:6, 1].tolist() == [0, 0]
+    with pytest.raises(RuntimeError, match=r"states\[0\] must be a tuple of at most 3 tensors"):
+        bt._POINTER_ROWS(ps, gs, sts, 3, True)
+
+    def run(fast, layout):
+        monkeypatch.setattr(bt, "_POINTER_ROWS", bt._POINTER_ROWS if fast else None)
+        gen = torch.Generator().manual_seed(0)
+        dt = torch.bfloat16 if layout == "master16_int8" else torch.float32
+        ps = [torch.randn(s, generator=gen).to(dt).requires_grad_() for s in [(4096,), (10,), (64, 64), (0,)]]
+        opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, layout=layout, backend="triton")
+        for _ in range(10):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(dt)
+            opt.step()
+        return ps, opt
+    for layout in ("int8_state", "master16_int8"):
+        a, oa = run(True, layout)
+        b, ob = run(False, layout)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+            sa, sb = oa.state[x], ob.state[y]
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), layout
