@@ -10,7 +10,6 @@ before the kernels were defined (before ``momentum_fused.triton_kernels.kernels`
 from __future__ import annotations
 
 import collections.abc
-
 import importlib
 import importlib.util
 import os

@@ -293,7 +293,7 @@ def _wire_dtype(phase, group, dtype: torch.dtype, device: torch.device) -> torch
 ROUND_ELEMS = int(os.environ.get("MOMENTUM_FUSED_NS_ROUND_ELEMS", str(8 << 20)))
 
 
-def _exchange_layout(prs, mesh, phase=None, itemsize: int = 4) -> dict:
+def _exchange_layout(prs, mesh, phase, itemsize: int) -> dict:
     """The exchange of ``_sharded_matrix_phase`` for the (DTensor param, local tensor) pairs ``prs`` on ``mesh``:
     owners (largest first to the least loaded rank, ties to the lowest rank: the same on every rank), each owner's
     NS calls (its matrices by global shape, in param order, chunked by ``_chunk_size`` on ``itemsize`` bytes per
@@ -313,8 +313,7 @@ def _exchange_layout(prs, mesh, phase=None, itemsize: int = 4) -> dict:
     for o in range(world):
         cs = []
         for shape, idx in batches[o].items():
-            numel = prs[idx[0]][0].numel()
-            size = len(idx) if phase is None else _chunk_size(phase, len(idx), numel * itemsize)
+            size = _chunk_size(phase, len(idx), prs[idx[0]][0].numel() * itemsize)
             cs.extend((shape, idx[j:j + size]) for j in range(0, len(idx), size))
         calls.append(cs)
     positions = max(map(len, calls), default=0)
@@ -331,7 +330,7 @@ def _exchange_layout(prs, mesh, phase=None, itemsize: int = 4) -> dict:
     row = [p.numel() // p.shape[0] if p.shape[0] else 0 for p, _ in prs]
     out = []
     for qs in rounds:
-        of = [[c for q in qs if q < len(calls[o]) for c in [calls[o][q]]] for o in range(world)]
+        of = [[calls[o][q] for q in qs if q < len(calls[o])] for o in range(world)]  # per owner: its calls
         order = [i for o in range(world) for _, idx in of[o] for i in idx]  # send and receive order
         mine = [i for _, idx in of[me] for i in idx]
         out.append(dict(calls=of[me], order=order,
