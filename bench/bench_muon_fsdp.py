@@ -6,10 +6,14 @@ group, their 48 biases in a ``use_muon=False`` group), so that a step is host wo
     python -m bench.bench_muon_fsdp --d 64 --blocks 6 --rounds 7
     python -m bench.bench_muon_fsdp --rounds 15 --cases "fsdp / ours; fsdp / ours, fp32 wire"
     python -m bench.bench_muon_fsdp --device cuda --world 1   # NCCL on one GPU: the host time on CUDA DTensors
+    python -m bench.bench_muon_fsdp --shapes gpt --d 128 --blocks 4 \
+        --cases "fsdp / ours, one round; fsdp / ours, a round per call"   # the exchange's rounds A/B
 
 Cases, on the same model and gradients (one forward / backward, then only ``opt.step()`` is timed):
 - fsdp: ``fully_shard`` per block and on the root (params, grads and state are Shard(0) DTensors):
-  ours (bf16 Newton-Schulz, the collectives in bf16), ours with the collectives in fp32 (``phases._wire_dtype``
+  ours (bf16 Newton-Schulz, the collectives in bf16), ours with the exchange in one synchronous round and in one
+  asynchronous round per NS call (``phases.ROUND_ELEMS`` 0 and 1: their "inside the collectives" is the time to
+  issue them, the waits fall in the rest), ours with the collectives in fp32 (``phases._wire_dtype``
   patched: the path before they carried the NS dtype), ours without the timers, and torch.optim.Muon (weights)
   + torch.optim.AdamW(foreach=True) (biases): torch's Muon runs on DTensors through DTensor dispatch (it does
   not refuse them).
@@ -38,12 +42,15 @@ import time
 WORLD = 2  # processes (--world): gloo on the CPU; --device cuda: NCCL, one GPU per process
 
 
-def _model(d, blocks, seed=0):
+def _model(d, blocks, shapes="square", seed=0):
+    """``blocks`` blocks of 4 Linear layers: d x d each ("square"), or GPT's qkv, out, up and down projections
+    ("gpt": 3d x d, d x 3d, 4d x d, d x 4d: four shapes, so an owner's NS takes four calls)."""
     import torch
     from torch import nn
 
     torch.manual_seed(seed)
-    return nn.Sequential(*[nn.Sequential(*[nn.Linear(d, d) for _ in range(4)]) for _ in range(blocks)])
+    dims = [(d, d)] * 4 if shapes == "square" else [(d, 3 * d), (3 * d, d), (d, 4 * d), (4 * d, d)]
+    return nn.Sequential(*[nn.Sequential(*[nn.Linear(i, o) for i, o in dims]) for _ in range(blocks)])
 
 
 def _fsdp(model, device="cpu", world=WORLD):
@@ -73,7 +80,10 @@ class _Timers:
         return call
 
 
-def _ours(params, wire32=False):
+def _ours(params, wire32=False, round_elems=None):
+    """Our Muon + aux AdamW, and the patches the case runs under: ``wire32`` (the collectives in fp32, the path
+    before they carried the NS dtype), ``round_elems`` (phases.ROUND_ELEMS: 1, a round of the exchange per NS
+    call; 0, one round)."""
     import torch
 
     import momentum_fused as mf
@@ -82,7 +92,7 @@ def _ours(params, wire32=False):
     rest = [p for p in params if p.dim() < 2]
     opt = mf.Muon([dict(params=mats), dict(params=rest, use_muon=False, lr=3e-4)], lr=0.02, weight_decay=0.1,
                   ns_dtype=torch.bfloat16)
-    return [opt], wire32
+    return [opt], dict(wire32=wire32, round_elems=round_elems)
 
 
 def _torch(params):
@@ -91,23 +101,26 @@ def _torch(params):
     mats = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
     return [torch.optim.Muon(mats, lr=0.02, weight_decay=0.1),
-            torch.optim.AdamW(rest, lr=3e-4, weight_decay=0.1, foreach=True)], False
+            torch.optim.AdamW(rest, lr=3e-4, weight_decay=0.1, foreach=True)], {}
 
 
 def _ours_adamw(params):
     import momentum_fused as mf
-    return [mf.AdamW(params, lr=3e-4, weight_decay=0.1)], False
+    return [mf.AdamW(params, lr=3e-4, weight_decay=0.1)], {}
 
 
 def _torch_adamw(params, fused):
     import torch
     return [torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, **({"fused": True} if fused else {"foreach": True}))], \
-        False
+        {}
 
 
 CASES = {  # name -> (wrapper, optimizers, their kwargs, timers)
     "fsdp / ours": ("fsdp", _ours, {}, "ours"),
     "fsdp / ours, fp32 wire": ("fsdp", _ours, dict(wire32=True), "ours"),
+    # the NS exchange in one synchronous round, and in one asynchronous round per NS call (optim/phases.py)
+    "fsdp / ours, one round": ("fsdp", _ours, dict(round_elems=0), "ours"),
+    "fsdp / ours, a round per call": ("fsdp", _ours, dict(round_elems=1), "ours"),
     "fsdp / ours, no timers": ("fsdp", _ours, {}, None),
     "fsdp / torch Muon + AdamW": ("fsdp", _torch, {}, "torch"),
     "plain / ours": ("plain", _ours, {}, "ours"),
@@ -139,24 +152,23 @@ def _worker(rank, tmpdir, args):
     x = torch.randn(8, args.d, generator=torch.Generator().manual_seed(1)).to(args.device)
 
     def setup(wrapper, make, **kw):
-        model = _model(args.d, args.blocks).to(args.device)
+        model = _model(args.d, args.blocks, args.shapes).to(args.device)
         run = _fsdp(model, args.device, args.world) if wrapper == "fsdp" else model
         run(x).square().mean().backward()
-        opts, wire32 = make(list(model.parameters()), **kw)
-        return opts, wire32
+        return make(list(model.parameters()), **kw)
 
-    cases = {  # name -> (opts, wire32, timed: which functions the timers wrap)
+    cases = {  # name -> (opts, patches, timed: which functions the timers wrap)
         name: (*setup(wrapper, make, **kw), timed) for name, (wrapper, make, kw, timed) in CASES.items()
         if args.cases is None or name in args.cases}
     comm = ("gather", "scatter", "all_to_all_single")  # (the NS phase's collectives, before and after)
     real = dict(ns=specs_muon.newton_schulz, tns=torch_muon._zeropower_via_newtonschulz, wire=phases._wire_dtype,
-                **{name: getattr(dist, name) for name in comm})
+                round_elems=phases.ROUND_ELEMS, **{name: getattr(dist, name) for name in comm})
 
     def inners(opts):  # our optimizers that plan: Muon's inner ones (its Muon and aux AdamW groups), or our AdamW
         return [o for opt in opts for o in ((opt._core, opt._aux) if hasattr(opt, "_core") else (opt,))
                 if o is not None and hasattr(o, "_step_plan")]
 
-    def install(timers, timed, wire32, opts):
+    def install(timers, timed, patches, opts):
         if timed == "ours":
             specs_muon.newton_schulz = timers.wrap(real["ns"], "ns")
             for name in comm:
@@ -165,12 +177,14 @@ def _worker(rank, tmpdir, args):
                 inner._step_plan = timers.wrap(type(inner)._step_plan.__get__(inner), "plan")
         elif timed == "torch":
             torch_muon._zeropower_via_newtonschulz = timers.wrap(real["tns"], "ns")
-        if wire32:
+        if patches.get("wire32"):
             phases._wire_dtype = lambda phase, group, dtype, device: dtype
+        if patches.get("round_elems") is not None:  # (read when the exchange layout is made: the case's first step)
+            phases.ROUND_ELEMS = patches["round_elems"]
 
     def uninstall(opts):
         specs_muon.newton_schulz, torch_muon._zeropower_via_newtonschulz = real["ns"], real["tns"]
-        phases._wire_dtype = real["wire"]
+        phases._wire_dtype, phases.ROUND_ELEMS = real["wire"], real["round_elems"]
         for name in comm:
             setattr(dist, name, real[name])
         for inner in inners(opts):
@@ -178,7 +192,7 @@ def _worker(rank, tmpdir, args):
 
     rounds = {name: [] for name in cases}  # per round: (total, ns, comm, plan, rest) medians in ms
     for _ in range(args.rounds):
-        for name, (opts, wire32, timed) in cases.items():
+        for name, (opts, patches, timed) in cases.items():
             # (torch's Muon on DTensors takes ~1 s a step: fewer steps)
             warmup, iters = (1, max(3, args.iters // 10)) if name == "fsdp / torch Muon + AdamW" else \
                 (args.warmup, args.iters)
@@ -186,7 +200,7 @@ def _worker(rank, tmpdir, args):
             steps = []
             for i in range(warmup + iters):
                 timers = _Timers()
-                install(timers, timed, wire32, opts)
+                install(timers, timed, patches, opts)
                 try:
                     t0 = time.perf_counter()  # (on a GPU: the host's time, the kernels run behind it)
                     for opt in opts:
@@ -212,14 +226,15 @@ def _middle_mean(steps) -> list:
     return [1e3 * statistics.fmean(s[k] for s in mid) for k in range(len(mid[0]))]
 
 
-def measure(d=32, blocks=12, rounds=5, iters=30, warmup=5, cases=None, device="cpu", world=WORLD) -> dict:
+def measure(d=32, blocks=12, rounds=5, iters=30, warmup=5, cases=None, device="cpu", world=WORLD,
+            shapes="square") -> dict:
     """{rank: {case: [[total, ns, comm, plan, rest] ms per round]}}."""
     import json
 
     import torch.multiprocessing as mp
 
     args = argparse.Namespace(d=d, blocks=blocks, rounds=rounds, iters=iters, warmup=warmup, cases=cases,
-                              device=device, world=world)
+                              device=device, world=world, shapes=shapes)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(tmp, args), nprocs=world, join=True)
         out = {}
@@ -257,6 +272,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="cpu (gloo) or cuda (NCCL, one GPU per process: the host time of a step on CUDA DTensors)")
     ap.add_argument("--world", type=int, default=WORLD, help=f"processes (default {WORLD}; 1 on a one-GPU machine)")
+    ap.add_argument("--shapes", default="square", choices=("square", "gpt"),
+                    help="square: Linear(d, d) x 4 per block; gpt: d->3d, 3d->d, d->4d, 4d->d (four shapes)")
     a = ap.parse_args(argv)
     import torch
 
@@ -266,9 +283,10 @@ def main(argv=None) -> None:
         ap.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
     if a.device == "cuda" and torch.cuda.device_count() < a.world:
         ap.error(f"--device cuda --world {a.world} needs {a.world} GPUs, this machine has {torch.cuda.device_count()}")
-    res = measure(a.d, a.blocks, a.rounds, a.iters, a.warmup, cases, a.device, a.world)
+    res = measure(a.d, a.blocks, a.rounds, a.iters, a.warmup, cases, a.device, a.world, a.shapes)
+    mats = f"{a.d}x{a.d}" if a.shapes == "square" else f"GPT-shaped (d={a.d})"
     print(f"torch {torch.__version__}, {a.world} {'NCCL' if a.device == 'cuda' else 'gloo'} processes x 1 thread "
-          f"({a.device}), {4 * a.blocks} matrices {a.d}x{a.d} + {4 * a.blocks} biases, {a.rounds} rounds x {a.iters} "
+          f"({a.device}), {4 * a.blocks} matrices {mats} + {4 * a.blocks} biases, {a.rounds} rounds x {a.iters} "
           "steps\n")
     for r in range(a.world):
         print(table(res, r) + "\n")

@@ -119,6 +119,13 @@ def test_muon_fsdp_bench_smoke():
         for row in (fsdp, plain):
             assert math.isclose(row[0], sum(row[1:]), rel_tol=1e-9)
     assert "| fsdp / ours |" in b.table(res, 0)
+    # GPT shapes (four per block), the exchange in one round and in one per NS call
+    cases = ["fsdp / ours, one round", "fsdp / ours, a round per call"]
+    res = b.measure(d=8, blocks=1, rounds=1, iters=2, warmup=1, cases=cases, shapes="gpt")
+    for rank in (0, 1):
+        assert list(res[rank]) == cases
+        for (row,) in res[rank].values():
+            assert row[1] > 0 and row[2] > 0 and math.isclose(row[0], sum(row[1:]), rel_tol=1e-9)
 
 
 def test_muon_bench_profile_smoke(capsys):
