@@ -99,6 +99,62 @@ __attribute__((target(MF_COST_TARGET), noinline)) void int8_loop(float* __restri
   }
 }
 
+// run_piece_int8's pipelined order (the avx512 variant's, MF_INT8_PIPELINE): the rule in pieces of PIECE elements,
+// and between them the same piece of the previous block's encode, both states (the encode of a block waits for the
+// next block's rule; two sets of buffers alternate). Tried on the EPYC (2026-12-04): pieces of 64 elements 7% less
+// time than the plain loop, 32 4%, 16 and 128 none, a rule piece of 32 with one state's 64 codes 4%.
+__attribute__((target(MF_COST_TARGET), always_inline)) inline void encode_both(
+    const float* x0, const float* x1, const cpu::t::Int8Scaled& qm, const cpu::t::Int8Scaled& qv, int8_t* cm,
+    uint8_t* cv, int64_t at, int l0, int len) {
+  for (int l = l0; l < l0 + len; l += 64) {
+    cpu::t::int8_encode64_of_absmax(x0 + l, true, qm, reinterpret_cast<char*>(cm) + at + l);
+    cpu::t::int8_encode64_of_absmax(x1 + l, false, qv, reinterpret_cast<char*>(cv) + at + l);
+  }
+}
+
+template <int PIECE>
+__attribute__((target(MF_COST_TARGET), noinline)) void int8_loop_pipelined(float* __restrict p, const float* __restrict g,
+                                                                          int8_t* cm, uint8_t* cv, float* sm, float* sv,
+                                                                          int64_t n, const Sc& sc_in) {
+  static_assert(PIECE % 64 == 0, "int8_encode64_of_absmax takes 64 elements");
+  const Sc sc = sc_in;
+  alignas(64) static float buf[2][2][INT8_BLOCK];
+  const int64_t nb = n / INT8_BLOCK;
+  cpu::t::Int8Scaled qm(1.0f, true), qv(1.0f, false);
+  bool due = false;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t e0 = blk * INT8_BLOCK;
+    float* __restrict b0 = buf[blk & 1][0];
+    float* __restrict b1 = buf[blk & 1][1];
+    cpu::t::int8_decode_block_avx512_best(cm + e0, true, sm[blk], b0);
+    cpu::t::int8_decode_block_avx512_best(cv + e0, false, sv[blk], b1);
+    float* __restrict pp = p + e0;
+    const float* __restrict gg = g + e0;
+    for (int l0 = 0; l0 < INT8_BLOCK; l0 += PIECE) {
+#pragma omp simd
+      for (int l = l0; l < l0 + PIECE; ++l) {
+        float pv = pp[l], a = b0[l], b = b1[l], c = 0.0f;
+        Op::apply<float>(pv, gg[l], a, b, c, sc);
+        pp[l] = pv;
+        b0[l] = a;
+        b1[l] = b;
+      }
+      if (due) encode_both(buf[(blk & 1) ^ 1][0], buf[(blk & 1) ^ 1][1], qm, qv, cm, cv, e0 - INT8_BLOCK, l0, PIECE);
+    }
+    sm[blk] = cpu::t::int8_absmax_block_avx512(b0);
+    sv[blk] = cpu::t::int8_absmax_block_avx512(b1);
+    due = cpu::t::int8_cpu_fast_scale(sm[blk]) && cpu::t::int8_cpu_fast_scale(sv[blk]);
+    if (due) {
+      qm = cpu::t::Int8Scaled(sm[blk], true);
+      qv = cpu::t::Int8Scaled(sv[blk], false);
+    } else {
+      cpu::t::int8_encode_block_avx512_of_absmax(b0, true, sm[blk], cm + e0);
+      cpu::t::int8_encode_block_avx512_of_absmax(b1, false, sv[blk], cv + e0);
+    }
+  }
+  if (due) encode_both(buf[(nb - 1) & 1][0], buf[(nb - 1) & 1][1], qm, qv, cm, cv, (nb - 1) * INT8_BLOCK, 0, INT8_BLOCK);
+}
+
 __attribute__((target(MF_COST_TARGET), noinline)) void fp32_loop(float* __restrict p, const float* __restrict g,
                                                                 float* __restrict m, float* __restrict v, int64_t n,
                                                                 const Sc& sc_in) {
@@ -153,6 +209,7 @@ int main(int argc, char** argv) {
   const Row rows[] = {
       {"fp32 AdamW (p, g, m, v streamed)", [](float* p, const float* g, int8_t*, uint8_t*, float*, float*, float* m, float* v, int64_t n, const Sc& s) { fp32_loop(p, g, m, v, n, s); }},
       {"int8 block loop", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kDecode | kEncode>(p, g, cm, cv, sm, sv, n, s); }},
+      {"int8 block loop, pipelined (the kernel)", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop_pipelined<64>(p, g, cm, cv, sm, sv, n, s); }},
       {"  with the fallback decode and encode", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kDecode | kEncode | kFallback>(p, g, cm, cv, sm, sv, n, s); }},
       {"  without the encode", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kDecode>(p, g, cm, cv, sm, sv, n, s); }},
       {"  without the decode", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kEncode>(p, g, cm, cv, sm, sv, n, s); }},

@@ -5,8 +5,9 @@
 // x for the divisor given (default 1; the unsigned map over the patterns with the sign bit clear and the NaNs).
 // A divisor other than 1 exercises the AVX-512 form's multiply-by-reciprocal and its exact fallback near a
 // midpoint; one below 2^-100 its plain-division path. The AVX-512 form for a block of known absmax
-// (int8_encode_block_avx512_of_absmax and int8_encode_block_avx2_of_absmax, what the kernels call) are checked on
-// every pattern x with |x| <= div, in blocks whose absmax is div ("absmax" below: both forms' mismatches), and so is
+// (int8_encode_block_avx512_of_absmax, its integer-space compare for a scale in [2^-90, 2^100], the general form
+// outside; and int8_encode_block_avx2_of_absmax, what the kernels call) are checked on every pattern x with
+// |x| <= div, in blocks whose absmax is div ("absmax" below: both forms' mismatches), and so is
 // compressed.h's scalar block form int8_index_block, the CUDA functor's ("block"; built with
 // -DMF_INT8_ROOT_GUESS_SKEW=1e-4f or -1e-4f its guesses take a root off by that relative error, hundreds of
 // times the device's approximate square root's). Needs an AVX-512 CPU; ~2 minutes per divisor on 2 cores.
@@ -14,7 +15,8 @@
 //   g++ -O2 -fopenmp -ffp-contract=off -fno-math-errno -Icsrc -Wno-maybe-uninitialized \
 //       bench/int8_encoder_exhaustive.cpp -o /tmp/int8_ex
 //   for d in 1 3 0.7 1e-35; do /tmp/int8_ex $d; done   (prints "div ...: bad scalar 0 vector 0 avx2 0 absmax 0
-//   block 0 (of ...)")
+//   block 0 (of ...)"; 2026-12-04, the integer-space form: 0 mismatches of every kind for 1, 3, 0.7, 1e-35,
+//   1e-27, 0x1p-90, 0.0012345, 1e30, 0x1.fffffep+99)
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
