@@ -254,13 +254,12 @@ def newton_schulz(x, schedule, eps, dtype, gram=False, restarts=(), sym=None):
     norms = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     X = X / norms.clamp(min=eps)
     sym = sym or symmetric_baddbmm
-    if gram:
-        X = gram_newton_schulz(X, schedule, restarts, sym)
-    else:
-        for a, b, c in schedule:
-            M = sym(None, X)
-            N = sym(M, M, M, beta=b, alpha=c)
-            X = torch.baddbmm(X, N, X, beta=a)
+    if gram:  # (a tall stack's result comes back in the [n, A, B] layout, contiguous: gram_newton_schulz's `tall`)
+        return gram_newton_schulz(X, schedule, restarts, sym, tall=tall)
+    for a, b, c in schedule:
+        M = sym(None, X)
+        N = sym(M, M, M, beta=b, alpha=c)
+        X = torch.baddbmm(X, N, X, beta=a)
     return X.mT if tall else X
 
 
@@ -273,7 +272,7 @@ def symmetric_baddbmm(c0, a, b=None, beta=1.0, alpha=1.0):
     return torch.bmm(a, b) if c0 is None else torch.baddbmm(c0, a, b, beta=beta, alpha=alpha)
 
 
-def gram_newton_schulz(X, schedule, restarts=(), sym=symmetric_baddbmm):
+def gram_newton_schulz(X, schedule, restarts=(), sym=symmetric_baddbmm, tall=False):
     """The Newton-Schulz steps of ``newton_schulz`` on the normalized wide [n, m, k] stack ``X`` (m <= k), run on
     m x m matrices: with R = X X^T, a step X <- P X, P = a I + N, N = b R + c R^2, is Q <- P Q (Q: the product of
     the P's so far; Q = P for the first) and R <- P R P (= P^2 R: the P's are polynomials in R, so they commute);
@@ -281,7 +280,9 @@ def gram_newton_schulz(X, schedule, restarts=(), sym=symmetric_baddbmm):
     Before each step in ``restarts`` (a restart) X = Q X and R = X X^T are formed afresh, which drops the
     rounding error that Q and R accumulate, and that half precision cannot afford (docs/muon.md, "Gram form").
     Per step ~8 m^3 flops instead of ~4 m^2 k + 2 m^3, plus 4 m^2 k once and 4 m^2 k per restart. Every m x m
-    product is symmetric (``sym``: R, N, Q, RP are polynomials in R)."""
+    product is symmetric (``sym``: R, N, Q, RP are polynomials in R). ``tall``: X is the transposed view of a
+    tall stack; the result is then returned transposed back, as (Q X)^T = X^T Q^T computed by that one product,
+    so that it is contiguous in the tall layout (no transposing copy of the result after the phase)."""
     R = sym(None, X)
     Q = None
     last = len(schedule) - 1
@@ -298,7 +299,9 @@ def gram_newton_schulz(X, schedule, restarts=(), sym=symmetric_baddbmm):
         if i < last and (i + 1) not in restarts:
             RP = sym(R, R, N, beta=a)
             R = sym(RP, N, RP, beta=a)
-    return X if Q is None else torch.bmm(Q, X)
+    if Q is None:
+        return X.mT if tall else X
+    return torch.bmm(X.mT, Q.mT) if tall else torch.bmm(Q, X)
 
 
 RULES["muon_momentum"] = muon_momentum_ref

@@ -42,6 +42,21 @@ def test_float64_gram_equals_the_standard_form(sched, shape, restarts):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("restarts", [(), (2,)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_gram_result_of_a_tall_stack_is_contiguous(restarts, dtype):
+    """A tall stack's Gram-form result comes back in the tall layout, contiguous (X^T Q^T, one product), so that
+    the matrix phase writes it into the update buffer without a transposing copy; it is the wide stack's result
+    transposed: in float64 to rounding, in bf16 to bf16's rounding (the same products, operands transposed)."""
+    x = _stack((40, 10))
+    s = ns_schedule(SCHEDULES["torch"])
+    got = newton_schulz(x, s, 1e-7, dtype, gram=True, restarts=restarts)
+    assert got.shape == x.shape and got.dtype == dtype and got.is_contiguous()
+    want = newton_schulz(x.mT.contiguous(), s, 1e-7, dtype, gram=True, restarts=restarts).mT
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.double(), want.double(), **tol)
+
+
 def _rel_err(y, ref):
     return ((y.double() - ref).norm(dim=(-2, -1)) / ref.norm(dim=(-2, -1))).max().item()
 
