@@ -1,9 +1,10 @@
 // Per-element cost of the parts of the cpu int8_state block loop (AdamW, avx512 variant, one thread), measured
-// side by side in one process: the whole loop (run_piece_int8's order: decode both states, the rule with p and g
+// side by side in one process: the whole loop (run_piece_int8's earlier plain order: decode both states, the rule with p and g
 // streamed from memory, the absmax, encode both states), the loop without the encode or without the decode, and a
 // plain fp32 AdamW over the same arrays (the native kernel's work, 28 bytes per element); the loop with the
 // forms that run where the fast ones do not apply (the computed decode of a CPU without VBMI, the general encode of
-// blocks holding NaN or inf); and the avx2 variant's loop (its forms, the absmax inside the rule's loop). Needs an AVX-512 CPU
+// blocks holding NaN or inf); and the avx2 variant's loop in its earlier plain order (its forms, the absmax inside
+// the rule's loop; the kernel now takes it after the loop and pipelines as the avx512 one). Needs an AVX-512 CPU
 // (the lookup decode also AVX512-VBMI; without it the computed decode is timed). Not a test: times move with the
 // machine; compare the rows of one run.
 //
