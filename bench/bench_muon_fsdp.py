@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -215,6 +216,12 @@ def _worker(rank, tmpdir, args):
     with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
         json.dump(rounds, f)
     dist.destroy_process_group()
+    # The figures are on disk: leave without the interpreter's finalization, where gloo's worker threads can still
+    # release tensors and take the GIL of a dying interpreter (SIGABRT: the teardown flake tests/dist_worker.py
+    # leaves the same way; seen here in CI, 2026-12-04, test_bench.py::test_muon_fsdp_bench_smoke).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _middle_mean(steps) -> list:
