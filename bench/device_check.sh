@@ -193,8 +193,9 @@ PYEOF
 }
 # kernels-int8 (~90 s, issue 17): the int8 functor's occupancy A/B, torch-free (step_timing.cu), llm profile: built with
 # MF_CUDA_INT8_MIN_BLOCKS=1 (1 block of 512 per SM, 128 registers, no spills) and =2 (the default since 2026-12-04's
-# second run: 64 registers, 8-78 bytes of spills), each timing int8_state AdamW (2 states; CODE_UNSIGNED 2) and
-# AMSGrad (3 states, the most spills; CODE_UNSIGNED 6), alternating builds, twice. 2026-12-04: AdamW 8.10 -> 6.22 ms.
+# second run: 64 registers; since the integer-space encode AdamW has no spills there, AMSGrad 30 bytes), each timing
+# int8_state AdamW (2 states; CODE_UNSIGNED 2) and AMSGrad (3 states, the most spills; CODE_UNSIGNED 6), alternating
+# builds, twice. 2026-12-04 (before the integer-space encode): AdamW 8.10 -> 6.22 ms.
 phase_kernels_int8() {
   local nv; nv="$(command -v nvcc)"; [ -z "$nv" ] && { echo "kernels-int8: no nvcc" | tee -a "$WORK/summary.txt"; return; }
   local s=$(date +%s) flags=(-O3 -std=c++17 --fmad=false -arch=sm_90 -Icsrc csrc/cuda/tools/step_timing.cu csrc/cuda/fused_step.cu)

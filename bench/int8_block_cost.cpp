@@ -2,8 +2,8 @@
 // side by side in one process: the whole loop (run_piece_int8's earlier plain order: decode both states, the rule with p and g
 // streamed from memory, the absmax, encode both states), the loop without the encode or without the decode, and a
 // plain fp32 AdamW over the same arrays (the native kernel's work, 28 bytes per element); the loop with the
-// forms that run where the fast ones do not apply (the computed decode of a CPU without VBMI, the general encode of
-// blocks holding NaN or inf); and the avx2 variant's loop in its earlier plain order (its forms, the absmax inside
+// forms that run where the fast ones do not apply (the computed decode of a CPU without VBMI, the element-wise encode
+// of blocks holding NaN or inf, and of the portable kernel); and the avx2 variant's loop in its earlier plain order (its forms, the absmax inside
 // the rule's loop; the kernel now takes it after the loop and pipelines as the avx512 one). Needs an AVX-512 CPU
 // (the lookup decode also AVX512-VBMI; without it the computed decode is timed). Not a test: times move with the
 // machine; compare the rows of one run.
@@ -32,7 +32,7 @@ using namespace mf;
 using Op = RuleOp<RULE_ADAM, ADAM_DECOUPLED>;
 using Sc = Op::Scalars<float>;
 
-// kFallback: the computed decode, the general encode; kAvx2: the avx2 variant's forms (absmax in the rule's loop)
+// kFallback: the computed decode, the element-wise encode; kAvx2: the avx2 variant's forms (absmax in the rule's loop)
 enum Parts { kDecode = 1, kEncode = 2, kFallback = 4, kAvx2 = 8 };
 
 // run_piece_int8's block loop for AdamW (2 states) with the avx512 variant's functions; `parts` drops the decode
@@ -90,8 +90,8 @@ __attribute__((target(MF_COST_TARGET), noinline)) void int8_loop(float* __restri
         cpu::t::int8_encode_block_avx2_of_absmax(b0, true, sm[blk], cm + e0);
         cpu::t::int8_encode_block_avx2_of_absmax(b1, false, sv[blk], cv + e0);
       } else if (PARTS & kFallback) {
-        cpu::t::int8_encode_block_avx512(b0, true, int8_divisor(sm[blk]), cm + e0);
-        cpu::t::int8_encode_block_avx512(b1, false, int8_divisor(sv[blk]), cv + e0);
+        int8_encode_block_elementwise(b0, true, sm[blk], cm + e0);
+        int8_encode_block_elementwise(b1, false, sv[blk], cv + e0);
       } else {
         cpu::t::int8_encode_block_avx512_of_absmax(b0, true, sm[blk], cm + e0);
         cpu::t::int8_encode_block_avx512_of_absmax(b1, false, sv[blk], cv + e0);
@@ -144,7 +144,7 @@ __attribute__((target(MF_COST_TARGET), noinline)) void int8_loop_pipelined(float
     }
     sm[blk] = cpu::t::int8_absmax_block_avx512(b0);
     sv[blk] = cpu::t::int8_absmax_block_avx512(b1);
-    due = cpu::t::int8_cpu_fast_scale(sm[blk]) && cpu::t::int8_cpu_fast_scale(sv[blk]);
+    due = int8_fast_scale(sm[blk]) && int8_fast_scale(sv[blk]);
     if (due) {
       qm = cpu::t::Int8Scaled(sm[blk], true);
       qv = cpu::t::Int8Scaled(sv[blk], false);

@@ -162,7 +162,7 @@ def analyze_sass(insns: list[tuple[int, str]], read_bytes_per_element: int, elem
     hot loop over the elements its loads fetch (CUDA), or, with ``elements_hint`` (a Triton program: one pass
     over BLOCK elements, elements_hint per thread), the whole function's over elements_hint. Loads whose opcode is
     in ``table_loads`` read constant tables, not elements: they count as loads, not as fetched elements (CUDA:
-    LDG.E.CONSTANT, the int8 code map's midpoints in the kernels' rare exact path)."""
+    LDG.E.CONSTANT)."""
     ops = [(a, _opcode(i), i) for a, i in insns if _opcode(i) not in ("NOP",)]
     # the trailing "BRA self" after EXIT pads the function: drop it
     while ops and ops[-1][1] == "BRA" and ops[-1][2].split()[-1] == hex(ops[-1][0]):

@@ -9,20 +9,21 @@
 //   encode: param = (u + 0x8000) >> 16  (NaN: (u >> 16) | 0x40, a quiet NaN, sign kept)   remainder = u & 0xFFFF
 //   decode: u = ((param - (remainder >> 15)) << 16) | remainder                            (16-bit halves)
 //
-// int8_state: per block of INT8_BLOCK elements one fp32 scale (the block's absmax); an element's value is
-// table[index] * scale (fp32 product). Signed states: int8 code c in -127..127, index c + 127 into
+// int8_state: per block of INT8_BLOCK elements one fp32 scale (the block's absmax, NaN if one is); an element's
+// value is table[index] * scale (fp32 product). Signed states: int8 code c in -127..127, index c + 127 into
 // INT8_SIGNED_TABLE (sign(c) c^2 / 127^2); unsigned: uint8 code = index into INT8_UNSIGNED_TABLE (c^4 / 255^4).
-// Encoding x with the block scale s: y = x / (s > 0 ? s : 1) (fp32 division), index = the count of midpoints
-// (INT8_*_MID, generated/tables.h) strictly below y (a tie goes to the lower code), as torch.bucketize counts
-// them: the midpoints m with !(y <= m), so a NaN y counts all of them (the top code).
-// The index is found from a guess from the map's shape and ONE comparison with a midpoint. The magnitude code
-// c* of y and r = sqrt(|y|) * 127 (signed) or sqrt(sqrt(y)) * 255 (unsigned) satisfy c* - 0.5 < r < c* + 1: the
-// preimage under the map of the midpoint between codes c and c + 1 lies strictly between c + 0.5 and c + 1 (a
-// power mean of c and c + 1 above their arithmetic mean), by more than 9e-4 (far more than the fp32 rounding of
-// the midpoints moves it) above c + 0.5 and 0.15 below c + 1. So the guess
-// floor(r + 0.5 + INT8_GUESS_BIAS) is c* or c* + 1 for any error |e| < INT8_GUESS_BIAS in r (fp32 rounding
-// here, the 2^-14 approximations of the AVX-512 form): a magnitude one too large is corrected by comparing y
-// with the one midpoint below it in magnitude.
+// The encode runs in the map's integer space (layouts.int8_encode is the definition): per block, u = 2^64 if
+// 0 < s < 2^-64 else 1, k = K / (s u) (one fp32 division per block; 0 for s = 0), K = 127^2 or fl32(255^4); per
+// element y' = (x u) k (two fp32 products, the first exact), and the magnitude code is the count of midpoints
+// m_j = ((j - 1)^2 + j^2) / 2 = j (j - 1) + 1/2 (exact) or ((j - 1)^4 + j^4) / 2 (rounded once) with
+// !(|y'| <= m_j): a value on a midpoint takes the smaller magnitude, a NaN the top code; the sign is y' < 0's.
+// The count is found from a guess and ONE comparison. The magnitude code c* of a = |y'| and r = sqrt(a) (signed)
+// or a^(1/4) (unsigned) satisfy c* - 0.5 < r < c* + 1: the root of the midpoint between codes c and c + 1 lies
+// strictly between c + 0.5 and c + 1 (a power mean of c and c + 1 above their arithmetic mean), by more than 9e-4
+// (far more than the fp32 rounding of the unsigned midpoints moves it) above c + 0.5 and 0.15 below c + 1. So the
+// guess floor(r + 0.5 + INT8_GUESS_BIAS) is c* or c* + 1 for any error |e| < INT8_GUESS_BIAS in r (the device's
+// approximate square root, the 2^-14 and 2^-12 approximations of the AVX-512 and AVX2 forms): a magnitude one too
+// large is corrected by comparing a with the midpoint below it, computed exactly from the code (no table).
 #pragma once
 
 #include "mf_common.h"
@@ -60,80 +61,44 @@ constexpr int INT8_UNSIGNED_COUNT = 256;  // codes of an unsigned state (0..255)
 MF_HD MF_INLINE int int8_signed_index(int8_t code) { return static_cast<int>(code) + 127; }
 MF_HD MF_INLINE int int8_unsigned_index(uint8_t code) { return static_cast<int>(code); }
 
-// The divisor of a block: its scale, or 1 for a scale that is not > 0 (a zero block: y = 0).
-MF_HD MF_INLINE float int8_divisor(float scale) { return scale > 0.0f ? scale : 1.0f; }
-
 // The decoded value of table index `index` in a block of scale `scale` (table: INT8_SIGNED_TABLE or
 // INT8_UNSIGNED_TABLE, or the device's copy of it).
 MF_HD MF_INLINE float int8_decode(const float* table, int index, float scale) { return table[index] * scale; }
 
 constexpr float INT8_GUESS_BIAS = 0.125f;
+// INT8_K_SIGNED (127^2), INT8_K_UNSIGNED (255^4 rounded to fp32), INT8_TINY (2^-64): generated/tables.h
 
-// The guessed magnitude code (c* or c* + 1, above): min(floor(r + 0.5 + bias), top); |y| > 1, the infinities
-// and NaN give top.
-MF_HD MF_INLINE int int8_guess_code(float r, int top) {
-  const float t = r + (0.5f + INT8_GUESS_BIAS);
-  return t < static_cast<float>(top) ? static_cast<int>(t) : top;
+// A block's factors: y' = (x * u) * k (layouts.int8_factors)
+struct Int8Factor {
+  float u, k;
+};
+
+MF_HD MF_INLINE float int8_div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
 }
 
-// The index of y (signed map): the count of midpoints m with !(y <= m). y >= 0 (and NaN): index 127 + c, one
-// too large if y <= the midpoint below; y < 0: index 127 - c, one too small if !(y <= the midpoint above).
-MF_HD MF_INLINE int int8_index_signed(float y, const float* mid) {
-  const int c = int8_guess_code(sqrtf(fabsf(y)) * 127.0f, 127);
-  if (y < 0.0f) {
-    const int k = 127 - c;  // <= 127 < 254 midpoints: mid[k] exists
-    return !(y <= mid[k]) ? k + 1 : k;
-  }
-  const int k = 127 + c;  // >= 127: mid[k - 1] exists
-  return y <= mid[k - 1] ? k - 1 : k;
+MF_HD MF_INLINE Int8Factor int8_factor(float scale, bool sgn) {
+  const float u = scale > 0.0f && scale < INT8_TINY ? 1.0f / INT8_TINY : 1.0f;
+  return {u, scale == 0.0f ? 0.0f : int8_div_rn(sgn ? INT8_K_SIGNED : INT8_K_UNSIGNED, scale * u)};
 }
 
-// The index of y (unsigned map, y >= 0 in use; y <= 0 guesses 0, NaN 255).
-MF_HD MF_INLINE int int8_index_unsigned(float y, const float* mid) {
-  const int k = int8_guess_code(sqrtf(sqrtf(y <= 0.0f ? 0.0f : y)) * 255.0f, 255);
-  return k > 0 && y <= mid[k - 1] ? k - 1 : k;
-}
-
-// The exact count by a binary search (the definition; for checks of the guess-based forms).
-MF_HD MF_INLINE int int8_count_below(float y, const float* mid, int nmid) {
-  int lo = 0, hi = nmid;  // the count is in [lo, hi]
-  while (lo < hi) {
-    const int m = (lo + hi) / 2;
-    if (!(y <= mid[m]))
-      lo = m + 1;
-    else
-      hi = m;
-  }
-  return lo;
-}
-
-// numel of a param whose state int8_state quantizes (layouts.int8_quantized)
-MF_HD MF_INLINE bool int8_quantized(long long numel) { return numel >= INT8_MIN_NUMEL && numel % INT8_BLOCK == 0; }
-
-// The table index of x in a block of divisor `div` (int8_divisor(scale)).
-MF_HD MF_INLINE int int8_encode_signed(float x, float div, const float* mid) { return int8_index_signed(x / div, mid); }
-
-MF_HD MF_INLINE int int8_encode_unsigned(float x, float div, const float* mid) {
-  return int8_index_unsigned(x / div, mid);
-}
-
-// ------------------------------------------------------------------------- the encode of a block
-// The kernels' form (the CUDA functor; the AVX-512 block form of cpu/cpu_simd_avx512.inc is the same method in
-// vectors). Its common case is a block whose scale s is its own absmax (no NaN, no inf in it) with s in
-// [2^-100, 2^100] (int8_fast_scale): then no division and no table read per element. y' = x * inv (inv = 1 / s,
-// one fp32 division per block) is within 2^-23 |y| of the quotient y = x / s, and the midpoint m' from the map's
-// formula in fp32 (integers exact, then one fma and one product) within 2^-21 |m| of the table's midpoint m.
-// A root approximated to far better than INT8_GUESS_BIAS (int8_root_guess) guesses as well as the exact one.
-// The decisions y <= m and y' <= m' can differ only where |y - m| < 2^-20.4 max(y, m), within 12 units in the
-// last place (24 across a binade edge); the bit patterns of nonnegative floats are ordered as their values, so
-// outside 32 units the sign of bits(y') - bits(m') decides, and the rare elements inside (~1e-4 of them) are
-// redone by the general form above (the exact quotient, the table's midpoint). A y' that is subnormal is 2^-100
-// below the smallest midpoint, far outside. A zero block qualifies too (every element is +-0, whose guess, the
-// code 0, is exact); every other block (NaN or inf in it, a scale outside the range) takes the general form for
-// every element. int8_index_block composes the two for the host's checks: over every fp32 pattern |x| <= s, for
-// several s, against the definition (bench/int8_encoder_exhaustive.cpp).
+// A block whose scale s is its own absmax and either 0 or finite and >= INT8_TINY: u = 1, k finite, and every
+// |y'| <= K (1 + 2^-23), so that the guesses need no clamp and no NaN handling (the vector forms' common case).
 MF_HD MF_INLINE bool int8_fast_scale(float scale) {
-  return (scale >= 0x1p-100f && scale <= 0x1p100f) || scale == 0.0f;
+  return scale == 0.0f || (scale >= INT8_TINY && scale <= 0x1.fffffep127f);
+}
+
+// The midpoint between the magnitude codes c - 1 and c (c >= 1), in the integer space: ((c - 1)^2 + c^2) / 2 =
+// c (c - 1) + 1/2 (exact), or ((c - 1)^4 + c^4) / 2 = w^2 - 1/2 with w = c (c - 1) + 1 (exact; one rounding in
+// the fma: the correctly rounded midpoint).
+MF_HD MF_INLINE float int8_mid_signed(float c) { return fmaf(c, c - 1.0f, 0.5f); }
+MF_HD MF_INLINE float int8_mid_unsigned(float c) {
+  const float w = fmaf(c, c - 1.0f, 1.0f);
+  return fmaf(w, w, -0.5f);
 }
 
 // A square root for the guesses only: the device's approximate one (sqrt.approx.ftz.f32, off by a few units in
@@ -151,50 +116,68 @@ MF_HD MF_INLINE float int8_root_guess(float a) {
 #endif
 }
 
-// The block form's common case: the index of x from y' = x * inv (mid-free); returns whether it must be redone
-// exactly (bits(|y'|) within 32 of bits(m')), in which case `index` is not the answer. Signed map: the magnitude
-// code c (c* or c* + 1; min(c, 127)) is lowered when |y| is at most the magnitude midpoint between c - 1 and c,
-// ((c - 1)^2 + c^2) / (2 127^2) (the map and the midpoint table are odd), strictly below it for y < 0 (a tie
-// takes the lower index: the larger magnitude). Any x and inv give an index in range (the guess is clamped).
-MF_HD MF_INLINE bool int8_index_signed_fast(float x, float inv, int& index) {
-  const float y = x * inv;
-  const float a = fabsf(y);
-  const int c = static_cast<int>(fminf(fmaf(int8_root_guess(a), 127.0f, 0.5f + INT8_GUESS_BIAS), 127.5f));
-  const float cf = static_cast<float>(c);
-  const float m = fmaf(cf, cf - 1.0f, 0.5f) * (1.0f / 16129.0f);  // (c (c - 1) + 1/2) / 127^2
-  const int d = static_cast<int>(f32_bits(a)) - static_cast<int>(f32_bits(m));
-  const int mag = c - (c > 0 && d < -32 ? 1 : 0);
-  index = y < 0.0f ? 127 - mag : 127 + mag;
-  return c > 0 && static_cast<unsigned>(d + 32) <= 64u;
+// The guessed magnitude code (c* or c* + 1): min(floor(r + 0.5 + bias), top); NaN gives top.
+MF_HD MF_INLINE int int8_guess_code(float r, int top) {
+  const float t = r + (0.5f + INT8_GUESS_BIAS);
+  return t < static_cast<float>(top) ? static_cast<int>(t) : top;
 }
 
-// The same for an unsigned state (y <= 0 as 0): the midpoint between codes c - 1 and c,
-// ((c - 1)^4 + c^4) / (2 255^4) = (e^2 (e^2 + 3/2) + 1/16) / 255^4 with e = c - 1/2 (e^2, e^2 + 3/2 exact).
-MF_HD MF_INLINE bool int8_index_unsigned_fast(float x, float inv, int& index) {
-  const float q = x * inv;
-  const float y = q > 0.0f ? q : 0.0f;
-  const int k = static_cast<int>(fminf(fmaf(int8_root_guess(int8_root_guess(y)), 255.0f, 0.5f + INT8_GUESS_BIAS),
-                                       255.5f));
-  const float e = static_cast<float>(k) - 0.5f;
-  const float e2 = e * e;
-  const float m = fmaf(e2, e2 + 1.5f, 0.0625f) * static_cast<float>(1.0 / (255.0 * 255.0 * 255.0 * 255.0));
-  const int d = static_cast<int>(f32_bits(y)) - static_cast<int>(f32_bits(m));
-  index = k - (k > 0 && d < -32 ? 1 : 0);
-  return k > 0 && static_cast<unsigned>(d + 32) <= 64u;
+// The code of an integer-space value y' (signed: -127..127; unsigned: 0..255, y' <= 0 gives 0).
+MF_HD MF_INLINE int int8_code_signed(float y) {
+  const float a = fabsf(y);
+  int c = int8_guess_code(int8_root_guess(a), 127);
+  if (c > 0 && a <= int8_mid_signed(static_cast<float>(c))) --c;
+  return y < 0.0f ? -c : c;
+}
+
+MF_HD MF_INLINE int int8_code_unsigned(float y) {
+  int c = int8_guess_code(int8_root_guess(int8_root_guess(y <= 0.0f ? 0.0f : y)), 255);  // NaN stays NaN: top
+  if (c > 0 && y <= int8_mid_unsigned(static_cast<float>(c))) --c;
+  return c;
+}
+
+// The code of x in a block of factors f (int8_factor of its scale).
+MF_HD MF_INLINE int int8_encode_code(float x, Int8Factor f, bool sgn) {
+  const float y = (x * f.u) * f.k;
+  return sgn ? int8_code_signed(y) : int8_code_unsigned(y);
 }
 
 #if !defined(__CUDACC__)
-// The block form element by element (what the kernels compute; for the host's checks): the common case, else the
-// general form. scale: the block's scale (its absmax, NaN propagated).
-inline int int8_index_block(float x, float scale, bool sgn) {
-  const float div = int8_divisor(scale), inv = 1.0f / div;
-  int index = 0;
-  const bool redo = sgn ? int8_index_signed_fast(x, inv, index) : int8_index_unsigned_fast(x, inv, index);
-  if (!int8_fast_scale(scale) || redo)
-    index = sgn ? int8_encode_signed(x, div, INT8_SIGNED_MID) : int8_encode_unsigned(x, div, INT8_UNSIGNED_MID);
-  return index;
+// A block of INT8_BLOCK values x of any scale (their absmax, NaN if one is), element by element: the CPU kernels'
+// portable form, and the SIMD forms' for the blocks of a NaN or inf scale.
+inline void int8_encode_block_elementwise(const float* __restrict x, bool sgn, float scale, void* codes) {
+  const Int8Factor f = int8_factor(scale, sgn);
+  if (sgn) {
+    int8_t* c = static_cast<int8_t*>(codes);
+#pragma omp simd
+    for (int l = 0; l < INT8_BLOCK; ++l) c[l] = static_cast<int8_t>(int8_encode_code(x[l], f, true));
+  } else {
+    uint8_t* c = static_cast<uint8_t*>(codes);
+#pragma omp simd
+    for (int l = 0; l < INT8_BLOCK; ++l) c[l] = static_cast<uint8_t>(int8_encode_code(x[l], f, false));
+  }
 }
 #endif
+
+// The definition's count by a binary search over the midpoints computed independently (in float64, rounded once),
+// for the checks of the guess-based forms: the magnitude code of a = |y'| (signed) or of y' (unsigned).
+MF_HD MF_INLINE int int8_count_below(float a, bool sgn) {
+  int lo = 0, hi = sgn ? 127 : 255;  // the count is in [lo, hi]
+  while (lo < hi) {
+    const int j = (lo + hi) / 2 + 1;  // midpoint j, between codes j - 1 and j
+    const double d = j;
+    const float m = sgn ? static_cast<float>(d * (d - 1.0) + 0.5)
+                        : static_cast<float>(((d - 1.0) * (d - 1.0) * (d - 1.0) * (d - 1.0) + d * d * d * d) / 2.0);
+    if (!(a <= m))
+      lo = j;
+    else
+      hi = j - 1;
+  }
+  return lo;
+}
+
+// numel of a param whose state int8_state quantizes (layouts.int8_quantized)
+MF_HD MF_INLINE bool int8_quantized(long long numel) { return numel >= INT8_MIN_NUMEL && numel % INT8_BLOCK == 0; }
 
 // torch.amax's absmax step: NaN propagates.
 MF_HD MF_INLINE float int8_absmax(float acc, float x) {

@@ -105,20 +105,23 @@ def _floats(name: str, values) -> list:
 
 
 def _int8_tables() -> list:
-    """The int8_state code map (layouts.int8_table) and its decision midpoints (layouts.int8_encode: the code is
-    the count of midpoints strictly below y), as fp32 constants: the kernels read these, never a copy."""
+    """The int8_state code map (layouts.int8_table) and the integer-space constants of its encode
+    (layouts.int8_factors), as fp32 constants: the kernels read these, never a copy."""
     out = ["// int8_state code map (layouts.int8_table; docs/layouts.md): per block of INT8_BLOCK elements one fp32",
            "// scale (the absmax); value = table[code index] * scale. Signed states: int8 code c in -127..127, index",
-           "// c + 127; unsigned: uint8 code = index. encode(y = x / scale) = the count of midpoints strictly below y.",
+           "// c + 127; unsigned: uint8 code = index. The encode (compressed.h) compares y' = (x u) k, k = K / (scale u),",
+           "// with the integer-space midpoints (layouts.int8_midpoints).",
            f"constexpr int INT8_BLOCK = {layouts.INT8_BLOCK};",
            f"constexpr long long INT8_MIN_NUMEL = {layouts.INT8_MIN_NUMEL};",
+           f"constexpr float INT8_K_SIGNED = {float(layouts.INT8_K_SIGNED).hex()}f;  // 127^2",
+           f"constexpr float INT8_K_UNSIGNED = {float(layouts.INT8_K_UNSIGNED).hex()}f;  // 255^4 rounded to fp32",
+           f"constexpr float INT8_TINY = {float(layouts.INT8_TINY).hex()}f;  // scales in (0, INT8_TINY): u = 2^64",
            "#ifndef MF_INT8_TABLE_ATTR",
            "#define MF_INT8_TABLE_ATTR static",
            "#endif"]
     for signed, tag in ((True, "SIGNED"), (False, "UNSIGNED")):
         t = layouts.int8_table(signed)
         out += _floats(f"INT8_{tag}_TABLE", t.tolist())
-        out += _floats(f"INT8_{tag}_MID", layouts._int8_midpoints(t).tolist())
     return out + [""]
 
 

@@ -238,7 +238,7 @@ def master16_decode(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tenso
 
 # ----------------------------------------------- int8 block codes (torch, the spec of layout int8_state)
 # The code map of the int8_state layout (docs/algorithms.md §11; chosen by bench/int8_codemaps.py): the reference
-# backend runs these functions; future kernels must give the same codes.
+# backend runs these functions; every backend gives the same codes.
 INT8_BLOCK = 256  # elements per fp32 scale
 INT8_MIN_NUMEL = 4096  # smaller tensors (or sizes not a multiple of the block) keep fp32 state
 
@@ -254,23 +254,54 @@ def int8_table(signed: bool) -> torch.Tensor:
     return (c ** 4 / 255.0 ** 4).float()
 
 
-def _int8_midpoints(table: torch.Tensor) -> torch.Tensor:
-    t = table.double()
-    return ((t[1:] + t[:-1]) / 2).float()
+# The encode works in the map's integer space: a block's values are multiplied by k = K / scale, so that code c
+# sits at c^2 (signed, K = 127^2) or about c^4 (unsigned, K = 255^4 rounded to fp32, 255^4 - 1), and compared with
+# the midpoints between neighbouring codes there, which fp32 holds exactly (signed) or with one rounding
+# (unsigned): no per-element division and no table in any backend (docs/algorithms.md §11 has the reasons).
+INT8_K_SIGNED = 16129.0  # 127^2
+INT8_K_UNSIGNED = 4228250624.0  # 255^4 = 4228250625 rounded to fp32
+INT8_TINY = 2.0 ** -64  # a block whose scale is below this (and > 0) is first multiplied by 2^64 (exact)
+
+
+def int8_midpoints(signed: bool) -> torch.Tensor:
+    """The encode's decision points in the integer space, fp32, ascending: between the magnitude codes j - 1 and j
+    (j = 1 .. 127 signed, 1 .. 255 unsigned), ((j - 1)^2 + j^2) / 2 = j (j - 1) + 1/2 (exact in fp32) or
+    ((j - 1)^4 + j^4) / 2 rounded once to fp32."""
+    j = torch.arange(1, 128 if signed else 256, dtype=torch.float64)
+    return (j * (j - 1) + 0.5 if signed else ((j - 1) ** 4 + j ** 4) / 2).float()
+
+
+def int8_factors(scale: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block scale (fp32): (u, k) with y' = (x u) k the integer-space value (two fp32 products). u = 2^64 for
+    0 < scale < 2^-64, else 1; k = K / (scale u) as an fp32 division (0 for a zero scale; NaN for a NaN scale, 0
+    for an infinite one)."""
+    s = scale.float()
+    u = torch.where((s > 0) & (s < INT8_TINY), torch.full_like(s, 2.0 ** 64), torch.ones_like(s))
+    big_k = torch.full_like(s, INT8_K_SIGNED if signed else INT8_K_UNSIGNED)
+    k = torch.where(s == 0, torch.zeros_like(s), big_k.div(s * u))  # tensor / tensor: IEEE fp32 division
+    return u, k
+
+
+def int8_codes_of(y: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Integer-space values y' (fp32) -> their codes (int64): the magnitude code is the count of
+    ``int8_midpoints`` m with not(|y'| <= m) (a value on a midpoint takes the smaller magnitude; NaN the top code),
+    negated where y' < 0 (signed); an unsigned y' <= 0 has code 0."""
+    mids = int8_midpoints(signed).to(y.device)
+    a = y.abs() if signed else y
+    c = torch.bucketize(a, mids, right=False)  # the count of midpoints strictly below a
+    c = torch.where(torch.isnan(a), torch.full_like(c, mids.numel()), c)
+    return torch.where(y < 0, -c, c) if signed else c
 
 
 def int8_encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 tensor (numel a multiple of INT8_BLOCK) -> (codes shaped as x: int8 if signed else uint8, fp32 scales
-    [numel / INT8_BLOCK]). Per block of 256 consecutive elements (x flattened): scale = max |x|; y = x / scale
-    (fp32 division; a zero block has y = 0); the code is the table entry nearest to y, and a y exactly halfway
-    between two entries takes the lower one (the count of fp32 midpoints strictly below y). Unsigned: x >= 0."""
+    [numel / INT8_BLOCK]). Per block of 256 consecutive elements (x flattened): scale = max |x| (NaN if one is);
+    the codes of y' = (x u) k (``int8_factors``, ``int8_codes_of``)."""
     b = x.float().contiguous().view(-1, INT8_BLOCK)
     scale = b.abs().amax(dim=1)
-    y = b / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
-    table = int8_table(signed).to(x.device)
-    idx = torch.bucketize(y, _int8_midpoints(table), right=False)
-    codes = (idx - 127).to(torch.int8) if signed else idx.to(torch.uint8)
-    return codes.view(x.shape), scale
+    u, k = int8_factors(scale, signed)
+    c = int8_codes_of((b * u[:, None]) * k[:, None], signed)
+    return c.to(torch.int8 if signed else torch.uint8).view(x.shape), scale
 
 
 def int8_decode(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.Tensor:

@@ -233,25 +233,33 @@ def _first_step_codes(values: torch.Tensor, signed: bool):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_int8_encoder_is_layouts_bit_for_bit(signed):
-    """The kernels' encoder (AVX-512 gathers, or the portable loop) against layouts.int8_encode: every fp32
-    midpoint of the map (a tie: the lower code), its two fp32 neighbours, the table values, random values over
-    many magnitudes, an all-zero block and blocks with NaN and inf."""
-    table = layouts.int8_table(signed)
-    mids = layouts._int8_midpoints(table)
+    """The kernels' encoder (the AVX-512 or AVX2 form, or the portable loop) against layouts.int8_encode: every
+    integer-space midpoint of the map (a tie: the smaller magnitude), its two fp32 neighbours, the code values, in
+    blocks of scale K (k = K / K = 1: y' = x), random values over many magnitudes, tiny scales (below 2^-64: the
+    u = 2^64 form), an all-zero block and blocks with NaN and inf."""
+    mids = layouts.int8_midpoints(signed)
+    big_k = layouts.INT8_K_SIGNED if signed else layouts.INT8_K_UNSIGNED
+    c = torch.arange(mids.numel() + 1, dtype=torch.float64)
     inf = torch.tensor(float("inf"))
-    y = torch.cat([mids, torch.nextafter(mids, inf), torch.nextafter(mids, -inf), table])
+    values = (c ** 2 if signed else c ** 4).float()
+    y = torch.cat([mids, torch.nextafter(mids, inf), torch.nextafter(mids, -inf), values])
     gen = torch.Generator().manual_seed(5)
-    y = torch.cat([y, torch.rand(4096 * 2, generator=gen) ** 4 * (torch.randint(0, 2, (8192,), generator=gen) * 2 - 1)])
-    if not signed:
+    y = torch.cat([y, torch.rand(4096 * 2, generator=gen) ** 4 * big_k
+                   * (torch.randint(0, 2, (8192,), generator=gen) * 2 - 1)])
+    if signed:
+        y = torch.cat([y, -y])
+    else:
         y = y.abs()
+    y = y.clamp(-big_k, big_k)
     blocks = y[: y.numel() // 255 * 255].view(-1, 255)
-    x = torch.cat([torch.ones(blocks.shape[0], 1), blocks], 1)  # scale 1 (|y| <= 1): y itself is encoded
+    x = torch.cat([torch.full((blocks.shape[0], 1), big_k), blocks], 1)  # scale K: y' = x itself
     rnd = torch.randn(16, 256, generator=gen) * 10.0 ** torch.randint(-30, 30, (16, 1), generator=gen).float()
+    tiny = torch.randn(4, 256, generator=gen) * torch.tensor([1e-20, 1e-25, 1e-30, 1e-37])[:, None]
     special = torch.zeros(3, 256)
     special[1, 7] = float("nan")
     special[2, 9] = float("inf")
     special[1:, 100:] = torch.randn(2, 156, generator=gen)
-    x = torch.cat([x, rnd.abs() if not signed else rnd, special]).contiguous()  # > 4096 elements
+    x = torch.cat([x, rnd.abs() if not signed else rnd, tiny if signed else tiny.abs(), special]).contiguous()
     if signed:
         codes, scales = _first_step_codes(x.view(-1), True)
         target = x.view(-1)

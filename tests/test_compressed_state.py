@@ -232,35 +232,47 @@ def test_int8_table_is_the_documented_power_map(signed):
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_int8_encode_is_nearest_with_ties_to_the_lower_code(signed):
+def test_int8_encode_is_nearest_with_ties_to_the_smaller_magnitude(signed):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64 * 256, generator=gen) * 10.0 ** torch.randn(64 * 256, generator=gen)
     x = x if signed else x * x
     x.view(64, 256)[5] = 0  # an all-zero block
+    x.view(64, 256)[6] *= 1e-30  # a scale below 2^-64: the u = 2^64 form
     codes, scale = layouts.int8_encode(x, signed)
     assert codes.dtype == (torch.int8 if signed else torch.uint8) and codes.shape == x.shape
     assert scale.dtype == torch.float32 and torch.equal(scale, x.view(64, 256).abs().amax(1))
+    assert scale[6] < layouts.INT8_TINY
     y = layouts.int8_decode(codes, scale, signed)
     assert torch.equal(y.view(64, 256)[5], torch.zeros(256))
-    # nearest: no table entry is closer to x / scale than the chosen one (brute force)
-    t = layouts.int8_table(signed)
-    b = x.view(64, 256)
-    ynorm = b / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
-    idx = codes.view(64, 256).long() + (127 if signed else 0)
-    best = (ynorm[..., None].double() - t.double()).abs().min(-1).values
-    assert torch.equal((ynorm.double() - t.double()[idx]).abs(), best)
+    # nearest in the integer space: no code value (c |c| or c^4) is closer to y' = (x u) k than the chosen one
+    # (brute force in float64; the unsigned midpoints are rounded to fp32, so a y' within an ulp of one may take
+    # either neighbour)
+    u, k = layouts.int8_factors(scale, signed)
+    yi = ((x.view(64, 256) * u[:, None]) * k[:, None]).double()
+    c = torch.arange(-127, 128) if signed else torch.arange(256)
+    vals = (c * c.abs() if signed else c ** 4).double()
+    chosen = vals[codes.view(64, 256).long() + (127 if signed else 0)]
+    best = (yi[..., None] - vals).abs().min(-1).values
+    slack = 0.0 if signed else 2.0 ** -23
+    assert ((yi - chosen).abs() <= best + slack * yi.abs()).all()
     # each block's absmax element decodes exactly; encode(decode(c)) == c (codes are stable)
     assert torch.equal(y.view(64, 256).abs().amax(1), scale)
     c2, s2 = layouts.int8_encode(y, signed)
     assert torch.equal(c2, codes) and torch.equal(s2, scale)
-    # a value exactly halfway (in fp32) between two entries takes the lower code
-    mids = ((t[1:].double() + t[:-1].double()) / 2).float()
-    exact = mids.double() == (t[1:].double() + t[:-1].double()) / 2
-    k = int(exact.nonzero()[len(exact.nonzero()) // 2])
+    # a y' exactly on a midpoint takes the smaller magnitude: a block of scale K has k = 1, y' = x
+    mids = layouts.int8_midpoints(signed)
+    big_k = layouts.INT8_K_SIGNED if signed else layouts.INT8_K_UNSIGNED
     v = torch.zeros(256)
-    v[0], v[1] = 1.0, mids[k]
+    v[0], v[1:1 + mids.numel()] = big_k, mids
     c3, _ = layouts.int8_encode(v, signed)
-    assert int(c3[1]) + (127 if signed else 0) == k
+    assert torch.equal(c3[1:1 + mids.numel()].long(), torch.arange(mids.numel()))
+    if signed:
+        c4, _ = layouts.int8_encode(-v, signed)
+        assert torch.equal(c4[1:1 + mids.numel()].long(), -torch.arange(mids.numel()))
+    up = torch.nextafter(v, torch.tensor(float("inf")))
+    up[0] = big_k
+    c5, _ = layouts.int8_encode(up, signed)
+    assert torch.equal(c5[1:1 + mids.numel()].long(), torch.arange(1, mids.numel() + 1))
 
 
 def test_int8_state_bytes_per_element():

@@ -404,46 +404,45 @@ INTERPRETED = type(one_buffer_kernel).__name__ == "InterpretedFunction"
 
 
 # ------------------------------------------------------------------------------ int8_state (block codes)
-# layouts.py defines the code map (int8_table, _int8_midpoints, INT8_BLOCK): the launcher uploads those tensors as
-# one fp32 table [signed values | unsigned values | signed midpoints | unsigned midpoints]; only the offsets and
-# sizes are derived here, from the same functions.
-def _int8_offsets():
-    from ..layouts import INT8_BLOCK, int8_table
-    ns, nu = int8_table(True).numel(), int8_table(False).numel()
-    return INT8_BLOCK, ns, nu, 0, ns, ns + nu, ns + nu + ns - 1
+# layouts.py defines the code map (int8_table, int8_factors, int8_midpoints, INT8_BLOCK): the launcher uploads the
+# decode tables as one fp32 tensor [signed values | unsigned values]; the sizes and the encode's constants are
+# derived here from the same module.
+def _int8_facts():
+    from ..layouts import INT8_BLOCK, INT8_K_SIGNED, INT8_K_UNSIGNED, INT8_TINY, int8_table
+    return INT8_BLOCK, int8_table(True).numel(), int8_table(False).numel(), INT8_K_SIGNED, INT8_K_UNSIGNED, INT8_TINY
 
 
-_G, _NS, _NU, _S_TAB, _U_TAB, _S_MID, _U_MID = _int8_offsets()
+_G, _NS, _NU, _KS, _KU, _TINY = _int8_facts()
 INT8_GROUP = tl.constexpr(_G)  # elements per fp32 scale
-INT8_S_TAB, INT8_U_TAB, INT8_S_MID, INT8_U_MID = (tl.constexpr(x) for x in (_S_TAB, _U_TAB, _S_MID, _U_MID))
+INT8_S_TAB, INT8_U_TAB = tl.constexpr(0), tl.constexpr(_NS)
 INT8_S_ZERO = tl.constexpr((_NS - 1) // 2)  # table index of the signed code 0 (= the largest signed code, 127)
-INT8_S_NMID = tl.constexpr(_NS - 1)  # midpoints: signed 254, unsigned 255
-INT8_U_NMID = tl.constexpr(_NU - 1)
+INT8_U_TOP = tl.constexpr(_NU - 1)  # the largest unsigned code, 255
+INT8_K_S, INT8_K_U, INT8_TINY, INT8_UNTINY = (tl.constexpr(x) for x in (_KS, _KU, _TINY, 1.0 / _TINY))
 
 
 @triton.jit
-def int8_encode_index(y, mid_ptr, UNSIGNED: tl.constexpr):
-    """y = x / scale in [-1, 1] -> the table index (the code + 127 signed, the code unsigned): the count of the
-    table's midpoints strictly below y (layouts.int8_encode; ties go to the lower code; a NaN counts them all, as
-    torch.bucketize), in csrc/compressed.h's form (int8_index_signed / _unsigned): a guess from the map's shape
-    (signed c^2 / 127^2: 127 sqrt|y|; unsigned c^4 / 255^4: 255 y^(1/4)) plus 1/2 + 1/8, truncated and clamped to
-    the top code, is the magnitude code c* or c* + 1 (the midpoints' preimages lie between c + 0.5 and c + 1,
-    compressed.h; an error below 1/8 in the root keeps it so); ONE gather of the midpoint below it in magnitude
-    and one comparison fix it, so the codes are exactly the table's (tests/triton/test_compressed_triton.py checks
-    every midpoint and its fp32 neighbours)."""
+def int8_encode_index(y, UNSIGNED: tl.constexpr):
+    """The integer-space value y' = (x u) k of layouts.int8_encode -> the table index (the code + 127 signed, the
+    code unsigned), in csrc/compressed.h's form (int8_code_signed / _unsigned): a guess from the map's shape (signed
+    sqrt|y'|, unsigned y'^(1/4)) plus 1/2 + 1/8, truncated and clamped to the top code, is the magnitude code c* or
+    c* + 1 (compressed.h); one comparison with the midpoint between c - 1 and c fixes it: signed c (c - 1) + 1/2
+    (exact in fp32), unsigned ((c - 1)^4 + c^4) / 2 = w^2 - 1/2, w = c^2 - c + 1, in float64 (exact) rounded once to fp32
+    (an fma would do on the device, but the interpreter's rounds twice). A value on a midpoint takes the smaller
+    magnitude; a NaN the top code (tests/triton/test_compressed_triton.py checks every midpoint and its fp32
+    neighbours)."""
     if UNSIGNED:
-        t = tl.sqrt(tl.sqrt(tl.where(y <= 0, 0.0, y))) * INT8_U_NMID + (0.5 + 0.125)  # NaN stays NaN: the top
-        k = tl.where(t < INT8_U_NMID, t, INT8_U_NMID).to(tl.int32)
-        below = tl.load(mid_ptr + INT8_U_MID + tl.maximum(k - 1, 0))
-        return k - ((k > 0) & (y <= below)).to(tl.int32)
+        t = tl.sqrt(tl.sqrt(tl.where(y <= 0, 0.0, y))) + (0.5 + 0.125)  # NaN stays NaN: the top
+        k = tl.where(t < INT8_U_TOP, t, INT8_U_TOP).to(tl.int32)
+        w = (k * k - k + 1).to(tl.float64)
+        m = (w * w - 0.5).to(tl.float32)
+        return k - ((k > 0) & (y <= m)).to(tl.int32)
     else:
-        t = tl.sqrt(tl.abs(y)) * INT8_S_ZERO + (0.5 + 0.125)
+        a = tl.abs(y)
+        t = tl.sqrt(a) + (0.5 + 0.125)
         c = tl.where(t < INT8_S_ZERO, t, INT8_S_ZERO).to(tl.int32)
-        neg = (y < 0).to(tl.int32)
-        k = INT8_S_ZERO + c - 2 * c * neg
-        # y >= 0 (or NaN): one too large when y <= the midpoint below k; y < 0: one too small when y > the one above
-        m = tl.load(mid_ptr + INT8_S_MID + k - 1 + neg)
-        return k + neg - (y <= m).to(tl.int32)
+        cf = c.to(tl.float32)
+        c = c - ((c > 0) & (a <= cf * (cf - 1.0) + 0.5)).to(tl.int32)  # exact: no rounding, fused or not
+        return INT8_S_ZERO + tl.where(y < 0, -c, c)
 
 
 @triton.jit
@@ -482,14 +481,17 @@ def _int8_load(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, sro
 
 
 @triton.jit
-def _int8_store(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, srow, x, tab_ptr,
-                UNSIGNED: tl.constexpr, ALIGNED: tl.constexpr):
+def _int8_store(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, srow, x, UNSIGNED: tl.constexpr,
+                ALIGNED: tl.constexpr):
     """Encode state values ``x`` [rows, INT8_GROUP]: per row the absmax (the scale; a NaN makes it NaN, as
-    torch.amax), y = x / scale (a zero row: y = x), the code of y; store codes and scales."""
+    torch.amax), the integer-space y' = (x u) k, its code; store codes and scales."""
     # torch.amax propagates NaN, the hardware max does not: a row's NaNs are added back (their sum; 0 without)
     scale = tl.max(tl.abs(x), axis=1, keep_dims=True) + tl.sum(tl.where(x != x, x, 0.0), axis=1, keep_dims=True)
-    y = x / tl.where(scale > 0, scale, 1.0)
-    k = int8_encode_index(y, tab_ptr, UNSIGNED)
+    # layouts.int8_factors: u = 2^64 for a scale in (0, 2^-64), k = K / (scale u) correctly rounded (0 for 0)
+    u = tl.where((scale > 0) & (scale < INT8_TINY), INT8_UNTINY, 1.0)
+    kk = tl.math.div_rn(tl.full(scale.shape, INT8_K_U if UNSIGNED else INT8_K_S, tl.float32), scale * u)
+    kk = tl.where(scale == 0, 0.0, kk)
+    k = int8_encode_index((x * u) * kk, UNSIGNED)
     if UNSIGNED:
         tl.store(_int8_ptr(ptr_tab, list_i, n_tensors, t, off, lanes, CODES_U8, ALIGNED), k.to(tl.uint8), mask=rmask)
     else:
@@ -541,11 +543,11 @@ def _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, rmask, srow, tab_ptr
     else:
         tl.store(_int8_ptr(ptr_tab, 0, n_tensors, t, off, lanes, 0, ALIGNED), p, mask=rmask)
     if NSTATE >= 1:
-        _int8_store(ptr_tab, 2, SC, n_tensors, t, off, lanes, rmask, srow, s_0, tab_ptr, UNSIGNED & 1, ALIGNED)
+        _int8_store(ptr_tab, 2, SC, n_tensors, t, off, lanes, rmask, srow, s_0, UNSIGNED & 1, ALIGNED)
     if NSTATE >= 2:
-        _int8_store(ptr_tab, 3, SC + 1, n_tensors, t, off, lanes, rmask, srow, s_1, tab_ptr, UNSIGNED & 2, ALIGNED)
+        _int8_store(ptr_tab, 3, SC + 1, n_tensors, t, off, lanes, rmask, srow, s_1, UNSIGNED & 2, ALIGNED)
     if NSTATE >= 3:
-        _int8_store(ptr_tab, 4, SC + 2, n_tensors, t, off, lanes, rmask, srow, s_2, tab_ptr, UNSIGNED & 4, ALIGNED)
+        _int8_store(ptr_tab, 4, SC + 2, n_tensors, t, off, lanes, rmask, srow, s_2, UNSIGNED & 4, ALIGNED)
 
 
 @triton.jit

@@ -2,8 +2,7 @@
 // std::thread per CUDA thread of one block (tests only: tests/test_cuda_sources.py runs int8_functor.cuh this way,
 // so that its warp-level indexing and reduction run somewhere without a GPU). threadIdx / blockDim, __syncthreads
 // (a block barrier), __shfl_xor_sync (a warp exchange through a buffer between two warp barriers: every lane of a
-// warp must call it the same number of times, as on the device), __ffs, __shared__ (static storage: one block at a
-// time).
+// warp must call it the same number of times, as on the device), __shared__ (static storage: one block at a time).
 // Include it before any csrc header; compile with -std=c++20 -pthread.
 #pragma once
 
@@ -59,9 +58,6 @@ void run_block(int threads, Body body) {
 #define blockDim (mf_emu::block_dim)
 
 inline void __syncthreads() { mf_emu::block_bar->arrive_and_wait(); }
-
-// the 1-based position of the lowest set bit, 0 for none
-inline int __ffs(int v) { return v == 0 ? 0 : __builtin_ctz(static_cast<unsigned>(v)) + 1; }
 
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   const int t = static_cast<int>(threadIdx.x);

@@ -1,12 +1,12 @@
 // momentum_fused CUDA kernels: the int8_state functor, and its master16_int8 form (layouts.py is the spec; the codecs
 // are ../compressed.h's).
 // Included by fused_step.cu, and by the host emulation of tests/test_cuda_sources.py (csrc/cuda/host_emulation.h
-// gives threadIdx, blockDim, __syncthreads, __shfl_xor_sync, __ffs, __shared__ and min on the host, threads for
+// gives threadIdx, blockDim, __syncthreads, __shfl_xor_sync, __shared__ and min on the host, threads for
 // lanes), so that its indexing, warp reduction and codes are checked bit for bit without a GPU. Needs, declared
 // before: mf::cuda::kChunk (elements per CUDA block), mf::cuda::kMinBlocksPerSM and kInt8MinBlocksPerSM,
 // ../update_rules.h's RuleOp; the table argument is any type with ptr[list][slot], numel[slot] and row[slot]
 // (TensorTable<NL>).
-// The code map: generated/tables.h's INT8_*_TABLE / INT8_*_MID, which must be readable where this runs (fused_step.cu
+// The code map: generated/tables.h's INT8_*_TABLE, which must be readable where this runs (fused_step.cu
 // defines MF_INT8_TABLE_ATTR as `static __device__`).
 #pragma once
 
@@ -24,10 +24,9 @@ namespace cuda {
 // INT8_BLOCK = 256 elements at a time, lane l its elements 8l .. 8l + 7 (two 128-bit accesses of the fp32 param
 // and grad, 64 bits of each code list): decode (table value times the block's scale), the fp32 rule, then per
 // state the block's absmax (the lane's 8 values, then warp shuffles; NaN propagates as torch.amax), the codes
-// (compressed.h's block form for a block whose absmax is a normal scale: no division and no table read per element
-// but in rare elements near a midpoint; else the guess and fix-up against the midpoints), and lane 0 writes the
-// scale. The decode table lives in shared memory (copied from generated/tables.h's device arrays once per CUDA
-// block); the midpoints are read from the device arrays (rare). Lists: param, grad, NS code
+// (compressed.h's integer-space encode: one division per block, none and no table read per element), and lane 0
+// writes the scale. The decode table lives in shared memory (copied from generated/tables.h's device arrays once
+// per CUDA block). Lists: param, grad, NS code
 // lists (int8 or uint8: bit j of `code_unsigned`), NS fp32 scale lists. REM (layout master16_int8): bf16 param and
 // grad (128-bit accesses of 8 elements), the param value the fp32 master decoded from the param and the int16
 // remainder (list 2 + NS, before the scales), encoded back into both (compressed.h's master16 codec).
@@ -50,9 +49,10 @@ struct Int8Functor {
   static constexpr int R = REM ? 1 : 0;                          // the remainder list (2 + NS) before the scales'
 
   // two or three states: 8 values of each live per thread until the block's absmax is known; with 64 registers
-  // ptxas spills (8-78 bytes). These compile for kInt8MinBlocksPerSM blocks of 512 threads per SM: 2 (64 registers,
-  // the spills) by default, faster on the H200 than 1 (128 registers, no spills): AdamW 6.22 vs 8.10 ms on 1e9
-  // params (2026-12-04); bench/device_check.sh's kernels-int8 phase builds and times both
+  // ptxas spilled 8-78 bytes with the earlier encode (since the integer-space one: AdamW none, AMSGrad 30 bytes).
+  // These compile for kInt8MinBlocksPerSM blocks of 512 threads per SM: 2 (64 registers) by default, faster on the
+  // H200 than 1 (128 registers, no spills): AdamW 6.22 vs 8.10 ms on 1e9 params (2026-12-04, the earlier encode);
+  // bench/device_check.sh's kernels-int8 phase builds and times both
   static constexpr int kMinBlocks = Op::kStates >= 2 ? kInt8MinBlocksPerSM : kMinBlocksPerSM;
   const double* packs;
   const float* found_inf;
@@ -152,29 +152,10 @@ struct Int8Functor {
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) m = int8_absmax(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
         const bool uns = (code_unsigned >> j) & 1;
-        // the block form (compressed.h): every element from y' = st * (1 / m), then the rare ones near a midpoint,
-        // or all of a block outside int8_fast_scale (m is the warp's: uniform), by the general form, one at a time
-        const float div = int8_divisor(m), inv = 1.0f / div;
-        unsigned redo = int8_fast_scale(m) ? 0u : (1u << kInt8Lane) - 1u;
+        // compressed.h's integer-space encode (m is the warp's absmax: the factors are uniform)
+        const Int8Factor f = int8_factor(m, !uns);
 #pragma unroll
-        for (int k = 0; k < kInt8Lane; ++k) {
-          int index;
-          const bool near = uns ? int8_index_unsigned_fast(st[j][k], inv, index)
-                                : int8_index_signed_fast(st[j][k], inv, index);
-          vc[j].v[k] = static_cast<uint8_t>(uns ? index : index - 127);
-          redo |= near ? 1u << k : 0u;
-        }
-#pragma unroll 1
-        for (; redo != 0u; redo &= redo - 1u) {
-          const int at = __ffs(static_cast<int>(redo)) - 1;
-          float x = st[j][0];
-#pragma unroll
-          for (int k = 1; k < kInt8Lane; ++k) x = k == at ? st[j][k] : x;
-          const uint8_t c = uns ? static_cast<uint8_t>(int8_encode_unsigned(x, div, INT8_UNSIGNED_MID))
-                                : static_cast<uint8_t>(int8_encode_signed(x, div, INT8_SIGNED_MID) - 127);
-#pragma unroll
-          for (int k = 0; k < kInt8Lane; ++k) vc[j].v[k] = k == at ? c : vc[j].v[k];
-        }
+        for (int k = 0; k < kInt8Lane; ++k) vc[j].v[k] = static_cast<uint8_t>(int8_encode_code(st[j][k], f, !uns));
         if (aligned) {
           *reinterpret_cast<Vec<uint8_t, kInt8Lane>*>(code[j] + i0) = vc[j];
         } else {

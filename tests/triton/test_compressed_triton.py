@@ -169,11 +169,11 @@ def test_master16_encode_decode_are_layouts_bit_for_bit():
 
 
 @triton.jit
-def _code_probe(y_ptr, out_ptr, tab_ptr, n, UNSIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _code_probe(y_ptr, out_ptr, n, UNSIGNED: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     y = tl.load(y_ptr + i, mask=m, other=0.0)
-    tl.store(out_ptr + i, kernels.int8_encode_index(y, tab_ptr, UNSIGNED), mask=m)
+    tl.store(out_ptr + i, kernels.int8_encode_index(y, UNSIGNED), mask=m)
 
 
 def _around(v, k=3):
@@ -189,23 +189,27 @@ def _around(v, k=3):
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_int8_codes_at_every_boundary_are_layouts(signed):
-    table = layouts.int8_table(signed)
-    mids = layouts._int8_midpoints(table)
-    top = (table.numel() - 1) // 2 if signed else table.numel() - 1  # codes on one side: 127 / 255
-    k = torch.arange(top, dtype=torch.float64) + 0.5  # where the kernel's rounded guess changes
-    jumps = (k / top) ** 2 if signed else (k / top) ** 4
-    pts = torch.cat([mids, jumps.float(), table, torch.tensor([0.0, -0.0, 1.0, 1e-30, 1e-45, float("nan")])])
+    """The kernel's code of an integer-space value y' against layouts.int8_codes_of: every midpoint (a tie: the
+    smaller magnitude) and its fp32 neighbours, where the guess changes, the code values, the top K, zeros, tiny
+    values, NaN, and random values over the whole range."""
+    mids = layouts.int8_midpoints(signed)
+    top = mids.numel()  # 127 / 255
+    big_k = layouts.INT8_K_SIGNED if signed else layouts.INT8_K_UNSIGNED
+    k = torch.arange(top + 1, dtype=torch.float64)
+    jumps = (k + 0.5) ** 2 if signed else (k + 0.5) ** 4  # where the kernel's rounded guess changes
+    values = k ** 2 if signed else k ** 4
+    pts = torch.cat([mids, jumps.float(), values.float(),
+                     torch.tensor([0.0, -0.0, 1.0, big_k, 1e-30, 1e-45, float("nan")])])
     if signed:
         pts = torch.cat([pts, -pts])
     y = _around(pts)
-    y = y[(y >= (-1.0 if signed else 0.0)) & (y <= 1.0) | torch.isnan(y)]
+    y = y[(y.abs() <= big_k * (1 + 2 ** -22)) & ((y >= 0) | signed) | torch.isnan(y)]
     gen = torch.Generator().manual_seed(0)
-    y = torch.cat([y, torch.rand(20000, generator=gen) ** 4 * (torch.randint(0, 2, (20000,), generator=gen) * 2 - 1
-                                                              if signed else 1)])
+    r = torch.rand(20000, generator=gen) ** 4 * big_k
+    y = torch.cat([y, r * (torch.randint(0, 2, (20000,), generator=gen) * 2 - 1) if signed else r])
     out = torch.empty(y.numel(), dtype=torch.int32)
-    _code_probe[(triton.cdiv(y.numel(), 8192),)](y, out, launcher.int8_code_table("cpu"), y.numel(),
-                                                  UNSIGNED=not signed, BLOCK=8192)
-    want = torch.bucketize(y, mids, right=False)  # the count of midpoints strictly below y
+    _code_probe[(triton.cdiv(y.numel(), 8192),)](y, out, y.numel(), UNSIGNED=not signed, BLOCK=8192)
+    want = layouts.int8_codes_of(y, signed) + (top if signed else 0)  # the table index
     bad = (out != want).nonzero().flatten()
     assert bad.numel() == 0, f"{bad.numel()} codes differ, e.g. y={y[bad[:4]].tolist()}: {out[bad[:4]].tolist()} " \
                              f"!= {want[bad[:4]].tolist()}"
