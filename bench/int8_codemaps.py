@@ -10,14 +10,16 @@ scale (its absmax) and one 8-bit code per element. The candidates for the code m
 - ``sqrt``: sign / square-root companding: value = sign(c) (|c| / 127)^2 (signed, c = -127..127) and
   (c / 255)^2 (unsigned, c = 0..255): a code is the rounded square root of the normalized value.
 - ``sqrt-v4``: as ``sqrt`` for m, and (c / 255)^4 for v (a code is the rounded fourth root): the chosen map,
-  ``momentum_fused.layouts.int8_table`` (the run checks that ``layouts.int8_encode`` gives the same codes).
+  ``momentum_fused.layouts.int8_table`` (the run checks that ``layouts.int8_encode`` gives the same codes but
+  for rare one-code differences next to a midpoint: the spec decides in the map's integer space).
 - ``minifloat``: 8-bit floats normalized to a largest value of 1, E4M3 (signed) for m and E5M3 for v: a
   candidate whose encode would be bit arithmetic (``minifloat_map``); ``e4m3-v4`` and ``e3m4-v4``: a minifloat
   for m only, the chosen map for v.
 
-Encode (every map, as written in docs/algorithms.md §11): x / scale (fp32 division; an all-zero block has
-scale 0 and codes of the value 0), then the nearest value of the map; a value exactly halfway between two
-map values takes the lower one (``torch.bucketize`` on the fp32 midpoints, right=False). Decode: map value
+Encode (every map; the form docs/algorithms.md §11 used until 2026-12-04, when the spec moved to the map's
+integer space, with the same codes but within a few ulps of a midpoint): x / scale (fp32 division; an all-zero
+block has scale 0 and codes of the value 0), then the nearest value of the map; a value exactly halfway between
+two map values takes the lower one (``torch.bucketize`` on the fp32 midpoints, right=False). Decode: map value
 times the scale.
 
 Run: ``python bench/int8_codemaps.py`` (CPU, ~10 s): AdamW for 30 steps, every candidate against the same
@@ -196,10 +198,11 @@ def main(argv=None) -> int:
             print(f"torchao AdamW8bit not run: {type(e).__name__}: {e}")
     torch.set_num_threads(1)
     x = torch.randn(8 * BLOCK)
-    for signed in (True, False):  # the spec's encoder and this script's agree on the chosen map
+    for signed in (True, False):  # the spec's encoder and this script's agree on the chosen map (but next to a midpoint)
         v = x if signed else x * x
-        assert torch.equal(layouts.int8_encode(v, signed)[0].long().flatten() + (127 if signed else 0),
-                           encode(v, MAPS["sqrt-v4"][0 if signed else 1])[0].long().flatten())
+        diff = (layouts.int8_encode(v, signed)[0].long().flatten() + (127 if signed else 0)
+                - encode(v, MAPS["sqrt-v4"][0 if signed else 1])[0].long().flatten())
+        assert diff.abs().max() <= 1 and (diff != 0).sum() <= 2, diff.nonzero()
     res_a = {name: [] for name in [*MAPS, *(["torchao"] if have_torchao else [])]}
     res_b = {name: [] for name in res_a}
     for seed in range(args.seeds):
