@@ -404,9 +404,9 @@ INTERPRETED = type(one_buffer_kernel).__name__ == "InterpretedFunction"
 
 
 # ------------------------------------------------------------------------------ int8_state (block codes)
-# layouts.py defines the code map (int8_table, int8_factors, int8_midpoints, INT8_BLOCK): the launcher uploads the
-# decode tables as one fp32 tensor [signed values | unsigned values]; the sizes and the encode's constants are
-# derived here from the same module.
+# layouts.py defines the code map (int8_table, int8_factors, int8_midpoints, INT8_BLOCK): the launcher uploads one
+# fp32 tensor [signed values | unsigned values | unsigned midpoints] (int8_code_table); the sizes, offsets and the
+# encode's constants are derived here from the same module.
 def _int8_facts():
     from ..layouts import INT8_BLOCK, INT8_K_SIGNED, INT8_K_UNSIGNED, INT8_TINY, int8_table
     return INT8_BLOCK, int8_table(True).numel(), int8_table(False).numel(), INT8_K_SIGNED, INT8_K_UNSIGNED, INT8_TINY
@@ -414,27 +414,26 @@ def _int8_facts():
 
 _G, _NS, _NU, _KS, _KU, _TINY = _int8_facts()
 INT8_GROUP = tl.constexpr(_G)  # elements per fp32 scale
-INT8_S_TAB, INT8_U_TAB = tl.constexpr(0), tl.constexpr(_NS)
+INT8_S_TAB, INT8_U_TAB, INT8_U_MID = tl.constexpr(0), tl.constexpr(_NS), tl.constexpr(_NS + _NU)
 INT8_S_ZERO = tl.constexpr((_NS - 1) // 2)  # table index of the signed code 0 (= the largest signed code, 127)
 INT8_U_TOP = tl.constexpr(_NU - 1)  # the largest unsigned code, 255
 INT8_K_S, INT8_K_U, INT8_TINY, INT8_UNTINY = (tl.constexpr(x) for x in (_KS, _KU, _TINY, 1.0 / _TINY))
 
 
 @triton.jit
-def int8_encode_index(y, UNSIGNED: tl.constexpr):
+def int8_encode_index(y, tab_ptr, UNSIGNED: tl.constexpr):
     """The integer-space value y' = (x u) k of layouts.int8_encode -> the table index (the code + 127 signed, the
     code unsigned), in csrc/compressed.h's form (int8_code_signed / _unsigned): a guess from the map's shape (signed
     sqrt|y'|, unsigned y'^(1/4)) plus 1/2 + 1/8, truncated and clamped to the top code, is the magnitude code c* or
-    c* + 1 (compressed.h); one comparison with the midpoint between c - 1 and c fixes it: signed c (c - 1) + 1/2
-    (exact in fp32), unsigned ((c - 1)^4 + c^4) / 2 = w^2 - 1/2, w = c^2 - c + 1, in float64 (exact) rounded once to fp32
-    (an fma would do on the device, but the interpreter's rounds twice). A value on a midpoint takes the smaller
-    magnitude; a NaN the top code (tests/triton/test_compressed_triton.py checks every midpoint and its fp32
-    neighbours)."""
+    c* + 1 (compressed.h); one comparison with the midpoint between c - 1 and c fixes it: signed c (c - 1) + 1/2,
+    exact in fp32 arithmetic; unsigned ((c - 1)^4 + c^4) / 2 rounded once, read from the uploaded table (computing
+    it needs an fma, which the interpreter rounds twice, or float64, slow on most GPUs). A value on a midpoint takes
+    the smaller magnitude; a NaN the top code (tests/triton/test_compressed_triton.py checks every midpoint and its
+    fp32 neighbours)."""
     if UNSIGNED:
         t = tl.sqrt(tl.sqrt(tl.where(y <= 0, 0.0, y))) + (0.5 + 0.125)  # NaN stays NaN: the top
         k = tl.where(t < INT8_U_TOP, t, INT8_U_TOP).to(tl.int32)
-        w = (k * k - k + 1).to(tl.float64)
-        m = (w * w - 0.5).to(tl.float32)
+        m = tl.load(tab_ptr + INT8_U_MID + tl.maximum(k - 1, 0))
         return k - ((k > 0) & (y <= m)).to(tl.int32)
     else:
         a = tl.abs(y)
@@ -481,8 +480,8 @@ def _int8_load(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, sro
 
 
 @triton.jit
-def _int8_store(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, srow, x, UNSIGNED: tl.constexpr,
-                ALIGNED: tl.constexpr):
+def _int8_store(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, srow, x, tab_ptr,
+                UNSIGNED: tl.constexpr, ALIGNED: tl.constexpr):
     """Encode state values ``x`` [rows, INT8_GROUP]: per row the absmax (the scale; a NaN makes it NaN, as
     torch.amax), the integer-space y' = (x u) k, its code; store codes and scales."""
     # torch.amax propagates NaN, the hardware max does not: a row's NaNs are added back (their sum; 0 without)
@@ -491,7 +490,7 @@ def _int8_store(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, sr
     u = tl.where((scale > 0) & (scale < INT8_TINY), INT8_UNTINY, 1.0)
     kk = tl.math.div_rn(tl.full(scale.shape, INT8_K_U if UNSIGNED else INT8_K_S, tl.float32), scale * u)
     kk = tl.where(scale == 0, 0.0, kk)
-    k = int8_encode_index((x * u) * kk, UNSIGNED)
+    k = int8_encode_index((x * u) * kk, tab_ptr, UNSIGNED)
     if UNSIGNED:
         tl.store(_int8_ptr(ptr_tab, list_i, n_tensors, t, off, lanes, CODES_U8, ALIGNED), k.to(tl.uint8), mask=rmask)
     else:
@@ -543,11 +542,11 @@ def _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, rmask, srow, tab_ptr
     else:
         tl.store(_int8_ptr(ptr_tab, 0, n_tensors, t, off, lanes, 0, ALIGNED), p, mask=rmask)
     if NSTATE >= 1:
-        _int8_store(ptr_tab, 2, SC, n_tensors, t, off, lanes, rmask, srow, s_0, UNSIGNED & 1, ALIGNED)
+        _int8_store(ptr_tab, 2, SC, n_tensors, t, off, lanes, rmask, srow, s_0, tab_ptr, UNSIGNED & 1, ALIGNED)
     if NSTATE >= 2:
-        _int8_store(ptr_tab, 3, SC + 1, n_tensors, t, off, lanes, rmask, srow, s_1, UNSIGNED & 2, ALIGNED)
+        _int8_store(ptr_tab, 3, SC + 1, n_tensors, t, off, lanes, rmask, srow, s_1, tab_ptr, UNSIGNED & 2, ALIGNED)
     if NSTATE >= 3:
-        _int8_store(ptr_tab, 4, SC + 2, n_tensors, t, off, lanes, rmask, srow, s_2, UNSIGNED & 4, ALIGNED)
+        _int8_store(ptr_tab, 4, SC + 2, n_tensors, t, off, lanes, rmask, srow, s_2, tab_ptr, UNSIGNED & 4, ALIGNED)
 
 
 @triton.jit

@@ -377,13 +377,13 @@ _int8_tables: dict = {}
 
 
 def int8_code_table(device) -> torch.Tensor:
-    """The decode tables of layouts.py on ``device``, one fp32 tensor: [signed values | unsigned values] (the
-    offsets kernels.py derives from the same functions)."""
+    """The code map of layouts.py on ``device``, one fp32 tensor: [signed values | unsigned values | unsigned
+    integer-space midpoints] (the offsets kernels.py derives from the same functions)."""
     key = torch.device(device)
     tab = _int8_tables.get(key)
     if tab is None:
-        from ..layouts import int8_table
-        tab = torch.cat([int8_table(True), int8_table(False)]).to(key)
+        from ..layouts import int8_midpoints, int8_table
+        tab = torch.cat([int8_table(True), int8_table(False), int8_midpoints(False)]).to(key)
         _int8_tables[key] = tab
     return tab
 

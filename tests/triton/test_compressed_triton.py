@@ -169,11 +169,11 @@ def test_master16_encode_decode_are_layouts_bit_for_bit():
 
 
 @triton.jit
-def _code_probe(y_ptr, out_ptr, n, UNSIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _code_probe(y_ptr, out_ptr, tab_ptr, n, UNSIGNED: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     y = tl.load(y_ptr + i, mask=m, other=0.0)
-    tl.store(out_ptr + i, kernels.int8_encode_index(y, UNSIGNED), mask=m)
+    tl.store(out_ptr + i, kernels.int8_encode_index(y, tab_ptr, UNSIGNED), mask=m)
 
 
 def _around(v, k=3):
@@ -208,7 +208,8 @@ def test_int8_codes_at_every_boundary_are_layouts(signed):
     r = torch.rand(20000, generator=gen) ** 4 * big_k
     y = torch.cat([y, r * (torch.randint(0, 2, (20000,), generator=gen) * 2 - 1) if signed else r])
     out = torch.empty(y.numel(), dtype=torch.int32)
-    _code_probe[(triton.cdiv(y.numel(), 8192),)](y, out, y.numel(), UNSIGNED=not signed, BLOCK=8192)
+    _code_probe[(triton.cdiv(y.numel(), 8192),)](y, out, launcher.int8_code_table("cpu"), y.numel(),
+                                                  UNSIGNED=not signed, BLOCK=8192)
     want = layouts.int8_codes_of(y, signed) + (top if signed else 0)  # the table index
     bad = (out != want).nonzero().flatten()
     assert bad.numel() == 0, f"{bad.numel()} codes differ, e.g. y={y[bad[:4]].tolist()}: {out[bad[:4]].tolist()} " \
