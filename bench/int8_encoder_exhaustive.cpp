@@ -12,7 +12,10 @@
 //
 //   g++ -O2 -fopenmp -ffp-contract=off -fno-math-errno -Icsrc -Wno-maybe-uninitialized \
 //       bench/int8_encoder_exhaustive.cpp -o /tmp/int8_ex
-//   for s in 1 3 0.7 1e-35; do /tmp/int8_ex $s; done   (prints "scale ...: bad scalar 0 avx512 0 avx2 0 (of ...)")
+//   for s in 1 3 0.7 1e-35; do /tmp/int8_ex $s; done   (prints "scale ...: bad scalar 0 avx512 0 avx2 0 (of ...)";
+//   2026-12-04, the integer-space definition: 0 mismatches of every form for 1, 3, 0.7, 1e-35, 1e-27, 0x1p-64,
+//   0x1p-65, 1e-40, 0.0012345, 1e30, 0x1.fffffep+127 and inf, and with -DMF_INT8_ROOT_GUESS_SKEW=+-1e-4f for 0.7
+//   and 1e-35; with a skew of 1e-2f the scalar form fails, 54,521,469 mismatches for 1)
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
