@@ -157,11 +157,10 @@ inline void int8_encode_block_elementwise(const float* __restrict x, bool sgn, f
     for (int l = 0; l < INT8_BLOCK; ++l) c[l] = static_cast<uint8_t>(int8_encode_code(x[l], f, false));
   }
 }
-#endif
 
 // The definition's count by a binary search over the midpoints computed independently (in float64, rounded once),
 // for the checks of the guess-based forms: the magnitude code of a = |y'| (signed) or of y' (unsigned).
-MF_HD MF_INLINE int int8_count_below(float a, bool sgn) {
+inline int int8_count_below(float a, bool sgn) {
   int lo = 0, hi = sgn ? 127 : 255;  // the count is in [lo, hi]
   while (lo < hi) {
     const int j = (lo + hi) / 2 + 1;  // midpoint j, between codes j - 1 and j
@@ -175,6 +174,7 @@ MF_HD MF_INLINE int int8_count_below(float a, bool sgn) {
   }
   return lo;
 }
+#endif
 
 // numel of a param whose state int8_state quantizes (layouts.int8_quantized)
 MF_HD MF_INLINE bool int8_quantized(long long numel) { return numel >= INT8_MIN_NUMEL && numel % INT8_BLOCK == 0; }
