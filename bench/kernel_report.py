@@ -59,7 +59,7 @@ def num_states(rule: str, flags: int) -> int:
     """csrc/update_rules.h rule_num_states."""
     return {"sgd": flags & 1, "qhm": 1, "adam": 3 if flags & 2 else 2, "nadam": 2,
             "rmsprop": 1 + (flags & 1) + ((flags >> 1) & 1), "signum": flags & 1, "lion": 1, "fsgdm": 1,
-            "sgd_sf": 1, "adamw_sf": 3 if flags & 1 else 2, "muon_momentum": 2, "muon_apply": 1}[rule]
+            "sgd_sf": 1, "adamw_sf": 3 if flags & 1 else 2, "muon_momentum": 1, "muon_apply": 1}[rule]
 
 
 # dtype layouts: name -> (param/grad storage, state storage, master, stochastic rounding); master: True an fp32

@@ -412,8 +412,10 @@ MF_HD MF_INLINE T mf_lerp_fma(T a, T b, T w) {
   return mf_abs(w) < T(0.5) ? mf_fma(w, d, a) : mf_fma(w - T(1), d, b);
 }
 
-// muon_momentum: buf <- lerp(buf, g, 1 - mu); update <- lerp(g, buf, mu) (nesterov) or buf. The param is only
-// passed through (not read, not written); `update` is a work buffer the pass writes without reading.
+// muon_momentum: buf <- lerp(buf, g, 1 - mu); update <- lerp(g, buf, mu) (nesterov) or buf. The pass runs with
+// the momentum buffer in the param slot (it does not touch the param; specs_muon.py, ElementwisePass.param_slot)
+// and the update, a work buffer it writes without reading, as its one state: in the buffer's dtype, or bf16 under
+// the bf16_state layout when the Newton-Schulz phase computes in bf16 (rounded once, as that phase's first op).
 // pack: lr (unused: every pack starts with lr), momentum, grad_mult
 template <typename T>
 struct MuonMomentumScalars {
@@ -588,14 +590,14 @@ struct RuleOp<RULE_ADAMW_SF, F> {
 
 template <int F>
 struct RuleOp<RULE_MUON_MOMENTUM, F> {
-  static constexpr int kStates = 2;  // momentum_buffer, update (a work buffer: written, never read)
-  static constexpr bool kReadsParam = false, kWritesParam = false, kReadsGrad = true;
-  static constexpr int kStatesRead = 0b01, kStatesWritten = 0b11;
+  static constexpr int kStates = 1;  // p: the momentum buffer; s0: the update (a work buffer: written, never read)
+  static constexpr bool kReadsParam = true, kWritesParam = true, kReadsGrad = true;
+  static constexpr int kStatesRead = 0, kStatesWritten = 0b1;
   template <typename T>
   using Scalars = MuonMomentumScalars<T>;
   template <typename T>
   MF_HD static MF_INLINE void apply(T& p, T g, T& s0, T& s1, T& s2, const MuonMomentumScalars<T>& s) {
-    muon_momentum_math<T, (F & MUON_MOMENTUM_NESTEROV) != 0>(g, s0, s1, s);
+    muon_momentum_math<T, (F & MUON_MOMENTUM_NESTEROV) != 0>(g, p, s0, s);
   }
 };
 
@@ -637,7 +639,7 @@ MF_HD inline int rule_num_states(int rule, int f) {
     case RULE_FSGDM: return 1;
     case RULE_SGD_SF: return 1;
     case RULE_ADAMW_SF: return (f & ADAMW_SF_INNER_MOMENTUM) ? 3 : 2;
-    case RULE_MUON_MOMENTUM: return 2;
+    case RULE_MUON_MOMENTUM: return 1;
     case RULE_MUON_APPLY: return 1;
     default: return -1;
   }

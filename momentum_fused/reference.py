@@ -218,12 +218,12 @@ REDUCTIONS = {
 
 
 # ---------------------------------------------------------------- muon (torch.optim.Muon convention, §10)
-# Two elementwise passes around a matrix phase (contract v2). state: (momentum_buffer, update), the update a
-# work buffer of the step. The buffer is torch 2.13's EMA form (buf.lerp_(g, 1 - mu)), so that checkpoints
-# are exchanged with torch.optim.Muon; after the Frobenius normalization of Newton-Schulz its direction
-# equals the summed form of the docs (docs/algorithms.md §10).
-def muon_momentum_ref(p, g, state, s, f):
-    buf, update = state
+# Two elementwise passes around a matrix phase (contract v2). The momentum pass runs with the momentum buffer in
+# the param slot (``buf``) and the update, a work buffer of the step, as its state. The buffer is torch 2.13's
+# EMA form (buf.lerp_(g, 1 - mu)), so that checkpoints are exchanged with torch.optim.Muon; after the Frobenius
+# normalization of Newton-Schulz its direction equals the summed form of the docs (docs/algorithms.md §10).
+def muon_momentum_ref(buf, g, state, s, f):
+    (update,) = state
     g = _grad(g, s)
     buf.lerp_(g, 1.0 - s.momentum)
     if f.nesterov:

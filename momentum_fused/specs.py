@@ -41,16 +41,21 @@ class StateTensor:
                 state dtype for the param (the param dtype under the native layout).
     persistent: False for a work buffer of one step (an update passed between phases): created by the
                 optimizer for the step, never in ``state`` or the state_dict.
+    work_dtype: a work buffer's dtype as a function (param dtype, device) -> dtype (Muon's update: bf16 when
+                the Newton-Schulz phase computes in bf16 anyway); None: ``dtype``'s rule.
     """
     name: str
     shape: Callable[[torch.Tensor], tuple] | None = None
     dtype: torch.dtype | None = None
     persistent: bool = True
+    work_dtype: Callable[[torch.dtype, torch.device], torch.dtype] | None = None
 
     def shape_for(self, p: torch.Tensor) -> tuple:
         return tuple(p.shape) if self.shape is None else tuple(self.shape(p))
 
     def dtype_for(self, p: torch.Tensor, layout) -> torch.dtype:
+        if self.work_dtype is not None:
+            return self.work_dtype(p.dtype, p.device)
         if self.dtype is not None:
             return self.dtype
         return p.dtype if layout.name == "native" else layout.state_dtype_for(p.dtype)
@@ -61,8 +66,14 @@ class ElementwisePass:
     """A phase of a multi-phase rule: the elementwise rule ``rule`` (a registered spec with kernels in the
     backends) over every tensor of the group; its ``state_names`` name tensors of the main rule's
     ``state_tensors`` (persistent or work buffers). Its packs come from its own ``advance`` with the main
-    rule's step count."""
+    rule's step count.
+
+    ``param_slot``: None (the kernels get the params), or the name of a state tensor the pass updates in the
+    kernels' param slot, for a pass that does not touch the param (Muon's momentum pass: the momentum buffer
+    there, the update its one state). The pass's dtype layout follows from the tensors: "native" when its
+    states have the slot's dtype, "bf16_state" for an fp32 slot with bf16 states (optim/phases.py)."""
     rule: str
+    param_slot: str | None = None
 
 
 @dataclass(frozen=True)

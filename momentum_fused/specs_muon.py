@@ -123,6 +123,17 @@ def ns_dtype_for(group: Mapping, device: torch.device) -> torch.dtype:
     return DEFAULT_NS_DTYPE.get(device.type, torch.float32) if dt is None else dt
 
 
+def update_dtype(group: Mapping, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the update work buffer of a param of ``dtype`` on ``device``: bf16 for fp32 params when the
+    group's Newton-Schulz runs in bf16 (its first op would round the update to bf16: the momentum pass's kernels
+    round it once, to nearest even, as that op does, so the same bits, with 2 bytes less per element written,
+    read and kept, and no conversion pass); else the param dtype (fp64 and fp16 params keep torch's two
+    roundings, param dtype then NS dtype)."""
+    if dtype == torch.float32 and ns_dtype_for(group, device) == torch.bfloat16:
+        return torch.bfloat16
+    return dtype
+
+
 def matrix_view(shape) -> tuple:
     """(A, B): a param of shape (A, *rest) is the matrix (A, prod(rest)) (the reference Muon's convention)."""
     a = int(shape[0])
@@ -228,9 +239,10 @@ MUON_DEFAULTS = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns
                      eps=DEFAULT_EPS, ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None, ns_dtype=None,
                      ns_algorithm="standard", maximize=False)
 
+# (the momentum pass runs with the momentum buffer in the kernels' param slot: ElementwisePass.param_slot)
 MUON_MOMENTUM_SPEC = UpdateRuleSpec(
     name="muon_momentum", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,
-    state_names=lambda g: ("momentum_buffer", "update"), flag_names=("nesterov",),
+    state_names=lambda g: ("update",), flag_names=("nesterov",),
     flags=lambda g: (bool(g["nesterov"]),), scalar_names=("lr", "momentum", "grad_mult"),
     advance=lambda g, st, fresh, t: (lr_value(g), float(g["momentum"])))  # (lr unused: every pack starts with lr)
 # (the pack of the apply pass reads the param's shape from its momentum buffer: the pass gets no param)
@@ -242,8 +254,9 @@ MUON_SPEC = UpdateRuleSpec(
     name="muon", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,
     state_names=lambda g: ("momentum_buffer",), flag_names=(), flags=lambda g: (), scalar_names=("grad_mult",),
     advance=lambda g, st, fresh, t: (), cross_check=_check_symmm_env,
-    state_tensors=lambda g: (StateTensor("momentum_buffer"), StateTensor("update", persistent=False)),
-    phases=(ElementwisePass("muon_momentum"), MatrixPhase("newton_schulz", "update", _ns_phase, max_batch=None,
+    state_tensors=lambda g: (StateTensor("momentum_buffer"), StateTensor(
+        "update", persistent=False, work_dtype=lambda dtype, device: update_dtype(g, dtype, device))),
+    phases=(ElementwisePass("muon_momentum", param_slot="momentum_buffer"), MatrixPhase("newton_schulz", "update", _ns_phase, max_batch=None,
                                                    max_batch_bytes=NS_MAX_BATCH_BYTES, compute_dtype=ns_dtype_for),
             ElementwisePass("muon_apply")))
 

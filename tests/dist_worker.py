@@ -515,8 +515,9 @@ def _muon_groups(params):
 
 def scenario_muon_bf16_fsdp(rank, tmpdir, backend, ns_algorithm="standard"):
     """Muon with bf16 Newton-Schulz on the float32 MLP (uneven shards, an empty one on rank 1) under FSDP2 vs one
-    process, and vs FSDP2 with the collectives forced to carry the update's own dtype (the path before the wire
-    carried the NS dtype: ``phases._wire_dtype`` patched). Every rank trains on the WHOLE batch, so the averaged
+    process, and vs FSDP2 with an fp32 update work buffer and collectives forced to carry its dtype (the path
+    before the wire carried the NS dtype and before the update was kept in it: ``phases._wire_dtype`` and
+    ``specs_muon.update_dtype`` patched). Every rank trains on the WHOLE batch, so the averaged
     gradient is exactly the single process's ((g + g) / 2 = g) and the three runs must agree bit for bit. Records
     every collective of the NS phase's kinds (gather, scatter, all_to_all, all_to_all_single) issued inside
     ``step()``: its name, the dtypes and the element counts of its tensor arguments (all_to_all_single: output,
@@ -564,13 +565,15 @@ def scenario_muon_bf16_fsdp(rank, tmpdir, backend, ns_algorithm="standard"):
     model = _make_model(torch.float32)
     got, wire = run(model, _fsdp(model))
     local_numels = [p.to_local().numel() for p in model.parameters()]
-    own_dtype = phases._wire_dtype
+    from momentum_fused import specs_muon
+    own_dtype, own_update = phases._wire_dtype, specs_muon.update_dtype
     phases._wire_dtype = lambda phase, group, dtype, device: dtype
+    specs_muon.update_dtype = lambda group, dtype, device: dtype
     try:
         model = _make_model(torch.float32)
         old, old_wire = run(model, _fsdp(model))
     finally:
-        phases._wire_dtype = own_dtype
+        phases._wire_dtype, specs_muon.update_dtype = own_dtype, own_update
     return dict(ref=ref, dist=got, old=old, ref_wire=ref_wire, wire=wire, old_wire=old_wire, local_numels=local_numels)
 
 

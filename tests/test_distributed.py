@@ -306,8 +306,9 @@ def test_muon_bf16_ns_under_fsdp_sends_bf16_and_equals_single_process_bit_for_bi
     """float32 params, ns_dtype=bf16: the two all_to_all_single of the NS phase (the shards to their owners, the
     results back) carry bf16 (the NS rounds its input to bf16 first and returns bf16, so rounding the shards before
     sending them is the same), and the params and
-    momentum buffers equal, bit for bit, both the single-process run and FSDP2 with an fp32 wire (the path before:
-    ``phases._wire_dtype`` patched to the update's dtype). Every rank trains on the whole batch, so the averaged
+    momentum buffers equal, bit for bit, both the single-process run and FSDP2 with an fp32 update work buffer and
+    an fp32 wire (the paths before: ``specs_muon.update_dtype`` and ``phases._wire_dtype`` patched to the param's
+    dtype). Every rank trains on the whole batch, so the averaged
     gradients are the single process's exactly (tests/dist_worker.py, scenario_muon_bf16_fsdp)."""
     r0, r1 = _results(world, f"muon_bf16_fsdp-{ns_algorithm}-{backend}")
     for rank, res in enumerate((r0, r1)):

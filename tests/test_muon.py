@@ -418,6 +418,53 @@ def test_newton_schulz_stacks_are_views_of_one_buffer_per_shape(monkeypatch):
         torch.testing.assert_close(x, y, rtol=0, atol=3 * 0.02 * 2 ** -7)
 
 
+@pytest.mark.parametrize("dtype,ns_dtype,want", [
+    (torch.float32, None, torch.bfloat16), (torch.float32, torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float32, torch.float32), (torch.float64, torch.bfloat16, torch.float64),
+    (torch.bfloat16, None, torch.bfloat16), (torch.float16, torch.bfloat16, torch.float16)], ids=str)
+def test_update_work_buffer_dtype(monkeypatch, dtype, ns_dtype, want):
+    """The update work buffer is bf16 for fp32 params whose NS runs in bf16 (the momentum pass rounds it once, as
+    NS's first op would), else the param dtype (fp64 and fp16 keep torch's two roundings); NS gets it as is."""
+    from momentum_fused.optim import phases
+    seen = []
+    real = phases.PhasesMixin._matrix_phase
+
+    def spy(phase, group, items, work, memo):
+        seen.extend(w[phase.tensor].dtype for w in work)
+        return real(phase, group, items, work, memo)
+
+    monkeypatch.setattr(phases.PhasesMixin, "_matrix_phase", staticmethod(spy))
+    params, grads = _problem([(3, 5), (6, 4)], steps=2, dtype=dtype)
+    run(mf.Muon(params, ns_dtype=ns_dtype), params, grads)
+    assert seen == [want] * 4
+
+
+def _backends_here():
+    return [b for b in ("cpu", "reference") if b in mf.backends.available()]
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_bf16_update_buffer_equals_an_fp32_one_bitwise(monkeypatch, backend, nesterov):
+    """fp32 params, bf16 NS: the run with the bf16 update buffer (the momentum pass under the bf16_state layout, the
+    buffer in the param slot) equals, bit for bit, the run with an fp32 buffer that NS rounds to bf16 (the path
+    before: ``specs_muon.update_dtype`` patched), and torch.optim.Muon's on this CPU (same bf16 products)."""
+    import momentum_fused.specs_muon as sm
+    shapes = [(3, 5), (65, 520), (7, 2), (3, 5), (16, 8)]
+    params, grads = _problem(shapes, steps=10)
+    q, t = [p.clone() for p in params], [p.clone() for p in params]
+    kw = dict(lr=0.02, nesterov=nesterov, weight_decay=0.1)
+    a = mf.Muon(params, backend=backend, **kw)
+    run(a, params, grads)
+    monkeypatch.setattr(sm, "update_dtype", lambda group, dtype, device: dtype)
+    b = mf.Muon(q, backend=backend, **kw)
+    run(b, q, grads)
+    assert_snapshot_equal(snapshot(a, params), snapshot(b, q))
+    run(torch.optim.Muon(t, **kw), t, grads)
+    for x, y in zip(params, t):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.skipif("cpu" not in mf.backends.available(), reason="needs the compiled cpu backend (not built)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("nesterov", [True, False])

@@ -51,8 +51,8 @@ globals().update(_column_constants())
 # Kernel family: "one" = the one-buffer kernel (0 or 1 state tensor), "multi" = 1 to 3 state tensors.
 FAMILY = {
     "sgd": "one", "qhm": "one", "signum": "one", "lion": "one", "fsgdm": "one",
-    "sgd_sf": "one", "muon_apply": "one",
-    "adam": "multi", "nadam": "multi", "rmsprop": "multi", "adamw_sf": "multi", "muon_momentum": "multi",
+    "sgd_sf": "one", "muon_momentum": "one", "muon_apply": "one",
+    "adam": "multi", "nadam": "multi", "rmsprop": "multi", "adamw_sf": "multi",
 }
 
 
@@ -222,7 +222,8 @@ def _lerp_fma(a, b, w):
 
 @triton.jit
 def muon_momentum_math(g, buf, update, momentum, gm, NESTEROV: tl.constexpr):
-    """Muon's momentum pass: buf <- lerp(buf, g, 1 - mu); update (a work buffer) <- lerp(g, buf, mu) or buf."""
+    """Muon's momentum pass: buf <- lerp(buf, g, 1 - mu); update (a work buffer) <- lerp(g, buf, mu) or buf. The
+    pass runs with the buffer in the param slot and the update as its one state (csrc/update_rules.h)."""
     g = g * gm.to(tl.float32)
     buf = _lerp_fma(buf, g, (1.0 - momentum).to(tl.float32))
     if NESTEROV:
@@ -253,6 +254,8 @@ def one_buffer_math(p, g, b, sp, lr, wd, gm, RULE: tl.constexpr, F0: tl.constexp
         p, b = signum_math(p, g, b, lr, wd, tl.load(sp + SIGNUM_MOMENTUM), gm, F0)
     elif RULE == LION:
         p, b = lion_math(p, g, b, lr, wd, tl.load(sp + LION_BETA1), tl.load(sp + LION_BETA2), gm)
+    elif RULE == MUON_MOMENTUM_R:  # (lr, momentum, grad_mult); p is the momentum buffer, b the update (written)
+        p, b = muon_momentum_math(g, p, b, tl.load(sp + MUON_MOMENTUM_MOMENTUM), gm, F0)
     elif RULE == MUON_APPLY_R:  # (lr, weight_decay, adjusted_lr, grad_mult); b is the update, read only
         p = muon_apply_math(p, b, lr, wd, tl.load(sp + MUON_APPLY_ADJUSTED_LR))
     elif RULE == SGD_SF:  # (lr, c, beta, y_coef, weight_decay, grad_mult)
@@ -273,8 +276,6 @@ def multi_buffer_math(p, g, s_0, s_1, s_2, sp, lr, wd, gm, RULE: tl.constexpr, F
         p, s_0, s_1, s_2 = adamw_sf_math(p, g, s_0, s_1, s_2, lr, tl.load(sp + ADAMW_SF_C), tl.load(sp + ADAMW_SF_Y_COEF),
                                          tl.load(sp + ADAMW_SF_WEIGHT_DECAY), tl.load(sp + ADAMW_SF_BETA2), tl.load(sp + ADAMW_SF_BC2), tl.load(sp + ADAMW_SF_EPS),
                                          tl.load(sp + ADAMW_SF_INNER_MOMENTUM), tl.load(sp + ADAMW_SF_INNER_BC), gm, F0)
-    elif RULE == MUON_MOMENTUM_R:  # (lr, momentum, grad_mult); p passes through, s_1 (the update) is written
-        s_0, s_1 = muon_momentum_math(g, s_0, s_1, tl.load(sp + MUON_MOMENTUM_MOMENTUM), gm, F0)
     elif RULE == NADAM:
         p, s_0, s_1 = nadam_math(p, g, s_0, s_1, lr, wd, tl.load(sp + NADAM_BETA1), tl.load(sp + NADAM_BETA2), tl.load(sp + NADAM_EPS),
                                  tl.load(sp + NADAM_BC2), tl.load(sp + NADAM_GRAD_COEF), tl.load(sp + NADAM_EXP_AVG_COEF), gm, F0)

@@ -87,15 +87,15 @@ class PhasesMixin:
             ts = self._advance_steps(gi, states) if spec.counts_steps else [None] * len(items)
             grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
             memo = self._phase_memo(gi, items)
-            work = self._work_buffers(spec, group, memo, states, lay)
+            work = self._work_buffers(spec, group, memo, states, lay, chosen)
             if amp is not None:
                 for device, _ in chosen:
                     if device not in flag:
                         flag[device] = tuple(None if t is None else t.to(device, non_blocking=True) for t in amp)
             for phase in spec.phases:
                 if isinstance(phase, ElementwisePass):
-                    self._elementwise_pass(get_spec(phase.rule), group, items, memo, states, fresh, ts, work, chosen,
-                                           grad_mult, flag)
+                    self._elementwise_pass(phase, group, items, memo, states, fresh, ts, work, chosen, grad_mult,
+                                           flag)
                 elif isinstance(phase, MatrixPhase):
                     self._matrix_phase(phase, group, items, work, memo)
                 else:
@@ -121,11 +121,12 @@ class PhasesMixin:
         return memo
 
     @staticmethod
-    def _work_buffers(spec, group, memo, states, lay) -> list:
+    def _work_buffers(spec, group, memo, states, lay, chosen) -> list:
         """Per param: its state tensors (a DTensor's: its local shard) and the step's work buffers (non-persistent
-        StateTensors, the local shard's shape). A work buffer a matrix phase transforms is one [b, *shape] buffer
-        per (shape, dtype, device), each param's tensor a row of it, so that the phase's stacks are views (no copy
-        in; docs/architecture.md).
+        StateTensors, the local shard's shape, ``dtype_for``'s dtype: a ``work_dtype`` may follow the group's
+        hyperparameters, so the memo is keyed by its value for each (device, param dtype) of ``chosen``). A work
+        buffer a matrix phase transforms is one [b, *shape] buffer per (shape, dtype, device), each param's
+        tensor a row of it, so that the phase's stacks are views (no copy in; docs/architecture.md).
 
         A capturable group keeps its work buffers in ``memo`` (while the cached plan holds): a step captured into a
         CUDA graph then writes the buffers of its eager warm-up steps, whose launch tables the Triton launcher has
@@ -137,20 +138,21 @@ class PhasesMixin:
         for t in spec.tensors(group):
             if t.persistent:
                 continue
+            wkey = None if t.work_dtype is None else tuple(t.work_dtype(dt, dev) for dev, dt in chosen)
             if t.name not in stacked:
-                bufs = _buffers(memo, ("work", t.name, lay.name), keep, lambda: [
+                bufs = _buffers(memo, ("work", t.name, lay.name, wkey), keep, lambda: [
                     torch.empty(t.shape_for(loc), dtype=t.dtype_for(loc, lay), device=loc.device) for loc in locs])
                 for w, b in zip(work, bufs):
                     w[t.name] = b
                 continue
-            key = ("rows", t.name, lay.name)
+            key = ("rows", t.name, lay.name, wkey)
             rows = memo.get(key)
             if rows is None:
                 rows = {}
                 for i, loc in enumerate(locs):
                     rows.setdefault((t.shape_for(loc), t.dtype_for(loc, lay), loc.device), []).append(i)
                 memo[key] = rows
-            kept = _buffers(memo, ("rows_bufs", t.name, lay.name), keep, lambda: [
+            kept = _buffers(memo, ("rows_bufs", t.name, lay.name, wkey), keep, lambda: [
                 torch.empty((len(idx), *shape), dtype=dtype, device=device)
                 for (shape, dtype, device), idx in rows.items()])
             for buf, idx in zip(kept, rows.values()):
@@ -159,10 +161,12 @@ class PhasesMixin:
         return work
 
     @staticmethod
-    def _elementwise_pass(ps, group, items, memo, states, fresh, ts, work, chosen, grad_mult, flag=None) -> None:
-        """One backend call per (device, dtype) of the pass ``ps`` on the local shards; ``flag``: device ->
-        (found_inf, grad_scale) under GradScaler's device protocol (the kernels skip every write when found_inf !=
-        0), else empty."""
+    def _elementwise_pass(phase, group, items, memo, states, fresh, ts, work, chosen, grad_mult, flag=None) -> None:
+        """One backend call per (device, dtype) of the pass ``phase`` on the local shards (or, with
+        ``phase.param_slot``, on that state tensor in the param slot), in the dtype layout its tensors have
+        (``_pass_layout``); ``flag``: device -> (found_inf, grad_scale) under GradScaler's device protocol (the
+        kernels skip every write when found_inf != 0), else empty."""
+        ps = get_spec(phase.rule)
         flags = ps.make_flags(group)
         names = ps.state_names(group)
         rows = [(*ps.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
@@ -177,8 +181,13 @@ class PhasesMixin:
             kw = {}
             if flag:
                 kw["found_inf"], kw["grad_scale"] = flag[device]
-            backend.apply(ps, flags, [locs[i] for i in idx], _dist.locals_of([items[i].grad for i in idx]),
-                          [tuple([work[i][n] for n in names]) for i in idx], packs, **kw)
+            slot = [locs[i] if phase.param_slot is None else work[i][phase.param_slot] for i in idx]
+            sts = [tuple([work[i][n] for n in names]) for i in idx]
+            if slot and sts[0]:
+                lay = _pass_layout(slot[0].dtype, sts[0][0].dtype, ps.name)
+                if lay is not _layouts.NATIVE:
+                    kw["layout"] = lay
+            backend.apply(ps, flags, slot, _dist.locals_of([items[i].grad for i in idx]), sts, packs, **kw)
 
     @staticmethod
     def _matrix_phase(phase, group, items, work, memo) -> None:
@@ -210,6 +219,17 @@ class PhasesMixin:
                 out = phase.fn(group, batch)
                 if out is not batch:
                     batch.copy_(out)
+
+
+def _pass_layout(slot_dtype: torch.dtype, state_dtype: torch.dtype, rule: str):
+    """The dtype layout of an elementwise pass whose param slot holds ``slot_dtype`` and whose states
+    ``state_dtype`` (every state of a pass has one dtype: the work buffers' ``work_dtype`` and the persistent
+    states' follow the same param): native, or bf16_state for fp32 with bf16 states."""
+    if state_dtype == slot_dtype:
+        return _layouts.NATIVE
+    if slot_dtype == torch.float32 and state_dtype == torch.bfloat16:
+        return _layouts.get_layout("bf16_state")
+    raise TypeError(f"pass {rule!r}: no dtype layout has {slot_dtype} in the param slot with {state_dtype} states")
 
 
 def _buffers(memo, key, keep: bool, make) -> list:
