@@ -262,10 +262,11 @@ phase_kernels_triton_int8() {
 # muon (~150 s after build): Muon's passes on the CUDA kernels against the float64 reference (tests/test_cuda_backend.py
 # -k muon; the Triton passes are tested under the interpreter in CI, tests/triton/test_muon_triton.py, and run
 # compiled in the bench below) and a capturable Muon step replayed from a CUDA graph (tests/test_capturable.py -k
-# muon: never run yet), then per step on a GPT-like stack (d=1024, 12 layers, 48 matrices, 151M params): ours
+# muon: never run yet; the bf16 update buffer of 2026-12-05 against an fp32 one, bit for bit), then per step on a GPT-like stack (d=1024, 12 layers, 48 matrices, 151M params): ours
 # (cuda, triton; ns_algorithm standard and auto, the Gram form) vs torch.optim.Muon vs muon-optimizer (a row that
 # cannot run says why), NS in bf16, then one profiled step each (matrix products vs the rest: on 2026-12-04 NS ran
-# at ~430-450 TFLOP/s and ours took 9-10.7 ms for 3.61 TFLOP). Target (issue 16): >= 3x torch.optim.Muon on an H200.
+# at ~430-450 TFLOP/s and ours took 9-10.7 ms for 3.61 TFLOP; since then the update buffer is bf16: no fp32 -> bf16
+# conversion kernel, 26 instead of 40 B/elem in the passes). Target (issue 16): >= 3x torch.optim.Muon on an H200.
 phase_muon() {
   run muon-test 120 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py tests/test_capturable.py -k muon
   run muon-bench 150 "$PY" -m bench.bench_muon --device cuda --d 1024 --layers 12 --rounds 5 --iters 5 \

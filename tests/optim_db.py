@@ -514,3 +514,37 @@ def refuse_host_reads(of: torch.Tensor | None = None):
     finally:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
+
+
+def muon_bf16_update_runs(backend: str, device: str = "cpu", steps: int = 10, nesterov: bool = True):
+    """Muon on fp32 params with bf16 Newton-Schulz, twice on ``backend``: with the bf16 update work buffer (the
+    momentum pass under the bf16_state layout rounds the update once) and with an fp32 one that NS rounds to bf16
+    as its first op (``specs_muon.update_dtype`` patched: the path before). Returns both snapshots, which must be
+    equal bit for bit wherever the kernel's fp32 -> bf16 store is torch's round to nearest even; the NS phase is
+    the same torch ops on the same device in both."""
+    from momentum_fused import specs_muon
+    from momentum_fused.optim import phases
+    shapes = [(3, 5), (65, 520), (7, 2), (3, 5), (16, 8), (4, 3, 2)]
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
+    kw = dict(lr=0.02, nesterov=nesterov, weight_decay=0.1, ns_dtype=torch.bfloat16, backend=backend)
+    out, seen = [], []
+    real_update, real_phase = specs_muon.update_dtype, phases.PhasesMixin._matrix_phase
+
+    def spy(phase, group, items, work, memo):
+        seen.append({w[phase.tensor].dtype for w in work})
+        return real_phase(phase, group, items, work, memo)
+
+    for patched in (False, True):
+        params = [x.to(device, copy=True).requires_grad_() for x in init]
+        if patched:
+            specs_muon.update_dtype = lambda group, dtype, dev: dtype
+        phases.PhasesMixin._matrix_phase = staticmethod(spy)
+        try:
+            opt = run(mf.Muon(params, **kw), params, [[g.to(device) for g in gs] for gs in grads])
+        finally:
+            specs_muon.update_dtype, phases.PhasesMixin._matrix_phase = real_update, staticmethod(real_phase)
+        out.append(snapshot(opt, params))
+    assert seen[:steps] == [{torch.bfloat16}] * steps and seen[steps:] == [{torch.float32}] * steps, seen
+    return out

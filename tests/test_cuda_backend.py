@@ -48,6 +48,15 @@ def test_muon_parity_vs_float64_reference(cls, kw0, kw1, dtype, sign, lp):
     _compare(opt, ref, ps, rs, dtype)
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_bf16_update_buffer_equals_an_fp32_one_bitwise(nesterov):
+    """fp32 params, bf16 NS: the momentum pass's bf16 store (bf16_state layout) is torch's .to(bfloat16) of the fp32
+    update, so the run equals the one with an fp32 buffer bit for bit (optim_db.muon_bf16_update_runs)."""
+    from optim_db import assert_snapshot_equal, muon_bf16_update_runs
+    new, old = muon_bf16_update_runs("cuda", "cuda", nesterov=nesterov)
+    assert_snapshot_equal(new, old)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_300_tensors_and_one_beyond_a_table(dtype):
     gen = torch.Generator().manual_seed(3)

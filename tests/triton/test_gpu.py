@@ -45,3 +45,12 @@ def test_bf16_beyond_2_pow_31_elements():
     assert torch.equal(p[-7:], -g[-7:])
     assert bool((p[:-7] == -1).all())
     assert float(p.double().square().sum()) == pytest.approx(n - 7 + sum(k * k for k in range(1, 8)), rel=1e-3)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_bf16_update_buffer_equals_an_fp32_one_bitwise_cuda(nesterov):
+    """The compiled kernels' bf16 store of Muon's update (bf16_state layout) is torch's round to nearest even:
+    the run equals the one with an fp32 update buffer bit for bit (optim_db.muon_bf16_update_runs)."""
+    from optim_db import assert_snapshot_equal, muon_bf16_update_runs
+    new, old = muon_bf16_update_runs("triton", "cuda", nesterov=nesterov)
+    assert_snapshot_equal(new, old)

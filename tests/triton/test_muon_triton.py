@@ -21,8 +21,16 @@ def test_muon_passes_parity(kw, dtype):
     assert_parity(topt, ropt, tp, rp, dtype)
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_bf16_update_buffer_equals_an_fp32_one_bitwise(nesterov):
+    """fp32 params, bf16 NS: the momentum pass stores the update in bf16 (bf16_state layout), rounded as torch's
+    .to(bfloat16) of the fp32 value would be, so the run equals the one with an fp32 buffer bit for bit (the same
+    kernel math in both: the interpreter's fma rounding does not matter; optim_db.muon_bf16_update_runs)."""
+    from optim_db import assert_snapshot_equal, muon_bf16_update_runs
+    new, old = muon_bf16_update_runs("triton", nesterov=nesterov)
+    assert_snapshot_equal(new, old)
 
-def test_grad_scaler_device_protocol_equals_steps_never_taken():
+
     """GradScaler's device protocol on the Triton kernels (found_inf and grad_scale read by the kernels of both
     passes and of the aux AdamW; never on the host): inf, ok, ok, inf, ok with grad_scale 4 equals, bit for bit, a
     run of the ok steps alone on the unscaled gradients (a power of two: exact); the skipped first step's state and
