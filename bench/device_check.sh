@@ -266,7 +266,7 @@ phase_kernels_triton_int8() {
 # (cuda, triton; ns_algorithm standard and auto, the Gram form) vs torch.optim.Muon vs muon-optimizer (a row that
 # cannot run says why), NS in bf16, then one profiled step each (matrix products vs the rest: on 2026-12-04 NS ran
 # at ~430-450 TFLOP/s and ours took 9-10.7 ms for 3.61 TFLOP; since then the update buffer is bf16: no fp32 -> bf16
-# conversion kernel, 26 instead of 40 B/elem in the passes). Target (issue 16): >= 3x torch.optim.Muon on an H200.
+# conversion kernel, 24 instead of 40 B/elem in the passes). Target (issue 16): >= 3x torch.optim.Muon on an H200.
 phase_muon() {
   run muon-test 120 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py tests/test_capturable.py -k muon
   run muon-bench 150 "$PY" -m bench.bench_muon --device cuda --d 1024 --layers 12 --rounds 5 --iters 5 \

@@ -51,8 +51,14 @@ RULE_FLAGS = {"sgd": (0, 1, 3), "qhm": (0, 1), "adam": (0, 1, 2, 3), "nadam": (0
               "signum": (0, 1), "lion": (0,), "fsgdm": (0,), "sgd_sf": (0,), "adamw_sf": (0, 1),
               "muon_momentum": (0, 1), "muon_apply": (0,)}
 
-# lists a rule's math never reads (csrc/update_rules.h op_io: kStatesRead, kReadsGrad): the compiler drops their loads
-UNREAD_LISTS = {"muon_momentum": 1, "muon_apply": 1}
+def traffic_lists(rule: str, nstate: int) -> tuple[int, int]:
+    """(lists read, lists written) of one element of ``rule`` with ``nstate`` states: its spec.traffic (the C++
+    loops read it from generated/tables.h's RuleTraffic; nvcc drops the loads of what a rule never reads)."""
+    from momentum_fused.specs import get_spec
+    t = get_spec(rule).traffic
+    mask = (1 << nstate) - 1
+    return (int(t.reads_param) + int(t.reads_grad) + bin(t.states_read & mask).count("1"),
+            int(t.writes_param) + bin(t.states_written & mask).count("1"))
 
 
 def num_states(rule: str, flags: int) -> int:

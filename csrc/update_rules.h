@@ -463,11 +463,11 @@ MF_HD MF_INLINE void muon_apply_math(T& p, T update, const MuonApplyScalars<T>& 
 // ================================================================================ generic rule table
 // RuleOp<RULE, FLAGS>: state count, scalar pack type, and apply(p, g, s0, s1, s2, scalars) -- the one
 // interface the CPU loop and the CUDA functor use. s0..s2 are the states in spec.state_names order
-// (unused ones are dummies). Optional memory traffic (op_io below; absent: everything is read and written):
-// kReadsParam, kWritesParam, kReadsGrad, and the bit masks kStatesRead / kStatesWritten (bit j: state j). A loop
-// may skip what a rule declares it does not read or write (the value it then passes is 0); one that ignores the
-// traits is still correct, as long as it stores the values apply() leaves (an unread state is then written
-// from 0 only when the rule writes it, and then apply() wrote it).
+// (unused ones are dummies). Its memory traffic is op_io<RuleOp> below: generated/tables.h's RuleTraffic, from
+// spec.traffic (reads_param, writes_param, reads_grad, and the bit masks states_read / states_written, bit j:
+// state j). A loop may skip what a rule declares it does not read or write (the value it then passes is 0); one
+// that ignores the traits is still correct, as long as it stores the values apply() leaves (an unread state is
+// then written from 0 only when the rule writes it, and then apply() wrote it).
 template <int RULE, int FLAGS>
 struct RuleOp;
 
@@ -591,8 +591,6 @@ struct RuleOp<RULE_ADAMW_SF, F> {
 template <int F>
 struct RuleOp<RULE_MUON_MOMENTUM, F> {
   static constexpr int kStates = 1;  // p: the momentum buffer; s0: the update (a work buffer: written, never read)
-  static constexpr bool kReadsParam = true, kWritesParam = true, kReadsGrad = true;
-  static constexpr int kStatesRead = 0, kStatesWritten = 0b1;
   template <typename T>
   using Scalars = MuonMomentumScalars<T>;
   template <typename T>
@@ -604,8 +602,6 @@ struct RuleOp<RULE_MUON_MOMENTUM, F> {
 template <int F>
 struct RuleOp<RULE_MUON_APPLY, F> {
   static constexpr int kStates = 1;  // update (read only)
-  static constexpr bool kReadsParam = true, kWritesParam = true, kReadsGrad = false;
-  static constexpr int kStatesRead = 0b1, kStatesWritten = 0;
   template <typename T>
   using Scalars = MuonApplyScalars<T>;
   template <typename T>
@@ -614,17 +610,11 @@ struct RuleOp<RULE_MUON_APPLY, F> {
   }
 };
 
-// The memory traffic of a RuleOp: its optional traits, or "reads and writes everything".
-template <class Op, class = void>
-struct op_io {
-  static constexpr bool reads_param = true, writes_param = true, reads_grad = true;
-  static constexpr int states_read = 7, states_written = 7;
-};
+// The memory traffic of a RuleOp (spec.traffic, generated/tables.h's RuleTraffic).
 template <class Op>
-struct op_io<Op, decltype(void(Op::kStatesWritten))> {
-  static constexpr bool reads_param = Op::kReadsParam, writes_param = Op::kWritesParam, reads_grad = Op::kReadsGrad;
-  static constexpr int states_read = Op::kStatesRead, states_written = Op::kStatesWritten;
-};
+struct op_io;
+template <int RULE, int FLAGS>
+struct op_io<RuleOp<RULE, FLAGS>> : RuleTraffic<RULE> {};
 
 // State counts per (rule, flags), for checks (the Python backends compare them with spec.state_names).
 MF_HD inline int rule_num_states(int rule, int f) {

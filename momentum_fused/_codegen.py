@@ -55,6 +55,21 @@ def render() -> str:
             "inline const char* rule_name(int rule) {", "  switch (rule) {"]
     out += [f'    case RULE_{s.name.upper()}: return "{s.name}";' for s in rules]
     out += ['    default: return "?";', "  }", "}", ""]
+    out += ["// What each rule's math reads and writes per element (spec.traffic; bit j of the masks: state j), for",
+            "// the loops that skip the rest (update_rules.h op_io). The primary template: everything.",
+            "template <int RULE>", "struct RuleTraffic {",
+            "  static constexpr bool reads_param = true, writes_param = true, reads_grad = true;",
+            "  static constexpr int states_read = 7, states_written = 7;", "};"]
+    for s in rules:
+        t = s.traffic
+        if t == specs.Traffic():
+            continue
+        b = lambda v: "true" if v else "false"  # noqa: E731
+        out += ["template <>", f"struct RuleTraffic<RULE_{s.name.upper()}> {{",
+                f"  static constexpr bool reads_param = {b(t.reads_param)}, writes_param = {b(t.writes_param)}, "
+                f"reads_grad = {b(t.reads_grad)};",
+                f"  static constexpr int states_read = {t.states_read}, states_written = {t.states_written};", "};"]
+    out.append("")
 
     lays = list(layouts.LAYOUTS.values())
     out += ["// Dtype layouts (layouts.LAYOUTS, in order): the param dtypes each takes (a bit per Dtype code), the",

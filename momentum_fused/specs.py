@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["UpdateRuleSpec", "SPECS", "KERNEL_RULES", "get_spec", "HOST_STATE_KEYS", "StateTensor", "ElementwisePass", "MatrixPhase"]
+__all__ = ["UpdateRuleSpec", "SPECS", "KERNEL_RULES", "get_spec", "HOST_STATE_KEYS", "StateTensor", "ElementwisePass", "MatrixPhase",
+           "Traffic"]
 
 # State entries that live on the host (never cast to the param dtype, never touched by kernels).
 HOST_STATE_KEYS = ("step", "mu_product")
@@ -100,6 +101,19 @@ class MatrixPhase:
     compute_dtype: Callable[[Mapping, torch.device], torch.dtype] | None = None
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """What a kernel rule's math reads and writes per element (bit j of the masks: state j). A kernel loop may
+    skip the loads and stores the rule does not need; one that does not skip them is still correct (it stores
+    back what it loaded). Written into csrc/generated/tables.h (``RuleTraffic``) for the C++ loops; the Triton
+    launcher passes it to its kernels. Default: everything read and written."""
+    reads_param: bool = True
+    writes_param: bool = True
+    reads_grad: bool = True
+    states_read: int = 0b111
+    states_written: int = 0b111
+
+
 # --------------------------------------------------------------------------------------------------
 # The spec
 # --------------------------------------------------------------------------------------------------
@@ -141,6 +155,7 @@ class UpdateRuleSpec:
     phases:        () for one elementwise pass (the rule itself); else the sequence of ``ElementwisePass``
                    and ``MatrixPhase`` one step runs (contract v2; e.g. orthogonalized momentum: momentum
                    pass, Newton-Schulz on the update, apply pass).
+    traffic:       what a kernel rule's math reads and writes (``Traffic``; Muon's passes skip arrays).
 
     ``bytes_per_elem(group)`` (fp32 roofline bytes read + written per element, docs/algorithms.md §9) follows
     from ``state_names``: ``momentum_fused.layouts.roofline_bytes``.
@@ -165,6 +180,7 @@ class UpdateRuleSpec:
     group_extras: Mapping[str, Any] = field(default_factory=dict)
     state_tensors: Callable[[Mapping], tuple] | None = None
     phases: tuple = ()
+    traffic: Traffic = Traffic()
 
     def __post_init__(self):
         object.__setattr__(self, "Scalars", namedtuple(f"{self.name}_scalars", self.scalar_names))

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from .reference import newton_schulz
-from .specs import (LR, NONNEG, SPECS, UNIT_OPEN, Choice, ElementwisePass, Flag, MatrixPhase, StateTensor,
+from .specs import (LR, NONNEG, SPECS, UNIT_OPEN, Choice, ElementwisePass, Flag, MatrixPhase, StateTensor, Traffic,
                     UpdateRuleSpec, lr_value)
 
 # torch.optim.Muon's defaults (Keller Jordan's quintic coefficients)
@@ -244,12 +244,14 @@ MUON_MOMENTUM_SPEC = UpdateRuleSpec(
     name="muon_momentum", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,
     state_names=lambda g: ("update",), flag_names=("nesterov",),
     flags=lambda g: (bool(g["nesterov"]),), scalar_names=("lr", "momentum", "grad_mult"),
-    advance=lambda g, st, fresh, t: (lr_value(g), float(g["momentum"])))  # (lr unused: every pack starts with lr)
+    advance=lambda g, st, fresh, t: (lr_value(g), float(g["momentum"])),  # (lr unused: every pack starts with lr)
+    traffic=Traffic(states_read=0, states_written=0b1))  # the update: written, never read
 # (the pack of the apply pass reads the param's shape from its momentum buffer: the pass gets no param)
 MUON_APPLY_SPEC = UpdateRuleSpec(
     name="muon_apply", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,
     state_names=lambda g: ("update",), flag_names=(), flags=lambda g: (),
-    scalar_names=("lr", "weight_decay", "adjusted_lr", "grad_mult"), advance=_apply_advance)
+    scalar_names=("lr", "weight_decay", "adjusted_lr", "grad_mult"), advance=_apply_advance,
+    traffic=Traffic(reads_grad=False, states_written=0))  # the update: read, never written
 MUON_SPEC = UpdateRuleSpec(
     name="muon", family="muon", hparams=MUON_HPARAMS, defaults=MUON_DEFAULTS,
     state_names=lambda g: ("momentum_buffer",), flag_names=(), flags=lambda g: (), scalar_names=("grad_mult",),

@@ -32,7 +32,7 @@ stores and scalar reads are grouped into few helpers.
 import triton
 import triton.language as tl
 
-from .rules import multi_buffer_math, one_buffer_math
+from .rules import WRITES, multi_buffer_math, one_buffer_math
 
 # Storage codes of ``_addr`` beyond the param/state dtypes (0 fp32, 1 fp16, 2 bf16): raw 16-bit words, and the
 # int8_state codes (int8 for signed states, uint8 for non-negative ones). MASTER modes (the extra list after the
@@ -213,9 +213,10 @@ def store_fp32(ptr_tab, list_i, n_tensors, t, off, idx, mask, x, DTYPE: tl.const
 @triton.jit
 def store_lists(ptr_tab, n_tensors, t, off, idx, mask, p, s_0, s_1, s_2, key, NLISTS: tl.constexpr,
                 PDT: tl.constexpr, SDT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, FULL: tl.constexpr,
-                ALIGNED: tl.constexpr, HW_BF16: tl.constexpr):
+                ALIGNED: tl.constexpr, HW_BF16: tl.constexpr, WR: tl.constexpr):
     """Write p (and the master copy, or p as the master16 pair) and the NLISTS - 2 state values (the grad, list 1, is never
-    written). Buffer b of the stochastic rounding: 0 for p, 1 + j for state j (layouts.py)."""
+    written), those the rule writes (WR, rules.WRITES: bit 0 p, which the master layouts always write, bit 1 + j
+    state j). Buffer b of the stochastic rounding: 0 for p, 1 + j for state j (layouts.py)."""
     golden = tl.full([], 0x9E3779B9, tl.uint32)
     if MASTER == MASTER_REMAINDER:
         hi, lo = master16_encode(p)
@@ -230,13 +231,20 @@ def store_lists(ptr_tab, n_tensors, t, off, idx, mask, p, s_0, s_1, s_2, key, NL
     else:
         if MASTER == MASTER_COPY:
             store_fp32(ptr_tab, NLISTS, n_tensors, t, off, idx, mask, p, 0, False, key, FULL, ALIGNED, HW_BF16)
-        store_fp32(ptr_tab, 0, n_tensors, t, off, idx, mask, p, PDT, SR, key, FULL, ALIGNED, HW_BF16)
+            store_fp32(ptr_tab, 0, n_tensors, t, off, idx, mask, p, PDT, SR, key, FULL, ALIGNED, HW_BF16)
+        elif (WR & 1) != 0:
+            store_fp32(ptr_tab, 0, n_tensors, t, off, idx, mask, p, PDT, SR, key, FULL, ALIGNED, HW_BF16)
     if NLISTS >= 3:
-        store_fp32(ptr_tab, 2, n_tensors, t, off, idx, mask, s_0, SDT, SR, key + golden, FULL, ALIGNED, HW_BF16)
+        if (WR & 2) != 0:
+            store_fp32(ptr_tab, 2, n_tensors, t, off, idx, mask, s_0, SDT, SR, key + golden, FULL, ALIGNED, HW_BF16)
     if NLISTS >= 4:
-        store_fp32(ptr_tab, 3, n_tensors, t, off, idx, mask, s_1, SDT, SR, key + golden * 2, FULL, ALIGNED, HW_BF16)
+        if (WR & 4) != 0:
+            store_fp32(ptr_tab, 3, n_tensors, t, off, idx, mask, s_1, SDT, SR, key + golden * 2, FULL, ALIGNED,
+                       HW_BF16)
     if NLISTS >= 5:
-        store_fp32(ptr_tab, 4, n_tensors, t, off, idx, mask, s_2, SDT, SR, key + golden * 3, FULL, ALIGNED, HW_BF16)
+        if (WR & 8) != 0:
+            store_fp32(ptr_tab, 4, n_tensors, t, off, idx, mask, s_2, SDT, SR, key + golden * 3, FULL, ALIGNED,
+                       HW_BF16)
 
 
 @triton.jit
@@ -285,7 +293,7 @@ def _one_buffer_body(ptr_tab, n_tensors, scal_tab, t, off, idx, mask, grad_scale
                                    HW_BF16)
     p, b = one_buffer_math(p, g, b, sp, lr, wd, gm, RULE, F0, F1)
     store_lists(ptr_tab, n_tensors, t, off, idx, mask, p, b, b, b, key, 2 + NSTATE, PDT, SDT, MASTER, SR, FULL,
-                ALIGNED, HW_BF16)
+                ALIGNED, HW_BF16, WRITES[RULE])
 
 
 @triton.jit
@@ -299,7 +307,7 @@ def _multi_buffer_body(ptr_tab, n_tensors, scal_tab, t, off, idx, mask, grad_sca
                                      ALIGNED, HW_BF16)
     p, s_0, s_1, s_2 = multi_buffer_math(p, g, s_0, s_1, s_2, sp, lr, wd, gm, RULE, F0, F1)
     store_lists(ptr_tab, n_tensors, t, off, idx, mask, p, s_0, s_1, s_2, key, 2 + NSTATE, PDT, SDT, MASTER, SR, FULL,
-                ALIGNED, HW_BF16)
+                ALIGNED, HW_BF16, WRITES[RULE])
 
 
 @triton.jit

@@ -29,6 +29,11 @@ SGD, QHM, ADAM, NADAM, RMSPROP, SIGNUM, LION, FSGDM, SGD_SF, ADAMW_SF, MUON_MOME
     tl.constexpr(RULE_IDS[n]) for n in ("sgd", "qhm", "adam", "nadam", "rmsprop", "signum", "lion", "fsgdm",
                                         "sgd_sf", "adamw_sf", "muon_momentum", "muon_apply"))
 # (MUON_MOMENTUM_* / MUON_APPLY_* are the pack columns: the rule ids take an _R suffix)
+# What each rule's math writes (spec.traffic), by rule id: bit 0 the param, bit 1 + j state j. The kernels store
+# nothing else (Muon's apply pass does not store its update back); the loads of what a rule never reads are dead
+# code the compiler drops.
+WRITES = tl.constexpr(tuple(int(t.writes_param) | (t.states_written << 1)
+                            for t in (get_spec(n).traffic for n in KERNEL_RULES)))
 SCALARS = {name: tuple(get_spec(name).scalar_names) for name in KERNEL_RULES}
 FLAGS = {name: tuple(get_spec(name).flag_names) for name in KERNEL_RULES}
 

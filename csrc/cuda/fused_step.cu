@@ -92,7 +92,13 @@ struct StepFunctor {
   __device__ __forceinline__ void operator()(const TensorTable<NL>& tt, int slot, int chunk) const {
     using T = typename MathType<P>::type;
     using Sc = typename Op::template Scalars<T>;
+    using IO = op_io<Op>;  // what the rule reads and writes (spec.traffic): the other loads and stores are skipped
     constexpr int NS = Op::kStates;
+    constexpr bool RD0 = NS > 0 && (IO::states_read & 1), RD1 = NS > 1 && (IO::states_read & 2),
+                   RD2 = NS > 2 && (IO::states_read & 4);
+    constexpr bool WR0 = NS > 0 && (IO::states_written & 1), WR1 = NS > 1 && (IO::states_written & 2),
+                   WR2 = NS > 2 && (IO::states_written & 4);
+    constexpr bool WRP = IO::writes_param || MASTER || REM;  // (the master layouts: always, as before)
     constexpr int K = Sc::kPack;  // the pack size is the rule's: a compile-time constant (no local array)
     constexpr int E = VecElems<P, S, NS, ManyLiveValues<Op>::value>::value;
     static_assert(NL == 2 + NS + (MASTER || REM ? 1 : 0), "list count");
@@ -121,19 +127,19 @@ struct StepFunctor {
         a = m16_load(p[i], r[i]);
       else
         a = MASTER ? load<T>(m[i]) : load<T>(p[i]);
-      T b0 = NS > 0 ? load<T>(s0[i]) : T(0);
-      T b1 = NS > 1 ? load<T>(s1[i]) : T(0);
-      T b2 = NS > 2 ? load<T>(s2[i]) : T(0);
-      Op::template apply<T>(a, load<T>(g[i]), b0, b1, b2, sc);
+      T b0 = RD0 ? load<T>(s0[i]) : T(0);
+      T b1 = RD1 ? load<T>(s1[i]) : T(0);
+      T b2 = RD2 ? load<T>(s2[i]) : T(0);
+      Op::template apply<T>(a, IO::reads_grad ? load<T>(g[i]) : T(0), b0, b1, b2, sc);
       const int64_t e = base + i;
       if (MASTER) store(m[i], a);
       if constexpr (REM)
         m16_store(p[i], r[i], a);
-      else
+      else if constexpr (WRP)
         put<SR>(p[i], a, k0, e);
-      if (NS > 0) put<SR>(s0[i], b0, k1, e);
-      if (NS > 1) put<SR>(s1[i], b1, k2, e);
-      if (NS > 2) put<SR>(s2[i], b2, k3, e);
+      if constexpr (WR0) put<SR>(s0[i], b0, k1, e);
+      if constexpr (WR1) put<SR>(s1[i], b1, k2, e);
+      if constexpr (WR2) put<SR>(s2[i], b2, k3, e);
     };
 
     // every pointer aligned for its own vector type (P, S and float may differ in size)
@@ -159,11 +165,12 @@ struct StepFunctor {
         else
           vp = *reinterpret_cast<const VP*>(p + i);
         if (REM) vr = *reinterpret_cast<const VR*>(r + i);
-        const VP vg = *reinterpret_cast<const VP*>(g + i);
+        VP vg;
+        if constexpr (IO::reads_grad) vg = *reinterpret_cast<const VP*>(g + i);
         VS v0, v1, v2;
-        if (NS > 0) v0 = *reinterpret_cast<const VS*>(s0 + i);
-        if (NS > 1) v1 = *reinterpret_cast<const VS*>(s1 + i);
-        if (NS > 2) v2 = *reinterpret_cast<const VS*>(s2 + i);
+        if constexpr (RD0) v0 = *reinterpret_cast<const VS*>(s0 + i);
+        if constexpr (RD1) v1 = *reinterpret_cast<const VS*>(s1 + i);
+        if constexpr (RD2) v2 = *reinterpret_cast<const VS*>(s2 + i);
 #pragma unroll
         for (int j = 0; j < E; ++j) {
           const int64_t e = base + i + j;  // element index in the tensor
@@ -172,25 +179,25 @@ struct StepFunctor {
             a = m16_load(vp.v[j], vr.v[j]);
           else
             a = MASTER ? load<T>(vm.v[j]) : load<T>(vp.v[j]);
-          T b0 = NS > 0 ? load<T>(v0.v[j]) : T(0);
-          T b1 = NS > 1 ? load<T>(v1.v[j]) : T(0);
-          T b2 = NS > 2 ? load<T>(v2.v[j]) : T(0);
-          Op::template apply<T>(a, load<T>(vg.v[j]), b0, b1, b2, sc);
+          T b0 = RD0 ? load<T>(v0.v[j]) : T(0);
+          T b1 = RD1 ? load<T>(v1.v[j]) : T(0);
+          T b2 = RD2 ? load<T>(v2.v[j]) : T(0);
+          Op::template apply<T>(a, IO::reads_grad ? load<T>(vg.v[j]) : T(0), b0, b1, b2, sc);
           if (MASTER) store(vm.v[j], a);
           if constexpr (REM)
             m16_store(vp.v[j], vr.v[j], a);
-          else
+          else if constexpr (WRP)
             put<SR>(vp.v[j], a, k0, e);
-          if (NS > 0) put<SR>(v0.v[j], b0, k1, e);
-          if (NS > 1) put<SR>(v1.v[j], b1, k2, e);
-          if (NS > 2) put<SR>(v2.v[j], b2, k3, e);
+          if constexpr (WR0) put<SR>(v0.v[j], b0, k1, e);
+          if constexpr (WR1) put<SR>(v1.v[j], b1, k2, e);
+          if constexpr (WR2) put<SR>(v2.v[j], b2, k3, e);
         }
-        *reinterpret_cast<VP*>(p + i) = vp;
+        if constexpr (WRP) *reinterpret_cast<VP*>(p + i) = vp;
         if (MASTER) *reinterpret_cast<VM*>(m + i) = vm;
         if (REM) *reinterpret_cast<VR*>(r + i) = vr;
-        if (NS > 0) *reinterpret_cast<VS*>(s0 + i) = v0;
-        if (NS > 1) *reinterpret_cast<VS*>(s1 + i) = v1;
-        if (NS > 2) *reinterpret_cast<VS*>(s2 + i) = v2;
+        if constexpr (WR0) *reinterpret_cast<VS*>(s0 + i) = v0;
+        if constexpr (WR1) *reinterpret_cast<VS*>(s1 + i) = v1;
+        if constexpr (WR2) *reinterpret_cast<VS*>(s2 + i) = v2;
       }
       if (static_cast<int64_t>(threadIdx.x) < len - len_v) one(len_v + threadIdx.x);
     } else {  // unaligned tensors: one element per thread and iteration (a fallback: views at odd offsets)

@@ -104,6 +104,24 @@ inline const char* rule_name(int rule) {
   }
 }
 
+// What each rule's math reads and writes per element (spec.traffic; bit j of the masks: state j), for
+// the loops that skip the rest (update_rules.h op_io). The primary template: everything.
+template <int RULE>
+struct RuleTraffic {
+  static constexpr bool reads_param = true, writes_param = true, reads_grad = true;
+  static constexpr int states_read = 7, states_written = 7;
+};
+template <>
+struct RuleTraffic<RULE_MUON_MOMENTUM> {
+  static constexpr bool reads_param = true, writes_param = true, reads_grad = true;
+  static constexpr int states_read = 0, states_written = 1;
+};
+template <>
+struct RuleTraffic<RULE_MUON_APPLY> {
+  static constexpr bool reads_param = true, writes_param = true, reads_grad = false;
+  static constexpr int states_read = 7, states_written = 0;
+};
+
 // Dtype layouts (layouts.LAYOUTS, in order): the param dtypes each takes (a bit per Dtype code), the
 // state dtype (-1: the param's), whether it keeps an fp32 master copy, whether stores round stochastically.
 enum Layout : int {
