@@ -64,10 +64,9 @@ def render() -> str:
         t = s.traffic
         if t == specs.Traffic():
             continue
-        b = lambda v: "true" if v else "false"  # noqa: E731
+        rp, wp, rg = ("true" if v else "false" for v in (t.reads_param, t.writes_param, t.reads_grad))
         out += ["template <>", f"struct RuleTraffic<RULE_{s.name.upper()}> {{",
-                f"  static constexpr bool reads_param = {b(t.reads_param)}, writes_param = {b(t.writes_param)}, "
-                f"reads_grad = {b(t.reads_grad)};",
+                f"  static constexpr bool reads_param = {rp}, writes_param = {wp}, reads_grad = {rg};",
                 f"  static constexpr int states_read = {t.states_read}, states_written = {t.states_written};", "};"]
     out.append("")
 

@@ -105,8 +105,9 @@ class MatrixPhase:
 class Traffic:
     """What a kernel rule's math reads and writes per element (bit j of the masks: state j). A kernel loop may
     skip the loads and stores the rule does not need; one that does not skip them is still correct (it stores
-    back what it loaded). Written into csrc/generated/tables.h (``RuleTraffic``) for the C++ loops; the Triton
-    launcher passes it to its kernels. Default: everything read and written."""
+    back what it loaded). Written into csrc/generated/tables.h (``RuleTraffic``) for the C++ loops;
+    triton_kernels/rules.py makes it the kernels' per-rule constant ``WRITES``. Default: everything read and
+    written."""
     reads_param: bool = True
     writes_param: bool = True
     reads_grad: bool = True
