@@ -440,6 +440,26 @@ def test_update_work_buffer_dtype(monkeypatch, dtype, ns_dtype, want):
     assert seen == [want] * 4
 
 
+def test_capturable_group_keeps_one_set_of_work_buffers_when_ns_dtype_changes():
+    """A capturable group keeps its work buffers across steps; after its ns_dtype changes (bf16 -> fp32 -> bf16)
+    it keeps only the set of the current dtype, and steps as a fresh optimizer with that dtype would."""
+    params, grads = _problem([(3, 5), (6, 4), (3, 5)], steps=6)
+    q = [p.clone() for p in params]
+    a = mf.Muon(params, lr=0.02, capturable=True)
+    b = mf.Muon(q, lr=0.02)
+    for k, ns in enumerate((torch.bfloat16, torch.bfloat16, torch.float32, torch.float32, torch.bfloat16, None)):
+        a.param_groups[0]["ns_dtype"] = b.param_groups[0]["ns_dtype"] = ns
+        run(a, params, grads[k:k + 1])
+        run(b, q, grads[k:k + 1])
+        memo = a._core._phase_memos[0][1]
+        kept = [key for key in memo if isinstance(key, tuple) and key[0] == "rows_bufs"]
+        want = torch.float32 if ns == torch.float32 else torch.bfloat16
+        assert len(kept) == 1 and kept[0][-1] == (want,), kept
+        assert {buf.dtype for buf in memo[kept[0]]} == {want}
+    for x, y in zip(params, q):  # (the same steps as the non-capturable run's, bit for bit)
+        assert torch.equal(x, y) and torch.equal(a.state[x]["momentum_buffer"], b.state[y]["momentum_buffer"])
+
+
 def _backends_here():
     return [b for b in ("cpu", "reference") if b in mf.backends.available()]
 

@@ -233,11 +233,15 @@ def _pass_layout(slot_dtype: torch.dtype, state_dtype: torch.dtype, rule: str):
 
 
 def _buffers(memo, key, keep: bool, make) -> list:
-    """``make()``'s buffers, kept in ``memo`` under ``key`` when ``keep`` (a capturable group), else new ones."""
+    """``make()``'s buffers, kept in ``memo`` under ``key`` when ``keep`` (a capturable group), else new ones.
+    Keeping new ones drops those kept for the same buffers in another work dtype (``key[-1]``: the group's
+    ns_dtype changed), so that a group never holds two sets."""
     bufs = memo.get(key) if keep else None
     if bufs is None:
         bufs = make()
         if keep:
+            for old in [k for k in memo if isinstance(k, tuple) and k[:-1] == key[:-1] and k != key]:
+                del memo[old]
             memo[key] = bufs
     return bufs
 
