@@ -232,7 +232,6 @@ def main(argv=None) -> int:
             except Exception as e:
                 print(f"\n### {name}: not profiled: {type(e).__name__}: {str(e)[:160]}")
     return 0
-    return 0
 
 
 if __name__ == "__main__":

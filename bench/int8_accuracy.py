@@ -1,7 +1,8 @@
 """int8_state against fp32 state on two small trainings (docs/algorithms.md §11): AdamW.
 
 - digits: sklearn's bundled digits (no download), the MLP 64-256-256-10 of examples/research/fsgdm_digits.py
-  (its data split), AdamW lr 1e-3, weight decay 0.01, batch 32; train loss per epoch, final test accuracy.
+  (its data split), AdamW lr 1e-3, weight decay 0.01, batch 32; train loss per epoch, final test loss and
+  accuracy.
 - charlm: examples/train_charlm.py (--size small by default), AdamW lr 3e-3, weight decay 0.1, cosine
   schedule; validation loss curve.
 
@@ -69,7 +70,7 @@ class _QuantizedAdamW(torch.optim.Optimizer):
 
 
 def digits_run(layout, backend, seed, epochs, data, lr_scale=1.0):
-    """(train loss after each epoch, final test accuracy). backend "torchao": torchao's AdamW8bit (a peer, not this
+    """(train loss after each epoch, final test accuracy, final test loss). backend "torchao": torchao's AdamW8bit (a peer, not this
     project's: its own 8-bit maps; block 256, tensors of >= 4096 elements quantized, as int8_state); backend
     "ablation": ``_QuantizedAdamW`` with ``layout`` the states it round-trips ("", "m", "v", "mv")."""
     from fsgdm_digits import make_model
@@ -96,8 +97,9 @@ def digits_run(layout, backend, seed, epochs, data, lr_scale=1.0):
         with torch.no_grad():
             curve.append(float(loss_fn(model(Xtr), ytr)))
     with torch.no_grad():
-        acc = float((model(Xte).argmax(1) == yte).float().mean())
-    return curve, acc
+        out = model(Xte)
+        acc, test_loss = float((out.argmax(1) == yte).float().mean()), float(loss_fn(out, yte))
+    return curve, acc, test_loss
 
 
 def _rel(a, b):
@@ -134,14 +136,19 @@ def main(argv=None) -> int:
            for label, lay, be in runs}
     base = dig[RUNS[0][0]]
     print(f"digits MLP, AdamW lr 1e-3, {args.epochs} epochs, {args.seeds} seeds: final train loss, test accuracy, "
-          "relative difference of the final loss to fp32 state (per seed, then the mean and max |.|)")
+          "test loss, relative difference of the final train loss (rel) and of the test loss (trel) to fp32 state "
+          "(per seed, then the mean and max |.|)")
     for label, rows in dig.items():
         rel = [_rel(r[0][-1], b[0][-1]) for r, b in zip(rows, base)]
+        trel = [_rel(r[2], b[2]) for r, b in zip(rows, base)]
         print(f"  {label}:\n    loss " + " ".join(f"{r[0][-1]:.4f}" for r in rows)
               + f"  mean {statistics.mean(r[0][-1] for r in rows):.4f}\n    acc  "
               + " ".join(f"{r[1]:.4f}" for r in rows) + f"  mean {statistics.mean(r[1] for r in rows):.4f}"
               + "\n    rel  " + " ".join(f"{x:+.2%}" for x in rel)
-              + f"  mean {statistics.mean(rel):+.2%}  max |.| {max(map(abs, rel)):.2%}")
+              + f"  mean {statistics.mean(rel):+.2%}  max |.| {max(map(abs, rel)):.2%}"
+              + "\n    test " + " ".join(f"{r[2]:.4f}" for r in rows) + f"  mean {statistics.mean(r[2] for r in rows):.4f}"
+              + "\n    trel " + " ".join(f"{x:+.2%}" for x in trel)
+              + f"  mean {statistics.mean(trel):+.2%}  max |.| {max(map(abs, trel)):.2%}")
     lm = {}
     if args.charlm_steps:
         from train_charlm import train
