@@ -116,6 +116,21 @@ class UpdateRuleSpec:
         """Every state tensor is elementwise (the param's shape, the layout's state dtype) and persistent."""
         return self.state_tensors is None
 
+    def required_state(self, group: Mapping) -> tuple:
+        """The state keys a param that holds any state must hold, for ``group``: a param's state is created
+        whole at its first step, so a partial one (a key deleted, another optimizer's checkpoint) is refused
+        rather than completed with zeros (torch.optim raises KeyError). The state tensors that a flag switched on
+        later adds (SGD's momentum_buffer, AMSGrad's max_exp_avg_sq, RMSprop's grad_avg: those the rule's
+        defaults do not need) may start at any step, as at a first step; host counters (``step``, NAdam's
+        ``mu_product``) are required with the rest."""
+        base = set(self.state_names({**self.defaults, **self.group_extras}))
+        keys = tuple(k for k in self.state_names(group) if k in base)
+        if self.counts_steps:
+            keys += ("step",)
+        if self.host_state is not None:
+            keys += (self.host_state[0],)
+        return keys
+
     def bytes_per_elem(self, group: Mapping) -> int:
         """Bytes read + written per element by one fused fp32 pass of this rule with ``group``'s flags."""
         from .layouts import roofline_bytes

@@ -122,11 +122,18 @@ def test_state_dict_shape_mismatch_raises_before_any_change(case, kwargs):
     tensors = [k for k, v in sd["state"][3].items() if isinstance(v, torch.Tensor) and v.dim() > 0]
     if not tensors:
         pytest.fail(f"{case.name} {kwargs}: expected elementwise state")  # every variant listed has some
+    bad = copy.deepcopy(sd)
     for k in tensors:
-        sd["state"][3][k] = torch.zeros(7, dtype=torch.float64)
+        bad["state"][3][k] = torch.zeros(7, dtype=torch.float64)
     q = [x.clone() for x in p]
     fresh = case.cls([dict(params=q[:2]), dict(params=q[2:])], **kwargs)
-    fresh.load_state_dict(sd)
+    before = snapshot(fresh, q)
+    with pytest.raises(ValueError, match=r"has shape \(7,\).*Nothing was loaded"):  # refused whole at load
+        fresh.load_state_dict(bad)
+    assert_snapshot_equal(before, snapshot(fresh, q))
+    fresh.load_state_dict(sd)  # the same tensors put in the state by hand: refused by the step
+    for k in tensors:
+        fresh.state[q[3]][k] = torch.zeros(7, dtype=fresh.state[q[3]][k].dtype)
     for x, g in zip(q, grads[3]):
         x.grad = g.clone()
     assert_step_raises_unchanged(fresh, q, ValueError, r"shape")

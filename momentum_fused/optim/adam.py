@@ -29,6 +29,13 @@ class AdamW(Adam):
                          maximize=maximize, decoupled_weight_decay=True, backend=backend, layout=layout, sr_seed=sr_seed,
                          capturable=capturable, foreach=foreach, fused=fused, differentiable=differentiable)
 
+    def __setstate__(self, state):
+        # as torch.optim.AdamW: every group decays decoupled, also one loaded from an Adam checkpoint (whose
+        # decoupled_weight_decay=False would otherwise turn this optimizer into Adam)
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
 
 class AdamTied(Adam):
     """Adam with beta1 = beta2 = beta ("In Search of Adam's Secret Sauce", Orvieto & Gower 2025).

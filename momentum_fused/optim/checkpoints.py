@@ -14,14 +14,6 @@ from ..specs import HOST_STATE_KEYS
 __all__ = ["CheckpointMixin"]
 
 _CONVERTED = (_layouts.MASTER_KEY, _layouts.REMAINDER_KEY)  # load_state_dict converts one into the other
-_MASTERS = ("master", "master16", "master16_int8")  # layouts with an fp32 master (a copy, or param + remainder)
-_INT8 = ("int8_state", "master16_int8")
-
-
-def _converts(saved: str, live: str) -> bool:
-    """Whether a checkpoint of layout ``saved`` loads into a group of layout ``live`` by conversion (the group keeps
-    ``live``): between the fp32-master layouts, and into or out of the layouts with 8-bit codes."""
-    return (saved in _MASTERS and live in _MASTERS) or saved in _INT8 or live in _INT8
 
 
 def _check_int8_codes(state_dict: dict[str, Any]) -> None:
@@ -48,10 +40,31 @@ class CheckpointMixin:
         layout "master" loaded into a group of layout "master16", or the reverse, is converted and the group
         keeps its own layout (``_convert_master``; load the model's weights first). So do checkpoints loaded into
         or from a group of layout "int8_state" or "master16_int8": moments are encoded to, or decoded from, 8-bit
-        block codes (``_convert_int8``), and master16_int8's master converts as master16's."""
+        block codes (``_convert_int8``), and master16_int8's master converts as master16's.
+
+        The load hooks run where torch runs them: the pre-hooks first (the checkpoint this method reads and
+        checks is the one they return or edit), the post-hooks last (after the host counters and layouts are
+        written, so that what a post-hook sets stays)."""
         self.sync_amp()
+        state_dict = state_dict.copy()  # (shallow, as torch: a pre-hook may edit it in place)
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = type(pre)()
+        self._optimizer_load_state_dict_post_hooks = type(post)()
+        try:
+            self._load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
+        for hook in list(post.values()):
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_loaded_host_state(state_dict)
         _check_int8_codes(state_dict)
+        self._check_loaded_sizes(state_dict)
         self.invalidate_caches()
         host, saved = {}, {}
         for idx, st in state_dict["state"].items():
@@ -59,10 +72,8 @@ class CheckpointMixin:
             saved[idx] = {k: v for k, v in st.items() if k not in HOST_STATE_KEYS and isinstance(v, torch.Tensor)}
         live_layouts = [g["layout"] for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, live in zip(self.param_groups, live_layouts):  # converted checkpoints: the live layout stays
-            saved_layout = g.get("layout", live)
-            if saved_layout != live and _converts(saved_layout, live):
-                g["layout"] = live
+        for g, live in zip(self.param_groups, live_layouts):  # the layout is the live optimizer's, never the
+            g["layout"] = live                                  # checkpoint's: its state converts into it
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         cap = {p for g in self.param_groups if g.get("capturable") for p in g["params"]}
@@ -96,6 +107,9 @@ class CheckpointMixin:
                     if key not in lay.extra_keys:
                         self.state[p].pop(key, None)
                 continue
+            for key in _CONVERTED:  # a master layout's key that this layout does not keep (the master is dropped,
+                if key not in lay.extra_keys and key in saved.get(idx, {}):  # the param stays the model's)
+                    self.state[p].pop(key, None)
             if lay.name == "native" and own is None:
                 continue
             for key, value in saved.get(idx, {}).items():
@@ -110,6 +124,36 @@ class CheckpointMixin:
                 self.state[p][key] = value.detach().to(device=p.device, dtype=want, copy=True)
             if lay.master or lay.remainder:
                 self._convert_master(p, lay, saved.get(idx, {}))
+
+    def _check_loaded_sizes(self, state_dict: dict[str, Any]) -> None:
+        """Before anything is loaded: every param-shaped tensor of a checkpoint's state (the rule's moments, int8
+        codes, a master or its remainder; not block scales, host counters or a contract-v2 tensor of its own
+        shape) has its param's number of elements, so that a checkpoint of other params is refused whole rather
+        than failing halfway through a conversion."""
+        try:
+            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+            states = state_dict["state"]
+        except (KeyError, TypeError):
+            return  # (torch's load_state_dict names what is malformed)
+        params = [(gi, pi, p) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
+        if len(saved_ids) != len(params):
+            return  # (torch's load_state_dict refuses it, naming the group sizes)
+        own_shaped = set() if self.spec.plain_state else {
+            t.name for g in self.param_groups for t in self.spec.tensors(g) if t.shape is not None}
+        sfx = _layouts.INT8_SCALE_SUFFIX
+        for idx, (gi, pi, p) in zip(saved_ids, params):
+            st = states.get(idx)
+            if not isinstance(st, dict):
+                continue
+            for key, v in st.items():
+                if not isinstance(v, torch.Tensor) or key in HOST_STATE_KEYS or key in own_shaped \
+                        or (isinstance(key, str) and key.endswith(sfx)):
+                    continue
+                if v.numel() != p.numel():
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: param {pi} of group {gi} (state_dict "
+                                     f"index {idx}, shape {tuple(p.shape)}): state {key!r} has shape "
+                                     f"{tuple(v.shape)}; was the checkpoint saved for other params? Nothing was "
+                                     "loaded")
 
     def _convert_int8(self, p, lay, saved, names) -> None:
         """int8_state checkpoints (docs/layouts.md): into an int8_state group the saved codes and scales are kept
@@ -144,7 +188,9 @@ class CheckpointMixin:
         if lay.master and _layouts.REMAINDER_KEY in saved and _layouts.MASTER_KEY not in saved:
             st.pop(_layouts.REMAINDER_KEY, None)
             lo = saved[_layouts.REMAINDER_KEY].to(p.device)
-            st[_layouts.MASTER_KEY] = _layouts.master16_decode(p.detach(), lo).view(p.shape).clone()
+            master = st[_layouts.MASTER_KEY] = _layouts.master16_decode(p.detach(), lo).view(p.shape).clone()
+            with torch.no_grad():  # the master layout's param is its master rounded to nearest even (a tie that
+                p.copy_(master.to(p.dtype))  # master16 rounded away from zero is rounded back)
         elif lay.remainder and _layouts.MASTER_KEY in saved and _layouts.REMAINDER_KEY not in saved:
             st.pop(_layouts.MASTER_KEY, None)
             hi, lo = _layouts.master16_encode(saved[_layouts.MASTER_KEY].to(p.device))

@@ -189,9 +189,19 @@ class ValidationMixin:
             items = list(states.items())
         except (KeyError, TypeError, AttributeError):
             return  # (torch's load_state_dict names what is malformed)
+        spec, base = self.spec, {**self.defaults, **self.spec.group_extras}
         for idx, st in items:
             if not isinstance(st, dict):
                 continue
+            if st and idx in where:
+                gi, pi = where[idx]
+                try:
+                    required = spec.required_state({**base, **groups[gi]})
+                except (KeyError, TypeError, ValueError):  # (a malformed group: torch's load names it)
+                    required = ()
+                if not all(k in st for k in required):
+                    self._raise_partial_state(st, required, f"{name}.load_state_dict: param {pi} of group {gi} "
+                                              f"(state_dict index {idx})")
             for key in HOST_STATE_KEYS:
                 if key in st:
                     why = host_value_error(key, st[key])
@@ -237,6 +247,7 @@ class ValidationMixin:
                 self._check_group_keys(group, f"{name} param group {gi}")
             lay = self._check_layout_keys(group, f"{name} param group {gi}: ")
             state_names = spec.state_names(group)
+            required = spec.required_state(group)
             check_names = (*state_names, *lay.extra_keys)
             native = lay.name == "native"
             own = None if spec.plain_state else {t.name: t for t in spec.tensors(group) if t.persistent}
@@ -256,6 +267,8 @@ class ValidationMixin:
                     raise TypeError(f"{self._where(p, pi, gi)}: dtype layout {lay.describe()} cannot hold a "
                                     f"{dtype} param; supported layouts: {_layouts.supported()}")
                 st = state.get(p)
+                if st and required and not all(k in st for k in required):
+                    self._raise_partial_state(st, required, self._where(p, pi, gi))
                 if st and lay.int8:  # codes + block scales (layouts.int8_quantized tensors), else fp32
                     q = _layouts.int8_quantized(p)
                     p_dt = q and dtensor_cls is not None and isinstance(p, dtensor_cls)
@@ -319,6 +332,14 @@ class ValidationMixin:
 
     def _where(self, p, pi, gi):
         return f"{type(self).__name__}: param {pi} of group {gi} (shape {tuple(p.shape)})"
+
+    @staticmethod
+    def _raise_partial_state(st, required, where):
+        missing = [k for k in required if k not in st]
+        raise ValueError(f"{where}: its state has {sorted(map(str, st))} but lacks {missing}; a param's state is "
+                         "created whole at its first step (torch.optim's step raises KeyError): was a state_dict of "
+                         "another optimizer loaded, or a key deleted? To restart this param's state, delete all "
+                         "of it (optimizer.state.pop(param))")
 
     def _raise_bad_grad(self, p, g, pi, gi):
         where = self._where(p, pi, gi)

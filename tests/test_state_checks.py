@@ -1,0 +1,178 @@
+"""What a review acting as a migrating user found on 2026-12-05, each test failing before its fix: partial state
+(a key deleted, another optimizer's checkpoint) refused instead of completed with zeros; AdamW loading an Adam
+checkpoint as AdamW; load hooks seeing and keeping what torch's do; a checkpoint that never changes a group's dtype
+layout; a checkpoint of other params refused whole; master16 -> master rounding the tie params back; Muon's errors
+naming the user's group and warning on keys a group's kind does not read. (The three tests of states switched
+on later pin the behaviour kept: they passed before.)"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import momentum_fused as mf
+from optim_db import assert_snapshot_equal, snapshot
+
+
+def _stepped(make, shapes=((8, 8), (5,)), steps=3, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+    opt = make(ps)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        opt.step()
+    return ps, opt
+
+
+# ---------------------------------------------------------------- partial state
+@pytest.mark.parametrize("make, key", [
+    (lambda ps: mf.AdamW(ps, lr=1e-2), "step"),
+    (lambda ps: mf.AdamW(ps, lr=1e-2), "exp_avg_sq"),
+    (lambda ps: mf.NAdam(ps, lr=1e-2), "mu_product"),
+    (lambda ps: mf.RMSprop(ps, lr=1e-2), "square_avg"),
+    (lambda ps: mf.Adam(ps, lr=1e-2, amsgrad=True), "exp_avg"),
+])
+def test_a_partial_state_raises_at_step_and_changes_nothing(make, key):
+    ps, opt = _stepped(make)
+    del opt.state[ps[0]][key]
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    before = snapshot(opt, ps)
+    with pytest.raises(ValueError, match=f"lacks \\['{key}'\\]"):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, ps))
+    opt.state.pop(ps[0])  # the documented way to restart a param: drop all of its state
+    opt.step()
+    assert float(opt.state[ps[0]].get("step", 1)) == 1.0
+
+
+def test_a_partial_checkpoint_is_refused_at_load_with_nothing_loaded():
+    ps, lion = _stepped(lambda ps: mf.Lion(ps, lr=1e-3))
+    qs, adamw = _stepped(lambda ps: mf.AdamW(ps, lr=1e-2), seed=1)
+    before = snapshot(adamw, qs)
+    with pytest.raises(ValueError, match="lacks \\['exp_avg_sq', 'step'\\]"):
+        adamw.load_state_dict(lion.state_dict())
+    assert_snapshot_equal(before, snapshot(adamw, qs))
+    sgd = torch.optim.SGD([torch.zeros(8, 8, requires_grad=True), torch.zeros(5, requires_grad=True)], lr=0.1,
+                          momentum=0.9)
+    for p in sgd.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    sgd.step()
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        adamw.load_state_dict(sgd.state_dict())  # torch.optim.Adam would load it and fail at step
+    assert_snapshot_equal(before, snapshot(adamw, qs))
+
+
+@pytest.mark.parametrize("make, switch, key", [
+    (lambda ps: mf.SGD(ps, lr=0.1), ("momentum", 0.9), "momentum_buffer"),
+    (lambda ps: mf.Adam(ps, lr=1e-2), ("amsgrad", True), "max_exp_avg_sq"),
+    (lambda ps: mf.RMSprop(ps, lr=1e-2), ("centered", True), "grad_avg"),
+])
+def test_a_state_switched_on_later_starts_as_at_a_first_step(make, switch, key):
+    ps, opt = _stepped(make)
+    opt.param_groups[0][switch[0]] = switch[1]
+    opt.step()
+    assert key in opt.state[ps[0]]
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_adamw_loads_an_adam_checkpoint_as_adamw_as_torch_does():
+    res = []
+    for cls in (torch.optim.AdamW, mf.AdamW):
+        p = torch.ones(3, requires_grad=True)
+        adam = torch.optim.Adam([p], lr=0.1, weight_decay=0.5)
+        p.grad = torch.ones(3)
+        adam.step()
+        q = torch.ones(3, requires_grad=True)
+        opt = cls([q], lr=0.1, weight_decay=0.5)
+        opt.load_state_dict(adam.state_dict())
+        assert opt.param_groups[0]["decoupled_weight_decay"] is True
+        q.grad = torch.ones(3)
+        opt.step()
+        res.append(q.detach().clone())
+    assert torch.equal(res[0], res[1])
+
+
+@pytest.mark.parametrize("torch_cls, cls", [(torch.optim.Adam, mf.Adam), (torch.optim.NAdam, mf.NAdam)])
+def test_load_hooks_see_and_keep_what_torch_hooks_do(torch_cls, cls):
+    def pre(opt, sd):
+        sd = copy.deepcopy(sd)
+        sd["state"][0]["step"] = torch.tensor(100.0)
+        return sd
+
+    def post(opt):
+        for st in opt.state.values():
+            st["step"] = torch.tensor(7.0)
+
+    out = []
+    for c in (torch_cls, cls):
+        (p,), opt = _stepped(lambda ps: c(ps, lr=0.1), shapes=((3,),))
+        sd = opt.state_dict()
+        steps = []
+        for hooks in ((pre, None), (None, post), (pre, post)):
+            q = torch.ones(3, requires_grad=True)
+            o = c([q], lr=0.1)
+            if hooks[0]:
+                o.register_load_state_dict_pre_hook(hooks[0])
+            if hooks[1]:
+                o.register_load_state_dict_post_hook(hooks[1])
+            o.load_state_dict(sd)
+            steps.append(float(o.state[q]["step"]))
+        out.append(steps)
+    assert out[0] == out[1] == [100.0, 7.0, 7.0]
+
+
+@pytest.mark.parametrize("src, dst, dtype", [
+    ("native", "master16", torch.bfloat16), ("native", "master", torch.bfloat16), ("master", "native", torch.bfloat16),
+    ("bf16_sr", "master16", torch.bfloat16), ("bf16_state", "native", torch.float32),
+    ("native", "bf16_state", torch.float32)])
+def test_a_checkpoint_never_changes_the_layout(src, dst, dtype):
+    (p,), a = _stepped(lambda ps: mf.AdamW(ps, lr=1e-2, layout=src), shapes=((512,),), dtype=dtype)
+    q = p.detach().clone().requires_grad_()
+    b = mf.AdamW([q], lr=1e-2, layout=dst)
+    b.load_state_dict(a.state_dict())
+    assert b.param_groups[0]["layout"] == dst
+    want = mf.layouts.get_layout(dst)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert b.state[q][key].dtype == (dtype if dst == "native" else want.dtype_of(key, dtype))
+    assert not ({"master", "master_lo"} - set(want.extra_keys)) & set(b.state[q])
+    q.grad = torch.ones_like(q)
+    b.step()
+    # the layout's own keys start from the param as at a first step: the master equals the param it came from
+    if dst == "master":
+        assert torch.equal(b.state[q]["master"].to(dtype), q.detach())
+
+
+def test_master16_to_master_rounds_tie_params_back_to_nearest_even():
+    master = torch.full((256,), 1.0 + 2.0 ** -8)  # a tie between two bf16 values: the odd one is 1 + 2^-7
+    p = torch.zeros(256, dtype=torch.bfloat16, requires_grad=True)
+    a = mf.SGD([p], lr=0.0, layout="master16")
+    hi, lo = mf.layouts.master16_encode(master)
+    with torch.no_grad():
+        p.copy_(hi.view(p.shape))
+    p.grad = torch.zeros_like(p)
+    a.step()
+    a.state[p]["master_lo"].copy_(lo.view(p.shape))
+    assert p[0].item() == 1.0 + 2.0 ** -7  # master16: the tie rounded away from zero
+    q = p.detach().clone().requires_grad_()
+    b = mf.SGD([q], lr=0.0, layout="master")
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.state[q]["master"], master)
+    assert torch.equal(q.detach(), master.to(torch.bfloat16))  # nearest even: 1.0
+
+
+def test_a_checkpoint_of_other_params_is_refused_whole():
+    ps, a = _stepped(lambda ps: mf.AdamW(ps, lr=1e-2, layout="int8_state"), shapes=((4096,), (8192,)))
+    qs = [torch.zeros(4096, requires_grad=True), torch.zeros(8448, requires_grad=True)]
+    b = mf.AdamW(qs, lr=0.123)
+    for q in qs:
+        q.grad = torch.ones_like(q)
+    b.step()
+    before = snapshot(b, qs)
+    with pytest.raises(ValueError, match="state 'exp_avg' has shape \\(8192,\\).*Nothing was loaded"):
+        b.load_state_dict(a.state_dict())
+    assert_snapshot_equal(before, snapshot(b, qs))
+    assert b.param_groups[0]["lr"] == 0.123
