@@ -176,3 +176,39 @@ def test_a_checkpoint_of_other_params_is_refused_whole():
         b.load_state_dict(a.state_dict())
     assert_snapshot_equal(before, snapshot(b, qs))
     assert b.param_groups[0]["lr"] == 0.123
+
+
+# ---------------------------------------------------------------- Muon's groups
+def test_muon_errors_name_the_users_group():
+    w = torch.randn(4, 4, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    opt = mf.Muon([dict(params=[b], use_muon=False), dict(params=[w])])
+    w.grad, b.grad = torch.ones(4, 4), torch.ones(4)
+    opt.param_groups[1]["momentum"] = 2.0
+    with pytest.raises(ValueError, match="^Muon param group 1: Invalid momentum"):
+        opt.step()
+    opt.param_groups[1]["momentum"] = 0.95
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="^Muon \\(use_muon=False group, AdamW\\) param group 0: Invalid lr"):
+        opt.step()
+    v = torch.randn(3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="^Muon: param 1 of the new param group is param 0 again"):
+        opt.add_param_group(dict(params=[v, v]))
+    assert len(opt.param_groups) == 2
+
+
+def test_muon_warns_on_keys_a_groups_kind_does_not_read():
+    w = torch.randn(4, 4, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    with pytest.warns(UserWarning) as rec:
+        mf.Muon([dict(params=[w], betas=(0.9, 0.95), weight_decy=0.1),
+                 dict(params=[b], use_muon=False, momentum=0.9, betaz=(0.9, 0.9))])
+    msgs = " | ".join(str(r.message) for r in rec)
+    assert "group 0: key 'betas' is an AdamW hyperparameter" in msgs
+    assert "group 0: key 'weight_decy'" in msgs and "did you mean 'weight_decay'" in msgs
+    assert "group 1: key 'momentum' is a Muon hyperparameter" in msgs and "betas[0]" in msgs
+    assert "group 1: key 'betaz'" in msgs and "did you mean 'betas'" in msgs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the reference MuonWithAuxAdam's own keys, and carried extras: silent
+        mf.Muon([dict(params=[w], lr=0.02, name="matrices"),
+                 dict(params=[b], use_muon=False, lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)])

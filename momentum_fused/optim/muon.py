@@ -9,11 +9,15 @@ params: ``momentum_buffer``, torch's EMA form; aux params: AdamW's ``step``, ``e
 """
 from __future__ import annotations
 
+import re
+import warnings
+
 import torch
 
 from ..specs_muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS, MUON_DEFAULTS, MUON_SPEC
 from .adam import AdamW
 from .base import FusedOptimizer
+from .checks import GROUP_KEYS_ALWAYS_ALLOWED, near_miss
 
 __all__ = ["Muon", "AUX_DEFAULTS"]
 
@@ -21,6 +25,7 @@ __all__ = ["Muon", "AUX_DEFAULTS"]
 AUX_DEFAULTS = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0, amsgrad=False, maximize=False)
 _MUON_KEYS = (*MUON_DEFAULTS, "capturable")
 _AUX_KEYS = (*AUX_DEFAULTS, "capturable")
+_OWN_KEYS = {True: {*_MUON_KEYS, "use_muon"}, False: {*_AUX_KEYS, "use_muon"}}  # by use_muon
 
 
 class _MuonCore(FusedOptimizer):
@@ -109,6 +114,7 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"{where}param {i} has shape {tuple(p.shape)}: Muon orthogonalizes matrices "
                                      "(params of 2 or more dims); put 0-d and 1-d params (biases, gains) in a param "
                                      "group with use_muon=False, stepped by AdamW")
+        self._warn_foreign_keys(g, use, where)
         saved = self.defaults
         # (aux groups take no Muon keys; both kinds take the optimizer's capturable)
         self.defaults = saved if use else {**AUX_DEFAULTS, "use_muon": False, "capturable": saved["capturable"]}
@@ -118,9 +124,50 @@ class Muon(torch.optim.Optimizer):
             self.defaults = saved
         try:
             self._add_inner(len(self.param_groups) - 1)
+        except (ValueError, TypeError, RuntimeError) as e:
+            self.param_groups.pop()
+            inner = self._core if use else self._aux
+            raise self._outer_error(inner, e, {len(inner.param_groups) if inner else 0: len(self.param_groups)}) \
+                from None
         except BaseException:
             self.param_groups.pop()
             raise
+
+    @staticmethod
+    def _warn_foreign_keys(g, use, where):
+        """Keys a group's kind does not read are kept and have no effect (torch carries extra keys), with a
+        UserWarning when one is a hyperparameter of the other kind (``momentum`` in a use_muon=False group, where
+        AdamW's first-moment decay is ``betas[0]``; ``betas`` in a Muon group) or a near miss of one of its own
+        (``weight_decy``); the reference MuonWithAuxAdam refuses any key besides its own."""
+        own = _OWN_KEYS[use]
+        for key in sorted(g.keys() - own - GROUP_KEYS_ALWAYS_ALLOWED, key=str):
+            if key in _OWN_KEYS[not use]:
+                kind = "a Muon hyperparameter; this use_muon=False group is stepped by AdamW, which does not read " \
+                       "it (its momentum is betas[0])" if not use else \
+                       "an AdamW hyperparameter of use_muon=False groups; Muon does not read it"
+                warnings.warn(f"{where}key {key!r} is {kind}: it is kept in the group and has no effect",
+                              UserWarning, stacklevel=3)
+                continue
+            hit = near_miss(key, own) if isinstance(key, str) else None
+            if hit is not None:
+                warnings.warn(f"{where}key {key!r} is not a hyperparameter of this "
+                              f"{'Muon' if use else 'AdamW (use_muon=False)'} group (did you mean {hit!r}?); it is "
+                              "kept in the group and has no effect", UserWarning, stacklevel=3)
+
+    def _outer_error(self, inner, e, new=None):
+        """An error of an inner optimizer as this optimizer's: its name and its group index (``new``: the inner
+        index -> this index of a group being added)."""
+        name = type(inner).__name__ if inner is not None else None
+        msg = str(e)
+        if type(e) not in (ValueError, TypeError, RuntimeError) or name is None or not msg.startswith(name):
+            return e
+        use = inner is self._core
+        outer = {igi: gi for gi, (u, igi) in enumerate(self._links) if u is use}
+        outer.update(new or {})
+        msg = ("Muon" if use else "Muon (use_muon=False group, AdamW)") + msg[len(name):]
+        msg = re.sub(r"(param group |of group )(\d+)",
+                     lambda m: m.group(1) + str(outer.get(int(m.group(2)), m.group(2))), msg, count=1)
+        return type(e)(msg)
 
     def _inner_group(self, group):
         keys = _MUON_KEYS if group["use_muon"] else _AUX_KEYS
@@ -195,7 +242,10 @@ class Muon(torch.optim.Optimizer):
         # each step then takes its plan from here (``_planned``) instead of validating again
         planned = []
         for inner in inners:
-            plan, cached = inner._step_plan()
+            try:
+                plan, cached = inner._step_plan()
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise self._outer_error(inner, e) from None
             planned.append((plan, cached, inner._views_verified))
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
