@@ -466,14 +466,40 @@ def test_polyak_constant_loss_no_division_by_zero(cls):
     for _ in range(3):
         opt.step(closure)
         g = opt.param_groups[0]
-        assert g["polyak_lr"] == 3.0 / 0.5 and math.isfinite(g["scheduled_lr"])
+        assert g["polyak_lr"] == 0.0 and math.isfinite(g["scheduled_lr"])  # no gradient: no Polyak step
     assert torch.equal(p.detach(), X0)
-    opt2 = cls([p], lr="polyak", polyak_max_lr=0.25, f_star=1.0)
-    opt2.step(closure)
+    opt2 = cls([p], lr="polyak", polyak_max_lr=0.25, f_star=1.0, M=0.5)
+
+    def closure2():
+        p.grad = torch.full_like(p, 1e-3)  # a tiny gradient: (f - f*)/M, capped
+        return torch.tensor(3.0, dtype=F64)
+    opt2.step(closure2)
     assert opt2.param_groups[0]["polyak_lr"] == 0.25
-    opt3 = cls([p], lr="polyak", f_star=5.0)  # f < f*: clipped at 0
-    opt3.step(closure)
-    assert opt3.param_groups[0]["polyak_lr"] == 0.0 and torch.equal(p.detach(), X0)
+    p2 = X0.clone().requires_grad_()
+    opt3 = cls([p2], lr="polyak", f_star=5.0)  # f < f*: clipped at 0
+    opt3.step(lambda: (setattr(p2, "grad", torch.ones_like(p2)), torch.tensor(3.0, dtype=F64))[1])
+    assert opt3.param_groups[0]["polyak_lr"] == 0.0 and torch.equal(p2.detach(), X0)
+
+
+@pytest.mark.parametrize("cls", [mf.SGDScheduleFree, mf.AdamWScheduleFree])
+def test_polyak_group_with_zero_gradients_does_not_move_under_weight_decay(cls):
+    """A group whose params the batch did not use (zero gradients, zero_grad(set_to_none=False)) took
+    gamma = (f - f*)/M = 1e8 f, which multiplied its weight decay: the group diverged at once. It takes no step."""
+    w, unused = torch.randn(5, dtype=F64, requires_grad=True), torch.randn(3, dtype=F64, requires_grad=True)
+    start = unused.detach().clone()
+    opt = cls([dict(params=[w]), dict(params=[unused])], lr="polyak", weight_decay=0.01)
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        loss = ((w - 1) ** 2).sum() + 1.0
+        loss.backward()
+        if unused.grad is None:
+            unused.grad = torch.zeros_like(unused)
+        return loss
+    for _ in range(3):
+        opt.step(closure)
+    assert opt.param_groups[1]["polyak_lr"] == 0.0 and opt.param_groups[0]["polyak_lr"] > 0.0
+    assert torch.equal(opt.state[unused]["z"], start) and torch.equal(unused.detach(), start)
 
 
 # ------------------------------------------------------------------ checkpoints

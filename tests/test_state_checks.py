@@ -212,3 +212,49 @@ def test_muon_warns_on_keys_a_groups_kind_does_not_read():
         warnings.simplefilter("error")  # the reference MuonWithAuxAdam's own keys, and carried extras: silent
         mf.Muon([dict(params=[w], lr=0.02, name="matrices"),
                  dict(params=[b], use_muon=False, lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)])
+
+
+# ---------------------------------------------------------------- research optimizers (second review)
+def test_adamtied_refuses_untied_betas_at_step_and_load():
+    """Untied betas were refused by the constructor and add_param_group only: an edited group or an Adam
+    checkpoint ran plain Adam until gradient_snr() raised."""
+    (p,), opt = _stepped(lambda ps: mf.AdamTied(ps, lr=1e-2, beta=0.9), shapes=((6,),))
+    opt.param_groups[0]["betas"] = (0.9, 0.95)
+    before = snapshot(opt, [p])
+    with pytest.raises(ValueError, match="param group 0: betas must be equal"):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, [p]))
+    opt.param_groups[0]["betas"] = (0.9, 0.9)
+    before = snapshot(opt, [p])
+    adam = torch.optim.Adam([torch.zeros(6, requires_grad=True)])
+    with pytest.raises(ValueError, match="load_state_dict: param group 0: betas must be equal"):
+        opt.load_state_dict(adam.state_dict())
+    assert_snapshot_equal(before, snapshot(opt, [p]))
+    calls = []  # torch's step hooks run once (AdamTied does not override step, which torch wraps per class)
+    opt.register_step_pre_hook(lambda *a: calls.append(1))
+    mf.Adam([torch.zeros(2, requires_grad=True)])  # an Adam instance: torch wraps Adam.step too
+    opt.step()
+    assert calls == [1]
+
+
+def test_lowrank_from_dense_draws_nothing_from_the_global_rng():
+    from momentum_fused import lowrank
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    dense = copy.deepcopy(net)
+    lowrank.convert(net, rank=2)
+    assert torch.equal(torch.rand(3), want)
+    layer = net[0]
+    u, s, vh = torch.linalg.svd(dense[0].weight.detach().double())
+    assert torch.allclose(layer.weight.double(), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-6)
+    assert torch.equal(layer.bias, dense[0].bias)
+
+
+def test_schedulefree_accepts_foreach_as_schedule_free_does():
+    p = torch.zeros(3, requires_grad=True)
+    for cls in (mf.SGDScheduleFree, mf.AdamWScheduleFree):
+        opt = cls([p], lr=0.1, foreach=True)
+        assert "foreach" not in opt.defaults

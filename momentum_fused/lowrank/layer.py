@@ -104,7 +104,8 @@ class LowRankLinear(nn.Module):
         self.register_buffer("rank", torch.tensor(rank, dtype=torch.int64, device=device))
         self._r = rank
         self._link()
-        self.reset_parameters()
+        if not self.__dict__.pop("_no_init", False):  # (from_dense: set from the dense weight instead)
+            self.reset_parameters()
 
     # ------------------------------------------------------------------ tags and rank
     def _link(self):
@@ -180,7 +181,8 @@ class LowRankLinear(nn.Module):
 
         Exactly one of ``rank`` (keep the top ``rank`` singular values) or ``tol`` (the smallest rank
         with a discarded tail ‖σ_{r:}‖ < tol ‖σ‖) is given. ``max_rank`` defaults to
-        max(rank, min(in, out) // 2)."""
+        max(rank, min(in, out) // 2). Draws nothing from the global RNG (``convert`` keeps a seeded run's data
+        order equal to its dense baseline's)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
         if (rank is None) == (tol is None):
@@ -193,7 +195,11 @@ class LowRankLinear(nn.Module):
             rank = cls.rank_for_tol(torch.linalg.svdvals(W.double()), tol)
         if max_rank is None:
             max_rank = max(rank, min(m, n) // 2)
-        layer = cls(n, m, rank, max_rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
+        # no random init (it would be overwritten: an SVD of a random matrix, and draws from the global RNG that
+        # would change a seeded run's data order against its dense baseline)
+        layer = cls.__new__(cls)
+        object.__setattr__(layer, "_no_init", True)
+        layer.__init__(n, m, rank, max_rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
         layer._set_from_svd(W, rank)
         if linear.bias is not None:
             with torch.no_grad():

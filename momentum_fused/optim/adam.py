@@ -37,6 +37,14 @@ class AdamW(Adam):
             group["decoupled_weight_decay"] = True
 
 
+def _check_tied(groups, where, first=0) -> None:
+    for gi, g in enumerate(groups, first):
+        betas = g.get("betas") if isinstance(g, dict) else None
+        if isinstance(betas, (tuple, list)) and len(betas) == 2 and betas[0] != betas[1]:
+            raise ValueError(f"{where} param group {gi}: betas must be equal, got {tuple(betas)}; use Adam for "
+                             "untied betas")
+
+
 class AdamTied(Adam):
     """Adam with beta1 = beta2 = beta ("In Search of Adam's Secret Sauce", Orvieto & Gower 2025).
 
@@ -56,10 +64,19 @@ class AdamTied(Adam):
             param_group = dict(param_group)
             beta = param_group.pop("beta")
             param_group["betas"] = (beta, beta)
-        betas = param_group.get("betas") if isinstance(param_group, dict) else None
-        if betas is not None and isinstance(betas, (tuple, list)) and len(betas) == 2 and betas[0] != betas[1]:
-            raise ValueError(f"AdamTied: betas must be equal, got {tuple(betas)}; use Adam for untied betas")
+        if isinstance(param_group, dict):
+            _check_tied([param_group], "AdamTied", len(self.param_groups))
         super().add_param_group(param_group)
+
+    def _step_plan(self):  # (not step(): torch wraps each class's step with its hooks, which would run twice)
+        _check_tied(self.param_groups, "AdamTied")  # a group edited since: refused before anything changes
+        return super()._step_plan()
+
+    def load_state_dict(self, state_dict):
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, list):  # (nothing loaded: an Adam checkpoint with untied betas)
+            _check_tied(groups, "AdamTied.load_state_dict:")
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def gradient_snr(self) -> dict:

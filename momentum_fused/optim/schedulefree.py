@@ -158,7 +158,9 @@ class _ScheduleFree(FusedOptimizer):
             for group, items in polyak:  # reduction pass: reads only (gamma is written with the other counters)
                 dot, sq = polyak_reductions(self.rule, group, items, self.state, inv_scale)
                 num = max(f - float(group["f_star"]) + dot, 0.0)
-                gamma = num / max(sq, float(group["M"]))
+                # a group whose gradients are all zero has no Polyak information: no step (its z stays, weight
+                # decay included, which (f - f*)/M would scale up, docs/schedulefree.md)
+                gamma = num / max(sq, float(group["M"])) if sq > 0.0 else 0.0
                 if group["polyak_max_lr"] is not None:
                     gamma = min(gamma, float(group["polyak_max_lr"]))
                 gammas.append(gamma)
@@ -183,19 +185,19 @@ class SGDScheduleFree(_ScheduleFree):
     warmup_steps, r, weight_lr_power: as schedule_free. weight_rule: "lr_max" (default, = schedule_free)
     or "lr_t" (weight each iterate by its scheduled lr ** weight_lr_power). f_star, polyak_max_lr (None:
     no cap), M (denominator safeguard > 0): the Polyak step options (only read with lr="polyak").
-    Starts in train mode."""
+    foreach: accepted as schedule_free's, selects nothing (every step is fused). Starts in train mode."""
 
     rule = "sgd_sf"
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
                  weight_lr_power=2.0, *, weight_rule="lr_max", f_star=0.0, polyak_max_lr=None, M=1e-8,
                  maximize=False, backend=None, layout=None, sr_seed=0,
-                 capturable=False):
+                 capturable=False, foreach=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
                                       weight_rule=weight_rule, f_star=f_star, polyak_max_lr=polyak_max_lr,
                                       M=M, maximize=maximize), backend=backend, layout=layout, sr_seed=sr_seed,
-                         capturable=capturable)
+                         capturable=capturable, foreach=foreach)
 
 
 class AdamWScheduleFree(_ScheduleFree):
@@ -213,10 +215,10 @@ class AdamWScheduleFree(_ScheduleFree):
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
                  r=0.0, weight_lr_power=2.0, *, weight_rule="lr_max", inner_momentum=0.0, f_star=0.0,
                  polyak_max_lr=None, M=1e-8, maximize=False, backend=None, layout=None, sr_seed=0,
-                 capturable=False):
+                 capturable=False, foreach=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
                                       weight_rule=weight_rule, inner_momentum=inner_momentum, f_star=f_star,
                                       polyak_max_lr=polyak_max_lr, M=M, maximize=maximize),
                          backend=backend, layout=layout, sr_seed=sr_seed,
-                         capturable=capturable)
+                         capturable=capturable, foreach=foreach)
