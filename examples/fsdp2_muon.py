@@ -121,6 +121,10 @@ def worker(rank, world, args, ckpt):
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     device = torch.device(args.device, rank) if cuda else torch.device("cpu")
     mesh = init_device_mesh(args.device, (world,))
+    if args.ckpt is None:  # under torchrun each rank made its own temporary directory: all use rank 0's (one
+        where = [ckpt]     # machine; across machines pass --ckpt on a shared filesystem)
+        dist.broadcast_object_list(where, src=0)
+        ckpt = where[0]
     data = list(batches(rank, device, args.steps + 3))
 
     model, opt = build(args, device, mesh)

@@ -361,3 +361,61 @@ def test_fsdp2_muon_example_runs_and_resumes_bit_for_bit():
     assert res.returncode == 0, res.stderr[-3000:]
     assert "largest param difference to the uninterrupted run 0" in res.stdout
     assert "Warning" not in res.stderr, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_compiled_muon_step_runs_eagerly_and_equals_eager(tensor_lr):
+    """Muon (with an aux AdamW group) inside a compiled train step: its step is one graph break and runs
+    eagerly, equal to the eager run bit for bit. The first compiled call raised AttributeError (an inner
+    optimizer's plan traced halfway) before 2026-12-05."""
+    from torch._dynamo.utils import counters
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        lr = torch.tensor(0.02) if tensor_lr else 0.02
+        opt = mf.Muon([dict(params=[model[0].weight, model[2].weight], lr=lr),
+                       dict(params=[model[0].bias, model[2].bias], use_muon=False)])
+        sched = lrs.ExponentialLR(opt, gamma=0.7)
+        step = _train_step_fn(model, opt)
+        if compiled:
+            step = torch.compile(step, fullgraph=False, backend="aot_eager")
+        for x, y in _data(4):
+            step(x, y)
+            sched.step()
+        runs.append((model, opt))
+        if compiled:
+            assert _our_breaks(counters) in ({"Muon.step"}, {"Muon._eager_step"}), dict(counters["graph_break"])
+    (m_e, o_e), (m_c, o_c) = runs
+    for a, b in zip(m_e.parameters(), m_c.parameters()):
+        assert torch.equal(a, b)
+        for k, v in o_e.state[a].items():
+            assert torch.equal(v, o_c.state[b][k]), k
+
+
+def test_compiled_step_of_dtensor_params_runs_eagerly(one_rank_mesh):
+    """A capturable group of DTensor params (FSDP2) with a tensor lr inside torch.compile: the traced bucket op
+    takes local shards, so the step is not traced (one graph break, eager, equal to the eager run); it raised
+    in the fake-tensor call before 2026-12-05."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch._dynamo.utils import counters
+    out = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), one_rank_mesh, [Shard(0)]))]
+        opt = mf.AdamW(ps, lr=torch.tensor(1e-2), capturable=True)
+
+        def step():
+            ps[0].grad = distribute_tensor(torch.ones(4, 3), one_rank_mesh, [Shard(0)])
+            opt.step()
+        f = torch.compile(step, fullgraph=False, backend="aot_eager") if compiled else step
+        for _ in range(3):
+            f()
+        out.append(ps[0].detach().full_tensor())
+        if compiled:
+            assert "FusedOptimizer._eager_step" in _our_breaks(counters)
+    assert torch.equal(out[0], out[1])

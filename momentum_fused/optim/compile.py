@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
+from .. import distributed as _dist
 from .._backend_cpu import flags_to_int  # (the kernels' flag bits: one definition)
 from .. import layouts as _layouts
 from ..specs import get_spec
@@ -20,12 +21,15 @@ class CompileMixin:
         """Can dynamo trace this step (see ``step``)? Marked below as a constant of the trace (evaluated
         once when tracing, without guards on the lr values)."""
         spec = self.spec
+        dtensor = _dist.dtensor_class()  # (a DTensor step runs eagerly: the bucket op takes local shards)
         for group in self.param_groups:
             lay = _layouts.get_layout(group["layout"])
             if self._not_capturable(lay) is not None or not isinstance(group["lr"], torch.Tensor):
                 return False  # (a float lr would be specialized: one recompilation per value)
             seen = set()
             for p in group["params"]:
+                if dtensor is not None and isinstance(p, dtensor):
+                    return False
                 if p.grad is None or p.is_complex():
                     if p.grad is not None:
                         return False

@@ -26,6 +26,7 @@ AUX_DEFAULTS = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0, ams
 _MUON_KEYS = (*MUON_DEFAULTS, "capturable")
 _AUX_KEYS = (*AUX_DEFAULTS, "capturable")
 _OWN_KEYS = {True: {*_MUON_KEYS, "use_muon"}, False: {*_AUX_KEYS, "use_muon"}}  # by use_muon
+_RENAMED = (ValueError, TypeError, RuntimeError, NotImplementedError)  # inner errors reworded as Muon's (exact types)
 
 
 class _MuonCore(FusedOptimizer):
@@ -124,7 +125,7 @@ class Muon(torch.optim.Optimizer):
             self.defaults = saved
         try:
             self._add_inner(len(self.param_groups) - 1)
-        except (ValueError, TypeError, RuntimeError) as e:
+        except _RENAMED as e:
             self.param_groups.pop()
             inner = self._core if use else self._aux
             raise self._outer_error(inner, e, {len(inner.param_groups) if inner else 0: len(self.param_groups)}) \
@@ -159,7 +160,7 @@ class Muon(torch.optim.Optimizer):
         index -> this index of a group being added)."""
         name = type(inner).__name__ if inner is not None else None
         msg = str(e)
-        if type(e) not in (ValueError, TypeError, RuntimeError) or name is None or not msg.startswith(name):
+        if type(e) not in _RENAMED or name is None or not msg.startswith(name):
             return e
         use = inner is self._core
         outer = {igi: gi for gi, (u, igi) in enumerate(self._links) if u is use}
@@ -231,6 +232,10 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        return self._eager_step(closure)
+
+    @torch._disable_dynamo  # (a compiled region runs the step eagerly: one graph break at step())
+    def _eager_step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -244,7 +249,7 @@ class Muon(torch.optim.Optimizer):
         for inner in inners:
             try:
                 plan, cached = inner._step_plan()
-            except (ValueError, TypeError, RuntimeError) as e:
+            except _RENAMED as e:
                 raise self._outer_error(inner, e) from None
             planned.append((plan, cached, inner._views_verified))
         found_inf = getattr(self, "found_inf", None)
