@@ -368,7 +368,8 @@ def test_int8_state_bytes_and_accuracy_against_fp32_state():
 def test_int8_state_checkpoints_round_trip_and_convert():
     opt, p, _ = _adamw_int8_run(steps=5)
     sd = opt.state_dict()
-    assert sd["state"][0]["exp_avg"].dtype == torch.int8 and sd["state"][0]["exp_avg_sq_scale"].dtype == torch.float32
+    assert sd["state"][0]["exp_avg_codes"].dtype == torch.int8 and sd["state"][0]["exp_avg_sq_scale"].dtype == torch.float32
+    assert "exp_avg" not in sd["state"][0]  # (the codes are not the values torch.optim would take them for)
     # int8_state -> int8_state: the codes as saved, the next steps bit for bit
     q = p.detach().clone().requires_grad_()
     o2 = mf.AdamW([q], lr=1e-2, weight_decay=0.01, layout="int8_state", backend="reference")
@@ -414,8 +415,8 @@ def test_int8_checkpoint_with_the_unused_code_minus_128_is_refused():
     decodes of it differ), and the optimizer keeps its state."""
     opt, p, _ = _adamw_int8_run(steps=2)
     sd = opt.state_dict()
-    bad = {**sd, "state": {0: {**sd["state"][0], "exp_avg": sd["state"][0]["exp_avg"].clone()}}}
-    bad["state"][0]["exp_avg"].view(-1)[17] = -128
+    bad = {**sd, "state": {0: {**sd["state"][0], "exp_avg_codes": sd["state"][0]["exp_avg_codes"].clone()}}}
+    bad["state"][0]["exp_avg_codes"].view(-1)[17] = -128
     q = p.detach().clone().requires_grad_()
     o2 = mf.AdamW([q], lr=1e-2, weight_decay=0.01, layout="int8_state", backend="reference")
     q.grad = torch.ones_like(q)
@@ -425,4 +426,41 @@ def test_int8_checkpoint_with_the_unused_code_minus_128_is_refused():
         o2.load_state_dict(bad)
     assert all(torch.equal(o2.state[q][k], v) for k, v in before.items())
     o2.load_state_dict(sd)  # the intact checkpoint loads
-    assert torch.equal(o2.state[q]["exp_avg"], sd["state"][0]["exp_avg"])
+    assert torch.equal(o2.state[q]["exp_avg"], sd["state"][0]["exp_avg_codes"])
+
+
+def test_int8_codes_are_saved_apart_from_the_values(tmp_path):
+    """The codes are saved as name + "_codes": a checkpoint read where they cannot be decoded misses the key
+    loudly. Before 2026-12-05 they were saved under the state's name, and torch.optim.AdamW, or
+    torch.distributed.checkpoint's in-place load into a native optimizer, took them as the moments (values up to
+    127, silently). momentum_fused still loads the old form."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 16, bias=False)
+    opt = mf.AdamW(model.parameters(), lr=1e-2, layout="int8_state", backend="reference")
+    for _ in range(3):
+        model.weight.grad = torch.randn(16, 256)
+        opt.step()
+    sd = opt.state_dict()
+    assert {"exp_avg_codes", "exp_avg_sq_codes"} <= set(sd["state"][0]) and "exp_avg" not in sd["state"][0]
+    assert set(opt.state[model.weight]) >= {"exp_avg", "exp_avg_scale"}  # the live state keeps its names
+    twin = torch.optim.AdamW([torch.zeros(16, 256, requires_grad=True)])
+    twin.load_state_dict(sd)
+    twin.param_groups[0]["params"][0].grad = torch.ones(16, 256)
+    with pytest.raises(KeyError, match="exp_avg"):
+        twin.step()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
+    native = torch.nn.Linear(256, 16, bias=False)
+    nopt = mf.AdamW(native.parameters(), lr=1e-2)
+    msd2, osd2 = get_state_dict(native, nopt)
+    with pytest.raises(BaseException) as err:  # (DCP's CheckpointException, a BaseException, carries each rank's error)
+        dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=str(tmp_path))
+    why = str(err.value) + repr(getattr(err.value, "failures", ""))
+    assert "Missing key in checkpoint state_dict" in why and "exp_avg" in why, why
+    old = {**sd, "state": {0: {k.removesuffix("_codes"): v for k, v in sd["state"][0].items()}}}  # the 12-04 form
+    q = model.weight.detach().clone().requires_grad_()
+    o2 = mf.AdamW([q], lr=1e-2, layout="int8_state", backend="reference")
+    o2.load_state_dict(old)
+    assert all(torch.equal(o2.state[q][k], v) for k, v in opt.state[model.weight].items())

@@ -291,7 +291,7 @@ def test_int8_layouts_distributed_checkpoint_resume_equals_uninterrupted(world, 
     """DCP save / load of an FSDP2 run in an int8 layout: codes, block scales (and master16_int8's remainder) are
     saved as DTensors, and the resumed run is the uninterrupted one bit for bit."""
     for rank, res in enumerate(_results(world, f"int8_ckpt-{layout}-{backend}")):
-        assert "exp_avg:DTensor:torch.int8" in res["saved"] and "exp_avg_sq:DTensor:torch.uint8" in res["saved"]
+        assert "exp_avg_codes:DTensor:torch.int8" in res["saved"] and "exp_avg_sq_codes:DTensor:torch.uint8" in res["saved"]
         assert "exp_avg_scale:DTensor:torch.float32" in res["saved"], res["saved"]
         if layout == "master16_int8":
             assert "master_lo:DTensor:torch.int16" in res["saved"], res["saved"]

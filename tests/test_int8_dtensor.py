@@ -85,3 +85,67 @@ def test_scales_placed_otherwise_are_refused_before_any_change(mesh):
     st["exp_avg_scale"] = st["exp_avg_scale"].full_tensor()  # a plain tensor for a DTensor param
     with pytest.raises(ValueError, match="exp_avg_scale.*DTensor placed as the param"):
         opt.step()
+
+
+def _fsdp_pair(mesh, seed):
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(seed)
+    plain = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False), torch.nn.Tanh(),  # rows of whole blocks:
+                                torch.nn.Linear(256, 16, bias=False))                   # quantized both ways
+    import copy
+    sharded = copy.deepcopy(plain)
+    fully_shard(sharded[0], mesh=mesh)
+    fully_shard(sharded[2], mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    return plain, sharded
+
+
+def _train(model, opt, steps, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 256, generator=gen)
+        opt.zero_grad()
+        ((model(x) - x[:, :16]) ** 2).mean().backward()
+        opt.step()
+
+
+def test_int8_checkpoints_move_between_fsdp2_and_one_process(mesh):
+    """The full optimizer state dict of an FSDP2 int8_state run loads into an unsharded optimizer, and the other
+    way: the scales are (rows, blocks per row) there and (blocks,) here, the same blocks in order, so they are
+    reshaped; the continued steps equal the uninterrupted run bit for bit. The step refused the scales' shape
+    before 2026-12-05. Converting codes <-> fp32 state on DTensors is refused before anything is loaded."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True)
+    make = lambda m, layout="int8_state": mf.AdamW(m.parameters(), lr=1e-2, layout=layout)  # noqa: E731
+    ref, _ = _fsdp_pair(mesh, 0)
+    ref_opt = make(ref)
+    _train(ref, ref_opt, 5)
+    for src_sharded in (True, False):
+        plain, sharded = _fsdp_pair(mesh, 0)
+        src, dst = (sharded, plain) if src_sharded else (plain, sharded)
+        src_opt = make(src)
+        _train(src, src_opt, 2)
+        dst_opt = make(dst)
+        set_model_state_dict(dst, get_model_state_dict(src, options=opts), options=opts)
+        set_optimizer_state_dict(dst, dst_opt, get_optimizer_state_dict(src, src_opt, options=opts), options=opts)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(2):  # the batches the source saw, then three more: the reference's five
+            torch.randn(8, 256, generator=gen)
+        for _ in range(3):
+            x = torch.randn(8, 256, generator=gen)
+            dst_opt.zero_grad()
+            ((dst(x) - x[:, :16]) ** 2).mean().backward()
+            dst_opt.step()
+        for a, b in zip(ref.parameters(), dst.parameters()):
+            assert torch.equal(a.detach(), b.full_tensor() if hasattr(b, "full_tensor") else b.detach())
+    plain, sharded = _fsdp_pair(mesh, 0)
+    src_opt = make(plain)
+    _train(plain, src_opt, 2)
+    dst_opt = make(sharded, "native")
+    with pytest.raises(ValueError, match="DTensor .FSDP2.*8-bit codes.*nothing was loaded"):
+        set_optimizer_state_dict(sharded, dst_opt, get_optimizer_state_dict(plain, src_opt, options=opts),
+                                 options=opts)
+    # (torch's set_optimizer_state_dict first creates zero state by a step with lr 0): nothing of the source's
+    assert all(float(st["exp_avg"].full_tensor().abs().max()) == 0.0 for st in dst_opt.state.values())

@@ -62,9 +62,11 @@ class CheckpointMixin:
             hook(self)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = _codes_to_live_names(state_dict)
         self._check_loaded_host_state(state_dict)
         _check_int8_codes(state_dict)
         self._check_loaded_sizes(state_dict)
+        self._check_dtensor_int8(state_dict)
         self.invalidate_caches()
         host, saved = {}, {}
         for idx, st in state_dict["state"].items():
@@ -155,6 +157,39 @@ class CheckpointMixin:
                                      f"{tuple(v.shape)}; was the checkpoint saved for other params? Nothing was "
                                      "loaded")
 
+    def _check_dtensor_int8(self, state_dict: dict[str, Any]) -> None:
+        """Before anything is loaded: a DTensor (FSDP2) param whose checkpoint holds 8-bit codes where its layout
+        keeps fp32 state, or fp32 state where it keeps codes, is refused (that conversion is not implemented on
+        sharded tensors; it crashed inside torch's DTensor ops before 2026-12-05). Codes into codes load, the
+        scales reshaped between one process's and FSDP2's shapes."""
+        try:
+            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+            states = state_dict["state"]
+        except (KeyError, TypeError):
+            return
+        params = [(gi, pi, p, g) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
+        if len(saved_ids) != len(params) or _dist.dtensor_class() is None:
+            return
+        sfx = _layouts.INT8_SCALE_SUFFIX
+        for idx, (gi, pi, p, g) in zip(saved_ids, params):
+            st = states.get(idx)
+            if not isinstance(st, dict) or not _dist.is_dtensor(p):
+                continue
+            lay = _layouts.get_layout(g["layout"])
+            live_codes = lay.int8 and _layouts.int8_quantized(p)
+            for key in self.spec.state_names(g):
+                v = st.get(key)
+                if not isinstance(v, torch.Tensor):
+                    continue
+                coded = v.dtype in (torch.int8, torch.uint8) and key + sfx in st
+                if coded != live_codes:
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: param {pi} of group {gi} is a DTensor (FSDP2) whose "
+                        f"layout keeps {'8-bit codes' if live_codes else 'fp32 state'}, but the checkpoint holds "
+                        f"{'8-bit codes' if coded else 'fp32 values'} for {key!r}: converting between them is not "
+                        "supported on sharded tensors (load it into the layout it was saved with, or convert it in "
+                        "one process with load_state_dict); nothing was loaded")
+
     def _convert_int8(self, p, lay, saved, names) -> None:
         """int8_state checkpoints (docs/layouts.md): into an int8_state group the saved codes and scales are kept
         and fp32 moments (a checkpoint of another layout) are encoded; into a group of any other layout, saved
@@ -168,7 +203,11 @@ class CheckpointMixin:
             sc = saved.get(key + sfx) if v.dtype in (torch.int8, torch.uint8) else None
             if sc is not None and quantized:
                 st[key] = v.detach().to(p.device, copy=True)
-                st[key + sfx] = sc.detach().to(p.device, torch.float32, copy=True)
+                sc = sc.detach().to(p.device, torch.float32, copy=True)
+                want = _layouts.int8_scale_shape(p)
+                if tuple(sc.shape) != tuple(want) and sc.numel() == p.numel() // _layouts.INT8_BLOCK:
+                    sc = sc.reshape(want)  # FSDP2's (rows, blocks per row) <-> one process's (blocks,): same order
+                st[key + sfx] = sc
                 continue
             x = _layouts.int8_decode(v.to(p.device), sc.to(p.device), v.dtype == torch.int8) if sc is not None \
                 else v.detach().to(p.device, torch.float32)
@@ -200,5 +239,40 @@ class CheckpointMixin:
 
 
     def state_dict(self):
+        """torch's, except that a quantized tensor's 8-bit codes are saved as ``name + "_codes"`` (beside their
+        ``name + "_scale"``), not under the state's name: a checkpoint loaded where the codes cannot be decoded
+        (torch.optim, or torch.distributed.checkpoint's in-place load into a native optimizer) then misses the
+        key loudly instead of taking the codes as the moments. ``load_state_dict`` takes both forms. State-dict
+        post-hooks run before this renaming (they see the live names)."""
         self.sync_amp()
-        return super().state_dict()
+        sd = super().state_dict()
+        state, sfx, cfx = sd["state"], _layouts.INT8_SCALE_SUFFIX, _layouts.INT8_CODES_SUFFIX
+        for idx, st in list(state.items()):
+            if isinstance(st, dict) and any(isinstance(k, str) and k.endswith(sfx) for k in st):
+                state[idx] = {(k + cfx if _is_codes(st, k) else k): v for k, v in st.items()}  # (new dicts)
+        return sd
+
+
+def _is_codes(st: dict, key) -> bool:
+    v = st[key]
+    return isinstance(key, str) and key + _layouts.INT8_SCALE_SUFFIX in st and isinstance(v, torch.Tensor) \
+        and v.dtype in (torch.int8, torch.uint8)
+
+
+def _codes_to_live_names(state_dict):
+    """A checkpoint's ``name + "_codes"`` entries (``state_dict``) back under ``name``, in new dicts (the
+    caller's are not modified); checkpoints saved before 2026-12-05 hold the codes under ``name`` already."""
+    cfx, sfx = _layouts.INT8_CODES_SUFFIX, _layouts.INT8_SCALE_SUFFIX
+    states = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(states, dict):
+        return state_dict
+    out = None
+    for idx, st in states.items():
+        if not isinstance(st, dict):
+            continue
+        codes = [k for k in st if isinstance(k, str) and k.endswith(cfx) and k[:-len(cfx)] + sfx in st]
+        if codes:
+            if out is None:
+                out = dict(states)
+            out[idx] = {(k[:-len(cfx)] if k in codes else k): v for k, v in st.items()}
+    return state_dict if out is None else {**state_dict, "state": out}
