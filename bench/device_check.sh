@@ -42,6 +42,8 @@ finish() {
 trap finish EXIT
 
 left() { echo $(( DEADLINE_S - ($(date +%s) - T0) - 10 )); }
+# cap N: min(N, time left), at least 1 (a timeout of 0 would mean no limit, a negative one is an error)
+cap() { local t=$(left) c=$1; [ "$t" -lt "$c" ] && c=$t; [ "$c" -lt 1 ] && c=1; echo "$c"; }
 # run NAME BUDGET_S CMD...: runs CMD with min(BUDGET_S, time left) as timeout, log in $WORK/NAME.log
 run() {
   local name=$1 budget=$2; shift 2
@@ -55,14 +57,14 @@ run() {
 }
 
 phase_env() {
-  { nvidia-smi; "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))";
-    "$PY" -c "import triton; print('triton', triton.__version__)"; nvcc --version | tail -2; git log -1 --oneline; } > "$WORK/env.log" 2>&1
+  { timeout 30 nvidia-smi; timeout 60 "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))";
+    timeout 60 "$PY" -c "import triton; print('triton', triton.__version__)"; timeout 30 nvcc --version | tail -2; git log -1 --oneline; } > "$WORK/env.log" 2>&1
   grep -E "^torch|^triton|H200|release" "$WORK/env.log" | tee -a "$WORK/summary.txt"
   # Control for the segfault of 2026-11-28 (the first c10::Error thrown by our cuda_step killed the process):
   # does an error thrown by torch's own C++ (a TORCH_CHECK in ATen), on the CPU and on CUDA, reach Python as a
   # RuntimeError in this image? If these crash too, the cause is the environment, not the extension.
   for dev in cpu cuda; do
-    "$PY" -X faulthandler -c "import torch
+    timeout 60 "$PY" -X faulthandler -c "import torch
 try:
     torch.zeros(2, device='$dev') + torch.zeros(3, device='$dev')
 except RuntimeError:
@@ -75,7 +77,8 @@ except RuntimeError:
 # they build in sequence: 116-165 s on 2026-12-04, the CUDA one's single nvcc job the long pole). Each process
 # stores "not built" for the other extension at its start (setup.py): a successful build of that one clears it.
 phase_build() {
-  local s=$(date +%s) t=$(left); [ "$t" -gt 240 ] && t=240
+  local s=$(date +%s) t; t=$(cap 240)
+  [ "$t" -le 30 ] && { echo "SKIP build: out of time" | tee -a "$WORK/summary.txt"; return; }
   MOMENTUM_FUSED_BUILD_CUDA=0 timeout "$t" "$PY" setup.py build_ext --inplace --build-temp build/temp-cpu \
     > "$WORK/build-cpu.log" 2>&1 &
   local cpu=$!
@@ -95,7 +98,7 @@ phase_build() {
     ls momentum_fused/_C_${ext}.*.so > /dev/null 2>&1 || { echo "  $ext: no extension built; build-$ext.log ends:";
       tail -3 "$WORK/build-$ext.log" | cut -c1-200 | sed 's/^/    /'; } | tee -a "$WORK/summary.txt"
   done
-  "$PY" -c "import momentum_fused as m; print(m.backends.status())" 2>&1 | tee -a "$WORK/summary.txt"
+  timeout "$(cap 120)" "$PY" -c "import momentum_fused as m; print(m.backends.status())" 2>&1 | tee -a "$WORK/summary.txt"
 }
 PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
 phase_test_cuda() { run test-cuda 150 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py; }
@@ -135,7 +138,7 @@ phase_cuda_errors() {
   grep -E "case [0-9]+:|native stack" -A0 "$WORK/cuda-errors.log" | sed 's/^/  /' | cut -c1-200 | tee -a "$WORK/summary.txt"
   grep -A40 "== native stack" "$WORK/cuda-errors.log" | grep -E "momentum_fused|c10|torch|=>" | head -24 | sed 's/^/  /' \
     | cut -c1-240 | tee -a "$WORK/summary.txt"
-  command -v cuda-gdb > /dev/null && (cd tests && timeout "$(( $(left) < 60 ? $(left) : 60 ))" cuda-gdb -batch -ex run -ex bt \
+  command -v cuda-gdb > /dev/null && (cd tests && timeout "$(cap 60)" cuda-gdb -batch -ex run -ex bt \
     --args "$PY" -c "import test_cuda_backend as t; t._bad_arguments_eager_entry(only=0)" > "$WORK/cuda-errors-gdb.log" 2>&1)
   grep -E "^#[0-9]+ " "$WORK/cuda-errors-gdb.log" 2>/dev/null | head -16 | sed 's/^/  gdb /' | cut -c1-220 | tee -a "$WORK/summary.txt"
 }
@@ -152,7 +155,7 @@ phase_kernels_cuda() {
   local nv; nv="$(command -v nvcc)"; [ -z "$nv" ] && { echo "kernels-cuda: no nvcc" | tee -a "$WORK/summary.txt"; return; }
   local s=$(date +%s) flags=(-O3 -std=c++17 --fmad=false -arch=sm_90 -Icsrc csrc/cuda/tools/step_timing.cu csrc/cuda/fused_step.cu)
   for mb in 2 1; do
-    timeout "$(left)" "$nv" "${flags[@]}" -DMF_CUDA_MIN_BLOCKS=$mb -DMF_CUDA_MASTER_MIN_BLOCKS=$mb -o "$WORK/step_timing-$mb" > "$WORK/step_timing-build-$mb.log" 2>&1 &
+    timeout "$(cap 600)" "$nv" "${flags[@]}" -DMF_CUDA_MIN_BLOCKS=$mb -DMF_CUDA_MASTER_MIN_BLOCKS=$mb -o "$WORK/step_timing-$mb" > "$WORK/step_timing-build-$mb.log" 2>&1 &
   done
   wait
   echo "kernels-cuda: built in $(( $(date +%s) - s )) s" | tee -a "$WORK/summary.txt"
@@ -166,10 +169,10 @@ phase_kernels_cuda() {
       for mb in 2 1; do
         for table in big small; do
           [ "$prof" = tiny ] && [ "$mb" = 1 ] && continue
-          [ "$(left)" -le 20 ] && { echo "SKIP kernels-cuda rest: out of time" | tee -a "$WORK/summary.txt"; return; }
+          [ "$(left)" -le 20 ] && { echo "SKIP kernels-cuda rest: out of time" | tee -a "$WORK/summary.txt"; break 4; }
           local env=(); [ "$table" = small ] && env=(MOMENTUM_FUSED_CUDA_MAX_BLOCKS=320 MOMENTUM_FUSED_CUDA_MAX_TENSORS=36)
           { printf '{"profile": "%s", "table": "%s", "run": ' "$prof" "$table"
-            env "${env[@]}" timeout 60 "$WORK/step_timing-$mb" $cfg 20 < "$WORK/$prof.numels" | tr -d '\n' || printf '{}'
+            env "${env[@]}" timeout "$(cap 60)" "$WORK/step_timing-$mb" $cfg 20 < "$WORK/$prof.numels" | tr -d '\n' || printf '{}'
             printf '}\n'; } >> "$WORK/kernels-cuda.jsonl" 2>> "$WORK/kernels-cuda.err"
         done
       done
@@ -200,7 +203,7 @@ phase_kernels_int8() {
   local nv; nv="$(command -v nvcc)"; [ -z "$nv" ] && { echo "kernels-int8: no nvcc" | tee -a "$WORK/summary.txt"; return; }
   local s=$(date +%s) flags=(-O3 -std=c++17 --fmad=false -arch=sm_90 -Icsrc csrc/cuda/tools/step_timing.cu csrc/cuda/fused_step.cu)
   for mb in 1 2; do
-    timeout "$(left)" "$nv" "${flags[@]}" -DMF_CUDA_INT8_MIN_BLOCKS=$mb -o "$WORK/step_timing-i8-$mb" > "$WORK/step_timing-build-i8-$mb.log" 2>&1 &
+    timeout "$(cap 600)" "$nv" "${flags[@]}" -DMF_CUDA_INT8_MIN_BLOCKS=$mb -o "$WORK/step_timing-i8-$mb" > "$WORK/step_timing-build-i8-$mb.log" 2>&1 &
   done
   wait
   echo "kernels-int8: built in $(( $(date +%s) - s )) s" | tee -a "$WORK/summary.txt"
@@ -211,7 +214,7 @@ phase_kernels_int8() {
       for mb in 1 2; do
         [ "$(left)" -le 15 ] && { echo "SKIP kernels-int8 rest: out of time" | tee -a "$WORK/summary.txt"; break 3; }
         { printf '{"profile": "llm", "table": "big", "run": '
-          timeout 60 "$WORK/step_timing-i8-$mb" $cfg < "$WORK/llm.numels" | tr -d '\n' || printf '{}'
+          timeout "$(cap 60)" "$WORK/step_timing-i8-$mb" $cfg < "$WORK/llm.numels" | tr -d '\n' || printf '{}'
           printf '}\n'; } >> "$WORK/kernels-int8.jsonl" 2>> "$WORK/kernels-int8.err"
       done
     done

@@ -19,7 +19,10 @@ Triton ships). Per kernel:
   kernel when it has no loop (a Triton program handles one block); ``elements_per_iteration``: elements one
   thread handles in that loop body / program (the bytes its data loads fetch, divided by the bytes per element
   the layout reads); ``instructions_per_element`` = loop_instructions / elements_per_iteration. Static counts:
-  rarely taken paths inside the loop body (the IEEE division's slow path when inlined) count as well.
+  rarely taken paths inside the loop body (the IEEE division's slow path when inlined) count as well. The CUDA int8
+  kernels' loop body holds both the aligned (128-bit) and the scalar path for the same 8 elements, and the block
+  scales' loads: their elements_per_iteration is ~2x the elements a lane handles (16.8 for 8) and their
+  instructions_per_element compares with the int8 kernels' own (before / after a change), not with the others'.
 
 The numbers are the evidence for docs/csrc.md and docs/triton.md until a GPU measures them
 (bench/device_check.sh, phase ``kernel-report`` writes this report next to the timings).
@@ -620,6 +623,17 @@ def main(argv=None) -> int:
         return 0
     rules = [r for r in args.rules.split(",") if r] or None
     layouts = [x for x in args.layouts.split(",") if x] or None
+    # kernel rule ids (AdamW is rule "adam" with its decoupled flag): an unknown name would give an empty report
+    alias = {"adamw": "adam", "sgd_momentum": "sgd", "amsgrad": "adam", "muon": "muon_momentum,muon_apply"}
+    bad = [r for r in rules or () if r not in RULE_FLAGS and r not in alias]
+    if bad:
+        ap.error(f"--rules: unknown {bad}; kernel rules: {','.join(RULE_FLAGS)} (aliases: "
+                 + ", ".join(f"{k} -> {v}" for k, v in alias.items()) + ")")
+    if rules:
+        rules = list(dict.fromkeys(x for r in rules for x in alias.get(r, r).split(",")))
+    bad = [x for x in layouts or () if x not in LAYOUTS and x not in INT8_LAYOUTS]
+    if bad:
+        ap.error(f"--layouts: unknown {bad}; layouts: {','.join([*LAYOUTS, *INT8_LAYOUTS])}")
     rows, notes = [], []
     backends = args.backend.split(",")
     if "cuda" in backends:
