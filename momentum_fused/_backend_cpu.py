@@ -24,12 +24,14 @@ against the layout table and raises before writing anything.
 Rule ids (``specs.KERNEL_RULES``), flag bits (``spec.flag_names``), pack columns (``spec.scalar_names``) and
 layout codes (``layouts.LAYOUTS``) are defined once in Python; csrc/generated/tables.h is generated from them
 (momentum_fused/_codegen.py, checked by tests/test_codegen.py). ``make_backend`` compares the compiled library
-(rule_id, num_scalars, num_states) with them and refuses a stale build.
+(rule ids and scalar-pack sizes) with them and refuses a stale build.
 
 Non-contiguous tensors (params, grads or state): copied in to contiguous buffers, updated, and copied
 back (params and state) after the op. Correct for any strided layout, at the price of the copies.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -54,8 +56,23 @@ def flags_to_int(rule: str, flags) -> int:
     return sum(1 << i for i, f in enumerate(flags) if f)
 
 
+CPU_ISAS = ("baseline", "avx2", "avx512")  # MOMENTUM_FUSED_CPU_ISA: caps the kernels' instruction set (csrc.md)
+
+
+def isa_env_error() -> str | None:
+    """Why MOMENTUM_FUSED_CPU_ISA cannot be honoured (the C++ side would take any other value as no cap), or None."""
+    v = os.environ.get("MOMENTUM_FUSED_CPU_ISA")
+    if v is None or v == "" or v in CPU_ISAS:
+        return None
+    return (f"MOMENTUM_FUSED_CPU_ISA={v!r} is not one of {', '.join(CPU_ISAS)} (exact, lower case; unset: the "
+            "best this CPU has)")
+
+
 def _load():
     """Import the extension; returns (ops namespace, None) or (None, reason)."""
+    isa = isa_env_error()
+    if isa is not None:
+        return None, isa
     err = backends.import_extension("cpu", "CPU", "`pip install -e . --no-build-isolation` (needs a C++ compiler)")
     if err is not None:
         return None, err
@@ -137,12 +154,12 @@ def symmetric_product():
     """The CPU kernel of the symmetric bf16 products of Newton-Schulz (csrc/cpu/cpu_symmm.cpp) as a drop-in for
     ``reference.symmetric_baddbmm`` on bf16 CPU stacks, or None where it does not run: the extension is not
     built, or the CPU has no AVX-512-BF16, has AMX (torch's GEMMs are faster there) or MOMENTUM_FUSED_CPU_ISA
-    caps it below avx512. It computes the tiles on and above the diagonal (~55% of the multiply-adds at m = 384)
+    caps it below avx512 (or holds a value that is no ISA: the cpu backend then names it). It computes the tiles on and above the diagonal (~55% of the multiply-adds at m = 384)
     and mirrors them, with an fp32 accumulator and one rounding to bf16, as torch's bf16 GEMM does."""
     global _SYMMETRIC
     if _SYMMETRIC is None:
         _SYMMETRIC = (False,)
-        if backends.import_extension("cpu", "CPU", "") is None:
+        if isa_env_error() is None and backends.import_extension("cpu", "CPU", "") is None:
             from . import _C_cpu
             if getattr(_C_cpu, "sym_mm_bf16_available", lambda: False)():
                 _SYMMETRIC = (True, _C_cpu)

@@ -56,6 +56,31 @@ def _interpreting() -> bool:
     return True
 
 
+# the launcher's tuning knobs (triton_kernels/launcher.py, for bench/device_check.sh's A/B): name -> (default, the
+# smallest value); each a power of two (tl.arange needs one)
+_KNOBS = {"MOMENTUM_FUSED_TRITON_BLOCK": (2048, 32), "MOMENTUM_FUSED_TRITON_WARPS": (4, 1),
+          "MOMENTUM_FUSED_TRITON_INT8_ROWS": (8, 1), "MOMENTUM_FUSED_TRITON_INT8_WARPS": (8, 1)}
+
+
+def _knob_error() -> str | None:
+    """Why the environment's launcher knobs cannot run (before anything is launched), or None."""
+    vals = {}
+    for name, (default, low) in _KNOBS.items():
+        raw = os.environ.get(name)
+        try:
+            v = default if raw is None else int(raw)
+        except ValueError:
+            return f"{name}={raw!r} is not an integer"
+        if v < low or v & (v - 1):
+            return f"{name}={v} must be a power of two >= {low} (tl.arange needs one)"
+        vals[name] = v
+    block, warps = vals["MOMENTUM_FUSED_TRITON_BLOCK"], vals["MOMENTUM_FUSED_TRITON_WARPS"]
+    if block < 32 * warps:
+        return (f"MOMENTUM_FUSED_TRITON_BLOCK={block} is below 32 x MOMENTUM_FUSED_TRITON_WARPS={warps} (the packed "
+                "path's lanes)")
+    return None
+
+
 def _layout_mismatch(spec) -> str | None:
     rules, _ = _kernel_modules()
     if spec.name not in rules.RULE_IDS:
@@ -69,6 +94,9 @@ def supports(spec, device, dtype) -> str | None:
         return _CPU_REASON
     if device.type not in ("cpu", "cuda"):
         return f"the Triton backend runs on cuda (or cpu in the interpreter), not {device.type}"
+    knobs = _knob_error()
+    if knobs is not None:
+        return knobs
     if dtype not in SUPPORTED_DTYPES:
         return (f"storage dtype {dtype} is not supported by the Triton backend (supported: float32, "
                 "float16, bfloat16; use the reference backend for float64)")

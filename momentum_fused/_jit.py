@@ -42,6 +42,7 @@ MODULE = "momentum_fused._C_cpu"
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 DISABLED_AT_INSTALL = "not built: MOMENTUM_FUSED_BUILD_CPU=0 at install time"
 _FALSE = ("0", "false", "no", "off")
+_TRUE = ("1", "true", "yes", "on")
 
 # this process's outcome: "installed" (nothing to do), "cached", "built", "disabled", "unavailable"
 STATUS: dict = {"outcome": None, "reason": None, "build_dir": None}
@@ -123,6 +124,11 @@ def jit_build(package_dir: str = PACKAGE_DIR, env=os.environ, *, stream=None):
     Returns ``(module, None)`` or ``(None, reason)``; warns (once) when it cannot build for a reason the
     user can fix. Does not touch ``sys.modules``."""
     STATUS.update(outcome="unavailable", reason=None, build_dir=None)
+    raw = env.get("MOMENTUM_FUSED_JIT")
+    if raw is not None and raw.strip().lower() not in (*_FALSE, *_TRUE, ""):
+        STATUS.update(outcome="disabled")
+        return None, (f"MOMENTUM_FUSED_JIT={raw!r} is neither on ({'/'.join(_TRUE)}) nor off ({'/'.join(_FALSE)}): "
+                      "no build at first import")
     if _flag_off(env, "MOMENTUM_FUSED_JIT"):
         STATUS.update(outcome="disabled")
         return None, ("the extension was not compiled at install time and the build at first import is "

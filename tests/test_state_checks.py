@@ -2,8 +2,9 @@
 (a key deleted, another optimizer's checkpoint) refused instead of completed with zeros; AdamW loading an Adam
 checkpoint as AdamW; load hooks seeing and keeping what torch's do; a checkpoint that never changes a group's dtype
 layout; a checkpoint of other params refused whole; master16 -> master rounding the tie params back; Muon's errors
-naming the user's group and warning on keys a group's kind does not read. (The three tests of states switched
-on later pin the behaviour kept: they passed before.)"""
+naming the user's group and warning on keys a group's kind does not read; then the research optimizers', a
+backend failing at launch, and configuration values that were silently ignored. (The three tests of states
+switched on later pin the behaviour kept: they passed before.)"""
 from __future__ import annotations
 
 import copy
@@ -258,3 +259,76 @@ def test_schedulefree_accepts_foreach_as_schedule_free_does():
     for cls in (mf.SGDScheduleFree, mf.AdamWScheduleFree):
         opt = cls([p], lr=0.1, foreach=True)
         assert "foreach" not in opt.defaults
+
+
+# ---------------------------------------------------------------- a backend that fails at launch
+@pytest.mark.parametrize("make, dtype", [
+    (lambda ps: mf.AdamW(ps, lr=1e-2), torch.float32), (lambda ps: mf.NAdam(ps, lr=1e-2), torch.float32),
+    (lambda ps: mf.SGD(ps, lr=0.1, momentum=0.9), torch.float32),
+    (lambda ps: mf.Lion(ps, lr=1e-3, layout="bf16_sr"), torch.bfloat16)])
+def test_a_backend_failing_at_launch_changes_nothing(make, dtype, monkeypatch):
+    """The first backend call raised after the host counters had advanced (a forced Triton backend with a bad
+    knob did, 2026-12-05): the failed step left ``step`` (NAdam's mu_product, bf16_sr's sr_step) one ahead, or
+    created state. Now undone: the failed step changes nothing, at the first step and later."""
+    from momentum_fused import backends
+
+    def boom(*a, **k):
+        raise RuntimeError("launch failed")
+    for first in (True, False):
+        ps = [torch.randn(5, dtype=dtype, requires_grad=True), torch.randn(3, dtype=dtype, requires_grad=True)]
+        opt = make(ps)
+        for _ in range(0 if first else 2):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        backend = backends.resolve(None, opt.spec, ps[0].device, dtype,
+                                   mf.layouts.get_layout(opt.param_groups[0]["layout"]))
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        before = snapshot(opt, ps)
+        monkeypatch.setattr(backend, "apply", boom)
+        with pytest.raises(RuntimeError, match="launch failed"):
+            opt.step()
+        assert_snapshot_equal(before, snapshot(opt, ps))
+        assert len(opt.state) == (0 if first else 2)
+        monkeypatch.undo()
+        opt.step()  # and the next step is the step that failed
+
+
+# ---------------------------------------------------------------- configuration (a review of backends and install)
+def test_an_isa_cap_that_is_no_isa_makes_the_cpu_backend_unavailable(monkeypatch):
+    """MOMENTUM_FUSED_CPU_ISA=AVX2 (or any other value than baseline/avx2/avx512) was taken as no cap by the C++
+    side: the AVX-512 kernels ran, silently. The cpu backend now refuses to load, naming the value."""
+    from momentum_fused import _backend_cpu
+    monkeypatch.setenv("MOMENTUM_FUSED_CPU_ISA", "AVX2")
+    assert "MOMENTUM_FUSED_CPU_ISA='AVX2' is not one of baseline, avx2, avx512" in _backend_cpu._load()[1]
+    for ok in ("avx2", "baseline", "avx512", ""):
+        monkeypatch.setenv("MOMENTUM_FUSED_CPU_ISA", ok)
+        assert _backend_cpu.isa_env_error() is None
+
+
+def test_a_jit_switch_that_is_neither_on_nor_off_builds_nothing(tmp_path):
+    """MOMENTUM_FUSED_JIT=disable used to count as on (only 0/false/no/off were off)."""
+    from momentum_fused import _jit
+    saved = dict(_jit.STATUS)
+    try:
+        mod, why = _jit.jit_build(str(tmp_path), env={"MOMENTUM_FUSED_JIT": "disable"})
+        assert mod is None and "MOMENTUM_FUSED_JIT='disable' is neither on" in why
+        assert _jit.STATUS["outcome"] == "disabled"
+    finally:
+        _jit.STATUS.clear()
+        _jit.STATUS.update(saved)
+
+
+@pytest.mark.parametrize("name, value, why", [
+    ("MOMENTUM_FUSED_TRITON_BLOCK", "1000", "must be a power of two"), ("MOMENTUM_FUSED_TRITON_BLOCK", "0", ">= 32"),
+    ("MOMENTUM_FUSED_TRITON_BLOCK", "abc", "is not an integer"), ("MOMENTUM_FUSED_TRITON_WARPS", "3", "power of two"),
+    ("MOMENTUM_FUSED_TRITON_BLOCK", "64", "below 32 x MOMENTUM_FUSED_TRITON_WARPS=4")])
+def test_triton_knobs_are_checked_before_anything_runs(name, value, why, monkeypatch):
+    """A bad launcher knob raised inside the kernel launch (a bare ZeroDivisionError, or the interpreter's arange
+    error) after the step counters had moved; now the backend names it when it is chosen."""
+    from momentum_fused import _backend_triton
+    monkeypatch.setenv(name, value)
+    assert why in _backend_triton._knob_error()
+    monkeypatch.delenv(name)
+    assert _backend_triton._knob_error() is None

@@ -371,6 +371,9 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             return b
 
         cap_steps = []  # the step counters of capturable groups (on the device; GradScaler undoes them there)
+        # what this step advanced on the host, undone if the first backend call raises (nothing launched yet):
+        # (buffer, its values before) per group counter, the state it created, the groups whose sr_step moved
+        undo_bufs, created, sr_moved = [], [] if rollback is None else rollback.created, []
 
         for gi, (group, state_names, items, chosen) in enumerate(plan):
             flags = spec.make_flags(group)
@@ -378,8 +381,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             lay = _layouts.get_layout(group["layout"])
             cap = group["capturable"]
             if cached is None:
-                states, fresh = self._init_state(items, state_names, lay, None if rollback is None else rollback.created,
-                                                 group)
+                states, fresh = self._init_state(items, state_names, lay, created, group)
             else:  # the cached plan: every state tensor exists
                 states, fresh = cached[gi][0]["states"], [False] * len(items)
             if rollback is not None:  # what the optimistic host-side advance must be able to undo
@@ -396,6 +398,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 scalars = self._device_scalars(gi, group, states, fresh, grad_mult, next(iter(chosen))[0],
                                                cap_steps) if items else []
             else:
+                if not traced and states and (spec.counts_steps or spec.pack_reads_state):
+                    undo_bufs.extend(self._counter_snapshots(gi, states))
                 scalars = self._group_scalars(gi, group, states, fresh, grad_mult)
             names = (*state_names, *lay.extra_keys)
             keys = None
@@ -403,6 +407,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 pos = {id(q): i for i, q in enumerate(group["params"])}
                 keys = [_layouts.sr_key(group["sr_seed"], group["sr_step"], (gi << 20) + pos[id(p)]) for p in items]
                 group["sr_step"] += 1
+                sr_moved.append(group)
             if len(chosen) == 1 and (cached is not None or not any([p.is_complex() for p in items])):
                 # one bucket: no per-tensor keys (a cached plan has no complex params)
                 (device, dtype), backend = next(iter(chosen.items()))
@@ -438,6 +443,25 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                         b.sr_keys.append(keys[i])
             if spec.group_advance is not None:
                 spec.group_advance(group)  # per-group counters move after the packs used them
+        launched = False
+        try:
+            self._launch(buckets, amp, traced, spec)
+            launched = True
+        finally:
+            if not launched and not traced and not getattr(self, "_launch_started", False):
+                self._undo_host_advance(undo_bufs, cap_steps, created, sr_moved)
+            self.__dict__.pop("_launch_started", None)
+        if amp is not None:
+            for buf in cap_steps:  # an inf step did not happen: its count neither (no host read)
+                buf.sub_(amp[0].to(buf.device, buf.dtype, non_blocking=True).reshape(()))
+            if rollback:  # (capturable steps after the first have nothing to roll back on the host)
+                self._defer_amp_flag(amp[0], rollback)
+        if cached is None and not traced:
+            self._remember_plan(plan)
+        return loss
+
+    def _launch(self, buckets, amp, traced, spec) -> None:
+        """One backend call per bucket (``_launch_started`` is set once the first has returned)."""
         for (_, device, _, flags, _, cap), b in buckets.items():
             scs = b.scalars
             if cap:
@@ -453,14 +477,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 bucket_op(b.backend, spec, flags, b.params, b.grads, b.states, scs, **kw)
             else:  # DTensors: their local shards
                 b.backend.apply(spec, flags, *_dist.local_bucket(b.params, b.grads, b.states), scs, **kw)
-        if amp is not None:
-            for buf in cap_steps:  # an inf step did not happen: its count neither (no host read)
-                buf.sub_(amp[0].to(buf.device, buf.dtype, non_blocking=True).reshape(()))
-            if rollback:  # (capturable steps after the first have nothing to roll back on the host)
-                self._defer_amp_flag(amp[0], rollback)
-        if cached is None and not traced:
-            self._remember_plan(plan)
-        return loss
+                self._launch_started = True
 
 
 # An LR scheduler wraps ``optimizer.step`` in a function of torch/optim/lr_scheduler.py (to warn when

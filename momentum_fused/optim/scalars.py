@@ -102,6 +102,44 @@ class ScalarsMixin:
             out.append(sc)
         return out
 
+    def _counter_snapshots(self, gi, states) -> list:
+        """(buffer, copy) of the group's host counters that ``_group_scalars`` is about to advance in place (the
+        views of one tensor per counter, optim/scalars.py), when they are cached; a counter not cached yet is
+        created or re-stacked by the advance itself and undone through the states' own entries."""
+        out = []
+        for key in ("step", *(() if self.spec.host_state is None else (self.spec.host_state[0],))):
+            cached = self._step_views.get((gi, key))
+            if cached is not None:
+                out.append((cached[0], cached[0].clone()))
+            else:
+                out.append((None, [(st, key, st[key].clone() if isinstance(st.get(key), torch.Tensor) else
+                                    st.get(key)) for st in states]))
+        return out
+
+    def _undo_host_advance(self, undo_bufs, cap_steps, created, sr_moved) -> None:
+        """The first backend call of a step raised (a backend that failed at launch: nothing was written): undo
+        what the step advanced on the host, so that the failed step changes nothing (docs/conventions.md)."""
+        for buf, before in undo_bufs:
+            if buf is not None:
+                buf.copy_(before)
+                continue
+            for st, key, old in before:
+                if old is None:
+                    st.pop(key, None)
+                elif isinstance(st.get(key), torch.Tensor) and isinstance(old, torch.Tensor):
+                    st[key].copy_(old)
+                else:
+                    st[key] = old
+        for buf in cap_steps:
+            buf.sub_(1.0)
+        for st, key in created:
+            st.pop(key, None)
+        for g in sr_moved:
+            g["sr_step"] -= 1
+        for p in [p for p, st in self.state.items() if not st]:  # a failed first step created nothing
+            del self.state[p]
+        self.invalidate_caches()
+
     def _advance_steps_device(self, gi, states, device) -> torch.Tensor:
         """capturable=True: the group's ``step`` counters are float32 0-d tensors on ``device``, views of one
         [n] tensor that one in-place add advances (captured as one kernel in a CUDA graph). Returns the
