@@ -373,8 +373,7 @@ def test_compiled_muon_step_runs_eagerly_and_equals_eager(tensor_lr):
     for compiled in (False, True):
         torch._dynamo.reset()
         counters.clear()
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        model = _model()
         lr = torch.tensor(0.02) if tensor_lr else 0.02
         opt = mf.Muon([dict(params=[model[0].weight, model[2].weight], lr=lr),
                        dict(params=[model[0].bias, model[2].bias], use_muon=False)])

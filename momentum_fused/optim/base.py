@@ -443,14 +443,13 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                         b.sr_keys.append(keys[i])
             if spec.group_advance is not None:
                 spec.group_advance(group)  # per-group counters move after the packs used them
-        launched = False
+        started = []  # the buckets launched (a failure after the first cannot be undone on the host)
         try:
-            self._launch(buckets, amp, traced, spec)
-            launched = True
-        finally:
-            if not launched and not traced and not getattr(self, "_launch_started", False):
+            self._launch(buckets, amp, traced, spec, started)
+        except BaseException:
+            if not started and not traced:
                 self._undo_host_advance(undo_bufs, cap_steps, created, sr_moved)
-            self.__dict__.pop("_launch_started", None)
+            raise
         if amp is not None:
             for buf in cap_steps:  # an inf step did not happen: its count neither (no host read)
                 buf.sub_(amp[0].to(buf.device, buf.dtype, non_blocking=True).reshape(()))
@@ -460,8 +459,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             self._remember_plan(plan)
         return loss
 
-    def _launch(self, buckets, amp, traced, spec) -> None:
-        """One backend call per bucket (``_launch_started`` is set once the first has returned)."""
+    def _launch(self, buckets, amp, traced, spec, started: list) -> None:
+        """One backend call per bucket, each appended to ``started`` once it has returned."""
         for (_, device, _, flags, _, cap), b in buckets.items():
             scs = b.scalars
             if cap:
@@ -477,7 +476,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 bucket_op(b.backend, spec, flags, b.params, b.grads, b.states, scs, **kw)
             else:  # DTensors: their local shards
                 b.backend.apply(spec, flags, *_dist.local_bucket(b.params, b.grads, b.states), scs, **kw)
-                self._launch_started = True
+            started.append(b)
 
 
 # An LR scheduler wraps ``optimizer.step`` in a function of torch/optim/lr_scheduler.py (to warn when

@@ -65,8 +65,7 @@ class CheckpointMixin:
         state_dict = _codes_to_live_names(state_dict)
         self._check_loaded_host_state(state_dict)
         _check_int8_codes(state_dict)
-        self._check_loaded_sizes(state_dict)
-        self._check_dtensor_int8(state_dict)
+        self._check_loaded_tensors(state_dict)
         self.invalidate_caches()
         host, saved = {}, {}
         for idx, st in state_dict["state"].items():
@@ -127,23 +126,26 @@ class CheckpointMixin:
             if lay.master or lay.remainder:
                 self._convert_master(p, lay, saved.get(idx, {}))
 
-    def _check_loaded_sizes(self, state_dict: dict[str, Any]) -> None:
-        """Before anything is loaded: every param-shaped tensor of a checkpoint's state (the rule's moments, int8
+    def _check_loaded_tensors(self, state_dict: dict[str, Any]) -> None:
+        """Before anything is loaded, per saved param state: every param-shaped tensor (the rule's moments, int8
         codes, a master or its remainder; not block scales, host counters or a contract-v2 tensor of its own
         shape) has its param's number of elements, so that a checkpoint of other params is refused whole rather
-        than failing halfway through a conversion."""
+        than failing halfway through a conversion; and a DTensor (FSDP2) param whose checkpoint holds 8-bit codes
+        where its layout keeps fp32 state, or the reverse, is refused (that conversion is not implemented on
+        sharded tensors; it crashed inside torch's DTensor ops before 2026-12-05; codes into codes load, the
+        scales reshaped between one process's and FSDP2's shapes)."""
         try:
             saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
             states = state_dict["state"]
         except (KeyError, TypeError):
             return  # (torch's load_state_dict names what is malformed)
-        params = [(gi, pi, p) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
+        params = [(gi, pi, p, g) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
         if len(saved_ids) != len(params):
             return  # (torch's load_state_dict refuses it, naming the group sizes)
         own_shaped = set() if self.spec.plain_state else {
             t.name for g in self.param_groups for t in self.spec.tensors(g) if t.shape is not None}
-        sfx = _layouts.INT8_SCALE_SUFFIX
-        for idx, (gi, pi, p) in zip(saved_ids, params):
+        sfx, name = _layouts.INT8_SCALE_SUFFIX, type(self).__name__
+        for idx, (gi, pi, p, g) in zip(saved_ids, params):
             st = states.get(idx)
             if not isinstance(st, dict):
                 continue
@@ -152,40 +154,19 @@ class CheckpointMixin:
                         or (isinstance(key, str) and key.endswith(sfx)):
                     continue
                 if v.numel() != p.numel():
-                    raise ValueError(f"{type(self).__name__}.load_state_dict: param {pi} of group {gi} (state_dict "
-                                     f"index {idx}, shape {tuple(p.shape)}): state {key!r} has shape "
-                                     f"{tuple(v.shape)}; was the checkpoint saved for other params? Nothing was "
-                                     "loaded")
-
-    def _check_dtensor_int8(self, state_dict: dict[str, Any]) -> None:
-        """Before anything is loaded: a DTensor (FSDP2) param whose checkpoint holds 8-bit codes where its layout
-        keeps fp32 state, or fp32 state where it keeps codes, is refused (that conversion is not implemented on
-        sharded tensors; it crashed inside torch's DTensor ops before 2026-12-05). Codes into codes load, the
-        scales reshaped between one process's and FSDP2's shapes."""
-        try:
-            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-            states = state_dict["state"]
-        except (KeyError, TypeError):
-            return
-        params = [(gi, pi, p, g) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
-        if len(saved_ids) != len(params) or _dist.dtensor_class() is None:
-            return
-        sfx = _layouts.INT8_SCALE_SUFFIX
-        for idx, (gi, pi, p, g) in zip(saved_ids, params):
-            st = states.get(idx)
-            if not isinstance(st, dict) or not _dist.is_dtensor(p):
+                    raise ValueError(f"{name}.load_state_dict: param {pi} of group {gi} (state_dict index {idx}, "
+                                     f"shape {tuple(p.shape)}): state {key!r} has shape {tuple(v.shape)}; was the "
+                                     "checkpoint saved for other params? Nothing was loaded")
+            if not _dist.is_dtensor(p):
                 continue
-            lay = _layouts.get_layout(g["layout"])
-            live_codes = lay.int8 and _layouts.int8_quantized(p)
+            live_codes = _layouts.get_layout(g["layout"]).int8 and _layouts.int8_quantized(p)
             for key in self.spec.state_names(g):
                 v = st.get(key)
-                if not isinstance(v, torch.Tensor):
-                    continue
-                coded = v.dtype in (torch.int8, torch.uint8) and key + sfx in st
-                if coded != live_codes:
+                coded = isinstance(v, torch.Tensor) and v.dtype in (torch.int8, torch.uint8) and key + sfx in st
+                if isinstance(v, torch.Tensor) and coded != live_codes:
                     raise ValueError(
-                        f"{type(self).__name__}.load_state_dict: param {pi} of group {gi} is a DTensor (FSDP2) whose "
-                        f"layout keeps {'8-bit codes' if live_codes else 'fp32 state'}, but the checkpoint holds "
+                        f"{name}.load_state_dict: param {pi} of group {gi} is a DTensor (FSDP2) whose layout keeps "
+                        f"{'8-bit codes' if live_codes else 'fp32 state'}, but the checkpoint holds "
                         f"{'8-bit codes' if coded else 'fp32 values'} for {key!r}: converting between them is not "
                         "supported on sharded tensors (load it into the layout it was saved with, or convert it in "
                         "one process with load_state_dict); nothing was loaded")
