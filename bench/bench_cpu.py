@@ -336,6 +336,12 @@ def main(argv=None):
     ap.add_argument("--out", default=RESULTS, help="results folder")
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args(argv)
+    if a.rules:  # names as listed, in any case (an unknown one would leave the table empty)
+        known = {name.lower(): name for name, *_ in _rules()}
+        bad = [r for r in a.rules if r.lower() not in known]
+        if bad:
+            ap.error(f"--rules: unknown {bad}; rules: {' '.join(known.values())}")
+        a.rules = [known[r.lower()] for r in a.rules]
     if "cpu" not in mf.backends.available():
         print(f"cpu backend unavailable: {mf.backends.status().get('cpu')}", file=sys.stderr)
         return 2

@@ -216,7 +216,12 @@ def main(argv=None) -> int:
     names = None
     if args.providers:  # ours-<backend> selects every algorithm of that backend
         sel = args.providers.split(",")
-        names = {n for n in providers(device, algorithms)[0] if n in sel or any(n.startswith(s + "-") for s in sel)}
+        makers, missing = providers(device, algorithms)
+        every = [*makers, *missing]  # (one that cannot run here is named in the report's "not measured" lines)
+        bad = [s for s in sel if not any(n == s or n.startswith(s + "-") for n in every)]
+        if bad:  # (an unknown name would leave the table empty)
+            ap.error(f"--providers: unknown {bad}; providers: {','.join(every)}")
+        names = {n for n in every if n in sel or any(n.startswith(s + "-") for s in sel)}
     res = measure(device, gpt_matrices(args.d, args.layers), args.rounds, args.iters, names, algorithms)
     res["profile"] = f"gpt-matrices d={args.d} layers={args.layers}, {torch.get_num_threads()} threads"
     print(markdown(res))
