@@ -104,12 +104,14 @@ class ScalarsMixin:
 
     def _counter_snapshots(self, gi, states) -> list:
         """(buffer, copy) of the group's host counters that ``_group_scalars`` is about to advance in place (the
-        views of one tensor per counter, optim/scalars.py), when they are cached; a counter not cached yet is
-        created or re-stacked by the advance itself and undone through the states' own entries."""
+        views of one tensor per counter), when the advance will take that cached buffer; a counter it creates or
+        re-stacks is undone through the states' own entries."""
         out = []
         for key in ("step", *(() if self.spec.host_state is None else (self.spec.host_state[0],))):
             cached = self._step_views.get((gi, key))
-            if cached is not None:
+            # (the buffer the advance will take: _host_views' own test; else it re-stacks, undone per entry)
+            if cached is not None and ((gi, key) in self.__dict__.get("_views_verified", ())
+                                       or _same_entries(states, key, cached[1])):
                 out.append((cached[0], cached[0].clone()))
             else:
                 out.append((None, [(st, key, st[key].clone() if isinstance(st.get(key), torch.Tensor) else
