@@ -13,8 +13,9 @@
     python examples/lowrank_experiments.py            # a few minutes on 2 CPU cores
     python examples/lowrank_experiments.py --quick    # < 60 s, fewer steps/seeds (a smoke run)
 
-Writes docs/img/lowrank_synthetic.png, docs/img/lowrank_digits.png (or --out DIR) and prints the
-markdown tables used in docs/lowrank.md.
+Writes lowrank_synthetic.png, lowrank_digits.png and lowrank_results.json to --out DIR (default: docs/img,
+the committed plots; with --quick a new temporary directory) and prints the markdown tables used in
+docs/lowrank.md.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 
 import torch
@@ -242,8 +244,12 @@ def tables(syn, dig):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps, seeds and tau values (< 60 s)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "img"))
+    ap.add_argument("--out", default=None, help="output directory (default: docs/img; with --quick a new "
+                    "temporary directory, so a smoke run leaves the committed plots alone)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = (tempfile.mkdtemp(prefix="lowrank_quick_") if args.quick
+                    else os.path.join(os.path.dirname(__file__), "..", "docs", "img"))
     t0 = time.perf_counter()
     print("1. synthetic rank-r matrix regression", flush=True)
     syn = experiment_synthetic(args.quick)

@@ -1,4 +1,5 @@
-"""A quick tour: every momentum_fused optimizer trains the same small MLP on the same synthetic task.
+"""A quick tour: every dense momentum_fused optimizer trains the same small MLP on the same synthetic task
+(the low-rank ones: examples/lowrank_experiments.py).
 
 Run: python examples/quick_tour.py [--steps 300]. Prints a loss table and the backend that ran.
 The task: regress the output of a fixed random "teacher" MLP from 16 inputs (noise-free, so a good
@@ -31,6 +32,11 @@ def make_model(seed=1, d=16):
     return nn.Sequential(nn.Linear(d, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
 
 
+def muon(params):  # the weight matrices on Muon, the biases on its aux AdamW (use_muon=False)
+    ps = list(params)
+    return mf.Muon([dict(params=[p for p in ps if p.ndim == 2], lr=0.02, weight_decay=0.01),
+                    dict(params=[p for p in ps if p.ndim < 2], use_muon=False, lr=3e-3)])
+
 
 # (name, factory) with settings a user might start from for a model this size.
 OPTIMIZERS = [
@@ -50,6 +56,7 @@ OPTIMIZERS = [
     ("FSGDM", lambda p: mf.FSGDM(p, lr=0.05, weight_decay=0.0, n_stages=10, sigma=300)),
     ("Schedule-free SGD", lambda p: mf.SGDScheduleFree(p, lr=0.5, momentum=0.9)),
     ("Schedule-free AdamW", lambda p: mf.AdamWScheduleFree(p, lr=1e-2, warmup_steps=20)),
+    ("Muon (+ AdamW for biases)", muon),
 ]
 
 
