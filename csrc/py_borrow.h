@@ -82,7 +82,8 @@ class BorrowedTensors {
   BorrowedTensors(const BorrowedTensors&) = delete;
   BorrowedTensors& operator=(const BorrowedTensors&) = delete;
   at::TensorList list() const { return v_; }
-  // a tensor subclass that dispatches to Python (FakeTensor, DTensor, ...): the op must go through the dispatcher
+  // a tensor subclass that dispatches to Python (FakeTensor, DTensor, ...), a lazy conjugate or negative view or
+  // a ZeroTensor: the op must go through the dispatcher
   bool python_dispatch = false;
   // a strided tensor that is not contiguous: the caller copies it in and out
   bool not_contiguous = false;
@@ -103,7 +104,11 @@ class BorrowedTensors {
                                  Py_TYPE(o)->tp_name + ", expected a Tensor");
     const at::Tensor& t = THPVariable_Unpack(o);
     if (t.defined()) {
-      python_dispatch |= t.key_set().has(c10::DispatchKey::Python);
+      // (also a lazy conjugate / negative view or a ZeroTensor, which has no memory: the dispatcher's fallbacks
+      // resolve them; the optimizers hand the kernels resolved gradients, optim/checks.py _resolve_grad)
+      const c10::DispatchKeySet ks = t.key_set();
+      python_dispatch |= ks.has(c10::DispatchKey::Python) || ks.has(c10::DispatchKey::Conjugate) ||
+                         ks.has(c10::DispatchKey::Negative) || ks.has(c10::DispatchKey::ZeroTensor);
       not_contiguous |= t.layout() == c10::kStrided && !t.is_contiguous();
     }
     v_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t));
@@ -143,6 +148,13 @@ void run_without_gil(F&& f) {
   } catch (const c10::Error& e) {
     throw std::runtime_error(e.what_without_backtrace());
   }
+}
+
+// After a kernel wrote the tensors in memory: bump their autograd version counters, as an in-place ATen op does
+// (a tensor saved for backward then makes that backward raise; inference tensors have no counter).
+inline void bump_versions(at::TensorList ts) {
+  for (const at::Tensor& t : ts)
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace py_borrow

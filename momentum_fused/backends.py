@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from torch.autograd.graph import increment_version
 
 from . import layouts as _layouts
 from . import reference
@@ -66,6 +67,9 @@ class Backend:
     # apply() takes found_inf= / grad_scale= device tensors and reads them in the kernels (GradScaler
     # without a host sync, see FusedOptimizer._device_amp)
     device_scalars: bool = False
+    # apply() bumps the autograd version counters of the params it writes (as in-place ATen ops do: the
+    # reference backend's ops, the cpu backend's entry); for the others the optimizer bumps them after apply()
+    bumps_versions: bool = False
     # apply() also takes ``scalars`` as a float64 [n, k] tensor on the tensors' device (capturable=True)
     scalar_tables: bool = False
     _warned: set = field(default_factory=set)
@@ -85,12 +89,27 @@ def register(backend: Backend) -> None:
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _lazy(g: torch.Tensor) -> bool:
+    return g.is_conj() or g.is_neg() or g._is_zerotensor()
+
+
+def _resolved(g: torch.Tensor) -> torch.Tensor:
+    """A gradient as memory a kernel can read: a lazy conjugate / negative view resolved, autograd's ZeroTensor
+    (no memory; the dispatcher would hand the op an expanded zero) as zeros."""
+    if g._is_zerotensor():
+        return torch.zeros(g.shape, dtype=g.dtype, device=g.device)
+    return g.resolve_conj().resolve_neg()
+
+
 def contiguous_lists(params, grads, states):
     """The bucket as contiguous tensors for a compiled kernel: returns (params, grads, flat states
     (tensor-major), writeback), where writeback lists (original, contiguous working copy) pairs of
-    params/state to copy back after the kernel ran. Contiguous tensors pass through without a copy."""
+    params/state to copy back after the kernel ran. Contiguous tensors pass through without a copy; gradients
+    with a lazy bit or without memory are resolved (``_resolved``)."""
     is_contiguous = torch.Tensor.is_contiguous
     flat = [s for st in states for s in st]
+    if any(map(_lazy, grads)):
+        grads = [_resolved(g) for g in grads]
     if all(map(is_contiguous, params)) and all(map(is_contiguous, grads)) and all(map(is_contiguous, flat)):
         return params, grads, flat, []  # the usual case, checked at C speed
     writeback = []
@@ -120,7 +139,7 @@ def _dispatch_mode_check():
 dispatch_mode_active = _dispatch_mode_check()
 
 
-def run_step_op(module, fast, op, params, grads, states, args) -> None:
+def run_step_op(module, fast, op, params, grads, states, args, bump=False) -> None:
     """One bucket through a compiled op, by its eager entry when it can (csrc/py_borrow.h).
 
     ``fast(params, grads, states, *args)`` is the extension module's pybind entry (``_C_cpu.cpu_step``,
@@ -129,13 +148,16 @@ def run_step_op(module, fast, op, params, grads, states, args) -> None:
     ``op`` is the registered op (``torch.ops.momentum_fused.*``), the same C++ function behind the dispatcher:
     it runs under a TorchDispatchMode (so modes, ``opcheck`` and torch.compile see it) and for subclasses.
     Non-contiguous tensors run on contiguous copies, copied back after the op. ``states`` is the per-param
-    list of state tuples."""
+    list of state tuples. ``bump``: the fast entry bumps the params' autograd version counters (``_C_cpu``), and
+    so does this function on the other paths (the registered op does not; a written-back copy does)."""
     status = module.PYTHON_DISPATCH if dispatch_mode_active() else fast(params, grads, states, *args)
     if status == module.DONE:
         return
     ps, gs, flat, writeback = contiguous_lists(params, grads, states)
     if status != module.NOT_CONTIGUOUS or fast(ps, gs, flat, *args) != module.DONE:
         op(ps, gs, flat, *args)
+        if bump and not torch.compiler.is_compiling():
+            increment_version(ps)
     for orig, work in writeback:
         orig.copy_(work)
 
@@ -256,7 +278,7 @@ def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_lay
 
 
 register(Backend(name="reference", apply=_reference_apply, devices=("cpu", "cuda", "mps", "xpu", "meta"),
-                 layouts=tuple(_layouts.LAYOUTS)))
+                 layouts=tuple(_layouts.LAYOUTS), bumps_versions=True))  # (torch's in-place ops)
 
 
 def available() -> list[str]:

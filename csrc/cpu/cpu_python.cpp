@@ -6,7 +6,8 @@
 //   cpu_step(params, grads, states, scalars, rule, flags, layout=0, sr_keys=None) -> int
 //       the same function as torch.ops.momentum_fused.cpu_step (mf_cpu_step in cpu_ops.cpp), on lists it
 //       borrows (py_borrow::BorrowedTensors); `states` may also be a list of per-param tuples. The GIL is
-//       released while the kernels run. Returns DONE, or, having done nothing, PYTHON_DISPATCH (then the
+//       released while the kernels run; then the params' autograd version counters are bumped (the registered
+//       op leaves that to its Python caller, backends.run_step_op). Returns DONE, or, having done nothing, PYTHON_DISPATCH (then the
 //       caller calls the registered op, as it must while a TorchDispatchMode is active: this entry bypasses
 //       the dispatcher) or NOT_CONTIGUOUS (then the caller copies).
 //   cached_grads(params, mask, state_dicts, keys, flat, pdtype, device, sdtypes) -> list | None
@@ -16,7 +17,8 @@
 //         - mask[i] False <=> params[i].grad is None;
 //         - params: exactly torch.Tensor or nn.Parameter (a subclass may override `grad` in Python), dtype
 //           `pdtype`, device `device`, strided, contiguous;
-//         - each gradient: a plain strided contiguous tensor with its param's sizes, dtype and device;
+//         - each gradient: a plain strided contiguous tensor with its param's sizes, dtype and device (no
+//           conjugate or negative bit, not a ZeroTensor);
 //         - state tensor j of param i: state_dicts[i][keys[j]] is the object flat[i * len(keys) + j], of
 //           dtype sdtypes[j], on `device`, with the param's sizes, strided and contiguous.
 //       Reads metadata only: no tensor data, no device synchronization (CUDA params are fine).
@@ -75,12 +77,17 @@ int cpu_step_py(const py::handle& params, const py::handle& grads, const py::han
   if (status != mf::py_borrow::DONE) return status;
   mf::py_borrow::run_without_gil(
       [&] { mf_cpu_step(ps.list(), gs.list(), ss.list(), scalars, rule, flags, layout, sr_keys); });
+  mf::py_borrow::bump_versions(ps.list());  // (the params; Backend.bumps_versions)
   return mf::py_borrow::DONE;
 }
 
+// (a lazy conjugate or negative view, or autograd's ZeroTensor, which has no memory: not plain; the full plan
+// resolves such a gradient, optim/checks.py _resolve_grad)
 bool plain(const at::Tensor& t, c10::ScalarType dtype, const c10::Device& device) {
+  const c10::DispatchKeySet ks = t.key_set();
   return t.scalar_type() == dtype && t.device() == device && t.layout() == c10::kStrided &&
-         !t.key_set().has(c10::DispatchKey::Python) && t.is_contiguous();
+         !ks.has(c10::DispatchKey::Python) && !ks.has(c10::DispatchKey::Conjugate) &&
+         !ks.has(c10::DispatchKey::Negative) && !ks.has(c10::DispatchKey::ZeroTensor) && t.is_contiguous();
 }
 
 // A new reference to o.<name> (name interned), or a Python error.

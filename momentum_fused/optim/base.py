@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from torch.autograd.graph import increment_version
 
 from .. import backends
 from .. import layouts as _layouts
@@ -333,6 +334,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         valid as long as nothing but the other inner optimizers' steps ran in between (they touch other params
         and state)."""
         self._views_verified = ()
+        self._grad_subst = None  # (set by _plan; the cached plan's gradients are plain tensors)
         fast = None if torch.compiler.is_compiling() else self._fast_plan()
         return (self._plan(), None) if fast is None else fast
 
@@ -414,7 +416,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 b = bucket(backend, device, dtype, flags, lay, cap)
                 if cached is None:
                     b.params.extend(items)
-                    b.grads.extend([p.grad for p in items])
+                    b.grads.extend([p.grad for p in items] if not self._grad_subst else map(self.grad_of, items))
                     if lay.int8:  # quantized tensors: the codes, then their scales (backends.Backend)
                         sfx = _layouts.INT8_SCALE_SUFFIX
                         b.states.extend([tuple([st[k] for k in names] + [st[k + sfx] for k in names if k + sfx in st])
@@ -436,7 +438,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                     rp = _real(p)
                     b = bucket(chosen[(rp.device, rp.dtype)], rp.device, rp.dtype, flags, lay, cap)
                     b.params.append(rp)
-                    b.grads.append(_real(p.grad))
+                    b.grads.append(_real(self.grad_of(p)))
                     b.states.append(tuple([_real(st[k]) for k in names]))
                     b.scalars.append(sc[None] if cap else sc)
                     if keys is not None:
@@ -476,6 +478,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 bucket_op(b.backend, spec, flags, b.params, b.grads, b.states, scs, **kw)
             else:  # DTensors: their local shards
                 b.backend.apply(spec, flags, *_dist.local_bucket(b.params, b.grads, b.states), scs, **kw)
+                if not b.backend.bumps_versions:  # (kernels that write memory: autograd's in-place check)
+                    increment_version(b.params)
             started.append(b)
 
 

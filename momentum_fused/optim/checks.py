@@ -33,6 +33,30 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real() if dtype.is_complex else dtype
 
 
+def chosen_backend(gp: GroupPlan, p: torch.Tensor):
+    return gp.chosen[(p.device, real_dtype(p.dtype))]
+
+
+def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views of one storage share an element (exact: torch._C._overlaps compares extents only)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.element_size() != b.element_size():
+        return True  # (views of one storage as different dtypes: counted as overlapping)
+
+    def span(t):
+        lo = t.storage_offset()
+        return lo, lo + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    lo, hi = min(a0, b0), max(a1, b1)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    mark = torch.zeros(hi - lo, dtype=torch.bool)
+    mark.as_strided(a.shape, a.stride(), a0 - lo).fill_(True)
+    return bool(mark.as_strided(b.shape, b.stride(), b0 - lo).any())
+
+
 def host_value_error(key: str, value) -> str | None:
     """Why ``value`` is not a valid host counter ``key`` ("step": a finite non-negative whole number;
     "mu_product": a finite number in [0, 1]; a number or a one-element tensor), or None. Reads a CUDA
@@ -241,6 +265,8 @@ class ValidationMixin:
         plan = []
         traced = torch.compiler.is_compiling()
         dtensor_cls = _dist.dtensor_class()  # (None: no DTensor exists in this process)
+        self._grad_subst = subst = {}  # gradients the backends read resolved (``grad_of``), by id(param)
+        strided_params = []  # (gi, pi, p): non-contiguous params, whose memory ``_check_param_memory`` checks
         for gi, group in enumerate(self.param_groups):
             if not traced:  # (traced: hyperparameters are graph inputs; validated by every eager step only)
                 spec.validate(group, where=f"{name} param group {gi}: ")
@@ -259,6 +285,11 @@ class ValidationMixin:
                 shape, dtype, device = p.shape, p.dtype, p.device
                 if g.layout is not strided or g.shape != shape or g.dtype != dtype or g.device != device:
                     self._raise_bad_grad(p, g, pi, gi)
+                if not traced:
+                    if g.is_conj() or g.is_neg() or g._is_zerotensor() or p.is_conj() or p.is_neg():
+                        self._resolve_grad(p, g, pi, gi, subst)
+                    if not p.is_contiguous():
+                        strided_params.append((gi, pi, p))
                 if native:
                     sdt = dtype
                 elif dtype in lay.param_dtypes:
@@ -317,6 +348,8 @@ class ValidationMixin:
                                               or t.dtype != (sdt if native else lay.dtype_of(key, dtype))
                                               or t.device != device):
                             self._raise_bad_state(p, key, t, pi, gi, sdt if native else lay.dtype_of(key, dtype))
+                if st and not traced:
+                    self._check_state_objects(p, st, pi, gi, check_names)
                 items.append(p)
                 keys.add((device, dtype))
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}
@@ -328,7 +361,64 @@ class ValidationMixin:
             if group["capturable"]:
                 self._check_capturable(gi, group, chosen)
             plan.append(GroupPlan(group, state_names, items, chosen))
+        if strided_params:
+            self._check_param_memory(plan, strided_params)
         return plan
+
+    def _check_state_objects(self, p, st, pi, gi, names) -> None:
+        """A state entry the rule reads set to None (the backends would get no tensor), or a state tensor whose
+        elements share memory (an expanded tensor: written on a copy whose write-back raises after the kernels
+        ran): refused before anything changes."""
+        for key in names:
+            if key in st and st[key] is None:
+                self._raise_bad_state(p, key, None, pi, gi)
+        for key, t in st.items():
+            if isinstance(t, torch.Tensor) and not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+                raise ValueError(f"{self._where(p, pi, gi)}: state {key!r} has elements that share memory (strides "
+                                 f"{t.stride()}, e.g. an expanded tensor); it cannot be updated in place")
+
+    def _resolve_grad(self, p, g, pi, gi, subst) -> None:
+        """A gradient with a lazy bit (a conjugate or negative view: ``p.conj()`` / ``_neg_view`` in the loss) or
+        autograd's ZeroTensor (no memory: a param used only through ops whose derivative is 0, e.g. ``sgn``) is
+        read resolved by the backends, which read memory directly (``.grad`` itself is not modified). A param with
+        such a bit would be written through its raw memory: refused."""
+        if p.is_conj() or p.is_neg():
+            raise ValueError(f"{self._where(p, pi, gi)}: the param is a lazy {'conjugate' if p.is_conj() else 'negative'}"
+                             " view (is_conj() / is_neg()); the kernels write params in memory: pass a resolved "
+                             "tensor (p.resolve_conj() / p.resolve_neg())")
+        subst[id(p)] = torch.zeros_like(p, memory_format=torch.contiguous_format) if g._is_zerotensor() \
+            else g.resolve_conj().resolve_neg()
+
+    def grad_of(self, p):
+        """``p``'s gradient as the backends read it this step: ``p.grad``, or its resolved copy (``_resolve_grad``)."""
+        sub = self.__dict__.get("_grad_subst")
+        return sub.get(id(p), p.grad) if sub else p.grad
+
+    def _check_param_memory(self, plan, strided_params) -> None:
+        """Non-contiguous params: one whose elements overlap each other (an expanded tensor) cannot be updated in
+        place (torch raises too); on a compiled backend one whose elements overlap another param's is refused,
+        since it is updated on a contiguous copy that is written back afterwards (torch, and the reference
+        backend, update the two one after the other)."""
+        by_storage: dict = {}
+        for group, _, items, chosen in plan:
+            for q in items:
+                by_storage.setdefault((q.device, q.untyped_storage().data_ptr()), []).append(q)
+        for gi, pi, p in strided_params:
+            where = self._where(p, pi, gi)
+            if torch._debug_has_internal_overlap(p) == 1:
+                raise ValueError(f"{where}: the param has elements that share memory (strides {p.stride()}, e.g. an "
+                                 "expanded tensor); it cannot be updated in place")
+            if chosen_backend(plan[gi], p).name == "reference":
+                continue
+            for q in by_storage.get((p.device, p.untyped_storage().data_ptr()), ()):
+                if q is not p and _elements_overlap(p, q):
+                    qi = next((j for j, r in enumerate(self.param_groups[gi]["params"]) if r is q), None)
+                    other = f"param {qi} of group {gi}" if qi is not None else "a param of another group"
+                    raise ValueError(f"{where}: the param is a non-contiguous view whose elements overlap those of "
+                                     f"{other} (shape {tuple(q.shape)}); the {chosen_backend(plan[gi], p).name} "
+                                     "backend updates such a param on a copy, which would overwrite the other's "
+                                     "update. Tie them as one Parameter, make this one contiguous, or use "
+                                     "backend='reference' (torch's order: one after the other)")
 
     def _where(self, p, pi, gi):
         return f"{type(self).__name__}: param {pi} of group {gi} (shape {tuple(p.shape)})"

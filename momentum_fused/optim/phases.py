@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd.graph import increment_version
 
 from .. import distributed as _dist
 from .. import layouts as _layouts
@@ -95,7 +96,7 @@ class PhasesMixin:
             for phase in spec.phases:
                 if isinstance(phase, ElementwisePass):
                     self._elementwise_pass(phase, group, items, memo, states, fresh, ts, work, chosen, grad_mult,
-                                           flag)
+                                           flag, self.grad_of)
                 elif isinstance(phase, MatrixPhase):
                     self._matrix_phase(phase, group, items, work, memo)
                 else:
@@ -161,11 +162,13 @@ class PhasesMixin:
         return work
 
     @staticmethod
-    def _elementwise_pass(phase, group, items, memo, states, fresh, ts, work, chosen, grad_mult, flag=None) -> None:
+    def _elementwise_pass(phase, group, items, memo, states, fresh, ts, work, chosen, grad_mult, flag=None,
+                          grad_of=None) -> None:
         """One backend call per (device, dtype) of the pass ``phase`` on the local shards (or, with
         ``phase.param_slot``, on that state tensor in the param slot), in the dtype layout its tensors have
         (``_pass_layout``); ``flag``: device -> (found_inf, grad_scale) under GradScaler's device protocol (the
-        kernels skip every write when found_inf != 0), else empty."""
+        kernels skip every write when found_inf != 0), else empty; ``grad_of``: the gradient of a param as the
+        backends read it (``ValidationMixin.grad_of``; None: ``.grad``)."""
         ps = get_spec(phase.rule)
         flags = ps.make_flags(group)
         names = ps.state_names(group)
@@ -187,7 +190,10 @@ class PhasesMixin:
                 lay = _pass_layout(slot[0].dtype, sts[0][0].dtype, ps.name)
                 if lay is not _layouts.NATIVE:
                     kw["layout"] = lay
-            backend.apply(ps, flags, slot, _dist.locals_of([items[i].grad for i in idx]), sts, packs, **kw)
+            grads = [items[i].grad if grad_of is None else grad_of(items[i]) for i in idx]
+            backend.apply(ps, flags, slot, _dist.locals_of(grads), sts, packs, **kw)
+            if not backend.bumps_versions and phase.param_slot is None:  # (autograd's in-place check)
+                increment_version([items[i] for i in idx])
 
     @staticmethod
     def _matrix_phase(phase, group, items, work, memo) -> None:

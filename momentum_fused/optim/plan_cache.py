@@ -85,7 +85,8 @@ class PlanCacheMixin:
             params = group["params"]
             if not _same_objects(params, e["params"]):
                 return None
-            gs = _cached_grads(params, e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
+            # (the cached list: the same objects, and a list even where the group now holds a tuple)
+            gs = _cached_grads(e["params"], e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
                                e["sdtypes"], e["dtensor"], e["sigs"])
             if gs is None:
                 return None

@@ -33,11 +33,12 @@ __all__ = ["SGDScheduleFree", "AdamWScheduleFree", "polyak_reductions"]
 _ReduceScalars = namedtuple("_ReduceScalars", ("grad_mult", "beta2", "bc2", "eps"))
 
 
-def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 1.0):
+def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 1.0, grad_of=None):
     """The reduction pass of the Polyak step for one param group: returns
     (<g, z - y>, ||g||^2_{D^-1}) as Python floats, summed in float64 over ``params`` (the group's
     params that have a gradient). Reads, never writes. ``state`` is the optimizer's state mapping.
-    Per-tensor math: ``momentum_fused.reference.REDUCTIONS[rule]`` (a fused backend can replace it)."""
+    Per-tensor math: ``momentum_fused.reference.REDUCTIONS[rule]`` (a fused backend can replace it). ``grad_of``:
+    a param's gradient as the step reads it (``FusedOptimizer.grad_of``; None: ``.grad``)."""
     fn = reference.REDUCTIONS[rule]
     if "betas" in group:
         beta2 = float(group["betas"][1])
@@ -52,7 +53,8 @@ def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 
     for p in params:
         st = state.get(p, {})
         tensors = tuple(_real(_dist.local(st[n])) for n in names) if all(n in st for n in names) else None
-        d, q = fn(_real(_dist.local(p)), _real(_dist.local(p.grad)), tensors, s, None)
+        g = p.grad if grad_of is None else grad_of(p)
+        d, q = fn(_real(_dist.local(p)), _real(_dist.local(g)), tensors, s, None)
         key = (d.device, _dist.shard_groups(p))
         acc = sums.get(key)
         if acc is None:
@@ -156,7 +158,7 @@ class _ScheduleFree(FusedOptimizer):
                                  f"one-element tensor, got {type(loss).__name__}")
             gammas = []
             for group, items in polyak:  # reduction pass: reads only (gamma is written with the other counters)
-                dot, sq = polyak_reductions(self.rule, group, items, self.state, inv_scale)
+                dot, sq = polyak_reductions(self.rule, group, items, self.state, inv_scale, self.grad_of)
                 num = max(f - float(group["f_star"]) + dot, 0.0)
                 # a group whose gradients are all zero has no Polyak information: no step (its z stays, weight
                 # decay included, which (f - f*)/M would scale up, docs/schedulefree.md)

@@ -1,0 +1,266 @@
+"""What a review of tensor layout and identity found on 2026-12-05 (each test failed before its fix): gradients
+with a lazy bit or without memory (autograd's ZeroTensor: a segfault on the cpu backend; conjugate views refused
+after the step counters had moved; negative views read with the wrong sign), params whose version counters the
+compiled kernels did not bump (autograd's in-place check silently off), a non-contiguous param overlapping another
+(one update lost on the cpu backend) or itself (half a step applied before the error)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import momentum_fused as mf
+from momentum_fused import backends
+
+_CPU = backends.status().get("cpu")
+BACKENDS = ["reference"] + (["cpu"] if _CPU == "available" else [])
+_needs_cpu = pytest.mark.skipif(_CPU != "available", reason=f"the cpu backend is not built: {_CPU}")
+
+RULES = [
+    (mf.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+    (mf.AdamW, torch.optim.AdamW, dict(lr=0.1, weight_decay=0.1)),
+    (mf.NAdam, torch.optim.NAdam, dict(lr=0.1, weight_decay=0.1)),
+]
+
+
+def _pair(ours, theirs, kw, backend, params):
+    a = [p.detach().clone().requires_grad_() for p in params]
+    b = [p.detach().clone().requires_grad_() for p in params]
+    return a, ours(a, backend=backend, **kw), b, theirs(b, **kw)
+
+
+# ---------------------------------------------------------------- gradients with a lazy bit or no memory
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ours, theirs, kw", RULES, ids=lambda x: getattr(x, "__name__", ""))
+def test_zerotensor_grad_steps_as_zeros(ours, theirs, kw, backend):
+    """``w.sgn()`` gives w a ZeroTensor gradient (no memory, data_ptr 0): the cpu backend read it (SIGSEGV)."""
+    torch.manual_seed(0)
+    init = [torch.randn(5, 3), torch.randn(7)]
+    a, oa, b, ob = _pair(ours, theirs, kw, backend, init)
+    for step in range(3):
+        for ps, opt in ((a, oa), (b, ob)):
+            opt.zero_grad()
+            (ps[0].sgn().sum() + (ps[1] ** 2).sum()).backward()
+            assert ps[0].grad._is_zerotensor()
+            opt.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert float(oa.state[a[0]]["step"] if "step" in oa.state[a[0]] else 3) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conjugate_view_grad_of_a_complex_param(backend):
+    """``p.conj()`` in the loss gives a gradient with the conjugate bit: view_as_real refused it, after the step
+    counters of the group had moved (the error came from the bucket loop)."""
+    torch.manual_seed(0)
+    init = [torch.randn(4, 3, dtype=torch.complex64), torch.randn(6)]
+    w = torch.randn(4, 3, dtype=torch.complex64)
+    a, oa, b, ob = _pair(mf.Adam, torch.optim.Adam, dict(lr=0.05, weight_decay=0.1), backend, init)
+    for _ in range(3):
+        for ps, opt in ((a, oa), (b, ob)):
+            opt.zero_grad()
+            ((ps[0].conj() * w).real.sum() + ps[1].sum()).backward()
+            opt.step()
+    assert a[0].grad.is_conj()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert [float(oa.state[p]["step"]) for p in a] == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_view_grad_is_read_with_its_sign(backend):
+    """A contiguous gradient with the negative bit (``torch._neg_view``): the cpu backend read its memory, the
+    opposite sign."""
+    p = torch.ones(4, requires_grad=True)
+    q = torch.ones(4, requires_grad=True)
+    opt = mf.SGD([p], lr=0.1, backend=backend)
+    ref = torch.optim.SGD([q], lr=0.1)
+    for x, o in ((p, opt), (q, ref)):
+        x.grad = torch._neg_view(torch.full((4,), 2.0))
+        assert x.grad.is_neg()
+        o.step()
+    torch.testing.assert_close(p, q)
+    assert float(p.detach()[0]) == pytest.approx(1.2)
+
+
+@_needs_cpu
+def test_backend_entry_takes_lazy_and_memoryless_grads():
+    """The cpu backend called directly (its fast entry reads memory): such tensors go through the dispatcher."""
+    spec = mf.specs.get_spec("sgd")
+    b = backends.resolve("cpu", spec, torch.device("cpu"), torch.float32)
+    sc = spec.Scalars(0.5, 0.0, 0.0, 0.0, 1.0, 1.0)
+    p, q = torch.ones(3), torch.ones(3)
+    w = torch.ones(3, requires_grad=True)
+    w.sgn().sum().backward()  # a ZeroTensor
+    b.apply(spec, spec.Flags(False, False), [p, q], [w.grad, torch._neg_view(torch.ones(3))], [(), ()], [sc, sc])
+    assert p.tolist() == [1.0, 1.0, 1.0] and q.tolist() == [1.5, 1.5, 1.5]
+
+
+def test_a_lazy_view_param_is_refused_before_anything_changes():
+    base = torch.randn(3, dtype=torch.complex64)
+    p = torch.nn.Parameter(base.conj())
+    other = torch.nn.Parameter(torch.randn(3))
+    opt = mf.AdamW([other, p], lr=0.1)
+    other.grad, p.grad = torch.ones(3), torch.ones(3, dtype=torch.complex64)
+    before = other.detach().clone()
+    with pytest.raises(ValueError, match="lazy conjugate view"):
+        opt.step()
+    assert torch.equal(other, before) and not opt.state
+
+
+# ---------------------------------------------------------------- autograd's version counters
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [lambda ps, b: mf.Adam(ps, lr=0.1, backend=b),
+                                  lambda ps, b: mf.SGD(ps, lr=0.1, momentum=0.9, backend=b),
+                                  lambda ps, b: mf.Adam(ps, lr=0.1, backend=b, layout="int8_state"),
+                                  lambda ps, b: mf.Muon([{"params": [ps[0]]},
+                                                         {"params": [ps[1]], "use_muon": False}], lr=0.1, backend=b)],
+                         ids=["adam", "sgd", "adam-int8", "muon"])
+def test_step_bumps_the_params_version_counters(make, backend):
+    """The GAN mistake (D stepped between the forward and the backward of G's loss) must raise as with torch."""
+    torch.manual_seed(0)
+    G, D = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+    opt = make([D.weight, D.bias], backend)
+    out = D(G(torch.randn(16, 64)))
+    out.square().mean().backward(retain_graph=True)
+    v = D.weight._version
+    opt.step()
+    assert D.weight._version > v and D.bias._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (-out).square().mean().backward()
+
+
+# ---------------------------------------------------------------- params that overlap in memory
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_strided_param_overlapping_another(backend):
+    """Two distinct Parameters over the same memory, one transposed: the cpu backend updated the transposed one on
+    a copy and wrote it back over the other's update. Refused there, with the reference backend as the way out;
+    the reference backend updates them one after the other as torch."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 4)
+
+    def run(make):
+        a = torch.nn.Parameter(w.clone())
+        b = torch.nn.Parameter(a.data.t())
+        opt = make([a, b])
+        for k in range(3):
+            a.grad, b.grad = torch.full((6, 4), 0.1 * k + 0.1), torch.full((4, 6), 0.3)
+            opt.step()
+        return a.detach().clone()
+
+    ref = run(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    if backend == "reference":
+        torch.testing.assert_close(run(lambda ps: mf.SGD(ps, lr=0.1, momentum=0.9, backend=backend)), ref)
+        return
+    a = torch.nn.Parameter(w.clone())
+    b = torch.nn.Parameter(a.data.t())
+    opt = mf.SGD([a, b], lr=0.1, momentum=0.9, backend=backend)
+    a.grad, b.grad = torch.ones(6, 4), torch.ones(4, 6)
+    with pytest.raises(ValueError, match="overlap those of param 0"):
+        opt.step()
+    assert torch.equal(a.detach(), w) and not opt.state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interleaved_disjoint_strided_params_still_step(backend):
+    """Column halves of one matrix as two Parameters share a storage without sharing an element: allowed."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 8)
+    outs = []
+    for make in (lambda ps: torch.optim.Adam(ps, lr=0.1), lambda ps: mf.Adam(ps, lr=0.1, backend=backend)):
+        base = w.clone()
+        a, b = torch.nn.Parameter(base[:, :4]), torch.nn.Parameter(base[:, 4:])
+        a.data, b.data = base[:, :4], base[:, 4:]
+        opt = make([a, b])
+        for k in range(3):
+            a.grad, b.grad = torch.full((5, 4), 1.0 + k), torch.full((5, 4), -2.0)
+            opt.step()
+        outs.append(base)
+    torch.testing.assert_close(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_overlapping_itself_is_refused_before_anything_changes(backend):
+    a = torch.nn.Parameter(torch.randn(4))
+    b = torch.nn.Parameter(torch.zeros(4))
+    b.data = torch.zeros(1).expand(4)
+    opt = mf.Adam([a, b], lr=0.1, backend=backend)
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert torch.equal(a.detach(), before) and not opt.state
+
+
+@_needs_cpu
+@pytest.mark.parametrize("path", ["fast entry", "non-contiguous copy", "dispatcher"])
+def test_cpu_backend_bumps_versions_on_every_path(path):
+    """The cpu backend bumps the counters itself (Backend.bumps_versions): in its C entry, and in Python after the
+    registered op (the path taken under a TorchDispatchMode) or a written-back copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    ps = [torch.randn(6, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    if path == "non-contiguous copy":
+        ps[0] = torch.randn(4, 6).t().requires_grad_()
+    opt = mf.Adam(ps, lr=0.1, backend="cpu")
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    before = [p._version for p in ps]
+    if path == "dispatcher":
+        with Passthrough():
+            opt.step()
+    else:
+        opt.step()
+    assert all(p._version > v for p, v in zip(ps, before))
+    assert not torch.equal(ps[1].detach(), torch.zeros(5))
+
+
+# ---------------------------------------------------------------- state tensors
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["native", "int8_state"])
+def test_a_state_tensor_overlapping_itself_is_refused_before_anything_changes(backend, layout):
+    """An expanded state tensor was updated on a copy whose write-back raised after every tensor of the bucket had
+    been written (a retry then applied the step twice)."""
+    ps = [torch.nn.Parameter(torch.randn(4096)), torch.nn.Parameter(torch.randn(4096))]
+    opt = mf.Adam(ps, lr=0.1, backend=backend, layout=layout)
+    for p in ps:
+        p.grad = torch.ones(4096)
+    opt.step()
+    st = opt.state[ps[1]]
+    st["exp_avg"] = st["exp_avg"][:1].expand(4096)
+    if layout == "int8_state":
+        st["exp_avg_scale"] = st["exp_avg_scale"][:1].expand(16)
+    before = [p.detach().clone() for p in ps]
+    steps = [float(opt.state[p]["step"]) for p in ps]
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+    assert [float(opt.state[p]["step"]) for p in ps] == steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_state_entry_set_to_none_is_named(backend):
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = mf.Adam([p], lr=0.1, backend=backend)
+    p.grad = torch.ones(8)
+    opt.step()
+    opt.state[p]["exp_avg_sq"] = None
+    with pytest.raises(TypeError, match="state 'exp_avg_sq' is a NoneType, expected a Tensor"):
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_params_replaced_by_a_tuple_of_the_same_params(backend):
+    """The cached plan handed the group's (now tuple) params to a C check that takes a list: a pybind TypeError."""
+    a, b = torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(10))
+    ours, theirs = mf.SGD([a], lr=0.1, momentum=0.9, backend=backend), torch.optim.SGD([b], lr=0.1, momentum=0.9)
+    for k in range(3):
+        for x, o in ((a, ours), (b, theirs)):
+            x.grad = torch.full((10,), 1.0 + k)
+            if k == 1:
+                o.param_groups[0]["params"] = tuple(o.param_groups[0]["params"])
+            o.step()
+    torch.testing.assert_close(a, b)
