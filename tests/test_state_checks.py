@@ -334,3 +334,62 @@ def test_triton_knobs_are_checked_before_anything_runs(name, value, why, monkeyp
     assert why in _backend_triton._knob_error()
     monkeypatch.delenv(name)
     assert _backend_triton._knob_error() is None
+
+
+# ---------------------------------------------------------------- int8 checkpoints that are not
+def _int8_checkpoint():
+    p = torch.nn.Parameter(torch.randn(4096))
+    opt = mf.Adam([p], lr=1e-2, layout="int8_state")
+    p.grad = torch.randn(4096)
+    opt.step()
+    return p, opt.state_dict()
+
+
+@pytest.mark.parametrize("edit", ["scale not a tensor", "int16 codes", "signed codes of an unsigned state",
+                                  "unsigned codes of a signed state", "too few scales"])
+@pytest.mark.parametrize("live", ["native", "int8_state"])
+def test_codes_that_are_not_codes_refuse_the_checkpoint(edit, live):
+    """A state with block scales beside it was loaded as the values when the scale was no tensor or the codes were
+    int16 (code 127 -> 127.0), and decoded with the wrong sign for the wrong signedness (a negative second
+    moment: NaN params at the next step)."""
+    p, sd = _int8_checkpoint()
+    st = sd["state"][0]
+    if edit == "scale not a tensor":
+        st["exp_avg_scale"] = 1.0
+    elif edit == "int16 codes":
+        st["exp_avg_codes"] = st["exp_avg_codes"].short()
+    elif edit == "signed codes of an unsigned state":
+        st["exp_avg_sq_codes"] = st["exp_avg_sq_codes"].to(torch.int16).clamp(max=127).neg().to(torch.int8)
+    elif edit == "unsigned codes of a signed state":
+        st["exp_avg_codes"] = st["exp_avg_codes"].abs().to(torch.uint8)
+    else:
+        st["exp_avg_scale"] = st["exp_avg_scale"][:-1]
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = mf.Adam([q], lr=1e-2, layout=live)
+    with pytest.raises(ValueError, match="must be torch.u?int8 codes"):
+        opt.load_state_dict(sd)
+    assert not opt.state
+
+
+@pytest.mark.parametrize("saved, live", [("master16", "master"), ("master", "master16")])
+def test_a_reshaped_master_or_remainder_converts_as_the_param(saved, live):
+    """A checkpoint's master / remainder of the param's size but another shape: the conversion raised after the
+    live group's master had been dropped (a half-loaded optimizer)."""
+    runs = []
+    for reshape in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(8, 4).bfloat16())
+        opt = mf.AdamW([p], lr=1e-2, layout=saved)
+        p.grad = torch.randn(8, 4).bfloat16()
+        opt.step()
+        sd = opt.state_dict()
+        key = "master_lo" if saved == "master16" else "master"
+        if reshape:
+            sd["state"][0][key] = sd["state"][0][key].reshape(4, 8)
+        q = torch.nn.Parameter(p.detach().clone())
+        o2 = mf.AdamW([q], lr=1e-2, layout=live)
+        o2.load_state_dict(sd)
+        runs.append((q.detach().clone(), {k: v.clone() for k, v in o2.state[q].items()}))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1].keys() == runs[1][1].keys()
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])

@@ -17,16 +17,36 @@ _CONVERTED = (_layouts.MASTER_KEY, _layouts.REMAINDER_KEY)  # load_state_dict co
 
 
 def _check_int8_codes(state_dict: dict[str, Any]) -> None:
-    """Refuse, before anything is loaded, signed 8-bit codes outside the map: -128 is no code of the signed map
-    (-127..127, docs/algorithms.md §11), no encoder writes it, and the backends would decode it differently."""
+    """Refuse, before anything is loaded, 8-bit codes that are not ones (a state with block scales beside it must
+    be int8 codes for a signed state, uint8 for an unsigned one, with one floating-point scale per 256 codes:
+    anything else would be taken as the values, or decoded with the wrong sign), and signed codes outside the map:
+    -128 is no code of the signed map (-127..127, docs/algorithms.md §11), no encoder writes it, and the backends
+    would decode it differently."""
     sfx = _layouts.INT8_SCALE_SUFFIX
     for idx, st in state_dict.get("state", {}).items():
+        if not isinstance(st, dict):
+            continue
         for key, v in st.items():
-            if not (isinstance(v, torch.Tensor) and v.dtype == torch.int8 and key + sfx in st):
+            if not (isinstance(key, str) and not key.endswith(sfx) and key + sfx in st):
+                continue
+            sc = st[key + sfx]
+            want = torch.uint8 if key in _layouts.INT8_UNSIGNED else torch.int8
+            if not (isinstance(v, torch.Tensor) and v.dtype == want and isinstance(sc, torch.Tensor)
+                    and sc.is_floating_point() and sc.numel() * _layouts.INT8_BLOCK == v.numel()):
+                raise ValueError(
+                    f"load_state_dict: state {idx!r} {key!r} has block scales {key + sfx!r} beside it, so it must be "
+                    f"{want} codes ({'unsigned' if want == torch.uint8 else 'signed'} map) with one floating-point "
+                    f"scale per {_layouts.INT8_BLOCK} codes; got {_describe(v)} and scales {_describe(sc)}. The "
+                    "checkpoint is corrupt or was edited; nothing was loaded")
+            if v.dtype != torch.int8:
                 continue
             if bool((_dist.local(v) == -128).any()):  # a DTensor (FSDP2): this rank's shard, no collective
                 raise ValueError(f"load_state_dict: state {idx!r} {key!r} holds the int8 code -128, which is not a "
                                  "code of the signed map (-127..127); the checkpoint is corrupt or not an int8_state one")
+
+
+def _describe(v) -> str:
+    return f"a {v.dtype} tensor of {v.numel()} elements" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
 
 
 class CheckpointMixin:
@@ -207,13 +227,13 @@ class CheckpointMixin:
         st = self.state[p]
         if lay.master and _layouts.REMAINDER_KEY in saved and _layouts.MASTER_KEY not in saved:
             st.pop(_layouts.REMAINDER_KEY, None)
-            lo = saved[_layouts.REMAINDER_KEY].to(p.device)
+            lo = saved[_layouts.REMAINDER_KEY].to(p.device).reshape(p.shape)  # (its numel was checked)
             master = st[_layouts.MASTER_KEY] = _layouts.master16_decode(p.detach(), lo).view(p.shape).clone()
             with torch.no_grad():  # the master layout's param is its master rounded to nearest even (a tie that
                 p.copy_(master.to(p.dtype))  # master16 rounded away from zero is rounded back)
         elif lay.remainder and _layouts.MASTER_KEY in saved and _layouts.REMAINDER_KEY not in saved:
             st.pop(_layouts.MASTER_KEY, None)
-            hi, lo = _layouts.master16_encode(saved[_layouts.MASTER_KEY].to(p.device))
+            hi, lo = _layouts.master16_encode(saved[_layouts.MASTER_KEY].to(p.device).reshape(p.shape))
             with torch.no_grad():
                 p.copy_(hi.view(p.shape))
             st[_layouts.REMAINDER_KEY] = lo.view(p.shape)
