@@ -97,6 +97,7 @@ class _LowRankOptimizer(torch.optim.Optimizer):
         self._layers: list[list[LowRankLinear]] = []
         self._inner = None
         self._inner_index: dict[int, int] = {}
+        self._linked: list = []  # the _structure() of _layers and _inner
         super().__init__(params, defaults)
         if param_budget is not None:
             need = sum(self._cost(layer, min(r_min, layer.max_rank)) for ls in self._layers for layer in ls)
@@ -122,6 +123,16 @@ class _LowRankOptimizer(torch.optim.Optimizer):
         for k in ("amsgrad",):
             if param_group.get(k, self.defaults.get(k, False)):
                 raise ValueError(f"{name}: {k}=True is not supported on the low-rank core")
+        self._relink()
+        layers = self._group_layers(params)
+        super().add_param_group(param_group)
+        self._layers.append(layers)
+        self._add_inner_group(len(self.param_groups) - 1)
+        self._linked = self._structure()
+
+    def _group_layers(self, params):
+        """The LowRankLinear layers of a group's params, checked (U, S and V together, a valid rank)."""
+        name = type(self).__name__
         layers, seen = [], set()
         for p in params:
             if isinstance(p, tuple):
@@ -140,9 +151,33 @@ class _LowRankOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{name}: U, S and V of a LowRankLinear must be in the same param group")
             if layer.r > layer.max_rank:
                 raise ValueError(f"{name}: layer rank {layer.r} > max_rank {layer.max_rank}")
-        super().add_param_group(param_group)
-        self._layers.append(layers)
-        self._add_inner_group(len(self.param_groups) - 1)
+        return layers
+
+    def _structure(self):
+        """What ``_layers`` and the inner optimizer were built from: the groups and their params (objects)."""
+        return [(id(g), list(map(id, g["params"]))) for g in self.param_groups]
+
+    def _rebuild(self):
+        """Recreate ``_layers`` and the inner optimizer of the dense params over the current param groups (after
+        unpickling or a deep copy, or edits of ``param_groups``); on an error the previous ones are kept."""
+        old = {k: self.__dict__.get(k) for k in ("_layers", "_inner", "_inner_index", "_linked")}
+        self._layers, self._inner, self._inner_index = [], None, {}
+        try:
+            for gi, g in enumerate(self.param_groups):
+                self._layers.append(self._group_layers(g["params"]))
+                self._add_inner_group(gi)
+        except BaseException:
+            self.__dict__.update(old)
+            raise
+        self._linked = self._structure()
+
+    def _relink(self):
+        """Before a step: rebuild after edits of the groups; hand the inner optimizer a replaced ``state``."""
+        if self._structure() != self._linked:
+            self._rebuild()
+        if self._inner is not None and self._inner.state is not self.state:
+            self._inner.state = self.state
+            self._inner.invalidate_caches()
 
     def _dense_hparams(self, group):
         return {k: group[k] for k in get_spec(self._rule).defaults if k in group}
@@ -159,17 +194,24 @@ class _LowRankOptimizer(torch.optim.Optimizer):
             self._inner.add_param_group(g)
         self._inner_index[gi] = len(self._inner.param_groups) - 1
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        if self._inner is not None:
-            self._inner.state = self.state
-            self._inner.invalidate_caches()
+    _SETTINGS = ("tau", "r_min", "fixed_rank", "augment_every", "truncate_every", "param_budget", "backend",
+                 "retraction")
+
+    def __getstate__(self):  # (torch's keeps defaults, state and param_groups: a copy or pickle also needs these)
+        state = super().__getstate__()
+        state["lowrank_settings"] = {k: getattr(self, k) for k in self._SETTINGS}
+        return state
 
     def __setstate__(self, state):
+        # (torch's load_state_dict calls this with {"state", "param_groups"}: the live settings stay)
+        settings = state.pop("lowrank_settings", None)
         super().__setstate__(state)
-        if getattr(self, "_inner", None) is not None:
-            self._inner.state = self.state
-            self._inner.invalidate_caches()
+        if settings is not None:
+            self.__dict__.update(settings)
+            self.profile = None
+        # rebuilt by the next step or add_param_group (_relink): when unpickling, the layers of the factors may
+        # not be rebuilt yet
+        self._layers, self._inner, self._inner_index, self._linked = [], None, {}, None
 
     @staticmethod
     def _cost(layer, r):
@@ -193,6 +235,7 @@ class _LowRankOptimizer(torch.optim.Optimizer):
     def _plan(self):
         name = type(self).__name__
         spec = get_spec(self._rule)
+        self._relink()
         buckets: dict[tuple, list] = {}
         grads = []
         for gi, group in enumerate(self.param_groups):
@@ -252,7 +295,7 @@ class _LowRankOptimizer(torch.optim.Optimizer):
         for res in results:
             self._write(res)
         if self._inner is not None:
-            self._inner.step()
+            self._inner._eager_step()  # (not step(): torch's step hooks, global ones included, ran for this one)
         return loss
 
     def _compute(self, key, layers):

@@ -85,6 +85,7 @@ class Muon(torch.optim.Optimizer):
         self.backend = backend
         self._core = self._aux = None
         self._links: list = []  # per param group: (use_muon, index of its group in the inner optimizer)
+        self._linked: list = []  # the _structure() the inner optimizers were built from
         super().__init__(params, {**defaults, "use_muon": True})
 
     def train(self, mode: bool = True):
@@ -110,11 +111,7 @@ class Muon(torch.optim.Optimizer):
         where = f"Muon param group {len(self.param_groups)}: "
         if use:
             MUON_SPEC.validate({**self.defaults, **g}, where=where)
-            for i, p in enumerate(params):
-                if isinstance(p, torch.Tensor) and p.dim() < 2:
-                    raise ValueError(f"{where}param {i} has shape {tuple(p.shape)}: Muon orthogonalizes matrices "
-                                     "(params of 2 or more dims); put 0-d and 1-d params (biases, gains) in a param "
-                                     "group with use_muon=False, stepped by AdamW")
+            self._check_matrices(params, where)
         self._warn_foreign_keys(g, use, where)
         saved = self.defaults
         # (aux groups take no Muon keys; both kinds take the optimizer's capturable)
@@ -133,6 +130,19 @@ class Muon(torch.optim.Optimizer):
         except BaseException:
             self.param_groups.pop()
             raise
+        self._linked = self._structure()
+
+    @staticmethod
+    def _check_matrices(params, where):
+        for i, p in enumerate(params):
+            if isinstance(p, torch.Tensor) and p.dim() < 2:
+                raise ValueError(f"{where}param {i} has shape {tuple(p.shape)}: Muon orthogonalizes matrices "
+                                 "(params of 2 or more dims); put 0-d and 1-d params (biases, gains) in a param "
+                                 "group with use_muon=False, stepped by AdamW")
+
+    def _structure(self):
+        """What the inner optimizers were built from: each group (object, kind) and its params (objects)."""
+        return [(id(g), g.get("use_muon", True), list(map(id, g["params"]))) for g in self.param_groups]
 
     @staticmethod
     def _warn_foreign_keys(g, use, where):
@@ -192,15 +202,29 @@ class Muon(torch.optim.Optimizer):
         self._links.append((use, len(inner.param_groups) - 1))
 
     def _rebuild(self):
-        """Recreate the inner optimizers over the current param groups (after load_state_dict / unpickling)."""
+        """Recreate the inner optimizers over the current param groups (after load_state_dict, unpickling, or
+        edits of ``param_groups``: groups added, removed or reordered in the list, params added or removed); on
+        an error the previous ones are kept."""
+        old = {k: self.__dict__.get(k) for k in ("_core", "_aux", "_links", "_linked")}
         self._core = self._aux = None
         self._links = []
-        for gi, g in enumerate(self.param_groups):
-            g.setdefault("use_muon", True)
-            for k, v in (MUON_DEFAULTS if g["use_muon"] else AUX_DEFAULTS).items():
-                g.setdefault(k, v)
-            g.setdefault("capturable", False)  # (torch.optim.Muon's state_dicts have no capturable)
-            self._add_inner(gi)
+        try:
+            for gi, g in enumerate(self.param_groups):
+                g.setdefault("use_muon", True)
+                for k, v in (MUON_DEFAULTS if g["use_muon"] else AUX_DEFAULTS).items():
+                    g.setdefault(k, v)
+                g.setdefault("capturable", False)  # (torch.optim.Muon's state_dicts have no capturable)
+                if g["use_muon"]:
+                    self._check_matrices(g["params"], f"Muon param group {gi}: ")
+                try:
+                    self._add_inner(gi)
+                except _RENAMED as e:
+                    inner = self._core if g["use_muon"] else self._aux
+                    raise self._outer_error(inner, e, {len(inner.param_groups) if inner else 0: gi}) from None
+        except BaseException:
+            self.__dict__.update(old)
+            raise
+        self._linked = self._structure()
 
     def load_state_dict(self, state_dict):
         """torch's, then the inner optimizers are rebuilt on the loaded groups and state. A state_dict of
@@ -222,7 +246,22 @@ class Muon(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def _sync(self):
-        """Copy the (possibly scheduled) hyperparameters of every group into its inner group."""
+        """Copy the (possibly scheduled) hyperparameters of every group into its inner group; rebuild the inner
+        optimizers when the groups or their params were edited, and hand them ``self.state`` when it was
+        replaced (``opt.state = defaultdict(dict)``), as a torch optimizer reads both at every step."""
+        structure = self._structure()
+        if structure != self._linked:
+            kinds = {gid: use for gid, use, _ in self._linked}
+            for gi, (gid, use, _) in enumerate(structure):
+                if kinds.get(gid, use) is not use:
+                    raise ValueError(f"Muon param group {gi}: use_muon changed from {kinds[gid]} after the group was "
+                                     "added; a group's kind is fixed (add a new group instead)")
+            self.sync_amp()
+            self._rebuild()
+        for inner in (self._core, self._aux):
+            if inner is not None and inner.state is not self.state:
+                inner.state = self.state
+                inner.invalidate_caches()
         for gi, (group, (use, igi)) in enumerate(zip(self.param_groups, self._links)):
             if group.get("use_muon", True) is not use:
                 raise ValueError(f"Muon param group {gi}: use_muon changed from {use} after the group was added; "
@@ -263,7 +302,7 @@ class Muon(torch.optim.Optimizer):
                 inner.found_inf = found_inf
             inner._planned = plan
             try:
-                inner.step()
+                inner._eager_step()  # (not step(): torch's step hooks, global ones included, ran for this optimizer)
             finally:
                 del inner.grad_scale
                 inner.__dict__.pop("found_inf", None)
