@@ -82,6 +82,30 @@ def test_tensor_lr_with_a_scheduler(cls, kw):
     assert_states_close(a, pa, b, pb, **tol(torch.float64))
 
 
+@need_cpu
+@pytest.mark.parametrize("layout", ["master16", "int8_state", "master16_int8"])
+@pytest.mark.parametrize("cls,kw", [(mf.AdamW, dict(lr=1e-2, weight_decay=0.1)), (mf.SGD, dict(lr=0.1, momentum=0.9)),
+                                    (mf.Lion, dict(lr=1e-3))], ids=["adamw", "sgd", "lion"])
+def test_capturable_compressed_layouts_equal_the_ordinary_steps(cls, kw, layout):
+    """The compressed layouts with capturable=True (device scalar tables): params, codes, scales, remainders and
+    fp32 states bit for bit those of the host-scalar steps, on tensors large enough to be quantized."""
+    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
+    shapes = [(64, 128), (300,), (4096,)]
+    runs = []
+    for capturable in (True, False):
+        ps = make_params(shapes, dtype=dtype)
+        opt = cls(ps, backend="cpu", capturable=capturable, layout=layout, **kw)
+        for gs in make_grads(shapes, steps=6, dtype=dtype):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        snap = snapshot(opt, ps)
+        assert {g.pop("capturable") for g in snap["groups"]} == {capturable}
+        runs.append(snap)
+    assert_snapshot_equal(runs[0], runs[1])
+    assert any(k.endswith("_scale") for st in runs[0]["state"] for k in st) == (layout != "master16")
+
+
 @pytest.mark.parametrize("cls,kw,match", NOT_CAPTURABLE, ids=[c[0].__name__ for c in NOT_CAPTURABLE])
 def test_rules_with_host_counters_raise(cls, kw, match):
     with pytest.raises(ValueError, match=f"capturable=True.*{match}"):
