@@ -155,7 +155,7 @@ def test_a_strided_param_overlapping_another(backend):
     b = torch.nn.Parameter(a.data.t())
     opt = mf.SGD([a, b], lr=0.1, momentum=0.9, backend=backend)
     a.grad, b.grad = torch.ones(6, 4), torch.ones(4, 6)
-    with pytest.raises(ValueError, match="overlap those of param 0"):
+    with pytest.raises(ValueError, match=r"param 0 of group 0 \(shape \(6, 4\)\) and param 1 .* elements overlap"):
         opt.step()
     assert torch.equal(a.detach(), w) and not opt.state
 
@@ -264,3 +264,54 @@ def test_group_params_replaced_by_a_tuple_of_the_same_params(backend):
                 o.param_groups[0]["params"] = tuple(o.param_groups[0]["params"])
             o.step()
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_params_over_one_memory(backend):
+    """Weight tying done as two Parameters over one memory (``b = nn.Parameter(a.data)``): torch updates the memory
+    twice a step, one after the other; the compiled kernels update a bucket's tensors in parallel (a race). The
+    reference backend matches torch; the others refuse before anything changes."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+
+    def run(make):
+        a = torch.nn.Parameter(w.clone())
+        b = torch.nn.Parameter(a.data)
+        opt = make([a, b])
+        for k in range(3):
+            a.grad, b.grad = torch.full((64, 32), 0.1 * k + 0.1), torch.full((64, 32), -0.3)
+            opt.step()
+        return a.detach().clone(), opt
+
+    ref, _ = run(lambda ps: torch.optim.Adam(ps, lr=0.1))
+    if backend == "reference":
+        torch.testing.assert_close(run(lambda ps: mf.Adam(ps, lr=0.1, backend=backend))[0], ref)
+        return
+    a = torch.nn.Parameter(w.clone())
+    b = torch.nn.Parameter(a.data[8:])  # (a partial overlap too)
+    opt = mf.Adam([a, b], lr=0.1, backend=backend)
+    a.grad, b.grad = torch.ones(64, 32), torch.ones(56, 32)
+    with pytest.raises(ValueError, match="param 0 of group 0 .* and param 1 of group 0 .* elements overlap"):
+        opt.step()
+    assert torch.equal(a.detach(), w) and not opt.state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_params_that_are_views_of_one_flat_buffer(backend):
+    """Disjoint contiguous views of one flat buffer (as frameworks with contiguous parameter buffers make them):
+    one storage, no shared element: stepped as torch."""
+    torch.manual_seed(0)
+    flat0 = torch.randn(100)
+    outs = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=0.1), lambda ps: mf.AdamW(ps, lr=0.1, backend=backend)):
+        flat = flat0.clone()
+        ps = [torch.nn.Parameter(torch.empty(0)) for _ in range(3)]
+        for p, (i, j) in zip(ps, ((0, 40), (40, 50), (50, 100))):
+            p.data = flat[i:j]
+        opt = make(ps)
+        for k in range(3):
+            for p in ps:
+                p.grad = torch.full_like(p, 1.0 + k)
+            opt.step()
+        outs.append(flat)
+    torch.testing.assert_close(outs[1], outs[0])

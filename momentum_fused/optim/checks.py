@@ -37,6 +37,13 @@ def chosen_backend(gp: GroupPlan, p: torch.Tensor):
     return gp.chosen[(p.device, real_dtype(p.dtype))]
 
 
+def _span_bytes(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range [lo, hi) of a strided tensor's storage that holds its elements (numel > 0)."""
+    n = t.element_size()
+    lo = t.storage_offset() * n
+    return lo, lo + (sum((k - 1) * abs(st) for k, st in zip(t.shape, t.stride())) + 1) * n
+
+
 def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two views of one storage share an element (exact: torch._C._overlaps compares extents only)."""
     if a.numel() == 0 or b.numel() == 0:
@@ -361,8 +368,8 @@ class ValidationMixin:
             if group["capturable"]:
                 self._check_capturable(gi, group, chosen)
             plan.append(GroupPlan(group, state_names, items, chosen))
-        if strided_params:
-            self._check_param_memory(plan, strided_params)
+        if not traced:
+            self._check_param_memory(plan, strided_params, dtensor_cls)
         return plan
 
     def _check_state_objects(self, p, st, pi, gi, names) -> None:
@@ -394,31 +401,49 @@ class ValidationMixin:
         sub = self.__dict__.get("_grad_subst")
         return sub.get(id(p), p.grad) if sub else p.grad
 
-    def _check_param_memory(self, plan, strided_params) -> None:
-        """Non-contiguous params: one whose elements overlap each other (an expanded tensor) cannot be updated in
-        place (torch raises too); on a compiled backend one whose elements overlap another param's is refused,
-        since it is updated on a contiguous copy that is written back afterwards (torch, and the reference
-        backend, update the two one after the other)."""
-        by_storage: dict = {}
-        for group, _, items, chosen in plan:
-            for q in items:
-                by_storage.setdefault((q.device, q.untyped_storage().data_ptr()), []).append(q)
+    def _check_param_memory(self, plan, strided_params, dtensor_cls) -> None:
+        """Params whose memory the kernels cannot update as torch does: a param whose elements overlap each other
+        (an expanded tensor; torch raises too), and, on a compiled backend, two distinct params that share an
+        element (two Parameters over one memory: the kernels update a bucket's tensors in parallel, and a
+        non-contiguous one on a copy written back afterwards, where torch and the reference backend update them
+        one after the other). Params that share a storage without sharing an element (views of one flat buffer,
+        column halves of a matrix) pass. One storage pointer per param, a sort per shared storage."""
         for gi, pi, p in strided_params:
-            where = self._where(p, pi, gi)
             if torch._debug_has_internal_overlap(p) == 1:
-                raise ValueError(f"{where}: the param has elements that share memory (strides {p.stride()}, e.g. an "
-                                 "expanded tensor); it cannot be updated in place")
-            if chosen_backend(plan[gi], p).name == "reference":
+                raise ValueError(f"{self._where(p, pi, gi)}: the param has elements that share memory (strides "
+                                 f"{p.stride()}, e.g. an expanded tensor); it cannot be updated in place")
+        by_storage: dict = {}
+        for gi, gp in enumerate(plan):
+            for q in gp.items:
+                if q.numel() and (dtensor_cls is None or not isinstance(q, dtensor_cls)):
+                    ptr = q.untyped_storage().data_ptr()
+                    if ptr:  # (0: meta or fake tensors)
+                        by_storage.setdefault((q.device, ptr), []).append((gi, q))
+        for shared in by_storage.values():
+            if len(shared) < 2:
                 continue
-            for q in by_storage.get((p.device, p.untyped_storage().data_ptr()), ()):
-                if q is not p and _elements_overlap(p, q):
-                    qi = next((j for j, r in enumerate(self.param_groups[gi]["params"]) if r is q), None)
-                    other = f"param {qi} of group {gi}" if qi is not None else "a param of another group"
-                    raise ValueError(f"{where}: the param is a non-contiguous view whose elements overlap those of "
-                                     f"{other} (shape {tuple(q.shape)}); the {chosen_backend(plan[gi], p).name} "
-                                     "backend updates such a param on a copy, which would overwrite the other's "
-                                     "update. Tie them as one Parameter, make this one contiguous, or use "
-                                     "backend='reference' (torch's order: one after the other)")
+            spans = sorted(((_span_bytes(q), gi, q) for gi, q in shared), key=lambda x: x[0][0])
+            active = []  # spans that reach past the current start
+            for (lo, hi), gi, q in spans:
+                active = [a for a in active if a[0][1] > lo]
+                for _, gj, r in active:
+                    if "reference" == chosen_backend(plan[gi], q).name == chosen_backend(plan[gj], r).name:
+                        continue
+                    if (q.is_contiguous() and r.is_contiguous()) or _elements_overlap(q, r):
+                        self._raise_shared_elements(plan, gi, q, gj, r)
+                active.append(((lo, hi), gi, q))
+
+    def _raise_shared_elements(self, plan, gi, q, gj, r):
+        def where(g, t):
+            i = next(k for k, x in enumerate(self.param_groups[g]["params"]) if x is t)
+            return (g, i), f"param {i} of group {g} (shape {tuple(t.shape)})"
+        names = sorted({chosen_backend(plan[gi], q).name, chosen_backend(plan[gj], r).name} - {"reference"})
+        (_, first), (_, second) = sorted([where(gi, q), where(gj, r)])
+        raise ValueError(f"{type(self).__name__}: {first} and {second} are distinct params whose "
+                         f"elements overlap in memory; the {' and '.join(names)} backend updates a bucket's tensors in "
+                         "parallel (a non-contiguous one on a copy written back afterwards), so one update would be "
+                         "lost or mixed. Tie them as one Parameter, give each its own memory, or use "
+                         "backend='reference' (torch's order: one after the other)")
 
     def _where(self, p, pi, gi):
         return f"{type(self).__name__}: param {pi} of group {gi} (shape {tuple(p.shape)})"
