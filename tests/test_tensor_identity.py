@@ -2,7 +2,10 @@
 with a lazy bit or without memory (autograd's ZeroTensor: a segfault on the cpu backend; conjugate views refused
 after the step counters had moved; negative views read with the wrong sign), params whose version counters the
 compiled kernels did not bump (autograd's in-place check silently off), a non-contiguous param overlapping another
-(one update lost on the cpu backend) or itself (half a step applied before the error)."""
+(one update lost on the cpu backend) or itself (half a step applied before the error), two Parameters over one
+memory (a race), an expanded state tensor, a None state entry, group params replaced by a tuple. The tests of what
+stays allowed (views of one flat buffer, column halves of a matrix) and the negative-view one (its fix is the C
+check, already in the build the old code was run with) passed before."""
 from __future__ import annotations
 
 import pytest

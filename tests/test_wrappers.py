@@ -2,7 +2,8 @@
 (Muon: _MuonCore + AdamW; LowRankSGD/LowRankAdam: the dense params' optimizer); each test failed before its fix:
 torch's global step hooks ran for the inner optimizers too (2-3 calls per step, a hook's edit applied twice), a
 replaced ``state`` mapping or edited ``param_groups`` were not followed (torch's optimizers read both at every
-step), and the low-rank optimizers did not survive a deep copy or a pickle (their settings were lost)."""
+step), and the low-rank optimizers did not survive a deep copy or a pickle (their settings were lost). The test of
+a group's kind after a reorder pins behaviour that held before."""
 from __future__ import annotations
 
 import copy
