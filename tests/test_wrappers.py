@@ -156,3 +156,61 @@ def test_lowrank_optimizers_survive_a_copy(cls, how):
     for x, y in zip(m.parameters(), d["m"].parameters()):
         assert torch.equal(x, y)
     assert pickle.loads(pickle.dumps(d["o"].state_dict()))["param_groups"] == opt.state_dict()["param_groups"]
+
+
+# ---------------------------------------------------------------- found by a second review, of the fixes above
+def test_muon_add_param_group_after_an_edit_of_the_groups():
+    """add_param_group recorded the edited groups as built without rebuilding: after ``param_groups.pop(0)`` the
+    removed group's params were still stepped and the new group took the wrong inner group's settings."""
+    runs = []
+    for cls in (torch.optim.Muon, mf.Muon):
+        ps = _muon_model()
+        opt = cls([{"params": [ps[0]], "lr": 0.02}, {"params": [ps[1]], "lr": 0.05}], lr=0.02)
+        _grads(ps, 0)
+        opt.step()
+        opt.param_groups.pop(0)
+        opt.add_param_group({"params": [ps[2]], "lr": 0.03})
+        for k in (1, 2):
+            _grads(ps, k)
+            opt.step()
+        runs.append([p.detach().clone() for p in ps[:3]])
+    for x, y in zip(*runs):
+        torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+def test_muon_add_param_group_after_a_kind_change_is_refused():
+    ps = _muon_model()
+    opt = mf.Muon([{"params": ps[:2]}], lr=0.02)
+    opt.param_groups[0]["use_muon"] = False
+    with pytest.raises(ValueError, match="use_muon changed"):
+        opt.add_param_group({"params": [ps[2]]})
+    assert len(opt.param_groups) == 1
+
+
+def test_lowrank_add_param_group_refused_by_the_dense_optimizer_adds_nothing():
+    """The group's dense params refused by the inner optimizer left the group half added: every later step
+    raised."""
+    torch.manual_seed(0)
+    layer = LowRankLinear(12, 10, 2, 4)
+    lin = torch.nn.Linear(10, 3)
+    opt = LowRankSGD(list(layer.parameters()), lr=0.05, momentum=0.9)
+    with pytest.raises(ValueError, match="lr"):  # (a group setting the dense rule refuses)
+        opt.add_param_group({"params": list(lin.parameters()), "lr": -0.05})
+    assert len(opt.param_groups) == 1 and len(opt._layers) == 1
+    opt.add_param_group({"params": list(lin.parameters())})
+    lin(layer(torch.randn(8, 12))).square().mean().backward()
+    opt.step()
+
+
+@pytest.mark.skipif(mf.backends.status().get("cpu") != "available", reason="the cpu backend is not built")
+def test_muon_error_names_this_optimizers_groups_everywhere_in_the_message():
+    """An inner error naming two groups had only its first group index mapped to the Muon group's."""
+    a = torch.nn.Parameter(torch.randn(8, 6))
+    b = torch.nn.Parameter(a.data)  # (two Parameters over one memory: refused by the compiled backends)
+    v, c = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(4, 4))
+    opt = mf.Muon([{"params": [v], "use_muon": False}, {"params": [c]}, {"params": [a]}, {"params": [b]}],
+                  lr=0.02, backend="cpu")
+    for p in (v, c, a, b):
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"^Muon: param 0 of group 2 \(shape \(8, 6\)\) and param 0 of group 3 "):
+        opt.step()

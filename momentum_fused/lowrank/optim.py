@@ -127,7 +127,12 @@ class _LowRankOptimizer(torch.optim.Optimizer):
         layers = self._group_layers(params)
         super().add_param_group(param_group)
         self._layers.append(layers)
-        self._add_inner_group(len(self.param_groups) - 1)
+        try:
+            self._add_inner_group(len(self.param_groups) - 1)
+        except BaseException:  # (the dense params refused by the inner optimizer: the group is not added)
+            self.param_groups.pop()
+            self._layers.pop()
+            raise
         self._linked = self._structure()
 
     def _group_layers(self, params):

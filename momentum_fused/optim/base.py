@@ -314,13 +314,15 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         # The cyclic garbage collector is paused for the update (not for the closure): the step allocates
         # ~10 short-lived acyclic objects per tensor, enough to trigger collections that traverse the whole
         # heap (measured: up to 30 us per tensor on a model of 10k tensors). Collection resumes after it.
-        if not gc.isenabled():
-            return self._update(loss)
-        gc.disable()
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
         try:
             return self._update(loss)
         finally:
-            gc.enable()
+            self._grad_subst = None  # (this step's resolved gradients, ``grad_of``: not kept until the next)
+            if paused:
+                gc.enable()
 
     def _step_plan(self):
         """This step's plan, ``(plan, cached)``: the cached plan of the last step re-validated (``_fast_plan``;

@@ -45,23 +45,27 @@ def _span_bytes(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two views of one storage share an element (exact: torch._C._overlaps compares extents only)."""
+    """Whether two views of one storage share a byte (exact, also across dtypes: torch._C._overlaps compares
+    extents only); ``a is b``: whether two of its elements share one (an internal overlap)."""
     if a.numel() == 0 or b.numel() == 0:
         return False
-    if a.element_size() != b.element_size():
-        return True  # (views of one storage as different dtypes: counted as overlapping)
-
-    def span(t):
-        lo = t.storage_offset()
-        return lo, lo + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    lo, hi = min(a0, b0), max(a1, b1)
-    if a1 <= b0 or b1 <= a0:
+    (a0, a1), (b0, b1) = _span_bytes(a), _span_bytes(b)
+    if a is not b and (a1 <= b0 or b1 <= a0):
         return False
-    mark = torch.zeros(hi - lo, dtype=torch.bool)
-    mark.as_strided(a.shape, a.stride(), a0 - lo).fill_(True)
-    return bool(mark.as_strided(b.shape, b.stride(), b0 - lo).any())
+    lo, hi = min(a0, b0), max(a1, b1)
+    if a is b:  # every element's first byte offset, each counted once: a repeat is an internal overlap
+        n = a.element_size()
+        first = torch.arange(a0 // n, a1 // n).as_strided(a.shape, a.stride(), 0).reshape(-1)
+        return first.unique().numel() < first.numel()
+    if a.element_size() == b.element_size():  # one flag per element
+        n = a.element_size()
+        mark = torch.zeros((hi - lo) // n, dtype=torch.bool)
+        mark.as_strided(a.shape, a.stride(), (a0 - lo) // n).fill_(True)
+        return bool(mark.as_strided(b.shape, b.stride(), (b0 - lo) // n).any())
+    mark = torch.zeros(hi - lo, dtype=torch.bool)  # views as different dtypes: one flag per byte
+    na, nb = a.element_size(), b.element_size()
+    mark.as_strided((*a.shape, na), (*(st * na for st in a.stride()), 1), a0 - lo).fill_(True)
+    return bool(mark.as_strided((*b.shape, nb), (*(st * nb for st in b.stride()), 1), b0 - lo).any())
 
 
 def host_value_error(key: str, value) -> str | None:
@@ -409,18 +413,27 @@ class ValidationMixin:
         one after the other). Params that share a storage without sharing an element (views of one flat buffer,
         column halves of a matrix) pass. One storage pointer per param, a sort per shared storage."""
         for gi, pi, p in strided_params:
-            if torch._debug_has_internal_overlap(p) == 1:
+            status = torch._debug_has_internal_overlap(p)  # 0 no, 1 yes, 2 too hard to tell from the strides
+            if status == 1 or (status == 2 and _elements_overlap(p, p)):
                 raise ValueError(f"{self._where(p, pi, gi)}: the param has elements that share memory (strides "
                                  f"{p.stride()}, e.g. an expanded tensor); it cannot be updated in place")
         by_storage: dict = {}
         for gi, gp in enumerate(plan):
             for q in gp.items:
                 if q.numel() and (dtensor_cls is None or not isinstance(q, dtensor_cls)):
-                    ptr = q.untyped_storage().data_ptr()
+                    try:
+                        ptr = q.untyped_storage().data_ptr()
+                    except RuntimeError:  # (a wrapper subclass without a storage of its own)
+                        continue
                     if ptr:  # (0: meta or fake tensors)
                         by_storage.setdefault((q.device, ptr), []).append((gi, q))
-        for shared in by_storage.values():
+        memo = self.__dict__.setdefault("_disjoint_params", {})  # shared storages found disjoint (the full plan
+        for shared in by_storage.values():                       # runs every step for some groups)
             if len(shared) < 2:
+                continue
+            key = tuple((id(q), q.data_ptr(), q.dtype, tuple(q.shape), q.stride(), chosen_backend(plan[gi], q).name)
+                        for gi, q in shared)
+            if key in memo:
                 continue
             spans = sorted(((_span_bytes(q), gi, q) for gi, q in shared), key=lambda x: x[0][0])
             active = []  # spans that reach past the current start
@@ -432,6 +445,9 @@ class ValidationMixin:
                     if (q.is_contiguous() and r.is_contiguous()) or _elements_overlap(q, r):
                         self._raise_shared_elements(plan, gi, q, gj, r)
                 active.append(((lo, hi), gi, q))
+            if len(memo) > 64:
+                memo.clear()
+            memo[key] = True
 
     def _raise_shared_elements(self, plan, gi, q, gj, r):
         def where(g, t):

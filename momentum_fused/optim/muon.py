@@ -101,6 +101,8 @@ class Muon(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"Muon: a param group must be a dict, got {type(param_group).__name__}")
         self.sync_amp()
+        if self._linked:  # (edits of param_groups since the last build: the new group's inner index depends on them)
+            self._relink()
         g = dict(param_group)
         params = g["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -177,7 +179,7 @@ class Muon(torch.optim.Optimizer):
         outer.update(new or {})
         msg = ("Muon" if use else "Muon (use_muon=False group, AdamW)") + msg[len(name):]
         msg = re.sub(r"(param group |of group )(\d+)",
-                     lambda m: m.group(1) + str(outer.get(int(m.group(2)), m.group(2))), msg, count=1)
+                     lambda m: m.group(1) + str(outer.get(int(m.group(2)), m.group(2))), msg)
         return type(e)(msg)
 
     def _inner_group(self, group):
@@ -245,19 +247,25 @@ class Muon(torch.optim.Optimizer):
         self._rebuild()
 
     # ------------------------------------------------------------------ step
+    def _relink(self):
+        """Rebuild the inner optimizers when ``param_groups`` or a group's params were edited since they were
+        built (a group whose ``use_muon`` changed is refused: a group's kind is fixed)."""
+        structure = self._structure()
+        if structure == self._linked:
+            return
+        kinds = {gid: use for gid, use, _ in self._linked}
+        for gi, (gid, use, _) in enumerate(structure):
+            if kinds.get(gid, use) is not use:
+                raise ValueError(f"Muon param group {gi}: use_muon changed from {kinds[gid]} after the group was "
+                                 "added; a group's kind is fixed (add a new group instead)")
+        self.sync_amp()
+        self._rebuild()
+
     def _sync(self):
         """Copy the (possibly scheduled) hyperparameters of every group into its inner group; rebuild the inner
         optimizers when the groups or their params were edited, and hand them ``self.state`` when it was
         replaced (``opt.state = defaultdict(dict)``), as a torch optimizer reads both at every step."""
-        structure = self._structure()
-        if structure != self._linked:
-            kinds = {gid: use for gid, use, _ in self._linked}
-            for gi, (gid, use, _) in enumerate(structure):
-                if kinds.get(gid, use) is not use:
-                    raise ValueError(f"Muon param group {gi}: use_muon changed from {kinds[gid]} after the group was "
-                                     "added; a group's kind is fixed (add a new group instead)")
-            self.sync_amp()
-            self._rebuild()
+        self._relink()
         for inner in (self._core, self._aux):
             if inner is not None and inner.state is not self.state:
                 inner.state = self.state
