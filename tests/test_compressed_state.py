@@ -464,3 +464,76 @@ def test_int8_codes_are_saved_apart_from_the_values(tmp_path):
     o2 = mf.AdamW([q], lr=1e-2, layout="int8_state", backend="reference")
     o2.load_state_dict(old)
     assert all(torch.equal(o2.state[q][k], v) for k, v in opt.state[model.weight].items())
+
+
+# ---------------------------------------------------------------- the master through torch.optim, layout edits
+_BACKENDS = ["reference"] + (["cpu"] if backends.status().get("cpu") == "available" else [])
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("layout", ["master", "master16"])
+def test_a_master_that_went_through_torch_optim_is_not_loaded_back(layout, backend):
+    """torch.optim keeps the master (or remainder) it does not know, cast to the param dtype, and never updates
+    it: loaded back, it reverted torch's training (into "master16", at load already). It is now left out with a
+    warning and the master restarts from the params torch trained."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4352, generator=gen).to(torch.bfloat16).requires_grad_()
+    a = mf.AdamW([p], lr=1e-2, layout=layout, backend=backend)
+    for _ in range(3):
+        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+        a.step()
+    t = torch.optim.AdamW([p], lr=1e-2)
+    t.load_state_dict(a.state_dict())
+    for _ in range(5):
+        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+        t.step()
+    trained = p.detach().clone()
+    b = mf.AdamW([p], lr=0.0, layout=layout, backend=backend)
+    with pytest.warns(UserWarning, match="went through an optimizer that does not keep a master"):
+        b.load_state_dict(t.state_dict())
+    assert torch.equal(p.detach(), trained)
+    b.param_groups[0]["lr"] = 0.0
+    p.grad = torch.zeros_like(p)
+    b.step()
+    assert torch.equal(p.detach(), trained) and torch.equal(master_of(b, p), trained.float())
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("src,dst", [("master", "master16"), ("master16", "master"), ("master", "native"),
+                                     ("master16_int8", "native")])
+def test_a_layout_edited_after_steps_is_refused_before_anything_changes(src, dst, backend):
+    """A group's layout edited from "master" to "master16" (or back, or to native) stepped on: the missing copy
+    was rebuilt from the rounded param (the master's low bits lost) and the other left stale in the state, where
+    a switch back or a checkpoint took it (reverting the params)."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4352, generator=gen).to(torch.bfloat16).requires_grad_()
+    opt = mf.SignSGD([p], lr=1e-2, layout=src, backend=backend)  # (no rule state: only the master keys tell)
+    for _ in range(2):
+        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+        opt.step()
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    opt.param_groups[0]["layout"] = dst
+    with pytest.raises(ValueError, match="was the group's layout changed after its first step"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0])
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items()) and set(opt.state[p]) == set(before[1])
+    opt.param_groups[0]["layout"] = src
+    opt.step()
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("src", ["master16", "master16_int8"])
+def test_a_master16_checkpoint_into_fp16_params_of_the_master_layout(src, backend):
+    """layout="master" takes fp16 params: a master16 checkpoint loaded there decoded the fp16 bits as a bf16
+    high half (masters off by hundreds). The saved param's bf16 value is read from the fp16 param."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4352, generator=gen).to(torch.bfloat16).requires_grad_()
+    a = mf.AdamW([p], lr=1e-2, layout=src, backend=backend)
+    for _ in range(3):
+        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+        a.step()
+    q = p.detach().to(torch.float16).requires_grad_()  # (the model's weights, loaded first, in fp16)
+    b = mf.AdamW([q], lr=1e-2, layout="master", backend=backend)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(_bits(master_of(b, q)), _bits(master_of(a, p)))
+    assert torch.equal(q.detach(), master_of(a, p).to(torch.float16))

@@ -3,6 +3,7 @@ keep their state dtypes, contract-v2 state keeps its declared dtype, torch.optim
 load, and the conversions between the master / master16 and fp32 / int8_state layouts) and ``state_dict``."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -83,6 +84,7 @@ class CheckpointMixin:
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = _codes_to_live_names(state_dict)
+        state_dict = _drop_cast_masters(state_dict, type(self).__name__)
         self._check_loaded_host_state(state_dict)
         _check_int8_codes(state_dict)
         self._check_loaded_tensors(state_dict)
@@ -228,7 +230,8 @@ class CheckpointMixin:
         if lay.master and _layouts.REMAINDER_KEY in saved and _layouts.MASTER_KEY not in saved:
             st.pop(_layouts.REMAINDER_KEY, None)
             lo = saved[_layouts.REMAINDER_KEY].to(p.device).reshape(p.shape)  # (its numel was checked)
-            master = st[_layouts.MASTER_KEY] = _layouts.master16_decode(p.detach(), lo).view(p.shape).clone()
+            hi = p.detach().to(torch.bfloat16)  # (an fp16 param of the "master" layout: the saved bf16 param's
+            master = st[_layouts.MASTER_KEY] = _layouts.master16_decode(hi, lo).view(p.shape).clone()  # value)
             with torch.no_grad():  # the master layout's param is its master rounded to nearest even (a tie that
                 p.copy_(master.to(p.dtype))  # master16 rounded away from zero is rounded back)
         elif lay.remainder and _layouts.MASTER_KEY in saved and _layouts.REMAINDER_KEY not in saved:
@@ -258,6 +261,36 @@ def _is_codes(st: dict, key) -> bool:
     v = st[key]
     return isinstance(key, str) and key + _layouts.INT8_SCALE_SUFFIX in st and isinstance(v, torch.Tensor) \
         and v.dtype in (torch.int8, torch.uint8)
+
+
+def _drop_cast_masters(state_dict, name):
+    """A saved fp32 master that is not fp32, or a master remainder that is not int16, went through an optimizer
+    that does not keep one: torch.optim casts state it does not know to the param dtype on load, keeps it, and
+    never updates it, so after training there it is stale (loading it would revert that training). Such entries
+    are left out (in new dicts), with a warning: the master restarts from the loaded params, as when the
+    checkpoint holds none (load the model's weights first)."""
+    states = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(states, dict):
+        return state_dict
+    want = {_layouts.MASTER_KEY: torch.float32, _layouts.REMAINDER_KEY: torch.int16}
+    out, dropped = None, {}
+    for idx, st in states.items():
+        if not isinstance(st, dict):
+            continue
+        cast = [k for k, dt in want.items() if isinstance(st.get(k), torch.Tensor) and st[k].dtype != dt]
+        if cast:
+            if out is None:
+                out = dict(states)
+            out[idx] = {k: v for k, v in st.items() if k not in cast}
+            for k in cast:
+                dropped.setdefault((k, st[k].dtype), []).append(idx)
+    for (k, dt), idx in dropped.items():
+        warnings.warn(f"{name}.load_state_dict: state {k!r} of {len(idx)} param(s) (state_dict indices "
+                      f"{idx[:5]}{'...' if len(idx) > 5 else ''}) was saved as {dt}, not {want[k]}: the checkpoint "
+                      "went through an optimizer that does not keep a master (torch.optim casts it to the param "
+                      "dtype and never updates it), so it is stale and is not loaded; the master restarts from the "
+                      "loaded params (load the model's weights first)", UserWarning, stacklevel=4)
+    return state_dict if out is None else {**state_dict, "state": out}
 
 
 def _codes_to_live_names(state_dict):

@@ -14,6 +14,8 @@ from .. import distributed as _dist
 from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
 
+_MASTER, _REMAINDER = _layouts.MASTER_KEY, _layouts.REMAINDER_KEY
+
 __all__ = ["GroupPlan", "ValidationMixin", "host_value_error", "near_miss", "check_torch_flags"]
 
 # keys of every param group that are not hyperparameters of the rule
@@ -311,6 +313,8 @@ class ValidationMixin:
                 st = state.get(p)
                 if st and required and not all(k in st for k in required):
                     self._raise_partial_state(st, required, self._where(p, pi, gi))
+                if st and (_MASTER in st or _REMAINDER in st):
+                    self._check_master_keys(st, lay, p, pi, gi)
                 if st and lay.int8:  # codes + block scales (layouts.int8_quantized tensors), else fp32
                     q = _layouts.int8_quantized(p)
                     p_dt = q and dtensor_cls is not None and isinstance(p, dtensor_cls)
@@ -375,6 +379,21 @@ class ValidationMixin:
         if not traced:
             self._check_param_memory(plan, strided_params, dtensor_cls)
         return plan
+
+    def _check_master_keys(self, st, lay, p, pi, gi) -> None:
+        """A master or remainder in the state of a group whose layout does not keep it: the group's ``layout`` was
+        changed after its first step ("master" <-> "master16", or to "native"). Stepping on would rebuild the
+        missing copy from the rounded param (the master's low bits lost) and leave the other one stale (a later
+        switch back, or a checkpoint, would revert the params to it)."""
+        for key in (_MASTER, _REMAINDER):
+            if key in st and key not in lay.extra_keys:
+                raise ValueError(
+                    f"{self._where(p, pi, gi)}: state {key!r} (the "
+                    f"{'fp32 master copy' if key == _MASTER else '16-bit remainder of the fp32 master'}) is not "
+                    f"kept by this group's layout {lay.name!r}: was the group's layout changed after its first step? "
+                    f"It cannot change then (the fp32 master would be "
+                    f"lost or left stale). Restore the group's layout, or save a state_dict and load it into an "
+                    f"optimizer built with layout={lay.name!r} (load_state_dict converts the master); nothing changed")
 
     def _check_state_objects(self, p, st, pi, gi, names) -> None:
         """A state entry the rule reads set to None (the backends would get no tensor), or a state tensor whose
