@@ -61,6 +61,9 @@ class UpdateRuleSpec:
                    tensor: the optimizer keeps every tensor's ``host_state`` as a view of ``values`` (a
                    float64 [n] CPU tensor), which it advances in place with vector ops.
     cross_check:   group -> None; checks that involve several hyperparameters.
+    init_check:    group -> None; checks made when a group is created (constructor, add_param_group) and not
+                   at a step, where torch.optim checks them in ``__init__`` only (SGD's nesterov needs momentum:
+                   a scheduler may take momentum to 0 later, and torch then steps plain SGD).
     group_advance: group -> None; per-group host counters updated once per step (FSGDM).
     group_prepare: group -> dict; per-group host scalars computed once per step *before* the packs
                    (after validation and the GradScaler check), e.g. the schedule-free c and lr_max;
@@ -90,6 +93,7 @@ class UpdateRuleSpec:
     scalar_names: tuple
     advance: Callable[[Mapping, dict, bool], tuple]
     cross_check: Callable[[Mapping], None] | None = None
+    init_check: Callable[[Mapping], None] | None = None
     counts_steps: bool = False
     pack_reads_state: bool = False
     host_state: tuple | None = None
@@ -136,10 +140,11 @@ class UpdateRuleSpec:
         from .layouts import roofline_bytes
         return roofline_bytes(len(self.state_names({**self.defaults, **self.group_extras, **group})))
 
-    def validate(self, group: Mapping, where: str = "") -> None:
+    def validate(self, group: Mapping, where: str = "", init: bool = False) -> None:
         """Raise ValueError/TypeError naming the first invalid hyperparameter of ``group``. In a
         ``capturable`` group the value of a tensor hyperparameter (the lr) is not read: that would be a
-        host sync (and impossible in a CUDA graph); its shape and dtype are checked."""
+        host sync (and impossible in a CUDA graph); its shape and dtype are checked. ``init``: ``group`` is
+        being created, the constructor's defaults or an added group (``init_check`` runs too)."""
         device_values = bool(group.get("capturable", False))
         for key, check in self.hparams.items():
             if key not in group:
@@ -152,9 +157,11 @@ class UpdateRuleSpec:
                 check.check(key, value)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{where}{e}") from None
-        if self.cross_check is not None:
+        for check in (self.cross_check, self.init_check if init else None):
+            if check is None:
+                continue
             try:
-                self.cross_check(group)
+                check(group)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{where}{e}") from None
 
@@ -190,7 +197,12 @@ def bump_step(state: dict) -> float:
 
 
 # ---------------------------------------------------------------- sgd (torch.optim.SGD convention)
-def _sgd_cross(g):
+def _sgd_cross(g):  # (at every step: nesterov with a dampening; momentum 0, which a scheduler may set, is plain SGD)
+    if g["nesterov"] and g["momentum"] != 0 and g["dampening"] != 0:
+        _sgd_init(g)
+
+
+def _sgd_init(g):  # (torch's __init__ check, when a group is created)
     if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
         raise ValueError("nesterov=True requires momentum > 0 and dampening = 0 "
                          f"(got momentum={g['momentum']}, dampening={g['dampening']})")
@@ -210,6 +222,7 @@ SGD_SPEC = UpdateRuleSpec(
     advance=lambda g, st, fresh, t: (lr_value(g), float(g["weight_decay"]), float(g["momentum"]),
                                   float(g["dampening"]), 1.0 if fresh else 0.0),
     cross_check=_sgd_cross,
+    init_check=_sgd_init,
 )
 
 # ---------------------------------------------------------------- qhm (Ma & Yarats, qhoptim)

@@ -507,6 +507,55 @@ def scenario_int8_checkpoint(rank, tmpdir, layout, backend, save_after=2):
 _KINDS["int8_ckpt"] = scenario_int8_checkpoint
 
 
+def scenario_zero_int8_resume(rank, tmpdir, backend, save_after=2):
+    """ZeroRedundancyOptimizer over an int8_state AdamW under DDP: consolidate, save, load into a fresh ZeRO and
+    continue, against the uninterrupted run, bit for bit. ZeRO's load writes ``optim.state[p]`` itself (not
+    through our load_state_dict), so the checkpoint's ``name_codes`` reach the live state under that name: the
+    next step refused the state as partial."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import momentum_fused as mf
+
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(GLOBAL_BATCH, 256, generator=gen), torch.randn(GLOBAL_BATCH, 3, generator=gen))
+            for _ in range(STEPS)]
+
+    def build(seed=0):
+        model = _int8_model(torch.float32, seed)
+        return model, DDP(model), ZeroRedundancyOptimizer(
+            list(model.parameters()), optimizer_class=functools.partial(mf.AdamW, layout="int8_state",
+                                                                        backend=backend), lr=0.01)
+
+    def steps(ddp, opt, ts):
+        for t in ts:
+            x, y = data[t]
+            opt.zero_grad()
+            ((ddp(_half(x, rank)) - _half(y, rank)) ** 2).mean().backward()
+            opt.step()
+
+    m_a, d_a, z_a = build()
+    steps(d_a, z_a, range(STEPS))
+    m_b, d_b, z_b = build()
+    steps(d_b, z_b, range(save_after))
+    z_b.consolidate_state_dict(to=0)
+    path = os.path.join(tmpdir, f"zero-int8-{backend}.pt")
+    if rank == 0:
+        torch.save(z_b.state_dict(), path)
+    dist.barrier()
+    m_c, d_c, z_c = build(seed=5)
+    m_c.load_state_dict(m_b.state_dict())
+    z_c.load_state_dict(torch.load(path, weights_only=False))
+    steps(d_c, z_c, range(save_after, STEPS))
+    return dict(uninterrupted=[p.detach().clone() for p in m_a.parameters()],
+                resumed=[p.detach().clone() for p in m_c.parameters()])
+
+
+_KINDS["zero_int8_resume"] = scenario_zero_int8_resume
+
+
 def _muon_groups(params):
     """Muon's param groups of these tests: the weight matrices by Muon, the biases by its aux AdamW."""
     return [dict(params=[p for p in params if p.dim() >= 2]),
@@ -641,6 +690,37 @@ def scenario_muon_mixed_dtypes(rank, tmpdir, backend):
 
 
 _KINDS["muon_mixed_dtypes"] = scenario_muon_mixed_dtypes
+
+
+def scenario_muon_empty(rank, tmpdir, backend):
+    """Muon matrices with 0 rows or 0 columns among others, as Shard(0) DTensors against one process: the owner
+    of an empty matrix crashed in the NS exchange (a reshape(-1, 0, n)) while the other rank waited in it."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import momentum_fused as mf
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(5, 3), (0, 4), (3, 0), (6, 4)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(STEPS)]
+
+    def run(sharded):
+        put = (lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)])) if sharded else (lambda t: t.clone())
+        ps = [torch.nn.Parameter(put(x)) for x in init]
+        opt = mf.Muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, backend=backend)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = put(g)
+            opt.step()
+        return _snapshot(opt, ps)
+
+    return dict(ref=run(False), dist=run(True))
+
+
+_KINDS["muon_empty"] = scenario_muon_empty
 
 
 def scenario_muon_chunks(rank, tmpdir, backend):

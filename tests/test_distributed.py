@@ -66,6 +66,8 @@ def _scenarios():
     out += [dict(id=f"muon_bad_split-{b}", kind="muon_bad_split", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"muon_chunks-{b}", kind="muon_chunks", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"muon_mixed_dtypes-{b}", kind="muon_mixed_dtypes", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"muon_empty-{b}", kind="muon_empty", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"zero_int8_resume-{b}", kind="zero_int8_resume", backend=b) for b in _available(BACKENDS)]
     return out
 
 
@@ -405,3 +407,20 @@ def test_muon_dtensor_group_of_mixed_dtypes_equals_single_process_bit_for_bit(wo
         assert [a.dtype for a in got["params"]] == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
         assert all(set(st) == {"momentum_buffer"} for st in got["state"])
         _assert_snapshots_equal(got, res["ref"], f"rank {rank}")
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_muon_dtensor_matrices_with_no_rows_or_columns_step_as_one_process(world, backend):
+    """(0, 4) and (3, 0) matrices beside others, Shard(0) DTensors on 2 processes: equal to one process bit for
+    bit (their owner crashed in the NS exchange and the other rank hung until the timeout)."""
+    for rank, res in enumerate(_results(world, f"muon_empty-{backend}")):
+        _assert_snapshots_equal(res["dist"], res["ref"], f"rank {rank}")
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_zero_redundancy_optimizer_resumes_an_int8_state_checkpoint(world, backend):
+    """ZeRO's load_state_dict writes the state itself: the int8 codes, saved as ``name_codes``, now go back under
+    their names at the next step, and the resumed run equals the uninterrupted one bit for bit."""
+    for rank, res in enumerate(_results(world, f"zero_int8_resume-{backend}")):
+        for a, b in zip(res["resumed"], res["uninterrupted"]):
+            assert torch.equal(a, b), f"rank {rank}"

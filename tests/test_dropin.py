@@ -272,3 +272,140 @@ def test_rmsprop_centered_cancellation_gives_torchs_nans(backend, dtype, kw):
     # (torch 2.2180562, cpu 2.2180786), where float64 gives -3.1e6: the fp32 values are rounding noise there, so
     # fp32 is held to 1e-4 (a wrong formula moves them by O(1)).
     torch.testing.assert_close(o[fin], t[fin], rtol=1e-4 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ review of 2026-12-05
+# (each failed before its fix: a user's group dicts copied, a None momentum buffer, nesterov under a momentum
+# scheduler, an older torch's checkpoint without a key, a set of params in Muon)
+def _muon_params(seed=0):
+    torch.manual_seed(seed)
+    return [torch.randn(5, 4, requires_grad=True), torch.randn(4, 6, requires_grad=True)]
+
+
+def test_torch_class_names_the_twin():
+    for name, twin in TORCH_TWINS.items():
+        assert getattr(mf, name).torch_class is twin
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", [*TORCH_TWINS, "Muon"])
+def test_the_users_group_dicts_are_the_groups_kept(name, backend):
+    """torch keeps the dicts it is given: a schedule that edits the user's own group dicts must take effect (the
+    groups were copies, so such an edit was silently ignored)."""
+    ps = _muon_params()
+    groups = [{"params": [ps[0]]}, {"params": [ps[1]], "lr": 0.05}]
+    opt = getattr(mf, name)(groups, lr=0.1, backend=backend)
+    assert all(a is b for a, b in zip(opt.param_groups, groups))
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for g in groups:
+        g["lr"] = 0.0
+    before = [p.detach().clone() for p in ps]
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))  # (lr 0: decoupled decay scales with lr too)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["live reset", "torch 2.0 checkpoint"])
+def test_a_none_momentum_buffer_is_no_buffer_yet_as_in_torch(how, backend):
+    """torch.optim.SGD reads ``state.get("momentum_buffer")``: None (a reset idiom; torch <= 2.0 saved it with
+    momentum 0) starts the buffer again from the gradient. Ours raised at every later step."""
+    runs = []
+    for make in (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                 lambda ps: mf.SGD(ps, lr=0.1, momentum=0.9, backend=backend)):
+        ps = [p.detach().clone().requires_grad_() for p in _muon_params()]
+        opt = make(ps)
+        gen = torch.Generator().manual_seed(3)
+        if how == "torch 2.0 checkpoint":
+            sd = opt.state_dict()
+            sd["state"] = {i: {"momentum_buffer": None} for i in range(len(ps))}
+            opt.load_state_dict(sd)
+        for k in range(4):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            if how == "live reset" and k == 1:
+                opt.state[ps[0]]["momentum_buffer"] = None
+        runs.append([p.detach() for p in ps])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a)
+
+
+def test_a_none_master_is_still_refused():
+    """Only a state that may start at any step reads None as absent; the master (and every required state,
+    tests/test_tensor_identity.py) is refused by name."""
+    q = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    o2 = mf.SGD([q], lr=0.1, momentum=0.9, layout="master", backend="reference")
+    q.grad = torch.ones(8, dtype=torch.bfloat16)
+    o2.step()
+    o2.state[q]["master"] = None
+    with pytest.raises(TypeError, match="state 'master' is a NoneType"):
+        o2.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nesterov_with_a_scheduler_taking_momentum_to_zero(backend):
+    """torch checks nesterov's momentum > 0 in the constructor only; a scheduler cycling momentum down to 0
+    then gets plain SGD steps. Ours raised at that step."""
+    runs = []
+    for make in (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, nesterov=True),
+                 lambda ps: mf.SGD(ps, lr=0.01, momentum=0.9, nesterov=True, backend=backend)):
+        ps = [p.detach().clone().requires_grad_() for p in _muon_params()]
+        opt = make(ps)
+        sched = torch.optim.lr_scheduler.CyclicLR(opt, 0.001, 0.05, step_size_up=3, base_momentum=0.0,
+                                                  max_momentum=0.9)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(8):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            sched.step()
+        runs.append([p.detach() for p in ps])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a)
+    with pytest.raises(ValueError, match="nesterov=True requires momentum > 0"):
+        mf.SGD(_muon_params(), lr=0.1, nesterov=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, live, key", [("Adam", dict(weight_decay=0.1, decoupled_weight_decay=True),
+                                              "decoupled_weight_decay"),
+                                             ("NAdam", dict(weight_decay=0.1, decoupled_weight_decay=True),
+                                              "decoupled_weight_decay"),
+                                             ("SGD", dict(momentum=0.9, maximize=True), "maximize"),
+                                             ("RMSprop", dict(centered=True), "centered")])
+def test_an_older_torch_checkpoint_without_a_key_resumes_as_in_torch(name, live, key, backend):
+    """torch fills a key its checkpoint lacks with the class default (``__setstate__``); ours took the live
+    constructor's value (Adam resumed decoupled, SGD maximizing)."""
+    runs = []
+    for ours in (False, True):
+        ps = [p.detach().clone().requires_grad_() for p in _muon_params()]
+        src = TORCH_TWINS[name](ps, lr=0.01)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            src.step()
+        sd = copy.deepcopy(src.state_dict())
+        for g in sd["param_groups"]:
+            g.pop(key)
+        opt = getattr(mf, name)(ps, lr=0.01, backend=backend, **live) if ours else TORCH_TWINS[name](ps, lr=0.01,
+                                                                                                      **live)
+        opt.load_state_dict(sd)
+        assert opt.param_groups[0][key] is False
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append([p.detach() for p in ps])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a)
+
+
+def test_muon_refuses_a_set_of_params_as_torch():
+    with pytest.raises(TypeError, match="ordered collections"):
+        mf.Muon([{"params": set(_muon_params())}], lr=0.02)
+    from momentum_fused.lowrank import LowRankSGD
+    with pytest.raises(TypeError, match="ordered collections"):
+        LowRankSGD([{"params": set(_muon_params())}], lr=0.02)

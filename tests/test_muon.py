@@ -631,3 +631,35 @@ def test_device_protocol_refuses_a_bad_flag_before_any_change():
             opt.found_inf = torch.zeros(2)
             opt.step()
     assert_snapshot_equal(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("ns_dtype", [None, torch.bfloat16, torch.float32, torch.float64])
+def test_state_dict_groups_hold_plain_values_and_the_dtype_comes_back(ns_dtype):
+    """torch.distributed.checkpoint's full and CPU-offloaded optimizer state dicts take only plain values in the
+    groups: a torch.dtype ``ns_dtype`` raised there. It is saved by name; loading gives the torch.dtype back, and
+    torch.optim.Muon loads the checkpoint."""
+    torch.manual_seed(0)
+    ps = [torch.randn(6, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    opt = mf.Muon([{"params": ps[:1], "ns_dtype": ns_dtype}, {"params": ps[1:], "use_muon": False}], lr=0.02)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sd = opt.state_dict()
+
+    def plain(v):
+        return v is None or isinstance(v, (bool, int, float, str)) or (
+            isinstance(v, (list, tuple)) and all(plain(x) for x in v))
+
+    for g in sd["param_groups"]:
+        assert all(plain(v) for v in g.values()), g
+    assert opt.param_groups[0]["ns_dtype"] is ns_dtype  # (the live group keeps the dtype)
+    q = [p.detach().clone().requires_grad_() for p in ps]
+    o2 = mf.Muon([{"params": q[:1]}, {"params": q[1:], "use_muon": False}], lr=0.02)
+    o2.load_state_dict(copy.deepcopy(sd))
+    assert o2.param_groups[0]["ns_dtype"] is ns_dtype
+    t = torch.optim.Muon(q[:1], lr=0.02)
+    t.load_state_dict({"state": {0: sd["state"][0]}, "param_groups": [{**sd["param_groups"][0], "params": [0]}]})
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["ns_dtype"] = "bfloat17"
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        o2.load_state_dict(bad)

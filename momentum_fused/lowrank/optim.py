@@ -89,7 +89,7 @@ class _LowRankOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}: unknown retraction {retraction!r}; expected one of "
                              f"{RETRACTION_BACKENDS + ('auto',)}")
         spec = get_spec(self._rule)
-        spec.validate({**spec.defaults, **defaults}, where=f"{name}: ")
+        spec.validate({**spec.defaults, **defaults}, where=f"{name}: ", init=True)
         self.tau, self.r_min, self.fixed_rank = float(tau), r_min, bool(fixed_rank)
         self.augment_every, self.truncate_every = augment_every, truncate_every
         self.param_budget, self.backend, self.retraction = param_budget, backend, retraction
@@ -116,8 +116,10 @@ class _LowRankOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group):
         name = type(self).__name__
-        param_group = dict(param_group)
-        params = param_group["params"]
+        params = param_group["params"]  # (the caller's dict is the group kept, as torch)
+        if isinstance(params, set):
+            raise TypeError(f"{name}: optimizer parameters need to be organized in ordered collections, but the "
+                            "ordering of tensors in sets will change between runs. Please use a list instead.")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         param_group["params"] = params
         for k in ("amsgrad",):

@@ -9,6 +9,7 @@ class Adam(FusedOptimizer):
     ``exp_avg``, ``exp_avg_sq`` (+ ``max_exp_avg_sq`` with amsgrad)."""
 
     rule = "adam"
+    torch_class = torch.optim.Adam  # (the drop-in: checkpoints of an older torch resume as there)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -21,6 +22,8 @@ class Adam(FusedOptimizer):
 
 class AdamW(Adam):
     """AdamW: Adam with decoupled decay ``p <- p (1 - lr wd)``; torch.optim.AdamW's defaults."""
+
+    torch_class = torch.optim.AdamW
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,

@@ -84,6 +84,9 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
     """
 
     rule: ClassVar[str]
+    # the torch.optim class this one is a drop-in for (None: none): a loaded group lacking a key its __setstate__
+    # fills (a checkpoint of an older torch) gets torch's value, as there (checkpoints._torch_setstate_defaults)
+    torch_class: ClassVar[type | None] = None
     _step_supports_amp_scaling = True  # GradScaler sets .grad_scale / .found_inf, see step()
 
     # layouts this optimizer's front end supports (schedule-free narrows it: its train/eval swap)
@@ -102,7 +105,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         self._step_views: dict = {}
         self._fast = None
         self._called = {"step": False}
-        self.spec.validate({**defaults, **self.spec.group_extras}, where=f"{type(self).__name__}: ")
+        self.spec.validate({**defaults, **self.spec.group_extras}, where=f"{type(self).__name__}: ", init=True)
         defaults = {**defaults, **_FRONT_DEFAULTS, "layout": "native" if layout is None else layout,
                     "sr_seed": sr_seed, "capturable": capturable}
         self._check_layout_keys(defaults, f"{type(self).__name__}: ")
@@ -129,12 +132,12 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         if isinstance(param_group, dict):
             self._check_group_keys(param_group, f"{type(self).__name__} param group {len(self.param_groups)}")
             merged = {**self.defaults, **self.spec.group_extras, **param_group}
-            self.spec.validate(merged, where=f"{type(self).__name__} param group: ")
+            self.spec.validate(merged, where=f"{type(self).__name__} param group: ", init=True)
             lay = self._check_layout_keys(merged, f"{type(self).__name__} param group: ")
             params = param_group["params"]
             if not isinstance(params, (torch.Tensor, set)):  # (torch refuses a set, with its message)
                 params = list(params)  # a generator (model.parameters()) is read once, here
-                param_group = {**param_group, "params": params}
+                param_group["params"] = params  # (the caller's dict itself, as torch: it is the group kept)
             params = [params] if isinstance(params, torch.Tensor) else list(params)
             seen = {}
             for i, p in enumerate(params):
@@ -242,7 +245,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         own = None if spec.plain_state else {t.name: t for t in spec.tensors(group)}
         for p in items:
             st = self.state[p]
-            missing = [k for k in state_names if k not in st] if n else ([] if st else [None])
+            missing = [k for k in state_names if st.get(k) is None] if n else ([] if st else [None])
             for k in missing:
                 if k is None:
                     continue

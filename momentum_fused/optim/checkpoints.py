@@ -3,6 +3,7 @@ keep their state dtypes, contract-v2 state keeps its declared dtype, torch.optim
 load, and the conversions between the master / master16 and fp32 / int8_state layouts) and ``state_dict``."""
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -105,7 +106,11 @@ class CheckpointMixin:
                 dtype = torch.float32 if key == "step" else torch.float64
                 device = p.device if key == "step" and p in cap else "cpu"  # capturable: steps on the device
                 self.state[p][key] = torch.as_tensor(value).detach().to(device, dtype).clone()
-        for g in self.param_groups:
+        torch_fill = _torch_setstate_defaults(getattr(self, "torch_class", None))
+        for g in self.param_groups:  # a key the checkpoint lacks (an older torch's): torch's class default where
+            for k, v in torch_fill.items():  # torch fills it (its __setstate__), else this optimizer's own
+                if k in self.defaults:
+                    g.setdefault(k, v)
             for k, v in {**self.defaults, **self.spec.group_extras}.items():
                 g.setdefault(k, v)
         # torch casts floating state to the param dtype; layouts keep their own state dtypes (bf16 state,
@@ -261,6 +266,22 @@ def _is_codes(st: dict, key) -> bool:
     v = st[key]
     return isinstance(key, str) and key + _layouts.INT8_SCALE_SUFFIX in st and isinstance(v, torch.Tensor) \
         and v.dtype in (torch.int8, torch.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_setstate_defaults(torch_cls) -> dict:
+    """The group keys ``torch_cls.__setstate__`` fills in a loaded group that lacks them (keys added to torch
+    later: ``maximize``, ``decoupled_weight_decay``, ``nesterov``...), with its values (read from torch itself,
+    on an empty group): a checkpoint of an older torch resumes as in torch, not with this optimizer's own
+    constructor arguments."""
+    if torch_cls is None:
+        return {}
+    obj = torch_cls.__new__(torch_cls)
+    try:
+        obj.__setstate__({"defaults": {}, "state": {}, "param_groups": [{"params": []}]})
+    except Exception:  # (a torch whose __setstate__ needs more: fall back to this optimizer's defaults)
+        return {}
+    return {k: v for k, v in obj.param_groups[0].items() if k != "params"}
 
 
 def _drop_cast_masters(state_dict, name):

@@ -22,6 +22,16 @@ __all__ = ["GroupPlan", "ValidationMixin", "host_value_error", "near_miss", "che
 GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
 
 
+def _codes_under_live_names(st: dict, names) -> None:
+    """A checkpoint's codes (``name + "_codes"`` beside ``name + "_scale"``, as ``state_dict`` saves them) put into
+    the live state without our ``load_state_dict`` (ZeroRedundancyOptimizer writes ``optim.state[p]`` itself):
+    moved back under ``name``, as ``load_state_dict`` would have put them."""
+    cfx, sfx = _layouts.INT8_CODES_SUFFIX, _layouts.INT8_SCALE_SUFFIX
+    for key in names:
+        if key not in st and key + cfx in st and key + sfx in st:
+            st[key] = st.pop(key + cfx)
+
+
 class GroupPlan(NamedTuple):
     """One param group's plan for a step: the group, its state names (flags), the params that have a
     gradient, and the backend chosen per (device, real dtype)."""
@@ -287,6 +297,7 @@ class ValidationMixin:
             lay = self._check_layout_keys(group, f"{name} param group {gi}: ")
             state_names = spec.state_names(group)
             required = spec.required_state(group)
+            lazy = tuple(k for k in state_names if k not in required)  # states that may start at any step
             check_names = (*state_names, *lay.extra_keys)
             native = lay.name == "native"
             own = None if spec.plain_state else {t.name: t for t in spec.tensors(group) if t.persistent}
@@ -311,6 +322,8 @@ class ValidationMixin:
                     raise TypeError(f"{self._where(p, pi, gi)}: dtype layout {lay.describe()} cannot hold a "
                                     f"{dtype} param; supported layouts: {_layouts.supported()}")
                 st = state.get(p)
+                if st and lay.int8:
+                    _codes_under_live_names(st, state_names)
                 if st and required and not all(k in st for k in required):
                     self._raise_partial_state(st, required, self._where(p, pi, gi))
                 if st and (_MASTER in st or _REMAINDER in st):
@@ -364,7 +377,7 @@ class ValidationMixin:
                                               or t.device != device):
                             self._raise_bad_state(p, key, t, pi, gi, sdt if native else lay.dtype_of(key, dtype))
                 if st and not traced:
-                    self._check_state_objects(p, st, pi, gi, check_names)
+                    self._check_state_objects(p, st, pi, gi, check_names, lazy)
                 items.append(p)
                 keys.add((device, dtype))
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}
@@ -395,12 +408,15 @@ class ValidationMixin:
                     f"lost or left stale). Restore the group's layout, or save a state_dict and load it into an "
                     f"optimizer built with layout={lay.name!r} (load_state_dict converts the master); nothing changed")
 
-    def _check_state_objects(self, p, st, pi, gi, names) -> None:
+    def _check_state_objects(self, p, st, pi, gi, names, lazy) -> None:
         """A state entry the rule reads set to None (the backends would get no tensor), or a state tensor whose
         elements share memory (an expanded tensor: written on a copy whose write-back raises after the kernels
-        ran): refused before anything changes."""
+        ran): refused before anything changes. None for a state that may start at any step (not in
+        ``spec.required_state``, ``lazy``: SGD's momentum_buffer, as torch.optim.SGD reads ``state.get``; torch
+        <= 2.0 saved ``momentum_buffer: None`` with momentum 0) is no state yet: ``_init_state`` creates it, as at a
+        first step."""
         for key in names:
-            if key in st and st[key] is None:
+            if key in st and st[key] is None and key not in lazy:
                 self._raise_bad_state(p, key, None, pi, gi)
         for key, t in st.items():
             if isinstance(t, torch.Tensor) and not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:

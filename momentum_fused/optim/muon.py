@@ -38,6 +38,15 @@ class _MuonCore(FusedOptimizer):
         super().__init__(params, dict(defaults), backend=backend)
 
 
+def _ns_dtype_named(name: str):
+    """A checkpoint's ns_dtype name ("bfloat16", "torch.float32") -> the torch.dtype (an unknown name: ValueError)."""
+    dt = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"Muon.load_state_dict: ns_dtype {name!r} in a param group is not a torch dtype; nothing "
+                         "was loaded")
+    return dt
+
+
 class Muon(torch.optim.Optimizer):
     """Muon with torch.optim.Muon's signature, defaults and state (``momentum_buffer``), plus:
 
@@ -103,8 +112,11 @@ class Muon(torch.optim.Optimizer):
         self.sync_amp()
         if self._linked:  # (edits of param_groups since the last build: the new group's inner index depends on them)
             self._relink()
-        g = dict(param_group)
+        g = param_group  # (the caller's dict itself, as torch: it is the group kept)
         params = g["params"]
+        if isinstance(params, set):
+            raise TypeError("Muon: optimizer parameters need to be organized in ordered collections, but the "
+                            "ordering of tensors in sets will change between runs. Please use a list instead.")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         g["params"] = params
         use = g.get("use_muon", True)
@@ -230,8 +242,15 @@ class Muon(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """torch's, then the inner optimizers are rebuilt on the loaded groups and state. A state_dict of
-        torch.optim.Muon loads (its groups get ns_dtype=None, use_muon=True), and torch.optim.Muon loads ours."""
+        torch.optim.Muon loads (its groups get ns_dtype=None, use_muon=True), and torch.optim.Muon loads ours.
+        A group's ``ns_dtype`` saved as its name (``state_dict``) is a torch.dtype again."""
         self.sync_amp()
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, list) and any(isinstance(g, dict) and isinstance(g.get("ns_dtype"), str)
+                                            for g in groups):
+            state_dict = {**state_dict, "param_groups": [
+                {**g, "ns_dtype": _ns_dtype_named(g["ns_dtype"])}
+                if isinstance(g, dict) and isinstance(g.get("ns_dtype"), str) else g for g in groups]}
         super().load_state_dict(state_dict)
         self._rebuild()
 
@@ -344,8 +363,15 @@ class Muon(torch.optim.Optimizer):
                 inner.sync_amp()
 
     def state_dict(self):
+        """torch's, with each group's ``ns_dtype`` saved as its name ("bfloat16"; the live group keeps the
+        torch.dtype): torch.distributed.checkpoint's full and CPU-offloaded state dicts take only plain values
+        (``get_optimizer_state_dict(..., full_state_dict=True)`` raised on a torch.dtype)."""
         self.sync_amp()
-        return super().state_dict()
+        sd = super().state_dict()
+        for g in sd["param_groups"]:  # (torch's packed groups are new dicts)
+            if isinstance(g.get("ns_dtype"), torch.dtype):
+                g["ns_dtype"] = str(g["ns_dtype"]).removeprefix("torch.")
+        return sd
 
 
 Muon._step_supports_amp_scaling = True  # GradScaler sets .grad_scale / .found_inf, see step()

@@ -1,3 +1,5 @@
+import torch
+
 from .base import FusedOptimizer
 
 
@@ -6,6 +8,7 @@ class NAdam(FusedOptimizer):
     ``mu_product`` (host side, float64), ``exp_avg``, ``exp_avg_sq``."""
 
     rule = "nadam"
+    torch_class = torch.optim.NAdam  # (the drop-in: checkpoints of an older torch resume as there)
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,

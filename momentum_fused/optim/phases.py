@@ -435,7 +435,7 @@ def _sharded_matrix_phase(phase, group, pairs, memo) -> None:
                     parts.append(segs[r][at[r]:at[r] + k * c[r] * n].view(k, c[r], n))
                     at[r] += k * c[r] * n
                 full = torch.cat(parts, 1).view(k, *shape)
-                back.append((phase.fn(group, full).reshape(-1, shape[0], n), c))
+                back.append((phase.fn(group, full).reshape(k, shape[0], n), c))  # (k: also for 0 elements)
             # 3. the way back: to each rank its rows of every result, in the order it sent them
             back_send = torch.empty(sum(rl["recv_splits"]), dtype=wire, device=device)
             if back:

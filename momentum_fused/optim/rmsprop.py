@@ -1,3 +1,5 @@
+import torch
+
 from .base import FusedOptimizer
 
 
@@ -7,6 +9,7 @@ class RMSprop(FusedOptimizer):
     ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered)."""
 
     rule = "rmsprop"
+    torch_class = torch.optim.RMSprop  # (the drop-in: checkpoints of an older torch resume as there)
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, backend=None,

@@ -1,3 +1,5 @@
+import torch
+
 from .base import FusedOptimizer
 
 
@@ -6,6 +8,7 @@ class SGD(FusedOptimizer):
     coupled L2 decay, first-step buffer b = g, dampening on later steps, state ``momentum_buffer``."""
 
     rule = "sgd"
+    torch_class = torch.optim.SGD  # (the drop-in: checkpoints of an older torch resume as there)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  *, maximize=False, foreach=None, differentiable=False, fused=None, backend=None, layout=None,
