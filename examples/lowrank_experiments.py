@@ -10,7 +10,7 @@
    dense SGD / Adam against LowRankSGD / LowRankAdam (both hidden layers low-rank, the 10-way output
    layer dense) at several τ: test accuracy, final ranks and compression of the low-rank layers.
 
-    python examples/lowrank_experiments.py            # a few minutes on 2 CPU cores
+    python examples/lowrank_experiments.py            # ~17 min wall on 2 CPU cores (docs/lowrank.md)
     python examples/lowrank_experiments.py --quick    # < 60 s, fewer steps/seeds (a smoke run)
 
 Writes lowrank_synthetic.png, lowrank_digits.png and lowrank_results.json to --out DIR (default: docs/img,

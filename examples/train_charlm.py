@@ -9,7 +9,7 @@ Command line::
 
     python examples/train_charlm.py --opt AdamW --opt-kwargs '{"lr": 3e-3, "weight_decay": 0.1}' \\
         --steps 600 --seed 0 --schedule cosine
-    python examples/train_charlm.py --quick            # the "small" model, 100 steps: ~30 s on one core
+    python examples/train_charlm.py --quick            # the "small" model, 100 steps: ~10 s on one core
     python examples/train_charlm.py --opt AdamWScheduleFree --opt-kwargs '{"lr": 3e-3, "weight_rule": "lr_t"}' \\
         --schedule wsd
 

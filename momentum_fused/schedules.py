@@ -36,6 +36,8 @@ def wsd_factor(step: int, warmup: int, stable: int, decay: int, final_lr_frac: f
       (sqrt); the last decay step reaches ``final_lr_frac`` exactly;
     - after: ``final_lr_frac``.
     """
+    if decay_shape not in _SHAPES:
+        raise ValueError(f"wsd_factor: invalid decay_shape: {decay_shape!r} (must be one of {list(_SHAPES)})")
     if step < warmup:
         return (step + 1) / warmup
     step -= warmup

@@ -537,3 +537,52 @@ def test_a_master16_checkpoint_into_fp16_params_of_the_master_layout(src, backen
     b.load_state_dict(a.state_dict())
     assert torch.equal(_bits(master_of(b, q)), _bits(master_of(a, p)))
     assert torch.equal(q.detach(), master_of(a, p).to(torch.float16))
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_a_master_that_no_longer_rounds_to_the_loaded_param_is_not_loaded(backend):
+    """torch.optim training the params in fp32 keeps the master fp32 (no dtype tells it went stale): loaded back,
+    it reverted that training. A master that does not round to the loaded param is left out with a warning."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4352, generator=gen).to(torch.bfloat16).requires_grad_()
+    a = mf.AdamW([p], lr=1e-2, layout="master", backend=backend)
+    for _ in range(3):
+        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+        a.step()
+    q = p.detach().float().requires_grad_()
+    t = torch.optim.AdamW([q], lr=1e-2)
+    t.load_state_dict(a.state_dict())
+    for _ in range(5):
+        q.grad = torch.randn(q.shape, generator=gen)
+        t.step()
+    assert t.state[q]["master"].dtype == torch.float32
+    with torch.no_grad():
+        p.copy_(q)  # (the model back in bf16: its weights loaded first)
+    trained = p.detach().clone()
+    b = mf.AdamW([p], lr=0.0, layout="master", backend=backend)
+    with pytest.warns(UserWarning, match="does not round to the loaded param"):
+        b.load_state_dict(t.state_dict())
+    b.param_groups[0]["lr"] = 0.0
+    p.grad = torch.zeros_like(p)
+    b.step()
+    assert torch.equal(p.detach(), trained)
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_a_reset_int8_momentum_buffer_saves_and_loads(backend):
+    """``state[p]["momentum_buffer"] = None`` on an int8 layout left its block scales beside the None: the
+    optimizer's own state_dict was then refused at load as corrupt codes."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4096, generator=gen).requires_grad_()
+    opt = mf.SGD([p], lr=0.1, momentum=0.9, layout="int8_state", backend=backend)
+    p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    opt.state[p]["momentum_buffer"] = None
+    sd = opt.state_dict()
+    q = p.detach().clone().requires_grad_()
+    o2 = mf.SGD([q], lr=0.1, momentum=0.9, layout="int8_state", backend=backend)
+    o2.load_state_dict(sd)
+    p.grad = q.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    o2.step()
+    assert torch.equal(p.detach(), q.detach())

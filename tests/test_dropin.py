@@ -409,3 +409,55 @@ def test_muon_refuses_a_set_of_params_as_torch():
     from momentum_fused.lowrank import LowRankSGD
     with pytest.raises(TypeError, match="ordered collections"):
         LowRankSGD([{"params": set(_muon_params())}], lr=0.02)
+
+
+# ------------------------------------------------------------------------------------------ second review, 12-05
+def test_adamtied_keeps_the_callers_dict_given_with_beta():
+    ps = _muon_params()
+    g = {"params": [ps[0]], "beta": 0.9}
+    opt = mf.AdamTied([g], lr=0.1)
+    assert opt.param_groups[0] is g and g["betas"] == (0.9, 0.9)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "load_state_dict"])
+def test_lowrank_sgd_resumes_while_a_schedule_holds_nesterov_momentum_at_zero(how):
+    """Rebuilding the inner optimizer of existing groups re-ran the checks of a group's creation: a checkpoint
+    saved while momentum was scheduled to 0 under nesterov could not be resumed."""
+    from momentum_fused.lowrank import LowRankLinear, LowRankSGD
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LowRankLinear(8, 6, 2, 3), torch.nn.Linear(6, 2))
+    opt = LowRankSGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    x = torch.randn(4, 8)
+    model(x).square().mean().backward()
+    opt.step()
+    opt.param_groups[0]["momentum"] = 0.0  # (what a momentum scheduler does)
+    opt.step()
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2 = copy.deepcopy(model)
+        opt2 = LowRankSGD(model2.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+        opt2.load_state_dict(opt.state_dict())
+    opt2.zero_grad()
+    model2(x).square().mean().backward()
+    opt2.step()
+    with pytest.raises(ValueError, match="LowRankSGD param group 1: nesterov=True requires momentum > 0"):
+        opt2.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "momentum": 0.0})
+
+
+def test_muon_refused_load_changes_nothing():
+    """A checkpoint refused by the rebuild (an ns_dtype Muon does not take) left its groups and state installed:
+    every later step raised."""
+    ps = _muon_params()
+    opt = mf.Muon([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.02, ns_dtype=torch.float32)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0].update(ns_dtype="float16", lr=123.0)
+    state = opt.state
+    with pytest.raises(ValueError, match=r"^Muon param group.*ns_dtype"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[0]["ns_dtype"] is torch.float32
+    assert opt.state is state
+    opt.step()

@@ -198,6 +198,8 @@ def test_wsd_factors_and_validation():
     assert wsd_factor(5, 0, 0, 4, 0.0, "sqrt") == pytest.approx(0.0)
     assert wsd_factor(0, 0, 0, 4, 0.0, "sqrt") == pytest.approx(1 - math.sqrt(0.25))
     assert wsd_factor(1, 0, 0, 4, 0.0, "cosine") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="invalid decay_shape"):  # (returned 0.0: found 2026-12-05)
+        wsd_factor(5, 1, 1, 4, 0.0, "exp")
     p = torch.zeros(2, requires_grad=True)
     opt = mf.SGDScheduleFree([p], lr=0.5)
     s = wsd(opt, 2, 2, 4)

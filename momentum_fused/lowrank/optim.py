@@ -50,6 +50,7 @@ from .. import distributed as _dist
 
 from .. import reference
 from ..optim.adam import Adam
+from ..optim.base import adopting_groups
 from ..optim.sgd import SGD
 from ..specs import get_spec
 from .layer import LowRankLinear
@@ -125,6 +126,12 @@ class _LowRankOptimizer(torch.optim.Optimizer):
         for k in ("amsgrad",):
             if param_group.get(k, self.defaults.get(k, False)):
                 raise ValueError(f"{name}: {k}=True is not supported on the low-rank core")
+        spec = get_spec(self._rule)
+        if spec.init_check is not None:  # (a group's creation, also for a group of factors only: the dense rule's)
+            try:
+                spec.init_check({**spec.defaults, **self.defaults, **param_group})
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{name} param group {len(self.param_groups)}: {e}") from None
         self._relink()
         layers = self._group_layers(params)
         super().add_param_group(param_group)
@@ -170,9 +177,10 @@ class _LowRankOptimizer(torch.optim.Optimizer):
         old = {k: self.__dict__.get(k) for k in ("_layers", "_inner", "_inner_index", "_linked")}
         self._layers, self._inner, self._inner_index = [], None, {}
         try:
-            for gi, g in enumerate(self.param_groups):
-                self._layers.append(self._group_layers(g["params"]))
-                self._add_inner_group(gi)
+            with adopting_groups():  # (groups that exist: not checked as created, ``init_check``)
+                for gi, g in enumerate(self.param_groups):
+                    self._layers.append(self._group_layers(g["params"]))
+                    self._add_inner_group(gi)
         except BaseException:
             self.__dict__.update(old)
             raise

@@ -63,8 +63,7 @@ class AdamTied(Adam):
                          capturable=capturable)
 
     def add_param_group(self, param_group):
-        if isinstance(param_group, dict) and "beta" in param_group:
-            param_group = dict(param_group)
+        if isinstance(param_group, dict) and "beta" in param_group:  # (the caller's dict itself, as every group)
             beta = param_group.pop("beta")
             param_group["betas"] = (beta, beta)
         if isinstance(param_group, dict):

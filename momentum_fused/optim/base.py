@@ -20,6 +20,8 @@ module keeps construction, param groups and the step's orchestration; checkpoint
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -42,6 +44,21 @@ from .scalars import ScalarsMixin
 
 # Dtype-layout keys of every param group (momentum_fused/layouts.py): the layout name, the stochastic
 # rounding seed, and the group's count of applied steps (the rounding's counter; saved in state_dicts).
+_ADOPTING = contextvars.ContextVar("momentum_fused_adopting_groups", default=False)
+
+
+@contextlib.contextmanager
+def adopting_groups():
+    """While a wrapper rebuilds its inner optimizer from groups that exist already (LowRankSGD after a copy or a
+    load, Muon): ``add_param_group`` skips the checks made when a group is created (``spec.init_check``), which
+    the group passed then and which the step does not repeat (SGD's nesterov under a momentum scheduled to 0)."""
+    token = _ADOPTING.set(True)
+    try:
+        yield
+    finally:
+        _ADOPTING.reset(token)
+
+
 _LAYOUT_DEFAULTS = {"layout": "native", "sr_seed": 0, "sr_step": 0}
 # capturable=True (a param-group key, saved in state_dicts): no host read or host-computed number per step,
 # so that the step can be captured in a CUDA graph (see ``_device_scalars``).
@@ -132,7 +149,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         if isinstance(param_group, dict):
             self._check_group_keys(param_group, f"{type(self).__name__} param group {len(self.param_groups)}")
             merged = {**self.defaults, **self.spec.group_extras, **param_group}
-            self.spec.validate(merged, where=f"{type(self).__name__} param group: ", init=True)
+            self.spec.validate(merged, where=f"{type(self).__name__} param group: ", init=not _ADOPTING.get())
             lay = self._check_layout_keys(merged, f"{type(self).__name__} param group: ")
             params = param_group["params"]
             if not isinstance(params, (torch.Tensor, set)):  # (torch refuses a set, with its message)

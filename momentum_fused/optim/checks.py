@@ -80,6 +80,33 @@ def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(mark.as_strided((*b.shape, nb), (*(st * nb for st in b.stride()), 1), b0 - lo).any())
 
 
+def _self_overlap(shape: tuple, stride: tuple, t: torch.Tensor) -> bool:
+    """Whether two elements of a view share memory, for strides torch calls too hard to tell (any non-dense view:
+    a column slice). Exact and O(ndim) when the dims nest (sorted by stride, each stride at least the extent of the
+    smaller dims: column, gapped and transposed slices); else element by element, remembered per (shape, stride)
+    (an overlap depends on nothing else)."""
+    if 0 in shape:
+        return False
+    dims = sorted((abs(st), n) for n, st in zip(shape, stride) if n > 1)
+    reach = 0  # the largest offset the smaller dims reach
+    for st, n in dims:
+        if st <= reach:
+            break
+        reach += (n - 1) * st
+    else:
+        return False
+    key = (shape, stride)
+    hit = _SELF_OVERLAP.get(key)
+    if hit is None:
+        if len(_SELF_OVERLAP) > 256:
+            _SELF_OVERLAP.clear()
+        hit = _SELF_OVERLAP[key] = _elements_overlap(t, t)
+    return hit
+
+
+_SELF_OVERLAP: dict = {}
+
+
 def host_value_error(key: str, value) -> str | None:
     """Why ``value`` is not a valid host counter ``key`` ("step": a finite non-negative whole number;
     "mu_product": a finite number in [0, 1]; a number or a one-element tensor), or None. Reads a CUDA
@@ -449,7 +476,7 @@ class ValidationMixin:
         column halves of a matrix) pass. One storage pointer per param, a sort per shared storage."""
         for gi, pi, p in strided_params:
             status = torch._debug_has_internal_overlap(p)  # 0 no, 1 yes, 2 too hard to tell from the strides
-            if status == 1 or (status == 2 and _elements_overlap(p, p)):
+            if status == 1 or (status == 2 and _self_overlap(tuple(p.shape), p.stride(), p)):
                 raise ValueError(f"{self._where(p, pi, gi)}: the param has elements that share memory (strides "
                                  f"{p.stride()}, e.g. an expanded tensor); it cannot be updated in place")
         by_storage: dict = {}

@@ -139,8 +139,8 @@ class Muon(torch.optim.Optimizer):
         except _RENAMED as e:
             self.param_groups.pop()
             inner = self._core if use else self._aux
-            raise self._outer_error(inner, e, {len(inner.param_groups) if inner else 0: len(self.param_groups)}) \
-                from None
+            raise self._outer_error(inner, e, {len(inner.param_groups) if inner else 0: len(self.param_groups)},
+                                    use) from None
         except BaseException:
             self.param_groups.pop()
             raise
@@ -179,14 +179,18 @@ class Muon(torch.optim.Optimizer):
                               f"{'Muon' if use else 'AdamW (use_muon=False)'} group (did you mean {hit!r}?); it is "
                               "kept in the group and has no effect", UserWarning, stacklevel=3)
 
-    def _outer_error(self, inner, e, new=None):
+    def _outer_error(self, inner, e, new=None, use=None):
         """An error of an inner optimizer as this optimizer's: its name and its group index (``new``: the inner
-        index -> this index of a group being added)."""
-        name = type(inner).__name__ if inner is not None else None
+        index -> this index of a group being added; ``use``: the group's kind, when its inner optimizer was being
+        created, ``inner`` None)."""
+        if inner is None and use is not None:
+            name = (_MuonCore if use else AdamW).__name__
+        else:
+            name = type(inner).__name__ if inner is not None else None
+            use = inner is self._core
         msg = str(e)
         if type(e) not in _RENAMED or name is None or not msg.startswith(name):
             return e
-        use = inner is self._core
         outer = {igi: gi for gi, (u, igi) in enumerate(self._links) if u is use}
         outer.update(new or {})
         msg = ("Muon" if use else "Muon (use_muon=False group, AdamW)") + msg[len(name):]
@@ -234,7 +238,8 @@ class Muon(torch.optim.Optimizer):
                     self._add_inner(gi)
                 except _RENAMED as e:
                     inner = self._core if g["use_muon"] else self._aux
-                    raise self._outer_error(inner, e, {len(inner.param_groups) if inner else 0: gi}) from None
+                    raise self._outer_error(inner, e, {len(inner.param_groups) if inner else 0: gi},
+                                            g["use_muon"]) from None
         except BaseException:
             self.__dict__.update(old)
             raise
@@ -251,8 +256,12 @@ class Muon(torch.optim.Optimizer):
             state_dict = {**state_dict, "param_groups": [
                 {**g, "ns_dtype": _ns_dtype_named(g["ns_dtype"])}
                 if isinstance(g, dict) and isinstance(g.get("ns_dtype"), str) else g for g in groups]}
-        super().load_state_dict(state_dict)
-        self._rebuild()
+        before = {k: self.__dict__[k] for k in ("param_groups", "state", "defaults")}
+        try:  # (torch's load replaces param_groups and state, then __setstate__ rebuilds: a refusal restores them)
+            super().load_state_dict(state_dict)
+        except BaseException:
+            self.__dict__.update(before)
+            raise
 
     def __getstate__(self):
         self.sync_amp()
