@@ -461,3 +461,22 @@ def test_muon_refused_load_changes_nothing():
     assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[0]["ns_dtype"] is torch.float32
     assert opt.state is state
     opt.step()
+
+
+def test_muon_load_whose_post_hook_raises_restores_everything():
+    ps = _muon_params()
+    opt = mf.Muon([{"params": ps[:1]}, {"params": ps[1:], "use_muon": False, "lr": 3e-4}], lr=0.02)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = 123.0
+
+    def hook(o):
+        raise RuntimeError("post hook failed")
+
+    opt.register_load_state_dict_post_hook(hook)
+    with pytest.raises(RuntimeError, match="post hook failed"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 0.02 and opt._core.param_groups[0]["lr"] == 0.02
+    assert opt._core.state is opt.state and opt._aux.state is opt.state

@@ -149,8 +149,9 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         if isinstance(param_group, dict):
             self._check_group_keys(param_group, f"{type(self).__name__} param group {len(self.param_groups)}")
             merged = {**self.defaults, **self.spec.group_extras, **param_group}
-            self.spec.validate(merged, where=f"{type(self).__name__} param group: ", init=not _ADOPTING.get())
-            lay = self._check_layout_keys(merged, f"{type(self).__name__} param group: ")
+            where = f"{type(self).__name__} param group {len(self.param_groups)}: "
+            self.spec.validate(merged, where=where, init=not _ADOPTING.get())
+            lay = self._check_layout_keys(merged, where)
             params = param_group["params"]
             if not isinstance(params, (torch.Tensor, set)):  # (torch refuses a set, with its message)
                 params = list(params)  # a generator (model.parameters()) is read once, here

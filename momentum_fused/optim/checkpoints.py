@@ -85,7 +85,7 @@ class CheckpointMixin:
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = _codes_to_live_names(state_dict)
-        state_dict = _drop_stale_masters(state_dict, type(self).__name__, self._master_params(state_dict))
+        state_dict = _drop_cast_masters(state_dict, type(self).__name__)
         self._check_loaded_host_state(state_dict)
         _check_int8_codes(state_dict)
         self._check_loaded_tensors(state_dict)
@@ -153,18 +153,6 @@ class CheckpointMixin:
             if lay.master or lay.remainder:
                 self._convert_master(p, lay, saved.get(idx, {}))
 
-    def _master_params(self, state_dict) -> dict:
-        """state_dict index -> live param, for the params whose group's layout keeps a master or its remainder
-        ({} when the checkpoint's groups do not line up with the live ones: torch's load names that)."""
-        try:
-            ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        except (KeyError, TypeError):
-            return {}
-        live = [(p, _layouts.get_layout(g["layout"])) for g in self.param_groups for p in g["params"]]
-        if len(ids) != len(live):
-            return {}
-        return {i: p for i, (p, lay) in zip(ids, live) if (lay.master or lay.remainder) and p.dtype != torch.float32}
-
     def _check_loaded_tensors(self, state_dict: dict[str, Any]) -> None:
         """Before anything is loaded, per saved param state: every param-shaped tensor (the rule's moments, int8
         codes, a master or its remainder; not block scales, host counters or a contract-v2 tensor of its own
@@ -219,6 +207,8 @@ class CheckpointMixin:
         for key in names:
             v = saved.get(key)
             if not isinstance(v, torch.Tensor):
+                if not quantized:  # (a reset state, None, of a checkpoint with codes: no scales without codes)
+                    st.pop(key + sfx, None)
                 continue
             sc = saved.get(key + sfx) if v.dtype in (torch.int8, torch.uint8) else None
             if sc is not None and quantized:
@@ -296,16 +286,14 @@ def _torch_setstate_defaults(torch_cls) -> dict:
     return {k: v for k, v in obj.param_groups[0].items() if k != "params"}
 
 
-def _drop_stale_masters(state_dict, name, live: dict):
-    """A saved master that cannot be the one of the params it is loaded for is left out (in new dicts), with a
-    warning; the master then restarts from the loaded params, as when the checkpoint holds none:
-    - an fp32 master that is not fp32, or a remainder that is not int16: it went through an optimizer that does
-      not keep one (torch.optim casts unknown state to the param dtype on load, keeps it and never updates it);
-    - for a live param of a layout that keeps a master (``live``: state_dict index -> param), a master that does
-      not round (to nearest even, as the "master" layout writes its param) to the loaded param: the param was
-      trained after the master was saved (by torch.optim in fp32, say), or the model's weights were not loaded
-      before the optimizer's (docs/layouts.md asks for that order).
-    Loading either would revert the params to the master's old values."""
+def _drop_cast_masters(state_dict, name):
+    """A saved fp32 master that is not fp32, or a master remainder that is not int16, went through an optimizer
+    that does not keep one: torch.optim casts state it does not know to the param dtype on load, keeps it, and
+    never updates it, so after training there it is stale (loading it would revert that training). Such entries
+    are left out (in new dicts), with a warning: the master restarts from the loaded params, as when the
+    checkpoint holds none. (A master is not compared with the live param here: torch's ``set_state_dict`` loads
+    the optimizer before the model, and a model whose dtype changed between bf16 and fp16 rounds it otherwise;
+    a master that torch.optim kept in fp32, training fp32 params, is therefore not detected: docs/layouts.md.)"""
     states = state_dict.get("state") if isinstance(state_dict, dict) else None
     if not isinstance(states, dict):
         return state_dict
@@ -314,36 +302,20 @@ def _drop_stale_masters(state_dict, name, live: dict):
     for idx, st in states.items():
         if not isinstance(st, dict):
             continue
-        bad = {k: f"was saved as {st[k].dtype}, not {dt}: the checkpoint went through an optimizer that does "
-                  "not keep a master (torch.optim casts it to the param dtype and never updates it)"
-               for k, dt in want.items() if isinstance(st.get(k), torch.Tensor) and st[k].dtype != dt}
-        m, p = st.get(_layouts.MASTER_KEY), live.get(idx)
-        if _layouts.MASTER_KEY not in bad and isinstance(m, torch.Tensor) and p is not None \
-                and m.numel() == p.numel() and _rounds_apart(m, p):
-            bad[_layouts.MASTER_KEY] = ("does not round to the loaded param: the param was trained after the "
-                                        "master was saved (e.g. by torch.optim, which keeps it stale), or the "
-                                        "model's weights were not loaded before the optimizer's")
-        if bad:
+        cast = [k for k, dt in want.items() if isinstance(st.get(k), torch.Tensor) and st[k].dtype != dt]
+        if cast:
             if out is None:
                 out = dict(states)
-            out[idx] = {k: v for k, v in st.items() if k not in bad}
-            for k, why in bad.items():
-                dropped.setdefault((k, why), []).append(idx)
-    for (k, why), idx in dropped.items():
+            out[idx] = {k: v for k, v in st.items() if k not in cast}
+            for k in cast:
+                dropped.setdefault((k, st[k].dtype), []).append(idx)
+    for (k, dt), idx in dropped.items():
         warnings.warn(f"{name}.load_state_dict: state {k!r} of {len(idx)} param(s) (state_dict indices "
-                      f"{idx[:5]}{'...' if len(idx) > 5 else ''}) {why}; it is stale and is not loaded: the master "
-                      "restarts from the loaded params", UserWarning, stacklevel=4)
+                      f"{idx[:5]}{'...' if len(idx) > 5 else ''}) was saved as {dt}, not {want[k]}: the checkpoint "
+                      "went through an optimizer that does not keep a master (torch.optim casts it to the param "
+                      "dtype and never updates it), so it is stale and is not loaded; the master restarts from the "
+                      "loaded params (load the model's weights first)", UserWarning, stacklevel=4)
     return state_dict if out is None else {**state_dict, "state": out}
-
-
-def _rounds_apart(master: torch.Tensor, p: torch.Tensor) -> bool:
-    """Whether ``master`` rounded to nearest even to ``p``'s dtype differs from ``p`` anywhere (NaN = NaN; on a
-    DTensor, this rank's shard: no collective)."""
-    m = _dist.local(master).detach().to(p.device).reshape(-1).to(p.dtype)
-    q = _dist.local(p).detach().reshape(-1)
-    if m.shape != q.shape:
-        return False  # (a shard laid out otherwise: the checks after this one name it)
-    return bool(((m != q) & ~(m.isnan() & q.isnan())).any())
 
 
 def _codes_to_live_names(state_dict):

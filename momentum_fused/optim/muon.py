@@ -256,8 +256,10 @@ class Muon(torch.optim.Optimizer):
             state_dict = {**state_dict, "param_groups": [
                 {**g, "ns_dtype": _ns_dtype_named(g["ns_dtype"])}
                 if isinstance(g, dict) and isinstance(g.get("ns_dtype"), str) else g for g in groups]}
-        before = {k: self.__dict__[k] for k in ("param_groups", "state", "defaults")}
-        try:  # (torch's load replaces param_groups and state, then __setstate__ rebuilds: a refusal restores them)
+        before = {k: self.__dict__.get(k) for k in ("param_groups", "state", "defaults", "_core", "_aux", "_links",
+                                                    "_linked")}
+        try:  # (torch's load replaces param_groups and state, then __setstate__ rebuilds: a refusal, or a raising
+            # load hook, restores all of it)
             super().load_state_dict(state_dict)
         except BaseException:
             self.__dict__.update(before)
