@@ -436,3 +436,25 @@ def test_muon_cuda_graph_replay_with_a_grad_scaler(backend):
         for k, v in opt.state[p].items():
             torch.testing.assert_close(opt2.state[q][k], v, rtol=0, atol=0)
     assert float(opt2.state[qs[2]]["step"]) == infs.count(False)
+
+
+@pytest.mark.parametrize("bad", [0, 3])
+def test_adamtied_gradient_snr_reads_the_rolled_back_state(bad):
+    """gradient_snr read the state without resolving a skipped step's deferred rollback (device protocol): the
+    advanced step count (a wrong bias correction) or the state of a skipped first step."""
+    def run(backend):
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(8, generator=g).requires_grad_()
+        opt = mf.AdamTied([p], lr=0.01, beta=0.9, backend=backend)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for t in range(bad + 1):
+            opt.zero_grad()
+            scaler.scale(((p - torch.randn(8, generator=g)) ** 2).sum()).backward()
+            if t == bad:
+                p.grad[0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        return list(opt.gradient_snr().values())
+
+    with device_amp_backend("reference") as (dev, _):
+        assert run(dev) == run("reference")

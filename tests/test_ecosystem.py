@@ -418,3 +418,55 @@ def test_compiled_step_of_dtensor_params_runs_eagerly(one_rank_mesh):
         if compiled:
             assert "FusedOptimizer._eager_step" in _our_breaks(counters)
     assert torch.equal(out[0], out[1])
+
+
+# ---------------------------------------------------------------- GradScaler review, 2026-12-05
+@pytest.mark.skipif(_CPU_STATUS != "available", reason=f"cpu backend not built here: {_CPU_STATUS}")
+def test_compiled_training_step_with_a_gradscaler_equals_eager():
+    """A compiled step with GradScaler on a backend that reads found_inf on the host (cpu): the read broke the
+    graph inside the update (AttributeError at the first step, a bad scalars argument after an eager one) with
+    the step counters already advanced. Such a step now runs eagerly (one graph break), equal to eager."""
+    torch._logging.set_logs(graph_breaks=False)
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            for q in model.parameters():
+                q.copy_(torch.randn(q.shape, generator=g))
+        return (model, mf.AdamW(model.parameters(), lr=torch.tensor(0.01), backend="cpu"),
+                torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000))
+
+    def train_step(model, opt, scaler, x, inf):
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).sum()).backward()
+        if inf:
+            model.weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+    xs = [torch.randn(8, 4, generator=torch.Generator().manual_seed(k)) for k in range(5)]
+    infs = [False, False, True, False, False]
+    ref, got = make(), make()
+    compiled = torch.compile(train_step, backend="aot_eager")
+    for x, inf in zip(xs, infs):
+        train_step(*ref, x, inf)
+        compiled(*got, x, inf)
+    for a, b in zip(got[0].parameters(), ref[0].parameters()):
+        assert torch.equal(a, b)
+    assert float(got[1].state[got[0].weight]["step"]) == float(ref[1].state[ref[0].weight]["step"]) == 4.0
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if _CPU_STATUS == "available" else []))
+@pytest.mark.parametrize("which", ["SGD", "Muon"])
+def test_a_step_that_raises_does_not_leave_gradscalers_attributes(which, backend):
+    """GradScaler deletes ``grad_scale`` / ``found_inf`` only after the step returns: a refused step (a bad lr
+    the user then fixes) left them, and every later step divided its gradients by the stale scale."""
+    p = torch.nn.Parameter(torch.ones(3, 3))
+    opt = mf.SGD([p], lr=0.1, backend=backend) if which == "SGD" else mf.Muon([p], lr=0.1, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt.param_groups[0]["lr"] = -1.0
+    scaler.scale(p.sum()).backward()
+    with pytest.raises(ValueError, match="lr"):
+        scaler.step(opt)
+    assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__

@@ -87,6 +87,7 @@ class AdamTied(Adam):
         mean/variance estimate). Elements with sigma^2 = 0 count as inf (0 when m = 0 too). Returns
         {param: float}; params without state yet are left out. The Adam direction with eps = 0 is
         sign(m) / sqrt(1 + 1/snr) elementwise."""
+        self.sync_amp()  # (a skipped step's deferred GradScaler rollback, before the state is read)
         out = {}
         for group in self.param_groups:
             b1, b2 = group["betas"]

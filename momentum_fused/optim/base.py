@@ -59,6 +59,15 @@ def adopting_groups():
         _ADOPTING.reset(token)
 
 
+def _drop_amp_attrs(opt) -> None:
+    """After a step that raised: GradScaler sets ``grad_scale`` / ``found_inf`` on the optimizer before the step
+    and deletes them after it returns, so a raising step (refused input, which the user may fix and go on from)
+    left them set: the next step without the scaler divided its gradients by the stale scale (or skipped, with
+    a stale flag), one with it by the scale squared. Dropped here (torch's fused optimizers keep them)."""
+    opt.__dict__.pop("grad_scale", None)
+    opt.__dict__.pop("found_inf", None)
+
+
 _LAYOUT_DEFAULTS = {"layout": "native", "sr_seed": 0, "sr_step": 0}
 # capturable=True (a param-group key, saved in state_dicts): no host read or host-computed number per step,
 # so that the step can be captured in a CUDA graph (see ``_device_scalars``).
@@ -120,6 +129,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         self.backend = backend
         self._seen_keys: set = set()  # group keys already checked against near-miss hyperparameter names
         self._step_views: dict = {}
+        self._grad_subst = None  # (this step's resolved gradients, ``grad_of``; set by the full plan)
         self._fast = None
         self._called = {"step": False}
         self.spec.validate({**defaults, **self.spec.group_extras}, where=f"{type(self).__name__}: ", init=True)
@@ -308,7 +318,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         and backends without scalar tables (reference) run eagerly instead: one graph break at the call.
         docs/ecosystem.md."""
         self._called["step"] = True  # what an LR scheduler's step wrapper records (see below the class)
-        if torch.compiler.is_compiling() and self._traceable():
+        if torch.compiler.is_compiling() and self._traceable() and self._amp_traceable():
             loss = None
             if closure is not None:
                 with torch.enable_grad():
@@ -340,6 +350,9 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             gc.disable()
         try:
             return self._update(loss)
+        except BaseException:
+            _drop_amp_attrs(self)
+            raise
         finally:
             self._grad_subst = None  # (this step's resolved gradients, ``grad_of``: not kept until the next)
             if paused:

@@ -42,6 +42,27 @@ class CompileMixin:
         return True
 
 
+    def _amp_traceable(self) -> bool:
+        """With GradScaler's ``found_inf`` / ``grad_scale`` set: can the traced step take them as tensors (the
+        device protocol, ``AmpMixin._device_amp``: every backend reads device scalars, no per-group host
+        counters)? Else the step runs eagerly, where the host protocol reads the flag (reading it inside the
+        trace broke the graph in the middle of the update: a crash, with the step counters advanced)."""
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        if found_inf is None and grad_scale is None:
+            return True
+        if not isinstance(found_inf, torch.Tensor) or not (grad_scale is None or isinstance(grad_scale, torch.Tensor)):
+            return False
+        if self._keeps_group_counters():
+            return False
+        for group in self.param_groups:
+            lay = _layouts.get_layout(group["layout"])
+            for p in group["params"]:
+                if p.grad is not None and not getattr(
+                        backends.resolve(self.backend, self.spec, p.device, p.dtype, lay), "device_scalars", False):
+                    return False
+        return True
+
+
 # = torch.compiler.assume_constant_result(CompileMixin._traceable), without importing torch._dynamo (and
 # triton with it) at import time; tests/test_ecosystem.py checks that the public decorator sets this mark.
 CompileMixin._traceable._dynamo_marked_constant = True

@@ -16,7 +16,7 @@ import torch
 
 from ..specs_muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS, MUON_DEFAULTS, MUON_SPEC
 from .adam import AdamW
-from .base import FusedOptimizer
+from .base import FusedOptimizer, _drop_amp_attrs
 from .checks import GROUP_KEYS_ALWAYS_ALLOWED, near_miss
 
 __all__ = ["Muon", "AUX_DEFAULTS"]
@@ -313,6 +313,13 @@ class Muon(torch.optim.Optimizer):
 
     @torch._disable_dynamo  # (a compiled region runs the step eagerly: one graph break at step())
     def _eager_step(self, closure=None):
+        try:
+            return self._steps(closure)
+        except BaseException:
+            _drop_amp_attrs(self)  # (GradScaler's attributes of a step that raised: not left for the next step)
+            raise
+
+    def _steps(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
