@@ -214,3 +214,36 @@ def test_muon_error_names_this_optimizers_groups_everywhere_in_the_message():
         p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match=r"^Muon: param 0 of group 2 \(shape \(8, 6\)\) and param 0 of group 3 "):
         opt.step()
+
+
+# ---------------------------------------------------------------- a third review (of the GradScaler fix)
+@pytest.mark.parametrize("error", [RuntimeError("launch failed"), KeyboardInterrupt()])
+def test_muon_inner_step_errors_come_through_under_a_gradscaler(error, monkeypatch):
+    """A raising inner step dropped the GradScaler attributes itself, and Muon's cleanup then deleted them again:
+    the caller got AttributeError('grad_scale') instead of the error (an OOM, a Ctrl-C)."""
+    ps = _muon_model()
+    opt = mf.Muon([{"params": ps[:2]}, {"params": ps[3:], "use_muon": False}], lr=0.02)
+    _grads(ps, 0)
+    opt.step()
+
+    def boom(*a, **k):
+        raise error
+
+    monkeypatch.setattr(opt._aux, "_launch", boom)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    for p in ps:
+        p.grad = None
+    scaler.scale(sum(p.sum() for p in ps[:2] + ps[3:])).backward()
+    with pytest.raises(type(error)):
+        scaler.step(opt)
+    assert not any(k in i.__dict__ for i in (opt, opt._core, opt._aux) for k in ("grad_scale", "found_inf"))
+
+
+def test_lowrank_errors_name_the_users_group():
+    layer = LowRankLinear(12, 10, 2, 4)
+    bias = torch.nn.Parameter(torch.zeros(10))
+    with pytest.raises(ValueError, match=r"^LowRankAdam param group 1: Invalid betas\[1\]"):
+        LowRankAdam([{"params": list(layer.parameters())}, {"params": [bias], "betas": (0.9, 1.5)}], lr=0.01)
+    opt = LowRankAdam([{"params": list(layer.parameters())}], lr=0.01)
+    with pytest.raises(ValueError, match=r"^LowRankAdam param group 1: Invalid betas\[1\]"):
+        opt.add_param_group({"params": [bias], "betas": (0.9, 1.5)})

@@ -202,11 +202,19 @@ class _LowRankOptimizer(torch.optim.Optimizer):
         if not dense:
             return
         g = {"params": dense, **self._dense_hparams(self.param_groups[gi])}
-        if self._inner is None:
-            self._inner = self._dense_cls([g], backend=self.backend)
-            self._inner.state = self.state
-        else:
-            self._inner.add_param_group(g)
+        inner_gi = len(self._inner.param_groups) if self._inner is not None else 0
+        try:
+            if self._inner is None:
+                self._inner = self._dense_cls([g], backend=self.backend)
+                self._inner.state = self.state
+            else:
+                self._inner.add_param_group(g)
+        except (TypeError, ValueError) as e:  # (the dense optimizer's message, with this optimizer's name and index)
+            prefix = f"{self._dense_cls.__name__} param group {inner_gi}"
+            msg = str(e)
+            if not msg.startswith(prefix):
+                raise
+            raise type(e)(f"{type(self).__name__} param group {gi}" + msg[len(prefix):]) from None
         self._inner_index[gi] = len(self._inner.param_groups) - 1
 
     _SETTINGS = ("tau", "r_min", "fixed_rank", "augment_every", "truncate_every", "param_budget", "backend",

@@ -54,11 +54,16 @@ class CompileMixin:
             return False
         if self._keeps_group_counters():
             return False
+        seen = set()
         for group in self.param_groups:
             lay = _layouts.get_layout(group["layout"])
             for p in group["params"]:
-                if p.grad is not None and not getattr(
-                        backends.resolve(self.backend, self.spec, p.device, p.dtype, lay), "device_scalars", False):
+                key = (p.device, p.dtype, lay.name)
+                if p.grad is None or key in seen:
+                    continue
+                seen.add(key)
+                if not getattr(backends.resolve(self.backend, self.spec, p.device, p.dtype, lay), "device_scalars",
+                               False):
                     return False
         return True
 

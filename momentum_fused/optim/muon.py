@@ -348,8 +348,10 @@ class Muon(torch.optim.Optimizer):
             inner._planned = plan
             try:
                 inner._eager_step()  # (not step(): torch's step hooks, global ones included, ran for this optimizer)
-            finally:
-                del inner.grad_scale
+            except _RENAMED as e:
+                raise self._outer_error(inner, e) from None
+            finally:  # (pops: a raising inner step has dropped them itself, ``_drop_amp_attrs``)
+                inner.__dict__.pop("grad_scale", None)
                 inner.__dict__.pop("found_inf", None)
                 inner.__dict__.pop("_planned", None)
         return loss
