@@ -659,22 +659,13 @@ def scenario_muon_bad_split(rank, tmpdir, backend):
 _KINDS["muon_bad_split"] = scenario_muon_bad_split
 
 
-def scenario_muon_mixed_dtypes(rank, tmpdir, backend):
-    """One Muon group of bf16 and fp32 matrices (a bf16 one first), NS in float32, as Shard(0) DTensors (FSDP2's
-    placement, by distribute_tensor) against one process, bit for bit: each update crosses the wire in its own
-    dtype (bf16 updates stay bf16 under an fp32 NS, fp32 ones stay fp32), one send buffer per mesh and dtype. A
-    single buffer in the first param's dtype would round the fp32 updates to bf16 in transit."""
+def _muon_sharded_vs_one_process(mesh, init, grads, backend) -> dict:
+    """Muon (fp32 NS) over params ``init`` stepped with ``grads`` (one list per step): as plain tensors (ref) and as
+    Shard(0) DTensors on ``mesh`` (dist), each run's snapshot."""
     import torch
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import momentum_fused as mf
-
-    mesh = init_device_mesh("cpu", (WORLD,))
-    gen = torch.Generator().manual_seed(3)
-    kinds = [((7, 6), torch.bfloat16), ((5, 7), torch.float32), ((9, 4), torch.float32), ((3, 8), torch.bfloat16)]
-    init = [torch.randn(s, generator=gen).to(dt) for s, dt in kinds]
-    grads = [[torch.randn(s, generator=gen).to(dt) for s, dt in kinds] for _ in range(STEPS)]
 
     def run(sharded):
         put = (lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)])) if sharded else (lambda t: t.clone())
@@ -687,6 +678,22 @@ def scenario_muon_mixed_dtypes(rank, tmpdir, backend):
         return _snapshot(opt, ps)
 
     return dict(ref=run(False), dist=run(True))
+
+
+def scenario_muon_mixed_dtypes(rank, tmpdir, backend):
+    """One Muon group of bf16 and fp32 matrices (a bf16 one first), NS in float32, as Shard(0) DTensors (FSDP2's
+    placement, by distribute_tensor) against one process, bit for bit: each update crosses the wire in its own
+    dtype (bf16 updates stay bf16 under an fp32 NS, fp32 ones stay fp32), one send buffer per mesh and dtype. A
+    single buffer in the first param's dtype would round the fp32 updates to bf16 in transit."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(3)
+    kinds = [((7, 6), torch.bfloat16), ((5, 7), torch.float32), ((9, 4), torch.float32), ((3, 8), torch.bfloat16)]
+    init = [torch.randn(s, generator=gen).to(dt) for s, dt in kinds]
+    grads = [[torch.randn(s, generator=gen).to(dt) for s, dt in kinds] for _ in range(STEPS)]
+    return _muon_sharded_vs_one_process(mesh, init, grads, backend)
 
 
 _KINDS["muon_mixed_dtypes"] = scenario_muon_mixed_dtypes
@@ -697,27 +704,13 @@ def scenario_muon_empty(rank, tmpdir, backend):
     of an empty matrix crashed in the NS exchange (a reshape(-1, 0, n)) while the other rank waited in it."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    import momentum_fused as mf
 
     mesh = init_device_mesh("cpu", (WORLD,))
     gen = torch.Generator().manual_seed(4)
     shapes = [(5, 3), (0, 4), (3, 0), (6, 4)]
     init = [torch.randn(s, generator=gen) for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(STEPS)]
-
-    def run(sharded):
-        put = (lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)])) if sharded else (lambda t: t.clone())
-        ps = [torch.nn.Parameter(put(x)) for x in init]
-        opt = mf.Muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, backend=backend)
-        for gs in grads:
-            for p, g in zip(ps, gs):
-                p.grad = put(g)
-            opt.step()
-        return _snapshot(opt, ps)
-
-    return dict(ref=run(False), dist=run(True))
+    return _muon_sharded_vs_one_process(mesh, init, grads, backend)
 
 
 _KINDS["muon_empty"] = scenario_muon_empty

@@ -411,10 +411,10 @@ def test_column_slices_are_checked_without_enumerating_their_elements(monkeypatc
     """Every non-dense view (a column slice) is "too hard to tell" for torch's overlap check: enumerating its
     elements on every step made the step of two column halves of a 2048-column matrix ~20x slower. Nested
     strides are decided from the strides; only views that are not nested are enumerated (once per layout)."""
-    from momentum_fused.optim import checks
+    from momentum_fused.optim import overlap
     calls = []
-    real = checks._elements_overlap
-    monkeypatch.setattr(checks, "_elements_overlap", lambda a, b: calls.append(a is b) or real(a, b))
+    real = overlap.elements_overlap
+    monkeypatch.setattr(overlap, "elements_overlap", lambda a, b: calls.append(a is b) or real(a, b))
     w = torch.randn(64, 128)
     a, b = torch.nn.Parameter(torch.empty(0)), torch.nn.Parameter(torch.empty(0))
     a.data, b.data = w[:, :64], w[:, 64:]

@@ -111,3 +111,12 @@ class AmpMixin:
         if not math.isfinite(scale) or scale == 0.0:
             raise ValueError(f"{type(self).__name__}: grad_scale must be finite and nonzero, got {scale}")
         return False, 1.0 / scale
+
+
+def _drop_amp_attrs(opt) -> None:
+    """After a step that raised: GradScaler sets ``grad_scale`` / ``found_inf`` on the optimizer before the step
+    and deletes them after it returns, so a raising step (refused input, which the user may fix and go on from)
+    left them set: the next step without the scaler divided its gradients by the stale scale (or skipped, with
+    a stale flag), one with it by the scale squared. Dropped here (torch's fused optimizers keep them)."""
+    opt.__dict__.pop("grad_scale", None)
+    opt.__dict__.pop("found_inf", None)

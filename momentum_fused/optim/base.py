@@ -32,8 +32,8 @@ from torch.autograd.graph import increment_version
 from .. import backends
 from .. import layouts as _layouts
 from .. import distributed as _dist  # DTensor (FSDP2): local shards, see momentum_fused/distributed.py
-from ..specs import ElementwisePass, MatrixPhase, UpdateRuleSpec, get_spec
-from .amp import AmpMixin, AmpRollback
+from ..specs import UpdateRuleSpec, get_spec
+from .amp import AmpMixin, AmpRollback, _drop_amp_attrs
 from .checkpoints import CheckpointMixin
 from .checks import ValidationMixin, check_torch_flags
 from .compile import CompileMixin, bucket_op
@@ -57,15 +57,6 @@ def adopting_groups():
         yield
     finally:
         _ADOPTING.reset(token)
-
-
-def _drop_amp_attrs(opt) -> None:
-    """After a step that raised: GradScaler sets ``grad_scale`` / ``found_inf`` on the optimizer before the step
-    and deletes them after it returns, so a raising step (refused input, which the user may fix and go on from)
-    left them set: the next step without the scaler divided its gradients by the stale scale (or skipped, with
-    a stale flag), one with it by the scale squared. Dropped here (torch's fused optimizers keep them)."""
-    opt.__dict__.pop("grad_scale", None)
-    opt.__dict__.pop("found_inf", None)
 
 
 _LAYOUT_DEFAULTS = {"layout": "native", "sr_seed": 0, "sr_step": 0}
@@ -214,53 +205,6 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             self.defaults.pop("differentiable", None)
         self.invalidate_caches()
         self._called = {"step": False}
-
-    def _keeps_group_counters(self) -> bool:
-        """Whether the step computes per-group host numbers (FSGDM's u, schedule-free's c, the Polyak step), or
-        runs phases the kernels cannot skip (a pass whose pack reads per-tensor host state, a matrix phase that
-        transforms a persistent state tensor): GradScaler's flag is then read on the host. A multi-phase rule
-        otherwise takes the device protocol as a single-pass one does (optim/phases.py ``_update_phased``)."""
-        if self._host_counters():
-            return True
-        spec = self.spec
-        if not spec.phases:
-            return False
-        if any(isinstance(ph, ElementwisePass) and get_spec(ph.rule).pack_reads_state for ph in spec.phases):
-            return True
-        stacked = {ph.tensor for ph in spec.phases if isinstance(ph, MatrixPhase)}
-        return any(t.persistent for g in self.param_groups for t in spec.tensors(g) if t.name in stacked)
-
-    def _host_counters(self) -> bool:
-        """Whether the step computes per-group host numbers every step (not capturable)."""
-        spec = self.spec
-        return spec.group_advance is not None or spec.group_prepare is not None or \
-            type(self)._prepare_step is not FusedOptimizer._prepare_step
-
-    def _prepare_step(self, plan, loss, inv_scale: float) -> None:
-        """Hook between validation (``_plan``, GradScaler check) and the update pass: everything is
-        valid and nothing has been modified yet. Calls ``spec.group_prepare`` once per group (per-group
-        host scalars such as the schedule-free c). Subclasses that need a reduction pass over all
-        tensors (the schedule-free Polyak step) override it, raising here if the step must not
-        happen, and then call ``super()._prepare_step``."""
-        self._apply_group_prepare([group for group, *_ in plan])
-
-    def _apply_group_prepare(self, groups, overrides=None) -> None:
-        """``spec.group_prepare`` of every group (``overrides``: per-group values it reads instead of the
-        group's, e.g. this step's Polyak lr), then the results written: all groups or none (it raises
-        before the first write)."""
-        prep = self.spec.group_prepare
-        if prep is None:
-            return
-        name = type(self).__name__
-        updates = []
-        for gi, group in enumerate(groups):
-            extra = overrides[gi] if overrides else None
-            try:
-                updates.append({**(extra or {}), **prep({**group, **extra} if extra else group)})
-            except (ValueError, OverflowError) as e:
-                raise ValueError(f"{name} param group {gi}: {e}") from None
-        for group, upd in zip(groups, updates):
-            group.update(upd)
 
     def _init_state(self, items, state_names, layout=_layouts.NATIVE, created=None, group=None):
         """Create missing state (zeros in the layout's state dtype; the fp32 master copy of the param under the

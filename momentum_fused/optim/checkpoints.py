@@ -318,6 +318,16 @@ def _drop_cast_masters(state_dict, name):
     return state_dict if out is None else {**state_dict, "state": out}
 
 
+def _codes_under_live_names(st: dict, names) -> None:
+    """A checkpoint's codes (``name + "_codes"`` beside ``name + "_scale"``, as ``state_dict`` saves them) put into
+    the live state without our ``load_state_dict`` (ZeroRedundancyOptimizer writes ``optim.state[p]`` itself):
+    moved back under ``name``, as ``load_state_dict`` would have put them."""
+    cfx, sfx = _layouts.INT8_CODES_SUFFIX, _layouts.INT8_SCALE_SUFFIX
+    for key in names:
+        if key not in st and key + cfx in st and key + sfx in st:
+            st[key] = st.pop(key + cfx)
+
+
 def _codes_to_live_names(state_dict):
     """A checkpoint's ``name + "_codes"`` entries (``state_dict``) back under ``name``, in new dicts (the
     caller's are not modified); checkpoints saved before 2026-12-05 hold the codes under ``name`` already."""

@@ -13,6 +13,8 @@ from .. import backends
 from .. import distributed as _dist
 from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
+from . import overlap as _overlap
+from .checkpoints import _codes_under_live_names
 
 _MASTER, _REMAINDER = _layouts.MASTER_KEY, _layouts.REMAINDER_KEY
 
@@ -20,16 +22,6 @@ __all__ = ["GroupPlan", "ValidationMixin", "host_value_error", "near_miss", "che
 
 # keys of every param group that are not hyperparameters of the rule
 GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
-
-
-def _codes_under_live_names(st: dict, names) -> None:
-    """A checkpoint's codes (``name + "_codes"`` beside ``name + "_scale"``, as ``state_dict`` saves them) put into
-    the live state without our ``load_state_dict`` (ZeroRedundancyOptimizer writes ``optim.state[p]`` itself):
-    moved back under ``name``, as ``load_state_dict`` would have put them."""
-    cfx, sfx = _layouts.INT8_CODES_SUFFIX, _layouts.INT8_SCALE_SUFFIX
-    for key in names:
-        if key not in st and key + cfx in st and key + sfx in st:
-            st[key] = st.pop(key + cfx)
 
 
 class GroupPlan(NamedTuple):
@@ -47,64 +39,6 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def chosen_backend(gp: GroupPlan, p: torch.Tensor):
     return gp.chosen[(p.device, real_dtype(p.dtype))]
-
-
-def _span_bytes(t: torch.Tensor) -> tuple[int, int]:
-    """The byte range [lo, hi) of a strided tensor's storage that holds its elements (numel > 0)."""
-    n = t.element_size()
-    lo = t.storage_offset() * n
-    return lo, lo + (sum((k - 1) * abs(st) for k, st in zip(t.shape, t.stride())) + 1) * n
-
-
-def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two views of one storage share a byte (exact, also across dtypes: torch._C._overlaps compares
-    extents only); ``a is b``: whether two of its elements share one (an internal overlap)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    (a0, a1), (b0, b1) = _span_bytes(a), _span_bytes(b)
-    if a is not b and (a1 <= b0 or b1 <= a0):
-        return False
-    lo, hi = min(a0, b0), max(a1, b1)
-    if a is b:  # every element's first byte offset, each counted once: a repeat is an internal overlap
-        n = a.element_size()
-        first = torch.arange(a0 // n, a1 // n).as_strided(a.shape, a.stride(), 0).reshape(-1)
-        return first.unique().numel() < first.numel()
-    if a.element_size() == b.element_size():  # one flag per element
-        n = a.element_size()
-        mark = torch.zeros((hi - lo) // n, dtype=torch.bool)
-        mark.as_strided(a.shape, a.stride(), (a0 - lo) // n).fill_(True)
-        return bool(mark.as_strided(b.shape, b.stride(), (b0 - lo) // n).any())
-    mark = torch.zeros(hi - lo, dtype=torch.bool)  # views as different dtypes: one flag per byte
-    na, nb = a.element_size(), b.element_size()
-    mark.as_strided((*a.shape, na), (*(st * na for st in a.stride()), 1), a0 - lo).fill_(True)
-    return bool(mark.as_strided((*b.shape, nb), (*(st * nb for st in b.stride()), 1), b0 - lo).any())
-
-
-def _self_overlap(shape: tuple, stride: tuple, t: torch.Tensor) -> bool:
-    """Whether two elements of a view share memory, for strides torch calls too hard to tell (any non-dense view:
-    a column slice). Exact and O(ndim) when the dims nest (sorted by stride, each stride at least the extent of the
-    smaller dims: column, gapped and transposed slices); else element by element, remembered per (shape, stride)
-    (an overlap depends on nothing else)."""
-    if 0 in shape:
-        return False
-    dims = sorted((abs(st), n) for n, st in zip(shape, stride) if n > 1)
-    reach = 0  # the largest offset the smaller dims reach
-    for st, n in dims:
-        if st <= reach:
-            break
-        reach += (n - 1) * st
-    else:
-        return False
-    key = (shape, stride)
-    hit = _SELF_OVERLAP.get(key)
-    if hit is None:
-        if len(_SELF_OVERLAP) > 256:
-            _SELF_OVERLAP.clear()
-        hit = _SELF_OVERLAP[key] = _elements_overlap(t, t)
-    return hit
-
-
-_SELF_OVERLAP: dict = {}
 
 
 def host_value_error(key: str, value) -> str | None:
@@ -476,7 +410,7 @@ class ValidationMixin:
         column halves of a matrix) pass. One storage pointer per param, a sort per shared storage."""
         for gi, pi, p in strided_params:
             status = torch._debug_has_internal_overlap(p)  # 0 no, 1 yes, 2 too hard to tell from the strides
-            if status == 1 or (status == 2 and _self_overlap(tuple(p.shape), p.stride(), p)):
+            if status == 1 or (status == 2 and _overlap.self_overlap(tuple(p.shape), p.stride(), p)):
                 raise ValueError(f"{self._where(p, pi, gi)}: the param has elements that share memory (strides "
                                  f"{p.stride()}, e.g. an expanded tensor); it cannot be updated in place")
         by_storage: dict = {}
@@ -497,14 +431,14 @@ class ValidationMixin:
                         for gi, q in shared)
             if key in memo:
                 continue
-            spans = sorted(((_span_bytes(q), gi, q) for gi, q in shared), key=lambda x: x[0][0])
+            spans = sorted(((_overlap.span_bytes(q), gi, q) for gi, q in shared), key=lambda x: x[0][0])
             active = []  # spans that reach past the current start
             for (lo, hi), gi, q in spans:
                 active = [a for a in active if a[0][1] > lo]
                 for _, gj, r in active:
                     if "reference" == chosen_backend(plan[gi], q).name == chosen_backend(plan[gj], r).name:
                         continue
-                    if (q.is_contiguous() and r.is_contiguous()) or _elements_overlap(q, r):
+                    if (q.is_contiguous() and r.is_contiguous()) or _overlap.elements_overlap(q, r):
                         self._raise_shared_elements(plan, gi, q, gj, r)
                 active.append(((lo, hi), gi, q))
             if len(memo) > 64:

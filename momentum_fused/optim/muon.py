@@ -16,7 +16,8 @@ import torch
 
 from ..specs_muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS, MUON_DEFAULTS, MUON_SPEC
 from .adam import AdamW
-from .base import FusedOptimizer, _drop_amp_attrs
+from .amp import _drop_amp_attrs
+from .base import FusedOptimizer
 from .checks import GROUP_KEYS_ALWAYS_ALLOWED, near_miss
 
 __all__ = ["Muon", "AUX_DEFAULTS"]

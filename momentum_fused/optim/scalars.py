@@ -8,7 +8,7 @@ from itertools import repeat
 
 import torch
 
-from ..specs import step_tensor
+from ..specs import ElementwisePass, MatrixPhase, get_spec, step_tensor
 from .plan_cache import C_CHECKS
 
 __all__ = ["ScalarsMixin"]
@@ -39,6 +39,53 @@ def _host_scalar(state: dict, key: str, initial: float) -> torch.Tensor:
 
 class ScalarsMixin:
     """Host counters and scalar packs of FusedOptimizer."""
+
+    def _keeps_group_counters(self) -> bool:
+        """Whether the step computes per-group host numbers (FSGDM's u, schedule-free's c, the Polyak step), or
+        runs phases the kernels cannot skip (a pass whose pack reads per-tensor host state, a matrix phase that
+        transforms a persistent state tensor): GradScaler's flag is then read on the host. A multi-phase rule
+        otherwise takes the device protocol as a single-pass one does (optim/phases.py ``_update_phased``)."""
+        if self._host_counters():
+            return True
+        spec = self.spec
+        if not spec.phases:
+            return False
+        if any(isinstance(ph, ElementwisePass) and get_spec(ph.rule).pack_reads_state for ph in spec.phases):
+            return True
+        stacked = {ph.tensor for ph in spec.phases if isinstance(ph, MatrixPhase)}
+        return any(t.persistent for g in self.param_groups for t in spec.tensors(g) if t.name in stacked)
+
+    def _host_counters(self) -> bool:
+        """Whether the step computes per-group host numbers every step (not capturable)."""
+        spec = self.spec
+        return spec.group_advance is not None or spec.group_prepare is not None or \
+            type(self)._prepare_step is not ScalarsMixin._prepare_step
+
+    def _prepare_step(self, plan, loss, inv_scale: float) -> None:
+        """Hook between validation (``_plan``, GradScaler check) and the update pass: everything is
+        valid and nothing has been modified yet. Calls ``spec.group_prepare`` once per group (per-group
+        host scalars such as the schedule-free c). Subclasses that need a reduction pass over all
+        tensors (the schedule-free Polyak step) override it, raising here if the step must not
+        happen, and then call ``super()._prepare_step``."""
+        self._apply_group_prepare([group for group, *_ in plan])
+
+    def _apply_group_prepare(self, groups, overrides=None) -> None:
+        """``spec.group_prepare`` of every group (``overrides``: per-group values it reads instead of the
+        group's, e.g. this step's Polyak lr), then the results written: all groups or none (it raises
+        before the first write)."""
+        prep = self.spec.group_prepare
+        if prep is None:
+            return
+        name = type(self).__name__
+        updates = []
+        for gi, group in enumerate(groups):
+            extra = overrides[gi] if overrides else None
+            try:
+                updates.append({**(extra or {}), **prep({**group, **extra} if extra else group)})
+            except (ValueError, OverflowError) as e:
+                raise ValueError(f"{name} param group {gi}: {e}") from None
+        for group, upd in zip(groups, updates):
+            group.update(upd)
 
     def _advance_steps(self, gi, states) -> list:
         """Increment every tensor's ``step`` (torch's float32 0-d CPU tensor) and return the new counts.

@@ -1,0 +1,65 @@
+"""Which elements of params share memory (optim/checks.py ``_check_param_memory``): exact tests on views' strides
+and offsets, in bytes across dtypes, with torch's own internal-overlap check's "too hard" cases decided here."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["span_bytes", "elements_overlap", "self_overlap"]
+
+
+def span_bytes(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range [lo, hi) of a strided tensor's storage that holds its elements (numel > 0)."""
+    n = t.element_size()
+    lo = t.storage_offset() * n
+    return lo, lo + (sum((k - 1) * abs(st) for k, st in zip(t.shape, t.stride())) + 1) * n
+
+
+def elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views of one storage share a byte (exact, also across dtypes: torch._C._overlaps compares
+    extents only); ``a is b``: whether two of its elements share one (an internal overlap)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    (a0, a1), (b0, b1) = span_bytes(a), span_bytes(b)
+    if a is not b and (a1 <= b0 or b1 <= a0):
+        return False
+    lo, hi = min(a0, b0), max(a1, b1)
+    if a is b:  # every element's first byte offset, each counted once: a repeat is an internal overlap
+        n = a.element_size()
+        first = torch.arange(a0 // n, a1 // n).as_strided(a.shape, a.stride(), 0).reshape(-1)
+        return first.unique().numel() < first.numel()
+    if a.element_size() == b.element_size():  # one flag per element
+        n = a.element_size()
+        mark = torch.zeros((hi - lo) // n, dtype=torch.bool)
+        mark.as_strided(a.shape, a.stride(), (a0 - lo) // n).fill_(True)
+        return bool(mark.as_strided(b.shape, b.stride(), (b0 - lo) // n).any())
+    mark = torch.zeros(hi - lo, dtype=torch.bool)  # views as different dtypes: one flag per byte
+    na, nb = a.element_size(), b.element_size()
+    mark.as_strided((*a.shape, na), (*(st * na for st in a.stride()), 1), a0 - lo).fill_(True)
+    return bool(mark.as_strided((*b.shape, nb), (*(st * nb for st in b.stride()), 1), b0 - lo).any())
+
+
+def self_overlap(shape: tuple, stride: tuple, t: torch.Tensor) -> bool:
+    """Whether two elements of a view share memory, for strides torch calls too hard to tell (any non-dense view:
+    a column slice). Exact and O(ndim) when the dims nest (sorted by stride, each stride at least the extent of the
+    smaller dims: column, gapped and transposed slices); else element by element, remembered per (shape, stride)
+    (an overlap depends on nothing else)."""
+    if 0 in shape:
+        return False
+    dims = sorted((abs(st), n) for n, st in zip(shape, stride) if n > 1)
+    reach = 0  # the largest offset the smaller dims reach
+    for st, n in dims:
+        if st <= reach:
+            break
+        reach += (n - 1) * st
+    else:
+        return False
+    key = (shape, stride)
+    hit = _SELF_OVERLAP.get(key)
+    if hit is None:
+        if len(_SELF_OVERLAP) > 256:
+            _SELF_OVERLAP.clear()
+        hit = _SELF_OVERLAP[key] = elements_overlap(t, t)
+    return hit
+
+
+_SELF_OVERLAP: dict = {}
