@@ -471,18 +471,25 @@ def test_int8_codes_are_saved_apart_from_the_values(tmp_path):
 _BACKENDS = ["reference"] + (["cpu"] if backends.status().get("cpu") == "available" else [])
 
 
+def _bf16_run(cls, layout, backend, steps):
+    """A bf16 param of 4352 elements stepped ``steps`` times by ``cls(lr=1e-2)`` in ``layout``: (param,
+    optimizer, the generator that drew its init and gradients, to draw on)."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4352, generator=gen).to(torch.bfloat16).requires_grad_()
+    opt = cls([p], lr=1e-2, layout=layout, backend=backend)
+    for _ in range(steps):
+        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+        opt.step()
+    return p, opt, gen
+
+
 @pytest.mark.parametrize("backend", _BACKENDS)
 @pytest.mark.parametrize("layout", ["master", "master16"])
 def test_a_master_that_went_through_torch_optim_is_not_loaded_back(layout, backend):
     """torch.optim keeps the master (or remainder) it does not know, cast to the param dtype, and never updates
     it: loaded back, it reverted torch's training (into "master16", at load already). It is now left out with a
     warning and the master restarts from the params torch trained."""
-    gen = torch.Generator().manual_seed(0)
-    p = torch.randn(4352, generator=gen).to(torch.bfloat16).requires_grad_()
-    a = mf.AdamW([p], lr=1e-2, layout=layout, backend=backend)
-    for _ in range(3):
-        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
-        a.step()
+    p, a, gen = _bf16_run(mf.AdamW, layout, backend, 3)
     t = torch.optim.AdamW([p], lr=1e-2)
     t.load_state_dict(a.state_dict())
     for _ in range(5):
@@ -506,12 +513,7 @@ def test_a_layout_edited_after_steps_is_refused_before_anything_changes(src, dst
     """A group's layout edited from "master" to "master16" (or back, or to native) stepped on: the missing copy
     was rebuilt from the rounded param (the master's low bits lost) and the other left stale in the state, where
     a switch back or a checkpoint took it (reverting the params)."""
-    gen = torch.Generator().manual_seed(0)
-    p = torch.randn(4352, generator=gen).to(torch.bfloat16).requires_grad_()
-    opt = mf.SignSGD([p], lr=1e-2, layout=src, backend=backend)  # (no rule state: only the master keys tell)
-    for _ in range(2):
-        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
-        opt.step()
+    p, opt, _ = _bf16_run(mf.SignSGD, src, backend, 2)  # (no rule state: only the master keys tell)
     before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
     opt.param_groups[0]["layout"] = dst
     with pytest.raises(ValueError, match="was the group's layout changed after its first step"):
@@ -527,12 +529,7 @@ def test_a_layout_edited_after_steps_is_refused_before_anything_changes(src, dst
 def test_a_master16_checkpoint_into_fp16_params_of_the_master_layout(src, backend):
     """layout="master" takes fp16 params: a master16 checkpoint loaded there decoded the fp16 bits as a bf16
     high half (masters off by hundreds). The saved param's bf16 value is read from the fp16 param."""
-    gen = torch.Generator().manual_seed(0)
-    p = torch.randn(4352, generator=gen).to(torch.bfloat16).requires_grad_()
-    a = mf.AdamW([p], lr=1e-2, layout=src, backend=backend)
-    for _ in range(3):
-        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
-        a.step()
+    p, a, _ = _bf16_run(mf.AdamW, src, backend, 3)
     q = p.detach().to(torch.float16).requires_grad_()  # (the model's weights, loaded first, in fp16)
     b = mf.AdamW([q], lr=1e-2, layout="master", backend=backend)
     b.load_state_dict(a.state_dict())

@@ -45,17 +45,27 @@ class AmpMixin:
         ``sr_step``) advances optimistically and is rolled back when the flag, copied to the host
         without blocking, turns out nonzero: checked at the start of the next step, by ``state_dict``,
         ``load_state_dict``, ``add_param_group`` and ``sync_amp()``."""
+        flags = self._amp_tensors()
+        if flags is None:
+            return None
+        found_inf, grad_scale = flags
+        for _, _, items, chosen in plan:
+            if not all(getattr(b, "device_scalars", False) for b in chosen.values()):
+                return None
+        if found_inf.numel() != 1 or (grad_scale is not None and grad_scale.numel() != 1):
+            raise ValueError(f"{type(self).__name__}: found_inf and grad_scale must be one-element tensors")
+        return found_inf, grad_scale
+
+    def _amp_tensors(self):
+        """GradScaler's (found_inf, grad_scale) when the device protocol may take them (found_inf a tensor,
+        grad_scale a tensor or None, no per-group host counters), else None; which backends read them is the
+        caller's question (``_device_amp`` on a plan, ``CompileMixin._amp_traceable`` before one)."""
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         if not isinstance(found_inf, torch.Tensor) or not (grad_scale is None or isinstance(grad_scale, torch.Tensor)):
             return None
         if self._keeps_group_counters():
             return None
-        for _, _, items, chosen in plan:
-            if not all(getattr(b, "device_scalars", False) for b in chosen.values()):
-                return None
-        if found_inf.numel() != 1 or (grad_scale is not None and grad_scale.numel() != 1):
-            raise ValueError(f"{type(self).__name__}: found_inf and grad_scale must be one-element tensors")
         return found_inf, grad_scale
 
     def sync_amp(self) -> None:

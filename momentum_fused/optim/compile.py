@@ -47,12 +47,9 @@ class CompileMixin:
         device protocol, ``AmpMixin._device_amp``: every backend reads device scalars, no per-group host
         counters)? Else the step runs eagerly, where the host protocol reads the flag (reading it inside the
         trace broke the graph in the middle of the update: a crash, with the step counters advanced)."""
-        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
-        if found_inf is None and grad_scale is None:
+        if getattr(self, "found_inf", None) is None and getattr(self, "grad_scale", None) is None:
             return True
-        if not isinstance(found_inf, torch.Tensor) or not (grad_scale is None or isinstance(grad_scale, torch.Tensor)):
-            return False
-        if self._keeps_group_counters():
+        if self._amp_tensors() is None:
             return False
         seen = set()
         for group in self.param_groups:
