@@ -295,20 +295,21 @@ def int8_codes_of(y: torch.Tensor, signed: bool) -> torch.Tensor:
 
 def int8_encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 tensor (numel a multiple of INT8_BLOCK) -> (codes shaped as x: int8 if signed else uint8, fp32 scales
-    [numel / INT8_BLOCK]). Per block of 256 consecutive elements (x flattened): scale = max |x| (NaN if one is);
+    shaped ``int8_scale_shape(x)``). Per block of 256 consecutive elements (x flattened): scale = max |x| (NaN if one is);
     the codes of y' = (x u) k (``int8_factors``, ``int8_codes_of``)."""
     b = x.float().contiguous().view(-1, INT8_BLOCK)
     scale = b.abs().amax(dim=1)
     u, k = int8_factors(scale, signed)
     c = int8_codes_of((b * u[:, None]) * k[:, None], signed)
-    return c.to(torch.int8 if signed else torch.uint8).view(x.shape), scale
+    return c.to(torch.int8 if signed else torch.uint8).view(x.shape), scale.view(int8_scale_shape(x))
 
 
 def int8_decode(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.Tensor:
-    """(codes, fp32 scales) -> fp32 values shaped as codes: table value times the block's scale (fp32 product)."""
+    """(codes, fp32 scales of any shape, in block order) -> fp32 values shaped as codes: table value times the
+    block's scale (fp32 product)."""
     table = int8_table(signed).to(codes.device)
     idx = codes.contiguous().view(-1, INT8_BLOCK).long() + (127 if signed else 0)
-    return (table[idx] * scale[:, None]).view(codes.shape)
+    return (table[idx] * scale.reshape(-1, 1)).view(codes.shape)
 
 
 # Rule states that are never negative: unsigned codes (uint8, the c^4 map); every other state is signed (int8).
@@ -335,10 +336,13 @@ def int8_quantized(p: torch.Tensor) -> bool:
 
 
 def int8_scale_shape(p: torch.Tensor) -> tuple:
-    """The shape of the block scales of a quantized ``p``: (numel / INT8_BLOCK,); for a DTensor (shape[0], blocks per
-    row), a DTensor placed like the param, so that each shard's scales are those of its own rows."""
+    """The shape of the block scales of a quantized ``p``: (shape[0], blocks per row) where its rows (shape[0]
+    slices) hold whole blocks, as every quantized DTensor's do (a DTensor placed like the param, so that each
+    shard's scales are those of its own rows); else (numel / INT8_BLOCK,). One shape for a plain tensor and a
+    DTensor of the same global shape, so that DCP reshards a checkpoint between FSDP2 and one process."""
     n = p.numel() // INT8_BLOCK
-    return (p.shape[0], n // p.shape[0]) if _dist.is_dtensor(p) else (n,)
+    rows = p.shape[0] if p.dim() >= 2 else 0
+    return (rows, n // rows) if rows and (p.numel() // rows) % INT8_BLOCK == 0 else (n,)
 
 
 def int8_code_dtype(name: str) -> torch.dtype:

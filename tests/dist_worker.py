@@ -507,6 +507,79 @@ def scenario_int8_checkpoint(rank, tmpdir, layout, backend, save_after=2):
 _KINDS["int8_ckpt"] = scenario_int8_checkpoint
 
 
+def scenario_int8_reshard(rank, tmpdir, layout, backend, save_after=2):
+    """DCP resharding of an int8-layout checkpoint between FSDP2 (2 ranks) and one process, both ways. The
+    quantized weight (17 x 256) has rows of whole blocks, so its blocks are the same under FSDP2 and in one
+    process, and its scales must have one shape in both: (rows, blocks per row). "to_one": the FSDP2 run saves
+    with DCP; rank 0 alone loads it into a plain model and optimizer (``no_dist``) and continues on the whole
+    batch. "from_one": rank 0 alone trains a plain model, saves it with DCP (``no_dist``); both ranks load it into
+    FSDP2 and continue. Both against the uninterrupted FSDP2 run (which equals one process bit for bit:
+    scenario_int8_fsdp), bit for bit."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    import momentum_fused as mf
+
+    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(GLOBAL_BATCH, 256, generator=gen).to(dtype), torch.randn(GLOBAL_BATCH, 3, generator=gen)
+             .to(dtype)) for _ in range(STEPS)]
+
+    def build(sharded, seed=0):
+        model = _int8_model(dtype, seed)
+        model = _fsdp(model) if sharded else model
+        return model, mf.AdamW(list(model.parameters()), lr=0.01, weight_decay=0.1, layout=layout, backend=backend)
+
+    def steps(model, opt, ts):
+        for t in ts:
+            x, y = data[t]
+            opt.zero_grad()
+            ((model(x) - y).float() ** 2).mean().backward()
+            opt.step()
+
+    def load(model, opt, path, no_dist):
+        steps(model, opt, range(1))  # live state of the layout, which the load must overwrite
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=path, no_dist=no_dist)
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"])
+        steps(model, opt, range(save_after, STEPS))
+        return model, opt
+
+    m_a, o_a = build(True)
+    steps(m_a, o_a, range(STEPS))
+    out = dict(uninterrupted=_snapshot(o_a, list(m_a.parameters())))
+    # FSDP2 -> one process
+    to_one = os.path.join(tmpdir, f"reshard-to-one-{layout}-{backend}")
+    m_b, o_b = build(True)
+    steps(m_b, o_b, range(save_after))
+    dcp.save({"model": get_model_state_dict(m_b), "optim": get_optimizer_state_dict(m_b, o_b)}, checkpoint_id=to_one)
+    dist.barrier()
+    if rank == 0:
+        try:
+            m_c, o_c = load(*build(False, seed=123), to_one, no_dist=True)
+            out["to_one"] = _snapshot(o_c, list(m_c.parameters()))
+        except Exception:
+            out["to_one_error"] = traceback.format_exc()
+    # one process -> FSDP2
+    from_one = os.path.join(tmpdir, f"reshard-from-one-{layout}-{backend}")
+    if rank == 0:
+        m_d, o_d = build(False)
+        steps(m_d, o_d, range(save_after))
+        dcp.save({"model": get_model_state_dict(m_d), "optim": get_optimizer_state_dict(m_d, o_d)},
+                 checkpoint_id=from_one, no_dist=True)
+    dist.barrier()
+    m_e, o_e = load(*build(True, seed=123), from_one, no_dist=False)
+    out["from_one"] = _snapshot(o_e, list(m_e.parameters()))
+    return out
+
+
+_KINDS["int8_reshard"] = scenario_int8_reshard
+
+
 def scenario_zero_int8_resume(rank, tmpdir, backend, save_after=2):
     """ZeroRedundancyOptimizer over an int8_state AdamW under DDP: consolidate, save, load into a fresh ZeRO and
     continue, against the uninterrupted run, bit for bit. ZeRO's load writes ``optim.state[p]`` itself (not

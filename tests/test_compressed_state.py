@@ -338,7 +338,9 @@ def test_int8_state_is_the_fp32_rule_on_decoded_state(case):
             if q:
                 signed = k not in layouts.INT8_UNSIGNED
                 assert st[k].dtype == (torch.int8 if signed else torch.uint8) and st[k].shape == p.shape
-                assert st[k + "_scale"].shape == (p.numel() // 256,)
+                row = p.numel() // p.shape[0] if p.dim() >= 2 else 0  # rows of whole blocks: (rows, blocks per row)
+                assert st[k + "_scale"].shape == ((p.shape[0], row // 256) if row and row % 256 == 0
+                                                  else (p.numel() // 256,))
                 assert torch.equal(layouts.int8_decode(st[k], st[k + "_scale"], signed), rst[k]), f"{cid} {i} {k}"
             else:
                 assert st[k].dtype == torch.float32 and k + "_scale" not in st
@@ -465,6 +467,42 @@ def test_int8_codes_are_saved_apart_from_the_values(tmp_path):
     o2 = mf.AdamW([q], lr=1e-2, layout="int8_state", backend="reference")
     o2.load_state_dict(old)
     assert all(torch.equal(o2.state[q][k], v) for k, v in opt.state[model.weight].items())
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if backends.status().get("cpu") == "available" else []))
+def test_block_scales_of_the_old_flat_shape_still_resume(backend):
+    """The scales of a weight with rows of whole blocks are (rows, blocks per row) since 2026-12-06 (one shape in
+    one process and under FSDP2, for DCP resharding); checkpoints before hold (blocks,). Loaded by our
+    load_state_dict, or written into the live state directly (ZeroRedundancyOptimizer's load), they resume as
+    the uninterrupted run, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    init, grads = torch.randn(24, 512, generator=gen), [torch.randn(24, 512, generator=gen) for _ in range(5)]
+
+    def run(steps, p=None, opt=None):
+        p = init.clone().requires_grad_() if p is None else p
+        opt = mf.AdamW([p], lr=1e-2, layout="int8_state", backend=backend) if opt is None else opt
+        for g in steps:
+            p.grad = g.clone()
+            opt.step()
+        return p, opt
+
+    want, wopt = run(grads)
+    assert wopt.state[want]["exp_avg_scale"].shape == (24, 2)
+    p, opt = run(grads[:2])
+    sd = opt.state_dict()
+    flat = {k: (v.reshape(-1) if k.endswith("_scale") else v) for k, v in sd["state"][0].items()}
+    old = {**sd, "state": {0: flat}}
+    for how in ("load_state_dict", "written"):
+        q = p.detach().clone().requires_grad_()
+        o2 = mf.AdamW([q], lr=1e-2, layout="int8_state", backend=backend)
+        if how == "load_state_dict":
+            o2.load_state_dict(old)
+        else:
+            o2.state[q] = {k.removesuffix("_codes"): v.clone() for k, v in flat.items()}
+        run(grads[2:], q, o2)
+        assert torch.equal(q, want), how
+        for k, v in wopt.state[want].items():
+            assert o2.state[q][k].shape == v.shape and torch.equal(o2.state[q][k], v), (how, k)
 
 
 # ---------------------------------------------------------------- the master through torch.optim, layout edits

@@ -61,6 +61,8 @@ def _scenarios():
             for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
     out += [dict(id=f"int8_ckpt-{lay}-{b}", kind="int8_ckpt", layout=lay, backend=b)
             for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
+    out += [dict(id=f"int8_reshard-{lay}-{b}", kind="int8_reshard", layout=lay, backend=b)
+            for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
     out += [dict(id=f"muon_bf16_fsdp-{a}-{b}", kind="muon_bf16_fsdp", ns_algorithm=a, backend=b)
             for a in MUON_ALGORITHMS for b in _available(BACKENDS)]
     out += [dict(id=f"muon_bad_split-{b}", kind="muon_bad_split", backend=b) for b in _available(BACKENDS)]
@@ -279,7 +281,7 @@ def test_int8_layouts_under_fsdp_equal_single_process_bit_for_bit(world, layout,
             assert set(sa) == set(sb), i
             for k in sa:
                 a, b = torch.as_tensor(sa[k]), torch.as_tensor(sb[k])
-                assert torch.equal(a.reshape(-1) if k.endswith("_scale") else a, b), f"param {i} {k}"
+                assert a.shape == b.shape and torch.equal(a, b), f"param {i} {k}"  # scales: (rows, blocks per row)
     init = [p.detach() for p in dw._int8_model(r0["dist"]["params"][0].dtype).parameters()]
     assert all(not torch.equal(a, b) for a, b in zip(r0["dist"]["params"], init))  # the steps did something
 
@@ -299,6 +301,23 @@ def test_int8_layouts_distributed_checkpoint_resume_equals_uninterrupted(world, 
             assert "master_lo:DTensor:torch.int16" in res["saved"], res["saved"]
         assert res["loaded_is_dtensor"]
         _assert_snapshots_equal(res["resumed"], res["uninterrupted"], f"rank {rank}")
+
+
+@pytest.mark.parametrize("layout,backend", [("int8_state", "reference"), ("master16_int8", "reference"),
+                                            *[pytest.param(lay, "cpu", marks=pytest.mark.skipif(
+                                                _CPU_STATUS != "available",
+                                                reason=f"cpu backend not built here: {_CPU_STATUS}"))
+                                              for lay in INT8_LAYOUTS]])
+def test_int8_layouts_dcp_reshard_between_fsdp_and_one_process(world, layout, backend):
+    """An int8-layout DCP checkpoint saved by FSDP2 (2 ranks) loads into one process, and one saved by one process
+    loads into FSDP2; either continues as the uninterrupted run, bit for bit (the block scales of a weight with
+    rows of whole blocks have one shape, (rows, blocks per row), sharded or not: DCP's in-place load failed on
+    the shape of a one-process run's (blocks,))."""
+    r0, r1 = _results(world, f"int8_reshard-{layout}-{backend}")
+    assert "to_one_error" not in r0, r0["to_one_error"]
+    _assert_snapshots_equal(r0["to_one"], r0["uninterrupted"], "FSDP2 -> one process")
+    for rank, res in enumerate((r0, r1)):
+        _assert_snapshots_equal(res["from_one"], res["uninterrupted"], f"one process -> FSDP2, rank {rank}")
 
 
 # ------------------------------------------------------------------ Muon with bf16 Newton-Schulz under FSDP2

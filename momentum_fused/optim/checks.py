@@ -308,6 +308,9 @@ class ValidationMixin:
                         if not q or t is None:
                             continue
                         s = st.get(sk)
+                        if (isinstance(s, torch.Tensor) and not p_dt and tuple(s.shape) != want_shape
+                                and s.dim() == 1 and s.numel() == t.numel() // _layouts.INT8_BLOCK):
+                            s = st[sk] = s.view(want_shape)  # (blocks,) scales of 2026-12-05 or before
                         if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 \
                                 or tuple(s.shape) != want_shape or s.device != device:
                             self._raise_bad_state(p, sk, s, pi, gi, torch.float32, want_shape)
