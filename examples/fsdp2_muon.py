@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 
@@ -157,6 +158,12 @@ def _spawned(rank, world, args, ckpt, port):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(port))
     worker(rank, world, args, ckpt)
+    # Done (an error raised above exits as usual). Leave without the interpreter's finalization: gloo's worker
+    # threads can still release tensors there and abort the process ("terminate called without an active
+    # exception", pytorch/pytorch#179291; this example's test failed so twice under load, 2026-12-04 and 12-06).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv=None) -> int:
