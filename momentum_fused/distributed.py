@@ -54,6 +54,18 @@ def zeros_like_placed(p, shape: tuple, dtype: torch.dtype):
     return torch.zeros(shape, dtype=dtype, device=p.device)
 
 
+def view_placed(t, fn, shape: tuple):
+    """``fn(t)`` for a plain tensor (a view); for a DTensor, a DTensor of global ``shape`` on ``t``'s mesh and
+    placements whose local tensor is ``fn`` of ``t``'s (no copy, no communication: ``fn`` keeps dim 0, so the row
+    shards stay the same)."""
+    if not is_dtensor(t):
+        return fn(t)
+    from torch.distributed.tensor import DTensor
+    stride = tuple(int(x) for x in torch.empty(shape, device="meta").stride())
+    return DTensor.from_local(fn(t._local_tensor), t.device_mesh, t.placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)
+
+
 def locals_of(ts) -> list:
     """``[local(t) for t in ts]``, with one lookup of the DTensor class (a list of ``ts`` itself when no DTensor can
     exist)."""

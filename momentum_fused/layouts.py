@@ -320,6 +320,22 @@ INT8_SCALE_SUFFIX = "_scale"  # state[name + "_scale"]: the fp32 block scales of
 INT8_CODES_SUFFIX = "_codes"
 
 
+def remainder_bytes(lo: torch.Tensor) -> torch.Tensor:
+    """A master remainder (int16, the param's shape) as its checkpoint form: uint8 of shape (*shape, 2), the two
+    bytes of each remainder, low byte first on little-endian hosts (a view, no copy; a DTensor stays one, placed as the param).
+    Collectives gather it where they gather no int16 (NCCL, gloo): a full state dict of FSDP2 params."""
+    return _dist.view_placed(lo, lambda t: t.unsqueeze(-1).view(torch.uint8), (*lo.shape, 2))
+
+
+def remainder_from_bytes(b: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``remainder_bytes`` (a view where ``b``'s last dim is contiguous)."""
+    return _dist.view_placed(b, lambda t: t.contiguous().view(torch.int16).squeeze(-1), tuple(b.shape[:-1]))
+
+
+def is_remainder_bytes(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() >= 1 and t.shape[-1] == 2
+
+
 def int8_quantized(p: torch.Tensor) -> bool:
     """Whether the int8 layouts store ``p``'s state as codes (else fp32): at least INT8_MIN_NUMEL elements, a
     multiple of INT8_BLOCK. A DTensor (FSDP2) param also needs its blocks inside its shards: placements Shard(0) or

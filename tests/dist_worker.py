@@ -17,6 +17,7 @@ torch, triton or momentum_fused are imported in the child.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import sys
@@ -578,6 +579,63 @@ def scenario_int8_reshard(rank, tmpdir, layout, backend, save_after=2):
 
 
 _KINDS["int8_reshard"] = scenario_int8_reshard
+
+
+def scenario_master16_full_state_dict(rank, tmpdir, layout, backend, save_after=2):
+    """A full (gathered) optimizer state dict of an FSDP2 run in a compressed layout (master16, master16_int8,
+    int8_state); in the master16 layouts the remainder is saved as its bytes (uint8), which gloo gathers (it has
+    no int16 collective: this failed before). Loaded into one process
+    (rank 0, load_state_dict) and back into FSDP2 (set_optimizer_state_dict with full_state_dict), each
+    continues as the uninterrupted run, bit for bit."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    import momentum_fused as mf
+
+    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(GLOBAL_BATCH, 256, generator=gen).to(dtype), torch.randn(GLOBAL_BATCH, 3, generator=gen)
+             .to(dtype)) for _ in range(STEPS)]
+
+    def build(sharded, seed=0):
+        model = _int8_model(dtype, seed)
+        model = _fsdp(model) if sharded else model
+        return model, mf.AdamW(list(model.parameters()), lr=0.01, weight_decay=0.1, layout=layout, backend=backend)
+
+    def steps(model, opt, ts):
+        for t in ts:
+            x, y = data[t]
+            opt.zero_grad()
+            ((model(x) - y).float() ** 2).mean().backward()
+            opt.step()
+
+    m_a, o_a = build(True)
+    steps(m_a, o_a, range(STEPS))
+    out = dict(uninterrupted=_snapshot(o_a, list(m_a.parameters())))
+    m_b, o_b = build(True)
+    steps(m_b, o_b, range(save_after))
+    full = StateDictOptions(full_state_dict=True)
+    msd, osd = get_model_state_dict(m_b, options=full), get_optimizer_state_dict(m_b, o_b, options=full)
+    out["saved"] = sorted({f"{k}:{type(v).__name__}:{v.dtype}:{tuple(v.shape)}" for st in osd["state"].values()
+                           for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0})
+    if rank == 0:  # one process: a plain model, torch's state-dict helpers (FQN keys)
+        m_c, o_c = build(False, seed=123)
+        set_model_state_dict(m_c, msd)  # (copies, as from a file: a load aliases same-dtype state, as torch's)
+        set_optimizer_state_dict(m_c, o_c, copy.deepcopy(osd))
+        steps(m_c, o_c, range(save_after, STEPS))
+        out["one_process"] = _snapshot(o_c, list(m_c.parameters()))
+    m_d, o_d = build(True, seed=123)
+    steps(m_d, o_d, range(1))  # live state, which the load overwrites
+    set_model_state_dict(m_d, msd, options=full)
+    set_optimizer_state_dict(m_d, o_d, osd, options=full)
+    steps(m_d, o_d, range(save_after, STEPS))
+    out["fsdp"] = _snapshot(o_d, list(m_d.parameters()))
+    return out
+
+
+_KINDS["master16_full"] = scenario_master16_full_state_dict
 
 
 def scenario_zero_int8_resume(rank, tmpdir, backend, save_after=2):

@@ -124,17 +124,26 @@ def test_master16_state_bytes_and_checkpoint_round_trip():
     per_elem = sum(t.element_size() for k, t in st.items() if k != "step")
     assert per_elem == 4 + 4 + 2, "fp32 m, v and an int16 remainder (the master's other half is the param)"
     sd = opt.state_dict()
-    assert sd["param_groups"][0]["layout"] == "master16" and sd["state"][0]["master_lo"].dtype == torch.int16
+    saved = sd["state"][0]["master_lo"]  # its two bytes (gathered where int16 is not: NCCL, gloo), low byte first
+    assert sd["param_groups"][0]["layout"] == "master16" and saved.dtype == torch.uint8 and saved.shape == (4096, 2)
+    lo = st["master_lo"].to(torch.int32) & 0xFFFF
+    assert torch.equal(saved[:, 0].to(torch.int32), lo & 0xFF) and torch.equal(saved[:, 1].to(torch.int32), lo >> 8)
+    assert saved.data_ptr() == st["master_lo"].data_ptr()  # a view: no copy of the remainder
     q = p.detach().clone().requires_grad_()
     opt2 = mf.AdamW([q], lr=1e-2, layout="master16", backend="reference")
     opt2.load_state_dict(sd)
     assert opt2.state[q]["master_lo"].dtype == torch.int16
     assert torch.equal(opt2.state[q]["master_lo"], st["master_lo"])
-    for o, x in ((opt, p), (opt2, q)):
+    # the bytes written into the live state directly (ZeroRedundancyOptimizer's load): int16 again at the step
+    r = p.detach().clone().requires_grad_()
+    opt3 = mf.AdamW([r], lr=1e-2, layout="master16", backend="reference")
+    opt3.state[r] = {k: v.clone() for k, v in sd["state"][0].items()}
+    for o, x in ((opt, p), (opt2, q), (opt3, r)):
         x.grad = torch.ones_like(x)
         o.backend = "reference"
         o.step()
-    assert torch.equal(p, q) and torch.equal(opt.state[p]["master_lo"], opt2.state[q]["master_lo"])
+    for o, x in ((opt2, q), (opt3, r)):
+        assert torch.equal(p, x) and torch.equal(opt.state[p]["master_lo"], o.state[x]["master_lo"])
 
 
 def _tie_master_run(layout):

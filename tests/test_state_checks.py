@@ -385,7 +385,8 @@ def test_a_reshaped_master_or_remainder_converts_as_the_param(saved, live):
         sd = opt.state_dict()
         key = "master_lo" if saved == "master16" else "master"
         if reshape:
-            sd["state"][0][key] = sd["state"][0][key].reshape(4, 8)
+            v = sd["state"][0][key]  # (the remainder's checkpoint form: (8, 4, 2) bytes)
+            sd["state"][0][key] = v.reshape(4, 8, *v.shape[2:])
         q = torch.nn.Parameter(p.detach().clone())
         o2 = mf.AdamW([q], lr=1e-2, layout=live)
         o2.load_state_dict(sd)

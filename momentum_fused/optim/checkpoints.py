@@ -85,6 +85,7 @@ class CheckpointMixin:
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = _codes_to_live_names(state_dict)
+        state_dict = _remainders_from_bytes(state_dict)
         state_dict = _drop_cast_masters(state_dict, type(self).__name__)
         self._check_loaded_host_state(state_dict)
         _check_int8_codes(state_dict)
@@ -253,14 +254,19 @@ class CheckpointMixin:
         """torch's, except that a quantized tensor's 8-bit codes are saved as ``name + "_codes"`` (beside their
         ``name + "_scale"``), not under the state's name: a checkpoint loaded where the codes cannot be decoded
         (torch.optim, or torch.distributed.checkpoint's in-place load into a native optimizer) then misses the
-        key loudly instead of taking the codes as the moments. ``load_state_dict`` takes both forms. State-dict
-        post-hooks run before this renaming (they see the live names)."""
+        key loudly instead of taking the codes as the moments; and that the master remainder (``master_lo``,
+        int16) is saved as its two bytes (``layouts.remainder_bytes``: uint8 of shape (*param shape, 2), a view),
+        which NCCL and gloo gather for a full state dict (neither has an int16 collective). ``load_state_dict``
+        takes both forms of each. State-dict post-hooks run before these changes (they see the live state)."""
         self.sync_amp()
         sd = super().state_dict()
         state, sfx, cfx = sd["state"], _layouts.INT8_SCALE_SUFFIX, _layouts.INT8_CODES_SUFFIX
+        rk = _layouts.REMAINDER_KEY
         for idx, st in list(state.items()):
             if isinstance(st, dict) and any(isinstance(k, str) and k.endswith(sfx) for k in st):
-                state[idx] = {(k + cfx if _is_codes(st, k) else k): v for k, v in st.items()}  # (new dicts)
+                st = state[idx] = {(k + cfx if _is_codes(st, k) else k): v for k, v in st.items()}  # (new dicts)
+            if isinstance(st, dict) and isinstance(st.get(rk), torch.Tensor) and st[rk].dtype == torch.int16:
+                state[idx] = {**st, rk: _layouts.remainder_bytes(st[rk])}
         return sd
 
 
@@ -326,6 +332,21 @@ def _codes_under_live_names(st: dict, names) -> None:
     for key in names:
         if key not in st and key + cfx in st and key + sfx in st:
             st[key] = st.pop(key + cfx)
+
+
+def _remainders_from_bytes(state_dict):
+    """A checkpoint's master remainders saved as bytes (``state_dict``) back to int16 views, in new dicts;
+    checkpoints saved before 2026-12-06 hold them as int16 already."""
+    states = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(states, dict):
+        return state_dict
+    rk, out = _layouts.REMAINDER_KEY, None
+    for idx, st in states.items():
+        if isinstance(st, dict) and _layouts.is_remainder_bytes(st.get(rk)):
+            if out is None:
+                out = dict(states)
+            out[idx] = {**st, rk: _layouts.remainder_from_bytes(st[rk])}
+    return state_dict if out is None else {**state_dict, "state": out}
 
 
 def _codes_to_live_names(state_dict):

@@ -288,6 +288,8 @@ class ValidationMixin:
                 if st and required and not all(k in st for k in required):
                     self._raise_partial_state(st, required, self._where(p, pi, gi))
                 if st and (_MASTER in st or _REMAINDER in st):
+                    if _layouts.is_remainder_bytes(st.get(_REMAINDER)):  # a checkpoint's form, written here by
+                        st[_REMAINDER] = _layouts.remainder_from_bytes(st[_REMAINDER])  # ZeRO's load: back to int16
                     self._check_master_keys(st, lay, p, pi, gi)
                 if st and lay.int8:  # codes + block scales (layouts.int8_quantized tensors), else fp32
                     q = _layouts.int8_quantized(p)
