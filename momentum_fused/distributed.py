@@ -66,6 +66,24 @@ def view_placed(t, fn, shape: tuple):
                               stride=stride)
 
 
+_SHARD_OFFSETS: dict = {}
+
+
+def shard_offsets(t) -> tuple:
+    """The global offsets of a DTensor's local shard, one per dim (its first element's position in the global
+    tensor; all 0 for a replicated one), or () for a plain tensor. Cached by (mesh, shape, placements): the same
+    in a process for every DTensor of that spec."""
+    if not is_dtensor(t):
+        return ()
+    spec = (t.device_mesh, tuple(t.shape), tuple(t.placements))
+    off = _SHARD_OFFSETS.get(spec)
+    if off is None:
+        if len(_SHARD_OFFSETS) > 4096:
+            _SHARD_OFFSETS.clear()
+        off = _SHARD_OFFSETS[spec] = tuple(int(o) for o in t.__create_chunk_list__()[0].offsets)
+    return off
+
+
 def locals_of(ts) -> list:
     """``[local(t) for t in ts]``, with one lookup of the DTensor class (a list of ``ts`` itself when no DTensor can
     exist)."""

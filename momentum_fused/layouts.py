@@ -35,11 +35,15 @@ backend gives the same bits where its fp32 math agrees (written once per languag
 
     lowbias32(x) = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16  (uint32)
     key   = sr_key(seed, step, tensor)                      one uint32 per tensor and step (host)
+    key   = lowbias32(key ^ h(offsets))                      a DTensor shard not at the origin (below)
     key_b = key + b * 0x9E3779B9                            b = 0 for the param, 1 + j for state j
     r     = lowbias32(lo32(i) ^ key_b ^ lo32(hi32(i) * 0x85EBCA6B)) & 0xFFFF    i = element index (int64)
 
 ``step`` counts the optimizer's applied steps per param group (the group's ``sr_step``, saved in the
-state_dict), ``tensor`` is the param's position in its group plus ``group index << 20``.
+state_dict), ``tensor`` is the param's position in its group plus ``group index << 20``. A DTensor's local
+shard is indexed from 0, so shards would draw the same bits at the same local index: a shard whose global
+offsets (o_0, o_1, ...) are not all 0 mixes them in, h = 0, then for each o: h = lowbias32(lowbias32(h ^
+lo32(o)) ^ hi32(o)). Replicated params and the shard at the origin keep the plain key (replicas round alike).
 """
 from __future__ import annotations
 
@@ -162,9 +166,17 @@ def lowbias32(x: int) -> int:
     return x
 
 
-def sr_key(seed: int, step: int, tensor: int) -> int:
-    """The per-(tensor, step) key of the stochastic rounding (a uint32 as a Python int)."""
-    return lowbias32(lowbias32(lowbias32(seed & M32) ^ (step & M32)) ^ (tensor & M32))
+def sr_key(seed: int, step: int, tensor: int, shard: tuple = ()) -> int:
+    """The per-(tensor, step) key of the stochastic rounding (a uint32 as a Python int). ``shard``: the global
+    offsets of a DTensor's local shard (``distributed.shard_offsets``); a shard that does not start at the origin
+    mixes them into the key, so that no two shards of a tensor draw the same bits."""
+    key = lowbias32(lowbias32(lowbias32(seed & M32) ^ (step & M32)) ^ (tensor & M32))
+    if any(shard):
+        h = 0
+        for o in shard:
+            h = lowbias32(lowbias32(h ^ (o & M32)) ^ ((o >> 32) & M32))
+        key = lowbias32(key ^ h)
+    return key
 
 
 # ------------------------------------------------------------------- the rounding (torch, reference)

@@ -638,6 +638,43 @@ def scenario_master16_full_state_dict(rank, tmpdir, layout, backend, save_after=
 _KINDS["master16_full"] = scenario_master16_full_state_dict
 
 
+def scenario_sr_shards(rank, tmpdir, backend, steps=STEPS):
+    """bf16_sr on DTensor shards: a (4, 64) bf16 param whose two row halves are equal, with equal gradients, split
+    2 / 2 rows by Shard(0), and a replicated copy. The shards index their elements from 0, so with one key per
+    tensor both halves drew the same random bits and stayed equal; the shard's global offset is in its key now.
+    Also returns a one-process run of the same param (its rows 0-1 are the origin shard's: the same key)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import momentum_fused as mf
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(3)
+    half = torch.randn(2, 64, generator=gen)
+    init = torch.cat([half, half]).bfloat16()
+    grads = []
+    for _ in range(steps):
+        g = torch.randn(2, 64, generator=gen) * 1e-2
+        grads.append(torch.cat([g, g]).bfloat16())
+
+    def run(make):
+        p = make(init.clone()).requires_grad_()
+        opt = mf.AdamW([p], lr=1e-3, layout="bf16_sr", sr_seed=7, backend=backend)
+        for g in grads:
+            p.grad = make(g.clone())
+            opt.step()
+        q = p.detach()
+        return q.full_tensor() if hasattr(q, "full_tensor") else q.clone()
+
+    return dict(sharded=run(lambda t: distribute_tensor(t, mesh, [Shard(0)])),
+                replicated=run(lambda t: distribute_tensor(t, mesh, [Replicate()])),
+                one=run(lambda t: t))
+
+
+_KINDS["sr_shards"] = scenario_sr_shards
+
+
 def scenario_zero_int8_resume(rank, tmpdir, backend, save_after=2):
     """ZeroRedundancyOptimizer over an int8_state AdamW under DDP: consolidate, save, load into a fresh ZeRO and
     continue, against the uninterrupted run, bit for bit. ZeRO's load writes ``optim.state[p]`` itself (not

@@ -66,6 +66,7 @@ def _scenarios():
             for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
     out += [dict(id=f"master16_full-{lay}-{b}", kind="master16_full", layout=lay, backend=b)
             for lay in FULL_SD_LAYOUTS for b in _available(BACKENDS)]
+    out += [dict(id=f"sr_shards-{b}", kind="sr_shards", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"muon_bf16_fsdp-{a}-{b}", kind="muon_bf16_fsdp", ns_algorithm=a, backend=b)
             for a in MUON_ALGORITHMS for b in _available(BACKENDS)]
     out += [dict(id=f"muon_bad_split-{b}", kind="muon_bad_split", backend=b) for b in _available(BACKENDS)]
@@ -341,6 +342,21 @@ def test_full_state_dict_of_compressed_layouts_under_fsdp_gathers_and_resumes(wo
             assert "exp_avg_scale:Tensor:torch.float32:(17, 1)" in res["saved"], res["saved"]
         _assert_snapshots_equal(res["fsdp"], res["uninterrupted"], f"full state dict -> FSDP2, rank {rank}")
     _assert_snapshots_equal(r0["one_process"], r0["uninterrupted"], "full state dict -> one process")
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_bf16_sr_shards_draw_their_own_bits(world, backend):
+    """bf16_sr on a Shard(0) DTensor: each shard indexes its elements from 0, and every shard drew the same random
+    bits (equal halves with equal gradients stayed equal, a correlated rounding across shards). The key of a
+    shard not at the origin mixes in its offset: the halves part; the origin shard is the one-process run's rows
+    bit for bit; a replicated param is one process's on both ranks (replicas round alike)."""
+    r0, r1 = _results(world, f"sr_shards-{backend}")
+    for res in (r0, r1):
+        one, sharded = res["one"], res["sharded"]
+        assert torch.equal(sharded[:2], one[:2])  # the origin shard: the one-process key
+        assert not torch.equal(sharded[2:], sharded[:2])  # the second shard draws its own bits
+        assert torch.equal(res["replicated"], one)
+    assert torch.equal(r0["sharded"], r1["sharded"])
 
 
 # ------------------------------------------------------------------ Muon with bf16 Newton-Schulz under FSDP2

@@ -387,7 +387,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             keys = None
             if lay.stochastic:  # one rounding key per tensor: (seed, the group's step, the param's position)
                 pos = {id(q): i for i, q in enumerate(group["params"])}
-                keys = [_layouts.sr_key(group["sr_seed"], group["sr_step"], (gi << 20) + pos[id(p)]) for p in items]
+                keys = [_layouts.sr_key(group["sr_seed"], group["sr_step"], (gi << 20) + pos[id(p)],
+                                        _dist.shard_offsets(p)) for p in items]
                 group["sr_step"] += 1
                 sr_moved.append(group)
             if len(chosen) == 1 and (cached is not None or not any([p.is_complex() for p in items])):
