@@ -586,7 +586,8 @@ def scenario_master16_full_state_dict(rank, tmpdir, layout, backend, save_after=
     int8_state); in the master16 layouts the remainder is saved as its bytes (uint8), which gloo gathers (it has
     no int16 collective: this failed before). Loaded into one process
     (rank 0, load_state_dict) and back into FSDP2 (set_optimizer_state_dict with full_state_dict), each
-    continues as the uninterrupted run, bit for bit."""
+    continues as the uninterrupted run, bit for bit. The last layer has one row, so rank 1's shards of it are
+    empty (their bytes view has no elements)."""
     import torch
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict, set_model_state_dict,
@@ -596,11 +597,13 @@ def scenario_master16_full_state_dict(rank, tmpdir, layout, backend, save_after=
 
     dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
     gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(GLOBAL_BATCH, 256, generator=gen).to(dtype), torch.randn(GLOBAL_BATCH, 3, generator=gen)
+    data = [(torch.randn(GLOBAL_BATCH, 256, generator=gen).to(dtype), torch.randn(GLOBAL_BATCH, 1, generator=gen)
              .to(dtype)) for _ in range(STEPS)]
 
     def build(sharded, seed=0):
         model = _int8_model(dtype, seed)
+        model.append(torch.nn.Tanh())
+        model.append(torch.nn.Linear(3, 1).to(dtype))  # one row: rank 1's shard of it is empty
         model = _fsdp(model) if sharded else model
         return model, mf.AdamW(list(model.parameters()), lr=0.01, weight_decay=0.1, layout=layout, backend=backend)
 
