@@ -584,7 +584,8 @@ _KINDS["int8_reshard"] = scenario_int8_reshard
 def scenario_master16_full_state_dict(rank, tmpdir, layout, backend, save_after=2):
     """A full (gathered) optimizer state dict of an FSDP2 run in a compressed layout (master16, master16_int8,
     int8_state); in the master16 layouts the remainder is saved as its bytes (uint8), which gloo gathers (it has
-    no int16 collective: this failed before). Loaded into one process
+    no int16 collective: this failed before). Also gathered to rank 0's CPU (cpu_offload) and broadcast back
+    from rank 0 (broadcast_from_rank0), the other ranks passing {}. Loaded into one process
     (rank 0, load_state_dict) and back into FSDP2 (set_optimizer_state_dict with full_state_dict), each
     continues as the uninterrupted run, bit for bit. The last layer has one row, so rank 1's shards of it are
     empty (their bytes view has no elements)."""
@@ -635,6 +636,16 @@ def scenario_master16_full_state_dict(rank, tmpdir, layout, backend, save_after=
     set_optimizer_state_dict(m_d, o_d, osd, options=full)
     steps(m_d, o_d, range(save_after, STEPS))
     out["fsdp"] = _snapshot(o_d, list(m_d.parameters()))
+    # the CPU-offloaded gather (rank 0 holds it, the others get {}) broadcast back from rank 0
+    off = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd, osd = get_model_state_dict(m_b, options=off), get_optimizer_state_dict(m_b, o_b, options=off)
+    m_e, o_e = build(True, seed=123)
+    steps(m_e, o_e, range(1))
+    bcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(m_e, msd, options=bcast)
+    set_optimizer_state_dict(m_e, o_e, osd, options=bcast)
+    steps(m_e, o_e, range(save_after, STEPS))
+    out["broadcast"] = _snapshot(o_e, list(m_e.parameters()))
     return out
 
 

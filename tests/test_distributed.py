@@ -341,6 +341,7 @@ def test_full_state_dict_of_compressed_layouts_under_fsdp_gathers_and_resumes(wo
         if layout != "master16":
             assert "exp_avg_scale:Tensor:torch.float32:(17, 1)" in res["saved"], res["saved"]
         _assert_snapshots_equal(res["fsdp"], res["uninterrupted"], f"full state dict -> FSDP2, rank {rank}")
+        _assert_snapshots_equal(res["broadcast"], res["uninterrupted"], f"rank 0's, broadcast -> FSDP2, rank {rank}")
     _assert_snapshots_equal(r0["one_process"], r0["uninterrupted"], "full state dict -> one process")
 
 
