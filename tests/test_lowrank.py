@@ -601,3 +601,81 @@ def test_bad_constructor_arguments():
         LowRankSGD([{"params": [layer.U, layer.S]}, {"params": [layer.V]}], lr=0.1)
     with pytest.raises(ValueError, match="amsgrad"):
         LowRankAdam([{"params": list(layer.parameters()), "amsgrad": True}], lr=0.1)
+
+
+# ---------------------------------------------------------------- review of 2026-12-06 (each failed before its fix)
+@pytest.mark.parametrize("cls", [LowRankSGD, LowRankAdam])
+def test_fixed_rank_holds_between_truncations(cls):
+    """fixed_rank=True with truncate_every > 1: an augmented r -> 2r core was written as is on steps that did not
+    truncate, and the next truncation kept the grown rank (2 -> 4 -> 8 -> 16). A step that augments now truncates."""
+    layer = make_layer(32, 32, 2, 16, dtype=torch.float32)
+    opt = cls(layer.parameters(), lr=1e-2, fixed_rank=True, truncate_every=4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        layer(torch.randn(8, 32, generator=gen)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert layer.r == 2
+
+
+def test_param_budget_counts_layers_grown_in_the_same_step():
+    """A layer augmented without truncation in a step (truncate_every=2) was counted at its old rank while another
+    layer's forced truncation chose its ranks, so the step ended above the budget (1,152 > 898 here)."""
+    def cost(layer):
+        return layer.r * (layer.in_features + layer.out_features) + layer.r ** 2
+
+    torch.manual_seed(0)
+    a = LowRankLinear(32, 32, 8, 8, bias=False)  # 8 -> 16 > max_rank: truncated at every augmentation
+    b = LowRankLinear(32, 32, 4, 16, bias=False)  # 4 -> 8, truncated on even steps only
+    budget = cost(a) + cost(b) + 50
+    opt = LowRankSGD([*a.parameters(), *b.parameters()], lr=1e-2, truncate_every=2, tau=0.0, param_budget=budget)
+    x = torch.randn(8, 32)
+    (a(x).square().sum() + b(x).square().sum()).backward()
+    opt.step()
+    assert b.r == 8 and cost(a) + cost(b) <= budget, (a.r, b.r, budget)
+
+
+@pytest.mark.parametrize("cls", [LowRankSGD, LowRankAdam])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_fixed_basis_steps_keep_the_factors_orthonormal(cls, dtype, tol):
+    """augment_every > 1: each truncation without augmentation wrote U P and V Q, and the rounding of those
+    rotations accumulated (|UᵀU - I| grew linearly: fp32 ~1e-4 after 1,000 steps, bf16 0.05 after 250). They are
+    re-orthonormalized now; the invariant holds as on the default schedule."""
+    torch.manual_seed(0)
+    layer = LowRankLinear(64, 48, 8, 16, bias=False, dtype=dtype)
+    opt = cls(layer.parameters(), lr=1e-2, tau=0.05, augment_every=10 ** 9)
+    M = torch.randn(48, 64, dtype=dtype)
+    eye = torch.eye(layer.r, dtype=torch.float64)
+    for _ in range(250):
+        x = torch.randn(32, 64, dtype=dtype)
+        opt.zero_grad()
+        ((layer(x) - x @ M.T).float() ** 2).mean().backward()
+        opt.step()
+    for f in (layer.U, layer.V):
+        q = f[:, :layer.r].detach().double()
+        assert float((q.T @ q - eye[:layer.r, :layer.r]).abs().max()) < tol
+
+
+def test_assign_loads_swapped_conversions_and_the_meta_device_keep_the_factors():
+    """load_state_dict(..., assign=True) and conversions under set_swap_module_params_on_conversion(True) replaced
+    the LowRankFactor tags by plain Parameters: the optimizers found no low-rank layer and trained U, S, V as dense
+    params, silently. Building on the meta device (the idiom before an assign load) raised in the SVD init."""
+    src = LowRankLinear(16, 16, 2, 8)
+    with torch.device("meta"):
+        layer = LowRankLinear(16, 16, 2, 8)
+    layer.load_state_dict(src.state_dict(), assign=True)
+    assert all(type(f) is LowRankFactor and f.role == role for f, role in zip((layer.U, layer.S, layer.V), "USV"))
+    assert layer.r == 2 and torch.equal(layer.weight, src.weight)
+    opt = LowRankSGD(layer.parameters(), lr=0.1)
+    assert sum(map(len, opt._layers)) == 1
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert type(layer.U) is LowRankFactor and layer.U.dtype == torch.float64 and layer.U.layer() is layer
+    layer(torch.randn(4, 16, dtype=torch.float64)).square().sum().backward()
+    opt.step()  # the optimizer built before the conversion still holds the same factor objects
+    u = layer.U[:, :layer.r].detach()
+    assert float((u.T @ u - torch.eye(layer.r, dtype=u.dtype)).abs().max()) < 1e-12

@@ -115,6 +115,26 @@ class LowRankLinear(nn.Module):
             p.role = role
             p._layer_ref = ref
 
+    def _retag(self):
+        """U, S and V as LowRankFactors again, the same objects (their class set back in place, so that an
+        optimizer holding them keeps working), then linked: ``load_state_dict(..., assign=True)`` puts plain
+        ``nn.Parameter``s in their place, and conversions under
+        ``torch.__future__.set_swap_module_params_on_conversion(True)`` swap their class and ``__dict__``
+        away; an optimizer would then not find the layer and train U, S, V as dense params."""
+        for role in ("U", "S", "V"):
+            p = self._parameters.get(role)
+            if isinstance(p, nn.Parameter) and type(p) is not LowRankFactor:
+                if type(p) is not nn.Parameter:
+                    raise TypeError(f"LowRankLinear: factor {role} became a {type(p).__name__}, not a LowRankFactor "
+                                    "or an nn.Parameter; the low-rank optimizers could not find it")
+                p.__class__ = LowRankFactor
+        self._link()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._retag()
+        return out
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self._link()
@@ -140,7 +160,9 @@ class LowRankLinear(nn.Module):
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._r = int(self.rank)
+        self._retag()  # (assign=True: new Parameters in place of the factors)
+        if not self.rank.is_meta:
+            self._r = int(self.rank)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -159,6 +181,8 @@ class LowRankLinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.U.is_meta:  # (built on the meta device to be materialized by a load: nothing to compute)
+            return
         W = torch.empty(self.out_features, self.in_features, device=self.U.device, dtype=self.U.dtype)
         nn.init.kaiming_uniform_(W, a=math.sqrt(5))  # nn.Linear's init
         self._set_from_svd(W, self._r)
