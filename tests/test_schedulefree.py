@@ -327,6 +327,17 @@ def test_errors_leave_everything_unchanged(cls):
             with pytest.raises(ValueError, match="non-finite loss"):
                 opt.step(closure_of(bad))
             assert_same(before, snapshot(opt))
+    # ... as a NumPy number, or in a loss of several elements (both were stepped silently before 2026-12-06)
+    import numpy as np
+    for loss in (np.float32("nan"), np.float64("inf"), torch.tensor([1.0, float("nan")])):
+        p, opt = _warm(cls, lr=0.05)
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match="non-finite loss"):
+            opt.step(lambda loss=loss: loss)
+        assert_same(before, snapshot(opt))
+    p, opt = _warm(cls, steps=0, lr="polyak")  # a NumPy float32 loss is a number for the Polyak step too
+    p.grad = quad_grad(p.detach())
+    opt.step(lambda: np.float32(1.0))
 
     # polyak without a closure, or a closure that returns no number
     p, opt = _warm(cls, steps=0, lr="polyak")

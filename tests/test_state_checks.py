@@ -265,11 +265,17 @@ def test_schedulefree_accepts_foreach_as_schedule_free_does():
 @pytest.mark.parametrize("make, dtype", [
     (lambda ps: mf.AdamW(ps, lr=1e-2), torch.float32), (lambda ps: mf.NAdam(ps, lr=1e-2), torch.float32),
     (lambda ps: mf.SGD(ps, lr=0.1, momentum=0.9), torch.float32),
-    (lambda ps: mf.Lion(ps, lr=1e-3, layout="bf16_sr"), torch.bfloat16)])
+    (lambda ps: mf.Lion(ps, lr=1e-3, layout="bf16_sr"), torch.bfloat16),
+    (lambda ps: mf.SGDScheduleFree(ps, lr=0.3, warmup_steps=10), torch.float32),
+    (lambda ps: mf.AdamWScheduleFree(ps, lr=0.02, warmup_steps=10), torch.float32),
+    (lambda ps: mf.SGDScheduleFree(ps, lr="polyak", polyak_max_lr=1.0), torch.float32),
+    (lambda ps: mf.FSGDM(ps, lr=0.1), torch.float32)])
 def test_a_backend_failing_at_launch_changes_nothing(make, dtype, monkeypatch):
     """The first backend call raised after the host counters had advanced (a forced Triton backend with a bad
     knob did, 2026-12-05): the failed step left ``step`` (NAdam's mu_product, bf16_sr's sr_step) one ahead, or
-    created state. Now undone: the failed step changes nothing, at the first step and later."""
+    created state. Now undone: the failed step changes nothing, at the first step and later. The per-group host
+    counters too (2026-12-06: schedule-free's k, lr_max, weight_sum, sf_c and its z created at a first step
+    stayed, so a retry was a step ahead, or AdamWScheduleFree refused every later step; FSGDM's step)."""
     from momentum_fused import backends
 
     def boom(*a, **k):
@@ -277,10 +283,11 @@ def test_a_backend_failing_at_launch_changes_nothing(make, dtype, monkeypatch):
     for first, subset in ((True, False), (False, False), (False, True)):  # subset: the counters re-stacked
         ps = [torch.randn(5, dtype=dtype, requires_grad=True), torch.randn(3, dtype=dtype, requires_grad=True)]
         opt = make(ps)
+        closure = (lambda: torch.tensor(1.0)) if opt.param_groups[0]["lr"] == "polyak" else None
         for _ in range(0 if first else 2):
             for p in ps:
                 p.grad = torch.randn_like(p)
-            opt.step()
+            opt.step(closure)
         backend = backends.resolve(None, opt.spec, ps[0].device, dtype,
                                    mf.layouts.get_layout(opt.param_groups[0]["layout"]))
         for p in ps:
@@ -290,11 +297,11 @@ def test_a_backend_failing_at_launch_changes_nothing(make, dtype, monkeypatch):
         before = snapshot(opt, ps)
         monkeypatch.setattr(backend, "apply", boom)
         with pytest.raises(RuntimeError, match="launch failed"):
-            opt.step()
+            opt.step(closure)
         assert_snapshot_equal(before, snapshot(opt, ps))
         assert len(opt.state) == (0 if first else 2)
         monkeypatch.undo()
-        opt.step()  # and the next step is the step that failed
+        opt.step(closure)  # and the next step is the step that failed
 
 
 # ---------------------------------------------------------------- configuration (a review of backends and install)

@@ -341,7 +341,12 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             if cached is None and not traced:
                 self._remember_plan(plan)
             return loss
-        self._prepare_step(plan, loss, inv_scale)
+        # what this step advances on the host, undone if the first backend call raises (nothing launched yet):
+        # (buffer, its values before) per group counter, the state it created, the groups whose sr_step moved, and
+        # the group dicts as they were (the per-group host counters: schedule-free's k and scalars, FSGDM's step)
+        undo_bufs, created, sr_moved = [], [] if rollback is None else rollback.created, []
+        undo_groups = [(g, dict(g)) for g, *_ in plan] if not traced and self._host_counters() else []
+        self._prepare_step(plan, loss, inv_scale, created)
         spec = self.spec
         buckets: dict[tuple, _Bucket] = {}
 
@@ -353,9 +358,6 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             return b
 
         cap_steps = []  # the step counters of capturable groups (on the device; GradScaler undoes them there)
-        # what this step advanced on the host, undone if the first backend call raises (nothing launched yet):
-        # (buffer, its values before) per group counter, the state it created, the groups whose sr_step moved
-        undo_bufs, created, sr_moved = [], [] if rollback is None else rollback.created, []
 
         for gi, (group, state_names, items, chosen) in enumerate(plan):
             flags = spec.make_flags(group)
@@ -431,7 +433,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             self._launch(buckets, amp, traced, spec, started)
         except BaseException:
             if not started and not traced:
-                self._undo_host_advance(undo_bufs, cap_steps, created, sr_moved)
+                self._undo_host_advance(undo_bufs, cap_steps, created, sr_moved, undo_groups)
             raise
         if amp is not None:
             for buf in cap_steps:  # an inf step did not happen: its count neither (no host read)

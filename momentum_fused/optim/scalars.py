@@ -61,12 +61,13 @@ class ScalarsMixin:
         return spec.group_advance is not None or spec.group_prepare is not None or \
             type(self)._prepare_step is not ScalarsMixin._prepare_step
 
-    def _prepare_step(self, plan, loss, inv_scale: float) -> None:
+    def _prepare_step(self, plan, loss, inv_scale: float, created=None) -> None:
         """Hook between validation (``_plan``, GradScaler check) and the update pass: everything is
         valid and nothing has been modified yet. Calls ``spec.group_prepare`` once per group (per-group
         host scalars such as the schedule-free c). Subclasses that need a reduction pass over all
         tensors (the schedule-free Polyak step) override it, raising here if the step must not
-        happen, and then call ``super()._prepare_step``."""
+        happen, and then call ``super()._prepare_step``. State entries created here go to ``created``
+        ((state dict, key) pairs: undone if the step's launch fails, or GradScaler skips it on the device)."""
         self._apply_group_prepare([group for group, *_ in plan])
 
     def _apply_group_prepare(self, groups, overrides=None) -> None:
@@ -165,9 +166,13 @@ class ScalarsMixin:
                                     st.get(key)) for st in states]))
         return out
 
-    def _undo_host_advance(self, undo_bufs, cap_steps, created, sr_moved) -> None:
+    def _undo_host_advance(self, undo_bufs, cap_steps, created, sr_moved, undo_groups=()) -> None:
         """The first backend call of a step raised (a backend that failed at launch: nothing was written): undo
-        what the step advanced on the host, so that the failed step changes nothing (docs/conventions.md)."""
+        what the step advanced on the host, so that the failed step changes nothing (docs/conventions.md).
+        ``undo_groups``: (group, its dict before the step) of optimizers with per-group host counters."""
+        for g, before in undo_groups:
+            g.clear()
+            g.update(before)
         for buf, before in undo_bufs:
             if buf is not None:
                 buf.copy_(before)

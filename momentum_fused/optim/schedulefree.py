@@ -18,6 +18,7 @@ See docs/schedulefree.md for the learning-rate modes, the weight rules and the P
 from __future__ import annotations
 
 import math
+import numbers
 from collections import namedtuple
 
 import torch
@@ -67,12 +68,22 @@ def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 
 
 
 def _loss_value(loss):
-    """The closure's loss as a float, or None when it is not a scalar."""
+    """The closure's loss as a float, or None when it is not a scalar (a Python or NumPy real number, or a
+    one-element tensor)."""
     if isinstance(loss, torch.Tensor):
         return float(loss.detach().item()) if loss.numel() == 1 else None
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return float(loss)
     return None
+
+
+def _loss_nonfinite(loss):
+    """A non-finite value of the closure's loss (any element of a tensor of several), else None."""
+    if isinstance(loss, torch.Tensor) and loss.numel() > 1:
+        bad = loss.detach()[~torch.isfinite(loss.detach())]
+        return float(bad.reshape(-1)[0]) if bad.numel() else None
+    f = _loss_value(loss)
+    return f if f is not None and not math.isfinite(f) else None
 
 
 class _ScheduleFree(FusedOptimizer):
@@ -143,11 +154,11 @@ class _ScheduleFree(FusedOptimizer):
                              "the loss: optimizer.step(closure)")
         return super().step(closure)
 
-    def _prepare_step(self, plan, loss, inv_scale):
+    def _prepare_step(self, plan, loss, inv_scale, created=None):
         name = type(self).__name__
         if loss is not None:
-            f = _loss_value(loss)
-            if f is not None and not math.isfinite(f):
+            f = _loss_nonfinite(loss)
+            if f is not None:
                 raise ValueError(f"{name}: the closure returned a non-finite loss ({f}); the step was not "
                                  "taken (params, state and counters are unchanged)")
         polyak = [(group, items) for group, _, items, _ in plan if isinstance(group["lr"], str)]
@@ -177,6 +188,8 @@ class _ScheduleFree(FusedOptimizer):
                 st = self.state[p]
                 if "z" not in st:
                     st["z"] = p.detach().to(dtype=sdt(p.dtype), memory_format=torch.preserve_format, copy=True)
+                    if created is not None:
+                        created.append((st, "z"))
 
 
 class SGDScheduleFree(_ScheduleFree):
