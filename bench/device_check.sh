@@ -12,17 +12,25 @@
 # kernels-triton-int8.
 # the preset `issue16` (Muon, ~8 min with the build): env build muon muon-ns fsdp-host (the last phases are skipped,
 # and say so in the summary, when the budget runs out: run `bash bench/device_check.sh muon-ns fsdp-host` then).
-# the preset `open` (issues 16, 17 and 20 in one call, ~8 min): env build test-cuda kernels-int8 compressed muon
-# step-times kernels-triton-int8 test-compressed-triton test-gpu-other test-triton muon-ns fsdp-host kernels-cuda
-# kernels-triton (the
-# tail is skipped when the budget runs out: 2026-12-04's second lend ran through fsdp-host in 400 s; the kernel
-# phases it could not reach then come first when what they decide changed, e.g. kernels-int8 now).
+# the preset `open` (issues 16, 17 and 20 in one call, ~8 min): env build test-cuda test-compressed-triton
+# test-triton kernels-int8 compressed muon step-times kernels-triton-int8 test-gpu-other muon-ns fsdp-host
+# kernels-cuda kernels-triton (the tail is skipped when the budget runs out: 2026-12-04's second lend ran through
+# fsdp-host in 400 s). The compiled Triton tests come right after the cuda ones (2026-12-06): every GPU change
+# since the last lend (the int8 encode, the pointer rows, the read/write masks, Muon's bf16 buffer) is checked
+# before anything is timed; at the end of the list they would have been cut off by the timing phases.
 # DEADLINE_S (default 480): the script's own time budget; each phase's timeout is cut to what is left,
 # so the archive is written before the device tool's limit. Give the tool a timeout_s ~40 s above it.
 # TRITON_K: an optional pytest -k filter for the Triton GPU tests (careful: "float16" also matches
 # "bfloat16"). Next GPU session: the preset `open` (2026-12-04's second lend passed 293 of 295 cuda tests, the 2
 # failures a stale test case, fixed, not re-run; every compiled Triton test; bench/results/h200-20261204-b/).
 set -uo pipefail
+# --help, and names that are no phase, before anything is written or any device time is spent
+case "${1:-}" in -h|--help) sed -n '2,30p' "$0" | sed -n '/^#/p' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+for ph in "$@"; do
+  case "$ph" in open|issue16|issue17|issue20) ;; *)
+    grep -q "^phase_${ph//-/_}()" "$0" || { echo "device_check.sh: no phase '$ph' (see --help)" >&2; exit 2; } ;;
+  esac
+done
 T0=$(date +%s)
 DEADLINE_S="${DEADLINE_S:-480}"
 OUT="${OUT:-bench/results/device-$(date -u +%Y%m%d)}"
@@ -196,7 +204,8 @@ PYEOF
 }
 # kernels-int8 (~90 s, issue 17): the int8 functor's occupancy A/B, torch-free (step_timing.cu), llm profile: built with
 # MF_CUDA_INT8_MIN_BLOCKS=1 (1 block of 512 per SM, 128 registers, no spills) and =2 (the default since 2026-12-04's
-# second run: 64 registers; since the integer-space encode AdamW has no spills there, AMSGrad 30 bytes), each timing
+# second run: 64 registers; since the integer-space encode AdamW has no spills there, AdamW + AMSGrad (flags 3, timed
+# here) 54 bytes of spill stores, Adam + AMSGrad 30), each timing
 # int8_state AdamW (2 states; CODE_UNSIGNED 2) and AMSGrad (3 states, the most spills; CODE_UNSIGNED 6), alternating
 # builds, twice. 2026-12-04 (before the integer-space encode): AdamW 8.10 -> 6.22 ms.
 phase_kernels_int8() {
@@ -335,8 +344,8 @@ phases=("$@")
 # the three open issues in one call, most wanted first (a phase that no longer fits is skipped and says so)
 # (after 2026-12-04's second lend: the bad-argument cases fixed in test-cuda; the int8 occupancy A/B with AMSGrad and
 # the step with 2 blocks per SM as the default; then Muon and the rest, all of which ran that day)
-[ "${phases[*]:-}" = open ] && phases=(env build test-cuda kernels-int8 compressed muon step-times \
-  kernels-triton-int8 test-compressed-triton test-gpu-other test-triton muon-ns fsdp-host kernels-cuda kernels-triton)
+[ "${phases[*]:-}" = open ] && phases=(env build test-cuda test-compressed-triton test-triton kernels-int8 compressed \
+  muon step-times kernels-triton-int8 test-gpu-other muon-ns fsdp-host kernels-cuda kernels-triton)
 [ ${#phases[@]} -eq 0 ] && phases=(env build test-cuda test-triton test-gpu-other bench-llm bench-layouts bench-tiny bench-retraction bench-lowrank)
 for ph in "${phases[@]}"; do
   echo "== $ph ($(( $(date +%s) - T0 )) s)" >> "$WORK/summary.txt"

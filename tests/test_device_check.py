@@ -91,3 +91,16 @@ def test_bench_commands_use_options_their_modules_have():
         assert r.returncode == 0, f"{module} --help: {r.stderr[-1500:]}"
         for opt in sorted(opts):
             assert re.search(rf"(?<![\w-]){re.escape(opt)}\b", r.stdout), f"{module} has no option {opt}"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_help_and_unknown_phases_spend_nothing(tmp_path):
+    """--help printed 'phase___help: command not found' after the exit trap had written an archive into the repo;
+    a misspelled phase failed only when the loop reached it, after the phases before it had spent device time.
+    Both now exit before anything runs or is written."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out)}
+    r = subprocess.run(["bash", SCRIPT, "--help"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0 and "Usage: bash bench/device_check.sh" in r.stdout and not out.exists()
+    r = subprocess.run(["bash", SCRIPT, "env", "test-cudaa"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 2 and "no phase 'test-cudaa'" in r.stderr and not out.exists()

@@ -49,7 +49,8 @@ struct Int8Functor {
   static constexpr int R = REM ? 1 : 0;                          // the remainder list (2 + NS) before the scales'
 
   // two or three states: 8 values of each live per thread until the block's absmax is known; with 64 registers
-  // ptxas spilled 8-78 bytes with the earlier encode (since the integer-space one: AdamW none, AMSGrad 30 bytes).
+  // ptxas spilled 8-78 bytes with the earlier encode (since the integer-space one, sm_90 stores: AdamW none, Adam +
+  // AMSGrad 30 bytes, AdamW + AMSGrad 54; the master16_int8 forms 8-54, AdamW 24; ptxas log of 2026-12-05).
   // These compile for kInt8MinBlocksPerSM blocks of 512 threads per SM: 2 (64 registers) by default, faster on the
   // H200 than 1 (128 registers, no spills): AdamW 6.22 vs 8.10 ms on 1e9 params (2026-12-04, the earlier encode);
   // bench/device_check.sh's kernels-int8 phase builds and times both

@@ -192,6 +192,18 @@ def test_int8_codes_at_every_boundary_are_layouts(signed):
     """The kernel's code of an integer-space value y' against layouts.int8_codes_of: every midpoint (a tie: the
     smaller magnitude) and its fp32 neighbours, where the guess changes, the code values, the top K, zeros, tiny
     values, NaN, and random values over the whole range."""
+    _check_codes_at_every_boundary(signed, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_compiled_int8_codes_at_every_boundary_are_layouts(signed):
+    """The same with the compiled kernel, whose square root is the device's approximate one (sqrt.approx.ftz; the
+    interpreter's is exact): the guess and one comparison must still give the exact code (2026-12-06 review)."""
+    _check_codes_at_every_boundary(signed, "cuda")
+
+
+def _check_codes_at_every_boundary(signed, device):
     mids = layouts.int8_midpoints(signed)
     top = mids.numel()  # 127 / 255
     big_k = layouts.INT8_K_SIGNED if signed else layouts.INT8_K_UNSIGNED
@@ -207,9 +219,10 @@ def test_int8_codes_at_every_boundary_are_layouts(signed):
     gen = torch.Generator().manual_seed(0)
     r = torch.rand(20000, generator=gen) ** 4 * big_k
     y = torch.cat([y, r * (torch.randint(0, 2, (20000,), generator=gen) * 2 - 1) if signed else r])
-    out = torch.empty(y.numel(), dtype=torch.int32)
-    _code_probe[(triton.cdiv(y.numel(), 8192),)](y, out, launcher.int8_code_table("cpu"), y.numel(),
+    out = torch.empty(y.numel(), dtype=torch.int32, device=device)
+    _code_probe[(triton.cdiv(y.numel(), 8192),)](y.to(device), out, launcher.int8_code_table(device), y.numel(),
                                                   UNSIGNED=not signed, BLOCK=8192)
+    out = out.cpu()
     want = layouts.int8_codes_of(y, signed) + (top if signed else 0)  # the table index
     bad = (out != want).nonzero().flatten()
     assert bad.numel() == 0, f"{bad.numel()} codes differ, e.g. y={y[bad[:4]].tolist()}: {out[bad[:4]].tolist()} " \
