@@ -470,3 +470,19 @@ def test_a_step_that_raises_does_not_leave_gradscalers_attributes(which, backend
     with pytest.raises(ValueError, match="lr"):
         scaler.step(opt)
     assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
+
+
+def test_adamtied_under_cycled_momentum_names_the_fix():
+    """OneCycleLR with its default cycle_momentum=True writes betas[0] only, so AdamTied's next step refuses the
+    untied betas (2026-12-06 review): the error says to pass cycle_momentum=False; with it the schedule runs."""
+    p = torch.zeros(3, requires_grad=True)
+    opt = mf.AdamTied([p], lr=1e-3, beta=0.9)
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)  # betas (0.95, 0.9) at once
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="cycle_momentum=False"):
+        opt.step()
+    opt2 = mf.AdamTied([p], lr=1e-3, beta=0.9)
+    sched2 = torch.optim.lr_scheduler.OneCycleLR(opt2, max_lr=1e-2, total_steps=10, cycle_momentum=False)
+    for _ in range(5):
+        opt2.step()
+        sched2.step()

@@ -663,3 +663,17 @@ def test_state_dict_groups_hold_plain_values_and_the_dtype_comes_back(ns_dtype):
     bad["param_groups"][0]["ns_dtype"] = "bfloat17"
     with pytest.raises(ValueError, match="not a torch dtype"):
         o2.load_state_dict(bad)
+
+
+def test_complex_params_are_refused_when_a_muon_group_takes_them():
+    """A complex param was accepted by the constructor and add_param_group and refused only at step()
+    (2026-12-06 review); torch.optim.Muon refuses it at its step too. Now at once, naming the fix."""
+    z = torch.randn(4, 4, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(TypeError, match="complex"):
+        mf.Muon([z])
+    w = torch.randn(4, 4, requires_grad=True)
+    opt = mf.Muon([w])
+    with pytest.raises(TypeError, match="use_muon=False"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [z], "use_muon": False})  # AdamW takes it

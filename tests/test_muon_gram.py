@@ -193,11 +193,15 @@ def test_bad_ns_algorithm_set_later_changes_nothing():
     assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(params, bufs))
 
 
-def test_torch_checkpoint_gets_the_standard_algorithm():
+def test_torch_checkpoint_keeps_this_optimizers_own_settings():
+    """A torch.optim.Muon checkpoint has no ns_algorithm, ns_dtype or maximize: the loading optimizer's own
+    (constructor) values fill them, as for the other optimizers' keys torch lacks. They were the module defaults
+    until 2026-12-06, which turned a maximize=True optimizer around silently."""
     params, grads = _problem([(3, 9)], steps=2)
     params = [p.float() for p in params]
     t = torch.optim.Muon(params, lr=0.02)
     run(t, params, grads)
-    ours = mf.Muon([p.clone() for p in params], ns_algorithm="gram")
+    ours = mf.Muon([p.clone() for p in params], ns_algorithm="gram", ns_dtype=torch.float32, maximize=True)
     ours.load_state_dict(t.state_dict())
-    assert ours.param_groups[0]["ns_algorithm"] == "standard"
+    g = ours.param_groups[0]
+    assert (g["ns_algorithm"], g["ns_dtype"], g["maximize"]) == ("gram", torch.float32, True)

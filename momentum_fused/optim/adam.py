@@ -45,7 +45,8 @@ def _check_tied(groups, where, first=0) -> None:
         betas = g.get("betas") if isinstance(g, dict) else None
         if isinstance(betas, (tuple, list)) and len(betas) == 2 and betas[0] != betas[1]:
             raise ValueError(f"{where} param group {gi}: betas must be equal, got {tuple(betas)}; use Adam for "
-                             "untied betas")
+                             "untied betas (OneCycleLR and CyclicLR with cycle_momentum=True write betas[0] only: "
+                             "pass cycle_momentum=False, or set both betas yourself)")
 
 
 class AdamTied(Adam):

@@ -57,7 +57,8 @@ class Muon(torch.optim.Optimizer):
       ``"polar_express"`` (the schedule of Amsel et al. 2025, momentum_fused/specs_muon.py);
     - ``ns_dtype``: the dtype of the Newton-Schulz iteration: None (bf16 on CUDA and on CPU, as torch; see
       docs/muon.md), torch.bfloat16, torch.float32 or torch.float64;
-    - ``ns_algorithm``: "standard" (torch's iteration, bitwise torch.optim.Muon's), "gram" (the Gram form of the
+    - ``ns_algorithm``: "standard" (torch's iteration and ops, batched by shape: torch.optim.Muon's bits except
+      where a batched bf16 product rounds an element at a midpoint the other way, docs/muon.md), "gram" (the Gram form of the
       same polynomial, on the small Gram matrix, with restarts) or "auto" (the Gram form on matrices at least
       ``specs_muon.GRAM_MIN_ASPECT`` times wider than tall, or taller than wide); accuracy and speed of each in
       docs/muon.md, "Gram form";
@@ -154,6 +155,10 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError(f"{where}param {i} has shape {tuple(p.shape)}: Muon orthogonalizes matrices "
                                  "(params of 2 or more dims); put 0-d and 1-d params (biases, gains) in a param "
                                  "group with use_muon=False, stepped by AdamW")
+            if isinstance(p, torch.Tensor) and p.is_complex():  # (torch.optim.Muon refuses them at its step)
+                raise TypeError(f"{where}param {i} is complex ({p.dtype}): Muon does not support complex params "
+                                "(nor does torch.optim.Muon); put it in a group with use_muon=False (AdamW takes "
+                                "complex params as views of real pairs) or register its real view")
 
     def _structure(self):
         """What the inner optimizers were built from: each group (object, kind) and its params (objects)."""
@@ -230,8 +235,11 @@ class Muon(torch.optim.Optimizer):
         try:
             for gi, g in enumerate(self.param_groups):
                 g.setdefault("use_muon", True)
+                # a key the group lacks (a torch.optim.Muon checkpoint has no ns_dtype, ns_algorithm or maximize):
+                # this optimizer's own setting for a Muon group, as FusedOptimizer's load does, not the module's
+                own = self.defaults if g["use_muon"] else {}
                 for k, v in (MUON_DEFAULTS if g["use_muon"] else AUX_DEFAULTS).items():
-                    g.setdefault(k, v)
+                    g.setdefault(k, own.get(k, v))
                 g.setdefault("capturable", False)  # (torch.optim.Muon's state_dicts have no capturable)
                 if g["use_muon"]:
                     self._check_matrices(g["params"], f"Muon param group {gi}: ")
