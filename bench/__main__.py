@@ -30,7 +30,8 @@ import torch
 
 import momentum_fused as mf
 
-from .core import best_bandwidth, make_params, measure_bandwidth, profile_shapes, summarize, time_fn
+from .core import (best_bandwidth, cpu_roofline_numel, llc_bytes, make_params, measure_bandwidth, profile_shapes,
+                   summarize, time_fn)
 from .rules import bytes_per_elem, providers, rules
 
 # bench layout -> (param dtype, momentum_fused dtype layout). Torch and peer providers run the native
@@ -79,12 +80,51 @@ def _progress(i: int, n: int, label: str) -> None:
     sys.stderr.flush()
 
 
+def _working_set_mb(params, opt) -> float:
+    ws = sum(p.nbytes + (p.grad.nbytes if p.grad is not None else 0) for p in params) + sum(
+        t.nbytes for st in getattr(opt, "state", {}).values() for t in st.values() if isinstance(t, torch.Tensor))
+    return ws / 2 ** 20
+
+
+def run_interleaved(provs, shapes, device, dtype, warmup, iters, min_time, rounds) -> tuple[dict, dict]:
+    """The providers of one row side by side: all built and warmed up, then ``rounds`` rounds in which each
+    times ``iters`` steps, the order rotating every round (a shared machine's load then falls on every
+    provider alike). Returns ({name: summary with the per-round medians}, {name: error})."""
+    built, failed = [], {}
+    for prov in provs:
+        try:
+            params = make_params(shapes, device, dtype)
+            opt = prov.make(params)
+            for _ in range(max(warmup, 1)):
+                opt.step()
+            built.append((prov, params, opt))
+        except Exception as e:  # recorded, never silently dropped
+            failed[prov.name] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+    times = {prov.name: [] for prov, _, _ in built}
+    per_round = {prov.name: [] for prov, _, _ in built}
+    for r in range(rounds):
+        k = r % max(len(built), 1)
+        for prov, params, opt in built[k:] + built[:k]:
+            try:
+                ts = time_fn(opt.step, device, warmup=0, iters=iters, min_time=min_time / rounds)
+            except Exception as e:
+                failed[prov.name] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+                continue
+            times[prov.name] += ts
+            per_round[prov.name].append(1e3 * sorted(ts)[len(ts) // 2])
+    out = {prov.name: {**summarize(times[prov.name]), "round_median_ms": per_round[prov.name],
+                       "working_set_MB": _working_set_mb(params, opt)}
+           for prov, params, opt in built if prov.name not in failed}
+    return out, failed
+
+
 def run_one(provider, shapes, device, dtype, warmup, iters, min_time) -> dict:
     params = make_params(shapes, device, dtype)
     opt = provider.make(params)
     times = time_fn(opt.step, device, warmup=warmup, iters=iters, min_time=min_time)
+    ws = _working_set_mb(params, opt)
     del opt, params
-    return summarize(times)
+    return {**summarize(times), "working_set_MB": ws}
 
 
 def main(argv=None) -> int:
@@ -99,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rules", default=None, help="comma list of rule names (default: all)")
     ap.add_argument("--iters", type=int, default=10, help="timed steps per run (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="CPU: rounds in which a row's providers take turns "
+                    "(each round times --iters steps of each; CUDA runs them one after another)")
     ap.add_argument("--no-reference", action="store_true", help="leave out our (slow) reference backend")
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--no-plots", action="store_true")
@@ -128,8 +170,10 @@ def main(argv=None) -> int:
     min_time = 0.0 if args.quick else 0.2
 
     info = machine_info(device)
-    # Large enough to leave the caches (>= 64 MiB per buffer), bounded on the CPU to keep it quick.
-    bw_numel = min(max(total, 1 << 24), 1 << 26) if device.type == "cpu" else max(total, 1 << 26)
+    # Large enough to leave the caches: on the CPU twice the last-level cache (a fixed 64 MiB buffer sat in a
+    # 480 MiB L3 and read twice the DRAM bandwidth); rows whose working set fits in that cache are marked.
+    info["llc_MB"] = llc_bytes() / 2 ** 20 if device.type == "cpu" else None
+    bw_numel = cpu_roofline_numel() if device.type == "cpu" else max(total, 1 << 26)
     bw = measure_bandwidth(device, bw_numel)
     info["bandwidth"] = bw
     print(f"# momentum_fused benchmark on {info.get('gpu') or info['cpu']} ({info['threads']} threads), "
@@ -151,29 +195,53 @@ def main(argv=None) -> int:
 
     runs = []
     shapes_cache = {prof: profile_shapes(prof, total) for prof in profiles}
-    for i, (rule, lay, prof, prov) in enumerate(jobs):
-        _progress(i, len(jobs), f"{rule.name} {lay} {prof} {prov.name}")
+    rows: dict = {}  # (rule, layout, profile) -> its providers, in job order
+    for rule, lay, prof, prov in jobs:
+        rows.setdefault((rule.name, lay, prof), (rule, lay, prof, []))[3].append(prov)
+    interleave = device.type == "cpu" and args.rounds > 1  # (CUDA: one provider's state at a time: 1e9 params)
+    for i, (rule, lay, prof, provs) in enumerate(rows.values()):
+        _progress(i, len(rows), f"{rule.name} {lay} {prof}")
         dtype, mf_layout = LAYOUTS[lay]
         shapes = shapes_cache[prof]
         numel = sum(math.prod(s) for s in shapes)
-        try:
-            res = run_one(prov, shapes, device, dtype, args.warmup, args.iters, min_time)
-        except Exception as e:  # recorded, never silently dropped
-            missing[f"{rule.name}/{lay}/{prof}/{prov.name}"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
-            continue
-        bpe = bytes_per_elem(rule.n_state, dtype, layout=mf_layout if prov.kind == "ours" else "native")
-        gbps = bpe * numel / (res["median_ms"] * 1e-3) / 1e9
-        runs.append({"rule": rule.name, "layout": lay, "profile": prof, "provider": prov.name, "kind": prov.kind,
-                     "numel": numel, "n_tensors": len(shapes), "bytes_per_elem": bpe, **res, "GBps": gbps,
-                     "pct_rmw": 100 * gbps / bw["rmw_GBps"], "pct_copy": 100 * gbps / bw["copy_GBps"]})
-    _progress(len(jobs), len(jobs), "done")
+        if interleave:
+            results, failed = run_interleaved(provs, shapes, device, dtype, args.warmup, args.iters, min_time,
+                                              args.rounds)
+        else:
+            results, failed = {}, {}
+            for prov in provs:
+                try:
+                    results[prov.name] = run_one(prov, shapes, device, dtype, args.warmup, args.iters, min_time)
+                except Exception as e:  # recorded, never silently dropped
+                    failed[prov.name] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+        for name, why in failed.items():
+            missing[f"{rule.name}/{lay}/{prof}/{name}"] = why
+        for prov in provs:
+            if prov.name not in results:
+                continue
+            runs.append(_row(rule, lay, prof, prov, results[prov.name], numel, len(shapes), dtype, mf_layout, info,
+                             bw))
+    _progress(len(rows), len(rows), "done")
     sys.stderr.write("\n")
     bw = info["bandwidth"] = best_bandwidth(bw, measure_bandwidth(device, bw_numel))  # again at the end
     for r in runs:
         r["pct_rmw"] = 100 * r["GBps"] / bw["rmw_GBps"]
         r["pct_copy"] = 100 * r["GBps"] / bw["copy_GBps"]
     _add_speedups(runs)
+    return _finish(args, device, info, total, runs, missing, all_rules, run_muon)
 
+
+def _row(rule, lay, prof, prov, res, numel, n_tensors, dtype, mf_layout, info, bw) -> dict:
+    bpe = bytes_per_elem(rule.n_state, dtype, layout=mf_layout if prov.kind == "ours" else "native")
+    gbps = bpe * numel / (res["median_ms"] * 1e-3) / 1e9
+    in_llc = bool(info.get("llc_MB")) and res["working_set_MB"] < info["llc_MB"]
+    return {"rule": rule.name, "layout": lay, "profile": prof, "provider": prov.name, "kind": prov.kind,
+            "numel": numel, "n_tensors": n_tensors, "bytes_per_elem": bpe, **res, "in_llc": in_llc,
+            "noisy": res["median_ms"] > 1.5 * res["min_ms"], "GBps": gbps,
+            "pct_rmw": 100 * gbps / bw["rmw_GBps"], "pct_copy": 100 * gbps / bw["copy_GBps"]}
+
+
+def _finish(args, device, info, total, runs, missing, all_rules, run_muon) -> int:
     overhead = host_overhead(device, all_rules, args)
     scaling = [] if (args.quick or args.no_scaling) else scaling_sweep(device, total, args)
     muon = None
@@ -216,6 +284,17 @@ def _add_speedups(runs: list[dict]) -> None:
     for r in runs:
         t = best_torch.get((r["rule"], r["layout"], r["profile"]))
         r["speedup_vs_best_torch"] = (t / r["median_ms"]) if t else None
+    # interleaved rows (CPU): the same ratio per round, against that round's fastest torch provider
+    rounds: dict = {}
+    for r in runs:
+        if r["kind"] == "torch" and r.get("round_median_ms"):
+            key = (r["rule"], r["layout"], r["profile"])
+            prev = rounds.get(key)
+            rounds[key] = r["round_median_ms"] if prev is None else [min(a, b) for a, b in zip(prev, r["round_median_ms"])]
+    for r in runs:
+        t = rounds.get((r["rule"], r["layout"], r["profile"]))
+        mine = r.get("round_median_ms")
+        r["speedup_rounds"] = [a / b for a, b in zip(t, mine)] if t and mine else None
 
 
 def host_overhead(device, all_rules, args) -> list[dict]:
@@ -268,6 +347,11 @@ def markdown(result: dict) -> str:
                  f"{meta['date']}, commit {meta.get('git_commit')}\n")
     lines.append(f"Roofline: in-place read-modify-write {bw['rmw_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s "
                  f"(best of 20, {bw['numel']:.2e} fp32 elements, measured at the start and the end of the run).\n")
+    if meta.get("llc_MB"):
+        lines.append(f"Last-level cache {meta['llc_MB']:.0f} MiB: a % marked `*` is of a row whose working set (params, "
+                     "grads and state) fits in it, so it can exceed 100 %. A time marked `~` had a median above 1.5x "
+                     "its minimum (a noisy row). On the CPU a row's providers take turns over --rounds rounds, and 'vs torch' "
+                     "is the ratio of medians with its range over the rounds.\n")
     lines.append(f"Median ms per step ({result['total_params']:.2e} elements per profile); "
                  "'best ours' = fastest of our backends, % of the in-place read-modify-write bandwidth, "
                  "speedup vs the fastest torch implementation measured in the same run.\n")
@@ -276,11 +360,15 @@ def markdown(result: dict) -> str:
     for (rule, lay, prof), row in groups.items():
         ours = [r for r in row.values() if r["kind"] == "ours"]
         best = min(ours, key=lambda r: r["median_ms"]) if ours else None
-        cells = [f"{row[p]['median_ms']:.3g}" if p in row else "–" for p in provs]
+        cells = [f"{row[p]['median_ms']:.3g}{'~' if row[p].get('noisy') else ''}" if p in row else "–"
+                 for p in provs]
         n_t = next(iter(row.values()))["n_tensors"]
         sp = best.get("speedup_vs_best_torch") if best else None
-        pct = f"{best['pct_rmw']:.0f}% ({best['provider'][5:]})" if best else "–"
+        pct = f"{best['pct_rmw']:.0f}%{'*' if best.get('in_llc') else ''} ({best['provider'][5:]})" if best else "–"
         spd = f"{sp:.2f}x" if sp else "–"
+        rr = best.get("speedup_rounds") if best else None
+        if sp and rr:
+            spd += f" ({min(rr):.2f}–{max(rr):.2f})"
         lines.append(f"| {rule} | {lay} | {prof} | {n_t} | " + " | ".join(cells) + f" | {pct} | {spd} |")
     if result["host_overhead"]:
         lines.append("\nHost overhead (AdamW, 300 one-element tensors, ms per step): "

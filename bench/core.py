@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from typing import Callable
@@ -44,6 +45,39 @@ def summarize(times: list[float]) -> dict:
 
 
 # -------------------------------------------------------------------------------------- bandwidth
+def llc_bytes() -> int:
+    """The CPU's largest (last-level) cache in bytes, from sysfs (Linux); 0 when it cannot be read."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in os.listdir(base):
+            try:
+                with open(os.path.join(base, d, "size")) as f:
+                    s = f.read().strip()
+            except OSError:
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:].upper(), 1)
+            digits = s[:-1] if s[-1:].isalpha() else s
+            if digits.isdigit():
+                best = max(best, int(digits) * mult)
+    except OSError:
+        return 0
+    return best
+
+
+def cpu_roofline_numel(floor: int = 1 << 24) -> int:
+    """fp32 elements of a CPU bandwidth buffer that misses the caches: twice the last-level cache (a 480 MiB L3
+    held a 64 MiB buffer and measured twice the DRAM bandwidth, 2026-12-06), at least ``floor``, and at most a
+    eighth of the available memory across the three buffers measure_bandwidth allocates."""
+    n = max(floor, 2 * llc_bytes() // 4)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        n = min(n, max(floor, avail // (8 * 3 * 4)))
+    except (ValueError, OSError, AttributeError):
+        pass
+    return int(n)
+
+
 def measure_bandwidth(device: torch.device, numel: int, iters: int = 20) -> dict:
     """Copy (dst.copy_(src)) and in-place read-modify-write (x.mul_) bandwidth in GB/s on ``device``,
     both 8 B per fp32 element. The roofline is what the memory system can do, so the *best* of
