@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/<machine>)")
     args = ap.parse_args(argv)
+    if args.warmup < 1 or args.rounds < 1 or args.iters < 1:  # (a first step allocates the state: never timed)
+        ap.error("--warmup, --rounds and --iters must be >= 1")
 
     device = torch.device(args.device)
     total = int(args.params or (1e9 if device.type == "cuda" else (2.5e5 if args.quick else 1.6e7)))
