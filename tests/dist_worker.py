@@ -438,6 +438,39 @@ def _int8_model(dtype, seed=0):
     return nn.Sequential(nn.Linear(256, 17), nn.Tanh(), nn.Linear(17, 3)).to(dtype)
 
 
+def _int8_job(layout, backend, one_row_layer=False):
+    """(build, steps) of the AdamW runs of the compressed-layout checkpoint scenarios: ``build(sharded, seed)``
+    makes _int8_model (fp32 params for int8_state, else bf16; ``one_row_layer``: then a Linear(3, 1), whose shard
+    on rank 1 is empty), FSDP2-sharded or not, and its optimizer; ``steps(model, opt, ts)`` trains it on steps
+    ``ts`` of one fixed batch sequence (every rank the whole batch: sharded equals one process bit for bit)."""
+    import torch
+
+    import momentum_fused as mf
+
+    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    outs = 1 if one_row_layer else 3
+    data = [(torch.randn(GLOBAL_BATCH, 256, generator=gen).to(dtype), torch.randn(GLOBAL_BATCH, outs, generator=gen)
+             .to(dtype)) for _ in range(STEPS)]
+
+    def build(sharded, seed=0):
+        model = _int8_model(dtype, seed)
+        if one_row_layer:
+            model.append(torch.nn.Tanh())
+            model.append(torch.nn.Linear(3, 1).to(dtype))
+        model = _fsdp(model) if sharded else model
+        return model, mf.AdamW(list(model.parameters()), lr=0.01, weight_decay=0.1, layout=layout, backend=backend)
+
+    def steps(model, opt, ts):
+        for t in ts:
+            x, y = data[t]
+            opt.zero_grad()
+            ((model(x) - y).float() ** 2).mean().backward()
+            opt.step()
+
+    return build, steps
+
+
 def scenario_int8_fsdp(rank, tmpdir, layout, backend, steps=STEPS):
     """int8_state (fp32) or master16_int8 (bf16) under FSDP2 vs one process. Every rank trains on the WHOLE batch,
     so the averaged gradient is exactly the single process's ((g + g) / 2 = g) and the runs agree bit for bit: a
@@ -475,26 +508,11 @@ def scenario_int8_checkpoint(rank, tmpdir, layout, backend, save_after=2):
     """torch.distributed.checkpoint (DCP) of an FSDP2 model + optimizer in an int8 layout: the codes, their
     (rows, blocks per row) scales and the master remainder are saved as DTensors, loaded into a fresh model and
     optimizer (another init) and continued: vs the uninterrupted run, bit for bit."""
-    import torch
-
-    import momentum_fused as mf
-
-    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
-    gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(GLOBAL_BATCH, 256, generator=gen).to(dtype), torch.randn(GLOBAL_BATCH, 3, generator=gen)
-             .to(dtype)) for _ in range(STEPS)]
     ckpt = os.path.join(tmpdir, f"ckpt-int8-{layout}-{backend}")
+    make, steps = _int8_job(layout, backend)
 
     def build(seed=0):
-        model = _fsdp(_int8_model(dtype, seed))
-        return model, mf.AdamW(list(model.parameters()), lr=0.01, weight_decay=0.1, layout=layout, backend=backend)
-
-    def steps(model, opt, ts):
-        for t in ts:
-            x, y = data[t]
-            opt.zero_grad()
-            ((model(x) - y).float() ** 2).mean().backward()
-            opt.step()
+        return make(True, seed)
 
     m_a, o_a = build()
     steps(m_a, o_a, range(STEPS))
@@ -522,24 +540,7 @@ def scenario_int8_reshard(rank, tmpdir, layout, backend, save_after=2):
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
-    import momentum_fused as mf
-
-    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
-    gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(GLOBAL_BATCH, 256, generator=gen).to(dtype), torch.randn(GLOBAL_BATCH, 3, generator=gen)
-             .to(dtype)) for _ in range(STEPS)]
-
-    def build(sharded, seed=0):
-        model = _int8_model(dtype, seed)
-        model = _fsdp(model) if sharded else model
-        return model, mf.AdamW(list(model.parameters()), lr=0.01, weight_decay=0.1, layout=layout, backend=backend)
-
-    def steps(model, opt, ts):
-        for t in ts:
-            x, y = data[t]
-            opt.zero_grad()
-            ((model(x) - y).float() ** 2).mean().backward()
-            opt.step()
+    build, steps = _int8_job(layout, backend)
 
     def load(model, opt, path, no_dist):
         steps(model, opt, range(1))  # live state of the layout, which the load must overwrite
@@ -594,26 +595,7 @@ def scenario_master16_full_state_dict(rank, tmpdir, layout, backend, save_after=
                                                          get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    import momentum_fused as mf
-
-    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
-    gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(GLOBAL_BATCH, 256, generator=gen).to(dtype), torch.randn(GLOBAL_BATCH, 1, generator=gen)
-             .to(dtype)) for _ in range(STEPS)]
-
-    def build(sharded, seed=0):
-        model = _int8_model(dtype, seed)
-        model.append(torch.nn.Tanh())
-        model.append(torch.nn.Linear(3, 1).to(dtype))  # one row: rank 1's shard of it is empty
-        model = _fsdp(model) if sharded else model
-        return model, mf.AdamW(list(model.parameters()), lr=0.01, weight_decay=0.1, layout=layout, backend=backend)
-
-    def steps(model, opt, ts):
-        for t in ts:
-            x, y = data[t]
-            opt.zero_grad()
-            ((model(x) - y).float() ** 2).mean().backward()
-            opt.step()
+    build, steps = _int8_job(layout, backend, one_row_layer=True)
 
     m_a, o_a = build(True)
     steps(m_a, o_a, range(STEPS))
