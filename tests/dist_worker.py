@@ -534,7 +534,6 @@ def scenario_int8_reshard(rank, tmpdir, layout, backend, save_after=2):
     batch. "from_one": rank 0 alone trains a plain model, saves it with DCP (``no_dist``); both ranks load it into
     FSDP2 and continue. Both against the uninterrupted FSDP2 run (which equals one process bit for bit:
     scenario_int8_fsdp), bit for bit."""
-    import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
