@@ -269,12 +269,16 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
             return torch.cat([U, Y], -1)
 
         A_u, A_v = side_input(U, GU, km), side_input(V, GV, kn)
-        if A_u is not None and A_v is not None and A_u.shape == A_v.shape:  # one batched qr for both sides
+        Uh, Vh = self._orthonormal_pair(A_u, A_v, U.dtype)
+        return (U if Uh is None else Uh), (V if Vh is None else Vh)
+
+    def _orthonormal_pair(self, A_u, A_v, dtype):
+        """The qr's Q of both sides (None for a side given as None), in ``dtype``: one batched qr for both when
+        their shapes are equal."""
+        if A_u is not None and A_v is not None and A_u.shape == A_v.shape:
             Q, _ = qr(torch.cat([A_u, A_v]), backend=self.retraction)
-            return Q[: U.shape[0]].to(U.dtype), Q[U.shape[0]:].to(U.dtype)
-        Uh = U if A_u is None else qr(A_u, backend=self.retraction)[0].to(U.dtype)
-        Vh = V if A_v is None else qr(A_v, backend=self.retraction)[0].to(U.dtype)
-        return Uh, Vh
+            return Q[: A_u.shape[0]].to(dtype), Q[A_u.shape[0]:].to(dtype)
+        return tuple(None if A is None else qr(A, backend=self.retraction)[0].to(dtype) for A in (A_u, A_v))
 
     def _reorthonormalize(self, UP, VQ):
         """U P and V Qᵀ of a truncation without augmentation, made orthonormal again (the qr's Q, positive
@@ -282,11 +286,7 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
         the fixed-basis steps of augment_every > 1 multiply the factors by a rotation every truncation and the
         rounding accumulates (fp32: |UᵀU - I| ~3e-4 after 3,000 steps; bf16 factors 0.13 after 1,000). A Q's
         leading columns are those of the qr of the leading columns, so each layer's rank r₁ takes its slice."""
-        wd = UP.dtype
-        if UP.shape[-2] == VQ.shape[-2]:
-            Q, _ = qr(torch.cat([UP, VQ]), backend=self.retraction)
-            return Q[: UP.shape[0]].to(wd), Q[UP.shape[0]:].to(wd)
-        return qr(UP, backend=self.retraction)[0].to(wd), qr(VQ, backend=self.retraction)[0].to(wd)
+        return self._orthonormal_pair(UP, VQ, UP.dtype)
 
     def _galerkin(self, U, S, V, Uh, Vh, GU, GS, GV, where=None):
         """Step 3: Ĝ = Ûᵀ P_T(G) V̂ from the factor gradients (batched [B, ...])."""
