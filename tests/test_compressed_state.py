@@ -621,16 +621,22 @@ def test_a_master_loads_whatever_the_order_and_the_models_half_dtype(order, back
     assert torch.equal(master_of(b, q), master_of(a, p))
 
 
-@pytest.mark.parametrize("backend", _BACKENDS)
-def test_a_reset_int8_momentum_buffer_saves_and_loads(backend):
-    """``state[p]["momentum_buffer"] = None`` on an int8 layout left its block scales beside the None: the
-    optimizer's own state_dict was then refused at load as corrupt codes."""
+def _int8_sgd_with_a_reset_buffer(backend):
+    """(param, its int8_state SGD after one step with ``state["momentum_buffer"] = None``, the generator)."""
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(4096, generator=gen).requires_grad_()
     opt = mf.SGD([p], lr=0.1, momentum=0.9, layout="int8_state", backend=backend)
     p.grad = torch.randn(p.shape, generator=gen)
     opt.step()
     opt.state[p]["momentum_buffer"] = None
+    return p, opt, gen
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_a_reset_int8_momentum_buffer_saves_and_loads(backend):
+    """``state[p]["momentum_buffer"] = None`` on an int8 layout left its block scales beside the None: the
+    optimizer's own state_dict was then refused at load as corrupt codes."""
+    p, opt, gen = _int8_sgd_with_a_reset_buffer(backend)
     sd = opt.state_dict()
     q = p.detach().clone().requires_grad_()
     o2 = mf.SGD([q], lr=0.1, momentum=0.9, layout="int8_state", backend=backend)
@@ -643,12 +649,7 @@ def test_a_reset_int8_momentum_buffer_saves_and_loads(backend):
 
 @pytest.mark.parametrize("backend", _BACKENDS)
 def test_a_reset_int8_momentum_buffer_loads_into_fp32_state_without_its_scales(backend):
-    gen = torch.Generator().manual_seed(0)
-    p = torch.randn(4096, generator=gen).requires_grad_()
-    opt = mf.SGD([p], lr=0.1, momentum=0.9, layout="int8_state", backend=backend)
-    p.grad = torch.randn(p.shape, generator=gen)
-    opt.step()
-    opt.state[p]["momentum_buffer"] = None
+    p, opt, _ = _int8_sgd_with_a_reset_buffer(backend)
     o2 = mf.SGD([p], lr=0.1, momentum=0.9, backend=backend)
     o2.load_state_dict(opt.state_dict())
     o2.step()
