@@ -9,6 +9,7 @@ Providers (AdamW, lr 1e-3, weight_decay 0.01):
   torch fused fp32     torch.optim.AdamW(fused=True), fp32 params and state            (the 1.0x baseline)
   ours native fp32     momentum_fused.AdamW(backend="cpu")
   ours int8_state      momentum_fused.AdamW(backend="cpu", layout="int8_state"), fp32 params
+  ours int8_sr         momentum_fused.AdamW(backend="cpu", layout="int8_sr"): the same, codes rounded stochastically
   ours master16        momentum_fused.AdamW(backend="cpu", layout="master16"), bf16 params
   ours master16_int8   momentum_fused.AdamW(backend="cpu", layout="master16_int8"), bf16 params
   torch fused bf16     torch.optim.AdamW(fused=True) on bf16 params (bf16 state), if torch runs it
@@ -99,6 +100,8 @@ def providers():
         Provider("ours native fp32", lambda ps: mf.AdamW(ps, lr=LR, weight_decay=WD, backend="cpu"), torch.float32),
         Provider("ours int8_state", lambda ps: mf.AdamW(ps, lr=LR, weight_decay=WD, backend="cpu",
                                                         layout="int8_state"), torch.float32),
+        Provider("ours int8_sr", lambda ps: mf.AdamW(ps, lr=LR, weight_decay=WD, backend="cpu",
+                                                     layout="int8_sr"), torch.float32),
         Provider("ours master16 (bf16 params)", lambda ps: mf.AdamW(ps, lr=LR, weight_decay=WD, backend="cpu",
                                                                     layout="master16"), torch.bfloat16),
         Provider("ours master16_int8 (bf16 params)", lambda ps: mf.AdamW(ps, lr=LR, weight_decay=WD, backend="cpu",

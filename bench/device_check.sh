@@ -327,12 +327,13 @@ phase_test_compressed_triton() {
   TRITON_INTERPRET=0 run test-compressed-triton 100 "${PYTEST[@]}" -m gpu tests/triton/test_compressed_triton.py
 }
 # compressed (~160 s): AdamW on the llm profile (1e9 params in 292 tensors), cuda and triton against torch fused,
-# side by side in one process: fp32 params native vs int8_state (persistent 6.03 B/param vs 12), bf16 params
-# native, master, master16 and master16_int8 (12, 14, 12 and 6.03 B/param); step_ms (events), kernel_ms and
-# launches (profiler).
+# side by side in one process: fp32 params native vs int8_state and int8_sr (its stochastic codes: the float64
+# decision per element, never GPU-timed before; persistent 6.03 B/param vs 12), bf16 params native, master,
+# master16 and master16_int8 (12, 14, 12 and 6.03 B/param); step_ms (events), kernel_ms and launches (profiler).
 phase_compressed() {
   run compressed 190 "$PY" -m bench.kernel_report --time --step-backends cuda,triton,torch --profiles llm \
-    --dtypes fp32,bf16 --step-rules adamw --step-layouts native,master,master16,int8_state,master16_int8 --iters 10 \
+    --dtypes fp32,bf16 --step-rules adamw --step-layouts native,master,master16,int8_state,int8_sr,master16_int8 \
+    --iters 10 \
     --out "$WORK/compressed.json"
   grep -h '"step_ms"' "$WORK/compressed.log" | sed 's/^/  /' | cut -c1-230 | tee -a "$WORK/summary.txt"
 }

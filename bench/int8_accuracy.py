@@ -7,12 +7,14 @@
   schedule; validation loss curve.
 
 Run: ``python bench/int8_accuracy.py [--epochs 20] [--seeds 5] [--charlm-steps 300] [--charlm-size small]
-[--plot docs/img/int8_accuracy.png] [--torchao] [--ablation]`` (``--torchao``: the digits runs of torchao's
-AdamW8bit too, for comparison; ``--ablation``: a sensitivity floor and which state's map costs what).
+[--plot docs/img/int8_accuracy.png] [--torchao] [--ablation] [--sr-seeds 1,2,3]`` (``--torchao``: the digits runs
+of torchao's AdamW8bit too, for comparison; ``--ablation``: a sensitivity floor and which state's map costs what;
+``--sr-seeds``: int8_sr with other random streams).
 
-Both layouts see the same data order and init per seed; the difference is the state storage alone. Three runs per
-seed: fp32 state on the reference backend (the baseline), ``int8_state`` on the reference backend, and fp32 state
-on the compiled cpu backend (when built) as the noise floor: the same fp32 algorithm whose arithmetic differs from
+Every layout sees the same data order and init per seed; the difference is the state storage alone. Four runs per
+seed: fp32 state on the reference backend (the baseline), ``int8_state`` and ``int8_sr`` (the same codes rounded
+stochastically, ``sr_seed`` 0) on the reference backend, and fp32 state on the compiled cpu backend (when built) as
+the noise floor: the same fp32 algorithm whose arithmetic differs from
 the reference's only in the last bits (FMA contraction, division by reciprocal), which shows how far a final loss
 moves from round-off alone. A relative difference of the final loss is compared with that floor.
 """
@@ -32,6 +34,7 @@ sys.path[:0] = [os.path.join(HERE, "..", "examples"), os.path.join(HERE, "..", "
 
 # (label, layout, backend)
 RUNS = [("fp32 state", "native", "reference"), ("int8_state", "int8_state", "reference"),
+        ("int8_sr (stochastic codes)", "int8_sr", "reference"),
         ("fp32 state, cpu backend (round-off floor)", "native", "cpu")]
 
 
@@ -69,7 +72,7 @@ class _QuantizedAdamW(torch.optim.Optimizer):
                             st[name].copy_(layouts.int8_decode(*layouts.int8_encode(st[name], signed), signed))
 
 
-def digits_run(layout, backend, seed, epochs, data, lr_scale=1.0):
+def digits_run(layout, backend, seed, epochs, data, lr_scale=1.0, sr_seed=0):
     """(train loss after each epoch, final test accuracy, final test loss). backend "torchao": torchao's AdamW8bit (a peer, not this
     project's: its own 8-bit maps; block 256, tensors of >= 4096 elements quantized, as int8_state); backend
     "ablation": ``_QuantizedAdamW`` with ``layout`` the states it round-trips ("", "m", "v", "mv")."""
@@ -83,7 +86,8 @@ def digits_run(layout, backend, seed, epochs, data, lr_scale=1.0):
     elif backend == "ablation":
         opt = _QuantizedAdamW(model.parameters(), layout, lr=1e-3 * lr_scale, weight_decay=0.01)
     else:
-        opt = mf.AdamW(model.parameters(), lr=1e-3 * lr_scale, weight_decay=0.01, layout=layout, backend=backend)
+        opt = mf.AdamW(model.parameters(), lr=1e-3 * lr_scale, weight_decay=0.01, layout=layout, backend=backend,
+                       sr_seed=sr_seed)
     gen = torch.Generator().manual_seed(seed)
     loss_fn = torch.nn.CrossEntropyLoss()
     curve = []
@@ -118,9 +122,17 @@ def main(argv=None) -> int:
     ap.add_argument("--ablation", action="store_true",
                     help="digits: also a sensitivity floor (fp32 state, lr x (1 + 1e-6)) and torch's AdamW formula with "
                          "m, v or both round-tripped through the int8 map after each step (which state costs what)")
+    ap.add_argument("--sr-seeds", default="",
+                    help="digits: also int8_sr with each of these sr_seed values (comma-separated; cpu backend when "
+                         "built), to see how much the random stream moves the result")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     runs = [r for r in RUNS if r[2] in mf.backends.available()]
+    sr_seed = {}
+    for k in [int(x) for x in args.sr_seeds.split(",") if x.strip()]:
+        be = "cpu" if "cpu" in mf.backends.available() else "reference"
+        runs.append((f"int8_sr, sr_seed {k} ({be} backend)", "int8_sr", be))
+        sr_seed[runs[-1][0]] = k
     if args.torchao:
         runs.append(("torchao AdamW8bit (peer)", None, "torchao"))
     scale = {}
@@ -132,8 +144,8 @@ def main(argv=None) -> int:
             ("v round-tripped through int8", "v"), ("m and v round-tripped", "mv"))]
     from fsgdm_digits import digits
     data = digits()
-    dig = {label: [digits_run(lay, be, s, args.epochs, data, scale.get(label, 1.0)) for s in range(args.seeds)]
-           for label, lay, be in runs}
+    dig = {label: [digits_run(lay, be, s, args.epochs, data, scale.get(label, 1.0), sr_seed.get(label, 0))
+                   for s in range(args.seeds)] for label, lay, be in runs}
     base = dig[RUNS[0][0]]
     print(f"digits MLP, AdamW lr 1e-3, {args.epochs} epochs, {args.seeds} seeds: final train loss, test accuracy, "
           "test loss, relative difference of the final train loss (rel) and of the test loss (trel) to fp32 state "
@@ -152,7 +164,7 @@ def main(argv=None) -> int:
     lm = {}
     if args.charlm_steps:
         from train_charlm import train
-        for label, lay, be in [r for r in runs if r[2] != "torchao"]:
+        for label, lay, be in [r for r in runs if r[2] not in ("torchao", "ablation") and r[0] not in sr_seed]:
             lm[label] = [train(opt="AdamW", opt_kwargs={"lr": 3e-3, "weight_decay": 0.1, "layout": lay, "backend": be},
                                steps=args.charlm_steps, size=args.charlm_size, seed=s) for s in range(args.seeds)]
         lbase = lm[RUNS[0][0]]

@@ -80,10 +80,12 @@ LAYOUTS = {"native-fp32": ("fp32", "fp32", False, False), "native-fp64": ("fp64"
            "bf16_state": ("fp32", "bf16", False, False), "master-bf16": ("bf16", "fp32", True, False),
            "master-fp16": ("fp16", "fp32", True, False), "bf16_sr": ("bf16", "bf16", False, True),
            "master16": ("bf16", "fp32", 2, False), "int8_state": ("fp32", "int8", False, False),
-           "master16_int8": ("bf16", "int8", 2, False)}
+           "master16_int8": ("bf16", "int8", 2, False), "int8_sr": ("fp32", "int8", False, True),
+           "master16_int8_sr": ("bf16", "int8", 2, True)}
 SIZE = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2, "int8": 1}
 SCHEDULE_FREE = ("sgd_sf", "adamw_sf")
-INT8_LAYOUTS = ("int8_state", "master16_int8")  # their own kernels (triton int8_state_kernel, CUDA Int8Functor)
+# their own kernels (triton int8_state_kernel, CUDA Int8Functor); the _sr forms: the codes rounded stochastically
+INT8_LAYOUTS = ("int8_state", "master16_int8", "int8_sr", "master16_int8_sr")
 
 
 def layout_applies(rule: str, layout: str, flags: int | None = None, backend: str = "triton") -> bool:
@@ -217,7 +219,8 @@ def analyze_sass(insns: list[tuple[int, str]], read_bytes_per_element: int, elem
 # -------------------------------------------------------------------------------------------------- CUDA
 _DEMANGLED = re.compile(r"StepFunctor<mf::RuleOp<(\d+), (\d+)>, ([\w:]+), ([\w:]+), (true|false), (true|false)"
                         r"(?:, (true|false))?")
-_DEMANGLED_INT8 = re.compile(r"Int8Functor<mf::RuleOp<(\d+), (\d+)>, (true|false)\s*>")  # REM: master16_int8
+# REM (master16_int8), then SRQ (the stochastic codes of int8_sr / master16_int8_sr)
+_DEMANGLED_INT8 = re.compile(r"Int8Functor<mf::RuleOp<(\d+), (\d+)>, (true|false), (true|false)\s*>")
 _CTYPE = {"float": "fp32", "double": "fp64", "mf::bf16": "bf16", "mf::fp16": "fp16"}
 NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
 
@@ -304,7 +307,9 @@ def cuda_report(arch: str = "sm_90", rules=None, layouts=None, build_dir=None) -
         if mi:  # the int8 layouts' quantized-tensor kernel (their fp32-state tensors run the native-fp32 or master16
             # kernel)
             rule, flags = RULES[int(mi.group(1))], int(mi.group(2))
-            layout = "master16_int8" if mi.group(3) == "true" else "int8_state"
+            layout = ("master16_int8" if mi.group(3) == "true" else "int8_state") + \
+                ("_sr" if mi.group(4) == "true" else "")
+            layout = {"int8_state_sr": "int8_sr"}.get(layout, layout)
             key = LAYOUTS[layout]
         elif m:
             rule = RULES[int(m.group(1))]

@@ -168,7 +168,8 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
               ", got ", scalars.scalar_type(), " ", scalars.sizes(), " on ", scalars.device());
   const bool has_keys = sr_keys.has_value() && sr_keys->defined();
   if (layout_stochastic(a.layout)) {
-    TORCH_CHECK(has_keys, "momentum_fused ", op, ": layout bf16_sr needs sr_keys (one uint32 key per tensor)");
+    TORCH_CHECK(has_keys, "momentum_fused ", op, ": layout ", layout_name(a.layout),
+                " needs sr_keys (one uint32 key per tensor)");
     const bool keys_device_ok = sr_keys->device().is_cpu() ||
                                 (!scalars_on_host_only && n > 0 && sr_keys->device() == params[0].device());
     TORCH_CHECK(keys_device_ok && sr_keys->scalar_type() == c10::ScalarType::Long && sr_keys->dim() == 1 &&
@@ -187,7 +188,7 @@ inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::Tens
     }
   } else {
     TORCH_CHECK(!has_keys, "momentum_fused ", op, ": sr_keys given, but layout ", layout_name(a.layout),
-                " does not round stochastically (only bf16_sr does)");
+                " does not round stochastically (bf16_sr, int8_sr and master16_int8_sr do)");
   }
   if (n == 0) return a;
   TORCH_CHECK(params[0].defined(), "momentum_fused ", op, ": params[0] is undefined");

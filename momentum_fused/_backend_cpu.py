@@ -47,7 +47,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # the layout codes of the ops (enum Layout in csrc/generated/tables.h; the CUDA op uses the same codes)
 LAYOUT_CODES = {name: i for i, name in enumerate(layouts.LAYOUTS)}
 # the layouts the CPU kernels implement (csrc/cpu/cpu_kernels_impl.inc, `dispatch`): all of layouts.LAYOUTS
-CPU_LAYOUTS = (*layouts.BASE_KERNEL_LAYOUTS, "master16", "int8_state", "master16_int8")
+CPU_LAYOUTS = (*layouts.BASE_KERNEL_LAYOUTS, "master16", "int8_state", "master16_int8", "int8_sr", "master16_int8_sr")
 
 
 

@@ -35,7 +35,8 @@ from ._backend_cpu import RULE_IDS, flags_to_int, layout_args
 
 # the layouts the CUDA kernels implement (csrc/cuda/fused_step.cu, `step`); master16, int8_state and master16_int8
 # are compiled and statically checked (bench/kernel_report.py) but have not run on a GPU yet (tests/test_cuda_backend.py)
-CUDA_LAYOUTS = layouts.BASE_KERNEL_LAYOUTS + ("master16", "int8_state", "master16_int8")
+CUDA_LAYOUTS = layouts.BASE_KERNEL_LAYOUTS + ("master16", "int8_state", "master16_int8", "int8_sr",
+                                              "master16_int8_sr")
 
 __all__ = ["make_backend", "SUPPORTED_DTYPES"]
 

@@ -23,7 +23,8 @@ __all__ = ["make_backend"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the dtype layouts the kernels implement (triton_kernels/kernels.py): every layout of layouts.LAYOUTS
-TRITON_LAYOUTS = layouts.BASE_KERNEL_LAYOUTS + ("master16", "int8_state", "master16_int8")
+TRITON_LAYOUTS = layouts.BASE_KERNEL_LAYOUTS + ("master16", "int8_state", "master16_int8", "int8_sr",
+                                                "master16_int8_sr")
 _CPU_REASON = "the Triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
 
 
@@ -110,8 +111,8 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
           grad_scale=None) -> int:
     """Run ``spec``'s rule on one bucket in one kernel launch (any dtype layout of ``TRITON_LAYOUTS``: states[i]
     ends with the fp32 master copy under ``master``, with the int16 remainder under ``master16``; ``sr_keys`` under
-    ``bf16_sr``; ``int8_state`` runs launcher.int8_state_apply, codes then scales for a quantized tensor, and
-    ``master16_int8`` too, the int16 remainder between them, or after the fp32 states). Returns
+    ``bf16_sr``, ``int8_sr`` and ``master16_int8_sr``; ``int8_state`` runs launcher.int8_state_apply, codes then
+    scales for a quantized tensor, and ``master16_int8`` (and their stochastic forms) too, the int16 remainder between them, or after the fp32 states). Returns
     the number of launches."""
     rules, launcher = _kernel_modules()
     if not params:
@@ -124,7 +125,8 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
                                              params, grads, states,
                                              backends.pack_table(scalars, len(spec.scalar_names)),
                                              found_inf=found_inf, grad_scale=grad_scale, remainder=layout.remainder,
-                                             checked=True, ptr_rows=rows)
+                                             checked=True, ptr_rows=rows,
+                                             sr_keys=sr_keys if layout.stochastic else None)
         ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
         sts, k = [], 0
         for st in states:
@@ -132,7 +134,8 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
             k += len(st)
         n = launcher.int8_state_apply(rules.FAMILY[spec.name], rules.RULE_IDS[spec.name], tuple(flags), ps, gs, sts,
                                       backends.pack_table(scalars, len(spec.scalar_names)), found_inf=found_inf,
-                                      grad_scale=grad_scale, remainder=layout.remainder)
+                                      grad_scale=grad_scale, remainder=layout.remainder,
+                                      sr_keys=sr_keys if layout.stochastic else None)
         for orig, work in writeback:
             orig.copy_(work)
         return n

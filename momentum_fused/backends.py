@@ -222,7 +222,8 @@ def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_lay
     and rounded once when written back, as the kernels do: computing in fp16 itself would underflow
     (1 - beta2) g^2 and round eps = 1e-8 to zero. Layouts: the value the rule reads is the master copy's
     (``master``) or the one the param and its remainder decode to (``master16``, layouts.master16_decode);
-    bf16 writes round stochastically under ``bf16_sr`` (layouts.sr_round_bf16). found_inf / grad_scale as
+    bf16 writes round stochastically under ``bf16_sr`` (layouts.sr_round_bf16), 8-bit codes under ``int8_sr`` and
+    ``master16_int8_sr`` (layouts.int8_encode with the tensor's key). found_inf / grad_scale as
     the kernels take them (read on the host here: this backend is not ``device_scalars``): found_inf != 0
     writes nothing, grad_scale divides each pack's grad_mult."""
     if found_inf is not None and float(found_inf) != 0.0:
@@ -250,8 +251,9 @@ def _reference_apply(spec, flags, params, grads, states, scalars, *, layout=_lay
                 hi, low = _layouts.master16_encode(p32)
                 p.copy_(hi.view(p.shape))
                 st[n].copy_(low.view(p.shape))
-            for c, s, t, sg in zip(codes, scales, st32, signed):
-                code, scale = _layouts.int8_encode(t, sg)
+            key = sr_keys[i] if layout.stochastic else None  # int8_sr, master16_int8_sr: stochastic codes
+            for j, (c, s, t, sg) in enumerate(zip(codes, scales, st32, signed)):
+                code, scale = _layouts.int8_encode(t, sg, key, 1 + j)
                 c.copy_(code)
                 s.copy_(scale.view(s.shape))
         elif layout.remainder:  # master16: the same fp32 master, stored as the param and its low half

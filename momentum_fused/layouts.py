@@ -9,6 +9,8 @@
 | ``master16``  | bf16                      | fp32              | ``master_lo`` (int16)| to nearest, ties away   |
 | ``int8_state``| fp32                      | 8-bit block codes | ``<name>_scale``    | nearest code (state)    |
 | ``master16_int8``| bf16                   | 8-bit block codes | both of the above   | both of the above       |
+| ``int8_sr``   | fp32                      | 8-bit block codes | ``<name>_scale``    | stochastic code (state) |
+| ``master16_int8_sr``| bf16                | 8-bit block codes | as master16_int8    | master16; stochastic code |
 
 The update math is always fp32 (fp64 for fp64 storage). With ``master`` the rule reads the param value
 from the fp32 master copy (created from the param on the first step), writes the master, and writes the
@@ -67,7 +69,7 @@ class Layout:
     param_dtypes: tuple  # allowed param (and grad) dtypes
     state_dtype: torch.dtype | None  # None: the param dtype
     master: bool = False  # an fp32 master copy in state["master"]
-    stochastic: bool = False  # stochastic rounding of every bf16 write
+    stochastic: bool = False  # stochastic rounding of every bf16 write (bf16_sr) or 8-bit code (int8 layouts)
     remainder: bool = False  # master16: the master's low 16 bits in state["master_lo"] (int16)
     int8: bool = False  # int8_state: the rule's state as 8-bit block codes + fp32 scales (int8_quantized)
 
@@ -109,6 +111,10 @@ LAYOUTS = {
     "master16": Layout("master16", (torch.bfloat16,), torch.float32, remainder=True),
     "int8_state": Layout("int8_state", (torch.float32,), torch.float32, int8=True),
     "master16_int8": Layout("master16_int8", (torch.bfloat16,), torch.float32, remainder=True, int8=True),
+    # the int8 layouts with the state's codes rounded stochastically (int8_encode with a key): same storage
+    "int8_sr": Layout("int8_sr", (torch.float32,), torch.float32, stochastic=True, int8=True),
+    "master16_int8_sr": Layout("master16_int8_sr", (torch.bfloat16,), torch.float32, stochastic=True, remainder=True,
+                               int8=True),
 }
 # The layouts of the first kernels (every compiled backend implements these four).
 BASE_KERNEL_LAYOUTS = ("native", "bf16_state", "master", "bf16_sr")
@@ -305,14 +311,38 @@ def int8_codes_of(y: torch.Tensor, signed: bool) -> torch.Tensor:
     return torch.where(y < 0, -c, c) if signed else c
 
 
-def int8_encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_codes_sr_of(y: torch.Tensor, signed: bool, r: torch.Tensor) -> torch.Tensor:
+    """Integer-space values y' (fp32) and 16-bit random integers r (int64, y's shape) -> codes (int64), rounded
+    stochastically between the two codes around |y'| (layouts int8_sr, master16_int8_sr). In the integer space
+    code c sits at p(c) = c^2 (signed) or c^4 (unsigned). With a = |y'| (unsigned: max(y', 0)), f the largest
+    code with p(f) <= a (the top code when a is at or above it), d = a - p(f) and w = p(f + 1) - p(f): the
+    magnitude code is f + 1 when r w < d 2^16 (exact real numbers; f + 1 with probability d / w to 2^-16, so the
+    decoded value is unbiased), else f; the top code stays; a NaN takes the top code; the sign is y' < 0's.
+    Every quantity is an integer or an fp32 value below 2^33, so float64 computes the comparison exactly."""
+    top = 127 if signed else 255
+    a = (y.abs() if signed else torch.where((y > 0) | torch.isnan(y), y, torch.zeros_like(y))).double()
+    pw = (lambda c: c * c) if signed else (lambda c: (c * c) * (c * c))
+    f = (a.sqrt() if signed else a.sqrt().sqrt()).floor().clamp(0, top)
+    f = torch.where(pw(f) > a, f - 1, f)  # a float64 root off by one near a power: corrected exactly
+    f = torch.where((f < top) & (pw(f + 1) <= a), f + 1, f)
+    up = (f < top) & (r.double() * (pw(f + 1) - pw(f)) < (a - pw(f)) * 65536.0)
+    c = torch.where(torch.isnan(a), torch.full_like(f, top), f + up.double()).long()
+    return torch.where(y < 0, -c, c) if signed else c
+
+
+def int8_encode(x: torch.Tensor, signed: bool, key: int | None = None,
+                buffer: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 tensor (numel a multiple of INT8_BLOCK) -> (codes shaped as x: int8 if signed else uint8, fp32 scales
     shaped ``int8_scale_shape(x)``). Per block of 256 consecutive elements (x flattened): scale = max |x| (NaN if one is);
-    the codes of y' = (x u) k (``int8_factors``, ``int8_codes_of``)."""
+    the codes of y' = (x u) k (``int8_factors``): to the nearest code (``int8_codes_of``), or with a ``key``
+    stochastically (``int8_codes_sr_of``) with the bits ``sr_bits(numel, key, buffer)`` of each element's flat
+    index (the layouts int8_sr and master16_int8_sr: buffer 1 + j for the rule's state j, as bf16_sr's)."""
     b = x.float().contiguous().view(-1, INT8_BLOCK)
     scale = b.abs().amax(dim=1)
     u, k = int8_factors(scale, signed)
-    c = int8_codes_of((b * u[:, None]) * k[:, None], signed)
+    y = (b * u[:, None]) * k[:, None]
+    c = int8_codes_of(y, signed) if key is None else \
+        int8_codes_sr_of(y, signed, sr_bits(b.numel(), key, buffer, b.device).view(b.shape))
     return c.to(torch.int8 if signed else torch.uint8).view(x.shape), scale.view(int8_scale_shape(x))
 
 

@@ -1,4 +1,5 @@
-"""The per-step oracle of the compressed-state layouts (master16, int8_state, master16_int8) for the compiled backends' tests
+"""The per-step oracle of the compressed-state layouts (master16, int8_state, master16_int8, and int8_sr /
+master16_int8_sr, whose codes are encoded with each tensor's key) for the compiled backends' tests
 (tests/triton/test_compressed_triton.py, tests/test_cuda_backend.py).
 
 ``oracle_apply(real_apply, checked)`` wraps a backend's ``apply``: each master16 / int8_state bucket is first
@@ -82,8 +83,9 @@ def oracle_apply(real_apply, checked, count_launches=None):
             if r:
                 s32 += (layouts.master16_decode(p, st[n]).view(p.shape),)
             sts.append(s32)
+        keys = kw.get("sr_keys") if layout.stochastic else None  # int8_sr, master16_int8_sr: the codes' keys
         real_apply(spec, flags, ps, grads, sts, scalars, layout=layouts.LAYOUTS["master"] if r else layouts.NATIVE,
-                   **kw)
+                   **{k: v for k, v in kw.items() if k != "sr_keys"})
         before = count_launches() if count_launches else 0
         out = real_apply(spec, flags, params, grads, states, scalars, layout=layout, **kw)
         if count_launches:
@@ -97,7 +99,8 @@ def oracle_apply(real_apply, checked, count_launches=None):
                 _equal(p, q, f"param {i}")
             if quant:
                 for j, (c, s, x) in enumerate(zip(st[:n], st[n + r:], qs)):
-                    codes, scale = layouts.int8_encode(x, c.dtype == torch.int8)
+                    codes, scale = layouts.int8_encode(x, c.dtype == torch.int8,
+                                                       None if keys is None else keys[i], 1 + j)
                     _equal(c, codes, f"codes of state {j}, tensor {i}")
                     _equal(s, scale, f"scales of state {j}, tensor {i}")
             else:
@@ -106,3 +109,21 @@ def oracle_apply(real_apply, checked, count_launches=None):
         checked.append(sum(p.numel() for p in params))
         return out
     return apply
+
+
+def encoder_probe_blocks(y, signed, gen):
+    """Blocks of 256 for the int8 encoders' tests ([blocks, 256] fp32): the integer-space values ``y`` (in the
+    map's range) 255 to a block after the value K (the block's scale is then K, so y' = x itself), 16 blocks of
+    random values over 60 decades, 4 of tiny scales (below 2^-64: the u = 2^64 form), a zero block, and blocks
+    with a NaN and an inf (unsigned: magnitudes)."""
+    from momentum_fused import layouts
+    big_k = layouts.INT8_K_SIGNED if signed else layouts.INT8_K_UNSIGNED
+    blocks = y[: y.numel() // 255 * 255].view(-1, 255)
+    x = torch.cat([torch.full((blocks.shape[0], 1), big_k), blocks], 1)  # scale K: y' = x itself
+    rnd = torch.randn(16, 256, generator=gen) * 10.0 ** torch.randint(-30, 30, (16, 1), generator=gen).float()
+    tiny = torch.randn(4, 256, generator=gen) * torch.tensor([1e-20, 1e-25, 1e-30, 1e-37])[:, None]
+    special = torch.zeros(3, 256)
+    special[1, 7] = float("nan")
+    special[2, 9] = float("inf")
+    special[1:, 100:] = torch.randn(2, 156, generator=gen)
+    return torch.cat([x, rnd if signed else rnd.abs(), tiny if signed else tiny.abs(), special]).contiguous()

@@ -39,7 +39,7 @@ import momentum_fused as mf
 from momentum_fused import backends, layouts
 
 from backend_cases import CASES
-from compressed_oracle import master_of
+from compressed_oracle import encoder_probe_blocks, master_of
 
 pytestmark = pytest.mark.skipif(not backends._REGISTRY.get("cpu") or not backends._REGISTRY["cpu"].available,
                                 reason="needs the compiled CPU extension (momentum_fused._C_cpu)")
@@ -250,16 +250,7 @@ def test_int8_encoder_is_layouts_bit_for_bit(signed):
         y = torch.cat([y, -y])
     else:
         y = y.abs()
-    y = y.clamp(-big_k, big_k)
-    blocks = y[: y.numel() // 255 * 255].view(-1, 255)
-    x = torch.cat([torch.full((blocks.shape[0], 1), big_k), blocks], 1)  # scale K: y' = x itself
-    rnd = torch.randn(16, 256, generator=gen) * 10.0 ** torch.randint(-30, 30, (16, 1), generator=gen).float()
-    tiny = torch.randn(4, 256, generator=gen) * torch.tensor([1e-20, 1e-25, 1e-30, 1e-37])[:, None]
-    special = torch.zeros(3, 256)
-    special[1, 7] = float("nan")
-    special[2, 9] = float("inf")
-    special[1:, 100:] = torch.randn(2, 156, generator=gen)
-    x = torch.cat([x, rnd.abs() if not signed else rnd, tiny if signed else tiny.abs(), special]).contiguous()
+    x = encoder_probe_blocks(y.clamp(-big_k, big_k), signed, gen)
     if signed:
         codes, scales = _first_step_codes(x.view(-1), True)
         target = x.view(-1)
@@ -274,10 +265,12 @@ def test_int8_encoder_is_layouts_bit_for_bit(signed):
     assert torch.equal(_bits(scales[~nan]), _bits(want_s[~nan]))
 
 
-@pytest.mark.parametrize("layout,dtype", [("int8_state", torch.float32), ("master16_int8", torch.bfloat16)])
+@pytest.mark.parametrize("layout,dtype", [("int8_state", torch.float32), ("master16_int8", torch.bfloat16),
+                                          ("int8_sr", torch.float32), ("master16_int8_sr", torch.bfloat16)])
 def test_int8_layouts_cpu_against_the_reference_backend(layout, dtype):
     """Against the reference backend's run in the same layout: params (masters) close, codes equal but for one-code
-    flips at midpoints (the fp32 maths differ in the last bits: module docstring), scales close."""
+    flips at midpoints (the fp32 maths differ in the last bits: module docstring; the stochastic layouts: where a
+    value lands on either side of its draw's threshold), scales close."""
     for cid in ("adamw", "sgd-momentum", "rmsprop-centered"):
         _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == cid)
         kw, scale = _kw(kw0, lp)
@@ -301,7 +294,18 @@ def test_int8_layouts_cpu_against_the_reference_backend(layout, dtype):
                 torch.testing.assert_close(p.float(), q.float(), rtol=1e-2, atol=1e-3)  # one bf16 ulp at most
             for k in names:
                 x, y = a.state[p][k], b.state[q][k]
-                if layouts.int8_quantized(p):
+                if layouts.int8_quantized(p) and layout.endswith("_sr"):
+                    # a code one apart near the top of a block can make that element the block's maximum a step
+                    # later: the block's scale then differs by ~1 % and many of its codes with it (2026-12-06: 96
+                    # codes of one block of SGD momentum at step 10). The decoded states stay within a few
+                    # percent of their block's scale, and most codes agree.
+                    sx, sy = a.state[p][k + "_scale"], b.state[q][k + "_scale"]
+                    dx, dy = (layouts.int8_decode(c, sc, c.dtype == torch.int8) for c, sc in ((x, sx), (y, sy)))
+                    bound = 0.05 * sy.reshape(-1, 1).expand(-1, layouts.INT8_BLOCK).reshape(dy.shape)
+                    assert bool(((dx - dy).abs() <= bound).all()), (cid, k)
+                    assert float(x.ne(y).float().mean()) < 0.05, (cid, k)
+                    torch.testing.assert_close(sx, sy, rtol=0.05, atol=0)
+                elif layouts.int8_quantized(p):
                     d = (x.int() - y.int()).abs()
                     assert int(d.max()) <= 1 and float(d.ne(0).float().mean()) < 1e-3, (cid, k)
                     torch.testing.assert_close(a.state[p][k + "_scale"], b.state[q][k + "_scale"], rtol=1e-4, atol=0)
@@ -369,12 +373,15 @@ def test_master16_int8_two_threads_split_quantized_tensors_on_blocks():
 
 # ----------------------------------------------------------------------- threads, ISA variants, found_inf
 def _bits_run():
-    """AdamW in the three layouts over a bucket that two threads split mid-tensor; every tensor, cloned."""
+    """AdamW in the compressed layouts over a bucket that two threads split mid-tensor; every tensor, cloned (int8_sr:
+    the avx512 variant's vector encode against the others' float64 element loop)."""
     gen = torch.Generator().manual_seed(7)
     out = []
     for layout, dtype, shapes in (("int8_state", torch.float32, [(300, 256), (17,), (4096,), (70_001,)]),
                                   ("master16", torch.bfloat16, [(40_003,), (17,), (30_001,), ()]),
-                                  ("master16_int8", torch.bfloat16, [(300, 256), (17,), (4096,), (70_001,)])):
+                                  ("master16_int8", torch.bfloat16, [(300, 256), (17,), (4096,), (70_001,)]),
+                                  ("int8_sr", torch.float32, [(300, 256), (17,), (4096,), (70_001,)]),
+                                  ("master16_int8_sr", torch.bfloat16, [(300, 256), (17,), (4096,), (70_001,)])):
         ps = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
         opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, layout=layout, backend="cpu")
         for _ in range(3):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import momentum_fused as mf
-from momentum_fused import backends
+from momentum_fused import backends, layouts
 from momentum_fused.specs import SPECS
 
 from tolerances import tol
@@ -558,7 +558,8 @@ def test_bad_layout_arguments_raise_before_any_write():
     op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 3, keys.int()), "sr_keys must be a contiguous int64"))
     op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 3, torch.tensor([1, 2 ** 32])), r"sr_keys\[1\].*not a uint32"))
     op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 0, keys), "sr_keys given, but layout native"))
-    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 7, None), "unknown layout code 7"))
+    nlay = len(layouts.LAYOUTS)  # the first code past the table
+    op_bad.append(((ps, gs, flat(sts), packs, rid, fl, nlay, None), f"unknown layout code {nlay}"))
     ps, gs, sts = case("bf16_sr", torch.float32)  # fp32 params, fp32 state: not bf16_sr
     op_bad.append(((ps, gs, flat(sts), packs, rid, fl, 3, keys), "layout bf16_sr takes params of dtype bfloat16"))
     for args, match in op_bad:

@@ -439,7 +439,7 @@ def _compressed_grads(ps, k, gmode):
 
 def _compressed_run(cls, kw, gmode, layout, steps=10, shapes=COMPRESSED_SHAPES):
     from compressed_oracle import oracle_apply
-    dtype = torch.float32 if layout == "int8_state" else torch.bfloat16
+    dtype = torch.float32 if layout in ("int8_state", "int8_sr") else torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     ps = [torch.randn(s, generator=gen).to(dtype).cuda().requires_grad_() for s in shapes]
     groups = [{"params": ps[::2]}, {"params": ps[1::2], "lr": kw["lr"] * 0.5}]
@@ -461,8 +461,11 @@ def _compressed_run(cls, kw, gmode, layout, steps=10, shapes=COMPRESSED_SHAPES):
 
 def _compressed_params():
     from compressed_oracle import CASES, SF_CASES
+    sr_ids = ("adamw", "adamw-amsgrad", "sgd-momentum", "lion", "rmsprop-momentum-centered")  # (the encode only)
     return [pytest.param(lay, c, id=f"{lay}-{c[0]}") for lay in ("master16", "int8_state", "master16_int8")
-            for c in CASES + (SF_CASES if lay == "master16" else [])]
+            for c in CASES + (SF_CASES if lay == "master16" else [])] + \
+        [pytest.param(lay, c, id=f"{lay}-{c[0]}") for lay in ("int8_sr", "master16_int8_sr") for c in CASES
+         if c[0] in sr_ids]
 
 
 @pytest.mark.parametrize("layout,case", _compressed_params())

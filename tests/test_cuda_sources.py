@@ -235,8 +235,8 @@ struct Table {
 
 // stdin: the pack, the param and the grad (fp32; REM: bf16 bits), the remainder (REM: int16), the codes, the
 // scales; stdout: the param, the remainder (REM), the codes, the scales
-template <class Op, bool REM>
-int run(int64_t n, int threads, int code_unsigned) {
+template <class Op, bool REM, bool SRQ>
+int run(int64_t n, int threads, int code_unsigned, int64_t key) {
   constexpr int NS = Op::kStates;
   constexpr int K = Op::template Scalars<float>::kPack;
   using P = typename std::conditional<REM, bf16, float>::type;
@@ -260,7 +260,8 @@ int run(int64_t n, int threads, int code_unsigned) {
     tt.ptr[2 + NS + (REM ? 1 : 0) + j][0] = scales.data() + j * (n / INT8_BLOCK);
   }
   tt.numel[0] = n;
-  cuda::Int8Functor<Op, REM> f{pack.data(), nullptr, nullptr, code_unsigned};
+  const int64_t keys[1] = {key};
+  cuda::Int8Functor<Op, REM, SRQ> f{pack.data(), nullptr, nullptr, code_unsigned, keys};
   for (int chunk = 0; int64_t(chunk) * cuda::kChunk < n; ++chunk)
     mf_emu::run_block(threads, [&] { f(tt, 0, chunk); });
   std::fwrite(p.data(), PB, n, stdout);
@@ -271,16 +272,21 @@ int run(int64_t n, int threads, int code_unsigned) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 7) return 2;
+  if (argc != 8) return 2;
   const int rule = std::atoi(argv[1]), flags = std::atoi(argv[2]), threads = std::atoi(argv[4]);
   const int64_t n = std::atoll(argv[3]);
   const int code_unsigned = std::atoi(argv[5]);
   const bool rem = std::atoi(argv[6]) != 0;  // master16_int8's form
+  const int64_t key = std::atoll(argv[7]);   // >= 0: the stochastic codes (int8_sr, master16_int8_sr) with this key
 #define MF_CASE(R, F)                                                                          \
   if constexpr (RuleOp<R, F>::kStates > 0 && R != RULE_SGD_SF && R != RULE_ADAMW_SF)           \
-    if (rule == R && flags == F)                                                               \
-      return rem ? run<RuleOp<R, F>, true>(n, threads, code_unsigned)                          \
-                 : run<RuleOp<R, F>, false>(n, threads, code_unsigned);
+    if (rule == R && flags == F) {                                                             \
+      if (key >= 0)                                                                            \
+        return rem ? run<RuleOp<R, F>, true, true>(n, threads, code_unsigned, key)             \
+                   : run<RuleOp<R, F>, false, true>(n, threads, code_unsigned, key);           \
+      return rem ? run<RuleOp<R, F>, true, false>(n, threads, code_unsigned, key)              \
+                 : run<RuleOp<R, F>, false, false>(n, threads, code_unsigned, key);            \
+    }
   MF_FOR_EACH_RULE_FLAGS(MF_CASE)
 #undef MF_CASE
   return 4;
@@ -310,11 +316,14 @@ def _int8_cases():
             ("lion", mf.Lion, dict(lr=1e-3, weight_decay=0.1))]
 
 
+@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("rem", [False, True], ids=["int8_state", "master16_int8"])
 @pytest.mark.parametrize("case", _int8_cases(), ids=lambda c: c[0])
-def test_int8_functor_emulated_on_the_host_is_bit_exact(int8_driver, case, rem):
+def test_int8_functor_emulated_on_the_host_is_bit_exact(int8_driver, case, rem, sr):
     """int8_state's functor, and its master16_int8 form (bf16 param and grad, the int16 remainder: the oracle steps
-    the decoded master in fp32 and encodes it with layouts.master16_encode)."""
+    the decoded master in fp32 and encodes it with layouts.master16_encode); ``sr``: their stochastic forms
+    (int8_sr, master16_int8_sr), the oracle's codes layouts.int8_encode with the key (two chunks: the element index
+    crosses the chunk boundary)."""
     import torch
 
     import momentum_fused as mf
@@ -361,7 +370,8 @@ def test_int8_functor_emulated_on_the_host_is_bit_exact(int8_driver, case, rem):
     dec = tuple(layouts.int8_decode(c, s, sg) for (c, s), sg in zip(enc, signed))
     q = layouts.master16_decode(hi, lo) if rem else p.detach().clone()
     cpu.apply(spec, flags, [q], [g.float()], [dec], got["pack"], layout=layouts.NATIVE)
-    want = [layouts.int8_encode(x, sg) for x, sg in zip(dec, signed)]
+    key = 0x9E3779B9 if sr else -1  # a key with the top bit set (a uint32 beyond int32)
+    want = [layouts.int8_encode(x, sg, key if sr else None, 1 + j) for j, (x, sg) in enumerate(zip(dec, signed))]
     # the emulated CUDA functor: 64 threads (2 warps) per block
     ns = len(names)
     raw = lambda x: x.view(torch.int16 if x.element_size() == 2 else torch.int32).numpy().tobytes()  # noqa: E731
@@ -370,7 +380,8 @@ def test_int8_functor_emulated_on_the_host_is_bit_exact(int8_driver, case, rem):
                    + [c.view(torch.uint8).numpy().tobytes() for c, _ in enc] + [s.numpy().tobytes() for _, s in enc])
     mask = sum(1 << j for j, sg in enumerate(signed) if not sg)
     out = subprocess.run([int8_driver, str(_backend_cpu.RULE_IDS[spec.name]),
-                          str(_backend_cpu.flags_to_int(spec.name, flags)), str(n), "64", str(mask), str(int(rem))],
+                          str(_backend_cpu.flags_to_int(spec.name, flags)), str(n), "64", str(mask), str(int(rem)),
+                          str(key)],
                          input=inp, capture_output=True, check=True, timeout=600).stdout
     at = 4 * n  # the fp32 param, or the bf16 param and the int16 remainder
     if rem:

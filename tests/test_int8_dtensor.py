@@ -34,10 +34,11 @@ def _run(values, grads, layout, make):
     return opt, ps
 
 
-@pytest.mark.parametrize("layout", ["int8_state", "master16_int8"])
+@pytest.mark.parametrize("layout", ["int8_state", "master16_int8", "int8_sr", "master16_int8_sr"])
 def test_a_dtensor_param_steps_as_the_plain_one(mesh, layout):
+    """(The stochastic layouts: one rank holds the shard at the origin, whose rounding key is the plain param's.)"""
     from torch.distributed.tensor import Shard, distribute_tensor
-    dt = torch.float32 if layout == "int8_state" else torch.bfloat16
+    dt = torch.float32 if layout in ("int8_state", "int8_sr") else torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     shapes = [(17, 256), (9, 2, 256), (4096,), (40, 128)]  # rows of whole blocks: the first two only
     values = [torch.randn(s, generator=gen).to(dt) for s in shapes]
@@ -49,7 +50,8 @@ def test_a_dtensor_param_steps_as_the_plain_one(mesh, layout):
     assert opt._fast is not None and opt._fast["groups"][0]["dtensor"] is not None
     assert opt._fast_plan() is not None
     # a param that keeps fp32 state steps as under the layout without codes
-    fb, fs = _run(values, grads, {"int8_state": "native", "master16_int8": "master16"}[layout], lambda t: t)
+    fb, fs = _run(values, grads, {"int8_state": "native", "master16_int8": "master16", "int8_sr": "native",
+                              "master16_int8_sr": "master16"}[layout], lambda t: t)
     for i, (p, r, f) in enumerate(zip(ps, rs, fs)):
         q = layouts.int8_quantized(p)
         assert q == (i < 2), (i, q)  # a plain (4096,) or (40, 128) is quantized; sharded, its rows are not blocks

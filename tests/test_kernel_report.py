@@ -59,17 +59,20 @@ def cuda_rows():
 
 def test_cuda_kernels_no_stack_no_spills_at_most_64_registers(cuda_rows):
     # + master16, + int8_state (no SF, no 0-state), + Muon's 3 (rule, flags) x 10 layouts, + master16_int8 (the
-    # Int8Functor<Op, true> of int8_state's 20, Muon's included; its fp32-state tensors run master16's functor)
-    assert len(cuda_rows) == kr.cuda_kernel_count() == 176 + 22 + 17 + 30 + 20
+    # Int8Functor<Op, true> of int8_state's 20, Muon's included; its fp32-state tensors run master16's functor),
+    # + int8_sr and master16_int8_sr (Int8Functor<Op, REM, true>: 20 each)
+    assert len(cuda_rows) == kr.cuda_kernel_count() == 176 + 22 + 17 + 30 + 20 + 40
     # The one measured exception: the int8 layouts' functor with 2 or 3 states (Int8Functor::kMinBlocks, 8 values
     # of each state live until the block's absmax is known) spills 8-78 bytes at 64 registers; on the H200
     # (bench/results/h200-20261204-b) AdamW int8_state ran 6.22 ms that way against 8.10 ms at 1 block of 512 per SM
     # and 128 registers without spills. Its spills stay bounded here (a change that spills more fails).
     # The master layout compiles for one block of 512 per SM (kMasterMinBlocksPerSM: faster on the H200 for AdamW,
     # 7.01 vs 7.46 ms), its registers the compiler's choice up to 128.
+    # The stochastic forms (int8_sr, master16_int8_sr; not GPU-timed yet) add the float64 decision: AdamW + AMSGrad
+    # reloads up to 100 bytes (2026-12-06).
     def budget(r):  # (registers, stack, spill stores, spill loads)
         if r["layout"] in kr.INT8_LAYOUTS and r["nstate"] >= 2:
-            return (64, 64, 80, 96)
+            return (64, 64, 80, 112 if r["layout"].endswith("_sr") else 96)
         return (128 if r["layout"].startswith("master-") else 64, 0, 0, 0)
     bad = [(r["rule"], r["flags"], r["layout"], r["registers"], r["stack_bytes"], r["spill_bytes"], r["spill_load_bytes"])
            for r in cuda_rows

@@ -453,6 +453,44 @@ def int8_encode_index(y, tab_ptr, UNSIGNED: tl.constexpr):
 
 
 @triton.jit
+def int8_encode_index_sr(y, r, UNSIGNED: tl.constexpr):
+    """The integer-space value y' and 16 random bits r (uint32) -> the table index, the code rounded stochastically
+    (layouts int8_sr / master16_int8_sr; layouts.int8_codes_sr_of, csrc/compressed.h int8_code_sr): with p(c) = c^2
+    or c^4, f the largest code with p(f) <= |y'| (unsigned max(y', 0)), the code is f + 1 when
+    r (p(f + 1) - p(f)) < (|y'| - p(f)) 2^16, else f; NaN the top code. In float64, where every product and
+    difference here is exact (a contraction into an fma changes nothing); the root only guesses f."""
+    if UNSIGNED:
+        a = tl.where((y > 0) | (y != y), y, 0.0).to(tl.float64)
+        top = 255.0
+        f = tl.floor(tl.sqrt(tl.sqrt(a)))
+    else:
+        a = tl.abs(y).to(tl.float64)
+        top = 127.0
+        f = tl.floor(tl.sqrt(a))
+    f = tl.where(a != a, 0.0, tl.where(f > top, top, f))
+    lo = f * f
+    if UNSIGNED:
+        lo = lo * lo
+    f = tl.where(lo > a, f - 1.0, f)
+    f1 = f + 1.0
+    hi = f1 * f1
+    if UNSIGNED:
+        hi = hi * hi
+    f = tl.where((f < top) & (hi <= a), f1, f)
+    lo = f * f
+    f1 = f + 1.0
+    hi = f1 * f1
+    if UNSIGNED:
+        lo = lo * lo
+        hi = hi * hi
+    up = (f < top) & (r.to(tl.float64) * (hi - lo) < (a - lo) * 65536.0)
+    c = tl.where(a != a, top, f + up.to(tl.float64)).to(tl.int32)
+    if UNSIGNED:
+        return c
+    return INT8_S_ZERO + tl.where(y < 0, -c, c)
+
+
+@triton.jit
 def _int8_ptr(ptr_tab, list_i, n_tensors, t, off, lanes, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """Pointers of list ``list_i`` of tensor ``t`` (scalar) at element ``off`` (int64 scalar, a multiple of
     ROWS x INT8_GROUP, or of ROWS for the scales) plus int32 ``lanes``: the 64-bit arithmetic once per program and,
@@ -489,16 +527,23 @@ def _int8_load(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, sro
 
 @triton.jit
 def _int8_store(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, srow, x, tab_ptr,
-                UNSIGNED: tl.constexpr, ALIGNED: tl.constexpr):
+                UNSIGNED: tl.constexpr, ALIGNED: tl.constexpr, SRQ: tl.constexpr = False, key_b=0):
     """Encode state values ``x`` [rows, INT8_GROUP]: per row the absmax (the scale; a NaN makes it NaN, as
-    torch.amax), the integer-space y' = (x u) k, its code; store codes and scales."""
+    torch.amax), the integer-space y' = (x u) k, its code (SRQ: rounded stochastically with the bits of each
+    element's index off + lanes under ``key_b``, the tensor's key of this state's buffer); store codes and
+    scales."""
     # torch.amax propagates NaN, the hardware max does not: a row's NaNs are added back (their sum; 0 without)
     scale = tl.max(tl.abs(x), axis=1, keep_dims=True) + tl.sum(tl.where(x != x, x, 0.0), axis=1, keep_dims=True)
     # layouts.int8_factors: u = 2^64 for a scale in (0, 2^-64), k = K / (scale u) correctly rounded (0 for 0)
     u = tl.where((scale > 0) & (scale < INT8_TINY), INT8_UNTINY, 1.0)
     kk = tl.math.div_rn(tl.full(scale.shape, INT8_K_U if UNSIGNED else INT8_K_S, tl.float32), scale * u)
     kk = tl.where(scale == 0, 0.0, kk)
-    k = int8_encode_index((x * u) * kk, tab_ptr, UNSIGNED)
+    if SRQ:
+        idx = off + lanes.to(tl.int64)
+        h = idx.to(tl.uint32) ^ key_b ^ ((idx >> 32).to(tl.uint32) * tl.full([], 0x85EBCA6B, tl.uint32))
+        k = int8_encode_index_sr((x * u) * kk, _lowbias32(h) & 0xFFFF, UNSIGNED)
+    else:
+        k = int8_encode_index((x * u) * kk, tab_ptr, UNSIGNED)
     if UNSIGNED:
         tl.store(_int8_ptr(ptr_tab, list_i, n_tensors, t, off, lanes, CODES_U8, ALIGNED), k.to(tl.uint8), mask=rmask)
     else:
@@ -511,14 +556,16 @@ def _int8_store(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, sr
 def _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, rmask, srow, tab_ptr, grad_scale_ptr,
                MULTI: tl.constexpr, RULE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, NSTATE: tl.constexpr,
                NSCAL: tl.constexpr, UNSIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr,
-               ALIGNED: tl.constexpr):
+               ALIGNED: tl.constexpr, SRQ: tl.constexpr = False):
     """A quantized tensor's rows ``off`` + ``lanes`` ([ROWS, INT8_GROUP]; ``rmask``: the rows inside the tensor,
     ``srow`` the rows' index [ROWS, 1]): fp32 param and grad, each state decoded from its codes (list 2 + j) and
     block scales (list SC + j), the fp32 rule, the states encoded again. UNSIGNED: bit j set when state j
     is non-negative (uint8 codes). MASTER == 2 (master16_int8): bf16 param and grad, the param value the master
     decoded from the param's bits and the int16 remainder (list 2 + NSTATE), encoded back into both; the scales
-    follow the remainder (SC = 3 + NSTATE, else 2 + NSTATE)."""
-    sp, lr, wd, gm, key = _prologue(scal_tab, t, grad_scale_ptr, NSCAL, HAS_GRAD_SCALE, False)
+    follow the remainder (SC = 3 + NSTATE, else 2 + NSTATE). SRQ: the codes rounded stochastically, the tensor's
+    key in the scalar row's last column (``_prologue``), state j's bits under buffer 1 + j."""
+    sp, lr, wd, gm, key = _prologue(scal_tab, t, grad_scale_ptr, NSCAL, HAS_GRAD_SCALE, SRQ)
+    golden = tl.full([], 0x9E3779B9, tl.uint32)
     SC = 2 + NSTATE
     if MASTER == MASTER_REMAINDER:
         SC = 3 + NSTATE
@@ -550,11 +597,14 @@ def _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, rmask, srow, tab_ptr
     else:
         tl.store(_int8_ptr(ptr_tab, 0, n_tensors, t, off, lanes, 0, ALIGNED), p, mask=rmask)
     if NSTATE >= 1:
-        _int8_store(ptr_tab, 2, SC, n_tensors, t, off, lanes, rmask, srow, s_0, tab_ptr, UNSIGNED & 1, ALIGNED)
+        _int8_store(ptr_tab, 2, SC, n_tensors, t, off, lanes, rmask, srow, s_0, tab_ptr, UNSIGNED & 1, ALIGNED,
+                    SRQ, key + golden)
     if NSTATE >= 2:
-        _int8_store(ptr_tab, 3, SC + 1, n_tensors, t, off, lanes, rmask, srow, s_1, tab_ptr, UNSIGNED & 2, ALIGNED)
+        _int8_store(ptr_tab, 3, SC + 1, n_tensors, t, off, lanes, rmask, srow, s_1, tab_ptr, UNSIGNED & 2, ALIGNED,
+                    SRQ, key + golden * 2)
     if NSTATE >= 3:
-        _int8_store(ptr_tab, 4, SC + 2, n_tensors, t, off, lanes, rmask, srow, s_2, tab_ptr, UNSIGNED & 4, ALIGNED)
+        _int8_store(ptr_tab, 4, SC + 2, n_tensors, t, off, lanes, rmask, srow, s_2, tab_ptr, UNSIGNED & 4, ALIGNED,
+                    SRQ, key + golden * 3)
 
 
 @triton.jit
@@ -563,14 +613,16 @@ def int8_state_kernel(ptr_tab, n_tensors, scal_tab, prog_tab, n_prog, numel_tab,
                       NSTATE: tl.constexpr, NSCAL: tl.constexpr, UNSIGNED: tl.constexpr,
                       HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ROWS: tl.constexpr,
                       KINDS: tl.constexpr, ALIGNED: tl.constexpr, HW_BF16: tl.constexpr, PDT: tl.constexpr = 0,
-                      MASTER: tl.constexpr = 0):
+                      MASTER: tl.constexpr = 0, SRQ: tl.constexpr = False):
     """Layout int8_state, one launch per bucket: program i updates ROWS x INT8_GROUP elements of tensor
     prog_tab[i] from block prog_tab[n_prog + i]; prog_tab[2 n_prog + i] = 1 when the tensor is quantized (codes and
     block scales: ``_int8_body``; its size is a multiple of INT8_GROUP, so the rows are whole blocks, masked by
     row), 0 when it keeps fp32 state (the lists 2.. hold fp32 states then: the elementwise body, masked by
     element). KINDS: 1 fp32 programs only, 2 quantized only, 3 both (only those are compiled). Layout master16_int8:
     PDT 2 (bf16 params and grads) and MASTER 2 (``MASTER_REMAINDER``): list 2 + NSTATE holds every tensor's int16
-    remainder, the scales follow it; the fp32-state tensors run the master16 body."""
+    remainder, the scales follow it; the fp32-state tensors run the master16 body. SRQ (int8_sr, master16_int8_sr):
+    the codes rounded stochastically; every scalar row has the tensor's key as an extra column (the fp32-state
+    programs read rows of that width too, and round nothing: their stores are fp32 or master16's)."""
     pid = tl.program_id(0)
     go = True
     if HAS_FOUND_INF:
@@ -583,17 +635,18 @@ def int8_state_kernel(ptr_tab, n_tensors, scal_tab, prog_tab, n_prog, numel_tab,
         lanes = rows * INT8_GROUP + tl.arange(0, INT8_GROUP)[None, :]  # int32 [ROWS, INT8_GROUP]
         if KINDS == 2:
             _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, off + rows * INT8_GROUP < n, rows, tab_ptr,
-                       grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE, NSCAL, UNSIGNED, HAS_GRAD_SCALE, MASTER, ALIGNED)
+                       grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE, NSCAL, UNSIGNED, HAS_GRAD_SCALE, MASTER, ALIGNED,
+                       SRQ)
         elif KINDS == 1:
             idx = off + lanes.to(tl.int64)
             _body(ptr_tab, n_tensors, scal_tab, t, 0, idx, idx < n, grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE,
-                  NSCAL, PDT, 0, MASTER, False, HAS_GRAD_SCALE, False, False, HW_BF16)
+                  NSCAL, PDT, 0, MASTER, SRQ, HAS_GRAD_SCALE, False, False, HW_BF16)
         else:
             if tl.load(prog_tab + 2 * n_prog + pid) != 0:
                 _int8_body(ptr_tab, n_tensors, scal_tab, t, off, lanes, off + rows * INT8_GROUP < n, rows, tab_ptr,
                            grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE, NSCAL, UNSIGNED, HAS_GRAD_SCALE, MASTER,
-                           ALIGNED)
+                           ALIGNED, SRQ)
             else:
                 idx = off + lanes.to(tl.int64)
                 _body(ptr_tab, n_tensors, scal_tab, t, 0, idx, idx < n, grad_scale_ptr, MULTI, RULE, F0, F1, NSTATE,
-                      NSCAL, PDT, 0, MASTER, False, HAS_GRAD_SCALE, False, False, HW_BF16)
+                      NSCAL, PDT, 0, MASTER, SRQ, HAS_GRAD_SCALE, False, False, HW_BF16)

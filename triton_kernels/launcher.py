@@ -455,7 +455,8 @@ def _check_int8_bucket(params, grads, states, quant, nstate, remainder=False) ->
 def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, grads, states, scalars, *,
                      found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
                      rows: int = INT8_ROWS, num_warps: int | None = None, remainder: bool = False,
-                     checked: bool = False, ptr_rows: torch.Tensor | None = None) -> int:
+                     checked: bool = False, ptr_rows: torch.Tensor | None = None,
+                     sr_keys: Sequence[int] | None = None) -> int:
     """Layout int8_state: ONE launch over a bucket of fp32 params whose per-tensor state tuples (``states[i]``) are
     either ``nstate`` fp32 tensors, or, for a tensor that layouts.int8_quantized keeps as codes (told by the states'
     dtype), ``nstate`` code tensors (int8 signed / uint8 non-negative, param-shaped) followed by their ``nstate``
@@ -465,7 +466,8 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
     int16 remainder after the codes (or the fp32 states), before the scales. ``checked``: the caller has checked
     every tensor (the Triton backend, behind the optimizer's plan): the grads are then not re-checked on a table
     hit. ``ptr_rows``: ``int8_pointer_rows(params, grads, states, 2 * nstate + r)`` when the caller has it (read at C
-    speed by the backend). Returns the number of launches (0 or 1)."""
+    speed by the backend). ``sr_keys`` (layouts int8_sr, master16_int8_sr): one uint32 key per tensor, the codes
+    rounded stochastically. Returns the number of launches (0 or 1)."""
     from ..layouts import INT8_BLOCK
     if family not in KERNELS:
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(KERNELS)}")
@@ -539,12 +541,19 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
         return 0
     aligned = aligned_rest and aligned_grads
     scal = scalar_table(scalars, n, ref.device)
+    nscal = scal.shape[1]
+    if sr_keys is not None:  # the key as the scalar rows' last column (kernels._prologue)
+        if len(sr_keys) != n:
+            raise ValueError(f"{len(sr_keys)} stochastic-rounding keys for {n} tensors")
+        keys = torch.tensor([int(k) & 0xFFFFFFFF for k in sr_keys], dtype=torch.float64, device=ref.device)
+        scal = torch.cat([scal, keys[:, None]], dim=1).contiguous()
     fi, gs = _amp_scalars(found_inf, grad_scale, ref.device)
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
     int8_state_kernel[(n_prog,)](
         ptr_tab.view(-1), n, scal, plan, n_prog, plan[3 * n_prog:], int8_code_table(ref.device),
         fi if fi is not None else scal, gs if gs is not None else scal,
-        MULTI=family == "multi", RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=scal.shape[1],
+        MULTI=family == "multi", RULE=rule_id, F0=flags[0], F1=flags[1], NSTATE=nstate, NSCAL=nscal,
+        SRQ=sr_keys is not None,
         UNSIGNED=unsigned, HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
         ROWS=rows, KINDS=kinds, ALIGNED=aligned, HW_BF16=not INTERPRETED, PDT=2 * r, MASTER=2 * r,
         num_warps=num_warps or NUM_WARPS_INT8, **COMPILE_OPTIONS,
@@ -568,11 +577,11 @@ def compile_variants(rule: str, flags, nstate: int, pdt: str, sdt: str, master: 
     elements per thread). Paths: "full" (a bucket of whole blocks only), "packed" (small tensors only) and "mixed"
     (both: what most buckets run); compiled code (HW_BF16). ``master``: the kernels' MASTER mode (``master_mode``:
     True or 1 an fp32 master copy, 2 the master16 remainder). ``sdt="int8"``: the int8_state kernel
-    (``compile_int8_variants``; with ``master`` 2 its master16_int8 form)."""
+    (``compile_int8_variants``; with ``master`` 2 its master16_int8 form, with ``sr`` their stochastic codes)."""
     from .rules import FAMILY, RULE_IDS, SCALARS
     if sdt == "int8":
         return compile_int8_variants(rule, flags, nstate, found_inf=found_inf, grad_scale=grad_scale,
-                                     num_warps=num_warps, remainder=int(master) == 2)
+                                     num_warps=num_warps, remainder=int(master) == 2, stochastic=sr)
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
     fn = KERNELS[FAMILY[rule]]
     master = int(master)
@@ -610,10 +619,11 @@ def int8_unsigned_mask(rule: str, nstate: int) -> int:
 
 def compile_int8_variants(rule: str, flags, nstate: int, found_inf: bool = False, grad_scale: bool = False,
                           rows: int = INT8_ROWS, num_warps: int | None = None, remainder: bool = False,
-                          maxnreg: int | None = MAXNREG_INT8):
+                          maxnreg: int | None = MAXNREG_INT8, stochastic: bool = False):
     """As ``compile_variants``, for the int8_state kernel: paths "int8" (quantized tensors only), "fp32" (fp32-state
     tensors only), "mixed" (both: ``KINDS`` 2, 1, 3). ``remainder``: layout master16_int8 (bf16 params, the
-    master16 remainder: PDT and MASTER 2)."""
+    master16 remainder: PDT and MASTER 2). ``stochastic``: the codes rounded stochastically (int8_sr,
+    master16_int8_sr: SRQ)."""
     from ..layouts import INT8_BLOCK
     from .rules import FAMILY, RULE_IDS, SCALARS
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
@@ -623,7 +633,7 @@ def compile_int8_variants(rule: str, flags, nstate: int, found_inf: bool = False
         constexprs = dict(MULTI=FAMILY[rule] == "multi", RULE=RULE_IDS[rule], F0=flags[0], F1=flags[1], NSTATE=nstate,
                           NSCAL=len(SCALARS[rule]), UNSIGNED=int8_unsigned_mask(rule, nstate),
                           HAS_FOUND_INF=found_inf, HAS_GRAD_SCALE=grad_scale, ROWS=rows, KINDS=kinds, ALIGNED=True,
-                          HW_BF16=True, PDT=2 * int(remainder), MASTER=2 * int(remainder))
+                          HW_BF16=True, PDT=2 * int(remainder), MASTER=2 * int(remainder), SRQ=stochastic)
         elems = rows * INT8_BLOCK // (32 * num_warps)
         out.append((int8_state_kernel.__name__, path, int8_state_kernel, dict(_INT8_SIGNATURE), constexprs,
                     {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}, elems))

@@ -8,8 +8,9 @@
 // grad_scale: float32 one-element device tensors (see fused_step.h).
 // layout: 0 native, 1 bf16_state, 2 master (the fp32 master last in each tensor's states), 3 bf16_sr, 4 master16
 // (the int16 remainder last in each tensor's states), 5 int8_state (a quantized param's states: its codes, then
-// their fp32 block scales; see step_args.h); sr_keys: int64 [n] uint32 keys (host or device), bf16_sr only. Every argument is checked before anything
-// is launched, by the checks the CPU op runs too (../step_args.h).
+// their fp32 block scales; see step_args.h), 6 master16_int8, 7 int8_sr, 8 master16_int8_sr; sr_keys: int64 [n]
+// uint32 keys (host or device), the stochastic layouts only (bf16_sr, int8_sr, master16_int8_sr). Every argument
+// is checked before anything is launched, by the checks the CPU op runs too (../step_args.h).
 // Avoids ATen/cuda/CUDAContext.h (it pulls cusparse.h, absent from the toolkit here).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -50,7 +51,7 @@ void mf_cuda_step(at::TensorList params, at::TensorList grads, at::TensorList st
   // the packs (and host keys) go to the device stream-ordered; check_step has checked them on the host
   const at::Tensor packs = scalars.to(a.device, /*non_blocking=*/true);
   at::Tensor keys;
-  if (a.layout == mf::LAYOUT_BF16_SR) keys = sr_keys->to(a.device, /*non_blocking=*/true);
+  if (mf::layout_stochastic(a.layout)) keys = sr_keys->to(a.device, /*non_blocking=*/true);
   // int8_state: the code dtype of each state position, one for the bucket (bit j: uint8 codes)
   int code_unsigned = -1;
   if (a.int8) {

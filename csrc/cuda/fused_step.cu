@@ -242,10 +242,12 @@ cudaError_t launch(int64_t n, void* const* params, const void* const* grads, voi
 // states: n * NS pointers (codes or fp32 states), scales: n * NS (nullptr for an fp32-state tensor).
 // REM (master16_int8): bf16 params, `remainders` n int16 remainders (list 2 + NS of both functors, before the
 // scales); the fp32-state tensors run the master16 functor.
-template <class Op, bool REM = false>
+// SRQ (int8_sr, master16_int8_sr): the quantized tensors' codes rounded stochastically (sr_keys: device, n keys).
+template <class Op, bool REM = false, bool SRQ = false>
 cudaError_t launch_int8(int64_t n, void* const* params, const void* const* grads, void* const* states,
                         void* const* scales, void* const* remainders, const int64_t* numel, const double* packs,
-                        const float* found_inf, const float* grad_scale, int code_unsigned, cudaStream_t stream) {
+                        const float* found_inf, const float* grad_scale, int code_unsigned, const int64_t* sr_keys,
+                        cudaStream_t stream) {
   constexpr int NS = Op::kStates;
   using P = typename std::conditional<REM, bf16, float>::type;
   if constexpr (NS == 0) {  // no state to compress: the native fp32 kernel (master16's)
@@ -279,7 +281,7 @@ cudaError_t launch_int8(int64_t n, void* const* params, const void* const* grads
     }
     cudaError_t err = cudaSuccess;
     if (nq > 0) {
-      Int8Functor<Op, REM> fq{packs, found_inf, grad_scale, code_unsigned};
+      Int8Functor<Op, REM, SRQ> fq{packs, found_inf, grad_scale, code_unsigned, sr_keys};
       err = multi_tensor_apply<NQ>(n, q.lists, nq_numel, fq, stream);
     }
     if (err == cudaSuccess && nq < n) {
@@ -304,17 +306,17 @@ cudaError_t dispatch_rule(int rule, int flags, int64_t n, void* const* params, c
   return cudaErrorInvalidValue;
 }
 
-template <bool REM>
+template <bool REM, bool SRQ = false>
 cudaError_t dispatch_int8(int rule, int flags, int64_t n, void* const* params, const void* const* grads,
                           void* const* states, void* const* scales, void* const* remainders, const int64_t* numel,
                           const double* packs, const float* found_inf, const float* grad_scale, int code_unsigned,
-                          cudaStream_t stream) {
+                          const int64_t* sr_keys, cudaStream_t stream) {
   // schedule-free rules refuse int8_state and master16_int8 (their z is an iterate): no kernel
 #define MF_CASE(R, F)                                                                                            \
   if constexpr (R != RULE_SGD_SF && R != RULE_ADAMW_SF)                                                          \
     if (rule == R && flags == F)                                                                                 \
-      return launch_int8<RuleOp<R, F>, REM>(n, params, grads, states, scales, remainders, numel, packs, found_inf, \
-                                            grad_scale, code_unsigned, stream);
+      return launch_int8<RuleOp<R, F>, REM, SRQ>(n, params, grads, states, scales, remainders, numel, packs,      \
+                                                 found_inf, grad_scale, code_unsigned, sr_keys, stream);
   MF_FOR_EACH_RULE_FLAGS(MF_CASE)
 #undef MF_CASE
   return cudaErrorInvalidValue;
@@ -328,13 +330,10 @@ cudaError_t step(int rule, int flags, int layout, int dtype, int64_t n, void* co
                  cudaStream_t stream, void* const* scales, int code_unsigned) {
   if (rule < 0 || rule >= RULE_COUNT || rule_num_scalars(rule) > kMaxPack) return cudaErrorInvalidValue;
   if (flags < 0 || flags >= (1 << rule_num_flag_bits(rule))) return cudaErrorInvalidValue;
-  if (layout == LAYOUT_BF16_SR && sr_keys == nullptr) return cudaErrorInvalidValue;
-  if ((layout == LAYOUT_MASTER || layout == LAYOUT_MASTER16 || layout == LAYOUT_MASTER16_INT8) && masters == nullptr &&
-      n > 0)
-    return cudaErrorInvalidValue;
+  if (layout_stochastic(layout) && sr_keys == nullptr) return cudaErrorInvalidValue;
+  if ((layout_master(layout) || layout_remainder(layout)) && masters == nullptr && n > 0) return cudaErrorInvalidValue;
   // (a rule without state, signSGD, has no scales to point at: its int8 layouts run the uncompressed kernel)
-  if ((layout == LAYOUT_INT8_STATE || layout == LAYOUT_MASTER16_INT8) && scales == nullptr && n > 0 &&
-      rule_num_states(rule, flags) > 0)
+  if (layout_int8(layout) && scales == nullptr && n > 0 && rule_num_states(rule, flags) > 0)
     return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   flags = normalize_flags(rule, flags);
@@ -362,11 +361,21 @@ cudaError_t step(int rule, int flags, int layout, int dtype, int64_t n, void* co
       return dtype == DT_BF16 ? dispatch_rule<bf16, float, false, false, true>(MF_ARGS) : cudaErrorInvalidValue;
     case LAYOUT_INT8_STATE:
       return dtype == DT_F32 ? dispatch_int8<false>(rule, flags, n, params, grads, states, scales, nullptr, numel,
-                                                    packs, found_inf, grad_scale, code_unsigned, stream)
+                                                    packs, found_inf, grad_scale, code_unsigned, nullptr, stream)
                              : cudaErrorInvalidValue;
     case LAYOUT_MASTER16_INT8:  // `masters`: the int16 remainders
       return dtype == DT_BF16 ? dispatch_int8<true>(rule, flags, n, params, grads, states, scales, masters, numel,
-                                                    packs, found_inf, grad_scale, code_unsigned, stream)
+                                                    packs, found_inf, grad_scale, code_unsigned, nullptr, stream)
+                              : cudaErrorInvalidValue;
+    case LAYOUT_INT8_SR:  // int8_state with stochastic codes
+      return dtype == DT_F32 ? dispatch_int8<false, true>(rule, flags, n, params, grads, states, scales, nullptr,
+                                                          numel, packs, found_inf, grad_scale, code_unsigned, sr_keys,
+                                                          stream)
+                             : cudaErrorInvalidValue;
+    case LAYOUT_MASTER16_INT8_SR:
+      return dtype == DT_BF16 ? dispatch_int8<true, true>(rule, flags, n, params, grads, states, scales, masters,
+                                                          numel, packs, found_inf, grad_scale, code_unsigned, sr_keys,
+                                                          stream)
                               : cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }

@@ -43,7 +43,10 @@ __device__ __forceinline__ void int8_param_store(bf16& p, uint16_t& r, float a) 
   r = master16_remainder_bits(a);
 }
 
-template <class Op, bool REM = false>
+// SRQ (layouts int8_sr, master16_int8_sr): each code rounded stochastically (compressed.h's int8_code_sr) with the
+// bits of its element index in the tensor (base + i0 + k) under the tensor's key (sr_keys[row], the bf16_sr
+// convention: buffer 1 + j for state j).
+template <class Op, bool REM = false, bool SRQ = false>
 struct Int8Functor {
   using P = typename std::conditional<REM, bf16, float>::type;  // param and grad storage
   static constexpr int R = REM ? 1 : 0;                          // the remainder list (2 + NS) before the scales'
@@ -59,6 +62,7 @@ struct Int8Functor {
   const float* found_inf;
   const float* grad_scale;
   int code_unsigned;  // bit j: state j has uint8 codes (a non-negative state), else int8
+  const int64_t* sr_keys = nullptr;  // SRQ: one uint32 key per tensor (as int64), indexed by the pack row
 
   template <class Table>
   __device__ __forceinline__ void operator()(const Table& tt, int slot, int chunk) const {
@@ -75,6 +79,7 @@ struct Int8Functor {
     __syncthreads();
 
     const Sc sc = load_pack<Sc, K>(packs, static_cast<int64_t>(tt.row[slot]), grad_scale);
+    const uint32_t key = SRQ ? static_cast<uint32_t>(sr_keys[tt.row[slot]]) : 0u;
 
     const int64_t base = static_cast<int64_t>(chunk) * kChunk;
     // a multiple of INT8_BLOCK, at most kChunk: 32-bit indices from here on
@@ -155,8 +160,16 @@ struct Int8Functor {
         const bool uns = (code_unsigned >> j) & 1;
         // compressed.h's integer-space encode (m is the warp's absmax: the factors are uniform)
         const Int8Factor f = int8_factor(m, !uns);
+        if constexpr (SRQ) {
+          const uint32_t kb = sr_key_b(key, 1 + j);
 #pragma unroll
-        for (int k = 0; k < kInt8Lane; ++k) vc[j].v[k] = static_cast<uint8_t>(int8_encode_code(st[j][k], f, !uns));
+          for (int k = 0; k < kInt8Lane; ++k)
+            vc[j].v[k] = static_cast<uint8_t>(
+                int8_code_sr((st[j][k] * f.u) * f.k, sr_bits(kb, base + i0 + k), !uns));
+        } else {
+#pragma unroll
+          for (int k = 0; k < kInt8Lane; ++k) vc[j].v[k] = static_cast<uint8_t>(int8_encode_code(st[j][k], f, !uns));
+        }
         if (aligned) {
           *reinterpret_cast<Vec<uint8_t, kInt8Lane>*>(code[j] + i0) = vc[j];
         } else {

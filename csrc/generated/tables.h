@@ -132,7 +132,9 @@ enum Layout : int {
   LAYOUT_MASTER16 = 4,
   LAYOUT_INT8_STATE = 5,
   LAYOUT_MASTER16_INT8 = 6,
-  LAYOUT_COUNT = 7
+  LAYOUT_INT8_SR = 7,
+  LAYOUT_MASTER16_INT8_SR = 8,
+  LAYOUT_COUNT = 9
 };
 
 inline const char* layout_name(long long layout) {
@@ -144,6 +146,8 @@ inline const char* layout_name(long long layout) {
     case LAYOUT_MASTER16: return "master16";
     case LAYOUT_INT8_STATE: return "int8_state";
     case LAYOUT_MASTER16_INT8: return "master16_int8";
+    case LAYOUT_INT8_SR: return "int8_sr";
+    case LAYOUT_MASTER16_INT8_SR: return "master16_int8_sr";
     default: return "?";
   }
 }
@@ -157,6 +161,8 @@ MF_HD inline unsigned layout_param_dtype_bits(long long layout) {
     case LAYOUT_MASTER16: return 4u;  // bfloat16
     case LAYOUT_INT8_STATE: return 1u;  // float32
     case LAYOUT_MASTER16_INT8: return 4u;  // bfloat16
+    case LAYOUT_INT8_SR: return 1u;  // float32
+    case LAYOUT_MASTER16_INT8_SR: return 4u;  // bfloat16
     default: return 0u;
   }
 }
@@ -170,6 +176,8 @@ inline const char* layout_param_dtypes(long long layout) {
     case LAYOUT_MASTER16: return "bfloat16";
     case LAYOUT_INT8_STATE: return "float32";
     case LAYOUT_MASTER16_INT8: return "bfloat16";
+    case LAYOUT_INT8_SR: return "float32";
+    case LAYOUT_MASTER16_INT8_SR: return "bfloat16";
     default: return "";
   }
 }
@@ -183,6 +191,8 @@ MF_HD inline int layout_state_dtype_code(long long layout) {
     case LAYOUT_MASTER16: return 0;
     case LAYOUT_INT8_STATE: return 0;
     case LAYOUT_MASTER16_INT8: return 0;
+    case LAYOUT_INT8_SR: return 0;
+    case LAYOUT_MASTER16_INT8_SR: return 0;
     default: return -1;
   }
 }
@@ -192,15 +202,15 @@ MF_HD inline bool layout_master(long long layout) {
 }
 
 MF_HD inline bool layout_stochastic(long long layout) {
-  return layout == LAYOUT_BF16_SR;
+  return layout == LAYOUT_BF16_SR || layout == LAYOUT_INT8_SR || layout == LAYOUT_MASTER16_INT8_SR;
 }
 
 MF_HD inline bool layout_remainder(long long layout) {
-  return layout == LAYOUT_MASTER16 || layout == LAYOUT_MASTER16_INT8;
+  return layout == LAYOUT_MASTER16 || layout == LAYOUT_MASTER16_INT8 || layout == LAYOUT_MASTER16_INT8_SR;
 }
 
 MF_HD inline bool layout_int8(long long layout) {
-  return layout == LAYOUT_INT8_STATE || layout == LAYOUT_MASTER16_INT8;
+  return layout == LAYOUT_INT8_STATE || layout == LAYOUT_MASTER16_INT8 || layout == LAYOUT_INT8_SR || layout == LAYOUT_MASTER16_INT8_SR;
 }
 
 // int8_state code map (layouts.int8_table; docs/layouts.md): per block of INT8_BLOCK elements one fp32

@@ -96,8 +96,9 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
     master copy in ``state["master"]``), "bf16_sr" (bf16 params and state, stochastic rounding seeded by
     ``sr_seed``), "master16" (bf16 params holding the high half of an fp32 master, its low half in
     ``state["master_lo"]``), "int8_state" (fp32 params, moments as 8-bit block codes + fp32 scales),
-    "master16_int8" (both, for bf16 params); docs/layouts.md says which backends run each. Both are param-group keys (per-group values allowed) and saved in
-    state_dicts.
+    "master16_int8" (both, for bf16 params), "int8_sr" / "master16_int8_sr" (the same with the codes rounded
+    stochastically, seeded by ``sr_seed``); docs/layouts.md says which backends run each. Both are param-group keys
+    (per-group values allowed) and saved in state_dicts.
     """
 
     rule: ClassVar[str]

@@ -139,7 +139,7 @@ class ValidationMixin:
         if self._host_counters():
             return "it keeps per-group host counters that change every step (FSGDM's u, schedule-free's c)"
         if lay.stochastic:
-            return "the bf16_sr layout derives its rounding keys from a host counter (sr_step)"
+            return f"the {lay.name} layout derives its rounding keys from a host counter (sr_step)"
         return None
 
     def _check_capturable(self, gi, group, chosen) -> None:
