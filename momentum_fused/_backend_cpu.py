@@ -11,8 +11,8 @@ registered op ``torch.ops.momentum_fused.cpu_step``, whose TensorList conversion
 per list: most of a step over 10,000 small tensors). The registered op still runs under a TorchDispatchMode
 and for tensor subclasses that dispatch to Python, so that modes and subclasses see it.
 
-Dtype layouts (momentum_fused/layouts.py): all seven (native, bf16_state, master, bf16_sr, master16,
-int8_state, master16_int8), passed to the op as ``LAYOUT_CODES[layout.name]`` (``enum Layout`` of csrc/generated/tables.h);
+Dtype layouts (momentum_fused/layouts.py): all nine (native, bf16_state, master, bf16_sr, master16,
+int8_state, master16_int8, int8_sr, master16_int8_sr), passed to the op as ``LAYOUT_CODES[layout.name]`` (``enum Layout`` of csrc/generated/tables.h);
 with ``master`` the fp32 master copy is the last tensor of each state tuple, with ``master16`` the int16
 remainder; with ``int8_state`` a quantized param's tuple is its codes then their fp32 block scales (one call
 per bucket: the kernels tell quantized params by their state's dtype, the binding csrc/step_args.h); with

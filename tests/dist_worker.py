@@ -633,11 +633,13 @@ def scenario_master16_full_state_dict(rank, tmpdir, layout, backend, save_after=
 _KINDS["master16_full"] = scenario_master16_full_state_dict
 
 
-def scenario_sr_shards(rank, tmpdir, backend, steps=STEPS):
+def scenario_sr_shards(rank, tmpdir, backend, steps=STEPS, layout="bf16_sr"):
     """bf16_sr on DTensor shards: a (4, 64) bf16 param whose two row halves are equal, with equal gradients, split
     2 / 2 rows by Shard(0), and a replicated copy. The shards index their elements from 0, so with one key per
     tensor both halves drew the same random bits and stayed equal; the shard's global offset is in its key now.
-    Also returns a one-process run of the same param (its rows 0-1 are the origin shard's: the same key)."""
+    Also returns a one-process run of the same param (its rows 0-1 are the origin shard's: the same key).
+    ``layout="int8_sr"``: the same with a (16, 256) fp32 param (quantized: each shard 8 rows of one block) and the
+    exp_avg codes returned too."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -646,21 +648,25 @@ def scenario_sr_shards(rank, tmpdir, backend, steps=STEPS):
 
     mesh = init_device_mesh("cpu", (WORLD,))
     gen = torch.Generator().manual_seed(3)
-    half = torch.randn(2, 64, generator=gen)
-    init = torch.cat([half, half]).bfloat16()
+    rows, cols, dtype = (2, 64, torch.bfloat16) if layout == "bf16_sr" else (8, 256, torch.float32)
+    half = torch.randn(rows, cols, generator=gen)
+    init = torch.cat([half, half]).to(dtype)
     grads = []
     for _ in range(steps):
-        g = torch.randn(2, 64, generator=gen) * 1e-2
-        grads.append(torch.cat([g, g]).bfloat16())
+        g = torch.randn(rows, cols, generator=gen) * 1e-2
+        grads.append(torch.cat([g, g]).to(dtype))
+
+    def full(t):
+        t = t.detach()
+        return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
 
     def run(make):
         p = make(init.clone()).requires_grad_()
-        opt = mf.AdamW([p], lr=1e-3, layout="bf16_sr", sr_seed=7, backend=backend)
+        opt = mf.AdamW([p], lr=1e-3, layout=layout, sr_seed=7, backend=backend)
         for g in grads:
             p.grad = make(g.clone())
             opt.step()
-        q = p.detach()
-        return q.full_tensor() if hasattr(q, "full_tensor") else q.clone()
+        return full(p) if layout == "bf16_sr" else (full(p), full(opt.state[p]["exp_avg"]))
 
     return dict(sharded=run(lambda t: distribute_tensor(t, mesh, [Shard(0)])),
                 replicated=run(lambda t: distribute_tensor(t, mesh, [Replicate()])),

@@ -374,7 +374,7 @@ def test_master16_int8_two_threads_split_quantized_tensors_on_blocks():
 # ----------------------------------------------------------------------- threads, ISA variants, found_inf
 def _bits_run():
     """AdamW in the compressed layouts over a bucket that two threads split mid-tensor; every tensor, cloned (int8_sr:
-    the avx512 variant's vector encode against the others' float64 element loop)."""
+    each variant's own encode: avx512 and avx2 vector forms, baseline the float64 element loop)."""
     gen = torch.Generator().manual_seed(7)
     out = []
     for layout, dtype, shapes in (("int8_state", torch.float32, [(300, 256), (17,), (4096,), (70_001,)]),

@@ -67,6 +67,8 @@ def _scenarios():
     out += [dict(id=f"master16_full-{lay}-{b}", kind="master16_full", layout=lay, backend=b)
             for lay in FULL_SD_LAYOUTS for b in _available(BACKENDS)]
     out += [dict(id=f"sr_shards-{b}", kind="sr_shards", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"sr_shards_int8-{b}", kind="sr_shards", layout="int8_sr", backend=b)
+            for b in _available(BACKENDS)]
     out += [dict(id=f"muon_bf16_fsdp-{a}-{b}", kind="muon_bf16_fsdp", ns_algorithm=a, backend=b)
             for a in MUON_ALGORITHMS for b in _available(BACKENDS)]
     out += [dict(id=f"muon_bad_split-{b}", kind="muon_bad_split", backend=b) for b in _available(BACKENDS)]
@@ -358,6 +360,22 @@ def test_bf16_sr_shards_draw_their_own_bits(world, backend):
         assert not torch.equal(sharded[2:], sharded[:2])  # the second shard draws its own bits
         assert torch.equal(res["replicated"], one)
     assert torch.equal(r0["sharded"], r1["sharded"])
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_int8_sr_shards_draw_their_own_bits(world, backend):
+    """int8_sr (stochastic 8-bit codes) on a Shard(0) DTensor, as bf16_sr above: a (16, 256) fp32 param with equal
+    row halves and equal gradients, one block per row, quantized on both shards. The second shard's codes draw
+    their own bits (the halves' codes part); the origin shard's codes and params are one process's; a replicated
+    param is one process's on both ranks."""
+    r0, r1 = _results(world, f"sr_shards_int8-{backend}")
+    for res in (r0, r1):
+        (p1, c1), (ps, cs), (pr, cr) = res["one"], res["sharded"], res["replicated"]
+        assert cs.dtype == torch.int8 and int(cs.ne(0).sum()) > 1000
+        assert torch.equal(cs[:8], c1[:8]) and torch.equal(ps[:8], p1[:8])  # the origin shard: one process's
+        assert not torch.equal(cs[8:], cs[:8])  # the second shard draws its own bits
+        assert torch.equal(cr, c1) and torch.equal(pr, p1)
+    assert torch.equal(r0["sharded"][1], r1["sharded"][1])
 
 
 # ------------------------------------------------------------------ Muon with bf16 Newton-Schulz under FSDP2

@@ -95,10 +95,15 @@ class CheckpointMixin:
         for idx, st in state_dict["state"].items():
             host[idx] = {k: v for k, v in st.items() if k in HOST_STATE_KEYS}
             saved[idx] = {k: v for k, v in st.items() if k not in HOST_STATE_KEYS and isinstance(v, torch.Tensor)}
-        live_layouts = [g["layout"] for g in self.param_groups]
+        live_layouts = [(g["layout"], g.get("sr_seed"), g.get("sr_step")) for g in self.param_groups]
+        saved_stochastic = [_layouts.get_layout(g.get("layout", "native")).stochastic
+                            if isinstance(g.get("layout", "native"), str) and g.get("layout", "native") in
+                            _layouts.LAYOUTS else False for g in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
-        for g, live in zip(self.param_groups, live_layouts):  # the layout is the live optimizer's, never the
-            g["layout"] = live                                  # checkpoint's: its state converts into it
+        for g, (live, seed, step), was_sr in zip(self.param_groups, live_layouts, saved_stochastic):
+            g["layout"] = live  # the layout is the live optimizer's, never the checkpoint's: its state converts
+            if not was_sr and seed is not None:  # a checkpoint that drew no rounding bits (another layout, or
+                g["sr_seed"], g["sr_step"] = seed, step  # torch.optim's) keeps the live seed and counter
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         cap = {p for g in self.param_groups if g.get("capturable") for p in g["params"]}

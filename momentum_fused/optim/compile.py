@@ -99,8 +99,9 @@ def _bucket_step_fake(params, grads, states, scalars, found_inf, grad_scale, rul
 
 
 def bucket_op(backend, spec, flags, ps, gs, sts, scs, *, layout=None, sr_keys=None, found_inf=None, grad_scale=None):
-    if sr_keys is not None:  # (capturable excludes bf16_sr; a traced step is capturable)
-        raise NotImplementedError("momentum_fused: a traced step cannot use the bf16_sr layout")
+    if sr_keys is not None:  # (capturable excludes the stochastic layouts; a traced step is capturable)
+        raise NotImplementedError("momentum_fused: a traced step cannot use a stochastic layout (bf16_sr, int8_sr, "
+                                  "master16_int8_sr)")
     bits = flags_to_int(spec.name, flags)
     bucket_step(list(ps), list(gs), [t for st in sts for t in st], scs, found_inf, grad_scale, spec.name, bits,
                 backend.name, "native" if layout is None else layout.name)
