@@ -139,22 +139,25 @@ MF_HD MF_INLINE int int8_code_unsigned(float y) {
 // The stochastic code of an integer-space value y' with 16 random bits r (layouts int8_sr, master16_int8_sr;
 // layouts.int8_codes_sr_of is the definition): with p(c) = c^2 (signed) or c^4 (unsigned), a = |y'| (unsigned:
 // max(y', 0)) and f the largest code with p(f) <= a (the top code at or above it), the magnitude is f + 1 when
-// r (p(f + 1) - p(f)) < (a - p(f)) 2^16, else f; NaN: the top code. Every product and difference below is exact in
-// float64 (integers below 2^49, fp32 values below 2^33), so the comparison is the exact one whatever the
-// compiler contracts; the float64 root only guesses f, which the exact comparisons then settle.
+// r (p(f + 1) - p(f)) < (a - p(f)) 2^16, else f; NaN: the top code. f from a guess of the root t (int8_root_guess:
+// off by far less than 1/2, so n = round(guess) is floor(t) or floor(t) + 1): f = n - (a < p(n)), and the bracket's
+// other end p(n - 1) or p(n + 1). Every product and difference in float64 here is exact (integers below 2^49,
+// fp32 values below 2^33), so the comparisons are the exact ones whatever the compiler contracts.
 MF_HD MF_INLINE double int8_sr_power(double c, bool sgn) { return sgn ? c * c : (c * c) * (c * c); }
-MF_HD MF_INLINE int int8_code_sr(float y, uint32_t r, bool sgn) {  // (branch-free: the CPU loop vectorizes it)
-  const double top = sgn ? 127.0 : 255.0;
-  const bool nan = y != y;
-  const double yd = nan ? 0.0 : static_cast<double>(y);
-  const double a = sgn ? fabs(yd) : (yd > 0.0 ? yd : 0.0);
-  double f = floor(sgn ? sqrt(a) : sqrt(sqrt(a)));
-  f = f > top ? top : f;
-  f = int8_sr_power(f, sgn) > a ? f - 1.0 : f;
-  f = (f < top && int8_sr_power(f + 1.0, sgn) <= a) ? f + 1.0 : f;
-  const double lo = int8_sr_power(f, sgn);
-  const bool up = f < top && static_cast<double>(r) * (int8_sr_power(f + 1.0, sgn) - lo) < (a - lo) * 65536.0;
-  const int c = nan ? static_cast<int>(top) : static_cast<int>(f) + (up ? 1 : 0);
+MF_HD MF_INLINE int int8_code_sr(float y, uint32_t r, bool sgn) {
+  const int top = sgn ? 127 : 255;
+  if (y != y) return top;
+  const float a32 = sgn ? fabsf(y) : (y > 0.0f ? y : 0.0f);
+  const float g = sgn ? int8_root_guess(a32) : int8_root_guess(int8_root_guess(a32));
+  const double n = static_cast<double>(rintf(fminf(g, static_cast<float>(top))));
+  const double a = static_cast<double>(a32);
+  const double pn = int8_sr_power(n, sgn);
+  const bool below = a < pn;
+  const double f = below ? n - 1.0 : n;
+  const double q = int8_sr_power(below ? f : n + 1.0, sgn);
+  const double lo = below ? q : pn, hi = below ? pn : q;
+  const bool up = f < top && static_cast<double>(r) * (hi - lo) < (a - lo) * 65536.0;
+  const int c = static_cast<int>(f) + (up ? 1 : 0);
   return sgn && y < 0.0f ? -c : c;
 }
 
