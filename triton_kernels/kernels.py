@@ -453,36 +453,37 @@ def int8_encode_index(y, tab_ptr, UNSIGNED: tl.constexpr):
 
 
 @triton.jit
+def _int8_sr_power(c, UNSIGNED: tl.constexpr):
+    c2 = c * c
+    if UNSIGNED:
+        c2 = c2 * c2
+    return c2
+
+
+@triton.jit
 def int8_encode_index_sr(y, r, UNSIGNED: tl.constexpr):
     """The integer-space value y' and 16 random bits r (uint32) -> the table index, the code rounded stochastically
     (layouts int8_sr / master16_int8_sr; layouts.int8_codes_sr_of, csrc/compressed.h int8_code_sr): with p(c) = c^2
     or c^4, f the largest code with p(f) <= |y'| (unsigned max(y', 0)), the code is f + 1 when
-    r (p(f + 1) - p(f)) < (|y'| - p(f)) 2^16, else f; NaN the top code. In float64, where every product and
-    difference here is exact (a contraction into an fma changes nothing); the root only guesses f."""
+    r (p(f + 1) - p(f)) < (|y'| - p(f)) 2^16, else f; NaN the top code. As compressed.h: n = the fp32 root rounded
+    (floor(t) or floor(t) + 1), f = n - (a < p(n)), the bracket's other end from n -+ 1; the comparisons in float64,
+    where every product and difference here is exact (a contraction into an fma changes nothing)."""
     if UNSIGNED:
-        a = tl.where((y > 0) | (y != y), y, 0.0).to(tl.float64)
+        a32 = tl.where((y > 0) | (y != y), y, 0.0)
         top = 255.0
-        f = tl.floor(tl.sqrt(tl.sqrt(a)))
+        g = tl.sqrt(tl.sqrt(a32))
     else:
-        a = tl.abs(y).to(tl.float64)
+        a32 = tl.abs(y)
         top = 127.0
-        f = tl.floor(tl.sqrt(a))
-    f = tl.where(a != a, 0.0, tl.where(f > top, top, f))
-    lo = f * f
-    if UNSIGNED:
-        lo = lo * lo
-    f = tl.where(lo > a, f - 1.0, f)
-    f1 = f + 1.0
-    hi = f1 * f1
-    if UNSIGNED:
-        hi = hi * hi
-    f = tl.where((f < top) & (hi <= a), f1, f)
-    lo = f * f
-    f1 = f + 1.0
-    hi = f1 * f1
-    if UNSIGNED:
-        lo = lo * lo
-        hi = hi * hi
+        g = tl.sqrt(a32)
+    n = tl.floor(tl.where(g < top, g, top) + 0.5).to(tl.float64)  # (NaN: the top; masked below)
+    a = a32.to(tl.float64)
+    pn = _int8_sr_power(n, UNSIGNED)
+    below = a < pn
+    f = tl.where(below, n - 1.0, n)
+    q = _int8_sr_power(tl.where(below, f, n + 1.0), UNSIGNED)
+    lo = tl.where(below, q, pn)
+    hi = tl.where(below, pn, q)
     up = (f < top) & (r.to(tl.float64) * (hi - lo) < (a - lo) * 65536.0)
     c = tl.where(a != a, top, f + up.to(tl.float64)).to(tl.int32)
     if UNSIGNED:

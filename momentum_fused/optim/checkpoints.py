@@ -96,9 +96,8 @@ class CheckpointMixin:
             host[idx] = {k: v for k, v in st.items() if k in HOST_STATE_KEYS}
             saved[idx] = {k: v for k, v in st.items() if k not in HOST_STATE_KEYS and isinstance(v, torch.Tensor)}
         live_layouts = [(g["layout"], g.get("sr_seed"), g.get("sr_step")) for g in self.param_groups]
-        saved_stochastic = [_layouts.get_layout(g.get("layout", "native")).stochastic
-                            if isinstance(g.get("layout", "native"), str) and g.get("layout", "native") in
-                            _layouts.LAYOUTS else False for g in state_dict["param_groups"]]
+        saved_stochastic = [isinstance(g.get("layout"), str) and _layouts.LAYOUTS.get(g["layout"], _layouts.NATIVE)
+                            .stochastic for g in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
         for g, (live, seed, step), was_sr in zip(self.param_groups, live_layouts, saved_stochastic):
             g["layout"] = live  # the layout is the live optimizer's, never the checkpoint's: its state converts
