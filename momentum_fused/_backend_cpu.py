@@ -12,7 +12,8 @@ per list: most of a step over 10,000 small tensors). The registered op still run
 and for tensor subclasses that dispatch to Python, so that modes and subclasses see it.
 
 Dtype layouts (momentum_fused/layouts.py): all nine (native, bf16_state, master, bf16_sr, master16,
-int8_state, master16_int8, int8_sr, master16_int8_sr), passed to the op as ``LAYOUT_CODES[layout.name]`` (``enum Layout`` of csrc/generated/tables.h);
+int8_state, master16_int8, int8_sr, master16_int8_sr), passed to the op as ``LAYOUT_CODES[layout.name]``
+(``enum Layout`` of csrc/generated/tables.h);
 with ``master`` the fp32 master copy is the last tensor of each state tuple, with ``master16`` the int16
 remainder; with ``int8_state`` a quantized param's tuple is its codes then their fp32 block scales (one call
 per bucket: the kernels tell quantized params by their state's dtype, the binding csrc/step_args.h); with
@@ -47,7 +48,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # the layout codes of the ops (enum Layout in csrc/generated/tables.h; the CUDA op uses the same codes)
 LAYOUT_CODES = {name: i for i, name in enumerate(layouts.LAYOUTS)}
 # the layouts the CPU kernels implement (csrc/cpu/cpu_kernels_impl.inc, `dispatch`): all of layouts.LAYOUTS
-CPU_LAYOUTS = (*layouts.BASE_KERNEL_LAYOUTS, "master16", "int8_state", "master16_int8", "int8_sr", "master16_int8_sr")
+CPU_LAYOUTS = (*layouts.BASE_KERNEL_LAYOUTS, "master16", "int8_state", "master16_int8", "int8_sr",
+               "master16_int8_sr")
 
 
 

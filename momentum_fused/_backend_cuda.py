@@ -33,8 +33,9 @@ import torch
 from . import backends, layouts
 from ._backend_cpu import RULE_IDS, flags_to_int, layout_args
 
-# the layouts the CUDA kernels implement (csrc/cuda/fused_step.cu, `step`); master16, int8_state and master16_int8
-# are compiled and statically checked (bench/kernel_report.py) but have not run on a GPU yet (tests/test_cuda_backend.py)
+# the layouts the CUDA kernels implement (csrc/cuda/fused_step.cu, `step`); int8_sr and master16_int8_sr (2026-12-06)
+# are compiled, statically checked (bench/kernel_report.py) and host-emulated (tests/test_cuda_sources.py) but have
+# not run on a GPU yet (tests/test_cuda_backend.py; the others passed there on an H200, 2026-12-04)
 CUDA_LAYOUTS = layouts.BASE_KERNEL_LAYOUTS + ("master16", "int8_state", "master16_int8", "int8_sr",
                                               "master16_int8_sr")
 

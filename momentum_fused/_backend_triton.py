@@ -112,8 +112,8 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
     """Run ``spec``'s rule on one bucket in one kernel launch (any dtype layout of ``TRITON_LAYOUTS``: states[i]
     ends with the fp32 master copy under ``master``, with the int16 remainder under ``master16``; ``sr_keys`` under
     ``bf16_sr``, ``int8_sr`` and ``master16_int8_sr``; ``int8_state`` runs launcher.int8_state_apply, codes then
-    scales for a quantized tensor, and ``master16_int8`` (and their stochastic forms) too, the int16 remainder between them, or after the fp32 states). Returns
-    the number of launches."""
+    scales for a quantized tensor, and ``master16_int8`` (and their stochastic forms) too, the int16 remainder
+    between them, or after the fp32 states). Returns the number of launches."""
     rules, launcher = _kernel_modules()
     if not params:
         return 0
