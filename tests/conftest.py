@@ -16,15 +16,25 @@ def default_f64():
 
 
 @pytest.fixture
-def one_thread():
-    """One intra-op torch thread for tests of tiny matrices: avoids OpenMP spin-waits and oversubscription
-    on the shared 2-core machines (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+def threads():
+    """``threads(n)`` sets torch's intra-op thread count for the rest of the test (``threads(n, at_least=True)``:
+    max(n, the count before)); the count before comes back at teardown."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+
+    def set_threads(k: int, at_least: bool = False) -> None:
+        torch.set_num_threads(max(k, n) if at_least else k)
+
     try:
-        yield
+        yield set_threads
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread(threads):
+    """One intra-op torch thread for tests of tiny matrices: avoids OpenMP spin-waits and oversubscription
+    on the shared 2-core machines (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads(1)
 
 
 @pytest.fixture(scope="module")

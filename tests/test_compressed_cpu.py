@@ -196,22 +196,18 @@ def test_int8_cpu_is_decode_fp32_rule_encode_bit_for_bit(case):
 
 
 @pytest.mark.parametrize("cid", ["adamw", "rmsprop-momentum-centered"])
-def test_int8_two_threads_split_quantized_tensors_on_blocks(cid):
+def test_int8_two_threads_split_quantized_tensors_on_blocks(cid, threads):
     _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == cid)
     kw, scale = _kw(kw0, lp)
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(2, old))
-    try:
-        opt, ref, ps, rs, gen = _int8_pair(cls, kw, Q_SPLIT_SHAPES)
-        for _ in range(3):
-            for p, r in zip(ps, rs):
-                p.grad = _grad(p.shape, gen, scale, sign)
-                r.grad = p.grad.clone()
-            opt.step()
-            ref.step()
-            _requantize(ref, opt.spec.state_names(opt.param_groups[0]))
-    finally:
-        torch.set_num_threads(old)
+    threads(2, at_least=True)
+    opt, ref, ps, rs, gen = _int8_pair(cls, kw, Q_SPLIT_SHAPES)
+    for _ in range(3):
+        for p, r in zip(ps, rs):
+            p.grad = _grad(p.shape, gen, scale, sign)
+            r.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        _requantize(ref, opt.spec.state_names(opt.param_groups[0]))
     _check_int8_equal(opt, ref, ps, rs, cid)
 
 
@@ -359,15 +355,11 @@ def test_master16_int8_cpu_is_int8_state_on_the_master_bit_for_bit(case):
     assert all(int(opt.state[p]["master_lo"].ne(0).sum()) > 1000 for p in q)
 
 
-def test_master16_int8_two_threads_split_quantized_tensors_on_blocks():
+def test_master16_int8_two_threads_split_quantized_tensors_on_blocks(threads):
     _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == "adamw")
     kw, scale = _kw(kw0, lp)
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(2, old))
-    try:
-        opt, ref, ps, rs = _m16i8_pair(cls, kw, sign, scale, steps=3, shapes=Q_SPLIT_SHAPES)
-    finally:
-        torch.set_num_threads(old)
+    threads(2, at_least=True)
+    opt, ref, ps, rs = _m16i8_pair(cls, kw, sign, scale, steps=3, shapes=Q_SPLIT_SHAPES)
     _check_m16i8_equal(opt, ref, ps, rs, "two threads")
 
 
@@ -393,15 +385,11 @@ def _bits_run():
     return out
 
 
-def test_thread_count_does_not_change_bits():
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _bits_run()
-        torch.set_num_threads(max(2, old))
-        two = _bits_run()
-    finally:
-        torch.set_num_threads(old)
+def test_thread_count_does_not_change_bits(threads):
+    threads(1)
+    one = _bits_run()
+    threads(2, at_least=True)
+    two = _bits_run()
     assert len(one) == len(two) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(one, two))
 
 

@@ -189,9 +189,7 @@ def test_non_contiguous_copied_in_and_out(dtype):
     assert not torch.equal(base[:, ::3], keep[:, ::3])
 
 
-def _run_adamw_bits(threads=None):
-    if threads is not None:
-        torch.set_num_threads(threads)
+def _run_adamw_bits():
     gen = torch.Generator().manual_seed(7)
     shapes = [(100_003,), (17,), (70_001,), (3,)]
     out = []
@@ -221,13 +219,11 @@ def _run_adamw_bits(threads=None):
     return out
 
 
-def test_thread_count_does_not_change_bits():
-    old = torch.get_num_threads()
-    try:
-        one = _run_adamw_bits(1)
-        two = _run_adamw_bits(max(2, old))
-    finally:
-        torch.set_num_threads(old)
+def test_thread_count_does_not_change_bits(threads):
+    threads(1)
+    one = _run_adamw_bits()
+    threads(2, at_least=True)
+    two = _run_adamw_bits()
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
@@ -417,15 +413,11 @@ def test_layout_parity_vs_rounded_float64(cls, kw0, kw1, lay, dtype, sign, lp):
 
 @pytest.mark.parametrize("lay,dtype", [("bf16_sr", torch.bfloat16), ("master", torch.bfloat16),
                                        ("master", torch.float16), ("bf16_state", torch.float32)])
-def test_layout_stores_bit_exact(lay, dtype):
+def test_layout_stores_bit_exact(lay, dtype, threads):
     """backend_cases.check_layout_stores_bit_exact, with two threads (a 200,003-element tensor is split
     between them: the SR element index of the second half starts mid-tensor)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        check_layout_stores_bit_exact(lay, dtype)
-    finally:
-        torch.set_num_threads(old)
+    threads(2)
+    check_layout_stores_bit_exact(lay, dtype)
 
 
 # ---- stochastic rounding: the hash, determinism, keys, unbiasedness

@@ -291,16 +291,11 @@ def _check_kernel_encode_at_boundaries(signed):
 
 
 @needs_cpu
-def test_int8_sr_two_threads_split_a_tensor_without_changing_a_bit():
+def test_int8_sr_two_threads_split_a_tensor_without_changing_a_bit(threads):
     _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == "adamw")
     kw, scale = _kw(kw0, lp)
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(2, old))
-    try:
-        opt, ref, ps, rs, names, coded = _sr_pair(cls, kw, sign, scale, shapes=[(300, 256), (4097,), (300, 256)],
-                                                   steps=3)
-    finally:
-        torch.set_num_threads(old)
+    threads(2, at_least=True)
+    opt, ref, ps, rs, names, coded = _sr_pair(cls, kw, sign, scale, shapes=[(300, 256), (4097,), (300, 256)], steps=3)
     _check_sr_equal(opt, ref, ps, rs, names, coded, "two threads")
 
 
