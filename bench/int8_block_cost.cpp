@@ -4,7 +4,8 @@
 // plain fp32 AdamW over the same arrays (the native kernel's work, 28 bytes per element); the loop with the
 // forms that run where the fast ones do not apply (the computed decode of a CPU without VBMI, the element-wise encode
 // of blocks holding NaN or inf, and of the portable kernel); and the avx2 variant's loop in its earlier plain order (its forms, the absmax inside
-// the rule's loop; the kernel now takes it after the loop and pipelines as the avx512 one). Needs an AVX-512 CPU
+// the rule's loop; the kernel now takes it after the loop and pipelines as the avx512 one); and int8_sr's loop with
+// its stochastic encode after each block and pipelined as the kernel runs it since 2026-12-06. Needs an AVX-512 CPU
 // (the lookup decode also AVX512-VBMI; without it the computed decode is timed). Not a test: times move with the
 // machine; compare the rows of one run.
 //
@@ -32,8 +33,17 @@ using namespace mf;
 using Op = RuleOp<RULE_ADAM, ADAM_DECOUPLED>;
 using Sc = Op::Scalars<float>;
 
-// kFallback: the computed decode, the element-wise encode; kAvx2: the avx2 variant's forms (absmax in the rule's loop)
-enum Parts { kDecode = 1, kEncode = 2, kFallback = 4, kAvx2 = 8 };
+// kFallback: the computed decode, the element-wise encode; kAvx2: the avx2 variant's forms (absmax in the rule's loop);
+// kSr: the stochastic encode (layout int8_sr, key 0)
+enum Parts { kDecode = 1, kEncode = 2, kFallback = 4, kAvx2 = 8, kSr = 16 };
+
+// a block's stochastic codes, 64 at a time (what run_piece_int8 runs for int8_sr, all at once here)
+__attribute__((target(MF_COST_TARGET), always_inline)) inline void encode_sr_block(const float* x, bool sgn,
+                                                                                   const cpu::t::Int8SrBlock& b,
+                                                                                   void* codes, int l0, int len) {
+  for (int l = l0; l < l0 + len; l += 64)
+    cpu::t::int8_encode64_sr_avx512(x + l, sgn, b, static_cast<char*>(codes) + l, l);
+}
 
 // run_piece_int8's block loop for AdamW (2 states) with the avx512 variant's functions; `parts` drops the decode
 // or the encode (the buffers then keep the last block's values: the rule's cost does not depend on them).
@@ -86,7 +96,10 @@ __attribute__((target(MF_COST_TARGET), noinline)) void int8_loop(float* __restri
       sv[blk] = cpu::t::int8_absmax_block_avx512(b1);
     }
     if (PARTS & kEncode) {
-      if (kA2) {
+      if (PARTS & kSr) {
+        encode_sr_block(b0, true, cpu::t::Int8SrBlock(sm[blk], true, 1u, e0), cm + e0, 0, INT8_BLOCK);
+        encode_sr_block(b1, false, cpu::t::Int8SrBlock(sv[blk], false, 2u, e0), cv + e0, 0, INT8_BLOCK);
+      } else if (kA2) {
         cpu::t::int8_encode_block_avx2_of_absmax(b0, true, sm[blk], cm + e0);
         cpu::t::int8_encode_block_avx2_of_absmax(b1, false, sv[blk], cv + e0);
       } else if (PARTS & kFallback) {
@@ -103,17 +116,29 @@ __attribute__((target(MF_COST_TARGET), noinline)) void int8_loop(float* __restri
 // run_piece_int8's pipelined order (the avx512 variant's, MF_INT8_PIPELINE): the rule in pieces of PIECE elements,
 // and between them the same piece of the previous block's encode, both states (the encode of a block waits for the
 // next block's rule; two sets of buffers alternate). Tried on the EPYC (2026-12-04): pieces of 64 elements 7% less
-// time than the plain loop, 32 4%, 16 and 128 none, a rule piece of 32 with one state's 64 codes 4%.
-__attribute__((target(MF_COST_TARGET), always_inline)) inline void encode_both(
-    const float* x0, const float* x1, const cpu::t::Int8Scaled& qm, const cpu::t::Int8Scaled& qv, int8_t* cm,
-    uint8_t* cv, int64_t at, int l0, int len) {
+// time than the plain loop, 32 4%, 16 and 128 none, a rule piece of 32 with one state's 64 codes 4%. SR: the
+// stochastic encode, deferred for every block (run_piece_int8's int8_sr order since 2026-12-06).
+struct Due {
+  cpu::t::Int8Scaled qm{1.0f, true}, qv{1.0f, false};
+  cpu::t::Int8SrBlock bm, bv;
+};
+
+template <bool SR>
+__attribute__((target(MF_COST_TARGET), always_inline)) inline void encode_both(const float* x0, const float* x1,
+                                                                               const Due& q, int8_t* cm, uint8_t* cv,
+                                                                               int64_t at, int l0, int len) {
+  if (SR) {
+    encode_sr_block(x0, true, q.bm, cm + at, l0, len);
+    encode_sr_block(x1, false, q.bv, cv + at, l0, len);
+    return;
+  }
   for (int l = l0; l < l0 + len; l += 64) {
-    cpu::t::int8_encode64_of_absmax(x0 + l, true, qm, reinterpret_cast<char*>(cm) + at + l);
-    cpu::t::int8_encode64_of_absmax(x1 + l, false, qv, reinterpret_cast<char*>(cv) + at + l);
+    cpu::t::int8_encode64_of_absmax(x0 + l, true, q.qm, reinterpret_cast<char*>(cm) + at + l);
+    cpu::t::int8_encode64_of_absmax(x1 + l, false, q.qv, reinterpret_cast<char*>(cv) + at + l);
   }
 }
 
-template <int PIECE>
+template <int PIECE, bool SR = false>
 __attribute__((target(MF_COST_TARGET), noinline)) void int8_loop_pipelined(float* __restrict p, const float* __restrict g,
                                                                           int8_t* cm, uint8_t* cv, float* sm, float* sv,
                                                                           int64_t n, const Sc& sc_in) {
@@ -121,7 +146,7 @@ __attribute__((target(MF_COST_TARGET), noinline)) void int8_loop_pipelined(float
   const Sc sc = sc_in;
   alignas(64) static float buf[2][2][INT8_BLOCK];
   const int64_t nb = n / INT8_BLOCK;
-  cpu::t::Int8Scaled qm(1.0f, true), qv(1.0f, false);
+  Due q;
   bool due = false;
   for (int64_t blk = 0; blk < nb; ++blk) {
     const int64_t e0 = blk * INT8_BLOCK;
@@ -140,20 +165,23 @@ __attribute__((target(MF_COST_TARGET), noinline)) void int8_loop_pipelined(float
         b0[l] = a;
         b1[l] = b;
       }
-      if (due) encode_both(buf[(blk & 1) ^ 1][0], buf[(blk & 1) ^ 1][1], qm, qv, cm, cv, e0 - INT8_BLOCK, l0, PIECE);
+      if (due) encode_both<SR>(buf[(blk & 1) ^ 1][0], buf[(blk & 1) ^ 1][1], q, cm, cv, e0 - INT8_BLOCK, l0, PIECE);
     }
     sm[blk] = cpu::t::int8_absmax_block_avx512(b0);
     sv[blk] = cpu::t::int8_absmax_block_avx512(b1);
-    due = int8_fast_scale(sm[blk]) && int8_fast_scale(sv[blk]);
-    if (due) {
-      qm = cpu::t::Int8Scaled(sm[blk], true);
-      qv = cpu::t::Int8Scaled(sv[blk], false);
+    due = SR || (int8_fast_scale(sm[blk]) && int8_fast_scale(sv[blk]));
+    if (SR) {
+      q.bm = cpu::t::Int8SrBlock(sm[blk], true, 1u, e0);
+      q.bv = cpu::t::Int8SrBlock(sv[blk], false, 2u, e0);
+    } else if (due) {
+      q.qm = cpu::t::Int8Scaled(sm[blk], true);
+      q.qv = cpu::t::Int8Scaled(sv[blk], false);
     } else {
       cpu::t::int8_encode_block_avx512_of_absmax(b0, true, sm[blk], cm + e0);
       cpu::t::int8_encode_block_avx512_of_absmax(b1, false, sv[blk], cv + e0);
     }
   }
-  if (due) encode_both(buf[(nb - 1) & 1][0], buf[(nb - 1) & 1][1], qm, qv, cm, cv, (nb - 1) * INT8_BLOCK, 0, INT8_BLOCK);
+  if (due) encode_both<SR>(buf[(nb - 1) & 1][0], buf[(nb - 1) & 1][1], q, cm, cv, (nb - 1) * INT8_BLOCK, 0, INT8_BLOCK);
 }
 
 __attribute__((target(MF_COST_TARGET), noinline)) void fp32_loop(float* __restrict p, const float* __restrict g,
@@ -214,6 +242,8 @@ int main(int argc, char** argv) {
       {"  with the fallback decode and encode", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kDecode | kEncode | kFallback>(p, g, cm, cv, sm, sv, n, s); }},
       {"  without the encode", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kDecode>(p, g, cm, cv, sm, sv, n, s); }},
       {"  without the decode", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kEncode>(p, g, cm, cv, sm, sv, n, s); }},
+      {"int8_sr block loop (encode after each block)", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kDecode | kEncode | kSr>(p, g, cm, cv, sm, sv, n, s); }},
+      {"int8_sr block loop, pipelined (the kernel)", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop_pipelined<64, true>(p, g, cm, cv, sm, sv, n, s); }},
       {"  rule + absmax only", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<0>(p, g, cm, cv, sm, sv, n, s); }},
       {"int8 block loop, avx2 variant", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kAvx2 | kDecode | kEncode>(p, g, cm, cv, sm, sv, n, s); }},
       {"  without the encode", [](float* p, const float* g, int8_t* cm, uint8_t* cv, float* sm, float* sv, float*, float*, int64_t n, const Sc& s) { int8_loop<kAvx2 | kDecode>(p, g, cm, cv, sm, sv, n, s); }},
