@@ -677,3 +677,93 @@ def test_complex_params_are_refused_when_a_muon_group_takes_them():
         opt.add_param_group({"params": [z]})
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [z], "use_muon": False})  # AdamW takes it
+
+
+# ------------------------------------------------------------------------------------ review of 2026-12-06
+def test_maximize_and_capturable_reach_the_aux_groups():
+    """The optimizer's maximize (and capturable) is every group's unless a group sets its own: before
+    2026-12-06 the aux groups took AUX_DEFAULTS' maximize=False, so half the model descended."""
+    params, grads = _problem([(4, 6), (6,), (5,)], steps=3)
+    copies = [p.clone() for p in params]
+    opt = mf.Muon([dict(params=[params[0]]), dict(params=[params[1]], use_muon=False),
+                   dict(params=[params[2]], use_muon=False, maximize=False)], lr=0.02, maximize=True)
+    assert [g["maximize"] for g in opt.param_groups] == [True, True, False]
+    ref = mf.AdamW([dict(params=[copies[1]], maximize=True), dict(params=[copies[2]], maximize=False)], lr=3e-4,
+                   betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
+    for gs in grads:
+        for p, q, g in zip(params, copies, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(params[1], copies[1]) and torch.equal(params[2], copies[2])
+    # a checkpoint whose aux group lacks the keys (the reference MuonWithAuxAdam's) takes the live optimizer's
+    sd = copy.deepcopy(opt.state_dict())
+    for g in sd["param_groups"]:
+        del g["maximize"], g["capturable"]
+    other = mf.Muon([dict(params=[p.clone() for p in params[:1]]), dict(params=[params[1].clone()], use_muon=False),
+                     dict(params=[params[2].clone()], use_muon=False)], lr=0.02, maximize=True, capturable=True)
+    other.load_state_dict(sd)
+    assert [(g["maximize"], g["capturable"]) for g in other.param_groups] == [(True, True)] * 3
+
+
+def test_a_torch_checkpoint_keeps_the_live_capturable():
+    params, grads = _problem(SHAPES_2D[:2], steps=2)
+    t = torch.optim.Muon([p.clone() for p in params], lr=0.02)
+    run(t, t.param_groups[0]["params"], grads)
+    m = mf.Muon(params, lr=0.02, capturable=True)
+    m.load_state_dict(copy.deepcopy(t.state_dict()))
+    assert m.param_groups[0]["capturable"] is True
+
+
+@pytest.mark.parametrize("kind,key", [("muon", "momentum_buffer"), ("aux", "exp_avg"), ("aux", "exp_avg_sq")])
+def test_load_refuses_state_of_another_size_and_keeps_the_live_state(kind, key):
+    params, grads = _problem([(4, 6), (6,)], steps=2)
+    opt = mf.Muon([dict(params=[params[0]]), dict(params=[params[1]], use_muon=False)], lr=0.02)
+    run(opt, params, grads)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0 if kind == "muon" else 1][key] = torch.zeros(3, 3)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=rf"Muon.load_state_dict: param 0 of group {0 if kind == 'muon' else 1} "
+                                         rf".*state '{key}' has shape \(3, 3\).*Nothing was loaded"):
+        opt.load_state_dict(sd)
+    assert_snapshot_equal(before, snapshot(opt, params))
+    run(opt, params, grads[:1])  # (still steps)
+
+
+@pytest.mark.parametrize("where", ["both kinds", "one group"])
+def test_a_param_appended_to_two_groups_is_refused_before_any_change(where):
+    """Appending a param to a Muon group and an aux group (by editing param_groups) stepped it twice, silently,
+    before 2026-12-06; torch's constructor refuses such params, and so does the step now."""
+    params, grads = _problem([(4, 6), (6,), (4, 4)], steps=2)
+    opt = mf.Muon([dict(params=[params[0]]), dict(params=[params[1]], use_muon=False)], lr=0.02)
+    run(opt, params[:2], grads[:1])
+    extra = params[2]
+    opt.param_groups[0]["params"].append(extra)
+    opt.param_groups[1 if where == "both kinds" else 0]["params"].append(extra)
+    for p, g in zip(params, grads[1]):
+        p.grad = g.clone()
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match="param 1 is param 1 of param group 0 too" if where == "both kinds" else
+                       "param 2 is param 1 of the same group too"):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, params))
+    assert extra not in opt.state
+
+
+def test_a_momentum_scheduler_writing_into_aux_groups_warns_once():
+    """OneCycleLR(cycle_momentum=True) writes Muon's ``momentum`` into every group (Muon's defaults have no
+    betas); the aux groups' AdamW does not read it: a UserWarning at the first step after, naming the line of the
+    user's step() call."""
+    params, grads = _problem([(4, 6), (6,)], steps=3)
+    opt = mf.Muon([dict(params=[params[0]]), dict(params=[params[1]], use_muon=False, lr=1e-3)], lr=0.02)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.05, 0.01], total_steps=10)
+    with pytest.warns(UserWarning, match=r"Muon param group 1: key 'momentum' .* OneCycleLR") as rec:
+        for p, g in zip(params, grads[0]):
+            p.grad = g.clone()
+        opt.step()
+    assert len([w for w in rec if "'momentum'" in str(w.message)]) == 1 and rec[0].filename == __file__
+    sched.step()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(opt, params, grads[1:])  # (no second warning: the keys were seen)

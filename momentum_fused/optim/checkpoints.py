@@ -51,6 +51,17 @@ def _describe(v) -> str:
     return f"a {v.dtype} tensor of {v.numel()} elements" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
 
 
+def refuse_missized_state(name: str, gi: int, pi: int, p: torch.Tensor, st: dict, where: str = "",
+                          skip=lambda key: False) -> None:
+    """ValueError (nothing loaded) when a saved tensor of param ``p``'s state (param ``pi`` of group ``gi``) is
+    not param-shaped: every tensor but the host counters and the keys ``skip`` names has p's number of elements."""
+    for key, v in st.items():
+        if isinstance(v, torch.Tensor) and key not in HOST_STATE_KEYS and not skip(key) and v.numel() != p.numel():
+            raise ValueError(f"{name}.load_state_dict: param {pi} of group {gi} ({where}shape {tuple(p.shape)}): "
+                             f"state {key!r} has shape {tuple(v.shape)}; was the checkpoint saved for other params? "
+                             "Nothing was loaded")
+
+
 class CheckpointMixin:
     """``load_state_dict`` / ``state_dict`` of FusedOptimizer (before torch.optim.Optimizer in its bases)."""
 
@@ -181,14 +192,8 @@ class CheckpointMixin:
             st = states.get(idx)
             if not isinstance(st, dict):
                 continue
-            for key, v in st.items():
-                if not isinstance(v, torch.Tensor) or key in HOST_STATE_KEYS or key in own_shaped \
-                        or (isinstance(key, str) and key.endswith(sfx)):
-                    continue
-                if v.numel() != p.numel():
-                    raise ValueError(f"{name}.load_state_dict: param {pi} of group {gi} (state_dict index {idx}, "
-                                     f"shape {tuple(p.shape)}): state {key!r} has shape {tuple(v.shape)}; was the "
-                                     "checkpoint saved for other params? Nothing was loaded")
+            refuse_missized_state(name, gi, pi, p, st, f"state_dict index {idx}, ",
+                                  skip=lambda key: key in own_shaped or (isinstance(key, str) and key.endswith(sfx)))
             if not _dist.is_dtensor(p):
                 continue
             live_codes = _layouts.get_layout(g["layout"]).int8 and _layouts.int8_quantized(p)

@@ -18,7 +18,8 @@ from ..specs_muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS,
 from .adam import AdamW
 from .amp import _drop_amp_attrs
 from .base import FusedOptimizer
-from .checks import GROUP_KEYS_ALWAYS_ALLOWED, near_miss
+from .checkpoints import refuse_missized_state
+from .checks import GROUP_KEYS_ALWAYS_ALLOWED, near_miss, user_stacklevel
 
 __all__ = ["Muon", "AUX_DEFAULTS"]
 
@@ -28,6 +29,7 @@ _MUON_KEYS = (*MUON_DEFAULTS, "capturable")
 _AUX_KEYS = (*AUX_DEFAULTS, "capturable")
 _OWN_KEYS = {True: {*_MUON_KEYS, "use_muon"}, False: {*_AUX_KEYS, "use_muon"}}  # by use_muon
 _RENAMED = (ValueError, TypeError, RuntimeError, NotImplementedError)  # inner errors reworded as Muon's (exact types)
+_SHARED_KEYS = ("maximize", "capturable")  # the optimizer's setting for both kinds of group
 
 
 class _MuonCore(FusedOptimizer):
@@ -64,7 +66,7 @@ class Muon(torch.optim.Optimizer):
       docs/muon.md, "Gram form";
     - param groups with ``use_muon=False`` are stepped in the same ``step()`` by decoupled AdamW with that
       group's ``lr``, ``betas``, ``eps``, ``weight_decay`` (unset: the reference MuonWithAuxAdam's defaults,
-      ``AUX_DEFAULTS``), on the fused AdamW path;
+      ``AUX_DEFAULTS``; ``maximize`` and ``capturable`` unset: this optimizer's), on the fused AdamW path;
     - ``backend``: as every momentum_fused optimizer (the two elementwise passes run on the cpu, triton or cuda
       kernels; the Newton-Schulz phase runs with batched torch ops);
     - FSDP2 (DTensor params sharded on dim 0): each matrix is gathered to an owner rank, orthogonalized there
@@ -97,6 +99,7 @@ class Muon(torch.optim.Optimizer):
         self._core = self._aux = None
         self._links: list = []  # per param group: (use_muon, index of its group in the inner optimizer)
         self._linked: list = []  # the _structure() the inner optimizers were built from
+        self._keys_seen: dict = {}  # id(group) -> its keys when last checked (_sync: keys written since)
         super().__init__(params, {**defaults, "use_muon": True})
 
     def train(self, mode: bool = True):
@@ -130,8 +133,8 @@ class Muon(torch.optim.Optimizer):
             self._check_matrices(params, where)
         self._warn_foreign_keys(g, use, where)
         saved = self.defaults
-        # (aux groups take no Muon keys; both kinds take the optimizer's capturable)
-        self.defaults = saved if use else {**AUX_DEFAULTS, "use_muon": False, "capturable": saved["capturable"]}
+        # (aux groups take no Muon keys; both kinds take the optimizer's maximize and capturable)
+        self.defaults = saved if use else {**AUX_DEFAULTS, "use_muon": False, **{k: saved[k] for k in _SHARED_KEYS}}
         try:
             super().add_param_group(g)
         finally:
@@ -147,6 +150,7 @@ class Muon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._linked = self._structure()
+        self._keys_seen[id(g)] = frozenset(g)
 
     @staticmethod
     def _check_matrices(params, where):
@@ -165,25 +169,30 @@ class Muon(torch.optim.Optimizer):
         return [(id(g), g.get("use_muon", True), list(map(id, g["params"]))) for g in self.param_groups]
 
     @staticmethod
-    def _warn_foreign_keys(g, use, where):
+    def _warn_foreign_keys(keys, use, where, later=False):
         """Keys a group's kind does not read are kept and have no effect (torch carries extra keys), with a
         UserWarning when one is a hyperparameter of the other kind (``momentum`` in a use_muon=False group, where
         AdamW's first-moment decay is ``betas[0]``; ``betas`` in a Muon group) or a near miss of one of its own
-        (``weight_decy``); the reference MuonWithAuxAdam refuses any key besides its own."""
+        (``weight_decy``); the reference MuonWithAuxAdam refuses any key besides its own. ``later``: the keys were
+        written after the group was added (found at a step: a scheduler's, typically)."""
         own = _OWN_KEYS[use]
-        for key in sorted(g.keys() - own - GROUP_KEYS_ALWAYS_ALLOWED, key=str):
+        stacklevel = user_stacklevel() if later else 3  # (later: the user's step() call, past torch's wrappers)
+        hint = " (written after the group was added: a momentum scheduler such as OneCycleLR(cycle_momentum=True) " \
+               "writes Muon's 'momentum' into every group, and cycles no betas)" if later and not use else \
+               " (written after the group was added)" if later else ""
+        for key in sorted(set(keys) - own - GROUP_KEYS_ALWAYS_ALLOWED, key=str):
             if key in _OWN_KEYS[not use]:
                 kind = "a Muon hyperparameter; this use_muon=False group is stepped by AdamW, which does not read " \
                        "it (its momentum is betas[0])" if not use else \
                        "an AdamW hyperparameter of use_muon=False groups; Muon does not read it"
-                warnings.warn(f"{where}key {key!r} is {kind}: it is kept in the group and has no effect",
-                              UserWarning, stacklevel=3)
+                warnings.warn(f"{where}key {key!r} is {kind}: it is kept in the group and has no effect{hint}",
+                              UserWarning, stacklevel=stacklevel)
                 continue
             hit = near_miss(key, own) if isinstance(key, str) else None
             if hit is not None:
                 warnings.warn(f"{where}key {key!r} is not a hyperparameter of this "
                               f"{'Muon' if use else 'AdamW (use_muon=False)'} group (did you mean {hit!r}?); it is "
-                              "kept in the group and has no effect", UserWarning, stacklevel=3)
+                              f"kept in the group and has no effect{hint}", UserWarning, stacklevel=stacklevel)
 
     def _outer_error(self, inner, e, new=None, use=None):
         """An error of an inner optimizer as this optimizer's: its name and its group index (``new``: the inner
@@ -230,17 +239,19 @@ class Muon(torch.optim.Optimizer):
         edits of ``param_groups``: groups added, removed or reordered in the list, params added or removed); on
         an error the previous ones are kept."""
         old = {k: self.__dict__.get(k) for k in ("_core", "_aux", "_links", "_linked")}
+        self._refuse_shared_params()
         self._core = self._aux = None
         self._links = []
         try:
             for gi, g in enumerate(self.param_groups):
                 g.setdefault("use_muon", True)
-                # a key the group lacks (a torch.optim.Muon checkpoint has no ns_dtype, ns_algorithm or maximize):
-                # this optimizer's own setting for a Muon group, as FusedOptimizer's load does, not the module's
-                own = self.defaults if g["use_muon"] else {}
+                # a key the group lacks (a torch.optim.Muon checkpoint has no ns_dtype, ns_algorithm, maximize or
+                # capturable): this optimizer's own setting (an aux group: its maximize and capturable), as
+                # FusedOptimizer's load does, not the module's
+                own = self.defaults if g["use_muon"] else {k: self.defaults[k] for k in _SHARED_KEYS}
                 for k, v in (MUON_DEFAULTS if g["use_muon"] else AUX_DEFAULTS).items():
                     g.setdefault(k, own.get(k, v))
-                g.setdefault("capturable", False)  # (torch.optim.Muon's state_dicts have no capturable)
+                g.setdefault("capturable", self.defaults["capturable"])
                 if g["use_muon"]:
                     self._check_matrices(g["params"], f"Muon param group {gi}: ")
                 try:
@@ -253,6 +264,20 @@ class Muon(torch.optim.Optimizer):
             self.__dict__.update(old)
             raise
         self._linked = self._structure()
+
+    def _refuse_shared_params(self):
+        """A param in two groups (or twice in one), e.g. appended to ``param_groups[i]["params"]`` of groups of
+        both kinds, would be stepped twice: ValueError, as torch's constructor and add_param_group refuse it."""
+        seen = {}
+        for gi, g in enumerate(self.param_groups):
+            for pi, p in enumerate(g["params"]):
+                if id(p) in seen:
+                    gj, pj = seen[id(p)]
+                    raise ValueError(f"Muon param group {gi}: param {pi} is param {pj} of "
+                                     f"{'the same group' if gj == gi else f'param group {gj}'} too; a param belongs "
+                                     "to one param group, once (torch: some parameters appear in more than one "
+                                     "parameter group)")
+                seen[id(p)] = (gi, pi)
 
     def load_state_dict(self, state_dict):
         """torch's, then the inner optimizers are rebuilt on the loaded groups and state. A state_dict of
@@ -281,7 +306,16 @@ class Muon(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state):
+        """Unpickling, and torch's load_state_dict (which refuses no state tensor of another size: done here,
+        before anything is set, as FusedOptimizer's load does)."""
         self.__dict__.setdefault("backend", state.pop("backend", None))
+        self.__dict__.setdefault("_keys_seen", {})
+        saved = state.get("state") or {}
+        for gi, g in enumerate(state.get("param_groups") or ()):
+            for pi, p in enumerate(g.get("params", ())):
+                st = saved.get(p) if isinstance(p, torch.Tensor) else None
+                if isinstance(st, dict):
+                    refuse_missized_state("Muon", gi, pi, p, st)
         super().__setstate__(state)
         self._rebuild()
 
@@ -313,6 +347,11 @@ class Muon(torch.optim.Optimizer):
             if group.get("use_muon", True) is not use:
                 raise ValueError(f"Muon param group {gi}: use_muon changed from {use} after the group was added; "
                                  "a group's kind is fixed (add a new group instead)")
+            known = self._keys_seen.get(id(group))
+            if known is None or len(known) != len(group) or group.keys() != known:
+                if known is not None:  # keys written since (a scheduler's): warned as add_param_group warns
+                    self._warn_foreign_keys(group.keys() - known, use, f"Muon param group {gi}: ", later=True)
+                self._keys_seen[id(group)] = frozenset(group)
             inner = self._core if use else self._aux
             inner.param_groups[igi].update(self._inner_group(group))
 
