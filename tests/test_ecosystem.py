@@ -176,6 +176,40 @@ def test_compiled_train_step_equals_eager(cls, backend, lr_kind):
     assert not any("momentum_fused.bucket_step" in g for g in graphs) or traced
 
 
+@pytest.mark.parametrize("cls,layout,dtype", [(mf.AdamW, "int8_state", torch.float32),
+                                               (mf.AdamW, "master16_int8", torch.bfloat16),
+                                               (mf.SGD, "int8_state", torch.float32),
+                                               (mf.RMSprop, "int8_state", torch.float32)])
+def test_compiled_step_of_an_int8_layout_equals_eager(cls, layout, dtype):
+    """A traced bucket of an 8-bit layout holds quantized params (codes and scales) beside small ones (fp32
+    state): the bucket op splits the flat state list by each param's count (before 2026-12-06 by an equal
+    share, which raised on a weight + bias + LayerNorm model)."""
+    kw = dict(lr=torch.tensor(1e-3), layout=layout, backend="cpu")
+    if cls is mf.SGD:
+        kw["momentum"] = 0.9
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128),
+                                    torch.nn.Linear(128, 3)).to(dtype)
+        opt = cls(model.parameters(), capturable=not compiled, **kw)
+        step = _train_step_fn(model, opt)
+        if compiled:
+            step = torch.compile(step, fullgraph=False, backend="aot_eager")
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            step(torch.randn(16, 64, generator=gen).to(dtype), torch.randn(16, 3, generator=gen).to(dtype))
+        runs.append((model, opt))
+    (m_e, o_e), (m_c, o_c) = runs
+    assert any(mf.layouts.int8_quantized(p) for p in m_e.parameters())
+    for a, b in zip(m_e.parameters(), m_c.parameters()):
+        assert torch.equal(a, b)
+        assert o_e.state[a].keys() == o_c.state[b].keys()
+        for k, v in o_e.state[a].items():
+            assert torch.equal(v, o_c.state[b][k]), k
+
+
 def test_compiled_train_step_inductor_matches_eager():
     """The default inductor backend: the compiled forward/backward differ from eager by round-off only."""
     from torch._dynamo.utils import counters

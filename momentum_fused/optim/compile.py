@@ -2,6 +2,8 @@
 custom op per bucket (``momentum_fused::bucket_step``, with its mutations and a fake kernel)."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .. import backends
@@ -72,20 +74,21 @@ CompileMixin._traceable._dynamo_marked_constant = True
 
 @torch.library.custom_op("momentum_fused::bucket_step", mutates_args=("params", "states"))
 def bucket_step(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[torch.Tensor],
-                scalars: torch.Tensor, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None, rule: str,
-                flags: int, backend: str, layout: str) -> None:
+                counts: list[int], scalars: torch.Tensor, found_inf: torch.Tensor | None,
+                grad_scale: torch.Tensor | None, rule: str, flags: int, backend: str, layout: str) -> None:
     """One bucket of a traced (``torch.compile``) step: ``backend.apply`` of ``rule`` on params, grads and the
-    flat state list (tensor-major, ``len(states) // len(params)`` per param), with the float64 [n, k] scalar
-    table. Registered with its mutations (params and states are written in place) and a fake kernel, so
-    that dynamo records it as one node instead of tracing the backend's Python."""
+    flat state list (tensor-major, ``counts[i]`` tensors for param i: the 8-bit layouts give a quantized param its
+    codes and scales and a small one its fp32 state, so the counts differ within a bucket), with the float64
+    [n, k] scalar table. Registered with its mutations (params and states are written in place) and a fake
+    kernel, so that dynamo records it as one node instead of tracing the backend's Python."""
     spec = get_spec(rule)
     fl = spec.Flags(*[bool(flags >> i & 1) for i in range(len(spec.flag_names))])
     lay = _layouts.get_layout(layout)
     n = len(params)
     if n == 0:
         return
-    per = len(states) // n
-    sts = [tuple(states[i * per:(i + 1) * per]) for i in range(n)]
+    ends = list(itertools.accumulate(counts))
+    sts = [tuple(states[e - c:e]) for c, e in zip(counts, ends)]
     b = backends.resolve(backend, spec, params[0].device, real_dtype(params[0].dtype), lay)
     kw = {} if lay.name == "native" else {"layout": lay}
     if found_inf is not None:
@@ -94,7 +97,7 @@ def bucket_step(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
 
 
 @bucket_step.register_fake
-def _bucket_step_fake(params, grads, states, scalars, found_inf, grad_scale, rule, flags, backend, layout):
+def _bucket_step_fake(params, grads, states, counts, scalars, found_inf, grad_scale, rule, flags, backend, layout):
     return None
 
 
@@ -103,5 +106,5 @@ def bucket_op(backend, spec, flags, ps, gs, sts, scs, *, layout=None, sr_keys=No
         raise NotImplementedError("momentum_fused: a traced step cannot use a stochastic layout (bf16_sr, int8_sr, "
                                   "master16_int8_sr)")
     bits = flags_to_int(spec.name, flags)
-    bucket_step(list(ps), list(gs), [t for st in sts for t in st], scs, found_inf, grad_scale, spec.name, bits,
-                backend.name, "native" if layout is None else layout.name)
+    bucket_step(list(ps), list(gs), [t for st in sts for t in st], [len(st) for st in sts], scs, found_inf,
+                grad_scale, spec.name, bits, backend.name, "native" if layout is None else layout.name)
