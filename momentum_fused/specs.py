@@ -78,6 +78,8 @@ class UpdateRuleSpec:
                    and ``MatrixPhase`` one step runs (contract v2; e.g. orthogonalized momentum: momentum
                    pass, Newton-Schulz on the update, apply pass).
     traffic:       what a kernel rule's math reads and writes (``Traffic``; Muon's passes skip arrays).
+    int8_refusal:  group -> why the 8-bit layouts cannot hold this group's state (None: they can), checked
+                   with the layout at construction, add_param_group and every step.
 
     ``bytes_per_elem(group)`` (fp32 roofline bytes read + written per element, docs/algorithms.md §9) follows
     from ``state_names``: ``momentum_fused.layouts.roofline_bytes``.
@@ -104,6 +106,7 @@ class UpdateRuleSpec:
     state_tensors: Callable[[Mapping], tuple] | None = None
     phases: tuple = ()
     traffic: Traffic = Traffic()
+    int8_refusal: Callable[[Mapping], str | None] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "Scalars", namedtuple(f"{self.name}_scalars", self.scalar_names))
@@ -355,6 +358,14 @@ RMSPROP_SPEC = UpdateRuleSpec(
     scalar_names=("lr", "weight_decay", "alpha", "eps", "momentum", "grad_mult"),
     advance=_rmsprop_advance,
     counts_steps=True,
+    # the centered variance v - a^2 of two moments coded apart: each code is off by up to half a gap (~1 % of v
+    # near its block's top, all of it below the smallest code), so v - a^2 is noise where the variance is small
+    # beside a^2 and turns negative (NaN params from finite gradients, found 2026-12-06); bitsandbytes' 8-bit
+    # RMSprop refuses centered too
+    int8_refusal=lambda g: ("centered=True computes the variance square_avg - grad_avg^2 from two moments "
+                            "coded apart, which the 8-bit codes' rounding turns negative (NaN) wherever the "
+                            "variance is small beside the mean; use centered=False, or a layout with fp32 or "
+                            "bf16 state") if g["centered"] else None,
 )
 
 # ---------------------------------------------------------------- signum / signSGD (decoupled decay)

@@ -26,6 +26,17 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 #  out of the fp16 subnormals), and eps=1 for RMSprop with momentum (g/(sqrt(v)+eps) stays ~g).
 _M = dict(gscale=0.1)  # momentum-buffer rules
 _V = dict(gscale=1.0)  # second-moment rules
+def takes_int8(case) -> bool:
+    """Whether the 8-bit layouts take this case's optimizer and kwargs (``case``: (id, class, kwargs, ...), this
+    module's or compressed_oracle's): the class offers them and its rule does not refuse the group (RMSprop's
+    centered=True: specs.UpdateRuleSpec.int8_refusal, tested in test_compressed_state.py)."""
+    cls, kw = case[1], case[2]
+    if "int8_state" not in cls.supported_layouts:
+        return False
+    spec = mf.specs.get_spec(cls.rule)
+    return spec.int8_refusal is None or spec.int8_refusal({**spec.defaults, **kw}) is None
+
+
 CASES = [
     ("sgd", mf.SGD, dict(lr=0.05), dict(lr=0.02, weight_decay=0.01), False, _M),
     ("sgd-momentum", mf.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),

@@ -38,7 +38,7 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends, layouts
 
-from backend_cases import CASES
+from backend_cases import CASES, takes_int8
 from compressed_oracle import encoder_probe_blocks, master_of
 
 pytestmark = pytest.mark.skipif(not backends._REGISTRY.get("cpu") or not backends._REGISTRY["cpu"].available,
@@ -50,7 +50,7 @@ Q_SHAPES = [(16, 256), (4096,), (4097,), (17,), (3, 5, 7), (), (0,)]
 # 2 x 76,800 elements: two threads split the bucket inside a quantized tensor (test_int8_two_threads_...)
 Q_SPLIT_SHAPES = [(300, 256), (4097,), (300, 256)]
 M16_CASES = [c for c in CASES if "master16" in c[1].supported_layouts]
-INT8_CASES = [c for c in CASES if "int8_state" in c[1].supported_layouts]
+INT8_CASES = [c for c in CASES if takes_int8(c)]
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +195,7 @@ def test_int8_cpu_is_decode_fp32_rule_encode_bit_for_bit(case):
         assert any(int(opt.state[p][k].ne(0).sum()) > 1000 for p in ps if layouts.int8_quantized(p) for k in names)
 
 
-@pytest.mark.parametrize("cid", ["adamw", "rmsprop-momentum-centered"])
+@pytest.mark.parametrize("cid", ["adamw", "adamw-amsgrad", "rmsprop-momentum"])
 def test_int8_two_threads_split_quantized_tensors_on_blocks(cid, threads):
     _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == cid)
     kw, scale = _kw(kw0, lp)
@@ -267,7 +267,7 @@ def test_int8_layouts_cpu_against_the_reference_backend(layout, dtype):
     """Against the reference backend's run in the same layout: params (masters) close, codes equal but for one-code
     flips at midpoints (the fp32 maths differ in the last bits: module docstring; the stochastic layouts: where a
     value lands on either side of its draw's threshold), scales close."""
-    for cid in ("adamw", "sgd-momentum", "rmsprop-centered"):
+    for cid in ("adamw", "sgd-momentum", "rmsprop-momentum"):
         _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == cid)
         kw, scale = _kw(kw0, lp)
         shapes = [(16, 256), (4097,)]

@@ -22,7 +22,7 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends, layouts
 
-from backend_cases import CASES
+from backend_cases import CASES, takes_int8
 from compressed_oracle import master_of
 
 SHAPES = [(), (1,), (17,), (4097,), (3, 5, 7)]
@@ -297,7 +297,7 @@ def test_int8_state_bytes_per_element():
 
 # ---------------------------------------------------------------- the int8_state layout (reference backend)
 Q_SHAPES = [(64, 256), (4096,), (4097,), (17,), (3, 5, 7), ()]  # the first two are quantized (>= 4096, % 256)
-INT8_CASES = [c for c in CASES if "int8_state" in c[1].supported_layouts]
+INT8_CASES = [c for c in CASES if takes_int8(c)]
 
 
 def _requantize(opt, names_of):
@@ -311,9 +311,33 @@ def _requantize(opt, names_of):
 
 
 def test_int8_state_rules_and_schedule_free():
-    assert {c[0] for c in CASES} - {c[0] for c in INT8_CASES} == {"sgd_sf", "adamw_sf", "adamw_sf-inner"}
+    assert {c[0] for c in CASES} - {c[0] for c in INT8_CASES} == {"sgd_sf", "adamw_sf", "adamw_sf-inner",
+                                                                  "rmsprop-centered", "rmsprop-momentum-centered"}
     with pytest.raises(ValueError, match="does not support dtype layout 'int8_state'"):
         mf.AdamWScheduleFree([torch.zeros(4096, requires_grad=True)], layout="int8_state")
+
+
+@pytest.mark.parametrize("layout", ["int8_state", "int8_sr", "master16_int8", "master16_int8_sr"])
+def test_centered_rmsprop_is_refused_by_the_8bit_layouts_before_any_change(layout):
+    """RMSprop(centered=True) under 8-bit state computes v - a^2 from two moments coded apart: finite gradients
+    spread over a few decades gave NaN params within 2 steps (a review, 2026-12-06). Refused at construction,
+    at add_param_group, and at a step after a scheduler or an edit turns centered on (nothing changes)."""
+    dt = torch.bfloat16 if layout.startswith("master16") else torch.float32
+    make = lambda: torch.randn(4096, dtype=torch.float32).to(dt).requires_grad_()
+    with pytest.raises(ValueError, match=rf"RMSprop: dtype layout '{layout}' cannot hold .* centered=True"):
+        mf.RMSprop([make()], lr=1e-2, centered=True, layout=layout, backend="reference")
+    opt = mf.RMSprop([make()], lr=1e-2, momentum=0.9, layout=layout, backend="reference")
+    with pytest.raises(ValueError, match=r"param group 1: dtype layout .* centered=True"):
+        opt.add_param_group(dict(params=[make()], centered=True))
+    ps = opt.param_groups[0]["params"]
+    ps[0].grad = torch.randn(4096).to(dt)
+    opt.step()
+    opt.param_groups[0]["centered"] = True
+    before = [ps[0].detach().clone()] + [v.clone() for v in opt.state[ps[0]].values()]
+    with pytest.raises(ValueError, match=r"param group 0: dtype layout .* centered=True"):
+        opt.step()
+    after = [ps[0].detach()] + list(opt.state[ps[0]].values())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 @pytest.mark.parametrize("case", INT8_CASES, ids=[c[0] for c in INT8_CASES])

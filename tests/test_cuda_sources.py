@@ -310,7 +310,7 @@ def _int8_cases():
     import momentum_fused as mf
     return [("adamw", mf.AdamW, dict(lr=1e-2, weight_decay=0.1)),
             ("adamw-amsgrad", mf.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
-            ("rmsprop-momentum-centered", mf.RMSprop, dict(lr=1e-2, momentum=0.9, centered=True)),
+            ("rmsprop-momentum", mf.RMSprop, dict(lr=1e-2, momentum=0.9)),
             ("nadam", mf.NAdam, dict(lr=1e-2)),
             ("sgd-nesterov", mf.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
             ("lion", mf.Lion, dict(lr=1e-3, weight_decay=0.1))]

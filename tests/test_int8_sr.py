@@ -29,13 +29,13 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends, layouts
 
-from backend_cases import CASES
+from backend_cases import CASES, takes_int8
 from compressed_oracle import encoder_probe_blocks, master_of
 
 _CPU = backends._REGISTRY.get("cpu")
 needs_cpu = pytest.mark.skipif(not _CPU or not _CPU.available,
                                reason="needs the compiled CPU extension (momentum_fused._C_cpu)")
-INT8_CASES = [c for c in CASES if "int8_state" in c[1].supported_layouts]
+INT8_CASES = [c for c in CASES if takes_int8(c)]
 Q_SHAPES = [(16, 256), (4096,), (4097,), (17,), (3, 5, 7), (), (0,)]
 
 
@@ -300,7 +300,7 @@ def test_int8_sr_two_threads_split_a_tensor_without_changing_a_bit(threads):
 
 
 @needs_cpu
-@pytest.mark.parametrize("cid", ["adamw", "lion", "rmsprop-momentum-centered"])
+@pytest.mark.parametrize("cid", ["adamw", "lion", "rmsprop-momentum", "adamw-amsgrad"])
 def test_master16_int8_sr_cpu_is_int8_sr_on_the_master_bit_for_bit(cid):
     _, cls, kw0, _, sign, lp = next(c for c in CASES if c[0] == cid)
     kw, scale = _kw(kw0, lp)

@@ -17,11 +17,11 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends, layouts
 
-from backend_cases import CASES
+from backend_cases import CASES, takes_int8
 from compressed_oracle import master_of
 
 Q_SHAPES = [(64, 256), (4096,), (4097,), (17,), (3, 5, 7), ()]  # the first two are quantized (>= 4096, % 256)
-INT8_CASES = [c for c in CASES if "master16_int8" in c[1].supported_layouts]
+INT8_CASES = [c for c in CASES if takes_int8(c)]
 
 
 def _pair(case, steps=10):
@@ -47,7 +47,8 @@ def _pair(case, steps=10):
 
 
 def test_the_rules_that_take_it():
-    assert {c[0] for c in CASES} - {c[0] for c in INT8_CASES} == {"sgd_sf", "adamw_sf", "adamw_sf-inner"}
+    assert {c[0] for c in CASES} - {c[0] for c in INT8_CASES} == {"sgd_sf", "adamw_sf", "adamw_sf-inner",
+                                                                  "rmsprop-centered", "rmsprop-momentum-centered"}
     with pytest.raises(ValueError, match="does not support dtype layout 'master16_int8'"):
         mf.SGDScheduleFree([torch.zeros(4096, dtype=torch.bfloat16, requires_grad=True)], layout="master16_int8")
 
