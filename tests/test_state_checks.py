@@ -179,6 +179,27 @@ def test_a_checkpoint_of_other_params_is_refused_whole():
     assert b.param_groups[0]["lr"] == 0.123
 
 
+@pytest.mark.parametrize("make", [lambda ps: mf.AdamW(ps, lr=1e-2), lambda ps: mf.SGD(ps, lr=1e-2, momentum=0.9),
+                                  lambda ps: mf.AdamW(ps, lr=1e-2, layout="int8_state"),
+                                  lambda ps: mf.Muon([dict(params=ps[:1]), dict(params=ps[1:], use_muon=False)])],
+                         ids=["adamw", "sgd", "adamw-int8", "muon"])
+def test_a_key_the_optimizer_does_not_know_loads_as_torch_loads_it(make):
+    """A tensor of any shape that user code keeps in a param's state (a 0-d running norm) is saved, loaded
+    and kept, as torch.optim does: the size check covers the optimizer's param-shaped keys only (before
+    2026-12-06 it refused the whole checkpoint, a review found)."""
+    shapes = ((64, 64), (4096,))
+    ps, a = _stepped(make, shapes=shapes)
+    a.state[ps[0]]["grad_norm_ema"] = torch.tensor(0.5)
+    a.state[ps[1]]["seen"] = torch.ones(3, dtype=torch.int64)
+    qs = [torch.zeros(s, requires_grad=True) for s in shapes]
+    b = make(qs)
+    b.load_state_dict(a.state_dict())
+    assert float(b.state[qs[0]]["grad_norm_ema"]) == 0.5 and b.state[qs[1]]["seen"].tolist() == [1, 1, 1]
+    for q in qs:
+        q.grad = torch.ones_like(q)
+    b.step()
+
+
 # ---------------------------------------------------------------- Muon's groups
 def test_muon_errors_name_the_users_group():
     w = torch.randn(4, 4, requires_grad=True)

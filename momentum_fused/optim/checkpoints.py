@@ -51,12 +51,14 @@ def _describe(v) -> str:
     return f"a {v.dtype} tensor of {v.numel()} elements" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
 
 
-def refuse_missized_state(name: str, gi: int, pi: int, p: torch.Tensor, st: dict, where: str = "",
-                          skip=lambda key: False) -> None:
-    """ValueError (nothing loaded) when a saved tensor of param ``p``'s state (param ``pi`` of group ``gi``) is
-    not param-shaped: every tensor but the host counters and the keys ``skip`` names has p's number of elements."""
-    for key, v in st.items():
-        if isinstance(v, torch.Tensor) and key not in HOST_STATE_KEYS and not skip(key) and v.numel() != p.numel():
+def refuse_missized_state(name: str, gi: int, pi: int, p: torch.Tensor, st: dict, keys, where: str = "") -> None:
+    """ValueError (nothing loaded) when a saved tensor of param ``p``'s state (param ``pi`` of group ``gi``) that
+    must be param-shaped is not: ``keys``, the optimizer's param-shaped state names for that group (a rule's
+    moments, which an 8-bit checkpoint holds as codes, a master or its remainder). Other keys (a scalar that user
+    code keeps beside the state) load as torch.optim loads them."""
+    for key in keys:
+        v = st.get(key)
+        if isinstance(v, torch.Tensor) and v.numel() != p.numel():
             raise ValueError(f"{name}.load_state_dict: param {pi} of group {gi} ({where}shape {tuple(p.shape)}): "
                              f"state {key!r} has shape {tuple(v.shape)}; was the checkpoint saved for other params? "
                              "Nothing was loaded")
@@ -171,8 +173,8 @@ class CheckpointMixin:
 
     def _check_loaded_tensors(self, state_dict: dict[str, Any]) -> None:
         """Before anything is loaded, per saved param state: every param-shaped tensor (the rule's moments, int8
-        codes, a master or its remainder; not block scales, host counters or a contract-v2 tensor of its own
-        shape) has its param's number of elements, so that a checkpoint of other params is refused whole rather
+        codes, a master or its remainder; not block scales, host counters, a contract-v2 tensor of its own
+        shape or a key the optimizer does not know) has its param's number of elements, so that a checkpoint of other params is refused whole rather
         than failing halfway through a conversion; and a DTensor (FSDP2) param whose checkpoint holds 8-bit codes
         where its layout keeps fp32 state, or the reverse, is refused (that conversion is not implemented on
         sharded tensors; it crashed inside torch's DTensor ops before 2026-12-05; codes into codes load, the
@@ -192,8 +194,9 @@ class CheckpointMixin:
             st = states.get(idx)
             if not isinstance(st, dict):
                 continue
-            refuse_missized_state(name, gi, pi, p, st, f"state_dict index {idx}, ",
-                                  skip=lambda key: key in own_shaped or (isinstance(key, str) and key.endswith(sfx)))
+            keys = [k for k in self.spec.state_names(g) if k not in own_shaped] + [_layouts.MASTER_KEY,
+                                                                                   _layouts.REMAINDER_KEY]
+            refuse_missized_state(name, gi, pi, p, st, keys, f"state_dict index {idx}, ")
             if not _dist.is_dtensor(p):
                 continue
             live_codes = _layouts.get_layout(g["layout"]).int8 and _layouts.int8_quantized(p)

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from ..specs import get_spec
 from ..specs_muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS, MUON_DEFAULTS, MUON_SPEC
 from .adam import AdamW
 from .amp import _drop_amp_attrs
@@ -315,7 +316,10 @@ class Muon(torch.optim.Optimizer):
             for pi, p in enumerate(g.get("params", ())):
                 st = saved.get(p) if isinstance(p, torch.Tensor) else None
                 if isinstance(st, dict):
-                    refuse_missized_state("Muon", gi, pi, p, st)
+                    use = g.get("use_muon", True)
+                    keys = MUON_SPEC.state_names({**MUON_DEFAULTS, **g}) if use else \
+                        get_spec(AdamW.rule).state_names({**AUX_DEFAULTS, **g})
+                    refuse_missized_state("Muon", gi, pi, p, st, keys)
         super().__setstate__(state)
         self._rebuild()
 
