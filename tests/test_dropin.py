@@ -60,6 +60,12 @@ def test_foreach_and_fused_select_nothing_and_differentiable_is_refused(name):
         cls(make_params(), differentiable=True)
     with pytest.raises(TypeError, match="foreach"):
         cls(make_params(), foreach="yes")
+    if has_fused:  # torch's error, type and words (checked against torch's own below)
+        with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together.") as ours:
+            cls(make_params(), foreach=True, fused=True)
+        with pytest.raises(RuntimeError) as theirs:
+            getattr(torch.optim, name)([torch.zeros(3, requires_grad=True)], foreach=True, fused=True)
+        assert str(ours.value) == str(theirs.value)
 
 
 # ------------------------------------------------------------------------------------------ 2. group keys

@@ -71,6 +71,8 @@ def check_torch_flags(name, *, foreach=None, fused=None, differentiable=False) -
     for key, v in (("foreach", foreach), ("fused", fused)):
         if v is not None and not isinstance(v, bool):
             raise TypeError(f"{name}: {key} must be None or a bool, got {type(v).__name__}: {v!r}")
+    if foreach and fused:  # (torch's RuntimeError, word for word: code that catches it keeps working)
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if not isinstance(differentiable, bool):
         raise TypeError(f"{name}: differentiable must be a bool, got {type(differentiable).__name__}")
     if differentiable:
