@@ -462,7 +462,7 @@ def _compressed_run(cls, kw, gmode, layout, steps=10, shapes=COMPRESSED_SHAPES):
 def _compressed_params():
     from backend_cases import takes_int8
     from compressed_oracle import CASES, SF_CASES
-    sr_ids = ("adamw", "adamw-amsgrad", "sgd-momentum", "lion", "rmsprop-momentum")  # (the encode only)
+    sr_ids = ("adamw", "adamw-amsgrad", "sgd-momentum", "lion")  # (the encode only: test_compressed_triton's)
     return [pytest.param(lay, c, id=f"{lay}-{c[0]}") for lay in ("master16", "int8_state", "master16_int8")
             for c in CASES + (SF_CASES if lay == "master16" else []) if lay == "master16" or takes_int8(c)] + \
         [pytest.param(lay, c, id=f"{lay}-{c[0]}") for lay in ("int8_sr", "master16_int8_sr") for c in CASES

@@ -43,8 +43,11 @@ DTYPE = {"master16": torch.bfloat16, "int8_state": torch.float32, "master16_int8
          "int8_sr": torch.float32, "master16_int8_sr": torch.bfloat16}
 LAYOUTS = tuple(DTYPE)
 # the stochastic layouts differ from int8_state / master16_int8 in the encode only: a case per state count and
-# map (the interpreter is slow)
-SR_CASE_IDS = ("adamw", "adamw-amsgrad", "sgd-momentum", "lion", "rmsprop-momentum")
+# map (the interpreter is slow). (Until 2026-12-06 also centered RMSprop, which the 8-bit layouts refuse since;
+# RMSprop with momentum is no substitute here: its 1/sqrt(v) turns the reference backend's odd code one apart
+# at a small v into a param 4e-3 away after 10 steps, beyond this test's 1e-3; tests/test_int8_sr.py runs it
+# bit for bit on the cpu backend.)
+SR_CASE_IDS = ("adamw", "adamw-amsgrad", "sgd-momentum", "lion")
 
 
 def _run(cls, kw, gmode, layout, backend, steps=10, device="cpu"):
