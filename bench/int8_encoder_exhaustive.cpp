@@ -15,7 +15,8 @@
 //   for s in 1 3 0.7 1e-35; do /tmp/int8_ex $s; done   (prints "scale ...: bad scalar 0 avx512 0 avx2 0 (of ...)";
 //   2026-12-04, the integer-space definition: 0 mismatches of every form for 1, 3, 0.7, 1e-35, 1e-27, 0x1p-64,
 //   0x1p-65, 1e-40, 0.0012345, 1e30, 0x1.fffffep+127 and inf, and with -DMF_INT8_ROOT_GUESS_SKEW=+-1e-4f for 0.7
-//   and 1e-35; with a skew of 1e-2f the scalar form fails, 54,521,469 mismatches for 1)
+//   and 1e-35; with a skew of 1e-2f the scalar form fails, 54,521,469 mismatches for 1). 2026-12-06, with the
+//   unsigned floor (y' > 0 takes code 1 at least): see bench/results/README.md)
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -39,7 +40,8 @@ static int definition(float x, float s, bool sgn) {
   const float k = s == 0.0f ? 0.0f : big_k / (s * u);
   const float y = (x * u) * k;
   const int c = int8_count_below(sgn ? std::fabs(y) : y, sgn);
-  return sgn && y < 0.0f ? -c : c;
+  if (!sgn) return c == 0 && y > 0.0f ? 1 : c;  // the floor (since 2026-12-06): a positive y' takes code 1 at least
+  return y < 0.0f ? -c : c;
 }
 
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")))

@@ -130,10 +130,12 @@ MF_HD MF_INLINE int int8_code_signed(float y) {
   return y < 0.0f ? -c : c;
 }
 
+// Unsigned, a y' > 0 takes code 1 at least (layouts.int8_codes_of's floor: a positive second moment never
+// decodes to 0).
 MF_HD MF_INLINE int int8_code_unsigned(float y) {
   int c = int8_guess_code(int8_root_guess(int8_root_guess(y <= 0.0f ? 0.0f : y)), 255);  // NaN stays NaN: top
   if (c > 0 && y <= int8_mid_unsigned(static_cast<float>(c))) --c;
-  return c;
+  return c == 0 && y > 0.0f ? 1 : c;
 }
 
 // The stochastic code of an integer-space value y' with 16 random bits r (layouts int8_sr, master16_int8_sr;
@@ -141,7 +143,8 @@ MF_HD MF_INLINE int int8_code_unsigned(float y) {
 // max(y', 0)) and f the largest code with p(f) <= a (the top code at or above it), the magnitude is f + 1 when
 // r (p(f + 1) - p(f)) < (a - p(f)) 2^16, else f; NaN: the top code. f from a guess of the root t (int8_root_guess:
 // off by far less than 1/2, so n = round(guess) is floor(t) or floor(t) + 1): f = n - (a < p(n)), and the bracket's
-// other end p(n - 1) or p(n + 1). Every product and difference in float64 here is exact (integers below 2^49,
+// other end p(n - 1) or p(n + 1); unsigned, f = 0 with a > 0 always goes up (the floor: layouts.int8_codes_sr_of).
+// Every product and difference in float64 here is exact (integers below 2^49,
 // fp32 values below 2^33), so the comparisons are the exact ones whatever the compiler contracts.
 MF_HD MF_INLINE double int8_sr_power(double c, bool sgn) { return sgn ? c * c : (c * c) * (c * c); }
 MF_HD MF_INLINE int int8_code_sr(float y, uint32_t r, bool sgn) {
@@ -156,7 +159,7 @@ MF_HD MF_INLINE int int8_code_sr(float y, uint32_t r, bool sgn) {
   const double f = below ? n - 1.0 : n;
   const double q = int8_sr_power(below ? f : n + 1.0, sgn);
   const double lo = below ? q : pn, hi = below ? pn : q;
-  const bool up = f < top && static_cast<double>(r) * (hi - lo) < (a - lo) * 65536.0;
+  const bool up = f < top && (static_cast<double>(r) * (hi - lo) < (a - lo) * 65536.0 || (!sgn && f == 0.0 && a > 0.0));
   const int c = static_cast<int>(f) + (up ? 1 : 0);
   return sgn && y < 0.0f ? -c : c;
 }

@@ -303,12 +303,14 @@ def int8_factors(scale: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch
 def int8_codes_of(y: torch.Tensor, signed: bool) -> torch.Tensor:
     """Integer-space values y' (fp32) -> their codes (int64): the magnitude code is the count of
     ``int8_midpoints`` m with not(|y'| <= m) (a value on a midpoint takes the smaller magnitude; NaN the top code),
-    negated where y' < 0 (signed); an unsigned y' <= 0 has code 0."""
+    negated where y' < 0 (signed); an unsigned y' <= 0 has code 0, and an unsigned y' > 0 at least code 1 (the
+    floor: a positive second moment never decodes to 0, which would make Adam's step m / eps; since
+    2026-12-06)."""
     mids = int8_midpoints(signed).to(y.device)
     a = y.abs() if signed else y
     c = torch.bucketize(a, mids, right=False)  # the count of midpoints strictly below a
     c = torch.where(torch.isnan(a), torch.full_like(c, mids.numel()), c)
-    return torch.where(y < 0, -c, c) if signed else c
+    return torch.where(y < 0, -c, c) if signed else torch.where(y > 0, c.clamp(min=1), c)
 
 
 def int8_codes_sr_of(y: torch.Tensor, signed: bool, r: torch.Tensor) -> torch.Tensor:
@@ -318,7 +320,9 @@ def int8_codes_sr_of(y: torch.Tensor, signed: bool, r: torch.Tensor) -> torch.Te
     code with p(f) <= a (the top code when a is at or above it), d = a - p(f) and w = p(f + 1) - p(f): the
     magnitude code is f + 1 when r w < d 2^16 (exact real numbers; f + 1 with probability d / w to 2^-16, so the
     decoded value is unbiased), else f; the top code stays; a NaN takes the top code; the sign is y' < 0's.
-    Every quantity is an integer or an fp32 value below 2^33, so float64 computes the comparison exactly."""
+    Unsigned, a y' > 0 below p(1) takes code 1 always (the floor of ``int8_codes_of``: unbiased codes would
+    decode such a second moment to 0 most of the time, and Adam's step there to m / eps). Every quantity is an
+    integer or an fp32 value below 2^33, so float64 computes the comparison exactly."""
     top = 127 if signed else 255
     a = (y.abs() if signed else torch.where((y > 0) | torch.isnan(y), y, torch.zeros_like(y))).double()
     pw = (lambda c: c * c) if signed else (lambda c: (c * c) * (c * c))
@@ -326,6 +330,8 @@ def int8_codes_sr_of(y: torch.Tensor, signed: bool, r: torch.Tensor) -> torch.Te
     f = torch.where(pw(f) > a, f - 1, f)  # a float64 root off by one near a power: corrected exactly
     f = torch.where((f < top) & (pw(f + 1) <= a), f + 1, f)
     up = (f < top) & (r.double() * (pw(f + 1) - pw(f)) < (a - pw(f)) * 65536.0)
+    if not signed:
+        up = up | ((f == 0) & (a > 0))
     c = torch.where(torch.isnan(a), torch.full_like(f, top), f + up.double()).long()
     return torch.where(y < 0, -c, c) if signed else c
 

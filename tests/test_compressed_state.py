@@ -256,13 +256,17 @@ def test_int8_encode_is_nearest_with_ties_to_the_smaller_magnitude(signed):
     assert torch.equal(y.view(64, 256)[5], torch.zeros(256))
     # nearest in the integer space: no code value (c |c| or c^4) is closer to y' = (x u) k than the chosen one
     # (brute force in float64; the unsigned midpoints are rounded to fp32, so a y' within an ulp of one may take
-    # either neighbour)
+    # either neighbour); unsigned, a y' > 0 takes the nearest of the codes >= 1 (the floor)
     u, k = layouts.int8_factors(scale, signed)
     yi = ((x.view(64, 256) * u[:, None]) * k[:, None]).double()
     c = torch.arange(-127, 128) if signed else torch.arange(256)
     vals = (c * c.abs() if signed else c ** 4).double()
     chosen = vals[codes.view(64, 256).long() + (127 if signed else 0)]
-    best = (yi[..., None] - vals).abs().min(-1).values
+    dist = (yi[..., None] - vals).abs()
+    if not signed:
+        dist[..., 0] = torch.where(yi > 0, float("inf"), dist[..., 0])
+        assert (codes.view(64, 256)[yi > 0] >= 1).all() and ((yi > 0) & (yi < 0.5)).sum() > 100
+    best = dist.min(-1).values
     slack = 0.0 if signed else 2.0 ** -23
     assert ((yi - chosen).abs() <= best + slack * yi.abs()).all()
     # each block's absmax element decodes exactly; encode(decode(c)) == c (codes are stable)
@@ -275,7 +279,10 @@ def test_int8_encode_is_nearest_with_ties_to_the_smaller_magnitude(signed):
     v = torch.zeros(256)
     v[0], v[1:1 + mids.numel()] = big_k, mids
     c3, _ = layouts.int8_encode(v, signed)
-    assert torch.equal(c3[1:1 + mids.numel()].long(), torch.arange(mids.numel()))
+    want = torch.arange(mids.numel())
+    if not signed:
+        want[0] = 1  # the midpoint between 0 and 1 is > 0: the floor
+    assert torch.equal(c3[1:1 + mids.numel()].long(), want)
     if signed:
         c4, _ = layouts.int8_encode(-v, signed)
         assert torch.equal(c4[1:1 + mids.numel()].long(), -torch.arange(mids.numel()))

@@ -436,7 +436,7 @@ int main() {
             if (!(std::fabs(x) <= s)) continue;
             const float y = (x * f.u) * f.k;
             const int c = int8_count_below(std::fabs(y), sgn != 0);
-            const int want = sgn && y < 0.0f ? -c : c;
+            const int want = sgn ? (y < 0.0f ? -c : c) : (c == 0 && y > 0.0f ? 1 : c);  // (unsigned: the floor)
             const int got = int8_encode_code(x, f, sgn != 0);
             ++checked;
             ties += std::fabs(y) == m;

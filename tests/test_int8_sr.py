@@ -47,7 +47,7 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- definition
 def _code_exact(y: float, r: int, signed: bool) -> int:
     """An independent transcription: the two codes around |y'| found by walking the integer powers, the decision in
-    exact rationals."""
+    exact rationals; unsigned, a positive value below code 1 takes code 1 (the floor)."""
     top = 127 if signed else 255
     if y != y:
         return top
@@ -57,6 +57,8 @@ def _code_exact(y: float, r: int, signed: bool) -> int:
     while f < top and pw(f + 1) <= a:
         f += 1
     c = f + 1 if f < top and r * (pw(f + 1) - pw(f)) < (a - pw(f)) * 65536 else f
+    if not signed and c == 0 and a > 0:
+        c = 1
     return -c if signed and y < 0 else c
 
 
@@ -84,6 +86,8 @@ def test_stochastic_codes_are_the_exact_rule(signed):
         a = abs(a)
         pw = (lambda k: k ** 2) if signed else (lambda k: k ** 4)
         f = max(k for k in range(top + 1) if pw(k) <= a)
+        if not signed and f == 0:
+            continue  # (the floor: always code 1, checked above)
         n_up = -(-(a - pw(f)) * 65536 // (pw(f + 1) - pw(f)))  # ceil: the count of r in 0..65535 rounding up
         for r, up in ((n_up - 1, True), (n_up, False)):
             if 0 <= r <= 65535:
@@ -92,9 +96,12 @@ def test_stochastic_codes_are_the_exact_rule(signed):
 
 
 def test_upper_code_frequency_over_all_random_values_is_the_fraction():
-    """Over all 65536 values of r the upper code is taken ceil(d 2^16 / w) times: E[decoded] is the value to 2^-16."""
+    """Over all 65536 values of r the upper code is taken ceil(d 2^16 / w) times: E[decoded] is the value to 2^-16
+    (unsigned below code 1: code 1 always, the floor, biased up)."""
     r = torch.arange(65536, dtype=torch.int64)
-    for signed, y in ((True, 10.3), (True, -7.77), (False, 1000.5), (False, 3.0e9), (False, 0.37)):
+    for y in (0.37, 1e-20):
+        assert (layouts.int8_codes_sr_of(torch.full((65536,), y), False, r) == 1).all()
+    for signed, y in ((True, 10.3), (True, -7.77), (True, 0.37), (False, 1000.5), (False, 3.0e9), (False, 1.37)):
         codes = layouts.int8_codes_sr_of(torch.full((65536,), y), signed, r)
         a = Fraction(abs(torch.tensor(y).item())) if signed else Fraction(torch.tensor(y).item())
         pw = (lambda k: k ** 2) if signed else (lambda k: k ** 4)

@@ -436,13 +436,14 @@ def int8_encode_index(y, tab_ptr, UNSIGNED: tl.constexpr):
     c* + 1 (compressed.h); one comparison with the midpoint between c - 1 and c fixes it: signed c (c - 1) + 1/2,
     exact in fp32 arithmetic; unsigned ((c - 1)^4 + c^4) / 2 rounded once, read from the uploaded table (computing
     it needs an fma, which the interpreter rounds twice, or float64, slow on most GPUs). A value on a midpoint takes
-    the smaller magnitude; a NaN the top code (tests/triton/test_compressed_triton.py checks every midpoint and its
-    fp32 neighbours)."""
+    the smaller magnitude; a NaN the top code; an unsigned y' > 0 code 1 at least (layouts.int8_codes_of's floor)
+    (tests/triton/test_compressed_triton.py checks every midpoint and its fp32 neighbours)."""
     if UNSIGNED:
         t = tl.sqrt(tl.sqrt(tl.where(y <= 0, 0.0, y))) + (0.5 + 0.125)  # NaN stays NaN: the top
         k = tl.where(t < INT8_U_TOP, t, INT8_U_TOP).to(tl.int32)
         m = tl.load(tab_ptr + INT8_U_MID + tl.maximum(k - 1, 0))
-        return k - ((k > 0) & (y <= m)).to(tl.int32)
+        k = k - ((k > 0) & (y <= m)).to(tl.int32)
+        return tl.where(y > 0, tl.maximum(k, 1), k)  # the floor: y' > 0 takes code 1 at least
     else:
         a = tl.abs(y)
         t = tl.sqrt(a) + (0.5 + 0.125)
@@ -485,6 +486,8 @@ def int8_encode_index_sr(y, r, UNSIGNED: tl.constexpr):
     lo = tl.where(below, q, pn)
     hi = tl.where(below, pn, q)
     up = (f < top) & (r.to(tl.float64) * (hi - lo) < (a - lo) * 65536.0)
+    if UNSIGNED:
+        up = up | ((f == 0.0) & (a > 0.0))  # the floor: f = 0 < a goes up
     c = tl.where(a != a, top, f + up.to(tl.float64)).to(tl.int32)
     if UNSIGNED:
         return c
