@@ -41,8 +41,10 @@ backend gives the same bits where its fp32 math agrees (written once per languag
     key_b = key + b * 0x9E3779B9                            b = 0 for the param, 1 + j for state j
     r     = lowbias32(lo32(i) ^ key_b ^ lo32(hi32(i) * 0x85EBCA6B)) & 0xFFFF    i = element index (int64)
 
-``step`` counts the optimizer's applied steps per param group (the group's ``sr_step``, saved in the
-state_dict), ``tensor`` is the param's position in its group plus ``group index << 20``. A DTensor's local
+``seed`` above 2^32 - 1 is folded to 32 bits with its higher words hashed in (s = lo32(seed), then for each
+higher 32-bit word w: s = lowbias32(s ^ lowbias32(w) ^ 0x9E3779B9); since 2026-12-06, when seeds that differed
+only above bit 31 drew the same bits), ``step`` counts the optimizer's applied steps per param group (the
+group's ``sr_step``, saved in the state_dict), ``tensor`` is the param's position in its group plus ``group index << 20``. A DTensor's local
 shard is indexed from 0, so shards would draw the same bits at the same local index: a shard whose global
 offsets (o_0, o_1, ...) are not all 0 mixes them in, h = 0, then for each o: h = lowbias32(lowbias32(h ^
 lo32(o)) ^ hi32(o)). Replicated params and the shard at the origin keep the plain key (replicas round alike).
@@ -176,7 +178,10 @@ def sr_key(seed: int, step: int, tensor: int, shard: tuple = ()) -> int:
     """The per-(tensor, step) key of the stochastic rounding (a uint32 as a Python int). ``shard``: the global
     offsets of a DTensor's local shard (``distributed.shard_offsets``); a shard that does not start at the origin
     mixes them into the key, so that no two shards of a tensor draw the same bits."""
-    key = lowbias32(lowbias32(lowbias32(seed & M32) ^ (step & M32)) ^ (tensor & M32))
+    s, hi = seed & M32, seed >> 32
+    while hi:  # (a seed of more than 32 bits: its higher words hashed in; seeds below 2^32 are as before)
+        s, hi = lowbias32(s ^ lowbias32(hi & M32) ^ 0x9E3779B9), hi >> 32
+    key = lowbias32(lowbias32(lowbias32(s) ^ (step & M32)) ^ (tensor & M32))
     if any(shard):
         h = 0
         for o in shard:

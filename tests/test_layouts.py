@@ -142,6 +142,10 @@ def test_sr_runs_are_deterministic_per_seed_and_differ_across_seeds():
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
+    # seeds that differ above bit 31 only draw other bits (before 2026-12-06 the seed was taken mod 2^32)
+    assert not torch.equal(run(1 + 2 ** 32)[0], a[0]) and not torch.equal(run(1 + 2 ** 64)[0], run(1 + 2 ** 32)[0])
+    # a seed below 2^32 keeps its key (checkpoints' streams go on as before)
+    assert layouts.sr_key(5, 3, 7) == layouts.lowbias32(layouts.lowbias32(layouts.lowbias32(5) ^ 3) ^ 7)
 
 
 def test_sr_is_unbiased_and_matches_the_hash_spec():
