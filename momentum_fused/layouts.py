@@ -44,8 +44,8 @@ backend gives the same bits where its fp32 math agrees (written once per languag
 ``seed`` above 2^32 - 1 is folded to 32 bits with its higher words hashed in (s = lo32(seed), then for each
 higher 32-bit word w: s = lowbias32(s ^ lowbias32(w) ^ 0x9E3779B9); since 2026-12-06, when seeds that differed
 only above bit 31 drew the same bits), ``step`` counts the optimizer's applied steps per param group (the
-group's ``sr_step``, saved in the state_dict), ``tensor`` is the param's position in its group plus ``group index << 20``. A DTensor's local
-shard is indexed from 0, so shards would draw the same bits at the same local index: a shard whose global
+group's ``sr_step``, saved in the state_dict), ``tensor`` is the param's position in its group plus
+``group index << 20``. A DTensor's local shard is indexed from 0, so shards would draw the same bits at the same local index: a shard whose global
 offsets (o_0, o_1, ...) are not all 0 mixes them in, h = 0, then for each o: h = lowbias32(lowbias32(h ^
 lo32(o)) ^ hi32(o)). Replicated params and the shard at the origin keep the plain key (replicas round alike).
 """

@@ -174,8 +174,8 @@ class CheckpointMixin:
     def _check_loaded_tensors(self, state_dict: dict[str, Any]) -> None:
         """Before anything is loaded, per saved param state: every param-shaped tensor (the rule's moments, int8
         codes, a master or its remainder; not block scales, host counters, a contract-v2 tensor of its own
-        shape or a key the optimizer does not know) has its param's number of elements, so that a checkpoint of other params is refused whole rather
-        than failing halfway through a conversion; and a DTensor (FSDP2) param whose checkpoint holds 8-bit codes
+        shape or a key the optimizer does not know) has its param's number of elements, so that a checkpoint of
+        other params is refused whole rather than failing halfway through a conversion; and a DTensor (FSDP2) param whose checkpoint holds 8-bit codes
         where its layout keeps fp32 state, or the reverse, is refused (that conversion is not implemented on
         sharded tensors; it crashed inside torch's DTensor ops before 2026-12-05; codes into codes load, the
         scales reshaped between one process's and FSDP2's shapes)."""
