@@ -66,8 +66,11 @@ def _run_pair(cls, kw, layout, dtype, sign, lp, steps=10):
     return opt, ps, ref, rs
 
 
-@pytest.mark.parametrize("layout,dtype", LAYOUTS, ids=[f"{a}-{str(b)[6:]}" for a, b in LAYOUTS])
-@pytest.mark.parametrize("case", ALL, ids=[c[0] for c in ALL])
+PAIRS = [pytest.param(c, lay, dt, id=f"{c[0]}-{lay}-{str(dt)[6:]}") for lay, dt in LAYOUTS for c in ALL
+         if lay in c[1].supported_layouts]  # (schedule-free refuses bf16_state: test_schedule_free_refuses_*)
+
+
+@pytest.mark.parametrize("case,layout,dtype", PAIRS)
 def test_layout_against_the_float64_oracle(case, layout, dtype):
     cid, cls, kw0, _, sign, lp = case
     opt, ps, ref, rs = _run_pair(cls, kw0, layout, dtype, sign, lp)
@@ -184,10 +187,25 @@ def test_bad_layout_values_and_unsupported_optimizers_raise():
         mf.SGD([dict(params=[p], layout=3)], lr=0.1)
 
 
-@pytest.mark.parametrize("layout,dtype", [("master", torch.bfloat16), ("bf16_state", torch.float32)])
+@pytest.mark.parametrize("cls", [mf.SGDScheduleFree, mf.AdamWScheduleFree])
+def test_schedule_free_refuses_bf16_state_whose_z_would_stall(cls):
+    """z is an iterate: in bf16 state an update below half its ulp is lost (a review measured z unmoved after
+    200 steps of lr 1e-3 with fp32 params, 2026-12-06). Refused with the reason; the 8-bit layouts too."""
+    p = torch.zeros(8, requires_grad=True)
+    with pytest.raises(ValueError, match=r"does not support dtype layout 'bf16_state' \(z is an iterate .* stalls"):
+        cls([p], lr=1e-3, layout="bf16_state")
+    with pytest.raises(ValueError, match=r"does not support dtype layout 'int8_sr' \(z is an iterate"):
+        cls([p], lr=1e-3, layout="int8_sr")
+    opt = cls([p], lr=1e-3)
+    with pytest.raises(ValueError, match="'bf16_state'"):
+        opt.add_param_group(dict(params=[torch.zeros(3, requires_grad=True)], layout="bf16_state"))
+
+
+@pytest.mark.parametrize("layout,dtype", [("master", torch.bfloat16), ("master16", torch.bfloat16)])
 def test_schedule_free_eval_and_train_move_the_master_copy(layout, dtype):
-    """eval() puts x into the params (through the fp32 master under ``master``), train() puts y back;
-    the same as the float64 run's x and y within the storage tolerance."""
+    """eval() puts x into the params (through the fp32 master: ``master``'s copy, ``master16``'s param and
+    remainder), train() puts y back; the same as the float64 run's x and y within fp32's tolerance. (Until
+    2026-12-06 the second case was bf16_state, which schedule-free refuses since.)"""
     init, gen = _start(dtype)
     ps = [x.clone().requires_grad_() for x in init]
     rs = [x.double().requires_grad_() for x in init]
@@ -205,10 +223,10 @@ def test_schedule_free_eval_and_train_move_the_master_copy(layout, dtype):
         for p, r in zip(ps, rs):
             if layout == "master":
                 master = opt.state[p]["master"]
-                torch.testing.assert_close(master.double(), r.detach(), **tol(torch.float32))
                 assert torch.equal(p.detach(), master.to(dtype))
             else:
-                torch.testing.assert_close(p.detach().double(), r.detach(), **tol(torch.bfloat16))
+                master = layouts.master16_decode(p.detach(), opt.state[p]["master_lo"]).view(p.shape)
+            torch.testing.assert_close(master.double(), r.detach(), **tol(torch.float32))
 
 
 def test_a_param_whose_dtype_changed_raises_at_step_and_nothing_changes():

@@ -109,6 +109,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
 
     # layouts this optimizer's front end supports (schedule-free narrows it: its train/eval swap)
     supported_layouts: ClassVar[tuple] = tuple(_layouts.LAYOUTS)
+    unsupported_layout_reasons: ClassVar[dict] = {}  # layout name -> why this class refuses it (in the error)
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None = None, layout: str | None = None,
                  sr_seed: int = 0, capturable: bool = False, foreach: bool | None = None, fused: bool | None = None,

@@ -124,8 +124,9 @@ class ValidationMixin:
         if lay is None:
             raise ValueError(f"{where}layout must be a layout name; supported layouts: {_layouts.supported()}")
         if lay.name not in self.supported_layouts:
+            why = self.unsupported_layout_reasons.get(lay.name)
             raise ValueError(f"{where}{type(self).__name__} does not support dtype layout {lay.name!r} "
-                             f"(it supports: {', '.join(self.supported_layouts)})")
+                             f"({why + '; ' if why else ''}it supports: {', '.join(self.supported_layouts)})")
         if lay.int8 and not self.spec.plain_state:
             raise ValueError(f"{where}{type(self).__name__}: dtype layout {lay.name!r} needs param-shaped moment "
                              "state; this rule declares state tensors of its own")

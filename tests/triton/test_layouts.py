@@ -48,8 +48,9 @@ def _run(cls, kw, gmode, layout, dtype, backend, steps=10, seed=0, sr_seed=0):
     return opt, ps
 
 
-@pytest.mark.parametrize("layout,dtype", LAYOUT_DTYPES, ids=[f"{a}-{str(b)[6:]}" for a, b in LAYOUT_DTYPES])
-@pytest.mark.parametrize("case", NON_SF, ids=[c[0] for c in NON_SF])
+@pytest.mark.parametrize("case,layout,dtype", [
+    pytest.param(c, lay, dt, id=f"{c[0]}-{lay}-{str(dt)[6:]}") for lay, dt in LAYOUT_DTYPES for c in NON_SF
+    if lay in c[1].supported_layouts])  # (schedule-free refuses bf16_state since 2026-12-06: its z would stall)
 def test_layout_parity_with_the_reference_backend(case, layout, dtype):
     _, cls, kw, gmode = case
     topt, tp = _run(cls, kw, gmode, layout, dtype, "triton")
