@@ -191,3 +191,49 @@ def test_to_dense_keeps_a_layer_registered_twice_shared():
     torch.testing.assert_close(model[0].weight, layer.weight.detach())
     dense = to_dense(LowRankLinear(6, 5, 2, 3))  # a bare layer comes back as a new Linear
     assert type(dense) is nn.Linear and dense.weight.shape == (5, 6)
+
+
+# ---------------------------------------------------------------- convert's edges (a review, 2026-12-06)
+def test_convert_of_a_bare_linear_returns_the_converted_layer():
+    """Before 2026-12-06 the Linear came back unconverted with a LowRankLinear registered under the name ""
+    (its state_dict held both; LowRankSGD trained the dense weight only)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6)
+    x = torch.randn(4, 8)
+    out = convert(lin, rank=6)
+    assert isinstance(out, LowRankLinear) and not list(lin.children())
+    assert set(out.state_dict()) == {"U", "S", "V", "bias", "rank"}
+    torch.testing.assert_close(out(x), lin(x), rtol=1e-5, atol=1e-6)  # full rank: the same map
+    assert convert(lin, rank=3, filter=lambda name, m: name != "") is lin  # not selected: itself
+
+
+def test_convert_keeps_frozen_layers_frozen_and_eval_mode():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
+    model[0].requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    convert(model, rank=4)
+    assert [p.requires_grad for p in model[0].parameters()] == [False] * 4
+    assert [model[2].U.requires_grad, model[2].S.requires_grad, model[2].bias.requires_grad] == [True, True, False]
+    assert not model[0].training and not model[2].training
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = LowRankSGD(trainable, lr=0.1)
+    before = [p.detach().clone() for p in model[0].parameters()]
+    model.train()
+    model(torch.randn(5, 8)).sum().backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model[0].parameters()))
+
+
+@pytest.mark.parametrize("kind", ["meta", "tol_above_max_rank"])
+def test_convert_errors_name_the_layer_and_convert_nothing(kind):
+    if kind == "meta":
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(8, 8))
+        kw, match = dict(rank=2), r"layer '0' \(8x8\): from_dense: the Linear is on the meta device"
+    else:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6))
+        kw, match = dict(tol=1e-6, max_rank=2), r"layer '0' \(8x8\): LowRankLinear: rank \(\d\) must be <= max_rank"
+    with pytest.raises(ValueError, match=match + ".*nothing was converted"):
+        convert(model, **kw)
+    assert all(isinstance(m, nn.Linear) for m in model)

@@ -206,11 +206,17 @@ class LowRankLinear(nn.Module):
         Exactly one of ``rank`` (keep the top ``rank`` singular values) or ``tol`` (the smallest rank
         with a discarded tail ‖σ_{r:}‖ < tol ‖σ‖) is given. ``max_rank`` defaults to
         max(rank, min(in, out) // 2). Draws nothing from the global RNG (``convert`` keeps a seeded run's data
-        order equal to its dense baseline's)."""
+        order equal to its dense baseline's). The factors take the weight's ``requires_grad``, the bias its own,
+        and the layer the Linear's training mode (a frozen or eval-mode layer stays so, as ``to_dense`` keeps
+        them the other way)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
         if (rank is None) == (tol is None):
             raise ValueError("from_dense: give exactly one of rank= or tol=")
+        if linear.weight.is_meta:
+            raise ValueError("from_dense: the Linear is on the meta device, so its weight has no values to "
+                             "factor (an SVD); materialize and load the dense model first, or build "
+                             "LowRankLinear(..., device='meta') and load a low-rank checkpoint into it")
         W = linear.weight.detach()
         m, n = W.shape
         if tol is not None:
@@ -225,9 +231,13 @@ class LowRankLinear(nn.Module):
         object.__setattr__(layer, "_no_init", True)
         layer.__init__(n, m, rank, max_rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
         layer._set_from_svd(W, rank)
+        for f in (layer.U, layer.S, layer.V):
+            f.requires_grad_(linear.weight.requires_grad)
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        layer.train(linear.training)
         return layer
 
     # ------------------------------------------------------------------ forward
@@ -287,8 +297,10 @@ def _shared_layers(model: nn.Module, candidates) -> dict:
 def convert(model: nn.Module, filter: Callable[[str, nn.Module], bool] | None = None, rank: int | None = None,
             max_rank: int | None = None, tol: float | None = None, *, tied: str = "dense") -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` that ``filter(name, module)`` selects (default:
-    all) by ``LowRankLinear.from_dense(module, rank=, tol=, max_rank=)``. Returns ``model``. Conv layers
-    are not supported. Raises (before changing anything) when a selected layer cannot take the rank.
+    all) by ``LowRankLinear.from_dense(module, rank=, tol=, max_rank=)``. Returns ``model`` (an ``nn.Linear``
+    passed as ``model`` itself, selected under the name "", is returned converted, as ``to_dense`` returns a
+    ``LowRankLinear`` converted). Conv layers are not supported. Raises (before changing anything) when a
+    selected layer cannot take the rank, naming the layer.
 
     Tied layers: a selected Linear whose weight or bias is also a parameter of another module (GPT-2's
     ``lm_head.weight is transformer.wte.weight``), or a Linear registered under several names, cannot be
@@ -321,7 +333,15 @@ def convert(model: nn.Module, filter: Callable[[str, nn.Module], bool] | None = 
         if (rank is not None and rank > k) or (max_rank is not None and max_rank > k):
             raise ValueError(f"convert: layer {name!r} ({mod.out_features}x{mod.in_features}) cannot take "
                              f"rank={rank}, max_rank={max_rank} (limit min(in, out) = {k}); exclude it with filter=")
-    new = {name: LowRankLinear.from_dense(mod, rank=rank, tol=tol, max_rank=max_rank) for name, mod in chosen}
+    new = {}
+    for name, mod in chosen:
+        try:
+            new[name] = LowRankLinear.from_dense(mod, rank=rank, tol=tol, max_rank=max_rank)
+        except (ValueError, TypeError) as e:  # (tol= picking a rank above max_rank; a singular weight; meta)
+            raise type(e)(f"convert: layer {name!r} ({mod.out_features}x{mod.in_features}): {e}; nothing was "
+                          "converted") from None
+    if "" in new:  # the model is the one Linear: its converted self (setattr(model, "", ...) would hide it)
+        return new[""]
     for name, layer in new.items():
         _replace(model, name, layer)
     return model
