@@ -238,6 +238,7 @@ def sr_round_bf16(x: torch.Tensor, key: int, buffer: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------- master16 (torch, reference)
+@_dist.shardwise
 def master16_encode(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 master -> (bf16 param, int16 remainder): the param is the master rounded to nearest with ties away
     from zero, the remainder the master's low 16 bits (two's-complement int16 of the unsigned half). A NaN
@@ -251,6 +252,7 @@ def master16_encode(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _bits_to_bf16(hi), (lo - ((lo & 0x8000) << 1)).to(torch.int16)
 
 
+@_dist.shardwise
 def master16_decode(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
     """(bf16 param, int16 remainder) -> the fp32 master (the inverse of ``master16_encode``)."""
     hi = param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF

@@ -686,3 +686,31 @@ def test_a_reset_int8_momentum_buffer_loads_into_fp32_state_without_its_scales(b
     o2.step()
     assert set(o2.state[p]) == {"momentum_buffer"}
     o2.load_state_dict(o2.state_dict())
+
+
+def test_a_stale_master_beside_a_loaded_checkpoint_starts_again_from_the_param():
+    """torch.distributed.checkpoint's partial load of a torch.optim checkpoint starts from the fresh optimizer's
+    state dict, whose ``master`` (made from the fresh params) stays beside the loaded moments: before 2026-12-06
+    the first step wrote that master back into the params (the model near its initialization again). The first
+    step after a load now restarts a master farther than a bf16 spacing from its param, with a warning."""
+    gen = torch.Generator().manual_seed(0)
+    trained = torch.randn(4352, generator=gen).to(torch.bfloat16)
+    grads = [torch.randn(4352, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    t = torch.nn.Parameter(trained.clone())
+    topt = torch.optim.AdamW([t], lr=1e-3)
+    t.grad = grads[0]
+    topt.step()
+    q = torch.nn.Parameter(torch.zeros(4352, dtype=torch.bfloat16))  # a fresh model
+    b = mf.AdamW([q], lr=1e-3, layout="master")
+    q.grad = torch.zeros_like(q)
+    b.step()  # (the fresh state, as get_optimizer_state_dict makes it)
+    sd = b.state_dict()
+    sd["state"][0].update({k: v for k, v in topt.state_dict()["state"][0].items()})  # the partial load's result
+    with torch.no_grad():
+        q.copy_(t)  # the model's checkpoint
+    b.load_state_dict(sd)
+    assert torch.equal(b.state[q]["master"], torch.zeros(4352))  # (stale until the step)
+    q.grad = grads[1]
+    with pytest.warns(UserWarning, match="fp32 master of param 0 of group 0 does not round to its param"):
+        b.step()
+    assert (q.detach().float() - t.detach().float()).abs().max() < 0.01  # one step of lr 1e-3 from the loaded model

@@ -150,3 +150,66 @@ def test_int8_checkpoints_move_between_fsdp2_and_one_process(mesh):
                                  options=opts)
     # (torch's set_optimizer_state_dict first creates zero state by a step with lr 0): nothing of the source's
     assert all(float(st["exp_avg"].full_tensor().abs().max()) == 0.0 for st in dst_opt.state.values())
+
+
+# ---------------------------------------------------------------- master16 on DTensors (a review, 2026-12-06)
+def test_schedule_free_master16_eval_and_train_of_dtensor_params_equal_the_plain_ones(mesh):
+    """eval()/train() move the master16 master through layouts.master16_decode/encode: on DTensors torch 2.13's
+    ``<<``/``>>`` return their input unchanged, which wrote NaNs and ~3e38 into FSDP2-sharded params before
+    2026-12-06 (distributed.shardwise runs the codecs on the local shards)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in ((16, 8), (7,))]
+    grads = [[torch.randn(v.shape, generator=gen).to(torch.bfloat16) for v in values] for _ in range(3)]
+    runs = []
+    for make in (lambda t: distribute_tensor(t, mesh, [Shard(0)]), lambda t: t):
+        ps = [torch.nn.Parameter(make(v.clone())) for v in values]
+        opt = mf.AdamWScheduleFree(ps, lr=1e-2, warmup_steps=2, layout="master16", backend="reference")
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = make(g.clone())
+            opt.step()
+        snaps = []
+        for mode in ("eval", "train"):
+            getattr(opt, mode)()
+            snaps += [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in ps]
+        runs.append(snaps)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert not any(bool(t.isnan().any()) for t in runs[0])
+
+
+@pytest.mark.parametrize("src,dst", [("master16", "master"), ("master", "master16")])
+def test_a_master_conversion_of_dtensor_params_equals_the_plain_ones(mesh, src, dst):
+    """A checkpoint's full tensors (plain) loaded into a DTensor param's other master layout: cut to the local
+    shard (distributed.placed_like) before the codecs; a live key of the destination layout beside them (as
+    torch.distributed.checkpoint leaves it) does not stop the conversion (the saved layout decides)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(16, 8, generator=gen).to(torch.bfloat16)
+    grads = [torch.randn(16, 8, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    p = torch.nn.Parameter(v.clone())
+    a = mf.AdamW([p], lr=1e-2, layout=src, backend="reference")
+    for g in grads:
+        p.grad = g
+        a.step()
+    sd = a.state_dict()
+    results = []
+    for make in (lambda t: distribute_tensor(t, mesh, [Shard(0)]), lambda t: t):
+        q = torch.nn.Parameter(make(p.detach().clone()))
+        b = mf.AdamW([q], lr=1e-2, layout=dst, backend="reference")
+        q.grad = make(grads[0].clone())
+        b.step()  # (live state of the destination layout, as a DCP load starts from)
+        with torch.no_grad():
+            q.copy_(make(p.detach().clone()))
+        sd2 = {"state": {0: {**{k: b.state[q][k] for k in b.state[q]}, **sd["state"][0]}},
+               "param_groups": sd["param_groups"]}
+        b.load_state_dict(sd2)
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+        results.append([full(q).detach().clone()] + [full(b.state[q][k]).clone() for k in sorted(b.state[q])
+                                                     if k != "step"])
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+    # (b, q: the plain run) the converted master is the checkpoint's, not the live one (the conversion ran)
+    master = layouts.master16_decode(p.detach(), a.state[p]["master_lo"]).view(p.shape) if src == "master16" else \
+        a.state[p]["master"]
+    got = b.state[q]["master"] if dst == "master" else layouts.master16_decode(q.detach(), b.state[q]["master_lo"])
+    assert torch.equal(got.view(master.shape), master)

@@ -39,7 +39,11 @@ def _check_int8_codes(state_dict: dict[str, Any]) -> None:
                     f"load_state_dict: state {idx!r} {key!r} has block scales {key + sfx!r} beside it, so it must be "
                     f"{want} codes ({'unsigned' if want == torch.uint8 else 'signed'} map) with one floating-point "
                     f"scale per {_layouts.INT8_BLOCK} codes; got {_describe(v)} and scales {_describe(sc)}. The "
-                    "checkpoint is corrupt or was edited; nothing was loaded")
+                    "checkpoint is corrupt or was edited"
+                    + (" (or unflattened by torch.distributed.checkpoint's flatten_optimizer_state_dict=True, "
+                       "which rebuilds the state from the live keys and drops the codes, saved as "
+                       f"{key + '_codes'!r}: save and load with flatten_optimizer_state_dict=False)"
+                       if isinstance(v, dict) else "") + "; nothing was loaded")
             if v.dtype != torch.int8:
                 continue
             if bool((_dist.local(v) == -128).any()):  # a DTensor (FSDP2): this rank's shard, no collective
@@ -111,6 +115,8 @@ class CheckpointMixin:
         live_layouts = [(g["layout"], g.get("sr_seed"), g.get("sr_step")) for g in self.param_groups]
         saved_stochastic = [isinstance(g.get("layout"), str) and _layouts.LAYOUTS.get(g["layout"], _layouts.NATIVE)
                             .stochastic for g in state_dict["param_groups"]]
+        src_of = {i: _layouts.LAYOUTS.get(g.get("layout")) if isinstance(g.get("layout"), str) else None
+                  for g in state_dict["param_groups"] for i in g["params"]}  # the checkpoint's layout (None: unknown)
         super().load_state_dict(state_dict)
         for g, (live, seed, step), was_sr in zip(self.param_groups, live_layouts, saved_stochastic):
             g["layout"] = live  # the layout is the live optimizer's, never the checkpoint's: its state converts
@@ -148,7 +154,7 @@ class CheckpointMixin:
                         v = saved.get(idx, {}).get(key)
                         if v is not None:
                             self.state[p][key] = v.detach().to(p.device, lay.dtype_of(key, p.dtype), copy=True)
-                    self._convert_master(p, lay, saved.get(idx, {}))
+                    self._convert_master(p, lay, saved.get(idx, {}), src_of.get(idx))
                 for key in _CONVERTED:  # a master layout's key that this layout does not keep
                     if key not in lay.extra_keys:
                         self.state[p].pop(key, None)
@@ -169,14 +175,16 @@ class CheckpointMixin:
                     want = lay.dtype_of(key, p.dtype)
                 self.state[p][key] = value.detach().to(device=p.device, dtype=want, copy=True)
             if lay.master or lay.remainder:
-                self._convert_master(p, lay, saved.get(idx, {}))
+                self._convert_master(p, lay, saved.get(idx, {}), src_of.get(idx))
+        if any(lay.master for lay in layout_of.values()):  # the first step checks the masters against the params
+            self._verify_masters = True  # (FusedOptimizer._repair_stale_masters: both are loaded by then)
 
     def _check_loaded_tensors(self, state_dict: dict[str, Any]) -> None:
         """Before anything is loaded, per saved param state: every param-shaped tensor (the rule's moments, int8
         codes, a master or its remainder; not block scales, host counters, a contract-v2 tensor of its own
         shape or a key the optimizer does not know) has its param's number of elements, so that a checkpoint of
-        other params is refused whole rather than failing halfway through a conversion; and a DTensor (FSDP2) param whose checkpoint holds 8-bit codes
-        where its layout keeps fp32 state, or the reverse, is refused (that conversion is not implemented on
+        other params is refused whole rather than failing halfway through a conversion; and a DTensor (FSDP2)
+        param whose checkpoint holds 8-bit codes where its layout keeps fp32 state, or the reverse, is refused (that conversion is not implemented on
         sharded tensors; it crashed inside torch's DTensor ops before 2026-12-05; codes into codes load, the
         scales reshaped between one process's and FSDP2's shapes)."""
         try:
@@ -241,22 +249,29 @@ class CheckpointMixin:
                 want = p.dtype if lay.name == "native" else lay.dtype_of(key, p.dtype)
                 st[key] = x.reshape(p.shape).to(want)
 
-    def _convert_master(self, p, lay, saved) -> None:
+    def _convert_master(self, p, lay, saved, src=None) -> None:
         """A checkpoint of layout "master" loaded into a "master16" group, or the reverse (docs/layouts.md): the
         fp32 master is rebuilt from the live param (load the model's weights first) and its saved remainder, or
         split into the param (rounded to nearest, ties away) and the remainder; the param is written then, and
-        differs from the saved one only where the master's low half is exactly 0x8000 (an RNE tie)."""
+        differs from the saved one only where the master's low half is exactly 0x8000 (an RNE tie). ``src``: the
+        checkpoint's layout where its group names one: its key decides, whatever else ``saved`` holds (a
+        torch.distributed.checkpoint load starts from the live state dict, so the live master or remainder sits
+        beside the checkpoint's other key: before 2026-12-06 that skipped the conversion); else the keys do."""
         st = self.state[p]
-        if lay.master and _layouts.REMAINDER_KEY in saved and _layouts.MASTER_KEY not in saved:
+        has_lo, has_master = _layouts.REMAINDER_KEY in saved, _layouts.MASTER_KEY in saved
+        from_lo = has_lo and (src.remainder if src is not None else not has_master)
+        from_master = has_master and (src.master if src is not None else not has_lo)
+        if lay.master and from_lo:
             st.pop(_layouts.REMAINDER_KEY, None)
-            lo = saved[_layouts.REMAINDER_KEY].to(p.device).reshape(p.shape)  # (its numel was checked)
+            lo = _dist.placed_like(saved[_layouts.REMAINDER_KEY].to(p.device).reshape(p.shape), p)  # (numel checked)
             hi = p.detach().to(torch.bfloat16)  # (an fp16 param of the "master" layout: the saved bf16 param's
             master = st[_layouts.MASTER_KEY] = _layouts.master16_decode(hi, lo).view(p.shape).clone()  # value)
             with torch.no_grad():  # the master layout's param is its master rounded to nearest even (a tie that
                 p.copy_(master.to(p.dtype))  # master16 rounded away from zero is rounded back)
-        elif lay.remainder and _layouts.MASTER_KEY in saved and _layouts.REMAINDER_KEY not in saved:
+        elif lay.remainder and from_master:
             st.pop(_layouts.MASTER_KEY, None)
-            hi, lo = _layouts.master16_encode(saved[_layouts.MASTER_KEY].to(p.device).reshape(p.shape))
+            hi, lo = _layouts.master16_encode(_dist.placed_like(saved[_layouts.MASTER_KEY].to(p.device).reshape(p.shape),
+                                                                p))
             with torch.no_grad():
                 p.copy_(hi.view(p.shape))
             st[_layouts.REMAINDER_KEY] = lo.view(p.shape)
