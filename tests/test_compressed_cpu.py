@@ -177,19 +177,25 @@ def _check_int8_equal(opt, ref, ps, rs, what):
                 assert torch.equal(_bits(st[k]), _bits(rst[k])), f"{what} param {i} {k}"
 
 
-@pytest.mark.parametrize("case", INT8_CASES, ids=[c[0] for c in INT8_CASES])
-def test_int8_cpu_is_decode_fp32_rule_encode_bit_for_bit(case):
-    cid, cls, kw0, _, sign, lp = case
-    kw, scale = _kw(kw0, lp)
-    opt, ref, ps, rs, gen = _int8_pair(cls, kw)
+def _step_int8_pair(opt, ref, ps, rs, gen, scale, sign, steps):
+    """``steps`` steps of both on the same gradients; the reference's quantized states re-quantized after each."""
     names = opt.spec.state_names(opt.param_groups[0])
-    for _ in range(10):
+    for _ in range(steps):
         for p, r in zip(ps, rs):
             p.grad = _grad(p.shape, gen, scale, sign)
             r.grad = p.grad.clone()
         opt.step()
         ref.step()
         _requantize(ref, names)
+    return names
+
+
+@pytest.mark.parametrize("case", INT8_CASES, ids=[c[0] for c in INT8_CASES])
+def test_int8_cpu_is_decode_fp32_rule_encode_bit_for_bit(case):
+    cid, cls, kw0, _, sign, lp = case
+    kw, scale = _kw(kw0, lp)
+    opt, ref, ps, rs, gen = _int8_pair(cls, kw)
+    names = _step_int8_pair(opt, ref, ps, rs, gen, scale, sign, 10)
     _check_int8_equal(opt, ref, ps, rs, cid)
     if names:  # the codes carry information (not all zero)
         assert any(int(opt.state[p][k].ne(0).sum()) > 1000 for p in ps if layouts.int8_quantized(p) for k in names)
@@ -201,13 +207,7 @@ def test_int8_two_threads_split_quantized_tensors_on_blocks(cid, threads):
     kw, scale = _kw(kw0, lp)
     threads(2, at_least=True)
     opt, ref, ps, rs, gen = _int8_pair(cls, kw, Q_SPLIT_SHAPES)
-    for _ in range(3):
-        for p, r in zip(ps, rs):
-            p.grad = _grad(p.shape, gen, scale, sign)
-            r.grad = p.grad.clone()
-        opt.step()
-        ref.step()
-        _requantize(ref, opt.spec.state_names(opt.param_groups[0]))
+    _step_int8_pair(opt, ref, ps, rs, gen, scale, sign, 3)
     _check_int8_equal(opt, ref, ps, rs, cid)
 
 

@@ -125,7 +125,7 @@ def test_a_near_miss_of_a_hyperparameter_warns_at_construction_add_and_later(nam
 
 
 def test_near_miss_rule():
-    from momentum_fused.optim.checks import near_miss
+    from momentum_fused.optim.keys import near_miss
 
     known = {"lr", "eps", "weight_decay", "momentum", "betas"}
     assert near_miss("weight_decy", known) == "weight_decay"

@@ -35,7 +35,8 @@ from .. import distributed as _dist  # DTensor (FSDP2): local shards, see moment
 from ..specs import UpdateRuleSpec, get_spec
 from .amp import AmpMixin, AmpRollback, _drop_amp_attrs
 from .checkpoints import CheckpointMixin
-from .checks import ValidationMixin, check_torch_flags, user_stacklevel
+from .checks import ValidationMixin
+from .keys import check_torch_flags
 from .compile import CompileMixin, bucket_op
 from .phases import PhasesMixin
 from .plan_cache import PlanCacheMixin
@@ -303,36 +304,6 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             self._grad_subst = None  # (this step's resolved gradients, ``grad_of``: not kept until the next)
             if paused:
                 gc.enable()
-
-    @torch.no_grad()
-    def _repair_stale_masters(self) -> None:
-        """At the first step after a load: a ``master`` layout's fp32 copy lies within a bf16 spacing of its param,
-        which the model's checkpoint restored (the param is the master rounded; a model moved between bf16 and fp16
-        since rounds twice: still within one bf16 spacing; a check of exact rounding dropped those valid masters
-        once, tests/test_compressed_state.py). One with an element farther off was not this param's master: a
-        fresh optimizer's that torch.distributed.checkpoint's partial load kept beside a torch.optim checkpoint
-        (allow_partial_load, docs/ecosystem.md: before 2026-12-06 its first step put the model back near its
-        initialization), or weights loaded from elsewhere since. It starts again from the param, shard by shard,
-        with a warning. Non-finite param elements (an fp16 overflow) are not compared."""
-        stale = []
-        for gi, g in enumerate(self.param_groups):
-            if not _layouts.get_layout(g["layout"]).master:
-                continue
-            for pi, p in enumerate(g["params"]):
-                m = self.state.get(p, {}).get(_layouts.MASTER_KEY)
-                if m is None:
-                    continue
-                ml, pf = _dist.local(m), _dist.local(p.detach()).float()
-                far = (ml - pf).abs() > pf.abs() * 2.0 ** -7 + 2.0 ** -24  # (bf16 spacing; fp16's near zero)
-                if bool((far & torch.isfinite(pf)).any()):
-                    ml.copy_(pf)
-                    stale.append(f"param {pi} of group {gi}")
-        if stale:
-            import warnings
-            warnings.warn(f"{type(self).__name__}: the fp32 master of {', '.join(stale[:5])}"
-                          f"{f' and {len(stale) - 5} more' if len(stale) > 5 else ''} does not round to its param "
-                          "(a master that is not the loaded model's: e.g. a fresh optimizer's, kept by a partial "
-                          "checkpoint load); it starts again from the param", UserWarning, stacklevel=user_stacklevel())
 
     def _step_plan(self):
         """This step's plan, ``(plan, cached)``: the cached plan of the last step re-validated (``_fast_plan``;

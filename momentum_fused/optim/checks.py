@@ -4,8 +4,6 @@ of a step (validate everything, pick the backends; modify nothing)."""
 from __future__ import annotations
 
 import math
-import os
-import sys
 import warnings
 from typing import NamedTuple
 
@@ -17,13 +15,12 @@ from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
 from . import overlap as _overlap
 from .checkpoints import _codes_under_live_names
+from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss
 
 _MASTER, _REMAINDER = _layouts.MASTER_KEY, _layouts.REMAINDER_KEY
 
-__all__ = ["GroupPlan", "ValidationMixin", "host_value_error", "near_miss", "check_torch_flags"]
+__all__ = ["GroupPlan", "ValidationMixin", "host_value_error"]
 
-# keys of every param group that are not hyperparameters of the rule
-GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
 
 
 class GroupPlan(NamedTuple):
@@ -62,58 +59,6 @@ def host_value_error(key: str, value) -> str | None:
     elif key == "mu_product" and not (math.isfinite(v) and 0.0 <= v <= 1.0):
         return f"{v}; NAdam's mu_product (a product of momentum coefficients) must be in [0, 1]"
     return None
-
-
-def check_torch_flags(name, *, foreach=None, fused=None, differentiable=False) -> None:
-    """torch.optim's implementation switches, accepted for a one-word swap: ``foreach`` and ``fused`` select
-    nothing (every step is one fused multi-tensor kernel per bucket; ``backend=`` picks the implementation);
-    ``differentiable=True`` (autograd through the step) is refused."""
-    for key, v in (("foreach", foreach), ("fused", fused)):
-        if v is not None and not isinstance(v, bool):
-            raise TypeError(f"{name}: {key} must be None or a bool, got {type(v).__name__}: {v!r}")
-    if foreach and fused:  # (torch's RuntimeError, word for word: code that catches it keeps working)
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    if not isinstance(differentiable, bool):
-        raise TypeError(f"{name}: differentiable must be a bool, got {type(differentiable).__name__}")
-    if differentiable:
-        raise ValueError(f"{name}: differentiable=True is not supported: the fused kernels update params and "
-                         "state in place outside autograd; use torch.optim for a differentiable step")
-
-
-def _edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
-def user_stacklevel() -> int:
-    """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this one that names the first frame
-    outside momentum_fused and torch: the user's line, past the wrappers torch and schedulers put around step()."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
-                 os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
-
-
-def near_miss(key, known) -> str | None:
-    """The known key that ``key`` most likely misspells (a case change, or one or two edits, one for keys
-    of up to 7 characters), or None."""
-    if not isinstance(key, str) or key in known:
-        return None
-    best = None
-    for k in known:
-        d = _edit_distance(key.lower(), k.lower())
-        if d <= (1 if len(k) < 8 else 2) and (best is None or d < best[0]):
-            best = (d, k)
-    return None if best is None else best[1]
 
 
 class ValidationMixin:

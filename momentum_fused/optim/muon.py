@@ -20,7 +20,7 @@ from .adam import AdamW
 from .amp import _drop_amp_attrs
 from .base import FusedOptimizer
 from .checkpoints import refuse_missized_state
-from .checks import GROUP_KEYS_ALWAYS_ALLOWED, near_miss, user_stacklevel
+from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss, user_stacklevel
 
 __all__ = ["Muon", "AUX_DEFAULTS"]
 

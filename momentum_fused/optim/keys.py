@@ -1,0 +1,65 @@
+"""The keys and keywords users write: torch.optim's implementation switches (accepted for a one-word swap), the
+near miss of a misspelt group key, and the stack level that makes a warning name the user's line."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+__all__ = ["GROUP_KEYS_ALWAYS_ALLOWED", "check_torch_flags", "near_miss", "user_stacklevel"]
+
+# keys of every param group that are not hyperparameters of the rule
+GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
+
+
+def check_torch_flags(name, *, foreach=None, fused=None, differentiable=False) -> None:
+    """torch.optim's implementation switches, accepted for a one-word swap: ``foreach`` and ``fused`` select
+    nothing (every step is one fused multi-tensor kernel per bucket; ``backend=`` picks the implementation);
+    ``differentiable=True`` (autograd through the step) is refused."""
+    for key, v in (("foreach", foreach), ("fused", fused)):
+        if v is not None and not isinstance(v, bool):
+            raise TypeError(f"{name}: {key} must be None or a bool, got {type(v).__name__}: {v!r}")
+    if foreach and fused:  # (torch's RuntimeError, word for word: code that catches it keeps working)
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"{name}: differentiable must be a bool, got {type(differentiable).__name__}")
+    if differentiable:
+        raise ValueError(f"{name}: differentiable=True is not supported: the fused kernels update params and "
+                         "state in place outside autograd; use torch.optim for a differentiable step")
+
+
+def _edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this one that names the first frame
+    outside momentum_fused and torch: the user's line, past the wrappers torch and schedulers put around step()."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+                 os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def near_miss(key, known) -> str | None:
+    """The known key that ``key`` most likely misspells (a case change, or one or two edits, one for keys
+    of up to 7 characters), or None."""
+    if not isinstance(key, str) or key in known:
+        return None
+    best = None
+    for k in known:
+        d = _edit_distance(key.lower(), k.lower())
+        if d <= (1 if len(k) < 8 else 2) and (best is None or d < best[0]):
+            best = (d, k)
+    return None if best is None else best[1]
