@@ -370,8 +370,11 @@ def int8_decode(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch
 # Rule states that are never negative: unsigned codes (uint8, the c^4 map); every other state is signed (int8).
 INT8_UNSIGNED = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
 INT8_SCALE_SUFFIX = "_scale"  # state[name + "_scale"]: the fp32 block scales of state[name]
-# state_dict()[...][name + "_codes"]: the 8-bit codes of state[name] in a checkpoint (not under `name`, which
-# torch.optim, a native optimizer or a DCP load into one would take as the values: docs/layouts.md)
+# state_dict()[...][name] = {"codes": codes}: the 8-bit codes of state[name] in a checkpoint, one level down (not
+# as `name`'s tensor, which torch.optim, a native optimizer or a DCP load into one would take as the values;
+# under `name`, so that torch.distributed.checkpoint's flatten_optimizer_state_dict, which rebuilds a state from
+# the live keys, finds them: docs/layouts.md). Checkpoints of 2026-12-05 and 12-06 hold them as name + "_codes".
+INT8_CODES_KEY = "codes"
 INT8_CODES_SUFFIX = "_codes"
 
 

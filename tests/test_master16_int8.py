@@ -105,7 +105,7 @@ def test_checkpoint_round_trip_continues_bit_for_bit():
     opt, ps = _run16()
     sd = copy.deepcopy(opt.state_dict())  # (as from a file: torch.optim's loading aliases same-dtype tensors)
     lo = sd["state"][0]["master_lo"]  # the remainder's two bytes (layouts.remainder_bytes)
-    assert sd["state"][0]["exp_avg_codes"].dtype == torch.int8 and lo.dtype == torch.uint8
+    assert sd["state"][0]["exp_avg"]["codes"].dtype == torch.int8 and lo.dtype == torch.uint8
     assert lo.shape == (*ps[0].shape, 2)
     qs = [p.detach().clone().requires_grad_() for p in ps]
     o2 = _adamw(qs, "master16_int8")

@@ -385,11 +385,11 @@ def test_codes_that_are_not_codes_refuse_the_checkpoint(edit, live):
     if edit == "scale not a tensor":
         st["exp_avg_scale"] = 1.0
     elif edit == "int16 codes":
-        st["exp_avg_codes"] = st["exp_avg_codes"].short()
+        st["exp_avg"] = {"codes": st["exp_avg"]["codes"].short()}
     elif edit == "signed codes of an unsigned state":
-        st["exp_avg_sq_codes"] = st["exp_avg_sq_codes"].to(torch.int16).clamp(max=127).neg().to(torch.int8)
+        st["exp_avg_sq"] = {"codes": st["exp_avg_sq"]["codes"].to(torch.int16).clamp(max=127).neg().to(torch.int8)}
     elif edit == "unsigned codes of a signed state":
-        st["exp_avg_codes"] = st["exp_avg_codes"].abs().to(torch.uint8)
+        st["exp_avg"] = {"codes": st["exp_avg"]["codes"].abs().to(torch.uint8)}
     else:
         st["exp_avg_scale"] = st["exp_avg_scale"][:-1]
     q = torch.nn.Parameter(p.detach().clone())

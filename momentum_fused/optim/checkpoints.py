@@ -308,20 +308,23 @@ class CheckpointMixin:
 
 
     def state_dict(self):
-        """torch's, except that a quantized tensor's 8-bit codes are saved as ``name + "_codes"`` (beside their
-        ``name + "_scale"``), not under the state's name: a checkpoint loaded where the codes cannot be decoded
-        (torch.optim, or torch.distributed.checkpoint's in-place load into a native optimizer) then misses the
-        key loudly instead of taking the codes as the moments; and that the master remainder (``master_lo``,
+        """torch's, except that a quantized tensor's 8-bit codes are saved one level down, ``{name: {"codes":
+        codes}}`` (beside ``name + "_scale"``), not as the state's tensor: a checkpoint loaded where the codes cannot
+        be decoded (torch.optim, or torch.distributed.checkpoint's in-place load into a native optimizer, whose key
+        ``name`` is a tensor) then fails loudly instead of taking the codes as the moments, while a load that
+        rebuilds the state from the live keys (DCP's ``flatten_optimizer_state_dict=True``, torchtitan's) finds
+        them (2026-12-05 to 12-06 they were saved as ``name + "_codes"``, which that load dropped; both older
+        forms still load); and that the master remainder (``master_lo``,
         int16) is saved as its two bytes (``layouts.remainder_bytes``: uint8 of shape (*param shape, 2), a view),
         which NCCL and gloo gather for a full state dict (neither has an int16 collective). ``load_state_dict``
         takes both forms of each. State-dict post-hooks run before these changes (they see the live state)."""
         self.sync_amp()
         sd = super().state_dict()
-        state, sfx, cfx = sd["state"], _layouts.INT8_SCALE_SUFFIX, _layouts.INT8_CODES_SUFFIX
+        state, sfx, ck = sd["state"], _layouts.INT8_SCALE_SUFFIX, _layouts.INT8_CODES_KEY
         rk = _layouts.REMAINDER_KEY
         for idx, st in list(state.items()):
             if isinstance(st, dict) and any(isinstance(k, str) and k.endswith(sfx) for k in st):
-                st = state[idx] = {(k + cfx if _is_codes(st, k) else k): v for k, v in st.items()}  # (new dicts)
+                st = state[idx] = {k: ({ck: v} if _is_codes(st, k) else v) for k, v in st.items()}  # (new dicts)
             if isinstance(st, dict) and isinstance(st.get(rk), torch.Tensor) and st[rk].dtype == torch.int16:
                 state[idx] = {**st, rk: _layouts.remainder_bytes(st[rk])}
         return sd
@@ -381,14 +384,29 @@ def _drop_cast_masters(state_dict, name):
     return state_dict if out is None else {**state_dict, "state": out}
 
 
+def _saved_codes(st: dict, key):
+    """The codes a checkpoint's state ``st`` holds for ``key`` beside ``key + "_scale"``, and the entry they are
+    under: ``{key: {"codes": codes}}`` (``state_dict`` since 2026-12-06, second form) or ``key + "_codes"``
+    (2026-12-05 and 12-06); (None, None) for neither (codes under ``key`` itself: 2026-12-04 and before)."""
+    if not (isinstance(key, str) and key + _layouts.INT8_SCALE_SUFFIX in st):
+        return None, None
+    v = st.get(key)
+    if isinstance(v, dict) and set(v) == {_layouts.INT8_CODES_KEY}:
+        return v[_layouts.INT8_CODES_KEY], key
+    if key not in st and key + _layouts.INT8_CODES_SUFFIX in st:
+        return st[key + _layouts.INT8_CODES_SUFFIX], key + _layouts.INT8_CODES_SUFFIX
+    return None, None
+
+
 def _codes_under_live_names(st: dict, names) -> None:
-    """A checkpoint's codes (``name + "_codes"`` beside ``name + "_scale"``, as ``state_dict`` saves them) put into
-    the live state without our ``load_state_dict`` (ZeroRedundancyOptimizer writes ``optim.state[p]`` itself):
-    moved back under ``name``, as ``load_state_dict`` would have put them."""
-    cfx, sfx = _layouts.INT8_CODES_SUFFIX, _layouts.INT8_SCALE_SUFFIX
+    """A checkpoint's codes (as ``state_dict`` saves them, ``_saved_codes``) put into the live state without our
+    ``load_state_dict`` (ZeroRedundancyOptimizer writes ``optim.state[p]`` itself): back under ``name`` as the
+    tensor, as ``load_state_dict`` would have put them."""
     for key in names:
-        if key not in st and key + cfx in st and key + sfx in st:
-            st[key] = st.pop(key + cfx)
+        codes, entry = _saved_codes(st, key)
+        if codes is not None:
+            st.pop(entry)
+            st[key] = codes
 
 
 def _remainders_from_bytes(state_dict):
@@ -407,9 +425,10 @@ def _remainders_from_bytes(state_dict):
 
 
 def _codes_to_live_names(state_dict):
-    """A checkpoint's ``name + "_codes"`` entries (``state_dict``) back under ``name``, in new dicts (the
-    caller's are not modified); checkpoints saved before 2026-12-05 hold the codes under ``name`` already."""
-    cfx, sfx = _layouts.INT8_CODES_SUFFIX, _layouts.INT8_SCALE_SUFFIX
+    """A checkpoint's codes (``_saved_codes``: ``{name: {"codes": t}}`` or ``name + "_codes"``) back under ``name``
+    as the tensor, in new dicts (the caller's are not modified); checkpoints saved before 2026-12-05 hold the codes
+    under ``name`` already."""
+    sfx = _layouts.INT8_SCALE_SUFFIX
     states = state_dict.get("state") if isinstance(state_dict, dict) else None
     if not isinstance(states, dict):
         return state_dict
@@ -417,9 +436,16 @@ def _codes_to_live_names(state_dict):
     for idx, st in states.items():
         if not isinstance(st, dict):
             continue
-        codes = [k for k in st if isinstance(k, str) and k.endswith(cfx) and k[:-len(cfx)] + sfx in st]
-        if codes:
+        found = {}
+        for k in st:
+            if isinstance(k, str) and k.endswith(sfx):
+                codes, entry = _saved_codes(st, k[:-len(sfx)])
+                if codes is not None:
+                    found[entry] = (k[:-len(sfx)], codes)
+        if found:
             if out is None:
                 out = dict(states)
-            out[idx] = {(k[:-len(cfx)] if k in codes else k): v for k, v in st.items()}
+            new = {k: v for k, v in st.items() if k not in found}
+            new.update(dict(found.values()))
+            out[idx] = new
     return state_dict if out is None else {**state_dict, "state": out}
