@@ -210,6 +210,38 @@ def test_compiled_step_of_an_int8_layout_equals_eager(cls, layout, dtype):
             assert torch.equal(v, o_c.state[b][k]), k
 
 
+def test_compiled_step_after_loading_a_master_checkpoint_equals_eager():
+    """The first step after a load checks the masters against the params (checkpoints._repair_stale_masters);
+    a traced step skips that check (a data-dependent read there broke the graph mid-update and the bucket op got
+    the host scalars: a crash, 2026-12-06, found before release)."""
+    def build():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(64, 64).to(torch.bfloat16)
+        return m, mf.AdamW(m.parameters(), lr=torch.tensor(1e-3), layout="master", backend="cpu")
+
+    src, sopt = build()
+    step = _train_step_fn(src, sopt)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 64, generator=gen).to(torch.bfloat16), torch.randn(8, 64, generator=gen)
+                .to(torch.bfloat16)) for _ in range(5)]
+    for x, y in batches[:2]:
+        step(x, y)
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        m, o = build()
+        m.load_state_dict(src.state_dict())
+        o.load_state_dict(copy.deepcopy(sopt.state_dict()))
+        f = _train_step_fn(m, o)
+        f = torch.compile(f, fullgraph=False, backend="aot_eager") if compiled else f
+        for x, y in batches[2:]:
+            f(x, y)
+        runs.append((m, o))
+    (me, oe), (mc, oc) = runs
+    for a, b in zip(me.parameters(), mc.parameters()):
+        assert torch.equal(a, b) and torch.equal(oe.state[a]["master"], oc.state[b]["master"])
+
+
 def test_compiled_train_step_inductor_matches_eager():
     """The default inductor backend: the compiled forward/backward differ from eager by round-off only."""
     from torch._dynamo.utils import counters

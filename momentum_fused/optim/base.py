@@ -339,8 +339,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         else:
             inv_scale = 1.0
             rollback = AmpRollback()
-        if self.__dict__.pop("_verify_masters", False):  # the first step after a load
-            self._repair_stale_masters()
+        if not traced and self.__dict__.pop("_verify_masters", False):  # the first eager step after a load (in a
+            self._repair_stale_masters()  # traced step a data-dependent check would break the graph mid-update)
         if self.spec.phases:  # contract v2: passes and matrix phases (optim/phases.py)
             loss = self._update_phased(plan, loss, inv_scale, amp, rollback)
             if cached is None and not traced:

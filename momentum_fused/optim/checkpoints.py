@@ -189,7 +189,9 @@ class CheckpointMixin:
         fresh optimizer's that torch.distributed.checkpoint's partial load kept beside a torch.optim checkpoint
         (allow_partial_load, docs/ecosystem.md: before 2026-12-06 its first step put the model back near its
         initialization), or weights loaded from elsewhere since. It starts again from the param, shard by shard,
-        with a warning. Non-finite param elements (an fp16 overflow) are not compared."""
+        with a warning. Non-finite param elements (an fp16 overflow) are not compared. A step traced by
+        torch.compile does not check (the check reads a value: a graph break in the middle of the update); the
+        next eager step does."""
         stale = []
         for gi, g in enumerate(self.param_groups):
             if not _layouts.get_layout(g["layout"]).master:
