@@ -41,10 +41,11 @@ def _check_int8_codes(state_dict: dict[str, Any]) -> None:
                     f"{want} codes ({'unsigned' if want == torch.uint8 else 'signed'} map) with one floating-point "
                     f"scale per {_layouts.INT8_BLOCK} codes; got {_describe(v)} and scales {_describe(sc)}. The "
                     "checkpoint is corrupt or was edited"
-                    + (" (or unflattened by torch.distributed.checkpoint's flatten_optimizer_state_dict=True, "
-                       "which rebuilds the state from the live keys and drops the codes, saved as "
-                       f"{key + '_codes'!r}: save and load with flatten_optimizer_state_dict=False)"
-                       if isinstance(v, dict) else "") + "; nothing was loaded")
+                    + (" (or rebuilt by torch.distributed.checkpoint without its codes: a checkpoint saved on "
+                       f"2026-12-05 or 12-06 holds them as {key + '_codes'!r}, which a DCP load into this version "
+                       "does not find; convert it with torch.distributed.checkpoint.format_utils.dcp_to_torch_save "
+                       "and load that file with load_state_dict)" if isinstance(v, dict) else "")
+                    + "; nothing was loaded")
             if v.dtype != torch.int8:
                 continue
             if bool((_dist.local(v) == -128).any()):  # a DTensor (FSDP2): this rank's shard, no collective
