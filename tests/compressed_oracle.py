@@ -15,6 +15,32 @@ import torch
 import momentum_fused as mf
 from momentum_fused import layouts
 
+def case_kwargs(kw0, lp):
+    """A backend_cases row's (kwargs, gradient scale): its kwargs with its ``lp`` overrides but ``gscale``."""
+    return {**kw0, **{k: v for k, v in lp.items() if k != "gscale"}}, lp.get("gscale", 1.0)
+
+
+def case_grad(shape, gen, scale, sign, dtype=torch.float32):
+    """A gradient of N(0, 1) values times ``scale`` (``sign``: magnitudes kept away from 0, for the sign rules)."""
+    g = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    return (g.sign() * (0.5 + g.abs()) if sign else g).to(dtype)
+
+
+def step_pair(opt, ref, ps, rs, gen, scale, sign, steps, requantize):
+    """``steps`` steps of ``opt`` (a quantized layout) and ``ref`` (fp32 state) on the same gradients
+    (``case_grad``); after step ``t``, ``requantize(t)`` puts the reference's quantized states through the layout's
+    encode and decode (the definition the kernels are checked against). Returns the last ``requantize``'s value."""
+    out = None
+    for t in range(steps):
+        for p, r in zip(ps, rs):
+            p.grad = case_grad(p.shape, gen, scale, sign)
+            r.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        out = requantize(t)
+    return out
+
+
 def master_of(opt, p):
     """The fp32 master of ``p``: the copy (layout master), decoded from the param and its remainder (master16,
     master16_int8), or the param itself (fp32 params)."""

@@ -39,7 +39,7 @@ import momentum_fused as mf
 from momentum_fused import backends, layouts
 
 from backend_cases import CASES, takes_int8
-from compressed_oracle import encoder_probe_blocks, master_of
+from compressed_oracle import case_grad as _grad, case_kwargs as _kw, encoder_probe_blocks, master_of, step_pair
 
 pytestmark = pytest.mark.skipif(not backends._REGISTRY.get("cpu") or not backends._REGISTRY["cpu"].available,
                                 reason="needs the compiled CPU extension (momentum_fused._C_cpu)")
@@ -56,15 +56,6 @@ INT8_CASES = [c for c in CASES if takes_int8(c)]
 def _bits(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().contiguous()
     return x.view(torch.int16) if x.element_size() == 2 else x.view(torch.int32)
-
-
-def _kw(kw0, lp):
-    return {**kw0, **{k: v for k, v in lp.items() if k != "gscale"}}, lp.get("gscale", 1.0)
-
-
-def _grad(shape, gen, scale, sign, dtype=torch.float32):
-    g = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
-    return (g.sign() * (0.5 + g.abs()) if sign else g).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ master16
@@ -180,13 +171,7 @@ def _check_int8_equal(opt, ref, ps, rs, what):
 def _step_int8_pair(opt, ref, ps, rs, gen, scale, sign, steps):
     """``steps`` steps of both on the same gradients; the reference's quantized states re-quantized after each."""
     names = opt.spec.state_names(opt.param_groups[0])
-    for _ in range(steps):
-        for p, r in zip(ps, rs):
-            p.grad = _grad(p.shape, gen, scale, sign)
-            r.grad = p.grad.clone()
-        opt.step()
-        ref.step()
-        _requantize(ref, names)
+    step_pair(opt, ref, ps, rs, gen, scale, sign, steps, lambda t: _requantize(ref, names))
     return names
 
 

@@ -30,7 +30,7 @@ import momentum_fused as mf
 from momentum_fused import backends, layouts
 
 from backend_cases import CASES, takes_int8
-from compressed_oracle import encoder_probe_blocks, master_of
+from compressed_oracle import case_grad as _grad, case_kwargs as _kw, encoder_probe_blocks, master_of, step_pair
 
 _CPU = backends._REGISTRY.get("cpu")
 needs_cpu = pytest.mark.skipif(not _CPU or not _CPU.available,
@@ -169,15 +169,6 @@ def test_a_decaying_state_is_stuck_at_nearest_codes_and_follows_with_stochastic_
 
 
 # ------------------------------------------------------------------------------------------- cpu kernels
-def _kw(kw0, lp):
-    return {**kw0, **{k: v for k, v in lp.items() if k != "gscale"}}, lp.get("gscale", 1.0)
-
-
-def _grad(shape, gen, scale, sign, dtype=torch.float32):
-    g = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
-    return (g.sign() * (0.5 + g.abs()) if sign else g).to(dtype)
-
-
 def _requantize_sr(ref, names, step, seed):
     """The definition: after a plain fp32 step, every quantized state goes through the stochastic encode with the
     step's key (group 0: tensor = position) and buffer 1 + j, and its decode. Returns {(position, name): (codes,
@@ -203,13 +194,7 @@ def _sr_pair(cls, kw, sign, scale, shapes=Q_SHAPES, steps=10, seed=7):
     opt = cls(ps, backend="cpu", layout="int8_sr", sr_seed=seed, **kw)
     ref = cls(rs, backend="cpu", **kw)
     names = opt.spec.state_names(opt.param_groups[0])
-    for step in range(steps):
-        for p, r in zip(ps, rs):
-            p.grad = _grad(p.shape, gen, scale, sign)
-            r.grad = p.grad.clone()
-        opt.step()
-        ref.step()
-        coded = _requantize_sr(ref, names, step, seed)
+    coded = step_pair(opt, ref, ps, rs, gen, scale, sign, steps, lambda t: _requantize_sr(ref, names, t, seed))
     return opt, ref, ps, rs, names, coded
 
 
