@@ -486,3 +486,29 @@ def test_muon_load_whose_post_hook_raises_restores_everything():
         opt.load_state_dict(sd)
     assert opt.param_groups[0]["lr"] == 0.02 and opt._core.param_groups[0]["lr"] == 0.02
     assert opt._core.state is opt.state and opt._aux.state is opt.state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kw", [("SGD", dict(lr=0.1)), ("SignSGD", dict(lr=0.1))])
+def test_a_rule_without_state_keeps_no_state_entries_as_torch(name, kw, backend):
+    """torch.optim.SGD(momentum=0) keeps no state: its state_dict's "state" is {}. Ours held an empty dict per
+    param, so the two checkpoints differed. Turning momentum on later still starts the buffer from the gradient."""
+    p = torch.nn.Parameter(torch.ones(5))
+    p.grad = torch.full((5,), 0.5)
+    opt = getattr(mf, name)([p], backend=backend, **kw)
+    opt.step()
+    assert opt.state_dict()["state"] == {} and len(opt.state) == 0
+    if name == "SGD":
+        twin = torch.optim.SGD([torch.nn.Parameter(torch.ones(5))], lr=0.1)
+        assert opt.state_dict()["state"] == twin.state_dict()["state"]
+        opt.param_groups[0]["momentum"] = 0.9
+        opt.step()
+        assert torch.equal(opt.state[p]["momentum_buffer"], p.grad)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_list_betas_are_stored_as_a_tuple_as_torch(name):
+    p = torch.nn.Parameter(torch.ones(2))
+    ours, twin = getattr(mf, name)([p], betas=[0.8, 0.9]), getattr(torch.optim, name)([p], betas=[0.8, 0.9])
+    assert ours.param_groups[0]["betas"] == twin.param_groups[0]["betas"] == (0.8, 0.9)
+    assert type(ours.param_groups[0]["betas"]) is type(twin.param_groups[0]["betas"]) is tuple

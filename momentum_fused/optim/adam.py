@@ -14,6 +14,8 @@ class Adam(FusedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, backend=None, layout=None, sr_seed=0):
+        if isinstance(betas, (tuple, list)):  # as torch.optim.Adam: a tuple, a 1-element tensor as 0-d
+            betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b for b in betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                                       decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
                          backend=backend, layout=layout, sr_seed=sr_seed, capturable=capturable,

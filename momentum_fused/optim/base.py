@@ -218,8 +218,9 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         native = layout.name == "native"
         spec = self.spec
         own = None if spec.plain_state else {t.name: t for t in spec.tensors(group)}
+        keeps = n or layout.master or layout.remainder  # (no state to keep: no empty entry, as torch.optim)
         for p in items:
-            st = self.state[p]
+            st = self.state[p] if keeps or p in self.state else {}
             missing = [k for k in state_names if st.get(k) is None] if n else ([] if st else [None])
             for k in missing:
                 if k is None:
