@@ -246,7 +246,7 @@ def _cached_case(change, subclass):
     change(p, opt)
     e = opt._fast["groups"][0]
     return (opt.param_groups[0]["params"], e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"],
-            e["device"], e["sdtypes"])
+            e["device"], e["sdtypes"], None, None, e["ptrs"])
 
 
 def _set_data(t, value):
@@ -276,6 +276,10 @@ CHANGES = {
     "state tensor removed": lambda p, o: o.state[p[3]].pop("exp_avg_sq"),
     "state of another dtype": lambda p, o: _set_data(o.state[p[0]]["exp_avg"], o.state[p[0]]["exp_avg"].float()),
     "state resized": lambda p, o: _set_data(o.state[p[0]]["exp_avg"], torch.zeros(12, dtype=p[0].dtype)),
+    "param given other memory, same shape": lambda p, o: _set_data(p[0], p[0].detach().clone()),
+    "param tied to another's memory": lambda p, o: _set_data(p[3], p[2].detach().reshape(-1)[:7]),
+    "state given other memory, same shape": lambda p, o: _set_data(o.state[p[2]]["exp_avg"],
+                                                                   o.state[p[2]]["exp_avg"].clone()),
     "non-contiguous state": lambda p, o: _set_data(o.state[p[0]]["exp_avg_sq"],
                                                    torch.zeros(4, 3, dtype=p[0].dtype).t()),
 }  # (a replaced state dict or param list: the identity checks of _fast_plan itself, tests above)
@@ -381,3 +385,23 @@ def test_cached_plan_serves_params_off_the_cpu():
         assert [[list(t) for t in s] for _, _, _, s, _, _ in full][-1] == [o for o in order(st_f)]
     finally:
         backends._REGISTRY.pop("null-meta", None)
+
+
+@pytest.mark.skipif(backends.status().get("cpu") != "available", reason="needs the cpu extension")
+def test_weight_tying_made_between_steps_is_refused_by_the_cached_plan():
+    """``b.data = a.data`` after a step: the cached plan sent both params to the kernels, which updated the shared
+    memory from two threads at once (a review found results differing from torch by 0.8, changing from run to
+    run). The cached plan now sees the new memory and the full plan refuses the overlap, changing nothing."""
+    a, b = (torch.nn.Parameter(torch.randn(64, 64)) for _ in range(2))
+    opt = mf.SGD([a, b], lr=0.1, momentum=0.9, backend="cpu")
+    for _ in range(2):
+        a.grad, b.grad = torch.ones_like(a), torch.full_like(b, 2.0)
+        opt.step()
+    assert opt._fast is not None  # (the cached plan is in use)
+    b.data = a.data
+    a.grad, b.grad = torch.ones_like(a), torch.full_like(b, 2.0)
+    before = a.detach().clone(), [opt.state[p]["momentum_buffer"].clone() for p in (a, b)]
+    with pytest.raises(ValueError, match="overlap"):
+        opt.step()
+    assert torch.equal(a, before[0])
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip((a, b), before[1]))

@@ -28,6 +28,9 @@
 //       size of each state tensor relative to the param (divisor 1: the param's sizes; n > 1: numel = the param's
 //       / n) and the number of entries of its state dict (a key added or removed since: None). The int8 layouts:
 //       codes and block scales for a quantized tensor, fp32 state for the others.
+//     cached_grads(..., ptrs=t): t an int64 CPU tensor of the data_ptr()s the full plan saw, those of the params
+//       with gradients (for DTensors: of their local shards) then those of `flat`: each tensor's must be the same
+//       (a `p.data = other` or `set_` since: None, so that the full plan checks overlaps, e.g. weight tying).
 //     cached_grads(..., dtensor=(cls, param_locals, param_specs, flat_locals)): the same for a group of DTensor
 //       params (FSDP2): the *local shards* of the gradients, when besides the above (read on the local shards:
 //       dtype, device, layout, contiguity, the param's local sizes) these hold:
@@ -45,6 +48,8 @@
 //       that does not dispatch to Python; else None (the caller copies what needs it). The Triton launcher's
 //       tables (triton_kernels/launcher.py) are found and checked by these rows: at C speed, no Python int per
 //       tensor (4,981 tiny tensors: ~2.5 ms of Python pointer tuples, hashes and comparisons a step before).
+//   version_marks(tensors) -> int64 CPU tensor [2, n]: row 0 the autograd versions (-1: an inference tensor), row 1
+//       the data_ptr()s: what the master layout's check of params edited between steps compares.
 //   sym_mm_bf16(out, y, z, c0, alpha, beta) -> bool, sym_mm_bf16_available() -> bool
 //       out = alpha * y z^T + beta * c0 for [n, m, k] bf16 y, z whose product is symmetric (cpu_symmm.h): the
 //       symmetric products of Muon's Newton-Schulz phase (momentum_fused/_symmm.py). False, having done
@@ -179,7 +184,7 @@ struct StateSignature {
 py::object cached_grads(const py::list& params, const py::object& mask, const py::list& state_dicts,
                         const py::tuple& keys, const py::list& flat, const py::object& pdtype,
                         const py::object& device, const py::tuple& sdtypes, const py::object& dtensor,
-                        const py::object& signatures) {
+                        const py::object& signatures, const py::object& ptrs) {
   const Py_ssize_t np = PyList_GET_SIZE(params.ptr());
   const Py_ssize_t ni = PyList_GET_SIZE(state_dicts.ptr());
   const Py_ssize_t nf = PyList_GET_SIZE(flat.ptr());
@@ -193,6 +198,16 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
   const bool varied = !signatures.is_none();
   if (varied && (!PyList_Check(signatures.ptr()) || PyList_GET_SIZE(signatures.ptr()) != ni))
     throw std::invalid_argument("cached_grads: signatures must be None or a list, one per state dict");
+  const int64_t* cached_ptr = nullptr;  // ptrs: [ni params, nf state tensors]
+  if (!ptrs.is_none()) {
+    if (!THPVariable_Check(ptrs.ptr())) throw std::invalid_argument("cached_grads: ptrs must be None or a tensor");
+    const at::Tensor& t = THPVariable_Unpack(ptrs.ptr());
+    if (t.scalar_type() != c10::kLong || t.device().type() != c10::kCPU || !t.is_contiguous() ||
+        t.numel() != ni + nf)
+      throw std::invalid_argument("cached_grads: ptrs must be a contiguous int64 CPU tensor of len(state_dicts) + "
+                                  "len(flat) pointers");
+    cached_ptr = t.const_data_ptr<int64_t>();
+  }
   const StateSignature uniform(keys.ptr(), sdtypes.ptr(), nullptr);
   if (!varied && nf != ni * uniform.size()) throw std::invalid_argument("cached_grads: bad arguments");
   std::vector<std::pair<PyObject*, StateSignature>> parsed;
@@ -249,6 +264,7 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
     const at::Tensor& p = THPVariable_Unpack(plo);
     const at::Tensor& gl = THPVariable_Unpack(grad_obj.ptr());
     if (!plain(p, pdt, dev) || !plain(gl, pdt, dev) || !gl.sizes().equals(p.sizes())) return py::none();
+    if (cached_ptr != nullptr && reinterpret_cast<int64_t>(p.data_ptr()) != cached_ptr[item]) return py::none();
     PyObject* st = PyList_GET_ITEM(state_dicts.ptr(), item);
     if (!PyDict_CheckExact(st)) return py::none();
     const StateSignature* sig = &uniform;
@@ -281,6 +297,8 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
       const int64_t div = sig->div[static_cast<size_t>(j)];
       if (!plain(s, sig->dtypes[static_cast<size_t>(j)], dev) ||
           !(div == 1 ? s.sizes().equals(p.sizes()) : s.numel() * div == p.numel()))
+        return py::none();
+      if (cached_ptr != nullptr && reinterpret_cast<int64_t>(s.data_ptr()) != cached_ptr[ni + at + j])
         return py::none();
     }
     at += sig->size();
@@ -348,6 +366,24 @@ bool same_entries(const py::handle& dicts, const py::handle& key, const py::list
     if (v != PyList_GET_ITEM(objs.ptr(), i)) return false;
   }
   return true;
+}
+
+// [2, n] int64: each tensor's autograd version (-1 for an inference tensor, which has none) and data_ptr(), for the
+// master layout's check of params changed outside the optimizer (optim/masters.py).
+at::Tensor version_marks(const py::handle& tensors) {
+  PyObject* o = tensors.ptr();
+  TORCH_CHECK(PyList_Check(o) || PyTuple_Check(o), "version_marks: a list or tuple of tensors");
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+  at::Tensor out = at::empty({2, static_cast<int64_t>(n)}, at::kLong);
+  int64_t* r = out.data_ptr<int64_t>();
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* t = PySequence_Fast_GET_ITEM(o, i);
+    TORCH_CHECK(THPVariable_Check(t), "version_marks: item ", i, " is not a tensor");
+    const at::Tensor& x = THPVariable_Unpack(t);
+    r[i] = x.is_inference() ? -1 : static_cast<int64_t>(x._version());
+    r[n + i] = reinterpret_cast<int64_t>(x.data_ptr());
+  }
+  return out;
 }
 
 py::object pointer_rows(const py::handle& params, const py::handle& grads, const py::handle& states, int64_t nstate,
@@ -430,12 +466,13 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("rule"), py::arg("flags"), py::arg("layout") = 0, py::arg("sr_keys") = py::none());
   m.def("cached_grads", &cached_grads, py::arg("params"), py::arg("mask"), py::arg("state_dicts"), py::arg("keys"),
         py::arg("flat"), py::arg("pdtype"), py::arg("device"), py::arg("sdtypes"), py::arg("dtensor") = py::none(),
-        py::arg("signatures") = py::none());
+        py::arg("signatures") = py::none(), py::arg("ptrs") = py::none());
   m.def("same_objects", &same_objects, py::arg("now"), py::arg("cached"));
   m.def("same_dict", &same_dict, py::arg("d"), py::arg("keys"), py::arg("values"));
   m.def("same_entries", &same_entries, py::arg("dicts"), py::arg("key"), py::arg("objs"));
   m.def("pointer_rows", &pointer_rows, py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("nstate"),
         py::arg("ragged") = false);
+  m.def("version_marks", &version_marks, py::arg("tensors"));
   m.def("sym_mm_bf16", &sym_mm_bf16_py, py::arg("out"), py::arg("y"), py::arg("z"), py::arg("c0"), py::arg("alpha"),
         py::arg("beta"));
   m.def("sym_mm_bf16_available", &mf::cpu::sym_mm_bf16_available);

@@ -36,8 +36,8 @@ class PlanCacheMixin:
     def invalidate_caches(self) -> None:
         """Forget the per-step caches (the grouped step counters and the plan of the last step). The
         optimizer detects by itself what it can see (new param groups, loaded state_dicts, replaced
-        params, grads or state tensors, see ``_fast_plan``); call this after changing a param's
-        ``.data`` or a state tensor *in place of* its object (``t.data = ...``, ``resize_``)."""
+        params, grads or state tensors, a param's or state tensor's ``.data`` or ``set_``: other memory, see
+        ``_fast_plan``); calling this is never wrong, only slower for one step."""
         self._step_views = {}
         self._fast = None
         self.__dict__.pop("_known", None)
@@ -54,8 +54,9 @@ class PlanCacheMixin:
         same key and value objects, in order), the same group objects and param lists, the same params with
         gradients, every gradient a plain contiguous strided tensor with the param's shape, dtype and
         device, params of the cached dtype and device, the same state tensor objects with the cached
-        dtypes and the param's shape (the int8 layouts: each tensor's own keys, dtypes and block-scale sizes), the
-        same state names (flags) and layout. For a group of DTensors the checks read the local shards, and the
+        dtypes and the param's shape (the int8 layouts: each tensor's own keys, dtypes and block-scale sizes), every
+        param and state tensor at the memory address the full plan saw (so that weight tying written as
+        ``b.data = a.data`` meets the full plan's overlap check), the same state names (flags) and layout. For a group of DTensors the checks read the local shards, and the
         params' specs and local shards and the state tensors' local shards must be the cached objects.
         Hyperparameters are validated on every step, exactly as ``_plan`` does. Anything else falls
         back to the full ``_plan``, which validates everything and raises the detailed errors."""
@@ -87,7 +88,7 @@ class PlanCacheMixin:
                 return None
             # (the cached list: the same objects, and a list even where the group now holds a tuple)
             gs = _cached_grads(e["params"], e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
-                               e["sdtypes"], e["dtensor"], e["sigs"])
+                               e["sdtypes"], e["dtensor"], e["sigs"], e["ptrs"])
             if gs is None:
                 return None
             items = e["items"]
@@ -129,6 +130,8 @@ class PlanCacheMixin:
             states = []
             for p in items:
                 st = self.state.get(p)
+                if st is None and not keys and not self.spec.counts_steps:
+                    st = {}  # (a rule without state keeps no entry, as torch: optim/base.py _init_state)
                 if st is None or p.is_complex() or (type(p) is cls) is not dt or (not dt and cls is not None and
                                                                                  isinstance(p, cls)) or \
                         any(k not in st for k in keys) or (self.spec.counts_steps and "step" not in st):
@@ -164,6 +167,9 @@ class PlanCacheMixin:
                 "mask": None if all(mask) else mask, "states": states,
                 "flat": flat,
                 "tuples": tuples, "sigs": sigs,
+                # the tensors' memory as the full plan checked it (its overlap check): a param given another's
+                # memory since (``b.data = a.data``, weight tying) sends the next step to the full plan again
+                "ptrs": torch.tensor([t.data_ptr() for t in (*bparams, *flat_locals)], dtype=torch.int64),
                 # what _cached_grads checks every tensor (a DTensor's local shard) against (a group without items
                 # checks none)
                 "pdtype": bparams[0].dtype if items else torch.float32,
