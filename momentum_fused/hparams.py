@@ -19,6 +19,9 @@ def _check_tensor_meta(name: str, value: torch.Tensor) -> None:
         raise TypeError(f"{name} Tensor must be real, got dtype {value.dtype}")
 
 
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _as_real(name: str, value: Any, *, tensor_ok: bool = False) -> float:
     if isinstance(value, torch.Tensor):
         if not tensor_ok:
@@ -30,6 +33,8 @@ def _as_real(name: str, value: Any, *, tensor_ok: bool = False) -> float:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value} (must be finite)")
+    if abs(value) > _FP32_MAX:  # (fp32 kernels would compute with inf; torch raises at its step for fp32 params)
+        raise ValueError(f"Invalid {name}: {value} (must lie in the float32 range, |x| <= 3.4028e+38)")
     return value
 
 

@@ -236,14 +236,16 @@ def test_schedule_free_huge_lr_raises_writes_nothing_and_a_sane_lr_continues(cls
     ref = cls([dict(params=q[:1]), dict(params=q[1:])], lr=0.01)
     run(opt, p, grads, steps=2)
     run(ref, q, grads, steps=2)
-    opt.param_groups[1]["lr"] = 1e300  # the second group overflows: the first must not move either
+    # the second group's weight lr^power overflows float64 (lr itself must lie in the float32 range since
+    # 2026-12-06; this was lr=1e300 with the default power): the first group must not move either
+    opt.param_groups[1].update(lr=1e38, weight_lr_power=10.0)
     before = snapshot(opt, p)
     for x, g in zip(p, grads[2]):
         x.grad = g.clone()
     with pytest.raises(ValueError, match=r"param group 1: .*not finite"):
         opt.step()
     assert_snapshot_equal(before, snapshot(opt, p))
-    opt.param_groups[1]["lr"] = 0.01
+    opt.param_groups[1].update(lr=0.01, weight_lr_power=ref.param_groups[1]["weight_lr_power"])
     run(opt, p, grads[2:])
     run(ref, q, grads[2:])
     assert_snapshot_equal(snapshot(ref, q), snapshot(opt, p))
@@ -512,3 +514,48 @@ def test_list_betas_are_stored_as_a_tuple_as_torch(name):
     ours, twin = getattr(mf, name)([p], betas=[0.8, 0.9]), getattr(torch.optim, name)([p], betas=[0.8, 0.9])
     assert ours.param_groups[0]["betas"] == twin.param_groups[0]["betas"] == (0.8, 0.9)
     assert type(ours.param_groups[0]["betas"]) is type(twin.param_groups[0]["betas"]) is tuple
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_inference_tensor_param_is_refused_before_anything_changes(backend):
+    """A param made under torch.inference_mode(): the reference backend raised inside the step after updating the
+    params before it (its state rolled back: the next step counted as a first again); cpu wrote it silently."""
+    a = torch.nn.Parameter(torch.ones(5))
+    with torch.inference_mode():
+        b = torch.ones(5)
+    a.grad, b.grad = torch.ones(5), torch.ones(5)
+    opt = mf.Adam([a, b], lr=0.1, backend=backend)
+    with pytest.raises(RuntimeError, match="param 1 of group 0.*inference tensor"):
+        opt.step()
+    assert torch.equal(a, torch.ones(5)) and torch.equal(b, torch.ones(5)) and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_hyperparameter_beyond_the_float32_range_is_refused(backend):
+    """lr=1e39 passed the check (finite, >= 0): the reference backend raised midway (one group updated, the state
+    rolled back), the cpu kernels wrote inf. Now refused at construction and at a step after an edit."""
+    with pytest.raises(ValueError, match="lr: 1e\\+39.*float32 range"):
+        mf.Adam([torch.nn.Parameter(torch.ones(4))], lr=1e39, backend=backend)
+    a = torch.nn.Parameter(torch.ones(4))
+    opt = mf.Adam([a], lr=0.1, backend=backend)
+    a.grad = torch.ones(4)
+    opt.step()
+    opt.param_groups[0]["weight_decay"] = 3.5e38
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match="weight_decay: 3.5e\\+38.*float32 range"):
+        opt.step()
+    assert torch.equal(a, before) and opt.state[a]["step"].item() == 1.0
+
+
+def test_float8_params_are_refused_at_construction_and_at_a_step():
+    """float8 params were accepted (the automatic choice took the reference backend), and the step failed inside
+    torch after the other params had been updated."""
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        mf.Adam([torch.zeros(4).to(torch.float8_e4m3fn)])
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt = mf.Adam([a, b], lr=0.1)
+    b.data = torch.ones(4).to(torch.float8_e4m3fn)
+    a.grad, b.grad = torch.ones(4), torch.ones(4).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match="param 1 of group 0.*float8_e4m3fn param cannot be stepped"):
+        opt.step()
+    assert torch.equal(a, torch.ones(4)) and len(opt.state) == 0

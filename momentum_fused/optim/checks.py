@@ -32,6 +32,10 @@ class GroupPlan(NamedTuple):
     chosen: dict
 
 
+# the param dtypes a step can update (add_param_group refuses other dtypes; the full plan, a dtype changed since)
+STEPPABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real() if dtype.is_complex else dtype
 
@@ -241,6 +245,13 @@ class ValidationMixin:
                         self._resolve_grad(p, g, pi, gi, subst)
                     if not p.is_contiguous():
                         strided_params.append((gi, pi, p))
+                if dtype not in STEPPABLE_DTYPES:  # (float8, complex32: no arithmetic for the rules in torch)
+                    raise TypeError(f"{self._where(p, pi, gi)}: a {dtype} param cannot be stepped; the update rules "
+                                    f"run in {', '.join(str(d).replace('torch.', '') for d in STEPPABLE_DTYPES)}")
+                if not traced and p.is_inference() and not torch.is_inference_mode_enabled():
+                    raise RuntimeError(f"{self._where(p, pi, gi)} is an inference tensor (made under "
+                                       "torch.inference_mode()): it cannot be updated in place outside inference "
+                                       "mode (torch.optim raises too, after updating the params before it)")
                 if native:
                     sdt = dtype
                 elif dtype in lay.param_dtypes:
