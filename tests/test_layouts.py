@@ -248,3 +248,78 @@ def test_state_of_the_wrong_dtype_raises_and_nothing_changes():
     opt.step()
     opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].float()
     assert_step_raises_unchanged(opt, [p], ValueError, "expected torch.bfloat16")
+
+
+_MASTER_BACKENDS = ["reference", *[b for b in ("cpu",) if mf.backends.status().get(b) == "available"]]
+
+
+def _edit(how, model):
+    new = {k: torch.full_like(v, 5.0) for k, v in model.state_dict().items()}
+    if how == "p.data = t":
+        model.weight.data, model.bias.data = new["weight"].clone(), new["bias"].clone()
+    elif how == "in-place under no_grad":
+        with torch.no_grad():
+            model.weight.fill_(5.0)
+            model.bias.fill_(5.0)
+    elif how == "model.load_state_dict":
+        model.load_state_dict(new)
+    else:  # "p.data in place, then sync_masters": a write the version counters cannot see
+        model.weight.data.fill_(5.0)
+        model.bias.data.fill_(5.0)
+
+
+@pytest.mark.parametrize("backend", _MASTER_BACKENDS)
+@pytest.mark.parametrize("how", ["p.data = t", "in-place under no_grad", "model.load_state_dict",
+                                 "p.data in place, then sync_masters"])
+def test_a_master_layout_param_written_between_steps_is_stepped_from_the_write(how, backend):
+    """layout="master": the next step started from the stale fp32 master and wrote its rounding back, undoing the
+    write (a model checkpoint loaded into the live model, clamping): found by a review. The step now restarts the
+    master of each written element from the param, as torch.optim (which has no master) steps from the written
+    value; elements the write left alone keep their master. Compared with master16, whose master is rebuilt from
+    the param, and whose first step after the write is the same up to the master's low bits."""
+    runs = {}
+    for layout in ("master", "master16"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+        opt = mf.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, layout=layout, backend=backend)
+        x = torch.randn(8, 4, dtype=torch.bfloat16)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        untouched = opt.state[model.weight].get("master", torch.zeros(())).clone()
+        _edit(how, model)
+        if how.endswith("sync_masters"):
+            opt.sync_masters()
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+        runs[layout] = model.weight.detach().float().clone()
+        if layout == "master":
+            m = opt.state[model.weight]["master"]
+            assert (m - 5.0).abs().max() < 0.01 and not torch.equal(m, untouched)
+    assert (runs["master"] - 5.0).abs().max() < 0.01
+    torch.testing.assert_close(runs["master"], runs["master16"], rtol=0, atol=2 ** -5)  # (a bf16 ulp at 5)
+
+
+@pytest.mark.parametrize("backend", _MASTER_BACKENDS)
+def test_a_master_keeps_its_extra_bits_where_the_write_left_the_param_alone(backend):
+    """Only the elements a write changed restart from the param; the others keep the fp32 master exactly (a write
+    of the same values, or of one element, does not round the whole master to bf16)."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 64).to(torch.bfloat16))
+    opt = mf.SGD([p], lr=1e-3, momentum=0.9, layout="master", backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        p.grad = torch.randn(64, generator=gen).to(torch.bfloat16)
+        opt.step()
+    m0 = opt.state[p]["master"].clone()
+    assert not torch.equal(m0, p.detach().float())  # (the master has bits the param does not)
+    with torch.no_grad():
+        p.copy_(p.detach().clone())  # a write of the same values: the version moves
+        p[7] = 3.0
+    p.grad = torch.zeros(64, dtype=torch.bfloat16)
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    m1 = opt.state[p]["master"]
+    keep = torch.arange(64) != 7
+    assert torch.equal(m1[keep], m0[keep]) and m1[7].item() == 3.0

@@ -37,6 +37,7 @@ from .amp import AmpMixin, AmpRollback, _drop_amp_attrs
 from .checkpoints import CheckpointMixin
 from .checks import STEPPABLE_DTYPES, ValidationMixin
 from .keys import check_torch_flags
+from .masters import MasterSyncMixin
 from .compile import CompileMixin, bucket_op
 from .phases import PhasesMixin
 from .plan_cache import PlanCacheMixin
@@ -83,7 +84,7 @@ class _Bucket:
 
 
 class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, CompileMixin, PhasesMixin,
-                     CheckpointMixin, torch.optim.Optimizer):
+                     CheckpointMixin, MasterSyncMixin, torch.optim.Optimizer):
     """Base class. Subclasses set ``rule`` and call ``super().__init__(params, defaults, backend=)``.
 
     ``backend``: None (automatic, see momentum_fused.backends), or a registered backend name. The
@@ -341,12 +342,17 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         else:
             inv_scale = 1.0
             rollback = AmpRollback()
-        if not traced and self.__dict__.pop("_verify_masters", False):  # the first eager step after a load (in a
-            self._repair_stale_masters()  # traced step a data-dependent check would break the graph mid-update)
+        if not traced:  # (in a traced step a data-dependent check would break the graph mid-update)
+            if self.__dict__.pop("_verify_masters", False):  # the first eager step after a load
+                self._repair_stale_masters()
+            else:  # master-layout params written since the last step (optim/masters.py)
+                self._adopt_edited_params()
         if self.spec.phases:  # contract v2: passes and matrix phases (optim/phases.py)
             loss = self._update_phased(plan, loss, inv_scale, amp, rollback)
             if cached is None and not traced:
                 self._remember_plan(plan)
+            if not traced:
+                self._note_masters()
             return loss
         # what this step advances on the host, undone if the first backend call raises (nothing launched yet):
         # (buffer, its values before) per group counter, the state it created, the groups whose sr_step moved, and
@@ -449,6 +455,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 self._defer_amp_flag(amp[0], rollback)
         if cached is None and not traced:
             self._remember_plan(plan)
+        if not traced:
+            self._note_masters()
         return loss
 
     def _launch(self, buckets, amp, traced, spec, started: list) -> None:

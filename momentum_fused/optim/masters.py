@@ -1,0 +1,98 @@
+"""The ``master`` layout's params edited between steps. The fp32 master in ``state["master"]`` is the truth a step
+reads; the bf16/fp16 param is its rounding. A param written outside the optimizer since the last step (a model
+checkpoint loaded into the live model, ``p.clamp_()`` or ``p.copy_()`` under no_grad, ``p.data = t``) would be
+overwritten by the next step's rounding of the stale master: the edit silently undone (a review found this on
+2026-12-06; ``master16`` follows such an edit, since its master is rebuilt from the param). torch.optim, which has no
+master, steps from the edited value. So does this: at the start of an eager step, each master-layout param whose
+autograd version or memory moved since the last step has every element that no longer equals the rounding of its
+master restarted from the param (elements still equal to it keep their master's extra bits).
+
+What it cannot see: an in-place write through ``p.data`` (``p.data.mul_(2)``), which bumps the version counter of
+``p.data``'s new tensor object, not ``p``'s. Call ``optimizer.sync_masters()`` after such a write (or after writing
+params in a step traced by torch.compile, which skips this check as it skips the post-load repair).
+docs/layouts.md, "The master layout and params written outside the optimizer"."""
+from __future__ import annotations
+
+import torch
+
+from .. import distributed as _dist
+from .. import layouts as _layouts
+from .plan_cache import C_CHECKS
+
+__all__ = ["MasterSyncMixin"]
+
+
+def _marks(tensors: list) -> torch.Tensor:
+    """[2, n] int64: versions (-1: an inference tensor) and data pointers."""
+    if C_CHECKS is not None:
+        return C_CHECKS.version_marks(tensors)
+    return torch.tensor([[-1 if t.is_inference() else t._version for t in tensors],
+                         [t.data_ptr() for t in tensors]], dtype=torch.int64).reshape(2, len(tensors))
+
+
+@torch.no_grad()
+def _adopt(p: torch.Tensor, m: torch.Tensor) -> None:
+    """Elements of the param ``p`` (local shard) that are not the rounding of their fp32 master ``m``: the master
+    takes the param's value. NaN params stay NaN in the master as well."""
+    if p.shape != m.shape or p.numel() == 0:
+        return
+    torch.where(p == m.to(p.dtype), m, p.to(torch.float32), out=m)
+
+
+class MasterSyncMixin:
+    """``_note_masters`` (after an eager step), ``_adopt_edited_params`` (before the next one) and the public
+    ``sync_masters`` of FusedOptimizer."""
+
+    def _master_pairs(self) -> tuple[list, list]:
+        """(params' local shards, their masters' local shards) of every master-layout param with a master, in group
+        order; reused while the cached plan of the last step is the same object (its checks make sure the params
+        and state tensors are the same)."""
+        fast = self.__dict__.get("_fast")
+        got = self.__dict__.get("_master_pairs_of")
+        if got is not None and fast is not None and got[0] is fast:
+            return got[1], got[2]
+        ps, ms = [], []
+        for g in self.param_groups:
+            if not _layouts.get_layout(g.get("layout", "native")).master:
+                continue
+            for p in g["params"]:
+                m = self.state.get(p, {}).get(_layouts.MASTER_KEY)
+                if isinstance(m, torch.Tensor):
+                    ps.append(_dist.local(p))
+                    ms.append(_dist.local(m))
+        self.__dict__["_master_pairs_of"] = (fast, ps, ms)
+        return ps, ms
+
+    def _note_masters(self) -> None:
+        """After an eager step: the versions and memory of the master-layout params, as the step left them."""
+        if not any(_layouts.get_layout(g.get("layout", "native")).master for g in self.param_groups):
+            self.__dict__.pop("_master_marks", None)
+            return
+        ps, ms = self._master_pairs()
+        self.__dict__["_master_marks"] = (ps, ms, _marks(ps)) if ps else None
+
+    def _adopt_edited_params(self) -> None:
+        """Before an eager step (its plan validated, nothing changed yet): the params written since the last step
+        restart their masters from the written elements."""
+        seen = self.__dict__.get("_master_marks")
+        if not seen:
+            return
+        ps, ms, before = seen
+        now = _marks(ps)
+        if torch.equal(now, before):
+            return
+        moved = (now != before).any(dim=0).nonzero().flatten().tolist()
+        for i in moved:
+            _adopt(ps[i], ms[i])
+
+    @torch.no_grad()
+    def sync_masters(self) -> None:
+        """``layout="master"``: every param element that is not the rounding of its fp32 master (a param written
+        outside the optimizer) becomes the master's value, so the next step continues from the param, as
+        torch.optim would. Steps do this by themselves for params whose autograd version or memory changed
+        (``load_state_dict`` of the model, in-place ops under no_grad, ``p.data = t``); call this after a write
+        they cannot see: an in-place op on ``p.data``, or params written inside a step traced by torch.compile.
+        Other layouts: nothing to do (``master16`` rebuilds its master from the param)."""
+        ps, ms = self._master_pairs()
+        for p, m in zip(ps, ms):
+            _adopt(p, m)
