@@ -447,14 +447,16 @@ def _torch_opt(rule, params):
 
 
 def time_steps(device: str = "cuda", rules=("adamw",), dtypes=("fp32",), profiles=("llm",), params: float = 1e9,
-               backends=("cuda", "triton", "torch"), iters: int = 20, layouts=("native",)) -> list[dict]:
+               backends=("cuda", "triton", "torch"), iters: int = 20, layouts=("native",), emit=None) -> list[dict]:
     """Per (profile, dtype, rule, backend): one optimizer step timed three ways, side by side in this process:
     ``step_ms`` (events around step(): the GPU time of a step, front end and launch gaps included), ``host_ms``
     (perf_counter around step() without a sync: what the Python front end and the launches cost the host),
     ``kernel_ms`` and ``launches`` (torch.profiler: the device time of the kernels a step runs, and their number).
     ``device="cpu"``: the same code as a dry run (tiny sizes, host timers, no kernel time). ``layouts``: the
     dtype layouts of the momentum_fused backends (each where it takes the params' dtype: master / master16 bf16,
-    int8_state fp32); torch runs the native layout."""
+    int8_state fp32); torch runs the native layout. ``emit(row)`` is called with each row as soon as it is measured
+    (the CLI prints it and rewrites ``--out``: a run killed by its timeout keeps what it measured); a run that raises
+    (construction, warmup, timing or profiling) gives a row with ``error`` and the next run goes on."""
     import statistics
     import time
 
@@ -476,55 +478,72 @@ def time_steps(device: str = "cuda", rules=("adamw",), dtypes=("fp32",), profile
                     [(b, lay) for lay in layouts for b in backends if b != "torch"
                      and dt[dname] in mf.layouts.get_layout(lay).param_dtypes]
                 for backend, layout in runs:  # each run a fresh optimizer (its own state) on the same params
-                    if backend == "torch":
-                        opt = _torch_opt(rule, ps)
-                    else:
-                        try:
-                            opt = getattr(mf, cls_name)(ps, backend=backend, layout=layout, **kw)
-                        except Exception as e:  # a backend that is not available here
-                            rows.append({"profile": prof, "dtype": dname, "rule": rule, "backend": backend,
-                                         "layout": layout, "error": str(e)[:200]})
-                            continue
-                    for _ in range(3):
-                        opt.step()
-                    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-                    sync()
-                    step, host = [], []
-                    for _ in range(iters):
+                    try:
+                        row = _time_one(dev, ps, rule, cls_name, kw, backend, layout, iters)
+                    except Exception as e:  # a backend not available here, or a run that failed: the next goes on
+                        row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                         if dev.type == "cuda":
-                            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                            a.record()
-                        t0 = time.perf_counter()
-                        opt.step()
-                        host.append((time.perf_counter() - t0) * 1e3)
-                        if dev.type == "cuda":
-                            b.record()
-                            b.synchronize()
-                            step.append(a.elapsed_time(b))
-                        else:
-                            step.append(host[-1])
-                        sync()
+                            torch.cuda.synchronize()
                     row = {"profile": prof, "dtype": dname, "rule": rule, "backend": backend, "layout": layout,
-                           "tensors": len(ps), "elements": sum(p.numel() for p in ps),
-                           "step_ms": statistics.median(step), "host_ms": statistics.median(host)}
-                    if dev.type == "cuda":
-                        from torch.profiler import ProfilerActivity, profile
-                        n = 5
-                        with profile(activities=[ProfilerActivity.CUDA]) as pr:
-                            for _ in range(n):
-                                opt.step()
-                            sync()
-                        kernels = [e for e in pr.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                                   and not e.name.startswith(("Memcpy", "Memset"))]
-                        row["kernel_ms"] = sum(e.device_time for e in kernels) / 1e3 / n
-                        row["launches"] = len(kernels) / n
-                        row["kernels"] = sorted({e.name[:60] for e in kernels})
+                           **row}
                     rows.append(row)
-                    del opt
+                    if emit is not None:
+                        emit(row)
             del ps
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def _time_one(dev, ps, rule, cls_name, kw, backend, layout, iters) -> dict:
+    """One run of ``time_steps``: a fresh optimizer on ``ps``, 3 warmup steps, ``iters`` timed ones, 5 profiled."""
+    import statistics
+    import time
+
+    import torch
+
+    import momentum_fused as mf
+    opt = _torch_opt(rule, ps) if backend == "torch" else getattr(mf, cls_name)(ps, backend=backend, layout=layout,
+                                                                             **kw)
+    try:
+        for _ in range(3):
+            opt.step()
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        sync()
+        step, host = [], []
+        for _ in range(iters):
+            if dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+            t0 = time.perf_counter()
+            opt.step()
+            host.append((time.perf_counter() - t0) * 1e3)
+            if dev.type == "cuda":
+                b.record()
+                b.synchronize()
+                step.append(a.elapsed_time(b))
+            else:
+                step.append(host[-1])
+            sync()
+        row = {"tensors": len(ps), "elements": sum(p.numel() for p in ps),
+               "step_ms": statistics.median(step), "host_ms": statistics.median(host)}
+        if mf.layouts.get_layout(layout).int8 and backend != "torch":  # (the rest keeps fp32 state)
+            row["quantized_elements"] = sum(p.numel() for p in ps if mf.layouts.int8_quantized(p))
+        if dev.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+            n = 5
+            with profile(activities=[ProfilerActivity.CUDA]) as pr:
+                for _ in range(n):
+                    opt.step()
+                sync()
+            kernels = [e for e in pr.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                       and not e.name.startswith(("Memcpy", "Memset"))]
+            row["kernel_ms"] = sum(e.device_time for e in kernels) / 1e3 / n
+            row["launches"] = len(kernels) / n
+            row["kernels"] = sorted({e.name[:60] for e in kernels})
+        return row
+    finally:
+        del opt
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -613,13 +632,17 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args(argv)
     if args.time:
+        done = []
+
+        def emit(r):  # each row when measured: a run cut by a timeout keeps the rows before it
+            done.append(r)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+            if args.out:
+                Path(args.out).write_text(json.dumps(done, indent=1) + "\n")
+
         rows = time_steps(args.device, args.step_rules.split(","), args.dtypes.split(","), args.profiles.split(","),
-                          args.params, args.step_backends.split(","), args.iters, args.step_layouts.split(","))
-        if args.out:
-            Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-        for r in rows:
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
-        return 0
+                          args.params, args.step_backends.split(","), args.iters, args.step_layouts.split(","), emit)
+        return 1 if any("error" in r for r in rows) else 0
     if args.summary:
         print(summary(json.loads(Path(args.summary).read_text())))
         return 0
