@@ -60,8 +60,18 @@ def _record(short, reason):
 
 
 def _env_flag(name):
-    v = os.environ.get(name)
-    return None if v is None or v == "" else v not in ("0", "false", "False", "no")
+    """None (unset or empty), True (1/true/yes/on) or False (0/false/no/off), in any case, as momentum_fused/_jit.py
+    reads its switches; any other value stops the build with a message (it meant "build" before 2026-12-06, so
+    MOMENTUM_FUSED_BUILD_CPU=off built the extension)."""
+    v = os.environ.get(name, "").strip().lower()
+    if v == "":
+        return None
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"momentum_fused setup.py: {name}={os.environ[name]!r} is neither on (1/true/yes/on) nor off "
+                     "(0/false/no/off)")
 
 
 BUILD_CPU = _env_flag("MOMENTUM_FUSED_BUILD_CPU") is not False
@@ -102,6 +112,12 @@ class BuildPyWithSources(build_py):
                 fh.write(DISABLED_CPU + "\n")
             return
         csrc = os.path.join(HERE, "csrc")
+        if not os.path.isdir(csrc):  # (a source tree without csrc/: the install stays pure Python, and says why)
+            os.makedirs(pkg, exist_ok=True)
+            with open(marker, "w") as fh:
+                fh.write(f"not built: the source tree {HERE} has no csrc/ folder\n")
+            sys.stderr.write("WARNING: momentum_fused: no csrc/ folder: the CPU extension cannot be built\n")
+            return
         for rel in CPU_BUILD.cpu_files(csrc):
             dest = os.path.join(target, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -127,13 +143,18 @@ if torch is not None:
         if not os.environ.get("CUDA_HOME") and nvcc:
             # the toolkit root is the folder above nvcc's bin/ (follow a symlinked nvcc first)
             os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        ext_modules.append(cpp_extension.CUDAExtension(
-            name="momentum_fused._C_cuda",
-            sources=["csrc/cuda/cuda_ops.cpp", "csrc/cuda/cuda_python.cpp", "csrc/cuda/fused_step.cu"],
-            include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false"]},
-            extra_link_args=[CPU_BUILD.LINK_HIDE_STATIC_LIBS],  # why: momentum_fused/_cpu_build.py
-        ))
+        try:  # (torch raises here, while setup.py is read, when it finds no CUDA toolkit: forced without nvcc)
+            ext_modules.append(cpp_extension.CUDAExtension(
+                name="momentum_fused._C_cuda",
+                sources=["csrc/cuda/cuda_ops.cpp", "csrc/cuda/cuda_python.cpp", "csrc/cuda/fused_step.cu"],
+                include_dirs=[os.path.join(HERE, "csrc")],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false"]},
+                extra_link_args=[CPU_BUILD.LINK_HIDE_STATIC_LIBS],  # why: momentum_fused/_cpu_build.py
+            ))
+        except Exception as e:
+            msg = f"not built: the CUDA extension could not be set up ({type(e).__name__}: {e})"
+            _record("cuda", msg)
+            sys.stderr.write(f"WARNING: momentum_fused: {msg}\n  (continuing without it)\n")
     else:
         why = ("MOMENTUM_FUSED_BUILD_CUDA=0" if force_cuda is False else
                "nvcc not found" if not nvcc else f"torch {torch.__version__} is not a CUDA build")

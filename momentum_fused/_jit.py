@@ -141,7 +141,8 @@ def jit_build(package_dir: str = PACKAGE_DIR, env=os.environ, *, stream=None):
             STATUS.update(outcome="disabled")
             return None, stored
     fix = ("reinstall with `pip install --no-build-isolation .` in an environment with torch, ninja and a C++ "
-           "compiler, or set MOMENTUM_FUSED_JIT=0 to silence this")
+           "compiler; or set MOMENTUM_FUSED_JIT=0 to skip this build at import (each optimizer then still warns once "
+           "that it runs on the reference backend; MOMENTUM_FUSED_BACKEND=reference picks it without a warning)")
     root = csrc_root(package_dir)
     if root is None:
         why = f"the C++ sources are not in this install ({os.path.join(package_dir, '_csrc')}); {fix}"
@@ -194,6 +195,7 @@ def jit_build(package_dir: str = PACKAGE_DIR, env=os.environ, *, stream=None):
     old_path = os.environ.get("PATH", "")
     if shutil.which("ninja", path=old_path) is None:
         os.environ["PATH"] = ninja_dir + os.pathsep + old_path
+    take_stale_lock(bdir, stream)
     try:
         cpp_extension.load(name="_C_cpu", sources=cpu_sources(root),
                            extra_cflags=list(_cpu_build.CPU_CXX_FLAGS),
@@ -222,6 +224,52 @@ def jit_build(package_dir: str = PACKAGE_DIR, env=os.environ, *, stream=None):
     os.replace(tmp, ready)  # atomic: a concurrent import sees READY only once the library is complete
     STATUS.update(outcome="built")
     return module, None
+
+
+def take_stale_lock(bdir: str, stream) -> None:
+    """Before compiling into ``bdir``: torch's ``cpp_extension.load`` holds a ``lock`` file there while it builds and
+    waits, forever, while another process holds it. A process killed while compiling (SIGTERM, SIGKILL: a timeout,
+    a stopped container, a killed notebook kernel) leaves its lock behind, and every later import hung without a
+    word (a review, 2026-12-06). So the builder writes ``OWNER`` (its pid and host) first; a lock whose owner ran on
+    this host and is gone is removed, saying so; a live owner (or one on another host, or no OWNER file) is waited
+    for, saying which file to delete if nothing is compiling. Otherwise this process writes itself as the owner."""
+    lock, owner = os.path.join(bdir, "lock"), os.path.join(bdir, "OWNER")
+    host = platform.node()
+    if os.path.exists(lock):
+        pid, their_host = None, None
+        try:
+            with open(owner) as fh:
+                p, their_host = fh.read().split()[:2]
+            pid = int(p)
+        except (OSError, ValueError):
+            pass
+        alive = True
+        if pid is not None and their_host == host and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:  # (another user's live process)
+                pass
+        if not alive:
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            stream.write(f"momentum_fused: removed the compile lock {lock} of process {pid}, which is gone (killed "
+                         "while compiling); compiling again\n")
+        else:
+            who = f"process {pid} on {their_host}" if pid is not None else "another process"
+            stream.write(f"momentum_fused: waiting for {who}, which holds the compile lock {lock}; if nothing is "
+                         "compiling momentum_fused, delete that file\n")
+        stream.flush()
+        if alive:  # (the owner's record stays: if it is killed, the next import finds its lock stale)
+            return
+    try:
+        with open(owner, "w") as fh:
+            fh.write(f"{os.getpid()} {host}\n")
+    except OSError:
+        pass
 
 
 class _Unavailable(importlib.abc.MetaPathFinder):

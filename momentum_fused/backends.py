@@ -375,6 +375,9 @@ def import_extension(short: str, what: str, how_to_build: str) -> str | None:
     except ImportError as e:
         if stored:
             return f"the {what} extension was not built: {stored}"
+        from . import _jit
+        if short == "cpu" and _jit.STATUS.get("reason") and str(e) == _jit.STATUS["reason"]:
+            return f"the {what} extension is not available: {e}"  # (the build at first import said why and how)
         return f"the {what} extension {module} is not importable ({e}); build it with {how_to_build}"
     except Exception as e:  # e.g. an undefined symbol after a torch upgrade
         return f"loading {module} failed: {type(e).__name__}: {e}"

@@ -360,3 +360,18 @@ def test_torch_grad_scaler_cpu_end_to_end(name):
         torch.testing.assert_close(pa, pb, **TOL[torch.float32])
         for k, v in opt_b.state[pb].items():
             torch.testing.assert_close(opt_a.state[pa][k], v, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("raw,want", [("", 8 << 20), ("8M", 8 << 20), ("64k", 64 << 10), ("0", 0), ("1", 1),
+                                      ("8MB", None), ("-1", None), ("x", None)])
+def test_ns_round_elems_from_the_environment(monkeypatch, raw, want):
+    """MOMENTUM_FUSED_NS_ROUND_ELEMS was read with int() at import: "8M" (the docs' wording of the default) or an
+    empty value broke ``import momentum_fused`` for every user. Suffixes are taken; a bad value warns and keeps
+    the default (it tunes the overlap of the exchange only)."""
+    from momentum_fused.optim import phases
+    monkeypatch.setenv("MOMENTUM_FUSED_NS_ROUND_ELEMS", raw)
+    if want is None:
+        with pytest.warns(RuntimeWarning, match="MOMENTUM_FUSED_NS_ROUND_ELEMS"):
+            assert phases._round_elems() == 8 << 20
+    else:
+        assert phases._round_elems() == want

@@ -182,6 +182,42 @@ def test_default_wheel_is_pure_python_and_ships_sources(built):
                 assert z.read(f"momentum_fused/_csrc/{f}") == fh.read(), f
 
 
+def test_the_sdist_carries_the_sources_and_a_wheel_builds_from_it(tmp_path):
+    """``python -m build`` (sdist, then the wheel from it) and ``pip install <sdist>`` failed: without MANIFEST.in the
+    sdist had no csrc/, and the wheel build crashed copying csrc/cpu/cpu_kernels.cpp (a review, 2026-12-06)."""
+    import tarfile
+    src = _copy_source(str(tmp_path / "src"))
+    shutil.copy2(os.path.join(REPO, "MANIFEST.in"), src)
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "sdist")], cwd=src,
+                       env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (tarball,) = list((tmp_path / "sdist").glob("*.tar.gz"))
+    with tarfile.open(tarball) as t:
+        names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+        t.extractall(tmp_path / "x", filter="data")
+    csrc = os.path.join(REPO, "csrc")
+    assert {f"csrc/{f}" for f in _cpu_build.cpu_files(csrc)} <= names
+    assert {"csrc/cuda/fused_step.cu", "csrc/cuda/cuda_ops.cpp", "csrc/cuda/cuda_python.cpp"} <= names
+    assert not any(n.endswith((".so", ".o")) or "build-error" in n for n in names)
+    (root,) = list((tmp_path / "x").iterdir())
+    wheel = _pip_wheel(str(root), str(tmp_path / "dist"), _clean_env())
+    got = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("momentum_fused/_csrc/")}
+    assert got == {f"momentum_fused/_csrc/{f}" for f in _cpu_build.cpu_files(csrc)}
+
+
+def test_setup_flags_take_the_values_the_runtime_takes(tmp_path):
+    """MOMENTUM_FUSED_BUILD_CPU=off meant "build" at install time (only 0/false/False/no were off) while the runtime
+    switches took off/OFF: the same words now, in any case, and any other value stops the build with a message."""
+    src = _copy_source(str(tmp_path / "src"))
+    for value, want in (("OFF", "False"), ("On", "True"), ("", "None"), ("maybe", "neither on")):
+        code = ("import runpy, sys; sys.argv = ['setup.py', '--name']\n"
+                "import setuptools; setuptools.setup = lambda **kw: None\n"
+                "g = runpy.run_path('setup.py'); print(g['_env_flag']('MOMENTUM_FUSED_BUILD_CUDA'))")
+        r = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True, timeout=300,
+                           env=_clean_env(MOMENTUM_FUSED_BUILD_CUDA=value, MOMENTUM_FUSED_BUILD_CPU="0"))
+        assert want in (r.stdout + r.stderr), (value, r.stdout, r.stderr)
+
+
 def test_wheel_with_build_cpu_0_stays_pure_python(built, tmp_path):
     src, _, _ = built  # same source copy and build/ folder: the earlier build's _csrc must not leak in
     wheel = _pip_wheel(src, str(tmp_path / "dist"), _clean_env(MOMENTUM_FUSED_BUILD_CPU="0"))
@@ -328,3 +364,29 @@ def test_a_checkout_on_pythonpath_finds_its_triton_kernels_without_an_install():
     origin, status = res.stdout.strip().splitlines()[-2:]
     assert origin == os.path.join(root, "triton_kernels", "launcher.py")
     assert "momentum_fused.triton_kernels" not in status, status  # not "import of ... failed"
+
+
+def test_a_compile_lock_of_a_killed_process_is_removed_and_a_live_one_waited_for(tmp_path):
+    """A first import killed while compiling left torch's lock file, and every later import waited on it forever,
+    silently (a review, 2026-12-06)."""
+    import io
+    import platform
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "lock").write_text("")
+    (tmp_path / "OWNER").write_text(f"{dead.pid} {platform.node()}\n")
+    out = io.StringIO()
+    _jit.take_stale_lock(str(tmp_path), out)
+    assert not (tmp_path / "lock").exists() and "removed the compile lock" in out.getvalue()
+    assert (tmp_path / "OWNER").read_text().split()[0] == str(os.getpid())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "lock").write_text("")
+        (tmp_path / "OWNER").write_text(f"{live.pid} {platform.node()}\n")
+        out = io.StringIO()
+        _jit.take_stale_lock(str(tmp_path), out)
+        assert (tmp_path / "lock").exists() and f"waiting for process {live.pid}" in out.getvalue()
+        assert (tmp_path / "OWNER").read_text().split()[0] == str(live.pid)  # (kept: the holder's record)
+    finally:
+        live.kill()
+        live.wait()

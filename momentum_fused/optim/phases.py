@@ -320,7 +320,27 @@ def _wire_dtype(phase, group, dtype: torch.dtype, device: torch.device) -> torch
 # own all-to-all each way, asynchronous, so that the next rounds' rows travel while an owner computes. A small
 # model is one round: 2 collectives a step, as before. The environment sets it (MOMENTUM_FUSED_NS_ROUND_ELEMS: 1
 # makes every NS call a round; 0, one round whatever the size).
-ROUND_ELEMS = int(os.environ.get("MOMENTUM_FUSED_NS_ROUND_ELEMS", str(8 << 20)))
+def _round_elems(default: int = 8 << 20) -> int:
+    """MOMENTUM_FUSED_NS_ROUND_ELEMS: an int >= 0, with an optional K, M or G (x 2^10, 2^20, 2^30: "8M" is the
+    default); unset or empty: the default. Another value warns and keeps the default (it tunes the overlap only:
+    the exchange's results are the same for every value), instead of failing ``import momentum_fused``."""
+    raw = os.environ.get("MOMENTUM_FUSED_NS_ROUND_ELEMS", "").strip()
+    if not raw:
+        return default
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(raw[-1].upper(), 1)
+    try:
+        value = int(raw[:-1] if mult > 1 else raw) * mult
+        if value < 0:
+            raise ValueError
+        return value
+    except ValueError:
+        import warnings
+        warnings.warn(f"momentum_fused: MOMENTUM_FUSED_NS_ROUND_ELEMS={raw!r} is not an int >= 0 (optionally with "
+                      f"K, M or G); using the default {default >> 20}M", RuntimeWarning, stacklevel=2)
+        return default
+
+
+ROUND_ELEMS = _round_elems()
 
 
 def _exchange_layout(prs, mesh, phase, itemsize: int) -> dict:
