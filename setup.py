@@ -76,7 +76,11 @@ def _env_flag(name):
 
 BUILD_CPU = _env_flag("MOMENTUM_FUSED_BUILD_CPU") is not False
 DISABLED_CPU = "not built: MOMENTUM_FUSED_BUILD_CPU=0 at install time"  # = momentum_fused._jit.DISABLED_AT_INSTALL
-if not BUILD_CPU:
+# A wheel or sdist carries its own markers (BuildPyWithSources); the source tree's marker is for builds that run
+# from it (editable installs, build_ext --inplace). Written on a wheel build, it kept disabling the cpu backend of
+# the checkout after a one-off `MOMENTUM_FUSED_BUILD_CPU=0 pip wheel .` (a review, 2026-12-06).
+IN_TREE = not any(c in sys.argv[1:] for c in ("bdist_wheel", "sdist", "egg_info", "dist_info", "--name"))
+if not BUILD_CPU and IN_TREE:
     _record("cpu", DISABLED_CPU)
 
 try:
@@ -84,7 +88,7 @@ try:
     from torch.utils import cpp_extension
 except Exception as e:  # no torch at build time (pip's build isolation): compiled at first import instead
     torch = None
-    if BUILD_CPU:
+    if BUILD_CPU and IN_TREE:
         _record("cpu", f"not built at install time: torch was not importable in the build environment "
                        f"({type(e).__name__}: {e}); it is compiled at first import (momentum_fused/_jit.py)")
 

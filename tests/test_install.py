@@ -223,6 +223,8 @@ def test_wheel_with_build_cpu_0_stays_pure_python(built, tmp_path):
     wheel = _pip_wheel(src, str(tmp_path / "dist"), _clean_env(MOMENTUM_FUSED_BUILD_CPU="0"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "momentum_fused/_C_cpu.build-error.txt" in names
+    # (not in the source tree: it disabled the cpu backend of later runs from the checkout)
+    assert not os.path.exists(os.path.join(src, "momentum_fused", "_C_cpu.build-error.txt"))
     assert not any(n.startswith("momentum_fused/_csrc/") for n in names)
     site = _unpack(wheel, str(tmp_path / "site"))
     r = _run_installed(site, "import momentum_fused as mf; print(mf._jit.STATUS['outcome']); "
