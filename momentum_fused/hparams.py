@@ -22,7 +22,7 @@ def _check_tensor_meta(name: str, value: torch.Tensor) -> None:
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _as_real(name: str, value: Any, *, tensor_ok: bool = False) -> float:
+def _as_real(name: str, value: Any, *, tensor_ok: bool = False, fp32: bool = True) -> float:
     if isinstance(value, torch.Tensor):
         if not tensor_ok:
             raise TypeError(f"{name} must be a Python number, got a Tensor")
@@ -33,7 +33,7 @@ def _as_real(name: str, value: Any, *, tensor_ok: bool = False) -> float:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value} (must be finite)")
-    if abs(value) > _FP32_MAX:  # (fp32 kernels would compute with inf; torch raises at its step for fp32 params)
+    if fp32 and abs(value) > _FP32_MAX:  # (fp32 kernels would compute with inf; torch raises at its step, fp32 params)
         raise ValueError(f"Invalid {name}: {value} (must lie in the float32 range, |x| <= 3.4028e+38)")
     return value
 
@@ -47,9 +47,10 @@ class Real:
     hi_open: bool = False
     lo_open: bool = False
     tensor_ok: bool = False
+    fp32: bool = True  # within the float32 range (hyperparameters); False: a float64 host counter (weight_sum)
 
     def check(self, name: str, value: Any) -> None:
-        v = _as_real(name, value, tensor_ok=self.tensor_ok)
+        v = _as_real(name, value, tensor_ok=self.tensor_ok, fp32=self.fp32)
         too_low = v <= self.lo if self.lo_open else v < self.lo
         too_high = v >= self.hi if self.hi_open else v > self.hi
         if too_low or too_high:

@@ -46,7 +46,7 @@ _SF_COMMON_HPARAMS = dict(
     weight_rule=Choice(("lr_max", "lr_t")), f_star=FINITE, polyak_max_lr=OptionalReal(Real(0.0, lo_open=True)),
     M=Real(0.0, lo_open=True), maximize=Flag(),
     # host counters (group extras): validated so that a corrupt checkpoint fails before any change
-    k=Int(0), lr_max=Real(-1.0), weight_sum=NONNEG, train_mode=Flag())
+    k=Int(0), lr_max=Real(-1.0, fp32=False), weight_sum=Real(0.0, fp32=False), train_mode=Flag())
 _SF_COMMON_DEFAULTS = dict(weight_decay=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0, weight_rule="lr_max",
                            f_star=0.0, polyak_max_lr=None, M=1e-8, maximize=False)
 _SF_EXTRAS = dict(k=0, lr_max=-1.0, weight_sum=0.0, train_mode=True, scheduled_lr=0.0, sf_c=0.0,

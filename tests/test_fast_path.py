@@ -405,3 +405,40 @@ def test_weight_tying_made_between_steps_is_refused_by_the_cached_plan():
         opt.step()
     assert torch.equal(a, before[0])
     assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip((a, b), before[1]))
+
+
+@pytest.mark.skipif(backends.status().get("cpu") != "available", reason="needs the cpu extension")
+def test_a_tie_to_memory_starting_at_the_same_address_is_refused_by_the_cached_plan():
+    """The cached plan compared data pointers only: a stateless rule's param given a longer view starting at its
+    old address (overlapping the next param) was stepped on the cached plan (a review). Sizes are compared too."""
+    buf = torch.zeros(8)
+    a = torch.nn.Parameter(buf[:4])
+    b = torch.nn.Parameter(buf[4:])
+    opt = mf.SGD([a, b], lr=1.0, backend="cpu")
+    for _ in range(2):
+        a.grad, b.grad = torch.ones(4), torch.ones(4)
+        opt.step()
+    a.data = buf[:8]
+    a.grad, b.grad = torch.ones(8), torch.ones(4)
+    with pytest.raises(ValueError, match="overlap"):
+        opt.step()
+
+
+@pytest.mark.skipif(backends.status().get("cpu") != "available", reason="needs the cpu extension")
+def test_an_inference_param_stepped_in_inference_mode_is_refused_outside_it():
+    """Steps inside torch.inference_mode() may update an inference param; a later step outside it took the cached
+    plan, and the cpu kernels wrote the inference tensor (a review). The cached plan now leaves such a param to the
+    full plan, which refuses it before anything changes."""
+    a = torch.nn.Parameter(torch.ones(4))
+    with torch.inference_mode():
+        b = torch.ones(4)
+    opt = mf.SGD([a, b], lr=1.0, backend="cpu")
+    with torch.inference_mode():
+        for _ in range(2):
+            a.grad, b.grad = torch.ones(4), torch.ones(4)
+            opt.step()
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    before = a.detach().clone(), b.clone()
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])

@@ -323,3 +323,58 @@ def test_a_master_keeps_its_extra_bits_where_the_write_left_the_param_alone(back
     m1 = opt.state[p]["master"]
     keep = torch.arange(64) != 7
     assert torch.equal(m1[keep], m0[keep]) and m1[7].item() == 3.0
+
+
+@pytest.mark.parametrize("backend", _MASTER_BACKENDS)
+@pytest.mark.parametrize("cls", [mf.SGDScheduleFree, mf.AdamWScheduleFree])
+@pytest.mark.parametrize("when", ["written in eval mode", "written in train mode, then eval and train"])
+def test_schedule_free_eval_and_train_keep_a_write_to_a_master_layout_param(cls, when, backend):
+    """eval()/train() move the fp32 master toward z and copy it into the param: a write made before them was
+    overwritten by the stale master and, the param then being the master's rounding again, never seen by the next
+    step (a review). They now adopt the write first; master16 and the native layout, which have no separate master,
+    are the comparison."""
+    def run(layout):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(32).to(torch.bfloat16))
+        opt = cls([p], lr=0.01, layout=layout, backend=backend)
+        opt.train()
+        for _ in range(3):
+            p.grad = torch.randn(32).to(torch.bfloat16)
+            opt.step()
+        if when == "written in eval mode":
+            opt.eval()
+            with torch.no_grad():
+                p.fill_(3.0)
+            opt.train()
+        else:
+            with torch.no_grad():
+                p.clamp_(-0.1, 0.1)
+            opt.eval()
+            opt.train()
+        p.grad = torch.zeros(32, dtype=torch.bfloat16)
+        opt.param_groups[0]["lr"] = 0.0
+        opt.step()
+        return p.detach().float()
+    torch.testing.assert_close(run("master"), run("master16"), rtol=0, atol=2 ** -5)
+
+
+@pytest.mark.parametrize("backend", _MASTER_BACKENDS)
+def test_a_write_after_loading_an_optimizer_checkpoint_is_kept(backend):
+    """The first step after load_state_dict ran only the coarse post-load check (a master farther than a bf16 spacing
+    restarts): a small write made between the load and that step was undone (a review). Each element that is not
+    its master's rounding now takes the param's value there too."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64).to(torch.bfloat16))
+    opt = mf.AdamW([p], lr=1e-3, layout="master", backend=backend)
+    for _ in range(3):
+        p.grad = torch.randn(64).to(torch.bfloat16)
+        opt.step()
+    opt.load_state_dict(opt.state_dict())
+    top = p.detach().abs().max()
+    with torch.no_grad():
+        p.clamp_(-0.995 * top, 0.995 * top)  # (moves one or two elements by less than a bf16 spacing of 2^-7)
+    want = p.detach().clone()
+    p.grad = torch.zeros(64, dtype=torch.bfloat16)
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    assert torch.equal(p.detach(), want)

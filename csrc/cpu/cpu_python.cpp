@@ -28,9 +28,11 @@
 //       size of each state tensor relative to the param (divisor 1: the param's sizes; n > 1: numel = the param's
 //       / n) and the number of entries of its state dict (a key added or removed since: None). The int8 layouts:
 //       codes and block scales for a quantized tensor, fp32 state for the others.
-//     cached_grads(..., ptrs=t): t an int64 CPU tensor of the data_ptr()s the full plan saw, those of the params
-//       with gradients (for DTensors: of their local shards) then those of `flat`: each tensor's must be the same
-//       (a `p.data = other` or `set_` since: None, so that the full plan checks overlaps, e.g. weight tying).
+//     cached_grads(..., ptrs=t): t an int64 CPU tensor of 2 (n + f) entries: the data_ptr()s the full plan saw, those
+//       of the n params with gradients (for DTensors: of their local shards) then those of the f tensors of `flat`,
+//       then their numels in the same order: each tensor's must be the same (a `p.data = other` or `set_` since,
+//       even to memory starting at the same address: None, so that the full plan checks overlaps, e.g. weight
+//       tying). An inference-tensor param: None as well (the full plan refuses it outside inference mode).
 //     cached_grads(..., dtensor=(cls, param_locals, param_specs, flat_locals)): the same for a group of DTensor
 //       params (FSDP2): the *local shards* of the gradients, when besides the above (read on the local shards:
 //       dtype, device, layout, contiguity, the param's local sizes) these hold:
@@ -203,9 +205,9 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
     if (!THPVariable_Check(ptrs.ptr())) throw std::invalid_argument("cached_grads: ptrs must be None or a tensor");
     const at::Tensor& t = THPVariable_Unpack(ptrs.ptr());
     if (t.scalar_type() != c10::kLong || t.device().type() != c10::kCPU || !t.is_contiguous() ||
-        t.numel() != ni + nf)
-      throw std::invalid_argument("cached_grads: ptrs must be a contiguous int64 CPU tensor of len(state_dicts) + "
-                                  "len(flat) pointers");
+        t.numel() != 2 * (ni + nf))
+      throw std::invalid_argument("cached_grads: ptrs must be a contiguous int64 CPU tensor of 2 (len(state_dicts) + "
+                                  "len(flat)) entries: pointers, then numels");
     cached_ptr = t.const_data_ptr<int64_t>();
   }
   const StateSignature uniform(keys.ptr(), sdtypes.ptr(), nullptr);
@@ -264,7 +266,10 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
     const at::Tensor& p = THPVariable_Unpack(plo);
     const at::Tensor& gl = THPVariable_Unpack(grad_obj.ptr());
     if (!plain(p, pdt, dev) || !plain(gl, pdt, dev) || !gl.sizes().equals(p.sizes())) return py::none();
-    if (cached_ptr != nullptr && reinterpret_cast<int64_t>(p.data_ptr()) != cached_ptr[item]) return py::none();
+    if (cached_ptr != nullptr && (reinterpret_cast<int64_t>(p.data_ptr()) != cached_ptr[item] ||
+                                  p.numel() != cached_ptr[ni + nf + item]))
+      return py::none();
+    if (p.is_inference()) return py::none();
     PyObject* st = PyList_GET_ITEM(state_dicts.ptr(), item);
     if (!PyDict_CheckExact(st)) return py::none();
     const StateSignature* sig = &uniform;
@@ -298,7 +303,8 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
       if (!plain(s, sig->dtypes[static_cast<size_t>(j)], dev) ||
           !(div == 1 ? s.sizes().equals(p.sizes()) : s.numel() * div == p.numel()))
         return py::none();
-      if (cached_ptr != nullptr && reinterpret_cast<int64_t>(s.data_ptr()) != cached_ptr[ni + at + j])
+      if (cached_ptr != nullptr && (reinterpret_cast<int64_t>(s.data_ptr()) != cached_ptr[ni + at + j] ||
+                                    s.numel() != cached_ptr[2 * ni + nf + at + j]))
         return py::none();
     }
     at += sig->size();

@@ -343,10 +343,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             inv_scale = 1.0
             rollback = AmpRollback()
         if not traced:  # (in a traced step a data-dependent check would break the graph mid-update)
-            if self.__dict__.pop("_verify_masters", False):  # the first eager step after a load
-                self._repair_stale_masters()
-            else:  # master-layout params written since the last step (optim/masters.py)
-                self._adopt_edited_params()
+            self._sync_written_params()  # master-layout params loaded or written since the last step (masters.py)
         if self.spec.phases:  # contract v2: passes and matrix phases (optim/phases.py)
             loss = self._update_phased(plan, loss, inv_scale, amp, rollback)
             if cached is None and not traced:

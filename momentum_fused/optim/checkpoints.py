@@ -190,9 +190,12 @@ class CheckpointMixin:
         fresh optimizer's that torch.distributed.checkpoint's partial load kept beside a torch.optim checkpoint
         (allow_partial_load, docs/ecosystem.md: before 2026-12-06 its first step put the model back near its
         initialization), or weights loaded from elsewhere since. It starts again from the param, shard by shard,
-        with a warning. Non-finite param elements (an fp16 overflow) are not compared. A step traced by
+        with a warning. Non-finite param elements (an fp16 overflow) are not compared. Otherwise each element that
+        is not its master's rounding (a param written after the load: a review found small writes undone) takes the
+        param's value, as between any two steps (optim/masters.py). A step traced by
         torch.compile does not check (the check reads a value: a graph break in the middle of the update); the
         next eager step does."""
+        from .masters import _adopt  # (masters.py imports plan_cache, which imports checks, which imports this)
         stale = []
         for gi, g in enumerate(self.param_groups):
             if not _layouts.get_layout(g["layout"]).master:
@@ -206,6 +209,8 @@ class CheckpointMixin:
                 if bool((far & torch.isfinite(pf)).any()):
                     ml.copy_(pf)
                     stale.append(f"param {pi} of group {gi}")
+                else:  # (elements written since the load, or rounded twice: the param's value, exactly; the others
+                    _adopt(_dist.local(p.detach()), ml, twice=True)  # keep the master's bits: optim/masters.py)
         if stale:
             warnings.warn(f"{type(self).__name__}: the fp32 master of {', '.join(stale[:5])}"
                           f"{f' and {len(stale) - 5} more' if len(stale) > 5 else ''} does not round to its param "

@@ -8,8 +8,11 @@ autograd version or memory moved since the last step has every element that no l
 master restarted from the param (elements still equal to it keep their master's extra bits).
 
 What it cannot see: an in-place write through ``p.data`` (``p.data.mul_(2)``), which bumps the version counter of
-``p.data``'s new tensor object, not ``p``'s. Call ``optimizer.sync_masters()`` after such a write (or after writing
-params in a step traced by torch.compile, which skips this check as it skips the post-load repair).
+``p.data``'s new tensor object, not ``p``'s; collectives writing params in place (``dist.broadcast(p)``,
+``all_reduce``: no version bump); and any write while the steps are compiled (a step traced by torch.compile
+neither checks nor records). Call ``optimizer.sync_masters()`` after such a write. Schedule-free ``eval()`` /
+``train()`` check before moving the masters. The first step after ``load_state_dict`` compares every element
+(``_repair_stale_masters``, optim/checkpoints.py).
 docs/layouts.md, "The master layout and params written outside the optimizer"."""
 from __future__ import annotations
 
@@ -22,54 +25,80 @@ from .plan_cache import C_CHECKS
 __all__ = ["MasterSyncMixin"]
 
 
-def _marks(tensors: list) -> torch.Tensor:
-    """[2, n] int64: versions (-1: an inference tensor) and data pointers."""
-    if C_CHECKS is not None:
-        return C_CHECKS.version_marks(tensors)
-    return torch.tensor([[-1 if t.is_inference() else t._version for t in tensors],
-                         [t.data_ptr() for t in tensors]], dtype=torch.int64).reshape(2, len(tensors))
+def _marks(vs: list, ps: list) -> tuple[torch.Tensor, list]:
+    """([2, n] int64: the params' versions (-1: an inference tensor) and data pointers, the tensors compared). ``vs``
+    is ``ps`` for plain tensors. For DTensor params (``vs`` the DTensors, ``ps`` their local shards when the marks
+    were last taken) the local shards are read again (``p.data = t`` gives a DTensor another one) and a version is
+    the DTensor's plus its shard's: the DTensor's in-place ops (``p.copy_``, ``load_state_dict``) bump the DTensor's
+    counter, not the shard's (a review found FSDP2 writes missed), writes through ``p.to_local()`` the shard's."""
+    if vs is ps:
+        if C_CHECKS is not None:
+            return C_CHECKS.version_marks(ps), ps
+        return torch.tensor([[-1 if t.is_inference() else t._version for t in ps], [t.data_ptr() for t in ps]],
+                            dtype=torch.int64).reshape(2, len(ps)), ps
+    locs = [_dist.local(v) for v in vs]
+    vers = [-1 if t.is_inference() else v._version + t._version for v, t in zip(vs, locs)]
+    return torch.tensor([vers, [t.data_ptr() for t in locs]], dtype=torch.int64).reshape(2, len(locs)), locs
 
 
 @torch.no_grad()
-def _adopt(p: torch.Tensor, m: torch.Tensor) -> None:
+def _adopt(p: torch.Tensor, m: torch.Tensor, twice: bool = False) -> None:
     """Elements of the param ``p`` (local shard) that are not the rounding of their fp32 master ``m``: the master
-    takes the param's value. NaN params stay NaN in the master as well."""
+    takes the param's value. NaN params stay NaN in the master as well. ``twice`` (after a load: the model may have
+    moved between bf16 and fp16 since the master was written): the rounding through the other half dtype counts
+    as the master's rounding too."""
     if p.shape != m.shape or p.numel() == 0:
         return
-    torch.where(p == m.to(p.dtype), m, p.to(torch.float32), out=m)
+    keep = p == m.to(p.dtype)
+    if twice and p.dtype in (torch.float16, torch.bfloat16):
+        other = torch.bfloat16 if p.dtype == torch.float16 else torch.float16
+        keep |= p == m.to(other).to(p.dtype)
+    torch.where(keep, m, p.to(torch.float32), out=m)
 
 
 class MasterSyncMixin:
     """``_note_masters`` (after an eager step), ``_adopt_edited_params`` (before the next one) and the public
     ``sync_masters`` of FusedOptimizer."""
 
-    def _master_pairs(self) -> tuple[list, list]:
-        """(params' local shards, their masters' local shards) of every master-layout param with a master, in group
-        order; reused while the cached plan of the last step is the same object (its checks make sure the params
-        and state tensors are the same)."""
+    def _master_pairs(self) -> tuple[list, list, list]:
+        """(the params whose versions count: the params themselves, DTensors included; their local shards; their
+        masters' local shards) of every master-layout param with a master, in group order (the first list is the
+        second when no param is a DTensor); reused while the cached plan of the last step is the same object (its
+        checks make sure the params and state tensors are the same)."""
         fast = self.__dict__.get("_fast")
         got = self.__dict__.get("_master_pairs_of")
         if got is not None and fast is not None and got[0] is fast:
-            return got[1], got[2]
-        ps, ms = [], []
+            return got[1], got[2], got[3]
+        vs, ps, ms = [], [], []
         for g in self.param_groups:
             if not _layouts.get_layout(g.get("layout", "native")).master:
                 continue
             for p in g["params"]:
                 m = self.state.get(p, {}).get(_layouts.MASTER_KEY)
                 if isinstance(m, torch.Tensor):
+                    vs.append(p)
                     ps.append(_dist.local(p))
                     ms.append(_dist.local(m))
-        self.__dict__["_master_pairs_of"] = (fast, ps, ms)
-        return ps, ms
+        if all(v is p for v, p in zip(vs, ps)):
+            vs = ps
+        self.__dict__["_master_pairs_of"] = (fast, vs, ps, ms)
+        return vs, ps, ms
 
     def _note_masters(self) -> None:
         """After an eager step: the versions and memory of the master-layout params, as the step left them."""
         if not any(_layouts.get_layout(g.get("layout", "native")).master for g in self.param_groups):
             self.__dict__.pop("_master_marks", None)
             return
-        ps, ms = self._master_pairs()
-        self.__dict__["_master_marks"] = (ps, ms, _marks(ps)) if ps else None
+        vs, ps, ms = self._master_pairs()
+        self.__dict__["_master_marks"] = (vs, ps, ms, _marks(vs, ps)[0]) if ps else None
+
+    def _sync_written_params(self) -> None:
+        """Before an eager step or a schedule-free eval()/train() (which moves the masters): the check after a load
+        (``_repair_stale_masters``), else the adoption of the params written since the last step."""
+        if self.__dict__.pop("_verify_masters", False):
+            self._repair_stale_masters()
+        else:
+            self._adopt_edited_params()
 
     def _adopt_edited_params(self) -> None:
         """Before an eager step (its plan validated, nothing changed yet): the params written since the last step
@@ -77,13 +106,13 @@ class MasterSyncMixin:
         seen = self.__dict__.get("_master_marks")
         if not seen:
             return
-        ps, ms, before = seen
-        now = _marks(ps)
+        vs, ps, ms, before = seen
+        now, locs = _marks(vs, ps)
         if torch.equal(now, before):
             return
         moved = (now != before).any(dim=0).nonzero().flatten().tolist()
         for i in moved:
-            _adopt(ps[i], ms[i])
+            _adopt(locs[i], ms[i])
 
     @torch.no_grad()
     def sync_masters(self) -> None:
@@ -93,6 +122,6 @@ class MasterSyncMixin:
         (``load_state_dict`` of the model, in-place ops under no_grad, ``p.data = t``); call this after a write
         they cannot see: an in-place op on ``p.data``, or params written inside a step traced by torch.compile.
         Other layouts: nothing to do (``master16`` rebuilds its master from the param)."""
-        ps, ms = self._master_pairs()
+        _, ps, ms = self._master_pairs()
         for p, m in zip(ps, ms):
             _adopt(p, m)

@@ -169,7 +169,8 @@ class PlanCacheMixin:
                 "tuples": tuples, "sigs": sigs,
                 # the tensors' memory as the full plan checked it (its overlap check): a param given another's
                 # memory since (``b.data = a.data``, weight tying) sends the next step to the full plan again
-                "ptrs": torch.tensor([t.data_ptr() for t in (*bparams, *flat_locals)], dtype=torch.int64),
+                "ptrs": torch.tensor([t.data_ptr() for t in (*bparams, *flat_locals)] +
+                                     [t.numel() for t in (*bparams, *flat_locals)], dtype=torch.int64),
                 # what _cached_grads checks every tensor (a DTensor's local shard) against (a group without items
                 # checks none)
                 "pdtype": bparams[0].dtype if items else torch.float32,

@@ -113,6 +113,9 @@ class _ScheduleFree(FusedOptimizer):
     def _swap(self, to_train: bool) -> None:
         for gi, group in enumerate(self.param_groups):
             self.spec.validate(group, where=f"{type(self).__name__} param group {gi}: ")
+        # layout="master": params written since the last step (or loaded) restart their masters before these move
+        # (optim/masters.py; the swap below copies the master into the param, which would undo the write)
+        self._sync_written_params()
         for group in self.param_groups:
             if group["train_mode"] == to_train:
                 continue  # already there: calling train()/eval() twice is harmless
@@ -136,6 +139,7 @@ class _ScheduleFree(FusedOptimizer):
                 else:  # z may be narrower than p (bf16_state): lerp in the param's dtype, rounded once
                     p.lerp_(z.to(p.device, p.dtype), weight)
             group["train_mode"] = to_train
+        self._note_masters()  # (the swap wrote the params: not a user's write)
 
     def train(self, mode: bool = True):
         """Put y into the params (p <- lerp(p, z, 1 - beta)); required before ``step()``."""
