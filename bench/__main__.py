@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,11 @@ def machine_info(device: torch.device) -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "momentum_fused": mf.__version__,
             "backends": mf.backends.status(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    try:  # which kernel variant ran (the model name alone does not tell AVX2 from AVX-512 on these machines)
+        info["cpu_isa"] = str(torch.ops.momentum_fused.cpu_isa())
+    except Exception:
+        info["cpu_isa"] = None
+    info["env"] = {k: v for k, v in os.environ.items() if k.startswith(("MOMENTUM_FUSED_", "OMP_", "MKL_NUM"))}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -111,7 +117,7 @@ def run_interleaved(provs, shapes, device, dtype, warmup, iters, min_time, round
                 failed[prov.name] = f"failed: {type(e).__name__}: {str(e)[:160]}"
                 continue
             times[prov.name] += ts
-            per_round[prov.name].append(1e3 * sorted(ts)[len(ts) // 2])
+            per_round[prov.name].append(1e3 * statistics.median(ts))  # (as the pooled median: not the upper one)
     out = {prov.name: {**summarize(times[prov.name]), "round_median_ms": per_round[prov.name],
                        "working_set_MB": _working_set_mb(params, opt)}
            for prov, params, opt in built if prov.name not in failed}
@@ -277,26 +283,24 @@ def _finish(args, device, info, total, runs, missing, all_rules, run_muon) -> in
 
 
 def _add_speedups(runs: list[dict]) -> None:
-    """speedup = best torch provider's median / this median, same rule, layout and profile, same process."""
-    best_torch = {}
+    """speedup_vs_best_torch = the fastest torch provider's median / this median, and speedup_vs_best_peer the same
+    against the fastest peer package (same rule, layout and profile, same process). speedup_rounds: on interleaved
+    (CPU) rows, the ratio per round against that same provider (the fastest torch one, else the fastest peer), so
+    that the headline ratio and its range over the rounds compare the same two providers (until 2026-12-06 the
+    rounds took each round's fastest torch provider, and the headline could fall outside its own range)."""
+    best: dict = {}  # (kind, rule, layout, profile) -> the run of the fastest provider of that kind
     for r in runs:
-        if r["kind"] == "torch":
-            key = (r["rule"], r["layout"], r["profile"])
-            best_torch[key] = min(best_torch.get(key, math.inf), r["median_ms"])
+        if r["kind"] in ("torch", "peer"):
+            key = (r["kind"], r["rule"], r["layout"], r["profile"])
+            if key not in best or r["median_ms"] < best[key]["median_ms"]:
+                best[key] = r
     for r in runs:
-        t = best_torch.get((r["rule"], r["layout"], r["profile"]))
-        r["speedup_vs_best_torch"] = (t / r["median_ms"]) if t else None
-    # interleaved rows (CPU): the same ratio per round, against that round's fastest torch provider
-    rounds: dict = {}
-    for r in runs:
-        if r["kind"] == "torch" and r.get("round_median_ms"):
-            key = (r["rule"], r["layout"], r["profile"])
-            prev = rounds.get(key)
-            rounds[key] = r["round_median_ms"] if prev is None else [min(a, b) for a, b in zip(prev, r["round_median_ms"])]
-    for r in runs:
-        t = rounds.get((r["rule"], r["layout"], r["profile"]))
-        mine = r.get("round_median_ms")
-        r["speedup_rounds"] = [a / b for a, b in zip(t, mine)] if t and mine else None
+        row = (r["rule"], r["layout"], r["profile"])
+        t, p = best.get(("torch", *row)), best.get(("peer", *row))
+        r["speedup_vs_best_torch"] = t["median_ms"] / r["median_ms"] if t else None
+        r["speedup_vs_best_peer"] = p["median_ms"] / r["median_ms"] if p else None
+        ref, mine = (t or p or {}).get("round_median_ms"), r.get("round_median_ms")
+        r["speedup_rounds"] = [a / b for a, b in zip(ref, mine)] if ref and mine and r is not (t or p) else None
 
 
 def host_overhead(device, all_rules, args) -> list[dict]:
@@ -345,8 +349,9 @@ def markdown(result: dict) -> str:
     for r in runs:
         groups.setdefault((r["rule"], r["layout"], r["profile"]), {})[r["provider"]] = r
     meta, bw = result["meta"], result["meta"]["bandwidth"]
-    lines.append(f"# {meta.get('gpu') or meta['cpu']} ({meta['threads']} threads), torch {meta['torch']}, "
-                 f"{meta['date']}, commit {meta.get('git_commit')}\n")
+    lines.append(f"# {meta.get('gpu') or meta['cpu']} ({meta['threads']} threads, cpu kernels "
+                 f"{meta.get('cpu_isa') or '-'}), torch {meta['torch']}, {meta['date']}, commit {meta.get('git_commit')}"
+                 + (f", env {meta['env']}" if meta.get("env") else "") + "\n")
     lines.append(f"Roofline: in-place read-modify-write {bw['rmw_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s "
                  f"(best of 20, {bw['numel']:.2e} fp32 elements, measured at the start and the end of the run).\n")
     if meta.get("llc_MB"):
@@ -356,9 +361,11 @@ def markdown(result: dict) -> str:
                      "is the ratio of medians with its range over the rounds.\n")
     lines.append(f"Median ms per step ({result['total_params']:.2e} elements per profile); "
                  "'best ours' = fastest of our backends, % of the in-place read-modify-write bandwidth, "
-                 "speedup vs the fastest torch implementation measured in the same run.\n")
-    lines.append("| rule | layout | profile | tensors | " + " | ".join(provs) + " | best ours %RMW | vs torch |")
-    lines.append("|" + "---|" * (4 + len(provs) + 2))
+                 "speedup vs the fastest torch implementation and vs the fastest peer package measured in the same "
+                 "run.\n")
+    lines.append("| rule | layout | profile | tensors | " + " | ".join(provs)
+                 + " | best ours %RMW | vs torch | vs peers |")
+    lines.append("|" + "---|" * (4 + len(provs) + 3))
     for (rule, lay, prof), row in groups.items():
         ours = [r for r in row.values() if r["kind"] == "ours"]
         best = min(ours, key=lambda r: r["median_ms"]) if ours else None
@@ -369,9 +376,14 @@ def markdown(result: dict) -> str:
         pct = f"{best['pct_rmw']:.0f}%{'*' if best.get('in_llc') else ''} ({best['provider'][5:]})" if best else "–"
         spd = f"{sp:.2f}x" if sp else "–"
         rr = best.get("speedup_rounds") if best else None
-        if sp and rr:
-            spd += f" ({min(rr):.2f}–{max(rr):.2f})"
-        lines.append(f"| {rule} | {lay} | {prof} | {n_t} | " + " | ".join(cells) + f" | {pct} | {spd} |")
+        pp = best.get("speedup_vs_best_peer") if best else None
+        spp = f"{pp:.2f}x" if pp else "–"
+        if rr:  # (the range over the rounds, against the provider of the first ratio shown)
+            if sp:
+                spd += f" ({min(rr):.2f}–{max(rr):.2f})"
+            elif pp:
+                spp += f" ({min(rr):.2f}–{max(rr):.2f})"
+        lines.append(f"| {rule} | {lay} | {prof} | {n_t} | " + " | ".join(cells) + f" | {pct} | {spd} | {spp} |")
     if result["host_overhead"]:
         lines.append("\nHost overhead (AdamW, 300 one-element tensors, ms per step): "
                      + ", ".join(f"{o['provider']} {o['host_ms_per_step']:.3g}" for o in result["host_overhead"]))

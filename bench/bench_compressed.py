@@ -142,14 +142,17 @@ def main(argv=None):
         try:
             p.setup(shapes)
             p.step(2)  # warm-up (state creation; torchao compiles its step here)
-            est = p.step(1)
-            p.reps = max(1, int(args.seconds * 1e3 / max(est, 1e-3)))
+            # the run length from the median of 3 single steps, and at least 5 steps a run for every provider
+            # (one slow first step gave torch's baseline 1 step a run: no averaging at all, a review found)
+            est = statistics.median(p.step(1) for _ in range(3))
+            p.reps = max(5, int(args.seconds * 1e3 / max(est, 1e-3)))
             p.bytes = state_bytes(p.opt, p.params)
         except Exception as e:  # noqa: BLE001 (a provider that cannot run here is reported, not fatal)
             p.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         print(f"  {p.name}: {p.error or 'ready'}", file=sys.stderr)
     for r in range(args.runs):
-        for p in provs:
+        k = r % len(provs)  # the order rotates every run (a burst of load falls on every provider alike)
+        for p in provs[k:] + provs[:k]:
             if not p.error:
                 p.times.append(p.step(p.reps))
         print(f"  run {r + 1}/{args.runs} done", file=sys.stderr)
@@ -207,8 +210,8 @@ def main(argv=None):
         f"{_dt.datetime.now():%Y-%m-%d %H:%M}; {cpu}; {os.cpu_count()} CPUs, torch.get_num_threads() = "
         f"{torch.get_num_threads()}; torch {torch.__version__}; torchao {ao}; momentum_fused cpu kernels: {isa}. "
         f"Command: `python -m bench.bench_compressed {' '.join(argv if argv is not None else sys.argv[1:])}`.",
-        f"Runs interleaved round-robin, {args.runs} per provider; per-step ms = a run's time / its steps; median and "
-        "min - max over the runs. State bytes per param: optimizer state only (no params, no step counter).",
+        f"Runs interleaved round-robin (the order rotating every run), {args.runs} per provider, at least 5 steps "
+        "each; per-step ms = a run's time / its steps; median and min - max over the runs. State bytes per param: optimizer state only (no params, no step counter).",
         "",
         "| provider | state B/param | ms/step (median) | spread (min - max) | speed vs torch fused fp32 | steps |",
         "|---|---|---|---|---|---|",
