@@ -205,25 +205,12 @@ def run(quick=False, warmup=2, iters=5, rules=None, skip_reference=False):
             if label == "ours":
                 bpe = _bytes_per_elem(opt, dtype)
             it = iters if label != "reference" or len(sizes) < 1000 else max(2, iters // 2)
-            if label == "ours":
-                # host overhead, reported separately: the time inside the backend's apply() (one call
-                # per bucket: the C++ op, its argument packing) vs the whole step() (Python front-end)
-                be = mf.backends.resolve("cpu", mf.specs.get_spec(opt.rule), torch.device("cpu"), dtype)
-                orig, spent = be.apply, []
-
-                def timed_apply(*a, _orig=orig, _spent=spent):
-                    t0 = time.perf_counter()
-                    _orig(*a)
-                    _spent.append(time.perf_counter() - t0)
-
-                be.apply = timed_apply
-                try:
-                    ms = _median_ms(opt.step, warmup, it)
-                finally:
-                    be.apply = orig
-                row["ours_apply"] = statistics.median(spent[warmup:]) * 1e3
-            else:
-                ms = _median_ms(opt.step, warmup if label != "reference" else 1, it)
+            try:
+                ms = _time_provider(label, opt, dtype, warmup, it, row)
+            except Exception as e:  # a provider that fails while timed is reported, and the run goes on
+                row[label] = None
+                row[f"{label}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                continue
             row[label] = ms
             row.setdefault("providers", []).append(label)
             del opt, ps
@@ -294,10 +281,34 @@ def _f(x, fmt="{:.2f}"):
     return "-" if x is None else fmt.format(x)
 
 
+def _time_provider(label, opt, dtype, warmup, it, row) -> float:
+    """Median ms of ``opt.step`` (ours: also the time inside the backend's apply(), into ``row``)."""
+    if label == "ours":
+        # host overhead, reported separately: the time inside the backend's apply() (one call
+        # per bucket: the C++ op, its argument packing) vs the whole step() (Python front-end)
+        be = mf.backends.resolve("cpu", mf.specs.get_spec(opt.rule), torch.device("cpu"), dtype)
+        orig, spent = be.apply, []
+
+        def timed_apply(*a, _orig=orig, _spent=spent):
+            t0 = time.perf_counter()
+            _orig(*a)
+            _spent.append(time.perf_counter() - t0)
+
+        be.apply = timed_apply
+        try:
+            ms = _median_ms(opt.step, warmup, it)
+        finally:
+            be.apply = orig
+        row["ours_apply"] = statistics.median(spent[warmup:]) * 1e3
+    else:
+        ms = _median_ms(opt.step, warmup if label != "reference" else 1, it)
+    return ms
+
+
 def _fmt_row(r):
     tl = r["torch_label"]
     return (f"{r['rule']:<13} {r['profile']:<20} {r['dtype']:<9} ours {_f(r.get('ours'))} ms "
-            f"({_f(r.get('ours_GBps'), '{:.1f}')} GB/s, {_f(r.get('ours_pct_rmw'), '{:.0f}')}% RMW) | "
+            f"({_f(r.get('ours_GBps'), '{:.1f}')} GB/s, {_f(r.get('ours_pct_rmw'), '{:.0f}')}% of the RMW measured at the start) | "
             f"{tl} {_f(r.get(tl))} ms (x{_f(r.get('speedup_vs_torch'))}) | reference {_f(r.get('reference'))} ms"
             f" | apply {_f(r.get('ours_apply'))} ms")
 
@@ -319,6 +330,7 @@ def to_markdown(meta, rows):
            "| rule | profile | dtype | B/elem | ours ms | ours GB/s | % RMW | torch provider | torch ms | "
            "torch GB/s | x torch | reference ms | x reference | ours apply ms | apply x torch |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    failed = [(r, k[:-6], v) for r in rows for k, v in r.items() if k.endswith("_error")]
     for r in rows:
         tl = r["torch_label"]
         out.append(f"| {r['rule']} | {r['profile']} | {r['dtype']} | {_f(r.get('bytes_per_elem'), '{:g}')} | "
@@ -327,6 +339,9 @@ def to_markdown(meta, rows):
                    f"**{_f(r.get('speedup_vs_torch'))}** | {_f(r.get('reference'))} | "
                    f"{_f(r.get('speedup_vs_reference'), '{:.1f}')} | {_f(r.get('ours_apply'))} | "
                    f"{_f(r.get('apply_speedup_vs_torch'))} |")
+    if failed:
+        out += ["", "Not measured (`-` above), and why:"]
+        out += [f"- {r['rule']} / {r['profile']} / {r['dtype']} / {label}: {why}" for r, label, why in failed]
     return "\n".join(out) + "\n"
 
 

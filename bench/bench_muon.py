@@ -134,15 +134,18 @@ def rows(device: torch.device, quick: bool, include_reference: bool = True) -> d
     algorithms = ("standard", "auto")
     names = None if include_reference else {n for n in providers(device, algorithms)[0]
                                             if not n.startswith("ours-reference")}
-    res = measure(device, gpt_matrices(d, layers), rounds=1 if quick else 5, iters=1 if quick else 5, names=names,
-                  algorithms=algorithms)
-    res["profile"] = f"gpt-matrices d={d} layers={layers}"
+    rounds, iters = (1, 1) if quick else (5, 5)
+    res = measure(device, gpt_matrices(d, layers), rounds=rounds, iters=iters, names=names, algorithms=algorithms)
+    res.update(profile=f"gpt-matrices d={d} layers={layers}", rounds=rounds, iters=iters)
     return res
 
 
 def markdown(res: dict) -> str:
+    rounds, iters = res.get("rounds", 5), res.get("iters", 5)
+    smoke = " A SMOKE RUN (--quick: one step), not a measurement." if rounds * iters == 1 else ""
     lines = [f"\nMuon per step ({res.get('profile', '')}, {res['rows'][0]['numel'] if res['rows'] else 0:.3g} params, "
-             "NS in bf16, 5 steps; median over rounds, min-max; torch/this > 1: faster than torch.optim.Muon):\n",
+             f"NS in bf16, {iters} steps a round, {rounds} rounds; median over rounds, min-max; torch/this > 1: "
+             f"faster than torch.optim.Muon).{smoke}\n",
              "| provider | median ms | min-max ms | torch / this (median, min-max) |", "|---|---|---|---|"]
     for r in res["rows"]:
         ratio = (f"{r['torch_over_this']:.2f} ({r['torch_over_this_min']:.2f}-{r['torch_over_this_max']:.2f})"

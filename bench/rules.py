@@ -164,8 +164,12 @@ def providers(rule: Rule, device: torch.device, dtype: torch.dtype, include_refe
     for peer, (module, factory) in rule.peers.items():
         try:
             mod = importlib.import_module(module)
-        except Exception:
-            missing[f"peer:{peer}"] = f"{peer} not installed (pip install -e .[bench-peers])"
+        except ModuleNotFoundError as e:
+            missing[f"peer:{peer}"] = (f"{peer} not installed (pip install -e .[bench-peers])" if e.name and
+                                       module.startswith(e.name) else f"{peer}: importing it failed: {e}")
+            continue
+        except Exception as e:  # installed but broken: say so, not "not installed"
+            missing[f"peer:{peer}"] = f"{peer}: importing it failed: {type(e).__name__}: {str(e)[:160]}"
             continue
         avail.append(Provider(f"peer:{peer}", "peer", lambda p, m=mod, f=factory: f(m, p)))
     return avail, missing
