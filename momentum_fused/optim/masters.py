@@ -28,8 +28,7 @@ __all__ = ["MasterSyncMixin"]
 def _marks(vs: list, ps: list) -> tuple[torch.Tensor, list]:
     """([2, n] int64: the params' versions (-1: an inference tensor) and data pointers, the tensors compared). ``vs``
     is ``ps`` for plain tensors. For DTensor params (``vs`` the DTensors, ``ps`` their local shards when the marks
-    were last taken) the local shards are read again (``p.data = t`` gives a DTensor another one) and a version is
-    the DTensor's plus its shard's: the DTensor's in-place ops (``p.copy_``, ``load_state_dict``) bump the DTensor's
+    were last taken) the local shards are read again and a version is the DTensor's plus its shard's: the DTensor's in-place ops (``p.copy_``, ``load_state_dict``) bump the DTensor's
     counter, not the shard's (a review found FSDP2 writes missed), writes through ``p.to_local()`` the shard's."""
     if vs is ps:
         if C_CHECKS is not None:
@@ -120,7 +119,8 @@ class MasterSyncMixin:
         outside the optimizer) becomes the master's value, so the next step continues from the param, as
         torch.optim would. Steps do this by themselves for params whose autograd version or memory changed
         (``load_state_dict`` of the model, in-place ops under no_grad, ``p.data = t``); call this after a write
-        they cannot see: an in-place op on ``p.data``, or params written inside a step traced by torch.compile.
+        they cannot see: an in-place op on ``p.data``, a collective writing params in place (``dist.broadcast``,
+        ``all_reduce``), or any write while the steps are compiled (a traced step neither checks nor records).
         Other layouts: nothing to do (``master16`` rebuilds its master from the param)."""
         _, ps, ms = self._master_pairs()
         for p, m in zip(ps, ms):
