@@ -193,28 +193,26 @@ def run(quick=False, warmup=2, iters=5, rules=None, skip_reference=False):
         providers = [("ours", lambda ps: ours(ps, "cpu")), (tlabel, tfac)]
         if not skip_reference:
             providers.append(("reference", lambda ps: ours(ps, "reference")))
-        bpe = None
-        for label, fac in providers:
+        bpe, built = None, []
+        for label, fac in providers:  # every provider built and warmed up first, then their steps alternate
             ps = _make(sizes, dtype)
             try:
                 opt = fac(ps)
-            except Exception as e:  # e.g. torch has no fused kernel for this dtype
-                row[label] = None
-                row[f"{label}_error"] = f"{type(e).__name__}: {e}"
-                continue
-            if label == "ours":
-                bpe = _bytes_per_elem(opt, dtype)
-            it = iters if label != "reference" or len(sizes) < 1000 else max(2, iters // 2)
-            try:
-                ms = _time_provider(label, opt, dtype, warmup, it, row)
-            except Exception as e:  # a provider that fails while timed is reported, and the run goes on
+                if label == "ours":
+                    bpe = _bytes_per_elem(opt, dtype)
+                for _ in range(warmup if label != "reference" else 1):
+                    opt.step()
+            except Exception as e:  # e.g. torch has no fused kernel for this dtype; reported, the run goes on
                 row[label] = None
                 row[f"{label}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 continue
-            row[label] = ms
+            built.append((label, opt, ps, iters if label != "reference" or len(sizes) < 1000 else max(2, iters // 2)))
+        times = _alternate(built, dtype, row)
+        for label, ts in times.items():
+            row[label] = statistics.median(ts) * 1e3
             row.setdefault("providers", []).append(label)
-            del opt, ps
-            gc.collect()
+        del built
+        gc.collect()
         row["torch_label"] = tlabel
         row["bytes_per_elem"] = bpe
         if row.get("ours"):
@@ -281,28 +279,43 @@ def _f(x, fmt="{:.2f}"):
     return "-" if x is None else fmt.format(x)
 
 
-def _time_provider(label, opt, dtype, warmup, it, row) -> float:
-    """Median ms of ``opt.step`` (ours: also the time inside the backend's apply(), into ``row``)."""
-    if label == "ours":
-        # host overhead, reported separately: the time inside the backend's apply() (one call
-        # per bucket: the C++ op, its argument packing) vs the whole step() (Python front-end)
-        be = mf.backends.resolve("cpu", mf.specs.get_spec(opt.rule), torch.device("cpu"), dtype)
-        orig, spent = be.apply, []
+def _alternate(built, dtype, row) -> dict:
+    """One timed step of each built provider in turn, the order rotating every round, until each has its count
+    (since 2026-12-06: the providers ran one after another before, so a burst of load on this shared machine fell on
+    one of them). Returns {label: step times in s}; ours also puts the median time inside the backend's apply()
+    (the C++ op and its argument packing, vs the whole step(): the Python front end) into ``row["ours_apply"]``.
+    A provider that raises is recorded in ``row`` and dropped."""
+    times = {label: [] for label, *_ in built}
+    spent: list = []
+    be = mf.backends.resolve("cpu", mf.specs.get_spec(built[0][1].rule), torch.device("cpu"), dtype) \
+        if built and built[0][0] == "ours" else None
+    for k in range(max((it for *_, it in built), default=0)):
+        order = built[k % len(built):] + built[:k % len(built)]
+        for label, opt, _, it in order:
+            if label not in times or len(times[label]) >= it:
+                continue
+            if label == "ours" and be is not None:
+                orig = be.apply
 
-        def timed_apply(*a, _orig=orig, _spent=spent):
-            t0 = time.perf_counter()
-            _orig(*a)
-            _spent.append(time.perf_counter() - t0)
+                def timed_apply(*a, _orig=orig):
+                    t0 = time.perf_counter()
+                    _orig(*a)
+                    spent.append(time.perf_counter() - t0)
 
-        be.apply = timed_apply
-        try:
-            ms = _median_ms(opt.step, warmup, it)
-        finally:
-            be.apply = orig
-        row["ours_apply"] = statistics.median(spent[warmup:]) * 1e3
-    else:
-        ms = _median_ms(opt.step, warmup if label != "reference" else 1, it)
-    return ms
+                be.apply = timed_apply
+            try:
+                t0 = time.perf_counter()
+                opt.step()
+                times[label].append(time.perf_counter() - t0)
+            except Exception as e:
+                row[f"{label}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                del times[label]
+            finally:
+                if label == "ours" and be is not None:
+                    be.apply = orig
+    if spent and "ours" in times:
+        row["ours_apply"] = statistics.median(spent) * 1e3
+    return times
 
 
 def _fmt_row(r):
@@ -318,7 +331,8 @@ def to_markdown(meta, rows):
            f"- CPU: {meta['cpu']} (flags: {', '.join(meta['cpu_flags']) or 'n/a'}; kernel variant: "
            f"{meta['cpu_isa']}), threads: {meta['threads']}",
            f"- torch {meta['torch']}, Python {meta['python']}; {'--quick (reduced sizes)' if meta['quick'] else 'full sizes'}; "
-           f"median of {meta['iters']} timed steps after {meta['warmup']} warm-up steps (reference: fewer)",
+           f"median of {meta['iters']} timed steps after {meta['warmup']} warm-up steps (reference: fewer), the providers' "
+           "steps alternating, the order rotating every round",
            f"- Roofline: in-place read-modify-write `x.mul_(1.0001)` on {meta['rmw_numel']:,} fp32 = "
            f"**{meta['rmw_GBps']:.1f} GB/s** (8 B/elem), the best of 20 at the start and at the end of the run (a % "
            "above 100: the machine's bandwidth varied during the run)",
