@@ -35,7 +35,7 @@ from .. import distributed as _dist  # DTensor (FSDP2): local shards, see moment
 from ..specs import UpdateRuleSpec, get_spec
 from .amp import AmpMixin, AmpRollback, _drop_amp_attrs
 from .checkpoints import CheckpointMixin
-from .checks import STEPPABLE_DTYPES, ValidationMixin
+from .checks import STEPPABLE_DTYPES, STEPPABLE_NAMES, ValidationMixin
 from .keys import check_torch_flags
 from .masters import MasterSyncMixin
 from .compile import CompileMixin, bucket_op
@@ -178,8 +178,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                                     f"update: use momentum_fused.lowrank.LowRankSGD / LowRankAdam for the model")
                 if isinstance(p, torch.Tensor) and p.dtype not in STEPPABLE_DTYPES:
                     raise TypeError(f"{type(self).__name__} can only optimize floating point or complex "
-                                    f"tensors of {', '.join(str(d).replace('torch.', '') for d in STEPPABLE_DTYPES)}"
-                                    f", got dtype {p.dtype}")
+                                    f"tensors of {STEPPABLE_NAMES}, got dtype {p.dtype}")
                 if isinstance(p, torch.Tensor) and lay.name != "native" and p.dtype not in lay.param_dtypes:
                     raise TypeError(f"{type(self).__name__}: dtype layout {lay.describe()} cannot hold a "
                                     f"{p.dtype} param; supported layouts: {_layouts.supported()}")

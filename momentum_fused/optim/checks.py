@@ -34,6 +34,7 @@ class GroupPlan(NamedTuple):
 
 # the param dtypes a step can update (add_param_group refuses other dtypes; the full plan, a dtype changed since)
 STEPPABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+STEPPABLE_NAMES = ", ".join(str(d).replace("torch.", "") for d in STEPPABLE_DTYPES)  # (for the error messages)
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -247,7 +248,7 @@ class ValidationMixin:
                         strided_params.append((gi, pi, p))
                 if dtype not in STEPPABLE_DTYPES:  # (float8, complex32: no arithmetic for the rules in torch)
                     raise TypeError(f"{self._where(p, pi, gi)}: a {dtype} param cannot be stepped; the update rules "
-                                    f"run in {', '.join(str(d).replace('torch.', '') for d in STEPPABLE_DTYPES)}")
+                                    f"run in {STEPPABLE_NAMES}")
                 if not traced and p.is_inference() and not torch.is_inference_mode_enabled():
                     raise RuntimeError(f"{self._where(p, pi, gi)} is an inference tensor (made under "
                                        "torch.inference_mode()): it cannot be updated in place outside inference "
