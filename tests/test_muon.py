@@ -767,3 +767,41 @@ def test_a_momentum_scheduler_writing_into_aux_groups_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(opt, params, grads[1:])  # (no second warning: the keys were seen)
+
+
+@pytest.mark.parametrize("use_muon", [True, False])
+@pytest.mark.parametrize("when", ["constructor", "add_param_group", "written later", "checkpoint"])
+def test_a_group_layout_other_than_native_is_refused(use_muon, when):
+    """A per-group ``layout`` (the other optimizers' key) was kept in a Muon group and had no effect before
+    2026-12-06: an int8_state group kept fp32 state, a use_muon=False group of bf16 params with "master" ran
+    native bf16 AdamW. Refused wherever it enters, before any change; "native" is accepted."""
+    params, grads = _problem([(4, 6), (6, 4)], steps=2)
+    lay = "int8_state"
+    match = rf"Muon param group {1 if when == 'add_param_group' else 0}: layout 'int8_state'"
+    if when == "constructor":
+        with pytest.raises(ValueError, match=match):
+            mf.Muon([dict(params=[params[0]], use_muon=use_muon, layout=lay)], lr=0.02)
+        mf.Muon([dict(params=[params[0]], use_muon=use_muon, layout="native")], lr=0.02)
+        return
+    opt = mf.Muon([dict(params=[params[0]], use_muon=use_muon)], lr=0.02)
+    run(opt, params[:1], grads[:1])
+    if when == "add_param_group":
+        with pytest.raises(ValueError, match=match):
+            opt.add_param_group(dict(params=[params[1]], use_muon=use_muon, layout=lay))
+        assert len(opt.param_groups) == 1
+        return
+    if when == "checkpoint":
+        sd = opt.state_dict()
+        sd["param_groups"][0]["layout"] = lay
+        before = snapshot(opt, params[:1])
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(sd)
+        assert "layout" not in opt.param_groups[0]
+        assert_snapshot_equal(before, snapshot(opt, params[:1]))
+        return
+    opt.param_groups[0]["layout"] = lay
+    params[0].grad = grads[1][0].clone()
+    before = snapshot(opt, params[:1])
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, params[:1]))

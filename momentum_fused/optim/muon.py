@@ -129,6 +129,7 @@ class Muon(torch.optim.Optimizer):
         if not isinstance(use, bool):
             raise TypeError(f"Muon: use_muon must be a bool, got {type(use).__name__}: {use!r}")
         where = f"Muon param group {len(self.param_groups)}: "
+        self._refuse_layout(g, where)
         if use:
             MUON_SPEC.validate({**self.defaults, **g}, where=where)
             self._check_matrices(params, where)
@@ -152,6 +153,17 @@ class Muon(torch.optim.Optimizer):
             raise
         self._linked = self._structure()
         self._keys_seen[id(g)] = frozenset(g)
+
+    @staticmethod
+    def _refuse_layout(group, where):
+        """A ``layout`` key other than "native" (a per-group key of the other momentum_fused optimizers): Muon keeps
+        native state in both kinds of group (its checkpoints are torch.optim.Muon's format), so a compressed or
+        master layout would otherwise be kept in the group with no effect: ValueError, before any change."""
+        lay = group.get("layout", "native")
+        if lay != "native":
+            raise ValueError(f"{where}layout {lay!r}: Muon keeps its state in the params' dtype (layout='native') "
+                             "in both kinds of group, the AdamW of use_muon=False groups included; remove the key "
+                             "or set it to 'native'")
 
     @staticmethod
     def _check_matrices(params, where):
@@ -253,6 +265,7 @@ class Muon(torch.optim.Optimizer):
                 for k, v in (MUON_DEFAULTS if g["use_muon"] else AUX_DEFAULTS).items():
                     g.setdefault(k, own.get(k, v))
                 g.setdefault("capturable", self.defaults["capturable"])
+                self._refuse_layout(g, f"Muon param group {gi}: ")
                 if g["use_muon"]:
                     self._check_matrices(g["params"], f"Muon param group {gi}: ")
                 try:
@@ -351,6 +364,7 @@ class Muon(torch.optim.Optimizer):
             if group.get("use_muon", True) is not use:
                 raise ValueError(f"Muon param group {gi}: use_muon changed from {use} after the group was added; "
                                  "a group's kind is fixed (add a new group instead)")
+            self._refuse_layout(group, f"Muon param group {gi}: ")
             known = self._keys_seen.get(id(group))
             if known is None or len(known) != len(group) or group.keys() != known:
                 if known is not None:  # keys written since (a scheduler's): warned as add_param_group warns
