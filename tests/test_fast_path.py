@@ -198,6 +198,8 @@ def test_cached_plan_sees_bad_gradient_and_state(backend):
     # (a gradient on another device after cached steps: tests/test_errors.py, kind "device", on a meta grad)
     p[3].grad = None
     p[3].grad = torch.ones(7, dtype=p[3].dtype)
+    assert opt._fast is None  # (a stale cache is dropped when found: it held the state it checked)
+    opt.step()  # (the full plan, cached again)
     assert opt._fast_plan() is not None
     opt.state[p[2]]["momentum_buffer"] = torch.zeros(3)  # wrong shape
     assert_step_raises_unchanged(opt, p, ValueError, r"momentum_buffer")

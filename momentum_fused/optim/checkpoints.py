@@ -119,7 +119,7 @@ class CheckpointMixin:
                             .stochastic for g in state_dict["param_groups"]]
         src_of = {i: _layouts.LAYOUTS.get(g.get("layout")) if isinstance(g.get("layout"), str) else None
                   for g in state_dict["param_groups"] for i in g["params"]}  # the checkpoint's layout (None: unknown)
-        super().load_state_dict(state_dict)
+        super().load_state_dict(_without_retaken(state_dict, self._retaken_keys(state_dict, saved)))
         for g, (live, seed, step), was_sr in zip(self.param_groups, live_layouts, saved_stochastic):
             g["layout"] = live  # the layout is the live optimizer's, never the checkpoint's: its state converts
             if not was_sr and seed is not None:  # a checkpoint that drew no rounding bits (another layout, or
@@ -180,6 +180,40 @@ class CheckpointMixin:
                 self._convert_master(p, lay, saved.get(idx, {}), src_of.get(idx))
         if any(lay.master for lay in layout_of.values()):  # the first step checks the masters against the params
             self._verify_masters = True  # (FusedOptimizer._repair_stale_masters: both are loaded by then)
+
+    def _retaken_keys(self, state_dict, saved) -> dict:
+        """{saved index: the state keys that the loop after torch's load writes from the saved tensors} (the
+        layouts' own dtypes: 8-bit codes, bf16 state, masters, remainders; contract-v2 tensors): torch's load
+        need not see them. It casts every floating-point state to the param's dtype: 8-bit codes of an fp32
+        param briefly took 4x their size in fp32 copies that were then thrown away (a memory review measured a
+        load's peak at +4x the checkpoint's state on int8_state, +2x on bf16_state, 2026-12-06). This mirrors
+        that loop: a key it might not write (block scales, a master that another layout drops) stays torch's."""
+        out = {}
+        try:
+            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        except (KeyError, TypeError):
+            return out
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) != len(params):
+            return out  # (torch's load refuses it)
+        sfx = _layouts.INT8_SCALE_SUFFIX
+        for idx, (p, g) in zip(saved_ids, params):
+            sv = saved.get(idx)
+            if not sv:
+                continue
+            lay = _layouts.get_layout(g["layout"])
+            if lay.int8 or any(k.endswith(sfx) for k in sv):
+                keys = set(self.spec.state_names(g)) | (set(lay.extra_keys) if lay.master or lay.remainder else set())
+            elif lay.name == "native" and self.spec.plain_state:
+                continue
+            else:
+                own = set() if self.spec.plain_state else {t.name for t in self.spec.tensors(g) if t.persistent}
+                keys = {k for k in sv if k in own or not (lay.name == "native" or (k in _CONVERTED and k not in
+                                                                                      lay.extra_keys))}
+            keys &= set(sv)
+            if keys:
+                out[idx] = keys
+        return out
 
     @torch.no_grad()
     def _repair_stale_masters(self) -> None:
@@ -390,6 +424,16 @@ def _drop_cast_masters(state_dict, name):
                       "dtype and never updates it), so it is stale and is not loaded; the master restarts from the "
                       "params at the next step", UserWarning, stacklevel=4)
     return state_dict if out is None else {**state_dict, "state": out}
+
+
+def _without_retaken(state_dict, retaken: dict):
+    """``state_dict`` for torch's load: the ``retaken`` keys left out of their states (new dicts; the caller's
+    are not modified)."""
+    if not retaken:
+        return state_dict
+    states = {idx: {k: v for k, v in st.items() if k not in retaken[idx]} if idx in retaken else st
+              for idx, st in state_dict["state"].items()}
+    return {**state_dict, "state": states}
 
 
 def _saved_codes(st: dict, key):

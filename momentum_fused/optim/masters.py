@@ -88,8 +88,10 @@ class MasterSyncMixin:
         if not any(_layouts.get_layout(g.get("layout", "native")).master for g in self.param_groups):
             self.__dict__.pop("_master_marks", None)
             return
-        vs, ps, ms = self._master_pairs()
-        self.__dict__["_master_marks"] = (vs, ps, ms, _marks(vs, ps)[0]) if ps else None
+        vs, ps, _ = self._master_pairs()
+        # (the masters are looked up again when a param moved: marks holding them kept a replaced or reloaded
+        # state alive until the next step)
+        self.__dict__["_master_marks"] = (vs, ps, _marks(vs, ps)[0]) if ps else None
 
     def _sync_written_params(self) -> None:
         """Before an eager step or a schedule-free eval()/train() (which moves the masters): the check after a load
@@ -105,13 +107,15 @@ class MasterSyncMixin:
         seen = self.__dict__.get("_master_marks")
         if not seen:
             return
-        vs, ps, ms, before = seen
+        vs, ps, before = seen
         now, locs = _marks(vs, ps)
         if torch.equal(now, before):
             return
         moved = (now != before).any(dim=0).nonzero().flatten().tolist()
         for i in moved:
-            _adopt(locs[i], ms[i])
+            m = self.state.get(vs[i], {}).get(_layouts.MASTER_KEY)
+            if isinstance(m, torch.Tensor):  # (a param whose state was dropped since: its new master is its value)
+                _adopt(locs[i], _dist.local(m))
 
     @torch.no_grad()
     def sync_masters(self) -> None:
