@@ -188,8 +188,16 @@ def _pointer_rows():
 _POINTER_ROWS = _pointer_rows()
 
 
+def _caveat() -> str | None:
+    """backends.status()'s note: loaded, but no tensor here that it could step."""
+    if _interpreting() or torch.cuda.is_available():
+        return None
+    return ("no CUDA device here, and CPU tensors need TRITON_INTERPRET=1 set before triton is imported: nothing it "
+            "can step")
+
+
 def make_backend() -> backends.Backend:
     err = _load_error()
     return backends.Backend(name="triton", apply=apply if err is None else None, supports=supports,
                             devices=("cuda", "cpu"), load_error=err, layouts=TRITON_LAYOUTS,
-                            device_scalars=True, scalar_tables=True)
+                            device_scalars=True, scalar_tables=True, caveat=_caveat)

@@ -72,6 +72,8 @@ class Backend:
     bumps_versions: bool = False
     # apply() also takes ``scalars`` as a float64 [n, k] tensor on the tensors' device (capturable=True)
     scalar_tables: bool = False
+    # () -> None, or why an available backend can run nothing on this machine as it is (status() shows it)
+    caveat: Callable | None = None
     _warned: set = field(default_factory=set)
 
     @property
@@ -288,8 +290,14 @@ def available() -> list[str]:
 
 
 def status() -> dict[str, str]:
-    """Every registered backend with 'available' or the reason it is not."""
-    return {n: ("available" if b.available else f"unavailable: {b.load_error}") for n, b in _REGISTRY.items()}
+    """Every registered backend with 'available' or the reason it is not; 'available (...)' where it loaded but
+    can run nothing here as things are (triton with no CUDA device and no TRITON_INTERPRET=1)."""
+    out = {}
+    for n, b in _REGISTRY.items():
+        why = b.caveat() if b.available and b.caveat is not None else None
+        out[n] = f"unavailable: {b.load_error}" if not b.available else "available" if why is None else \
+            f"available ({why})"
+    return out
 
 
 def _layout_reason(b: Backend, layout) -> str | None:

@@ -215,10 +215,25 @@ def test_backends_status():
     st = backends.status()
     assert st["reference"] == "available"
     for name, s in st.items():
-        assert s == "available" or s.startswith("unavailable: "), (name, s)
-    assert set(backends.available()) == {n for n, s in st.items() if s == "available"}
+        assert s == "available" or s.startswith(("unavailable: ", "available (")), (name, s)
+    assert set(backends.available()) == {n for n, s in st.items() if s.startswith("available")}
     b = backends.resolve(None, mf.specs.get_spec("sgd"), torch.device("cpu"), torch.float32)
     assert b.available and b.name in st
+
+
+@pytest.mark.skipif("triton" not in backends.available(), reason="needs triton installed")
+@pytest.mark.parametrize("cuda,interpret", [(False, False), (False, True), (True, False)])
+def test_status_says_when_triton_can_step_nothing_here(cuda, interpret, monkeypatch):
+    """status() said 'available' for triton on a CPU-only machine without TRITON_INTERPRET=1, where every step
+    on it raises (2026-12-06: it names why in parentheses)."""
+    from momentum_fused import _backend_triton
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(_backend_triton, "_interpreting", lambda: interpret)
+    st = backends.status()["triton"]
+    if cuda or interpret:
+        assert st == "available"
+    else:
+        assert st.startswith("available (no CUDA device here") and "TRITON_INTERPRET=1" in st
 
 
 class _Entry:
