@@ -7,9 +7,10 @@
   schedule; validation loss curve.
 
 Run: ``python bench/int8_accuracy.py [--epochs 20] [--seeds 5] [--charlm-steps 300] [--charlm-size small]
-[--plot docs/img/int8_accuracy.png] [--torchao] [--ablation] [--sr-seeds 1,2,3]`` (``--torchao``: the digits runs
-of torchao's AdamW8bit too, for comparison; ``--ablation``: a sensitivity floor and which state's map costs what;
-``--sr-seeds``: int8_sr with other random streams).
+[--plot docs/img/int8_accuracy.png] [--torchao] [--ablation] [--sr-seeds 1,2,3] [--lr-scales 0.995,1.005]``
+(``--torchao``: the digits runs of torchao's AdamW8bit too, for comparison; ``--ablation``: a sensitivity floor and
+which state's map costs what; ``--sr-seeds``: int8_sr with other random streams; ``--lr-scales``: fp32 state with a
+scaled lr, the train loss's sensitivity to the step size).
 
 Every layout sees the same data order and init per seed; the difference is the state storage alone. Four runs per
 seed: fp32 state on the reference backend (the baseline), ``int8_state`` and ``int8_sr`` (the same codes rounded
@@ -122,6 +123,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ablation", action="store_true",
                     help="digits: also a sensitivity floor (fp32 state, lr x (1 + 1e-6)) and torch's AdamW formula with "
                          "m, v or both round-tripped through the int8 map after each step (which state costs what)")
+    ap.add_argument("--lr-scales", default="",
+                    help="digits: also fp32 state with lr times each of these factors (comma-separated, e.g. "
+                         "0.995,1.005): how far the train loss moves with the effective step size, to read the "
+                         "layouts' differences against")
     ap.add_argument("--sr-seeds", default="",
                     help="digits: also int8_sr with each of these sr_seed values (comma-separated; cpu backend when "
                          "built), to see how much the random stream moves the result")
@@ -136,6 +141,9 @@ def main(argv=None) -> int:
     if args.torchao:
         runs.append(("torchao AdamW8bit (peer)", None, "torchao"))
     scale = {}
+    for f in [float(x) for x in args.lr_scales.split(",") if x.strip()]:
+        runs.append((f"fp32 state, lr x {f:g}", "native", "reference"))
+        scale[runs[-1][0]] = f
     if args.ablation:
         runs += [("fp32 state, lr x (1 + 1e-6) (sensitivity floor)", "native", "reference")]
         scale[runs[-1][0]] = 1 + 1e-6
