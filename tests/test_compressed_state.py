@@ -765,3 +765,48 @@ def test_a_stale_master_beside_a_loaded_checkpoint_starts_again_from_the_param()
     with pytest.warns(UserWarning, match="fp32 master of param 0 of group 0 does not round to its param"):
         b.step()
     assert (q.detach().float() - t.detach().float()).abs().max() < 0.01  # one step of lr 1e-3 from the loaded model
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("src,dst", [("int8_state", "int8_state"), ("int8_state", "native"),
+                                     ("native", "int8_state"), ("int8_sr", "bf16_state")])
+def test_a_buffer_kept_while_its_flag_is_off_loads_converted(backend, src, dst):
+    """torch keeps a momentum buffer while a scheduler holds momentum at 0; a checkpoint saved then holds it (as
+    codes under the int8 layouts) where the checkpoint's group says it has none. Before 2026-12-06 its codes
+    were taken as values (an int8 checkpoint into a native optimizer: momentum [95., 23., ...]) or kept as fp32
+    where codes were expected (a ValueError when momentum came back); for one commit of that day it was dropped.
+    It now converts as every coded state does: the resumed run equals the uninterrupted one where both keep the
+    same layout, and follows the decoded buffer otherwise."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(64, 64, generator=g) for _ in range(6)]
+    p = torch.nn.Parameter(torch.randn(64, 64, generator=g))
+    momentum = [0.9, 0.9, 0.0, 0.0, 0.9, 0.9]
+    make = lambda x, lay: mf.SGD([x], lr=1e-2, momentum=0.9, layout=lay, backend=backend)  # noqa: E731
+    opt = make(p, src)
+    for i in range(3):
+        opt.param_groups[0]["momentum"] = momentum[i]
+        p.grad = grads[i].clone()
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    q = torch.nn.Parameter(p.detach().clone())
+    o2 = make(q, dst)
+    o2.load_state_dict(sd)
+    buf = o2.state[q]["momentum_buffer"]
+    if layouts.get_layout(dst).int8:
+        assert buf.dtype == torch.int8 and "momentum_buffer_scale" in o2.state[q]
+        if layouts.get_layout(src).int8:
+            assert torch.equal(buf, opt.state[p]["momentum_buffer"])
+    else:
+        assert "momentum_buffer_scale" not in o2.state[q]
+        want = layouts.int8_decode(opt.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer_scale"], True)
+        assert buf.dtype == layouts.get_layout(dst).state_dtype_for(torch.float32) and \
+            torch.equal(buf.float(), want.to(buf.dtype).float())
+    for i in range(3, 6):
+        for o, x in ((opt, p), (o2, q)):
+            o.param_groups[0]["momentum"] = momentum[i]
+            x.grad = grads[i].clone()
+            o.step()
+    if src == dst:
+        assert torch.equal(p, q)
+    else:
+        assert (p - q).abs().max() < 1e-2  # (one rounding of the buffer apart)

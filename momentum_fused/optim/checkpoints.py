@@ -103,6 +103,7 @@ class CheckpointMixin:
             hook(self)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        given = state_dict.get("state") if isinstance(state_dict, dict) else None  # (its key order, kept below)
         state_dict = _codes_to_live_names(state_dict)
         state_dict = _remainders_from_bytes(state_dict)
         state_dict = _drop_cast_masters(state_dict, type(self).__name__)
@@ -119,7 +120,8 @@ class CheckpointMixin:
                             .stochastic for g in state_dict["param_groups"]]
         src_of = {i: _layouts.LAYOUTS.get(g.get("layout")) if isinstance(g.get("layout"), str) else None
                   for g in state_dict["param_groups"] for i in g["params"]}  # the checkpoint's layout (None: unknown)
-        super().load_state_dict(_without_retaken(state_dict, self._retaken_keys(state_dict, saved)))
+        retaken, int8_names = self._retaken_keys(state_dict, saved)
+        super().load_state_dict(_without_retaken(state_dict, retaken))
         for g, (live, seed, step), was_sr in zip(self.param_groups, live_layouts, saved_stochastic):
             g["layout"] = live  # the layout is the live optimizer's, never the checkpoint's: its state converts
             if not was_sr and seed is not None:  # a checkpoint that drew no rounding bits (another layout, or
@@ -150,7 +152,8 @@ class CheckpointMixin:
         for idx, p in zip(saved_ids, params):
             lay, own = layout_of[p], own_of[p]
             if lay.int8 or any(k.endswith(_layouts.INT8_SCALE_SUFFIX) for k in saved.get(idx, {})):
-                self._convert_int8(p, lay, saved.get(idx, {}), self.spec.state_names(group_of[p]))
+                self._convert_int8(p, lay, saved.get(idx, {}), int8_names.get(idx) or self.spec.state_names(
+                    group_of[p]))
                 if lay.master or lay.remainder:  # the master layouts' own keys, then their conversion
                     for key in lay.extra_keys:
                         v = saved.get(idx, {}).get(key)
@@ -178,32 +181,46 @@ class CheckpointMixin:
                 self.state[p][key] = value.detach().to(device=p.device, dtype=want, copy=True)
             if lay.master or lay.remainder:
                 self._convert_master(p, lay, saved.get(idx, {}), src_of.get(idx))
+        for idx, p in zip(saved_ids, params):  # (keys taken after torch's load: back in the checkpoint's order)
+            if idx in retaken:
+                st = self.state[p]
+                order = {k: i for i, k in enumerate(given[idx])}
+                items = sorted(st.items(), key=lambda kv: order.get(kv[0], len(order)))
+                st.clear()
+                st.update(items)
         if any(lay.master for lay in layout_of.values()):  # the first step checks the masters against the params
             self._verify_masters = True  # (FusedOptimizer._repair_stale_masters: both are loaded by then)
 
-    def _retaken_keys(self, state_dict, saved) -> dict:
+    def _retaken_keys(self, state_dict, saved) -> tuple[dict, dict]:
         """{saved index: the state keys that the loop after torch's load writes from the saved tensors} (the
         layouts' own dtypes: 8-bit codes, bf16 state, masters, remainders; contract-v2 tensors): torch's load
         need not see them. It casts every floating-point state to the param's dtype: 8-bit codes of an fp32
         param briefly took 4x their size in fp32 copies that were then thrown away (a memory review measured a
         load's peak at +4x the checkpoint's state on int8_state, +2x on bf16_state, 2026-12-06). This mirrors
-        that loop: a key it might not write (block scales, a master that another layout drops) stays torch's."""
-        out = {}
+        that loop: a key it might not write (block scales, a master that another layout drops) stays torch's.
+        Also {saved index: the state names the int8 conversion takes} (``_coded_names``: the checkpoint's flags'
+        names, the live group's, and any other coded state)."""
+        out, names_of = {}, {}
         try:
-            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+            saved_groups = list(state_dict["param_groups"])
+            saved_ids = [(i, sg) for sg in saved_groups for i in sg["params"]]
         except (KeyError, TypeError):
-            return out
+            return out, names_of
         params = [(p, g) for g in self.param_groups for p in g["params"]]
-        if len(saved_ids) != len(params):
-            return out  # (torch's load refuses it)
+        if len(saved_ids) != len(params) or not all(isinstance(sg, dict) for sg in saved_groups):
+            return out, names_of  # (torch's load refuses it)
         sfx = _layouts.INT8_SCALE_SUFFIX
-        for idx, (p, g) in zip(saved_ids, params):
+        for (idx, sg), (p, live) in zip(saved_ids, params):
             sv = saved.get(idx)
             if not sv:
                 continue
+            # the groups as the loop after torch's load sees them: the checkpoint's hyperparameters (a flag such
+            # as momentum or amsgrad decides the state names), the live layout
+            g = {**live, **sg, "layout": live["layout"]}
             lay = _layouts.get_layout(g["layout"])
             if lay.int8 or any(k.endswith(sfx) for k in sv):
-                keys = set(self.spec.state_names(g)) | (set(lay.extra_keys) if lay.master or lay.remainder else set())
+                names = names_of[idx] = _coded_names(self.spec.state_names(g), sv, self.spec.state_names(live))
+                keys = set(names) | (set(lay.extra_keys) if lay.master or lay.remainder else set())
             elif lay.name == "native" and self.spec.plain_state:
                 continue
             else:
@@ -213,7 +230,7 @@ class CheckpointMixin:
             keys &= set(sv)
             if keys:
                 out[idx] = keys
-        return out
+        return out, names_of
 
     @torch.no_grad()
     def _repair_stale_masters(self) -> None:
@@ -424,6 +441,21 @@ def _drop_cast_masters(state_dict, name):
                       "dtype and never updates it), so it is stale and is not loaded; the master restarts from the "
                       "params at the next step", UserWarning, stacklevel=4)
     return state_dict if out is None else {**state_dict, "state": out}
+
+
+def _coded_names(names, saved: dict, live_names=()) -> list:
+    """The state names the int8 conversion takes: the rule's under the checkpoint's flags, then those of the live
+    group's flags and any other state the checkpoint holds as 8-bit codes with block scales, where it holds them
+    (a buffer torch keeps after its flag was turned off, momentum 0 or amsgrad False, saved then): converted as
+    the others are, not taken by torch's load as values (before 2026-12-06 codes were kept as numbers, or fp32
+    state where codes were expected raised at a later step)."""
+    sfx = _layouts.INT8_SCALE_SUFFIX
+    out = list(names)
+    coded = [k[:-len(sfx)] for k in saved if isinstance(k, str) and k.endswith(sfx)]
+    for k in [*live_names, *coded]:
+        if k not in out and isinstance(saved.get(k), torch.Tensor):
+            out.append(k)
+    return out
 
 
 def _without_retaken(state_dict, retaken: dict):

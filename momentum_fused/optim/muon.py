@@ -42,6 +42,18 @@ class _MuonCore(FusedOptimizer):
         super().__init__(params, dict(defaults), backend=backend)
 
 
+def _without_saved_layout(groups: list, where: str) -> list:
+    """A checkpoint's (or pickle's) groups without a ``layout`` other than "native": Muon kept such a key with no
+    effect before 2026-12-06 (its state is native whatever the key said), so the state loads; a UserWarning says
+    the key is dropped. New dicts; the caller's are not modified."""
+    bad = [i for i, g in enumerate(groups) if isinstance(g, dict) and g.get("layout", "native") != "native"]
+    if bad:
+        warnings.warn(f"Muon {where}: param group(s) {bad} hold layout "
+                      f"{', '.join(sorted({repr(groups[i]['layout']) for i in bad}))}, which Muon never applied (its state is "
+                      "native); the key is dropped and the state loads as it is", UserWarning, stacklevel=3)
+    return [{k: v for k, v in g.items() if k != "layout"} if i in bad else g for i, g in enumerate(groups)]
+
+
 def _ns_dtype_named(name: str):
     """A checkpoint's ns_dtype name ("bfloat16", "torch.float32") -> the torch.dtype (an unknown name: ValueError)."""
     dt = getattr(torch, name.removeprefix("torch."), None)
@@ -299,6 +311,9 @@ class Muon(torch.optim.Optimizer):
         A group's ``ns_dtype`` saved as its name (``state_dict``) is a torch.dtype again."""
         self.sync_amp()
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, list) and any(isinstance(g, dict) and "layout" in g for g in groups):
+            groups = _without_saved_layout(groups, "load_state_dict")
+            state_dict = {**state_dict, "param_groups": groups}
         if isinstance(groups, list) and any(isinstance(g, dict) and isinstance(g.get("ns_dtype"), str)
                                             for g in groups):
             state_dict = {**state_dict, "param_groups": [
@@ -324,6 +339,10 @@ class Muon(torch.optim.Optimizer):
         before anything is set, as FusedOptimizer's load does)."""
         self.__dict__.setdefault("backend", state.pop("backend", None))
         self.__dict__.setdefault("_keys_seen", {})
+        groups = state.get("param_groups")
+        if isinstance(groups, list) and any(isinstance(g, dict) and g.get("layout", "native") != "native"
+                                            for g in groups):
+            state["param_groups"] = _without_saved_layout(groups, "unpickling")
         saved = state.get("state") or {}
         for gi, g in enumerate(state.get("param_groups") or ()):
             for pi, p in enumerate(g.get("params", ())):
