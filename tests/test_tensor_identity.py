@@ -431,3 +431,65 @@ def test_column_slices_are_checked_without_enumerating_their_elements(monkeypatc
         with pytest.raises(ValueError, match="share memory"):
             o2.step()
     assert calls.count(True) <= 1
+
+
+# ---------------------------------------------------------------- model surgery between steps (a review, 2026-12-06)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["one dict", "one tensor"])
+def test_state_shared_by_two_params_is_refused_before_anything_changes(backend, how):
+    """Layer duplication with a shallow copy of the state (``opt.state[new] = opt.state[old]``): torch updates the
+    shared moments once per param; the cpu backend updated them from two threads at once (a race: two identical
+    runs differed by up to 0.2). Refused on every backend, naming both params."""
+    from optim_db import assert_step_raises_unchanged
+    torch.manual_seed(0)
+    params = [torch.randn(4096, requires_grad=True) for _ in range(2)]
+    opt = mf.AdamW(params[:1], lr=0.1, backend=backend)
+    params[0].grad = torch.randn(4096)
+    opt.step()
+    opt.add_param_group(dict(params=params[1:]))
+    if how == "one dict":
+        opt.state[params[1]] = opt.state[params[0]]
+    else:
+        opt.state[params[1]] = {k: (v.clone() if k != "exp_avg" else v) for k, v in opt.state[params[0]].items()}
+    for p in params:
+        p.grad = torch.randn(4096)
+    assert_step_raises_unchanged(opt, params, ValueError,
+                                 r"param 0 of group 0 and param 0 of group 1 share state memory \('exp_avg")
+    opt.state[params[1]] = {k: v.clone() for k, v in opt.state[params[0]].items()}  # (the fix the message names)
+    opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["same group", "other group"])
+def test_a_param_put_twice_into_param_groups_is_refused_at_the_step(backend, where):
+    """The constructor and add_param_group refuse a param listed twice; appending it to ``param_groups[i]["params"]``
+    by hand was stepped twice on the reference backend (as torch does) and refused on the cpu one as two
+    "distinct params" sharing memory (misleading). Both now name the duplicate."""
+    from optim_db import assert_step_raises_unchanged
+    params = [torch.randn(4, 4, requires_grad=True) for _ in range(2)]
+    opt = mf.Adam([dict(params=params[:1]), dict(params=params[1:])], lr=0.1, backend=backend)
+    opt.param_groups[0 if where == "same group" else 1]["params"].append(params[0])
+    for p in params:
+        p.grad = torch.ones_like(p)
+    assert_step_raises_unchanged(opt, params, ValueError, r"listed twice in param group 0" if where == "same group"
+                                 else r"is in param groups 0 and 1")
+
+
+def test_a_dtype_change_after_the_first_step_names_the_conversion():
+    """``model.half()`` mid-training: the state keeps its dtype, refused before anything changes, and the message
+    names the fix (a state_dict round trip converts the state), which then steps as torch does."""
+    from optim_db import assert_step_raises_unchanged
+    torch.manual_seed(0)
+    p = torch.randn(8, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    ours, theirs = mf.SGD([p], lr=0.1, momentum=0.9), torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    for x, o in ((p, ours), (q, theirs)):
+        x.grad = torch.ones(8)
+        o.step()
+        x.data = x.data.half()
+        x.grad = torch.ones(8, dtype=torch.half)
+    assert_step_raises_unchanged(ours, [p], ValueError, r"opt\.load_state_dict\(opt\.state_dict\(\)\) converts it")
+    ours.load_state_dict(ours.state_dict())
+    ours.step()
+    theirs.step()
+    assert ours.state[p]["momentum_buffer"].dtype == torch.half and torch.equal(p, q)

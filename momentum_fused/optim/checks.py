@@ -222,6 +222,7 @@ class ValidationMixin:
         dtensor_cls = _dist.dtensor_class()  # (None: no DTensor exists in this process)
         self._grad_subst = subst = {}  # gradients the backends read resolved (``grad_of``), by id(param)
         strided_params = []  # (gi, pi, p): non-contiguous params, whose memory ``_check_param_memory`` checks
+        states = []  # ((gi, pi, key), tensor): the state tensors, which no two params may share
         for gi, group in enumerate(self.param_groups):
             if not traced:  # (traced: hyperparameters are graph inputs; validated by every eager step only)
                 spec.validate(group, where=f"{name} param group {gi}: ")
@@ -322,6 +323,8 @@ class ValidationMixin:
                             self._raise_bad_state(p, key, t, pi, gi, sdt if native else lay.dtype_of(key, dtype))
                 if st and not traced:
                     self._check_state_objects(p, st, pi, gi, check_names, lazy)
+                    states.extend(((gi, pi, k), _dist.local(t)) for k, t in st.items()
+                                  if isinstance(t, torch.Tensor) and k not in HOST_STATE_KEYS)
                 items.append(p)
                 keys.add((device, dtype))
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}
@@ -335,6 +338,12 @@ class ValidationMixin:
             plan.append(GroupPlan(group, state_names, items, chosen))
         if not traced:
             self._check_param_memory(plan, strided_params, dtensor_cls)
+            shared = _overlap.first_shared(states)
+            if shared is not None:  # (one dict or tensor given to two params: torch updates it once per param)
+                (a, _), (b, _) = sorted(shared, key=lambda x: x[0])
+                raise ValueError(f"{name}: param {a[1]} of group {a[0]} and param {b[1]} of group {b[0]} share "
+                                 f"state memory ({a[2]!r}, {b[2]!r}); each param's state must be its own (copy it: "
+                                 "{k: v.clone() for k, v in state.items()}); nothing changed")
         return plan
 
     def _check_master_keys(self, st, lay, p, pi, gi) -> None:
@@ -396,6 +405,16 @@ class ValidationMixin:
             if status == 1 or (status == 2 and _overlap.self_overlap(tuple(p.shape), p.stride(), p)):
                 raise ValueError(f"{self._where(p, pi, gi)}: the param has elements that share memory (strides "
                                  f"{p.stride()}, e.g. an expanded tensor); it cannot be updated in place")
+        seen: dict = {}
+        for gi, gp in enumerate(plan):  # (the same param twice, by editing param_groups: stepped twice by torch)
+            for q in gp.items:
+                prev = seen.get(id(q))
+                if prev is not None:
+                    twice = f"listed twice in param group {gi}" if prev == gi else f"in param groups {prev} and {gi}"
+                    raise ValueError(f"{type(self).__name__}: a param (shape {tuple(q.shape)}) is {twice}; a param "
+                                     "belongs to one group, once (torch.optim applies its update twice); nothing "
+                                     "changed")
+                seen[id(q)] = gi
         by_storage: dict = {}
         for gi, gp in enumerate(plan):
             for q in gp.items:
@@ -473,4 +492,5 @@ class ValidationMixin:
                              f"match the param; was a state_dict loaded into other params?")
         want = p.dtype if want_dtype is None else want_dtype
         raise ValueError(f"{where}: state {key!r} is {t.dtype} on {t.device}, expected {want} on {p.device} "
-                         "(the group's dtype layout decides the state dtype)")
+                         "(the group's dtype layout decides the state dtype; if the params' dtype or the group's "
+                         "layout changed after the state was made, opt.load_state_dict(opt.state_dict()) converts it)")

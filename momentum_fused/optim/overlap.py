@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["span_bytes", "elements_overlap", "self_overlap"]
+__all__ = ["span_bytes", "elements_overlap", "self_overlap", "first_shared"]
 
 
 def span_bytes(t: torch.Tensor) -> tuple[int, int]:
@@ -63,3 +63,29 @@ def self_overlap(shape: tuple, stride: tuple, t: torch.Tensor) -> bool:
 
 
 _SELF_OVERLAP: dict = {}
+
+
+def first_shared(entries) -> tuple | None:
+    """``entries``: (owner, tensor) pairs (plain strided tensors). The first two of different owners whose elements
+    overlap in memory, as ((owner, tensor), (owner, tensor)), or None. One storage pointer per tensor, a sort per
+    shared storage."""
+    by_storage: dict = {}
+    for owner, t in entries:
+        if t.numel():
+            try:
+                ptr = t.untyped_storage().data_ptr()
+            except RuntimeError:  # (a wrapper subclass without a storage of its own)
+                continue
+            if ptr:  # (0: meta or fake tensors)
+                by_storage.setdefault((t.device, ptr), []).append((owner, t))
+    for shared in by_storage.values():
+        if len(shared) < 2:
+            continue
+        active = []  # spans that reach past the current start
+        for (lo, hi), owner, t in sorted(((span_bytes(t), o, t) for o, t in shared), key=lambda x: x[0][0]):
+            active = [a for a in active if a[0][1] > lo]
+            for _, other, r in active:
+                if other != owner and ((t.is_contiguous() and r.is_contiguous()) or elements_overlap(t, r)):
+                    return (other, r), (owner, t)
+            active.append(((lo, hi), owner, t))
+    return None
