@@ -222,7 +222,7 @@ class ValidationMixin:
         dtensor_cls = _dist.dtensor_class()  # (None: no DTensor exists in this process)
         self._grad_subst = subst = {}  # gradients the backends read resolved (``grad_of``), by id(param)
         strided_params = []  # (gi, pi, p): non-contiguous params, whose memory ``_check_param_memory`` checks
-        states = []  # ((gi, pi, key), tensor): the state tensors, which no two params may share
+        states = []  # (gi, pi, state dict): the state tensors, which no two params may share
         for gi, group in enumerate(self.param_groups):
             if not traced:  # (traced: hyperparameters are graph inputs; validated by every eager step only)
                 spec.validate(group, where=f"{name} param group {gi}: ")
@@ -323,8 +323,7 @@ class ValidationMixin:
                             self._raise_bad_state(p, key, t, pi, gi, sdt if native else lay.dtype_of(key, dtype))
                 if st and not traced:
                     self._check_state_objects(p, st, pi, gi, check_names, lazy)
-                    states.extend(((gi, pi, k), _dist.local(t)) for k, t in st.items()
-                                  if isinstance(t, torch.Tensor) and k not in HOST_STATE_KEYS)
+                    states.append((gi, pi, st))
                 items.append(p)
                 keys.add((device, dtype))
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}
@@ -338,7 +337,7 @@ class ValidationMixin:
             plan.append(GroupPlan(group, state_names, items, chosen))
         if not traced:
             self._check_param_memory(plan, strided_params, dtensor_cls)
-            shared = _overlap.first_shared(states)
+            shared = _overlap.first_shared(states, HOST_STATE_KEYS, dtensor_cls)
             if shared is not None:  # (one dict or tensor given to two params: torch updates it once per param)
                 (a, _), (b, _) = sorted(shared, key=lambda x: x[0])
                 raise ValueError(f"{name}: param {a[1]} of group {a[0]} and param {b[1]} of group {b[0]} share "

@@ -65,27 +65,34 @@ def self_overlap(shape: tuple, stride: tuple, t: torch.Tensor) -> bool:
 _SELF_OVERLAP: dict = {}
 
 
-def first_shared(entries) -> tuple | None:
-    """``entries``: (owner, tensor) pairs (plain strided tensors). The first two of different owners whose elements
-    overlap in memory, as ((owner, tensor), (owner, tensor)), or None. One storage pointer per tensor, a sort per
-    shared storage."""
-    by_storage: dict = {}
-    for owner, t in entries:
-        if t.numel():
-            try:
-                ptr = t.untyped_storage().data_ptr()
-            except RuntimeError:  # (a wrapper subclass without a storage of its own)
+
+def first_shared(states, skip, dtensor_cls=None) -> tuple | None:
+    """``states``: (gi, pi, state dict) per param; ``skip``: keys that are not tensors the kernels write (host
+    counters). The first two state tensors of different params whose elements overlap in memory, as
+    (((gi, pi, key), tensor), ((gi, pi, key), tensor)), or None. Byte spans from data pointers, one sort (tensors
+    whose spans overlap on one device share an allocation; strided ones are then compared exactly)."""
+    spans = []
+    for gi, pi, st in states:
+        for k, t in st.items():
+            if k in skip or not isinstance(t, torch.Tensor):
                 continue
-            if ptr:  # (0: meta or fake tensors)
-                by_storage.setdefault((t.device, ptr), []).append((owner, t))
-    for shared in by_storage.values():
-        if len(shared) < 2:
-            continue
-        active = []  # spans that reach past the current start
-        for (lo, hi), owner, t in sorted(((span_bytes(t), o, t) for o, t in shared), key=lambda x: x[0][0]):
-            active = [a for a in active if a[0][1] > lo]
-            for _, other, r in active:
-                if other != owner and ((t.is_contiguous() and r.is_contiguous()) or elements_overlap(t, r)):
-                    return (other, r), (owner, t)
-            active.append(((lo, hi), owner, t))
+            if dtensor_cls is not None and isinstance(t, dtensor_cls):
+                t = t._local_tensor
+            n, ptr = t.numel(), t.data_ptr()
+            if n and ptr:  # (0: meta or fake tensors)
+                if t.is_contiguous():
+                    lo, hi = ptr, ptr + n * t.element_size()
+                else:
+                    a, b = span_bytes(t)
+                    lo, hi = ptr - t.storage_offset() * t.element_size() + a, ptr - t.storage_offset() * \
+                        t.element_size() + b
+                spans.append((t.get_device(), lo, hi, (gi, pi, k), t))
+    spans.sort(key=lambda x: (x[0], x[1]))
+    active = []  # spans of the current device that reach past the current start
+    for dev, lo, hi, owner, t in spans:
+        active = [a for a in active if a[0] == dev and a[2] > lo]
+        for a in active:
+            if a[3][:2] != owner[:2] and ((t.is_contiguous() and a[4].is_contiguous()) or elements_overlap(t, a[4])):
+                return (a[3], a[4]), (owner, t)
+        active.append((dev, lo, hi, owner, t))
     return None
