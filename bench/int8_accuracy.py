@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         runs.append(("torchao AdamW8bit (peer)", None, "torchao"))
     scale = {}
     for f in [float(x) for x in args.lr_scales.split(",") if x.strip()]:
-        runs.append((f"fp32 state, lr x {f:g}", "native", "reference"))
+        runs.append((f"fp32 state, lr x {f!r}", "native", "reference"))
         scale[runs[-1][0]] = f
     if args.ablation:
         runs += [("fp32 state, lr x (1 + 1e-6) (sensitivity floor)", "native", "reference")]
@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     if args.charlm_steps:
         from train_charlm import train
         for label, lay, be in [r for r in runs if r[2] not in ("torchao", "ablation") and r[0] not in sr_seed]:
-            lm[label] = [train(opt="AdamW", opt_kwargs={"lr": 3e-3, "weight_decay": 0.1, "layout": lay, "backend": be},
+            lm[label] = [train(opt="AdamW", opt_kwargs={"lr": 3e-3 * scale.get(label, 1.0), "weight_decay": 0.1,
+                                                        "layout": lay, "backend": be},
                                steps=args.charlm_steps, size=args.charlm_size, seed=s) for s in range(args.seeds)]
         lbase = lm[RUNS[0][0]]
         print(f"charlm {args.charlm_size}, AdamW lr 3e-3 wd 0.1, {args.charlm_steps} steps: final val loss, "

@@ -493,3 +493,25 @@ def test_a_dtype_change_after_the_first_step_names_the_conversion():
     ours.step()
     theirs.step()
     assert ours.state[p]["momentum_buffer"].dtype == torch.half and torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_the_step_does_not_write_or_that_shares_no_element_may_share_memory(backend):
+    """What the shared-state check leaves alone (a review of it, 2026-12-06): keys the update does not write (a
+    user's read-only tensor in every param's state), and buffers from two storages over one memory that share no
+    element (numpy's interleaved views: compared at their absolute addresses, not their storage offsets)."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    params = [torch.randn(6, requires_grad=True) for _ in range(2)]
+    opt = mf.SGD(params, lr=0.1, momentum=0.9, backend=backend)
+    flat = np.zeros(12, dtype=np.float32)
+    shared = torch.ones(3)
+    for i, p in enumerate(params):
+        opt.state[p]["momentum_buffer"] = torch.from_numpy(flat[i::2])
+        opt.state[p]["user_scale"] = shared
+        p.grad = torch.ones(6)
+    ref = [p.detach().clone() for p in params]
+    opt.step()
+    for p, r in zip(params, ref):
+        assert torch.allclose(p, r - 0.1)
+    assert np.allclose(flat, 1.0)

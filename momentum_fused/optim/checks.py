@@ -222,7 +222,7 @@ class ValidationMixin:
         dtensor_cls = _dist.dtensor_class()  # (None: no DTensor exists in this process)
         self._grad_subst = subst = {}  # gradients the backends read resolved (``grad_of``), by id(param)
         strided_params = []  # (gi, pi, p): non-contiguous params, whose memory ``_check_param_memory`` checks
-        states = []  # (gi, pi, state dict): the state tensors, which no two params may share
+        states, owners = [], []  # the state tensors a step writes, which no two params may share; (gi, pi, key)
         for gi, group in enumerate(self.param_groups):
             if not traced:  # (traced: hyperparameters are graph inputs; validated by every eager step only)
                 spec.validate(group, where=f"{name} param group {gi}: ")
@@ -232,6 +232,8 @@ class ValidationMixin:
             required = spec.required_state(group)
             lazy = tuple(k for k in state_names if k not in required)  # states that may start at any step
             check_names = (*state_names, *lay.extra_keys)
+            written = (*check_names, *(k + _layouts.INT8_SCALE_SUFFIX for k in state_names)) if lay.int8 else \
+                check_names
             native = lay.name == "native"
             own = None if spec.plain_state else {t.name: t for t in spec.tensors(group) if t.persistent}
             items, keys = [], set()
@@ -323,7 +325,11 @@ class ValidationMixin:
                             self._raise_bad_state(p, key, t, pi, gi, sdt if native else lay.dtype_of(key, dtype))
                 if st and not traced:
                     self._check_state_objects(p, st, pi, gi, check_names, lazy)
-                    states.append((gi, pi, st))
+                    for k in written:
+                        t = st.get(k)
+                        if isinstance(t, torch.Tensor):
+                            states.append(t if dtensor_cls is None else _dist.local(t))
+                            owners.append((gi, pi, k))
                 items.append(p)
                 keys.add((device, dtype))
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}
@@ -337,12 +343,11 @@ class ValidationMixin:
             plan.append(GroupPlan(group, state_names, items, chosen))
         if not traced:
             self._check_param_memory(plan, strided_params, dtensor_cls)
-            shared = _overlap.first_shared(states, HOST_STATE_KEYS, dtensor_cls)
-            if shared is not None:  # (one dict or tensor given to two params: torch updates it once per param)
-                (a, _), (b, _) = sorted(shared, key=lambda x: x[0])
-                raise ValueError(f"{name}: param {a[1]} of group {a[0]} and param {b[1]} of group {b[0]} share "
-                                 f"state memory ({a[2]!r}, {b[2]!r}); each param's state must be its own (copy it: "
-                                 "{k: v.clone() for k, v in state.items()}); nothing changed")
+            from .plan_cache import C_CHECKS  # (one dict or tensor given to two params: torch updates it once per
+            why = _overlap.shared_state(states, owners, self.__dict__,  # param, the cpu kernels raced)
+                                        C_CHECKS and (lambda ts: C_CHECKS.version_marks(ts)[1]))
+            if why is not None:
+                raise ValueError(f"{name}: {why}")
         return plan
 
     def _check_master_keys(self, st, lay, p, pi, gi) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["span_bytes", "elements_overlap", "self_overlap", "first_shared"]
+__all__ = ["span_bytes", "elements_overlap", "self_overlap", "first_shared", "shared_state"]
 
 
 def span_bytes(t: torch.Tensor) -> tuple[int, int]:
@@ -14,12 +14,14 @@ def span_bytes(t: torch.Tensor) -> tuple[int, int]:
     return lo, lo + (sum((k - 1) * abs(st) for k, st in zip(t.shape, t.stride())) + 1) * n
 
 
-def elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+def elements_overlap(a: torch.Tensor, b: torch.Tensor, shift: int = 0) -> bool:
     """Whether two views of one storage share a byte (exact, also across dtypes: torch._C._overlaps compares
-    extents only); ``a is b``: whether two of its elements share one (an internal overlap)."""
+    extents only); ``a is b``: whether two of its elements share one (an internal overlap). ``shift``: the address
+    of b's storage start minus a's, in bytes, for two storages over one memory (numpy or DLPack views)."""
     if a.numel() == 0 or b.numel() == 0:
         return False
     (a0, a1), (b0, b1) = span_bytes(a), span_bytes(b)
+    b0, b1 = b0 + shift, b1 + shift
     if a is not b and (a1 <= b0 or b1 <= a0):
         return False
     lo, hi = min(a0, b0), max(a1, b1)
@@ -66,33 +68,54 @@ _SELF_OVERLAP: dict = {}
 
 
 
-def first_shared(states, skip, dtensor_cls=None) -> tuple | None:
-    """``states``: (gi, pi, state dict) per param; ``skip``: keys that are not tensors the kernels write (host
-    counters). The first two state tensors of different params whose elements overlap in memory, as
-    (((gi, pi, key), tensor), ((gi, pi, key), tensor)), or None. Byte spans from data pointers, one sort (tensors
-    whose spans overlap on one device share an allocation; strided ones are then compared exactly)."""
+
+def _base(t: torch.Tensor) -> int:
+    """The address of t's storage start (data pointer minus the storage offset, in bytes)."""
+    return t.data_ptr() - t.storage_offset() * t.element_size()
+
+
+def first_shared(entries) -> tuple | None:
+    """``entries``: (owner, tensor) pairs (plain strided tensors; an owner is (gi, pi, key)). The first two tensors
+    of different params (owner[:2]) whose elements overlap in memory, as ((owner, tensor), (owner, tensor)), or
+    None. Byte spans from data pointers, one sort by device and start (spans that overlap on one device share an
+    allocation; strided ones are then compared element by element, at their absolute addresses)."""
     spans = []
-    for gi, pi, st in states:
-        for k, t in st.items():
-            if k in skip or not isinstance(t, torch.Tensor):
-                continue
-            if dtensor_cls is not None and isinstance(t, dtensor_cls):
-                t = t._local_tensor
-            n, ptr = t.numel(), t.data_ptr()
-            if n and ptr:  # (0: meta or fake tensors)
-                if t.is_contiguous():
-                    lo, hi = ptr, ptr + n * t.element_size()
-                else:
-                    a, b = span_bytes(t)
-                    lo, hi = ptr - t.storage_offset() * t.element_size() + a, ptr - t.storage_offset() * \
-                        t.element_size() + b
-                spans.append((t.get_device(), lo, hi, (gi, pi, k), t))
+    for owner, t in entries:
+        n, ptr = t.numel(), t.data_ptr()
+        if n and ptr:  # (0: meta or fake tensors)
+            if t.is_contiguous():
+                lo, hi = ptr, ptr + n * t.element_size()
+            else:
+                a, b = span_bytes(t)
+                lo, hi = _base(t) + a, _base(t) + b
+            spans.append((t.get_device(), lo, hi, owner, t))
     spans.sort(key=lambda x: (x[0], x[1]))
     active = []  # spans of the current device that reach past the current start
     for dev, lo, hi, owner, t in spans:
         active = [a for a in active if a[0] == dev and a[2] > lo]
-        for a in active:
-            if a[3][:2] != owner[:2] and ((t.is_contiguous() and a[4].is_contiguous()) or elements_overlap(t, a[4])):
-                return (a[3], a[4]), (owner, t)
+        for _, _, _, other, r in active:
+            if other[:2] != owner[:2] and ((t.is_contiguous() and r.is_contiguous())
+                                           or elements_overlap(r, t, _base(t) - _base(r))):
+                return (other, r), (owner, t)
         active.append((dev, lo, hi, owner, t))
+    return None
+
+
+def shared_state(ts: list, owners: list, memo: dict, ptrs_of=None) -> str | None:
+    """The state tensors a step writes (``ts``, with their owners (gi, pi, key)): why two params share one's memory
+    (a message), or None. ``memo`` (the optimizer's ``__dict__``) keeps the data pointers of the last set found
+    disjoint: the same pointers in the same order (shapes and dtypes are validated before) skip the sort, so a
+    full plan that runs every step (groups the cached plan does not serve, the low-rank optimizers' dense params)
+    pays one C call. ``ptrs_of``: tensors -> int64 data pointers (the cpu extension's version_marks row 1)."""
+    ptrs = ptrs_of(ts) if ptrs_of is not None else torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)
+    last = memo.get("_state_ptrs")
+    if last is not None and last.shape == ptrs.shape and torch.equal(last, ptrs):
+        return None
+    hit = first_shared(list(zip(owners, ts)))
+    if hit is not None:
+        (a, _), (b, _) = sorted(hit, key=lambda x: x[0])
+        return (f"param {a[1]} of group {a[0]} and param {b[1]} of group {b[0]} share state memory ({a[2]!r}, "
+                f"{b[2]!r}); each param's state must be its own (copy it: "
+                "{k: v.clone() for k, v in state.items()}); nothing changed")
+    memo["_state_ptrs"] = ptrs
     return None

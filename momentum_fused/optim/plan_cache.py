@@ -43,6 +43,7 @@ class PlanCacheMixin:
         self._step_views = {}
         self._fast = None
         self.__dict__.pop("_master_pairs_of", None)  # (optim/masters.py: the masters of the cached plan)
+        self.__dict__.pop("_state_ptrs", None)  # (overlap.shared_state: the state found disjoint last)
         self.__dict__.pop("_known", None)
         self.__dict__.pop("_phase_memos", None)  # (optim/phases.py: derived from the cached plan's params)
 
