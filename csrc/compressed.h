@@ -35,10 +35,15 @@
 namespace mf {
 
 // ------------------------------------------------------------------------------------------- master16
-// (bf16 param bits, int16 remainder bits) -> fp32 master
+// (bf16 param bits, int16 remainder bits) -> fp32 master. A pair that decodes to a NaN while the param is not one
+// is one no encode makes: a +-0 or +-inf written into the param between steps, beside a stale remainder (the
+// borrow of a zero param wraps to a NaN's exponent). It decodes to the param itself, as the `master` layout
+// restarts a written element from its param (layouts.master16_decode).
 MF_HD MF_INLINE float master16_decode(uint16_t param, uint16_t remainder) {
   const uint32_t hi = static_cast<uint32_t>(param), lo = static_cast<uint32_t>(remainder);
-  return f32_from_bits(((hi - (lo >> 15)) << 16) | lo);
+  const uint32_t u = ((hi - (lo >> 15)) << 16) | lo;
+  const bool stale = (u & 0x7FFFFFFFu) > 0x7F800000u && (hi & 0x7FFFu) <= 0x7F80u;
+  return f32_from_bits(stale ? hi << 16 : u);
 }
 
 // fp32 master -> bf16 param bits (to nearest, ties away from zero; NaN: a quiet NaN, sign kept)

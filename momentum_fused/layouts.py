@@ -254,10 +254,15 @@ def master16_encode(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @_dist.shardwise
 def master16_decode(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
-    """(bf16 param, int16 remainder) -> the fp32 master (the inverse of ``master16_encode``)."""
+    """(bf16 param, int16 remainder) -> the fp32 master (the inverse of ``master16_encode``). A pair that would
+    decode to a NaN while the param is not NaN is one no encode makes (a +-0 or +-inf written into the param
+    between steps, beside a stale remainder: the borrow of a zero param wraps to a NaN's exponent); it decodes
+    to the param itself, as the ``master`` layout restarts a written element from its param."""
     hi = param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
     lo = remainder.contiguous().to(torch.int64) & 0xFFFF
     u = (((hi - (lo >> 15)) & 0xFFFF) << 16) | lo
+    stale = ((u & 0x7FFFFFFF) > 0x7F800000) & ((hi & 0x7FFF) <= 0x7F80)
+    u = torch.where(stale, hi << 16, u)
     return (u - ((u & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
 
 

@@ -41,6 +41,27 @@ def _all_patterns(n=1 << 18, seed=0):
     return (u - ((u & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
 
 
+def test_master16_decode_of_a_written_param_rounds_back_to_it():
+    """Every bf16 param beside any remainder (pairs no encode makes included: a param written between steps
+    keeps its stale remainder) decodes to a master whose rounding is that param, NaN only for a NaN param. Before,
+    +-0 beside a remainder >= 0x8000 decoded to NaN (the borrow wrapped the exponent), and an inf beside a small
+    nonzero one."""
+    hi = torch.arange(1 << 16, dtype=torch.int64).repeat_interleave(8)
+    gen = torch.Generator().manual_seed(5)
+    lo = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0, 0]).repeat(1 << 16)
+    lo[6::8] = torch.randint(0, 1 << 16, (1 << 16,), generator=gen)
+    lo[7::8] = torch.randint(0, 1 << 16, (1 << 16,), generator=gen)
+    p = (hi - ((hi & 0x8000) << 1)).to(torch.int16).view(torch.bfloat16)
+    r = (lo - ((lo & 0x8000) << 1)).to(torch.int16)
+    master = layouts.master16_decode(p, r)
+    nan = torch.isnan(p)
+    assert torch.equal(torch.isnan(master), nan)
+    back, _ = layouts.master16_encode(master)
+    assert torch.equal(back.view(torch.int16)[~nan], p.view(torch.int16)[~nan])
+    zero = (hi & 0x7FFF) == 0
+    assert torch.equal(master[zero & (lo >= 0x8000)], p[zero & (lo >= 0x8000)].float())  # +-0 exactly
+
+
 def test_master16_encoding_is_exact_and_rounds_ties_away():
     x = _all_patterns()
     p, lo = layouts.master16_encode(x)

@@ -303,6 +303,37 @@ def test_a_master_layout_param_written_between_steps_is_stepped_from_the_write(h
 
 
 @pytest.mark.parametrize("backend", _MASTER_BACKENDS)
+@pytest.mark.parametrize("layout", ["master16", "master16_int8"])
+def test_a_zero_or_inf_written_into_a_master16_param_is_stepped_from_the_write(layout, backend):
+    """A review: zeros written into a master16 param between steps (pruning, zeros_, clamp_(min=0)) came back NaN
+    from the next step on about half the elements: the stale remainder's rounding bit borrowed the zero param's
+    bits into a NaN's exponent (an inf the same way, with a small remainder). Such a pair decodes to the param
+    now (layouts.master16_decode), as the ``master`` layout restarts a written element from its param."""
+    runs = {}
+    for lay in (layout, "master"):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4096).to(torch.bfloat16))
+        opt = mf.AdamW([p], lr=1e-3, layout=lay, backend=backend)
+        for _ in range(3):
+            p.grad = torch.randn(4096).to(torch.bfloat16)
+            opt.step()
+        with torch.no_grad():
+            p[:2048] = 0.0
+            p[2048:2064] = -0.0
+            p[2064:2080] = float("inf")
+            p[2080:2096] = float("-inf")
+        torch.manual_seed(1)
+        for _ in range(2):
+            p.grad = torch.randn(4096).to(torch.bfloat16)
+            opt.step()
+        runs[lay] = p.detach().float().clone()
+    got, want = runs[layout], runs["master"]
+    assert not torch.isnan(got).any()
+    assert torch.isinf(got[2064:2096]).all() and torch.equal(got[2064:2096], want[2064:2096])
+    torch.testing.assert_close(got[:2064], want[:2064], rtol=0, atol=2 ** -14)  # moved 2 lr-sized steps from 0
+
+
+@pytest.mark.parametrize("backend", _MASTER_BACKENDS)
 def test_a_master_keeps_its_extra_bits_where_the_write_left_the_param_alone(backend):
     """Only the elements a write changed restart from the param; the others keep the fp32 master exactly (a write
     of the same values, or of one element, does not round the whole master to bf16)."""

@@ -105,8 +105,11 @@ def _load_bits16(ptr_tab, list_i, n_tensors, t, off, idx, mask, FULL: tl.constex
 @triton.jit
 def master16_decode(hi, lo):
     """(bf16 param bits, remainder bits), uint32 holding 16 bits each -> the fp32 master (layouts.master16_decode):
-    u = ((hi - (lo >> 15)) << 16) | lo on 16-bit halves."""
+    u = ((hi - (lo >> 15)) << 16) | lo on 16-bit halves; a NaN from a param that is not NaN (a +-0 or +-inf
+    written beside a stale remainder) decodes to the param."""
     u = (((hi - (lo >> 15)) & 0xFFFF) << 16) | lo
+    stale = ((u & 0x7FFFFFFF) > 0x7F800000) & ((hi & 0x7FFF) <= 0x7F80)
+    u = tl.where(stale, hi << 16, u)
     return u.to(tl.float32, bitcast=True)
 
 
