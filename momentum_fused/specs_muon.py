@@ -91,7 +91,8 @@ class NSSteps:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
         if not 0 <= value <= MAX_NS_STEPS:
-            raise ValueError(f"Invalid {name}: {value} (must be in [0, {MAX_NS_STEPS}], as torch.optim.Muon)")
+            raise ValueError(f"Invalid {name}: {value} (must be in [0, {MAX_NS_STEPS}]: torch.optim.Muon refuses "
+                             f"{MAX_NS_STEPS + 1} and more, and a negative count is refused here too)")
 
 
 @dataclass(frozen=True)
@@ -227,8 +228,19 @@ def _ns_phase(group: Mapping, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_advance(g, st, fresh, t):
-    lr = lr_value(g)
-    return (lr, float(g["weight_decay"]), lr * lr_ratio(g["adjust_lr_fn"], st["momentum_buffer"].shape))
+    lr, wd = lr_value(g), float(g["weight_decay"])
+    ratio = lr_ratio(g["adjust_lr_fn"], st["momentum_buffer"].shape)
+    raw = g["lr"]
+    if isinstance(raw, torch.Tensor) and not g.get("capturable"):
+        # torch.optim.Muon keeps a tensor lr a tensor (torch 2.13's _to_scalar only squeezes it): lr * factor and
+        # 1 - lr * wd are products in the tensor's dtype. The same here, bit for bit; the kernels compute the
+        # decay as 1 - lr * wd from the pack, so it carries (1 - decay, 1), exact for a decay in [0.5, 2].
+        t32 = raw.detach().reshape(())
+        adjusted, decay = float(t32 * ratio), float(1 - t32 * wd)
+        if wd != 0 and 0.5 <= decay <= 2.0:
+            lr, wd = 1.0 - decay, 1.0
+        return (lr, wd, adjusted)
+    return (lr, wd, lr * ratio)
 
 
 # Groups that can be stepped by the Muon rule; the aux AdamW groups of momentum_fused.Muon are not.

@@ -154,6 +154,20 @@ def test_checkpoint_from_torch_muon_and_back():
         assert torch.equal(m.state[p]["momentum_buffer"], t2.state[q]["momentum_buffer"])
 
 
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
+@pytest.mark.parametrize("lr", [0.0173, 0.031])
+def test_a_tensor_lr_is_torch_muons_bit_for_bit(lr, adjust_lr_fn):
+    """torch 2.13's Muon keeps a tensor lr a 0-d tensor: lr * factor and 1 - lr * wd are fp32 products. A review
+    found ours 1 ulp away on (7, 3) and (17, 4) where the docs said equal (they computed both in float64)."""
+    params, grads = _problem([(7, 3), (3, 11), (5, 5), (17, 4)], steps=6)
+    t_params, ours = [p.clone() for p in params], [p.clone() for p in params]
+    kw = dict(weight_decay=0.3, adjust_lr_fn=adjust_lr_fn)
+    run(torch.optim.Muon(t_params, lr=torch.tensor(lr), **kw), t_params, grads)
+    run(mf.Muon(ours, lr=torch.tensor(lr), **kw), ours, grads)
+    for p, q in zip(ours, t_params):
+        assert torch.equal(p, q)
+
+
 def test_resume_with_aux_groups_is_bitwise():
     params, grads = _problem([(4, 6), (6,), (4, 6), (3,)], steps=6)
     groups = lambda ps: [dict(params=[ps[0], ps[2]], lr=0.02), dict(params=[ps[1], ps[3]], use_muon=False, lr=1e-2)]
@@ -727,6 +741,34 @@ def test_load_refuses_state_of_another_size_and_keeps_the_live_state(kind, key):
                                          rf".*state '{key}' has shape \(3, 3\).*Nothing was loaded"):
         opt.load_state_dict(sd)
     assert_snapshot_equal(before, snapshot(opt, params))
+    run(opt, params, grads[:1])  # (still steps)
+
+
+@pytest.mark.parametrize("case", ["aux step -1", "aux step 2.5", "aux step nan", "aux lacks exp_avg_sq",
+                                  "muon state of another rule"])
+def test_load_refuses_a_partial_state_or_a_bad_step_before_anything_is_loaded(case):
+    """A review: Muon's load took such a checkpoint (groups and state replaced, lr included) and only the next
+    step raised, where AdamW's load refuses it with nothing loaded (docs/conventions.md)."""
+    params, grads = _problem([(4, 6), (6,)], steps=2)
+    opt = mf.Muon([dict(params=[params[0]]), dict(params=[params[1]], use_muon=False)], lr=0.02)
+    run(opt, params, grads)
+    sd = copy.deepcopy(opt.state_dict())
+    for g in sd["param_groups"]:
+        g["lr"] = 0.5
+    if case.startswith("aux step"):
+        sd["state"][1]["step"] = torch.tensor(float(case.split()[-1]))
+        match = r"param 0 of group 1 \(state_dict index 1\): state 'step' is"
+    elif case == "aux lacks exp_avg_sq":
+        del sd["state"][1]["exp_avg_sq"]
+        match = r"param 0 of group 1 .* lacks \['exp_avg_sq'\]"
+    else:
+        sd["state"][0] = {"exp_avg": torch.zeros(4, 6)}
+        match = r"param 0 of group 0 .* lacks \['momentum_buffer'\]"
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match="Muon.load_state_dict: " + match):
+        opt.load_state_dict(sd)
+    assert_snapshot_equal(before, snapshot(opt, params))
+    assert [g["lr"] for g in opt.param_groups] == [0.02, AUX_DEFAULTS["lr"]]
     run(opt, params, grads[:1])  # (still steps)
 
 

@@ -3,7 +3,6 @@ state tensors, host counters, torch.optim's implementation switches. ``Validatio
 of a step (validate everything, pick the backends; modify nothing)."""
 from __future__ import annotations
 
-import math
 import warnings
 from typing import NamedTuple
 
@@ -12,14 +11,14 @@ import torch
 from .. import backends
 from .. import distributed as _dist
 from .. import layouts as _layouts
-from ..specs import HOST_STATE_KEYS
 from . import overlap as _overlap
 from .checkpoints import _codes_under_live_names
+from .host_state import check_loaded_state, host_value_error, raise_partial_state
 from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss
 
 _MASTER, _REMAINDER = _layouts.MASTER_KEY, _layouts.REMAINDER_KEY
 
-__all__ = ["GroupPlan", "ValidationMixin", "host_value_error"]
+__all__ = ["GroupPlan", "ValidationMixin"]
 
 
 
@@ -43,27 +42,6 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def chosen_backend(gp: GroupPlan, p: torch.Tensor):
     return gp.chosen[(p.device, real_dtype(p.dtype))]
-
-
-def host_value_error(key: str, value) -> str | None:
-    """Why ``value`` is not a valid host counter ``key`` ("step": a finite non-negative whole number;
-    "mu_product": a finite number in [0, 1]; a number or a one-element tensor), or None. Reads a CUDA
-    tensor's value (a host sync): used when loading a state_dict and on the full plan, not per step."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex() or not (value.is_floating_point() or value.dtype in (
-                torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-            return f"a {value.dtype} tensor of shape {tuple(value.shape)}, not a one-element real tensor"
-        v = float(value.detach().reshape(()).cpu())
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        v = float(value)
-    else:
-        return f"a {type(value).__name__}, not a number"
-    if key == "step":
-        if not math.isfinite(v) or v < 0 or v != math.floor(v):
-            return f"{v}; a step count must be a finite non-negative whole number"
-    elif key == "mu_product" and not (math.isfinite(v) and 0.0 <= v <= 1.0):
-        return f"{v}; NAdam's mu_product (a product of momentum coefficients) must be in [0, 1]"
-    return None
 
 
 class ValidationMixin:
@@ -155,39 +133,8 @@ class ValidationMixin:
     def _check_loaded_host_state(self, state_dict) -> None:
         """Host counters (``step``, ``mu_product``) and group keys of a state_dict, checked before anything is
         loaded: a clear error naming the param and the key, and the optimizer unchanged."""
-        name = type(self).__name__
-        try:
-            groups, states = state_dict["param_groups"], state_dict["state"]
-            where = {}
-            for gi, g in enumerate(groups):
-                if isinstance(g, dict) and g.get("differentiable"):
-                    raise ValueError(f"{name}.load_state_dict: param group {gi} has differentiable=True, which is "
-                                     "not supported (the fused kernels update in place outside autograd)")
-                for pi, idx in enumerate(g["params"]):
-                    where[idx] = (gi, pi)
-            items = list(states.items())
-        except (KeyError, TypeError, AttributeError):
-            return  # (torch's load_state_dict names what is malformed)
         spec, base = self.spec, {**self.defaults, **self.spec.group_extras}
-        for idx, st in items:
-            if not isinstance(st, dict):
-                continue
-            if st and idx in where:
-                gi, pi = where[idx]
-                try:
-                    required = spec.required_state({**base, **groups[gi]})
-                except (KeyError, TypeError, ValueError):  # (a malformed group: torch's load names it)
-                    required = ()
-                if not all(k in st for k in required):
-                    self._raise_partial_state(st, required, f"{name}.load_state_dict: param {pi} of group {gi} "
-                                              f"(state_dict index {idx})")
-            for key in HOST_STATE_KEYS:
-                if key in st:
-                    why = host_value_error(key, st[key])
-                    if why is not None:
-                        gi, pi = where.get(idx, ("?", "?"))
-                        raise ValueError(f"{name}.load_state_dict: param {pi} of group {gi} (state_dict index "
-                                         f"{idx}): state {key!r} is {why}; nothing was loaded")
+        check_loaded_state(type(self).__name__, state_dict, lambda g: spec.required_state({**base, **g}))
 
     def _check_host_state(self, gi, group, items) -> None:
         """The full plan's check of host counters that did not come from this optimizer's own stepping (a loaded
@@ -466,13 +413,7 @@ class ValidationMixin:
     def _where(self, p, pi, gi):
         return f"{type(self).__name__}: param {pi} of group {gi} (shape {tuple(p.shape)})"
 
-    @staticmethod
-    def _raise_partial_state(st, required, where):
-        missing = [k for k in required if k not in st]
-        raise ValueError(f"{where}: its state has {sorted(map(str, st))} but lacks {missing}; a param's state is "
-                         "created whole at its first step (torch.optim's step raises KeyError): was a state_dict of "
-                         "another optimizer loaded, or a key deleted? To restart this param's state, delete all "
-                         "of it (optimizer.state.pop(param))")
+    _raise_partial_state = staticmethod(raise_partial_state)
 
     def _raise_bad_grad(self, p, g, pi, gi):
         where = self._where(p, pi, gi)

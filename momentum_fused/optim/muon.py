@@ -20,6 +20,7 @@ from .adam import AdamW
 from .amp import _drop_amp_attrs
 from .base import FusedOptimizer
 from .checkpoints import refuse_missized_state
+from .host_state import check_loaded_state
 from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss, user_stacklevel
 
 __all__ = ["Muon", "AUX_DEFAULTS"]
@@ -319,6 +320,9 @@ class Muon(torch.optim.Optimizer):
             state_dict = {**state_dict, "param_groups": [
                 {**g, "ns_dtype": _ns_dtype_named(g["ns_dtype"])}
                 if isinstance(g, dict) and isinstance(g.get("ns_dtype"), str) else g for g in groups]}
+        aux_spec = get_spec(AdamW.rule)  # (a partial state or a bad counter: refused before anything is loaded)
+        check_loaded_state("Muon", state_dict, lambda g: MUON_SPEC.required_state({**MUON_DEFAULTS, **g})
+                           if g.get("use_muon", True) else aux_spec.required_state({**AUX_DEFAULTS, **g}))
         before = {k: self.__dict__.get(k) for k in ("param_groups", "state", "defaults", "_core", "_aux", "_links",
                                                     "_linked")}
         try:  # (torch's load replaces param_groups and state, then __setstate__ rebuilds: a refusal, or a raising

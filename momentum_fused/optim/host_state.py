@@ -1,0 +1,78 @@
+"""Host-side optimizer state: the values a host counter (``step``, ``mu_product``) may take, and the check of a
+state_dict's per-param state before anything is loaded, shared by FusedOptimizer's load (optim/checks.py) and
+Muon's (optim/muon.py)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..specs import HOST_STATE_KEYS
+
+__all__ = ["check_loaded_state", "host_value_error", "raise_partial_state"]
+
+
+def host_value_error(key: str, value) -> str | None:
+    """Why ``value`` is not a valid host counter ``key`` ("step": a finite non-negative whole number;
+    "mu_product": a finite number in [0, 1]; a number or a one-element tensor), or None. Reads a CUDA
+    tensor's value (a host sync): used when loading a state_dict and on the full plan, not per step."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or not (value.is_floating_point() or value.dtype in (
+                torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+            return f"a {value.dtype} tensor of shape {tuple(value.shape)}, not a one-element real tensor"
+        v = float(value.detach().reshape(()).cpu())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        return f"a {type(value).__name__}, not a number"
+    if key == "step":
+        if not math.isfinite(v) or v < 0 or v != math.floor(v):
+            return f"{v}; a step count must be a finite non-negative whole number"
+    elif key == "mu_product" and not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        return f"{v}; NAdam's mu_product (a product of momentum coefficients) must be in [0, 1]"
+    return None
+
+
+def check_loaded_state(name: str, state_dict, required_of) -> None:
+    """A state_dict's groups and per-param state, before anything is loaded (FusedOptimizer's and Muon's loads):
+    no ``differentiable=True`` group; each saved state that holds anything holds ``required_of(group)`` (its
+    group as saved); host counters (``step``, ``mu_product``) valid. A clear error naming the param and the key."""
+    try:
+        groups, states = state_dict["param_groups"], state_dict["state"]
+        where = {}
+        for gi, g in enumerate(groups):
+            if isinstance(g, dict) and g.get("differentiable"):
+                raise ValueError(f"{name}.load_state_dict: param group {gi} has differentiable=True, which is "
+                                 "not supported (the fused kernels update in place outside autograd)")
+            for pi, idx in enumerate(g["params"]):
+                where[idx] = (gi, pi)
+        items = list(states.items())
+    except (KeyError, TypeError, AttributeError):
+        return  # (torch's load_state_dict names what is malformed)
+    for idx, st in items:
+        if not isinstance(st, dict):
+            continue
+        if st and idx in where:
+            gi, pi = where[idx]
+            try:
+                required = required_of(groups[gi])
+            except (KeyError, TypeError, ValueError):  # (a malformed group: torch's load names it)
+                required = ()
+            if not all(k in st for k in required):
+                raise_partial_state(st, required, f"{name}.load_state_dict: param {pi} of group "
+                                                     f"{gi} (state_dict index {idx})")
+        for key in HOST_STATE_KEYS:
+            if key in st:
+                why = host_value_error(key, st[key])
+                if why is not None:
+                    gi, pi = where.get(idx, ("?", "?"))
+                    raise ValueError(f"{name}.load_state_dict: param {pi} of group {gi} (state_dict index "
+                                     f"{idx}): state {key!r} is {why}; nothing was loaded")
+
+
+def raise_partial_state(st, required, where):
+    missing = [k for k in required if k not in st]
+    raise ValueError(f"{where}: its state has {sorted(map(str, st))} but lacks {missing}; a param's state is "
+                     "created whole at its first step (torch.optim's step raises KeyError): was a state_dict of "
+                     "another optimizer loaded, or a key deleted? To restart this param's state, delete all "
+                     "of it (optimizer.state.pop(param))")
