@@ -104,7 +104,7 @@ struct StepArgs {
 //     [numel / INT8_BLOCK]; the others ns fp32 states (then the remainder).
 //   scalars: float64 [n, k]; on the CPU when `scalars_on_host_only`, else on the CPU or the params' device
 //     (the CUDA binding copies it, stream-ordered).
-//   sr_keys: int64 [n] uint32 keys, bf16_sr only; host keys are range-checked here, device keys (CUDA only)
+//   sr_keys: int64 [n] uint32 keys, the stochastic layouts only (layout_stochastic); host keys are range-checked here, device keys (CUDA only)
 //     are the caller's (reading them would synchronize).
 inline StepArgs check_step(const char* op, c10::DeviceType device_type, at::TensorList params, at::TensorList grads,
                            at::TensorList states, const at::Tensor& scalars, int64_t rule, int64_t flags,

@@ -1,7 +1,7 @@
 """Static checks of the compiled elementwise kernels (issue 20), without a GPU: bench/kernel_report.py compiles
 them for sm_90 and reads ptxas' log and the SASS.
 
-- CUDA (csrc/cuda/fused_step.cu, all 265 rule x flags x layout kernels): at most 64 registers (2 blocks of 512
+- CUDA (csrc/cuda/fused_step.cu, every rule x flags x layout kernel, kr.cuda_kernel_count()): at most 64 registers (2 blocks of 512
   threads per SM; the master layout: 1 block, up to 128), no stack and no spills (int8_state and master16_int8 with 2-3 states: at most 64 B of stack,
   80 B of spill stores and 96 B of loads, faster on the H200 than 1 block without spills), 128-bit loads and stores of every list in the fp32 and 16-bit
   native layouts' vector loop, 128-bit accesses in every other fp32/bf16 layout. The compile is the one

@@ -9,7 +9,8 @@
 //     master, or the int16 remainder with master16 and master16_int8])), in the layout's state dtype (int8_state:
 //     a quantized param's codes then their scales; master16_int8: its codes, its remainder, then the scales;
 //     ../step_args.h); scalars: float64 [n, k] packs; layout: the codes of
-//     enum Layout (generated/tables.h); sr_keys: int64 [n] uint32 keys, bf16_sr only.
+//     enum Layout (generated/tables.h); sr_keys: int64 [n] uint32 keys, the stochastic layouts only
+//     (bf16_sr, int8_sr, master16_int8_sr: layout_stochastic).
 //     Every argument is checked before anything is written (../step_args.h, shared with the CUDA op): an
 //     error leaves all tensors unchanged.
 //   rule_id(str name) -> int, num_states(int rule, int flags) -> int, num_scalars(int rule) -> int,
