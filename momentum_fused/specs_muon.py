@@ -233,11 +233,12 @@ def _apply_advance(g, st, fresh, t):
     raw = g["lr"]
     if isinstance(raw, torch.Tensor) and not g.get("capturable"):
         # torch.optim.Muon keeps a tensor lr a tensor (torch 2.13's _to_scalar only squeezes it): lr * factor and
-        # 1 - lr * wd are products in the tensor's dtype. The same here, bit for bit; the kernels compute the
-        # decay as 1 - lr * wd from the pack, so it carries (1 - decay, 1), exact for a decay in [0.5, 2].
+        # 1 - lr * wd are products in the tensor's dtype. The same here, bit for bit: every backend computes the
+        # decay as 1 - lr * wd in float64 from the pack, so it carries (1 - decay, 1) wherever 1 - (1 - decay)
+        # is decay again in float64 (any fp32 decay from 2^-29 to 2^24 in magnitude, and 0).
         t32 = raw.detach().reshape(())
         adjusted, decay = float(t32 * ratio), float(1 - t32 * wd)
-        if wd != 0 and 0.5 <= decay <= 2.0:
+        if wd != 0 and 1.0 - (1.0 - decay) == decay:
             lr, wd = 1.0 - decay, 1.0
         return (lr, wd, adjusted)
     return (lr, wd, lr * ratio)
