@@ -209,6 +209,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             self.defaults.pop("differentiable", None)
         self.invalidate_caches()
         self._called = {"step": False}
+        if "defaults" in state:  # unpickled or deep-copied (not torch's load): the master marks were not copied
+            self.__dict__["_adopt_all_masters"] = True
 
     def _init_state(self, items, state_names, layout=_layouts.NATIVE, created=None, group=None):
         """Create missing state (zeros in the layout's state dtype; the fp32 master copy of the param under the

@@ -96,8 +96,11 @@ class MasterSyncMixin:
     def _sync_written_params(self) -> None:
         """Before an eager step or a schedule-free eval()/train() (which moves the masters): the check after a load
         (``_repair_stale_masters``), else the adoption of the params written since the last step."""
+        adopt_all = self.__dict__.pop("_adopt_all_masters", False)  # (set when unpickled or deep-copied)
         if self.__dict__.pop("_verify_masters", False):
             self._repair_stale_masters()
+        elif adopt_all:  # (a copy has no marks: the writes since it was made are found element by element)
+            self.sync_masters()
         else:
             self._adopt_edited_params()
 
@@ -108,6 +111,12 @@ class MasterSyncMixin:
         if not seen:
             return
         vs, ps, before = seen
+        cur_vs, cur_ps, cur_ms = self._master_pairs()
+        if cur_vs is not vs:  # (the master-layout params changed: one replaced in its group, keeping the old one's
+            known = {id(v) for v in vs}  # state, or a group added): the params the marks do not know adopt
+            for v, p, m in zip(cur_vs, cur_ps, cur_ms):
+                if id(v) not in known:
+                    _adopt(p, m)
         now, locs = _marks(vs, ps)
         if torch.equal(now, before):
             return
@@ -126,6 +135,7 @@ class MasterSyncMixin:
         they cannot see: an in-place op on ``p.data``, a collective writing params in place (``dist.broadcast``,
         ``all_reduce``), or any write while the steps are compiled (a traced step neither checks nor records).
         Other layouts: nothing to do (``master16`` rebuilds its master from the param)."""
+        self.__dict__.pop("_master_pairs_of", None)  # (the groups as they are now, not as the last step's plan)
         _, ps, ms = self._master_pairs()
         for p, m in zip(ps, ms):
             _adopt(p, m)

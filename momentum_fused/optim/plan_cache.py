@@ -36,7 +36,8 @@ class PlanCacheMixin:
     def invalidate_caches(self) -> None:
         """Forget the per-step caches (the grouped step counters and the plan of the last step). The
         optimizer detects by itself what it can see (new param groups, loaded state_dicts, replaced
-        params, grads or state tensors, a param's or state tensor's ``.data`` or ``set_``: other memory, see
+        params, grads or state tensors, a param's or state tensor's ``.data`` or ``set_``, except on the grouped
+        step counters, which must be replaced as objects (docs/conventions.md): other memory, see
         ``_fast_plan``); calling this is never wrong, only slower for one step. The cached plan holds the state
         tensors it checked: state dropped between steps (``opt.state.clear()``, ``del opt.state[p]``) is freed at
         the start of the next step, before new state is made, or right away by calling this."""
