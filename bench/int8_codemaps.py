@@ -22,7 +22,8 @@ block has scale 0 and codes of the value 0), then the nearest value of the map; 
 two map values takes the lower one (``torch.bucketize`` on the fp32 midpoints, right=False). Decode: map value
 times the scale.
 
-Run: ``python bench/int8_codemaps.py`` (CPU, ~10 s): AdamW for 30 steps, every candidate against the same
+Run: ``python bench/int8_codemaps.py --seeds 5`` (the table of docs/algorithms.md §11; the default is 3 seeds)
+(CPU, under a minute): AdamW for 30 steps, every candidate against the same
 loop with fp32 state, on (A) a small MLP regression and (B) a noisy separable quadratic whose curvatures span
 six decades inside every block (the second moment's range within a block is what breaks a coarse v map);
 prints the relative error of the parameter change, the largest element error in units of lr * steps (an element

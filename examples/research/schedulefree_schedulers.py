@@ -15,7 +15,7 @@ constant lr tuned over {0.03, 0.1, 0.3, 1, 3, 10} (by the mean over seeds, which
 Reported: the full-batch suboptimality f(x) − f_opt of the averaged iterate (f_opt from L-BFGS in float64).
 
     python examples/research/schedulefree_schedulers.py --quick   # ~1.5 min
-    python examples/research/schedulefree_schedulers.py           # the committed run
+    python examples/research/schedulefree_schedulers.py --steps 400   # the committed run (default: 500 steps)
 """
 from __future__ import annotations
 
