@@ -531,6 +531,35 @@ def test_an_inference_tensor_param_is_refused_before_anything_changes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fault", ["meta param", "inference state"])
+def test_a_meta_param_or_an_inference_state_is_refused_before_anything_changes(fault, backend):
+    """A fuzzing review: the reference backend updated the earlier groups' params, then failed inside the step on
+    a meta-device param (int8 layouts) or on a state tensor made under torch.inference_mode() (torch.optim fails
+    there too, after updating the params before it). Both are refused by the full plan now."""
+    ps = [torch.nn.Parameter(torch.ones(4096)) for _ in range(3)]
+    layout = "int8_state" if fault == "meta param" else "native"
+    opt = mf.AdamW([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.1, backend=backend, layout=layout)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    if fault == "meta param":
+        m = torch.nn.Parameter(torch.empty(4096, device="meta"))
+        m.grad = torch.ones_like(m)
+        opt.param_groups[1]["params"].append(m)
+        match = "param 1 of group 1.*meta device"
+    else:
+        with torch.inference_mode():
+            opt.state[ps[2]]["exp_avg"] = opt.state[ps[2]]["exp_avg"].clone()
+        match = "param 0 of group 1.*state 'exp_avg' is an inference tensor"
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    before = snapshot(opt, ps)
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, ps))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_hyperparameter_beyond_the_float32_range_is_refused(backend):
     """lr=1e39 passed the check (finite, >= 0): the reference backend raised midway (one group updated, the state
     rolled back), the cpu kernels wrote inf. Now refused at construction and at a step after an edit."""

@@ -773,6 +773,23 @@ def test_load_refuses_a_partial_state_or_a_bad_step_before_anything_is_loaded(ca
     run(opt, params, grads[:1])  # (still steps)
 
 
+@pytest.mark.parametrize("kind,key", [("muon", "lr"), ("muon", "momentum"), ("aux", "lr"), ("aux", "betas")])
+def test_a_hyperparameter_deleted_from_a_live_group_is_refused(kind, key):
+    """A fuzzing review: a key deleted from a live group was stepped with the inner group's old value (torch
+    raises KeyError)."""
+    params, grads = _problem([(4, 6), (6,)], steps=2)
+    opt = mf.Muon([dict(params=[params[0]]), dict(params=[params[1]], use_muon=False)], lr=0.02)
+    run(opt, params, grads[:1])
+    del opt.param_groups[0 if kind == "muon" else 1][key]
+    for p, g in zip(params, grads[1]):
+        p.grad = g.clone()
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=f"Muon param group {0 if kind == 'muon' else 1}: missing hyperparameter "
+                                         f"'{key}'"):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, params))
+
+
 @pytest.mark.parametrize("where", ["both kinds", "one group"])
 def test_a_param_appended_to_two_groups_is_refused_before_any_change(where):
     """Appending a param to a Muon group and an aux group (by editing param_groups) stepped it twice, silently,

@@ -11,6 +11,7 @@ import torch
 from .. import backends
 from .. import distributed as _dist
 from .. import layouts as _layouts
+from ..specs import HOST_STATE_KEYS
 from . import overlap as _overlap
 from .checkpoints import _codes_under_live_names
 from .host_state import check_loaded_state, host_value_error, raise_partial_state
@@ -33,6 +34,8 @@ class GroupPlan(NamedTuple):
 
 # the param dtypes a step can update (add_param_group refuses other dtypes; the full plan, a dtype changed since)
 STEPPABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+# state keys a step writes besides the rule's own names: host counters, a master or its remainder
+_WRITTEN_EXTRA = (*HOST_STATE_KEYS, _layouts.MASTER_KEY, _layouts.REMAINDER_KEY)
 STEPPABLE_NAMES = ", ".join(str(d).replace("torch.", "") for d in STEPPABLE_DTYPES)  # (for the error messages)
 
 
@@ -203,6 +206,11 @@ class ValidationMixin:
                     raise RuntimeError(f"{self._where(p, pi, gi)} is an inference tensor (made under "
                                        "torch.inference_mode()): it cannot be updated in place outside inference "
                                        "mode (torch.optim raises too, after updating the params before it)")
+                if p.device.type == "meta" and not native:  # (the reference backend failed mid-step, after the
+                    # other buckets; native meta tensors step shape-only, as torch's ops and the front-end benches)
+                    raise RuntimeError(f"{self._where(p, pi, gi)} is on the meta device, which layout "
+                                       f"{lay.name!r} cannot step (it reads the values); materialize the model, "
+                                       "e.g. to_empty() then load, before stepping")
                 if native:
                     sdt = dtype
                 elif dtype in lay.param_dtypes:
@@ -323,6 +331,12 @@ class ValidationMixin:
             if key in st and st[key] is None and key not in lazy:
                 self._raise_bad_state(p, key, None, pi, gi)
         for key, t in st.items():
+            if (isinstance(t, torch.Tensor) and t.is_inference() and not torch.is_inference_mode_enabled()
+                    and (key in names or key in _WRITTEN_EXTRA)):
+                raise RuntimeError(f"{self._where(p, pi, gi)}: state {key!r} is an inference tensor (made or loaded "
+                                   "under torch.inference_mode()): it cannot be updated in place outside inference "
+                                   "mode; clone it outside inference mode (torch.optim raises too, after updating "
+                                   "the params before it)")
             if isinstance(t, torch.Tensor) and not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
                 raise ValueError(f"{self._where(p, pi, gi)}: state {key!r} has elements that share memory (strides "
                                  f"{t.stride()}, e.g. an expanded tensor); it cannot be updated in place")

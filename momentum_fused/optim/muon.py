@@ -390,6 +390,10 @@ class Muon(torch.optim.Optimizer):
             self._refuse_layout(group, f"Muon param group {gi}: ")
             known = self._keys_seen.get(id(group))
             if known is None or len(known) != len(group) or group.keys() != known:
+                missing = [k for k in (_MUON_KEYS if use else _AUX_KEYS) if k not in group]
+                if missing:  # (a key deleted from a live group: torch raises KeyError; the inner group kept it)
+                    raise ValueError(f"Muon param group {gi}: missing hyperparameter {missing[0]!r} (deleted from "
+                                     "the group since it was added?); nothing was changed")
                 if known is not None:  # keys written since (a scheduler's): warned as add_param_group warns
                     self._warn_foreign_keys(group.keys() - known, use, f"Muon param group {gi}: ", later=True)
                 self._keys_seen[id(group)] = frozenset(group)

@@ -164,7 +164,8 @@ class _ScheduleFree(FusedOptimizer):
             raise RuntimeError(f"{name}.step() called in eval mode: the params hold the averaged iterate x. "
                                "Call optimizer.train() before training steps (and optimizer.eval() before "
                                "evaluating or saving the model).")
-        if closure is None and any(isinstance(g["lr"], str) for g in self.param_groups):
+        if closure is None and any(isinstance(g.get("lr"), str) for g in self.param_groups):  # (a deleted lr:
+            # the full plan names it)
             raise ValueError(f"{name}: lr='polyak' needs a closure that re-evaluates the model and returns "
                              "the loss: optimizer.step(closure)")
         return super().step(closure)
