@@ -105,7 +105,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
 
     rule: ClassVar[str]
     # the torch.optim class this one is a drop-in for (None: none): a loaded group lacking a key its __setstate__
-    # fills (a checkpoint of an older torch) gets torch's value, as there (checkpoints._torch_setstate_defaults)
+    # fills (a checkpoint of an older torch) gets torch's value, as there (ckpt_format._torch_setstate_defaults)
     torch_class: ClassVar[type | None] = None
     _step_supports_amp_scaling = True  # GradScaler sets .grad_scale / .found_inf, see step()
 

@@ -13,7 +13,7 @@ from .. import distributed as _dist
 from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
 from . import overlap as _overlap
-from .checkpoints import _codes_under_live_names
+from .ckpt_format import _codes_under_live_names
 from .host_state import check_loaded_state, host_value_error, raise_partial_state
 from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss
 

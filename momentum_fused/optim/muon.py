@@ -19,7 +19,7 @@ from ..specs_muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS,
 from .adam import AdamW
 from .amp import _drop_amp_attrs
 from .base import FusedOptimizer
-from .checkpoints import refuse_missized_state
+from .ckpt_format import refuse_missized_state
 from .host_state import check_loaded_state
 from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss, user_stacklevel
 
