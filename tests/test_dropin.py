@@ -560,6 +560,25 @@ def test_a_meta_param_or_an_inference_state_is_refused_before_anything_changes(f
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_that_raises_while_making_the_packs_leaves_the_counters(backend):
+    """A fuzzing review: a step counter set to -1 in place (not checked: conventions.md) made Adam's bias
+    correction divide by zero while the packs were made, after the counters of every group had moved; they were
+    not undone (the undo wrapped the launch only). Now the step changes nothing."""
+    ps = [torch.nn.Parameter(torch.ones(4)) for _ in range(3)]
+    opt = mf.Adam([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.1, backend=backend)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.ones(4)
+        opt.step()
+    opt.state[ps[2]]["step"].fill_(-1.0)
+    before = snapshot(opt, ps)
+    with pytest.raises(ZeroDivisionError):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, ps))
+    assert [float(opt.state[p]["step"]) for p in ps] == [2.0, 2.0, -1.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_hyperparameter_beyond_the_float32_range_is_refused(backend):
     """lr=1e39 passed the check (finite, >= 0): the reference backend raised midway (one group updated, the state
     rolled back), the cpu kernels wrote inf. Now refused at construction and at a step after an edit."""

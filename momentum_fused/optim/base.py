@@ -370,75 +370,81 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
 
         cap_steps = []  # the step counters of capturable groups (on the device; GradScaler undoes them there)
 
-        for gi, (group, state_names, items, chosen) in enumerate(plan):
-            flags = spec.make_flags(group)
-            grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
-            lay = _layouts.get_layout(group["layout"])
-            cap = group["capturable"]
-            if cached is None:
-                states, fresh = self._init_state(items, state_names, lay, created, group)
-            else:  # the cached plan: every state tensor exists
-                states, fresh = cached[gi][0]["states"], [False] * len(items)
-            if rollback is not None:  # what the optimistic host-side advance must be able to undo
-                if spec.counts_steps:
-                    rollback.created.extend([(st, "step") for st in states if "step" not in st])
-                    if not cap:  # (capturable counters are undone on the device, below)
-                        rollback.stepped.extend(states)
-                if spec.pack_reads_state:
-                    rollback.mu_products.extend([(st, st["mu_product"].clone() if isinstance(
-                        st.get("mu_product"), torch.Tensor) else None) for st in states])
-                if lay.stochastic:
-                    rollback.sr_groups.append(group)
-            if cap:
-                scalars = self._device_scalars(gi, group, states, fresh, grad_mult, next(iter(chosen))[0],
-                                               cap_steps) if items else []
-            else:
-                if not traced and states and (spec.counts_steps or spec.pack_reads_state):
-                    undo_bufs.extend(self._counter_snapshots(gi, states))
-                scalars = self._group_scalars(gi, group, states, fresh, grad_mult)
-            names = (*state_names, *lay.extra_keys)
-            keys = None
-            if lay.stochastic:  # one rounding key per tensor: (seed, the group's step, the param's position)
-                pos = {id(q): i for i, q in enumerate(group["params"])}
-                keys = [_layouts.sr_key(group["sr_seed"], group["sr_step"], (gi << 20) + pos[id(p)],
-                                        _dist.shard_offsets(p)) for p in items]
-                group["sr_step"] += 1
-                sr_moved.append(group)
-            if len(chosen) == 1 and (cached is not None or not any([p.is_complex() for p in items])):
-                # one bucket: no per-tensor keys (a cached plan has no complex params)
-                (device, dtype), backend = next(iter(chosen.items()))
-                b = bucket(backend, device, dtype, flags, lay, cap)
+        try:  # (a raise while the packs are made, e.g. a counter written in place that an advance divides by:
+            # the host counters already moved are undone, as when the first launch raises)
+            for gi, (group, state_names, items, chosen) in enumerate(plan):
+                flags = spec.make_flags(group)
+                grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
+                lay = _layouts.get_layout(group["layout"])
+                cap = group["capturable"]
                 if cached is None:
-                    b.params.extend(items)
-                    b.grads.extend([p.grad for p in items] if not self._grad_subst else map(self.grad_of, items))
-                    if lay.int8:  # quantized tensors: the codes, then their scales (backends.Backend)
-                        sfx = _layouts.INT8_SCALE_SUFFIX
-                        b.states.extend([tuple([st[k] for k in names] + [st[k + sfx] for k in names if k + sfx in st])
-                                         for st in states])
-                    else:
-                        b.states.extend([tuple([st[k] for k in names]) for st in states])
-                else:  # (a DTensor group's local shards)
-                    b.params.extend(cached[gi][0]["bparams"])
-                    b.grads.extend(cached[gi][1])
-                    b.states.extend(cached[gi][0]["tuples"])
+                    states, fresh = self._init_state(items, state_names, lay, created, group)
+                else:  # the cached plan: every state tensor exists
+                    states, fresh = cached[gi][0]["states"], [False] * len(items)
+                if rollback is not None:  # what the optimistic host-side advance must be able to undo
+                    if spec.counts_steps:
+                        rollback.created.extend([(st, "step") for st in states if "step" not in st])
+                        if not cap:  # (capturable counters are undone on the device, below)
+                            rollback.stepped.extend(states)
+                    if spec.pack_reads_state:
+                        rollback.mu_products.extend([(st, st["mu_product"].clone() if isinstance(
+                            st.get("mu_product"), torch.Tensor) else None) for st in states])
+                    if lay.stochastic:
+                        rollback.sr_groups.append(group)
                 if cap:
-                    b.scalars.append(scalars)  # a [n, k] device table
+                    scalars = self._device_scalars(gi, group, states, fresh, grad_mult, next(iter(chosen))[0],
+                                                   cap_steps) if items else []
                 else:
-                    b.scalars.extend(scalars)
-                if keys is not None:
-                    b.sr_keys.extend(keys)
-            else:
-                for i, (p, st, sc) in enumerate(zip(items, states, scalars)):
-                    rp = _real(p)
-                    b = bucket(chosen[(rp.device, rp.dtype)], rp.device, rp.dtype, flags, lay, cap)
-                    b.params.append(rp)
-                    b.grads.append(_real(self.grad_of(p)))
-                    b.states.append(tuple([_real(st[k]) for k in names]))
-                    b.scalars.append(sc[None] if cap else sc)
+                    if not traced and states and (spec.counts_steps or spec.pack_reads_state):
+                        undo_bufs.extend(self._counter_snapshots(gi, states))
+                    scalars = self._group_scalars(gi, group, states, fresh, grad_mult)
+                names = (*state_names, *lay.extra_keys)
+                keys = None
+                if lay.stochastic:  # one rounding key per tensor: (seed, the group's step, the param's position)
+                    pos = {id(q): i for i, q in enumerate(group["params"])}
+                    keys = [_layouts.sr_key(group["sr_seed"], group["sr_step"], (gi << 20) + pos[id(p)],
+                                            _dist.shard_offsets(p)) for p in items]
+                    group["sr_step"] += 1
+                    sr_moved.append(group)
+                if len(chosen) == 1 and (cached is not None or not any([p.is_complex() for p in items])):
+                    # one bucket: no per-tensor keys (a cached plan has no complex params)
+                    (device, dtype), backend = next(iter(chosen.items()))
+                    b = bucket(backend, device, dtype, flags, lay, cap)
+                    if cached is None:
+                        b.params.extend(items)
+                        b.grads.extend([p.grad for p in items] if not self._grad_subst else map(self.grad_of, items))
+                        if lay.int8:  # quantized tensors: the codes, then their scales (backends.Backend)
+                            sfx = _layouts.INT8_SCALE_SUFFIX
+                            b.states.extend([tuple([st[k] for k in names] + [st[k + sfx] for k in names
+                                                                              if k + sfx in st]) for st in states])
+                        else:
+                            b.states.extend([tuple([st[k] for k in names]) for st in states])
+                    else:  # (a DTensor group's local shards)
+                        b.params.extend(cached[gi][0]["bparams"])
+                        b.grads.extend(cached[gi][1])
+                        b.states.extend(cached[gi][0]["tuples"])
+                    if cap:
+                        b.scalars.append(scalars)  # a [n, k] device table
+                    else:
+                        b.scalars.extend(scalars)
                     if keys is not None:
-                        b.sr_keys.append(keys[i])
-            if spec.group_advance is not None:
-                spec.group_advance(group)  # per-group counters move after the packs used them
+                        b.sr_keys.extend(keys)
+                else:
+                    for i, (p, st, sc) in enumerate(zip(items, states, scalars)):
+                        rp = _real(p)
+                        b = bucket(chosen[(rp.device, rp.dtype)], rp.device, rp.dtype, flags, lay, cap)
+                        b.params.append(rp)
+                        b.grads.append(_real(self.grad_of(p)))
+                        b.states.append(tuple([_real(st[k]) for k in names]))
+                        b.scalars.append(sc[None] if cap else sc)
+                        if keys is not None:
+                            b.sr_keys.append(keys[i])
+                if spec.group_advance is not None:
+                    spec.group_advance(group)  # per-group counters move after the packs used them
+        except BaseException:
+            if not traced:
+                self._undo_host_advance(undo_bufs, cap_steps, created, sr_moved, undo_groups)
+            raise
         started = []  # the buckets launched (a failure after the first cannot be undone on the host)
         try:
             self._launch(buckets, amp, traced, spec, started)
