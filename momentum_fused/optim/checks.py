@@ -206,11 +206,6 @@ class ValidationMixin:
                     raise RuntimeError(f"{self._where(p, pi, gi)} is an inference tensor (made under "
                                        "torch.inference_mode()): it cannot be updated in place outside inference "
                                        "mode (torch.optim raises too, after updating the params before it)")
-                if p.device.type == "meta" and not native:  # (the reference backend failed mid-step, after the
-                    # other buckets; native meta tensors step shape-only, as torch's ops and the front-end benches)
-                    raise RuntimeError(f"{self._where(p, pi, gi)} is on the meta device, which layout "
-                                       f"{lay.name!r} cannot step (it reads the values); materialize the model, "
-                                       "e.g. to_empty() then load, before stepping")
                 if native:
                     sdt = dtype
                 elif dtype in lay.param_dtypes:
@@ -289,6 +284,14 @@ class ValidationMixin:
                 keys.add((device, dtype))
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}
             chosen = {key: backends.resolve(self.backend, spec, *key, lay) for key in keys}
+            if not native and any(dev.type == "meta" and b.name == "reference" for (dev, _), b in chosen.items()):
+                # (its 8-bit and master codecs read values: it failed mid-step, after the other buckets; native meta
+                # tensors step shape-only, as torch's ops do; a backend registered for meta, e.g. the front-end
+                # bench's, decides for itself)
+                pi = next(i for i, q in enumerate(group["params"]) if q.grad is not None and q.device.type == "meta")
+                raise RuntimeError(f"{self._where(group['params'][pi], pi, gi)} is on the meta device, which the "
+                                   f"reference backend cannot step in layout {lay.name!r} (it reads the values); "
+                                   "materialize the model, e.g. to_empty() then load, before stepping")
             if spec.phases:
                 self._phase_limits(gi, group, lay, items)
             _dist.check_group(name, gi, items, state, state_names)  # DTensor layouts line up (no-op without DTensors)
