@@ -156,6 +156,69 @@ def test_every_optimizer_has_train_and_eval(name, cls, base):
     assert_snapshot_equal(before, snapshot(opt, p))
 
 
+@pytest.mark.parametrize("name,cls,base", _all_optimizers() + [("Muon", mf.Muon, dict(lr=0.02))],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_type_of_opt_with_its_defaults_rebuilds_it(name, cls, base):
+    # ``type(opt)(params, **opt.defaults)`` (model surgery, pruning and wrapper libraries) failed on the front's
+    # counter sr_step, AdamTied's betas, SignSGD's momentum, AdamW's decoupled_weight_decay, Muon's use_muon
+    p = make_params()
+    if name == "Muon":
+        p = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4, 4))]
+    opt = cls(p, **base)
+    assert "sr_step" not in opt.defaults
+    q = [t.detach().clone().requires_grad_() for t in p]
+    again = type(opt)(q, **opt.defaults)
+    assert again.defaults == opt.defaults
+    assert [{k: v for k, v in g.items() if k != "params"} for g in again.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    grads = [[torch.randn_like(t) for t in p] for _ in range(2)]
+    run(opt, p, grads)
+    run(again, q, grads)
+    for a, b in zip(p, q):
+        assert torch.equal(a, b)
+
+
+def test_the_rebuild_keywords_refuse_what_the_class_cannot_be():
+    p = make_params()
+    with pytest.raises(ValueError, match="betas must be equal"):
+        mf.AdamTied(p, betas=(0.9, 0.99))
+    with pytest.raises(ValueError, match="disagree"):
+        mf.AdamTied(p, beta=0.9, betas=(0.8, 0.8))
+    assert mf.AdamTied(p, betas=(0.8, 0.8)).defaults["betas"] == (0.8, 0.8)
+    with pytest.raises(ValueError, match="SignSGD has no momentum"):
+        mf.SignSGD(p, momentum=0.9)
+    with pytest.raises(ValueError, match="decoupled_weight_decay must be True"):
+        mf.AdamW(p, decoupled_weight_decay=False)
+    with pytest.raises(TypeError, match="use_muon must be a bool"):
+        mf.Muon([torch.nn.Parameter(torch.randn(3, 3))], use_muon=1)
+    w, b = torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3))
+    opt = mf.Muon([{"params": [w], "use_muon": True}, {"params": [b]}], use_muon=False)
+    assert [g["use_muon"] for g in opt.param_groups] == [True, False]
+
+
+def test_a_numpy_bool_flag_is_refused_naming_numpy_and_the_fix():
+    # the message said "must be a bool, got bool: np.True_" (numpy's bool type is named bool)
+    np = pytest.importorskip("numpy", reason="needs numpy")
+    with pytest.raises(TypeError, match=r"amsgrad must be a bool \(True or False\), got numpy\.bool.*pass bool\(value\)"):
+        mf.Adam(make_params(), amsgrad=np.float64(0.3) < 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key", ["layout", "sr_seed", "sr_step", "capturable", "train_mode"])
+def test_a_front_key_deleted_from_a_live_group_is_named_and_changes_nothing(key, backend):
+    p = make_params()
+    opt = (mf.AdamWScheduleFree if key == "train_mode" else mf.AdamW)(p, lr=0.01, backend=backend)
+    grads = make_grads(steps=2)
+    run(opt, p, grads[:1])
+    del opt.param_groups[0][key]
+    before = snapshot(opt, p)
+    for g, t in zip(grads[1], p):
+        t.grad = g.clone()
+    with pytest.raises(ValueError, match=f"param group 0: missing key '{key}' \\(deleted from the group\\?\\)"):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, p))
+
+
 # ------------------------------------------------------------------------------------------ 8, 9. checkpoints
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(ALL))

@@ -29,7 +29,10 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 backend=None, layout=None, sr_seed=0):
+                 backend=None, layout=None, sr_seed=0, decoupled_weight_decay=True):
+        if decoupled_weight_decay is not True:  # (accepted so that type(opt)(params, **opt.defaults) rebuilds)
+            raise ValueError(f"AdamW: decoupled_weight_decay must be True, got {decoupled_weight_decay!r} "
+                             "(Adam(decoupled_weight_decay=False) is Adam with L2 decay)")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, decoupled_weight_decay=True, backend=backend, layout=layout, sr_seed=sr_seed,
                          capturable=capturable, foreach=foreach, fused=fused, differentiable=differentiable)
@@ -60,8 +63,16 @@ class AdamTied(Adam):
 
     def __init__(self, params, lr=1e-3, beta=0.95, eps=1e-8, weight_decay=0.0, *, maximize=False,
                  decoupled_weight_decay=False, backend=None, layout=None, sr_seed=0,
-                 capturable=False):
-        super().__init__(params, lr=lr, betas=(beta, beta), eps=eps, weight_decay=weight_decay,
+                 capturable=False, betas=None, amsgrad=False):
+        # (betas with equal entries: accepted so that type(opt)(params, **opt.defaults) rebuilds)
+        if betas is not None:
+            _check_tied([{"betas": betas}], "AdamTied")
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise ValueError(f"AdamTied: betas must be a pair of equal betas, got {betas!r}")
+            if beta != 0.95 and beta != betas[0]:
+                raise ValueError(f"AdamTied: beta={beta!r} and betas={tuple(betas)!r} disagree; pass one of them")
+            beta = betas[0]
+        super().__init__(params, lr=lr, betas=(beta, beta), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, backend=backend, layout=layout, sr_seed=sr_seed,
                          capturable=capturable)
 

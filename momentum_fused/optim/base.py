@@ -36,7 +36,7 @@ from ..specs import UpdateRuleSpec, get_spec
 from .amp import AmpMixin, AmpRollback, _drop_amp_attrs
 from .checkpoints import CheckpointMixin
 from .checks import STEPPABLE_DTYPES, STEPPABLE_NAMES, ValidationMixin
-from .keys import check_torch_flags
+from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, check_torch_flags
 from .masters import MasterSyncMixin
 from .compile import CompileMixin, bucket_op
 from .phases import PhasesMixin
@@ -59,12 +59,6 @@ def adopting_groups():
         yield
     finally:
         _ADOPTING.reset(token)
-
-
-_LAYOUT_DEFAULTS = {"layout": "native", "sr_seed": 0, "sr_step": 0}
-# capturable=True (a param-group key, saved in state_dicts): no host read or host-computed number per step,
-# so that the step can be captured in a CUDA graph (see ``_device_scalars``).
-_FRONT_DEFAULTS = {**_LAYOUT_DEFAULTS, "capturable": False}
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -128,15 +122,20 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         self._fast = None
         self._called = {"step": False}
         self.spec.validate({**defaults, **self.spec.group_extras}, where=f"{type(self).__name__}: ", init=True)
-        defaults = {**defaults, **_FRONT_DEFAULTS, "layout": "native" if layout is None else layout,
+        defaults = {**defaults, **FRONT_DEFAULTS, "layout": "native" if layout is None else layout,
                     "sr_seed": sr_seed, "capturable": capturable}
-        self._check_layout_keys(defaults, f"{type(self).__name__}: ")
+        self._check_layout_keys({**defaults, **FRONT_GROUP_EXTRAS}, f"{type(self).__name__}: ")
         super().__init__(params, defaults)
 
 
     @property
     def spec(self) -> UpdateRuleSpec:
         return get_spec(self.rule)
+
+    @property
+    def _group_extras(self) -> dict[str, Any]:
+        """Keys every param group holds that are not in ``defaults``: the rule's host counters and the front's."""
+        return {**self.spec.group_extras, **FRONT_GROUP_EXTRAS}
 
 
     def train(self, mode: bool = True):
@@ -153,7 +152,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             self.sync_amp()
         if isinstance(param_group, dict):
             self._check_group_keys(param_group, f"{type(self).__name__} param group {len(self.param_groups)}")
-            merged = {**self.defaults, **self.spec.group_extras, **param_group}
+            merged = {**self.defaults, **self._group_extras, **param_group}
             where = f"{type(self).__name__} param group {len(self.param_groups)}: "
             self.spec.validate(merged, where=where, init=not _ADOPTING.get())
             lay = self._check_layout_keys(merged, where)
@@ -183,7 +182,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                     raise TypeError(f"{type(self).__name__}: dtype layout {lay.describe()} cannot hold a "
                                     f"{p.dtype} param; supported layouts: {_layouts.supported()}")
         super().add_param_group(param_group)
-        for k, v in self.spec.group_extras.items():
+        for k, v in self._group_extras.items():
             self.param_groups[-1].setdefault(k, v)
         self.invalidate_caches()
 

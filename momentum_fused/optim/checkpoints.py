@@ -88,7 +88,7 @@ class CheckpointMixin:
             for k, v in torch_fill.items():  # torch fills it (its __setstate__), else this optimizer's own
                 if k in self.defaults:
                     g.setdefault(k, v)
-            for k, v in {**self.defaults, **self.spec.group_extras}.items():
+            for k, v in {**self.defaults, **self._group_extras}.items():
                 g.setdefault(k, v)
         # torch casts floating state to the param dtype; layouts keep their own state dtypes (bf16 state,
         # fp32 master): re-take those from the saved tensors, so that no value goes through a narrower type

@@ -15,7 +15,7 @@ from ..specs import HOST_STATE_KEYS
 from . import overlap as _overlap
 from .ckpt_format import _codes_under_live_names
 from .host_state import check_loaded_state, host_value_error, raise_partial_state
-from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss
+from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, GROUP_KEYS_ALWAYS_ALLOWED, near_miss
 
 _MASTER, _REMAINDER = _layouts.MASTER_KEY, _layouts.REMAINDER_KEY
 
@@ -47,10 +47,17 @@ def chosen_backend(gp: GroupPlan, p: torch.Tensor):
     return gp.chosen[(p.device, real_dtype(p.dtype))]
 
 
+_FRONT_KEYS = {**FRONT_DEFAULTS, **FRONT_GROUP_EXTRAS}  # (every group holds them)
+
+
 class ValidationMixin:
     """The checks of FusedOptimizer (a mixin: it uses ``self.spec``, ``self.state``, ``self.param_groups``)."""
 
     def _check_layout_keys(self, group, where) -> _layouts.Layout:
+        for key, default in _FRONT_KEYS.items():
+            if key not in group:
+                raise ValueError(f"{where}missing key {key!r} (deleted from the group?): every param group of "
+                                 f"{type(self).__name__} keeps it; put it back (its default is {default!r})")
         lay = _layouts.get_layout(group["layout"]) if isinstance(group["layout"], str) else None
         if lay is None:
             raise ValueError(f"{where}layout must be a layout name; supported layouts: {_layouts.supported()}")
@@ -107,7 +114,7 @@ class ValidationMixin:
                                  f"be on the params' device ({device}), got {lr.device}")
 
     def _known_keys(self) -> set:
-        return {*self.defaults, *self.spec.group_extras, *GROUP_KEYS_ALWAYS_ALLOWED}
+        return {*self.defaults, *self._group_extras, *GROUP_KEYS_ALWAYS_ALLOWED}
 
     def _check_group_keys(self, group, where) -> None:
         """Keys that are not hyperparameters are carried (torch does; HF and layer-wise recipes add ``name``,
@@ -136,7 +143,7 @@ class ValidationMixin:
     def _check_loaded_host_state(self, state_dict) -> None:
         """Host counters (``step``, ``mu_product``) and group keys of a state_dict, checked before anything is
         loaded: a clear error naming the param and the key, and the optimizer unchanged."""
-        spec, base = self.spec, {**self.defaults, **self.spec.group_extras}
+        spec, base = self.spec, {**self.defaults, **self._group_extras}
         check_loaded_state(type(self).__name__, state_dict, lambda g: spec.required_state({**base, **g}))
 
     def _check_host_state(self, gi, group, items) -> None:

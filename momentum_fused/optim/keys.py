@@ -7,10 +7,18 @@ import sys
 
 import torch
 
-__all__ = ["GROUP_KEYS_ALWAYS_ALLOWED", "check_torch_flags", "near_miss", "user_stacklevel"]
+__all__ = ["FRONT_DEFAULTS", "FRONT_GROUP_EXTRAS", "GROUP_KEYS_ALWAYS_ALLOWED", "check_torch_flags", "near_miss",
+           "user_stacklevel"]
 
 # keys of every param group that are not hyperparameters of the rule
 GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
+# the front's keys of every FusedOptimizer group, saved in state_dicts: the dtype layout and its rounding seed;
+# capturable=True: no host read or host-computed number per step, so that the step can be captured in a CUDA graph
+FRONT_DEFAULTS = {"layout": "native", "sr_seed": 0, "capturable": False}
+# the front's per-group counters, kept out of ``defaults`` as the rules' own counters (``spec.group_extras``)
+# are, so that ``type(opt)(params, **opt.defaults)`` rebuilds as with torch.optim: sr_step counts the steps
+# that drew stochastic-rounding keys
+FRONT_GROUP_EXTRAS = {"sr_step": 0}
 
 
 def check_torch_flags(name, *, foreach=None, fused=None, differentiable=False) -> None:

@@ -78,6 +78,8 @@ class Muon(torch.optim.Optimizer):
       same polynomial, on the small Gram matrix, with restarts) or "auto" (the Gram form on matrices at least
       ``specs_muon.GRAM_MIN_ASPECT`` times wider than tall, or taller than wide); accuracy and speed of each in
       docs/muon.md, "Gram form";
+    - ``use_muon`` (default True): the kind of a group that does not say (``type(opt)(params, **opt.defaults)``
+      rebuilds, as with torch.optim);
     - param groups with ``use_muon=False`` are stepped in the same ``step()`` by decoupled AdamW with that
       group's ``lr``, ``betas``, ``eps``, ``weight_decay`` (unset: the reference MuonWithAuxAdam's defaults,
       ``AUX_DEFAULTS``; ``maximize`` and ``capturable`` unset: this optimizer's), on the fused AdamW path;
@@ -99,7 +101,8 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=DEFAULT_EPS, ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None,
-                 *, ns_dtype=None, ns_algorithm="standard", maximize=False, capturable=False, backend=None):
+                 *, ns_dtype=None, ns_algorithm="standard", maximize=False, capturable=False, backend=None,
+                 use_muon=True):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                         ns_dtype=ns_dtype, ns_algorithm=ns_algorithm, maximize=maximize)
@@ -107,6 +110,8 @@ class Muon(torch.optim.Optimizer):
         if not isinstance(capturable, bool):
             raise TypeError(f"Muon: capturable must be a bool, got {type(capturable).__name__}: {capturable!r}")
         defaults["capturable"] = capturable
+        if not isinstance(use_muon, bool):
+            raise TypeError(f"Muon: use_muon must be a bool, got {type(use_muon).__name__}: {use_muon!r}")
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
         self.backend = backend
@@ -114,7 +119,7 @@ class Muon(torch.optim.Optimizer):
         self._links: list = []  # per param group: (use_muon, index of its group in the inner optimizer)
         self._linked: list = []  # the _structure() the inner optimizers were built from
         self._keys_seen: dict = {}  # id(group) -> its keys when last checked (_sync: keys written since)
-        super().__init__(params, {**defaults, "use_muon": True})
+        super().__init__(params, {**defaults, "use_muon": use_muon})
 
     def train(self, mode: bool = True):
         """A no-op (no averaged iterate), so that client code can call it on any optimizer. Returns self."""
@@ -138,7 +143,7 @@ class Muon(torch.optim.Optimizer):
                             "ordering of tensors in sets will change between runs. Please use a list instead.")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         g["params"] = params
-        use = g.get("use_muon", True)
+        use = g.get("use_muon", self.defaults["use_muon"])
         if not isinstance(use, bool):
             raise TypeError(f"Muon: use_muon must be a bool, got {type(use).__name__}: {use!r}")
         where = f"Muon param group {len(self.param_groups)}: "

@@ -154,6 +154,11 @@ class _ScheduleFree(FusedOptimizer):
 
     @property
     def training(self) -> bool:
+        for gi, g in enumerate(self.param_groups):
+            if "train_mode" not in g:
+                raise ValueError(f"{type(self).__name__} param group {gi}: missing key 'train_mode' (deleted from "
+                                 "the group?): it says where the params are, True after train() (y), False after "
+                                 "eval() (x); put it back")
         return all(g["train_mode"] for g in self.param_groups)
 
     @torch._disable_dynamo  # as FusedOptimizer.step: one graph break at the call under torch.compile

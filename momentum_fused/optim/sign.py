@@ -18,7 +18,9 @@ class SignSGD(Signum):
     """signSGD: ``p <- p (1 - lr wd) - lr sign(g)``. Signum with momentum=0 (no state)."""
 
     def __init__(self, params, lr=1e-4, weight_decay=0.0, *, maximize=False, backend=None, layout=None, sr_seed=0,
-                 capturable=False):
+                 capturable=False, momentum=0.0):
+        if momentum != 0.0:  # (momentum=0 accepted so that type(opt)(params, **opt.defaults) rebuilds)
+            raise ValueError(f"SignSGD has no momentum, got momentum={momentum!r}; use Signum(momentum=...)")
         super().__init__(params, lr=lr, momentum=0.0, weight_decay=weight_decay, maximize=maximize,
                          backend=backend, layout=layout, sr_seed=sr_seed,
                          capturable=capturable)
