@@ -72,11 +72,19 @@ class Pair:
             self.item.check(f"{name}[{i}]", v)
 
 
+def _type_name(value) -> str:
+    """A value's type as a user reads it: ``numpy.bool`` (whose ``__name__`` is just ``bool``), ``int``."""
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 @dataclass(frozen=True)
 class Flag:
     def check(self, name: str, value: Any) -> None:
         if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+            raise TypeError(f"{name} must be a bool (True or False), got {_type_name(value)}: {value!r}"
+                            + ("; pass bool(value)" if isinstance(value, numbers.Number)
+                               or type(value).__module__.split(".")[0] in ("numpy", "torch") else ""))
 
 
 @dataclass(frozen=True)
