@@ -228,19 +228,21 @@ def _ns_phase(group: Mapping, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_advance(g, st, fresh, t):
-    lr, wd = lr_value(g), float(g["weight_decay"])
     ratio = lr_ratio(g["adjust_lr_fn"], st["momentum_buffer"].shape)
-    raw = g["lr"]
+    raw, wd = g["lr"], float(g["weight_decay"])
     if isinstance(raw, torch.Tensor) and not g.get("capturable"):
         # torch.optim.Muon keeps a tensor lr a tensor (torch 2.13's _to_scalar only squeezes it): lr * factor and
         # 1 - lr * wd are products in the tensor's dtype. The same here, bit for bit: every backend computes the
         # decay as 1 - lr * wd in float64 from the pack, so it carries (1 - decay, 1) wherever 1 - (1 - decay)
-        # is decay again in float64 (any fp32 decay from 2^-29 to 2^24 in magnitude, and 0).
-        t32 = raw.detach().reshape(())
+        # is decay again in float64 (any fp32 decay from 2^-29 to 2^24 in magnitude, and 0). One host read:
+        # the products are the same single IEEE operations on a host copy (a device lr: one sync, not three).
+        t32 = raw.detach().reshape(()).cpu()
+        lr = float(t32)
         adjusted, decay = float(t32 * ratio), float(1 - t32 * wd)
         if wd != 0 and 1.0 - (1.0 - decay) == decay:
             lr, wd = 1.0 - decay, 1.0
         return (lr, wd, adjusted)
+    lr = lr_value(g)
     return (lr, wd, lr * ratio)
 
 
