@@ -242,6 +242,27 @@ def test_compiled_step_after_loading_a_master_checkpoint_equals_eager():
         assert torch.equal(a, b) and torch.equal(oe.state[a]["master"], oc.state[b]["master"])
 
 
+def test_a_param_listed_twice_is_refused_by_a_compiled_step_too():
+    # (a review found the traced step applied the update twice: the check ran with the memory checks, which a
+    # traced step skips)
+    torch._dynamo.reset()
+    w, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
+    opt = mf.SGD([w, b], lr=torch.tensor(0.1))
+
+    def step():
+        ((w.sum() + b.sum()) ** 2).backward()
+        opt.step()
+        opt.zero_grad()
+
+    f = torch.compile(step, backend="aot_eager")
+    f()
+    opt.param_groups[0]["params"].append(w)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match="listed twice in param group 0"):
+        f()
+    assert torch.equal(w.detach(), before)
+
+
 def test_compiled_train_step_inductor_matches_eager():
     """The default inductor backend: the compiled forward/backward differ from eager by round-off only."""
     from torch._dynamo.utils import counters

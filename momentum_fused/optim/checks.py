@@ -306,6 +306,7 @@ class ValidationMixin:
             if group["capturable"]:
                 self._check_capturable(gi, group, chosen)
             plan.append(GroupPlan(group, state_names, items, chosen))
+        self._check_listed_once(plan)  # (object identities: a traced step checks them too)
         if not traced:
             self._check_param_memory(plan, strided_params, dtensor_cls)
             from .plan_cache import C_CHECKS  # (one dict or tensor given to two params: torch updates it once per
@@ -368,6 +369,20 @@ class ValidationMixin:
         sub = self.__dict__.get("_grad_subst")
         return sub.get(id(p), p.grad) if sub else p.grad
 
+    def _check_listed_once(self, plan) -> None:
+        """The same param twice, by editing param_groups (torch.optim steps it twice): refused, in eager and traced
+        steps alike (before 2026-12-06 a step under torch.compile applied the update twice)."""
+        seen: dict = {}
+        for gi, gp in enumerate(plan):
+            for q in gp.items:
+                prev = seen.get(id(q))
+                if prev is not None:
+                    twice = f"listed twice in param group {gi}" if prev == gi else f"in param groups {prev} and {gi}"
+                    raise ValueError(f"{type(self).__name__}: a param (shape {tuple(q.shape)}) is {twice}; a param "
+                                     "belongs to one group, once (torch.optim applies its update twice); nothing "
+                                     "changed")
+                seen[id(q)] = gi
+
     def _check_param_memory(self, plan, strided_params, dtensor_cls) -> None:
         """Params whose memory the kernels cannot update as torch does: a param whose elements overlap each other
         (an expanded tensor; torch raises too), and, on a compiled backend, two distinct params that share an
@@ -380,16 +395,6 @@ class ValidationMixin:
             if status == 1 or (status == 2 and _overlap.self_overlap(tuple(p.shape), p.stride(), p)):
                 raise ValueError(f"{self._where(p, pi, gi)}: the param has elements that share memory (strides "
                                  f"{p.stride()}, e.g. an expanded tensor); it cannot be updated in place")
-        seen: dict = {}
-        for gi, gp in enumerate(plan):  # (the same param twice, by editing param_groups: stepped twice by torch)
-            for q in gp.items:
-                prev = seen.get(id(q))
-                if prev is not None:
-                    twice = f"listed twice in param group {gi}" if prev == gi else f"in param groups {prev} and {gi}"
-                    raise ValueError(f"{type(self).__name__}: a param (shape {tuple(q.shape)}) is {twice}; a param "
-                                     "belongs to one group, once (torch.optim applies its update twice); nothing "
-                                     "changed")
-                seen[id(q)] = gi
         by_storage: dict = {}
         for gi, gp in enumerate(plan):
             for q in gp.items:
