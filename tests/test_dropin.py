@@ -203,6 +203,51 @@ def test_a_numpy_bool_flag_is_refused_naming_numpy_and_the_fix():
         mf.Adam(make_params(), amsgrad=np.float64(0.3) < 0.5)
 
 
+def _scaler_run(make, params, inf_at=(), scale=1024.0):
+    opt = make(params)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1)
+    grads = []
+    for k in range(4):
+        opt.zero_grad()
+        loss = sum(((i + 1.5) * p * p).sum() for i, p in enumerate(params)) * (math.inf if k in inf_at else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        grads.append([p.grad.clone() for p in params])
+    return grads
+
+
+GRAD_SCALER_TWINS = {"SGD": (dict(lr=0.01, momentum=0.9), dict(fused=True)),
+                     "Adam": (dict(lr=0.01, amsgrad=True), dict(fused=True)),
+                     "AdamW": (dict(lr=0.01), dict(fused=True)),
+                     "NAdam": (dict(lr=0.01), dict(foreach=True)),  # (torch has no fused NAdam, RMSprop, Muon:
+                     "RMSprop": (dict(lr=0.01, centered=True), dict(foreach=True)),  # GradScaler unscales first)
+                     "Muon": (dict(lr=0.02), dict())}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inf_at", [(), (1, 2)], ids=["finite", "inf-steps"])
+@pytest.mark.parametrize("name", list(GRAD_SCALER_TWINS))
+def test_grad_is_unscaled_after_a_grad_scaler_step_as_torch_leaves_it(name, inf_at, backend):
+    # torch's fused kernels write the unscaled gradient back, and GradScaler unscales the others' before the
+    # step; ours left .grad scaled (by 1024 here), and a skipped step must leave it scaled, as torch's fused
+    kw, torch_kw = GRAD_SCALER_TWINS[name]
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(6, 4), (5, 3)] if name == "Muon" else [(7, 3), (4,), ()]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    theirs = _scaler_run(lambda ps: getattr(torch.optim, name)(ps, **kw, **torch_kw),
+                         [t.clone().requires_grad_() for t in start], inf_at)
+    ours = _scaler_run(lambda ps: getattr(mf, name)(ps, **kw, backend=backend),
+                       [t.clone().requires_grad_() for t in start], inf_at)
+    for k, (a, b) in enumerate(zip(theirs, ours)):
+        for ga, gb in zip(a, b):
+            torch.testing.assert_close(gb, ga, rtol=2e-6, atol=1e-7, msg=f"step {k}")
+            if k in inf_at:
+                assert not torch.isfinite(gb).all()
+            else:
+                assert gb.abs().max() < 100  # (unscaled: the scaled ones are ~1024x)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("key", ["layout", "sr_seed", "sr_step", "capturable", "train_mode"])
 def test_a_front_key_deleted_from_a_live_group_is_named_and_changes_nothing(key, backend):

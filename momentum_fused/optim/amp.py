@@ -109,6 +109,47 @@ class AmpMixin:
             buf, event = found_inf.detach().reshape(1).clone(), None
         self._pending_amp = PendingAmp(buf, event, record)
 
+    def _unscale_grads(self, plan, amp, inv_scale: float) -> None:
+        """After a GradScaler step, the stepped params' ``.grad`` hold unscaled values, as with torch.optim (its
+        fused optimizers divide them in their kernels; for the others GradScaler unscales them before the step).
+        One ``torch._amp_foreach_non_finite_check_and_unscale_`` per device, GradScaler's own unscale (a product
+        with the fp32 reciprocal of the scale: the quotient itself for its powers of two), after the kernels, which
+        read the scaled gradients. ``amp``: None for the host protocol (a skipped step returned before this;
+        ``inv_scale`` 1.0: no scale), else the device protocol's (found_inf, grad_scale), the factor then 1 where
+        found_inf says the kernels skipped (torch's fused kernels leave the gradients of a skipped step scaled).
+        Gradients without memory of their own (autograd's ZeroTensor) are zero either way and left alone. In a
+        step traced by torch.compile nothing here may break the graph (a break mid-update ran the rest of the step
+        in a resumed frame, with another update: the tensor queries are skipped there)."""
+        if amp is None:
+            if inv_scale == 1.0:
+                return
+        elif amp[1] is None:
+            return
+        from .. import distributed as _dist
+        traced = torch.compiler.is_compiling()
+        by_device: dict = {}
+        for gp in plan:
+            for p in gp.items:
+                g = p.grad
+                if g is None or (not traced and g._is_zerotensor()):  # (dynamo cannot trace the query)
+                    continue
+                g = _dist.local(g)
+                by_device.setdefault(g.device, []).append(torch.view_as_real(g) if g.is_complex() else g)
+        for device, grads in by_device.items():
+            if amp is None:
+                inv = torch.full((), inv_scale, dtype=torch.float32, device=device)
+            else:
+                found_inf, grad_scale = (t.to(device, non_blocking=True) for t in amp)
+                inv = torch.where(found_inf.reshape(()) != 0, torch.ones((), dtype=torch.float32, device=device),
+                                  grad_scale.reshape(()).double().reciprocal().float())
+            lazy = [] if traced else [g for g in grads if g.is_conj() or g.is_neg()]  # (the op writes plain
+            plain = grads if traced else [g for g in grads if not (g.is_conj() or g.is_neg())]  # memory only)
+            if plain:
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    plain, torch.zeros(1, dtype=torch.float32, device=device), inv)
+            for g in lazy:
+                g.mul_(inv.to(g.dtype))
+
     def _amp(self):
         """GradScaler protocol: returns (skip, inv_scale)."""
         found_inf = getattr(self, "found_inf", None)

@@ -8,7 +8,8 @@ optimizer files only declare their rule and constructor. One ``step()``:
    and every existing state tensor, and resolves a backend per (device, dtype) bucket. Nothing has
    been modified yet, so any error leaves params and state exactly as they were;
 3. honours the GradScaler protocol (``found_inf`` nonzero: nothing changes, not even step counts;
-   ``grad_scale``: gradients are divided by it inside the update, ``.grad`` itself is not modified);
+   ``grad_scale``: gradients are divided by it inside the update, and ``.grad`` is unscaled after it, as
+   torch.optim leaves it);
 4. calls the ``_prepare_step`` hook (per-group host scalars via ``spec.group_prepare``; reduction
    passes in subclasses), creates missing state, advances host counters, builds one scalar pack per tensor;
 5. hands each bucket (device, dtype, flags) to its backend, once, across all groups.
@@ -346,6 +347,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             self._sync_written_params()  # master-layout params loaded or written since the last step (masters.py)
         if self.spec.phases:  # contract v2: passes and matrix phases (optim/phases.py)
             loss = self._update_phased(plan, loss, inv_scale, amp, rollback)
+            self._unscale_grads(plan, amp, inv_scale)
             if cached is None and not traced:
                 self._remember_plan(plan)
             if not traced:
@@ -456,6 +458,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 buf.sub_(amp[0].to(buf.device, buf.dtype, non_blocking=True).reshape(()))
             if rollback:  # (capturable steps after the first have nothing to roll back on the host)
                 self._defer_amp_flag(amp[0], rollback)
+        self._unscale_grads(plan, amp, inv_scale)
         if cached is None and not traced:
             self._remember_plan(plan)
         if not traced:

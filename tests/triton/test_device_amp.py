@@ -71,6 +71,8 @@ def test_inf_steps_on_the_device_equal_steps_never_taken(cls, kw, layout, dtype,
         a.grad_scale = torch.full((1,), 4.0)
         a.step()
         del a.found_inf, a.grad_scale
+        for p, g in zip(pa, _grads(k, dtype)):  # .grad unscaled after a step, left scaled by a skipped one (torch)
+            assert torch.equal(p.grad, g * 4 if inf else g)
         if capturable and k > 1:  # (step 0 is inf: its state is rolled back and created again by step 1)
             assert "_pending_amp" not in a.__dict__, "a capturable step has nothing to roll back on the host"
         if not inf:
@@ -100,3 +102,37 @@ def test_state_dict_resolves_a_pending_skip():
     opt.found_inf = torch.ones(1)
     opt.step()
     assert opt.state_dict()["state"] == {}  # the skipped first step created nothing
+
+
+def test_a_compiled_step_unscales_grad_and_equals_the_eager_one():
+    """The device protocol inside a step traced by torch.compile: params and .grad (unscaled after a step, scaled
+    after a skipped one) equal the eager step's (an unscale that broke the graph mid-update changed the update)."""
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        gen = torch.Generator().manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        opt = mf.AdamW(model.parameters(), lr=torch.tensor(1e-2), backend="triton")
+
+        def step(x, inf):
+            (model(x).pow(2).sum() * 4.0).backward()
+            opt.found_inf, opt.grad_scale = inf, torch.full((1,), 4.0)
+            opt.step()
+            opt.__dict__.pop("found_inf", None)
+            opt.__dict__.pop("grad_scale", None)
+
+        f = torch.compile(step, backend="aot_eager") if compiled else step
+        grads = []
+        for k in range(4):
+            opt.zero_grad()
+            f(torch.randn(3, 8, generator=gen), torch.ones(1) if k == 2 else torch.zeros(1))
+            grads.append([p.grad.clone() for p in model.parameters()])
+        opt.sync_amp()
+        runs.append(([p.detach().clone() for p in model.parameters()], grads))
+    (pe, ge), (pc, gc) = runs
+    assert all(torch.equal(a, b) for a, b in zip(pe, pc))
+    for k, (a, b) in enumerate(zip(ge, gc)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), f"step {k}"
