@@ -679,3 +679,73 @@ def test_assign_loads_swapped_conversions_and_the_meta_device_keep_the_factors()
     opt.step()  # the optimizer built before the conversion still holds the same factor objects
     u = layer.U[:, :layer.r].detach()
     assert float((u.T @ u - torch.eye(layer.r, dtype=u.dtype)).abs().max()) < 1e-12
+
+
+# ------------------------------------------------------------------ found by a review (2026-12-06)
+def test_bf16_layers_of_ordinary_width_are_built():
+    # the numerical-rank tolerance took bf16's eps: every rank >= 2 of a layer 128 wide was refused
+    layer = LowRankLinear(128, 128, 16, 32, dtype=torch.bfloat16)
+    assert layer.r == 16
+    model = convert(nn.Sequential(nn.Linear(256, 256)).to(torch.bfloat16), rank=16)
+    assert isinstance(model[0], LowRankLinear) and model[0].r == 16
+    with pytest.raises(ValueError, match="numerical rank < 2"):  # a rank-1 weight is still refused
+        LowRankLinear.from_dense(_rank_one_linear(8, 6), rank=2)
+
+
+def _rank_one_linear(n_in, n_out):
+    lin = nn.Linear(n_in, n_out, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.outer(torch.arange(1.0, n_out + 1), torch.ones(n_in)))
+    return lin
+
+
+@pytest.mark.parametrize("cls", [LowRankSGD, LowRankAdam])
+def test_a_checkpoint_of_another_max_rank_is_refused_before_any_write(cls):
+    kw = dict(lr=0.05, momentum=0.9) if cls is LowRankSGD else dict(lr=0.01)
+    X, Y = make_data(16, 16, 2)
+    small = make_layer(16, 16, 3, 4)
+    opt = cls(small.parameters(), **kw)
+    _step(small, opt, X[0], Y[0])
+    big = make_layer(16, 16, 3, 8)
+    opt2 = cls(big.parameters(), **kw)
+    opt2.load_state_dict(opt.state_dict())
+    before = [t.detach().clone() for t in (big.U, big.S, big.V)]
+    big.zero_grad()
+    (0.5 * ((big(X[1]) - Y[1]) ** 2).sum()).backward()
+    with pytest.raises(ValueError, match=r"state '\w+' is \(4, 4\).*the core S is \(8, 8\).*nothing changed"):
+        opt2.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, (big.U, big.S, big.V))) and big.r == 3
+
+
+@pytest.mark.parametrize("truncate_every", [1, 2])
+def test_a_non_finite_core_is_named_on_the_default_path_too(truncate_every):
+    # with truncate_every=1 (the default) torch's SVD raised first, naming no cause
+    X, Y = make_data(8, 6, 1, dtype=torch.float32)
+    layer = make_layer(8, 6, 2, 3, dtype=torch.float32)
+    opt = LowRankSGD(layer.parameters(), lr=3e38, truncate_every=truncate_every)
+    before = [t.detach().clone() for t in (layer.U, layer.S, layer.V)]
+    (1e10 * ((layer(X[0]) - Y[0]) ** 2).sum()).backward()
+    with pytest.raises(RuntimeError, match="updated core .* is not finite; nothing changed"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, (layer.U, layer.S, layer.V)))
+
+
+def test_the_basis_completion_takes_one_coordinate_vector_per_column():
+    # (2r > m) the completion put every coordinate vector into one column: the qr got a zero column and took its
+    # slow fallback every time
+    U = torch.linalg.qr(torch.randn(2, 5, 3, dtype=F64, generator=torch.Generator().manual_seed(0)))[0]
+    layer = make_layer(9, 5, 3, 5)
+    opt = LowRankSGD(layer.parameters(), lr=0.1)
+    got = []
+    opt._orthonormal_pair = lambda a_u, a_v, dtype: (got.append(a_u), (None, None))[1]
+    opt._augment(U, torch.randn_like(U), 5, U, torch.randn_like(U), 3)
+    Y = got[0][..., 3:]  # the two completed columns, before the qr: unit norm, orthogonal to U, independent
+    torch.testing.assert_close(Y.norm(dim=-2), torch.ones(2, 2, dtype=F64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(U.mT @ Y, torch.zeros(2, 3, 2, dtype=F64), atol=1e-12, rtol=0)
+    assert torch.linalg.svdvals(Y).min() > 0.1
+
+
+def _step(layer, opt, x, y):
+    opt.zero_grad()
+    (0.5 * ((layer(x) - y) ** 2).sum()).backward()
+    opt.step()

@@ -168,7 +168,10 @@ class LowRankLinear(nn.Module):
     @torch.no_grad()
     def _set_from_svd(self, W: torch.Tensor, r: int) -> None:
         U, s, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-        if not bool(s[r - 1] > s[0] * torch.finfo(self.S.dtype).eps * max(W.shape)):
+        # (the tolerance of the optimizers' working dtype: fp32 for bf16/fp16 factors, which they upcast; bf16's
+        # eps made every rank >= 2 of a layer 128 wide "numerically rank-deficient" before 2026-12-06)
+        work = torch.float32 if self.S.dtype in (torch.float16, torch.bfloat16) else self.S.dtype
+        if not bool(s[r - 1] > s[0] * torch.finfo(work).eps * max(W.shape)):
             raise ValueError(f"LowRankLinear: the weight has numerical rank < {r} (sigma_{r} = {float(s[r - 1]):.3g}, "
                              f"sigma_1 = {float(s[0]):.3g}); the optimizers need an invertible core S: use a lower "
                              f"rank or tol=")

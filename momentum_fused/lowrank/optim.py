@@ -165,7 +165,15 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
                     raise ValueError(f"{where}: rank {r} outside [1, max_rank={layer.max_rank}]")
                 st = self.state.get(layer.S, {})
                 t = int(float(st["step"])) + 1 if "step" in st else 1
-                fresh = not all(k in st for k in spec.state_names({**spec.defaults, **group}))
+                names = spec.state_names({**spec.defaults, **group})
+                for k in names:  # (a checkpoint of a layer with another max_rank: refused before any write)
+                    buf = st.get(k)
+                    if isinstance(buf, torch.Tensor) and (buf.shape != layer.S.shape or buf.dtype != layer.S.dtype
+                                                          or buf.device != layer.S.device):
+                        raise ValueError(f"{where}: state {k!r} is {tuple(buf.shape)} {buf.dtype} on {buf.device}, "
+                                         f"the core S is {tuple(layer.S.shape)} {layer.S.dtype} on {layer.S.device} "
+                                         "(a checkpoint of a layer with another max_rank or dtype?); nothing changed")
+                fresh = not all(k in st for k in names)
                 key = (gi, layer.U.device, layer.U.dtype, layer.out_features, layer.in_features, r, t, fresh)
                 buckets.setdefault(key, []).append(layer)
                 grads.extend(gs)
@@ -236,20 +244,20 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
         forced = augment and (km != kn or km > layers[0].max_rank or self.fixed_rank)
         res = dict(key=key, layers=layers, t=t, Uh=Uh, Vh=Vh, Sh=Sh, cores=cores, names=names, svd=None)
         with self._phase("truncate", device):
+            if not bool(torch.isfinite(Sh).all()):  # (before the SVD, whose own error on it named no cause)
+                raise RuntimeError(f"{name}: the updated core of a layer in group {gi} is not finite; "
+                                   f"nothing changed (lower the learning rate?)")
             if truncate or forced:
                 P, sig, Qh = torch.linalg.svd(Sh, full_matrices=False)
                 sig_host = sig.double().cpu()
                 if not bool(torch.isfinite(sig_host).all()):
-                    raise RuntimeError(f"{name}: the updated core of a layer in group {gi} is not finite; "
-                                       f"nothing changed (lower the learning rate?)")
+                    raise RuntimeError(f"{name}: the updated core of a layer in group {gi} has non-finite "
+                                       f"singular values; nothing changed (lower the learning rate?)")
                 res["svd"] = (P, sig, Qh)
                 if not augment:  # Û = U: the rotated factors re-orthonormalized (rounding accumulates otherwise)
                     res["rotated"] = self._reorthonormalize(Uh @ P, Vh @ Qh.mT)
                 res["ranks"] = [self._tau_rank(s, layer) for s, layer in zip(sig_host, layers)]
                 res["sig_host"] = sig_host
-            elif not bool(torch.isfinite(Sh).all()):
-                raise RuntimeError(f"{name}: the updated core of a layer in group {gi} is not finite; "
-                                   f"nothing changed (lower the learning rate?)")
         return res
 
     def _augment(self, U, GU, km, V, GV, kn):
@@ -262,7 +270,7 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
             else:  # 2r > m: complete the basis from the coordinate vectors least represented in span(U)
                 idx = (U * U).sum(-1).argsort(dim=-1)[..., : k - r]
                 E = torch.zeros(U.shape[0], U.shape[1], k - r, dtype=U.dtype, device=U.device)
-                E.scatter_(1, idx.unsqueeze(-1), 1.0)
+                E.scatter_(1, idx.unsqueeze(1), 1.0)  # (one unit column each: E[b, idx[b, j], j] = 1)
                 Y = E - U @ (U.mT @ E)
             Y = Y - U @ (U.mT @ Y)  # second Gram-Schmidt pass against U
             Y = Y / Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
