@@ -176,6 +176,46 @@ def test_compiled_train_step_equals_eager(cls, backend, lr_kind):
     assert not any("momentum_fused.bucket_step" in g for g in graphs) or traced
 
 
+@pytest.mark.parametrize("case", ["onecycle_momentum", "weight_decay_schedule"])
+def test_a_float_hyperparameter_changing_between_compiled_steps_does_not_recompile(case):
+    """OneCycleLR's default cycle_momentum=True writes SGD's momentum every step, a weight-decay schedule the
+    decay: the traced step takes such floats as graph inputs, as torch.optim's do (before 2026-12-06 the scalar
+    table filled them in as constants: one recompilation per value, then dynamo's recompile limit and an eager
+    frame). Bitwise equal to the eager capturable step."""
+    from torch._dynamo.utils import counters
+    if _CPU_STATUS != "available":
+        pytest.skip(f"needs the compiled cpu backend (a traced step needs scalar tables): {_CPU_STATUS}")
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = _model()
+        if case == "onecycle_momentum":
+            opt = mf.SGD(model.parameters(), lr=torch.tensor(0.01), momentum=0.9, backend="cpu",
+                         capturable=not compiled)
+            sched = lrs.OneCycleLR(opt, max_lr=0.01, total_steps=20)
+        else:
+            opt = mf.AdamW(model.parameters(), lr=torch.tensor(0.01), weight_decay=0.1, backend="cpu",
+                           capturable=not compiled)
+            sched = None
+        step = _train_step_fn(model, opt)
+        if compiled:
+            step = torch.compile(step, fullgraph=False, backend="aot_eager")
+        n_graphs = []
+        for x, y in _data(6):
+            step(x, y)
+            if sched is not None:
+                sched.step()
+            else:
+                opt.param_groups[0]["weight_decay"] *= 0.9
+            n_graphs.append(counters["stats"]["unique_graphs"])
+        runs.append((model, n_graphs))
+    (m_e, _), (m_c, n_graphs) = runs
+    for a, b in zip(m_e.parameters(), m_c.parameters()):
+        assert torch.equal(a, b)
+    assert n_graphs[2:] == [n_graphs[2]] * 4, n_graphs  # (the state's recompilation, then one per value's: none)
+
+
 @pytest.mark.parametrize("cls,layout,dtype", [(mf.AdamW, "int8_state", torch.float32),
                                                (mf.AdamW, "master16_int8", torch.bfloat16),
                                                (mf.SGD, "int8_state", torch.float32),

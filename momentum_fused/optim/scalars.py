@@ -247,6 +247,10 @@ class ScalarsMixin:
             for v in (*spec.advance(group, {}, f, t), grad_mult):
                 if isinstance(v, torch.Tensor):
                     cols.append(v.to(device=device, dtype=torch.float64).expand(n))
+                elif torch.compiler.is_compiling():  # (a product, not a fill: dynamo keeps a float hyperparameter
+                    # that changes between steps a graph input only through ops it can turn into tensor ops, and
+                    # torch.full's fill value is not one: each new value recompiled; 1.0 * v is v, exactly)
+                    cols.append(torch.ones((n,), dtype=torch.float64, device=device) * v)
                 else:
                     cols.append(torch.full((n,), float(v), dtype=torch.float64, device=device))
             tables[f] = torch.stack(cols, 1)
