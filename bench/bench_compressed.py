@@ -129,6 +129,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", default=None, help="markdown output path (default bench/results/compressed_cpu_<date>.md)")
     args = ap.parse_args(argv)
+    if args.runs < 1 or args.seconds <= 0:  # (checked before the run: a traceback after it lost the table)
+        ap.error(f"--runs must be >= 1 and --seconds > 0, got {args.runs} and {args.seconds}")
     warnings.simplefilter("ignore")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -222,7 +224,7 @@ def main(argv=None):
     ])
     print(md)
     path = args.out or os.path.join(RESULTS, f"compressed_cpu_{_dt.datetime.now():%Y%m%d-%H%M%S}.md")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # (a bare file name: the current directory)
     with open(path, "w") as fh:
         fh.write(md)
     print(f"wrote {path}", file=sys.stderr)

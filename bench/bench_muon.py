@@ -201,8 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--d", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds (>= 1)")
+    ap.add_argument("--iters", type=int, default=5, help="timed steps per provider and round (>= 1)")
     ap.add_argument("--providers", default=None, help="comma list (default: all that run here)")
     ap.add_argument("--ns-algorithm", default="standard",
                     help="comma list of ours' ns_algorithm: standard, gram, auto (default standard); gram/torch-mm "
@@ -226,7 +226,8 @@ def main(argv=None) -> int:
             ap.error(f"--providers: unknown {bad}; providers: {','.join(every)}")
         names = {n for n in every if n in sel or any(n.startswith(s + "-") for s in sel)}
     res = measure(device, gpt_matrices(args.d, args.layers), args.rounds, args.iters, names, algorithms)
-    res["profile"] = f"gpt-matrices d={args.d} layers={args.layers}, {torch.get_num_threads()} threads"
+    res.update(profile=f"gpt-matrices d={args.d} layers={args.layers}, {torch.get_num_threads()} threads",
+               rounds=args.rounds, iters=args.iters)  # (the header said 5 and 5 whatever was run)
     print(markdown(res))
     if args.profile:
         shapes = gpt_matrices(args.d, args.layers)

@@ -42,7 +42,11 @@ def seconds_per_call(rule, flags, nstate, pack, dtype, n, reps, threads):
     return sorted(ts)[3]
 
 
-def main():
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m bench.cpu_compute", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.parse_args(argv)  # (no options: --help says what it does instead of running it)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, cpu kernel variant {torch.ops.momentum_fused.cpu_isa()}")
     for rule, flags, nstate, pack in CASES:

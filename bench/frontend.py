@@ -84,13 +84,17 @@ def measure(rule: str, profile: str, device: str, runs: int, iters: int, full: b
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rules", default="adamw,sgd,lion,nadam,adamw-int8")
-    ap.add_argument("--profiles", default="llm,tiny")
+    ap.add_argument("--rules", default="adamw,sgd,lion,nadam,adamw-int8", help=f"comma list of {','.join(RULES)}")
+    ap.add_argument("--profiles", default="llm,tiny", help=f"comma list of {','.join(TOTALS)}")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the front end is single-threaded)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    for flag, given, known in (("--rules", a.rules, RULES), ("--profiles", a.profiles, TOTALS)):
+        bad = [x for x in given.split(",") if x not in known]
+        if bad:  # (a KeyError traceback before)
+            ap.error(f"{flag}: unknown {bad}; known: {','.join(known)}")
     torch.set_num_threads(a.threads)
     register_null_backend()
     rows = []

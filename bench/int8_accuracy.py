@@ -131,6 +131,10 @@ def main(argv=None) -> int:
                     help="digits: also int8_sr with each of these sr_seed values (comma-separated; cpu backend when "
                          "built), to see how much the random stream moves the result")
     args = ap.parse_args(argv)
+    if args.torchao:  # (checked before the runs: the import error came after all the others had run)
+        import importlib.util
+        if importlib.util.find_spec("torchao") is None:
+            ap.error("--torchao needs torchao (pip install --no-deps torchao; no dependency of this project)")
     torch.set_num_threads(1)
     runs = [r for r in RUNS if r[2] in mf.backends.available()]
     sr_seed = {}

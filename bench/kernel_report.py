@@ -631,6 +631,9 @@ def main(argv=None) -> int:
     ap.add_argument("--params", type=float, default=1e9)
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args(argv)
+    if args.time and args.device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        ap.error("--time on --device cuda needs a CUDA device (none visible here); --device cpu times the "
+                 "kernels on the CPU")  # (a CUDA-generator traceback before)
     if args.time:
         done = []
 

@@ -146,3 +146,30 @@ def test_triton_host_bench_smoke():
                           "1", "--iters", "2"], cwd=root, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| llm | sgd | 292 |" in res.stdout
+
+
+def test_the_headline_ratio_lies_inside_its_range_over_the_rounds():
+    # (a review printed "0.45x (2.52-57.34)": the headline divided medians over all steps, the range per round)
+    from bench.__main__ import _add_speedups
+    base = dict(rule="adamw", layout="fp32", profile="tiny")
+    torch_run = dict(base, kind="torch", provider="torch:fused", median_ms=1.0, round_median_ms=[10.0, 0.5, 0.6])
+    ours = dict(base, kind="ours", provider="cpu", median_ms=2.0, round_median_ms=[4.0, 0.25, 0.2])
+    _add_speedups([torch_run, ours])
+    lo, hi = min(ours["speedup_rounds"]), max(ours["speedup_rounds"])
+    assert lo <= ours["speedup_vs_best_torch"] <= hi and ours["speedup_vs_best_torch"] == 2.5
+
+
+@pytest.mark.parametrize("argv", [["-m", "bench.bench_compressed", "--runs", "0"],
+                                  ["-m", "bench.frontend", "--rules", "adam"],
+                                  ["-m", "bench.frontend", "--profiles", "few-large"]])
+def test_bad_bench_arguments_are_usage_errors_not_tracebacks(argv):
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 2 and "error:" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_kernel_report_time_without_cuda_says_so():
+    out = subprocess.run([sys.executable, "-m", "bench.kernel_report", "--time"], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 2 and "needs a CUDA device" in out.stderr and "Traceback" not in out.stderr
