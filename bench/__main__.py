@@ -372,7 +372,9 @@ def markdown(result: dict) -> str:
         lines.append(f"Last-level cache {meta['llc_MB']:.0f} MiB: a % marked `*` is of a row whose working set (params, "
                      "grads and state) fits in it, so it can exceed 100 %. A time marked `~` had a median above 1.5x "
                      "its minimum (a noisy row). On the CPU a row's providers take turns over --rounds rounds, and 'vs torch' "
-                     "is the ratio of medians with its range over the rounds.\n")
+                     "is the median of the rounds' ratios, with their range.\n")
+    if not runs:  # (--rules muon alone: its own table follows; an empty one had a header of the wrong width)
+        return "\n".join(lines) + "\nNo elementwise rule was selected.\n"
     lines.append(f"Median ms per step ({result['total_params']:.2e} elements per profile); "
                  "'best ours' = fastest of our backends, % of the in-place read-modify-write bandwidth, "
                  "speedup vs the fastest torch implementation and vs the fastest peer package measured in the same "
