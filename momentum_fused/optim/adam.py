@@ -54,6 +54,9 @@ def _check_tied(groups, where, first=0) -> None:
                              "pass cycle_momentum=False, or set both betas yourself)")
 
 
+_TIED_BETA = 0.95  # AdamTied's default beta
+
+
 class AdamTied(Adam):
     """Adam with beta1 = beta2 = beta ("In Search of Adam's Secret Sauce", Orvieto & Gower 2025).
 
@@ -61,7 +64,7 @@ class AdamTied(Adam):
     a per-element gradient signal-to-noise estimate, read by :meth:`gradient_snr`. Param groups take
     ``beta`` (or ``betas`` with equal entries)."""
 
-    def __init__(self, params, lr=1e-3, beta=0.95, eps=1e-8, weight_decay=0.0, *, maximize=False,
+    def __init__(self, params, lr=1e-3, beta=_TIED_BETA, eps=1e-8, weight_decay=0.0, *, maximize=False,
                  decoupled_weight_decay=False, backend=None, layout=None, sr_seed=0,
                  capturable=False, betas=None, amsgrad=False):
         # (betas with equal entries: accepted so that type(opt)(params, **opt.defaults) rebuilds)
@@ -69,7 +72,7 @@ class AdamTied(Adam):
             _check_tied([{"betas": betas}], "AdamTied")
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 raise ValueError(f"AdamTied: betas must be a pair of equal betas, got {betas!r}")
-            if beta != 0.95 and beta != betas[0]:
+            if beta != _TIED_BETA and beta != betas[0]:  # (a beta given too, other than the default)
                 raise ValueError(f"AdamTied: beta={beta!r} and betas={tuple(betas)!r} disagree; pass one of them")
             beta = betas[0]
         super().__init__(params, lr=lr, betas=(beta, beta), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
