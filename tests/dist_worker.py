@@ -591,6 +591,56 @@ def scenario_int8_reshard(rank, tmpdir, layout, backend, save_after=2):
 _KINDS["int8_reshard"] = scenario_int8_reshard
 
 
+def scenario_int8_convert(rank, tmpdir, layout, backend, save_after=2):
+    """Switching layouts under FSDP2 (2 ranks, 9 / 8 rows): an optimizer in ``layout`` (codes) trains, and a new
+    one in the layout without codes loads its sharded state dict (``load_state_dict``, every rank its shard) and
+    continues; then the reverse. Each against the same switch in one process, bit for bit (every rank trains on
+    the whole batch). Also DCP: the switched run's checkpoint, loaded in place into a fresh FSDP2 optimizer of
+    the checkpoint's layout, then into one of the other."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    import momentum_fused as mf
+
+    other = {"int8_state": "native", "master16_int8": "master16"}[layout]
+    make, steps = _int8_job(layout, backend)
+
+    def switch(sharded, first, then):
+        model, _ = make(sharded)
+        a = mf.AdamW(list(model.parameters()), lr=0.01, weight_decay=0.1, layout=first, backend=backend)
+        steps(model, a, range(save_after))
+        b = mf.AdamW(list(model.parameters()), lr=0.01, weight_decay=0.1, layout=then, backend=backend)
+        b.load_state_dict(a.state_dict())
+        steps(model, b, range(save_after, STEPS))
+        return model, b
+
+    out = {}
+    for first, then in ((layout, other), (other, layout)):
+        m, o = switch(True, first, then)
+        r_m, r_o = switch(False, first, then)
+        out[f"{first}->{then}"] = dict(dist=_snapshot(o, list(m.parameters())),
+                                       ref=_snapshot(r_o, list(r_m.parameters())))
+    # DCP: a checkpoint in `layout`, loaded into the same layout, then converted to `other` on the shards
+    ckpt = os.path.join(tmpdir, f"convert-{layout}-{backend}")
+    m_a, o_a = make(True)
+    steps(m_a, o_a, range(save_after))
+    dcp.save({"optim": get_optimizer_state_dict(m_a, o_a)}, checkpoint_id=ckpt)
+    m_b, _ = make(True)
+    m_b.load_state_dict(m_a.state_dict())
+    o_b = mf.AdamW(list(m_b.parameters()), lr=0.01, weight_decay=0.1, layout=layout, backend=backend)
+    sd = {"optim": get_optimizer_state_dict(m_b, o_b)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_optimizer_state_dict(m_b, o_b, sd["optim"])
+    o_c = mf.AdamW(list(m_b.parameters()), lr=0.01, weight_decay=0.1, layout=other, backend=backend)
+    o_c.load_state_dict(o_b.state_dict())
+    steps(m_b, o_c, range(save_after, STEPS))
+    out["dcp"] = _snapshot(o_c, list(m_b.parameters()))
+    return out
+
+
+_KINDS["int8_convert"] = scenario_int8_convert
+
+
 def scenario_master16_full_state_dict(rank, tmpdir, layout, backend, save_after=2):
     """A full (gathered) optimizer state dict of an FSDP2 run in a compressed layout (master16, master16_int8,
     int8_state); in the master16 layouts the remainder is saved as its bytes (uint8), which gloo gathers (it has

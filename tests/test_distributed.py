@@ -64,6 +64,8 @@ def _scenarios():
             for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
     out += [dict(id=f"int8_reshard-{lay}-{b}", kind="int8_reshard", layout=lay, backend=b)
             for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
+    out += [dict(id=f"int8_convert-{lay}-{b}", kind="int8_convert", layout=lay, backend=b)
+            for lay in INT8_LAYOUTS for b in _available(BACKENDS)]
     out += [dict(id=f"master16_full-{lay}-{b}", kind="master16_full", layout=lay, backend=b)
             for lay in FULL_SD_LAYOUTS for b in _available(BACKENDS)]
     out += [dict(id=f"sr_shards-{b}", kind="sr_shards", backend=b) for b in _available(BACKENDS)]
@@ -324,6 +326,22 @@ def test_int8_layouts_dcp_reshard_between_fsdp_and_one_process(world, layout, ba
     _assert_snapshots_equal(r0["to_one"], r0["uninterrupted"], "FSDP2 -> one process")
     for rank, res in enumerate((r0, r1)):
         _assert_snapshots_equal(res["from_one"], res["uninterrupted"], f"one process -> FSDP2, rank {rank}")
+
+
+@pytest.mark.parametrize("layout,backend", [("int8_state", "reference"), ("master16_int8", "reference"),
+                                            *[pytest.param(lay, "cpu", marks=pytest.mark.skipif(
+                                                _CPU_STATUS != "available",
+                                                reason=f"cpu backend not built here: {_CPU_STATUS}"))
+                                              for lay in INT8_LAYOUTS]])
+def test_switching_between_codes_and_fp32_state_under_fsdp_equals_one_process(world, layout, backend):
+    """A new optimizer of the other layout loads an FSDP2 run's sharded state dict (codes -> fp32 moments, and
+    back) and continues as the same switch in one process, bit for bit; so does a DCP checkpoint loaded into
+    its own layout and then switched. Refused before 2026-12-06 (converting on sharded tensors)."""
+    for rank, res in enumerate(_results(world, f"int8_convert-{layout}-{backend}")):
+        for way in [k for k in res if "->" in k]:
+            _assert_snapshots_equal(res[way]["dist"], res[way]["ref"], f"{way}, rank {rank}")
+        other = "native" if layout == "int8_state" else "master16"
+        _assert_snapshots_equal(res["dcp"], res[f"{layout}->{other}"]["ref"], f"DCP then {other}, rank {rank}")
 
 
 @pytest.mark.parametrize("layout,backend", [*[(lay, "reference") for lay in FULL_SD_LAYOUTS],

@@ -114,7 +114,7 @@ def test_int8_checkpoints_move_between_fsdp2_and_one_process(mesh):
     """The full optimizer state dict of an FSDP2 int8_state run loads into an unsharded optimizer, and the other
     way: the scales are (rows, blocks per row) there and (blocks,) here, the same blocks in order, so they are
     reshaped; the continued steps equal the uninterrupted run bit for bit. The step refused the scales' shape
-    before 2026-12-05. Converting codes <-> fp32 state on DTensors is refused before anything is loaded."""
+    before 2026-12-05. A full state dict with codes into a live optimizer without them fails inside torch."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -145,8 +145,9 @@ def test_int8_checkpoints_move_between_fsdp2_and_one_process(mesh):
     src_opt = make(plain)
     _train(plain, src_opt, 2)
     dst_opt = make(sharded, "native")
-    # (refused inside torch's set_optimizer_state_dict since 2026-12-06: its codes, {name: {"codes": t}}, do not
-    # match the live fp32 tensor's structure; before, our load refused them, ValueError "DTensor (FSDP2)...")
+    # (fails inside torch's set_optimizer_state_dict: its codes, {name: {"codes": t}}, do not match the live fp32
+    # tensor's structure (IndexError in its unflatten, before our load runs); switch layouts with load_state_dict
+    # between two optimizers instead: test_a_checkpoint_converts_between_codes_and_values_on_dtensors_...)
     with pytest.raises((ValueError, IndexError)):
         set_optimizer_state_dict(sharded, dst_opt, get_optimizer_state_dict(plain, src_opt, options=opts),
                                  options=opts)
@@ -241,3 +242,72 @@ def test_a_master_layout_dtensor_param_written_between_steps_is_stepped_from_the
     p.grad = distribute_tensor(torch.zeros(8, 4, dtype=torch.bfloat16), mesh, [Shard(0)])
     opt.step()
     assert torch.equal(p.full_tensor(), torch.full((8, 4), 5.0, dtype=torch.bfloat16))
+
+
+# ------------------------------------------- layout conversions on DTensors (FSDP2 params), 2026-12-06
+_OTHER = {"int8_state": "native", "native": "int8_state", "master16_int8": "master16", "master16": "master16_int8",
+          "int8_sr": "native"}
+
+
+@pytest.mark.parametrize("src,backend", [(s, b) for s in _OTHER for b in ("reference", "cpu")])
+def test_a_checkpoint_converts_between_codes_and_values_on_dtensors_as_in_one_process(mesh, src, backend):
+    """A state dict of one layout loaded into an optimizer of the other (codes <-> fp32 moments) on DTensor
+    params converts shard by shard: the loaded state, and three more steps, equal the same conversion on plain
+    params bit for bit. Refused before 2026-12-06 ("converting between them is not supported on sharded
+    tensors"), so that switching layouts under FSDP2 went through one process."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    if backend == "cpu" and mf.backends.status().get("cpu") != "available":
+        pytest.skip(f"cpu backend not built here: {mf.backends.status().get('cpu')}")
+    dst = _OTHER[src]
+    dt = torch.bfloat16 if "master16" in src else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(17, 256), (9, 2, 256), (5, 7)]  # quantized sharded and plain; the last one in neither
+    values = [torch.randn(s, generator=gen).to(dt) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(5)]
+
+    def run(make):
+        ps = [torch.nn.Parameter(make(v.clone())) for v in values]
+        a = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, layout=src, backend=backend)
+        b = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, layout=dst, backend=backend)
+        for k, gs in enumerate(grads):
+            for p, g in zip(ps, gs):
+                p.grad = make(g.clone().to(p.dtype))
+            if k == 2:
+                b.load_state_dict(a.state_dict())
+                loaded = [{n: v.clone() for n, v in b.state[p].items()} for p in ps]
+            (a if k < 2 else b).step()
+        return ps, b, loaded
+
+    ps, opt, loaded = run(lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+    rs, ref, ref_loaded = run(lambda t: t)
+    full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v  # noqa: E731
+    for i, (p, r) in enumerate(zip(ps, rs)):
+        assert set(loaded[i]) == set(ref_loaded[i]), i
+        for k, v in loaded[i].items():
+            assert type(v) is not torch.Tensor or k == "step", (i, k)  # DTensors, as the param
+            if k.endswith("_scale"):
+                assert tuple(v.placements) == tuple(p.placements)
+            assert torch.equal(full(v), ref_loaded[i][k]) and full(v).dtype == ref_loaded[i][k].dtype, (i, k)
+        assert torch.equal(p.full_tensor(), r.detach()), i
+        for k, v in opt.state[p].items():
+            assert torch.equal(full(v), ref.state[r][k]), (i, k)
+    codes = [k for st in loaded for k, v in st.items() if v.dtype in (torch.int8, torch.uint8)]
+    assert len(codes) == (4 if dst.endswith("int8") or dst == "int8_state" else 0)
+
+
+def test_a_conversion_from_codes_placed_otherwise_is_refused_before_any_change(mesh):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    p = torch.nn.Parameter(distribute_tensor(torch.ones(17, 256), mesh, [Shard(0)]))
+    p.grad = distribute_tensor(torch.ones(17, 256), mesh, [Shard(0)])
+    src = mf.AdamW([p], lr=0.1, layout="int8_state", backend="reference")
+    src.step()
+    dst = mf.AdamW([p], lr=0.1, layout="native", backend="reference")
+    dst.step()
+    before = {k: v.full_tensor().clone() for k, v in dst.state[p].items() if k != "step"}
+    sd = src.state_dict()
+    st = sd["state"][0]
+    st["exp_avg_scale"] = distribute_tensor(st["exp_avg_scale"].full_tensor(), mesh, [Replicate()])
+    with pytest.raises(ValueError, match="'exp_avg'.*neither DTensors placed as the param"):
+        dst.load_state_dict(sd)
+    for k, v in before.items():
+        assert torch.equal(dst.state[p][k].full_tensor(), v), k

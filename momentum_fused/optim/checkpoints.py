@@ -222,9 +222,9 @@ class CheckpointMixin:
         codes, a master or its remainder; not block scales, host counters, a contract-v2 tensor of its own
         shape or a key the optimizer does not know) has its param's number of elements, so that a checkpoint of
         other params is refused whole rather than failing halfway through a conversion; and a DTensor (FSDP2)
-        param whose checkpoint holds 8-bit codes where its layout keeps fp32 state, or the reverse, is refused (that conversion is not implemented on
-        sharded tensors; it crashed inside torch's DTensor ops before 2026-12-05; codes into codes load, the
-        scales reshaped between one process's and FSDP2's shapes)."""
+        param whose checkpoint holds 8-bit codes where its layout keeps fp32 state, or the reverse, converts shard
+        by shard (_convert_int8) when the saved tensors are placed as the param or plain, and is refused otherwise
+        (until 2026-12-06 every such conversion was refused; it had crashed inside torch's DTensor ops)."""
         try:
             saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
             states = state_dict["state"]
@@ -249,18 +249,30 @@ class CheckpointMixin:
             for key in self.spec.state_names(g):
                 v = st.get(key)
                 coded = isinstance(v, torch.Tensor) and v.dtype in (torch.int8, torch.uint8) and key + sfx in st
-                if isinstance(v, torch.Tensor) and coded != live_codes:
+                if not isinstance(v, torch.Tensor) or coded == live_codes:
+                    continue  # (codes into codes, values into values: loaded as they are)
+                parts = [v, st[key + sfx]] if coded else [v]
+                placed = [_dist.is_dtensor(t) and t.device_mesh == p.device_mesh
+                          and tuple(t.placements) == tuple(p.placements) for t in parts]
+                plain = [isinstance(t, torch.Tensor) and not _dist.is_dtensor(t) for t in parts]
+                ok = all(placed) or all(plain)
+                if ok and coded and all(placed):  # (shard-wise decode: whole blocks in each shard, their scales)
+                    ok = _layouts.int8_quantized(v) and tuple(parts[1].shape) == _layouts.int8_scale_shape(v)
+                if not ok:
                     raise ValueError(
                         f"{name}.load_state_dict: param {pi} of group {gi} is a DTensor (FSDP2) whose layout keeps "
-                        f"{'8-bit codes' if live_codes else 'fp32 state'}, but the checkpoint holds "
-                        f"{'8-bit codes' if coded else 'fp32 values'} for {key!r}: converting between them is not "
-                        "supported on sharded tensors (load it into the layout it was saved with, or convert it in "
-                        "one process with load_state_dict); nothing was loaded")
+                        f"{'8-bit codes' if live_codes else 'fp32 state'}, and the checkpoint's "
+                        f"{'codes and scales' if coded else 'values'} for {key!r} are neither DTensors placed as the "
+                        "param (as DCP and set_optimizer_state_dict load them; codes with rows of whole blocks and "
+                        "their (rows, blocks per row) scales) nor plain tensors: cannot convert them shard by "
+                        "shard; nothing was loaded")
 
     def _convert_int8(self, p, lay, saved, names) -> None:
         """int8_state checkpoints (docs/layouts.md): into an int8_state group the saved codes and scales are kept
         and fp32 moments (a checkpoint of another layout) are encoded; into a group of any other layout, saved
-        codes are decoded (to the layout's state dtype). Tensors the layout keeps in fp32 are loaded as fp32."""
+        codes are decoded (to the layout's state dtype). Tensors the layout keeps in fp32 are loaded as fp32.
+        A DTensor (FSDP2) param converts shard by shard (_int8_to_values, _int8_to_codes): its blocks lie inside
+        its row shards, no communication."""
         st, sfx = self.state[p], _layouts.INT8_SCALE_SUFFIX
         quantized = lay.int8 and _layouts.int8_quantized(p)
         for key in names:
@@ -278,14 +290,13 @@ class CheckpointMixin:
                     sc = sc.reshape(want)  # FSDP2's (rows, blocks per row) <-> one process's (blocks,): same order
                 st[key + sfx] = sc
                 continue
-            x = _layouts.int8_decode(v.to(p.device), sc.to(p.device), v.dtype == torch.int8) if sc is not None \
-                else v.detach().to(p.device, torch.float32)
+            x = _int8_to_values(v, sc, p) if sc is not None else v.detach()
             st.pop(key + sfx, None)
             if quantized:
-                st[key], st[key + sfx] = _layouts.int8_encode(x.reshape(p.shape), key not in _layouts.INT8_UNSIGNED)
+                st[key], st[key + sfx] = _int8_to_codes(x, p, key not in _layouts.INT8_UNSIGNED)
             else:
                 want = p.dtype if lay.name == "native" else lay.dtype_of(key, p.dtype)
-                st[key] = x.reshape(p.shape).to(want)
+                st[key] = _dist.shardwise(lambda t: t.to(want, copy=True))(_placed_as(x, p))
 
     def _convert_master(self, p, lay, saved, src=None) -> None:
         """A checkpoint of layout "master" loaded into a "master16" group, or the reverse (docs/layouts.md): the
@@ -336,3 +347,37 @@ class CheckpointMixin:
             if isinstance(st, dict) and isinstance(st.get(rk), torch.Tensor) and st[rk].dtype == torch.int16:
                 state[idx] = {**st, rk: _layouts.remainder_bytes(st[rk])}
         return sd
+
+
+def _placed_as(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A loaded tensor of ``p``'s number of elements on ``p``'s device, in ``p``'s shape: a DTensor as it is
+    (_check_loaded_tensors: placed as ``p``), a plain one of a DTensor ``p`` cut to this rank's shard."""
+    if _dist.is_dtensor(x):
+        return x
+    return _dist.placed_like(x.detach().to(p.device).reshape(p.shape), p)
+
+
+def _int8_to_values(codes: torch.Tensor, scales: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A saved state's codes and block scales decoded to fp32 values of ``p``'s shape (a DTensor placed as ``p``
+    when ``p`` is one). Codes saved by FSDP2 (DTensors, their rows of whole blocks, the scales placed as them)
+    decode shard by shard, with no communication; plain codes decode whole, then are cut to this rank's shard."""
+    signed = codes.dtype == torch.int8
+    if not _dist.is_dtensor(codes):
+        x = _layouts.int8_decode(codes.detach().to(p.device), scales.detach().to(p.device, torch.float32), signed)
+        return _placed_as(x, p)
+    local = _layouts.int8_decode(codes._local_tensor, scales._local_tensor.float(), signed)
+    return _dist.view_placed(codes, lambda _: local, tuple(codes.shape))
+
+
+def _int8_to_codes(x: torch.Tensor, p: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 values (a checkpoint of another layout) encoded as a quantized ``p``'s codes and block scales, placed
+    as its live state: for a DTensor ``p`` this rank's rows alone (layouts.int8_quantized: its rows hold whole
+    blocks, so a shard's blocks, and their codes, are those of the plain tensor)."""
+    x = _placed_as(x, p)
+    if not _dist.is_dtensor(p):
+        return _layouts.int8_encode(x.float().contiguous(), signed)
+    shape = _layouts.int8_scale_shape(p)
+    codes, scales = _layouts.int8_encode(x._local_tensor.float().contiguous().view(-1, _layouts.INT8_BLOCK), signed)
+    return (_dist.view_placed(p, lambda t: codes.view(t.shape), tuple(p.shape)),
+            _dist.view_placed(_dist.zeros_like_placed(p, shape, torch.float32),
+                              lambda t: scales.view(t.shape), tuple(shape)))
