@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .. import distributed as _dist
+
 __all__ = ["AmpMixin", "AmpRollback"]
 
 
@@ -125,7 +127,6 @@ class AmpMixin:
                 return
         elif amp[1] is None:
             return
-        from .. import distributed as _dist
         traced = torch.compiler.is_compiling()
         by_device: dict = {}
         for gp in plan:
