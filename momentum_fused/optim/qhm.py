@@ -36,8 +36,19 @@ class QHM(FusedOptimizer):
 
     @classmethod
     def from_pid(cls, k_p, k_i, k_d):
-        """The PID controller optimizer of Recht (2018) / An et al. (2018) with gains k_p, k_i, k_d."""
-        return cls._kw(k_i, k_d / (k_d - k_p), k_p * k_p / (k_i * k_d))
+        """The PID controller optimizer of Recht (2018) / An et al. (2018) with gains k_p, k_i, k_d (qhoptim's
+        map: lr = k_i, momentum = k_d / (k_d - k_p), nu = k_p^2 / (k_i k_d)). QHM takes momentum in [0, 1), which
+        this map gives for k_p and k_d of opposite signs; other gains are refused here, naming the momentum they
+        map to (qhoptim runs them: its buffer then weighs the gradient negatively, or by more than one)."""
+        if k_d == k_p or k_i == 0 or k_d == 0:
+            raise ValueError(f"QHM.from_pid(k_p={k_p}, k_i={k_i}, k_d={k_d}): needs k_i != 0, k_d != 0 and "
+                             "k_d != k_p (the map divides by k_i k_d and by k_d - k_p)")
+        momentum = k_d / (k_d - k_p)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"QHM.from_pid(k_p={k_p}, k_i={k_i}, k_d={k_d}): maps to momentum k_d / (k_d - k_p) "
+                             f"= {momentum!r}, outside the [0, 1) that QHM takes; gains k_p and k_d of opposite "
+                             "signs map inside it")
+        return cls._kw(k_i, momentum, k_p * k_p / (k_i * k_d))
 
     @classmethod
     def from_synthesized_nesterov(cls, alpha, beta1, beta2):
