@@ -46,6 +46,9 @@ def test_parity_float32(case, kwargs):
     ("Adam", dict(lr=0.01, weight_decay=0.1)),
     ("Adam", dict(lr=0.01, amsgrad=True)),
     ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, momentum_decay=0.01)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5, weight_decay=0.1)),
 ])
 @pytest.mark.parametrize("cdtype", [torch.complex128, torch.complex64])
 def test_parity_complex(name, kwargs, cdtype, default_f64):
@@ -60,7 +63,8 @@ def test_parity_complex(name, kwargs, cdtype, default_f64):
     run(ours, op, grads)
     run(ref, tp, grads)
     real = torch.float64 if cdtype == torch.complex128 else torch.float32
-    assert op[0].dtype == cdtype and ours.state[op[0]]["exp_avg" if "Adam" in name else "momentum_buffer"].dtype == cdtype
+    key = "exp_avg" if "Adam" in name else "square_avg" if name == "RMSprop" else "momentum_buffer"
+    assert op[0].dtype == cdtype and ours.state[op[0]][key].dtype == cdtype
     assert_states_close(ours, op, ref, tp, **TOL[real])
 
 

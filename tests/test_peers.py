@@ -1,6 +1,6 @@
 """Our optimizers against the public packages whose conventions they follow (installed by
 requirements-dev.txt): lion-pytorch (Lion), qhoptim (QHM), facebookresearch's schedulefree 1.4
-(SGD/AdamW schedule-free). float64, >= 12 steps, params and every state tensor.
+(SGD/AdamW schedule-free), pytorch-optimizer (SignSGD with momentum = our Signum, and signSGD). float64, >= 12 steps, params and every state tensor.
 These packages modify .grad in place (weight decay), so each side gets its own gradient copy."""
 import warnings
 
@@ -13,6 +13,8 @@ from tolerances import TOL
 lion_pytorch = pytest.importorskip("lion_pytorch", reason="needs lion-pytorch (pip install -r requirements-dev.txt)")
 qhoptim_pyt = pytest.importorskip("qhoptim.pyt", reason="needs qhoptim (pip install -r requirements-dev.txt)")
 schedulefree = pytest.importorskip("schedulefree", reason="needs schedulefree (pip install -r requirements-dev.txt)")
+pytorch_optimizer = pytest.importorskip("pytorch_optimizer",
+                                        reason="needs pytorch-optimizer (pip install -r requirements-dev.txt)")
 
 STEPS = 12
 
@@ -108,3 +110,37 @@ def test_schedulefree_under_a_decaying_scheduler_matches_upstream_lr_max_rule():
         st.step()
 
     _run(ours, theirs, o, t, {"z": "z", "exp_avg_sq": "exp_avg_sq"}, after_step=sched)
+
+
+def test_schedulefree_with_two_groups_matches_upstream():
+    """Per-group lr, warmup, weight decay and weight_lr_power: each group keeps its own k, lr_max and
+    weight_sum, as upstream's (a peer review, 2026-12-06, found no test with more than one group)."""
+    ours, theirs = _params()
+    groups = lambda ps: [dict(params=ps[:2], lr=2e-2, warmup_steps=3, weight_decay=0.05),  # noqa: E731
+                         dict(params=ps[2:], lr=5e-3, warmup_steps=0, weight_lr_power=1.0)]
+    o = mf.AdamWScheduleFree(groups(ours), lr=1e-2, betas=(0.9, 0.99))
+    t = schedulefree.AdamWScheduleFree(groups(theirs), lr=1e-2, betas=(0.9, 0.99))
+    t.train()
+    _run(ours, theirs, o, t, {"z": "z", "exp_avg_sq": "exp_avg_sq"})
+    o.eval()
+    t.eval()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    for go, gt in zip(o.param_groups, t.param_groups):
+        assert go["k"] == gt["k"] == STEPS
+        for key in ("lr_max", "weight_sum"):
+            assert go[key] == pytest.approx(gt[key], rel=1e-12), key
+
+
+@pytest.mark.parametrize("kw", [dict(lr=1e-2, momentum=0.9), dict(lr=3e-2, momentum=0.8, weight_decay=0.1),
+                                dict(lr=1e-2, momentum=0.9, weight_decay=0.05, maximize=True),
+                                dict(lr=1e-2, momentum=0.0, weight_decay=0.1)])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_signum_matches_pytorch_optimizer_signsgd(kw, foreach):
+    """pytorch-optimizer's SignSGD is Signum with momentum > 0 (m <- beta m + (1 - beta) g, decoupled weight
+    decay, sign(0) = 0) and signSGD with momentum 0 (no state)."""
+    ours, theirs = _params()
+    o = mf.Signum(ours, **kw) if kw["momentum"] else mf.SignSGD(ours, **{k: v for k, v in kw.items()
+                                                                        if k != "momentum"})
+    t = pytorch_optimizer.SignSGD(theirs, weight_decouple=True, foreach=foreach, **kw)
+    _run(ours, theirs, o, t, {"momentum_buffer": "momentum_buffer"} if kw["momentum"] else {})
