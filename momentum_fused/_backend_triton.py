@@ -75,6 +75,9 @@ def _knob_error() -> str | None:
         if v < low or v & (v - 1):
             return f"{name}={v} must be a power of two >= {low} (tl.arange needs one)"
         vals[name] = v
+    raw = os.environ.get("MOMENTUM_FUSED_TRITON_INT8_MAXNREG")  # (a register cap; 0 or unset: none)
+    if raw is not None and not (raw.strip().isdigit()):
+        return f"MOMENTUM_FUSED_TRITON_INT8_MAXNREG={raw!r} must be an integer >= 0 (0: no register cap)"
     block, warps = vals["MOMENTUM_FUSED_TRITON_BLOCK"], vals["MOMENTUM_FUSED_TRITON_WARPS"]
     if block < 32 * warps:
         return (f"MOMENTUM_FUSED_TRITON_BLOCK={block} is below 32 x MOMENTUM_FUSED_TRITON_WARPS={warps} (the packed "
@@ -84,8 +87,8 @@ def _knob_error() -> str | None:
 
 def _layout_mismatch(spec) -> str | None:
     rules, _ = _kernel_modules()
-    if spec.name not in rules.RULE_IDS:
-        return (f"rule {spec.name!r} has no Triton kernel yet (Triton rules: {sorted(rules.RULE_IDS)})")
+    if spec.name not in rules.FAMILY:  # (RULE_IDS holds every kernel rule, with or without Triton math)
+        return (f"rule {spec.name!r} has no Triton kernel yet (Triton rules: {sorted(rules.FAMILY)})")
     return None
 
 

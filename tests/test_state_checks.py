@@ -353,7 +353,9 @@ def test_a_jit_switch_that_is_neither_on_nor_off_builds_nothing(tmp_path):
 @pytest.mark.parametrize("name, value, why", [
     ("MOMENTUM_FUSED_TRITON_BLOCK", "1000", "must be a power of two"), ("MOMENTUM_FUSED_TRITON_BLOCK", "0", ">= 32"),
     ("MOMENTUM_FUSED_TRITON_BLOCK", "abc", "is not an integer"), ("MOMENTUM_FUSED_TRITON_WARPS", "3", "power of two"),
-    ("MOMENTUM_FUSED_TRITON_BLOCK", "64", "below 32 x MOMENTUM_FUSED_TRITON_WARPS=4")])
+    ("MOMENTUM_FUSED_TRITON_BLOCK", "64", "below 32 x MOMENTUM_FUSED_TRITON_WARPS=4"),
+    ("MOMENTUM_FUSED_TRITON_INT8_MAXNREG", "abc", "must be an integer >= 0"),
+    ("MOMENTUM_FUSED_TRITON_INT8_MAXNREG", "-8", "must be an integer >= 0")])
 def test_triton_knobs_are_checked_before_anything_runs(name, value, why, monkeypatch):
     """A bad launcher knob raised inside the kernel launch (a bare ZeroDivisionError, or the interpreter's arange
     error) after the step counters had moved; now the backend names it when it is chosen."""

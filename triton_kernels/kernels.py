@@ -269,8 +269,8 @@ def locate_sub(seg_tab, n_seg, s0, s1, first, SUB: tl.constexpr):
 @triton.jit
 def _prologue(scal_tab, t, grad_scale_ptr, NSCAL: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr):
     """What every rule body starts with: the tensor's scalar row; lr (entry 0 of every pack), entry 1 (the
-    weight_decay of every rule but schedule-free's, whose branches read their columns by name) and grad_mult (the
-    last of the rule's NSCAL, rules.py asserts both ends), divided by the device scale; the stochastic-rounding key
+    weight_decay of every rule but those of rules._NO_PROLOGUE_WD, whose branches read theirs by name) and
+    grad_mult (the last of the rule's NSCAL; rules.py asserts all three), divided by the device scale; the stochastic-rounding key
     (column NSCAL, only with SR: rows are NSCAL + SR wide). ``t`` is a scalar (full block) or per lane."""
     sp = scal_tab + t * (NSCAL + SR)
     lr = tl.load(sp)

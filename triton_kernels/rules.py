@@ -38,12 +38,19 @@ SCALARS = {name: tuple(get_spec(name).scalar_names) for name in KERNEL_RULES}
 FLAGS = {name: tuple(get_spec(name).flag_names) for name in KERNEL_RULES}
 
 
+_NO_PROLOGUE_WD = frozenset({"sgd_sf", "adamw_sf", "muon_momentum"})
+
+
 def _column_constants() -> dict:
     """``<RULE>_<COLUMN>`` -> tl.constexpr(index) for every rule's scalar pack (kernels.py reads packs by name).
     Every pack starts with lr and ends with grad_mult (the kernels' prologue reads those two generically)."""
     out = {}
     for name, cols in SCALARS.items():
         assert cols[0] == "lr" and cols[-1] == "grad_mult", (name, cols)
+        # kernels.py's _prologue also reads column 1 as weight_decay (`wd`), which the branches pass on; the rules
+        # whose column 1 is something else read their decay by name and must never use `wd`: listed here
+        assert cols[1] == "weight_decay" or name in _NO_PROLOGUE_WD, (
+            f"{name}: column 1 is {cols[1]!r}, not weight_decay: read it by name and add the rule to _NO_PROLOGUE_WD")
         for i, col in enumerate(cols):
             key = f"{name.upper()}_{col.upper()}"
             assert key not in out and key not in globals(), key
@@ -59,6 +66,10 @@ FAMILY = {
     "sgd_sf": "one", "muon_momentum": "one", "muon_apply": "one",
     "adam": "multi", "nadam": "multi", "rmsprop": "multi", "adamw_sf": "multi",
 }
+# The rules these kernels serve are FAMILY's keys (the backend's supports() refuses the others, naming them); each
+# one also needs its rule-id constant above, which the dispatch branches compare against.
+assert set(FAMILY) == {"sgd", "qhm", "adam", "nadam", "rmsprop", "signum", "lion", "fsgdm", "sgd_sf", "adamw_sf",
+                       "muon_momentum", "muon_apply"}, "FAMILY and the rule-id constants name different rules"
 
 
 @triton.jit

@@ -31,6 +31,7 @@ def test_bf16_update_buffer_equals_an_fp32_one_bitwise(nesterov):
     assert_snapshot_equal(new, old)
 
 
+def test_grad_scaler_device_protocol_equals_steps_never_taken():
     """GradScaler's device protocol on the Triton kernels (found_inf and grad_scale read by the kernels of both
     passes and of the aux AdamW; never on the host): inf, ok, ok, inf, ok with grad_scale 4 equals, bit for bit, a
     run of the ok steps alone on the unscaled gradients (a power of two: exact); the skipped first step's state and
