@@ -3,9 +3,12 @@
 ``package_dir`` does for an install. Without it the Triton backend of such a checkout reports itself unavailable
 (the H200 run of 2026-12-04 lost its Triton phases to that).
 
-An install, regular or editable, finds the subpackage first: this finder is appended last to ``sys.meta_path``,
-and only where the folder above the package holds setup.py and triton_kernels/ (a checkout, never
-site-packages, where a top-level ``triton_kernels`` may be another distribution's)."""
+Where the package itself is imported from a checkout (the folder above it holds setup.py and triton_kernels/;
+never site-packages, where a top-level ``triton_kernels`` may be another distribution's), this finder goes first
+in ``sys.meta_path``: the subpackage is then always the same tree's as the package. An editable install of that
+checkout maps it to the same folder; one of another tree (a second clone run with the first clone's venv) mapped
+it to that tree's kernels, silently mixing two trees, until 2026-12-06 (a review: a kernel edit in the clone
+was never loaded). A regular install is not a checkout and imports its own copy."""
 from __future__ import annotations
 
 import importlib.abc
@@ -35,4 +38,4 @@ def is_checkout() -> bool:
 
 def install() -> None:
     if is_checkout() and not any(isinstance(f, CheckoutFinder) for f in sys.meta_path):
-        sys.meta_path.append(CheckoutFinder())
+        sys.meta_path.insert(0, CheckoutFinder())

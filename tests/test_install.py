@@ -368,6 +368,27 @@ def test_a_checkout_on_pythonpath_finds_its_triton_kernels_without_an_install():
     assert "momentum_fused.triton_kernels" not in status, status  # not "import of ... failed"
 
 
+def test_a_second_checkout_run_with_this_venv_loads_its_own_triton_kernels(tmp_path):
+    """Another checkout (here: its package a link to this one's, its own copy of triton_kernels/) imported with
+    this environment, whose editable install maps ``momentum_fused.triton_kernels`` to this checkout: the kernels
+    must be the other checkout's, the same tree as its package (before 2026-12-06 the install's finder won, and a
+    kernel edit in a second clone was silently never loaded)."""
+    import shutil
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    other = tmp_path / "clone"
+    other.mkdir()
+    shutil.copy(os.path.join(root, "setup.py"), other / "setup.py")
+    shutil.copytree(os.path.join(root, "triton_kernels"), other / "triton_kernels",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    os.symlink(os.path.join(root, "momentum_fused"), other / "momentum_fused")
+    code = ("import importlib.util, momentum_fused\n"
+            "print(importlib.util.find_spec('momentum_fused.triton_kernels.launcher').origin)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=str(other),
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == str(other / "triton_kernels" / "launcher.py")
+
+
 def test_a_compile_lock_of_a_killed_process_is_removed_and_a_live_one_waited_for(tmp_path):
     """A first import killed while compiling left torch's lock file, and every later import waited on it forever,
     silently (a review, 2026-12-06)."""
