@@ -43,6 +43,14 @@ CASES += [  # schedule-free rules
 ]
 
 
+def test_every_rule_the_kernels_serve_has_a_parity_case():
+    """A rule added to rules.FAMILY (docs/architecture.md, adding a rule) needs its case here; Muon's two passes
+    have theirs in test_muon_triton.py."""
+    from momentum_fused.triton_kernels import rules
+    covered = {cls.rule for _, cls, _, _ in CASES} | {"muon_momentum", "muon_apply"}
+    assert set(rules.FAMILY) <= covered, sorted(set(rules.FAMILY) - covered)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_parity_odd_shapes(case, dtype):
