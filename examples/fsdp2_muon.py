@@ -31,7 +31,15 @@ def parse_args(argv=None):
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--ckpt", default=None, help="checkpoint directory (default: a temporary one)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.device == "cuda":  # (checked here: in the spawned ranks it was a traceback from torch.cuda.set_device)
+        import torch
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device visible to this torch")
+        if torch.cuda.device_count() < args.world and "LOCAL_RANK" not in os.environ:
+            ap.error(f"--device cuda --world {args.world}: only {torch.cuda.device_count()} CUDA device(s), one "
+                     "per rank needed")
+    return args
 
 
 def make_model(width, blocks, vocab=97):
