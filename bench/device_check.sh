@@ -370,7 +370,7 @@ phase_kernel_report() {
 # test-compressed (~80 s): their bit-exact CUDA tests (every step of 10 against layouts.py's encoding of the same
 # kernels' fp32 math, every rule; misaligned views, NaN blocks) and the layout declarations.
 phase_test_compressed() {
-  run test-compressed 120 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "compressed or int8 or declares"
+  run test-compressed 120 "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "compressed or int8 or declares or small_tables"
 }
 # test-compressed-triton (~60 s, compiles): the same every-step oracle for the compiled Triton kernels of the three
 # layouts (tests/triton/test_compressed_triton.py -m gpu: AdamW, SGD momentum, Lion, NAdam; 10 steps on CUDA tensors).

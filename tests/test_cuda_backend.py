@@ -506,3 +506,26 @@ def test_int8_state_misaligned_views_and_nan_blocks(layout):
     st = opt.state[p]
     assert torch.isnan(st["exp_avg_scale"][1]) and (st["exp_avg"][256:512] == 127).all()
     assert (st["exp_avg_sq"][256:512] == 255).all()
+
+
+_SMALL_TABLES = dict(MOMENTUM_FUSED_CUDA_MAX_BLOCKS="3", MOMENTUM_FUSED_CUDA_MAX_TENSORS="2")
+
+
+def test_tensors_split_across_many_launches_under_small_tables():
+    """The launch planner under tiny tables (3 blocks, 2 tensors a launch): every tensor of more than 3 chunks is
+    cut across launches, and a launch starts mid-tensor; the 300-tensor, the int8 (AdamW, master16_int8 SGD) and
+    the int8_sr cases rerun in a child process, since the limits are read once per process
+    (multi_tensor_apply.cuh env_limit). The planner itself is tested on the CPU (test_cuda_sources.py); this runs
+    its plans on the device (a CUDA review, 2026-12-06: no GPU test split a tensor between launches)."""
+    import subprocess
+    import sys
+    if os.environ.get("MOMENTUM_FUSED_CUDA_MAX_BLOCKS"):
+        pytest.skip("already under small tables (the child process of this test)")
+    sel = [f"{__file__}::test_300_tensors_and_one_beyond_a_table",
+           f"{__file__}::test_compressed_layouts_every_step_is_the_encoding_of_the_fp32_rule",
+           "-k", "300_tensors or int8_state-adamw or master16_int8-sgd or int8_sr-adamw"]
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *sel],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, **_SMALL_TABLES},
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
