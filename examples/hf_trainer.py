@@ -1,7 +1,9 @@
 """A momentum_fused optimizer in ``transformers.Trainer``: ``optimizers=(optimizer, scheduler)``.
 
 A tiny GPT-2 is built from a config (random init, nothing is downloaded) and trained for a few
-steps on synthetic token sequences, on the CPU.
+steps on synthetic token sequences, on the CPU. The tokens are random, so the loss stays near ln(64) = 4.16:
+the example shows the wiring (optimizer, scheduler, Trainer's train/eval calls), not learning; see
+examples/train_charlm.py for a model that learns.
 
     python examples/hf_trainer.py                       # AdamW + WSD schedule
     python examples/hf_trainer.py --optimizer sf_adamw  # schedule-free AdamW (Trainer calls
