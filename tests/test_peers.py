@@ -13,8 +13,6 @@ from tolerances import TOL
 lion_pytorch = pytest.importorskip("lion_pytorch", reason="needs lion-pytorch (pip install -r requirements-dev.txt)")
 qhoptim_pyt = pytest.importorskip("qhoptim.pyt", reason="needs qhoptim (pip install -r requirements-dev.txt)")
 schedulefree = pytest.importorskip("schedulefree", reason="needs schedulefree (pip install -r requirements-dev.txt)")
-pytorch_optimizer = pytest.importorskip("pytorch_optimizer",
-                                        reason="needs pytorch-optimizer (pip install -r requirements-dev.txt)")
 
 STEPS = 12
 
@@ -139,6 +137,8 @@ def test_schedulefree_with_two_groups_matches_upstream():
 def test_signum_matches_pytorch_optimizer_signsgd(kw, foreach):
     """pytorch-optimizer's SignSGD is Signum with momentum > 0 (m <- beta m + (1 - beta) g, decoupled weight
     decay, sign(0) = 0) and signSGD with momentum 0 (no state)."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer",
+                                            reason="needs pytorch-optimizer (pip install -r requirements-dev.txt)")
     ours, theirs = _params()
     o = mf.Signum(ours, **kw) if kw["momentum"] else mf.SignSGD(ours, **{k: v for k, v in kw.items()
                                                                         if k != "momentum"})

@@ -214,7 +214,10 @@ def test_from_pid_reproduces_filtered_pid(k_p, k_i, k_d):
 @pytest.mark.parametrize("k_p,k_i,k_d,why", [(0.3, 0.1, 0.05, "momentum k_d / \\(k_d - k_p\\) = -0.2"),
                                              (0.05, 0.1, 0.3, "= 1.2"), (0.0, 0.1, 0.3, "= 1.0"),
                                              (0.2, 0.1, 0.0, "needs k_i != 0, k_d != 0"),
-                                             (0.2, 0.0, -0.5, "needs k_i != 0")])
+                                             (0.2, 0.0, -0.5, "needs k_i != 0"),
+                                             (-0.5, 1e-300, 1e-300, "must not underflow"),
+                                             (float("-inf"), 0.1, 1.0, "must be finite"),
+                                             (-1e-05, 1e-160, 1e-160, "nu k_p\\^2 / \\(k_i k_d\\) = inf")])
 def test_from_pid_refuses_gains_outside_qhms_range_naming_the_momentum(k_p, k_i, k_d, why):
     """Gains of one sign map to a momentum outside [0, 1), which QHM refuses: from_pid says so itself, naming
     the gains and the momentum (a review, 2026-12-06: QHM's own "Invalid momentum" named a value the user never

@@ -25,9 +25,10 @@ from ..specs import KERNEL_RULES, get_spec
 RULE_IDS = {name: i for i, name in enumerate(KERNEL_RULES)}
 # Compiled kernels may only read module globals that are ``tl.constexpr`` (the interpreter accepts plain
 # ints, so only a real compile catches this: tests/test_triton_compile.py compiles for sm_90 on CPU).
+_CONSTANT_RULES = ("sgd", "qhm", "adam", "nadam", "rmsprop", "signum", "lion", "fsgdm", "sgd_sf", "adamw_sf",
+                   "muon_momentum", "muon_apply")
 SGD, QHM, ADAM, NADAM, RMSPROP, SIGNUM, LION, FSGDM, SGD_SF, ADAMW_SF, MUON_MOMENTUM_R, MUON_APPLY_R = (
-    tl.constexpr(RULE_IDS[n]) for n in ("sgd", "qhm", "adam", "nadam", "rmsprop", "signum", "lion", "fsgdm",
-                                        "sgd_sf", "adamw_sf", "muon_momentum", "muon_apply"))
+    tl.constexpr(RULE_IDS[n]) for n in _CONSTANT_RULES)
 # (MUON_MOMENTUM_* / MUON_APPLY_* are the pack columns: the rule ids take an _R suffix)
 # What each rule's math writes (spec.traffic), by rule id: bit 0 the param, bit 1 + j state j. The kernels store
 # nothing else (Muon's apply pass does not store its update back); the loads of what a rule never reads are dead
@@ -68,8 +69,7 @@ FAMILY = {
 }
 # The rules these kernels serve are FAMILY's keys (the backend's supports() refuses the others, naming them); each
 # one also needs its rule-id constant above, which the dispatch branches compare against.
-assert set(FAMILY) == {"sgd", "qhm", "adam", "nadam", "rmsprop", "signum", "lion", "fsgdm", "sgd_sf", "adamw_sf",
-                       "muon_momentum", "muon_apply"}, "FAMILY and the rule-id constants name different rules"
+assert set(FAMILY) == set(_CONSTANT_RULES), "FAMILY and the rule-id constants name different rules"
 
 
 @triton.jit

@@ -236,17 +236,26 @@ class CheckpointMixin:
         own_shaped = set() if self.spec.plain_state else {
             t.name for g in self.param_groups for t in self.spec.tensors(g) if t.shape is not None}
         sfx, name = _layouts.INT8_SCALE_SUFFIX, type(self).__name__
+        saved_group = {i: sg for sg in state_dict["param_groups"] for i in sg["params"]}
         for idx, (gi, pi, p, g) in zip(saved_ids, params):
             st = states.get(idx)
             if not isinstance(st, dict):
                 continue
-            keys = [k for k in self.spec.state_names(g) if k not in own_shaped] + [_layouts.MASTER_KEY,
-                                                                                   _layouts.REMAINDER_KEY]
+            # the names the load converts: the live group's, the checkpoint group's (its flags: e.g. AMSGrad's
+            # max_exp_avg_sq, which the load then takes) and every saved state with block scales
+            names = list(self.spec.state_names(g))
+            try:
+                names += [k for k in self.spec.state_names({**g, **{k: v for k, v in saved_group[idx].items()
+                                                                     if k != "params"}}) if k not in names]
+            except Exception:  # (a malformed saved group: torch's load, or the checks after it, name it)
+                pass
+            names += [k for k in st if isinstance(k, str) and k + sfx in st and k not in names]
+            keys = [k for k in names if k not in own_shaped] + [_layouts.MASTER_KEY, _layouts.REMAINDER_KEY]
             refuse_missized_state(name, gi, pi, p, st, keys, f"state_dict index {idx}, ")
             if not _dist.is_dtensor(p):
                 continue
             live_codes = _layouts.get_layout(g["layout"]).int8 and _layouts.int8_quantized(p)
-            for key in self.spec.state_names(g):
+            for key in names:
                 v = st.get(key)
                 coded = isinstance(v, torch.Tensor) and v.dtype in (torch.int8, torch.uint8) and key + sfx in st
                 if not isinstance(v, torch.Tensor) or coded == live_codes:
@@ -256,16 +265,17 @@ class CheckpointMixin:
                           and tuple(t.placements) == tuple(p.placements) for t in parts]
                 plain = [isinstance(t, torch.Tensor) and not _dist.is_dtensor(t) for t in parts]
                 ok = all(placed) or all(plain)
-                if ok and coded and all(placed):  # (shard-wise decode: whole blocks in each shard, their scales)
-                    ok = _layouts.int8_quantized(v) and tuple(parts[1].shape) == _layouts.int8_scale_shape(v)
+                if ok and all(placed):  # (shard by shard: the param's rows; for codes whole blocks in each, and
+                    ok = tuple(v.shape) == tuple(p.shape) and (not coded or (  # their (rows, blocks per row) scales)
+                        _layouts.int8_quantized(v) and tuple(parts[1].shape) == _layouts.int8_scale_shape(v)))
                 if not ok:
                     raise ValueError(
                         f"{name}.load_state_dict: param {pi} of group {gi} is a DTensor (FSDP2) whose layout keeps "
                         f"{'8-bit codes' if live_codes else 'fp32 state'}, and the checkpoint's "
-                        f"{'codes and scales' if coded else 'values'} for {key!r} are neither DTensors placed as the "
-                        "param (as DCP and set_optimizer_state_dict load them; codes with rows of whole blocks and "
-                        "their (rows, blocks per row) scales) nor plain tensors: cannot convert them shard by "
-                        "shard; nothing was loaded")
+                        f"{'codes and scales' if coded else 'values'} for {key!r} are neither DTensors of its shape "
+                        f"{tuple(p.shape)} placed as the param (as DCP and set_optimizer_state_dict load them; codes "
+                        "with rows of whole blocks and their (rows, blocks per row) scales) nor plain tensors: "
+                        "cannot convert them shard by shard; nothing was loaded")
 
     def _convert_int8(self, p, lay, saved, names) -> None:
         """int8_state checkpoints (docs/layouts.md): into an int8_state group the saved codes and scales are kept

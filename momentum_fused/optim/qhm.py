@@ -1,3 +1,5 @@
+import math
+
 from .base import FusedOptimizer
 
 
@@ -40,15 +42,20 @@ class QHM(FusedOptimizer):
         map: lr = k_i, momentum = k_d / (k_d - k_p), nu = k_p^2 / (k_i k_d)). QHM takes momentum in [0, 1), which
         this map gives for k_p and k_d of opposite signs; other gains are refused here, naming the momentum they
         map to (qhoptim runs them: its buffer then weighs the gradient negatively, or by more than one)."""
-        if k_d == k_p or k_i == 0 or k_d == 0:
-            raise ValueError(f"QHM.from_pid(k_p={k_p}, k_i={k_i}, k_d={k_d}): needs k_i != 0, k_d != 0 and "
-                             "k_d != k_p (the map divides by k_i k_d and by k_d - k_p)")
+        where = f"QHM.from_pid(k_p={k_p}, k_i={k_i}, k_d={k_d})"
+        if not all(math.isfinite(float(k)) for k in (k_p, k_i, k_d)):
+            raise ValueError(f"{where}: the gains must be finite")
+        if k_d == k_p or k_i * k_d == 0:
+            raise ValueError(f"{where}: needs k_i != 0, k_d != 0 and k_d != k_p (the map divides by k_i k_d and by "
+                             "k_d - k_p; k_i k_d must not underflow)")
         momentum = k_d / (k_d - k_p)
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"QHM.from_pid(k_p={k_p}, k_i={k_i}, k_d={k_d}): maps to momentum k_d / (k_d - k_p) "
-                             f"= {momentum!r}, outside the [0, 1) that QHM takes; gains k_p and k_d of opposite "
-                             "signs map inside it")
-        return cls._kw(k_i, momentum, k_p * k_p / (k_i * k_d))
+            raise ValueError(f"{where}: maps to momentum k_d / (k_d - k_p) = {momentum!r}, outside the [0, 1) that "
+                             "QHM takes; gains k_p and k_d of opposite signs map inside it")
+        nu = k_p * k_p / (k_i * k_d)
+        if not math.isfinite(nu):
+            raise ValueError(f"{where}: maps to nu k_p^2 / (k_i k_d) = {nu!r}, which QHM cannot take (finite only)")
+        return cls._kw(k_i, momentum, nu)
 
     @classmethod
     def from_synthesized_nesterov(cls, alpha, beta1, beta2):
