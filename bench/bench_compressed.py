@@ -19,7 +19,9 @@ Providers (AdamW, lr 1e-3, weight_decay 0.01):
                        bitsandbytes >= 0.45), if installed (`pip install --no-deps bitsandbytes`)
 Reported per provider: optimizer-state bytes per param (the step counter excluded; int8: codes + scales, the
 small tensors' fp32 state included), the median ms per step over the runs and the spread (min - max of the runs'
-per-step times), and the ratio of torch fused fp32's median to the provider's (> 1: faster than torch).
+per-step times), and the ratio of torch fused fp32's median to the provider's (> 1: faster than torch); the
+verdict lines under the table take the median of the runs' side-by-side ratios (run r of both providers
+interleaved), with its range and the ratio of the medians beside it.
 Writes bench/results/compressed_cpu_<date>.md (machine, torch version, thread count).
 
 torch's fused CPU AdamW opens a parallel region per tensor; ours opens one per bucket. On a machine whose cores
@@ -169,31 +171,28 @@ def main(argv=None):
                     f"{base / med:.2f}x | {p.reps} steps x {len(p.times)} runs |")
     by = {p.name: p for p in provs}
 
-    def ratio(a, b):
+    def paired(a, b):  # the runs are interleaved: run r of each provider saw the same machine state
         pa, pb = by.get(a), by.get(b)
         if pa is None or pb is None or pa.error or pb.error:
             return None
-        return statistics.median(pb.times) / statistics.median(pa.times)
+        return sorted(tb / ta for ta, tb in zip(pa.times, pb.times))
 
-    def per_run(a, b):  # the runs are interleaved: run r of each provider saw the same machine state
-        pa, pb = by.get(a), by.get(b)
-        if pa is None or pb is None or pa.error or pb.error:
-            return ""
-        rs = sorted(tb / ta for ta, tb in zip(pa.times, pb.times))
-        return f"; per run: median {statistics.median(rs):.2f}x, range {rs[0]:.2f} - {rs[-1]:.2f}x"
+    def verdict_line(a, b, what, target=None, fmt=".2f"):
+        """The median of the runs' side-by-side ratios (the headline, as `python -m bench`'s since 2026-12-06: the
+        ratio of the medians, also shown, can fall outside the runs' own range), its range, the target."""
+        rs = paired(a, b)
+        if rs is None:
+            miss = by.get(b) if by.get(b) is not None and by[b].error else by.get(a)
+            return f"- vs {what}: n/a ({miss.error if miss is not None else 'not run'})"
+        med = statistics.median(rs)
+        of_medians = statistics.median(by[b].times) / statistics.median(by[a].times)
+        goal = "" if target is None else f" (target >= {target:g}x: {'met' if med >= target else 'NOT met'})"
+        return (f"- int8_state AdamW vs {what}: {med:{fmt}}x{goal}, the median of {len(rs)} runs' side-by-side "
+                f"ratios (range {rs[0]:{fmt}} - {rs[-1]:{fmt}}x; ratio of the medians {of_medians:{fmt}}x)")
 
-    r_torch = ratio("ours int8_state", "torch fused fp32")
-    r_ao = ratio("ours int8_state", "torchao AdamW8bit")
-    r_bnb = ratio("ours int8_state", "bitsandbytes AdamW8bit")
-    verdict = [
-        f"- int8_state AdamW vs torch fused fp32: {r_torch:.2f}x (target >= 1.0x: "
-        f"{'met' if r_torch >= 1.0 else 'NOT met'}){per_run('ours int8_state', 'torch fused fp32')}"
-        if r_torch is not None else "- vs torch fused fp32: n/a",
-        f"- int8_state AdamW vs torchao AdamW8bit: {r_ao:.1f}x (target >= 10x: {'met' if r_ao >= 10 else 'NOT met'})"
-        if r_ao is not None else f"- vs torchao AdamW8bit: n/a ({by['torchao AdamW8bit'].error})",
-        f"- int8_state AdamW vs bitsandbytes AdamW8bit: {r_bnb:.1f}x{per_run('ours int8_state', 'bitsandbytes AdamW8bit')}"
-        if r_bnb is not None else f"- vs bitsandbytes AdamW8bit: n/a ({by['bitsandbytes AdamW8bit'].error})",
-    ]
+    verdict = [verdict_line("ours int8_state", "torch fused fp32", "torch fused fp32", 1.0),
+               verdict_line("ours int8_state", "torchao AdamW8bit", "torchao AdamW8bit", 10, ".1f"),
+               verdict_line("ours int8_state", "bitsandbytes AdamW8bit", "bitsandbytes AdamW8bit", None, ".1f")]
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:

@@ -159,6 +159,22 @@ def test_the_headline_ratio_lies_inside_its_range_over_the_rounds():
     assert lo <= ours["speedup_vs_best_torch"] <= hi and ours["speedup_vs_best_torch"] == 2.5
 
 
+def test_bench_compressed_headline_is_the_median_of_the_paired_runs(tmp_path):
+    """The verdict's ratio is the median of the runs' side-by-side ratios and lies inside their range (it was the
+    ratio of the medians, which said "met" at 1.14x where the runs' own median was 0.96x, 2026-12-06)."""
+    import re
+    out = subprocess.run([sys.executable, "-m", "bench.bench_compressed", "--quick", "--runs", "3", "--seconds",
+                          "0.01", "--out", str(tmp_path / "c.md")], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("- int8_state AdamW vs torch fused fp32"))
+    m = re.search(r"fp32: ([\d.]+)x .*median of 3 runs' side-by-side ratios \(range ([\d.]+) - ([\d.]+)x; "
+                  r"ratio of the medians [\d.]+x\)", line)
+    assert m, line
+    med, lo, hi = map(float, m.groups())
+    assert lo <= med <= hi
+
+
 @pytest.mark.parametrize("argv", [["-m", "bench.bench_compressed", "--runs", "0"],
                                   ["-m", "bench.frontend", "--rules", "adam"],
                                   ["-m", "bench.frontend", "--profiles", "few-large"]])
