@@ -179,7 +179,8 @@ class ValidationMixin:
         dtensor_cls = _dist.dtensor_class()  # (None: no DTensor exists in this process)
         self._grad_subst = subst = {}  # gradients the backends read resolved (``grad_of``), by id(param)
         strided_params = []  # (gi, pi, p): non-contiguous params, whose memory ``_check_param_memory`` checks
-        states, owners = [], []  # the state tensors a step writes, which no two params may share; (gi, pi, key)
+        states, owners = [], []  # the state tensors a step writes, and the params and grads of their owners: no
+        # written state may overlap another tensor of the list; (gi, pi, key), key overlap.PARAM / GRAD for those
         for gi, group in enumerate(self.param_groups):
             if not traced:  # (traced: hyperparameters are graph inputs; validated by every eager step only)
                 spec.validate(group, where=f"{name} param group {gi}: ")
@@ -282,11 +283,17 @@ class ValidationMixin:
                             self._raise_bad_state(p, key, t, pi, gi, sdt if native else lay.dtype_of(key, dtype))
                 if st and not traced:
                     self._check_state_objects(p, st, pi, gi, check_names, lazy)
+                    n_before = len(states)
                     for k in written:
                         t = st.get(k)
                         if isinstance(t, torch.Tensor):
                             states.append(t if dtensor_cls is None else _dist.local(t))
                             owners.append((gi, pi, k))
+                    if len(states) > n_before:  # (the param and its gradient: no written state may overlap them)
+                        for t, k in ((p, _overlap.PARAM), (p.grad, _overlap.GRAD)):
+                            if isinstance(t, torch.Tensor):
+                                states.append(t.detach() if dtensor_cls is None else _dist.local(t.detach()))
+                                owners.append((gi, pi, k))
                 items.append(p)
                 keys.add((device, dtype))
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}

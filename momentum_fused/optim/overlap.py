@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["span_bytes", "elements_overlap", "self_overlap", "first_shared", "shared_state"]
+__all__ = ["span_bytes", "elements_overlap", "self_overlap", "first_shared", "shared_state", "PARAM", "GRAD"]
+
+# The keys of first_shared's entries that are not state: a param and its gradient, read by the step (params also
+# written, and checked against each other by the optimizer's _check_param_memory, which allows what the backend
+# does); a conflict needs a written state on at least one side.
+PARAM, GRAD = None, "\x00grad"
 
 
 def span_bytes(t: torch.Tensor) -> tuple[int, int]:
@@ -75,9 +80,10 @@ def _base(t: torch.Tensor) -> int:
 
 
 def first_shared(entries) -> tuple | None:
-    """``entries``: (owner, tensor) pairs (plain strided tensors; an owner is (gi, pi, key)). The first two tensors
-    of different params (owner[:2]) whose elements overlap in memory, as ((owner, tensor), (owner, tensor)), or
-    None. Byte spans from data pointers, one sort by device and start (spans that overlap on one device share an
+    """``entries``: (owner, tensor) pairs (plain strided tensors; an owner is (gi, pi, key), key PARAM or GRAD for a
+    param or its gradient). The first two distinct entries, one of them a state, whose elements overlap in memory,
+    as ((owner, tensor), (owner, tensor)), or None (two states of one param, a state and its own param or gradient
+    too: the kernels read and write them through distinct restrict pointers; 2026-12-06, a review). Byte spans from data pointers, one sort by device and start (spans that overlap on one device share an
     allocation; strided ones are then compared element by element, at their absolute addresses)."""
     spans = []
     for owner, t in entries:
@@ -94,11 +100,21 @@ def first_shared(entries) -> tuple | None:
     for dev, lo, hi, owner, t in spans:
         active = [a for a in active if a[0] == dev and a[2] > lo]
         for _, _, _, other, r in active:
-            if other[:2] != owner[:2] and ((t.is_contiguous() and r.is_contiguous())
-                                           or elements_overlap(r, t, _base(t) - _base(r))):
+            if other != owner and (_is_state(other) or _is_state(owner)) and (
+                    (t.is_contiguous() and r.is_contiguous()) or elements_overlap(r, t, _base(t) - _base(r))):
                 return (other, r), (owner, t)
         active.append((dev, lo, hi, owner, t))
     return None
+
+
+def _is_state(owner) -> bool:
+    return owner[2] is not PARAM and owner[2] != GRAD
+
+
+def _what(owner) -> str:
+    gi, pi, key = owner
+    return (f"param {pi} of group {gi}" if key is PARAM else f"the gradient of param {pi} of group {gi}" if key == GRAD
+            else f"state {key!r} of param {pi} of group {gi}")
 
 
 def shared_state(ts: list, owners: list, memo: dict, ptrs_of=None) -> str | None:
@@ -113,9 +129,14 @@ def shared_state(ts: list, owners: list, memo: dict, ptrs_of=None) -> str | None
         return None
     hit = first_shared(list(zip(owners, ts)))
     if hit is not None:
-        (a, _), (b, _) = sorted(hit, key=lambda x: x[0])
-        return (f"param {a[1]} of group {a[0]} and param {b[1]} of group {b[0]} share state memory ({a[2]!r}, "
-                f"{b[2]!r}); each param's state must be its own (copy it: "
-                "{k: v.clone() for k, v in state.items()}); nothing changed")
+        a, b = hit[0][0], hit[1][0]
+        if _is_state(a) and _is_state(b) and a[:2] != b[:2]:
+            a, b = sorted((a, b))
+            return (f"param {a[1]} of group {a[0]} and param {b[1]} of group {b[0]} share state memory ({a[2]!r}, "
+                    f"{b[2]!r}); each param's state must be its own (copy it: "
+                    "{k: v.clone() for k, v in state.items()}); nothing changed")
+        a, b = (a, b) if _is_state(a) else (b, a)
+        return (f"{_what(a)} shares memory with {_what(b)}; a state tensor must have memory of its own (the step "
+                "writes it while reading the others: clone it); nothing changed")
     memo["_state_ptrs"] = ptrs
     return None
