@@ -17,13 +17,14 @@ int detect() {
   int best = ISA_BASELINE;
 #if MF_X86_VARIANTS
   __builtin_cpu_init();
-  // both variants use F16C (the fp16 conversions of cpu_simd_avx2.inc; every AVX2 CPU has it)
-  const bool f16c = __builtin_cpu_supports("f16c");
+  // both variants use F16C (the fp16 conversions of cpu_simd_avx2.inc; every AVX2 CPU has it) and are compiled
+  // with BMI2 (#pragma GCC target), which the compiler may emit anywhere: a VM can expose AVX2 without it
+  const bool f16c_bmi2 = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("fma") && f16c)
+      __builtin_cpu_supports("fma") && f16c_bmi2)
     best = ISA_AVX512;
-  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c_bmi2)
     best = ISA_AVX2;
 #endif
   // MOMENTUM_FUSED_CPU_ISA=baseline|avx2|avx512 caps the choice (tests; never raises it above the CPU's)
