@@ -79,19 +79,30 @@ def test_sgd_schedulefree_matches_upstream(kw):
     assert o.param_groups[0]["k"] == t.param_groups[0]["k"] == STEPS
 
 
-@pytest.mark.parametrize("kw", SF_CASES)
+def _two_groups(ps):
+    """Per-group lr, warmup, weight decay and weight_lr_power (a peer review, 2026-12-06, found no test with more
+    than one group): each group keeps its own k, lr_max and weight_sum, as upstream's."""
+    return [dict(params=ps[:2], lr=2e-2, warmup_steps=3, weight_decay=0.05),
+            dict(params=ps[2:], lr=5e-3, warmup_steps=0, weight_lr_power=1.0)]
+
+
+@pytest.mark.parametrize("kw", SF_CASES + ["two groups"])
 def test_adamw_schedulefree_matches_upstream(kw):
     ours, theirs = _params()
-    o = mf.AdamWScheduleFree(ours, lr=2e-2, betas=(0.9, 0.99), **kw)
-    t = schedulefree.AdamWScheduleFree(theirs, lr=2e-2, betas=(0.9, 0.99), **kw)
+    make = (lambda ps: ps) if kw != "two groups" else _two_groups  # noqa: E731
+    kw = {} if kw == "two groups" else kw
+    o = mf.AdamWScheduleFree(make(ours), lr=2e-2, betas=(0.9, 0.99), **kw)
+    t = schedulefree.AdamWScheduleFree(make(theirs), lr=2e-2, betas=(0.9, 0.99), **kw)
     t.train()
     _run(ours, theirs, o, t, {"z": "z", "exp_avg_sq": "exp_avg_sq"})
     o.eval()
     t.eval()
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
-    for key in ("lr_max", "weight_sum"):
-        assert o.param_groups[0][key] == pytest.approx(t.param_groups[0][key], rel=1e-12), key
+    for go, gt in zip(o.param_groups, t.param_groups):
+        assert go["k"] == gt["k"] == STEPS
+        for key in ("lr_max", "weight_sum"):
+            assert go[key] == pytest.approx(gt[key], rel=1e-12), key
 
 
 def test_schedulefree_under_a_decaying_scheduler_matches_upstream_lr_max_rule():
@@ -108,26 +119,6 @@ def test_schedulefree_under_a_decaying_scheduler_matches_upstream_lr_max_rule():
         st.step()
 
     _run(ours, theirs, o, t, {"z": "z", "exp_avg_sq": "exp_avg_sq"}, after_step=sched)
-
-
-def test_schedulefree_with_two_groups_matches_upstream():
-    """Per-group lr, warmup, weight decay and weight_lr_power: each group keeps its own k, lr_max and
-    weight_sum, as upstream's (a peer review, 2026-12-06, found no test with more than one group)."""
-    ours, theirs = _params()
-    groups = lambda ps: [dict(params=ps[:2], lr=2e-2, warmup_steps=3, weight_decay=0.05),  # noqa: E731
-                         dict(params=ps[2:], lr=5e-3, warmup_steps=0, weight_lr_power=1.0)]
-    o = mf.AdamWScheduleFree(groups(ours), lr=1e-2, betas=(0.9, 0.99))
-    t = schedulefree.AdamWScheduleFree(groups(theirs), lr=1e-2, betas=(0.9, 0.99))
-    t.train()
-    _run(ours, theirs, o, t, {"z": "z", "exp_avg_sq": "exp_avg_sq"})
-    o.eval()
-    t.eval()
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, **TOL[torch.float64])
-    for go, gt in zip(o.param_groups, t.param_groups):
-        assert go["k"] == gt["k"] == STEPS
-        for key in ("lr_max", "weight_sum"):
-            assert go[key] == pytest.approx(gt[key], rel=1e-12), key
 
 
 @pytest.mark.parametrize("kw", [dict(lr=1e-2, momentum=0.9), dict(lr=3e-2, momentum=0.8, weight_decay=0.1),
