@@ -99,10 +99,14 @@ class Choice:
 @dataclass(frozen=True)
 class Int:
     lo: int = 1
+    whole_floats: bool = False  # a float of integral value passes too (a count computed as 0.1 * total_steps)
 
     def check(self, name: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+        whole = self.whole_floats and isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) \
+            and math.isfinite(float(value)) and float(value).is_integer()
+        if not whole and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an int{' (or a float of integral value)' if self.whole_floats else ''}, "
+                            f"got {type(value).__name__}: {value!r}")
         if value < self.lo:
             raise ValueError(f"Invalid {name}: {value} (must be >= {self.lo})")
 

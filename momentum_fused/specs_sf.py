@@ -42,7 +42,7 @@ class OptionalReal:
 UNIT_OPEN_BOTH = Real(0.0, 1.0, lo_open=True, hi_open=True)  # (0, 1)
 
 _SF_COMMON_HPARAMS = dict(
-    lr=SFLR(), weight_decay=NONNEG, warmup_steps=Int(0), r=NONNEG, weight_lr_power=NONNEG,
+    lr=SFLR(), weight_decay=NONNEG, warmup_steps=Int(0, whole_floats=True), r=NONNEG, weight_lr_power=NONNEG,
     weight_rule=Choice(("lr_max", "lr_t")), f_star=FINITE, polyak_max_lr=OptionalReal(Real(0.0, lo_open=True)),
     M=Real(0.0, lo_open=True), maximize=Flag(),
     # host counters (group extras): validated so that a corrupt checkpoint fails before any change

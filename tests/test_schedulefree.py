@@ -591,3 +591,22 @@ def test_float32_matches_float64(cls, kw):
     for a, b in zip(out[torch.float32], out[F64]):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("cls", [mf.SGDScheduleFree, mf.AdamWScheduleFree])
+def test_warmup_steps_takes_a_float_of_integral_value(cls):
+    """``warmup_steps=0.1 * total_steps`` is a float; schedule_free takes it, and this library refused it (a
+    TypeError) before 2026-12-06. A float of integral value now steps bit for bit as the int; another float is
+    refused, naming what it takes (its last warmup factor would exceed 1)."""
+    def run(w):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(7, dtype=torch.float64, generator=gen))
+        opt = cls([p], lr=0.05, warmup_steps=w)
+        for _ in range(8):
+            p.grad = torch.randn(7, dtype=torch.float64, generator=gen)
+            opt.step()
+        return p.detach()
+    assert torch.equal(run(0.1 * 40), run(4))
+    for bad in (2.5, float("inf"), float("nan")):
+        with pytest.raises(TypeError, match="warmup_steps must be an int \\(or a float of integral value\\)"):
+            cls([torch.nn.Parameter(torch.ones(3))], warmup_steps=bad)
