@@ -343,7 +343,7 @@ def test_muon_capturable_step_with_a_grad_scaler_reads_no_tensor_on_the_host():
             with refuse_host_reads():
                 opt.step()
             assert calls and all(f for _, f in calls)
-            assert "_pending_amp" not in opt._core.__dict__ and "_pending_amp" not in opt._aux.__dict__
+            assert "pending_amp" not in opt._core._step_attrs and "pending_amp" not in opt._aux._step_attrs
             if inf:
                 assert_snapshot_equal(before, snapshot(opt, ps))
             else:

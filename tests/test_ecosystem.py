@@ -216,6 +216,29 @@ def test_a_float_hyperparameter_changing_between_compiled_steps_does_not_recompi
     assert n_graphs[2:] == [n_graphs[2]] * 4, n_graphs  # (the state's recompilation, then one per value's: none)
 
 
+def test_compiled_tests_run_under_torch_2_11s_rule_for_optimizer_attributes():
+    """tests/conftest.py makes dynamo refuse an attribute written on an optimizer inside a traced frame, as torch
+    2.11's does (2.13's accepts it): every compiled step of 2.11, the lent H200 image's torch, raised until
+    2026-12-06 ("Attempted setattr on a user-defined object that does not have an AttributeMutation
+    mutation_type"; found by running this suite on 2.11). The compiled tests here and in tests/triton therefore
+    check it; this one fails where that patch no longer applies to this torch (conftest's message says why)."""
+    from torch._dynamo.variables.optimizer import OptimizerVariable
+    from torch._dynamo.variables.user_defined import UserDefinedObjectVariable
+
+    assert UserDefinedObjectVariable.method_setattr_standard.__name__ == "refuse"
+    torch._dynamo.reset()
+    p = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1)
+    assert issubclass(OptimizerVariable, UserDefinedObjectVariable)
+
+    def write():
+        opt.anything = 1
+
+    with pytest.raises(Exception, match="torch 2.11's dynamo refuses"):
+        torch.compile(write, backend="eager", fullgraph=True)()
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("cls,layout,dtype", [(mf.AdamW, "int8_state", torch.float32),
                                                (mf.AdamW, "master16_int8", torch.bfloat16),
                                                (mf.SGD, "int8_state", torch.float32),

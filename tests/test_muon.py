@@ -625,7 +625,7 @@ def test_device_protocol_sequence_equals_the_host_protocol(base, capturable):
             for k, inf in enumerate(plan):
                 _amp_step(opt, q, _amp_grads(grads[k], inf, 4.0), float(inf), 4.0, device=backend == name)
                 if backend == name and capturable and k >= 2:
-                    assert "_pending_amp" not in opt._core.__dict__ and "_pending_amp" not in opt._aux.__dict__
+                    assert "pending_amp" not in opt._core._step_attrs and "pending_amp" not in opt._aux._step_attrs
             opt.sync_amp()
             out.append((opt, q))
     (a, pa), (b, pb) = out

@@ -75,7 +75,7 @@ class AmpMixin:
         was nonzero (the kernels skipped that step), roll the host-side state back. Called by step(),
         state_dict(), load_state_dict() and add_param_group(); call it before reading ``state`` directly
         between steps when training with a GradScaler on the triton/cuda backends."""
-        pending = self.__dict__.pop("_pending_amp", None)
+        pending = self._step_attrs.pop("pending_amp", None)
         if pending is None:
             return
         if pending.event is not None:
@@ -101,15 +101,15 @@ class AmpMixin:
     def _defer_amp_flag(self, found_inf, record: AmpRollback):
         """Copy found_inf to the host without blocking; sync_amp() reads it later."""
         if found_inf.device.type == "cuda":
-            buf = self.__dict__.get("_amp_flag")
+            buf = self._step_attrs.get("amp_flag")
             if buf is None:
-                buf = self._amp_flag = torch.empty(1, dtype=torch.float32, pin_memory=True)
+                buf = self._step_attrs["amp_flag"] = torch.empty(1, dtype=torch.float32, pin_memory=True)
             buf.copy_(found_inf.reshape(1), non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
             buf, event = found_inf.detach().reshape(1).clone(), None
-        self._pending_amp = PendingAmp(buf, event, record)
+        self._step_attrs["pending_amp"] = PendingAmp(buf, event, record)
 
     def _unscale_grads(self, plan, amp, inv_scale: float) -> None:
         """After a GradScaler step, the stepped params' ``.grad`` hold unscaled values, as with torch.optim (its

@@ -119,7 +119,12 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         self.backend = backend
         self._seen_keys: set = set()  # group keys already checked against near-miss hyperparameter names
         self._step_views: dict = {}
-        self._grad_subst = None  # (this step's resolved gradients, ``grad_of``; set by the full plan)
+        # What a step writes besides params, state and groups, kept in one dict written in place (a step traced by
+        # torch.compile can do that; torch 2.11's dynamo refuses an attribute written on an optimizer, 2.13's takes
+        # it): "grad_subst", the step's resolved gradients (``grad_of``; set by the full plan); "views_verified", the
+        # host counters the cached plan checked (optim/scalars.py); "pending_amp" and "amp_flag", a device-side
+        # GradScaler flag on its way to the host (optim/amp.py).
+        self._step_attrs = {}
         self._fast = None
         self._called = {"step": False}
         self.spec.validate({**defaults, **self.spec.group_extras}, where=f"{type(self).__name__}: ", init=True)
@@ -149,7 +154,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         return self
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "_pending_amp" in self.__dict__:
+        if self._step_attrs.get("pending_amp") is not None:
             self.sync_amp()
         if isinstance(param_group, dict):
             self._check_group_keys(param_group, f"{type(self).__name__} param group {len(self.param_groups)}")
@@ -191,8 +196,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
     def __getstate__(self) -> dict[str, Any]:
         self.sync_amp()
         state = super().__getstate__()
-        for k in ("_pending_amp", "_amp_flag", "_views_verified"):
-            state.pop(k, None)
+        state.pop("_step_attrs", None)
         state["backend"] = self.backend
         return state
 
@@ -209,6 +213,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             self.defaults.pop("differentiable", None)
         self.invalidate_caches()
         self._called = {"step": False}
+        self.__dict__.setdefault("_step_attrs", {})  # (torch's load_state_dict: the live dict stays)
         if "defaults" in state:  # unpickled or deep-copied (not torch's load): the master marks were not copied
             self.__dict__["_adopt_all_masters"] = True
 
@@ -305,33 +310,33 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
             _drop_amp_attrs(self)
             raise
         finally:
-            self._grad_subst = None  # (this step's resolved gradients, ``grad_of``: not kept until the next)
+            self._step_attrs["grad_subst"] = None  # (this step's resolved gradients, ``grad_of``: not kept until the next)
             if paused:
                 gc.enable()
 
     def _step_plan(self):
         """This step's plan, ``(plan, cached)``: the cached plan of the last step re-validated (``_fast_plan``;
         ``cached`` its per-group entries), else the full plan (``_plan``; ``cached`` None). Modifies nothing but
-        ``_views_verified`` (the host counters the cached plan checked, for this step only: optim/scalars.py
-        ``_host_views``).
+        ``_step_attrs["views_verified"]`` (the host counters the cached plan checked, for this step only: optim/scalars.py
+        ``_host_views``) and ``_step_attrs["grad_subst"]``.
 
         An optimizer that steps others (momentum_fused.Muon: its inner optimizers) validates them all with this
         before any changes anything, then hands each its own result for its step in the attribute ``_planned``
-        = ``(plan, cached, _views_verified)``, which ``_update`` takes (and drops) instead of planning again:
+        = ``(plan, cached, views_verified)``, which ``_update`` takes (and drops) instead of planning again:
         valid as long as nothing but the other inner optimizers' steps ran in between (they touch other params
         and state)."""
-        self._views_verified = ()
-        self._grad_subst = None  # (set by _plan; the cached plan's gradients are plain tensors)
+        self._step_attrs["views_verified"] = ()
+        self._step_attrs["grad_subst"] = None  # (set by _plan; the cached plan's gradients are plain tensors)
         fast = None if torch.compiler.is_compiling() else self._fast_plan()
         return (self._plan(), None) if fast is None else fast
 
     def _update(self, loss):
         """The step after the closure: plan, GradScaler, state, scalars, one backend call per bucket."""
-        if "_pending_amp" in self.__dict__:  # the previous step's device-side GradScaler flag
+        if self._step_attrs.get("pending_amp") is not None:  # the previous step's device-side GradScaler flag
             self.sync_amp()
         traced = torch.compiler.is_compiling()  # (dynamo's guards replace the cached plan there)
         if not traced and "_planned" in self.__dict__:  # validated by the caller just now (momentum_fused.Muon)
-            plan, cached, self._views_verified = self.__dict__.pop("_planned")
+            plan, cached, self._step_attrs["views_verified"] = self.__dict__.pop("_planned")
         else:
             plan, cached = self._step_plan()
         amp = self._device_amp(plan)  # (found_inf, grad_scale) read by the kernels, or None: the host protocol
@@ -413,7 +418,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                     b = bucket(backend, device, dtype, flags, lay, cap)
                     if cached is None:
                         b.params.extend(items)
-                        b.grads.extend([p.grad for p in items] if not self._grad_subst else map(self.grad_of, items))
+                        b.grads.extend([p.grad for p in items] if not self._step_attrs.get("grad_subst") else map(self.grad_of, items))
                         if lay.int8:  # quantized tensors: the codes, then their scales (backends.Backend)
                             sfx = _layouts.INT8_SCALE_SUFFIX
                             b.states.extend([tuple([st[k] for k in names] + [st[k + sfx] for k in names

@@ -177,7 +177,7 @@ class ValidationMixin:
         plan = []
         traced = torch.compiler.is_compiling()
         dtensor_cls = _dist.dtensor_class()  # (None: no DTensor exists in this process)
-        self._grad_subst = subst = {}  # gradients the backends read resolved (``grad_of``), by id(param)
+        self._step_attrs["grad_subst"] = subst = {}  # gradients the backends read resolved (``grad_of``), by id(param)
         strided_params = []  # (gi, pi, p): non-contiguous params, whose memory ``_check_param_memory`` checks
         states, owners = [], []  # the state tensors a step writes, and the params and grads of their owners: no
         # written state may overlap another tensor of the list; (gi, pi, key), key overlap.PARAM / GRAD for those
@@ -373,7 +373,7 @@ class ValidationMixin:
 
     def grad_of(self, p):
         """``p``'s gradient as the backends read it this step: ``p.grad``, or its resolved copy (``_resolve_grad``)."""
-        sub = self.__dict__.get("_grad_subst")
+        sub = self._step_attrs.get("grad_subst")
         return sub.get(id(p), p.grad) if sub else p.grad
 
     def _check_listed_once(self, plan) -> None:

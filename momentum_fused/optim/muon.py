@@ -433,7 +433,7 @@ class Muon(torch.optim.Optimizer):
                 plan, cached = inner._step_plan()
             except _RENAMED as e:
                 raise self._outer_error(inner, e) from None
-            planned.append((plan, cached, inner._views_verified))
+            planned.append((plan, cached, inner._step_attrs.get("views_verified", ())))
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         device = self._takes_device_amp(inners, [p[0] for p in planned], found_inf, grad_scale)

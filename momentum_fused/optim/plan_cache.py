@@ -119,7 +119,7 @@ class PlanCacheMixin:
             plan.append(GroupPlan(group, e["state_names"], items, chosen))
             cached.append((e, gs))
         # the host counters' views were checked just now: _host_views need not check them again this step
-        self._views_verified = {(gi, hk) for gi, (e, _) in enumerate(cached) for hk in e["host_keys"]}
+        self._step_attrs["views_verified"] = {(gi, hk) for gi, (e, _) in enumerate(cached) for hk in e["host_keys"]}
         return plan, cached
 
     def _remember_plan(self, plan) -> None:

@@ -114,7 +114,7 @@ class ScalarsMixin:
         cached = self._step_views.get((gi, key))
         if cached is not None:
             buf, views = cached
-            if (gi, key) in self.__dict__.get("_views_verified", ()) or _same_entries(states, key, views):
+            if (gi, key) in self._step_attrs.get("views_verified", ()) or _same_entries(states, key, views):
                 return buf
         buf = torch.stack([current(st) for st in states])
         views = list(buf.unbind(0))
@@ -158,7 +158,7 @@ class ScalarsMixin:
         for key in ("step", *(() if self.spec.host_state is None else (self.spec.host_state[0],))):
             cached = self._step_views.get((gi, key))
             # (the buffer the advance will take: _host_views' own test; else it re-stacks, undone per entry)
-            if cached is not None and ((gi, key) in self.__dict__.get("_views_verified", ())
+            if cached is not None and ((gi, key) in self._step_attrs.get("views_verified", ())
                                        or _same_entries(states, key, cached[1])):
                 out.append((cached[0], cached[0].clone()))
             else:
