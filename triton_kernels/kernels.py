@@ -453,7 +453,8 @@ def int8_encode_index(y, tab_ptr, UNSIGNED: tl.constexpr):
         c = tl.where(t < INT8_S_ZERO, t, INT8_S_ZERO).to(tl.int32)
         cf = c.to(tl.float32)
         c = c - ((c > 0) & (a <= cf * (cf - 1.0) + 0.5)).to(tl.int32)  # exact: no rounding, fused or not
-        return INT8_S_ZERO + tl.where(y < 0, -c, c)
+        # (the tensor first: in triton 3.7's interpreter constexpr + tensor is no tensor tl.store takes)
+        return tl.where(y < 0, -c, c) + INT8_S_ZERO
 
 
 @triton.jit
@@ -494,7 +495,7 @@ def int8_encode_index_sr(y, r, UNSIGNED: tl.constexpr):
     c = tl.where(a != a, top, f + up.to(tl.float64)).to(tl.int32)
     if UNSIGNED:
         return c
-    return INT8_S_ZERO + tl.where(y < 0, -c, c)
+    return tl.where(y < 0, -c, c) + INT8_S_ZERO
 
 
 @triton.jit
