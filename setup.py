@@ -213,7 +213,8 @@ setup(
     package_dir={"momentum_fused.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     # ninja: the build at first import (momentum_fused/_jit.py) runs torch.utils.cpp_extension.load
-    install_requires=["torch>=2.4", "ninja"],
+    # torch: the oldest release the suite passed on (.ci/torch_matrix.sh, docs/ecosystem.md "Torch versions")
+    install_requires=["torch>=2.10", "ninja"],
     extras_require={
         "dev": ["pytest", "hypothesis", "matplotlib"],
         # peer packages benchmarked side by side (bench/) and used as oracles (tests/test_peers.py)
