@@ -221,15 +221,16 @@ def test_compiled_tests_run_under_torch_2_11s_rule_for_optimizer_attributes():
     2.11's does (2.13's accepts it): every compiled step of 2.11, the lent H200 image's torch, raised until
     2026-12-06 ("Attempted setattr on a user-defined object that does not have an AttributeMutation
     mutation_type"; found by running this suite on 2.11). The compiled tests here and in tests/triton therefore
-    check it; this one fails where that patch no longer applies to this torch (conftest's message says why)."""
+    check it; this one fails where that patch no longer applies to this torch (its dynamo moved the hook)."""
     from torch._dynamo.variables.optimizer import OptimizerVariable
     from torch._dynamo.variables.user_defined import UserDefinedObjectVariable
 
-    assert UserDefinedObjectVariable.method_setattr_standard.__name__ == "refuse"
+    assert issubclass(OptimizerVariable, UserDefinedObjectVariable)
+    assert UserDefinedObjectVariable.method_setattr_standard.__name__ == "refuse", \
+        "tests/conftest.py could not patch this torch's dynamo (OptimizerVariable or method_setattr_standard moved)"
     torch._dynamo.reset()
     p = torch.zeros(2, requires_grad=True)
     opt = torch.optim.SGD([p], lr=0.1)
-    assert issubclass(OptimizerVariable, UserDefinedObjectVariable)
 
     def write():
         opt.anything = 1
