@@ -62,7 +62,9 @@ class MatrixPhase:
     state tensor ``tensor`` of b params of one shape (and device, dtype) and returns the result, which
     is written back. The optimizer batches the group's tensors by shape, at most ``max_batch`` (None:
     all) matrices per call and at most ``max_batch_bytes`` bytes of stack per call (None: no bound; one matrix
-    per call at least); ``fn`` uses torch ops (cuBLAS on CUDA through torch). When ``tensor`` is a work buffer
+    per call at least), and on CPU tensors at most ``cpu_batch_bytes`` too (a cache-sized bound: a chain of
+    products over a stack that outgrows the caches runs slower than over one that stays in them); ``fn`` uses
+    torch ops (cuBLAS on CUDA through torch). When ``tensor`` is a work buffer
     (a non-persistent StateTensor), the optimizer allocates it as one [b, *shape] buffer per shape, the
     tensors of the params being its rows: the stacks are then views of it (no copy in), and ``fn`` may
     return its batch itself (transformed in place: no copy back).
@@ -77,6 +79,7 @@ class MatrixPhase:
     fn: Callable[[Mapping, torch.Tensor], torch.Tensor]
     max_batch: int | None = None
     max_batch_bytes: int | None = None
+    cpu_batch_bytes: int | None = None
     compute_dtype: Callable[[Mapping, torch.device], torch.dtype] | None = None
 
 

@@ -57,6 +57,21 @@ GRAM_RESTART_PERIOD = 2
 # temporaries (X, X X^T, the polynomial, the new X, in ns_dtype) stay a small multiple of it. A shape bucket
 # larger than this is split into chunks (at least one matrix each).
 NS_MAX_BATCH_BYTES = 256 << 20
+# On CPU tensors without AMX the stacks are cut smaller, to about one core's L2 (the update work buffer's bytes:
+# bf16 by default): the NS is a chain of 15 products over the stack, and there that chain runs faster over stacks
+# that stay in the caches than over one large stack (2026-12-07, 2-core AMD EPYC Zen 5, GPT stack d = 384: "auto"
+# 1.24-1.45x -> 1.51-1.55x torch.optim.Muon, "standard" 0.87-1.14x -> 1.01-1.08x; d = 768 within the noise;
+# bench/results/muon-cpu-20261207-zen5-chunks.txt). With AMX the whole buckets stay: there the batched products
+# of torch's iteration ran 1.6x torch.optim.Muon's per-matrix ones (2026-12-06, Xeon), which one matrix per call
+# would give up, and no cut was measured on such a CPU. On CUDA a larger batch fills the device: only
+# NS_MAX_BATCH_BYTES applies there.
+NS_CPU_BATCH_BYTES = 2 << 20
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, which torch's bf16 GEMMs use (torch's own check; False where torch has none)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if check is not None else False
 
 
 def _is_real(v) -> bool:
@@ -273,8 +288,9 @@ MUON_SPEC = UpdateRuleSpec(
     advance=lambda g, st, fresh, t: (), cross_check=_check_symmm_env,
     state_tensors=lambda g: (StateTensor("momentum_buffer"), StateTensor(
         "update", persistent=False, work_dtype=lambda dtype, device: update_dtype(g, dtype, device))),
-    phases=(ElementwisePass("muon_momentum", param_slot="momentum_buffer"), MatrixPhase("newton_schulz", "update", _ns_phase, max_batch=None,
-                                                   max_batch_bytes=NS_MAX_BATCH_BYTES, compute_dtype=ns_dtype_for),
+    phases=(ElementwisePass("muon_momentum", param_slot="momentum_buffer"),
+            MatrixPhase("newton_schulz", "update", _ns_phase, max_batch=None, max_batch_bytes=NS_MAX_BATCH_BYTES,
+                        cpu_batch_bytes=None if cpu_has_amx() else NS_CPU_BATCH_BYTES, compute_dtype=ns_dtype_for),
             ElementwisePass("muon_apply")))
 
 for _s in (MUON_MOMENTUM_SPEC, MUON_APPLY_SPEC, MUON_SPEC):

@@ -434,6 +434,61 @@ def test_newton_schulz_stacks_are_views_of_one_buffer_per_shape(monkeypatch):
         torch.testing.assert_close(x, y, rtol=0, atol=3 * 0.02 * 2 ** -7)
 
 
+def test_newton_schulz_stacks_on_cpu_are_cut_to_the_cache_bound_and_cuda_stacks_are_not():
+    """A phase's cpu_batch_bytes bounds a CPU stack (the update's bytes, bf16 by default) on top of the memory
+    bound max_batch_bytes; on CUDA only the memory bound applies. Muon's spec takes specs_muon.NS_CPU_BATCH_BYTES
+    on CPUs without AMX and no CPU bound with AMX (docs/muon.md)."""
+    import dataclasses
+    from momentum_fused.optim.phases import _chunk_size
+    from momentum_fused.specs import SPECS
+    from momentum_fused.specs_muon import NS_CPU_BATCH_BYTES, NS_MAX_BATCH_BYTES, cpu_has_amx
+    spec_phase = SPECS["muon"].phases[1]
+    assert spec_phase.max_batch_bytes == NS_MAX_BATCH_BYTES
+    assert spec_phase.cpu_batch_bytes == (None if cpu_has_amx() else NS_CPU_BATCH_BYTES)
+    assert NS_CPU_BATCH_BYTES < NS_MAX_BATCH_BYTES
+    ph = dataclasses.replace(spec_phase, cpu_batch_bytes=NS_CPU_BATCH_BYTES)
+    big, small = 384 * 1536 * 2, 384 * 384 * 2  # bf16 updates of a GPT block's fc and attention matrices
+    assert _chunk_size(ph, 12, big, "cpu") == 1 and _chunk_size(ph, 12, big, "cuda") == 12
+    assert _chunk_size(ph, 12, small, "cpu") == NS_CPU_BATCH_BYTES // small == 7
+    assert _chunk_size(ph, 3, small, "cpu") == 3  # never more than the bucket
+    assert _chunk_size(ph, 999, 4 << 20, "cuda") == NS_MAX_BATCH_BYTES // (4 << 20) == 64
+    assert _chunk_size(ph, 999, NS_MAX_BATCH_BYTES + 1, "cuda") == 1  # one matrix per call at least
+    uncut = dataclasses.replace(spec_phase, cpu_batch_bytes=None)
+    assert _chunk_size(uncut, 12, big, "cpu") == 12
+
+
+def test_newton_schulz_on_cpu_runs_per_cache_sized_chunk_with_the_uncut_result(monkeypatch):
+    """A step on CPU tensors calls the NS once per chunk of at most cpu_batch_bytes of updates, and the params
+    equal those of one uncut stack per shape (cpu_batch_bytes=None), within a bf16 update step (measured: equal on
+    this CPU)."""
+    import dataclasses
+    from momentum_fused.specs import SPECS
+    from momentum_fused.specs_muon import NS_CPU_BATCH_BYTES
+    shapes = [(512, 1024)] * 5 + [(96, 64)] * 3  # 1 MiB bf16 updates: two per chunk; the small ones in one
+    assert 2 * 512 * 1024 * 2 <= NS_CPU_BATCH_BYTES < 3 * 512 * 1024 * 2
+    params, grads = _problem(shapes, steps=2)
+    q = [p.clone() for p in params]
+    spec = SPECS["muon"]
+    calls = []
+
+    def with_phase(**kw):
+        def counted(fn):
+            return lambda g, batch: (calls.append(tuple(batch.shape)), fn(g, batch))[1]
+        phases = tuple(dataclasses.replace(ph, fn=counted(ph.fn), **kw) if hasattr(ph, "fn") else ph
+                       for ph in spec.phases)
+        monkeypatch.setitem(SPECS, "muon", dataclasses.replace(spec, phases=phases))
+
+    with_phase(cpu_batch_bytes=NS_CPU_BATCH_BYTES)  # (the spec's value on a CPU without AMX)
+    run(mf.Muon(params, lr=0.02, backend="cpu"), params, grads)
+    assert sorted(calls) == sorted([(2, 512, 1024), (2, 512, 1024), (1, 512, 1024), (3, 96, 64)] * 2)
+    calls.clear()
+    with_phase(cpu_batch_bytes=None)
+    run(mf.Muon(q, lr=0.02, backend="cpu"), q, grads)
+    assert sorted(calls) == sorted([(5, 512, 1024), (3, 96, 64)] * 2)
+    for x, y in zip(params, q):
+        torch.testing.assert_close(x, y, rtol=0, atol=2 * 0.02 * 2 ** -7)
+
+
 @pytest.mark.parametrize("dtype,ns_dtype,want", [
     (torch.float32, None, torch.bfloat16), (torch.float32, torch.bfloat16, torch.bfloat16),
     (torch.float32, torch.float32, torch.float32), (torch.float64, torch.bfloat16, torch.float64),

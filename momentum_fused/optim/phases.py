@@ -212,7 +212,7 @@ class PhasesMixin:
         for t in plain:
             by_shape.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
         for ts in by_shape.values():
-            size = _chunk_size(phase, len(ts), ts[0].numel() * ts[0].element_size())
+            size = _chunk_size(phase, len(ts), ts[0].numel() * ts[0].element_size(), ts[0].device.type)
             for i in range(0, len(ts), size):
                 chunk = ts[i:i + size]
                 batch = _rows_view(chunk)
@@ -281,10 +281,12 @@ def _rows_view(ts):
 
 
 
-def _chunk_size(phase, n: int, nbytes: int) -> int:
+def _chunk_size(phase, n: int, nbytes: int, device_type: str) -> int:
+    """Matrices per call of ``phase`` for ``n`` matrices of ``nbytes`` bytes each on a ``device_type`` device."""
     size = n if phase.max_batch is None else phase.max_batch
-    if phase.max_batch_bytes is not None:
-        size = min(size, max(1, phase.max_batch_bytes // max(1, nbytes)))
+    for bound in (phase.max_batch_bytes, phase.cpu_batch_bytes if device_type == "cpu" else None):
+        if bound is not None:
+            size = min(size, max(1, bound // max(1, nbytes)))
     return max(1, size)
 
 
@@ -363,7 +365,7 @@ def _exchange_layout(prs, mesh, phase, itemsize: int) -> dict:
     for o in range(world):
         cs = []
         for shape, idx in batches[o].items():
-            size = _chunk_size(phase, len(idx), prs[idx[0]][0].numel() * itemsize)
+            size = _chunk_size(phase, len(idx), prs[idx[0]][0].numel() * itemsize, prs[idx[0]][1].device.type)
             cs.extend((shape, idx[j:j + size]) for j in range(0, len(idx), size))
         calls.append(cs)
     positions = max(map(len, calls), default=0)
