@@ -61,9 +61,9 @@ NS_MAX_BATCH_BYTES = 256 << 20
 # bf16 by default): the NS is a chain of 15 products over the stack, and there that chain runs faster over stacks
 # that stay in the caches than over one large stack (2026-12-07, 2-core AMD EPYC Zen 5, GPT stack d = 384: "auto"
 # 1.24-1.45x -> 1.51-1.55x torch.optim.Muon, "standard" 0.87-1.14x -> 1.01-1.08x; d = 768 within the noise;
-# bench/results/muon-cpu-20261207-zen5-chunks.txt). With AMX the whole buckets stay: there the batched products
-# of torch's iteration ran 1.6x torch.optim.Muon's per-matrix ones (2026-12-06, Xeon), which one matrix per call
-# would give up, and no cut was measured on such a CPU. On CUDA a larger batch fills the device: only
+# bench/results/muon-cpu-20261207-zen5-chunks.txt). With AMX the whole buckets stay: there a step of torch's
+# iteration on batched products ran 1.58-1.67x torch.optim.Muon's per-matrix loop (2026-12-06, Xeon), which one
+# matrix per call might give up, and no cut was measured on such a CPU. On CUDA a larger batch fills the device: only
 # NS_MAX_BATCH_BYTES applies there.
 NS_CPU_BATCH_BYTES = 2 << 20
 
