@@ -1,0 +1,93 @@
+// The floor for the cpu kernels' bf16 SGD on one thread: plain SGD (p <- p - lr g, bf16 p and g, fp32 math,
+// the kernels' RNE store) over 16M elements streamed from memory, in three hand-written forms, side by side in one
+// process: in registers (load, convert, compute, convert, store); the blocked form of cpu_kernels_impl.inc (the
+// block's bf16 loaded into fp32 buffers, the rule over the buffers, the buffers stored back, 32 elements a block);
+// and that blocked form with its software prefetch of p and g 512 elements ahead. Compare with a step of
+// momentum_fused.SGD / torch.optim.SGD(fused=True) on the same sizes (docs/csrc.md, "Open"): on the Zen 5 EPYC of
+// 2026-12-07 these loops ran at 1.7-2.1 ms (the prefetch added ~25-30 %), torch's step at 1.4-1.7 ms and ours at
+// 2.6-3.0 ms, so the kernel loses time somewhere these loops do not. Not a test: times move with the machine.
+//
+//   g++ -O3 -fopenmp -fno-math-errno -fno-trapping-math -ffp-contract=off bench/bf16_stream_loop.cpp -o /tmp/bf16_loop
+//   OMP_NUM_THREADS=1 /tmp/bf16_loop [Melements=16] [rounds=3]
+#include <immintrin.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+using u16 = uint16_t;
+
+// the kernels' float -> bf16 (cpu_simd_avx2.inc: round to nearest even, a NaN quieted with its sign kept)
+__attribute__((target("avx2,fma"))) static inline __m256i rne(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v), top = _mm256_srli_epi32(u, 16);
+  const __m256i lsb = _mm256_and_si256(top, _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  const __m256i q = _mm256_or_si256(top, _mm256_set1_epi32(0x40));
+  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(q), nan));
+}
+
+__attribute__((target("avx2,fma"), noinline)) void in_registers(u16* p, const u16* g, long n, float lr) {
+  const __m256 l = _mm256_set1_ps(lr);
+  const __m256i z = _mm256_setzero_si256();
+  for (long i = 0; i < n; i += 16) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i));
+    __m256 a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, x)), b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, x));
+    a = _mm256_sub_ps(a, _mm256_mul_ps(l, _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, y))));
+    b = _mm256_sub_ps(b, _mm256_mul_ps(l, _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, y))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), _mm256_packus_epi32(rne(a), rne(b)));
+  }
+}
+
+template <bool PREFETCH>
+__attribute__((target("avx2,fma"), noinline)) void blocked(u16* p, const u16* g, long n, float lr) {
+  const __m256i z = _mm256_setzero_si256();
+  for (long i = 0; i < n; i += 32) {
+    alignas(32) float bp[32], bg[32];
+    if (PREFETCH) {
+      __builtin_prefetch(p + i + 512);
+      __builtin_prefetch(g + i + 512);
+    }
+    for (int v = 0; v < 32; v += 16) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + v));
+      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i + v));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bp + v), _mm256_unpacklo_epi16(z, x));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bp + v + 8), _mm256_unpackhi_epi16(z, x));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bg + v), _mm256_unpacklo_epi16(z, y));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bg + v + 8), _mm256_unpackhi_epi16(z, y));
+    }
+#pragma omp simd simdlen(8)
+    for (int l = 0; l < 32; ++l) bp[l] = bp[l] - lr * bg[l];
+    for (int v = 0; v < 32; v += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i + v),
+                          _mm256_packus_epi32(rne(_mm256_load_ps(bp + v)), rne(_mm256_load_ps(bp + v + 8))));
+  }
+}
+
+int main(int argc, char** argv) {
+  const long n = (argc > 1 ? atol(argv[1]) : 16) * 1000000L / 32 * 32;
+  const int rounds = argc > 2 ? atoi(argv[2]) : 3;
+  u16* p = static_cast<u16*>(aligned_alloc(64, n * 2));
+  u16* g = static_cast<u16*>(aligned_alloc(64, n * 2));
+  for (long i = 0; i < n; ++i) {
+    p[i] = static_cast<u16>(0x3f80 + (i & 7));  // ~1, ~0.5: normal values throughout
+    g[i] = static_cast<u16>(0x3f00 + (i & 3));
+  }
+  const char* names[3] = {"in registers", "blocked", "blocked + prefetch 512 ahead"};
+  for (int r = 0; r < rounds; ++r)
+    for (int w = 0; w < 3; ++w) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int it = 0; it < 50; ++it) {
+        if (w == 0) in_registers(p, g, n, 1e-3f);
+        else if (w == 1) blocked<false>(p, g, n, 1e-3f);
+        else blocked<true>(p, g, n, 1e-3f);
+      }
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 50;
+      printf("%-30s %.3f ms  (%.1f GB/s of 6 bytes per element)\n", names[w], ms, n * 6 / ms / 1e6);
+    }
+  free(p);
+  free(g);
+  return 0;
+}
