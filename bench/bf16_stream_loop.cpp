@@ -1,11 +1,11 @@
 // The floor for the cpu kernels' bf16 SGD on one thread: plain SGD (p <- p - lr g, bf16 p and g, fp32 math,
 // the kernels' RNE store) over 16M elements streamed from memory, in three hand-written forms, side by side in one
-// process: in registers (load, convert, compute, convert, store); the blocked form of cpu_kernels_impl.inc (the
+// process: in registers (load, convert, compute, convert, store; at 256 bits, and at 512 on an AVX-512 CPU); the blocked form of cpu_kernels_impl.inc (the
 // block's bf16 loaded into fp32 buffers, the rule over the buffers, the buffers stored back, 32 elements a block);
 // and that blocked form with its software prefetch of p and g 512 elements ahead. Compare with a step of
 // momentum_fused.SGD / torch.optim.SGD(fused=True) on the same sizes (docs/csrc.md, "Open"): on the Zen 5 EPYC of
-// 2026-12-07 these loops ran at 1.7-2.1 ms (the prefetch added ~25-30 %), torch's step at 1.4-1.7 ms and ours at
-// 2.6-3.0 ms, so the kernel loses time somewhere these loops do not. Not a test: times move with the machine.
+// 2026-12-07 the 256-bit loops ran at 1.7-2.1 ms (the prefetch added ~25-30 %), the 512-bit one at 1.4-1.6 ms like
+// torch's step (1.4-1.7 ms), ours at 2.6-3.0 ms: the kernel loses time somewhere these loops do not. Not a test: times move with the machine.
 //
 //   g++ -O3 -fopenmp -fno-math-errno -fno-trapping-math -ffp-contract=off bench/bf16_stream_loop.cpp -o /tmp/bf16_loop
 //   OMP_NUM_THREADS=1 /tmp/bf16_loop [Melements=16] [rounds=3]
@@ -15,6 +15,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+
+// gcc 12 flags its own AVX-512 intrinsics (their _mm512_undefined_* operands) as "may be used uninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 using u16 = uint16_t;
 
@@ -38,6 +41,23 @@ __attribute__((target("avx2,fma"), noinline)) void in_registers(u16* p, const u1
     a = _mm256_sub_ps(a, _mm256_mul_ps(l, _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, y))));
     b = _mm256_sub_ps(b, _mm256_mul_ps(l, _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, y))));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), _mm256_packus_epi32(rne(a), rne(b)));
+  }
+}
+
+// the same at 512 bits (AVX-512 F/BW: 16 lanes, a masked OR for the NaNs)
+__attribute__((target("avx512f,avx512bw"), noinline)) void in_registers_512(u16* p, const u16* g, long n, float lr) {
+  const __m512 l = _mm512_set1_ps(lr);
+  for (long i = 0; i < n; i += 16) {
+    __m512 a = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i))), 16));
+    const __m512 b = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i))), 16));
+    a = _mm512_sub_ps(a, _mm512_mul_ps(l, b));
+    const __m512i u = _mm512_castps_si512(a), top = _mm512_srli_epi32(u, 16);
+    const __m512i lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), top, _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), _mm512_cvtepi32_epi16(r));
   }
 }
 
@@ -75,14 +95,16 @@ int main(int argc, char** argv) {
     p[i] = static_cast<u16>(0x3f80 + (i & 7));  // ~1, ~0.5: normal values throughout
     g[i] = static_cast<u16>(0x3f00 + (i & 3));
   }
-  const char* names[3] = {"in registers", "blocked", "blocked + prefetch 512 ahead"};
+  const char* names[4] = {"in registers", "blocked", "blocked + prefetch 512 ahead", "in registers, 512 bits"};
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   for (int r = 0; r < rounds; ++r)
-    for (int w = 0; w < 3; ++w) {
+    for (int w = 0; w < (avx512 ? 4 : 3); ++w) {
       const auto t0 = std::chrono::steady_clock::now();
       for (int it = 0; it < 50; ++it) {
         if (w == 0) in_registers(p, g, n, 1e-3f);
         else if (w == 1) blocked<false>(p, g, n, 1e-3f);
-        else blocked<true>(p, g, n, 1e-3f);
+        else if (w == 2) blocked<true>(p, g, n, 1e-3f);
+        else in_registers_512(p, g, n, 1e-3f);
       }
       const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 50;
       printf("%-30s %.3f ms  (%.1f GB/s of 6 bytes per element)\n", names[w], ms, n * 6 / ms / 1e6);
