@@ -1,23 +1,49 @@
 // The floor for the cpu kernels' bf16 SGD on one thread: plain SGD (p <- p - lr g, bf16 p and g, fp32 math,
-// the kernels' RNE store) over 16M elements streamed from memory, in three hand-written forms, side by side in one
-// process: in registers (load, convert, compute, convert, store; at 256 bits, and at 512 on an AVX-512 CPU); the blocked form of cpu_kernels_impl.inc (the
-// block's bf16 loaded into fp32 buffers, the rule over the buffers, the buffers stored back, 32 elements a block);
-// and that blocked form with its software prefetch of p and g 512 elements ahead. Compare with a step of
-// momentum_fused.SGD / torch.optim.SGD(fused=True) on the same sizes (docs/csrc.md, "Open"): on the Zen 5 EPYC of
-// 2026-12-07 the 256-bit loops ran at 1.7-2.1 ms (the prefetch added ~25-30 %), the 512-bit one at 1.4-1.6 ms like
-// torch's step (1.4-1.7 ms), ours at 2.6-3.0 ms: the kernel loses time somewhere these loops do not. Not a test: times move with the machine.
+// the kernels' RNE store) over 16M elements streamed from memory, side by side in one process: the kernel's own
+// block loop (run_piece_blocked of cpu/cpu_kernels_impl.inc, compiled here as the avx512 variant compiles it);
+// hand-written loops in registers (load, convert, compute, convert, store; 256 bits, and 512 on an AVX-512 CPU);
+// the blocked form by hand (the block's bf16 into fp32 buffers, the rule over them, stored back, 32 elements a
+// block), and that form with the kernel's software prefetch 512 elements ahead. Compare with a step of
+// momentum_fused.SGD / torch.optim.SGD(fused=True) on the same sizes (docs/csrc.md, "Open"). On the Zen 5 EPYC
+// of 2026-12-07 (bench/results/bf16_stream_loop-20261207-zen5.txt): the kernel's loop 2.5-2.9 ms, the 256-bit
+// loops ~2.0 ms (+25 % with the prefetch), the 512-bit one ~1.5 ms like torch's step; the kernel's loop without
+// its prefetch and with 512-bit blocks (a patched copy of csrc) 1.55 ms. Not a test: times move with the machine.
 //
-//   g++ -O3 -fopenmp -fno-math-errno -fno-trapping-math -ffp-contract=off bench/bf16_stream_loop.cpp -o /tmp/bf16_loop
-//   OMP_NUM_THREADS=1 /tmp/bf16_loop [Melements=16] [rounds=3]
+//   g++ -O3 -fopenmp -fno-math-errno -fno-trapping-math -ffp-contract=off -Icsrc bench/bf16_stream_loop.cpp -o /tmp/l
+//   OMP_NUM_THREADS=1 /tmp/l [Melements=16] [rounds=3]
+#include "cpu/cpu_kernels_variant.h"
+
+#if !MF_X86_VARIANTS
+#error "bench/bf16_stream_loop.cpp needs x86-64 with gcc or clang"
+#endif
+
+// the kernel's block loop, compiled as cpu_kernels_avx512.cpp compiles it
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wunused-function"  // the int8 helpers of the included kernel body
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2")
+namespace mf {
+namespace cpu {
+namespace avx512 {
+#define MF_CPU_SIMD_AVX2 1
+#define MF_CPU_SIMD_AVX512 1
+#include "cpu/cpu_kernels_impl.inc"
+__attribute__((noinline)) void kernel_sgd(bf16* p, const bf16* g, long n, const SgdScalars<float>& sc) {
+  run_piece_blocked<RuleOp<RULE_SGD, 0>, bf16, bf16, false, false, float, float>(p, g, nullptr, nullptr, nullptr,
+                                                                                   nullptr, 0, 0, n, sc);
+}
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace mf
+#pragma GCC pop_options
+
 #include <immintrin.h>
 
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-
-// gcc 12 flags its own AVX-512 intrinsics (their _mm512_undefined_* operands) as "may be used uninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 using u16 = uint16_t;
 
@@ -95,16 +121,23 @@ int main(int argc, char** argv) {
     p[i] = static_cast<u16>(0x3f80 + (i & 7));  // ~1, ~0.5: normal values throughout
     g[i] = static_cast<u16>(0x3f00 + (i & 3));
   }
-  const char* names[4] = {"in registers", "blocked", "blocked + prefetch 512 ahead", "in registers, 512 bits"};
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  const char* names[5] = {"in registers", "blocked", "blocked + prefetch 512 ahead", "in registers, 512 bits",
+                          "the kernel's loop (avx512)"};
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  double pack[mf::pack::sgd::size] = {};  // SGD(lr=1e-3), no momentum or decay
+  pack[mf::pack::sgd::lr] = 1e-3;
+  pack[mf::pack::sgd::grad_mult] = 1.0;
+  const auto sc = mf::SgdScalars<float>::make(pack);
   for (int r = 0; r < rounds; ++r)
-    for (int w = 0; w < (avx512 ? 4 : 3); ++w) {
+    for (int w = 0; w < (avx512 ? 5 : 3); ++w) {
       const auto t0 = std::chrono::steady_clock::now();
       for (int it = 0; it < 50; ++it) {
         if (w == 0) in_registers(p, g, n, 1e-3f);
         else if (w == 1) blocked<false>(p, g, n, 1e-3f);
         else if (w == 2) blocked<true>(p, g, n, 1e-3f);
-        else in_registers_512(p, g, n, 1e-3f);
+        else if (w == 3) in_registers_512(p, g, n, 1e-3f);
+        else mf::cpu::avx512::kernel_sgd(reinterpret_cast<mf::bf16*>(p), reinterpret_cast<const mf::bf16*>(g), n, sc);
       }
       const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 50;
       printf("%-30s %.3f ms  (%.1f GB/s of 6 bytes per element)\n", names[w], ms, n * 6 / ms / 1e6);
