@@ -479,11 +479,11 @@ def test_newton_schulz_on_cpu_runs_per_cache_sized_chunk_with_the_uncut_result(m
         monkeypatch.setitem(SPECS, "muon", dataclasses.replace(spec, phases=phases))
 
     with_phase(cpu_batch_bytes=NS_CPU_BATCH_BYTES)  # (the spec's value on a CPU without AMX)
-    run(mf.Muon(params, lr=0.02, backend="cpu"), params, grads)
+    run(mf.Muon(params, lr=0.02), params, grads)
     assert sorted(calls) == sorted([(2, 512, 1024), (2, 512, 1024), (1, 512, 1024), (3, 96, 64)] * 2)
     calls.clear()
     with_phase(cpu_batch_bytes=None)
-    run(mf.Muon(q, lr=0.02, backend="cpu"), q, grads)
+    run(mf.Muon(q, lr=0.02), q, grads)
     assert sorted(calls) == sorted([(5, 512, 1024), (3, 96, 64)] * 2)
     for x, y in zip(params, q):
         torch.testing.assert_close(x, y, rtol=0, atol=2 * 0.02 * 2 ** -7)
