@@ -11,13 +11,15 @@
 //
 //   g++ -O3 -fopenmp -fno-math-errno -fno-trapping-math -ffp-contract=off -Icsrc bench/bf16_stream_loop.cpp -o /tmp/l
 //   OMP_NUM_THREADS=1 /tmp/l [Melements=16] [rounds=3]
+// With -DMF_CPU_WIDE=1 the kernel's row is the loop as cpu_kernels_avx512w.cpp compiles it (the variant picked on
+// Zen 5 since 2026-12-07: no prefetch, 16 lanes, 512-bit buffer fills).
 #include "cpu/cpu_kernels_variant.h"
 
 #if !MF_X86_VARIANTS
 #error "bench/bf16_stream_loop.cpp needs x86-64 with gcc or clang"
 #endif
 
-// the kernel's block loop, compiled as cpu_kernels_avx512.cpp compiles it
+// the kernel's block loop, compiled as cpu_kernels_avx512.cpp (or with MF_CPU_WIDE, cpu_kernels_avx512w.cpp) compiles it
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wunused-function"  // the int8 helpers of the included kernel body
@@ -122,7 +124,7 @@ int main(int argc, char** argv) {
     g[i] = static_cast<u16>(0x3f00 + (i & 3));
   }
   const char* names[5] = {"in registers", "blocked", "blocked + prefetch 512 ahead", "in registers, 512 bits",
-                          "the kernel's loop (avx512)"};
+                          MF_CPU_WIDE ? "the kernel's loop (avx512w)" : "the kernel's loop (avx512)"};
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   double pack[mf::pack::sgd::size] = {};  // SGD(lr=1e-3), no momentum or decay

@@ -58,7 +58,7 @@ def flags_to_int(rule: str, flags) -> int:
     return sum(1 << i for i, f in enumerate(flags) if f)
 
 
-CPU_ISAS = ("baseline", "avx2", "avx512")  # MOMENTUM_FUSED_CPU_ISA: caps the kernels' instruction set (csrc.md)
+CPU_ISAS = ("baseline", "avx2", "avx512", "avx512w")  # MOMENTUM_FUSED_CPU_ISA: caps the kernels' instruction set (csrc.md)
 
 
 def isa_env_error() -> str | None:

@@ -18,6 +18,7 @@ CPU_SOURCES = (
     "cpu/cpu_kernels_baseline.cpp",
     "cpu/cpu_kernels_avx2.cpp",
     "cpu/cpu_kernels_avx512.cpp",
+    "cpu/cpu_kernels_avx512w.cpp",
     "cpu/cpu_symmm.cpp",
 )
 

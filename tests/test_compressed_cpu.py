@@ -387,17 +387,19 @@ def test_thread_count_does_not_change_bits(threads):
     assert len(one) == len(two) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(one, two))
 
 
-_ISA_RANK = {"baseline": 0, "avx2": 1, "avx512": 2}
+_ISA_RANK = {"baseline": 0, "avx2": 1, "avx512": 2, "avx512w": 2}  # avx512w: avx512's instructions, tuned
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512", "avx512w"])
 def test_isa_variants_give_the_same_bits(tmp_path, isa):
-    """A lower variant (baseline: the portable loops, compressed.h element by element; avx2: its master16 blocks and
-    int8 block codes) and the one this CPU picks (AVX2 master16 blocks, AVX-512 int8 block codes) agree bit for
-    bit."""
+    """Another variant (baseline: the portable loops, compressed.h element by element; avx2: its master16 blocks and
+    int8 block codes; avx512 / avx512w: the other tuning of the AVX-512 code, 512-bit master16 blocks in avx512w)
+    and the one this CPU picks agree bit for bit."""
     have = torch.ops.momentum_fused.cpu_isa()
-    if _ISA_RANK[have] <= _ISA_RANK[isa]:
-        pytest.skip(f"this CPU runs the {have} variant at most: there is no higher variant to compare {isa} with")
+    if isa == have:
+        pytest.skip(f"{isa} is the variant this process runs (the other cases compare it)")
+    if _ISA_RANK[isa] > _ISA_RANK[have]:
+        pytest.skip(f"this CPU runs the {have} variant at most: {isa} needs instructions it lacks")
     out = tmp_path / "bits.pt"
     code = ("import sys, torch; sys.path.insert(0, %r); import test_compressed_cpu as t; "
             "assert torch.ops.momentum_fused.cpu_isa() == %r; torch.save(t._bits_run(), %r)"
@@ -624,7 +626,7 @@ def test_int8_vector_decode_is_the_table(tmp_path, isa):
     signed code -128 decodes alike in both AVX-512 forms."""
     import shutil
     have = torch.ops.momentum_fused.cpu_isa()
-    if have == "baseline" or (isa in ("avx512", "vbmi") and have != "avx512"):
+    if have == "baseline" or (isa in ("avx512", "vbmi") and not have.startswith("avx512")):
         need = {"avx2": "an AVX2", "avx512": "an AVX-512", "vbmi": "an AVX-512 (VBMI)"}[isa]
         pytest.skip(f"needs {need} CPU (the decode under test is the {isa} form's; this CPU runs the {have} variant)")
     if isa == "vbmi" and not _cpu_has_vbmi():

@@ -227,20 +227,115 @@ def test_thread_count_does_not_change_bits(threads):
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
-def test_isa_variants_give_the_same_bits(tmp_path):
-    """The baseline build (forced with MOMENTUM_FUSED_CPU_ISA=baseline) and the variant this CPU picks
-    agree bit for bit (no FMA contraction anywhere)."""
-    if OPS.cpu_isa() == "baseline":
-        pytest.skip("this CPU runs the baseline variant only")
+def _every_rule_bits():
+    """Every CASES row in every layout whose kernels convert storage (native bf16/fp16, bf16_state, master
+    bf16/fp16, bf16_sr, master16; the blocked form of cpu_kernels_impl.inc), 3 steps on one bucket of
+    LAYOUT_SHAPES (two threads split it mid-tensor), and Muon's two passes in bf16; then AdamW of
+    _run_adamw_bits. Every param and state tensor, as {name: tensor}."""
+    from backend_cases import CASES, LayoutRun
+    out = {}
+    runs = [("native", torch.bfloat16), ("native", torch.float16), ("bf16_state", torch.float32),
+            ("master", torch.bfloat16), ("master", torch.float16), ("bf16_sr", torch.bfloat16)]
+    for cid, cls, kw0, kw1, sign, lp in CASES:
+        for lay, dt in runs:
+            r = LayoutRun(cls, kw0, kw1, lay, dt, sign, lp)
+            for _ in range(3):
+                r.step()
+            for i, (p, st) in enumerate(zip(r.ps, r.states)):
+                out[f"{cid}/{lay}/{dt}/{i}/p"] = p.clone()
+                out.update({f"{cid}/{lay}/{dt}/{i}/s{j}": s.clone() for j, s in enumerate(st)})
+        if "master16" in cls.supported_layouts:
+            gen = torch.Generator().manual_seed(3)
+            ps = [torch.randn(s, generator=gen).bfloat16().requires_grad_() for s in ((17,), (33_001,), (5, 7))]
+            opt = cls([dict(params=ps[:1], **kw0), dict(params=ps[1:], **{**kw0, **kw1})], layout="master16",
+                      backend="cpu")
+            for _ in range(3):
+                for p in ps:
+                    p.grad = (0.5 + torch.rand(p.shape, generator=gen)).bfloat16() if sign else \
+                        torch.randn(p.shape, generator=gen).bfloat16()
+                opt.step()
+            for i, p in enumerate(ps):
+                out[f"{cid}/master16/{i}/p"] = p.detach().clone()
+                out.update({f"{cid}/master16/{i}/{k}": v.clone() for k, v in opt.state[p].items()
+                            if torch.is_tensor(v)})
+    gen = torch.Generator().manual_seed(4)
+    ps = [torch.randn(s, generator=gen).bfloat16().requires_grad_() for s in ((65, 520), (33, 17))]
+    opt = mf.Muon(ps, lr=0.02, backend="cpu")
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+        opt.step()
+    for i, p in enumerate(ps):
+        out[f"muon/{i}/p"] = p.detach().clone()
+        out.update({f"muon/{i}/{k}": v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)})
+    out.update({f"adamw/{i}": t for i, t in enumerate(_run_adamw_bits())})
+    return out
+
+
+_ISA_RANK = {"baseline": 0, "avx2": 1, "avx512": 2, "avx512w": 2}  # avx512w: avx512's instructions, tuned
+
+
+@pytest.mark.parametrize("isa", bcpu.CPU_ISAS)
+def test_isa_variants_give_the_same_bits(tmp_path, isa):
+    """Each variant this CPU can run (forced with MOMENTUM_FUSED_CPU_ISA, in a subprocess) and the variant it
+    picks agree bit for bit on every rule and storage layout (no FMA contraction anywhere; the same rounding in
+    every load and store form: baseline's portable loops, avx2's 256-bit blocks, avx512's, avx512w's 512-bit
+    ones)."""
+    have = OPS.cpu_isa()
+    if isa == have:
+        pytest.skip(f"{isa} is the variant this process runs (the other cases compare it)")
+    if _ISA_RANK[isa] > _ISA_RANK[have]:
+        pytest.skip(f"this CPU runs the {have} variant at most: {isa} needs instructions it lacks")
     out = tmp_path / "bits.pt"
     code = ("import sys, torch; sys.path.insert(0, %r); import test_cpu_backend as t; "
-            "torch.save(t._run_adamw_bits(), %r)" % (os.path.dirname(__file__), str(out)))
-    env = {**os.environ, "MOMENTUM_FUSED_CPU_ISA": "baseline"}
+            "assert torch.ops.momentum_fused.cpu_isa() == %r; torch.save(t._every_rule_bits(), %r)"
+            % (os.path.dirname(__file__), isa, str(out)))
+    env = {**os.environ, "MOMENTUM_FUSED_CPU_ISA": isa}
     env.pop("MOMENTUM_FUSED_BACKEND", None)
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
-    base = torch.load(out)
-    mine = _run_adamw_bits()
-    assert all(torch.equal(a, b) for a, b in zip(base, mine))
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
+    theirs = torch.load(out)
+    mine = _every_rule_bits()
+    assert theirs.keys() == mine.keys()
+    differ = [k for k in mine if not torch.equal(_raw_bits(theirs[k]), _raw_bits(mine[k]))]
+    assert not differ, f"{len(differ)} of {len(mine)} tensors differ between {isa} and {have}: {differ[:8]}"
+
+
+def _raw_bits(t):
+    """The stored bits (so that NaNs compare, and -0 differs from 0)."""
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32) if t.element_size() == 4 else \
+        t.view(torch.int64) if t.element_size() == 8 else t.view(torch.uint8)
+
+
+def test_the_variant_follows_the_cpu_and_the_setting(tmp_path):
+    """With MOMENTUM_FUSED_CPU_ISA unset the kernels run avx512w on an AMD CPU of family 0x1A (Zen 5) or later
+    with AVX-512 F/VL/BW/DQ, avx512 on other AVX-512 CPUs (cpu_kernels.cpp); avx512 and avx512w name the tuning
+    on any AVX-512 CPU, and a cap never raises the instruction set."""
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if "flags" not in info or sys.platform != "linux":
+        pytest.skip("needs Linux /proc/cpuinfo to know what this CPU is")
+    first = info.split("\n\n")[0]
+    field = {ln.split(":")[0].strip(): ln.split(":", 1)[1].strip() for ln in first.splitlines() if ":" in ln}
+    flags = set(field.get("flags", "").split())
+    avx512 = {"avx512f", "avx512vl", "avx512bw", "avx512dq", "fma", "f16c", "bmi2"} <= flags
+    zen5 = field.get("vendor_id") == "AuthenticAMD" and int(field.get("cpu family", "0")) >= 0x1A
+
+    def isa_with(value):
+        env = {k: v for k, v in os.environ.items() if k != "MOMENTUM_FUSED_CPU_ISA"}
+        if value is not None:
+            env["MOMENTUM_FUSED_CPU_ISA"] = value
+        r = subprocess.run([sys.executable, "-c", "import torch, momentum_fused; "
+                            "print(torch.ops.momentum_fused.cpu_isa())"], env=env, capture_output=True, text=True,
+                           check=True, timeout=120)
+        return r.stdout.strip()
+
+    auto = isa_with(None)
+    if avx512:
+        assert auto == ("avx512w" if zen5 else "avx512")
+        assert isa_with("avx512") == "avx512" and isa_with("avx512w") == "avx512w"
+    else:
+        assert auto in ("baseline", "avx2")
+        assert isa_with("avx512w") == auto  # a cap, never a raise
+    assert isa_with("baseline") == "baseline"
 
 
 def test_storage_rounding_matches_torch_bit_for_bit():
@@ -269,7 +364,7 @@ def test_storage_rounding_matches_torch_bit_for_bit():
 def test_ops_registered_and_abi_mirror():
     for name in ("cpu_step", "rule_id", "num_states", "num_scalars", "cpu_isa", "round_to", "widen"):
         assert hasattr(OPS, name), name
-    assert OPS.cpu_isa() in ("baseline", "avx2", "avx512")
+    assert OPS.cpu_isa() in bcpu.CPU_ISAS
     for name, rid in bcpu.RULE_IDS.items():
         assert OPS.rule_id(name) == rid
         if name in SPECS:

@@ -224,17 +224,20 @@ def test_int8_sr_cpu_is_fp32_rule_then_stochastic_encode_bit_for_bit(case):
 
 
 @needs_cpu
-@pytest.mark.parametrize("isa", ["native", "avx2", "baseline"])
+@pytest.mark.parametrize("isa", ["native", "avx512", "avx512w", "avx2", "baseline"])
 def test_int8_sr_kernel_encode_at_boundaries_is_layouts(isa, tmp_path):
-    """Each ISA variant of the CPU kernels (avx512 and avx2: their vector encodes; baseline: the float64 element
-    loop; a variant above this CPU's is skipped, a lower one runs in a subprocess with MOMENTUM_FUSED_CPU_ISA)."""
+    """Each ISA variant of the CPU kernels (avx512, avx512w and avx2: their vector encodes; baseline: the float64
+    element loop; a variant above this CPU's is skipped, another runs in a subprocess with MOMENTUM_FUSED_CPU_ISA)."""
     if isa == "native":
         for signed in (True, False):
             _check_kernel_encode_at_boundaries(signed)
         return
     have = torch.ops.momentum_fused.cpu_isa()
-    if {"baseline": 0, "avx2": 1, "avx512": 2}[have] <= {"avx2": 1, "baseline": 0}[isa]:
-        pytest.skip(f"this CPU runs the {have} variant at most: {isa} is covered by the native case")
+    rank = {"baseline": 0, "avx2": 1, "avx512": 2, "avx512w": 2}
+    if isa == have:
+        pytest.skip(f"{isa} is the variant this process runs: the native case covers it")
+    if rank[isa] > rank[have]:
+        pytest.skip(f"this CPU runs the {have} variant at most: {isa} needs instructions it lacks")
     import os
     import subprocess
     import sys

@@ -327,12 +327,12 @@ def test_a_backend_failing_at_launch_changes_nothing(make, dtype, monkeypatch):
 
 # ---------------------------------------------------------------- configuration (a review of backends and install)
 def test_an_isa_cap_that_is_no_isa_makes_the_cpu_backend_unavailable(monkeypatch):
-    """MOMENTUM_FUSED_CPU_ISA=AVX2 (or any other value than baseline/avx2/avx512) was taken as no cap by the C++
+    """MOMENTUM_FUSED_CPU_ISA=AVX2 (or any other value than baseline/avx2/avx512/avx512w) was taken as no cap by the C++
     side: the AVX-512 kernels ran, silently. The cpu backend now refuses to load, naming the value."""
     from momentum_fused import _backend_cpu
     monkeypatch.setenv("MOMENTUM_FUSED_CPU_ISA", "AVX2")
-    assert "MOMENTUM_FUSED_CPU_ISA='AVX2' is not one of baseline, avx2, avx512" in _backend_cpu._load()[1]
-    for ok in ("avx2", "baseline", "avx512", ""):
+    assert "MOMENTUM_FUSED_CPU_ISA='AVX2' is not one of baseline, avx2, avx512, avx512w" in _backend_cpu._load()[1]
+    for ok in ("avx2", "baseline", "avx512", "avx512w", ""):
         monkeypatch.setenv("MOMENTUM_FUSED_CPU_ISA", ok)
         assert _backend_cpu.isa_env_error() is None
 

@@ -39,7 +39,7 @@ struct Bucket {
 // validated by the caller; a (layout, dtype) pair without a kernel throws std::invalid_argument.
 void step(int rule, int flags, int layout, int dtype, const Bucket& b);
 
-// "avx512" or "baseline": which instruction-set variant step() dispatches to on this CPU.
+// "avx512w", "avx512", "avx2" or "baseline": which variant step() dispatches to on this CPU.
 const char* isa();
 
 }  // namespace cpu

@@ -1,4 +1,4 @@
-// Shared prologue of the per-ISA kernel files cpu_kernels_{baseline,avx2,avx512}.cpp.
+// Shared prologue of the per-ISA kernel files cpu_kernels_{baseline,avx2,avx512,avx512w}.cpp.
 #pragma once
 
 #include <omp.h>
@@ -36,6 +36,9 @@ namespace avx2 {
 bool dispatch(int rule, int flags, int layout, int dtype, const Bucket& b);
 }
 namespace avx512 {
+bool dispatch(int rule, int flags, int layout, int dtype, const Bucket& b);
+}
+namespace avx512w {
 bool dispatch(int rule, int flags, int layout, int dtype, const Bucket& b);
 }
 }  // namespace cpu

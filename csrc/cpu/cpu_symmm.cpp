@@ -152,7 +152,7 @@ bool sym_mm_bf16_available() {
   static const bool ok = [] {
     __builtin_cpu_init();
     // not with AMX: torch's bf16 GEMMs run on its tiles there, several times VDPBF16PS's peak
-    return std::strcmp(isa(), "avx512") == 0 && __builtin_cpu_supports("avx512bf16") &&
+    return std::strncmp(isa(), "avx512", 6) == 0 && __builtin_cpu_supports("avx512bf16") &&
            !__builtin_cpu_supports("amx-bf16");
   }();
   return ok;
