@@ -109,6 +109,34 @@ class Provider:
     make: Callable  # params -> optimizer
 
 
+PROBE_NUMEL = 1031  # odd: a vector body and a tail
+
+
+def torch_update_error(cls, kw: dict, device: torch.device, dtype: torch.dtype) -> float:
+    """How far a torch.optim variant's update is from the same class's for-loop step in float64: 2 steps with lr
+    0.5 on PROBE_NUMEL elements, ||dp - dp_ref|| / ||dp_ref|| (the rounding of ``dtype`` costs ~1 %). Catches a
+    variant that runs but does not do the work: torch 2.13's CPU fused SGD never writes bf16/fp16 params (its
+    reduced-precision loop has no param store), so timing it measured a step that moves 4 of SGD's 6 bytes."""
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(PROBE_NUMEL, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(PROBE_NUMEL, generator=gen, dtype=torch.float64) for _ in range(2)]
+    kw = {**kw, "lr": 0.5}
+    ref_kw = {k: v for k, v in kw.items() if k not in ("fused", "foreach")}
+
+    def run(make, dev, dt):
+        p = p0.to(dev, dt, copy=True).requires_grad_()
+        opt = make([p])
+        for g in grads:
+            p.grad = g.to(dev, dt)
+            opt.step()
+        return p.detach().to("cpu", torch.float64)
+
+    out = run(lambda ps: cls(ps, **kw), device, dtype)
+    ref = run(lambda ps: cls(ps, foreach=False, **ref_kw), "cpu", torch.float64)
+    start = p0.to(dtype).double()  # what the variant started from
+    return float((out - start - (ref - p0)).norm() / (ref - p0).norm())
+
+
 def _torch_variant_ok(cls, flag: str) -> bool:
     return flag in inspect.signature(cls.__init__).parameters
 
@@ -154,11 +182,16 @@ def providers(rule: Rule, device: torch.device, dtype: torch.dtype, include_refe
                     continue
                 kw["fused"] = True
             try:
-                probe = [torch.zeros(4, device=device, dtype=dtype, requires_grad=True)]
-                probe[0].grad = torch.zeros_like(probe[0])
-                rule.torch_cls(probe, **kw).step()
+                off = torch_update_error(rule.torch_cls, kw, device, dtype)
             except Exception as e:
                 missing[f"torch:{variant}"] = str(e).split("\n")[0]
+                continue
+            if not off <= 0.1:  # not a baseline: timing it would compare with a step that does not do the work
+                what = (f"its update is {off:.0%} off" if off == off and off != float("inf") else
+                        "its params turn NaN or inf, unlike")
+                missing[f"torch:{variant}"] = (
+                    f"wrong results here: {what} torch's own for-loop step in float64 (lr 0.5, 2 steps, "
+                    f"{PROBE_NUMEL} elements; bench/rules.py torch_update_error)")
                 continue
             avail.append(Provider(f"torch:{variant}", "torch", lambda p, c=rule.torch_cls, k=kw: c(p, **k)))
     for peer, (module, factory) in rule.peers.items():

@@ -87,6 +87,30 @@ def test_quick_bench_smoke(tmp_path):
     assert "| provider | median ms |" in proc.stdout
 
 
+class _FusedDoesNothing(torch.optim.SGD):
+    """A torch variant that runs without error but does not do the work (as torch 2.13's CPU fused SGD on bf16/fp16
+    params, which never writes them)."""
+
+    def step(self, closure=None):
+        if self.defaults.get("fused"):
+            return None
+        return super().step(closure)
+
+
+def test_a_torch_variant_with_wrong_results_is_no_baseline():
+    """providers() times a torch variant only if its update matches the same class's for-loop step in float64; one
+    that gives wrong results is left out with the reason (the figures would compare with a step that skips work)."""
+    from bench.rules import Rule, torch_update_error
+    import momentum_fused as mf
+    rule = Rule("sgd", lambda p, b: mf.SGD(p, lr=1e-3, backend=b), 0, _FusedDoesNothing, dict(lr=1e-3))
+    provs, missing = providers(rule, torch.device("cpu"), torch.float32, include_reference=False)
+    assert {"torch:forloop", "torch:foreach"} <= {p.name for p in provs}
+    assert "torch:fused" not in {p.name for p in provs}
+    assert missing["torch:fused"].startswith("wrong results here: its update is 100% off")
+    assert torch_update_error(torch.optim.SGD, dict(lr=1e-3, momentum=0.9), torch.device("cpu"), torch.float32) < 1e-6
+    assert torch_update_error(torch.optim.Adam, {}, torch.device("cpu"), torch.bfloat16) < 0.02
+
+
 def test_frontend_bench_smoke(tmp_path, capsys):
     """bench/frontend.py runs, keeps the cached plan on meta tensors (the int8 layout's too), and leaves no backend
     registered."""
