@@ -282,7 +282,7 @@ def _finish(args, device, info, total, runs, missing, all_rules, run_muon) -> in
         else:
             import importlib.util
             print("plots: none (" + ("matplotlib not installed" if importlib.util.find_spec("matplotlib") is None
-                                     else "no elementwise rows to plot") + ")")
+                                     else "the plots show the fp32 layout: no fp32 rows in this run") + ")")
     print(f"results: {out}/results.json, results.csv, results.md")
     return 0
 
