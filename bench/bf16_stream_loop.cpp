@@ -6,7 +6,8 @@
 // block), and that form with the kernel's software prefetch 512 elements ahead. Compare with a step of
 // momentum_fused.SGD / torch.optim.SGD(fused=True) on the same sizes (docs/csrc.md, "Open"). On the Zen 5 EPYC
 // of 2026-12-07 (bench/results/bf16_stream_loop-20261207-zen5.txt): the kernel's loop 2.5-2.9 ms, the 256-bit
-// loops ~2.0 ms (+25 % with the prefetch), the 512-bit one ~1.5 ms like torch's step; the kernel's loop without
+// loops ~2.0 ms (+25 % with the prefetch), the 512-bit one ~1.5 ms like torch's fused step (which, it turned out,
+// never stores bf16 params: docs/csrc.md); the kernel's loop without
 // its prefetch and with 512-bit blocks (a patched copy of csrc) 1.55 ms: that form became the avx512w variant
 // (-DMF_CPU_WIDE=1 below: 1.51-1.63 ms). Not a test: times move with the machine.
 //

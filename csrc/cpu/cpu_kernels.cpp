@@ -21,8 +21,8 @@ namespace {
 enum Isa { ISA_BASELINE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512W = 3 };
 
 #if MF_X86_VARIANTS
-// AMD family 0x1A (Zen 5) or later: AVX-512 on full 512-bit data paths, where the avx512w variant's bf16/fp16 loops
-// ran at torch fused's speed and the avx512 variant's 1.6x slower (2026-12-07). Not Zen 4 (0x19: 512-bit
+// AMD family 0x1A (Zen 5) or later: AVX-512 on full 512-bit data paths, where the avx512w variant's bf16 block loop
+// ran 1.6x faster than the avx512 variant's, AdamW bf16 1.2-1.7x (2026-12-07). Not Zen 4 (0x19: 512-bit
 // operations split in two halves; not measured) nor Intel (the avx512 variant's prefetch and 8-lane blocks were
 // the faster choice on an AVX-512 Xeon, 2026-12-06).
 bool full_width_avx512() {
