@@ -269,6 +269,51 @@ def _every_rule_bits():
         out[f"muon/{i}/p"] = p.detach().clone()
         out.update({f"muon/{i}/{k}": v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)})
     out.update({f"adamw/{i}": t for i, t in enumerate(_run_adamw_bits())})
+    out.update(_special_values_bits())
+    return out
+
+
+# fp32 values that every store form must round alike: NaNs of both signs with payloads, infinities, signed zeros,
+# subnormals of fp32, bf16 and fp16, values just below the fp16 overflow, and exact ties of bf16 and fp16 rounding
+_SPECIAL = [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40, 1e-39, 6e-8, -3e-5,
+            65519.0, 65520.0, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -(1.0 + 2.0 ** -8), 1.0 + 2.0 ** -11,
+            1.0 + 3 * 2.0 ** -11, 3.0e38]
+_PAYLOAD_NANS = [0x7FC01234, 0xFFA00001, 0x7F800001]  # quiet with a payload, negative signaling, signaling
+
+
+def _special_values_bits():
+    """Every CASES row, one bucket in native bf16/fp16, master bf16/fp16 and bf16_sr whose params (the master in the
+    master layouts) and gradients hold _SPECIAL values among random ones (a param special where the gradient is
+    finite and the reverse, so that no operation meets two NaNs, whose surviving payload IEEE leaves open), 2 steps:
+    the NaN, infinity, zero-sign, subnormal and tie rules of every load and store form."""
+    from backend_cases import CASES, LayoutRun
+    out = {}
+    n = 4097  # and 1031: blocks and a tail
+    sp = torch.tensor(_SPECIAL, dtype=torch.float32)
+    nan_bits = torch.tensor(_PAYLOAD_NANS, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    pvals = torch.cat([sp, nan_bits])
+    for cid, cls, kw0, kw1, sign, lp in CASES:
+        for lay, dt in (("native", torch.bfloat16), ("native", torch.float16), ("master", torch.bfloat16),
+                        ("master", torch.float16), ("bf16_sr", torch.bfloat16)):
+            r = LayoutRun(cls, kw0, kw1, lay, dt, sign, lp, shapes=[(n,), (1031,)])
+            gen = torch.Generator().manual_seed(5)
+            k = len(pvals)
+            grad_at = []
+            for i, p in enumerate(r.ps):
+                at = torch.randperm(p.numel(), generator=gen)[:k + len(sp)]
+                src = r.states[i][-1] if lay == "master" else p  # what the step reads as the param
+                src.view(-1)[at[:k]] = pvals.to(src.dtype)
+                grad_at.append(at[k:])
+            for t in range(2):
+                gs = [torch.randn(p.shape, generator=gen).to(dt) for p in r.ps]
+                for g, at in zip(gs, grad_at):
+                    g.view(-1)[at] = sp.to(dt)
+                keys = [layouts.sr_key(7, t, i) for i in range(len(r.ps))] if r.lay.stochastic else None
+                r.backend.apply(r.spec, r.flags, r.ps, gs, [tuple(s) for s in r.states], r.packs(), layout=r.lay,
+                                sr_keys=keys)
+            for i, (p, st) in enumerate(zip(r.ps, r.states)):
+                out[f"special/{cid}/{lay}/{dt}/{i}/p"] = p.clone()
+                out.update({f"special/{cid}/{lay}/{dt}/{i}/s{j}": s.clone() for j, s in enumerate(st)})
     return out
 
 
