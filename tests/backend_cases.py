@@ -332,7 +332,12 @@ def _adam_mirror(p, g, m, v, vmax, sc):
 
 
 def _bits(t):
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+    """The stored bits as integers (NaNs compare, -0 differs from 0), for any element size."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+# The CPU kernel variants (MOMENTUM_FUSED_CPU_ISA) by instruction set: avx512w runs avx512's instructions, tuned.
+ISA_RANK = {"baseline": 0, "avx2": 1, "avx512": 2, "avx512w": 2}
 
 
 def _adam_bucket(lay, dtype, shapes, seed):

@@ -38,7 +38,7 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends, layouts
 
-from backend_cases import CASES, takes_int8
+from backend_cases import CASES, ISA_RANK, takes_int8
 from compressed_oracle import case_grad as _grad, case_kwargs as _kw, encoder_probe_blocks, master_of, step_pair
 
 pytestmark = pytest.mark.skipif(not backends._REGISTRY.get("cpu") or not backends._REGISTRY["cpu"].available,
@@ -387,9 +387,6 @@ def test_thread_count_does_not_change_bits(threads):
     assert len(one) == len(two) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(one, two))
 
 
-_ISA_RANK = {"baseline": 0, "avx2": 1, "avx512": 2, "avx512w": 2}  # avx512w: avx512's instructions, tuned
-
-
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512", "avx512w"])
 def test_isa_variants_give_the_same_bits(tmp_path, isa):
     """Another variant (baseline: the portable loops, compressed.h element by element; avx2: its master16 blocks and
@@ -398,7 +395,7 @@ def test_isa_variants_give_the_same_bits(tmp_path, isa):
     have = torch.ops.momentum_fused.cpu_isa()
     if isa == have:
         pytest.skip(f"{isa} is the variant this process runs (the other cases compare it)")
-    if _ISA_RANK[isa] > _ISA_RANK[have]:
+    if ISA_RANK[isa] > ISA_RANK[have]:
         pytest.skip(f"this CPU runs the {have} variant at most: {isa} needs instructions it lacks")
     out = tmp_path / "bits.pt"
     code = ("import sys, torch; sys.path.insert(0, %r); import test_compressed_cpu as t; "

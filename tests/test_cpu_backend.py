@@ -39,7 +39,7 @@ def _fast_entry(*args):
 
 # the op's two bindings: the registered op, and the pybind entry the backend calls in eager mode
 ENTRIES = {"torch.ops": lambda *a: OPS.cpu_step(*a), "_C_cpu": _fast_entry}
-from backend_cases import (CASES, DTYPES, MUON_CASES, MUON_SHAPES, SHAPES, STEPS, _M, _V,  # noqa: E402,F401
+from backend_cases import (CASES, DTYPES, ISA_RANK, MUON_CASES, MUON_SHAPES, SHAPES, STEPS, _M, _V,  # noqa: E402,F401
                            _case_params, _compare, _groups, _muon_case_params, _params, _run)
 
 @pytest.mark.parametrize("cls,kw0,kw1,dtype,sign,lp", _case_params())
@@ -232,7 +232,6 @@ def _every_rule_bits():
     bf16/fp16, bf16_sr, master16; the blocked form of cpu_kernels_impl.inc), 3 steps on one bucket of
     LAYOUT_SHAPES (two threads split it mid-tensor), and Muon's two passes in bf16; then AdamW of
     _run_adamw_bits. Every param and state tensor, as {name: tensor}."""
-    from backend_cases import CASES, LayoutRun
     out = {}
     runs = [("native", torch.bfloat16), ("native", torch.float16), ("bf16_state", torch.float32),
             ("master", torch.bfloat16), ("master", torch.float16), ("bf16_sr", torch.bfloat16)]
@@ -286,7 +285,6 @@ def _special_values_bits():
     master layouts) and gradients hold _SPECIAL values among random ones (a param special where the gradient is
     finite and the reverse, so that no operation meets two NaNs, whose surviving payload IEEE leaves open), 2 steps:
     the NaN, infinity, zero-sign, subnormal and tie rules of every load and store form."""
-    from backend_cases import CASES, LayoutRun
     out = {}
     n = 4097  # and 1031: blocks and a tail
     sp = torch.tensor(_SPECIAL, dtype=torch.float32)
@@ -317,9 +315,6 @@ def _special_values_bits():
     return out
 
 
-_ISA_RANK = {"baseline": 0, "avx2": 1, "avx512": 2, "avx512w": 2}  # avx512w: avx512's instructions, tuned
-
-
 @pytest.mark.parametrize("isa", bcpu.CPU_ISAS)
 def test_isa_variants_give_the_same_bits(tmp_path, isa):
     """Each variant this CPU can run (forced with MOMENTUM_FUSED_CPU_ISA, in a subprocess) and the variant it
@@ -329,7 +324,7 @@ def test_isa_variants_give_the_same_bits(tmp_path, isa):
     have = OPS.cpu_isa()
     if isa == have:
         pytest.skip(f"{isa} is the variant this process runs (the other cases compare it)")
-    if _ISA_RANK[isa] > _ISA_RANK[have]:
+    if ISA_RANK[isa] > ISA_RANK[have]:
         pytest.skip(f"this CPU runs the {have} variant at most: {isa} needs instructions it lacks")
     out = tmp_path / "bits.pt"
     code = ("import sys, torch; sys.path.insert(0, %r); import test_cpu_backend as t; "
@@ -341,14 +336,8 @@ def test_isa_variants_give_the_same_bits(tmp_path, isa):
     theirs = torch.load(out)
     mine = _every_rule_bits()
     assert theirs.keys() == mine.keys()
-    differ = [k for k in mine if not torch.equal(_raw_bits(theirs[k]), _raw_bits(mine[k]))]
+    differ = [k for k in mine if not torch.equal(_bits(theirs[k]), _bits(mine[k]))]
     assert not differ, f"{len(differ)} of {len(mine)} tensors differ between {isa} and {have}: {differ[:8]}"
-
-
-def _raw_bits(t):
-    """The stored bits (so that NaNs compare, and -0 differs from 0)."""
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32) if t.element_size() == 4 else \
-        t.view(torch.int64) if t.element_size() == 8 else t.view(torch.uint8)
 
 
 def test_the_variant_follows_the_cpu_and_the_setting(tmp_path):

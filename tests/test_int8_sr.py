@@ -29,7 +29,7 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends, layouts
 
-from backend_cases import CASES, takes_int8
+from backend_cases import CASES, ISA_RANK, takes_int8
 from compressed_oracle import case_grad as _grad, case_kwargs as _kw, encoder_probe_blocks, master_of, step_pair
 
 _CPU = backends._REGISTRY.get("cpu")
@@ -233,10 +233,9 @@ def test_int8_sr_kernel_encode_at_boundaries_is_layouts(isa, tmp_path):
             _check_kernel_encode_at_boundaries(signed)
         return
     have = torch.ops.momentum_fused.cpu_isa()
-    rank = {"baseline": 0, "avx2": 1, "avx512": 2, "avx512w": 2}
     if isa == have:
         pytest.skip(f"{isa} is the variant this process runs: the native case covers it")
-    if rank[isa] > rank[have]:
+    if ISA_RANK[isa] > ISA_RANK[have]:
         pytest.skip(f"this CPU runs the {have} variant at most: {isa} needs instructions it lacks")
     import os
     import subprocess

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the checkout: bench.rules
 import momentum_fused as mf  # noqa: E402
-from bench.rules import torch_update_error  # noqa: E402
+from bench.rules import _torch_variant_ok, torch_update_error  # noqa: E402
 
 CASES = ("sgd:bf16:native,sgdm:bf16:native,nesterov:bf16:native,adamw:bf16:native,rmsprop:bf16:native,"
          "lion:bf16:native,adamw:fp16:native,sgdm:fp16:native,adamw:fp32:bf16_state,adamw:bf16:master,"
@@ -42,7 +42,7 @@ def params(dtype, n=16_000_000, k=4):
 
 def torch_step(rule, dtype):
     cls, kw = TORCH[rule]
-    if "fused" in cls.__init__.__code__.co_varnames and \
+    if _torch_variant_ok(cls, "fused") and \
             torch_update_error(cls, dict(kw, fused=True), torch.device("cpu"), dtype) <= 0.1:
         return cls, dict(kw, fused=True), "fused"
     return cls, dict(kw, foreach=True), "foreach"
