@@ -340,6 +340,32 @@ def _bits(t):
 ISA_RANK = {"baseline": 0, "avx2": 1, "avx512": 2, "avx512w": 2}
 
 
+def cpu_flags() -> set:
+    """This CPU's feature flags (/proc/cpuinfo), empty where that file does not exist."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
+    except OSError:
+        return set()
+
+
+def run_csrc_check(source: str, tmp_path, *args: str) -> str:
+    """Compile a C++ check program that includes csrc/ headers (the kernels' fp32 flags: no FMA contraction) and run
+    it with ``args``; its stdout. Skips where no C++ compiler is found ($CXX, g++ or c++)."""
+    import os
+    import shutil
+    import subprocess
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        pytest.skip("needs a C++ compiler (g++ or $CXX)")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    src, exe = tmp_path / "check.cpp", tmp_path / "check"
+    src.write_text(source)
+    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-math-errno", "-Wno-maybe-uninitialized",
+                    f"-I{csrc}", str(src), "-o", str(exe)], check=True)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=True).stdout
+
+
 def _adam_bucket(lay, dtype, shapes, seed):
     """CPU tensors: params, and per param (exp_avg, exp_avg_sq, max_exp_avg_sq[, master]) with values that
     are not all representable in the storage dtype after an update."""

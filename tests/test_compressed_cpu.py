@@ -38,7 +38,7 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends, layouts
 
-from backend_cases import CASES, ISA_RANK, takes_int8
+from backend_cases import CASES, ISA_RANK, cpu_flags, run_csrc_check, takes_int8
 from compressed_oracle import case_grad as _grad, case_kwargs as _kw, encoder_probe_blocks, master_of, step_pair
 
 pytestmark = pytest.mark.skipif(not backends._REGISTRY.get("cpu") or not backends._REGISTRY["cpu"].available,
@@ -607,35 +607,18 @@ int main(int argc, char** argv) {
 """
 
 
-def _cpu_has_vbmi() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512vbmi" in line for line in f)
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("isa", ["avx512", "vbmi", "avx2"])
 def test_int8_vector_decode_is_the_table(tmp_path, isa):
     """The AVX-512 and AVX2 decodes compute the table values (sign(c) c^2 / 127^2 as an fp32 division, c^4 / 255^4
     in float64), the VBMI one looks them up in byte planes of the table, 64 codes at a time: every code of both
     maps, times several scales, equals the generated table's value times the scale, bit for bit; the unused
     signed code -128 decodes alike in both AVX-512 forms."""
-    import shutil
     have = torch.ops.momentum_fused.cpu_isa()
     if have == "baseline" or (isa in ("avx512", "vbmi") and not have.startswith("avx512")):
         need = {"avx2": "an AVX2", "avx512": "an AVX-512", "vbmi": "an AVX-512 (VBMI)"}[isa]
         pytest.skip(f"needs {need} CPU (the decode under test is the {isa} form's; this CPU runs the {have} variant)")
-    if isa == "vbmi" and not _cpu_has_vbmi():
+    if isa == "vbmi" and "avx512vbmi" not in cpu_flags():
         pytest.skip("needs a CPU with AVX512-VBMI (the lookup decode; this CPU runs the computed one)")
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        pytest.skip("needs a C++ compiler (g++ or $CXX)")
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-    src, exe = tmp_path / "decode.cpp", tmp_path / "decode"
-    src.write_text(_DECODE_CHECK)
-    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-math-errno", "-Wno-maybe-uninitialized",
-                    f"-I{csrc}", str(src), "-o", str(exe)], check=True)
-    out = subprocess.run([str(exe), isa], capture_output=True, text=True, check=True).stdout
+    out = run_csrc_check(_DECODE_CHECK, tmp_path, isa)
     checked, bad = map(int, out.split())
     assert checked == 6 * 512 + (256 if isa != "avx2" else 0) and bad == 0

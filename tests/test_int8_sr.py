@@ -29,7 +29,7 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends, layouts
 
-from backend_cases import CASES, ISA_RANK, takes_int8
+from backend_cases import CASES, ISA_RANK, cpu_flags, run_csrc_check, takes_int8
 from compressed_oracle import case_grad as _grad, case_kwargs as _kw, encoder_probe_blocks, master_of, step_pair
 
 _CPU = backends._REGISTRY.get("cpu")
@@ -380,29 +380,11 @@ def test_unsigned_fp32_decision_is_the_definition_where_it_settles(isa, tmp_path
     thresholds do send lanes to the float64 form (so it is exercised), and random values of the kernel's range
     almost never do. The bound is the proof's (rounding moves diff by < 5 * 2^-8 G); a bound of 2^-12 G or 0 fails the
     first check (errors of ~2^-10 G occur where f^4 or G is inexact in fp32), 2^-9 G passed 6.4M values."""
-    import os
-    import shutil
-    import subprocess
     have = torch.ops.momentum_fused.cpu_isa() if _CPU and _CPU.available else None
-    cpu_flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    need = " avx512bw" if isa == "avx512" else " avx2"
-    if need not in cpu_flags:
-        pytest.skip(f"needs a CPU with {need.strip()} (the {isa} form under test; this CPU runs {have or 'no'} "
-                    "vector variant)")
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        pytest.skip("needs a C++ compiler (g++ or $CXX)")
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-    src, exe = tmp_path / "decision.cpp", tmp_path / "decision"
-    src.write_text(_F32_DECISION_CHECK)
-    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-math-errno", "-Wno-maybe-uninitialized",
-                    f"-I{csrc}", str(src), "-o", str(exe)], check=True)
-    out = subprocess.run([str(exe), isa], capture_output=True, text=True, check=True).stdout
+    need = "avx512bw" if isa == "avx512" else "avx2"
+    if need not in cpu_flags():
+        pytest.skip(f"needs a CPU with {need} (the {isa} form under test; this CPU runs {have or 'no'} vector variant)")
+    out = run_csrc_check(_F32_DECISION_CHECK, tmp_path, isa)
     checked, bad_settled, bad, open_thr, open_rand, n_rand = map(int, out.split())
     assert checked == 100000 * 4 * 16
     assert bad_settled == 0 and bad == 0
