@@ -169,6 +169,22 @@ MF_HD MF_INLINE int int8_code_sr(float y, uint32_t r, bool sgn) {
   return sgn && y < 0.0f ? -c : c;
 }
 
+// int8_code_sr's signed codes in fp32, where every step is exact (f <= 127: f^2 and 2f + 1 exact, a - f^2 exact for
+// f^2 <= a, r (2f + 1) < 2^24), so they are int8_code_sr's always (NaN: 127); no FMA needed. What the CUDA kernel
+// and the CPU element loop run for signed states (the CPU vector forms: cpu_simd_avx512.inc). The unsigned decision
+// needs float64 for exactness (r G reaches 2^42); the CPU vector forms settle most values in fp32 with a proven
+// error bound and an FMA (cpu_simd_avx512.inc int8_sr_codes16_unsigned_f32). The CUDA kernel keeps float64 there:
+// in its sm_90 build an fp32 form with the float64 one beside it for the unsettled values had more static
+// instructions and spills (bench.kernel_report, 2026-12-07), and no GPU could say which runs faster.
+MF_HD MF_INLINE int int8_code_sr_signed_f32(float y, uint32_t r) {
+  const float a = fabsf(y);
+  const float n = rintf(fminf(int8_root_guess(a), 127.0f));  // (NaN: 127, and f = 127 below)
+  const float f = a < n * n ? n - 1.0f : n;
+  const bool up = f < 127.0f && static_cast<float>(r) * (2.0f * f + 1.0f) < (a - f * f) * 65536.0f;
+  const int c = static_cast<int>(f) + (up ? 1 : 0);
+  return y < 0.0f ? -c : c;
+}
+
 // The code of x in a block of factors f (int8_factor of its scale).
 MF_HD MF_INLINE int int8_encode_code(float x, Int8Factor f, bool sgn) {
   const float y = (x * f.u) * f.k;

@@ -361,9 +361,13 @@ def run_csrc_check(source: str, tmp_path, *args: str) -> str:
     csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
     src, exe = tmp_path / "check.cpp", tmp_path / "check"
     src.write_text(source)
-    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-math-errno", "-Wno-maybe-uninitialized",
-                    f"-I{csrc}", str(src), "-o", str(exe)], check=True)
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=True).stdout
+    built = subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-math-errno",
+                            "-Wno-maybe-uninitialized", f"-I{csrc}", str(src), "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, f"the check program did not compile:\n{built.stderr[-4000:]}"
+    ran = subprocess.run([str(exe), *args], capture_output=True, text=True)
+    assert ran.returncode == 0, f"the check program failed ({ran.returncode}):\n{ran.stderr[-4000:]}"
+    return ran.stdout
 
 
 def _adam_bucket(lay, dtype, shapes, seed):

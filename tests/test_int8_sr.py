@@ -296,6 +296,7 @@ _F32_DECISION_CHECK = r"""
 #include <cstdio>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <immintrin.h>
 #include "mf_common.h"
 #include "compressed.h"
@@ -336,7 +337,31 @@ static int run256(const float* y, const int* r, int* all, int* fast) {
   }
   return open;
 }
+// compressed.h's signed fp32 form (the CUDA kernel's and the CPU element loop's; exact: no open values) against
+// int8_code_sr at each threshold f^2 + r (2f + 1) / 2^16 and 3 fp32 steps around it, at each f^2 and around it,
+// random bits and the range, both signs; prints (checked, wrong).
+static int signed_check() {
+  long checked = 0, bad = 0;
+  for (int round = 0; round < 400000; ++round) {
+    const uint32_t r = next() & 0xFFFFu;
+    const int kind = round % 4, f = (int)(next() % 128);
+    float v;
+    if (kind == 0) v = (float)(f * (double)f + r * (2.0 * f + 1.0) / 65536.0);
+    else if (kind == 1) v = (float)(f * f);
+    else if (kind == 2) { const uint32_t b = next(); std::memcpy(&v, &b, 4); }
+    else v = (float)(std::pow(next() / 4294967296.0, 1 + (int)(next() % 2)) * 16129.0);
+    if (kind < 2) for (int d = (int)(next() % 7) - 3; d != 0; d += d > 0 ? -1 : 1)
+      v = std::nextafter(v, d > 0 ? INFINITY : 0.0f);
+    for (float y : {v, -v}) {
+      ++checked;
+      if (int8_code_sr_signed_f32(y, r) != int8_code_sr(y, r, true)) ++bad;
+    }
+  }
+  std::printf("%ld %ld\n", checked, bad);
+  return 0;
+}
 int main(int argc, char** argv) {
+  if (std::strcmp(argv[1], "signed") == 0) return signed_check();
   const bool avx512 = std::strcmp(argv[1], "avx512") == 0;
   long checked = 0, bad_settled = 0, bad = 0, open_thr = 0, open_rand = 0, n_rand = 0;
   for (int round = 0; round < 100000; ++round) {
@@ -390,6 +415,15 @@ def test_unsigned_fp32_decision_is_the_definition_where_it_settles(isa, tmp_path
     assert bad_settled == 0 and bad == 0
     assert open_thr > 10000  # ~ 15% of the 1.6M values placed at or next to a threshold
     assert open_rand <= n_rand // 10000
+
+
+def test_signed_fp32_decision_is_the_definition(tmp_path):
+    """compressed.h's int8_code_sr_signed_f32 (the CUDA kernel's and the CPU element loop's signed stochastic codes,
+    in fp32 without an FMA) equals the definition's float64 form on 800,000 values: at and beside every code's
+    threshold for random r, at and beside every code's value, random bit patterns (NaN, inf, subnormal, huge) and
+    the range, both signs."""
+    checked, bad = map(int, run_csrc_check(_F32_DECISION_CHECK, tmp_path, "signed").split())
+    assert checked == 800000 and bad == 0
 
 
 @needs_cpu
