@@ -147,42 +147,38 @@ MF_HD MF_INLINE int int8_code_unsigned(float y) {
 // layouts.int8_codes_sr_of is the definition): with p(c) = c^2 (signed) or c^4 (unsigned), a = |y'| (unsigned:
 // max(y', 0)) and f the largest code with p(f) <= a (the top code at or above it), the magnitude is f + 1 when
 // r (p(f + 1) - p(f)) < (a - p(f)) 2^16, else f; NaN: the top code. f from a guess of the root t (int8_root_guess:
-// off by far less than 1/2, so n = round(guess) is floor(t) or floor(t) + 1): f = n - (a < p(n)), and the bracket's
-// other end p(n - 1) or p(n + 1); unsigned, f = 0 with a > 0 always goes up (the floor: layouts.int8_codes_sr_of).
-// Every product and difference in float64 here is exact (integers below 2^49,
-// fp32 values below 2^33), so the comparisons are the exact ones whatever the compiler contracts.
-MF_HD MF_INLINE double int8_sr_power(double c, bool sgn) { return sgn ? c * c : (c * c) * (c * c); }
-MF_HD MF_INLINE int int8_code_sr(float y, uint32_t r, bool sgn) {
-  const int top = sgn ? 127 : 255;
-  if (y != y) return top;
-  const float a32 = sgn ? fabsf(y) : (y > 0.0f ? y : 0.0f);
-  const float g = sgn ? int8_root_guess(a32) : int8_root_guess(int8_root_guess(a32));
-  const double n = static_cast<double>(rintf(fminf(g, static_cast<float>(top))));
-  const double a = static_cast<double>(a32);
-  const double pn = int8_sr_power(n, sgn);
-  const bool below = a < pn;
-  const double f = below ? n - 1.0 : n;
-  const double q = int8_sr_power(below ? f : n + 1.0, sgn);
-  const double lo = below ? q : pn, hi = below ? pn : q;
-  const bool up = f < top && (static_cast<double>(r) * (hi - lo) < (a - lo) * 65536.0 || (!sgn && f == 0.0 && a > 0.0));
-  const int c = static_cast<int>(f) + (up ? 1 : 0);
-  return sgn && y < 0.0f ? -c : c;
-}
-
-// int8_code_sr's signed codes in fp32, where every step is exact (f <= 127: f^2 and 2f + 1 exact, a - f^2 exact for
-// f^2 <= a, r (2f + 1) < 2^24), so they are int8_code_sr's always (NaN: 127); no FMA needed. What the CUDA kernel
-// and the CPU element loop run for signed states (the CPU vector forms: cpu_simd_avx512.inc). The unsigned decision
-// needs float64 for exactness (r G reaches 2^42); the CPU vector forms settle most values in fp32 with a proven
-// error bound and an FMA (cpu_simd_avx512.inc int8_sr_codes16_unsigned_f32). The CUDA kernel keeps float64 there:
-// in its sm_90 build an fp32 form with the float64 one beside it for the unsettled values had more static
-// instructions and spills (bench.kernel_report, 2026-12-07), and no GPU could say which runs faster.
-MF_HD MF_INLINE int int8_code_sr_signed_f32(float y, uint32_t r) {
+// off by far less than 1/2, so n = round(guess) is floor(t) or floor(t) + 1): f = n - (a < p(n)); unsigned, f = 0
+// with a > 0 always goes up (the floor: layouts.int8_codes_sr_of).
+// Signed in fp32, where every step is exact (f <= 127: f^2 and 2f + 1 exact, a - f^2 exact for f^2 <= a,
+// r (2f + 1) < 2^24; no FMA needed; NaN: n = 127, so f = 127).
+MF_HD MF_INLINE int int8_code_sr_signed(float y, uint32_t r) {
   const float a = fabsf(y);
-  const float n = rintf(fminf(int8_root_guess(a), 127.0f));  // (NaN: 127, and f = 127 below)
+  const float n = rintf(fminf(int8_root_guess(a), 127.0f));
   const float f = a < n * n ? n - 1.0f : n;
   const bool up = f < 127.0f && static_cast<float>(r) * (2.0f * f + 1.0f) < (a - f * f) * 65536.0f;
   const int c = static_cast<int>(f) + (up ? 1 : 0);
   return y < 0.0f ? -c : c;
+}
+
+// Unsigned in float64 (r G reaches 2^42): the bracket's other end p(n - 1) or p(n + 1); every product and
+// difference is exact (integers below 2^49, fp32 values below 2^33), so the comparison is the exact one whatever
+// the compiler contracts. (The CPU vector forms settle most values in fp32 with a proven error bound and an FMA,
+// cpu/cpu_simd_avx512.inc int8_sr_codes16_unsigned_f32; an element form of it beside this one raised the CUDA
+// kernels' static instructions and spills, bench.kernel_report 2026-12-07, and no GPU could time either.)
+MF_HD MF_INLINE double int8_sr_pow4(double c) { return (c * c) * (c * c); }
+MF_HD MF_INLINE int int8_code_sr(float y, uint32_t r, bool sgn) {
+  if (sgn) return int8_code_sr_signed(y, r);
+  if (y != y) return 255;
+  const float a32 = y > 0.0f ? y : 0.0f;
+  const double n = static_cast<double>(rintf(fminf(int8_root_guess(int8_root_guess(a32)), 255.0f)));
+  const double a = static_cast<double>(a32);
+  const double pn = int8_sr_pow4(n);
+  const bool below = a < pn;
+  const double f = below ? n - 1.0 : n;
+  const double q = int8_sr_pow4(below ? f : n + 1.0);
+  const double lo = below ? q : pn, hi = below ? pn : q;
+  const bool up = f < 255.0 && (static_cast<double>(r) * (hi - lo) < (a - lo) * 65536.0 || (f == 0.0 && a > 0.0));
+  return static_cast<int>(f) + (up ? 1 : 0);
 }
 
 // The code of x in a block of factors f (int8_factor of its scale).

@@ -337,9 +337,20 @@ static int run256(const float* y, const int* r, int* all, int* fast) {
   }
   return open;
 }
-// compressed.h's signed fp32 form (the CUDA kernel's and the CPU element loop's; exact: no open values) against
-// int8_code_sr at each threshold f^2 + r (2f + 1) / 2^16 and 3 fp32 steps around it, at each f^2 and around it,
-// random bits and the range, both signs; prints (checked, wrong).
+// compressed.h's signed stochastic code (int8_code_sr with sgn: in fp32, the CUDA kernel's and the CPU element
+// loop's) against the float64 evaluation it replaced (every step exact there): at each threshold
+// f^2 + r (2f + 1) / 2^16 and 3 fp32 steps around it, at each f^2 and around it, random bits and the range, both
+// signs; prints (checked, wrong).
+static int signed_f64(float y, uint32_t r) {
+  if (y != y) return 127;
+  const float a32 = std::fabs(y);
+  const double n = (double)rintf(fminf(sqrtf(a32), 127.0f)), a = a32, pn = n * n;
+  const bool below = a < pn;
+  const double f = below ? n - 1.0 : n, q = below ? f * f : (n + 1.0) * (n + 1.0);
+  const double lo = below ? q : pn, hi = below ? pn : q;
+  const int c = (int)f + (f < 127.0 && (double)r * (hi - lo) < (a - lo) * 65536.0 ? 1 : 0);
+  return y < 0.0f ? -c : c;
+}
 static int signed_check() {
   long checked = 0, bad = 0;
   for (int round = 0; round < 400000; ++round) {
@@ -354,7 +365,7 @@ static int signed_check() {
       v = std::nextafter(v, d > 0 ? INFINITY : 0.0f);
     for (float y : {v, -v}) {
       ++checked;
-      if (int8_code_sr_signed_f32(y, r) != int8_code_sr(y, r, true)) ++bad;
+      if (int8_code_sr(y, r, true) != signed_f64(y, r)) ++bad;
     }
   }
   std::printf("%ld %ld\n", checked, bad);
@@ -418,10 +429,10 @@ def test_unsigned_fp32_decision_is_the_definition_where_it_settles(isa, tmp_path
 
 
 def test_signed_fp32_decision_is_the_definition(tmp_path):
-    """compressed.h's int8_code_sr_signed_f32 (the CUDA kernel's and the CPU element loop's signed stochastic codes,
-    in fp32 without an FMA) equals the definition's float64 form on 800,000 values: at and beside every code's
-    threshold for random r, at and beside every code's value, random bit patterns (NaN, inf, subnormal, huge) and
-    the range, both signs."""
+    """compressed.h's signed stochastic code (int8_code_sr: in fp32 without an FMA since 2026-12-07; what the CUDA
+    kernel and the CPU element loop run) equals the float64 evaluation it replaced on 800,000 values: at and beside
+    every code's threshold for random r, at and beside every code's value, random bit patterns (NaN, inf,
+    subnormal, huge) and the range, both signs. (The kernels against the Python definition: the tests above.)"""
     checked, bad = map(int, run_csrc_check(_F32_DECISION_CHECK, tmp_path, "signed").split())
     assert checked == 800000 and bad == 0
 

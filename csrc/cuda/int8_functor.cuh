@@ -43,9 +43,9 @@ __device__ __forceinline__ void int8_param_store(bf16& p, uint16_t& r, float a) 
   r = master16_remainder_bits(a);
 }
 
-// SRQ (layouts int8_sr, master16_int8_sr): each code rounded stochastically (compressed.h's int8_code_sr; signed
-// states by its exact fp32 form int8_code_sr_signed_f32) with the bits of its element index in the tensor
-// (base + i0 + k) under the tensor's key (sr_keys[row], the bf16_sr convention: buffer 1 + j for state j).
+// SRQ (layouts int8_sr, master16_int8_sr): each code rounded stochastically (compressed.h's int8_code_sr) with the
+// bits of its element index in the tensor (base + i0 + k) under the tensor's key (sr_keys[row], the bf16_sr
+// convention: buffer 1 + j for state j).
 template <class Op, bool REM = false, bool SRQ = false>
 struct Int8Functor {
   using P = typename std::conditional<REM, bf16, float>::type;  // param and grad storage
@@ -165,8 +165,7 @@ struct Int8Functor {
 #pragma unroll
           for (int k = 0; k < kInt8Lane; ++k)
             vc[j].v[k] = static_cast<uint8_t>(
-                uns ? int8_code_sr((st[j][k] * f.u) * f.k, sr_bits(kb, base + i0 + k), false)
-                    : int8_code_sr_signed_f32((st[j][k] * f.u) * f.k, sr_bits(kb, base + i0 + k)));
+                int8_code_sr((st[j][k] * f.u) * f.k, sr_bits(kb, base + i0 + k), !uns));
         } else {
 #pragma unroll
           for (int k = 0; k < kInt8Lane; ++k) vc[j].v[k] = static_cast<uint8_t>(int8_encode_code(st[j][k], f, !uns));
