@@ -349,15 +349,22 @@ def cpu_flags() -> set:
         return set()
 
 
-def run_csrc_check(source: str, tmp_path, *args: str) -> str:
-    """Compile a C++ check program that includes csrc/ headers (the kernels' fp32 flags: no FMA contraction) and run
-    it with ``args``; its stdout. Skips where no C++ compiler is found ($CXX, g++ or c++)."""
+def host_cxx() -> str:
+    """The host C++ compiler ($CXX, g++ or c++); skips the test without one."""
     import os
     import shutil
-    import subprocess
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         pytest.skip("needs a C++ compiler (g++ or $CXX)")
+    return cxx
+
+
+def run_csrc_check(source: str, tmp_path, *args: str) -> str:
+    """Compile a C++ check program that includes csrc/ headers (the kernels' fp32 flags: no FMA contraction) and run
+    it with ``args``; its stdout. Skips where no C++ compiler is found (host_cxx)."""
+    import os
+    import subprocess
+    cxx = host_cxx()
     csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
     src, exe = tmp_path / "check.cpp", tmp_path / "check"
     src.write_text(source)

@@ -18,6 +18,8 @@ import sysconfig
 
 import pytest
 
+from backend_cases import host_cxx
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 BINDINGS = sorted(f for f in os.listdir(os.path.join(CSRC, "cuda")) if f.endswith(".cpp"))
@@ -38,18 +40,10 @@ def _cuda_include():
     return None
 
 
-def _host_cxx() -> str:
-    """The host C++ compiler ($CXX, g++ or c++); skips the test without one."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        pytest.skip("needs a C++ compiler (g++ or $CXX)")
-    return cxx
-
-
 def _compile_command(source):
     from torch.utils.cpp_extension import include_paths
 
-    cxx = _host_cxx()
+    cxx = host_cxx()
     flags = ["-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H",
              # the CPU wheel lacks the CUDA build's generated c10/cuda/impl/cuda_cmake_macros.h
              "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
@@ -63,7 +57,7 @@ def test_every_binding_file_is_checked():
 
 
 def test_cuda_bindings_compile():
-    _host_cxx()
+    host_cxx()
     if _cuda_include() is None:
         pytest.skip("needs the CUDA toolkit headers (cuda_runtime.h; set CUDA_HOME)")
     # the files compile side by side (~10 and ~40 s)
@@ -127,7 +121,7 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def plan_driver(tmp_path_factory):
-    cxx = _host_cxx()
+    cxx = host_cxx()
     d = tmp_path_factory.mktemp("plan")
     src, exe = d / "plan.cpp", d / "plan"
     src.write_text(_PLAN_DRIVER)
@@ -297,7 +291,7 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def int8_driver(tmp_path_factory):
-    cxx = _host_cxx()
+    cxx = host_cxx()
     d = tmp_path_factory.mktemp("int8")
     src, exe = d / "int8.cpp", d / "int8"
     src.write_text(_INT8_DRIVER)
@@ -454,7 +448,7 @@ int main() {
 
 
 def test_int8_element_form_next_to_every_midpoint(tmp_path):
-    cxx = _host_cxx()
+    cxx = host_cxx()
     src, exe = tmp_path / "element.cpp", tmp_path / "element"
     src.write_text(_ELEMENT_FORM_DRIVER)
     r = subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-Wall", f"-I{CSRC}", str(src), "-o", str(exe)],
