@@ -196,6 +196,21 @@ def test_the_rebuild_keywords_refuse_what_the_class_cannot_be():
     assert [g["use_muon"] for g in opt.param_groups] == [True, False]
 
 
+def test_an_adamtied_group_refuses_a_beta_and_betas_that_disagree():
+    # (a review, 2026-12-07: the group's betas were dropped for its beta without a word, where the constructor
+    # refuses the same pair)
+    p, q, r = make_params(), make_params(), make_params()
+    opt = mf.AdamTied(p, beta=0.9)
+    group = dict(params=q, beta=0.9, betas=(0.8, 0.8))
+    with pytest.raises(ValueError, match="param group 1: beta=0.9 and betas=.* disagree"):
+        opt.add_param_group(group)
+    assert len(opt.param_groups) == 1 and group["beta"] == 0.9 and group["betas"] == (0.8, 0.8)  # unchanged
+    with pytest.raises(ValueError, match="param group 0: beta=0.9 and betas=.* disagree"):
+        mf.AdamTied([dict(params=r, beta=0.9, betas=(0.8, 0.8))])
+    opt.add_param_group(dict(params=q, beta=0.8, betas=[0.8, 0.8]))  # the same beta twice: taken
+    assert opt.param_groups[1]["betas"] == (0.8, 0.8) and "beta" not in opt.param_groups[1]
+
+
 def test_a_numpy_bool_flag_is_refused_naming_numpy_and_the_fix():
     # the message said "must be a bool, got bool: np.True_" (numpy's bool type is named bool)
     np = pytest.importorskip("numpy", reason="needs numpy")

@@ -81,7 +81,13 @@ class AdamTied(Adam):
 
     def add_param_group(self, param_group):
         if isinstance(param_group, dict) and "beta" in param_group:  # (the caller's dict itself, as every group)
-            beta = param_group.pop("beta")
+            beta, betas = param_group["beta"], param_group.get("betas")
+            if betas is not None:  # (as the constructor: refused, not one silently dropped; the dict unchanged)
+                _check_tied([{"betas": betas}], "AdamTied", len(self.param_groups))
+                if not isinstance(betas, (tuple, list)) or len(betas) != 2 or beta != betas[0]:
+                    raise ValueError(f"AdamTied param group {len(self.param_groups)}: beta={beta!r} and "
+                                     f"betas={betas!r} disagree; pass one of them")
+            del param_group["beta"]
             param_group["betas"] = (beta, beta)
         if isinstance(param_group, dict):
             _check_tied([param_group], "AdamTied", len(self.param_groups))
