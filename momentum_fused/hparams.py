@@ -2,6 +2,7 @@
 (``Real``, ``Pair``, ``Flag``, ``Choice``, ``Int`` and the common instances), and ``lr_value``."""
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
 from dataclasses import dataclass
@@ -22,7 +23,22 @@ def _check_tensor_meta(name: str, value: torch.Tensor) -> None:
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def _is_numpy(value: Any, ndim: int) -> bool:
+    """A NumPy array of ``ndim`` dims (not imported: a NumPy value can only exist where NumPy is)."""
+    return type(value).__module__ == "numpy" and getattr(value, "ndim", None) == ndim and hasattr(value, "item")
+
+
+def is_pair_like(value: Any) -> bool:
+    """What torch.optim takes for ``betas``: any sequence it can index (a tuple, a list, omegaconf's
+    ``ListConfig`` from a Hydra config) or a 1-D NumPy array; not a string or a tensor."""
+    if isinstance(value, (str, bytes, torch.Tensor)):
+        return False
+    return isinstance(value, collections.abc.Sequence) or _is_numpy(value, 1)
+
+
 def _as_real(name: str, value: Any, *, tensor_ok: bool = False, fp32: bool = True) -> float:
+    if _is_numpy(value, 0):  # a 0-d NumPy array (np.asarray(0.01)), as torch.optim takes it
+        value = value.item()
     if isinstance(value, torch.Tensor):
         if not tensor_ok:
             raise TypeError(f"{name} must be a Python number, got a Tensor")
@@ -66,8 +82,9 @@ class Pair:
     item: Real
 
     def check(self, name: str, value: Any) -> None:
-        if not isinstance(value, (tuple, list)) or len(value) != 2:
-            raise TypeError(f"{name} must be a tuple of two numbers, got {value!r}")
+        if not is_pair_like(value) or len(value) != 2:
+            raise TypeError(f"{name} must be a pair of numbers (a tuple, list or other sequence of two), "
+                            f"got {value!r}")
         for i, v in enumerate(value):
             self.item.check(f"{name}[{i}]", v)
 

@@ -4,6 +4,7 @@ backend and the state_dict keys surviving a load, host counters validated, dupli
 schedule-free weight overflow, RMSprop's centered cancellation. Each test failed before its fix."""
 from __future__ import annotations
 
+import collections.abc
 import copy
 import inspect
 import math
@@ -209,6 +210,40 @@ def test_an_adamtied_group_refuses_a_beta_and_betas_that_disagree():
         mf.AdamTied([dict(params=r, beta=0.9, betas=(0.8, 0.8))])
     opt.add_param_group(dict(params=q, beta=0.8, betas=[0.8, 0.8]))  # the same beta twice: taken
     assert opt.param_groups[1]["betas"] == (0.8, 0.8) and "beta" not in opt.param_groups[1]
+
+
+class _ListConfigLike(collections.abc.Sequence):  # (what Hydra's instantiate passes: omegaconf's ListConfig)
+    def __init__(self, *v):
+        self.v = list(v)
+
+    def __getitem__(self, i):
+        return self.v[i]
+
+    def __len__(self):
+        return len(self.v)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "NAdam"])
+def test_betas_as_any_sequence_and_numpy_hyperparameters_are_taken_as_torch_takes_them(name):
+    # (a review, 2026-12-07: betas as a NumPy array or a non-list sequence, and a 0-d NumPy lr, were refused with
+    # a TypeError; torch.optim takes them)
+    np = pytest.importorskip("numpy")
+    for betas, lr in ((np.array([0.8, 0.99]), np.array(1e-2)), (_ListConfigLike(0.8, 0.99), np.float32(1e-2))):
+        runs = []
+        for cls, kw in ((getattr(torch.optim, name), dict(lr=1e-2, betas=(0.8, 0.99))),
+                        (getattr(mf, name), dict(lr=lr, betas=betas))):
+            p = torch.nn.Parameter(torch.linspace(-1, 1, 300))
+            opt = cls([p], **kw)
+            for i in range(5):
+                p.grad = torch.sin(torch.arange(300.0) * (i + 1))
+                opt.step()
+            runs.append(p.detach())
+        torch.testing.assert_close(runs[1], runs[0])
+    for bad in ("ab", torch.tensor([0.9, 0.99]), np.array([[0.9, 0.99]]), (0.9, 0.99, 0.5)):
+        with pytest.raises(TypeError, match="betas must be a pair of numbers"):
+            getattr(mf, name)(make_params(), betas=bad)
+    with pytest.raises(ValueError, match="betas must be equal"):
+        mf.AdamTied(make_params(), betas=np.array([0.9, 0.8]))
 
 
 def test_a_numpy_bool_flag_is_refused_naming_numpy_and_the_fix():

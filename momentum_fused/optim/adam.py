@@ -1,5 +1,6 @@
 import torch
 
+from ..hparams import is_pair_like
 from .base import FusedOptimizer
 
 
@@ -48,7 +49,7 @@ class AdamW(Adam):
 def _check_tied(groups, where, first=0) -> None:
     for gi, g in enumerate(groups, first):
         betas = g.get("betas") if isinstance(g, dict) else None
-        if isinstance(betas, (tuple, list)) and len(betas) == 2 and betas[0] != betas[1]:
+        if is_pair_like(betas) and len(betas) == 2 and betas[0] != betas[1]:
             raise ValueError(f"{where} param group {gi}: betas must be equal, got {tuple(betas)}; use Adam for "
                              "untied betas (OneCycleLR and CyclicLR with cycle_momentum=True write betas[0] only: "
                              "pass cycle_momentum=False, or set both betas yourself)")
@@ -70,7 +71,7 @@ class AdamTied(Adam):
         # (betas with equal entries: accepted so that type(opt)(params, **opt.defaults) rebuilds)
         if betas is not None:
             _check_tied([{"betas": betas}], "AdamTied")
-            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            if not is_pair_like(betas) or len(betas) != 2:
                 raise ValueError(f"AdamTied: betas must be a pair of equal betas, got {betas!r}")
             if beta != _TIED_BETA and beta != betas[0]:  # (a beta given too, other than the default)
                 raise ValueError(f"AdamTied: beta={beta!r} and betas={tuple(betas)!r} disagree; pass one of them")
@@ -84,7 +85,7 @@ class AdamTied(Adam):
             beta, betas = param_group["beta"], param_group.get("betas")
             if betas is not None:  # (as the constructor: refused, not one silently dropped; the dict unchanged)
                 _check_tied([{"betas": betas}], "AdamTied", len(self.param_groups))
-                if not isinstance(betas, (tuple, list)) or len(betas) != 2 or beta != betas[0]:
+                if not is_pair_like(betas) or len(betas) != 2 or beta != betas[0]:
                     raise ValueError(f"AdamTied param group {len(self.param_groups)}: beta={beta!r} and "
                                      f"betas={betas!r} disagree; pass one of them")
             del param_group["beta"]
