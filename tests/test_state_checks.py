@@ -79,6 +79,31 @@ def test_a_state_switched_on_later_starts_as_at_a_first_step(make, switch, key):
     assert key in opt.state[ps[0]]
 
 
+@pytest.mark.parametrize("layout", ["master", "master16", "master16_int8"])
+def test_signum_momentum_switched_on_under_a_master_layout_starts_its_buffer(layout):
+    # (a review, 2026-12-07: the master's state entry made the missing buffer a "partial state", refused at every
+    # later step, where every other layout starts it; the fix it named, state.pop(param), lost the master's low
+    # bits). The master then follows fp32 Signum on fp32 params (int8_state's for master16_int8), the same switch at
+    # the same step.
+    g = torch.Generator().manual_seed(3)
+    init = torch.randn(4096, generator=g).bfloat16()
+    grads = [torch.randn(4096, generator=g).bfloat16() for _ in range(5)]
+    p, q = init.clone().requires_grad_(), init.float().requires_grad_()
+    ours = mf.Signum([p], lr=1e-2, momentum=0.0, weight_decay=0.1, layout=layout)
+    fp32 = mf.Signum([q], lr=1e-2, momentum=0.0, weight_decay=0.1, layout="int8_state" if "int8" in layout else None)
+    for i, gr in enumerate(grads):
+        if i == 2:
+            for opt in (ours, fp32):
+                opt.param_groups[0]["momentum"] = 0.9
+        p.grad, q.grad = gr, gr.float()
+        ours.step()
+        fp32.step()
+    st = ours.state[p]
+    assert "momentum_buffer" in st
+    master = st["master"] if layout == "master" else mf.layouts.master16_decode(p.detach(), st["master_lo"])
+    assert torch.equal(master, q.detach())
+
+
 # ---------------------------------------------------------------- checkpoints
 def test_adamw_loads_an_adam_checkpoint_as_adamw_as_torch_does():
     res = []

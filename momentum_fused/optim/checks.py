@@ -14,7 +14,7 @@ from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
 from . import overlap as _overlap
 from .ckpt_format import _codes_under_live_names
-from .host_state import check_loaded_state, host_value_error, raise_partial_state
+from .host_state import check_loaded_state, holds_rule_state, host_value_error, raise_partial_state
 from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, GROUP_KEYS_ALWAYS_ALLOWED, near_miss
 
 _MASTER, _REMAINDER = _layouts.MASTER_KEY, _layouts.REMAINDER_KEY
@@ -224,7 +224,7 @@ class ValidationMixin:
                 st = state.get(p)
                 if st and lay.int8:
                     _codes_under_live_names(st, state_names)
-                if st and required and not all(k in st for k in required):
+                if st and required and not all(k in st for k in required) and holds_rule_state(st):
                     self._raise_partial_state(st, required, self._where(p, pi, gi))
                 if st and (_MASTER in st or _REMAINDER in st):
                     if _layouts.is_remainder_bytes(st.get(_REMAINDER)):  # a checkpoint's form, written here by

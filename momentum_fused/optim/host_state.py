@@ -7,9 +7,20 @@ import math
 
 import torch
 
+from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
 
-__all__ = ["check_loaded_state", "host_value_error", "raise_partial_state"]
+__all__ = ["check_loaded_state", "holds_rule_state", "host_value_error", "raise_partial_state"]
+
+_LAYOUT_ONLY_KEYS = frozenset((_layouts.MASTER_KEY, _layouts.REMAINDER_KEY))
+
+
+def holds_rule_state(st) -> bool:
+    """Whether a param's state holds any of the rule's state, not only a master layout's copy of the param
+    (``master``, ``master16``'s ``master_lo``), which a step keeps where the rule keeps none (Signum at momentum
+    0): its rule state then starts whole at the step that needs it, as under a layout that keeps no master (a
+    review, 2026-12-07: turning Signum's momentum on under ``master`` was refused as a partial state)."""
+    return any(k not in _LAYOUT_ONLY_KEYS for k in st)
 
 
 def host_value_error(key: str, value) -> str | None:
@@ -52,7 +63,7 @@ def check_loaded_state(name: str, state_dict, required_of) -> None:
     for idx, st in items:
         if not isinstance(st, dict):
             continue
-        if st and idx in where:
+        if st and idx in where and holds_rule_state(st):
             gi, pi = where[idx]
             try:
                 required = required_of(groups[gi])
