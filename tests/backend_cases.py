@@ -52,7 +52,7 @@ CASES = [
     ("adam-amsgrad", mf.Adam, dict(lr=1e-2, amsgrad=True, weight_decay=0.01), dict(betas=(0.5, 0.9)), False, _V),
     ("adamw-amsgrad", mf.AdamW, dict(lr=1e-2, amsgrad=True, maximize=True), dict(lr=2e-2, weight_decay=0.0), False,
      _V),
-    ("adamtied", mf.AdamTied, dict(lr=1e-2, beta=0.9), dict(betas=(0.95, 0.95)), False, _V),
+    ("adamtied", mf.AdamTied, dict(lr=1e-2, beta=0.9), dict(beta=0.95), False, _V),
     ("nadam", mf.NAdam, dict(lr=1e-2, weight_decay=0.01), dict(lr=5e-3, momentum_decay=1e-2), False, _V),
     ("nadamw", mf.NAdam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True), dict(betas=(0.8, 0.99)),
      False, _V),
