@@ -76,6 +76,12 @@ class Layout:
     int8: bool = False  # int8_state: the rule's state as 8-bit block codes + fp32 scales (int8_quantized)
 
     @property
+    def reduced_state(self) -> bool:
+        """The rule's state stored below fp32 precision: 8-bit codes, or a 16-bit state dtype on any param (not
+        ``native``, whose state is the param's dtype, as torch.optim keeps it)."""
+        return self.int8 or self.state_dtype in (torch.bfloat16, torch.float16)
+
+    @property
     def extra_keys(self) -> tuple:
         """The state keys the layout adds after the rule's state tensors (in a bucket's state tuples)."""
         return (MASTER_KEY,) if self.master else (REMAINDER_KEY,) if self.remainder else ()

@@ -78,8 +78,9 @@ class UpdateRuleSpec:
                    and ``MatrixPhase`` one step runs (contract v2; e.g. orthogonalized momentum: momentum
                    pass, Newton-Schulz on the update, apply pass).
     traffic:       what a kernel rule's math reads and writes (``Traffic``; Muon's passes skip arrays).
-    int8_refusal:  group -> why the 8-bit layouts cannot hold this group's state (None: they can), checked
-                   with the layout at construction, add_param_group and every step.
+    state_refusal: group -> why a layout that stores the state below fp32 precision (``Layout.reduced_state``:
+                   the 8-bit codes, bf16 state) cannot hold this group's state (None: it can), checked with
+                   the layout at construction, add_param_group and every step.
 
     ``bytes_per_elem(group)`` (fp32 roofline bytes read + written per element, docs/algorithms.md §9) follows
     from ``state_names``: ``momentum_fused.layouts.roofline_bytes``.
@@ -106,7 +107,7 @@ class UpdateRuleSpec:
     state_tensors: Callable[[Mapping], tuple] | None = None
     phases: tuple = ()
     traffic: Traffic = Traffic()
-    int8_refusal: Callable[[Mapping], str | None] | None = None
+    state_refusal: Callable[[Mapping], str | None] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "Scalars", namedtuple(f"{self.name}_scalars", self.scalar_names))
@@ -358,14 +359,19 @@ RMSPROP_SPEC = UpdateRuleSpec(
     scalar_names=("lr", "weight_decay", "alpha", "eps", "momentum", "grad_mult"),
     advance=_rmsprop_advance,
     counts_steps=True,
-    # the centered variance v - a^2 of two moments coded apart: each code is off by up to half a gap (~1 % of v
-    # near its block's top, all of it below the smallest code), so v - a^2 is noise where the variance is small
-    # beside a^2 and turns negative (NaN params from finite gradients, found 2026-12-06); bitsandbytes' 8-bit
-    # RMSprop refuses centered too
-    int8_refusal=lambda g: ("centered=True computes the variance square_avg - grad_avg^2 from two moments "
-                            "coded apart, which the 8-bit codes' rounding turns negative (NaN) wherever the "
-                            "variance is small beside the mean; use centered=False, or a layout with fp32 or "
-                            "bf16 state") if g["centered"] else None,
+    # the centered variance v - a^2 of two moments rounded apart: an 8-bit code is off by up to half a gap (~1 % of
+    # v near its block's top, all of it below the smallest code); a bf16 average of alpha 0.99 stalls within
+    # ~ulp / (2 (1 - alpha)) ~ 20 % of its value (rounded to nearest) or wanders by about an ulp (rounded
+    # stochastically). So v - a^2 is noise where the variance is small beside a^2 and turns negative: NaN params
+    # from finite gradients (8-bit: found 2026-12-06; bf16_sr within ~240 steps of gradients 1 + 0.01 N(0, 1),
+    # bf16_state where fp32 state stays finite: 2026-12-07). bitsandbytes' 8-bit RMSprop refuses centered too;
+    # native bf16 params (bf16 state, torch.optim's own arithmetic) are kept as torch runs them (docs/layouts.md)
+    state_refusal=lambda g: ("centered=True computes the variance square_avg - grad_avg^2 from two moments "
+                             "rounded apart to the layout's reduced precision (8-bit codes, or bf16, in which "
+                             "an average of alpha 0.99 stalls or wanders), which turns it negative (NaN params) "
+                             "wherever the variance is small beside the mean; use centered=False, or a layout "
+                             "with fp32 state (native with fp32 params; master or master16 with bf16 params)")
+    if g["centered"] else None,
 )
 
 # ---------------------------------------------------------------- signum / signSGD (decoupled decay)

@@ -26,15 +26,22 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 #  out of the fp16 subnormals), and eps=1 for RMSprop with momentum (g/(sqrt(v)+eps) stays ~g).
 _M = dict(gscale=0.1)  # momentum-buffer rules
 _V = dict(gscale=1.0)  # second-moment rules
-def takes_int8(case) -> bool:
-    """Whether the 8-bit layouts take this case's optimizer and kwargs (``case``: (id, class, kwargs, ...), this
-    module's or compressed_oracle's): the class offers them and its rule does not refuse the group (RMSprop's
-    centered=True: specs.UpdateRuleSpec.int8_refusal, tested in test_compressed_state.py)."""
+def takes_layout(case, layout: str = "int8_state") -> bool:
+    """Whether ``layout`` takes this case's optimizer and kwargs (``case``: (id, class, kwargs, ...), this module's
+    or compressed_oracle's): the class offers it and its rule does not refuse the group under a layout of reduced
+    state precision (RMSprop's centered=True: specs.UpdateRuleSpec.state_refusal, tested in
+    test_compressed_state.py)."""
     cls, kw = case[1], case[2]
-    if "int8_state" not in cls.supported_layouts:
+    if layout not in cls.supported_layouts:
         return False
     spec = mf.specs.get_spec(cls.rule)
-    return spec.int8_refusal is None or spec.int8_refusal({**spec.defaults, **kw}) is None
+    return (spec.state_refusal is None or not mf.layouts.get_layout(layout).reduced_state
+            or spec.state_refusal({**spec.defaults, **kw}) is None)
+
+
+def takes_int8(case) -> bool:
+    """``takes_layout`` for the 8-bit layouts (they refuse the same groups)."""
+    return takes_layout(case, "int8_state")
 
 
 CASES = [

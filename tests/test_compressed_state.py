@@ -345,12 +345,15 @@ def test_int8_state_rules_and_schedule_free():
         mf.AdamWScheduleFree([torch.zeros(4096, requires_grad=True)], layout="int8_state")
 
 
-@pytest.mark.parametrize("layout", ["int8_state", "int8_sr", "master16_int8", "master16_int8_sr"])
-def test_centered_rmsprop_is_refused_by_the_8bit_layouts_before_any_change(layout):
+@pytest.mark.parametrize("layout", ["int8_state", "int8_sr", "master16_int8", "master16_int8_sr", "bf16_state",
+                                    "bf16_sr"])
+def test_centered_rmsprop_is_refused_by_the_reduced_state_layouts_before_any_change(layout):
     """RMSprop(centered=True) under 8-bit state computes v - a^2 from two moments coded apart: finite gradients
-    spread over a few decades gave NaN params within 2 steps (a review, 2026-12-06). Refused at construction,
-    at add_param_group, and at a step after a scheduler or an edit turns centered on (nothing changes)."""
-    dt = torch.bfloat16 if layout.startswith("master16") else torch.float32
+    spread over a few decades gave NaN params within 2 steps (a review, 2026-12-06). So does bf16 state: bf16_sr
+    within ~240 steps of gradients 1 + 0.01 N(0, 1), bf16_state where fp32 state stays finite (a review,
+    2026-12-07). Refused at construction, at add_param_group, and at a step after a scheduler or an edit turns
+    centered on (nothing changes)."""
+    dt = torch.bfloat16 if layout.startswith("master16") or layout == "bf16_sr" else torch.float32
     make = lambda: torch.randn(4096, dtype=torch.float32).to(dt).requires_grad_()
     with pytest.raises(ValueError, match=rf"RMSprop: dtype layout '{layout}' cannot hold .* centered=True"):
         mf.RMSprop([make()], lr=1e-2, centered=True, layout=layout, backend="reference")
@@ -366,6 +369,20 @@ def test_centered_rmsprop_is_refused_by_the_8bit_layouts_before_any_change(layou
         opt.step()
     after = [ps[0].detach()] + list(opt.state[ps[0]].values())
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("layout,dtype", [("native", torch.float32), ("native", torch.bfloat16),
+                                          ("master", torch.bfloat16), ("master16", torch.bfloat16)])
+def test_centered_rmsprop_runs_where_the_state_is_fp32_or_torchs_own(layout, dtype):
+    # fp32 state (native fp32, the master layouts) keeps v - a^2 finite on the gradients that made bf16_sr's NaN
+    # (1 + 0.01 N(0, 1)); native bf16 is torch.optim's own arithmetic in the params' dtype, kept as torch runs it
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(4096, generator=g).to(dtype).requires_grad_()
+    opt = mf.RMSprop([p], lr=1e-3, centered=True, layout=layout)
+    for _ in range(300 if dtype == torch.float32 or layout != "native" else 3):
+        p.grad = (1 + 0.01 * torch.randn(4096, generator=g)).to(dtype)
+        opt.step()
+    assert torch.isfinite(p.detach()).all()
 
 
 @pytest.mark.parametrize("case", INT8_CASES, ids=[c[0] for c in INT8_CASES])

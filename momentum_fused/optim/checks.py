@@ -68,7 +68,7 @@ class ValidationMixin:
         if lay.int8 and not self.spec.plain_state:
             raise ValueError(f"{where}{type(self).__name__}: dtype layout {lay.name!r} needs param-shaped moment "
                              "state; this rule declares state tensors of its own")
-        why = self.spec.int8_refusal(group) if lay.int8 and self.spec.int8_refusal is not None else None
+        why = self.spec.state_refusal(group) if lay.reduced_state and self.spec.state_refusal is not None else None
         if why is not None:
             raise ValueError(f"{where}dtype layout {lay.name!r} cannot hold this group's state: {why}")
         for key in ("sr_seed", "sr_step"):
