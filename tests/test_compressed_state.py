@@ -371,6 +371,25 @@ def test_centered_rmsprop_is_refused_by_the_reduced_state_layouts_before_any_cha
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
+@pytest.mark.parametrize("layout", ["int8_state", "bf16_state"])
+def test_a_centered_rmsprop_checkpoint_is_refused_at_load_by_a_reduced_state_layout(layout):
+    # (a review, 2026-12-07: it loaded, and every later step refused the group; now the load refuses, unchanged)
+    src = [torch.randn(4096).requires_grad_()]
+    centered = mf.RMSprop(src, lr=1e-2, centered=True)
+    src[0].grad = torch.randn(4096)
+    centered.step()
+    ps = [torch.randn(4096).requires_grad_()]
+    opt = mf.RMSprop(ps, lr=1e-2, layout=layout)
+    ps[0].grad = torch.randn(4096)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[ps[0]].items()}
+    with pytest.raises(ValueError, match=f"param group 0: dtype layout '{layout}' .* cannot hold the checkpoint's "
+                                         "group: centered=True .* nothing was loaded"):
+        opt.load_state_dict(centered.state_dict())
+    assert not opt.param_groups[0]["centered"] and set(opt.state[ps[0]]) == set(before)
+    assert all(torch.equal(opt.state[ps[0]][k], v) for k, v in before.items())
+
+
 @pytest.mark.parametrize("layout,dtype", [("native", torch.float32), ("native", torch.bfloat16),
                                           ("master", torch.bfloat16), ("master16", torch.bfloat16)])
 def test_centered_rmsprop_runs_where_the_state_is_fp32_or_torchs_own(layout, dtype):

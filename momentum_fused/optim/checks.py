@@ -145,6 +145,21 @@ class ValidationMixin:
         loaded: a clear error naming the param and the key, and the optimizer unchanged."""
         spec, base = self.spec, {**self.defaults, **self._group_extras}
         check_loaded_state(type(self).__name__, state_dict, lambda g: spec.required_state({**base, **g}))
+        if spec.state_refusal is None:
+            return
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        for gi, (saved, live) in enumerate(zip(groups if isinstance(groups, list) else [], self.param_groups)):
+            lay = _layouts.get_layout(live.get("layout")) if isinstance(live.get("layout"), str) else None
+            if not isinstance(saved, dict) or lay is None or not lay.reduced_state:  # (the group keeps its layout)
+                continue
+            try:
+                why = spec.state_refusal({**base, **saved})
+            except (KeyError, TypeError, ValueError):  # (a malformed group: the load names it)
+                continue
+            if why is not None:  # (RMSprop's centered: every later step would refuse it)
+                raise ValueError(f"{type(self).__name__}.load_state_dict: param group {gi}: dtype layout "
+                                 f"{lay.name!r} (this optimizer's; a load keeps it) cannot hold the checkpoint's "
+                                 f"group: {why}; nothing was loaded")
 
     def _check_host_state(self, gi, group, items) -> None:
         """The full plan's check of host counters that did not come from this optimizer's own stepping (a loaded
