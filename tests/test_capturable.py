@@ -122,6 +122,25 @@ def test_bad_capturable_values_raise():
         mf.AdamW(make_params(), capturable=1)
 
 
+@need_cpu
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, 2.5])
+def test_a_step_counter_assigned_by_hand_is_checked_in_a_capturable_group(bad):
+    # (a review, 2026-12-07: the capturable hot path never re-planned for a replaced counter, and the full plan
+    # skipped capturable counters, so NaN or -1 went into the bias corrections: NaN params). A counter on the host
+    # is read at no cost; one on a GPU is not read (no sync), as before.
+    ps = make_params()
+    opt = mf.Adam(ps, lr=1e-2, capturable=True)
+    for p, g in zip(ps, make_grads(steps=1)[0]):
+        p.grad = g
+    opt.step()
+    opt.step()  # (the hot path: the cached plan)
+    opt.state[ps[0]]["step"] = torch.tensor(bad)
+    assert_step_raises_unchanged(opt, ps, ValueError, "state 'step' is")
+    opt.state[ps[0]]["step"] = torch.tensor(2.0)
+    opt.step()
+    assert float(opt.state[ps[0]]["step"]) == 3.0
+
+
 def test_reference_backend_raises_before_any_change():
     ps = make_params()
     opt = mf.AdamW(ps, lr=1e-2, backend="reference")

@@ -166,15 +166,18 @@ class ValidationMixin:
         or assigned ``step`` / ``mu_product``): clear error naming param and key, before anything changes."""
         spec = self.spec
         keys = (("step",) if spec.counts_steps else ()) + ((spec.host_state[0],) if spec.pack_reads_state else ())
-        if not keys or group.get("capturable"):  # (capturable counters live on the device: no host read)
+        if not keys:
             return
+        cap = group.get("capturable")  # (its counters live on the params' device: read only where that is the host)
         state = self.state
         for key in keys:
-            cached = self._step_views.get((gi, key))
+            cached = self._step_views.get(gi if cap else (gi, key))  # (capturable: its device counters' views)
             ours = set(map(id, cached[1])) if cached is not None else ()
             for p in items:
                 st = state.get(p)
                 v = None if st is None else st.get(key)
+                if cap and not (isinstance(v, torch.Tensor) and v.device.type == "cpu"):
+                    continue  # (a device counter: no host sync; a number in a capturable group is made a tensor)
                 if v is not None and id(v) not in ours:
                     why = host_value_error(key, v)
                     if why is not None:

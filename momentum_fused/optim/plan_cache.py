@@ -109,7 +109,7 @@ class PlanCacheMixin:
                 return None
             items = e["items"]
             for hk in e["host_keys"]:  # a host counter replaced since the last step: the full plan checks it
-                cv = self._step_views.get((gi, hk))
+                cv = self._step_views.get(gi if group["capturable"] else (gi, hk))
                 if cv is None or not _same_entries(e["states"], hk, cv[1]):
                     return None
             key = e["chosen_key"]
@@ -119,7 +119,8 @@ class PlanCacheMixin:
             plan.append(GroupPlan(group, e["state_names"], items, chosen))
             cached.append((e, gs))
         # the host counters' views were checked just now: _host_views need not check them again this step
-        self._step_attrs["views_verified"] = {(gi, hk) for gi, (e, _) in enumerate(cached) for hk in e["host_keys"]}
+        self._step_attrs["views_verified"] = {(gi, hk) for gi, (e, _) in enumerate(cached) for hk in e["host_keys"]
+                                              if not e["group"]["capturable"]}
         return plan, cached
 
     def _remember_plan(self, plan) -> None:
@@ -194,8 +195,11 @@ class PlanCacheMixin:
                 "sdtypes": () if sigs is not None else tuple([t.dtype for t in first]) if states
                 else tuple([torch.float32] * len(keys)),
                 "chosen_key": key,
-                "host_keys": () if group["capturable"] or not states else (("step",) if self.spec.counts_steps else ())
-                + ((self.spec.host_state[0],) if self.spec.pack_reads_state and self.spec.advance_many else ()),
+                # (capturable: its device counters, ``_step_views[gi]``; a counter replaced by hand re-plans, and the
+                # full plan checks those on the host)
+                "host_keys": () if not states else (("step",) if self.spec.counts_steps else ())
+                + ((self.spec.host_state[0],) if self.spec.pack_reads_state and self.spec.advance_many
+                   and not group["capturable"] else ()),
             })
         # the objects themselves (not their ids, which a new object may reuse once one is freed)
         self._fast = {"state": self.state, "groups": entries, "state_values": list(self.state.values()),
