@@ -9,8 +9,10 @@ master restarted from the param (elements still equal to it keep their master's 
 
 What it cannot see: an in-place write through ``p.data`` (``p.data.mul_(2)``), which bumps the version counter of
 ``p.data``'s new tensor object, not ``p``'s; collectives writing params in place (``dist.broadcast(p)``,
-``all_reduce``: no version bump); and any write while the steps are compiled (a step traced by torch.compile
-neither checks nor records). Call ``optimizer.sync_masters()`` after such a write. Schedule-free ``eval()`` /
+``all_reduce``: no version bump); under FSDP2, ``dcp.load`` into ``get_model_state_dict(model)``'s tensors without
+the ``set_model_state_dict`` torch's DCP docs call after it (other tensor objects over the params' memory: no
+version bump of the params); and any write while the steps are compiled (a step traced by torch.compile neither
+checks nor records). Call ``optimizer.sync_masters()`` after such a write. Schedule-free ``eval()`` /
 ``train()`` check before moving the masters. The first step after ``load_state_dict`` compares every element
 (``_repair_stale_masters``, optim/checkpoints.py).
 docs/layouts.md, "The master layout and params written outside the optimizer"."""
