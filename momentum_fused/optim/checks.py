@@ -166,9 +166,9 @@ class ValidationMixin:
         or assigned ``step`` / ``mu_product``): clear error naming param and key, before anything changes."""
         spec = self.spec
         keys = (("step",) if spec.counts_steps else ()) + ((spec.host_state[0],) if spec.pack_reads_state else ())
-        if not keys:
-            return
         cap = group.get("capturable")  # (its counters live on the params' device: read only where that is the host)
+        if not keys or (cap and torch.compiler.is_compiling()):  # (traced: no host read in the graph, docs)
+            return
         state = self.state
         for key in keys:
             cached = self._step_views.get(gi if cap else (gi, key))  # (capturable: its device counters' views)
