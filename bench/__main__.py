@@ -1,6 +1,6 @@
 """python -m bench: every rule x provider x profile x layout, as time per step and percent of roofline.
 
-    python -m bench --quick                 # < 2 minutes on a 2-core CPU
+    python -m bench --quick                 # ~1-4 minutes on a 2-core CPU (machine noise)
     python -m bench                         # the full sweep (progress on stderr)
     python -m bench --device cuda --quick --params 1e9 --profiles llm,tiny
     python -m bench --rules muon            # only the Muon section (bench/bench_muon.py)

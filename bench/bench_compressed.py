@@ -124,7 +124,7 @@ def providers():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=7, help="timed runs per provider (interleaved), >= 5 for a report")
     ap.add_argument("--seconds", type=float, default=1.0, help="target duration of one run of one provider")
     ap.add_argument("--quick", action="store_true", help="~4M params (d=224)")

@@ -63,7 +63,7 @@ def bench_one(cls, m, n, r, layers, device, steps, warmup, retraction):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--layers", type=int, default=4, help="layers per bucket (stacked in one batched call)")
     ap.add_argument("--steps", type=int, default=5)

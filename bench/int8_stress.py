@@ -55,7 +55,7 @@ def worst_move(decades: float, layout: str, steps: int, backend: str) -> tuple[f
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--decades", default="4,6")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--layouts", default="native,int8_state,int8_sr")

@@ -26,7 +26,7 @@ def _shapes(d: int) -> tuple:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=6)
     ap.add_argument("--reps", type=int, default=9)

@@ -94,7 +94,7 @@ def cuda_graph_replay(steps: int = 8) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cuda", action="store_true", help="also run on CUDA and capture a CUDA graph")
     args = ap.parse_args()
     compiled_train_step("cpu")

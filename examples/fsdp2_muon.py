@@ -24,7 +24,7 @@ import tempfile
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="steps before the checkpoint (then 3 more after it)")
     ap.add_argument("--world", type=int, default=2, help="processes to spawn (ignored under torchrun)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

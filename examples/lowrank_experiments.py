@@ -242,7 +242,7 @@ def tables(syn, dig):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps, seeds and tau values (< 60 s)")
     ap.add_argument("--out", default=None, help="output directory (default: docs/img; with --quick a new "
                     "temporary directory, so a smoke run leaves the committed plots alone)")

@@ -88,6 +88,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     x, y = make_task()
     backend = mf.backends.resolve(None, mf.specs.get_spec("adam"), torch.device("cpu"), torch.float32).name

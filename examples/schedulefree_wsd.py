@@ -34,7 +34,7 @@ def train(weight_rule: str, steps: int = 300) -> float:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=300,
                     help="steps (default 300: the schedule's 30 warmup, 170 stable, 100 decay, all taken)")
     args = ap.parse_args()

@@ -271,15 +271,18 @@ def train(opt: str = "AdamW", opt_kwargs: dict | None = None, steps: int = 600, 
     return out
 
 
+_DEFAULT_STEPS, _DEFAULT_SIZE = 600, "default"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--opt", default="AdamW", help="momentum_fused optimizer name, or torch.<Name>")
     p.add_argument("--opt-kwargs", default='{"lr": 3e-3, "weight_decay": 0.1}', type=json.loads,
                    help="JSON dict of constructor arguments")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, help=f"default {_DEFAULT_STEPS} (--quick: 100)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", choices=sorted(SIZES), default="default")
+    p.add_argument("--size", choices=sorted(SIZES), help=f"default {_DEFAULT_SIZE!r} (--quick: 'small')")
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layer", type=int)
     p.add_argument("--n-head", type=int)
@@ -292,10 +295,16 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the result dict to this file")
-    p.add_argument("--quick", action="store_true", help="the small model for 100 steps (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="the small model for 100 steps (a smoke run; --size and --steps "
+                   "given with it are kept)")
     a = p.parse_args(argv)
-    if a.quick:
-        a.size, a.steps = "small", 100
+    if a.quick:  # (defaults only: a --size or --steps given with it is kept)
+        a.size = a.size if a.size is not None else "small"
+        a.steps = a.steps if a.steps is not None else 100
+    a.size = a.size if a.size is not None else _DEFAULT_SIZE
+    a.steps = a.steps if a.steps is not None else _DEFAULT_STEPS
+    if a.steps < 1:
+        p.error("--steps must be >= 1")
     return a
 
 
