@@ -146,6 +146,16 @@ def test_update_kernels_compile_without_fp_contraction():
         assert "fma.rn" in triton.compile(_source(fn, constexprs, sig), target=TARGET).asm["ptx"]  # the test can fail
 
 
+def test_amsgrad_keeps_a_nan_second_moment_as_every_backend():
+    """tl.maximum's default (propagate_nan NONE) compiles to max.f32, which returns the non-NaN operand: compiled
+    AMSGrad kept max_exp_avg_sq finite where v turned NaN, unlike the CPU, CUDA, reference and the interpreter
+    (numpy), which the interpreter tests could not see (a review, 2026-12-07). It must be max.NaN.f32."""
+    _, _, flags, nstate = [s for s in SPECIALIZATIONS if s[1] == "adam" and s[2][1]][0]  # (amsgrad on)
+    _, _, fn, sig, constexprs, _, _ = _variants("adam", flags, nstate)[0]
+    ptx = triton.compile(_source(fn, constexprs, sig), target=TARGET, options=launcher.GPU_COMPILE_OPTIONS).asm["ptx"]
+    assert "max.NaN.f32" in ptx and "max.f32" not in ptx
+
+
 def test_unaligned_and_interpreter_variants_front_end():
     """ALIGNED=False (a bucket with a pointer off 16 bytes) and HW_BF16=False (the interpreter's bit arithmetic,
     which the interpreter tests run) also pass the compiler's front end."""

@@ -118,7 +118,7 @@ def adam_math(p, g, m, v, vmax, lr, wd, beta1, beta2, eps, step_size, bc2_sqrt, 
     m = m + (1.0 - beta1).to(tl.float32) * (g - m)  # lerp(m, g, 1 - beta1)
     v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * (g * g)
     if AMSGRAD:
-        vmax = tl.maximum(vmax, v)
+        vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)  # (as torch.maximum; the default drops a NaN)
         denom = tl.sqrt(vmax) / bc2_sqrt.to(tl.float32) + eps.to(tl.float32)
     else:
         denom = tl.sqrt(v) / bc2_sqrt.to(tl.float32) + eps.to(tl.float32)  # eps after the sqrt bias correction
