@@ -291,13 +291,16 @@ phase_step_times() {
 }
 # kernels-triton (~120 s): the Triton A/B of BLOCK x num_warps (MOMENTUM_FUSED_TRITON_BLOCK / _WARPS) and, with a
 # trailing "s", of one launch holding the full-block and packed paths vs two launches, one kernel per path
-# (MOMENTUM_FUSED_TRITON_SPLIT=1): AdamW llm fp32 and bf16, kernel_ms from the profiler; TRITON_AB="2048x4 ..."
-# picks the variants.
+# (MOMENTUM_FUSED_TRITON_SPLIT=1), and with a trailing "i", of correctly rounded division and square roots in the
+# rules (MOMENTUM_FUSED_TRITON_IEEE=1: div.rn / sqrt.rn as the CUDA kernels, where Triton's defaults are div.full and
+# sqrt.approx.ftz; statically 2.4x the instructions per element, 2026-12-07): AdamW llm fp32 and bf16, kernel_ms from
+# the profiler; TRITON_AB="2048x4 ..." picks the variants.
 phase_kernels_triton() {
-  for v in ${TRITON_AB:-2048x4 4096x4 2048x8 2048x4s}; do
-    local split=0 bw=$v; [ "${v%s}" != "$v" ] && { split=1; bw=${v%s}; }
+  for v in ${TRITON_AB:-2048x4 4096x4 2048x8 2048x4s 2048x4i}; do
+    local split=0 ieee=0 bw=$v; [ "${v%s}" != "$v" ] && { split=1; bw=${v%s}; }
+    [ "${v%i}" != "$v" ] && { ieee=1; bw=${v%i}; }
     MOMENTUM_FUSED_TRITON_BLOCK=${bw%x*} MOMENTUM_FUSED_TRITON_WARPS=${bw#*x} MOMENTUM_FUSED_TRITON_SPLIT=$split \
-      run "kernels-triton-$v" 45 "$PY" -m bench.kernel_report --time --step-backends triton --profiles llm \
+      MOMENTUM_FUSED_TRITON_IEEE=$ieee run "kernels-triton-$v" 45 "$PY" -m bench.kernel_report --time --step-backends triton --profiles llm \
       --dtypes fp32,bf16 --step-rules adamw --iters 10 --out "$WORK/kernels-triton-$v.json"
     grep -h '"kernel_ms"' "$WORK/kernels-triton-$v.log" | sed "s/^/  $v /" | cut -c1-230 | tee -a "$SUM"
   done

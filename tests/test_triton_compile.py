@@ -156,6 +156,33 @@ def test_amsgrad_keeps_a_nan_second_moment_as_every_backend():
     assert "max.NaN.f32" in ptx and "max.f32" not in ptx
 
 
+_IEEE_PTX = """
+import sys, triton
+sys.path.insert(0, "tests")
+import test_triton_compile as t
+_, _, flags, nstate = [s for s in t.SPECIALIZATIONS if s[1] == "adam"][0]
+_, _, fn, sig, constexprs, _, _ = t._variants("adam", flags, nstate)[0]
+ptx = triton.compile(t._source(fn, constexprs, sig), target=t.TARGET, options=t.launcher.GPU_COMPILE_OPTIONS).asm["ptx"]
+print(sorted({w for w in ("sqrt.rn.f32", "sqrt.approx", "div.rn.f32", "div.full.f32") if w in ptx}))
+"""
+
+
+def test_the_ieee_knob_makes_the_rules_divide_and_take_roots_correctly_rounded():
+    """MOMENTUM_FUSED_TRITON_IEEE=1 (triton_kernels/rules.py IEEE: an A/B for a GPU to time): div.rn / sqrt.rn, as
+    the CUDA and CPU kernels; unset, Triton's div.full / sqrt.approx (read at import: a fresh process each)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    got = {}
+    for knob in ("0", "1"):
+        env = dict(os.environ, MOMENTUM_FUSED_TRITON_IEEE=knob)
+        out = subprocess.run([sys.executable, "-c", _IEEE_PTX], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got[knob] = out.stdout.strip().splitlines()[-1]
+    assert got == {"0": "['div.full.f32', 'sqrt.approx']", "1": "['div.rn.f32', 'sqrt.rn.f32']"}, got
+
+
 def test_unaligned_and_interpreter_variants_front_end():
     """ALIGNED=False (a bucket with a pointer off 16 bytes) and HW_BF16=False (the interpreter's bit arithmetic,
     which the interpreter tests run) also pass the compiler's front end."""

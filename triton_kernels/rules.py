@@ -15,6 +15,8 @@ Conventions shared by all math functions:
   (one hyperparameter per lane);
 - each returns the new parameter value followed by the new state values, in state order.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -37,6 +39,33 @@ WRITES = tl.constexpr(tuple(int(t.writes_param) | (t.states_written << 1)
                             for t in (get_spec(n).traffic for n in KERNEL_RULES)))
 SCALARS = {name: tuple(get_spec(name).scalar_names) for name in KERNEL_RULES}
 FLAGS = {name: tuple(get_spec(name).flag_names) for name in KERNEL_RULES}
+
+
+# MOMENTUM_FUSED_TRITON_IEEE=1: the rules divide and take square roots correctly rounded (PTX div.rn / sqrt.rn, as
+# the CUDA and CPU kernels; the compiled kernels then round as the interpreter does). Default 0: Triton's ``/`` and
+# ``tl.sqrt``, which compile to div.full (up to 2 ulp) and sqrt.approx.ftz (subnormal inputs flushed: with eps = 0 a
+# subnormal second moment becomes a zero denominator, an inf step). The IEEE forms doubled the static instructions
+# per element (AdamW fp32 27.8 -> 67.8, sm_90) and made two mixed kernels spill 8 bytes: kept an A/B knob until a GPU
+# times it (bench/device_check.sh kernels-triton-ieee; docs/triton.md). The interpreter computes IEEE either way.
+IEEE = tl.constexpr(os.environ.get("MOMENTUM_FUSED_TRITON_IEEE", "0") == "1")
+
+
+@triton.jit
+def _div(a, b):
+    """a / b: correctly rounded under ``IEEE``, else Triton's division."""
+    if IEEE:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def _sqrt(x):
+    """sqrt(x): correctly rounded under ``IEEE``, else Triton's (approximate, flushing subnormals)."""
+    if IEEE:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
 
 
 _NO_PROLOGUE_WD = frozenset({"sgd_sf", "adamw_sf", "muon_momentum"})
@@ -119,10 +148,10 @@ def adam_math(p, g, m, v, vmax, lr, wd, beta1, beta2, eps, step_size, bc2_sqrt, 
     v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * (g * g)
     if AMSGRAD:
         vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)  # (as torch.maximum; the default drops a NaN)
-        denom = tl.sqrt(vmax) / bc2_sqrt.to(tl.float32) + eps.to(tl.float32)
+        denom = _div(_sqrt(vmax), bc2_sqrt.to(tl.float32)) + eps.to(tl.float32)
     else:
-        denom = tl.sqrt(v) / bc2_sqrt.to(tl.float32) + eps.to(tl.float32)  # eps after the sqrt bias correction
-    p = p + (-step_size).to(tl.float32) * (m / denom)
+        denom = _div(_sqrt(v), bc2_sqrt.to(tl.float32)) + eps.to(tl.float32)  # eps after the sqrt bias correction
+    p = p + (-step_size).to(tl.float32) * _div(m, denom)
     return p, m, v, vmax
 
 
@@ -136,9 +165,9 @@ def nadam_math(p, g, m, v, lr, wd, beta1, beta2, eps, bc2, grad_coef, exp_avg_co
         g = tl.where(wd != 0, g + wd.to(tl.float32) * p, g)
     m = m + (1.0 - beta1).to(tl.float32) * (g - m)
     v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * (g * g)
-    denom = tl.sqrt(v / bc2.to(tl.float32)) + eps.to(tl.float32)
-    p = p + grad_coef.to(tl.float32) * (g / denom)
-    p = p + exp_avg_coef.to(tl.float32) * (m / denom)
+    denom = _sqrt(_div(v, bc2.to(tl.float32))) + eps.to(tl.float32)
+    p = p + grad_coef.to(tl.float32) * _div(g, denom)
+    p = p + exp_avg_coef.to(tl.float32) * _div(m, denom)
     return p, m, v
 
 
@@ -151,15 +180,15 @@ def rmsprop_math(p, g, sq, buf, ga, lr, wd, alpha, eps, momentum, gm,
     sq = sq * alpha.to(tl.float32) + one_m_alpha * (g * g)
     if CENTERED:
         ga = tl.where(one_m_alpha < 0.5, ga + one_m_alpha * (g - ga), g - (g - ga) * (1.0 - one_m_alpha))  # torch.lerp
-        avg = tl.sqrt(tl.fma(-ga, ga, sq))  # torch's addcmul(value=-1): one rounding (its NaNs where v - m^2 < 0)
+        avg = _sqrt(tl.fma(-ga, ga, sq))  # torch's addcmul(value=-1): one rounding (its NaNs where v - m^2 < 0)
     else:
-        avg = tl.sqrt(sq)
+        avg = _sqrt(sq)
     avg = avg + eps.to(tl.float32)
     if MOMENTUM:
-        buf = buf * momentum.to(tl.float32) + g / avg
+        buf = buf * momentum.to(tl.float32) + _div(g, avg)
         p = p - lr.to(tl.float32) * buf
     else:
-        p = p + (-lr).to(tl.float32) * (g / avg)
+        p = p + (-lr).to(tl.float32) * _div(g, avg)
     return p, sq, buf, ga
 
 
@@ -217,11 +246,11 @@ def adamw_sf_math(p, g, z, v, m, lr, c, y_coef, wd, beta2, bc2, eps, inner_momen
     """Schedule-free AdamW; p holds y; state z, exp_avg_sq [, exp_avg]."""
     g = g * gm.to(tl.float32)
     v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * (g * g)
-    denom = tl.sqrt(v / bc2.to(tl.float32)) + eps.to(tl.float32)
-    d = g / denom
+    denom = _sqrt(_div(v, bc2.to(tl.float32))) + eps.to(tl.float32)
+    d = _div(g, denom)
     if INNER_MOMENTUM:
         m = m + (1.0 - inner_momentum).to(tl.float32) * (d - m)
-        d = m / inner_bc.to(tl.float32)
+        d = _div(m, inner_bc.to(tl.float32))
     d = tl.where(wd != 0, d + wd.to(tl.float32) * p, d)
     p = _lerp(p, z, c.to(tl.float32))
     p = p + y_coef.to(tl.float32) * d
