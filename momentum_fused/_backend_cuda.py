@@ -7,8 +7,9 @@ triton) when it is usable. It is registered as unavailable, with the reason, whe
 the import error) or when torch sees no CUDA device.
 
 One call of ``apply`` runs one bucket through ONE call of the op ``cuda_step(params, grads, states_flat,
-scalars[n, k] float64, rule, flags, found_inf, grad_scale, layout, sr_keys)``, which launches
-ceil(chunks / 320) kernels (one for up to 36 tensors / 320 chunks of 65,536 elements; see
+scalars[n, k] float64, rule, flags, found_inf, grad_scale, layout, sr_keys)``, which launches one kernel per
+table of tensors and chunks of 65,536 elements (built with CUDA 12.1+: 32 KB kernel parameters, up to 256 tensors
+and ~3,400-5,100 chunks a launch, by the number of lists; 4 KB before: 36 tensors, 320 chunks; see
 csrc/cuda/multi_tensor_apply.cuh). As on the CPU backend, the op is called through the extension module's
 pybind entry ``momentum_fused._C_cuda.cuda_step`` (the same C++ function as the registered op
 ``torch.ops.momentum_fused.cuda_step``, without the TensorList conversion of a torch.ops call: ~0.6 us per
