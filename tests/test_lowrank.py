@@ -749,3 +749,32 @@ def _step(layer, opt, x, y):
     opt.zero_grad()
     (0.5 * ((layer(x) - y) ** 2).sum()).backward()
     opt.step()
+
+
+def test_layers_of_other_max_ranks_are_truncated_each_by_its_own():
+    # (a review, 2026-12-07: layers of equal shape and rank but other max_rank shared a bucket, whose forced
+    # truncation read the first layer's max_rank: the step raised after writing the first layer, or truncated a
+    # layer that fits.) truncate_every=2: step 1 augments 4 -> 8 columns and truncates only a layer whose max_rank
+    # is below 8 (docs/lowrank.md), whatever the other layers.
+    X = torch.randn(16, 30, generator=torch.Generator().manual_seed(1))
+    for order in ((12, 6), (6, 12)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(LowRankLinear(30, 30, 4, order[0]), torch.nn.Tanh(),
+                                    LowRankLinear(30, 30, 4, order[1]))
+        opt = LowRankSGD(model.parameters(), lr=0.05, momentum=0.9, truncate_every=2, tau=0.3)
+        model(X).pow(2).mean().backward()
+        opt.step()
+        for layer, cap in zip((model[0], model[2]), order):
+            assert layer.r == 8 if cap == 12 else 1 <= layer.r <= 6, (order, layer.r)
+
+
+def test_a_group_added_later_is_held_to_the_param_budget_floor():
+    # (a review, 2026-12-07: the constructor refused a budget below the layers' r_min floor, add_param_group did not,
+    # and the budget was exceeded after the next truncation)
+    a, b = LowRankLinear(30, 30, 4, 8), LowRankLinear(30, 30, 4, 8)
+    with pytest.raises(ValueError, match="below the r_min floor"):
+        LowRankSGD(list(a.parameters()) + list(b.parameters()), lr=0.1, param_budget=100)
+    opt = LowRankSGD(a.parameters(), lr=0.1, param_budget=100)
+    with pytest.raises(ValueError, match=r"below the r_min floor of the low-rank layers \(122 params with this group\)"):
+        opt.add_param_group({"params": list(b.parameters())})
+    assert len(opt.param_groups) == 1

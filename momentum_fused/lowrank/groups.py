@@ -38,6 +38,13 @@ class GroupsMixin:
                 raise type(e)(f"{name} param group {len(self.param_groups)}: {e}") from None
         self._relink()
         layers = self._group_layers(params)
+        budget = getattr(self, "param_budget", None)
+        if budget is not None:  # (the constructor's groups and those added later: the r_min floor fits the budget)
+            need = sum(self._cost(layer, min(self.r_min, layer.max_rank)) for ls in self._layers + [layers]
+                       for layer in ls)
+            if need > budget:
+                raise ValueError(f"{name}: param_budget={budget} is below the r_min floor of the low-rank layers "
+                                 f"({need} params{' with this group' if self._layers else ''})")
         super().add_param_group(param_group)
         self._layers.append(layers)
         try:

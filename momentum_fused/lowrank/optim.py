@@ -98,12 +98,7 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
         self._inner = None
         self._inner_index: dict[int, int] = {}
         self._linked: list = []  # the _structure() of _layers and _inner
-        super().__init__(params, defaults)
-        if param_budget is not None:
-            need = sum(self._cost(layer, min(r_min, layer.max_rank)) for ls in self._layers for layer in ls)
-            if need > param_budget:
-                raise ValueError(f"{name}: param_budget={param_budget} is below the r_min floor of the "
-                                 f"low-rank layers ({need} params)")
+        super().__init__(params, defaults)  # (add_param_group checks param_budget's r_min floor, groups.py)
 
     def train(self, mode: bool = True):
         """A no-op (no averaged iterate), so that client code can call it on any optimizer. Returns self."""
@@ -174,7 +169,9 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
                                          f"the core S is {tuple(layer.S.shape)} {layer.S.dtype} on {layer.S.device} "
                                          "(a checkpoint of a layer with another max_rank or dtype?); nothing changed")
                 fresh = not all(k in st for k in names)
-                key = (gi, layer.U.device, layer.U.dtype, layer.out_features, layer.in_features, r, t, fresh)
+                # (max_rank too: a bucket's forced truncation is decided once, for all its layers)
+                key = (gi, layer.U.device, layer.U.dtype, layer.out_features, layer.in_features, r, t, fresh,
+                       layer.max_rank)
                 buckets.setdefault(key, []).append(layer)
                 grads.extend(gs)
             grads.extend(p.grad for p in group["params"] if not _is_factor(p) and p.grad is not None)
@@ -208,7 +205,7 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
 
     def _compute(self, key, layers):
         """Steps 1-5 for one bucket, without writing anything. Returns what _write needs."""
-        gi, device, dtype, m, n, r, t, fresh = key
+        gi, device, dtype, m, n, r, t, fresh, max_rank = key
         name = type(self).__name__
         group = self.param_groups[gi]
         spec = get_spec(self._rule)
@@ -241,7 +238,7 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
                 cores = [torch.zeros_like(Sh) for _ in names]
             scalars = spec.Scalars(*spec.advance(g, {}, fresh, t), -1.0 if g.get("maximize") else 1.0)
             getattr(reference, f"{self._rule}_ref")(Sh, Gh, tuple(cores), scalars, spec.make_flags(g))
-        forced = augment and (km != kn or km > layers[0].max_rank or self.fixed_rank)
+        forced = augment and (km != kn or km > max_rank or self.fixed_rank)
         res = dict(key=key, layers=layers, t=t, Uh=Uh, Vh=Vh, Sh=Sh, cores=cores, names=names, svd=None)
         with self._phase("truncate", device):
             if not bool(torch.isfinite(Sh).all()):  # (before the SVD, whose own error on it named no cause)
@@ -362,7 +359,7 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ write (after all checks passed)
     def _write(self, res):
-        gi, device, dtype, m, n, r, t, fresh = res["key"]
+        gi, device, dtype, m, n, r, t, fresh, _ = res["key"]
         layers, Uh, Vh, Sh, cores = res["layers"], res["Uh"], res["Vh"], res["Sh"], res["cores"]
         with self._phase("truncate", device):
             if res["svd"] is not None:
