@@ -62,16 +62,24 @@ def gpt_shapes(d: int = 448, layers: int = 6, vocab: int = 4096) -> list[tuple]:
 
 
 def state_bytes(opt, params) -> float:
-    total = 0
+    """Optimizer state bytes per param element: each storage counted once (a code table shared by every tensor,
+    torchao's ``qmap`` and bitsandbytes' ``qmap1``/``qmap2``, once in all; before 2026-12-07 bitsandbytes' were
+    counted per tensor: 2.047 where 2.044 is right)."""
+    total, seen = 0, set()
     for p in params:
         for k, v in opt.state[p].items():
             if k == "step" or not isinstance(v, torch.Tensor):
                 continue
             if hasattr(v, "__tensor_flatten__") and type(v) is not torch.Tensor:  # torchao's OptimState8bit
                 names, _ = v.__tensor_flatten__()
-                total += sum(getattr(v, n).nbytes for n in names if n != "qmap")  # (qmap: one shared table)
+                parts = [getattr(v, n) for n in names]
             else:
-                total += v.nbytes
+                parts = [v]
+            for t in parts:
+                key = (t.untyped_storage().data_ptr(), t.device)
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
     return total / sum(p.numel() for p in params)
 
 

@@ -443,7 +443,9 @@ def _torch_opt(rule, params):
     import torch
     if rule == "adamw":
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
-    return torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True)
+    # (torch's fused SGD on the CPU never writes bf16/fp16 params, bench/rules.py's probe: foreach there)
+    cpu_half = params[0].device.type == "cpu" and params[0].dtype in (torch.bfloat16, torch.float16)
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **(dict(foreach=True) if cpu_half else dict(fused=True)))
 
 
 def time_steps(device: str = "cuda", rules=("adamw",), dtypes=("fp32",), profiles=("llm",), params: float | None = None,
