@@ -226,9 +226,8 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
         with self._phase("augment", device):
             if augment:
                 Uh, Vh = self._augment(U, GU, km, V, GV, kn)
-                AU, AV = Uh.mT @ U, V.mT @ Vh          # ÛᵀU (km × r), VᵀV̂ (r × kn)
-                Sh = AU @ S @ AV
-                cores = None if cores is None else self._lift(cores, AU, AV)
+                Sh = self._lift([S], km, kn)[0]   # ÛᵀU = [I; 0], VᵀV̂ = [I, 0]: Ŝ = S padded with zeros
+                cores = None if cores is None else self._lift(cores, km, kn)
             else:
                 Uh, Vh, Sh = U, V, S.clone()
         with self._phase("gradient", device):
@@ -294,10 +293,32 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
         return self._orthonormal_pair(UP, VQ, UP.dtype)
 
     def _galerkin(self, U, S, V, Uh, Vh, GU, GS, GV, where=None):
-        """Step 3: Ĝ = Ûᵀ P_T(G) V̂ from the factor gradients (batched [B, ...])."""
+        """Step 3: Ĝ = Ûᵀ P_T(G) V̂ from the factor gradients (batched [B, ...]), by blocks: with Û = [U, Y] and
+        V̂ = [V, Z] (Y ⟂ U, Z ⟂ V), K = G V and L = Gᵀ U,
+
+            Ĝ = [[G_S,  Lᵀ Z],
+                 [Yᵀ K, 0   ]]
+
+        and where S is diagonal (after a truncation) and a side was augmented from its gradient (2r columns), Y
+        spans the columns of (I - U Uᵀ) K in order (G_U = K Sᵀ), so Yᵀ K is the qr's upper-triangular R, and Lᵀ Z
+        is lower triangular. Those zeros are written, not computed: as rounding noise (~1e-8 of the gradient in
+        fp32, Adam's eps) Adam's normalization turned them into steps of ~lr (a review, 2026-12-07: one fp32 step
+        39% of the update away from float64; 1e-5 with the zeros exact)."""
         K, L = self._solve_kl(S, GU, GV, *(where or ([None] * len(S), -1)))
-        AU, AV = Uh.mT @ U, V.mT @ Vh
-        return AU @ (L.mT @ Vh) + (Uh.mT @ K) @ AV - AU @ GS @ AV
+        r, km, kn = U.shape[-1], Uh.shape[-1], Vh.shape[-1]
+        Gh = GS.new_zeros(GS.shape[0], km, kn)
+        Gh[:, :r, :r] = GS
+        diag = None
+        if km > r or kn > r:
+            off = S - torch.diag_embed(torch.diagonal(S, dim1=-2, dim2=-1))
+            diag = (off == 0).flatten(1).all(1)[:, None, None]  # (per layer, on the device: no host read)
+        if km > r:
+            YK = Uh[..., r:].mT @ K
+            Gh[:, r:, :r] = torch.where(diag, YK.triu(), YK) if km == 2 * r else YK
+        if kn > r:
+            LZ = L.mT @ Vh[..., r:]
+            Gh[:, :r, r:] = torch.where(diag, LZ.tril(), LZ) if kn == 2 * r else LZ
+        return Gh
 
     def _solve_kl(self, S, GU, GV, layers, gi):
         """K = G V = G_U S⁻ᵀ and L = Gᵀ U = G_V S⁻¹ (K Sᵀ = G_U, L S = G_V)."""
@@ -313,8 +334,17 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
                                f"nothing changed")
         return Kt.mT, Lt.mT
 
-    def _lift(self, cores, AU, AV):
-        return [AU @ c @ AV for c in cores]
+    @staticmethod
+    def _lift(cores, km, kn):
+        """Step 2 for cores in the basis (U, V): in (Û, V̂), whose leading columns are U and V (ÛᵀU = [I; 0]), the
+        same core padded with zeros to km × kn; exactly, where products with the computed ÛᵀU left rounding noise
+        in the new rows and columns (Adam's v through its square root too: padding commutes with both)."""
+        out = []
+        for c in cores:
+            z = c.new_zeros(*c.shape[:-2], km, kn)
+            z[..., :c.shape[-2], :c.shape[-1]] = c
+            out.append(z)
+        return out
 
     def _transport(self, cores, P1, Q1):
         return [P1.mT @ c @ Q1 for c in cores]
@@ -422,10 +452,6 @@ class LowRankAdam(_LowRankOptimizer):
                                       decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
                          tau=tau, r_min=r_min, augment_every=augment_every, truncate_every=truncate_every,
                          fixed_rank=fixed_rank, param_budget=param_budget, backend=backend, retraction=retraction)
-
-    def _lift(self, cores, AU, AV):
-        m, v = cores
-        return [AU @ m @ AV, (AU @ v.sqrt() @ AV).square()]
 
     def _transport(self, cores, P1, Q1):
         m, v = cores
