@@ -104,9 +104,10 @@ class AmpMixin:
             buf = self._step_attrs.get("amp_flag")
             if buf is None:
                 buf = self._step_attrs["amp_flag"] = torch.empty(1, dtype=torch.float32, pin_memory=True)
-            buf.copy_(found_inf.reshape(1), non_blocking=True)
+            buf.copy_(found_inf.reshape(1), non_blocking=True)  # (on found_inf's device's current stream)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(found_inf.device))  # (that stream: found_inf may live on a GPU
+            # other than the current device, whose stream would not order the copy; a review, 2026-12-07)
         else:
             buf, event = found_inf.detach().reshape(1).clone(), None
         self._step_attrs["pending_amp"] = PendingAmp(buf, event, record)
