@@ -230,14 +230,18 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
                 cores = None if cores is None else self._lift(cores, km, kn)
             else:
                 Uh, Vh, Sh = U, V, S.clone()
+        # a step that truncates takes Ĝ's structural zeros exactly; one that keeps the augmented core whole
+        # (truncate_every > 1) the computed form: the next step solves with that core, and with an exact zero (2,2)
+        # block 16-bit Adam's sign-like first steps made it singular (a review, 2026-12-07)
+        truncates = truncate or (augment and (km != kn or km > max_rank or self.fixed_rank))
         with self._phase("gradient", device):
-            Gh = self._galerkin(U, S, V, Uh, Vh, GU, GS, GV, where=(layers, gi)) if augment else GS
+            Gh = self._galerkin(U, S, V, Uh, Vh, GU, GS, GV, where=(layers, gi), exact=truncates) if augment else GS
         with self._phase("update", device):
             if cores is None:
                 cores = [torch.zeros_like(Sh) for _ in names]
             scalars = spec.Scalars(*spec.advance(g, {}, fresh, t), -1.0 if g.get("maximize") else 1.0)
             getattr(reference, f"{self._rule}_ref")(Sh, Gh, tuple(cores), scalars, spec.make_flags(g))
-        forced = augment and (km != kn or km > max_rank or self.fixed_rank)
+        forced = truncates and not truncate
         res = dict(key=key, layers=layers, t=t, Uh=Uh, Vh=Vh, Sh=Sh, cores=cores, names=names, svd=None)
         with self._phase("truncate", device):
             if not bool(torch.isfinite(Sh).all()):  # (before the SVD, whose own error on it named no cause)
@@ -292,7 +296,7 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
         leading columns are those of the qr of the leading columns, so each layer's rank r₁ takes its slice."""
         return self._orthonormal_pair(UP, VQ, UP.dtype)
 
-    def _galerkin(self, U, S, V, Uh, Vh, GU, GS, GV, where=None):
+    def _galerkin(self, U, S, V, Uh, Vh, GU, GS, GV, where=None, exact=True):
         """Step 3: Ĝ = Ûᵀ P_T(G) V̂ from the factor gradients (batched [B, ...]), by blocks: with Û = [U, Y] and
         V̂ = [V, Z] (Y ⟂ U, Z ⟂ V), K = G V and L = Gᵀ U,
 
@@ -303,8 +307,13 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
         spans the columns of (I - U Uᵀ) K in order (G_U = K Sᵀ), so Yᵀ K is the qr's upper-triangular R, and Lᵀ Z
         is lower triangular. Those zeros are written, not computed: as rounding noise (~1e-8 of the gradient in
         fp32, Adam's eps) Adam's normalization turned them into steps of ~lr (a review, 2026-12-07: one fp32 step
-        39% of the update away from float64; 1e-5 with the zeros exact)."""
+        39% of the update away from float64; 1e-5 with the zeros exact). ``exact=False`` (a step that keeps the
+        augmented core whole): the products of the formula, Ûᵀ U and Vᵀ V̂ computed, their rounding in those
+        entries; the next step solves with that core, which an exact zero block left singular in 16-bit factors."""
         K, L = self._solve_kl(S, GU, GV, *(where or ([None] * len(S), -1)))
+        if not exact:
+            AU, AV = Uh.mT @ U, V.mT @ Vh
+            return AU @ (L.mT @ Vh) + (Uh.mT @ K) @ AV - AU @ GS @ AV
         r, km, kn = U.shape[-1], Uh.shape[-1], Vh.shape[-1]
         Gh = GS.new_zeros(GS.shape[0], km, kn)
         Gh[:, :r, :r] = GS
