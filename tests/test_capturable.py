@@ -134,8 +134,9 @@ def test_a_step_counter_assigned_by_hand_is_checked_in_a_capturable_group(bad):
         p.grad = g
     opt.step()
     opt.step()  # (the hot path: the cached plan)
-    opt.state[ps[0]]["step"] = torch.tensor(bad)
-    assert_step_raises_unchanged(opt, ps, ValueError, "state 'step' is")
+    for value in (torch.tensor(bad), bad):  # (a tensor on the CPU, or a Python number: the second review)
+        opt.state[ps[0]]["step"] = value
+        assert_step_raises_unchanged(opt, ps, ValueError, "state 'step' is")
     opt.state[ps[0]]["step"] = torch.tensor(2.0)
     opt.step()
     assert float(opt.state[ps[0]]["step"]) == 3.0

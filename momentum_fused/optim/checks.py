@@ -176,8 +176,8 @@ class ValidationMixin:
             for p in items:
                 st = state.get(p)
                 v = None if st is None else st.get(key)
-                if cap and not (isinstance(v, torch.Tensor) and v.device.type == "cpu"):
-                    continue  # (a device counter: no host sync; a number in a capturable group is made a tensor)
+                if cap and isinstance(v, torch.Tensor) and v.device.type != "cpu":
+                    continue  # (a device counter: not read, no host sync; a CPU tensor or a number is free to read)
                 if v is not None and id(v) not in ours:
                     why = host_value_error(key, v)
                     if why is not None:
