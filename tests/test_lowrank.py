@@ -777,6 +777,14 @@ def test_a_group_added_later_is_held_to_the_param_budget_floor():
     with pytest.raises(ValueError, match=r"below the r_min floor of the low-rank layers \(122 params with this group\)"):
         opt.add_param_group({"params": list(b.parameters())})
     assert len(opt.param_groups) == 1
+    # (the second review: param_groups edited by hand passed; the next step's rebuild checks it, nothing changed)
+    opt.param_groups[0]["params"].extend(b.parameters())
+    x = torch.randn(8, 30)
+    (b(a(x)).pow(2).sum()).backward()
+    before = [t.detach().clone() for t in list(a.parameters()) + list(b.parameters())]
+    with pytest.raises(ValueError, match="below the r_min floor .* in the edited param groups"):
+        opt.step()
+    assert all(torch.equal(t, u) for t, u in zip(before, list(a.parameters()) + list(b.parameters())))
 
 
 def test_adam_in_fp32_follows_float64_the_structural_zeros_exact():

@@ -38,13 +38,7 @@ class GroupsMixin:
                 raise type(e)(f"{name} param group {len(self.param_groups)}: {e}") from None
         self._relink()
         layers = self._group_layers(params)
-        budget = getattr(self, "param_budget", None)
-        if budget is not None:  # (the constructor's groups and those added later: the r_min floor fits the budget)
-            need = sum(self._cost(layer, min(self.r_min, layer.max_rank)) for ls in self._layers + [layers]
-                       for layer in ls)
-            if need > budget:
-                raise ValueError(f"{name}: param_budget={budget} is below the r_min floor of the low-rank layers "
-                                 f"({need} params{' with this group' if self._layers else ''})")
+        self._check_budget(self._layers + [layers], " with this group" if self._layers else "")
         super().add_param_group(param_group)
         self._layers.append(layers)
         try:
@@ -78,6 +72,17 @@ class GroupsMixin:
                 raise ValueError(f"{name}: layer rank {layer.r} > max_rank {layer.max_rank}")
         return layers
 
+    def _check_budget(self, layer_lists, what=""):
+        """param_budget's floor: every layer at min(r_min, max_rank) must fit (the constructor's groups, groups added
+        later, and ``param_groups`` edited by hand, found by the next step's rebuild)."""
+        budget = getattr(self, "param_budget", None)
+        if budget is None:
+            return
+        need = sum(self._cost(layer, min(self.r_min, layer.max_rank)) for ls in layer_lists for layer in ls)
+        if need > budget:
+            raise ValueError(f"{type(self).__name__}: param_budget={budget} is below the r_min floor of the low-rank "
+                             f"layers ({need} params{what})")
+
     def _structure(self):
         """What ``_layers`` and the inner optimizer were built from: the groups and their params (objects)."""
         return [(id(g), list(map(id, g["params"]))) for g in self.param_groups]
@@ -92,6 +97,7 @@ class GroupsMixin:
                 for gi, g in enumerate(self.param_groups):
                     self._layers.append(self._group_layers(g["params"]))
                     self._add_inner_group(gi)
+            self._check_budget(self._layers, " in the edited param groups")
         except BaseException:
             self.__dict__.update(old)
             raise
