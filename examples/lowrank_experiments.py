@@ -102,7 +102,8 @@ def experiment_synthetic(quick):
     M, Mr, floor = synthetic_problem(r=r)
     grids = {"SGD-momentum on U,S,V": [0.01, 0.03, 0.1, 0.3], "LowRankSGD": [0.01, 0.03, 0.1, 0.3],
              "Adam on U,S,V": [1e-3, 3e-3, 1e-2, 3e-2], "LowRankAdam": [1e-3, 3e-3, 1e-2, 3e-2]}
-    if quick:  # one learning rate each: the best of the full grid
+    if quick:  # one learning rate each, from the full grid: SGD-momentum's full-run best; the others one grid step
+        # above theirs (docs/lowrank.md: 0.01, 0.01 and 0.001)
         grids = {"SGD-momentum on U,S,V": [0.1], "LowRankSGD": [0.03], "Adam on U,S,V": [3e-3], "LowRankAdam": [3e-3]}
     out = {}
     for method, grid in grids.items():
