@@ -63,7 +63,9 @@ constexpr int INT8_SIGNED_COUNT = 255;    // codes of a signed state (-127..127)
 constexpr int INT8_UNSIGNED_COUNT = 256;  // codes of an unsigned state (0..255)
 
 // The table index of a signed code / of an unsigned code.
-MF_HD MF_INLINE int int8_signed_index(int8_t code) { return static_cast<int>(code) + 127; }
+// (-128, outside the map: no encoder writes it, a load refuses it; written into the codes by hand it decodes as -127
+// on every backend, not an index before the table)
+MF_HD MF_INLINE int int8_signed_index(int8_t code) { return (code < -127 ? -127 : static_cast<int>(code)) + 127; }
 MF_HD MF_INLINE int int8_unsigned_index(uint8_t code) { return static_cast<int>(code); }
 
 // The decoded value of table index `index` in a block of scale `scale` (table: INT8_SIGNED_TABLE or

@@ -374,7 +374,8 @@ def int8_decode(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch
     """(codes, fp32 scales of any shape, in block order) -> fp32 values shaped as codes: table value times the
     block's scale (fp32 product)."""
     table = int8_table(signed).to(codes.device)
-    idx = codes.contiguous().view(-1, INT8_BLOCK).long() + (127 if signed else 0)
+    idx = codes.contiguous().view(-1, INT8_BLOCK).long()
+    idx = idx.clamp_min(-127) + 127 if signed else idx  # (-128, outside the map: as -127 on every backend)
     return (table[idx] * scale.reshape(-1, 1)).view(codes.shape)
 
 

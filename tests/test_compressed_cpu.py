@@ -593,13 +593,13 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 256; ++i, ++checked)
       if (f32_bits(out[i]) != f32_bits(int8_decode(INT8_UNSIGNED_TABLE, int8_unsigned_index(uc[i]), s))) ++bad;
   }
-  // the unused signed code -128: both AVX-512 decodes give -16384 / 16129 (its plane entry, cpu_simd_avx512.inc)
-  if (std::strcmp(argv[1], "avx2") != 0) {
+  // the unused signed code -128 (outside the map): -127's value in every form, as compressed.h's index takes it
+  {
     alignas(64) int8_t m128[256];
     alignas(64) float out[256];
     std::memset(m128, -128, sizeof m128);
     decode(m128, true, 1.0f, out);
-    for (int i = 0; i < 256; ++i, ++checked) if (out[i] != -16384.0f / 16129.0f) ++bad;
+    for (int i = 0; i < 256; ++i, ++checked) if (out[i] != -1.0f || int8_signed_index(m128[i]) != 0) ++bad;
   }
   std::printf("%ld %ld\n", checked, bad);
   return 0;
@@ -607,12 +607,34 @@ int main(int argc, char** argv) {
 """
 
 
+def test_a_minus_128_code_written_by_hand_decodes_as_minus_127_on_cpu_and_reference():
+    # (a static review, 2026-12-07: -128 is outside the signed map and a load refuses it, but written into the codes
+    # by hand it was read before the table by the element form and the CUDA/Triton lookups, as +1 by
+    # layouts.int8_decode and as -16384/16129 by the AVX-512 forms). Every backend takes it as -127 now.
+    g = torch.Generator().manual_seed(0)
+    init, grad = torch.randn(4096, generator=g), torch.randn(4096, generator=g)
+    for backend in ("cpu", "reference"):  # (each its own: the two agree to rounding, docs/layouts.md)
+        runs = []
+        for code in (-128, -127):
+            p = init.clone().requires_grad_()
+            opt = mf.AdamW([p], lr=1e-2, layout="int8_state", backend=backend)
+            p.grad = grad.clone()
+            opt.step()
+            opt.state[p]["exp_avg"][:300] = code
+            opt.step()
+            runs.append((p.detach().clone(), opt.state[p]["exp_avg"].clone()))
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), backend
+    codes = torch.full((256,), -128, dtype=torch.int8)
+    assert torch.equal(mf.layouts.int8_decode(codes, torch.ones(1), True), torch.full((256,), -1.0))
+
+
 @pytest.mark.parametrize("isa", ["avx512", "vbmi", "avx2"])
 def test_int8_vector_decode_is_the_table(tmp_path, isa):
     """The AVX-512 and AVX2 decodes compute the table values (sign(c) c^2 / 127^2 as an fp32 division, c^4 / 255^4
     in float64), the VBMI one looks them up in byte planes of the table, 64 codes at a time: every code of both
     maps, times several scales, equals the generated table's value times the scale, bit for bit; the unused
-    signed code -128 decodes alike in both AVX-512 forms."""
+    signed code -128 decodes as -127 in every form (before 2026-12-07: -16384 / 16129 in these, an index before the
+    table in the element form, the CUDA and Triton lookups, +1 in layouts.int8_decode)."""
     have = torch.ops.momentum_fused.cpu_isa()
     if have == "baseline" or (isa in ("avx512", "vbmi") and not have.startswith("avx512")):
         need = {"avx2": "an AVX2", "avx512": "an AVX-512", "vbmi": "an AVX-512 (VBMI)"}[isa]
@@ -621,4 +643,4 @@ def test_int8_vector_decode_is_the_table(tmp_path, isa):
         pytest.skip("needs a CPU with AVX512-VBMI (the lookup decode; this CPU runs the computed one)")
     out = run_csrc_check(_DECODE_CHECK, tmp_path, isa)
     checked, bad = map(int, out.split())
-    assert checked == 6 * 512 + (256 if isa != "avx2" else 0) and bad == 0
+    assert checked == 6 * 512 + 256 and bad == 0

@@ -527,7 +527,7 @@ def _int8_load(ptr_tab, list_i, scale_list, n_tensors, t, off, lanes, rmask, sro
         k = code.to(tl.int32) + INT8_U_TAB
     else:
         code = tl.load(_int8_ptr(ptr_tab, list_i, n_tensors, t, off, lanes, CODES_S8, ALIGNED), mask=rmask, other=0)
-        k = code.to(tl.int32) + (INT8_S_TAB + INT8_S_ZERO)
+        k = tl.maximum(code.to(tl.int32), -127) + (INT8_S_TAB + INT8_S_ZERO)  # (-128, outside the map: as -127)
     scale = tl.load(_int8_ptr(ptr_tab, scale_list, n_tensors, t, off // INT8_GROUP, srow, 0, ALIGNED), mask=rmask,
                     other=0.0)
     return tl.load(tab_ptr + k) * scale
