@@ -227,7 +227,7 @@ class _ListConfigLike(collections.abc.Sequence):  # (what Hydra's instantiate pa
 def test_betas_as_any_sequence_and_numpy_hyperparameters_are_taken_as_torch_takes_them(name):
     # (a review, 2026-12-07: betas as a NumPy array or a non-list sequence, and a 0-d NumPy lr, were refused with
     # a TypeError; torch.optim takes them)
-    np = pytest.importorskip("numpy")
+    np = pytest.importorskip("numpy", reason="needs NumPy (its arrays and 0-d values are the hyperparameters under test)")
     for betas, lr in ((np.array([0.8, 0.99]), np.array(1e-2)), (_ListConfigLike(0.8, 0.99), np.float32(1e-2))):
         runs = []
         for cls, kw in ((getattr(torch.optim, name), dict(lr=1e-2, betas=(0.8, 0.99))),
