@@ -440,12 +440,15 @@ STEP_RULES = {"adamw": ("AdamW", dict(lr=1e-3, weight_decay=0.01)),
 
 
 def _torch_opt(rule, params):
+    """torch's fused optimizer where its update is right on the params' device and dtype (bench/rules.py's probe:
+    torch's CPU fused SGD never writes bf16/fp16 params), else its foreach one."""
     import torch
-    if rule == "adamw":
-        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
-    # (torch's fused SGD on the CPU never writes bf16/fp16 params, bench/rules.py's probe: foreach there)
-    cpu_half = params[0].device.type == "cpu" and params[0].dtype in (torch.bfloat16, torch.float16)
-    return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **(dict(foreach=True) if cpu_half else dict(fused=True)))
+
+    from bench.rules import TORCH_UPDATE_TOL, torch_update_error
+    cls, kw = (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.01)) if rule == "adamw" else \
+        (torch.optim.SGD, dict(lr=1e-3, momentum=0.9))
+    fused_ok = torch_update_error(cls, dict(kw, fused=True), params[0].device, params[0].dtype) <= TORCH_UPDATE_TOL
+    return cls(params, **kw, **(dict(fused=True) if fused_ok else dict(foreach=True)))
 
 
 def time_steps(device: str = "cuda", rules=("adamw",), dtypes=("fp32",), profiles=("llm",), params: float | None = None,

@@ -110,6 +110,7 @@ class Provider:
 
 
 PROBE_NUMEL = 1031  # odd: a vector body and a tail
+TORCH_UPDATE_TOL = 0.1  # a torch variant whose update is further than this from its for-loop step is no baseline
 
 
 def torch_update_error(cls, kw: dict, device: torch.device, dtype: torch.dtype) -> float:
@@ -186,7 +187,7 @@ def providers(rule: Rule, device: torch.device, dtype: torch.dtype, include_refe
             except Exception as e:
                 missing[f"torch:{variant}"] = str(e).split("\n")[0]
                 continue
-            if not off <= 0.1:  # not a baseline: timing it would compare with a step that does not do the work
+            if not off <= TORCH_UPDATE_TOL:  # not a baseline: timing it would compare with a step that does not do the work
                 what = (f"its update is {off:.0%} off" if off == off and off != float("inf") else
                         "its params turn NaN or inf, unlike")
                 missing[f"torch:{variant}"] = (
