@@ -224,3 +224,52 @@ def test_gradient_snr_matches_state_and_adam_direction():
             assert math.isclose(got, float(expected), rel_tol=1e-9), (got, expected)
         else:
             assert got == math.inf
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("layout, dtype", [("int8_state", torch.float32), ("int8_sr", torch.float32),
+                                           ("master16_int8", torch.bfloat16)])
+def test_gradient_snr_decodes_8bit_moments(backend, layout, dtype):
+    """Under the int8 layouts the moments are 8-bit codes with block scales: gradient_snr read the codes as the
+    values (inf here, where fp32 state gives ~0.126). It decodes them now: the formula on the moments decoded
+    with layouts.int8_decode, and within 1% of fp32 state's figure (signs flipping each step: a low SNR)."""
+    if backend == "cpu" and mf.backends.status().get("cpu") != "available":
+        pytest.skip("the cpu backend is not built here")
+    gen = torch.Generator().manual_seed(2)
+    mag = torch.rand(64, 128, generator=gen) + 0.5
+    grads = [mag * (-1) ** i * (1 + 0.1 * torch.rand(64, 128, generator=gen)) for i in range(3)]
+    init = torch.randn(64, 128, generator=gen)
+    snr = {}
+    for lay, dt in (("native", torch.float32), (layout, dtype)):
+        p = init.to(dt).detach().requires_grad_()
+        opt = mf.AdamTied([p], lr=0.01, backend=backend, layout=lay)
+        for g in grads:
+            p.grad = g.to(dt)
+            opt.step()
+        snr[lay] = opt.gradient_snr()[p]
+    st = opt.state[p]
+    assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.uint8
+    bc = 1 - opt.param_groups[0]["betas"][0] ** float(st["step"])
+    m = mf.layouts.int8_decode(st["exp_avg"], st["exp_avg_scale"], True).double() / bc
+    var = (mf.layouts.int8_decode(st["exp_avg_sq"], st["exp_avg_sq_scale"], False).double() / bc - m * m).clamp_min(0)
+    expected = torch.where((m == 0) & (var == 0), torch.zeros_like(m), m * m / var).mean()
+    assert math.isclose(snr[layout], float(expected), rel_tol=1e-12), (snr, float(expected))
+    assert math.isclose(snr[layout], snr["native"], rel_tol=1e-2), snr
+
+
+def test_gradient_snr_of_a_complex_param_counts_its_real_pairs():
+    """A complex param's update treats it as pairs of reals (docs/conventions.md); gradient_snr cast the complex
+    moments to float64, which dropped the imaginary parts (the real parts' SNR alone). It now equals the SNR of
+    the same run on the param's view_as_real twin."""
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(40, 2, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(40, 2, generator=gen, dtype=torch.float64) + 0.5 for _ in range(4)]
+    pc = torch.view_as_complex(init.clone()).requires_grad_()
+    pr = init.clone().requires_grad_()
+    oc, orr = mf.AdamTied([pc], lr=0.01, beta=0.9), mf.AdamTied([pr], lr=0.01, beta=0.9)
+    for g in grads:
+        pc.grad, pr.grad = torch.view_as_complex(g.clone()), g.clone()
+        oc.step()
+        orr.step()
+    torch.testing.assert_close(torch.view_as_real(pc.detach()), pr.detach(), rtol=0, atol=0)
+    assert math.isclose(oc.gradient_snr()[pc], orr.gradient_snr()[pr], rel_tol=1e-12)

@@ -1,7 +1,9 @@
 import torch
 
+from .. import layouts as _layouts
 from ..hparams import is_pair_like
 from .base import FusedOptimizer
+from .checkpoints import _int8_to_values
 
 
 class Adam(FusedOptimizer):
@@ -110,7 +112,8 @@ class AdamTied(Adam):
         m = exp_avg / (1 - beta^t), sigma^2 = exp_avg_sq / (1 - beta^t) - m^2 (the tied-beta online
         mean/variance estimate). Elements with sigma^2 = 0 count as inf (0 when m = 0 too). Returns
         {param: float}; params without state yet are left out. The Adam direction with eps = 0 is
-        sign(m) / sqrt(1 + 1/snr) elementwise."""
+        sign(m) / sqrt(1 + 1/snr) elementwise. Any layout: 8-bit codes are decoded with their block scales; a
+        complex param counts as its pairs of reals (the update's convention)."""
         self.sync_amp()  # (a skipped step's deferred GradScaler rollback, before the state is read)
         out = {}
         for group in self.param_groups:
@@ -122,8 +125,20 @@ class AdamTied(Adam):
                 if not st or "exp_avg" not in st:
                     continue
                 bc = 1.0 - float(b1) ** float(st["step"])
-                m = st["exp_avg"].double() / bc
-                var = (st["exp_avg_sq"].double() / bc - m * m).clamp_min(0.0)
+                m = _moment_values(st, "exp_avg", p) / bc
+                var = (_moment_values(st, "exp_avg_sq", p) / bc - m * m).clamp_min(0.0)
                 ratio = torch.where((m == 0) & (var == 0), torch.zeros_like(m), m * m / var)
                 out[p] = float(ratio.mean()) if ratio.numel() else float("nan")
         return out
+
+
+def _moment_values(st: dict, key: str, p: torch.Tensor) -> torch.Tensor:
+    """A moment of ``p``'s state as float64 values of real numbers: 8-bit codes (the int8 layouts) decoded with
+    their block scales as a checkpoint conversion decodes them, a complex state as its real pairs (a cast to
+    float64 read the codes as the values, and dropped a complex state's imaginary parts)."""
+    v, sc = st[key], st.get(key + _layouts.INT8_SCALE_SUFFIX)
+    if sc is not None and v.dtype in (torch.int8, torch.uint8):
+        v = _int8_to_values(v, sc, p)
+    if v.is_complex():
+        v = torch.view_as_real(v)
+    return v.double()
