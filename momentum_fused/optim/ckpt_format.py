@@ -60,7 +60,9 @@ def refuse_missized_state(name: str, gi: int, pi: int, p: torch.Tensor, st: dict
     code keeps beside the state) load as torch.optim loads them."""
     for key in keys:
         v = st.get(key)
-        if isinstance(v, torch.Tensor) and v.numel() != p.numel():
+        if isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(p.shape):  # (the shape, not only the number of
+            # elements: the conversions reshape a saved tensor to the param's, the step checks the shape; a
+            # checkpoint of (3, 4) params loaded into (4, 3) ones went through the conversions with no error)
             raise ValueError(f"{name}.load_state_dict: param {pi} of group {gi} ({where}shape {tuple(p.shape)}): "
                              f"state {key!r} has shape {tuple(v.shape)}; was the checkpoint saved for other params? "
                              "Nothing was loaded")
