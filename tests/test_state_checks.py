@@ -172,7 +172,7 @@ def test_a_checkpoint_never_changes_the_layout(src, dst, dtype):
         assert torch.equal(b.state[q]["master"].to(dtype), q.detach())
 
 
-def test_master16_to_master_rounds_tie_params_back_to_nearest_even():
+def test_master16_to_master_keeps_the_tie_params_until_the_first_step():
     master = torch.full((256,), 1.0 + 2.0 ** -8)  # a tie between two bf16 values: the odd one is 1 + 2^-7
     p = torch.zeros(256, dtype=torch.bfloat16, requires_grad=True)
     a = mf.SGD([p], lr=0.0, layout="master16")
@@ -186,6 +186,11 @@ def test_master16_to_master_rounds_tie_params_back_to_nearest_even():
     q = p.detach().clone().requires_grad_()
     b = mf.SGD([q], lr=0.0, layout="master")
     b.load_state_dict(a.state_dict())
+    b.load_state_dict(a.state_dict())  # (the same master: the load does not write the param)
+    assert torch.equal(b.state[q]["master"], master)
+    assert torch.equal(q.detach(), p.detach())  # as loaded: master16's rounding, ties away
+    q.grad = torch.zeros_like(q)
+    b.step()  # (the first step's check takes that rounding as the master's)
     assert torch.equal(b.state[q]["master"], master)
     assert torch.equal(q.detach(), master.to(torch.bfloat16))  # nearest even: 1.0
 
@@ -427,25 +432,62 @@ def test_codes_that_are_not_codes_refuse_the_checkpoint(edit, live):
 
 
 @pytest.mark.parametrize("saved, live", [("master16", "master"), ("master", "master16")])
-def test_a_reshaped_master_or_remainder_converts_as_the_param(saved, live):
+def test_a_reshaped_master_or_remainder_is_refused_whole(saved, live):
     """A checkpoint's master / remainder of the param's size but another shape: the conversion raised after the
-    live group's master had been dropped (a half-loaded optimizer)."""
-    runs = []
-    for reshape in (False, True):
-        torch.manual_seed(0)
-        p = torch.nn.Parameter(torch.randn(8, 4).bfloat16())
-        opt = mf.AdamW([p], lr=1e-2, layout=saved)
-        p.grad = torch.randn(8, 4).bfloat16()
-        opt.step()
-        sd = opt.state_dict()
-        key = "master_lo" if saved == "master16" else "master"
-        if reshape:
-            v = sd["state"][0][key]  # (the remainder's checkpoint form: (8, 4, 2) bytes)
-            sd["state"][0][key] = v.reshape(4, 8, *v.shape[2:])
-        q = torch.nn.Parameter(p.detach().clone())
-        o2 = mf.AdamW([q], lr=1e-2, layout=live)
+    live group's master had been dropped (a half-loaded optimizer); then (2026-12-06) it was reshaped to the
+    param, which loaded a checkpoint of other params with no error. The shape is checked before anything loads,
+    as the step checks a state's shape."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 4).bfloat16())
+    opt = mf.AdamW([p], lr=1e-2, layout=saved)
+    p.grad = torch.randn(8, 4).bfloat16()
+    opt.step()
+    sd = opt.state_dict()
+    key = "master_lo" if saved == "master16" else "master"
+    v = sd["state"][0][key]  # (the remainder's checkpoint form: (8, 4, 2) bytes)
+    sd["state"][0][key] = v.reshape(4, 8, *v.shape[2:])
+    q = torch.nn.Parameter(p.detach().clone())
+    o2 = mf.AdamW([q], lr=1e-2, layout=live)
+    q.grad = torch.randn(8, 4).bfloat16()
+    o2.step()
+    before = snapshot(o2, [q])
+    with pytest.raises(ValueError, match=f"state '{key}' has shape \\(4, 8\\).*Nothing was loaded"):
         o2.load_state_dict(sd)
-        runs.append((q.detach().clone(), {k: v.clone() for k, v in o2.state[q].items()}))
-    assert torch.equal(runs[0][0], runs[1][0])
-    assert runs[0][1].keys() == runs[1][1].keys()
-    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+    assert_snapshot_equal(before, snapshot(o2, [q]))
+
+
+@pytest.mark.parametrize("saved, live", [("int8_state", "int8_state"), ("native", "int8_state"),
+                                         ("int8_state", "native"), ("native", "native")])
+def test_a_checkpoint_of_params_of_another_shape_and_the_same_size_is_refused(saved, live):
+    """(16, 256) params' state loaded into (256, 16) params: the int8 conversions reshaped it to the param's
+    shape with no error (elements in the wrong places); the shape is checked with the size now."""
+    p = torch.nn.Parameter(torch.randn(16, 256))
+    opt = mf.AdamW([p], lr=1e-2, layout=saved)
+    p.grad = torch.randn(16, 256)
+    opt.step()
+    q = torch.nn.Parameter(torch.randn(256, 16))
+    o2 = mf.AdamW([q], lr=1e-2, layout=live)
+    q.grad = torch.randn(256, 16)
+    o2.step()
+    before = snapshot(o2, [q])
+    with pytest.raises(ValueError, match="state 'exp_avg' has shape \\(16, 256\\).*Nothing was loaded"):
+        o2.load_state_dict(opt.state_dict())
+    assert_snapshot_equal(before, snapshot(o2, [q]))
+
+
+@pytest.mark.parametrize("layout", ["native", "master", "master16", "int8_state"])
+def test_a_param_without_saved_state_gains_no_empty_entry_at_load(layout):
+    """The load's conversions read ``self.state[p]`` (a defaultdict) for every param: a param with no saved state
+    (frozen, or never given a gradient) came back as an empty entry, so load -> state_dict() was not the
+    checkpoint (torch's is)."""
+    dtype = torch.bfloat16 if layout in ("master", "master16") else torch.float32
+    ps = [torch.nn.Parameter(torch.randn(4096).to(dtype)) for _ in range(2)]
+    opt = mf.AdamW(ps, lr=1e-2, layout=layout)
+    ps[0].grad = torch.randn(4096).to(dtype)
+    opt.step()
+    sd = opt.state_dict()
+    assert list(sd["state"]) == [0]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    o2 = mf.AdamW(qs, lr=1e-2, layout=layout)
+    o2.load_state_dict(sd)
+    assert list(o2.state_dict()["state"]) == [0] and len(o2.state) == 1

@@ -71,6 +71,8 @@ class CheckpointMixin:
                   for g in state_dict["param_groups"] for i in g["params"]}  # the checkpoint's layout (None: unknown)
         retaken, int8_names = self._retaken_keys(state_dict, saved)
         super().load_state_dict(_without_retaken(state_dict, retaken))
+        loaded = {id(p) for p in self.state}  # (the conversions below read self.state[p], a defaultdict: a param
+        # without saved state must not gain an empty entry, which state_dict() would then save)
         for g, (live, seed, step), was_sr in zip(self.param_groups, live_layouts, saved_stochastic):
             g["layout"] = live  # the layout is the live optimizer's, never the checkpoint's: its state converts
             if not was_sr and seed is not None:  # a checkpoint that drew no rounding bits (another layout, or
@@ -137,6 +139,9 @@ class CheckpointMixin:
                 items = sorted(st.items(), key=lambda kv: order.get(kv[0], len(order)))
                 st.clear()
                 st.update(items)
+        for p in params:
+            if id(p) not in loaded and p in self.state and not self.state[p]:
+                del self.state[p]
         if any(lay.master for lay in layout_of.values()):  # the first step checks the masters against the params
             self._verify_masters = True  # (FusedOptimizer._repair_stale_masters: both are loaded by then)
 
@@ -220,7 +225,7 @@ class CheckpointMixin:
     def _check_loaded_tensors(self, state_dict: dict[str, Any]) -> None:
         """Before anything is loaded, per saved param state: every param-shaped tensor (the rule's moments, int8
         codes, a master or its remainder; not block scales, host counters, a contract-v2 tensor of its own
-        shape or a key the optimizer does not know) has its param's number of elements, so that a checkpoint of
+        shape or a key the optimizer does not know) has its param's shape, so that a checkpoint of
         other params is refused whole rather than failing halfway through a conversion; and a DTensor (FSDP2)
         param whose checkpoint holds 8-bit codes where its layout keeps fp32 state, or the reverse, converts shard
         by shard (_convert_int8) when the saved tensors are placed as the param or plain, and is refused otherwise
@@ -310,9 +315,10 @@ class CheckpointMixin:
 
     def _convert_master(self, p, lay, saved, src=None) -> None:
         """A checkpoint of layout "master" loaded into a "master16" group, or the reverse (docs/layouts.md): the
-        fp32 master is rebuilt from the live param (load the model's weights first) and its saved remainder, or
-        split into the param (rounded to nearest, ties away) and the remainder; the param is written then, and
-        differs from the saved one only where the master's low half is exactly 0x8000 (an RNE tie). ``src``: the
+        fp32 master is rebuilt from the live param (load the model's weights first) and its saved remainder (the
+        param is not written: loading the same checkpoint twice gives the same master), or split into the param
+        (rounded to nearest, ties away) and the remainder; the param is written then, and differs from the saved
+        one only where the master's low half is exactly 0x8000 (an RNE tie). ``src``: the
         checkpoint's layout where its group names one: its key decides, whatever else ``saved`` holds (a
         torch.distributed.checkpoint load starts from the live state dict, so the live master or remainder sits
         beside the checkpoint's other key: before 2026-12-06 that skipped the conversion); else the keys do."""
@@ -324,9 +330,10 @@ class CheckpointMixin:
             st.pop(_layouts.REMAINDER_KEY, None)
             lo = _dist.placed_like(saved[_layouts.REMAINDER_KEY].to(p.device).reshape(p.shape), p)  # (numel checked)
             hi = p.detach().to(torch.bfloat16)  # (an fp16 param of the "master" layout: the saved bf16 param's
-            master = st[_layouts.MASTER_KEY] = _layouts.master16_decode(hi, lo).view(p.shape).clone()  # value)
-            with torch.no_grad():  # the master layout's param is its master rounded to nearest even (a tie that
-                p.copy_(master.to(p.dtype))  # master16 rounded away from zero is rounded back)
+            st[_layouts.MASTER_KEY] = _layouts.master16_decode(hi, lo).view(p.shape).clone()  # value)
+            # the param stays as loaded: master16's rounding of the master (ties away from zero), which the first
+            # step's check (_repair_stale_masters) takes as the master's; rewriting it to the nearest even made a
+            # second load of the same checkpoint decode a tie one bf16 spacing low (a review, 2026-12-07)
         elif lay.remainder and from_master:
             st.pop(_layouts.MASTER_KEY, None)
             hi, lo = _layouts.master16_encode(_dist.placed_like(saved[_layouts.MASTER_KEY].to(p.device).reshape(p.shape),

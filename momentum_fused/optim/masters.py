@@ -47,13 +47,15 @@ def _adopt(p: torch.Tensor, m: torch.Tensor, twice: bool = False) -> None:
     """Elements of the param ``p`` (local shard) that are not the rounding of their fp32 master ``m``: the master
     takes the param's value. NaN params stay NaN in the master as well. ``twice`` (after a load: the model may have
     moved between bf16 and fp16 since the master was written): the rounding through the other half dtype counts
-    as the master's rounding too."""
+    as the master's rounding too, and so does master16's rounding to bf16 (ties away from zero: a master16
+    checkpoint's param, which the load into the master layout leaves as it is)."""
     if p.shape != m.shape or p.numel() == 0:
         return
     keep = p == m.to(p.dtype)
     if twice and p.dtype in (torch.float16, torch.bfloat16):
         other = torch.bfloat16 if p.dtype == torch.float16 else torch.float16
         keep |= p == m.to(other).to(p.dtype)
+        keep |= p == _layouts.master16_encode(m)[0].view(m.shape).to(p.dtype)
     torch.where(keep, m, p.to(torch.float32), out=m)
 
 
