@@ -610,3 +610,48 @@ def test_warmup_steps_takes_a_float_of_integral_value(cls):
     for bad in (2.5, float("inf"), float("nan")):
         with pytest.raises(TypeError, match="warmup_steps must be an int \\(or a float of integral value\\)"):
             cls([torch.nn.Parameter(torch.ones(3))], warmup_steps=bad)
+
+
+def _sf_two_groups(backend, layout="native"):
+    dtype = torch.bfloat16 if layout in ("master", "master16") else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64, 64, generator=gen).to(dtype))
+    b = torch.nn.Parameter(torch.randn(32, 256, generator=gen).to(dtype))
+    c = torch.nn.Parameter(torch.randn(16, generator=gen).to(dtype))
+    opt = mf.SGDScheduleFree([dict(params=[a, b]), dict(params=[c])], lr=0.1, backend=backend, layout=layout)
+    for _ in range(2):
+        for q in (a, b, c):
+            q.grad = torch.randn(q.shape, generator=gen).to(dtype)
+        opt.step()
+    return opt, (a, b, c)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("bad, layout", [(b, lay) for b in ("z of a later param", "z of the last group")
+                                         for lay in ("native", "master", "master16")]
+                         + [("master of a later param", "master")])
+def test_eval_and_train_refuse_bad_state_before_moving_any_param(bad, layout, backend):
+    """eval()/train() checked only the hyperparameters, then moved the params group by group: a z of another shape
+    raised torch's message after the params before it had moved (within a group, the group's mode unchanged, so
+    a retry moved them twice: a silently wrong model). Everything is checked first now; the error names the
+    param and the key, nothing moves, and after the fix the run equals one that never failed."""
+    if backend == "cpu" and mf.backends.status().get("cpu") != "available":
+        pytest.skip("the cpu backend is not built here")
+    opt, ps = _sf_two_groups(backend, layout)
+    twin, tps = _sf_two_groups(backend, layout)
+    q = ps[2] if bad == "z of the last group" else ps[1]
+    key = "master" if bad.startswith("master") else "z"
+    good = opt.state[q][key]
+    opt.state[q][key] = good.reshape(-1)[:-1] if q.dim() == 1 else good[:, : good.shape[1] // 2]
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=f"param . of group . .*state '{key}' has shape"):
+        opt.eval()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    assert all(g["train_mode"] for g in opt.param_groups)
+    opt.state[q][key] = good
+    opt.eval()
+    twin.eval()
+    assert all(torch.equal(p, t) for p, t in zip(ps, tps))
+    opt.train()
+    twin.train()
+    assert all(torch.equal(p, t) for p, t in zip(ps, tps))

@@ -109,10 +109,37 @@ class _ScheduleFree(FusedOptimizer):
         if len(self.param_groups) > 1:  # a group added later joins the optimizer's current mode
             self.param_groups[-1]["train_mode"] = self.param_groups[0]["train_mode"]
 
+    def _check_swap(self, to_train: bool) -> None:
+        """Before ``_swap`` writes anything: the hyperparameters, and the tensors it reads and writes (z, the master
+        or its remainder, the param) of every group that moves. A z of another shape raised torch's message after
+        the groups before it had moved (and, within a group, the params before it, the group's mode unchanged: a
+        retry moved those params twice)."""
+        name = type(self).__name__
+        for gi, group in enumerate(self.param_groups):
+            self.spec.validate(group, where=f"{name} param group {gi}: ")
+            if group["train_mode"] == to_train:
+                continue
+            lay = self._check_layout_keys(group, f"{name} param group {gi}: ")
+            for pi, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if not st or st.get("z") is None:
+                    continue
+                self._check_master_keys(st, lay, p, pi, gi)
+                keys = ("z", *lay.extra_keys)
+                for key in keys:
+                    t = st.get(key)
+                    want = p.dtype if lay.name == "native" else lay.dtype_of(key, p.dtype)
+                    if t is not None and (not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != want
+                                          or t.device != p.device):
+                        self._raise_bad_state(p, key, t, pi, gi, want)
+                self._check_state_objects(p, st, pi, gi, keys, keys)
+                if p.is_inference() and not torch.is_inference_mode_enabled():
+                    raise RuntimeError(f"{self._where(p, pi, gi)} is an inference tensor (made under "
+                                       "torch.inference_mode()): train()/eval() cannot move it in place")
+
     @torch.no_grad()
     def _swap(self, to_train: bool) -> None:
-        for gi, group in enumerate(self.param_groups):
-            self.spec.validate(group, where=f"{type(self).__name__} param group {gi}: ")
+        self._check_swap(to_train)
         # layout="master": params written since the last step (or loaded) restart their masters before these move
         # (optim/masters.py; the swap below copies the master into the param, which would undo the write)
         self._sync_written_params()
