@@ -18,6 +18,8 @@ def _check_tensor_meta(name: str, value: torch.Tensor) -> None:
         raise ValueError(f"{name} as a Tensor must have exactly one element, got shape {tuple(value.shape)}")
     if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"{name} Tensor must be real, got dtype {value.dtype}")
+    if value.device.type == "meta":  # (its .item() raised torch's message, which named no hyperparameter)
+        raise ValueError(f"{name} as a Tensor is on the meta device: it has no value to read")
 
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)

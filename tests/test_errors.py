@@ -154,6 +154,50 @@ def test_grad_scale_zero_or_inf_raises_before_any_change():
         assert_step_raises_unchanged(opt, p, ValueError, "grad_scale")
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_gradient_that_grad_scale_cannot_unscale_in_place_is_refused_before_the_update(backend):
+    """With grad_scale set the gradients are divided in place after the update (as torch's fused kernels leave
+    them): an expanded gradient (readable, not writable in place) made the step raise after every param and
+    counter had moved, some gradients unscaled and some not, naming no param. Refused first now."""
+    if backend == "cpu" and mf.backends.status().get("cpu") != "available":
+        pytest.skip("the cpu backend is not built here")
+    a, b = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(5))
+    opt = mf.Adam([dict(params=[a]), dict(params=[b])], lr=0.1, backend=backend)
+    a.grad, b.grad = torch.full((8,), 2.0), torch.full((5,), 2.0)
+    opt.step()
+    a.grad, b.grad = torch.full((8,), 2.0), torch.full((1,), 2.0).expand(5)
+    opt.grad_scale, opt.found_inf = torch.tensor([2.0]), torch.tensor([0.0])
+    grads = (a.grad.clone(), b.grad.clone())
+    assert_step_raises_unchanged(opt, [a, b], ValueError, "group 1 .*share memory.*grad_scale cannot unscale")
+    assert torch.equal(a.grad, grads[0]) and torch.equal(b.grad, grads[1])
+    b.grad = b.grad.contiguous()  # (the fix the message names; the scaler's attributes were dropped)
+    opt.grad_scale, opt.found_inf = torch.tensor([2.0]), torch.tensor([0.0])
+    opt.step()
+    assert float(a.grad[0]) == 1.0 and float(b.grad[0]) == 1.0
+
+
+@pytest.mark.parametrize("attr, value", [("found_inf", torch.zeros(2)), ("grad_scale", torch.ones(2)),
+                                         ("found_inf", torch.zeros(1, device="meta")),
+                                         ("grad_scale", torch.ones((), device="meta"))])
+def test_grad_scaler_attributes_that_are_not_one_value_are_named(attr, value):
+    """A found_inf / grad_scale of two elements, or on the meta device, raised torch's conversion message (naming
+    neither); nothing changed then and nothing changes now."""
+    opt, p = _two_group_opt(CASES["Adam"])
+    setattr(opt, attr, value)
+    assert_step_raises_unchanged(opt, p, ValueError, f"{attr} must be a one-element tensor with a value")
+
+
+def test_a_meta_tensor_lr_is_named():
+    """torch's .item() message (no hyperparameter named) before; nothing changed then and nothing changes now."""
+    opt, p = _two_group_opt(CASES["SGD"])
+    lr, before = opt.param_groups[1]["lr"], snapshot(opt, p)
+    opt.param_groups[1]["lr"] = torch.tensor(0.1, device="meta")
+    with pytest.raises(ValueError, match="param group 1: lr as a Tensor is on the meta device"):
+        opt.step()
+    opt.param_groups[1]["lr"] = lr  # (the snapshot compares group values: a meta tensor has none)
+    assert_snapshot_equal(before, snapshot(opt, p))
+
+
 def test_error_then_recovery_steps_like_a_clean_run():
     """After a failed step is fixed, the run continues exactly as if the failure never happened."""
     case = CASES["NAdam"]

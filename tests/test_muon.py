@@ -923,3 +923,28 @@ def test_a_group_layout_other_than_native_is_refused(use_muon, when):
     with pytest.raises(ValueError, match=match):
         opt.step()
     assert_snapshot_equal(before, snapshot(opt, params[:1]))
+
+
+def test_muon_defaults_survive_loads_and_unpickling_for_a_rebuild():
+    """torch's Optimizer.__setstate__ adds ``differentiable`` to ``defaults``; Muon's load and unpickling kept it
+    (a refused load too, through an in-place edit its rollback did not see), so the rebuild idiom
+    ``type(opt)(params, **opt.defaults)`` raised TypeError after any load."""
+    import pickle
+    gen = torch.Generator().manual_seed(0)
+    a, c = torch.nn.Parameter(torch.randn(32, 16, generator=gen)), torch.nn.Parameter(torch.randn(7, generator=gen))
+    groups = lambda: [dict(params=[a]), dict(params=[c], use_muon=False)]  # noqa: E731
+    opt = mf.Muon(groups(), lr=0.01)
+    for _ in range(2):
+        a.grad, c.grad = torch.randn(a.shape, generator=gen), torch.randn(c.shape, generator=gen)
+        opt.step()
+    want = dict(opt.defaults)
+    good = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(copy.deepcopy(good))
+    assert opt.defaults == want
+    bad = copy.deepcopy(good)
+    bad["param_groups"][1]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr"):
+        opt.load_state_dict(bad)
+    assert opt.defaults == want
+    assert pickle.loads(pickle.dumps(opt)).defaults == want
+    mf.Muon(groups(), **opt.defaults)

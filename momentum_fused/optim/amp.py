@@ -33,6 +33,31 @@ class PendingAmp(NamedTuple):
     rollback: AmpRollback
 
 
+def amp_scalar(owner: str, name: str, value) -> float:
+    """GradScaler's ``found_inf`` / ``grad_scale`` read on the host (the host protocol): a number or a one-element
+    tensor with a value (a larger or meta tensor gave torch's message, which named neither)."""
+    if isinstance(value, torch.Tensor) and (value.numel() != 1 or value.device.type == "meta"):
+        raise ValueError(f"{owner}: {name} must be a one-element tensor with a value (GradScaler's), got shape "
+                         f"{tuple(value.shape)} on {value.device}; nothing changed")
+    return float(value)
+
+
+def check_unscalable(owner: str, plan) -> None:
+    """A step that unscales the gradients after its update (grad_scale set: they are divided in place, as torch's
+    fused kernels leave them) first refuses a gradient whose elements share memory (an expanded tensor: the
+    in-place division raised after every param had been updated)."""
+    for gi, gp in enumerate(plan):
+        for p in gp.items:
+            g = p.grad
+            if g is None or g.is_contiguous() or g._is_zerotensor():
+                continue
+            if torch._debug_has_internal_overlap(_dist.local(g)) == 1:
+                raise ValueError(f"{owner}: the gradient of a param of group {gi} (shape {tuple(p.shape)}) has "
+                                 f"elements that share memory (strides {tuple(g.stride())}, e.g. an expanded tensor),"
+                                 " so grad_scale cannot unscale it in place after the step; pass a materialized "
+                                 "gradient (g.contiguous()); nothing changed")
+
+
 class AmpMixin:
     """``_amp`` (host protocol), ``_device_amp``, ``sync_amp`` and ``_defer_amp_flag`` of FusedOptimizer."""
 
@@ -155,12 +180,12 @@ class AmpMixin:
     def _amp(self):
         """GradScaler protocol: returns (skip, inv_scale)."""
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and float(found_inf) != 0.0:
+        if found_inf is not None and amp_scalar(type(self).__name__, "found_inf", found_inf) != 0.0:
             return True, 1.0
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is None:
             return False, 1.0
-        scale = float(grad_scale)
+        scale = amp_scalar(type(self).__name__, "grad_scale", grad_scale)
         if not math.isfinite(scale) or scale == 0.0:
             raise ValueError(f"{type(self).__name__}: grad_scale must be finite and nonzero, got {scale}")
         return False, 1.0 / scale

@@ -34,7 +34,7 @@ from .. import backends
 from .. import layouts as _layouts
 from .. import distributed as _dist  # DTensor (FSDP2): local shards, see momentum_fused/distributed.py
 from ..specs import UpdateRuleSpec, get_spec
-from .amp import AmpMixin, AmpRollback, _drop_amp_attrs
+from .amp import AmpMixin, AmpRollback, _drop_amp_attrs, check_unscalable
 from .checkpoints import CheckpointMixin
 from .checks import STEPPABLE_DTYPES, STEPPABLE_NAMES, ValidationMixin
 from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, check_torch_flags
@@ -348,6 +348,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         else:
             inv_scale = 1.0
             rollback = AmpRollback()
+        if not traced and (inv_scale != 1.0 or (amp is not None and amp[1] is not None)):
+            check_unscalable(type(self).__name__, plan)  # (the gradients are divided in place after the update)
         if not traced:  # (in a traced step a data-dependent check would break the graph mid-update)
             self._sync_written_params()  # master-layout params loaded or written since the last step (masters.py)
         if self.spec.phases:  # contract v2: passes and matrix phases (optim/phases.py)

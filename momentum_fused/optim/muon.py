@@ -17,7 +17,7 @@ import torch
 from ..specs import get_spec
 from ..specs_muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS, MUON_DEFAULTS, MUON_SPEC
 from .adam import AdamW
-from .amp import _drop_amp_attrs
+from .amp import _drop_amp_attrs, amp_scalar, check_unscalable
 from .base import FusedOptimizer
 from .ckpt_format import refuse_missized_state
 from .host_state import check_loaded_state
@@ -330,6 +330,7 @@ class Muon(torch.optim.Optimizer):
                            if g.get("use_muon", True) else aux_spec.required_state({**AUX_DEFAULTS, **g}))
         before = {k: self.__dict__.get(k) for k in ("param_groups", "state", "defaults", "_core", "_aux", "_links",
                                                     "_linked")}
+        before["defaults"] = dict(self.defaults)  # (a copy: torch's __setstate__ edits the live dict in place)
         try:  # (torch's load replaces param_groups and state, then __setstate__ rebuilds: a refusal, or a raising
             # load hook, restores all of it)
             super().load_state_dict(state_dict)
@@ -361,7 +362,10 @@ class Muon(torch.optim.Optimizer):
                     keys = MUON_SPEC.state_names({**MUON_DEFAULTS, **g}) if use else \
                         get_spec(AdamW.rule).state_names({**AUX_DEFAULTS, **g})
                     refuse_missized_state("Muon", gi, pi, p, st, keys)
+        had = "differentiable" in (state.get("defaults") or self.__dict__.get("defaults") or {})
         super().__setstate__(state)
+        if not had:  # (torch's __setstate__ adds it; Muon(**opt.defaults) would refuse the keyword)
+            self.defaults.pop("differentiable", None)
         self._rebuild()
 
     # ------------------------------------------------------------------ step
@@ -437,8 +441,12 @@ class Muon(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         device = self._takes_device_amp(inners, [p[0] for p in planned], found_inf, grad_scale)
-        if not device and found_inf is not None and float(found_inf) != 0.0:  # an inf/nan step changes nothing
+        if not device and found_inf is not None and amp_scalar("Muon", "found_inf", found_inf) != 0.0:  # (an inf/nan
+            # step changes nothing)
             return loss
+        if grad_scale is not None:  # (each inner step checks its own: the aux's after the Muon groups had stepped)
+            for plan in planned:
+                check_unscalable("Muon", plan[0])
         for inner, plan in zip(inners[::-1], planned[::-1]):  # (the Muon groups first, then the aux groups)
             inner.grad_scale = grad_scale
             if device:
