@@ -159,12 +159,13 @@ def symmetric_product():
     caps it below avx512 (or holds a value that is no ISA: the cpu backend then names it). It computes the tiles on and above the diagonal (~55% of the multiply-adds at m = 384)
     and mirrors them, with an fp32 accumulator and one rounding to bf16, as torch's bf16 GEMM does."""
     global _SYMMETRIC
-    if _SYMMETRIC is None:
-        _SYMMETRIC = (False,)
+    if _SYMMETRIC is None:  # (decided in a local, published once: a placeholder set first was read as "no
+        found = (False,)  # kernel" by a second thread's first call, whose Muon step then took other bits)
         if isa_env_error() is None and backends.import_extension("cpu", "CPU", "") is None:
             from . import _C_cpu
             if getattr(_C_cpu, "sym_mm_bf16_available", lambda: False)():
-                _SYMMETRIC = (True, _C_cpu)
+                found = (True, _C_cpu)
+        _SYMMETRIC = found
     return _symmetric_baddbmm if _SYMMETRIC[0] else None
 
 

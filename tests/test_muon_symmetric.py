@@ -143,3 +143,35 @@ def test_isa_cap_switches_the_kernel_off():
     env = dict(os.environ, MOMENTUM_FUSED_CPU_ISA="avx2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None"
+
+
+def test_a_first_call_from_two_threads_finds_the_kernel_in_both(monkeypatch):
+    """symmetric_product decided once per process, publishing a "no kernel" placeholder before the check: a second
+    thread's first call in that window took torch's bmm (other bits for its Muon step; a review saw 46-180 of
+    2000 races). The second thread here calls while the first is held inside the check."""
+    import threading
+
+    from momentum_fused import _backend_cpu, backends
+    if backends.status().get("cpu") != "available":
+        pytest.skip("the cpu backend is not built here")
+    from momentum_fused import _C_cpu
+    monkeypatch.setattr(_C_cpu, "sym_mm_bf16_available", lambda: True)  # (whatever this CPU has)
+    monkeypatch.setattr(_backend_cpu, "_SYMMETRIC", None)
+    inside, release, got = threading.Event(), threading.Event(), {}
+    real = _backend_cpu.isa_env_error
+
+    def held():
+        if threading.current_thread().name == "first":
+            inside.set()
+            release.wait(10)
+        return real()
+
+    monkeypatch.setattr(_backend_cpu, "isa_env_error", held)
+    monkeypatch.delenv("MOMENTUM_FUSED_CPU_ISA", raising=False)
+    first = threading.Thread(target=lambda: got.setdefault("first", _backend_cpu.symmetric_product()), name="first")
+    first.start()
+    assert inside.wait(10)
+    got["second"] = _backend_cpu.symmetric_product()
+    release.set()
+    first.join(10)
+    assert got["first"] is not None and got["second"] is not None
