@@ -144,7 +144,7 @@ def adam_math(p, g, m, v, vmax, lr, wd, beta1, beta2, eps, step_size, bc2_sqrt, 
         p = tl.where(wd != 0, p * (1.0 - lr * wd).to(tl.float32), p)
     else:
         g = tl.where(wd != 0, g + wd.to(tl.float32) * p, g)
-    m = m + (1.0 - beta1).to(tl.float32) * (g - m)  # lerp(m, g, 1 - beta1)
+    m = _lerp(m, g, (1.0 - beta1).to(tl.float32))  # torch.lerp's two branches (beta1 < 0.5: the second)
     v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * (g * g)
     if AMSGRAD:
         vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)  # (as torch.maximum; the default drops a NaN)
@@ -163,7 +163,7 @@ def nadam_math(p, g, m, v, lr, wd, beta1, beta2, eps, bc2, grad_coef, exp_avg_co
         p = tl.where(wd != 0, p * (1.0 - lr * wd).to(tl.float32), p)
     else:
         g = tl.where(wd != 0, g + wd.to(tl.float32) * p, g)
-    m = m + (1.0 - beta1).to(tl.float32) * (g - m)
+    m = _lerp(m, g, (1.0 - beta1).to(tl.float32))
     v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * (g * g)
     denom = _sqrt(_div(v, bc2.to(tl.float32))) + eps.to(tl.float32)
     p = p + grad_coef.to(tl.float32) * _div(g, denom)
@@ -225,7 +225,9 @@ def fsgdm_math(p, g, b, lr, wd, u, v, first, gm):
 
 @triton.jit
 def _lerp(a, b, w):
-    # torch.lerp's formula (exact at w = 1: the first schedule-free step has c = 1)
+    # torch.lerp's formula (exact at w = 1: the first schedule-free step has c = 1). Every lerp of the reference is
+    # this one: Adam's and NAdam's first moment with beta1 < 0.5 took only the first branch before 2026-12-07 (at
+    # beta1 = 0 a moment far above the gradient cancelled to 0 instead of the gradient; inf + 0 where torch has NaN)
     return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
 
 
@@ -249,7 +251,7 @@ def adamw_sf_math(p, g, z, v, m, lr, c, y_coef, wd, beta2, bc2, eps, inner_momen
     denom = _sqrt(_div(v, bc2.to(tl.float32))) + eps.to(tl.float32)
     d = _div(g, denom)
     if INNER_MOMENTUM:
-        m = m + (1.0 - inner_momentum).to(tl.float32) * (d - m)
+        m = _lerp(m, d, (1.0 - inner_momentum).to(tl.float32))
         d = _div(m, inner_bc.to(tl.float32))
     d = tl.where(wd != 0, d + wd.to(tl.float32) * p, d)
     p = _lerp(p, z, c.to(tl.float32))

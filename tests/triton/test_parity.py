@@ -127,3 +127,37 @@ def test_noncontiguous_param():
         topt.step()
         ropt.step()
     torch.testing.assert_close(tp.detach().double(), rp.detach(), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("cls, kw", [(mf.Adam, dict(betas=(0.0, 0.999))), (mf.NAdam, dict(betas=(0.0, 0.999))),
+                                     (mf.AdamTied, dict(beta=0.0)), (mf.Adam, dict(betas=(0.3, 0.999))),
+                                     (mf.AdamWScheduleFree, dict(inner_momentum=0.3))],
+                         ids=["adam-beta1-0", "nadam-beta1-0", "adamtied-0", "adam-beta1-0.3", "adamw_sf-inner-0.3"])
+def test_first_moments_take_torch_lerps_second_branch(cls, kw):
+    """torch.lerp(m, g, w) is b - (b - a)(1 - w) for w >= 0.5: the kernels' Adam and NAdam moments (w = 1 - beta1)
+    computed m + w (g - m) at every w, so beta1 = 0 after a gradient of 1e4 left m = 0 instead of the new 1e-4
+    (a step lost: AdamTied's param off by 2x), and an fp16 inf gradient gave inf where torch gives NaN."""
+    out = {}
+    for backend in ("triton", "reference"):
+        p = torch.zeros(3, requires_grad=True)
+        opt = cls([p], lr=1e-3, backend=backend, **kw)
+        for g in (1e4, 1e-4, -3e3, 2e-4):
+            p.grad = torch.full((3,), g)
+            opt.step()
+        out[backend] = (p.detach().clone(), opt.state[p]["exp_avg"].clone())
+    torch.testing.assert_close(out["triton"][1], out["reference"][1], rtol=2e-6, atol=0)
+    torch.testing.assert_close(out["triton"][0], out["reference"][0], rtol=2e-6, atol=1e-9)
+    if kw.get("betas", (None,))[0] == 0.0 or kw.get("beta") == 0.0:
+        assert torch.equal(out["triton"][1], torch.full((3,), 2e-4))  # (beta1 = 0: the moment is the last gradient)
+    for backend in ("triton", "reference"):  # fp16: an inf gradient into a finite moment is NaN, as torch's lerp
+        if cls is mf.AdamWScheduleFree:
+            continue
+        p = torch.zeros(2, dtype=torch.float16, requires_grad=True)
+        opt = cls([p], lr=1e-3, backend=backend, **kw)
+        p.grad = torch.ones(2, dtype=torch.float16)
+        opt.step()
+        p.grad = torch.full((2,), float("inf"), dtype=torch.float16)
+        opt.step()
+        out[backend] = opt.state[p]["exp_avg"].clone()
+    if cls is not mf.AdamWScheduleFree:
+        assert torch.equal(out["triton"].isnan(), out["reference"].isnan())
