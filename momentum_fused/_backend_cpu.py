@@ -146,7 +146,8 @@ def make_backend() -> backends.Backend:
             packs[:, k - 1] /= float(grad_scale)
         # the op's fast entry (module docstring), or the registered op under a dispatch mode / for subclasses
         backends.run_step_op(_C_cpu, _C_cpu.cpu_step, ops.cpu_step, params, grads, states,
-                             (packs, rule, fl, code, keys), bump=True)
+                             (packs, rule, fl, code, keys), bump=True,
+                             memory_order=not layouts.get_layout(layout).by_element_index)
 
     return backends.Backend(name="cpu", apply=apply, supports=supports, devices=("cpu",), load_error=None,
                             layouts=CPU_LAYOUTS, scalar_tables=True, bumps_versions=True)

@@ -91,7 +91,8 @@ def make_backend() -> backends.Backend:
         args = (packs, RULE_IDS[spec.name], flags_to_int(spec.name, flags),
                 _device_scalar(found_inf, "found_inf", device), _device_scalar(grad_scale, "grad_scale", device),
                 code, keys)
-        backends.run_step_op(_C_cuda, _C_cuda.cuda_step, ops.cuda_step, params, grads, states, args)
+        backends.run_step_op(_C_cuda, _C_cuda.cuda_step, ops.cuda_step, params, grads, states, args,
+                             memory_order=not layouts.get_layout(layout).by_element_index)
         return 1
 
     return backends.Backend(name="cuda", apply=apply, supports=supports, devices=("cuda",), load_error=None,

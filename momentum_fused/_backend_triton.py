@@ -149,7 +149,8 @@ def apply(spec, flags, params, grads, states, scalars, *, layout=None, sr_keys=N
         lists = [params, grads] + [_Column(states, j) for j in range(nstate)]
         writeback = ()
     else:  # non-contiguous tensors (rare: e.g. a transposed param) run on contiguous copies, written back after
-        ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states)
+        ps, gs, flat, writeback = backends.contiguous_lists(params, grads, states,
+                                                            memory_order=not (layout is not None and layout.by_element_index))
         lists = [ps, gs] + [flat[i::nstate] for i in range(nstate)]
     n = launcher.multi_tensor_apply(rules.FAMILY[spec.name], rules.RULE_IDS[spec.name], tuple(flags), lists,
                                     backends.pack_table(scalars, len(spec.scalar_names)), found_inf=found_inf,

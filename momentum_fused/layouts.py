@@ -82,6 +82,14 @@ class Layout:
         return self.int8 or self.state_dtype in (torch.bfloat16, torch.float16)
 
     @property
+    def by_element_index(self) -> bool:
+        """Whether the stored values depend on an element's index in the param's row-major order (int8 blocks of
+        256 consecutive elements, stochastic rounding bits hashed from the index): a kernel then needs the tensors
+        in that order. The other layouts are elementwise: a dense non-contiguous param (channels_last) whose
+        gradient and state have its strides steps in memory order (backends.contiguous_lists)."""
+        return self.int8 or self.stochastic
+
+    @property
     def extra_keys(self) -> tuple:
         """The state keys the layout adds after the rule's state tensors (in a bucket's state tuples)."""
         return (MASTER_KEY,) if self.master else (REMAINDER_KEY,) if self.remainder else ()

@@ -16,11 +16,11 @@
 //       else None (the caller then takes the full validation, which names the problem):
 //         - mask[i] False <=> params[i].grad is None;
 //         - params: exactly torch.Tensor or nn.Parameter (a subclass may override `grad` in Python), dtype
-//           `pdtype`, device `device`, strided, contiguous;
-//         - each gradient: a plain strided contiguous tensor with its param's sizes, dtype and device (no
+//           `pdtype`, device `device`, strided, dense (contiguous or a permutation of it: `plain` below);
+//         - each gradient: a plain strided dense tensor with its param's sizes, dtype and device (no
 //           conjugate or negative bit, not a ZeroTensor);
 //         - state tensor j of param i: state_dicts[i][keys[j]] is the object flat[i * len(keys) + j], of
-//           dtype sdtypes[j], on `device`, with the param's sizes, strided and contiguous.
+//           dtype sdtypes[j], on `device`, with the param's sizes, strided and dense.
 //       Reads metadata only: no tensor data, no device synchronization (CUDA params are fine).
 //       Without this extension there is no cached plan (every step takes the full plan).
 //     cached_grads(..., signatures=[(keys, sdtypes, divisors, size), ...]): the state keys and dtypes per param
@@ -89,12 +89,16 @@ int cpu_step_py(const py::handle& params, const py::handle& grads, const py::han
 }
 
 // (a lazy conjugate or negative view, or autograd's ZeroTensor, which has no memory: not plain; the full plan
-// resolves such a gradient, optim/checks.py _resolve_grad)
+// resolves such a gradient, optim/checks.py _resolve_grad). Dense: contiguous, or a permutation of a contiguous
+// block (channels_last), which occupies the same bytes, so that the data pointers and numels the cached plan
+// compares decide overlaps as for a contiguous tensor; the step then runs it in memory order or on copies
+// (backends.contiguous_lists). Contiguous only before 2026-12-07: a channels_last model took the full plan
+// every step.
 bool plain(const at::Tensor& t, c10::ScalarType dtype, const c10::Device& device) {
   const c10::DispatchKeySet ks = t.key_set();
   return t.scalar_type() == dtype && t.device() == device && t.layout() == c10::kStrided &&
          !ks.has(c10::DispatchKey::Python) && !ks.has(c10::DispatchKey::Conjugate) &&
-         !ks.has(c10::DispatchKey::Negative) && !ks.has(c10::DispatchKey::ZeroTensor) && t.is_contiguous();
+         !ks.has(c10::DispatchKey::Negative) && !ks.has(c10::DispatchKey::ZeroTensor) && t.is_non_overlapping_and_dense();
 }
 
 // A new reference to o.<name> (name interned), or a Python error.

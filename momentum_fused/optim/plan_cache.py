@@ -68,7 +68,8 @@ class PlanCacheMixin:
         C-speed list comparisons of object identities and one C loop over the tensors (``_cached_grads``)
         instead of per-tensor Python checks: the same ``state`` mapping with the same per-param dicts (the
         same key and value objects, in order), the same group objects and param lists, the same params with
-        gradients, every gradient a plain contiguous strided tensor with the param's shape, dtype and
+        gradients, every gradient a plain dense strided tensor (contiguous, or a permutation of it: channels_last)
+        with the param's shape, dtype and
         device, params of the cached dtype and device, the same state tensor objects with the cached
         dtypes and the param's shape (the int8 layouts: each tensor's own keys, dtypes and block-scale sizes), every
         param and state tensor at the memory address the full plan saw (so that weight tying written as
