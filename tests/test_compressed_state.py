@@ -900,3 +900,35 @@ def test_a_buffer_kept_while_its_flag_is_off_loads_converted(backend, src, dst):
         assert torch.equal(p, q)
     else:
         assert (p - q).abs().max() < 1e-2  # (one rounding of the buffer apart)
+
+
+@pytest.mark.parametrize("chunk", [None, 96])
+def test_the_masters_checks_run_in_bounded_slices(chunk, monkeypatch):
+    """The master layout's element checks (a param written between steps; the first step after a load) made
+    full-size temporaries of the largest param, up to ~30 bytes an element with master16's rounding: they run
+    over slices of masters.CHUNK elements now. Here a slice of 96 elements (1000-element params) gives the
+    unsliced results: a written element beyond the first slice is adopted, a far one beyond it makes the master
+    restart from the param after a load."""
+    from momentum_fused.optim import masters
+    if chunk is not None:
+        monkeypatch.setattr(masters, "CHUNK", chunk)
+    gen = torch.Generator().manual_seed(4)
+    p = torch.randn(1000, generator=gen).to(torch.bfloat16).requires_grad_()
+    opt = mf.AdamW([p], lr=1e-2, layout="master", backend="reference")
+    for _ in range(2):
+        p.grad = torch.randn(1000, generator=gen).to(torch.bfloat16)
+        opt.step()
+    with torch.no_grad():
+        p[700] = 3.0  # (a write between steps, in the eighth slice)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert abs(float(opt.state[p]["master"][700]) - 3.0) < 0.1  # adopted 3.0 before the step moved it a little
+    sd = copy.deepcopy(opt.state_dict())
+    q = p.detach().clone().requires_grad_()
+    with torch.no_grad():
+        q[900] += 1.0  # (farther than a bf16 spacing from its master: not this model's master)
+    b = mf.AdamW([q], lr=1e-2, layout="master", backend="reference")
+    b.load_state_dict(sd)
+    q.grad = torch.zeros_like(q)
+    with pytest.warns(UserWarning, match="does not round to its param"):
+        b.step()

@@ -200,7 +200,7 @@ class CheckpointMixin:
         param's value, as between any two steps (optim/masters.py). A step traced by
         torch.compile does not check (the check reads a value: a graph break in the middle of the update); the
         next eager step does."""
-        from .masters import _adopt  # (masters.py imports plan_cache, which imports checks, which imports this)
+        from .masters import _adopt, _chunks  # (masters.py imports plan_cache, which imports checks, which imports this)
         stale = []
         for gi, g in enumerate(self.param_groups):
             if not _layouts.get_layout(g["layout"]).master:
@@ -209,10 +209,9 @@ class CheckpointMixin:
                 m = self.state.get(p, {}).get(_layouts.MASTER_KEY)
                 if m is None:
                     continue
-                ml, pf = _dist.local(m), _dist.local(p.detach()).float()
-                far = (ml - pf).abs() > pf.abs() * 2.0 ** -7 + 2.0 ** -24  # (bf16 spacing; fp16's near zero)
-                if bool((far & torch.isfinite(pf)).any()):
-                    ml.copy_(pf)
+                ml, pl = _dist.local(m), _dist.local(p.detach())
+                if any(_far(mc, pc.float()) for pc, mc in _chunks(pl, ml)):
+                    ml.copy_(pl)
                     stale.append(f"param {pi} of group {gi}")
                 else:  # (elements written since the load, or rounded twice: the param's value, exactly; the others
                     _adopt(_dist.local(p.detach()), ml, twice=True)  # keep the master's bits: optim/masters.py)
@@ -398,3 +397,9 @@ def _int8_to_codes(x: torch.Tensor, p: torch.Tensor, signed: bool) -> tuple[torc
     return (_dist.view_placed(p, lambda t: codes.view(t.shape), tuple(p.shape)),
             _dist.view_placed(_dist.zeros_like_placed(p, shape, torch.float32),
                               lambda t: scales.view(t.shape), tuple(shape)))
+
+
+def _far(m: torch.Tensor, pf: torch.Tensor) -> bool:
+    """Whether a finite param element lies farther than a bf16 spacing (fp16's near zero) from its master's."""
+    far = (m - pf).abs() > pf.abs() * 2.0 ** -7 + 2.0 ** -24
+    return bool((far & torch.isfinite(pf)).any())

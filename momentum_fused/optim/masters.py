@@ -51,12 +51,30 @@ def _adopt(p: torch.Tensor, m: torch.Tensor, twice: bool = False) -> None:
     checkpoint's param, which the load into the master layout leaves as it is)."""
     if p.shape != m.shape or p.numel() == 0:
         return
-    keep = p == m.to(p.dtype)
-    if twice and p.dtype in (torch.float16, torch.bfloat16):
-        other = torch.bfloat16 if p.dtype == torch.float16 else torch.float16
-        keep |= p == m.to(other).to(p.dtype)
-        keep |= p == _layouts.master16_encode(m)[0].view(m.shape).to(p.dtype)
-    torch.where(keep, m, p.to(torch.float32), out=m)
+    for pc, mc in _chunks(p, m):
+        keep = pc == mc.to(pc.dtype)
+        if twice and pc.dtype in (torch.float16, torch.bfloat16):
+            other = torch.bfloat16 if pc.dtype == torch.float16 else torch.float16
+            keep |= pc == mc.to(other).to(pc.dtype)
+            keep |= pc == _layouts.master16_encode(mc)[0].view(mc.shape).to(pc.dtype)
+        torch.where(keep, mc, pc.to(torch.float32), out=mc)
+
+
+CHUNK = 1 << 24  # elements per pass of the masters' element checks
+
+
+def _chunks(p: torch.Tensor, m: torch.Tensor):
+    """(param, master) in slices of CHUNK elements (flat views; one slice when either is not contiguous or the
+    tensors are smaller): the checks' temporaries (masks, casts, master16's int64 words: up to ~30 bytes an
+    element) stay bounded instead of growing with the largest param (an embedding of 5e8 elements: ~15 GB at the
+    first step after a load, on the device)."""
+    n = p.numel()
+    if n <= CHUNK or not (p.is_contiguous() and m.is_contiguous()):
+        yield p, m
+        return
+    pf, mf = p.view(-1), m.view(-1)
+    for i in range(0, n, CHUNK):
+        yield pf[i:i + CHUNK], mf[i:i + CHUNK]
 
 
 class MasterSyncMixin:
