@@ -42,20 +42,38 @@ def amp_scalar(owner: str, name: str, value) -> float:
     return float(value)
 
 
-def check_unscalable(owner: str, plan) -> None:
-    """A step that unscales the gradients after its update (grad_scale set: they are divided in place, as torch's
-    fused kernels leave them) first refuses a gradient whose elements share memory (an expanded tensor: the
-    in-place division raised after every param had been updated)."""
+def unscale_lists(owner: str, plan, traced: bool) -> dict:
+    """The gradients a step with a grad scale divides in place after its update (``_unscale_grads``), gathered
+    before the update: {device: (plain gradients, complex ones as real views; lazy conjugate / negative views)}.
+    Autograd's ZeroTensor gradients (no memory; zero either way) are left out, and a gradient whose elements
+    share memory (an expanded tensor: the division raised after every param had been updated) is refused here,
+    before anything changes. In a step traced by torch.compile nothing may break the graph: no tensor queries
+    (a break mid-update ran the rest of the step in a resumed frame, with another update)."""
+    cls = _dist.dtensor_class()
+    by_device: dict = {}
     for gi, gp in enumerate(plan):
         for p in gp.items:
             g = p.grad
-            if g is None or g.is_contiguous() or g._is_zerotensor():
+            if g is None:
                 continue
-            if torch._debug_has_internal_overlap(_dist.local(g)) == 1:
-                raise ValueError(f"{owner}: the gradient of a param of group {gi} (shape {tuple(p.shape)}) has "
-                                 f"elements that share memory (strides {tuple(g.stride())}, e.g. an expanded tensor),"
-                                 " so grad_scale cannot unscale it in place after the step; pass a materialized "
-                                 "gradient (g.contiguous()); nothing changed")
+            if cls is not None and isinstance(g, cls):
+                g = g._local_tensor
+            lists = by_device.get(g.device)
+            if lists is None:
+                lists = by_device[g.device] = ([], [])
+            if not traced:
+                if g._is_zerotensor():
+                    continue
+                if not g.is_contiguous() and torch._debug_has_internal_overlap(g) == 1:
+                    raise ValueError(f"{owner}: the gradient of a param of group {gi} (shape {tuple(p.shape)}) has "
+                                     f"elements that share memory (strides {tuple(g.stride())}, e.g. an expanded "
+                                     "tensor), so grad_scale cannot unscale it in place after the step; pass a "
+                                     "materialized gradient (g.contiguous()); nothing changed")
+                if g.is_conj() or g.is_neg():  # (the foreach op writes plain memory only)
+                    lists[1].append(g)
+                    continue
+            lists[0].append(torch.view_as_real(g) if g.is_complex() else g)
+    return by_device
 
 
 class AmpMixin:
@@ -137,7 +155,7 @@ class AmpMixin:
             buf, event = found_inf.detach().reshape(1).clone(), None
         self._step_attrs["pending_amp"] = PendingAmp(buf, event, record)
 
-    def _unscale_grads(self, plan, amp, inv_scale: float) -> None:
+    def _unscale_grads(self, plan, amp, inv_scale: float, lists=None) -> None:
         """After a GradScaler step, the stepped params' ``.grad`` hold unscaled values, as with torch.optim (its
         fused optimizers divide them in their kernels; for the others GradScaler unscales them before the step).
         One ``torch._amp_foreach_non_finite_check_and_unscale_`` per device, GradScaler's own unscale (a product
@@ -145,32 +163,21 @@ class AmpMixin:
         read the scaled gradients. ``amp``: None for the host protocol (a skipped step returned before this;
         ``inv_scale`` 1.0: no scale), else the device protocol's (found_inf, grad_scale), the factor then 1 where
         found_inf says the kernels skipped (torch's fused kernels leave the gradients of a skipped step scaled).
-        Gradients without memory of their own (autograd's ZeroTensor) are zero either way and left alone. In a
-        step traced by torch.compile nothing here may break the graph (a break mid-update ran the rest of the step
-        in a resumed frame, with another update: the tensor queries are skipped there)."""
+        ``lists``: ``unscale_lists``'s, gathered and checked before the update (None: gathered here)."""
         if amp is None:
             if inv_scale == 1.0:
                 return
         elif amp[1] is None:
             return
-        traced = torch.compiler.is_compiling()
-        by_device: dict = {}
-        for gp in plan:
-            for p in gp.items:
-                g = p.grad
-                if g is None or (not traced and g._is_zerotensor()):  # (dynamo cannot trace the query)
-                    continue
-                g = _dist.local(g)
-                by_device.setdefault(g.device, []).append(torch.view_as_real(g) if g.is_complex() else g)
-        for device, grads in by_device.items():
+        if lists is None:
+            lists = unscale_lists(type(self).__name__, plan, torch.compiler.is_compiling())
+        for device, (plain, lazy) in lists.items():
             if amp is None:
                 inv = torch.full((), inv_scale, dtype=torch.float32, device=device)
             else:
                 found_inf, grad_scale = (t.to(device, non_blocking=True) for t in amp)
                 inv = torch.where(found_inf.reshape(()) != 0, torch.ones((), dtype=torch.float32, device=device),
                                   grad_scale.reshape(()).double().reciprocal().float())
-            lazy = [] if traced else [g for g in grads if g.is_conj() or g.is_neg()]  # (the op writes plain
-            plain = grads if traced else [g for g in grads if not (g.is_conj() or g.is_neg())]  # memory only)
             if plain:
                 torch._amp_foreach_non_finite_check_and_unscale_(
                     plain, torch.zeros(1, dtype=torch.float32, device=device), inv)

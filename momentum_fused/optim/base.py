@@ -34,7 +34,7 @@ from .. import backends
 from .. import layouts as _layouts
 from .. import distributed as _dist  # DTensor (FSDP2): local shards, see momentum_fused/distributed.py
 from ..specs import UpdateRuleSpec, get_spec
-from .amp import AmpMixin, AmpRollback, _drop_amp_attrs, check_unscalable
+from .amp import AmpMixin, AmpRollback, _drop_amp_attrs, unscale_lists
 from .checkpoints import CheckpointMixin
 from .checks import STEPPABLE_DTYPES, STEPPABLE_NAMES, ValidationMixin
 from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, check_torch_flags
@@ -348,13 +348,14 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         else:
             inv_scale = 1.0
             rollback = AmpRollback()
-        if not traced and (inv_scale != 1.0 or (amp is not None and amp[1] is not None)):
-            check_unscalable(type(self).__name__, plan)  # (the gradients are divided in place after the update)
+        # the gradients divided in place after the update: gathered and checked before it
+        unscale = unscale_lists(type(self).__name__, plan, traced) \
+            if inv_scale != 1.0 or (amp is not None and amp[1] is not None) else None
         if not traced:  # (in a traced step a data-dependent check would break the graph mid-update)
             self._sync_written_params()  # master-layout params loaded or written since the last step (masters.py)
         if self.spec.phases:  # contract v2: passes and matrix phases (optim/phases.py)
             loss = self._update_phased(plan, loss, inv_scale, amp, rollback)
-            self._unscale_grads(plan, amp, inv_scale)
+            self._unscale_grads(plan, amp, inv_scale, unscale)
             if cached is None and not traced:
                 self._remember_plan(plan)
             if not traced:
@@ -465,7 +466,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 buf.sub_(amp[0].to(buf.device, buf.dtype, non_blocking=True).reshape(()))
             if rollback:  # (capturable steps after the first have nothing to roll back on the host)
                 self._defer_amp_flag(amp[0], rollback)
-        self._unscale_grads(plan, amp, inv_scale)
+        self._unscale_grads(plan, amp, inv_scale, unscale)
         if cached is None and not traced:
             self._remember_plan(plan)
         if not traced:

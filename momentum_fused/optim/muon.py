@@ -17,7 +17,7 @@ import torch
 from ..specs import get_spec
 from ..specs_muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS, MUON_DEFAULTS, MUON_SPEC
 from .adam import AdamW
-from .amp import _drop_amp_attrs, amp_scalar, check_unscalable
+from .amp import _drop_amp_attrs, amp_scalar, unscale_lists
 from .base import FusedOptimizer
 from .ckpt_format import refuse_missized_state
 from .host_state import check_loaded_state
@@ -446,7 +446,7 @@ class Muon(torch.optim.Optimizer):
             return loss
         if grad_scale is not None:  # (each inner step checks its own: the aux's after the Muon groups had stepped)
             for plan in planned:
-                check_unscalable("Muon", plan[0])
+                unscale_lists("Muon", plan[0], False)
         for inner, plan in zip(inners[::-1], planned[::-1]):  # (the Muon groups first, then the aux groups)
             inner.grad_scale = grad_scale
             if device:
