@@ -192,10 +192,20 @@ def sr_key(seed: int, step: int, tensor: int, shard: tuple = ()) -> int:
     """The per-(tensor, step) key of the stochastic rounding (a uint32 as a Python int). ``shard``: the global
     offsets of a DTensor's local shard (``distributed.shard_offsets``); a shard that does not start at the origin
     mixes them into the key, so that no two shards of a tensor draw the same bits."""
+    return sr_tensor_key(sr_step_key(seed, step), tensor, shard)
+
+
+def sr_step_key(seed: int, step: int) -> int:
+    """``sr_key``'s part shared by every tensor of a group's step (computed once a step, not once a tensor)."""
     s, hi = seed & M32, seed >> 32
     while hi:  # (a seed of more than 32 bits: its higher words hashed in; seeds below 2^32 are as before)
         s, hi = lowbias32(s ^ lowbias32(hi & M32) ^ 0x9E3779B9), hi >> 32
-    key = lowbias32(lowbias32(lowbias32(s) ^ (step & M32)) ^ (tensor & M32))
+    return lowbias32(lowbias32(s) ^ (step & M32))
+
+
+def sr_tensor_key(step_key: int, tensor: int, shard: tuple = ()) -> int:
+    """``sr_key`` from ``sr_step_key``'s value."""
+    key = lowbias32(step_key ^ (tensor & M32))
     if any(shard):
         h = 0
         for o in shard:

@@ -410,9 +410,15 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 names = (*state_names, *lay.extra_keys)
                 keys = None
                 if lay.stochastic:  # one rounding key per tensor: (seed, the group's step, the param's position)
-                    pos = {id(q): i for i, q in enumerate(group["params"])}
-                    keys = [_layouts.sr_key(group["sr_seed"], group["sr_step"], (gi << 20) + pos[id(p)],
-                                            _dist.shard_offsets(p)) for p in items]
+                    params = group["params"]
+                    if len(items) == len(params):  # (items: the group's params with gradients, in its order)
+                        pos = range(len(params))
+                    else:
+                        where = {id(q): i for i, q in enumerate(params)}
+                        pos = [where[id(p)] for p in items]
+                    sk, base = _layouts.sr_step_key(group["sr_seed"], group["sr_step"]), gi << 20
+                    keys = [_layouts.sr_tensor_key(sk, base + i) for i in pos] if _dist.dtensor_class() is None \
+                        else [_layouts.sr_tensor_key(sk, base + i, _dist.shard_offsets(p)) for i, p in zip(pos, items)]
                     group["sr_step"] += 1
                     sr_moved.append(group)
                 if len(chosen) == 1 and (cached is not None or not any([p.is_complex() for p in items])):
