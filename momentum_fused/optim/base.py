@@ -444,6 +444,17 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                         b.scalars.extend(scalars)
                     if keys is not None:
                         b.sr_keys.extend(keys)
+                elif cached is not None and not cap and "subs" in cached[gi][0]:  # a cached group of several
+                    for c, gs in zip(cached[gi][0]["subs"], cached[gi][1]):  # (device, dtype): one bucket a kind
+                        if not c["sel"]:
+                            continue
+                        b = bucket(chosen[(c["device"], c["pdtype"])], c["device"], c["pdtype"], flags, lay, cap)
+                        b.params.extend(c["bparams"])
+                        b.grads.extend(gs)
+                        b.states.extend(c["tuples"])
+                        b.scalars.extend([scalars[i] for i in c["sel"]])
+                        if keys is not None:
+                            b.sr_keys.extend([keys[i] for i in c["sel"]])
                 else:
                     for i, (p, st, sc) in enumerate(zip(items, states, scalars)):
                         rp = _real(p)

@@ -104,17 +104,26 @@ class PlanCacheMixin:
             if not _same_objects(params, e["params"]):
                 return None
             # (the cached list: the same objects, and a list even where the group now holds a tuple)
-            gs = _cached_grads(e["params"], e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
-                               e["sdtypes"], e["dtensor"], e["sigs"], e["ptrs"])
-            if gs is None:
-                return None
+            subs = e.get("subs")
+            if subs is None:
+                gs = _cached_grads(e["params"], e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
+                                   e["sdtypes"], e["dtensor"], e["sigs"], e["ptrs"])
+                if gs is None:
+                    return None
+            else:  # a group of several (device, dtype): one C check per kind, its gradients per kind
+                gs = []
+                for c in subs:
+                    g = _cached_grads(c["params"], c["mask"], c["states"], c["keys"], c["flat"], c["pdtype"],
+                                      c["device"], c["sdtypes"], None, c["sigs"], c["ptrs"])
+                    if g is None:
+                        return None
+                    gs.append(g)
             items = e["items"]
             for hk in e["host_keys"]:  # a host counter replaced since the last step: the full plan checks it
                 cv = self._step_views.get(gi if group["capturable"] else (gi, hk))
                 if cv is None or not _same_entries(e["states"], hk, cv[1]):
                     return None
-            key = e["chosen_key"]
-            chosen = {} if key is None else {key: backends.resolve(self.backend, spec, *key, lay)}
+            chosen = {key: backends.resolve(self.backend, spec, *key, lay) for key in e["chosen_keys"]}
             if group["capturable"]:
                 self._check_capturable(gi, group, chosen)
             plan.append(GroupPlan(group, e["state_names"], items, chosen))
@@ -125,18 +134,18 @@ class PlanCacheMixin:
         return plan, cached
 
     def _remember_plan(self, plan) -> None:
-        """Cache this step's plan for ``_fast_plan`` when the hot path can serve it: params of one (device, dtype)
-        per group, not complex, every state tensor present; in each group plain tensors only or DTensors only
-        (FSDP2). A DTensor group's entry also keeps the local shards of its params and state, which its buckets
-        get directly (``bparams``, ``tuples``), and the C checks return its gradients' local shards."""
+        """Cache this step's plan for ``_fast_plan`` when the hot path can serve it: params not complex, every state
+        tensor present; in each group plain tensors only or DTensors only (FSDP2). A DTensor group's entry also
+        keeps the local shards of its params and state, which its buckets get directly (``bparams``, ``tuples``),
+        and the C checks return its gradients' local shards. A group of plain params of several (device, dtype)
+        (a bf16 model's fp32 norms in its one group) keeps one set of C checks per kind (``subs``): such a group
+        took the full plan every step before 2026-12-07 (2.9x torch's fused step on tiny tensors, a review)."""
         self._fast = None
         if C_CHECKS is None:
             return
         cls = _dist.dtensor_class()
         entries = []
         for group, state_names, items, chosen in plan:
-            if len(chosen) > 1:  # (any device type: the C checks read metadata only, never data)
-                return
             if not self.spec.plain_state and any(t.persistent and (t.shape is not None or t.dtype is not None)
                                                  for t in self.spec.tensors(group)):
                 return  # (contract v2: the C checks know param-shaped state of the layout's dtype only; a
@@ -155,56 +164,78 @@ class PlanCacheMixin:
                         any(k not in st for k in keys) or (self.spec.counts_steps and "step" not in st):
                     return
                 states.append(st)
+            if len(chosen) > 1 and (dt or self.spec.phases):  # (DTensor groups, multi-phase rules: one (device,
+                return  # dtype) a group; any device type: the C checks read metadata only, never data)
             params = group["params"]
-            mask = [p.grad is not None for p in params]
-            key = next(iter(chosen)) if chosen else None
-            sigs = None
-            if lay.int8:  # per tensor: codes and block scales (quantized), or fp32 state (_state_signatures)
-                sigs, seg_keys = _state_signatures(states, keys)
-                flat = [st[k] for st, ks in zip(states, seg_keys) for k in ks]
-            else:
-                seg_keys = [keys] * len(states)
-                flat = [st[k] for st in states for k in keys]
-            if dt:
-                if any(type(t) is not cls for t in flat):
-                    return
-                bparams, flat_locals = [p._local_tensor for p in items], [t._local_tensor for t in flat]
-                dtensor = (cls, bparams, [p._spec for p in items], flat_locals)
-            else:
-                bparams, flat_locals, dtensor = items, flat, None
-            nk = len(keys)
-            first = flat_locals[:nk]
-            tuples, at = [], 0
-            for ks in seg_keys:
-                tuples.append(tuple(flat_locals[at:at + len(ks)]))
-                at += len(ks)
-            entries.append({
+            entry = {
                 "group": group, "nkeys": len(group), "layout": lay.name, "state_names": state_names,
-                "keys": () if sigs is not None else keys,  # (with per-tensor signatures, theirs)
-                "params": list(params), "items": items, "bparams": bparams, "dtensor": dtensor,
-                "mask": None if all(mask) else mask, "states": states,
-                "flat": flat,
-                "tuples": tuples, "sigs": sigs,
-                # the tensors' memory as the full plan checked it (its overlap check): a param given another's
-                # memory since (``b.data = a.data``, weight tying) sends the next step to the full plan again
-                "ptrs": torch.tensor([t.data_ptr() for t in (*bparams, *flat_locals)] +
-                                     [t.numel() for t in (*bparams, *flat_locals)], dtype=torch.int64),
-                # what _cached_grads checks every tensor (a DTensor's local shard) against (a group without items
-                # checks none)
-                "pdtype": bparams[0].dtype if items else torch.float32,
-                "device": bparams[0].device if items else torch.device("cpu"),
-                "sdtypes": () if sigs is not None else tuple([t.dtype for t in first]) if states
-                else tuple([torch.float32] * len(keys)),
-                "chosen_key": key,
+                "params": list(params), "items": items, "states": states, "chosen_keys": tuple(chosen),
                 # (capturable: its device counters, ``_step_views[gi]``; a counter replaced by hand re-plans, and the
                 # full plan checks those on the host)
                 "host_keys": () if not states else (("step",) if self.spec.counts_steps else ())
                 + ((self.spec.host_state[0],) if self.spec.pack_reads_state and self.spec.advance_many
                    and not group["capturable"] else ()),
-            })
+            }
+            if len(chosen) <= 1:
+                c = _c_checks(params, items, states, keys, lay, cls if dt else None)
+                if c is None:
+                    return
+                entry.update(c)
+            else:  # one check per kind of the group's params, those without gradients included (a param that gets
+                # one at a later step is then seen by its kind's mask)
+                entry["subs"] = subs = []
+                for kind in dict.fromkeys((p.device, p.dtype) for p in params):
+                    sel = [i for i, p in enumerate(items) if (p.device, p.dtype) == kind]
+                    c = _c_checks([p for p in params if (p.device, p.dtype) == kind], [items[i] for i in sel],
+                                  [states[i] for i in sel], keys, lay, None)
+                    c["sel"] = sel  # (its items' positions in the group's: their scalars and rounding keys)
+                    subs.append(c)
+            entries.append(entry)
         # the objects themselves (not their ids, which a new object may reuse once one is freed)
         self._fast = {"state": self.state, "groups": entries, "state_values": list(self.state.values()),
                       "state_keys": list(self.state)}
+
+
+def _c_checks(params, items, states, keys, lay, cls) -> dict | None:
+    """The arguments of ``_C_cpu.cached_grads`` for ``params`` (a group's, or those of one (device, dtype) of it),
+    ``items`` (those with gradients) and their ``states``, with what the buckets take from a single-kind group:
+    ``bparams`` and ``tuples`` (a DTensor group's local shards: ``cls`` the DTensor class), or None where the
+    C checks cannot serve them."""
+    mask = [p.grad is not None for p in params]
+    sigs = None
+    if lay.int8:  # per tensor: codes and block scales (quantized), or fp32 state (_state_signatures)
+        sigs, seg_keys = _state_signatures(states, keys)
+        flat = [st[k] for st, ks in zip(states, seg_keys) for k in ks]
+    else:
+        seg_keys = [keys] * len(states)
+        flat = [st[k] for st in states for k in keys]
+    if cls is not None:
+        if any(type(t) is not cls for t in flat):
+            return None
+        bparams, flat_locals = [p._local_tensor for p in items], [t._local_tensor for t in flat]
+        dtensor = (cls, bparams, [p._spec for p in items], flat_locals)
+    else:
+        bparams, flat_locals, dtensor = items, flat, None
+    nk = len(keys)
+    first = flat_locals[:nk]
+    tuples, at = [], 0
+    for ks in seg_keys:
+        tuples.append(tuple(flat_locals[at:at + len(ks)]))
+        at += len(ks)
+    return {
+        "keys": () if sigs is not None else keys,  # (with per-tensor signatures, theirs)
+        "params": list(params), "bparams": bparams, "dtensor": dtensor,
+        "mask": None if all(mask) else mask, "flat": flat, "tuples": tuples, "sigs": sigs, "states": states,
+        # the tensors' memory as the full plan checked it (its overlap check): a param given another's memory since
+        # (``b.data = a.data``, weight tying) sends the next step to the full plan again
+        "ptrs": torch.tensor([t.data_ptr() for t in (*bparams, *flat_locals)] +
+                             [t.numel() for t in (*bparams, *flat_locals)], dtype=torch.int64),
+        # what _cached_grads checks every tensor (a DTensor's local shard) against (no items: none)
+        "pdtype": bparams[0].dtype if items else torch.float32,
+        "device": bparams[0].device if items else torch.device("cpu"),
+        "sdtypes": () if sigs is not None else tuple([t.dtype for t in first]) if states
+        else tuple([torch.float32] * len(keys)),
+    }
 
 
 def _state_signatures(states, keys) -> tuple:
