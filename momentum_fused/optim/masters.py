@@ -159,5 +159,6 @@ class MasterSyncMixin:
         Other layouts: nothing to do (``master16`` rebuilds its master from the param)."""
         self.__dict__.pop("_master_pairs_of", None)  # (the groups as they are now, not as the last step's plan)
         _, ps, ms = self._master_pairs()
-        for p, m in zip(ps, ms):
-            _adopt(p, m)
+        loaded = bool(self.__dict__.get("_verify_masters"))  # (a load since the last step: the params may hold
+        for p, m in zip(ps, ms):  # the master rounded otherwise, as the first step's check accepts: master16's
+            _adopt(p, m, twice=loaded)  # ties away, or the other half dtype; they kept their masters then)
