@@ -228,10 +228,11 @@ def _lerp(a, b, w):
     # torch.lerp's formula (exact at w = 1: the first schedule-free step has c = 1). Every lerp of the reference is
     # this one: Adam's and NAdam's first moment with beta1 < 0.5 took only the first branch before 2026-12-07 (at
     # beta1 = 0 a moment far above the gradient cancelled to 0 instead of the gradient; inf + 0 where torch has NaN)
-    # (one select of the base and one of the scalar weight, b + (w - 1)(b - a) being b - (b - a)(1 - w) exactly:
-    # two full branches selected per element made NAdam's bf16 kernel spill 8 bytes on sm_90)
+    # (one select of the base and one of the scalar weight: two full branches selected per element made NAdam's
+    # bf16 kernel spill 8 bytes on sm_90. a - (-w)(b - a) is a + w (b - a) exactly, signed zeros included;
+    # b + (w - 1)(b - a) was not b - (b - a)(1 - w) at w = 1, where w - 1 is +0: the opposite zero)
     lo = w < 0.5
-    return tl.where(lo, a, b) + tl.where(lo, w, w - 1.0) * (b - a)
+    return tl.where(lo, a, b) - tl.where(lo, -w, 1.0 - w) * (b - a)
 
 
 @triton.jit

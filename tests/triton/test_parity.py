@@ -161,3 +161,20 @@ def test_first_moments_take_torch_lerps_second_branch(cls, kw):
         out[backend] = opt.state[p]["exp_avg"].clone()
     if cls is not mf.AdamWScheduleFree:
         assert torch.equal(out["triton"].isnan(), out["reference"].isnan())
+
+
+def test_lerp_at_weight_one_keeps_torchs_signed_zero():
+    """beta1 = 0 (a lerp weight of 1) into a gradient of +-0: torch.lerp gives b - (b - a) * 0, whose zero's sign
+    the first rewrite of the kernels' _lerp (b + (w - 1)(b - a)) flipped (a review, 2026-12-07)."""
+    out = {}
+    for backend in ("triton", "reference"):
+        p = torch.zeros(4, requires_grad=True)
+        opt = mf.Adam([p], lr=1e-3, betas=(0.0, 0.999), backend=backend)
+        p.grad = torch.tensor([0.5, -0.5, 0.5, -0.5])
+        opt.step()
+        p.grad = torch.tensor([-0.0, -0.0, 0.0, 0.0])
+        opt.step()
+        out[backend] = opt.state[p]["exp_avg"].clone()
+    assert torch.equal(out["triton"], out["reference"])
+    assert torch.equal(torch.signbit(out["triton"]), torch.signbit(out["reference"])), out
+
