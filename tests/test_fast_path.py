@@ -284,6 +284,8 @@ CHANGES = {
                                                                    o.state[p[2]]["exp_avg"].clone()),
     "state with gaps (not dense)": lambda p, o: _set_data(o.state[p[0]]["exp_avg_sq"],
                                                           torch.zeros(3, 8, dtype=p[0].dtype)[:, ::2]),
+    "grad set to its own state": lambda p, o: setattr(p[0], "grad", o.state[p[0]]["exp_avg"]),
+    "grad a view into its own state": lambda p, o: setattr(p[3], "grad", o.state[p[3]]["exp_avg_sq"][:]),
     # a dense non-contiguous tensor (the memory of a contiguous one, permuted: channels_last) passes since
     # 2026-12-07: the step runs it in memory order (backends.contiguous_lists)
     "a transposed (dense) grad": lambda p, o: setattr(p[0], "grad", torch.ones(4, 3, dtype=p[0].dtype).t()),

@@ -101,6 +101,15 @@ bool plain(const at::Tensor& t, c10::ScalarType dtype, const c10::Device& device
          !ks.has(c10::DispatchKey::Negative) && !ks.has(c10::DispatchKey::ZeroTensor) && t.is_non_overlapping_and_dense();
 }
 
+// Whether two dense tensors (`plain`: their bytes one block each) share a byte (no data: meta or fake tensors, no).
+bool shares_bytes(const at::Tensor& a, const at::Tensor& b) {
+  const auto lo_a = reinterpret_cast<uintptr_t>(a.data_ptr()), lo_b = reinterpret_cast<uintptr_t>(b.data_ptr());
+  if (lo_a == 0 || lo_b == 0) return false;
+  const uintptr_t hi_a = lo_a + static_cast<uintptr_t>(a.numel()) * a.element_size(),
+                  hi_b = lo_b + static_cast<uintptr_t>(b.numel()) * b.element_size();
+  return lo_a < hi_b && lo_b < hi_a;
+}
+
 // A new reference to o.<name> (name interned), or a Python error.
 py::object attr(PyObject* o, PyObject* name) {
   PyObject* v = PyObject_GetAttr(o, name);
@@ -310,6 +319,7 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
       if (cached_ptr != nullptr && (reinterpret_cast<int64_t>(s.data_ptr()) != cached_ptr[ni + at + j] ||
                                     s.numel() != cached_ptr[2 * ni + nf + at + j]))
         return py::none();
+      if (shares_bytes(s, gl)) return py::none();  // (a gradient set to its own state: the full plan refuses it)
     }
     at += sig->size();
     go = grad_obj.release().ptr();  // the new reference the result takes
