@@ -655,3 +655,25 @@ def test_eval_and_train_refuse_bad_state_before_moving_any_param(bad, layout, ba
     opt.train()
     twin.train()
     assert all(torch.equal(p, t) for p, t in zip(ps, tps))
+
+
+def test_eval_takes_a_remainder_in_its_checkpoint_form_as_the_step_does():
+    """State put into ``opt.state`` directly (ZeroRedundancyOptimizer's load) holds master16's remainder in its
+    saved byte form, which the step converts back to int16; eval() refused it (its new checks)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 4).bfloat16())
+    opt = mf.AdamWScheduleFree([p], lr=1e-2, layout="master16", backend="reference")
+    opt.train()
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    sd = opt.state_dict()
+    assert sd["state"][0]["master_lo"].dtype == torch.uint8
+    q = torch.nn.Parameter(p.detach().clone())
+    o2 = mf.AdamWScheduleFree([q], lr=1e-2, layout="master16", backend="reference")
+    o2.train()
+    o2.state[q] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sd["state"][0].items()}
+    o2.eval()
+    opt.eval()
+    assert torch.equal(q, p) and o2.state[q]["master_lo"].dtype == torch.int16
+

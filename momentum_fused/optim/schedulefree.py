@@ -124,6 +124,9 @@ class _ScheduleFree(FusedOptimizer):
                 st = self.state.get(p)
                 if not st or st.get("z") is None:
                     continue
+                if _layouts.is_remainder_bytes(st.get(_layouts.REMAINDER_KEY)):  # a checkpoint's form, written by
+                    # ZeRO's load: back to int16, as the step takes it (optim/checks.py)
+                    st[_layouts.REMAINDER_KEY] = _layouts.remainder_from_bytes(st[_layouts.REMAINDER_KEY])
                 self._check_master_keys(st, lay, p, pi, gi)
                 keys = ("z", *lay.extra_keys)
                 for key in keys:
