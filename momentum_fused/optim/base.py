@@ -16,19 +16,18 @@ optimizer files only declare their rule and constructor. One ``step()``:
 
 The concerns live in mixins, one module each: ``checks`` (validation and the full plan), ``plan_cache`` (the
 cached plan of the hot path), ``amp`` (GradScaler, with its rollback record), ``scalars`` (host counters,
-scalar packs, capturable device tables), ``compile`` (torch.compile's traced step and its custom op). This
-module keeps construction, param groups and the step's orchestration; checkpoints.py the state_dict side.
+scalar packs, capturable device tables, rounding keys), ``compile`` (torch.compile's traced step and its custom
+op). This module keeps construction, param groups and the step's orchestration (its buckets and their launch:
+buckets.py); checkpoints.py the state_dict side.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import gc
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch.autograd.graph import increment_version
 
 from .. import backends
 from .. import layouts as _layouts
@@ -38,11 +37,12 @@ from .amp import AmpMixin, AmpRollback, _drop_amp_attrs, unscale_lists
 from .checkpoints import CheckpointMixin
 from .checks import STEPPABLE_DTYPES, STEPPABLE_NAMES, ValidationMixin
 from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, check_torch_flags
+from .buckets import Bucket, launch
+from .compile import CompileMixin
 from .masters import MasterSyncMixin
-from .compile import CompileMixin, bucket_op
 from .phases import PhasesMixin
 from .plan_cache import PlanCacheMixin
-from .scalars import ScalarsMixin
+from .scalars import ScalarsMixin, group_sr_keys
 
 
 # Dtype-layout keys of every param group (momentum_fused/layouts.py): the layout name, the stochastic
@@ -64,18 +64,6 @@ def adopting_groups():
 
 def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
-
-
-@dataclass
-class _Bucket:
-    """The tensors of one backend call: one (backend, device, dtype, flags, layout, capturable) of a step."""
-    backend: Any
-    layout: Any
-    params: list = field(default_factory=list)
-    grads: list = field(default_factory=list)
-    states: list = field(default_factory=list)   # one tuple of state tensors per param
-    scalars: list = field(default_factory=list)  # one pack per param (capturable: [n, k] device tables)
-    sr_keys: list = field(default_factory=list)  # bf16_sr: one rounding key per param
 
 
 class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, CompileMixin, PhasesMixin,
@@ -368,13 +356,13 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         undo_groups = [(g, dict(g)) for g, *_ in plan] if not traced and self._host_counters() else []
         self._prepare_step(plan, loss, inv_scale, created)
         spec = self.spec
-        buckets: dict[tuple, _Bucket] = {}
+        buckets: dict[tuple, Bucket] = {}
 
-        def bucket(backend, device, dtype, flags, layout, cap) -> _Bucket:
+        def bucket(backend, device, dtype, flags, layout, cap) -> Bucket:
             key = (backend.name, device, dtype, flags, layout.name, cap)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = _Bucket(backend, layout)
+                b = buckets[key] = Bucket(backend, layout)
             return b
 
         cap_steps = []  # the step counters of capturable groups (on the device; GradScaler undoes them there)
@@ -410,51 +398,42 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 names = (*state_names, *lay.extra_keys)
                 keys = None
                 if lay.stochastic:  # one rounding key per tensor: (seed, the group's step, the param's position)
-                    params = group["params"]
-                    if len(items) == len(params):  # (items: the group's params with gradients, in its order)
-                        pos = range(len(params))
-                    else:
-                        where = {id(q): i for i, q in enumerate(params)}
-                        pos = [where[id(p)] for p in items]
-                    sk, base = _layouts.sr_step_key(group["sr_seed"], group["sr_step"]), gi << 20
-                    keys = [_layouts.sr_tensor_key(sk, base + i) for i in pos] if _dist.dtensor_class() is None \
-                        else [_layouts.sr_tensor_key(sk, base + i, _dist.shard_offsets(p)) for i, p in zip(pos, items)]
+                    keys = group_sr_keys(gi, group, items)
                     group["sr_step"] += 1
                     sr_moved.append(group)
-                if len(chosen) == 1 and (cached is not None or not any([p.is_complex() for p in items])):
-                    # one bucket: no per-tensor keys (a cached plan has no complex params)
+                if cached is not None and (len(chosen) == 1 or (not cap and "subs" in cached[gi][0])):
+                    # the cached plan's lists (a DTensor group's local shards), one bucket per (device, dtype)
+                    e, gs = cached[gi]
+                    for c, g, sel in [(e, gs, None)] if "subs" not in e else \
+                            [(c, g, c["sel"]) for c, g in zip(e["subs"], gs) if c["sel"]]:
+                        key = next(iter(chosen)) if sel is None else (c["device"], c["pdtype"])
+                        b = bucket(chosen[key], *key, flags, lay, cap)
+                        b.params.extend(c["bparams"])
+                        b.grads.extend(g)
+                        b.states.extend(c["tuples"])
+                        if cap:
+                            b.scalars.append(scalars)  # a [n, k] device table
+                        else:
+                            b.scalars.extend(scalars if sel is None else [scalars[i] for i in sel])
+                        if keys is not None:
+                            b.sr_keys.extend(keys if sel is None else [keys[i] for i in sel])
+                elif len(chosen) == 1 and not any([p.is_complex() for p in items]):  # one bucket, no per-tensor keys
                     (device, dtype), backend = next(iter(chosen.items()))
                     b = bucket(backend, device, dtype, flags, lay, cap)
-                    if cached is None:
-                        b.params.extend(items)
-                        b.grads.extend([p.grad for p in items] if not self._step_attrs.get("grad_subst") else map(self.grad_of, items))
-                        if lay.int8:  # quantized tensors: the codes, then their scales (backends.Backend)
-                            sfx = _layouts.INT8_SCALE_SUFFIX
-                            b.states.extend([tuple([st[k] for k in names] + [st[k + sfx] for k in names
-                                                                              if k + sfx in st]) for st in states])
-                        else:
-                            b.states.extend([tuple([st[k] for k in names]) for st in states])
-                    else:  # (a DTensor group's local shards)
-                        b.params.extend(cached[gi][0]["bparams"])
-                        b.grads.extend(cached[gi][1])
-                        b.states.extend(cached[gi][0]["tuples"])
+                    b.params.extend(items)
+                    b.grads.extend([p.grad for p in items] if not self._step_attrs.get("grad_subst") else map(self.grad_of, items))
+                    if lay.int8:  # quantized tensors: the codes, then their scales (backends.Backend)
+                        sfx = _layouts.INT8_SCALE_SUFFIX
+                        b.states.extend([tuple([st[k] for k in names] + [st[k + sfx] for k in names
+                                                                          if k + sfx in st]) for st in states])
+                    else:
+                        b.states.extend([tuple([st[k] for k in names]) for st in states])
                     if cap:
                         b.scalars.append(scalars)  # a [n, k] device table
                     else:
                         b.scalars.extend(scalars)
                     if keys is not None:
                         b.sr_keys.extend(keys)
-                elif cached is not None and not cap and "subs" in cached[gi][0]:  # a cached group of several
-                    for c, gs in zip(cached[gi][0]["subs"], cached[gi][1]):  # (device, dtype): one bucket a kind
-                        if not c["sel"]:
-                            continue
-                        b = bucket(chosen[(c["device"], c["pdtype"])], c["device"], c["pdtype"], flags, lay, cap)
-                        b.params.extend(c["bparams"])
-                        b.grads.extend(gs)
-                        b.states.extend(c["tuples"])
-                        b.scalars.extend([scalars[i] for i in c["sel"]])
-                        if keys is not None:
-                            b.sr_keys.extend([keys[i] for i in c["sel"]])
                 else:
                     for i, (p, st, sc) in enumerate(zip(items, states, scalars)):
                         rp = _real(p)
@@ -491,25 +470,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         return loss
 
     def _launch(self, buckets, amp, traced, spec, started: list) -> None:
-        """One backend call per bucket, each appended to ``started`` once it has returned."""
-        for (_, device, _, flags, _, cap), b in buckets.items():
-            scs = b.scalars
-            if cap:
-                scs = scs[0] if len(scs) == 1 else torch.cat(scs)
-            kw = {}
-            if b.layout.name != "native":
-                kw.update(layout=b.layout, sr_keys=b.sr_keys if b.layout.stochastic else None)
-            if amp is not None:  # device-side GradScaler scalars (no host read)
-                found_inf, grad_scale = amp
-                kw.update(found_inf=found_inf.to(device, non_blocking=True),
-                          grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True))
-            if traced:  # one opaque op in the graph (it runs backend.apply)
-                bucket_op(b.backend, spec, flags, b.params, b.grads, b.states, scs, **kw)
-            else:  # DTensors: their local shards
-                b.backend.apply(spec, flags, *_dist.local_bucket(b.params, b.grads, b.states), scs, **kw)
-                if not b.backend.bumps_versions:  # (kernels that write memory: autograd's in-place check)
-                    increment_version(b.params)
-            started.append(b)
+        """One backend call per bucket, each appended to ``started`` once it has returned (optim/buckets.py)."""
+        launch(buckets, amp, traced, spec, started)
 
 
 # An LR scheduler wraps ``optimizer.step`` in a function of torch/optim/lr_scheduler.py (to warn when

@@ -8,6 +8,8 @@ from itertools import repeat
 
 import torch
 
+from .. import distributed as _dist
+from .. import layouts as _layouts
 from ..specs import ElementwisePass, MatrixPhase, get_spec, step_tensor
 from .plan_cache import C_CHECKS
 
@@ -35,6 +37,22 @@ def _host_scalar(state: dict, key: str, initial: float) -> torch.Tensor:
     if isinstance(v, torch.Tensor) and v.dtype == torch.float64 and v.dim() == 0 and v.device.type == "cpu":
         return v
     return torch.tensor(initial if v is None else float(v), dtype=torch.float64)
+
+
+def group_sr_keys(gi: int, group: dict, items: list) -> list:
+    """The stochastic rounding's key of each of ``items`` (the group's params with gradients, in its order) at the
+    group's ``sr_step``: layouts.sr_key of (the group's sr_seed, sr_step, (gi << 20) + the param's position in the
+    group, a DTensor shard's offsets), the seed and step hashed once (``sr_step_key``)."""
+    params = group["params"]
+    if len(items) == len(params):
+        pos = range(len(params))
+    else:
+        where = {id(q): i for i, q in enumerate(params)}
+        pos = [where[id(p)] for p in items]
+    sk, base = _layouts.sr_step_key(group["sr_seed"], group["sr_step"]), gi << 20
+    if _dist.dtensor_class() is None:
+        return [_layouts.sr_tensor_key(sk, base + i) for i in pos]
+    return [_layouts.sr_tensor_key(sk, base + i, _dist.shard_offsets(p)) for i, p in zip(pos, items)]
 
 
 class ScalarsMixin:
