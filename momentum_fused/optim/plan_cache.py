@@ -69,8 +69,8 @@ class PlanCacheMixin:
         instead of per-tensor Python checks: the same ``state`` mapping with the same per-param dicts (the
         same key and value objects, in order), the same group objects and param lists, the same params with
         gradients, every gradient a plain dense strided tensor (contiguous, or a permutation of it: channels_last)
-        with the param's shape, dtype and
-        device, params of the cached dtype and device, the same state tensor objects with the cached
+        with the param's shape, dtype and device, params of the cached dtype and device (per kind in a group of
+        several: ``subs``), the same state tensor objects with the cached
         dtypes and the param's shape (the int8 layouts: each tensor's own keys, dtypes and block-scale sizes), every
         param and state tensor at the memory address the full plan saw (so that weight tying written as
         ``b.data = a.data`` meets the full plan's overlap check), the same state names (flags) and layout. For a group of DTensors the checks read the local shards, and the
