@@ -548,3 +548,39 @@ def muon_bf16_update_runs(backend: str, device: str = "cpu", steps: int = 10, ne
         out.append(snapshot(opt, params))
     assert seen[:steps] == [{torch.bfloat16}] * steps and seen[steps:] == [{torch.float32}] * steps, seen
     return out
+
+
+def channels_last_twin_runs(backend: str, layout: str, dtype, device: str = "cpu", steps: int = 4):
+    """AdamW on conv-shaped params and a bias, once contiguous and once channels_last (gradients in each one's
+    format, the same values), on ``backend``; returns ((params, opt, full plans taken) contiguous, (...) channels_last).
+    The compiled backends step a dense param in memory order where the layout is elementwise
+    (backends.contiguous_lists); the two trajectories must be equal bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(32, 16, 3, 3), (8, 3, 1, 1), (16,)]
+    init = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(steps)]
+    runs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        def put(t, fmt=fmt):
+            return (t.clone(memory_format=fmt) if t.dim() == 4 else t.clone()).to(device)
+        ps = [torch.nn.Parameter(put(t)) for t in init]
+        opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, backend=backend, layout=layout)
+        full = []
+        real = opt._plan
+        opt._plan = lambda real=real, full=full: full.append(1) or real()
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = put(g)
+            opt.step()
+        runs.append((ps, opt, len(full)))
+    return runs[0], runs[1]
+
+
+def assert_twin_runs_equal(a, b) -> None:
+    """The params and every state tensor of two runs (``channels_last_twin_runs``'s) equal bit for bit."""
+    (pa, oa, _), (pb, ob, _) = a, b
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+        assert oa.state[x].keys() == ob.state[y].keys()
+        for k in oa.state[x]:
+            assert torch.equal(oa.state[x][k], ob.state[y][k]), k

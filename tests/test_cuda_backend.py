@@ -529,3 +529,14 @@ def test_tensors_split_across_many_launches_under_small_tables():
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
+
+
+@pytest.mark.parametrize("layout, dtype", [("native", torch.float32), ("master16", torch.bfloat16),
+                                           ("bf16_sr", torch.bfloat16), ("int8_state", torch.float32)])
+def test_channels_last_params_equal_contiguous_ones(layout, dtype):
+    """The cuda backend steps a dense channels_last param in memory order (elementwise layouts: flat views, no
+    copies written back) or on contiguous copies (bf16_sr, int8): either way the contiguous twin's bits."""
+    from optim_db import assert_twin_runs_equal, channels_last_twin_runs
+    a, b = channels_last_twin_runs("cuda", layout, dtype, device="cuda")
+    assert_twin_runs_equal(a, b)
+

@@ -19,8 +19,8 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends
 from momentum_fused.optim import plan_cache, scalars
-from optim_db import (OwnGradParam, all_variants, assert_snapshot_equal, assert_states_close, assert_step_raises_unchanged, make_grads, make_params,
-                      snapshot)
+from optim_db import (OwnGradParam, all_variants, assert_snapshot_equal, assert_states_close, assert_step_raises_unchanged,
+                      assert_twin_runs_equal, channels_last_twin_runs, make_grads, make_params, snapshot)
 
 SHAPES = [(3, 4), (5,), (2, 3, 2), (7,)]
 EXTRA = [(6,), (2, 2)]
@@ -483,30 +483,10 @@ def test_channels_last_params_take_the_cached_plan_and_equal_contiguous_ones(lay
     holds after the first step, and the trajectory is the contiguous twin's bit for bit."""
     if backends.status().get("cpu") != "available":
         pytest.skip("the cpu backend is not built here")
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(32, 16, 3, 3), (8, 3, 1, 1), (16,)]
-    init = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    grads = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(4)]
-    runs = {}
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        ps = [torch.nn.Parameter(t.clone(memory_format=fmt) if t.dim() == 4 else t.clone()) for t in init]
-        opt = mf.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="cpu", layout=layout)
-        full = []
-        real = opt._plan
-        opt._plan = lambda real=real, full=full: full.append(1) or real()
-        for gs in grads:
-            for p, g in zip(ps, gs):
-                p.grad = g.clone(memory_format=fmt) if g.dim() == 4 else g.clone()
-            opt.step()
-        assert len(full) == 1, f"{fmt}: the full plan ran at {len(full)} of 4 steps"
-        runs[fmt] = (ps, opt)
-    (pa, oa), (pb, ob) = runs[torch.contiguous_format], runs[torch.channels_last]
-    assert pb[0].is_contiguous(memory_format=torch.channels_last)
-    for a, b in zip(pa, pb):
-        assert torch.equal(a, b)
-        assert oa.state[a].keys() == ob.state[b].keys()
-        for k in oa.state[a]:
-            assert torch.equal(oa.state[a][k], ob.state[b][k]), k
+    a, b = channels_last_twin_runs("cpu", layout, dtype)
+    assert (a[2], b[2]) == (1, 1), "the full plan ran after the first step"
+    assert b[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert_twin_runs_equal(a, b)
 
 
 @pytest.mark.parametrize("make", [lambda g: mf.AdamW(g, lr=1e-2, weight_decay=0.1, backend="cpu"),

@@ -178,3 +178,13 @@ def test_lerp_at_weight_one_keeps_torchs_signed_zero():
     assert torch.equal(out["triton"], out["reference"])
     assert torch.equal(torch.signbit(out["triton"]), torch.signbit(out["reference"])), out
 
+
+@pytest.mark.parametrize("layout, dtype", [("native", torch.float32), ("master16", torch.bfloat16),
+                                           ("bf16_sr", torch.bfloat16), ("int8_state", torch.float32)])
+def test_channels_last_params_equal_contiguous_ones(layout, dtype):
+    """The triton backend steps a dense channels_last param in memory order (elementwise layouts) or on contiguous
+    copies (bf16_sr, int8: their values follow the row-major index): either way the contiguous twin's bits."""
+    from optim_db import assert_twin_runs_equal, channels_last_twin_runs
+    a, b = channels_last_twin_runs("triton", layout, dtype)
+    assert_twin_runs_equal(a, b)
+
