@@ -36,7 +36,7 @@ from ..specs import UpdateRuleSpec, get_spec
 from .amp import AmpMixin, AmpRollback, _drop_amp_attrs, unscale_lists
 from .checkpoints import CheckpointMixin
 from .checks import STEPPABLE_DTYPES, STEPPABLE_NAMES, ValidationMixin
-from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, check_torch_flags
+from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, check_torch_flags, torch_setstate
 from .buckets import Bucket, launch
 from .compile import CompileMixin
 from .masters import MasterSyncMixin
@@ -190,15 +190,9 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's load_state_dict calls this with {"state", "param_groups"} only: the live optimizer keeps
-        # its forced backend (and its defaults: torch.optim.Optimizer.__setstate__ adds "differentiable")
+        # its forced backend (and its defaults: keys.torch_setstate)
         state.setdefault("backend", self.__dict__.get("backend"))
-        live = self.__dict__.get("defaults") if "defaults" not in state else None
-        had = "differentiable" in (state.get("defaults") or live or {})
-        super().__setstate__(state)
-        if live is not None:
-            self.defaults = live
-        if not had:
-            self.defaults.pop("differentiable", None)
+        torch_setstate(self, state, super().__setstate__)
         self.invalidate_caches()
         self._called = {"step": False}
         self.__dict__.setdefault("_step_attrs", {})  # (torch's load_state_dict: the live dict stays)

@@ -214,7 +214,7 @@ class CheckpointMixin:
                     ml.copy_(pl)
                     stale.append(f"param {pi} of group {gi}")
                 else:  # (elements written since the load, or rounded twice: the param's value, exactly; the others
-                    _adopt(_dist.local(p.detach()), ml, twice=True)  # keep the master's bits: optim/masters.py)
+                    _adopt(pl, ml, twice=True)  # keep the master's bits: optim/masters.py)
         if stale:
             warnings.warn(f"{type(self).__name__}: the fp32 master of {', '.join(stale[:5])}"
                           f"{f' and {len(stale) - 5} more' if len(stale) > 5 else ''} does not round to its param "

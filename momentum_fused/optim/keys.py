@@ -8,7 +8,7 @@ import sys
 import torch
 
 __all__ = ["FRONT_DEFAULTS", "FRONT_GROUP_EXTRAS", "GROUP_KEYS_ALWAYS_ALLOWED", "check_torch_flags", "near_miss",
-           "user_stacklevel"]
+           "torch_setstate", "user_stacklevel"]
 
 # keys of every param group that are not hyperparameters of the rule
 GROUP_KEYS_ALWAYS_ALLOWED = {"params", "param_names"}
@@ -35,6 +35,20 @@ def check_torch_flags(name, *, foreach=None, fused=None, differentiable=False) -
     if differentiable:
         raise ValueError(f"{name}: differentiable=True is not supported: the fused kernels update params and "
                          "state in place outside autograd; use torch.optim for a differentiable step")
+
+
+def torch_setstate(opt, state: dict, setstate) -> None:
+    """torch.optim.Optimizer.__setstate__ (``setstate``) for our optimizers: torch's load_state_dict calls it with
+    {"state", "param_groups"} only, and the live ``defaults`` stay; torch adds ``differentiable`` to them, which
+    our constructors refuse (``type(opt)(params, **opt.defaults)`` then raised), so it is taken out again unless
+    the defaults had it."""
+    live = opt.__dict__.get("defaults") if "defaults" not in state else None
+    had = "differentiable" in (state.get("defaults") or live or {})
+    setstate(state)
+    if live is not None:
+        opt.defaults = live
+    if not had:
+        opt.defaults.pop("differentiable", None)
 
 
 def _edit_distance(a: str, b: str) -> int:

@@ -21,7 +21,7 @@ from .amp import _drop_amp_attrs, amp_scalar, unscale_lists
 from .base import FusedOptimizer
 from .ckpt_format import refuse_missized_state
 from .host_state import check_loaded_state
-from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss, user_stacklevel
+from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss, torch_setstate, user_stacklevel
 
 __all__ = ["Muon", "AUX_DEFAULTS"]
 
@@ -362,10 +362,7 @@ class Muon(torch.optim.Optimizer):
                     keys = MUON_SPEC.state_names({**MUON_DEFAULTS, **g}) if use else \
                         get_spec(AdamW.rule).state_names({**AUX_DEFAULTS, **g})
                     refuse_missized_state("Muon", gi, pi, p, st, keys)
-        had = "differentiable" in (state.get("defaults") or self.__dict__.get("defaults") or {})
-        super().__setstate__(state)
-        if not had:  # (torch's __setstate__ adds it; Muon(**opt.defaults) would refuse the keyword)
-            self.defaults.pop("differentiable", None)
+        torch_setstate(self, state, super().__setstate__)  # (Muon(**opt.defaults) refuses torch's differentiable)
         self._rebuild()
 
     # ------------------------------------------------------------------ step
