@@ -198,7 +198,7 @@ def test_dtensor_cached_plan_notices_every_change(change, one_rank_mesh):
     assert (fast is not None) is want_cached
     if want_cached:  # the local shards of the gradients, for the buckets
         _, cached = fast
-        got = [g for _, gs in cached for g in gs]
+        got = [g for _, gs, _ in cached for g in gs]
         assert len(got) == len(ps) and all(g is _local(p.grad) for g, p in zip(got, ps))
     err = CHANGES[change]
     if err == "malformed":

@@ -230,18 +230,17 @@ def test_cached_plan_after_load_state_dict(backend):
 
 
 def _cached_case(change, subclass):
-    """An Adam optimizer after three steps (the last remembered with a mask), then ``change(params, opt)``;
-    returns the arguments of the cached plan's per-tensor check for its first group."""
+    """An Adam optimizer after three steps of every param but param 1 (which has no state, so no member of the
+    cached plan: the plan is remembered with a mask), then ``change(params, opt)``; returns the arguments of the
+    cached plan's per-tensor check for its first group (its exact mode: tests/test_sparse_grads.py has the other)."""
     p = make_params(SHAPES)
     if subclass:
         p[2] = torch.Tensor._make_subclass(OwnGradParam, p[2])
     opt = mf.Adam(p, lr=1e-2, backend="reference")
-    for _ in range(2):
+    for _ in range(3):
         for x in p:
-            x.grad = torch.ones_like(x)
+            x.grad = None if x is p[1] else torch.ones_like(x)
         opt.step()
-    p[1].grad = None
-    opt.step()  # remembered with a mask (param 1 without gradient)
     for x in p:
         if x is not p[1]:
             x.grad = torch.ones_like(x)

@@ -33,6 +33,13 @@
 //       then their numels in the same order: each tensor's must be the same (a `p.data = other` or `set_` since,
 //       even to memory starting at the same address: None, so that the full plan checks overlaps, e.g. weight
 //       tying). An inference-tensor param: None as well (the full plan refuses it outside inference mode).
+//     cached_grads(..., sparse=True): mask[i] True (mask None: every param) marks a *member* of the cached plan (a
+//       param whose state the full plan validated, with or without a gradient then), which may have no gradient
+//       now: nothing of it is read then (its state is checked at the step that gives it a gradient); every other
+//       check as above (the ptrs: of the members). Returns (grads, sel): the gradients of the members that have
+//       one, and sel None when every member has one, else their positions among the members (a list of ints); or
+//       None as above. Not for DTensor groups. (A mixture of experts, zero_grad(set_to_none=True): the set of
+//       params with a gradient changes every step; before 2026-12-07 each such step took the full plan.)
 //     cached_grads(..., dtensor=(cls, param_locals, param_specs, flat_locals)): the same for a group of DTensor
 //       params (FSDP2): the *local shards* of the gradients, when besides the above (read on the local shards:
 //       dtype, device, layout, contiguity, the param's local sizes) these hold:
@@ -199,7 +206,7 @@ struct StateSignature {
 py::object cached_grads(const py::list& params, const py::object& mask, const py::list& state_dicts,
                         const py::tuple& keys, const py::list& flat, const py::object& pdtype,
                         const py::object& device, const py::tuple& sdtypes, const py::object& dtensor,
-                        const py::object& signatures, const py::object& ptrs) {
+                        const py::object& signatures, const py::object& ptrs, bool sparse) {
   const Py_ssize_t np = PyList_GET_SIZE(params.ptr());
   const Py_ssize_t ni = PyList_GET_SIZE(state_dicts.ptr());
   const Py_ssize_t nf = PyList_GET_SIZE(flat.ptr());
@@ -231,7 +238,20 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
   std::unique_ptr<DTensorCache> dt_cache;
   if (!dtensor.is_none()) dt_cache = std::make_unique<DTensorCache>(dtensor, ni, nf);
   const DTensorCache* dt = dt_cache.get();
-  py::list out(masked ? 0 : np);
+  // the signature of member `it` (`varied`: its entry of `signatures`, few distinct objects, parsed once each)
+  auto signature_of = [&](Py_ssize_t it) -> const StateSignature* {
+    PyObject* so = PyList_GET_ITEM(signatures.ptr(), it);
+    for (const auto& [obj, parsed_sig] : parsed)
+      if (obj == so) return &parsed_sig;
+    if (!PyTuple_Check(so) || PyTuple_GET_SIZE(so) != 4)
+      throw std::invalid_argument("cached_grads: a signature is a (keys, sdtypes, divisors, dict size) tuple");
+    parsed.emplace_back(so, StateSignature(PyTuple_GET_ITEM(so, 0), PyTuple_GET_ITEM(so, 1), PyTuple_GET_ITEM(so, 2),
+                                           PyTuple_GET_ITEM(so, 3)));
+    return &parsed.back().second;  // (used before the next emplace_back)
+  };
+  std::vector<Py_ssize_t> stepped;  // (sparse) the members with a gradient
+  const bool append = masked || sparse;  // (else every param has a gradient: out[i] set in place)
+  py::list out(append ? 0 : np);
   Py_ssize_t item = 0, at = 0;  // at: the first state tensor of `item` in `flat`
   using mf::py_borrow::kPrefetchFar;
   using mf::py_borrow::kPrefetchNear;
@@ -261,7 +281,15 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
       if (g.defined()) return py::none();
       continue;
     }
-    if (!g.defined() || item >= ni) return py::none();
+    if (item >= ni || (!g.defined() && (!sparse || dt != nullptr))) return py::none();
+    const StateSignature* sig = varied ? signature_of(item) : &uniform;
+    if (at + sig->size() > nf) throw std::invalid_argument("cached_grads: flat is shorter than the signatures");
+    if (!g.defined()) {  // (sparse) a member without a gradient this step: nothing of it read
+      at += sig->size();
+      ++item;
+      continue;
+    }
+    if (sparse) stepped.push_back(item);
     PyObject* go = THPVariable_Wrap(g);  // new reference (the grad's existing Python object, if any)
     if (go == nullptr) throw py::error_already_set();
     py::object grad_obj = py::reinterpret_steal<py::object>(go);
@@ -285,22 +313,7 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
     if (p.is_inference()) return py::none();
     PyObject* st = PyList_GET_ITEM(state_dicts.ptr(), item);
     if (!PyDict_CheckExact(st)) return py::none();
-    const StateSignature* sig = &uniform;
-    if (varied) {
-      PyObject* so = PyList_GET_ITEM(signatures.ptr(), item);
-      sig = nullptr;
-      for (const auto& [obj, parsed_sig] : parsed)
-        if (obj == so) sig = &parsed_sig;
-      if (sig == nullptr) {
-        if (!PyTuple_Check(so) || PyTuple_GET_SIZE(so) != 4)
-          throw std::invalid_argument("cached_grads: a signature is a (keys, sdtypes, divisors, dict size) tuple");
-        parsed.emplace_back(so, StateSignature(PyTuple_GET_ITEM(so, 0), PyTuple_GET_ITEM(so, 1),
-                                               PyTuple_GET_ITEM(so, 2), PyTuple_GET_ITEM(so, 3)));
-        sig = &parsed.back().second;  // (used before the next emplace_back)
-      }
-      if (at + sig->size() > nf) throw std::invalid_argument("cached_grads: flat is shorter than the signatures");
-      if (sig->dict_size >= 0 && PyDict_GET_SIZE(st) != sig->dict_size) return py::none();
-    }
+    if (sig->dict_size >= 0 && PyDict_GET_SIZE(st) != sig->dict_size) return py::none();
     for (Py_ssize_t j = 0; j < sig->size(); ++j) {
       PyObject* v = PyDict_GetItem(st, PyTuple_GET_ITEM(sig->keys, j));  // borrowed; NULL if missing
       if (v == nullptr || v != PyList_GET_ITEM(flat.ptr(), at + j) || !THPVariable_Check(v)) return py::none();
@@ -323,7 +336,7 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
     }
     at += sig->size();
     go = grad_obj.release().ptr();  // the new reference the result takes
-    if (masked) {
+    if (append) {
       if (PyList_Append(out.ptr(), go) != 0) {
         Py_DECREF(go);
         throw py::error_already_set();
@@ -335,7 +348,11 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
     ++item;
   }
   if (item != ni || at != nf) return py::none();
-  return std::move(out);
+  if (!sparse) return std::move(out);
+  if (static_cast<Py_ssize_t>(stepped.size()) == ni) return py::make_tuple(out, py::none());
+  py::list sel(static_cast<Py_ssize_t>(stepped.size()));
+  for (size_t k = 0; k < stepped.size(); ++k) sel[k] = py::int_(stepped[k]);
+  return py::make_tuple(out, sel);
 }
 
 // ---- the cached plan's identity checks (FusedOptimizer._fast_plan / _host_views): pointer comparisons that
@@ -486,7 +503,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("rule"), py::arg("flags"), py::arg("layout") = 0, py::arg("sr_keys") = py::none());
   m.def("cached_grads", &cached_grads, py::arg("params"), py::arg("mask"), py::arg("state_dicts"), py::arg("keys"),
         py::arg("flat"), py::arg("pdtype"), py::arg("device"), py::arg("sdtypes"), py::arg("dtensor") = py::none(),
-        py::arg("signatures") = py::none(), py::arg("ptrs") = py::none());
+        py::arg("signatures") = py::none(), py::arg("ptrs") = py::none(), py::arg("sparse") = false);
   m.def("same_objects", &same_objects, py::arg("now"), py::arg("cached"));
   m.def("same_dict", &same_dict, py::arg("d"), py::arg("keys"), py::arg("values"));
   m.def("same_entries", &same_entries, py::arg("dicts"), py::arg("key"), py::arg("objs"));

@@ -368,10 +368,14 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 grad_mult = (-1.0 if group["maximize"] else 1.0) * inv_scale
                 lay = _layouts.get_layout(group["layout"])
                 cap = group["capturable"]
+                members = None  # (the cached plan's members when only some have gradients: (their states, sel))
                 if cached is None:
                     states, fresh = self._init_state(items, state_names, lay, created, group)
                 else:  # the cached plan: every state tensor exists
-                    states, fresh = cached[gi][0]["states"], [False] * len(items)
+                    e, _, sel = cached[gi]
+                    states, fresh = e["states"], [False] * len(items)
+                    if sel is not None:
+                        members, states = (states, sel), [states[i] for i in sel]
                 if rollback is not None:  # what the optimistic host-side advance must be able to undo
                     if spec.counts_steps:
                         rollback.created.extend([(st, "step") for st in states if "step" not in st])
@@ -387,8 +391,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                                                    cap_steps) if items else []
                 else:
                     if not traced and states and (spec.counts_steps or spec.pack_reads_state):
-                        undo_bufs.extend(self._counter_snapshots(gi, states))
-                    scalars = self._group_scalars(gi, group, states, fresh, grad_mult)
+                        undo_bufs.extend(self._counter_snapshots(gi, states if members is None else members[0]))
+                    scalars = self._group_scalars(gi, group, states, fresh, grad_mult, members)
                 names = (*state_names, *lay.extra_keys)
                 keys = None
                 if lay.stochastic:  # one rounding key per tensor: (seed, the group's step, the param's position)
@@ -397,14 +401,18 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                     sr_moved.append(group)
                 if cached is not None and (len(chosen) == 1 or (not cap and "subs" in cached[gi][0])):
                     # the cached plan's lists (a DTensor group's local shards), one bucket per (device, dtype)
-                    e, gs = cached[gi]
+                    e, gs, some = cached[gi]  # (some: sparse, the members with gradients; None: all)
                     for c, g, sel in [(e, gs, None)] if "subs" not in e else \
                             [(c, g, c["sel"]) for c, g in zip(e["subs"], gs) if c["sel"]]:
                         key = next(iter(chosen)) if sel is None else (c["device"], c["pdtype"])
                         b = bucket(chosen[key], *key, flags, lay, cap)
-                        b.params.extend(c["bparams"])
+                        if some is None:
+                            b.params.extend(c["bparams"])
+                            b.states.extend(c["tuples"])
+                        else:
+                            b.params.extend([c["bparams"][i] for i in some])
+                            b.states.extend([c["tuples"][i] for i in some])
                         b.grads.extend(g)
-                        b.states.extend(c["tuples"])
                         if cap:
                             b.scalars.append(scalars)  # a [n, k] device table
                         else:

@@ -19,8 +19,16 @@ from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, GROUP_KEYS_ALWAYS_ALLOWED,
 
 _MASTER, _REMAINDER = _layouts.MASTER_KEY, _layouts.REMAINDER_KEY
 
-__all__ = ["GroupPlan", "ValidationMixin"]
+__all__ = ["GroupPlan", "ValidationMixin", "sparse_ok"]
 
+
+
+def sparse_ok(spec, group) -> bool:
+    """Whether the cached plan of a group may keep params without a gradient as members (optim/plan_cache.py), so
+    that a step where a different subset of them has gradients (a mixture of experts, multi-task heads,
+    ``zero_grad(set_to_none=True)``) takes the cached plan: a single-pass rule whose scalar packs read no
+    per-tensor host state (not NAdam's ``mu_product``), its state of the param's shape, not capturable."""
+    return not spec.phases and not spec.pack_reads_state and spec.plain_state and not group["capturable"]
 
 
 class GroupPlan(NamedTuple):
@@ -196,6 +204,19 @@ class ValidationMixin:
         traced = torch.compiler.is_compiling()
         dtensor_cls = _dist.dtensor_class()  # (None: no DTensor exists in this process)
         self._step_attrs["grad_subst"] = subst = {}  # gradients the backends read resolved (``grad_of``), by id(param)
+        self._step_attrs["spare"] = {}  # the cached plan's members without a gradient (``_checked_spares``)
+        from .plan_cache import C_CHECKS
+        spares = {}  # gi -> the group's params without a gradient validated for the cached plan (``_spare_members``)
+        counts = spec.counts_steps
+
+        def collect_spare(group) -> bool:
+            return C_CHECKS is not None and not traced and sparse_ok(spec, group)
+
+        def complete_state(st, names) -> bool:  # (a rule without state: every param, as optim/base.py keeps none)
+            if not names and not counts:
+                return True
+            return bool(st) and all([k in st for k in names]) and (not counts or "step" in st)
+
         strided_params = []  # (gi, pi, p): non-contiguous params, whose memory ``_check_param_memory`` checks
         states, owners = [], []  # the state tensors a step writes, and the params and grads of their owners: no
         # written state may overlap another tensor of the list; (gi, pi, key), key overlap.PARAM / GRAD for those
@@ -213,108 +234,126 @@ class ValidationMixin:
             native = lay.name == "native"
             own = None if spec.plain_state else {t.name: t for t in spec.tensors(group) if t.persistent}
             items, keys = [], set()
+            # (the params without a gradient whose state is complete: validated as the others, for the cached plan's
+            # members only (``_spare_members``); what fails here is just left out, never raised)
+            spare = [] if collect_spare(group) else None
             for pi, p in enumerate(group["params"]):
                 g = p.grad
-                if g is None:
+                gradless = g is None
+                if gradless and (spare is None or not complete_state(state.get(p), check_names)):
                     continue
-                shape, dtype, device = p.shape, p.dtype, p.device
-                if g.layout is not strided or g.shape != shape or g.dtype != dtype or g.device != device:
-                    self._raise_bad_grad(p, g, pi, gi)
-                if not traced:
-                    if g.is_conj() or g.is_neg() or g._is_zerotensor() or p.is_conj() or p.is_neg():
-                        self._resolve_grad(p, g, pi, gi, subst)
-                    if not p.is_contiguous():
-                        strided_params.append((gi, pi, p))
-                if dtype not in STEPPABLE_DTYPES:  # (float8, complex32: no arithmetic for the rules in torch)
-                    raise TypeError(f"{self._where(p, pi, gi)}: a {dtype} param cannot be stepped; the update rules "
-                                    f"run in {STEPPABLE_NAMES}")
-                if not traced and p.is_inference() and not torch.is_inference_mode_enabled():
-                    raise RuntimeError(f"{self._where(p, pi, gi)} is an inference tensor (made under "
-                                       "torch.inference_mode()): it cannot be updated in place outside inference "
-                                       "mode (torch.optim raises too, after updating the params before it)")
-                if native:
-                    sdt = dtype
-                elif dtype in lay.param_dtypes:
-                    sdt = lay.state_dtype_for(dtype)
-                else:
-                    raise TypeError(f"{self._where(p, pi, gi)}: dtype layout {lay.describe()} cannot hold a "
-                                    f"{dtype} param; supported layouts: {_layouts.supported()}")
-                st = state.get(p)
-                if st and lay.int8:
-                    _codes_under_live_names(st, state_names)
-                if st and required and not all(k in st for k in required) and holds_rule_state(st):
-                    self._raise_partial_state(st, required, self._where(p, pi, gi))
-                if st and (_MASTER in st or _REMAINDER in st):
-                    if _layouts.is_remainder_bytes(st.get(_REMAINDER)):  # a checkpoint's form, written here by
-                        st[_REMAINDER] = _layouts.remainder_from_bytes(st[_REMAINDER])  # ZeRO's load: back to int16
-                    self._check_master_keys(st, lay, p, pi, gi)
-                if st and lay.int8:  # codes + block scales (layouts.int8_quantized tensors), else fp32
-                    q = _layouts.int8_quantized(p)
-                    p_dt = q and dtensor_cls is not None and isinstance(p, dtensor_cls)
-                    want_shape = _layouts.int8_scale_shape(p) if q else None  # (once per param: host time)
-                    for key in state_names:
-                        t = st.get(key)
-                        want = _layouts.int8_code_dtype(key) if q else torch.float32
-                        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != want
-                                              or t.device != device):
-                            self._raise_bad_state(p, key, t, pi, gi, want)
-                        sk = key + _layouts.INT8_SCALE_SUFFIX
-                        if not q and sk in st:  # (the backends would take it for a quantized tensor's scales)
-                            raise ValueError(f"{self._where(p, pi, gi)}: state {sk!r} is block scales, but this "
-                                             "param keeps fp32 state (int8 layouts quantize tensors of at least "
-                                             f"{_layouts.INT8_MIN_NUMEL} elements, a multiple of {_layouts.INT8_BLOCK}"
-                                             "); was a state_dict loaded into other params?")
-                        if not q or t is None:
+                try:
+                    shape, dtype, device = p.shape, p.dtype, p.device
+                    if gradless:  # (a member of the cached plan only as it is: contiguous, real, no lazy bits)
+                        if not p.is_contiguous() or p.is_complex() or p.is_conj() or p.is_neg() or (
+                                dtensor_cls is not None and isinstance(p, dtensor_cls)):
                             continue
-                        s = st.get(sk)
-                        if (isinstance(s, torch.Tensor) and not p_dt and tuple(s.shape) != want_shape
-                                and s.dim() == 1 and s.numel() == t.numel() // _layouts.INT8_BLOCK):
-                            s = st[sk] = s.view(want_shape)  # (blocks,) scales of 2026-12-05 or before
-                        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 \
-                                or tuple(s.shape) != want_shape or s.device != device:
-                            self._raise_bad_state(p, sk, s, pi, gi, torch.float32, want_shape)
-                        s_dt = dtensor_cls is not None and isinstance(s, dtensor_cls)
-                        if s_dt != p_dt or (p_dt and (tuple(s.placements) != tuple(p.placements)
-                                                      or _dist.local(s).shape[0] != _dist.local(p).shape[0])):
-                            raise ValueError(f"{self._where(p, pi, gi)}: state {sk!r} must be "
-                                             + (f"a DTensor placed as the param ({tuple(p.placements)}), its rows "
-                                                "sharded with the param's rows" if p_dt else
-                                                "a plain tensor, as the param")
-                                             + "; was a state_dict loaded into differently sharded params?")
-                    for key in lay.extra_keys:  # master16_int8: the remainder, param-shaped
-                        t = st.get(key)
-                        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape
-                                              or t.dtype != lay.dtype_of(key, dtype) or t.device != device):
-                            self._raise_bad_state(p, key, t, pi, gi, lay.dtype_of(key, dtype))
-                elif st and own is not None:  # contract v2: each state tensor's own shape and dtype
-                    for key, ts in own.items():
-                        t = st.get(key)
-                        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != ts.shape_for(p)
-                                              or t.dtype != ts.dtype_for(p, lay) or t.device != device):
-                            self._raise_bad_state(p, key, t, pi, gi, ts.dtype_for(p, lay), ts.shape_for(p))
-                elif st:
-                    for key in check_names:
-                        t = st.get(key)
-                        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape
-                                              or t.dtype != (sdt if native else lay.dtype_of(key, dtype))
-                                              or t.device != device):
-                            self._raise_bad_state(p, key, t, pi, gi, sdt if native else lay.dtype_of(key, dtype))
-                if st and not traced:
-                    self._check_state_objects(p, st, pi, gi, check_names, lazy)
-                    n_before = len(states)
-                    for k in written:
-                        t = st.get(k)
-                        if isinstance(t, torch.Tensor):
-                            states.append(t if dtensor_cls is None else _dist.local(t))
-                            owners.append((gi, pi, k))
-                    if len(states) > n_before:  # (the param and its gradient: no written state may overlap them)
-                        for t, k in ((p, _overlap.PARAM), (p.grad, _overlap.GRAD)):
+                    elif g.layout is not strided or g.shape != shape or g.dtype != dtype or g.device != device:
+                        self._raise_bad_grad(p, g, pi, gi)
+                    elif not traced:
+                        if g.is_conj() or g.is_neg() or g._is_zerotensor() or p.is_conj() or p.is_neg():
+                            self._resolve_grad(p, g, pi, gi, subst)
+                        if not p.is_contiguous():
+                            strided_params.append((gi, pi, p))
+                    if dtype not in STEPPABLE_DTYPES:  # (float8, complex32: no arithmetic for the rules in torch)
+                        raise TypeError(f"{self._where(p, pi, gi)}: a {dtype} param cannot be stepped; the update "
+                                        f"rules run in {STEPPABLE_NAMES}")
+                    if not traced and p.is_inference() and not torch.is_inference_mode_enabled():
+                        raise RuntimeError(f"{self._where(p, pi, gi)} is an inference tensor (made under "
+                                           "torch.inference_mode()): it cannot be updated in place outside inference "
+                                           "mode (torch.optim raises too, after updating the params before it)")
+                    if native:
+                        sdt = dtype
+                    elif dtype in lay.param_dtypes:
+                        sdt = lay.state_dtype_for(dtype)
+                    else:
+                        raise TypeError(f"{self._where(p, pi, gi)}: dtype layout {lay.describe()} cannot hold a "
+                                        f"{dtype} param; supported layouts: {_layouts.supported()}")
+                    st = state.get(p)
+                    if st and lay.int8:
+                        _codes_under_live_names(st, state_names)
+                    if st and required and not all(k in st for k in required) and holds_rule_state(st):
+                        self._raise_partial_state(st, required, self._where(p, pi, gi))
+                    if st and (_MASTER in st or _REMAINDER in st):
+                        if _layouts.is_remainder_bytes(st.get(_REMAINDER)):  # a checkpoint's form, written here by
+                            st[_REMAINDER] = _layouts.remainder_from_bytes(st[_REMAINDER])  # ZeRO's load: back to int16
+                        self._check_master_keys(st, lay, p, pi, gi)
+                    if st and lay.int8:  # codes + block scales (layouts.int8_quantized tensors), else fp32
+                        q = _layouts.int8_quantized(p)
+                        p_dt = q and dtensor_cls is not None and isinstance(p, dtensor_cls)
+                        want_shape = _layouts.int8_scale_shape(p) if q else None  # (once per param: host time)
+                        for key in state_names:
+                            t = st.get(key)
+                            want = _layouts.int8_code_dtype(key) if q else torch.float32
+                            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != want
+                                                  or t.device != device):
+                                self._raise_bad_state(p, key, t, pi, gi, want)
+                            sk = key + _layouts.INT8_SCALE_SUFFIX
+                            if not q and sk in st:  # (the backends would take it for a quantized tensor's scales)
+                                raise ValueError(f"{self._where(p, pi, gi)}: state {sk!r} is block scales, but this "
+                                                 "param keeps fp32 state (int8 layouts quantize tensors of at least "
+                                                 f"{_layouts.INT8_MIN_NUMEL} elements, a multiple of "
+                                                 f"{_layouts.INT8_BLOCK}); was a state_dict loaded into other params?")
+                            if not q or t is None:
+                                continue
+                            s = st.get(sk)
+                            if (isinstance(s, torch.Tensor) and not p_dt and tuple(s.shape) != want_shape
+                                    and s.dim() == 1 and s.numel() == t.numel() // _layouts.INT8_BLOCK):
+                                s = st[sk] = s.view(want_shape)  # (blocks,) scales of 2026-12-05 or before
+                            if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 \
+                                    or tuple(s.shape) != want_shape or s.device != device:
+                                self._raise_bad_state(p, sk, s, pi, gi, torch.float32, want_shape)
+                            s_dt = dtensor_cls is not None and isinstance(s, dtensor_cls)
+                            if s_dt != p_dt or (p_dt and (tuple(s.placements) != tuple(p.placements)
+                                                          or _dist.local(s).shape[0] != _dist.local(p).shape[0])):
+                                raise ValueError(f"{self._where(p, pi, gi)}: state {sk!r} must be "
+                                                 + (f"a DTensor placed as the param ({tuple(p.placements)}), its rows "
+                                                    "sharded with the param's rows" if p_dt else
+                                                    "a plain tensor, as the param")
+                                                 + "; was a state_dict loaded into differently sharded params?")
+                        for key in lay.extra_keys:  # master16_int8: the remainder, param-shaped
+                            t = st.get(key)
+                            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape
+                                                  or t.dtype != lay.dtype_of(key, dtype) or t.device != device):
+                                self._raise_bad_state(p, key, t, pi, gi, lay.dtype_of(key, dtype))
+                    elif st and own is not None:  # contract v2: each state tensor's own shape and dtype
+                        for key, ts in own.items():
+                            t = st.get(key)
+                            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != ts.shape_for(p)
+                                                  or t.dtype != ts.dtype_for(p, lay) or t.device != device):
+                                self._raise_bad_state(p, key, t, pi, gi, ts.dtype_for(p, lay), ts.shape_for(p))
+                    elif st:
+                        for key in check_names:
+                            t = st.get(key)
+                            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape
+                                                  or t.dtype != (sdt if native else lay.dtype_of(key, dtype))
+                                                  or t.device != device):
+                                self._raise_bad_state(p, key, t, pi, gi, sdt if native else lay.dtype_of(key, dtype))
+                    ts, ows = (states, owners) if not gradless else ([], [])
+                    if st and not traced:
+                        self._check_state_objects(p, st, pi, gi, check_names, lazy)
+                        n_before = len(ts)
+                        for k in written:
+                            t = st.get(k)
                             if isinstance(t, torch.Tensor):
-                                states.append(t.detach() if dtensor_cls is None else _dist.local(t.detach()))
-                                owners.append((gi, pi, k))
-                items.append(p)
-                keys.add((device, dtype))
+                                ts.append(t if dtensor_cls is None else _dist.local(t))
+                                ows.append((gi, pi, k))
+                        if len(ts) > n_before:  # (the param and its gradient: no written state may overlap them)
+                            for t, k in ((p, _overlap.PARAM), (p.grad, _overlap.GRAD)):
+                                if isinstance(t, torch.Tensor):
+                                    ts.append(t.detach() if dtensor_cls is None else _dist.local(t.detach()))
+                                    ows.append((gi, pi, k))
+                    if gradless:
+                        spare.append((pi, p, (device, dtype), ts, ows))
+                        continue
+                    items.append(p)
+                    keys.add((device, dtype))
+                except Exception:
+                    if not gradless:
+                        raise
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}
+            if spare:
+                spares[gi] = self._spare_members(gi, group, spare, keys)
             chosen = {key: backends.resolve(self.backend, spec, *key, lay) for key in keys}
             if not native and any(dev.type == "meta" and b.name == "reference" for (dev, _), b in chosen.items()):
                 # (its 8-bit and master codecs read values: it failed mid-step, after the other buckets; native meta
@@ -334,12 +373,48 @@ class ValidationMixin:
         self._check_listed_once(plan)  # (object identities: a traced step checks them too)
         if not traced:
             self._check_param_memory(plan, strided_params, dtensor_cls)
-            from .plan_cache import C_CHECKS  # (one dict or tensor given to two params: torch updates it once per
-            why = _overlap.shared_state(states, owners, self.__dict__,  # param, the cpu kernels raced)
+            # (one dict or tensor given to two params: torch updates it once per param, the cpu kernels raced)
+            why = _overlap.shared_state(states, owners, self.__dict__,
                                         C_CHECKS and (lambda ts: C_CHECKS.version_marks(ts)[1]))
             if why is not None:
                 raise ValueError(f"{name}: {why}")
+            if any(spares.values()):
+                self._step_attrs["spare"] = self._checked_spares(plan, spares, states, owners, dtensor_cls)
         return plan
+
+    def _spare_members(self, gi, group, spare, keys) -> list:
+        """The params of a group without a gradient at this step whose state the full plan validated as a stepped
+        param's (``spare``: (pi, p, kind, state tensors, their owners)) that the cached plan may keep as members
+        (plan_cache.py, ``sparse_ok``): of the group's one (device, dtype), their host counters valid. None of
+        this raises: a param left out is validated in full at the step that gives it a gradient."""
+        if len(keys) != 1:
+            return []
+        kind = next(iter(keys))
+        spare = [s for s in spare if s[2] == kind]
+        if spare:
+            try:
+                self._check_host_state(gi, group, [s[1] for s in spare])
+            except (ValueError, TypeError):
+                return []
+        return spare
+
+    def _checked_spares(self, plan, spares, states, owners, dtensor_cls) -> dict:
+        """After the full plan's checks passed: the members without a gradient (``_spare_members``) when the checks
+        across params hold with them too (each param listed once, no two params sharing an element, no state
+        tensor sharing memory with another tensor of the union), as {gi: [(pi, p), ...]}; else {} (the cached
+        plan then keeps the params with gradients only, as before). Raises nothing."""
+        union = [GroupPlan(gp.group, gp.state_names, gp.items + [s[1] for s in spares.get(gi, ())], gp.chosen)
+                 for gi, gp in enumerate(plan)]
+        try:
+            self._check_listed_once(union)
+            self._check_param_memory(union, [], dtensor_cls)
+        except ValueError:
+            return {}
+        extra = [s for sp in spares.values() for s in sp]
+        if _overlap.shared_state(states + [t for s in extra for t in s[3]], owners + [o for s in extra for o in s[4]],
+                                 {}) is not None:
+            return {}
+        return {gi: [(s[0], s[1]) for s in sp] for gi, sp in spares.items() if sp}
 
     def _check_master_keys(self, st, lay, p, pi, gi) -> None:
         """A master or remainder in the state of a group whose layout does not keep it: the group's ``layout`` was

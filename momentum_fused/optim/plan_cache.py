@@ -14,7 +14,8 @@ import torch
 from .. import backends
 from .. import distributed as _dist
 from .. import layouts as _layouts
-from .checks import GroupPlan
+from ..specs import step_tensor
+from .checks import GroupPlan, sparse_ok
 
 __all__ = ["PlanCacheMixin", "C_CHECKS"]
 
@@ -105,11 +106,14 @@ class PlanCacheMixin:
                 return None
             # (the cached list: the same objects, and a list even where the group now holds a tuple)
             subs = e.get("subs")
+            sel = None  # (sparse: the positions of the members with a gradient, None when all have one)
             if subs is None:
                 gs = _cached_grads(e["params"], e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
-                                   e["sdtypes"], e["dtensor"], e["sigs"], e["ptrs"])
+                                   e["sdtypes"], e["dtensor"], e["sigs"], e["ptrs"], e["sparse"])
                 if gs is None:
                     return None
+                if e["sparse"]:
+                    gs, sel = gs
             else:  # a group of several (device, dtype): one C check per kind, its gradients per kind
                 gs = []
                 for c in subs:
@@ -118,7 +122,7 @@ class PlanCacheMixin:
                     if g is None:
                         return None
                     gs.append(g)
-            items = e["items"]
+            items = e["items"] if sel is None else [e["items"][i] for i in sel]
             for hk in e["host_keys"]:  # a host counter replaced since the last step: the full plan checks it
                 cv = self._step_views.get(gi if group["capturable"] else (gi, hk))
                 if cv is None or not _same_entries(e["states"], hk, cv[1]):
@@ -127,9 +131,9 @@ class PlanCacheMixin:
             if group["capturable"]:
                 self._check_capturable(gi, group, chosen)
             plan.append(GroupPlan(group, e["state_names"], items, chosen))
-            cached.append((e, gs))
+            cached.append((e, gs, sel))
         # the host counters' views were checked just now: _host_views need not check them again this step
-        self._step_attrs["views_verified"] = {(gi, hk) for gi, (e, _) in enumerate(cached) for hk in e["host_keys"]
+        self._step_attrs["views_verified"] = {(gi, hk) for gi, (e, *_) in enumerate(cached) for hk in e["host_keys"]
                                               if not e["group"]["capturable"]}
         return plan, cached
 
@@ -141,11 +145,12 @@ class PlanCacheMixin:
         (a bf16 model's fp32 norms in its one group) keeps one set of C checks per kind (``subs``): such a group
         took the full plan every step before 2026-12-07 (2.9x torch's fused step on tiny tensors, a review)."""
         self._fast = None
+        spare = self._step_attrs.pop("spare", None) or {}  # (the full plan's members without a gradient)
         if C_CHECKS is None:
             return
         cls = _dist.dtensor_class()
         entries = []
-        for group, state_names, items, chosen in plan:
+        for gi, (group, state_names, items, chosen) in enumerate(plan):
             if not self.spec.plain_state and any(t.persistent and (t.shape is not None or t.dtype is not None)
                                                  for t in self.spec.tensors(group)):
                 return  # (contract v2: the C checks know param-shaped state of the layout's dtype only; a
@@ -154,6 +159,12 @@ class PlanCacheMixin:
             keys = (*state_names, *lay.extra_keys)
             # a group of DTensors (check_group has made sure that their grads and state are DTensors placed alike)
             dt = cls is not None and bool(items) and type(items[0]) is cls
+            params = group["params"]
+            sparse = not dt and len(chosen) <= 1 and sparse_ok(self.spec, group)
+            extra = spare.get(gi) if sparse else None
+            if extra:  # the members: the params with gradients and those validated without, in the group's order
+                where = {id(q): i for i, q in enumerate(params)}
+                items = [params[i] for i in sorted([where[id(p)] for p in items] + [pi for pi, _ in extra])]
             states = []
             for p in items:
                 st = self.state.get(p)
@@ -166,8 +177,7 @@ class PlanCacheMixin:
                 states.append(st)
             if len(chosen) > 1 and (dt or self.spec.phases):  # (DTensor groups, multi-phase rules: one (device,
                 return  # dtype) a group; any device type: the C checks read metadata only, never data)
-            params = group["params"]
-            entry = {
+            entry = {"sparse": sparse,
                 "group": group, "nkeys": len(group), "layout": lay.name, "state_names": state_names,
                 "params": list(params), "items": items, "states": states, "chosen_keys": tuple(chosen),
                 # (capturable: its device counters, ``_step_views[gi]``; a counter replaced by hand re-plans, and the
@@ -181,6 +191,8 @@ class PlanCacheMixin:
                 if c is None:
                     return
                 entry.update(c)
+                if extra and self.spec.counts_steps:  # the members' step counters: views of one tensor (the
+                    self._host_views(gi, "step", states, step_tensor)  # step stacked those with gradients)
             else:  # one check per kind of the group's params, those without gradients included (a param that gets
                 # one at a later step is then seen by its kind's mask)
                 entry["subs"] = subs = []
@@ -201,7 +213,8 @@ def _c_checks(params, items, states, keys, lay, cls) -> dict | None:
     ``items`` (those with gradients) and their ``states``, with what the buckets take from a single-kind group:
     ``bparams`` and ``tuples`` (a DTensor group's local shards: ``cls`` the DTensor class), or None where the
     C checks cannot serve them."""
-    mask = [p.grad is not None for p in params]
+    member = set(map(id, items))
+    mask = [id(p) in member for p in params]  # (the members: the params with gradients, and spare ones if sparse)
     sigs = None
     if lay.int8:  # per tensor: codes and block scales (quantized), or fp32 state (_state_signatures)
         sigs, seg_keys = _state_signatures(states, keys)

@@ -106,8 +106,11 @@ class ScalarsMixin:
         for group, upd in zip(groups, updates):
             group.update(upd)
 
-    def _advance_steps(self, gi, states) -> list:
+    def _advance_steps(self, gi, states, members=None) -> list:
         """Increment every tensor's ``step`` (torch's float32 0-d CPU tensor) and return the new counts.
+        ``members``: (the states of the cached plan's members, the positions of ``states`` among them), where only
+        some members have gradients (optim/plan_cache.py): their counters are the views of one tensor, advanced
+        at those positions only.
 
         The first time, the group's counters are re-created as views of one 1-D tensor; while the same
         tensors keep stepping together (checked by object identity against the views this cache keeps
@@ -116,6 +119,12 @@ class ScalarsMixin:
         state_dict) takes the general path once and re-caches."""
         if not states:
             return []
+        if members is not None:
+            every, sel = members
+            buf = self._host_views(gi, "step", every, step_tensor)
+            buf.index_add_(0, torch.tensor(sel), torch.ones(len(sel), dtype=buf.dtype))
+            counts = buf.tolist()
+            return [counts[i] for i in sel]
         buf = self._host_views(gi, "step", states, step_tensor)
         buf.add_(1.0)
         return buf.tolist()
@@ -141,11 +150,12 @@ class ScalarsMixin:
         self._step_views[(gi, key)] = (buf, views)
         return buf
 
-    def _group_scalars(self, gi, group, states, fresh, grad_mult):
+    def _group_scalars(self, gi, group, states, fresh, grad_mult, members=None):
         """One scalar pack per tensor. Step counters of the whole group advance together, and tensors
-        with equal (step, fresh) share one pack unless the rule's pack reads other per-tensor state."""
+        with equal (step, fresh) share one pack unless the rule's pack reads other per-tensor state.
+        ``members``: ``_advance_steps``'s (the rule's packs then read no per-tensor host state: ``sparse_ok``)."""
         spec = self.spec
-        ts = self._advance_steps(gi, states) if spec.counts_steps else [None] * len(states)
+        ts = self._advance_steps(gi, states, members) if spec.counts_steps else [None] * len(states)
         if spec.pack_reads_state:
             if spec.advance_many is None or not states:
                 return [spec.Scalars(*spec.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
