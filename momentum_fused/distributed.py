@@ -144,11 +144,12 @@ def _layout(t):
     return t.device_mesh, tuple(t.placements)
 
 
-def check_group(opt_name: str, gi: int, items, state, state_names) -> None:
+def check_group(opt_name: str, gi: int, items, state, state_names, grads: bool = True) -> None:
     """Validation for DTensors (called by ``FusedOptimizer._plan`` while nothing has been modified):
     a DTensor param needs a DTensor grad and DTensor state with the same mesh, placements and local
     shape, so that the local shards line up element by element; a plain param needs plain grad and
-    state. Partial placements and complex DTensors are rejected. No-op when no DTensor can exist."""
+    state. Partial placements and complex DTensors are rejected. No-op when no DTensor can exist.
+    ``grads=False``: params without a gradient (the cached plan's members, optim/checks.py), their state only."""
     cls = dtensor_class()
     if cls is None:
         return
@@ -179,7 +180,7 @@ def check_group(opt_name: str, gi: int, items, state, state_names) -> None:
         if p.is_complex():
             raise NotImplementedError(f"{where}: complex DTensor params are not supported")
         pl_shape = p._local_tensor.shape
-        if not isinstance(g, cls) or _layout(g) != layout or g._local_tensor.shape != pl_shape:
+        if grads and (not isinstance(g, cls) or _layout(g) != layout or g._local_tensor.shape != pl_shape):
             got = (f"a DTensor with placements {tuple(g.placements)} and local shape "
                    f"{tuple(g._local_tensor.shape)}") if isinstance(g, cls) else "a plain tensor"
             raise RuntimeError(f"{where}: the param is a DTensor with placements {layout[1]} and local shape "

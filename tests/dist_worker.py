@@ -994,3 +994,37 @@ def scenario_muon_chunks(rank, tmpdir, backend):
 
 
 _KINDS["muon_chunks"] = scenario_muon_chunks
+
+
+def scenario_sparse_fsdp(rank, tmpdir, opt_name, backend, steps=6):
+    """FSDP2 with a changing set of params with gradients (experts a batch did not use: after the backward, the
+    same params of every rank set to None, a different set each step), against the single-process run doing the
+    same; and how many steps took the full plan (the cached plan keeps DTensor members without a gradient)."""
+    import torch
+
+    def drop(params, t):  # (all at step 0: every param gets state)
+        for i, p in enumerate(params):
+            if t > 0 and (i + t) % 3 == 0:
+                p.grad = None
+
+    def run(model, wrapped, x_of, y_of):
+        params = list(model.parameters())
+        opt = _make_opt(opt_name, params, backend)
+        full = []
+        real = opt._plan
+        opt._plan = lambda: full.append(1) or real()
+        for t, (x, y) in enumerate(_batches(torch.float64, steps)):
+            opt.zero_grad()
+            ((wrapped(x_of(x)) - y_of(y)) ** 2).mean().backward()
+            drop(params, t)
+            opt.step()
+        return _snapshot(opt, params), len(full)
+
+    ref, _ = run(*[_make_model(torch.float64)] * 2, lambda x: x, lambda y: y)
+    model = _make_model(torch.float64)
+    wrapped, inner = _wrap("fsdp", model)
+    dist, full = run(inner, wrapped, lambda x: _half(x, rank), lambda y: _half(y, rank))
+    return dict(dist=dist, ref=ref, full_plans=full)
+
+
+_KINDS["sparse_fsdp"] = scenario_sparse_fsdp

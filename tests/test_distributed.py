@@ -78,6 +78,8 @@ def _scenarios():
     out += [dict(id=f"muon_mixed_dtypes-{b}", kind="muon_mixed_dtypes", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"muon_empty-{b}", kind="muon_empty", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"zero_int8_resume-{b}", kind="zero_int8_resume", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"sparse_fsdp-{o}-{b}", kind="sparse_fsdp", opt_name=o, backend=b)
+            for o in ("adamw", "sgd_momentum") for b in _available(BACKENDS)]
     return out
 
 
@@ -519,3 +521,14 @@ def test_zero_redundancy_optimizer_resumes_an_int8_state_checkpoint(world, backe
     for rank, res in enumerate(_results(world, f"zero_int8_resume-{backend}")):
         for a, b in zip(res["resumed"], res["uninterrupted"]):
             assert torch.equal(a, b), f"rank {rank}"
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+def test_fsdp_with_a_changing_set_of_gradients_takes_the_cached_plan(world, opt_name, backend):
+    """FSDP2, uneven and empty shards, a different third of the params without gradient each step (experts a batch
+    did not use): the same trajectory as one process doing the same, and one full plan in 6 steps (the first: the
+    cached plan keeps the DTensor params without a gradient as members, tests/test_sparse_grads.py)."""
+    for rank, res in enumerate(_results(world, f"sparse_fsdp-{opt_name}-{backend}")):
+        _assert_snapshots_close(res["dist"], res["ref"], F64, f"rank {rank}")
+        assert res["full_plans"] == 1, res["full_plans"]

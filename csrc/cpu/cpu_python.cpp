@@ -38,8 +38,8 @@
 //       now: nothing of it is read then (its state is checked at the step that gives it a gradient); every other
 //       check as above (the ptrs: of the members). Returns (grads, sel): the gradients of the members that have
 //       one, and sel None when every member has one, else their positions among the members (a list of ints); or
-//       None as above. Not for DTensor groups. (A mixture of experts, zero_grad(set_to_none=True): the set of
-//       params with a gradient changes every step; before 2026-12-07 each such step took the full plan.)
+//       None as above. (A mixture of experts, zero_grad(set_to_none=True), FSDP2 with experts a batch did not use:
+//       the set of params with a gradient changes every step; before 2026-12-07 each such step took the full plan.)
 //     cached_grads(..., dtensor=(cls, param_locals, param_specs, flat_locals)): the same for a group of DTensor
 //       params (FSDP2): the *local shards* of the gradients, when besides the above (read on the local shards:
 //       dtype, device, layout, contiguity, the param's local sizes) these hold:
@@ -281,7 +281,7 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
       if (g.defined()) return py::none();
       continue;
     }
-    if (item >= ni || (!g.defined() && (!sparse || dt != nullptr))) return py::none();
+    if (item >= ni || (!g.defined() && !sparse)) return py::none();
     const StateSignature* sig = varied ? signature_of(item) : &uniform;
     if (at + sig->size() > nf) throw std::invalid_argument("cached_grads: flat is shorter than the signatures");
     if (!g.defined()) {  // (sparse) a member without a gradient this step: nothing of it read

@@ -245,8 +245,7 @@ class ValidationMixin:
                 try:
                     shape, dtype, device = p.shape, p.dtype, p.device
                     if gradless:  # (a member of the cached plan only as it is: contiguous, real, no lazy bits)
-                        if not p.is_contiguous() or p.is_complex() or p.is_conj() or p.is_neg() or (
-                                dtensor_cls is not None and isinstance(p, dtensor_cls)):
+                        if not p.is_contiguous() or p.is_complex() or p.is_conj() or p.is_neg():
                             continue
                     elif g.layout is not strided or g.shape != shape or g.dtype != dtype or g.device != device:
                         self._raise_bad_grad(p, g, pi, gi)
@@ -353,7 +352,7 @@ class ValidationMixin:
                         raise
             keys = {(dev, real_dtype(dt)) for dev, dt in keys}
             if spare:
-                spares[gi] = self._spare_members(gi, group, spare, keys)
+                spares[gi] = self._spare_members(gi, group, state_names, items, spare, keys, dtensor_cls)
             chosen = {key: backends.resolve(self.backend, spec, *key, lay) for key in keys}
             if not native and any(dev.type == "meta" and b.name == "reference" for (dev, _), b in chosen.items()):
                 # (its 8-bit and master codecs read values: it failed mid-step, after the other buckets; native meta
@@ -382,19 +381,24 @@ class ValidationMixin:
                 self._step_attrs["spare"] = self._checked_spares(plan, spares, states, owners, dtensor_cls)
         return plan
 
-    def _spare_members(self, gi, group, spare, keys) -> list:
+    def _spare_members(self, gi, group, state_names, items, spare, keys, dtensor_cls) -> list:
         """The params of a group without a gradient at this step whose state the full plan validated as a stepped
         param's (``spare``: (pi, p, kind, state tensors, their owners)) that the cached plan may keep as members
-        (plan_cache.py, ``sparse_ok``): of the group's one (device, dtype), their host counters valid. None of
-        this raises: a param left out is validated in full at the step that gives it a gradient."""
+        (plan_cache.py, ``sparse_ok``): of the group's one (device, dtype), DTensors where the params with
+        gradients are (their state placed as the param), their host counters valid. None of this raises: a param
+        left out is validated in full at the step that gives it a gradient."""
         if len(keys) != 1:
             return []
         kind = next(iter(keys))
-        spare = [s for s in spare if s[2] == kind]
+        dt = dtensor_cls is not None and type(items[0]) is dtensor_cls
+        spare = [s for s in spare if s[2] == kind and (type(s[1]) is dtensor_cls if dt else
+                                                       dtensor_cls is None or not isinstance(s[1], dtensor_cls))]
         if spare:
             try:
-                self._check_host_state(gi, group, [s[1] for s in spare])
-            except (ValueError, TypeError):
+                ps = [s[1] for s in spare]
+                _dist.check_group(type(self).__name__, gi, ps, self.state, state_names, grads=False)
+                self._check_host_state(gi, group, ps)
+            except (ValueError, TypeError, RuntimeError, NotImplementedError):
                 return []
         return spare
 

@@ -160,7 +160,7 @@ class PlanCacheMixin:
             # a group of DTensors (check_group has made sure that their grads and state are DTensors placed alike)
             dt = cls is not None and bool(items) and type(items[0]) is cls
             params = group["params"]
-            sparse = not dt and len(chosen) <= 1 and sparse_ok(self.spec, group)
+            sparse = len(chosen) <= 1 and sparse_ok(self.spec, group)
             extra = spare.get(gi) if sparse else None
             if extra:  # the members: the params with gradients and those validated without, in the group's order
                 where = {id(q): i for i, q in enumerate(params)}
