@@ -69,10 +69,9 @@ def _sparse(opt) -> bool:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case,kw", VARIANTS)
 def test_changing_sets_of_gradients_step_as_the_full_plan(case, kw, backend):
-    """Every rule and variant: bit for bit the run that plans in full every step; where the rule allows members
-    without gradients (all but NAdam, whose packs read per-tensor host state), two full plans in 12 steps: the
-    first step and the one that gives a param its first gradient (it makes state; one full plan for a rule
-    without state)."""
+    """Every rule and variant: bit for bit the run that plans in full every step (NAdam's ``mu_product`` too, a
+    per-tensor host counter of its packs); two full plans in 12 steps: the first step and the one that gives a
+    param its first gradient (it makes state; one full plan for a rule without state)."""
     def make(p):
         return case.cls([dict(params=p[:3]), dict(params=p[3:])], **{**kw, "backend": backend})
     a, pa, full = _run(make, cache=True)

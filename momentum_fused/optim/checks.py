@@ -26,9 +26,9 @@ __all__ = ["GroupPlan", "ValidationMixin", "sparse_ok"]
 def sparse_ok(spec, group) -> bool:
     """Whether the cached plan of a group may keep params without a gradient as members (optim/plan_cache.py), so
     that a step where a different subset of them has gradients (a mixture of experts, multi-task heads,
-    ``zero_grad(set_to_none=True)``) takes the cached plan: a single-pass rule whose scalar packs read no
-    per-tensor host state (not NAdam's ``mu_product``), its state of the param's shape, not capturable."""
-    return not spec.phases and not spec.pack_reads_state and spec.plain_state and not group["capturable"]
+    ``zero_grad(set_to_none=True)``) takes the cached plan: a single-pass rule with its state of the param's
+    shape, not capturable (whose counters advance on the device, all together)."""
+    return not spec.phases and spec.plain_state and not group["capturable"]
 
 
 class GroupPlan(NamedTuple):

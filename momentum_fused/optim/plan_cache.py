@@ -191,8 +191,13 @@ class PlanCacheMixin:
                 if c is None:
                     return
                 entry.update(c)
-                if extra and self.spec.counts_steps:  # the members' step counters: views of one tensor (the
-                    self._host_views(gi, "step", states, step_tensor)  # step stacked those with gradients)
+                if extra:  # the members' host counters: views of one tensor (the step stacked those with gradients)
+                    if self.spec.counts_steps:
+                        self._host_views(gi, "step", states, step_tensor)
+                    if self.spec.pack_reads_state and self.spec.advance_many is not None:
+                        from .scalars import _host_scalar  # (scalars.py imports this module)
+                        key, initial = self.spec.host_state
+                        self._host_views(gi, key, states, lambda st: _host_scalar(st, key, initial))
             else:  # one check per kind of the group's params, those without gradients included (a param that gets
                 # one at a later step is then seen by its kind's mask)
                 entry["subs"] = subs = []

@@ -153,15 +153,22 @@ class ScalarsMixin:
     def _group_scalars(self, gi, group, states, fresh, grad_mult, members=None):
         """One scalar pack per tensor. Step counters of the whole group advance together, and tensors
         with equal (step, fresh) share one pack unless the rule's pack reads other per-tensor state.
-        ``members``: ``_advance_steps``'s (the rule's packs then read no per-tensor host state: ``sparse_ok``)."""
+        ``members``: ``_advance_steps``'s (a per-tensor host state of the packs, NAdam's ``mu_product``, likewise)."""
         spec = self.spec
         ts = self._advance_steps(gi, states, members) if spec.counts_steps else [None] * len(states)
         if spec.pack_reads_state:
             if spec.advance_many is None or not states:
                 return [spec.Scalars(*spec.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
             key, initial = spec.host_state
-            values = self._host_views(gi, key, states, lambda st: _host_scalar(st, key, initial))
-            pks = spec.advance_many(group, values, fresh, ts)
+            if members is None:
+                values = self._host_views(gi, key, states, lambda st: _host_scalar(st, key, initial))
+                pks = spec.advance_many(group, values, fresh, ts)
+            else:  # (the members' counters are views of one tensor: those with gradients advanced, written back)
+                every = self._host_views(gi, key, members[0], lambda st: _host_scalar(st, key, initial))
+                at = torch.tensor(members[1])
+                values = every.index_select(0, at)
+                pks = spec.advance_many(group, values, fresh, ts)
+                every.index_copy_(0, at, values)
             ids = list(map(id, pks))  # (equal packs are one tuple: one Scalars object each)
             if ids.count(ids[0]) == len(ids):
                 return [spec.Scalars(*pks[0], grad_mult)] * len(ids)
