@@ -310,3 +310,46 @@ def test_changing_sets_of_gradients_of_dtensor_params(case, kw, backend, one_ran
     if _sparse(a):
         assert full == (2 if any(a.state.get(x) for x in pa) else 1), f"{full} full plans"
         assert all(e["dtensor"] is not None and e["sparse"] for e in a._fast["groups"])
+
+
+def test_a_param_without_gradient_keeps_its_host_counters_and_checkpoint_forms_as_they_are():
+    """A param without a gradient keeps its state untouched, as in torch: a ``step`` set by hand to a number (a
+    review, 2026-12-07: the cached plan's members' counters were restacked into float32 views) stays that number,
+    NAdam's ``mu_product`` the same; such a param is no member until it steps (a stepped counter becomes the tensor
+    torch keeps)."""
+    for cls, key, value in ((mf.AdamW, "step", 7), (mf.NAdam, "mu_product", 0.5)):
+        p = [torch.nn.Parameter(t) for t in make_params(SHAPES[:3])]
+        opt = cls(p, lr=1e-2, backend="reference")
+        for x in p:
+            x.grad = torch.ones_like(x)
+        opt.step()
+        opt.state[p[1]][key] = value
+        p[1].grad = None
+        opt.step()
+        assert opt.state[p[1]][key] == value and type(opt.state[p[1]][key]) is type(value), (cls, key)
+        assert all(x is not p[1] for x in opt._fast["groups"][0]["items"])
+        opt.step()
+        p[1].grad = torch.ones_like(p[1])
+        opt.step()
+        assert isinstance(opt.state[p[1]][key], torch.Tensor)
+
+
+def test_a_param_without_gradient_keeps_a_checkpoints_form_of_its_state():
+    """Block scales in the (blocks,) form of checkpoints from 2026-12-05 or before: the step that gives the param a
+    gradient reshapes them (and steps it as the current form); a step where it has none leaves them as they are (it
+    is no member then)."""
+    p = [torch.nn.Parameter(t) for t in make_params([(16, 256), (4096,)], dtype=torch.float32)]
+    opt = mf.AdamW(p, lr=1e-3, layout="int8_state", backend="reference")
+    for x in p:
+        x.grad = torch.ones_like(x)
+    opt.step()
+    st = opt.state[p[0]]
+    st["exp_avg_scale"] = st["exp_avg_scale"].reshape(-1)
+    p[0].grad = None
+    opt.invalidate_caches()
+    opt.step()
+    assert tuple(st["exp_avg_scale"].shape) == (16,)
+    assert all(x is not p[0] for x in opt._fast["groups"][0]["items"])
+    p[0].grad = torch.ones_like(p[0])
+    opt.step()
+    assert tuple(st["exp_avg_scale"].shape) == (16, 1)

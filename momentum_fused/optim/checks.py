@@ -13,7 +13,7 @@ from .. import distributed as _dist
 from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
 from . import overlap as _overlap
-from .ckpt_format import _codes_under_live_names
+from .ckpt_format import _codes_under_live_names, _saved_codes
 from .host_state import check_loaded_state, holds_rule_state, host_value_error, raise_partial_state
 from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, GROUP_KEYS_ALWAYS_ALLOWED, near_miss
 
@@ -21,6 +21,17 @@ _MASTER, _REMAINDER = _layouts.MASTER_KEY, _layouts.REMAINDER_KEY
 
 __all__ = ["GroupPlan", "ValidationMixin", "sparse_ok"]
 
+
+
+class _LeftOut(Exception):
+    """A param without a gradient left out of the cached plan's members (``_plan``): its state is in a form the
+    step that gives it a gradient converts first (a checkpoint's), which the full plan leaves as it is until then."""
+
+
+def _host_form(v, dtype) -> bool:
+    """Whether a host counter is the 0-d CPU tensor of ``dtype`` that the views of one tensor keep (optim/scalars.py
+    ``_host_views``): a member's counter in another form (a number, say) would be converted by ``_remember_plan``."""
+    return isinstance(v, torch.Tensor) and v.dtype == dtype and v.dim() == 0 and v.device.type == "cpu"
 
 
 def sparse_ok(spec, group) -> bool:
@@ -212,10 +223,15 @@ class ValidationMixin:
         def collect_spare(group) -> bool:
             return C_CHECKS is not None and not traced and sparse_ok(spec, group)
 
+        host_key = spec.host_state[0] if spec.pack_reads_state and spec.advance_many is not None else None
+
         def complete_state(st, names) -> bool:  # (a rule without state: every param, as optim/base.py keeps none)
             if not names and not counts:
                 return True
-            return bool(st) and all([k in st for k in names]) and (not counts or "step" in st)
+            # (and host counters in the form the views keep, which a param without a gradient keeps as it is)
+            return bool(st) and all([k in st for k in names]) and (
+                not counts or _host_form(st.get("step"), torch.float32)) and (
+                host_key is None or _host_form(st.get(host_key), torch.float64))
 
         strided_params = []  # (gi, pi, p): non-contiguous params, whose memory ``_check_param_memory`` checks
         states, owners = [], []  # the state tensors a step writes, and the params and grads of their owners: no
@@ -270,11 +286,15 @@ class ValidationMixin:
                                         f"{dtype} param; supported layouts: {_layouts.supported()}")
                     st = state.get(p)
                     if st and lay.int8:
+                        if gradless and any(_saved_codes(st, k)[0] is not None for k in state_names):
+                            raise _LeftOut  # (a checkpoint's form: moved at the step that gives it a gradient)
                         _codes_under_live_names(st, state_names)
                     if st and required and not all(k in st for k in required) and holds_rule_state(st):
                         self._raise_partial_state(st, required, self._where(p, pi, gi))
                     if st and (_MASTER in st or _REMAINDER in st):
                         if _layouts.is_remainder_bytes(st.get(_REMAINDER)):  # a checkpoint's form, written here by
+                            if gradless:
+                                raise _LeftOut
                             st[_REMAINDER] = _layouts.remainder_from_bytes(st[_REMAINDER])  # ZeRO's load: back to int16
                         self._check_master_keys(st, lay, p, pi, gi)
                     if st and lay.int8:  # codes + block scales (layouts.int8_quantized tensors), else fp32
@@ -298,6 +318,8 @@ class ValidationMixin:
                             s = st.get(sk)
                             if (isinstance(s, torch.Tensor) and not p_dt and tuple(s.shape) != want_shape
                                     and s.dim() == 1 and s.numel() == t.numel() // _layouts.INT8_BLOCK):
+                                if gradless:
+                                    raise _LeftOut
                                 s = st[sk] = s.view(want_shape)  # (blocks,) scales of 2026-12-05 or before
                             if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 \
                                     or tuple(s.shape) != want_shape or s.device != device:
