@@ -73,6 +73,14 @@ MF_HD MF_INLINE int int8_unsigned_index(uint8_t code) { return static_cast<int>(
 MF_HD MF_INLINE float int8_decode(const float* table, int index, float scale) { return table[index] * scale; }
 
 constexpr float INT8_GUESS_BIAS = 0.125f;
+
+// The CPU vector decodes compute the table values in fp32 (cpu/cpu_simd_avx2_int8.inc, cpu/cpu_simd_avx512.inc; each
+// equal to the generated table for every code, tested): signed n / 16129 (n = c |c|) as q = n r, q + (n - 16129 q) r
+// with r = fl(1 / 16129) (a correctly rounded division for these n); unsigned c^4 / 255^4 as p + (h k_lo + l k_hi + e)
+// with c^4 = h + l (h = fl(c^4), l its exact error), 1 / 255^4 ~ k_hi + k_lo, p = fl(h k_hi) and e its exact error.
+constexpr float INT8_DECODE_SIGNED_RCP = 0x1.040c2p-14f;     // fl(1 / 16129)
+constexpr float INT8_DECODE_UNSIGNED_K_HI = 0x1.040a14p-32f;  // fl(1 / 255^4)
+constexpr float INT8_DECODE_UNSIGNED_K_LO = 0x1.19c2a4p-59f;  // fl(1 / 255^4 - k_hi)
 // INT8_K_SIGNED (127^2), INT8_K_UNSIGNED (255^4 rounded to fp32), INT8_TINY (2^-64): generated/tables.h
 
 // A block's factors: y' = (x * u) * k (layouts.int8_factors)

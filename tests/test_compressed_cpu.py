@@ -630,8 +630,9 @@ def test_a_minus_128_code_written_by_hand_decodes_as_minus_127_on_cpu_and_refere
 
 @pytest.mark.parametrize("isa", ["avx512", "vbmi", "avx2"])
 def test_int8_vector_decode_is_the_table(tmp_path, isa):
-    """The AVX-512 and AVX2 decodes compute the table values (sign(c) c^2 / 127^2 as an fp32 division, c^4 / 255^4
-    in float64), the VBMI one looks them up in byte planes of the table, 64 codes at a time: every code of both
+    """The AVX-512 and AVX2 decodes compute the table values in fp32 (sign(c) c^2 / 127^2 as a product corrected by
+    its residual, c^4 / 255^4 in two-term products: compressed.h's INT8_DECODE_*; before 2026-12-07 an fp32 division
+    and float64 products), the VBMI one looks them up in byte planes of the table, 64 codes at a time: every code of both
     maps, times several scales, equals the generated table's value times the scale, bit for bit; the unused
     signed code -128 decodes as -127 in every form (before 2026-12-07: -16384 / 16129 in these, an index before the
     table in the element form, the CUDA and Triton lookups, +1 in layouts.int8_decode)."""
