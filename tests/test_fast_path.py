@@ -531,3 +531,27 @@ def test_a_group_of_several_dtypes_takes_the_cached_plan(make):
     pa[1].grad = torch.ones_like(pa[1])
     with pytest.raises((TypeError, ValueError)):
         oa.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["same group", "other group"])
+def test_a_gradient_that_is_another_params_state_is_refused_by_the_cached_plan(where, backend):
+    """A gradient sharing memory with another param's state tensor (the step would write it while reading the
+    gradient): the full plan refuses it; the cached plan's C check compared a gradient with its own param's state
+    only, and stepped it (a review, 2026-12-07). It checks every state span of the cached plan now: the step raises
+    the full plan's error and changes nothing."""
+    p = make_params([(3, 4), (5,), (2, 3, 2), (5,)])
+    opt = mf.AdamW([dict(params=p[:2]), dict(params=p[2:])], lr=1e-2, backend=backend)
+    for _ in range(2):
+        for x in p:
+            x.grad = torch.ones_like(x)
+        opt.step()
+    assert opt._fast_plan() is not None
+    for x in p:
+        x.grad = torch.ones_like(x)
+    if where == "same group":  # param 1's gradient: a view of param 0's exp_avg
+        p[1].grad = opt.state[p[0]]["exp_avg"].reshape(-1)[:5]
+    else:  # param 3's (group 1): param 1's exp_avg (group 0)
+        p[3].grad = opt.state[p[1]]["exp_avg"]
+    assert opt._fast_plan() is None
+    assert_step_raises_unchanged(opt, p, ValueError, "shares memory")

@@ -40,6 +40,10 @@
 //       one, and sel None when every member has one, else their positions among the members (a list of ints); or
 //       None as above. (A mixture of experts, zero_grad(set_to_none=True), FSDP2 with experts a batch did not use:
 //       the set of params with a gradient changes every step; before 2026-12-07 each such step took the full plan.)
+//     cached_grads(..., spans=t): t the byte spans of the state tensors of every group of the cached plan ([2, n]
+//       int64: starts in increasing order, ends; disjoint): a gradient sharing a byte with one of them, another
+//       param's state, gives None, so that the full plan refuses it (before 2026-12-07 only the param's own state
+//       was compared, and such a gradient was stepped from the cached plan).
 //     cached_grads(..., dtensor=(cls, param_locals, param_specs, flat_locals)): the same for a group of DTensor
 //       params (FSDP2): the *local shards* of the gradients, when besides the above (read on the local shards:
 //       dtype, device, layout, contiguity, the param's local sizes) these hold:
@@ -124,6 +128,40 @@ py::object attr(PyObject* o, PyObject* name) {
   return py::reinterpret_steal<py::object>(v);
 }
 
+// The byte spans of every state tensor of a cached plan (cached_grads' `spans`): [2, n] int64, row 0 the starts in
+// increasing order, row 1 the ends; disjoint (the full plan's overlap check). Whether a dense tensor shares a byte
+// with one of them: a binary search for the first span ending after its start.
+struct StateSpans {
+  const int64_t* lo = nullptr;
+  const int64_t* hi = nullptr;
+  int64_t n = 0;
+  explicit StateSpans(const py::object& t) {
+    if (t.is_none()) return;
+    if (!THPVariable_Check(t.ptr())) throw std::invalid_argument("cached_grads: spans must be None or a tensor");
+    const at::Tensor& v = THPVariable_Unpack(t.ptr());
+    if (v.scalar_type() != c10::kLong || v.device().type() != c10::kCPU || !v.is_contiguous() || v.dim() != 2 ||
+        v.size(0) != 2)
+      throw std::invalid_argument("cached_grads: spans must be a contiguous [2, n] int64 CPU tensor");
+    n = v.size(1);
+    lo = v.const_data_ptr<int64_t>();
+    hi = lo + n;
+  }
+  bool hit(const at::Tensor& t) const {
+    const auto a = reinterpret_cast<int64_t>(t.data_ptr());
+    if (a == 0 || t.numel() == 0) return false;
+    const int64_t b = a + t.numel() * static_cast<int64_t>(t.element_size());
+    int64_t l = 0, r = n;  // the first span with hi > a
+    while (l < r) {
+      const int64_t m = (l + r) / 2;
+      if (hi[m] > a)
+        r = m;
+      else
+        l = m + 1;
+    }
+    return l < n && lo[l] < b;
+  }
+};
+
 // The DTensor part of cached_grads (see the file comment): the cached objects of a group of DTensor params.
 struct DTensorCache {
   PyObject* cls = nullptr;           // the DTensor class (exact type of every param, grad and state tensor)
@@ -206,7 +244,9 @@ struct StateSignature {
 py::object cached_grads(const py::list& params, const py::object& mask, const py::list& state_dicts,
                         const py::tuple& keys, const py::list& flat, const py::object& pdtype,
                         const py::object& device, const py::tuple& sdtypes, const py::object& dtensor,
-                        const py::object& signatures, const py::object& ptrs, bool sparse) {
+                        const py::object& signatures, const py::object& ptrs, bool sparse,
+                        const py::object& state_spans) {
+  const StateSpans spans(state_spans);
   const Py_ssize_t np = PyList_GET_SIZE(params.ptr());
   const Py_ssize_t ni = PyList_GET_SIZE(state_dicts.ptr());
   const Py_ssize_t nf = PyList_GET_SIZE(flat.ptr());
@@ -307,6 +347,7 @@ py::object cached_grads(const py::list& params, const py::object& mask, const py
     const at::Tensor& p = THPVariable_Unpack(plo);
     const at::Tensor& gl = THPVariable_Unpack(grad_obj.ptr());
     if (!plain(p, pdt, dev) || !plain(gl, pdt, dev) || !gl.sizes().equals(p.sizes())) return py::none();
+    if (spans.n > 0 && spans.hit(gl)) return py::none();  // (another param's state: the full plan refuses it)
     if (cached_ptr != nullptr && (reinterpret_cast<int64_t>(p.data_ptr()) != cached_ptr[item] ||
                                   p.numel() != cached_ptr[ni + nf + item]))
       return py::none();
@@ -503,7 +544,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("rule"), py::arg("flags"), py::arg("layout") = 0, py::arg("sr_keys") = py::none());
   m.def("cached_grads", &cached_grads, py::arg("params"), py::arg("mask"), py::arg("state_dicts"), py::arg("keys"),
         py::arg("flat"), py::arg("pdtype"), py::arg("device"), py::arg("sdtypes"), py::arg("dtensor") = py::none(),
-        py::arg("signatures") = py::none(), py::arg("ptrs") = py::none(), py::arg("sparse") = false);
+        py::arg("signatures") = py::none(), py::arg("ptrs") = py::none(), py::arg("sparse") = false, py::arg("spans") = py::none());
   m.def("same_objects", &same_objects, py::arg("now"), py::arg("cached"));
   m.def("same_dict", &same_dict, py::arg("d"), py::arg("keys"), py::arg("values"));
   m.def("same_entries", &same_entries, py::arg("dicts"), py::arg("key"), py::arg("objs"));

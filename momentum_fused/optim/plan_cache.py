@@ -109,7 +109,7 @@ class PlanCacheMixin:
             sel = None  # (sparse: the positions of the members with a gradient, None when all have one)
             if subs is None:
                 gs = _cached_grads(e["params"], e["mask"], e["states"], e["keys"], e["flat"], e["pdtype"], e["device"],
-                                   e["sdtypes"], e["dtensor"], e["sigs"], e["ptrs"], e["sparse"])
+                                   e["sdtypes"], e["dtensor"], e["sigs"], e["ptrs"], e["sparse"], fc["spans"])
                 if gs is None:
                     return None
                 if e["sparse"]:
@@ -118,7 +118,7 @@ class PlanCacheMixin:
                 gs = []
                 for c in subs:
                     g = _cached_grads(c["params"], c["mask"], c["states"], c["keys"], c["flat"], c["pdtype"],
-                                      c["device"], c["sdtypes"], None, c["sigs"], c["ptrs"])
+                                      c["device"], c["sdtypes"], None, c["sigs"], c["ptrs"], False, fc["spans"])
                     if g is None:
                         return None
                     gs.append(g)
@@ -210,7 +210,7 @@ class PlanCacheMixin:
             entries.append(entry)
         # the objects themselves (not their ids, which a new object may reuse once one is freed)
         self._fast = {"state": self.state, "groups": entries, "state_values": list(self.state.values()),
-                      "state_keys": list(self.state)}
+                      "state_keys": list(self.state), "spans": _state_spans(entries)}
 
 
 def _c_checks(params, items, states, keys, lay, cls) -> dict | None:
@@ -241,6 +241,7 @@ def _c_checks(params, items, states, keys, lay, cls) -> dict | None:
         tuples.append(tuple(flat_locals[at:at + len(ks)]))
         at += len(ks)
     return {
+        "slocals": flat_locals,  # (the state tensors whose memory a gradient must not share: _state_spans)
         "keys": () if sigs is not None else keys,  # (with per-tensor signatures, theirs)
         "params": list(params), "bparams": bparams, "dtensor": dtensor,
         "mask": None if all(mask) else mask, "flat": flat, "tuples": tuples, "sigs": sigs, "states": states,
@@ -254,6 +255,22 @@ def _c_checks(params, items, states, keys, lay, cls) -> dict | None:
         "sdtypes": () if sigs is not None else tuple([t.dtype for t in first]) if states
         else tuple([torch.float32] * len(keys)),
     }
+
+
+def _state_spans(entries) -> torch.Tensor:
+    """The byte spans of the state tensors (local shards) of every group of a cached plan, for ``cached_grads``'
+    ``spans``: [2, n] int64, starts in increasing order, then ends (disjoint: the full plan's overlap check). A
+    gradient that shares memory with another param's state is refused by the full plan; the cached plan's checks
+    compared each gradient with its own param's state only before 2026-12-07 (a review)."""
+    spans = []
+    for e in entries:
+        for c in e.get("subs") or (e,):
+            for t in c["slocals"]:
+                a, n = t.data_ptr(), t.numel()
+                if a and n:
+                    spans.append((a, a + n * t.element_size()))
+    spans.sort()
+    return torch.tensor(spans, dtype=torch.int64).t().contiguous() if spans else torch.zeros(2, 0, dtype=torch.int64)
 
 
 def _state_signatures(states, keys) -> tuple:
