@@ -136,14 +136,20 @@ def test_changing_sets_of_gradients_match_torch():
         torch.testing.assert_close(a.state[x]["exp_avg_sq"], b.state[y]["exp_avg_sq"], rtol=1e-12, atol=1e-14)
 
 
-def _members_after_full_plan(backend="reference"):
-    """AdamW over SHAPES: every param stepped once, then a step with params 1 and 3 without gradients; the
-    cached plan then holds all as members."""
+def _stepped_once(backend="reference"):
+    """AdamW over SHAPES after one step of every param."""
     p = [torch.nn.Parameter(t) for t in make_params(SHAPES)]
     opt = mf.AdamW(p, lr=1e-2, backend=backend)
     for x in p:
         x.grad = torch.ones_like(x)
     opt.step()
+    return opt, p
+
+
+def _members_after_full_plan(backend="reference"):
+    """AdamW over SHAPES: every param stepped once, then a step with params 1 and 3 without gradients; the
+    cached plan then holds all as members."""
+    opt, p = _stepped_once(backend)
     p[1].grad = p[3].grad = None
     opt.invalidate_caches()
     opt.step()  # a full plan with two params without gradients: members all the same
@@ -168,11 +174,7 @@ def test_a_member_without_gradient_is_not_read_and_checked_when_it_gets_one():
 def test_a_param_without_gradient_whose_state_is_bad_is_left_out_not_raised():
     """The full plan validates the params without gradients for membership only: one whose state fails is left
     out, the step runs (as torch's would); when it gets a gradient, the full plan names it."""
-    p = [torch.nn.Parameter(t) for t in make_params(SHAPES)]
-    opt = mf.AdamW(p, lr=1e-2, backend="reference")
-    for x in p:
-        x.grad = torch.ones_like(x)
-    opt.step()
+    opt, p = _stepped_once()
     p[2].grad = None
     opt.state[p[2]]["exp_avg_sq"] = torch.zeros(3)  # the wrong shape
     opt.invalidate_caches()
@@ -188,11 +190,7 @@ def test_a_param_without_gradient_whose_state_is_bad_is_left_out_not_raised():
 def test_a_member_without_gradient_sharing_state_memory_is_left_out():
     """A param without gradient whose state shares memory with another's (the full plan does not check it while it
     is not stepped): not a member; the step that gives it a gradient refuses it, as the full plan always did."""
-    p = [torch.nn.Parameter(t) for t in make_params(SHAPES)]
-    opt = mf.AdamW(p, lr=1e-2, backend="reference")
-    for x in p:
-        x.grad = torch.ones_like(x)
-    opt.step()
+    opt, p = _stepped_once()
     p[3].grad = None
     opt.state[p[3]]["exp_avg"] = opt.state[p[4]]["exp_avg"][:7]  # (a view into param 4's state)
     opt.invalidate_caches()

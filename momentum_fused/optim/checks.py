@@ -1,6 +1,7 @@
 """Validation of the optimizers' input, before anything changes: hyperparameters and group keys, gradients,
-state tensors, host counters, torch.optim's implementation switches. ``ValidationMixin._plan`` is the full plan
-of a step (validate everything, pick the backends; modify nothing)."""
+state tensors, host counters (their checks: optim/host_state.py), torch.optim's implementation switches.
+``ValidationMixin._plan`` is the full plan of a step (validate everything, pick the backends; modify nothing; the
+params without a gradient it validates for the cached plan: optim/members.py)."""
 from __future__ import annotations
 
 import warnings
@@ -14,32 +15,14 @@ from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
 from . import overlap as _overlap
 from .ckpt_format import _codes_under_live_names, _saved_codes
-from .host_state import check_loaded_state, holds_rule_state, host_value_error, raise_partial_state
+from .host_state import HostStateChecksMixin, holds_rule_state, raise_partial_state
+from .members import MembersMixin, _LeftOut, _host_form, sparse_ok
 from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, GROUP_KEYS_ALWAYS_ALLOWED, near_miss
 
 _MASTER, _REMAINDER = _layouts.MASTER_KEY, _layouts.REMAINDER_KEY
 
-__all__ = ["GroupPlan", "ValidationMixin", "sparse_ok"]
+__all__ = ["GroupPlan", "ValidationMixin"]
 
-
-
-class _LeftOut(Exception):
-    """A param without a gradient left out of the cached plan's members (``_plan``): its state is in a form the
-    step that gives it a gradient converts first (a checkpoint's), which the full plan leaves as it is until then."""
-
-
-def _host_form(v, dtype) -> bool:
-    """Whether a host counter is the 0-d CPU tensor of ``dtype`` that the views of one tensor keep (optim/scalars.py
-    ``_host_views``): a member's counter in another form (a number, say) would be converted by ``_remember_plan``."""
-    return isinstance(v, torch.Tensor) and v.dtype == dtype and v.dim() == 0 and v.device.type == "cpu"
-
-
-def sparse_ok(spec, group) -> bool:
-    """Whether the cached plan of a group may keep params without a gradient as members (optim/plan_cache.py), so
-    that a step where a different subset of them has gradients (a mixture of experts, multi-task heads,
-    ``zero_grad(set_to_none=True)``) takes the cached plan: a single-pass rule with its state of the param's
-    shape, not capturable (whose counters advance on the device, all together)."""
-    return not spec.phases and spec.plain_state and not group["capturable"]
 
 
 class GroupPlan(NamedTuple):
@@ -69,7 +52,7 @@ def chosen_backend(gp: GroupPlan, p: torch.Tensor):
 _FRONT_KEYS = {**FRONT_DEFAULTS, **FRONT_GROUP_EXTRAS}  # (every group holds them)
 
 
-class ValidationMixin:
+class ValidationMixin(HostStateChecksMixin, MembersMixin):
     """The checks of FusedOptimizer (a mixin: it uses ``self.spec``, ``self.state``, ``self.param_groups``)."""
 
     def _check_layout_keys(self, group, where) -> _layouts.Layout:
@@ -158,50 +141,6 @@ class ValidationMixin:
             if hit is not None:
                 warnings.warn(f"{where}: key {key!r} is not a hyperparameter of {type(self).__name__} (did you mean "
                               f"{hit!r}?); it is kept in the group and has no effect", UserWarning, stacklevel=4)
-
-    def _check_loaded_host_state(self, state_dict) -> None:
-        """Host counters (``step``, ``mu_product``) and group keys of a state_dict, checked before anything is
-        loaded: a clear error naming the param and the key, and the optimizer unchanged."""
-        spec, base = self.spec, {**self.defaults, **self._group_extras}
-        check_loaded_state(type(self).__name__, state_dict, lambda g: spec.required_state({**base, **g}))
-        if spec.state_refusal is None:
-            return
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        for gi, (saved, live) in enumerate(zip(groups if isinstance(groups, list) else [], self.param_groups)):
-            lay = _layouts.get_layout(live.get("layout")) if isinstance(live.get("layout"), str) else None
-            if not isinstance(saved, dict) or lay is None or not lay.reduced_state:  # (the group keeps its layout)
-                continue
-            try:
-                why = spec.state_refusal({**base, **saved})
-            except (KeyError, TypeError, ValueError):  # (a malformed group: the load names it)
-                continue
-            if why is not None:  # (RMSprop's centered: every later step would refuse it)
-                raise ValueError(f"{type(self).__name__}.load_state_dict: param group {gi}: dtype layout "
-                                 f"{lay.name!r} (this optimizer's; a load keeps it) cannot hold the checkpoint's "
-                                 f"group: {why}; nothing was loaded")
-
-    def _check_host_state(self, gi, group, items) -> None:
-        """The full plan's check of host counters that did not come from this optimizer's own stepping (a loaded
-        or assigned ``step`` / ``mu_product``): clear error naming param and key, before anything changes."""
-        spec = self.spec
-        keys = (("step",) if spec.counts_steps else ()) + ((spec.host_state[0],) if spec.pack_reads_state else ())
-        cap = group.get("capturable")  # (its counters live on the params' device: read only where that is the host)
-        if not keys or (cap and torch.compiler.is_compiling()):  # (traced: no host read in the graph, docs)
-            return
-        state = self.state
-        for key in keys:
-            cached = self._step_views.get(gi if cap else (gi, key))  # (capturable: its device counters' views)
-            ours = set(map(id, cached[1])) if cached is not None else ()
-            for p in items:
-                st = state.get(p)
-                v = None if st is None else st.get(key)
-                if cap and isinstance(v, torch.Tensor) and v.device.type != "cpu":
-                    continue  # (a device counter: not read, no host sync; a CPU tensor or a number is free to read)
-                if v is not None and id(v) not in ours:
-                    why = host_value_error(key, v)
-                    if why is not None:
-                        pi = next(i for i, q in enumerate(group["params"]) if q is p)
-                        raise ValueError(f"{self._where(p, pi, gi)}: state {key!r} is {why}")
 
     # ------------------------------------------------------------------ step
     def _plan(self):
@@ -402,45 +341,6 @@ class ValidationMixin:
             if any(spares.values()):
                 self._step_attrs["spare"] = self._checked_spares(plan, spares, states, owners, dtensor_cls)
         return plan
-
-    def _spare_members(self, gi, group, state_names, items, spare, keys, dtensor_cls) -> list:
-        """The params of a group without a gradient at this step whose state the full plan validated as a stepped
-        param's (``spare``: (pi, p, kind, state tensors, their owners)) that the cached plan may keep as members
-        (plan_cache.py, ``sparse_ok``): of the group's one (device, dtype), DTensors where the params with
-        gradients are (their state placed as the param), their host counters valid. None of this raises: a param
-        left out is validated in full at the step that gives it a gradient."""
-        if len(keys) != 1:
-            return []
-        kind = next(iter(keys))
-        dt = dtensor_cls is not None and type(items[0]) is dtensor_cls
-        spare = [s for s in spare if s[2] == kind and (type(s[1]) is dtensor_cls if dt else
-                                                       dtensor_cls is None or not isinstance(s[1], dtensor_cls))]
-        if spare:
-            try:
-                ps = [s[1] for s in spare]
-                _dist.check_group(type(self).__name__, gi, ps, self.state, state_names, grads=False)
-                self._check_host_state(gi, group, ps)
-            except (ValueError, TypeError, RuntimeError, NotImplementedError):
-                return []
-        return spare
-
-    def _checked_spares(self, plan, spares, states, owners, dtensor_cls) -> dict:
-        """After the full plan's checks passed: the members without a gradient (``_spare_members``) when the checks
-        across params hold with them too (each param listed once, no two params sharing an element, no state
-        tensor sharing memory with another tensor of the union), as {gi: [(pi, p), ...]}; else {} (the cached
-        plan then keeps the params with gradients only, as before). Raises nothing."""
-        union = [GroupPlan(gp.group, gp.state_names, gp.items + [s[1] for s in spares.get(gi, ())], gp.chosen)
-                 for gi, gp in enumerate(plan)]
-        try:
-            self._check_listed_once(union)
-            self._check_param_memory(union, [], dtensor_cls)
-        except ValueError:
-            return {}
-        extra = [s for sp in spares.values() for s in sp]
-        if _overlap.shared_state(states + [t for s in extra for t in s[3]], owners + [o for s in extra for o in s[4]],
-                                 {}) is not None:
-            return {}
-        return {gi: [(s[0], s[1]) for s in sp] for gi, sp in spares.items() if sp}
 
     def _check_master_keys(self, st, lay, p, pi, gi) -> None:
         """A master or remainder in the state of a group whose layout does not keep it: the group's ``layout`` was

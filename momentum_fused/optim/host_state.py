@@ -10,7 +10,8 @@ import torch
 from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
 
-__all__ = ["check_loaded_state", "holds_rule_state", "host_value_error", "raise_partial_state"]
+__all__ = ["HostStateChecksMixin", "check_loaded_state", "holds_rule_state", "host_value_error",
+           "raise_partial_state"]
 
 _LAYOUT_ONLY_KEYS = frozenset((_layouts.MASTER_KEY, _layouts.REMAINDER_KEY))
 
@@ -87,3 +88,52 @@ def raise_partial_state(st, required, where):
                      "created whole at its first step (torch.optim's step raises KeyError): was a state_dict of "
                      "another optimizer loaded, or a key deleted? To restart this param's state, delete all "
                      "of it (optimizer.state.pop(param))")
+
+
+class HostStateChecksMixin:
+    """The optimizer's checks of its host counters (``step``, ``mu_product``): a state_dict's before it loads, the
+    live state's in the full plan (ValidationMixin, optim/checks.py)."""
+
+    def _check_loaded_host_state(self, state_dict) -> None:
+        """Host counters (``step``, ``mu_product``) and group keys of a state_dict, checked before anything is
+        loaded: a clear error naming the param and the key, and the optimizer unchanged."""
+        spec, base = self.spec, {**self.defaults, **self._group_extras}
+        check_loaded_state(type(self).__name__, state_dict, lambda g: spec.required_state({**base, **g}))
+        if spec.state_refusal is None:
+            return
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        for gi, (saved, live) in enumerate(zip(groups if isinstance(groups, list) else [], self.param_groups)):
+            lay = _layouts.get_layout(live.get("layout")) if isinstance(live.get("layout"), str) else None
+            if not isinstance(saved, dict) or lay is None or not lay.reduced_state:  # (the group keeps its layout)
+                continue
+            try:
+                why = spec.state_refusal({**base, **saved})
+            except (KeyError, TypeError, ValueError):  # (a malformed group: the load names it)
+                continue
+            if why is not None:  # (RMSprop's centered: every later step would refuse it)
+                raise ValueError(f"{type(self).__name__}.load_state_dict: param group {gi}: dtype layout "
+                                 f"{lay.name!r} (this optimizer's; a load keeps it) cannot hold the checkpoint's "
+                                 f"group: {why}; nothing was loaded")
+
+    def _check_host_state(self, gi, group, items) -> None:
+        """The full plan's check of host counters that did not come from this optimizer's own stepping (a loaded
+        or assigned ``step`` / ``mu_product``): clear error naming param and key, before anything changes."""
+        spec = self.spec
+        keys = (("step",) if spec.counts_steps else ()) + ((spec.host_state[0],) if spec.pack_reads_state else ())
+        cap = group.get("capturable")  # (its counters live on the params' device: read only where that is the host)
+        if not keys or (cap and torch.compiler.is_compiling()):  # (traced: no host read in the graph, docs)
+            return
+        state = self.state
+        for key in keys:
+            cached = self._step_views.get(gi if cap else (gi, key))  # (capturable: its device counters' views)
+            ours = set(map(id, cached[1])) if cached is not None else ()
+            for p in items:
+                st = state.get(p)
+                v = None if st is None else st.get(key)
+                if cap and isinstance(v, torch.Tensor) and v.device.type != "cpu":
+                    continue  # (a device counter: not read, no host sync; a CPU tensor or a number is free to read)
+                if v is not None and id(v) not in ours:
+                    why = host_value_error(key, v)
+                    if why is not None:
+                        pi = next(i for i, q in enumerate(group["params"]) if q is p)
+                        raise ValueError(f"{self._where(p, pi, gi)}: state {key!r} is {why}")

@@ -15,7 +15,8 @@ from .. import backends
 from .. import distributed as _dist
 from .. import layouts as _layouts
 from ..specs import step_tensor
-from .checks import GroupPlan, sparse_ok
+from .checks import GroupPlan
+from .members import sparse_ok
 
 __all__ = ["PlanCacheMixin", "C_CHECKS"]
 
