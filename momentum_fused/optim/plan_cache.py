@@ -64,18 +64,20 @@ class PlanCacheMixin:
     def _checked_fast_plan(self):
         """The plan of the last step, re-validated cheaply, or None (then ``_plan`` runs).
 
-        After a step, ``_remember_plan`` keeps, per group, the params that had gradients, their shapes,
+        After a step, ``_remember_plan`` keeps, per group, the params that had gradients (and, where
+        ``members.sparse_ok``, those without one whose state the full plan validated too: the members), their shapes,
         (dtype, device), state dicts and state tensors. The next step reuses that plan, and the state
         created by then (every tensor has all its state), when each of these still holds, checked with
         C-speed list comparisons of object identities and one C loop over the tensors (``_cached_grads``)
         instead of per-tensor Python checks: the same ``state`` mapping with the same per-param dicts (the
         same key and value objects, in order), the same group objects and param lists, the same params with
-        gradients, every gradient a plain dense strided tensor (contiguous, or a permutation of it: channels_last)
+        gradients (or any subset of the members: that subset steps), every gradient a plain dense strided tensor (contiguous, or a permutation of it: channels_last)
         with the param's shape, dtype and device, params of the cached dtype and device (per kind in a group of
         several: ``subs``), the same state tensor objects with the cached
         dtypes and the param's shape (the int8 layouts: each tensor's own keys, dtypes and block-scale sizes), every
         param and state tensor at the memory address the full plan saw (so that weight tying written as
-        ``b.data = a.data`` meets the full plan's overlap check), the same state names (flags) and layout. For a group of DTensors the checks read the local shards, and the
+        ``b.data = a.data`` meets the full plan's overlap check), no gradient sharing memory with a state tensor of
+        the plan (``_state_spans``), the same state names (flags) and layout. For a group of DTensors the checks read the local shards, and the
         params' specs and local shards and the state tensors' local shards must be the cached objects.
         Hyperparameters are validated on every step, exactly as ``_plan`` does. Anything else falls
         back to the full ``_plan``, which validates everything and raises the detailed errors."""
@@ -216,7 +218,8 @@ class PlanCacheMixin:
 
 def _c_checks(params, items, states, keys, lay, cls) -> dict | None:
     """The arguments of ``_C_cpu.cached_grads`` for ``params`` (a group's, or those of one (device, dtype) of it),
-    ``items`` (those with gradients) and their ``states``, with what the buckets take from a single-kind group:
+    ``items`` (the members: those with gradients, and the full plan's members without one, optim/members.py) and
+    their ``states``, with what the buckets take from a single-kind group:
     ``bparams`` and ``tuples`` (a DTensor group's local shards: ``cls`` the DTensor class), or None where the
     C checks cannot serve them."""
     member = set(map(id, items))
