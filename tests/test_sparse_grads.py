@@ -351,3 +351,42 @@ def test_a_param_without_gradient_keeps_a_checkpoints_form_of_its_state():
     p[0].grad = torch.ones_like(p[0])
     opt.step()
     assert tuple(st["exp_avg_scale"].shape) == (16, 1)
+
+
+@pytest.mark.parametrize("make", [lambda g: mf.AdamW(g, lr=1e-2, weight_decay=0.1, backend="cpu"),
+                                  lambda g: mf.NAdam(g, lr=1e-2, backend="cpu"),
+                                  lambda g: mf.SGD(g, lr=1e-2, momentum=0.9, backend="cpu"),
+                                  lambda g: mf.Lion(g, lr=1e-3, betas=(0.9, 0.99), backend="reference")],
+                         ids=["adamw", "nadam", "sgd", "lion-reference"])
+def test_changing_sets_of_gradients_in_a_group_of_several_dtypes(make):
+    """One group of bf16 and fp32 params (a bf16 MoE model whose norms and router stay fp32, one param group) with
+    a changing set of gradients: one set of C checks per kind, each with its members; bit for bit the same params
+    split into one group per dtype, and two full plans in 12 steps."""
+    if backends.status().get("cpu") != "available":
+        pytest.skip("the cpu backend is not built here")
+    shapes = [((64, 64), torch.bfloat16), ((64,), torch.float32), ((8192,), torch.bfloat16), ((33,), torch.float32),
+              ((5,), torch.bfloat16), ((7,), torch.float32), ((300,), torch.bfloat16)]
+    gen = torch.Generator().manual_seed(1)
+    init = [torch.randn(s, generator=gen).to(dt) for s, dt in shapes]
+    grads = [[torch.randn(s, generator=gen).to(dt) for s, dt in shapes] for _ in range(STEPS)]
+    masks = _masks(len(shapes))
+    runs = []
+    for split in (False, True):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        groups = [dict(params=[p for p in ps if p.dtype == dt]) for dt in (torch.bfloat16, torch.float32)] \
+            if split else ps
+        opt = make(groups)
+        full = _count_full_plans(opt)
+        for gs, mask in zip(grads, masks):
+            for p, g, m in zip(ps, gs, mask):
+                p.grad = g.clone() if m else None
+            opt.step()
+        if not split:
+            assert len(full) == 2 and "subs" in opt._fast["groups"][0], full
+        runs.append((ps, opt))
+    (pa, oa), (pb, ob) = runs
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        assert oa.state[a].keys() == ob.state[b].keys()
+        for k in oa.state[a]:
+            assert torch.equal(oa.state[a][k], ob.state[b][k]), k

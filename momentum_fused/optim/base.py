@@ -401,9 +401,11 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                     sr_moved.append(group)
                 if cached is not None and (len(chosen) == 1 or (not cap and "subs" in cached[gi][0])):
                     # the cached plan's lists (a DTensor group's local shards), one bucket per (device, dtype)
-                    e, gs, some = cached[gi]  # (some: sparse, the members with gradients; None: all)
-                    for c, g, sel in [(e, gs, None)] if "subs" not in e else \
-                            [(c, g, c["sel"]) for c, g in zip(e["subs"], gs) if c["sel"]]:
+                    # (some: of a kind's members, those with gradients, None: all; sel: their packs among the
+                    # step's, None: all of them)
+                    e, gs, some = cached[gi]
+                    for c, g, some, sel in [(e, gs, some, None)] if "subs" not in e else \
+                            [(c, g, k, at) for c, (g, k, at) in zip(e["subs"], gs) if at]:
                         key = next(iter(chosen)) if sel is None else (c["device"], c["pdtype"])
                         b = bucket(chosen[key], *key, flags, lay, cap)
                         if some is None:

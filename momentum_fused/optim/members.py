@@ -38,14 +38,13 @@ class MembersMixin:
     def _spare_members(self, gi, group, state_names, items, spare, keys, dtensor_cls) -> list:
         """The params of a group without a gradient at this step whose state the full plan validated as a stepped
         param's (``spare``: (pi, p, kind, state tensors, their owners)) that the cached plan may keep as members
-        (plan_cache.py, ``sparse_ok``): of the group's one (device, dtype), DTensors where the params with
+        (plan_cache.py, ``sparse_ok``): of a (device, dtype) the group steps, DTensors where the params with
         gradients are (their state placed as the param), their host counters valid. None of this raises: a param
         left out is validated in full at the step that gives it a gradient."""
-        if len(keys) != 1:
+        if not keys:
             return []
-        kind = next(iter(keys))
         dt = dtensor_cls is not None and type(items[0]) is dtensor_cls
-        spare = [s for s in spare if s[2] == kind and (type(s[1]) is dtensor_cls if dt else
+        spare = [s for s in spare if s[2] in keys and (type(s[1]) is dtensor_cls if dt else
                                                        dtensor_cls is None or not isinstance(s[1], dtensor_cls))]
         if spare:
             try:

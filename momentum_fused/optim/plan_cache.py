@@ -118,13 +118,9 @@ class PlanCacheMixin:
                 if e["sparse"]:
                     gs, sel = gs
             else:  # a group of several (device, dtype): one C check per kind, its gradients per kind
-                gs = []
-                for c in subs:
-                    g = _cached_grads(c["params"], c["mask"], c["states"], c["keys"], c["flat"], c["pdtype"],
-                                      c["device"], c["sdtypes"], None, c["sigs"], c["ptrs"], False, fc["spans"])
-                    if g is None:
-                        return None
-                    gs.append(g)
+                gs, sel = _kinds_grads(subs, fc["spans"])
+                if gs is None:
+                    return None
             items = e["items"] if sel is None else [e["items"][i] for i in sel]
             for hk in e["host_keys"]:  # a host counter replaced since the last step: the full plan checks it
                 cv = self._step_views.get(gi if group["capturable"] else (gi, hk))
@@ -163,7 +159,7 @@ class PlanCacheMixin:
             # a group of DTensors (check_group has made sure that their grads and state are DTensors placed alike)
             dt = cls is not None and bool(items) and type(items[0]) is cls
             params = group["params"]
-            sparse = len(chosen) <= 1 and sparse_ok(self.spec, group)
+            sparse = sparse_ok(self.spec, group) and not (dt and len(chosen) > 1)
             extra = spare.get(gi) if sparse else None
             if extra:  # the members: the params with gradients and those validated without, in the group's order
                 where = {id(q): i for i, q in enumerate(params)}
@@ -194,13 +190,6 @@ class PlanCacheMixin:
                 if c is None:
                     return
                 entry.update(c)
-                if extra:  # the members' host counters: views of one tensor (the step stacked those with gradients)
-                    if self.spec.counts_steps:
-                        self._host_views(gi, "step", states, step_tensor)
-                    if self.spec.pack_reads_state and self.spec.advance_many is not None:
-                        from .scalars import _host_scalar  # (scalars.py imports this module)
-                        key, initial = self.spec.host_state
-                        self._host_views(gi, key, states, lambda st: _host_scalar(st, key, initial))
             else:  # one check per kind of the group's params, those without gradients included (a param that gets
                 # one at a later step is then seen by its kind's mask)
                 entry["subs"] = subs = []
@@ -209,11 +198,38 @@ class PlanCacheMixin:
                     c = _c_checks([p for p in params if (p.device, p.dtype) == kind], [items[i] for i in sel],
                                   [states[i] for i in sel], keys, lay, None)
                     c["sel"] = sel  # (its items' positions in the group's: their scalars and rounding keys)
+                    c["sparse"] = sparse
                     subs.append(c)
+            if extra:  # the members' host counters: views of one tensor (the step stacked those with gradients)
+                if self.spec.counts_steps:
+                    self._host_views(gi, "step", states, step_tensor)
+                if self.spec.pack_reads_state and self.spec.advance_many is not None:
+                    from .scalars import _host_scalar  # (scalars.py imports this module)
+                    key, initial = self.spec.host_state
+                    self._host_views(gi, key, states, lambda st: _host_scalar(st, key, initial))
             entries.append(entry)
         # the objects themselves (not their ids, which a new object may reuse once one is freed)
         self._fast = {"state": self.state, "groups": entries, "state_values": list(self.state.values()),
                       "state_keys": list(self.state), "spans": _state_spans(entries)}
+
+
+def _kinds_grads(subs, spans) -> tuple:
+    """The C checks of a group of several (device, dtype), one per kind (``subs``): (per kind (its gradients, the
+    positions of its members with one among its members or None for all, their positions among the step's items),
+    the positions of the group's members that step or None for all), or (None, None) where a check fails."""
+    got = []
+    for c in subs:
+        g = C_CHECKS.cached_grads(c["params"], c["mask"], c["states"], c["keys"], c["flat"], c["pdtype"], c["device"],
+                                  c["sdtypes"], None, c["sigs"], c["ptrs"], c["sparse"], spans)
+        if g is None:
+            return None, None
+        got.append(g if c["sparse"] else (g, None))
+    if all(k is None for _, k in got):
+        return [(g, None, c["sel"]) for c, (g, _) in zip(subs, got)], None
+    stepping = [[c["sel"][j] for j in (range(len(c["sel"])) if k is None else k)] for c, (_, k) in zip(subs, got)]
+    sel = sorted([m for ms in stepping for m in ms])
+    at = {m: i for i, m in enumerate(sel)}
+    return [(g, k, [at[m] for m in ms]) for (g, k), ms in zip(got, stepping)], sel
 
 
 def _c_checks(params, items, states, keys, lay, cls) -> dict | None:
