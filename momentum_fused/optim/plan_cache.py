@@ -204,9 +204,7 @@ class PlanCacheMixin:
                 if self.spec.counts_steps:
                     self._host_views(gi, "step", states, step_tensor)
                 if self.spec.pack_reads_state and self.spec.advance_many is not None:
-                    from .scalars import _host_scalar  # (scalars.py imports this module)
-                    key, initial = self.spec.host_state
-                    self._host_views(gi, key, states, lambda st: _host_scalar(st, key, initial))
+                    self._pack_state_views(gi, states)
             entries.append(entry)
         # the objects themselves (not their ids, which a new object may reuse once one is freed)
         self._fast = {"state": self.state, "groups": entries, "state_values": list(self.state.values()),

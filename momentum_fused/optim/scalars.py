@@ -150,6 +150,12 @@ class ScalarsMixin:
         self._step_views[(gi, key)] = (buf, views)
         return buf
 
+    def _pack_state_views(self, gi, states) -> torch.Tensor:
+        """``_host_views`` of the per-tensor host state the packs read (``spec.host_state``: NAdam's ``mu_product``),
+        float64 0-d tensors (``_host_scalar``)."""
+        key, initial = self.spec.host_state
+        return self._host_views(gi, key, states, lambda st: _host_scalar(st, key, initial))
+
     def _group_scalars(self, gi, group, states, fresh, grad_mult, members=None):
         """One scalar pack per tensor. Step counters of the whole group advance together, and tensors
         with equal (step, fresh) share one pack unless the rule's pack reads other per-tensor state.
@@ -159,12 +165,11 @@ class ScalarsMixin:
         if spec.pack_reads_state:
             if spec.advance_many is None or not states:
                 return [spec.Scalars(*spec.advance(group, st, f, t), grad_mult) for st, f, t in zip(states, fresh, ts)]
-            key, initial = spec.host_state
             if members is None:
-                values = self._host_views(gi, key, states, lambda st: _host_scalar(st, key, initial))
+                values = self._pack_state_views(gi, states)
                 pks = spec.advance_many(group, values, fresh, ts)
             else:  # (the members' counters are views of one tensor: those with gradients advanced, written back)
-                every = self._host_views(gi, key, members[0], lambda st: _host_scalar(st, key, initial))
+                every = self._pack_state_views(gi, members[0])
                 at = torch.tensor(members[1])
                 values = every.index_select(0, at)
                 pks = spec.advance_many(group, values, fresh, ts)
