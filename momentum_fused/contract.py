@@ -73,7 +73,12 @@ class MatrixPhase:
     that ``fn`` converts its batch to it (``.to``, elementwise) as its first op and returns its result in it.
     The FSDP2 path, which moves the stacks between ranks (optim/phases.py, ``_sharded_matrix_phase``), then
     sends them in that dtype where it is narrower than the tensor's: the same rounding done before the
-    collective instead of after it, so the same result for fewer bytes."""
+    collective instead of after it, so the same result for fewer bytes.
+
+    ``stacked`` (optional): group -> whether ``fn`` takes a tensor of 3 or more dims as a stack of (shape[-2],
+    shape[-1]) matrices, one per index of its leading dims. The optimizer then passes such a tensor as those
+    matrices, batched (and chunked) with the 2-D tensors of their shape, and a DTensor sharded on dim 0 (whose
+    local shard holds whole matrices) as its local shard's matrices, with no exchange."""
     name: str
     tensor: str
     fn: Callable[[Mapping, torch.Tensor], torch.Tensor]
@@ -81,6 +86,7 @@ class MatrixPhase:
     max_batch_bytes: int | None = None
     cpu_batch_bytes: int | None = None
     compute_dtype: Callable[[Mapping, torch.device], torch.dtype] | None = None
+    stacked: Callable[[Mapping], bool] | None = None
 
 
 @dataclass(frozen=True)

@@ -150,8 +150,13 @@ def update_dtype(group: Mapping, dtype: torch.dtype, device: torch.device) -> to
     return dtype
 
 
-def matrix_view(shape) -> tuple:
-    """(A, B): a param of shape (A, *rest) is the matrix (A, prod(rest)) (the reference Muon's convention)."""
+def matrix_view(shape, flatten: bool = True) -> tuple:
+    """(A, B), the shape of one matrix of a param of ``shape``: with ``flatten`` (the default), a param of shape
+    (A, *rest) is the one matrix (A, prod(rest)) (the reference Muon's view of a conv weight); without it, a param
+    of 3 or more dims is a batch of (shape[-2], shape[-1]) matrices, one per index of its leading dims (stacked
+    experts [E, out, in]: each expert its own matrix). A 2-D param is itself either way."""
+    if not flatten and len(shape) > 2:
+        return int(shape[-2]), int(shape[-1])
     a = int(shape[0])
     b = 1
     for s in shape[1:]:
@@ -159,9 +164,19 @@ def matrix_view(shape) -> tuple:
     return a, b
 
 
-def lr_ratio(adjust_lr_fn, shape) -> float:
-    """torch.optim.Muon's ``_adjust_lr`` factor for the matrix view of ``shape``."""
-    a, b = matrix_view(shape)
+def batched_view(shape, flatten: bool) -> tuple:
+    """The [n, A, B] view of a [n, *shape] stack of params of ``shape`` as the matrices the Newton-Schulz phase
+    orthogonalizes (``matrix_view``): n of them, or n * prod(shape[:-2]) without ``flatten``. Explicit sizes: an
+    empty matrix has no -1."""
+    a, b = matrix_view(shape[1:], flatten)
+    per = math.prod(shape[1:-2]) if not flatten and len(shape) > 3 else 1
+    return int(shape[0]) * per, a, b
+
+
+def lr_ratio(adjust_lr_fn, shape, flatten: bool = True) -> float:
+    """torch.optim.Muon's ``_adjust_lr`` factor for a matrix of ``shape`` (``matrix_view``: the one matrix of the
+    param, or, without ``flatten``, each matrix of its batch)."""
+    a, b = matrix_view(shape, flatten)
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * math.sqrt(max(a, b))
     return math.sqrt(max(1, a / b)) if b else 1.0  # (None or "original"; an empty matrix moves nothing)
@@ -226,11 +241,11 @@ def symmetric_products(algorithm: str, device: torch.device, dtype: torch.dtype)
 
 
 def _ns_phase(group: Mapping, batch: torch.Tensor) -> torch.Tensor:
-    """The matrix phase: Newton-Schulz of a [n, A, *rest] stack of updates, viewed as [n, A, B]. Its first
+    """The matrix phase: Newton-Schulz of a [n, *shape] stack of updates, viewed as the batch of its matrices
+    (``batched_view``: [n, A, B], or with ``flatten=False`` one matrix per leading index of each param). Its first
     op converts the stack to ns_dtype_for(group, device) and its result is in that dtype (reference.
     newton_schulz): the phase's ``compute_dtype``, which the FSDP2 collectives carry."""
-    n, a = batch.shape[0], batch.shape[1]
-    x = batch.reshape(n, a, math.prod(batch.shape[2:]))  # (explicit: an empty matrix has no -1)
+    x = batch.reshape(batched_view(batch.shape, bool(group["flatten"])))
     schedule = ns_schedule(group)
     algorithm, dtype = group["ns_algorithm"], ns_dtype_for(group, batch.device)
     args = (x, schedule, float(group["eps"]), dtype)
@@ -243,7 +258,7 @@ def _ns_phase(group: Mapping, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_advance(g, st, fresh, t):
-    ratio = lr_ratio(g["adjust_lr_fn"], st["momentum_buffer"].shape)
+    ratio = lr_ratio(g["adjust_lr_fn"], st["momentum_buffer"].shape, bool(g["flatten"]))
     raw, wd = g["lr"], float(g["weight_decay"])
     if isinstance(raw, torch.Tensor) and not g.get("capturable"):
         # torch.optim.Muon keeps a tensor lr a tensor (torch 2.13's _to_scalar only squeezes it): lr * factor and
@@ -264,10 +279,10 @@ def _apply_advance(g, st, fresh, t):
 # Groups that can be stepped by the Muon rule; the aux AdamW groups of momentum_fused.Muon are not.
 MUON_HPARAMS = dict(lr=LR, weight_decay=NONNEG, momentum=UNIT_OPEN, nesterov=Flag(), ns_coefficients=NSCoefficients(),
                     eps=NONNEG, ns_steps=NSSteps(), adjust_lr_fn=Choice((None, "original", "match_rms_adamw")),
-                    ns_dtype=NSDtype(), ns_algorithm=Choice(NS_ALGORITHMS), maximize=Flag())
+                    ns_dtype=NSDtype(), ns_algorithm=Choice(NS_ALGORITHMS), maximize=Flag(), flatten=Flag())
 MUON_DEFAULTS = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=DEFAULT_NS_COEFFICIENTS,
                      eps=DEFAULT_EPS, ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None, ns_dtype=None,
-                     ns_algorithm="standard", maximize=False)
+                     ns_algorithm="standard", maximize=False, flatten=True)
 
 # (the momentum pass runs with the momentum buffer in the kernels' param slot: ElementwisePass.param_slot)
 MUON_MOMENTUM_SPEC = UpdateRuleSpec(
@@ -290,7 +305,8 @@ MUON_SPEC = UpdateRuleSpec(
         "update", persistent=False, work_dtype=lambda dtype, device: update_dtype(g, dtype, device))),
     phases=(ElementwisePass("muon_momentum", param_slot="momentum_buffer"),
             MatrixPhase("newton_schulz", "update", _ns_phase, max_batch=None, max_batch_bytes=NS_MAX_BATCH_BYTES,
-                        cpu_batch_bytes=None if cpu_has_amx() else NS_CPU_BATCH_BYTES, compute_dtype=ns_dtype_for),
+                        cpu_batch_bytes=None if cpu_has_amx() else NS_CPU_BATCH_BYTES, compute_dtype=ns_dtype_for,
+                        stacked=lambda g: not g["flatten"]),
             ElementwisePass("muon_apply")))
 
 for _s in (MUON_MOMENTUM_SPEC, MUON_APPLY_SPEC, MUON_SPEC):

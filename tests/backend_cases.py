@@ -96,6 +96,8 @@ MUON_CASES = [
      False, _M),
     ("muon-heavy-ball", mf.Muon, dict(lr=0.02, nesterov=False, momentum=0.9, adjust_lr_fn="match_rms_adamw",
                                       ns_dtype=torch.float64), dict(momentum=0.5, weight_decay=0.3), False, _M),
+    ("muon-batched", mf.Muon, dict(lr=0.02, flatten=False, adjust_lr_fn="match_rms_adamw", ns_dtype=torch.float64),
+     dict(weight_decay=0.05, flatten=True), False, _M),  # (the 3-D param, in the first group: 4 matrices)
 ]
 
 

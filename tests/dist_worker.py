@@ -888,10 +888,12 @@ def scenario_muon_bad_split(rank, tmpdir, backend):
 _KINDS["muon_bad_split"] = scenario_muon_bad_split
 
 
-def _muon_sharded_vs_one_process(mesh, init, grads, backend) -> dict:
-    """Muon (fp32 NS) over params ``init`` stepped with ``grads`` (one list per step): as plain tensors (ref) and as
-    Shard(0) DTensors on ``mesh`` (dist), each run's snapshot."""
+def _muon_sharded_vs_one_process(mesh, init, grads, backend, **kw) -> dict:
+    """Muon (fp32 NS; ``kw``: more of its keywords) over params ``init`` stepped with ``grads`` (one list per step):
+    as plain tensors (ref) and as Shard(0) DTensors on ``mesh`` (dist), each run's snapshot, and the number of
+    ``all_to_all_single`` calls of the sharded run (exchanges)."""
     import torch
+    import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import momentum_fused as mf
@@ -899,14 +901,20 @@ def _muon_sharded_vs_one_process(mesh, init, grads, backend) -> dict:
     def run(sharded):
         put = (lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)])) if sharded else (lambda t: t.clone())
         ps = [torch.nn.Parameter(put(x)) for x in init]
-        opt = mf.Muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, backend=backend)
+        opt = mf.Muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, backend=backend, **kw)
         for gs in grads:
             for p, g in zip(ps, gs):
                 p.grad = put(g)
             opt.step()
         return _snapshot(opt, ps)
 
-    return dict(ref=run(False), dist=run(True))
+    real, calls = dist.all_to_all_single, []
+    dist.all_to_all_single = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        sharded = run(True)
+    finally:
+        dist.all_to_all_single = real
+    return dict(ref=run(False), dist=sharded, exchanges=len(calls))
 
 
 def scenario_muon_mixed_dtypes(rank, tmpdir, backend):
@@ -943,6 +951,25 @@ def scenario_muon_empty(rank, tmpdir, backend):
 
 
 _KINDS["muon_empty"] = scenario_muon_empty
+
+
+def scenario_muon_experts(rank, tmpdir, backend, mixed=False):
+    """``flatten=False``: params of 3 and 4 dims (stacked experts) as batches of matrices, as Shard(0) DTensors
+    against one process: 5 experts over 2 ranks (3 and 2), 1 (one rank holds none), and a 4-D param. Each shard
+    holds whole matrices, so no row is exchanged (``exchanges``: 0); with ``mixed`` a 2-D matrix beside them takes
+    the exchange as before."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(5, 6, 4), (1, 4, 7), (3, 2, 5, 3)] + ([(7, 5)] if mixed else [])
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(STEPS)]
+    return _muon_sharded_vs_one_process(mesh, init, grads, backend, flatten=False)
+
+
+_KINDS["muon_experts"] = scenario_muon_experts
 
 
 def scenario_muon_chunks(rank, tmpdir, backend):

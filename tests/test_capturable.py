@@ -257,14 +257,14 @@ def test_capturable_step_does_not_synchronize(backend):
 
 
 # ------------------------------------------------------------------ Muon (multi-phase: passes + Newton-Schulz)
-def _muon_run(cap, lr_tensor=False, backend="cpu", steps=4, device="cpu", graph=False):
+def _muon_run(cap, lr_tensor=False, backend="cpu", steps=4, device="cpu", graph=False, flatten=True):
     gen = torch.Generator().manual_seed(0)
     shapes = [(8, 6), (5, 8), (4, 3, 2), (7,)]
     ps = [torch.randn(s, generator=gen, dtype=torch.float32).to(device).requires_grad_() for s in shapes]
     lrs = [0.02 * 0.9 ** k for k in range(steps)]
     lr = torch.tensor(lrs[0], dtype=torch.float64, device=device) if lr_tensor else lrs[0]
     opt = mf.Muon([dict(params=ps[:3], lr=lr), dict(params=ps[3:], use_muon=False, lr=0.01)], capturable=cap,
-                  ns_dtype=torch.float32, backend=backend)
+                  ns_dtype=torch.float32, backend=backend, flatten=flatten)
     grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(steps)]
     for k in range(steps):
         if lr_tensor:
@@ -278,17 +278,19 @@ def _muon_run(cap, lr_tensor=False, backend="cpu", steps=4, device="cpu", graph=
 
 
 @need_cpu
+@pytest.mark.parametrize("flatten", [True, False], ids=["flatten", "batched"])
 @pytest.mark.parametrize("lr_tensor", [False, True], ids=["float-lr", "tensor-lr"])
-def test_muon_capturable_equals_host_scalars(monkeypatch, lr_tensor):
+def test_muon_capturable_equals_host_scalars(monkeypatch, lr_tensor, flatten):
     """Muon's passes take their scalars as device tables (a tensor lr read there, not on the host): the steps
-    equal the ordinary ones, for the Muon groups and the aux AdamW group alike."""
+    equal the ordinary ones, for the Muon groups and the aux AdamW group alike (with flatten=False too: the lr
+    factor of the 3-D param's matrices in the device table)."""
     from momentum_fused.optim import phases
     tables = []
     real = phases._device_table
     monkeypatch.setattr(phases, "_device_table", lambda rows, device: tables.append(len(rows)) or real(rows, device))
-    a, pa = _muon_run(True, lr_tensor)
+    a, pa = _muon_run(True, lr_tensor, flatten=flatten)
     assert tables == [3, 3] * 4  # the momentum and apply passes of the 3 matrices, every step
-    b, pb = _muon_run(False)
+    b, pb = _muon_run(False, flatten=flatten)
     assert_states_close(a, pa, b, pb, **tol(torch.float32))
     assert a.param_groups[0]["capturable"] and a.param_groups[1]["capturable"]
 

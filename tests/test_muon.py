@@ -55,6 +55,55 @@ def test_matches_torch_muon_in_bf16(kw):
         torch.testing.assert_close(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kw", [
+    dict(lr=0.02),
+    dict(lr=0.01, weight_decay=0.3, adjust_lr_fn="match_rms_adamw", nesterov=False),
+], ids=["default", "match_rms_adamw"])
+@pytest.mark.parametrize("algorithm", ["standard", "auto"])
+def test_flatten_false_steps_stacked_experts_as_separate_matrices(kw, algorithm):
+    """flatten=False: a [E, out, in] param (and a 4-D one) is a batch of matrices, each with its lr factor: the
+    same bits as each matrix registered as its own 2-D param of the same optimizer (one NS call either way), and
+    with the standard algorithm within the bf16 tolerance of torch.optim.Muon over the separate matrices (measured:
+    bitwise on this CPU). A 2-D param is itself whatever flatten says; a 3-D one with flatten=True is the one
+    matrix (shape[0], rest), another result."""
+    shapes = [(4, 6, 3), (2, 3, 2, 12), (5, 7)]
+    params, grads = _problem(shapes, steps=10)
+    ours = [p.clone() for p in params]
+    split = [m.clone() for p in params for m in (p.reshape(-1, *p.shape[-2:]).unbind(0) if p.dim() > 2 else [p])]
+    cut = lambda gs: [m for g in gs for m in (g.reshape(-1, *g.shape[-2:]).unbind(0) if g.dim() > 2 else [g])]
+    a = run(mf.Muon(ours, flatten=False, ns_algorithm=algorithm, **kw), ours, grads)
+    b = run(mf.Muon(split, ns_algorithm=algorithm, **kw), split, [cut(gs) for gs in grads])
+    assert all(torch.equal(x, y) for x, y in zip(cut(ours), split))
+    assert all(torch.equal(x, y) for x, y in zip(cut([a.state[p]["momentum_buffer"] for p in ours]),
+                                                 [b.state[q]["momentum_buffer"] for q in split]))
+    if algorithm == "standard":
+        t = [m.clone() for m in cut(params)]
+        run(torch.optim.Muon(t, **kw), t, [cut(gs) for gs in grads])
+        for x, y in zip(cut(ours), t):
+            scale = kw["lr"] * max(1.0, 0.2 * math.sqrt(max(x.shape)), math.sqrt(max(1, x.shape[0] / x.shape[1])))
+            torch.testing.assert_close(x, y, rtol=0, atol=10 * scale * 2 ** -8)
+    flat = [p.clone() for p in params]
+    run(mf.Muon(flat, ns_algorithm=algorithm, **kw), flat, grads)
+    assert torch.equal(flat[2], ours[2]) and not torch.equal(flat[0], ours[0])
+
+
+def test_flatten_is_a_group_key_read_at_each_step():
+    """flatten per group and written between steps (no cached view of the matrices): a group switched to False
+    steps as a group built with it."""
+    params, grads = _problem([(3, 4, 5)], steps=4)
+    p, q = params[0].clone(), params[0].clone()
+    a, b = mf.Muon([p], lr=0.02), mf.Muon([q], lr=0.02, flatten=False)
+    run(a, [p], grads[:2])
+    run(mf.Muon([q], lr=0.02), [q], grads[:2])
+    sd = copy.deepcopy(a.state_dict())  # (a state_dict holds the live state tensors)
+    sd["param_groups"][0]["flatten"] = False
+    b.load_state_dict(sd)
+    a.param_groups[0]["flatten"] = False
+    run(a, [p], grads[2:])
+    run(b, [q], grads[2:])
+    assert torch.equal(p, q) and b.param_groups[0]["flatten"] is False
+
+
 def test_ns_dtype_none_is_bf16_on_cpu():
     params, grads = _problem(SHAPES, steps=3)
     q = [p.clone() for p in params]
@@ -74,22 +123,25 @@ def _ns64(u, schedule, eps):
     return x.t() if u.shape[0] > u.shape[1] else x
 
 
-def _transcription(params, grads, *, lr, wd, mu, nesterov, schedule, eps, adjust):
+def _transcription(params, grads, *, lr, wd, mu, nesterov, schedule, eps, adjust, flatten=True):
     """The summed momentum form B <- mu B + g, U = g + mu B (torch's docs); our buffer is its EMA form, (1 - mu)
-    times it, whose NS direction is the same. Returns the params and the summed buffers."""
+    times it, whose NS direction is the same. A param is the matrix (shape[0], rest), or without ``flatten`` (3 or
+    more dims) the matrices (shape[-2], shape[-1]) of its leading indices, each with its own factor. Returns the
+    params and the summed buffers."""
     x = [p.double().clone() for p in params]
     bufs = [torch.zeros_like(t) for t in x]
     for gs in grads:
         for i, (t, g) in enumerate(zip(x, gs)):
-            g = g.double().reshape(t.shape[0], -1)
-            bufs[i] = mu * bufs[i].reshape(g.shape) + g
-            u = g + mu * bufs[i] if nesterov else bufs[i]
-            o = _ns64(u, schedule, eps)
-            rows, cols = g.shape
-            s = 0.2 * math.sqrt(max(rows, cols)) if adjust == "match_rms_adamw" else math.sqrt(max(1.0, rows / cols))
+            bufs[i] = mu * bufs[i] + g.double()
+            u = g.double() + mu * bufs[i] if nesterov else bufs[i]
+            mats = u.reshape(math.prod(t.shape[:-2]), *t.shape[-2:]) if not flatten and t.dim() > 2 else \
+                u.reshape(1, t.shape[0], math.prod(t.shape[1:]))
+            rows, cols = mats.shape[1:]
+            s = 0.2 * math.sqrt(max(rows, cols)) if adjust == "match_rms_adamw" else \
+                math.sqrt(max(1.0, rows / cols)) if cols else 1.0  # (an empty matrix moves nothing)
+            o = torch.stack([_ns64(m, schedule, eps) for m in mats.unbind(0)])
             t.mul_(1 - lr * wd)
             t.sub_(lr * s * o.reshape(t.shape))
-            bufs[i] = bufs[i].reshape(t.shape)
     return x, bufs
 
 
@@ -101,19 +153,23 @@ def _transcription(params, grads, *, lr, wd, mu, nesterov, schedule, eps, adjust
          schedule=[(3.0, -3.2, 1.2)] + [(2.0, -1.5, 0.5)] * 3),
     dict(kw=dict(lr=0.02, ns_coefficients="polar_express", ns_steps=6),
          schedule=list(NS_SCHEDULES["polar_express"][:6])),
-], ids=["default", "heavy_ball_rms", "per_step_list", "polar_express"])
+    dict(kw=dict(lr=0.02, flatten=False), schedule=[(A, B, C)] * 5),
+    dict(kw=dict(lr=0.03, weight_decay=0.05, flatten=False, adjust_lr_fn="match_rms_adamw"),
+         schedule=[(A, B, C)] * 5),
+], ids=["default", "heavy_ball_rms", "per_step_list", "polar_express", "experts", "experts_rms"])
 def test_float64_equals_an_independent_transcription(case):
-    """ns_dtype=float64 over 12 steps, odd shapes (3-D params viewed as (shape[0], rest)), several matrices of a
-    shape (one batched NS per shape) against a per-matrix float64 transcription."""
+    """ns_dtype=float64 over 12 steps, odd shapes (3-D and 4-D params viewed as (shape[0], rest), or with
+    flatten=False as batches of (shape[-2], shape[-1]) matrices), several matrices of a shape (one batched NS per
+    shape) against a per-matrix float64 transcription."""
     kw = case["kw"]
-    params, grads = _problem(SHAPES, steps=12, dtype=torch.float64)
+    params, grads = _problem(SHAPES + [(2, 3, 4, 2), (3, 1, 5), (2, 0, 3)], steps=12, dtype=torch.float64)
     x0 = [p.clone() for p in params]
     opt = mf.Muon(params, ns_dtype=torch.float64, **kw)
     run(opt, params, grads)
     mu = kw.get("momentum", 0.95)
     x, bufs = _transcription(x0, grads, lr=kw["lr"], wd=kw.get("weight_decay", 0.1), mu=mu,
                              nesterov=kw.get("nesterov", True), schedule=case["schedule"], eps=1e-7,
-                             adjust=kw.get("adjust_lr_fn"))
+                             adjust=kw.get("adjust_lr_fn"), flatten=kw.get("flatten", True))
     for p, t, b in zip(params, x, bufs):
         torch.testing.assert_close(p, t, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], (1 - mu) * b, rtol=1e-10, atol=1e-12)
@@ -246,6 +302,7 @@ def test_found_inf_skips_and_grad_scale_unscales():
     (dict(adjust_lr_fn="rms"), ValueError, "adjust_lr_fn"),
     (dict(ns_dtype=torch.float16), ValueError, "ns_dtype"),
     (dict(nesterov=1), TypeError, "nesterov"),
+    (dict(flatten=0), TypeError, "flatten"),
 ])
 def test_bad_hyperparameters_raise_at_construction(kw, err, match):
     with pytest.raises(err, match=match):
@@ -270,7 +327,7 @@ def test_vector_params_in_a_muon_group_raise_clearly():
     ("muon", "lr", -1.0, ValueError), ("muon", "ns_coefficients", (1, 2), ValueError),
     ("aux", "betas", (0.9, 1.5), ValueError), ("aux", "grad", "sparse", RuntimeError),
     ("muon", "momentum_buffer", torch.zeros(3, 3), ValueError), ("aux", "exp_avg", torch.zeros(5), ValueError),
-    ("aux", "use_muon", True, ValueError),
+    ("aux", "use_muon", True, ValueError), ("muon", "flatten", "no", TypeError),
 ])
 def test_bad_input_at_step_changes_nothing(edit):
     kind, key, value, err = edit
@@ -487,6 +544,29 @@ def test_newton_schulz_on_cpu_runs_per_cache_sized_chunk_with_the_uncut_result(m
     assert sorted(calls) == sorted([(5, 512, 1024), (3, 96, 64)] * 2)
     for x, y in zip(params, q):
         torch.testing.assert_close(x, y, rtol=0, atol=2 * 0.02 * 2 ** -7)
+
+
+def test_flatten_false_passes_a_stack_as_matrices_batched_and_chunked_with_2d_ones(monkeypatch):
+    """flatten=False: the driver passes a 3-D param's matrices as it passes 2-D params (MatrixPhase.stacked): one
+    NS call per chunk of max_batch_bytes of matrices, with the 2-D params of their shape in the same stack, and
+    the same bits as the separate params."""
+    import dataclasses
+    from momentum_fused.specs import SPECS
+    spec = SPECS["muon"]
+    calls = []
+    phases = tuple(dataclasses.replace(ph, max_batch_bytes=3 * 6 * 5 * 2, cpu_batch_bytes=None,
+                                       fn=lambda g, b, fn=ph.fn: (calls.append(tuple(b.shape)), fn(g, b))[1])
+                   if hasattr(ph, "fn") else ph for ph in spec.phases)  # (3 bf16 matrices of (6, 5) per call)
+    monkeypatch.setitem(SPECS, "muon", dataclasses.replace(spec, phases=phases))
+    params, grads = _problem([(4, 6, 5), (6, 5), (2, 2, 6, 5)], steps=2)
+    split = [m.clone() for p in params for m in p.reshape(-1, 6, 5).unbind(0)]
+    cut = lambda gs: [m for g in gs for m in g.reshape(-1, 6, 5).unbind(0)]
+    run(mf.Muon(params, lr=0.02, flatten=False), params, grads)
+    assert calls == [(3, 6, 5), (3, 6, 5), (3, 6, 5)] * 2
+    calls.clear()
+    run(mf.Muon(split, lr=0.02), split, [cut(gs) for gs in grads])
+    assert calls == [(3, 6, 5), (3, 6, 5), (3, 6, 5)] * 2
+    assert all(torch.equal(x, y) for x, y in zip(cut(params), split))
 
 
 @pytest.mark.parametrize("dtype,ns_dtype,want", [

@@ -67,8 +67,12 @@ def _ns_dtype_named(name: str):
 class Muon(torch.optim.Optimizer):
     """Muon with torch.optim.Muon's signature, defaults and state (``momentum_buffer``), plus:
 
-    - params with more than 2 dims are orthogonalized as the matrix (shape[0], rest); a 0-d or 1-d param in a
-      Muon group raises ValueError (put biases and gains in a ``use_muon=False`` group);
+    - params with more than 2 dims are orthogonalized as the matrix (shape[0], rest) (``flatten=True``, the
+      default: a conv weight), or with ``flatten=False`` as a batch of (shape[-2], shape[-1]) matrices, one per
+      index of the leading dims, each with its own lr factor (stacked experts [E, out, in]: each expert as its own
+      2-D param; under FSDP2's Shard(0) each rank's shard holds whole matrices, which are orthogonalized where
+      they are, with no exchange); a 0-d or 1-d param in a Muon group raises ValueError (put biases and gains in
+      a ``use_muon=False`` group);
     - ``ns_coefficients``: one (a, b, c) triple (torch), a list of triples (one per step, the last repeated), or
       ``"polar_express"`` (the schedule of Amsel et al. 2025, momentum_fused/specs_muon.py);
     - ``ns_dtype``: the dtype of the Newton-Schulz iteration: None (bf16 on CUDA and on CPU, as torch; see
@@ -101,11 +105,11 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=DEFAULT_EPS, ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None,
-                 *, ns_dtype=None, ns_algorithm="standard", maximize=False, capturable=False, backend=None,
-                 use_muon=True):
+                 *, ns_dtype=None, ns_algorithm="standard", maximize=False, flatten=True, capturable=False,
+                 backend=None, use_muon=True):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
-                        ns_dtype=ns_dtype, ns_algorithm=ns_algorithm, maximize=maximize)
+                        ns_dtype=ns_dtype, ns_algorithm=ns_algorithm, maximize=maximize, flatten=flatten)
         MUON_SPEC.validate(defaults, where="Muon: ")
         if not isinstance(capturable, bool):
             raise TypeError(f"Muon: capturable must be a bool, got {type(capturable).__name__}: {capturable!r}")

@@ -22,6 +22,7 @@ counts are rolled back from the AmpRollback record. No host read of found_inf: a
 can be captured in a CUDA graph."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -200,14 +201,21 @@ class PhasesMixin:
         """``phase.fn`` on stacks of the tensors named ``phase.tensor`` that share a shape, dtype and device (at
         most ``phase.max_batch`` and ``phase.max_batch_bytes`` per call), written back in place. Tensors that
         are consecutive rows of one buffer (``_work_buffers``) are passed as a view of it. The tensors of
-        DTensor params sharded on dim 0 (FSDP2) are local shards: ``_sharded_matrix_phase`` gathers them."""
-        split = memo.get("sharded")
+        DTensor params sharded on dim 0 (FSDP2) are local shards: ``_sharded_matrix_phase`` gathers them. Where the
+        phase takes a tensor of 3 or more dims as a stack of matrices (``phase.stacked``: Muon's ``flatten=False``),
+        such a tensor is passed as its matrices (views), batched and chunked with the 2-D tensors of their shape,
+        and a sharded one is not gathered: its local shard holds whole matrices."""
+        stacked = phase.stacked is not None and phase.stacked(group)
+        split = memo.get(("sharded", stacked))
         if split is None:
-            flags = [_sharded(p) for p in items]
-            split = memo["sharded"] = ([i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if not f])
+            flags = [_sharded(p) and not (stacked and p.dim() > 2) for p in items]
+            split = memo[("sharded", stacked)] = ([i for i, f in enumerate(flags) if f],
+                                                  [i for i, f in enumerate(flags) if not f])
         if split[0]:
             _sharded_matrix_phase(phase, group, [(items[i], work[i][phase.tensor]) for i in split[0]], memo)
         plain = [work[i][phase.tensor] for i in split[1]]
+        if stacked:
+            plain = [m for t in plain for m in (_matrices(t) if t.dim() > 2 else (t,))]
         by_shape: dict = {}
         for t in plain:
             by_shape.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
@@ -225,6 +233,12 @@ class PhasesMixin:
                 out = phase.fn(group, batch)
                 if out is not batch:
                     batch.copy_(out)
+
+
+def _matrices(t: torch.Tensor) -> tuple:
+    """The (shape[-2], shape[-1]) matrices of ``t``, one per index of its leading dims: views (a work buffer is
+    contiguous), so that the phase's results written into them land in ``t``."""
+    return t.view(math.prod(t.shape[:-2]), *t.shape[-2:]).unbind(0)
 
 
 def _pass_layout(slot_dtype: torch.dtype, state_dtype: torch.dtype, rule: str):
