@@ -38,6 +38,18 @@ def is_pair_like(value: Any) -> bool:
     return isinstance(value, collections.abc.Sequence) or _is_numpy(value, 1)
 
 
+def as_pair(value: Any) -> Any:
+    """A constructor's ``betas`` as torch.optim.Adam keeps it: a pair-like value (``is_pair_like``) becomes a tuple,
+    a 1-element tensor in it 0-d (torch's ``_to_scalar``), and a NumPy number a Python one (the same value; a
+    checkpoint of plain numbers loads with ``torch.load(weights_only=True)``, which refuses omegaconf and NumPy
+    objects); anything else is returned as it is (validation names it)."""
+    if not is_pair_like(value):
+        return value
+    return tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else
+                 b.item() if _is_numpy(b, 0) or type(b).__module__ == "numpy" and hasattr(b, "item") else b
+                 for b in value)
+
+
 def _as_real(name: str, value: Any, *, tensor_ok: bool = False, fp32: bool = True) -> float:
     if _is_numpy(value, 0):  # a 0-d NumPy array (np.asarray(0.01)), as torch.optim takes it
         value = value.item()

@@ -156,6 +156,118 @@ def test_hooks_fire():
     assert calls[-2:] == [("load_pre",), ("load_post",)]
 
 
+def _migrate_muon(o, sd):
+    """A load pre-hook migrating an old format: the momentum buffers under another key."""
+    sd["state"] = {i: {"momentum_buffer": st.pop("old_buf")} for i, st in sd["state"].items()}
+
+
+def _tie_betas(o, sd):
+    return {**sd, "param_groups": [{**g, "betas": (0.95, 0.95)} for g in sd["param_groups"]]}
+
+
+@pytest.mark.parametrize("kind", ["Muon: renamed state", "Muon: hook returns its own checkpoint",
+                                  "AdamTied: untied betas"])
+def test_load_pre_hooks_run_before_the_checkpoint_is_checked(kind):
+    """torch runs the load pre-hooks first, so a hook may migrate a checkpoint the optimizer would refuse (Muon
+    and AdamTied checked it before their hooks ran, which then never did), and what a hook returns is what is
+    converted and checked (Muon's ns_dtype saved by name)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    calls = []
+    if kind.startswith("Muon"):
+        src = mf.Muon([p], lr=0.01, ns_dtype=torch.bfloat16)
+        src.step()
+        sd = copy.deepcopy(src.state_dict())
+        opt = mf.Muon([torch.nn.Parameter(p.detach().clone())], lr=0.01)
+        if kind == "Muon: renamed state":
+            sd["state"] = {i: {"old_buf": st["momentum_buffer"]} for i, st in sd["state"].items()}
+            hook = _migrate_muon
+        else:
+            hook = lambda o, d: copy.deepcopy(sd)  # noqa: E731 (ns_dtype "bfloat16", as saved)
+        want = src.state[p]["momentum_buffer"]
+    else:
+        src = mf.Adam([p], lr=0.01)  # (betas 0.9, 0.999: AdamTied refuses them unless a hook ties them)
+        src.step()
+        sd = copy.deepcopy(src.state_dict())
+        opt = mf.AdamTied([torch.nn.Parameter(p.detach().clone())], lr=0.01)
+        hook, want = _tie_betas, src.state[p]["exp_avg"]
+    opt.register_load_state_dict_pre_hook(lambda o, d: (calls.append("pre"), hook(o, d))[1])
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("post"))
+    opt.load_state_dict(sd)
+    assert calls == ["pre", "post"]
+    q = opt.param_groups[0]["params"][0]
+    st = opt.state[q]
+    assert torch.equal(st["momentum_buffer" if kind.startswith("Muon") else "exp_avg"], want)
+    if kind.startswith("Muon"):
+        assert opt.param_groups[0]["ns_dtype"] is torch.bfloat16
+    else:
+        assert opt.param_groups[0]["betas"] == (0.95, 0.95)
+    q.grad = torch.randn(4, 3)
+    opt.step()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: mf.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: mf.AdamW(ps, lr=0.01, layout="int8_state"),
+    lambda ps: mf.Muon(ps, lr=0.01),
+], ids=["SGD", "AdamW-int8_state", "Muon"])
+def test_a_state_dict_post_hook_sees_the_saved_forms_and_may_return_another_object(make):
+    """torch returns what a state-dict post-hook returns, whatever its shape (a wrapper {"format", "optimizer"}
+    raised KeyError: the saved forms were made after the hooks); the hook sees those saved forms (int8 codes one
+    level down, Muon's ns_dtype by name)."""
+    p = torch.nn.Parameter(torch.randn(64, 80))
+    p.grad = torch.randn(64, 80)
+    opt = make([p])
+    opt.step()
+    seen = []
+
+    def wrap(o, sd):
+        seen.append(copy.copy(sd["state"][0]))
+        seen.append(sd["param_groups"][0].get("ns_dtype", "n/a"))
+        return {"format": 2, "optimizer": sd}
+
+    opt.register_state_dict_post_hook(wrap)
+    out = opt.state_dict()
+    assert set(out) == {"format", "optimizer"} and set(out["optimizer"]) == {"state", "param_groups"}
+    if "exp_avg_scale" in seen[0]:
+        assert isinstance(seen[0]["exp_avg"], dict) and seen[0]["exp_avg"]["codes"].dtype == torch.int8
+    assert seen[1] in ("n/a", None) or isinstance(seen[1], str)
+    opt.register_load_state_dict_pre_hook(lambda o, sd: sd["optimizer"])
+    opt.load_state_dict(out)  # (a pre-hook unwraps it)
+
+
+class _Pair(__import__("collections").abc.Sequence):
+    """A pair-like config value that is neither a tuple nor a list (as omegaconf's ListConfig from Hydra)."""
+
+    def __init__(self, *v):
+        self.v = v
+
+    def __getitem__(self, i):
+        return self.v[i]
+
+    def __len__(self):
+        return len(self.v)
+
+
+@pytest.mark.parametrize("cls", [mf.Adam, mf.AdamW, mf.NAdam, mf.Lion, mf.AdamWScheduleFree])
+def test_betas_of_any_sequence_are_kept_as_a_tuple_of_numbers_and_checkpoints_load_weights_only(cls):
+    """torch.optim.Adam keeps ``tuple(betas)``: a ListConfig-like sequence (or a NumPy array's numbers) kept as
+    given made a checkpoint that ``torch.load(weights_only=True)``, torch's default, refuses."""
+    import numpy as np
+    for betas in (_Pair(0.9, 0.99), np.array([0.9, 0.99])):
+        p = torch.nn.Parameter(torch.randn(3))
+        opt = cls([p], lr=0.01, betas=betas)
+        assert opt.defaults["betas"] == (0.9, 0.99) and type(opt.param_groups[0]["betas"]) is tuple
+        assert all(type(b) is float for b in opt.param_groups[0]["betas"])
+        p.grad = torch.randn(3)
+        opt.step()
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        cls([torch.nn.Parameter(p.detach().clone())], lr=0.01).load_state_dict(torch.load(buf, weights_only=True))
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam", "FSGDM"])
 def test_closure(name):
     case = CASES[name]

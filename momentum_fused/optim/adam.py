@@ -17,8 +17,6 @@ class Adam(FusedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, backend=None, layout=None, sr_seed=0):
-        if isinstance(betas, (tuple, list)):  # as torch.optim.Adam: a tuple, a 1-element tensor as 0-d
-            betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b for b in betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                                       decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
                          backend=backend, layout=layout, sr_seed=sr_seed, capturable=capturable,
@@ -100,11 +98,11 @@ class AdamTied(Adam):
         _check_tied(self.param_groups, "AdamTied")  # a group edited since: refused before anything changes
         return super()._step_plan()
 
-    def load_state_dict(self, state_dict):
+    def _load_state_dict(self, state_dict):  # (after the load pre-hooks: one may tie an Adam checkpoint's betas)
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if isinstance(groups, list):  # (nothing loaded: an Adam checkpoint with untied betas)
             _check_tied(groups, "AdamTied.load_state_dict:")
-        super().load_state_dict(state_dict)
+        super()._load_state_dict(state_dict)
 
     @torch.no_grad()
     def gradient_snr(self) -> dict:

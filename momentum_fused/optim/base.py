@@ -32,6 +32,7 @@ import torch
 from .. import backends
 from .. import layouts as _layouts
 from .. import distributed as _dist  # DTensor (FSDP2): local shards, see momentum_fused/distributed.py
+from ..hparams import as_pair
 from ..specs import UpdateRuleSpec, get_spec
 from .amp import AmpMixin, AmpRollback, _drop_amp_attrs, unscale_lists
 from .checkpoints import CheckpointMixin
@@ -115,6 +116,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         self._step_attrs = {}
         self._fast = None
         self._called = {"step": False}
+        if "betas" in defaults:  # (a tuple of plain numbers, as torch.optim.Adam keeps it: hparams.as_pair)
+            defaults = {**defaults, "betas": as_pair(defaults["betas"])}
         self.spec.validate({**defaults, **self.spec.group_extras}, where=f"{type(self).__name__}: ", init=True)
         defaults = {**defaults, **FRONT_DEFAULTS, "layout": "native" if layout is None else layout,
                     "sr_seed": sr_seed, "capturable": capturable}

@@ -19,6 +19,27 @@ __all__ = ["CheckpointMixin"]
 _CONVERTED = (_layouts.MASTER_KEY, _layouts.REMAINDER_KEY)  # load_state_dict converts one into the other
 
 
+def with_load_hooks(opt, state_dict, load) -> None:
+    """``load(state_dict)`` between ``opt``'s load-state-dict hooks, where torch runs them: the pre-hooks first (the
+    checkpoint ``load`` converts and checks is the one they return or edit: a hook may migrate an old format), the
+    post-hooks after it succeeded; torch's own load inside ``load`` runs with them held back, so none runs twice."""
+    opt.sync_amp()
+    state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict  # (shallow, as torch)
+    for hook in list(opt._optimizer_load_state_dict_pre_hooks.values()):
+        out = hook(opt, state_dict)
+        if out is not None:
+            state_dict = out
+    pre, post = opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks
+    opt._optimizer_load_state_dict_pre_hooks = type(pre)()
+    opt._optimizer_load_state_dict_post_hooks = type(post)()
+    try:
+        load(state_dict)
+    finally:
+        opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks = pre, post
+    for hook in list(post.values()):
+        hook(opt)
+
+
 class CheckpointMixin:
     """``load_state_dict`` / ``state_dict`` of FusedOptimizer (before torch.optim.Optimizer in its bases)."""
 
@@ -34,22 +55,8 @@ class CheckpointMixin:
 
         The load hooks run where torch runs them: the pre-hooks first (the checkpoint this method reads and
         checks is the one they return or edit), the post-hooks last (after the host counters and layouts are
-        written, so that what a post-hook sets stays)."""
-        self.sync_amp()
-        state_dict = state_dict.copy()  # (shallow, as torch: a pre-hook may edit it in place)
-        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
-            out = hook(self, state_dict)
-            if out is not None:
-                state_dict = out
-        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
-        self._optimizer_load_state_dict_pre_hooks = type(pre)()
-        self._optimizer_load_state_dict_post_hooks = type(post)()
-        try:
-            self._load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
-        for hook in list(post.values()):
-            hook(self)
+        written, so that what a post-hook sets stays; ``with_load_hooks``)."""
+        with_load_hooks(self, state_dict, self._load_state_dict)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         given = state_dict.get("state") if isinstance(state_dict, dict) else None  # (its key order, kept below)
@@ -352,17 +359,39 @@ class CheckpointMixin:
         forms still load); and that the master remainder (``master_lo``,
         int16) is saved as its two bytes (``layouts.remainder_bytes``: uint8 of shape (*param shape, 2), a view),
         which NCCL and gloo gather for a full state dict (neither has an int16 collective). ``load_state_dict``
-        takes both forms of each. State-dict post-hooks run before these changes (they see the live state)."""
+        takes both forms of each. The state-dict hooks run where torch runs them: the post-hooks last, on the
+        saved forms (what they return is returned, whatever its shape)."""
         self.sync_amp()
-        sd = super().state_dict()
-        state, sfx, ck = sd["state"], _layouts.INT8_SCALE_SUFFIX, _layouts.INT8_CODES_KEY
-        rk = _layouts.REMAINDER_KEY
-        for idx, st in list(state.items()):
-            if isinstance(st, dict) and any(isinstance(k, str) and k.endswith(sfx) for k in st):
-                st = state[idx] = {k: ({ck: v} if _is_codes(st, k) else v) for k, v in st.items()}  # (new dicts)
-            if isinstance(st, dict) and isinstance(st.get(rk), torch.Tensor) and st[rk].dtype == torch.int16:
-                state[idx] = {**st, rk: _layouts.remainder_bytes(st[rk])}
-        return sd
+        return with_post_hooks(self, lambda o: super(CheckpointMixin, o).state_dict(), _saved_forms)
+
+
+def with_post_hooks(opt, build, convert):
+    """``convert(build(opt))`` with ``opt``'s state-dict post-hooks run after it, as torch runs them after its
+    own state_dict (each may edit the dict or return another, which is then the result): torch's ``build`` runs
+    with them held back (its pre-hooks run inside it), so that they see, and may reshape, the converted dict."""
+    post = opt._optimizer_state_dict_post_hooks
+    opt._optimizer_state_dict_post_hooks = type(post)()
+    try:
+        sd = convert(build(opt))
+    finally:
+        opt._optimizer_state_dict_post_hooks = post
+    for hook in list(post.values()):
+        out = hook(opt, sd)
+        if out is not None:
+            sd = out
+    return sd
+
+
+def _saved_forms(sd: dict) -> dict:
+    """torch's state_dict ``sd`` with the 8-bit codes one level down and the remainders as bytes (``state_dict``)."""
+    state, sfx, ck = sd["state"], _layouts.INT8_SCALE_SUFFIX, _layouts.INT8_CODES_KEY
+    rk = _layouts.REMAINDER_KEY
+    for idx, st in list(state.items()):
+        if isinstance(st, dict) and any(isinstance(k, str) and k.endswith(sfx) for k in st):
+            st = state[idx] = {k: ({ck: v} if _is_codes(st, k) else v) for k, v in st.items()}  # (new dicts)
+        if isinstance(st, dict) and isinstance(st.get(rk), torch.Tensor) and st[rk].dtype == torch.int16:
+            state[idx] = {**st, rk: _layouts.remainder_bytes(st[rk])}
+    return sd
 
 
 def _placed_as(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

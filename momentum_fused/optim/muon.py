@@ -19,6 +19,7 @@ from ..specs_muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS,
 from .adam import AdamW
 from .amp import _drop_amp_attrs, amp_scalar, unscale_lists
 from .base import FusedOptimizer
+from .checkpoints import with_load_hooks, with_post_hooks
 from .ckpt_format import refuse_missized_state
 from .host_state import check_loaded_state
 from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss, torch_setstate, user_stacklevel
@@ -53,6 +54,15 @@ def _without_saved_layout(groups: list, where: str) -> list:
                       f"{', '.join(sorted({repr(groups[i]['layout']) for i in bad}))}, which Muon never applied (its state is "
                       "native); the key is dropped and the state loads as it is", UserWarning, stacklevel=3)
     return [{k: v for k, v in g.items() if k != "layout"} if i in bad else g for i, g in enumerate(groups)]
+
+
+def _dtype_names(sd: dict) -> dict:
+    """torch's state_dict ``sd`` with each group's ``ns_dtype`` saved as its name (torch's packed groups are new
+    dicts: the live groups keep the torch.dtype)."""
+    for g in sd["param_groups"]:
+        if isinstance(g.get("ns_dtype"), torch.dtype):
+            g["ns_dtype"] = str(g["ns_dtype"]).removeprefix("torch.")
+    return sd
 
 
 def _ns_dtype_named(name: str):
@@ -318,8 +328,20 @@ class Muon(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """torch's, then the inner optimizers are rebuilt on the loaded groups and state. A state_dict of
         torch.optim.Muon loads (its groups get ns_dtype=None, use_muon=True), and torch.optim.Muon loads ours.
-        A group's ``ns_dtype`` saved as its name (``state_dict``) is a torch.dtype again."""
-        self.sync_amp()
+        A group's ``ns_dtype`` saved as its name (``state_dict``) is a torch.dtype again. The load hooks run where
+        torch runs them (``checkpoints.with_load_hooks``): what a pre-hook returns is what is converted and
+        checked. A refusal, or a raising hook (a post-hook included), restores all of it (the inner optimizers
+        are rebuilt by the load)."""
+        before = {k: self.__dict__.get(k) for k in ("param_groups", "state", "defaults", "_core", "_aux", "_links",
+                                                    "_linked")}
+        before["defaults"] = dict(self.defaults)  # (a copy: torch's __setstate__ edits the live dict in place)
+        try:
+            with_load_hooks(self, state_dict, self._load_state_dict)
+        except BaseException:
+            self.__dict__.update(before)
+            raise
+
+    def _load_state_dict(self, state_dict):
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if isinstance(groups, list) and any(isinstance(g, dict) and "layout" in g for g in groups):
             groups = _without_saved_layout(groups, "load_state_dict")
@@ -332,15 +354,7 @@ class Muon(torch.optim.Optimizer):
         aux_spec = get_spec(AdamW.rule)  # (a partial state or a bad counter: refused before anything is loaded)
         check_loaded_state("Muon", state_dict, lambda g: MUON_SPEC.required_state({**MUON_DEFAULTS, **g})
                            if g.get("use_muon", True) else aux_spec.required_state({**AUX_DEFAULTS, **g}))
-        before = {k: self.__dict__.get(k) for k in ("param_groups", "state", "defaults", "_core", "_aux", "_links",
-                                                    "_linked")}
-        before["defaults"] = dict(self.defaults)  # (a copy: torch's __setstate__ edits the live dict in place)
-        try:  # (torch's load replaces param_groups and state, then __setstate__ rebuilds: a refusal, or a raising
-            # load hook, restores all of it)
-            super().load_state_dict(state_dict)
-        except BaseException:
-            self.__dict__.update(before)
-            raise
+        super().load_state_dict(state_dict)  # (torch's: replaces param_groups and state, __setstate__ rebuilds)
 
     def __getstate__(self):
         self.sync_amp()
@@ -494,11 +508,7 @@ class Muon(torch.optim.Optimizer):
         torch.dtype): torch.distributed.checkpoint's full and CPU-offloaded state dicts take only plain values
         (``get_optimizer_state_dict(..., full_state_dict=True)`` raised on a torch.dtype)."""
         self.sync_amp()
-        sd = super().state_dict()
-        for g in sd["param_groups"]:  # (torch's packed groups are new dicts)
-            if isinstance(g.get("ns_dtype"), torch.dtype):
-                g["ns_dtype"] = str(g["ns_dtype"]).removeprefix("torch.")
-        return sd
+        return with_post_hooks(self, lambda o: super(Muon, o).state_dict(), _dtype_names)
 
 
 Muon._step_supports_amp_scaling = True  # GradScaler sets .grad_scale / .found_inf, see step()
