@@ -888,10 +888,11 @@ def scenario_muon_bad_split(rank, tmpdir, backend):
 _KINDS["muon_bad_split"] = scenario_muon_bad_split
 
 
-def _muon_sharded_vs_one_process(mesh, init, grads, backend, **kw) -> dict:
+def _muon_sharded_vs_one_process(mesh, init, grads, backend, flatten=None, **kw) -> dict:
     """Muon (fp32 NS; ``kw``: more of its keywords) over params ``init`` stepped with ``grads`` (one list per step):
     as plain tensors (ref) and as Shard(0) DTensors on ``mesh`` (dist), each run's snapshot, and the number of
-    ``all_to_all_single`` calls of the sharded run (exchanges)."""
+    ``all_to_all_single`` calls of the sharded run (exchanges). ``flatten``: the group's flag written before each
+    step (one per step), or None."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -902,7 +903,9 @@ def _muon_sharded_vs_one_process(mesh, init, grads, backend, **kw) -> dict:
         put = (lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)])) if sharded else (lambda t: t.clone())
         ps = [torch.nn.Parameter(put(x)) for x in init]
         opt = mf.Muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, backend=backend, **kw)
-        for gs in grads:
+        for k, gs in enumerate(grads):
+            if flatten is not None:
+                opt.param_groups[0]["flatten"] = flatten[k]
             for p, g in zip(ps, gs):
                 p.grad = put(g)
             opt.step()
@@ -953,20 +956,24 @@ def scenario_muon_empty(rank, tmpdir, backend):
 _KINDS["muon_empty"] = scenario_muon_empty
 
 
-def scenario_muon_experts(rank, tmpdir, backend, mixed=False):
+def scenario_muon_experts(rank, tmpdir, backend, mixed=False, toggle=False):
     """``flatten=False``: params of 3 and 4 dims (stacked experts) as batches of matrices, as Shard(0) DTensors
     against one process: 5 experts over 2 ranks (3 and 2), 1 (one rank holds none), and a 4-D param. Each shard
     holds whole matrices, so no row is exchanged (``exchanges``: 0); with ``mixed`` a 2-D matrix beside them takes
-    the exchange as before."""
+    the exchange as before. ``toggle``: the flag written False, True, False... before each step (its first
+    version kept the exchange's layout of the other flag: a crash, or, where the splits happened to fit, a 2-D
+    matrix stepped without its Newton-Schulz); a (2, 3, 4) and a (2, 12) param are the latter case."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (WORLD,))
     gen = torch.Generator().manual_seed(5)
-    shapes = [(5, 6, 4), (1, 4, 7), (3, 2, 5, 3)] + ([(7, 5)] if mixed else [])
+    shapes = [(5, 6, 4), (1, 4, 7), (3, 2, 5, 3)] + ([(7, 5)] if mixed else []) + \
+        ([(2, 3, 4), (2, 12)] if toggle else [])
     init = [torch.randn(s, generator=gen) for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(STEPS)]
-    return _muon_sharded_vs_one_process(mesh, init, grads, backend, flatten=False)
+    return _muon_sharded_vs_one_process(mesh, init, grads, backend, [k % 2 == 1 for k in range(STEPS)]
+                                        if toggle else [False] * STEPS)
 
 
 _KINDS["muon_experts"] = scenario_muon_experts

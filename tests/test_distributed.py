@@ -77,8 +77,8 @@ def _scenarios():
     out += [dict(id=f"muon_chunks-{b}", kind="muon_chunks", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"muon_mixed_dtypes-{b}", kind="muon_mixed_dtypes", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"muon_empty-{b}", kind="muon_empty", backend=b) for b in _available(BACKENDS)]
-    out += [dict(id=f"muon_experts-{m}-{b}", kind="muon_experts", mixed=m == "mixed", backend=b)
-            for m in ("experts", "mixed") for b in _available(BACKENDS)]
+    out += [dict(id=f"muon_experts-{m}-{b}", kind="muon_experts", mixed=m != "experts", toggle=m == "toggled",
+                 backend=b) for m in ("experts", "mixed", "toggled") for b in _available(BACKENDS)]
     out += [dict(id=f"zero_int8_resume-{b}", kind="zero_int8_resume", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"sparse_fsdp-{o}-{b}", kind="sparse_fsdp", opt_name=o, backend=b)
             for o in ("adamw", "sgd_momentum") for b in _available(BACKENDS)]
@@ -516,15 +516,16 @@ def test_muon_dtensor_matrices_with_no_rows_or_columns_step_as_one_process(world
         _assert_snapshots_equal(res["dist"], res["ref"], f"rank {rank}")
 
 
-@pytest.mark.parametrize("mixed", ["experts", "mixed"])
+@pytest.mark.parametrize("mixed", ["experts", "mixed", "toggled"])
 @pytest.mark.parametrize("backend", _backend_params())
 def test_muon_flatten_false_orthogonalizes_each_shards_matrices_where_they_are(world, backend, mixed):
     """``flatten=False``: 3-D and 4-D params (stacked experts, 5 over 2 ranks, and 1: a rank holds none), Shard(0)
     DTensors on 2 processes: equal to one process bit for bit, with no exchange (each shard holds whole matrices);
-    a 2-D matrix beside them is exchanged as before (tests/dist_worker.py, scenario_muon_experts)."""
+    a 2-D matrix beside them is exchanged as before; the flag written between steps takes effect at the next one
+    (tests/dist_worker.py, scenario_muon_experts)."""
     for rank, res in enumerate(_results(world, f"muon_experts-{mixed}-{backend}")):
         _assert_snapshots_equal(res["dist"], res["ref"], f"rank {rank}")
-        assert (res["exchanges"] > 0) == (mixed == "mixed"), (rank, res["exchanges"])
+        assert (res["exchanges"] > 0) == (mixed != "experts"), (rank, res["exchanges"])
 
 
 @pytest.mark.parametrize("backend", _backend_params())

@@ -212,7 +212,8 @@ class PhasesMixin:
             split = memo[("sharded", stacked)] = ([i for i, f in enumerate(flags) if f],
                                                   [i for i, f in enumerate(flags) if not f])
         if split[0]:
-            _sharded_matrix_phase(phase, group, [(items[i], work[i][phase.tensor]) for i in split[0]], memo)
+            _sharded_matrix_phase(phase, group, [(items[i], work[i][phase.tensor]) for i in split[0]], memo,
+                                  ("exchange", phase.tensor, stacked))  # (its pairs depend on the flag)
         plain = [work[i][phase.tensor] for i in split[1]]
         if stacked:
             plain = [m for t in plain for m in (_matrices(t) if t.dim() > 2 else (t,))]
@@ -406,7 +407,7 @@ def _exchange_layout(prs, mesh, phase, itemsize: int) -> dict:
     return dict(pg=mesh.get_group(0), world=world, me=me, counts=counts, row=row, rounds=out)
 
 
-def _sharded_matrix_phase(phase, group, pairs, memo) -> None:
+def _sharded_matrix_phase(phase, group, pairs, memo, key) -> None:
     """The matrix phase for (DTensor param, local shard of its work tensor) pairs sharded on dim 0 (FSDP2), per
     (mesh, dtype). Each matrix gets an owner rank (round-robin by size: largest first, to the least loaded rank;
     the same on every rank, the params of a group being the same everywhere). Then, per round
@@ -428,10 +429,10 @@ def _sharded_matrix_phase(phase, group, pairs, memo) -> None:
     dtype (as for unsharded params), whatever the rounds; tests/test_distributed.py checks the results equal a
     single process's bit for bit, in one round and in one per call. Shard rows are torch.chunk's split (checked
     by the plan, ``PhasesMixin._phase_limits``). ``memo``: the group's ``PhasesMixin._phase_memo``, which keeps
-    the grouping by mesh and the ``_exchange_layout``s."""
+    the grouping by mesh and the ``_exchange_layout``s under ``key``, which names the set of ``pairs`` (it
+    changes with ``MatrixPhase.stacked``: a layout kept for another set would exchange the wrong rows)."""
     import torch.distributed as dist
 
-    key = ("exchange", phase.tensor)
     groups = memo.get(key)
     if groups is None:
         by_mesh: dict = {}
