@@ -23,7 +23,6 @@ def with_load_hooks(opt, state_dict, load) -> None:
     """``load(state_dict)`` between ``opt``'s load-state-dict hooks, where torch runs them: the pre-hooks first (the
     checkpoint ``load`` converts and checks is the one they return or edit: a hook may migrate an old format), the
     post-hooks after it succeeded; torch's own load inside ``load`` runs with them held back, so none runs twice."""
-    opt.sync_amp()
     state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict  # (shallow, as torch)
     for hook in list(opt._optimizer_load_state_dict_pre_hooks.values()):
         out = hook(opt, state_dict)
@@ -56,6 +55,7 @@ class CheckpointMixin:
         The load hooks run where torch runs them: the pre-hooks first (the checkpoint this method reads and
         checks is the one they return or edit), the post-hooks last (after the host counters and layouts are
         written, so that what a post-hook sets stays; ``with_load_hooks``)."""
+        self.sync_amp()
         with_load_hooks(self, state_dict, self._load_state_dict)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:

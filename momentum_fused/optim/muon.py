@@ -332,6 +332,7 @@ class Muon(torch.optim.Optimizer):
         torch runs them (``checkpoints.with_load_hooks``): what a pre-hook returns is what is converted and
         checked. A refusal, or a raising hook (a post-hook included), restores all of it (the inner optimizers
         are rebuilt by the load)."""
+        self.sync_amp()
         before = {k: self.__dict__.get(k) for k in ("param_groups", "state", "defaults", "_core", "_aux", "_links",
                                                     "_linked")}
         before["defaults"] = dict(self.defaults)  # (a copy: torch's __setstate__ edits the live dict in place)
