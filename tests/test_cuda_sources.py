@@ -208,8 +208,8 @@ def test_launch_counts_llm_and_tiny_profiles(plan_driver):
 # for bit with layouts.py's encoding of the CPU backend's fp32 step on the decoded states (the same
 # csrc/update_rules.h, no FMA contraction: the fp32 math agrees). The device's own arithmetic is not what this
 # checks (its approximate root of the encode's guesses is sqrtf here; bench/int8_encoder_exhaustive.cpp checks the
-# guesses' tolerance over every fp32 pattern): the indexing, the warp reduction, the redo of the elements near a
-# midpoint, the codes.
+# guesses' tolerance over every fp32 pattern): the indexing, the warp reduction, the integer-space decision of
+# each code (compressed.h), the codes.
 _INT8_DRIVER = r"""
 #include "cuda/host_emulation.h"
 #include "update_rules.h"

@@ -116,15 +116,18 @@ def test_rule_kernel_front_end_layouts(rule, layout):
         _compile(fn, constexprs, sig=sig)
 
 
-@pytest.mark.parametrize("remainder", [False, True], ids=["int8_state", "master16_int8"])
+@pytest.mark.parametrize("remainder,stochastic", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["int8_state", "master16_int8", "int8_sr", "master16_int8_sr"])
 @pytest.mark.parametrize("rule", sorted(r for r in rules.RULE_IDS if r not in ("sgd_sf", "adamw_sf")))
-def test_int8_state_kernel_front_end(rule, remainder):
+def test_int8_state_kernel_front_end(rule, remainder, stochastic):
     """The int8_state kernel (launcher.compile_int8_variants: quantized and fp32-state programs in one kernel) for
     every rule's largest flags (the most state lists), with the device found_inf/grad_scale path; also in its
-    master16_int8 form (bf16 params with the int16 remainder)."""
+    master16_int8 form (bf16 params with the int16 remainder) and the stochastic codes of int8_sr and
+    master16_int8_sr (SRQ; no GPU has run those yet)."""
     _, _, flags, nstate = [s for s in SPECIALIZATIONS if s[1] == rule][-1]
     for _, path, fn, sig, constexprs, _, _ in launcher.compile_int8_variants(rule, flags, nstate, True, True,
-                                                                            remainder=remainder):
+                                                                            remainder=remainder,
+                                                                            stochastic=stochastic):
         if path == "mixed":
             _compile(fn, constexprs, sig=sig)
             if rule == "adam":  # a bucket with a pointer off 16 bytes, and the interpreter's variant
