@@ -129,6 +129,18 @@ def test_frontend_bench_smoke(tmp_path, capsys):
 
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="needs torch.distributed with the gloo backend")
+def test_muon_experts_bench_smoke():
+    """bench/bench_muon_experts.py runs 2 gloo processes end to end: stacked experts (flatten=False) spend no time
+    in all_to_all_single, the same experts as separate params do."""
+    from bench import bench_muon_experts as b
+    res = b.measure(layers=1, experts=3, d=4, h=6, rounds=1, iters=2, warmup=1)
+    (stacked,), (separate,) = res[b.CASES[0]], res[b.CASES[1]]
+    assert stacked[1] == 0 and separate[1] > 0 and stacked[0] > 0
+    assert "| stacked (flatten=False) |" in b.table(res)
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="needs torch.distributed with the gloo backend")
 def test_muon_fsdp_bench_smoke():
     """bench/bench_muon_fsdp.py runs 2 gloo processes end to end; the FSDP2 case spends time in the NS phase's
     collectives (all_to_all_single) and the NS, the unwrapped one none in collectives, and the columns add up to
