@@ -165,9 +165,9 @@ def matrix_view(shape, flatten: bool = True) -> tuple:
 
 
 def batched_view(shape, flatten: bool) -> tuple:
-    """The [n, A, B] view of a [n, *shape] stack of params of ``shape`` as the matrices the Newton-Schulz phase
-    orthogonalizes (``matrix_view``): n of them, or n * prod(shape[:-2]) without ``flatten``. Explicit sizes: an
-    empty matrix has no -1."""
+    """For ``shape`` = (n, *param shape), the shape of a stack of n params: the [N, A, B] view of the stack as the
+    matrices the Newton-Schulz phase orthogonalizes (``matrix_view``): N = n, or without ``flatten`` n times the
+    product of the param's leading dims. Explicit sizes: an empty matrix has no -1."""
     a, b = matrix_view(shape[1:], flatten)
     per = math.prod(shape[1:-2]) if not flatten and len(shape) > 3 else 1
     return int(shape[0]) * per, a, b

@@ -63,8 +63,8 @@ def test_matches_torch_muon_in_bf16(kw):
 def test_flatten_false_steps_stacked_experts_as_separate_matrices(kw, algorithm):
     """flatten=False: a [E, out, in] param (and a 4-D one) is a batch of matrices, each with its lr factor: the
     same bits as each matrix registered as its own 2-D param of the same optimizer (one NS call either way), and
-    with the standard algorithm within the bf16 tolerance of torch.optim.Muon over the separate matrices (measured:
-    bitwise on this CPU). A 2-D param is itself whatever flatten says; a 3-D one with flatten=True is the one
+    with the standard algorithm within the bf16 tolerance of torch.optim.Muon over the separate matrices (as our
+    separate matrices are: a batched bf16 product may round an element the other way, docs/muon.md "Parity"). A 2-D param is itself whatever flatten says; a 3-D one with flatten=True is the one
     matrix (shape[0], rest), another result."""
     shapes = [(4, 6, 3), (2, 3, 2, 12), (5, 7)]
     params, grads = _problem(shapes, steps=10)

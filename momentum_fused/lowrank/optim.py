@@ -314,7 +314,8 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
         return tuple(None if A is None else qr(A, backend=self.retraction)[0].to(dtype) for A in (A_u, A_v))
 
     def _reorthonormalize(self, UP, VQ):
-        """U P and V Qᵀ of a truncation without augmentation, made orthonormal again (the qr's Q, positive
+        """U P and V Qᵀ of a truncation without augmentation (or with one side not augmented: a layer at
+        r = min(m, n)), made orthonormal again (the qr's Q, positive
         diagonal: within rounding of the inputs, whose columns are orthonormal in exact arithmetic). Without it
         the fixed-basis steps of augment_every > 1 multiply the factors by a rotation every truncation and the
         rounding accumulates (fp32: |UᵀU - I| ~3e-4 after 3,000 steps; bf16 factors 0.13 after 1,000). A Q's
