@@ -11,6 +11,7 @@ import torch
 
 from .. import distributed as _dist
 from .. import layouts as _layouts
+from .keys import user_stacklevel
 
 __all__ = ["refuse_missized_state"]
 
@@ -212,3 +213,35 @@ def _codes_to_live_names(state_dict):
             new.update(dict(found.values()))
             out[idx] = new
     return state_dict if out is None else {**state_dict, "state": out}
+
+
+# ------------------------------------------------------------------ Muon's group keys (optim/muon.py)
+def muon_without_saved_layout(groups: list, where: str) -> list:
+    """A checkpoint's (or pickle's) groups without a ``layout`` other than "native": Muon kept such a key with no
+    effect before 2026-12-06 (its state is native whatever the key said), so the state loads; a UserWarning says
+    the key is dropped. New dicts; the caller's are not modified."""
+    bad = [i for i, g in enumerate(groups) if isinstance(g, dict) and g.get("layout", "native") != "native"]
+    if bad:
+        warnings.warn(f"Muon {where}: param group(s) {bad} hold layout "
+                      f"{', '.join(sorted({repr(groups[i]['layout']) for i in bad}))}, which Muon never applied (its state is "
+                      "native); the key is dropped and the state loads as it is", UserWarning,
+                      stacklevel=user_stacklevel())
+    return [{k: v for k, v in g.items() if k != "layout"} if i in bad else g for i, g in enumerate(groups)]
+
+
+def muon_dtype_names(sd: dict) -> dict:
+    """torch's state_dict ``sd`` with each group's ``ns_dtype`` saved as its name (torch's packed groups are new
+    dicts: the live groups keep the torch.dtype)."""
+    for g in sd["param_groups"]:
+        if isinstance(g.get("ns_dtype"), torch.dtype):
+            g["ns_dtype"] = str(g["ns_dtype"]).removeprefix("torch.")
+    return sd
+
+
+def muon_ns_dtype_named(name: str):
+    """A checkpoint's ns_dtype name ("bfloat16", "torch.float32") -> the torch.dtype (an unknown name: ValueError)."""
+    dt = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"Muon.load_state_dict: ns_dtype {name!r} in a param group is not a torch dtype; nothing "
+                         "was loaded")
+    return dt

@@ -20,7 +20,7 @@ from .adam import AdamW
 from .amp import _drop_amp_attrs, amp_scalar, unscale_lists
 from .base import FusedOptimizer
 from .checkpoints import with_load_hooks, with_post_hooks
-from .ckpt_format import refuse_missized_state
+from .ckpt_format import muon_dtype_names, muon_ns_dtype_named, muon_without_saved_layout, refuse_missized_state
 from .host_state import check_loaded_state
 from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss, torch_setstate, user_stacklevel
 
@@ -42,36 +42,6 @@ class _MuonCore(FusedOptimizer):
 
     def __init__(self, params, defaults, *, backend=None):
         super().__init__(params, dict(defaults), backend=backend)
-
-
-def _without_saved_layout(groups: list, where: str) -> list:
-    """A checkpoint's (or pickle's) groups without a ``layout`` other than "native": Muon kept such a key with no
-    effect before 2026-12-06 (its state is native whatever the key said), so the state loads; a UserWarning says
-    the key is dropped. New dicts; the caller's are not modified."""
-    bad = [i for i, g in enumerate(groups) if isinstance(g, dict) and g.get("layout", "native") != "native"]
-    if bad:
-        warnings.warn(f"Muon {where}: param group(s) {bad} hold layout "
-                      f"{', '.join(sorted({repr(groups[i]['layout']) for i in bad}))}, which Muon never applied (its state is "
-                      "native); the key is dropped and the state loads as it is", UserWarning, stacklevel=3)
-    return [{k: v for k, v in g.items() if k != "layout"} if i in bad else g for i, g in enumerate(groups)]
-
-
-def _dtype_names(sd: dict) -> dict:
-    """torch's state_dict ``sd`` with each group's ``ns_dtype`` saved as its name (torch's packed groups are new
-    dicts: the live groups keep the torch.dtype)."""
-    for g in sd["param_groups"]:
-        if isinstance(g.get("ns_dtype"), torch.dtype):
-            g["ns_dtype"] = str(g["ns_dtype"]).removeprefix("torch.")
-    return sd
-
-
-def _ns_dtype_named(name: str):
-    """A checkpoint's ns_dtype name ("bfloat16", "torch.float32") -> the torch.dtype (an unknown name: ValueError)."""
-    dt = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"Muon.load_state_dict: ns_dtype {name!r} in a param group is not a torch dtype; nothing "
-                         "was loaded")
-    return dt
 
 
 class Muon(torch.optim.Optimizer):
@@ -345,12 +315,12 @@ class Muon(torch.optim.Optimizer):
     def _load_state_dict(self, state_dict):
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if isinstance(groups, list) and any(isinstance(g, dict) and "layout" in g for g in groups):
-            groups = _without_saved_layout(groups, "load_state_dict")
+            groups = muon_without_saved_layout(groups, "load_state_dict")
             state_dict = {**state_dict, "param_groups": groups}
         if isinstance(groups, list) and any(isinstance(g, dict) and isinstance(g.get("ns_dtype"), str)
                                             for g in groups):
             state_dict = {**state_dict, "param_groups": [
-                {**g, "ns_dtype": _ns_dtype_named(g["ns_dtype"])}
+                {**g, "ns_dtype": muon_ns_dtype_named(g["ns_dtype"])}
                 if isinstance(g, dict) and isinstance(g.get("ns_dtype"), str) else g for g in groups]}
         aux_spec = get_spec(AdamW.rule)  # (a partial state or a bad counter: refused before anything is loaded)
         check_loaded_state("Muon", state_dict, lambda g: MUON_SPEC.required_state({**MUON_DEFAULTS, **g})
@@ -371,7 +341,7 @@ class Muon(torch.optim.Optimizer):
         groups = state.get("param_groups")
         if isinstance(groups, list) and any(isinstance(g, dict) and g.get("layout", "native") != "native"
                                             for g in groups):
-            state["param_groups"] = _without_saved_layout(groups, "unpickling")
+            state["param_groups"] = muon_without_saved_layout(groups, "unpickling")
         saved = state.get("state") or {}
         for gi, g in enumerate(state.get("param_groups") or ()):
             for pi, p in enumerate(g.get("params", ())):
@@ -509,7 +479,7 @@ class Muon(torch.optim.Optimizer):
         torch.dtype): torch.distributed.checkpoint's full and CPU-offloaded state dicts take only plain values
         (``get_optimizer_state_dict(..., full_state_dict=True)`` raised on a torch.dtype)."""
         self.sync_amp()
-        return with_post_hooks(self, lambda o: super(Muon, o).state_dict(), _dtype_names)
+        return with_post_hooks(self, lambda o: super(Muon, o).state_dict(), muon_dtype_names)
 
 
 Muon._step_supports_amp_scaling = True  # GradScaler sets .grad_scale / .found_inf, see step()
