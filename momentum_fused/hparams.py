@@ -46,7 +46,7 @@ def as_pair(value: Any) -> Any:
     if not is_pair_like(value):
         return value
     return tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else
-                 b.item() if _is_numpy(b, 0) or type(b).__module__ == "numpy" and hasattr(b, "item") else b
+                 b.item() if _is_numpy(b, 0) else b
                  for b in value)
 
 

@@ -52,11 +52,11 @@ import torch
 from .. import distributed as _dist
 
 from .. import reference
-from ..optim.adam import Adam
-from ..optim.sgd import SGD
 from ..hparams import as_pair
+from ..optim.adam import Adam
 from ..optim.checkpoints import with_load_hooks
 from ..optim.host_state import check_loaded_state
+from ..optim.sgd import SGD
 from ..specs import get_spec
 from .groups import GroupsMixin, _is_factor
 from .layer import LowRankLinear
