@@ -338,6 +338,27 @@ def test_errors_leave_everything_unchanged(cls):
     p, opt = _warm(cls, steps=0, lr="polyak")  # a NumPy float32 loss is a number for the Polyak step too
     p.grad = quad_grad(p.detach())
     opt.step(lambda: np.float32(1.0))
+    # ... and a NumPy array (0-d or of several elements) or a complex tensor (2026-12-07: a NaN array was stepped
+    # silently, a complex loss raised float()'s TypeError even where its value is not used)
+    for loss in (np.array(float("nan")), np.array([1.0, float("nan")]), torch.tensor(complex(1.0, float("nan")))):
+        p, opt = _warm(cls, lr=0.05)
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match="non-finite loss"):
+            opt.step(lambda loss=loss: loss)
+        assert_same(before, snapshot(opt))
+    p, opt = _warm(cls, lr=0.05)  # a finite complex loss: the step is taken, as torch.optim's
+    opt.step(lambda: torch.tensor(complex(1.0, 2.0)))
+    p, opt = _warm(cls, steps=0, lr="polyak")  # ... but it is no Polyak loss
+    p.grad = quad_grad(p.detach())
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="real number"):
+        opt.step(lambda: torch.tensor(complex(1.0, 2.0)))
+    assert_same(before, snapshot(opt))
+    p, opt = _warm(cls, lr=0.05)  # a misspelt lr string is named as such, not as "polyak needs a closure"
+    opt.param_groups[0]["lr"] = "polyax"
+    with pytest.raises((ValueError, TypeError), match="lr") as err:
+        opt.step()
+    assert "closure" not in str(err.value)
 
     # polyak without a closure, or a closure that returns no number
     p, opt = _warm(cls, steps=0, lr="polyak")

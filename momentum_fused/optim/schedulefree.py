@@ -67,23 +67,37 @@ def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 
     return (sum(float(t[0]) for t in totals), sum(float(t[1]) for t in totals))
 
 
-def _loss_value(loss):
-    """The closure's loss as a float, or None when it is not a scalar (a Python or NumPy real number, or a
-    one-element tensor)."""
+def _loss_tensor(loss):
+    """The closure's loss as a tensor when it is one, a NumPy array or a Python or NumPy number (a bool is not a
+    loss), else None."""
     if isinstance(loss, torch.Tensor):
-        return float(loss.detach().item()) if loss.numel() == 1 else None
-    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return float(loss)
+        return loss.detach()
+    if type(loss).__module__ == "numpy" and hasattr(loss, "dtype") or \
+            isinstance(loss, numbers.Number) and not isinstance(loss, bool):
+        try:
+            return torch.as_tensor(loss)
+        except (TypeError, RuntimeError):  # (a NumPy dtype torch has no tensor of: not a loss it can read)
+            return None
     return None
 
 
+def _loss_value(loss):
+    """The closure's loss as a float, or None when it is not a real scalar (a Python or NumPy real number, a
+    one-element tensor or NumPy array)."""
+    t = _loss_tensor(loss)
+    if t is None or t.numel() != 1 or t.is_complex() or t.dtype == torch.bool:
+        return None
+    return float(t.item())
+
+
 def _loss_nonfinite(loss):
-    """A non-finite value of the closure's loss (any element of a tensor of several), else None."""
-    if isinstance(loss, torch.Tensor) and loss.numel() > 1:
-        bad = loss.detach()[~torch.isfinite(loss.detach())]
-        return float(bad.reshape(-1)[0]) if bad.numel() else None
-    f = _loss_value(loss)
-    return f if f is not None and not math.isfinite(f) else None
+    """A non-finite value of the closure's loss (any element of a tensor or NumPy array of several; a complex
+    one's real or imaginary part), else None."""
+    t = _loss_tensor(loss)
+    if t is None or t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+        return None
+    bad = t[~torch.isfinite(t)]
+    return bad.reshape(-1)[0].item() if bad.numel() else None
 
 
 # z is an iterate (the param's scale and precision), not a moment estimate. Not the 8-bit layouts: codes of a
@@ -199,8 +213,8 @@ class _ScheduleFree(FusedOptimizer):
             raise RuntimeError(f"{name}.step() called in eval mode: the params hold the averaged iterate x. "
                                "Call optimizer.train() before training steps (and optimizer.eval() before "
                                "evaluating or saving the model).")
-        if closure is None and any(isinstance(g.get("lr"), str) for g in self.param_groups):  # (a deleted lr:
-            # the full plan names it)
+        if closure is None and any(g.get("lr") == "polyak" for g in self.param_groups):  # (a deleted lr, or
+            # another string: the full plan names it)
             raise ValueError(f"{name}: lr='polyak' needs a closure that re-evaluates the model and returns "
                              "the loss: optimizer.step(closure)")
         return super().step(closure)
@@ -216,8 +230,9 @@ class _ScheduleFree(FusedOptimizer):
         if polyak:
             f = _loss_value(loss)
             if f is None:
-                raise ValueError(f"{name}: lr='polyak' needs the closure to return the loss as a number or a "
-                                 f"one-element tensor, got {type(loss).__name__}")
+                raise ValueError(f"{name}: lr='polyak' needs the closure to return the loss as a real number or a "
+                                 f"one-element real tensor, got {type(loss).__name__}"
+                                 + (f" of dtype {loss.dtype}" if isinstance(loss, torch.Tensor) else ""))
             gammas = []
             for group, items in polyak:  # reduction pass: reads only (gamma is written with the other counters)
                 dot, sq = polyak_reductions(self.rule, group, items, self.state, inv_scale, self.grad_of)
