@@ -277,11 +277,10 @@ def scalar_table(scalars, n: int, device) -> torch.Tensor:
 
 
 def _sr_key_column(sr_keys, device) -> torch.Tensor:
-    """The uint32 stochastic-rounding keys as an fp64 column on ``device``: made on the host and copied without
-    blocking, as the scalar table is (``torch.tensor(..., device=cuda)`` copies with non_blocking=False, which
+    """The uint32 stochastic-rounding keys as an fp64 [n, 1] column on ``device``, made as the scalar table is
+    (on the host, one non-blocking copy: ``torch.tensor(..., device=cuda)`` copies with non_blocking=False, which
     waits for the stream: a host stall every step of the stochastic layouts; a review, 2026-12-07)."""
-    keys = torch.tensor([int(k) & 0xFFFFFFFF for k in sr_keys], dtype=torch.float64)
-    return keys.to(device, non_blocking=True) if keys.device != torch.device(device) else keys
+    return scalar_table([(int(k) & 0xFFFFFFFF,) for k in sr_keys], len(sr_keys), device)
 
 
 def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, scalars, *,
@@ -339,7 +338,7 @@ def multi_tensor_apply(family: str, rule_id: int, flags: Sequence[bool], lists, 
         if len(sr_keys) != n:
             raise ValueError(f"{len(sr_keys)} stochastic-rounding keys for {n} tensors")
         keys = _sr_key_column(sr_keys, ref.device)
-        scal = torch.cat([scal, keys[:, None]], dim=1).contiguous()
+        scal = torch.cat([scal, keys], dim=1).contiguous()
     ptr_tab, full_tab, prog_tab, seg_tab, n_full, n_packed, n_seg, aligned = tables
     if n_full + n_packed == 0:
         return 0  # every tensor is empty
@@ -554,7 +553,7 @@ def int8_state_apply(family: str, rule_id: int, flags: Sequence[bool], params, g
         if len(sr_keys) != n:
             raise ValueError(f"{len(sr_keys)} stochastic-rounding keys for {n} tensors")
         keys = _sr_key_column(sr_keys, ref.device)
-        scal = torch.cat([scal, keys[:, None]], dim=1).contiguous()
+        scal = torch.cat([scal, keys], dim=1).contiguous()
     fi, gs = _amp_scalars(found_inf, grad_scale, ref.device)
     flags = tuple(bool(f) for f in flags) + (False,) * (2 - len(flags))
     int8_state_kernel[(n_prog,)](

@@ -17,7 +17,6 @@ See docs/schedulefree.md for the learning-rate modes, the weight rules and the P
 """
 from __future__ import annotations
 
-import math
 import numbers
 from collections import namedtuple
 
