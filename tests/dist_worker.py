@@ -1030,6 +1030,45 @@ def scenario_muon_chunks(rank, tmpdir, backend):
 _KINDS["muon_chunks"] = scenario_muon_chunks
 
 
+def scenario_gradient_snr(rank, tmpdir, layout, backend, steps=4):
+    """AdamTied.gradient_snr() under FSDP2 and in one process: a (8, 1024) weight whose rows split evenly over the
+    ranks (DTensor's own mean() of it is a Partial average: each rank read its shard's mean), uneven layers after
+    it, and the int8 layouts' codes on the first weight (8192 elements, whole blocks per shard; float32 params, which
+    those layouts take)."""
+    import torch
+    from torch import nn
+
+    import momentum_fused as mf
+
+    dtype = torch.float64 if layout == "native" else torch.float32
+
+    def model_():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(1024, 8), nn.Tanh(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 1)).to(dtype)
+
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(GLOBAL_BATCH, 1024, generator=gen, dtype=dtype),
+             torch.randn(GLOBAL_BATCH, 1, generator=gen, dtype=dtype)) for _ in range(steps)]
+
+    def run(model, wrapped, part):
+        opt = mf.AdamTied(model.parameters(), lr=0.01, beta=0.9, layout=layout, backend=backend)
+        for x, y in data:
+            opt.zero_grad()
+            ((wrapped(part(x)) - part(y)) ** 2).mean().backward()
+            opt.step()
+        snr = opt.gradient_snr()
+        return [snr[p] for p in model.parameters()]
+
+    model = model_()
+    ref = run(model, model, lambda t: t)
+    model = model_()
+    wrapped, inner = _wrap("fsdp", model)
+    return dict(dist=run(inner, wrapped, lambda t: _half(t, rank)), ref=ref)
+
+
+_KINDS["gradient_snr"] = scenario_gradient_snr
+
+
 def scenario_sparse_fsdp(rank, tmpdir, opt_name, backend, steps=6):
     """FSDP2 with a changing set of params with gradients (experts a batch did not use: after the backward, the
     same params of every rank set to None, a different set each step), against the single-process run doing the

@@ -80,6 +80,8 @@ def _scenarios():
     out += [dict(id=f"muon_experts-{m}-{b}", kind="muon_experts", mixed=m != "experts", toggle=m == "toggled",
                  backend=b) for m in ("experts", "mixed", "toggled") for b in _available(BACKENDS)]
     out += [dict(id=f"zero_int8_resume-{b}", kind="zero_int8_resume", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"gradient_snr-{lay}-{b}", kind="gradient_snr", layout=lay, backend=b)
+            for lay in ("native", "int8_state") for b in _available(BACKENDS)]
     out += [dict(id=f"sparse_fsdp-{o}-{b}", kind="sparse_fsdp", opt_name=o, backend=b)
             for o in ("adamw", "sgd_momentum") for b in _available(BACKENDS)]
     return out
@@ -546,3 +548,18 @@ def test_fsdp_with_a_changing_set_of_gradients_takes_the_cached_plan(world, opt_
     for rank, res in enumerate(_results(world, f"sparse_fsdp-{opt_name}-{backend}")):
         _assert_snapshots_close(res["dist"], res["ref"], F64, f"rank {rank}")
         assert res["full_plans"] == 1, res["full_plans"]
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("layout", ["native", "int8_state"])
+def test_adamtied_gradient_snr_under_fsdp_is_the_whole_params_mean_on_every_rank(world, layout, backend):
+    """gradient_snr is a mean over each param's elements: under FSDP2 every rank returns the one-process value
+    (it returned its own shard's mean where the rows split evenly: DTensor's mean() is then a Partial average, here
+    ~1 % from the whole param's). float64 (native) or float32 (int8_state) params: the averaged gradients' round-off.
+    (Under int8_state the 8-bit weight's value is inf, some decoded variance being 0: its bias still splits evenly.)"""
+    r0, r1 = _results(world, f"gradient_snr-{layout}-{backend}")
+    assert r0["dist"] == r1["dist"]
+    assert r0["ref"] == r1["ref"]
+    tol = 1e-9 if layout == "native" else 1e-4
+    for i, (got, want) in enumerate(zip(r0["dist"], r0["ref"])):
+        assert math.isclose(got, want, rel_tol=tol), f"param {i}: FSDP2 {got} vs one process {want}"

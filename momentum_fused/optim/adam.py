@@ -1,5 +1,6 @@
 import torch
 
+from .. import distributed as _dist
 from .. import layouts as _layouts
 from ..hparams import is_pair_like
 from .base import FusedOptimizer
@@ -126,8 +127,19 @@ class AdamTied(Adam):
                 m = _moment_values(st, "exp_avg", p) / bc
                 var = (_moment_values(st, "exp_avg_sq", p) / bc - m * m).clamp_min(0.0)
                 ratio = torch.where((m == 0) & (var == 0), torch.zeros_like(m), m * m / var)
-                out[p] = float(ratio.mean()) if ratio.numel() else float("nan")
+                out[p] = _mean_over_shards(ratio)
         return out
+
+
+def _mean_over_shards(t: torch.Tensor) -> float:
+    """The mean over all elements of ``t`` (a DTensor: of the whole tensor), the same on every rank: a DTensor's
+    local sum all-reduced over the groups that shard it (DTensor's own ``mean()`` of a Shard(0) tensor whose rows
+    split evenly is a Partial average, which ``float()`` read as this rank's shard mean)."""
+    n = t.numel()
+    if not n:
+        return float("nan")
+    total = _dist.local(t).sum().reshape(1).to(torch.float64)
+    return float(_dist.all_reduce_sums(total, _dist.shard_groups(t))) / n
 
 
 def _moment_values(st: dict, key: str, p: torch.Tensor) -> torch.Tensor:
