@@ -112,7 +112,8 @@ class AdamTied(Adam):
         mean/variance estimate). Elements with sigma^2 = 0 count as inf (0 when m = 0 too). Returns
         {param: float}; params without state yet are left out. The Adam direction with eps = 0 is
         sign(m) / sqrt(1 + 1/snr) elementwise. Any layout: 8-bit codes are decoded with their block scales; a
-        complex param counts as its pairs of reals (the update's convention)."""
+        complex param counts as its pairs of reals (the update's convention). Sharded DTensor params (FSDP2): the
+        mean over the whole param, the same on every rank; a collective, so every rank calls it."""
         self.sync_amp()  # (a skipped step's deferred GradScaler rollback, before the state is read)
         out = {}
         for group in self.param_groups:
