@@ -201,7 +201,8 @@ def check_group(opt_name: str, gi: int, items, state, state_names, grads: bool =
 def shard_groups(t) -> tuple:
     """The process groups over which a sum of ``t``'s local elements must be all-reduced to give the
     sum over the whole tensor: one per mesh dimension on which ``t`` is sharded (() for a plain
-    tensor or a fully replicated DTensor)."""
+    tensor or a fully replicated DTensor). Every placement that is not Replicate shards: Shard, and also torch's
+    _StridedShard (FSDP2 over tensor parallelism), whose ``is_shard()`` is False."""
     cls = dtensor_class()
     if cls is None or not isinstance(t, cls):
         return ()
@@ -210,7 +211,7 @@ def shard_groups(t) -> tuple:
     for dim, pl in enumerate(t.placements):
         if pl.is_partial():
             raise NotImplementedError(f"a reduction over a DTensor with Partial placement {pl} is not supported")
-        if pl.is_shard():
+        if not pl.is_replicate():
             groups.append(mesh.get_group(dim))
     return tuple(groups)
 

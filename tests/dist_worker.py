@@ -1069,6 +1069,43 @@ def scenario_gradient_snr(rank, tmpdir, layout, backend, steps=4):
 _KINDS["gradient_snr"] = scenario_gradient_snr
 
 
+def scenario_strided_reductions(rank, tmpdir, backend, steps=4):
+    """The whole-tensor reductions (AdamTied.gradient_snr, the Polyak step's inner products) of a param placed as
+    FSDP2 places a tensor-parallel one, _StridedShard(0) (its is_shard() is False: the reductions left its mesh dim
+    out and each rank used its own shard's sums), against the same param as a plain tensor in one process."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    import momentum_fused as mf
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    placed = [_StridedShard(0, split_factor=2)]
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(8, 4, generator=gen, dtype=torch.float64) for _ in range(steps)]
+
+    def run(make, sharded):
+        p = torch.nn.Parameter(distribute_tensor(init.clone(), mesh, placed) if sharded else init.clone())
+        opt = make([p])
+        for i, g in enumerate(grads):
+            def closure(g=g, i=i):
+                p.grad = distribute_tensor(g.clone(), mesh, placed) if sharded else g.clone()
+                return torch.tensor(1.0 / (i + 1), dtype=torch.float64)
+            opt.step(closure)
+        snr = opt.gradient_snr()[p] if hasattr(opt, "gradient_snr") else None
+        return dict(param=_full(p), snr=snr, placements=[type(pl).__name__ for pl in p.placements] if sharded else None)
+
+    makers = dict(adamtied=lambda ps: mf.AdamTied(ps, lr=0.01, beta=0.9, backend=backend),
+                  sf_sgd_polyak=lambda ps: mf.SGDScheduleFree(ps, lr="polyak", momentum=0.9, polyak_max_lr=5.0,
+                                                              backend=backend))
+    return {name: dict(dist=run(make, True), ref=run(make, False)) for name, make in makers.items()}
+
+
+_KINDS["strided_reductions"] = scenario_strided_reductions
+
+
 def scenario_sparse_fsdp(rank, tmpdir, opt_name, backend, steps=6):
     """FSDP2 with a changing set of params with gradients (experts a batch did not use: after the backward, the
     same params of every rank set to None, a different set each step), against the single-process run doing the
