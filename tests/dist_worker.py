@@ -888,19 +888,21 @@ def scenario_muon_bad_split(rank, tmpdir, backend):
 _KINDS["muon_bad_split"] = scenario_muon_bad_split
 
 
-def _muon_sharded_vs_one_process(mesh, init, grads, backend, flatten=None, **kw) -> dict:
+def _muon_sharded_vs_one_process(mesh, init, grads, backend, flatten=None, placements=None, **kw) -> dict:
     """Muon (fp32 NS; ``kw``: more of its keywords) over params ``init`` stepped with ``grads`` (one list per step):
-    as plain tensors (ref) and as Shard(0) DTensors on ``mesh`` (dist), each run's snapshot, and the number of
-    ``all_to_all_single`` calls of the sharded run (exchanges). ``flatten``: the group's flag written before each
-    step (one per step), or None."""
+    as plain tensors (ref) and as DTensors on ``mesh`` (dist: ``placements``, default [Shard(0)]), each run's
+    snapshot, and the number of ``all_to_all_single`` calls of the sharded run (exchanges). ``flatten``: the group's
+    flag written before each step (one per step), or None."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import momentum_fused as mf
 
+    placements = placements or [Shard(0)]
+
     def run(sharded):
-        put = (lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)])) if sharded else (lambda t: t.clone())
+        put = (lambda t: distribute_tensor(t.clone(), mesh, placements)) if sharded else (lambda t: t.clone())
         ps = [torch.nn.Parameter(put(x)) for x in init]
         opt = mf.Muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, backend=backend, **kw)
         for k, gs in enumerate(grads):
@@ -977,6 +979,29 @@ def scenario_muon_experts(rank, tmpdir, backend, mixed=False, toggle=False):
 
 
 _KINDS["muon_experts"] = scenario_muon_experts
+
+
+def scenario_muon_hsdp(rank, tmpdir, backend, shard_dim):
+    """Muon on a 2-D mesh as HSDP places params: Shard(0) on one mesh dim, Replicate on the other (here (1, 2) with
+    (Replicate, Shard(0)) and (2, 1) with (Shard(0), Replicate): 2 processes; a 2x2 mesh runs the same code with
+    each replica's shard group exchanging its own copy). The exchange runs in the group of the sharding mesh dim
+    (it was refused: only 1-D meshes), equal to one process bit for bit; 2-D and 3-D (flatten=False) params."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (1, WORLD) if shard_dim == 1 else (WORLD, 1))
+    placements = [Replicate(), Shard(0)] if shard_dim == 1 else [Shard(0), Replicate()]
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(7, 5), (16, 8), (1, 4), (3, 4, 5)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(STEPS)]
+    out = _muon_sharded_vs_one_process(mesh, init, grads, backend, flatten=[False] * STEPS, placements=placements)
+    out["placements"] = [type(pl).__name__ for pl in placements]
+    return out
+
+
+_KINDS["muon_hsdp"] = scenario_muon_hsdp
 
 
 def scenario_muon_chunks(rank, tmpdir, backend):

@@ -83,6 +83,8 @@ def _scenarios():
     out += [dict(id=f"gradient_snr-{lay}-{b}", kind="gradient_snr", layout=lay, backend=b)
             for lay in ("native", "int8_state") for b in _available(BACKENDS)]
     out += [dict(id=f"strided_reductions-{b}", kind="strided_reductions", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"muon_hsdp-{d}-{b}", kind="muon_hsdp", shard_dim=d, backend=b)
+            for d in (0, 1) for b in _available(BACKENDS)]
     out += [dict(id=f"sparse_fsdp-{o}-{b}", kind="sparse_fsdp", opt_name=o, backend=b)
             for o in ("adamw", "sgd_momentum") for b in _available(BACKENDS)]
     return out
@@ -580,3 +582,15 @@ def test_whole_tensor_reductions_of_a_strided_shard_param_equal_one_process(worl
         assert torch.equal(r0[name]["dist"]["param"], r1[name]["dist"]["param"]), name
     a, b, want = r0["adamtied"]["dist"]["snr"], r1["adamtied"]["dist"]["snr"], r0["adamtied"]["ref"]["snr"]
     assert a == b and math.isclose(a, want, rel_tol=1e-12), (a, b, want)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("shard_dim", [0, 1])
+def test_muon_on_an_hsdp_mesh_exchanges_in_the_shard_group_and_equals_one_process(world, shard_dim, backend):
+    """HSDP's placements on a 2-D mesh (Shard(0) on one mesh dim, Replicate on the other): Muon refused every 2-D
+    mesh; it now exchanges each matrix's rows in the sharding dim's group, equal to one process bit for bit (a 2x2
+    mesh on 4 ranks, fully_shard's HSDP included, was checked the same way by hand, 2026-12-07)."""
+    for rank, res in enumerate(_results(world, f"muon_hsdp-{shard_dim}-{backend}")):
+        assert res["placements"] == (["Replicate", "Shard"] if shard_dim else ["Shard", "Replicate"])
+        _assert_snapshots_equal(res["dist"], res["ref"], f"rank {rank}")
+        assert res["exchanges"] > 0, (rank, res["exchanges"])

@@ -69,8 +69,8 @@ class Muon(torch.optim.Optimizer):
       ``AUX_DEFAULTS``; ``maximize`` and ``capturable`` unset: this optimizer's), on the fused AdamW path;
     - ``backend``: as every momentum_fused optimizer (the two elementwise passes run on the cpu, triton or cuda
       kernels; the Newton-Schulz phase runs with batched torch ops);
-    - FSDP2 (DTensor params sharded on dim 0): each matrix is gathered to an owner rank, orthogonalized there
-      and its rows sent back (docs/muon.md);
+    - FSDP2 (DTensor params sharded on dim 0; on a 2-D mesh with the other dim Replicate: HSDP): each matrix is
+      gathered to an owner rank of the sharding dim, orthogonalized there and its rows sent back (docs/muon.md);
     - ``capturable=True`` (both kinds of group; a param-group key): no host read and no host-computed number per
       step on a compiled backend, as for the other rules: each pass's scalars (a tensor lr included) are computed on
       the params' device, the Newton-Schulz phase is torch ops there.

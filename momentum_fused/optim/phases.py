@@ -5,10 +5,12 @@ the rule declares in ``spec.state_tensors`` (persistent ones in ``optimizer.stat
 step). Orthogonalized momentum is the case it is designed for: momentum pass, Newton-Schulz on the update,
 apply pass (docs/architecture.md, "Contract v2").
 
-DTensor params sharded on dim 0 (FSDP2) or replicated, on a 1-D mesh: the passes run on local shards, the matrix
-phases on whole matrices, each sent to an owner rank (``_sharded_matrix_phase``: one all-to-all each way, every
-owner computing at the same time). Limits, each refused with a clear error before anything changes: the native
-layout only, no complex params or other DTensor placements, Shard(0) rows in torch.chunk's split (FSDP2's).
+DTensor params sharded on dim 0 (FSDP2) or replicated, on one mesh dim with every other one Replicate (HSDP's
+(Replicate, Shard(0)) included): the passes run on local shards, the matrix phases on whole matrices, each sent to
+an owner rank of the sharding mesh dim (``_sharded_matrix_phase``: one all-to-all each way, every owner computing
+at the same time; replicas do the same in their own shard groups). Limits, each refused with a clear error before
+anything changes: the native layout only, no complex params or other DTensor placements (a param sharded on two
+mesh dims, torch's _StridedShard of tensor parallelism), Shard(0) rows in torch.chunk's split (FSDP2's).
 capturable=True: each pass gets its scalars as a float64 [n, k] table computed on the params' device by tensor ops
 (a tensor lr is read there, never on the host).
 
@@ -43,25 +45,26 @@ class PhasesMixin:
         if lay.name != "native":
             raise ValueError(f"{where}: a multi-phase rule runs with layout='native' only, got {lay.name!r}")
         cls = _dist.dtensor_class()
-        meshes: dict = {}  # id(mesh) -> (ndim, size, this rank's index): (get_local_rank costs ~10 us a call)
+        meshes: dict = {}  # (id(mesh), dim) -> (size, this rank's index) on that dim (get_local_rank: ~10 us a call)
         for i, p in enumerate(items):
             if p.is_complex():
                 raise TypeError(f"{where}: a multi-phase rule does not take complex params (param {i} has dtype "
                                 f"{p.dtype})")
             if cls is not None and isinstance(p, cls):
-                mesh = p.device_mesh
-                info = meshes.get(id(mesh))
-                if info is None:
-                    info = meshes[id(mesh)] = (mesh.ndim, mesh.size(), mesh.get_local_rank(0) if mesh.ndim == 1
-                                               else None)
-                pl = p.placements
-                if info[0] != 1 or not (pl[0].is_replicate() or (pl[0].is_shard() and pl[0].dim == 0)):
+                mesh, pl = p.device_mesh, p.placements
+                dims = [d for d, x in enumerate(pl) if not x.is_replicate()]
+                if len(dims) > 1 or dims and not (pl[dims[0]].is_shard() and pl[dims[0]].dim == 0):
                     raise NotImplementedError(
                         f"{where}: param {i} is a DTensor with placements {tuple(pl)} on a {mesh.ndim}-D mesh; a "
-                        "multi-phase rule takes DTensors sharded on dim 0 (FSDP2's Shard(0)) or replicated, on a 1-D "
-                        "mesh")
-                if pl[0].is_shard() and info[1] > 1:  # (_sharded: the rows _sharded_matrix_phase exchanges are
-                    want = _row_counts(p.shape[0], info[1])[info[2]]  # torch.chunk's split, as FSDP2's)
+                        "multi-phase rule takes DTensors sharded on dim 0 (FSDP2's Shard(0)) on at most one mesh "
+                        "dim, the others Replicate (FSDP2, HSDP), or replicated")
+                if not dims:
+                    continue
+                info = meshes.get((id(mesh), dims[0]))
+                if info is None:
+                    info = meshes[(id(mesh), dims[0])] = (mesh.size(dims[0]), mesh.get_local_rank(dims[0]))
+                if info[0] > 1:  # (_sharded: the rows _sharded_matrix_phase exchanges are torch.chunk's split,
+                    want = _row_counts(p.shape[0], info[0])[info[1]]  # as FSDP2's)
                     if p._local_tensor.shape[0] != want:
                         raise NotImplementedError(
                             f"{where}: param {i} is a DTensor of {p.shape[0]} rows whose shard on this rank has "
@@ -305,10 +308,21 @@ def _chunk_size(phase, n: int, nbytes: int, device_type: str) -> int:
     return max(1, size)
 
 
+def _shard_dim(p):
+    """The mesh dim over which a DTensor param of a matrix phase is sharded (Shard(0); ``_phase_limits`` allows one,
+    the others Replicate), or None: a plain tensor, a replicated DTensor, or one sharded over a single rank (each
+    holds the whole tensor locally)."""
+    if not _dist.is_dtensor(p):
+        return None
+    for d, pl in enumerate(p.placements):
+        if pl.is_shard():
+            return d if p.device_mesh.size(d) > 1 else None
+    return None
+
+
 def _sharded(p) -> bool:
-    """A DTensor sharded on dim 0 over more than one rank (a replicated one, or a mesh of one rank, holds the
-    whole tensor locally)."""
-    return _dist.is_dtensor(p) and p.placements[0].is_shard() and p.device_mesh.size() > 1
+    """A DTensor sharded on dim 0 over more than one rank of a mesh dim (``_shard_dim``)."""
+    return _shard_dim(p) is not None
 
 
 def _row_counts(rows: int, world: int) -> list:
@@ -360,13 +374,14 @@ def _round_elems(default: int = 8 << 20) -> int:
 ROUND_ELEMS = _round_elems()
 
 
-def _exchange_layout(prs, mesh, phase, itemsize: int) -> dict:
-    """The exchange of ``_sharded_matrix_phase`` for the (DTensor param, local tensor) pairs ``prs`` on ``mesh``:
+def _exchange_layout(prs, mesh, dim: int, phase, itemsize: int) -> dict:
+    """The exchange of ``_sharded_matrix_phase`` for the (DTensor param, local tensor) pairs ``prs`` sharded over
+    ``mesh``'s dim ``dim`` (its process group: the ranks that hold this rank's replica's shards):
     owners (largest first to the least loaded rank, ties to the lowest rank: the same on every rank), each owner's
     NS calls (its matrices by global shape, in param order, chunked by ``_chunk_size`` on ``itemsize`` bytes per
     element), the rounds (``ROUND_ELEMS``), and per round the send and receive order and splits. It depends on the
     params' shapes and the mesh only."""
-    world, me = mesh.size(), mesh.get_local_rank(0)
+    world, me = mesh.size(dim), mesh.get_local_rank(dim)
     load = [0] * world
     owner = [0] * len(prs)
     for i in sorted(range(len(prs)), key=lambda i: -prs[i][0].numel()):
@@ -404,12 +419,13 @@ def _exchange_layout(prs, mesh, phase, itemsize: int) -> dict:
                         send_splits=[sum(counts[i][me] * row[i] for _, idx in of[o] for i in idx) for o in range(world)],
                         recv_splits=[sum(counts[i][r] * row[i] for i in mine) for r in range(world)],
                         back_splits=[counts[i][me] * row[i] for i in order]))
-    return dict(pg=mesh.get_group(0), world=world, me=me, counts=counts, row=row, rounds=out)
+    return dict(pg=mesh.get_group(dim), world=world, me=me, counts=counts, row=row, rounds=out)
 
 
 def _sharded_matrix_phase(phase, group, pairs, memo, key) -> None:
     """The matrix phase for (DTensor param, local shard of its work tensor) pairs sharded on dim 0 (FSDP2), per
-    (mesh, dtype). Each matrix gets an owner rank (round-robin by size: largest first, to the least loaded rank;
+    (mesh, sharding mesh dim, dtype): HSDP's replicas each exchange in their own shard group (the same computation
+    in every replica). Each matrix gets an owner rank (round-robin by size: largest first, to the least loaded rank;
     the same on every rank, the params of a group being the same everywhere). Then, per round
     (``_exchange_layout``; one round unless the matrices are large):
 
@@ -437,10 +453,10 @@ def _sharded_matrix_phase(phase, group, pairs, memo, key) -> None:
     if groups is None:
         by_mesh: dict = {}
         for j, (p, t) in enumerate(pairs):  # (by dtype too: one send buffer holds one dtype, as the stacks do)
-            by_mesh.setdefault((p.device_mesh, t.dtype), []).append(j)
-        groups = memo[key] = [(mesh, dtype, idx, _exchange_layout([pairs[j] for j in idx], mesh, phase,
+            by_mesh.setdefault((p.device_mesh, _shard_dim(p), t.dtype), []).append(j)
+        groups = memo[key] = [(mesh, dtype, idx, _exchange_layout([pairs[j] for j in idx], mesh, dim, phase,
                                                                    dtype.itemsize))
-                              for (mesh, dtype), idx in by_mesh.items()]
+                              for (mesh, dim, dtype), idx in by_mesh.items()]
     for mesh, dtype, idx, lay in groups:
         prs = [pairs[j] for j in idx]
         pg, world, counts, row, rounds = (lay[k] for k in ("pg", "world", "counts", "row", "rounds"))
