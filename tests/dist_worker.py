@@ -61,10 +61,20 @@ def run_scenarios(scenarios: list[dict], env: dict | None = None) -> list[dict]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_entry, args=(d, scenarios, dict(env or {})), nprocs=WORLD, join=True)
+        files = [os.path.join(d, f"rank{r}.pt") for r in range(WORLD)]
+        try:
+            mp.spawn(_entry, args=(d, scenarios, dict(env or {})), nprocs=WORLD, join=True)
+        except mp.ProcessExitedException as e:
+            # A worker that died after writing its results (gloo's teardown, pytorch/pytorch#179291: SIGABRT in
+            # destroy_process_group or at exit) loses nothing; one that died before is a failure, with its files.
+            if not all(os.path.exists(f) for f in files):
+                raise RuntimeError(f"a worker died before writing its results ({e}); written: "
+                                   f"{[os.path.basename(f) for f in files if os.path.exists(f)]}") from e
+            import warnings
+            warnings.warn(f"dist_worker: {e} after every rank wrote its results (teardown); results kept")
         import torch
 
-        return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        return [torch.load(f, weights_only=False) for f in files]
 
 
 # ------------------------------------------------------------------------------------------ child side
@@ -87,7 +97,9 @@ def _entry(rank: int, tmpdir: str, scenarios: list[dict], env: dict) -> None:
             except Exception:
                 results[sc["id"]] = {"error": f"rank {rank}: " + traceback.format_exc()}
     finally:
-        torch.save(results, os.path.join(tmpdir, f"rank{rank}.pt"))
+        path = os.path.join(tmpdir, f"rank{rank}.pt")
+        torch.save(results, path + ".part")
+        os.replace(path + ".part", path)  # (whole or absent: run_scenarios reads the files of workers that died after)
         dist.destroy_process_group()
     # The results are on disk: leave without the interpreter's finalization, where gloo's worker threads can still
     # release tensors and take the GIL of a dying interpreter (SIGABRT, "terminate called without an active
