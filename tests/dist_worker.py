@@ -371,8 +371,45 @@ def scenario_zero(rank, tmpdir, opt_name, backend):
                 local_type=type(opt.optim).__name__)
 
 
+def scenario_zero_polyak(rank, tmpdir, backend):
+    """Schedule-free lr="polyak" under ZeroRedundancyOptimizer (each rank's optimizer holds its partition of the
+    params, so its inner products were the partition's: each rank its own step size, params 0.5 off one process in
+    5 steps): refused at construction, and at the step after the lr is set to "polyak", nothing changed."""
+    import torch
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import momentum_fused as mf
+
+    model = _make_model(torch.float64)
+    ddp = DDP(model)
+    make = functools.partial(mf.SGDScheduleFree, backend=backend)
+    try:
+        ZeroRedundancyOptimizer(list(model.parameters()), optimizer_class=make, lr="polyak", momentum=0.9)
+        built = "no error"
+    except ValueError as e:
+        built = str(e)
+    opt = ZeroRedundancyOptimizer(list(model.parameters()), optimizer_class=make, lr=0.5, momentum=0.9)
+    batches = _batches(torch.float64)
+    _train_step(ddp, opt, _half(batches[0][0], rank), _half(batches[0][1], rank))
+    for g in opt.param_groups:
+        g["lr"] = "polyak"
+    before = [p.detach().clone() for p in model.parameters()]
+    state = [(p, k, v.clone()) for p, st in opt.optim.state.items() for k, v in st.items()
+             if isinstance(v, torch.Tensor)]
+    x, y = _half(batches[1][0], rank), _half(batches[1][1], rank)
+    try:
+        _train_step(ddp, opt, x, y, polyak=True)
+        stepped = "no error"
+    except ValueError as e:
+        stepped = str(e)
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and len(state) > 0 and all(
+        torch.equal(v, opt.optim.state[p][k]) for p, k, v in state)
+    return dict(built=built, stepped=stepped, unchanged=unchanged)
+
+
 _KINDS = {"train": scenario_train, "step_comm": scenario_step_comm, "checkpoint": scenario_checkpoint,
-          "zero": scenario_zero}
+          "zero": scenario_zero, "zero_polyak": scenario_zero_polyak}
 
 
 def scenario_bad_grad(rank, tmpdir, backend):

@@ -56,6 +56,7 @@ def _scenarios():
     out += [dict(id=f"ckpt-{o}-{b}", kind="checkpoint", opt_name=o, backend=b)
             for o in CKPT_OPTS for b in _available(BACKENDS)]
     out += [dict(id=f"zero-adamw-{b}", kind="zero", opt_name="adamw", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"zero_polyak-{b}", kind="zero_polyak", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"bad_grad-{b}", kind="bad_grad", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"lowrank_ddp-{b}", kind="lowrank_ddp", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"int8_fsdp-{lay}-{b}", kind="int8_fsdp", layout=lay, backend=b)
@@ -594,3 +595,14 @@ def test_muon_on_an_hsdp_mesh_exchanges_in_the_shard_group_and_equals_one_proces
         assert res["placements"] == (["Replicate", "Shard"] if shard_dim else ["Shard", "Replicate"])
         _assert_snapshots_equal(res["dist"], res["ref"], f"rank {rank}")
         assert res["exchanges"] > 0, (rank, res["exchanges"])
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_polyak_step_under_zero_redundancy_optimizer_is_refused_before_any_change(world, backend):
+    """ZeRO gives each rank's optimizer a partition of the params: the Polyak step's inner products were the
+    partition's (each rank its own step size, silently). Refused at construction and at a step after the lr is set
+    to "polyak" (params and state unchanged)."""
+    for rank, res in enumerate(_results(world, f"zero_polyak-{backend}")):
+        assert "not supported under ZeroRedundancyOptimizer" in res["built"], (rank, res["built"])
+        assert "not supported under ZeroRedundancyOptimizer" in res["stepped"], (rank, res["stepped"])
+        assert res["unchanged"], rank

@@ -18,6 +18,7 @@ See docs/schedulefree.md for the learning-rate modes, the weight rules and the P
 from __future__ import annotations
 
 import numbers
+import sys
 from collections import namedtuple
 
 import torch
@@ -64,6 +65,21 @@ def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 
             acc[1] += q
     totals = [_dist.all_reduce_sums(torch.stack([a[0], a[1]]), groups) for (_, groups), a in sums.items()]
     return (sum(float(t[0]) for t in totals), sum(float(t[1]) for t in totals))
+
+
+def _built_by_zero(depth: int = 8) -> bool:
+    """Whether a torch.distributed.optim.ZeroRedundancyOptimizer is constructing the optimizer being built (its
+    ``_init_local_optimizer`` calls the class with this rank's partition): a caller's frame within ``depth`` whose
+    ``self`` is one. No import of torch.distributed."""
+    f = sys._getframe(2)
+    for _ in range(depth):
+        if f is None:
+            return False
+        if any(c.__name__ == "ZeroRedundancyOptimizer" and c.__module__.startswith("torch.distributed.optim")
+               for c in type(f.f_locals.get("self")).__mro__):  # (a subclass of it too)
+            return True
+        f = f.f_back
+    return False
 
 
 def _loss_tensor(loss):
@@ -116,6 +132,21 @@ class _ScheduleFree(FusedOptimizer):
 
     unsupported_layout_reasons = _SF_REFUSED
     supported_layouts = tuple(n for n in FusedOptimizer.supported_layouts if n not in _SF_REFUSED)
+
+    def __init__(self, *args, **kwargs):
+        # torch's ZeroRedundancyOptimizer builds this optimizer over one rank's partition of the params: the Polyak
+        # step's inner products would then be this partition's (each rank its own step size: 0.5 off one process in
+        # 5 steps of a small MLP), and no DTensor says where the other partitions are
+        self._zero_partition = _built_by_zero()
+        super().__init__(*args, **kwargs)
+        self._check_partition()
+
+    def _check_partition(self) -> None:
+        if self._zero_partition and any(g.get("lr") == "polyak" for g in self.param_groups):
+            raise ValueError(f"{type(self).__name__}: lr='polyak' is not supported under ZeroRedundancyOptimizer: "
+                             "the step size needs inner products over all params, and this optimizer holds only "
+                             "this rank's partition (each rank would take its own step size). Use a numeric lr, "
+                             "or DDP or FSDP2 (whose sharded inner products are all-reduced)")
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -212,6 +243,7 @@ class _ScheduleFree(FusedOptimizer):
             raise RuntimeError(f"{name}.step() called in eval mode: the params hold the averaged iterate x. "
                                "Call optimizer.train() before training steps (and optimizer.eval() before "
                                "evaluating or saving the model).")
+        self._check_partition()  # (an lr set to "polyak" since the construction)
         if closure is None and any(g.get("lr") == "polyak" for g in self.param_groups):  # (a deleted lr, or
             # another string: the full plan names it)
             raise ValueError(f"{name}: lr='polyak' needs a closure that re-evaluates the model and returns "
