@@ -408,8 +408,42 @@ def scenario_zero_polyak(rank, tmpdir, backend):
     return dict(built=built, stepped=stepped, unchanged=unchanged)
 
 
+def scenario_zero_sf_eval(rank, tmpdir, backend):
+    """Schedule-free AdamW under ZeroRedundancyOptimizer and DDP: 3 steps, ``opt.optim.eval()`` (the averaged
+    iterate x), ``train()``, 2 more steps, against one process. Each rank's optimizer swaps only its partition of
+    the params: the model held a mix of x and y (0.01 off one process) until train()/eval() broadcast every
+    partition afterwards, as ZeRO does after a step."""
+    import torch
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import momentum_fused as mf
+
+    kw = dict(lr=0.01, weight_decay=0.01, warmup_steps=2)
+
+    def run(zero):
+        model = _make_model(torch.float64)
+        net = DDP(model) if zero else model
+        opt = (ZeroRedundancyOptimizer(list(model.parameters()), optimizer_class=functools.partial(
+            mf.AdamWScheduleFree, backend=backend), **kw) if zero
+            else mf.AdamWScheduleFree(model.parameters(), backend=backend, **kw))
+        inner = opt.optim if zero else opt
+        part = (lambda t: _half(t, rank)) if zero else (lambda t: t)
+        out = {}
+        for k, (x, y) in enumerate(_batches(torch.float64)):
+            if k == 3:
+                inner.eval()
+                out["eval"] = [p.detach().clone() for p in model.parameters()]
+                inner.train()
+            _train_step(net, opt, part(x), part(y))
+        out["end"] = [p.detach().clone() for p in model.parameters()]
+        return out
+
+    return dict(dist=run(True), ref=run(False))
+
+
 _KINDS = {"train": scenario_train, "step_comm": scenario_step_comm, "checkpoint": scenario_checkpoint,
-          "zero": scenario_zero, "zero_polyak": scenario_zero_polyak}
+          "zero": scenario_zero, "zero_polyak": scenario_zero_polyak, "zero_sf_eval": scenario_zero_sf_eval}
 
 
 def scenario_bad_grad(rank, tmpdir, backend):

@@ -57,6 +57,7 @@ def _scenarios():
             for o in CKPT_OPTS for b in _available(BACKENDS)]
     out += [dict(id=f"zero-adamw-{b}", kind="zero", opt_name="adamw", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"zero_polyak-{b}", kind="zero_polyak", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"zero_sf_eval-{b}", kind="zero_sf_eval", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"bad_grad-{b}", kind="bad_grad", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"lowrank_ddp-{b}", kind="lowrank_ddp", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"int8_fsdp-{lay}-{b}", kind="int8_fsdp", layout=lay, backend=b)
@@ -606,3 +607,14 @@ def test_polyak_step_under_zero_redundancy_optimizer_is_refused_before_any_chang
         assert "not supported under ZeroRedundancyOptimizer" in res["built"], (rank, res["built"])
         assert "not supported under ZeroRedundancyOptimizer" in res["stepped"], (rank, res["stepped"])
         assert res["unchanged"], rank
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_schedule_free_eval_under_zero_redundancy_optimizer_moves_every_partition(world, backend):
+    """ZeRO's optimizer holds one rank's partition: its eval()/train() moved only that partition's params, leaving
+    the model a mix of x and y on every rank. They now broadcast every partition (ZeRO's own sync): the eval
+    params and the training after train() equal one process."""
+    for rank, res in enumerate(_results(world, f"zero_sf_eval-{backend}")):
+        for when in ("eval", "end"):
+            for i, (a, b) in enumerate(zip(res["dist"][when], res["ref"][when])):
+                torch.testing.assert_close(a, b, **F64, msg=lambda m, i=i: f"rank {rank} {when} param {i}: {m}")

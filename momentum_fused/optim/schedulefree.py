@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numbers
 import sys
+import weakref
 from collections import namedtuple
 
 import torch
@@ -67,19 +68,20 @@ def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 
     return (sum(float(t[0]) for t in totals), sum(float(t[1]) for t in totals))
 
 
-def _built_by_zero(depth: int = 8) -> bool:
-    """Whether a torch.distributed.optim.ZeroRedundancyOptimizer is constructing the optimizer being built (its
-    ``_init_local_optimizer`` calls the class with this rank's partition): a caller's frame within ``depth`` whose
-    ``self`` is one. No import of torch.distributed."""
+def _built_by_zero(depth: int = 8):
+    """The torch.distributed.optim.ZeroRedundancyOptimizer constructing the optimizer being built (its
+    ``_init_local_optimizer`` calls the class with this rank's partition), or None: a caller's frame within ``depth``
+    whose ``self`` is one (or a subclass). No import of torch.distributed."""
     f = sys._getframe(2)
     for _ in range(depth):
         if f is None:
-            return False
+            return None
+        obj = f.f_locals.get("self")
         if any(c.__name__ == "ZeroRedundancyOptimizer" and c.__module__.startswith("torch.distributed.optim")
-               for c in type(f.f_locals.get("self")).__mro__):  # (a subclass of it too)
-            return True
+               for c in type(obj).__mro__):
+            return obj
         f = f.f_back
-    return False
+    return None
 
 
 def _loss_tensor(loss):
@@ -136,13 +138,15 @@ class _ScheduleFree(FusedOptimizer):
     def __init__(self, *args, **kwargs):
         # torch's ZeroRedundancyOptimizer builds this optimizer over one rank's partition of the params: the Polyak
         # step's inner products would then be this partition's (each rank its own step size: 0.5 off one process in
-        # 5 steps of a small MLP), and no DTensor says where the other partitions are
-        self._zero_partition = _built_by_zero()
+        # 5 steps of a small MLP), and no DTensor says where the other partitions are; train()/eval() move only this
+        # partition's params, so they broadcast every partition afterwards, as ZeRO does after a step
+        zero = _built_by_zero()
+        self._zero = None if zero is None else weakref.ref(zero)
         super().__init__(*args, **kwargs)
         self._check_partition()
 
     def _check_partition(self) -> None:
-        if self._zero_partition and any(g.get("lr") == "polyak" for g in self.param_groups):
+        if self._zero is not None and any(g.get("lr") == "polyak" for g in self.param_groups):
             raise ValueError(f"{type(self).__name__}: lr='polyak' is not supported under ZeroRedundancyOptimizer: "
                              "the step size needs inner products over all params, and this optimizer holds only "
                              "this rank's partition (each rank would take its own step size). Use a numeric lr, "
@@ -187,6 +191,11 @@ class _ScheduleFree(FusedOptimizer):
     @torch.no_grad()
     def _swap(self, to_train: bool) -> None:
         self._check_swap(to_train)
+        zero = None if self._zero is None else self._zero()
+        if self._zero is not None and not hasattr(zero, "_sync_params"):
+            raise RuntimeError(f"{type(self).__name__}: built by a ZeroRedundancyOptimizer that is gone or has no "
+                               "_sync_params(): train()/eval() would move only this rank's partition of the params")
+        moved = any(g["train_mode"] != to_train for g in self.param_groups)
         # layout="master": params written since the last step (or loaded) restart their masters before these move
         # (optim/masters.py; the swap below copies the master into the param, which would undo the write)
         self._sync_written_params()
@@ -214,6 +223,8 @@ class _ScheduleFree(FusedOptimizer):
                     p.lerp_(z.to(p.device, p.dtype), weight)
             group["train_mode"] = to_train
         self._note_masters()  # (the swap wrote the params: not a user's write)
+        if zero is not None and moved:  # (a collective: every rank calls train()/eval(), as every rank steps)
+            zero._sync_params()
 
     def train(self, mode: bool = True):
         """Put y into the params (p <- lerp(p, z, 1 - beta)); required before ``step()``."""
