@@ -134,6 +134,7 @@ class _ScheduleFree(FusedOptimizer):
 
     unsupported_layout_reasons = _SF_REFUSED
     supported_layouts = tuple(n for n in FusedOptimizer.supported_layouts if n not in _SF_REFUSED)
+    _zero = None  # (the class default: an optimizer pickled before the attribute existed)
 
     def __init__(self, *args, **kwargs):
         # torch's ZeroRedundancyOptimizer builds this optimizer over one rank's partition of the params: the Polyak
