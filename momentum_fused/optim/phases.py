@@ -442,9 +442,9 @@ def _sharded_matrix_phase(phase, group, pairs, memo, key) -> None:
     travel. One round: 2 collectives per (mesh, shard mesh dim, dtype) per step, whatever the world size. The
     collectives carry ``_wire_dtype`` (bf16 for bf16 Newton-Schulz on fp32 updates: half the bytes, the same bits).
     An owner's NS calls are its matrices of one shape, in param order, chunked by ``_chunk_size`` on the bytes of
-    the tensors' dtype (as for unsharded params), whatever the rounds; tests/test_distributed.py checks the results equal a
-    single process's bit for bit, in one round and in one per call. Shard rows are torch.chunk's split (checked
-    by the plan, ``PhasesMixin._phase_limits``). ``memo``: the group's ``PhasesMixin._phase_memo``, which keeps
+    the tensors' dtype (as for unsharded params), whatever the rounds; tests/test_distributed.py checks the results
+    equal a single process's bit for bit, in one round and in one per call. Shard rows are torch.chunk's split
+    (checked by the plan, ``PhasesMixin._phase_limits``). ``memo``: the group's ``PhasesMixin._phase_memo``, which keeps
     the grouping by mesh and the ``_exchange_layout``s under ``key``, which names the set of ``pairs`` (it
     changes with ``MatrixPhase.stacked``: a layout kept for another set would exchange the wrong rows)."""
     import torch.distributed as dist
