@@ -225,3 +225,28 @@ def all_reduce_sums(values: torch.Tensor, groups) -> torch.Tensor:
         for group in groups:
             dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
     return values
+
+
+def built_by_zero(depth: int = 8):
+    """The torch.distributed.optim.ZeroRedundancyOptimizer constructing the optimizer being built (its
+    ``_init_local_optimizer`` calls the class with this rank's partition of the params), or None: a caller's frame
+    within ``depth`` of the optimizer's ``__init__`` whose ``self`` is one (or a subclass). No import of
+    torch.distributed."""
+    import sys
+
+    f = sys._getframe(2)
+    for _ in range(depth):
+        if f is None:
+            return None
+        obj = f.f_locals.get("self")
+        if any(c.__name__ == "ZeroRedundancyOptimizer" and c.__module__.startswith("torch.distributed.optim")
+               for c in type(obj).__mro__):
+            return obj
+        f = f.f_back
+    return None
+
+
+def is_fsdp1_flat(p) -> bool:
+    """A param that FSDP1 (``FullyShardedDataParallel``) manages: its flat parameter or, with use_orig_params, a
+    view of one rank's part of it (plain tensors: no placement says where the other parts are)."""
+    return bool(getattr(p, "_fsdp_flattened", False))

@@ -434,12 +434,51 @@ def scenario_zero_sf_eval(rank, tmpdir, backend):
             if k == 3:
                 inner.eval()
                 out["eval"] = [p.detach().clone() for p in model.parameters()]
+                if zero:  # ZeRO copies its own groups' keys onto inner's here and before a step
+                    opt.consolidate_state_dict(0)
+                    out["mode_after_consolidate"] = inner.training
+                    try:
+                        opt.step()
+                        out["step_in_eval"] = "stepped"
+                    except RuntimeError as e:
+                        out["step_in_eval"] = str(e)
                 inner.train()
             _train_step(net, opt, part(x), part(y))
         out["end"] = [p.detach().clone() for p in model.parameters()]
         return out
 
     return dict(dist=run(True), ref=run(False))
+
+
+def scenario_partition_refusals(rank, tmpdir, backend):
+    """What cannot see whole params where it is given one rank's part as plain tensors, refused with its reason:
+    FSDP1 (FullyShardedDataParallel, use_orig_params) with schedule-free lr="polyak" (at construction) and
+    AdamTied.gradient_snr (after a step; each rank returned its part's mean), and LowRankSGD built by
+    ZeroRedundancyOptimizer (a layer's U, S, V split, its rank buffer stale on other ranks)."""
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import momentum_fused as mf
+    from momentum_fused import lowrank
+
+    def error(fn):
+        try:
+            fn()
+            return "no error"
+        except ValueError as e:
+            return str(e)
+
+    out = {}
+    model = FSDP1(_make_model(torch.float64), device_id=torch.device("cpu"), use_orig_params=True)
+    out["fsdp1_polyak"] = error(lambda: mf.SGDScheduleFree(model.parameters(), lr="polyak", backend=backend))
+    opt = mf.AdamTied(model.parameters(), lr=0.01, beta=0.9, backend=backend)
+    x, y = _batches(torch.float64)[0]
+    _train_step(model, opt, _half(x, rank), _half(y, rank))
+    out["fsdp1_snr"] = error(opt.gradient_snr)
+    out["zero_lowrank"] = error(lambda: ZeroRedundancyOptimizer(
+        list(_lowrank_model().parameters()), optimizer_class=lowrank.LowRankSGD, lr=0.05))
+    return out
 
 
 _KINDS = {"train": scenario_train, "step_comm": scenario_step_comm, "checkpoint": scenario_checkpoint,
@@ -518,6 +557,7 @@ def scenario_lowrank_ddp(rank, tmpdir, backend):
 
 
 _KINDS["lowrank_ddp"] = scenario_lowrank_ddp
+_KINDS["partition_refusals"] = scenario_partition_refusals
 
 
 def _int8_model(dtype, seed=0):

@@ -58,6 +58,7 @@ def _scenarios():
     out += [dict(id=f"zero-adamw-{b}", kind="zero", opt_name="adamw", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"zero_polyak-{b}", kind="zero_polyak", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"zero_sf_eval-{b}", kind="zero_sf_eval", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"partition_refusals-{b}", kind="partition_refusals", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"bad_grad-{b}", kind="bad_grad", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"lowrank_ddp-{b}", kind="lowrank_ddp", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"int8_fsdp-{lay}-{b}", kind="int8_fsdp", layout=lay, backend=b)
@@ -615,6 +616,21 @@ def test_schedule_free_eval_under_zero_redundancy_optimizer_moves_every_partitio
     the model a mix of x and y on every rank. They now broadcast every partition (ZeRO's own sync): the eval
     params and the training after train() equal one process."""
     for rank, res in enumerate(_results(world, f"zero_sf_eval-{backend}")):
+        # ZeRO copies its groups' keys onto the optimizer's before a step and a consolidation: a stale train_mode
+        # there made step() in eval mode run from x, and train() after a consolidation a no-op
+        assert res["dist"]["mode_after_consolidate"] is False, rank
+        assert "called in eval mode" in res["dist"]["step_in_eval"], (rank, res["dist"]["step_in_eval"])
         for when in ("eval", "end"):
             for i, (a, b) in enumerate(zip(res["dist"][when], res["ref"][when])):
                 torch.testing.assert_close(a, b, **F64, msg=lambda m, i=i: f"rank {rank} {when} param {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_what_needs_whole_params_is_refused_on_fsdp1_shards_and_zero_partitions(world, backend):
+    """FSDP1's flat shards and ZeRO's partitions are plain tensors of one rank's part: schedule-free lr="polyak"
+    (each rank its own step size) and gradient_snr (each rank its part's mean) under FSDP1, and the low-rank
+    optimizers under ZeRO (a layer split, its rank buffer stale), gave silently wrong results; now refused."""
+    for rank, res in enumerate(_results(world, f"partition_refusals-{backend}")):
+        assert "not supported with FSDP1" in res["fsdp1_polyak"], (rank, res["fsdp1_polyak"])
+        assert "FSDP1" in res["fsdp1_snr"] and "flat shard" in res["fsdp1_snr"], (rank, res["fsdp1_snr"])
+        assert "cannot run under ZeroRedundancyOptimizer" in res["zero_lowrank"], (rank, res["zero_lowrank"])

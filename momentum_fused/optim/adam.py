@@ -124,6 +124,10 @@ class AdamTied(Adam):
                 st = self.state.get(p)
                 if not st or "exp_avg" not in st:
                     continue
+                if _dist.is_fsdp1_flat(p):
+                    raise ValueError("gradient_snr: a param of FSDP1 (FullyShardedDataParallel) is a flat shard, a "
+                                     "plain tensor of one rank's part: its mean would be this rank's part's. Use FSDP2 "
+                                     "(fully_shard: DTensor shards, whose means are all-reduced)")
                 bc = 1.0 - float(b1) ** float(st["step"])
                 m = _moment_values(st, "exp_avg", p) / bc
                 var = (_moment_values(st, "exp_avg_sq", p) / bc - m * m).clamp_min(0.0)

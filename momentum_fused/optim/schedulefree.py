@@ -18,7 +18,6 @@ See docs/schedulefree.md for the learning-rate modes, the weight rules and the P
 from __future__ import annotations
 
 import numbers
-import sys
 import weakref
 from collections import namedtuple
 
@@ -66,22 +65,6 @@ def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 
             acc[1] += q
     totals = [_dist.all_reduce_sums(torch.stack([a[0], a[1]]), groups) for (_, groups), a in sums.items()]
     return (sum(float(t[0]) for t in totals), sum(float(t[1]) for t in totals))
-
-
-def _built_by_zero(depth: int = 8):
-    """The torch.distributed.optim.ZeroRedundancyOptimizer constructing the optimizer being built (its
-    ``_init_local_optimizer`` calls the class with this rank's partition), or None: a caller's frame within ``depth``
-    whose ``self`` is one (or a subclass). No import of torch.distributed."""
-    f = sys._getframe(2)
-    for _ in range(depth):
-        if f is None:
-            return None
-        obj = f.f_locals.get("self")
-        if any(c.__name__ == "ZeroRedundancyOptimizer" and c.__module__.startswith("torch.distributed.optim")
-               for c in type(obj).__mro__):
-            return obj
-        f = f.f_back
-    return None
 
 
 def _loss_tensor(loss):
@@ -141,17 +124,28 @@ class _ScheduleFree(FusedOptimizer):
         # step's inner products would then be this partition's (each rank its own step size: 0.5 off one process in
         # 5 steps of a small MLP), and no DTensor says where the other partitions are; train()/eval() move only this
         # partition's params, so they broadcast every partition afterwards, as ZeRO does after a step
-        zero = _built_by_zero()
+        zero = _dist.built_by_zero()
         self._zero = None if zero is None else weakref.ref(zero)
         super().__init__(*args, **kwargs)
         self._check_partition()
 
     def _check_partition(self) -> None:
-        if self._zero is not None and any(g.get("lr") == "polyak" for g in self.param_groups):
-            raise ValueError(f"{type(self).__name__}: lr='polyak' is not supported under ZeroRedundancyOptimizer: "
-                             "the step size needs inner products over all params, and this optimizer holds only "
-                             "this rank's partition (each rank would take its own step size). Use a numeric lr, "
-                             "or DDP or FSDP2 (whose sharded inner products are all-reduced)")
+        """lr="polyak" needs inner products over whole params: refused where this optimizer holds only a part of
+        them as plain tensors, which no DTensor places (each rank would take its own step size, silently)."""
+        polyak = [g for g in self.param_groups if g.get("lr") == "polyak"]
+        if not polyak:
+            return
+        name = type(self).__name__
+        if self._zero is not None:
+            raise ValueError(f"{name}: lr='polyak' is not supported under ZeroRedundancyOptimizer: the step size "
+                             "needs inner products over all params, and this optimizer holds only this rank's "
+                             "partition (each rank would take its own step size). Use a numeric lr, or DDP or "
+                             "FSDP2 (whose sharded inner products are all-reduced)")
+        if any(_dist.is_fsdp1_flat(p) for g in polyak for p in g["params"]):
+            raise ValueError(f"{name}: lr='polyak' is not supported with FSDP1 (FullyShardedDataParallel): its "
+                             "params are flat shards, plain tensors of one rank's part, so the inner products "
+                             "would be this rank's (each rank would take its own step size). Use FSDP2 "
+                             "(fully_shard: DTensor shards, all-reduced) or DDP")
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -226,6 +220,10 @@ class _ScheduleFree(FusedOptimizer):
         self._note_masters()  # (the swap wrote the params: not a user's write)
         if zero is not None and moved:  # (a collective: every rank calls train()/eval(), as every rank steps)
             zero._sync_params()
+            # ZeRO copies its own groups' keys onto this optimizer's before a step and before consolidating a
+            # state_dict: its train_mode, stale, made step() run from x and train() a no-op after that
+            for zg, g in zip(zero.param_groups, self.param_groups):
+                zg["train_mode"] = g["train_mode"]
 
     def train(self, mode: bool = True):
         """Put y into the params (p <- lerp(p, z, 1 - beta)); required before ``step()``."""
