@@ -247,6 +247,11 @@ def built_by_zero(depth: int = 8):
 
 
 def is_fsdp1_flat(p) -> bool:
-    """A param that FSDP1 (``FullyShardedDataParallel``) manages: its flat parameter or, with use_orig_params, a
-    view of one rank's part of it (plain tensors: no placement says where the other parts are)."""
-    return bool(getattr(p, "_fsdp_flattened", False))
+    """A param that FSDP1 (``FullyShardedDataParallel``) manages in a world of more than one rank: its flat parameter
+    or, with use_orig_params, a view of one rank's part of it (plain tensors: no placement says where the other parts
+    are). In a world of one rank the part is the whole."""
+    if not getattr(p, "_fsdp_flattened", False):
+        return False
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_world_size() > 1
