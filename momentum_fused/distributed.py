@@ -227,29 +227,34 @@ def all_reduce_sums(values: torch.Tensor, groups) -> torch.Tensor:
     return values
 
 
-def built_by_zero(depth: int = 8):
-    """The torch.distributed.optim.ZeroRedundancyOptimizer constructing the optimizer being built (its
-    ``_init_local_optimizer`` calls the class with this rank's partition of the params), or None: a caller's frame
-    within ``depth`` of the optimizer's ``__init__`` whose ``self`` is one (or a subclass). No import of
-    torch.distributed."""
-    import sys
-
-    f = sys._getframe(2)
+def built_by_zero(obj, depth: int = 8):
+    """The torch.distributed.optim.ZeroRedundancyOptimizer building the optimizer ``obj`` over this rank's partition
+    of the params (``obj.__init__`` calls this), or None. Up the callers of ``obj``'s constructors (its own
+    ``__init__`` chain, factories without a ``self``), within ``depth`` frames: ZeRO's ``_init_local_optimizer`` (the
+    method that builds its local optimizer; a subclass's too). Another optimizer's frame (one building ``obj`` for
+    itself) or any other ZeRO method (one building an optimizer for something else) ends the search: None. No
+    import of torch.distributed."""
+    f = sys._getframe(1)
     for _ in range(depth):
+        f = f.f_back
         if f is None:
             return None
-        obj = f.f_locals.get("self")
+        me = f.f_locals.get("self")
+        if me is obj:
+            continue
         if any(c.__name__ == "ZeroRedundancyOptimizer" and c.__module__.startswith("torch.distributed.optim")
-               for c in type(obj).__mro__):
-            return obj
-        f = f.f_back
+               for c in type(me).__mro__):
+            return me if f.f_code.co_name == "_init_local_optimizer" else None
+        if isinstance(me, torch.optim.Optimizer):
+            return None
     return None
 
 
 def is_fsdp1_flat(p) -> bool:
     """A param that FSDP1 (``FullyShardedDataParallel``) manages in a world of more than one rank: its flat parameter
     or, with use_orig_params, a view of one rank's part of it (plain tensors: no placement says where the other parts
-    are). In a world of one rank the part is the whole."""
+    are). In a world of one rank the part is the whole. (Under the NO_SHARD strategy the params are whole too, but
+    nothing on them says so: they count as parts.)"""
     if not getattr(p, "_fsdp_flattened", False):
         return False
     import torch.distributed as dist

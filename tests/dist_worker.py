@@ -450,6 +450,46 @@ def scenario_zero_sf_eval(rank, tmpdir, backend):
     return dict(dist=run(True), ref=run(False))
 
 
+def scenario_zero_sf_edges(rank, tmpdir, backend):
+    """Schedule-free and ZeroRedundancyOptimizer, the edges of its detection: (a) a ZeRO method that builds a
+    schedule-free lr="polyak" optimizer over params it does not partition (accepted: the detection looked at every
+    caller frame whose self was a ZeRO, refused it, and tied its eval() to that ZeRO's broadcast); (b) a bad state
+    tensor in one rank's partition: eval() raises on every rank and no rank moves (the other rank moved its params
+    and hung in the broadcast)."""
+    import torch
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import momentum_fused as mf
+
+    class Trainer(ZeroRedundancyOptimizer):
+        def make_aux(self, params):
+            return mf.SGDScheduleFree(params, lr="polyak", backend=backend)
+
+    model = _make_model(torch.float64)
+    zero = Trainer(list(model.parameters()), optimizer_class=functools.partial(mf.SGDScheduleFree, backend=backend),
+                   lr=0.5)
+    out = {}
+    try:
+        aux = zero.make_aux([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
+        out["aux"] = "built" if aux._zero is None else "tied to the ZeRO"
+    except ValueError as e:
+        out["aux"] = str(e)
+    x, y = _batches(torch.float64)[0]
+    _train_step(model, zero, _half(x, rank), _half(y, rank))
+    if rank == 0:  # a z of another dtype in rank 0's partition only
+        st = next(st for st in zero.optim.state.values() if "z" in st)
+        st["z"] = st["z"].float()
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        zero.optim.eval()
+        out["eval"] = "moved"
+    except (ValueError, RuntimeError) as e:
+        out["eval"] = f"{type(e).__name__}: {e}"
+    out["training"] = zero.optim.training
+    out["unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    return out
+
+
 def scenario_partition_refusals(rank, tmpdir, backend):
     """What cannot see whole params where it is given one rank's part as plain tensors, refused with its reason:
     FSDP1 (FullyShardedDataParallel, use_orig_params) with schedule-free lr="polyak" (at construction) and
@@ -558,6 +598,7 @@ def scenario_lowrank_ddp(rank, tmpdir, backend):
 
 _KINDS["lowrank_ddp"] = scenario_lowrank_ddp
 _KINDS["partition_refusals"] = scenario_partition_refusals
+_KINDS["zero_sf_edges"] = scenario_zero_sf_edges
 
 
 def _int8_model(dtype, seed=0):

@@ -59,6 +59,7 @@ def _scenarios():
     out += [dict(id=f"zero_polyak-{b}", kind="zero_polyak", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"zero_sf_eval-{b}", kind="zero_sf_eval", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"partition_refusals-{b}", kind="partition_refusals", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"zero_sf_edges-{b}", kind="zero_sf_edges", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"bad_grad-{b}", kind="bad_grad", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"lowrank_ddp-{b}", kind="lowrank_ddp", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"int8_fsdp-{lay}-{b}", kind="int8_fsdp", layout=lay, backend=b)
@@ -634,3 +635,15 @@ def test_what_needs_whole_params_is_refused_on_fsdp1_shards_and_zero_partitions(
         assert "not supported with FSDP1" in res["fsdp1_polyak"], (rank, res["fsdp1_polyak"])
         assert "FSDP1" in res["fsdp1_snr"] and "flat shard" in res["fsdp1_snr"], (rank, res["fsdp1_snr"])
         assert "cannot run under ZeroRedundancyOptimizer" in res["zero_lowrank"], (rank, res["zero_lowrank"])
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_schedule_free_knows_which_zero_built_it_and_its_ranks_refuse_together(world, backend):
+    """A ZeRO method building a schedule-free optimizer over params ZeRO does not partition: accepted and not tied
+    to it (the caller walk took any ZeRO frame). A bad state tensor in one rank's partition: eval() raises on every
+    rank (its own error on that rank) and nothing moves (the other rank moved and hung in the broadcast)."""
+    for rank, res in enumerate(_results(world, f"zero_sf_edges-{backend}")):
+        assert res["aux"] == "built", (rank, res["aux"])
+        want = "ValueError" if rank == 0 else "failed on another rank"
+        assert want in res["eval"], (rank, res["eval"])
+        assert res["training"] is True and res["unchanged"], rank

@@ -74,7 +74,7 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
     def __init__(self, params, defaults, *, tau, r_min, augment_every, truncate_every, fixed_rank,
                  param_budget, backend, retraction):
         name = type(self).__name__
-        if _dist.built_by_zero() is not None:  # (its partition could split a layer's U, S, V, or leave other ranks'
+        if _dist.built_by_zero(self) is not None:  # (its partition could split a layer's U, S, V, or leave other ranks'
             # rank buffers behind: ZeRO broadcasts params, not buffers)
             raise ValueError(f"{name} cannot run under ZeroRedundancyOptimizer: a low-rank layer's U, S and V are "
                              "stepped together (one retraction) and its rank is a buffer, which ZeRO's partitions "

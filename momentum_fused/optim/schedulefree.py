@@ -67,6 +67,27 @@ def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 
     return (sum(float(t[0]) for t in totals), sum(float(t[1]) for t in totals))
 
 
+def _agree_across_ranks(zero, check) -> None:
+    """``check()`` on every rank of ``zero``'s process group, then raise on all of them if it raised on any (this
+    rank's own error, else a RuntimeError naming the others): under ZeRO a rank checks only its partition, and one
+    rank refusing while the others moved their params and waited in the broadcast of every partition hung them."""
+    import torch.distributed as dist
+
+    try:
+        check()
+        err = None
+    except Exception as e:  # noqa: BLE001 (re-raised below, after the ranks agree)
+        err = e
+    device = next((p.device for g in zero.param_groups for p in g["params"]), torch.device("cpu"))
+    flag = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=zero.process_group)
+    if err is not None:
+        raise err
+    if int(flag.item()):
+        raise RuntimeError("train()/eval(): the check failed on another rank of the ZeroRedundancyOptimizer (see its "
+                           "error); nothing moved on this rank")
+
+
 def _loss_tensor(loss):
     """The closure's loss as a tensor when it is one, a NumPy array or a Python or NumPy number (a bool is not a
     loss), else None."""
@@ -124,7 +145,7 @@ class _ScheduleFree(FusedOptimizer):
         # step's inner products would then be this partition's (each rank its own step size: 0.5 off one process in
         # 5 steps of a small MLP), and no DTensor says where the other partitions are; train()/eval() move only this
         # partition's params, so they broadcast every partition afterwards, as ZeRO does after a step
-        zero = _dist.built_by_zero()
+        zero = _dist.built_by_zero(self)
         self._zero = None if zero is None else weakref.ref(zero)
         super().__init__(*args, **kwargs)
         self._check_partition()
@@ -185,11 +206,14 @@ class _ScheduleFree(FusedOptimizer):
 
     @torch.no_grad()
     def _swap(self, to_train: bool) -> None:
-        self._check_swap(to_train)
         zero = None if self._zero is None else self._zero()
-        if self._zero is not None and not hasattr(zero, "_sync_params"):
-            raise RuntimeError(f"{type(self).__name__}: built by a ZeroRedundancyOptimizer that is gone or has no "
-                               "_sync_params(): train()/eval() would move only this rank's partition of the params")
+        if self._zero is None:
+            self._check_swap(to_train)
+        else:
+            if not hasattr(zero, "_sync_params"):
+                raise RuntimeError(f"{type(self).__name__}: built by a ZeroRedundancyOptimizer that is gone or has no "
+                                   "_sync_params(): train()/eval() would move only this rank's partition of the params")
+            _agree_across_ranks(zero, lambda: self._check_swap(to_train))
         moved = any(g["train_mode"] != to_train for g in self.param_groups)
         # layout="master": params written since the last step (or loaded) restart their masters before these move
         # (optim/masters.py; the swap below copies the master into the param, which would undo the write)
