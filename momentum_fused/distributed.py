@@ -227,27 +227,56 @@ def all_reduce_sums(values: torch.Tensor, groups) -> torch.Tensor:
     return values
 
 
-def built_by_zero(obj, depth: int = 8):
-    """The torch.distributed.optim.ZeroRedundancyOptimizer building the optimizer ``obj`` over this rank's partition
-    of the params (``obj.__init__`` calls this), or None. Up the callers of ``obj``'s constructors (its own
-    ``__init__`` chain, factories without a ``self``), within ``depth`` frames: ZeRO's ``_init_local_optimizer`` (the
-    method that builds its local optimizer; a subclass's too). Another optimizer's frame (one building ``obj`` for
-    itself) or any other ZeRO method (one building an optimizer for something else) ends the search: None. No
-    import of torch.distributed."""
+def zero_among_callers(obj, depth: int = 8):
+    """The nearest torch.distributed.optim.ZeroRedundancyOptimizer (or subclass) among the callers of the optimizer
+    ``obj``'s constructor (``obj.__init__`` calls this; its own ``__init__`` chain is skipped and not counted), within
+    ``depth`` other frames, or None. Only a candidate: ``zero_partition`` decides by the params whether it built
+    ``obj`` over its partition (the frames cannot tell a wrapper optimizer that ZeRO builds over its partition, which
+    builds ``obj`` over the same params, from an optimizer building ``obj`` over other params). No import of
+    torch.distributed."""
     f = sys._getframe(1)
-    for _ in range(depth):
+    seen = 0
+    while seen < depth:
         f = f.f_back
         if f is None:
             return None
         me = f.f_locals.get("self")
         if me is obj:
             continue
+        seen += 1
         if any(c.__name__ == "ZeroRedundancyOptimizer" and c.__module__.startswith("torch.distributed.optim")
                for c in type(me).__mro__):
-            return me if f.f_code.co_name == "_init_local_optimizer" else None
-        if isinstance(me, torch.optim.Optimizer):
-            return None
+            return me
     return None
+
+
+def listed_params(params):
+    """(``params`` with its iterables made lists, as torch.optim.Optimizer makes them: a generator read here is not
+    lost to the constructor, the groups ``[{"params": [tensors]}, ...]`` it holds) for ``zero_partition`` before an
+    optimizer is built. A tensor (torch refuses it) is left as it is, with no groups."""
+    if isinstance(params, torch.Tensor):
+        return params, []
+    params = list(params)
+    groups = []
+    for item in params:
+        if isinstance(item, dict):
+            ps = item.get("params", [])
+            if not isinstance(ps, (torch.Tensor, list)):
+                item["params"] = ps = list(ps)
+            groups.append({"params": [ps] if isinstance(ps, torch.Tensor) else ps})
+        else:
+            groups.append({"params": [item]})
+    return params, groups
+
+
+def zero_partition(zero, param_groups):
+    """``zero`` (``zero_among_callers``) when every param of ``param_groups`` is one of its params (an optimizer it
+    built over its partition, directly or through a wrapper), else None (an optimizer of other params, built by a ZeRO
+    method or by an optimizer it builds, is not ZeRO's)."""
+    if zero is None:
+        return None
+    own = {id(p) for g in zero.param_groups for p in g["params"]}
+    return zero if all(id(p) in own for g in param_groups for p in g["params"]) else None
 
 
 def is_fsdp1_flat(p) -> bool:

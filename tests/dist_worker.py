@@ -453,7 +453,9 @@ def scenario_zero_sf_eval(rank, tmpdir, backend):
 def scenario_zero_sf_edges(rank, tmpdir, backend):
     """Schedule-free and ZeroRedundancyOptimizer, the edges of its detection: (a) a ZeRO method that builds a
     schedule-free lr="polyak" optimizer over params it does not partition (accepted: the detection looked at every
-    caller frame whose self was a ZeRO, refused it, and tied its eval() to that ZeRO's broadcast); (b) a bad state
+    caller frame whose self was a ZeRO, refused it, and tied its eval() to that ZeRO's broadcast), an optimizer class
+    ZeRO builds that builds one over other params (not ZeRO's), and a wrapper optimizer ZeRO builds whose inner
+    schedule-free optimizer holds ZeRO's partition (ZeRO's: a first fix stopped at the wrapper); (b) a bad state
     tensor in one rank's partition: eval() raises on every rank and no rank moves (the other rank moved its params
     and hung in the broadcast)."""
     import torch
@@ -474,6 +476,27 @@ def scenario_zero_sf_edges(rank, tmpdir, backend):
         out["aux"] = "built" if aux._zero is None else "tied to the ZeRO"
     except ValueError as e:
         out["aux"] = str(e)
+
+    class Wrap(torch.optim.Optimizer):  # a Lookahead-style wrapper ZeRO builds: its inner optimizer is ZeRO's
+        def __init__(self, params, **kw):
+            params = list(params)
+            self.inner = mf.SGDScheduleFree(params, backend=backend, **kw)
+            super().__init__(params, {})
+
+    class WithAux(torch.optim.SGD):  # an optimizer ZeRO builds that builds another over params ZeRO never saw
+        def __init__(self, params, **kw):
+            self.aux = mf.SGDScheduleFree([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))], lr="polyak",
+                                          backend=backend)
+            super().__init__(params, **kw)
+
+    wrapped = ZeroRedundancyOptimizer(list(_make_model(torch.float64).parameters()), optimizer_class=Wrap, lr=0.5)
+    out["wrapped"] = "tied" if wrapped.optim.inner._zero is not None else "not tied"
+    try:
+        with_aux = ZeroRedundancyOptimizer(list(_make_model(torch.float64).parameters()), optimizer_class=WithAux,
+                                           lr=0.5)
+        out["with_aux"] = "tied" if with_aux.optim.aux._zero is not None else "not tied"
+    except ValueError as e:
+        out["with_aux"] = str(e)
     x, y = _batches(torch.float64)[0]
     _train_step(model, zero, _half(x, rank), _half(y, rank))
     if rank == 0:  # a z of another dtype in rank 0's partition only

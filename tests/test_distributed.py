@@ -644,6 +644,7 @@ def test_schedule_free_knows_which_zero_built_it_and_its_ranks_refuse_together(w
     rank (its own error on that rank) and nothing moves (the other rank moved and hung in the broadcast)."""
     for rank, res in enumerate(_results(world, f"zero_sf_edges-{backend}")):
         assert res["aux"] == "built", (rank, res["aux"])
+        assert res["wrapped"] == "tied" and res["with_aux"] == "not tied", (rank, res["wrapped"], res["with_aux"])
         want = "ValueError" if rank == 0 else "failed on another rank"
         assert want in res["eval"], (rank, res["eval"])
         assert res["training"] is True and res["unchanged"], rank

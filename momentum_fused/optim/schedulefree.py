@@ -145,9 +145,10 @@ class _ScheduleFree(FusedOptimizer):
         # step's inner products would then be this partition's (each rank its own step size: 0.5 off one process in
         # 5 steps of a small MLP), and no DTensor says where the other partitions are; train()/eval() move only this
         # partition's params, so they broadcast every partition afterwards, as ZeRO does after a step
-        zero = _dist.built_by_zero(self)
-        self._zero = None if zero is None else weakref.ref(zero)
+        candidate = _dist.zero_among_callers(self)
         super().__init__(*args, **kwargs)
+        zero = _dist.zero_partition(candidate, self.param_groups)
+        self._zero = None if zero is None else weakref.ref(zero)
         self._check_partition()
 
     def _check_partition(self) -> None:
