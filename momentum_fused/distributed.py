@@ -228,12 +228,12 @@ def all_reduce_sums(values: torch.Tensor, groups) -> torch.Tensor:
 
 
 def zero_among_callers(obj, depth: int = 8):
-    """The nearest torch.distributed.optim.ZeroRedundancyOptimizer (or subclass) among the callers of the optimizer
-    ``obj``'s constructor (``obj.__init__`` calls this; its own ``__init__`` chain is skipped and not counted), within
-    ``depth`` other frames, or None. Only a candidate: ``zero_partition`` decides by the params whether it built
-    ``obj`` over its partition (the frames cannot tell a wrapper optimizer that ZeRO builds over its partition, which
-    builds ``obj`` over the same params, from an optimizer building ``obj`` over other params). No import of
-    torch.distributed."""
+    """The torch.distributed.optim.ZeroRedundancyOptimizer (or subclass) that may be building the optimizer ``obj``
+    over this rank's partition of the params (``obj.__init__`` calls this), or None: the nearest ZeRO among the
+    callers of ``obj``'s constructor (its own ``__init__`` chain skipped and not counted; factories and wrapper
+    optimizers passed), within ``depth`` other frames, when that frame is ZeRO's ``_init_local_optimizer`` (the
+    method that builds its local optimizer; not a step, a hook or a closure ZeRO runs). Only a candidate:
+    ``zero_partition`` decides by the params. No import of torch.distributed."""
     f = sys._getframe(1)
     seen = 0
     while seen < depth:
@@ -246,14 +246,15 @@ def zero_among_callers(obj, depth: int = 8):
         seen += 1
         if any(c.__name__ == "ZeroRedundancyOptimizer" and c.__module__.startswith("torch.distributed.optim")
                for c in type(me).__mro__):
-            return me
+            return me if f.f_code.co_name == "_init_local_optimizer" else None
     return None
 
 
 def listed_params(params):
-    """(``params`` with its iterables made lists, as torch.optim.Optimizer makes them: a generator read here is not
-    lost to the constructor, the groups ``[{"params": [tensors]}, ...]`` it holds) for ``zero_partition`` before an
-    optimizer is built. A tensor (torch refuses it) is left as it is, with no groups."""
+    """(``params``, its groups as ``[[tensors], ...]``) for ``zero_partition`` before an optimizer is built, without
+    changing what the constructor accepts: a top-level iterable becomes a list (as torch.optim lists it), a group's
+    "params" is replaced only when it is an iterator (read here, it would be empty there); sets and other
+    collections are read and left as they are (torch refuses a set). A tensor (torch refuses it) has no groups."""
     if isinstance(params, torch.Tensor):
         return params, []
     params = list(params)
@@ -261,22 +262,30 @@ def listed_params(params):
     for item in params:
         if isinstance(item, dict):
             ps = item.get("params", [])
-            if not isinstance(ps, (torch.Tensor, list)):
+            if isinstance(ps, torch.Tensor):
+                groups.append([ps])
+                continue
+            if iter(ps) is ps:
                 item["params"] = ps = list(ps)
-            groups.append({"params": [ps] if isinstance(ps, torch.Tensor) else ps})
+            groups.append(list(ps))
         else:
-            groups.append({"params": [item]})
+            groups.append([item])
     return params, groups
 
 
-def zero_partition(zero, param_groups):
-    """``zero`` (``zero_among_callers``) when every param of ``param_groups`` is one of its params (an optimizer it
-    built over its partition, directly or through a wrapper), else None (an optimizer of other params, built by a ZeRO
-    method or by an optimizer it builds, is not ZeRO's)."""
+def zero_partition(zero, groups):
+    """``zero`` (``zero_among_callers``) when it built the optimizer whose params are ``groups`` (lists of tensors)
+    over this rank's partition: every one of them is in the partition, or both are empty; else None (an optimizer
+    of other params or of the whole model is not ZeRO's). The partition is ZeRO's ``_partition_parameters()``
+    for its ``rank`` (the groups it hands its local optimizer)."""
     if zero is None:
         return None
-    own = {id(p) for g in zero.param_groups for p in g["params"]}
-    return zero if all(id(p) in own for g in param_groups for p in g["params"]) else None
+    mine = [p for g in groups for p in g]
+    part = zero._partition_parameters()[zero.rank] if hasattr(zero, "_partition_parameters") else zero.param_groups
+    own = {id(p) for g in part for p in g["params"]}
+    if not mine:
+        return zero if not own else None
+    return zero if all(id(p) in own for p in mine) else None
 
 
 def is_fsdp1_flat(p) -> bool:

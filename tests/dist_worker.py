@@ -497,6 +497,19 @@ def scenario_zero_sf_edges(rank, tmpdir, backend):
         out["with_aux"] = "tied" if with_aux.optim.aux._zero is not None else "not tied"
     except ValueError as e:
         out["with_aux"] = str(e)
+    whole = []  # one over the whole model built in a closure ZeRO's step runs: every param on every rank, not ZeRO's
+    closure_model = _make_model(torch.float64)
+    plain = ZeroRedundancyOptimizer(list(closure_model.parameters()), optimizer_class=torch.optim.SGD, lr=0.1)
+
+    def closure():
+        whole.append(mf.SGDScheduleFree(list(closure_model.parameters()), lr="polyak", backend=backend))
+        return None
+
+    try:
+        plain.step(closure)
+        out["in_step"] = "tied" if whole[0]._zero is not None else "not tied"
+    except ValueError as e:
+        out["in_step"] = str(e)
     x, y = _batches(torch.float64)[0]
     _train_step(model, zero, _half(x, rank), _half(y, rank))
     if rank == 0:  # a z of another dtype in rank 0's partition only

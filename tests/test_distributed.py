@@ -645,6 +645,7 @@ def test_schedule_free_knows_which_zero_built_it_and_its_ranks_refuse_together(w
     for rank, res in enumerate(_results(world, f"zero_sf_edges-{backend}")):
         assert res["aux"] == "built", (rank, res["aux"])
         assert res["wrapped"] == "tied" and res["with_aux"] == "not tied", (rank, res["wrapped"], res["with_aux"])
+        assert res["in_step"] == "not tied", (rank, res["in_step"])
         want = "ValueError" if rank == 0 else "failed on another rank"
         assert want in res["eval"], (rank, res["eval"])
         assert res["training"] is True and res["unchanged"], rank

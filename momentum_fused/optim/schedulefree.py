@@ -147,7 +147,7 @@ class _ScheduleFree(FusedOptimizer):
         # partition's params, so they broadcast every partition afterwards, as ZeRO does after a step
         candidate = _dist.zero_among_callers(self)
         super().__init__(*args, **kwargs)
-        zero = _dist.zero_partition(candidate, self.param_groups)
+        zero = _dist.zero_partition(candidate, [g["params"] for g in self.param_groups])
         self._zero = None if zero is None else weakref.ref(zero)
         self._check_partition()
 
