@@ -216,6 +216,25 @@ def shard_groups(t) -> tuple:
     return tuple(groups)
 
 
+def shard_dim(p):
+    """The mesh dim over which a DTensor is sharded on dim 0 (Shard(0)) over more than one rank, or None: a plain
+    tensor, a replicated DTensor, or one sharded over a single rank (each holds the whole tensor locally). For the
+    params of a matrix phase (optim/phases.py), which allows one such mesh dim, the others Replicate."""
+    if not is_dtensor(p):
+        return None
+    for d, pl in enumerate(p.placements):
+        if pl.is_shard():
+            return d if p.device_mesh.size(d) > 1 else None
+    return None
+
+
+def row_counts(rows: int, world: int) -> list:
+    """Rows of each rank under Shard(0) (torch.chunk's split: ceil(rows / world) each, the last ones short or
+    empty)."""
+    step = -(-rows // world) if rows else 0
+    return [max(0, min(step, rows - r * step)) for r in range(world)]
+
+
 def all_reduce_sums(values: torch.Tensor, groups) -> torch.Tensor:
     """Sum ``values`` (a 1-D tensor of partial sums, modified in place) over every group in
     ``groups``; one all-reduce per group. Returns ``values``."""
@@ -271,6 +290,17 @@ def listed_params(params):
         else:
             groups.append([item])
     return params, groups
+
+
+def zero_building(obj, params):
+    """(the ZeroRedundancyOptimizer building the optimizer ``obj`` over this rank's partition, or None; ``params`` to
+    build it with): ``zero_among_callers`` then ``zero_partition`` on ``listed_params(params)``. ``obj.__init__``
+    calls it before building."""
+    zero = zero_among_callers(obj)
+    if zero is None:
+        return None, params
+    params, groups = listed_params(params)
+    return zero_partition(zero, groups), params
 
 
 def zero_partition(zero, groups):

@@ -74,14 +74,11 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
     def __init__(self, params, defaults, *, tau, r_min, augment_every, truncate_every, fixed_rank,
                  param_budget, backend, retraction):
         name = type(self).__name__
-        zero = _dist.zero_among_callers(self)
-        if zero is not None:
-            params, groups = _dist.listed_params(params)
-            if _dist.zero_partition(zero, groups) is not None:  # its partition could split a layer's U, S, V, or
-                # leave the other ranks' rank buffers behind (ZeRO broadcasts params, not buffers)
-                raise ValueError(f"{name} cannot run under ZeroRedundancyOptimizer: a low-rank layer's U, S and V "
-                                 "are stepped together (one retraction) and its rank is a buffer, which ZeRO's "
-                                 "partitions would split or leave stale on the other ranks; use it with DDP")
+        zero, params = _dist.zero_building(self, params)
+        if zero is not None:  # (a partition could split a layer, or leave its rank buffer stale on other ranks)
+            raise ValueError(f"{name} cannot run under ZeroRedundancyOptimizer: a low-rank layer's U, S and V are "
+                             "stepped together (one retraction) and its rank is a buffer, which ZeRO's partitions "
+                             "would split or leave stale on the other ranks (it broadcasts params); use it with DDP")
         if tau is None:
             tau = 0.0 if fixed_rank else 0.1
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0.0 <= tau < 1.0):

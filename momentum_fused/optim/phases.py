@@ -63,8 +63,8 @@ class PhasesMixin:
                 info = meshes.get((id(mesh), dims[0]))
                 if info is None:
                     info = meshes[(id(mesh), dims[0])] = (mesh.size(dims[0]), mesh.get_local_rank(dims[0]))
-                if info[0] > 1:  # (_sharded: the rows _sharded_matrix_phase exchanges are torch.chunk's split,
-                    want = _row_counts(p.shape[0], info[0])[info[1]]  # as FSDP2's)
+                if info[0] > 1:  # (sharded: the rows _sharded_matrix_phase exchanges are torch.chunk's split,
+                    want = _dist.row_counts(p.shape[0], info[0])[info[1]]  # as FSDP2's)
                     if p._local_tensor.shape[0] != want:
                         raise NotImplementedError(
                             f"{where}: param {i} is a DTensor of {p.shape[0]} rows whose shard on this rank has "
@@ -211,7 +211,7 @@ class PhasesMixin:
         stacked = phase.stacked is not None and phase.stacked(group)
         split = memo.get(("sharded", stacked))
         if split is None:
-            flags = [_sharded(p) and not (stacked and p.dim() > 2) for p in items]
+            flags = [_dist.shard_dim(p) is not None and not (stacked and p.dim() > 2) for p in items]
             split = memo[("sharded", stacked)] = ([i for i, f in enumerate(flags) if f],
                                                   [i for i, f in enumerate(flags) if not f])
         if split[0]:
@@ -308,30 +308,6 @@ def _chunk_size(phase, n: int, nbytes: int, device_type: str) -> int:
     return max(1, size)
 
 
-def _shard_dim(p):
-    """The mesh dim over which a DTensor param of a matrix phase is sharded (Shard(0); ``_phase_limits`` allows one,
-    the others Replicate), or None: a plain tensor, a replicated DTensor, or one sharded over a single rank (each
-    holds the whole tensor locally)."""
-    if not _dist.is_dtensor(p):
-        return None
-    for d, pl in enumerate(p.placements):
-        if pl.is_shard():
-            return d if p.device_mesh.size(d) > 1 else None
-    return None
-
-
-def _sharded(p) -> bool:
-    """A DTensor sharded on dim 0 over more than one rank of a mesh dim (``_shard_dim``)."""
-    return _shard_dim(p) is not None
-
-
-def _row_counts(rows: int, world: int) -> list:
-    """Rows of each rank under Shard(0) (torch.chunk's split: ceil(rows / world) each, the last ones short or
-    empty)."""
-    step = -(-rows // world) if rows else 0
-    return [max(0, min(step, rows - r * step)) for r in range(world)]
-
-
 def _wire_dtype(phase, group, dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype in which ``_sharded_matrix_phase`` moves tensors of ``dtype``: the phase's ``compute_dtype``
     where it is narrower (fewer bytes: bf16 Newton-Schulz on fp32 updates), else ``dtype``. The same result as
@@ -408,7 +384,7 @@ def _exchange_layout(prs, mesh, dim: int, phase, itemsize: int) -> dict:
             cur, elems = [], 0
     if cur or not rounds:
         rounds.append(cur)
-    counts = [_row_counts(p.shape[0], world) for p, _ in prs]
+    counts = [_dist.row_counts(p.shape[0], world) for p, _ in prs]
     row = [p.numel() // p.shape[0] if p.shape[0] else 0 for p, _ in prs]
     out = []
     for qs in rounds:
@@ -453,7 +429,7 @@ def _sharded_matrix_phase(phase, group, pairs, memo, key) -> None:
     if groups is None:
         by_mesh: dict = {}
         for j, (p, t) in enumerate(pairs):  # (by dtype too: one send buffer holds one dtype, as the stacks do)
-            by_mesh.setdefault((p.device_mesh, _shard_dim(p), t.dtype), []).append(j)
+            by_mesh.setdefault((p.device_mesh, _dist.shard_dim(p), t.dtype), []).append(j)
         groups = memo[key] = [(mesh, dtype, idx, _exchange_layout([pairs[j] for j in idx], mesh, dim, phase,
                                                                    dtype.itemsize))
                               for (mesh, dim, dtype), idx in by_mesh.items()]

@@ -140,14 +140,13 @@ class _ScheduleFree(FusedOptimizer):
     supported_layouts = tuple(n for n in FusedOptimizer.supported_layouts if n not in _SF_REFUSED)
     _zero = None  # (the class default: an optimizer pickled before the attribute existed)
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, params, *args, **kwargs):
         # torch's ZeroRedundancyOptimizer builds this optimizer over one rank's partition of the params: the Polyak
         # step's inner products would then be this partition's (each rank its own step size: 0.5 off one process in
         # 5 steps of a small MLP), and no DTensor says where the other partitions are; train()/eval() move only this
         # partition's params, so they broadcast every partition afterwards, as ZeRO does after a step
-        candidate = _dist.zero_among_callers(self)
-        super().__init__(*args, **kwargs)
-        zero = _dist.zero_partition(candidate, [g["params"] for g in self.param_groups])
+        zero, params = _dist.zero_building(self, params)
+        super().__init__(params, *args, **kwargs)
         self._zero = None if zero is None else weakref.ref(zero)
         self._check_partition()
 
