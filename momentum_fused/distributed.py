@@ -304,12 +304,10 @@ def zero_building(obj, params):
 
 
 def zero_partition(zero, groups):
-    """``zero`` (``zero_among_callers``) when it built the optimizer whose params are ``groups`` (lists of tensors)
+    """``zero`` (``zero_among_callers``: not None) when it built the optimizer whose params are ``groups`` (lists of tensors)
     over this rank's partition: every one of them is in the partition, or both are empty; else None (an optimizer
     of other params or of the whole model is not ZeRO's). The partition is ZeRO's ``_partition_parameters()``
     for its ``rank`` (the groups it hands its local optimizer)."""
-    if zero is None:
-        return None
     mine = [p for g in groups for p in g]
     part = zero._partition_parameters()[zero.rank] if hasattr(zero, "_partition_parameters") else zero.param_groups
     own = {id(p) for g in part for p in g["params"]}

@@ -69,7 +69,7 @@ def polyak_reductions(rule: str, group: dict, params, state, inv_scale: float = 
 
 def _agree_across_ranks(zero, check) -> None:
     """``check()`` on every rank of ``zero``'s process group, then raise on all of them if it raised on any (this
-    rank's own error, else a RuntimeError naming the others): under ZeRO a rank checks only its partition, and one
+    rank's own error, else a RuntimeError saying another rank's failed): under ZeRO a rank checks only its partition, and one
     rank refusing while the others moved their params and waited in the broadcast of every partition hung them."""
     import torch.distributed as dist
 
