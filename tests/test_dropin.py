@@ -766,3 +766,33 @@ def test_float8_params_are_refused_at_construction_and_at_a_step():
     with pytest.raises(TypeError, match="param 1 of group 0.*float8_e4m3fn param cannot be stepped"):
         opt.step()
     assert torch.equal(a, torch.ones(4)) and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_beta_written_into_a_live_adamtied_group_is_its_tied_beta_from_the_next_step(backend):
+    # (a review, 2026-12-07: groups take `beta`, but one written between steps was ignored, with a warning that
+    # called it an unknown key)
+    torch.manual_seed(0)
+    p = [torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
+    q = [torch.nn.Parameter(p[0].detach().clone())]
+    a = mf.AdamTied(p, lr=0.1, beta=0.9, backend=backend)
+    b = mf.AdamTied(q, lr=0.1, beta=0.9, backend=backend)
+    for s in range(6):
+        g = torch.randn(5, dtype=torch.float64)
+        p[0].grad, q[0].grad = g.clone(), g.clone()
+        if s == 2:
+            a.param_groups[0]["beta"] = 0.5
+            b.param_groups[0]["betas"] = (0.5, 0.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            a.step()
+        b.step()
+        assert torch.equal(p[0], q[0])
+    assert a.param_groups[0]["betas"] == (0.5, 0.5) and "beta" not in a.param_groups[0]
+    # a bad one is refused, the group and params as they were
+    a.param_groups[0]["beta"] = 1.5
+    before = p[0].detach().clone()
+    with pytest.raises(ValueError):
+        a.step()
+    assert a.param_groups[0]["beta"] == 1.5 and a.param_groups[0]["betas"] == (0.5, 0.5)
+    assert torch.equal(p[0], before)

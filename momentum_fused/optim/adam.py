@@ -57,6 +57,7 @@ def _check_tied(groups, where, first=0) -> None:
 
 
 _TIED_BETA = 0.95  # AdamTied's default beta
+_MISSING = object()
 
 
 class AdamTied(Adam):
@@ -96,8 +97,24 @@ class AdamTied(Adam):
         super().add_param_group(param_group)
 
     def _step_plan(self):  # (not step(): torch wraps each class's step with its hooks, which would run twice)
-        _check_tied(self.param_groups, "AdamTied")  # a group edited since: refused before anything changes
-        return super()._step_plan()
+        # A `beta` written into a live group (a beta schedule, in the key the groups take) replaces its betas from
+        # this step on; put back as it was when the step is refused (a review, 2026-12-07: it was ignored, with a
+        # warning calling it an unknown key).
+        written = [(g, g["beta"], g.get("betas", _MISSING)) for g in self.param_groups if "beta" in g]
+        for g, beta, _ in written:
+            g["betas"] = (beta, beta)
+            del g["beta"]
+        try:
+            _check_tied(self.param_groups, "AdamTied")  # a group edited since: refused before anything changes
+            return super()._step_plan()
+        except BaseException:
+            for g, beta, betas in written:
+                g["beta"] = beta
+                if betas is _MISSING:
+                    g.pop("betas", None)
+                else:
+                    g["betas"] = betas
+            raise
 
     def _load_state_dict(self, state_dict):  # (after the load pre-hooks: one may tie an Adam checkpoint's betas)
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
