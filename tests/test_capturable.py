@@ -480,3 +480,53 @@ def test_adamtied_gradient_snr_reads_the_rolled_back_state(bad):
 
     with device_amp_backend("reference") as (dev, _):
         assert run(dev) == run("reference")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_of_a_step_that_is_not_capturable_raises_on_a_gpu():
+    """A real capture (tests/test_ecosystem.py fakes the capture query on CPU): an optimizer with capturable=False
+    raises before anything changes, as torch's do."""
+    p = torch.nn.Parameter(torch.randn(64, device="cuda"))
+    p.grad = torch.randn(64, device="cuda")
+    opt = mf.AdamW([p], lr=0.1)
+    before = p.detach().clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        with pytest.raises(RuntimeError, match="CUDA graph capture of step.*capturable is False"):
+            with torch.cuda.graph(g, stream=s):
+                opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(p.detach(), before) and not opt.state
+
+
+@pytest.mark.gpu
+def test_capturable_written_by_dynamo_on_cuda_is_set_back_for_nadam():
+    """torch.compile's dynamo writes capturable=True into the groups of an optimizer on CUDA without state when
+    compiled code reads param_groups; NAdam cannot be capturable: set back with a warning, and the run equals eager
+    (tests/test_ecosystem.py checks the same on CPU with dynamo's CUDA condition dropped)."""
+    def run(compiled):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4).cuda()
+        opt = mf.NAdam(model.parameters(), lr=1e-2)
+
+        def train(x):
+            lr = opt.param_groups[0]["lr"]
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            return lr
+
+        f = torch.compile(train, backend="aot_eager") if compiled else train
+        xs = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1)).cuda()
+        for x in xs:
+            f(x)
+        assert opt.param_groups[0]["capturable"] is False
+        return [p.detach().clone() for p in model.parameters()]
+
+    with pytest.warns(RuntimeWarning, match="capturable=True was set after construction"):
+        got = run(True)
+    for a, b in zip(run(False), got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

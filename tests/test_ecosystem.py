@@ -327,6 +327,103 @@ def test_a_param_listed_twice_is_refused_by_a_compiled_step_too():
     assert torch.equal(w.detach(), before)
 
 
+@pytest.mark.parametrize("zero_from", [0, 2])
+def test_a_zerotensor_or_lazy_bit_grad_in_a_compiled_step_equals_eager(zero_from):
+    # (a review, 2026-12-07: a param used only through an op of zero derivative gets autograd's ZeroTensor as its
+    # grad; the traced step handed it to the bucket op, which has no ZeroTensor kernel: an internal dispatcher
+    # error where the eager step and torch's compiled AdamW step it. Such a step now runs eagerly.)
+    def run(compiled):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        a, b = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+        opt = mf.AdamW([a, b], lr=torch.tensor(0.1), backend="cpu")
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for i in range(5):
+            (a.sum() + (torch.sgn(b) if i >= zero_from else b).sum()).backward()
+            assert b.grad._is_zerotensor() == (i >= zero_from)
+            if i == 4:  # and a neg view
+                a.grad = torch.ones(4).neg().neg()._neg_view()
+            step()
+            opt.zero_grad()
+        return a.detach().clone(), b.detach().clone(), opt.state[b]["exp_avg_sq"].clone()
+
+    for x, y in zip(run(False), run(True)):
+        assert torch.equal(x, y)
+
+
+def _dynamo_sets_capturable_on_cpu(monkeypatch):
+    """torch.compile's dynamo writes capturable=True into the groups of an optimizer whose params are all on CUDA and
+    have no state, when compiled code reads ``optimizer.param_groups``; here the same on CPU params (the GPU
+    condition dropped), to test what the next step does without a GPU."""
+    ov = pytest.importorskip("torch._dynamo.variables.optimizer", reason="needs torch._dynamo")
+    orig = getattr(ov.OptimizerVariable, "_set_capturable", None)
+    if orig is None:
+        pytest.skip("this torch's dynamo has no OptimizerVariable._set_capturable (nothing sets capturable)")
+
+    def patched(self, tx):
+        for group in self.value.param_groups:
+            if "capturable" in group and all(p not in self.value.state for p in group["params"]):
+                group["capturable"] = True
+        return orig(self, tx)
+
+    monkeypatch.setattr(ov.OptimizerVariable, "_set_capturable", patched)
+
+
+@pytest.mark.parametrize("make,dtype", [(lambda ps: mf.NAdam(ps, lr=1e-2), torch.float32),
+                                        (lambda ps: mf.AdamWScheduleFree(ps, lr=1e-2), torch.float32),
+                                        (lambda ps: mf.AdamW(ps, lr=1e-2, layout="bf16_sr"), torch.bfloat16)],
+                         ids=["nadam", "sf_adamw", "bf16_sr"])
+def test_capturable_set_by_dynamo_on_an_optimizer_that_cannot_be_is_set_back(make, dtype, monkeypatch):
+    # (a review, 2026-12-07: reading optimizer.param_groups inside a compiled function, e.g. a scheduler's step,
+    # made the first step of these optimizers raise "cannot run with capturable=True" on CUDA params)
+    _dynamo_sets_capturable_on_cpu(monkeypatch)
+
+    def run(compiled):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2).to(dtype)
+        opt = make(list(model.parameters()))
+
+        def train(x):
+            lr = opt.param_groups[0]["lr"]  # (an lr logged: dynamo reads param_groups)
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            return lr
+
+        f = torch.compile(train, backend="aot_eager") if compiled else train
+        for i in range(3):
+            if compiled and i == 0:
+                with pytest.warns(RuntimeWarning, match="capturable=True was set after construction"):
+                    f(torch.randn(3, 4, dtype=dtype))
+            else:
+                f(torch.randn(3, 4, dtype=dtype))
+        assert opt.param_groups[0]["capturable"] is False
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+def test_a_cuda_graph_capture_of_a_step_that_is_not_capturable_raises(monkeypatch):
+    # (as torch's optimizers: the host-side numbers of such a step would be constants of the graph; checked with
+    # torch.cuda's capture query answering yes, on CPU params)
+    ps = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(2)]
+    for p in ps:
+        p.grad = torch.randn(3, 3)
+    plain, cap = mf.AdamW(ps, lr=0.1), mf.AdamW(ps, lr=0.1, capturable=True, backend="cpu")
+    muon = mf.Muon([ps[0]], lr=0.1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    before = [p.detach().clone() for p in ps]
+    for opt in (plain, muon):
+        with pytest.raises(RuntimeError, match="CUDA graph capture of step.*capturable is False"):
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, ps)) and not opt.state
+    cap.step()  # (capturable: the check lets it through)
+    assert not torch.equal(before[0], ps[0])
+
+
 def test_compiled_train_step_inductor_matches_eager():
     """The default inductor backend: the compiled forward/backward differ from eager by round-off only."""
     from torch._dynamo.utils import counters

@@ -39,7 +39,7 @@ from .checkpoints import CheckpointMixin
 from .checks import STEPPABLE_DTYPES, STEPPABLE_NAMES, ValidationMixin
 from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, check_torch_flags, torch_setstate
 from .buckets import Bucket, launch
-from .compile import CompileMixin
+from .compile import CompileMixin, eager_step_checks
 from .masters import MasterSyncMixin
 from .phases import PhasesMixin
 from .plan_cache import PlanCacheMixin
@@ -279,6 +279,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
 
     @torch._disable_dynamo
     def _eager_step(self, closure=None):
+        eager_step_checks(self, self._why_not_capturable)
         loss = None
         if closure is not None:
             with torch.enable_grad():

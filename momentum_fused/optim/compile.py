@@ -3,6 +3,7 @@ custom op per bucket (``momentum_fused::bucket_step``, with its mutations and a 
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 
@@ -12,8 +13,9 @@ from .._backend_cpu import flags_to_int  # (the kernels' flag bits: one definiti
 from .. import layouts as _layouts
 from ..specs import get_spec
 from .checks import real_dtype
+from .keys import user_stacklevel
 
-__all__ = ["CompileMixin", "bucket_step", "bucket_op"]
+__all__ = ["CompileMixin", "bucket_step", "bucket_op", "eager_step_checks"]
 
 
 class CompileMixin:
@@ -32,10 +34,13 @@ class CompileMixin:
             for p in group["params"]:
                 if dtensor is not None and isinstance(p, dtensor):
                     return False
-                if p.grad is None or p.is_complex():
-                    if p.grad is not None:
+                g = p.grad
+                if g is None or p.is_complex():
+                    if g is not None:
                         return False
                     continue
+                if g.is_conj() or g.is_neg() or g._is_zerotensor():  # (lazy bits: the eager step resolves them;
+                    return False  # the bucket op has no kernel for a ZeroTensor: a review, 2026-12-07)
                 key = (p.device, p.dtype)
                 if key not in seen:
                     seen.add(key)
@@ -43,6 +48,16 @@ class CompileMixin:
                         return False
         return True
 
+
+    def _why_not_capturable(self, group) -> str | None:
+        """Why a step of ``group`` cannot be capturable whatever the backend (``eager_step_checks``: the rule or the
+        layout; these refuse capturable=True at construction); None where it can, or where its keys are for the
+        step's checks to refuse. (The reference backend is not one of them: it is chosen per device, and a
+        capturable group on it raises at the step, asked for or not.)"""
+        try:
+            return self._not_capturable(_layouts.get_layout(group["layout"]))
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def _amp_traceable(self) -> bool:
         """With GradScaler's ``found_inf`` / ``grad_scale`` set: can the traced step take them as tensors (the
@@ -65,6 +80,39 @@ class CompileMixin:
                                False):
                     return False
         return True
+
+
+def eager_step_checks(opt, not_capturable) -> None:
+    """Before an eager step (FusedOptimizer and Muon), two facts of CUDA graphs and torch.compile:
+
+    1. CUDA-graph capture of a step with a group whose ``capturable`` is False raises, as torch's optimizers do
+       (its host-side numbers would be constants of the graph: every replay would repeat them).
+    2. Outside a capture: torch.compile's dynamo writes ``capturable=True`` into the real group dicts of an
+       optimizer whose params are all on CUDA and have no state yet, when compiled code reads
+       ``optimizer.param_groups`` (torch/_dynamo/variables/optimizer.py ``_set_capturable``: a scheduler's step,
+       an lr logged inside the compiled function). For an optimizer that cannot be capturable
+       (``not_capturable(group)``: a reason, else None) the next step raised, though nobody had asked for it (a
+       review, 2026-12-07). Such a group (no state yet, as dynamo requires) is set back to False, with a warning; a
+       group that has state keeps the flag, and the step's checks refuse it as before. ``not_capturable(group)``
+       names only what refuses capturable=True at construction (rule, layout), so asking for it still raises there."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        if not all(g.get("capturable") is True for g in opt.param_groups):
+            raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of {type(opt).__name__} "
+                               "but param_groups' capturable is False: construct it with capturable=True "
+                               "(docs/ecosystem.md, CUDA graphs)")
+        return
+    for gi, g in enumerate(opt.param_groups):
+        if g.get("capturable") is not True or any(p in opt.state for p in g.get("params", ())):
+            continue
+        why = not_capturable(g)
+        if why is None:
+            continue
+        g["capturable"] = False
+        warnings.warn(f"{type(opt).__name__} param group {gi}: capturable=True was set after construction "
+                      "(torch.compile sets it on every group of an optimizer whose params are on CUDA and have no "
+                      "state yet when compiled code reads optimizer.param_groups), but this optimizer cannot run "
+                      f"capturable: {why}. Set back to False; the step runs as before",
+                      RuntimeWarning, stacklevel=user_stacklevel())
 
 
 # = torch.compiler.assume_constant_result(CompileMixin._traceable), without importing torch._dynamo (and

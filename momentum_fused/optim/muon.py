@@ -20,6 +20,7 @@ from .adam import AdamW
 from .amp import _drop_amp_attrs, amp_scalar, unscale_lists
 from .base import FusedOptimizer
 from .checkpoints import with_load_hooks, with_post_hooks
+from .compile import eager_step_checks
 from .ckpt_format import muon_dtype_names, muon_ns_dtype_named, muon_without_saved_layout, refuse_missized_state
 from .host_state import check_loaded_state
 from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss, torch_setstate, user_stacklevel
@@ -401,6 +402,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch._disable_dynamo  # (a compiled region runs the step eagerly: one graph break at step())
     def _eager_step(self, closure=None):
+        eager_step_checks(self, lambda g: None)  # (CUDA-graph capture of a group not capturable: raises)
         try:
             return self._steps(closure)
         except BaseException:
