@@ -538,6 +538,42 @@ _HF_MISSING = [m for m in ("transformers", "accelerate") if importlib.util.find_
 
 
 @pytest.mark.skipif(bool(_HF_MISSING), reason=f"needs {' and '.join(_HF_MISSING)} (pip install -r requirements-dev.txt)")
+def test_accelerate_sees_a_skipped_step_with_the_documented_gradscaler_setting():
+    """docs/ecosystem.md (GradScaler): accelerate's AcceleratedOptimizer counts any call of step() as a step taken
+    (huggingface/accelerate#4242), and GradScaler calls the step of an optimizer that skips by itself
+    (``_step_supports_amp_scaling``): its scheduler then advanced on overflow steps (a review, 2026-12-07). With the
+    attribute False on the instance, GradScaler unscales and skips as for torch's default AdamW: the skip is seen,
+    the schedule holds, and the run equals torch.optim.AdamW's under the same scaler."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.scheduler import AcceleratedScheduler
+    from accelerate import Accelerator
+
+    Accelerator(cpu=True)  # (the state AcceleratedOptimizer reads)
+    runs = {}
+    for name, make in (("torch", lambda ps: torch.optim.AdamW(ps, lr=0.1)), ("ours", lambda ps: mf.AdamW(ps, lr=0.1))):
+        model = _model(dtype=torch.float64)
+        inner = make(model.parameters())
+        if name == "ours":
+            inner._step_supports_amp_scaling = False
+        opt = AcceleratedOptimizer(inner, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))
+        sched = AcceleratedScheduler(torch.optim.lr_scheduler.StepLR(inner, step_size=1, gamma=0.5), opt)
+        skipped = []
+        for t, (x, y) in enumerate(_data(4, torch.float64)):
+            opt.zero_grad()
+            opt.scaler.scale(((model(x) - y) ** 2).mean()).backward()
+            if t == 1:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            opt.step()
+            sched.step()
+            skipped.append(opt.step_was_skipped)
+        runs[name] = (skipped, inner.param_groups[0]["lr"], [p.detach().clone() for p in model.parameters()])
+    assert runs["ours"][0] == runs["torch"][0] == [False, True, False, False]
+    assert runs["ours"][1] == runs["torch"][1] == 0.1 * 0.5 ** 3
+    for a, b in zip(runs["ours"][2], runs["torch"][2]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(bool(_HF_MISSING), reason=f"needs {' and '.join(_HF_MISSING)} (pip install -r requirements-dev.txt)")
 @pytest.mark.parametrize("optimizer", ["adamw", "sf_adamw"])
 def test_hf_trainer_example(optimizer):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
