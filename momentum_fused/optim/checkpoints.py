@@ -207,7 +207,8 @@ class CheckpointMixin:
         param's value, as between any two steps (optim/masters.py). A step traced by
         torch.compile does not check (the check reads a value: a graph break in the middle of the update); the
         next eager step does."""
-        from .masters import _adopt, _chunks  # (masters.py imports plan_cache, which imports checks, which imports this)
+        from .masters import _adopt, _chunks, in_memory  # (masters.py imports plan_cache, which imports checks, which
+        # imports this)
         stale = []
         for gi, g in enumerate(self.param_groups):
             if not _layouts.get_layout(g["layout"]).master:
@@ -217,6 +218,8 @@ class CheckpointMixin:
                 if m is None:
                     continue
                 ml, pl = _dist.local(m), _dist.local(p.detach())
+                if not in_memory(pl):  # (its memory freed: compared when it comes back, as a moved param)
+                    continue
                 if any(_far(mc, pc.float()) for pc, mc in _chunks(pl, ml)):
                     ml.copy_(pl)
                     stale.append(f"param {pi} of group {gi}")

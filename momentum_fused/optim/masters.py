@@ -49,7 +49,7 @@ def _adopt(p: torch.Tensor, m: torch.Tensor, twice: bool = False) -> None:
     moved between bf16 and fp16 since the master was written): the rounding through the other half dtype counts
     as the master's rounding too, and so does master16's rounding to bf16 (ties away from zero: a master16
     checkpoint's param, which the load into the master layout leaves as it is)."""
-    if p.shape != m.shape or p.numel() == 0:
+    if p.shape != m.shape or p.numel() == 0 or not in_memory(p):
         return
     for pc, mc in _chunks(p, m):
         keep = pc == mc.to(pc.dtype)
@@ -58,6 +58,16 @@ def _adopt(p: torch.Tensor, m: torch.Tensor, twice: bool = False) -> None:
             keep |= pc == mc.to(other).to(pc.dtype)
             keep |= pc == _layouts.master16_encode(mc)[0].view(mc.shape).to(pc.dtype)
         torch.where(keep, mc, pc.to(torch.float32), out=mc)
+
+
+def in_memory(t: torch.Tensor) -> bool:
+    """Do ``t``'s elements lie within its storage? Not for a param whose memory was freed between steps (an offload:
+    ``p.untyped_storage().resize_(0)``, its shape kept): reading it crashed the process (a review, 2026-12-07). Such
+    a param is not compared; when its memory comes back its data pointer has moved, and the next step adopts it."""
+    if t.numel() == 0:
+        return True
+    end = t.storage_offset() + sum((n - 1) * abs(d) for n, d in zip(t.shape, t.stride())) + 1
+    return end * t.element_size() <= t.untyped_storage().nbytes()
 
 
 CHUNK = 1 << 24  # elements per pass of the masters' element checks
