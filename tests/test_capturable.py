@@ -530,3 +530,16 @@ def test_capturable_written_by_dynamo_on_cuda_is_set_back_for_nadam():
         got = run(True)
     for a, b in zip(run(False), got):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_capturable_on_the_reference_backend_is_refused_at_construction():
+    """As the rules and layouts that cannot be capturable (since 2026-12-07; it raised at the first step): so that
+    a capturable=True found later on a group without state is one torch.compile's dynamo wrote (set back, with a
+    warning: tests/test_ecosystem.py -k set_back), never one the user asked for."""
+    ps = make_params()
+    with pytest.raises(RuntimeError, match="capturable=True needs a compiled backend.*'reference'"):
+        mf.AdamW(ps, lr=1e-2, backend="reference", capturable=True)
+    opt = mf.AdamW(ps[:1], lr=1e-2, backend="reference")
+    with pytest.raises(RuntimeError, match="param group 1: capturable=True needs a compiled backend"):
+        opt.add_param_group(dict(params=ps[1:], capturable=True))
+    assert len(opt.param_groups) == 1

@@ -371,8 +371,9 @@ def _dynamo_sets_capturable_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("make,dtype", [(lambda ps: mf.NAdam(ps, lr=1e-2), torch.float32),
                                         (lambda ps: mf.AdamWScheduleFree(ps, lr=1e-2), torch.float32),
-                                        (lambda ps: mf.AdamW(ps, lr=1e-2, layout="bf16_sr"), torch.bfloat16)],
-                         ids=["nadam", "sf_adamw", "bf16_sr"])
+                                        (lambda ps: mf.AdamW(ps, lr=1e-2, layout="bf16_sr"), torch.bfloat16),
+                                        (lambda ps: mf.AdamW(ps, lr=1e-2, backend="reference"), torch.float32)],
+                         ids=["nadam", "sf_adamw", "bf16_sr", "reference"])
 def test_capturable_set_by_dynamo_on_an_optimizer_that_cannot_be_is_set_back(make, dtype, monkeypatch):
     # (a review, 2026-12-07: reading optimizer.param_groups inside a compiled function, e.g. a scheduler's step,
     # made the first step of these optimizers raise "cannot run with capturable=True" on CUDA params)
@@ -422,6 +423,29 @@ def test_a_cuda_graph_capture_of_a_step_that_is_not_capturable_raises(monkeypatc
         assert all(torch.equal(a, b) for a, b in zip(before, ps)) and not opt.state
     cap.step()  # (capturable: the check lets it through)
     assert not torch.equal(before[0], ps[0])
+
+
+def test_a_refused_capture_drops_gradscalers_attributes(monkeypatch):
+    # (a review, 2026-12-07: the capture check ran before the step's guard that drops GradScaler's grad_scale and
+    # found_inf when a step raises: the next plain step divided its gradient by the stale scale)
+    for make in (lambda ps: mf.SGD(ps, lr=0.1), lambda ps: mf.Muon(ps, lr=0.1)):
+        p = torch.nn.Parameter(torch.zeros(3, 3))
+        opt = make([p])
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale(torch.ones(()))
+        p.grad = torch.full((3, 3), 1024.0)
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "is_initialized", lambda: True)
+            m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+            with pytest.raises(RuntimeError, match="CUDA graph capture"):
+                scaler.step(opt)
+        assert getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None
+        q = torch.nn.Parameter(torch.zeros(3, 3))
+        ref = make([q])
+        p.grad, q.grad = torch.ones(3, 3), torch.ones(3, 3)
+        opt.step()
+        ref.step()
+        assert torch.equal(p, q) and torch.equal(p.grad, torch.ones(3, 3))
 
 
 def test_compiled_train_step_inductor_matches_eager():
@@ -535,6 +559,23 @@ def test_scheduler_drives_the_optimizer(cls, name):
 
 # ------------------------------------------------------------------ transformers.Trainer
 _HF_MISSING = [m for m in ("transformers", "accelerate") if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.parametrize("make", [lambda ps: mf.AdamW(ps), lambda ps: mf.Muon(ps)], ids=["adamw", "muon"])
+def test_an_instance_gradscaler_setting_survives_a_copy_and_a_pickle(make):
+    # (docs/ecosystem.md, accelerate: the setting lived in the instance's __dict__, which torch's __getstate__ leaves
+    # out; a review found it lost by copy.deepcopy and torch.save of the optimizer)
+    import io
+    opt = make([torch.nn.Parameter(torch.randn(4, 4))])
+    assert type(opt)._step_supports_amp_scaling is True
+    opt._step_supports_amp_scaling = False
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(opt), torch.load(buf, weights_only=False)):
+        assert other._step_supports_amp_scaling is False
+    assert copy.deepcopy(make([torch.nn.Parameter(torch.randn(4, 4))])).__dict__.get("_step_supports_amp_scaling") \
+        is None  # (not set: nothing carried, the class's value)
 
 
 @pytest.mark.skipif(bool(_HF_MISSING), reason=f"needs {' and '.join(_HF_MISSING)} (pip install -r requirements-dev.txt)")

@@ -37,7 +37,7 @@ from ..specs import UpdateRuleSpec, get_spec
 from .amp import AmpMixin, AmpRollback, _drop_amp_attrs, unscale_lists
 from .checkpoints import CheckpointMixin
 from .checks import STEPPABLE_DTYPES, STEPPABLE_NAMES, ValidationMixin
-from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, check_torch_flags, torch_setstate
+from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, check_torch_flags, instance_settings, torch_setstate
 from .buckets import Bucket, launch
 from .compile import CompileMixin, eager_step_checks
 from .masters import MasterSyncMixin
@@ -158,6 +158,11 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 params = list(params)  # a generator (model.parameters()) is read once, here
                 param_group["params"] = params  # (the caller's dict itself, as torch: it is the group kept)
             params = [params] if isinstance(params, torch.Tensor) else list(params)
+            if merged.get("capturable") is True and not _ADOPTING.get():
+                name = self._host_scalar_backend(params, lay)  # (as the rule's and layout's reasons, above)
+                if name:
+                    raise RuntimeError(f"{where}capturable=True needs a compiled backend (cpu, cuda, triton); "
+                                       f"backend {name!r} reads its scalars on the host")
             seen = {}
             for i, p in enumerate(params):
                 q = p[1] if isinstance(p, tuple) and len(p) == 2 else p
@@ -189,7 +194,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         state = super().__getstate__()
         state.pop("_step_attrs", None)
         state["backend"] = self.backend
-        return state
+        return instance_settings(self, state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's load_state_dict calls this with {"state", "param_groups"} only: the live optimizer keeps
@@ -279,7 +284,11 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
 
     @torch._disable_dynamo
     def _eager_step(self, closure=None):
-        eager_step_checks(self, self._why_not_capturable)
+        try:
+            eager_step_checks(self, self._why_not_capturable)
+        except BaseException:
+            _drop_amp_attrs(self)  # (as any step refused: GradScaler's scale not left for the next step)
+            raise
         loss = None
         if closure is not None:
             with torch.enable_grad():

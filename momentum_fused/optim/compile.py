@@ -50,14 +50,37 @@ class CompileMixin:
 
 
     def _why_not_capturable(self, group) -> str | None:
-        """Why a step of ``group`` cannot be capturable whatever the backend (``eager_step_checks``: the rule or the
-        layout; these refuse capturable=True at construction); None where it can, or where its keys are for the
-        step's checks to refuse. (The reference backend is not one of them: it is chosen per device, and a
-        capturable group on it raises at the step, asked for or not.)"""
+        """Why a step of ``group`` cannot be capturable (``eager_step_checks``: the rule, the layout or the backend;
+        each refuses capturable=True at construction); None where it can, or where its keys are for the
+        step's checks to refuse. The backend its params would run on, when it reads its scalars on the host
+        (reference: ``add_param_group`` refuses capturable=True on it too)."""
         try:
-            return self._not_capturable(_layouts.get_layout(group["layout"]))
+            lay = _layouts.get_layout(group["layout"])
+            why = self._not_capturable(lay)
         except (KeyError, TypeError, ValueError):
             return None
+        name = why is None and self._host_scalar_backend(group["params"], lay)
+        return f"backend {name!r} reads its scalars on the host" if name else why
+
+    def _host_scalar_backend(self, params, lay) -> str | None:
+        """The name of the backend without scalar tables (reference) that a step of ``params`` would run on; None:
+        none (or none resolvable now: the step says why)."""
+        seen = set()
+        for p in params:
+            p = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+            if not isinstance(p, torch.Tensor):
+                continue
+            key = (p.device, real_dtype(p.dtype))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                b = backends.resolve(self.backend, self.spec, *key, lay)
+            except Exception:  # noqa: BLE001 (no backend for it: the step raises, naming them)
+                continue
+            if not b.scalar_tables:
+                return b.name
+        return None
 
     def _amp_traceable(self) -> bool:
         """With GradScaler's ``found_inf`` / ``grad_scale`` set: can the traced step take them as tensors (the

@@ -51,6 +51,15 @@ def torch_setstate(opt, state: dict, setstate) -> None:
         opt.defaults.pop("differentiable", None)
 
 
+def instance_settings(opt, state: dict) -> dict:
+    """``state`` (an ``__getstate__``'s) with the settings a user put on the instance itself, which torch's
+    ``__getstate__`` (defaults, state, param_groups) drops from a copy or pickle: ``_step_supports_amp_scaling``
+    (docs/ecosystem.md, accelerate: a review found the setting lost by ``copy.deepcopy``)."""
+    if "_step_supports_amp_scaling" in opt.__dict__:
+        state["_step_supports_amp_scaling"] = opt.__dict__["_step_supports_amp_scaling"]
+    return state
+
+
 def _edit_distance(a: str, b: str) -> int:
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):

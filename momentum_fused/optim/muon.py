@@ -23,7 +23,7 @@ from .checkpoints import with_load_hooks, with_post_hooks
 from .compile import eager_step_checks
 from .ckpt_format import muon_dtype_names, muon_ns_dtype_named, muon_without_saved_layout, refuse_missized_state
 from .host_state import check_loaded_state
-from .keys import GROUP_KEYS_ALWAYS_ALLOWED, near_miss, torch_setstate, user_stacklevel
+from .keys import GROUP_KEYS_ALWAYS_ALLOWED, instance_settings, near_miss, torch_setstate, user_stacklevel
 
 __all__ = ["Muon", "AUX_DEFAULTS"]
 
@@ -332,7 +332,7 @@ class Muon(torch.optim.Optimizer):
         self.sync_amp()
         state = super().__getstate__()
         state["backend"] = self.backend
-        return state
+        return instance_settings(self, state)
 
     def __setstate__(self, state):
         """Unpickling, and torch's load_state_dict (which refuses no state tensor of another size: done here,
@@ -402,8 +402,8 @@ class Muon(torch.optim.Optimizer):
 
     @torch._disable_dynamo  # (a compiled region runs the step eagerly: one graph break at step())
     def _eager_step(self, closure=None):
-        eager_step_checks(self, lambda g: None)  # (CUDA-graph capture of a group not capturable: raises)
         try:
+            eager_step_checks(self, lambda g: None)  # (CUDA-graph capture of a group not capturable: raises)
             return self._steps(closure)
         except BaseException:
             _drop_amp_attrs(self)  # (GradScaler's attributes of a step that raised: not left for the next step)
