@@ -637,6 +637,39 @@ _KINDS["partition_refusals"] = scenario_partition_refusals
 _KINDS["zero_sf_edges"] = scenario_zero_sf_edges
 
 
+def scenario_zero_tied_beta(rank, tmpdir, backend):
+    """AdamTied under ZeroRedundancyOptimizer with a `beta` written into ZeRO's group, later `betas`: ZeRO copies its
+    groups' keys into AdamTied's before every step, so the `beta` it kept (its defaults give it one too) overrode
+    every later betas write (a review, 2026-12-07). Against one process doing the same writes on the whole batch."""
+    import torch
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import momentum_fused as mf
+
+    def run(make, wrap, split):
+        model = _make_model(torch.float64)
+        opt = make(list(model.parameters()))
+        net = wrap(model)
+        for s, (x, y) in enumerate(_batches(torch.float64)):
+            if s == 1:
+                opt.param_groups[0]["betas"] = (0.8, 0.8)  # (ZeRO's default beta must not win over it)
+            if s == 2:
+                opt.param_groups[0]["beta"] = 0.5
+            if s == 4:
+                opt.param_groups[0]["betas"] = (0.3, 0.3)
+            _train_step(net, opt, *((_half(x, rank), _half(y, rank)) if split else (x, y)))
+        return [p.detach().clone() for p in model.parameters()], tuple(opt.param_groups[0]["betas"])
+
+    ref = run(lambda ps: mf.AdamTied(ps, lr=0.01, beta=0.9, backend=backend), lambda m: m, False)
+    got = run(lambda ps: ZeroRedundancyOptimizer(ps, optimizer_class=functools.partial(mf.AdamTied, backend=backend),
+                                                 lr=0.01, beta=0.9), DDP, True)
+    return dict(ref=ref, got=got)
+
+
+_KINDS["zero_tied_beta"] = scenario_zero_tied_beta
+
+
 def _int8_model(dtype, seed=0):
     """Two layers: the first's weight (17 x 256) has rows of whole 256-element blocks and is quantized under the
     int8 layouts, sharded 9 / 8 rows by FSDP2 (each shard under 4096 elements: the decision is the global

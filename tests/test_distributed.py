@@ -84,6 +84,7 @@ def _scenarios():
     out += [dict(id=f"muon_experts-{m}-{b}", kind="muon_experts", mixed=m != "experts", toggle=m == "toggled",
                  backend=b) for m in ("experts", "mixed", "toggled") for b in _available(BACKENDS)]
     out += [dict(id=f"zero_int8_resume-{b}", kind="zero_int8_resume", backend=b) for b in _available(BACKENDS)]
+    out += [dict(id=f"zero_tied_beta-{b}", kind="zero_tied_beta", backend=b) for b in _available(BACKENDS)]
     out += [dict(id=f"gradient_snr-{lay}-{b}", kind="gradient_snr", layout=lay, backend=b)
             for lay in ("native", "int8_state") for b in _available(BACKENDS)]
     out += [dict(id=f"strided_reductions-{b}", kind="strided_reductions", backend=b) for b in _available(BACKENDS)]
@@ -535,6 +536,15 @@ def test_muon_flatten_false_orthogonalizes_each_shards_matrices_where_they_are(w
     for rank, res in enumerate(_results(world, f"muon_experts-{mixed}-{backend}")):
         _assert_snapshots_equal(res["dist"], res["ref"], f"rank {rank}")
         assert (res["exchanges"] > 0) == (mixed != "experts"), (rank, res["exchanges"])
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_adamtied_beta_and_betas_writes_under_zero_redundancy_optimizer_equal_one_process(world, backend):
+    for rank, res in enumerate(_results(world, f"zero_tied_beta-{backend}")):
+        (want, want_betas), (got, got_betas) = res["ref"], res["got"]
+        assert got_betas == want_betas == (0.3, 0.3), (rank, got_betas, want_betas)
+        for i, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, b, **F64, msg=lambda m, i=i: f"rank {rank} param {i}: {m}")
 
 
 @pytest.mark.parametrize("backend", _backend_params())

@@ -1,3 +1,5 @@
+import weakref
+
 import torch
 
 from .. import distributed as _dist
@@ -67,6 +69,8 @@ class AdamTied(Adam):
     a per-element gradient signal-to-noise estimate, read by :meth:`gradient_snr`. Param groups take
     ``beta`` (or ``betas`` with equal entries)."""
 
+    _zero = None  # (the class default: an optimizer pickled or copied, whose weak reference is not kept)
+
     def __init__(self, params, lr=1e-3, beta=_TIED_BETA, eps=1e-8, weight_decay=0.0, *, maximize=False,
                  decoupled_weight_decay=False, backend=None, layout=None, sr_seed=0,
                  capturable=False, betas=None, amsgrad=False):
@@ -78,9 +82,14 @@ class AdamTied(Adam):
             if beta != _TIED_BETA and beta != betas[0]:  # (a beta given too, other than the default)
                 raise ValueError(f"AdamTied: beta={beta!r} and betas={tuple(betas)!r} disagree; pass one of them")
             beta = betas[0]
+        # torch's ZeroRedundancyOptimizer copies its own groups' keys into this one's before each step: a `beta` it
+        # holds (its defaults give its groups one) is taken out of its group once converted (_step_plan), or it
+        # would override every later write of betas
+        zero, params = _dist.zero_building(self, params)
         super().__init__(params, lr=lr, betas=(beta, beta), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, backend=backend, layout=layout, sr_seed=sr_seed,
                          capturable=capturable)
+        self._zero = None if zero is None else weakref.ref(zero)
 
     def add_param_group(self, param_group):
         if isinstance(param_group, dict) and "beta" in param_group:  # (the caller's dict itself, as every group)
@@ -100,21 +109,29 @@ class AdamTied(Adam):
         # A `beta` written into a live group (a beta schedule, in the key the groups take) replaces its betas from
         # this step on; put back as it was when the step is refused (a review, 2026-12-07: it was ignored, with a
         # warning calling it an unknown key).
-        written = [(g, g["beta"], g.get("betas", _MISSING)) for g in self.param_groups if "beta" in g]
-        for g, beta, _ in written:
+        written = [(gi, g, g["beta"], g.get("betas", _MISSING)) for gi, g in enumerate(self.param_groups)
+                   if "beta" in g]
+        for _, g, beta, _ in written:
             g["betas"] = (beta, beta)
             del g["beta"]
         try:
             _check_tied(self.param_groups, "AdamTied")  # a group edited since: refused before anything changes
-            return super()._step_plan()
+            planned = super()._step_plan()
         except BaseException:
-            for g, beta, betas in written:
+            for _, g, beta, betas in written:
                 g["beta"] = beta
                 if betas is _MISSING:
                     g.pop("betas", None)
                 else:
                     g["betas"] = betas
             raise
+        zero = self._zero() if self._zero is not None and written else None
+        if zero is not None:  # (its groups match these one to one: it syncs them by position)
+            for gi, _, beta, _ in written:
+                zg = zero.param_groups[gi] if gi < len(zero.param_groups) else {}
+                if "beta" in zg and zg["beta"] is beta:
+                    del zg["beta"]
+        return planned
 
     def _load_state_dict(self, state_dict):  # (after the load pre-hooks: one may tie an Adam checkpoint's betas)
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
