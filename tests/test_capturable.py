@@ -543,3 +543,6 @@ def test_capturable_on_the_reference_backend_is_refused_at_construction():
     with pytest.raises(RuntimeError, match="param group 1: capturable=True needs a compiled backend"):
         opt.add_param_group(dict(params=ps[1:], capturable=True))
     assert len(opt.param_groups) == 1
+    # an optimizer built on meta params (before to_empty) is not refused: their device is not known yet
+    meta = torch.nn.Parameter(torch.empty(4, 4, device="meta"))
+    assert mf.AdamW([meta], capturable=True).param_groups[0]["capturable"] is True

@@ -64,11 +64,12 @@ class CompileMixin:
 
     def _host_scalar_backend(self, params, lay) -> str | None:
         """The name of the backend without scalar tables (reference) that a step of ``params`` would run on; None:
-        none (or none resolvable now: the step says why)."""
+        none (or none resolvable now: the step says why). Meta params are left out: an optimizer built before the
+        model is materialized (``to_empty``) steps them on their later device."""
         seen = set()
         for p in params:
             p = p[1] if isinstance(p, tuple) and len(p) == 2 else p
-            if not isinstance(p, torch.Tensor):
+            if not isinstance(p, torch.Tensor) or p.device.type == "meta":
                 continue
             key = (p.device, real_dtype(p.dtype))
             if key in seen:
