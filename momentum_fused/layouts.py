@@ -225,9 +225,9 @@ def _lowbias32_t(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def sr_bits(numel: int, key: int, buffer: int, device=None) -> torch.Tensor:
-    """The 16 random bits r of every element index 0 .. numel-1 (int64 tensor)."""
-    i = torch.arange(numel, dtype=torch.int64, device=device)
+def sr_bits(numel: int, key: int, buffer: int, device=None, start: int = 0) -> torch.Tensor:
+    """The 16 random bits r of every element index start .. start+numel-1 (int64 tensor)."""
+    i = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     kb = (key + buffer * GOLDEN) & M32
     h = (i & M32) ^ kb ^ (((i >> 32) * HI_MULT) & M32)
     return _lowbias32_t(h) & 0xFFFF
@@ -261,6 +261,17 @@ def sr_round_bf16(x: torch.Tensor, key: int, buffer: int) -> torch.Tensor:
     return _bits_to_bf16(torch.where(finite, up, _rne_bf16_bits(u)))
 
 
+# The torch codecs below (master16, int8 codes) run over flat slices of CODEC_CHUNK elements, writing into their
+# outputs: their int64 bit arithmetic takes ~25-45 bytes an element of temporaries, which grew with the largest
+# tensor (a review measured 1.5 GB for one schedule-free eval() of a 33M-element master16 param, 1.3 GB to convert
+# a checkpoint between layouts; 2026-12-07). Elementwise or per block: the results do not depend on the slicing.
+CODEC_CHUNK = 1 << 20  # elements (a multiple of INT8_BLOCK)
+
+
+def _slices(n: int, step: int):
+    return ((i, min(i + step, n)) for i in range(0, n, step))
+
+
 # ------------------------------------------------------------------- master16 (torch, reference)
 @_dist.shardwise
 def master16_encode(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,11 +280,17 @@ def master16_encode(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gives a quiet NaN param (sign kept) and its low bits; every other value, infinities included, decodes
     back exactly."""
     x = master.float().contiguous()
-    u = x.view(torch.int32).to(torch.int64) & M32
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    hi = torch.where(nan, (u >> 16) | 0x40, (u + 0x8000) >> 16) & 0xFFFF
-    lo = u & 0xFFFF
-    return _bits_to_bf16(hi), (lo - ((lo & 0x8000) << 1)).to(torch.int16)
+    hi = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    lo = torch.empty(x.shape, dtype=torch.int16, device=x.device)
+    xf, hf, lf = x.view(-1), hi.view(-1), lo.view(-1)
+    for i, j in _slices(x.numel(), CODEC_CHUNK):
+        u = xf[i:j].view(torch.int32).to(torch.int64) & M32
+        nan = (u & 0x7FFFFFFF) > 0x7F800000
+        h = torch.where(nan, (u >> 16) | 0x40, (u + 0x8000) >> 16) & 0xFFFF
+        low = u & 0xFFFF
+        hf[i:j] = _bits_to_bf16(h)
+        lf[i:j] = (low - ((low & 0x8000) << 1)).to(torch.int16)
+    return hi, lo
 
 
 @_dist.shardwise
@@ -282,12 +299,16 @@ def master16_decode(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tenso
     decode to a NaN while the param is not NaN is one no encode makes (a +-0 or +-inf written into the param
     between steps, beside a stale remainder: the borrow of a zero param wraps to a NaN's exponent); it decodes
     to the param itself, as the ``master`` layout restarts a written element from its param."""
-    hi = param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    lo = remainder.contiguous().to(torch.int64) & 0xFFFF
-    u = (((hi - (lo >> 15)) & 0xFFFF) << 16) | lo
-    stale = ((u & 0x7FFFFFFF) > 0x7F800000) & ((hi & 0x7FFF) <= 0x7F80)
-    u = torch.where(stale, hi << 16, u)
-    return (u - ((u & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
+    pf, rf = param.contiguous().view(-1).view(torch.int16), remainder.contiguous().view(-1)
+    out = torch.empty(pf.shape, dtype=torch.float32, device=pf.device)
+    for i, j in _slices(pf.numel(), CODEC_CHUNK):
+        hi = pf[i:j].to(torch.int64) & 0xFFFF
+        lo = rf[i:j].to(torch.int64) & 0xFFFF
+        u = (((hi - (lo >> 15)) & 0xFFFF) << 16) | lo
+        stale = ((u & 0x7FFFFFFF) > 0x7F800000) & ((hi & 0x7FFF) <= 0x7F80)
+        u = torch.where(stale, hi << 16, u)
+        out[i:j] = (u - ((u & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
+    return out.view(param.shape)
 
 
 # ----------------------------------------------- int8 block codes (torch, the spec of layout int8_state)
@@ -380,21 +401,31 @@ def int8_encode(x: torch.Tensor, signed: bool, key: int | None = None,
     stochastically (``int8_codes_sr_of``) with the bits ``sr_bits(numel, key, buffer)`` of each element's flat
     index (the layouts int8_sr and master16_int8_sr: buffer 1 + j for the rule's state j, as bf16_sr's)."""
     b = x.float().contiguous().view(-1, INT8_BLOCK)
-    scale = b.abs().amax(dim=1)
-    u, k = int8_factors(scale, signed)
-    y = (b * u[:, None]) * k[:, None]
-    c = int8_codes_of(y, signed) if key is None else \
-        int8_codes_sr_of(y, signed, sr_bits(b.numel(), key, buffer, b.device).view(b.shape))
-    return c.to(torch.int8 if signed else torch.uint8).view(x.shape), scale.view(int8_scale_shape(x))
+    codes = torch.empty(b.shape, dtype=torch.int8 if signed else torch.uint8, device=b.device)
+    scale = torch.empty(b.shape[0], dtype=torch.float32, device=b.device)
+    for r0, r1 in _slices(b.shape[0], CODEC_CHUNK // INT8_BLOCK):  # (whole blocks: the same codes)
+        bc = b[r0:r1]
+        sc = bc.abs().amax(dim=1)
+        u, k = int8_factors(sc, signed)
+        y = (bc * u[:, None]) * k[:, None]
+        c = int8_codes_of(y, signed) if key is None else \
+            int8_codes_sr_of(y, signed, sr_bits(bc.numel(), key, buffer, b.device, r0 * INT8_BLOCK).view(bc.shape))
+        codes[r0:r1] = c
+        scale[r0:r1] = sc
+    return codes.view(x.shape), scale.view(int8_scale_shape(x))
 
 
 def int8_decode(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.Tensor:
     """(codes, fp32 scales of any shape, in block order) -> fp32 values shaped as codes: table value times the
     block's scale (fp32 product)."""
     table = int8_table(signed).to(codes.device)
-    idx = codes.contiguous().view(-1, INT8_BLOCK).long()
-    idx = idx.clamp_min(-127) + 127 if signed else idx  # (-128, outside the map: as -127 on every backend)
-    return (table[idx] * scale.reshape(-1, 1)).view(codes.shape)
+    cb, sb = codes.contiguous().view(-1, INT8_BLOCK), scale.reshape(-1, 1)
+    out = torch.empty(cb.shape, dtype=torch.float32, device=cb.device)
+    for r0, r1 in _slices(cb.shape[0], CODEC_CHUNK // INT8_BLOCK):
+        idx = cb[r0:r1].long()
+        idx = idx.clamp_min(-127) + 127 if signed else idx  # (-128, outside the map: as -127 on every backend)
+        torch.mul(table[idx], sb[r0:r1], out=out[r0:r1])
+    return out.view(codes.shape)
 
 
 # Rule states that are never negative: unsigned codes (uint8, the c^4 map); every other state is signed (int8).

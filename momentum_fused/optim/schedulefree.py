@@ -88,6 +88,16 @@ def _agree_across_ranks(zero, check) -> None:
                            "error); nothing moved on this rank")
 
 
+def _master16_pieces(p, lo, z):
+    """(param, remainder, z) of one param as flat slices of ``layouts.CODEC_CHUNK`` elements, or whole when one is
+    not contiguous (elementwise: the same bits either way)."""
+    if not (p.is_contiguous() and lo.is_contiguous() and z.is_contiguous() and p.numel() > _layouts.CODEC_CHUNK):
+        return [(p, lo, z)]
+    pf, lf, zf = p.view(-1), lo.view(-1), z.view(-1)
+    return [(pf[i:i + _layouts.CODEC_CHUNK], lf[i:i + _layouts.CODEC_CHUNK], zf[i:i + _layouts.CODEC_CHUNK])
+            for i in range(0, p.numel(), _layouts.CODEC_CHUNK)]
+
+
 def _loss_tensor(loss):
     """The closure's loss as a tensor when it is one, a NumPy array or a Python or NumPy number (a bool is not a
     loss), else None."""
@@ -232,12 +242,14 @@ class _ScheduleFree(FusedOptimizer):
                 if master is not None:  # the master layout: move the fp32 copy, the param follows (RNE)
                     master.lerp_(z.to(master.device), weight)
                     p.copy_(master)
-                elif lo is not None:  # master16: the same move of the decoded master, encoded again
-                    m = _layouts.master16_decode(p, lo).view(p.shape)
-                    m.lerp_(z.to(m.device), weight)
-                    hi, low = _layouts.master16_encode(m)
-                    p.copy_(hi.view(p.shape))
-                    lo.copy_(low.view(lo.shape))
+                elif lo is not None:  # master16: the same move of the decoded master, encoded again, over flat
+                    # slices (layouts.CODEC_CHUNK): a decoded whole param took ~45 bytes an element (a review)
+                    for pc, lc, zc in _master16_pieces(_dist.local(p), _dist.local(lo), _dist.local(z)):
+                        m = _layouts.master16_decode(pc, lc).view(pc.shape)
+                        m.lerp_(zc.to(m.device), weight)
+                        hi, low = _layouts.master16_encode(m)
+                        pc.copy_(hi.view(pc.shape))
+                        lc.copy_(low.view(lc.shape))
                 else:  # z may be narrower than p (bf16_state): lerp in the param's dtype, rounded once
                     p.lerp_(z.to(p.device, p.dtype), weight)
             group["train_mode"] = to_train
