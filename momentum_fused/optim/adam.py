@@ -90,6 +90,11 @@ class AdamTied(Adam):
                          maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, backend=backend, layout=layout, sr_seed=sr_seed,
                          capturable=capturable)
         self._zero = None if zero is None else weakref.ref(zero)
+        if zero is not None:  # its groups take this one's betas after this constructor (ZeRO syncs them back);
+            for zg in zero.param_groups:  # a beta left in them would override a betas written before the first
+                zg.pop("beta", None)  # step, and its defaults' beta every group it adds (a review, 2026-12-07)
+            if "beta" in zero.defaults:
+                zero.defaults["betas"] = (zero.defaults.pop("beta"),) * 2
 
     def add_param_group(self, param_group):
         if isinstance(param_group, dict) and "beta" in param_group:  # (the caller's dict itself, as every group)
@@ -129,8 +134,9 @@ class AdamTied(Adam):
         if zero is not None:  # (its groups match these one to one: it syncs them by position)
             for gi, _, beta, _ in written:
                 zg = zero.param_groups[gi] if gi < len(zero.param_groups) else {}
-                if "beta" in zg and zg["beta"] is beta:
-                    del zg["beta"]
+                if "beta" in zg and zg["beta"] is beta:  # (its betas too: ZeRO syncs them back only after a step
+                    del zg["beta"]  # that returns; a step raising after this plan kept its stale betas)
+                    zg["betas"] = (beta, beta)
         return planned
 
     def _load_state_dict(self, state_dict):  # (after the load pre-hooks: one may tie an Adam checkpoint's betas)

@@ -14,13 +14,14 @@ import warnings
 
 import torch
 
+from ..layouts import get_layout
 from ..specs import get_spec
 from ..specs_muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS, MUON_DEFAULTS, MUON_SPEC
 from .adam import AdamW
 from .amp import _drop_amp_attrs, amp_scalar, unscale_lists
 from .base import FusedOptimizer
 from .checkpoints import with_load_hooks, with_post_hooks
-from .compile import eager_step_checks
+from .compile import eager_step_checks, note_asked_capturable
 from .ckpt_format import muon_dtype_names, muon_ns_dtype_named, muon_without_saved_layout, refuse_missized_state
 from .host_state import check_loaded_state
 from .keys import GROUP_KEYS_ALWAYS_ALLOWED, instance_settings, near_miss, torch_setstate, user_stacklevel
@@ -156,6 +157,7 @@ class Muon(torch.optim.Optimizer):
             raise
         self._linked = self._structure()
         self._keys_seen[id(g)] = frozenset(g)
+        note_asked_capturable(self, [g])
 
     @staticmethod
     def _refuse_layout(group, where):
@@ -353,6 +355,7 @@ class Muon(torch.optim.Optimizer):
                         get_spec(AdamW.rule).state_names({**AUX_DEFAULTS, **g})
                     refuse_missized_state("Muon", gi, pi, p, st, keys)
         torch_setstate(self, state, super().__setstate__)  # (Muon(**opt.defaults) refuses torch's differentiable)
+        note_asked_capturable(self, self.param_groups, reset=True)
         self._rebuild()
 
     # ------------------------------------------------------------------ step
@@ -403,11 +406,17 @@ class Muon(torch.optim.Optimizer):
     @torch._disable_dynamo  # (a compiled region runs the step eagerly: one graph break at step())
     def _eager_step(self, closure=None):
         try:
-            eager_step_checks(self, lambda g: None)  # (CUDA-graph capture of a group not capturable: raises)
+            eager_step_checks(self, self._why_not_capturable)
             return self._steps(closure)
         except BaseException:
             _drop_amp_attrs(self)  # (GradScaler's attributes of a step that raised: not left for the next step)
             raise
+
+    def _why_not_capturable(self, g) -> str | None:  # (native: Muon's only layout)
+        """A Muon group's reason not to be capturable (compile.eager_step_checks): its inner optimizer's backend."""
+        inner = self._core if g.get("use_muon", True) else self._aux
+        name = inner._host_scalar_backend(g.get("params", ()), get_layout("native")) if inner is not None else None
+        return f"backend {name!r} reads its scalars on the host" if name else None
 
     def _steps(self, closure):
         loss = None
