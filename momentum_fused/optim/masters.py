@@ -73,18 +73,18 @@ def in_memory(t: torch.Tensor) -> bool:
 CHUNK = 1 << 24  # elements per pass of the masters' element checks
 
 
-def _chunks(p: torch.Tensor, m: torch.Tensor):
-    """(param, master) in slices of CHUNK elements (flat views; one slice when either is not contiguous or the
-    tensors are smaller): the checks' temporaries (masks, casts, master16's int64 words: up to ~30 bytes an
-    element) stay bounded instead of growing with the largest param (an embedding of 5e8 elements: ~15 GB at the
-    first step after a load, on the device)."""
-    n = p.numel()
-    if n <= CHUNK or not (p.is_contiguous() and m.is_contiguous()):
-        yield p, m
+def _chunks(*ts: torch.Tensor, chunk: int | None = None):
+    """Tensors of one numel (a param and its master, ...) in slices of ``chunk`` (default CHUNK) elements (flat views;
+    one slice when one is not contiguous or the tensors are smaller): the checks' temporaries (masks, casts,
+    master16's int64 words: up to ~30 bytes an element) stay bounded instead of growing with the largest param (an
+    embedding of 5e8 elements: ~15 GB at the first step after a load, on the device)."""
+    n, chunk = ts[0].numel(), CHUNK if chunk is None else chunk
+    if n <= chunk or not all(t.is_contiguous() for t in ts):
+        yield ts
         return
-    pf, mf = p.view(-1), m.view(-1)
-    for i in range(0, n, CHUNK):
-        yield pf[i:i + CHUNK], mf[i:i + CHUNK]
+    flat = [t.view(-1) for t in ts]
+    for i in range(0, n, chunk):
+        yield tuple(f[i:i + chunk] for f in flat)
 
 
 class MasterSyncMixin:

@@ -28,6 +28,7 @@ from .. import distributed as _dist
 from .. import reference
 from ..specs import sf_beta
 from .base import FusedOptimizer, _real
+from .masters import _chunks
 
 __all__ = ["SGDScheduleFree", "AdamWScheduleFree", "polyak_reductions"]
 
@@ -86,16 +87,6 @@ def _agree_across_ranks(zero, check) -> None:
     if int(flag.item()):
         raise RuntimeError("train()/eval(): the check failed on another rank of the ZeroRedundancyOptimizer (see its "
                            "error); nothing moved on this rank")
-
-
-def _master16_pieces(p, lo, z):
-    """(param, remainder, z) of one param as flat slices of ``layouts.CODEC_CHUNK`` elements, or whole when one is
-    not contiguous (elementwise: the same bits either way)."""
-    if not (p.is_contiguous() and lo.is_contiguous() and z.is_contiguous() and p.numel() > _layouts.CODEC_CHUNK):
-        return [(p, lo, z)]
-    pf, lf, zf = p.view(-1), lo.view(-1), z.view(-1)
-    return [(pf[i:i + _layouts.CODEC_CHUNK], lf[i:i + _layouts.CODEC_CHUNK], zf[i:i + _layouts.CODEC_CHUNK])
-            for i in range(0, p.numel(), _layouts.CODEC_CHUNK)]
 
 
 def _loss_tensor(loss):
@@ -244,7 +235,8 @@ class _ScheduleFree(FusedOptimizer):
                     p.copy_(master)
                 elif lo is not None:  # master16: the same move of the decoded master, encoded again, over flat
                     # slices (layouts.CODEC_CHUNK): a decoded whole param took ~45 bytes an element (a review)
-                    for pc, lc, zc in _master16_pieces(_dist.local(p), _dist.local(lo), _dist.local(z)):
+                    for pc, lc, zc in _chunks(_dist.local(p), _dist.local(lo), _dist.local(z),
+                                              chunk=_layouts.CODEC_CHUNK):
                         m = _layouts.master16_decode(pc, lc).view(pc.shape)
                         m.lerp_(zc.to(m.device), weight)
                         hi, low = _layouts.master16_encode(m)
