@@ -420,7 +420,9 @@ def int8_decode(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch
     block's scale (fp32 product)."""
     table = int8_table(signed).to(codes.device)
     cb, sb = codes.contiguous().view(-1, INT8_BLOCK), scale.reshape(-1, 1)
-    out = torch.empty(cb.shape, dtype=torch.float32, device=cb.device)
+    if sb.shape[0] != cb.shape[0]:
+        raise ValueError(f"int8_decode: {sb.shape[0]} scales for {cb.shape[0]} blocks of {INT8_BLOCK} codes")
+    out = torch.empty(cb.shape, dtype=torch.promote_types(torch.float32, sb.dtype), device=cb.device)
     for r0, r1 in _slices(cb.shape[0], CODEC_CHUNK // INT8_BLOCK):
         idx = cb[r0:r1].long()
         idx = idx.clamp_min(-127) + 127 if signed else idx  # (-128, outside the map: as -127 on every backend)

@@ -669,8 +669,8 @@ def scenario_zero_tied_beta(rank, tmpdir, backend):
     # it is kept (ZeRO copies betas back only after a step returns), and so is a betas given to a group ZeRO adds
     model = _make_model(torch.float64)
     ps = list(model.parameters())
-    opt = make(ps[:-1])
-    opt.add_param_group({"params": ps[-1:], "betas": (0.7, 0.7)})
+    opt = make(ps[:-2])
+    opt.add_param_group({"params": ps[-2:-1], "betas": (0.7, 0.7)})
     opt.param_groups[0]["beta"] = 0.6
     hook = opt.optim.register_step_post_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("once")))
     x, y = next(iter(_batches(torch.float64)))
@@ -679,6 +679,8 @@ def scenario_zero_tied_beta(rank, tmpdir, backend):
     except RuntimeError:
         pass
     hook.remove()
+    opt.add_param_group({"params": ps[-1:], "beta": 0.99})  # (its own beta beside ZeRO's defaults' betas)
+    opt.param_groups[2]["betas"] = (0.5, 0.5)  # (before the group's first step: ZeRO's copy of its beta must not win)
     _train_step(DDP(model), opt, _half(x, rank), _half(y, rank))
     after_raise = [tuple(g["betas"]) for g in opt.param_groups] + [tuple(g["betas"]) for g in opt.optim.param_groups]
     return dict(ref=ref, got=got, after_raise=after_raise)

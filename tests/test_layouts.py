@@ -562,3 +562,11 @@ def test_the_torch_codecs_give_the_same_bits_slice_by_slice(monkeypatch):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a.nan_to_num(0.5),
                            b.view(torch.uint8) if b.dtype.itemsize == 1 else b.nan_to_num(0.5))
+
+
+def test_int8_decode_refuses_a_scale_count_that_is_not_one_per_block():
+    # (a review, 2026-12-07: sliced, one scale for more blocks than a slice left the last blocks unwritten)
+    codes, scale = layouts.int8_encode(torch.randn(4097 * 256), True)
+    with pytest.raises(ValueError, match="1 scales for 4097 blocks"):
+        layouts.int8_decode(codes, scale[:1], True)
+    assert layouts.int8_decode(codes, scale.double(), True).dtype == torch.float64  # (as the whole-tensor product)

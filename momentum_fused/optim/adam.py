@@ -97,6 +97,10 @@ class AdamTied(Adam):
                 zero.defaults["betas"] = (zero.defaults.pop("beta"),) * 2
 
     def add_param_group(self, param_group):
+        zero = self._zero() if self._zero is not None else None
+        if zero is not None and isinstance(param_group, dict) and "beta" in param_group and \
+                "betas" in param_group and param_group["betas"] == zero.defaults.get("betas"):  # (ZeRO's add_param_group gave the group
+            param_group.pop("betas")  # its defaults' betas beside the group's own beta: the group's stands)
         if isinstance(param_group, dict) and "beta" in param_group:  # (the caller's dict itself, as every group)
             beta, betas = param_group["beta"], param_group.get("betas")
             if betas is not None:  # (as the constructor: refused, not one silently dropped; the dict unchanged)
@@ -109,6 +113,10 @@ class AdamTied(Adam):
         if isinstance(param_group, dict):
             _check_tied([param_group], "AdamTied", len(self.param_groups))
         super().add_param_group(param_group)
+        if zero is not None and len(zero.param_groups) == len(self.param_groups):  # (ZeRO's new group: its beta
+            zg = zero.param_groups[-1]  # would override a later betas write at every step, as in the constructor)
+            zg.pop("beta", None)
+            zg["betas"] = self.param_groups[-1]["betas"]
 
     def _step_plan(self):  # (not step(): torch wraps each class's step with its hooks, which would run twice)
         # A `beta` written into a live group (a beta schedule, in the key the groups take) replaces its betas from
