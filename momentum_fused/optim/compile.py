@@ -107,12 +107,13 @@ class CompileMixin:
 
 
 def note_asked_capturable(opt, groups, reset: bool = False) -> None:
-    """Remember the groups (dict identities) whose ``capturable=True`` was asked for: given to the constructor or
+    """Remember the groups (dict identities) that were added with ``capturable=False``: given to the constructor or
     ``add_param_group``, or restored by ``load_state_dict`` or an unpickling (``reset``: all of ``groups`` then).
-    ``eager_step_checks`` sets back only a True no one asked for (torch.compile's dynamo writes it)."""
-    asked = set() if reset else opt.__dict__.get("_capturable_asked", set())
-    asked.update(id(g) for g in groups if isinstance(g, dict) and g.get("capturable") is True)
-    opt.__dict__["_capturable_asked"] = asked
+    ``eager_step_checks`` sets back only such a group's True (torch.compile's dynamo writes into the existing
+    dicts); a True asked for there, or in a group dict put in ``param_groups`` by hand, is kept."""
+    plain = set() if reset else opt.__dict__.get("_capturable_plain", set())
+    plain.update(id(g) for g in groups if isinstance(g, dict) and g.get("capturable") is not True)
+    opt.__dict__["_capturable_plain"] = plain
 
 
 def eager_step_checks(opt, not_capturable) -> None:
@@ -125,18 +126,18 @@ def eager_step_checks(opt, not_capturable) -> None:
        ``optimizer.param_groups`` (torch/_dynamo/variables/optimizer.py ``_set_capturable``: a scheduler's step,
        an lr logged inside the compiled function). For an optimizer that cannot be capturable
        (``not_capturable(group)``: a reason, else None) the next step raised, though nobody had asked for it (a
-       review, 2026-12-07). Such a group (no state yet, as dynamo requires, and not one whose capturable=True was
-       asked for: ``note_asked_capturable``) is set back to False, with a warning; any other keeps the flag, and
-       the step's checks refuse it as before. ``not_capturable(group)``: the reason, or None."""
+       review, 2026-12-07). Such a group (no state yet, as dynamo requires, and added with capturable=False:
+       ``note_asked_capturable``) is set back to False, with a warning; any other keeps the flag, and the step's
+       checks refuse it as before. ``not_capturable(group)``: the reason, or None."""
     if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
         if not all(g.get("capturable") is True for g in opt.param_groups):
             raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of {type(opt).__name__} "
                                "but param_groups' capturable is False: construct it with capturable=True "
                                "(docs/ecosystem.md, CUDA graphs)")
         return
-    asked = opt.__dict__.get("_capturable_asked", ())
+    plain = opt.__dict__.get("_capturable_plain", ())
     for gi, g in enumerate(opt.param_groups):
-        if g.get("capturable") is not True or id(g) in asked or any(p in opt.state for p in g.get("params", ())):
+        if g.get("capturable") is not True or id(g) not in plain or any(p in opt.state for p in g.get("params", ())):
             continue
         why = not_capturable(g)
         if why is None:
