@@ -110,9 +110,12 @@ def note_asked_capturable(opt, groups, reset: bool = False) -> None:
     """Remember the groups (dict identities) that were added with ``capturable=False``: given to the constructor or
     ``add_param_group``, or restored by ``load_state_dict`` or an unpickling (``reset``: all of ``groups`` then).
     ``eager_step_checks`` sets back only such a group's True (torch.compile's dynamo writes into the existing
-    dicts); a True asked for there, or in a group dict put in ``param_groups`` by hand, is kept."""
-    plain = set() if reset else opt.__dict__.get("_capturable_plain", set())
-    plain.update(id(g) for g in groups if isinstance(g, dict) and g.get("capturable") is not True)
+    dicts); a True asked for there, or in a group dict put in ``param_groups`` by hand, is kept. The dicts are
+    held, by identity (an id alone could be a freed dict's, reused by one put in by hand: a review)."""
+    plain = {} if reset else opt.__dict__.get("_capturable_plain", {})
+    plain.update((id(g), g) for g in groups if isinstance(g, dict) and g.get("capturable") is not True)
+    if len(plain) > 2 * len(opt.param_groups) + 8:  # (groups replaced or removed since: not kept alive)
+        plain = {id(g): g for g in opt.param_groups if plain.get(id(g)) is g}
     opt.__dict__["_capturable_plain"] = plain
 
 
@@ -135,9 +138,10 @@ def eager_step_checks(opt, not_capturable) -> None:
                                "but param_groups' capturable is False: construct it with capturable=True "
                                "(docs/ecosystem.md, CUDA graphs)")
         return
-    plain = opt.__dict__.get("_capturable_plain", ())
+    plain = opt.__dict__.get("_capturable_plain", {})
     for gi, g in enumerate(opt.param_groups):
-        if g.get("capturable") is not True or id(g) not in plain or any(p in opt.state for p in g.get("params", ())):
+        if g.get("capturable") is not True or plain.get(id(g)) is not g or \
+                any(p in opt.state for p in g.get("params", ())):
             continue
         why = not_capturable(g)
         if why is None:
