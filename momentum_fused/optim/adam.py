@@ -99,8 +99,9 @@ class AdamTied(Adam):
     def add_param_group(self, param_group):
         zero = self._zero() if self._zero is not None else None
         if zero is not None and isinstance(param_group, dict) and "beta" in param_group and \
-                "betas" in param_group and param_group["betas"] == zero.defaults.get("betas"):  # (ZeRO's add_param_group gave the group
-            param_group.pop("betas")  # its defaults' betas beside the group's own beta: the group's stands)
+                "betas" in param_group and param_group["betas"] == zero.defaults.get("betas"):
+            param_group.pop("betas")  # (ZeRO's add_param_group gave the group its defaults' betas beside the group's
+            # own beta: the group's stands)
         if isinstance(param_group, dict) and "beta" in param_group:  # (the caller's dict itself, as every group)
             beta, betas = param_group["beta"], param_group.get("betas")
             if betas is not None:  # (as the constructor: refused, not one silently dropped; the dict unchanged)

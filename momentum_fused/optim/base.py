@@ -39,7 +39,7 @@ from .checkpoints import CheckpointMixin
 from .checks import STEPPABLE_DTYPES, STEPPABLE_NAMES, ValidationMixin
 from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, check_torch_flags, instance_settings, torch_setstate
 from .buckets import Bucket, launch
-from .compile import CompileMixin, eager_step_checks, note_asked_capturable
+from .compile import CompileMixin, eager_step_checks, note_plain_groups
 from .masters import MasterSyncMixin
 from .phases import PhasesMixin
 from .plan_cache import PlanCacheMixin
@@ -186,7 +186,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         super().add_param_group(param_group)
         for k, v in self._group_extras.items():
             self.param_groups[-1].setdefault(k, v)
-        note_asked_capturable(self, self.param_groups[-1:])
+        note_plain_groups(self, self.param_groups[-1:])
         self.invalidate_caches()
 
 
@@ -202,7 +202,7 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
         # its forced backend (and its defaults: keys.torch_setstate)
         state.setdefault("backend", self.__dict__.get("backend"))
         torch_setstate(self, state, super().__setstate__)
-        note_asked_capturable(self, self.param_groups, reset=True)
+        note_plain_groups(self, self.param_groups, reset=True)
         self.invalidate_caches()
         self._called = {"step": False}
         self.__dict__.setdefault("_step_attrs", {})  # (torch's load_state_dict: the live dict stays)

@@ -15,7 +15,7 @@ from ..specs import get_spec
 from .checks import real_dtype
 from .keys import user_stacklevel
 
-__all__ = ["CompileMixin", "bucket_step", "bucket_op", "eager_step_checks", "note_asked_capturable"]
+__all__ = ["CompileMixin", "bucket_step", "bucket_op", "eager_step_checks", "note_plain_groups"]
 
 
 class CompileMixin:
@@ -106,7 +106,7 @@ class CompileMixin:
         return True
 
 
-def note_asked_capturable(opt, groups, reset: bool = False) -> None:
+def note_plain_groups(opt, groups, reset: bool = False) -> None:
     """Remember the groups (dict identities) that were added with ``capturable=False``: given to the constructor or
     ``add_param_group``, or restored by ``load_state_dict`` or an unpickling (``reset``: all of ``groups`` then).
     ``eager_step_checks`` sets back only such a group's True (torch.compile's dynamo writes into the existing
@@ -130,7 +130,7 @@ def eager_step_checks(opt, not_capturable) -> None:
        an lr logged inside the compiled function). For an optimizer that cannot be capturable
        (``not_capturable(group)``: a reason, else None) the next step raised, though nobody had asked for it (a
        review, 2026-12-07). Such a group (no state yet, as dynamo requires, and added with capturable=False:
-       ``note_asked_capturable``) is set back to False, with a warning; any other keeps the flag, and the step's
+       ``note_plain_groups``) is set back to False, with a warning; any other keeps the flag, and the step's
        checks refuse it as before. ``not_capturable(group)``: the reason, or None."""
     if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
         if not all(g.get("capturable") is True for g in opt.param_groups):

@@ -21,7 +21,7 @@ from .adam import AdamW
 from .amp import _drop_amp_attrs, amp_scalar, unscale_lists
 from .base import FusedOptimizer
 from .checkpoints import with_load_hooks, with_post_hooks
-from .compile import eager_step_checks, note_asked_capturable
+from .compile import eager_step_checks, note_plain_groups
 from .ckpt_format import muon_dtype_names, muon_ns_dtype_named, muon_without_saved_layout, refuse_missized_state
 from .host_state import check_loaded_state
 from .keys import GROUP_KEYS_ALWAYS_ALLOWED, instance_settings, near_miss, torch_setstate, user_stacklevel
@@ -157,7 +157,7 @@ class Muon(torch.optim.Optimizer):
             raise
         self._linked = self._structure()
         self._keys_seen[id(g)] = frozenset(g)
-        note_asked_capturable(self, [g])
+        note_plain_groups(self, [g])
 
     @staticmethod
     def _refuse_layout(group, where):
@@ -355,7 +355,7 @@ class Muon(torch.optim.Optimizer):
                         get_spec(AdamW.rule).state_names({**AUX_DEFAULTS, **g})
                     refuse_missized_state("Muon", gi, pi, p, st, keys)
         torch_setstate(self, state, super().__setstate__)  # (Muon(**opt.defaults) refuses torch's differentiable)
-        note_asked_capturable(self, self.param_groups, reset=True)
+        note_plain_groups(self, self.param_groups, reset=True)
         self._rebuild()
 
     # ------------------------------------------------------------------ step
