@@ -425,6 +425,15 @@ def test_a_capturable_the_user_asked_for_is_never_set_back():
     p.grad = torch.randn(4, 4)
     with pytest.raises(RuntimeError, match="capturable=True needs a compiled backend"):
         opt.step()
+    for cls, torch_cls in ((mf.SGD, torch.optim.SGD), (mf.Muon, torch.optim.Muon)):  # torch's checkpoints have no
+        meta = torch.nn.Parameter(torch.empty(4, 4, device="meta"))  # capturable key: the load fills the user's True
+        opt = cls([meta], lr=0.1, capturable=True, backend="reference")  # (a review, 2026-12-08: it was recorded
+        opt.load_state_dict(torch_cls([p], lr=0.1).state_dict())  # as added with False, then set back)
+        torch.utils.swap_tensors(meta, torch.nn.Parameter(torch.randn(4, 4)))
+        meta.grad = torch.randn(4, 4)
+        with pytest.raises(RuntimeError, match="capturable=True needs a compiled backend"):
+            opt.step()
+        assert opt.param_groups[0]["capturable"] is True
     opt = mf.NAdam([p], lr=0.1)  # a group dict put in param_groups by hand, with capturable=True (twice: the second
     for _ in range(2):  # dict may reuse the id of the freed first group, added with False: a review)
         opt.param_groups[0] = {**opt.param_groups[0], "capturable": True}

@@ -12,6 +12,7 @@ from .. import distributed as _dist
 from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
 from .ckpt_format import (_check_int8_codes, _coded_names, _codes_to_live_names, _drop_cast_masters, _is_codes, _remainders_from_bytes, _torch_setstate_defaults, _without_retaken, refuse_missized_state)
+from .compile import note_plain_groups
 from .keys import user_stacklevel
 
 __all__ = ["CheckpointMixin"]
@@ -84,6 +85,15 @@ class CheckpointMixin:
             g["layout"] = live  # the layout is the live optimizer's, never the checkpoint's: its state converts
             if not was_sr and seed is not None:  # a checkpoint that drew no rounding bits (another layout, or
                 g["sr_seed"], g["sr_step"] = seed, step  # torch.optim's) keeps the live seed and counter
+        torch_fill = _torch_setstate_defaults(getattr(self, "torch_class", None))
+        for g in self.param_groups:  # a key the checkpoint lacks (an older torch's): torch's class default where
+            for k, v in torch_fill.items():  # torch fills it (its __setstate__), else this optimizer's own
+                if k in self.defaults:
+                    g.setdefault(k, v)
+            for k, v in {**self.defaults, **self._group_extras}.items():
+                g.setdefault(k, v)
+        # (a capturable filled here, not saved: this optimizer's own setting, as asked for; compile.py)
+        note_plain_groups(self, self.param_groups, reset=True)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         cap = {p for g in self.param_groups if g.get("capturable") for p in g["params"]}
@@ -92,13 +102,6 @@ class CheckpointMixin:
                 dtype = torch.float32 if key == "step" else torch.float64
                 device = p.device if key == "step" and p in cap else "cpu"  # capturable: steps on the device
                 self.state[p][key] = torch.as_tensor(value).detach().to(device, dtype).clone()
-        torch_fill = _torch_setstate_defaults(getattr(self, "torch_class", None))
-        for g in self.param_groups:  # a key the checkpoint lacks (an older torch's): torch's class default where
-            for k, v in torch_fill.items():  # torch fills it (its __setstate__), else this optimizer's own
-                if k in self.defaults:
-                    g.setdefault(k, v)
-            for k, v in {**self.defaults, **self._group_extras}.items():
-                g.setdefault(k, v)
         # torch casts floating state to the param dtype; layouts keep their own state dtypes (bf16 state,
         # fp32 master): re-take those from the saved tensors, so that no value goes through a narrower type
         layout_of, own_of, group_of = {}, {}, {}

@@ -355,8 +355,8 @@ class Muon(torch.optim.Optimizer):
                         get_spec(AdamW.rule).state_names({**AUX_DEFAULTS, **g})
                     refuse_missized_state("Muon", gi, pi, p, st, keys)
         torch_setstate(self, state, super().__setstate__)  # (Muon(**opt.defaults) refuses torch's differentiable)
-        note_plain_groups(self, self.param_groups, reset=True)
         self._rebuild()
+        note_plain_groups(self, self.param_groups, reset=True)  # (after _rebuild fills a missing capturable)
 
     # ------------------------------------------------------------------ step
     def _relink(self):
