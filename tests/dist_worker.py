@@ -683,7 +683,20 @@ def scenario_zero_tied_beta(rank, tmpdir, backend):
     opt.param_groups[2]["betas"] = (0.5, 0.5)  # (before the group's first step: ZeRO's copy of its beta must not win)
     _train_step(DDP(model), opt, _half(x, rank), _half(y, rank))
     after_raise = [tuple(g["betas"]) for g in opt.param_groups] + [tuple(g["betas"]) for g in opt.optim.param_groups]
-    return dict(ref=ref, got=got, after_raise=after_raise)
+    # a beta written, then a checkpoint loaded: consolidate_state_dict had copied the beta into AdamTied's group,
+    # and ZeRO's load does not remove it; the loaded betas must win, as in one process (a review, 2026-12-08)
+    model = _make_model(torch.float64)
+    opt = make(list(model.parameters()))
+    _train_step(DDP(model), opt, _half(x, rank), _half(y, rank))
+    opt.consolidate_state_dict(0)
+    box = [opt.state_dict() if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, 0)
+    opt.param_groups[0]["beta"] = 0.5
+    opt.consolidate_state_dict(0)  # (a save after the write)
+    opt.load_state_dict(box[0])
+    _train_step(DDP(model), opt, _half(x, rank), _half(y, rank))
+    after_load = [tuple(opt.param_groups[0]["betas"]), tuple(opt.optim.param_groups[0]["betas"])]
+    return dict(ref=ref, got=got, after_raise=after_raise, after_load=after_load)
 
 
 _KINDS["zero_tied_beta"] = scenario_zero_tied_beta

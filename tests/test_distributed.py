@@ -547,6 +547,7 @@ def test_adamtied_beta_and_betas_writes_under_zero_redundancy_optimizer_equal_on
             torch.testing.assert_close(a, b, **F64, msg=lambda m, i=i: f"rank {rank} param {i}: {m}")
         kept = res["after_raise"]  # (ZeRO's groups, then this rank's AdamTied's, one to one)
         assert kept == [(0.6, 0.6), (0.7, 0.7), (0.5, 0.5)] * 2, (rank, kept)
+        assert res["after_load"] == [(0.9, 0.9)] * 2, (rank, res["after_load"])
 
 
 @pytest.mark.parametrize("backend", _backend_params())

@@ -123,6 +123,12 @@ class AdamTied(Adam):
         # A `beta` written into a live group (a beta schedule, in the key the groups take) replaces its betas from
         # this step on; put back as it was when the step is refused (a review, 2026-12-07: it was ignored, with a
         # warning calling it an unknown key).
+        zero = self._zero() if self._zero is not None else None
+        if zero is not None:  # (ZeRO copies its groups' keys into these before a step and in consolidate_state_dict,
+            for gi, g in enumerate(self.param_groups):  # never removes one: a beta its group no longer holds, as
+                zg = zero.param_groups[gi] if gi < len(zero.param_groups) else {}  # after its load_state_dict, is
+                if "beta" in g and zg.get("beta") is not g["beta"]:  # stale (a review, 2026-12-08: it overrode
+                    del g["beta"]  # the loaded betas)
         written = [(gi, g, g["beta"], g.get("betas", _MISSING)) for gi, g in enumerate(self.param_groups)
                    if "beta" in g]
         for _, g, beta, _ in written:
@@ -139,13 +145,11 @@ class AdamTied(Adam):
                 else:
                     g["betas"] = betas
             raise
-        zero = self._zero() if self._zero is not None and written else None
-        if zero is not None:  # (its groups match these one to one: it syncs them by position)
-            for gi, _, beta, _ in written:
-                zg = zero.param_groups[gi] if gi < len(zero.param_groups) else {}
-                if "beta" in zg and zg["beta"] is beta:  # (its betas too: ZeRO syncs them back only after a step
-                    del zg["beta"]  # that returns; a step raising after this plan kept its stale betas)
-                    zg["betas"] = (beta, beta)
+        if zero is not None:  # (its groups match these one to one: it syncs them by position; each beta written is
+            for gi, _, beta, _ in written:  # its group's, above) its betas too: ZeRO syncs them back only after a
+                zg = zero.param_groups[gi]  # step that returns; a step raising after this plan kept its stale betas
+                del zg["beta"]
+                zg["betas"] = (beta, beta)
         return planned
 
     def _load_state_dict(self, state_dict):  # (after the load pre-hooks: one may tie an Adam checkpoint's betas)
