@@ -505,6 +505,36 @@ def test_a_master_layout_param_whose_memory_is_freed_between_steps(backend, afte
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("saved_layout,live_layout", [("master16", "master"), ("master", "master16"),
+                                                       ("master", "master16_int8")])
+def test_a_load_converting_masters_through_a_freed_param_changes_nothing(saved_layout, live_layout):
+    """Between master and master16 a load converts through the param's values (read, or written); with one param's
+    memory freed it raised halfway (the groups and param 0 loaded, param 1's master dropped) or crashed the process
+    (a review, 2026-12-08). Refused before anything changes; with the memory back, it loads."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(4096).bfloat16()) for _ in range(2)]
+    src = mf.AdamW(ps, lr=1e-2, layout=saved_layout)
+    for p in ps:
+        p.grad = torch.randn(4096).bfloat16()
+    src.step()
+    saved = src.state_dict()
+    opt = mf.AdamW(ps, lr=5e-3, layout=live_layout)
+    opt.step()
+    before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in ps}
+    values = ps[1].detach().clone()
+    ps[1].untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match="param 1 of group 0 has no memory.*nothing was loaded"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 5e-3 and opt.param_groups[0]["layout"] == live_layout
+    for p in ps:
+        assert before[p].keys() == opt.state[p].keys()
+        assert all(torch.equal(v, opt.state[p][k]) for k, v in before[p].items())
+    ps[1].untyped_storage().resize_(values.numel() * values.element_size())
+    ps[1].data.copy_(values)
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 1e-2
+
+
 def test_the_torch_codecs_give_the_same_bits_slice_by_slice(monkeypatch):
     """layouts' master16 and int8 codecs run over flat slices of CODEC_CHUNK elements (their int64 temporaries grew
     with the largest tensor: a review, 2026-12-07, measured 1.5 GB for one schedule-free eval() of a 33M-element

@@ -252,6 +252,7 @@ class CheckpointMixin:
             return  # (torch's load_state_dict refuses it, naming the group sizes)
         own_shaped = set() if self.spec.plain_state else {
             t.name for g in self.param_groups for t in self.spec.tensors(g) if t.shape is not None}
+        from .masters import in_memory  # (masters.py imports, through plan_cache and checks, this module)
         sfx, name = _layouts.INT8_SCALE_SUFFIX, type(self).__name__
         saved_group = {i: sg for sg in state_dict["param_groups"] for i in sg["params"]}
         for idx, (gi, pi, p, g) in zip(saved_ids, params):
@@ -269,6 +270,13 @@ class CheckpointMixin:
             names += [k for k in st if isinstance(k, str) and k + sfx in st and k not in names]
             keys = [k for k in names if k not in own_shaped] + [_layouts.MASTER_KEY, _layouts.REMAINDER_KEY]
             refuse_missized_state(name, gi, pi, p, st, keys, f"state_dict index {idx}, ")
+            lay, src = _layouts.get_layout(g["layout"]), saved_group[idx].get("layout")
+            from_lo, from_master = _master_source(st, _layouts.LAYOUTS.get(src) if isinstance(src, str) else None)
+            if (lay.master and from_lo or lay.remainder and from_master) and not in_memory(_dist.local(p)):
+                raise ValueError(f"{name}.load_state_dict: param {pi} of group {gi} has no memory (freed, as an "
+                                 "offload frees it) and the checkpoint's master converts through its values "
+                                 f"(between the master and master16 layouts): bring its memory back first, as "
+                                 "the model's weights are loaded before the optimizer's; nothing was loaded")
             if not _dist.is_dtensor(p):
                 continue
             live_codes = _layouts.get_layout(g["layout"]).int8 and _layouts.int8_quantized(p)
@@ -335,9 +343,7 @@ class CheckpointMixin:
         torch.distributed.checkpoint load starts from the live state dict, so the live master or remainder sits
         beside the checkpoint's other key: before 2026-12-06 that skipped the conversion); else the keys do."""
         st = self.state[p]
-        has_lo, has_master = _layouts.REMAINDER_KEY in saved, _layouts.MASTER_KEY in saved
-        from_lo = has_lo and (src.remainder if src is not None else not has_master)
-        from_master = has_master and (src.master if src is not None else not has_lo)
+        from_lo, from_master = _master_source(saved, src)
         if lay.master and from_lo:
             st.pop(_layouts.REMAINDER_KEY, None)
             lo = _dist.placed_like(saved[_layouts.REMAINDER_KEY].to(p.device).reshape(p.shape), p)  # (numel checked)
@@ -369,6 +375,14 @@ class CheckpointMixin:
         saved forms (what they return is returned, whatever its shape)."""
         self.sync_amp()
         return with_post_hooks(self, lambda o: super(CheckpointMixin, o).state_dict(), _saved_forms)
+
+
+def _master_source(saved: dict, src) -> tuple[bool, bool]:
+    """(from the remainder, from the master): which saved key a master-layout load converts from (_convert_master's
+    rule: the checkpoint group's layout ``src`` decides where it names one, else the key present alone)."""
+    has_lo, has_master = _layouts.REMAINDER_KEY in saved, _layouts.MASTER_KEY in saved
+    return (has_lo and (src.remainder if src is not None else not has_master),
+            has_master and (src.master if src is not None else not has_lo))
 
 
 def with_post_hooks(opt, build, convert):

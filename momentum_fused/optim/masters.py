@@ -63,7 +63,8 @@ def _adopt(p: torch.Tensor, m: torch.Tensor, twice: bool = False) -> None:
 def in_memory(t: torch.Tensor) -> bool:
     """Do ``t``'s elements lie within its storage? Not for a param whose memory was freed between steps (an offload:
     ``p.untyped_storage().resize_(0)``, its shape kept): reading it crashed the process (a review, 2026-12-07). Such
-    a param is not compared; when its memory comes back its data pointer has moved, and the next step adopts it."""
+    a param is not compared; a step while it is freed records no data pointer, so when its memory comes back the
+    next step adopts it (memory back at the old address with no step between: as any write through ``p.data``)."""
     if t.numel() == 0:
         return True
     end = t.storage_offset() + sum((n - 1) * abs(d) for n, d in zip(t.shape, t.stride())) + 1
