@@ -535,6 +535,29 @@ def test_a_load_converting_masters_through_a_freed_param_changes_nothing(saved_l
     assert opt.param_groups[0]["lr"] == 1e-2
 
 
+@pytest.mark.parametrize("dtype,layout", [(torch.bfloat16, "master"), (torch.bfloat16, "master16"),
+                                          (torch.bfloat16, "bf16_sr"), (torch.float32, "bf16_state"),
+                                          (torch.float32, "int8_state")])
+def test_a_state_key_the_optimizer_does_not_know_loads_as_torch_loads_it(dtype, layout):
+    """A wrapper's tensor in the base optimizer's state (timm's Lookahead keeps its slow weights there) is loaded
+    as torch.optim loads it, in the param's dtype: the layouts gave it their state dtype (fp32 under the master
+    layouts; under bf16_state an fp32 buffer was cut to bf16), so a resumed Lookahead run drifted (a review,
+    2026-12-08)."""
+    def loaded(opt):
+        p = opt.param_groups[0]["params"][0]
+        p.grad = torch.randn(4096).to(dtype)
+        opt.step()
+        opt.state[p]["slow"] = torch.randn(4096, dtype=torch.float64).to(dtype)
+        sd = opt.state_dict()
+        want = sd["state"][0]["slow"].clone()
+        opt.load_state_dict(sd)
+        return want, opt.state[p]["slow"]
+
+    want, got = loaded(mf.AdamW([torch.nn.Parameter(torch.randn(4096).to(dtype))], layout=layout))
+    ref_want, ref = loaded(torch.optim.AdamW([torch.nn.Parameter(torch.randn(4096).to(dtype))]))
+    assert got.dtype == ref.dtype == dtype and torch.equal(got, want)
+
+
 def test_the_torch_codecs_give_the_same_bits_slice_by_slice(monkeypatch):
     """layouts' master16 and int8 codecs run over flat slices of CODEC_CHUNK elements (their int64 temporaries grew
     with the largest tensor: a review, 2026-12-07, measured 1.5 GB for one schedule-free eval() of a 33M-element

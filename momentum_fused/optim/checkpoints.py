@@ -130,14 +130,14 @@ class CheckpointMixin:
                     self.state[p].pop(key, None)
             if lay.name == "native" and own is None:
                 continue
+            known = set(self.spec.state_names(group_of[p])) | set(lay.extra_keys)
             for key, value in saved.get(idx, {}).items():
                 if own is not None and key in own:  # contract v2: the rule's own dtype (int8 codes, fp32 scales)
                     want = own[key].dtype_for(p, lay)
-                elif lay.name == "native":
-                    continue
-                elif key in _CONVERTED and key not in lay.extra_keys:
-                    continue  # the other master layout's key: converted below
-                else:
+                elif lay.name == "native" or key not in known:  # (a key of neither the rule nor the layout, as
+                    continue  # timm's Lookahead keeps in its base optimizer's state: torch's load cast it, as
+                    # torch.optim does; the layout's state dtype had cut an fp32 one to bf16: a review, 2026-12-08)
+                else:  # (a master layout's key this layout drops is not known: converted below)
                     want = lay.dtype_of(key, p.dtype)
                 self.state[p][key] = value.detach().to(device=p.device, dtype=want, copy=True)
             if lay.master or lay.remainder:
@@ -189,8 +189,8 @@ class CheckpointMixin:
                 continue
             else:
                 own = set() if self.spec.plain_state else {t.name for t in self.spec.tensors(g) if t.persistent}
-                keys = {k for k in sv if k in own or not (lay.name == "native" or (k in _CONVERTED and k not in
-                                                                                      lay.extra_keys))}
+                known = set(self.spec.state_names(g)) | set(lay.extra_keys)  # (another key: a wrapper's, torch's)
+                keys = {k for k in sv if k in own or (k in known and lay.name != "native")}
             keys &= set(sv)
             if keys:
                 out[idx] = keys
