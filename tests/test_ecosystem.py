@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import pickle
 import sys
 
 import pytest
@@ -405,6 +406,42 @@ def test_capturable_set_by_dynamo_on_an_optimizer_that_cannot_be_is_set_back(mak
 
     for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make", [lambda ps: mf.SGD(ps, lr=1e-2, backend="reference"),
+                                  lambda ps: mf.SignSGD(ps, lr=1e-2, backend="reference")], ids=["sgd", "signsgd"])
+def test_a_stateless_group_set_back_does_not_recompile_at_every_call(make, monkeypatch):
+    """A group that never gains state is written by dynamo at every trace; set back at every step, it failed the
+    compiled function's guard on the flag: a recompile at every call until dynamo's limit (a review, 2026-12-08).
+    Its steps run with False and the group keeps dynamo's True between them; state dicts and copies save False."""
+    from torch._dynamo.utils import counters
+
+    _dynamo_sets_capturable_on_cpu(monkeypatch)
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.nn.Linear(4, 2)
+    opt = make(list(model.parameters()))
+
+    def train(x):
+        lr = opt.param_groups[0]["lr"]
+        model(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        return lr
+
+    f = torch.compile(train, backend="aot_eager")
+    with pytest.warns(RuntimeWarning, match="capturable=True was set after construction") as got:
+        for _ in range(6):
+            f(torch.randn(3, 4))
+    assert sum("set after construction" in str(w.message) for w in got) == 1
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    assert opt.param_groups[0]["capturable"] is True and not opt.state
+    assert opt.state_dict()["param_groups"][0]["capturable"] is False
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert copied.param_groups[0]["capturable"] is False
+        p = copied.param_groups[0]["params"][0]
+        p.grad = torch.ones_like(p)
+        copied.step()  # (False: stepped on the reference backend; a True would be refused)
 
 
 def test_a_capturable_the_user_asked_for_is_never_set_back():

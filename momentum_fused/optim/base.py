@@ -286,30 +286,26 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
 
     @torch._disable_dynamo
     def _eager_step(self, closure=None):
-        try:
-            eager_step_checks(self, self._why_not_capturable)
-        except BaseException:
-            _drop_amp_attrs(self)  # (as any step refused: GradScaler's scale not left for the next step)
-            raise
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # The cyclic garbage collector is paused for the update (not for the closure): the step allocates
-        # ~10 short-lived acyclic objects per tensor, enough to trigger collections that traverse the whole
-        # heap (measured: up to 30 us per tensor on a model of 10k tensors). Collection resumes after it.
-        paused = gc.isenabled()
-        if paused:
-            gc.disable()
-        try:
-            return self._update(loss)
-        except BaseException:
-            _drop_amp_attrs(self)
-            raise
-        finally:
-            self._step_attrs["grad_subst"] = None  # (this step's resolved gradients, ``grad_of``: not kept until the next)
+        with eager_step_checks(self, self._why_not_capturable, _drop_amp_attrs):  # (refused: GradScaler's scale
+            loss = None  # not left for the next step, as by any step refused)
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            # The cyclic garbage collector is paused for the update (not for the closure): the step allocates
+            # ~10 short-lived acyclic objects per tensor, enough to trigger collections that traverse the whole
+            # heap (measured: up to 30 us per tensor on a model of 10k tensors). Collection resumes after it.
+            paused = gc.isenabled()
             if paused:
-                gc.enable()
+                gc.disable()
+            try:
+                return self._update(loss)
+            except BaseException:
+                _drop_amp_attrs(self)
+                raise
+            finally:
+                self._step_attrs["grad_subst"] = None  # (this step's resolved gradients, ``grad_of``: not kept)
+                if paused:
+                    gc.enable()
 
     def _step_plan(self):
         """This step's plan, ``(plan, cached)``: the cached plan of the last step re-validated (``_fast_plan``;

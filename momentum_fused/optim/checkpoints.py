@@ -12,7 +12,7 @@ from .. import distributed as _dist
 from .. import layouts as _layouts
 from ..specs import HOST_STATE_KEYS
 from .ckpt_format import (_check_int8_codes, _coded_names, _codes_to_live_names, _drop_cast_masters, _is_codes, _remainders_from_bytes, _torch_setstate_defaults, _without_retaken, refuse_missized_state)
-from .compile import note_plain_groups
+from .compile import note_plain_groups, saved_groups
 from .keys import user_stacklevel
 
 __all__ = ["CheckpointMixin"]
@@ -395,6 +395,8 @@ def with_post_hooks(opt, build, convert):
         sd = convert(build(opt))
     finally:
         opt._optimizer_state_dict_post_hooks = post
+    if isinstance(sd, dict) and isinstance(sd.get("param_groups"), list):  # (a pre-hook may reshape it)
+        sd["param_groups"] = saved_groups(opt, sd["param_groups"])
     for hook in list(post.values()):
         out = hook(opt, sd)
         if out is not None:

@@ -2,6 +2,7 @@
 custom op per bucket (``momentum_fused::bucket_step``, with its mutations and a fake kernel)."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 
@@ -15,7 +16,7 @@ from ..specs import get_spec
 from .checks import real_dtype
 from .keys import user_stacklevel
 
-__all__ = ["CompileMixin", "bucket_step", "bucket_op", "eager_step_checks", "note_plain_groups"]
+__all__ = ["CompileMixin", "bucket_step", "bucket_op", "eager_step_checks", "note_plain_groups", "saved_groups"]
 
 
 class CompileMixin:
@@ -119,8 +120,10 @@ def note_plain_groups(opt, groups, reset: bool = False) -> None:
     opt.__dict__["_capturable_plain"] = plain
 
 
-def eager_step_checks(opt, not_capturable) -> None:
-    """Before an eager step (FusedOptimizer and Muon), two facts of CUDA graphs and torch.compile:
+@contextlib.contextmanager
+def eager_step_checks(opt, not_capturable, refused):
+    """Around an eager step (FusedOptimizer and Muon), two facts of CUDA graphs and torch.compile (``refused(opt)``
+    is called when the first raises):
 
     1. CUDA-graph capture of a step with a group whose ``capturable`` is False raises, as torch's optimizers do
        (its host-side numbers would be constants of the graph: every replay would repeat them).
@@ -130,15 +133,38 @@ def eager_step_checks(opt, not_capturable) -> None:
        an lr logged inside the compiled function). For an optimizer that cannot be capturable
        (``not_capturable(group)``: a reason, else None) the next step raised, though nobody had asked for it (a
        review, 2026-12-07). Such a group (no state yet, as dynamo requires, and added with capturable=False:
-       ``note_plain_groups``) is set back to False, with a warning; any other keeps the flag, and the step's
-       checks refuse it as before. ``not_capturable(group)``: the reason, or None."""
+       ``note_plain_groups``) runs the step with False, with a warning the first time; any other keeps the flag,
+       and the step's checks refuse it as before. After the step, a group still without state (a rule without
+       state: SGD without momentum, SignSGD) gets dynamo's True back: dynamo writes it again at every trace while
+       the state is empty, and the False failed its guard, a recompile at every call until its limit (a review,
+       2026-12-08). Its state dicts and copies save False (``saved_groups``)."""
+    try:
+        set_back = _set_back(opt, not_capturable)
+    except BaseException:
+        refused(opt)
+        raise
+    try:
+        yield
+    finally:
+        for g in set_back:
+            if not any(p in opt.state for p in g["params"]):
+                g["capturable"] = True
+
+
+def _set_back(opt, not_capturable) -> list:
+    """``eager_step_checks``'s checks and set-backs before the step: the groups set back."""
     if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
         if not all(g.get("capturable") is True for g in opt.param_groups):
             raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of {type(opt).__name__} "
                                "but param_groups' capturable is False: construct it with capturable=True "
                                "(docs/ecosystem.md, CUDA graphs)")
-        return
+        return []
     plain = opt.__dict__.get("_capturable_plain", {})
+    written = opt.__dict__.setdefault("_capturable_dynamo", {})
+    if len(written) > 2 * len(opt.param_groups) + 8:  # (groups replaced or removed since: not kept alive)
+        written = opt.__dict__["_capturable_dynamo"] = {id(g): g for g in opt.param_groups
+                                                        if written.get(id(g)) is g}
+    set_back = []
     for gi, g in enumerate(opt.param_groups):
         if g.get("capturable") is not True or plain.get(id(g)) is not g or \
                 any(p in opt.state for p in g.get("params", ())):
@@ -147,11 +173,25 @@ def eager_step_checks(opt, not_capturable) -> None:
         if why is None:
             continue
         g["capturable"] = False
-        warnings.warn(f"{type(opt).__name__} param group {gi}: capturable=True was set after construction "
-                      "(torch.compile sets it on every group of an optimizer whose params are on CUDA and have no "
-                      "state yet when compiled code reads optimizer.param_groups), but this optimizer cannot run "
-                      f"capturable: {why}. Set back to False; the step runs as before",
-                      RuntimeWarning, stacklevel=user_stacklevel())
+        set_back.append(g)
+        if written.get(id(g)) is not g:
+            written[id(g)] = g
+            warnings.warn(f"{type(opt).__name__} param group {gi}: capturable=True was set after construction "
+                          "(torch.compile sets it on every group of an optimizer whose params are on CUDA and have "
+                          "no state yet when compiled code reads optimizer.param_groups), but this optimizer cannot "
+                          f"run capturable: {why}. Its steps run with False; state dicts save False",
+                          RuntimeWarning, stacklevel=user_stacklevel())
+    return set_back
+
+
+def saved_groups(opt, groups: list) -> list:
+    """``groups`` (a state dict's or a copy's, one per param group, in order) with capturable False where the live
+    group holds the True that dynamo writes and the steps run with False (``eager_step_checks``)."""
+    written = opt.__dict__.get("_capturable_dynamo")
+    if not written:
+        return groups
+    return [dict(sg, capturable=False) if written.get(id(g)) is g and g.get("capturable") is True else sg
+            for g, sg in zip(opt.param_groups, groups)]
 
 
 # = torch.compiler.assume_constant_result(CompileMixin._traceable), without importing torch._dynamo (and

@@ -54,9 +54,14 @@ def torch_setstate(opt, state: dict, setstate) -> None:
 def instance_settings(opt, state: dict) -> dict:
     """``state`` (an ``__getstate__``'s) with the settings a user put on the instance itself, which torch's
     ``__getstate__`` (defaults, state, param_groups) drops from a copy or pickle: ``_step_supports_amp_scaling``
-    (docs/ecosystem.md, accelerate: a review found the setting lost by ``copy.deepcopy``)."""
+    (docs/ecosystem.md, accelerate: a review found the setting lost by ``copy.deepcopy``); the groups as their
+    state dicts save them (``compile.saved_groups``)."""
+    from .compile import saved_groups  # (compile.py imports this module)
+
     if "_step_supports_amp_scaling" in opt.__dict__:
         state["_step_supports_amp_scaling"] = opt.__dict__["_step_supports_amp_scaling"]
+    if "param_groups" in state:  # (and the capturable its steps run with: compile.eager_step_checks)
+        state["param_groups"] = saved_groups(opt, state["param_groups"])
     return state
 
 

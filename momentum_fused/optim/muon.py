@@ -406,8 +406,8 @@ class Muon(torch.optim.Optimizer):
     @torch._disable_dynamo  # (a compiled region runs the step eagerly: one graph break at step())
     def _eager_step(self, closure=None):
         try:
-            eager_step_checks(self, self._why_not_capturable)
-            return self._steps(closure)
+            with eager_step_checks(self, self._why_not_capturable, _drop_amp_attrs):
+                return self._steps(closure)
         except BaseException:
             _drop_amp_attrs(self)  # (GradScaler's attributes of a step that raised: not left for the next step)
             raise
