@@ -185,12 +185,21 @@ def _grad_sign(group: Mapping) -> float:
 
 
 def step_tensor(state: dict) -> torch.Tensor:
-    """``state['step']`` as torch keeps it: a float32 0-d CPU tensor (created at 0, or converted)."""
+    """``state['step']`` as torch keeps it: a 0-d CPU tensor of torch's scalar dtype (float32; float64 under a
+    default dtype float64), created at 0, or converted; a float64 or integer count stays exact in float64 (a
+    review, 2026-12-08: float32 rounded a float64 count past 2**24, which then stopped advancing)."""
     step = state.get("step")
-    if not isinstance(step, torch.Tensor) or step.dtype != torch.float32 or step.dim() != 0 \
+    if not isinstance(step, torch.Tensor) or step.dtype not in (torch.float32, torch.float64) or step.dim() != 0 \
             or step.device.type != "cpu":
-        step = state["step"] = torch.tensor(float(0.0 if step is None else step), dtype=torch.float32)
+        step = state["step"] = torch.tensor(float(0.0 if step is None else step), dtype=step_dtype(step))
     return step
+
+
+def step_dtype(value=None) -> torch.dtype:
+    """The dtype of a host step counter holding ``value`` (None: a new one): float64 for a float64 or integer
+    tensor and under torch's default dtype float64 (torch's ``_get_scalar_dtype``), else float32."""
+    wide = isinstance(value, torch.Tensor) and (value.dtype == torch.float64 or not value.is_floating_point())
+    return torch.float64 if wide or torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def bump_step(state: dict) -> float:

@@ -50,6 +50,29 @@ def test_state_dict_round_trip(case, kwargs):
         assert second.param_groups[0]["step"] == full.param_groups[0]["step"] == STEPS + 1.0
 
 
+
+@pytest.mark.parametrize("saved_dtype", [torch.float64, torch.int64])
+def test_a_step_count_past_2_24_keeps_counting_as_torch_does(saved_dtype, default_f64):
+    """torch keeps its step counters in float64 under a default dtype float64 (and a loaded int64 or float64 one as
+    it is): they count exactly past 2**24, where a float32 count stops. Ours rounded such a count to float32 at
+    the load and then stood still, and new counters were float32 there (a review, 2026-12-08)."""
+    torch.manual_seed(0)
+    init, grads = torch.randn(6), [torch.randn(6) for _ in range(5)]
+    ref_p, p = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ref, ours = torch.optim.Adam([ref_p], lr=1e-3, betas=(0.9, 0.9999999)), mf.Adam([p], lr=1e-3, betas=(0.9, 0.9999999))
+    for opt, q in ((ref, ref_p), (ours, p)):
+        q.grad = grads[0].clone()
+        opt.step()
+        assert opt.state[q]["step"].dtype == torch.float64
+    ref.state[ref_p]["step"] = torch.tensor(2 ** 24 + 1).to(saved_dtype)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for g in grads[1:]:
+        for opt, q in ((ref, ref_p), (ours, p)):
+            q.grad = g.clone()
+            opt.step()
+    assert float(ours.state[p]["step"]) == float(ref.state[ref_p]["step"]) == 2 ** 24 + 5
+    torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=1e-12, atol=1e-15)
+
 def test_state_dict_round_trip_float32_nadam_keeps_host_dtypes():
     """A float32 model: step stays float32, mu_product float64 (not cast to the param dtype)."""
     grads = make_grads(steps=STEPS, dtype=torch.float32)

@@ -10,7 +10,7 @@ import torch
 
 from .. import distributed as _dist
 from .. import layouts as _layouts
-from ..specs import HOST_STATE_KEYS
+from ..specs import HOST_STATE_KEYS, step_dtype
 from .ckpt_format import (_check_int8_codes, _coded_names, _codes_to_live_names, _drop_cast_masters, _is_codes, _remainders_from_bytes, _torch_setstate_defaults, _without_retaken, refuse_missized_state)
 from .compile import note_plain_groups, saved_groups
 from .keys import user_stacklevel
@@ -99,8 +99,9 @@ class CheckpointMixin:
         cap = {p for g in self.param_groups if g.get("capturable") for p in g["params"]}
         for idx, p in zip(saved_ids, params):
             for key, value in host.get(idx, {}).items():
-                dtype = torch.float32 if key == "step" else torch.float64
-                device = p.device if key == "step" and p in cap else "cpu"  # capturable: steps on the device
+                on_device = key == "step" and p in cap  # capturable: float32 steps on the device
+                dtype = torch.float64 if key != "step" else torch.float32 if on_device else step_dtype(value)
+                device = p.device if on_device else "cpu"
                 self.state[p][key] = torch.as_tensor(value).detach().to(device, dtype).clone()
         # torch casts floating state to the param dtype; layouts keep their own state dtypes (bf16 state,
         # fp32 master): re-take those from the saved tensors, so that no value goes through a narrower type
