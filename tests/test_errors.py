@@ -147,6 +147,13 @@ def test_integer_params_raise(name, dtype):
         case.cls([torch.zeros(3, dtype=torch.float32), torch.zeros(3, dtype=dtype)], **case.base)
 
 
+@pytest.mark.parametrize("kwargs", [dict(weight_decay=False), dict(lr=True), dict(momentum=False)])
+def test_a_bool_for_a_number_hyperparameter_is_refused(kwargs):
+    # (docs/conventions.md: torch takes it as 0 or 1; more often a keyword out of place than meant)
+    with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be a real number, got bool"):
+        mf.SGD([torch.nn.Parameter(torch.randn(3))], **{"lr": 0.1, **kwargs})
+
+
 def test_grad_scale_zero_or_inf_raises_before_any_change():
     opt, p = _two_group_opt(CASES["Adam"])
     for bad in (0.0, float("inf"), float("nan")):
