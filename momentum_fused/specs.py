@@ -124,6 +124,14 @@ class UpdateRuleSpec:
         """Every state tensor is elementwise (the param's shape, the layout's state dtype) and persistent."""
         return self.state_tensors is None
 
+    def every_state_name(self, group: Mapping) -> set:
+        """The state names this rule keeps under ``group``'s flags or others (a flag's state stays while the flag
+        is off, as torch keeps it): ``state_names`` of ``group`` and of it with every hyperparameter switched on
+        (a bool True, a number 0.5: the rules' conditions are a flag or a nonzero coefficient)."""
+        full = {**self.defaults, **self.group_extras, **group}
+        on = {k: True if isinstance(v, bool) else 0.5 if isinstance(v, (int, float)) else v for k, v in full.items()}
+        return set(self.state_names(full)) | set(self.state_names(on))
+
     def required_state(self, group: Mapping) -> tuple:
         """The state keys a param that holds any state must hold, for ``group``: a param's state is created
         whole at its first step, so a partial one (a key deleted, another optimizer's checkpoint) is refused
