@@ -434,6 +434,7 @@ def test_a_stateless_group_set_back_does_not_recompile_at_every_call(make, monke
         for _ in range(6):
             f(torch.randn(3, 4))
     assert sum("set after construction" in str(w.message) for w in got) == 1
+    assert [w.filename for w in got if "set after" in str(w.message)] == [__file__]  # (the user's line)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     assert opt.param_groups[0]["capturable"] is True and not opt.state
     assert opt.state_dict()["param_groups"][0]["capturable"] is False

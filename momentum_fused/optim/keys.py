@@ -2,6 +2,7 @@
 near miss of a misspelt group key, and the stack level that makes a warning name the user's line."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -85,7 +86,8 @@ def user_stacklevel() -> int:
 
 
 _LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
-                 os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+                 os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+                 contextlib.__file__)  # (compile.eager_step_checks warns inside a context manager's __enter__)
 
 
 def near_miss(key, known) -> str | None:
