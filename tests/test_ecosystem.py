@@ -874,6 +874,25 @@ def test_a_step_that_raises_does_not_leave_gradscalers_attributes(which, backend
     assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
 
 
+@pytest.mark.parametrize("refusal", ["eval_mode", "polyak_without_closure", "closure_raises"])
+def test_a_refused_schedule_free_step_does_not_leave_gradscalers_attributes(refusal):
+    """Schedule-free's own refusals (eval mode, lr="polyak" without a closure) ran before FusedOptimizer's step,
+    which drops GradScaler's attributes, and so did a closure that raised: the retried step divided its gradients
+    by the scale twice, or a stale found_inf skipped every later plain step (a review, 2026-12-08)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = mf.SGDScheduleFree([p], lr="polyak" if refusal == "polyak_without_closure" else 0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    scaler.scale(p.sum()).backward()
+    if refusal == "eval_mode":
+        opt.eval()
+    with pytest.raises((RuntimeError, ValueError)):
+        if refusal == "closure_raises":
+            scaler.step(opt, lambda: (_ for _ in ()).throw(RuntimeError("the user's closure")))
+        else:
+            scaler.step(opt)
+    assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
+
+
 def test_adamtied_under_cycled_momentum_names_the_fix():
     """OneCycleLR with its default cycle_momentum=True writes betas[0] only, so AdamTied's next step refuses the
     untied betas (2026-12-06 review): the error says to pass cycle_momentum=False; with it the schedule runs."""

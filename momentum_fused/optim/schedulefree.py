@@ -27,6 +27,7 @@ from .. import layouts as _layouts
 from .. import distributed as _dist
 from .. import reference
 from ..specs import sf_beta
+from .amp import _drop_amp_attrs
 from .base import FusedOptimizer, _real
 from .masters import _chunks
 
@@ -277,15 +278,19 @@ class _ScheduleFree(FusedOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         name = type(self).__name__
-        if not self.training:
-            raise RuntimeError(f"{name}.step() called in eval mode: the params hold the averaged iterate x. "
-                               "Call optimizer.train() before training steps (and optimizer.eval() before "
-                               "evaluating or saving the model).")
-        self._check_partition()  # (an lr set to "polyak" since the construction)
-        if closure is None and any(g.get("lr") == "polyak" for g in self.param_groups):  # (a deleted lr, or
-            # another string: the full plan names it)
-            raise ValueError(f"{name}: lr='polyak' needs a closure that re-evaluates the model and returns "
-                             "the loss: optimizer.step(closure)")
+        try:
+            if not self.training:
+                raise RuntimeError(f"{name}.step() called in eval mode: the params hold the averaged iterate x. "
+                                   "Call optimizer.train() before training steps (and optimizer.eval() before "
+                                   "evaluating or saving the model).")
+            self._check_partition()  # (an lr set to "polyak" since the construction)
+            if closure is None and any(g.get("lr") == "polyak" for g in self.param_groups):  # (a deleted lr, or
+                # another string: the full plan names it)
+                raise ValueError(f"{name}: lr='polyak' needs a closure that re-evaluates the model and returns "
+                                 "the loss: optimizer.step(closure)")
+        except BaseException:  # (refused before FusedOptimizer's step: GradScaler's grad_scale and found_inf not
+            _drop_amp_attrs(self)  # left for the next step, which would divide twice or skip: a review, 2026-12-08)
+            raise
         return super().step(closure)
 
     def _prepare_step(self, plan, loss, inv_scale, created=None):
