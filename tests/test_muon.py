@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -321,6 +322,25 @@ def test_vector_params_in_a_muon_group_raise_clearly():
     opt.add_param_group(dict(params=[torch.zeros(4)], use_muon=False))  # the same param as aux: fine
     with pytest.raises(TypeError, match="use_muon"):
         opt.add_param_group(dict(params=[torch.zeros(4)], use_muon="no"))
+
+
+@pytest.mark.parametrize("shape", [(24,), ()])
+def test_a_param_made_a_vector_after_it_was_added_is_refused_at_the_step(shape):
+    """``p.data = t`` of another dim on a param without state yet: a 1-d one was stepped as an (n, 1) column and a
+    0-d one raised an IndexError inside Newton-Schulz, after the momentum pass had moved the other params'
+    buffers (a review, 2026-12-08); torch.optim.Muon refuses both at its step."""
+    torch.manual_seed(0)
+    b, a = torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.randn(4, 6))
+    opt = mf.Muon([b, a], lr=0.02)
+    b.grad = torch.randn(4, 6)
+    opt.step()
+    a.data = torch.randn(shape)
+    a.grad, b.grad = torch.randn(shape), torch.randn(4, 6)
+    before = (b.detach().clone(), a.detach().clone(), opt.state[b]["momentum_buffer"].clone())
+    with pytest.raises(ValueError, match=rf"param 1 has shape {re.escape(str(tuple(shape)))}.*use_muon=False"):
+        opt.step()
+    assert torch.equal(before[0], b) and torch.equal(before[1], a) and a not in opt.state
+    assert torch.equal(before[2], opt.state[b]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("edit", [

@@ -387,6 +387,8 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError(f"Muon param group {gi}: use_muon changed from {use} after the group was added; "
                                  "a group's kind is fixed (add a new group instead)")
             self._refuse_layout(group, f"Muon param group {gi}: ")
+            if use:  # (a param's data replaced since, p.data = t: torch.optim.Muon refuses it at the step; the
+                self._check_matrices(group["params"], f"Muon param group {gi}: ")  # NS reshape raised mid-step)
             known = self._keys_seen.get(id(group))
             if known is None or len(known) != len(group) or group.keys() != known:
                 missing = [k for k in (_MUON_KEYS if use else _AUX_KEYS) if k not in group]
