@@ -191,23 +191,39 @@ RULES["adamw_sf"] = adamw_sf_ref
 # ``state`` is the tuple of existing state tensors, or None when the tensor has no state yet (then
 # z = y and v = 0). ``s`` needs grad_mult (and beta2, bc2, eps for adamw_sf). Returns two float64
 # 0-d tensors on the tensor's device; the caller sums them. A fused backend can replace these.
+_SUM_ROW = 1 << 14  # elements a row of ``fixed_sum`` adds: under torch's parallel grain (32768), so in one thread
+
+
+def fixed_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum()`` in an order that does not depend on torch's thread count: rows of ``_SUM_ROW`` elements, each
+    added in one thread (torch parallelizes a reduction of several outputs over them), then their sums the same
+    way. A whole-tensor sum splits its input among the threads, which moved the Polyak step size by an ulp with the
+    thread count (a review, 2026-12-08)."""
+    x = x.reshape(-1)
+    n = x.numel()
+    if n <= _SUM_ROW:
+        return x.sum()
+    rows = n // _SUM_ROW
+    return fixed_sum(torch.cat([x[:rows * _SUM_ROW].view(rows, _SUM_ROW).sum(dim=1), x[rows * _SUM_ROW:].sum()[None]]))
+
+
 def sgd_sf_polyak_reduce_ref(p, g, state, s, f):
     g = _grad(g, s).double()
-    dot = (g * (state[0].double() - p.double())).sum() if state is not None else g.new_zeros(())
-    return dot, (g * g).sum()
+    dot = fixed_sum(g * (state[0].double() - p.double())) if state is not None else g.new_zeros(())
+    return dot, fixed_sum(g * g)
 
 
 def adamw_sf_polyak_reduce_ref(p, g, state, s, f):
     g = _grad(g, s)
     if state is not None:
         z, v = state[0], state[1]
-        dot = (g.double() * (z.double() - p.double())).sum()
+        dot = fixed_sum(g.double() * (z.double() - p.double()))
         v_new = v.mul(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
     else:
         dot = g.new_zeros((), dtype=torch.float64)
         v_new = torch.zeros_like(g).addcmul_(g, g, value=1.0 - s.beta2)  # as the update does from v = 0
     denom = v_new.div_(s.bc2).sqrt_().add_(s.eps)
-    sq = (g.double() * g.double() / denom.double()).sum()
+    sq = fixed_sum(g.double() * g.double() / denom.double())
     return dot, sq
 
 

@@ -698,3 +698,24 @@ def test_eval_takes_a_remainder_in_its_checkpoint_form_as_the_step_does():
     opt.eval()
     assert torch.equal(q, p) and o2.state[q]["master_lo"].dtype == torch.int16
 
+
+
+@pytest.mark.parametrize("cls", [mf.SGDScheduleFree, mf.AdamWScheduleFree])
+def test_the_polyak_step_size_does_not_depend_on_the_thread_count(cls, threads):
+    """The Polyak reductions summed each tensor with torch's whole-tensor sum, which splits its input among the
+    threads: the step size moved by an ulp with the thread count, and float64 params with it (a review,
+    2026-12-08). Alternating 1 and 2 threads equals 1 thread throughout, bit for bit."""
+    def run(alternate):
+        g = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn((1 << 20) + 3, generator=g, dtype=torch.float64))
+        opt = cls([p], lr="polyak", f_star=0.0, polyak_max_lr=10.0)
+        lrs = []
+        for k in range(3):
+            threads(2 if alternate and k % 2 == 0 else 1)
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            opt.step(lambda: 1.0)
+            lrs.append(opt.param_groups[0]["polyak_lr"])
+        return p.detach().clone(), lrs
+
+    (a, lr_a), (b, lr_b) = run(False), run(True)
+    assert lr_a == lr_b and torch.equal(a, b)
