@@ -370,6 +370,18 @@ def _dynamo_sets_capturable_on_cpu(monkeypatch):
     monkeypatch.setattr(ov.OptimizerVariable, "_set_capturable", patched)
 
 
+def _train_reading_lr(model, opt):
+    """A train step that reads ``optimizer.param_groups`` (an lr logged), where dynamo writes capturable."""
+    def train(x):
+        lr = opt.param_groups[0]["lr"]
+        model(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        return lr
+
+    return train
+
+
 @pytest.mark.parametrize("make,dtype", [(lambda ps: mf.NAdam(ps, lr=1e-2), torch.float32),
                                         (lambda ps: mf.AdamWScheduleFree(ps, lr=1e-2), torch.float32),
                                         (lambda ps: mf.AdamW(ps, lr=1e-2, layout="bf16_sr"), torch.bfloat16),
@@ -387,13 +399,7 @@ def test_capturable_set_by_dynamo_on_an_optimizer_that_cannot_be_is_set_back(mak
         model = torch.nn.Linear(4, 2).to(dtype)
         opt = make(list(model.parameters()))
 
-        def train(x):
-            lr = opt.param_groups[0]["lr"]  # (an lr logged: dynamo reads param_groups)
-            model(x).square().sum().backward()
-            opt.step()
-            opt.zero_grad()
-            return lr
-
+        train = _train_reading_lr(model, opt)
         f = torch.compile(train, backend="aot_eager") if compiled else train
         for i in range(3):
             if compiled and i == 0:
@@ -422,14 +428,7 @@ def test_a_stateless_group_set_back_does_not_recompile_at_every_call(make, monke
     model = torch.nn.Linear(4, 2)
     opt = make(list(model.parameters()))
 
-    def train(x):
-        lr = opt.param_groups[0]["lr"]
-        model(x).square().sum().backward()
-        opt.step()
-        opt.zero_grad()
-        return lr
-
-    f = torch.compile(train, backend="aot_eager")
+    f = torch.compile(_train_reading_lr(model, opt), backend="aot_eager")
     with pytest.warns(RuntimeWarning, match="capturable=True was set after construction") as got:
         for _ in range(6):
             f(torch.randn(3, 4))
