@@ -324,6 +324,16 @@ def test_vector_params_in_a_muon_group_raise_clearly():
         opt.add_param_group(dict(params=[torch.zeros(4)], use_muon="no"))
 
 
+def test_key_warnings_name_the_users_line():
+    """A fixed stacklevel named torch's optimizer.py for a key given to the constructor (a review, 2026-12-08)."""
+    with pytest.warns(UserWarning) as got:
+        opt = mf.Muon([dict(params=[torch.zeros(2, 3)], weight_decy=0.1), dict(params=[torch.zeros(3)],
+                                                                              use_muon=False, momentum=0.9)])
+        opt.add_param_group(dict(params=[torch.zeros(4, 4)], betas=(0.9, 0.99)))
+    msgs = [w for w in got if "no effect" in str(w.message)]
+    assert len(msgs) == 3 and {w.filename for w in msgs} == {__file__}
+
+
 @pytest.mark.parametrize("shape", [(24,), ()])
 def test_a_param_made_a_vector_after_it_was_added_is_refused_at_the_step(shape):
     """``p.data = t`` of another dim on a param without state yet: a 1-d one was stepped as an (n, 1) column and a

@@ -17,7 +17,7 @@ from . import overlap as _overlap
 from .ckpt_format import _codes_under_live_names, _saved_codes
 from .host_state import HostStateChecksMixin, holds_rule_state, raise_partial_state
 from .members import MembersMixin, _LeftOut, _host_form, sparse_ok
-from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, GROUP_KEYS_ALWAYS_ALLOWED, near_miss
+from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, GROUP_KEYS_ALWAYS_ALLOWED, near_miss, user_stacklevel
 
 _MASTER, _REMAINDER = _layouts.MASTER_KEY, _layouts.REMAINDER_KEY
 
@@ -140,7 +140,8 @@ class ValidationMixin(HostStateChecksMixin, MembersMixin):
             hit = near_miss(key, known - GROUP_KEYS_ALWAYS_ALLOWED)
             if hit is not None:
                 warnings.warn(f"{where}: key {key!r} is not a hyperparameter of {type(self).__name__} (did you mean "
-                              f"{hit!r}?); it is kept in the group and has no effect", UserWarning, stacklevel=4)
+                              f"{hit!r}?); it is kept in the group and has no effect", UserWarning,
+                              stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ step
     def _plan(self):

@@ -119,7 +119,7 @@ def _drop_cast_masters(state_dict, name):
                       f"{idx[:5]}{'...' if len(idx) > 5 else ''}) was saved as {dt}, not {want[k]}: the checkpoint "
                       "went through an optimizer that does not keep a master (torch.optim casts it to the param "
                       "dtype and never updates it), so it is stale and is not loaded; the master restarts from the "
-                      "params at the next step", UserWarning, stacklevel=4)
+                      "params at the next step", UserWarning, stacklevel=user_stacklevel())
     return state_dict if out is None else {**state_dict, "state": out}
 
 

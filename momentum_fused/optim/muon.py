@@ -194,7 +194,7 @@ class Muon(torch.optim.Optimizer):
         (``weight_decy``); the reference MuonWithAuxAdam refuses any key besides its own. ``later``: the keys were
         written after the group was added (found at a step: a scheduler's, typically)."""
         own = _OWN_KEYS[use]
-        stacklevel = user_stacklevel() if later else 3  # (later: the user's step() call, past torch's wrappers)
+        stacklevel = user_stacklevel()  # (the user's line: the constructor, add_param_group or step() call)
         hint = " (written after the group was added: a momentum scheduler such as OneCycleLR(cycle_momentum=True) " \
                "writes Muon's 'momentum' into every group, and cycles no betas)" if later and not use else \
                " (written after the group was added)" if later else ""
