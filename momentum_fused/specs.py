@@ -12,6 +12,7 @@ the kernel sources; see docs/algorithms.md for the conventions.
 """
 from __future__ import annotations
 
+import numbers
 from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -124,13 +125,20 @@ class UpdateRuleSpec:
         """Every state tensor is elementwise (the param's shape, the layout's state dtype) and persistent."""
         return self.state_tensors is None
 
-    def every_state_name(self, group: Mapping) -> set:
+    def every_state_name(self, group: Mapping) -> tuple:
         """The state names this rule keeps under ``group``'s flags or others (a flag's state stays while the flag
-        is off, as torch keeps it): ``state_names`` of ``group`` and of it with every hyperparameter switched on
-        (a bool True, a number 0.5: the rules' conditions are a flag or a nonzero coefficient)."""
+        is off, as torch keeps it): ``state_names`` of ``group``, then those of it with every hyperparameter
+        switched on (a bool True, a number 0.5, NumPy's too: the rules' conditions are a flag or a nonzero
+        coefficient)."""
+        def on(v):
+            if isinstance(v, bool):
+                return True
+            numpy_scalar = type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0
+            return 0.5 if isinstance(v, numbers.Real) or numpy_scalar else v
+
         full = {**self.defaults, **self.group_extras, **group}
-        on = {k: True if isinstance(v, bool) else 0.5 if isinstance(v, (int, float)) else v for k, v in full.items()}
-        return set(self.state_names(full)) | set(self.state_names(on))
+        names = tuple(self.state_names(full))
+        return names + tuple(k for k in self.state_names({k: on(v) for k, v in full.items()}) if k not in names)
 
     def required_state(self, group: Mapping) -> tuple:
         """The state keys a param that holds any state must hold, for ``group``: a param's state is created

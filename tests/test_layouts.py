@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -565,8 +566,10 @@ _FLAG_STATES = [(mf.AdamW, "amsgrad", True, False, "max_exp_avg_sq"), (mf.SGD, "
 
 
 @pytest.mark.parametrize("layout,dtype,make,flag,on,off,key", [
-    (lay, dt, *case) for lay, dt in (("bf16_state", torch.float32), ("master16", torch.bfloat16))
-    for case in _FLAG_STATES if not (lay == "bf16_state" and case[1] == "centered")])  # (refused: layouts.md)
+    (lay, dt, *case) for lay, dt in (("bf16_state", torch.float32), ("master16", torch.bfloat16),
+                                     ("master16_int8", torch.bfloat16))
+    for case in _FLAG_STATES if not (lay != "master16" and case[1] == "centered")] + [  # (refused: layouts.md)
+    ("bf16_state", torch.float32, mf.SGD, "momentum", 0.9, np.float32(0.0), "momentum_buffer")])  # (NumPy's off)
 def test_a_rule_state_kept_while_its_flag_is_off_loads_in_the_layout_dtype(layout, dtype, make, flag, on, off, key):
     """A flag's state stays while the flag is off (as torch keeps it); it is the rule's, not an unknown key: a load
     gave it the param's dtype, and the step refused it once the flag was back on (a review, 2026-12-08)."""

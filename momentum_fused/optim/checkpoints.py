@@ -131,7 +131,7 @@ class CheckpointMixin:
                     self.state[p].pop(key, None)
             if lay.name == "native" and own is None:
                 continue
-            known = self.spec.every_state_name(group_of[p]) | set(lay.extra_keys)
+            known = {*self.spec.every_state_name(group_of[p]), *lay.extra_keys}
             for key, value in saved.get(idx, {}).items():
                 if own is not None and key in own:  # contract v2: the rule's own dtype (int8 codes, fp32 scales)
                     want = own[key].dtype_for(p, lay)
@@ -184,13 +184,13 @@ class CheckpointMixin:
             g = {**live, **sg, "layout": live["layout"]}
             lay = _layouts.get_layout(g["layout"])
             if lay.int8 or any(k.endswith(sfx) for k in sv):
-                names = names_of[idx] = _coded_names(self.spec.state_names(g), sv, self.spec.state_names(live))
+                names = names_of[idx] = _coded_names(self.spec.state_names(g), sv, self.spec.every_state_name(live))
                 keys = set(names) | (set(lay.extra_keys) if lay.master or lay.remainder else set())
             elif lay.name == "native" and self.spec.plain_state:
                 continue
             else:
                 own = set() if self.spec.plain_state else {t.name for t in self.spec.tensors(g) if t.persistent}
-                known = self.spec.every_state_name(g) | set(lay.extra_keys)  # (another key: a wrapper's, torch's)
+                known = {*self.spec.every_state_name(g), *lay.extra_keys}  # (another key: a wrapper's, torch's)
                 keys = {k for k in sv if k in own or (k in known and lay.name != "native")}
             keys &= set(sv)
             if keys:
