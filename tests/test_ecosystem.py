@@ -906,3 +906,26 @@ def test_adamtied_under_cycled_momentum_names_the_fix():
     for _ in range(5):
         opt2.step()
         sched2.step()
+
+
+def test_a_step_inside_an_autocast_region_computes_as_outside():
+    """A training loop that steps inside ``torch.autocast`` ran Muon's Newton-Schulz products with
+    ``ns_dtype=torch.float32``, and the low-rank steps' products, in bf16 (a review, 2026-12-08); the caller's
+    autocast is off for the step (torch.optim.Muon's bf16 NS is unaffected either way)."""
+    from momentum_fused.lowrank import LowRankAdam, LowRankLinear
+
+    def run(autocast, make):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), LowRankLinear(32, 24, rank=4, max_rank=8))
+        opt = make(model)
+        for _ in range(3):
+            model(torch.randn(5, 16)).square().sum().backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                opt.step()
+            opt.zero_grad()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    muon = lambda m: mf.Muon([dict(params=[m[0].weight]), dict(params=[m[0].bias], use_muon=False)], lr=0.02,
+                             ns_dtype=torch.float32)
+    for make in (muon, lambda m: LowRankAdam(m[1].parameters(), lr=0.01)):
+        assert torch.equal(run(False, make), run(True, make))

@@ -55,6 +55,7 @@ from .. import reference
 from ..hparams import as_pair
 from ..optim.adam import Adam
 from ..optim.checkpoints import with_load_hooks
+from ..optim.compile import autocast_off
 from ..optim.host_state import check_loaded_state
 from ..optim.sgd import SGD
 from ..specs import get_spec
@@ -223,10 +224,11 @@ class _LowRankOptimizer(GroupsMixin, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         buckets = self._plan()
-        results = [self._compute(key, layers) for key, layers in buckets.items()]
-        self._choose_ranks(results)
-        for res in results:
-            self._write(res)
+        with autocast_off():  # (a caller's autocast region ran the products in bf16: compile.autocast_off)
+            results = [self._compute(key, layers) for key, layers in buckets.items()]
+            self._choose_ranks(results)
+            for res in results:
+                self._write(res)
         if self._inner is not None:
             self._inner._eager_step()  # (not step(): torch's step hooks, global ones included, ran for this one)
         return loss

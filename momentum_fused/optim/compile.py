@@ -16,7 +16,8 @@ from ..specs import get_spec
 from .checks import real_dtype
 from .keys import user_stacklevel
 
-__all__ = ["CompileMixin", "bucket_step", "bucket_op", "eager_step_checks", "note_plain_groups", "saved_groups"]
+__all__ = ["CompileMixin", "bucket_step", "bucket_op", "eager_step_checks", "note_plain_groups", "saved_groups",
+           "autocast_off"]
 
 
 class CompileMixin:
@@ -137,14 +138,17 @@ def eager_step_checks(opt, not_capturable, refused):
        and the step's checks refuse it as before. After the step, a group still without state (a rule without
        state: SGD without momentum, SignSGD) gets dynamo's True back: dynamo writes it again at every trace while
        the state is empty, and the False failed its guard, a recompile at every call until its limit (a review,
-       2026-12-08). Its state dicts and copies save False (``saved_groups``)."""
+       2026-12-08). Its state dicts and copies save False (``saved_groups``).
+
+    The step runs with the caller's ``torch.autocast`` regions off (``autocast_off``)."""
     try:
         set_back = _set_back(opt, not_capturable)
     except BaseException:
         refused(opt)
         raise
     try:
-        yield
+        with autocast_off():
+            yield
     finally:
         for g in set_back:
             if not any(p in opt.state for p in g["params"]):
@@ -182,6 +186,18 @@ def _set_back(opt, not_capturable) -> list:
                           f"run capturable: {why}. Its steps run with False; state dicts save False",
                           RuntimeWarning, stacklevel=user_stacklevel())
     return set_back
+
+
+@contextlib.contextmanager
+def autocast_off():
+    """The caller's ``torch.autocast`` regions (cpu, cuda) off: a training loop that steps inside one made Muon's
+    Newton-Schulz products with ``ns_dtype=torch.float32`` and the low-rank steps' products run in bf16 (a review,
+    2026-12-08). The elementwise kernels do not see autocast."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def saved_groups(opt, groups: list) -> list:
