@@ -929,3 +929,15 @@ def test_a_step_inside_an_autocast_region_computes_as_outside():
                              ns_dtype=torch.float32)
     for make in (muon, lambda m: LowRankAdam(m[1].parameters(), lr=0.01)):
         assert torch.equal(run(False, make), run(True, make))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), LowRankLinear(32, 24, rank=4, max_rank=8))
+    seen = []  # a closure's forward keeps the caller's autocast, as in torch's optimizers
+
+    def closure():
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return model(torch.randn(5, 16)).float().square().sum()
+
+    for opt in (torch.optim.SGD(model[0].parameters(), lr=0.1), mf.SGD(model[0].parameters(), lr=0.1), muon(model),
+                LowRankAdam(model[1].parameters(), lr=0.01)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            opt.step(closure)
+    assert seen == [True] * 4

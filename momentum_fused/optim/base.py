@@ -39,7 +39,7 @@ from .checkpoints import CheckpointMixin
 from .checks import STEPPABLE_DTYPES, STEPPABLE_NAMES, ValidationMixin
 from .keys import FRONT_DEFAULTS, FRONT_GROUP_EXTRAS, check_torch_flags, instance_settings, torch_setstate
 from .buckets import Bucket, launch
-from .compile import CompileMixin, eager_step_checks, note_plain_groups
+from .compile import CompileMixin, autocast_off, eager_step_checks, note_plain_groups
 from .masters import MasterSyncMixin
 from .phases import PhasesMixin
 from .plan_cache import PlanCacheMixin
@@ -299,7 +299,8 @@ class FusedOptimizer(ValidationMixin, PlanCacheMixin, AmpMixin, ScalarsMixin, Co
                 paused = gc.isenabled()
                 if paused:
                     gc.disable()
-                return self._update(loss)
+                with autocast_off():  # (the caller's autocast: not for the update's products, Muon's NS)
+                    return self._update(loss)
             except BaseException:
                 _drop_amp_attrs(self)
                 raise

@@ -138,17 +138,14 @@ def eager_step_checks(opt, not_capturable, refused):
        and the step's checks refuse it as before. After the step, a group still without state (a rule without
        state: SGD without momentum, SignSGD) gets dynamo's True back: dynamo writes it again at every trace while
        the state is empty, and the False failed its guard, a recompile at every call until its limit (a review,
-       2026-12-08). Its state dicts and copies save False (``saved_groups``).
-
-    The step runs with the caller's ``torch.autocast`` regions off (``autocast_off``)."""
+       2026-12-08). Its state dicts and copies save False (``saved_groups``)."""
     try:
         set_back = _set_back(opt, not_capturable)
     except BaseException:
         refused(opt)
         raise
     try:
-        with autocast_off():
-            yield
+        yield
     finally:
         for g in set_back:
             if not any(p in opt.state for p in g["params"]):
@@ -192,7 +189,8 @@ def _set_back(opt, not_capturable) -> list:
 def autocast_off():
     """The caller's ``torch.autocast`` regions (cpu, cuda) off: a training loop that steps inside one made Muon's
     Newton-Schulz products with ``ns_dtype=torch.float32`` and the low-rank steps' products run in bf16 (a review,
-    2026-12-08). The elementwise kernels do not see autocast."""
+    2026-12-08). The elementwise kernels do not see autocast. Around the update only: a closure's forward keeps
+    the caller's autocast, as in torch's optimizers."""
     with contextlib.ExitStack() as stack:
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):
