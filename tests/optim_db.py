@@ -584,3 +584,16 @@ def assert_twin_runs_equal(a, b) -> None:
         assert oa.state[x].keys() == ob.state[y].keys()
         for k in oa.state[x]:
             assert torch.equal(oa.state[x][k], ob.state[y][k]), k
+
+
+def train_reading_lr(model, opt):
+    """A train step that reads ``optimizer.param_groups`` (an lr logged), where torch.compile's dynamo writes
+    ``capturable=True`` (tests/test_ecosystem.py, tests/test_capturable.py)."""
+    def train(x):
+        lr = opt.param_groups[0]["lr"]
+        model(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        return lr
+
+    return train

@@ -15,7 +15,7 @@ import torch
 import momentum_fused as mf
 from momentum_fused import backends
 from optim_db import (CASES, assert_snapshot_equal, assert_states_close, assert_step_raises_unchanged,
-                      device_amp_backend, make_grads, make_params, refuse_host_reads, snapshot)
+                      device_amp_backend, make_grads, make_params, refuse_host_reads, snapshot, train_reading_lr)
 from tolerances import tol
 
 SHAPES = [(3, 4), (5,), (), (0,), (4097,)]
@@ -511,14 +511,7 @@ def test_capturable_written_by_dynamo_on_cuda_is_set_back_for_nadam():
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 4).cuda()
         opt = mf.NAdam(model.parameters(), lr=1e-2)
-
-        def train(x):
-            lr = opt.param_groups[0]["lr"]
-            model(x).square().sum().backward()
-            opt.step()
-            opt.zero_grad()
-            return lr
-
+        train = train_reading_lr(model, opt)
         f = torch.compile(train, backend="aot_eager") if compiled else train
         xs = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1)).cuda()
         for x in xs:

@@ -17,7 +17,7 @@ import torch
 from torch.optim import lr_scheduler as lrs
 
 import momentum_fused as mf
-from optim_db import CASES, assert_snapshot_equal, opcheck_one_step, snapshot
+from optim_db import CASES, assert_snapshot_equal, opcheck_one_step, snapshot, train_reading_lr
 
 PUBLIC = [getattr(mf, n) for n in mf.__all__
           if isinstance(getattr(mf, n), type) and issubclass(getattr(mf, n), mf.FusedOptimizer)
@@ -370,18 +370,6 @@ def _dynamo_sets_capturable_on_cpu(monkeypatch):
     monkeypatch.setattr(ov.OptimizerVariable, "_set_capturable", patched)
 
 
-def _train_reading_lr(model, opt):
-    """A train step that reads ``optimizer.param_groups`` (an lr logged), where dynamo writes capturable."""
-    def train(x):
-        lr = opt.param_groups[0]["lr"]
-        model(x).square().sum().backward()
-        opt.step()
-        opt.zero_grad()
-        return lr
-
-    return train
-
-
 @pytest.mark.parametrize("make,dtype", [(lambda ps: mf.NAdam(ps, lr=1e-2), torch.float32),
                                         (lambda ps: mf.AdamWScheduleFree(ps, lr=1e-2), torch.float32),
                                         (lambda ps: mf.AdamW(ps, lr=1e-2, layout="bf16_sr"), torch.bfloat16),
@@ -399,7 +387,7 @@ def test_capturable_set_by_dynamo_on_an_optimizer_that_cannot_be_is_set_back(mak
         model = torch.nn.Linear(4, 2).to(dtype)
         opt = make(list(model.parameters()))
 
-        train = _train_reading_lr(model, opt)
+        train = train_reading_lr(model, opt)
         f = torch.compile(train, backend="aot_eager") if compiled else train
         for i in range(3):
             if compiled and i == 0:
@@ -428,12 +416,12 @@ def test_a_stateless_group_set_back_does_not_recompile_at_every_call(make, monke
     model = torch.nn.Linear(4, 2)
     opt = make(list(model.parameters()))
 
-    f = torch.compile(_train_reading_lr(model, opt), backend="aot_eager")
+    f = torch.compile(train_reading_lr(model, opt), backend="aot_eager")
     with pytest.warns(RuntimeWarning, match="capturable=True was set after construction") as got:
         for _ in range(6):
             f(torch.randn(3, 4))
     assert sum("set after construction" in str(w.message) for w in got) == 1
-    assert [w.filename for w in got if "set after" in str(w.message)] == [__file__]  # (the user's line)
+    assert [w.filename for w in got if "set after" in str(w.message)] == [train_reading_lr.__code__.co_filename]
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     assert opt.param_groups[0]["capturable"] is True and not opt.state
     assert opt.state_dict()["param_groups"][0]["capturable"] is False
