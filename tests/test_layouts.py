@@ -592,6 +592,23 @@ def test_a_rule_state_kept_while_its_flag_is_off_loads_in_the_layout_dtype(layou
     assert torch.equal(p, q)
 
 
+def test_a_missized_state_of_a_flag_that_is_off_is_refused_before_an_int8_load_changes_anything():
+    """Such a state converts too (kept while its flag is off), so its shape is checked with the others: a
+    torch.optim.Adam checkpoint with a max_exp_avg_sq of another shape, loaded with amsgrad off, replaced the
+    moments and then raised inside the 8-bit encode (a review, 2026-12-08)."""
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = mf.Adam([p], lr=1e-3, layout="int8_state")
+    p.grad = torch.randn(64, 64)
+    opt.step()
+    saved = torch.optim.Adam([torch.nn.Parameter(torch.randn(64, 64))]).state_dict()
+    saved["state"] = {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(64, 64), "exp_avg_sq": torch.zeros(64, 64),
+                          "max_exp_avg_sq": torch.zeros(10)}}
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(ValueError, match="'max_exp_avg_sq' has shape \\(10,\\).*Nothing was loaded"):
+        opt.load_state_dict(saved)
+    assert before.keys() == opt.state[p].keys() and all(torch.equal(v, opt.state[p][k]) for k, v in before.items())
+
+
 def test_the_torch_codecs_give_the_same_bits_slice_by_slice(monkeypatch):
     """layouts' master16 and int8 codecs run over flat slices of CODEC_CHUNK elements (their int64 temporaries grew
     with the largest tensor: a review, 2026-12-07, measured 1.5 GB for one schedule-free eval() of a 33M-element

@@ -260,9 +260,10 @@ class CheckpointMixin:
             st = states.get(idx)
             if not isinstance(st, dict):
                 continue
-            # the names the load converts: the live group's, the checkpoint group's (its flags: e.g. AMSGrad's
-            # max_exp_avg_sq, which the load then takes) and every saved state with block scales
-            names = list(self.spec.state_names(g))
+            # the names the load converts: the live group's (under any flags: a state kept while its flag is off
+            # converts too, so its shape is checked: a review, 2026-12-08), the checkpoint group's (its flags: e.g.
+            # AMSGrad's max_exp_avg_sq, which the load then takes) and every saved state with block scales
+            names = list(self.spec.every_state_name(g))
             try:
                 names += [k for k in self.spec.state_names({**g, **{k: v for k, v in saved_group[idx].items()
                                                                      if k != "params"}}) if k not in names]
