@@ -392,8 +392,10 @@ def resolve(requested: str | None, spec, device: torch.device, dtype: torch.dtyp
                 key = (spec.name, device.type, dtype, tuple(skipped))
                 if key not in b._warned:
                     b._warned.add(key)
+                    from .optim.keys import user_stacklevel  # (optim imports this module)
                     warnings.warn(f"momentum_fused: using backend {name!r} for rule {spec.name!r} on "
-                                  f"{device.type}/{dtype}; skipped: " + "; ".join(skipped), stacklevel=3)
+                                  f"{device.type}/{dtype}; skipped: " + "; ".join(skipped),
+                                  stacklevel=user_stacklevel())
             return b
         skipped.append(f"{name} ({why})")
     raise RuntimeError(f"no backend can run rule {spec.name!r} on {device.type}/{dtype}: " + "; ".join(skipped))

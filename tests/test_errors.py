@@ -230,3 +230,19 @@ def test_fsgdm_group_step_untouched_by_failed_step():
 
 def test_mf_namespace_has_every_case():
     assert {c.cls for c in CASES.values()} <= {getattr(mf, n) for n in mf.__all__ if isinstance(getattr(mf, n), type)}
+
+
+def test_the_backend_fallback_warning_names_the_users_line(monkeypatch):
+    """With the cpu extension unavailable (MOMENTUM_FUSED_JIT=0, a failed build) each optimizer warns once that it
+    runs on the reference backend: the warning named checks.py (a fixed stacklevel; a review, 2026-12-08)."""
+    from momentum_fused import backends
+
+    cpu = backends._REGISTRY["cpu"]
+    monkeypatch.setattr(cpu, "load_error", "simulated: the extension was not built")
+    monkeypatch.setattr(cpu, "_warned", set())
+    p = torch.nn.Parameter(torch.randn(8))
+    p.grad = torch.ones(8)
+    opt = mf.AdamW([p], lr=0.1)
+    with pytest.warns(UserWarning, match="using backend 'reference'") as got:
+        opt.step()
+    assert {w.filename for w in got if "using backend" in str(w.message)} == {__file__}
